@@ -1,0 +1,94 @@
+"""The one typed settings object, read from the environment at start-up.
+
+Unset means "embedded default": an embedded Redis server, a SQLite file under ``DATA_DIR``,
+the sample campaign and the fictional MP directory shipped in ``config/``, and a file outbox.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # Where embedded state lives (SQLite file, embedded Redis socket, outbox, secret key).
+    data_dir: Path = Field(default=Path("var"), alias="DEARMP_DATA_DIR")
+
+    # Transport and source of truth. Empty means embedded.
+    redis_url: str | None = Field(default=None, alias="REDIS_URL")
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    broker: Literal["redis", "stub"] = Field(default="redis", alias="DEARMP_BROKER")
+    redis_namespace: str = Field(default="dearmp", alias="DEARMP_REDIS_NAMESPACE")
+
+    # Campaigns are data: TOML files in this folder.
+    campaigns_dir: Path = Field(default=CONFIG_DIR / "campaigns", alias="DEARMP_CAMPAIGNS_DIR")
+
+    # Keyed hashes (client IP, supporter identity). Generated and kept in data_dir if unset.
+    secret_key: SecretStr | None = Field(default=None, alias="DEARMP_SECRET_KEY")
+
+    # Delivery.
+    mail_backend: Literal["outbox", "smtp"] = Field(default="outbox", alias="DEARMP_MAIL_BACKEND")
+    outbox_dir: Path | None = Field(default=None, alias="DEARMP_OUTBOX_DIR")
+    smtp_host: str = Field(default="localhost", alias="SMTP_HOST")
+    smtp_port: int = Field(default=25, ge=1, le=65535, alias="SMTP_PORT")
+    smtp_username: str | None = Field(default=None, alias="SMTP_USERNAME")
+    smtp_password: SecretStr | None = Field(default=None, alias="SMTP_PASSWORD")
+    smtp_security: Literal["none", "starttls", "tls"] = Field(default="none", alias="SMTP_SECURITY")
+    smtp_timeout: float = Field(default=30.0, gt=0, alias="SMTP_TIMEOUT")
+    # A delivery claimed longer ago than this by a worker that never finished is taken back.
+    delivery_lease_seconds: int = Field(default=300, ge=5, alias="DEARMP_DELIVERY_LEASE_SECONDS")
+
+    # Reconciler: how often it runs and how long a submission may sit in one state.
+    reconcile_interval: float = Field(default=60.0, gt=0, alias="DEARMP_RECONCILE_INTERVAL")
+    reconcile_after: float = Field(default=120.0, gt=0, alias="DEARMP_RECONCILE_AFTER")
+
+    # Workers started by `dearmp run` / `dearmp demo`.
+    worker_threads: int = Field(default=8, ge=1, le=64, alias="DEARMP_WORKER_THREADS")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", alias="DEARMP_LOG_LEVEL"
+    )
+
+    @field_validator("database_url", "redis_url")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'dearmp.sqlite3').resolve()}"
+
+    @property
+    def resolved_outbox_dir(self) -> Path:
+        return self.outbox_dir or self.data_dir / "outbox"
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return (self.data_dir / "redis.sock").resolve()
+
+    def secret(self) -> bytes:
+        """The key for keyed hashes; generated once and kept beside the embedded data."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value().encode()
+        path = self.data_dir / "secret_key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip().encode()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

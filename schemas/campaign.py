@@ -1,0 +1,75 @@
+"""A campaign definition: the data an organisation writes to run a campaign (config/campaigns/*.toml)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field
+
+from schemas.submission import CHANNELS
+
+DEFAULT_LETTER_TEMPLATE = """\
+{{ salutation }}
+
+{{ body }}
+
+{{ sign_off }}
+
+{{ supporter.name }}
+{% for line in supporter.address_lines %}{{ line }}
+{% endfor %}{{ supporter.postcode }}
+{{ supporter.email }}
+"""
+
+
+class ConsentQuestion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Literal["email", "phone", "sms", "post"]
+    wording: str = Field(min_length=1)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.wording.encode()).hexdigest()
+
+
+class ConsentWording(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(min_length=1, max_length=64)
+    lawful_basis: str = "consent"
+    questions: list[ConsentQuestion]
+    mp_notice: str = Field(
+        min_length=1, description="What the supporter is told about their details going to the MP."
+    )
+
+    def question(self, channel: str) -> ConsentQuestion | None:
+        return next((q for q in self.questions if q.channel == channel), None)
+
+
+class CampaignDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    slug: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+    title: str = Field(min_length=1, max_length=200)
+    organisation: str = Field(min_length=1, max_length=120)
+    introduction: str = ""
+    mode: Literal["sandbox", "live"] = "sandbox"
+    from_email: EmailStr = Field(description="An address on the campaign's own (DMARC) domain.")
+    privacy_notice_url: str
+    privacy_notice_version: str = "1"
+    subject_variants: list[str] = Field(min_length=1)
+    draft_body: str = Field(min_length=1, description="The pre-written letter the supporter edits.")
+    editable: list[Literal["subject", "body"]] = ["subject", "body"]
+    salutation: str = "Dear {{ mp.name }},"
+    sign_off: str = "Yours sincerely,"
+    letter_template: str = DEFAULT_LETTER_TEMPLATE
+    body_min_chars: int = Field(default=20, ge=1)
+    body_max_chars: int = Field(default=5000, le=10_000)
+    consent: ConsentWording
+
+    def check_channels(self) -> None:
+        missing = [c for c in CHANNELS if self.consent.question(c) is None]
+        if missing:
+            raise ValueError(f"campaign {self.slug}: no consent wording for {', '.join(missing)}")

@@ -1,0 +1,226 @@
+"""What a campaign front end posts: the versioned submission schema.
+
+Every field check raises a message a supporter can read next to the field. Single-line fields
+refuse control characters (CR/LF would allow header injection); the letter body allows only
+newlines and tabs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+
+# British Standard BS 7666 shape: outward code (area, district) and inward code (sector, unit).
+POSTCODE_RE = re.compile(r"^([A-Z]{1,2}[0-9][A-Z0-9]?) ?([0-9][A-Z]{2})$")
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+PHONE_RE = re.compile(r"^\+?[0-9 ()-]{7,24}$")
+
+
+class Choice(StrEnum):
+    GRANTED = "granted"
+    REFUSED = "refused"
+    NOT_ASKED = "not_asked"
+
+
+CHANNELS = ("email", "phone", "sms", "post")
+
+
+def _has_control(text: str, allowed: str = "") -> bool:
+    return any(unicodedata.category(ch) in {"Cc", "Cf", "Zl", "Zp"} and ch not in allowed for ch in text)
+
+
+def _single_line(label: str, max_len: int, min_len: int = 1) -> Any:
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"{label} must be text.")
+        value = value.strip()
+        if _has_control(value):
+            raise ValueError(f"{label} must be on one line, without control characters.")
+        if len(value) < min_len:
+            raise ValueError(f"Please enter your {label.lower()}.")
+        if len(value) > max_len:
+            raise ValueError(f"{label} must be at most {max_len} characters.")
+        return value
+
+    return BeforeValidator(check)
+
+
+def normalise_postcode(value: str) -> str:
+    """Upper-case, single inner space, no stray whitespace: ``" sw1a0aa "`` → ``"SW1A 0AA"``."""
+    compact = re.sub(r"\s+", "", value).upper()
+    return f"{compact[:-3]} {compact[-3:]}" if len(compact) > 3 else compact
+
+
+def _check_postcode(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("Please enter your postcode.")
+    if _has_control(value.strip()):
+        raise ValueError("Postcode must be on one line, without control characters.")
+    postcode = normalise_postcode(value)
+    if not POSTCODE_RE.match(postcode):
+        raise ValueError("This is not a UK postcode. It should look like SW1A 1AA.")
+    return postcode
+
+
+def _check_email(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("Please enter your email address.")
+    value = value.strip()
+    if _has_control(value):
+        raise ValueError("Email address must be on one line, without control characters.")
+    try:
+        return validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValueError(f"This is not a valid email address: {exc}") from None
+
+
+def _check_phone(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str) or _has_control(value) or not PHONE_RE.match(value.strip()):
+        raise ValueError("This is not a phone number. Use digits, spaces and an optional +.")
+    digits = re.sub(r"\D", "", value)
+    if not 10 <= len(digits) <= 15:
+        raise ValueError("A phone number has between 10 and 15 digits.")
+    return value.strip()
+
+
+def _check_body(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("Your letter is empty. Please write something to your MP.")
+    if _has_control(value, allowed="\n\t\r"):
+        raise ValueError("Your letter contains control characters that cannot be sent.")
+    return value.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def _check_ip(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except (TypeError, ValueError):
+        raise ValueError("client_ip is not an IPv4 or IPv6 address.") from None
+
+
+def _check_regex(pattern: re.Pattern[str], message: str) -> Any:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not pattern.match(value):
+            raise ValueError(message)
+        return value
+
+    return BeforeValidator(check)
+
+
+Postcode = Annotated[str, BeforeValidator(_check_postcode), Field(examples=["SW1A 1AA"])]
+Email = Annotated[str, BeforeValidator(_check_email), Field(max_length=254)]
+
+
+class Supporter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, _single_line("Full name", 100), Field(title="Full name")]
+    email: Email
+    postcode: Postcode
+    address_lines: Annotated[
+        list[Annotated[str, _single_line("Address line", 100)]],
+        Field(min_length=1, max_length=5, title="Postal address (without the postcode)"),
+    ]
+    phone: Annotated[str | None, BeforeValidator(_check_phone)] = None
+
+
+class Letter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subject: Annotated[
+        str,
+        _single_line("Subject", 200, min_len=0),
+        Field(description="Empty, or not editable in the campaign: a campaign variant is used."),
+    ] = ""
+    body: Annotated[str, BeforeValidator(_check_body), Field(max_length=10_000)]
+
+
+class ContactPreferences(BaseModel):
+    """How the supporter wants the organisation to contact them, per channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: Choice = Choice.NOT_ASKED
+    phone: Choice = Choice.NOT_ASKED
+    sms: Choice = Choice.NOT_ASKED
+    post: Choice = Choice.NOT_ASKED
+    wording_version: Annotated[str, _single_line("Consent wording version", 64)]
+
+
+def _strip_url(value: str | None) -> str | None:
+    return value.strip() if value else None
+
+
+class SubmissionV1(BaseModel):
+    """A supporter's letter to their MP, as a campaign front end posts it."""
+
+    model_config = ConfigDict(extra="forbid", title="DearMP submission v1")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    campaign: Annotated[
+        str, _check_regex(SLUG_RE, "Campaign must be a slug like 'free-the-prisoners'.")
+    ]
+    idempotency_key: Annotated[
+        str,
+        _check_regex(
+            IDEMPOTENCY_KEY_RE,
+            "idempotency_key must be 8 to 128 letters, digits or . _ : - (a UUID is ideal).",
+        ),
+    ]
+    supporter: Supporter
+    letter: Letter
+    contact_preferences: ContactPreferences
+    source_url: Annotated[
+        str | None, _single_line("Source page URL", 2000, min_len=0), AfterValidator(_strip_url)
+    ] = None
+    user_agent: Annotated[str | None, _single_line("User agent", 512, min_len=0)] = None
+    client_ip: Annotated[
+        str | None,
+        BeforeValidator(_check_ip),
+        Field(description="Only ever stored as a keyed hash; the raw address is dropped on intake."),
+    ] = None
+
+
+def field_errors(exc: ValidationError) -> dict[str, str]:
+    """One human message per field, keyed by a dotted path ('supporter.email')."""
+    errors: dict[str, str] = {}
+    for err in exc.errors(include_url=False):
+        path = ".".join(str(p) for p in err["loc"]) or "submission"
+        if err["type"] == "value_error":
+            message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+        elif err["type"] == "missing":
+            message = f"{path.split('.')[-1].replace('_', ' ').capitalize()} is required."
+        elif err["type"] == "extra_forbidden":
+            message = "This field is not part of the submission schema."
+        elif err["type"] == "enum":
+            message = "Choose one of: granted, refused, not_asked."
+        else:
+            message = err["msg"]
+        errors.setdefault(path, message)
+    return errors
+
+
+def parse_submission(payload: Any) -> SubmissionV1 | dict[str, str]:
+    """Parse a posted payload, or return the per-field reasons it was refused."""
+    if not isinstance(payload, dict):
+        return {"submission": "A submission must be a JSON object."}
+    version = payload.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        return {"schema_version": f"Unsupported schema version {version!r}; this server speaks 1."}
+    try:
+        return SubmissionV1.model_validate(payload)
+    except ValidationError as exc:
+        return field_errors(exc)

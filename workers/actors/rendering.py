@@ -1,0 +1,31 @@
+"""Rendering actor: a thin adapter over :mod:`workers.rendering`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+
+from workers.actors.common import NOT_RETRIED, run_stage
+from workers.app import App
+from workers.db import session_scope
+from workers.rendering import render
+from workers.stages import Stage
+
+
+def _work(app: App, submission_id: str) -> list[Stage]:
+    with session_scope(app.sessions) as session:
+        return render(session, submission_id, backend=app.mailer.name)
+
+
+@dramatiq.actor(
+    queue_name=Stage.RENDER.queue,
+    actor_name=Stage.RENDER.actor,
+    max_retries=5,
+    min_backoff=500,
+    max_backoff=30_000,
+    time_limit=60_000,
+    throws=NOT_RETRIED,
+)
+def render_submission(message: dict[str, Any]) -> None:
+    run_stage(message, _work)

@@ -1,0 +1,31 @@
+"""MP resolution actor: a thin adapter over :mod:`workers.resolution`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+
+from workers.actors.common import NOT_RETRIED, run_stage
+from workers.app import App
+from workers.db import session_scope
+from workers.resolution import resolve
+from workers.stages import Stage
+
+
+def _work(app: App, submission_id: str) -> list[Stage]:
+    with session_scope(app.sessions) as session:
+        return resolve(session, submission_id)
+
+
+@dramatiq.actor(
+    queue_name=Stage.RESOLVE.queue,
+    actor_name=Stage.RESOLVE.actor,
+    max_retries=8,
+    min_backoff=1_000,
+    max_backoff=120_000,
+    time_limit=60_000,
+    throws=NOT_RETRIED,
+)
+def resolve_submission(message: dict[str, Any]) -> None:
+    run_stage(message, _work)

@@ -1,0 +1,31 @@
+"""Validation actor: a thin adapter over :mod:`workers.validation`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+
+from workers.actors.common import NOT_RETRIED, run_stage
+from workers.app import App
+from workers.db import session_scope
+from workers.stages import Stage
+from workers.validation import validate
+
+
+def _work(app: App, submission_id: str) -> list[Stage]:
+    with session_scope(app.sessions) as session:
+        return validate(session, submission_id)
+
+
+@dramatiq.actor(
+    queue_name=Stage.VALIDATE.queue,
+    actor_name=Stage.VALIDATE.actor,
+    max_retries=5,
+    min_backoff=500,
+    max_backoff=30_000,
+    time_limit=60_000,
+    throws=NOT_RETRIED,
+)
+def validate_submission(message: dict[str, Any]) -> None:
+    run_stage(message, _work)

@@ -1,0 +1,35 @@
+"""The one place the broker is built and installed; actor modules import this first."""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+
+from config.settings import Settings, get_settings
+from workers.middleware import LogContext
+
+
+def redis_url(settings: Settings) -> str:
+    return settings.redis_url or f"unix://{settings.embedded_redis_socket}"
+
+
+def build_broker(settings: Settings) -> dramatiq.Broker:
+    broker: dramatiq.Broker
+    if settings.broker == "stub":
+        broker = StubBroker()
+        broker.emit_after("process_boot")
+    else:
+        # Creating the client does not connect; the first command does.
+        broker = RedisBroker(
+            url=redis_url(settings),
+            namespace=settings.redis_namespace,
+            # A worker that stops heart-beating for this long has its messages given back.
+            heartbeat_timeout=30_000,
+        )
+    broker.add_middleware(LogContext())
+    return broker
+
+
+broker = build_broker(get_settings())
+dramatiq.set_broker(broker)

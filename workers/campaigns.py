@@ -1,0 +1,55 @@
+"""Campaigns are data: definition files are loaded, checked and kept in the database."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from schemas.campaign import CampaignDefinition
+from workers.models import Campaign
+
+
+def load_definitions(directory: Path) -> list[CampaignDefinition]:
+    """Every ``*.toml`` campaign in ``directory``, validated; a bad file fails loudly."""
+    definitions = []
+    for path in sorted(directory.glob("*.toml")):
+        with path.open("rb") as fh:
+            definition = CampaignDefinition.model_validate(tomllib.load(fh))
+        definition.check_channels()
+        definitions.append(definition)
+    return definitions
+
+
+def definition_sha256(definition: CampaignDefinition) -> str:
+    canonical = json.dumps(definition.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sync_campaigns(session: Session, definitions: list[CampaignDefinition]) -> list[str]:
+    """Insert or update campaign rows from their definitions; returns the slugs that changed.
+
+    An operator's switch of ``mode`` in the database is kept: files set the mode only on creation.
+    """
+    changed = []
+    for definition in definitions:
+        digest = definition_sha256(definition)
+        row = session.get(Campaign, definition.slug)
+        if row is None:
+            row = Campaign(slug=definition.slug, mode=definition.mode)
+            session.add(row)
+        elif row.definition_sha256 == digest:
+            continue
+        row.title = definition.title
+        row.definition = definition.model_dump(mode="json")
+        row.definition_sha256 = digest
+        changed.append(definition.slug)
+    return changed
+
+
+def get_definition(session: Session, slug: str) -> CampaignDefinition | None:
+    row = session.get(Campaign, slug)
+    return None if row is None else CampaignDefinition.model_validate(row.definition)

@@ -1,0 +1,255 @@
+"""The ``dearmp`` command line: the whole pipeline, or any piece of it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from config.settings import get_settings
+from workers.app import App, get_app
+from workers.logging import configure_logging
+
+
+def _app(log_file: Path | None = None) -> App:
+    settings = get_settings()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        configure_logging(settings.log_level, stream=log_file.open("a", buffering=1))
+    else:
+        configure_logging(settings.log_level)
+    return get_app()
+
+
+@click.group()
+def main() -> None:
+    """DearMP: every supporter's letter reaches their MP, once."""
+
+
+@main.command()
+def init() -> None:
+    """Migrate the database, load campaigns, import the sample directory if there is none."""
+    from workers.runtime import prepare
+
+    app = _app()
+    prepare(app)
+    click.echo(f"ready: {app.settings.resolved_database_url}")
+
+
+@main.command()
+def migrate() -> None:
+    """Apply Alembic migrations to DATABASE_URL (or the embedded SQLite file)."""
+    from workers.db import migrate as run_migrations
+
+    run_migrations(_app().settings.resolved_database_url)
+
+
+@main.command()
+@click.option("--processes", default=2, show_default=True, help="Worker processes.")
+@click.option("--threads", default=8, show_default=True, help="Threads per process.")
+def worker(processes: int, threads: int) -> None:
+    """Run the five actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
+    from dramatiq.cli import main as dramatiq_main
+
+    args = ["dramatiq", "workers.actors", "--processes", str(processes), "--threads", str(threads)]
+    sys.argv = args
+    sys.exit(dramatiq_main())
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="One pass, then exit (for cron).")
+def reconcile(once: bool) -> None:
+    """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds)."""
+    from workers.actors import broker
+    from workers.reconciler import reconcile_once, run_forever
+
+    app = _app()
+    older = timedelta(seconds=app.settings.reconcile_after)
+    if once:
+        click.echo(f"resent {reconcile_once(app.sessions, broker, older)}")
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        run_forever(app.sessions, broker, app.settings.reconcile_interval, older, stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+@main.command()
+@click.argument("file", type=click.File("rb"))
+def submit(file: Any) -> None:
+    """Submit a JSON file: one submission object, or a list of them. Prints the ids."""
+    from workers.actors import broker
+    from workers.runtime import submit as submit_one
+
+    app = _app()
+    data = json.load(file)
+    for item in data if isinstance(data, list) else [data]:
+        submission_id, created = submit_one(app, broker, item)
+        click.echo(f"{submission_id} {'accepted' if created else 'duplicate'}")
+
+
+@main.command()
+@click.argument("submission_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(submission_id: str, as_json: bool) -> None:
+    """A submission's state history, without personal data."""
+    from workers.db import session_scope
+    from workers.models import Delivery, Submission
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, submission_id)
+        if sub is None:
+            raise click.ClickException(f"no submission {submission_id}")
+        delivery = session.get(Delivery, submission_id)
+        info = {
+            "id": sub.id,
+            "campaign": sub.campaign_slug,
+            "state": sub.state,
+            "rejection": sub.rejection,
+            "failure_reason": sub.failure_reason,
+            "constituency": sub.constituency_code,
+            "member_id": sub.member_id,
+            "consent_logged_at": sub.consent_logged_at and sub.consent_logged_at.isoformat(),
+            "delivery": delivery
+            and {
+                "status": delivery.status,
+                "attempts": delivery.attempts,
+                "response": delivery.response,
+                "error": delivery.error,
+            },
+            "history": [
+                {"state": e.state, "at": e.at.isoformat(), "detail": e.detail} for e in sub.events
+            ],
+        }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"Submission {sub.id} ({info['state']})")
+    for col in ("at", "state", "detail"):
+        table.add_column(col)
+    for event in info["history"]:
+        table.add_row(event["at"], event["state"], event["detail"] or "")
+    console.print(table)
+    for key in ("rejection", "failure_reason", "constituency", "member_id", "delivery"):
+        if info[key]:
+            console.print(f"{key}: {info[key]}")
+
+
+@main.command()
+@click.option("--threads", type=int, default=None, help="Worker threads (DEARMP_WORKER_THREADS).")
+def run(threads: int | None) -> None:
+    """Run everything in one process (embedded Redis unless REDIS_URL): Ctrl-C stops it."""
+    from workers.actors import broker
+    from workers.runtime import prepare, running_pipeline
+
+    app = _app()
+    prepare(app)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with running_pipeline(app, broker, threads or app.settings.worker_threads):
+        click.echo("pipeline running; Ctrl-C to stop")
+        try:
+            while not stop.wait(1):
+                pass
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.option("--count", default=40, show_default=True, help="How many submissions to feed.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for all.")
+def demo(count: int, timeout: float) -> None:
+    """The main job: start the pipeline, feed a sample batch, wait for final states, summarise."""
+    from workers.actors import broker
+    from workers.demo import print_summary, run_demo
+    from workers.runtime import prepare, running_pipeline
+
+    settings = get_settings()
+    log_file = settings.data_dir / "logs" / "dearmp.jsonl"
+    app = _app(log_file)
+    console = Console()
+    console.print(f"[bold]DearMP demo[/bold]: data in {settings.data_dir.resolve()}, logs in {log_file}")
+    prepare(app)
+    with running_pipeline(app, broker, app.settings.worker_threads):
+        result = run_demo(app, broker, count, timeout, console)
+    print_summary(result, app, console)
+    if not result.finished:
+        raise SystemExit(1)
+
+
+@main.group()
+def schema() -> None:
+    """The submission JSON Schema for front ends."""
+
+
+@schema.command("export")
+@click.option("--check", is_flag=True, help="Fail if the committed files are out of date.")
+def schema_export(check: bool) -> None:
+    from schemas import JSON_SCHEMA_DIR, export_json_schemas, json_schemas
+
+    if check:
+        stale = [n for n, t in json_schemas().items() if not (JSON_SCHEMA_DIR / n).exists()
+                 or (JSON_SCHEMA_DIR / n).read_text() != t]
+        if stale:
+            raise click.ClickException(f"out of date: {', '.join(stale)}; run dearmp schema export")
+        click.echo("schemas up to date")
+        return
+    for path in export_json_schemas():
+        click.echo(f"wrote {path}")
+
+
+@main.group()
+def campaigns() -> None:
+    """Campaign definitions (config/campaigns/*.toml)."""
+
+
+@campaigns.command("sync")
+def campaigns_sync() -> None:
+    """Load campaign files into the database."""
+    from workers.campaigns import load_definitions, sync_campaigns
+    from workers.db import session_scope
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        changed = sync_campaigns(session, load_definitions(app.settings.campaigns_dir))
+    click.echo(f"changed: {', '.join(changed) or 'none'}")
+
+
+@main.group()
+def directory() -> None:
+    """The local MP directory."""
+
+
+@directory.command("import")
+@click.option("--members", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Constituencies with their MPs (the constituencies_2024_current_mps layout).")
+@click.option("--postcodes", type=click.Path(exists=True, path_type=Path), multiple=True,
+              help="ONSPD-style postcode CSV; repeat for several files.")
+def directory_import(members: Path, postcodes: tuple[Path, ...]) -> None:
+    """Import a new directory version and switch to it atomically."""
+    from workers.db import session_scope
+    from workers.directory import import_directory
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        counts = import_directory(session, members, list(postcodes), source=str(members.name))
+    click.echo(
+        f"version {counts.version_id}: {counts.constituencies} constituencies, "
+        f"{counts.members} members, {counts.postcodes} postcodes"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Consent logging: one event per channel for every valid submission, whatever delivery does."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.orm import Session
+
+from schemas.submission import CHANNELS
+from workers.campaigns import get_definition
+from workers.models import ConsentEvent, State, Submission, SubmissionEvent, utcnow
+from workers.privacy import supporter_hash
+
+# The record that the supporter was told their details go to their MP.
+MP_NOTICE = "mp_notice"
+
+
+def was_validated(session: Session, submission_id: str) -> bool:
+    return bool(
+        session.scalar(
+            select(
+                exists().where(
+                    SubmissionEvent.submission_id == submission_id,
+                    SubmissionEvent.state == State.VALIDATED,
+                )
+            )
+        )
+    )
+
+
+def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
+    """Record the submission's consent choices once; returns how many events were written."""
+    submission = session.get(Submission, submission_id)
+    if submission is None or submission.consent_logged_at is not None or submission.payload is None:
+        return 0
+    if not was_validated(session, submission_id):
+        return 0
+    definition = get_definition(session, submission.campaign_slug)
+    if definition is None:
+        return 0
+    payload = submission.payload
+    prefs = payload["contact_preferences"]
+    already = set(
+        session.scalars(
+            select(ConsentEvent.channel).where(ConsentEvent.submission_id == submission_id)
+        )
+    )
+    common = {
+        "submission_id": submission_id,
+        "supporter_hash": supporter_hash(secret, payload["supporter"]["email"]),
+        "campaign_slug": submission.campaign_slug,
+        "wording_version": prefs["wording_version"],
+        "lawful_basis": definition.consent.lawful_basis,
+        "source_url": payload.get("source_url"),
+        "user_agent": payload.get("user_agent"),
+        "ip_hash": submission.client_ip_hash,
+        "recorded_at": utcnow(),
+    }
+    events = []
+    for channel in CHANNELS:
+        question = definition.consent.question(channel)
+        assert question is not None  # checked when the campaign was loaded
+        events.append(
+            ConsentEvent(**common, channel=channel, choice=prefs[channel], wording_sha256=question.sha256)
+        )
+    notice_sha = hashlib.sha256(definition.consent.mp_notice.encode()).hexdigest()
+    events.append(
+        ConsentEvent(
+            **{**common, "lawful_basis": "legitimate_interests"},
+            channel=MP_NOTICE,
+            choice="informed",
+            wording_sha256=notice_sha,
+        )
+    )
+    new = [e for e in events if e.channel not in already]
+    session.add_all(new)
+    session.execute(
+        update(Submission)
+        .where(Submission.id == submission_id)
+        .values(consent_logged_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return len(new)

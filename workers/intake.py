@@ -1,0 +1,82 @@
+"""Intake: store what a front end posted, exactly once per idempotency key.
+
+Nothing is judged here beyond what identifies the submission: every check belongs to validation,
+so that even a malformed submission ends as a recorded rejection with reasons.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from workers.models import State, Submission, SubmissionEvent, utcnow
+from workers.privacy import ip_hash
+
+
+@dataclass(frozen=True)
+class Accepted:
+    submission_id: str
+    created: bool
+
+
+def _text(value: Any, limit: int) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+
+
+def _split_ip(payload: Any, secret: bytes) -> tuple[Any, str | None]:
+    """Drop a well-formed client IP from the payload, keeping only its keyed hash."""
+    if not isinstance(payload, dict) or not payload.get("client_ip"):
+        return payload, None
+    try:
+        address = str(ipaddress.ip_address(payload["client_ip"]))
+    except (TypeError, ValueError):
+        return payload, None  # left in place: validation rejects it with a message
+    return {**payload, "client_ip": None}, ip_hash(secret, address)
+
+
+def accept(session: Session, payload: Any, secret: bytes) -> Accepted:
+    """Record a submission in state ``received`` (caller commits, then dispatches validation)."""
+    campaign = _text(payload.get("campaign"), 200) if isinstance(payload, dict) else None
+    key = _text(payload.get("idempotency_key"), 200) if isinstance(payload, dict) else None
+    if key is not None:
+        existing = _find(session, campaign or "", key)
+        if existing is not None:
+            return Accepted(existing, created=False)
+
+    stored, hashed_ip = _split_ip(payload, secret)
+    now = utcnow()
+    submission = Submission(
+        campaign_slug=campaign or "",
+        idempotency_key=key,
+        state=State.RECEIVED.value,
+        payload=stored,
+        client_ip_hash=hashed_ip,
+        created_at=now,
+        updated_at=now,
+        dispatched_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(submission)
+            session.flush()
+    except IntegrityError:
+        # Another intake stored the same key between our look-up and insert.
+        found = _find(session, campaign or "", key or "")
+        if found is None:
+            raise
+        return Accepted(found, created=False)
+    session.add(SubmissionEvent(submission_id=submission.id, state=State.RECEIVED.value, at=now))
+    return Accepted(submission.id, created=True)
+
+
+def _find(session: Session, campaign: str, key: str) -> str | None:
+    return session.scalar(
+        select(Submission.id).where(
+            Submission.campaign_slug == campaign, Submission.idempotency_key == key
+        )
+    )

@@ -1,0 +1,261 @@
+"""The database is the source of truth: every submission's state lives here, Redis is transport."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python on every database (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class State(StrEnum):
+    RECEIVED = "received"
+    VALIDATED = "validated"
+    REJECTED = "rejected"
+    RESOLVED = "resolved"
+    RENDERED = "rendered"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({State.REJECTED, State.DELIVERED, State.FAILED})
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class Campaign(Base):
+    """A campaign as loaded from its definition file; the letter template travels with it."""
+
+    __tablename__ = "campaigns"
+
+    slug: Mapped[str] = mapped_column(String(64), primary_key=True)
+    title: Mapped[str] = mapped_column(String(200))
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
+    definition_sha256: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(16), default="sandbox")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class DirectoryVersion(Base):
+    """One imported snapshot of constituencies, MPs and postcodes; exactly one is current."""
+
+    __tablename__ = "directory_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(200))
+    is_current: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Constituency(Base):
+    __tablename__ = "constituencies"
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("directory_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    gss_code: Mapped[str] = mapped_column(String(9), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    country: Mapped[str] = mapped_column(String(40))
+    member_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class Member(Base):
+    __tablename__ = "members"
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("directory_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    member_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    party: Mapped[str] = mapped_column(String(100), default="")
+    email: Mapped[str | None] = mapped_column(String(254))
+
+
+class Postcode(Base):
+    __tablename__ = "postcodes"
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("directory_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    postcode: Mapped[str] = mapped_column(String(8), primary_key=True)
+    gss_code: Mapped[str | None] = mapped_column(String(9))
+    terminated: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Submission(Base):
+    """A supporter's submission and where it is in the pipeline."""
+
+    __tablename__ = "submissions"
+    __table_args__ = (
+        UniqueConstraint("campaign_slug", "idempotency_key", name="uq_submissions_idempotency"),
+        Index("ix_submissions_state_updated", "state", "updated_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    campaign_slug: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), default=State.RECEIVED)
+    # What the front end posted (personal data). The raw client IP is never stored.
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    client_ip_hash: Mapped[str | None] = mapped_column(String(64))
+    # Outcome details: per-field reasons for a rejection, an explanation for a failure.
+    rejection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    # Resolution: which directory version and which MP this letter goes to.
+    directory_version_id: Mapped[int | None] = mapped_column(Integer)
+    constituency_code: Mapped[str | None] = mapped_column(String(9))
+    member_id: Mapped[int | None] = mapped_column(Integer)
+    consent_logged_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Last time a stage message was sent for this submission: the reconciler's clock.
+    dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    events: Mapped[list[SubmissionEvent]] = relationship(
+        back_populates="submission", order_by="SubmissionEvent.id", cascade="all, delete-orphan"
+    )
+
+
+class SubmissionEvent(Base):
+    """The history of a submission's state transitions."""
+
+    __tablename__ = "submission_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), index=True
+    )
+    state: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+    submission: Mapped[Submission] = relationship(back_populates="events")
+
+
+class Letter(Base):
+    """The rendered letter: written once, never changed."""
+
+    __tablename__ = "letters"
+
+    submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), primary_key=True
+    )
+    message_id: Mapped[str] = mapped_column(String(255), unique=True)
+    subject: Mapped[str] = mapped_column(String(300))
+    body_text: Mapped[str | None] = mapped_column(Text)
+    body_html: Mapped[str | None] = mapped_column(Text)
+    from_name: Mapped[str] = mapped_column(String(300))
+    from_email: Mapped[str] = mapped_column(String(254))
+    reply_to: Mapped[str | None] = mapped_column(String(254))
+    to_name: Mapped[str] = mapped_column(String(200))
+    to_email: Mapped[str] = mapped_column(String(254))
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Delivery(Base):
+    """One delivery record per letter: the unique key that stops a second send."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        ForeignKeyConstraint(["submission_id"], ["letters.submission_id"], ondelete="CASCADE"),
+    )
+
+    submission_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    backend: Mapped[str] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_at: Mapped[datetime | None] = mapped_column()
+    sent_at: Mapped[datetime | None] = mapped_column()
+    response: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class ConsentEvent(Base):
+    """One recorded choice per channel per submission, plus the 'details go to your MP' notice."""
+
+    __tablename__ = "consent_events"
+    __table_args__ = (UniqueConstraint("submission_id", "channel", name="uq_consent_submission"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    submission_id: Mapped[str] = mapped_column(String(36), index=True)
+    supporter_hash: Mapped[str] = mapped_column(String(64), index=True)
+    campaign_slug: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(16))
+    choice: Mapped[str] = mapped_column(String(16))
+    wording_version: Mapped[str] = mapped_column(String(64))
+    wording_sha256: Mapped[str] = mapped_column(String(64))
+    lawful_basis: Mapped[str] = mapped_column(String(40))
+    source_url: Mapped[str | None] = mapped_column(Text)
+    user_agent: Mapped[str | None] = mapped_column(Text)
+    ip_hash: Mapped[str | None] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,98 @@
+"""The reconciler: the database knows where every submission is; resend what has stopped moving.
+
+Redis can lose messages (a restart without persistence, a failed enqueue). Every submission in a
+non-final state whose last dispatch is older than the deadline is sent to its stage again. The
+stages are idempotent, so a resend of a message that was only slow does no harm.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+
+import dramatiq
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.db import session_scope
+from workers.models import State, Submission, SubmissionEvent, utcnow
+from workers.stages import Stage, dispatch
+
+log = structlog.get_logger(__name__)
+
+STAGE_FOR_STATE = {
+    State.RECEIVED: Stage.VALIDATE,
+    State.VALIDATED: Stage.RESOLVE,
+    State.RESOLVED: Stage.RENDER,
+    State.RENDERED: Stage.DELIVER,
+}
+BATCH = 1000
+
+
+def find_stalled(
+    session: Session, older_than: timedelta, now: datetime | None = None
+) -> list[tuple[str, Stage]]:
+    """(submission id, stage) for everything due a resend; marks them dispatched now."""
+    now = now or utcnow()
+    cutoff = now - older_than
+    due: list[tuple[str, Stage]] = []
+    stalled = session.execute(
+        select(Submission.id, Submission.state)
+        .where(Submission.state.in_([s.value for s in STAGE_FOR_STATE]))
+        .where(Submission.dispatched_at < cutoff)
+        .order_by(Submission.dispatched_at)
+        .limit(BATCH)
+    ).all()
+    due.extend((sid, STAGE_FOR_STATE[State(state)]) for sid, state in stalled)
+
+    validated = select(SubmissionEvent.submission_id).where(
+        SubmissionEvent.state == State.VALIDATED
+    )
+    unlogged = session.scalars(
+        select(Submission.id)
+        .where(Submission.consent_logged_at.is_(None))
+        .where(Submission.dispatched_at < cutoff)
+        .where(Submission.id.in_(validated))
+        .limit(BATCH)
+    ).all()
+    due.extend((sid, Stage.CONSENT) for sid in unlogged)
+
+    ids = {sid for sid, _ in due}
+    if ids:
+        session.execute(
+            update(Submission)
+            .where(Submission.id.in_(ids))
+            .values(dispatched_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    return due
+
+
+def reconcile_once(
+    sessions: sessionmaker[Session], broker: dramatiq.Broker, older_than: timedelta
+) -> int:
+    """One pass: find what has stalled, commit the new dispatch times, then resend."""
+    with session_scope(sessions) as session:
+        due = find_stalled(session, older_than)
+    for submission_id, stage in due:
+        dispatch(broker, [stage], submission_id)
+    if due:
+        log.info("reconciler_resent", count=len(due))
+    return len(due)
+
+
+def run_forever(
+    sessions: sessionmaker[Session],
+    broker: dramatiq.Broker,
+    interval: float,
+    older_than: timedelta,
+    stop: threading.Event,
+) -> None:
+    """Reconcile every ``interval`` seconds until ``stop`` is set; a failed pass is retried."""
+    while not stop.is_set():
+        try:
+            reconcile_once(sessions, broker, older_than)
+        except Exception as exc:  # the database may be briefly away: try again next tick
+            log.warning("reconciler_pass_failed", error=type(exc).__name__)
+        stop.wait(interval)

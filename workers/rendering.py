@@ -1,0 +1,136 @@
+"""Rendering: the campaign's template and the supporter's words become one stored letter.
+
+Templates belong to the campaign and run in Jinja2's sandbox. What the supporter typed is passed
+in as data and never parsed as a template, so ``{{ 7*7 }}`` in a letter arrives as written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
+from sqlalchemy.orm import Session
+
+from schemas.campaign import CampaignDefinition
+from workers.campaigns import get_definition
+from workers.models import Constituency, Delivery, DeliveryStatus, Letter, Member, State, Submission
+from workers.stages import Stage
+from workers.transitions import advance
+
+
+@lru_cache(maxsize=1)
+def text_environment() -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
+    )
+
+
+@dataclass(frozen=True)
+class Recipient:
+    name: str
+    email: str
+    constituency: str
+
+
+@dataclass(frozen=True)
+class RenderedLetter:
+    subject: str
+    body_text: str
+    from_name: str
+    from_email: str
+    reply_to: str
+    to_name: str
+    to_email: str
+    message_id: str
+
+    @property
+    def content_sha256(self) -> str:
+        parts = (self.subject, self.body_text, self.from_email, self.to_email, self.message_id)
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def choose_subject(definition: CampaignDefinition, submission_id: str, typed: str) -> str:
+    """The supporter's subject where the campaign allows it, else a variant fixed per submission."""
+    if "subject" in definition.editable and typed.strip():
+        return typed.strip()
+    digest = int(hashlib.sha256(submission_id.encode()).hexdigest(), 16)
+    return definition.subject_variants[digest % len(definition.subject_variants)]
+
+
+def compose(
+    definition: CampaignDefinition, submission_id: str, payload: dict[str, Any], mp: Recipient
+) -> RenderedLetter:
+    """The letter for one submission: same inputs, same letter, byte for byte."""
+    env = text_environment()
+    supporter = payload["supporter"]
+    body = payload["letter"]["body"] if "body" in definition.editable else definition.draft_body
+    context: dict[str, Any] = {
+        "mp": {"name": mp.name, "constituency": mp.constituency},
+        "campaign": {"title": definition.title, "organisation": definition.organisation},
+    }
+    salutation = env.from_string(definition.salutation).render(context)
+    text = env.from_string(definition.letter_template).render(
+        context,
+        salutation=salutation,
+        body=body.strip(),
+        sign_off=definition.sign_off,
+        supporter={
+            "name": supporter["name"],
+            "address_lines": supporter["address_lines"],
+            "postcode": supporter["postcode"],
+            "email": supporter["email"],
+        },
+    )
+    domain = str(definition.from_email).rsplit("@", 1)[1]
+    return RenderedLetter(
+        subject=choose_subject(definition, submission_id, payload["letter"]["subject"]),
+        body_text=text,
+        from_name=f"{supporter['name']} via {definition.organisation}",
+        from_email=str(definition.from_email),
+        reply_to=supporter["email"],
+        to_name=mp.name,
+        to_email=mp.email,
+        message_id=f"<{submission_id}@{domain}>",
+    )
+
+
+def render(session: Session, submission_id: str, backend: str) -> list[Stage]:
+    submission = session.get(Submission, submission_id)
+    if submission is None or submission.state != State.RESOLVED or submission.payload is None:
+        return []
+    if session.get(Letter, submission_id) is None:
+        definition = get_definition(session, submission.campaign_slug)
+        version = submission.directory_version_id
+        member = session.get(Member, (version, submission.member_id))
+        seat = session.get(Constituency, (version, submission.constituency_code))
+        if definition is None or member is None or seat is None or not member.email:
+            reason = "campaign or MP no longer in the database"
+            advance(session, submission, State.FAILED, detail=reason, failure_reason=reason)
+            return []
+        letter = compose(
+            definition, submission_id, submission.payload, Recipient(member.name, member.email, seat.name)
+        )
+        session.add(
+            Letter(
+                submission_id=submission_id,
+                message_id=letter.message_id,
+                subject=letter.subject,
+                body_text=letter.body_text,
+                from_name=letter.from_name,
+                from_email=letter.from_email,
+                reply_to=letter.reply_to,
+                to_name=letter.to_name,
+                to_email=letter.to_email,
+                content_sha256=letter.content_sha256,
+            )
+        )
+        session.flush()  # the letter row first: the delivery row refers to it
+        session.add(
+            Delivery(submission_id=submission_id, status=DeliveryStatus.PENDING, backend=backend)
+        )
+    advance(session, submission, State.RENDERED)
+    return [Stage.DELIVER]

@@ -1,0 +1,56 @@
+"""Validation: turn a stored payload into a valid submission, or a rejection with reasons."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from schemas.campaign import CampaignDefinition
+from schemas.submission import SubmissionV1, parse_submission
+from workers.campaigns import get_definition
+from workers.models import State, Submission
+from workers.stages import Stage
+from workers.transitions import advance
+
+
+def campaign_errors(definition: CampaignDefinition, submission: SubmissionV1) -> dict[str, str]:
+    """What the campaign's own rules refuse in an otherwise well-formed submission."""
+    errors = {}
+    body = submission.letter.body
+    if "body" in definition.editable:
+        if len(body) < definition.body_min_chars:
+            errors["letter.body"] = (
+                f"Your letter is too short: write at least {definition.body_min_chars} characters."
+            )
+        elif len(body) > definition.body_max_chars:
+            errors["letter.body"] = (
+                f"Your letter is too long: {len(body)} characters, the limit is "
+                f"{definition.body_max_chars}."
+            )
+    if submission.contact_preferences.wording_version != definition.consent.version:
+        errors["contact_preferences.wording_version"] = (
+            "The contact-preference wording has changed since this page was loaded. "
+            "Please reload the page and choose again."
+        )
+    return errors
+
+
+def validate(session: Session, submission_id: str) -> list[Stage]:
+    """Validate a received submission; returns the stages to send it on to."""
+    submission = session.get(Submission, submission_id)
+    if submission is None or submission.state != State.RECEIVED:
+        return []
+    parsed = parse_submission(submission.payload)
+    if isinstance(parsed, dict):
+        errors = parsed
+    else:
+        definition = get_definition(session, parsed.campaign)
+        if definition is None:
+            errors = {"campaign": f"There is no campaign called '{parsed.campaign}'."}
+        else:
+            errors = campaign_errors(definition, parsed)
+    if errors:
+        advance(session, submission, State.REJECTED, detail="invalid input", rejection=errors)
+        return []
+    assert not isinstance(parsed, dict)
+    advance(session, submission, State.VALIDATED, payload=parsed.model_dump(mode="json"))
+    return [Stage.RESOLVE, Stage.CONSENT]
