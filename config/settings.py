@@ -18,7 +18,9 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True
+    )
 
     # Where embedded state lives (SQLite file, embedded Redis socket, outbox, secret key).
     data_dir: Path = Field(default=Path("var"), alias="DEARMP_DATA_DIR")

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from schemas.messages import StageMessage
 from schemas.submission import SubmissionV1
 
 JSON_SCHEMA_DIR = Path(__file__).resolve().parent / "json"
-EXPORTED = {"submission.v1.schema.json": SubmissionV1, "stage-message.v1.schema.json": StageMessage}
+EXPORTED: dict[str, type[BaseModel]] = {
+    "submission.v1.schema.json": SubmissionV1,
+    "stage-message.v1.schema.json": StageMessage,
+}
 
 
 def json_schemas() -> dict[str, str]:

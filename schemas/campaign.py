@@ -1,4 +1,4 @@
-"""A campaign definition: the data an organisation writes to run a campaign (config/campaigns/*.toml)."""
+"""A campaign definition: what an organisation writes to run one (config/campaigns/*.toml)."""
 
 from __future__ import annotations
 

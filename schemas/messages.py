@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MESSAGE_VERSION = 1
+MESSAGE_VERSION: Literal[1] = 1
 
 
 class StageMessage(BaseModel):

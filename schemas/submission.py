@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from email_validator import EmailNotValidError, validate_email
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 # British Standard BS 7666 shape: outward code (area, district) and inward code (sector, unit).
 POSTCODE_RE = re.compile(r"^([A-Z]{1,2}[0-9][A-Z0-9]?) ?([0-9][A-Z]{2})$")
@@ -35,21 +35,23 @@ CHANNELS = ("email", "phone", "sms", "post")
 
 
 def _has_control(text: str, allowed: str = "") -> bool:
-    return any(unicodedata.category(ch) in {"Cc", "Cf", "Zl", "Zp"} and ch not in allowed for ch in text)
+    return any(
+        unicodedata.category(ch) in {"Cc", "Cf", "Zl", "Zp"} and ch not in allowed for ch in text
+    )
 
 
 def _single_line(label: str, max_len: int, min_len: int = 1) -> Any:
     def check(value: Any) -> str:
         if not isinstance(value, str):
             raise ValueError(f"{label} must be text.")
-        value = value.strip()
-        if _has_control(value):
+        text: str = value.strip()
+        if _has_control(text):
             raise ValueError(f"{label} must be on one line, without control characters.")
-        if len(value) < min_len:
+        if len(text) < min_len:
             raise ValueError(f"Please enter your {label.lower()}.")
-        if len(value) > max_len:
+        if len(text) > max_len:
             raise ValueError(f"{label} must be at most {max_len} characters.")
-        return value
+        return text
 
     return BeforeValidator(check)
 
@@ -190,7 +192,9 @@ class SubmissionV1(BaseModel):
     client_ip: Annotated[
         str | None,
         BeforeValidator(_check_ip),
-        Field(description="Only ever stored as a keyed hash; the raw address is dropped on intake."),
+        Field(
+            description="Only ever stored as a keyed hash; the raw address is dropped on intake."
+        ),
     ] = None
 
 

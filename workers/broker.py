@@ -18,10 +18,9 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     broker: dramatiq.Broker
     if settings.broker == "stub":
         broker = StubBroker()
-        broker.emit_after("process_boot")
     else:
         # Creating the client does not connect; the first command does.
-        broker = RedisBroker(
+        broker = RedisBroker(  # type: ignore[no-untyped-call]
             url=redis_url(settings),
             namespace=settings.redis_namespace,
             # A worker that stops heart-beating for this long has its messages given back.

@@ -59,9 +59,17 @@ def worker(processes: int, threads: int) -> None:
     """Run the five actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
     from dramatiq.cli import main as dramatiq_main
 
-    args = ["dramatiq", "workers.actors", "--processes", str(processes), "--threads", str(threads)]
+    args = [
+        "dramatiq",
+        "workers.actors",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--skip-logging",
+    ]
     sys.argv = args
-    sys.exit(dramatiq_main())
+    sys.exit(dramatiq_main())  # type: ignore[no-untyped-call]
 
 
 @main.command()
@@ -112,7 +120,7 @@ def show(submission_id: str, as_json: bool) -> None:
         if sub is None:
             raise click.ClickException(f"no submission {submission_id}")
         delivery = session.get(Delivery, submission_id)
-        info = {
+        info: dict[str, Any] = {
             "id": sub.id,
             "campaign": sub.campaign_slug,
             "state": sub.state,
@@ -180,7 +188,9 @@ def demo(count: int, timeout: float) -> None:
     log_file = settings.data_dir / "logs" / "dearmp.jsonl"
     app = _app(log_file)
     console = Console()
-    console.print(f"[bold]DearMP demo[/bold]: data in {settings.data_dir.resolve()}, logs in {log_file}")
+    console.print(
+        f"[bold]DearMP demo[/bold]: data in {settings.data_dir.resolve()}, logs in {log_file}"
+    )
     prepare(app)
     with running_pipeline(app, broker, app.settings.worker_threads):
         result = run_demo(app, broker, count, timeout, console)
@@ -200,8 +210,11 @@ def schema_export(check: bool) -> None:
     from schemas import JSON_SCHEMA_DIR, export_json_schemas, json_schemas
 
     if check:
-        stale = [n for n, t in json_schemas().items() if not (JSON_SCHEMA_DIR / n).exists()
-                 or (JSON_SCHEMA_DIR / n).read_text() != t]
+        stale = [
+            n
+            for n, t in json_schemas().items()
+            if not (JSON_SCHEMA_DIR / n).exists() or (JSON_SCHEMA_DIR / n).read_text() != t
+        ]
         if stale:
             raise click.ClickException(f"out of date: {', '.join(stale)}; run dearmp schema export")
         click.echo("schemas up to date")
@@ -233,10 +246,18 @@ def directory() -> None:
 
 
 @directory.command("import")
-@click.option("--members", type=click.Path(exists=True, path_type=Path), required=True,
-              help="Constituencies with their MPs (the constituencies_2024_current_mps layout).")
-@click.option("--postcodes", type=click.Path(exists=True, path_type=Path), multiple=True,
-              help="ONSPD-style postcode CSV; repeat for several files.")
+@click.option(
+    "--members",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="Constituencies with their MPs (the constituencies_2024_current_mps layout).",
+)
+@click.option(
+    "--postcodes",
+    type=click.Path(exists=True, path_type=Path),
+    multiple=True,
+    help="ONSPD-style postcode CSV; repeat for several files.",
+)
 def directory_import(members: Path, postcodes: tuple[Path, ...]) -> None:
     """Import a new directory version and switch to it atomically."""
     from workers.db import session_scope

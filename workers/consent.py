@@ -62,7 +62,9 @@ def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
         question = definition.consent.question(channel)
         assert question is not None  # checked when the campaign was loaded
         events.append(
-            ConsentEvent(**common, channel=channel, choice=prefs[channel], wording_sha256=question.sha256)
+            ConsentEvent(
+                **common, channel=channel, choice=prefs[channel], wording_sha256=question.sha256
+            )
         )
     notice_sha = hashlib.sha256(definition.consent.mp_notice.encode()).hexdigest()
     events.append(

@@ -18,7 +18,7 @@ from workers.db import session_scope
 from workers.mail import Mailer, PermanentDeliveryError, TransientDeliveryError, build_message
 from workers.models import Delivery, DeliveryStatus, Letter, State, Submission, utcnow
 from workers.stages import Stage
-from workers.transitions import AlreadyMoved, advance
+from workers.transitions import AlreadyMoved, advance, rowcount
 
 
 def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
@@ -37,7 +37,7 @@ def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
         .values(status=DeliveryStatus.SENDING, claimed_at=now, attempts=Delivery.attempts + 1)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return rowcount(result) == 1
 
 
 def _finish(session: Session, submission_id: str, to_state: State, **delivery: object) -> None:
@@ -89,7 +89,11 @@ def deliver(
     except PermanentDeliveryError as exc:
         with session_scope(sessions) as session:
             _finish(
-                session, submission_id, State.FAILED, status=DeliveryStatus.FAILED, error=str(exc)[:2000]
+                session,
+                submission_id,
+                State.FAILED,
+                status=DeliveryStatus.FAILED,
+                error=str(exc)[:2000],
             )
         return []
 

@@ -21,8 +21,30 @@ from workers.db import session_scope
 from workers.models import Submission
 from workers.runtime import SAMPLE_DIR, count_final, state_counts, submit
 
-FIRST = ["Aisha", "Bryony", "Callum", "Deepa", "Ewan", "Farah", "Gethin", "Hollie", "Imran", "Jodie"]
-LAST = ["Ahmed", "Brennan", "Clarke", "Dhillon", "Evans", "Fraser", "Gill", "Hughes", "Iqbal", "Jones"]
+FIRST = [
+    "Aisha",
+    "Bryony",
+    "Callum",
+    "Deepa",
+    "Ewan",
+    "Farah",
+    "Gethin",
+    "Hollie",
+    "Imran",
+    "Jodie",
+]
+LAST = [
+    "Ahmed",
+    "Brennan",
+    "Clarke",
+    "Dhillon",
+    "Evans",
+    "Fraser",
+    "Gill",
+    "Hughes",
+    "Iqbal",
+    "Jones",
+]
 POSTCODES = ["DM1 1AA", "DM2 1AB", "DM3 2BD", "DM4 3CE", "DM5 4DF", "DM6 1AA", "DM1 4DF"]
 
 

@@ -82,7 +82,9 @@ class SmtpMailer:
         context = ssl.create_default_context()
         conn: smtplib.SMTP
         if s.smtp_security == "tls":
-            conn = smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout, context=context)
+            conn = smtplib.SMTP_SSL(
+                s.smtp_host, s.smtp_port, timeout=s.smtp_timeout, context=context
+            )
         else:
             conn = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
             if s.smtp_security == "starttls":
@@ -161,4 +163,3 @@ def make_mailer(settings: Settings) -> Mailer:
     if settings.mail_backend == "smtp":
         return SmtpMailer(settings)
     return OutboxMailer(settings.resolved_outbox_dir)
-

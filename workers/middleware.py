@@ -8,9 +8,15 @@ import dramatiq
 import structlog
 from dramatiq.middleware import Middleware
 
+from config.settings import get_settings
+from workers.logging import configure_logging
+
 
 class LogContext(Middleware):
-    """Bind the actor, message id and submission id to every log event of a message."""
+    """JSON logs in worker processes; the actor, message and submission id bound per message."""
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        configure_logging(get_settings().log_level)
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         structlog.contextvars.clear_contextvars()

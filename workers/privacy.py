@@ -7,7 +7,7 @@ import hmac
 
 
 def keyed_hash(secret: bytes, value: str, purpose: str) -> str:
-    """HMAC-SHA256 of ``value``, separated by ``purpose`` so hashes of one kind never match another."""
+    """HMAC-SHA256 of ``value``; ``purpose`` keeps hashes of one kind from matching another."""
     return hmac.new(secret, f"{purpose}\x00{value}".encode(), hashlib.sha256).hexdigest()
 
 

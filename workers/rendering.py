@@ -112,7 +112,10 @@ def render(session: Session, submission_id: str, backend: str) -> list[Stage]:
             advance(session, submission, State.FAILED, detail=reason, failure_reason=reason)
             return []
         letter = compose(
-            definition, submission_id, submission.payload, Recipient(member.name, member.email, seat.name)
+            definition,
+            submission_id,
+            submission.payload,
+            Recipient(member.name, member.email, seat.name),
         )
         session.add(
             Letter(

@@ -64,11 +64,17 @@ def resolve(session: Session, submission_id: str) -> list[Stage]:
     result = lookup(session, submission.payload["supporter"]["postcode"])
     if isinstance(result, NotFound):
         advance(
-            session, submission, State.REJECTED, detail="postcode", rejection={POSTCODE_FIELD: result.message}
+            session,
+            submission,
+            State.REJECTED,
+            detail="postcode",
+            rejection={POSTCODE_FIELD: result.message},
         )
         return []
     if isinstance(result, Unreachable):
-        advance(session, submission, State.FAILED, detail=result.reason, failure_reason=result.reason)
+        advance(
+            session, submission, State.FAILED, detail=result.reason, failure_reason=result.reason
+        )
         return []
     advance(
         session,

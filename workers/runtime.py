@@ -1,4 +1,4 @@
-"""Running the pipeline in one process: embedded Redis if none is configured, workers, reconciler."""
+"""The pipeline in one process: embedded Redis (if none is configured), workers, reconciler."""
 
 from __future__ import annotations
 

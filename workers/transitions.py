@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import update
+from sqlalchemy import CursorResult, Result, update
 from sqlalchemy.orm import Session
 
 from workers.models import State, Submission, SubmissionEvent, utcnow
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows matched by an UPDATE (``Session.execute`` is typed as returning a plain Result)."""
+    return cast("CursorResult[Any]", result).rowcount
 
 
 class AlreadyMoved(Exception):
@@ -33,7 +38,9 @@ def advance(
         .values(state=to_state.value, updated_at=now, dispatched_at=now, **fields)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(result) != 1:
         raise AlreadyMoved(submission.id)
-    session.add(SubmissionEvent(submission_id=submission.id, state=to_state.value, at=now, detail=detail))
+    session.add(
+        SubmissionEvent(submission_id=submission.id, state=to_state.value, at=now, detail=detail)
+    )
     session.expire(submission)

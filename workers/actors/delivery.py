@@ -13,9 +13,7 @@ from workers.stages import Stage
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
-    return deliver(
-        app.sessions, submission_id, app.mailer, app.settings.delivery_lease_seconds
-    )
+    return deliver(app.sessions, submission_id, app.mailer, app.settings.delivery_lease_seconds)
 
 
 @dramatiq.actor(

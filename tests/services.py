@@ -1,0 +1,158 @@
+"""Real services for the tests: a throwaway PostgreSQL cluster, Redis, an SMTP server.
+
+In CI (CI=true) a service that cannot start is an error, never a skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+NOBODY = 65534
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally; fail in CI, where every real-service test must run."""
+    if IN_CI:
+        pytest.fail(f"required service unavailable in CI: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+class PostgresCluster:
+    """initdb + pg_ctl into a temp dir, on a loopback port; as 'nobody' when we are root."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.datadir = base / "pgdata"
+        self.port = free_port()
+        self.as_root = os.geteuid() == 0
+
+    def _run(self, *args: str) -> None:
+        kwargs: dict[str, Any] = {"check": True, "capture_output": True}
+        if self.as_root:
+            kwargs |= {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+        subprocess.run(args, **kwargs)
+
+    def start(self) -> PostgresCluster:
+        initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+        if not initdb or not pg_ctl:
+            unavailable("PostgreSQL binaries (initdb, pg_ctl) not found")
+        assert initdb and pg_ctl
+        self.base.mkdir(parents=True, exist_ok=True)
+        if self.as_root:
+            os.chown(self.base, NOBODY, NOBODY)
+            self.base.chmod(0o755)
+            # The cluster's user must be able to reach its directory.
+            for parent in self.base.parents:
+                if parent == Path("/"):
+                    break
+                parent.chmod(parent.stat().st_mode | 0o011)
+        self._run(initdb, "-D", str(self.datadir), "-U", "postgres", "-A", "trust", "-E", "UTF8")
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            pg_ctl, "-D", str(self.datadir), "-o", options, "-l", str(self.base / "pg.log"),
+            "-w", "start",
+        )  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        pg_ctl = pg_bin("pg_ctl")
+        if pg_ctl:
+            self._run(pg_ctl, "-D", str(self.datadir), "-m", "immediate", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+
+@dataclass
+class Received:
+    """What the test SMTP server accepted, as parsed messages."""
+
+    messages: list[Message] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.messages)
+
+    def message_ids(self) -> list[str]:
+        with self.lock:
+            return [str(m["Message-ID"]) for m in self.messages]
+
+
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on loopback that records every message it accepts.
+
+    ``answer`` lets a test make the server refuse with a 4xx or 5xx reply.
+    """
+
+    def __init__(self) -> None:
+        self.received = Received()
+        self.answer: str | None = None
+        self.delay = 0.0
+        self.port = free_port()
+        self.controller: Any = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.answer:
+            return self.answer
+        with self.received.lock:
+            self.received.messages.append(message_from_bytes(envelope.original_content))
+        return "250 2.0.0 Ok: queued"
+
+    def start(self) -> SmtpSink:
+        try:
+            from aiosmtpd.controller import Controller
+        except ImportError:
+            unavailable("aiosmtpd is not installed")
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,250 @@
+"""Each stage as a plain function on a real database (SQLite and PostgreSQL): outcome and idempotency."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from tests.factories import submission
+from workers.app import App
+from workers.consent import log_consent
+from workers.db import session_scope
+from workers.delivery import deliver
+from workers.intake import accept
+from workers.mail import OutboxMailer
+from workers.models import (
+    ConsentEvent,
+    Delivery,
+    Letter,
+    Member,
+    State,
+    Submission,
+    SubmissionEvent,
+    utcnow,
+)
+from workers.reconciler import find_stalled
+from workers.rendering import render
+from workers.resolution import resolve
+from workers.stages import Stage
+from workers.validation import validate
+
+
+def store(app: App, payload: Any) -> str:
+    with session_scope(app.sessions) as session:
+        return accept(session, payload, app.secret).submission_id
+
+
+def step(app: App, fn: Any, submission_id: str, *args: Any) -> list[Stage]:
+    with session_scope(app.sessions) as session:
+        result: list[Stage] = fn(session, submission_id, *args)
+        return result
+
+
+def get(app: App, submission_id: str) -> Submission:
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, submission_id)
+        assert sub is not None
+        _ = sub.events  # load the history before the session closes
+        return sub
+
+
+def through_render(app: App, payload: Any) -> str:
+    sid = store(app, payload)
+    assert step(app, validate, sid) == [Stage.RESOLVE, Stage.CONSENT]
+    assert step(app, resolve, sid) == [Stage.RENDER]
+    assert step(app, render, sid, "outbox") == [Stage.DELIVER]
+    return sid
+
+
+def test_same_idempotency_key_gives_one_submission(app: App) -> None:
+    payload = submission()
+    first, second = store(app, payload), store(app, dict(payload))
+    assert first == second
+    with session_scope(app.sessions) as session:
+        assert session.scalar(select(func.count()).select_from(Submission)) == 1
+
+
+def test_intake_keeps_only_a_keyed_hash_of_the_client_ip(app: App) -> None:
+    sub = get(app, store(app, submission()))
+    assert sub.payload is not None and sub.payload["client_ip"] is None
+    assert sub.client_ip_hash and "203.0.113.7" not in sub.client_ip_hash
+
+
+def test_bad_input_becomes_a_rejection_with_reasons_per_field(app: App) -> None:
+    sid = store(app, submission(supporter__email="nope", supporter__postcode="12345"))
+    assert step(app, validate, sid) == []
+    sub = get(app, sid)
+    assert sub.state == State.REJECTED
+    assert sub.rejection is not None
+    assert set(sub.rejection) == {"supporter.email", "supporter.postcode"}
+    assert [e.state for e in sub.events] == ["received", "rejected"]
+
+
+def test_campaign_rules_reject_unknown_campaign_long_body_and_stale_wording(app: App) -> None:
+    cases = {
+        "campaign": submission(campaign="no-such-campaign"),
+        "letter.body": submission(letter__body="x" * 5001),
+        "contact_preferences.wording_version": submission(
+            contact_preferences__wording_version="old"
+        ),
+    }
+    for field, payload in cases.items():
+        sid = store(app, payload)
+        step(app, validate, sid)
+        rejection = get(app, sid).rejection
+        assert rejection is not None and field in rejection, (field, rejection)
+
+
+def test_validation_twice_has_no_second_effect(app: App) -> None:
+    sid = store(app, submission())
+    assert step(app, validate, sid) == [Stage.RESOLVE, Stage.CONSENT]
+    assert step(app, validate, sid) == []
+    assert [e.state for e in get(app, sid).events] == ["received", "validated"]
+
+
+def test_resolution_finds_the_mp_and_records_the_directory_version(app: App) -> None:
+    sid = store(app, submission(supporter__postcode="dm5 4df"))
+    step(app, validate, sid)
+    assert step(app, resolve, sid) == [Stage.RENDER]
+    sub = get(app, sid)
+    assert (sub.state, sub.constituency_code, sub.member_id) == ("resolved", "W07900005", 990005)
+    assert sub.directory_version_id is not None
+    assert step(app, resolve, sid) == []
+
+
+def test_unknown_and_terminated_postcodes_are_rejected_with_a_message(app: App) -> None:
+    for postcode, fragment in (("DM9 9XX", "could not find"), ("DM1 9ZZ", "no longer in use")):
+        sid = store(app, submission(supporter__postcode=postcode))
+        step(app, validate, sid)
+        step(app, resolve, sid)
+        sub = get(app, sid)
+        assert sub.state == State.REJECTED
+        assert sub.rejection is not None and fragment in sub.rejection["supporter.postcode"]
+
+
+def test_an_mp_without_email_is_a_recorded_failure_not_a_guess(app: App) -> None:
+    with session_scope(app.sessions) as session:
+        for member in session.scalars(select(Member).where(Member.member_id == 990001)):
+            member.email = None
+    sid = store(app, submission(supporter__postcode="DM1 1AA"))
+    step(app, validate, sid)
+    step(app, resolve, sid)
+    sub = get(app, sid)
+    assert sub.state == State.FAILED
+    assert sub.failure_reason is not None and "no email address" in sub.failure_reason
+
+
+def test_rendering_stores_the_letter_once(app: App) -> None:
+    sid = through_render(app, submission())
+    with session_scope(app.sessions) as session:
+        letter = session.get(Letter, sid)
+        assert letter is not None
+        first_hash = letter.content_sha256
+        assert letter.body_text is not None and letter.body_text.startswith("Dear Alex Rivers,")
+    # A second render message finds the state moved on and changes nothing.
+    assert step(app, render, sid, "outbox") == []
+    with session_scope(app.sessions) as session:
+        assert session.scalar(select(func.count()).select_from(Letter)) == 1
+        letter = session.get(Letter, sid)
+        assert letter is not None and letter.content_sha256 == first_hash
+
+
+def test_delivery_sends_once_however_often_it_runs(app: App, tmp_path: Path) -> None:
+    sid = through_render(app, submission())
+    outbox = OutboxMailer(tmp_path / "once")
+    for _ in range(3):
+        deliver(app.sessions, sid, outbox, lease_seconds=300)
+    assert len(list((tmp_path / "once").glob("*.eml"))) == 1
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None
+        assert (delivery.status, delivery.attempts) == ("sent", 1)
+    sub = get(app, sid)
+    assert [e.state for e in sub.events] == [
+        "received",
+        "validated",
+        "resolved",
+        "rendered",
+        "delivered",
+    ]
+
+
+def test_a_live_claim_blocks_a_second_sender(app: App, tmp_path: Path) -> None:
+    sid = through_render(app, submission())
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None
+        delivery.status, delivery.claimed_at = "sending", utcnow()
+    deliver(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), lease_seconds=300)
+    assert not (tmp_path / "blocked").exists()
+    # Once the claim is older than the lease (the sender died), the letter is taken over.
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None
+        delivery.claimed_at = utcnow() - timedelta(seconds=301)
+    deliver(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), lease_seconds=300)
+    assert len(list((tmp_path / "blocked").glob("*.eml"))) == 1
+
+
+def test_consent_is_logged_once_per_channel_plus_the_mp_notice(app: App) -> None:
+    sid = store(app, submission())
+    step(app, validate, sid)
+    with session_scope(app.sessions) as session:
+        assert log_consent(session, sid, app.secret) == 5
+    with session_scope(app.sessions) as session:
+        assert log_consent(session, sid, app.secret) == 0
+        events = session.scalars(select(ConsentEvent).where(ConsentEvent.submission_id == sid))
+        by_channel = {e.channel: e.choice for e in events}
+    assert by_channel == {
+        "email": "granted",
+        "phone": "refused",
+        "sms": "not_asked",
+        "post": "granted",
+        "mp_notice": "informed",
+    }
+
+
+def test_consent_is_not_logged_for_a_rejected_submission(app: App) -> None:
+    sid = store(app, submission(supporter__email="nope"))
+    step(app, validate, sid)
+    with session_scope(app.sessions) as session:
+        assert log_consent(session, sid, app.secret) == 0
+
+
+def test_reconciler_resends_what_stopped_moving_and_nothing_else(app: App) -> None:
+    stuck = store(app, submission())
+    moving = store(app, submission())
+    step(app, validate, moving)  # dispatched just now: not due
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, stuck)
+        assert sub is not None
+        sub.dispatched_at = utcnow() - timedelta(minutes=5)
+    with session_scope(app.sessions) as session:
+        due = find_stalled(session, timedelta(minutes=2))
+    assert due == [(stuck, Stage.VALIDATE)]
+    with session_scope(app.sessions) as session:
+        assert find_stalled(session, timedelta(minutes=2)) == []  # dispatched again: clock reset
+
+
+def test_reconciler_finds_unlogged_consent(app: App) -> None:
+    sid = store(app, submission())
+    step(app, validate, sid)
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None
+        sub.dispatched_at = utcnow() - timedelta(minutes=5)
+    with session_scope(app.sessions) as session:
+        due = set(find_stalled(session, timedelta(minutes=2)))
+    assert due == {(sid, Stage.RESOLVE), (sid, Stage.CONSENT)}
+
+
+def test_history_records_each_transition_with_a_time(app: App) -> None:
+    sid = through_render(app, submission())
+    with session_scope(app.sessions) as session:
+        times = session.scalars(
+            select(SubmissionEvent.at).where(SubmissionEvent.submission_id == sid)
+        ).all()
+    assert len(times) == 4 and times == sorted(times)
