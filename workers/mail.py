@@ -89,6 +89,7 @@ class SmtpMailer:
             conn = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
             if s.smtp_security == "starttls":
                 conn.starttls(context=context)
+        conn.ehlo_or_helo_if_needed()
         if s.smtp_username and s.smtp_password:
             conn.login(s.smtp_username, s.smtp_password.get_secret_value())
         return conn

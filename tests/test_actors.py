@@ -1,0 +1,95 @@
+"""The actors through dramatiq's StubBroker and a real Worker: serialisation, fan-out, retries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+from sqlalchemy import func, select
+
+from tests.conftest import drain
+from tests.factories import submission
+from workers.app import App
+from workers.db import session_scope
+from workers.models import ConsentEvent, Delivery, State, Submission
+from workers.runtime import state_counts, submit
+from workers.stages import Stage, stage_message
+
+
+def test_valid_and_invalid_submissions_reach_final_states(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    ids = [submit(app, stub_broker, submission())[0] for _ in range(5)]
+    ids += [submit(app, stub_broker, submission(supporter__email="bad"))[0]]
+    ids += [submit(app, stub_broker, submission(supporter__postcode="DM9 9XX"))[0]]
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, ids) == {"delivered": 5, "rejected": 2}
+    assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 5
+    assert stub_broker.dead_letters == []  # bad input is an outcome, not a dead letter
+
+
+def test_consent_is_logged_for_every_valid_submission_even_when_delivery_fails(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    ok = submit(app, stub_broker, submission())[0]
+    vacant = submit(app, stub_broker, submission(supporter__postcode="DM6 1AA"))[0]
+    with session_scope(app.sessions) as session:
+        from workers.models import Constituency
+
+        for seat in session.scalars(select(Constituency).where(Constituency.gss_code == "N05900006")):
+            seat.member_id = None  # the seat falls vacant before resolution
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [ok, vacant]) == {"delivered": 1, "failed": 1}
+    with session_scope(app.sessions) as session:
+        logged = session.scalars(select(ConsentEvent.submission_id).distinct()).all()
+    assert set(logged) == {ok, vacant}
+
+
+def test_every_actor_run_twice_on_the_same_message_has_no_second_effect(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    sid = submit(app, stub_broker, submission())[0]
+    drain(stub_broker, stub_worker)
+    for stage in Stage:
+        stub_broker.enqueue(stage_message(stage, sid))
+        stub_broker.enqueue(stage_message(stage, sid))
+    drain(stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.state == State.DELIVERED
+        assert [e.state for e in sub.events].count("delivered") == 1
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None and delivery.attempts == 1
+        assert session.scalar(select(func.count()).select_from(ConsentEvent)) == 5
+    assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 1
+
+
+def test_duplicate_submission_gives_one_letter(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    payload = submission()
+    first, created = submit(app, stub_broker, payload)
+    again, created_again = submit(app, stub_broker, payload)
+    drain(stub_broker, stub_worker)
+    assert (first, created, created_again) == (again, True, False)
+    assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 1
+
+
+def test_a_malformed_stage_message_is_dead_lettered_at_once_not_retried(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    message = stage_message(Stage.VALIDATE, "x")
+    stub_broker.enqueue(message.copy(args=({"v": 99, "submission_id": "x"},)))
+    drain(stub_broker, stub_worker)
+    dead = stub_broker.dead_letters
+    assert len(dead) == 1 and dead[0].options.get("retries", 0) == 0
+
+
+def test_unknown_submission_id_is_a_no_op(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, tmp_path: Path
+) -> None:
+    for stage in Stage:
+        stub_broker.enqueue(stage_message(stage, "00000000-0000-0000-0000-000000000000"))
+    drain(stub_broker, stub_worker)
+    assert stub_broker.dead_letters == []

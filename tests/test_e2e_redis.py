@@ -1,0 +1,139 @@
+"""End to end on a real Redis server with real worker processes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import func, select
+
+from tests.conftest import make_settings
+from tests.factories import submission
+from tests.services import REPO, free_port, wait_for
+from workers.app import App
+from workers.db import session_scope
+from workers.embedded import EmbeddedRedis
+from workers.models import Delivery
+from workers.runtime import count_final, prepare, state_counts, submit
+
+pytestmark = pytest.mark.redis
+
+
+class Stack:
+    """Worker and reconciler processes sharing one Redis and one database."""
+
+    def __init__(self, tmp_path: Path, db_url: str, redis_url: str) -> None:
+        self.tmp_path = tmp_path
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.env = {
+            **os.environ,
+            "DEARMP_BROKER": "redis",
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": db_url,
+            "DEARMP_SECRET_KEY": "test-secret",
+            "DEARMP_DATA_DIR": str(tmp_path / "var"),
+            "DEARMP_OUTBOX_DIR": str(tmp_path / "outbox"),
+            "DEARMP_RECONCILE_INTERVAL": "1",
+            "DEARMP_RECONCILE_AFTER": "4",
+            "dramatiq_restart_delay": "500",
+        }
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{args[0]}-{len(self.processes)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", *args],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs.glob("*.log"))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path, db_url: str, redis_server: EmbeddedRedis
+) -> Iterator[tuple[Stack, App, Any]]:
+    app = App.from_settings(make_settings(tmp_path, database_url=db_url))
+    prepare(app)
+    broker = RedisBroker(url=redis_server.url, namespace="dearmp")
+    running = Stack(tmp_path, db_url, redis_server.url)
+    running.start("worker", "--processes", "1", "--threads", "4")
+    running.start("reconcile")
+    yield running, app, broker
+    running.stop()
+    app.engine.dispose()
+
+
+def wait_all_final(app: App, ids: list[str], timeout: float) -> dict[str, int]:
+    unique = sorted(set(ids))
+    wait_for(lambda: count_final(state_counts(app, unique)) == len(unique), timeout, 0.25)
+    return state_counts(app, unique)
+
+
+def test_batch_reaches_final_states_with_no_personal_data_in_logs(
+    stack: tuple[Stack, App, Any], tmp_path: Path
+) -> None:
+    running, app, broker = stack
+    valid = [submission(supporter__email=f"person{i}@example.com") for i in range(20)]
+    invalid = [submission(supporter__email="bad"), submission(supporter__postcode="DM9 9XX")]
+    ids = [submit(app, broker, p)[0] for p in valid + invalid]
+    counts = wait_all_final(app, ids, timeout=90)
+    assert counts == {"delivered": 20, "rejected": 2}, running.log_text()[-3000:]
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 20
+    logs = running.log_text()
+    assert '"event": "stage_done"' in logs and '"submission_id"' in logs
+    personal = ["example.com", "Amira", "Haddad", "Mill Lane", "Millbrook", "DM1 1AA", "7946"]
+    leaked = [p for p in personal if p in logs]
+    assert leaked == [], f"personal data in worker logs: {leaked}"
+
+
+def test_restarting_redis_without_persistence_loses_no_submission(
+    stack: tuple[Stack, App, Any], redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    running, app, broker = stack
+    ids = [submit(app, broker, submission())[0] for _ in range(150)]
+    # Let part of the batch through, then take Redis away with everything queued in it.
+    assert wait_for(lambda: count_final(state_counts(app, ids)) >= 10, 60, 0.05)
+    redis_server.stop(kill=True)
+    unfinished_at_kill = len(ids) - count_final(state_counts(app, ids))
+    time.sleep(1.5)
+    redis_server.start()
+    assert redis_server.is_up()
+    counts = wait_all_final(app, ids, timeout=120)
+    assert counts == {"delivered": 150}, (counts, running.log_text()[-3000:])
+    assert unfinished_at_kill > 0, "Redis was killed after the batch had finished"
+    assert '"event": "reconciler_resent"' in running.log_text()
+    # Every letter exactly once: one file per letter, one attempt per delivery.
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 150
+    with session_scope(app.sessions) as session:
+        assert session.scalar(select(func.max(Delivery.attempts))) == 1

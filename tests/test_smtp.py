@@ -1,0 +1,99 @@
+"""Delivery over real SMTP (aiosmtpd on loopback): once per letter, headers safe, failures classified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import make_settings
+from tests.factories import submission
+from tests.services import SmtpSink
+from tests.test_stages import through_render
+from workers.app import App
+from workers.db import session_scope
+from workers.delivery import deliver
+from workers.mail import SmtpMailer, TransientDeliveryError
+from workers.models import Delivery, State, Submission
+
+
+def mailer(tmp_path: Path, sink: SmtpSink) -> SmtpMailer:
+    settings = make_settings(
+        tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=sink.port, smtp_timeout=5
+    )
+    return SmtpMailer(settings)
+
+
+def test_letters_arrive_once_with_dmarc_safe_headers(
+    app: App, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    smtp = mailer(tmp_path, smtp_sink)
+    sid = through_render(app, submission(supporter__name="Siân Llywelyn-Évans"))
+    for _ in range(3):
+        deliver(app.sessions, sid, smtp, lease_seconds=300)
+    assert smtp_sink.received.count() == 1
+    message = smtp_sink.received.messages[0]
+    assert message["Message-ID"] == f"<{sid}@campaign.example.org>"
+    assert "letters@campaign.example.org" in message["From"]
+    assert message["Reply-To"] == "amira.haddad@example.com"
+    assert message["Date"]
+    assert "=?utf-8?" in message["From"]  # the non-ASCII display name is encoded, not raw
+    body = message.get_payload(decode=True)
+    assert isinstance(body, bytes) and "Dear Alex Rivers," in body.decode()
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None and delivery.response is not None
+        assert delivery.response.startswith("250")
+
+
+def test_one_connection_is_reused_across_letters(
+    app: App, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    smtp = mailer(tmp_path, smtp_sink)
+    for _ in range(3):
+        deliver(app.sessions, through_render(app, submission()), smtp, lease_seconds=300)
+    assert smtp_sink.received.count() == 3
+    conn = smtp._local.conn
+    assert conn is not None and conn.noop()[0] == 250
+
+
+def test_a_4xx_answer_is_retried_later_and_then_sent(
+    app: App, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    smtp = mailer(tmp_path, smtp_sink)
+    sid = through_render(app, submission())
+    smtp_sink.answer = "451 4.3.0 Try again later"
+    with pytest.raises(TransientDeliveryError, match="451"):
+        deliver(app.sessions, sid, smtp, lease_seconds=300)
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None and delivery.status == "pending"
+    smtp_sink.answer = None
+    deliver(app.sessions, sid, smtp, lease_seconds=300)
+    assert smtp_sink.received.count() == 1
+
+
+def test_a_5xx_answer_is_a_recorded_permanent_failure(
+    app: App, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    smtp = mailer(tmp_path, smtp_sink)
+    sid = through_render(app, submission())
+    smtp_sink.answer = "550 5.1.1 Mailbox unavailable"
+    deliver(app.sessions, sid, smtp, lease_seconds=300)
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.state == State.FAILED
+        assert sub.failure_reason is not None and "550" in sub.failure_reason
+        status = session.scalar(select(Delivery.status).where(Delivery.submission_id == sid))
+        assert status == "failed"
+    assert smtp_sink.received.count() == 0
+
+
+def test_mail_server_down_is_transient(app: App, tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=1, smtp_timeout=2
+    )
+    sid = through_render(app, submission())
+    with pytest.raises(TransientDeliveryError):
+        deliver(app.sessions, sid, SmtpMailer(settings), lease_seconds=300)
