@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # A delivery claimed longer ago than this by a worker that never finished is taken back.
     delivery_lease_seconds: int = Field(default=300, ge=5, alias="DEARMP_DELIVERY_LEASE_SECONDS")
 
+    # After this many attempts that failed for a passing reason, the letter is a recorded failure.
+    delivery_max_attempts: int = Field(default=20, ge=1, alias="DEARMP_DELIVERY_MAX_ATTEMPTS")
+
     # Reconciler: how often it runs and how long a submission may sit in one state.
     reconcile_interval: float = Field(default=60.0, gt=0, alias="DEARMP_RECONCILE_INTERVAL")
     reconcile_after: float = Field(default=120.0, gt=0, alias="DEARMP_RECONCILE_AFTER")

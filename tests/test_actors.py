@@ -37,7 +37,9 @@ def test_consent_is_logged_for_every_valid_submission_even_when_delivery_fails(
     with session_scope(app.sessions) as session:
         from workers.models import Constituency
 
-        for seat in session.scalars(select(Constituency).where(Constituency.gss_code == "N05900006")):
+        for seat in session.scalars(
+            select(Constituency).where(Constituency.gss_code == "N05900006")
+        ):
             seat.member_id = None  # the seat falls vacant before resolution
     drain(stub_broker, stub_worker)
     assert state_counts(app, [ok, vacant]) == {"delivered": 1, "failed": 1}

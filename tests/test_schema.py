@@ -64,7 +64,12 @@ def test_non_object_and_unknown_version_are_refused_with_reasons() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("sw1a1aa", "SW1A 1AA"), (" SW1A  1AA ", "SW1A 1AA"), ("m11ad", "M1 1AD"), ("EC1A1BB", "EC1A 1BB")],
+    [
+        ("sw1a1aa", "SW1A 1AA"),
+        (" SW1A  1AA ", "SW1A 1AA"),
+        ("m11ad", "M1 1AD"),
+        ("EC1A1BB", "EC1A 1BB"),
+    ],
 )
 def test_postcode_normalisation(raw: str, expected: str) -> None:
     assert normalise_postcode(raw) == expected

@@ -1,4 +1,4 @@
-"""Delivery over real SMTP (aiosmtpd on loopback): once per letter, headers safe, failures classified."""
+"""Delivery over real SMTP (aiosmtpd on loopback): once per letter, safe headers, classified."""
 
 from __future__ import annotations
 
@@ -90,10 +90,17 @@ def test_a_5xx_answer_is_a_recorded_permanent_failure(
     assert smtp_sink.received.count() == 0
 
 
-def test_mail_server_down_is_transient(app: App, tmp_path: Path) -> None:
+def test_mail_server_down_is_transient_until_the_attempts_run_out(app: App, tmp_path: Path) -> None:
     settings = make_settings(
         tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=1, smtp_timeout=2
     )
     sid = through_render(app, submission())
-    with pytest.raises(TransientDeliveryError):
-        deliver(app.sessions, sid, SmtpMailer(settings), lease_seconds=300)
+    for _ in range(3):
+        with pytest.raises(TransientDeliveryError):
+            deliver(app.sessions, sid, SmtpMailer(settings), lease_seconds=300, max_attempts=3)
+    deliver(app.sessions, sid, SmtpMailer(settings), lease_seconds=300, max_attempts=3)
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.state == State.FAILED
+        assert sub.failure_reason is not None
+        assert sub.failure_reason.startswith("gave up after 3 attempts; last error:")

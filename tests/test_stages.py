@@ -1,4 +1,4 @@
-"""Each stage as a plain function on a real database (SQLite and PostgreSQL): outcome and idempotency."""
+"""Each stage as a plain function on SQLite and PostgreSQL: its outcome, and idempotency."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import json
 import tomllib
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
@@ -51,5 +52,17 @@ def sync_campaigns(session: Session, definitions: list[CampaignDefinition]) -> l
 
 
 def get_definition(session: Session, slug: str) -> CampaignDefinition | None:
-    row = session.get(Campaign, slug)
-    return None if row is None else CampaignDefinition.model_validate(row.definition)
+    """The campaign's current definition (parsed once per version, then cached)."""
+    digest = session.scalar(select(Campaign.definition_sha256).where(Campaign.slug == slug))
+    if digest is None:
+        return None
+    cached = _parsed.get(digest)
+    if cached is None:
+        row = session.get(Campaign, slug)
+        assert row is not None
+        cached = _parsed[digest] = CampaignDefinition.model_validate(row.definition)
+    return cached
+
+
+# Parsed definitions by content hash: a changed campaign has a new hash, so nothing goes stale.
+_parsed: dict[str, CampaignDefinition] = {}

@@ -56,9 +56,17 @@ def _finish(session: Session, submission_id: str, to_state: State, **delivery: o
 
 
 def deliver(
-    sessions: sessionmaker[Session], submission_id: str, mailer: Mailer, lease_seconds: int
+    sessions: sessionmaker[Session],
+    submission_id: str,
+    mailer: Mailer,
+    lease_seconds: int,
+    max_attempts: int = 20,
 ) -> list[Stage]:
-    """Send the letter if nobody has; raises TransientDeliveryError for the retry policy."""
+    """Send the letter if nobody has; raises TransientDeliveryError for the retry policy.
+
+    Transient failures are retried by dramatiq and, after that, resent by the reconciler, until
+    ``max_attempts`` have been made: then the letter is a recorded failure with the last error.
+    """
     with session_scope(sessions) as session:
         submission = session.get(Submission, submission_id)
         if submission is None or submission.state != State.RENDERED:
@@ -70,6 +78,12 @@ def deliver(
         if delivery.status == DeliveryStatus.SENT:
             # Sent, but the state change was lost: repair it, send nothing.
             _finish(session, submission_id, State.DELIVERED)
+            return []
+        if delivery.status == DeliveryStatus.PENDING and delivery.attempts >= max_attempts:
+            reason = f"gave up after {delivery.attempts} attempts; last error: {delivery.error}"
+            _finish(
+                session, submission_id, State.FAILED, status=DeliveryStatus.FAILED, error=reason
+            )
             return []
         if not claim(session, submission_id, lease_seconds):
             return []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined
+from jinja2 import StrictUndefined, Template
 from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,12 @@ def text_environment() -> SandboxedEnvironment:
     return SandboxedEnvironment(
         autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
     )
+
+
+@lru_cache(maxsize=256)
+def campaign_template(source: str) -> Template:
+    """A campaign's template, compiled once per process (never the supporter's text)."""
+    return text_environment().from_string(source)
 
 
 @dataclass(frozen=True)
@@ -65,15 +71,14 @@ def compose(
     definition: CampaignDefinition, submission_id: str, payload: dict[str, Any], mp: Recipient
 ) -> RenderedLetter:
     """The letter for one submission: same inputs, same letter, byte for byte."""
-    env = text_environment()
     supporter = payload["supporter"]
     body = payload["letter"]["body"] if "body" in definition.editable else definition.draft_body
     context: dict[str, Any] = {
         "mp": {"name": mp.name, "constituency": mp.constituency},
         "campaign": {"title": definition.title, "organisation": definition.organisation},
     }
-    salutation = env.from_string(definition.salutation).render(context)
-    text = env.from_string(definition.letter_template).render(
+    salutation = campaign_template(definition.salutation).render(context)
+    text = campaign_template(definition.letter_template).render(
         context,
         salutation=salutation,
         body=body.strip(),

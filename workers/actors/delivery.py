@@ -13,7 +13,14 @@ from workers.stages import Stage
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
-    return deliver(app.sessions, submission_id, app.mailer, app.settings.delivery_lease_seconds)
+    settings = app.settings
+    return deliver(
+        app.sessions,
+        submission_id,
+        app.mailer,
+        settings.delivery_lease_seconds,
+        settings.delivery_max_attempts,
+    )
 
 
 @dramatiq.actor(

@@ -1,0 +1,189 @@
+"""Pipeline benchmark: N submissions through all five stages on real Redis and a real database,
+against a bare chain of five no-op dramatiq actors on the same Redis with the same worker settings.
+
+    .venv/bin/python -m bench.pipeline                 # 5,000 submissions, SQLite
+    .venv/bin/python -m bench.pipeline --postgres      # the same on a throwaway PostgreSQL cluster
+    .venv/bin/python -m bench.pipeline -n 1000 --processes 2 --threads 8
+
+Submissions are stored first (intake is the HTTP front door's cost, measured separately); the clock
+starts when their first stage messages are enqueued and stops when the last letter is delivered.
+Latency is per submission, from its enqueue to its "delivered" transition (bare: to the last actor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import select
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from config.settings import Settings  # noqa: E402
+from tests.factories import submission  # noqa: E402
+from tests.services import PostgresCluster, free_port  # noqa: E402
+from workers.app import App  # noqa: E402
+from workers.db import session_scope  # noqa: E402
+from workers.embedded import EmbeddedRedis  # noqa: E402
+from workers.intake import accept  # noqa: E402
+from workers.models import State, SubmissionEvent  # noqa: E402
+from workers.stages import Stage, stage_message  # noqa: E402
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def start_workers(
+    module: str, env: dict[str, str], processes: int, threads: int
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dramatiq", module, "--processes", str(processes),
+         "--threads", str(threads), "--skip-logging"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def bench_pipeline(
+    args: argparse.Namespace, redis_url: str, db_url: str, tmp: Path
+) -> dict[str, float]:
+    settings = Settings(
+        database_url=db_url, data_dir=tmp / "var", secret_key="bench", broker="redis",
+        redis_url=redis_url, outbox_dir=tmp / "outbox", log_level="WARNING",
+    )  # fmt: skip
+    app = App.from_settings(settings)
+    from workers.runtime import prepare
+
+    prepare(app)
+    ids = []
+    with session_scope(app.sessions) as session:
+        for i in range(args.n):
+            payload = submission(supporter__email=f"bench{i}@example.com")
+            ids.append(accept(session, payload, app.secret).submission_id)
+    env = {
+        **os.environ, "REDIS_URL": redis_url, "DATABASE_URL": db_url, "DEARMP_BROKER": "redis",
+        "DEARMP_SECRET_KEY": "bench", "DEARMP_DATA_DIR": str(tmp / "var"),
+        "DEARMP_OUTBOX_DIR": str(tmp / "outbox"), "DEARMP_LOG_LEVEL": "WARNING",
+    }  # fmt: skip
+    workers = start_workers("workers.actors", env, args.processes, args.threads)
+    time.sleep(3)  # let the workers boot before the clock starts
+    broker = RedisBroker(url=redis_url, namespace="dearmp")  # type: ignore[no-untyped-call]
+    enqueued: dict[str, float] = {}
+    start = time.time()
+    for sid in ids:
+        enqueued[sid] = time.time()
+        broker.enqueue(stage_message(Stage.VALIDATE, sid))
+    delivered: dict[str, float] = {}
+    deadline = time.monotonic() + args.timeout
+    while len(delivered) < len(ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with session_scope(app.sessions) as session:
+            rows = session.execute(
+                select(SubmissionEvent.submission_id, SubmissionEvent.at).where(
+                    SubmissionEvent.state == State.DELIVERED
+                )
+            ).all()
+        delivered = {sid: at.timestamp() for sid, at in rows}
+    stop(workers)
+    app.engine.dispose()
+    return summarise(start, enqueued, delivered, len(ids))
+
+
+def bench_bare(args: argparse.Namespace, redis_url: str) -> dict[str, float]:
+    env = {**os.environ, "REDIS_URL": redis_url}
+    workers = start_workers("bench.bare_chain", env, args.processes, args.threads)
+    time.sleep(3)
+    os.environ["REDIS_URL"] = redis_url
+    from bench import bare_chain
+
+    client = redis.Redis.from_url(redis_url)
+    client.delete(bare_chain.DONE_KEY)
+    enqueued: dict[str, float] = {}
+    start = time.time()
+    for i in range(args.n):
+        enqueued[str(i)] = time.time()
+        bare_chain.step1.send(str(i), enqueued[str(i)])
+    deadline = time.monotonic() + args.timeout
+    while client.llen(bare_chain.DONE_KEY) < args.n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    done = {}
+    for raw in client.lrange(bare_chain.DONE_KEY, 0, -1):
+        item, _t0, t_done = raw.decode().split()
+        done[item] = float(t_done)
+    stop(workers)
+    return summarise(start, enqueued, done, args.n)
+
+
+def summarise(
+    start: float, enqueued: dict[str, float], done: dict[str, float], n: int
+) -> dict[str, float]:
+    if len(done) < n:
+        raise SystemExit(f"only {len(done)} of {n} finished before the timeout")
+    latencies = [done[k] - enqueued[k] for k in done]
+    elapsed = max(done.values()) - start
+    return {
+        "per_second": n / elapsed,
+        "seconds": elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "mean_ms": statistics.fmean(latencies) * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", type=int, default=5000, help="submissions (default 5000)")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL cluster")
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="dearmp-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        cluster = PostgresCluster(tmp / "pg").start() if args.postgres else None
+        db_url = cluster.url() if cluster else f"sqlite:///{tmp / 'bench.sqlite3'}"
+        with EmbeddedRedis(tmp / "redis", port=free_port()) as server:
+            bare = bench_bare(args, server.url)
+            pipeline = bench_pipeline(args, server.url, db_url, tmp)
+        if cluster:
+            cluster.stop()
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    print(
+        f"database: {'PostgreSQL' if args.postgres else 'SQLite'}; "
+        f"workers: {args.processes} processes x {args.threads} threads; n={args.n}"
+    )
+    for name, r in (("bare chain", bare), ("pipeline", pipeline)):
+        print(
+            f"{name:>10}: {r['per_second']:8.1f} submissions/s   p50 {r['p50_ms']:8.1f} ms   "
+            f"p99 {r['p99_ms']:8.1f} ms   ({r['seconds']:.1f} s)"
+        )
+    print(
+        f"     ratio: {pipeline['per_second'] / bare['per_second']:.2f}"
+        " (pipeline / bare, target >= 0.6)"
+    )
+
+
+if __name__ == "__main__":
+    main()

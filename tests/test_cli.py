@@ -1,0 +1,42 @@
+"""The dearmp command line: submit a JSON file, then show a submission's history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+from click.testing import CliRunner
+
+from tests.conftest import drain
+from tests.factories import submission
+from workers.app import App
+from workers.cli import main
+
+
+def test_submit_a_file_then_show_the_history(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, tmp_path: Path
+) -> None:
+    payloads = [submission(), submission(supporter__email="bad")]
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps([*payloads, payloads[0]]))
+    runner = CliRunner()
+    result = runner.invoke(main, ["submit", str(path)], catch_exceptions=False)
+    lines = result.output.split("\n")
+    ids = [line.split()[0] for line in lines if line.strip()]
+    assert [line.split()[1] for line in lines if line.strip()] == [
+        "accepted",
+        "accepted",
+        "duplicate",
+    ]
+    assert ids[0] == ids[2]
+    drain(stub_broker, stub_worker)
+
+    shown = json.loads(runner.invoke(main, ["show", ids[0], "--json"]).output)
+    assert shown["state"] == "delivered"
+    assert [e["state"] for e in shown["history"]][-1] == "delivered"
+    assert "amira" not in json.dumps(shown).lower()  # no personal data in the history view
+    rejected = json.loads(runner.invoke(main, ["show", ids[1], "--json"]).output)
+    assert rejected["rejection"]["supporter.email"].startswith("This is not a valid email")
+    assert runner.invoke(main, ["show", "nope"]).exit_code != 0
