@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = Field(default=None, alias="DEARMP_SECRET_KEY")
 
     # Delivery.
-    mail_backend: Literal["outbox", "smtp"] = Field(default="outbox", alias="DEARMP_MAIL_BACKEND")
+    mail_backend: Literal["outbox", "smtp", "http"] = Field(
+        default="outbox", alias="DEARMP_MAIL_BACKEND"
+    )
     outbox_dir: Path | None = Field(default=None, alias="DEARMP_OUTBOX_DIR")
     smtp_host: str = Field(default="localhost", alias="SMTP_HOST")
     smtp_port: int = Field(default=25, ge=1, le=65535, alias="SMTP_PORT")
@@ -46,6 +48,23 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = Field(default=None, alias="SMTP_PASSWORD")
     smtp_security: Literal["none", "starttls", "tls"] = Field(default="none", alias="SMTP_SECURITY")
     smtp_timeout: float = Field(default=30.0, gt=0, alias="SMTP_TIMEOUT")
+    # Extra CA bundle to trust for the SMTP server's certificate (a private CA, or tests).
+    smtp_ca_file: Path | None = Field(default=None, alias="SMTP_CA_FILE")
+    # The HTTP email provider (Mailgun's raw-MIME API: the message is sent byte for byte).
+    email_api_url: str = Field(default="https://api.mailgun.net", alias="EMAIL_API_URL")
+    email_api_key: SecretStr | None = Field(default=None, alias="EMAIL_API_KEY")
+    email_api_domain: str | None = Field(default=None, alias="EMAIL_API_DOMAIN")
+    email_api_timeout: float = Field(default=15.0, gt=0, alias="EMAIL_API_TIMEOUT")
+    # DKIM: sign every letter when a key and selector are set.
+    dkim_private_key: SecretStr | None = Field(default=None, alias="DEARMP_DKIM_PRIVATE_KEY")
+    dkim_private_key_file: Path | None = Field(default=None, alias="DEARMP_DKIM_PRIVATE_KEY_FILE")
+    dkim_selector: str | None = Field(default=None, alias="DEARMP_DKIM_SELECTOR")
+    # Letters of campaigns in sandbox mode go here, with the intended MP noted at the top.
+    sandbox_address: str = Field(default="sandbox@localhost", alias="DEARMP_SANDBOX_ADDRESS")
+    # Rate limits, across every worker process (Redis-backed). 0 means no limit.
+    mp_limit: int = Field(default=0, ge=0, alias="DEARMP_MP_LIMIT")
+    mp_limit_window: float = Field(default=3600.0, gt=0, alias="DEARMP_MP_LIMIT_WINDOW")
+    send_rate_per_second: float = Field(default=0.0, ge=0, alias="DEARMP_SEND_RATE")
     # A delivery claimed longer ago than this by a worker that never finished is taken back.
     delivery_lease_seconds: int = Field(default=300, ge=5, alias="DEARMP_DELIVERY_LEASE_SECONDS")
 
@@ -75,12 +94,23 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'dearmp.sqlite3').resolve()}"
 
     @property
+    def resolved_redis_url(self) -> str:
+        return self.redis_url or f"unix://{self.embedded_redis_socket}"
+
+    @property
     def resolved_outbox_dir(self) -> Path:
         return self.outbox_dir or self.data_dir / "outbox"
 
     @property
     def embedded_redis_socket(self) -> Path:
         return (self.data_dir / "redis.sock").resolve()
+
+    def dkim_key(self) -> bytes | None:
+        if self.dkim_private_key is not None:
+            return self.dkim_private_key.get_secret_value().encode()
+        if self.dkim_private_key_file is not None:
+            return self.dkim_private_key_file.read_bytes()
+        return None
 
     def secret(self) -> bytes:
         """The key for keyed hashes; generated once and kept beside the embedded data."""

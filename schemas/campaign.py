@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
@@ -48,6 +49,24 @@ class ConsentWording(BaseModel):
         return next((q for q in self.questions if q.channel == channel), None)
 
 
+class QuietHours(BaseModel):
+    """No letters leave between ``start`` and ``end``, UK time (may span midnight)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: time
+    end: time
+
+
+class RateLimit(BaseModel):
+    """At most ``per_mp`` letters from this campaign to one MP in any ``window_seconds``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_mp: int = Field(ge=1)
+    window_seconds: float = Field(default=3600, gt=0)
+
+
 class CampaignDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,6 +84,15 @@ class CampaignDefinition(BaseModel):
     salutation: str = "Dear {{ mp.name }},"
     sign_off: str = "Yours sincerely,"
     letter_template: str = DEFAULT_LETTER_TEMPLATE
+    letter_template_html: str | None = Field(
+        default=None, description="An HTML alternative; rendered with autoescape on."
+    )
+    sender_name: str = Field(
+        default="{{ supporter_name }} via {{ organisation }}",
+        description="The From display name; the address is always from_email.",
+    )
+    quiet_hours: QuietHours | None = None
+    rate_limit: RateLimit | None = None
     body_min_chars: int = Field(default=20, ge=1)
     body_max_chars: int = Field(default=5000, le=10_000)
     consent: ConsentWording

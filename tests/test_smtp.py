@@ -13,9 +13,12 @@ from tests.services import SmtpSink
 from tests.test_stages import through_render
 from workers.app import App
 from workers.db import session_scope
-from workers.delivery import deliver
-from workers.mail import SmtpMailer, TransientDeliveryError
+from workers.delivery import DeliveryPolicy, deliver
+from workers.mail import PermanentDeliveryError, SmtpMailer, TransientDeliveryError
 from workers.models import Delivery, State, Submission
+
+POLICY = DeliveryPolicy(lease_seconds=300)
+POLICY_3 = DeliveryPolicy(lease_seconds=300, max_attempts=3)
 
 
 def mailer(tmp_path: Path, sink: SmtpSink) -> SmtpMailer:
@@ -31,7 +34,7 @@ def test_letters_arrive_once_with_dmarc_safe_headers(
     smtp = mailer(tmp_path, smtp_sink)
     sid = through_render(app, submission(supporter__name="Siân Llywelyn-Évans"))
     for _ in range(3):
-        deliver(app.sessions, sid, smtp, lease_seconds=300)
+        deliver(app.sessions, sid, smtp, POLICY)
     assert smtp_sink.received.count() == 1
     message = smtp_sink.received.messages[0]
     assert message["Message-ID"] == f"<{sid}@campaign.example.org>"
@@ -52,7 +55,7 @@ def test_one_connection_is_reused_across_letters(
 ) -> None:
     smtp = mailer(tmp_path, smtp_sink)
     for _ in range(3):
-        deliver(app.sessions, through_render(app, submission()), smtp, lease_seconds=300)
+        deliver(app.sessions, through_render(app, submission()), smtp, POLICY)
     assert smtp_sink.received.count() == 3
     conn = smtp._local.conn
     assert conn is not None and conn.noop()[0] == 250
@@ -65,12 +68,12 @@ def test_a_4xx_answer_is_retried_later_and_then_sent(
     sid = through_render(app, submission())
     smtp_sink.answer = "451 4.3.0 Try again later"
     with pytest.raises(TransientDeliveryError, match="451"):
-        deliver(app.sessions, sid, smtp, lease_seconds=300)
+        deliver(app.sessions, sid, smtp, POLICY)
     with session_scope(app.sessions) as session:
         delivery = session.get(Delivery, sid)
         assert delivery is not None and delivery.status == "pending"
     smtp_sink.answer = None
-    deliver(app.sessions, sid, smtp, lease_seconds=300)
+    deliver(app.sessions, sid, smtp, POLICY)
     assert smtp_sink.received.count() == 1
 
 
@@ -80,7 +83,8 @@ def test_a_5xx_answer_is_a_recorded_permanent_failure(
     smtp = mailer(tmp_path, smtp_sink)
     sid = through_render(app, submission())
     smtp_sink.answer = "550 5.1.1 Mailbox unavailable"
-    deliver(app.sessions, sid, smtp, lease_seconds=300)
+    with pytest.raises(PermanentDeliveryError, match="550"):  # recorded, then dead-lettered
+        deliver(app.sessions, sid, smtp, POLICY)
     with session_scope(app.sessions) as session:
         sub = session.get(Submission, sid)
         assert sub is not None and sub.state == State.FAILED
@@ -97,8 +101,8 @@ def test_mail_server_down_is_transient_until_the_attempts_run_out(app: App, tmp_
     sid = through_render(app, submission())
     for _ in range(3):
         with pytest.raises(TransientDeliveryError):
-            deliver(app.sessions, sid, SmtpMailer(settings), lease_seconds=300, max_attempts=3)
-    deliver(app.sessions, sid, SmtpMailer(settings), lease_seconds=300, max_attempts=3)
+            deliver(app.sessions, sid, SmtpMailer(settings), POLICY_3)
+    deliver(app.sessions, sid, SmtpMailer(settings), POLICY_3)
     with session_scope(app.sessions) as session:
         sub = session.get(Submission, sid)
         assert sub is not None and sub.state == State.FAILED

@@ -12,7 +12,7 @@ from tests.factories import submission
 from workers.app import App
 from workers.consent import log_consent
 from workers.db import session_scope
-from workers.delivery import deliver
+from workers.delivery import DeliveryPolicy, deliver
 from workers.intake import accept
 from workers.mail import OutboxMailer
 from workers.models import (
@@ -30,6 +30,9 @@ from workers.rendering import render
 from workers.resolution import resolve
 from workers.stages import Stage
 from workers.validation import validate
+
+POLICY = DeliveryPolicy(lease_seconds=300)
+POLICY_3 = DeliveryPolicy(lease_seconds=300, max_attempts=3)
 
 
 def store(app: App, payload: Any) -> str:
@@ -156,7 +159,7 @@ def test_delivery_sends_once_however_often_it_runs(app: App, tmp_path: Path) -> 
     sid = through_render(app, submission())
     outbox = OutboxMailer(tmp_path / "once")
     for _ in range(3):
-        deliver(app.sessions, sid, outbox, lease_seconds=300)
+        deliver(app.sessions, sid, outbox, POLICY)
     assert len(list((tmp_path / "once").glob("*.eml"))) == 1
     with session_scope(app.sessions) as session:
         delivery = session.get(Delivery, sid)
@@ -178,14 +181,14 @@ def test_a_live_claim_blocks_a_second_sender(app: App, tmp_path: Path) -> None:
         delivery = session.get(Delivery, sid)
         assert delivery is not None
         delivery.status, delivery.claimed_at = "sending", utcnow()
-    deliver(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), lease_seconds=300)
+    deliver(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), POLICY)
     assert not (tmp_path / "blocked").exists()
     # Once the claim is older than the lease (the sender died), the letter is taken over.
     with session_scope(app.sessions) as session:
         delivery = session.get(Delivery, sid)
         assert delivery is not None
         delivery.claimed_at = utcnow() - timedelta(seconds=301)
-    deliver(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), lease_seconds=300)
+    deliver(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), POLICY)
     assert len(list((tmp_path / "blocked").glob("*.eml"))) == 1
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings, get_settings
 from workers.db import make_engine, make_sessionmaker
-from workers.mail import Mailer, make_mailer
+from workers.delivery import DeliveryPolicy
+from workers.mail import DkimSigner, Mailer, make_mailer, make_signer
+from workers.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 
 
 @dataclass
@@ -22,16 +25,25 @@ class App:
     sessions: sessionmaker[Session]
     mailer: Mailer
     secret: bytes
+    delivery_policy: DeliveryPolicy
+    limiter: Limiter
+    signer: DkimSigner | None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> App:
         engine = make_engine(settings.resolved_database_url)
+        limiter: Limiter = MemoryLimiter()
+        if settings.broker == "redis":
+            limiter = RedisLimiter(redis.Redis.from_url(settings.resolved_redis_url))
         return cls(
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
             mailer=make_mailer(settings),
             secret=settings.secret(),
+            delivery_policy=DeliveryPolicy.from_settings(settings),
+            limiter=limiter,
+            signer=make_signer(settings),
         )
 
 

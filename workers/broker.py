@@ -10,10 +10,6 @@ from config.settings import Settings, get_settings
 from workers.middleware import LogContext
 
 
-def redis_url(settings: Settings) -> str:
-    return settings.redis_url or f"unix://{settings.embedded_redis_socket}"
-
-
 def build_broker(settings: Settings) -> dramatiq.Broker:
     broker: dramatiq.Broker
     if settings.broker == "stub":
@@ -21,7 +17,7 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     else:
         # Creating the client does not connect; the first command does.
         broker = RedisBroker(  # type: ignore[no-untyped-call]
-            url=redis_url(settings),
+            url=settings.resolved_redis_url,
             namespace=settings.redis_namespace,
             # A worker that stops heart-beating for this long has its messages given back.
             heartbeat_timeout=30_000,

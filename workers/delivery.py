@@ -1,24 +1,83 @@
-"""Delivery: hand a stored letter to the mail backend exactly once.
+"""Delivery: hand a stored letter to the mail backend exactly once, within the limits.
 
 The delivery row is the unique key per letter. It is claimed ("sending") and committed before
-the mail transaction, and marked "sent" with the server's answer after it. A second worker, a
+the mail transaction, and marked "sent" with the server's answer after. A second worker, a
 duplicate message or a reconciler resend finds the claim and does nothing. Only a claim older
 than the lease (a worker that died mid-send) is taken over, and the letter goes again with the
-same Message-ID.
+same Message-ID and the same bytes.
+
+Quiet hours and rate limits are checked before the claim. A letter that meets one is deferred:
+sent back to the queue to wait, using up none of its retries.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from datetime import timedelta
 
+import structlog
 from sqlalchemy import or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
+from schemas.campaign import CampaignDefinition
+from workers.campaigns import get_definition
 from workers.db import session_scope
-from workers.mail import Mailer, PermanentDeliveryError, TransientDeliveryError, build_message
+from workers.mail import (
+    DkimSigner,
+    Mailer,
+    Outgoing,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    outgoing,
+)
 from workers.models import Delivery, DeliveryStatus, Letter, State, Submission, utcnow
-from workers.stages import Stage
+from workers.ratelimit import Limit, Limiter, seconds_until_open
+from workers.stages import Deferred, Stage
 from workers.transitions import AlreadyMoved, advance, rowcount
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    lease_seconds: int = 300
+    max_attempts: int = 20
+    mp_limit: int = 0
+    mp_limit_window: float = 3600.0
+    send_rate: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeliveryPolicy:
+        return cls(
+            lease_seconds=settings.delivery_lease_seconds,
+            max_attempts=settings.delivery_max_attempts,
+            mp_limit=settings.mp_limit,
+            mp_limit_window=settings.mp_limit_window,
+            send_rate=settings.send_rate_per_second,
+        )
+
+
+def limits_for(
+    policy: DeliveryPolicy, definition: CampaignDefinition, member_id: int | None, account: str
+) -> list[Limit]:
+    """Every limit that applies to one letter: per MP, per campaign and MP, per sending account."""
+    limits = []
+    if policy.mp_limit and member_id is not None:
+        limits.append(Limit(f"mp:{member_id}", policy.mp_limit, policy.mp_limit_window))
+    if definition.rate_limit and member_id is not None:
+        rl = definition.rate_limit
+        limits.append(
+            Limit(f"campaign:{definition.slug}:mp:{member_id}", rl.per_mp, rl.window_seconds)
+        )
+    if policy.send_rate:
+        per_second = policy.send_rate
+        if per_second >= 1:
+            limits.append(Limit(f"account:{account}", math.floor(per_second), 1.0))
+        else:
+            limits.append(Limit(f"account:{account}", 1, 1 / per_second))
+    return limits
 
 
 def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
@@ -55,17 +114,30 @@ def _finish(session: Session, submission_id: str, to_state: State, **delivery: o
             pass
 
 
+def _defer(sessions: sessionmaker[Session], submission_id: str, seconds: float, why: str) -> None:
+    """Wait ``seconds``; the reconciler is told not to resend before then."""
+    with session_scope(sessions) as session:
+        session.execute(
+            update(Submission)
+            .where(Submission.id == submission_id)
+            .values(dispatched_at=utcnow() + timedelta(seconds=seconds))
+        )
+    raise Deferred(seconds, why)
+
+
 def deliver(
     sessions: sessionmaker[Session],
     submission_id: str,
     mailer: Mailer,
-    lease_seconds: int,
-    max_attempts: int = 20,
+    policy: DeliveryPolicy,
+    limiter: Limiter | None = None,
+    signer: DkimSigner | None = None,
 ) -> list[Stage]:
-    """Send the letter if nobody has; raises TransientDeliveryError for the retry policy.
+    """Send the letter if nobody has.
 
-    Transient failures are retried by dramatiq and, after that, resent by the reconciler, until
-    ``max_attempts`` have been made: then the letter is a recorded failure with the last error.
+    Raises :class:`Deferred` to wait for quiet hours or a rate limit, TransientDeliveryError for
+    the retry policy (until ``max_attempts``, then a recorded failure), and, once the failure is
+    recorded, PermanentDeliveryError so that an operator sees it in the dead-letter queue.
     """
     with session_scope(sessions) as session:
         submission = session.get(Submission, submission_id)
@@ -73,25 +145,41 @@ def deliver(
             return []
         delivery = session.get(Delivery, submission_id)
         letter = session.get(Letter, submission_id)
-        if delivery is None or letter is None:
+        definition = get_definition(session, submission.campaign_slug)
+        if delivery is None or letter is None or definition is None:
             return []
         if delivery.status == DeliveryStatus.SENT:
             # Sent, but the state change was lost: repair it, send nothing.
             _finish(session, submission_id, State.DELIVERED)
             return []
-        if delivery.status == DeliveryStatus.PENDING and delivery.attempts >= max_attempts:
+        if delivery.status == DeliveryStatus.PENDING and delivery.attempts >= policy.max_attempts:
             reason = f"gave up after {delivery.attempts} attempts; last error: {delivery.error}"
             _finish(
                 session, submission_id, State.FAILED, status=DeliveryStatus.FAILED, error=reason
             )
             return []
-        if not claim(session, submission_id, lease_seconds):
+        member_id = submission.member_id
+
+    if definition.quiet_hours:
+        wait = seconds_until_open(
+            utcnow(), definition.quiet_hours.start, definition.quiet_hours.end
+        )
+        if wait > 0:
+            _defer(sessions, submission_id, wait, "quiet hours")
+    limits = limits_for(policy, definition, member_id, mailer.name)
+    if limiter is not None and limits:
+        wait = limiter.reserve(submission_id, limits)
+        if wait > 0:
+            _defer(sessions, submission_id, wait, "rate limit")
+
+    with session_scope(sessions) as session:
+        if not claim(session, submission_id, policy.lease_seconds):
             return []
-        message = build_message(letter)
+    mail: Outgoing = outgoing(letter, signer)
 
     # No transaction is open while we talk to the mail server.
     try:
-        response = mailer.send(message)
+        response = mailer.send(mail)
     except TransientDeliveryError as exc:
         with session_scope(sessions) as session:
             session.execute(
@@ -109,8 +197,10 @@ def deliver(
                 status=DeliveryStatus.FAILED,
                 error=str(exc)[:2000],
             )
-        return []
+        raise
 
+    # Record "sent" before anything else can fail: nothing may stand between the server's
+    # answer and this commit that could leave a sent letter looking unsent.
     with session_scope(sessions) as session:
         _finish(
             session,
@@ -121,4 +211,9 @@ def deliver(
             response=response[:2000],
             error=None,
         )
+    if limiter is not None and limits:
+        try:
+            limiter.mark_sent(submission_id, limits)
+        except Exception as exc:  # bookkeeping only: the reservation already counts the letter
+            log.warning("rate_limit_mark_failed", error=type(exc).__name__)
     return []

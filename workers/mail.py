@@ -1,53 +1,108 @@
-"""Mail backends behind one small interface: a file outbox (the embedded default) and SMTP."""
+"""Mail backends behind one small interface, all sending the same stored, optionally signed bytes.
+
+Backends: a file outbox (the embedded default), SMTP (STARTTLS or implicit TLS, auth, one reused
+connection per thread) and an HTTP provider (Mailgun's raw-MIME API through ``requests``).
+"""
 
 from __future__ import annotations
 
+import email.policy
 import os
 import smtplib
 import ssl
 import threading
+from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Protocol
 
+import dkim
+import requests
+
 from config.settings import Settings
-from workers.models import Letter
+from workers.models import Letter, utcnow
+
+SIGNED_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"reply-to"]
 
 
 class TransientDeliveryError(Exception):
-    """Worth trying again later: connection trouble, a timeout, an SMTP 4xx answer."""
+    """Worth trying again later: connection trouble, a timeout, SMTP 4xx, HTTP 429 or 5xx."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PermanentDeliveryError(Exception):
-    """Trying again will not help: an SMTP 5xx answer. Needs an operator."""
+    """Trying again will not help: SMTP 5xx, HTTP 4xx. Recorded, then left for an operator."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One letter ready for the wire: envelope and the exact bytes to send."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    message_id: str
 
 
 class Mailer(Protocol):
     name: str
 
-    def send(self, message: EmailMessage) -> str:
-        """Hand the message over; return the server's answer. Raises a *DeliveryError."""
+    def send(self, mail: Outgoing) -> str:
+        """Hand the letter over; return the server's answer. Raises a *DeliveryError."""
         ...
+
+
+def _address(name: str, addr: str) -> Address:
+    local, domain = addr.rsplit("@", 1)
+    return Address(display_name=name, username=local, domain=domain)
 
 
 def build_message(letter: Letter) -> EmailMessage:
     """The email for a stored letter; the email library encodes every header correctly."""
-    message = EmailMessage()
-    local, domain = letter.from_email.rsplit("@", 1)
-    message["From"] = Address(display_name=letter.from_name, username=local, domain=domain)
-    to_local, to_domain = letter.to_email.rsplit("@", 1)
-    message["To"] = Address(display_name=letter.to_name, username=to_local, domain=to_domain)
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = _address(letter.from_name, letter.from_email)
+    message["To"] = _address(letter.to_name, letter.to_email)
     if letter.reply_to:
         message["Reply-To"] = letter.reply_to
     message["Subject"] = letter.subject
+    # The letter's own creation time: a retry sends the same Date, like the same Message-ID.
     message["Date"] = format_datetime(letter.created_at)
     message["Message-ID"] = letter.message_id
     message.set_content(letter.body_text or "")
     if letter.body_html:
         message.add_alternative(letter.body_html, subtype="html")
     return message
+
+
+class DkimSigner:
+    """Adds a DKIM-Signature (RSA-SHA256, relaxed/relaxed) for the From domain."""
+
+    def __init__(self, selector: str, private_key: bytes) -> None:
+        self.selector = selector.encode()
+        self.private_key = private_key
+
+    def sign(self, data: bytes, domain: str) -> bytes:
+        signature: bytes = dkim.sign(
+            data,
+            self.selector,
+            domain.encode(),
+            self.private_key,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=SIGNED_HEADERS,
+        )
+        return signature + data
+
+
+def outgoing(letter: Letter, signer: DkimSigner | None = None) -> Outgoing:
+    data = build_message(letter).as_bytes()
+    if signer is not None:
+        data = signer.sign(data, letter.from_email.rsplit("@", 1)[1])
+    return Outgoing(letter.from_email, [letter.to_email], data, letter.message_id)
 
 
 class OutboxMailer:
@@ -58,12 +113,12 @@ class OutboxMailer:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def send(self, message: EmailMessage) -> str:
+    def send(self, mail: Outgoing) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
-        stem = str(message["Message-ID"]).strip("<>").split("@", 1)[0]
+        stem = mail.message_id.strip("<>").split("@", 1)[0]
         path = self.directory / f"{stem}.eml"
         tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        tmp.write_bytes(message.as_bytes())
+        tmp.write_bytes(mail.data)
         os.replace(tmp, path)
         return f"written {path.name}"
 
@@ -77,18 +132,23 @@ class SmtpMailer:
         self.settings = settings
         self._local = threading.local()
 
+    def _tls(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self.settings.smtp_ca_file:
+            context.load_verify_locations(cafile=str(self.settings.smtp_ca_file))
+        return context
+
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
-        context = ssl.create_default_context()
         conn: smtplib.SMTP
         if s.smtp_security == "tls":
             conn = smtplib.SMTP_SSL(
-                s.smtp_host, s.smtp_port, timeout=s.smtp_timeout, context=context
+                s.smtp_host, s.smtp_port, timeout=s.smtp_timeout, context=self._tls()
             )
         else:
             conn = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
             if s.smtp_security == "starttls":
-                conn.starttls(context=context)
+                conn.starttls(context=self._tls())
         conn.ehlo_or_helo_if_needed()
         if s.smtp_username and s.smtp_password:
             conn.login(s.smtp_username, s.smtp_password.get_secret_value())
@@ -100,7 +160,7 @@ class SmtpMailer:
             try:
                 if conn.noop()[0] == 250:
                     return conn
-            except smtplib.SMTPException:
+            except (smtplib.SMTPException, OSError):
                 pass
             self._drop()
         conn = self._connect()
@@ -116,34 +176,6 @@ class SmtpMailer:
             except OSError:
                 pass
 
-    def send(self, message: EmailMessage) -> str:
-        sender = message["From"].addresses[0].addr_spec
-        recipients = [a.addr_spec for a in message["To"].addresses]
-        try:
-            conn = self._connection()
-            # mail/rcpt/data by hand rather than sendmail(), to keep the server's final answer.
-            code, answer = conn.mail(sender)
-            if code != 250:
-                raise smtplib.SMTPSenderRefused(code, answer, sender)
-            for rcpt in recipients:
-                code, answer = conn.rcpt(rcpt)
-                if code not in (250, 251):
-                    raise smtplib.SMTPRecipientsRefused({rcpt: (code, answer)})
-            code, answer = conn.data(message.as_bytes())
-            if code != 250:
-                raise smtplib.SMTPDataError(code, answer)
-            return f"{code} {answer.decode(errors='replace')}"
-        except smtplib.SMTPRecipientsRefused as exc:
-            self._reset()
-            code, answer = next(iter(exc.recipients.values()))
-            raise _classify(code, answer) from exc
-        except smtplib.SMTPResponseException as exc:
-            self._reset()
-            raise _classify(exc.smtp_code, exc.smtp_error) from exc
-        except (smtplib.SMTPException, OSError) as exc:
-            self._drop()
-            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
-
     def _reset(self) -> None:
         conn = getattr(self._local, "conn", None)
         try:
@@ -152,15 +184,103 @@ class SmtpMailer:
         except (smtplib.SMTPException, OSError):
             self._drop()
 
+    def send(self, mail: Outgoing) -> str:
+        try:
+            conn = self._connection()
+            # mail/rcpt/data by hand rather than sendmail(), to keep the server's final answer.
+            code, answer = conn.mail(mail.sender)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, answer, mail.sender)
+            for rcpt in mail.recipients:
+                code, answer = conn.rcpt(rcpt)
+                if code not in (250, 251):
+                    raise smtplib.SMTPRecipientsRefused({rcpt: (code, answer)})
+            code, answer = conn.data(mail.data)
+            if code != 250:
+                raise smtplib.SMTPDataError(code, answer)
+            return f"{code} {answer.decode(errors='replace')}"
+        except smtplib.SMTPRecipientsRefused as exc:
+            self._reset()
+            code, answer = next(iter(exc.recipients.values()))
+            raise _classify_smtp(code, answer) from exc
+        except smtplib.SMTPResponseException as exc:
+            self._reset()
+            raise _classify_smtp(exc.smtp_code, exc.smtp_error) from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
-def _classify(code: int, answer: bytes | str) -> Exception:
+
+def _classify_smtp(code: int, answer: bytes | str) -> Exception:
     text = answer.decode(errors="replace") if isinstance(answer, bytes) else answer
     if 400 <= code < 500:
         return TransientDeliveryError(f"{code} {text}")
     return PermanentDeliveryError(f"{code} {text}")
 
 
+class HttpMailer:
+    """Mailgun's ``messages.mime`` API: the signed bytes go as they are; a session per thread."""
+
+    name = "http"
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.email_api_key or not settings.email_api_domain:
+            raise ValueError("the http mail backend needs EMAIL_API_KEY and EMAIL_API_DOMAIN")
+        self.url = (
+            f"{settings.email_api_url.rstrip('/')}/v3/{settings.email_api_domain}/messages.mime"
+        )
+        self.auth = ("api", settings.email_api_key.get_secret_value())
+        self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.auth = self.auth
+        return session
+
+    def send(self, mail: Outgoing) -> str:
+        try:
+            response = self._session().post(
+                self.url,
+                data={"to": mail.recipients},
+                files={"message": ("message.eml", mail.data, "message/rfc822")},
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        answer = f"{response.status_code} {response.text[:500]}"
+        if response.status_code < 300:
+            return answer
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientDeliveryError(answer, retry_after=retry_after(response))
+        raise PermanentDeliveryError(answer)
+
+
+def retry_after(response: requests.Response) -> float | None:
+    """Seconds from a Retry-After header, given as seconds or as an HTTP date."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
 def make_mailer(settings: Settings) -> Mailer:
     if settings.mail_backend == "smtp":
         return SmtpMailer(settings)
+    if settings.mail_backend == "http":
+        return HttpMailer(settings)
     return OutboxMailer(settings.resolved_outbox_dir)
+
+
+def make_signer(settings: Settings) -> DkimSigner | None:
+    key = settings.dkim_key()
+    if key is None or not settings.dkim_selector:
+        return None
+    return DkimSigner(settings.dkim_selector, key)

@@ -17,7 +17,16 @@ from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
 from workers.campaigns import get_definition
-from workers.models import Constituency, Delivery, DeliveryStatus, Letter, Member, State, Submission
+from workers.models import (
+    Campaign,
+    Constituency,
+    Delivery,
+    DeliveryStatus,
+    Letter,
+    Member,
+    State,
+    Submission,
+)
 from workers.stages import Stage
 from workers.transitions import advance
 
@@ -29,10 +38,16 @@ def text_environment() -> SandboxedEnvironment:
     )
 
 
+@lru_cache(maxsize=1)
+def html_environment() -> SandboxedEnvironment:
+    return SandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
+
+
 @lru_cache(maxsize=256)
-def campaign_template(source: str) -> Template:
+def campaign_template(source: str, html: bool = False) -> Template:
     """A campaign's template, compiled once per process (never the supporter's text)."""
-    return text_environment().from_string(source)
+    env = html_environment() if html else text_environment()
+    return env.from_string(source)
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,7 @@ class Recipient:
 class RenderedLetter:
     subject: str
     body_text: str
+    body_html: str | None
     from_name: str
     from_email: str
     reply_to: str
@@ -68,9 +84,17 @@ def choose_subject(definition: CampaignDefinition, submission_id: str, typed: st
 
 
 def compose(
-    definition: CampaignDefinition, submission_id: str, payload: dict[str, Any], mp: Recipient
+    definition: CampaignDefinition,
+    submission_id: str,
+    payload: dict[str, Any],
+    mp: Recipient,
+    sandbox_address: str | None = None,
 ) -> RenderedLetter:
-    """The letter for one submission: same inputs, same letter, byte for byte."""
+    """The letter for one submission: same inputs, same letter, byte for byte.
+
+    With ``sandbox_address`` (a campaign in sandbox mode) the letter goes there instead, with the
+    MP it was meant for noted at the top.
+    """
     supporter = payload["supporter"]
     body = payload["letter"]["body"] if "body" in definition.editable else definition.draft_body
     context: dict[str, Any] = {
@@ -78,41 +102,67 @@ def compose(
         "campaign": {"title": definition.title, "organisation": definition.organisation},
     }
     salutation = campaign_template(definition.salutation).render(context)
-    text = campaign_template(definition.letter_template).render(
-        context,
-        salutation=salutation,
-        body=body.strip(),
-        sign_off=definition.sign_off,
-        supporter={
+    letter_context = {
+        **context,
+        "salutation": salutation,
+        "body": body.strip(),
+        "sign_off": definition.sign_off,
+        "supporter": {
             "name": supporter["name"],
             "address_lines": supporter["address_lines"],
             "postcode": supporter["postcode"],
             "email": supporter["email"],
         },
+    }
+    text = campaign_template(definition.letter_template).render(letter_context)
+    html = None
+    if definition.letter_template_html:
+        html = campaign_template(definition.letter_template_html, html=True).render(letter_context)
+    subject = choose_subject(definition, submission_id, payload["letter"]["subject"])
+    to_name, to_email = mp.name, mp.email
+    if sandbox_address:
+        note = (
+            f"[SANDBOX] Campaign '{definition.slug}' is in sandbox mode. This letter was meant "
+            f"for {mp.name} <{mp.email}>, MP for {mp.constituency}.\n\n"
+        )
+        text, subject = note + text, f"[SANDBOX] {subject}"
+        to_name, to_email = "DearMP sandbox", sandbox_address
+    from_name = campaign_template(definition.sender_name).render(
+        supporter_name=supporter["name"], organisation=definition.organisation
     )
     domain = str(definition.from_email).rsplit("@", 1)[1]
     return RenderedLetter(
-        subject=choose_subject(definition, submission_id, payload["letter"]["subject"]),
+        subject=subject,
         body_text=text,
-        from_name=f"{supporter['name']} via {definition.organisation}",
+        body_html=html,
+        from_name=from_name.strip(),
         from_email=str(definition.from_email),
         reply_to=supporter["email"],
-        to_name=mp.name,
-        to_email=mp.email,
+        to_name=to_name,
+        to_email=to_email,
         message_id=f"<{submission_id}@{domain}>",
     )
 
 
-def render(session: Session, submission_id: str, backend: str) -> list[Stage]:
+def render(
+    session: Session, submission_id: str, backend: str, sandbox_address: str = "sandbox@localhost"
+) -> list[Stage]:
     submission = session.get(Submission, submission_id)
     if submission is None or submission.state != State.RESOLVED or submission.payload is None:
         return []
     if session.get(Letter, submission_id) is None:
         definition = get_definition(session, submission.campaign_slug)
+        campaign = session.get(Campaign, submission.campaign_slug)
         version = submission.directory_version_id
         member = session.get(Member, (version, submission.member_id))
         seat = session.get(Constituency, (version, submission.constituency_code))
-        if definition is None or member is None or seat is None or not member.email:
+        if (
+            definition is None
+            or campaign is None
+            or member is None
+            or seat is None
+            or not member.email
+        ):
             reason = "campaign or MP no longer in the database"
             advance(session, submission, State.FAILED, detail=reason, failure_reason=reason)
             return []
@@ -121,6 +171,7 @@ def render(session: Session, submission_id: str, backend: str) -> list[Stage]:
             submission_id,
             submission.payload,
             Recipient(member.name, member.email, seat.name),
+            sandbox_address if campaign.mode == "sandbox" else None,
         )
         session.add(
             Letter(
@@ -128,6 +179,7 @@ def render(session: Session, submission_id: str, backend: str) -> list[Stage]:
                 message_id=letter.message_id,
                 subject=letter.subject,
                 body_text=letter.body_text,
+                body_html=letter.body_html,
                 from_name=letter.from_name,
                 from_email=letter.from_email,
                 reply_to=letter.reply_to,

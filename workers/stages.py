@@ -35,6 +35,15 @@ class Stage(StrEnum):
         return f"{self.value}_submission"
 
 
+class Deferred(Exception):
+    """The stage must wait (quiet hours, a rate limit): send it again later, costing no retry."""
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(f"{reason}: wait {seconds:.1f}s")
+        self.seconds = seconds
+        self.reason = reason
+
+
 def stage_message(stage: Stage, submission_id: str) -> Message[None]:
     payload = StageMessage(submission_id=submission_id).model_dump()
     return Message(

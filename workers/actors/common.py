@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import structlog
 from schemas.messages import StageMessage
 from workers.app import App, get_app
 from workers.broker import broker  # installs the broker before any actor is declared
-from workers.stages import Stage, dispatch
+from workers.stages import Deferred, Stage, dispatch, stage_message
 from workers.transitions import AlreadyMoved
 
 log = structlog.get_logger("workers")
@@ -23,12 +24,23 @@ __all__ = ["NOT_RETRIED", "broker", "run_stage"]
 NOT_RETRIED = (pydantic.ValidationError,)
 
 
-def run_stage(raw: Any, work: Callable[[App, str], list[Stage]]) -> None:
+# dramatiq refuses delays of seven days or more.
+MAX_DELAY_MS = 7 * 24 * 3600 * 1000 - 60_000
+
+
+def run_stage(stage: Stage, raw: Any, work: Callable[[App, str], list[Stage]]) -> None:
     message = StageMessage.model_validate(raw)
+    broker = dramatiq.get_broker()
     try:
         next_stages = work(get_app(), message.submission_id)
     except AlreadyMoved:
         log.info("stage_already_done")
         return
-    dispatch(dramatiq.get_broker(), next_stages, message.submission_id)
+    except Deferred as deferred:
+        # A fresh message with a delay: waiting is not a failure and costs no retry.
+        delay = min(MAX_DELAY_MS, max(1, math.ceil(deferred.seconds * 1000)))
+        broker.enqueue(stage_message(stage, message.submission_id), delay=delay)
+        log.info("stage_deferred", reason=deferred.reason, seconds=round(deferred.seconds, 3))
+        return
+    dispatch(broker, next_stages, message.submission_id)
     log.info("stage_done", next=[s.value for s in next_stages])

@@ -29,4 +29,4 @@ def _work(app: App, submission_id: str) -> list[Stage]:
     throws=NOT_RETRIED,
 )
 def log_submission_consent(message: dict[str, Any]) -> None:
-    run_stage(message, _work)
+    run_stage(Stage.CONSENT, message, _work)

@@ -9,18 +9,19 @@ import dramatiq
 from workers.actors.common import NOT_RETRIED, run_stage
 from workers.app import App
 from workers.delivery import deliver
+from workers.mail import PermanentDeliveryError, TransientDeliveryError
 from workers.stages import Stage
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
-    settings = app.settings
-    return deliver(
-        app.sessions,
-        submission_id,
-        app.mailer,
-        settings.delivery_lease_seconds,
-        settings.delivery_max_attempts,
-    )
+    try:
+        return deliver(
+            app.sessions, submission_id, app.mailer, app.delivery_policy, app.limiter, app.signer
+        )
+    except TransientDeliveryError as exc:
+        if exc.retry_after is not None:  # the provider said when: honour it
+            raise dramatiq.Retry(str(exc), delay=int(exc.retry_after * 1000)) from exc
+        raise
 
 
 @dramatiq.actor(
@@ -30,7 +31,8 @@ def _work(app: App, submission_id: str) -> list[Stage]:
     min_backoff=5_000,
     max_backoff=600_000,
     time_limit=120_000,
-    throws=NOT_RETRIED,
+    # A permanent refusal is recorded on the submission, then dead-lettered for an operator.
+    throws=(*NOT_RETRIED, PermanentDeliveryError),
 )
 def deliver_submission(message: dict[str, Any]) -> None:
-    run_stage(message, _work)
+    run_stage(Stage.DELIVER, message, _work)

@@ -15,7 +15,7 @@ from workers.stages import Stage
 
 def _work(app: App, submission_id: str) -> list[Stage]:
     with session_scope(app.sessions) as session:
-        return render(session, submission_id, backend=app.mailer.name)
+        return render(session, submission_id, app.mailer.name, app.settings.sandbox_address)
 
 
 @dramatiq.actor(
@@ -28,4 +28,4 @@ def _work(app: App, submission_id: str) -> list[Stage]:
     throws=NOT_RETRIED,
 )
 def render_submission(message: dict[str, Any]) -> None:
-    run_stage(message, _work)
+    run_stage(Stage.RENDER, message, _work)

@@ -28,4 +28,4 @@ def _work(app: App, submission_id: str) -> list[Stage]:
     throws=NOT_RETRIED,
 )
 def validate_submission(message: dict[str, Any]) -> None:
-    run_stage(message, _work)
+    run_stage(Stage.VALIDATE, message, _work)
