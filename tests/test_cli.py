@@ -23,7 +23,7 @@ def test_submit_a_file_then_show_the_history(
     path.write_text(json.dumps([*payloads, payloads[0]]))
     runner = CliRunner()
     result = runner.invoke(main, ["submit", str(path)], catch_exceptions=False)
-    lines = result.output.split("\n")
+    lines = result.stdout.split("\n")
     ids = [line.split()[0] for line in lines if line.strip()]
     assert [line.split()[1] for line in lines if line.strip()] == [
         "accepted",
@@ -33,10 +33,10 @@ def test_submit_a_file_then_show_the_history(
     assert ids[0] == ids[2]
     drain(stub_broker, stub_worker)
 
-    shown = json.loads(runner.invoke(main, ["show", ids[0], "--json"]).output)
+    shown = json.loads(runner.invoke(main, ["show", ids[0], "--json"]).stdout)
     assert shown["state"] == "delivered"
     assert [e["state"] for e in shown["history"]][-1] == "delivered"
     assert "amira" not in json.dumps(shown).lower()  # no personal data in the history view
-    rejected = json.loads(runner.invoke(main, ["show", ids[1], "--json"]).output)
+    rejected = json.loads(runner.invoke(main, ["show", ids[1], "--json"]).stdout)
     assert rejected["rejection"]["supporter.email"].startswith("This is not a valid email")
     assert runner.invoke(main, ["show", "nope"]).exit_code != 0

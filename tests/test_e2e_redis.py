@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from tests.conftest import make_settings
 from tests.factories import submission
-from tests.services import REPO, free_port, wait_for
+from tests.services import REPO, wait_for
 from workers.app import App
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
@@ -70,13 +70,6 @@ class Stack:
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs.glob("*.log"))
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -76,6 +76,8 @@ def build_message(letter: Letter) -> EmailMessage:
     message.set_content(letter.body_text or "")
     if letter.body_html:
         message.add_alternative(letter.body_html, subtype="html")
+        # A boundary from the content, not a random one: every attempt sends the same bytes.
+        message.set_boundary(f"==dearmp-{letter.content_sha256[:32]}==")
     return message
 
 
@@ -211,9 +213,14 @@ class SmtpMailer:
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
 
+# Authentication answers say our configuration is wrong, not the letter: letters wait (and retry)
+# for an operator to fix it, rather than each failing for good.
+AUTH_PROBLEMS = {530, 534, 535, 538}
+
+
 def _classify_smtp(code: int, answer: bytes | str) -> Exception:
     text = answer.decode(errors="replace") if isinstance(answer, bytes) else answer
-    if 400 <= code < 500:
+    if 400 <= code < 500 or code in AUTH_PROBLEMS:
         return TransientDeliveryError(f"{code} {text}")
     return PermanentDeliveryError(f"{code} {text}")
 

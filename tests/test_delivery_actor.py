@@ -1,0 +1,112 @@
+"""The delivery actor on dramatiq's StubBroker: waiting is not failing, failing is recorded."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+from sqlalchemy import select
+
+from schemas.campaign import CampaignDefinition, QuietHours, RateLimit
+from tests.conftest import drain, make_settings
+from tests.factories import submission
+from tests.services import SmtpSink, wait_for
+from tests.test_providers import ProviderStub, http_mailer
+from workers.app import App
+from workers.campaigns import definition_sha256, get_definition
+from workers.db import session_scope
+from workers.mail import SmtpMailer
+from workers.models import Campaign, Delivery, Submission
+from workers.runtime import state_counts, submit
+
+
+def change_campaign(app: App, **changes: Any) -> None:
+    """What an operator does by editing the campaign file and syncing it."""
+    with session_scope(app.sessions) as session:
+        current = get_definition(session, "political-prisoners")
+        assert current is not None
+        changed = CampaignDefinition.model_validate(current.model_dump() | changes)
+        row = session.get(Campaign, "political-prisoners")
+        assert row is not None
+        row.definition = changed.model_dump(mode="json")
+        row.definition_sha256 = definition_sha256(changed)
+
+
+def test_a_rate_limited_letter_waits_without_using_retries(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    change_campaign(app, rate_limit=RateLimit(per_mp=2, window_seconds=1))
+    started = time.monotonic()
+    ids = [submit(app, stub_broker, submission())[0] for _ in range(6)]
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, ids) == {"delivered": 6}
+    assert time.monotonic() - started >= 2.0  # six letters at two a second: three windows
+    assert stub_broker.dead_letters == []
+    with session_scope(app.sessions) as session:
+        assert set(session.scalars(select(Delivery.attempts))) == {1}
+
+
+def test_quiet_hours_defer_and_tell_the_reconciler_to_wait(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    change_campaign(app, quiet_hours=QuietHours(start="00:00", end="23:59:59"))
+    sid = submit(app, stub_broker, submission())[0]
+
+    def deferred() -> bool:
+        with session_scope(app.sessions) as session:
+            sub = session.get(Submission, sid)
+            # Rendered, and its next dispatch pushed into the future: the reconciler leaves it.
+            return (
+                sub is not None and sub.state == "rendered" and sub.dispatched_at > sub.updated_at
+            )
+
+    assert wait_for(deferred, 15)
+    time.sleep(0.5)
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
+    assert stub_broker.dead_letters == []
+
+
+def test_a_permanent_refusal_is_recorded_then_dead_lettered(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    app.mailer = SmtpMailer(
+        make_settings(
+            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
+        )
+    )
+    smtp_sink.answer = "550 5.1.1 <mp@parliament.uk>: Recipient address rejected"
+    sid = submit(app, stub_broker, submission())[0]
+    drain(stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.state == "failed"
+        assert sub.failure_reason is not None and "550 5.1.1" in sub.failure_reason
+    [dead] = stub_broker.dead_letters
+    assert dead.actor_name == "deliver_submission" and dead.options.get("retries", 0) == 0
+
+
+def test_retry_after_from_the_provider_is_honoured(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, tmp_path: Path
+) -> None:
+    provider = ProviderStub()
+    try:
+        app.mailer = http_mailer(tmp_path, provider)
+        provider.replies.append((429, {"Retry-After": "2"}, "{}"))
+        started = time.monotonic()
+        sid = submit(app, stub_broker, submission())[0]
+        drain(stub_broker, stub_worker)
+        waited = provider_times(provider)
+        assert state_counts(app, [sid]) == {"delivered": 1}
+        assert len(provider.requests) == 2 and waited >= 2.0
+        assert time.monotonic() - started >= 2.0
+    finally:
+        provider.server.shutdown()
+
+
+def provider_times(provider: ProviderStub) -> float:
+    first, second = (r["at"] for r in provider.requests)
+    return float(second - first)

@@ -1,0 +1,185 @@
+"""The other mail backends, for real: an HTTP provider API over requests, SMTP with TLS and AUTH."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from email import message_from_bytes
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from tests.conftest import make_settings
+from tests.factories import submission
+from tests.services import SmtpSink
+from tests.test_stages import through_render
+from workers.app import App
+from workers.db import session_scope
+from workers.delivery import DeliveryPolicy, deliver
+from workers.mail import (
+    HttpMailer,
+    Outgoing,
+    PermanentDeliveryError,
+    SmtpMailer,
+    TransientDeliveryError,
+)
+from workers.models import Delivery
+
+POLICY = DeliveryPolicy(lease_seconds=300)
+MAIL = Outgoing(
+    "from@campaign.example.org", ["mp@parliament.uk"], b"Subject: x\r\n\r\nhi\r\n", "<m@x>"
+)
+
+
+class ProviderStub:
+    """A local HTTP server in the shape of Mailgun's messages.mime endpoint."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[int, dict[str, str], str]] = []
+        self.requests: list[dict[str, Any]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                seen = {"path": self.path, "headers": dict(self.headers), "body": body}
+                stub.requests.append(seen | {"at": time.monotonic()})
+                status, headers, text = (
+                    stub.replies.pop(0) if stub.replies else (200, {}, '{"id": "<q1>"}')
+                )
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(text.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def provider() -> Iterator[ProviderStub]:
+    stub = ProviderStub()
+    yield stub
+    stub.server.shutdown()
+
+
+def http_mailer(tmp_path: Path, provider: ProviderStub) -> HttpMailer:
+    settings = make_settings(
+        tmp_path,
+        mail_backend="http",
+        email_api_url=provider.url,
+        email_api_key="key-123",
+        email_api_domain="campaign.example.org",
+    )
+    return HttpMailer(settings)
+
+
+def test_http_provider_gets_the_exact_bytes_and_the_answer_is_kept(
+    app: App, provider: ProviderStub, tmp_path: Path
+) -> None:
+    sid = through_render(app, submission())
+    deliver(app.sessions, sid, http_mailer(tmp_path, provider), POLICY)
+    [request] = provider.requests
+    assert request["path"] == "/v3/campaign.example.org/messages.mime"
+    assert request["headers"]["Authorization"].startswith("Basic ")
+    assert b"Message-ID: <" + sid.encode() + b"@campaign.example.org>" in request["body"]
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None and delivery.status == "sent"
+        assert delivery.response is not None and delivery.response.startswith("200")
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "retry_after"),
+    [(429, {"Retry-After": "7"}, 7.0), (503, {}, None), (500, {"Retry-After": "1"}, 1.0)],
+)
+def test_http_429_and_5xx_are_transient_and_retry_after_is_honoured(
+    tmp_path: Path, provider: ProviderStub, status: int, headers: dict[str, str], retry_after: Any
+) -> None:
+    provider.replies.append((status, headers, json.dumps({"message": "slow down"})))
+    with pytest.raises(TransientDeliveryError) as raised:
+        http_mailer(tmp_path, provider).send(MAIL)
+    assert raised.value.retry_after == retry_after
+
+
+def test_http_4xx_is_permanent(tmp_path: Path, provider: ProviderStub) -> None:
+    provider.replies.append((400, {}, '{"message": "to parameter is not a valid address"}'))
+    with pytest.raises(PermanentDeliveryError, match="400"):
+        http_mailer(tmp_path, provider).send(MAIL)
+
+
+def test_http_provider_unreachable_is_transient(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        mail_backend="http",
+        email_api_url="http://127.0.0.1:1",
+        email_api_key="k",
+        email_api_domain="d.example",
+        email_api_timeout=2,
+    )
+    with pytest.raises(TransientDeliveryError):
+        HttpMailer(settings).send(MAIL)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def tls_server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
+
+
+def check_login(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"dearmp", b"s3cret")
+    return AuthResult(success=ok)
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_smtp_over_tls_with_auth(tmp_path: Path, ca: trustme.CA, security: str) -> None:
+    options: dict[str, Any] = {"authenticator": check_login, "auth_required": True}
+    if security == "starttls":
+        options |= {"tls_context": tls_server_context(ca), "require_starttls": True}
+    else:
+        # Implicit TLS: aiosmtpd counts only STARTTLS as TLS unless told otherwise.
+        options |= {"ssl_context": tls_server_context(ca), "auth_require_tls": False}
+    sink = SmtpSink(**options).start()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    try:
+        settings = make_settings(
+            tmp_path,
+            mail_backend="smtp",
+            smtp_host="127.0.0.1",
+            smtp_port=sink.port,
+            smtp_security=security,
+            smtp_username="dearmp",
+            smtp_password="s3cret",
+            smtp_ca_file=ca_file,
+            smtp_timeout=5,
+        )
+        answer = SmtpMailer(settings).send(MAIL)
+        assert answer.startswith("250")
+        assert sink.received.count() == 1
+        assert message_from_bytes(MAIL.data)["Subject"] == sink.received.messages[0]["Subject"]
+        wrong = settings.model_copy(update={"smtp_password": None})
+        # Auth required, none given: a configuration problem, so the letter waits and retries.
+        with pytest.raises(TransientDeliveryError, match="530"):
+            SmtpMailer(wrong).send(MAIL)
+    finally:
+        sink.stop()
