@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.redis
 class Stack:
     """Worker and reconciler processes sharing one Redis and one database."""
 
-    def __init__(self, tmp_path: Path, db_url: str, redis_url: str) -> None:
+    def __init__(self, tmp_path: Path, db_url: str, redis_url: str, **env: str) -> None:
         self.tmp_path = tmp_path
         self.logs = tmp_path / "logs"
         self.logs.mkdir()
@@ -44,6 +45,7 @@ class Stack:
             "DEARMP_RECONCILE_INTERVAL": "1",
             "DEARMP_RECONCILE_AFTER": "4",
             "dramatiq_restart_delay": "500",
+            **env,
         }
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -55,18 +57,25 @@ class Stack:
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a kill reaches its children too
         )
         self.processes.append(process)
         return process
 
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the process and every worker process it started, with no clean-up."""
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
     def stop(self) -> None:
         for process in self.processes:
-            process.terminate()
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
         for process in self.processes:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs.glob("*.log"))

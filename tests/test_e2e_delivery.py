@@ -1,0 +1,127 @@
+"""Delivery end to end with real worker processes, a real Redis and a real SMTP server.
+
+Exactly one letter per submission when a worker is killed mid-delivery, and rate limits that
+hold across processes without costing a retry or producing a dead letter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import func, select
+
+from tests.conftest import make_settings
+from tests.factories import submission
+from tests.services import SmtpSink
+from tests.test_e2e_redis import Stack, wait_all_final
+from workers.app import App
+from workers.db import session_scope
+from workers.embedded import EmbeddedRedis
+from workers.models import Delivery
+from workers.runtime import prepare, submit
+
+pytestmark = [pytest.mark.redis, pytest.mark.smtp]
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, db_url: str, redis_server: EmbeddedRedis, smtp_sink: SmtpSink
+) -> Iterator[tuple[App, Any, dict[str, str]]]:
+    app = App.from_settings(make_settings(tmp_path, database_url=db_url))
+    prepare(app)
+    env = {
+        "DEARMP_MAIL_BACKEND": "smtp",
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(smtp_sink.port),
+        "SMTP_TIMEOUT": "20",
+    }
+    yield app, RedisBroker(url=redis_server.url, namespace="dearmp"), env
+    app.engine.dispose()
+
+
+def dead_letters(server: EmbeddedRedis) -> int:
+    client = redis.Redis.from_url(server.url)
+    return sum(client.zcard(key) for key in client.keys("dearmp:*.XQ"))
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_worker_killed_mid_delivery_still_gives_exactly_one_letter_each(
+    setup: tuple[App, Any, dict[str, str]],
+    tmp_path: Path,
+    db_url: str,
+    redis_server: EmbeddedRedis,
+    smtp_sink: SmtpSink,
+) -> None:
+    app, broker, env = setup
+    env |= {"DEARMP_DELIVERY_LEASE_SECONDS": "5"}
+    stack = Stack(tmp_path, db_url, redis_server.url, **env)
+    try:
+        smtp_sink.rcpt_delay = 30  # the first worker's letters hang inside the SMTP transaction
+        doomed = stack.start("worker", "--processes", "1", "--threads", "2")
+        stack.start("reconcile")
+        ids = [submit(app, broker, submission())[0] for _ in range(6)]
+        assert smtp_sink.rcpt_seen.wait(60), stack.log_text()[-2000:]
+        time.sleep(0.5)
+        stack.kill(doomed)  # SIGKILL in the middle of delivery: claimed, not finished
+        with session_scope(app.sessions) as session:
+            in_flight = session.scalar(
+                select(func.count()).select_from(Delivery).where(Delivery.status == "sending")
+            )
+        assert in_flight and in_flight >= 1
+        smtp_sink.rcpt_delay = 0
+        stack.start("worker", "--processes", "1", "--threads", "2")
+        assert wait_all_final(app, ids, timeout=120) == {"delivered": 6}, stack.log_text()[-3000:]
+    finally:
+        stack.stop()
+    assert smtp_sink.received.count() == 6
+    assert sorted(smtp_sink.received.message_ids()) == sorted(
+        f"<{sid}@campaign.example.org>" for sid in ids
+    )
+    with session_scope(app.sessions) as session:
+        retried = session.scalar(
+            select(func.count()).select_from(Delivery).where(Delivery.attempts > 1)
+        )
+    assert retried == in_flight  # the killed claims were taken over after their lease
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_rate_limit_holds_across_worker_processes(
+    setup: tuple[App, Any, dict[str, str]],
+    tmp_path: Path,
+    db_url: str,
+    redis_server: EmbeddedRedis,
+    smtp_sink: SmtpSink,
+) -> None:
+    # The issue's "500 letters, 50 a minute" with the window scaled to 3 s to fit in CI.
+    limit, window, letters = 50, 3.0, 500
+    app, broker, env = setup
+    env |= {"DEARMP_MP_LIMIT": str(limit), "DEARMP_MP_LIMIT_WINDOW": str(window)}
+    stack = Stack(tmp_path, db_url, redis_server.url, **env)
+    try:
+        stack.start("worker", "--processes", "3", "--threads", "4")
+        stack.start("reconcile")
+        ids = [
+            submit(app, broker, submission(supporter__postcode="DM1 1AA"))[0]
+            for _ in range(letters)
+        ]
+        counts = wait_all_final(app, ids, timeout=240)
+        assert counts == {"delivered": letters}, stack.log_text()[-3000:]
+    finally:
+        stack.stop()
+    arrivals = sorted(smtp_sink.arrivals)
+    assert len(arrivals) == letters
+    busiest = max(
+        sum(1 for t in arrivals[i:] if t < start + window) for i, start in enumerate(arrivals)
+    )
+    assert busiest <= limit, f"{busiest} letters within {window}s"
+    assert (arrivals[-1] - arrivals[0]) >= (letters / limit - 1) * window
+    assert dead_letters(redis_server) == 0
+    with session_scope(app.sessions) as session:
+        assert session.scalar(select(func.max(Delivery.attempts))) == 1  # no retry used up
+    assert '"event": "stage_deferred"' in stack.log_text()
