@@ -9,29 +9,23 @@ from typing import Any
 import dramatiq
 from sqlalchemy import select
 
-from schemas.campaign import CampaignDefinition, QuietHours, RateLimit
+from schemas.campaign import QuietHours, RateLimit
 from tests.conftest import drain, make_settings
 from tests.factories import submission
 from tests.services import SmtpSink, wait_for
 from tests.test_providers import ProviderStub, http_mailer
 from workers.app import App
-from workers.campaigns import definition_sha256, get_definition
+from workers.campaigns import update_definition
 from workers.db import session_scope
 from workers.mail import SmtpMailer
-from workers.models import Campaign, Delivery, Submission
+from workers.models import Delivery, Submission
 from workers.runtime import state_counts, submit
 
 
 def change_campaign(app: App, **changes: Any) -> None:
     """What an operator does by editing the campaign file and syncing it."""
     with session_scope(app.sessions) as session:
-        current = get_definition(session, "political-prisoners")
-        assert current is not None
-        changed = CampaignDefinition.model_validate(current.model_dump() | changes)
-        row = session.get(Campaign, "political-prisoners")
-        assert row is not None
-        row.definition = changed.model_dump(mode="json")
-        row.definition_sha256 = definition_sha256(changed)
+        update_definition(session, "political-prisoners", **changes)
 
 
 def test_a_rate_limited_letter_waits_without_using_retries(

@@ -6,6 +6,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -48,6 +49,17 @@ def sync_campaigns(session: Session, definitions: list[CampaignDefinition]) -> l
         row.definition = definition.model_dump(mode="json")
         row.definition_sha256 = digest
         changed.append(definition.slug)
+    return changed
+
+
+def update_definition(session: Session, slug: str, **changes: Any) -> CampaignDefinition:
+    """Change a stored campaign's definition (validated), as a file edit and sync would."""
+    row = session.get(Campaign, slug)
+    if row is None:
+        raise KeyError(slug)
+    changed = CampaignDefinition.model_validate(row.definition | changes)
+    row.definition = changed.model_dump(mode="json")
+    row.definition_sha256 = definition_sha256(changed)
     return changed
 
 
