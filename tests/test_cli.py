@@ -13,6 +13,7 @@ from tests.conftest import drain
 from tests.factories import submission
 from workers.app import App
 from workers.cli import main
+from workers.runtime import submit
 
 
 def test_submit_a_file_then_show_the_history(
@@ -40,3 +41,17 @@ def test_submit_a_file_then_show_the_history(
     rejected = json.loads(runner.invoke(main, ["show", ids[1], "--json"]).stdout)
     assert rejected["rejection"]["supporter.email"].startswith("This is not a valid email")
     assert runner.invoke(main, ["show", "nope"]).exit_code != 0
+
+
+def test_campaign_mode_switch_sends_new_letters_to_the_sandbox(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["campaigns", "mode", "political-prisoners", "sandbox"])
+    assert result.exit_code == 0 and "live -> sandbox" in result.stdout
+    submit(app, stub_broker, submission())
+    drain(stub_broker, stub_worker)
+    [letter] = app.settings.resolved_outbox_dir.glob("*.eml")
+    text = letter.read_text()
+    assert f"To: DearMP sandbox <{app.settings.sandbox_address}>" in text
+    assert "Subject: [SANDBOX]" in text and "meant for Alex Rivers" in text

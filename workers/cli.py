@@ -240,6 +240,23 @@ def campaigns_sync() -> None:
     click.echo(f"changed: {', '.join(changed) or 'none'}")
 
 
+@campaigns.command("mode")
+@click.argument("slug")
+@click.argument("mode", type=click.Choice(["sandbox", "live"]))
+def campaigns_mode(slug: str, mode: str) -> None:
+    """Switch a campaign between sandbox (letters to DEARMP_SANDBOX_ADDRESS) and live."""
+    from workers.db import session_scope
+    from workers.models import Campaign
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        row = session.get(Campaign, slug)
+        if row is None:
+            raise click.ClickException(f"no campaign {slug}")
+        before, row.mode = row.mode, mode
+    click.echo(f"{slug}: {before} -> {mode} (letters rendered from now on)")
+
+
 @main.group()
 def directory() -> None:
     """The local MP directory."""
