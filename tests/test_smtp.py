@@ -42,7 +42,8 @@ def test_letters_arrive_once_with_dmarc_safe_headers(
     assert message["Reply-To"] == "amira.haddad@example.com"
     assert message["Date"]
     assert "=?utf-8?" in message["From"]  # the non-ASCII display name is encoded, not raw
-    body = message.get_payload(decode=True)
+    plain = next(part for part in message.walk() if part.get_content_type() == "text/plain")
+    body = plain.get_payload(decode=True)
     assert isinstance(body, bytes) and "Dear Alex Rivers," in body.decode()
     with session_scope(app.sessions) as session:
         delivery = session.get(Delivery, sid)
