@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -26,6 +27,7 @@ from workers.models import (
     Member,
     State,
     Submission,
+    utcnow,
 )
 from workers.stages import Stage
 from workers.transitions import advance
@@ -73,6 +75,23 @@ class RenderedLetter:
     def content_sha256(self) -> str:
         parts = (self.subject, self.body_text, self.from_email, self.to_email, self.message_id)
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    def to_row(self, submission_id: str, created_at: datetime | None = None) -> Letter:
+        """The row that stores this letter, once."""
+        return Letter(
+            submission_id=submission_id,
+            message_id=self.message_id,
+            subject=self.subject,
+            body_text=self.body_text,
+            body_html=self.body_html,
+            from_name=self.from_name,
+            from_email=self.from_email,
+            reply_to=self.reply_to,
+            to_name=self.to_name,
+            to_email=self.to_email,
+            content_sha256=self.content_sha256,
+            created_at=created_at or utcnow(),
+        )
 
 
 def choose_subject(definition: CampaignDefinition, submission_id: str, typed: str) -> str:
@@ -173,21 +192,7 @@ def render(
             Recipient(member.name, member.email, seat.name),
             sandbox_address if campaign.mode == "sandbox" else None,
         )
-        session.add(
-            Letter(
-                submission_id=submission_id,
-                message_id=letter.message_id,
-                subject=letter.subject,
-                body_text=letter.body_text,
-                body_html=letter.body_html,
-                from_name=letter.from_name,
-                from_email=letter.from_email,
-                reply_to=letter.reply_to,
-                to_name=letter.to_name,
-                to_email=letter.to_email,
-                content_sha256=letter.content_sha256,
-            )
-        )
+        session.add(letter.to_row(submission_id))
         session.flush()  # the letter row first: the delivery row refers to it
         session.add(
             Delivery(submission_id=submission_id, status=DeliveryStatus.PENDING, backend=backend)
