@@ -55,3 +55,23 @@ def test_campaign_mode_switch_sends_new_letters_to_the_sandbox(
     text = letter.read_text()
     assert f"To: DearMP sandbox <{app.settings.sandbox_address}>" in text
     assert "Subject: [SANDBOX]" in text and "meant for Alex Rivers" in text
+
+
+def test_an_operators_mode_switch_survives_a_campaign_file_sync(app: App) -> None:
+    from workers.campaigns import get_definition, update_definition
+    from workers.db import session_scope
+    from workers.models import Campaign
+
+    runner = CliRunner()
+    switch = ["campaigns", "mode", "political-prisoners", "sandbox"]
+    assert runner.invoke(main, switch).exit_code == 0
+    with session_scope(app.sessions) as session:  # the stored definition differs from the file
+        update_definition(session, "political-prisoners", title="Old title")
+    assert (
+        runner.invoke(main, ["campaigns", "sync"]).stdout.strip() == "changed: political-prisoners"
+    )
+    with session_scope(app.sessions) as session:
+        row = session.get(Campaign, "political-prisoners")
+        assert row is not None and row.mode == "sandbox"  # the file's "live" did not undo it
+        definition = get_definition(session, "political-prisoners")
+        assert definition is not None and definition.title != "Old title"
