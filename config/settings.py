@@ -30,6 +30,15 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     broker: Literal["redis", "stub"] = Field(default="redis", alias="DEARMP_BROKER")
     redis_namespace: str = Field(default="dearmp", alias="DEARMP_REDIS_NAMESPACE")
+    # A worker silent for this long is dead: its unfinished messages go back on their queue at
+    # the next maintenance pass, which runs on this many of every million broker commands.
+    # (dramatiq's defaults, 60 s and 1,000, can leave a crashed worker's message for minutes.)
+    broker_heartbeat_timeout_ms: int = Field(
+        default=15_000, ge=1_000, alias="DEARMP_BROKER_HEARTBEAT_TIMEOUT_MS"
+    )
+    broker_maintenance_chance: int = Field(
+        default=50_000, ge=1, le=1_000_000, alias="DEARMP_BROKER_MAINTENANCE_CHANCE"
+    )
 
     # Campaigns are data: TOML files in this folder.
     campaigns_dir: Path = Field(default=CONFIG_DIR / "campaigns", alias="DEARMP_CAMPAIGNS_DIR")

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from tests.conftest import make_settings
 from tests.factories import submission
-from tests.services import SmtpSink
+from tests.services import SmtpSink, wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
 from workers.app import App
 from workers.db import session_scope
@@ -125,3 +125,33 @@ def test_rate_limit_holds_across_worker_processes(
     with session_scope(app.sessions) as session:
         assert session.scalar(select(func.max(Delivery.attempts))) == 1  # no retry used up
     assert '"event": "stage_deferred"' in stack.log_text()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_crashed_workers_message_is_finished_by_another_within_60_seconds(
+    setup: tuple[App, Any, dict[str, str]],
+    tmp_path: Path,
+    db_url: str,
+    redis_server: EmbeddedRedis,
+    smtp_sink: SmtpSink,
+) -> None:
+    """No reconciler here: the broker itself must hand the dead worker's message on."""
+    app, broker, env = setup
+    env |= {"DEARMP_DELIVERY_LEASE_SECONDS": "5"}
+    stack = Stack(tmp_path, db_url, redis_server.url, **env)
+    try:
+        smtp_sink.rcpt_delay = 60
+        doomed = stack.start("worker", "--processes", "1", "--threads", "1")
+        [sid] = [submit(app, broker, submission())[0]]
+        assert smtp_sink.rcpt_seen.wait(60), stack.log_text()[-2000:]
+        stack.kill(doomed)
+        killed_at = time.monotonic()
+        smtp_sink.rcpt_delay = 0
+        stack.start("worker", "--processes", "1", "--threads", "2")
+        assert wait_for(lambda: smtp_sink.received.count() == 1, 90, 0.2)
+        recovered_in = time.monotonic() - killed_at
+    finally:
+        stack.stop()
+    assert wait_all_final(app, [sid], timeout=10) == {"delivered": 1}
+    assert recovered_in < 60, f"took {recovered_in:.1f}s"
+    print(f"crash recovery: {recovered_in:.1f}s from SIGKILL to the letter delivered")

@@ -19,8 +19,8 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
         broker = RedisBroker(  # type: ignore[no-untyped-call]
             url=settings.resolved_redis_url,
             namespace=settings.redis_namespace,
-            # A worker that stops heart-beating for this long has its messages given back.
-            heartbeat_timeout=30_000,
+            heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
+            maintenance_chance=settings.broker_maintenance_chance,
         )
     broker.add_middleware(LogContext())
     return broker
