@@ -57,8 +57,8 @@ class PostgresCluster:
         self.port = free_port()
         self.as_root = os.geteuid() == 0
 
-    def _run(self, *args: str) -> None:
-        kwargs: dict[str, Any] = {"check": True, "capture_output": True}
+    def _run(self, *args: str, check: bool = True) -> None:
+        kwargs: dict[str, Any] = {"check": check, "capture_output": True}
         if self.as_root:
             kwargs |= {"user": NOBODY, "group": NOBODY, "extra_groups": []}
         subprocess.run(args, **kwargs)
@@ -91,7 +91,8 @@ class PostgresCluster:
     def stop(self) -> None:
         pg_ctl = pg_bin("pg_ctl")
         if pg_ctl:
-            self._run(pg_ctl, "-D", str(self.datadir), "-m", "immediate", "stop")
+            # Best effort: a cluster whose directory is already gone has nothing left to stop.
+            self._run(pg_ctl, "-D", str(self.datadir), "-m", "immediate", "stop", check=False)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
