@@ -5,9 +5,10 @@ from __future__ import annotations
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import Retries
 
 from config.settings import Settings, get_settings
-from workers.middleware import LogContext
+from workers.middleware import FailureRecorder, LogContext
 
 
 def build_broker(settings: Settings) -> dramatiq.Broker:
@@ -23,6 +24,7 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
             maintenance_chance=settings.broker_maintenance_chance,
         )
     broker.add_middleware(LogContext())
+    broker.add_middleware(FailureRecorder(), before=Retries)
     return broker
 
 

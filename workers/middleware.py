@@ -12,6 +12,15 @@ from config.settings import get_settings
 from workers.logging import configure_logging
 
 
+def submission_id_of(message: Any) -> str | None:
+    """The submission a stage message is about, if it is one."""
+    args = message.args
+    if args and isinstance(args[0], dict):
+        value = args[0].get("submission_id")
+        return value if isinstance(value, str) else None
+    return None
+
+
 class LogContext(Middleware):
     """JSON logs in worker processes; the actor, message and submission id bound per message."""
 
@@ -20,10 +29,10 @@ class LogContext(Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         structlog.contextvars.clear_contextvars()
-        args = message.args
-        submission_id = args[0].get("submission_id") if args and isinstance(args[0], dict) else None
         structlog.contextvars.bind_contextvars(
-            actor=message.actor_name, message_id=message.message_id, submission_id=submission_id
+            actor=message.actor_name,
+            message_id=message.message_id,
+            submission_id=submission_id_of(message),
         )
 
     def after_process_message(
@@ -39,3 +48,32 @@ class LogContext(Middleware):
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         structlog.contextvars.clear_contextvars()
+
+
+class FailureRecorder(Middleware):
+    """Records every failed attempt in the database; added before Retries, so it runs after it
+    (dramatiq calls after-hooks in reverse) and knows whether the message was dead-lettered."""
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        if exception is None:
+            return
+        from workers.app import get_app
+        from workers.db import session_scope
+        from workers.failures import Attempt, record_failure
+
+        attempt = Attempt(
+            message_id=message.message_id,
+            queue_name=message.queue_name,
+            actor_name=message.actor_name,
+            submission_id=submission_id_of(message),
+            exception=exception,
+            attempts=message.options.get("retries", 0) or 1,
+            dead_lettered=bool(message.failed),
+        )
+        try:
+            with session_scope(get_app().sessions) as session:
+                record_failure(session, attempt)
+        except Exception as exc:  # never let bookkeeping take the worker down
+            structlog.get_logger("workers").error("failure_not_recorded", error=type(exc).__name__)

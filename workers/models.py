@@ -260,3 +260,25 @@ class ConsentEvent(Base):
     user_agent: Mapped[str | None] = mapped_column(Text)
     ip_hash: Mapped[str | None] = mapped_column(String(64))
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Failure(Base):
+    """What went wrong with a message: its last attempt in full, kept when it is dead-lettered.
+
+    One row per dramatiq message id, updated on every failed attempt.
+    """
+
+    __tablename__ = "failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    queue_name: Mapped[str] = mapped_column(String(100))
+    actor_name: Mapped[str] = mapped_column(String(100), index=True)
+    submission_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    exception_type: Mapped[str] = mapped_column(String(200))
+    exception_message: Mapped[str] = mapped_column(Text)
+    traceback: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    first_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    dead_lettered_at: Mapped[datetime | None] = mapped_column(index=True)

@@ -1,0 +1,60 @@
+"""Failure recording: a dead-lettered message keeps its final traceback in the database."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dramatiq
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import drain
+from workers.app import App
+from workers.db import session_scope
+from workers.models import Failure
+from workers.stages import Stage, stage_message
+
+
+def test_the_final_failure_is_recorded_with_its_traceback(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(session: Any, submission_id: str) -> list[Stage]:
+        raise RuntimeError("resolver exploded")
+
+    # An unexpected bug in the resolution stage (the recorder is what is under test), and a
+    # message with a short retry policy so that it dies quickly.
+    monkeypatch.setattr("workers.actors.resolution.resolve", broken)
+    sid = "5e1d0000-0000-0000-0000-000000000001"
+    message = stage_message(Stage.RESOLVE, sid)
+    fast = message.copy(options={"max_retries": 2, "min_backoff": 10, "max_backoff": 20})
+    stub_broker.enqueue(fast)
+    for _ in range(50):
+        with session_scope(app.sessions) as session:
+            row = session.scalar(select(Failure).where(Failure.message_id == fast.message_id))
+            if row is not None and row.dead_lettered_at is not None:
+                break
+        time.sleep(0.1)
+    assert row is not None and row.dead_lettered_at is not None
+    assert (row.actor_name, row.queue_name, row.submission_id) == (
+        "resolve_submission",
+        "dearmp.resolve",
+        sid,
+    )
+    assert row.exception_type == "builtins.RuntimeError"
+    assert row.exception_message == "resolver exploded"
+    assert "in broken" in row.traceback and "resolver exploded" in row.traceback
+    assert row.attempts == 3  # the first try and two retries
+    assert row.first_failed_at < row.last_failed_at
+
+
+def test_a_message_that_cannot_parse_is_recorded_as_dead_at_once(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    bad = stage_message(Stage.VALIDATE, "x").copy(args=({"v": 99, "submission_id": "x"},))
+    stub_broker.enqueue(bad)
+    drain(stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        row = session.scalar(select(Failure).where(Failure.message_id == bad.message_id))
+    assert row is not None and row.dead_lettered_at is not None
+    assert row.attempts == 1 and row.exception_type.endswith("ValidationError")

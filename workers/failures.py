@@ -1,0 +1,48 @@
+"""Failure recording: each failed attempt of a message, and above all its last, in the database.
+
+dramatiq's dead-lettered copy keeps only what the message held when it was enqueued, so the final
+traceback would otherwise be lost. Tracebacks can quote data (an SQL error shows its parameters):
+they are kept here, with the rest of the personal data, and never logged.
+"""
+
+from __future__ import annotations
+
+import traceback as tb
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from workers.models import Failure, utcnow
+
+
+@dataclass(frozen=True)
+class Attempt:
+    message_id: str
+    queue_name: str
+    actor_name: str
+    submission_id: str | None
+    exception: BaseException
+    attempts: int
+    dead_lettered: bool
+
+
+def record_failure(session: Session, attempt: Attempt) -> Failure:
+    """Insert or update the message's failure row with this attempt (the caller commits)."""
+    now = utcnow()
+    exc = attempt.exception
+    row = session.scalar(select(Failure).where(Failure.message_id == attempt.message_id))
+    if row is None:
+        row = Failure(message_id=attempt.message_id, first_failed_at=now)
+        session.add(row)
+    row.queue_name = attempt.queue_name
+    row.actor_name = attempt.actor_name
+    row.submission_id = attempt.submission_id
+    row.exception_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    row.exception_message = str(exc)[:4000]
+    row.traceback = "".join(tb.format_exception(exc))[-20_000:]
+    row.attempts = attempt.attempts
+    row.last_failed_at = now
+    if attempt.dead_lettered:
+        row.dead_lettered_at = now
+    return row
