@@ -199,6 +199,210 @@ def demo(count: int, timeout: float) -> None:
         raise SystemExit(1)
 
 
+def _redis(app: App) -> tuple[Any, Any, str]:
+    """A Redis client, a broker to enqueue on, and the namespace: operators' commands need Redis."""
+    import redis
+    from dramatiq.brokers.redis import RedisBroker
+
+    url, namespace = app.settings.resolved_redis_url, app.settings.redis_namespace
+    broker = RedisBroker(url=url, namespace=namespace)  # type: ignore[no-untyped-call]
+    return redis.Redis.from_url(url), broker, namespace
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def queues(as_json: bool) -> None:
+    """Per queue: messages waiting, delayed, in progress and dead."""
+    from dataclasses import asdict
+
+    from workers.operations import queue_depths
+
+    client, _, namespace = _redis(_app())
+    depths = queue_depths(client, namespace)
+    if as_json:
+        click.echo(json.dumps([asdict(d) for d in depths], indent=2))
+        return
+    table = Table(title="Queues")
+    for col in ("queue", "waiting", "delayed", "in progress", "dead"):
+        table.add_column(col, justify="left" if col == "queue" else "right")
+    for d in depths:
+        table.add_row(d.queue, str(d.waiting), str(d.delayed), str(d.in_progress), str(d.dead))
+    Console().print(table)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: list, show and requeue them."""
+
+
+def _dead(app: App, queue: str | None, actor: str | None, reason: str | None, since: Any) -> Any:
+    from sqlalchemy import select
+
+    from workers.db import session_scope
+    from workers.models import Failure
+    from workers.operations import dead_letters
+
+    client, _, namespace = _redis(app)
+    found = dead_letters(client, namespace, queue)
+    with session_scope(app.sessions) as session:
+        ids = [d.message_id for d in found]
+        failures = {
+            f.message_id: f
+            for f in session.scalars(select(Failure).where(Failure.message_id.in_(ids)))
+        }
+    rows = []
+    for dead in found:
+        failure = failures.get(dead.message_id)
+        kind = failure.exception_type if failure else "unknown"
+        if (actor and dead.actor != actor) or (reason and reason.lower() not in kind.lower()):
+            continue
+        if since and dead.dead_at < since:
+            continue
+        rows.append((dead, failure))
+    return rows
+
+
+_FILTERS = [
+    click.option("--queue", help="Only this queue, e.g. dearmp.deliver."),
+    click.option("--actor", help="Only this actor, e.g. deliver_submission."),
+    click.option("--reason", help="Only failures whose exception type contains this."),
+    click.option("--since", type=click.DateTime(), help="Only dead letters since (UTC)."),
+]
+
+
+def _filters(fn: Any) -> Any:
+    for option in reversed(_FILTERS):
+        fn = option(fn)
+    return fn
+
+
+def _utc(value: Any) -> Any:
+    from datetime import UTC
+
+    return value.replace(tzinfo=UTC) if value is not None else None
+
+
+@dlq.command("list")
+@_filters
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def dlq_list(
+    queue: str | None, actor: str | None, reason: str | None, since: Any, as_json: bool
+) -> None:
+    """Dead letters, oldest first, with the recorded reason."""
+    rows = _dead(_app(), queue, actor, reason, _utc(since))
+    listed = [
+        {
+            "message_id": d.message_id,
+            "queue": d.queue,
+            "actor": d.actor,
+            "submission_id": d.submission_id,
+            "dead_at": d.dead_at.isoformat(),
+            "reason": f.exception_type if f else None,
+            "attempts": f.attempts if f else None,
+        }
+        for d, f in rows
+    ]
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    table = Table(title=f"Dead letters ({len(listed)})")
+    for col in ("message_id", "actor", "submission_id", "dead_at", "reason", "attempts"):
+        table.add_column(col)
+    for item in listed:
+        table.add_row(
+            *(
+                str(item[c])
+                for c in ("message_id", "actor", "submission_id", "dead_at", "reason", "attempts")
+            )
+        )
+    Console().print(table)
+
+
+@dlq.command("show")
+@click.argument("message_id")
+@click.option(
+    "--reveal", is_flag=True, help="Show personal data in the failure (the reveal is logged)."
+)
+def dlq_show(message_id: str, reveal: bool) -> None:
+    """One dead letter: the message, its submission's state history, and the recorded failure."""
+    import structlog
+
+    from workers.db import session_scope
+    from workers.logging import mask_text
+    from workers.models import Submission
+
+    app = _app()
+    match = [(d, f) for d, f in _dead(app, None, None, None, None) if d.message_id == message_id]
+    if not match:
+        raise click.ClickException(f"no dead letter {message_id}")
+    dead, failure = match[0]
+    history = []
+    if dead.submission_id:
+        with session_scope(app.sessions) as session:
+            sub = session.get(Submission, dead.submission_id)
+            if sub is not None:
+                history = [{"state": e.state, "at": e.at.isoformat()} for e in sub.events]
+    if reveal:
+        structlog.get_logger("workers").warning("dead_letter_revealed", dead_message_id=message_id)
+    show_text = (lambda t: t) if reveal else mask_text
+    info = {
+        "message_id": dead.message_id,
+        "queue": dead.queue,
+        "actor": dead.actor,
+        "args": dead.message.args,
+        "dead_at": dead.dead_at.isoformat(),
+        "submission_id": dead.submission_id,
+        "history": history,
+        "failure": failure
+        and {
+            "exception_type": failure.exception_type,
+            "message": show_text(failure.exception_message),
+            "attempts": failure.attempts,
+            "first_failed_at": failure.first_failed_at.isoformat(),
+            "last_failed_at": failure.last_failed_at.isoformat(),
+            "traceback": show_text(failure.traceback),
+        },
+    }
+    click.echo(json.dumps(info, indent=2))
+
+
+@dlq.command("requeue")
+@click.argument("message_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every dead letter matching the filters.")
+@_filters
+@click.option("--dry-run", is_flag=True, help="Say what would be requeued; change nothing.")
+def dlq_requeue(
+    message_ids: tuple[str, ...],
+    everything: bool,
+    queue: str | None,
+    actor: str | None,
+    reason: str | None,
+    since: Any,
+    dry_run: bool,
+) -> None:
+    """Put dead letters back on their queues (the copy is enqueued before the dead one goes)."""
+    from workers.operations import requeue
+
+    if not message_ids and not everything:
+        raise click.UsageError("name message ids, or --all (with filters)")
+    app = _app()
+    client, broker, namespace = _redis(app)
+    rows = _dead(app, queue, actor, reason, _utc(since))
+    chosen = [d for d, _ in rows if everything or d.message_id in message_ids]
+    missing = set(message_ids) - {d.message_id for d in chosen}
+    for dead in chosen:
+        if dry_run:
+            click.echo(f"would requeue {dead.message_id} on {dead.queue}")
+        else:
+            new_id = requeue(client, broker, namespace, dead)
+            click.echo(f"requeued {dead.message_id} on {dead.queue} as {new_id}")
+    for message_id in sorted(missing):
+        click.echo(f"not found {message_id}")
+    click.echo(
+        f"{'would requeue' if dry_run else 'requeued'} {len(chosen)}, not found {len(missing)}"
+    )
+
+
 @main.group()
 def schema() -> None:
     """The submission JSON Schema for front ends."""

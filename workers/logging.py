@@ -24,6 +24,11 @@ def _mask(value: Any) -> Any:
     return value
 
 
+def mask_text(text: str) -> str:
+    """Emails and postcodes replaced by placeholders."""
+    return str(_mask(text))
+
+
 def mask_personal_data(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:

@@ -1,0 +1,102 @@
+"""Operators' commands on a real Redis, with real dead letters from failing actors in a worker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from dramatiq.brokers.redis import RedisBroker
+
+from tests.conftest import make_settings
+from tests.factories import submission
+from tests.services import SmtpSink, wait_for
+from tests.test_e2e_redis import Stack, wait_all_final
+from tests.test_stages import through_render
+from workers.app import App, set_app
+from workers.cli import main
+from workers.embedded import EmbeddedRedis
+from workers.runtime import prepare
+from workers.stages import Stage, stage_message
+
+pytestmark = [pytest.mark.redis, pytest.mark.smtp]
+
+
+@pytest.fixture
+def ops(
+    tmp_path: Path, db_url: str, redis_server: EmbeddedRedis, smtp_sink: SmtpSink
+) -> Iterator[tuple[App, RedisBroker, Stack]]:
+    settings = make_settings(
+        tmp_path, database_url=db_url, redis_url=redis_server.url, broker="redis"
+    )
+    app = App.from_settings(settings)
+    prepare(app)
+    set_app(app)
+    env = {
+        "DEARMP_MAIL_BACKEND": "smtp",
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(smtp_sink.port),
+    }
+    stack = Stack(tmp_path, db_url, redis_server.url, **env)
+    stack.start("worker", "--processes", "1", "--threads", "2")
+    yield app, RedisBroker(url=redis_server.url, namespace="dearmp"), stack
+    stack.stop()
+    set_app(None)
+    app.engine.dispose()
+
+
+def cli(*args: str) -> Any:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def dead_count(queue: str) -> int:
+    depths = {d["queue"]: d for d in json.loads(cli("queues", "--json"))}
+    return int(depths[queue]["dead"])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_queues_list_show_and_a_requeue_that_a_worker_completes(
+    ops: tuple[App, RedisBroker, Stack], smtp_sink: SmtpSink
+) -> None:
+    app, broker, stack = ops
+    # Two real dead letters: a message that cannot parse, and a delivery refused "try later"
+    # with no retries left.
+    broken = stage_message(Stage.VALIDATE, "x").copy(args=({"v": 99, "submission_id": "x"},))
+    broker.enqueue(broken)
+    sid = through_render(app, submission())
+    smtp_sink.answer = "451 4.7.1 Greylisted, try again later"
+    broker.enqueue(stage_message(Stage.DELIVER, sid).copy(options={"max_retries": 0}))
+    assert wait_for(lambda: dead_count("dearmp.deliver") == 1, 60), stack.log_text()[-2000:]
+    assert wait_for(lambda: dead_count("dearmp.validate") == 1, 10)
+
+    listed = json.loads(cli("dlq", "list", "--json"))
+    assert {d["actor"] for d in listed} == {"validate_submission", "deliver_submission"}
+    [delivery] = json.loads(cli("dlq", "list", "--json", "--actor", "deliver_submission"))
+    assert delivery["submission_id"] == sid and delivery["reason"].endswith(
+        "TransientDeliveryError"
+    )
+    assert len(json.loads(cli("dlq", "list", "--json", "--reason", "validationerror"))) == 1
+
+    shown = json.loads(cli("dlq", "show", delivery["message_id"]))
+    assert [h["state"] for h in shown["history"]][-1] == "rendered"
+    assert shown["failure"]["message"].startswith("451 4.7.1 Greylisted")
+    assert "TransientDeliveryError" in shown["failure"]["traceback"]
+    assert "amira" not in json.dumps(shown).lower()
+
+    assert "would requeue 1" in cli(
+        "dlq", "requeue", "--all", "--actor", "deliver_submission", "--dry-run"
+    )
+    assert dead_count("dearmp.deliver") == 1  # a dry run changes nothing
+
+    smtp_sink.answer = None  # the mail server is fixed: send it again
+    out = cli("dlq", "requeue", delivery["message_id"])
+    assert "requeued 1, not found 0" in out
+    assert wait_all_final(app, [sid], timeout=60) == {"delivered": 1}, stack.log_text()[-2000:]
+    assert smtp_sink.received.count() == 1
+    assert dead_count("dearmp.deliver") == 0 and dead_count("dearmp.validate") == 1
+    assert "not found 1" in cli("dlq", "requeue", "no-such-id")

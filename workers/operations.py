@@ -1,0 +1,118 @@
+"""What operators need from Redis: queue depths and dead letters, read and requeued safely.
+
+dramatiq keeps, per queue, a list of waiting message ids (``ns:queue``) with their bodies
+(``ns:queue.msgs``), delayed ones likewise under ``ns:queue.DQ``, the ids each worker has fetched
+but not acknowledged (``ns:__acks__.<worker>.<queue>``), and dead letters in a sorted set by time of
+death (``ns:queue.XQ``) with their bodies (``ns:queue.XQ.msgs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import dramatiq
+import redis
+from dramatiq import Message
+
+from workers.stages import Stage
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    queue: str
+    waiting: int
+    delayed: int
+    in_progress: int
+    dead: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message_id: str
+    redis_id: str
+    queue: str
+    actor: str
+    submission_id: str | None
+    dead_at: datetime
+    message: Message[Any]
+
+
+def _held(client: redis.Redis, namespace: str, queue: str) -> int:
+    return sum(
+        int(client.scard(key)) for key in client.scan_iter(f"{namespace}:__acks__.*.{queue}")
+    )
+
+
+def queue_depths(client: redis.Redis, namespace: str) -> list[QueueDepth]:
+    depths = []
+    for stage in Stage:
+        q = stage.queue
+        depths.append(
+            QueueDepth(
+                queue=q,
+                waiting=int(client.llen(f"{namespace}:{q}")),
+                delayed=int(client.llen(f"{namespace}:{q}.DQ"))
+                + _held(client, namespace, f"{q}.DQ"),
+                in_progress=_held(client, namespace, q),
+                dead=int(client.zcard(f"{namespace}:{q}.XQ")),
+            )
+        )
+    return depths
+
+
+def dead_letters(client: redis.Redis, namespace: str, queue: str | None = None) -> list[DeadLetter]:
+    """Every dead letter (of one queue, or all), oldest first."""
+    found = []
+    for stage in Stage:
+        if queue and stage.queue != queue:
+            continue
+        key = f"{namespace}:{stage.queue}.XQ"
+        # redis-py's return types are loose: these are what the commands return here.
+        entries = cast("list[tuple[bytes, float]]", client.zrange(key, 0, -1, withscores=True))
+        if not entries:
+            continue
+        bodies = cast("list[bytes | None]", client.hmget(f"{key}.msgs", [r for r, _ in entries]))
+        for (rid, score), body in zip(entries, bodies, strict=True):
+            if body is None:
+                continue
+            message = Message.decode(body)
+            args = message.args
+            sid = args[0].get("submission_id") if args and isinstance(args[0], dict) else None
+            found.append(
+                DeadLetter(
+                    message_id=message.message_id,
+                    redis_id=rid.decode(),
+                    queue=stage.queue,
+                    actor=message.actor_name,
+                    submission_id=sid,
+                    dead_at=datetime.fromtimestamp(float(score) / 1000, UTC),
+                    message=message,
+                )
+            )
+    return sorted(found, key=lambda d: d.dead_at)
+
+
+def requeue(client: redis.Redis, broker: dramatiq.Broker, namespace: str, dead: DeadLetter) -> str:
+    """Put a dead letter back on its queue: the copy is enqueued first, then the dead one removed,
+    so a crash between the two leaves a duplicate (harmless: the actors are idempotent), never a
+    loss. Returns the new message id."""
+    fresh: Message[Any] = Message(
+        queue_name=dead.queue,
+        actor_name=dead.actor,
+        args=dead.message.args,
+        kwargs=dead.message.kwargs,
+        options={},  # a fresh retry budget; the old failure stays recorded in the database
+    )
+    broker.enqueue(fresh)
+    remove(client, namespace, dead)
+    return fresh.message_id
+
+
+def remove(client: redis.Redis, namespace: str, dead: DeadLetter) -> None:
+    key = f"{namespace}:{dead.queue}.XQ"
+    pipe = client.pipeline()
+    pipe.zrem(key, dead.redis_id)
+    pipe.hdel(f"{key}.msgs", dead.redis_id)
+    pipe.execute()
