@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import select
 
 from tests.conftest import make_settings
 from tests.factories import submission
@@ -18,7 +19,9 @@ from tests.test_e2e_redis import Stack, wait_all_final
 from tests.test_stages import through_render
 from workers.app import App, set_app
 from workers.cli import main
+from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
+from workers.models import PurgedDeadLetter
 from workers.runtime import prepare
 from workers.stages import Stage, stage_message
 
@@ -100,3 +103,28 @@ def test_queues_list_show_and_a_requeue_that_a_worker_completes(
     assert smtp_sink.received.count() == 1
     assert dead_count("dearmp.deliver") == 0 and dead_count("dearmp.validate") == 1
     assert "not found 1" in cli("dlq", "requeue", "no-such-id")
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
+    ops: tuple[App, RedisBroker, Stack],
+) -> None:
+    app, broker, stack = ops
+    assert "healthy: 0 dead letters" in cli("health")
+    broken = stage_message(Stage.VALIDATE, "x").copy(args=({"v": 99, "submission_id": "x"},))
+    broker.enqueue(broken)
+    assert wait_for(lambda: dead_count("dearmp.validate") == 1, 60), stack.log_text()[-2000:]
+
+    unhealthy = CliRunner().invoke(main, ["health"])
+    assert unhealthy.exit_code != 0 and "1 dead letters" in unhealthy.output
+    assert CliRunner().invoke(main, ["health", "--max-dead", "1"]).exit_code == 0
+
+    declined = CliRunner().invoke(main, ["dlq", "purge"], input="n\n")
+    assert declined.exit_code != 0 and dead_count("dearmp.validate") == 1
+    assert "purged 1" in cli("dlq", "purge", "--yes", "--queue", "dearmp.validate")
+    assert dead_count("dearmp.validate") == 0
+    with session_scope(app.sessions) as session:
+        [purged] = session.scalars(select(PurgedDeadLetter)).all()
+    assert purged.message_id == broken.message_id and purged.reason is not None
+    assert "ValidationError" in purged.reason
+    assert "healthy" in cli("health")

@@ -403,6 +403,69 @@ def dlq_requeue(
     )
 
 
+@dlq.command("purge")
+@_filters
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dlq_purge(
+    queue: str | None, actor: str | None, reason: str | None, since: Any, yes: bool
+) -> None:
+    """Delete dead letters matching the filters, recording each one in the database."""
+    from workers.db import session_scope
+    from workers.models import PurgedDeadLetter
+    from workers.operations import remove
+
+    app = _app()
+    client, _, namespace = _redis(app)
+    rows = _dead(app, queue, actor, reason, _utc(since))
+    if not rows:
+        click.echo("nothing to purge")
+        return
+    if not yes:
+        click.confirm(f"Delete {len(rows)} dead letters for good?", abort=True)
+    for dead, failure in rows:
+        # The record first: a crash between the two leaves a record of a letter still there.
+        with session_scope(app.sessions) as session:
+            session.add(
+                PurgedDeadLetter(
+                    message_id=dead.message_id,
+                    queue_name=dead.queue,
+                    actor_name=dead.actor,
+                    submission_id=dead.submission_id,
+                    reason=failure.exception_type if failure else None,
+                    dead_at=dead.dead_at,
+                )
+            )
+        remove(client, namespace, dead)
+    click.echo(f"purged {len(rows)} (recorded in purged_dead_letters)")
+
+
+@main.command()
+@click.option("--max-dead", default=0, show_default=True, help="Dead letters tolerated.")
+@click.option(
+    "--max-age",
+    default=300.0,
+    show_default=True,
+    help="Seconds the oldest waiting message may wait.",
+)
+def health(max_dead: int, max_age: float) -> None:
+    """Exit non-zero when dead letters or the oldest waiting message pass the thresholds."""
+    import time
+
+    from workers.operations import oldest_waiting_seconds, queue_depths
+
+    client, _, namespace = _redis(_app())
+    dead = sum(d.dead for d in queue_depths(client, namespace))
+    age = oldest_waiting_seconds(client, namespace, int(time.time() * 1000))
+    problems = []
+    if dead > max_dead:
+        problems.append(f"{dead} dead letters (more than {max_dead})")
+    if age > max_age:
+        problems.append(f"oldest waiting message is {age:.0f}s old (more than {max_age:g}s)")
+    if problems:
+        raise click.ClickException("unhealthy: " + "; ".join(problems))
+    click.echo(f"healthy: {dead} dead letters, oldest waiting message {age:.0f}s")
+
+
 @main.group()
 def schema() -> None:
     """The submission JSON Schema for front ends."""

@@ -282,3 +282,18 @@ class Failure(Base):
     first_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
     dead_lettered_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class PurgedDeadLetter(Base):
+    """A dead letter an operator deleted: what it was, and when."""
+
+    __tablename__ = "purged_dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(64), index=True)
+    queue_name: Mapped[str] = mapped_column(String(100))
+    actor_name: Mapped[str] = mapped_column(String(100))
+    submission_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    reason: Mapped[str | None] = mapped_column(String(200))
+    dead_at: Mapped[datetime] = mapped_column()
+    purged_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -110,6 +110,19 @@ def requeue(client: redis.Redis, broker: dramatiq.Broker, namespace: str, dead: 
     return fresh.message_id
 
 
+def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> float:
+    """Age of the oldest message waiting on any stage queue (0 when all are empty)."""
+    oldest = 0.0
+    for stage in Stage:
+        key = f"{namespace}:{stage.queue}"
+        first = cast("bytes | None", client.lindex(key, 0))
+        body = cast("bytes | None", client.hget(f"{key}.msgs", first)) if first else None
+        if body is not None:
+            age = (now_ms - Message.decode(body).message_timestamp) / 1000
+            oldest = max(oldest, age)
+    return oldest
+
+
 def remove(client: redis.Redis, namespace: str, dead: DeadLetter) -> None:
     key = f"{namespace}:{dead.queue}.XQ"
     pipe = client.pipeline()
