@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     # Workers started by `dearmp run` / `dearmp demo`.
     worker_threads: int = Field(default=8, ge=1, le=64, alias="DEARMP_WORKER_THREADS")
 
+    # dramatiq's Prometheus middleware in each worker (per-actor counts and durations), served by
+    # the worker's main process on dramatiq_prom_host:dramatiq_prom_port (default 0.0.0.0:9191).
+    worker_metrics: bool = Field(default=False, alias="DEARMP_WORKER_METRICS")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", alias="DEARMP_LOG_LEVEL"
     )

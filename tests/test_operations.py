@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from click.testing import CliRunner
 from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import select
 
 from tests.conftest import make_settings
 from tests.factories import submission
-from tests.services import SmtpSink, wait_for
+from tests.services import SmtpSink, free_port, wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
 from tests.test_stages import through_render
 from workers.app import App, set_app
@@ -22,7 +23,7 @@ from workers.cli import main
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
 from workers.models import PurgedDeadLetter
-from workers.runtime import prepare
+from workers.runtime import prepare, submit
 from workers.stages import Stage, stage_message
 
 pytestmark = [pytest.mark.redis, pytest.mark.smtp]
@@ -128,3 +129,47 @@ def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
     assert purged.message_id == broken.message_id and purged.reason is not None
     assert "ValidationError" in purged.reason
     assert "healthy" in cli("health")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_prometheus_metrics_from_the_exporter_and_the_workers(
+    tmp_path: Path, db_url: str, redis_server: EmbeddedRedis, smtp_sink: SmtpSink
+) -> None:
+    app = App.from_settings(make_settings(tmp_path, database_url=db_url))
+    prepare(app)
+    broker = RedisBroker(url=redis_server.url, namespace="dearmp")
+    exporter, workers_port = free_port(), free_port()
+    env = {
+        "DEARMP_MAIL_BACKEND": "smtp",
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(smtp_sink.port),
+        "DEARMP_WORKER_METRICS": "true",
+        "dramatiq_prom_host": "127.0.0.1",
+        "dramatiq_prom_port": str(workers_port),
+        "dramatiq_prom_db": str(tmp_path / "prom"),
+    }
+    (tmp_path / "prom").mkdir()
+    stack = Stack(tmp_path, db_url, redis_server.url, **env)
+    try:
+        stack.start("worker", "--processes", "1", "--threads", "2")
+        stack.start("metrics", "--port", str(exporter))
+        sid = submit(app, broker, submission())[0]
+        broker.enqueue(stage_message(Stage.VALIDATE, "x").copy(args=({"v": 99},)))
+        assert wait_all_final(app, [sid], timeout=60) == {"delivered": 1}
+
+        def scrape(port: int) -> str:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except requests.ConnectionError:
+                return ""
+
+        assert wait_for(lambda: 'status="dead"} 1.0' in scrape(exporter), 30)
+        text = scrape(exporter)
+        assert 'dearmp_queue_messages{queue="dearmp.validate",status="dead"} 1.0' in text
+        assert 'dearmp_submissions{state="delivered"} 1.0' in text
+        assert 'dearmp_letters_total{campaign="political-prisoners",outcome="sent"} 1.0' in text
+        assert wait_for(lambda: "dramatiq_messages_total" in scrape(workers_port), 30)
+        assert 'actor_name="deliver_submission"' in scrape(workers_port)
+    finally:
+        stack.stop()
+        app.engine.dispose()

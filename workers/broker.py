@@ -23,6 +23,10 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
             heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
             maintenance_chance=settings.broker_maintenance_chance,
         )
+    if settings.worker_metrics:
+        from dramatiq.middleware.prometheus import Prometheus
+
+        broker.add_middleware(Prometheus())
     broker.add_middleware(LogContext())
     broker.add_middleware(FailureRecorder(), before=Retries)
     return broker

@@ -466,6 +466,30 @@ def health(max_dead: int, max_age: float) -> None:
     click.echo(f"healthy: {dead} dead letters, oldest waiting message {age:.0f}s")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9464, show_default=True)
+def metrics(host: str, port: int) -> None:
+    """Serve Prometheus metrics: queue and dead-letter depths, submissions, letters."""
+    from prometheus_client import start_http_server
+    from prometheus_client.core import REGISTRY
+
+    from workers.metrics import DearmpCollector
+
+    app = _app()
+    client, _, namespace = _redis(app)
+    REGISTRY.register(DearmpCollector(client, namespace, app.sessions))
+    server, _thread = start_http_server(port, addr=host)
+    click.echo(f"metrics on http://{host}:{port}/metrics")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+
+
 @main.group()
 def schema() -> None:
     """The submission JSON Schema for front ends."""
