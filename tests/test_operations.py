@@ -105,6 +105,11 @@ def test_queues_list_show_and_a_requeue_that_a_worker_completes(
     assert dead_count("dearmp.deliver") == 0 and dead_count("dearmp.validate") == 1
     assert "not found 1" in cli("dlq", "requeue", "no-such-id")
 
+    wide = {"COLUMNS": "160"}
+    view = CliRunner().invoke(main, ["watch", "--iterations", "1"], env=wide).stdout
+    assert "dearmp.deliver" in view and "Newest failures" in view
+    assert "TransientDeliveryError" in view and "ValidationError" in view
+
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(

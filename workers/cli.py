@@ -466,6 +466,47 @@ def health(max_dead: int, max_age: float) -> None:
     click.echo(f"healthy: {dead} dead letters, oldest waiting message {age:.0f}s")
 
 
+def _watch_view(snap: Any) -> Any:
+    from rich.console import Group
+
+    queues = Table(title="Queues", expand=True)
+    for col in ("queue", "waiting", "delayed", "in progress", "dead", "done / min"):
+        queues.add_column(col, justify="left" if col == "queue" else "right")
+    for d in snap.depths:
+        stage = d.queue.split(".", 1)[1]
+        row = (d.waiting, d.delayed, d.in_progress, d.dead, snap.per_minute.get(stage, 0))
+        queues.add_row(d.queue, *(str(v) for v in row), style="red" if d.dead else None)
+    failures = Table(title="Newest failures", expand=True)
+    for col in ("last failed", "actor", "exception", "submission"):
+        failures.add_column(col)
+    for at, actor, kind, sid in snap.newest_failures:
+        failures.add_row(at.strftime("%H:%M:%S"), actor, kind.rsplit(".", 1)[-1], sid or "")
+    return Group(queues, failures)
+
+
+@main.command()
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", type=int, default=None, help="Stop after this many (default: never).")
+def watch(interval: float, iterations: int | None) -> None:
+    """A live view of queues, work per stage, dead letters and the newest failures."""
+    import itertools
+    import time
+
+    from rich.live import Live
+
+    from workers.db import session_scope
+    from workers.operations import snapshot
+
+    app = _app()
+    client, _, namespace = _redis(app)
+    console = Console()
+    with Live(console=console, refresh_per_second=4, screen=False) as live:
+        for _ in itertools.count() if iterations is None else range(iterations):
+            with session_scope(app.sessions) as session:
+                live.update(_watch_view(snapshot(client, namespace, session)))
+            time.sleep(interval if iterations is None else 0)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=9464, show_default=True)

@@ -9,13 +9,16 @@ death (``ns:queue.XQ``) with their bodies (``ns:queue.XQ.msgs``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import dramatiq
 import redis
 from dramatiq import Message
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from workers.models import Failure, Submission, SubmissionEvent
 from workers.stages import Stage
 
 
@@ -129,3 +132,61 @@ def remove(client: redis.Redis, namespace: str, dead: DeadLetter) -> None:
     pipe.zrem(key, dead.redis_id)
     pipe.hdel(f"{key}.msgs", dead.redis_id)
     pipe.execute()
+
+
+# Which stage's work each recorded transition shows.
+STAGE_OF_STATE = {
+    "validated": Stage.VALIDATE,
+    "rejected": Stage.VALIDATE,
+    "resolved": Stage.RESOLVE,
+    "rendered": Stage.RENDER,
+    "delivered": Stage.DELIVER,
+    "failed": Stage.DELIVER,
+}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    depths: list[QueueDepth]
+    per_minute: dict[str, int]
+    newest_failures: list[tuple[datetime, str, str, str | None]]
+
+
+def snapshot(
+    client: redis.Redis, namespace: str, session: Session, now: datetime | None = None
+) -> Snapshot:
+    """What an operator watches: queues, work done per stage in the last minute, new failures."""
+    now = now or datetime.now(UTC)
+    since = now - timedelta(minutes=1)
+    counts = session.execute(
+        select(SubmissionEvent.state, func.count())
+        .where(SubmissionEvent.at >= since)
+        .group_by(SubmissionEvent.state)
+    ).all()
+    per_minute = {stage.value: 0 for stage in Stage}
+    for state, count in counts:
+        if state in STAGE_OF_STATE:
+            per_minute[STAGE_OF_STATE[state].value] += count
+    per_minute[Stage.CONSENT.value] = int(
+        session.scalar(
+            select(func.count())
+            .select_from(Submission)
+            .where(Submission.consent_logged_at >= since)
+        )
+        or 0
+    )
+    failures = session.execute(
+        select(
+            Failure.last_failed_at,
+            Failure.actor_name,
+            Failure.exception_type,
+            Failure.submission_id,
+        )
+        .order_by(Failure.last_failed_at.desc())
+        .limit(5)
+    ).all()
+    return Snapshot(
+        queue_depths(client, namespace),
+        per_minute,
+        [tuple(row) for row in failures],  # type: ignore[misc]
+    )
