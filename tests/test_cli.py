@@ -41,6 +41,14 @@ def test_submit_a_file_then_show_the_history(
     rejected = json.loads(runner.invoke(main, ["show", ids[1], "--json"]).stdout)
     assert rejected["rejection"]["supporter.email"].startswith("This is not a valid email")
     assert runner.invoke(main, ["show", "nope"]).exit_code != 0
+    full = json.loads(runner.invoke(main, ["submission", "show", ids[0], "--json"]).stdout)
+    body = full["letter"]["body"]
+    assert body.startswith("Dear Alex Rivers,") and "[hidden]" in body
+    for detail in ("Amira Haddad", "12 Mill Lane", "Millbrook", "DM1 1AA", "amira.haddad@"):
+        assert detail not in json.dumps(full)
+    revealed = runner.invoke(main, ["submission", "show", ids[0], "--json", "--reveal"])
+    assert "12 Mill Lane" in revealed.stdout
+    assert '"event": "letter_revealed"' in revealed.stderr and "Mill Lane" not in revealed.stderr
 
 
 def test_campaign_mode_switch_sends_new_letters_to_the_sandbox(

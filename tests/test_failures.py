@@ -10,9 +10,11 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import drain
+from tests.factories import submission
 from workers.app import App
 from workers.db import session_scope
 from workers.models import Failure
+from workers.runtime import submit
 from workers.stages import Stage, stage_message
 
 
@@ -58,3 +60,15 @@ def test_a_message_that_cannot_parse_is_recorded_as_dead_at_once(
         row = session.scalar(select(Failure).where(Failure.message_id == bad.message_id))
     assert row is not None and row.dead_lettered_at is not None
     assert row.attempts == 1 and row.exception_type.endswith("ValidationError")
+
+
+def test_a_message_past_its_maximum_age_is_dead_lettered_not_run(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    sid = submit(app, stub_broker, submission())[0]
+    drain(stub_broker, stub_worker)
+    stale = stage_message(Stage.RESOLVE, sid)
+    stale = stale.copy(message_timestamp=stale.message_timestamp - 25 * 3_600_000)
+    stub_broker.enqueue(stale)
+    drain(stub_broker, stub_worker)
+    assert [m.message_id for m in stub_broker.dead_letters] == [stale.message_id]

@@ -91,6 +91,8 @@ def test_queues_list_show_and_a_requeue_that_a_worker_completes(
     assert shown["failure"]["message"].startswith("451 4.7.1 Greylisted")
     assert "TransientDeliveryError" in shown["failure"]["traceback"]
     assert "amira" not in json.dumps(shown).lower()
+    revealed = CliRunner().invoke(main, ["dlq", "show", delivery["message_id"], "--reveal"])
+    assert '"event": "dead_letter_revealed"' in revealed.stderr
 
     assert "would requeue 1" in cli(
         "dlq", "requeue", "--all", "--actor", "deliver_submission", "--dry-run"

@@ -106,13 +106,22 @@ def submit(file: Any) -> None:
         click.echo(f"{submission_id} {'accepted' if created else 'duplicate'}")
 
 
-@main.command()
+@main.group()
+def submission() -> None:
+    """One submission, for an operator."""
+
+
+@submission.command("show")
 @click.argument("submission_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show(submission_id: str, as_json: bool) -> None:
+@click.option("--reveal", is_flag=True, help="The letter unmasked (the reveal is logged).")
+def show(submission_id: str, as_json: bool, reveal: bool = False) -> None:
     """A submission's state history, without personal data."""
+    import structlog
+
     from workers.db import session_scope
-    from workers.models import Delivery, Submission
+    from workers.models import Delivery, Letter, Submission
+    from workers.privacy import mask_supporter
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -140,6 +149,18 @@ def show(submission_id: str, as_json: bool) -> None:
                 {"state": e.state, "at": e.at.isoformat(), "detail": e.detail} for e in sub.events
             ],
         }
+        letter = session.get(Letter, submission_id)
+        if letter is not None:
+            hide = (lambda t: t) if reveal else (lambda t: mask_supporter(t, sub.payload))
+            info["letter"] = {
+                "message_id": letter.message_id,
+                "to": f"{letter.to_name} <{letter.to_email}>",
+                "subject": hide(letter.subject),
+                "body": hide(letter.body_text or ""),
+                "content_sha256": letter.content_sha256,
+            }
+    if reveal:
+        structlog.get_logger("workers").warning("letter_revealed", submission_id=submission_id)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -150,9 +171,12 @@ def show(submission_id: str, as_json: bool) -> None:
     for event in info["history"]:
         table.add_row(event["at"], event["state"], event["detail"] or "")
     console.print(table)
-    for key in ("rejection", "failure_reason", "constituency", "member_id", "delivery"):
-        if info[key]:
+    for key in ("rejection", "failure_reason", "constituency", "member_id", "delivery", "letter"):
+        if info.get(key):
             console.print(f"{key}: {info[key]}")
+
+
+main.add_command(show, name="show")  # the short form of `dearmp submission show`
 
 
 @main.command()

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 
 def keyed_hash(secret: bytes, value: str, purpose: str) -> str:
     """HMAC-SHA256 of ``value``; ``purpose`` keeps hashes of one kind from matching another."""
     return hmac.new(secret, f"{purpose}\x00{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def mask_supporter(text: str, payload: Any) -> str:
+    """``text`` with the supporter's own details (and anything email- or postcode-shaped) hidden."""
+    from workers.logging import mask_text
+
+    supporter = payload.get("supporter", {}) if isinstance(payload, dict) else {}
+    details = [supporter.get("name"), supporter.get("email"), supporter.get("phone")]
+    details += [supporter.get("postcode"), *supporter.get("address_lines", [])]
+    for value in sorted((d for d in details if isinstance(d, str) and d), key=len, reverse=True):
+        text = text.replace(value, "[hidden]")
+    return mask_text(text)
 
 
 def supporter_hash(secret: bytes, email: str) -> str:

@@ -18,7 +18,13 @@ from workers.transitions import AlreadyMoved
 
 log = structlog.get_logger("workers")
 
-__all__ = ["NOT_RETRIED", "broker", "run_stage"]
+__all__ = ["DAY", "HOUR", "NOT_RETRIED", "broker", "run_stage"]
+
+# Retry policy per actor (in each actor's module): bounded retries with backoff, a time limit per
+# attempt, and a maximum age after which a message is dead-lettered instead of run. A message is
+# young again whenever it is re-sent (deferral, reconciler, requeue), so the age bounds retrying.
+HOUR = 3_600_000
+DAY = 24 * HOUR
 
 # A message that does not parse will not parse next time either: dead-letter it at once.
 NOT_RETRIED = (pydantic.ValidationError,)

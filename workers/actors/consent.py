@@ -6,7 +6,7 @@ from typing import Any
 
 import dramatiq
 
-from workers.actors.common import NOT_RETRIED, run_stage
+from workers.actors.common import DAY, NOT_RETRIED, run_stage
 from workers.app import App
 from workers.consent import log_consent
 from workers.db import session_scope
@@ -25,6 +25,7 @@ def _work(app: App, submission_id: str) -> list[Stage]:
     max_retries=8,
     min_backoff=1_000,
     max_backoff=120_000,
+    max_age=7 * DAY,
     time_limit=60_000,
     throws=NOT_RETRIED,
 )

@@ -6,7 +6,7 @@ from typing import Any
 
 import dramatiq
 
-from workers.actors.common import NOT_RETRIED, run_stage
+from workers.actors.common import DAY, HOUR, NOT_RETRIED, run_stage
 from workers.app import App
 from workers.delivery import deliver
 from workers.mail import PermanentDeliveryError, TransientDeliveryError
@@ -30,6 +30,7 @@ def _work(app: App, submission_id: str) -> list[Stage]:
     max_retries=10,
     min_backoff=5_000,
     max_backoff=600_000,
+    max_age=7 * DAY - HOUR,
     time_limit=120_000,
     # A permanent refusal is recorded on the submission, then dead-lettered for an operator.
     throws=(*NOT_RETRIED, PermanentDeliveryError),

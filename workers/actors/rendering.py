@@ -6,7 +6,7 @@ from typing import Any
 
 import dramatiq
 
-from workers.actors.common import NOT_RETRIED, run_stage
+from workers.actors.common import HOUR, NOT_RETRIED, run_stage
 from workers.app import App
 from workers.db import session_scope
 from workers.rendering import render
@@ -24,6 +24,7 @@ def _work(app: App, submission_id: str) -> list[Stage]:
     max_retries=5,
     min_backoff=500,
     max_backoff=30_000,
+    max_age=24 * HOUR,
     time_limit=60_000,
     throws=NOT_RETRIED,
 )
