@@ -81,6 +81,7 @@ class DemoResult:
     finished: bool
     seconds: float
     reasons: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
 
 
 def run_demo(
@@ -118,9 +119,12 @@ def run_demo(
     )
     with session_scope(app.sessions) as session:
         rows = session.execute(
-            select(Submission.rejection, Submission.failure_reason).where(Submission.id.in_(unique))
+            select(
+                Submission.id, Submission.state, Submission.rejection, Submission.failure_reason
+            ).where(Submission.id.in_(unique))
         ).all()
-    for rejection, failure in rows:
+    for submission_id, state, rejection, failure in rows:
+        result.examples.setdefault(state, submission_id)
         for path in rejection or {}:
             result.reasons[f"rejected: {path}"] += 1
         if failure:
@@ -152,5 +156,7 @@ def print_summary(result: DemoResult, app: App, console: Console) -> None:
         f"{sum(result.counts.values())} tracked, all final: {result.finished}, "
         f"in {result.seconds:.1f}s.\nLetters went to {where}.\n"
         f"Database: {app.settings.resolved_database_url}\n"
-        "History of one submission: dearmp show <id>"
+        "The history of one submission, e.g.:"
     )
+    for state, submission_id in sorted(result.examples.items()):
+        console.print(f"  .venv/bin/dearmp show {submission_id}   ({state})")
