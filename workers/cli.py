@@ -518,7 +518,6 @@ def watch(interval: float, iterations: int | None) -> None:
 
     from rich.live import Live
 
-    from workers.db import session_scope
     from workers.operations import snapshot
 
     app = _app()
@@ -526,8 +525,7 @@ def watch(interval: float, iterations: int | None) -> None:
     console = Console()
     with Live(console=console, refresh_per_second=4, screen=False) as live:
         for _ in itertools.count() if iterations is None else range(iterations):
-            with session_scope(app.sessions) as session:
-                live.update(_watch_view(snapshot(client, namespace, session)))
+            live.update(_watch_view(snapshot(client, namespace, app.sessions)))
             time.sleep(interval if iterations is None else 0)
 
 

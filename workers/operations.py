@@ -16,8 +16,9 @@ import dramatiq
 import redis
 from dramatiq import Message
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from workers.db import session_scope
 from workers.models import Failure, Submission, SubmissionEvent
 from workers.stages import Stage
 
@@ -153,10 +154,21 @@ class Snapshot:
 
 
 def snapshot(
-    client: redis.Redis, namespace: str, session: Session, now: datetime | None = None
+    client: redis.Redis,
+    namespace: str,
+    sessions: sessionmaker[Session],
+    now: datetime | None = None,
 ) -> Snapshot:
-    """What an operator watches: queues, work done per stage in the last minute, new failures."""
-    now = now or datetime.now(UTC)
+    """What an operator watches: queues, work done per stage in the last minute, new failures.
+
+    Redis is read first, then the database: no Redis call runs inside the transaction.
+    """
+    depths = queue_depths(client, namespace)
+    with session_scope(sessions) as session:
+        return _snapshot_from_db(session, depths, now or datetime.now(UTC))
+
+
+def _snapshot_from_db(session: Session, depths: list[QueueDepth], now: datetime) -> Snapshot:
     since = now - timedelta(minutes=1)
     counts = session.execute(
         select(SubmissionEvent.state, func.count())
@@ -185,8 +197,4 @@ def snapshot(
         .order_by(Failure.last_failed_at.desc())
         .limit(5)
     ).all()
-    return Snapshot(
-        queue_depths(client, namespace),
-        per_minute,
-        [tuple(row) for row in failures],  # type: ignore[misc]
-    )
+    return Snapshot(depths, per_minute, [tuple(row) for row in failures])  # type: ignore[misc]
