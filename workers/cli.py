@@ -259,31 +259,16 @@ def dlq() -> None:
     """Dead letters: list, show and requeue them."""
 
 
-def _dead(app: App, queue: str | None, actor: str | None, reason: str | None, since: Any) -> Any:
-    from sqlalchemy import select
-
-    from workers.db import session_scope
-    from workers.models import Failure
-    from workers.operations import dead_letters
+def _dead(
+    app: App, queue: str | None, actor: str | None, reason: str | None, since: Any
+) -> list[Any]:
+    from workers.operations import find_dead
 
     client, _, namespace = _redis(app)
-    found = dead_letters(client, namespace, queue)
-    with session_scope(app.sessions) as session:
-        ids = [d.message_id for d in found]
-        failures = {
-            f.message_id: f
-            for f in session.scalars(select(Failure).where(Failure.message_id.in_(ids)))
-        }
-    rows = []
-    for dead in found:
-        failure = failures.get(dead.message_id)
-        kind = failure.exception_type if failure else "unknown"
-        if (actor and dead.actor != actor) or (reason and reason.lower() not in kind.lower()):
-            continue
-        if since and dead.dead_at < since:
-            continue
-        rows.append((dead, failure))
-    return rows
+    found = find_dead(
+        client, namespace, app.sessions, queue=queue, actor=actor, reason=reason, since=since
+    )
+    return found
 
 
 _FILTERS = [
@@ -316,29 +301,25 @@ def dlq_list(
     rows = _dead(_app(), queue, actor, reason, _utc(since))
     listed = [
         {
-            "message_id": d.message_id,
-            "queue": d.queue,
-            "actor": d.actor,
-            "submission_id": d.submission_id,
-            "dead_at": d.dead_at.isoformat(),
-            "reason": f.exception_type if f else None,
-            "attempts": f.attempts if f else None,
+            "message_id": found.dead.message_id,
+            "queue": found.dead.queue,
+            "actor": found.dead.actor,
+            "submission_id": found.dead.submission_id,
+            "dead_at": found.dead.dead_at.isoformat(),
+            "reason": found.failure.exception_type if found.failure else None,
+            "attempts": found.failure.attempts if found.failure else None,
         }
-        for d, f in rows
+        for found in rows
     ]
     if as_json:
         click.echo(json.dumps(listed, indent=2))
         return
+    columns = ("message_id", "actor", "submission_id", "dead_at", "reason", "attempts")
     table = Table(title=f"Dead letters ({len(listed)})")
-    for col in ("message_id", "actor", "submission_id", "dead_at", "reason", "attempts"):
+    for col in columns:
         table.add_column(col)
     for item in listed:
-        table.add_row(
-            *(
-                str(item[c])
-                for c in ("message_id", "actor", "submission_id", "dead_at", "reason", "attempts")
-            )
-        )
+        table.add_row(*(str(item[c]) for c in columns))
     Console().print(table)
 
 
@@ -356,10 +337,10 @@ def dlq_show(message_id: str, reveal: bool) -> None:
     from workers.models import Submission
 
     app = _app()
-    match = [(d, f) for d, f in _dead(app, None, None, None, None) if d.message_id == message_id]
+    match = [f for f in _dead(app, None, None, None, None) if f.dead.message_id == message_id]
     if not match:
         raise click.ClickException(f"no dead letter {message_id}")
-    dead, failure = match[0]
+    dead, failure = match[0].dead, match[0].failure
     history = []
     if dead.submission_id:
         with session_scope(app.sessions) as session:
@@ -412,7 +393,7 @@ def dlq_requeue(
     app = _app()
     client, broker, namespace = _redis(app)
     rows = _dead(app, queue, actor, reason, _utc(since))
-    chosen = [d for d, _ in rows if everything or d.message_id in message_ids]
+    chosen = [f.dead for f in rows if everything or f.dead.message_id in message_ids]
     missing = set(message_ids) - {d.message_id for d in chosen}
     for dead in chosen:
         if dry_run:
@@ -434,9 +415,7 @@ def dlq_purge(
     queue: str | None, actor: str | None, reason: str | None, since: Any, yes: bool
 ) -> None:
     """Delete dead letters matching the filters, recording each one in the database."""
-    from workers.db import session_scope
-    from workers.models import PurgedDeadLetter
-    from workers.operations import remove
+    from workers.operations import purge
 
     app = _app()
     client, _, namespace = _redis(app)
@@ -446,20 +425,8 @@ def dlq_purge(
         return
     if not yes:
         click.confirm(f"Delete {len(rows)} dead letters for good?", abort=True)
-    for dead, failure in rows:
-        # The record first: a crash between the two leaves a record of a letter still there.
-        with session_scope(app.sessions) as session:
-            session.add(
-                PurgedDeadLetter(
-                    message_id=dead.message_id,
-                    queue_name=dead.queue,
-                    actor_name=dead.actor,
-                    submission_id=dead.submission_id,
-                    reason=failure.exception_type if failure else None,
-                    dead_at=dead.dead_at,
-                )
-            )
-        remove(client, namespace, dead)
+    for found in rows:
+        purge(client, namespace, app.sessions, found)
     click.echo(f"purged {len(rows)} (recorded in purged_dead_letters)")
 
 

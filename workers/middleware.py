@@ -9,16 +9,11 @@ import structlog
 from dramatiq.middleware import Middleware
 
 from config.settings import get_settings
+from workers.app import get_app
+from workers.db import session_scope
+from workers.failures import Attempt, record_failure
 from workers.logging import configure_logging
-
-
-def submission_id_of(message: Any) -> str | None:
-    """The submission a stage message is about, if it is one."""
-    args = message.args
-    if args and isinstance(args[0], dict):
-        value = args[0].get("submission_id")
-        return value if isinstance(value, str) else None
-    return None
+from workers.stages import submission_id_of
 
 
 class LogContext(Middleware):
@@ -59,10 +54,6 @@ class FailureRecorder(Middleware):
     ) -> None:
         if exception is None:
             return
-        from workers.app import get_app
-        from workers.db import session_scope
-        from workers.failures import Attempt, record_failure
-
         attempt = Attempt(
             message_id=message.message_id,
             queue_name=message.queue_name,

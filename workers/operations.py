@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.db import session_scope
-from workers.models import Failure, Submission, SubmissionEvent
-from workers.stages import Stage
+from workers.models import Failure, PurgedDeadLetter, Submission, SubmissionEvent
+from workers.stages import Stage, submission_id_of
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,13 @@ def dead_letters(client: redis.Redis, namespace: str, queue: str | None = None) 
             if body is None:
                 continue
             message = Message.decode(body)
-            args = message.args
-            sid = args[0].get("submission_id") if args and isinstance(args[0], dict) else None
             found.append(
                 DeadLetter(
                     message_id=message.message_id,
                     redis_id=rid.decode(),
                     queue=stage.queue,
                     actor=message.actor_name,
-                    submission_id=sid,
+                    submission_id=submission_id_of(message),
                     dead_at=datetime.fromtimestamp(float(score) / 1000, UTC),
                     message=message,
                 )
@@ -112,6 +110,63 @@ def requeue(client: redis.Redis, broker: dramatiq.Broker, namespace: str, dead: 
     broker.enqueue(fresh)
     remove(client, namespace, dead)
     return fresh.message_id
+
+
+@dataclass(frozen=True)
+class Found:
+    """A dead letter with the failure recorded for it, if any."""
+
+    dead: DeadLetter
+    failure: Failure | None
+
+    @property
+    def reason(self) -> str:
+        return self.failure.exception_type if self.failure else "unknown"
+
+
+def find_dead(
+    client: redis.Redis,
+    namespace: str,
+    sessions: sessionmaker[Session],
+    *,
+    queue: str | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
+    since: datetime | None = None,
+) -> list[Found]:
+    """Dead letters matching every filter given (``reason``: part of the exception type)."""
+    found = dead_letters(client, namespace, queue)
+    with session_scope(sessions) as session:
+        ids = [d.message_id for d in found]
+        recorded = session.scalars(select(Failure).where(Failure.message_id.in_(ids)))
+        failures = {f.message_id: f for f in recorded}
+    matches = [Found(d, failures.get(d.message_id)) for d in found]
+    return [
+        m
+        for m in matches
+        if (not actor or m.dead.actor == actor)
+        and (not reason or reason.lower() in m.reason.lower())
+        and (not since or m.dead.dead_at >= since)
+    ]
+
+
+def purge(
+    client: redis.Redis, namespace: str, sessions: sessionmaker[Session], found: Found
+) -> None:
+    """Delete a dead letter, recording it first: a crash in between leaves a record, not a gap."""
+    dead = found.dead
+    with session_scope(sessions) as session:
+        session.add(
+            PurgedDeadLetter(
+                message_id=dead.message_id,
+                queue_name=dead.queue,
+                actor_name=dead.actor,
+                submission_id=dead.submission_id,
+                reason=found.failure.exception_type if found.failure else None,
+                dead_at=dead.dead_at,
+            )
+        )
+    remove(client, namespace, dead)
 
 
 def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> float:

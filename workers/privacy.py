@@ -6,6 +6,8 @@ import hashlib
 import hmac
 from typing import Any
 
+from workers.logging import mask_text
+
 
 def keyed_hash(secret: bytes, value: str, purpose: str) -> str:
     """HMAC-SHA256 of ``value``; ``purpose`` keeps hashes of one kind from matching another."""
@@ -14,8 +16,6 @@ def keyed_hash(secret: bytes, value: str, purpose: str) -> str:
 
 def mask_supporter(text: str, payload: Any) -> str:
     """``text`` with the supporter's own details (and anything email- or postcode-shaped) hidden."""
-    from workers.logging import mask_text
-
     supporter = payload.get("supporter", {}) if isinstance(payload, dict) else {}
     details = [supporter.get("name"), supporter.get("email"), supporter.get("phone")]
     details += [supporter.get("postcode"), *supporter.get("address_lines", [])]

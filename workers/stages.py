@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import StrEnum
+from typing import Any
 
 import dramatiq
 import structlog
@@ -49,6 +50,15 @@ def stage_message(stage: Stage, submission_id: str) -> Message[None]:
     return Message(
         queue_name=stage.queue, actor_name=stage.actor, args=(payload,), kwargs={}, options={}
     )
+
+
+def submission_id_of(message: Any) -> str | None:
+    """The submission a stage message is about, if it is one (read from any dramatiq message)."""
+    args = message.args
+    if args and isinstance(args[0], dict):
+        value = args[0].get("submission_id")
+        return value if isinstance(value, str) else None
+    return None
 
 
 def dispatch(broker: dramatiq.Broker, stages: Iterable[Stage], submission_id: str) -> bool:

@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import dramatiq
 import pydantic
 import structlog
 
@@ -31,12 +30,11 @@ NOT_RETRIED = (pydantic.ValidationError,)
 
 
 # dramatiq refuses delays of seven days or more.
-MAX_DELAY_MS = 7 * 24 * 3600 * 1000 - 60_000
+MAX_DELAY_MS = 7 * DAY - 60_000
 
 
 def run_stage(stage: Stage, raw: Any, work: Callable[[App, str], list[Stage]]) -> None:
     message = StageMessage.model_validate(raw)
-    broker = dramatiq.get_broker()
     try:
         next_stages = work(get_app(), message.submission_id)
     except AlreadyMoved:
