@@ -24,6 +24,7 @@ from workers.app import App
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
 from workers.models import Delivery
+from workers.operations import queue_depths
 from workers.runtime import prepare, submit
 
 pytestmark = [pytest.mark.redis, pytest.mark.smtp]
@@ -45,40 +46,51 @@ def setup(
     app.engine.dispose()
 
 
+@pytest.fixture
+def make_stack(
+    setup: tuple[App, Any, dict[str, str]], tmp_path: Path, db_url: str, redis_server: EmbeddedRedis
+) -> Iterator[Any]:
+    """Build the worker stack for this test with extra settings; it is always stopped after."""
+    stacks: list[Stack] = []
+
+    def make(**env: str) -> Stack:
+        stacks.append(Stack(tmp_path, db_url, redis_server.url, **(setup[2] | env)))
+        return stacks[-1]
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
 def dead_letters(server: EmbeddedRedis) -> int:
-    client = redis.Redis.from_url(server.url)
-    return sum(client.zcard(key) for key in client.keys("dearmp:*.XQ"))
+    return sum(d.dead for d in queue_depths(redis.Redis.from_url(server.url), "dearmp"))
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_worker_killed_mid_delivery_still_gives_exactly_one_letter_each(
     setup: tuple[App, Any, dict[str, str]],
-    tmp_path: Path,
+    make_stack: Any,
     db_url: str,
     redis_server: EmbeddedRedis,
     smtp_sink: SmtpSink,
 ) -> None:
-    app, broker, env = setup
-    env |= {"DEARMP_DELIVERY_LEASE_SECONDS": "5"}
-    stack = Stack(tmp_path, db_url, redis_server.url, **env)
-    try:
-        smtp_sink.rcpt_delay = 30  # the first worker's letters hang inside the SMTP transaction
-        doomed = stack.start("worker", "--processes", "1", "--threads", "2")
-        stack.start("reconcile")
-        ids = [submit(app, broker, submission())[0] for _ in range(6)]
-        assert smtp_sink.rcpt_seen.wait(60), stack.log_text()[-2000:]
-        time.sleep(0.5)
-        stack.kill(doomed)  # SIGKILL in the middle of delivery: claimed, not finished
-        with session_scope(app.sessions) as session:
-            in_flight = session.scalar(
-                select(func.count()).select_from(Delivery).where(Delivery.status == "sending")
-            )
-        assert in_flight and in_flight >= 1
-        smtp_sink.rcpt_delay = 0
-        stack.start("worker", "--processes", "1", "--threads", "2")
-        assert wait_all_final(app, ids, timeout=120) == {"delivered": 6}, stack.log_text()[-3000:]
-    finally:
-        stack.stop()
+    app, broker, _ = setup
+    stack = make_stack(DEARMP_DELIVERY_LEASE_SECONDS="5")
+    smtp_sink.rcpt_delay = 30  # the first worker's letters hang inside the SMTP transaction
+    doomed = stack.start("worker", "--processes", "1", "--threads", "2")
+    stack.start("reconcile")
+    ids = [submit(app, broker, submission())[0] for _ in range(6)]
+    assert smtp_sink.rcpt_seen.wait(60), stack.log_text()[-2000:]
+    time.sleep(0.5)
+    stack.kill(doomed)  # SIGKILL in the middle of delivery: claimed, not finished
+    with session_scope(app.sessions) as session:
+        in_flight = session.scalar(
+            select(func.count()).select_from(Delivery).where(Delivery.status == "sending")
+        )
+    assert in_flight and in_flight >= 1
+    smtp_sink.rcpt_delay = 0
+    stack.start("worker", "--processes", "1", "--threads", "2")
+    assert wait_all_final(app, ids, timeout=120) == {"delivered": 6}, stack.log_text()[-3000:]
     assert smtp_sink.received.count() == 6
     assert sorted(smtp_sink.received.message_ids()) == sorted(
         f"<{sid}@campaign.example.org>" for sid in ids
@@ -93,27 +105,22 @@ def test_a_worker_killed_mid_delivery_still_gives_exactly_one_letter_each(
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_rate_limit_holds_across_worker_processes(
     setup: tuple[App, Any, dict[str, str]],
-    tmp_path: Path,
+    make_stack: Any,
     db_url: str,
     redis_server: EmbeddedRedis,
     smtp_sink: SmtpSink,
 ) -> None:
     # The issue's "500 letters, 50 a minute" with the window scaled to 3 s to fit in CI.
     limit, window, letters = 50, 3.0, 500
-    app, broker, env = setup
-    env |= {"DEARMP_MP_LIMIT": str(limit), "DEARMP_MP_LIMIT_WINDOW": str(window)}
-    stack = Stack(tmp_path, db_url, redis_server.url, **env)
-    try:
-        stack.start("worker", "--processes", "3", "--threads", "4")
-        stack.start("reconcile")
-        ids = [
-            submit(app, broker, submission(supporter__postcode="DM1 1AA"))[0]
-            for _ in range(letters)
-        ]
-        counts = wait_all_final(app, ids, timeout=240)
-        assert counts == {"delivered": letters}, stack.log_text()[-3000:]
-    finally:
-        stack.stop()
+    app, broker, _ = setup
+    stack = make_stack(DEARMP_MP_LIMIT=str(limit), DEARMP_MP_LIMIT_WINDOW=str(window))
+    stack.start("worker", "--processes", "3", "--threads", "4")
+    stack.start("reconcile")
+    ids = [
+        submit(app, broker, submission(supporter__postcode="DM1 1AA"))[0] for _ in range(letters)
+    ]
+    counts = wait_all_final(app, ids, timeout=240)
+    assert counts == {"delivered": letters}, stack.log_text()[-3000:]
     arrivals = sorted(smtp_sink.arrivals)
     assert len(arrivals) == letters
     busiest = max(
@@ -130,28 +137,24 @@ def test_rate_limit_holds_across_worker_processes(
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_crashed_workers_message_is_finished_by_another_within_60_seconds(
     setup: tuple[App, Any, dict[str, str]],
-    tmp_path: Path,
+    make_stack: Any,
     db_url: str,
     redis_server: EmbeddedRedis,
     smtp_sink: SmtpSink,
 ) -> None:
     """No reconciler here: the broker itself must hand the dead worker's message on."""
-    app, broker, env = setup
-    env |= {"DEARMP_DELIVERY_LEASE_SECONDS": "5"}
-    stack = Stack(tmp_path, db_url, redis_server.url, **env)
-    try:
-        smtp_sink.rcpt_delay = 60
-        doomed = stack.start("worker", "--processes", "1", "--threads", "1")
-        [sid] = [submit(app, broker, submission())[0]]
-        assert smtp_sink.rcpt_seen.wait(60), stack.log_text()[-2000:]
-        stack.kill(doomed)
-        killed_at = time.monotonic()
-        smtp_sink.rcpt_delay = 0
-        stack.start("worker", "--processes", "1", "--threads", "2")
-        assert wait_for(lambda: smtp_sink.received.count() == 1, 90, 0.2)
-        recovered_in = time.monotonic() - killed_at
-    finally:
-        stack.stop()
+    app, broker, _ = setup
+    stack = make_stack(DEARMP_DELIVERY_LEASE_SECONDS="5")
+    smtp_sink.rcpt_delay = 60
+    doomed = stack.start("worker", "--processes", "1", "--threads", "1")
+    [sid] = [submit(app, broker, submission())[0]]
+    assert smtp_sink.rcpt_seen.wait(60), stack.log_text()[-2000:]
+    stack.kill(doomed)
+    killed_at = time.monotonic()
+    smtp_sink.rcpt_delay = 0
+    stack.start("worker", "--processes", "1", "--threads", "2")
+    assert wait_for(lambda: smtp_sink.received.count() == 1, 90, 0.2)
+    recovered_in = time.monotonic() - killed_at
     assert wait_all_final(app, [sid], timeout=10) == {"delivered": 1}
     assert recovered_in < 60, f"took {recovered_in:.1f}s"
     print(f"crash recovery: {recovered_in:.1f}s from SIGKILL to the letter delivered")
