@@ -80,6 +80,25 @@ class Settings(BaseSettings):
     # After this many attempts that failed for a passing reason, the letter is a recorded failure.
     delivery_max_attempts: int = Field(default=20, ge=1, alias="DEARMP_DELIVERY_MAX_ATTEMPTS")
 
+    # Resolution: the local directory, the live sources (postcodes.io, the Members API), or the
+    # local directory with the live sources as fallback for postcodes it does not know.
+    resolution_order: Literal["local", "local,live", "live"] = Field(
+        default="local", alias="DEARMP_RESOLUTION_ORDER"
+    )
+    postcodes_io_url: str = Field(default="https://api.postcodes.io", alias="POSTCODES_IO_URL")
+    members_api_url: str = Field(
+        default="https://members-api.parliament.uk", alias="MEMBERS_API_URL"
+    )
+    lookup_timeout: float = Field(default=10.0, gt=0, alias="DEARMP_LOOKUP_TIMEOUT")
+    # Attempts per request for connection errors, 429 and 5xx (then the actor's own retries).
+    lookup_attempts: int = Field(default=3, ge=1, le=10, alias="DEARMP_LOOKUP_ATTEMPTS")
+    lookup_backoff: float = Field(default=0.5, ge=0, alias="DEARMP_LOOKUP_BACKOFF")
+    # Longest Retry-After honoured inside one attempt; longer waits go back to the queue.
+    lookup_max_wait: float = Field(default=30.0, ge=0, alias="DEARMP_LOOKUP_MAX_WAIT")
+    lookup_cache_ttl: float = Field(default=86_400.0, ge=0, alias="DEARMP_LOOKUP_CACHE_TTL")
+    # Held submissions (vacant seat) are looked at again this often, and at each new directory.
+    held_recheck: float = Field(default=21_600.0, gt=0, alias="DEARMP_HELD_RECHECK")
+
     # Reconciler: how often it runs and how long a submission may sit in one state.
     reconcile_interval: float = Field(default=60.0, gt=0, alias="DEARMP_RECONCILE_INTERVAL")
     reconcile_after: float = Field(default=120.0, gt=0, alias="DEARMP_RECONCILE_AFTER")

@@ -67,6 +67,41 @@ class RateLimit(BaseModel):
     window_seconds: float = Field(default=3600, gt=0)
 
 
+class Targets(BaseModel):
+    """Which MPs a campaign writes to, and what happens when one cannot simply be emailed.
+
+    Messages may use ``{mp}``, ``{constituency}`` and ``{contact}`` (the MP's official contact
+    route); nothing else is substituted.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A vacant seat (by-election pending) or Parliament dissolved: hold the letter until the
+    # directory has a member again (for at most hold_days), or reject it at once.
+    vacant_seat: Literal["hold", "reject"] = "hold"
+    hold_days: int = Field(default=90, ge=1, le=400)
+    vacant_message: str = (
+        "The seat of {constituency} is vacant until a by-election, so there is no MP to write to "
+        "yet."
+    )
+    dissolved_message: str = (
+        "Parliament has been dissolved for a general election, so there are no MPs until it "
+        "meets again."
+    )
+    # An MP with no email address in the directory: never guess one from a name.
+    no_email: Literal["hold", "reject"] = "reject"
+    no_email_message: str = (
+        "Your MP, {mp}, does not publish an email address, so we cannot send your letter by "
+        "email. You can write to them at {contact}."
+    )
+    # Non-geographic postcodes (PO boxes, business mail) do not say where someone lives.
+    non_geographic: Literal["accept", "reject"] = "reject"
+    # MPs this campaign does not write to (the Speaker, MPs who do not take their seats...).
+    excluded_member_ids: list[int] = []
+    excluded_parties: list[str] = []
+    excluded_message: str = "Your MP, {mp}, is not taking part in this campaign."
+
+
 class CampaignDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,6 +131,7 @@ class CampaignDefinition(BaseModel):
     body_min_chars: int = Field(default=20, ge=1)
     body_max_chars: int = Field(default=5000, le=10_000)
     consent: ConsentWording
+    targets: Targets = Targets()
 
     def check_channels(self) -> None:
         missing = [c for c in CHANNELS if self.consent.question(c) is None]

@@ -16,10 +16,12 @@ from typing import Annotated, Any, Literal
 from email_validator import EmailNotValidError, validate_email
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from schemas.postcode import check_format, normalise_postcode
+
+__all__ = ["SubmissionV1", "normalise_postcode", "parse_submission"]
+
 SCHEMA_VERSION: Literal[1] = 1
 
-# British Standard BS 7666 shape: outward code (area, district) and inward code (sector, unit).
-POSTCODE_RE = re.compile(r"^([A-Z]{1,2}[0-9][A-Z0-9]?) ?([0-9][A-Z]{2})$")
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 PHONE_RE = re.compile(r"^\+?[0-9 ()-]{7,24}$")
@@ -56,20 +58,14 @@ def _single_line(label: str, max_len: int, min_len: int = 1) -> Any:
     return BeforeValidator(check)
 
 
-def normalise_postcode(value: str) -> str:
-    """Upper-case, single inner space, no stray whitespace: ``" sw1a0aa "`` → ``"SW1A 0AA"``."""
-    compact = re.sub(r"\s+", "", value).upper()
-    return f"{compact[:-3]} {compact[-3:]}" if len(compact) > 3 else compact
-
-
 def _check_postcode(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Please enter your postcode.")
     if _has_control(value.strip()):
         raise ValueError("Postcode must be on one line, without control characters.")
-    postcode = normalise_postcode(value)
-    if not POSTCODE_RE.match(postcode):
-        raise ValueError("This is not a UK postcode. It should look like SW1A 1AA.")
+    postcode, problem = check_format(value)
+    if problem is not None:
+        raise ValueError(problem.message)
     return postcode
 
 

@@ -21,7 +21,7 @@ from workers.stages import Stage, stage_message
 def test_the_final_failure_is_recorded_with_its_traceback(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(session: Any, submission_id: str) -> list[Stage]:
+    def broken(*args: Any) -> list[Stage]:
         raise RuntimeError("resolver exploded")
 
     # An unexpected bug in the resolution stage (the recorder is what is under test), and a

@@ -79,7 +79,8 @@ def test_every_live_postcode_in_the_shared_files_passes_the_format(shared_data: 
     for name in ("postcodes_gb_sample.csv", "postcodes_onspd_seed_sample.csv"):
         with (shared_data / name).open() as fh:
             for row in csv.DictReader(fh):
-                if row.get("status", "live") == "live" and row["pcon24cd"]:
+                # Crown dependencies are well-formed but have no MP: refused with their own reason.
+                if row.get("status", "live") == "live" and row["pcon24cd"] != "L99999999":
                     for form in (row["postcode"], row["postcode_compact"].lower()):
                         errors = parse_submission(submission(supporter__postcode=form))
                         assert isinstance(errors, SubmissionV1), (form, errors)

@@ -128,7 +128,7 @@ def test_unknown_and_terminated_postcodes_are_rejected_with_a_message(app: App) 
         assert sub.rejection is not None and fragment in sub.rejection["supporter.postcode"]
 
 
-def test_an_mp_without_email_is_a_recorded_failure_not_a_guess(app: App) -> None:
+def test_an_mp_without_email_gets_the_official_contact_route_not_a_guess(app: App) -> None:
     with session_scope(app.sessions) as session:
         for member in session.scalars(select(Member).where(Member.member_id == 990001)):
             member.email = None
@@ -136,8 +136,9 @@ def test_an_mp_without_email_is_a_recorded_failure_not_a_guess(app: App) -> None
     step(app, validate, sid)
     step(app, resolve, sid)
     sub = get(app, sid)
-    assert sub.state == State.FAILED
-    assert sub.failure_reason is not None and "no email address" in sub.failure_reason
+    assert sub.state == State.REJECTED
+    message = (sub.rejection or {})["member"]
+    assert "Alex Rivers" in message and "House of Commons, London SW1A 0AA" in message
 
 
 def test_rendering_stores_the_letter_once(app: App) -> None:

@@ -16,6 +16,7 @@ from workers.db import make_engine, make_sessionmaker
 from workers.delivery import DeliveryPolicy
 from workers.mail import DkimSigner, Mailer, make_mailer, make_signer
 from workers.ratelimit import Limiter, MemoryLimiter, RedisLimiter
+from workers.sources import LiveSources
 
 
 @dataclass
@@ -28,6 +29,7 @@ class App:
     delivery_policy: DeliveryPolicy
     limiter: Limiter
     signer: DkimSigner | None
+    live_sources: LiveSources | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> App:
@@ -44,6 +46,11 @@ class App:
             delivery_policy=DeliveryPolicy.from_settings(settings),
             limiter=limiter,
             signer=make_signer(settings),
+            live_sources=(
+                LiveSources.from_settings(settings)
+                if settings.resolution_order != "local"
+                else None
+            ),
         )
 
 

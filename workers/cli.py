@@ -81,13 +81,14 @@ def reconcile(once: bool) -> None:
 
     app = _app()
     older = timedelta(seconds=app.settings.reconcile_after)
+    held = timedelta(seconds=app.settings.held_recheck)
     if once:
-        click.echo(f"resent {reconcile_once(app.sessions, broker, older)}")
+        click.echo(f"resent {reconcile_once(app.sessions, broker, older, held)}")
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        run_forever(app.sessions, broker, app.settings.reconcile_interval, older, stop)
+        run_forever(app.sessions, broker, app.settings.reconcile_interval, older, stop, held)
     except KeyboardInterrupt:
         stop.set()
 

@@ -45,7 +45,7 @@ LAST = [
     "Iqbal",
     "Jones",
 ]
-POSTCODES = ["DM1 1AA", "DM2 1AB", "DM3 2BD", "DM4 3CE", "DM5 4DF", "DM6 1AA", "DM1 4DF"]
+POSTCODES = ["DM1 1AA", "DM2 1AB", "DM3 2BD", "DM4 3GE", "DM5 4DF", "DM6 1AA", "DM1 4DF"]
 
 
 def sample_batch(count: int, run_id: str) -> list[dict[str, Any]]:

@@ -57,6 +57,7 @@ class State(StrEnum):
     RECEIVED = "received"
     VALIDATED = "validated"
     REJECTED = "rejected"
+    HELD = "held"  # the seat has no MP to write to yet; resolution is tried again later
     RESOLVED = "resolved"
     RENDERED = "rendered"
     DELIVERED = "delivered"
@@ -107,13 +108,23 @@ class Campaign(Base):
 
 
 class DirectoryVersion(Base):
-    """One imported snapshot of constituencies, MPs and postcodes; exactly one is current."""
+    """One snapshot of constituencies and MPs, and the postcode set it uses; one is current.
+
+    Postcodes (millions of rows, changed quarterly) are stored once per postcode import and shared
+    by the versions built on them: an MP refresh makes a new version that points at the same set.
+    """
 
     __tablename__ = "directory_versions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     source: Mapped[str] = mapped_column(String(200))
     is_current: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The version whose rows in ``postcodes`` this version uses (itself after a postcode import).
+    postcodes_version_id: Mapped[int | None] = mapped_column(Integer)
+    # Parliament dissolved for a general election: no seat has an MP until a new version.
+    dissolved: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What changed from the version before (new MPs, vacancies, changed emails).
+    changes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -139,6 +150,7 @@ class Member(Base):
     name: Mapped[str] = mapped_column(String(200))
     party: Mapped[str] = mapped_column(String(100), default="")
     email: Mapped[str | None] = mapped_column(String(254))
+    phone: Mapped[str | None] = mapped_column(String(40))
 
 
 class Postcode(Base):
@@ -175,6 +187,10 @@ class Submission(Base):
     directory_version_id: Mapped[int | None] = mapped_column(Integer)
     constituency_code: Mapped[str | None] = mapped_column(String(9))
     member_id: Mapped[int | None] = mapped_column(Integer)
+    # "local" (the directory version above) or "live" (postcodes.io and the Members API).
+    resolved_via: Mapped[str | None] = mapped_column(String(16))
+    # The MP as resolved (name, email, constituency): what rendering addresses the letter to.
+    recipient: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     consent_logged_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -297,3 +313,14 @@ class PurgedDeadLetter(Base):
     reason: Mapped[str | None] = mapped_column(String(200))
     dead_at: Mapped[datetime] = mapped_column()
     purged_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LookupCache(Base):
+    """Answers from live sources (postcodes.io, the Members API), kept for a time to live."""
+
+    __tablename__ = "lookup_cache"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    fetched_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)

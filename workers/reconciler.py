@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.db import session_scope
+from workers.directory import current_version_id
 from workers.models import State, Submission, SubmissionEvent, utcnow
 from workers.stages import Stage, dispatch
 
@@ -31,12 +32,36 @@ BATCH = 1000
 
 
 def find_stalled(
-    session: Session, older_than: timedelta, now: datetime | None = None
+    session: Session,
+    older_than: timedelta,
+    now: datetime | None = None,
+    held_recheck: timedelta = timedelta(hours=6),
 ) -> list[tuple[str, Stage]]:
-    """(submission id, stage) for everything due a resend; marks them dispatched now."""
+    """(submission id, stage) for everything due a resend; marks them dispatched now.
+
+    Held submissions (no MP to write to yet) go back to resolution when the directory has changed
+    since they were held, or every ``held_recheck`` (so a hold can expire).
+    """
     now = now or utcnow()
     cutoff = now - older_than
     due: list[tuple[str, Stage]] = []
+    current = current_version_id(session)
+    held = session.scalars(
+        select(Submission.id)
+        .where(Submission.state == State.HELD)
+        .where(
+            (Submission.dispatched_at < now - held_recheck)
+            | (
+                (Submission.dispatched_at < cutoff)
+                & (
+                    Submission.directory_version_id.is_(None)
+                    | (Submission.directory_version_id != current)
+                )
+            )
+        )
+        .limit(BATCH)
+    ).all()
+    due.extend((sid, Stage.RESOLVE) for sid in held)
     stalled = session.execute(
         select(Submission.id, Submission.state)
         .where(Submission.state.in_([s.value for s in STAGE_FOR_STATE]))
@@ -70,11 +95,14 @@ def find_stalled(
 
 
 def reconcile_once(
-    sessions: sessionmaker[Session], broker: dramatiq.Broker, older_than: timedelta
+    sessions: sessionmaker[Session],
+    broker: dramatiq.Broker,
+    older_than: timedelta,
+    held_recheck: timedelta = timedelta(hours=6),
 ) -> int:
     """One pass: find what has stalled, commit the new dispatch times, then resend."""
     with session_scope(sessions) as session:
-        due = find_stalled(session, older_than)
+        due = find_stalled(session, older_than, held_recheck=held_recheck)
     for submission_id, stage in due:
         dispatch(broker, [stage], submission_id)
     if due:
@@ -88,11 +116,12 @@ def run_forever(
     interval: float,
     older_than: timedelta,
     stop: threading.Event,
+    held_recheck: timedelta = timedelta(hours=6),
 ) -> None:
     """Reconcile every ``interval`` seconds until ``stop`` is set; a failed pass is retried."""
     while not stop.is_set():
         try:
-            reconcile_once(sessions, broker, older_than)
+            reconcile_once(sessions, broker, older_than, held_recheck)
         except Exception as exc:  # the database may be briefly away: try again next tick
             log.warning("reconciler_pass_failed", error=type(exc).__name__)
         stop.wait(interval)

@@ -172,16 +172,14 @@ def render(
     if session.get(Letter, submission_id) is None:
         definition = get_definition(session, submission.campaign_slug)
         campaign = session.get(Campaign, submission.campaign_slug)
-        version = submission.directory_version_id
-        member = session.get(Member, (version, submission.member_id))
-        seat = session.get(Constituency, (version, submission.constituency_code))
-        if (
-            definition is None
-            or campaign is None
-            or member is None
-            or seat is None
-            or not member.email
-        ):
+        recipient = submission.recipient or {}
+        if not recipient.get("email"):  # resolved before recipients were recorded
+            version = submission.directory_version_id
+            member = session.get(Member, (version, submission.member_id))
+            seat = session.get(Constituency, (version, submission.constituency_code))
+            if member is not None and seat is not None:
+                recipient = {"name": member.name, "email": member.email, "constituency": seat.name}
+        if definition is None or campaign is None or not recipient.get("email"):
             reason = "campaign or MP no longer in the database"
             advance(session, submission, State.FAILED, detail=reason, failure_reason=reason)
             return []
@@ -189,7 +187,7 @@ def render(
             definition,
             submission_id,
             submission.payload,
-            Recipient(member.name, member.email, seat.name),
+            Recipient(recipient["name"], recipient["email"], recipient["constituency"]),
             sandbox_address if campaign.mode == "sandbox" else None,
         )
         session.add(letter.to_row(submission_id))

@@ -1,88 +1,328 @@
-"""MP resolution: postcode → constituency → sitting MP, from the current local directory."""
+"""MP resolution: postcode → constituency → sitting MP, and what to do when there is none to email.
+
+Where the answer comes from is configurable (``DEARMP_RESOLUTION_ORDER``): the local directory,
+the live sources (postcodes.io and the Members API), or the local directory first with the live
+sources for postcodes it does not know. What happens with an MP who cannot simply be emailed is
+each campaign's decision (:class:`schemas.campaign.Targets`); every case ends in a recorded outcome.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from workers.directory import current_version_id
-from workers.models import Constituency, Member, Postcode, State, Submission
+from schemas.campaign import Targets
+from schemas.postcode import (
+    CROWN_DEPENDENCIES,
+    CROWN_PSEUDO_CODES,
+    PostcodeProblem,
+    Problem,
+    area,
+    check_format,
+    crown_dependency,
+    is_non_geographic,
+    problem,
+)
+from workers.campaigns import get_definition
+from workers.directory import current_version
+from workers.models import (
+    Constituency,
+    Member,
+    Postcode,
+    State,
+    Submission,
+    SubmissionEvent,
+    utcnow,
+)
+from workers.sources import LiveSources
 from workers.stages import Stage
-from workers.transitions import advance
+from workers.transitions import AlreadyMoved, advance, rowcount
 
 POSTCODE_FIELD = "supporter.postcode"
+MEMBER_FIELD = "member"
+HOUSE_OF_COMMONS = "House of Commons, London SW1A 0AA"
+
+
+class DirectoryMissing(Exception):
+    """No MP directory has been imported: an operator must import one (then requeue)."""
+
+
+@dataclass(frozen=True)
+class Seat:
+    gss_code: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Mp:
+    member_id: int
+    name: str
+    party: str
+    email: str | None
+    phone: str | None
 
 
 @dataclass(frozen=True)
 class Found:
-    version_id: int
-    constituency: Constituency
-    member: Member
+    seat: Seat
+    member: Mp
+    version_id: int | None
+    via: str
 
 
 @dataclass(frozen=True)
-class NotFound:
-    """The supporter's input cannot be resolved: a rejection they can act on."""
-
-    message: str
+class Vacant:
+    seat: Seat
+    dissolved: bool
+    version_id: int | None
+    via: str
 
 
 @dataclass(frozen=True)
 class Unreachable:
-    """The seat exists but its MP cannot be written to: a failure an operator can explain."""
+    """The directory is inconsistent (a postcode's constituency is missing): an operator's case."""
 
     reason: str
 
 
-def lookup(session: Session, postcode: str) -> Found | NotFound | Unreachable:
-    version_id = current_version_id(session)
-    if version_id is None:
-        return Unreachable("No MP directory has been imported.")
-    row = session.get(Postcode, (version_id, postcode))
+Answer = Found | Vacant | Problem | Unreachable
+
+
+def _no_seat(postcode: str, gss_code: str | None) -> Problem:
+    if area(postcode) in CROWN_DEPENDENCIES:
+        return crown_dependency(area(postcode))
+    if gss_code in CROWN_PSEUDO_CODES:
+        return crown_dependency(CROWN_PSEUDO_CODES[gss_code])
+    return problem(PostcodeProblem.NO_CONSTITUENCY)
+
+
+def lookup_local(session: Session, postcode: str) -> Answer | None:
+    """The current directory's answer for a normalised postcode; None when it is not listed."""
+    version = current_version(session)
+    if version is None:
+        raise DirectoryMissing("No MP directory has been imported.")
+    row = session.execute(
+        select(
+            Postcode.gss_code,
+            Postcode.terminated,
+            Constituency.name,
+            Member.member_id,
+            Member.name,
+            Member.party,
+            Member.email,
+            Member.phone,
+        )
+        .select_from(Postcode)
+        .outerjoin(
+            Constituency,
+            (Constituency.version_id == version.id) & (Constituency.gss_code == Postcode.gss_code),
+        )
+        .outerjoin(
+            Member,
+            (Member.version_id == version.id) & (Member.member_id == Constituency.member_id),
+        )
+        .where(
+            Postcode.version_id == (version.postcodes_version_id or version.id),
+            Postcode.postcode == postcode,
+        )
+    ).first()
     if row is None:
-        return NotFound("We could not find this postcode. Please check it and try again.")
-    if row.terminated:
-        return NotFound("This postcode is no longer in use. Please enter your current postcode.")
-    if row.gss_code is None:
-        return NotFound("This postcode is not in a UK parliamentary constituency.")
-    seat = session.get(Constituency, (version_id, row.gss_code))
-    if seat is None:
-        return Unreachable(f"Constituency {row.gss_code} is missing from the directory.")
-    member = session.get(Member, (version_id, seat.member_id)) if seat.member_id else None
+        return None
+    gss_code, terminated, seat_name, member_id, name, party, email, phone = row
+    if terminated:
+        return problem(PostcodeProblem.TERMINATED)
+    if gss_code is None or gss_code in CROWN_PSEUDO_CODES or area(postcode) in CROWN_DEPENDENCIES:
+        return _no_seat(postcode, gss_code)
+    if seat_name is None:
+        return Unreachable(f"Constituency {gss_code} is missing from directory {version.id}.")
+    seat = Seat(gss_code, seat_name)
+    if version.dissolved or member_id is None:
+        return Vacant(seat, version.dissolved, version.id, "local")
+    return Found(seat, Mp(member_id, name, party, email, phone), version.id, "local")
+
+
+def lookup_live(session: Session, live: LiveSources, postcode: str) -> Answer:
+    answer = live.postcode(session, postcode)
+    if answer.status == "terminated":
+        return problem(PostcodeProblem.TERMINATED)
+    if answer.status == "invalid":
+        return problem(PostcodeProblem.NOT_A_POSTCODE)
+    if answer.status != "found":
+        return problem(PostcodeProblem.UNKNOWN)
+    if not answer.gss_code or answer.gss_code in CROWN_PSEUDO_CODES or not answer.constituency:
+        return _no_seat(postcode, answer.gss_code)
+    seat = Seat(answer.gss_code, answer.constituency)
+    member = live.member(session, postcode)
     if member is None:
-        return Unreachable(f"The seat of {seat.name} is vacant.")
-    if not member.email:
-        return Unreachable(f"{member.name}, MP for {seat.name}, has no email address on record.")
-    return Found(version_id, seat, member)
+        return Vacant(seat, False, None, "live")
+    mp = Mp(member.member_id, member.name, member.party, member.email, member.phone)
+    return Found(seat, mp, None, "live")
 
 
-def resolve(session: Session, submission_id: str) -> list[Stage]:
+def find(session: Session, postcode: str, order: str, live: LiveSources | None) -> Answer:
+    """The answer for a supporter's postcode from the sources in ``order``."""
+    normalised, format_problem = check_format(postcode)
+    if format_problem is not None:
+        return format_problem
+    if order != "live":
+        local = lookup_local(session, normalised)
+        if local is not None:
+            return local
+    if order != "local" and live is not None:
+        return lookup_live(session, live, normalised)
+    return problem(PostcodeProblem.UNKNOWN)
+
+
+def fill(template: str, **values: str) -> str:
+    """Substitute ``{name}`` placeholders, and nothing else (no attribute access, no code)."""
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def contact_route(member: Mp) -> str:
+    route = HOUSE_OF_COMMONS
+    return f"{route}, or by phone on {member.phone}" if member.phone else route
+
+
+@dataclass(frozen=True)
+class Hold:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    field: str
+    message: str
+    code: str
+
+
+def decide(targets: Targets, postcode: str, answer: Answer) -> Found | Hold | Refuse | Unreachable:
+    """What the campaign does with an answer: write, hold the letter, or tell the supporter."""
+    if isinstance(answer, Problem):
+        return Refuse(POSTCODE_FIELD, answer.message, f"postcode:{answer.code}")
+    if isinstance(answer, Unreachable):
+        return answer
+    if isinstance(answer, Vacant):
+        message = targets.dissolved_message if answer.dissolved else targets.vacant_message
+        message = fill(message, constituency=answer.seat.name)
+        if targets.vacant_seat == "hold":
+            return Hold("dissolved" if answer.dissolved else f"vacant {answer.seat.gss_code}")
+        return Refuse(MEMBER_FIELD, message, "dissolved" if answer.dissolved else "vacant")
+    if targets.non_geographic == "reject" and is_non_geographic(postcode):
+        return Refuse(
+            POSTCODE_FIELD,
+            problem(PostcodeProblem.NON_GEOGRAPHIC).message,
+            f"postcode:{PostcodeProblem.NON_GEOGRAPHIC}",
+        )
+    values = {
+        "mp": answer.member.name,
+        "constituency": answer.seat.name,
+        "contact": contact_route(answer.member),
+    }
+    if answer.member.member_id in targets.excluded_member_ids or (
+        answer.member.party in targets.excluded_parties
+    ):
+        return Refuse(MEMBER_FIELD, fill(targets.excluded_message, **values), "excluded")
+    if not answer.member.email:
+        if targets.no_email == "hold":
+            return Hold(f"no email for member {answer.member.member_id}")
+        return Refuse(MEMBER_FIELD, fill(targets.no_email_message, **values), "no_email")
+    return answer
+
+
+def _held_since(session: Session, submission_id: str) -> timedelta | None:
+    first = session.scalar(
+        select(func.min(SubmissionEvent.at)).where(
+            SubmissionEvent.submission_id == submission_id, SubmissionEvent.state == State.HELD
+        )
+    )
+    if first is None:
+        return None
+    if first.tzinfo is None:  # SQLite hands back naive UTC from an aggregate
+        first = first.replace(tzinfo=utcnow().tzinfo)
+    return utcnow() - first
+
+
+def _still_held(session: Session, submission: Submission, version_id: int | None) -> None:
+    """Looked again, still nothing to write to: note the directory seen and the time, no event."""
+    now = utcnow()
+    result = session.execute(
+        update(Submission)
+        .where(Submission.id == submission.id, Submission.state == State.HELD)
+        .values(directory_version_id=version_id, dispatched_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(result) != 1:
+        raise AlreadyMoved(submission.id)
+
+
+def resolve(
+    session: Session, submission_id: str, order: str = "local", live: LiveSources | None = None
+) -> list[Stage]:
     submission = session.get(Submission, submission_id)
-    if submission is None or submission.state != State.VALIDATED or submission.payload is None:
+    if (
+        submission is None
+        or submission.state not in (State.VALIDATED, State.HELD)
+        or submission.payload is None
+    ):
         return []
-    result = lookup(session, submission.payload["supporter"]["postcode"])
-    if isinstance(result, NotFound):
+    definition = get_definition(session, submission.campaign_slug)
+    targets = definition.targets if definition is not None else Targets()
+    postcode = submission.payload["supporter"]["postcode"]
+    answer = find(session, postcode, order, live)
+    outcome = decide(targets, postcode, answer)
+
+    if isinstance(outcome, Hold):
+        held_for = _held_since(session, submission.id)
+        if held_for is None:
+            advance(
+                session,
+                submission,
+                State.HELD,
+                detail=outcome.reason,
+                directory_version_id=getattr(answer, "version_id", None),
+            )
+            return []
+        if held_for < timedelta(days=targets.hold_days):
+            _still_held(session, submission, getattr(answer, "version_id", None))
+            return []
+        message = (
+            f"We held your letter for {targets.hold_days} days, but there is still no MP "
+            "to send it to."
+        )
+        outcome = Refuse(MEMBER_FIELD, message, "hold expired")
+
+    if isinstance(outcome, Refuse):
         advance(
             session,
             submission,
             State.REJECTED,
-            detail="postcode",
-            rejection={POSTCODE_FIELD: result.message},
+            detail=outcome.code,
+            rejection={outcome.field: outcome.message},
         )
         return []
-    if isinstance(result, Unreachable):
+    if isinstance(outcome, Unreachable):
         advance(
-            session, submission, State.FAILED, detail=result.reason, failure_reason=result.reason
+            session, submission, State.FAILED, detail=outcome.reason, failure_reason=outcome.reason
         )
         return []
     advance(
         session,
         submission,
         State.RESOLVED,
-        detail=f"{result.constituency.gss_code} member {result.member.member_id}",
-        directory_version_id=result.version_id,
-        constituency_code=result.constituency.gss_code,
-        member_id=result.member.member_id,
+        detail=f"{outcome.seat.gss_code} member {outcome.member.member_id} via {outcome.via}",
+        directory_version_id=outcome.version_id,
+        constituency_code=outcome.seat.gss_code,
+        member_id=outcome.member.member_id,
+        resolved_via=outcome.via,
+        recipient={
+            "member_id": outcome.member.member_id,
+            "name": outcome.member.name,
+            "email": outcome.member.email,
+            "constituency": outcome.seat.name,
+        },
     )
     return [Stage.RENDER]

@@ -81,6 +81,7 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
             settings.reconcile_interval,
             timedelta(seconds=settings.reconcile_after),
             stop,
+            timedelta(seconds=settings.held_recheck),
         ),
         name="reconciler",
         daemon=True,

@@ -15,7 +15,7 @@ from workers.stages import Stage
 
 def _work(app: App, submission_id: str) -> list[Stage]:
     with session_scope(app.sessions) as session:
-        return resolve(session, submission_id)
+        return resolve(session, submission_id, app.settings.resolution_order, app.live_sources)
 
 
 @dramatiq.actor(
