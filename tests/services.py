@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import os
 import shutil
 import socket
@@ -171,3 +172,50 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@dataclass
+class HttpStub:
+    """A local HTTP server: ``route(path_and_query)`` answers, unless a scripted reply is queued.
+
+    ``script`` holds (status, headers, body) replies, used first, one per request, to inject
+    failures (503, 429 with Retry-After...). ``requests`` records every path asked for.
+    """
+
+    route: Any
+    script: list[tuple[int, dict[str, str], Any]] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+    server: Any = None
+
+    def start(self) -> HttpStub:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                stub.requests.append(self.path)
+                status, headers, body = stub.script.pop(0) if stub.script else stub.route(self.path)
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

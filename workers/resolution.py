@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -274,20 +275,21 @@ def resolve(
     postcode = submission.payload["supporter"]["postcode"]
     answer = find(session, postcode, order, live)
     outcome = decide(targets, postcode, answer)
+    # Which seat and MP the supporter would have written to, kept even when no letter goes.
+    seat_fields: dict[str, Any] = {}
+    if isinstance(answer, Found | Vacant):
+        seat_fields = {"constituency_code": answer.seat.gss_code, "resolved_via": answer.via}
+        seat_fields["directory_version_id"] = answer.version_id
+    if isinstance(answer, Found):
+        seat_fields["member_id"] = answer.member.member_id
 
     if isinstance(outcome, Hold):
         held_for = _held_since(session, submission.id)
         if held_for is None:
-            advance(
-                session,
-                submission,
-                State.HELD,
-                detail=outcome.reason,
-                directory_version_id=getattr(answer, "version_id", None),
-            )
+            advance(session, submission, State.HELD, detail=outcome.reason, **seat_fields)
             return []
         if held_for < timedelta(days=targets.hold_days):
-            _still_held(session, submission, getattr(answer, "version_id", None))
+            _still_held(session, submission, seat_fields.get("directory_version_id"))
             return []
         message = (
             f"We held your letter for {targets.hold_days} days, but there is still no MP "
@@ -302,6 +304,7 @@ def resolve(
             State.REJECTED,
             detail=outcome.code,
             rejection={outcome.field: outcome.message},
+            **(seat_fields if outcome.field == MEMBER_FIELD else {}),
         )
         return []
     if isinstance(outcome, Unreachable):

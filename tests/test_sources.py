@@ -1,0 +1,337 @@
+"""Live sources through requests against local HTTP servers: postcodes.io answering with the
+recorded real responses in ../shared/data/postcodes_io_responses, and a Members API shaped by its
+published OpenAPI description (../shared/data/members_api_openapi_v1.json), fed from the real MP
+file. Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import dramatiq
+import pytest
+from sqlalchemy import func, select, update
+
+from tests.factories import submission
+from tests.services import HttpStub, free_port
+from tests.test_stages import get, step, store
+from workers.app import App
+from workers.db import session_scope
+from workers.directory import current_version, sync_members
+from workers.models import Constituency, Failure, LookupCache, Member, State
+from workers.resolution import lookup_live, resolve
+from workers.sources import JsonApi, LiveSources, MembersApi, PostcodesIo, SourceUnavailable
+from workers.stages import Stage, stage_message
+from workers.validation import validate
+
+MPS = "constituencies_2024_current_mps.csv"
+
+
+def recorded_postcodes_io(shared_data: Path) -> HttpStub:
+    answers: dict[str, tuple[int, dict[str, str], Any]] = {}
+    for path in (shared_data / "postcodes_io_responses").glob("*.json"):
+        exchange = json.loads(path.read_text())
+        if exchange["request"]["method"] == "GET":
+            response = exchange["response"]
+            answers[exchange["request"]["path"]] = (response["status"], {}, response["body"])
+
+    def route(path: str) -> tuple[int, dict[str, str], Any]:
+        return answers.get(path, (404, {}, {"status": 404, "error": "Postcode not found"}))
+
+    return HttpStub(route).start()
+
+
+class FakeParliament:
+    """The Members API's routes we use, answering from the real MP file (mutable per test)."""
+
+    def __init__(self, shared_data: Path) -> None:
+        with (shared_data / MPS).open() as fh:
+            rows = list(csv.DictReader(fh))
+        self.members: dict[int, dict[str, Any]] = {
+            int(r["member_id"]): {
+                "name": r["mp_name"],
+                "party": r["party"],
+                "seat": r["constituency_name"],
+                "email": r["email"] or None,
+            }
+            for r in rows
+        }
+        seat_of = {r["ons_code"]: r["constituency_name"] for r in rows}
+        self.seat_of_postcode: dict[str, str] = {}
+        for name in ("postcodes_onspd_seed_sample.csv", "postcodes_gb_sample.csv"):
+            with (shared_data / name).open() as fh:
+                for row in csv.DictReader(fh):
+                    if row["pcon24cd"] in seat_of:
+                        self.seat_of_postcode[row["postcode"]] = seat_of[row["pcon24cd"]]
+
+    def member_item(self, member_id: int) -> dict[str, Any]:
+        m = self.members[member_id]
+        return {
+            "value": {
+                "id": member_id,
+                "nameListAs": m["name"],
+                "nameDisplayAs": m["name"],
+                "nameFullTitle": f"{m['name']} MP",
+                "latestParty": {"id": 1, "name": m["party"]},
+                "latestHouseMembership": {
+                    "membershipFrom": m["seat"],
+                    "membershipFromId": 4000 + member_id % 1000,
+                    "house": 1,
+                    "membershipStatus": {"statusIsActive": True},
+                },
+            },
+            "links": [{"rel": "self", "href": f"/Members/{member_id}", "method": "GET"}],
+        }
+
+    def route(self, path: str) -> tuple[int, dict[str, str], Any]:
+        url = urlsplit(path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/api/Members/Search":
+            if "Location" in query:
+                seat = self.seat_of_postcode.get(query["Location"])
+                ids = [i for i, m in self.members.items() if seat and m["seat"] == seat]
+            else:
+                ids = sorted(self.members)
+            skip, take = int(query.get("skip", 0)), int(query.get("take", 20))
+            page = [self.member_item(i) for i in ids[skip : skip + take]]
+            return 200, {}, {"items": page, "totalResults": len(ids), "skip": skip, "take": take}
+        if url.path.startswith("/api/Members/") and url.path.endswith("/Contact"):
+            member_id = int(url.path.split("/")[3])
+            if member_id not in self.members:
+                return 404, {}, {}
+            email = self.members[member_id]["email"]
+            value = [
+                {
+                    "type": "Parliamentary office",
+                    "typeId": 1,
+                    "isPreferred": False,
+                    "line1": "House of Commons",
+                    "line2": "London",
+                    "postcode": "SW1A 0AA",
+                    "phone": "020 7219 3000",
+                    "email": email,
+                },
+                {"type": "Website", "typeId": 7, "isWebAddress": True, "line1": "https://x"},
+            ]
+            return 200, {}, {"value": value, "links": []}
+        return 404, {}, {}
+
+
+@pytest.fixture
+def postcodes_io(shared_data: Path) -> Iterator[HttpStub]:
+    stub = recorded_postcodes_io(shared_data)
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture
+def parliament(shared_data: Path) -> Iterator[tuple[FakeParliament, HttpStub]]:
+    fake = FakeParliament(shared_data)
+    stub = HttpStub(fake.route).start()
+    yield fake, stub
+    stub.stop()
+
+
+def sources(
+    postcodes_url: str, members_url: str, ttl: float = 3600, sleep: Any = None
+) -> LiveSources:
+    def api(url: str) -> JsonApi:
+        return JsonApi(
+            url, timeout=2, attempts=3, backoff=0.01, max_wait=5, sleep=sleep or time.sleep
+        )
+
+    return LiveSources(PostcodesIo(api(postcodes_url)), MembersApi(api(members_url)), ttl)
+
+
+@pytest.fixture
+def live(postcodes_io: HttpStub, parliament: tuple[FakeParliament, HttpStub]) -> LiveSources:
+    return sources(postcodes_io.url, parliament[1].url)
+
+
+def resolved(app: App, postcode: str, order: str, live: LiveSources) -> Any:
+    sid = store(app, submission(supporter__postcode=postcode))
+    step(app, validate, sid)
+    step(app, resolve, sid, order, live)
+    return get(app, sid)
+
+
+def test_live_resolution_finds_the_constituency_and_the_mps_email(
+    app: App, live: LiveSources
+) -> None:
+    sub = resolved(app, "ab101ab", "live", live)
+    assert (sub.state, sub.constituency_code, sub.resolved_via) == ("resolved", "S14000061", "live")
+    assert sub.recipient == {
+        "member_id": 5450,
+        "name": "Douglas Lumsden",
+        "email": "douglas.lumsden.mp@parliament.uk",
+        "constituency": "Aberdeen South",
+    }
+    assert step(app, resolve, sub.id, "live", live) == []  # twice: no second effect
+
+
+@pytest.mark.parametrize(
+    ("postcode", "fragment"),
+    [("SE1 9ZZ", "no longer in use"), ("AB10 9ZZ", "could not find")],
+)
+def test_live_answers_for_postcodes_with_no_mp(
+    app: App, live: LiveSources, postcode: str, fragment: str
+) -> None:
+    sub = resolved(app, postcode, "live", live)
+    assert sub.state == State.REJECTED
+    assert fragment in (sub.rejection or {})["supporter.postcode"]
+
+
+def test_live_answers_for_jersey_and_a_non_geographic_postcode(app: App, live: LiveSources) -> None:
+    with session_scope(app.sessions) as session:
+        jersey = lookup_live(session, live, "JE2 4WD")  # pseudo-code L99999999: no MP
+        assert "Jersey is a Crown dependency" in getattr(jersey, "message", "")
+        se1p = lookup_live(session, live, "SE1P 5ZZ")
+        assert getattr(se1p, "seat", None) is not None
+        assert se1p.seat.gss_code == "E14001085"  # type: ignore[union-attr]
+
+
+def test_local_first_with_live_fallback_for_postcodes_the_directory_lacks(
+    app: App, live: LiveSources, postcodes_io: HttpStub
+) -> None:
+    local = resolved(app, "DM1 1AA", "local,live", live)
+    assert (local.resolved_via, local.constituency_code) == ("local", "E14900001")
+    assert postcodes_io.requests == []
+    fallback = resolved(app, "M1 1AD", "local,live", live)
+    assert (fallback.state, fallback.resolved_via) == ("resolved", "live")
+    assert fallback.constituency_code == "E14001352"  # Manchester Central
+    assert fallback.recipient["name"] == "Lucy Powell"  # type: ignore[index]
+
+
+def test_answers_are_cached_with_a_time_to_live(
+    app: App, postcodes_io: HttpStub, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    live = sources(postcodes_io.url, parliament[1].url, ttl=3600)
+    resolved(app, "AB10 1AB", "live", live)
+    resolved(app, "AB10 1AB", "live", live)
+    assert postcodes_io.requests == ["/postcodes/AB10%201AB"]
+    with session_scope(app.sessions) as session:
+        assert session.scalar(select(func.count()).select_from(LookupCache)) == 2
+        session.execute(update(LookupCache).values(expires_at=LookupCache.fetched_at))
+    resolved(app, "AB10 1AB", "live", live)
+    assert len(postcodes_io.requests) == 2
+
+
+def test_5xx_is_retried_with_backoff(live: LiveSources, postcodes_io: HttpStub) -> None:
+    postcodes_io.script = [(503, {}, {}), (502, {}, b"bad gateway")]
+    assert live.postcodes.lookup("AB10 1AB").gss_code == "S14000061"
+    assert len(postcodes_io.requests) == 3
+
+
+def test_retry_after_is_honoured_and_a_long_one_goes_back_to_the_queue(
+    postcodes_io: HttpStub, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    waits: list[float] = []
+    live = sources(postcodes_io.url, parliament[1].url, sleep=waits.append)
+    postcodes_io.script = [(429, {"Retry-After": "2"}, {"error": "slow down"})]
+    assert live.postcodes.lookup("AB10 1AB").status == "found"
+    assert waits == [2.0]
+    postcodes_io.script = [(429, {"Retry-After": "3600"}, {"error": "slow down"})]
+    with pytest.raises(SourceUnavailable, match="wait 3600"):
+        live.postcodes.lookup("AB10 1AB")
+    assert waits == [2.0]  # gave up at once instead of sleeping an hour in a worker thread
+
+
+def test_connection_errors_are_retried_then_reported(tmp_path: Path) -> None:
+    waits: list[float] = []
+    dead = f"http://127.0.0.1:{free_port()}"
+    api = JsonApi(dead, timeout=1, attempts=3, backoff=0.5, sleep=waits.append)
+    with pytest.raises(SourceUnavailable, match="after 3 tries: ConnectionError"):
+        PostcodesIo(api).lookup("AB10 1AB")
+    assert waits == [0.5, 1.0]
+
+
+def test_an_outage_never_loses_a_submission_it_ends_in_the_dead_letter_queue(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, parliament: Any
+) -> None:
+    app.settings.resolution_order = "live"
+    app.live_sources = sources(f"http://127.0.0.1:{free_port()}", parliament[1].url)
+    sid = store(app, submission(supporter__postcode="AB10 1AB"))
+    step(app, validate, sid)
+    fast = stage_message(Stage.RESOLVE, sid).copy(
+        options={"max_retries": 1, "min_backoff": 10, "max_backoff": 20}
+    )
+    stub_broker.enqueue(fast)
+    row = None
+    for _ in range(100):
+        with session_scope(app.sessions) as session:
+            row = session.scalar(select(Failure).where(Failure.message_id == fast.message_id))
+        if row is not None and row.dead_lettered_at is not None:
+            break
+        time.sleep(0.1)
+    assert row is not None and row.dead_lettered_at is not None
+    assert row.exception_type == "workers.sources.SourceUnavailable"
+    assert "unavailable after 3 tries" in row.exception_message
+    assert get(app, sid).state == State.VALIDATED  # still there, for a requeue or the reconciler
+
+
+def test_directory_sync_reports_new_mps_vacancies_and_changed_emails(
+    app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    from workers.directory import import_directory
+
+    fake, stub = parliament
+    with session_scope(app.sessions) as session:
+        import_directory(
+            session, shared_data / MPS, [shared_data / "postcodes_gb_sample.csv"], "mp file"
+        )
+        before = current_version(session)
+        assert before is not None
+    # Since the file: Aberdeen North's MP stood down (vacant), Chorley has a new MP, and
+    # Aberdeen South's MP has a new address.
+    del fake.members[4357]
+    del fake.members[467]
+    fake.members[9999] = {
+        "name": "Pat Newcomer",
+        "party": "Independent",
+        "seat": "Chorley",
+        "email": "pat.newcomer.mp@parliament.uk",
+    }
+    fake.members[5450]["email"] = "office@douglaslumsden.example"
+    with session_scope(app.sessions) as session:
+        report = sync_members(session, MembersApi(JsonApi(stub.url, attempts=1)), "Members API")
+    assert report["vacancies"] == [{"constituency": "Aberdeen North", "gss_code": "S14000060"}]
+    assert report["new_members"] == [
+        {"constituency": "Chorley", "gss_code": "E14001170", "member": "Pat Newcomer"}
+    ]
+    assert report["changed_emails"] == [
+        {
+            "member": "Douglas Lumsden",
+            "old": "douglas.lumsden.mp@parliament.uk",
+            "new": "office@douglaslumsden.example",
+        }
+    ]
+    with session_scope(app.sessions) as session:
+        after = current_version(session)
+        assert after is not None and after.id == report["version_id"] != before.id
+        assert after.postcodes_version_id == before.postcodes_version_id  # postcodes shared
+        assert after.changes == {k: v for k, v in report.items() if k != "version_id"}
+        assert (
+            session.scalar(
+                select(func.count()).select_from(Member).where(Member.version_id == after.id)
+            )
+            == 649  # 650 seats, one vacant
+        )
+        no_email = session.scalar(
+            select(func.count())
+            .select_from(Member)
+            .where(Member.version_id == after.id, Member.email.is_(None))
+        )
+        assert no_email == 4  # the four with none listed still have none: nothing guessed
+        chorley = session.get(Constituency, (after.id, "E14001170"))
+        assert chorley is not None and chorley.member_id == 9999
+    # A supporter in Chorley now reaches the new MP, from the local directory.
+    sub = get(app, store(app, submission(supporter__postcode="PR7 6FR")))
+    step(app, validate, sub.id)
+    step(app, resolve, sub.id)
+    assert get(app, sub.id).recipient["name"] == "Pat Newcomer"  # type: ignore[index]
