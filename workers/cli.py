@@ -579,36 +579,13 @@ def campaigns_mode(slug: str, mode: str) -> None:
     click.echo(f"{slug}: {before} -> {mode} (letters rendered from now on)")
 
 
-@main.group()
-def directory() -> None:
-    """The local MP directory."""
+def _register_groups() -> None:
+    from workers.cli_directory import directory
+
+    main.add_command(directory)
 
 
-@directory.command("import")
-@click.option(
-    "--members",
-    type=click.Path(exists=True, path_type=Path),
-    required=True,
-    help="Constituencies with their MPs (the constituencies_2024_current_mps layout).",
-)
-@click.option(
-    "--postcodes",
-    type=click.Path(exists=True, path_type=Path),
-    multiple=True,
-    help="ONSPD-style postcode CSV; repeat for several files.",
-)
-def directory_import(members: Path, postcodes: tuple[Path, ...]) -> None:
-    """Import a new directory version and switch to it atomically."""
-    from workers.db import session_scope
-    from workers.directory import import_directory
-
-    app = _app()
-    with session_scope(app.sessions) as session:
-        counts = import_directory(session, members, list(postcodes), source=str(members.name))
-    click.echo(
-        f"version {counts.version_id}: {counts.constituencies} constituencies, "
-        f"{counts.members} members, {counts.postcodes} postcodes"
-    )
+_register_groups()
 
 
 if __name__ == "__main__":

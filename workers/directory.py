@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy import Integer, delete, func, insert, literal, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from schemas.postcode import normalise_postcode
@@ -140,10 +141,12 @@ def _header(path: Path) -> list[str]:
 
 
 def _postcodes_sqlite(
-    session: Session, path: Path, version_id: int, progress: Progress | None
+    session: Session, path: Path, version_id: int, progress: Progress | None, first: bool
 ) -> None:
     layout = PostcodeLayout.from_header(_header(path), path.name)
-    stmt = insert(Postcode).prefix_with("OR IGNORE")  # the first file to list a postcode wins
+    stmt = insert(Postcode)
+    if not first:  # later files add only postcodes the earlier ones lack
+        stmt = stmt.prefix_with("OR IGNORE")
     with path.open("rb") as raw:
         counted = io.BufferedReader(_CountingReader(raw, progress), CHUNK)
         reader = csv.reader(io.TextIOWrapper(counted, encoding="utf-8-sig", newline=""))
@@ -161,7 +164,7 @@ def _postcodes_sqlite(
 
 
 def _postcodes_postgresql(
-    session: Session, path: Path, version_id: int, progress: Progress | None
+    session: Session, path: Path, version_id: int, progress: Progress | None, first: bool
 ) -> None:
     """COPY the file's bytes into a staging table; PostgreSQL parses the CSV, SQL normalises it."""
     header = _header(path)
@@ -179,7 +182,7 @@ def _postcodes_postgresql(
                 copy.write(chunk)
                 if progress is not None:
                     progress(len(chunk))
-    compact = f"regexp_replace(upper(c{layout.postcode}), '\\s', '', 'g')"
+    compact = f"replace(upper(c{layout.postcode}), ' ', '')"
     terminated = "false"
     if layout.terminated is not None:
         terminated = f"coalesce(trim(c{layout.terminated}), '') <> ''"
@@ -191,7 +194,9 @@ def _postcodes_postgresql(
         "SELECT :v, left(pc, length(pc) - 3) || ' ' || right(pc, 3), "
         f"nullif(trim(c{layout.constituency}), ''), {terminated} "
         f"FROM (SELECT {compact} AS pc, * FROM dearmp_postcode_stage) s "
-        "WHERE length(pc) > 3 ON CONFLICT DO NOTHING"
+        "WHERE length(pc) > 3" + ("" if first else " ON CONFLICT DO NOTHING")
+        # Later files add only postcodes the earlier ones lack. (Checking the first file for
+        # conflicts too would cost a third of the import; a repeat in it is an error.)
     )
     session.execute(
         text(insert_sql),
@@ -280,8 +285,12 @@ def import_directory(
         load = _postcodes_postgresql
         if session.get_bind().dialect.name != "postgresql":
             load = _postcodes_sqlite
-        for path in postcode_csvs:
-            load(session, path, version.id, progress)
+        for n, path in enumerate(postcode_csvs):
+            try:
+                with session.begin_nested():
+                    load(session, path, version.id, progress, n == 0)
+            except IntegrityError as exc:
+                raise DirectoryError(f"{path.name} lists a postcode twice") from exc
         version.postcodes_version_id = version.id
         if _count(session, Postcode, version.id) == 0:
             raise DirectoryError("the postcode files hold no postcodes")
@@ -290,6 +299,10 @@ def import_directory(
         version.postcodes_version_id = previous.postcodes_version_id
 
     _switch_to(session, version)
+    if session.get_bind().dialect.name == "postgresql":
+        # Fresh statistics before the first lookup: without them the planner can pick a plan
+        # fifty times slower until autovacuum gets round to the new rows.
+        session.execute(text("ANALYZE postcodes, constituencies, members"))
     return ImportCounts(
         version.id,
         _count(session, Constituency, version.id),

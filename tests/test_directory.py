@@ -1,0 +1,154 @@
+"""Directory imports through the command line, on SQLite and PostgreSQL (where postcodes go
+through COPY): versions, atomic switching, the real ONSPD column names, failed imports, pruning."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from workers.app import App
+from workers.cli import main
+from workers.db import session_scope
+from workers.directory import current_version
+from workers.models import Constituency, DirectoryVersion, Postcode
+from workers.resolution import Found, lookup_local
+
+MPS = "constituencies_2024_current_mps.csv"
+# The real ONSPD's first columns, in its order; the project reads pcds, pcon and doterm.
+ONSPD_HEADER = ["pcd", "pcd2", "pcds", "dointr", "doterm", "oscty", "ced", "oslaua", "osward"]
+
+
+def as_onspd(shared_data: Path, path: Path) -> Path:
+    """The ONSPD seed sample rewritten with the real ONSPD column names (pcd is 7 wide)."""
+    with (shared_data / "postcodes_onspd_seed_sample.csv").open() as src, path.open("w") as out:
+        writer = csv.writer(out)
+        writer.writerow([*ONSPD_HEADER, "pcon", "lat", "long"])
+        for row in csv.DictReader(src):
+            outward, inward = row["postcode"].split(" ")
+            writer.writerow(
+                [
+                    f"{outward:<4}{inward}",
+                    f"{outward:<5}{inward}",
+                    row["postcode"],
+                    row["date_introduced"],
+                    row["date_terminated"],
+                    "E99999999",
+                    "",
+                    "",
+                    "",
+                    row["pcon24cd"],
+                    row["latitude"],
+                    row["longitude"],
+                ]
+            )
+    return path
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(main, ["directory", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def count(app: App, model: type, version_id: int) -> int:
+    with session_scope(app.sessions) as session:
+        return int(
+            session.scalar(
+                select(func.count()).select_from(model).where(model.version_id == version_id)
+            )
+            or 0
+        )
+
+
+def current(app: App) -> DirectoryVersion:
+    with session_scope(app.sessions) as session:
+        version = current_version(session)
+        assert version is not None
+        return version
+
+
+def test_import_the_real_onspd_layout_and_mp_file(
+    app: App, shared_data: Path, tmp_path: Path
+) -> None:
+    onspd = as_onspd(shared_data, tmp_path / "ONSPD_NOV_2025_UK.csv")
+    out = run("import", "--members", str(shared_data / MPS), "--postcodes", str(onspd))
+    assert "650 constituencies, 650 members, 8048 postcodes" in out
+    version = current(app)
+    assert version.postcodes_version_id == version.id
+    with session_scope(app.sessions) as session:
+        terminated = session.scalar(
+            select(func.count())
+            .select_from(Postcode)
+            .where(Postcode.version_id == version.id, Postcode.terminated.is_(True))
+        )
+        assert terminated == 3811
+        found = lookup_local(session, "AB10 1AB")
+        assert isinstance(found, Found) and found.seat.name == "Aberdeen South"
+        empty = session.get(Postcode, (version.id, "AB11 3AG"))  # the row with no pcon
+        assert empty is not None and empty.gss_code is None
+
+
+def test_a_reimport_is_a_new_version_and_the_switch_is_atomic(
+    app: App, shared_data: Path, tmp_path: Path
+) -> None:
+    before = current(app)  # the sample directory
+    run(
+        "import",
+        "--members",
+        str(shared_data / MPS),
+        "--postcodes",
+        str(shared_data / "postcodes_gb_sample.csv"),
+    )
+    first = current(app)
+    assert first.id != before.id and count(app, Postcode, first.id) == 1896
+    assert count(app, Postcode, before.id) > 0  # the old version is still whole
+
+    # Only the MPs: the new version shares the postcodes instead of copying 2.7 million rows.
+    run("import", "--members", str(shared_data / MPS))
+    mps_only = current(app)
+    assert mps_only.postcodes_version_id == first.id
+    assert count(app, Constituency, mps_only.id) == 650
+    with session_scope(app.sessions) as session:
+        assert isinstance(lookup_local(session, "GU12 4LW"), Found)
+
+    # Prune: the shared postcode set stays while a kept version uses it.
+    run("prune", "--keep", "1")
+    assert count(app, Postcode, first.id) == 1896
+    assert count(app, Postcode, before.id) == 0
+
+
+def test_a_failed_import_leaves_the_current_directory_in_place(
+    app: App, shared_data: Path, tmp_path: Path
+) -> None:
+    before = current(app)
+    wrong_columns = tmp_path / "wrong.csv"
+    wrong_columns.write_text("postcode_only\nAB10 1AB\n")
+    result = CliRunner().invoke(main, ["directory", "import", "--postcodes", str(wrong_columns)])
+    assert result.exit_code != 0 and "current directory is unchanged" in result.output
+
+    # A file that breaks half-way through (a ragged row deep in the file).
+    broken = tmp_path / "broken.csv"
+    lines = (shared_data / "postcodes_onspd_seed_sample.csv").read_text().splitlines()
+    broken.write_text("\n".join([*lines[:6000], '"AB10 1AB,unterminated', *lines[6000:]]) + "\n")
+    result = CliRunner().invoke(
+        main,
+        ["directory", "import", "--members", str(shared_data / MPS), "--postcodes", str(broken)],
+    )
+    assert result.exit_code != 0
+    after = current(app)
+    assert after.id == before.id
+    with session_scope(app.sessions) as session:
+        assert session.scalar(select(func.count()).select_from(DirectoryVersion)) == 1
+        assert isinstance(lookup_local(session, "DM1 1AA"), Found)
+
+
+def test_dissolve_and_status(app: App) -> None:
+    assert "dissolved" in run("dissolve")
+    assert current(app).dissolved
+    assert "sits" in run("dissolve", "--off")
+    assert not current(app).dissolved
+    status = run("status")
+    assert "dissolved" in status and "sample" in status

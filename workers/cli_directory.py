@@ -1,0 +1,169 @@
+"""``dearmp directory``: import, refresh, inspect and prune the local MP directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from sqlalchemy import func, select
+
+from workers.app import App
+
+
+def _app() -> App:
+    from workers.cli import _app as app_for_cli
+
+    return app_for_cli()
+
+
+@click.group()
+def directory() -> None:
+    """The local MP directory: constituencies, MPs and postcodes, in versions."""
+
+
+@directory.command("import")
+@click.option(
+    "--members",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Constituencies with their MPs (the constituencies_2024_current_mps layout). "
+    "Left out: the current MPs are kept.",
+)
+@click.option(
+    "--postcodes",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    multiple=True,
+    help="ONS Postcode Directory CSV (pcds/pcon/doterm, or the sample layout); repeat for "
+    "several files. Left out: the current postcodes are kept.",
+)
+@click.option("--source", default=None, help="A note on where the data came from.")
+def directory_import(members: Path | None, postcodes: tuple[Path, ...], source: str | None) -> None:
+    """Import a new directory version and switch to it atomically (all or nothing)."""
+    from workers.db import session_scope
+    from workers.directory import DirectoryError, import_directory
+
+    if members is None and not postcodes:
+        raise click.UsageError("give --members, --postcodes, or both")
+    app = _app()
+    total = sum(p.stat().st_size for p in postcodes)
+    label = source or ", ".join(p.name for p in [*([members] if members else []), *postcodes])
+    columns = (
+        TextColumn("[bold]postcodes"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), disable=not postcodes) as progress:
+        task = progress.add_task("postcodes", total=total)
+        try:
+            with session_scope(app.sessions) as session:
+                counts = import_directory(
+                    session,
+                    members,
+                    list(postcodes),
+                    source=label,
+                    progress=lambda n: progress.advance(task, n),
+                )
+                progress.update(task, description="switching")
+        except DirectoryError as exc:
+            raise click.ClickException(f"{exc} (the current directory is unchanged)") from exc
+    click.echo(
+        f"version {counts.version_id} is current: {counts.constituencies} constituencies, "
+        f"{counts.members} members, {counts.postcodes} postcodes"
+    )
+
+
+@directory.command("sync")
+def directory_sync() -> None:
+    """Refresh MPs and their emails from the UK Parliament Members API (MEMBERS_API_URL)."""
+    from workers.db import session_scope
+    from workers.directory import DirectoryError, sync_members
+    from workers.sources import LiveSources, SourceUnavailable
+
+    app = _app()
+    members = LiveSources.from_settings(app.settings).members
+    try:
+        with session_scope(app.sessions) as session:
+            report = sync_members(session, members, source=f"Members API {members.api.base_url}")
+    except (DirectoryError, SourceUnavailable) as exc:
+        raise click.ClickException(f"{exc} (the current directory is unchanged)") from exc
+    click.echo(f"version {report['version_id']} is current")
+    for item in report["new_members"]:
+        click.echo(f"  new MP: {item['member']} ({item['constituency']})")
+    for item in report["vacancies"]:
+        click.echo(f"  vacant: {item['constituency']}")
+    for item in report["changed_emails"]:
+        click.echo(f"  email changed: {item['member']}: {item['old']} -> {item['new']}")
+    counts = {k: len(v) for k, v in report.items() if isinstance(v, list)}
+    click.echo(json.dumps(counts))
+
+
+@directory.command("dissolve")
+@click.option("--off", is_flag=True, help="Parliament meets again (usually: import the new MPs).")
+def directory_dissolve(off: bool) -> None:
+    """Mark Parliament dissolved: no seat has an MP; campaigns hold or refuse letters."""
+    from workers.db import session_scope
+    from workers.directory import set_dissolved
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        version_id = set_dissolved(session, not off, source="dissolved" if not off else "sitting")
+    click.echo(f"version {version_id} is current: Parliament {'sits' if off else 'dissolved'}")
+
+
+@directory.command("status")
+def directory_status() -> None:
+    """The directory versions, which is current, and what each holds."""
+    from workers.db import session_scope
+    from workers.models import Constituency, DirectoryVersion, Member, Submission
+
+    app = _app()
+    table = Table("version", "current", "created", "source", "seats", "MPs", "postcodes of", "held")
+    with session_scope(app.sessions) as session:
+        held = session.scalar(
+            select(func.count()).select_from(Submission).where(Submission.state == "held")
+        )
+        for v in session.scalars(select(DirectoryVersion).order_by(DirectoryVersion.id)):
+            seats = session.scalar(
+                select(func.count())
+                .select_from(Constituency)
+                .where(Constituency.version_id == v.id)
+            )
+            mps = session.scalar(
+                select(func.count()).select_from(Member).where(Member.version_id == v.id)
+            )
+            table.add_row(
+                str(v.id),
+                "yes" if v.is_current else "",
+                v.created_at.strftime("%Y-%m-%d %H:%M"),
+                v.source + (" (dissolved)" if v.dissolved else ""),
+                str(seats),
+                str(mps),
+                str(v.postcodes_version_id),
+                str(held) if v.is_current else "",
+            )
+    Console().print(table)
+
+
+@directory.command("prune")
+@click.option("--keep", default=2, show_default=True, help="Versions to keep (newest first).")
+def directory_prune(keep: int) -> None:
+    """Delete old directory versions (and postcode sets nothing uses any more)."""
+    from workers.db import session_scope
+    from workers.directory import prune
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        gone = prune(session, keep=max(1, keep))
+    click.echo(f"deleted versions: {', '.join(map(str, gone)) or 'none'}")
