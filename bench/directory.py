@@ -49,13 +49,17 @@ LETTERS = "ABDEFGHJLNPQRSTUWXYZ"  # unit letters Royal Mail uses
 AREAS = ["AB", "B", "BS", "CF", "E", "EH", "G", "L", "LS", "M", "N", "NE", "S", "SE", "SW", "W"]
 
 
-# Runs the dearmp command, then writes the process's own peak memory (kB) to argv[1].
+# Runs the dearmp command, then writes the process's own peak memory (kB) to argv[1]. VmHWM, not
+# ru_maxrss: the latter survives exec and would count the benchmark's own memory at fork time.
 IMPORT_AND_REPORT_PEAK = """
-import atexit, resource, sys
+import atexit, sys
 from pathlib import Path
 from workers.cli import main
 out = Path(sys.argv.pop(1))
-atexit.register(lambda: out.write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+def peak():
+    status = Path("/proc/self/status").read_text().splitlines()
+    out.write_text(next(l.split()[1] for l in status if l.startswith("VmHWM")))
+atexit.register(peak)
 main()
 """
 
