@@ -102,6 +102,33 @@ class Targets(BaseModel):
     excluded_message: str = "Your MP, {mp}, is not taking part in this campaign."
 
 
+class Retention(BaseModel):
+    """How long personal details stay after a submission's final state (``dearmp retention run``).
+
+    After these many days the letter body and the postal address are scrubbed; the facts (which MP,
+    when, delivered or not) and the consent proof stay.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    delivered_days: int = Field(default=28, ge=0)
+    failed_days: int = Field(default=90, ge=0, description="Long enough to investigate and resend.")
+    rejected_days: int = Field(default=7, ge=0)
+    unconfirmed_days: int = Field(default=7, ge=0, description="Never confirmed by the sender.")
+
+
+class Controller(BaseModel):
+    """The data controller, as named on consent receipts (defaults: the organisation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    email: EmailStr | None = None
+    address: str = ""
+    phone: str = ""
+    url: str | None = None
+
+
 class CampaignDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -132,6 +159,8 @@ class CampaignDefinition(BaseModel):
     body_max_chars: int = Field(default=5000, le=10_000)
     consent: ConsentWording
     targets: Targets = Targets()
+    retention: Retention = Retention()
+    controller: Controller = Controller()
 
     def check_channels(self) -> None:
         missing = [c for c in CHANNELS if self.consent.question(c) is None]

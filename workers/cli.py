@@ -581,8 +581,10 @@ def campaigns_mode(slug: str, mode: str) -> None:
 
 def _register_groups() -> None:
     from workers.cli_directory import directory
+    from workers.cli_privacy import consent, retention, supporter
 
-    main.add_command(directory)
+    for group in (directory, consent, supporter, retention):
+        main.add_command(group)
 
 
 _register_groups()

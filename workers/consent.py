@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from schemas.submission import CHANNELS
 from workers.campaigns import get_definition
+from workers.ledger import append
 from workers.models import ConsentEvent, State, Submission, SubmissionEvent, utcnow
 from workers.privacy import supporter_hash
 
@@ -52,6 +53,7 @@ def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
         "campaign_slug": submission.campaign_slug,
         "wording_version": prefs["wording_version"],
         "lawful_basis": definition.consent.lawful_basis,
+        "privacy_notice_version": definition.privacy_notice_version,
         "source_url": payload.get("source_url"),
         "user_agent": payload.get("user_agent"),
         "ip_hash": submission.client_ip_hash,
@@ -63,20 +65,26 @@ def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
         assert question is not None  # checked when the campaign was loaded
         events.append(
             ConsentEvent(
-                **common, channel=channel, choice=prefs[channel], wording_sha256=question.sha256
+                **common,
+                event_type="preference",
+                channel=channel,
+                choice=prefs[channel],
+                wording=question.wording,
+                wording_sha256=question.sha256,
             )
         )
-    notice_sha = hashlib.sha256(definition.consent.mp_notice.encode()).hexdigest()
+    notice = definition.consent.mp_notice
     events.append(
         ConsentEvent(
             **{**common, "lawful_basis": "legitimate_interests"},
+            event_type=MP_NOTICE,
             channel=MP_NOTICE,
             choice="informed",
-            wording_sha256=notice_sha,
+            wording=notice,
+            wording_sha256=hashlib.sha256(notice.encode()).hexdigest(),
         )
     )
-    new = [e for e in events if e.channel not in already]
-    session.add_all(new)
+    new = append(session, [e for e in events if e.channel not in already])
     session.execute(
         update(Submission)
         .where(Submission.id == submission_id)
@@ -84,3 +92,36 @@ def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
         .execution_options(synchronize_session=False)
     )
     return len(new)
+
+
+WITHDRAWAL_WORDING = "The supporter withdrew consent for contact by this channel."
+
+
+def withdraw(
+    session: Session,
+    secret: bytes,
+    email: str,
+    channels: list[str],
+    campaign_slug: str = "*",
+    source: str = "operator",
+) -> int:
+    """Record a withdrawal (a new event per channel; nothing earlier changes)."""
+    now = utcnow()
+    events = [
+        ConsentEvent(
+            submission_id=None,
+            supporter_hash=supporter_hash(secret, email),
+            event_type="withdrawal",
+            campaign_slug=campaign_slug,
+            channel=channel,
+            choice="refused",
+            wording_version="withdrawal",
+            wording=WITHDRAWAL_WORDING,
+            wording_sha256=hashlib.sha256(WITHDRAWAL_WORDING.encode()).hexdigest(),
+            lawful_basis="consent",
+            source_url=source,
+            recorded_at=now,
+        )
+        for channel in channels
+    ]
+    return len(append(session, events))

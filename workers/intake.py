@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from workers.models import State, Submission, SubmissionEvent, utcnow
-from workers.privacy import ip_hash
+from workers.privacy import ip_hash, supporter_hash
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ def accept(session: Session, payload: Any, secret: bytes) -> Accepted:
         state=State.RECEIVED.value,
         payload=stored,
         client_ip_hash=hashed_ip,
+        supporter_hash=_supporter(payload, secret),
         created_at=now,
         updated_at=now,
         dispatched_at=now,
@@ -72,6 +73,12 @@ def accept(session: Session, payload: Any, secret: bytes) -> Accepted:
         return Accepted(found, created=False)
     session.add(SubmissionEvent(submission_id=submission.id, state=State.RECEIVED.value, at=now))
     return Accepted(submission.id, created=True)
+
+
+def _supporter(payload: Any, secret: bytes) -> str | None:
+    supporter = payload.get("supporter") if isinstance(payload, dict) else None
+    email = supporter.get("email") if isinstance(supporter, dict) else None
+    return supporter_hash(secret, email) if isinstance(email, str) and email.strip() else None
 
 
 def _find(session: Session, campaign: str, key: str) -> str | None:

@@ -62,13 +62,14 @@ class State(StrEnum):
     RENDERED = "rendered"
     DELIVERED = "delivered"
     FAILED = "failed"
+    WITHDRAWN = "withdrawn"  # erased at the supporter's request before a letter went
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset({State.REJECTED, State.DELIVERED, State.FAILED})
+FINAL_STATES = frozenset({State.REJECTED, State.DELIVERED, State.FAILED, State.WITHDRAWN})
 
 
 class DeliveryStatus(StrEnum):
@@ -180,6 +181,8 @@ class Submission(Base):
     # What the front end posted (personal data). The raw client IP is never stored.
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     client_ip_hash: Mapped[str | None] = mapped_column(String(64))
+    # Keyed hash of the normalised email: finds a supporter's submissions for export and erasure.
+    supporter_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     # Outcome details: per-field reasons for a rejection, an explanation for a failure.
     rejection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     failure_reason: Mapped[str | None] = mapped_column(Text)
@@ -192,6 +195,9 @@ class Submission(Base):
     # The MP as resolved (name, email, constituency): what rendering addresses the letter to.
     recipient: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     consent_logged_at: Mapped[datetime | None] = mapped_column()
+    # Retention: letter body and postal address scrubbed; erasure: every personal detail removed.
+    scrubbed_at: Mapped[datetime | None] = mapped_column()
+    erased_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Last time a stage message was sent for this submission: the reconciler's clock.
@@ -258,24 +264,38 @@ class Delivery(Base):
 
 
 class ConsentEvent(Base):
-    """One recorded choice per channel per submission, plus the 'details go to your MP' notice."""
+    """The consent ledger: append-only, each event chained to the one before by its hash.
+
+    Nothing here identifies a person directly: the supporter is a keyed hash of their normalised
+    email, the client address a keyed hash, so the proof outlives erasure of their details.
+    """
 
     __tablename__ = "consent_events"
-    __table_args__ = (UniqueConstraint("submission_id", "channel", name="uq_consent_submission"),)
+    __table_args__ = (
+        UniqueConstraint("submission_id", "channel", name="uq_consent_submission"),
+        Index("ix_consent_events_supporter_channel", "supporter_hash", "channel", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    submission_id: Mapped[str] = mapped_column(String(36), index=True)
+    submission_id: Mapped[str | None] = mapped_column(String(36), index=True)
     supporter_hash: Mapped[str] = mapped_column(String(64), index=True)
+    # "preference" (a choice on a form), "mp_notice" (told their details go to the MP),
+    # "withdrawal" (a later change of mind), "erasure" (their details were erased).
+    event_type: Mapped[str] = mapped_column(String(16), default="preference")
     campaign_slug: Mapped[str] = mapped_column(String(64))
     channel: Mapped[str] = mapped_column(String(16))
     choice: Mapped[str] = mapped_column(String(16))
     wording_version: Mapped[str] = mapped_column(String(64))
+    wording: Mapped[str | None] = mapped_column(Text)
     wording_sha256: Mapped[str] = mapped_column(String(64))
     lawful_basis: Mapped[str] = mapped_column(String(40))
+    privacy_notice_version: Mapped[str | None] = mapped_column(String(64))
     source_url: Mapped[str | None] = mapped_column(Text)
     user_agent: Mapped[str | None] = mapped_column(Text)
     ip_hash: Mapped[str | None] = mapped_column(String(64))
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
 class Failure(Base):

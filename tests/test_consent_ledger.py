@@ -1,0 +1,393 @@
+"""The consent ledger and supporter rights, on SQLite and PostgreSQL: events, the hash chain,
+append-only enforcement, withdrawal, export, erasure, retention, receipts and the CRM export."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.exc import DatabaseError
+
+from tests.factories import submission
+from tests.test_stages import POLICY, get, step, store, through_render
+from workers.app import App
+from workers.campaigns import update_definition
+from workers.cli import main
+from workers.consent import log_consent, withdraw
+from workers.db import session_scope
+from workers.delivery import deliver
+from workers.ledger import current_preferences, verify
+from workers.mail import OutboxMailer
+from workers.models import ConsentEvent, Letter, State, Submission, utcnow
+from workers.privacy import supporter_hash
+from workers.supporters import (
+    consent_csv,
+    consent_receipt,
+    erase_supporter,
+    export_supporter,
+    run_retention,
+)
+from workers.validation import validate
+
+EMAIL = "amira.haddad@example.com"
+
+
+def logged(app: App, payload: dict[str, Any] | None = None) -> str:
+    sid = store(app, payload or submission())
+    step(app, validate, sid)
+    with session_scope(app.sessions) as session:
+        log_consent(session, sid, app.secret)
+    return sid
+
+
+def events(app: App, sid: str | None = None) -> list[ConsentEvent]:
+    with session_scope(app.sessions) as session:
+        query = select(ConsentEvent).order_by(ConsentEvent.id)
+        if sid is not None:
+            query = query.where(ConsentEvent.submission_id == sid)
+        return list(session.scalars(query))
+
+
+def delivered(app: App, tmp_path: Path, payload: dict[str, Any] | None = None) -> str:
+    sid = through_render(app, payload or submission())
+    with session_scope(app.sessions) as session:
+        log_consent(session, sid, app.secret)
+    deliver(app.sessions, sid, OutboxMailer(app.settings.resolved_outbox_dir), POLICY)
+    assert get(app, sid).state == State.DELIVERED
+    return sid
+
+
+def raw(app: App, sql: str) -> None:
+    """A statement behind the application's back, on its own connection."""
+    engine = create_engine(app.settings.resolved_database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql))
+    finally:
+        engine.dispose()
+
+
+def test_an_event_per_channel_with_the_exact_wording_and_the_mp_notice(app: App) -> None:
+    sid = logged(app)
+    rows = events(app, sid)
+    by_channel = {e.channel: e for e in rows}
+    assert set(by_channel) == {"email", "phone", "sms", "post", "mp_notice"}
+    email = by_channel["email"]
+    assert (email.event_type, email.choice, email.lawful_basis) == (
+        "preference",
+        "granted",
+        "consent",
+    )
+    assert email.wording == (
+        "Yes, I'd like to receive updates about campaigns and fundraising by email."
+    )
+    assert email.wording_version == "2024-03-contact-v2"
+    assert email.wording_sha256 == hashlib.sha256(email.wording.encode()).hexdigest()
+    assert email.privacy_notice_version == "2024-03"
+    assert email.source_url == "https://campaign.example.org/political-prisoners"
+    assert email.user_agent == "Mozilla/5.0 (test)"
+    assert email.ip_hash is not None and "203.0.113.7" not in email.ip_hash
+    assert email.recorded_at.utcoffset() == timedelta(0)
+    assert email.supporter_hash == supporter_hash(app.secret, "Amira.Haddad@example.com ")
+    assert (by_channel["phone"].choice, by_channel["sms"].choice) == ("refused", "not_asked")
+    notice = by_channel["mp_notice"]
+    assert notice.event_type == "mp_notice" and "sent to your MP" in (notice.wording or "")
+    # Logged twice: one set of events.
+    with session_scope(app.sessions) as session:
+        assert log_consent(session, sid, app.secret) == 0
+    assert len(events(app, sid)) == 5
+
+
+def test_the_chain_links_every_event_and_verify_walks_it(app: App) -> None:
+    for _ in range(3):
+        logged(app)
+    rows = events(app)
+    assert rows[0].prev_hash == "0" * 64
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(rows))
+    with session_scope(app.sessions) as session:
+        result = verify(session)
+    assert result.intact and result.events == 15 and result.head == rows[-1].hash
+    out = CliRunner().invoke(main, ["consent", "verify"])
+    assert out.exit_code == 0 and "intact: 15 events" in out.stdout
+
+
+def test_the_database_refuses_update_delete_and_truncate(app: App) -> None:
+    logged(app)
+    for sql in (
+        "UPDATE consent_events SET choice = 'granted'",
+        "DELETE FROM consent_events",
+    ):
+        with pytest.raises(DatabaseError, match="append-only"):
+            raw(app, sql)
+    if app.engine.dialect.name == "postgresql":
+        with pytest.raises(DatabaseError, match="append-only"):
+            raw(app, "TRUNCATE consent_events")
+    assert len(events(app)) == 5
+
+
+def tamper(app: App, sql: str) -> None:
+    """Edit the ledger as someone with the database owner's rights could."""
+    if app.engine.dialect.name == "postgresql":
+        raw(
+            app,
+            "ALTER TABLE consent_events DISABLE TRIGGER consent_events_append_only;"
+            f"{sql};"
+            "ALTER TABLE consent_events ENABLE TRIGGER consent_events_append_only",
+        )
+    else:
+        raw(app, "DROP TRIGGER consent_events_no_update")
+        raw(app, "DROP TRIGGER consent_events_no_delete")
+        raw(app, sql)
+
+
+def test_an_edit_behind_the_applications_back_breaks_the_chain(app: App) -> None:
+    logged(app)
+    logged(app)
+    target = events(app)[6]  # the second submission's phone choice
+    tamper(app, f"UPDATE consent_events SET choice = 'granted' WHERE id = {target.id}")  # noqa: S608
+    with session_scope(app.sessions) as session:
+        result = verify(session)
+    assert (result.broken_at, result.events) == (target.id, 6)
+    assert "content" in (result.reason or "")
+    out = CliRunner().invoke(main, ["consent", "verify"])
+    assert out.exit_code == 1 and f"BROKEN at event {target.id}" in out.stdout
+
+
+def test_a_deleted_event_breaks_the_chain_at_the_next_one(app: App) -> None:
+    logged(app)
+    rows = events(app)
+    tamper(app, f"DELETE FROM consent_events WHERE id = {rows[2].id}")  # noqa: S608
+    with session_scope(app.sessions) as session:
+        result = verify(session)
+    assert result.broken_at == rows[3].id and "link" in (result.reason or "")
+
+
+def test_withdrawal_is_a_new_event_and_the_latest_choice_wins(app: App) -> None:
+    logged(app)
+    who = supporter_hash(app.secret, EMAIL)
+    with session_scope(app.sessions) as session:
+        assert current_preferences(session, who)["email"]["choice"] == "granted"
+        assert "sms" not in current_preferences(session, who)  # never asked
+        withdraw(session, app.secret, EMAIL, ["email"], source="unsubscribe link")
+    with session_scope(app.sessions) as session:
+        now = current_preferences(session, who)
+    assert now["email"]["choice"] == "refused"
+    assert now["post"]["choice"] == "granted"
+    # A later form that did not ask about email changes nothing; one that did, wins.
+    logged(app, submission(contact_preferences__email="not_asked"))
+    with session_scope(app.sessions) as session:
+        assert current_preferences(session, who)["email"]["choice"] == "refused"
+    logged(app, submission(contact_preferences__email="granted"))
+    with session_scope(app.sessions) as session:
+        assert current_preferences(session, who)["email"]["choice"] == "granted"
+        assert verify(session).intact
+    out = CliRunner().invoke(main, ["consent", "withdraw", EMAIL, "--channel", "post"])
+    assert out.exit_code == 0 and "1 withdrawal" in out.stdout
+
+
+def test_concurrent_logging_keeps_one_chain(app: App) -> None:
+    ids = [store(app, submission()) for _ in range(24)]
+    for sid in ids:
+        step(app, validate, sid)
+    errors: list[BaseException] = []
+
+    def work(chunk: list[str]) -> None:
+        try:
+            for sid in chunk:
+                with session_scope(app.sessions) as session:
+                    log_consent(session, sid, app.secret)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(ids[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with session_scope(app.sessions) as session:
+        result = verify(session)
+    assert result.intact and result.events == 24 * 5
+
+
+def test_supporter_export_has_everything_held(app: App, tmp_path: Path) -> None:
+    sid = delivered(app, tmp_path)
+    other = delivered(app, tmp_path, submission(supporter__email="someone.else@example.com"))
+    with session_scope(app.sessions) as session:
+        data = export_supporter(session, app.secret, EMAIL)
+    assert [s["id"] for s in data["submissions"]] == [sid]
+    first = data["submissions"][0]
+    assert first["details"]["supporter"]["address_lines"] == ["12 Mill Lane", "Millbrook"]
+    assert first["letter"]["body"].startswith("Dear Alex Rivers,")
+    assert first["delivery"]["status"] == "sent" and first["mp"]["name"] == "Alex Rivers"
+    assert [h["state"] for h in first["history"]][-1] == "delivered"
+    assert len(data["consent"]["events"]) == 5 and data["consent"]["current"]["email"]
+    out = CliRunner().invoke(main, ["supporter", "export", EMAIL])
+    assert json.loads(out.stdout)["submissions"][0]["id"] == sid
+    assert other not in out.stdout
+
+
+def everything_stored(app: App) -> str:
+    """Every row of every table, as text."""
+    dump = []
+    with session_scope(app.sessions) as session:
+        names = [
+            "submissions",
+            "submission_events",
+            "letters",
+            "deliveries",
+            "consent_events",
+            "failures",
+        ]
+        for name in names:
+            dump += [repr(tuple(row)) for row in session.execute(text(f"SELECT * FROM {name}"))]  # noqa: S608
+    return "\n".join(dump)
+
+
+def test_erasure_removes_personal_details_everywhere_and_keeps_the_proof(
+    app: App, tmp_path: Path
+) -> None:
+    sent = delivered(app, tmp_path)
+    outbox = app.settings.resolved_outbox_dir
+    assert (outbox / f"{sent}.eml").exists()
+    queued = store(app, submission(supporter__email="AMIRA.HADDAD@example.com"))  # not yet run
+    stored = everything_stored(app)
+    for detail in ("Amira Haddad", "12 Mill Lane", EMAIL, "+44 20 7946 0000", "stand with"):
+        assert detail in stored
+    before = len(events(app))
+
+    out = CliRunner().invoke(main, ["supporter", "erase", EMAIL, "--yes"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert report == {
+        "submissions": 2,
+        "stopped_before_sending": 1,
+        "letters_scrubbed": 1,
+        "outbox_files_removed": 1,
+        "consent_events_kept": before,
+        "consent_events_added": 5,
+    }
+    stored = everything_stored(app)
+    # ("Millbrook" is also the fictional constituency's name, which stays.)
+    for detail in ("Amira", "Haddad", "Mill Lane", "amira", "7946", "DM1 1AA"):
+        assert detail.lower() not in stored.lower(), detail
+    assert not (outbox / f"{sent}.eml").exists()
+    assert get(app, sent).state == State.DELIVERED  # a letter already sent stays sent
+    assert get(app, queued).state == State.WITHDRAWN
+    assert step(app, validate, queued) == []  # its queued message now does nothing
+    with session_scope(app.sessions) as session:
+        assert verify(session).intact
+        letter = session.get(Letter, sent)
+        assert letter is not None and letter.body_text is None
+        assert letter.to_email == "alex.rivers.mp@mp.example.org"  # the delivery facts stay
+        prefs = current_preferences(session, supporter_hash(app.secret, EMAIL))
+    assert {p["choice"] for p in prefs.values()} == {"refused"}
+    assert len(events(app)) == before + 5
+
+
+def age(app: App, sid: str, days: float) -> None:
+    """The submission reached its final state ``days`` ago."""
+    with session_scope(app.sessions) as session:
+        session.execute(
+            update(Submission)
+            .where(Submission.id == sid)
+            .values(updated_at=utcnow() - timedelta(days=days))
+        )
+
+
+def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
+    app: App, tmp_path: Path
+) -> None:
+    old, recent = delivered(app, tmp_path), delivered(app, tmp_path)
+    rejected = store(app, submission(supporter__email="not an email"))
+    step(app, validate, rejected)
+    age(app, old, 29)
+    age(app, recent, 27)
+    age(app, rejected, 8)
+    out = CliRunner().invoke(main, ["retention", "run"])
+    assert json.loads(out.stdout) == {"scrubbed": {"delivered": 1, "rejected": 1}}
+    scrubbed = get(app, old)
+    assert scrubbed.payload is not None and scrubbed.scrubbed_at is not None
+    assert scrubbed.payload["supporter"]["address_lines"] == []
+    assert scrubbed.payload["supporter"]["postcode"] == "DM1"
+    assert scrubbed.payload["letter"]["body"] == ""
+    assert scrubbed.payload["supporter"]["email"] == EMAIL  # only bodies and addresses go
+    with session_scope(app.sessions) as session:
+        assert session.get(Letter, old).body_text is None  # type: ignore[union-attr]
+        assert session.get(Letter, recent).body_text is not None  # type: ignore[union-attr]
+    assert not (app.settings.resolved_outbox_dir / f"{old}.eml").exists()
+    # Idempotent: nothing more to do; a campaign with a shorter period catches the recent one.
+    with session_scope(app.sessions) as session:
+        assert run_retention(session) == {}
+        update_definition(session, "political-prisoners", retention={"delivered_days": 1})
+    with session_scope(app.sessions) as session:
+        assert run_retention(session) == {"delivered": 1}
+
+
+def test_a_consent_receipt_follows_the_kantara_specification(app: App) -> None:
+    logged(app)
+    with session_scope(app.sessions) as session:
+        receipt = consent_receipt(session, app.secret, EMAIL)
+        again = consent_receipt(session, app.secret, EMAIL)
+        assert consent_receipt(session, app.secret, "nobody@example.com") is None
+    assert receipt is not None and again == receipt
+    required = {
+        "version",
+        "jurisdiction",
+        "consentTimestamp",
+        "collectionMethod",
+        "consentReceiptID",
+        "language",
+        "piiPrincipalId",
+        "piiControllers",
+        "policyUrl",
+        "services",
+        "sensitive",
+        "spiCat",
+    }
+    assert required <= set(receipt)
+    assert (receipt["version"], receipt["jurisdiction"]) == ("KI-CR-v1.1.0", "GB")
+    assert receipt["piiPrincipalId"] == EMAIL and receipt["sensitive"] is False
+    assert receipt["policyUrl"] == "https://campaign.example.org/privacy"
+    controller = receipt["piiControllers"][0]
+    assert controller["piiController"] == "Example Solidarity Campaign"
+    assert controller["email"] == "privacy@campaign.example.org"
+    updates, letter = receipt["services"]
+    channels = [p["piiCategory"][0] for p in updates["purposes"]]
+    assert channels == ["Contact: email address", "Contact: postal address"]  # the granted ones
+    assert all(p["consentType"] == "EXPLICIT" for p in updates["purposes"])
+    assert letter["purposes"][0]["thirdPartyDisclosure"] is True
+    out = CliRunner().invoke(main, ["consent", "receipt", EMAIL])
+    assert json.loads(out.stdout)["consentReceiptID"] == receipt["consentReceiptID"]
+
+
+def test_consent_export_is_a_csv_for_a_crm(app: App, tmp_path: Path) -> None:
+    logged(app)
+    logged(app, submission(supporter__email="bob@example.com", supporter__name="Bob Smith"))
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, "bob@example.com")
+    with session_scope(app.sessions) as session:
+        rows = list(csv.DictReader(io.StringIO("".join(consent_csv(session)))))
+    by_email = {r["email"]: r for r in rows}
+    amira = by_email[EMAIL]
+    assert (amira["name"], amira["consent_email"], amira["consent_phone"]) == (
+        "Amira Haddad",
+        "granted",
+        "refused",
+    )
+    assert (amira["consent_sms"], amira["consent_post"]) == ("not_asked", "granted")
+    erased = by_email[""]  # Bob: known only by his pseudonymous id now, every channel refused
+    assert {erased[f"consent_{c}"] for c in ("email", "phone", "sms", "post")} == {"refused"}
+    target = tmp_path / "consent.csv"
+    out = CliRunner().invoke(main, ["consent", "export", "-o", str(target)])
+    assert out.exit_code == 0 and target.read_text().startswith("supporter_id,email,name")

@@ -1,0 +1,164 @@
+"""``dearmp consent``, ``dearmp supporter`` and ``dearmp retention``: data protection commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from schemas.submission import CHANNELS
+from workers.app import App
+
+
+def _app() -> App:
+    from workers.cli import _app as app_for_cli
+
+    return app_for_cli()
+
+
+def _outbox(app: App) -> Path | None:
+    return app.settings.resolved_outbox_dir if app.settings.mail_backend == "outbox" else None
+
+
+@click.group()
+def consent() -> None:
+    """The consent ledger: verify it, record withdrawals, receipts and exports."""
+
+
+@consent.command("verify")
+def consent_verify() -> None:
+    """Walk the hash chain; exit 1 and name the first broken link if anything was altered."""
+    from workers.db import session_scope
+    from workers.ledger import verify
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        result = verify(session)
+    if result.intact:
+        click.echo(f"intact: {result.events} events, head {result.head}")
+        return
+    click.echo(
+        f"BROKEN at event {result.broken_at}: {result.reason} "
+        f"({result.events} events before it verified)"
+    )
+    sys.exit(1)
+
+
+@consent.command("withdraw")
+@click.argument("email")
+@click.option(
+    "--channel",
+    "channels",
+    type=click.Choice(CHANNELS),
+    multiple=True,
+    help="Repeat for several; default: every channel.",
+)
+@click.option("--source", default="operator", show_default=True, help="How the request came.")
+def consent_withdraw(email: str, channels: tuple[str, ...], source: str) -> None:
+    """Record that a supporter withdrew consent (a new event; nothing earlier changes)."""
+    from workers.consent import withdraw
+    from workers.db import session_scope
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        written = withdraw(session, app.secret, email, list(channels or CHANNELS), source=source)
+    click.echo(f"recorded {written} withdrawal events")
+
+
+@consent.command("receipt")
+@click.argument("email")
+def consent_receipt_command(email: str) -> None:
+    """A consent receipt for a supporter (Kantara Consent Receipt Specification v1.1), as JSON."""
+    from workers.db import session_scope
+    from workers.supporters import consent_receipt
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        receipt = consent_receipt(session, app.secret, email)
+    if receipt is None:
+        raise click.ClickException("no consent recorded for this address")
+    click.echo(json.dumps(receipt, indent=2, ensure_ascii=False))
+
+
+@consent.command("export")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def consent_export(output: Path | None) -> None:
+    """Current contact preferences per supporter as CSV, for a CRM (stdout or --output)."""
+    from workers.db import session_scope
+    from workers.supporters import consent_csv
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        if output is None:
+            for chunk in consent_csv(session):
+                click.echo(chunk, nl=False)
+            return
+        with output.open("w", newline="") as fh:
+            for chunk in consent_csv(session):
+                fh.write(chunk)
+    click.echo(f"written {output}", err=True)
+
+
+@click.group()
+def supporter() -> None:
+    """A supporter's rights: see everything held about them, or erase it."""
+
+
+@supporter.command("export")
+@click.argument("email")
+def supporter_export(email: str) -> None:
+    """Everything held about a person (submissions, letters, deliveries, consent) as JSON."""
+    from workers.db import session_scope
+    from workers.supporters import export_supporter
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        data = export_supporter(session, app.secret, email)
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@supporter.command("erase")
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def supporter_erase(email: str, yes: bool) -> None:
+    """Erase a person's details everywhere; keep the consent proof and the delivery facts."""
+    from workers.db import session_scope
+    from workers.supporters import erase_supporter
+
+    if not yes:
+        click.confirm("Erase this supporter's details? This cannot be undone", abort=True)
+    app = _app()
+    with session_scope(app.sessions) as session:
+        report = erase_supporter(session, app.secret, email, _outbox(app))
+    click.echo(json.dumps(report.as_dict(), indent=2))
+
+
+@click.group()
+def retention() -> None:
+    """Retention of personal details after a submission ends."""
+
+
+@retention.command("run")
+@click.option(
+    "--every",
+    type=float,
+    default=None,
+    help="Run again every this many seconds (a long-running service) instead of once (cron).",
+)
+def retention_run(every: float | None) -> None:
+    """Scrub letter bodies and postal addresses past each campaign's retention period."""
+    import time
+
+    from workers.db import session_scope
+    from workers.supporters import run_retention
+
+    app = _app()
+    while True:
+        with session_scope(app.sessions) as session:
+            done = run_retention(session, outbox_dir=_outbox(app))
+        click.echo(json.dumps({"scrubbed": done}))
+        if every is None:
+            return
+        time.sleep(every)
