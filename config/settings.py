@@ -99,6 +99,18 @@ class Settings(BaseSettings):
     # Held submissions (vacant seat) are looked at again this often, and at each new directory.
     held_recheck: float = Field(default=21_600.0, gt=0, alias="DEARMP_HELD_RECHECK")
 
+    # The HTTP intake (`dearmp api`).
+    public_url: str = Field(default="http://127.0.0.1:8000", alias="DEARMP_PUBLIC_URL")
+    api_max_body_bytes: int = Field(default=65_536, ge=1024, alias="DEARMP_API_MAX_BODY_BYTES")
+    # Per hashed client IP and per supporter email, across every API process (Redis). 0: none.
+    api_ip_limit: int = Field(default=30, ge=0, alias="DEARMP_API_IP_LIMIT")
+    api_ip_window: float = Field(default=600.0, gt=0, alias="DEARMP_API_IP_WINDOW")
+    api_email_limit: int = Field(default=5, ge=0, alias="DEARMP_API_EMAIL_LIMIT")
+    api_email_window: float = Field(default=3600.0, gt=0, alias="DEARMP_API_EMAIL_WINDOW")
+    # Sender confirmation: the link's life, and when the one reminder goes.
+    confirm_valid_days: float = Field(default=7.0, gt=0, alias="DEARMP_CONFIRM_VALID_DAYS")
+    confirm_reminder_hours: float = Field(default=24.0, gt=0, alias="DEARMP_CONFIRM_REMINDER_HOURS")
+
     # Reconciler: how often it runs and how long a submission may sit in one state.
     reconcile_interval: float = Field(default=60.0, gt=0, alias="DEARMP_RECONCILE_INTERVAL")
     reconcile_after: float = Field(default=120.0, gt=0, alias="DEARMP_RECONCILE_AFTER")

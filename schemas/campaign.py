@@ -159,6 +159,10 @@ class CampaignDefinition(BaseModel):
     body_max_chars: int = Field(default=5000, le=10_000)
     consent: ConsentWording
     targets: Targets = Targets()
+    # Ask the sender to confirm by email (a signed link, valid 7 days) before the letter goes.
+    confirmation: bool = False
+    # Web origins whose pages may post to this campaign from the browser (CORS).
+    allowed_origins: list[str] = []
     retention: Retention = Retention()
     controller: Controller = Controller()
 

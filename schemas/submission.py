@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from schemas.postcode import check_format, normalise_postcode
 
-__all__ = ["SubmissionV1", "normalise_postcode", "parse_submission"]
+__all__ = ["SubmissionV1", "error_message", "normalise_postcode", "parse_submission"]
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -194,22 +194,26 @@ class SubmissionV1(BaseModel):
     ] = None
 
 
+def error_message(err: Any, loc: list[str]) -> str:
+    """The human message for one pydantic error (``loc`` is its field path)."""
+    path = ".".join(loc) or "submission"
+    if err["type"] == "value_error":
+        return str(err["ctx"]["error"]) if "ctx" in err else str(err["msg"])
+    if err["type"] == "missing":
+        return f"{path.split('.')[-1].replace('_', ' ').capitalize()} is required."
+    if err["type"] == "extra_forbidden":
+        return "This field is not part of the submission schema."
+    if err["type"] == "enum":
+        return "Choose one of: granted, refused, not_asked."
+    return str(err["msg"])
+
+
 def field_errors(exc: ValidationError) -> dict[str, str]:
     """One human message per field, keyed by a dotted path ('supporter.email')."""
     errors: dict[str, str] = {}
     for err in exc.errors(include_url=False):
-        path = ".".join(str(p) for p in err["loc"]) or "submission"
-        if err["type"] == "value_error":
-            message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
-        elif err["type"] == "missing":
-            message = f"{path.split('.')[-1].replace('_', ' ').capitalize()} is required."
-        elif err["type"] == "extra_forbidden":
-            message = "This field is not part of the submission schema."
-        elif err["type"] == "enum":
-            message = "Choose one of: granted, refused, not_asked."
-        else:
-            message = err["msg"]
-        errors.setdefault(path, message)
+        loc = [str(p) for p in err["loc"]]
+        errors.setdefault(".".join(loc) or "submission", error_message(err, loc))
     return errors
 
 

@@ -77,18 +77,21 @@ def worker(processes: int, threads: int) -> None:
 def reconcile(once: bool) -> None:
     """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds)."""
     from workers.actors import broker
+    from workers.confirmation import ConfirmationPolicy
     from workers.reconciler import reconcile_once, run_forever
 
     app = _app()
     older = timedelta(seconds=app.settings.reconcile_after)
     held = timedelta(seconds=app.settings.held_recheck)
+    confirming = ConfirmationPolicy.from_settings(app.settings)
     if once:
-        click.echo(f"resent {reconcile_once(app.sessions, broker, older, held)}")
+        click.echo(f"resent {reconcile_once(app.sessions, broker, older, held, confirming)}")
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    interval = app.settings.reconcile_interval
     try:
-        run_forever(app.sessions, broker, app.settings.reconcile_interval, older, stop, held)
+        run_forever(app.sessions, broker, interval, older, stop, held, confirming)
     except KeyboardInterrupt:
         stop.set()
 
@@ -580,10 +583,11 @@ def campaigns_mode(slug: str, mode: str) -> None:
 
 
 def _register_groups() -> None:
+    from workers.cli_api import api
     from workers.cli_directory import directory
     from workers.cli_privacy import consent, retention, supporter
 
-    for group in (directory, consent, supporter, retention):
+    for group in (api, directory, consent, supporter, retention):
         main.add_command(group)
 
 

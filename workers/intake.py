@@ -39,8 +39,11 @@ def _split_ip(payload: Any, secret: bytes) -> tuple[Any, str | None]:
     return {**payload, "client_ip": None}, ip_hash(secret, address)
 
 
-def accept(session: Session, payload: Any, secret: bytes) -> Accepted:
-    """Record a submission in state ``received`` (caller commits, then dispatches validation)."""
+def accept(
+    session: Session, payload: Any, secret: bytes, state: State = State.RECEIVED
+) -> Accepted:
+    """Record a submission in state ``received`` (caller commits, then dispatches validation),
+    or ``unconfirmed`` when its campaign first asks the sender to confirm by email."""
     campaign = _text(payload.get("campaign"), 200) if isinstance(payload, dict) else None
     key = _text(payload.get("idempotency_key"), 200) if isinstance(payload, dict) else None
     if key is not None:
@@ -53,7 +56,7 @@ def accept(session: Session, payload: Any, secret: bytes) -> Accepted:
     submission = Submission(
         campaign_slug=campaign or "",
         idempotency_key=key,
-        state=State.RECEIVED.value,
+        state=state.value,
         payload=stored,
         client_ip_hash=hashed_ip,
         supporter_hash=_supporter(payload, secret),
@@ -71,7 +74,7 @@ def accept(session: Session, payload: Any, secret: bytes) -> Accepted:
         if found is None:
             raise
         return Accepted(found, created=False)
-    session.add(SubmissionEvent(submission_id=submission.id, state=State.RECEIVED.value, at=now))
+    session.add(SubmissionEvent(submission_id=submission.id, state=state.value, at=now))
     return Accepted(submission.id, created=True)
 
 

@@ -54,6 +54,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class State(StrEnum):
+    UNCONFIRMED = "unconfirmed"  # waiting for the sender to click the link in their email
+    EXPIRED = "expired"  # never confirmed: no letter goes
     RECEIVED = "received"
     VALIDATED = "validated"
     REJECTED = "rejected"
@@ -69,7 +71,9 @@ class State(StrEnum):
         return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset({State.REJECTED, State.DELIVERED, State.FAILED, State.WITHDRAWN})
+FINAL_STATES = frozenset(
+    {State.REJECTED, State.DELIVERED, State.FAILED, State.WITHDRAWN, State.EXPIRED}
+)
 
 
 class DeliveryStatus(StrEnum):
@@ -198,6 +202,10 @@ class Submission(Base):
     # Retention: letter body and postal address scrubbed; erasure: every personal detail removed.
     scrubbed_at: Mapped[datetime | None] = mapped_column()
     erased_at: Mapped[datetime | None] = mapped_column()
+    # Sender confirmation (campaigns that ask for it): emails sent, and the click.
+    confirmation_sent_at: Mapped[datetime | None] = mapped_column()
+    reminder_sent_at: Mapped[datetime | None] = mapped_column()
+    confirmed_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Last time a stage message was sent for this submission: the reconciler's clock.

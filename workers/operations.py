@@ -195,6 +195,7 @@ STAGE_OF_STATE = {
     "validated": Stage.VALIDATE,
     "rejected": Stage.VALIDATE,
     "resolved": Stage.RESOLVE,
+    "held": Stage.RESOLVE,
     "rendered": Stage.RENDER,
     "delivered": Stage.DELIVER,
     "failed": Stage.DELIVER,

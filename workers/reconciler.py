@@ -15,10 +15,12 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from workers.confirmation import ConfirmationPolicy
 from workers.db import session_scope
 from workers.directory import current_version_id
 from workers.models import State, Submission, SubmissionEvent, utcnow
 from workers.stages import Stage, dispatch
+from workers.transitions import advance
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +38,7 @@ def find_stalled(
     older_than: timedelta,
     now: datetime | None = None,
     held_recheck: timedelta = timedelta(hours=6),
+    confirmation: ConfirmationPolicy | None = None,
 ) -> list[tuple[str, Stage]]:
     """(submission id, stage) for everything due a resend; marks them dispatched now.
 
@@ -62,6 +65,29 @@ def find_stalled(
         .limit(BATCH)
     ).all()
     due.extend((sid, Stage.RESOLVE) for sid in held)
+
+    # Sender confirmation: expire what was never confirmed; (re)send the email or the reminder.
+    policy = confirmation or ConfirmationPolicy()
+    for submission in session.scalars(
+        select(Submission)
+        .where(Submission.state == State.UNCONFIRMED)
+        .where(Submission.created_at < now - policy.valid)
+        .limit(BATCH)
+    ):
+        advance(session, submission, State.EXPIRED, detail="never confirmed by the sender")
+    notify = session.scalars(
+        select(Submission.id)
+        .where(Submission.state == State.UNCONFIRMED, Submission.dispatched_at < cutoff)
+        .where(
+            Submission.confirmation_sent_at.is_(None)
+            | (
+                Submission.reminder_sent_at.is_(None)
+                & (Submission.created_at < now - policy.reminder_after)
+            )
+        )
+        .limit(BATCH)
+    ).all()
+    due.extend((sid, Stage.NOTIFY) for sid in notify)
     stalled = session.execute(
         select(Submission.id, Submission.state)
         .where(Submission.state.in_([s.value for s in STAGE_FOR_STATE]))
@@ -99,10 +125,13 @@ def reconcile_once(
     broker: dramatiq.Broker,
     older_than: timedelta,
     held_recheck: timedelta = timedelta(hours=6),
+    confirmation: ConfirmationPolicy | None = None,
 ) -> int:
     """One pass: find what has stalled, commit the new dispatch times, then resend."""
     with session_scope(sessions) as session:
-        due = find_stalled(session, older_than, held_recheck=held_recheck)
+        due = find_stalled(
+            session, older_than, held_recheck=held_recheck, confirmation=confirmation
+        )
     for submission_id, stage in due:
         dispatch(broker, [stage], submission_id)
     if due:
@@ -117,11 +146,12 @@ def run_forever(
     older_than: timedelta,
     stop: threading.Event,
     held_recheck: timedelta = timedelta(hours=6),
+    confirmation: ConfirmationPolicy | None = None,
 ) -> None:
     """Reconcile every ``interval`` seconds until ``stop`` is set; a failed pass is retried."""
     while not stop.is_set():
         try:
-            reconcile_once(sessions, broker, older_than, held_recheck)
+            reconcile_once(sessions, broker, older_than, held_recheck, confirmation)
         except Exception as exc:  # the database may be briefly away: try again next tick
             log.warning("reconciler_pass_failed", error=type(exc).__name__)
         stop.wait(interval)

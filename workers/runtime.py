@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from config.settings import CONFIG_DIR
 from workers.app import App
 from workers.campaigns import load_definitions, sync_campaigns
+from workers.confirmation import ConfirmationPolicy
 from workers.db import migrate, session_scope
 from workers.directory import current_version_id, import_directory
 from workers.embedded import EmbeddedRedis
@@ -82,6 +83,7 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
             timedelta(seconds=settings.reconcile_after),
             stop,
             timedelta(seconds=settings.held_recheck),
+            ConfirmationPolicy.from_settings(settings),
         ),
         name="reconciler",
         daemon=True,

@@ -26,6 +26,7 @@ class Stage(StrEnum):
     RENDER = "render"
     DELIVER = "deliver"
     CONSENT = "consent"
+    NOTIFY = "notify"  # the sender-confirmation email, for campaigns that ask for one
 
     @property
     def queue(self) -> str:

@@ -1,0 +1,266 @@
+"""The HTTP intake in process (FastAPI's test client over the real app, database and StubBroker):
+campaign, preview, submissions, status, abuse limits, CORS, headers, and sender confirmation."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from email import message_from_bytes
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+from structlog.testing import capture_logs
+
+from tests.conftest import drain
+from tests.factories import submission
+from tests.test_stages import get
+from workers.app import App
+from workers.campaigns import update_definition
+from workers.db import session_scope
+from workers.models import Constituency, State, Submission, utcnow
+from workers.ratelimit import RedisLimiter
+from workers.reconciler import find_stalled
+from workers.stages import Stage, dispatch
+from workers.web.api import create_app
+
+SLUG = "political-prisoners"
+ORIGIN = "https://campaign.example.org"
+
+
+@pytest.fixture
+def client(app: App, stub_broker: Any) -> Iterator[TestClient]:
+    peer = ("203.0.113.9", 50_000)
+    with TestClient(create_app(lambda: app, stub_broker), client=peer) as test_client:
+        yield test_client
+
+
+def posted(**changes: Any) -> dict[str, Any]:
+    payload = submission(**changes)
+    payload.pop("client_ip")  # the API takes it from the connection
+    return payload
+
+
+def count(app: App) -> int:
+    with session_scope(app.sessions) as session:
+        return int(session.scalar(select(func.count()).select_from(Submission)) or 0)
+
+
+def test_campaign_gives_a_page_what_it_needs(client: TestClient) -> None:
+    data = client.get(f"/v1/campaigns/{SLUG}").json()
+    assert data["title"] == "Stand with Palestinian political prisoners"
+    assert data["consent_version"] == "2024-03-contact-v2"
+    assert [q["channel"] for q in data["consent_questions"]] == ["email", "phone", "sms", "post"]
+    assert data["draft_body"].startswith("As your constituent")
+    assert data["privacy_notice_url"] == "https://campaign.example.org/privacy"
+    missing = client.get("/v1/campaigns/nope")
+    assert missing.status_code == 404 and "nope" in missing.json()["errors"]["campaign"]
+
+
+def test_preview_finds_the_mp_and_the_draft(client: TestClient) -> None:
+    reply = client.post(f"/v1/campaigns/{SLUG}/preview", json={"name": "A", "postcode": " dm11aa"})
+    data = reply.json()
+    assert reply.status_code == 200 and data["postcode"] == "DM1 1AA"
+    assert data["mp"] == {
+        "name": "Alex Rivers",
+        "constituency": "Millbrook and Eastvale",
+        "party": "Independent",
+    }
+    assert data["letter"]["salutation"] == "Dear Alex Rivers,"
+
+
+@pytest.mark.parametrize(
+    ("postcode", "field", "fragment"),
+    [
+        ("hello", "postcode", "not a UK postcode"),
+        ("DM9 9XX", "postcode", "could not find"),
+        ("DM1 9ZZ", "postcode", "no longer in use"),
+        ("JE2 4WD", "postcode", "Crown dependency"),
+        ("DM6 1AA", "member", "vacant"),
+    ],
+)
+def test_preview_explains_a_postcode_with_no_mp_to_write_to(
+    app: App, client: TestClient, postcode: str, field: str, fragment: str
+) -> None:
+    with session_scope(app.sessions) as session:
+        session.execute(
+            update(Constituency).where(Constituency.gss_code == "N05900006").values(member_id=None)
+        )
+    reply = client.post(f"/v1/campaigns/{SLUG}/preview", json={"name": "A", "postcode": postcode})
+    assert reply.status_code == 422
+    assert fragment in reply.json()["errors"][field]
+
+
+def test_a_submission_is_stored_before_202_and_goes_all_the_way(
+    app: App, client: TestClient, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    payload = posted()
+    reply = client.post("/v1/submissions", json=payload)
+    assert reply.status_code == 202
+    data = reply.json()
+    assert data["status_url"] == f"/v1/submissions/{data['id']}" == reply.headers["location"]
+    assert get(app, data["id"]).state in {s.value for s in State}  # it is in the database
+    again = client.post("/v1/submissions", json=payload).json()
+    assert (again["id"], again["duplicate"]) == (data["id"], True)
+    drain(stub_broker, stub_worker)
+    status = client.get(data["status_url"]).json()
+    assert (status["state"], status["final"]) == ("delivered", True)
+    assert status["mp"] == {"name": "Alex Rivers", "constituency": "Millbrook and Eastvale"}
+    text = json.dumps(status)
+    for detail in ("Amira", "amira", "Mill Lane", "DM1 1AA", "I ask you to stand"):
+        assert detail not in text  # no personal data in the status
+    assert (app.settings.resolved_outbox_dir / f"{data['id']}.eml").exists()
+    assert get(app, data["id"]).client_ip_hash is not None  # taken from the connection
+    assert client.get("/v1/submissions/nope").status_code == 404
+
+
+def test_every_invalid_field_gets_its_own_message(client: TestClient, app: App) -> None:
+    reply = client.post(
+        "/v1/submissions",
+        json=posted(
+            supporter__email="nope",
+            supporter__postcode="JE2 4WD",
+            letter__body="",
+            contact_preferences__sms="maybe",
+        ),
+    )
+    assert reply.status_code == 422
+    errors = reply.json()["errors"]
+    assert errors["supporter.email"].startswith("This is not a valid email address")
+    assert "Crown dependency" in errors["supporter.postcode"]
+    assert errors["letter.body"] == "Your letter is empty. Please write something to your MP."
+    assert errors["contact_preferences.sms"] == "Choose one of: granted, refused, not_asked."
+    short = client.post("/v1/submissions", json=posted(letter__body="Too short"))
+    assert "too short" in short.json()["errors"]["letter.body"]
+    assert client.post("/v1/submissions", content=b"{not json").status_code == 422
+    assert count(app) == 0
+
+
+def test_body_size_limit_honeypot_and_security_headers(client: TestClient, app: App) -> None:
+    big = posted(letter__body="x" * 70_000)
+    assert client.post("/v1/submissions", json=big).status_code == 413
+    trapped = client.post("/v1/submissions", json={**posted(), "website": "http://spam"})
+    assert trapped.status_code == 202 and count(app) == 0  # looks accepted, keeps nothing
+    headers = client.get(f"/v1/campaigns/{SLUG}").headers
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    page = client.get(f"/demo/{SLUG}")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+
+
+def test_access_log_has_no_personal_data(client: TestClient) -> None:
+    with capture_logs() as logs:
+        client.post("/v1/submissions", json=posted())
+        client.get("/v1/confirm/abc.123.secret-token")
+    access = [e for e in logs if e["event"] == "http_request"]
+    assert {e["path"] for e in access} == {"/v1/submissions", "/v1/confirm/[token]"}
+    text = json.dumps(logs)
+    for detail in ("amira", "Mill Lane", "DM1", "203.0.113.9", "secret-token"):
+        assert detail not in text
+
+
+def test_rate_limits_per_hashed_ip_and_per_email(app: App, client: TestClient) -> None:
+    app.settings.api_ip_limit, app.settings.api_email_limit = 3, 2
+    assert client.post("/v1/submissions", json=posted()).status_code == 202
+    assert client.post("/v1/submissions", json=posted()).status_code == 202
+    same_email = client.post("/v1/submissions", json=posted())
+    assert same_email.status_code == 429 and int(same_email.headers["retry-after"]) >= 1
+    other = client.post("/v1/submissions", json=posted(supporter__email="bob@example.com"))
+    assert other.status_code == 429  # the fourth from this address
+    assert "Too many" in other.json()["errors"]["body"]
+
+
+@pytest.mark.redis
+def test_rate_limits_hold_across_processes_through_redis(
+    app: App, client: TestClient, redis_server: Any
+) -> None:
+    app.limiter = RedisLimiter(redis.Redis.from_url(redis_server.url))
+    app.settings.api_email_limit = 1
+    assert client.post("/v1/submissions", json=posted()).status_code == 202
+    # Another API process shares the limit through Redis.
+    other_process = TestClient(create_app(lambda: app, None))
+    assert other_process.post("/v1/submissions", json=posted()).status_code == 429
+
+
+def test_cors_allows_only_each_campaigns_origins(app: App, client: TestClient) -> None:
+    with session_scope(app.sessions) as session:
+        update_definition(session, SLUG, allowed_origins=[ORIGIN])
+    fresh = TestClient(create_app(lambda: app, None))
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+    ok = fresh.options("/v1/submissions", headers=preflight)
+    assert ok.status_code == 204 and ok.headers["access-control-allow-origin"] == ORIGIN
+    evil = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    assert fresh.options("/v1/submissions", headers=evil).status_code == 403
+    reply = fresh.post("/v1/submissions", json=posted(), headers={"Origin": ORIGIN})
+    assert reply.status_code == 202 and reply.headers["access-control-allow-origin"] == ORIGIN
+    refused = fresh.post(
+        "/v1/submissions", json=posted(), headers={"Origin": "https://evil.example"}
+    )
+    assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
+
+
+def confirmation_link(app: App, sid: str, kind: str = "confirm") -> str:
+    raw = (app.settings.resolved_outbox_dir / f"{kind}-{sid}.eml").read_bytes()
+    body = message_from_bytes(raw).get_payload(decode=True).decode()  # type: ignore[union-attr]
+    match = re.search(r"http://\S+/v1/confirm/\S+", body)
+    assert match is not None
+    return match.group(0).split("8000", 1)[1]
+
+
+def test_sender_confirmation_before_the_letter_goes(
+    app: App, client: TestClient, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    with session_scope(app.sessions) as session:
+        update_definition(session, SLUG, confirmation=True)
+    sid = client.post("/v1/submissions", json=posted()).json()["id"]
+    drain(stub_broker, stub_worker)
+    assert get(app, sid).state == State.UNCONFIRMED  # nothing goes before the click
+    assert not (app.settings.resolved_outbox_dir / f"{sid}.eml").exists()
+    link = confirmation_link(app, sid)
+    page = client.get(link)
+    assert page.status_code == 200 and "on its way" in page.text
+    drain(stub_broker, stub_worker)
+    assert get(app, sid).state == State.DELIVERED
+    assert "already" in client.get(link).text
+    assert client.get(link[:-3] + "AAA").status_code == 404  # forged
+
+
+def test_one_reminder_after_a_day_and_expiry_after_seven(
+    app: App, client: TestClient, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    with session_scope(app.sessions) as session:
+        update_definition(session, SLUG, confirmation=True)
+    sid = client.post("/v1/submissions", json=posted()).json()["id"]
+    drain(stub_broker, stub_worker)
+
+    def travel(hours: float) -> list[tuple[str, Stage]]:
+        with session_scope(app.sessions) as session:
+            session.execute(
+                update(Submission)
+                .where(Submission.id == sid)
+                .values(
+                    created_at=utcnow() - timedelta(hours=hours),
+                    dispatched_at=utcnow() - timedelta(hours=1),
+                )
+            )
+        with session_scope(app.sessions) as session:
+            return find_stalled(session, timedelta(minutes=2))
+
+    due = travel(25)
+    assert (sid, Stage.NOTIFY) in due
+    for found, stage in due:
+        dispatch(stub_broker, [stage], found)
+    drain(stub_broker, stub_worker)
+    assert (app.settings.resolved_outbox_dir / f"reminder-{sid}.eml").exists()
+    assert (sid, Stage.NOTIFY) not in travel(30)  # one reminder only
+    link = confirmation_link(app, sid, "reminder")
+    travel(24 * 7 + 1)
+    assert get(app, sid).state == State.EXPIRED
+    assert client.get(link).status_code == 410

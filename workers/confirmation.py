@@ -1,0 +1,157 @@
+"""Sender confirmation: for campaigns that ask, the letter waits until its sender clicks a signed
+link in an email. One reminder goes after a day; the link works for seven; then the submission
+expires and no letter goes.
+
+The link carries the submission id, its expiry and an HMAC over both with the deployment's secret:
+it cannot be forged or extended, and it reveals nothing personal.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.policy
+import hashlib
+import hmac
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from config.settings import Settings
+from workers.campaigns import get_definition
+from workers.mail import Mailer, Outgoing
+from workers.models import State, Submission, utcnow
+from workers.stages import Stage
+from workers.transitions import advance, rowcount
+
+
+@dataclass(frozen=True)
+class ConfirmationPolicy:
+    public_url: str = "http://127.0.0.1:8000"
+    valid: timedelta = timedelta(days=7)
+    reminder_after: timedelta = timedelta(hours=24)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConfirmationPolicy:
+        return cls(
+            public_url=settings.public_url,
+            valid=timedelta(days=settings.confirm_valid_days),
+            reminder_after=timedelta(hours=settings.confirm_reminder_hours),
+        )
+
+
+def _sign(secret: bytes, submission_id: str, expires: int) -> str:
+    mac = hmac.new(secret, f"confirm\x00{submission_id}\x00{expires}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()[:24]).decode().rstrip("=")
+
+
+def make_token(secret: bytes, submission_id: str, expires: datetime) -> str:
+    stamp = int(expires.timestamp())
+    return f"{submission_id}.{stamp}.{_sign(secret, submission_id, stamp)}"
+
+
+def read_token(secret: bytes, token: str, now: datetime | None = None) -> tuple[str, bool] | None:
+    """(submission id, still valid) for a genuine token; None for anything forged or malformed."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[1].isdigit() or len(parts[0]) > 64:
+        return None
+    submission_id, stamp, mac = parts[0], int(parts[1]), parts[2]
+    if not hmac.compare_digest(mac, _sign(secret, submission_id, stamp)):
+        return None
+    return submission_id, (now or utcnow()).timestamp() < stamp
+
+
+def _message(
+    submission_id: str,
+    sender: str,
+    title: str,
+    to: str,
+    link: str,
+    expires: datetime,
+    reminder: bool,
+) -> Outgoing:
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = formataddr((title, sender))
+    message["To"] = to
+    message["Subject"] = (
+        "Reminder: " if reminder else ""
+    ) + "Please confirm your letter to your MP"
+    message["Date"] = format_datetime(utcnow())
+    kind = "reminder" if reminder else "confirm"
+    domain = sender.rsplit("@", 1)[1]
+    message["Message-ID"] = f"<{kind}-{submission_id}@{domain}>"
+    message.set_content(
+        "Thank you for writing to your MP.\n\n"
+        "Please confirm that you sent this letter by opening the link below. Until you do, it "
+        "will not be sent.\n\n"
+        f"{link}\n\n"
+        f"The link works until {expires:%d %B %Y at %H:%M} UTC. If you did not write to your MP, "
+        "ignore this email: nothing will be sent, and the details will be deleted.\n"
+    )
+    return Outgoing(sender, [to], message.as_bytes(), message["Message-ID"])
+
+
+def notify(
+    session: Session,
+    submission_id: str,
+    mailer: Mailer,
+    secret: bytes,
+    policy: ConfirmationPolicy,
+) -> list[Stage]:
+    """Send the confirmation email, or the reminder when it is due; at most one of each."""
+    submission = session.get(Submission, submission_id)
+    if submission is None or submission.state != State.UNCONFIRMED:
+        return []
+    reminder = submission.confirmation_sent_at is not None
+    if reminder and submission.reminder_sent_at is not None:
+        return []
+    definition = get_definition(session, submission.campaign_slug)
+    to = ((submission.payload or {}).get("supporter") or {}).get("email")
+    if definition is None or not isinstance(to, str) or not to:
+        return []
+    expires = submission.created_at + policy.valid
+    url = f"{policy.public_url.rstrip('/')}/v1/confirm/"
+    url += make_token(secret, submission.id, expires)
+    mail = _message(
+        submission.id,
+        str(definition.from_email),
+        definition.organisation,
+        to,
+        url,
+        expires,
+        reminder,
+    )
+    column = Submission.reminder_sent_at if reminder else Submission.confirmation_sent_at
+    claimed = session.execute(
+        update(Submission)
+        .where(Submission.id == submission.id, column.is_(None))
+        .values({column.key: utcnow()})
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(claimed) != 1:
+        return []
+    session.flush()
+    mailer.send(mail)  # a failure rolls the claim back: the actor's retry sends it again
+    return []
+
+
+def confirm(session: Session, secret: bytes, token: str) -> tuple[str, str | None]:
+    """Act on a clicked link: ("confirmed" | "already" | "expired" | "invalid", submission id)."""
+    read = read_token(secret, token)
+    if read is None:
+        return "invalid", None
+    submission_id, valid = read
+    submission = session.get(Submission, submission_id)
+    if submission is None:
+        return "invalid", None
+    if submission.state != State.UNCONFIRMED:
+        return ("expired" if submission.state == State.EXPIRED else "already"), submission_id
+    if not valid:
+        return "expired", submission_id
+    advance(
+        session, submission, State.RECEIVED, detail="confirmed by the sender", confirmed_at=utcnow()
+    )
+    return "confirmed", submission_id

@@ -1,0 +1,463 @@
+"""The HTTP intake for campaign front ends (FastAPI on uvicorn): ``dearmp api``.
+
+Every answer a page can show next to a field comes as ``{"errors": {"<field path>": "<message>"}}``
+with status 422. A ``202`` means the submission is committed to the database; the stage message
+is sent after the commit, and the reconciler resends it if that send fails.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import structlog
+from fastapi import Body, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from schemas.campaign import CampaignDefinition
+from schemas.postcode import check_format
+from schemas.submission import SubmissionV1, error_message
+from workers.app import App, get_app
+from workers.campaigns import get_definition
+from workers.confirmation import confirm
+from workers.db import session_scope
+from workers.intake import accept
+from workers.models import Campaign, State, Submission, utcnow
+from workers.privacy import ip_hash, supporter_hash
+from workers.ratelimit import Limit
+from workers.rendering import campaign_template, choose_subject
+from workers.resolution import MEMBER_FIELD, POSTCODE_FIELD, Found, Refuse, decide, find
+from workers.stages import Stage, dispatch
+from workers.validation import campaign_errors
+from workers.web.middleware import BodyLimit, Cors, SecurityHeadersAndAccessLog
+
+log = structlog.get_logger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
+HONEYPOT = "website"
+
+
+class Errors(BaseModel):
+    errors: dict[str, str] = Field(
+        description="One message per field, keyed by its path (e.g. 'supporter.postcode')."
+    )
+
+
+class ConsentQuestionOut(BaseModel):
+    channel: str
+    wording: str
+    sha256: str
+
+
+class CampaignOut(BaseModel):
+    slug: str
+    title: str
+    organisation: str
+    introduction: str
+    subject_variants: list[str]
+    draft_body: str
+    editable: list[str]
+    body_min_chars: int
+    body_max_chars: int
+    consent_version: str
+    consent_questions: list[ConsentQuestionOut]
+    mp_notice: str
+    privacy_notice_url: str
+    privacy_notice_version: str
+    confirmation_required: bool
+    honeypot_field: str = Field(description="Leave this field empty; it is a trap for robots.")
+
+
+class PreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    postcode: Annotated[str, Field(min_length=1, max_length=16)]
+    address_lines: Annotated[list[Annotated[str, Field(max_length=100)]], Field(max_length=5)] = []
+
+
+class MpOut(BaseModel):
+    name: str
+    constituency: str
+    party: str
+
+
+class DraftOut(BaseModel):
+    subject: str
+    salutation: str
+    body: str
+    sign_off: str
+
+
+class PreviewOut(BaseModel):
+    postcode: str
+    mp: MpOut
+    letter: DraftOut
+
+
+class SubmissionIn(SubmissionV1):
+    """A submission as the page posts it: the v1 schema plus the honeypot field."""
+
+    model_config = ConfigDict(extra="forbid", title="Submission request")
+
+    website: str | None = Field(
+        default=None, max_length=200, description="Must be empty (a trap for robots)."
+    )
+
+
+class AcceptedOut(BaseModel):
+    id: str
+    state: str
+    status_url: str
+    duplicate: bool = False
+
+
+class StatusOut(BaseModel):
+    id: str
+    campaign: str
+    state: str
+    final: bool
+    received_at: str
+    updated_at: str
+    mp: dict[str, str] | None = None
+    errors: dict[str, str] | None = None
+    outcome: str
+
+
+OUTCOMES = {
+    State.UNCONFIRMED: "Waiting for you to confirm by email.",
+    State.EXPIRED: "Never confirmed, so it was not sent.",
+    State.RECEIVED: "Received.",
+    State.VALIDATED: "Checked; finding your MP.",
+    State.HELD: "Waiting until your constituency has an MP.",
+    State.RESOLVED: "Your MP is found; preparing the letter.",
+    State.RENDERED: "On its way to your MP.",
+    State.DELIVERED: "Delivered to your MP.",
+    State.REJECTED: "Not sent: see the reasons.",
+    State.FAILED: "We could not deliver it. The campaign team has been told.",
+    State.WITHDRAWN: "Withdrawn at your request.",
+}
+
+
+def problem(
+    status: int, errors: dict[str, str], headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"errors": errors}, status_code=status, headers=headers)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": Errors, "description": "No such campaign or submission."},
+    422: {"model": Errors, "description": "A message per invalid field."},
+    429: {"model": Errors, "description": "Too many requests; see Retry-After."},
+}
+
+
+class CampaignOrigins:
+    """Allowed origins per campaign, re-read from the database at most every 30 s."""
+
+    def __init__(self, app_getter: Any) -> None:
+        self.app_getter = app_getter
+        self.loaded_at = -1e9
+        self.by_slug: dict[str, set[str]] = {}
+        self.lock = threading.Lock()
+
+    def _load(self) -> dict[str, set[str]]:
+        now = time.monotonic()
+        with self.lock:
+            if now - self.loaded_at > 30:
+                app: App = self.app_getter()
+                with session_scope(app.sessions) as session:
+                    slugs = session.scalars(select(Campaign.slug)).all()
+                    self.by_slug = {
+                        slug: set(d.allowed_origins)
+                        for slug in slugs
+                        if (d := get_definition(session, slug)) is not None
+                    }
+                self.loaded_at = now
+            return self.by_slug
+
+    def for_path(self, path: str) -> set[str]:
+        by_slug = self._load()
+        parts = path.split("/")
+        if len(parts) > 3 and parts[1:3] == ["v1", "campaigns"]:
+            return by_slug.get(parts[3], set())
+        return set().union(*by_slug.values()) if by_slug else set()
+
+    def allows(self, slug: str, origin: str) -> bool:
+        return origin in self._load().get(slug, set())
+
+
+def _client_ip(request: Request) -> str | None:
+    """The peer's address (uvicorn applies X-Forwarded-For from trusted proxies), if it is one."""
+    host = request.client.host if request.client else ""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+def _over_limit(app: App, kind: str, who: str, limit: int, window: float) -> float:
+    if limit <= 0:
+        return 0.0
+    rule = Limit(f"api:{kind}:{who}", limit, window)
+    return app.limiter.reserve(uuid.uuid4().hex, [rule])
+
+
+def _definition(app: App, slug: str) -> CampaignDefinition | None:
+    with session_scope(app.sessions) as session:
+        return get_definition(session, slug)
+
+
+def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
+    """The ASGI application. ``broker``: where stage messages go (default: the configured one)."""
+    if broker is None:
+        from workers.actors import broker as configured
+
+        broker = configured
+    api = FastAPI(
+        title="DearMP intake",
+        version="1",
+        description="Post supporters' letters to their MPs. Errors come as a message per field.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    origins = CampaignOrigins(app_getter)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors: dict[str, str] = {}
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            loc = loc[1:] if loc[:1] == ["body"] else loc
+            errors.setdefault(".".join(loc) or "body", error_message(err, loc))
+        return problem(422, errors)
+
+    @api.get("/v1/campaigns/{slug}", response_model=CampaignOut, responses=ERROR_RESPONSES)
+    def campaign(slug: str) -> Any:
+        """What a page needs to draw the form."""
+        definition = _definition(app_getter(), slug)
+        if definition is None:
+            return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
+        return CampaignOut(
+            slug=definition.slug,
+            title=definition.title,
+            organisation=definition.organisation,
+            introduction=definition.introduction.strip(),
+            subject_variants=definition.subject_variants,
+            draft_body=definition.draft_body.strip(),
+            editable=list(definition.editable),
+            body_min_chars=definition.body_min_chars,
+            body_max_chars=definition.body_max_chars,
+            consent_version=definition.consent.version,
+            consent_questions=[
+                ConsentQuestionOut(channel=q.channel, wording=q.wording, sha256=q.sha256)
+                for q in definition.consent.questions
+            ],
+            mp_notice=definition.consent.mp_notice,
+            privacy_notice_url=definition.privacy_notice_url,
+            privacy_notice_version=definition.privacy_notice_version,
+            confirmation_required=definition.confirmation,
+            honeypot_field=HONEYPOT,
+        )
+
+    @api.post("/v1/campaigns/{slug}/preview", response_model=PreviewOut, responses=ERROR_RESPONSES)
+    def preview(slug: str, body: PreviewIn, request: Request) -> Any:
+        """The supporter's MP and the draft letter to edit (the page's second step)."""
+        app = app_getter()
+        definition = _definition(app, slug)
+        if definition is None:
+            return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
+        wait = _over_limit(
+            app,
+            "ip",
+            ip_hash(app.secret, _client_ip(request) or "unknown"),
+            app.settings.api_ip_limit * 4,
+            app.settings.api_ip_window,
+        )
+        if wait > 0:
+            return problem(429, {"body": "Too many requests. Please wait a moment."}, _retry(wait))
+        postcode, bad = check_format(body.postcode)
+        if bad is not None:
+            return problem(422, {"postcode": bad.message})
+        with session_scope(app.sessions) as session:
+            answer = find(session, postcode, app.settings.resolution_order, app.live_sources)
+            # A preview tells the supporter now what a held letter would wait for.
+            targets = definition.targets.model_copy(
+                update={"vacant_seat": "reject", "no_email": "reject"}
+            )
+            outcome = decide(targets, postcode, answer)
+        if isinstance(outcome, Refuse):
+            field = "postcode" if outcome.field == POSTCODE_FIELD else MEMBER_FIELD
+            return problem(422, {field: outcome.message})
+        if not isinstance(outcome, Found):
+            return problem(
+                422,
+                {MEMBER_FIELD: "We cannot find an MP to write to for this postcode just now."},
+            )
+        context = {
+            "mp": {"name": outcome.member.name, "constituency": outcome.seat.name},
+            "campaign": {"title": definition.title, "organisation": definition.organisation},
+        }
+        return PreviewOut(
+            postcode=postcode,
+            mp=MpOut(
+                name=outcome.member.name,
+                constituency=outcome.seat.name,
+                party=outcome.member.party,
+            ),
+            letter=DraftOut(
+                subject=choose_subject(definition, secrets.token_hex(8), ""),
+                salutation=campaign_template(definition.salutation).render(context),
+                body=definition.draft_body.strip(),
+                sign_off=definition.sign_off,
+            ),
+        )
+
+    @api.post(
+        "/v1/submissions",
+        status_code=202,
+        response_model=AcceptedOut,
+        responses={**ERROR_RESPONSES, 403: {"model": Errors}},
+    )
+    def submit(
+        request: Request,
+        body: Annotated[SubmissionIn, Body()],
+        origin: Annotated[str | None, Header()] = None,
+    ) -> Any:
+        """Store a supporter's final submission; 202 once it is in the database."""
+        app = app_getter()
+        if body.website:  # a robot filled the trap: look accepted, keep nothing
+            log.info("honeypot_filled")
+            fake = str(uuid.uuid4())
+            return JSONResponse(
+                AcceptedOut(
+                    id=fake, state="received", status_url=f"/v1/submissions/{fake}"
+                ).model_dump(),
+                status_code=202,
+            )
+        definition = _definition(app, body.campaign)
+        if definition is None:
+            return problem(422, {"campaign": f"There is no campaign called '{body.campaign}'."})
+        if origin and not origins.allows(body.campaign, origin):
+            return problem(403, {"origin": "This page may not post to this campaign."})
+        errors = campaign_errors(definition, body)
+        if errors:
+            return problem(422, errors)
+        client_ip = _client_ip(request)
+        for kind, who, limit, window in (
+            (
+                "ip",
+                ip_hash(app.secret, client_ip or "unknown"),
+                app.settings.api_ip_limit,
+                app.settings.api_ip_window,
+            ),
+            (
+                "email",
+                supporter_hash(app.secret, body.supporter.email),
+                app.settings.api_email_limit,
+                app.settings.api_email_window,
+            ),
+        ):
+            wait = _over_limit(app, kind, who, limit, window)
+            if wait > 0:
+                message = "Too many letters from here. Please try again later."
+                return problem(429, {"body": message}, _retry(wait))
+        payload = body.model_dump(mode="json", exclude={HONEYPOT})
+        payload["client_ip"] = payload.get("client_ip") or client_ip
+        payload["user_agent"] = payload.get("user_agent") or request.headers.get("user-agent")
+        with session_scope(app.sessions) as session:
+            accepted = accept(
+                session,
+                payload,
+                app.secret,
+                state=State.UNCONFIRMED if definition.confirmation else State.RECEIVED,
+            )
+        if accepted.created:
+            first = Stage.NOTIFY if definition.confirmation else Stage.VALIDATE
+            dispatch(broker, [first], accepted.submission_id)
+        sid = accepted.submission_id
+        return JSONResponse(
+            AcceptedOut(
+                id=sid,
+                state="unconfirmed" if definition.confirmation else "received",
+                status_url=f"/v1/submissions/{sid}",
+                duplicate=not accepted.created,
+            ).model_dump(),
+            status_code=202,
+            headers={"Location": f"/v1/submissions/{sid}"},
+        )
+
+    @api.get("/v1/submissions/{submission_id}", response_model=StatusOut, responses=ERROR_RESPONSES)
+    def status(submission_id: str) -> Any:
+        """A submission's state, without personal data."""
+        app = app_getter()
+        with session_scope(app.sessions) as session:
+            sub = session.get(Submission, submission_id[:64])
+            if sub is None:
+                return problem(404, {"submission": "There is no such submission."})
+            recipient = sub.recipient or {}
+            state = State(sub.state)
+            return StatusOut(
+                id=sub.id,
+                campaign=sub.campaign_slug,
+                state=state.value,
+                final=state.is_final,
+                received_at=sub.created_at.isoformat(),
+                updated_at=sub.updated_at.isoformat(),
+                mp={"name": recipient["name"], "constituency": recipient["constituency"]}
+                if recipient.get("name")
+                else None,
+                errors=sub.rejection if state == State.REJECTED else None,
+                outcome=OUTCOMES[state],
+            )
+
+    @api.get("/v1/confirm/{token}", response_class=HTMLResponse)
+    def confirm_link(token: str) -> Any:
+        """The link in the confirmation email."""
+        app = app_getter()
+        with session_scope(app.sessions) as session:
+            result, sid = confirm(session, app.secret, token[:300])
+        if result == "confirmed" and sid is not None:
+            dispatch(broker, [Stage.VALIDATE], sid)
+        texts: dict[str, tuple[int, str]] = {
+            "confirmed": (200, "Thank you: your letter is on its way to your MP."),
+            "already": (200, "This letter was already confirmed."),
+            "expired": (410, "This link has expired, so the letter was not sent."),
+            "invalid": (404, "This link is not valid."),
+        }
+        code, text = texts[result]
+        page = (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>DearMP</title></head><body><main><h1>{text}</h1></main></body></html>"
+        )
+        return HTMLResponse(page, status_code=code)
+
+    @api.get("/demo/{slug}", response_class=HTMLResponse, include_in_schema=False)
+    def demo_page(slug: str) -> Any:
+        return FileResponse(STATIC / "demo.html", media_type="text/html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    def static(name: Literal["demo.js", "demo.css"]) -> Any:
+        media = "text/javascript" if name.endswith(".js") else "text/css"
+        return FileResponse(STATIC / name, media_type=media)
+
+    @api.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "time": utcnow().isoformat()}
+
+    wrapped: Any = SecurityHeadersAndAccessLog(
+        Cors(BodyLimit(api, app_getter().settings.api_max_body_bytes), origins.for_path)
+    )
+    wrapped.fastapi = api
+    return wrapped  # type: ignore[no-any-return]
+
+
+def _retry(wait: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, int(wait + 0.999)))}

@@ -1,0 +1,169 @@
+"""Pure ASGI middleware for the intake: body size limit, CORS per campaign, security headers and
+an access log with no personal data in it."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[Message], Any]
+ASGIApp = Any  # an ASGI application (FastAPI, or another of these wrappers)
+
+access_log = structlog.get_logger("dearmp.access")
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"strict-transport-security", b"max-age=31536000; includeSubDomains"),
+    (b"permissions-policy", b"geolocation=(), camera=(), microphone=()"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
+API_CSP = b"default-src 'none'; frame-ancestors 'none'"
+PAGE_CSP = (
+    b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+# What may appear in the access log instead of the path: ids are kept, tokens are not.
+_TOKEN = re.compile(r"^/v1/confirm/.*")
+
+
+def _safe_path(path: str) -> str:
+    return "/v1/confirm/[token]" if _TOKEN.match(path) else path[:200]
+
+
+async def _send_simple(send: Send, status: int, body: bytes, headers: list[Any]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """413 for a request body over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await _send_simple(
+                    send, 413, b'{"errors":{"body":"The request is too large."}}', []
+                )
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message: Message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await _send_simple(send, 413, b'{"errors":{"body":"The request is too large."}}', [])
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Cors:
+    """CORS with an allow-list of origins per campaign.
+
+    ``origins_for(path)`` gives the origins allowed for a request path: the campaign's own list for
+    /v1/campaigns/{slug}/..., every campaign's for /v1/submissions (whose campaign is in the body:
+    the handler checks that campaign's list). No list, no cross-origin access.
+    """
+
+    def __init__(self, app: ASGIApp, origins_for: Callable[[str], set[str]]) -> None:
+        self.app, self.origins_for = app, origins_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        origin = next((v for k, v in scope["headers"] if k == b"origin"), None)
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        allowed = origin.decode("latin-1") in self.origins_for(scope["path"])
+        if scope["method"] == "OPTIONS":
+            headers = [(b"vary", b"Origin")]
+            if allowed:
+                headers += [
+                    (b"access-control-allow-origin", origin),
+                    (b"access-control-allow-methods", b"GET, POST"),
+                    (b"access-control-allow-headers", b"Content-Type, Idempotency-Key"),
+                    (b"access-control-max-age", b"600"),
+                ]
+            await _send_simple(send, 204 if allowed else 403, b"", headers)
+            return
+
+        async def with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start" and allowed:
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"access-control-allow-origin", origin),
+                    (b"vary", b"Origin"),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, with_cors)
+
+
+class SecurityHeadersAndAccessLog:
+    """Security headers on every response; one access-log event per request, without the query
+    string, bodies, client address or tokens."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+        page = scope["path"].startswith("/demo")
+
+        async def decorated(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", []), *SECURITY_HEADERS]
+                headers.append((b"content-security-policy", PAGE_CSP if page else API_CSP))
+                if scope["path"].startswith("/v1/"):
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, decorated)
+        finally:
+            access_log.info(
+                "http_request",
+                method=scope["method"],
+                path=_safe_path(scope["path"]),
+                status=status,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
