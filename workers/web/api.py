@@ -345,7 +345,8 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         definition = _definition(app, body.campaign)
         if definition is None:
             return problem(422, {"campaign": f"There is no campaign called '{body.campaign}'."})
-        if origin and not origins.allows(body.campaign, origin):
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        if origin and origin != own and not origins.allows(body.campaign, origin):
             return problem(403, {"origin": "This page may not post to this campaign."})
         errors = campaign_errors(definition, body)
         if errors:

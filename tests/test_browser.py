@@ -1,0 +1,108 @@
+"""The supporter's whole journey in a real headless browser (Debian's Chromium driven by
+Playwright) against the real HTTP service on loopback, with the pipeline running: fill the form,
+edit the letter, send, and see the letter arrive in the outbox."""
+
+from __future__ import annotations
+
+import email.policy
+import shutil
+import threading
+from collections.abc import Iterator
+from email import message_from_bytes
+from typing import Any
+
+import dramatiq
+import pytest
+import uvicorn
+
+from tests.services import free_port, unavailable, wait_for
+from workers.app import App
+from workers.web.api import create_app
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def server(app: App, stub_broker: Any, stub_worker: dramatiq.Worker) -> Iterator[str]:
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(lambda: app, stub_broker), host="127.0.0.1", port=port, log_level="warning"
+    )
+    web = uvicorn.Server(config)
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    assert wait_for(lambda: web.started, 10)
+    yield f"http://127.0.0.1:{port}"
+    web.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def page(tmp_path: Any) -> Iterator[Any]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        unavailable("Debian's chromium package is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=CHROMIUM_FLAGS
+        )
+        yield browser.new_page()
+        browser.close()
+
+
+def test_a_supporter_writes_to_their_mp_in_a_real_browser(app: App, server: str, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{server}/demo/political-prisoners")
+    expect(page.get_by_role("heading", level=1)).to_have_text(
+        "Stand with Palestinian political prisoners"
+    )
+    page.get_by_label("Full name").fill("Amira Haddad")
+    page.get_by_label("Email address").fill("amira.haddad@example.com")
+    page.get_by_label("Postcode").fill("dm1 9zz")  # a terminated postcode first
+    page.get_by_label("Address line 1").fill("12 Mill Lane")
+    page.get_by_label("Address line 2 (optional)").fill("Millbrook")
+    page.get_by_label(
+        "Yes, I'd like to receive updates about campaigns and fundraising by email."
+    ).check()
+    page.get_by_role("button", name="Next: see your letter").click()
+
+    # The error is shown next to the field, tied to it for screen readers.
+    expect(page.locator("#postcode-error")).to_contain_text("no longer in use")
+    expect(page.get_by_label("Postcode")).to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_label("Postcode")).to_have_attribute(
+        "aria-describedby", "postcode-hint postcode-error"
+    )
+
+    page.get_by_label("Postcode").fill("dm1 1aa")
+    page.get_by_role("button", name="Next: see your letter").click()
+    expect(page.locator("#mp-line")).to_have_text(
+        "Alex Rivers is the MP for Millbrook and Eastvale."
+    )
+    letter = page.get_by_label("Your letter (edit it as you like)")
+    letter.fill(
+        "As your constituent in Millbrook, I ask you to raise the treatment of Palestinian "
+        "political prisoners with the Foreign Secretary this month."
+    )
+    page.get_by_role("button", name="Send my letter").click()
+
+    expect(page.locator("#thanks")).to_be_visible()
+    expect(page.locator("#status")).to_contain_text("delivered", timeout=30_000)
+    reference = page.locator("#reference").inner_text()
+    eml = app.settings.resolved_outbox_dir / f"{reference}.eml"
+    assert wait_for(eml.exists, 5)
+    message = message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert message["To"] == "Alex Rivers <alex.rivers.mp@mp.example.org>"
+    text = message.get_body(("plain",)).get_content()  # type: ignore[attr-defined]
+    assert "raise the treatment of Palestinian political prisoners" in text
+    assert text.startswith("Dear Alex Rivers,")
