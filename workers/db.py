@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +45,24 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # SQLite has one writer at a time, and every transaction here writes. Threads of one process
+    # take turns on a lock held while a connection is checked out (a transaction, in this code)
+    # instead of each sleeping in SQLite's busy handler, whose growing sleeps made waits long and
+    # uneven. Other processes still meet at SQLite's own lock. Re-entrant: a thread that opens a
+    # second session meets SQLite's lock, as it did before.
+    turn = threading.RLock()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(*_: Any) -> None:
+        turn.acquire()
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(*_: Any) -> None:
+        try:
+            turn.release()
+        except RuntimeError:  # checked in by another thread (pool cleanup at exit): nothing held
+            pass
 
     return engine
 

@@ -10,11 +10,11 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from workers.models import State, Submission, SubmissionEvent, utcnow
+from workers.models import State, Submission, SubmissionEvent, new_id, utcnow
 from workers.privacy import ip_hash, supporter_hash
 
 
@@ -46,36 +46,38 @@ def accept(
     or ``unconfirmed`` when its campaign first asks the sender to confirm by email."""
     campaign = _text(payload.get("campaign"), 200) if isinstance(payload, dict) else None
     key = _text(payload.get("idempotency_key"), 200) if isinstance(payload, dict) else None
-    if key is not None:
-        existing = _find(session, campaign or "", key)
-        if existing is not None:
-            return Accepted(existing, created=False)
-
     stored, hashed_ip = _split_ip(payload, secret)
     now = utcnow()
-    submission = Submission(
-        campaign_slug=campaign or "",
-        idempotency_key=key,
-        state=state.value,
-        payload=stored,
-        client_ip_hash=hashed_ip,
-        supporter_hash=_supporter(payload, secret),
-        created_at=now,
-        updated_at=now,
-        dispatched_at=now,
+    submission_id = new_id()
+    values = {
+        "id": submission_id,
+        "campaign_slug": campaign or "",
+        "idempotency_key": key,
+        "state": state.value,
+        "payload": stored,
+        "client_ip_hash": hashed_ip,
+        "supporter_hash": _supporter(payload, secret),
+        "created_at": now,
+        "updated_at": now,
+        "dispatched_at": now,
+    }
+    # One statement: a concurrent intake of the same key makes this one insert nothing (on
+    # PostgreSQL it waits for the other to commit), and the stored submission is answered.
+    dialect = session.get_bind().dialect.name
+    stmt: Any = (postgresql if dialect == "postgresql" else sqlite).insert(Submission)
+    stmt = stmt.values(values).on_conflict_do_nothing(
+        index_elements=["campaign_slug", "idempotency_key"]
     )
-    try:
-        with session.begin_nested():
-            session.add(submission)
-            session.flush()
-    except IntegrityError:
-        # Another intake stored the same key between our look-up and insert.
+    inserted = session.execute(stmt.returning(Submission.id)).first()
+    if inserted is None:
         found = _find(session, campaign or "", key or "")
         if found is None:
-            raise
+            raise RuntimeError("idempotency conflict without a stored submission")
         return Accepted(found, created=False)
-    session.add(SubmissionEvent(submission_id=submission.id, state=state.value, at=now))
-    return Accepted(submission.id, created=True)
+    session.execute(
+        insert(SubmissionEvent).values(submission_id=submission_id, state=state.value, at=now)
+    )
+    return Accepted(submission_id, created=True)
 
 
 def _supporter(payload: Any, secret: bytes) -> str | None:

@@ -210,9 +210,23 @@ def _over_limit(app: App, kind: str, who: str, limit: int, window: float) -> flo
     return app.limiter.reserve(uuid.uuid4().hex, [rule])
 
 
+_DEFINITIONS: dict[tuple[int, str], tuple[float, CampaignDefinition | None]] = {}
+DEFINITION_TTL = 5.0  # seconds a campaign edit takes to reach the API
+
+
 def _definition(app: App, slug: str) -> CampaignDefinition | None:
+    """The campaign's definition, read from the database at most every few seconds."""
+    key = (id(app), slug[:64])
+    cached = _DEFINITIONS.get(key)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < DEFINITION_TTL:
+        return cached[1]
     with session_scope(app.sessions) as session:
-        return get_definition(session, slug)
+        definition = get_definition(session, slug)
+    if len(_DEFINITIONS) > 1000:
+        _DEFINITIONS.clear()
+    _DEFINITIONS[key] = (now, definition)
+    return definition
 
 
 def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
