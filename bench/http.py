@@ -40,6 +40,7 @@ from workers.models import Submission  # noqa: E402
 LUA = """
 local template = [[%s]]
 local n = 0
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
 local prefix = tostring(math.random(1, 1000000000))
 request = function()
   n = n + 1

@@ -6,6 +6,7 @@ Nothing here connects at import time; :func:`get_app` builds on first use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from sqlalchemy import Engine
@@ -32,8 +33,8 @@ class App:
     live_sources: LiveSources | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> App:
-        engine = make_engine(settings.resolved_database_url)
+    def from_settings(cls, settings: Settings, **engine_options: Any) -> App:
+        engine = make_engine(settings.resolved_database_url, **engine_options)
         limiter: Limiter = MemoryLimiter()
         if settings.broker == "redis":
             limiter = RedisLimiter(redis.Redis.from_url(settings.resolved_redis_url))

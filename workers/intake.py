@@ -10,12 +10,15 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from workers.models import State, Submission, SubmissionEvent, new_id, utcnow
 from workers.privacy import ip_hash, supporter_hash
+
+SUBMISSIONS: Table = Submission.__table__  # type: ignore[assignment]
+EVENTS: Table = SubmissionEvent.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -63,19 +66,21 @@ def accept(
     }
     # One statement: a concurrent intake of the same key makes this one insert nothing (on
     # PostgreSQL it waits for the other to commit), and the stored submission is answered.
-    dialect = session.get_bind().dialect.name
-    stmt: Any = (postgresql if dialect == "postgresql" else sqlite).insert(Submission)
+    # Core statements on the session's connection: the intake is the HTTP front door's hot path.
+    connection = session.connection()
+    table = SUBMISSIONS
+    stmt: Any = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert(table)
     stmt = stmt.values(values).on_conflict_do_nothing(
         index_elements=["campaign_slug", "idempotency_key"]
     )
-    inserted = session.execute(stmt.returning(Submission.id)).first()
+    inserted = connection.execute(stmt.returning(table.c.id)).first()
     if inserted is None:
         found = _find(session, campaign or "", key or "")
         if found is None:
             raise RuntimeError("idempotency conflict without a stored submission")
         return Accepted(found, created=False)
-    session.execute(
-        insert(SubmissionEvent).values(submission_id=submission_id, state=state.value, at=now)
+    connection.execute(
+        insert(EVENTS).values(submission_id=submission_id, state=state.value, at=now)
     )
     return Accepted(submission_id, created=True)
 

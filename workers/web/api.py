@@ -7,20 +7,24 @@ is sent after the commit, and the reconciler resends it if that send fails.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import secrets
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 import structlog
 from fastapi import Body, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from schemas.campaign import CampaignDefinition
 from schemas.postcode import check_format
@@ -42,6 +46,8 @@ from workers.web.middleware import BodyLimit, Cors, SecurityHeadersAndAccessLog
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 HONEYPOT = "website"
+# Request threads (sync endpoints); the database pool matches it.
+API_THREADS = 16
 
 
 class Errors(BaseModel):
@@ -229,6 +235,12 @@ def _definition(app: App, slug: str) -> CampaignDefinition | None:
     return definition
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
+    yield
+
+
 def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
     """The ASGI application. ``broker``: where stage messages go (default: the configured one)."""
     if broker is None:
@@ -241,8 +253,14 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         description="Post supporters' letters to their MPs. Errors come as a message per field.",
         docs_url=None,
         redoc_url=None,
+        lifespan=_lifespan,
     )
     origins = CampaignOrigins(app_getter)
+
+    @api.exception_handler(OperationalError)
+    async def database_away(request: Request, exc: OperationalError) -> Response:
+        log.warning("database_unavailable", error=type(exc.orig).__name__)
+        return problem(503, {"body": "Please try again in a moment."}, {"Retry-After": "1"})
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
