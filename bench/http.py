@@ -3,7 +3,7 @@ against a bare endpoint of the same framework (FastAPI on uvicorn) in the same r
 
     .venv/bin/python -m bench.http                  # SQLite, embedded Redis, 2 uvicorn workers
     .venv/bin/python -m bench.http --postgres       # a throwaway PostgreSQL 15 cluster
-    .venv/bin/python -m bench.http --duration 20 --connections 64 --workers 2
+    .venv/bin/python -m bench.http --duration 20 --connections 32 --workers 2
 
 The load generator is wrk (Debian's package) on loopback, on the same two cores. Every request
 carries a fresh idempotency key and email (a Lua script), so every 202 is a new stored submission;
@@ -103,7 +103,7 @@ def wrk(port: int, script: Path, duration: int, connections: int) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=15)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=24)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--postgres", action="store_true")
     args = parser.parse_args()

@@ -264,3 +264,32 @@ def test_one_reminder_after_a_day_and_expiry_after_seven(
     travel(24 * 7 + 1)
     assert get(app, sid).state == State.EXPIRED
     assert client.get(link).status_code == 410
+
+
+def test_group_commit_stores_each_once_even_with_repeats_in_one_batch(app: App) -> None:
+    from workers.intake import accept_many
+
+    first, second = posted(), posted()
+    items = [(first, State.RECEIVED), (second, State.RECEIVED), (dict(first), State.RECEIVED)]
+    with session_scope(app.sessions) as session:
+        results = accept_many(session, items, app.secret)
+    assert [r.created for r in results] == [True, True, False]
+    assert results[2].submission_id == results[0].submission_id
+    with session_scope(app.sessions) as session:
+        again = accept_many(session, [(second, State.RECEIVED)], app.secret)
+    assert again[0].submission_id == results[1].submission_id and not again[0].created
+    assert count(app) == 2
+
+
+def test_concurrent_posts_are_batched_and_every_202_is_stored(app: App, client: TestClient) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    app.settings.api_ip_limit = app.settings.api_email_limit = 0
+    payloads = [posted(supporter__email=f"s{i}@example.com") for i in range(40)]
+    payloads += payloads[:10]  # the same submissions again: the same ids
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda p: client.post("/v1/submissions", json=p), payloads))
+    assert {r.status_code for r in replies} == {202}
+    ids = [r.json()["id"] for r in replies]
+    assert len(set(ids)) == 40 and ids[40:] == ids[:10]
+    assert count(app) == 40

@@ -47,42 +47,54 @@ def accept(
 ) -> Accepted:
     """Record a submission in state ``received`` (caller commits, then dispatches validation),
     or ``unconfirmed`` when its campaign first asks the sender to confirm by email."""
-    campaign = _text(payload.get("campaign"), 200) if isinstance(payload, dict) else None
-    key = _text(payload.get("idempotency_key"), 200) if isinstance(payload, dict) else None
-    stored, hashed_ip = _split_ip(payload, secret)
+    return accept_many(session, [(payload, state)], secret)[0]
+
+
+def accept_many(session: Session, items: list[tuple[Any, State]], secret: bytes) -> list[Accepted]:
+    """Record several submissions in one statement (the HTTP intake's group commit)."""
     now = utcnow()
-    submission_id = new_id()
-    values = {
-        "id": submission_id,
-        "campaign_slug": campaign or "",
-        "idempotency_key": key,
-        "state": state.value,
-        "payload": stored,
-        "client_ip_hash": hashed_ip,
-        "supporter_hash": _supporter(payload, secret),
-        "created_at": now,
-        "updated_at": now,
-        "dispatched_at": now,
-    }
-    # One statement: a concurrent intake of the same key makes this one insert nothing (on
-    # PostgreSQL it waits for the other to commit), and the stored submission is answered.
+    rows = []
+    for payload, state in items:
+        campaign = _text(payload.get("campaign"), 200) if isinstance(payload, dict) else None
+        key = _text(payload.get("idempotency_key"), 200) if isinstance(payload, dict) else None
+        stored, hashed_ip = _split_ip(payload, secret)
+        rows.append(
+            {
+                "id": new_id(),
+                "campaign_slug": campaign or "",
+                "idempotency_key": key,
+                "state": state.value,
+                "payload": stored,
+                "client_ip_hash": hashed_ip,
+                "supporter_hash": _supporter(payload, secret),
+                "created_at": now,
+                "updated_at": now,
+                "dispatched_at": now,
+            }
+        )
     # Core statements on the session's connection: the intake is the HTTP front door's hot path.
+    # A submission whose key is already stored (or repeated in this batch) inserts nothing (on
+    # PostgreSQL after waiting for a concurrent insert of it to commit) and gets the stored id.
     connection = session.connection()
     table = SUBMISSIONS
     stmt: Any = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert(table)
-    stmt = stmt.values(values).on_conflict_do_nothing(
+    stmt = stmt.values(rows).on_conflict_do_nothing(
         index_elements=["campaign_slug", "idempotency_key"]
     )
-    inserted = connection.execute(stmt.returning(table.c.id)).first()
-    if inserted is None:
-        found = _find(session, campaign or "", key or "")
+    inserted = {row[0] for row in connection.execute(stmt.returning(table.c.id))}
+    results, events = [], []
+    for row in rows:
+        if row["id"] in inserted:
+            results.append(Accepted(row["id"], created=True))
+            events.append({"submission_id": row["id"], "state": row["state"], "at": now})
+            continue
+        found = _find(session, row["campaign_slug"], row["idempotency_key"] or "")
         if found is None:
             raise RuntimeError("idempotency conflict without a stored submission")
-        return Accepted(found, created=False)
-    connection.execute(
-        insert(EVENTS).values(submission_id=submission_id, state=state.value, at=now)
-    )
-    return Accepted(submission_id, created=True)
+        results.append(Accepted(found, created=False))
+    if events:
+        connection.execute(insert(EVENTS), events)
+    return results
 
 
 def _supporter(payload: Any, secret: bytes) -> str | None:

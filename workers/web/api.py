@@ -33,7 +33,6 @@ from workers.app import App, get_app
 from workers.campaigns import get_definition
 from workers.confirmation import confirm
 from workers.db import session_scope
-from workers.intake import accept
 from workers.models import Campaign, State, Submission, utcnow
 from workers.privacy import ip_hash, supporter_hash
 from workers.ratelimit import Limit
@@ -41,6 +40,7 @@ from workers.rendering import campaign_template, choose_subject
 from workers.resolution import MEMBER_FIELD, POSTCODE_FIELD, Found, Refuse, decide, find
 from workers.stages import Stage, dispatch
 from workers.validation import campaign_errors
+from workers.web.batcher import IntakeBatcher
 from workers.web.middleware import BodyLimit, Cors, SecurityHeadersAndAccessLog
 
 log = structlog.get_logger(__name__)
@@ -220,25 +220,28 @@ _DEFINITIONS: dict[tuple[int, str], tuple[float, CampaignDefinition | None]] = {
 DEFINITION_TTL = 5.0  # seconds a campaign edit takes to reach the API
 
 
+MISSING: Any = object()
+
+
+def _cached_definition(app: App, slug: str) -> CampaignDefinition | Any | None:
+    """The cached definition while fresh, else ``MISSING`` (no database access here)."""
+    cached = _DEFINITIONS.get((id(app), slug[:64]))
+    if cached is not None and time.monotonic() - cached[0] < DEFINITION_TTL:
+        return cached[1]
+    return MISSING
+
+
 def _definition(app: App, slug: str) -> CampaignDefinition | None:
     """The campaign's definition, read from the database at most every few seconds."""
-    key = (id(app), slug[:64])
-    cached = _DEFINITIONS.get(key)
-    now = time.monotonic()
-    if cached is not None and now - cached[0] < DEFINITION_TTL:
-        return cached[1]
+    cached = _cached_definition(app, slug)
+    if cached is not MISSING:
+        return cached
     with session_scope(app.sessions) as session:
         definition = get_definition(session, slug)
     if len(_DEFINITIONS) > 1000:
         _DEFINITIONS.clear()
-    _DEFINITIONS[key] = (now, definition)
+    _DEFINITIONS[(id(app), slug[:64])] = (time.monotonic(), definition)
     return definition
-
-
-@contextlib.asynccontextmanager
-async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
-    anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
-    yield
 
 
 def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
@@ -247,13 +250,22 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         from workers.actors import broker as configured
 
         broker = configured
+    batcher = IntakeBatcher(app_getter, broker)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
+        batcher.start()
+        yield
+        await batcher.stop()
+
     api = FastAPI(
         title="DearMP intake",
         version="1",
         description="Post supporters' letters to their MPs. Errors come as a message per field.",
         docs_url=None,
         redoc_url=None,
-        lifespan=_lifespan,
+        lifespan=lifespan,
     )
     origins = CampaignOrigins(app_getter)
 
@@ -358,7 +370,7 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         response_model=AcceptedOut,
         responses={**ERROR_RESPONSES, 403: {"model": Errors}},
     )
-    def submit(
+    async def submit(
         request: Request,
         body: Annotated[SubmissionIn, Body()],
         origin: Annotated[str | None, Header()] = None,
@@ -374,8 +386,10 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
                 ).model_dump(),
                 status_code=202,
             )
-        definition = _definition(app, body.campaign)
-        if definition is None:
+        definition = _cached_definition(app, body.campaign)
+        if definition is MISSING:
+            definition = await anyio.to_thread.run_sync(_definition, app, body.campaign)
+        if not isinstance(definition, CampaignDefinition):
             return problem(422, {"campaign": f"There is no campaign called '{body.campaign}'."})
         own = f"{request.url.scheme}://{request.headers.get('host', '')}"
         if origin and origin != own and not origins.allows(body.campaign, origin):
@@ -398,23 +412,20 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
                 app.settings.api_email_window,
             ),
         ):
-            wait = _over_limit(app, kind, who, limit, window)
+            if limit <= 0:
+                continue
+            wait = await anyio.to_thread.run_sync(_over_limit, app, kind, who, limit, window)
             if wait > 0:
                 message = "Too many letters from here. Please try again later."
                 return problem(429, {"body": message}, _retry(wait))
         payload = body.model_dump(mode="json", exclude={HONEYPOT})
         payload["client_ip"] = payload.get("client_ip") or client_ip
         payload["user_agent"] = payload.get("user_agent") or request.headers.get("user-agent")
-        with session_scope(app.sessions) as session:
-            accepted = accept(
-                session,
-                payload,
-                app.secret,
-                state=State.UNCONFIRMED if definition.confirmation else State.RECEIVED,
-            )
-        if accepted.created:
-            first = Stage.NOTIFY if definition.confirmation else Stage.VALIDATE
-            dispatch(broker, [first], accepted.submission_id)
+        # Stored (with others that arrived meanwhile) and committed before the 202; the stage
+        # message follows the commit.
+        accepted = await batcher.submit(
+            payload, State.UNCONFIRMED if definition.confirmation else State.RECEIVED
+        )
         sid = accepted.submission_id
         return JSONResponse(
             AcceptedOut(
