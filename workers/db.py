@@ -17,8 +17,12 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and write-locking transactions."""
+def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and write-locking transactions.
+
+    ``take_turns`` (SQLite, the HTTP intake): threads of the process queue on a lock for their
+    transaction instead of sleeping in SQLite's busy handler.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
@@ -46,11 +50,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    if not take_turns:
+        return engine
+
     # SQLite has one writer at a time, and every transaction here writes. Threads of one process
     # take turns on a lock held while a connection is checked out (a transaction, in this code)
     # instead of each sleeping in SQLite's busy handler, whose growing sleeps made waits long and
-    # uneven. Other processes still meet at SQLite's own lock. Re-entrant: a thread that opens a
-    # second session meets SQLite's lock, as it did before.
+    # uneven. Other processes still meet at SQLite's own lock. Only for code that always returns
+    # its connection on the thread that took it (the HTTP intake); the pipeline workers showed
+    # stalls with it.
     turn = threading.RLock()
 
     @event.listens_for(engine, "checkout")
