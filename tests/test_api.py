@@ -253,6 +253,10 @@ def test_one_reminder_after_a_day_and_expiry_after_seven(
         with session_scope(app.sessions) as session:
             return find_stalled(session, timedelta(minutes=2))
 
+    # A repeated message before the reminder is due sends nothing more.
+    dispatch(stub_broker, [Stage.NOTIFY], sid)
+    drain(stub_broker, stub_worker)
+    assert not (app.settings.resolved_outbox_dir / f"reminder-{sid}.eml").exists()
     due = travel(25)
     assert (sid, Stage.NOTIFY) in due
     for found, stage in due:

@@ -106,7 +106,10 @@ def notify(
     if submission is None or submission.state != State.UNCONFIRMED:
         return []
     reminder = submission.confirmation_sent_at is not None
-    if reminder and submission.reminder_sent_at is not None:
+    if reminder and (
+        submission.reminder_sent_at is not None
+        or utcnow() - submission.created_at < policy.reminder_after  # a repeat, not yet due
+    ):
         return []
     definition = get_definition(session, submission.campaign_slug)
     to = ((submission.payload or {}).get("supporter") or {}).get("email")
