@@ -311,11 +311,17 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
     old, recent = delivered(app, tmp_path), delivered(app, tmp_path)
     rejected = store(app, submission(supporter__email="not an email"))
     step(app, validate, rejected)
+    unconfirmed = store(app, submission())
+    with session_scope(app.sessions) as session:  # never confirmed by its sender
+        session.execute(
+            update(Submission).where(Submission.id == unconfirmed).values(state=State.EXPIRED)
+        )
     age(app, old, 29)
     age(app, recent, 27)
     age(app, rejected, 8)
+    age(app, unconfirmed, 8)
     out = CliRunner().invoke(main, ["retention", "run"])
-    assert json.loads(out.stdout) == {"scrubbed": {"delivered": 1, "rejected": 1}}
+    assert json.loads(out.stdout) == {"scrubbed": {"delivered": 1, "rejected": 1, "expired": 1}}
     scrubbed = get(app, old)
     assert scrubbed.payload is not None and scrubbed.scrubbed_at is not None
     assert scrubbed.payload["supporter"]["address_lines"] == []

@@ -261,6 +261,7 @@ RETENTION_STATES = {
     State.FAILED: "failed_days",
     State.REJECTED: "rejected_days",
     State.WITHDRAWN: "rejected_days",
+    State.EXPIRED: "unconfirmed_days",
 }
 
 
