@@ -18,6 +18,19 @@ from workers.runtime import submit
 from workers.stages import Stage, stage_message
 
 
+def dead_letter_record(app: App, message_id: str, timeout: float = 10.0) -> Failure | None:
+    """The failure record of a message once it is dead-lettered (None if it is not in time)."""
+    row = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(app.sessions) as session:
+            row = session.scalar(select(Failure).where(Failure.message_id == message_id))
+        if row is not None and row.dead_lettered_at is not None:
+            return row
+        time.sleep(0.1)
+    return row
+
+
 def test_the_final_failure_is_recorded_with_its_traceback(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -31,12 +44,7 @@ def test_the_final_failure_is_recorded_with_its_traceback(
     message = stage_message(Stage.RESOLVE, sid)
     fast = message.copy(options={"max_retries": 2, "min_backoff": 10, "max_backoff": 20})
     stub_broker.enqueue(fast)
-    for _ in range(50):
-        with session_scope(app.sessions) as session:
-            row = session.scalar(select(Failure).where(Failure.message_id == fast.message_id))
-            if row is not None and row.dead_lettered_at is not None:
-                break
-        time.sleep(0.1)
+    row = dead_letter_record(app, fast.message_id)
     assert row is not None and row.dead_lettered_at is not None
     assert (row.actor_name, row.queue_name, row.submission_id) == (
         "resolve_submission",

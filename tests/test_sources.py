@@ -20,11 +20,12 @@ from sqlalchemy import func, select, update
 
 from tests.factories import submission
 from tests.services import HttpStub, free_port
+from tests.test_failures import dead_letter_record
 from tests.test_stages import get, step, store
 from workers.app import App
 from workers.db import session_scope
 from workers.directory import current_version, sync_members
-from workers.models import Constituency, Failure, LookupCache, Member, State
+from workers.models import Constituency, LookupCache, Member, State
 from workers.resolution import lookup_live, resolve
 from workers.sources import JsonApi, LiveSources, MembersApi, PostcodesIo, SourceUnavailable
 from workers.stages import Stage, stage_message
@@ -262,13 +263,7 @@ def test_an_outage_never_loses_a_submission_it_ends_in_the_dead_letter_queue(
         options={"max_retries": 1, "min_backoff": 10, "max_backoff": 20}
     )
     stub_broker.enqueue(fast)
-    row = None
-    for _ in range(100):
-        with session_scope(app.sessions) as session:
-            row = session.scalar(select(Failure).where(Failure.message_id == fast.message_id))
-        if row is not None and row.dead_lettered_at is not None:
-            break
-        time.sleep(0.1)
+    row = dead_letter_record(app, fast.message_id)
     assert row is not None and row.dead_lettered_at is not None
     assert row.exception_type == "workers.sources.SourceUnavailable"
     assert "unavailable after 3 tries" in row.exception_message
