@@ -330,3 +330,22 @@ def test_directory_sync_reports_new_mps_vacancies_and_changed_emails(
     step(app, validate, sub.id)
     step(app, resolve, sub.id)
     assert get(app, sub.id).recipient["name"] == "Pat Newcomer"  # type: ignore[index]
+
+
+def test_live_answers_are_fetched_before_the_resolution_transaction(
+    app: App, live: LiveSources, postcodes_io: HttpStub
+) -> None:
+    from workers.resolution import warm_live
+
+    sid = store(app, submission(supporter__postcode="AB10 1AB"))
+    step(app, validate, sid)
+    warm_live(app.sessions, sid, "live", live)
+    assert postcodes_io.requests == ["/postcodes/AB10%201AB"]
+    postcodes_io.stop()  # the transaction below must not need the network
+    step(app, resolve, sid, "live", live)
+    assert get(app, sid).recipient["name"] == "Douglas Lumsden"  # type: ignore[index]
+    # A postcode the local directory knows is not looked up live at all.
+    local = store(app, submission(supporter__postcode="DM1 1AA"))
+    step(app, validate, local)
+    warm_live(app.sessions, local, "local,live", live)
+    assert postcodes_io.requests == ["/postcodes/AB10%201AB"]

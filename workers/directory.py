@@ -365,6 +365,10 @@ def sync_members(session: Session, members_api: MembersApi, source: str) -> dict
     records: a member with none listed has none here (never one guessed from a name).
     Returns what changed: new MPs, vacancies, changed emails.
     """
+    # Every network call first, before the transaction begins (on SQLite it would hold the write
+    # lock for the minutes 650 contact look-ups take).
+    sitting = {member_id: rest for member_id, *rest in members_api.current_members()}
+    contacts = {member_id: members_api.contact(member_id) for member_id in sitting}
     previous = current_version(session)
     if previous is None:
         raise DirectoryError("no directory has been imported: import one before syncing")
@@ -375,7 +379,6 @@ def sync_members(session: Session, members_api: MembersApi, source: str) -> dict
         m.member_id: m
         for m in session.scalars(select(Member).where(Member.version_id == previous.id))
     }
-    sitting = {member_id: rest for member_id, *rest in members_api.current_members()}
     by_seat = {_seat_key(seat): member_id for member_id, (_, _, seat) in sitting.items()}
 
     version = DirectoryVersion(
@@ -407,7 +410,7 @@ def sync_members(session: Session, members_api: MembersApi, source: str) -> dict
                 changes["vacancies"].append({"constituency": seat.name, "gss_code": seat.gss_code})
             continue
         name, party, _ = sitting[member_id]
-        email, phone = members_api.contact(member_id)
+        email, phone = contacts[member_id]
         members.append(
             {
                 "version_id": version.id,

@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Executable, bindparam, func, select, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from schemas.campaign import Targets
 from schemas.postcode import (
@@ -29,6 +29,7 @@ from schemas.postcode import (
     problem,
 )
 from workers.campaigns import get_definition
+from workers.db import session_scope
 from workers.directory import current_version
 from workers.models import (
     Constituency,
@@ -278,6 +279,23 @@ def _still_held(session: Session, submission: Submission, version_id: int | None
     )
     if rowcount(result) != 1:
         raise AlreadyMoved(submission.id)
+
+
+def warm_live(
+    sessions: sessionmaker[Session], submission_id: str, order: str, live: LiveSources | None
+) -> None:
+    """Before the resolution transaction: fetch what the live sources will be asked, if the
+    local directory will not answer, so that no network call happens inside the transaction."""
+    if live is None or order == "local":
+        return
+    with session_scope(sessions) as session:
+        submission = session.get(Submission, submission_id)
+        if submission is None or submission.payload is None:
+            return
+        postcode, bad = check_format(submission.payload["supporter"]["postcode"])
+        if bad is not None or (order != "live" and lookup_local(session, postcode) is not None):
+            return
+    live.warm(sessions, postcode)
 
 
 def resolve(

@@ -22,9 +22,10 @@ import requests
 import structlog
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
+from workers.db import session_scope
 from workers.models import LookupCache, utcnow
 
 log = structlog.get_logger(__name__)
@@ -230,16 +231,20 @@ def _upsert(session: Session, key: str, value: dict[str, Any] | None, ttl: float
     session.execute(stmt)
 
 
+def _fresh(session: Session, key: str) -> tuple[bool, dict[str, Any] | None]:
+    hit = session.execute(
+        select(LookupCache.value).where(LookupCache.key == key, LookupCache.expires_at > utcnow())
+    ).first()
+    return (True, hit[0]) if hit is not None else (False, None)
+
+
 def cached(
     session: Session, key: str, ttl: float, fetch: Callable[[], dict[str, Any] | None]
 ) -> dict[str, Any] | None:
     """The cached answer for ``key`` while it is fresh; otherwise ``fetch()`` and keep it."""
-    hit = session.execute(
-        select(LookupCache.value).where(LookupCache.key == key, LookupCache.expires_at > utcnow())
-    ).first()
-    if hit is not None:
-        found: dict[str, Any] | None = hit[0]
-        return found
+    found, value = _fresh(session, key)
+    if found:
+        return value
     value = fetch()
     if ttl > 0:
         _upsert(session, key, value, ttl)
@@ -274,20 +279,38 @@ class LiveSources:
             settings.lookup_cache_ttl,
         )
 
+    def _fetchers(self, postcode: str) -> list[tuple[str, Callable[[], dict[str, Any] | None]]]:
+        def member() -> dict[str, Any] | None:
+            found = self.members.for_postcode(postcode)
+            return asdict(found) if found else None
+
+        return [
+            (f"postcodes.io:{postcode}", lambda: asdict(self.postcodes.lookup(postcode))),
+            (f"members:{postcode}", member),
+        ]
+
+    def warm(self, sessions: sessionmaker[Session], postcode: str) -> None:
+        """Fetch a postcode's answers into the cache with no transaction open, so the resolution
+        transaction that follows makes no network call (and holds no lock while one waits)."""
+        if self.ttl <= 0:
+            return
+        for key, fetch in self._fetchers(postcode):
+            with session_scope(sessions) as session:
+                found, value = _fresh(session, key)
+            if not found:
+                value = fetch()  # the network, outside any transaction
+                with session_scope(sessions) as session:
+                    _upsert(session, key, value, self.ttl)
+            if key.startswith("postcodes.io:") and (value or {}).get("status") != "found":
+                return  # no constituency: no member to look up
+
     def postcode(self, session: Session, postcode: str) -> PostcodeAnswer:
-        value = cached(
-            session,
-            f"postcodes.io:{postcode}",
-            self.ttl,
-            lambda: asdict(self.postcodes.lookup(postcode)),
-        )
+        key, fetch = self._fetchers(postcode)[0]
+        value = cached(session, key, self.ttl, fetch)
         assert value is not None
         return PostcodeAnswer(**value)
 
     def member(self, session: Session, postcode: str) -> MemberAnswer | None:
-        def fetch() -> dict[str, Any] | None:
-            found = self.members.for_postcode(postcode)
-            return asdict(found) if found else None
-
-        value = cached(session, f"members:{postcode}", self.ttl, fetch)
+        key, fetch = self._fetchers(postcode)[1]
+        value = cached(session, key, self.ttl, fetch)
         return MemberAnswer(**value) if value else None

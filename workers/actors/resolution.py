@@ -9,11 +9,13 @@ import dramatiq
 from workers.actors.common import HOUR, NOT_RETRIED, run_stage
 from workers.app import App
 from workers.db import session_scope
-from workers.resolution import resolve
+from workers.resolution import resolve, warm_live
 from workers.stages import Stage
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
+    order = app.settings.resolution_order
+    warm_live(app.sessions, submission_id, order, app.live_sources)
     with session_scope(app.sessions) as session:
         return resolve(session, submission_id, app.settings.resolution_order, app.live_sources)
 
