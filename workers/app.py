@@ -61,7 +61,8 @@ _app: App | None = None
 def get_app() -> App:
     global _app
     if _app is None:
-        _app = App.from_settings(get_settings())
+        # On SQLite, the process's transactions take turns for the writer (workers.db.Turns).
+        _app = App.from_settings(get_settings(), take_turns=True)
     return _app
 
 

@@ -8,11 +8,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
-from workers.models import Campaign
+from workers.models import CAMPAIGNS, Campaign
 
 
 def load_definitions(directory: Path) -> list[CampaignDefinition]:
@@ -63,17 +63,30 @@ def update_definition(session: Session, slug: str, **changes: Any) -> CampaignDe
     return changed
 
 
+_DIGEST = select(CAMPAIGNS.c.definition_sha256).where(CAMPAIGNS.c.slug == bindparam("slug"))
+_DEFINITION = select(CAMPAIGNS.c.definition, CAMPAIGNS.c.definition_sha256).where(
+    CAMPAIGNS.c.slug == bindparam("slug")
+)
+_MODE = select(CAMPAIGNS.c.mode).where(CAMPAIGNS.c.slug == bindparam("slug"))
+
+
 def get_definition(session: Session, slug: str) -> CampaignDefinition | None:
     """The campaign's current definition (parsed once per version, then cached)."""
-    digest = session.scalar(select(Campaign.definition_sha256).where(Campaign.slug == slug))
+    digest = session.execute(_DIGEST, {"slug": slug}).scalar()
     if digest is None:
         return None
     cached = _parsed.get(digest)
     if cached is None:
-        row = session.get(Campaign, slug)
-        assert row is not None
-        cached = _parsed[digest] = CampaignDefinition.model_validate(row.definition)
+        # Cached under the hash read with it, in case it changed since the first read.
+        stored, digest = session.execute(_DEFINITION, {"slug": slug}).one()
+        cached = _parsed[digest] = CampaignDefinition.model_validate(stored)
     return cached
+
+
+def get_mode(session: Session, slug: str) -> str | None:
+    """The campaign's mode ("sandbox" or "live"), None if there is no such campaign."""
+    mode: str | None = session.execute(_MODE, {"slug": slug}).scalar()
+    return mode
 
 
 # Parsed definitions by content hash: a changed campaign has a new hash, so nothing goes stale.

@@ -4,35 +4,44 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from schemas.submission import CHANNELS
 from workers.campaigns import get_definition
 from workers.ledger import append
-from workers.models import ConsentEvent, State, Submission, SubmissionEvent, utcnow
+from workers.models import CONSENT_EVENTS, EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
 from workers.privacy import supporter_hash
+from workers.transitions import current
 
 # The record that the supporter was told their details go to their MP.
 MP_NOTICE = "mp_notice"
 
 
-def was_validated(session: Session, submission_id: str) -> bool:
-    return bool(
-        session.scalar(
-            select(
-                exists().where(
-                    SubmissionEvent.submission_id == submission_id,
-                    SubmissionEvent.state == State.VALIDATED,
-                )
-            )
-        )
+_WAS_VALIDATED = select(
+    exists().where(
+        EVENTS.c.submission_id == bindparam("id"), EVENTS.c.state == State.VALIDATED.value
     )
+)
+_CHANNELS_LOGGED = select(CONSENT_EVENTS.c.channel).where(
+    CONSENT_EVENTS.c.submission_id == bindparam("id")
+)
+_MARK_LOGGED = (
+    update(SUBMISSIONS)
+    .where(SUBMISSIONS.c.id == bindparam("submission"))
+    .values(consent_logged_at=bindparam("at"))
+)
+
+
+def was_validated(session: Session, submission_id: str) -> bool:
+    return bool(session.execute(_WAS_VALIDATED, {"id": submission_id}).scalar())
 
 
 def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
     """Record the submission's consent choices once; returns how many events were written."""
-    submission = session.get(Submission, submission_id)
+    submission = current(
+        session, submission_id, "consent_logged_at", "payload", "campaign_slug", "client_ip_hash"
+    )
     if submission is None or submission.consent_logged_at is not None or submission.payload is None:
         return 0
     if not was_validated(session, submission_id):
@@ -42,11 +51,7 @@ def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
         return 0
     payload = submission.payload
     prefs = payload["contact_preferences"]
-    already = set(
-        session.scalars(
-            select(ConsentEvent.channel).where(ConsentEvent.submission_id == submission_id)
-        )
-    )
+    already = set(session.execute(_CHANNELS_LOGGED, {"id": submission_id}).scalars())
     common = {
         "submission_id": submission_id,
         "supporter_hash": supporter_hash(secret, payload["supporter"]["email"]),
@@ -85,12 +90,7 @@ def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
         )
     )
     new = append(session, [e for e in events if e.channel not in already])
-    session.execute(
-        update(Submission)
-        .where(Submission.id == submission_id)
-        .values(consent_logged_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(_MARK_LOGGED, {"submission": submission_id, "at": utcnow()})
     return len(new)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import or_, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
@@ -32,10 +32,19 @@ from workers.mail import (
     TransientDeliveryError,
     outgoing,
 )
-from workers.models import Delivery, DeliveryStatus, Letter, State, Submission, utcnow
+from workers.models import (
+    DELIVERIES,
+    LETTERS,
+    SUBMISSIONS,
+    DeliveryStatus,
+    Letter,
+    State,
+    Submission,
+    utcnow,
+)
 from workers.ratelimit import Limit, Limiter, seconds_until_open
 from workers.stages import Deferred, Stage
-from workers.transitions import AlreadyMoved, advance, rowcount
+from workers.transitions import AlreadyMoved, At, advance, rowcount
 
 log = structlog.get_logger(__name__)
 
@@ -80,21 +89,42 @@ def limits_for(
     return limits
 
 
+# Everything delivery reads, in one statement: the submission, its delivery row and its letter.
+LETTER_FIELDS = tuple(c.name for c in LETTERS.c)
+_READ = (
+    select(
+        SUBMISSIONS.c.state,
+        SUBMISSIONS.c.campaign_slug,
+        SUBMISSIONS.c.member_id,
+        DELIVERIES.c.status,
+        DELIVERIES.c.attempts,
+        DELIVERIES.c.error,
+        *(LETTERS.c[name] for name in LETTER_FIELDS),
+    )
+    .select_from(
+        SUBMISSIONS.outerjoin(DELIVERIES, DELIVERIES.c.submission_id == SUBMISSIONS.c.id).outerjoin(
+            LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id
+        )
+    )
+    .where(SUBMISSIONS.c.id == bindparam("id"))
+)
+
+
 def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
     """Take the delivery for this worker; False if it is sent, failed or held by a live claim."""
     now = utcnow()
+    d = DELIVERIES.c
     result = session.execute(
-        update(Delivery)
+        update(DELIVERIES)
         .where(
-            Delivery.submission_id == submission_id,
+            d.submission_id == submission_id,
             or_(
-                Delivery.status == DeliveryStatus.PENDING,
-                (Delivery.status == DeliveryStatus.SENDING)
-                & (Delivery.claimed_at < now - timedelta(seconds=lease_seconds)),
+                d.status == DeliveryStatus.PENDING,
+                (d.status == DeliveryStatus.SENDING)
+                & (d.claimed_at < now - timedelta(seconds=lease_seconds)),
             ),
         )
-        .values(status=DeliveryStatus.SENDING, claimed_at=now, attempts=Delivery.attempts + 1)
-        .execution_options(synchronize_session=False)
+        .values(status=DeliveryStatus.SENDING, claimed_at=now, attempts=d.attempts + 1)
     )
     return rowcount(result) == 1
 
@@ -102,16 +132,15 @@ def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
 def _finish(session: Session, submission_id: str, to_state: State, **delivery: object) -> None:
     if delivery:
         session.execute(
-            update(Delivery).where(Delivery.submission_id == submission_id).values(**delivery)
+            update(DELIVERIES).where(DELIVERIES.c.submission_id == submission_id).values(**delivery)
         )
-    submission = session.get(Submission, submission_id)
-    if submission is not None and submission.state == State.RENDERED:
-        detail = str(delivery.get("error") or delivery.get("response") or "")[:500]
-        reason = str(delivery["error"]) if to_state == State.FAILED else None
-        try:
-            advance(session, submission, to_state, detail=detail, failure_reason=reason)
-        except AlreadyMoved:
-            pass
+    detail = str(delivery.get("error") or delivery.get("response") or "")[:500]
+    reason = str(delivery["error"]) if to_state == State.FAILED else None
+    try:
+        # Only a rendered submission moves on (one erased meanwhile stays withdrawn).
+        advance(session, At(submission_id, State.RENDERED), to_state, detail, failure_reason=reason)
+    except AlreadyMoved:
+        pass
 
 
 def _defer(sessions: sessionmaker[Session], submission_id: str, seconds: float, why: str) -> None:
@@ -139,42 +168,46 @@ def deliver(
     the retry policy (until ``max_attempts``, then a recorded failure), and, once the failure is
     recorded, PermanentDeliveryError so that an operator sees it in the dead-letter queue.
     """
+    claimed = False
     with session_scope(sessions) as session:
-        submission = session.get(Submission, submission_id)
-        if submission is None or submission.state != State.RENDERED:
+        found = session.execute(_READ, {"id": submission_id}).first()
+        if found is None or found.state != State.RENDERED:
             return []
-        delivery = session.get(Delivery, submission_id)
-        letter = session.get(Letter, submission_id)
-        definition = get_definition(session, submission.campaign_slug)
-        if delivery is None or letter is None or definition is None:
+        definition = get_definition(session, found.campaign_slug)
+        if found.status is None or found.message_id is None or definition is None:
             return []
-        if delivery.status == DeliveryStatus.SENT:
+        if found.status == DeliveryStatus.SENT:
             # Sent, but the state change was lost: repair it, send nothing.
             _finish(session, submission_id, State.DELIVERED)
             return []
-        if delivery.status == DeliveryStatus.PENDING and delivery.attempts >= policy.max_attempts:
-            reason = f"gave up after {delivery.attempts} attempts; last error: {delivery.error}"
+        if found.status == DeliveryStatus.PENDING and found.attempts >= policy.max_attempts:
+            reason = f"gave up after {found.attempts} attempts; last error: {found.error}"
             _finish(
                 session, submission_id, State.FAILED, status=DeliveryStatus.FAILED, error=reason
             )
             return []
-        member_id = submission.member_id
+        limits = limits_for(policy, definition, found.member_id, mailer.name)
+        if not definition.quiet_hours and not (limiter is not None and limits):
+            # Nothing to wait for: claim it in this same transaction.
+            if not claim(session, submission_id, policy.lease_seconds):
+                return []
+            claimed = True
+    letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
 
-    if definition.quiet_hours:
-        wait = seconds_until_open(
-            utcnow(), definition.quiet_hours.start, definition.quiet_hours.end
-        )
-        if wait > 0:
-            _defer(sessions, submission_id, wait, "quiet hours")
-    limits = limits_for(policy, definition, member_id, mailer.name)
-    if limiter is not None and limits:
-        wait = limiter.reserve(submission_id, limits)
-        if wait > 0:
-            _defer(sessions, submission_id, wait, "rate limit")
-
-    with session_scope(sessions) as session:
-        if not claim(session, submission_id, policy.lease_seconds):
-            return []
+    if not claimed:
+        if definition.quiet_hours:
+            wait = seconds_until_open(
+                utcnow(), definition.quiet_hours.start, definition.quiet_hours.end
+            )
+            if wait > 0:
+                _defer(sessions, submission_id, wait, "quiet hours")
+        if limiter is not None and limits:
+            wait = limiter.reserve(submission_id, limits)
+            if wait > 0:
+                _defer(sessions, submission_id, wait, "rate limit")
+        with session_scope(sessions) as session:
+            if not claim(session, submission_id, policy.lease_seconds):
+                return []
     mail: Outgoing = outgoing(letter, signer)
 
     # No transaction is open while we talk to the mail server.
@@ -183,8 +216,8 @@ def deliver(
     except TransientDeliveryError as exc:
         with session_scope(sessions) as session:
             session.execute(
-                update(Delivery)
-                .where(Delivery.submission_id == submission_id)
+                update(DELIVERIES)
+                .where(DELIVERIES.c.submission_id == submission_id)
                 .values(status=DeliveryStatus.PENDING, error=str(exc)[:2000])
             )
         raise

@@ -10,15 +10,12 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from workers.models import State, Submission, SubmissionEvent, new_id, utcnow
+from workers.models import EVENTS, SUBMISSIONS, State, Submission, new_id, utcnow
 from workers.privacy import ip_hash, supporter_hash
-
-SUBMISSIONS: Table = Submission.__table__  # type: ignore[assignment]
-EVENTS: Table = SubmissionEvent.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

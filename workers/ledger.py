@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, select, text, update
+from sqlalchemy import Connection, Table, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from workers.models import ConsentEvent
+from workers.models import CONSENT_EVENTS, ConsentEvent
 
 GENESIS = "0" * 64
 # The fields a hash covers: everything but the id, the link and the hash itself.
@@ -75,23 +75,33 @@ def _lock(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
 
 
+_HEAD = select(CONSENT_EVENTS.c.hash).order_by(CONSENT_EVENTS.c.id.desc()).limit(1)
+_INSERT = insert(CONSENT_EVENTS)
+
+
 def head(session: Session) -> str:
-    last = session.scalar(select(ConsentEvent.hash).order_by(ConsentEvent.id.desc()).limit(1))
-    return last or GENESIS
+    last = session.execute(_HEAD).scalar()
+    return str(last) if last else GENESIS
 
 
 def append(session: Session, events: Iterable[ConsentEvent]) -> list[ConsentEvent]:
-    """Chain ``events`` onto the ledger in order (the caller commits, which releases the lock)."""
+    """Chain ``events`` onto the ledger in order (the caller commits, which releases the lock).
+
+    The events are written as given (every hashed field, then the link and the hash), in one
+    executemany whose rows take their ids in order: the order of the chain.
+    """
     events = list(events)
     if not events:
         return []
     _lock(session)
     previous = head(session)
+    rows = []
     for event in events:
+        fields = _fields(event)
         event.prev_hash = previous
-        event.hash = previous = event_hash(previous, _fields(event))
-        session.add(event)
-        session.flush()  # one at a time: ids follow the chain
+        event.hash = previous = event_hash(previous, fields)
+        rows.append({**fields, "prev_hash": event.prev_hash, "hash": event.hash})
+    session.execute(_INSERT, rows)
     return events
 
 

@@ -12,9 +12,12 @@ import smtplib
 import ssl
 import threading
 from dataclasses import dataclass
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import format_datetime, parsedate_to_datetime
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
+from email.utils import format_datetime, formataddr, parsedate_to_datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -57,27 +60,54 @@ class Mailer(Protocol):
         ...
 
 
-def _address(name: str, addr: str) -> Address:
-    local, domain = addr.rsplit("@", 1)
-    return Address(display_name=name, username=local, domain=domain)
+# Parts are encoded quoted-printable in UTF-8 (7-bit safe, readable in an .eml); headers that
+# are not ASCII become RFC 2047 encoded words.
+UTF8 = Charset("utf-8")
+UTF8.header_encoding = QP
+UTF8.body_encoding = QP
+# The wire format: CRLF line ends. The compat32 classes are an order of magnitude cheaper than
+# EmailMessage's header registry, which re-parses every header it is given; every header value
+# here is checked for line breaks before it is set (see :func:`_one_line`).
+WIRE = email.policy.compat32.clone(linesep="\r\n")
 
 
-def build_message(letter: Letter) -> EmailMessage:
-    """The email for a stored letter; the email library encodes every header correctly."""
-    message = EmailMessage(policy=email.policy.SMTP)
-    message["From"] = _address(letter.from_name, letter.from_email)
-    message["To"] = _address(letter.to_name, letter.to_email)
+def _one_line(value: str) -> str:
+    """A header value, refused if it could start a header of its own (header injection)."""
+    if "\r" in value or "\n" in value:
+        raise ValueError("Header values may not contain linefeed or carriage return characters")
+    return value
+
+
+def _mailbox(name: str, addr: str) -> str:
+    return formataddr((_one_line(name), _one_line(addr)), UTF8)
+
+
+def _part(text: str, subtype: str) -> MIMENonMultipart:
+    part = MIMENonMultipart("text", subtype)
+    part.set_payload(text, UTF8)
+    return part
+
+
+def build_message(letter: Letter) -> Message:
+    """The email for a stored letter: every header one line, non-ASCII encoded, same bytes on
+    every attempt."""
+    text = _part(letter.body_text or "", "plain")
+    message: Message = text
+    if letter.body_html:
+        # A boundary from the content, not a random one: every attempt sends the same bytes.
+        message = MIMEMultipart("alternative", boundary=f"==dearmp-{letter.content_sha256[:32]}==")
+        for part in (text, _part(letter.body_html, "html")):
+            del part["MIME-Version"]
+            message.attach(part)
+    message["From"] = _mailbox(letter.from_name, letter.from_email)
+    message["To"] = _mailbox(letter.to_name, letter.to_email)
     if letter.reply_to:
-        message["Reply-To"] = letter.reply_to
-    message["Subject"] = letter.subject
+        message["Reply-To"] = _one_line(letter.reply_to)
+    subject = _one_line(letter.subject)
+    message["Subject"] = subject if subject.isascii() else Header(subject, UTF8).encode()
     # The letter's own creation time: a retry sends the same Date, like the same Message-ID.
     message["Date"] = format_datetime(letter.created_at)
-    message["Message-ID"] = letter.message_id
-    message.set_content(letter.body_text or "")
-    if letter.body_html:
-        message.add_alternative(letter.body_html, subtype="html")
-        # A boundary from the content, not a random one: every attempt sends the same bytes.
-        message.set_boundary(f"==dearmp-{letter.content_sha256[:32]}==")
+    message["Message-ID"] = _one_line(letter.message_id)
     return message
 
 
@@ -101,7 +131,7 @@ class DkimSigner:
 
 
 def outgoing(letter: Letter, signer: DkimSigner | None = None) -> Outgoing:
-    data = build_message(letter).as_bytes()
+    data = build_message(letter).as_bytes(policy=WIRE)
     if signer is not None:
         data = signer.sign(data, letter.from_email.rsplit("@", 1)[1])
     return Outgoing(letter.from_email, [letter.to_email], data, letter.message_id)

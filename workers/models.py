@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -352,3 +353,16 @@ class LookupCache(Base):
     value: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     fetched_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+def table(model: type[Base]) -> Table:
+    """A mapped class's table, for Core statements (the stages' reads and writes)."""
+    return cast(Table, model.__table__)
+
+
+SUBMISSIONS = table(Submission)
+EVENTS = table(SubmissionEvent)
+CAMPAIGNS = table(Campaign)
+LETTERS = table(Letter)
+DELIVERIES = table(Delivery)
+CONSENT_EVENTS = table(ConsentEvent)

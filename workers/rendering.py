@@ -14,23 +14,22 @@ from typing import Any
 
 from jinja2 import StrictUndefined, Template
 from jinja2.sandbox import SandboxedEnvironment
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
-from workers.campaigns import get_definition
+from workers.campaigns import get_definition, get_mode
 from workers.models import (
-    Campaign,
+    DELIVERIES,
+    LETTERS,
     Constituency,
-    Delivery,
     DeliveryStatus,
-    Letter,
     Member,
     State,
-    Submission,
     utcnow,
 )
 from workers.stages import Stage
-from workers.transitions import advance
+from workers.transitions import advance, current
 
 
 @lru_cache(maxsize=1)
@@ -76,22 +75,22 @@ class RenderedLetter:
         parts = (self.subject, self.body_text, self.from_email, self.to_email, self.message_id)
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
-    def to_row(self, submission_id: str, created_at: datetime | None = None) -> Letter:
-        """The row that stores this letter, once."""
-        return Letter(
-            submission_id=submission_id,
-            message_id=self.message_id,
-            subject=self.subject,
-            body_text=self.body_text,
-            body_html=self.body_html,
-            from_name=self.from_name,
-            from_email=self.from_email,
-            reply_to=self.reply_to,
-            to_name=self.to_name,
-            to_email=self.to_email,
-            content_sha256=self.content_sha256,
-            created_at=created_at or utcnow(),
-        )
+    def row_values(self, submission_id: str, created_at: datetime | None = None) -> dict[str, Any]:
+        """The columns of the row that stores this letter, once."""
+        return {
+            "submission_id": submission_id,
+            "message_id": self.message_id,
+            "subject": self.subject,
+            "body_text": self.body_text,
+            "body_html": self.body_html,
+            "from_name": self.from_name,
+            "from_email": self.from_email,
+            "reply_to": self.reply_to,
+            "to_name": self.to_name,
+            "to_email": self.to_email,
+            "content_sha256": self.content_sha256,
+            "created_at": created_at or utcnow(),
+        }
 
 
 def choose_subject(definition: CampaignDefinition, submission_id: str, typed: str) -> str:
@@ -163,15 +162,29 @@ def compose(
     )
 
 
+_HAS_LETTER = select(LETTERS.c.submission_id).where(LETTERS.c.submission_id == bindparam("id"))
+_STORE_LETTER = insert(LETTERS)
+_NEW_DELIVERY = insert(DELIVERIES)
+
+
 def render(
     session: Session, submission_id: str, backend: str, sandbox_address: str = "sandbox@localhost"
 ) -> list[Stage]:
-    submission = session.get(Submission, submission_id)
+    submission = current(
+        session,
+        submission_id,
+        "payload",
+        "campaign_slug",
+        "recipient",
+        "directory_version_id",
+        "member_id",
+        "constituency_code",
+    )
     if submission is None or submission.state != State.RESOLVED or submission.payload is None:
         return []
-    if session.get(Letter, submission_id) is None:
+    if session.execute(_HAS_LETTER, {"id": submission_id}).first() is None:
         definition = get_definition(session, submission.campaign_slug)
-        campaign = session.get(Campaign, submission.campaign_slug)
+        mode = get_mode(session, submission.campaign_slug)
         recipient = submission.recipient or {}
         if not recipient.get("email"):  # resolved before recipients were recorded
             version = submission.directory_version_id
@@ -179,7 +192,7 @@ def render(
             seat = session.get(Constituency, (version, submission.constituency_code))
             if member is not None and seat is not None:
                 recipient = {"name": member.name, "email": member.email, "constituency": seat.name}
-        if definition is None or campaign is None or not recipient.get("email"):
+        if definition is None or mode is None or not recipient.get("email"):
             reason = "campaign or MP no longer in the database"
             advance(session, submission, State.FAILED, detail=reason, failure_reason=reason)
             return []
@@ -188,12 +201,18 @@ def render(
             submission_id,
             submission.payload,
             Recipient(recipient["name"], recipient["email"], recipient["constituency"]),
-            sandbox_address if campaign.mode == "sandbox" else None,
+            sandbox_address if mode == "sandbox" else None,
         )
-        session.add(letter.to_row(submission_id))
-        session.flush()  # the letter row first: the delivery row refers to it
-        session.add(
-            Delivery(submission_id=submission_id, status=DeliveryStatus.PENDING, backend=backend)
+        # The letter row first: the delivery row refers to it.
+        session.execute(_STORE_LETTER, letter.row_values(submission_id))
+        session.execute(
+            _NEW_DELIVERY,
+            {
+                "submission_id": submission_id,
+                "status": DeliveryStatus.PENDING.value,
+                "backend": backend,
+                "attempts": 0,
+            },
         )
     advance(session, submission, State.RENDERED)
     return [Stage.DELIVER]

@@ -43,7 +43,7 @@ from workers.models import (
 )
 from workers.sources import LiveSources
 from workers.stages import Stage
-from workers.transitions import AlreadyMoved, advance, rowcount
+from workers.transitions import AlreadyMoved, Current, advance, current, rowcount
 
 POSTCODE_FIELD = "supporter.postcode"
 MEMBER_FIELD = "member"
@@ -268,7 +268,7 @@ def _held_since(session: Session, submission_id: str) -> timedelta | None:
     return utcnow() - first
 
 
-def _still_held(session: Session, submission: Submission, version_id: int | None) -> None:
+def _still_held(session: Session, submission: Current, version_id: int | None) -> None:
     """Looked again, still nothing to write to: note the directory seen and the time, no event."""
     now = utcnow()
     result = session.execute(
@@ -289,7 +289,7 @@ def warm_live(
     if live is None or order == "local":
         return
     with session_scope(sessions) as session:
-        submission = session.get(Submission, submission_id)
+        submission = current(session, submission_id, "payload")
         if submission is None or submission.payload is None:
             return
         postcode, bad = check_format(submission.payload["supporter"]["postcode"])
@@ -301,7 +301,7 @@ def warm_live(
 def resolve(
     session: Session, submission_id: str, order: str = "local", live: LiveSources | None = None
 ) -> list[Stage]:
-    submission = session.get(Submission, submission_id)
+    submission = current(session, submission_id, "payload", "campaign_slug")
     if (
         submission is None
         or submission.state not in (State.VALIDATED, State.HELD)

@@ -1,13 +1,20 @@
-"""Guarded state transitions: the database decides which worker moves a submission on."""
+"""Guarded state transitions: the database decides which worker moves a submission on.
+
+The stages read and write with SQLAlchemy Core on the tables (one statement each, compiled once
+per process), not through ORM objects: a stage is a few statements, and the ORM's unit of work
+cost more than the statements themselves.
+"""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, NamedTuple, Protocol, cast
 
-from sqlalchemy import CursorResult, Result, update
+from sqlalchemy import CursorResult, Result, Row, bindparam, insert, select
 from sqlalchemy.orm import Session
 
-from workers.models import State, Submission, SubmissionEvent, utcnow
+from workers.models import EVENTS, SUBMISSIONS, State, Submission, utcnow
+
+RECORD_EVENT = insert(EVENTS)
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -19,28 +26,72 @@ class AlreadyMoved(Exception):
     """Another worker moved the submission first; this attempt has nothing left to do."""
 
 
+class Current(Protocol):
+    """What :func:`advance` needs to know of a submission: its id and the state it was read in."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+
+class At(NamedTuple):
+    """A submission known to be in ``state`` (without reading the rest of it)."""
+
+    id: str
+    state: str
+
+
+# Statements built once per set of columns: building one costs more than running it.
+_reads: dict[tuple[str, ...], Any] = {}
+_moves: dict[tuple[str, ...], Any] = {}
+
+
+def current(session: Session, submission_id: str, *columns: str) -> Row[Any] | None:
+    """The submission's id, state and ``columns`` as one row (None if there is no such one)."""
+    statement = _reads.get(columns)
+    if statement is None:
+        cols = [SUBMISSIONS.c.id, SUBMISSIONS.c.state, *(SUBMISSIONS.c[name] for name in columns)]
+        statement = _reads[columns] = select(*cols).where(SUBMISSIONS.c.id == bindparam("id"))
+    return session.execute(statement, {"id": submission_id}).first()
+
+
 def advance(
     session: Session,
-    submission: Submission,
+    submission: Current,
     to_state: State,
     detail: str | None = None,
     **fields: Any,
 ) -> None:
-    """Move ``submission`` from its current state to ``to_state`` and record the transition.
+    """Move ``submission`` from the state it was read in to ``to_state``; record the transition.
 
     The UPDATE is conditional on the state this worker read, so of two workers running the same
     message only one succeeds; the other gets :class:`AlreadyMoved` and its transaction rolls back.
     """
     now = utcnow()
+    names = tuple(sorted(fields))
+    statement = _moves.get(names)
+    if statement is None:
+        changed = ("state", "updated_at", "dispatched_at", *names)
+        statement = _moves[names] = (
+            SUBMISSIONS.update()
+            .where(
+                SUBMISSIONS.c.id == bindparam("b_id"),
+                SUBMISSIONS.c.state == bindparam("b_state"),
+            )
+            .values({name: bindparam(f"v_{name}") for name in changed})
+        )
+    values = {"state": to_state.value, "updated_at": now, "dispatched_at": now, **fields}
+    params = {f"v_{name}": value for name, value in values.items()}
     result = session.execute(
-        update(Submission)
-        .where(Submission.id == submission.id, Submission.state == submission.state)
-        .values(state=to_state.value, updated_at=now, dispatched_at=now, **fields)
-        .execution_options(synchronize_session=False)
+        statement, {"b_id": submission.id, "b_state": submission.state, **params}
     )
     if rowcount(result) != 1:
         raise AlreadyMoved(submission.id)
-    session.add(
-        SubmissionEvent(submission_id=submission.id, state=to_state.value, at=now, detail=detail)
+    session.execute(
+        RECORD_EVENT,
+        {"submission_id": submission.id, "state": to_state.value, "at": now, "detail": detail},
     )
-    session.expire(submission)
+    if isinstance(submission, Submission):
+        session.expire(submission)

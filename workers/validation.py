@@ -7,9 +7,9 @@ from sqlalchemy.orm import Session
 from schemas.campaign import CampaignDefinition
 from schemas.submission import SubmissionV1, parse_submission
 from workers.campaigns import get_definition
-from workers.models import State, Submission
+from workers.models import State
 from workers.stages import Stage
-from workers.transitions import advance
+from workers.transitions import advance, current
 
 
 def campaign_errors(definition: CampaignDefinition, submission: SubmissionV1) -> dict[str, str]:
@@ -36,7 +36,7 @@ def campaign_errors(definition: CampaignDefinition, submission: SubmissionV1) ->
 
 def validate(session: Session, submission_id: str) -> list[Stage]:
     """Validate a received submission; returns the stages to send it on to."""
-    submission = session.get(Submission, submission_id)
+    submission = current(session, submission_id, "payload")
     if submission is None or submission.state != State.RECEIVED:
         return []
     parsed = parse_submission(submission.payload)
