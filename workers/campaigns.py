@@ -70,9 +70,15 @@ _DEFINITION = select(CAMPAIGNS.c.definition, CAMPAIGNS.c.definition_sha256).wher
 _MODE = select(CAMPAIGNS.c.mode).where(CAMPAIGNS.c.slug == bindparam("slug"))
 
 
-def get_definition(session: Session, slug: str) -> CampaignDefinition | None:
-    """The campaign's current definition (parsed once per version, then cached)."""
-    digest = session.execute(_DIGEST, {"slug": slug}).scalar()
+def get_definition(
+    session: Session, slug: str, digest: str | None = None
+) -> CampaignDefinition | None:
+    """The campaign's current definition (parsed once per version, then cached).
+
+    ``digest``: its ``definition_sha256`` if the caller read it already (with the submission).
+    """
+    if digest is None:
+        digest = session.execute(_DIGEST, {"slug": slug}).scalar()
     if digest is None:
         return None
     cached = _parsed.get(digest)

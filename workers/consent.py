@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 from schemas.submission import CHANNELS
 from workers.campaigns import get_definition
 from workers.ledger import append
-from workers.models import CONSENT_EVENTS, EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
+from workers.models import EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
 from workers.privacy import supporter_hash
-from workers.transitions import current
+from workers.transitions import current, rowcount
 
 # The record that the supporter was told their details go to their MP.
 MP_NOTICE = "mp_notice"
@@ -23,12 +23,13 @@ _WAS_VALIDATED = select(
         EVENTS.c.submission_id == bindparam("id"), EVENTS.c.state == State.VALIDATED.value
     )
 )
-_CHANNELS_LOGGED = select(CONSENT_EVENTS.c.channel).where(
-    CONSENT_EVENTS.c.submission_id == bindparam("id")
+# States only a validated submission reaches (others, like rejected, may come before or after).
+PAST_VALIDATION = frozenset(
+    {State.VALIDATED, State.RESOLVED, State.HELD, State.RENDERED, State.DELIVERED}
 )
 _MARK_LOGGED = (
     update(SUBMISSIONS)
-    .where(SUBMISSIONS.c.id == bindparam("submission"))
+    .where(SUBMISSIONS.c.id == bindparam("submission"), SUBMISSIONS.c.consent_logged_at.is_(None))
     .values(consent_logged_at=bindparam("at"))
 )
 
@@ -39,19 +40,16 @@ def was_validated(session: Session, submission_id: str) -> bool:
 
 def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
     """Record the submission's consent choices once; returns how many events were written."""
-    submission = current(
-        session, submission_id, "consent_logged_at", "payload", "campaign_slug", "client_ip_hash"
-    )
+    submission = current(session, submission_id, "consent_logged_at", "payload", "client_ip_hash")
     if submission is None or submission.consent_logged_at is not None or submission.payload is None:
         return 0
-    if not was_validated(session, submission_id):
+    if submission.state not in PAST_VALIDATION and not was_validated(session, submission_id):
         return 0
-    definition = get_definition(session, submission.campaign_slug)
+    definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
     if definition is None:
         return 0
     payload = submission.payload
     prefs = payload["contact_preferences"]
-    already = set(session.execute(_CHANNELS_LOGGED, {"id": submission_id}).scalars())
     common = {
         "submission_id": submission_id,
         "supporter_hash": supporter_hash(secret, payload["supporter"]["email"]),
@@ -89,9 +87,11 @@ def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
             wording_sha256=hashlib.sha256(notice.encode()).hexdigest(),
         )
     )
-    new = append(session, [e for e in events if e.channel not in already])
-    session.execute(_MARK_LOGGED, {"submission": submission_id, "at": utcnow()})
-    return len(new)
+    # The guarded mark first: of two workers logging at once, the second writes nothing.
+    if rowcount(session.execute(_MARK_LOGGED, {"submission": submission_id, "at": utcnow()})) != 1:
+        return 0
+    # The mark and the events commit together: no event of this submission's is stored yet.
+    return len(append(session, events))
 
 
 WITHDRAWAL_WORDING = "The supporter withdrew consent for contact by this channel."

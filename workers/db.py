@@ -20,7 +20,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and write-locking transactions.
+    """An engine for ``url``; SQLite gets WAL, a busy timeout, and a transaction that takes the
+    write lock at its first write (reads before it wait for nothing).
 
     ``take_turns`` (SQLite; the HTTP intake and the pipeline workers): transactions queue for
     the writer (:class:`Turns`) instead of sleeping in SQLite's busy handler.
@@ -37,9 +38,7 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transaction control from pysqlite so that BEGIN IMMEDIATE below is what runs:
-        # every transaction takes the write lock up front and waits for it, instead of failing
-        # with "database is locked" when a reader later tries to write.
+        # Take transaction control from pysqlite: no transaction until _on_write opens one.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
@@ -48,30 +47,54 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # straight to the driver
+    turns = Turns(parsed.database if take_turns else None, enabled=take_turns)
 
-    if not take_turns:
-        return engine
-    _take_turns(engine, parsed.database)
+    # Reads before a transaction's first write run on their own (autocommit), each seeing the
+    # latest committed data, as under PostgreSQL's READ COMMITTED; they wait for no one, since
+    # WAL readers never block. The first write takes the write lock with BEGIN IMMEDIATE (after
+    # the process's turn, with take_turns) and the rest of the transaction is serialised. Every
+    # write the stages make is conditional on what they read (a state, a claim), so a read that
+    # is stale by then makes the write match nothing rather than do harm.
+    @event.listens_for(engine, "before_cursor_execute")
+    def _on_write(
+        conn: Any, cursor: Any, statement: str, _params: Any, _context: Any, _many: bool
+    ) -> None:
+        dbapi_conn = cursor.connection
+        if dbapi_conn.in_transaction or statement.lstrip()[:6].upper() in READS:
+            return
+        info = conn.connection.info
+        if not info.get("turn"):
+            turns.acquire()
+            info["turn"] = True
+        dbapi_conn.execute("BEGIN IMMEDIATE")
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        if record.info.pop("turn", False):
+            turns.release()
+
     return engine
+
+
+# Statements that never open a write transaction (by their first six characters).
+READS = frozenset({"SELECT", "WITH", "EXPLAI", "PRAGMA"})
 
 
 class Turns:
     """Who may write to a SQLite file next: threads queue on a lock, processes on a file lock.
 
-    SQLite has one writer at a time and every transaction here writes (``BEGIN IMMEDIATE``).
-    Left to SQLite, a waiter sleeps in its busy handler, 1, 2, 5, 10 ms and longer, and finds
-    the lock taken again when it wakes: waits grow long and uneven, and most of a busy worker's
-    time went there. Here a thread holds its process's lock, and the process an exclusive
-    ``flock`` on ``<database>-turn``, while it has a connection checked out (a transaction, in
-    this code); the kernel wakes the next waiter the moment the holder lets go. Processes that
-    do not take turns (a one-off command) still meet the others at SQLite's own lock.
+    SQLite has one writer at a time. Left to SQLite, a waiting writer sleeps in its busy
+    handler, 1, 2, 5, 10 ms and longer, and finds the lock taken again when it wakes: waits grow
+    long and uneven, and most of a busy worker's time went there. Here a thread holds its
+    process's lock, and the process an exclusive ``flock`` on ``<database>-turn``, from its
+    transaction's first write until its connection goes back to the pool; the kernel wakes the
+    next waiter the moment the holder lets go. Processes that do not take turns (a one-off
+    command) still meet the others at SQLite's own lock.
     """
 
-    def __init__(self, path: str | None) -> None:
-        self.path = f"{path}-turn" if path and path != ":memory:" else None
+    def __init__(self, path: str | None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = f"{path}-turn" if enabled and path and path != ":memory:" else None
         self._thread = threading.RLock()
         self._depth = 0
         self._owner: int | None = None
@@ -87,6 +110,8 @@ class Turns:
         return self._fd
 
     def acquire(self) -> None:
+        if not self.enabled:
+            return
         self._thread.acquire()
         if self._depth == 0:
             fd = self._file()
@@ -96,7 +121,7 @@ class Turns:
         self._depth += 1
 
     def release(self) -> None:
-        if self._owner != threading.get_ident():
+        if not self.enabled or self._owner != threading.get_ident():
             return  # checked in by another thread (pool cleanup at exit): nothing held here
         self._depth -= 1
         if self._depth == 0:
@@ -104,18 +129,6 @@ class Turns:
             if self._fd is not None and self._pid == os.getpid():
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._thread.release()
-
-
-def _take_turns(engine: Engine, database: str | None) -> None:
-    turns = Turns(database)
-
-    @event.listens_for(engine, "checkout")
-    def _on_checkout(*_: Any) -> None:
-        turns.acquire()
-
-    @event.listens_for(engine, "checkin")
-    def _on_checkin(*_: Any) -> None:
-        turns.release()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -33,6 +33,7 @@ from workers.mail import (
     outgoing,
 )
 from workers.models import (
+    CAMPAIGNS,
     DELIVERIES,
     LETTERS,
     SUBMISSIONS,
@@ -99,12 +100,13 @@ _READ = (
         DELIVERIES.c.status,
         DELIVERIES.c.attempts,
         DELIVERIES.c.error,
+        CAMPAIGNS.c.definition_sha256,
         *(LETTERS.c[name] for name in LETTER_FIELDS),
     )
     .select_from(
-        SUBMISSIONS.outerjoin(DELIVERIES, DELIVERIES.c.submission_id == SUBMISSIONS.c.id).outerjoin(
-            LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id
-        )
+        SUBMISSIONS.outerjoin(DELIVERIES, DELIVERIES.c.submission_id == SUBMISSIONS.c.id)
+        .outerjoin(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id)
+        .outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug)
     )
     .where(SUBMISSIONS.c.id == bindparam("id"))
 )
@@ -173,7 +175,7 @@ def deliver(
         found = session.execute(_READ, {"id": submission_id}).first()
         if found is None or found.state != State.RENDERED:
             return []
-        definition = get_definition(session, found.campaign_slug)
+        definition = get_definition(session, found.campaign_slug, found.definition_sha256)
         if found.status is None or found.message_id is None or definition is None:
             return []
         if found.status == DeliveryStatus.SENT:
@@ -182,9 +184,14 @@ def deliver(
             return []
         if found.status == DeliveryStatus.PENDING and found.attempts >= policy.max_attempts:
             reason = f"gave up after {found.attempts} attempts; last error: {found.error}"
-            _finish(
-                session, submission_id, State.FAILED, status=DeliveryStatus.FAILED, error=reason
-            )
+            if claim(session, submission_id, policy.lease_seconds):  # nobody else is sending
+                _finish(
+                    session,
+                    submission_id,
+                    State.FAILED,
+                    status=DeliveryStatus.FAILED,
+                    error=reason,
+                )
             return []
         limits = limits_for(policy, definition, found.member_id, mailer.name)
         if not definition.quiet_hours and not (limiter is not None and limits):

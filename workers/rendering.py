@@ -18,7 +18,7 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
-from workers.campaigns import get_definition, get_mode
+from workers.campaigns import get_definition
 from workers.models import (
     DELIVERIES,
     LETTERS,
@@ -174,7 +174,6 @@ def render(
         session,
         submission_id,
         "payload",
-        "campaign_slug",
         "recipient",
         "directory_version_id",
         "member_id",
@@ -183,8 +182,8 @@ def render(
     if submission is None or submission.state != State.RESOLVED or submission.payload is None:
         return []
     if session.execute(_HAS_LETTER, {"id": submission_id}).first() is None:
-        definition = get_definition(session, submission.campaign_slug)
-        mode = get_mode(session, submission.campaign_slug)
+        definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
+        mode = submission.mode
         recipient = submission.recipient or {}
         if not recipient.get("email"):  # resolved before recipients were recorded
             version = submission.directory_version_id
@@ -203,7 +202,9 @@ def render(
             Recipient(recipient["name"], recipient["email"], recipient["constituency"]),
             sandbox_address if mode == "sandbox" else None,
         )
-        # The letter row first: the delivery row refers to it.
+        # The guarded state change first: of two workers rendering at once, the second stops
+        # here (AlreadyMoved) before it writes anything. Then the letter, then its delivery row.
+        advance(session, submission, State.RENDERED)
         session.execute(_STORE_LETTER, letter.row_values(submission_id))
         session.execute(
             _NEW_DELIVERY,
@@ -214,5 +215,6 @@ def render(
                 "attempts": 0,
             },
         )
-    advance(session, submission, State.RENDERED)
+    else:  # stored by an earlier attempt whose state change was lost
+        advance(session, submission, State.RENDERED)
     return [Stage.DELIVER]

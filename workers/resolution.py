@@ -301,14 +301,14 @@ def warm_live(
 def resolve(
     session: Session, submission_id: str, order: str = "local", live: LiveSources | None = None
 ) -> list[Stage]:
-    submission = current(session, submission_id, "payload", "campaign_slug")
+    submission = current(session, submission_id, "payload")
     if (
         submission is None
         or submission.state not in (State.VALIDATED, State.HELD)
         or submission.payload is None
     ):
         return []
-    definition = get_definition(session, submission.campaign_slug)
+    definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
     targets = definition.targets if definition is not None else Targets()
     postcode = submission.payload["supporter"]["postcode"]
     answer = find(session, postcode, order, live)

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, Protocol, cast
 from sqlalchemy import CursorResult, Result, Row, bindparam, insert, select
 from sqlalchemy.orm import Session
 
-from workers.models import EVENTS, SUBMISSIONS, State, Submission, utcnow
+from workers.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
 
 RECORD_EVENT = insert(EVENTS)
 
@@ -49,11 +49,25 @@ _moves: dict[tuple[str, ...], Any] = {}
 
 
 def current(session: Session, submission_id: str, *columns: str) -> Row[Any] | None:
-    """The submission's id, state and ``columns`` as one row (None if there is no such one)."""
+    """The submission's id, state and ``columns`` as one row (None if there is no such one),
+    with its campaign's ``definition_sha256`` and ``mode`` (None if the campaign is gone), so
+    that :func:`workers.campaigns.get_definition` needs no statement of its own."""
     statement = _reads.get(columns)
     if statement is None:
-        cols = [SUBMISSIONS.c.id, SUBMISSIONS.c.state, *(SUBMISSIONS.c[name] for name in columns)]
-        statement = _reads[columns] = select(*cols).where(SUBMISSIONS.c.id == bindparam("id"))
+        statement = _reads[columns] = (
+            select(
+                SUBMISSIONS.c.id,
+                SUBMISSIONS.c.state,
+                SUBMISSIONS.c.campaign_slug,
+                CAMPAIGNS.c.definition_sha256,
+                CAMPAIGNS.c.mode,
+                *(SUBMISSIONS.c[name] for name in columns),
+            )
+            .select_from(
+                SUBMISSIONS.outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug)
+            )
+            .where(SUBMISSIONS.c.id == bindparam("id"))
+        )
     return session.execute(statement, {"id": submission_id}).first()
 
 

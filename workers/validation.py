@@ -43,7 +43,9 @@ def validate(session: Session, submission_id: str) -> list[Stage]:
     if isinstance(parsed, dict):
         errors = parsed
     else:
-        definition = get_definition(session, parsed.campaign)
+        same = parsed.campaign == submission.campaign_slug  # read with the submission
+        digest = submission.definition_sha256 if same else None
+        definition = get_definition(session, parsed.campaign, digest)
         if definition is None:
             errors = {"campaign": f"There is no campaign called '{parsed.campaign}'."}
         else:

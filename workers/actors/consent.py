@@ -5,17 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
+from sqlalchemy.orm import Session
 
 from workers.actors.common import DAY, NOT_RETRIED, run_stage
-from workers.app import App
+from workers.app import App, get_app
 from workers.consent import log_consent
-from workers.db import session_scope
 from workers.stages import Stage
+from workers.together import Together
+
+_together: Together[int] = Together()
+
+
+def _log(session: Session, submission_id: str) -> int:
+    return log_consent(session, submission_id, get_app().secret)
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
-    with session_scope(app.sessions) as session:
-        log_consent(session, submission_id, app.secret)
+    _together.run(app.sessions, _log, submission_id)
     return []
 
 

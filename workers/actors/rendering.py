@@ -5,17 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
+from sqlalchemy.orm import Session
 
 from workers.actors.common import HOUR, NOT_RETRIED, run_stage
-from workers.app import App
-from workers.db import session_scope
+from workers.app import App, get_app
 from workers.rendering import render
 from workers.stages import Stage
+from workers.together import Together
+
+_together: Together[list[Stage]] = Together()
+
+
+def _render(session: Session, submission_id: str) -> list[Stage]:
+    app = get_app()
+    return render(session, submission_id, app.mailer.name, app.settings.sandbox_address)
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
-    with session_scope(app.sessions) as session:
-        return render(session, submission_id, app.mailer.name, app.settings.sandbox_address)
+    return _together.run(app.sessions, _render, submission_id)
 
 
 @dramatiq.actor(

@@ -5,19 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
+from sqlalchemy.orm import Session
 
 from workers.actors.common import HOUR, NOT_RETRIED, run_stage
-from workers.app import App
-from workers.db import session_scope
+from workers.app import App, get_app
 from workers.resolution import resolve, warm_live
 from workers.stages import Stage
+from workers.together import Together
+
+_together: Together[list[Stage]] = Together()
+
+
+def _resolve(session: Session, submission_id: str) -> list[Stage]:
+    app = get_app()
+    return resolve(session, submission_id, app.settings.resolution_order, app.live_sources)
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
     order = app.settings.resolution_order
     warm_live(app.sessions, submission_id, order, app.live_sources)
-    with session_scope(app.sessions) as session:
-        return resolve(session, submission_id, app.settings.resolution_order, app.live_sources)
+    return _together.run(app.sessions, _resolve, submission_id)
 
 
 @dramatiq.actor(

@@ -8,14 +8,15 @@ import dramatiq
 
 from workers.actors.common import HOUR, NOT_RETRIED, run_stage
 from workers.app import App
-from workers.db import session_scope
 from workers.stages import Stage
+from workers.together import Together
 from workers.validation import validate
+
+_together: Together[list[Stage]] = Together()
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
-    with session_scope(app.sessions) as session:
-        return validate(session, submission_id)
+    return _together.run(app.sessions, validate, submission_id)
 
 
 @dramatiq.actor(

@@ -1,0 +1,130 @@
+"""Group commit for the stages: worker threads that run the same stage at once share a transaction.
+
+Each dramatiq message is still one submission, run and acknowledged by its own worker thread,
+and the thread returns only once the transaction holding its submission's changes has committed.
+What is shared is the transaction: when several threads of a process arrive at a stage together,
+the first (the leader) runs the stage's function for each of them, one after another, in one
+transaction, and hands each thread its own result. Under load that turns one transaction (one
+commit, one turn at SQLite's write lock, one connection checkout) per submission into one per
+batch; alone, a thread makes a batch of one and waits for nobody.
+
+Two things keep one submission from harming the others in its batch:
+
+- A stage function's first write is its guarded state change, so a submission another worker
+  already moved (:class:`AlreadyMoved`) has written nothing: it is reported to its own thread
+  and the rest of the batch carries on.
+- Any other error rolls the whole batch back, and the leader runs each submission again in a
+  transaction of its own; each thread then gets its own submission's result or error, and only
+  that message is retried.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.db import session_scope
+from workers.transitions import AlreadyMoved
+
+T = TypeVar("T")
+
+
+class _Slot(Generic[T]):
+    def __init__(
+        self, sessions: sessionmaker[Session], work: Callable[[Session, str], T], submission_id: str
+    ) -> None:
+        self.sessions = sessions
+        self.work = work
+        self.submission_id = submission_id
+        self.done = False
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+    def settle(self, value: T | None = None, error: BaseException | None = None) -> None:
+        self.value, self.error, self.done = value, error, True
+
+    def result(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]  # set whenever error is None
+
+
+class Together(Generic[T]):
+    """Runs ``work(session, submission_id)`` for the threads that call :meth:`run` together.
+
+    One instance per stage; a batch holds the calls with the leader's ``sessions`` and ``work``.
+    """
+
+    def __init__(self, max_batch: int = 32) -> None:
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._pending: list[_Slot[T]] = []
+        self._leading = False
+
+    def run(
+        self,
+        sessions: sessionmaker[Session],
+        work: Callable[[Session, str], T],
+        submission_id: str,
+    ) -> T:
+        slot: _Slot[T] = _Slot(sessions, work, submission_id)
+        with self._cond:
+            self._pending.append(slot)
+            while self._leading and not slot.done:
+                self._cond.wait()
+            if slot.done:
+                return slot.result()
+            # Lead: this thread's own submission first, then whoever else is waiting.
+            batch = [slot]
+            for other in self._pending:
+                same = other.sessions is sessions and other.work == work
+                if other is not slot and same and len(batch) < self.max_batch:
+                    batch.append(other)
+            self._pending = [s for s in self._pending if s not in batch]
+            self._leading = True
+        try:
+            self._run_batch(sessions, batch)
+        finally:
+            with self._cond:
+                # Interrupted (a time limit, shutdown) before settling everyone: the others go
+                # back in line for the next leader.
+                self._pending[:0] = [s for s in batch if not s.done and s is not slot]
+                self._leading = False
+                self._cond.notify_all()
+        return slot.result()
+
+    @staticmethod
+    def _one(session: Session, slot: _Slot[T]) -> tuple[T | None, BaseException | None]:
+        # Logs from the stage name the submission they are about, not the leader's.
+        with structlog.contextvars.bound_contextvars(submission_id=slot.submission_id):
+            try:
+                return slot.work(session, slot.submission_id), None
+            except AlreadyMoved as moved:  # nothing written for it: the batch goes on
+                return None, moved
+
+    @classmethod
+    def _run_batch(cls, sessions: sessionmaker[Session], batch: list[_Slot[T]]) -> None:
+        try:
+            with session_scope(sessions) as session:
+                outcomes = [cls._one(session, slot) for slot in batch]
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].settle(error=exc)
+                return
+            structlog.get_logger(__name__).warning(
+                "batch_failed_running_alone", size=len(batch), error=type(exc).__name__
+            )
+            for slot in batch:
+                try:
+                    with session_scope(sessions) as session:
+                        value, error = cls._one(session, slot)
+                    slot.settle(value, error)
+                except Exception as alone:
+                    slot.settle(error=alone)
+            return
+        for slot, (value, error) in zip(batch, outcomes, strict=True):
+            slot.settle(value, error)
