@@ -18,8 +18,8 @@ from workers.db import Turns, make_engine, make_sessionmaker, session_scope
 from workers.intake import accept
 from workers.models import State, Submission
 from workers.together import Together
-from workers.transitions import AlreadyMoved, current
-from workers.validation import validate
+from workers.transitions import AlreadyMoved, Apply, current
+from workers.validation import plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,11 +59,15 @@ def test_threads_arriving_together_share_transactions_and_get_their_own_results(
     together: Together[tuple[str, int]] = Together()
     seen: list[int] = []
 
-    def work(session: Session, item: str) -> tuple[str, int]:
-        seen.append(id(session))
-        session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+    def work(session: Session, item: str) -> Apply[tuple[str, int]]:
         time.sleep(0.02)  # long enough for the other threads to queue behind the leader
-        return item, id(session)
+
+        def write(session: Session) -> tuple[str, int]:
+            seen.append(id(session))
+            session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+            return item, id(session)
+
+        return write
 
     items = [f"s{i}" for i in range(8)]
     results = _run_at_once(items, lambda item: together.run(sessions, work, item))
@@ -79,12 +83,16 @@ def test_a_submission_already_moved_is_told_so_and_the_batch_goes_on(tmp_path: P
     sessions = make_sessionmaker(engine)
     together: Together[str] = Together()
 
-    def work(session: Session, item: str) -> str:
+    def work(session: Session, item: str) -> Apply[str]:
         time.sleep(0.02)
-        if item == "moved":
-            raise AlreadyMoved(item)
-        session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
-        return item
+
+        def write(session: Session) -> str:
+            if item == "moved":
+                raise AlreadyMoved(item)
+            session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+            return item
+
+        return write
 
     items = ["a", "moved", "b", "c"]
     results = _run_at_once(items, lambda item: together.run(sessions, work, item))
@@ -100,13 +108,17 @@ def test_an_error_rolls_the_batch_back_and_each_runs_again_alone(tmp_path: Path)
     together: Together[str] = Together()
     runs: dict[str, int] = {}
 
-    def work(session: Session, item: str) -> str:
-        runs[item] = runs.get(item, 0) + 1
-        session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+    def work(session: Session, item: str) -> Apply[str]:
         time.sleep(0.02)
-        if item == "bad":
-            raise ValueError("this one is broken")
-        return item
+
+        def write(session: Session) -> str:
+            runs[item] = runs.get(item, 0) + 1
+            session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+            if item == "bad":
+                raise ValueError("this one is broken")
+            return item
+
+        return write
 
     items = ["a", "b", "bad", "c", "d"]
     results = _run_at_once(items, lambda item: together.run(sessions, work, item))
@@ -125,7 +137,7 @@ def test_batched_validation_moves_each_submission_once(app: App) -> None:
     every = [*ids, bad.submission_id, ids[0]]  # one twice: the second finds it moved or done
     results = _run_at_once(
         [f"{i}:{sid}" for i, sid in enumerate(every)],
-        lambda key: together.run(app.sessions, validate, key.split(":", 1)[1]),
+        lambda key: together.run(app.sessions, plan, key.split(":", 1)[1]),
     )
     assert all(isinstance(r, list | AlreadyMoved) for r in results.values()), results
     with session_scope(app.sessions) as session:

@@ -12,7 +12,7 @@ from workers.campaigns import get_definition
 from workers.ledger import append
 from workers.models import EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
 from workers.privacy import supporter_hash
-from workers.transitions import current, rowcount
+from workers.transitions import Apply, current, done, rowcount
 
 # The record that the supporter was told their details go to their MP.
 MP_NOTICE = "mp_notice"
@@ -40,14 +40,19 @@ def was_validated(session: Session, submission_id: str) -> bool:
 
 def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
     """Record the submission's consent choices once; returns how many events were written."""
+    return plan(session, submission_id, secret)(session)
+
+
+def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
+    """The submission's consent events, to be chained onto the ledger in the write transaction."""
     submission = current(session, submission_id, "consent_logged_at", "payload", "client_ip_hash")
     if submission is None or submission.consent_logged_at is not None or submission.payload is None:
-        return 0
+        return done(0)
     if submission.state not in PAST_VALIDATION and not was_validated(session, submission_id):
-        return 0
+        return done(0)
     definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
     if definition is None:
-        return 0
+        return done(0)
     payload = submission.payload
     prefs = payload["contact_preferences"]
     common = {
@@ -87,11 +92,16 @@ def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
             wording_sha256=hashlib.sha256(notice.encode()).hexdigest(),
         )
     )
-    # The guarded mark first: of two workers logging at once, the second writes nothing.
-    if rowcount(session.execute(_MARK_LOGGED, {"submission": submission_id, "at": utcnow()})) != 1:
-        return 0
-    # The mark and the events commit together: no event of this submission's is stored yet.
-    return len(append(session, events))
+
+    def write(session: Session) -> int:
+        # The guarded mark first: of two workers logging at once, the second writes nothing.
+        mark = {"submission": submission_id, "at": utcnow()}
+        if rowcount(session.execute(_MARK_LOGGED, mark)) != 1:
+            return 0
+        # The mark and the events commit together: no event of this submission's is stored yet.
+        return len(append(session, events))
+
+    return write
 
 
 WITHDRAWAL_WORDING = "The supporter withdrew consent for contact by this channel."

@@ -29,7 +29,7 @@ from workers.models import (
     utcnow,
 )
 from workers.stages import Stage
-from workers.transitions import advance, current
+from workers.transitions import Apply, advance, current, done, move
 
 
 @lru_cache(maxsize=1)
@@ -167,9 +167,10 @@ _STORE_LETTER = insert(LETTERS)
 _NEW_DELIVERY = insert(DELIVERIES)
 
 
-def render(
+def plan(
     session: Session, submission_id: str, backend: str, sandbox_address: str = "sandbox@localhost"
-) -> list[Stage]:
+) -> Apply[list[Stage]]:
+    """Compose the letter: what to write (the letter, its delivery row, the move to rendered)."""
     submission = current(
         session,
         submission_id,
@@ -180,41 +181,49 @@ def render(
         "constituency_code",
     )
     if submission is None or submission.state != State.RESOLVED or submission.payload is None:
-        return []
-    if session.execute(_HAS_LETTER, {"id": submission_id}).first() is None:
-        definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
-        mode = submission.mode
-        recipient = submission.recipient or {}
-        if not recipient.get("email"):  # resolved before recipients were recorded
-            version = submission.directory_version_id
-            member = session.get(Member, (version, submission.member_id))
-            seat = session.get(Constituency, (version, submission.constituency_code))
-            if member is not None and seat is not None:
-                recipient = {"name": member.name, "email": member.email, "constituency": seat.name}
-        if definition is None or mode is None or not recipient.get("email"):
-            reason = "campaign or MP no longer in the database"
-            advance(session, submission, State.FAILED, detail=reason, failure_reason=reason)
-            return []
-        letter = compose(
-            definition,
-            submission_id,
-            submission.payload,
-            Recipient(recipient["name"], recipient["email"], recipient["constituency"]),
-            sandbox_address if mode == "sandbox" else None,
-        )
+        return done([])
+    if session.execute(_HAS_LETTER, {"id": submission_id}).first() is not None:
+        # Stored by an earlier attempt whose state change was lost.
+        return move(submission, State.RENDERED, then=[Stage.DELIVER])
+    definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
+    mode = submission.mode
+    recipient = submission.recipient or {}
+    if not recipient.get("email"):  # resolved before recipients were recorded
+        version = submission.directory_version_id
+        member = session.get(Member, (version, submission.member_id))
+        seat = session.get(Constituency, (version, submission.constituency_code))
+        if member is not None and seat is not None:
+            recipient = {"name": member.name, "email": member.email, "constituency": seat.name}
+    if definition is None or mode is None or not recipient.get("email"):
+        reason = "campaign or MP no longer in the database"
+        return move(submission, State.FAILED, reason, failure_reason=reason)
+    letter = compose(
+        definition,
+        submission_id,
+        submission.payload,
+        Recipient(recipient["name"], recipient["email"], recipient["constituency"]),
+        sandbox_address if mode == "sandbox" else None,
+    )
+    row = letter.row_values(submission_id)
+    delivery = {
+        "submission_id": submission_id,
+        "status": DeliveryStatus.PENDING.value,
+        "backend": backend,
+        "attempts": 0,
+    }
+
+    def write(session: Session) -> list[Stage]:
         # The guarded state change first: of two workers rendering at once, the second stops
         # here (AlreadyMoved) before it writes anything. Then the letter, then its delivery row.
         advance(session, submission, State.RENDERED)
-        session.execute(_STORE_LETTER, letter.row_values(submission_id))
-        session.execute(
-            _NEW_DELIVERY,
-            {
-                "submission_id": submission_id,
-                "status": DeliveryStatus.PENDING.value,
-                "backend": backend,
-                "attempts": 0,
-            },
-        )
-    else:  # stored by an earlier attempt whose state change was lost
-        advance(session, submission, State.RENDERED)
-    return [Stage.DELIVER]
+        session.execute(_STORE_LETTER, row)
+        session.execute(_NEW_DELIVERY, delivery)
+        return [Stage.DELIVER]
+
+    return write
+
+
+def render(
+    session: Session, submission_id: str, backend: str, sandbox_address: str = "sandbox@localhost"
+) -> list[Stage]:
+    return plan(session, submission_id, backend, sandbox_address)(session)

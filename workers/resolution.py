@@ -43,7 +43,7 @@ from workers.models import (
 )
 from workers.sources import LiveSources
 from workers.stages import Stage
-from workers.transitions import AlreadyMoved, Current, advance, current, rowcount
+from workers.transitions import AlreadyMoved, Apply, Current, current, done, move, rowcount
 
 POSTCODE_FIELD = "supporter.postcode"
 MEMBER_FIELD = "member"
@@ -268,7 +268,7 @@ def _held_since(session: Session, submission_id: str) -> timedelta | None:
     return utcnow() - first
 
 
-def _still_held(session: Session, submission: Current, version_id: int | None) -> None:
+def _still_held(session: Session, submission: Current, version_id: int | None) -> list[Stage]:
     """Looked again, still nothing to write to: note the directory seen and the time, no event."""
     now = utcnow()
     result = session.execute(
@@ -279,6 +279,7 @@ def _still_held(session: Session, submission: Current, version_id: int | None) -
     )
     if rowcount(result) != 1:
         raise AlreadyMoved(submission.id)
+    return []
 
 
 def warm_live(
@@ -298,16 +299,17 @@ def warm_live(
     live.warm(sessions, postcode)
 
 
-def resolve(
+def plan(
     session: Session, submission_id: str, order: str = "local", live: LiveSources | None = None
-) -> list[Stage]:
+) -> Apply[list[Stage]]:
+    """Find the supporter's MP: what to write, and the stages to send it on to."""
     submission = current(session, submission_id, "payload")
     if (
         submission is None
         or submission.state not in (State.VALIDATED, State.HELD)
         or submission.payload is None
     ):
-        return []
+        return done([])
     definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
     targets = definition.targets if definition is not None else Targets()
     postcode = submission.payload["supporter"]["postcode"]
@@ -324,11 +326,10 @@ def resolve(
     if isinstance(outcome, Hold):
         held_for = _held_since(session, submission.id)
         if held_for is None:
-            advance(session, submission, State.HELD, detail=outcome.reason, **seat_fields)
-            return []
+            return move(submission, State.HELD, outcome.reason, **seat_fields)
         if held_for < timedelta(days=targets.hold_days):
-            _still_held(session, submission, seat_fields.get("directory_version_id"))
-            return []
+            version_id = seat_fields.get("directory_version_id")
+            return lambda s: _still_held(s, submission, version_id)
         message = (
             f"We held your letter for {targets.hold_days} days, but there is still no MP "
             "to send it to."
@@ -336,25 +337,20 @@ def resolve(
         outcome = Refuse(MEMBER_FIELD, message, "hold expired")
 
     if isinstance(outcome, Refuse):
-        advance(
-            session,
+        return move(
             submission,
             State.REJECTED,
-            detail=outcome.code,
+            outcome.code,
             rejection={outcome.field: outcome.message},
             **(seat_fields if outcome.field == MEMBER_FIELD else {}),
         )
-        return []
     if isinstance(outcome, Unreachable):
-        advance(
-            session, submission, State.FAILED, detail=outcome.reason, failure_reason=outcome.reason
-        )
-        return []
-    advance(
-        session,
+        return move(submission, State.FAILED, outcome.reason, failure_reason=outcome.reason)
+    return move(
         submission,
         State.RESOLVED,
-        detail=f"{outcome.seat.gss_code} member {outcome.member.member_id} via {outcome.via}",
+        f"{outcome.seat.gss_code} member {outcome.member.member_id} via {outcome.via}",
+        then=[Stage.RENDER],
         directory_version_id=outcome.version_id,
         constituency_code=outcome.seat.gss_code,
         member_id=outcome.member.member_id,
@@ -366,4 +362,9 @@ def resolve(
             "constituency": outcome.seat.name,
         },
     )
-    return [Stage.RENDER]
+
+
+def resolve(
+    session: Session, submission_id: str, order: str = "local", live: LiveSources | None = None
+) -> list[Stage]:
+    return plan(session, submission_id, order, live)(session)

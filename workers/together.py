@@ -3,10 +3,11 @@
 Each dramatiq message is still one submission, run and acknowledged by its own worker thread,
 and the thread returns only once the transaction holding its submission's changes has committed.
 What is shared is the transaction: when several threads of a process arrive at a stage together,
-the first (the leader) runs the stage's function for each of them, one after another, in one
-transaction, and hands each thread its own result. Under load that turns one transaction (one
-commit, one turn at SQLite's write lock, one connection checkout) per submission into one per
-batch; alone, a thread makes a batch of one and waits for nobody.
+the first (the leader) makes the stage's decision for each of them (reads, parsing, rendering,
+hashing: see :data:`workers.transitions.Apply`), then makes all their writes in one transaction,
+and hands each thread its own result. Under load that turns one transaction (one commit, one turn
+at SQLite's write lock, one connection checkout) per submission into one per batch, and the write
+lock is held for writes only; alone, a thread makes a batch of one and waits for nobody.
 
 Two things keep one submission from harming the others in its batch:
 
@@ -28,14 +29,17 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.db import session_scope
-from workers.transitions import AlreadyMoved
+from workers.transitions import AlreadyMoved, Apply
 
 T = TypeVar("T")
 
 
 class _Slot(Generic[T]):
     def __init__(
-        self, sessions: sessionmaker[Session], work: Callable[[Session, str], T], submission_id: str
+        self,
+        sessions: sessionmaker[Session],
+        work: Callable[[Session, str], Apply[T]],
+        submission_id: str,
     ) -> None:
         self.sessions = sessions
         self.work = work
@@ -54,7 +58,8 @@ class _Slot(Generic[T]):
 
 
 class Together(Generic[T]):
-    """Runs ``work(session, submission_id)`` for the threads that call :meth:`run` together.
+    """Runs ``work(session, submission_id)`` (a stage's decision, which returns its writes) for
+    the threads that call :meth:`run` together, and the writes in one transaction.
 
     One instance per stage; a batch holds the calls with the leader's ``sessions`` and ``work``.
     """
@@ -68,7 +73,7 @@ class Together(Generic[T]):
     def run(
         self,
         sessions: sessionmaker[Session],
-        work: Callable[[Session, str], T],
+        work: Callable[[Session, str], Apply[T]],
         submission_id: str,
     ) -> T:
         slot: _Slot[T] = _Slot(sessions, work, submission_id)
@@ -97,12 +102,19 @@ class Together(Generic[T]):
                 self._cond.notify_all()
         return slot.result()
 
-    @staticmethod
-    def _one(session: Session, slot: _Slot[T]) -> tuple[T | None, BaseException | None]:
+    @classmethod
+    def _decide(cls, session: Session, slot: _Slot[T]) -> Apply[T]:
+        with structlog.contextvars.bound_contextvars(submission_id=slot.submission_id):
+            return slot.work(session, slot.submission_id)
+
+    @classmethod
+    def _write(
+        cls, session: Session, slot: _Slot[T], write: Apply[T]
+    ) -> tuple[T | None, BaseException | None]:
         # Logs from the stage name the submission they are about, not the leader's.
         with structlog.contextvars.bound_contextvars(submission_id=slot.submission_id):
             try:
-                return slot.work(session, slot.submission_id), None
+                return write(session), None
             except AlreadyMoved as moved:  # nothing written for it: the batch goes on
                 return None, moved
 
@@ -110,7 +122,13 @@ class Together(Generic[T]):
     def _run_batch(cls, sessions: sessionmaker[Session], batch: list[_Slot[T]]) -> None:
         try:
             with session_scope(sessions) as session:
-                outcomes = [cls._one(session, slot) for slot in batch]
+                # Every decision first (reads only: on SQLite they take no lock), then every
+                # write, so that the write lock is held for the writes alone.
+                writes = [cls._decide(session, slot) for slot in batch]
+                outcomes = [
+                    cls._write(session, slot, write)
+                    for slot, write in zip(batch, writes, strict=True)
+                ]
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].settle(error=exc)
@@ -121,7 +139,7 @@ class Together(Generic[T]):
             for slot in batch:
                 try:
                     with session_scope(sessions) as session:
-                        value, error = cls._one(session, slot)
+                        value, error = cls._write(session, slot, cls._decide(session, slot))
                     slot.settle(value, error)
                 except Exception as alone:
                     slot.settle(error=alone)

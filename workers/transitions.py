@@ -7,7 +7,8 @@ cost more than the statements themselves.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 from sqlalchemy import CursorResult, Result, Row, bindparam, insert, select
 from sqlalchemy.orm import Session
@@ -20,6 +21,34 @@ RECORD_EVENT = insert(EVENTS)
 def rowcount(result: Result[Any]) -> int:
     """Rows matched by an UPDATE (``Session.execute`` is typed as returning a plain Result)."""
     return cast("CursorResult[Any]", result).rowcount
+
+
+T = TypeVar("T")
+
+# A stage in two steps: from its reads, it decides (no writes, no lock: rendering, hashing and
+# parsing happen here) and returns what to write, a function run in the write transaction.
+Apply = Callable[[Session], T]
+
+
+def done(value: T) -> Apply[T]:
+    """Nothing to write: the stage's answer is ``value``."""
+    return lambda _session: value
+
+
+def move(
+    submission: Current,
+    to_state: State,
+    detail: str | None = None,
+    then: Sequence[Any] = (),
+    **fields: Any,
+) -> Apply[list[Any]]:
+    """Write the guarded move to ``to_state``; the answer is ``then`` (the stages to send it to)."""
+
+    def write(session: Session) -> list[Any]:
+        advance(session, submission, to_state, detail, **fields)
+        return list(then)
+
+    return write
 
 
 class AlreadyMoved(Exception):

@@ -9,7 +9,7 @@ from schemas.submission import SubmissionV1, parse_submission
 from workers.campaigns import get_definition
 from workers.models import State
 from workers.stages import Stage
-from workers.transitions import advance, current
+from workers.transitions import Apply, current, done, move
 
 
 def campaign_errors(definition: CampaignDefinition, submission: SubmissionV1) -> dict[str, str]:
@@ -34,11 +34,11 @@ def campaign_errors(definition: CampaignDefinition, submission: SubmissionV1) ->
     return errors
 
 
-def validate(session: Session, submission_id: str) -> list[Stage]:
-    """Validate a received submission; returns the stages to send it on to."""
+def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
+    """Validate a received submission: what to write, and the stages to send it on to."""
     submission = current(session, submission_id, "payload")
     if submission is None or submission.state != State.RECEIVED:
-        return []
+        return done([])
     parsed = parse_submission(submission.payload)
     if isinstance(parsed, dict):
         errors = parsed
@@ -51,8 +51,12 @@ def validate(session: Session, submission_id: str) -> list[Stage]:
         else:
             errors = campaign_errors(definition, parsed)
     if errors:
-        advance(session, submission, State.REJECTED, detail="invalid input", rejection=errors)
-        return []
+        return move(submission, State.REJECTED, "invalid input", rejection=errors)
     assert not isinstance(parsed, dict)
-    advance(session, submission, State.VALIDATED, payload=parsed.model_dump(mode="json"))
-    return [Stage.RESOLVE, Stage.CONSENT]
+    payload = parsed.model_dump(mode="json")
+    return move(submission, State.VALIDATED, then=[Stage.RESOLVE, Stage.CONSENT], payload=payload)
+
+
+def validate(session: Session, submission_id: str) -> list[Stage]:
+    """Validate a received submission; returns the stages to send it on to."""
+    return plan(session, submission_id)(session)

@@ -9,19 +9,20 @@ from sqlalchemy.orm import Session
 
 from workers.actors.common import DAY, NOT_RETRIED, run_stage
 from workers.app import App, get_app
-from workers.consent import log_consent
+from workers.consent import plan
 from workers.stages import Stage
 from workers.together import Together
+from workers.transitions import Apply
 
 _together: Together[int] = Together()
 
 
-def _log(session: Session, submission_id: str) -> int:
-    return log_consent(session, submission_id, get_app().secret)
+def _plan(session: Session, submission_id: str) -> Apply[int]:
+    return plan(session, submission_id, get_app().secret)
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
-    _together.run(app.sessions, _log, submission_id)
+    _together.run(app.sessions, _plan, submission_id)
     return []
 
 

@@ -9,20 +9,21 @@ from sqlalchemy.orm import Session
 
 from workers.actors.common import HOUR, NOT_RETRIED, run_stage
 from workers.app import App, get_app
-from workers.rendering import render
+from workers.rendering import plan
 from workers.stages import Stage
 from workers.together import Together
+from workers.transitions import Apply
 
 _together: Together[list[Stage]] = Together()
 
 
-def _render(session: Session, submission_id: str) -> list[Stage]:
+def _plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
     app = get_app()
-    return render(session, submission_id, app.mailer.name, app.settings.sandbox_address)
+    return plan(session, submission_id, app.mailer.name, app.settings.sandbox_address)
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
-    return _together.run(app.sessions, _render, submission_id)
+    return _together.run(app.sessions, _plan, submission_id)
 
 
 @dramatiq.actor(

@@ -9,22 +9,23 @@ from sqlalchemy.orm import Session
 
 from workers.actors.common import HOUR, NOT_RETRIED, run_stage
 from workers.app import App, get_app
-from workers.resolution import resolve, warm_live
+from workers.resolution import plan, warm_live
 from workers.stages import Stage
 from workers.together import Together
+from workers.transitions import Apply
 
 _together: Together[list[Stage]] = Together()
 
 
-def _resolve(session: Session, submission_id: str) -> list[Stage]:
+def _plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
     app = get_app()
-    return resolve(session, submission_id, app.settings.resolution_order, app.live_sources)
+    return plan(session, submission_id, app.settings.resolution_order, app.live_sources)
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
     order = app.settings.resolution_order
     warm_live(app.sessions, submission_id, order, app.live_sources)
-    return _together.run(app.sessions, _resolve, submission_id)
+    return _together.run(app.sessions, _plan, submission_id)
 
 
 @dramatiq.actor(

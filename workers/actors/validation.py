@@ -10,13 +10,13 @@ from workers.actors.common import HOUR, NOT_RETRIED, run_stage
 from workers.app import App
 from workers.stages import Stage
 from workers.together import Together
-from workers.validation import validate
+from workers.validation import plan
 
 _together: Together[list[Stage]] = Together()
 
 
 def _work(app: App, submission_id: str) -> list[Stage]:
-    return _together.run(app.sessions, validate, submission_id)
+    return _together.run(app.sessions, plan, submission_id)
 
 
 @dramatiq.actor(
