@@ -39,7 +39,7 @@ def test_the_final_failure_is_recorded_with_its_traceback(
 
     # An unexpected bug in the resolution stage (the recorder is what is under test), and a
     # message with a short retry policy so that it dies quickly.
-    monkeypatch.setattr("workers.actors.resolution.resolve", broken)
+    monkeypatch.setattr("workers.actors.resolution.plan", broken)
     sid = "5e1d0000-0000-0000-0000-000000000001"
     message = stage_message(Stage.RESOLVE, sid)
     fast = message.copy(options={"max_retries": 2, "min_backoff": 10, "max_backoff": 20})
