@@ -297,3 +297,52 @@ def test_concurrent_posts_are_batched_and_every_202_is_stored(app: App, client: 
     ids = [r.json()["id"] for r in replies]
     assert len(set(ids)) == 40 and ids[40:] == ids[:10]
     assert count(app) == 40
+
+
+def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_again(
+    app: App,
+) -> None:
+    from workers.confirmation import ConfirmationPolicy, notify
+    from workers.db import make_engine
+    from workers.intake import accept
+    from workers.mail import Outgoing, TransientDeliveryError
+
+    with session_scope(app.sessions) as session:
+        update_definition(session, SLUG, confirmation=True)
+        sid = accept(session, posted(), app.secret, state=State.UNCONFIRMED).submission_id
+    other = make_engine(app.settings.resolved_database_url)
+
+    class Mailer:
+        name = "outbox"
+
+        def __init__(self) -> None:
+            self.sent: list[Outgoing] = []
+            self.fail_next = True
+
+        def send(self, mail: Outgoing) -> str:
+            # Another connection writes the same row while the mail server "answers": it would
+            # wait (and fail after half a second) if notify held a lock.
+            with other.connect() as conn:
+                if conn.dialect.name == "sqlite":
+                    conn.exec_driver_sql("PRAGMA busy_timeout=500")
+                else:
+                    conn.exec_driver_sql("SET lock_timeout = '500ms'")
+                conn.execute(
+                    update(Submission).where(Submission.id == sid).values(updated_at=utcnow())
+                )
+                conn.commit()
+            if self.fail_next:
+                self.fail_next = False
+                raise TransientDeliveryError("421 try again later")
+            self.sent.append(mail)
+            return "250 ok"
+
+    mailer, policy = Mailer(), ConfirmationPolicy.from_settings(app.settings)
+    with pytest.raises(TransientDeliveryError), session_scope(app.sessions) as session:
+        notify(session, sid, mailer, app.secret, policy)
+    assert get(app, sid).confirmation_sent_at is None  # not marked: the retry sends it
+    for _ in range(2):  # the retry sends; a repeat before the reminder is due does not
+        with session_scope(app.sessions) as session:
+            notify(session, sid, mailer, app.secret, policy)
+    assert len(mailer.sent) == 1 and get(app, sid).confirmation_sent_at is not None
+    other.dispose()

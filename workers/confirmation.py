@@ -25,7 +25,7 @@ from workers.campaigns import get_definition
 from workers.mail import Mailer, Outgoing
 from workers.models import State, Submission, utcnow
 from workers.stages import Stage
-from workers.transitions import advance, rowcount
+from workers.transitions import advance
 
 
 @dataclass(frozen=True)
@@ -127,17 +127,18 @@ def notify(
         expires,
         reminder,
     )
+    # Sent before it is marked, with nothing written yet: on SQLite no write lock is held while
+    # the mail server answers, and a failed send leaves it unmarked for the actor's retry. Two
+    # messages for one submission at the same moment could both send (a harmless duplicate);
+    # the guarded mark records it once.
+    mailer.send(mail)
     column = Submission.reminder_sent_at if reminder else Submission.confirmation_sent_at
-    claimed = session.execute(
+    session.execute(
         update(Submission)
         .where(Submission.id == submission.id, column.is_(None))
         .values({column.key: utcnow()})
         .execution_options(synchronize_session=False)
     )
-    if rowcount(claimed) != 1:
-        return []
-    session.flush()
-    mailer.send(mail)  # a failure rolls the claim back: the actor's retry sends it again
     return []
 
 
