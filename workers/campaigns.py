@@ -67,7 +67,6 @@ _DIGEST = select(CAMPAIGNS.c.definition_sha256).where(CAMPAIGNS.c.slug == bindpa
 _DEFINITION = select(CAMPAIGNS.c.definition, CAMPAIGNS.c.definition_sha256).where(
     CAMPAIGNS.c.slug == bindparam("slug")
 )
-_MODE = select(CAMPAIGNS.c.mode).where(CAMPAIGNS.c.slug == bindparam("slug"))
 
 
 def get_definition(
@@ -87,12 +86,6 @@ def get_definition(
         stored, digest = session.execute(_DEFINITION, {"slug": slug}).one()
         cached = _parsed[digest] = CampaignDefinition.model_validate(stored)
     return cached
-
-
-def get_mode(session: Session, slug: str) -> str | None:
-    """The campaign's mode ("sandbox" or "live"), None if there is no such campaign."""
-    mode: str | None = session.execute(_MODE, {"slug": slug}).scalar()
-    return mode
 
 
 # Parsed definitions by content hash: a changed campaign has a new hash, so nothing goes stale.

@@ -90,7 +90,8 @@ def limits_for(
     return limits
 
 
-# Everything delivery reads, in one statement: the submission, its delivery row and its letter.
+# Everything delivery reads, in one statement: the submission, its delivery row, its letter and
+# its campaign's version.
 LETTER_FIELDS = tuple(c.name for c in LETTERS.c)
 _READ = (
     select(
