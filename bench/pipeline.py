@@ -40,6 +40,55 @@ from workers.intake import accept  # noqa: E402
 from workers.models import State, SubmissionEvent  # noqa: E402
 from workers.stages import Stage, stage_message  # noqa: E402
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU used so far by ``pids`` (processes that are gone count nothing)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+class CpuMeter:
+    """CPU used by groups of processes between start() and stop(), in core-seconds."""
+
+    def __init__(self, **roots: int | None) -> None:
+        self.roots = {name: pid for name, pid in roots.items() if pid}
+        self.before: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        return {name: cpu_seconds(family(pid)) for name, pid in self.roots.items()}
+
+    def start(self) -> None:
+        self.before = self._now()
+
+    def stop(self) -> dict[str, float]:
+        return {name: used - self.before[name] for name, used in self._now().items()}
+
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
@@ -62,7 +111,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def bench_pipeline(
-    args: argparse.Namespace, redis_url: str, db_url: str, tmp: Path
+    args: argparse.Namespace, redis_url: str, db_url: str, tmp: Path, others: dict[str, int | None]
 ) -> dict[str, float]:
     settings = Settings(
         database_url=db_url, data_dir=tmp / "var", secret_key="bench", broker="redis",
@@ -88,6 +137,8 @@ def bench_pipeline(
     }  # fmt: skip
     workers = start_workers("workers.actors", env, args.processes, args.threads)
     time.sleep(3)  # let the workers boot before the clock starts
+    meter = CpuMeter(workers=workers.pid, **others)
+    meter.start()
     broker = RedisBroker(url=redis_url, namespace="dearmp")  # type: ignore[no-untyped-call]
     enqueued: dict[str, float] = {}
     start = time.time()
@@ -105,15 +156,20 @@ def bench_pipeline(
                 )
             ).all()
         delivered = {sid: at.timestamp() for sid, at in rows}
+    cpu = meter.stop()
     stop(workers)
     app.engine.dispose()
-    return summarise(start, enqueued, delivered, len(ids))
+    return summarise(start, enqueued, delivered, len(ids)) | {f"cpu_{k}": v for k, v in cpu.items()}
 
 
-def bench_bare(args: argparse.Namespace, redis_url: str) -> dict[str, float]:
+def bench_bare(
+    args: argparse.Namespace, redis_url: str, others: dict[str, int | None]
+) -> dict[str, float]:
     env = {**os.environ, "REDIS_URL": redis_url}
     workers = start_workers("bench.bare_chain", env, args.processes, args.threads)
     time.sleep(3)
+    meter = CpuMeter(workers=workers.pid, **others)
+    meter.start()
     os.environ["REDIS_URL"] = redis_url
     from bench import bare_chain
 
@@ -131,8 +187,9 @@ def bench_bare(args: argparse.Namespace, redis_url: str) -> dict[str, float]:
     for raw in client.lrange(bare_chain.DONE_KEY, 0, -1):
         item, _t0, t_done = raw.decode().split()
         done[item] = float(t_done)
+    cpu = meter.stop()
     stop(workers)
-    return summarise(start, enqueued, done, args.n)
+    return summarise(start, enqueued, done, args.n) | {f"cpu_{k}": v for k, v in cpu.items()}
 
 
 def summarise(
@@ -167,8 +224,12 @@ def main() -> None:
         cluster = PostgresCluster(tmp / "pg").start() if args.postgres else None
         db_url = cluster.url() if cluster else f"sqlite:///{tmp / 'bench.sqlite3'}"
         with EmbeddedRedis(tmp / "redis", port=free_port()) as server:
-            bare = bench_bare(args, server.url)
-            pipeline = bench_pipeline(args, server.url, db_url, tmp)
+            others = {
+                "redis": server.process.pid if server.process else None,
+                "database": cluster.postmaster_pid() if cluster else None,
+            }
+            bare = bench_bare(args, server.url, others)
+            pipeline = bench_pipeline(args, server.url, db_url, tmp, others)
         if cluster:
             cluster.stop()
 
@@ -188,6 +249,15 @@ def main() -> None:
         f"     ratio: {pipeline['per_second'] / bare['per_second']:.2f}"
         " (pipeline / bare, target >= 0.6)"
     )
+    # Where the time goes: CPU per submission while the clock ran (the database is SQLite in the
+    # workers' own processes, or the PostgreSQL cluster's processes).
+    for name, r in (("bare chain", bare), ("pipeline", pipeline)):
+        parts = [
+            f"{key[4:]} {r[key] / args.n * 1000:.2f}"
+            for key in ("cpu_workers", "cpu_redis", "cpu_database")
+            if key in r
+        ]
+        print(f"{name:>10}: CPU ms per submission: " + ", ".join(parts))
 
 
 if __name__ == "__main__":

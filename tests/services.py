@@ -98,6 +98,10 @@ class PostgresCluster:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
+    def postmaster_pid(self) -> int:
+        """The server's main process (its children serve the connections)."""
+        return int((self.datadir / "postmaster.pid").read_text().split()[0])
+
 
 @dataclass
 class Received:
