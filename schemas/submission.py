@@ -37,6 +37,11 @@ CHANNELS = ("email", "phone", "sms", "post")
 
 
 def _has_control(text: str, allowed: str = "") -> bool:
+    probe = text
+    for ch in allowed:
+        probe = probe.replace(ch, "")
+    if probe.isprintable():  # no Cc, Cf, Zl or Zp at all (checked in C): the usual case
+        return False
     return any(
         unicodedata.category(ch) in {"Cc", "Cf", "Zl", "Zp"} and ch not in allowed for ch in text
     )
