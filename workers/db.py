@@ -47,7 +47,7 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
-    turns = Turns(parsed.database if take_turns else None, enabled=take_turns)
+    turns = Turns(parsed.database, enabled=take_turns)
 
     # Reads before a transaction's first write run on their own (autocommit), each seeing the
     # latest committed data, as under PostgreSQL's READ COMMITTED; they wait for no one, since
