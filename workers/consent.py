@@ -12,22 +12,25 @@ from workers.campaigns import get_definition
 from workers.ledger import append
 from workers.models import EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
 from workers.privacy import supporter_hash
-from workers.transitions import Apply, current, done, rowcount
+from workers.sql import Hot
+from workers.transitions import Apply, current, done
 
 # The record that the supporter was told their details go to their MP.
 MP_NOTICE = "mp_notice"
 
 
-_WAS_VALIDATED = select(
-    exists().where(
-        EVENTS.c.submission_id == bindparam("id"), EVENTS.c.state == State.VALIDATED.value
+_WAS_VALIDATED = Hot(
+    select(
+        exists().where(
+            EVENTS.c.submission_id == bindparam("id"), EVENTS.c.state == State.VALIDATED.value
+        )
     )
 )
 # States only a validated submission reaches (others, like rejected, may come before or after).
 PAST_VALIDATION = frozenset(
     {State.VALIDATED, State.RESOLVED, State.HELD, State.RENDERED, State.DELIVERED}
 )
-_MARK_LOGGED = (
+_MARK_LOGGED = Hot(
     update(SUBMISSIONS)
     .where(SUBMISSIONS.c.id == bindparam("submission"), SUBMISSIONS.c.consent_logged_at.is_(None))
     .values(consent_logged_at=bindparam("at"))
@@ -35,7 +38,7 @@ _MARK_LOGGED = (
 
 
 def was_validated(session: Session, submission_id: str) -> bool:
-    return bool(session.execute(_WAS_VALIDATED, {"id": submission_id}).scalar())
+    return bool(_WAS_VALIDATED.scalar(session, {"id": submission_id}))
 
 
 def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
@@ -72,34 +75,35 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
         question = definition.consent.question(channel)
         assert question is not None  # checked when the campaign was loaded
         events.append(
-            ConsentEvent(
-                **common,
-                event_type="preference",
-                channel=channel,
-                choice=prefs[channel],
-                wording=question.wording,
-                wording_sha256=question.sha256,
-            )
+            common
+            | {
+                "event_type": "preference",
+                "channel": channel,
+                "choice": prefs[channel],
+                "wording": question.wording,
+                "wording_sha256": question.sha256,
+            }
         )
     notice = definition.consent.mp_notice
     events.append(
-        ConsentEvent(
-            **{**common, "lawful_basis": "legitimate_interests"},
-            event_type=MP_NOTICE,
-            channel=MP_NOTICE,
-            choice="informed",
-            wording=notice,
-            wording_sha256=hashlib.sha256(notice.encode()).hexdigest(),
-        )
+        common
+        | {
+            "lawful_basis": "legitimate_interests",
+            "event_type": MP_NOTICE,
+            "channel": MP_NOTICE,
+            "choice": "informed",
+            "wording": notice,
+            "wording_sha256": hashlib.sha256(notice.encode()).hexdigest(),
+        }
     )
 
     def write(session: Session) -> int:
         # The guarded mark first: of two workers logging at once, the second writes nothing.
         mark = {"submission": submission_id, "at": utcnow()}
-        if rowcount(session.execute(_MARK_LOGGED, mark)) != 1:
+        if _MARK_LOGGED.execute(session, mark) != 1:
             return 0
         # The mark and the events commit together: no event of this submission's is stored yet.
-        return len(append(session, events))
+        return append(session, events)
 
     return write
 
@@ -134,4 +138,4 @@ def withdraw(
         )
         for channel in channels
     ]
-    return len(append(session, events))
+    return append(session, events)

@@ -44,8 +44,9 @@ from workers.models import (
     utcnow,
 )
 from workers.ratelimit import Limit, Limiter, seconds_until_open
+from workers.sql import Hot
 from workers.stages import Deferred, Stage
-from workers.transitions import AlreadyMoved, At, advance, rowcount
+from workers.transitions import AlreadyMoved, At, advance
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +94,7 @@ def limits_for(
 # Everything delivery reads, in one statement: the submission, its delivery row, its letter and
 # its campaign's version.
 LETTER_FIELDS = tuple(c.name for c in LETTERS.c)
-_READ = (
+_READ = Hot(
     select(
         SUBMISSIONS.c.state,
         SUBMISSIONS.c.campaign_slug,
@@ -113,30 +114,46 @@ _READ = (
 )
 
 
+_d = DELIVERIES.c
+_CLAIM = Hot(
+    update(DELIVERIES)
+    .where(
+        _d.submission_id == bindparam("id"),
+        or_(
+            _d.status == DeliveryStatus.PENDING.value,
+            (_d.status == DeliveryStatus.SENDING.value) & (_d.claimed_at < bindparam("stale")),
+        ),
+    )
+    .values(
+        status=DeliveryStatus.SENDING.value, claimed_at=bindparam("now"), attempts=_d.attempts + 1
+    )
+)
+# Delivery row updates, one statement per set of columns.
+_updates: dict[tuple[str, ...], Hot] = {}
+
+
+def _update_delivery(session: Session, submission_id: str, **values: object) -> None:
+    names = tuple(sorted(values))
+    statement = _updates.get(names)
+    if statement is None:
+        statement = _updates[names] = Hot(
+            update(DELIVERIES)
+            .where(_d.submission_id == bindparam("id"))
+            .values({name: bindparam(f"v_{name}") for name in names})
+        )
+    statement.execute(session, {"id": submission_id, **{f"v_{k}": v for k, v in values.items()}})
+
+
 def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
     """Take the delivery for this worker; False if it is sent, failed or held by a live claim."""
     now = utcnow()
-    d = DELIVERIES.c
-    result = session.execute(
-        update(DELIVERIES)
-        .where(
-            d.submission_id == submission_id,
-            or_(
-                d.status == DeliveryStatus.PENDING,
-                (d.status == DeliveryStatus.SENDING)
-                & (d.claimed_at < now - timedelta(seconds=lease_seconds)),
-            ),
-        )
-        .values(status=DeliveryStatus.SENDING, claimed_at=now, attempts=d.attempts + 1)
-    )
-    return rowcount(result) == 1
+    stale = now - timedelta(seconds=lease_seconds)
+    return _CLAIM.execute(session, {"id": submission_id, "now": now, "stale": stale}) == 1
 
 
 def _finish(session: Session, submission_id: str, to_state: State, **delivery: object) -> None:
     if delivery:
-        session.execute(
-            update(DELIVERIES).where(DELIVERIES.c.submission_id == submission_id).values(**delivery)
-        )
+        _update_delivery(session, submission_id, **delivery)
     detail = str(delivery.get("error") or delivery.get("response") or "")[:500]
     reason = str(delivery["error"]) if to_state == State.FAILED else None
     try:
@@ -173,7 +190,7 @@ def deliver(
     """
     claimed = False
     with session_scope(sessions) as session:
-        found = session.execute(_READ, {"id": submission_id}).first()
+        found = _READ.first(session, {"id": submission_id})
         if found is None or found.state != State.RENDERED:
             return []
         definition = get_definition(session, found.campaign_slug, found.definition_sha256)
@@ -190,7 +207,7 @@ def deliver(
                     session,
                     submission_id,
                     State.FAILED,
-                    status=DeliveryStatus.FAILED,
+                    status=DeliveryStatus.FAILED.value,
                     error=reason,
                 )
             return []
@@ -223,10 +240,8 @@ def deliver(
         response = mailer.send(mail)
     except TransientDeliveryError as exc:
         with session_scope(sessions) as session:
-            session.execute(
-                update(DELIVERIES)
-                .where(DELIVERIES.c.submission_id == submission_id)
-                .values(status=DeliveryStatus.PENDING, error=str(exc)[:2000])
+            _update_delivery(
+                session, submission_id, status=DeliveryStatus.PENDING.value, error=str(exc)[:2000]
             )
         raise
     except PermanentDeliveryError as exc:
@@ -235,7 +250,7 @@ def deliver(
                 session,
                 submission_id,
                 State.FAILED,
-                status=DeliveryStatus.FAILED,
+                status=DeliveryStatus.FAILED.value,
                 error=str(exc)[:2000],
             )
         raise
@@ -247,7 +262,7 @@ def deliver(
             session,
             submission_id,
             State.DELIVERED,
-            status=DeliveryStatus.SENT,
+            status=DeliveryStatus.SENT.value,
             sent_at=utcnow(),
             response=response[:2000],
             error=None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Table, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from workers.models import CONSENT_EVENTS, ConsentEvent
+from workers.sql import Hot
 
 GENESIS = "0" * 64
 # The fields a hash covers: everything but the id, the link and the hash itself.
@@ -66,43 +67,46 @@ def event_hash(prev_hash: str, fields: dict[str, Any]) -> str:
     return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
 
 
-def _fields(event: ConsentEvent) -> dict[str, Any]:
-    return {name: getattr(event, name) for name in HASHED}
+def _fields(event: ConsentEvent | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(event, ConsentEvent):
+        return {name: getattr(event, name) for name in HASHED}
+    return {name: event.get(name) for name in HASHED}
 
 
 def _lock(session: Session) -> None:
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
+        _LOCK.first(session, {"key": LOCK_KEY})
 
 
-_HEAD = select(CONSENT_EVENTS.c.hash).order_by(CONSENT_EVENTS.c.id.desc()).limit(1)
-_INSERT = insert(CONSENT_EVENTS)
+_HEAD = Hot(select(CONSENT_EVENTS.c.hash).order_by(CONSENT_EVENTS.c.id.desc()).limit(1))
+_LOCK = Hot(text("SELECT pg_advisory_xact_lock(:key)"))
+_INSERT = Hot(insert(CONSENT_EVENTS), columns_from_params=True)
 
 
 def head(session: Session) -> str:
-    last = session.execute(_HEAD).scalar()
+    last = _HEAD.scalar(session)
     return str(last) if last else GENESIS
 
 
-def append(session: Session, events: Iterable[ConsentEvent]) -> list[ConsentEvent]:
-    """Chain ``events`` onto the ledger in order (the caller commits, which releases the lock).
+def append(session: Session, events: Iterable[ConsentEvent | Mapping[str, Any]]) -> int:
+    """Chain ``events`` (ORM objects, or mappings of the :data:`HASHED` fields) onto the ledger
+    in order, the caller commits, which releases the lock; returns how many were written.
 
     The events are written as given (every hashed field, then the link and the hash), in one
     executemany whose rows take their ids in order: the order of the chain.
     """
-    events = list(events)
-    if not events:
-        return []
+    fields = [_fields(event) for event in events]
+    if not fields:
+        return 0
     _lock(session)
     previous = head(session)
     rows = []
-    for event in events:
-        fields = _fields(event)
-        event.prev_hash = previous
-        event.hash = previous = event_hash(previous, fields)
-        rows.append({**fields, "prev_hash": event.prev_hash, "hash": event.hash})
-    session.execute(_INSERT, rows)
-    return events
+    for row in fields:
+        link = previous
+        previous = event_hash(link, row)
+        rows.append({**row, "prev_hash": link, "hash": previous})
+    _INSERT.executemany(session, rows)
+    return len(rows)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from workers.models import (
     State,
     utcnow,
 )
+from workers.sql import Hot
 from workers.stages import Stage
 from workers.transitions import Apply, advance, current, done, move
 
@@ -162,9 +163,9 @@ def compose(
     )
 
 
-_HAS_LETTER = select(LETTERS.c.submission_id).where(LETTERS.c.submission_id == bindparam("id"))
-_STORE_LETTER = insert(LETTERS)
-_NEW_DELIVERY = insert(DELIVERIES)
+_HAS_LETTER = Hot(select(LETTERS.c.submission_id).where(LETTERS.c.submission_id == bindparam("id")))
+_STORE_LETTER = Hot(insert(LETTERS), columns_from_params=True)
+_NEW_DELIVERY = Hot(insert(DELIVERIES), columns_from_params=True)
 
 
 def plan(
@@ -182,7 +183,7 @@ def plan(
     )
     if submission is None or submission.state != State.RESOLVED or submission.payload is None:
         return done([])
-    if session.execute(_HAS_LETTER, {"id": submission_id}).first() is not None:
+    if _HAS_LETTER.first(session, {"id": submission_id}) is not None:
         # Stored by an earlier attempt whose state change was lost.
         return move(submission, State.RENDERED, then=[Stage.DELIVER])
     definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
@@ -216,8 +217,8 @@ def plan(
         # The guarded state change first: of two workers rendering at once, the second stops
         # here (AlreadyMoved) before it writes anything. Then the letter, then its delivery row.
         advance(session, submission, State.RENDERED)
-        session.execute(_STORE_LETTER, row)
-        session.execute(_NEW_DELIVERY, delivery)
+        _STORE_LETTER.execute(session, row)
+        _NEW_DELIVERY.execute(session, delivery)
         return [Stage.DELIVER]
 
     return write

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
-from sqlalchemy import CursorResult, Result, Row, bindparam, insert, select
+from sqlalchemy import CursorResult, Result, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from workers.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
+from workers.sql import Hot
 
-RECORD_EVENT = insert(EVENTS)
+RECORD_EVENT = Hot(insert(EVENTS), columns_from_params=True)
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -73,17 +74,17 @@ class At(NamedTuple):
 
 
 # Statements built once per set of columns: building one costs more than running it.
-_reads: dict[tuple[str, ...], Any] = {}
-_moves: dict[tuple[str, ...], Any] = {}
+_reads: dict[tuple[str, ...], Hot] = {}
+_moves: dict[tuple[str, ...], Hot] = {}
 
 
-def current(session: Session, submission_id: str, *columns: str) -> Row[Any] | None:
+def current(session: Session, submission_id: str, *columns: str) -> Any:
     """The submission's id, state and ``columns`` as one row (None if there is no such one),
     with its campaign's ``definition_sha256`` and ``mode`` (None if the campaign is gone), so
     that :func:`workers.campaigns.get_definition` needs no statement of its own."""
     statement = _reads.get(columns)
     if statement is None:
-        statement = _reads[columns] = (
+        statement = _reads[columns] = Hot(
             select(
                 SUBMISSIONS.c.id,
                 SUBMISSIONS.c.state,
@@ -97,7 +98,7 @@ def current(session: Session, submission_id: str, *columns: str) -> Row[Any] | N
             )
             .where(SUBMISSIONS.c.id == bindparam("id"))
         )
-    return session.execute(statement, {"id": submission_id}).first()
+    return statement.first(session, {"id": submission_id})
 
 
 def advance(
@@ -117,7 +118,7 @@ def advance(
     statement = _moves.get(names)
     if statement is None:
         changed = ("state", "updated_at", "dispatched_at", *names)
-        statement = _moves[names] = (
+        statement = _moves[names] = Hot(
             SUBMISSIONS.update()
             .where(
                 SUBMISSIONS.c.id == bindparam("b_id"),
@@ -127,13 +128,13 @@ def advance(
         )
     values = {"state": to_state.value, "updated_at": now, "dispatched_at": now, **fields}
     params = {f"v_{name}": value for name, value in values.items()}
-    result = session.execute(
-        statement, {"b_id": submission.id, "b_state": submission.state, **params}
+    matched = statement.execute(
+        session, {"b_id": submission.id, "b_state": submission.state, **params}
     )
-    if rowcount(result) != 1:
+    if matched != 1:
         raise AlreadyMoved(submission.id)
-    session.execute(
-        RECORD_EVENT,
+    RECORD_EVENT.execute(
+        session,
         {"submission_id": submission.id, "state": to_state.value, "at": now, "detail": detail},
     )
     if isinstance(submission, Submission):

@@ -1,0 +1,199 @@
+"""The stages' statements, compiled once per dialect and run straight on the driver's cursor.
+
+A stage is a handful of small statements, and SQLAlchemy's execution path (an execution
+context, a result object, the ORM session's bookkeeping) cost about 100 µs each, ten times the
+statement itself on SQLite. :class:`Hot` keeps what matters of that path and drops the rest:
+
+- the SQL is SQLAlchemy's own compilation of a Core statement, for the session's dialect;
+- parameters go through each column type's bind processor, and result columns through their
+  result processor, exactly as SQLAlchemy would apply them (``UTCDateTime``, JSON, ...);
+- Python-side column defaults (``created_at=utcnow``) are filled in for INSERTs and UPDATEs;
+- the engine's ``before_cursor_execute`` listeners run first (SQLite's lazy write lock in
+  :mod:`workers.db` lives there);
+- a driver error is raised as SQLAlchemy's wrapper (``IntegrityError``, ``OperationalError``),
+  and a lost connection is invalidated so that the pool replaces it.
+
+It runs on the session's connection, inside the session's transaction: commit and rollback are
+the session's as before. Only plain statements are supported (no expanding ``IN`` parameters).
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, cast
+
+from sqlalchemy import Connection, exc
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import ClauseElement, Executable
+
+Processor = Callable[[Any], Any] | None
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class _Prepared:
+    """One statement compiled for one dialect."""
+
+    def __init__(self, statement: Executable, dialect: Dialect, keys: Sequence[str]) -> None:
+        compiled: Any = cast(ClauseElement, statement).compile(
+            dialect=dialect, column_keys=list(keys) if keys else None
+        )
+        self.sql: str = compiled.string
+        binds = compiled.binds
+        if any(bind.expanding for bind in binds.values()):
+            raise ValueError("expanding (IN) parameters are not supported here")
+        self.positional: tuple[str, ...] | None = (
+            tuple(compiled.positiontup) if dialect.positional else None
+        )
+        escaped = getattr(compiled, "escaped_bind_names", None) or {}
+        self.escaped: dict[str, str] = dict(escaped)
+        # (name, constant value or None, processor) for every bind parameter.
+        self.binds: list[tuple[str, Any, Processor]] = []
+        for name, bind in binds.items():
+            impl = bind.type.dialect_impl(dialect)
+            constant = bind.callable() if bind.callable is not None else bind.value
+            self.binds.append((name, constant, impl.bind_processor(dialect)))
+        # Python-side defaults SQLAlchemy would compute before executing.
+        self.defaults: list[tuple[str, Callable[[], Any]]] = []
+        prefetch = [(column, column.default) for column in compiled.insert_prefetch] + [
+            (column, column.onupdate) for column in compiled.update_prefetch
+        ]
+        for column, default in prefetch:
+            if default is None:
+                continue
+            if default.is_scalar:
+                self.defaults.append((column.key, partial(_same, default.arg)))
+            elif default.is_callable:
+                self.defaults.append((column.key, partial(default.arg, None)))
+            else:
+                raise ValueError(f"unsupported default for {column.key}")
+        self.row: Any = None
+        self.results: list[Processor] = []
+        selected = getattr(statement, "selected_columns", None)
+        if selected is not None and getattr(statement, "is_select", False):
+            columns = list(selected)
+            self.row = namedtuple("Row", [c.key for c in columns], rename=True)  # type: ignore[misc]
+            self.results = [
+                c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
+            ]
+
+    def parameters(self, params: Mapping[str, Any]) -> Any:
+        values: dict[str, Any] = {}
+        for name, default in self.defaults:
+            if name not in params:
+                values[name] = default()
+        for name, constant, process in self.binds:
+            if name in params:
+                value = params[name]
+            elif name in values:
+                value = values[name]
+            else:
+                value = constant
+            values[name] = value if process is None else process(value)
+        if self.positional is not None:
+            return tuple(values[name] for name in self.positional)
+        if self.escaped:
+            return {self.escaped.get(name, name): value for name, value in values.items()}
+        return values
+
+    def convert(self, raw: Sequence[Any]) -> Any:
+        if self.row is None:  # text(): the driver's values as they are
+            return tuple(raw)
+        return self.row._make(
+            value if process is None else process(value)
+            for value, process in zip(raw, self.results, strict=True)
+        )
+
+
+class Hot:
+    """A Core statement run on the driver's cursor in the session's transaction.
+
+    ``columns_from_params``: an ``insert(table)`` without ``.values()`` sets the columns its
+    parameters name, as with ``Session.execute`` (compiled once for each set of names).
+    """
+
+    def __init__(self, statement: Executable, columns_from_params: bool = False) -> None:
+        self.statement = statement
+        self.columns_from_params = columns_from_params
+        self._prepared: dict[tuple[int, tuple[str, ...]], _Prepared] = {}
+
+    def prepared(self, dialect: Dialect, params: Mapping[str, Any]) -> _Prepared:
+        keys = tuple(params) if self.columns_from_params else ()
+        found = self._prepared.get((id(dialect), keys))
+        if found is None:
+            found = _Prepared(self.statement, dialect, keys)
+            self._prepared[(id(dialect), keys)] = found
+        return found
+
+    def _run(
+        self, session: Session, params: Sequence[Mapping[str, Any]], many: bool
+    ) -> tuple[_Prepared, Any]:
+        connection = session.connection()
+        prepared = self.prepared(connection.dialect, params[0])
+        values: Any = [prepared.parameters(p) for p in params]
+        if not many:
+            values = values[0]
+        driver: Any = connection.connection.dbapi_connection
+        cursor = driver.cursor()
+        try:
+            for listener in connection.dispatch.before_cursor_execute:
+                listener(connection, cursor, prepared.sql, values, None, many)
+            if many:
+                cursor.executemany(prepared.sql, values)
+            else:
+                cursor.execute(prepared.sql, values)
+        except connection.dialect.loaded_dbapi.Error as error:
+            cursor.close()
+            raise _wrapped(connection, prepared.sql, values, error, cursor) from error
+        return prepared, cursor
+
+    def first(self, session: Session, params: Mapping[str, Any] | None = None) -> Any:
+        """The first row (attributes named after the selected columns), or None."""
+        prepared, cursor = self._run(session, [params or {}], many=False)
+        try:
+            raw = cursor.fetchone()
+        finally:
+            cursor.close()
+        return None if raw is None else prepared.convert(raw)
+
+    def scalar(self, session: Session, params: Mapping[str, Any] | None = None) -> Any:
+        row = self.first(session, params)
+        return None if row is None else row[0]
+
+    def execute(self, session: Session, params: Mapping[str, Any] | None = None) -> int:
+        """Run a write; the number of rows it matched."""
+        _, cursor = self._run(session, [params or {}], many=False)
+        try:
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+    def executemany(self, session: Session, params: Sequence[Mapping[str, Any]]) -> None:
+        if params:
+            _, cursor = self._run(session, params, many=True)
+            cursor.close()
+
+
+def _wrapped(
+    connection: Connection, sql: str, values: Any, error: Any, cursor: Any
+) -> exc.StatementError:
+    """SQLAlchemy's wrapper for a driver error; a lost connection is invalidated first."""
+    dialect = connection.dialect
+    dbapi_connection = connection.connection.dbapi_connection
+    disconnected = dialect.is_disconnect(error, dbapi_connection, cursor)
+    if disconnected:
+        connection.invalidate(error)
+    wrapped: exc.StatementError = exc.DBAPIError.instance(
+        sql,
+        values,
+        error,
+        dialect.loaded_dbapi.Error,
+        connection_invalidated=disconnected,
+        dialect=dialect,
+    )
+    return wrapped
