@@ -11,12 +11,14 @@ from typing import Any
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from config.settings import CONFIG_DIR
 from schemas.campaign import CampaignDefinition
 from tests.factories import submission
 from workers.campaigns import load_definitions
-from workers.mail import DkimSigner, build_message, outgoing
+from workers.mail import WIRE, DkimSigner, build_message, outgoing, wire_bytes
 from workers.models import Letter
 from workers.rendering import Recipient, choose_subject, compose
 
@@ -120,6 +122,33 @@ def test_headers_are_encoded_for_non_ascii_names_and_stable_across_retries() -> 
     assert sender.addr_spec == "letters@campaign.example.org"
     assert parsed["Message-ID"] == "<s-1@campaign.example.org>"
     assert parsed.get_body(("html",)) is not None and parsed.get_body(("plain",)) is not None
+
+
+# Header values as supporters and campaigns give them: ASCII and not, short and long, with
+# runs of spaces and things that look like encoded words.
+_header_text = (
+    st.lists(st.sampled_from([*"aZ09 .,'-=?_<>\"()", "  ", "=?utf-8?q?x?=", "é", "Ó", "中", "\t"]))
+    .map("".join)
+    .map(str.strip)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=_header_text,
+    subject=_header_text,
+    html=st.booleans(),
+    body=st.text(min_size=1, max_size=400),
+)
+def test_the_wire_bytes_are_the_standard_generators_bytes(
+    name: str, subject: str, html: bool, body: str
+) -> None:
+    letter = stored(compose(campaign(), "s-1", payload(), MP))
+    letter.from_name, letter.to_name, letter.subject = name, name[::-1], subject or "x"
+    letter.body_text = body.replace("\r", "")
+    letter.body_html = f"<p>{letter.body_text}</p>" if html else None
+    message = build_message(letter)
+    assert wire_bytes(message) == message.as_bytes(policy=WIRE)
 
 
 def test_build_message_refuses_a_header_with_a_line_break() -> None:
