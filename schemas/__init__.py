@@ -7,13 +7,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.messages import StageMessage
+from schemas.messages import StageMessage, StageMessageV2
 from schemas.submission import SubmissionV1
 
 JSON_SCHEMA_DIR = Path(__file__).resolve().parent / "json"
 EXPORTED: dict[str, type[BaseModel]] = {
     "submission.v1.schema.json": SubmissionV1,
     "stage-message.v1.schema.json": StageMessage,
+    "stage-message.v2.schema.json": StageMessageV2,
 }
 
 

@@ -133,7 +133,7 @@ class Hot:
     def _run(
         self, session: Session, params: Sequence[Mapping[str, Any]], many: bool
     ) -> tuple[_Prepared, Any]:
-        connection = session.connection()
+        connection = _connection(session)
         prepared = self.prepared(connection.dialect, params[0])
         values: Any = [prepared.parameters(p) for p in params]
         if not many:
@@ -177,6 +177,18 @@ class Hot:
         if params:
             _, cursor = self._run(session, params, many=True)
             cursor.close()
+
+
+def _connection(session: Session) -> Connection:
+    """The session's connection: asking the session costs more than a statement, so it is kept
+    in ``session.info`` until the session lets it go (commit, rollback and close close it)."""
+    connection: Connection | None = session.info.get(_CONNECTION)
+    if connection is None or connection.closed or connection.invalidated:
+        connection = session.info[_CONNECTION] = session.connection()
+    return connection
+
+
+_CONNECTION = "workers.sql.connection"
 
 
 def _wrapped(

@@ -7,7 +7,7 @@ submission that has not moved on and sends it again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -15,7 +15,7 @@ import dramatiq
 import structlog
 from dramatiq import Message
 
-from schemas.messages import StageMessage
+from schemas.messages import MAX_IDS, stage_payload
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +36,13 @@ class Stage(StrEnum):
     def actor(self) -> str:
         return f"{self.value}_submission"
 
+    @property
+    def takes_groups(self) -> bool:
+        """Whether submissions that move on together go in one message (version 2). Delivery
+        and the confirmation email take one letter per message: a letter's retries, its place
+        in the dead-letter queue and its time limit stay its own."""
+        return self not in (Stage.DELIVER, Stage.NOTIFY)
+
 
 class Deferred(Exception):
     """The stage must wait (quiet hours, a rate limit): send it again later, costing no retry."""
@@ -46,8 +53,9 @@ class Deferred(Exception):
         self.reason = reason
 
 
-def stage_message(stage: Stage, submission_id: str) -> Message[None]:
-    payload = StageMessage(submission_id=submission_id).model_dump()
+def stage_message(stage: Stage, submission_id: str, *also: str) -> Message[None]:
+    """The message that sends ``submission_id`` (and ``also``: version 2) to ``stage``."""
+    payload = stage_payload([submission_id, *also])
     return Message(
         queue_name=stage.queue, actor_name=stage.actor, args=(payload,), kwargs={}, options={}
     )
@@ -64,11 +72,31 @@ def submission_id_of(message: Any) -> str | None:
 
 def dispatch(broker: dramatiq.Broker, stages: Iterable[Stage], submission_id: str) -> bool:
     """Send ``submission_id`` on to each stage; False (logged) if the broker could not take it."""
+    return dispatch_groups(broker, {stage: [submission_id] for stage in stages})
+
+
+def dispatch_groups(broker: dramatiq.Broker, sends: Mapping[Stage, Sequence[str]]) -> bool:
+    """Send each stage its submissions: in groups of up to :data:`MAX_IDS` to a stage that takes
+    them, one by one to the others. False (logged) if the broker could not take one."""
     ok = True
-    for stage in stages:
-        try:
-            broker.enqueue(stage_message(stage, submission_id))
-        except Exception as exc:  # any transport failure: the reconciler resends from the DB
-            log.warning("dispatch_failed", stage=stage.value, error=type(exc).__name__)
-            ok = False
+    for stage, ids in sends.items():
+        size = MAX_IDS if stage.takes_groups else 1
+        for start in range(0, len(ids), size):
+            group = ids[start : start + size]
+            try:
+                broker.enqueue(stage_message(stage, *group))
+            except Exception as exc:  # any transport failure: the reconciler resends from the DB
+                log.warning(
+                    "dispatch_failed", stage=stage.value, error=type(exc).__name__, size=len(group)
+                )
+                ok = False
     return ok
+
+
+def group_by_stage(moved: Iterable[tuple[str, Iterable[Stage]]]) -> dict[Stage, list[str]]:
+    """``(submission id, its next stages)`` pairs as the submissions each stage gets."""
+    sends: dict[Stage, list[str]] = {}
+    for submission_id, stages in moved:
+        for stage in stages:
+            sends.setdefault(stage, []).append(submission_id)
+    return sends

@@ -17,12 +17,17 @@ Two things keep one submission from harming the others in its batch:
 - Any other error rolls the whole batch back, and the leader runs each submission again in a
   transaction of its own; each thread then gets its own submission's result or error, and only
   that message is retried.
+
+A caller may bring several submissions (a message about a group, :mod:`schemas.messages`), and
+may ask for ``then``: called by the leader, after the commit and before anyone is released, with
+the results of every submission in the batch that brought the same ``then``. The stages send
+everything a batch moved on to the next stage in one message that way.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import structlog
@@ -33,6 +38,9 @@ from workers.transitions import AlreadyMoved, Apply
 
 T = TypeVar("T")
 
+# What the leader calls with ``(submission id, result)`` for the batch's successes.
+Then = Callable[[list[tuple[str, T]]], None]
+
 
 class _Slot(Generic[T]):
     def __init__(
@@ -40,10 +48,12 @@ class _Slot(Generic[T]):
         sessions: sessionmaker[Session],
         work: Callable[[Session, str], Apply[T]],
         submission_id: str,
+        then: Then[T] | None = None,
     ) -> None:
         self.sessions = sessions
         self.work = work
         self.submission_id = submission_id
+        self.then = then
         self.done = False
         self.value: T | None = None
         self.error: BaseException | None = None
@@ -57,6 +67,9 @@ class _Slot(Generic[T]):
         return self.value  # type: ignore[return-value]  # set whenever error is None
 
 
+Outcome = tuple[T | None, BaseException | None]
+
+
 class Together(Generic[T]):
     """Runs ``work(session, submission_id)`` (a stage's decision, which returns its writes) for
     the threads that call :meth:`run` together, and the writes in one transaction.
@@ -64,7 +77,7 @@ class Together(Generic[T]):
     One instance per stage; a batch holds the calls with the leader's ``sessions`` and ``work``.
     """
 
-    def __init__(self, max_batch: int = 32) -> None:
+    def __init__(self, max_batch: int = 64) -> None:
         self.max_batch = max_batch
         self._cond = threading.Condition()
         self._pending: list[_Slot[T]] = []
@@ -76,31 +89,49 @@ class Together(Generic[T]):
         work: Callable[[Session, str], Apply[T]],
         submission_id: str,
     ) -> T:
-        slot: _Slot[T] = _Slot(sessions, work, submission_id)
-        with self._cond:
-            self._pending.append(slot)
-            while self._leading and not slot.done:
-                self._cond.wait()
-            if slot.done:
-                return slot.result()
-            # Lead: this thread's own submission first, then whoever else is waiting.
-            batch = [slot]
-            for other in self._pending:
-                same = other.sessions is sessions and other.work == work
-                if other is not slot and same and len(batch) < self.max_batch:
-                    batch.append(other)
-            self._pending = [s for s in self._pending if s not in batch]
-            self._leading = True
-        try:
-            self._run_batch(sessions, batch)
-        finally:
-            with self._cond:
-                # Interrupted (a time limit, shutdown) before settling everyone: the others go
-                # back in line for the next leader.
-                self._pending[:0] = [s for s in batch if not s.done and s is not slot]
-                self._leading = False
-                self._cond.notify_all()
+        [slot] = self.run_all(sessions, work, [submission_id])
         return slot.result()
+
+    def run_all(
+        self,
+        sessions: sessionmaker[Session],
+        work: Callable[[Session, str], Apply[T]],
+        submission_ids: Sequence[str],
+        then: Then[T] | None = None,
+    ) -> list[_Slot[T]]:
+        """Each submission's slot, settled with its result or its error."""
+        mine = [_Slot(sessions, work, sid, then) for sid in submission_ids]
+        with self._cond:
+            self._pending.extend(mine)
+        while True:
+            with self._cond:
+                while self._leading and not all(slot.done for slot in mine):
+                    self._cond.wait()
+                own = [slot for slot in mine if not slot.done]
+                if not own:
+                    return mine
+                # Lead: this caller's own submissions first, then whoever else is waiting.
+                batch = list(own)
+                limit = max(self.max_batch, len(own))
+                for other in self._pending:
+                    if len(batch) >= limit:
+                        break
+                    same = other.sessions is sessions and other.work == work
+                    if same and not any(other is slot for slot in own):
+                        batch.append(other)
+                taken = {id(slot) for slot in batch}
+                self._pending = [s for s in self._pending if id(s) not in taken]
+                self._leading = True
+            try:
+                self._run_batch(sessions, batch)
+            finally:
+                with self._cond:
+                    # Interrupted (a time limit, shutdown) before settling everyone: the others
+                    # go back in line for the next leader.
+                    mine_ids = {id(slot) for slot in mine}
+                    self._pending[:0] = [s for s in batch if not s.done and id(s) not in mine_ids]
+                    self._leading = False
+                    self._cond.notify_all()
 
     @classmethod
     def _decide(cls, session: Session, slot: _Slot[T]) -> Apply[T]:
@@ -108,9 +139,7 @@ class Together(Generic[T]):
             return slot.work(session, slot.submission_id)
 
     @classmethod
-    def _write(
-        cls, session: Session, slot: _Slot[T], write: Apply[T]
-    ) -> tuple[T | None, BaseException | None]:
+    def _write(cls, session: Session, slot: _Slot[T], write: Apply[T]) -> Outcome[T]:
         # Logs from the stage name the submission they are about, not the leader's.
         with structlog.contextvars.bound_contextvars(submission_id=slot.submission_id):
             try:
@@ -136,13 +165,28 @@ class Together(Generic[T]):
             structlog.get_logger(__name__).warning(
                 "batch_failed_running_alone", size=len(batch), error=type(exc).__name__
             )
+            outcomes = []
             for slot in batch:
                 try:
                     with session_scope(sessions) as session:
-                        value, error = cls._write(session, slot, cls._decide(session, slot))
-                    slot.settle(value, error)
+                        outcomes.append(cls._write(session, slot, cls._decide(session, slot)))
                 except Exception as alone:
-                    slot.settle(error=alone)
-            return
+                    outcomes.append((None, alone))
+        cls._send_on(batch, outcomes)
         for slot, (value, error) in zip(batch, outcomes, strict=True):
             slot.settle(value, error)
+
+    @classmethod
+    def _send_on(cls, batch: list[_Slot[T]], outcomes: list[Outcome[T]]) -> None:
+        """Each ``then`` gets the committed results of the slots that brought it."""
+        groups: dict[Then[T], list[tuple[str, T]]] = {}
+        for slot, (value, error) in zip(batch, outcomes, strict=True):
+            if error is None and slot.then is not None:
+                groups.setdefault(slot.then, []).append((slot.submission_id, value))  # type: ignore[arg-type]
+        for then, moved in groups.items():
+            try:
+                then(moved)
+            except Exception as exc:  # committed already: the reconciler sends them on
+                structlog.get_logger(__name__).error(
+                    "send_on_failed", size=len(moved), error=type(exc).__name__
+                )

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic
 import structlog
+from sqlalchemy.orm import Session
 
-from schemas.messages import StageMessage
+from schemas.messages import parse_stage_message
 from workers.app import App, get_app
 from workers.broker import broker  # installs the broker before any actor is declared
-from workers.stages import Deferred, Stage, dispatch, stage_message
-from workers.transitions import AlreadyMoved
+from workers.stages import Deferred, Stage, dispatch, dispatch_groups, group_by_stage, stage_message
+from workers.together import Then, Together
+from workers.transitions import AlreadyMoved, Apply
 
 log = structlog.get_logger("workers")
 
-__all__ = ["DAY", "HOUR", "NOT_RETRIED", "broker", "run_stage"]
+__all__ = ["DAY", "HOUR", "NOT_RETRIED", "broker", "one_by_one", "run_stage", "send_on", "together"]
+
+T = TypeVar("T")
 
 # Retry policy per actor (in each actor's module): bounded retries with backoff, a time limit per
 # attempt, and a maximum age after which a message is dead-lettered instead of run. A message is
@@ -33,18 +37,65 @@ NOT_RETRIED = (pydantic.ValidationError,)
 MAX_DELAY_MS = 7 * DAY - 60_000
 
 
-def run_stage(stage: Stage, raw: Any, work: Callable[[App, str], list[Stage]]) -> None:
-    message = StageMessage.model_validate(raw)
-    try:
-        next_stages = work(get_app(), message.submission_id)
-    except AlreadyMoved:
-        log.info("stage_already_done")
-        return
-    except Deferred as deferred:
-        # A fresh message with a delay: waiting is not a failure and costs no retry.
-        delay = min(MAX_DELAY_MS, max(1, math.ceil(deferred.seconds * 1000)))
-        broker.enqueue(stage_message(stage, message.submission_id), delay=delay)
-        log.info("stage_deferred", reason=deferred.reason, seconds=round(deferred.seconds, 3))
-        return
-    dispatch(broker, next_stages, message.submission_id)
-    log.info("stage_done", next=[s.value for s in next_stages])
+# Each submission a message was about, and its error (None when the stage did its work).
+Outcome = tuple[str, BaseException | None]
+Work = Callable[[App, list[str]], list[Outcome]]
+
+
+def run_stage(stage: Stage, raw: Any, work: Work) -> None:
+    """Run ``work`` for the message's submissions; their next stages are sent by ``work``.
+
+    A message about one submission fails as a whole, and dramatiq retries it. In a message about
+    several, a submission that fails goes on in a message of its own (with the stage's retries
+    and, at the end, the dead-letter queue), so that the others are not run again for it.
+    """
+    message = parse_stage_message(raw)
+    ids = message.ids
+    for submission_id, error in work(get_app(), ids):
+        if error is None:
+            continue
+        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+            if isinstance(error, AlreadyMoved):
+                log.info("stage_already_done")
+            elif isinstance(error, Deferred):
+                # A fresh message with a delay: waiting is not a failure and costs no retry.
+                delay = min(MAX_DELAY_MS, max(1, math.ceil(error.seconds * 1000)))
+                broker.enqueue(stage_message(stage, submission_id), delay=delay)
+                log.info("stage_deferred", reason=error.reason, seconds=round(error.seconds, 3))
+            elif len(ids) == 1:
+                raise error
+            else:
+                log.warning("stage_failed_sending_alone", error=type(error).__name__)
+                dispatch(broker, [stage], submission_id)
+    log.info("stage_done", submissions=len(ids))
+
+
+def send_on(moved: list[tuple[str, list[Stage]]]) -> None:
+    """Send submissions a stage moved on to their next stages, a message per group."""
+    dispatch_groups(broker, group_by_stage(moved))
+
+
+def together(
+    app: App,
+    ids: list[str],
+    group: Together[T],
+    plan: Callable[[Session, str], Apply[T]],
+    then: Then[T] | None = None,
+) -> list[Outcome]:
+    """A stage's decisions and writes for ``ids`` through its :class:`Together` (group commit)."""
+    return [(s.submission_id, s.error) for s in group.run_all(app.sessions, plan, ids, then)]
+
+
+def one_by_one(app: App, ids: list[str], work: Callable[[App, str], list[Stage]]) -> list[Outcome]:
+    """A stage that handles its submissions one at a time, sending each on as it goes."""
+    outcomes: list[Outcome] = []
+    for submission_id in ids:
+        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+            try:
+                next_stages = work(app, submission_id)
+            except Exception as exc:
+                outcomes.append((submission_id, exc))
+                continue
+            dispatch(broker, next_stages, submission_id)
+        outcomes.append((submission_id, None))
+    return outcomes

@@ -7,7 +7,7 @@ from typing import Any
 import dramatiq
 from sqlalchemy.orm import Session
 
-from workers.actors.common import DAY, NOT_RETRIED, run_stage
+from workers.actors.common import DAY, NOT_RETRIED, Outcome, run_stage, together
 from workers.app import App, get_app
 from workers.consent import plan
 from workers.stages import Stage
@@ -21,9 +21,8 @@ def _plan(session: Session, submission_id: str) -> Apply[int]:
     return plan(session, submission_id, get_app().secret)
 
 
-def _work(app: App, submission_id: str) -> list[Stage]:
-    _together.run(app.sessions, _plan, submission_id)
-    return []
+def _work(app: App, ids: list[str]) -> list[Outcome]:
+    return together(app, ids, _together, _plan)
 
 
 @dramatiq.actor(

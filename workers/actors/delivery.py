@@ -6,14 +6,14 @@ from typing import Any
 
 import dramatiq
 
-from workers.actors.common import DAY, HOUR, NOT_RETRIED, run_stage
+from workers.actors.common import DAY, HOUR, NOT_RETRIED, Outcome, one_by_one, run_stage
 from workers.app import App
 from workers.delivery import deliver
 from workers.mail import PermanentDeliveryError, TransientDeliveryError
 from workers.stages import Stage
 
 
-def _work(app: App, submission_id: str) -> list[Stage]:
+def _deliver(app: App, submission_id: str) -> list[Stage]:
     try:
         return deliver(
             app.sessions, submission_id, app.mailer, app.delivery_policy, app.limiter, app.signer
@@ -37,3 +37,7 @@ def _work(app: App, submission_id: str) -> list[Stage]:
 )
 def deliver_submission(message: dict[str, Any]) -> None:
     run_stage(Stage.DELIVER, message, _work)
+
+
+def _work(app: App, ids: list[str]) -> list[Outcome]:
+    return one_by_one(app, ids, _deliver)

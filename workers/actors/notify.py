@@ -6,14 +6,14 @@ from typing import Any
 
 import dramatiq
 
-from workers.actors.common import DAY, NOT_RETRIED, run_stage
+from workers.actors.common import DAY, NOT_RETRIED, Outcome, one_by_one, run_stage
 from workers.app import App
 from workers.confirmation import ConfirmationPolicy, notify
 from workers.db import session_scope
 from workers.stages import Stage
 
 
-def _work(app: App, submission_id: str) -> list[Stage]:
+def _notify(app: App, submission_id: str) -> list[Stage]:
     with session_scope(app.sessions) as session:
         return notify(
             session,
@@ -36,3 +36,7 @@ def _work(app: App, submission_id: str) -> list[Stage]:
 )
 def notify_submission(message: dict[str, Any]) -> None:
     run_stage(Stage.NOTIFY, message, _work)
+
+
+def _work(app: App, ids: list[str]) -> list[Outcome]:
+    return one_by_one(app, ids, _notify)

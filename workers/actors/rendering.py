@@ -7,7 +7,7 @@ from typing import Any
 import dramatiq
 from sqlalchemy.orm import Session
 
-from workers.actors.common import HOUR, NOT_RETRIED, run_stage
+from workers.actors.common import HOUR, NOT_RETRIED, Outcome, run_stage, send_on, together
 from workers.app import App, get_app
 from workers.rendering import plan
 from workers.stages import Stage
@@ -22,8 +22,8 @@ def _plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
     return plan(session, submission_id, app.mailer.name, app.settings.sandbox_address)
 
 
-def _work(app: App, submission_id: str) -> list[Stage]:
-    return _together.run(app.sessions, _plan, submission_id)
+def _work(app: App, ids: list[str]) -> list[Outcome]:
+    return together(app, ids, _together, _plan, send_on)
 
 
 @dramatiq.actor(

@@ -7,7 +7,7 @@ from typing import Any
 import dramatiq
 from sqlalchemy.orm import Session
 
-from workers.actors.common import HOUR, NOT_RETRIED, run_stage
+from workers.actors.common import HOUR, NOT_RETRIED, Outcome, run_stage, send_on, together
 from workers.app import App, get_app
 from workers.resolution import plan, warm_live
 from workers.stages import Stage
@@ -22,10 +22,11 @@ def _plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
     return plan(session, submission_id, app.settings.resolution_order, app.live_sources)
 
 
-def _work(app: App, submission_id: str) -> list[Stage]:
+def _work(app: App, ids: list[str]) -> list[Outcome]:
     order = app.settings.resolution_order
-    warm_live(app.sessions, submission_id, order, app.live_sources)
-    return _together.run(app.sessions, _plan, submission_id)
+    for submission_id in ids:
+        warm_live(app.sessions, submission_id, order, app.live_sources)
+    return together(app, ids, _together, _plan, send_on)
 
 
 @dramatiq.actor(

@@ -6,7 +6,7 @@ from typing import Any
 
 import dramatiq
 
-from workers.actors.common import HOUR, NOT_RETRIED, run_stage
+from workers.actors.common import HOUR, NOT_RETRIED, Outcome, run_stage, send_on, together
 from workers.app import App
 from workers.stages import Stage
 from workers.together import Together
@@ -15,8 +15,8 @@ from workers.validation import plan
 _together: Together[list[Stage]] = Together()
 
 
-def _work(app: App, submission_id: str) -> list[Stage]:
-    return _together.run(app.sessions, plan, submission_id)
+def _work(app: App, ids: list[str]) -> list[Outcome]:
+    return together(app, ids, _together, plan, send_on)
 
 
 @dramatiq.actor(
