@@ -133,7 +133,7 @@ def bench_pipeline(
     env = {
         **os.environ, "REDIS_URL": redis_url, "DATABASE_URL": db_url, "DEARMP_BROKER": "redis",
         "DEARMP_SECRET_KEY": "bench", "DEARMP_DATA_DIR": str(tmp / "var"),
-        "DEARMP_OUTBOX_DIR": os.environ.get("BENCH_OUTBOX", str(tmp / "outbox")), "DEARMP_LOG_LEVEL": "WARNING",
+        "DEARMP_OUTBOX_DIR": str(tmp / "outbox"), "DEARMP_LOG_LEVEL": "WARNING",
     }  # fmt: skip
     workers = start_workers("workers.actors", env, args.processes, args.threads)
     time.sleep(3)  # let the workers boot before the clock starts
@@ -152,9 +152,10 @@ def bench_pipeline(
     while count < len(ids) and time.monotonic() < deadline:
         time.sleep(0.2)
         with session_scope(app.sessions) as session:
-            count = session.scalar(
-                select(func.count()).where(SubmissionEvent.state == State.DELIVERED)
-            ) or 0
+            count = (
+                session.scalar(select(func.count()).where(SubmissionEvent.state == State.DELIVERED))
+                or 0
+            )
     cpu = meter.stop()
     with session_scope(app.sessions) as session:
         rows = session.execute(

@@ -128,6 +128,7 @@ class SmtpSink:
     def __init__(self, **smtp_options: Any) -> None:
         self.received = Received()
         self.answer: str | None = None
+        self.refuse: dict[str, str] = {}  # recipient address -> the RCPT answer refusing it
         self.delay = 0.0
         self.rcpt_delay = 0.0
         self.rcpt_seen = threading.Event()
@@ -142,6 +143,8 @@ class SmtpSink:
         self.rcpt_seen.set()
         if self.rcpt_delay:
             await asyncio.sleep(self.rcpt_delay)
+        if address in self.refuse:
+            return self.refuse[address]
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

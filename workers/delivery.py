@@ -174,6 +174,57 @@ def _defer(sessions: sessionmaker[Session], submission_id: str, seconds: float, 
     raise Deferred(seconds, why)
 
 
+@dataclass
+class _Taken:
+    """A letter to send: claimed, or to claim once its wait (quiet hours, limits) is over."""
+
+    letter: Letter
+    claimed: bool
+    definition: CampaignDefinition
+    limits: list[Limit]
+
+
+def _take(
+    session: Session,
+    submission_id: str,
+    mailer: Mailer,
+    policy: DeliveryPolicy,
+    limiter: Limiter | None,
+) -> _Taken | None:
+    """In the caller's transaction: the letter to send, claimed when nothing makes it wait;
+    None when there is nothing to send (sent, failed, someone else's claim, not rendered)."""
+    found = _READ.first(session, {"id": submission_id})
+    if found is None or found.state != State.RENDERED:
+        return None
+    definition = get_definition(session, found.campaign_slug, found.definition_sha256)
+    if found.status is None or found.message_id is None or definition is None:
+        return None
+    if found.status == DeliveryStatus.SENT:
+        # Sent, but the state change was lost: repair it, send nothing.
+        _finish(session, submission_id, State.DELIVERED)
+        return None
+    if found.status == DeliveryStatus.PENDING and found.attempts >= policy.max_attempts:
+        reason = f"gave up after {found.attempts} attempts; last error: {found.error}"
+        if claim(session, submission_id, policy.lease_seconds):  # nobody else is sending
+            _finish(
+                session,
+                submission_id,
+                State.FAILED,
+                status=DeliveryStatus.FAILED.value,
+                error=reason,
+            )
+        return None
+    limits = limits_for(policy, definition, found.member_id, mailer.name)
+    claimed = False
+    if not definition.quiet_hours and not (limiter is not None and limits):
+        # Nothing to wait for: claim it in this same transaction.
+        if not claim(session, submission_id, policy.lease_seconds):
+            return None
+        claimed = True
+    letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
+    return _Taken(letter, claimed, definition, limits)
+
+
 def deliver(
     sessions: sessionmaker[Session],
     submission_id: str,
@@ -188,38 +239,56 @@ def deliver(
     the retry policy (until ``max_attempts``, then a recorded failure), and, once the failure is
     recorded, PermanentDeliveryError so that an operator sees it in the dead-letter queue.
     """
-    claimed = False
     with session_scope(sessions) as session:
-        found = _READ.first(session, {"id": submission_id})
-        if found is None or found.state != State.RENDERED:
-            return []
-        definition = get_definition(session, found.campaign_slug, found.definition_sha256)
-        if found.status is None or found.message_id is None or definition is None:
-            return []
-        if found.status == DeliveryStatus.SENT:
-            # Sent, but the state change was lost: repair it, send nothing.
-            _finish(session, submission_id, State.DELIVERED)
-            return []
-        if found.status == DeliveryStatus.PENDING and found.attempts >= policy.max_attempts:
-            reason = f"gave up after {found.attempts} attempts; last error: {found.error}"
-            if claim(session, submission_id, policy.lease_seconds):  # nobody else is sending
-                _finish(
-                    session,
-                    submission_id,
-                    State.FAILED,
-                    status=DeliveryStatus.FAILED.value,
-                    error=reason,
-                )
-            return []
-        limits = limits_for(policy, definition, found.member_id, mailer.name)
-        if not definition.quiet_hours and not (limiter is not None and limits):
-            # Nothing to wait for: claim it in this same transaction.
-            if not claim(session, submission_id, policy.lease_seconds):
-                return []
-            claimed = True
-    letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
+        taken = _take(session, submission_id, mailer, policy, limiter)
+    if taken is not None:
+        _send(sessions, submission_id, taken, mailer, policy, limiter, signer)
+    return []
 
-    if not claimed:
+
+def deliver_group(
+    sessions: sessionmaker[Session],
+    submission_ids: list[str],
+    mailer: Mailer,
+    policy: DeliveryPolicy,
+    limiter: Limiter | None = None,
+    signer: DkimSigner | None = None,
+) -> list[tuple[str, BaseException | None]]:
+    """Letters that were rendered together: read and claimed in one transaction, then sent one
+    by one, each recorded as sent in its own transaction the moment the server has answered.
+
+    Each submission gets its own outcome. A letter that fails here is put back as it was (its
+    claim released, the error recorded), even on a permanent refusal: it goes on in a message of
+    its own, which sends it again and, if it is refused again, records the failure and reaches
+    the dead-letter queue under its own id.
+    """
+    with session_scope(sessions) as session:
+        taken = [(sid, _take(session, sid, mailer, policy, limiter)) for sid in submission_ids]
+    outcomes: list[tuple[str, BaseException | None]] = []
+    for submission_id, letter in taken:
+        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+            try:
+                if letter is not None:
+                    _send(sessions, submission_id, letter, mailer, policy, limiter, signer, False)
+            except Exception as exc:
+                outcomes.append((submission_id, exc))
+                continue
+        outcomes.append((submission_id, None))
+    return outcomes
+
+
+def _send(
+    sessions: sessionmaker[Session],
+    submission_id: str,
+    taken: _Taken,
+    mailer: Mailer,
+    policy: DeliveryPolicy,
+    limiter: Limiter | None,
+    signer: DkimSigner | None,
+    alone: bool = True,
+) -> None:
+    definition, limits = taken.definition, taken.limits
+    if not taken.claimed:
         if definition.quiet_hours:
             wait = seconds_until_open(
                 utcnow(), definition.quiet_hours.start, definition.quiet_hours.end
@@ -232,27 +301,29 @@ def deliver(
                 _defer(sessions, submission_id, wait, "rate limit")
         with session_scope(sessions) as session:
             if not claim(session, submission_id, policy.lease_seconds):
-                return []
-    mail: Outgoing = outgoing(letter, signer)
+                return
+    mail: Outgoing = outgoing(taken.letter, signer)
 
     # No transaction is open while we talk to the mail server.
     try:
         response = mailer.send(mail)
-    except TransientDeliveryError as exc:
+    except (TransientDeliveryError, PermanentDeliveryError) as exc:
         with session_scope(sessions) as session:
-            _update_delivery(
-                session, submission_id, status=DeliveryStatus.PENDING.value, error=str(exc)[:2000]
-            )
-        raise
-    except PermanentDeliveryError as exc:
-        with session_scope(sessions) as session:
-            _finish(
-                session,
-                submission_id,
-                State.FAILED,
-                status=DeliveryStatus.FAILED.value,
-                error=str(exc)[:2000],
-            )
+            if isinstance(exc, PermanentDeliveryError) and alone:
+                _finish(
+                    session,
+                    submission_id,
+                    State.FAILED,
+                    status=DeliveryStatus.FAILED.value,
+                    error=str(exc)[:2000],
+                )
+            else:  # the claim released: the retry (or the letter's own message) sends it
+                _update_delivery(
+                    session,
+                    submission_id,
+                    status=DeliveryStatus.PENDING.value,
+                    error=str(exc)[:2000],
+                )
         raise
 
     # Record "sent" before anything else can fail: nothing may stand between the server's
@@ -272,4 +343,3 @@ def deliver(
             limiter.mark_sent(submission_id, limits)
         except Exception as exc:  # bookkeeping only: the reservation already counts the letter
             log.warning("rate_limit_mark_failed", error=type(exc).__name__)
-    return []

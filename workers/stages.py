@@ -37,11 +37,11 @@ class Stage(StrEnum):
         return f"{self.value}_submission"
 
     @property
-    def takes_groups(self) -> bool:
-        """Whether submissions that move on together go in one message (version 2). Delivery
-        and the confirmation email take one letter per message: a letter's retries, its place
-        in the dead-letter queue and its time limit stay its own."""
-        return self not in (Stage.DELIVER, Stage.NOTIFY)
+    def group_size(self) -> int:
+        """The most submissions one message to this stage carries (more than one: version 2).
+        Delivery sends a group's letters one after another within one time limit, so its groups
+        are smaller; the confirmation email goes one per message."""
+        return {Stage.DELIVER: 16, Stage.NOTIFY: 1}.get(self, MAX_IDS)
 
 
 class Deferred(Exception):
@@ -80,7 +80,7 @@ def dispatch_groups(broker: dramatiq.Broker, sends: Mapping[Stage, Sequence[str]
     them, one by one to the others. False (logged) if the broker could not take one."""
     ok = True
     for stage, ids in sends.items():
-        size = MAX_IDS if stage.takes_groups else 1
+        size = stage.group_size
         for start in range(0, len(ids), size):
             group = ids[start : start + size]
             try:

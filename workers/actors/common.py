@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import dramatiq
 import pydantic
 import structlog
 from sqlalchemy.orm import Session
@@ -66,7 +67,11 @@ def run_stage(stage: Stage, raw: Any, work: Work) -> None:
                 raise error
             else:
                 log.warning("stage_failed_sending_alone", error=type(error).__name__)
-                dispatch(broker, [stage], submission_id)
+                later = error.delay if isinstance(error, dramatiq.Retry) else None
+                try:
+                    broker.enqueue(stage_message(stage, submission_id), delay=later)
+                except Exception as exc:  # the reconciler sends it again from the database
+                    log.warning("dispatch_failed", stage=stage.value, error=type(exc).__name__)
     log.info("stage_done", submissions=len(ids))
 
 

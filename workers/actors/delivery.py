@@ -8,7 +8,7 @@ import dramatiq
 
 from workers.actors.common import DAY, HOUR, NOT_RETRIED, Outcome, one_by_one, run_stage
 from workers.app import App
-from workers.delivery import deliver
+from workers.delivery import deliver, deliver_group
 from workers.mail import PermanentDeliveryError, TransientDeliveryError
 from workers.stages import Stage
 
@@ -40,4 +40,16 @@ def deliver_submission(message: dict[str, Any]) -> None:
 
 
 def _work(app: App, ids: list[str]) -> list[Outcome]:
-    return one_by_one(app, ids, _deliver)
+    if len(ids) == 1:
+        return one_by_one(app, ids, _deliver)
+    outcomes = deliver_group(
+        app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer
+    )
+    return [(sid, _retry_after(error)) for sid, error in outcomes]
+
+
+def _retry_after(error: BaseException | None) -> BaseException | None:
+    """The provider said when to try again: the letter's own message waits that long."""
+    if isinstance(error, TransientDeliveryError) and error.retry_after is not None:
+        return dramatiq.Retry(str(error), delay=int(error.retry_after * 1000))
+    return error

@@ -23,10 +23,18 @@ def _plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
 
 
 def _work(app: App, ids: list[str]) -> list[Outcome]:
+    # Live answers are fetched before any transaction; a source that fails one submission
+    # fails that submission alone.
     order = app.settings.resolution_order
+    ready, failed = [], []
     for submission_id in ids:
-        warm_live(app.sessions, submission_id, order, app.live_sources)
-    return together(app, ids, _together, _plan, send_on)
+        try:
+            warm_live(app.sessions, submission_id, order, app.live_sources)
+        except Exception as exc:
+            failed.append((submission_id, exc))
+            continue
+        ready.append(submission_id)
+    return failed + (together(app, ready, _together, _plan, send_on) if ready else [])
 
 
 @dramatiq.actor(

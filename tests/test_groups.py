@@ -1,0 +1,162 @@
+"""Stage messages about several submissions (version 2): what one stage moved together goes on
+in one message, and a submission that fails in a group goes on alone with its own retries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pydantic
+import pytest
+from dramatiq.middleware import Middleware
+from sqlalchemy import select
+
+from schemas.messages import MAX_IDS, StageMessage, parse_stage_message, stage_payload
+from tests.conftest import drain, make_settings
+from tests.factories import submission
+from tests.services import SmtpSink, free_port, wait_for
+from tests.test_sources import parliament, sources  # noqa: F401  (the Members API fixture)
+from workers.app import App
+from workers.db import session_scope
+from workers.intake import accept
+from workers.mail import SmtpMailer
+from workers.models import Delivery, Submission
+from workers.runtime import state_counts
+from workers.stages import Stage, dispatch_groups, stage_message, submission_id_of
+
+
+class Sent(Middleware):
+    """Records every stage message enqueued: (queue, how many submissions it carries)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str]]] = []
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+        if message.args and isinstance(message.args[0], dict):
+            self.messages.append((message.queue_name, parse_stage_message(message.args[0]).ids))
+
+    def to(self, stage: Stage) -> list[list[str]]:
+        return [ids for queue, ids in self.messages if queue == stage.queue]
+
+
+@pytest.fixture
+def sent(stub_broker: Any) -> Any:
+    recorder = Sent()
+    stub_broker.add_middleware(recorder)
+    yield recorder
+    stub_broker.middleware.remove(recorder)
+
+
+def store(app: App, count: int, **changes: Any) -> list[str]:
+    with session_scope(app.sessions) as session:
+        return [
+            accept(
+                session,
+                submission(**({"supporter__email": f"s{i}@example.com"} | changes)),
+                app.secret,
+            ).submission_id
+            for i in range(count)
+        ]
+
+
+def test_version_1_is_unchanged_and_version_2_carries_up_to_64() -> None:
+    assert stage_payload(["a"]) == {"v": 1, "submission_id": "a"}
+    assert stage_payload(["a", "b"]) == {"v": 2, "submission_id": "a", "also": ["b"]}
+    assert parse_stage_message({"v": 1, "submission_id": "a"}) == StageMessage(submission_id="a")
+    assert parse_stage_message(stage_payload(["a", "b", "c"])).ids == ["a", "b", "c"]
+    for bad in (
+        {"v": 2, "submission_id": "a", "also": []},
+        {"v": 2, "submission_id": "a", "also": ["x"] * MAX_IDS},
+        {"v": 1, "submission_id": "a", "also": ["b"]},
+        {"v": 2, "submission_id": "a", "also": [""]},
+    ):
+        with pytest.raises(pydantic.ValidationError):
+            parse_stage_message(bad)
+    with pytest.raises(ValueError):
+        stage_payload([])
+    message = stage_message(Stage.RESOLVE, "a", "b")
+    assert submission_id_of(message) == "a"
+
+
+def test_groups_are_split_to_each_stages_size(stub_broker: Any, sent: Sent) -> None:
+    ids = [f"id-{i}" for i in range(70)]
+    assert dispatch_groups(stub_broker, {Stage.RESOLVE: ids, Stage.DELIVER: ids[:20]})
+    assert [len(group) for group in sent.to(Stage.RESOLVE)] == [64, 6]
+    assert [len(group) for group in sent.to(Stage.DELIVER)] == [16, 4]
+    assert dispatch_groups(stub_broker, {Stage.NOTIFY: ["a", "b"]})
+    assert sent.to(Stage.NOTIFY) == [["a"], ["b"]]
+
+
+def test_a_group_moves_on_together_and_bad_input_is_still_a_rejection(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, sent: Sent
+) -> None:
+    good = store(app, 5)
+    bad = store(app, 1, supporter__email="not an address")
+    stub_broker.enqueue(stage_message(Stage.VALIDATE, *good, *bad))
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, good + bad) == {"delivered": 5, "rejected": 1}
+    # One group message on to each next stage: the five valid ones, together.
+    assert sent.to(Stage.RESOLVE) == [good] and sent.to(Stage.CONSENT) == [good]
+    assert sent.to(Stage.RENDER) == [good] and sent.to(Stage.DELIVER) == [good]
+    assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 5
+    assert stub_broker.dead_letters == []
+    # The same group again: nothing is sent twice, nothing moves.
+    stub_broker.enqueue(stage_message(Stage.VALIDATE, *good, *bad))
+    for stage in (Stage.RESOLVE, Stage.RENDER, Stage.DELIVER, Stage.CONSENT):
+        stub_broker.enqueue(stage_message(stage, *good))
+    drain(stub_broker, stub_worker)
+    assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 5
+    assert state_counts(app, good + bad) == {"delivered": 5, "rejected": 1}
+
+
+def test_a_refused_letter_in_a_group_goes_alone_to_the_dead_letter_queue(
+    app: App,
+    stub_broker: Any,
+    stub_worker: dramatiq.Worker,
+    smtp_sink: SmtpSink,
+    tmp_path: Path,
+    sent: Sent,
+) -> None:
+    app.mailer = SmtpMailer(
+        make_settings(
+            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
+        )
+    )
+    smtp_sink.refuse["priya.nandakumar.mp@mp.example.org"] = "550 5.1.1 No such mailbox"
+    fine = store(app, 3)
+    refused = store(app, 1, supporter__postcode="DM2 1AA")  # Harrowgate Sands: Priya
+    stub_broker.enqueue(stage_message(Stage.VALIDATE, *fine, *refused))
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, fine) == {"delivered": 3}
+    assert smtp_sink.received.count() == 3
+    with session_scope(app.sessions) as session:
+        failed = session.get(Submission, refused[0])
+        delivery = session.get(Delivery, refused[0])
+        assert failed is not None and failed.state == "failed"
+        assert failed.failure_reason is not None and "550 5.1.1" in failed.failure_reason
+        # Tried in its group, put back, then tried alone: refused both times.
+        assert delivery is not None and (delivery.status, delivery.attempts) == ("failed", 2)
+    [dead] = stub_broker.dead_letters
+    assert dead.actor_name == "deliver_submission" and submission_id_of(dead) == refused[0]
+    assert sent.to(Stage.DELIVER) == [fine + refused, refused]
+
+
+def test_a_live_lookup_that_fails_one_submission_sends_only_that_one_alone(
+    app: App,
+    stub_broker: Any,
+    stub_worker: dramatiq.Worker,
+    parliament: Any,  # noqa: F811
+    sent: Sent,
+) -> None:
+    app.settings.resolution_order = "local,live"
+    app.live_sources = sources(f"http://127.0.0.1:{free_port()}", parliament[1].url)
+    local = store(app, 2)
+    unknown = store(app, 1, supporter__postcode="AB10 1AB")  # not in the sample directory
+    stub_broker.enqueue(stage_message(Stage.VALIDATE, *local, *unknown))
+    assert wait_for(lambda: state_counts(app, local) == {"delivered": 2}, 30)
+    assert wait_for(lambda: unknown in sent.to(Stage.RESOLVE), 10)
+    assert sent.to(Stage.RESOLVE)[0] == local + unknown
+    with session_scope(app.sessions) as session:
+        state = session.scalar(select(Submission.state).where(Submission.id == unknown[0]))
+    assert state == "validated"  # waiting for its own retries, not lost
