@@ -17,8 +17,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from structlog.testing import capture_logs
 
+from schemas.messages import parse_stage_message
 from tests.conftest import drain
 from tests.factories import submission
+from tests.services import wait_for
 from tests.test_stages import get
 from workers.app import App
 from workers.campaigns import update_definition
@@ -285,7 +287,9 @@ def test_group_commit_stores_each_once_even_with_repeats_in_one_batch(app: App) 
     assert count(app) == 2
 
 
-def test_concurrent_posts_are_batched_and_every_202_is_stored(app: App, client: TestClient) -> None:
+def test_concurrent_posts_are_batched_and_every_202_is_stored(
+    app: App, client: TestClient, stub_broker: Any
+) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     app.settings.api_ip_limit = app.settings.api_email_limit = 0
@@ -297,6 +301,15 @@ def test_concurrent_posts_are_batched_and_every_202_is_stored(app: App, client: 
     ids = [r.json()["id"] for r in replies]
     assert len(set(ids)) == 40 and ids[40:] == ids[:10]
     assert count(app) == 40
+
+    # Each new submission went to validation once, in its batch's message (sent after the 202s).
+    def sent() -> list[str]:
+        queue = list(stub_broker.queues[Stage.VALIDATE.queue].queue)
+        messages = [dramatiq.Message.decode(raw) for raw in queue]
+        return sorted(i for m in messages for i in parse_stage_message(m.args[0]).ids)
+
+    assert wait_for(lambda: len(sent()) >= 40, 10)
+    assert sent() == sorted(set(ids))
 
 
 def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_again(

@@ -153,8 +153,8 @@ def test_a_crashed_workers_message_is_finished_by_another_within_60_seconds(
     killed_at = time.monotonic()
     smtp_sink.rcpt_delay = 0
     stack.start("worker", "--processes", "1", "--threads", "2")
-    assert wait_for(lambda: smtp_sink.received.count() == 1, 90, 0.2)
+    assert wait_for(lambda: smtp_sink.received.count() == 1, 90, 0.2), stack.log_text()[-4000:]
     recovered_in = time.monotonic() - killed_at
     assert wait_all_final(app, [sid], timeout=10) == {"delivered": 1}
-    assert recovered_in < 60, f"took {recovered_in:.1f}s"
+    assert recovered_in < 60, f"took {recovered_in:.1f}s\n{stack.log_text()[-4000:]}"
     print(f"crash recovery: {recovered_in:.1f}s from SIGKILL to the letter delivered")

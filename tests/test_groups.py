@@ -160,3 +160,15 @@ def test_a_live_lookup_that_fails_one_submission_sends_only_that_one_alone(
     with session_scope(app.sessions) as session:
         state = session.scalar(select(Submission.state).where(Submission.id == unknown[0]))
     assert state == "validated"  # waiting for its own retries, not lost
+
+
+def test_the_http_intake_sends_a_committed_batch_as_one_validation_message(
+    app: App, stub_broker: Any, sent: Sent
+) -> None:
+    from workers.models import State
+    from workers.web.batcher import IntakeBatcher
+
+    batcher = IntakeBatcher(lambda: app, stub_broker)
+    batcher._dispatch([("a", State.RECEIVED), ("b", State.RECEIVED), ("c", State.UNCONFIRMED)])
+    assert sent.to(Stage.VALIDATE) == [["a", "b"]]
+    assert sent.to(Stage.NOTIFY) == [["c"]]  # a confirmation email is one message each

@@ -2,8 +2,9 @@
 
 Each request waits for its own 202 until the transaction holding its row has committed, so a 202
 still means "in the database". Under load, the requests that queued while one batch was being
-written go into the next: one multi-row INSERT, one commit and the stage messages, instead of one
-of each per request. At low load a batch is a single submission and nothing waits.
+written go into the next: one multi-row INSERT, one commit and one validation message for the
+group (:mod:`schemas.messages`, version 2), instead of one of each per request. At low load a
+batch is a single submission and nothing waits.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from workers.app import App
 from workers.db import session_scope
 from workers.intake import Accepted, accept_many
 from workers.models import State
-from workers.stages import Stage, dispatch
+from workers.stages import Stage, dispatch_groups, group_by_stage
 
 log = structlog.get_logger(__name__)
 
@@ -100,7 +101,12 @@ class IntakeBatcher:
             return accept_many(session, items, app.secret)
 
     def _dispatch(self, sends: list[tuple[str, State]]) -> None:
-        """After the commit: a message lost here is resent by the reconciler."""
-        for submission_id, state in sends:
-            first = Stage.NOTIFY if state == State.UNCONFIRMED else Stage.VALIDATE
-            dispatch(self.broker, [first], submission_id)
+        """After the commit, a message for each group of a batch's submissions (one each for the
+        confirmation email); a message lost here is resent by the reconciler."""
+        dispatch_groups(
+            self.broker,
+            group_by_stage(
+                (sid, [Stage.NOTIFY if state == State.UNCONFIRMED else Stage.VALIDATE])
+                for sid, state in sends
+            ),
+        )
