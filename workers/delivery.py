@@ -13,8 +13,11 @@ sent back to the queue to wait, using up none of its retries.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import bindparam, or_, select, update
@@ -46,7 +49,10 @@ from workers.models import (
 from workers.ratelimit import Limit, Limiter, seconds_until_open
 from workers.sql import Hot
 from workers.stages import Deferred, Stage
-from workers.transitions import AlreadyMoved, At, advance
+from workers.together import Together
+from workers.transitions import AlreadyMoved, Apply, At, advance, done
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -190,39 +196,58 @@ def _take(
     mailer: Mailer,
     policy: DeliveryPolicy,
     limiter: Limiter | None,
-) -> _Taken | None:
-    """In the caller's transaction: the letter to send, claimed when nothing makes it wait;
-    None when there is nothing to send (sent, failed, someone else's claim, not rendered)."""
+) -> Apply[_Taken | None]:
+    """Read and decide (no writes); the write claims the letter when nothing makes it wait, and
+    answers the letter to send, or None when there is nothing to send (sent, failed, someone
+    else's claim, not rendered)."""
     found = _READ.first(session, {"id": submission_id})
     if found is None or found.state != State.RENDERED:
-        return None
+        return done(None)
     definition = get_definition(session, found.campaign_slug, found.definition_sha256)
     if found.status is None or found.message_id is None or definition is None:
-        return None
+        return done(None)
     if found.status == DeliveryStatus.SENT:
         # Sent, but the state change was lost: repair it, send nothing.
-        _finish(session, submission_id, State.DELIVERED)
-        return None
+        def repair(session: Session) -> None:
+            _finish(session, submission_id, State.DELIVERED)
+
+        return repair
     if found.status == DeliveryStatus.PENDING and found.attempts >= policy.max_attempts:
         reason = f"gave up after {found.attempts} attempts; last error: {found.error}"
-        if claim(session, submission_id, policy.lease_seconds):  # nobody else is sending
-            _finish(
-                session,
-                submission_id,
-                State.FAILED,
-                status=DeliveryStatus.FAILED.value,
-                error=reason,
-            )
-        return None
+
+        def give_up(session: Session) -> None:
+            if claim(session, submission_id, policy.lease_seconds):  # nobody else is sending
+                failed = DeliveryStatus.FAILED.value
+                _finish(session, submission_id, State.FAILED, status=failed, error=reason)
+
+        return give_up
     limits = limits_for(policy, definition, found.member_id, mailer.name)
-    claimed = False
-    if not definition.quiet_hours and not (limiter is not None and limits):
-        # Nothing to wait for: claim it in this same transaction.
+    letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
+    if definition.quiet_hours or (limiter is not None and limits):
+        return done(_Taken(letter, False, definition, limits))  # claimed after the wait
+
+    def take(session: Session) -> _Taken | None:
+        # Nothing to wait for: claim it now.
         if not claim(session, submission_id, policy.lease_seconds):
             return None
-        claimed = True
-    letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
-    return _Taken(letter, claimed, definition, limits)
+        return _Taken(letter, True, definition, limits)
+
+    return take
+
+
+def _transact(
+    sessions: sessionmaker[Session],
+    writes: Together[Any] | None,
+    submission_id: str,
+    plan: Callable[[Session, str], Apply[T]],
+) -> T:
+    """``plan``'s decision and writes in a transaction: its own, or the process's shared one."""
+    if writes is None:
+        with session_scope(sessions) as session:
+            return plan(session, submission_id)(session)
+    [slot] = writes.run_all(sessions, plan, [submission_id])
+    result: T = slot.result()
+    return result
 
 
 def deliver(
@@ -232,17 +257,21 @@ def deliver(
     policy: DeliveryPolicy,
     limiter: Limiter | None = None,
     signer: DkimSigner | None = None,
+    writes: Together[Any] | None = None,
 ) -> list[Stage]:
     """Send the letter if nobody has.
 
     Raises :class:`Deferred` to wait for quiet hours or a rate limit, TransientDeliveryError for
     the retry policy (until ``max_attempts``, then a recorded failure), and, once the failure is
     recorded, PermanentDeliveryError so that an operator sees it in the dead-letter queue.
+
+    ``writes``: the process's shared group commit (:mod:`workers.together`) for the claim and
+    the record of the answer; without it, each has a transaction of its own.
     """
-    with session_scope(sessions) as session:
-        taken = _take(session, submission_id, mailer, policy, limiter)
+    plan = partial(_take, mailer=mailer, policy=policy, limiter=limiter)
+    taken = _transact(sessions, writes, submission_id, plan)
     if taken is not None:
-        _send(sessions, submission_id, taken, mailer, policy, limiter, signer)
+        _send(sessions, writes, submission_id, taken, mailer, policy, limiter, signer)
     return []
 
 
@@ -253,6 +282,7 @@ def deliver_group(
     policy: DeliveryPolicy,
     limiter: Limiter | None = None,
     signer: DkimSigner | None = None,
+    writes: Together[Any] | None = None,
 ) -> list[tuple[str, BaseException | None]]:
     """Letters that were rendered together: read and claimed in one transaction, then sent one
     by one, each recorded as sent in its own transaction the moment the server has answered.
@@ -262,14 +292,26 @@ def deliver_group(
     its own, which sends it again and, if it is refused again, records the failure and reaches
     the dead-letter queue under its own id.
     """
-    with session_scope(sessions) as session:
-        taken = [(sid, _take(session, sid, mailer, policy, limiter)) for sid in submission_ids]
+    plan = partial(_take, mailer=mailer, policy=policy, limiter=limiter)
+    taken: list[tuple[str, _Taken | None, BaseException | None]]
+    if writes is None:
+        with session_scope(sessions) as session:
+            decided = [(sid, plan(session, sid)) for sid in submission_ids]
+            taken = [(sid, write(session), None) for sid, write in decided]
+    else:
+        slots = writes.run_all(sessions, plan, submission_ids)
+        taken = [(slot.submission_id, slot.value, slot.error) for slot in slots]
     outcomes: list[tuple[str, BaseException | None]] = []
-    for submission_id, letter in taken:
+    for submission_id, letter, error in taken:
         with structlog.contextvars.bound_contextvars(submission_id=submission_id):
             try:
+                if error is not None:
+                    raise error
                 if letter is not None:
-                    _send(sessions, submission_id, letter, mailer, policy, limiter, signer, False)
+                    _send(
+                        sessions, writes, submission_id, letter, mailer, policy, limiter, signer,
+                        alone=False,
+                    )  # fmt: skip
             except Exception as exc:
                 outcomes.append((submission_id, exc))
                 continue
@@ -279,6 +321,7 @@ def deliver_group(
 
 def _send(
     sessions: sessionmaker[Session],
+    writes: Together[Any] | None,
     submission_id: str,
     taken: _Taken,
     mailer: Mailer,
@@ -308,7 +351,7 @@ def _send(
     try:
         response = mailer.send(mail)
     except (TransientDeliveryError, PermanentDeliveryError) as exc:
-        with session_scope(sessions) as session:
+        with session_scope(sessions) as session:  # (rare: a transaction of its own)
             if isinstance(exc, PermanentDeliveryError) and alone:
                 _finish(
                     session,
@@ -328,16 +371,12 @@ def _send(
 
     # Record "sent" before anything else can fail: nothing may stand between the server's
     # answer and this commit that could leave a sent letter looking unsent.
-    with session_scope(sessions) as session:
-        _finish(
-            session,
-            submission_id,
-            State.DELIVERED,
-            status=DeliveryStatus.SENT.value,
-            sent_at=utcnow(),
-            response=response[:2000],
-            error=None,
-        )
+    sent = {"status": DeliveryStatus.SENT.value, "sent_at": utcnow(), "response": response[:2000]}
+
+    def record(session: Session) -> None:
+        _finish(session, submission_id, State.DELIVERED, **sent, error=None)
+
+    _transact(sessions, writes, submission_id, lambda _session, _id: record)
     if limiter is not None and limits:
         try:
             limiter.mark_sent(submission_id, limits)

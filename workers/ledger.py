@@ -57,13 +57,14 @@ def _utc_iso(value: Any) -> str:
     return str(moment.astimezone(UTC).isoformat())
 
 
+# The hashed fields in the order the canonical JSON lists them (sorted), and its encoder.
+_SORTED = tuple(sorted(HASHED))
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def event_hash(prev_hash: str, fields: dict[str, Any]) -> str:
-    body = json.dumps(
-        {name: _plain(fields.get(name)) for name in HASHED},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    """SHA-256 of the previous hash and the event's canonical JSON (keys sorted, no spaces)."""
+    body = _CANONICAL.encode({name: _plain(fields.get(name)) for name in _SORTED})
     return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
 
 

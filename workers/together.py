@@ -74,7 +74,9 @@ class Together(Generic[T]):
     """Runs ``work(session, submission_id)`` (a stage's decision, which returns its writes) for
     the threads that call :meth:`run` together, and the writes in one transaction.
 
-    One instance per stage; a batch holds the calls with the leader's ``sessions`` and ``work``.
+    A batch holds the pending calls that share the leader's ``sessions``, whatever their
+    ``work``: the stages of a worker process share one instance, so that what several stages
+    have to write at the same moment goes in one transaction.
     """
 
     def __init__(self, max_batch: int = 64) -> None:
@@ -116,7 +118,7 @@ class Together(Generic[T]):
                 for other in self._pending:
                     if len(batch) >= limit:
                         break
-                    same = other.sessions is sessions and other.work == work
+                    same = other.sessions is sessions
                     if same and not any(other is slot for slot in own):
                         batch.append(other)
                 taken = {id(slot) for slot in batch}
@@ -135,20 +137,32 @@ class Together(Generic[T]):
 
     @classmethod
     def _decide(cls, session: Session, slot: _Slot[T]) -> Apply[T]:
-        with structlog.contextvars.bound_contextvars(submission_id=slot.submission_id):
-            return slot.work(session, slot.submission_id)
+        # Logs from the stage name the submission they are about, not the leader's (the
+        # leader's own binding is put back when the batch is done).
+        structlog.contextvars.bind_contextvars(submission_id=slot.submission_id)
+        return slot.work(session, slot.submission_id)
 
     @classmethod
     def _write(cls, session: Session, slot: _Slot[T], write: Apply[T]) -> Outcome[T]:
-        # Logs from the stage name the submission they are about, not the leader's.
-        with structlog.contextvars.bound_contextvars(submission_id=slot.submission_id):
-            try:
-                return write(session), None
-            except AlreadyMoved as moved:  # nothing written for it: the batch goes on
-                return None, moved
+        structlog.contextvars.bind_contextvars(submission_id=slot.submission_id)
+        try:
+            return write(session), None
+        except AlreadyMoved as moved:  # nothing written for it: the batch goes on
+            return None, moved
 
     @classmethod
     def _run_batch(cls, sessions: sessionmaker[Session], batch: list[_Slot[T]]) -> None:
+        bound = structlog.contextvars.get_contextvars().get("submission_id")
+        try:
+            cls._run_batch_bound(sessions, batch)
+        finally:
+            if bound is None:
+                structlog.contextvars.unbind_contextvars("submission_id")
+            else:
+                structlog.contextvars.bind_contextvars(submission_id=bound)
+
+    @classmethod
+    def _run_batch_bound(cls, sessions: sessionmaker[Session], batch: list[_Slot[T]]) -> None:
         try:
             with session_scope(sessions) as session:
                 # Every decision first (reads only: on SQLite they take no lock), then every

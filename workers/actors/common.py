@@ -80,15 +80,20 @@ def send_on(moved: list[tuple[str, list[Stage]]]) -> None:
     dispatch_groups(broker, group_by_stage(moved))
 
 
+# Group commit for every stage of this process: one transaction for what the worker threads
+# have to write at the same moment, whichever stage they are in.
+WRITES: Together[Any] = Together()
+
+
 def together(
     app: App,
     ids: list[str],
-    group: Together[T],
     plan: Callable[[Session, str], Apply[T]],
     then: Then[T] | None = None,
 ) -> list[Outcome]:
-    """A stage's decisions and writes for ``ids`` through its :class:`Together` (group commit)."""
-    return [(s.submission_id, s.error) for s in group.run_all(app.sessions, plan, ids, then)]
+    """A stage's decisions and writes for ``ids``, committed with whatever else the process's
+    other threads are writing (:data:`WRITES`)."""
+    return [(s.submission_id, s.error) for s in WRITES.run_all(app.sessions, plan, ids, then)]
 
 
 def one_by_one(app: App, ids: list[str], work: Callable[[App, str], list[Stage]]) -> list[Outcome]:

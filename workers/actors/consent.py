@@ -11,10 +11,7 @@ from workers.actors.common import DAY, NOT_RETRIED, Outcome, run_stage, together
 from workers.app import App, get_app
 from workers.consent import plan
 from workers.stages import Stage
-from workers.together import Together
 from workers.transitions import Apply
-
-_together: Together[int] = Together()
 
 
 def _plan(session: Session, submission_id: str) -> Apply[int]:
@@ -22,7 +19,7 @@ def _plan(session: Session, submission_id: str) -> Apply[int]:
 
 
 def _work(app: App, ids: list[str]) -> list[Outcome]:
-    return together(app, ids, _together, _plan)
+    return together(app, ids, _plan)
 
 
 @dramatiq.actor(

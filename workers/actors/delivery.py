@@ -6,7 +6,7 @@ from typing import Any
 
 import dramatiq
 
-from workers.actors.common import DAY, HOUR, NOT_RETRIED, Outcome, one_by_one, run_stage
+from workers.actors.common import DAY, HOUR, NOT_RETRIED, WRITES, Outcome, one_by_one, run_stage
 from workers.app import App
 from workers.delivery import deliver, deliver_group
 from workers.mail import PermanentDeliveryError, TransientDeliveryError
@@ -16,7 +16,13 @@ from workers.stages import Stage
 def _deliver(app: App, submission_id: str) -> list[Stage]:
     try:
         return deliver(
-            app.sessions, submission_id, app.mailer, app.delivery_policy, app.limiter, app.signer
+            app.sessions,
+            submission_id,
+            app.mailer,
+            app.delivery_policy,
+            app.limiter,
+            app.signer,
+            WRITES,
         )
     except TransientDeliveryError as exc:
         if exc.retry_after is not None:  # the provider said when: honour it
@@ -43,7 +49,7 @@ def _work(app: App, ids: list[str]) -> list[Outcome]:
     if len(ids) == 1:
         return one_by_one(app, ids, _deliver)
     outcomes = deliver_group(
-        app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer
+        app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer, WRITES
     )
     return [(sid, _retry_after(error)) for sid, error in outcomes]
 

@@ -11,10 +11,7 @@ from workers.actors.common import HOUR, NOT_RETRIED, Outcome, run_stage, send_on
 from workers.app import App, get_app
 from workers.rendering import plan
 from workers.stages import Stage
-from workers.together import Together
 from workers.transitions import Apply
-
-_together: Together[list[Stage]] = Together()
 
 
 def _plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
@@ -23,7 +20,7 @@ def _plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
 
 
 def _work(app: App, ids: list[str]) -> list[Outcome]:
-    return together(app, ids, _together, _plan, send_on)
+    return together(app, ids, _plan, send_on)
 
 
 @dramatiq.actor(

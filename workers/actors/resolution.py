@@ -11,10 +11,7 @@ from workers.actors.common import HOUR, NOT_RETRIED, Outcome, run_stage, send_on
 from workers.app import App, get_app
 from workers.resolution import plan, warm_live
 from workers.stages import Stage
-from workers.together import Together
 from workers.transitions import Apply
-
-_together: Together[list[Stage]] = Together()
 
 
 def _plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
@@ -34,7 +31,7 @@ def _work(app: App, ids: list[str]) -> list[Outcome]:
             failed.append((submission_id, exc))
             continue
         ready.append(submission_id)
-    return failed + (together(app, ready, _together, _plan, send_on) if ready else [])
+    return failed + (together(app, ready, _plan, send_on) if ready else [])
 
 
 @dramatiq.actor(

@@ -9,14 +9,11 @@ import dramatiq
 from workers.actors.common import HOUR, NOT_RETRIED, Outcome, run_stage, send_on, together
 from workers.app import App
 from workers.stages import Stage
-from workers.together import Together
 from workers.validation import plan
-
-_together: Together[list[Stage]] = Together()
 
 
 def _work(app: App, ids: list[str]) -> list[Outcome]:
-    return together(app, ids, _together, plan, send_on)
+    return together(app, ids, plan, send_on)
 
 
 @dramatiq.actor(
