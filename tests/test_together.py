@@ -203,3 +203,28 @@ def test_turns_keep_writers_of_two_processes_apart(tmp_path: Path) -> None:
     turns.release()
     holder.wait(10)
     assert waited > 0.3
+
+
+def test_worker_engines_checkpoint_the_log_from_a_thread_not_a_commit(tmp_path: Path) -> None:
+    engine = _scratch(tmp_path, take_turns=True)
+    database = tmp_path / "scratch.sqlite3"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    before = database.stat().st_size
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE blobs (b BLOB)"))
+    for _ in range(20):  # far past SQLite's own 1,000-page threshold
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO blobs VALUES (zeroblob(100000))"))
+    assert "sqlite-checkpoint" in {t.name for t in threading.enumerate()}
+    # The rows reach the database file itself without any commit having copied them.
+    deadline = time.monotonic() + 10
+    while database.stat().st_size < before + 2_000_000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert database.stat().st_size >= before + 2_000_000
+    engine.dispose()
+    # A command's engine keeps SQLite's own checkpoints.
+    plain = make_engine(f"sqlite:///{database}")
+    with plain.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+    plain.dispose()

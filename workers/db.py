@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,9 +47,14 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=60000")
         cur.execute("PRAGMA foreign_keys=ON")
+        if checkpoints is not None:
+            cur.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
+            checkpoints.ensure_running()
         cur.close()
 
     turns = Turns(parsed.database, enabled=take_turns)
+    file_db = bool(parsed.database) and parsed.database != ":memory:"
+    checkpoints = Checkpointer(str(parsed.database)) if take_turns and file_db else None
 
     # Reads before a transaction's first write run on their own (autocommit), each seeing the
     # latest committed data, as under PostgreSQL's READ COMMITTED; they wait for no one, since
@@ -129,6 +136,40 @@ class Turns:
             if self._fd is not None and self._pid == os.getpid():
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._thread.release()
+
+
+class Checkpointer:
+    """Copies SQLite's write-ahead log into the database file from a thread of its own.
+
+    Left to SQLite, the commit that takes the log past 1,000 pages does the copy, with its
+    fsyncs, while it still holds the write lock, and every writer in every process waits for
+    it. Here the processes that take turns (workers, the HTTP intake) switch that off and run a
+    PASSIVE checkpoint every ``interval`` seconds instead, which waits for no reader or writer.
+    Other connections (commands, tests) keep SQLite's own checkpoints, and any of them also
+    bounds the log.
+    """
+
+    def __init__(self, path: str, interval: float = 1.0) -> None:
+        self.path = path
+        self.interval = interval
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()  # started again in a forked worker process
+            threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True).start()
+
+    def _run(self) -> None:
+        connection = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        while True:
+            time.sleep(self.interval)
+            try:
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:  # busy or gone for a moment: the next round catches up
+                continue
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
