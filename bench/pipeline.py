@@ -113,9 +113,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 def bench_pipeline(
     args: argparse.Namespace, redis_url: str, db_url: str, tmp: Path, others: dict[str, int | None]
 ) -> dict[str, float]:
+    outbox = args.outbox / "outbox" if args.outbox else tmp / "outbox"
     settings = Settings(
         database_url=db_url, data_dir=tmp / "var", secret_key="bench", broker="redis",
-        redis_url=redis_url, outbox_dir=tmp / "outbox", log_level="WARNING",
+        redis_url=redis_url, outbox_dir=outbox, log_level="WARNING",
     )  # fmt: skip
     app = App.from_settings(settings)
     from workers.runtime import prepare
@@ -133,7 +134,7 @@ def bench_pipeline(
     env = {
         **os.environ, "REDIS_URL": redis_url, "DATABASE_URL": db_url, "DEARMP_BROKER": "redis",
         "DEARMP_SECRET_KEY": "bench", "DEARMP_DATA_DIR": str(tmp / "var"),
-        "DEARMP_OUTBOX_DIR": str(tmp / "outbox"), "DEARMP_LOG_LEVEL": "WARNING",
+        "DEARMP_OUTBOX_DIR": str(outbox), "DEARMP_LOG_LEVEL": "WARNING",
     }  # fmt: skip
     workers = start_workers("workers.actors", env, args.processes, args.threads)
     time.sleep(3)  # let the workers boot before the clock starts
@@ -142,9 +143,12 @@ def bench_pipeline(
     broker = RedisBroker(url=redis_url, namespace="dearmp")  # type: ignore[no-untyped-call]
     enqueued: dict[str, float] = {}
     start = time.time()
-    for sid in ids:
-        enqueued[sid] = time.time()
-        broker.enqueue(stage_message(Stage.VALIDATE, sid))
+    size = args.intake_groups
+    for start_at in range(0, len(ids), size):
+        group = ids[start_at : start_at + size]
+        now = time.time()
+        enqueued.update(dict.fromkeys(group, now))
+        broker.enqueue(stage_message(Stage.VALIDATE, *group))
     # Poll with a count (cheap: the benchmark shares the cores with what it measures); read the
     # delivery times once everything is in.
     count = 0
@@ -224,6 +228,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL cluster")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--intake-groups",
+        type=int,
+        default=1,
+        metavar="K",
+        help="send the validation messages K submissions at a time, as the HTTP intake does "
+        "for a batch it commits together (default 1: one message per submission)",
+    )
+    parser.add_argument(
+        "--outbox", type=Path, help="put the letters' outbox under this folder (default: the run's)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dearmp-bench-") as tmpdir:
