@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -159,6 +160,13 @@ def main() -> None:
                 f"p99 {r['p99']:6.1f} ms  (non-2xx: {r['non_2xx']:.0f})"
             )
         print(f"  rows stored: {stored:,} (every 202 of the timed and warm-up runs)")
+        # No workers run here: every validation message the intake sent is still on its queue.
+        messages = redis.Redis.from_url(redis_server.url).hlen("dearmp:dearmp.validate.msgs")
+        if messages:
+            print(
+                f"  validation messages sent: {messages:,} "
+                f"({stored / messages:.1f} submissions per message, one per committed batch)"
+            )
         python = platform.python_version()
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {python}")
     finally:
