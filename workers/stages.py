@@ -62,7 +62,8 @@ def stage_message(stage: Stage, submission_id: str, *also: str) -> Message[None]
 
 
 def submission_id_of(message: Any) -> str | None:
-    """The submission a stage message is about, if it is one (read from any dramatiq message)."""
+    """The submission a stage message is about, if it is one (read from any dramatiq message);
+    for a message about a group (version 2), the first of them."""
     args = message.args
     if args and isinstance(args[0], dict):
         value = args[0].get("submission_id")
