@@ -36,6 +36,9 @@ def _same(value: Any) -> Any:
     return value
 
 
+_MISSING = object()
+
+
 class _Prepared:
     """One statement compiled for one dialect."""
 
@@ -51,15 +54,8 @@ class _Prepared:
             tuple(compiled.positiontup) if dialect.positional else None
         )
         escaped = getattr(compiled, "escaped_bind_names", None) or {}
-        self.escaped: dict[str, str] = dict(escaped)
-        # (name, constant value or None, processor) for every bind parameter.
-        self.binds: list[tuple[str, Any, Processor]] = []
-        for name, bind in binds.items():
-            impl = bind.type.dialect_impl(dialect)
-            constant = bind.callable() if bind.callable is not None else bind.value
-            self.binds.append((name, constant, impl.bind_processor(dialect)))
         # Python-side defaults SQLAlchemy would compute before executing.
-        self.defaults: list[tuple[str, Callable[[], Any]]] = []
+        defaults: dict[str, Callable[[], Any]] = {}
         prefetch = [(column, column.default) for column in compiled.insert_prefetch] + [
             (column, column.onupdate) for column in compiled.update_prefetch
         ]
@@ -67,11 +63,23 @@ class _Prepared:
             if default is None:
                 continue
             if default.is_scalar:
-                self.defaults.append((column.key, partial(_same, default.arg)))
+                defaults[column.key] = partial(_same, default.arg)
             elif default.is_callable:
-                self.defaults.append((column.key, partial(default.arg, None)))
+                defaults[column.key] = partial(default.arg, None)
             else:
                 raise ValueError(f"unsupported default for {column.key}")
+        # For each parameter the SQL names, once: (name, what stands in when the caller gives
+        # none: a column default to call or a constant, the type's bind processor).
+        by_name = {name: bind for bind, name in compiled.bind_names.items()}
+        self.plan: list[tuple[str, Callable[[], Any] | None, Any, Processor]] = []
+        for name in dict.fromkeys(self.positional or by_name):
+            bind = by_name.get(name, binds.get(name))
+            constant = bind.callable() if bind.callable is not None else bind.value
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            self.plan.append((name, defaults.get(name), constant, process))
+        self.escaped: dict[str, str] = {
+            name: escaped.get(name, name) for name, _, _, _ in self.plan
+        }
         self.row: Any = None
         self.results: list[Processor] = []
         selected = getattr(statement, "selected_columns", None)
@@ -84,22 +92,15 @@ class _Prepared:
 
     def parameters(self, params: Mapping[str, Any]) -> Any:
         values: dict[str, Any] = {}
-        for name, default in self.defaults:
-            if name not in params:
-                values[name] = default()
-        for name, constant, process in self.binds:
-            if name in params:
-                value = params[name]
-            elif name in values:
-                value = values[name]
-            else:
-                value = constant
+        get = params.get
+        for name, default, constant, process in self.plan:
+            value = get(name, _MISSING)
+            if value is _MISSING:
+                value = constant if default is None else default()
             values[name] = value if process is None else process(value)
         if self.positional is not None:
-            return tuple(values[name] for name in self.positional)
-        if self.escaped:
-            return {self.escaped.get(name, name): value for name, value in values.items()}
-        return values
+            return tuple([values[name] for name in self.positional])
+        return {self.escaped[name]: value for name, value in values.items()}
 
     def convert(self, raw: Sequence[Any]) -> Any:
         if self.row is None:  # text(): the driver's values as they are
