@@ -77,8 +77,8 @@ def dispatch(broker: dramatiq.Broker, stages: Iterable[Stage], submission_id: st
 
 
 def dispatch_groups(broker: dramatiq.Broker, sends: Mapping[Stage, Sequence[str]]) -> bool:
-    """Send each stage its submissions: in groups of up to :data:`MAX_IDS` to a stage that takes
-    them, one by one to the others. False (logged) if the broker could not take one."""
+    """Send each stage its submissions, in messages of up to the stage's
+    :attr:`Stage.group_size`. False (logged) if the broker could not take one."""
     ok = True
     for stage, ids in sends.items():
         size = stage.group_size
