@@ -38,6 +38,14 @@ def test_rows_match_sqlalchemy_with_every_type_processed(app: App) -> None:
         assert hot.consent_logged_at is None and hot.rejection is None
         assert (hot.id, hot.state) == (plain.id, plain.state)
         assert current(session, "no-such-id") is None
+        # A parameter whose value comes from a function gets it at each execution.
+        asked = iter([sid, "nobody"])
+        by_callable = Hot(
+            select(SUBMISSIONS.c.id).where(
+                SUBMISSIONS.c.id == bindparam("x", callable_=lambda: next(asked))
+            )
+        )
+        assert by_callable.scalar(session) == sid and by_callable.scalar(session) is None
         # The joined delivery read and the directory lookup (duplicate column names) both work.
         assert _READ.first(session, {"id": sid}).state == "received"
         assert LOOKUP.first(session, {"postcode": "ZZ1 1ZZ"}) is None

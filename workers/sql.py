@@ -74,9 +74,9 @@ class _Prepared:
         self.plan: list[tuple[str, Callable[[], Any] | None, Any, Processor]] = []
         for name in dict.fromkeys(self.positional or by_name):
             bind = by_name.get(name, binds.get(name))
-            constant = bind.callable() if bind.callable is not None else bind.value
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            self.plan.append((name, defaults.get(name), constant, process))
+            default = defaults.get(name, bind.callable)  # called for each execution
+            self.plan.append((name, default, bind.value, process))
         self.escaped: dict[str, str] = {
             name: escaped.get(name, name) for name, _, _, _ in self.plan
         }
