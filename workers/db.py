@@ -34,9 +34,12 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
         kwargs.setdefault("pool_size", 10)
         return create_engine(url, **kwargs)
 
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    file_db = bool(parsed.database) and parsed.database != ":memory:"
+    if file_db:
+        Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **kwargs)
+    turns = Turns(parsed.database, enabled=take_turns)
+    checkpoints = Checkpointer(str(parsed.database)) if take_turns and file_db else None
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -51,10 +54,6 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
             checkpoints.ensure_running()
         cur.close()
-
-    turns = Turns(parsed.database, enabled=take_turns)
-    file_db = bool(parsed.database) and parsed.database != ":memory:"
-    checkpoints = Checkpointer(str(parsed.database)) if take_turns and file_db else None
 
     # Reads before a transaction's first write run on their own (autocommit), each seeing the
     # latest committed data, as under PostgreSQL's READ COMMITTED; they wait for no one, since

@@ -14,20 +14,8 @@ from workers.stages import Stage
 
 
 def _deliver(app: App, submission_id: str) -> list[Stage]:
-    try:
-        return deliver(
-            app.sessions,
-            submission_id,
-            app.mailer,
-            app.delivery_policy,
-            app.limiter,
-            app.signer,
-            WRITES,
-        )
-    except TransientDeliveryError as exc:
-        if exc.retry_after is not None:  # the provider said when: honour it
-            raise dramatiq.Retry(str(exc), delay=int(exc.retry_after * 1000)) from exc
-        raise
+    policy, limiter, signer = app.delivery_policy, app.limiter, app.signer
+    return deliver(app.sessions, submission_id, app.mailer, policy, limiter, signer, WRITES)
 
 
 @dramatiq.actor(
@@ -46,16 +34,19 @@ def deliver_submission(message: dict[str, Any]) -> None:
 
 
 def _work(app: App, ids: list[str]) -> list[Outcome]:
-    if len(ids) == 1:
-        return one_by_one(app, ids, _deliver)
-    outcomes = deliver_group(
-        app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer, WRITES
-    )
+    if len(ids) == 1:  # alone: a permanent refusal is recorded here and dead-lettered
+        outcomes = one_by_one(app, ids, _deliver)
+    else:
+        outcomes = deliver_group(
+            app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer, WRITES
+        )
     return [(sid, _retry_after(error)) for sid, error in outcomes]
 
 
 def _retry_after(error: BaseException | None) -> BaseException | None:
-    """The provider said when to try again: the letter's own message waits that long."""
+    """The provider said when to try again: the letter's message waits that long."""
     if isinstance(error, TransientDeliveryError) and error.retry_after is not None:
-        return dramatiq.Retry(str(error), delay=int(error.retry_after * 1000))
+        retry = dramatiq.Retry(str(error), delay=int(error.retry_after * 1000))
+        retry.__cause__ = error
+        return retry
     return error
