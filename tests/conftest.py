@@ -120,11 +120,17 @@ def stub_worker(stub_broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
 
 
 def drain(broker: Any, worker: dramatiq.Worker, timeout_ms: int = 30_000) -> None:
-    """Wait until every stage queue is empty and the worker is idle (stages enqueue each other)."""
+    """Wait until every stage queue is empty, the worker is idle and nothing is held for sending
+    (stages enqueue each other, through :data:`workers.actors.common.HANDOFF`)."""
+    from workers.actors.common import HANDOFF
+
     for _ in range(10):
         for stage in Stage:
             broker.join(stage.queue, timeout=timeout_ms, fail_fast=False)
         worker.join()
+        if HANDOFF.held():
+            HANDOFF.flush()
+            continue
         if all(not broker.queues[s.queue].qsize() for s in Stage if s.queue in broker.queues):
             return
 

@@ -12,6 +12,7 @@ from config.settings import get_settings
 from workers.app import get_app
 from workers.db import session_scope
 from workers.failures import Attempt, record_failure
+from workers.handoff import Handoff
 from workers.logging import configure_logging
 from workers.stages import submission_id_of
 
@@ -43,6 +44,17 @@ class LogContext(Middleware):
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         structlog.contextvars.clear_contextvars()
+
+
+class SendHeld(Middleware):
+    """A worker that shuts down sends on what its stages still hold (:mod:`workers.handoff`):
+    after its threads have finished their messages, before the broker is closed."""
+
+    def __init__(self, handoff: Handoff) -> None:
+        self.handoff = handoff
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self.handoff.flush()
 
 
 class FailureRecorder(Middleware):

@@ -11,16 +11,29 @@ import pydantic
 import structlog
 from sqlalchemy.orm import Session
 
+from config.settings import get_settings
 from schemas.messages import parse_stage_message
 from workers.app import App, get_app
 from workers.broker import broker  # installs the broker before any actor is declared
-from workers.stages import Deferred, Stage, dispatch, dispatch_groups, group_by_stage, stage_message
+from workers.handoff import Handoff
+from workers.middleware import SendHeld
+from workers.stages import Deferred, Stage, dispatch_groups, group_by_stage, stage_message
 from workers.together import Then, Together
 from workers.transitions import AlreadyMoved, Apply
 
 log = structlog.get_logger("workers")
 
-__all__ = ["DAY", "HOUR", "NOT_RETRIED", "broker", "one_by_one", "run_stage", "send_on", "together"]
+__all__ = [
+    "DAY",
+    "HANDOFF",
+    "HOUR",
+    "NOT_RETRIED",
+    "broker",
+    "one_by_one",
+    "run_stage",
+    "send_on",
+    "together",
+]
 
 T = TypeVar("T")
 
@@ -75,9 +88,17 @@ def run_stage(stage: Stage, raw: Any, work: Work) -> None:
     log.info("stage_done", submissions=len(ids))
 
 
+# What the stages of this process moved on, sent to the next stages in groups (see
+# :mod:`workers.handoff`); a worker shutting down sends what is held first.
+HANDOFF = Handoff(
+    lambda sends: dispatch_groups(broker, sends), get_settings().handoff_linger_ms / 1000
+)
+broker.add_middleware(SendHeld(HANDOFF))
+
+
 def send_on(moved: list[tuple[str, list[Stage]]]) -> None:
     """Send submissions a stage moved on to their next stages, a message per group."""
-    dispatch_groups(broker, group_by_stage(moved))
+    HANDOFF.add(group_by_stage(moved))
 
 
 # Group commit for every stage of this process: one transaction for what the worker threads
@@ -106,6 +127,6 @@ def one_by_one(app: App, ids: list[str], work: Callable[[App, str], list[Stage]]
             except Exception as exc:
                 outcomes.append((submission_id, exc))
                 continue
-            dispatch(broker, next_stages, submission_id)
+            HANDOFF.add({stage: [submission_id] for stage in next_stages})
         outcomes.append((submission_id, None))
     return outcomes
