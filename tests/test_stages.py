@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from workers.consent import log_consent
 from workers.db import session_scope
 from workers.delivery import DeliveryPolicy, deliver
 from workers.intake import accept
-from workers.mail import OutboxMailer
+from workers.mail import OutboxMailer, Outgoing
 from workers.models import (
     ConsentEvent,
     Delivery,
@@ -174,6 +175,17 @@ def test_delivery_sends_once_however_often_it_runs(app: App, tmp_path: Path) -> 
         "rendered",
         "delivered",
     ]
+
+
+def test_the_outbox_makes_its_folder_whenever_it_is_missing(tmp_path: Path) -> None:
+    outbox = OutboxMailer(tmp_path / "a" / "b")
+    mail = Outgoing("from@example.org", ["to@example.org"], b"Subject: x\r\n\r\nbody\r\n", "<m1@x>")
+    assert outbox.send(mail) == "written m1.eml"
+    assert outbox.send(mail) == "written m1.eml"  # twice: one file
+    shutil.rmtree(tmp_path / "a")  # an operator cleared it while the worker runs
+    outbox.send(mail)
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["m1.eml"]
+    assert (tmp_path / "a" / "b" / "m1.eml").read_bytes() == mail.data
 
 
 def test_a_live_claim_blocks_a_second_sender(app: App, tmp_path: Path) -> None:

@@ -179,11 +179,14 @@ class OutboxMailer:
         self.directory = directory
 
     def send(self, mail: Outgoing) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
         stem = mail.message_id.strip("<>").split("@", 1)[0]
         path = self.directory / f"{stem}.eml"
         tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        tmp.write_bytes(mail.data)
+        try:
+            tmp.write_bytes(mail.data)
+        except FileNotFoundError:  # the first letter (or the folder was removed): make it
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(mail.data)
         os.replace(tmp, path)
         return f"written {path.name}"
 
