@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 import threading
@@ -127,6 +128,104 @@ def test_an_error_rolls_the_batch_back_and_each_runs_again_alone(tmp_path: Path)
     with engine.connect() as conn:  # the good ones committed once each, the bad one not at all
         assert sorted(conn.execute(text("SELECT item FROM done")).scalars()) == list("abcd")
     assert runs["bad"] >= 1 and all(runs[i] in (1, 2) for i in "abcd")
+
+
+class Interrupted(BaseException):
+    """Like dramatiq's time limit: raised in a thread from outside, and not an Exception."""
+
+
+def _start(results: dict[str, Any], name: str, call: Any) -> threading.Thread:
+    def one() -> None:
+        try:
+            results[name] = call()
+        except BaseException as exc:
+            results[name] = exc
+
+    thread = threading.Thread(target=one, name=name)
+    thread.start()
+    return thread
+
+
+def _queued(together: Together[Any], count: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(together._pending) < count:
+        assert time.monotonic() < deadline, "the callers never queued"
+        time.sleep(0.005)
+
+
+def test_an_interrupted_leader_puts_the_others_back_and_the_next_one_leads(
+    tmp_path: Path,
+) -> None:
+    engine = _scratch(tmp_path)
+    sessions = make_sessionmaker(engine)
+    together: Together[str] = Together()
+    gate = threading.Event()
+
+    def work(session: Session, item: str) -> Apply[str]:
+        if item == "first":
+            gate.wait(10)  # the others queue meanwhile, "slow" at the front
+        if item == "slow":
+            raise Interrupted()  # leading a batch that holds "b" and "c"
+
+        def write(session: Session) -> str:
+            session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+            return item
+
+        return write
+
+    results: dict[str, Any] = {}
+    threads = [_start(results, "first", lambda: together.run(sessions, work, "first"))]
+    _queued(together, 0)
+    time.sleep(0.05)
+    for name in ("slow", "b", "c"):
+        threads.append(_start(results, name, lambda n=name: together.run(sessions, work, n)))
+        _queued(together, len(threads) - 1)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert isinstance(results.pop("slow"), Interrupted)
+    assert results == {"first": "first", "b": "b", "c": "c"}
+    with engine.connect() as conn:
+        assert sorted(conn.execute(text("SELECT item FROM done")).scalars()) == ["b", "c", "first"]
+
+
+def test_a_waiting_caller_interrupted_leaves_the_line_without_stopping_it(
+    tmp_path: Path,
+) -> None:
+    engine = _scratch(tmp_path)
+    sessions = make_sessionmaker(engine)
+    together: Together[str] = Together()
+    gate = threading.Event()
+
+    def work(session: Session, item: str) -> Apply[str]:
+        if item == "first":
+            gate.wait(10)
+
+        def write(session: Session) -> str:
+            session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+            return item
+
+        return write
+
+    results: dict[str, Any] = {}
+    threads = [_start(results, "first", lambda: together.run(sessions, work, "first"))]
+    time.sleep(0.05)
+    for count, name in enumerate(("gone", "c"), start=1):
+        threads.append(_start(results, name, lambda n=name: together.run(sessions, work, n)))
+        _queued(together, count)
+    # dramatiq's time limit, raised in the waiting thread (it surfaces once the thread wakes).
+    gone = threads[1].ident
+    assert gone is not None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(gone), ctypes.py_object(Interrupted))
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert isinstance(results.pop("gone"), Interrupted)
+    assert results == {"first": "first", "c": "c"}
+    with engine.connect() as conn:
+        assert sorted(conn.execute(text("SELECT item FROM done")).scalars()) == ["c", "first"]
 
 
 def test_batched_validation_moves_each_submission_once(app: App) -> None:

@@ -51,6 +51,7 @@ class Handoff:
             return
         full: dict[Stage, list[str]] = {}
         with self._cond:
+            idle = not self._held
             for stage, ids in sends.items():
                 if not ids:
                     continue
@@ -65,7 +66,9 @@ class Handoff:
                     del held[:cut]
                     if not held:
                         del self._held[stage], self._since[stage]
-            if self._held:
+            if idle and self._held:
+                # Only the first arrival wakes the sender: the oldest held submission sets its
+                # deadline, and waking a thread costs more than the rest of this call.
                 self._ensure_thread()
                 self._cond.notify()
         if full:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
@@ -42,18 +42,38 @@ T = TypeVar("T")
 Then = Callable[[list[tuple[str, T]]], None]
 
 
+class _Caller:
+    """A thread in :meth:`Together.run_all`. It sleeps on ``wake`` (a lock it holds) until it is
+    released once: when all its slots are settled, or when it is asked to lead."""
+
+    __slots__ = ("gone", "lead", "slots", "wake", "woken")
+
+    def __init__(self) -> None:
+        self.slots: list[_Slot[Any]] = []
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.lead = False
+        self.woken = False
+        self.gone = False
+
+    def settled(self) -> bool:
+        return all(slot.done for slot in self.slots)
+
+
 class _Slot(Generic[T]):
     def __init__(
         self,
         sessions: sessionmaker[Session],
         work: Callable[[Session, str], Apply[T]],
         submission_id: str,
-        then: Then[T] | None = None,
+        then: Then[T] | None,
+        caller: _Caller,
     ) -> None:
         self.sessions = sessions
         self.work = work
         self.submission_id = submission_id
         self.then = then
+        self.caller = caller
         self.done = False
         self.value: T | None = None
         self.error: BaseException | None = None
@@ -77,11 +97,15 @@ class Together(Generic[T]):
     A batch holds the pending calls that share the leader's ``sessions``, whatever their
     ``work``: the stages of a worker process share one instance, so that what several stages
     have to write at the same moment goes in one transaction.
+
+    Each waiting thread is woken once: by the leader that settled its last submission, or to
+    lead the next batch. (Waking every waiter after each batch, to look and sleep again, cost
+    more CPU than the batches saved once threads were many.)
     """
 
     def __init__(self, max_batch: int = 64) -> None:
         self.max_batch = max_batch
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._pending: list[_Slot[T]] = []
         self._leading = False
 
@@ -102,38 +126,73 @@ class Together(Generic[T]):
         then: Then[T] | None = None,
     ) -> list[_Slot[T]]:
         """Each submission's slot, settled with its result or its error."""
-        mine = [_Slot(sessions, work, sid, then) for sid in submission_ids]
-        with self._cond:
+        caller = _Caller()
+        mine = caller.slots = [_Slot(sessions, work, sid, then, caller) for sid in submission_ids]
+        with self._lock:
             self._pending.extend(mine)
+            follow, self._leading = self._leading, True
+        if follow:
+            try:
+                caller.wake.acquire()
+            except BaseException:  # interrupted (a time limit) while waiting
+                self._leave(caller)
+                raise
+            if not caller.lead:
+                return mine
+        try:
+            self._lead(sessions, caller)
+        finally:
+            with self._lock:
+                self._hand_over(caller)
+        return mine
+
+    def _lead(self, sessions: sessionmaker[Session], caller: _Caller) -> None:
         while True:
-            with self._cond:
-                while self._leading and not all(slot.done for slot in mine):
-                    self._cond.wait()
-                own = [slot for slot in mine if not slot.done]
+            with self._lock:
+                own = [slot for slot in caller.slots if not slot.done]
                 if not own:
-                    return mine
-                # Lead: this caller's own submissions first, then whoever else is waiting.
+                    return
+                # This caller's own submissions first, then whoever else is waiting.
                 batch = list(own)
                 limit = max(self.max_batch, len(own))
                 for other in self._pending:
                     if len(batch) >= limit:
                         break
-                    same = other.sessions is sessions
-                    if same and not any(other is slot for slot in own):
+                    if other.sessions is sessions and other.caller is not caller:
                         batch.append(other)
                 taken = {id(slot) for slot in batch}
                 self._pending = [s for s in self._pending if id(s) not in taken]
-                self._leading = True
             try:
                 self._run_batch(sessions, batch)
             finally:
-                with self._cond:
+                with self._lock:
                     # Interrupted (a time limit, shutdown) before settling everyone: the others
                     # go back in line for the next leader.
-                    mine_ids = {id(slot) for slot in mine}
-                    self._pending[:0] = [s for s in batch if not s.done and id(s) not in mine_ids]
-                    self._leading = False
-                    self._cond.notify_all()
+                    unsettled = [s for s in batch if not s.done and s.caller is not caller]
+                    self._pending[:0] = unsettled
+                    for waiting in {id(s.caller): s.caller for s in batch}.values():
+                        if waiting is not caller and not waiting.woken and waiting.settled():
+                            waiting.woken = True
+                            waiting.wake.release()
+
+    def _hand_over(self, leader: _Caller) -> None:
+        """The next waiting caller leads, or nobody does (called with the lock held)."""
+        self._pending = [s for s in self._pending if s.caller is not leader]
+        for slot in self._pending:
+            if not slot.caller.woken:
+                slot.caller.lead = slot.caller.woken = True
+                slot.caller.wake.release()
+                return
+        self._leading = False
+
+    def _leave(self, caller: _Caller) -> None:
+        """A waiting caller gives up: its submissions leave the line, and if it had just been
+        asked to lead, the next one is."""
+        with self._lock:
+            caller.gone = True
+            self._pending = [s for s in self._pending if s.caller is not caller]
+            if caller.lead:
+                self._hand_over(caller)
 
     @classmethod
     def _decide(cls, session: Session, slot: _Slot[T]) -> Apply[T]:
