@@ -10,17 +10,19 @@ import dramatiq
 import pydantic
 import pytest
 from dramatiq.middleware import Middleware
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from schemas.messages import MAX_IDS, StageMessage, parse_stage_message, stage_payload
 from tests.conftest import drain, make_settings
 from tests.factories import submission
 from tests.services import SmtpSink, free_port, wait_for
 from tests.test_sources import parliament, sources  # noqa: F401  (the Members API fixture)
+from tests.test_stages import through_render
 from workers.app import App
 from workers.db import session_scope
+from workers.delivery import DeliveryPolicy, deliver_group
 from workers.intake import accept
-from workers.mail import SmtpMailer
+from workers.mail import OutboxMailer, Outgoing, SmtpMailer
 from workers.models import Delivery, Submission
 from workers.runtime import state_counts
 from workers.stages import Stage, dispatch_groups, stage_message, submission_id_of
@@ -172,3 +174,59 @@ def test_the_http_intake_sends_a_committed_batch_as_one_validation_message(
     batcher._dispatch([("a", State.RECEIVED), ("b", State.RECEIVED), ("c", State.UNCONFIRMED)])
     assert sent.to(Stage.VALIDATE) == [["a", "b"]]
     assert sent.to(Stage.NOTIFY) == [["c"]]  # a confirmation email is one message each
+
+
+class Interrupted(BaseException):
+    """Like dramatiq's time limit: not an Exception."""
+
+
+class Counting:
+    """The outbox, counting letters, and interrupted at the letter ``stop_at`` (from 1)."""
+
+    name = "outbox"
+
+    def __init__(self, outbox: OutboxMailer, stop_at: int = 0) -> None:
+        self.outbox, self.stop_at, self.count = outbox, stop_at, 0
+
+    def send(self, mail: Outgoing) -> str:
+        self.count += 1
+        if self.count == self.stop_at:
+            raise Interrupted()
+        return self.outbox.send(mail)
+
+
+def _commits(app: App) -> list[int]:
+    counted = [0]
+
+    def count(_conn: Any) -> None:
+        counted[0] += 1
+
+    event.listen(app.engine, "commit", count)
+    return counted
+
+
+@pytest.mark.parametrize("within, records", [(60.0, 1), (0.0, 6)])
+def test_letters_accepted_within_the_window_are_recorded_in_one_transaction(
+    app: App, within: float, records: int
+) -> None:
+    ids = [through_render(app, submission(supporter__email=f"s{i}@example.com")) for i in range(6)]
+    commits = _commits(app)
+    policy = DeliveryPolicy(lease_seconds=300, record_within=within)
+    outcomes = deliver_group(app.sessions, ids, app.mailer, policy)
+    assert outcomes == [(sid, None) for sid in ids]
+    assert commits[0] == 1 + records  # the group's claims, then the records
+    assert state_counts(app, ids) == {"delivered": 6}
+    assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 6
+
+
+def test_a_group_interrupted_mid_send_records_the_letters_it_sent(app: App) -> None:
+    ids = [through_render(app, submission(supporter__email=f"s{i}@example.com")) for i in range(5)]
+    mailer = Counting(OutboxMailer(app.settings.resolved_outbox_dir), stop_at=4)
+    policy = DeliveryPolicy(lease_seconds=300, record_within=60.0)
+    with pytest.raises(Interrupted):
+        deliver_group(app.sessions, ids, mailer, policy)
+    assert state_counts(app, ids[:3]) == {"delivered": 3}  # sent, and recorded on the way out
+    assert state_counts(app, ids[3:]) == {"rendered": 2}  # claimed: taken back after the lease
+    with session_scope(app.sessions) as session:
+        statuses = [session.get(Delivery, sid).status for sid in ids]  # type: ignore[union-attr]
+    assert statuses == ["sent"] * 3 + ["sending"] * 2

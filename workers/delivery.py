@@ -13,6 +13,7 @@ sent back to the queue to wait, using up none of its retries.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -64,6 +65,7 @@ class DeliveryPolicy:
     mp_limit: int = 0
     mp_limit_window: float = 3600.0
     send_rate: float = 0.0
+    record_within: float = 0.0  # seconds (see deliver_group)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryPolicy:
@@ -73,6 +75,7 @@ class DeliveryPolicy:
             mp_limit=settings.mp_limit,
             mp_limit_window=settings.mp_limit_window,
             send_rate=settings.send_rate_per_second,
+            record_within=settings.delivery_record_within_ms / 1000,
         )
 
 
@@ -271,7 +274,11 @@ def deliver(
     plan = partial(_take, mailer=mailer, policy=policy, limiter=limiter)
     taken = _transact(sessions, writes, submission_id, plan)
     if taken is not None:
-        _send(sessions, writes, submission_id, taken, mailer, policy, limiter, signer)
+        sent = _send(sessions, submission_id, taken, mailer, policy, limiter, signer)
+        if sent is not None:
+            for _, error in _record(sessions, writes, [sent], limiter):
+                if error is not None:
+                    raise error
     return []
 
 
@@ -285,7 +292,13 @@ def deliver_group(
     writes: Together[Any] | None = None,
 ) -> list[tuple[str, BaseException | None]]:
     """Letters that were rendered together: read and claimed in one transaction, then sent one
-    by one, each recorded as sent in its own transaction the moment the server has answered.
+    by one. A letter the server accepted is recorded as sent within ``policy.record_within`` of
+    its answer: the letters accepted within that time share one transaction. (With SMTP each
+    answer takes longer than that, and each letter is recorded on its own the moment it is
+    answered; with a fast backend, a group's records take one or two commits instead of one
+    each.) The window is what a crash can leave sent but unrecorded, and such a letter is sent
+    again once its lease is over; a group interrupted (a time limit) records what it sent
+    before it stops.
 
     Each submission gets its own outcome. A letter that fails here is put back as it was (its
     claim released, the error recorded), even on a permanent refusal: it goes on in a message of
@@ -301,27 +314,90 @@ def deliver_group(
     else:
         slots = writes.run_all(sessions, plan, submission_ids)
         taken = [(slot.submission_id, slot.value, slot.error) for slot in slots]
-    outcomes: list[tuple[str, BaseException | None]] = []
-    for submission_id, letter, error in taken:
-        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+    outcomes: dict[str, BaseException | None] = {}
+    unrecorded: list[_Sent] = []
+
+    def record() -> None:
+        for submission_id, error in _record(sessions, writes, unrecorded, limiter):
+            outcomes[submission_id] = error
+        unrecorded.clear()
+
+    try:
+        for submission_id, letter, error in taken:
+            with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+                try:
+                    if error is not None:
+                        raise error
+                    if letter is not None:
+                        sent = _send(
+                            sessions, submission_id, letter, mailer, policy, limiter, signer,
+                            alone=False,
+                        )  # fmt: skip
+                        if sent is not None:
+                            unrecorded.append(sent)
+                except Exception as exc:
+                    outcomes[submission_id] = exc
+                    continue
+            outcomes[submission_id] = None
+            if unrecorded and time.monotonic() - unrecorded[0].answered >= policy.record_within:
+                record()
+    finally:
+        record()
+    return list(outcomes.items())
+
+
+@dataclass
+class _Sent:
+    """A letter the server accepted, to record as sent."""
+
+    submission_id: str
+    values: dict[str, Any]
+    limits: list[Limit]
+    answered: float  # time.monotonic()
+
+
+def _record(
+    sessions: sessionmaker[Session],
+    writes: Together[Any] | None,
+    sent: list[_Sent],
+    limiter: Limiter | None,
+) -> list[tuple[str, BaseException | None]]:
+    """Record letters as sent, in one transaction (each its own guarded change); each letter's
+    outcome. Nothing may stand between the server's answer and this commit that could leave a
+    sent letter looking unsent."""
+    if not sent:
+        return []
+    by_id = {letter.submission_id: letter for letter in sent}
+
+    def plan(_session: Session, submission_id: str) -> Apply[None]:
+        values = by_id[submission_id].values
+
+        def write(session: Session) -> None:
+            _finish(session, submission_id, State.DELIVERED, **values, error=None)
+
+        return write
+
+    outcomes: list[tuple[str, BaseException | None]]
+    if writes is None:
+        with session_scope(sessions) as session:
+            for letter in sent:
+                plan(session, letter.submission_id)(session)
+        outcomes = [(letter.submission_id, None) for letter in sent]
+    else:
+        slots = writes.run_all(sessions, plan, list(by_id))
+        outcomes = [(slot.submission_id, slot.error) for slot in slots]
+    for submission_id, error in outcomes:
+        limits = by_id[submission_id].limits
+        if error is None and limiter is not None and limits:
             try:
-                if error is not None:
-                    raise error
-                if letter is not None:
-                    _send(
-                        sessions, writes, submission_id, letter, mailer, policy, limiter, signer,
-                        alone=False,
-                    )  # fmt: skip
-            except Exception as exc:
-                outcomes.append((submission_id, exc))
-                continue
-        outcomes.append((submission_id, None))
+                limiter.mark_sent(submission_id, limits)
+            except Exception as exc:  # bookkeeping: the reservation already counts the letter
+                log.warning("rate_limit_mark_failed", error=type(exc).__name__)
     return outcomes
 
 
 def _send(
     sessions: sessionmaker[Session],
-    writes: Together[Any] | None,
     submission_id: str,
     taken: _Taken,
     mailer: Mailer,
@@ -329,7 +405,9 @@ def _send(
     limiter: Limiter | None,
     signer: DkimSigner | None,
     alone: bool = True,
-) -> None:
+) -> _Sent | None:
+    """Hand the letter to the mail server (claiming it first if it had to wait); what to record,
+    or None if someone else holds it. A refusal is recorded here and raised."""
     definition, limits = taken.definition, taken.limits
     if not taken.claimed:
         if definition.quiet_hours:
@@ -344,7 +422,7 @@ def _send(
                 _defer(sessions, submission_id, wait, "rate limit")
         with session_scope(sessions) as session:
             if not claim(session, submission_id, policy.lease_seconds):
-                return
+                return None
     mail: Outgoing = outgoing(taken.letter, signer)
 
     # No transaction is open while we talk to the mail server.
@@ -369,16 +447,6 @@ def _send(
                 )
         raise
 
-    # Record "sent" before anything else can fail: nothing may stand between the server's
-    # answer and this commit that could leave a sent letter looking unsent.
-    sent = {"status": DeliveryStatus.SENT.value, "sent_at": utcnow(), "response": response[:2000]}
-
-    def record(session: Session) -> None:
-        _finish(session, submission_id, State.DELIVERED, **sent, error=None)
-
-    _transact(sessions, writes, submission_id, lambda _session, _id: record)
-    if limiter is not None and limits:
-        try:
-            limiter.mark_sent(submission_id, limits)
-        except Exception as exc:  # bookkeeping only: the reservation already counts the letter
-            log.warning("rate_limit_mark_failed", error=type(exc).__name__)
+    answered = time.monotonic()
+    values = {"status": DeliveryStatus.SENT.value, "sent_at": utcnow(), "response": response[:2000]}
+    return _Sent(submission_id, values, limits, answered)
