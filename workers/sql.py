@@ -77,38 +77,46 @@ class _Prepared:
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             default = defaults.get(name, bind.callable)  # called for each execution
             self.plan.append((name, default, bind.value, process))
-        self.escaped: dict[str, str] = {
-            name: escaped.get(name, name) for name, _, _, _ in self.plan
-        }
+        names = [name for name, _, _, _ in self.plan]
+        self.escaped: list[str] = [escaped.get(name, name) for name in names]
+        # Where each positional parameter's value is in the plan (None: in the plan's order).
+        self.order: list[int] | None = None
+        if self.positional is not None and list(self.positional) != names:
+            self.order = [names.index(name) for name in self.positional]
         self.row: Any = None
-        self.results: list[Processor] = []
+        self.results: list[tuple[int, Callable[[Any], Any]]] = []  # (column, result processor)
         selected = getattr(statement, "selected_columns", None)
         if selected is not None and getattr(statement, "is_select", False):
             columns = list(selected)
             self.row = namedtuple("Row", [c.key for c in columns], rename=True)  # type: ignore[misc]
-            self.results = [
-                c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
-            ]
+            for index, column in enumerate(columns):
+                process = column.type.dialect_impl(dialect).result_processor(dialect, None)
+                if process is not None:
+                    self.results.append((index, process))
 
     def parameters(self, params: Mapping[str, Any]) -> Any:
-        values: dict[str, Any] = {}
+        values = []
         get = params.get
         for name, default, constant, process in self.plan:
             value = get(name, _MISSING)
             if value is _MISSING:
                 value = constant if default is None else default()
-            values[name] = value if process is None else process(value)
-        if self.positional is not None:
-            return tuple([values[name] for name in self.positional])
-        return {self.escaped[name]: value for name, value in values.items()}
+            values.append(value if process is None else process(value))
+        if self.positional is None:
+            return dict(zip(self.escaped, values, strict=True))
+        if self.order is None:
+            return tuple(values)
+        return tuple([values[index] for index in self.order])
 
     def convert(self, raw: Sequence[Any]) -> Any:
         if self.row is None:  # text(): the driver's values as they are
             return tuple(raw)
-        return self.row._make(
-            value if process is None else process(value)
-            for value, process in zip(raw, self.results, strict=True)
-        )
+        if not self.results:
+            return self.row._make(raw)
+        values = list(raw)
+        for index, process in self.results:
+            values[index] = process(values[index])
+        return self.row._make(values)
 
 
 class Hot:
@@ -134,21 +142,21 @@ class Hot:
     def _run(
         self, session: Session, params: Sequence[Mapping[str, Any]], many: bool
     ) -> tuple[_Prepared, Any]:
-        connection = _connection(session)
-        prepared = self.prepared(connection.dialect, params[0])
-        values: Any = [prepared.parameters(p) for p in params]
-        if not many:
-            values = values[0]
-        driver: Any = connection.connection.dbapi_connection
-        cursor = driver.cursor()
+        bound = _bound(session)
+        connection = bound.connection
+        prepared = self.prepared(bound.dialect, params[0])
+        values: Any = (
+            [prepared.parameters(p) for p in params] if many else prepared.parameters(params[0])
+        )
+        cursor = bound.driver.cursor()
         try:
-            for listener in connection.dispatch.before_cursor_execute:
+            for listener in bound.listeners:
                 listener(connection, cursor, prepared.sql, values, None, many)
             if many:
                 cursor.executemany(prepared.sql, values)
             else:
                 cursor.execute(prepared.sql, values)
-        except connection.dialect.loaded_dbapi.Error as error:
+        except bound.dialect.loaded_dbapi.Error as error:
             cursor.close()
             raise _wrapped(connection, prepared.sql, values, error, cursor) from error
         return prepared, cursor
@@ -180,13 +188,32 @@ class Hot:
             cursor.close()
 
 
-def _connection(session: Session) -> Connection:
+class _Bound:
+    """The session's connection and what a statement needs of it, looked up once."""
+
+    __slots__ = ("connection", "dialect", "driver", "fairy", "listeners")
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.dialect = connection.dialect
+        self.fairy = connection.connection  # the pool's proxy for this checkout
+        self.driver: Any = self.fairy.dbapi_connection
+        # The engine's listeners, as they are now (they are set up with the engine).
+        self.listeners = tuple(connection.dispatch.before_cursor_execute)
+
+    def usable(self) -> bool:
+        # SQLAlchemy drops its proxy when the connection is closed or invalidated, and takes a
+        # new one when it reconnects (``closed`` and ``invalidated`` read the same attribute).
+        return self.connection._dbapi_connection is self.fairy
+
+
+def _bound(session: Session) -> _Bound:
     """The session's connection: asking the session costs more than a statement, so it is kept
     in ``session.info`` until the session lets it go (commit, rollback and close close it)."""
-    connection: Connection | None = session.info.get(_CONNECTION)
-    if connection is None or connection.closed or connection.invalidated:
-        connection = session.info[_CONNECTION] = session.connection()
-    return connection
+    bound: _Bound | None = session.info.get(_CONNECTION)
+    if bound is None or not bound.usable():
+        bound = session.info[_CONNECTION] = _Bound(session.connection())
+    return bound
 
 
 _CONNECTION = "workers.sql.connection"
