@@ -8,12 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
 from tests.services import REPO
 from workers.cli import main as cli
+from workers.db import alembic_config
 from workers.models import Base
 
 
@@ -56,6 +58,13 @@ def test_migrations_produce_exactly_the_models(db_url: str) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
     assert diff == [], diff
+
+
+def test_the_newest_migrations_go_down_and_up_again(db_url: str) -> None:
+    config = alembic_config(db_url)
+    command.downgrade(config, "0005")
+    command.upgrade(config, "head")
+    test_migrations_produce_exactly_the_models(db_url)
 
 
 def test_readme_names_the_two_commands() -> None:

@@ -280,14 +280,17 @@ class ConsentEvent(Base):
     """
 
     __tablename__ = "consent_events"
+    # Lookups by submission use the first column of uq_consent_submission, by supporter the first
+    # of ix_consent_events_supporter_channel: indexes of their own would only be more pages to
+    # write with every event (both keys are random, so each row lands on a page of its own).
     __table_args__ = (
         UniqueConstraint("submission_id", "channel", name="uq_consent_submission"),
         Index("ix_consent_events_supporter_channel", "supporter_hash", "channel", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    submission_id: Mapped[str | None] = mapped_column(String(36), index=True)
-    supporter_hash: Mapped[str] = mapped_column(String(64), index=True)
+    submission_id: Mapped[str | None] = mapped_column(String(36))
+    supporter_hash: Mapped[str] = mapped_column(String(64))
     # "preference" (a choice on a form), "mp_notice" (told their details go to the MP),
     # "withdrawal" (a later change of mind), "erasure" (their details were erased).
     event_type: Mapped[str] = mapped_column(String(16), default="preference")
