@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -147,3 +148,22 @@ def test_the_stages_send_on_through_the_handoff(stub_broker: dramatiq.Broker) ->
     assert parse_stage_message(message.args[0]).ids == ["a", "b", "c"]
     [message] = [dramatiq.Message.decode(raw) for raw in consent.queue]
     assert parse_stage_message(message.args[0]).ids == ["a"]
+
+
+def _add_in_child(handoff: Handoff, done: Any) -> None:
+    handoff.add({Stage.RESOLVE: ["child"]})
+    wait_until(lambda: handoff.held() == 0)
+    done.set()
+
+
+def test_a_forked_worker_process_starts_its_own_sender() -> None:
+    sent = Recorder()
+    handoff = Handoff(sent, linger=0.05)
+    handoff.add({Stage.RESOLVE: ["parent"]})  # the parent's sender thread is running
+    wait_until(lambda: handoff.held() == 0)
+    context = multiprocessing.get_context("fork")
+    done = context.Event()
+    child = context.Process(target=_add_in_child, args=(handoff, done))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0 and done.is_set()

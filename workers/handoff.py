@@ -66,11 +66,12 @@ class Handoff:
                     del held[:cut]
                     if not held:
                         del self._held[stage], self._since[stage]
-            if idle and self._held:
-                # Only the first arrival wakes the sender: the oldest held submission sets its
-                # deadline, and waking a thread costs more than the rest of this call.
+            if self._held:
                 self._ensure_thread()
-                self._cond.notify()
+                if idle:
+                    # Only the first arrival wakes the sender: the oldest held submission sets
+                    # its deadline, and waking a thread costs more than the rest of this call.
+                    self._cond.notify()
         if full:
             self.send(full)
 
