@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import create_engine, event, select, text, update
 from sqlalchemy.exc import DatabaseError
 
 from tests.factories import submission
@@ -218,6 +218,31 @@ def test_concurrent_logging_keeps_one_chain(app: App) -> None:
     with session_scope(app.sessions) as session:
         result = verify(session)
     assert result.intact and result.events == 24 * 5
+
+
+def test_many_submissions_logged_in_one_transaction_read_the_head_once(app: App) -> None:
+    ids = [store(app, submission()) for _ in range(6)]
+    for sid in ids:
+        step(app, validate, sid)
+    heads: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "ORDER BY consent_events.id DESC" in statement:
+            heads.append(statement)
+
+    event.listen(app.engine, "before_cursor_execute", count)
+    try:
+        with session_scope(app.sessions) as session:  # as the stages' group commit does
+            assert [log_consent(session, sid, app.secret) for sid in ids] == [5] * 6
+        with session_scope(app.sessions) as session:  # a new transaction reads it again
+            assert log_consent(session, store(app, submission()), app.secret) == 0
+            withdraw(session, app.secret, "someone@example.com", ["email"])
+    finally:
+        event.remove(app.engine, "before_cursor_execute", count)
+    assert len(heads) == 2
+    with session_scope(app.sessions) as session:
+        result = verify(session)
+    assert result.intact and result.events == 6 * 5 + 1
 
 
 def test_supporter_export_has_everything_held(app: App, tmp_path: Path) -> None:
