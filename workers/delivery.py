@@ -379,10 +379,14 @@ def _record(
 
     outcomes: list[tuple[str, BaseException | None]]
     if writes is None:
-        with session_scope(sessions) as session:
-            for letter in sent:
-                plan(session, letter.submission_id)(session)
-        outcomes = [(letter.submission_id, None) for letter in sent]
+        try:
+            with session_scope(sessions) as session:
+                for letter in sent:
+                    plan(session, letter.submission_id)(session)
+        except Exception as exc:  # each letter's outcome, as with the group commit
+            outcomes = [(letter.submission_id, exc) for letter in sent]
+        else:
+            outcomes = [(letter.submission_id, None) for letter in sent]
     else:
         slots = writes.run_all(sessions, plan, list(by_id))
         outcomes = [(slot.submission_id, slot.error) for slot in slots]
