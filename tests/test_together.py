@@ -153,19 +153,24 @@ def _queued(together: Together[Any], count: int) -> None:
         time.sleep(0.005)
 
 
-def test_an_interrupted_leader_puts_the_others_back_and_the_next_one_leads(
-    tmp_path: Path,
-) -> None:
-    engine = _scratch(tmp_path)
-    sessions = make_sessionmaker(engine)
-    together: Together[str] = Together()
-    gate = threading.Event()
+class _Line:
+    """A leader ("first") held at a gate while the named callers queue behind it, one by one;
+    ``fail`` names a caller whose decision is interrupted."""
 
-    def work(session: Session, item: str) -> Apply[str]:
+    def __init__(self, tmp_path: Path, fail: str | None = None) -> None:
+        self.engine = _scratch(tmp_path)
+        self.sessions = make_sessionmaker(self.engine)
+        self.together: Together[str] = Together()
+        self.gate = threading.Event()
+        self.fail = fail
+        self.results: dict[str, Any] = {}
+        self.threads: list[threading.Thread] = []
+
+    def work(self, session: Session, item: str) -> Apply[str]:
         if item == "first":
-            gate.wait(10)  # the others queue meanwhile, "slow" at the front
-        if item == "slow":
-            raise Interrupted()  # leading a batch that holds "b" and "c"
+            self.gate.wait(10)
+        if item == self.fail:
+            raise Interrupted()
 
         def write(session: Session) -> str:
             session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
@@ -173,59 +178,51 @@ def test_an_interrupted_leader_puts_the_others_back_and_the_next_one_leads(
 
         return write
 
-    results: dict[str, Any] = {}
-    threads = [_start(results, "first", lambda: together.run(sessions, work, "first"))]
-    _queued(together, 0)
-    time.sleep(0.05)
-    for name in ("slow", "b", "c"):
-        threads.append(_start(results, name, lambda n=name: together.run(sessions, work, n)))
-        _queued(together, len(threads) - 1)
-    gate.set()
-    for thread in threads:
-        thread.join(10)
-        assert not thread.is_alive()
-    assert isinstance(results.pop("slow"), Interrupted)
-    assert results == {"first": "first", "b": "b", "c": "c"}
-    with engine.connect() as conn:
-        assert sorted(conn.execute(text("SELECT item FROM done")).scalars()) == ["b", "c", "first"]
+    def queue(self, *names: str) -> None:
+        self._start("first")
+        time.sleep(0.05)  # "first" leads, alone
+        for count, name in enumerate(names, start=1):
+            self._start(name)
+            _queued(self.together, count)
+
+    def _start(self, name: str) -> None:
+        def call() -> str:
+            return self.together.run(self.sessions, self.work, name)
+
+        self.threads.append(_start(self.results, name, call))
+
+    def finish(self) -> list[str]:
+        """Open the gate; what was written."""
+        self.gate.set()
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive()
+        with self.engine.connect() as conn:
+            return sorted(conn.execute(text("SELECT item FROM done")).scalars())
+
+
+def test_an_interrupted_leader_puts_the_others_back_and_the_next_one_leads(
+    tmp_path: Path,
+) -> None:
+    line = _Line(tmp_path, fail="slow")
+    line.queue("slow", "b", "c")  # "slow" leads next, in a batch that holds "b" and "c"
+    assert line.finish() == ["b", "c", "first"]
+    assert isinstance(line.results.pop("slow"), Interrupted)
+    assert line.results == {"first": "first", "b": "b", "c": "c"}
 
 
 def test_a_waiting_caller_interrupted_leaves_the_line_without_stopping_it(
     tmp_path: Path,
 ) -> None:
-    engine = _scratch(tmp_path)
-    sessions = make_sessionmaker(engine)
-    together: Together[str] = Together()
-    gate = threading.Event()
-
-    def work(session: Session, item: str) -> Apply[str]:
-        if item == "first":
-            gate.wait(10)
-
-        def write(session: Session) -> str:
-            session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
-            return item
-
-        return write
-
-    results: dict[str, Any] = {}
-    threads = [_start(results, "first", lambda: together.run(sessions, work, "first"))]
-    time.sleep(0.05)
-    for count, name in enumerate(("gone", "c"), start=1):
-        threads.append(_start(results, name, lambda n=name: together.run(sessions, work, n)))
-        _queued(together, count)
+    line = _Line(tmp_path)
+    line.queue("gone", "c")
     # dramatiq's time limit, raised in the waiting thread (it surfaces once the thread wakes).
-    gone = threads[1].ident
+    gone = line.threads[1].ident
     assert gone is not None
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(gone), ctypes.py_object(Interrupted))
-    gate.set()
-    for thread in threads:
-        thread.join(10)
-        assert not thread.is_alive()
-    assert isinstance(results.pop("gone"), Interrupted)
-    assert results == {"first": "first", "c": "c"}
-    with engine.connect() as conn:
-        assert sorted(conn.execute(text("SELECT item FROM done")).scalars()) == ["c", "first"]
+    assert line.finish() == ["c", "first"]
+    assert isinstance(line.results.pop("gone"), Interrupted)
+    assert line.results == {"first": "first", "c": "c"}
 
 
 def test_batched_validation_moves_each_submission_once(app: App) -> None:
