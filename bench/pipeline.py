@@ -262,7 +262,7 @@ def main() -> None:
         "--outbox",
         type=Path,
         help="put the letters' .eml files under this folder (default: tmpfs, /dev/shm, if there "
-        "is one, else the run's folder)",
+        "is one, else a temporary folder on disk)",
     )
     args = parser.parse_args()
 

@@ -187,6 +187,7 @@ def letter_bytes(letter: Letter) -> bytes:
     text = _quoted_printable(letter.body_text or "")
     if letter.body_html:
         boundary = _boundary(letter)
+        content_type = _multipart_header(boundary)
         headers = [("MIME-Version", "1.0")]
         html = _quoted_printable(letter.body_html)
         body = (
@@ -200,11 +201,10 @@ def letter_bytes(letter: Letter) -> bytes:
             ("Content-Type", 'text/plain; charset="utf-8"'),
             ("Content-Transfer-Encoding", "quoted-printable"),
         ]
+        content_type = b""  # in the headers above, where set_payload puts it
         body = text
     headers += _envelope_headers(letter)
-    head = b"".join(_header(name, value) for name, value in headers)
-    if letter.body_html:
-        head = _multipart_header(boundary) + head
+    head = content_type + b"".join(_header(name, value) for name, value in headers)
     return head + b"\r\n" + body.encode()
 
 

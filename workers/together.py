@@ -46,7 +46,7 @@ class _Caller:
     """A thread in :meth:`Together.run_all`. It sleeps on ``wake`` (a lock it holds) until it is
     released once: when all its slots are settled, or when it is asked to lead."""
 
-    __slots__ = ("gone", "lead", "slots", "wake", "woken")
+    __slots__ = ("lead", "slots", "wake", "woken")
 
     def __init__(self) -> None:
         self.slots: list[_Slot[Any]] = []
@@ -54,7 +54,6 @@ class _Caller:
         self.wake.acquire()
         self.lead = False
         self.woken = False
-        self.gone = False
 
     def settled(self) -> bool:
         return all(slot.done for slot in self.slots)
@@ -189,7 +188,6 @@ class Together(Generic[T]):
         """A waiting caller gives up: its submissions leave the line, and if it had just been
         asked to lead, the next one is."""
         with self._lock:
-            caller.gone = True
             self._pending = [s for s in self._pending if s.caller is not caller]
             if caller.lead:
                 self._hand_over(caller)
