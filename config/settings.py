@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     api_ip_window: float = Field(default=600.0, gt=0, alias="DEARMP_API_IP_WINDOW")
     api_email_limit: int = Field(default=5, ge=0, alias="DEARMP_API_EMAIL_LIMIT")
     api_email_window: float = Field(default=3600.0, gt=0, alias="DEARMP_API_EMAIL_WINDOW")
+    # IPv6 clients are counted by network: a home or host has a whole /64.
+    api_ipv6_prefix: int = Field(default=64, ge=32, le=128, alias="DEARMP_API_IPV6_PREFIX")
+    # Keys for server-side front ends (comma-separated). A request with one in its
+    # ``X-DearMP-Key`` header may pass the supporter's own ``client_ip`` and ``user_agent`` as
+    # consent evidence; any other request's evidence is its own peer address (behind the proxies
+    # uvicorn trusts: FORWARDED_ALLOW_IPS) and User-Agent header.
+    api_keys: SecretStr | None = Field(default=None, alias="DEARMP_API_KEYS")
     # Sender confirmation: the link's life, and when the one reminder goes.
     confirm_valid_days: float = Field(default=7.0, gt=0, alias="DEARMP_CONFIRM_VALID_DAYS")
     confirm_reminder_hours: float = Field(default=24.0, gt=0, alias="DEARMP_CONFIRM_REMINDER_HOURS")

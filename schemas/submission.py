@@ -18,7 +18,13 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from schemas.postcode import check_format, normalise_postcode
 
-__all__ = ["SubmissionV1", "error_message", "normalise_postcode", "parse_submission"]
+__all__ = [
+    "SubmissionV1",
+    "ascii_email",
+    "error_message",
+    "normalise_postcode",
+    "parse_submission",
+]
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -36,21 +42,62 @@ class Choice(StrEnum):
 CHANNELS = ("email", "phone", "sms", "post")
 
 
+# Format characters that only steer how text is shown, never part of it: the explicit bidi
+# embeddings, overrides and isolates (they can make a letter read differently from what is
+# stored) and the interlinear annotation marks. Other format characters are real text: ZWNJ and
+# ZWJ in Persian names and emoji sequences, a soft hyphen in an address.
+BIDI_AND_ANNOTATION = frozenset(
+    "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufff9\ufffa\ufffb"
+)
+
+
+def _not_scalar(text: str) -> bool:
+    """True if ``text`` holds a lone surrogate: not a Unicode scalar value, so not encodable."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _is_noncharacter(ch: str) -> bool:
+    code = ord(ch)
+    return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
+
+
 def _has_control(text: str, allowed: str = "") -> bool:
+    """True if ``text`` holds a control character (other than ``allowed``), a line or paragraph
+    separator, a bidi control or a noncharacter."""
     probe = text
     for ch in allowed:
         probe = probe.replace(ch, "")
-    if probe.isprintable():  # no Cc, Cf, Zl or Zp at all (checked in C): the usual case
+    if probe.isprintable():  # no Cc, Cf, Zl, Zp or Cs at all (checked in C): the usual case
         return False
     return any(
-        unicodedata.category(ch) in {"Cc", "Cf", "Zl", "Zp"} and ch not in allowed for ch in text
+        (unicodedata.category(ch) in {"Cc", "Zl", "Zp", "Cs"} and ch not in allowed)
+        or ch in BIDI_AND_ANNOTATION
+        or _is_noncharacter(ch)
+        for ch in probe
     )
 
 
-def _single_line(label: str, max_len: int, min_len: int = 1) -> Any:
-    def check(value: Any) -> str:
+def check_text(label: str, text: str) -> None:
+    """Refuse text that is not a sequence of Unicode scalar values (a lone surrogate, as JSON's
+    ``\\ud800`` escape gives): it cannot be stored, rendered or sent."""
+    if _not_scalar(text):
+        raise ValueError(
+            f"{label} contains characters that are not valid text (a broken emoji or a "
+            "copy-and-paste error). Please type it again."
+        )
+
+
+def _single_line(label: str, max_len: int, min_len: int = 1, optional: bool = False) -> Any:
+    def check(value: Any) -> str | None:
+        if value is None and optional:
+            return None
         if not isinstance(value, str):
             raise ValueError(f"{label} must be text.")
+        check_text(label, value)
         text: str = value.strip()
         if _has_control(text):
             raise ValueError(f"{label} must be on one line, without control characters.")
@@ -66,6 +113,7 @@ def _single_line(label: str, max_len: int, min_len: int = 1) -> Any:
 def _check_postcode(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Please enter your postcode.")
+    check_text("Postcode", value)
     if _has_control(value.strip()):
         raise ValueError("Postcode must be on one line, without control characters.")
     postcode, problem = check_format(value)
@@ -80,16 +128,34 @@ def _check_email(value: Any) -> str:
     value = value.strip()
     if _has_control(value):
         raise ValueError("Email address must be on one line, without control characters.")
+    return ascii_email(value)
+
+
+def ascii_email(value: str) -> str:
+    """The address as it goes on the wire: an internationalised domain as IDNA (punycode).
+
+    A non-ASCII local part (``zoë@example.org``) is refused: it needs SMTPUTF8 from every server
+    between us and the MP's office and back to the supporter (their ``Reply-To``), which a
+    campaign cannot know; refusing it at the door is an answer the supporter can act on."""
+    check_text("Email address", value)
+    local = value.rpartition("@")[0]
+    if not local.isascii():
+        raise ValueError(
+            "Letters with accents or non-Latin characters before the @ cannot be used in an "
+            "email address here. Please use another address."
+        )
     try:
-        return validate_email(value, check_deliverability=False).normalized
+        checked = validate_email(value, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise ValueError(f"This is not a valid email address: {exc}") from None
+    address: str = checked.ascii_email or checked.normalized
+    return address
 
 
 def _check_phone(value: Any) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if not isinstance(value, str) or _has_control(value) or not PHONE_RE.match(value.strip()):
+    if not isinstance(value, str) or not value.isascii() or not PHONE_RE.match(value.strip()):
         raise ValueError("This is not a phone number. Use digits, spaces and an optional +.")
     digits = re.sub(r"\D", "", value)
     if not 10 <= len(digits) <= 15:
@@ -100,6 +166,7 @@ def _check_phone(value: Any) -> str | None:
 def _check_body(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Your letter is empty. Please write something to your MP.")
+    check_text("Your letter", value)
     if _has_control(value, allowed="\n\t\r"):
         raise ValueError("Your letter contains control characters that cannot be sent.")
     return value.replace("\r\n", "\n").replace("\r", "\n").strip()
@@ -187,9 +254,13 @@ class SubmissionV1(BaseModel):
     letter: Letter
     contact_preferences: ContactPreferences
     source_url: Annotated[
-        str | None, _single_line("Source page URL", 2000, min_len=0), AfterValidator(_strip_url)
+        str | None,
+        _single_line("Source page URL", 2000, min_len=0, optional=True),
+        AfterValidator(_strip_url),
     ] = None
-    user_agent: Annotated[str | None, _single_line("User agent", 512, min_len=0)] = None
+    user_agent: Annotated[str | None, _single_line("User agent", 512, min_len=0, optional=True)] = (
+        None
+    )
     client_ip: Annotated[
         str | None,
         BeforeValidator(_check_ip),

@@ -427,10 +427,9 @@ def _send(
         with session_scope(sessions) as session:
             if not claim(session, submission_id, policy.lease_seconds):
                 return None
-    mail: Outgoing = outgoing(taken.letter, signer)
-
     # No transaction is open while we talk to the mail server.
     try:
+        mail: Outgoing = _outgoing(taken, signer)
         response = mailer.send(mail)
     except (TransientDeliveryError, PermanentDeliveryError) as exc:
         with session_scope(sessions) as session:  # (rare: a transaction of its own)
@@ -454,3 +453,13 @@ def _send(
     answered = time.monotonic()
     values = {"status": DeliveryStatus.SENT.value, "sent_at": utcnow(), "response": response[:2000]}
     return _Sent(submission_id, values, limits, answered)
+
+
+def _outgoing(taken: _Taken, signer: DkimSigner | None) -> Outgoing:
+    """The letter's bytes; a letter that cannot be written as email is its own permanent
+    failure (an address only SMTPUTF8 could carry, from data stored before validation refused
+    such addresses)."""
+    try:
+        return outgoing(taken.letter, signer)
+    except ValueError as exc:
+        raise PermanentDeliveryError(f"the letter cannot be written as email: {exc}") from exc

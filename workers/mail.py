@@ -24,12 +24,24 @@ from pathlib import Path
 from typing import Protocol
 
 import dkim
+import idna
 import requests
 
 from config.settings import Settings
 from workers.models import Letter, utcnow
 
-SIGNED_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"reply-to"]
+# Signed: the headers a reader sees and the MIME headers that say how to read the body. The
+# ones a reader sees are listed twice: a header named more often than it occurs is signed as
+# absent, so a relay that adds a second From, To, Subject or Reply-To breaks the signature
+# (RFC 6376 5.4).
+SIGNED_HEADERS = [
+    *(name for name in (b"from", b"to", b"subject", b"reply-to") for _ in range(2)),
+    b"date",
+    b"message-id",
+    b"mime-version",
+    b"content-type",
+    b"content-transfer-encoding",
+]
 
 
 class TransientDeliveryError(Exception):
@@ -80,8 +92,44 @@ def _one_line(value: str) -> str:
     return value
 
 
-def _mailbox(name: str, addr: str) -> str:
-    return formataddr((_one_line(name), _one_line(addr)), UTF8)
+CRLF = "\r\n"
+
+
+def wire_address(address: str) -> str:
+    """An address as it goes in a header or the SMTP envelope: an internationalised domain as
+    IDNA (``bob@xn--mnchen-3ya.de``). A non-ASCII local part would need SMTPUTF8 everywhere the
+    letter and its replies go; validation refuses those, and one found here fails its letter."""
+    local, _, domain = _one_line(address).strip().rpartition("@")
+    if not local.isascii():
+        raise ValueError("an address with a non-ASCII local part needs SMTPUTF8")
+    if not domain.isascii():
+        domain = idna.encode(domain, uts46=True).decode("ascii")
+    return f"{local}@{domain}"
+
+
+def _plain(text: str) -> bool:
+    """Text a header can carry as it is: printable ASCII that a mail client will not decode
+    (an ``=?`` could start an encoded word, so typed text that looks like one is encoded)."""
+    return text.isascii() and text.isprintable() and "=?" not in text
+
+
+def _encoded(text: str, header: str) -> str:
+    """``text`` as RFC 2047 encoded words of at most 75 characters, folded on lines of at most
+    78 (CRLF and a space between words: a reader joins them back without the space)."""
+    # compat32's splitter can overshoot its line length by one with multi-byte characters in
+    # quoted-printable words: asked for 74, every word stays within RFC 2047's 75.
+    return Header(text, UTF8, maxlinelen=74, header_name=header).encode(linesep=CRLF)
+
+
+def _mailbox(header: str, name: str, addr: str) -> str:
+    address = wire_address(addr)
+    name = _one_line(name)
+    if _plain(name):
+        return formataddr((name, address))
+    words = _encoded(name, header)
+    last = words.rsplit(CRLF, 1)[-1]
+    gap = " " if len(last) + len(address) + 3 <= 78 else f"{CRLF} "
+    return f"{words}{gap}<{address}>"
 
 
 def _part(text: str, subtype: str) -> MIMENonMultipart:
@@ -98,13 +146,13 @@ def _boundary(letter: Letter) -> str:
 def _envelope_headers(letter: Letter) -> list[tuple[str, str]]:
     """From, To, Reply-To, Subject, Date and Message-ID, each refused if it has a line break."""
     headers = [
-        ("From", _mailbox(letter.from_name, letter.from_email)),
-        ("To", _mailbox(letter.to_name, letter.to_email)),
+        ("From", _mailbox("From", letter.from_name, letter.from_email)),
+        ("To", _mailbox("To", letter.to_name, letter.to_email)),
     ]
     if letter.reply_to:
-        headers.append(("Reply-To", _one_line(letter.reply_to)))
+        headers.append(("Reply-To", wire_address(letter.reply_to)))
     subject = _one_line(letter.subject)
-    headers.append(("Subject", subject if subject.isascii() else Header(subject, UTF8).encode()))
+    headers.append(("Subject", subject if _plain(subject) else _encoded(subject, "Subject")))
     # The letter's own creation time: a retry sends the same Date, like the same Message-ID.
     headers.append(("Date", format_datetime(letter.created_at)))
     headers.append(("Message-ID", _one_line(letter.message_id)))
@@ -151,6 +199,8 @@ def _header(name: str, value: str) -> bytes:
     written as it is, which is exactly what folding gives it, without the ``Header`` machinery
     that made up most of the cost of a letter; any other header is folded by compat32."""
     if len(name) + len(value) <= SHORT_HEADER and value.isascii() and value.isprintable():
+        return f"{name}: {value}\r\n".encode("ascii")
+    if CRLF in value:  # encoded words, folded already (compat32 writes them as they are)
         return f"{name}: {value}\r\n".encode("ascii")
     folded: bytes = WIRE.fold_binary(name, value)
     return folded
@@ -225,8 +275,10 @@ _MULTIPART = WIRE.fold_binary(
 def outgoing(letter: Letter, signer: DkimSigner | None = None) -> Outgoing:
     data = letter_bytes(letter)
     if signer is not None:
-        data = signer.sign(data, letter.from_email.rsplit("@", 1)[1])
-    return Outgoing(letter.from_email, [letter.to_email], data, letter.message_id)
+        data = signer.sign(data, wire_address(letter.from_email).rsplit("@", 1)[1])
+    return Outgoing(
+        wire_address(letter.from_email), [wire_address(letter.to_email)], data, letter.message_id
+    )
 
 
 class OutboxMailer:
@@ -327,15 +379,34 @@ class SmtpMailer:
                 raise smtplib.SMTPDataError(code, answer)
             return f"{code} {answer.decode(errors='replace')}"
         except smtplib.SMTPRecipientsRefused as exc:
-            self._reset()
             code, answer = next(iter(exc.recipients.values()))
+            self._after_refusal(code)
             raise _classify_smtp(code, answer) from exc
         except smtplib.SMTPResponseException as exc:
-            self._reset()
+            self._after_refusal(exc.smtp_code)
             raise _classify_smtp(exc.smtp_code, exc.smtp_error) from exc
         except (smtplib.SMTPException, OSError) as exc:
             self._drop()
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            # Anything else (an address the library cannot encode, an interrupt) may have left
+            # the connection mid-transaction: the next letter on this thread gets a new one.
+            self._drop()
+            raise
+
+    def _after_refusal(self, code: int) -> None:
+        """After a refused command the transaction is reset for the next letter; a connection
+        the server is closing (421) or that is out of step with us (503) is dropped."""
+        if code in OUT_OF_STEP:
+            self._drop()
+        else:
+            self._reset()
+
+
+# 421: the server is closing the connection. 503: "bad sequence of commands", an answer to the
+# state of the conversation (which we caused), not to the letter: the letter is tried again on a
+# new connection, costing nothing of its own.
+OUT_OF_STEP = {421, 503}
 
 
 # Authentication answers say our configuration is wrong, not the letter: letters wait (and retry)
@@ -345,7 +416,7 @@ AUTH_PROBLEMS = {530, 534, 535, 538}
 
 def _classify_smtp(code: int, answer: bytes | str) -> Exception:
     text = answer.decode(errors="replace") if isinstance(answer, bytes) else answer
-    if 400 <= code < 500 or code in AUTH_PROBLEMS:
+    if 400 <= code < 500 or code in AUTH_PROBLEMS or code in OUT_OF_STEP:
         return TransientDeliveryError(f"{code} {text}")
     return PermanentDeliveryError(f"{code} {text}")
 

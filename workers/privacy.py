@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from typing import Any
+
+import idna
 
 from workers.logging import mask_text
 
@@ -24,8 +27,47 @@ def mask_supporter(text: str, payload: Any) -> str:
     return mask_text(text)
 
 
+def canonical_email(email: str) -> str:
+    """One form per mailbox for identifying a supporter: lower case, the domain as IDNA, so
+    ``Bob@München.de`` and ``bob@xn--mnchen-3ya.de`` (as the submission stores it) match."""
+    local, _, domain = email.strip().lower().rpartition("@")
+    try:
+        domain = idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        pass
+    return f"{local}@{domain}"
+
+
+# Providers that deliver ``a.b.c@`` to ``abc@``.
+DOTLESS_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
+
+
+def limiter_email(email: str) -> str:
+    """The mailbox an address reaches, as a rate-limit key only (never stored or shown): no
+    ``+tag``, and no dots in the local part for providers that ignore them, so one person cannot
+    take a fresh limit with ``me+1@``, ``me+2@``, ``m.e@``."""
+    local, _, domain = canonical_email(email).rpartition("@")
+    local = local.split("+", 1)[0]
+    if domain in DOTLESS_DOMAINS:
+        local = local.replace(".", "")
+        domain = "gmail.com"
+    return f"{local}@{domain}"
+
+
+def limiter_network(ip: str, ipv6_prefix: int = 64) -> str:
+    """The client a rate limit counts: an IPv4 address, or an IPv6 address's network (a home
+    or a host gets a whole /64, so counting single IPv6 addresses limits nobody)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False))
+    return str(address)
+
+
 def supporter_hash(secret: bytes, email: str) -> str:
-    return keyed_hash(secret, email.strip().lower(), "supporter-email")
+    return keyed_hash(secret, canonical_email(email), "supporter-email")
 
 
 def ip_hash(secret: bytes, ip: str) -> str:
