@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     # Reconciler: how often it runs and how long a submission may sit in one state.
     reconcile_interval: float = Field(default=60.0, gt=0, alias="DEARMP_RECONCILE_INTERVAL")
     reconcile_after: float = Field(default=120.0, gt=0, alias="DEARMP_RECONCILE_AFTER")
+    # A submission dead-lettered this many times (each after all of a stage's retries) fails the
+    # same way every time: it becomes `failed` with the reason, and is not resent again.
+    max_dead_letters: int = Field(default=3, ge=1, le=100, alias="DEARMP_MAX_DEAD_LETTERS")
 
     # Workers started by `dearmp run` / `dearmp demo`.
     worker_threads: int = Field(default=8, ge=1, le=64, alias="DEARMP_WORKER_THREADS")

@@ -80,3 +80,41 @@ def test_a_message_past_its_maximum_age_is_dead_lettered_not_run(
     stub_broker.enqueue(stale)
     drain(stub_broker, stub_worker)
     assert [m.message_id for m in stub_broker.dead_letters] == [stale.message_id]
+
+
+def test_a_submission_whose_stage_fails_every_time_ends_failed_and_is_not_resent(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta
+
+    from tests.test_stages import get, step, store
+    from workers.models import State
+    from workers.reconciler import find_stalled
+    from workers.resolution import resolve
+    from workers.validation import validate
+
+    sid = store(app, submission())
+    step(app, validate, sid)
+    step(app, resolve, sid)
+
+    def broken(*args: Any) -> Any:
+        raise UnicodeEncodeError("utf-8", "A\ud800", 1, 2, "surrogates not allowed")
+
+    monkeypatch.setattr("workers.actors.rendering.plan", broken)
+    fast = {"max_retries": 1, "min_backoff": 10, "max_backoff": 20}
+    for resend in range(3):  # the stage's message, then the reconciler's resends
+        with session_scope(app.sessions) as session:
+            due = find_stalled(session, timedelta(0), max_dead_letters=3)
+        assert (sid, Stage.RENDER) in due
+        message = stage_message(Stage.RENDER, sid).copy(options=fast)
+        stub_broker.enqueue(message)
+        assert dead_letter_record(app, message.message_id) is not None
+        drain(stub_broker, stub_worker)
+        expected = State.FAILED if resend == 2 else State.RESOLVED
+        assert get(app, sid).state == expected
+    failed = get(app, sid)
+    assert failed.failure_reason is not None
+    assert "render stage failed 3 times" in failed.failure_reason
+    assert "UnicodeEncodeError" in failed.failure_reason
+    with session_scope(app.sessions) as session:
+        assert (sid, Stage.RENDER) not in find_stalled(session, timedelta(0))

@@ -85,13 +85,23 @@ def reconcile(once: bool) -> None:
     held = timedelta(seconds=app.settings.held_recheck)
     confirming = ConfirmationPolicy.from_settings(app.settings)
     if once:
-        click.echo(f"resent {reconcile_once(app.sessions, broker, older, held, confirming)}")
+        most = app.settings.max_dead_letters
+        click.echo(f"resent {reconcile_once(app.sessions, broker, older, held, confirming, most)}")
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     interval = app.settings.reconcile_interval
     try:
-        run_forever(app.sessions, broker, interval, older, stop, held, confirming)
+        run_forever(
+            app.sessions,
+            broker,
+            interval,
+            older,
+            stop,
+            held,
+            confirming,
+            app.settings.max_dead_letters,
+        )
     except KeyboardInterrupt:
         stop.set()
 

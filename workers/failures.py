@@ -10,10 +10,11 @@ from __future__ import annotations
 import traceback as tb
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from workers.models import Failure, utcnow
+from workers.models import Failure, State, Submission, utcnow
+from workers.transitions import advance
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,37 @@ def record_failure(session: Session, attempt: Attempt) -> Failure:
     if attempt.dead_lettered:
         row.dead_lettered_at = now
     return row
+
+
+def dead_letters_of(session: Session, submission_id: str) -> int:
+    """How many of the submission's messages have been dead-lettered."""
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Failure)
+            .where(Failure.submission_id == submission_id, Failure.dead_lettered_at.is_not(None))
+        )
+        or 0
+    )
+
+
+def end_if_failing(session: Session, attempt: Attempt, limit: int) -> bool:
+    """A submission whose stage has been dead-lettered ``limit`` times (each after all its
+    retries, the later ones after the reconciler's resends) fails the same way every time: it
+    is moved to ``failed`` with the reason, so the reconciler stops resending it and the
+    operator sees one failed submission, not a dead letter every pass. True if it was ended."""
+    if not attempt.dead_lettered or attempt.submission_id is None:
+        return False
+    count = dead_letters_of(session, attempt.submission_id)
+    if count < limit:
+        return False
+    submission = session.get(Submission, attempt.submission_id)
+    if submission is None or State(submission.state).is_final:
+        return False
+    stage = attempt.actor_name.removesuffix("_submission")
+    reason = (
+        f"the {stage} stage failed {count} times in a row "
+        f"({type(attempt.exception).__name__}); see `dearmp dlq show`"
+    )
+    advance(session, submission, State.FAILED, reason, failure_reason=reason)
+    return True

@@ -11,7 +11,7 @@ from dramatiq.middleware import Middleware
 from config.settings import get_settings
 from workers.app import get_app
 from workers.db import session_scope
-from workers.failures import Attempt, record_failure
+from workers.failures import Attempt, end_if_failing, record_failure
 from workers.handoff import Handoff
 from workers.logging import configure_logging
 from workers.stages import submission_id_of
@@ -75,8 +75,14 @@ class FailureRecorder(Middleware):
             attempts=message.options.get("retries", 0) or 1,
             dead_lettered=bool(message.failed),
         )
+        app = get_app()
         try:
-            with session_scope(get_app().sessions) as session:
+            with session_scope(app.sessions) as session:
                 record_failure(session, attempt)
+            with session_scope(app.sessions) as session:
+                if end_if_failing(session, attempt, app.settings.max_dead_letters):
+                    structlog.get_logger("workers").error(
+                        "submission_failed_repeatedly", stage=message.actor_name
+                    )
         except Exception as exc:  # never let bookkeeping take the worker down
             structlog.get_logger("workers").error("failure_not_recorded", error=type(exc).__name__)

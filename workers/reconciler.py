@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta
+from typing import Any
 
 import dramatiq
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.confirmation import ConfirmationPolicy
 from workers.db import session_scope
 from workers.directory import current_version_id
-from workers.models import State, Submission, SubmissionEvent, utcnow
+from workers.models import Failure, State, Submission, SubmissionEvent, utcnow
 from workers.stages import Stage, dispatch
 from workers.transitions import advance
 
@@ -39,11 +40,15 @@ def find_stalled(
     now: datetime | None = None,
     held_recheck: timedelta = timedelta(hours=6),
     confirmation: ConfirmationPolicy | None = None,
+    max_dead_letters: int = 3,
 ) -> list[tuple[str, Stage]]:
     """(submission id, stage) for everything due a resend; marks them dispatched now.
 
-    Held submissions (no MP to write to yet) go back to resolution when the directory has changed
-    since they were held, or every ``held_recheck`` (so a hold can expire).
+    A submission whose consent logging was dead-lettered ``max_dead_letters`` times is not
+    resent there again (its letter may be delivered already; the failures table and
+    ``dearmp dlq`` show why). Held submissions (no MP to write to yet) go back to resolution
+    when the directory has changed since they were held, or every ``held_recheck`` (so a hold
+    can expire).
     """
     now = now or utcnow()
     cutoff = now - older_than
@@ -105,6 +110,7 @@ def find_stalled(
         .where(Submission.consent_logged_at.is_(None))
         .where(Submission.dispatched_at < cutoff)
         .where(Submission.id.in_(validated))
+        .where(Submission.id.not_in(_failing_consent(max_dead_letters)))
         .limit(BATCH)
     ).all()
     due.extend((sid, Stage.CONSENT) for sid in unlogged)
@@ -120,17 +126,35 @@ def find_stalled(
     return due
 
 
+def _failing_consent(limit: int) -> Any:
+    return (
+        select(Failure.submission_id)
+        .where(
+            Failure.actor_name == Stage.CONSENT.actor,
+            Failure.dead_lettered_at.is_not(None),
+            Failure.submission_id.is_not(None),
+        )
+        .group_by(Failure.submission_id)
+        .having(func.count() >= limit)
+    )
+
+
 def reconcile_once(
     sessions: sessionmaker[Session],
     broker: dramatiq.Broker,
     older_than: timedelta,
     held_recheck: timedelta = timedelta(hours=6),
     confirmation: ConfirmationPolicy | None = None,
+    max_dead_letters: int = 3,
 ) -> int:
     """One pass: find what has stalled, commit the new dispatch times, then resend."""
     with session_scope(sessions) as session:
         due = find_stalled(
-            session, older_than, held_recheck=held_recheck, confirmation=confirmation
+            session,
+            older_than,
+            held_recheck=held_recheck,
+            confirmation=confirmation,
+            max_dead_letters=max_dead_letters,
         )
     for submission_id, stage in due:
         dispatch(broker, [stage], submission_id)
@@ -147,11 +171,14 @@ def run_forever(
     stop: threading.Event,
     held_recheck: timedelta = timedelta(hours=6),
     confirmation: ConfirmationPolicy | None = None,
+    max_dead_letters: int = 3,
 ) -> None:
     """Reconcile every ``interval`` seconds until ``stop`` is set; a failed pass is retried."""
     while not stop.is_set():
         try:
-            reconcile_once(sessions, broker, older_than, held_recheck, confirmation)
+            reconcile_once(
+                sessions, broker, older_than, held_recheck, confirmation, max_dead_letters
+            )
         except Exception as exc:  # the database may be briefly away: try again next tick
             log.warning("reconciler_pass_failed", error=type(exc).__name__)
         stop.wait(interval)

@@ -84,6 +84,7 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
             stop,
             timedelta(seconds=settings.held_recheck),
             ConfirmationPolicy.from_settings(settings),
+            settings.max_dead_letters,
         ),
         name="reconciler",
         daemon=True,
