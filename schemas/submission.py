@@ -24,6 +24,7 @@ __all__ = [
     "error_message",
     "normalise_postcode",
     "parse_submission",
+    "single_line",
 ]
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -91,7 +92,7 @@ def check_text(label: str, text: str) -> None:
         )
 
 
-def _single_line(label: str, max_len: int, min_len: int = 1, optional: bool = False) -> Any:
+def single_line(label: str, max_len: int, min_len: int = 1, optional: bool = False) -> Any:
     def check(value: Any) -> str | None:
         if value is None and optional:
             return None
@@ -197,11 +198,11 @@ Email = Annotated[str, BeforeValidator(_check_email), Field(max_length=254)]
 class Supporter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, _single_line("Full name", 100), Field(title="Full name")]
+    name: Annotated[str, single_line("Full name", 100), Field(title="Full name")]
     email: Email
     postcode: Postcode
     address_lines: Annotated[
-        list[Annotated[str, _single_line("Address line", 100)]],
+        list[Annotated[str, single_line("Address line", 100)]],
         Field(min_length=1, max_length=5, title="Postal address (without the postcode)"),
     ]
     phone: Annotated[str | None, BeforeValidator(_check_phone)] = None
@@ -212,7 +213,7 @@ class Letter(BaseModel):
 
     subject: Annotated[
         str,
-        _single_line("Subject", 200, min_len=0),
+        single_line("Subject", 200, min_len=0),
         Field(description="Empty, or not editable in the campaign: a campaign variant is used."),
     ] = ""
     body: Annotated[str, BeforeValidator(_check_body), Field(max_length=10_000)]
@@ -227,7 +228,7 @@ class ContactPreferences(BaseModel):
     phone: Choice = Choice.NOT_ASKED
     sms: Choice = Choice.NOT_ASKED
     post: Choice = Choice.NOT_ASKED
-    wording_version: Annotated[str, _single_line("Consent wording version", 64)]
+    wording_version: Annotated[str, single_line("Consent wording version", 64)]
 
 
 def _strip_url(value: str | None) -> str | None:
@@ -255,10 +256,10 @@ class SubmissionV1(BaseModel):
     contact_preferences: ContactPreferences
     source_url: Annotated[
         str | None,
-        _single_line("Source page URL", 2000, min_len=0, optional=True),
+        single_line("Source page URL", 2000, min_len=0, optional=True),
         AfterValidator(_strip_url),
     ] = None
-    user_agent: Annotated[str | None, _single_line("User agent", 512, min_len=0, optional=True)] = (
+    user_agent: Annotated[str | None, single_line("User agent", 512, min_len=0, optional=True)] = (
         None
     )
     client_ip: Annotated[

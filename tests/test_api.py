@@ -226,12 +226,30 @@ def test_sender_confirmation_before_the_letter_goes(
     assert get(app, sid).state == State.UNCONFIRMED  # nothing goes before the click
     assert not (app.settings.resolved_outbox_dir / f"{sid}.eml").exists()
     link = confirmation_link(app, sid)
+    # Opening the link (as a mail scanner does) shows a button and changes nothing.
     page = client.get(link)
-    assert page.status_code == 200 and "on its way" in page.text
+    assert page.status_code == 200 and '<form method="post">' in page.text
+    drain(stub_broker, stub_worker)
+    assert get(app, sid).state == State.UNCONFIRMED
+    clicked = client.post(link)
+    assert clicked.status_code == 200 and "on its way" in clicked.text
     drain(stub_broker, stub_worker)
     assert get(app, sid).state == State.DELIVERED
     assert "already" in client.get(link).text
+    assert "already" in client.post(link).text
     assert client.get(link[:-3] + "AAA").status_code == 404  # forged
+    assert client.post(link[:-3] + "AAA").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "token", ["%C2%B2", "x.%C2%B2.y", "x.1.%C3%A9", "x.%EF%BC%91.y", "a" * 400, "...", "x.1.y"]
+)
+def test_a_confirmation_link_of_any_shape_is_never_a_server_error(
+    client: TestClient, token: str
+) -> None:
+    for method in (client.get, client.post):
+        reply = method(f"/v1/confirm/{token}")
+        assert reply.status_code == 404 and "not valid" in reply.text
 
 
 def test_one_reminder_after_a_day_and_expiry_after_seven(
@@ -270,6 +288,7 @@ def test_one_reminder_after_a_day_and_expiry_after_seven(
     travel(24 * 7 + 1)
     assert get(app, sid).state == State.EXPIRED
     assert client.get(link).status_code == 410
+    assert client.post(link).status_code == 410
 
 
 def test_group_commit_stores_each_once_even_with_repeats_in_one_batch(app: App) -> None:

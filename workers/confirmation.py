@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from workers.campaigns import get_definition
-from workers.mail import Mailer, Outgoing
+from workers.mail import Mailer, Outgoing, wire_address
 from workers.models import State, Submission, utcnow
 from workers.stages import Stage
 from workers.transitions import advance
@@ -56,10 +56,11 @@ def make_token(secret: bytes, submission_id: str, expires: datetime) -> str:
 def read_token(secret: bytes, token: str, now: datetime | None = None) -> tuple[str, bool] | None:
     """(submission id, still valid) for a genuine token; None for anything forged or malformed."""
     parts = token.split(".")
-    if len(parts) != 3 or not parts[1].isdigit() or len(parts[0]) > 64:
+    # ASCII only: str.isdigit() accepts digits such as "²" that int() refuses.
+    if len(parts) != 3 or not token.isascii() or not parts[1].isdigit() or len(parts[0]) > 64:
         return None
     submission_id, stamp, mac = parts[0], int(parts[1]), parts[2]
-    if not hmac.compare_digest(mac, _sign(secret, submission_id, stamp)):
+    if not hmac.compare_digest(mac.encode(), _sign(secret, submission_id, stamp).encode()):
         return None
     return submission_id, (now or utcnow()).timestamp() < stamp
 
@@ -115,6 +116,10 @@ def notify(
     to = ((submission.payload or {}).get("supporter") or {}).get("email")
     if definition is None or not isinstance(to, str) or not to:
         return []
+    try:
+        to = wire_address(to)
+    except ValueError:  # stored before validation refused non-ASCII local parts: no email
+        return []
     expires = submission.created_at + policy.valid
     url = f"{policy.public_url.rstrip('/')}/v1/confirm/"
     url += make_token(secret, submission.id, expires)
@@ -140,6 +145,20 @@ def notify(
         .execution_options(synchronize_session=False)
     )
     return []
+
+
+def check_token(session: Session, secret: bytes, token: str) -> str:
+    """What a click would do, without doing it: "ready" | "already" | "expired" | "invalid"."""
+    read = read_token(secret, token)
+    if read is None:
+        return "invalid"
+    submission_id, valid = read
+    submission = session.get(Submission, submission_id)
+    if submission is None:
+        return "invalid"
+    if submission.state != State.UNCONFIRMED:
+        return "expired" if submission.state == State.EXPIRED else "already"
+    return "ready" if valid else "expired"
 
 
 def confirm(session: Session, secret: bytes, token: str) -> tuple[str, str | None]:

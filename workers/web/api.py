@@ -8,6 +8,7 @@ is sent after the commit, and the reconciler resends it if that send fails.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import ipaddress
 import secrets
 import threading
@@ -23,24 +24,27 @@ from fastapi import Body, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.campaign import CampaignDefinition
 from schemas.postcode import check_format
-from schemas.submission import SubmissionV1, error_message
+from schemas.submission import SubmissionV1, error_message, single_line
 from workers.app import App, get_app
 from workers.campaigns import get_definition
-from workers.confirmation import confirm
+from workers.confirmation import check_token, confirm
 from workers.db import session_scope
 from workers.models import Campaign, State, Submission, utcnow
-from workers.privacy import ip_hash, supporter_hash
+from workers.privacy import ip_hash, limiter_email, limiter_network, supporter_hash
 from workers.ratelimit import Limit
 from workers.rendering import campaign_template, choose_subject
 from workers.resolution import MEMBER_FIELD, POSTCODE_FIELD, Found, Refuse, decide, find
 from workers.stages import Stage, dispatch
 from workers.validation import campaign_errors
 from workers.web.batcher import IntakeBatcher
+from workers.web.honeypot import fake_submission_id, honeypot_campaign
 from workers.web.middleware import BodyLimit, Cors, SecurityHeadersAndAccessLog
 
 log = structlog.get_logger(__name__)
@@ -84,9 +88,12 @@ class CampaignOut(BaseModel):
 class PreviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, Field(min_length=1, max_length=100)]
-    postcode: Annotated[str, Field(min_length=1, max_length=16)]
-    address_lines: Annotated[list[Annotated[str, Field(max_length=100)]], Field(max_length=5)] = []
+    name: Annotated[str, single_line("Full name", 100), Field(min_length=1, max_length=100)]
+    postcode: Annotated[str, single_line("Postcode", 16), Field(min_length=1, max_length=16)]
+    address_lines: Annotated[
+        list[Annotated[str, single_line("Address line", 100, min_len=0), Field(max_length=100)]],
+        Field(max_length=5),
+    ] = []
 
 
 class MpOut(BaseModel):
@@ -160,9 +167,28 @@ def problem(
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": Errors, "description": "No such campaign or submission."},
+    413: {"model": Errors, "description": "The request body is over the size limit."},
     422: {"model": Errors, "description": "A message per invalid field."},
     429: {"model": Errors, "description": "Too many requests; see Retry-After."},
+    503: {
+        "model": Errors,
+        "description": "The database or Redis cannot be reached just now; see Retry-After.",
+    },
 }
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    401: {"model": Errors, "description": "The X-DearMP-Key header holds no valid key."},
+    403: {"model": Errors, "description": "This page's origin may not post to the campaign."},
+}
+_PAGE = {"text/html": {"schema": {"type": "string"}}}
+CONFIRM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "A page: the link is not valid.", "content": _PAGE},
+    410: {"description": "A page: the link has expired.", "content": _PAGE},
+    422: {"model": Errors, "description": "The path is not a token."},
+    503: {"model": Errors, "description": "The database cannot be reached just now."},
+}
+# The header a server-side front end authenticates with (DEARMP_API_KEYS).
+KEY_HEADER = "X-DearMP-Key"
 
 
 class CampaignOrigins:
@@ -196,6 +222,9 @@ class CampaignOrigins:
             return by_slug.get(parts[3], set())
         return set().union(*by_slug.values()) if by_slug else set()
 
+    def slugs(self) -> list[str]:
+        return list(self._load())
+
     def allows(self, slug: str, origin: str) -> bool:
         return origin in self._load().get(slug, set())
 
@@ -207,6 +236,26 @@ def _client_ip(request: Request) -> str | None:
         return str(ipaddress.ip_address(host))
     except ValueError:
         return None
+
+
+def _user_agent(request: Request) -> str | None:
+    """The request's User-Agent as consent evidence: printable, at most 512 characters (what
+    the submission schema accepts, so validation never refuses what the API stored)."""
+    value = request.headers.get("user-agent")
+    if not value:
+        return None
+    text = "".join(ch for ch in value if ch.isprintable()).strip()[:512]
+    return text or None
+
+
+def _authenticated(app: App, key: str | None) -> bool | None:
+    """None without a key; True or False for a key checked against DEARMP_API_KEYS."""
+    if key is None:
+        return None
+    configured = app.settings.api_keys
+    keys = configured.get_secret_value().split(",") if configured else []
+    given = key.encode("utf-8", "replace")
+    return any(k.strip() and hmac.compare_digest(given, k.strip().encode()) for k in keys)
 
 
 def _over_limit(app: App, kind: str, who: str, limit: int, window: float) -> float:
@@ -274,6 +323,21 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         log.warning("database_unavailable", error=type(exc.orig).__name__)
         return problem(503, {"body": "Please try again in a moment."}, {"Retry-After": "1"})
 
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Starlette's own answers (a body that is not UTF-8 JSON, an unknown path or method)
+        # in the same shape as every other error; a body it cannot read is a 422 like bad JSON.
+        if exc.status_code == 400:
+            return problem(422, {"body": "The request body is not valid JSON in UTF-8."})
+        detail = exc.detail if isinstance(exc.detail, str) else "This request cannot be served."
+        return problem(exc.status_code, {"request": detail}, dict(exc.headers or {}))
+
+    @api.exception_handler(RedisError)
+    async def redis_away(request: Request, exc: RedisError) -> Response:
+        # The rate limits live in Redis: without them nothing is accepted.
+        log.warning("redis_unavailable", error=type(exc).__name__)
+        return problem(503, {"body": "Please try again in a moment."}, {"Retry-After": "5"})
+
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
         errors: dict[str, str] = {}
@@ -318,10 +382,11 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         definition = _definition(app, slug)
         if definition is None:
             return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
+        network = limiter_network(_client_ip(request) or "unknown", app.settings.api_ipv6_prefix)
         wait = _over_limit(
             app,
             "ip",
-            ip_hash(app.secret, _client_ip(request) or "unknown"),
+            ip_hash(app.secret, network),
             app.settings.api_ip_limit * 4,
             app.settings.api_ip_window,
         )
@@ -368,24 +433,29 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         "/v1/submissions",
         status_code=202,
         response_model=AcceptedOut,
-        responses={**ERROR_RESPONSES, 403: {"model": Errors}},
+        responses=SUBMIT_RESPONSES,
     )
     async def submit(
         request: Request,
         body: Annotated[SubmissionIn, Body()],
         origin: Annotated[str | None, Header()] = None,
+        x_dearmp_key: Annotated[
+            str | None,
+            Header(
+                description="A server-side front end's key (DEARMP_API_KEYS): only then are "
+                "the body's client_ip and user_agent taken as the consent evidence."
+            ),
+        ] = None,
     ) -> Any:
         """Store a supporter's final submission; 202 once it is in the database."""
         app = app_getter()
-        if body.website:  # a robot filled the trap: look accepted, keep nothing
+        authenticated = _authenticated(app, x_dearmp_key)
+        if authenticated is False:
+            return problem(401, {KEY_HEADER: "This key is not valid for this deployment."})
+        if body.website and body.website.strip():  # a robot filled the trap: keep nothing
             log.info("honeypot_filled")
-            fake = str(uuid.uuid4())
-            return JSONResponse(
-                AcceptedOut(
-                    id=fake, state="received", status_url=f"/v1/submissions/{fake}"
-                ).model_dump(),
-                status_code=202,
-            )
+            fake = fake_submission_id(app.secret, body.campaign)
+            return _accepted(fake, "received", duplicate=False)
         definition = _cached_definition(app, body.campaign)
         if definition is MISSING:
             definition = await anyio.to_thread.run_sync(_definition, app, body.campaign)
@@ -401,13 +471,16 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         for kind, who, limit, window in (
             (
                 "ip",
-                ip_hash(app.secret, client_ip or "unknown"),
+                ip_hash(
+                    app.secret,
+                    limiter_network(client_ip or "unknown", app.settings.api_ipv6_prefix),
+                ),
                 app.settings.api_ip_limit,
                 app.settings.api_ip_window,
             ),
             (
                 "email",
-                supporter_hash(app.secret, body.supporter.email),
+                supporter_hash(app.secret, limiter_email(body.supporter.email)),
                 app.settings.api_email_limit,
                 app.settings.api_email_window,
             ),
@@ -419,24 +492,20 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
                 message = "Too many letters from here. Please try again later."
                 return problem(429, {"body": message}, _retry(wait))
         payload = body.model_dump(mode="json", exclude={HONEYPOT})
-        payload["client_ip"] = payload.get("client_ip") or client_ip
-        payload["user_agent"] = payload.get("user_agent") or request.headers.get("user-agent")
+        # The consent evidence: the request's own, unless an authenticated server-side front
+        # end passes its supporter's (anyone else could opt any address in or out).
+        if authenticated:
+            payload["client_ip"] = payload.get("client_ip") or client_ip
+            payload["user_agent"] = payload.get("user_agent") or _user_agent(request)
+        else:
+            payload["client_ip"], payload["user_agent"] = client_ip, _user_agent(request)
         # Stored (with others that arrived meanwhile) and committed before the 202; the stage
         # message follows the commit.
         accepted = await batcher.submit(
             payload, State.UNCONFIRMED if definition.confirmation else State.RECEIVED
         )
-        sid = accepted.submission_id
-        return JSONResponse(
-            AcceptedOut(
-                id=sid,
-                state="unconfirmed" if definition.confirmation else "received",
-                status_url=f"/v1/submissions/{sid}",
-                duplicate=not accepted.created,
-            ).model_dump(),
-            status_code=202,
-            headers={"Location": f"/v1/submissions/{sid}"},
-        )
+        state = "unconfirmed" if definition.confirmation else "received"
+        return _accepted(accepted.submission_id, state, duplicate=not accepted.created)
 
     @api.get("/v1/submissions/{submission_id}", response_model=StatusOut, responses=ERROR_RESPONSES)
     def status(submission_id: str) -> Any:
@@ -445,6 +514,18 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         with session_scope(app.sessions) as session:
             sub = session.get(Submission, submission_id[:64])
             if sub is None:
+                slug = honeypot_campaign(app.secret, submission_id, origins.slugs())
+                if slug is not None:  # answered like a submission that has just arrived
+                    now = utcnow().isoformat()
+                    return StatusOut(
+                        id=submission_id,
+                        campaign=slug,
+                        state=State.RECEIVED.value,
+                        final=False,
+                        received_at=now,
+                        updated_at=now,
+                        outcome=OUTCOMES[State.RECEIVED],
+                    )
                 return problem(404, {"submission": "There is no such submission."})
             recipient = sub.recipient or {}
             state = State(sub.state)
@@ -462,26 +543,29 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
                 outcome=OUTCOMES[state],
             )
 
-    @api.get("/v1/confirm/{token}", response_class=HTMLResponse)
+    @api.get("/v1/confirm/{token}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES)
+    def confirm_page(token: str) -> Any:
+        """The link in the confirmation email: a page whose button confirms. Opening the link
+        changes nothing, so mail scanners that fetch links cannot confirm for the supporter."""
+        app = app_getter()
+        with session_scope(app.sessions) as session:
+            result = check_token(session, app.secret, token[:300])
+        if result != "ready":
+            return _confirm_page(result)
+        return _confirm_page(
+            "ready",
+            '<form method="post"><button type="submit">Send my letter to my MP</button></form>',
+        )
+
+    @api.post("/v1/confirm/{token}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES)
     def confirm_link(token: str) -> Any:
-        """The link in the confirmation email."""
+        """The confirmation page's button."""
         app = app_getter()
         with session_scope(app.sessions) as session:
             result, sid = confirm(session, app.secret, token[:300])
         if result == "confirmed" and sid is not None:
             dispatch(broker, [Stage.VALIDATE], sid)
-        texts: dict[str, tuple[int, str]] = {
-            "confirmed": (200, "Thank you: your letter is on its way to your MP."),
-            "already": (200, "This letter was already confirmed."),
-            "expired": (410, "This link has expired, so the letter was not sent."),
-            "invalid": (404, "This link is not valid."),
-        }
-        code, text = texts[result]
-        page = (
-            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-            f"<title>DearMP</title></head><body><main><h1>{text}</h1></main></body></html>"
-        )
-        return HTMLResponse(page, status_code=code)
+        return _confirm_page(result)
 
     @api.get("/demo/{slug}", response_class=HTMLResponse, include_in_schema=False)
     def demo_page(slug: str) -> Any:
@@ -501,6 +585,36 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
     )
     wrapped.fastapi = api
     return wrapped  # type: ignore[no-any-return]
+
+
+CONFIRM_TEXTS: dict[str, tuple[int, str]] = {
+    "ready": (200, "Please confirm that you wrote this letter to your MP."),
+    "confirmed": (200, "Thank you: your letter is on its way to your MP."),
+    "already": (200, "This letter was already confirmed."),
+    "expired": (410, "This link has expired, so the letter was not sent."),
+    "invalid": (404, "This link is not valid."),
+}
+
+
+def _confirm_page(result: str, form: str = "") -> HTMLResponse:
+    code, text = CONFIRM_TEXTS[result]
+    page = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>DearMP</title></head><body><main><h1>{text}</h1>{form}</main></body></html>"
+    )
+    return HTMLResponse(page, status_code=code)
+
+
+def _accepted(submission_id: str, state: str, duplicate: bool) -> JSONResponse:
+    """The 202 for a stored submission, and the same for a robot's (nothing tells them apart)."""
+    status_url = f"/v1/submissions/{submission_id}"
+    return JSONResponse(
+        AcceptedOut(
+            id=submission_id, state=state, status_url=status_url, duplicate=duplicate
+        ).model_dump(),
+        status_code=202,
+        headers={"Location": status_url},
+    )
 
 
 def _retry(wait: float) -> dict[str, str]:
