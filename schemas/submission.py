@@ -127,6 +127,7 @@ def _check_email(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Please enter your email address.")
     value = value.strip()
+    check_text("Email address", value)
     if _has_control(value):
         raise ValueError("Email address must be on one line, without control characters.")
     return ascii_email(value)

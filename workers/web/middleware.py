@@ -67,19 +67,28 @@ class BodyLimit:
                 )
                 return
         seen = 0
+        too_large = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
             message: Message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    too_large = True
                     raise BodyTooLarge
             return message
 
+        async def unless_too_large(message: Message) -> None:
+            if not too_large:  # the application's own answer to a body it could not read
+                await send(message)
+
         try:
-            await self.app(scope, limited, send)
-        except BodyTooLarge:
+            await self.app(scope, limited, unless_too_large)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large:
             await _send_simple(send, 413, b'{"errors":{"body":"The request is too large."}}', [])
 
 
