@@ -156,7 +156,7 @@ def test_a_lone_surrogate_is_refused_at_the_door_with_a_field_message(
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("supporter__name", "مهدی\u200cزاده"),  # ZWNJ in a Persian name
+        ("supporter__name", "مهدی\u200cزاده"),  # noqa: RUF001 - ZWNJ in a Persian name
         ("supporter__name", "Ada 👩\u200d👩\u200d👧"),  # an emoji ZWJ sequence
         ("supporter__address_lines", ["12 Kirch\u00adstraße"]),  # a soft hyphen
     ],
