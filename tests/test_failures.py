@@ -67,7 +67,7 @@ def test_a_message_that_cannot_parse_is_recorded_as_dead_at_once(
     with session_scope(app.sessions) as session:
         row = session.scalar(select(Failure).where(Failure.message_id == bad.message_id))
     assert row is not None and row.dead_lettered_at is not None
-    assert row.attempts == 1 and row.exception_type.endswith("ValidationError")
+    assert row.attempts == 1 and row.exception_type.endswith("ForeignMessage")
 
 
 def test_a_message_past_its_maximum_age_is_dead_lettered_not_run(

@@ -7,12 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
-import pydantic
 import pytest
 from dramatiq.middleware import Middleware
 from sqlalchemy import event, select
 
-from schemas.messages import MAX_IDS, StageMessage, parse_stage_message, stage_payload
+from schemas.messages import (
+    MAX_IDS,
+    NotAStageMessage,
+    StageMessage,
+    parse_stage_message,
+    stage_payload,
+)
 from tests.conftest import drain, make_settings
 from tests.factories import submission
 from tests.services import SmtpSink, free_port, wait_for
@@ -62,32 +67,41 @@ def store(app: App, count: int, **changes: Any) -> list[str]:
         ]
 
 
+def uid(n: int) -> str:
+    return f"00000000-0000-4000-8000-{n:012d}"
+
+
+A, B, C = uid(1), uid(2), uid(3)
+
+
 def test_version_1_is_unchanged_and_version_2_carries_up_to_64() -> None:
-    assert stage_payload(["a"]) == {"v": 1, "submission_id": "a"}
-    assert stage_payload(["a", "b"]) == {"v": 2, "submission_id": "a", "also": ["b"]}
-    assert parse_stage_message({"v": 1, "submission_id": "a"}) == StageMessage(submission_id="a")
-    assert parse_stage_message(stage_payload(["a", "b", "c"])).ids == ["a", "b", "c"]
+    assert stage_payload([A]) == {"v": 1, "submission_id": A}
+    assert stage_payload([A, B]) == {"v": 2, "submission_id": A, "also": [B]}
+    assert parse_stage_message({"v": 1, "submission_id": A}) == StageMessage(submission_id=A)
+    assert parse_stage_message(stage_payload([A, B, C])).ids == [A, B, C]
     for bad in (
-        {"v": 2, "submission_id": "a", "also": []},
-        {"v": 2, "submission_id": "a", "also": ["x"] * MAX_IDS},
-        {"v": 1, "submission_id": "a", "also": ["b"]},
-        {"v": 2, "submission_id": "a", "also": [""]},
+        {"v": 2, "submission_id": A, "also": []},
+        {"v": 2, "submission_id": A, "also": [B] * MAX_IDS},
+        {"v": 1, "submission_id": A, "also": [B]},
+        {"v": 2, "submission_id": A, "also": [""]},
+        {"v": 1, "submission_id": "Amira Haddad, 12 Mill Lane"},  # not an id's shape
+        {"v": 1, "submission_id": "ABCDEF00-0000-4000-8000-000000000001"},
     ):
-        with pytest.raises(pydantic.ValidationError):
+        with pytest.raises(NotAStageMessage):
             parse_stage_message(bad)
     with pytest.raises(ValueError):
         stage_payload([])
-    message = stage_message(Stage.RESOLVE, "a", "b")
-    assert submission_id_of(message) == "a"
+    message = stage_message(Stage.RESOLVE, A, B)
+    assert submission_id_of(message) == A
 
 
 def test_groups_are_split_to_each_stages_size(stub_broker: Any, sent: Sent) -> None:
-    ids = [f"id-{i}" for i in range(70)]
+    ids = [uid(i) for i in range(70)]
     assert dispatch_groups(stub_broker, {Stage.RESOLVE: ids, Stage.DELIVER: ids[:20]})
     assert [len(group) for group in sent.to(Stage.RESOLVE)] == [64, 6]
     assert [len(group) for group in sent.to(Stage.DELIVER)] == [16, 4]
-    assert dispatch_groups(stub_broker, {Stage.NOTIFY: ["a", "b"]})
-    assert sent.to(Stage.NOTIFY) == [["a"], ["b"]]
+    assert dispatch_groups(stub_broker, {Stage.NOTIFY: [A, B]})
+    assert sent.to(Stage.NOTIFY) == [[A], [B]]
 
 
 def test_a_group_moves_on_together_and_bad_input_is_still_a_rejection(
@@ -171,9 +185,9 @@ def test_the_http_intake_sends_a_committed_batch_as_one_validation_message(
     from workers.web.batcher import IntakeBatcher
 
     batcher = IntakeBatcher(lambda: app, stub_broker)
-    batcher._dispatch([("a", State.RECEIVED), ("b", State.RECEIVED), ("c", State.UNCONFIRMED)])
-    assert sent.to(Stage.VALIDATE) == [["a", "b"]]
-    assert sent.to(Stage.NOTIFY) == [["c"]]  # a confirmation email is one message each
+    batcher._dispatch([(A, State.RECEIVED), (B, State.RECEIVED), (C, State.UNCONFIRMED)])
+    assert sent.to(Stage.VALIDATE) == [[A, B]]
+    assert sent.to(Stage.NOTIFY) == [[C]]  # a confirmation email is one message each
 
 
 class Interrupted(BaseException):

@@ -84,7 +84,7 @@ def test_queues_list_show_and_a_requeue_that_a_worker_completes(
     assert delivery["submission_id"] == sid and delivery["reason"].endswith(
         "TransientDeliveryError"
     )
-    assert len(json.loads(cli("dlq", "list", "--json", "--reason", "validationerror"))) == 1
+    assert len(json.loads(cli("dlq", "list", "--json", "--reason", "foreignmessage"))) == 1
 
     shown = json.loads(cli("dlq", "show", delivery["message_id"]))
     assert [h["state"] for h in shown["history"]][-1] == "rendered"
@@ -110,7 +110,7 @@ def test_queues_list_show_and_a_requeue_that_a_worker_completes(
     wide = {"COLUMNS": "160"}
     view = CliRunner().invoke(main, ["watch", "--iterations", "1"], env=wide).stdout
     assert "dearmp.deliver" in view and "Newest failures" in view
-    assert "TransientDeliveryError" in view and "ValidationError" in view
+    assert "TransientDeliveryError" in view and "ForeignMessage" in view
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -134,7 +134,7 @@ def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
     with session_scope(app.sessions) as session:
         [purged] = session.scalars(select(PurgedDeadLetter)).all()
     assert purged.message_id == broken.message_id and purged.reason is not None
-    assert "ValidationError" in purged.reason
+    assert "ForeignMessage" in purged.reason
     assert "healthy" in cli("health")
 
 

@@ -368,7 +368,7 @@ def dlq_show(message_id: str, reveal: bool) -> None:
         "message_id": dead.message_id,
         "queue": dead.queue,
         "actor": dead.actor,
-        "args": dead.message.args,
+        "args": show_text(json.dumps(dead.message.args)) if dead.message else None,
         "dead_at": dead.dead_at.isoformat(),
         "submission_id": dead.submission_id,
         "history": history,
@@ -410,6 +410,9 @@ def dlq_requeue(
     chosen = [f.dead for f in rows if everything or f.dead.message_id in message_ids]
     missing = set(message_ids) - {d.message_id for d in chosen}
     for dead in chosen:
+        if dead.message is None:
+            click.echo(f"cannot requeue {dead.message_id}: not a readable message (purge it)")
+            continue
         if dry_run:
             click.echo(f"would requeue {dead.message_id} on {dead.queue}")
         else:

@@ -6,15 +6,41 @@ from typing import Any
 
 import dramatiq
 import structlog
-from dramatiq.middleware import Middleware
+from dramatiq.errors import ActorNotFound
+from dramatiq.middleware import Middleware, MiddlewareError
 
 from config.settings import get_settings
+from schemas.messages import NotAStageMessage, parse_stage_args
 from workers.app import get_app
 from workers.db import session_scope
 from workers.failures import Attempt, end_if_failing, record_failure
 from workers.handoff import Handoff
 from workers.logging import configure_logging
-from workers.stages import submission_id_of
+from workers.stages import Stage, submission_id_of
+
+
+class MessageTooOld(Exception):
+    """The reason recorded for a message dead-lettered for its age."""
+
+
+class ForeignMessage(MiddlewareError):
+    """A message for a stage actor that is not a stage message. (A middleware error: dramatiq
+    stops the message for it; the actors do not retry it.)"""
+
+
+class StageMessagesOnly(Middleware):
+    """A message for a stage actor whose arguments are not a stage message is refused before the
+    actor runs: it is dead-lettered at once with the reason (:class:`ForeignMessage`)."""
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if message.actor_name in STAGE_ACTORS:
+            try:
+                parse_stage_args(message.args, message.kwargs)
+            except NotAStageMessage as exc:
+                raise ForeignMessage(str(exc)) from None
+
+
+STAGE_ACTORS = frozenset(stage.actor for stage in Stage)
 
 
 class LogContext(Middleware):
@@ -66,6 +92,21 @@ class FailureRecorder(Middleware):
     ) -> None:
         if exception is None:
             return
+        self._record(message, exception)
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        # dramatiq skips a message past its maximum age, and dead-letters it.
+        if message.failed:
+            self._record(message, MessageTooOld("older than its actor's maximum age"))
+
+    def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        # A message for an actor this process does not have is dead-lettered by the consumer,
+        # without being processed.
+        exception = getattr(message, "_exception", None)
+        if isinstance(exception, ActorNotFound):
+            self._record(message, exception)
+
+    def _record(self, message: Any, exception: BaseException) -> None:
         attempt = Attempt(
             message_id=message.message_id,
             queue_name=message.queue_name,

@@ -15,6 +15,7 @@ from typing import Any, cast
 import dramatiq
 import redis
 from dramatiq import Message
+from dramatiq.errors import DecodeError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,7 +41,10 @@ class DeadLetter:
     actor: str
     submission_id: str | None
     dead_at: datetime
-    message: Message[Any]
+    message: Message[Any] | None  # None: bytes that are not a message
+
+
+UNREADABLE = "(unreadable)"
 
 
 def _held(client: redis.Redis, namespace: str, queue: str) -> int:
@@ -81,15 +85,19 @@ def dead_letters(client: redis.Redis, namespace: str, queue: str | None = None) 
         for (rid, score), body in zip(entries, bodies, strict=True):
             if body is None:
                 continue
-            message = Message.decode(body)
+            dead_at = datetime.fromtimestamp(float(score) / 1000, UTC)
+            try:
+                message: Message[Any] | None = Message.decode(body)
+            except DecodeError:  # bytes that were never a message: listed, never requeued
+                message = None
             found.append(
                 DeadLetter(
-                    message_id=message.message_id,
-                    redis_id=rid.decode(),
+                    message_id=message.message_id if message else rid.decode(errors="replace"),
+                    redis_id=rid.decode(errors="replace"),
                     queue=stage.queue,
-                    actor=message.actor_name,
-                    submission_id=submission_id_of(message),
-                    dead_at=datetime.fromtimestamp(float(score) / 1000, UTC),
+                    actor=message.actor_name if message else UNREADABLE,
+                    submission_id=submission_id_of(message) if message else None,
+                    dead_at=dead_at,
                     message=message,
                 )
             )
@@ -100,6 +108,8 @@ def requeue(client: redis.Redis, broker: dramatiq.Broker, namespace: str, dead: 
     """Put a dead letter back on its queue: the copy is enqueued first, then the dead one removed,
     so a crash between the two leaves a duplicate (harmless: the actors are idempotent), never a
     loss. Returns the new message id."""
+    if dead.message is None:
+        raise ValueError("an unreadable message cannot be requeued; purge it")
     fresh: Message[Any] = Message(
         queue_name=dead.queue,
         actor_name=dead.actor,
@@ -177,7 +187,10 @@ def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> 
         first = cast("bytes | None", client.lindex(key, 0))
         body = cast("bytes | None", client.hget(f"{key}.msgs", first)) if first else None
         if body is not None:
-            age = (now_ms - Message.decode(body).message_timestamp) / 1000
+            try:
+                age = (now_ms - Message.decode(body).message_timestamp) / 1000
+            except DecodeError:  # dead-lettered when a worker fetches it
+                continue
             oldest = max(oldest, age)
     return oldest
 

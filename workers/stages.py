@@ -15,7 +15,7 @@ import dramatiq
 import structlog
 from dramatiq import Message
 
-from schemas.messages import MAX_IDS, stage_payload
+from schemas.messages import MAX_IDS, is_submission_id, stage_payload
 
 log = structlog.get_logger(__name__)
 
@@ -65,9 +65,9 @@ def submission_id_of(message: Any) -> str | None:
     """The submission a stage message is about, if it is one (read from any dramatiq message);
     for a message about a group (version 2), the first of them."""
     args = message.args
-    if args and isinstance(args[0], dict):
+    if isinstance(args, list | tuple) and args and isinstance(args[0], dict):
         value = args[0].get("submission_id")
-        return value if isinstance(value, str) else None
+        return value if is_submission_id(value) else None
     return None
 
 

@@ -12,11 +12,11 @@ import structlog
 from sqlalchemy.orm import Session
 
 from config.settings import get_settings
-from schemas.messages import parse_stage_message
+from schemas.messages import NotAStageMessage, parse_stage_message
 from workers.app import App, get_app
 from workers.broker import broker  # installs the broker before any actor is declared
 from workers.handoff import Handoff
-from workers.middleware import SendHeld
+from workers.middleware import ForeignMessage, SendHeld
 from workers.stages import Deferred, Stage, dispatch_groups, group_by_stage, stage_message
 from workers.together import Then, Together
 from workers.transitions import AlreadyMoved, Apply
@@ -44,7 +44,7 @@ HOUR = 3_600_000
 DAY = 24 * HOUR
 
 # A message that does not parse will not parse next time either: dead-letter it at once.
-NOT_RETRIED = (pydantic.ValidationError,)
+NOT_RETRIED = (ForeignMessage, NotAStageMessage, pydantic.ValidationError)
 
 
 # dramatiq refuses delays of seven days or more.
