@@ -83,3 +83,33 @@ def test_an_operators_mode_switch_survives_a_campaign_file_sync(app: App) -> Non
         assert row is not None and row.mode == "sandbox"  # the file's "live" did not undo it
         definition = get_definition(session, "political-prisoners")
         assert definition is not None and definition.title != "Old title"
+
+
+def test_show_prints_the_letter_with_its_hidden_markers_and_the_delivery_as_fields(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    sid = submit(app, stub_broker, submission())[0]
+    drain(stub_broker, stub_worker)
+    out = CliRunner().invoke(main, ["show", sid], catch_exceptions=False, terminal_width=200)
+    assert out.exit_code == 0, out.output
+    text = out.stdout
+    assert "[hidden]" in text  # the supporter's details, masked and marked
+    assert "Amira" not in text and "Mill Lane" not in text
+    assert "{'status'" not in text and "  status: sent" in text
+    assert "  attempts: 1" in text
+    body_lines = text.split("  body:", 1)[1].splitlines()
+    assert any("[hidden]" in line for line in body_lines)
+
+
+def test_operator_commands_say_in_one_line_that_redis_is_away(app: App) -> None:
+    app.settings.redis_url = "redis://127.0.0.1:1/0"
+    for command in (["queues"], ["dlq", "list"], ["health"], ["watch", "--iterations", "1"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert "Traceback" not in result.output and result.exception is not None
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1, result.output
+        assert "cannot reach Redis at redis://127.0.0.1:1/0" in lines[0]
+        assert "REDIS_URL" in lines[0]
+    health = CliRunner().invoke(main, ["health"])
+    assert health.output.startswith("Error: unhealthy: cannot reach Redis")

@@ -29,7 +29,28 @@ def _app(log_file: Path | None = None) -> App:
     return get_app()
 
 
-@click.group()
+class Commands(click.Group):
+    """The ``dearmp`` group: a service that goes away while a command runs is one line and a
+    non-zero exit, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import redis
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except redis.RedisError as exc:
+            raise click.ClickException(
+                f"lost Redis ({type(exc).__name__}); is it running? `dearmp queues` says where "
+                "it is expected."
+            ) from None
+        except OperationalError as exc:
+            raise click.ClickException(
+                f"cannot reach the database ({type(exc.orig).__name__}); check DATABASE_URL."
+            ) from None
+
+
+@click.group(cls=Commands)
 def main() -> None:
     """DearMP: every supporter's letter reaches their MP, once."""
 
@@ -178,16 +199,29 @@ def show(submission_id: str, as_json: bool, reveal: bool = False) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    from rich.text import Text
+
     console = Console()
     table = Table(title=f"Submission {sub.id} ({info['state']})")
     for col in ("at", "state", "detail"):
         table.add_column(col)
-    for event in info["history"]:
-        table.add_row(event["at"], event["state"], event["detail"] or "")
+    for event in info["history"]:  # Text: a detail is shown as it is, never as markup
+        table.add_row(event["at"], event["state"], Text(event["detail"] or ""))
     console.print(table)
     for key in ("rejection", "failure_reason", "constituency", "member_id", "delivery", "letter"):
-        if info.get(key):
-            console.print(f"{key}: {info[key]}")
+        value = info.get(key)
+        if not value:
+            continue
+        if not isinstance(value, dict):
+            console.print(Text(f"{key}: {value}"))
+            continue
+        console.print(Text(f"{key}:", style="bold"))
+        for name, item in value.items():
+            if isinstance(item, str) and "\n" in item:  # the letter's body, line by line
+                console.print(Text(f"  {name}:"))
+                console.print(Text("\n".join(f"    {line}" for line in item.splitlines())))
+            else:
+                console.print(Text(f"  {name}: {'' if item is None else item}"))
 
 
 main.add_command(show, name="show")  # the short form of `dearmp submission show`
@@ -243,8 +277,36 @@ def _redis(app: App) -> tuple[Any, Any, str]:
     from dramatiq.brokers.redis import RedisBroker
 
     url, namespace = app.settings.resolved_redis_url, app.settings.redis_namespace
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise click.ClickException(redis_unreachable(app, exc)) from None
     broker = RedisBroker(url=url, namespace=namespace)  # type: ignore[no-untyped-call]
-    return redis.Redis.from_url(url), broker, namespace
+    return client, broker, namespace
+
+
+def redis_unreachable(app: App, exc: Exception) -> str:
+    """One line for an operator: what could not be reached, where, and what to start."""
+    settings = app.settings
+    where = _without_password(settings.resolved_redis_url)
+    start = (
+        "start it with `dearmp run` (or `python3 dev.py demo`), which runs the embedded Redis"
+        if settings.redis_url is None
+        else "start that Redis server, or set REDIS_URL to one that runs"
+    )
+    return f"cannot reach Redis at {where} ({type(exc).__name__}): {start}."
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 @main.command()
@@ -461,7 +523,10 @@ def health(max_dead: int, max_age: float) -> None:
 
     from workers.operations import oldest_waiting_seconds, queue_depths
 
-    client, _, namespace = _redis(_app())
+    try:
+        client, _, namespace = _redis(_app())
+    except click.ClickException as exc:
+        raise click.ClickException(f"unhealthy: {exc.message}") from None
     dead = sum(d.dead for d in queue_depths(client, namespace))
     age = oldest_waiting_seconds(client, namespace, int(time.time() * 1000))
     problems = []
