@@ -422,3 +422,19 @@ def test_consent_export_is_a_csv_for_a_crm(app: App, tmp_path: Path) -> None:
     target = tmp_path / "consent.csv"
     out = CliRunner().invoke(main, ["consent", "export", "-o", str(target)])
     assert out.exit_code == 0 and target.read_text().startswith("supporter_id,email,name")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", " =cmd|' /C calc'!A0"],
+)
+def test_consent_export_cells_never_start_a_formula(app: App, name: str) -> None:
+    logged(app, submission(supporter__email="=1+1@example.com", supporter__name="Ada"))
+    logged(app, submission(supporter__email="eve@example.com", supporter__name=name))
+    with session_scope(app.sessions) as session:
+        rows = list(csv.reader(io.StringIO("".join(consent_csv(session)))))
+    for row in rows[1:]:
+        for cell in row:
+            assert not cell.lstrip(" ").startswith(("=", "+", "-", "@", "\t", "\r")), row
+    assert any(cell == "'" + name.strip() for row in rows for cell in row)
+    assert any(cell == "'=1+1@example.com" for row in rows for cell in row)

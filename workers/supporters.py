@@ -436,6 +436,20 @@ EXPORT_COLUMNS = [
 ]
 
 
+# A cell a spreadsheet would run as a formula starts with one of these (OWASP's CSV injection
+# rule), possibly after spaces the spreadsheet strips.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell that a spreadsheet shows as text: one that could start a formula gets a
+    leading apostrophe (shown by no spreadsheet, and removable by anyone who needs the raw
+    value)."""
+    if isinstance(value, str) and value.lstrip(" ").startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def consent_csv(session: Session) -> Iterator[str]:
     """Current contact preferences per supporter, as CSV lines for a CRM (header first).
 
@@ -473,5 +487,5 @@ def consent_csv(session: Session) -> Iterator[str]:
         email, name = contact.get(who, ("", ""))
         updated = max(p["since"] for p in current.values())
         choices = [current.get(c, {}).get("choice", "not_asked") for c in CHANNELS]
-        writer.writerow([who, email, name, *choices, updated])
+        writer.writerow([spreadsheet_safe(v) for v in (who, email, name, *choices, updated)])
         yield flush()
