@@ -46,7 +46,7 @@ def server(app: App, stub_broker: Any, stub_worker: dramatiq.Worker) -> Iterator
 
 
 @pytest.fixture
-def page(tmp_path: Any) -> Iterator[Any]:
+def browser(tmp_path: Any) -> Iterator[Any]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         unavailable("Debian's chromium package is not installed")
@@ -56,14 +56,19 @@ def page(tmp_path: Any) -> Iterator[Any]:
         browser = playwright.chromium.launch(
             executable_path=chromium, headless=True, args=CHROMIUM_FLAGS
         )
-        yield browser.new_page()
+        yield browser
         browser.close()
 
 
-def test_a_supporter_writes_to_their_mp_in_a_real_browser(app: App, server: str, page: Any) -> None:
+def test_a_supporter_writes_to_their_mp_in_a_real_browser(
+    app: App, server: str, browser: Any
+) -> None:
     from playwright.sync_api import expect
 
+    page = browser.new_page()
     page.goto(f"{server}/demo/political-prisoners")
+    # The hint suggests a postcode this deployment's directory knows.
+    expect(page.locator("#postcode-hint")).to_contain_text("for example DM1 1AA")
     expect(page.get_by_role("heading", level=1)).to_have_text(
         "Stand with Palestinian political prisoners"
     )
@@ -106,3 +111,25 @@ def test_a_supporter_writes_to_their_mp_in_a_real_browser(app: App, server: str,
     text = message.get_body(("plain",)).get_content()  # type: ignore[attr-defined]
     assert "raise the treatment of Palestinian political prisoners" in text
     assert text.startswith("Dear Alex Rivers,")
+
+
+def test_without_javascript_the_page_says_so_and_sends_nothing_by_get(
+    server: str, browser: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_context(java_script_enabled=False).new_page()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(f"{request.method} {request.url}"))
+    page.goto(f"{server}/demo/political-prisoners")
+    expect(page.locator("noscript, main > p.error").first).to_be_attached()
+    assert "needs JavaScript" in page.content()
+    page.get_by_label("Full name").fill("Amira Haddad")
+    page.get_by_label("Email address").fill("amira.haddad@example.com")
+    page.get_by_label("Postcode").fill("DM1 1AA")
+    page.get_by_label("Address line 1").fill("12 Mill Lane")
+    page.get_by_role("button", name="Next: see your letter").click()
+    page.wait_for_load_state()
+    for seen in [page.url, *requests]:
+        for detail in ("Amira", "amira", "Mill", "DM1"):
+            assert detail not in seen, seen

@@ -21,6 +21,15 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
+def private_file(path: Path) -> None:
+    """Create ``path`` (and its folder) readable by this user only, before SQLite opens it: it
+    holds personal data. SQLite gives its -wal and -shm files the database file's mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    if path.stat().st_mode & 0o077:  # a file made before this rule
+        path.chmod(0o600)
+
+
 def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout, and a transaction that takes the
     write lock at its first write (reads before it wait for nothing).
@@ -36,7 +45,7 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
 
     file_db = bool(parsed.database) and parsed.database != ":memory:"
     if file_db:
-        Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
+        private_file(Path(str(parsed.database)))
     engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **kwargs)
     turns = Turns(parsed.database, enabled=take_turns)
     checkpoints = Checkpointer(str(parsed.database)) if take_turns and file_db else None

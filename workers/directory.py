@@ -214,6 +214,35 @@ def current_version(session: Session) -> DirectoryVersion | None:
     ).first()
 
 
+def example_postcode(session: Session) -> str | None:
+    """A live postcode of the current directory whose seat has an MP with an email address:
+    what a page can suggest (the embedded sample's postcodes are fictional, ``DM1 1AA``...)."""
+    version = current_version_id(session)
+    if version is None:
+        return None
+    found: str | None = session.scalar(
+        select(Postcode.postcode)
+        .join(
+            Constituency,
+            (Constituency.version_id == Postcode.version_id)
+            & (Constituency.gss_code == Postcode.gss_code),
+        )
+        .join(
+            Member,
+            (Member.version_id == Constituency.version_id)
+            & (Member.member_id == Constituency.member_id),
+        )
+        .where(
+            Postcode.version_id == version,
+            Postcode.terminated.is_(False),
+            Member.email.is_not(None),
+        )
+        .order_by(Postcode.postcode)
+        .limit(1)
+    )
+    return found
+
+
 def current_version_id(session: Session) -> int | None:
     version = current_version(session)
     return version.id if version is not None else None

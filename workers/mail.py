@@ -294,12 +294,19 @@ class OutboxMailer:
         path = self.directory / f"{stem}.eml"
         tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         try:
-            tmp.write_bytes(mail.data)
+            _write_private(tmp, mail.data)
         except FileNotFoundError:  # the first letter (or the folder was removed): make it
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(mail.data)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_private(tmp, mail.data)
         os.replace(tmp, path)
         return f"written {path.name}"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """A letter's file, readable by this user only (it holds personal data)."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 class SmtpMailer:

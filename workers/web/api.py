@@ -35,6 +35,7 @@ from schemas.submission import SubmissionV1, error_message, single_line
 from workers.app import App, get_app
 from workers.campaigns import get_definition
 from workers.confirmation import check_token, confirm
+from workers.directory import example_postcode
 from workers.db import session_scope
 from workers.models import Campaign, State, Submission, utcnow
 from workers.privacy import ip_hash, limiter_email, limiter_network, supporter_hash
@@ -83,6 +84,9 @@ class CampaignOut(BaseModel):
     privacy_notice_version: str
     confirmation_required: bool
     honeypot_field: str = Field(description="Leave this field empty; it is a trap for robots.")
+    example_postcode: str | None = Field(
+        default=None, description="A postcode the directory knows, for the form's hint."
+    )
 
 
 class PreviewIn(BaseModel):
@@ -350,9 +354,12 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
     @api.get("/v1/campaigns/{slug}", response_model=CampaignOut, responses=ERROR_RESPONSES)
     def campaign(slug: str) -> Any:
         """What a page needs to draw the form."""
-        definition = _definition(app_getter(), slug)
+        app = app_getter()
+        definition = _definition(app, slug)
         if definition is None:
             return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
+        with session_scope(app.sessions) as session:
+            example = example_postcode(session)
         return CampaignOut(
             slug=definition.slug,
             title=definition.title,
@@ -373,6 +380,7 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
             privacy_notice_version=definition.privacy_notice_version,
             confirmation_required=definition.confirmation,
             honeypot_field=HONEYPOT,
+            example_postcode=example,
         )
 
     @api.post("/v1/campaigns/{slug}/preview", response_model=PreviewOut, responses=ERROR_RESPONSES)

@@ -67,6 +67,9 @@ async function load() {
   document.title = data.title;
   $("title").textContent = data.title;
   $("introduction").textContent = data.introduction;
+  if (data.example_postcode) {
+    $("postcode-hint").textContent = `We use it to find your MP, for example ${data.example_postcode}.`;
+  }
   $("mp-notice").textContent = data.mp_notice;
   $("privacy").href = data.privacy_notice_url;
   const box = $("consent-questions");

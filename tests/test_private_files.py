@@ -1,0 +1,36 @@
+"""Files that hold personal data are readable by their owner only."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from sqlalchemy import text
+
+from workers.db import make_engine
+from workers.mail import OutboxMailer, Outgoing
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_sqlite_database_and_its_journal_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "dearmp.sqlite3"
+    engine = make_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x TEXT)"))
+        conn.execute(text("INSERT INTO t VALUES ('a supporter')"))
+        for journal in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            assert mode(journal) == 0o600
+    assert mode(path) == 0o600 and mode(path.parent) == 0o700
+    engine.dispose()
+    path.chmod(0o644)  # a database made before the rule is made private when opened
+    make_engine(f"sqlite:///{path}").dispose()
+    assert mode(path) == 0o600
+
+
+def test_letters_in_the_outbox_are_private(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    OutboxMailer(outbox).send(Outgoing("a@example.org", ["b@example.org"], b"x", "<id-1@x>"))
+    assert mode(outbox) == 0o700 and mode(outbox / "id-1.eml") == 0o600
