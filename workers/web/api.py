@@ -35,8 +35,8 @@ from schemas.submission import SubmissionV1, error_message, single_line
 from workers.app import App, get_app
 from workers.campaigns import get_definition
 from workers.confirmation import check_token, confirm
-from workers.directory import example_postcode
 from workers.db import session_scope
+from workers.directory import example_postcode
 from workers.models import Campaign, State, Submission, utcnow
 from workers.privacy import ip_hash, limiter_email, limiter_network, supporter_hash
 from workers.ratelimit import Limit
