@@ -113,3 +113,30 @@ def test_operator_commands_say_in_one_line_that_redis_is_away(app: App) -> None:
         assert "REDIS_URL" in lines[0]
     health = CliRunner().invoke(main, ["health"])
     assert health.output.startswith("Error: unhealthy: cannot reach Redis")
+
+
+def test_a_worker_child_that_dies_booting_stops_dearmp_worker_at_once(tmp_path: Path) -> None:
+    """A supervisor (systemd, Docker's restart policy) restarts the whole worker; dramatiq's
+    default would leave it idle for 30 s first."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {
+        **os.environ,
+        "DEARMP_DATA_DIR": str(tmp_path),
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "DEARMP_BROKER_MAINTENANCE_CHANCE": "not a number",  # the child fails to boot
+    }
+    dearmp = Path(sys.executable).with_name("dearmp")
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(dearmp), "worker", "--processes", "1", "--threads", "1"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert b"exited unexpectedly" in done.stderr + done.stdout
+    assert time.monotonic() - started < 20  # not dramatiq's 30 s wait

@@ -88,6 +88,10 @@ def worker(processes: int, threads: int) -> None:
         "--threads",
         str(threads),
         "--skip-logging",
+        # dramatiq waits this long for its children to boot before it notices one that died
+        # booting (30 s by default); no fork processes wait on it here.
+        "--worker-fork-timeout",
+        "1000",
     ]
     sys.argv = args
     sys.exit(dramatiq_main())  # type: ignore[no-untyped-call]
