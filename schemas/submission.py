@@ -10,11 +10,22 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+)
+from pydantic_core import core_schema
 
 from schemas.postcode import check_format, normalise_postcode
 
@@ -92,6 +103,31 @@ def check_text(label: str, text: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A field's own check, run before pydantic's, and what the published JSON Schema says of
+    the field's string form (a format named for the rule, lengths, a pattern)."""
+
+    check: Callable[[Any], Any]
+    schema: dict[str, Any]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.no_info_before_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler) -> Any:
+        json_schema = handler.resolve_ref_schema(handler(schema))
+        for branch in json_schema.get("anyOf", [json_schema]):
+            if branch.get("type") == "string":
+                branch.update(self.schema)
+        return json_schema
+
+
+SINGLE_LINE = (
+    "One line of text: no control characters, line breaks, bidi controls or broken "
+    "characters; leading and trailing spaces are removed."
+)
+
+
 def single_line(label: str, max_len: int, min_len: int = 1, optional: bool = False) -> Any:
     def check(value: Any) -> str | None:
         if value is None and optional:
@@ -108,7 +144,8 @@ def single_line(label: str, max_len: int, min_len: int = 1, optional: bool = Fal
             raise ValueError(f"{label} must be at most {max_len} characters.")
         return text
 
-    return BeforeValidator(check)
+    schema = {"format": "single-line-text", "maxLength": max_len, "description": SINGLE_LINE}
+    return Checked(check, schema | ({"minLength": min_len} if min_len else {}))
 
 
 def _check_postcode(value: Any) -> str:
@@ -189,11 +226,29 @@ def _check_regex(pattern: re.Pattern[str], message: str) -> Any:
             raise ValueError(message)
         return value
 
-    return BeforeValidator(check)
+    return Checked(check, {"pattern": pattern.pattern})
 
 
-Postcode = Annotated[str, BeforeValidator(_check_postcode), Field(examples=["SW1A 1AA"])]
-Email = Annotated[str, BeforeValidator(_check_email), Field(max_length=254)]
+Postcode = Annotated[
+    str,
+    Checked(
+        _check_postcode,
+        {"format": "uk-postcode", "description": "A UK postcode where someone lives."},
+    ),
+    Field(examples=["SW1A 1AA"]),
+]
+Email = Annotated[
+    str,
+    Checked(
+        _check_email,
+        {
+            "format": "email",
+            "maxLength": 254,
+            "description": "An email address with an ASCII local part; the domain may be "
+            "internationalised (it is stored as IDNA).",
+        },
+    ),
+]
 
 
 class Supporter(BaseModel):
@@ -206,7 +261,13 @@ class Supporter(BaseModel):
         list[Annotated[str, single_line("Address line", 100)]],
         Field(min_length=1, max_length=5, title="Postal address (without the postcode)"),
     ]
-    phone: Annotated[str | None, BeforeValidator(_check_phone)] = None
+    phone: Annotated[
+        str | None,
+        Checked(
+            _check_phone,
+            {"pattern": PHONE_RE.pattern, "description": "10 to 15 digits, spaces, () - and +."},
+        ),
+    ] = None
 
 
 class Letter(BaseModel):
@@ -217,7 +278,18 @@ class Letter(BaseModel):
         single_line("Subject", 200, min_len=0),
         Field(description="Empty, or not editable in the campaign: a campaign variant is used."),
     ] = ""
-    body: Annotated[str, BeforeValidator(_check_body), Field(max_length=10_000)]
+    body: Annotated[
+        str,
+        Checked(
+            _check_body,
+            {
+                "format": "letter-text",
+                "description": "Lines of text (tabs and line breaks allowed, no other control "
+                "characters); the campaign sets its own lengths.",
+            },
+        ),
+        Field(max_length=10_000),
+    ]
 
 
 class ContactPreferences(BaseModel):
@@ -265,7 +337,7 @@ class SubmissionV1(BaseModel):
     )
     client_ip: Annotated[
         str | None,
-        BeforeValidator(_check_ip),
+        Checked(_check_ip, {"format": "ip-address"}),
         Field(
             description="Only ever stored as a keyed hash; the raw address is dropped on intake."
         ),

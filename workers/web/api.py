@@ -30,7 +30,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.campaign import CampaignDefinition
-from schemas.postcode import check_format
+from schemas.postcode import PostcodeProblem, check_format
 from schemas.submission import SubmissionV1, error_message, single_line
 from workers.app import App, get_app
 from workers.campaigns import get_definition
@@ -170,7 +170,7 @@ def problem(
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"model": Errors, "description": "No such campaign or submission."},
+    404: {"model": Errors, "description": "No such campaign, submission or postcode."},
     413: {"model": Errors, "description": "The request body is over the size limit."},
     422: {"model": Errors, "description": "A message per invalid field."},
     429: {"model": Errors, "description": "Too many requests; see Retry-After."},
@@ -183,6 +183,10 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
     401: {"model": Errors, "description": "The X-DearMP-Key header holds no valid key."},
     403: {"model": Errors, "description": "This page's origin may not post to the campaign."},
+    409: {
+        "model": Errors,
+        "description": "The consent wording has changed since the page was loaded: reload it.",
+    },
 }
 _PAGE = {"text/html": {"schema": {"type": "string"}}}
 CONFIRM_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -412,7 +416,9 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
             outcome = decide(targets, postcode, answer)
         if isinstance(outcome, Refuse):
             field = "postcode" if outcome.field == POSTCODE_FIELD else MEMBER_FIELD
-            return problem(422, {field: outcome.message})
+            # A postcode the directory does not know is not found; the rest are refusals.
+            unknown = outcome.code == f"postcode:{PostcodeProblem.UNKNOWN}"
+            return problem(404 if unknown else 422, {field: outcome.message})
         if not isinstance(outcome, Found):
             return problem(
                 422,
@@ -468,13 +474,16 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         if definition is MISSING:
             definition = await anyio.to_thread.run_sync(_definition, app, body.campaign)
         if not isinstance(definition, CampaignDefinition):
-            return problem(422, {"campaign": f"There is no campaign called '{body.campaign}'."})
+            return problem(404, {"campaign": f"There is no campaign called '{body.campaign}'."})
         own = f"{request.url.scheme}://{request.headers.get('host', '')}"
         if origin and origin != own and not origins.allows(body.campaign, origin):
             return problem(403, {"origin": "This page may not post to this campaign."})
         errors = campaign_errors(definition, body)
         if errors:
-            return problem(422, errors)
+            # The page's consent wording is out of date: a conflict with the campaign as it is
+            # now, which reloading resolves; anything else is the letter's.
+            stale = set(errors) == {"contact_preferences.wording_version"}
+            return problem(409 if stale else 422, errors)
         client_ip = _client_ip(request)
         for kind, who, limit, window in (
             (
