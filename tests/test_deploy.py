@@ -34,6 +34,9 @@ def test_compose_has_the_production_shaped_services() -> None:
     assert env["DATABASE_URL"].startswith("postgresql+psycopg://")
     assert env["REDIS_URL"].startswith("redis://redis:")
     assert env["SMTP_HOST"] == "smtp"
+    # Confirmation links must point at the deployment, not at 127.0.0.1.
+    assert "DEARMP_PUBLIC_URL:?" in env["DEARMP_PUBLIC_URL"]
+    assert "FORWARDED_ALLOW_IPS" in env and "DEARMP_API_KEYS" in env
 
 
 def test_every_compose_command_exists_in_the_project() -> None:
