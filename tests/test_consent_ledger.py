@@ -438,3 +438,22 @@ def test_consent_export_cells_never_start_a_formula(app: App, name: str) -> None
             assert not cell.lstrip(" ").startswith(("=", "+", "-", "@", "\t", "\r")), row
     assert any(cell == "'" + name.strip() for row in rows for cell in row)
     assert any(cell == "'=1+1@example.com" for row in rows for cell in row)
+
+
+def test_exports_never_crash_on_text_stored_before_surrogates_were_refused(
+    app: App, tmp_path: Path
+) -> None:
+    sid = logged(app, submission(supporter__email="old@example.com"))
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.payload is not None
+        supporter = {**sub.payload["supporter"], "name": "A\ud800"}
+        sub.payload = {**sub.payload, "supporter": supporter}
+    runner = CliRunner()
+    exported = runner.invoke(main, ["supporter", "export", "old@example.com"])
+    assert exported.exit_code == 0, exported.output
+    assert "A\ufffd" in exported.stdout
+    target = tmp_path / "consent.csv"
+    csv_out = runner.invoke(main, ["consent", "export", "-o", str(target)])
+    assert csv_out.exit_code == 0, csv_out.output
+    assert "A\ufffd" in target.read_text(encoding="utf-8")

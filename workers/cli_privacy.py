@@ -10,6 +10,7 @@ import click
 
 from schemas.submission import CHANNELS
 from workers.app import App
+from workers.supporters import writable
 
 
 def _app() -> App:
@@ -79,7 +80,7 @@ def consent_receipt_command(email: str) -> None:
         receipt = consent_receipt(session, app.secret, email)
     if receipt is None:
         raise click.ClickException("no consent recorded for this address")
-    click.echo(json.dumps(receipt, indent=2, ensure_ascii=False))
+    click.echo(writable(json.dumps(receipt, indent=2, ensure_ascii=False)))
 
 
 @consent.command("export")
@@ -93,11 +94,11 @@ def consent_export(output: Path | None) -> None:
     with session_scope(app.sessions) as session:
         if output is None:
             for chunk in consent_csv(session):
-                click.echo(chunk, nl=False)
+                click.echo(writable(chunk), nl=False)
             return
         with output.open("w", newline="") as fh:
             for chunk in consent_csv(session):
-                fh.write(chunk)
+                fh.write(writable(chunk))
     click.echo(f"written {output}", err=True)
 
 
@@ -116,7 +117,7 @@ def supporter_export(email: str) -> None:
     app = _app()
     with session_scope(app.sessions) as session:
         data = export_supporter(session, app.secret, email)
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    click.echo(writable(json.dumps(data, indent=2, ensure_ascii=False)))
 
 
 @supporter.command("erase")

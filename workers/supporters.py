@@ -436,6 +436,12 @@ EXPORT_COLUMNS = [
 ]
 
 
+def writable(text: str) -> str:
+    """``text`` with any lone surrogate (stored before the intake refused text that is not
+    Unicode) as U+FFFD, so an export can always be written as UTF-8."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 # A cell a spreadsheet would run as a formula starts with one of these (OWASP's CSV injection
 # rule), possibly after spaces the spreadsheet strips.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
