@@ -139,15 +139,16 @@ def test_a_worker_shutting_down_sends_what_is_held(stub_broker: dramatiq.Broker)
 def test_the_stages_send_on_through_the_handoff(stub_broker: dramatiq.Broker) -> None:
     from workers.actors.common import HANDOFF, send_on
 
+    a, b, c = (f"00000000-0000-4000-8000-00000000000{n}" for n in range(3))
     assert HANDOFF.linger > 0  # the default: the stages' messages are grouped
-    send_on([("a", [Stage.RESOLVE, Stage.CONSENT]), ("b", [Stage.RESOLVE])])
-    send_on([("c", [Stage.RESOLVE])])
+    send_on([(a, [Stage.RESOLVE, Stage.CONSENT]), (b, [Stage.RESOLVE])])
+    send_on([(c, [Stage.RESOLVE])])
     resolve, consent = (stub_broker.queues[s.queue] for s in (Stage.RESOLVE, Stage.CONSENT))
     wait_until(lambda: resolve.qsize() and consent.qsize())
     [message] = [dramatiq.Message.decode(raw) for raw in resolve.queue]
-    assert parse_stage_message(message.args[0]).ids == ["a", "b", "c"]
+    assert parse_stage_message(message.args[0]).ids == [a, b, c]
     [message] = [dramatiq.Message.decode(raw) for raw in consent.queue]
-    assert parse_stage_message(message.args[0]).ids == ["a"]
+    assert parse_stage_message(message.args[0]).ids == [a]
 
 
 def _add_in_child(handoff: Handoff, done: Any) -> None:
