@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
-from schemas.postcode import check_format, normalise_postcode
+from schemas.postcode import MESSAGES, PostcodeProblem, check_format, normalise_postcode
 
 __all__ = [
     "SubmissionV1",
@@ -42,7 +41,41 @@ SCHEMA_VERSION: Literal[1] = 1
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
-PHONE_RE = re.compile(r"^\+?[0-9 ()-]{7,24}$")
+# The published patterns are the rules themselves: what matches is accepted, what does not is
+# refused with a message (email addresses also pass email-validator, which refuses the few
+# special-use domains such as .test; an internationalised domain is accepted beside the pattern,
+# which spells the ASCII form). Spaces only where a space may be; no \s, which JSON Schema's
+# engines and Python read differently.
+PHONE_RE = re.compile(r"^ *(?:\+?[ ()-]*(?:[0-9][ ()-]*){10,15})? *$")
+MAX_PHONE = 40
+_ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EMAIL_RE = re.compile(rf"^ *{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+[A-Za-z]{{2,63}} *$")
+MAX_EMAIL = 254
+# A UK postcode in any case, with spaces anywhere: BS 7666's shape (see schemas.postcode).
+_AREA = "[A-PR-UWYZa-pr-uwyz] *(?:[A-HK-Ya-hk-y] *)?"
+_DISTRICT = "[0-9] *(?:[0-9A-HJKMNPR-Ya-hjkmnpr-y] *)?"
+_UNIT = "[ABD-HJLNP-UW-Zabd-hjlnp-uw-z]"
+POSTCODE_SHAPE = re.compile(rf"^ *{_AREA}{_DISTRICT}[0-9] *{_UNIT} *{_UNIT} *$")
+# IPv4 and IPv6 addresses as RFC 3986 spells them.
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_V4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_H = "[0-9A-Fa-f]{1,4}"
+_LS32 = rf"(?:{_H}:{_H}|{_V4})"
+_V6 = "|".join(
+    [
+        rf"(?:{_H}:){{6}}{_LS32}",
+        rf"::(?:{_H}:){{5}}{_LS32}",
+        rf"(?:{_H})?::(?:{_H}:){{4}}{_LS32}",
+        rf"(?:(?:{_H}:){{0,1}}{_H})?::(?:{_H}:){{3}}{_LS32}",
+        rf"(?:(?:{_H}:){{0,2}}{_H})?::(?:{_H}:){{2}}{_LS32}",
+        rf"(?:(?:{_H}:){{0,3}}{_H})?::{_H}:{_LS32}",
+        rf"(?:(?:{_H}:){{0,4}}{_H})?::{_LS32}",
+        rf"(?:(?:{_H}:){{0,5}}{_H})?::{_H}",
+        rf"(?:(?:{_H}:){{0,6}}{_H})?::",
+    ]
+)
+IP_RE = re.compile(rf"^(?:{_V4}|{_V6})$")
 
 
 class Choice(StrEnum):
@@ -54,13 +87,33 @@ class Choice(StrEnum):
 CHANNELS = ("email", "phone", "sms", "post")
 
 
-# Format characters that only steer how text is shown, never part of it: the explicit bidi
-# embeddings, overrides and isolates (they can make a letter read differently from what is
-# stored) and the interlinear annotation marks. Other format characters are real text: ZWNJ and
-# ZWJ in Persian names and emoji sequences, a soft hyphen in an address.
-BIDI_AND_ANNOTATION = frozenset(
-    "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufff9\ufffa\ufffb"
+# What is not writable text, as one character class that Python's re and JSON Schema (ECMA
+# regular expressions with the u flag) read alike: C0 and C1 controls, the line and paragraph
+# separators, the bidi embeddings, overrides and isolates (they can make a letter read
+# differently from what is stored), the interlinear annotation marks and the BMP noncharacters.
+# Other format characters are real text: ZWNJ and ZWJ in Persian names and emoji sequences, a
+# soft hyphen in an address. (Lone surrogates, which are not Unicode scalar values, are refused
+# by check_text: a pattern cannot name them in every engine.)
+NOT_TEXT = (
+    "\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069"
+    "\\ufff9-\\ufffb\\ufdd0-\\ufdef\\ufffe\\uffff"
 )
+# A letter's body may also hold tabs and line breaks.
+NOT_LETTER_TEXT = NOT_TEXT.replace("\\x00-\\x1f", "\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f")
+_NOT_TEXT_RE = re.compile(f"[{NOT_TEXT}]")
+_NOT_LETTER_TEXT_RE = re.compile(f"[{NOT_LETTER_TEXT}]")
+# The spaces that text may hold and that are removed around it: every character str.strip()
+# removes that the classes above leave (spelled out: JSON Schema's engines, Python's re and
+# schemathesis each read \s differently).
+SPACES = "\\x20\\xa0\\u1680\\u2000-\\u200a\\u202f\\u205f\\u3000"
+
+
+def _text_pattern(excluded: str, required: bool, also_blank: str = "") -> str:
+    """The JSON Schema pattern for text without ``excluded`` and, when ``required``, with a
+    character other than a space (or ``also_blank``)."""
+    if not required:
+        return f"^[^{excluded}]*$"
+    return f"^[^{excluded}]*[^{SPACES}{also_blank}{excluded}][^{excluded}]*$"
 
 
 def _not_scalar(text: str) -> bool:
@@ -72,25 +125,10 @@ def _not_scalar(text: str) -> bool:
     return False
 
 
-def _is_noncharacter(ch: str) -> bool:
-    code = ord(ch)
-    return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
-
-
-def _has_control(text: str, allowed: str = "") -> bool:
-    """True if ``text`` holds a control character (other than ``allowed``), a line or paragraph
-    separator, a bidi control or a noncharacter."""
-    probe = text
-    for ch in allowed:
-        probe = probe.replace(ch, "")
-    if probe.isprintable():  # no Cc, Cf, Zl, Zp or Cs at all (checked in C): the usual case
-        return False
-    return any(
-        (unicodedata.category(ch) in {"Cc", "Zl", "Zp", "Cs"} and ch not in allowed)
-        or ch in BIDI_AND_ANNOTATION
-        or _is_noncharacter(ch)
-        for ch in probe
-    )
+def _has_control(text: str, letter: bool = False) -> bool:
+    """True if ``text`` holds anything that is not writable text (:data:`NOT_TEXT`; in a
+    letter's body, tabs and line breaks are text)."""
+    return (_NOT_LETTER_TEXT_RE if letter else _NOT_TEXT_RE).search(text) is not None
 
 
 def check_text(label: str, text: str) -> None:
@@ -124,50 +162,62 @@ class Checked:
 
 SINGLE_LINE = (
     "One line of text: no control characters, line breaks, bidi controls or broken "
-    "characters; leading and trailing spaces are removed."
+    "characters; the spaces around it are removed."
 )
 
 
 def single_line(label: str, max_len: int, min_len: int = 1, optional: bool = False) -> Any:
+    """One line of text, checked as it arrives (what the published pattern says), kept without
+    the spaces around it."""
+
     def check(value: Any) -> str | None:
         if value is None and optional:
             return None
         if not isinstance(value, str):
             raise ValueError(f"{label} must be text.")
         check_text(label, value)
-        text: str = value.strip()
-        if _has_control(text):
+        if _has_control(value):
             raise ValueError(f"{label} must be on one line, without control characters.")
+        if len(value) > max_len:
+            raise ValueError(f"{label} must be at most {max_len} characters.")
+        text: str = value.strip()
         if len(text) < min_len:
             raise ValueError(f"Please enter your {label.lower()}.")
-        if len(text) > max_len:
-            raise ValueError(f"{label} must be at most {max_len} characters.")
         return text
 
-    schema = {"format": "single-line-text", "maxLength": max_len, "description": SINGLE_LINE}
-    return Checked(check, schema | ({"minLength": min_len} if min_len else {}))
+    schema = {
+        "format": "single-line-text",
+        "maxLength": max_len,
+        "pattern": _text_pattern(NOT_TEXT, required=min_len > 0),
+        "description": SINGLE_LINE,
+    }
+    return Checked(check, schema)
 
 
 def _check_postcode(value: Any) -> str:
+    """A postcode of the right shape (:data:`POSTCODE_SHAPE`), normalised. Whether it has an MP
+    (a Crown dependency, a BFPO or PO box address, one the directory does not know) is for
+    resolution to say, with its reason; the preview says so before the letter is written."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Please enter your postcode.")
     check_text("Postcode", value)
-    if _has_control(value.strip()):
+    if POSTCODE_SHAPE.fullmatch(value):
+        return normalise_postcode(value)
+    if _has_control(value):
         raise ValueError("Postcode must be on one line, without control characters.")
-    postcode, problem = check_format(value)
-    if problem is not None:
-        raise ValueError(problem.message)
-    return postcode
+    _, problem = check_format(value)
+    raise ValueError(problem.message if problem else MESSAGES[PostcodeProblem.NOT_A_POSTCODE])
 
 
 def _check_email(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Please enter your email address.")
-    value = value.strip()
     check_text("Email address", value)
     if _has_control(value):
         raise ValueError("Email address must be on one line, without control characters.")
-    return ascii_email(value)
+    if len(value) > MAX_EMAIL:
+        raise ValueError(f"An email address has at most {MAX_EMAIL} characters.")
+    return ascii_email(value.strip(" "))
 
 
 def ascii_email(value: str) -> str:
@@ -188,36 +238,43 @@ def ascii_email(value: str) -> str:
     except EmailNotValidError as exc:
         raise ValueError(f"This is not a valid email address: {exc}") from None
     address: str = checked.ascii_email or checked.normalized
+    if value.isascii() and not EMAIL_RE.fullmatch(value):
+        raise ValueError("This is not a valid email address: it should look like name@example.org.")
     return address
 
 
 def _check_phone(value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if value is None or (isinstance(value, str) and not value.strip(" ")):
         return None
-    if not isinstance(value, str) or not value.isascii() or not PHONE_RE.match(value.strip()):
+    if not isinstance(value, str) or not re.fullmatch(r" *\+?[0-9 ()-]* *", value):
         raise ValueError("This is not a phone number. Use digits, spaces and an optional +.")
-    digits = re.sub(r"\D", "", value)
-    if not 10 <= len(digits) <= 15:
+    if len(value) > MAX_PHONE:
+        raise ValueError(f"A phone number has at most {MAX_PHONE} characters.")
+    if not PHONE_RE.fullmatch(value):
         raise ValueError("A phone number has between 10 and 15 digits.")
-    return value.strip()
+    return value.strip(" ")
 
 
 def _check_body(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Your letter is empty. Please write something to your MP.")
     check_text("Your letter", value)
-    if _has_control(value, allowed="\n\t\r"):
+    if _has_control(value, letter=True):
         raise ValueError("Your letter contains control characters that cannot be sent.")
+    if len(value) > MAX_BODY:
+        raise ValueError(f"Your letter is too long: the limit is {MAX_BODY} characters.")
     return value.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+MAX_BODY = 10_000
 
 
 def _check_ip(value: Any) -> str | None:
     if value is None or value == "":
         return None
-    try:
-        return str(ipaddress.ip_address(value))
-    except (TypeError, ValueError):
-        raise ValueError("client_ip is not an IPv4 or IPv6 address.") from None
+    if not isinstance(value, str) or not IP_RE.fullmatch(value):
+        raise ValueError("client_ip is not an IPv4 or IPv6 address.")
+    return str(ipaddress.ip_address(value))
 
 
 def _check_regex(pattern: re.Pattern[str], message: str) -> Any:
@@ -233,7 +290,12 @@ Postcode = Annotated[
     str,
     Checked(
         _check_postcode,
-        {"format": "uk-postcode", "description": "A UK postcode where someone lives."},
+        {
+            "format": "uk-postcode",
+            "pattern": POSTCODE_SHAPE.pattern,
+            "description": "A UK postcode, in any case, spaces anywhere. Whether it has an MP "
+            "is for the pipeline to say (POST /v1/campaigns/{slug}/preview says it at once).",
+        },
     ),
     Field(examples=["SW1A 1AA"]),
 ]
@@ -242,10 +304,11 @@ Email = Annotated[
     Checked(
         _check_email,
         {
-            "format": "email",
-            "maxLength": 254,
-            "description": "An email address with an ASCII local part; the domain may be "
-            "internationalised (it is stored as IDNA).",
+            "maxLength": MAX_EMAIL,
+            "pattern": EMAIL_RE.pattern,
+            "description": "An email address with an ASCII local part. The pattern spells an "
+            "ASCII domain; an internationalised one is accepted too and stored as IDNA. "
+            "Special-use domains (.test, .local, .invalid...) are refused.",
         },
     ),
 ]
@@ -265,7 +328,12 @@ class Supporter(BaseModel):
         str | None,
         Checked(
             _check_phone,
-            {"pattern": PHONE_RE.pattern, "description": "10 to 15 digits, spaces, () - and +."},
+            {
+                "pattern": PHONE_RE.pattern,
+                "maxLength": MAX_PHONE,
+                "description": "10 to 15 digits, with spaces, ( ) and - between them and an "
+                "optional + first; empty for none.",
+            },
         ),
     ] = None
 
@@ -285,10 +353,11 @@ class Letter(BaseModel):
             {
                 "format": "letter-text",
                 "description": "Lines of text (tabs and line breaks allowed, no other control "
-                "characters); the campaign sets its own lengths.",
+                "characters). Each campaign sets its own lengths (GET /v1/campaigns/{slug}).",
+                "maxLength": MAX_BODY,
+                "pattern": _text_pattern(NOT_LETTER_TEXT, required=True, also_blank="\\t\\n\\r"),
             },
         ),
-        Field(max_length=10_000),
     ]
 
 
@@ -337,7 +406,7 @@ class SubmissionV1(BaseModel):
     )
     client_ip: Annotated[
         str | None,
-        Checked(_check_ip, {"format": "ip-address"}),
+        Checked(_check_ip, {"pattern": f"^(?:|{IP_RE.pattern[1:-1]})$"}),
         Field(
             description="Only ever stored as a keyed hash; the raw address is dropped on intake."
         ),

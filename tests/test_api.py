@@ -126,7 +126,7 @@ def test_every_invalid_field_gets_its_own_message(client: TestClient, app: App) 
         "/v1/submissions",
         json=posted(
             supporter__email="nope",
-            supporter__postcode="JE2 4WD",
+            supporter__postcode="GIR 0AA",
             letter__body="",
             contact_preferences__sms="maybe",
         ),
@@ -134,13 +134,26 @@ def test_every_invalid_field_gets_its_own_message(client: TestClient, app: App) 
     assert reply.status_code == 422
     errors = reply.json()["errors"]
     assert errors["supporter.email"].startswith("This is not a valid email address")
-    assert "Crown dependency" in errors["supporter.postcode"]
+    assert "PO box" in errors["supporter.postcode"]
     assert errors["letter.body"] == "Your letter is empty. Please write something to your MP."
     assert errors["contact_preferences.sms"] == "Choose one of: granted, refused, not_asked."
     short = client.post("/v1/submissions", json=posted(letter__body="Too short"))
     assert "too short" in short.json()["errors"]["letter.body"]
     assert client.post("/v1/submissions", content=b"{not json").status_code == 422
     assert count(app) == 0
+
+
+def test_a_postcode_with_no_mp_is_accepted_and_rejected_with_the_reason(
+    app: App, client: TestClient, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    """The door checks the postcode's shape; whether it has an MP is resolution's to say (the
+    preview says it before the letter is written)."""
+    reply = client.post("/v1/submissions", json=posted(supporter__postcode="je2 4wd"))
+    assert reply.status_code == 202
+    drain(stub_broker, stub_worker)
+    sub = get(app, reply.json()["id"])
+    assert sub.state == State.REJECTED and sub.rejection is not None
+    assert "Crown dependency" in sub.rejection["supporter.postcode"]
 
 
 def test_body_size_limit_honeypot_and_security_headers(client: TestClient, app: App) -> None:
