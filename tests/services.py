@@ -6,6 +6,7 @@ In CI (CI=true) a service that cannot start is an error, never a skip.
 from __future__ import annotations
 
 import asyncio
+import base64
 import glob
 import json
 import os
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +228,26 @@ class HttpStub:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@cache
+def dkim_keys() -> tuple[bytes, bytes]:
+    """A test RSA key for DKIM: the private key (PEM) and the DNS record's text."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+
+
+def dkim_dns(name: bytes, timeout: int = 5) -> bytes:
+    """The DNS answer for :func:`dkim_keys`'s selector, whatever the name asked."""
+    return dkim_keys()[1]

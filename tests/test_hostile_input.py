@@ -7,22 +7,18 @@ supporter data reaches the logs, the stage messages or Redis."""
 
 from __future__ import annotations
 
-import base64
 import email
 import email.policy
 import json
 import re
 import uuid
 from collections.abc import Iterator
-from functools import cache
 from typing import Any
 
 import dkim
 import dramatiq
 import pytest
 import redis
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from dramatiq.middleware import Middleware
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
@@ -31,6 +27,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import drain
 from tests.factories import submission
+from tests.services import dkim_dns, dkim_keys
 from tests.test_stages import get
 from workers.app import App
 from workers.mail import DkimSigner
@@ -108,24 +105,6 @@ TEXT_FIELDS = [
 ]
 
 
-@cache
-def _key() -> tuple[bytes, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
-
-
-def _dns(name: bytes, timeout: int = 5) -> bytes:
-    return _key()[1]
-
-
 class Sent(Middleware):
     """Every stage message as it goes on the wire."""
 
@@ -146,7 +125,7 @@ def sent(stub_broker: dramatiq.Broker) -> Iterator[Sent]:
 
 @pytest.fixture
 def client(app: App, stub_broker: Any, redis_server: Any) -> Iterator[TestClient]:
-    app.signer = DkimSigner("dearmp", _key()[0])
+    app.signer = DkimSigner("dearmp", dkim_keys()[0])
     app.limiter = RedisLimiter(redis.Redis.from_url(redis_server.url))
     app.settings.api_ip_limit = app.settings.api_email_limit = 100_000
     with TestClient(create_app(lambda: app, stub_broker), client=("203.0.113.9", 1)) as test:
@@ -200,7 +179,7 @@ def check_letter(data: bytes) -> email.message.EmailMessage:
     assert not message.defects, message.defects
     for part in message.walk():
         assert not part.defects, part.defects
-    assert dkim.verify(data, dnsfunc=_dns)
+    assert dkim.verify(data, dnsfunc=dkim_dns)
     return message  # type: ignore[return-value]
 
 

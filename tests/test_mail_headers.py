@@ -4,26 +4,22 @@ reader sees; and a letter a server cannot take never spoils the next letter on i
 
 from __future__ import annotations
 
-import base64
 import email
 import email.policy
 import email.utils
 import re
 from email.header import decode_header, make_header
-from functools import cache
 from pathlib import Path
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.submission import parse_submission
 from tests.conftest import make_settings
 from tests.factories import submission
-from tests.services import SmtpSink
+from tests.services import SmtpSink, dkim_dns, dkim_keys
 from tests.test_rendering import MP, campaign, payload, stored
 from tests.test_stages import through_render
 from workers.app import App
@@ -51,24 +47,6 @@ _scripts = st.characters(
 )
 _emoji = st.sampled_from(["😀", "👩‍👩‍👧", "👍🏽", "🏳️‍🌈", "e\u0301", "مهدی‌زاده", "ZWJ\u200dX"])
 _text = st.lists(_scripts | _emoji, min_size=1, max_size=100).map(lambda xs: "".join(xs))
-
-
-@cache
-def _key() -> tuple[bytes, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
-
-
-def _dns(name: bytes, timeout: int = 5) -> bytes:
-    return _key()[1]
 
 
 def letter_with(name: str, subject: str) -> Letter:
@@ -103,7 +81,7 @@ def test_every_accepted_name_and_subject_makes_lines_a_server_accepts(
 ) -> None:
     subject = subject.strip() or "x"
     letter = letter_with(name, subject)
-    pem, _ = _key()
+    pem, _ = dkim_keys()
     data = outgoing(letter, DkimSigner("dearmp", pem)).data
     check_wire(data)
     parsed = email.message_from_bytes(data, policy=email.policy.default)
@@ -111,7 +89,7 @@ def test_every_accepted_name_and_subject_makes_lines_a_server_accepts(
     assert str(parsed["Subject"]) == subject
     assert display_name(data, "From") == name
     assert display_name(data, "To") == name[::-1]
-    assert dkim.verify(data, dnsfunc=_dns)
+    assert dkim.verify(data, dnsfunc=dkim_dns)
     # The direct writer and the email package's generator still agree byte for byte.
     assert letter_bytes(letter) == build_message(letter).as_bytes(policy=WIRE)
 
@@ -157,7 +135,7 @@ def test_an_internationalised_domain_goes_out_as_idna_and_is_replyable() -> None
 
 
 def test_dkim_signs_the_mime_headers_and_over_signs_what_a_reader_sees() -> None:
-    pem, _ = _key()
+    pem, _ = dkim_keys()
     data = outgoing(letter_with("Amira", "Hello"), DkimSigner("dearmp", pem)).data
     tags = dict(
         part.strip().split("=", 1)
@@ -172,8 +150,8 @@ def test_dkim_signs_the_mime_headers_and_over_signs_what_a_reader_sees() -> None
     assert [h.decode() for h in SIGNED_HEADERS] == signed
     # A relay that adds a second From breaks the signature.
     forged = data.replace(b"\r\nTo:", b"\r\nFrom: someone@else.example\r\nTo:", 1)
-    assert dkim.verify(data, dnsfunc=_dns)
-    assert not dkim.verify(forged, dnsfunc=_dns)
+    assert dkim.verify(data, dnsfunc=dkim_dns)
+    assert not dkim.verify(forged, dnsfunc=dkim_dns)
 
 
 @pytest.mark.smtp

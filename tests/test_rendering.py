@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import email
 import email.policy
 from datetime import UTC, datetime
@@ -10,14 +9,13 @@ from typing import Any
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config.settings import CONFIG_DIR
 from schemas.campaign import CampaignDefinition
 from tests.factories import submission
+from tests.services import dkim_keys
 from workers.campaigns import load_definitions
 from workers.mail import WIRE, DkimSigner, build_message, letter_bytes, outgoing
 from workers.models import Letter
@@ -174,16 +172,7 @@ def test_a_header_with_a_line_break_is_refused(field: str) -> None:
 
 
 def test_dkim_signature_verifies() -> None:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    pem, record = dkim_keys()
     letter = stored(compose(campaign(), "s-1", payload(), MP))
     signed = outgoing(letter, DkimSigner("dearmp", pem)).data
     assert signed.startswith(b"DKIM-Signature:")
