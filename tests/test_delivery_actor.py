@@ -104,3 +104,40 @@ def test_retry_after_from_the_provider_is_honoured(
 def provider_times(provider: ProviderStub) -> float:
     first, second = (r["at"] for r in provider.requests)
     return float(second - first)
+
+
+def test_a_passing_refusal_is_a_warning_with_the_answer_not_an_error(
+    app: App,
+    stub_broker: Any,
+    stub_worker: dramatiq.Worker,
+    smtp_sink: SmtpSink,
+    tmp_path: Path,
+    caplog: Any,
+) -> None:
+    import logging
+
+    from structlog.testing import capture_logs
+
+    from tests.test_stages import through_render
+    from workers.models import Failure
+    from workers.stages import Stage, stage_message
+
+    app.mailer = SmtpMailer(
+        make_settings(
+            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
+        )
+    )
+    smtp_sink.answer = "451 4.3.0 Try again later"
+    sid = through_render(app, submission())
+    message = stage_message(Stage.DELIVER, sid).copy(options={"max_retries": 0})
+    with caplog.at_level(logging.INFO), capture_logs() as logs:
+        stub_broker.enqueue(message)
+        drain(stub_broker, stub_worker)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    [warning] = [e for e in logs if e["event"] == "stage_attempt_failed"]
+    assert warning["log_level"] == "warning" and warning["error"] == "TransientDeliveryError"
+    assert warning["answer"].startswith("451 4.3.0")
+    with session_scope(app.sessions) as session:
+        failure = session.scalar(select(Failure).where(Failure.message_id == message.message_id))
+    assert failure is not None and failure.exception_type.endswith("TransientDeliveryError")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import structlog
 
@@ -21,3 +22,64 @@ def test_events_are_json_with_bound_context_and_masked_personal_data() -> None:
     event = json.loads(out.getvalue().splitlines()[-1])
     assert event["event"] == "oops" and event["submission_id"] == "abc"
     assert event["detail"] == "from [email] at [postcode]"
+
+
+class Writes(io.StringIO):
+    """A stream that keeps each write call: what reaches a pipe in one system call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_each_record_is_written_whole_in_one_call() -> None:
+    """A worker process's log goes through a pipe to dramatiq's parent, which copies what it
+    reads from every child to one stream: a record written in two calls (its text, then its
+    line end) can meet another child's record in between."""
+    import logging
+
+    out = Writes()
+    configure_logging("INFO", stream=out)
+    structlog.get_logger("t").warning("ours", padding="x" * 200)
+    logging.getLogger("dramatiq.worker").warning("theirs %s", "y" * 200)
+    assert len(out.calls) == 2
+    for call in out.calls:
+        assert call.endswith("\n") and call.count("\n") == 1
+        json.loads(call)
+
+
+def test_concurrent_records_from_structlog_and_the_standard_library_keep_a_line_each(
+    tmp_path: Path,
+) -> None:
+    import logging
+    import threading
+
+    path = tmp_path / "log.jsonl"
+    out = path.open("a", buffering=1)  # as `dearmp demo` and `run` write their log
+    configure_logging("INFO", stream=out)
+    start = threading.Barrier(8)
+
+    def ours() -> None:
+        start.wait()
+        for i in range(100):
+            structlog.get_logger("t").warning("ours", i=i, padding="x" * 200)
+
+    def theirs() -> None:
+        start.wait()
+        for i in range(100):
+            logging.getLogger("dramatiq.worker").warning("theirs %d %s", i, "y" * 200)
+
+    threads = [threading.Thread(target=f) for f in (ours, theirs) * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 8 * 100
+    events = [json.loads(line) for line in lines]  # each line one whole record
+    assert {e["event"].split()[0] for e in events} == {"ours", "theirs"}

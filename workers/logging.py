@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -68,9 +69,44 @@ SHARED_PROCESSORS: list[Any] = [
 ]
 
 
+class Lines:
+    """The one writer of a process's log records, our events and the libraries' alike: each
+    record is written whole, with its line end, under one lock. (Two writers on one stream, each
+    with its own lock, let concurrent records share a line.)"""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def write(self, record: str) -> None:
+        with self.lock:
+            self.stream.write(record + "\n")
+            self.stream.flush()
+
+    # structlog calls the method named for the level with the rendered record.
+    def msg(self, message: str) -> None:
+        self.write(message)
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+class LinesHandler(logging.Handler):
+    """The standard library's records, formatted, through :class:`Lines`."""
+
+    def __init__(self, lines: Lines) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     """JSON lines on stderr for our events and for the libraries' standard-library logs."""
-    out = stream or sys.stderr
+    lines = Lines(stream or sys.stderr)
     structlog.configure(
         processors=[
             *SHARED_PROCESSORS,
@@ -79,10 +115,10 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=lambda *_: lines,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(out)
+    handler = LinesHandler(lines)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*SHARED_PROCESSORS, structlog.stdlib.add_logger_name],

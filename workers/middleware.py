@@ -16,11 +16,19 @@ from workers.db import session_scope
 from workers.failures import Attempt, end_if_failing, record_failure
 from workers.handoff import Handoff
 from workers.logging import configure_logging
+from workers.mail import TransientDeliveryError
 from workers.stages import Stage, submission_id_of
 
 
 class MessageTooOld(Exception):
     """The reason recorded for a message dead-lettered for its age."""
+
+
+def reason_of(exception: BaseException) -> BaseException:
+    """What failed: for a retry a stage asked for, the error it was asked for."""
+    if isinstance(exception, dramatiq.Retry) and exception.__cause__ is not None:
+        return exception.__cause__
+    return exception
 
 
 class ForeignMessage(MiddlewareError):
@@ -61,10 +69,15 @@ class LogContext(Middleware):
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
         if exception is not None:
+            cause = reason_of(exception)
+            details = {}
+            if isinstance(cause, TransientDeliveryError):  # the server's answer, masked
+                details["answer"] = str(cause)[:300]
             structlog.get_logger("workers").warning(
                 "stage_attempt_failed",
-                error=type(exception).__name__,
+                error=type(cause).__name__,
                 retries=message.options.get("retries", 0),
+                **details,
             )
         structlog.contextvars.clear_contextvars()
 
@@ -107,6 +120,7 @@ class FailureRecorder(Middleware):
             self._record(message, exception)
 
     def _record(self, message: Any, exception: BaseException) -> None:
+        exception = reason_of(exception)
         attempt = Attempt(
             message_id=message.message_id,
             queue_name=message.queue_name,

@@ -40,13 +40,17 @@ def _work(app: App, ids: list[str]) -> list[Outcome]:
         outcomes = deliver_group(
             app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer, WRITES
         )
-    return [(sid, _retry_after(error)) for sid, error in outcomes]
+    return [(sid, _retry(error)) for sid, error in outcomes]
 
 
-def _retry_after(error: BaseException | None) -> BaseException | None:
-    """The provider said when to try again: the letter's message waits that long."""
-    if isinstance(error, TransientDeliveryError) and error.retry_after is not None:
-        retry = dramatiq.Retry(str(error), delay=int(error.retry_after * 1000))
+def _retry(error: BaseException | None) -> BaseException | None:
+    """A passing refusal (a 4xx, a server away) is an expected outcome, not a crash: it goes
+    back to dramatiq as a retry, which dramatiq does not log as an error (the warning with the
+    server's answer is :class:`workers.middleware.LogContext`'s). When the provider said when
+    to try again, the letter's message waits that long."""
+    if isinstance(error, TransientDeliveryError):
+        later = None if error.retry_after is None else int(error.retry_after * 1000)
+        retry = dramatiq.Retry(str(error), delay=later)
         retry.__cause__ = error
         return retry
     return error
