@@ -72,6 +72,7 @@ def run(
         "DEARMP_SECRET_KEY": "bench", "DEARMP_DATA_DIR": str(tmp / "var"),
         "DEARMP_MAIL_BACKEND": "smtp", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(sink.port),
         "DEARMP_SEND_RATE": str(rate), "DEARMP_LOG_LEVEL": "WARNING",
+        "DEARMP_SANDBOX_ADDRESS": "sandbox@campaign.example.org",
     }  # fmt: skip
     workers = subprocess.Popen(
         [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes),

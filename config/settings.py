@@ -12,15 +12,20 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
 class Settings(BaseSettings):
+    # An empty variable means unset (SMTP_CA_FILE= is no CA file, not the current directory).
     model_config = SettingsConfigDict(
-        env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True
+        env_prefix="",
+        case_sensitive=False,
+        extra="ignore",
+        populate_by_name=True,
+        env_ignore_empty=True,
     )
 
     # Where embedded state lives (SQLite file, embedded Redis socket, outbox, secret key).
@@ -66,6 +71,8 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = Field(default=None, alias="SMTP_PASSWORD")
     smtp_security: Literal["none", "starttls", "tls"] = Field(default="none", alias="SMTP_SECURITY")
     smtp_timeout: float = Field(default=30.0, gt=0, alias="SMTP_TIMEOUT")
+    # The name this host gives in EHLO; relays check it. Unset: the machine's own name.
+    smtp_helo_name: str | None = Field(default=None, alias="SMTP_HELO_NAME")
     # Extra CA bundle to trust for the SMTP server's certificate (a private CA, or tests).
     smtp_ca_file: Path | None = Field(default=None, alias="SMTP_CA_FILE")
     # The HTTP email provider (Mailgun's raw-MIME API: the message is sent byte for byte).
@@ -77,7 +84,8 @@ class Settings(BaseSettings):
     dkim_private_key: SecretStr | None = Field(default=None, alias="DEARMP_DKIM_PRIVATE_KEY")
     dkim_private_key_file: Path | None = Field(default=None, alias="DEARMP_DKIM_PRIVATE_KEY_FILE")
     dkim_selector: str | None = Field(default=None, alias="DEARMP_DKIM_SELECTOR")
-    # Letters of campaigns in sandbox mode go here, with the intended MP noted at the top.
+    # Letters of campaigns in sandbox mode go here, with the intended MP noted at the top. With
+    # a mail server it must be a real mailbox (relays refuse sandbox@localhost for good).
     sandbox_address: str = Field(default="sandbox@localhost", alias="DEARMP_SANDBOX_ADDRESS")
     # Rate limits, across every worker process (Redis-backed). 0 means no limit.
     mp_limit: int = Field(default=0, ge=0, alias="DEARMP_MP_LIMIT")
@@ -154,6 +162,16 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @model_validator(mode="after")
+    def _sandbox_is_a_real_mailbox(self) -> Settings:
+        domain = self.sandbox_address.rpartition("@")[2].lower()
+        if self.mail_backend != "outbox" and ("." not in domain or domain.endswith(".localhost")):
+            raise ValueError(
+                "DEARMP_SANDBOX_ADDRESS must be a real mailbox on a real domain when letters go "
+                f"to a mail server ({self.sandbox_address!r} would be refused by a relay)"
+            )
+        return self
 
     @property
     def resolved_database_url(self) -> str:

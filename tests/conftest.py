@@ -80,6 +80,7 @@ def make_settings(tmp_path: Path, **values: Any) -> Settings:
         "secret_key": "test-secret",
         "broker": "stub",
         "outbox_dir": tmp_path / "outbox",
+        "sandbox_address": "sandbox@campaign.example.org",
     }
     return Settings(**(base | values))
 

@@ -135,6 +135,7 @@ class SmtpSink:
         self.rcpt_delay = 0.0
         self.rcpt_seen = threading.Event()
         self.arrivals: list[float] = []
+        self.helo_names: list[str] = []  # the name each accepted letter's client gave in EHLO
         self.port = free_port()
         self.controller: Any = None
         self.options = smtp_options
@@ -158,6 +159,7 @@ class SmtpSink:
         with self.received.lock:
             self.received.messages.append(message_from_bytes(envelope.original_content))
             self.arrivals.append(time.monotonic())
+            self.helo_names.append(session.host_name)
         return "250 2.0.0 Ok: queued"
 
     def start(self) -> SmtpSink:

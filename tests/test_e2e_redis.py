@@ -40,6 +40,7 @@ class Stack:
             "REDIS_URL": redis_url,
             "DATABASE_URL": db_url,
             "DEARMP_SECRET_KEY": "test-secret",
+            "DEARMP_SANDBOX_ADDRESS": "sandbox@campaign.example.org",
             "DEARMP_DATA_DIR": str(tmp_path / "var"),
             "DEARMP_OUTBOX_DIR": str(tmp_path / "outbox"),
             "DEARMP_RECONCILE_INTERVAL": "1",

@@ -35,10 +35,18 @@ class Commands(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         import redis
+        from pydantic import ValidationError
         from sqlalchemy.exc import OperationalError
 
         try:
             return super().invoke(ctx)
+        except ValidationError as exc:  # the settings: what is wrong, not a traceback
+            problems = "; ".join(
+                str(e["msg"]).removeprefix("Value error, ")
+                + (f" ({'.'.join(str(p) for p in e['loc'])})" if e["loc"] else "")
+                for e in exc.errors(include_url=False)
+            )
+            raise click.ClickException(f"configuration: {problems}") from None
         except redis.RedisError as exc:
             raise click.ClickException(
                 f"lost Redis ({type(exc).__name__}); is it running? `dearmp queues` says where "

@@ -327,12 +327,19 @@ class SmtpMailer:
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
         conn: smtplib.SMTP
+        helo = s.smtp_helo_name
         if s.smtp_security == "tls":
             conn = smtplib.SMTP_SSL(
-                s.smtp_host, s.smtp_port, timeout=s.smtp_timeout, context=self._tls()
+                s.smtp_host,
+                s.smtp_port,
+                local_hostname=helo,
+                timeout=s.smtp_timeout,
+                context=self._tls(),
             )
         else:
-            conn = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
+            conn = smtplib.SMTP(
+                s.smtp_host, s.smtp_port, local_hostname=helo, timeout=s.smtp_timeout
+            )
             if s.smtp_security == "starttls":
                 conn.starttls(context=self._tls())
         conn.ehlo_or_helo_if_needed()

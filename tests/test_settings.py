@@ -1,0 +1,58 @@
+"""Settings an operator gets wrong are refused at start, with what to change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydantic import ValidationError
+
+from config.settings import Settings, get_settings
+from tests.conftest import make_settings
+from tests.services import SmtpSink
+from workers.cli import main
+from workers.mail import Outgoing, SmtpMailer
+
+
+def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SMTP_CA_FILE", "DEARMP_DKIM_PRIVATE_KEY_FILE", "DATABASE_URL", "SMTP_PORT"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert settings.smtp_ca_file is None and settings.dkim_private_key_file is None
+    assert settings.database_url is None and settings.smtp_port == 25
+    assert settings.dkim_key() is None
+
+
+@pytest.mark.parametrize("address", ["sandbox@localhost", "sandbox@relay", "a@b.localhost"])
+def test_sandbox_letters_need_a_real_mailbox_when_they_go_to_a_mail_server(
+    address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_settings(tmp_path, sandbox_address=address)  # the outbox takes any address
+    for backend in ("smtp", "http"):
+        with pytest.raises(ValidationError, match="DEARMP_SANDBOX_ADDRESS must be a real"):
+            make_settings(tmp_path, mail_backend=backend, sandbox_address=address)
+    monkeypatch.setenv("DEARMP_MAIL_BACKEND", "smtp")
+    monkeypatch.setenv("DEARMP_SANDBOX_ADDRESS", address)
+    monkeypatch.setenv("DEARMP_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["queues"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: configuration: DEARMP_SANDBOX_ADDRESS must be")
+
+
+@pytest.mark.smtp
+def test_the_ehlo_name_is_the_configured_one(tmp_path: Path, smtp_sink: SmtpSink) -> None:
+    settings = make_settings(
+        tmp_path,
+        mail_backend="smtp",
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_sink.port,
+        smtp_helo_name="mail.campaign.example.org",
+    )
+    data = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: x\r\n\r\nhello\r\n"
+    SmtpMailer(settings).send(Outgoing("a@example.org", ["b@example.org"], data, "<1@x>"))
+    assert smtp_sink.helo_names == ["mail.campaign.example.org"]
