@@ -202,6 +202,9 @@ class Counting:
     def __init__(self, outbox: OutboxMailer, stop_at: int = 0) -> None:
         self.outbox, self.stop_at, self.count = outbox, stop_at, 0
 
+    def waiting(self) -> float:
+        return 0.0
+
     def send(self, mail: Outgoing) -> str:
         self.count += 1
         if self.count == self.stop_at:

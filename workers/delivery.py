@@ -226,7 +226,7 @@ def _take(
         return give_up
     limits = limits_for(policy, definition, found.member_id, mailer.name)
     letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
-    if definition.quiet_hours or (limiter is not None and limits):
+    if definition.quiet_hours or (limiter is not None and limits) or mailer.waiting() > 0:
         return done(_Taken(letter, False, definition, limits))  # claimed after the wait
 
     def take(session: Session) -> _Taken | None:
@@ -414,6 +414,9 @@ def _send(
     or None if someone else holds it. A refusal is recorded here and raised."""
     definition, limits = taken.definition, taken.limits
     if not taken.claimed:
+        wait = mailer.waiting()
+        if wait > 0:  # the backend would be refused for our configuration, not the letter
+            _defer(sessions, submission_id, wait, "the mail server refused our login")
         if definition.quiet_hours:
             wait = seconds_until_open(
                 utcnow(), definition.quiet_hours.start, definition.quiet_hours.end

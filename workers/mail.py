@@ -6,6 +6,7 @@ connection per thread) and an HTTP provider (Mailgun's raw-MIME API through ``re
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import email.quoprimime
 import os
@@ -13,6 +14,8 @@ import re
 import smtplib
 import ssl
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.charset import QP, Charset
 from email.header import Header
@@ -26,6 +29,7 @@ from typing import Protocol
 import dkim
 import idna
 import requests
+import structlog
 
 from config.settings import Settings
 from workers.models import Letter, utcnow
@@ -71,6 +75,11 @@ class Mailer(Protocol):
 
     def send(self, mail: Outgoing) -> str:
         """Hand the letter over; return the server's answer. Raises a *DeliveryError."""
+        ...
+
+    def waiting(self) -> float:
+        """Seconds before letters should be handed over again (0: now): the backend knows it
+        would be refused for a reason that is not the letter's."""
         ...
 
 
@@ -289,6 +298,9 @@ class OutboxMailer:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
+    def waiting(self) -> float:
+        return 0.0
+
     def send(self, mail: Outgoing) -> str:
         stem = mail.message_id.strip("<>").split("@", 1)[0]
         path = self.directory / f"{stem}.eml"
@@ -309,6 +321,63 @@ def _write_private(path: Path, data: bytes) -> None:
         out.write(data)
 
 
+def _close(conn: smtplib.SMTP) -> None:
+    """End a session as RFC 5321 asks (QUIT), then close the socket whatever the server does."""
+    try:
+        if conn.sock is not None:
+            conn.quit()
+    except (smtplib.SMTPException, OSError):
+        pass
+    finally:
+        conn.close()
+
+
+class LoginBreaker:
+    """After the relay refuses our login, no thread of the process tries again for a while:
+    30 s, doubling with each refusal in a row up to 15 minutes. A wrong password tried by every
+    thread for every letter is the burst that gets an account locked; the letters wait instead
+    (:meth:`waiting`), costing none of their attempts."""
+
+    FIRST, LONGEST = 30.0, 900.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.one_at_a_time = threading.Lock()
+        self.refusals = 0
+        self.closed_until = 0.0
+
+    def waiting(self) -> float:
+        """Seconds until a login may be tried again (0: now)."""
+        with self.lock:
+            return max(0.0, self.closed_until - self.clock())
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """One login at a time in the process, and none while paused: the threads that wanted
+        to log in with the first refusal do not each try the same password."""
+        with self.one_at_a_time:
+            wait = self.waiting()
+            if wait > 0:
+                raise TransientDeliveryError(
+                    f"the relay refused our login; next try in {wait:.0f} s", retry_after=wait
+                )
+            yield
+
+    def refused(self) -> None:
+        with self.lock:
+            self.refusals += 1
+            pause = min(self.LONGEST, self.FIRST * 2 ** (self.refusals - 1))
+            self.closed_until = self.clock() + pause
+        structlog.get_logger("workers").error(
+            "smtp_login_refused", pause_seconds=pause, refusals_in_a_row=self.refusals
+        )
+
+    def accepted(self) -> None:
+        with self.lock:
+            self.refusals, self.closed_until = 0, 0.0
+
+
 class SmtpMailer:
     """SMTP with STARTTLS or implicit TLS, optional auth, and one reused connection per thread."""
 
@@ -317,6 +386,7 @@ class SmtpMailer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._local = threading.local()
+        self.logins = LoginBreaker()
 
     def _tls(self) -> ssl.SSLContext:
         context = ssl.create_default_context()
@@ -326,26 +396,42 @@ class SmtpMailer:
 
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
-        conn: smtplib.SMTP
-        helo = s.smtp_helo_name
-        if s.smtp_security == "tls":
-            conn = smtplib.SMTP_SSL(
-                s.smtp_host,
-                s.smtp_port,
-                local_hostname=helo,
-                timeout=s.smtp_timeout,
-                context=self._tls(),
-            )
-        else:
-            conn = smtplib.SMTP(
-                s.smtp_host, s.smtp_port, local_hostname=helo, timeout=s.smtp_timeout
-            )
-            if s.smtp_security == "starttls":
-                conn.starttls(context=self._tls())
-        conn.ehlo_or_helo_if_needed()
-        if s.smtp_username and s.smtp_password:
-            conn.login(s.smtp_username, s.smtp_password.get_secret_value())
+        conn: smtplib.SMTP | None = None
+        try:
+            if s.smtp_security == "tls":
+                conn = smtplib.SMTP_SSL(
+                    s.smtp_host,
+                    s.smtp_port,
+                    local_hostname=s.smtp_helo_name,
+                    timeout=s.smtp_timeout,
+                    context=self._tls(),
+                )
+            else:
+                conn = smtplib.SMTP(
+                    s.smtp_host,
+                    s.smtp_port,
+                    local_hostname=s.smtp_helo_name,
+                    timeout=s.smtp_timeout,
+                )
+                if s.smtp_security == "starttls":
+                    conn.starttls(context=self._tls())
+            conn.ehlo_or_helo_if_needed()
+            if s.smtp_username and s.smtp_password:
+                with self.logins.turn():
+                    try:
+                        conn.login(s.smtp_username, s.smtp_password.get_secret_value())
+                    except smtplib.SMTPAuthenticationError:
+                        self.logins.refused()
+                        raise
+                    self.logins.accepted()
+        except BaseException:
+            if conn is not None:  # a set-up that failed (TLS, EHLO, AUTH) leaves no session
+                _close(conn)
+            raise
         return conn
+
+    def waiting(self) -> float:
+        return self.logins.waiting()
 
     def _connection(self) -> smtplib.SMTP:
         conn: smtplib.SMTP | None = getattr(self._local, "conn", None)
@@ -364,10 +450,7 @@ class SmtpMailer:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
-            try:
-                conn.close()
-            except OSError:
-                pass
+            _close(conn)
 
     def _reset(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -449,6 +532,9 @@ class HttpMailer:
         self.auth = ("api", settings.email_api_key.get_secret_value())
         self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
         self._local = threading.local()
+
+    def waiting(self) -> float:
+        return 0.0
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)

@@ -1,0 +1,168 @@
+"""Setting up an SMTP session that fails (TLS, a refused login) leaves nothing open, and a refused
+login stops every thread from trying again for a while: letters wait, costing no attempt."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from tests.conftest import make_settings
+from tests.factories import submission
+from tests.services import SmtpSink
+from tests.test_stages import through_render
+from workers.app import App
+from workers.db import session_scope
+from workers.delivery import DeliveryPolicy, deliver
+from workers.mail import LoginBreaker, Outgoing, SmtpMailer, TransientDeliveryError
+from workers.models import Delivery, Submission
+from workers.stages import Deferred
+
+pytestmark = [
+    pytest.mark.smtp,
+    pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS"),
+]
+MAIL = Outgoing(
+    "a@example.org",
+    ["b@example.org"],
+    b"From: a@example.org\r\nTo: b@example.org\r\nSubject: x\r\n\r\nhello\r\n",
+    "<1@example.org>",
+)
+
+
+class Logins:
+    """An authenticator that counts the logins it is asked for."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+        with self.lock:
+            self.tries += 1
+        ok = isinstance(data, LoginPassword) and data.password == b"right"
+        return AuthResult(success=ok, handled=False)  # a refusal: the server answers 535
+
+
+@pytest.fixture
+def logins() -> Logins:
+    return Logins()
+
+
+@pytest.fixture
+def relay(logins: Logins) -> Iterator[SmtpSink]:
+    sink = SmtpSink(authenticator=logins, auth_required=True, auth_require_tls=False).start()
+    yield sink
+    sink.stop()
+
+
+def settings(tmp_path: Path, port: int, **values: Any) -> Any:
+    base = {"smtp_username": "dearmp", "smtp_password": "wrong", "smtp_timeout": 5}
+    return make_settings(
+        tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=port, **(base | values)
+    )
+
+
+def open_sockets() -> int:
+    fds = os.listdir("/proc/self/fd")
+    links = []
+    for fd in fds:
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return sum(link.startswith("socket:") for link in links)
+
+
+def test_a_refused_login_closes_its_session(tmp_path: Path, relay: SmtpSink) -> None:
+    before = open_sockets()
+    kept = []  # as a worker keeps an exception (and its frames) while it records the failure
+    for _ in range(10):
+        with pytest.raises(TransientDeliveryError, match="535") as raised:
+            SmtpMailer(settings(tmp_path, relay.port)).send(MAIL)
+        kept.append(raised.value)
+    assert open_sockets() - before <= 1
+
+
+def test_a_failed_tls_handshake_closes_its_session(tmp_path: Path) -> None:
+    ca = trustme.CA()  # the relay's certificate is signed by a CA we do not trust
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    sink = SmtpSink(tls_context=context).start()
+    try:
+        before = open_sockets()
+        kept = []
+        for _ in range(10):
+            mailer = SmtpMailer(settings(tmp_path, sink.port, smtp_security="starttls"))
+            with pytest.raises(TransientDeliveryError) as raised:
+                mailer.send(MAIL)
+            kept.append(raised.value)
+        assert open_sockets() - before <= 1
+    finally:
+        sink.stop()
+
+
+def test_one_refused_login_stops_every_thread_from_trying(
+    tmp_path: Path, relay: SmtpSink, logins: Logins
+) -> None:
+    mailer = SmtpMailer(settings(tmp_path, relay.port))
+    answers: list[str] = []
+    start = threading.Barrier(8)
+
+    def send() -> None:
+        start.wait()
+        try:
+            mailer.send(MAIL)
+        except TransientDeliveryError as exc:
+            answers.append(str(exc))
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 8
+    assert logins.tries <= 2  # threads that raced the first refusal; then nobody tries
+    assert 25 < mailer.waiting() <= 30
+    assert sum("next try in" in a for a in answers) >= 6
+
+
+def test_the_pause_doubles_and_a_login_accepted_ends_it() -> None:
+    now = [1000.0]
+    breaker = LoginBreaker(clock=lambda: now[0])
+    breaker.refused()
+    assert breaker.waiting() == 30
+    with pytest.raises(TransientDeliveryError, match="next try in 30 s"), breaker.turn():
+        pass
+    now[0] += 30
+    with breaker.turn():  # its turn: one login is tried
+        breaker.refused()
+    assert breaker.waiting() == 60
+    for _ in range(10):
+        breaker.refused()
+    assert breaker.waiting() == 900  # at most 15 minutes
+    breaker.accepted()
+    assert breaker.waiting() == 0
+
+
+def test_letters_wait_for_the_login_without_using_attempts(
+    app: App, tmp_path: Path, relay: SmtpSink
+) -> None:
+    mailer = SmtpMailer(settings(tmp_path, relay.port))
+    mailer.logins.refused()  # the relay refused our login a moment ago
+    sid = through_render(app, submission())
+    with pytest.raises(Deferred, match="refused our login"):
+        deliver(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.dispatched_at > sub.updated_at  # the reconciler waits too
+    assert relay.received.count() == 0
