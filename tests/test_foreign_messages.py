@@ -68,7 +68,8 @@ def test_bytes_that_are_not_a_message_are_dead_lettered_and_the_rest_go_on(ops: 
     assert "Consumer encountered" not in stack.log_text()
     # Listed, never requeued; purged with a record.
     requeue = cli("dlq", "requeue", "--all")
-    assert "cannot requeue" in requeue and "not a readable message" in requeue
+    assert "cannot requeue" in requeue and "not a readable stage message" in requeue
+    assert "requeued 0," in requeue
     cli("dlq", "purge", "--yes")
     assert dead_letters() == []
 

@@ -180,3 +180,33 @@ def test_prometheus_metrics_from_the_exporter_and_the_workers(
     finally:
         stack.stop()
         app.engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_dead_letters_outlive_a_redis_restart_in_the_operators_view(
+    ops: tuple[App, RedisBroker, Stack], smtp_sink: SmtpSink
+) -> None:
+    """The database is the source of truth: after Redis restarts empty, the dead letters are
+    still listed, counted by health, and a requeue makes the message again from the record."""
+    import redis
+
+    app, broker, stack = ops
+    sid = through_render(app, submission())
+    smtp_sink.answer = "451 4.7.1 Greylisted, try again later"
+    broker.enqueue(stage_message(Stage.DELIVER, sid).copy(options={"max_retries": 0}))
+    assert wait_for(lambda: dead_count("dearmp.deliver") == 1, 60), stack.log_text()[-2000:]
+    redis.Redis.from_url(app.settings.resolved_redis_url).flushall()  # a restart, empty
+
+    [listed] = json.loads(cli("dlq", "list", "--json"))
+    assert listed["submission_id"] == sid and listed["in_redis"] is False
+    assert listed["reason"].endswith("TransientDeliveryError")
+    assert dead_count("dearmp.deliver") == 1
+    unhealthy = CliRunner().invoke(main, ["health"])
+    assert unhealthy.exit_code == 1 and "1 dead letters" in unhealthy.output
+
+    smtp_sink.answer = None
+    assert "requeued 1, not found 0" in cli("dlq", "requeue", "--all")
+    assert wait_all_final(app, [sid], timeout=60) == {"delivered": 1}, stack.log_text()[-2000:]
+    assert smtp_sink.received.count() == 1
+    assert json.loads(cli("dlq", "list", "--json")) == []
+    assert "healthy: 0 dead letters" in cli("health")

@@ -327,10 +327,11 @@ def queues(as_json: bool) -> None:
     """Per queue: messages waiting, delayed, in progress and dead."""
     from dataclasses import asdict
 
-    from workers.operations import queue_depths
+    from workers.operations import dead_counts, queue_depths
 
-    client, _, namespace = _redis(_app())
-    depths = queue_depths(client, namespace)
+    app = _app()
+    client, _, namespace = _redis(app)
+    depths = queue_depths(client, namespace, dead_counts(app.sessions))
     if as_json:
         click.echo(json.dumps([asdict(d) for d in depths], indent=2))
         return
@@ -389,11 +390,12 @@ def dlq_list(
     rows = _dead(_app(), queue, actor, reason, _utc(since))
     listed = [
         {
-            "message_id": found.dead.message_id,
-            "queue": found.dead.queue,
-            "actor": found.dead.actor,
-            "submission_id": found.dead.submission_id,
-            "dead_at": found.dead.dead_at.isoformat(),
+            "message_id": found.message_id,
+            "queue": found.queue,
+            "actor": found.actor,
+            "submission_id": found.submission_id,
+            "dead_at": found.dead_at.isoformat(),
+            "in_redis": found.dead is not None,
             "reason": found.failure.exception_type if found.failure else None,
             "attempts": found.failure.attempts if found.failure else None,
         }
@@ -425,26 +427,28 @@ def dlq_show(message_id: str, reveal: bool) -> None:
     from workers.models import Submission
 
     app = _app()
-    match = [f for f in _dead(app, None, None, None, None) if f.dead.message_id == message_id]
+    match = [f for f in _dead(app, None, None, None, None) if f.message_id == message_id]
     if not match:
         raise click.ClickException(f"no dead letter {message_id}")
-    dead, failure = match[0].dead, match[0].failure
+    found, failure = match[0], match[0].failure
+    dead = found.dead
     history = []
-    if dead.submission_id:
+    if found.submission_id:
         with session_scope(app.sessions) as session:
-            sub = session.get(Submission, dead.submission_id)
+            sub = session.get(Submission, found.submission_id)
             if sub is not None:
                 history = [{"state": e.state, "at": e.at.isoformat()} for e in sub.events]
     if reveal:
         structlog.get_logger("workers").warning("dead_letter_revealed", dead_message_id=message_id)
     show_text = (lambda t: t) if reveal else mask_text
     info = {
-        "message_id": dead.message_id,
-        "queue": dead.queue,
-        "actor": dead.actor,
-        "args": show_text(json.dumps(dead.message.args)) if dead.message else None,
-        "dead_at": dead.dead_at.isoformat(),
-        "submission_id": dead.submission_id,
+        "message_id": found.message_id,
+        "queue": found.queue,
+        "actor": found.actor,
+        "args": show_text(json.dumps(dead.message.args)) if dead and dead.message else None,
+        "dead_at": found.dead_at.isoformat(),
+        "submission_id": found.submission_id,
+        "in_redis": dead is not None,
         "history": history,
         "failure": failure
         and {
@@ -481,21 +485,25 @@ def dlq_requeue(
     app = _app()
     client, broker, namespace = _redis(app)
     rows = _dead(app, queue, actor, reason, _utc(since))
-    chosen = [f.dead for f in rows if everything or f.dead.message_id in message_ids]
-    missing = set(message_ids) - {d.message_id for d in chosen}
-    for dead in chosen:
-        if dead.message is None:
-            click.echo(f"cannot requeue {dead.message_id}: not a readable message (purge it)")
-            continue
+    chosen = [f for f in rows if everything or f.message_id in message_ids]
+    missing = set(message_ids) - {f.message_id for f in chosen}
+    done = 0
+    for found in chosen:
         if dry_run:
-            click.echo(f"would requeue {dead.message_id} on {dead.queue}")
-        else:
-            new_id = requeue(client, broker, namespace, dead)
-            click.echo(f"requeued {dead.message_id} on {dead.queue} as {new_id}")
+            click.echo(f"would requeue {found.message_id} on {found.queue}")
+            done += 1
+            continue
+        try:
+            new_id = requeue(client, broker, namespace, app.sessions, found)
+        except ValueError as exc:
+            click.echo(f"cannot requeue {found.message_id}: {exc}")
+            continue
+        click.echo(f"requeued {found.message_id} on {found.queue} as {new_id}")
+        done += 1
     for message_id in sorted(missing):
         click.echo(f"not found {message_id}")
     click.echo(
-        f"{'would requeue' if dry_run else 'requeued'} {len(chosen)}, not found {len(missing)}"
+        f"{'would requeue' if dry_run else 'requeued'} {done}, not found {len(missing)}"
     )
 
 
@@ -533,13 +541,14 @@ def health(max_dead: int, max_age: float) -> None:
     """Exit non-zero when dead letters or the oldest waiting message pass the thresholds."""
     import time
 
-    from workers.operations import oldest_waiting_seconds, queue_depths
+    from workers.operations import dead_counts, oldest_waiting_seconds
 
+    app = _app()
     try:
-        client, _, namespace = _redis(_app())
+        client, _, namespace = _redis(app)
     except click.ClickException as exc:
         raise click.ClickException(f"unhealthy: {exc.message}") from None
-    dead = sum(d.dead for d in queue_depths(client, namespace))
+    dead = sum(dead_counts(app.sessions).values())  # the database's count: Redis may forget
     age = oldest_waiting_seconds(client, namespace, int(time.time() * 1000))
     problems = []
     if dead > max_dead:

@@ -330,6 +330,8 @@ class Failure(Base):
     first_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
     dead_lettered_at: Mapped[datetime | None] = mapped_column(index=True)
+    # When an operator put the dead letter back on its queue (it no longer needs attention).
+    requeued_at: Mapped[datetime | None] = mapped_column()
 
 
 class PurgedDeadLetter(Base):

@@ -8,6 +8,7 @@ death (``ns:queue.XQ``) with their bodies (``ns:queue.XQ.msgs``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -16,12 +17,12 @@ import dramatiq
 import redis
 from dramatiq import Message
 from dramatiq.errors import DecodeError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.db import session_scope
 from workers.models import Failure, PurgedDeadLetter, Submission, SubmissionEvent
-from workers.stages import Stage, submission_id_of
+from workers.stages import Stage, stage_message, submission_id_of
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,11 @@ def _held(client: redis.Redis, namespace: str, queue: str) -> int:
     )
 
 
-def queue_depths(client: redis.Redis, namespace: str) -> list[QueueDepth]:
+def queue_depths(
+    client: redis.Redis, namespace: str, dead: Mapping[str, int] | None = None
+) -> list[QueueDepth]:
+    """Per stage queue, from Redis; ``dead``: the dead letters per queue as the database counts
+    them (:func:`dead_counts`; without it, what Redis holds)."""
     depths = []
     for stage in Stage:
         q = stage.queue
@@ -64,7 +69,9 @@ def queue_depths(client: redis.Redis, namespace: str) -> list[QueueDepth]:
                 delayed=int(client.llen(f"{namespace}:{q}.DQ"))
                 + _held(client, namespace, f"{q}.DQ"),
                 in_progress=_held(client, namespace, q),
-                dead=int(client.zcard(f"{namespace}:{q}.XQ")),
+                dead=dead.get(q, 0)
+                if dead is not None
+                else int(client.zcard(f"{namespace}:{q}.XQ")),
             )
         )
     return depths
@@ -104,34 +111,36 @@ def dead_letters(client: redis.Redis, namespace: str, queue: str | None = None) 
     return sorted(found, key=lambda d: d.dead_at)
 
 
-def requeue(client: redis.Redis, broker: dramatiq.Broker, namespace: str, dead: DeadLetter) -> str:
-    """Put a dead letter back on its queue: the copy is enqueued first, then the dead one removed,
-    so a crash between the two leaves a duplicate (harmless: the actors are idempotent), never a
-    loss. Returns the new message id."""
-    if dead.message is None:
-        raise ValueError("an unreadable message cannot be requeued; purge it")
-    fresh: Message[Any] = Message(
-        queue_name=dead.queue,
-        actor_name=dead.actor,
-        args=dead.message.args,
-        kwargs=dead.message.kwargs,
-        options={},  # a fresh retry budget; the old failure stays recorded in the database
-    )
-    broker.enqueue(fresh)
-    remove(client, namespace, dead)
-    return fresh.message_id
-
-
 @dataclass(frozen=True)
 class Found:
-    """A dead letter with the failure recorded for it, if any."""
+    """A dead letter that needs an operator: the database's record of it (the source of truth),
+    and Redis's copy of the message while Redis still holds one."""
 
-    dead: DeadLetter
+    message_id: str
+    queue: str
+    actor: str
+    submission_id: str | None
+    dead_at: datetime
     failure: Failure | None
+    dead: DeadLetter | None
 
     @property
     def reason(self) -> str:
         return self.failure.exception_type if self.failure else "unknown"
+
+
+def _needs_attention(session: Session, queue: str | None) -> list[Failure]:
+    """Dead-lettered failures not requeued or purged since."""
+    purged = select(PurgedDeadLetter.message_id)
+    query = (
+        select(Failure)
+        .where(Failure.dead_lettered_at.is_not(None), Failure.requeued_at.is_(None))
+        .where(Failure.message_id.not_in(purged))
+        .order_by(Failure.dead_lettered_at)
+    )
+    if queue:
+        query = query.where(Failure.queue_name == queue)
+    return list(session.scalars(query))
 
 
 def find_dead(
@@ -144,39 +153,128 @@ def find_dead(
     reason: str | None = None,
     since: datetime | None = None,
 ) -> list[Found]:
-    """Dead letters matching every filter given (``reason``: part of the exception type)."""
-    found = dead_letters(client, namespace, queue)
+    """Dead letters matching every filter given (``reason``: part of the exception type): every
+    one the database records as needing attention, with Redis's copy where it has one (after a
+    Redis restart it has none), and any Redis holds that the database never heard of."""
+    in_redis = {d.message_id: d for d in dead_letters(client, namespace, queue)}
     with session_scope(sessions) as session:
-        ids = [d.message_id for d in found]
-        recorded = session.scalars(select(Failure).where(Failure.message_id.in_(ids)))
-        failures = {f.message_id: f for f in recorded}
-    matches = [Found(d, failures.get(d.message_id)) for d in found]
-    return [
-        m
-        for m in matches
-        if (not actor or m.dead.actor == actor)
-        and (not reason or reason.lower() in m.reason.lower())
-        and (not since or m.dead.dead_at >= since)
-    ]
+        failures = _needs_attention(session, queue)
+        ids = list(in_redis)
+        known = set(session.scalars(select(Failure.message_id).where(Failure.message_id.in_(ids))))
+        purged = set(
+            session.scalars(
+                select(PurgedDeadLetter.message_id).where(PurgedDeadLetter.message_id.in_(ids))
+            )
+        )
+        session.expunge_all()
+    found = []
+    for failure in failures:
+        dead = in_redis.get(failure.message_id)
+        assert failure.dead_lettered_at is not None
+        found.append(
+            Found(
+                message_id=failure.message_id,
+                queue=failure.queue_name,
+                actor=failure.actor_name,
+                submission_id=failure.submission_id,
+                dead_at=dead.dead_at if dead else failure.dead_lettered_at,
+                failure=failure,
+                dead=dead,
+            )
+        )
+    for message_id, dead in in_redis.items():
+        if message_id not in known and message_id not in purged:
+            found.append(
+                Found(
+                    message_id=message_id,
+                    queue=dead.queue,
+                    actor=dead.actor,
+                    submission_id=dead.submission_id,
+                    dead_at=dead.dead_at,
+                    failure=None,
+                    dead=dead,
+                )
+            )
+    return sorted(
+        (
+            f
+            for f in found
+            if (not actor or f.actor == actor)
+            and (not reason or reason.lower() in f.reason.lower())
+            and (not since or f.dead_at >= since)
+        ),
+        key=lambda f: f.dead_at,
+    )
+
+
+def dead_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
+    """Dead letters needing attention per queue, from the database."""
+    with session_scope(sessions) as session:
+        purged = select(PurgedDeadLetter.message_id)
+        rows = session.execute(
+            select(Failure.queue_name, func.count())
+            .where(Failure.dead_lettered_at.is_not(None), Failure.requeued_at.is_(None))
+            .where(Failure.message_id.not_in(purged))
+            .group_by(Failure.queue_name)
+        ).all()
+    return {queue: int(count) for queue, count in rows}
+
+
+def requeue(
+    client: redis.Redis,
+    broker: dramatiq.Broker,
+    namespace: str,
+    sessions: sessionmaker[Session],
+    found: Found,
+) -> str:
+    """Put a dead letter back on its queue with a fresh retry budget: Redis's copy of the
+    message, or, when Redis no longer holds one, the stage message for its submission made
+    again from the database. The copy is enqueued first, then the dead one removed and the
+    record marked, so a crash in between leaves a duplicate (harmless: the actors are
+    idempotent), never a loss. Returns the new message id."""
+    stages = {stage.queue: stage for stage in Stage}
+    fresh: Message[Any]
+    if found.dead is not None and found.dead.message is not None:
+        fresh = Message(
+            queue_name=found.dead.queue,
+            actor_name=found.dead.actor,
+            args=found.dead.message.args,
+            kwargs=found.dead.message.kwargs,
+            options={},  # a fresh retry budget; the old failure stays recorded in the database
+        )
+    elif found.submission_id is not None and found.queue in stages:
+        fresh = stage_message(stages[found.queue], found.submission_id)
+    else:
+        raise ValueError("not a readable stage message; purge it")
+    broker.enqueue(fresh)
+    if found.dead is not None:
+        remove(client, namespace, found.dead)
+    with session_scope(sessions) as session:
+        session.execute(
+            update(Failure)
+            .where(Failure.message_id == found.message_id)
+            .values(requeued_at=datetime.now(UTC))
+        )
+    return fresh.message_id
 
 
 def purge(
     client: redis.Redis, namespace: str, sessions: sessionmaker[Session], found: Found
 ) -> None:
     """Delete a dead letter, recording it first: a crash in between leaves a record, not a gap."""
-    dead = found.dead
     with session_scope(sessions) as session:
         session.add(
             PurgedDeadLetter(
-                message_id=dead.message_id,
-                queue_name=dead.queue,
-                actor_name=dead.actor,
-                submission_id=dead.submission_id,
+                message_id=found.message_id,
+                queue_name=found.queue,
+                actor_name=found.actor,
+                submission_id=found.submission_id,
                 reason=found.failure.exception_type if found.failure else None,
-                dead_at=dead.dead_at,
+                dead_at=found.dead_at,
             )
         )
-    remove(client, namespace, dead)
+    if found.dead is not None:
+        remove(client, namespace, found.dead)
 
 
 def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> float:
@@ -232,7 +330,7 @@ def snapshot(
 
     Redis is read first, then the database: no Redis call runs inside the transaction.
     """
-    depths = queue_depths(client, namespace)
+    depths = queue_depths(client, namespace, dead_counts(sessions))
     with session_scope(sessions) as session:
         return _snapshot_from_db(session, depths, now or datetime.now(UTC))
 
