@@ -211,3 +211,32 @@ def test_an_idn_letter_and_an_ordinary_one_on_one_thread_are_both_delivered(
     deliver(app.sessions, through_render(app, submission()), smtp, policy)
     assert smtp_sink.received.count() == 3
     assert smtp_sink.received.messages[1]["Reply-To"] == "bob@xn--mnchen-3ya.de"
+
+
+def test_a_letter_is_signed_once_when_rendered_so_every_attempt_sends_the_same_bytes(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_stages import step, store
+    from workers.rendering import render
+    from workers.resolution import resolve
+    from workers.validation import validate
+
+    signer = DkimSigner("dearmp", dkim_keys()[0])
+    sid = store(app, submission())
+    step(app, validate, sid)
+    step(app, resolve, sid)
+    step(app, render, sid, "outbox", "sandbox@campaign.example.org", signer)
+    with session_scope(app.sessions) as session:
+        letter = session.get(Letter, sid)
+        assert letter is not None and letter.dkim_signature is not None
+        session.expunge(letter)
+    first = outgoing(letter, signer).data
+
+    def no_signing(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("a rendered letter is not signed again")
+
+    monkeypatch.setattr(dkim, "sign", no_signing)
+    again = outgoing(letter, signer).data  # a resend, at any later time
+    assert again == first and first.startswith(b"DKIM-Signature:")
+    monkeypatch.undo()
+    assert dkim.verify(first, dnsfunc=dkim_dns)

@@ -502,9 +502,7 @@ def dlq_requeue(
         done += 1
     for message_id in sorted(missing):
         click.echo(f"not found {message_id}")
-    click.echo(
-        f"{'would requeue' if dry_run else 'requeued'} {done}, not found {len(missing)}"
-    )
+    click.echo(f"{'would requeue' if dry_run else 'requeued'} {done}, not found {len(missing)}")
 
 
 @dlq.command("purge")

@@ -191,7 +191,8 @@ class DkimSigner:
         self.selector = selector.encode()
         self.private_key = private_key
 
-    def sign(self, data: bytes, domain: str) -> bytes:
+    def signature(self, data: bytes, domain: str) -> bytes:
+        """The DKIM-Signature header for ``data`` (with its line end)."""
         signature: bytes = dkim.sign(
             data,
             self.selector,
@@ -200,7 +201,15 @@ class DkimSigner:
             canonicalize=(b"relaxed", b"relaxed"),
             include_headers=SIGNED_HEADERS,
         )
-        return signature + data
+        return signature
+
+    def sign(self, data: bytes, domain: str) -> bytes:
+        return self.signature(data, domain) + data
+
+    def letter_signature(self, letter: Letter) -> str:
+        """The signature to store with a letter when it is rendered."""
+        domain = wire_address(letter.from_email).rsplit("@", 1)[1]
+        return self.signature(letter_bytes(letter), domain).decode("ascii")
 
 
 def _header(name: str, value: str) -> bytes:
@@ -282,8 +291,12 @@ _MULTIPART = WIRE.fold_binary(
 
 
 def outgoing(letter: Letter, signer: DkimSigner | None = None) -> Outgoing:
+    """The letter on the wire: with the signature made when it was rendered, so a resend is
+    the same bytes; a letter rendered without one is signed now by ``signer``, if any."""
     data = letter_bytes(letter)
-    if signer is not None:
+    if letter.dkim_signature:
+        data = letter.dkim_signature.encode("ascii") + data
+    elif signer is not None:
         data = signer.sign(data, wire_address(letter.from_email).rsplit("@", 1)[1])
     return Outgoing(
         wire_address(letter.from_email), [wire_address(letter.to_email)], data, letter.message_id

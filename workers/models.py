@@ -252,6 +252,9 @@ class Letter(Base):
     to_email: Mapped[str] = mapped_column(String(254))
     content_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The DKIM-Signature header, made once when the letter is rendered: every attempt sends
+    # the same bytes. None: sent unsigned, or signed at each attempt (letters rendered before).
+    dkim_signature: Mapped[str | None] = mapped_column(Text)
 
 
 class Delivery(Base):

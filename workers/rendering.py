@@ -19,11 +19,13 @@ from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
 from workers.campaigns import get_definition
+from workers.mail import DkimSigner
 from workers.models import (
     DELIVERIES,
     LETTERS,
     Constituency,
     DeliveryStatus,
+    Letter,
     Member,
     State,
     utcnow,
@@ -169,7 +171,11 @@ _NEW_DELIVERY = Hot(insert(DELIVERIES), columns_from_params=True)
 
 
 def plan(
-    session: Session, submission_id: str, backend: str, sandbox_address: str = "sandbox@localhost"
+    session: Session,
+    submission_id: str,
+    backend: str,
+    sandbox_address: str = "sandbox@localhost",
+    signer: DkimSigner | None = None,
 ) -> Apply[list[Stage]]:
     """Compose the letter: what to write (the letter, its delivery row, the move to rendered)."""
     submission = current(
@@ -206,6 +212,8 @@ def plan(
         sandbox_address if mode == "sandbox" else None,
     )
     row = letter.row_values(submission_id)
+    if signer is not None:  # signed once: every attempt sends these bytes
+        row["dkim_signature"] = signer.letter_signature(Letter(**row))
     delivery = {
         "submission_id": submission_id,
         "status": DeliveryStatus.PENDING.value,
@@ -225,6 +233,10 @@ def plan(
 
 
 def render(
-    session: Session, submission_id: str, backend: str, sandbox_address: str = "sandbox@localhost"
+    session: Session,
+    submission_id: str,
+    backend: str,
+    sandbox_address: str = "sandbox@localhost",
+    signer: DkimSigner | None = None,
 ) -> list[Stage]:
-    return plan(session, submission_id, backend, sandbox_address)(session)
+    return plan(session, submission_id, backend, sandbox_address, signer)(session)

@@ -221,7 +221,14 @@ def erase_supporter(
         scrubbed = session.execute(
             update(Letter)
             .where(Letter.submission_id == sub.id)
-            .values(subject=ERASED, body_text=None, body_html=None, from_name=ERASED, reply_to=None)
+            .values(
+                subject=ERASED,
+                body_text=None,
+                body_html=None,
+                from_name=ERASED,
+                reply_to=None,
+                dkim_signature=None,
+            )
             .execution_options(synchronize_session=False)
         )
         report.letters_scrubbed += int(getattr(scrubbed, "rowcount", 0) or 0)
@@ -320,7 +327,7 @@ def run_retention(
                     session.execute(
                         update(Letter)
                         .where(Letter.submission_id == sub.id)
-                        .values(body_text=None, body_html=None)
+                        .values(body_text=None, body_html=None, dkim_signature=None)
                         .execution_options(synchronize_session=False)
                     )
                     _remove_outbox_file(outbox_dir, sub.id)

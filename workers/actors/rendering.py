@@ -16,7 +16,7 @@ from workers.transitions import Apply
 
 def _plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
     app = get_app()
-    return plan(session, submission_id, app.mailer.name, app.settings.sandbox_address)
+    return plan(session, submission_id, app.mailer.name, app.settings.sandbox_address, app.signer)
 
 
 def _work(app: App, ids: list[str]) -> list[Outcome]:
