@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     smtp_timeout: float = Field(default=30.0, gt=0, alias="SMTP_TIMEOUT")
     # The name this host gives in EHLO; relays check it. Unset: the machine's own name.
     smtp_helo_name: str | None = Field(default=None, alias="SMTP_HELO_NAME")
+    # Sessions to the relay, per worker process: at most this many open at once, each closed
+    # (with QUIT) when this old, after this many letters, or when idle this long.
+    smtp_max_connections: int = Field(default=4, ge=1, le=100, alias="SMTP_MAX_CONNECTIONS")
+    smtp_connection_max_age: float = Field(default=60.0, gt=0, alias="SMTP_CONNECTION_MAX_AGE")
+    smtp_connection_max_letters: int = Field(default=100, ge=1, alias="SMTP_CONNECTION_MAX_LETTERS")
+    smtp_connection_idle: float = Field(default=5.0, gt=0, alias="SMTP_CONNECTION_IDLE")
     # Extra CA bundle to trust for the SMTP server's certificate (a private CA, or tests).
     smtp_ca_file: Path | None = Field(default=None, alias="SMTP_CA_FILE")
     # The HTTP email provider (Mailgun's raw-MIME API: the message is sent byte for byte).

@@ -136,6 +136,9 @@ class SmtpSink:
         self.rcpt_seen = threading.Event()
         self.arrivals: list[float] = []
         self.helo_names: list[str] = []  # the name each accepted letter's client gave in EHLO
+        self.sessions: list[int] = []  # the SMTP session each accepted letter came in on
+        self.open_sessions = 0  # connected now
+        self.most_sessions = 0  # connected at once, at the most
         self.port = free_port()
         self.controller: Any = None
         self.options = smtp_options
@@ -160,14 +163,36 @@ class SmtpSink:
             self.received.messages.append(message_from_bytes(envelope.original_content))
             self.arrivals.append(time.monotonic())
             self.helo_names.append(session.host_name)
+            self.sessions.append(id(session))
         return "250 2.0.0 Ok: queued"
 
     def start(self) -> SmtpSink:
         try:
             from aiosmtpd.controller import Controller
+            from aiosmtpd.smtp import SMTP
         except ImportError:
             unavailable("aiosmtpd is not installed")
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **self.options)
+        sink = self
+
+        class Counted(SMTP):  # type: ignore[misc]
+            """Counts the sessions connected at once."""
+
+            def connection_made(self, transport: Any) -> None:
+                sink.open_sessions += 1
+                sink.most_sessions = max(sink.most_sessions, sink.open_sessions)
+                super().connection_made(transport)
+
+            def connection_lost(self, error: Any) -> None:
+                sink.open_sessions -= 1
+                super().connection_lost(error)
+
+        class CountingController(Controller):  # type: ignore[misc]
+            def factory(self) -> Any:
+                return Counted(self.handler, **self.SMTP_kwargs)
+
+        self.controller = CountingController(
+            self, hostname="127.0.0.1", port=self.port, **self.options
+        )
         self.controller.start()
         return self
 

@@ -205,6 +205,9 @@ class Counting:
     def waiting(self) -> float:
         return 0.0
 
+    def close(self) -> None:
+        pass
+
     def send(self, mail: Outgoing) -> str:
         self.count += 1
         if self.count == self.stop_at:

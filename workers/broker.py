@@ -14,7 +14,7 @@ from config.settings import Settings, get_settings
 from workers.app import get_app
 from workers.db import session_scope
 from workers.failures import Attempt, record_failure
-from workers.middleware import FailureRecorder, LogContext, StageMessagesOnly
+from workers.middleware import CloseMailSessions, FailureRecorder, LogContext, StageMessagesOnly
 
 
 class UnreadableMessage(Exception):
@@ -90,6 +90,7 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
         broker.add_middleware(Prometheus())
     broker.add_middleware(LogContext())
     broker.add_middleware(StageMessagesOnly())
+    broker.add_middleware(CloseMailSessions())
     broker.add_middleware(FailureRecorder(), before=Retries)
     return broker
 

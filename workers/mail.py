@@ -82,6 +82,10 @@ class Mailer(Protocol):
         would be refused for a reason that is not the letter's."""
         ...
 
+    def close(self) -> None:
+        """End what the backend holds open (a worker shutting down)."""
+        ...
+
 
 # Parts are encoded quoted-printable in UTF-8 (7-bit safe, readable in an .eml); headers that
 # are not ASCII become RFC 2047 encoded words.
@@ -314,6 +318,9 @@ class OutboxMailer:
     def waiting(self) -> float:
         return 0.0
 
+    def close(self) -> None:
+        pass
+
     def send(self, mail: Outgoing) -> str:
         stem = mail.message_id.strip("<>").split("@", 1)[0]
         path = self.directory / f"{stem}.eml"
@@ -391,15 +398,125 @@ class LoginBreaker:
             self.refusals, self.closed_until = 0, 0.0
 
 
+@dataclass
+class _Session:
+    conn: smtplib.SMTP
+    opened: float
+    used: float
+    letters: int = 0
+
+
+class SmtpPool:
+    """The SMTP sessions a worker process keeps open to its relay, shared by its threads.
+
+    At most ``size`` sessions are open at once (a relay's limit per client is counted in
+    sessions; a thread that finds them all busy waits for one), a session is closed (with
+    QUIT) once it is ``max_age`` seconds old, has carried ``max_letters`` letters, or has sat
+    idle for ``idle`` seconds, so that a relay's new rules reach us and idle threads hold
+    nothing. A session that met any error is closed, not reused."""
+
+    def __init__(
+        self,
+        connect: Callable[[], smtplib.SMTP],
+        size: int,
+        max_age: float,
+        max_letters: int,
+        idle: float,
+        wait: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.connect, self.clock = connect, clock
+        self.max_age, self.max_letters, self.idle_for, self.wait = max_age, max_letters, idle, wait
+        self.slots = threading.BoundedSemaphore(size)
+        self.lock = threading.Lock()
+        self.idle: list[_Session] = []
+        self.opened = 0  # sessions opened so far (for tests and metrics)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[smtplib.SMTP]:
+        if not self.slots.acquire(timeout=self.wait):
+            raise TransientDeliveryError("every connection to the mail server is busy")
+        try:
+            session = self._take()
+            try:
+                yield session.conn
+            except BaseException:
+                _close(session.conn)
+                raise
+            session.letters += 1
+            session.used = self.clock()
+            self._give_back(session)
+        finally:
+            self.slots.release()
+
+    def _spent(self, session: _Session, now: float) -> bool:
+        return (
+            now - session.opened >= self.max_age
+            or session.letters >= self.max_letters
+            or now - session.used >= self.idle_for
+        )
+
+    def _take(self) -> _Session:
+        while True:
+            with self.lock:
+                session = self.idle.pop() if self.idle else None  # the most recently used
+            if session is None:
+                break
+            now = self.clock()
+            if self._spent(session, now):
+                _close(session.conn)
+                continue
+            if now - session.used < 1.0:
+                return session
+            try:  # idle for a moment: make sure the server has not closed it meanwhile
+                if session.conn.noop()[0] == 250:
+                    return session
+            except (smtplib.SMTPException, OSError):
+                pass
+            _close(session.conn)
+        now = self.clock()
+        conn = self.connect()
+        with self.lock:
+            self.opened += 1
+        return _Session(conn, opened=now, used=now)
+
+    def _give_back(self, session: _Session) -> None:
+        now = self.clock()
+        with self.lock:
+            keep = [s for s in self.idle if not self._spent(s, now)]
+            gone = [s for s in self.idle if self._spent(s, now)]
+            if self._spent(session, now):
+                gone.append(session)
+            else:
+                keep.append(session)
+            self.idle = keep
+        for spent in gone:
+            _close(spent.conn)
+
+    def close(self) -> None:
+        """Close every idle session (a worker shutting down)."""
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for session in idle:
+            _close(session.conn)
+
+
 class SmtpMailer:
-    """SMTP with STARTTLS or implicit TLS, optional auth, and one reused connection per thread."""
+    """SMTP with STARTTLS or implicit TLS, optional auth, over a pool of sessions."""
 
     name = "smtp"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._local = threading.local()
         self.logins = LoginBreaker()
+        self.pool = SmtpPool(
+            self._connect,
+            size=settings.smtp_max_connections,
+            max_age=settings.smtp_connection_max_age,
+            max_letters=settings.smtp_connection_max_letters,
+            idle=settings.smtp_connection_idle,
+            wait=settings.smtp_timeout,
+        )
 
     def _tls(self) -> ssl.SSLContext:
         context = ssl.create_default_context()
@@ -446,76 +563,39 @@ class SmtpMailer:
     def waiting(self) -> float:
         return self.logins.waiting()
 
-    def _connection(self) -> smtplib.SMTP:
-        conn: smtplib.SMTP | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            try:
-                if conn.noop()[0] == 250:
-                    return conn
-            except (smtplib.SMTPException, OSError):
-                pass
-            self._drop()
-        conn = self._connect()
-        self._local.conn = conn
-        return conn
-
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            _close(conn)
-
-    def _reset(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        try:
-            if conn is not None:
-                conn.rset()
-        except (smtplib.SMTPException, OSError):
-            self._drop()
+    def close(self) -> None:
+        self.pool.close()
 
     def send(self, mail: Outgoing) -> str:
+        # Any error closes the session it happened on (the pool's rule): a refusal, a server
+        # out of step with us, or an address the library cannot write cannot leave the next
+        # letter a session mid-transaction.
         try:
-            conn = self._connection()
-            # mail/rcpt/data by hand rather than sendmail(), to keep the server's final answer.
-            code, answer = conn.mail(mail.sender)
-            if code != 250:
-                raise smtplib.SMTPSenderRefused(code, answer, mail.sender)
-            for rcpt in mail.recipients:
-                code, answer = conn.rcpt(rcpt)
-                if code not in (250, 251):
-                    raise smtplib.SMTPRecipientsRefused({rcpt: (code, answer)})
-            code, answer = conn.data(mail.data)
-            if code != 250:
-                raise smtplib.SMTPDataError(code, answer)
-            return f"{code} {answer.decode(errors='replace')}"
+            with self.pool.session() as conn:
+                # mail/rcpt/data by hand rather than sendmail(), to keep the final answer.
+                code, answer = conn.mail(mail.sender)
+                if code != 250:
+                    raise smtplib.SMTPSenderRefused(code, answer, mail.sender)
+                for rcpt in mail.recipients:
+                    code, answer = conn.rcpt(rcpt)
+                    if code not in (250, 251):
+                        raise smtplib.SMTPRecipientsRefused({rcpt: (code, answer)})
+                code, answer = conn.data(mail.data)
+                if code != 250:
+                    raise smtplib.SMTPDataError(code, answer)
+                return f"{code} {answer.decode(errors='replace')}"
         except smtplib.SMTPRecipientsRefused as exc:
             code, answer = next(iter(exc.recipients.values()))
-            self._after_refusal(code)
             raise _classify_smtp(code, answer) from exc
         except smtplib.SMTPResponseException as exc:
-            self._after_refusal(exc.smtp_code)
             raise _classify_smtp(exc.smtp_code, exc.smtp_error) from exc
         except (smtplib.SMTPException, OSError) as exc:
-            self._drop()
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            # Anything else (an address the library cannot encode, an interrupt) may have left
-            # the connection mid-transaction: the next letter on this thread gets a new one.
-            self._drop()
-            raise
-
-    def _after_refusal(self, code: int) -> None:
-        """After a refused command the transaction is reset for the next letter; a connection
-        the server is closing (421) or that is out of step with us (503) is dropped."""
-        if code in OUT_OF_STEP:
-            self._drop()
-        else:
-            self._reset()
 
 
 # 421: the server is closing the connection. 503: "bad sequence of commands", an answer to the
 # state of the conversation (which we caused), not to the letter: the letter is tried again on a
-# new connection, costing nothing of its own.
+# new connection.
 OUT_OF_STEP = {421, 503}
 
 
@@ -548,6 +628,9 @@ class HttpMailer:
 
     def waiting(self) -> float:
         return 0.0
+
+    def close(self) -> None:
+        pass
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)

@@ -96,6 +96,17 @@ class SendHeld(Middleware):
         self.handoff.flush()
 
 
+class CloseMailSessions(Middleware):
+    """A worker that shuts down ends its sessions with the mail server (QUIT), after its
+    threads have finished their messages."""
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        try:
+            get_app().mailer.close()
+        except Exception as exc:  # shutting down: nothing more to do about it
+            structlog.get_logger("workers").warning("mail_close_failed", error=type(exc).__name__)
+
+
 class FailureRecorder(Middleware):
     """Records every failed attempt in the database; added before Retries, so it runs after it
     (dramatiq calls after-hooks in reverse) and knows whether the message was dead-lettered."""

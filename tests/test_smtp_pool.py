@@ -1,0 +1,151 @@
+"""The process's sessions to its relay: bounded, recycled by age, letters and idleness, ended
+with QUIT, and never reused after an error."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_settings
+from tests.services import SmtpSink, wait_for
+from workers.mail import Outgoing, SmtpMailer, SmtpPool, TransientDeliveryError
+
+pytestmark = pytest.mark.smtp
+MAIL = Outgoing(
+    "a@example.org",
+    ["b@example.org"],
+    b"From: a@example.org\r\nTo: b@example.org\r\nSubject: x\r\n\r\nhello\r\n",
+    "<1@example.org>",
+)
+
+
+def mailer(tmp_path: Path, sink: SmtpSink, **values: Any) -> SmtpMailer:
+    return SmtpMailer(
+        make_settings(
+            tmp_path,
+            mail_backend="smtp",
+            smtp_host="127.0.0.1",
+            smtp_port=sink.port,
+            smtp_timeout=10,
+            **values,
+        )
+    )
+
+
+def test_threads_share_at_most_the_configured_number_of_sessions(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    smtp = mailer(tmp_path, smtp_sink, smtp_max_connections=2)
+    smtp_sink.delay = 0.05  # each letter holds its session for a moment
+    start = threading.Barrier(8)
+
+    def send() -> None:
+        start.wait()
+        for _ in range(3):
+            smtp.send(MAIL)
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert smtp_sink.received.count() == 24
+    assert smtp_sink.most_sessions == 2 and len(set(smtp_sink.sessions)) == 2
+
+
+def test_a_session_carries_at_most_so_many_letters_and_ends_with_quit(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    smtp = mailer(tmp_path, smtp_sink, smtp_connection_max_letters=2)
+    for _ in range(5):
+        smtp.send(MAIL)
+    assert smtp.pool.opened == 3  # 2 + 2 + 1
+    assert [
+        len([s for s in smtp_sink.sessions if s == x]) for x in dict.fromkeys(smtp_sink.sessions)
+    ] == [2, 2, 1]
+    assert wait_for(lambda: smtp_sink.open_sessions == 1, 5)  # the spent ones are closed
+    smtp.close()
+    assert wait_for(lambda: smtp_sink.open_sessions == 0, 5)
+
+
+def test_sessions_are_recycled_by_age_and_closed_when_idle(tmp_path: Path) -> None:
+    now = [0.0]
+    opened: list[FakeConn] = []
+
+    def connect() -> Any:
+        opened.append(FakeConn())
+        return opened[-1]
+
+    pool = SmtpPool(
+        connect, size=2, max_age=60, max_letters=100, idle=5, wait=1, clock=lambda: now[0]
+    )
+    with pool.session():
+        pass
+    now[0] = 0.5
+    with pool.session():  # reused
+        pass
+    assert len(opened) == 1
+    now[0] = 61  # too old: closed, and a new one opened
+    with pool.session():
+        pass
+    assert len(opened) == 2 and opened[0].quit_sent and opened[0].closed
+    now[0] = 61.2
+    with pool.session():
+        pass
+    now[0] = 70  # idle for over 5 s: the next use closes it first
+    with pool.session():
+        pass
+    assert len(opened) == 3 and opened[1].closed
+
+
+def test_a_session_that_met_an_error_is_not_reused(tmp_path: Path) -> None:
+    opened: list[FakeConn] = []
+
+    def connect() -> Any:
+        opened.append(FakeConn())
+        return opened[-1]
+
+    pool = SmtpPool(connect, size=1, max_age=60, max_letters=100, idle=5, wait=1)
+    with pytest.raises(UnicodeEncodeError), pool.session():
+        raise UnicodeEncodeError("ascii", "é", 0, 1, "no")
+    assert opened[0].closed
+    with pool.session() as conn:
+        assert conn is opened[1]
+
+
+def test_a_thread_that_finds_every_session_busy_waits_then_gives_up_in_time() -> None:
+    pool = SmtpPool(FakeConn, size=1, max_age=60, max_letters=100, idle=5, wait=0.2)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with pool.session():
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    with pytest.raises(TransientDeliveryError, match="busy"), pool.session():
+        pass
+    release.set()
+    holder.join()
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.sock: Any = object()
+        self.quit_sent = self.closed = False
+
+    def noop(self) -> tuple[int, bytes]:
+        return 250, b"ok"
+
+    def quit(self) -> None:
+        self.quit_sent = True
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock = None
