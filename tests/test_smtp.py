@@ -108,3 +108,28 @@ def test_mail_server_down_is_transient_until_the_attempts_run_out(app: App, tmp_
         assert sub is not None and sub.state == State.FAILED
         assert sub.failure_reason is not None
         assert sub.failure_reason.startswith("gave up after 3 attempts; last error:")
+
+
+def test_a_421_makes_the_letter_wait_without_using_an_attempt(
+    app: App, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    from workers.stages import Deferred
+
+    smtp = mailer(tmp_path, smtp_sink)
+    sid = through_render(app, submission())
+    smtp_sink.answer = "421 4.7.0 Too many connections from your host"
+    for _ in range(25):  # more than DEARMP_DELIVERY_MAX_ATTEMPTS would allow
+        with pytest.raises(Deferred, match="421"):
+            deliver(app.sessions, sid, smtp, POLICY_3)
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.state == State.RENDERED
+        assert sub.dispatched_at > sub.updated_at  # the reconciler waits too
+    smtp_sink.answer = None
+    deliver(app.sessions, sid, smtp, POLICY_3)
+    with session_scope(app.sessions) as session:
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None and (delivery.status, delivery.attempts) == ("sent", 1)
+    assert smtp_sink.received.count() == 1

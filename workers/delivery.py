@@ -29,6 +29,7 @@ from schemas.campaign import CampaignDefinition
 from workers.campaigns import get_definition
 from workers.db import session_scope
 from workers.mail import (
+    OUT_OF_STEP_WAIT,
     DkimSigner,
     Mailer,
     Outgoing,
@@ -151,6 +152,18 @@ def _update_delivery(session: Session, submission_id: str, **values: object) -> 
             .values({name: bindparam(f"v_{name}") for name in names})
         )
     statement.execute(session, {"id": submission_id, **{f"v_{k}": v for k, v in values.items()}})
+
+
+# A claim given back for a refusal that was not the letter's: the attempt does not count.
+_UNCOUNTED = Hot(
+    update(DELIVERIES)
+    .where(_d.submission_id == bindparam("id"), _d.status == DeliveryStatus.SENDING.value)
+    .values(
+        status=DeliveryStatus.PENDING.value,
+        attempts=_d.attempts - 1,
+        error=bindparam("error"),
+    )
+)
 
 
 def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
@@ -444,6 +457,10 @@ def _send(
                     status=DeliveryStatus.FAILED.value,
                     error=str(exc)[:2000],
                 )
+            elif isinstance(exc, TransientDeliveryError) and exc.ours:
+                # Not the letter's doing: the claim released without counting the attempt,
+                # and the letter waits (a deferral, costing no retry either).
+                _UNCOUNTED.execute(session, {"id": submission_id, "error": str(exc)[:2000]})
             else:  # the claim released: the retry (or the letter's own message) sends it
                 _update_delivery(
                     session,
@@ -451,6 +468,9 @@ def _send(
                     status=DeliveryStatus.PENDING.value,
                     error=str(exc)[:2000],
                 )
+        if isinstance(exc, TransientDeliveryError) and exc.ours:
+            wait = exc.retry_after if exc.retry_after is not None else OUT_OF_STEP_WAIT
+            _defer(sessions, submission_id, wait, f"the mail server: {exc}"[:200])
         raise
 
     answered = time.monotonic()

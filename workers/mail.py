@@ -49,11 +49,16 @@ SIGNED_HEADERS = [
 
 
 class TransientDeliveryError(Exception):
-    """Worth trying again later: connection trouble, a timeout, SMTP 4xx, HTTP 429 or 5xx."""
+    """Worth trying again later: connection trouble, a timeout, SMTP 4xx, HTTP 429 or 5xx.
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    ``ours``: the refusal answers our side (the relay closing a session it has too many of, a
+    conversation out of step, our login paused, every session busy), not the letter: the letter
+    waits and tries again without it counting as one of its attempts."""
+
+    def __init__(self, message: str, retry_after: float | None = None, ours: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.ours = ours
 
 
 class PermanentDeliveryError(Exception):
@@ -380,7 +385,9 @@ class LoginBreaker:
             wait = self.waiting()
             if wait > 0:
                 raise TransientDeliveryError(
-                    f"the relay refused our login; next try in {wait:.0f} s", retry_after=wait
+                    f"the relay refused our login; next try in {wait:.0f} s",
+                    retry_after=wait,
+                    ours=True,
                 )
             yield
 
@@ -435,7 +442,9 @@ class SmtpPool:
     @contextlib.contextmanager
     def session(self) -> Iterator[smtplib.SMTP]:
         if not self.slots.acquire(timeout=self.wait):
-            raise TransientDeliveryError("every connection to the mail server is busy")
+            raise TransientDeliveryError(
+                "every connection to the mail server is busy", retry_after=1.0, ours=True
+            )
         try:
             session = self._take()
             try:
@@ -597,6 +606,8 @@ class SmtpMailer:
 # state of the conversation (which we caused), not to the letter: the letter is tried again on a
 # new connection.
 OUT_OF_STEP = {421, 503}
+# Seconds a letter waits after such an answer before it is tried again on a new session.
+OUT_OF_STEP_WAIT = 10.0
 
 
 # Authentication answers say our configuration is wrong, not the letter: letters wait (and retry)
@@ -606,7 +617,9 @@ AUTH_PROBLEMS = {530, 534, 535, 538}
 
 def _classify_smtp(code: int, answer: bytes | str) -> Exception:
     text = answer.decode(errors="replace") if isinstance(answer, bytes) else answer
-    if 400 <= code < 500 or code in AUTH_PROBLEMS or code in OUT_OF_STEP:
+    if code in OUT_OF_STEP:
+        return TransientDeliveryError(f"{code} {text}", retry_after=OUT_OF_STEP_WAIT, ours=True)
+    if 400 <= code < 500 or code in AUTH_PROBLEMS:
         return TransientDeliveryError(f"{code} {text}")
     return PermanentDeliveryError(f"{code} {text}")
 
