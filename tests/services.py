@@ -131,6 +131,7 @@ class SmtpSink:
         self.received = Received()
         self.answer: str | None = None
         self.refuse: dict[str, str] = {}  # recipient address -> the RCPT answer refusing it
+        self.sender_answer: str | None = None  # the MAIL FROM answer refusing every sender
         self.delay = 0.0
         self.rcpt_delay = 0.0
         self.rcpt_seen = threading.Event()
@@ -142,6 +143,15 @@ class SmtpSink:
         self.port = free_port()
         self.controller: Any = None
         self.options = smtp_options
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if self.sender_answer:
+            return self.sender_answer
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any

@@ -140,3 +140,45 @@ def test_a_worker_child_that_dies_booting_stops_dearmp_worker_at_once(tmp_path: 
     assert done.returncode != 0
     assert b"exited unexpectedly" in done.stderr + done.stdout
     assert time.monotonic() - started < 20  # not dramatiq's 30 s wait
+
+
+def test_failed_deliveries_are_reopened_by_reason_with_a_dry_run_first(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, tmp_path: Path
+) -> None:
+    from sqlalchemy import update
+
+    from workers.db import session_scope
+    from workers.models import Delivery, State, Submission
+
+    ids = [submit(app, stub_broker, submission())[0] for _ in range(3)]
+    drain(stub_broker, stub_worker)
+    # Two letters refused for a mistake in configuration, one for another reason.
+    with session_scope(app.sessions) as session:
+        for sid, error in zip(
+            ids,
+            ["554 5.7.1 relay denied", "554 5.7.1 relay denied", "550 5.1.1 no such user"],
+            strict=True,
+        ):
+            session.execute(
+                update(Submission).where(Submission.id == sid).values(state=State.FAILED.value)
+            )
+            session.execute(
+                update(Delivery)
+                .where(Delivery.submission_id == sid)
+                .values(status="failed", attempts=20, error=error)
+            )
+    runner = CliRunner()
+    dry = runner.invoke(main, ["deliveries", "reopen", "--reason", "5.7.1", "--dry-run"])
+    assert dry.exit_code == 0 and "would reopen 2" in dry.stdout
+    with session_scope(app.sessions) as session:
+        assert {s.state for s in session.query(Submission)} == {"failed"}  # nothing changed
+    done = runner.invoke(main, ["deliveries", "reopen", "--reason", "5.7.1"])
+    assert done.exit_code == 0 and "reopened 2" in done.stdout
+    drain(stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        states = {sid: session.get(Submission, sid).state for sid in ids}  # type: ignore[union-attr]
+        deliveries = {sid: session.get(Delivery, sid) for sid in ids}
+        assert [states[sid] for sid in ids] == ["delivered", "delivered", "failed"]
+        assert deliveries[ids[0]] is not None and deliveries[ids[0]].attempts == 1
+        history = [e.state for e in session.get(Submission, ids[0]).events]  # type: ignore[union-attr]
+        assert history[-2:] == ["rendered", "delivered"]

@@ -174,6 +174,7 @@ def test_prometheus_metrics_from_the_exporter_and_the_workers(
         text = scrape(exporter)
         assert 'dearmp_queue_messages{queue="dearmp.validate",status="dead"} 1.0' in text
         assert 'dearmp_submissions{state="delivered"} 1.0' in text
+        assert "dearmp_mail_paused 0.0" in text
         assert 'dearmp_letters_total{campaign="political-prisoners",outcome="sent"} 1.0' in text
         assert wait_for(lambda: "dramatiq_messages_total" in scrape(workers_port), 30)
         assert 'actor_name="deliver_submission"' in scrape(workers_port)
@@ -210,3 +211,25 @@ def test_dead_letters_outlive_a_redis_restart_in_the_operators_view(
     assert smtp_sink.received.count() == 1
     assert json.loads(cli("dlq", "list", "--json")) == []
     assert "healthy: 0 dead letters" in cli("health")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_health_says_when_the_relay_refusing_us_pauses_delivery(
+    ops: tuple[App, RedisBroker, Stack], smtp_sink: SmtpSink
+) -> None:
+    """A worker that meets a sender refusal pauses, and every operator's command sees it."""
+    app, broker, stack = ops
+    smtp_sink.sender_answer = "553 5.7.1 Sender address rejected: not owned by user"
+    sid = through_render(app, submission())
+    broker.enqueue(stage_message(Stage.DELIVER, sid))
+    assert wait_for(lambda: "paused" in CliRunner().invoke(main, ["health"]).output, 60), (
+        stack.log_text()[-2000:]
+    )
+    health = CliRunner().invoke(main, ["health"])
+    assert health.exit_code == 1 and "553 5.7.1 Sender address rejected" in health.output
+    with session_scope(app.sessions) as session:
+        from workers.models import Delivery
+
+        delivery = session.get(Delivery, sid)
+        assert delivery is not None and delivery.attempts == 0
+    assert json.loads(cli("dlq", "list", "--json")) == []  # waiting is not failing

@@ -21,8 +21,8 @@ from tests.test_stages import through_render
 from workers.app import App
 from workers.db import session_scope
 from workers.delivery import DeliveryPolicy, deliver
-from workers.mail import LoginBreaker, Outgoing, SmtpMailer, TransientDeliveryError
-from workers.models import Delivery, Submission
+from workers.mail import Outgoing, RelayPause, SmtpMailer, TransientDeliveryError
+from workers.models import Delivery, Letter, Submission
 from workers.stages import Deferred
 
 pytestmark = [
@@ -136,29 +136,32 @@ def test_one_refused_login_stops_every_thread_from_trying(
 
 def test_the_pause_doubles_and_a_login_accepted_ends_it() -> None:
     now = [1000.0]
-    breaker = LoginBreaker(clock=lambda: now[0])
-    breaker.refused()
+    alarms: list[tuple[str | None, float]] = []
+    breaker = RelayPause(clock=lambda: now[0], alarm=lambda *a: alarms.append(a))
+    breaker.refused("535 5.7.8 Authentication failed")
     assert breaker.waiting() == 30
     with pytest.raises(TransientDeliveryError, match="next try in 30 s"), breaker.turn():
         pass
     now[0] += 30
     with breaker.turn():  # its turn: one login is tried
-        breaker.refused()
+        breaker.refused("535 5.7.8 Authentication failed")
     assert breaker.waiting() == 60
     for _ in range(10):
-        breaker.refused()
+        breaker.refused("535 5.7.8 Authentication failed")
     assert breaker.waiting() == 900  # at most 15 minutes
     breaker.accepted()
     assert breaker.waiting() == 0
+    assert alarms[0] == ("535 5.7.8 Authentication failed", 30.0)
+    assert alarms[-1] == (None, 0.0) and len(alarms) == 13  # 12 pauses, one end
 
 
 def test_letters_wait_for_the_login_without_using_attempts(
     app: App, tmp_path: Path, relay: SmtpSink
 ) -> None:
     mailer = SmtpMailer(settings(tmp_path, relay.port))
-    mailer.logins.refused()  # the relay refused our login a moment ago
+    mailer.relay.refused("535 5.7.8 Authentication failed")  # a moment ago
     sid = through_render(app, submission())
-    with pytest.raises(Deferred, match="refused our login"):
+    with pytest.raises(Deferred, match="delivery paused"):
         deliver(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
     with session_scope(app.sessions) as session:
         delivery = session.get(Delivery, sid)
@@ -166,3 +169,70 @@ def test_letters_wait_for_the_login_without_using_attempts(
         sub = session.get(Submission, sid)
         assert sub is not None and sub.dispatched_at > sub.updated_at  # the reconciler waits too
     assert relay.received.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("where", "answer"),
+    [
+        ("MAIL", "553 5.7.1 <letters@campaign.example.org>: Sender address rejected: not owned"),
+        ("RCPT", "554 5.7.1 <mp@parliament.uk>: Relay access denied"),
+    ],
+)
+def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
+    app: App, tmp_path: Path, smtp_sink: SmtpSink, where: str, answer: str
+) -> None:
+    alarms: list[tuple[str | None, float]] = []
+    mailer = SmtpMailer(
+        make_settings(
+            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
+        ),
+        alarm=lambda *a: alarms.append(a),
+    )
+    first, second = through_render(app, submission()), through_render(app, submission())
+    if where == "MAIL":
+        smtp_sink.sender_answer = answer
+    else:
+        with session_scope(app.sessions) as session:
+            to = session.get(Letter, first)
+            assert to is not None
+            smtp_sink.refuse[to.to_email] = answer
+    policy = DeliveryPolicy(lease_seconds=300)
+    with pytest.raises(Deferred, match=r"5\.7\.1"):
+        deliver(app.sessions, first, mailer, policy)
+    with pytest.raises(Deferred, match="delivery paused"):  # the next letter waits too
+        deliver(app.sessions, second, mailer, policy)
+    assert alarms == [(answer, 30.0)] and 25 < mailer.waiting() <= 30
+    with session_scope(app.sessions) as session:
+        for sid in (first, second):
+            delivery = session.get(Delivery, sid)
+            assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
+            sub = session.get(Submission, sid)
+            assert sub is not None and sub.state == "rendered"  # not failed: not their fault
+    # The relay is fixed; once the pause is over, the next letter is the probe.
+    smtp_sink.sender_answer = None
+    smtp_sink.refuse.clear()
+    mailer.relay.closed_until = 0.0
+    deliver(app.sessions, first, mailer, policy)
+    deliver(app.sessions, second, mailer, policy)
+    assert smtp_sink.received.count() == 2 and alarms[-1] == (None, 0.0)
+    assert mailer.waiting() == 0
+
+
+def test_a_refused_recipient_is_still_the_letters_own_failure(
+    app: App, tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    from workers.mail import PermanentDeliveryError
+
+    mailer = SmtpMailer(
+        make_settings(
+            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
+        )
+    )
+    sid = through_render(app, submission())
+    with session_scope(app.sessions) as session:
+        to = session.get(Letter, sid)
+        assert to is not None
+        smtp_sink.refuse[to.to_email] = "550 5.1.1 <x>: Recipient address rejected: unknown"
+    with pytest.raises(PermanentDeliveryError, match=r"5\.1\.1"):
+        deliver(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+    assert mailer.waiting() == 0

@@ -16,6 +16,7 @@ from config.settings import Settings, get_settings
 from workers.db import make_engine, make_sessionmaker
 from workers.delivery import DeliveryPolicy
 from workers.mail import DkimSigner, Mailer, make_mailer, make_signer
+from workers.operations import mail_pause_alarm
 from workers.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from workers.sources import LiveSources
 
@@ -36,13 +37,16 @@ class App:
     def from_settings(cls, settings: Settings, **engine_options: Any) -> App:
         engine = make_engine(settings.resolved_database_url, **engine_options)
         limiter: Limiter = MemoryLimiter()
+        alarm = None
         if settings.broker == "redis":
-            limiter = RedisLimiter(redis.Redis.from_url(settings.resolved_redis_url))
+            client = redis.Redis.from_url(settings.resolved_redis_url)
+            limiter = RedisLimiter(client)
+            alarm = mail_pause_alarm(client, settings.redis_namespace)
         return cls(
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
-            mailer=make_mailer(settings),
+            mailer=make_mailer(settings, alarm),
             secret=settings.secret(),
             delivery_policy=DeliveryPolicy.from_settings(settings),
             limiter=limiter,

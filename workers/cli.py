@@ -539,7 +539,7 @@ def health(max_dead: int, max_age: float) -> None:
     """Exit non-zero when dead letters or the oldest waiting message pass the thresholds."""
     import time
 
-    from workers.operations import dead_counts, oldest_waiting_seconds
+    from workers.operations import dead_counts, mail_pause, oldest_waiting_seconds
 
     app = _app()
     try:
@@ -549,6 +549,12 @@ def health(max_dead: int, max_age: float) -> None:
     dead = sum(dead_counts(app.sessions).values())  # the database's count: Redis may forget
     age = oldest_waiting_seconds(client, namespace, int(time.time() * 1000))
     problems = []
+    paused = mail_pause(client, namespace)
+    if paused is not None:
+        problems.append(
+            f"mail delivery paused until {paused['until']}: the relay refused us "
+            f"({paused['reason']}); letters wait, and resume when a try succeeds"
+        )
     if dead > max_dead:
         problems.append(f"{dead} dead letters (more than {max_dead})")
     if age > max_age:
@@ -677,6 +683,35 @@ def campaigns_mode(slug: str, mode: str) -> None:
             raise click.ClickException(f"no campaign {slug}")
         before, row.mode = row.mode, mode
     click.echo(f"{slug}: {before} -> {mode} (letters rendered from now on)")
+
+
+@main.group()
+def deliveries() -> None:
+    """Deliveries, for an operator."""
+
+
+@deliveries.command("reopen")
+@click.option("--reason", help="Only failures whose recorded error contains this.")
+@click.option("--campaign", help="Only this campaign's letters (its slug).")
+@click.option("--mp", "member_id", type=int, help="Only letters to this MP (member id).")
+@click.option("--dry-run", is_flag=True, help="Say what would be reopened; change nothing.")
+def deliveries_reopen(
+    reason: str | None, campaign: str | None, member_id: int | None, dry_run: bool
+) -> None:
+    """Send failed letters again with a fresh count of attempts (after a configuration fix)."""
+    from workers.actors import broker
+    from workers.db import session_scope
+    from workers.delivery import reopen_failed
+    from workers.stages import Stage, dispatch_groups
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        ids = reopen_failed(session, reason, campaign, member_id, dry_run)
+    for submission_id in ids:
+        click.echo(f"{'would reopen' if dry_run else 'reopened'} {submission_id}")
+    if ids and not dry_run:
+        dispatch_groups(broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
+    click.echo(f"{'would reopen' if dry_run else 'reopened'} {len(ids)}")
 
 
 def _register_groups() -> None:

@@ -429,7 +429,7 @@ def _send(
     if not taken.claimed:
         wait = mailer.waiting()
         if wait > 0:  # the backend would be refused for our configuration, not the letter
-            _defer(sessions, submission_id, wait, "the mail server refused our login")
+            _defer(sessions, submission_id, wait, "delivery paused: the mail server refused us")
         if definition.quiet_hours:
             wait = seconds_until_open(
                 utcnow(), definition.quiet_hours.start, definition.quiet_hours.end
@@ -486,3 +486,50 @@ def _outgoing(taken: _Taken, signer: DkimSigner | None) -> Outgoing:
         return outgoing(taken.letter, signer)
     except ValueError as exc:
         raise PermanentDeliveryError(f"the letter cannot be written as email: {exc}") from exc
+
+
+def reopen_failed(
+    session: Session,
+    reason: str | None = None,
+    campaign: str | None = None,
+    member_id: int | None = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Failed deliveries back to ``rendered`` with a fresh count of attempts (the caller sends
+    them to delivery after the commit): a mistake in configuration costs nothing once fixed.
+    ``reason``: part of the recorded error; returns the submissions reopened (or that would be)."""
+    query = (
+        select(SUBMISSIONS.c.id)
+        .select_from(SUBMISSIONS.join(DELIVERIES, DELIVERIES.c.submission_id == SUBMISSIONS.c.id))
+        .where(
+            SUBMISSIONS.c.state == State.FAILED.value,
+            DELIVERIES.c.status == DeliveryStatus.FAILED.value,
+        )
+        .order_by(SUBMISSIONS.c.updated_at)
+    )
+    if reason:
+        query = query.where(DELIVERIES.c.error.contains(reason, autoescape=True))
+    if campaign:
+        query = query.where(SUBMISSIONS.c.campaign_slug == campaign)
+    if member_id is not None:
+        query = query.where(SUBMISSIONS.c.member_id == member_id)
+    ids = list(session.scalars(query))
+    if dry_run:
+        return ids
+    for submission_id in ids:
+        advance(
+            session,
+            At(submission_id, State.FAILED),
+            State.RENDERED,
+            "delivery reopened by an operator",
+            failure_reason=None,
+        )
+        _update_delivery(
+            session,
+            submission_id,
+            status=DeliveryStatus.PENDING.value,
+            attempts=0,
+            error=None,
+            claimed_at=None,
+        )
+    return ids

@@ -357,52 +357,77 @@ def _close(conn: smtplib.SMTP) -> None:
         conn.close()
 
 
-class LoginBreaker:
-    """After the relay refuses our login, no thread of the process tries again for a while:
-    30 s, doubling with each refusal in a row up to 15 minutes. A wrong password tried by every
-    thread for every letter is the burst that gets an account locked; the letters wait instead
-    (:meth:`waiting`), costing none of their attempts."""
+class RelayPause:
+    """When the relay refuses us rather than a letter (our login; our sender address or our
+    right to relay: a 5xx to MAIL FROM, a 5.7.x policy answer), no thread of the process tries
+    again for a while: 30 s, doubling with each refusal in a row up to 15 minutes. Letters wait
+    meanwhile (:meth:`waiting`), costing none of their attempts; the first letter after the
+    pause is the probe, and its success ends the pause. A wrong password tried by every thread
+    for every letter is the burst that gets an account locked; a sender refusal would fail every
+    letter for a mistake in configuration. ``alarm`` is told of each pause and of its end (the
+    deployment's operators see it in ``dearmp health`` and the metrics)."""
 
     FIRST, LONGEST = 30.0, 900.0
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        alarm: Callable[[str | None, float], None] | None = None,
+    ) -> None:
+        self.clock, self.alarm = clock, alarm
         self.lock = threading.Lock()
         self.one_at_a_time = threading.Lock()
         self.refusals = 0
         self.closed_until = 0.0
+        self.reason: str | None = None
 
     def waiting(self) -> float:
-        """Seconds until a login may be tried again (0: now)."""
+        """Seconds until the relay may be tried again (0: now)."""
         with self.lock:
             return max(0.0, self.closed_until - self.clock())
+
+    def check(self) -> None:
+        wait = self.waiting()
+        if wait > 0:
+            raise TransientDeliveryError(
+                f"delivery paused: {self.reason}; next try in {wait:.0f} s",
+                retry_after=wait,
+                ours=True,
+            )
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
         """One login at a time in the process, and none while paused: the threads that wanted
         to log in with the first refusal do not each try the same password."""
         with self.one_at_a_time:
-            wait = self.waiting()
-            if wait > 0:
-                raise TransientDeliveryError(
-                    f"the relay refused our login; next try in {wait:.0f} s",
-                    retry_after=wait,
-                    ours=True,
-                )
+            self.check()
             yield
 
-    def refused(self) -> None:
+    def refused(self, reason: str) -> float:
+        """The relay refused us: pause, and return for how long."""
         with self.lock:
             self.refusals += 1
-            pause = min(self.LONGEST, self.FIRST * 2 ** (self.refusals - 1))
+            pause: float = min(self.LONGEST, self.FIRST * 2.0 ** (self.refusals - 1))
             self.closed_until = self.clock() + pause
+            self.reason = reason[:200]
         structlog.get_logger("workers").error(
-            "smtp_login_refused", pause_seconds=pause, refusals_in_a_row=self.refusals
+            "mail_delivery_paused",
+            reason=self.reason,
+            pause_seconds=pause,
+            refusals_in_a_row=self.refusals,
         )
+        if self.alarm is not None:
+            self.alarm(self.reason, pause)
+        return pause
 
     def accepted(self) -> None:
         with self.lock:
-            self.refusals, self.closed_until = 0, 0.0
+            if not self.refusals:
+                return
+            self.refusals, self.closed_until, self.reason = 0, 0.0, None
+        structlog.get_logger("workers").warning("mail_delivery_resumed")
+        if self.alarm is not None:
+            self.alarm(None, 0.0)
 
 
 @dataclass
@@ -515,9 +540,11 @@ class SmtpMailer:
 
     name = "smtp"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, alarm: Callable[[str | None, float], None] | None = None
+    ) -> None:
         self.settings = settings
-        self.logins = LoginBreaker()
+        self.relay = RelayPause(alarm=alarm)
         self.pool = SmtpPool(
             self._connect,
             size=settings.smtp_max_connections,
@@ -556,13 +583,13 @@ class SmtpMailer:
                     conn.starttls(context=self._tls())
             conn.ehlo_or_helo_if_needed()
             if s.smtp_username and s.smtp_password:
-                with self.logins.turn():
+                with self.relay.turn():
                     try:
                         conn.login(s.smtp_username, s.smtp_password.get_secret_value())
-                    except smtplib.SMTPAuthenticationError:
-                        self.logins.refused()
+                    except smtplib.SMTPAuthenticationError as exc:
+                        answer = _text(exc.smtp_error)
+                        self.relay.refused(f"login refused: {exc.smtp_code} {answer}")
                         raise
-                    self.logins.accepted()
         except BaseException:
             if conn is not None:  # a set-up that failed (TLS, EHLO, AUTH) leaves no session
                 _close(conn)
@@ -570,7 +597,7 @@ class SmtpMailer:
         return conn
 
     def waiting(self) -> float:
-        return self.logins.waiting()
+        return self.relay.waiting()
 
     def close(self) -> None:
         self.pool.close()
@@ -580,6 +607,7 @@ class SmtpMailer:
         # out of step with us, or an address the library cannot write cannot leave the next
         # letter a session mid-transaction.
         try:
+            self.relay.check()
             with self.pool.session() as conn:
                 # mail/rcpt/data by hand rather than sendmail(), to keep the final answer.
                 code, answer = conn.mail(mail.sender)
@@ -592,14 +620,44 @@ class SmtpMailer:
                 code, answer = conn.data(mail.data)
                 if code != 250:
                     raise smtplib.SMTPDataError(code, answer)
-                return f"{code} {answer.decode(errors='replace')}"
+            self.relay.accepted()
+            return f"{code} {answer.decode(errors='replace')}"
+        except smtplib.SMTPAuthenticationError as exc:  # the pause is set already (_connect)
+            text = _text(exc.smtp_error)
+            wait = self.relay.waiting()
+            raise TransientDeliveryError(f"{exc.smtp_code} {text}", wait, ours=True) from exc
+        except smtplib.SMTPSenderRefused as exc:
+            raise self._refused(exc.smtp_code, exc.smtp_error, sender=True) from exc
         except smtplib.SMTPRecipientsRefused as exc:
             code, answer = next(iter(exc.recipients.values()))
-            raise _classify_smtp(code, answer) from exc
+            raise self._refused(code, answer) from exc
         except smtplib.SMTPResponseException as exc:
-            raise _classify_smtp(exc.smtp_code, exc.smtp_error) from exc
+            raise self._refused(exc.smtp_code, exc.smtp_error) from exc
         except (smtplib.SMTPException, OSError) as exc:
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _refused(self, code: int, answer: bytes | str, sender: bool = False) -> Exception:
+        """The error for a refusal; one that concerns our configuration pauses delivery."""
+        text = _text(answer)
+        if _is_policy(code, text, sender):
+            pause = self.relay.refused(f"{code} {text}")
+            return TransientDeliveryError(f"{code} {text}", retry_after=pause, ours=True)
+        return _classify_smtp(code, answer)
+
+
+def _text(answer: bytes | str) -> str:
+    return answer.decode(errors="replace") if isinstance(answer, bytes) else answer
+
+
+def _is_policy(code: int, text: str, sender: bool) -> bool:
+    """A refusal of us, not of the letter: any 5xx to our MAIL FROM (the sender address, the
+    account's right to send it), a 5.7.x answer (security or policy: relaying, authorization),
+    and the authentication answers. "550 5.1.1 no such mailbox" to a RCPT is the letter's."""
+    if code in AUTH_PROBLEMS:
+        return True
+    if not 500 <= code < 600:
+        return False
+    return sender or text.lstrip().startswith("5.7.")
 
 
 # 421: the server is closing the connection. 503: "bad sequence of commands", an answer to the
@@ -683,9 +741,11 @@ def retry_after(response: requests.Response) -> float | None:
         return None
 
 
-def make_mailer(settings: Settings) -> Mailer:
+def make_mailer(
+    settings: Settings, alarm: Callable[[str | None, float], None] | None = None
+) -> Mailer:
     if settings.mail_backend == "smtp":
-        return SmtpMailer(settings)
+        return SmtpMailer(settings, alarm)
     if settings.mail_backend == "http":
         return HttpMailer(settings)
     return OutboxMailer(settings.resolved_outbox_dir)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from workers.db import session_scope
 from workers.models import Delivery, Submission
-from workers.operations import queue_depths
+from workers.operations import dead_counts, mail_pause, queue_depths
 
 
 class DearmpCollector(Collector):
@@ -34,10 +34,16 @@ class DearmpCollector(Collector):
         queues = GaugeMetricFamily(
             "dearmp_queue_messages", "Messages per queue and status", labels=["queue", "status"]
         )
-        for depth in queue_depths(self.client, self.namespace):
+        depths = queue_depths(self.client, self.namespace, dead_counts(self.sessions))
+        for depth in depths:
             for status in ("waiting", "delayed", "in_progress", "dead"):
                 queues.add_metric([depth.queue, status], getattr(depth, status))
         yield queues
+        paused = GaugeMetricFamily(
+            "dearmp_mail_paused", "1 while the relay's refusal of us pauses delivery"
+        )
+        paused.add_metric([], 1 if mail_pause(self.client, self.namespace) else 0)
+        yield paused
 
         with session_scope(self.sessions) as session:
             by_state: Any = session.execute(

@@ -8,13 +8,15 @@ death (``ns:queue.XQ``) with their bodies (``ns:queue.XQ.msgs``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import dramatiq
 import redis
+import structlog
 from dramatiq import Message
 from dramatiq.errors import DecodeError
 from sqlalchemy import func, select, update
@@ -275,6 +277,39 @@ def purge(
         )
     if found.dead is not None:
         remove(client, namespace, found.dead)
+
+
+def pause_key(namespace: str) -> str:
+    return f"{namespace}:mail-paused"
+
+
+def mail_pause_alarm(client: redis.Redis, namespace: str) -> Callable[[str | None, float], None]:
+    """What a worker tells every operator's command when the relay refuses us (and when that
+    ends): a key in Redis that lives as long as the pause, and a while after in case the worker
+    dies before it can say the pause is over."""
+    log = structlog.get_logger("workers")
+
+    def alarm(reason: str | None, seconds: float) -> None:
+        try:
+            if reason is None:
+                client.delete(pause_key(namespace))
+            else:
+                until = datetime.now(UTC) + timedelta(seconds=seconds)
+                value = json.dumps({"reason": reason, "until": until.isoformat()})
+                client.set(pause_key(namespace), value, ex=int(seconds) + 600)
+        except redis.RedisError as exc:  # the pause itself holds in the worker regardless
+            log.warning("mail_pause_not_shared", error=type(exc).__name__)
+
+    return alarm
+
+
+def mail_pause(client: redis.Redis, namespace: str) -> dict[str, str] | None:
+    """The relay's refusal that paused delivery, if a worker reported one: reason and until."""
+    raw = cast("bytes | None", client.get(pause_key(namespace)))
+    if raw is None:
+        return None
+    value: dict[str, str] = json.loads(raw)
+    return value
 
 
 def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> float:
