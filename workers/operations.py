@@ -19,7 +19,7 @@ import redis
 import structlog
 from dramatiq import Message
 from dramatiq.errors import DecodeError
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.db import session_scope
@@ -131,15 +131,17 @@ class Found:
         return self.failure.exception_type if self.failure else "unknown"
 
 
-def _needs_attention(session: Session, queue: str | None) -> list[Failure]:
-    """Dead-lettered failures not requeued or purged since."""
-    purged = select(PurgedDeadLetter.message_id)
-    query = (
-        select(Failure)
-        .where(Failure.dead_lettered_at.is_not(None), Failure.requeued_at.is_(None))
-        .where(Failure.message_id.not_in(purged))
-        .order_by(Failure.dead_lettered_at)
+def _needing_attention() -> ColumnElement[bool]:
+    """A failure that was dead-lettered and not requeued or purged since."""
+    return and_(
+        Failure.dead_lettered_at.is_not(None),
+        Failure.requeued_at.is_(None),
+        Failure.message_id.not_in(select(PurgedDeadLetter.message_id)),
     )
+
+
+def _needs_attention(session: Session, queue: str | None) -> list[Failure]:
+    query = select(Failure).where(_needing_attention()).order_by(Failure.dead_lettered_at)
     if queue:
         query = query.where(Failure.queue_name == queue)
     return list(session.scalars(query))
@@ -212,11 +214,9 @@ def find_dead(
 def dead_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
     """Dead letters needing attention per queue, from the database."""
     with session_scope(sessions) as session:
-        purged = select(PurgedDeadLetter.message_id)
         rows = session.execute(
             select(Failure.queue_name, func.count())
-            .where(Failure.dead_lettered_at.is_not(None), Failure.requeued_at.is_(None))
-            .where(Failure.message_id.not_in(purged))
+            .where(_needing_attention())
             .group_by(Failure.queue_name)
         ).all()
     return {queue: int(count) for queue, count in rows}
