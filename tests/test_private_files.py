@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 
@@ -34,3 +35,23 @@ def test_letters_in_the_outbox_are_private(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox"
     OutboxMailer(outbox).send(Outgoing("a@example.org", ["b@example.org"], b"x", "<id-1@x>"))
     assert mode(outbox) == 0o700 and mode(outbox / "id-1.eml") == 0o600
+
+
+def test_the_demos_data_folder_and_logs_folder_are_private(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    from config.settings import get_settings
+    from workers.app import set_app
+    from workers.cli import _app
+
+    data = tmp_path / "var"
+    monkeypatch.setenv("DEARMP_DATA_DIR", str(data))
+    monkeypatch.setenv("DEARMP_BROKER", "stub")
+    get_settings.cache_clear()
+    try:
+        app = _app(data / "logs" / "dearmp.jsonl")
+        app.engine.dispose()
+    finally:
+        set_app(None)
+        get_settings.cache_clear()
+    assert mode(data) == 0o700 and mode(data / "logs") == 0o700

@@ -22,7 +22,9 @@ from workers.logging import configure_logging
 def _app(log_file: Path | None = None) -> App:
     settings = get_settings()
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        # The embedded data folder holds personal data: this user's only.
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         configure_logging(settings.log_level, stream=log_file.open("a", buffering=1))
     else:
         configure_logging(settings.log_level)
