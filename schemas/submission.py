@@ -30,7 +30,6 @@ from schemas.postcode import MESSAGES, PostcodeProblem, check_format, normalise_
 
 __all__ = [
     "SubmissionV1",
-    "ascii_email",
     "error_message",
     "normalise_postcode",
     "parse_submission",
@@ -217,16 +216,15 @@ def _check_email(value: Any) -> str:
         raise ValueError("Email address must be on one line, without control characters.")
     if len(value) > MAX_EMAIL:
         raise ValueError(f"An email address has at most {MAX_EMAIL} characters.")
-    return ascii_email(value.strip(" "))
+    return _ascii_email(value.strip(" "))
 
 
-def ascii_email(value: str) -> str:
+def _ascii_email(value: str) -> str:
     """The address as it goes on the wire: an internationalised domain as IDNA (punycode).
 
     A non-ASCII local part (``zoë@example.org``) is refused: it needs SMTPUTF8 from every server
     between us and the MP's office and back to the supporter (their ``Reply-To``), which a
     campaign cannot know; refusing it at the door is an answer the supporter can act on."""
-    check_text("Email address", value)
     local = value.rpartition("@")[0]
     if not local.isascii():
         raise ValueError(

@@ -24,7 +24,7 @@ from workers.app import App
 from workers.db import session_scope
 from workers.embedded import EmbeddedRedis
 from workers.models import Delivery
-from workers.operations import queue_depths
+from workers.operations import dead_letters as redis_dead_letters
 from workers.runtime import prepare, submit
 
 pytestmark = [pytest.mark.redis, pytest.mark.smtp]
@@ -63,7 +63,7 @@ def make_stack(
 
 
 def dead_letters(server: EmbeddedRedis) -> int:
-    return sum(d.dead for d in queue_depths(redis.Redis.from_url(server.url), "dearmp"))
+    return len(redis_dead_letters(redis.Redis.from_url(server.url), "dearmp"))
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

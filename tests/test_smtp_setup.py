@@ -236,3 +236,19 @@ def test_a_refused_recipient_is_still_the_letters_own_failure(
     with pytest.raises(PermanentDeliveryError, match=r"5\.1\.1"):
         deliver(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
     assert mailer.waiting() == 0
+
+
+def test_a_policy_answer_to_the_letters_content_is_the_letters_own_failure(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    from workers.mail import PermanentDeliveryError
+
+    mailer = SmtpMailer(
+        make_settings(
+            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
+        )
+    )
+    smtp_sink.answer = "554 5.7.1 Message rejected as spam"
+    with pytest.raises(PermanentDeliveryError, match="spam"):
+        mailer.send(MAIL)
+    assert mailer.waiting() == 0  # one letter's content does not pause everyone's

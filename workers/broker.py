@@ -15,6 +15,7 @@ from workers.app import get_app
 from workers.db import session_scope
 from workers.failures import Attempt, record_failure
 from workers.middleware import CloseMailSessions, FailureRecorder, LogContext, StageMessagesOnly
+from workers.operations import UNREADABLE
 
 
 class UnreadableMessage(Exception):
@@ -59,7 +60,7 @@ def record_unreadable(queue_name: str, redis_id: str, size: int) -> None:
     attempt = Attempt(
         message_id=redis_id[:64],
         queue_name=queue_name,
-        actor_name="(unreadable)",
+        actor_name=UNREADABLE,
         submission_id=None,
         exception=UnreadableMessage(f"{size} bytes that are not a dramatiq message"),
         attempts=1,

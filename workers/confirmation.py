@@ -147,34 +147,31 @@ def notify(
     return []
 
 
-def check_token(session: Session, secret: bytes, token: str) -> str:
-    """What a click would do, without doing it: "ready" | "already" | "expired" | "invalid"."""
+def _read(session: Session, secret: bytes, token: str) -> tuple[str, Submission | None]:
+    """What a click would do: "ready" | "already" | "expired" | "invalid", and the submission."""
     read = read_token(secret, token)
     if read is None:
-        return "invalid"
+        return "invalid", None
     submission_id, valid = read
     submission = session.get(Submission, submission_id)
     if submission is None:
-        return "invalid"
+        return "invalid", None
     if submission.state != State.UNCONFIRMED:
-        return "expired" if submission.state == State.EXPIRED else "already"
-    return "ready" if valid else "expired"
+        return ("expired" if submission.state == State.EXPIRED else "already"), submission
+    return ("ready" if valid else "expired"), submission
+
+
+def check_token(session: Session, secret: bytes, token: str) -> str:
+    """What a click would do, without doing it: "ready" | "already" | "expired" | "invalid"."""
+    return _read(session, secret, token)[0]
 
 
 def confirm(session: Session, secret: bytes, token: str) -> tuple[str, str | None]:
     """Act on a clicked link: ("confirmed" | "already" | "expired" | "invalid", submission id)."""
-    read = read_token(secret, token)
-    if read is None:
-        return "invalid", None
-    submission_id, valid = read
-    submission = session.get(Submission, submission_id)
-    if submission is None:
-        return "invalid", None
-    if submission.state != State.UNCONFIRMED:
-        return ("expired" if submission.state == State.EXPIRED else "already"), submission_id
-    if not valid:
-        return "expired", submission_id
+    result, submission = _read(session, secret, token)
+    if result != "ready" or submission is None:
+        return result, submission.id if submission is not None else None
     advance(
         session, submission, State.RECEIVED, detail="confirmed by the sender", confirmed_at=utcnow()
     )
-    return "confirmed", submission_id
+    return "confirmed", submission.id

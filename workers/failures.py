@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from workers.models import Failure, State, Submission, utcnow
-from workers.transitions import advance
+from workers.transitions import AlreadyMoved, advance
 
 
 @dataclass(frozen=True)
@@ -79,5 +79,8 @@ def end_if_failing(session: Session, attempt: Attempt, limit: int) -> bool:
         f"the {stage} stage failed {count} times in a row "
         f"({type(attempt.exception).__name__}); see `dearmp dlq show`"
     )
-    advance(session, submission, State.FAILED, reason, failure_reason=reason)
+    try:
+        advance(session, submission, State.FAILED, reason, failure_reason=reason)
+    except AlreadyMoved:  # it moved on meanwhile (its guarded update wrote nothing)
+        return False
     return True

@@ -430,7 +430,7 @@ class RelayPause:
             self.alarm(None, 0.0)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Session:
     conn: smtplib.SMTP
     opened: float
@@ -517,13 +517,9 @@ class SmtpPool:
     def _give_back(self, session: _Session) -> None:
         now = self.clock()
         with self.lock:
-            keep = [s for s in self.idle if not self._spent(s, now)]
+            self.idle.append(session)
             gone = [s for s in self.idle if self._spent(s, now)]
-            if self._spent(session, now):
-                gone.append(session)
-            else:
-                keep.append(session)
-            self.idle = keep
+            self.idle = [s for s in self.idle if s not in gone]
         for spent in gone:
             _close(spent.conn)
 
@@ -627,37 +623,45 @@ class SmtpMailer:
             wait = self.relay.waiting()
             raise TransientDeliveryError(f"{exc.smtp_code} {text}", wait, ours=True) from exc
         except smtplib.SMTPSenderRefused as exc:
-            raise self._refused(exc.smtp_code, exc.smtp_error, sender=True) from exc
+            raise self._refused("MAIL", exc.smtp_code, exc.smtp_error) from exc
         except smtplib.SMTPRecipientsRefused as exc:
             code, answer = next(iter(exc.recipients.values()))
-            raise self._refused(code, answer) from exc
-        except smtplib.SMTPResponseException as exc:
-            raise self._refused(exc.smtp_code, exc.smtp_error) from exc
+            raise self._refused("RCPT", code, answer) from exc
+        except smtplib.SMTPDataError as exc:
+            raise self._refused("DATA", exc.smtp_code, exc.smtp_error) from exc
+        except smtplib.SMTPResponseException as exc:  # the greeting, EHLO, STARTTLS
+            raise self._refused("SESSION", exc.smtp_code, exc.smtp_error) from exc
         except (smtplib.SMTPException, OSError) as exc:
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
-    def _refused(self, code: int, answer: bytes | str, sender: bool = False) -> Exception:
-        """The error for a refusal; one that concerns our configuration pauses delivery."""
-        text = _text(answer)
-        if _is_policy(code, text, sender):
-            pause = self.relay.refused(f"{code} {text}")
-            return TransientDeliveryError(f"{code} {text}", retry_after=pause, ours=True)
-        return _classify_smtp(code, answer)
+    def _refused(self, command: str, code: int, answer: bytes | str) -> Exception:
+        """The error for a refusal of ``command`` (MAIL, RCPT, DATA, or SESSION for the
+        session's set-up).
+
+        - 421 and 503 answer the session's state, not the letter: it waits, then a new session.
+        - A refusal of us pauses delivery (:class:`RelayPause`): the authentication answers,
+          any 5xx to our MAIL FROM or to setting up the session, and a 5.7.x (security or
+          policy: relaying, authorization) answer to a RCPT. At DATA a 5.7.x judges the
+          letter's content (spam, DMARC): the letter's own.
+        - Otherwise 4xx is worth trying again and 5xx is the letter's permanent failure
+          ("550 5.1.1 no such mailbox")."""
+        message = f"{code} {_text(answer)}"
+        if code in OUT_OF_STEP:
+            return TransientDeliveryError(message, retry_after=OUT_OF_STEP_WAIT, ours=True)
+        policy = _text(answer).lstrip().startswith("5.7.")
+        if code in AUTH_PROBLEMS or (
+            500 <= code < 600 and (command in ("MAIL", "SESSION") or (command == "RCPT" and policy))
+        ):
+            return TransientDeliveryError(
+                message, retry_after=self.relay.refused(message), ours=True
+            )
+        if 400 <= code < 500:
+            return TransientDeliveryError(message)
+        return PermanentDeliveryError(message)
 
 
 def _text(answer: bytes | str) -> str:
     return answer.decode(errors="replace") if isinstance(answer, bytes) else answer
-
-
-def _is_policy(code: int, text: str, sender: bool) -> bool:
-    """A refusal of us, not of the letter: any 5xx to our MAIL FROM (the sender address, the
-    account's right to send it), a 5.7.x answer (security or policy: relaying, authorization),
-    and the authentication answers. "550 5.1.1 no such mailbox" to a RCPT is the letter's."""
-    if code in AUTH_PROBLEMS:
-        return True
-    if not 500 <= code < 600:
-        return False
-    return sender or text.lstrip().startswith("5.7.")
 
 
 # 421: the server is closing the connection. 503: "bad sequence of commands", an answer to the
@@ -668,18 +672,8 @@ OUT_OF_STEP = {421, 503}
 OUT_OF_STEP_WAIT = 10.0
 
 
-# Authentication answers say our configuration is wrong, not the letter: letters wait (and retry)
-# for an operator to fix it, rather than each failing for good.
+# Authentication answers: our configuration is wrong, not the letter.
 AUTH_PROBLEMS = {530, 534, 535, 538}
-
-
-def _classify_smtp(code: int, answer: bytes | str) -> Exception:
-    text = answer.decode(errors="replace") if isinstance(answer, bytes) else answer
-    if code in OUT_OF_STEP:
-        return TransientDeliveryError(f"{code} {text}", retry_after=OUT_OF_STEP_WAIT, ours=True)
-    if 400 <= code < 500 or code in AUTH_PROBLEMS:
-        return TransientDeliveryError(f"{code} {text}")
-    return PermanentDeliveryError(f"{code} {text}")
 
 
 class HttpMailer:

@@ -141,14 +141,16 @@ class FailureRecorder(Middleware):
             attempts=message.options.get("retries", 0) or 1,
             dead_lettered=bool(message.failed),
         )
-        app = get_app()
         try:
+            app = get_app()
             with session_scope(app.sessions) as session:
                 record_failure(session, attempt)
+            # Apart: the failure stays recorded whatever happens to the submission meanwhile.
             with session_scope(app.sessions) as session:
-                if end_if_failing(session, attempt, app.settings.max_dead_letters):
-                    structlog.get_logger("workers").error(
-                        "submission_failed_repeatedly", stage=message.actor_name
-                    )
+                ended = end_if_failing(session, attempt, app.settings.max_dead_letters)
+            if ended:
+                structlog.get_logger("workers").error(
+                    "submission_failed_repeatedly", stage=message.actor_name
+                )
         except Exception as exc:  # never let bookkeeping take the worker down
             structlog.get_logger("workers").error("failure_not_recorded", error=type(exc).__name__)

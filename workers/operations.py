@@ -56,11 +56,9 @@ def _held(client: redis.Redis, namespace: str, queue: str) -> int:
     )
 
 
-def queue_depths(
-    client: redis.Redis, namespace: str, dead: Mapping[str, int] | None = None
-) -> list[QueueDepth]:
+def queue_depths(client: redis.Redis, namespace: str, dead: Mapping[str, int]) -> list[QueueDepth]:
     """Per stage queue, from Redis; ``dead``: the dead letters per queue as the database counts
-    them (:func:`dead_counts`; without it, what Redis holds)."""
+    them (:func:`dead_counts`: Redis forgets its dead letters when it restarts)."""
     depths = []
     for stage in Stage:
         q = stage.queue
@@ -71,9 +69,7 @@ def queue_depths(
                 delayed=int(client.llen(f"{namespace}:{q}.DQ"))
                 + _held(client, namespace, f"{q}.DQ"),
                 in_progress=_held(client, namespace, q),
-                dead=dead.get(q, 0)
-                if dead is not None
-                else int(client.zcard(f"{namespace}:{q}.XQ")),
+                dead=dead.get(q, 0),
             )
         )
     return depths
