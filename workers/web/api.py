@@ -301,6 +301,21 @@ def _definition(app: App, slug: str) -> CampaignDefinition | None:
     return definition
 
 
+_EXAMPLES: dict[int, tuple[float, str | None]] = {}
+
+
+def _example_postcode(app: App) -> str | None:
+    """A postcode the directory knows, for the page's hint: read at most every few seconds, as
+    campaign definitions are."""
+    cached = _EXAMPLES.get(id(app))
+    if cached is not None and time.monotonic() - cached[0] < DEFINITION_TTL:
+        return cached[1]
+    with session_scope(app.sessions) as session:
+        example = example_postcode(session)
+    _EXAMPLES[id(app)] = (time.monotonic(), example)
+    return example
+
+
 def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
     """The ASGI application. ``broker``: where stage messages go (default: the configured one)."""
     if broker is None:
@@ -362,8 +377,6 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
         definition = _definition(app, slug)
         if definition is None:
             return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
-        with session_scope(app.sessions) as session:
-            example = example_postcode(session)
         return CampaignOut(
             slug=definition.slug,
             title=definition.title,
@@ -384,7 +397,7 @@ def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
             privacy_notice_version=definition.privacy_notice_version,
             confirmation_required=definition.confirmation,
             honeypot_field=HONEYPOT,
-            example_postcode=example,
+            example_postcode=_example_postcode(app),
         )
 
     @api.post("/v1/campaigns/{slug}/preview", response_model=PreviewOut, responses=ERROR_RESPONSES)
