@@ -10,14 +10,14 @@ import dramatiq
 from sqlalchemy import select
 
 from schemas.campaign import QuietHours, RateLimit
-from tests.conftest import drain, make_settings
+from tests.conftest import drain
 from tests.factories import submission
 from tests.services import SmtpSink, wait_for
 from tests.test_providers import ProviderStub, http_mailer
+from tests.test_smtp import mailer as smtp_mailer
 from workers.app import App
 from workers.campaigns import update_definition
 from workers.db import session_scope
-from workers.mail import SmtpMailer
 from workers.models import Delivery, Submission
 from workers.runtime import state_counts, submit
 
@@ -67,11 +67,7 @@ def test_quiet_hours_defer_and_tell_the_reconciler_to_wait(
 def test_a_permanent_refusal_is_recorded_then_dead_lettered(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
-    app.mailer = SmtpMailer(
-        make_settings(
-            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
-        )
-    )
+    app.mailer = smtp_mailer(tmp_path, smtp_sink)
     smtp_sink.answer = "550 5.1.1 <mp@parliament.uk>: Recipient address rejected"
     sid = submit(app, stub_broker, submission())[0]
     drain(stub_broker, stub_worker)
@@ -122,11 +118,7 @@ def test_a_passing_refusal_is_a_warning_with_the_answer_not_an_error(
     from workers.models import Failure
     from workers.stages import Stage, stage_message
 
-    app.mailer = SmtpMailer(
-        make_settings(
-            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
-        )
-    )
+    app.mailer = smtp_mailer(tmp_path, smtp_sink)
     smtp_sink.answer = "451 4.3.0 Try again later"
     sid = through_render(app, submission())
     message = stage_message(Stage.DELIVER, sid).copy(options={"max_retries": 0})

@@ -18,16 +18,17 @@ from schemas.messages import (
     parse_stage_message,
     stage_payload,
 )
-from tests.conftest import drain, make_settings
+from tests.conftest import drain
 from tests.factories import submission
 from tests.services import SmtpSink, free_port, wait_for
+from tests.test_smtp import mailer as smtp_mailer
 from tests.test_sources import parliament, sources  # noqa: F401  (the Members API fixture)
 from tests.test_stages import through_render
 from workers.app import App
 from workers.db import session_scope
 from workers.delivery import DeliveryPolicy, deliver_group
 from workers.intake import accept
-from workers.mail import OutboxMailer, Outgoing, SmtpMailer
+from workers.mail import OutboxMailer, Outgoing
 from workers.models import Delivery, Submission
 from workers.runtime import state_counts
 from workers.stages import Stage, dispatch_groups, stage_message, submission_id_of
@@ -134,11 +135,7 @@ def test_a_refused_letter_in_a_group_goes_alone_to_the_dead_letter_queue(
     tmp_path: Path,
     sent: Sent,
 ) -> None:
-    app.mailer = SmtpMailer(
-        make_settings(
-            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
-        )
-    )
+    app.mailer = smtp_mailer(tmp_path, smtp_sink)
     smtp_sink.refuse["priya.nandakumar.mp@mp.example.org"] = "550 5.1.1 No such mailbox"
     fine = store(app, 3)
     refused = store(app, 1, supporter__postcode="DM2 1AA")  # Harrowgate Sands: Priya

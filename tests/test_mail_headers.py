@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.submission import parse_submission
-from tests.conftest import make_settings
 from tests.factories import submission
 from tests.services import SmtpSink, dkim_dns, dkim_keys
 from tests.test_rendering import MP, campaign, payload, stored
+from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
 from workers.app import App
 from workers.db import session_scope
@@ -30,7 +30,6 @@ from workers.mail import (
     WIRE,
     DkimSigner,
     Outgoing,
-    SmtpMailer,
     build_message,
     letter_bytes,
     outgoing,
@@ -158,11 +157,7 @@ def test_dkim_signs_the_mime_headers_and_over_signs_what_a_reader_sees() -> None
 def test_an_address_the_client_cannot_send_leaves_the_connection_clean_for_the_next_letter(
     tmp_path: Path, smtp_sink: SmtpSink
 ) -> None:
-    smtp = SmtpMailer(
-        make_settings(
-            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
-        )
-    )
+    smtp = smtp_mailer(tmp_path, smtp_sink)
     data = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: x\r\n\r\nhello\r\n"
     ordinary = Outgoing("a@example.org", ["b@example.org"], data, "<1@example.org>")
     assert smtp.send(ordinary).startswith("250")  # a connection to reuse
@@ -177,11 +172,7 @@ def test_an_address_the_client_cannot_send_leaves_the_connection_clean_for_the_n
 def test_an_idn_letter_and_an_ordinary_one_on_one_thread_are_both_delivered(
     app: App, tmp_path: Path, smtp_sink: SmtpSink
 ) -> None:
-    smtp = SmtpMailer(
-        make_settings(
-            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
-        )
-    )
+    smtp = smtp_mailer(tmp_path, smtp_sink)
     policy = DeliveryPolicy(lease_seconds=300)
     idn = through_render(app, submission(supporter__email="bob@münchen.de"))
     with session_scope(app.sessions) as session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -21,11 +22,16 @@ POLICY = DeliveryPolicy(lease_seconds=300)
 POLICY_3 = DeliveryPolicy(lease_seconds=300, max_attempts=3)
 
 
-def mailer(tmp_path: Path, sink: SmtpSink) -> SmtpMailer:
+def mailer(tmp_path: Path, sink: SmtpSink, alarm: Any = None, **values: Any) -> SmtpMailer:
+    """An SMTP mailer for the sink (``values``: other settings)."""
     settings = make_settings(
-        tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=sink.port, smtp_timeout=5
+        tmp_path,
+        mail_backend="smtp",
+        smtp_host="127.0.0.1",
+        smtp_port=sink.port,
+        **({"smtp_timeout": 5} | values),
     )
-    return SmtpMailer(settings)
+    return SmtpMailer(settings, alarm)
 
 
 def test_letters_arrive_once_with_dmarc_safe_headers(

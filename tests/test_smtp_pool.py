@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_settings
 from tests.services import SmtpSink, wait_for
+from tests.test_smtp import mailer as smtp_mailer
 from workers.mail import Outgoing, SmtpMailer, SmtpPool, TransientDeliveryError
 
 pytestmark = pytest.mark.smtp
@@ -23,16 +23,7 @@ MAIL = Outgoing(
 
 
 def mailer(tmp_path: Path, sink: SmtpSink, **values: Any) -> SmtpMailer:
-    return SmtpMailer(
-        make_settings(
-            tmp_path,
-            mail_backend="smtp",
-            smtp_host="127.0.0.1",
-            smtp_port=sink.port,
-            smtp_timeout=10,
-            **values,
-        )
-    )
+    return smtp_mailer(tmp_path, sink, smtp_timeout=10, **values)
 
 
 def test_threads_share_at_most_the_configured_number_of_sessions(

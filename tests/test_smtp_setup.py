@@ -17,6 +17,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from tests.conftest import make_settings
 from tests.factories import submission
 from tests.services import SmtpSink
+from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
 from workers.app import App
 from workers.db import session_scope
@@ -182,12 +183,7 @@ def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
     app: App, tmp_path: Path, smtp_sink: SmtpSink, where: str, answer: str
 ) -> None:
     alarms: list[tuple[str | None, float]] = []
-    mailer = SmtpMailer(
-        make_settings(
-            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
-        ),
-        alarm=lambda *a: alarms.append(a),
-    )
+    mailer = smtp_mailer(tmp_path, smtp_sink, alarm=lambda *a: alarms.append(a))
     first, second = through_render(app, submission()), through_render(app, submission())
     if where == "MAIL":
         smtp_sink.sender_answer = answer
@@ -223,11 +219,7 @@ def test_a_refused_recipient_is_still_the_letters_own_failure(
 ) -> None:
     from workers.mail import PermanentDeliveryError
 
-    mailer = SmtpMailer(
-        make_settings(
-            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
-        )
-    )
+    mailer = smtp_mailer(tmp_path, smtp_sink)
     sid = through_render(app, submission())
     with session_scope(app.sessions) as session:
         to = session.get(Letter, sid)
@@ -243,11 +235,7 @@ def test_a_policy_answer_to_the_letters_content_is_the_letters_own_failure(
 ) -> None:
     from workers.mail import PermanentDeliveryError
 
-    mailer = SmtpMailer(
-        make_settings(
-            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp_sink.port
-        )
-    )
+    mailer = smtp_mailer(tmp_path, smtp_sink)
     smtp_sink.answer = "554 5.7.1 Message rejected as spam"
     with pytest.raises(PermanentDeliveryError, match="spam"):
         mailer.send(MAIL)
