@@ -240,3 +240,37 @@ def test_a_policy_answer_to_the_letters_content_is_the_letters_own_failure(
     with pytest.raises(PermanentDeliveryError, match="spam"):
         mailer.send(MAIL)
     assert mailer.waiting() == 0  # one letter's content does not pause everyone's
+
+
+def test_a_recipient_refused_by_policy_again_after_other_letters_went_is_its_own_failure(
+    app: App, tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    """ "550 5.7.1 Recipient address rejected: Access denied" names the recipient, "554 5.7.1
+    Relay access denied" names us, and nothing in the words says which. The first refusal
+    pauses; once the relay has taken other letters, the same recipient refused again is the
+    letter's own permanent failure, and it pauses nobody."""
+    from workers.mail import PermanentDeliveryError
+
+    mailer = smtp_mailer(tmp_path, smtp_sink, smtp_pause=5)
+    refused = through_render(app, submission())
+    other = through_render(app, submission(supporter__postcode="DM2 1AA"))
+    with session_scope(app.sessions) as session:
+        to = session.get(Letter, refused)
+        assert to is not None
+        smtp_sink.refuse[to.to_email] = "550 5.7.1 <x>: Recipient address rejected: Access denied"
+    policy = DeliveryPolicy(lease_seconds=300)
+    with pytest.raises(Deferred, match=r"5\.7\.1"):
+        deliver(app.sessions, refused, mailer, policy)
+    assert 4 < mailer.waiting() <= 5  # SMTP_PAUSE_SECONDS
+    mailer.relay.closed_until = 0.0  # the pause is over
+    with pytest.raises(Deferred, match=r"5\.7\.1"):  # refused again, nothing accepted between
+        deliver(app.sessions, refused, mailer, policy)
+    mailer.relay.closed_until = 0.0
+    deliver(app.sessions, other, mailer, policy)
+    with pytest.raises(PermanentDeliveryError, match="Access denied"):
+        deliver(app.sessions, refused, mailer, policy)
+    assert mailer.waiting() == 0
+    with session_scope(app.sessions) as session:
+        failed = session.get(Submission, refused)
+        assert failed is not None and failed.state == "failed"
+        assert "Access denied" in (failed.failure_reason or "")

@@ -367,19 +367,23 @@ class RelayPause:
     letter for a mistake in configuration. ``alarm`` is told of each pause and of its end (the
     deployment's operators see it in ``dearmp health`` and the metrics)."""
 
-    FIRST, LONGEST = 30.0, 900.0
+    LONGEST = 900.0
 
     def __init__(
         self,
+        first: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         alarm: Callable[[str | None, float], None] | None = None,
     ) -> None:
-        self.clock, self.alarm = clock, alarm
+        self.first, self.clock, self.alarm = first, clock, alarm
         self.lock = threading.Lock()
         self.one_at_a_time = threading.Lock()
         self.refusals = 0
         self.closed_until = 0.0
         self.reason: str | None = None
+        self.letters_accepted = 0
+        # recipient -> letters_accepted when a policy answer last refused it (see refused_rcpt)
+        self.refused_recipients: dict[str, int] = {}
 
     def waiting(self) -> float:
         """Seconds until the relay may be tried again (0: now)."""
@@ -407,7 +411,7 @@ class RelayPause:
         """The relay refused us: pause, and return for how long."""
         with self.lock:
             self.refusals += 1
-            pause: float = min(self.LONGEST, self.FIRST * 2.0 ** (self.refusals - 1))
+            pause: float = min(self.LONGEST, self.first * 2.0 ** (self.refusals - 1))
             self.closed_until = self.clock() + pause
             self.reason = reason[:200]
         structlog.get_logger("workers").error(
@@ -420,8 +424,24 @@ class RelayPause:
             self.alarm(self.reason, pause)
         return pause
 
+    def refused_rcpt(self, recipient: str, reason: str) -> float | None:
+        """A policy answer (5.7.x) to RCPT: it may refuse us (our right to relay, our sender) or
+        this recipient ("Recipient address rejected: Access denied"), and its words do not say
+        which. The first time it is taken as ours: pause, and return for how long. When the
+        same recipient is refused again after the relay accepted other letters, the recipient
+        is the cause: None (the letter's own permanent failure, with no pause)."""
+        with self.lock:
+            seen = self.refused_recipients.get(recipient)
+            if seen is not None and seen < self.letters_accepted:
+                return None
+            if len(self.refused_recipients) >= 10_000:
+                self.refused_recipients.clear()
+            self.refused_recipients[recipient] = self.letters_accepted
+        return self.refused(reason)
+
     def accepted(self) -> None:
         with self.lock:
+            self.letters_accepted += 1
             if not self.refusals:
                 return
             self.refusals, self.closed_until, self.reason = 0, 0.0, None
@@ -540,7 +560,7 @@ class SmtpMailer:
         self, settings: Settings, alarm: Callable[[str | None, float], None] | None = None
     ) -> None:
         self.settings = settings
-        self.relay = RelayPause(alarm=alarm)
+        self.relay = RelayPause(settings.smtp_pause, alarm=alarm)
         self.pool = SmtpPool(
             self._connect,
             size=settings.smtp_max_connections,
@@ -581,7 +601,7 @@ class SmtpMailer:
             if s.smtp_username and s.smtp_password:
                 with self.relay.turn():
                     try:
-                        conn.login(s.smtp_username, s.smtp_password.get_secret_value())
+                        _login(conn, s.smtp_username, s.smtp_password.get_secret_value())
                     except smtplib.SMTPAuthenticationError as exc:
                         answer = _text(exc.smtp_error)
                         self.relay.refused(f"login refused: {exc.smtp_code} {answer}")
@@ -625,8 +645,8 @@ class SmtpMailer:
         except smtplib.SMTPSenderRefused as exc:
             raise self._refused("MAIL", exc.smtp_code, exc.smtp_error) from exc
         except smtplib.SMTPRecipientsRefused as exc:
-            code, answer = next(iter(exc.recipients.values()))
-            raise self._refused("RCPT", code, answer) from exc
+            rcpt, (code, answer) = next(iter(exc.recipients.items()))
+            raise self._refused("RCPT", code, answer, rcpt) from exc
         except smtplib.SMTPDataError as exc:
             raise self._refused("DATA", exc.smtp_code, exc.smtp_error) from exc
         except smtplib.SMTPResponseException as exc:  # the greeting, EHLO, STARTTLS
@@ -634,30 +654,49 @@ class SmtpMailer:
         except (smtplib.SMTPException, OSError) as exc:
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
-    def _refused(self, command: str, code: int, answer: bytes | str) -> Exception:
+    def _refused(
+        self, command: str, code: int, answer: bytes | str, recipient: str = ""
+    ) -> Exception:
         """The error for a refusal of ``command`` (MAIL, RCPT, DATA, or SESSION for the
         session's set-up).
 
         - 421 and 503 answer the session's state, not the letter: it waits, then a new session.
         - A refusal of us pauses delivery (:class:`RelayPause`): the authentication answers,
           any 5xx to our MAIL FROM or to setting up the session, and a 5.7.x (security or
-          policy: relaying, authorization) answer to a RCPT. At DATA a 5.7.x judges the
-          letter's content (spam, DMARC): the letter's own.
+          policy: relaying, authorization) answer to a RCPT, unless the relay has shown that it
+          refuses only this recipient (:meth:`RelayPause.refused_rcpt`). At DATA a 5.7.x
+          judges the letter's content (spam, DMARC): the letter's own.
         - Otherwise 4xx is worth trying again and 5xx is the letter's permanent failure
           ("550 5.1.1 no such mailbox")."""
         message = f"{code} {_text(answer)}"
         if code in OUT_OF_STEP:
             return TransientDeliveryError(message, retry_after=OUT_OF_STEP_WAIT, ours=True)
-        policy = _text(answer).lstrip().startswith("5.7.")
-        if code in AUTH_PROBLEMS or (
-            500 <= code < 600 and (command in ("MAIL", "SESSION") or (command == "RCPT" and policy))
-        ):
+        permanent = 500 <= code < 600
+        if code in AUTH_PROBLEMS or (permanent and command in ("MAIL", "SESSION")):
             return TransientDeliveryError(
                 message, retry_after=self.relay.refused(message), ours=True
             )
+        if permanent and command == "RCPT" and _text(answer).lstrip().startswith("5.7."):
+            pause = self.relay.refused_rcpt(recipient, message)
+            if pause is not None:
+                return TransientDeliveryError(message, retry_after=pause, ours=True)
         if 400 <= code < 500:
             return TransientDeliveryError(message)
         return PermanentDeliveryError(message)
+
+
+def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
+    """AUTH with one mechanism, the first of smtplib's preference the server offers:
+    ``SMTP.login`` tries each offered mechanism in turn with the same password, so one wrong
+    password counts as two or three failures against the account at the relay."""
+    conn.ehlo_or_helo_if_needed()
+    offered = conn.esmtp_features.get("auth", "").upper().split()
+    mechanism = next((m for m in ("CRAM-MD5", "PLAIN", "LOGIN") if m in offered), None)
+    if mechanism is None:
+        raise smtplib.SMTPException("the mail server offers no authentication this client has")
+    conn.user, conn.password = user, password
+    method = getattr(conn, "auth_" + mechanism.lower().replace("-", "_"))
+    conn.auth(mechanism, method)  # a refusal raises SMTPAuthenticationError
 
 
 def _text(answer: bytes | str) -> str:
