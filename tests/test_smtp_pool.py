@@ -3,6 +3,7 @@ with QUIT, and never reused after an error."""
 
 from __future__ import annotations
 
+import smtplib
 import threading
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,59 @@ def test_a_thread_that_finds_every_session_busy_waits_then_gives_up_in_time() ->
         pass
     release.set()
     holder.join()
+
+
+def test_a_relay_that_allows_fewer_connections_gets_the_ones_we_have_reused() -> None:
+    """The relay answers a third connection "421 too many connections": the threads wait for
+    the two sessions the pool has, and no letter is deferred for it."""
+    opened: list[FakeConn] = []
+    lock = threading.Lock()
+
+    def connect() -> Any:
+        with lock:
+            if sum(not c.closed for c in opened) >= 2:
+                raise smtplib.SMTPConnectError(421, b"4.7.0 Error: too many connections")
+            opened.append(FakeConn())
+            return opened[-1]
+
+    pool = SmtpPool(connect, size=4, max_age=60, max_letters=100, idle=5, wait=5)
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def send() -> None:
+        start.wait()
+        for _ in range(5):
+            try:
+                with pool.session():
+                    pass
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(opened) == 2 and pool.ceiling == 2
+
+
+def test_a_421_with_no_session_of_ours_open_defers_the_letter() -> None:
+    def connect() -> Any:
+        raise smtplib.SMTPConnectError(421, b"4.7.0 Error: too many connections")
+
+    pool = SmtpPool(connect, size=4, max_age=60, max_letters=100, idle=5, wait=5)
+    with pytest.raises(smtplib.SMTPConnectError), pool.session():
+        pass
+    assert pool.open == 0
+
+
+def test_a_session_left_idle_is_closed_with_no_traffic_to_close_it() -> None:
+    conn = FakeConn()
+    pool = SmtpPool(lambda: conn, size=1, max_age=60, max_letters=100, idle=0.2, wait=1)
+    with pool.session():
+        pass
+    assert wait_for(lambda: conn.closed, 5) and conn.quit_sent
+    assert pool.open == 0 and pool.idle == []
 
 
 class FakeConn:

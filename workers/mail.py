@@ -465,7 +465,12 @@ class SmtpPool:
     sessions; a thread that finds them all busy waits for one), a session is closed (with
     QUIT) once it is ``max_age`` seconds old, has carried ``max_letters`` letters, or has sat
     idle for ``idle`` seconds, so that a relay's new rules reach us and idle threads hold
-    nothing. A session that met any error is closed, not reused."""
+    nothing. A session that met any error is closed, not reused.
+
+    When the relay answers a new connection with 421 ("too many connections") while this
+    process has sessions open, the pool takes that as the relay's limit: it keeps to the
+    sessions it has, and the thread waits for one of them instead of deferring its letter,
+    until ``max_age`` has passed and a larger pool is tried again."""
 
     def __init__(
         self,
@@ -479,29 +484,50 @@ class SmtpPool:
     ) -> None:
         self.connect, self.clock = connect, clock
         self.max_age, self.max_letters, self.idle_for, self.wait = max_age, max_letters, idle, wait
-        self.slots = threading.BoundedSemaphore(size)
-        self.lock = threading.Lock()
+        self.size = self.ceiling = size
+        self.lowered_at = 0.0
+        self.changed = threading.Condition()
         self.idle: list[_Session] = []
+        self.open = 0  # sessions open now, idle or in use (or being opened)
         self.opened = 0  # sessions opened so far (for tests and metrics)
+        self.sweeper: threading.Timer | None = None
 
     @contextlib.contextmanager
     def session(self) -> Iterator[smtplib.SMTP]:
-        if not self.slots.acquire(timeout=self.wait):
-            raise TransientDeliveryError(
-                "every connection to the mail server is busy", retry_after=1.0, ours=True
-            )
+        session = self._take()
         try:
-            session = self._take()
-            try:
-                yield session.conn
-            except BaseException:
-                _close(session.conn)
-                raise
-            session.letters += 1
-            session.used = self.clock()
-            self._give_back(session)
-        finally:
-            self.slots.release()
+            yield session.conn
+        except BaseException:
+            self._discard(session)
+            raise
+        session.letters += 1
+        session.used = self.clock()
+        if self._spent(session, session.used):
+            self._discard(session)
+            return
+        with self.changed:
+            self.idle.append(session)
+            self.changed.notify()
+            if self.sweeper is None:
+                self.sweeper = threading.Timer(self.idle_for, self._sweep)
+                self.sweeper.daemon = True
+                self.sweeper.start()
+
+    def _sweep(self) -> None:
+        """Close the sessions that have sat idle too long (a timer while any are idle)."""
+        with self.changed:
+            now = self.clock()
+            gone = [s for s in self.idle if self._spent(s, now)]
+            self.idle = [s for s in self.idle if s not in gone]
+            self.open -= len(gone)
+            self.changed.notify(len(gone))
+            self.sweeper = None
+            if self.idle:
+                self.sweeper = threading.Timer(self.idle_for, self._sweep)
+                self.sweeper.daemon = True
+                self.sweeper.start()
+        for session in gone:
+            _close(session.conn)
 
     def _spent(self, session: _Session, now: float) -> bool:
         return (
@@ -510,43 +536,75 @@ class SmtpPool:
             or now - session.used >= self.idle_for
         )
 
-    def _take(self) -> _Session:
-        while True:
-            with self.lock:
-                session = self.idle.pop() if self.idle else None  # the most recently used
-            if session is None:
-                break
-            now = self.clock()
-            if self._spent(session, now):
-                _close(session.conn)
-                continue
-            if now - session.used < 1.0:
-                return session
-            try:  # idle for a moment: make sure the server has not closed it meanwhile
-                if session.conn.noop()[0] == 250:
-                    return session
-            except (smtplib.SMTPException, OSError):
-                pass
-            _close(session.conn)
-        now = self.clock()
-        conn = self.connect()
-        with self.lock:
-            self.opened += 1
-        return _Session(conn, opened=now, used=now)
+    def _discard(self, session: _Session) -> None:
+        _close(session.conn)
+        with self.changed:
+            self.open -= 1
+            self.changed.notify()
 
-    def _give_back(self, session: _Session) -> None:
+    def _take(self) -> _Session:
+        deadline = time.monotonic() + self.wait
+        while True:
+            with self.changed:
+                now = self.clock()
+                if self.ceiling < self.size and now - self.lowered_at >= self.max_age:
+                    self.ceiling = self.size
+                while not self.idle and self.open >= self.ceiling:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.changed.wait(left):
+                        raise TransientDeliveryError(
+                            "every connection to the mail server is busy",
+                            retry_after=1.0,
+                            ours=True,
+                        )
+                session = self.idle.pop() if self.idle else None  # the most recently used
+                if session is None:
+                    self.open += 1  # this thread opens one
+            if session is not None:
+                if self._usable(session):
+                    return session
+                self._discard(session)
+                continue
+            try:
+                conn = self.connect()
+            except smtplib.SMTPResponseException as exc:
+                with self.changed:
+                    self.open -= 1
+                    self.changed.notify()
+                    if exc.smtp_code != 421 or self.open == 0:
+                        raise
+                    self.ceiling, self.lowered_at = self.open, self.clock()
+                continue  # the relay allows no more: wait for one of ours
+            except BaseException:
+                with self.changed:
+                    self.open -= 1
+                    self.changed.notify()
+                raise
+            now = self.clock()
+            with self.changed:
+                self.opened += 1
+            return _Session(conn, opened=now, used=now)
+
+    def _usable(self, session: _Session) -> bool:
         now = self.clock()
-        with self.lock:
-            self.idle.append(session)
-            gone = [s for s in self.idle if self._spent(s, now)]
-            self.idle = [s for s in self.idle if s not in gone]
-        for spent in gone:
-            _close(spent.conn)
+        if self._spent(session, now):
+            return False
+        if now - session.used < 1.0:
+            return True
+        try:  # idle for a moment: make sure the server has not closed it meanwhile
+            return bool(session.conn.noop()[0] == 250)
+        except (smtplib.SMTPException, OSError):
+            return False
 
     def close(self) -> None:
         """Close every idle session (a worker shutting down)."""
-        with self.lock:
+        with self.changed:
             idle, self.idle = self.idle, []
+            self.open -= len(idle)
+            self.changed.notify_all()
+            if self.sweeper is not None:
+                self.sweeper.cancel()
+                self.sweeper = None
         for session in idle:
             _close(session.conn)
 

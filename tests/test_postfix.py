@@ -1,0 +1,255 @@
+"""End to end through a real relay nobody on the project wrote: Debian's Postfix with STARTTLS,
+SMTP AUTH (Cyrus SASL, sasldb) and strict RFC checks, relaying to Postfix's smtp-sink.
+
+Worker processes, Redis and PostgreSQL are real too. In each scenario every letter that should
+arrive arrives exactly once (counted by Message-ID at smtp-sink), and no letter is blamed for
+the relay's state: a letter fails only when the relay refuses its recipient.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import dkim
+import pytest
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import func, select
+
+from tests.conftest import make_settings
+from tests.factories import submission
+from tests.postfix import Postfix
+from tests.services import REPO, dkim_dns, dkim_keys, wait_for
+from tests.test_e2e_redis import Stack, wait_all_final
+from workers.app import App
+from workers.db import session_scope
+from workers.embedded import EmbeddedRedis
+from workers.models import Delivery, Letter, Submission
+from workers.operations import mail_pause
+from workers.runtime import prepare, submit
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.smtp,
+    pytest.mark.parametrize("db_url", ["postgresql"], indirect=True),
+]
+
+MPS = ["DM1 1AA", "DM2 1AA", "DM3 1AA", "DM4 1AA", "DM5 1AA", "DM6 1AA"]
+
+
+@pytest.fixture
+def relay() -> Iterator[Postfix]:
+    postfix = Postfix().start()
+    yield postfix
+    postfix.stop()
+
+
+class Run:
+    """The application, its broker, and worker processes pointed at the relay."""
+
+    def __init__(self, tmp_path: Path, db_url: str, redis_url: str, relay: Postfix) -> None:
+        self.app = App.from_settings(make_settings(tmp_path, database_url=db_url))
+        prepare(self.app)
+        self.broker = RedisBroker(url=redis_url, namespace="dearmp")
+        self.redis = redis.Redis.from_url(redis_url)
+        self.relay = relay
+        self.stack = Stack(
+            tmp_path,
+            db_url,
+            redis_url,
+            **relay.environment(SMTP_PAUSE_SECONDS="3", SMTP_TIMEOUT="10"),
+        )
+
+    def start(self, processes: int = 2, threads: int = 4, **env: str) -> None:
+        self.stack.env.update(env)
+        self.stack.start("worker", "--processes", str(processes), "--threads", str(threads))
+        self.stack.start("reconcile")
+
+    def submit(self, n: int, postcodes: list[str] = MPS) -> list[str]:
+        return [
+            submit(self.app, self.broker, submission(supporter__postcode=postcodes[i % 6]))[0]
+            for i in range(n)
+        ]
+
+    def final(self, ids: list[str], timeout: float = 120) -> dict[str, int]:
+        return wait_all_final(self.app, ids, timeout)
+
+    def arrived_once(self, ids: list[str]) -> None:
+        """Each of these letters reached smtp-sink exactly once."""
+        expected = {f"<{sid}@campaign.example.org>" for sid in ids}
+        assert wait_for(lambda: expected <= set(self.relay.message_ids()), 30), self.logs()
+        copies = Counter(self.relay.message_ids())
+        assert [m for m in expected if copies[m] != 1] == []
+
+    def most_attempts(self, ids: list[str]) -> int:
+        with session_scope(self.app.sessions) as session:
+            return int(
+                session.scalar(
+                    select(func.max(Delivery.attempts)).where(Delivery.submission_id.in_(ids))
+                )
+                or 0
+            )
+
+    def failures(self, ids: list[str]) -> dict[str, str]:
+        with session_scope(self.app.sessions) as session:
+            rows = session.execute(
+                select(Submission.id, Submission.failure_reason).where(
+                    Submission.id.in_(ids), Submission.state == "failed"
+                )
+            )
+            return {sid: reason or "" for sid, reason in rows}
+
+    def logs(self) -> str:
+        return f"relay:\n{self.relay.log()[-3000:]}\nworkers:\n{self.stack.log_text()[-3000:]}"
+
+    def close(self) -> None:
+        self.stack.stop()
+        self.app.engine.dispose()
+
+
+@pytest.fixture
+def run(tmp_path: Path, db_url: str, redis_server: EmbeddedRedis, relay: Postfix) -> Iterator[Run]:
+    running = Run(tmp_path, db_url, redis_server.url, relay)
+    yield running
+    running.close()
+
+
+def test_signed_letters_go_through_tls_auth_and_strict_checks_once_each(run: Run) -> None:
+    run.start(DEARMP_DKIM_SELECTOR="dearmp", DEARMP_DKIM_PRIVATE_KEY=dkim_keys()[0].decode())
+    ids = run.submit(24)
+    assert run.final(ids) == {"delivered": 24}, run.logs()
+    run.arrived_once(ids)
+    assert run.most_attempts(ids) == 1
+    assert run.relay.count("sasl_method=PLAIN, sasl_username=dearmp@relay.test") == 24
+    assert run.relay.count("reject") == 0
+    for dump in run.relay.sink_dir.iterdir():
+        received = dump.read_bytes()
+        assert b"with ESMTPSA" in received  # STARTTLS, then AUTH
+        # smtp-sink writes its own X- lines first; the message starts at the first Received.
+        message = received[received.index(b"Received:") :].replace(b"\n", b"\r\n")
+        assert dkim.verify(message, dnsfunc=dkim_dns)
+
+
+def test_a_sender_the_relay_refuses_pauses_delivery_until_it_is_fixed(run: Run) -> None:
+    """ "553 5.7.1 Sender address rejected: not owned by user": our configuration, not the
+    letters'. Delivery pauses, the alarm shows in `dearmp health`, and after the relay's
+    operator fixes the rule and reloads, every letter goes, none having used an attempt."""
+    run.relay.rules(recipients={}, senders=("someone-else@campaign.example.org",))
+    run.relay.reload()
+    run.start()
+    ids = run.submit(12)
+    assert wait_for(lambda: mail_pause(run.redis, "dearmp") is not None, 60), run.logs()
+    health = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "health"],
+        cwd=REPO,
+        env=run.stack.env,
+        capture_output=True,
+        text=True,
+    )
+    assert health.returncode != 0
+    assert "mail delivery paused" in health.stderr and "not owned by user" in health.stderr
+    assert run.relay.count("Sender address rejected") >= 1
+    run.relay.rules(recipients={}, senders=("letters@campaign.example.org",))
+    run.relay.reload()
+    assert run.final(ids) == {"delivered": 12}, run.logs()
+    run.arrived_once(ids)
+    assert run.most_attempts(ids) == 1  # the refusals cost no letter an attempt
+    assert wait_for(lambda: mail_pause(run.redis, "dearmp") is None, 10)
+    # Each worker process tried once per pause, not once per letter.
+    assert run.relay.count("Sender address rejected") < 12
+
+
+def test_a_wrong_password_stops_every_thread_trying_and_recovers(run: Run) -> None:
+    """22 letters, 8 threads, a password the relay no longer accepts: a few failed logins
+    (one per worker process per pause), not one per letter and thread."""
+    run.relay.password("changed-at-the-relay")
+    run.start()
+    ids = run.submit(22)
+    assert wait_for(lambda: run.relay.count("authentication failed") >= 4, 60), run.logs()
+    run.relay.password("relay-password")  # the account's password is put right
+    assert run.final(ids) == {"delivered": 22}, run.logs()
+    run.arrived_once(ids)
+    assert run.most_attempts(ids) == 1
+    failed_logins = run.relay.count("authentication failed")
+    print(f"22 letters, 2 processes x 4 threads: {failed_logins} failed logins")
+    assert failed_logins <= 10, run.logs()  # 2 processes; pauses of 3, 6, 12 s...
+
+
+def test_a_recipient_the_relay_refuses_fails_that_letter_alone(run: Run) -> None:
+    refused = "alex.rivers.mp@mp.example.org"
+    run.relay.rules(recipients={refused: "550 5.1.1 <x>: Recipient address rejected: unknown"})
+    run.relay.reload()
+    run.start()
+    ids = run.submit(12)
+    assert run.final(ids) == {"delivered": 10, "failed": 2}, run.logs()
+    failures = run.failures(ids)
+    with session_scope(run.app.sessions) as session:
+        rows = session.execute(select(Letter.submission_id, Letter.to_email))
+        to = {sid: address for sid, address in rows}
+    assert {to[sid] for sid in failures} == {refused}
+    assert all("550 5.1.1" in reason for reason in failures.values())
+    run.arrived_once([sid for sid in ids if sid not in failures])
+    assert mail_pause(run.redis, "dearmp") is None  # one recipient pauses nobody
+
+
+def test_a_451_storm_passes_and_every_letter_goes_once(run: Run) -> None:
+    run.relay.rules(recipients={"mp.example.org": "451 4.3.0 <x>: Try again later"})
+    run.relay.reload()
+    run.start()
+    ids = run.submit(18)
+    assert wait_for(lambda: run.relay.count("451 4.3.0") >= 18, 60), run.logs()
+    run.relay.rules(recipients={})
+    run.relay.reload()
+    assert run.final(ids, timeout=180) == {"delivered": 18}, run.logs()
+    run.arrived_once(ids)
+    assert 1 < run.most_attempts(ids) < 20
+    assert run.failures(ids) == {}
+
+
+def test_a_rule_changed_by_reload_reaches_sessions_opened_before_it(run: Run) -> None:
+    """Sessions opened before `postfix reload` keep the old rules while they last: the pool
+    closes them after SMTP_CONNECTION_MAX_AGE, so a new rule applies within that."""
+    run.start(SMTP_CONNECTION_MAX_AGE="3", SMTP_CONNECTION_IDLE="60")
+    first = run.submit(12)
+    assert run.final(first) == {"delivered": 12}, run.logs()  # sessions open, in the pool
+    refused = "alex.rivers.mp@mp.example.org"
+    run.relay.rules(recipients={refused: "550 5.1.1 <x>: Recipient address rejected: gone"})
+    run.relay.reload()
+    second: list[str] = []
+
+    def refusing() -> bool:
+        second.extend(run.submit(1, postcodes=["DM1 1AA"] * 6))
+        return bool(run.failures(second))
+
+    assert wait_for(refusing, 30, 0.5), run.logs()
+    assert len(second) <= 20  # a few seconds of letters at most went through old sessions
+    run.final(second)
+
+
+def test_a_per_client_connection_limit_costs_no_letter_an_attempt(run: Run) -> None:
+    """A relay that allows each client 2 connections answers the others "421 too many
+    connections": sessions wait and try again, no letter is failed or charged for it."""
+    run.relay.configure(smtpd_client_connection_count_limit="2")
+    run.start()
+    ids = run.submit(40)
+    assert run.final(ids, timeout=180) == {"delivered": 40}, run.logs()
+    run.arrived_once(ids)
+    assert run.relay.count("Connection concurrency limit exceeded") >= 1
+    assert run.most_attempts(ids) == 1
+
+
+def test_sessions_the_relay_timed_out_are_replaced_without_an_error(run: Run) -> None:
+    run.relay.configure(smtpd_timeout="2s")
+    run.start(SMTP_CONNECTION_IDLE="60")
+    first = run.submit(8)
+    assert run.final(first) == {"delivered": 8}, run.logs()
+    assert wait_for(lambda: run.relay.count("timeout after") >= 1, 30), run.logs()
+    second = run.submit(8)
+    assert run.final(second) == {"delivered": 8}, run.logs()
+    run.arrived_once(first + second)
+    assert run.most_attempts(first + second) == 1
+    assert '"level": "error"' not in run.stack.log_text()
