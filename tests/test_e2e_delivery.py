@@ -110,7 +110,7 @@ def test_rate_limit_holds_across_worker_processes(
     redis_server: EmbeddedRedis,
     smtp_sink: SmtpSink,
 ) -> None:
-    # The "500 letters, 50 a minute" with the window scaled to 3 s to fit in CI.
+    # 500 letters at 50 a minute, with the window scaled to 3 s to fit in CI.
     limit, window, letters = 50, 3.0, 500
     app, broker, _ = setup
     stack = make_stack(DEARMP_MP_LIMIT=str(limit), DEARMP_MP_LIMIT_WINDOW=str(window))
