@@ -105,11 +105,6 @@ class Settings(BaseSettings):
 
     # After this many attempts that failed for a passing reason, the letter is a recorded failure.
     delivery_max_attempts: int = Field(default=20, ge=1, alias="DEARMP_DELIVERY_MAX_ATTEMPTS")
-    # In a group of letters, a letter the server has accepted is recorded as sent within this
-    # long; letters accepted within it share the transaction. 0: each recorded on its own.
-    delivery_record_within_ms: float = Field(
-        default=5.0, ge=0, le=1_000, alias="DEARMP_DELIVERY_RECORD_WITHIN_MS"
-    )
 
     # Resolution: the local directory, the live sources (postcodes.io, the Members API), or the
     # local directory with the live sources as fallback for postcodes it does not know.

@@ -37,6 +37,7 @@ from workers.supporters import (
     export_supporter,
     run_retention,
 )
+from workers.transitions import AlreadyMoved
 from workers.validation import validate
 
 EMAIL = "amira.haddad@example.com"
@@ -218,6 +219,79 @@ def test_concurrent_logging_keeps_one_chain(app: App) -> None:
     with session_scope(app.sessions) as session:
         result = verify(session)
     assert result.intact and result.events == 24 * 5
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_consent_groups_resolution_groups_and_the_reconciler_at_once_never_deadlock(
+    app: App,
+) -> None:
+    """Threads log consent for overlapping groups (the ledger's lock), resolve the same
+    submissions (row locks) and run the reconciler's marking, all at once, on PostgreSQL: no
+    transaction meets a deadlock, and the chain holds one set of events per submission."""
+    import random
+
+    from workers.consent import plan as consent_plan
+    from workers.reconciler import find_stalled
+    from workers.resolution import plan as resolution_plan
+    from workers.transitions import run_group
+
+    ids = [store(app, submission()) for _ in range(120)]
+    for sid in ids:
+        step(app, validate, sid)
+    order = app.settings.resolution_order
+    errors: list[BaseException] = []
+    rounds = 12
+
+    def consent_groups(seed: int) -> None:
+        shuffled = random.Random(seed).sample(ids, len(ids))
+        for start in range(0, len(shuffled), 6):
+            group = shuffled[start : start + 6]
+            for _, _, error in run_group(
+                app.sessions, group, lambda s, sid: consent_plan(s, sid, app.secret)
+            ):
+                if error is not None:
+                    errors.append(error)
+
+    def resolution_groups(seed: int) -> None:
+        chooser = random.Random(seed)
+        for _ in range(rounds):
+            group = chooser.sample(ids, 8)
+            plan = lambda s, sid: resolution_plan(s, sid, order, app.live_sources)  # noqa: E731
+            for _, _, error in run_group(app.sessions, group, plan):
+                if error is not None and not isinstance(error, AlreadyMoved):
+                    errors.append(error)
+
+    def reconciler() -> None:
+        for _ in range(rounds):
+            try:
+                with session_scope(app.sessions) as session:
+                    find_stalled(session, timedelta(0))
+            except BaseException as exc:
+                errors.append(exc)
+
+    with session_scope(app.sessions) as session:
+        before = session.scalar(
+            text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        )
+    threads = [threading.Thread(target=consent_groups, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=resolution_groups, args=(10 + i,)) for i in range(2)]
+    threads += [threading.Thread(target=reconciler) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for sid in ids:  # whatever no group reached
+        with session_scope(app.sessions) as session:
+            log_consent(session, sid, app.secret)
+    with session_scope(app.sessions) as session:
+        result = verify(session)
+        session.execute(text("SELECT pg_stat_force_next_flush()"))
+        after = session.scalar(
+            text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        )
+    assert result.intact and result.events == 120 * 5
+    assert after == before
 
 
 def test_many_submissions_logged_in_one_transaction_read_the_head_once(app: App) -> None:

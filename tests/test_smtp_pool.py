@@ -143,13 +143,14 @@ def test_a_relay_that_allows_fewer_connections_gets_the_ones_we_have_reused() ->
     pool = SmtpPool(connect, size=4, max_age=60, max_letters=100, idle=5, wait=5)
     errors: list[BaseException] = []
     start = threading.Barrier(6)
+    pair = threading.Barrier(2)  # a session is held until another thread holds one too
 
     def send() -> None:
         start.wait()
         for _ in range(5):
             try:
                 with pool.session():
-                    pass
+                    pair.wait(5)
             except BaseException as exc:
                 errors.append(exc)
 

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from schemas.submission import CHANNELS
 from workers.campaigns import get_definition
-from workers.ledger import append
+from workers.ledger import append, hold
 from workers.models import EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
 from workers.privacy import supporter_hash
 from workers.sql import Hot
@@ -98,7 +98,8 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
     )
 
     def write(session: Session) -> int:
-        # The guarded mark first: of two workers logging at once, the second writes nothing.
+        hold(session)  # the ledger's lock before any row lock (see workers.ledger.hold)
+        # Then the guarded mark: of two workers logging at once, the second writes nothing.
         mark = {"submission": submission_id, "at": utcnow()}
         if _MARK_LOGGED.execute(session, mark) != 1:
             return 0

@@ -13,8 +13,6 @@ sent back to the queue to wait, using up none of its retries.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -51,8 +49,7 @@ from workers.models import (
 from workers.ratelimit import Limit, Limiter, seconds_until_open
 from workers.sql import Hot
 from workers.stages import Deferred, Stage
-from workers.together import Together
-from workers.transitions import AlreadyMoved, Apply, At, advance, done
+from workers.transitions import AlreadyMoved, Apply, At, advance, done, run_group
 
 T = TypeVar("T")
 
@@ -66,7 +63,6 @@ class DeliveryPolicy:
     mp_limit: int = 0
     mp_limit_window: float = 3600.0
     send_rate: float = 0.0
-    record_within: float = 0.0  # seconds (see deliver_group)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryPolicy:
@@ -76,7 +72,6 @@ class DeliveryPolicy:
             mp_limit=settings.mp_limit,
             mp_limit_window=settings.mp_limit_window,
             send_rate=settings.send_rate_per_second,
-            record_within=settings.delivery_record_within_ms / 1000,
         )
 
 
@@ -251,21 +246,6 @@ def _take(
     return take
 
 
-def _transact(
-    sessions: sessionmaker[Session],
-    writes: Together[Any] | None,
-    submission_id: str,
-    plan: Callable[[Session, str], Apply[T]],
-) -> T:
-    """``plan``'s decision and writes in a transaction: its own, or the process's shared one."""
-    if writes is None:
-        with session_scope(sessions) as session:
-            return plan(session, submission_id)(session)
-    [slot] = writes.run_all(sessions, plan, [submission_id])
-    result: T = slot.result()
-    return result
-
-
 def deliver(
     sessions: sessionmaker[Session],
     submission_id: str,
@@ -273,25 +253,16 @@ def deliver(
     policy: DeliveryPolicy,
     limiter: Limiter | None = None,
     signer: DkimSigner | None = None,
-    writes: Together[Any] | None = None,
 ) -> list[Stage]:
     """Send the letter if nobody has.
 
     Raises :class:`Deferred` to wait for quiet hours or a rate limit, TransientDeliveryError for
     the retry policy (until ``max_attempts``, then a recorded failure), and, once the failure is
     recorded, PermanentDeliveryError so that an operator sees it in the dead-letter queue.
-
-    ``writes``: the process's shared group commit (:mod:`workers.together`) for the claim and
-    the record of the answer; without it, each has a transaction of its own.
     """
-    plan = partial(_take, mailer=mailer, policy=policy, limiter=limiter)
-    taken = _transact(sessions, writes, submission_id, plan)
-    if taken is not None:
-        sent = _send(sessions, submission_id, taken, mailer, policy, limiter, signer)
-        if sent is not None:
-            for _, error in _record(sessions, writes, [sent], limiter):
-                if error is not None:
-                    raise error
+    [(_, error)] = deliver_group(sessions, [submission_id], mailer, policy, limiter, signer)
+    if error is not None:
+        raise error
     return []
 
 
@@ -302,61 +273,36 @@ def deliver_group(
     policy: DeliveryPolicy,
     limiter: Limiter | None = None,
     signer: DkimSigner | None = None,
-    writes: Together[Any] | None = None,
 ) -> list[tuple[str, BaseException | None]]:
-    """Letters that were rendered together: read and claimed in one transaction, then sent one
-    by one. A letter the server accepted is recorded as sent within ``policy.record_within`` of
-    its answer: the letters accepted within that time share one transaction. (With SMTP each
-    answer takes longer than that, and each letter is recorded on its own the moment it is
-    answered; with a fast backend, a group's records take one or two commits instead of one
-    each.) The window is what a crash can leave sent but unrecorded, and such a letter is sent
-    again once its lease is over; a group interrupted (a time limit) records what it sent
-    before it stops.
+    """The letters of one message: read and claimed in one transaction, then sent one by one,
+    each recorded as sent in a commit of its own the moment the server has answered. What a
+    crash can leave sent but unrecorded is the one letter between the server's answer and
+    that commit; it is sent again, the same bytes, once its lease is over.
 
-    Each submission gets its own outcome. A letter that fails here is put back as it was (its
-    claim released, the error recorded), even on a permanent refusal: it goes on in a message of
-    its own, which sends it again and, if it is refused again, records the failure and reaches
-    the dead-letter queue under its own id.
+    Each submission gets its own outcome. In a group, a letter that fails is put back as it was
+    (its claim released, the error recorded), even on a permanent refusal: it goes on in a
+    message of its own, which sends it again and, if it is refused again, records the failure
+    and reaches the dead-letter queue under its own id.
     """
     plan = partial(_take, mailer=mailer, policy=policy, limiter=limiter)
-    taken: list[tuple[str, _Taken | None, BaseException | None]]
-    if writes is None:
-        with session_scope(sessions) as session:
-            decided = [(sid, plan(session, sid)) for sid in submission_ids]
-            taken = [(sid, write(session), None) for sid, write in decided]
-    else:
-        slots = writes.run_all(sessions, plan, submission_ids)
-        taken = [(slot.submission_id, slot.value, slot.error) for slot in slots]
-    outcomes: dict[str, BaseException | None] = {}
-    unrecorded: list[_Sent] = []
-
-    def record() -> None:
-        for submission_id, error in _record(sessions, writes, unrecorded, limiter):
-            outcomes[submission_id] = error
-        unrecorded.clear()
-
-    try:
-        for submission_id, letter, error in taken:
-            with structlog.contextvars.bound_contextvars(submission_id=submission_id):
-                try:
-                    if error is not None:
-                        raise error
-                    if letter is not None:
-                        sent = _send(
-                            sessions, submission_id, letter, mailer, policy, limiter, signer,
-                            alone=False,
-                        )  # fmt: skip
-                        if sent is not None:
-                            unrecorded.append(sent)
-                except Exception as exc:
-                    outcomes[submission_id] = exc
-                    continue
-            outcomes[submission_id] = None
-            if unrecorded and time.monotonic() - unrecorded[0].answered >= policy.record_within:
-                record()
-    finally:
-        record()
-    return list(outcomes.items())
+    taken = run_group(sessions, submission_ids, plan)
+    alone = len(taken) == 1
+    outcomes: list[tuple[str, BaseException | None]] = []
+    for submission_id, letter, error in taken:
+        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+            try:
+                if error is not None:
+                    raise error
+                if letter is not None:
+                    sent = _send(sessions, submission_id, letter, mailer, policy, limiter, signer,
+                                 alone)  # fmt: skip
+                    if sent is not None:
+                        _record(sessions, sent, limiter)
+            except Exception as exc:
+                outcomes.append((submission_id, exc))
+                continue
+        outcomes.append((submission_id, None))
+    return outcomes
 
 
 @dataclass
@@ -366,51 +312,18 @@ class _Sent:
     submission_id: str
     values: dict[str, Any]
     limits: list[Limit]
-    answered: float  # time.monotonic()
 
 
-def _record(
-    sessions: sessionmaker[Session],
-    writes: Together[Any] | None,
-    sent: list[_Sent],
-    limiter: Limiter | None,
-) -> list[tuple[str, BaseException | None]]:
-    """Record letters as sent, in one transaction (each its own guarded change); each letter's
-    outcome. Nothing may stand between the server's answer and this commit that could leave a
-    sent letter looking unsent."""
-    if not sent:
-        return []
-    by_id = {letter.submission_id: letter for letter in sent}
-
-    def plan(_session: Session, submission_id: str) -> Apply[None]:
-        values = by_id[submission_id].values
-
-        def write(session: Session) -> None:
-            _finish(session, submission_id, State.DELIVERED, **values, error=None)
-
-        return write
-
-    outcomes: list[tuple[str, BaseException | None]]
-    if writes is None:
+def _record(sessions: sessionmaker[Session], sent: _Sent, limiter: Limiter | None) -> None:
+    """Record the letter as sent, in a transaction of its own. Nothing may stand between the
+    server's answer and this commit that could leave a sent letter looking unsent."""
+    with session_scope(sessions) as session:
+        _finish(session, sent.submission_id, State.DELIVERED, **sent.values, error=None)
+    if limiter is not None and sent.limits:
         try:
-            with session_scope(sessions) as session:
-                for letter in sent:
-                    plan(session, letter.submission_id)(session)
-        except Exception as exc:  # each letter's outcome, as with the group commit
-            outcomes = [(letter.submission_id, exc) for letter in sent]
-        else:
-            outcomes = [(letter.submission_id, None) for letter in sent]
-    else:
-        slots = writes.run_all(sessions, plan, list(by_id))
-        outcomes = [(slot.submission_id, slot.error) for slot in slots]
-    for submission_id, error in outcomes:
-        limits = by_id[submission_id].limits
-        if error is None and limiter is not None and limits:
-            try:
-                limiter.mark_sent(submission_id, limits)
-            except Exception as exc:  # bookkeeping: the reservation already counts the letter
-                log.warning("rate_limit_mark_failed", error=type(exc).__name__)
-    return outcomes
+            limiter.mark_sent(sent.submission_id, sent.limits)
+        except Exception as exc:  # bookkeeping: the reservation already counts the letter
+            log.warning("rate_limit_mark_failed", error=type(exc).__name__)
 
 
 def _send(
@@ -421,7 +334,7 @@ def _send(
     policy: DeliveryPolicy,
     limiter: Limiter | None,
     signer: DkimSigner | None,
-    alone: bool = True,
+    alone: bool,
 ) -> _Sent | None:
     """Hand the letter to the mail server (claiming it first if it had to wait); what to record,
     or None if someone else holds it. A refusal is recorded here and raised."""
@@ -473,9 +386,8 @@ def _send(
             _defer(sessions, submission_id, wait, f"the mail server: {exc}"[:200])
         raise
 
-    answered = time.monotonic()
     values = {"status": DeliveryStatus.SENT.value, "sent_at": utcnow(), "response": response[:2000]}
-    return _Sent(submission_id, values, limits, answered)
+    return _Sent(submission_id, values, limits)
 
 
 def _outgoing(taken: _Taken, signer: DkimSigner | None) -> Outgoing:

@@ -99,26 +99,37 @@ def append(session: Session, events: Iterable[ConsentEvent | Mapping[str, Any]])
     fields = [_fields(event) for event in events]
     if not fields:
         return 0
-    # A transaction that has appended already holds the lock, and its last hash is the head:
-    # the stages' group commit appends many submissions' events in one transaction.
+    hold(session)
+    # A transaction that has appended already knows the head: the last hash it wrote (a
+    # consent group appends many submissions' events in one transaction).
     transaction = session.get_transaction()
     known = session.info.get(_HEAD_KNOWN)
-    if known is not None and known[0] is transaction:
-        previous = known[1]
-    else:
-        _lock(session)
-        previous = head(session)
+    previous = known[1] if known is not None and known[0] is transaction else head(session)
     rows = []
     for row in fields:
         link = previous
         previous = event_hash(link, row)
         rows.append({**row, "prev_hash": link, "hash": previous})
     _INSERT.executemany(session, rows)
-    session.info[_HEAD_KNOWN] = (transaction, previous)
+    session.info[_HEAD_KNOWN] = (session.get_transaction(), previous)
     return len(rows)
 
 
+def hold(session: Session) -> None:
+    """Take the ledger's lock for this transaction (PostgreSQL; once per transaction).
+
+    A transaction that appends must call this before it takes any row lock (consent logging's
+    first write), so that every transaction takes the ledger's lock first or not at all, and
+    none waits for it while holding a row another one waits for. (SQLite's write lock, taken at
+    a transaction's first write, is exclusive already.)"""
+    transaction = session.get_transaction()
+    if session.info.get(_LOCKED) is not transaction:
+        _lock(session)
+        session.info[_LOCKED] = transaction
+
+
 _HEAD_KNOWN = "workers.ledger.head"  # session.info: (the transaction, the head it wrote)
+_LOCKED = "workers.ledger.locked"  # session.info: the transaction that holds the lock
 
 
 @dataclass(frozen=True)

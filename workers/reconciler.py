@@ -115,15 +115,28 @@ def find_stalled(
     ).all()
     due.extend((sid, Stage.CONSENT) for sid in unlogged)
 
-    ids = {sid for sid, _ in due}
-    if ids:
-        session.execute(
+    ids = sorted({sid for sid, _ in due})
+    if not ids:
+        return []
+    # Marked in the order of the ids, as the stages write, and skipping a row a stage is
+    # writing at this moment (it is moving on: no resend needed), so the reconciler never waits
+    # in a cycle with a stage's transaction (PostgreSQL; SQLite has one writer at a time).
+    free = (
+        select(Submission.id)
+        .where(Submission.id.in_(ids))
+        .order_by(Submission.id)
+        .with_for_update(skip_locked=True)
+    )
+    marked = set(
+        session.scalars(
             update(Submission)
-            .where(Submission.id.in_(ids))
+            .where(Submission.id.in_(free))
             .values(dispatched_at=now)
+            .returning(Submission.id)
             .execution_options(synchronize_session=False)
         )
-    return due
+    )
+    return [(sid, stage) for sid, stage in due if sid in marked]
 
 
 def _failing_consent(limit: int) -> Any:

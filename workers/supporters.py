@@ -22,7 +22,7 @@ from schemas.postcode import outward
 from schemas.submission import CHANNELS
 from workers.campaigns import get_definition
 from workers.consent import withdraw
-from workers.ledger import append, current_preferences
+from workers.ledger import append, current_preferences, hold
 from workers.models import (
     Campaign,
     ConsentEvent,
@@ -199,6 +199,7 @@ def erase_supporter(
     in Redis carry only submission ids, so a queued message finds the submission withdrawn and
     stops. A letter already sent stays sent.
     """
+    hold(session)  # the ledger's lock before any row lock (see workers.ledger.hold)
     report = ErasureReport()
     now = utcnow()
     for sub in submissions_of(session, secret, email):

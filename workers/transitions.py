@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
+import structlog
 from sqlalchemy import CursorResult, Result, bindparam, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from workers.db import session_scope
 from workers.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
 from workers.sql import Hot
 
@@ -139,3 +141,65 @@ def advance(
     )
     if isinstance(submission, Submission):
         session.expire(submission)
+
+
+# A submission of a group, with what its stage answered or the error that stopped it.
+Outcome = tuple[str, T | None, BaseException | None]
+
+
+def run_group(
+    sessions: sessionmaker[Session],
+    submission_ids: Sequence[str],
+    plan: Callable[[Session, str], Apply[T]],
+) -> list[Outcome[T]]:
+    """A stage's work for the submissions of one message, in one transaction of its own.
+
+    Every decision first (reads, parsing, rendering: no writes), then every write, in the order
+    of the ids, so that two transactions that touch the same submissions take their row locks in
+    the same order and cannot deadlock. A submission whose decision fails, or that another worker
+    already moved (its guarded change matches nothing, so it wrote nothing), gets its error and
+    the others go on. Any other error in a write rolls the transaction back, and each submission
+    is run again alone, in a transaction of its own, so one submission cannot fail its
+    neighbours."""
+    ids = sorted(set(submission_ids))
+    try:
+        with session_scope(sessions) as session:
+            decided = [(sid, *_decide(session, sid, plan)) for sid in ids]
+            outcomes = [_write(session, sid, write, error) for sid, write, error in decided]
+    except Exception as exc:
+        if len(ids) == 1:
+            return [(ids[0], None, exc)]
+        structlog.get_logger(__name__).warning(
+            "group_failed_running_alone", size=len(ids), error=type(exc).__name__
+        )
+        outcomes = []
+        for sid in ids:
+            try:
+                with session_scope(sessions) as session:
+                    write, error = _decide(session, sid, plan)
+                    outcomes.append(_write(session, sid, write, error))
+            except Exception as alone:
+                outcomes.append((sid, None, alone))
+    return outcomes
+
+
+def _decide(
+    session: Session, submission_id: str, plan: Callable[[Session, str], Apply[T]]
+) -> tuple[Apply[T] | None, BaseException | None]:
+    with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+        try:
+            return plan(session, submission_id), None
+        except Exception as exc:  # a decision writes nothing: the others go on
+            return None, exc
+
+
+def _write(
+    session: Session, submission_id: str, write: Apply[T] | None, error: BaseException | None
+) -> Outcome[T]:
+    if write is None:
+        return submission_id, None, error
+    with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+        try:
+            return submission_id, write(session), None
+        except AlreadyMoved as moved:  # its guarded change matched nothing: nothing written
+            return submission_id, None, moved

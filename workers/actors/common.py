@@ -18,8 +18,7 @@ from workers.broker import broker  # installs the broker before any actor is dec
 from workers.handoff import Handoff
 from workers.middleware import ForeignMessage, SendHeld
 from workers.stages import Deferred, Stage, dispatch_groups, group_by_stage, stage_message
-from workers.together import Then, Together
-from workers.transitions import AlreadyMoved, Apply
+from workers.transitions import AlreadyMoved, Apply, run_group
 
 log = structlog.get_logger("workers")
 
@@ -101,20 +100,22 @@ def send_on(moved: list[tuple[str, list[Stage]]]) -> None:
     HANDOFF.add(group_by_stage(moved))
 
 
-# Group commit for every stage of this process: one transaction for what the worker threads
-# have to write at the same moment, whichever stage they are in.
-WRITES: Together[Any] = Together()
-
-
 def together(
     app: App,
     ids: list[str],
     plan: Callable[[Session, str], Apply[T]],
-    then: Then[T] | None = None,
+    then: Callable[[list[tuple[str, T]]], None] | None = None,
 ) -> list[Outcome]:
-    """A stage's decisions and writes for ``ids``, committed with whatever else the process's
-    other threads are writing (:data:`WRITES`)."""
-    return [(s.submission_id, s.error) for s in WRITES.run_all(app.sessions, plan, ids, then)]
+    """A stage's decisions and writes for the message's ``ids`` in one transaction
+    (:func:`workers.transitions.run_group`); ``then`` gets what moved on, after the commit."""
+    outcomes = run_group(app.sessions, ids, plan)
+    moved = [(sid, value) for sid, value, error in outcomes if error is None]
+    if then is not None and moved:
+        try:
+            then(moved)  # type: ignore[arg-type]  # value is set whenever error is None
+        except Exception as exc:  # committed already: the reconciler sends them on
+            log.error("send_on_failed", size=len(moved), error=type(exc).__name__)
+    return [(sid, error) for sid, _, error in outcomes]
 
 
 def one_by_one(app: App, ids: list[str], work: Callable[[App, str], list[Stage]]) -> list[Outcome]:

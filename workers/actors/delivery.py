@@ -6,16 +6,11 @@ from typing import Any
 
 import dramatiq
 
-from workers.actors.common import DAY, HOUR, NOT_RETRIED, WRITES, Outcome, one_by_one, run_stage
+from workers.actors.common import DAY, HOUR, NOT_RETRIED, Outcome, run_stage
 from workers.app import App
-from workers.delivery import deliver, deliver_group
+from workers.delivery import deliver_group
 from workers.mail import PermanentDeliveryError, TransientDeliveryError
 from workers.stages import Stage
-
-
-def _deliver(app: App, submission_id: str) -> list[Stage]:
-    policy, limiter, signer = app.delivery_policy, app.limiter, app.signer
-    return deliver(app.sessions, submission_id, app.mailer, policy, limiter, signer, WRITES)
 
 
 @dramatiq.actor(
@@ -34,12 +29,11 @@ def deliver_submission(message: dict[str, Any]) -> None:
 
 
 def _work(app: App, ids: list[str]) -> list[Outcome]:
-    if len(ids) == 1:  # alone: a permanent refusal is recorded here and dead-lettered
-        outcomes = one_by_one(app, ids, _deliver)
-    else:
-        outcomes = deliver_group(
-            app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer, WRITES
-        )
+    # Alone, a permanent refusal is recorded at once and dead-lettered; in a group, the letter
+    # goes on in a message of its own first (see deliver_group).
+    outcomes = deliver_group(
+        app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer
+    )
     return [(sid, _retry(error)) for sid, error in outcomes]
 
 

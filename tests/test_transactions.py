@@ -1,0 +1,189 @@
+"""A stage's group in one transaction, and SQLite's write lock taken at the first write."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.orm import Session
+
+from tests.factories import submission
+from workers.app import App
+from workers.db import Turns, make_engine, make_sessionmaker, session_scope
+from workers.intake import accept
+from workers.models import State, Submission
+from workers.transitions import AlreadyMoved, Apply, current, run_group
+from workers.validation import plan
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _scratch(tmp_path: Path, take_turns: bool = False) -> Any:
+    engine = make_engine(f"sqlite:///{tmp_path / 'scratch.sqlite3'}", take_turns=take_turns)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS done (item TEXT PRIMARY KEY)"))
+    return engine
+
+
+def _work(runs: dict[str, int]) -> Any:
+    """A stage whose write inserts its item: "moved" was moved by another worker first, "bad"
+    fails its write, and "undecided" fails its decision."""
+
+    def work(session: Session, item: str) -> Apply[str]:
+        if item == "undecided":
+            raise ValueError("cannot decide")
+
+        def write(session: Session) -> str:
+            runs[item] = runs.get(item, 0) + 1
+            if item == "moved":
+                raise AlreadyMoved(item)
+            session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+            if item == "bad":
+                raise ValueError("this one is broken")
+            return item
+
+        return write
+
+    return work
+
+
+def _done(engine: Any) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(conn.execute(text("SELECT item FROM done")).scalars())
+
+
+def test_a_group_is_one_transaction_and_each_gets_its_own_result(tmp_path: Path) -> None:
+    engine = _scratch(tmp_path)
+    commits = [0]
+    event.listen(engine, "commit", lambda _conn: commits.__setitem__(0, commits[0] + 1))
+    runs: dict[str, int] = {}
+    outcomes = run_group(make_sessionmaker(engine), ["c", "a", "moved", "b", "a"], _work(runs))
+    # In the order of the ids (row locks taken in one order), each id once.
+    assert [sid for sid, _, _ in outcomes] == ["a", "b", "c", "moved"]
+    assert [value for _, value, _ in outcomes][:3] == ["a", "b", "c"]
+    assert isinstance(outcomes[3][2], AlreadyMoved)
+    assert commits == [1] and _done(engine) == ["a", "b", "c"]
+
+
+def test_a_decision_that_fails_fails_that_submission_alone(tmp_path: Path) -> None:
+    engine = _scratch(tmp_path)
+    outcomes = run_group(make_sessionmaker(engine), ["a", "undecided", "b"], _work({}))
+    errors = {sid: error for sid, _, error in outcomes}
+    assert isinstance(errors.pop("undecided"), ValueError)
+    assert errors == {"a": None, "b": None} and _done(engine) == ["a", "b"]
+
+
+def test_an_error_in_a_write_rolls_the_group_back_and_each_runs_again_alone(
+    tmp_path: Path,
+) -> None:
+    engine = _scratch(tmp_path)
+    runs: dict[str, int] = {}
+    outcomes = run_group(make_sessionmaker(engine), ["a", "b", "bad", "c"], _work(runs))
+    errors = {sid: error for sid, _, error in outcomes}
+    assert isinstance(errors.pop("bad"), ValueError)
+    assert errors == {"a": None, "b": None, "c": None}
+    assert _done(engine) == ["a", "b", "c"]  # the good ones committed once each
+    assert runs == {"a": 2, "b": 2, "bad": 2, "c": 1}  # "c" came after "bad" the first time
+
+
+def test_a_group_of_validations_moves_each_submission_once(app: App) -> None:
+    with session_scope(app.sessions) as session:
+        ids = [accept(session, submission(), app.secret).submission_id for _ in range(6)]
+        bad = accept(session, submission(supporter__email="not an email"), app.secret)
+    outcomes = run_group(app.sessions, [*ids, bad.submission_id], plan)
+    assert all(error is None for _, _, error in outcomes)
+    again = run_group(app.sessions, ids, plan)  # a duplicate message: nothing left to do
+    assert all(value == [] for _, value, _ in again)
+    with session_scope(app.sessions) as session:
+        for sid in ids:
+            row = current(session, sid)
+            assert row is not None and row.state == State.VALIDATED
+            assert len(session.get(Submission, sid).events) == 2  # type: ignore[union-attr]
+        row = current(session, bad.submission_id)
+        assert row is not None and row.state == State.REJECTED
+
+
+def test_reads_on_sqlite_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    engine = _scratch(tmp_path)
+    other = make_engine(f"sqlite:///{tmp_path / 'scratch.sqlite3'}")
+    with engine.connect() as writer:
+        writer.execute(text("INSERT INTO done VALUES ('pending')"))  # holds the write lock
+        started = time.monotonic()
+        with other.connect() as reader:  # sees the last commit, at once
+            assert reader.execute(text("SELECT count(*) FROM done")).scalar() == 0
+        assert time.monotonic() - started < 1
+
+        finished = threading.Event()
+
+        def write() -> None:
+            with other.begin() as conn:
+                conn.execute(text("INSERT INTO done VALUES ('second')"))
+            finished.set()
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        assert not finished.wait(0.3)  # a second writer waits for the first
+        writer.commit()
+        assert finished.wait(10)
+        thread.join()
+    with other.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM done")).scalar() == 2
+
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from workers.db import Turns
+turns = Turns({path!r})
+turns.acquire()
+print("held", flush=True)
+time.sleep(0.6)
+turns.release()
+"""
+
+
+def test_turns_keep_writers_of_two_processes_apart(tmp_path: Path) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(repo=str(REPO), path=path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    turns = Turns(path)
+    started = time.monotonic()
+    turns.acquire()  # waits in the kernel until the other process lets go
+    waited = time.monotonic() - started
+    turns.release()
+    holder.wait(10)
+    assert waited > 0.3
+
+
+def test_worker_engines_checkpoint_the_log_from_a_thread_not_a_commit(tmp_path: Path) -> None:
+    engine = _scratch(tmp_path, take_turns=True)
+    database = tmp_path / "scratch.sqlite3"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    before = database.stat().st_size
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE blobs (b BLOB)"))
+    for _ in range(20):  # far past SQLite's own 1,000-page threshold
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO blobs VALUES (zeroblob(100000))"))
+    assert "sqlite-checkpoint" in {t.name for t in threading.enumerate()}
+    # The rows reach the database file itself without any commit having copied them.
+    deadline = time.monotonic() + 10
+    while database.stat().st_size < before + 2_000_000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert database.stat().st_size >= before + 2_000_000
+    engine.dispose()
+    # A command's engine keeps SQLite's own checkpoints.
+    plain = make_engine(f"sqlite:///{database}")
+    with plain.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+    plain.dispose()
