@@ -42,7 +42,7 @@ def test_the_demos_data_folder_and_logs_folder_are_private(
 ) -> None:
     from config.settings import get_settings
     from workers.app import set_app
-    from workers.cli import _app
+    from workers.cli.base import app_for_cli as _app
 
     data = tmp_path / "var"
     monkeypatch.setenv("DEARMP_DATA_DIR", str(data))

@@ -1,4 +1,5 @@
-"""The ``dearmp`` command line: the whole pipeline, or any piece of it."""
+"""``dearmp`` commands that run and watch the pipeline: workers, the reconciler, queues,
+dead letters, health, campaigns and deliveries."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import signal
 import sys
 import threading
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import click
@@ -15,54 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from config.settings import get_settings
-from workers.app import App, get_app
-from workers.logging import configure_logging
-
-
-def _app(log_file: Path | None = None) -> App:
-    settings = get_settings()
-    if log_file is not None:
-        # The embedded data folder holds personal data: this user's only.
-        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        configure_logging(settings.log_level, stream=log_file.open("a", buffering=1))
-    else:
-        configure_logging(settings.log_level)
-    return get_app()
-
-
-class Commands(click.Group):
-    """The ``dearmp`` group: a service that goes away while a command runs is one line and a
-    non-zero exit, not a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        import redis
-        from pydantic import ValidationError
-        from sqlalchemy.exc import OperationalError
-
-        try:
-            return super().invoke(ctx)
-        except ValidationError as exc:  # the settings: what is wrong, not a traceback
-            problems = "; ".join(
-                str(e["msg"]).removeprefix("Value error, ")
-                + (f" ({'.'.join(str(p) for p in e['loc'])})" if e["loc"] else "")
-                for e in exc.errors(include_url=False)
-            )
-            raise click.ClickException(f"configuration: {problems}") from None
-        except redis.RedisError as exc:
-            raise click.ClickException(
-                f"lost Redis ({type(exc).__name__}); is it running? `dearmp queues` says where "
-                "it is expected."
-            ) from None
-        except OperationalError as exc:
-            raise click.ClickException(
-                f"cannot reach the database ({type(exc.orig).__name__}); check DATABASE_URL."
-            ) from None
-
-
-@click.group(cls=Commands)
-def main() -> None:
-    """DearMP: every supporter's letter reaches their MP, once."""
+from workers.app import App
+from workers.cli.base import app_for_cli as _app
+from workers.cli.base import main
 
 
 @main.command()
@@ -714,19 +669,3 @@ def deliveries_reopen(
     if ids and not dry_run:
         dispatch_groups(broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
     click.echo(f"{'would reopen' if dry_run else 'reopened'} {len(ids)}")
-
-
-def _register_groups() -> None:
-    from workers.cli_api import api
-    from workers.cli_directory import directory
-    from workers.cli_privacy import consent, retention, supporter
-
-    for group in (api, directory, consent, supporter, retention):
-        main.add_command(group)
-
-
-_register_groups()
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from workers.cli.base import app_for_cli
+
 
 @click.command("api")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -13,9 +15,7 @@ def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP intake (OpenAPI description at /openapi.json, demo page at /demo/SLUG)."""
     import uvicorn
 
-    from workers.cli import _app
-
-    _app()  # logging configured, settings checked, before uvicorn starts
+    app_for_cli()  # logging configured, settings checked, before uvicorn starts
     uvicorn.run(
         "workers.web.asgi:application",
         host=host,

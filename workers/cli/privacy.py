@@ -10,12 +10,11 @@ import click
 
 from schemas.submission import CHANNELS
 from workers.app import App
+from workers.cli.base import app_for_cli
 from workers.supporters import writable
 
 
 def _app() -> App:
-    from workers.cli import _app as app_for_cli
-
     return app_for_cli()
 
 

@@ -19,11 +19,10 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from workers.app import App
+from workers.cli.base import app_for_cli
 
 
 def _app() -> App:
-    from workers.cli import _app as app_for_cli
-
     return app_for_cli()
 
 

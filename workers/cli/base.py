@@ -1,0 +1,59 @@
+"""What every ``dearmp`` command shares: the top-level group, and the application it runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from config.settings import get_settings
+from workers.app import App, get_app
+from workers.logging import configure_logging
+
+
+def app_for_cli(log_file: Path | None = None) -> App:
+    """The process's application, with logging set up (to ``log_file``, if given)."""
+    settings = get_settings()
+    if log_file is not None:
+        # The embedded data folder holds personal data: this user's only.
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        configure_logging(settings.log_level, stream=log_file.open("a", buffering=1))
+    else:
+        configure_logging(settings.log_level)
+    return get_app()
+
+
+class Commands(click.Group):
+    """The ``dearmp`` group: a service that goes away while a command runs is one line and a
+    non-zero exit, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import redis
+        from pydantic import ValidationError
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except ValidationError as exc:  # the settings: what is wrong, not a traceback
+            problems = "; ".join(
+                str(e["msg"]).removeprefix("Value error, ")
+                + (f" ({'.'.join(str(p) for p in e['loc'])})" if e["loc"] else "")
+                for e in exc.errors(include_url=False)
+            )
+            raise click.ClickException(f"configuration: {problems}") from None
+        except redis.RedisError as exc:
+            raise click.ClickException(
+                f"lost Redis ({type(exc).__name__}); is it running? `dearmp queues` says where "
+                "it is expected."
+            ) from None
+        except OperationalError as exc:
+            raise click.ClickException(
+                f"cannot reach the database ({type(exc.orig).__name__}); check DATABASE_URL."
+            ) from None
+
+
+@click.group(cls=Commands)
+def main() -> None:
+    """DearMP: every supporter's letter reaches their MP, once."""
