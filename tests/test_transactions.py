@@ -95,8 +95,11 @@ def test_a_group_of_validations_moves_each_submission_once(app: App) -> None:
     with session_scope(app.sessions) as session:
         ids = [accept(session, submission(), app.secret).submission_id for _ in range(6)]
         bad = accept(session, submission(supporter__email="not an email"), app.secret)
+    commits = [0]
+    event.listen(app.engine, "commit", lambda _conn: commits.__setitem__(0, commits[0] + 1))
     outcomes = run_group(app.sessions, [*ids, bad.submission_id], plan)
     assert all(error is None for _, _, error in outcomes)
+    assert commits == [1]  # one transaction: the moves of all seven made together
     again = run_group(app.sessions, ids, plan)  # a duplicate message: nothing left to do
     assert all(value == [] for _, value, _ in again)
     with session_scope(app.sessions) as session:
@@ -106,6 +109,35 @@ def test_a_group_of_validations_moves_each_submission_once(app: App) -> None:
             assert len(session.get(Submission, sid).events) == 2  # type: ignore[union-attr]
         row = current(session, bad.submission_id)
         assert row is not None and row.state == State.REJECTED
+
+
+def test_a_submission_another_worker_moves_mid_group_is_told_so_and_the_rest_move_once(
+    app: App,
+) -> None:
+    """The group's moves are made together at the end: when one of them matches nothing
+    (another worker moved that submission after this group read it), the group is rolled back
+    and each submission runs again alone, so the others move once and that one does nothing."""
+    with session_scope(app.sessions) as session:
+        ids = sorted(accept(session, submission(), app.secret).submission_id for _ in range(4))
+    taken = ids[1]
+
+    def racing(session: Session, submission_id: str) -> Apply[Any]:
+        write = plan(session, submission_id)
+        if submission_id == taken and not raced:
+            raced.append(submission_id)
+            with session_scope(app.sessions) as other:  # another worker, in between
+                plan(other, submission_id)(other)
+        return write
+
+    raced: list[str] = []
+    outcomes = {sid: (value, error) for sid, value, error in run_group(app.sessions, ids, racing)}
+    assert outcomes.pop(taken) == ([], None)  # alone, it finds nothing left to do
+    assert all(error is None and value for value, error in outcomes.values())
+    with session_scope(app.sessions) as session:
+        for sid in ids:
+            row = current(session, sid)
+            assert row is not None and row.state == State.VALIDATED
+            assert len(session.get(Submission, sid).events) == 2  # type: ignore[union-attr]
 
 
 def test_reads_on_sqlite_do_not_wait_for_a_writer(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from workers.ledger import append, hold
 from workers.models import EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
 from workers.privacy import supporter_hash
 from workers.sql import Hot
-from workers.transitions import Apply, current, done
+from workers.transitions import Apply, current, done, group_writes
 
 # The record that the supporter was told their details go to their MP.
 MP_NOTICE = "mp_notice"
@@ -101,6 +101,11 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
         hold(session)  # the ledger's lock before any row lock (see workers.ledger.hold)
         # Then the guarded mark: of two workers logging at once, the second writes nothing.
         mark = {"submission": submission_id, "at": utcnow()}
+        group = group_writes(session)
+        if group is not None:  # made with the group's other marks and events
+            group.guard(_MARK_LOGGED, mark)
+            group.ledger.extend(events)
+            return len(events)
         if _MARK_LOGGED.execute(session, mark) != 1:
             return 0
         # The mark and the events commit together: no event of this submission's is stored yet.

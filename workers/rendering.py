@@ -32,7 +32,7 @@ from workers.models import (
 )
 from workers.sql import Hot
 from workers.stages import Stage
-from workers.transitions import Apply, advance, current, done, move
+from workers.transitions import Apply, advance, current, done, group_writes, move
 
 
 @lru_cache(maxsize=1)
@@ -225,8 +225,13 @@ def plan(
         # The guarded state change first: of two workers rendering at once, the second stops
         # here (AlreadyMoved) before it writes anything. Then the letter, then its delivery row.
         advance(session, submission, State.RENDERED)
-        _STORE_LETTER.execute(session, row)
-        _NEW_DELIVERY.execute(session, delivery)
+        group = group_writes(session)
+        if group is not None:  # made with the group's other letters
+            group.insert(_STORE_LETTER, row)
+            group.insert(_NEW_DELIVERY, delivery)
+        else:
+            _STORE_LETTER.execute(session, row)
+            _NEW_DELIVERY.execute(session, delivery)
         return [Stage.DELIVER]
 
     return write

@@ -182,9 +182,15 @@ class Hot:
         finally:
             cursor.close()
 
-    def executemany(self, session: Session, params: Sequence[Mapping[str, Any]]) -> None:
-        if params:
-            _, cursor = self._run(session, params, many=True)
+    def executemany(self, session: Session, params: Sequence[Mapping[str, Any]]) -> int:
+        """Run a write once for each set of parameters (psycopg pipelines them: one round
+        trip); the number of rows matched in all."""
+        if not params:
+            return 0
+        _, cursor = self._run(session, params, many=True)
+        try:
+            return int(cursor.rowcount)
+        finally:
             cursor.close()
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import CursorResult, Result, bindparam, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.db import session_scope
+from workers.ledger import append
 from workers.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
 from workers.sql import Hot
 
@@ -100,7 +101,82 @@ def current(session: Session, submission_id: str, *columns: str) -> Any:
             )
             .where(SUBMISSIONS.c.id == bindparam("id"))
         )
+    group = session.info.get(_GROUP)
+    if group is not None and submission_id in group:
+        return _group_rows(session, group, columns).get(submission_id)
     return statement.first(session, {"id": submission_id})
+
+
+def _group_rows(session: Session, group: frozenset[str], columns: tuple[str, ...]) -> Any:
+    """The rows of a group's submissions, read for all of them with one statement the first
+    time a stage asks for one of them (:func:`run_group`)."""
+    cache: dict[tuple[str, ...], dict[str, Any]] = session.info.setdefault(_GROUP_ROWS, {})
+    rows = cache.get(columns)
+    if rows is None:
+        statement = _group_reads.get(columns)
+        if statement is None:
+            statement = _group_reads[columns] = (
+                select(
+                    SUBMISSIONS.c.id,
+                    SUBMISSIONS.c.state,
+                    SUBMISSIONS.c.campaign_slug,
+                    CAMPAIGNS.c.definition_sha256,
+                    CAMPAIGNS.c.mode,
+                    *(SUBMISSIONS.c[name] for name in columns),
+                )
+                .select_from(
+                    SUBMISSIONS.outerjoin(
+                        CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug
+                    )
+                )
+                .where(SUBMISSIONS.c.id.in_(bindparam("ids", expanding=True)))
+            )
+        found = session.execute(statement, {"ids": sorted(group)})
+        rows = cache[columns] = {row.id: row for row in found}
+    return rows
+
+
+_group_reads: dict[tuple[str, ...], Any] = {}
+_GROUP = "workers.transitions.group"  # session.info: the ids of the group being decided
+_GROUP_ROWS = "workers.transitions.group_rows"  # session.info: {columns: {id: row}}
+_GROUP_WRITES = "workers.transitions.group_writes"  # session.info: a group's GroupWrites
+
+
+class GroupWrites:
+    """A group's writes, collected while its submissions are written (:func:`run_group`) and
+    made with one statement of each kind at the end, instead of a few statements per
+    submission: the guarded changes (each must match one row), then the inserts in the order
+    their kinds came, then the events, then the consent ledger's events in order."""
+
+    def __init__(self) -> None:
+        self.guarded: dict[int, tuple[Hot, list[dict[str, Any]]]] = {}
+        self.inserts: dict[int, tuple[Hot, list[dict[str, Any]]]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.ledger: list[dict[str, Any]] = []
+
+    def guard(self, statement: Hot, params: dict[str, Any]) -> None:
+        self.guarded.setdefault(id(statement), (statement, []))[1].append(params)
+
+    def insert(self, statement: Hot, params: dict[str, Any]) -> None:
+        self.inserts.setdefault(id(statement), (statement, []))[1].append(params)
+
+    def flush(self, session: Session) -> None:
+        """Make the writes; :class:`AlreadyMoved` when a guarded change matched nothing
+        (another worker moved that submission first: the caller runs each submission again
+        alone)."""
+        for statement, params in self.guarded.values():
+            if statement.executemany(session, params) != len(params):
+                raise AlreadyMoved("a submission of the group")
+        for statement, params in self.inserts.values():
+            statement.executemany(session, params)
+        RECORD_EVENT.executemany(session, self.events)
+        append(session, self.ledger)
+
+
+def group_writes(session: Session) -> GroupWrites | None:
+    """The group's writes when ``session`` is writing a group (see :class:`GroupWrites`)."""
+    writes: GroupWrites | None = session.info.get(_GROUP_WRITES)
+    return writes
 
 
 def advance(
@@ -130,15 +206,16 @@ def advance(
         )
     values = {"state": to_state.value, "updated_at": now, "dispatched_at": now, **fields}
     params = {f"v_{name}": value for name, value in values.items()}
-    matched = statement.execute(
-        session, {"b_id": submission.id, "b_state": submission.state, **params}
-    )
-    if matched != 1:
+    move = {"b_id": submission.id, "b_state": submission.state, **params}
+    event = {"submission_id": submission.id, "state": to_state.value, "at": now, "detail": detail}
+    writes = group_writes(session)
+    if writes is not None and not isinstance(submission, Submission):
+        writes.guard(statement, move)  # made with the group's other writes
+        writes.events.append(event)
+        return
+    if statement.execute(session, move) != 1:
         raise AlreadyMoved(submission.id)
-    RECORD_EVENT.execute(
-        session,
-        {"submission_id": submission.id, "state": to_state.value, "at": now, "detail": detail},
-    )
+    RECORD_EVENT.execute(session, event)
     if isinstance(submission, Submission):
         session.expire(submission)
 
@@ -164,8 +241,14 @@ def run_group(
     ids = sorted(set(submission_ids))
     try:
         with session_scope(sessions) as session:
+            if len(ids) > 1:  # the group's rows read with one statement
+                session.info[_GROUP] = frozenset(ids)
             decided = [(sid, *_decide(session, sid, plan)) for sid in ids]
+            if len(ids) > 1:  # and its moves made with one statement of each kind
+                session.info[_GROUP_WRITES] = writes = GroupWrites()
             outcomes = [_write(session, sid, write, error) for sid, write, error in decided]
+            if len(ids) > 1:
+                writes.flush(session)
     except Exception as exc:
         if len(ids) == 1:
             return [(ids[0], None, exc)]
