@@ -28,6 +28,23 @@ from workers.embedded import EmbeddedRedis
 from workers.runtime import prepare
 from workers.stages import Stage
 
+# Fixtures that start a real service: a test that uses one (or runs on PostgreSQL) belongs to
+# the real-service layer; the rest make the fast layer, which `python3 dev.py test` runs first.
+SERVICE_FIXTURES = frozenset(
+    {"pg_cluster", "pg_template", "redis_server", "smtp_sink", "relay", "browser", "stack"}
+)
+SERVICE_MARKS = ("redis", "postgres", "smtp")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and "postgresql" in callspec.params.values()
+        uses = set(getattr(item, "fixturenames", ())) & SERVICE_FIXTURES
+        marked = any(item.get_closest_marker(name) for name in SERVICE_MARKS)
+        if on_postgres or uses or marked:
+            item.add_marker(pytest.mark.services)
+
 
 @pytest.fixture(scope="session")
 def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
