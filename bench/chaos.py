@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import signal
 import statistics
@@ -37,16 +36,15 @@ from sqlalchemy import text
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from config.settings import Settings  # noqa: E402
+from bench.common import bench_app, databases, machine, worker_env  # noqa: E402
 from tests.factories import submission  # noqa: E402
-from tests.services import PostgresCluster, SmtpSink, free_port  # noqa: E402
+from tests.services import SmtpSink, free_port  # noqa: E402
 from workers.app import App  # noqa: E402
-from workers.campaigns import update_definition  # noqa: E402
 from workers.db import session_scope  # noqa: E402
 from workers.embedded import EmbeddedRedis  # noqa: E402
 from workers.intake import accept  # noqa: E402
 from workers.ledger import verify  # noqa: E402
-from workers.runtime import prepare, state_counts  # noqa: E402
+from workers.runtime import state_counts  # noqa: E402
 from workers.stages import Stage, dispatch  # noqa: E402
 
 POSTCODES = ["DM1 1AA", "DM2 1AA", "DM3 1AA", "DM4 1AA", "DM5 1AA", "DM6 1AA"]
@@ -129,22 +127,12 @@ def feed(app: App, broker: RedisBroker, n: int, rate: float, ids: list[str]) -> 
 def run(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, Any]:
     sink = FlakySink(args.share_451).start()
     redis_server = EmbeddedRedis(tmp / "redis", port=free_port()).start()
-    settings = Settings(
-        database_url=db_url, data_dir=tmp / "var", secret_key="chaos", broker="redis",
-        redis_url=redis_server.url, log_level="WARNING",
+    app = bench_app(db_url, tmp / "var", redis_server.url)
+    env = worker_env(
+        db_url, tmp / "var", redis_server.url, DEARMP_MAIL_BACKEND="smtp", SMTP_HOST="127.0.0.1",
+        SMTP_PORT=str(sink.port), DEARMP_RECONCILE_INTERVAL="1", DEARMP_RECONCILE_AFTER="5",
+        DEARMP_DELIVERY_LEASE_SECONDS="10", dramatiq_restart_delay="500",
     )  # fmt: skip
-    app = App.from_settings(settings)
-    prepare(app)
-    with session_scope(app.sessions) as session:
-        update_definition(session, "political-prisoners", rate_limit=None)
-    env = {
-        **os.environ, "REDIS_URL": redis_server.url, "DATABASE_URL": db_url,
-        "DEARMP_BROKER": "redis", "DEARMP_SECRET_KEY": "chaos", "DEARMP_DATA_DIR": str(tmp / "var"),
-        "DEARMP_LOG_LEVEL": "WARNING", "DEARMP_MAIL_BACKEND": "smtp", "SMTP_HOST": "127.0.0.1",
-        "SMTP_PORT": str(sink.port), "DEARMP_SANDBOX_ADDRESS": "sandbox@campaign.example.org",
-        "DEARMP_RECONCILE_INTERVAL": "1", "DEARMP_RECONCILE_AFTER": "5",
-        "DEARMP_DELIVERY_LEASE_SECONDS": "10", "dramatiq_restart_delay": "500",
-    }  # fmt: skip
     logs = tmp / "logs"
     logs.mkdir()
     reconciler = subprocess.Popen(
@@ -262,16 +250,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dearmp-chaos-") as tmpdir:
         tmp = Path(tmpdir)
-        cluster = PostgresCluster(tmp / "pg").start() if args.postgres else None
-        try:
-            db_url = cluster.url() if cluster else f"sqlite:///{tmp / 'chaos.sqlite3'}"
-            r = run(args, tmp, db_url)
-        finally:
-            if cluster:
-                cluster.stop()
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
+        with databases(tmp, args.postgres) as url:
+            r = run(args, tmp, url("chaos"))
+    print(machine())
     print(
         f"database: {'PostgreSQL' if args.postgres else 'SQLite'}; workers: {args.processes} "
         f"processes x {args.threads} threads; {r['submissions']} submissions at {args.rate:g}/s; "

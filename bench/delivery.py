@@ -11,8 +11,6 @@ deliver. Rates are measured from what the SMTP server received.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,17 +22,15 @@ from dramatiq.brokers.redis import RedisBroker
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from config.settings import Settings  # noqa: E402
+from bench.common import bench_app, machine, worker_env  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import SmtpSink, free_port  # noqa: E402
 from workers.app import App  # noqa: E402
-from workers.campaigns import update_definition  # noqa: E402
 from workers.db import session_scope  # noqa: E402
 from workers.embedded import EmbeddedRedis  # noqa: E402
 from workers.intake import accept  # noqa: E402
 from workers.rendering import render  # noqa: E402
 from workers.resolution import resolve  # noqa: E402
-from workers.runtime import prepare  # noqa: E402
 from workers.stages import Stage, stage_message  # noqa: E402
 from workers.validation import validate  # noqa: E402
 
@@ -58,22 +54,12 @@ def run(
 ) -> tuple[float, int]:
     """Deliver ``n`` letters; returns (letters per second received, most in any one second)."""
     db_url = f"sqlite:///{tmp / f'delivery-{rate}.sqlite3'}"
-    settings = Settings(
-        database_url=db_url, data_dir=tmp / "var", secret_key="bench", broker="redis",
-        redis_url=redis_url, log_level="WARNING",
-    )  # fmt: skip
-    app = App.from_settings(settings)
-    prepare(app)
-    with session_scope(app.sessions) as session:  # only the limit under test applies
-        update_definition(session, "political-prisoners", rate_limit=None)
+    app = bench_app(db_url, tmp / "var", redis_url)  # only the limit under test applies
     ids = rendered_letters(app, n)
-    env = {
-        **os.environ, "REDIS_URL": redis_url, "DATABASE_URL": db_url, "DEARMP_BROKER": "redis",
-        "DEARMP_SECRET_KEY": "bench", "DEARMP_DATA_DIR": str(tmp / "var"),
-        "DEARMP_MAIL_BACKEND": "smtp", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(sink.port),
-        "DEARMP_SEND_RATE": str(rate), "DEARMP_LOG_LEVEL": "WARNING",
-        "DEARMP_SANDBOX_ADDRESS": "sandbox@campaign.example.org",
-    }  # fmt: skip
+    env = worker_env(
+        db_url, tmp / "var", redis_url, DEARMP_MAIL_BACKEND="smtp", SMTP_HOST="127.0.0.1",
+        SMTP_PORT=str(sink.port), DEARMP_SEND_RATE=str(rate),
+    )  # fmt: skip
     workers = subprocess.Popen(
         [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes),
          "--threads", str(args.threads), "--skip-logging"],
@@ -119,9 +105,7 @@ def main() -> None:
                 limited, busiest = run(args, tmp, args.limited, args.rate, sink, server.url)
     finally:
         sink.stop()
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
+    print(machine())
     print(f"workers: {args.processes} processes x {args.threads} threads; SMTP: aiosmtpd, loopback")
     print(f"no limit:   {free:7.1f} letters/s  ({args.n} letters)")
     print(

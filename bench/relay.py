@@ -13,8 +13,6 @@ accepted by the relay, in the database.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,16 +25,14 @@ from sqlalchemy import func, select
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import bench_app, databases, machine, worker_env  # noqa: E402
 from bench.delivery import rendered_letters  # noqa: E402
-from config.settings import Settings  # noqa: E402
 from tests.postfix import Postfix  # noqa: E402
-from tests.services import PostgresCluster, dkim_keys, free_port  # noqa: E402
+from tests.services import dkim_keys, free_port  # noqa: E402
 from workers.app import App  # noqa: E402
-from workers.campaigns import update_definition  # noqa: E402
 from workers.db import session_scope  # noqa: E402
 from workers.embedded import EmbeddedRedis  # noqa: E402
 from workers.models import Delivery  # noqa: E402
-from workers.runtime import prepare  # noqa: E402
 from workers.stages import Stage, stage_message  # noqa: E402
 
 
@@ -57,23 +53,12 @@ def run(args: argparse.Namespace, n: int, db_url: str, tmp: Path, redis_url: str
     tmp.mkdir(parents=True, exist_ok=True)
     key = tmp / "dkim.pem"
     key.write_bytes(dkim_keys()[0])
-    settings = Settings(
-        database_url=db_url, data_dir=tmp / "var", secret_key="bench", broker="redis",
-        redis_url=redis_url, log_level="WARNING", dkim_private_key_file=key,
-        dkim_selector="dearmp",
-    )  # fmt: skip
-    app = App.from_settings(settings)
-    prepare(app)
-    with session_scope(app.sessions) as session:  # the relay is what is measured
-        update_definition(session, "political-prisoners", rate_limit=None)
+    app = bench_app(
+        db_url, tmp / "var", redis_url, dkim_private_key_file=key, dkim_selector="dearmp"
+    )  # the relay is what is measured: no limit on letters per MP
     ids = rendered_letters(app, n)
     relay = Postfix().start()
-    env = {
-        **os.environ, "REDIS_URL": redis_url, "DATABASE_URL": db_url, "DEARMP_BROKER": "redis",
-        "DEARMP_SECRET_KEY": "bench", "DEARMP_DATA_DIR": str(tmp / "var"),
-        "DEARMP_LOG_LEVEL": "WARNING", "DEARMP_SANDBOX_ADDRESS": "sandbox@campaign.example.org",
-        **relay.environment(),
-    }  # fmt: skip
+    env = worker_env(db_url, tmp / "var", redis_url, **relay.environment())
     workers = subprocess.Popen(
         [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes),
          "--threads", str(args.threads), "--skip-logging"],
@@ -118,18 +103,13 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="dearmp-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        cluster = PostgresCluster(tmp / "pg").start() if args.postgres else None
-        try:
-            with EmbeddedRedis(tmp / "redis", port=free_port()) as server:
-                for i, n in enumerate(backlogs):
-                    db_url = cluster.url() if cluster else f"sqlite:///{tmp / f'relay-{i}.sqlite3'}"
-                    results.append((n, run(args, n, db_url, tmp / str(i), server.url)))
-        finally:
-            if cluster:
-                cluster.stop()
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
+        with (
+            databases(tmp, args.postgres) as url,
+            EmbeddedRedis(tmp / "redis", port=free_port()) as server,
+        ):
+            for i, n in enumerate(backlogs):
+                results.append((n, run(args, n, url(f"relay-{i}"), tmp / str(i), server.url)))
+    print(machine())
     print(
         f"database: {'PostgreSQL' if args.postgres else 'SQLite'}; "
         f"workers: {args.processes} processes x {args.threads} threads; relay: Postfix "

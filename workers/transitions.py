@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import structlog
-from sqlalchemy import CursorResult, Result, bindparam, insert, select
+from sqlalchemy import CursorResult, Result, Select, bindparam, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.db import session_scope
@@ -85,26 +85,25 @@ def current(session: Session, submission_id: str, *columns: str) -> Any:
     """The submission's id, state and ``columns`` as one row (None if there is no such one),
     with its campaign's ``definition_sha256`` and ``mode`` (None if the campaign is gone), so
     that :func:`workers.campaigns.get_definition` needs no statement of its own."""
-    statement = _reads.get(columns)
-    if statement is None:
-        statement = _reads[columns] = Hot(
-            select(
-                SUBMISSIONS.c.id,
-                SUBMISSIONS.c.state,
-                SUBMISSIONS.c.campaign_slug,
-                CAMPAIGNS.c.definition_sha256,
-                CAMPAIGNS.c.mode,
-                *(SUBMISSIONS.c[name] for name in columns),
-            )
-            .select_from(
-                SUBMISSIONS.outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug)
-            )
-            .where(SUBMISSIONS.c.id == bindparam("id"))
-        )
     group = session.info.get(_GROUP)
     if group is not None and submission_id in group:
         return _group_rows(session, group, columns).get(submission_id)
+    statement = _reads.get(columns)
+    if statement is None:
+        statement = _reads[columns] = Hot(_read(columns).where(SUBMISSIONS.c.id == bindparam("id")))
     return statement.first(session, {"id": submission_id})
+
+
+def _read(columns: tuple[str, ...]) -> Select[Any]:
+    """A submission's id, state, campaign and ``columns``, with its campaign's version."""
+    return select(
+        SUBMISSIONS.c.id,
+        SUBMISSIONS.c.state,
+        SUBMISSIONS.c.campaign_slug,
+        CAMPAIGNS.c.definition_sha256,
+        CAMPAIGNS.c.mode,
+        *(SUBMISSIONS.c[name] for name in columns),
+    ).select_from(SUBMISSIONS.outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug))
 
 
 def _group_rows(session: Session, group: frozenset[str], columns: tuple[str, ...]) -> Any:
@@ -115,21 +114,8 @@ def _group_rows(session: Session, group: frozenset[str], columns: tuple[str, ...
     if rows is None:
         statement = _group_reads.get(columns)
         if statement is None:
-            statement = _group_reads[columns] = (
-                select(
-                    SUBMISSIONS.c.id,
-                    SUBMISSIONS.c.state,
-                    SUBMISSIONS.c.campaign_slug,
-                    CAMPAIGNS.c.definition_sha256,
-                    CAMPAIGNS.c.mode,
-                    *(SUBMISSIONS.c[name] for name in columns),
-                )
-                .select_from(
-                    SUBMISSIONS.outerjoin(
-                        CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug
-                    )
-                )
-                .where(SUBMISSIONS.c.id.in_(bindparam("ids", expanding=True)))
+            statement = _group_reads[columns] = _read(columns).where(
+                SUBMISSIONS.c.id.in_(bindparam("ids", expanding=True))
             )
         found = session.execute(statement, {"ids": sorted(group)})
         rows = cache[columns] = {row.id: row for row in found}

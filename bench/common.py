@@ -1,0 +1,59 @@
+"""What the benchmarks share: the machine line they print, a database for a run, and the
+application and worker environment on it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from config.settings import Settings
+from tests.services import PostgresCluster
+from workers.app import App
+from workers.campaigns import update_definition
+from workers.db import session_scope
+from workers.runtime import prepare
+
+
+def machine() -> str:
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+
+
+@contextlib.contextmanager
+def databases(tmp: Path, postgres: bool) -> Iterator[Callable[[str], str]]:
+    """A database URL for each name: a SQLite file each, or one throwaway PostgreSQL cluster's."""
+    cluster = PostgresCluster(tmp / "pg").start() if postgres else None
+    try:
+        yield lambda name: cluster.url() if cluster else f"sqlite:///{tmp / f'{name}.sqlite3'}"
+    finally:
+        if cluster:
+            cluster.stop()
+
+
+def bench_app(db_url: str, data_dir: Path, redis_url: str, **values: Any) -> App:
+    """The application on a prepared database, with the sample campaign's limit of letters per
+    MP lifted (all its letters go to one MP)."""
+    settings = Settings(
+        database_url=db_url, data_dir=data_dir, secret_key="bench", broker="redis",
+        redis_url=redis_url, log_level="WARNING", **values,
+    )  # fmt: skip
+    app = App.from_settings(settings)
+    prepare(app)
+    with session_scope(app.sessions) as session:
+        update_definition(session, "political-prisoners", rate_limit=None)
+    return app
+
+
+def worker_env(db_url: str, data_dir: Path, redis_url: str, **extra: str) -> dict[str, str]:
+    """The environment of worker processes for :func:`bench_app`'s application."""
+    return {
+        **os.environ, "REDIS_URL": redis_url, "DATABASE_URL": db_url, "DEARMP_BROKER": "redis",
+        "DEARMP_SECRET_KEY": "bench", "DEARMP_DATA_DIR": str(data_dir),
+        "DEARMP_LOG_LEVEL": "WARNING", "DEARMP_SANDBOX_ADDRESS": "sandbox@campaign.example.org",
+        **extra,
+    }  # fmt: skip
