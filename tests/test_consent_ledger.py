@@ -294,6 +294,42 @@ def test_consent_groups_resolution_groups_and_the_reconciler_at_once_never_deadl
     assert after == before
 
 
+def test_withdrawals_while_consent_is_logged_keep_one_chain(app: App) -> None:
+    """An operator's withdrawal appends with no write before it: it must read the chain's head
+    inside the write lock too, or a consent logged at the same moment forks the chain."""
+    ids = [store(app, submission()) for _ in range(24)]
+    for sid in ids:
+        step(app, validate, sid)
+    errors: list[BaseException] = []
+
+    def log() -> None:
+        try:
+            for sid in ids:
+                with session_scope(app.sessions) as session:
+                    log_consent(session, sid, app.secret)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def withdraw_some(worker: int) -> None:
+        try:
+            for i in range(24):
+                with session_scope(app.sessions) as session:
+                    withdraw(session, app.secret, f"w{worker}-{i}@example.com", ["email"])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=log)]
+    threads += [threading.Thread(target=withdraw_some, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with session_scope(app.sessions) as session:
+        result = verify(session)
+    assert result.intact and result.events == 24 * 5 + 3 * 24
+
+
 def test_many_submissions_logged_in_one_transaction_read_the_head_once(app: App) -> None:
     ids = [store(app, submission()) for _ in range(6)]
     for sid in ids:

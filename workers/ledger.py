@@ -77,6 +77,11 @@ def _fields(event: ConsentEvent | Mapping[str, Any]) -> dict[str, Any]:
 def _lock(session: Session) -> None:
     if session.get_bind().dialect.name == "postgresql":
         _LOCK.first(session, {"key": LOCK_KEY})
+    else:
+        # SQLite: start the write transaction now (its lock is exclusive: see workers.db), so
+        # that the head read next is the last one written, even when nothing was written yet.
+        session.execute(text("SAVEPOINT dearmp_ledger"))
+        session.execute(text("RELEASE dearmp_ledger"))
 
 
 _HEAD = Hot(select(CONSENT_EVENTS.c.hash).order_by(CONSENT_EVENTS.c.id.desc()).limit(1))
@@ -116,12 +121,13 @@ def append(session: Session, events: Iterable[ConsentEvent | Mapping[str, Any]])
 
 
 def hold(session: Session) -> None:
-    """Take the ledger's lock for this transaction (PostgreSQL; once per transaction).
+    """Take the ledger's lock for this transaction (once per transaction).
 
     A transaction that appends must call this before it takes any row lock (consent logging's
     first write), so that every transaction takes the ledger's lock first or not at all, and
-    none waits for it while holding a row another one waits for. (SQLite's write lock, taken at
-    a transaction's first write, is exclusive already.)"""
+    none waits for it while holding a row another one waits for. On SQLite it takes the write
+    lock, which is exclusive."""
+    session.connection()  # the session's transaction has begun
     transaction = session.get_transaction()
     if session.info.get(_LOCKED) is not transaction:
         _lock(session)
