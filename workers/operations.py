@@ -281,8 +281,9 @@ def pause_key(namespace: str) -> str:
 
 def mail_pause_alarm(client: redis.Redis, namespace: str) -> Callable[[str | None, float], None]:
     """What a worker tells every operator's command when the relay refuses us (and when that
-    ends): a key in Redis that lives as long as the pause, and a while after in case the worker
-    dies before it can say the pause is over."""
+    ends): a key in Redis that lives as long as the pause, and half a minute after in case the
+    worker dies before it can say the pause is over. (A worker whose pause runs out with no
+    letter to try has nothing more to say: its key goes with the pause.)"""
     log = structlog.get_logger("workers")
 
     def alarm(reason: str | None, seconds: float) -> None:
@@ -292,7 +293,7 @@ def mail_pause_alarm(client: redis.Redis, namespace: str) -> Callable[[str | Non
             else:
                 until = datetime.now(UTC) + timedelta(seconds=seconds)
                 value = json.dumps({"reason": reason, "until": until.isoformat()})
-                client.set(pause_key(namespace), value, ex=int(seconds) + 600)
+                client.set(pause_key(namespace), value, ex=int(seconds) + 30)
         except redis.RedisError as exc:  # the pause itself holds in the worker regardless
             log.warning("mail_pause_not_shared", error=type(exc).__name__)
 
