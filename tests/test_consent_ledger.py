@@ -10,6 +10,7 @@ import itertools
 import json
 import threading
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -196,25 +197,35 @@ def test_withdrawal_is_a_new_event_and_the_latest_choice_wins(app: App) -> None:
     assert out.exit_code == 0 and "1 withdrawal" in out.stdout
 
 
-def test_concurrent_logging_keeps_one_chain(app: App) -> None:
-    ids = [store(app, submission()) for _ in range(24)]
-    for sid in ids:
-        step(app, validate, sid)
+def _at_once(*calls: Any) -> list[BaseException]:
+    """Run each call on a thread of its own, all at once; the errors they raised."""
     errors: list[BaseException] = []
 
-    def work(chunk: list[str]) -> None:
+    def run(call: Any) -> None:
         try:
-            for sid in chunk:
-                with session_scope(app.sessions) as session:
-                    log_consent(session, sid, app.secret)
-        except BaseException as exc:  # pragma: no cover - reported below
+            call()
+        except BaseException as exc:  # reported to the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(ids[i::4],)) for i in range(4)]
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return errors
+
+
+def test_concurrent_logging_keeps_one_chain(app: App) -> None:
+    ids = [store(app, submission()) for _ in range(24)]
+    for sid in ids:
+        step(app, validate, sid)
+
+    def work(chunk: list[str]) -> None:
+        for sid in chunk:
+            with session_scope(app.sessions) as session:
+                log_consent(session, sid, app.secret)
+
+    errors = _at_once(*(partial(work, ids[i::4]) for i in range(4)))
     assert errors == []
     with session_scope(app.sessions) as session:
         result = verify(session)
@@ -263,23 +274,19 @@ def test_consent_groups_resolution_groups_and_the_reconciler_at_once_never_deadl
 
     def reconciler() -> None:
         for _ in range(rounds):
-            try:
-                with session_scope(app.sessions) as session:
-                    find_stalled(session, timedelta(0))
-            except BaseException as exc:
-                errors.append(exc)
+            with session_scope(app.sessions) as session:
+                find_stalled(session, timedelta(0))
 
     with session_scope(app.sessions) as session:
         before = session.scalar(
             text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
         )
-    threads = [threading.Thread(target=consent_groups, args=(i,)) for i in range(4)]
-    threads += [threading.Thread(target=resolution_groups, args=(10 + i,)) for i in range(2)]
-    threads += [threading.Thread(target=reconciler) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors += _at_once(
+        *(partial(consent_groups, i) for i in range(4)),
+        *(partial(resolution_groups, 10 + i) for i in range(2)),
+        reconciler,
+        reconciler,
+    )
     assert errors == []
     for sid in ids:  # whatever no group reached
         with session_scope(app.sessions) as session:
@@ -300,30 +307,18 @@ def test_withdrawals_while_consent_is_logged_keep_one_chain(app: App) -> None:
     ids = [store(app, submission()) for _ in range(24)]
     for sid in ids:
         step(app, validate, sid)
-    errors: list[BaseException] = []
 
     def log() -> None:
-        try:
-            for sid in ids:
-                with session_scope(app.sessions) as session:
-                    log_consent(session, sid, app.secret)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for sid in ids:
+            with session_scope(app.sessions) as session:
+                log_consent(session, sid, app.secret)
 
     def withdraw_some(worker: int) -> None:
-        try:
-            for i in range(24):
-                with session_scope(app.sessions) as session:
-                    withdraw(session, app.secret, f"w{worker}-{i}@example.com", ["email"])
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(24):
+            with session_scope(app.sessions) as session:
+                withdraw(session, app.secret, f"w{worker}-{i}@example.com", ["email"])
 
-    threads = [threading.Thread(target=log)]
-    threads += [threading.Thread(target=withdraw_some, args=(w,)) for w in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = _at_once(log, *(partial(withdraw_some, w) for w in range(3)))
     assert errors == []
     with session_scope(app.sessions) as session:
         result = verify(session)

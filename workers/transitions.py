@@ -219,21 +219,23 @@ def run_group(
 
     Every decision first (reads, parsing, rendering: no writes), then every write, in the order
     of the ids, so that two transactions that touch the same submissions take their row locks in
-    the same order and cannot deadlock. A submission whose decision fails, or that another worker
-    already moved (its guarded change matches nothing, so it wrote nothing), gets its error and
-    the others go on. Any other error in a write rolls the transaction back, and each submission
-    is run again alone, in a transaction of its own, so one submission cannot fail its
+    the same order and cannot deadlock. A group's rows are read with one statement and its
+    writes made with one statement of each kind (:class:`GroupWrites`). A submission whose
+    decision fails gets its error and the others go on. When a guarded change matches nothing
+    (another worker moved that submission first) or any write fails, the transaction is rolled
+    back and each submission runs again alone, in a transaction of its own, where one already
+    moved is told so (:class:`AlreadyMoved`) and writes nothing: one submission cannot fail its
     neighbours."""
     ids = sorted(set(submission_ids))
+    writes = GroupWrites() if len(ids) > 1 else None
     try:
         with session_scope(sessions) as session:
-            if len(ids) > 1:  # the group's rows read with one statement
+            if writes is not None:
                 session.info[_GROUP] = frozenset(ids)
             decided = [(sid, *_decide(session, sid, plan)) for sid in ids]
-            if len(ids) > 1:  # and its moves made with one statement of each kind
-                session.info[_GROUP_WRITES] = writes = GroupWrites()
+            session.info[_GROUP_WRITES] = writes
             outcomes = [_write(session, sid, write, error) for sid, write, error in decided]
-            if len(ids) > 1:
+            if writes is not None:
                 writes.flush(session)
     except Exception as exc:
         if len(ids) == 1:
