@@ -360,7 +360,8 @@ def _close(conn: smtplib.SMTP) -> None:
 class RelayPause:
     """When the relay refuses us rather than a letter (our login; our sender address or our
     right to relay: a 5xx to MAIL FROM, a 5.7.x policy answer), no thread of the process tries
-    again for a while: 30 s, doubling with each refusal in a row up to 15 minutes. Letters wait
+    again for a while: ``first`` seconds (``SMTP_PAUSE_SECONDS``, 30 by default), doubling with
+    each refusal in a row up to 15 minutes. Letters wait
     meanwhile (:meth:`waiting`), costing none of their attempts; the first letter after the
     pause is the probe, and its success ends the pause. A wrong password tried by every thread
     for every letter is the burst that gets an account locked; a sender refusal would fail every
