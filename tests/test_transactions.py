@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Column, MetaData, Table, Text, event, func, select, text
 from sqlalchemy.orm import Session
 
 from tests.factories import submission
@@ -21,6 +21,7 @@ from workers.transitions import AlreadyMoved, Apply, current, run_group
 from workers.validation import plan
 
 REPO = Path(__file__).resolve().parent.parent
+DONE = Table("done", MetaData(), Column("item", Text, primary_key=True))
 
 
 def _scratch(tmp_path: Path, take_turns: bool = False) -> Any:
@@ -147,7 +148,11 @@ def test_reads_on_sqlite_do_not_wait_for_a_writer(tmp_path: Path) -> None:
         writer.execute(text("INSERT INTO done VALUES ('pending')"))  # holds the write lock
         started = time.monotonic()
         with other.connect() as reader:  # sees the last commit, at once
-            assert reader.execute(text("SELECT count(*) FROM done")).scalar() == 0
+            assert reader.execute(select(func.count()).select_from(DONE)).scalar() == 0
+            # A SELECT with a CTE is a read too (the statement object says so, not its text).
+            counted = select(func.count()).select_from(select(DONE.c.item).cte())
+            assert reader.execute(counted).scalar() == 0
+            assert not reader.connection.dbapi_connection.in_transaction  # type: ignore[union-attr]
         assert time.monotonic() - started < 1
 
         finished = threading.Event()

@@ -12,25 +12,22 @@ from workers.campaigns import get_definition
 from workers.ledger import append, hold
 from workers.models import EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
 from workers.privacy import supporter_hash
-from workers.sql import Hot
-from workers.transitions import Apply, current, done, group_writes
+from workers.transitions import Apply, current, done, group_writes, rowcount
 
 # The record that the supporter was told their details go to their MP.
 MP_NOTICE = "mp_notice"
 
 
-_WAS_VALIDATED = Hot(
-    select(
-        exists().where(
-            EVENTS.c.submission_id == bindparam("id"), EVENTS.c.state == State.VALIDATED.value
-        )
+_WAS_VALIDATED = select(
+    exists().where(
+        EVENTS.c.submission_id == bindparam("id"), EVENTS.c.state == State.VALIDATED.value
     )
 )
 # States only a validated submission reaches (others, like rejected, may come before or after).
 PAST_VALIDATION = frozenset(
     {State.VALIDATED, State.RESOLVED, State.HELD, State.RENDERED, State.DELIVERED}
 )
-_MARK_LOGGED = Hot(
+_MARK_LOGGED = (
     update(SUBMISSIONS)
     .where(SUBMISSIONS.c.id == bindparam("submission"), SUBMISSIONS.c.consent_logged_at.is_(None))
     .values(consent_logged_at=bindparam("at"))
@@ -38,7 +35,7 @@ _MARK_LOGGED = Hot(
 
 
 def was_validated(session: Session, submission_id: str) -> bool:
-    return bool(_WAS_VALIDATED.scalar(session, {"id": submission_id}))
+    return bool(session.execute(_WAS_VALIDATED, {"id": submission_id}).scalar())
 
 
 def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
@@ -106,7 +103,7 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
             group.guard(_MARK_LOGGED, mark)
             group.ledger.extend(events)
             return len(events)
-        if _MARK_LOGGED.execute(session, mark) != 1:
+        if rowcount(session.execute(_MARK_LOGGED, mark)) != 1:
             return 0
         # The mark and the events commit together: no event of this submission's is stored yet.
         return append(session, events)

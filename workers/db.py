@@ -52,7 +52,7 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transaction control from pysqlite: no transaction until _on_write opens one.
+        # Take transaction control from pysqlite: no transaction until _on_execute opens one.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
@@ -66,16 +66,20 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
 
     # Reads before a transaction's first write run on their own (autocommit), each seeing the
     # latest committed data, as under PostgreSQL's READ COMMITTED; they wait for no one, since
-    # WAL readers never block. The first write takes the write lock with BEGIN IMMEDIATE (after
-    # the process's turn, with take_turns) and the rest of the transaction is serialised. Every
-    # write the stages make is conditional on what they read (a state, a claim), so a read that
-    # is stale by then makes the write match nothing rather than do harm.
-    @event.listens_for(engine, "before_cursor_execute")
-    def _on_write(
-        conn: Any, cursor: Any, statement: str, _params: Any, _context: Any, _many: bool
+    # WAL readers never block. The first statement that is not a SELECT (an INSERT, UPDATE,
+    # DELETE, DDL, or SQL text, whatever it says) begins the transaction with BEGIN IMMEDIATE
+    # (after the process's turn, with take_turns), and the rest of it is serialised. SQLAlchemy
+    # tells which is which: the statement object, not its text. Every write the stages make is
+    # conditional on what they read (a state, a claim), so a read that is stale by then makes
+    # the write match nothing rather than do harm. (A BEGIN IMMEDIATE for every transaction
+    # would hold the one write lock over reads: a session reading inside another's, or reading
+    # and then waiting on a mail server, would stop every writer.)
+    @event.listens_for(engine, "before_execute")
+    def _on_execute(
+        conn: Any, statement: Any, _multiparams: Any, _params: Any, _options: Any
     ) -> None:
-        dbapi_conn = cursor.connection
-        if dbapi_conn.in_transaction or statement.lstrip()[:6].upper() in READS:
+        dbapi_conn = conn.connection.dbapi_connection
+        if dbapi_conn.in_transaction or getattr(statement, "is_select", False):
             return
         info = conn.connection.info
         if not info.get("turn"):
@@ -89,10 +93,6 @@ def make_engine(url: str, take_turns: bool = False, **kwargs: Any) -> Engine:
             turns.release()
 
     return engine
-
-
-# Statements that never open a write transaction (by their first six characters).
-READS = frozenset({"SELECT", "WITH", "EXPLAI", "PRAGMA"})
 
 
 class Turns:

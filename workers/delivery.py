@@ -47,9 +47,8 @@ from workers.models import (
     utcnow,
 )
 from workers.ratelimit import Limit, Limiter, seconds_until_open
-from workers.sql import Hot
 from workers.stages import Deferred, Stage
-from workers.transitions import AlreadyMoved, Apply, At, advance, done, run_group
+from workers.transitions import AlreadyMoved, Apply, At, advance, done, rowcount, run_group
 
 T = TypeVar("T")
 
@@ -99,7 +98,7 @@ def limits_for(
 # Everything delivery reads, in one statement: the submission, its delivery row, its letter and
 # its campaign's version.
 LETTER_FIELDS = tuple(c.name for c in LETTERS.c)
-_READ = Hot(
+_READ = (
     select(
         SUBMISSIONS.c.state,
         SUBMISSIONS.c.campaign_slug,
@@ -120,7 +119,7 @@ _READ = Hot(
 
 
 _d = DELIVERIES.c
-_CLAIM = Hot(
+_CLAIM = (
     update(DELIVERIES)
     .where(
         _d.submission_id == bindparam("id"),
@@ -134,23 +133,23 @@ _CLAIM = Hot(
     )
 )
 # Delivery row updates, one statement per set of columns.
-_updates: dict[tuple[str, ...], Hot] = {}
+_updates: dict[tuple[str, ...], Any] = {}
 
 
 def _update_delivery(session: Session, submission_id: str, **values: object) -> None:
     names = tuple(sorted(values))
     statement = _updates.get(names)
     if statement is None:
-        statement = _updates[names] = Hot(
+        statement = _updates[names] = (
             update(DELIVERIES)
             .where(_d.submission_id == bindparam("id"))
             .values({name: bindparam(f"v_{name}") for name in names})
         )
-    statement.execute(session, {"id": submission_id, **{f"v_{k}": v for k, v in values.items()}})
+    session.execute(statement, {"id": submission_id, **{f"v_{k}": v for k, v in values.items()}})
 
 
 # A claim given back for a refusal that was not the letter's: the attempt does not count.
-_UNCOUNTED = Hot(
+_UNCOUNTED = (
     update(DELIVERIES)
     .where(_d.submission_id == bindparam("id"), _d.status == DeliveryStatus.SENDING.value)
     .values(
@@ -165,7 +164,7 @@ def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
     """Take the delivery for this worker; False if it is sent, failed or held by a live claim."""
     now = utcnow()
     stale = now - timedelta(seconds=lease_seconds)
-    return _CLAIM.execute(session, {"id": submission_id, "now": now, "stale": stale}) == 1
+    return rowcount(session.execute(_CLAIM, {"id": submission_id, "now": now, "stale": stale})) == 1
 
 
 def _finish(session: Session, submission_id: str, to_state: State, **delivery: object) -> None:
@@ -211,7 +210,7 @@ def _take(
     """Read and decide (no writes); the write claims the letter when nothing makes it wait, and
     answers the letter to send, or None when there is nothing to send (sent, failed, someone
     else's claim, not rendered)."""
-    found = _READ.first(session, {"id": submission_id})
+    found = session.execute(_READ, {"id": submission_id}).first()
     if found is None or found.state != State.RENDERED:
         return done(None)
     definition = get_definition(session, found.campaign_slug, found.definition_sha256)
@@ -373,7 +372,7 @@ def _send(
             elif isinstance(exc, TransientDeliveryError) and exc.ours:
                 # Not the letter's doing: the claim released without counting the attempt,
                 # and the letter waits (a deferral, costing no retry either).
-                _UNCOUNTED.execute(session, {"id": submission_id, "error": str(exc)[:2000]})
+                session.execute(_UNCOUNTED, {"id": submission_id, "error": str(exc)[:2000]})
             else:  # the claim released: the retry (or the letter's own message) sends it
                 _update_delivery(
                     session,

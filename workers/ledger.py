@@ -20,7 +20,6 @@ from sqlalchemy import Connection, Table, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from workers.models import CONSENT_EVENTS, ConsentEvent
-from workers.sql import Hot
 
 GENESIS = "0" * 64
 # The fields a hash covers: everything but the id, the link and the hash itself.
@@ -74,23 +73,13 @@ def _fields(event: ConsentEvent | Mapping[str, Any]) -> dict[str, Any]:
     return {name: event.get(name) for name in HASHED}
 
 
-def _lock(session: Session) -> None:
-    if session.get_bind().dialect.name == "postgresql":
-        _LOCK.first(session, {"key": LOCK_KEY})
-    else:
-        # SQLite: start the write transaction now (its lock is exclusive: see workers.db), so
-        # that the head read next is the last one written, even when nothing was written yet.
-        session.execute(text("SAVEPOINT dearmp_ledger"))
-        session.execute(text("RELEASE dearmp_ledger"))
-
-
-_HEAD = Hot(select(CONSENT_EVENTS.c.hash).order_by(CONSENT_EVENTS.c.id.desc()).limit(1))
-_LOCK = Hot(text("SELECT pg_advisory_xact_lock(:key)"))
-_INSERT = Hot(insert(CONSENT_EVENTS), columns_from_params=True)
+_HEAD = select(CONSENT_EVENTS.c.hash).order_by(CONSENT_EVENTS.c.id.desc()).limit(1)
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_INSERT = insert(CONSENT_EVENTS)
 
 
 def head(session: Session) -> str:
-    last = _HEAD.scalar(session)
+    last = session.execute(_HEAD).scalar()
     return str(last) if last else GENESIS
 
 
@@ -115,7 +104,7 @@ def append(session: Session, events: Iterable[ConsentEvent | Mapping[str, Any]])
         link = previous
         previous = event_hash(link, row)
         rows.append({**row, "prev_hash": link, "hash": previous})
-    _INSERT.executemany(session, rows)
+    session.execute(_INSERT, rows)
     session.info[_HEAD_KNOWN] = (session.get_transaction(), previous)
     return len(rows)
 
@@ -126,12 +115,17 @@ def hold(session: Session) -> None:
     A transaction that appends must call this before it takes any row lock (consent logging's
     first write), so that every transaction takes the ledger's lock first or not at all, and
     none waits for it while holding a row another one waits for. On SQLite it takes the write
-    lock, which is exclusive."""
+    lock, which is exclusive, so that the head read next is the last one written."""
     session.connection()  # the session's transaction has begun
     transaction = session.get_transaction()
-    if session.info.get(_LOCKED) is not transaction:
-        _lock(session)
-        session.info[_LOCKED] = transaction
+    if session.info.get(_LOCKED) is transaction:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_LOCK, {"key": LOCK_KEY})
+    else:  # a write statement begins the write transaction (workers.db); it changes nothing
+        session.execute(text("SAVEPOINT dearmp_ledger"))
+        session.execute(text("RELEASE dearmp_ledger"))
+    session.info[_LOCKED] = transaction
 
 
 _HEAD_KNOWN = "workers.ledger.head"  # session.info: (the transaction, the head it wrote)

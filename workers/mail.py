@@ -10,7 +10,6 @@ import contextlib
 import email.policy
 import email.quoprimime
 import os
-import re
 import smtplib
 import ssl
 import threading
@@ -179,8 +178,7 @@ def _envelope_headers(letter: Letter) -> list[tuple[str, str]]:
 
 def build_message(letter: Letter) -> Message:
     """The email for a stored letter, as the email package's objects: every header one line,
-    non-ASCII encoded, same bytes on every attempt. What is sent is :func:`letter_bytes`, the
-    same bytes built directly; this is their reference."""
+    non-ASCII encoded, same bytes on every attempt."""
     text = _part(letter.body_text or "", "plain")
     message: Message = text
     if letter.body_html:
@@ -221,82 +219,10 @@ class DkimSigner:
         return self.signature(letter_bytes(letter), domain).decode("ascii")
 
 
-def _header(name: str, value: str) -> bytes:
-    """One header as compat32 writes it (CRLF). A header that is short, printable ASCII is
-    written as it is, which is exactly what folding gives it, without the ``Header`` machinery
-    that made up most of the cost of a letter; any other header is folded by compat32."""
-    if len(name) + len(value) <= SHORT_HEADER and value.isascii() and value.isprintable():
-        return f"{name}: {value}\r\n".encode("ascii")
-    if CRLF in value:  # encoded words, folded already (compat32 writes them as they are)
-        return f"{name}: {value}\r\n".encode("ascii")
-    folded: bytes = WIRE.fold_binary(name, value)
-    return folded
-
-
-# "Name: value" within RFC 5322's recommended 78 characters is never folded.
-SHORT_HEADER = 76
-
-# How a part's body is written: its line ends, whatever they were, become CRLF.
-_LINE_ENDS = re.compile(r"\r\n|\r|\n")
-
-
-def _quoted_printable(text: str) -> str:
-    """A part's body as ``set_payload(text, UTF8)`` stores it and the generator writes it."""
-    if not text:
-        return ""
-    # quoprimime encodes a str of byte values: the UTF-8 bytes, one character each.
-    encoded = email.quoprimime.body_encode(text.encode("utf-8").decode("latin-1"))
-    return _LINE_ENDS.sub("\r\n", encoded)
-
-
-def _part_headers(subtype: str) -> str:
-    return (
-        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
-        "Content-Transfer-Encoding: quoted-printable\r\n"
-    )
-
-
 def letter_bytes(letter: Letter) -> bytes:
-    """``build_message(letter).as_bytes(policy=WIRE)``: the same bytes, built directly (the
-    tests compare the two on random letters). The email package builds a tree of message
-    objects and walks it again to write it, which cost more than the rest of a delivery."""
-    headers: list[tuple[str, str]]
-    text = _quoted_printable(letter.body_text or "")
-    if letter.body_html:
-        boundary = _boundary(letter)
-        content_type = _multipart_header(boundary)
-        headers = [("MIME-Version", "1.0")]
-        html = _quoted_printable(letter.body_html)
-        body = (
-            f"--{boundary}\r\n{_part_headers('plain')}\r\n{text}"
-            f"\r\n--{boundary}\r\n{_part_headers('html')}\r\n{html}"
-            f"\r\n--{boundary}--\r\n"
-        )
-    else:
-        headers = [
-            ("MIME-Version", "1.0"),
-            ("Content-Type", 'text/plain; charset="utf-8"'),
-            ("Content-Transfer-Encoding", "quoted-printable"),
-        ]
-        content_type = b""  # in the headers above, where set_payload puts it
-        body = text
-    headers += _envelope_headers(letter)
-    head = content_type + b"".join(_header(name, value) for name, value in headers)
-    return head + b"\r\n" + body.encode()
-
-
-def _multipart_header(boundary: str) -> bytes:
-    """The folded Content-Type of a multipart letter. Folding looks at spaces and ";, " only, so
-    every boundary of 32 hex digits folds the same: the header is folded once, with zeros."""
-    digits = boundary.removeprefix("==dearmp-").removesuffix("==")
-    if len(digits) != 32 or any(c not in "0123456789abcdef" for c in digits):
-        return _header("Content-Type", f'multipart/alternative; boundary="{boundary}"')
-    return _MULTIPART.replace(b"0" * 32, digits.encode(), 1)
-
-
-_MULTIPART = WIRE.fold_binary(
-    "Content-Type", 'multipart/alternative; boundary="==dearmp-' + "0" * 32 + '=="'
-)
+    """The letter as sent: :func:`build_message` written by the email package with CRLF line
+    ends. About 0.4 ms a letter (written twice: signed when rendered, sent when delivered)."""
+    return build_message(letter).as_bytes(policy=WIRE)
 
 
 def outgoing(letter: Letter, signer: DkimSigner | None = None) -> Outgoing:

@@ -30,7 +30,6 @@ from workers.models import (
     State,
     utcnow,
 )
-from workers.sql import Hot
 from workers.stages import Stage
 from workers.transitions import Apply, advance, current, done, group_writes, move
 
@@ -165,9 +164,9 @@ def compose(
     )
 
 
-_HAS_LETTER = Hot(select(LETTERS.c.submission_id).where(LETTERS.c.submission_id == bindparam("id")))
-_STORE_LETTER = Hot(insert(LETTERS), columns_from_params=True)
-_NEW_DELIVERY = Hot(insert(DELIVERIES), columns_from_params=True)
+_HAS_LETTER = select(LETTERS.c.submission_id).where(LETTERS.c.submission_id == bindparam("id"))
+_STORE_LETTER = insert(LETTERS)
+_NEW_DELIVERY = insert(DELIVERIES)
 
 
 def plan(
@@ -189,7 +188,7 @@ def plan(
     )
     if submission is None or submission.state != State.RESOLVED or submission.payload is None:
         return done([])
-    if _HAS_LETTER.first(session, {"id": submission_id}) is not None:
+    if session.execute(_HAS_LETTER, {"id": submission_id}).first() is not None:
         # Stored by an earlier attempt whose state change was lost.
         return move(submission, State.RENDERED, then=[Stage.DELIVER])
     definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
@@ -230,8 +229,8 @@ def plan(
             group.insert(_STORE_LETTER, row)
             group.insert(_NEW_DELIVERY, delivery)
         else:
-            _STORE_LETTER.execute(session, row)
-            _NEW_DELIVERY.execute(session, delivery)
+            session.execute(_STORE_LETTER, row)
+            session.execute(_NEW_DELIVERY, delivery)
         return [Stage.DELIVER]
 
     return write

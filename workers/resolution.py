@@ -42,7 +42,6 @@ from workers.models import (
     utcnow,
 )
 from workers.sources import LiveSources
-from workers.sql import Hot
 from workers.stages import Stage
 from workers.transitions import AlreadyMoved, Apply, Current, current, done, move, rowcount
 
@@ -140,7 +139,7 @@ def _lookup_statement() -> Executable:
 
 
 # Built once: constructing the statement costs ten times more than running it.
-LOOKUP = Hot(_lookup_statement())
+LOOKUP = _lookup_statement()
 
 
 def lookup_local(session: Session, postcode: str) -> Answer | None:
@@ -148,7 +147,7 @@ def lookup_local(session: Session, postcode: str) -> Answer | None:
 
     One statement, one round trip: the current version, the postcode, its seat and its MP.
     """
-    row = LOOKUP.first(session, {"postcode": postcode})
+    row = session.execute(LOOKUP, {"postcode": postcode}).first()
     if row is None:
         if current_version(session) is None:
             raise DirectoryMissing("No MP directory has been imported.")

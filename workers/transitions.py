@@ -11,15 +11,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import structlog
-from sqlalchemy import CursorResult, Result, Select, bindparam, insert, select
+from sqlalchemy import CursorResult, Executable, Result, Select, Update, bindparam, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.db import session_scope
 from workers.ledger import append
 from workers.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
-from workers.sql import Hot
 
-RECORD_EVENT = Hot(insert(EVENTS), columns_from_params=True)
+RECORD_EVENT = insert(EVENTS)
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -77,8 +76,8 @@ class At(NamedTuple):
 
 
 # Statements built once per set of columns: building one costs more than running it.
-_reads: dict[tuple[str, ...], Hot] = {}
-_moves: dict[tuple[str, ...], Hot] = {}
+_reads: dict[tuple[str, ...], Select[Any]] = {}
+_moves: dict[tuple[str, ...], Update] = {}
 
 
 def current(session: Session, submission_id: str, *columns: str) -> Any:
@@ -90,8 +89,8 @@ def current(session: Session, submission_id: str, *columns: str) -> Any:
         return _group_rows(session, group, columns).get(submission_id)
     statement = _reads.get(columns)
     if statement is None:
-        statement = _reads[columns] = Hot(_read(columns).where(SUBMISSIONS.c.id == bindparam("id")))
-    return statement.first(session, {"id": submission_id})
+        statement = _reads[columns] = _read(columns).where(SUBMISSIONS.c.id == bindparam("id"))
+    return session.execute(statement, {"id": submission_id}).first()
 
 
 def _read(columns: tuple[str, ...]) -> Select[Any]:
@@ -135,15 +134,15 @@ class GroupWrites:
     their kinds came, then the events, then the consent ledger's events in order."""
 
     def __init__(self) -> None:
-        self.guarded: dict[int, tuple[Hot, list[dict[str, Any]]]] = {}
-        self.inserts: dict[int, tuple[Hot, list[dict[str, Any]]]] = {}
+        self.guarded: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
+        self.inserts: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
         self.events: list[dict[str, Any]] = []
         self.ledger: list[dict[str, Any]] = []
 
-    def guard(self, statement: Hot, params: dict[str, Any]) -> None:
+    def guard(self, statement: Executable, params: dict[str, Any]) -> None:
         self.guarded.setdefault(id(statement), (statement, []))[1].append(params)
 
-    def insert(self, statement: Hot, params: dict[str, Any]) -> None:
+    def insert(self, statement: Executable, params: dict[str, Any]) -> None:
         self.inserts.setdefault(id(statement), (statement, []))[1].append(params)
 
     def flush(self, session: Session) -> None:
@@ -151,11 +150,12 @@ class GroupWrites:
         (another worker moved that submission first: the caller runs each submission again
         alone)."""
         for statement, params in self.guarded.values():
-            if statement.executemany(session, params) != len(params):
+            if rowcount(session.execute(statement, params)) != len(params):
                 raise AlreadyMoved("a submission of the group")
         for statement, params in self.inserts.values():
-            statement.executemany(session, params)
-        RECORD_EVENT.executemany(session, self.events)
+            session.execute(statement, params)
+        if self.events:
+            session.execute(RECORD_EVENT, self.events)
         append(session, self.ledger)
 
 
@@ -182,7 +182,7 @@ def advance(
     statement = _moves.get(names)
     if statement is None:
         changed = ("state", "updated_at", "dispatched_at", *names)
-        statement = _moves[names] = Hot(
+        statement = _moves[names] = (
             SUBMISSIONS.update()
             .where(
                 SUBMISSIONS.c.id == bindparam("b_id"),
@@ -199,9 +199,9 @@ def advance(
         writes.guard(statement, move)  # made with the group's other writes
         writes.events.append(event)
         return
-    if statement.execute(session, move) != 1:
+    if rowcount(session.execute(statement, move)) != 1:
         raise AlreadyMoved(submission.id)
-    RECORD_EVENT.execute(session, event)
+    session.execute(RECORD_EVENT, event)
     if isinstance(submission, Submission):
         session.expire(submission)
 
