@@ -39,13 +39,14 @@ sys.path.insert(0, str(REPO))
 from bench.common import bench_app, databases, machine, worker_env  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import SmtpSink, free_port  # noqa: E402
-from workers.app import App  # noqa: E402
-from workers.db import session_scope  # noqa: E402
-from workers.embedded import EmbeddedRedis  # noqa: E402
-from workers.intake import accept  # noqa: E402
-from workers.ledger import verify  # noqa: E402
-from workers.runtime import state_counts  # noqa: E402
-from workers.stages import Stage, dispatch  # noqa: E402
+from workers.database.engine import session_scope  # noqa: E402
+from workers.pipeline.app import App  # noqa: E402
+from workers.pipeline.dispatch import dispatch  # noqa: E402
+from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
+from workers.pipeline.runtime import state_counts  # noqa: E402
+from workers.privacy.ledger import verify  # noqa: E402
+from workers.stages.stage import Stage  # noqa: E402
+from workers.web.intake import accept  # noqa: E402
 
 POSTCODES = ["DM1 1AA", "DM2 1AA", "DM3 1AA", "DM4 1AA", "DM5 1AA", "DM6 1AA"]
 

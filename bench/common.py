@@ -12,10 +12,10 @@ from typing import Any
 
 from config.settings import Settings
 from tests.services import PostgresCluster
-from workers.app import App
-from workers.campaigns import update_definition
-from workers.db import session_scope
-from workers.runtime import prepare
+from workers.database.engine import session_scope
+from workers.letters.campaigns import update_definition
+from workers.pipeline.app import App
+from workers.pipeline.runtime import prepare
 
 
 def machine() -> str:

@@ -25,14 +25,15 @@ sys.path.insert(0, str(REPO))
 from bench.common import bench_app, machine, worker_env  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import SmtpSink, free_port  # noqa: E402
-from workers.app import App  # noqa: E402
-from workers.db import session_scope  # noqa: E402
-from workers.embedded import EmbeddedRedis  # noqa: E402
-from workers.intake import accept  # noqa: E402
-from workers.rendering import render  # noqa: E402
-from workers.resolution import resolve  # noqa: E402
-from workers.stages import Stage, stage_message  # noqa: E402
-from workers.validation import validate  # noqa: E402
+from workers.database.engine import session_scope  # noqa: E402
+from workers.pipeline.app import App  # noqa: E402
+from workers.pipeline.dispatch import stage_message  # noqa: E402
+from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
+from workers.stages.rendering import render  # noqa: E402
+from workers.stages.resolution import resolve  # noqa: E402
+from workers.stages.stage import Stage  # noqa: E402
+from workers.stages.validation import validate  # noqa: E402
+from workers.web.intake import accept  # noqa: E402
 
 
 def rendered_letters(app: App, n: int) -> list[str]:
@@ -61,7 +62,8 @@ def run(
         SMTP_PORT=str(sink.port), DEARMP_SEND_RATE=str(rate),
     )  # fmt: skip
     workers = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes),
+        [sys.executable, "-m", "dramatiq", "workers.pipeline.actors:setup",
+         "--processes", str(args.processes),
          "--threads", str(args.threads), "--skip-logging"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import text  # noqa: E402
 
 from tests.services import PostgresCluster  # noqa: E402
-from workers.db import make_engine, make_sessionmaker, migrate, session_scope  # noqa: E402
-from workers.directory import import_directory  # noqa: E402
-from workers.resolution import Found, lookup_local  # noqa: E402
+from workers.database.engine import make_engine, make_sessionmaker, migrate, session_scope  # noqa: E402
+from workers.mp.directory import import_directory  # noqa: E402
+from workers.mp.lookup import Found, lookup_local  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 SAMPLE = REPO / "config" / "sample"

@@ -34,9 +34,9 @@ from sqlalchemy import func, select  # noqa: E402
 
 from tests.factories import submission  # noqa: E402
 from tests.services import PostgresCluster, free_port  # noqa: E402
-from workers.db import make_engine, make_sessionmaker, session_scope  # noqa: E402
-from workers.embedded import EmbeddedRedis  # noqa: E402
-from workers.models import Submission  # noqa: E402
+from workers.database.engine import make_engine, make_sessionmaker, session_scope  # noqa: E402
+from workers.database.models import Submission  # noqa: E402
+from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
 
 LUA = """
 local template = [[%s]]
@@ -60,8 +60,10 @@ def lua_script(path: Path) -> Path:
 
 
 def serve(module: str, port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    factory = ["--factory"] if module.startswith("workers.") else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "uvicorn", module, *factory, "--host", "127.0.0.1",
+         "--port", str(port),
          "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
         cwd=REPO, env=env,
     )  # fmt: skip

@@ -35,13 +35,14 @@ sys.path.insert(0, str(REPO))
 from config.settings import Settings  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import PostgresCluster, free_port  # noqa: E402
-from workers.app import App  # noqa: E402
-from workers.campaigns import update_definition  # noqa: E402
-from workers.db import session_scope  # noqa: E402
-from workers.embedded import EmbeddedRedis  # noqa: E402
-from workers.intake import accept  # noqa: E402
-from workers.models import State, SubmissionEvent  # noqa: E402
-from workers.stages import Stage, stage_message  # noqa: E402
+from workers.database.engine import session_scope  # noqa: E402
+from workers.database.models import State, SubmissionEvent  # noqa: E402
+from workers.letters.campaigns import update_definition  # noqa: E402
+from workers.pipeline.app import App  # noqa: E402
+from workers.pipeline.dispatch import stage_message  # noqa: E402
+from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
+from workers.stages.stage import Stage  # noqa: E402
+from workers.web.intake import accept  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -122,7 +123,7 @@ def bench_pipeline(
         redis_url=redis_url, outbox_dir=outbox, log_level="WARNING",
     )  # fmt: skip
     app = App.from_settings(settings)
-    from workers.runtime import prepare
+    from workers.pipeline.runtime import prepare
 
     prepare(app)
     with session_scope(app.sessions) as session:
@@ -139,7 +140,7 @@ def bench_pipeline(
         "DEARMP_SECRET_KEY": "bench", "DEARMP_DATA_DIR": str(tmp / "var"),
         "DEARMP_OUTBOX_DIR": str(outbox), "DEARMP_LOG_LEVEL": "WARNING",
     }  # fmt: skip
-    workers = start_workers("workers.actors", env, args.processes, args.threads)
+    workers = start_workers("workers.pipeline.actors:setup", env, args.processes, args.threads)
     time.sleep(3)  # let the workers boot before the clock starts
     meter = CpuMeter(workers=workers.pid, **others)
     meter.start()

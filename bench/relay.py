@@ -29,11 +29,12 @@ from bench.common import bench_app, databases, machine, worker_env  # noqa: E402
 from bench.delivery import rendered_letters  # noqa: E402
 from tests.postfix import Postfix  # noqa: E402
 from tests.services import dkim_keys, free_port  # noqa: E402
-from workers.app import App  # noqa: E402
-from workers.db import session_scope  # noqa: E402
-from workers.embedded import EmbeddedRedis  # noqa: E402
-from workers.models import Delivery  # noqa: E402
-from workers.stages import Stage, stage_message  # noqa: E402
+from workers.database.engine import session_scope  # noqa: E402
+from workers.database.models import Delivery  # noqa: E402
+from workers.pipeline.app import App  # noqa: E402
+from workers.pipeline.dispatch import stage_message  # noqa: E402
+from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
+from workers.stages.stage import Stage  # noqa: E402
 
 
 def delivered(app: App, ids: list[str]) -> int:
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace, n: int, db_url: str, tmp: Path, redis_url: str
     relay = Postfix().start()
     env = worker_env(db_url, tmp / "var", redis_url, **relay.environment())
     workers = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes),
+        [sys.executable, "-m", "dramatiq", "workers.pipeline.actors:setup",
+         "--processes", str(args.processes),
          "--threads", str(args.threads), "--skip-logging"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     )
 
     # What the stages move on is held this long and sent to the next stage in groups
-    # (workers.handoff); 0 sends each transaction's submissions at once.
+    # (workers.pipeline.handoff); 0 sends each transaction's submissions at once.
     handoff_linger_ms: float = Field(default=20.0, ge=0, le=1_000, alias="DEARMP_HANDOFF_LINGER_MS")
 
     # Campaigns are data: TOML files in this folder.

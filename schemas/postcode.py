@@ -142,7 +142,7 @@ def check_format(raw: str) -> tuple[str, Problem | None]:
     """The normalised postcode and, when it can have no MP whatever the directory says, why not.
 
     A well-formed postcode with no problem may still be unknown or terminated: only the directory
-    can tell (see :mod:`workers.resolution`).
+    can tell (see :mod:`workers.stages.resolution`).
     """
     text = raw.strip()
     if not text:

@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from queue import Queue
 from typing import Any
-
-# In-process tests run the actors on dramatiq's StubBroker; real-Redis tests start worker
-# processes with their own environment. This must be set before any workers module is imported.
-os.environ["DEARMP_BROKER"] = "stub"
-os.environ["DEARMP_DATA_DIR"] = tempfile.mkdtemp(prefix="dearmp-test-data-")
 
 import dramatiq
 import pytest
 from sqlalchemy import create_engine, text
 
-from config.settings import Settings
+from config.settings import Settings, get_settings
 from tests.services import SHARED_DATA, PostgresCluster, SmtpSink, free_port, unavailable
-from workers.app import App, set_app
-from workers.db import migrate
-from workers.embedded import EmbeddedRedis
-from workers.runtime import prepare
-from workers.stages import Stage
+from workers.database.engine import migrate
+from workers.pipeline.actors import get_handoff, setup
+from workers.pipeline.app import App, set_app
+from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.runtime import prepare
+from workers.stages.stage import Stage
 
 # Fixtures that start a real service: a test that uses one (or runs on PostgreSQL) belongs to
 # the real-service layer; the rest make the fast layer, which `python3 dev.py test` runs first.
@@ -44,6 +38,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         marked = any(item.get_closest_marker(name) for name in SERVICE_MARKS)
         if on_postgres or uses or marked:
             item.add_marker(pytest.mark.services)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """In-process tests run the actors on dramatiq's StubBroker, with data in a temporary
+    folder; real-Redis tests start worker processes with environments of their own."""
+    os.environ["DEARMP_BROKER"] = "stub"
+    os.environ["DEARMP_DATA_DIR"] = str(tmp_path_factory.mktemp("dearmp-data"))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -114,15 +119,9 @@ def app(db_url: str, tmp_path: Path) -> Iterator[App]:
 
 
 @pytest.fixture
-def stub_broker() -> Iterator[dramatiq.Broker]:
-    from workers.actors import broker
-
-    # Fresh queues each test: a delayed message a stopped worker still held would otherwise
-    # count as unfinished forever and hang the next test's join().
-    for name in list(broker.queues):
-        broker.queues[name] = Queue()
-    broker.dead_letters_by_queue.clear()
-    yield broker
+def stub_broker(tmp_path: Path) -> dramatiq.Broker:
+    """A fresh StubBroker with the actors declared on it, installed as the process's broker."""
+    return setup(make_settings(tmp_path))
 
 
 @pytest.fixture
@@ -131,23 +130,18 @@ def stub_worker(stub_broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
     worker.start()
     yield worker
     worker.stop()
-    # Each Worker adds its own middleware to the broker; this broker outlives the test.
-    stub_broker.middleware[:] = [
-        m for m in stub_broker.middleware if type(m).__name__ != "_WorkerMiddleware"
-    ]
 
 
 def drain(broker: Any, worker: dramatiq.Worker, timeout_ms: int = 30_000) -> None:
     """Wait until every stage queue is empty, the worker is idle and nothing is held for sending
-    (stages enqueue each other, through :data:`workers.actors.common.HANDOFF`)."""
-    from workers.actors.common import HANDOFF
-
+    (stages enqueue each other, through the process's handoff)."""
+    handoff = get_handoff()
     for _ in range(10):
         for stage in Stage:
             broker.join(stage.queue, timeout=timeout_ms, fail_fast=False)
         worker.join()
-        if HANDOFF.held():
-            HANDOFF.flush()
+        if handoff.held():
+            handoff.flush()
             continue
         if all(not broker.queues[s.queue].qsize() for s in Stage if s.queue in broker.queues):
             return

@@ -10,11 +10,12 @@ from sqlalchemy import func, select
 
 from tests.conftest import drain
 from tests.factories import submission
-from workers.app import App
-from workers.db import session_scope
-from workers.models import ConsentEvent, Delivery, State, Submission
-from workers.runtime import state_counts, submit
-from workers.stages import Stage, stage_message
+from workers.database.engine import session_scope
+from workers.database.models import ConsentEvent, Delivery, State, Submission
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import stage_message
+from workers.pipeline.runtime import state_counts, submit
+from workers.stages.stage import Stage
 
 
 def test_valid_and_invalid_submissions_reach_final_states(
@@ -33,7 +34,7 @@ def test_consent_is_logged_for_every_valid_submission_even_when_no_letter_goes(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker
 ) -> None:
     with session_scope(app.sessions) as session:
-        from workers.models import Constituency
+        from workers.database.models import Constituency
 
         for seat in session.scalars(
             select(Constituency).where(Constituency.gss_code == "N05900006")

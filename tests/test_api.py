@@ -22,13 +22,14 @@ from tests.conftest import drain
 from tests.factories import submission
 from tests.services import wait_for
 from tests.test_stages import get
-from workers.app import App
-from workers.campaigns import update_definition
-from workers.db import session_scope
-from workers.models import Constituency, State, Submission, utcnow
-from workers.ratelimit import RedisLimiter
-from workers.reconciler import find_stalled
-from workers.stages import Stage, dispatch
+from workers.database.engine import session_scope
+from workers.database.models import Constituency, State, Submission, utcnow
+from workers.letters.campaigns import update_definition
+from workers.letters.rate_limits import RedisLimiter
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import dispatch
+from workers.pipeline.reconciler import find_stalled
+from workers.stages.stage import Stage
 from workers.web.api import create_app
 
 SLUG = "political-prisoners"
@@ -305,7 +306,7 @@ def test_one_reminder_after_a_day_and_expiry_after_seven(
 
 
 def test_group_commit_stores_each_once_even_with_repeats_in_one_batch(app: App) -> None:
-    from workers.intake import accept_many
+    from workers.web.intake import accept_many
 
     first, second = posted(), posted()
     items = [(first, State.RECEIVED), (second, State.RECEIVED), (dict(first), State.RECEIVED)]
@@ -347,10 +348,10 @@ def test_concurrent_posts_are_batched_and_every_202_is_stored(
 def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_again(
     app: App,
 ) -> None:
-    from workers.confirmation import ConfirmationPolicy, notify
-    from workers.db import make_engine
-    from workers.intake import accept
-    from workers.mail import Outgoing, TransientDeliveryError
+    from workers.database.engine import make_engine
+    from workers.letters.mail import Outgoing, TransientDeliveryError
+    from workers.stages.confirmation import ConfirmationPolicy, notify
+    from workers.web.intake import accept
 
     with session_scope(app.sessions) as session:
         update_definition(session, SLUG, confirmation=True)

@@ -21,10 +21,10 @@ from tests.conftest import drain
 from tests.factories import DELETE, submission
 from tests.test_api import SLUG, count, posted
 from tests.test_stages import get
-from workers.app import App
-from workers.models import State
-from workers.privacy import ip_hash
-from workers.ratelimit import RedisLimiter
+from workers.database.models import State
+from workers.letters.rate_limits import RedisLimiter
+from workers.pipeline.app import App
+from workers.privacy.hashing import ip_hash
 from workers.web.api import create_app
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "json" / "submission.v1.schema.json"

@@ -17,8 +17,9 @@ from schemas.postcode import check_format
 from schemas.submission import SubmissionV1, parse_submission
 from tests.conftest import make_settings
 from tests.factories import submission
-from workers.app import App, set_app
-from workers.runtime import prepare
+from workers.pipeline.actors import setup
+from workers.pipeline.app import App, set_app
+from workers.pipeline.runtime import prepare
 from workers.web.api import create_app
 
 
@@ -35,9 +36,7 @@ def api_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     )
     prepare(app)
     set_app(app)
-    from workers.actors import broker
-
-    yield create_app(lambda: app, broker)
+    yield create_app(lambda: app, setup(app.settings))
     set_app(None)
     app.engine.dispose()
 

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 from tests.services import free_port, unavailable, wait_for
-from workers.app import App
+from workers.pipeline.app import App
 from workers.web.api import create_app
 
 CHROMIUM_FLAGS = [

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from tests.conftest import drain
 from tests.factories import submission
-from workers.app import App
 from workers.cli import main
-from workers.runtime import submit
+from workers.pipeline.app import App
+from workers.pipeline.runtime import submit
 
 
 def test_submit_a_file_then_show_the_history(
@@ -66,9 +66,9 @@ def test_campaign_mode_switch_sends_new_letters_to_the_sandbox(
 
 
 def test_an_operators_mode_switch_survives_a_campaign_file_sync(app: App) -> None:
-    from workers.campaigns import get_definition, update_definition
-    from workers.db import session_scope
-    from workers.models import Campaign
+    from workers.database.engine import session_scope
+    from workers.database.models import Campaign
+    from workers.letters.campaigns import get_definition, update_definition
 
     runner = CliRunner()
     switch = ["campaigns", "mode", "political-prisoners", "sandbox"]
@@ -147,8 +147,8 @@ def test_failed_deliveries_are_reopened_by_reason_with_a_dry_run_first(
 ) -> None:
     from sqlalchemy import update
 
-    from workers.db import session_scope
-    from workers.models import Delivery, State, Submission
+    from workers.database.engine import session_scope
+    from workers.database.models import Delivery, State, Submission
 
     ids = [submit(app, stub_broker, submission())[0] for _ in range(3)]
     drain(stub_broker, stub_worker)

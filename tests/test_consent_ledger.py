@@ -21,25 +21,25 @@ from sqlalchemy.exc import DatabaseError
 
 from tests.factories import submission
 from tests.test_stages import POLICY, get, step, store, through_render
-from workers.app import App
-from workers.campaigns import update_definition
 from workers.cli import main
-from workers.consent import log_consent, withdraw
-from workers.db import session_scope
-from workers.delivery import deliver
-from workers.ledger import current_preferences, verify
-from workers.mail import OutboxMailer
-from workers.models import ConsentEvent, Letter, State, Submission, utcnow
-from workers.privacy import supporter_hash
-from workers.supporters import (
+from workers.database.engine import session_scope
+from workers.database.models import ConsentEvent, Letter, State, Submission, utcnow
+from workers.database.transitions import AlreadyMoved
+from workers.letters.campaigns import update_definition
+from workers.letters.mail import OutboxMailer
+from workers.pipeline.app import App
+from workers.privacy.hashing import supporter_hash
+from workers.privacy.ledger import current_preferences, verify
+from workers.privacy.rights import (
     consent_csv,
     consent_receipt,
     erase_supporter,
     export_supporter,
     run_retention,
 )
-from workers.transitions import AlreadyMoved
-from workers.validation import validate
+from workers.stages.consent import log_consent, withdraw
+from workers.stages.delivery import deliver
+from workers.stages.validation import validate
 
 EMAIL = "amira.haddad@example.com"
 
@@ -241,10 +241,10 @@ def test_consent_groups_resolution_groups_and_the_reconciler_at_once_never_deadl
     transaction meets a deadlock, and the chain holds one set of events per submission."""
     import random
 
-    from workers.consent import plan as consent_plan
-    from workers.reconciler import find_stalled
-    from workers.resolution import plan as resolution_plan
-    from workers.transitions import run_group
+    from workers.database.transitions import run_group
+    from workers.pipeline.reconciler import find_stalled
+    from workers.stages.consent import plan as consent_plan
+    from workers.stages.resolution import plan as resolution_plan
 
     ids = [store(app, submission()) for _ in range(120)]
     for sid in ids:

@@ -15,11 +15,11 @@ from tests.factories import submission
 from tests.services import SmtpSink, wait_for
 from tests.test_providers import ProviderStub, http_mailer
 from tests.test_smtp import mailer as smtp_mailer
-from workers.app import App
-from workers.campaigns import update_definition
-from workers.db import session_scope
-from workers.models import Delivery, Submission
-from workers.runtime import state_counts, submit
+from workers.database.engine import session_scope
+from workers.database.models import Delivery, Submission
+from workers.letters.campaigns import update_definition
+from workers.pipeline.app import App
+from workers.pipeline.runtime import state_counts, submit
 
 
 def change_campaign(app: App, **changes: Any) -> None:
@@ -115,8 +115,9 @@ def test_a_passing_refusal_is_a_warning_with_the_answer_not_an_error(
     from structlog.testing import capture_logs
 
     from tests.test_stages import through_render
-    from workers.models import Failure
-    from workers.stages import Stage, stage_message
+    from workers.database.models import Failure
+    from workers.pipeline.dispatch import stage_message
+    from workers.stages.stage import Stage
 
     app.mailer = smtp_mailer(tmp_path, smtp_sink)
     smtp_sink.answer = "451 4.3.0 Try again later"

@@ -15,8 +15,8 @@ from sqlalchemy import create_engine
 
 from tests.services import REPO
 from workers.cli import main as cli
-from workers.db import alembic_config
-from workers.models import Base
+from workers.database.engine import alembic_config
+from workers.database.models import Base
 
 
 def compose() -> dict:  # type: ignore[type-arg]

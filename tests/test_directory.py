@@ -9,12 +9,12 @@ from pathlib import Path
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from workers.app import App
 from workers.cli import main
-from workers.db import session_scope
-from workers.directory import current_version
-from workers.models import Constituency, DirectoryVersion, Postcode
-from workers.resolution import Found, lookup_local
+from workers.database.engine import session_scope
+from workers.database.models import Constituency, DirectoryVersion, Postcode
+from workers.mp.directory import current_version
+from workers.mp.lookup import Found, lookup_local
+from workers.pipeline.app import App
 
 MPS = "constituencies_2024_current_mps.csv"
 # The real ONSPD's first columns, in its order; the project reads pcds, pcon and doterm.

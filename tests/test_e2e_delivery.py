@@ -20,12 +20,12 @@ from tests.conftest import make_settings
 from tests.factories import submission
 from tests.services import SmtpSink, wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
-from workers.app import App
-from workers.db import session_scope
-from workers.embedded import EmbeddedRedis
-from workers.models import Delivery
-from workers.operations import dead_letters as redis_dead_letters
-from workers.runtime import prepare, submit
+from workers.database.engine import session_scope
+from workers.database.models import Delivery
+from workers.pipeline.app import App
+from workers.pipeline.dead_letters import dead_letters as redis_dead_letters
+from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.runtime import prepare, submit
 
 pytestmark = [pytest.mark.redis, pytest.mark.smtp]
 

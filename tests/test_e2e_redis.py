@@ -18,11 +18,11 @@ from sqlalchemy import func, select
 from tests.conftest import make_settings
 from tests.factories import submission
 from tests.services import REPO, wait_for
-from workers.app import App
-from workers.db import session_scope
-from workers.embedded import EmbeddedRedis
-from workers.models import Delivery
-from workers.runtime import count_final, prepare, state_counts, submit
+from workers.database.engine import session_scope
+from workers.database.models import Delivery
+from workers.pipeline.app import App
+from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.runtime import count_final, prepare, state_counts, submit
 
 pytestmark = pytest.mark.redis
 

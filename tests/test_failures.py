@@ -11,11 +11,12 @@ from sqlalchemy import select
 
 from tests.conftest import drain
 from tests.factories import submission
-from workers.app import App
-from workers.db import session_scope
-from workers.models import Failure
-from workers.runtime import submit
-from workers.stages import Stage, stage_message
+from workers.database.engine import session_scope
+from workers.database.models import Failure
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import stage_message
+from workers.pipeline.runtime import submit
+from workers.stages.stage import Stage
 
 
 def dead_letter_record(app: App, message_id: str, timeout: float = 10.0) -> Failure | None:
@@ -39,7 +40,7 @@ def test_the_final_failure_is_recorded_with_its_traceback(
 
     # An unexpected bug in the resolution stage (the recorder is what is under test), and a
     # message with a short retry policy so that it dies quickly.
-    monkeypatch.setattr("workers.actors.resolution.plan", broken)
+    monkeypatch.setattr("workers.stages.resolution.plan", broken)
     sid = "5e1d0000-0000-0000-0000-000000000001"
     message = stage_message(Stage.RESOLVE, sid)
     fast = message.copy(options={"max_retries": 2, "min_backoff": 10, "max_backoff": 20})
@@ -88,10 +89,10 @@ def test_a_submission_whose_stage_fails_every_time_ends_failed_and_is_not_resent
     from datetime import timedelta
 
     from tests.test_stages import get, step, store
-    from workers.models import State
-    from workers.reconciler import find_stalled
-    from workers.resolution import resolve
-    from workers.validation import validate
+    from workers.database.models import State
+    from workers.pipeline.reconciler import find_stalled
+    from workers.stages.resolution import resolve
+    from workers.stages.validation import validate
 
     sid = store(app, submission())
     step(app, validate, sid)
@@ -100,7 +101,7 @@ def test_a_submission_whose_stage_fails_every_time_ends_failed_and_is_not_resent
     def broken(*args: Any) -> Any:
         raise UnicodeEncodeError("utf-8", "A\ud800", 1, 2, "surrogates not allowed")
 
-    monkeypatch.setattr("workers.actors.rendering.plan", broken)
+    monkeypatch.setattr("workers.stages.rendering.plan", broken)
     fast = {"max_retries": 1, "min_backoff": 10, "max_backoff": 20}
     for resend in range(3):  # the stage's message, then the reconciler's resends
         with session_scope(app.sessions) as session:

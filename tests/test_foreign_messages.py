@@ -18,11 +18,12 @@ from tests.services import wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
 from tests.test_operations import cli
 from tests.test_operations import ops as ops  # the fixture
-from workers.app import App
-from workers.db import session_scope
-from workers.models import Failure, State, Submission
-from workers.runtime import submit
-from workers.stages import Stage, stage_message
+from workers.database.engine import session_scope
+from workers.database.models import Failure, State, Submission
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import stage_message
+from workers.pipeline.runtime import submit
+from workers.stages.stage import Stage
 
 pytestmark = [
     pytest.mark.redis,

@@ -24,14 +24,15 @@ from tests.services import SmtpSink, free_port, wait_for
 from tests.test_smtp import mailer as smtp_mailer
 from tests.test_sources import parliament, sources  # noqa: F401  (the Members API fixture)
 from tests.test_stages import through_render
-from workers.app import App
-from workers.db import session_scope
-from workers.delivery import DeliveryPolicy, deliver_group
-from workers.intake import accept
-from workers.mail import OutboxMailer, Outgoing
-from workers.models import Delivery, Submission
-from workers.runtime import state_counts
-from workers.stages import Stage, dispatch_groups, stage_message, submission_id_of
+from workers.database.engine import session_scope
+from workers.database.models import Delivery, Submission
+from workers.letters.mail import OutboxMailer, Outgoing
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import dispatch_groups, stage_message, submission_id_of
+from workers.pipeline.runtime import state_counts
+from workers.stages.delivery import DeliveryPolicy, deliver_group
+from workers.stages.stage import Stage
+from workers.web.intake import accept
 
 
 class Sent(Middleware):
@@ -179,7 +180,7 @@ def test_a_live_lookup_that_fails_one_submission_sends_only_that_one_alone(
 def test_the_http_intake_sends_a_committed_batch_as_one_validation_message(
     app: App, stub_broker: Any, sent: Sent
 ) -> None:
-    from workers.models import State
+    from workers.database.models import State
     from workers.web.batcher import IntakeBatcher
 
     batcher = IntakeBatcher(lambda: app, stub_broker)

@@ -11,9 +11,10 @@ from typing import Any
 import dramatiq
 
 from schemas.messages import parse_stage_message
-from workers.handoff import Handoff
-from workers.middleware import SendHeld
-from workers.stages import Stage
+from workers.pipeline.actors import get_handoff, send_on
+from workers.pipeline.handoff import Handoff
+from workers.pipeline.middleware import SendHeld
+from workers.stages.stage import Stage
 
 
 class Recorder:
@@ -137,10 +138,9 @@ def test_a_worker_shutting_down_sends_what_is_held(stub_broker: dramatiq.Broker)
 
 
 def test_the_stages_send_on_through_the_handoff(stub_broker: dramatiq.Broker) -> None:
-    from workers.actors.common import HANDOFF, send_on
-
+    handoff = get_handoff()
     a, b, c = (f"00000000-0000-4000-8000-00000000000{n}" for n in range(3))
-    assert HANDOFF.linger > 0  # the default: the stages' messages are grouped
+    assert handoff.linger > 0  # the default: the stages' messages are grouped
     send_on([(a, [Stage.RESOLVE, Stage.CONSENT]), (b, [Stage.RESOLVE])])
     send_on([(c, [Stage.RESOLVE])])
     resolve, consent = (stub_broker.queues[s.queue] for s in (Stage.RESOLVE, Stage.CONSENT))

@@ -29,10 +29,10 @@ from tests.conftest import drain
 from tests.factories import submission
 from tests.services import dkim_dns, dkim_keys
 from tests.test_stages import get
-from workers.app import App
-from workers.mail import DkimSigner
-from workers.models import State
-from workers.ratelimit import RedisLimiter
+from workers.database.models import State
+from workers.letters.mail import DkimSigner
+from workers.letters.rate_limits import RedisLimiter
+from workers.pipeline.app import App
 from workers.web.api import create_app
 
 pytestmark = [pytest.mark.redis, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]

@@ -22,10 +22,9 @@ from tests.services import SmtpSink, dkim_dns, dkim_keys
 from tests.test_rendering import MP, campaign, payload, stored
 from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
-from workers.app import App
-from workers.db import session_scope
-from workers.delivery import DeliveryPolicy, deliver
-from workers.mail import (
+from workers.database.engine import session_scope
+from workers.database.models import Letter, State, Submission
+from workers.letters.mail import (
     SIGNED_HEADERS,
     WIRE,
     DkimSigner,
@@ -34,8 +33,9 @@ from workers.mail import (
     letter_bytes,
     outgoing,
 )
-from workers.models import Letter, State, Submission
-from workers.rendering import compose
+from workers.pipeline.app import App
+from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.rendering import compose
 
 ENCODED_WORD = re.compile(rb"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
 
@@ -208,9 +208,9 @@ def test_a_letter_is_signed_once_when_rendered_so_every_attempt_sends_the_same_b
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.test_stages import step, store
-    from workers.rendering import render
-    from workers.resolution import resolve
-    from workers.validation import validate
+    from workers.stages.rendering import render
+    from workers.stages.resolution import resolve
+    from workers.stages.validation import validate
 
     signer = DkimSigner("dearmp", dkim_keys()[0])
     sid = store(app, submission())

@@ -18,13 +18,14 @@ from tests.factories import submission
 from tests.services import SmtpSink, free_port, wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
 from tests.test_stages import through_render
-from workers.app import App, set_app
 from workers.cli import main
-from workers.db import session_scope
-from workers.embedded import EmbeddedRedis
-from workers.models import PurgedDeadLetter
-from workers.runtime import prepare, submit
-from workers.stages import Stage, stage_message
+from workers.database.engine import session_scope
+from workers.database.models import PurgedDeadLetter
+from workers.pipeline.app import App, set_app
+from workers.pipeline.dispatch import stage_message
+from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.runtime import prepare, submit
+from workers.stages.stage import Stage
 
 pytestmark = [pytest.mark.redis, pytest.mark.smtp]
 
@@ -228,7 +229,7 @@ def test_health_says_when_the_relay_refusing_us_pauses_delivery(
     health = CliRunner().invoke(main, ["health"])
     assert health.exit_code == 1 and "553 5.7.1 Sender address rejected" in health.output
     with session_scope(app.sessions) as session:
-        from workers.models import Delivery
+        from workers.database.models import Delivery
 
         delivery = session.get(Delivery, sid)
         assert delivery is not None and delivery.attempts == 0

@@ -25,12 +25,12 @@ from tests.factories import submission
 from tests.postfix import Postfix
 from tests.services import REPO, dkim_dns, dkim_keys, wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
-from workers.app import App
-from workers.db import session_scope
-from workers.embedded import EmbeddedRedis
-from workers.models import Delivery, Letter, Submission
-from workers.operations import mail_pause
-from workers.runtime import prepare, submit
+from workers.database.engine import session_scope
+from workers.database.models import Delivery, Letter, Submission
+from workers.pipeline.app import App
+from workers.pipeline.dead_letters import mail_pause
+from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.runtime import prepare, submit
 
 pytestmark = [
     pytest.mark.redis,

@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import text
 
-from workers.db import make_engine
-from workers.mail import OutboxMailer, Outgoing
+from workers.database.engine import make_engine
+from workers.letters.mail import OutboxMailer, Outgoing
 
 
 def mode(path: Path) -> int:
@@ -41,8 +41,8 @@ def test_the_demos_data_folder_and_logs_folder_are_private(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     from config.settings import get_settings
-    from workers.app import set_app
     from workers.cli.base import app_for_cli as _app
+    from workers.pipeline.app import set_app
 
     data = tmp_path / "var"
     monkeypatch.setenv("DEARMP_DATA_DIR", str(data))

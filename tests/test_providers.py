@@ -20,17 +20,17 @@ from tests.conftest import make_settings
 from tests.factories import submission
 from tests.services import SmtpSink
 from tests.test_stages import through_render
-from workers.app import App
-from workers.db import session_scope
-from workers.delivery import DeliveryPolicy, deliver
-from workers.mail import (
+from workers.database.engine import session_scope
+from workers.database.models import Delivery
+from workers.letters.mail import (
     HttpMailer,
     Outgoing,
     PermanentDeliveryError,
     SmtpMailer,
     TransientDeliveryError,
 )
-from workers.models import Delivery
+from workers.pipeline.app import App
+from workers.stages.delivery import DeliveryPolicy, deliver
 
 POLICY = DeliveryPolicy(lease_seconds=300)
 MAIL = Outgoing(

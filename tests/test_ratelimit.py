@@ -11,9 +11,7 @@ import redis
 
 from schemas.campaign import RateLimit
 from tests.test_rendering import campaign
-from workers.delivery import DeliveryPolicy, limits_for
-from workers.embedded import EmbeddedRedis
-from workers.ratelimit import (
+from workers.letters.rate_limits import (
     Limit,
     Limiter,
     MemoryLimiter,
@@ -21,6 +19,8 @@ from workers.ratelimit import (
     hold_seconds,
     seconds_until_open,
 )
+from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.stages.delivery import DeliveryPolicy, limits_for
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -16,10 +16,10 @@ from config.settings import CONFIG_DIR
 from schemas.campaign import CampaignDefinition
 from tests.factories import submission
 from tests.services import dkim_keys
-from workers.campaigns import load_definitions
-from workers.mail import WIRE, DkimSigner, build_message, letter_bytes, outgoing
-from workers.models import Letter
-from workers.rendering import Recipient, choose_subject, compose
+from workers.database.models import Letter
+from workers.letters.campaigns import load_definitions
+from workers.letters.mail import WIRE, DkimSigner, build_message, letter_bytes, outgoing
+from workers.stages.rendering import Recipient, choose_subject, compose
 
 MP = Recipient("Alex Baker", "alex.baker.mp@parliament.uk", "Aldershot")
 

@@ -19,17 +19,17 @@ from tests.conftest import make_settings, new_pg_database
 from tests.factories import submission
 from tests.services import PostgresCluster
 from tests.test_stages import get, step, store
-from workers.app import App, set_app
-from workers.campaigns import update_definition
-from workers.db import session_scope
-from workers.directory import import_directory, set_dissolved
-from workers.intake import accept
-from workers.models import Member, State, Submission, SubmissionEvent, utcnow
-from workers.reconciler import find_stalled
-from workers.resolution import resolve
-from workers.runtime import prepare
-from workers.stages import Stage
-from workers.validation import validate
+from workers.database.engine import session_scope
+from workers.database.models import Member, State, Submission, SubmissionEvent, utcnow
+from workers.letters.campaigns import update_definition
+from workers.mp.directory import import_directory, set_dissolved
+from workers.pipeline.app import App, set_app
+from workers.pipeline.reconciler import find_stalled
+from workers.pipeline.runtime import prepare
+from workers.stages.resolution import resolve
+from workers.stages.stage import Stage
+from workers.stages.validation import validate
+from workers.web.intake import accept
 
 SLUG = "political-prisoners"
 MPS = "constituencies_2024_current_mps.csv"
@@ -257,8 +257,8 @@ def vacate(app: App, member_id: int) -> None:
     """A by-election: the seat is vacant in a new directory version."""
     with session_scope(app.sessions) as session:
         set_dissolved(session, False, source="by-election")
-        from workers.directory import current_version_id
-        from workers.models import Constituency
+        from workers.database.models import Constituency
+        from workers.mp.directory import current_version_id
 
         session.execute(
             update(Constituency)
@@ -278,8 +278,8 @@ def test_a_vacant_seat_holds_the_letter_until_a_new_directory_has_an_mp(uk: App)
         assert (sid, Stage.RESOLVE) not in find_stalled(session, timedelta(seconds=0))
     with session_scope(uk.sessions) as session:  # the by-election result: a new version
         set_dissolved(session, False, source="by-election result")
-        from workers.directory import current_version_id
-        from workers.models import Constituency
+        from workers.database.models import Constituency
+        from workers.mp.directory import current_version_id
 
         session.execute(
             update(Constituency)

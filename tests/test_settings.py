@@ -12,7 +12,7 @@ from config.settings import Settings, get_settings
 from tests.conftest import make_settings
 from tests.services import SmtpSink
 from workers.cli import main
-from workers.mail import Outgoing, SmtpMailer
+from workers.letters.mail import Outgoing, SmtpMailer
 
 
 def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:

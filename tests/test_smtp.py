@@ -12,11 +12,11 @@ from tests.conftest import make_settings
 from tests.factories import submission
 from tests.services import SmtpSink
 from tests.test_stages import through_render
-from workers.app import App
-from workers.db import session_scope
-from workers.delivery import DeliveryPolicy, deliver
-from workers.mail import PermanentDeliveryError, SmtpMailer, TransientDeliveryError
-from workers.models import Delivery, State, Submission
+from workers.database.engine import session_scope
+from workers.database.models import Delivery, State, Submission
+from workers.letters.mail import PermanentDeliveryError, SmtpMailer, TransientDeliveryError
+from workers.pipeline.app import App
+from workers.stages.delivery import DeliveryPolicy, deliver
 
 POLICY = DeliveryPolicy(lease_seconds=300)
 POLICY_3 = DeliveryPolicy(lease_seconds=300, max_attempts=3)
@@ -119,7 +119,7 @@ def test_mail_server_down_is_transient_until_the_attempts_run_out(app: App, tmp_
 def test_a_421_makes_the_letter_wait_without_using_an_attempt(
     app: App, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
-    from workers.stages import Deferred
+    from workers.stages.stage import Deferred
 
     smtp = mailer(tmp_path, smtp_sink)
     sid = through_render(app, submission())

@@ -13,7 +13,7 @@ import pytest
 
 from tests.services import SmtpSink, wait_for
 from tests.test_smtp import mailer as smtp_mailer
-from workers.mail import Outgoing, SmtpMailer, SmtpPool, TransientDeliveryError
+from workers.letters.mail import Outgoing, SmtpMailer, SmtpPool, TransientDeliveryError
 
 pytestmark = pytest.mark.smtp
 MAIL = Outgoing(

@@ -19,12 +19,12 @@ from tests.factories import submission
 from tests.services import SmtpSink
 from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
-from workers.app import App
-from workers.db import session_scope
-from workers.delivery import DeliveryPolicy, deliver
-from workers.mail import Outgoing, RelayPause, SmtpMailer, TransientDeliveryError
-from workers.models import Delivery, Letter, Submission
-from workers.stages import Deferred
+from workers.database.engine import session_scope
+from workers.database.models import Delivery, Letter, Submission
+from workers.letters.mail import Outgoing, RelayPause, SmtpMailer, TransientDeliveryError
+from workers.pipeline.app import App
+from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.stage import Deferred
 
 pytestmark = [
     pytest.mark.smtp,
@@ -217,7 +217,7 @@ def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
 def test_a_refused_recipient_is_still_the_letters_own_failure(
     app: App, tmp_path: Path, smtp_sink: SmtpSink
 ) -> None:
-    from workers.mail import PermanentDeliveryError
+    from workers.letters.mail import PermanentDeliveryError
 
     mailer = smtp_mailer(tmp_path, smtp_sink)
     sid = through_render(app, submission())
@@ -233,7 +233,7 @@ def test_a_refused_recipient_is_still_the_letters_own_failure(
 def test_a_policy_answer_to_the_letters_content_is_the_letters_own_failure(
     tmp_path: Path, smtp_sink: SmtpSink
 ) -> None:
-    from workers.mail import PermanentDeliveryError
+    from workers.letters.mail import PermanentDeliveryError
 
     mailer = smtp_mailer(tmp_path, smtp_sink)
     smtp_sink.answer = "554 5.7.1 Message rejected as spam"
@@ -249,7 +249,7 @@ def test_a_recipient_refused_by_policy_again_after_other_letters_went_is_its_own
     Relay access denied" names us, and nothing in the words says which. The first refusal
     pauses; once the relay has taken other letters, the same recipient refused again is the
     letter's own permanent failure, and it pauses nobody."""
-    from workers.mail import PermanentDeliveryError
+    from workers.letters.mail import PermanentDeliveryError
 
     mailer = smtp_mailer(tmp_path, smtp_sink, smtp_pause=5)
     refused = through_render(app, submission())

@@ -22,14 +22,16 @@ from tests.factories import submission
 from tests.services import HttpStub, free_port
 from tests.test_failures import dead_letter_record
 from tests.test_stages import get, step, store
-from workers.app import App
-from workers.db import session_scope
-from workers.directory import current_version, sync_members
-from workers.models import Constituency, LookupCache, Member, State
-from workers.resolution import lookup_live, resolve
-from workers.sources import JsonApi, LiveSources, MembersApi, PostcodesIo, SourceUnavailable
-from workers.stages import Stage, stage_message
-from workers.validation import validate
+from workers.database.engine import session_scope
+from workers.database.models import Constituency, LookupCache, Member, State
+from workers.mp.directory import current_version, sync_members
+from workers.mp.live_sources import JsonApi, LiveSources, MembersApi, PostcodesIo, SourceUnavailable
+from workers.mp.lookup import lookup_live
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import stage_message
+from workers.stages.resolution import resolve
+from workers.stages.stage import Stage
+from workers.stages.validation import validate
 
 MPS = "constituencies_2024_current_mps.csv"
 
@@ -265,7 +267,7 @@ def test_an_outage_never_loses_a_submission_it_ends_in_the_dead_letter_queue(
     stub_broker.enqueue(fast)
     row = dead_letter_record(app, fast.message_id)
     assert row is not None and row.dead_lettered_at is not None
-    assert row.exception_type == "workers.sources.SourceUnavailable"
+    assert row.exception_type == "workers.mp.live_sources.SourceUnavailable"
     assert "unavailable after 3 tries" in row.exception_message
     assert get(app, sid).state == State.VALIDATED  # still there, for a requeue or the reconciler
 
@@ -273,7 +275,7 @@ def test_an_outage_never_loses_a_submission_it_ends_in_the_dead_letter_queue(
 def test_directory_sync_reports_new_mps_vacancies_and_changed_emails(
     app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
 ) -> None:
-    from workers.directory import import_directory
+    from workers.mp.directory import import_directory
 
     fake, stub = parliament
     with session_scope(app.sessions) as session:
@@ -335,7 +337,7 @@ def test_directory_sync_reports_new_mps_vacancies_and_changed_emails(
 def test_live_answers_are_fetched_before_the_resolution_transaction(
     app: App, live: LiveSources, postcodes_io: HttpStub
 ) -> None:
-    from workers.resolution import warm_live
+    from workers.stages.resolution import warm_live
 
     sid = store(app, submission(supporter__postcode="AB10 1AB"))
     step(app, validate, sid)

@@ -10,13 +10,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from tests.factories import submission
-from workers.app import App
-from workers.consent import log_consent
-from workers.db import session_scope
-from workers.delivery import DeliveryPolicy, deliver
-from workers.intake import accept
-from workers.mail import OutboxMailer, Outgoing
-from workers.models import (
+from workers.database.engine import session_scope
+from workers.database.models import (
     ConsentEvent,
     Delivery,
     Letter,
@@ -26,11 +21,16 @@ from workers.models import (
     SubmissionEvent,
     utcnow,
 )
-from workers.reconciler import find_stalled
-from workers.rendering import render
-from workers.resolution import resolve
-from workers.stages import Stage
-from workers.validation import validate
+from workers.letters.mail import OutboxMailer, Outgoing
+from workers.pipeline.app import App
+from workers.pipeline.reconciler import find_stalled
+from workers.stages.consent import log_consent
+from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.rendering import render
+from workers.stages.resolution import resolve
+from workers.stages.stage import Stage
+from workers.stages.validation import validate
+from workers.web.intake import accept
 
 POLICY = DeliveryPolicy(lease_seconds=300)
 POLICY_3 = DeliveryPolicy(lease_seconds=300, max_attempts=3)

@@ -13,12 +13,12 @@ from sqlalchemy import Column, MetaData, Table, Text, event, func, select, text
 from sqlalchemy.orm import Session
 
 from tests.factories import submission
-from workers.app import App
-from workers.db import Turns, make_engine, make_sessionmaker, session_scope
-from workers.intake import accept
-from workers.models import State, Submission
-from workers.transitions import AlreadyMoved, Apply, current, run_group
-from workers.validation import plan
+from workers.database.engine import Turns, make_engine, make_sessionmaker, session_scope
+from workers.database.models import State, Submission
+from workers.database.transitions import AlreadyMoved, Apply, current, run_group
+from workers.pipeline.app import App
+from workers.stages.validation import plan
+from workers.web.intake import accept
 
 REPO = Path(__file__).resolve().parent.parent
 DONE = Table("done", MetaData(), Column("item", Text, primary_key=True))
@@ -175,7 +175,7 @@ def test_reads_on_sqlite_do_not_wait_for_a_writer(tmp_path: Path) -> None:
 HOLD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from workers.db import Turns
+from workers.database.engine import Turns
 turns = Turns({path!r})
 turns.acquire()
 print("held", flush=True)

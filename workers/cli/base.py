@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from config.settings import get_settings
-from workers.app import App, get_app
 from workers.logging import configure_logging
+from workers.pipeline.app import App, get_app
 
 
 def app_for_cli(log_file: Path | None = None) -> App:

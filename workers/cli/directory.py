@@ -18,8 +18,8 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy import func, select
 
-from workers.app import App
 from workers.cli.base import app_for_cli
+from workers.pipeline.app import App
 
 
 def _app() -> App:
@@ -48,8 +48,8 @@ def directory() -> None:
 @click.option("--source", default=None, help="A note on where the data came from.")
 def directory_import(members: Path | None, postcodes: tuple[Path, ...], source: str | None) -> None:
     """Import a new directory version and switch to it atomically (all or nothing)."""
-    from workers.db import session_scope
-    from workers.directory import DirectoryError, import_directory
+    from workers.database.engine import session_scope
+    from workers.mp.directory import DirectoryError, import_directory
 
     if members is None and not postcodes:
         raise click.UsageError("give --members, --postcodes, or both")
@@ -86,9 +86,9 @@ def directory_import(members: Path | None, postcodes: tuple[Path, ...], source: 
 @directory.command("sync")
 def directory_sync() -> None:
     """Refresh MPs and their emails from the UK Parliament Members API (MEMBERS_API_URL)."""
-    from workers.db import session_scope
-    from workers.directory import DirectoryError, sync_members
-    from workers.sources import LiveSources, SourceUnavailable
+    from workers.database.engine import session_scope
+    from workers.mp.directory import DirectoryError, sync_members
+    from workers.mp.live_sources import LiveSources, SourceUnavailable
 
     app = _app()
     members = LiveSources.from_settings(app.settings).members
@@ -112,8 +112,8 @@ def directory_sync() -> None:
 @click.option("--off", is_flag=True, help="Parliament meets again (usually: import the new MPs).")
 def directory_dissolve(off: bool) -> None:
     """Mark Parliament dissolved: no seat has an MP; campaigns hold or refuse letters."""
-    from workers.db import session_scope
-    from workers.directory import set_dissolved
+    from workers.database.engine import session_scope
+    from workers.mp.directory import set_dissolved
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -124,8 +124,8 @@ def directory_dissolve(off: bool) -> None:
 @directory.command("status")
 def directory_status() -> None:
     """The directory versions, which is current, and what each holds."""
-    from workers.db import session_scope
-    from workers.models import Constituency, DirectoryVersion, Member, Submission
+    from workers.database.engine import session_scope
+    from workers.database.models import Constituency, DirectoryVersion, Member, Submission
 
     app = _app()
     table = Table("version", "current", "created", "source", "seats", "MPs", "postcodes of", "held")
@@ -159,8 +159,8 @@ def directory_status() -> None:
 @click.option("--keep", default=2, show_default=True, help="Versions to keep (newest first).")
 def directory_prune(keep: int) -> None:
     """Delete old directory versions (and postcode sets nothing uses any more)."""
-    from workers.db import session_scope
-    from workers.directory import prune
+    from workers.database.engine import session_scope
+    from workers.mp.directory import prune
 
     app = _app()
     with session_scope(app.sessions) as session:

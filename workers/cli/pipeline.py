@@ -15,15 +15,15 @@ from rich.console import Console
 from rich.table import Table
 
 from config.settings import get_settings
-from workers.app import App
 from workers.cli.base import app_for_cli as _app
 from workers.cli.base import main
+from workers.pipeline.app import App
 
 
 @main.command()
 def init() -> None:
     """Migrate the database, load campaigns, import the sample directory if there is none."""
-    from workers.runtime import prepare
+    from workers.pipeline.runtime import prepare
 
     app = _app()
     prepare(app)
@@ -33,7 +33,7 @@ def init() -> None:
 @main.command()
 def migrate() -> None:
     """Apply Alembic migrations to DATABASE_URL (or the embedded SQLite file)."""
-    from workers.db import migrate as run_migrations
+    from workers.database.engine import migrate as run_migrations
 
     run_migrations(_app().settings.resolved_database_url)
 
@@ -47,7 +47,7 @@ def worker(processes: int, threads: int) -> None:
 
     args = [
         "dramatiq",
-        "workers.actors",
+        "workers.pipeline.actors:setup",
         "--processes",
         str(processes),
         "--threads",
@@ -66,11 +66,12 @@ def worker(processes: int, threads: int) -> None:
 @click.option("--once", is_flag=True, help="One pass, then exit (for cron).")
 def reconcile(once: bool) -> None:
     """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds)."""
-    from workers.actors import broker
-    from workers.confirmation import ConfirmationPolicy
-    from workers.reconciler import reconcile_once, run_forever
+    from workers.pipeline.actors import get_broker
+    from workers.pipeline.reconciler import reconcile_once, run_forever
+    from workers.stages.confirmation import ConfirmationPolicy
 
     app = _app()
+    broker = get_broker()
     older = timedelta(seconds=app.settings.reconcile_after)
     held = timedelta(seconds=app.settings.held_recheck)
     confirming = ConfirmationPolicy.from_settings(app.settings)
@@ -100,10 +101,11 @@ def reconcile(once: bool) -> None:
 @click.argument("file", type=click.File("rb"))
 def submit(file: Any) -> None:
     """Submit a JSON file: one submission object, or a list of them. Prints the ids."""
-    from workers.actors import broker
-    from workers.runtime import submit as submit_one
+    from workers.pipeline.actors import get_broker
+    from workers.pipeline.runtime import submit as submit_one
 
     app = _app()
+    broker = get_broker()
     data = json.load(file)
     for item in data if isinstance(data, list) else [data]:
         submission_id, created = submit_one(app, broker, item)
@@ -123,9 +125,9 @@ def show(submission_id: str, as_json: bool, reveal: bool = False) -> None:
     """A submission's state history, without personal data."""
     import structlog
 
-    from workers.db import session_scope
-    from workers.models import Delivery, Letter, Submission
-    from workers.privacy import mask_supporter
+    from workers.database.engine import session_scope
+    from workers.database.models import Delivery, Letter, Submission
+    from workers.privacy.hashing import mask_supporter
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -200,10 +202,11 @@ main.add_command(show, name="show")  # the short form of `dearmp submission show
 @click.option("--threads", type=int, default=None, help="Worker threads (DEARMP_WORKER_THREADS).")
 def run(threads: int | None) -> None:
     """Run everything in one process (embedded Redis unless REDIS_URL): Ctrl-C stops it."""
-    from workers.actors import broker
-    from workers.runtime import prepare, running_pipeline
+    from workers.pipeline.actors import get_broker
+    from workers.pipeline.runtime import prepare, running_pipeline
 
     app = _app()
+    broker = get_broker()
     prepare(app)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -221,9 +224,11 @@ def run(threads: int | None) -> None:
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for all.")
 def demo(count: int, timeout: float) -> None:
     """The main job: start the pipeline, feed a sample batch, wait for final states, summarise."""
-    from workers.actors import broker
-    from workers.demo import print_summary, run_demo
-    from workers.runtime import prepare, running_pipeline
+    from workers.cli.demo import print_summary, run_demo
+    from workers.pipeline.actors import get_broker
+    from workers.pipeline.runtime import prepare, running_pipeline
+
+    broker = get_broker()
 
     settings = get_settings()
     log_file = settings.data_dir / "logs" / "dearmp.jsonl"
@@ -284,7 +289,7 @@ def queues(as_json: bool) -> None:
     """Per queue: messages waiting, delayed, in progress and dead."""
     from dataclasses import asdict
 
-    from workers.operations import dead_counts, queue_depths
+    from workers.pipeline.dead_letters import dead_counts, queue_depths
 
     app = _app()
     client, _, namespace = _redis(app)
@@ -308,7 +313,7 @@ def dlq() -> None:
 def _dead(
     app: App, queue: str | None, actor: str | None, reason: str | None, since: Any
 ) -> list[Any]:
-    from workers.operations import find_dead
+    from workers.pipeline.dead_letters import find_dead
 
     client, _, namespace = _redis(app)
     found = find_dead(
@@ -379,9 +384,9 @@ def dlq_show(message_id: str, reveal: bool) -> None:
     """One dead letter: the message, its submission's state history, and the recorded failure."""
     import structlog
 
-    from workers.db import session_scope
+    from workers.database.engine import session_scope
+    from workers.database.models import Submission
     from workers.logging import mask_text
-    from workers.models import Submission
 
     app = _app()
     match = [f for f in _dead(app, None, None, None, None) if f.message_id == message_id]
@@ -435,7 +440,7 @@ def dlq_requeue(
     dry_run: bool,
 ) -> None:
     """Put dead letters back on their queues (the copy is enqueued before the dead one goes)."""
-    from workers.operations import requeue
+    from workers.pipeline.dead_letters import requeue
 
     if not message_ids and not everything:
         raise click.UsageError("name message ids, or --all (with filters)")
@@ -469,7 +474,7 @@ def dlq_purge(
     queue: str | None, actor: str | None, reason: str | None, since: Any, yes: bool
 ) -> None:
     """Delete dead letters matching the filters, recording each one in the database."""
-    from workers.operations import purge
+    from workers.pipeline.dead_letters import purge
 
     app = _app()
     client, _, namespace = _redis(app)
@@ -496,7 +501,7 @@ def health(max_dead: int, max_age: float) -> None:
     """Exit non-zero when dead letters or the oldest waiting message pass the thresholds."""
     import time
 
-    from workers.operations import dead_counts, mail_pause, oldest_waiting_seconds
+    from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
 
     app = _app()
     try:
@@ -549,7 +554,7 @@ def watch(interval: float, iterations: int | None) -> None:
 
     from rich.live import Live
 
-    from workers.operations import snapshot
+    from workers.pipeline.dead_letters import snapshot
 
     app = _app()
     client, _, namespace = _redis(app)
@@ -568,7 +573,7 @@ def metrics(host: str, port: int) -> None:
     from prometheus_client import start_http_server
     from prometheus_client.core import REGISTRY
 
-    from workers.metrics import DearmpCollector
+    from workers.pipeline.metrics import DearmpCollector
 
     app = _app()
     client, _, namespace = _redis(app)
@@ -616,8 +621,8 @@ def campaigns() -> None:
 @campaigns.command("sync")
 def campaigns_sync() -> None:
     """Load campaign files into the database."""
-    from workers.campaigns import load_definitions, sync_campaigns
-    from workers.db import session_scope
+    from workers.database.engine import session_scope
+    from workers.letters.campaigns import load_definitions, sync_campaigns
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -630,8 +635,8 @@ def campaigns_sync() -> None:
 @click.argument("mode", type=click.Choice(["sandbox", "live"]))
 def campaigns_mode(slug: str, mode: str) -> None:
     """Switch a campaign between sandbox (letters to DEARMP_SANDBOX_ADDRESS) and live."""
-    from workers.db import session_scope
-    from workers.models import Campaign
+    from workers.database.engine import session_scope
+    from workers.database.models import Campaign
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -656,12 +661,14 @@ def deliveries_reopen(
     reason: str | None, campaign: str | None, member_id: int | None, dry_run: bool
 ) -> None:
     """Send failed letters again with a fresh count of attempts (after a configuration fix)."""
-    from workers.actors import broker
-    from workers.db import session_scope
-    from workers.delivery import reopen_failed
-    from workers.stages import Stage, dispatch_groups
+    from workers.database.engine import session_scope
+    from workers.pipeline.actors import get_broker
+    from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.delivery import reopen_failed
+    from workers.stages.stage import Stage
 
     app = _app()
+    broker = get_broker()
     with session_scope(app.sessions) as session:
         ids = reopen_failed(session, reason, campaign, member_id, dry_run)
     for submission_id in ids:

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from schemas.submission import CHANNELS
-from workers.app import App
 from workers.cli.base import app_for_cli
-from workers.supporters import writable
+from workers.pipeline.app import App
+from workers.privacy.rights import writable
 
 
 def _app() -> App:
@@ -30,8 +30,8 @@ def consent() -> None:
 @consent.command("verify")
 def consent_verify() -> None:
     """Walk the hash chain; exit 1 and name the first broken link if anything was altered."""
-    from workers.db import session_scope
-    from workers.ledger import verify
+    from workers.database.engine import session_scope
+    from workers.privacy.ledger import verify
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -58,8 +58,8 @@ def consent_verify() -> None:
 @click.option("--source", default="operator", show_default=True, help="How the request came.")
 def consent_withdraw(email: str, channels: tuple[str, ...], source: str) -> None:
     """Record that a supporter withdrew consent (a new event; nothing earlier changes)."""
-    from workers.consent import withdraw
-    from workers.db import session_scope
+    from workers.database.engine import session_scope
+    from workers.stages.consent import withdraw
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -71,8 +71,8 @@ def consent_withdraw(email: str, channels: tuple[str, ...], source: str) -> None
 @click.argument("email")
 def consent_receipt_command(email: str) -> None:
     """A consent receipt for a supporter (Kantara Consent Receipt Specification v1.1), as JSON."""
-    from workers.db import session_scope
-    from workers.supporters import consent_receipt
+    from workers.database.engine import session_scope
+    from workers.privacy.rights import consent_receipt
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -86,8 +86,8 @@ def consent_receipt_command(email: str) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def consent_export(output: Path | None) -> None:
     """Current contact preferences per supporter as CSV, for a CRM (stdout or --output)."""
-    from workers.db import session_scope
-    from workers.supporters import consent_csv
+    from workers.database.engine import session_scope
+    from workers.privacy.rights import consent_csv
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -110,8 +110,8 @@ def supporter() -> None:
 @click.argument("email")
 def supporter_export(email: str) -> None:
     """Everything held about a person (submissions, letters, deliveries, consent) as JSON."""
-    from workers.db import session_scope
-    from workers.supporters import export_supporter
+    from workers.database.engine import session_scope
+    from workers.privacy.rights import export_supporter
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -124,8 +124,8 @@ def supporter_export(email: str) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def supporter_erase(email: str, yes: bool) -> None:
     """Erase a person's details everywhere; keep the consent proof and the delivery facts."""
-    from workers.db import session_scope
-    from workers.supporters import erase_supporter
+    from workers.database.engine import session_scope
+    from workers.privacy.rights import erase_supporter
 
     if not yes:
         click.confirm("Erase this supporter's details? This cannot be undone", abort=True)
@@ -151,8 +151,8 @@ def retention_run(every: float | None) -> None:
     """Scrub letter bodies and postal addresses past each campaign's retention period."""
     import time
 
-    from workers.db import session_scope
-    from workers.supporters import run_retention
+    from workers.database.engine import session_scope
+    from workers.privacy.rights import run_retention
 
     app = _app()
     while True:

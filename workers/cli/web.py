@@ -18,6 +18,7 @@ def api(host: str, port: int, workers: int) -> None:
     app_for_cli()  # logging configured, settings checked, before uvicorn starts
     uvicorn.run(
         "workers.web.asgi:application",
+        factory=True,
         host=host,
         port=port,
         workers=workers,

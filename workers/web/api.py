@@ -32,18 +32,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from schemas.campaign import CampaignDefinition
 from schemas.postcode import PostcodeProblem, check_format
 from schemas.submission import SubmissionV1, error_message, single_line
-from workers.app import App, get_app
-from workers.campaigns import get_definition
-from workers.confirmation import check_token, confirm
-from workers.db import session_scope
-from workers.directory import example_postcode
-from workers.models import Campaign, State, Submission, utcnow
-from workers.privacy import ip_hash, limiter_email, limiter_network, supporter_hash
-from workers.ratelimit import Limit
-from workers.rendering import campaign_template, choose_subject
-from workers.resolution import MEMBER_FIELD, POSTCODE_FIELD, Found, Refuse, decide, find
-from workers.stages import Stage, dispatch
-from workers.validation import campaign_errors
+from workers.database.engine import session_scope
+from workers.database.models import Campaign, State, Submission, utcnow
+from workers.letters.campaigns import get_definition
+from workers.letters.rate_limits import Limit
+from workers.mp.directory import example_postcode
+from workers.mp.lookup import Found, find
+from workers.pipeline.actors import get_broker
+from workers.pipeline.app import App, get_app
+from workers.pipeline.dispatch import dispatch
+from workers.privacy.hashing import ip_hash, limiter_email, limiter_network, supporter_hash
+from workers.stages.confirmation import check_token, confirm
+from workers.stages.rendering import campaign_template, choose_subject
+from workers.stages.resolution import MEMBER_FIELD, POSTCODE_FIELD, Refuse, decide
+from workers.stages.stage import Stage
+from workers.stages.validation import campaign_errors
 from workers.web.batcher import IntakeBatcher
 from workers.web.honeypot import fake_submission_id, honeypot_campaign
 from workers.web.middleware import BodyLimit, Cors, SecurityHeadersAndAccessLog
@@ -319,9 +322,7 @@ def _example_postcode(app: App) -> str | None:
 def create_app(app_getter: Any = get_app, broker: Any = None) -> FastAPI:
     """The ASGI application. ``broker``: where stage messages go (default: the configured one)."""
     if broker is None:
-        from workers.actors import broker as configured
-
-        broker = configured
+        broker = get_broker()
     batcher = IntakeBatcher(app_getter, broker)
 
     @contextlib.asynccontextmanager

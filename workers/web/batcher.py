@@ -17,11 +17,12 @@ from typing import Any
 import anyio.to_thread
 import structlog
 
-from workers.app import App
-from workers.db import session_scope
-from workers.intake import Accepted, accept_many
-from workers.models import State
-from workers.stages import Stage, dispatch_groups, group_by_stage
+from workers.database.engine import session_scope
+from workers.database.models import State
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import dispatch_groups, group_by_stage
+from workers.stages.stage import Stage
+from workers.web.intake import Accepted, accept_many
 
 log = structlog.get_logger(__name__)
 

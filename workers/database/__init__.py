@@ -1,0 +1,1 @@
+"""The database, the source of truth: models, the engine, guarded transitions, migrations."""

@@ -1,0 +1,276 @@
+"""Guarded state transitions: the database decides which worker moves a submission on.
+
+The stages read and write with SQLAlchemy Core on the tables (one statement each, compiled once
+per process), not through ORM objects: a stage is a few statements, and the ORM's unit of work
+cost more than the statements themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
+
+import structlog
+from sqlalchemy import CursorResult, Executable, Result, Select, Update, bindparam, insert, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.database.engine import session_scope
+from workers.database.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
+from workers.privacy.ledger import append
+
+RECORD_EVENT = insert(EVENTS)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows matched by an UPDATE (``Session.execute`` is typed as returning a plain Result)."""
+    return cast("CursorResult[Any]", result).rowcount
+
+
+T = TypeVar("T")
+
+# A stage in two steps: from its reads, it decides (no writes, no lock: rendering, hashing and
+# parsing happen here) and returns what to write, a function run in the write transaction.
+Apply = Callable[[Session], T]
+
+
+def done(value: T) -> Apply[T]:
+    """Nothing to write: the stage's answer is ``value``."""
+    return lambda _session: value
+
+
+def move(
+    submission: Current,
+    to_state: State,
+    detail: str | None = None,
+    then: Sequence[Any] = (),
+    **fields: Any,
+) -> Apply[list[Any]]:
+    """Write the guarded move to ``to_state``; the answer is ``then`` (the stages to send it to)."""
+
+    def write(session: Session) -> list[Any]:
+        advance(session, submission, to_state, detail, **fields)
+        return list(then)
+
+    return write
+
+
+class AlreadyMoved(Exception):
+    """Another worker moved the submission first; this attempt has nothing left to do."""
+
+
+class Current(Protocol):
+    """What :func:`advance` needs to know of a submission: its id and the state it was read in."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+
+class At(NamedTuple):
+    """A submission known to be in ``state`` (without reading the rest of it)."""
+
+    id: str
+    state: str
+
+
+# Statements built once per set of columns: building one costs more than running it.
+_reads: dict[tuple[str, ...], Select[Any]] = {}
+_moves: dict[tuple[str, ...], Update] = {}
+
+
+def current(session: Session, submission_id: str, *columns: str) -> Any:
+    """The submission's id, state and ``columns`` as one row (None if there is no such one),
+    with its campaign's ``definition_sha256`` and ``mode`` (None if the campaign is gone), so
+    that :func:`workers.letters.campaigns.get_definition` needs no statement of its own."""
+    group = session.info.get(_GROUP)
+    if group is not None and submission_id in group:
+        return _group_rows(session, group, columns).get(submission_id)
+    statement = _reads.get(columns)
+    if statement is None:
+        statement = _reads[columns] = _read(columns).where(SUBMISSIONS.c.id == bindparam("id"))
+    return session.execute(statement, {"id": submission_id}).first()
+
+
+def _read(columns: tuple[str, ...]) -> Select[Any]:
+    """A submission's id, state, campaign and ``columns``, with its campaign's version."""
+    return select(
+        SUBMISSIONS.c.id,
+        SUBMISSIONS.c.state,
+        SUBMISSIONS.c.campaign_slug,
+        CAMPAIGNS.c.definition_sha256,
+        CAMPAIGNS.c.mode,
+        *(SUBMISSIONS.c[name] for name in columns),
+    ).select_from(SUBMISSIONS.outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug))
+
+
+def _group_rows(session: Session, group: frozenset[str], columns: tuple[str, ...]) -> Any:
+    """The rows of a group's submissions, read for all of them with one statement the first
+    time a stage asks for one of them (:func:`run_group`)."""
+    cache: dict[tuple[str, ...], dict[str, Any]] = session.info.setdefault(_GROUP_ROWS, {})
+    rows = cache.get(columns)
+    if rows is None:
+        statement = _group_reads.get(columns)
+        if statement is None:
+            statement = _group_reads[columns] = _read(columns).where(
+                SUBMISSIONS.c.id.in_(bindparam("ids", expanding=True))
+            )
+        found = session.execute(statement, {"ids": sorted(group)})
+        rows = cache[columns] = {row.id: row for row in found}
+    return rows
+
+
+_group_reads: dict[tuple[str, ...], Any] = {}
+_GROUP = "workers.database.transitions.group"  # session.info: the ids of the group being decided
+_GROUP_ROWS = "workers.database.transitions.group_rows"  # session.info: {columns: {id: row}}
+_GROUP_WRITES = "workers.database.transitions.group_writes"  # session.info: a group's GroupWrites
+
+
+class GroupWrites:
+    """A group's writes, collected while its submissions are written (:func:`run_group`) and
+    made with one statement of each kind at the end, instead of a few statements per
+    submission: the guarded changes (each must match one row), then the inserts in the order
+    their kinds came, then the events, then the consent ledger's events in order."""
+
+    def __init__(self) -> None:
+        self.guarded: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
+        self.inserts: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.ledger: list[dict[str, Any]] = []
+
+    def guard(self, statement: Executable, params: dict[str, Any]) -> None:
+        self.guarded.setdefault(id(statement), (statement, []))[1].append(params)
+
+    def insert(self, statement: Executable, params: dict[str, Any]) -> None:
+        self.inserts.setdefault(id(statement), (statement, []))[1].append(params)
+
+    def flush(self, session: Session) -> None:
+        """Make the writes; :class:`AlreadyMoved` when a guarded change matched nothing
+        (another worker moved that submission first: the caller runs each submission again
+        alone)."""
+        for statement, params in self.guarded.values():
+            if rowcount(session.execute(statement, params)) != len(params):
+                raise AlreadyMoved("a submission of the group")
+        for statement, params in self.inserts.values():
+            session.execute(statement, params)
+        if self.events:
+            session.execute(RECORD_EVENT, self.events)
+        append(session, self.ledger)
+
+
+def group_writes(session: Session) -> GroupWrites | None:
+    """The group's writes when ``session`` is writing a group (see :class:`GroupWrites`)."""
+    writes: GroupWrites | None = session.info.get(_GROUP_WRITES)
+    return writes
+
+
+def advance(
+    session: Session,
+    submission: Current,
+    to_state: State,
+    detail: str | None = None,
+    **fields: Any,
+) -> None:
+    """Move ``submission`` from the state it was read in to ``to_state``; record the transition.
+
+    The UPDATE is conditional on the state this worker read, so of two workers running the same
+    message only one succeeds; the other gets :class:`AlreadyMoved` and its transaction rolls back.
+    """
+    now = utcnow()
+    names = tuple(sorted(fields))
+    statement = _moves.get(names)
+    if statement is None:
+        changed = ("state", "updated_at", "dispatched_at", *names)
+        statement = _moves[names] = (
+            SUBMISSIONS.update()
+            .where(
+                SUBMISSIONS.c.id == bindparam("b_id"),
+                SUBMISSIONS.c.state == bindparam("b_state"),
+            )
+            .values({name: bindparam(f"v_{name}") for name in changed})
+        )
+    values = {"state": to_state.value, "updated_at": now, "dispatched_at": now, **fields}
+    params = {f"v_{name}": value for name, value in values.items()}
+    move = {"b_id": submission.id, "b_state": submission.state, **params}
+    event = {"submission_id": submission.id, "state": to_state.value, "at": now, "detail": detail}
+    writes = group_writes(session)
+    if writes is not None and not isinstance(submission, Submission):
+        writes.guard(statement, move)  # made with the group's other writes
+        writes.events.append(event)
+        return
+    if rowcount(session.execute(statement, move)) != 1:
+        raise AlreadyMoved(submission.id)
+    session.execute(RECORD_EVENT, event)
+    if isinstance(submission, Submission):
+        session.expire(submission)
+
+
+# A submission of a group, with what its stage answered or the error that stopped it.
+Outcome = tuple[str, T | None, BaseException | None]
+
+
+def run_group(
+    sessions: sessionmaker[Session],
+    submission_ids: Sequence[str],
+    plan: Callable[[Session, str], Apply[T]],
+) -> list[Outcome[T]]:
+    """A stage's work for the submissions of one message, in one transaction of its own.
+
+    Every decision first (reads, parsing, rendering: no writes), then every write, in the order
+    of the ids, so that two transactions that touch the same submissions take their row locks in
+    the same order and cannot deadlock. A group's rows are read with one statement and its
+    writes made with one statement of each kind (:class:`GroupWrites`). A submission whose
+    decision fails gets its error and the others go on. When a guarded change matches nothing
+    (another worker moved that submission first) or any write fails, the transaction is rolled
+    back and each submission runs again alone, in a transaction of its own, where one already
+    moved is told so (:class:`AlreadyMoved`) and writes nothing: one submission cannot fail its
+    neighbours."""
+    ids = sorted(set(submission_ids))
+    writes = GroupWrites() if len(ids) > 1 else None
+    try:
+        with session_scope(sessions) as session:
+            if writes is not None:
+                session.info[_GROUP] = frozenset(ids)
+            decided = [(sid, *_decide(session, sid, plan)) for sid in ids]
+            session.info[_GROUP_WRITES] = writes
+            outcomes = [_write(session, sid, write, error) for sid, write, error in decided]
+            if writes is not None:
+                writes.flush(session)
+    except Exception as exc:
+        if len(ids) == 1:
+            return [(ids[0], None, exc)]
+        structlog.get_logger(__name__).warning(
+            "group_failed_running_alone", size=len(ids), error=type(exc).__name__
+        )
+        outcomes = []
+        for sid in ids:
+            try:
+                with session_scope(sessions) as session:
+                    write, error = _decide(session, sid, plan)
+                    outcomes.append(_write(session, sid, write, error))
+            except Exception as alone:
+                outcomes.append((sid, None, alone))
+    return outcomes
+
+
+def _decide(
+    session: Session, submission_id: str, plan: Callable[[Session, str], Apply[T]]
+) -> tuple[Apply[T] | None, BaseException | None]:
+    with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+        try:
+            return plan(session, submission_id), None
+        except Exception as exc:  # a decision writes nothing: the others go on
+            return None, exc
+
+
+def _write(
+    session: Session, submission_id: str, write: Apply[T] | None, error: BaseException | None
+) -> Outcome[T]:
+    if write is None:
+        return submission_id, None, error
+    with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+        try:
+            return submission_id, write(session), None
+        except AlreadyMoved as moved:  # its guarded change matched nothing: nothing written
+            return submission_id, None, moved

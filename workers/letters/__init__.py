@@ -1,0 +1,1 @@
+"""Letters: campaign definitions and templates, MIME and DKIM, mail backends, rate limits."""

@@ -1,0 +1,316 @@
+"""Live sources over HTTP: postcodes.io (postcode → constituency) and the UK Parliament Members API
+(constituency → current MP and contact details).
+
+Each worker thread has its own ``requests.Session``. Connection errors, 429 and 5xx are retried with
+backoff, honouring ``Retry-After`` up to a limit; past it, :class:`SourceUnavailable` sends the
+message back to its queue (the actor's retries), and from there to the dead-letter queue. Answers
+are cached in the database with a time to live, so a burst of supporters in one postcode asks once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import requests
+import structlog
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from workers.database.engine import session_scope
+from workers.database.models import LookupCache, utcnow
+
+log = structlog.get_logger(__name__)
+
+USER_AGENT = "DearMP/1 (+https://github.com/dearmp)"
+# Contact types in the Members API: 1 is the parliamentary office, 4 the constituency office.
+PARLIAMENTARY_OFFICE = 1
+CONSTITUENCY_OFFICE = 4
+
+
+class SourceUnavailable(Exception):
+    """A live source did not answer usefully after retries; try the whole message again later."""
+
+
+@dataclass(frozen=True)
+class PostcodeAnswer:
+    """What postcodes.io knows of a postcode: found with a constituency code, or why not."""
+
+    status: str  # "found", "unknown", "terminated", "invalid"
+    gss_code: str | None = None
+    constituency: str | None = None
+
+
+@dataclass(frozen=True)
+class MemberAnswer:
+    member_id: int
+    name: str
+    party: str
+    constituency: str
+    email: str | None
+    phone: str | None
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: either a number or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+class JsonApi:
+    """GET JSON from one base URL with timeouts, retries and a session per thread."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 10.0,
+        attempts: int = 3,
+        backoff: float = 0.5,
+        max_wait: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+        self.max_wait = max_wait
+        self.sleep = sleep
+        self._local = threading.local()
+
+    @property
+    def session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
+            self._local.session = session
+        return session
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """(status, parsed JSON or None) for any answer that is not worth retrying."""
+        url = self.base_url + path
+        problem = ""
+        for attempt in range(self.attempts):
+            wait = self.backoff * 2**attempt
+            try:
+                response = self.session.get(url, params=params, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                problem = type(exc).__name__
+            else:
+                if response.status_code != 429 and response.status_code < 500:
+                    try:
+                        return response.status_code, response.json()
+                    except ValueError:
+                        return response.status_code, None
+                problem = f"HTTP {response.status_code}"
+                asked = retry_after_seconds(response.headers.get("Retry-After"))
+                if asked is not None:
+                    if asked > self.max_wait:
+                        raise SourceUnavailable(
+                            f"{self.base_url} asked us to wait {asked:.0f} s ({problem})"
+                        )
+                    wait = asked
+            log.info("live_source_retry", source=self.base_url, problem=problem, attempt=attempt)
+            if attempt + 1 < self.attempts:
+                self.sleep(wait)
+        raise SourceUnavailable(
+            f"{self.base_url} unavailable after {self.attempts} tries: {problem}"
+        )
+
+
+class PostcodesIo:
+    def __init__(self, api: JsonApi) -> None:
+        self.api = api
+
+    def lookup(self, postcode: str) -> PostcodeAnswer:
+        status, body = self.api.get(f"/postcodes/{quote(postcode)}")
+        if status == 200 and isinstance(body, dict) and isinstance(body.get("result"), dict):
+            codes = body["result"].get("codes") or {}
+            return PostcodeAnswer(
+                "found",
+                codes.get("parliamentary_constituency"),
+                body["result"].get("parliamentary_constituency"),
+            )
+        if status == 404 and isinstance(body, dict):
+            if body.get("terminated"):
+                return PostcodeAnswer("terminated")
+            if body.get("error") == "Invalid postcode":
+                return PostcodeAnswer("invalid")
+            return PostcodeAnswer("unknown")
+        raise SourceUnavailable(f"postcodes.io answered {status} for a postcode lookup")
+
+
+class MembersApi:
+    def __init__(self, api: JsonApi) -> None:
+        self.api = api
+
+    @staticmethod
+    def _member(value: dict[str, Any]) -> tuple[int, str, str, str]:
+        membership = value.get("latestHouseMembership") or {}
+        return (
+            int(value["id"]),
+            value.get("nameDisplayAs") or value.get("nameListAs") or "",
+            (value.get("latestParty") or {}).get("name") or "",
+            membership.get("membershipFrom") or "",
+        )
+
+    def for_postcode(self, postcode: str) -> MemberAnswer | None:
+        """The sitting Commons member for a postcode, or None for a vacant seat."""
+        params = {"Location": postcode, "House": 1, "IsCurrentMember": "true"}
+        status, body = self.api.get("/api/Members/Search", params)
+        if status != 200 or not isinstance(body, dict):
+            raise SourceUnavailable(f"Members API answered {status} for a member search")
+        items = body.get("items") or []
+        if not items:
+            return None
+        member_id, name, party, seat = self._member(items[0]["value"])
+        email, phone = self.contact(member_id)
+        return MemberAnswer(member_id, name, party, seat, email, phone)
+
+    def contact(self, member_id: int) -> tuple[str | None, str | None]:
+        """(email, phone): the parliamentary office's first, then any other listed email."""
+        status, body = self.api.get(f"/api/Members/{member_id}/Contact")
+        if status == 404:
+            return None, None
+        if status != 200 or not isinstance(body, dict):
+            raise SourceUnavailable(f"Members API answered {status} for member contact details")
+        entries = sorted(
+            body.get("value") or [],
+            key=lambda e: (e.get("typeId") != PARLIAMENTARY_OFFICE, not e.get("isPreferred")),
+        )
+        email = next((e["email"].strip() for e in entries if (e.get("email") or "").strip()), None)
+        phone = next((e["phone"].strip() for e in entries if (e.get("phone") or "").strip()), None)
+        return email, phone
+
+    def current_members(self) -> Iterator[tuple[int, str, str, str]]:
+        """(member id, name, party, seat name) of every sitting member of the Commons."""
+        skip = 0
+        while True:
+            params = {"House": 1, "IsCurrentMember": "true", "skip": skip, "take": 20}
+            status, body = self.api.get("/api/Members/Search", params)
+            if status != 200 or not isinstance(body, dict):
+                raise SourceUnavailable(f"Members API answered {status} for the member list")
+            items = body.get("items") or []
+            for item in items:
+                yield self._member(item["value"])
+            skip += len(items)
+            if not items or skip >= int(body.get("totalResults") or 0):
+                return
+
+
+def _upsert(session: Session, key: str, value: dict[str, Any] | None, ttl: float) -> None:
+    now = utcnow()
+    row = {
+        "key": key,
+        "value": value,
+        "fetched_at": now,
+        "expires_at": now + timedelta(seconds=ttl),
+    }
+    dialect = session.get_bind().dialect.name
+    stmt: Any = (postgresql if dialect == "postgresql" else sqlite).insert(LookupCache).values(row)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["key"],
+        set_={"value": row["value"], "fetched_at": now, "expires_at": row["expires_at"]},
+    )
+    session.execute(stmt)
+
+
+def _fresh(session: Session, key: str) -> tuple[bool, dict[str, Any] | None]:
+    hit = session.execute(
+        select(LookupCache.value).where(LookupCache.key == key, LookupCache.expires_at > utcnow())
+    ).first()
+    return (True, hit[0]) if hit is not None else (False, None)
+
+
+def cached(
+    session: Session, key: str, ttl: float, fetch: Callable[[], dict[str, Any] | None]
+) -> dict[str, Any] | None:
+    """The cached answer for ``key`` while it is fresh; otherwise ``fetch()`` and keep it."""
+    found, value = _fresh(session, key)
+    if found:
+        return value
+    value = fetch()
+    if ttl > 0:
+        _upsert(session, key, value, ttl)
+    return value
+
+
+def expire_cache(session: Session) -> int:
+    result = session.execute(delete(LookupCache).where(LookupCache.expires_at <= utcnow()))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+@dataclass
+class LiveSources:
+    postcodes: PostcodesIo
+    members: MembersApi
+    ttl: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LiveSources:
+        def api(url: str) -> JsonApi:
+            return JsonApi(
+                url,
+                timeout=settings.lookup_timeout,
+                attempts=settings.lookup_attempts,
+                backoff=settings.lookup_backoff,
+                max_wait=settings.lookup_max_wait,
+            )
+
+        return cls(
+            PostcodesIo(api(settings.postcodes_io_url)),
+            MembersApi(api(settings.members_api_url)),
+            settings.lookup_cache_ttl,
+        )
+
+    def _fetchers(self, postcode: str) -> list[tuple[str, Callable[[], dict[str, Any] | None]]]:
+        def member() -> dict[str, Any] | None:
+            found = self.members.for_postcode(postcode)
+            return asdict(found) if found else None
+
+        return [
+            (f"postcodes.io:{postcode}", lambda: asdict(self.postcodes.lookup(postcode))),
+            (f"members:{postcode}", member),
+        ]
+
+    def warm(self, sessions: sessionmaker[Session], postcode: str) -> None:
+        """Fetch a postcode's answers into the cache with no transaction open, so the resolution
+        transaction that follows makes no network call (and holds no lock while one waits)."""
+        if self.ttl <= 0:
+            return
+        for key, fetch in self._fetchers(postcode):
+            with session_scope(sessions) as session:
+                found, value = _fresh(session, key)
+            if not found:
+                value = fetch()  # the network, outside any transaction
+                with session_scope(sessions) as session:
+                    _upsert(session, key, value, self.ttl)
+            if key.startswith("postcodes.io:") and (value or {}).get("status") != "found":
+                return  # no constituency: no member to look up
+
+    def postcode(self, session: Session, postcode: str) -> PostcodeAnswer:
+        key, fetch = self._fetchers(postcode)[0]
+        value = cached(session, key, self.ttl, fetch)
+        assert value is not None
+        return PostcodeAnswer(**value)
+
+    def member(self, session: Session, postcode: str) -> MemberAnswer | None:
+        key, fetch = self._fetchers(postcode)[1]
+        value = cached(session, key, self.ttl, fetch)
+        return MemberAnswer(**value) if value else None

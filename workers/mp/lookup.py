@@ -1,0 +1,175 @@
+"""Finding the MP for a postcode: postcode → constituency → sitting MP.
+
+From the current local directory (one statement), or from the live sources (postcodes.io and
+the Members API), in the order ``DEARMP_RESOLUTION_ORDER`` asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Executable, bindparam, select
+from sqlalchemy.orm import Session, aliased
+
+from schemas.postcode import (
+    CROWN_DEPENDENCIES,
+    CROWN_PSEUDO_CODES,
+    PostcodeProblem,
+    Problem,
+    area,
+    check_format,
+    crown_dependency,
+    problem,
+)
+from workers.database.models import Constituency, DirectoryVersion, Member, Postcode
+from workers.mp.directory import current_version
+from workers.mp.live_sources import LiveSources
+
+
+class DirectoryMissing(Exception):
+    """No MP directory has been imported: an operator must import one (then requeue)."""
+
+
+@dataclass(frozen=True)
+class Seat:
+    gss_code: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Mp:
+    member_id: int
+    name: str
+    party: str
+    email: str | None
+    phone: str | None
+
+
+@dataclass(frozen=True)
+class Found:
+    seat: Seat
+    member: Mp
+    version_id: int | None
+    via: str
+
+
+@dataclass(frozen=True)
+class Vacant:
+    seat: Seat
+    dissolved: bool
+    version_id: int | None
+    via: str
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """The directory is inconsistent (a postcode's constituency is missing): an operator's case."""
+
+    reason: str
+
+
+Answer = Found | Vacant | Problem | Unreachable
+
+
+def _no_seat(postcode: str, gss_code: str | None) -> Problem:
+    if area(postcode) in CROWN_DEPENDENCIES:
+        return crown_dependency(area(postcode))
+    if gss_code in CROWN_PSEUDO_CODES:
+        return crown_dependency(CROWN_PSEUDO_CODES[gss_code])
+    return problem(PostcodeProblem.NO_CONSTITUENCY)
+
+
+def _lookup_statement() -> Executable:
+    version = aliased(DirectoryVersion)
+    return (
+        select(
+            version.id,
+            version.dissolved,
+            Postcode.gss_code,
+            Postcode.terminated,
+            Constituency.name,
+            Member.member_id,
+            Member.name,
+            Member.party,
+            Member.email,
+            Member.phone,
+        )
+        .select_from(version)
+        .join(
+            Postcode,
+            (Postcode.version_id == version.postcodes_version_id)
+            & (Postcode.postcode == bindparam("postcode")),
+        )
+        .outerjoin(
+            Constituency,
+            (Constituency.version_id == version.id) & (Constituency.gss_code == Postcode.gss_code),
+        )
+        .outerjoin(
+            Member,
+            (Member.version_id == version.id) & (Member.member_id == Constituency.member_id),
+        )
+        .where(version.is_current.is_(True))
+        .order_by(version.id.desc())
+        .limit(1)
+    )
+
+
+# Built once: constructing the statement costs ten times more than running it.
+LOOKUP = _lookup_statement()
+
+
+def lookup_local(session: Session, postcode: str) -> Answer | None:
+    """The current directory's answer for a normalised postcode; None when it is not listed.
+
+    One statement, one round trip: the current version, the postcode, its seat and its MP.
+    """
+    row = session.execute(LOOKUP, {"postcode": postcode}).first()
+    if row is None:
+        if current_version(session) is None:
+            raise DirectoryMissing("No MP directory has been imported.")
+        return None
+    version_id, dissolved, gss_code, terminated, seat_name, member_id, name, party, email, phone = (
+        row
+    )
+    if terminated:
+        return problem(PostcodeProblem.TERMINATED)
+    if gss_code is None or gss_code in CROWN_PSEUDO_CODES or area(postcode) in CROWN_DEPENDENCIES:
+        return _no_seat(postcode, gss_code)
+    if seat_name is None:
+        return Unreachable(f"Constituency {gss_code} is missing from directory {version_id}.")
+    seat = Seat(gss_code, seat_name)
+    if dissolved or member_id is None:
+        return Vacant(seat, dissolved, version_id, "local")
+    return Found(seat, Mp(member_id, name, party, email, phone), version_id, "local")
+
+
+def lookup_live(session: Session, live: LiveSources, postcode: str) -> Answer:
+    answer = live.postcode(session, postcode)
+    if answer.status == "terminated":
+        return problem(PostcodeProblem.TERMINATED)
+    if answer.status == "invalid":
+        return problem(PostcodeProblem.NOT_A_POSTCODE)
+    if answer.status != "found":
+        return problem(PostcodeProblem.UNKNOWN)
+    if not answer.gss_code or answer.gss_code in CROWN_PSEUDO_CODES or not answer.constituency:
+        return _no_seat(postcode, answer.gss_code)
+    seat = Seat(answer.gss_code, answer.constituency)
+    member = live.member(session, postcode)
+    if member is None:
+        return Vacant(seat, False, None, "live")
+    mp = Mp(member.member_id, member.name, member.party, member.email, member.phone)
+    return Found(seat, mp, None, "live")
+
+
+def find(session: Session, postcode: str, order: str, live: LiveSources | None) -> Answer:
+    """The answer for a supporter's postcode from the sources in ``order``."""
+    normalised, format_problem = check_format(postcode)
+    if format_problem is not None:
+        return format_problem
+    if order != "live":
+        local = lookup_local(session, normalised)
+        if local is not None:
+            return local
+    if order != "local" and live is not None:
+        return lookup_live(session, live, normalised)
+    return problem(PostcodeProblem.UNKNOWN)

@@ -1,0 +1,273 @@
+"""The six stage actors: thin adapters that parse a stage message and run the stage's plan.
+
+``dramatiq workers.pipeline.actors:setup`` (or ``dearmp worker``) runs them. Importing this
+module builds and connects nothing: :func:`setup` builds the broker from the settings, declares
+the actors on it and installs it, in each worker process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import dramatiq
+import pydantic
+import structlog
+from sqlalchemy.orm import Session
+
+from config.settings import Settings, get_settings
+from schemas.messages import NotAStageMessage, parse_stage_message
+from workers.database.engine import session_scope
+from workers.database.transitions import AlreadyMoved, Apply, run_group
+from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
+from workers.pipeline.app import App, get_app
+from workers.pipeline.broker import build_broker
+from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_message
+from workers.pipeline.handoff import Handoff
+from workers.pipeline.middleware import ForeignMessage, SendHeld
+from workers.stages import confirmation, consent, delivery, rendering, resolution, validation
+from workers.stages.stage import Deferred, Stage
+
+log = structlog.get_logger("workers")
+
+T = TypeVar("T")
+
+HOUR = 3_600_000
+DAY = 24 * HOUR
+# dramatiq refuses delays of seven days or more.
+MAX_DELAY_MS = 7 * DAY - 60_000
+
+# A message that does not parse will not parse next time either: dead-letter it at once.
+NOT_RETRIED = (ForeignMessage, NotAStageMessage, pydantic.ValidationError)
+
+# Each stage's retry policy: bounded retries with backoff, a time limit per attempt, and a
+# maximum age after which a message is dead-lettered instead of run. A message is young again
+# whenever it is re-sent (deferral, reconciler, requeue), so the age bounds retrying.
+POLICIES: dict[Stage, dict[str, Any]] = {
+    Stage.VALIDATE: {"max_retries": 5, "min_backoff": 500, "max_backoff": 30_000},
+    Stage.RESOLVE: {"max_retries": 8, "min_backoff": 1_000, "max_backoff": 120_000},
+    Stage.RENDER: {"max_retries": 5, "min_backoff": 500, "max_backoff": 30_000},
+    Stage.DELIVER: {
+        "max_retries": 10,
+        "min_backoff": 5_000,
+        "max_backoff": 600_000,
+        "max_age": 7 * DAY - HOUR,
+        "time_limit": 120_000,
+        # A permanent refusal is recorded on the submission, then dead-lettered for an operator.
+        "throws": (*NOT_RETRIED, PermanentDeliveryError),
+    },
+    Stage.CONSENT: {
+        "max_retries": 8,
+        "min_backoff": 1_000,
+        "max_backoff": 120_000,
+        "max_age": 7 * DAY,
+    },
+    Stage.NOTIFY: {"max_retries": 10, "min_backoff": 5_000, "max_backoff": 600_000, "max_age": DAY},
+}
+DEFAULT_POLICY: dict[str, Any] = {"max_age": DAY, "time_limit": 60_000, "throws": NOT_RETRIED}
+
+# Each submission a message was about, and its error (None when the stage did its work).
+Outcome = tuple[str, BaseException | None]
+Work = Callable[[App, list[str]], list[Outcome]]
+
+
+def run_stage(stage: Stage, raw: Any, work: Work) -> None:
+    """Run ``work`` for the message's submissions; their next stages are sent by ``work``.
+
+    A message about one submission fails as a whole, and dramatiq retries it. In a message about
+    several, a submission that fails goes on in a message of its own (with the stage's retries
+    and, at the end, the dead-letter queue), so that the others are not run again for it.
+    """
+    message = parse_stage_message(raw)
+    ids = message.ids
+    broker = get_broker()
+    for submission_id, error in work(get_app(), ids):
+        if error is None:
+            continue
+        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+            if isinstance(error, AlreadyMoved):
+                log.info("stage_already_done")
+            elif isinstance(error, Deferred):
+                # A fresh message with a delay: waiting is not a failure and costs no retry.
+                delay = min(MAX_DELAY_MS, max(1, math.ceil(error.seconds * 1000)))
+                broker.enqueue(stage_message(stage, submission_id), delay=delay)
+                log.info("stage_deferred", reason=error.reason, seconds=round(error.seconds, 3))
+            elif len(ids) == 1:
+                raise error
+            else:
+                log.warning("stage_failed_sending_alone", error=type(error).__name__)
+                later = error.delay if isinstance(error, dramatiq.Retry) else None
+                try:
+                    broker.enqueue(stage_message(stage, submission_id), delay=later)
+                except Exception as exc:  # the reconciler sends it again from the database
+                    log.warning("dispatch_failed", stage=stage.value, error=type(exc).__name__)
+    log.info("stage_done", submissions=len(ids))
+
+
+def send_on(moved: list[tuple[str, list[Stage]]]) -> None:
+    """Send submissions a stage moved on to their next stages, after the commit, through the
+    process's handoff (grouped: :mod:`workers.pipeline.handoff`). A failed send is logged, and
+    the reconciler sends them again."""
+    get_handoff().add(group_by_stage(moved))
+
+
+def together(
+    app: App,
+    ids: list[str],
+    plan: Callable[[Session, str], Apply[T]],
+    then: Callable[[list[tuple[str, T]]], None] | None = None,
+) -> list[Outcome]:
+    """A stage's decisions and writes for the message's ``ids`` in one transaction
+    (:func:`workers.database.transitions.run_group`); ``then`` gets what moved on, after the
+    commit."""
+    outcomes = run_group(app.sessions, ids, plan)
+    moved = [(sid, value) for sid, value, error in outcomes if error is None]
+    if then is not None and moved:
+        try:
+            then(moved)  # type: ignore[arg-type]  # value is set whenever error is None
+        except Exception as exc:  # committed already: the reconciler sends them on
+            log.error("send_on_failed", size=len(moved), error=type(exc).__name__)
+    return [(sid, error) for sid, _, error in outcomes]
+
+
+def _validate(app: App, ids: list[str]) -> list[Outcome]:
+    return together(app, ids, validation.plan, send_on)
+
+
+def _resolve(app: App, ids: list[str]) -> list[Outcome]:
+    # Live answers are fetched before any transaction; a source that fails one submission
+    # fails that submission alone.
+    order = app.settings.resolution_order
+    ready, failed = [], []
+    for submission_id in ids:
+        try:
+            resolution.warm_live(app.sessions, submission_id, order, app.live_sources)
+        except Exception as exc:
+            failed.append((submission_id, exc))
+            continue
+        ready.append(submission_id)
+
+    def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
+        return resolution.plan(session, submission_id, order, app.live_sources)
+
+    return failed + (together(app, ready, plan, send_on) if ready else [])
+
+
+def _render(app: App, ids: list[str]) -> list[Outcome]:
+    def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
+        settings = app.settings
+        return rendering.plan(
+            session, submission_id, app.mailer.name, settings.sandbox_address, app.signer
+        )
+
+    return together(app, ids, plan, send_on)
+
+
+def _deliver(app: App, ids: list[str]) -> list[Outcome]:
+    # Alone, a permanent refusal is recorded at once and dead-lettered; in a group, the letter
+    # goes on in a message of its own first (see deliver_group).
+    outcomes = delivery.deliver_group(
+        app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer
+    )
+    return [(sid, _retry(error)) for sid, error in outcomes]
+
+
+def _retry(error: BaseException | None) -> BaseException | None:
+    """A passing refusal (a 4xx, a server away) is an expected outcome, not a crash: it goes
+    back to dramatiq as a retry, which dramatiq does not log as an error (the warning with the
+    server's answer is :class:`workers.pipeline.middleware.LogContext`'s). When the provider
+    said when to try again, the letter's message waits that long."""
+    if isinstance(error, TransientDeliveryError):
+        later = None if error.retry_after is None else int(error.retry_after * 1000)
+        retry = dramatiq.Retry(str(error), delay=later)
+        retry.__cause__ = error
+        return retry
+    return error
+
+
+def _log_consent(app: App, ids: list[str]) -> list[Outcome]:
+    def plan(session: Session, submission_id: str) -> Apply[int]:
+        return consent.plan(session, submission_id, app.secret)
+
+    return together(app, ids, plan)
+
+
+def _notify(app: App, ids: list[str]) -> list[Outcome]:
+    """The confirmation email, one submission at a time, each sent on as it goes."""
+    policy = confirmation.ConfirmationPolicy.from_settings(app.settings)
+    outcomes: list[Outcome] = []
+    for submission_id in ids:
+        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+            try:
+                with session_scope(app.sessions) as session:
+                    next_stages = confirmation.notify(
+                        session, submission_id, app.mailer, app.secret, policy
+                    )
+            except Exception as exc:
+                outcomes.append((submission_id, exc))
+                continue
+            send_on([(submission_id, next_stages)])
+        outcomes.append((submission_id, None))
+    return outcomes
+
+
+WORK: dict[Stage, Work] = {
+    Stage.VALIDATE: _validate,
+    Stage.RESOLVE: _resolve,
+    Stage.RENDER: _render,
+    Stage.DELIVER: _deliver,
+    Stage.CONSENT: _log_consent,
+    Stage.NOTIFY: _notify,
+}
+
+
+def _actor_function(stage: Stage) -> Callable[[dict[str, Any]], None]:
+    work = WORK[stage]
+
+    def run(message: dict[str, Any]) -> None:
+        run_stage(stage, message, work)
+
+    run.__name__ = run.__qualname__ = stage.actor
+    return run
+
+
+_broker: dramatiq.Broker | None = None
+_handoff: Handoff | None = None
+
+
+def get_broker() -> dramatiq.Broker:
+    """The process's broker, with the actors declared on it: set up on first use."""
+    return _broker if _broker is not None else setup()
+
+
+def get_handoff() -> Handoff:
+    """What the process's stages moved on, sent to the next stages in groups."""
+    if _handoff is None:
+        setup()
+    assert _handoff is not None
+    return _handoff
+
+
+def setup(settings: Settings | None = None) -> dramatiq.Broker:
+    """Build the broker for ``settings`` (the environment's by default), declare the six actors
+    on it, and install it as the process's broker (also ``dramatiq.get_broker()``)."""
+    global _broker, _handoff
+    settings = settings or get_settings()
+    broker = build_broker(settings)
+    handoff = Handoff(partial(dispatch_groups, broker), settings.handoff_linger_ms / 1000)
+    broker.add_middleware(SendHeld(handoff))
+    for stage in Stage:
+        declare = dramatiq.actor(
+            broker=broker,
+            queue_name=stage.queue,
+            actor_name=stage.actor,
+            **(DEFAULT_POLICY | POLICIES[stage]),
+        )
+        declare(_actor_function(stage))
+    dramatiq.set_broker(broker)
+    if _handoff is not None:  # set up again (tests): what the old one holds goes first
+        _handoff.flush()
+    _broker, _handoff = broker, handoff
+    return broker

@@ -1,0 +1,80 @@
+"""What a process needs, built once: settings, the database, the mailer, the hashing key.
+
+Nothing here connects at import time; :func:`get_app` builds on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings, get_settings
+from workers.database.engine import make_engine, make_sessionmaker
+from workers.letters.mail import DkimSigner, Mailer, make_mailer, make_signer
+from workers.letters.rate_limits import Limiter, MemoryLimiter, RedisLimiter
+from workers.mp.live_sources import LiveSources
+from workers.pipeline.dead_letters import mail_pause_alarm
+from workers.stages.delivery import DeliveryPolicy
+
+
+@dataclass
+class App:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    mailer: Mailer
+    secret: bytes
+    delivery_policy: DeliveryPolicy
+    limiter: Limiter
+    signer: DkimSigner | None
+    live_sources: LiveSources | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **engine_options: Any) -> App:
+        engine = make_engine(settings.resolved_database_url, **engine_options)
+        limiter: Limiter = MemoryLimiter()
+        alarm = None
+        if settings.broker == "redis":
+            client = redis.Redis.from_url(settings.resolved_redis_url)
+            limiter = RedisLimiter(client)
+            alarm = mail_pause_alarm(client, settings.redis_namespace)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=make_sessionmaker(engine),
+            mailer=make_mailer(settings, alarm),
+            secret=settings.secret(),
+            delivery_policy=DeliveryPolicy.from_settings(settings),
+            limiter=limiter,
+            signer=make_signer(settings),
+            live_sources=(
+                LiveSources.from_settings(settings)
+                if settings.resolution_order != "local"
+                else None
+            ),
+        )
+
+
+_app: App | None = None
+
+
+def get_app() -> App:
+    global _app
+    if _app is None:
+        # On SQLite, the process's transactions take turns for the writer
+        # (workers.database.engine.Turns).
+        # No ping before each transaction (a round trip each): after a database restart the
+        # first statement fails, SQLAlchemy replaces the pool's connections, and the message
+        # is retried like any failed attempt.
+        _app = App.from_settings(get_settings(), take_turns=True, pool_pre_ping=False)
+    return _app
+
+
+def set_app(app: App | None) -> None:
+    """Install the process's App (tests, and commands that build their own)."""
+    global _app
+    _app = app

@@ -1,0 +1,400 @@
+"""What operators need from Redis: queue depths and dead letters, read and requeued safely.
+
+dramatiq keeps, per queue, a list of waiting message ids (``ns:queue``) with their bodies
+(``ns:queue.msgs``), delayed ones likewise under ``ns:queue.DQ``, the ids each worker has fetched
+but not acknowledged (``ns:__acks__.<worker>.<queue>``), and dead letters in a sorted set by time of
+death (``ns:queue.XQ``) with their bodies (``ns:queue.XQ.msgs``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import dramatiq
+import redis
+import structlog
+from dramatiq import Message
+from dramatiq.errors import DecodeError
+from sqlalchemy import ColumnElement, and_, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.database.engine import session_scope
+from workers.database.models import Failure, PurgedDeadLetter, Submission, SubmissionEvent
+from workers.pipeline.dispatch import stage_message, submission_id_of
+from workers.stages.stage import Stage
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    queue: str
+    waiting: int
+    delayed: int
+    in_progress: int
+    dead: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message_id: str
+    redis_id: str
+    queue: str
+    actor: str
+    submission_id: str | None
+    dead_at: datetime
+    message: Message[Any] | None  # None: bytes that are not a message
+
+
+UNREADABLE = "(unreadable)"
+
+
+def _held(client: redis.Redis, namespace: str, queue: str) -> int:
+    return sum(
+        int(client.scard(key)) for key in client.scan_iter(f"{namespace}:__acks__.*.{queue}")
+    )
+
+
+def queue_depths(client: redis.Redis, namespace: str, dead: Mapping[str, int]) -> list[QueueDepth]:
+    """Per stage queue, from Redis; ``dead``: the dead letters per queue as the database counts
+    them (:func:`dead_counts`: Redis forgets its dead letters when it restarts)."""
+    depths = []
+    for stage in Stage:
+        q = stage.queue
+        depths.append(
+            QueueDepth(
+                queue=q,
+                waiting=int(client.llen(f"{namespace}:{q}")),
+                delayed=int(client.llen(f"{namespace}:{q}.DQ"))
+                + _held(client, namespace, f"{q}.DQ"),
+                in_progress=_held(client, namespace, q),
+                dead=dead.get(q, 0),
+            )
+        )
+    return depths
+
+
+def dead_letters(client: redis.Redis, namespace: str, queue: str | None = None) -> list[DeadLetter]:
+    """Every dead letter (of one queue, or all), oldest first."""
+    found = []
+    for stage in Stage:
+        if queue and stage.queue != queue:
+            continue
+        key = f"{namespace}:{stage.queue}.XQ"
+        # redis-py's return types are loose: these are what the commands return here.
+        entries = cast("list[tuple[bytes, float]]", client.zrange(key, 0, -1, withscores=True))
+        if not entries:
+            continue
+        bodies = cast("list[bytes | None]", client.hmget(f"{key}.msgs", [r for r, _ in entries]))
+        for (rid, score), body in zip(entries, bodies, strict=True):
+            if body is None:
+                continue
+            dead_at = datetime.fromtimestamp(float(score) / 1000, UTC)
+            try:
+                message: Message[Any] | None = Message.decode(body)
+            except DecodeError:  # bytes that were never a message: listed, never requeued
+                message = None
+            found.append(
+                DeadLetter(
+                    message_id=message.message_id if message else rid.decode(errors="replace"),
+                    redis_id=rid.decode(errors="replace"),
+                    queue=stage.queue,
+                    actor=message.actor_name if message else UNREADABLE,
+                    submission_id=submission_id_of(message) if message else None,
+                    dead_at=dead_at,
+                    message=message,
+                )
+            )
+    return sorted(found, key=lambda d: d.dead_at)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A dead letter that needs an operator: the database's record of it (the source of truth),
+    and Redis's copy of the message while Redis still holds one."""
+
+    message_id: str
+    queue: str
+    actor: str
+    submission_id: str | None
+    dead_at: datetime
+    failure: Failure | None
+    dead: DeadLetter | None
+
+    @property
+    def reason(self) -> str:
+        return self.failure.exception_type if self.failure else "unknown"
+
+
+def _needing_attention() -> ColumnElement[bool]:
+    """A failure that was dead-lettered and not requeued or purged since."""
+    return and_(
+        Failure.dead_lettered_at.is_not(None),
+        Failure.requeued_at.is_(None),
+        Failure.message_id.not_in(select(PurgedDeadLetter.message_id)),
+    )
+
+
+def _needs_attention(session: Session, queue: str | None) -> list[Failure]:
+    query = select(Failure).where(_needing_attention()).order_by(Failure.dead_lettered_at)
+    if queue:
+        query = query.where(Failure.queue_name == queue)
+    return list(session.scalars(query))
+
+
+def find_dead(
+    client: redis.Redis,
+    namespace: str,
+    sessions: sessionmaker[Session],
+    *,
+    queue: str | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
+    since: datetime | None = None,
+) -> list[Found]:
+    """Dead letters matching every filter given (``reason``: part of the exception type): every
+    one the database records as needing attention, with Redis's copy where it has one (after a
+    Redis restart it has none), and any Redis holds that the database never heard of."""
+    in_redis = {d.message_id: d for d in dead_letters(client, namespace, queue)}
+    with session_scope(sessions) as session:
+        failures = _needs_attention(session, queue)
+        ids = list(in_redis)
+        known = set(session.scalars(select(Failure.message_id).where(Failure.message_id.in_(ids))))
+        purged = set(
+            session.scalars(
+                select(PurgedDeadLetter.message_id).where(PurgedDeadLetter.message_id.in_(ids))
+            )
+        )
+        session.expunge_all()
+    found = []
+    for failure in failures:
+        dead = in_redis.get(failure.message_id)
+        assert failure.dead_lettered_at is not None
+        found.append(
+            Found(
+                message_id=failure.message_id,
+                queue=failure.queue_name,
+                actor=failure.actor_name,
+                submission_id=failure.submission_id,
+                dead_at=dead.dead_at if dead else failure.dead_lettered_at,
+                failure=failure,
+                dead=dead,
+            )
+        )
+    for message_id, dead in in_redis.items():
+        if message_id not in known and message_id not in purged:
+            found.append(
+                Found(
+                    message_id=message_id,
+                    queue=dead.queue,
+                    actor=dead.actor,
+                    submission_id=dead.submission_id,
+                    dead_at=dead.dead_at,
+                    failure=None,
+                    dead=dead,
+                )
+            )
+    return sorted(
+        (
+            f
+            for f in found
+            if (not actor or f.actor == actor)
+            and (not reason or reason.lower() in f.reason.lower())
+            and (not since or f.dead_at >= since)
+        ),
+        key=lambda f: f.dead_at,
+    )
+
+
+def dead_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
+    """Dead letters needing attention per queue, from the database."""
+    with session_scope(sessions) as session:
+        rows = session.execute(
+            select(Failure.queue_name, func.count())
+            .where(_needing_attention())
+            .group_by(Failure.queue_name)
+        ).all()
+    return {queue: int(count) for queue, count in rows}
+
+
+def requeue(
+    client: redis.Redis,
+    broker: dramatiq.Broker,
+    namespace: str,
+    sessions: sessionmaker[Session],
+    found: Found,
+) -> str:
+    """Put a dead letter back on its queue with a fresh retry budget: Redis's copy of the
+    message, or, when Redis no longer holds one, the stage message for its submission made
+    again from the database. The copy is enqueued first, then the dead one removed and the
+    record marked, so a crash in between leaves a duplicate (harmless: the actors are
+    idempotent), never a loss. Returns the new message id."""
+    stages = {stage.queue: stage for stage in Stage}
+    fresh: Message[Any]
+    if found.dead is not None and found.dead.message is not None:
+        fresh = Message(
+            queue_name=found.dead.queue,
+            actor_name=found.dead.actor,
+            args=found.dead.message.args,
+            kwargs=found.dead.message.kwargs,
+            options={},  # a fresh retry budget; the old failure stays recorded in the database
+        )
+    elif found.submission_id is not None and found.queue in stages:
+        fresh = stage_message(stages[found.queue], found.submission_id)
+    else:
+        raise ValueError("not a readable stage message; purge it")
+    broker.enqueue(fresh)
+    if found.dead is not None:
+        remove(client, namespace, found.dead)
+    with session_scope(sessions) as session:
+        session.execute(
+            update(Failure)
+            .where(Failure.message_id == found.message_id)
+            .values(requeued_at=datetime.now(UTC))
+        )
+    return fresh.message_id
+
+
+def purge(
+    client: redis.Redis, namespace: str, sessions: sessionmaker[Session], found: Found
+) -> None:
+    """Delete a dead letter, recording it first: a crash in between leaves a record, not a gap."""
+    with session_scope(sessions) as session:
+        session.add(
+            PurgedDeadLetter(
+                message_id=found.message_id,
+                queue_name=found.queue,
+                actor_name=found.actor,
+                submission_id=found.submission_id,
+                reason=found.failure.exception_type if found.failure else None,
+                dead_at=found.dead_at,
+            )
+        )
+    if found.dead is not None:
+        remove(client, namespace, found.dead)
+
+
+def pause_key(namespace: str) -> str:
+    return f"{namespace}:mail-paused"
+
+
+def mail_pause_alarm(client: redis.Redis, namespace: str) -> Callable[[str | None, float], None]:
+    """What a worker tells every operator's command when the relay refuses us (and when that
+    ends): a key in Redis that lives as long as the pause, and half a minute after in case the
+    worker dies before it can say the pause is over. (A worker whose pause runs out with no
+    letter to try has nothing more to say: its key goes with the pause.)"""
+    log = structlog.get_logger("workers")
+
+    def alarm(reason: str | None, seconds: float) -> None:
+        try:
+            if reason is None:
+                client.delete(pause_key(namespace))
+            else:
+                until = datetime.now(UTC) + timedelta(seconds=seconds)
+                value = json.dumps({"reason": reason, "until": until.isoformat()})
+                client.set(pause_key(namespace), value, ex=int(seconds) + 30)
+        except redis.RedisError as exc:  # the pause itself holds in the worker regardless
+            log.warning("mail_pause_not_shared", error=type(exc).__name__)
+
+    return alarm
+
+
+def mail_pause(client: redis.Redis, namespace: str) -> dict[str, str] | None:
+    """The relay's refusal that paused delivery, if a worker reported one: reason and until."""
+    raw = cast("bytes | None", client.get(pause_key(namespace)))
+    if raw is None:
+        return None
+    value: dict[str, str] = json.loads(raw)
+    return value
+
+
+def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> float:
+    """Age of the oldest message waiting on any stage queue (0 when all are empty)."""
+    oldest = 0.0
+    for stage in Stage:
+        key = f"{namespace}:{stage.queue}"
+        first = cast("bytes | None", client.lindex(key, 0))
+        body = cast("bytes | None", client.hget(f"{key}.msgs", first)) if first else None
+        if body is not None:
+            try:
+                age = (now_ms - Message.decode(body).message_timestamp) / 1000
+            except DecodeError:  # dead-lettered when a worker fetches it
+                continue
+            oldest = max(oldest, age)
+    return oldest
+
+
+def remove(client: redis.Redis, namespace: str, dead: DeadLetter) -> None:
+    key = f"{namespace}:{dead.queue}.XQ"
+    pipe = client.pipeline()
+    pipe.zrem(key, dead.redis_id)
+    pipe.hdel(f"{key}.msgs", dead.redis_id)
+    pipe.execute()
+
+
+# Which stage's work each recorded transition shows.
+STAGE_OF_STATE = {
+    "validated": Stage.VALIDATE,
+    "rejected": Stage.VALIDATE,
+    "resolved": Stage.RESOLVE,
+    "held": Stage.RESOLVE,
+    "rendered": Stage.RENDER,
+    "delivered": Stage.DELIVER,
+    "failed": Stage.DELIVER,
+}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    depths: list[QueueDepth]
+    per_minute: dict[str, int]
+    newest_failures: list[tuple[datetime, str, str, str | None]]
+
+
+def snapshot(
+    client: redis.Redis,
+    namespace: str,
+    sessions: sessionmaker[Session],
+    now: datetime | None = None,
+) -> Snapshot:
+    """What an operator watches: queues, work done per stage in the last minute, new failures.
+
+    Redis is read first, then the database: no Redis call runs inside the transaction.
+    """
+    depths = queue_depths(client, namespace, dead_counts(sessions))
+    with session_scope(sessions) as session:
+        return _snapshot_from_db(session, depths, now or datetime.now(UTC))
+
+
+def _snapshot_from_db(session: Session, depths: list[QueueDepth], now: datetime) -> Snapshot:
+    since = now - timedelta(minutes=1)
+    counts = session.execute(
+        select(SubmissionEvent.state, func.count())
+        .where(SubmissionEvent.at >= since)
+        .group_by(SubmissionEvent.state)
+    ).all()
+    per_minute = {stage.value: 0 for stage in Stage}
+    for state, count in counts:
+        if state in STAGE_OF_STATE:
+            per_minute[STAGE_OF_STATE[state].value] += count
+    per_minute[Stage.CONSENT.value] = int(
+        session.scalar(
+            select(func.count())
+            .select_from(Submission)
+            .where(Submission.consent_logged_at >= since)
+        )
+        or 0
+    )
+    failures = session.execute(
+        select(
+            Failure.last_failed_at,
+            Failure.actor_name,
+            Failure.exception_type,
+            Failure.submission_id,
+        )
+        .order_by(Failure.last_failed_at.desc())
+        .limit(5)
+    ).all()
+    return Snapshot(depths, per_minute, [tuple(row) for row in failures])  # type: ignore[misc]

@@ -1,0 +1,67 @@
+"""Prometheus metrics for what dramatiq does not measure: queues, dead letters, outcomes.
+
+Collected on each scrape from Redis and the database, so any number of workers can run and one
+``dearmp metrics`` process answers for all of them. dramatiq's own per-actor metrics (messages
+processed, failed, retried, durations) come from its Prometheus middleware in the workers
+(``DEARMP_WORKER_METRICS=true``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.database.engine import session_scope
+from workers.database.models import Delivery, Submission
+from workers.pipeline.dead_letters import dead_counts, mail_pause, queue_depths
+
+
+class DearmpCollector(Collector):
+    def __init__(
+        self, client: redis.Redis, namespace: str, sessions: sessionmaker[Session]
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[Metric]:
+        queues = GaugeMetricFamily(
+            "dearmp_queue_messages", "Messages per queue and status", labels=["queue", "status"]
+        )
+        depths = queue_depths(self.client, self.namespace, dead_counts(self.sessions))
+        for depth in depths:
+            for status in ("waiting", "delayed", "in_progress", "dead"):
+                queues.add_metric([depth.queue, status], getattr(depth, status))
+        yield queues
+        paused = GaugeMetricFamily(
+            "dearmp_mail_paused", "1 while the relay's refusal of us pauses delivery"
+        )
+        paused.add_metric([], 1 if mail_pause(self.client, self.namespace) else 0)
+        yield paused
+
+        with session_scope(self.sessions) as session:
+            by_state: Any = session.execute(
+                select(Submission.state, func.count()).group_by(Submission.state)
+            ).all()
+            letters: Any = session.execute(
+                select(Submission.campaign_slug, Delivery.status, func.count())
+                .join(Delivery, Delivery.submission_id == Submission.id)
+                .where(Delivery.status.in_(["sent", "failed"]))
+                .group_by(Submission.campaign_slug, Delivery.status)
+            ).all()
+        states = GaugeMetricFamily("dearmp_submissions", "Submissions per state", labels=["state"])
+        for state, count in by_state:
+            states.add_metric([state], count)
+        yield states
+        sent = CounterMetricFamily(
+            "dearmp_letters", "Letters sent and failed per campaign", labels=["campaign", "outcome"]
+        )
+        for campaign, status, count in letters:
+            sent.add_metric([campaign, status], count)
+        yield sent

@@ -1,0 +1,198 @@
+"""The reconciler: the database knows where every submission is; resend what has stopped moving.
+
+Redis can lose messages (a restart without persistence, a failed enqueue). Every submission in a
+non-final state whose last dispatch is older than the deadline is sent to its stage again. The
+stages are idempotent, so a resend of a message that was only slow does no harm.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from typing import Any
+
+import dramatiq
+import structlog
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.database.engine import session_scope
+from workers.database.models import Failure, State, Submission, SubmissionEvent, utcnow
+from workers.database.transitions import advance
+from workers.mp.directory import current_version_id
+from workers.pipeline.dispatch import dispatch
+from workers.stages.confirmation import ConfirmationPolicy
+from workers.stages.stage import Stage
+
+log = structlog.get_logger(__name__)
+
+STAGE_FOR_STATE = {
+    State.RECEIVED: Stage.VALIDATE,
+    State.VALIDATED: Stage.RESOLVE,
+    State.RESOLVED: Stage.RENDER,
+    State.RENDERED: Stage.DELIVER,
+}
+BATCH = 1000
+
+
+def find_stalled(
+    session: Session,
+    older_than: timedelta,
+    now: datetime | None = None,
+    held_recheck: timedelta = timedelta(hours=6),
+    confirmation: ConfirmationPolicy | None = None,
+    max_dead_letters: int = 3,
+) -> list[tuple[str, Stage]]:
+    """(submission id, stage) for everything due a resend; marks them dispatched now.
+
+    A submission whose consent logging was dead-lettered ``max_dead_letters`` times is not
+    resent there again (its letter may be delivered already; the failures table and
+    ``dearmp dlq`` show why). Held submissions (no MP to write to yet) go back to resolution
+    when the directory has changed since they were held, or every ``held_recheck`` (so a hold
+    can expire).
+    """
+    now = now or utcnow()
+    cutoff = now - older_than
+    due: list[tuple[str, Stage]] = []
+    current = current_version_id(session)
+    held = session.scalars(
+        select(Submission.id)
+        .where(Submission.state == State.HELD)
+        .where(
+            (Submission.dispatched_at < now - held_recheck)
+            | (
+                (Submission.dispatched_at < cutoff)
+                & (
+                    Submission.directory_version_id.is_(None)
+                    | (Submission.directory_version_id != current)
+                )
+            )
+        )
+        .limit(BATCH)
+    ).all()
+    due.extend((sid, Stage.RESOLVE) for sid in held)
+
+    # Sender confirmation: expire what was never confirmed; (re)send the email or the reminder.
+    policy = confirmation or ConfirmationPolicy()
+    for submission in session.scalars(
+        select(Submission)
+        .where(Submission.state == State.UNCONFIRMED)
+        .where(Submission.created_at < now - policy.valid)
+        .limit(BATCH)
+    ):
+        advance(session, submission, State.EXPIRED, detail="never confirmed by the sender")
+    notify = session.scalars(
+        select(Submission.id)
+        .where(Submission.state == State.UNCONFIRMED, Submission.dispatched_at < cutoff)
+        .where(
+            Submission.confirmation_sent_at.is_(None)
+            | (
+                Submission.reminder_sent_at.is_(None)
+                & (Submission.created_at < now - policy.reminder_after)
+            )
+        )
+        .limit(BATCH)
+    ).all()
+    due.extend((sid, Stage.NOTIFY) for sid in notify)
+    stalled = session.execute(
+        select(Submission.id, Submission.state)
+        .where(Submission.state.in_([s.value for s in STAGE_FOR_STATE]))
+        .where(Submission.dispatched_at < cutoff)
+        .order_by(Submission.dispatched_at)
+        .limit(BATCH)
+    ).all()
+    due.extend((sid, STAGE_FOR_STATE[State(state)]) for sid, state in stalled)
+
+    validated = select(SubmissionEvent.submission_id).where(
+        SubmissionEvent.state == State.VALIDATED
+    )
+    unlogged = session.scalars(
+        select(Submission.id)
+        .where(Submission.consent_logged_at.is_(None))
+        .where(Submission.dispatched_at < cutoff)
+        .where(Submission.id.in_(validated))
+        .where(Submission.id.not_in(_failing_consent(max_dead_letters)))
+        .limit(BATCH)
+    ).all()
+    due.extend((sid, Stage.CONSENT) for sid in unlogged)
+
+    ids = sorted({sid for sid, _ in due})
+    if not ids:
+        return []
+    # Marked in the order of the ids, as the stages write, and skipping a row a stage is
+    # writing at this moment (it is moving on: no resend needed), so the reconciler never waits
+    # in a cycle with a stage's transaction (PostgreSQL; SQLite has one writer at a time).
+    free = (
+        select(Submission.id)
+        .where(Submission.id.in_(ids))
+        .order_by(Submission.id)
+        .with_for_update(skip_locked=True)
+    )
+    marked = set(
+        session.scalars(
+            update(Submission)
+            .where(Submission.id.in_(free))
+            .values(dispatched_at=now)
+            .returning(Submission.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    return [(sid, stage) for sid, stage in due if sid in marked]
+
+
+def _failing_consent(limit: int) -> Any:
+    return (
+        select(Failure.submission_id)
+        .where(
+            Failure.actor_name == Stage.CONSENT.actor,
+            Failure.dead_lettered_at.is_not(None),
+            Failure.submission_id.is_not(None),
+        )
+        .group_by(Failure.submission_id)
+        .having(func.count() >= limit)
+    )
+
+
+def reconcile_once(
+    sessions: sessionmaker[Session],
+    broker: dramatiq.Broker,
+    older_than: timedelta,
+    held_recheck: timedelta = timedelta(hours=6),
+    confirmation: ConfirmationPolicy | None = None,
+    max_dead_letters: int = 3,
+) -> int:
+    """One pass: find what has stalled, commit the new dispatch times, then resend."""
+    with session_scope(sessions) as session:
+        due = find_stalled(
+            session,
+            older_than,
+            held_recheck=held_recheck,
+            confirmation=confirmation,
+            max_dead_letters=max_dead_letters,
+        )
+    for submission_id, stage in due:
+        dispatch(broker, [stage], submission_id)
+    if due:
+        log.info("reconciler_resent", count=len(due))
+    return len(due)
+
+
+def run_forever(
+    sessions: sessionmaker[Session],
+    broker: dramatiq.Broker,
+    interval: float,
+    older_than: timedelta,
+    stop: threading.Event,
+    held_recheck: timedelta = timedelta(hours=6),
+    confirmation: ConfirmationPolicy | None = None,
+    max_dead_letters: int = 3,
+) -> None:
+    """Reconcile every ``interval`` seconds until ``stop`` is set; a failed pass is retried."""
+    while not stop.is_set():
+        try:
+            reconcile_once(
+                sessions, broker, older_than, held_recheck, confirmation, max_dead_letters
+            )
+        except Exception as exc:  # the database may be briefly away: try again next tick
+            log.warning("reconciler_pass_failed", error=type(exc).__name__)
+        stop.wait(interval)

@@ -1,0 +1,102 @@
+"""The pipeline in one process: embedded Redis (if none is configured), workers, reconciler."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import dramatiq
+from sqlalchemy import func, select
+
+from config.settings import CONFIG_DIR
+from workers.database.engine import migrate, session_scope
+from workers.database.models import State, Submission
+from workers.letters.campaigns import load_definitions, sync_campaigns
+from workers.mp.directory import current_version_id, import_directory
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import dispatch
+from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.reconciler import run_forever
+from workers.stages.confirmation import ConfirmationPolicy
+from workers.stages.stage import Stage
+from workers.web.intake import accept
+
+SAMPLE_DIR = CONFIG_DIR / "sample"
+
+
+def prepare(app: App) -> None:
+    """Migrate the database, load campaign files, and import the sample directory if none."""
+    migrate(app.settings.resolved_database_url)
+    with session_scope(app.sessions) as session:
+        sync_campaigns(session, load_definitions(app.settings.campaigns_dir))
+        if current_version_id(session) is None:
+            import_directory(
+                session,
+                SAMPLE_DIR / "mps.csv",
+                [SAMPLE_DIR / "postcodes.csv"],
+                source="DearMP fictional sample directory",
+            )
+
+
+def submit(app: App, broker: dramatiq.Broker, payload: Any) -> tuple[str, bool]:
+    """Store a submission, commit, then send it to validation (the reconciler covers a failure)."""
+    with session_scope(app.sessions) as session:
+        accepted = accept(session, payload, app.secret)
+    if accepted.created:
+        dispatch(broker, [Stage.VALIDATE], accepted.submission_id)
+    return accepted.submission_id, accepted.created
+
+
+def state_counts(app: App, ids: list[str] | None = None) -> dict[str, int]:
+    with session_scope(app.sessions) as session:
+        query = select(Submission.state, func.count()).group_by(Submission.state)
+        if ids is not None:
+            query = query.where(Submission.id.in_(ids))
+        return {state: count for state, count in session.execute(query).all()}
+
+
+def count_final(counts: dict[str, int]) -> int:
+    return sum(n for state, n in counts.items() if State(state).is_final)
+
+
+@contextmanager
+def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterator[None]:
+    """Embedded Redis (when no REDIS_URL), an in-process worker and the reconciler, until exit."""
+    embedded = None
+    settings = app.settings
+    if settings.broker == "redis" and not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir, socket=settings.embedded_redis_socket)
+        if not embedded.is_up():
+            embedded.start()
+        else:
+            embedded = None  # another `dearmp run` owns it
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
+    stop = threading.Event()
+    reconciler = threading.Thread(
+        target=run_forever,
+        args=(
+            app.sessions,
+            broker,
+            settings.reconcile_interval,
+            timedelta(seconds=settings.reconcile_after),
+            stop,
+            timedelta(seconds=settings.held_recheck),
+            ConfirmationPolicy.from_settings(settings),
+            settings.max_dead_letters,
+        ),
+        name="reconciler",
+        daemon=True,
+    )
+    worker.start()
+    reconciler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.stop()
+        reconciler.join(timeout=5)
+        if embedded is not None:
+            embedded.stop()

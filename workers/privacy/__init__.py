@@ -1,0 +1,1 @@
+"""Consent and privacy: the consent ledger, keyed hashes, and supporters' rights and retention."""

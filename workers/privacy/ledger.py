@@ -1,0 +1,221 @@
+"""The consent ledger: append-only and tamper-evident.
+
+Each event carries the hash of the event before it and its own hash over its content and that
+link, so changing, removing or reordering any event breaks the chain from there on. Appends are
+serialised (a transaction-scoped advisory lock on PostgreSQL; SQLite's write lock is already
+exclusive), so the chain has one order: the order of ids. The application never updates or deletes
+an event; on PostgreSQL and SQLite triggers refuse it (migration 0005).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Table, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from workers.database.models import CONSENT_EVENTS, ConsentEvent
+
+GENESIS = "0" * 64
+# The fields a hash covers: everything but the id, the link and the hash itself.
+HASHED = (
+    "submission_id",
+    "supporter_hash",
+    "event_type",
+    "campaign_slug",
+    "channel",
+    "choice",
+    "wording_version",
+    "wording",
+    "wording_sha256",
+    "lawful_basis",
+    "privacy_notice_version",
+    "source_url",
+    "user_agent",
+    "ip_hash",
+    "recorded_at",
+)
+LOCK_KEY = 0x6465_6172_6D70  # "dearmp": the advisory lock that serialises appends
+PREFERENCE_TYPES = ("preference", "withdrawal")
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _utc_iso(value: Any) -> str:
+    """A timestamp from a view (SQLite gives text, PostgreSQL a datetime) as UTC ISO 8601."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return str(moment.astimezone(UTC).isoformat())
+
+
+# The hashed fields in the order the canonical JSON lists them (sorted), and its encoder.
+_SORTED = tuple(sorted(HASHED))
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def event_hash(prev_hash: str, fields: dict[str, Any]) -> str:
+    """SHA-256 of the previous hash and the event's canonical JSON (keys sorted, no spaces)."""
+    body = _CANONICAL.encode({name: _plain(fields.get(name)) for name in _SORTED})
+    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+
+
+def _fields(event: ConsentEvent | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(event, ConsentEvent):
+        return {name: getattr(event, name) for name in HASHED}
+    return {name: event.get(name) for name in HASHED}
+
+
+_HEAD = select(CONSENT_EVENTS.c.hash).order_by(CONSENT_EVENTS.c.id.desc()).limit(1)
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_INSERT = insert(CONSENT_EVENTS)
+
+
+def head(session: Session) -> str:
+    last = session.execute(_HEAD).scalar()
+    return str(last) if last else GENESIS
+
+
+def append(session: Session, events: Iterable[ConsentEvent | Mapping[str, Any]]) -> int:
+    """Chain ``events`` (ORM objects, or mappings of the :data:`HASHED` fields) onto the ledger
+    in order, the caller commits, which releases the lock; returns how many were written.
+
+    The events are written as given (every hashed field, then the link and the hash), in one
+    executemany whose rows take their ids in order: the order of the chain.
+    """
+    fields = [_fields(event) for event in events]
+    if not fields:
+        return 0
+    hold(session)
+    # A transaction that has appended already knows the head: the last hash it wrote (a
+    # consent group appends many submissions' events in one transaction).
+    transaction = session.get_transaction()
+    known = session.info.get(_HEAD_KNOWN)
+    previous = known[1] if known is not None and known[0] is transaction else head(session)
+    rows = []
+    for row in fields:
+        link = previous
+        previous = event_hash(link, row)
+        rows.append({**row, "prev_hash": link, "hash": previous})
+    session.execute(_INSERT, rows)
+    session.info[_HEAD_KNOWN] = (session.get_transaction(), previous)
+    return len(rows)
+
+
+def hold(session: Session) -> None:
+    """Take the ledger's lock for this transaction (once per transaction).
+
+    A transaction that appends must call this before it takes any row lock (consent logging's
+    first write), so that every transaction takes the ledger's lock first or not at all, and
+    none waits for it while holding a row another one waits for. On SQLite it takes the write
+    lock, which is exclusive, so that the head read next is the last one written."""
+    session.connection()  # the session's transaction has begun
+    transaction = session.get_transaction()
+    if session.info.get(_LOCKED) is transaction:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_LOCK, {"key": LOCK_KEY})
+    else:  # a write statement begins the write transaction (see make_engine); it changes nothing
+        session.execute(text("SAVEPOINT dearmp_ledger"))
+        session.execute(text("RELEASE dearmp_ledger"))
+    session.info[_LOCKED] = transaction
+
+
+_HEAD_KNOWN = "workers.privacy.ledger.head"  # session.info: (the transaction, the head it wrote)
+_LOCKED = "workers.privacy.ledger.locked"  # session.info: the transaction that holds the lock
+
+
+@dataclass(frozen=True)
+class Verification:
+    events: int
+    head: str
+    broken_at: int | None = None
+    reason: str | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.broken_at is None
+
+
+def _rows(session: Session, batch: int = 5000) -> Iterator[ConsentEvent]:
+    last_id = 0
+    while True:
+        rows = list(
+            session.scalars(
+                select(ConsentEvent)
+                .where(ConsentEvent.id > last_id)
+                .order_by(ConsentEvent.id)
+                .limit(batch)
+            )
+        )
+        if not rows:
+            return
+        yield from rows
+        last_id = rows[-1].id
+        session.expunge_all()
+
+
+def verify(session: Session) -> Verification:
+    """Walk the chain from the start; report the first event whose link or content is wrong."""
+    previous, count = GENESIS, 0
+    for event in _rows(session):
+        if event.prev_hash != previous:
+            return Verification(count, previous, event.id, "its link to the event before is wrong")
+        if event.hash != event_hash(previous, _fields(event)):
+            return Verification(count, previous, event.id, "its content does not match its hash")
+        previous, count = event.hash, count + 1
+    return Verification(count, previous)
+
+
+def seal_unsealed(connection: Connection) -> int:
+    """Chain events written before the ledger had hashes (used once, by migration 0005).
+
+    Only the named columns are read and written, so later columns on the model do not matter.
+    """
+    table = ConsentEvent.__table__
+    assert isinstance(table, Table)
+    rows = connection.execute(
+        select(table.c.id, table.c.hash, *[table.c[name] for name in HASHED]).order_by(table.c.id)
+    ).mappings()
+    previous, sealed = GENESIS, 0
+    for row in list(rows):
+        current = row["hash"]
+        if current is None:
+            fields = dict(row)
+            fields["event_type"] = "mp_notice" if row["channel"] == "mp_notice" else "preference"
+            current = event_hash(previous, fields)
+            connection.execute(
+                update(table)
+                .where(table.c.id == row["id"])
+                .values(event_type=fields["event_type"], prev_hash=previous, hash=current)
+            )
+            sealed += 1
+        previous = current
+    return sealed
+
+
+def current_preferences(session: Session, supporter_hash: str) -> dict[str, dict[str, Any]]:
+    """Channel → the supporter's current choice (the latest that was asked wins), from the view."""
+    rows = session.execute(
+        text(
+            "SELECT channel, choice, since, campaign_slug, wording_version FROM consent_current "
+            "WHERE supporter_hash = :s"
+        ),
+        {"s": supporter_hash},
+    ).all()
+    return {
+        channel: {
+            "choice": choice,
+            "since": _utc_iso(since),
+            "campaign": campaign,
+            "wording_version": version,
+        }
+        for channel, choice, since, campaign, version in rows
+    }

@@ -1,0 +1,505 @@
+"""Supporter rights and retention: export, erasure, scrubbing, consent receipts, CRM export.
+
+A supporter is found by the keyed hash of their normalised email (``submissions.supporter_hash``),
+the same identity the consent ledger uses, so the ledger's proof survives erasure of their details.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from schemas.postcode import outward
+from schemas.submission import CHANNELS
+from workers.database.models import (
+    Campaign,
+    ConsentEvent,
+    Delivery,
+    Letter,
+    State,
+    Submission,
+    SubmissionEvent,
+    utcnow,
+)
+from workers.database.transitions import AlreadyMoved, advance
+from workers.letters.campaigns import get_definition
+from workers.privacy.hashing import supporter_hash
+from workers.privacy.ledger import append, current_preferences, hold
+from workers.stages.consent import withdraw
+
+ERASED = "(erased)"
+RECEIPT_NAMESPACE = uuid.UUID("6b1c3a52-8d8e-4c39-a0f4-2f0a3f6d9e11")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def submissions_of(session: Session, secret: bytes, email: str) -> list[Submission]:
+    who = supporter_hash(secret, email)
+    return list(
+        session.scalars(
+            select(Submission)
+            .where(Submission.supporter_hash == who)
+            .order_by(Submission.created_at)
+        )
+    )
+
+
+def _ledger_rows(session: Session, who: str) -> list[dict[str, Any]]:
+    events = session.scalars(
+        select(ConsentEvent).where(ConsentEvent.supporter_hash == who).order_by(ConsentEvent.id)
+    )
+    return [
+        {
+            "id": e.id,
+            "type": e.event_type,
+            "campaign": e.campaign_slug,
+            "channel": e.channel,
+            "choice": e.choice,
+            "wording": e.wording,
+            "wording_version": e.wording_version,
+            "wording_sha256": e.wording_sha256,
+            "lawful_basis": e.lawful_basis,
+            "privacy_notice_version": e.privacy_notice_version,
+            "source_url": e.source_url,
+            "recorded_at": _iso(e.recorded_at),
+            "hash": e.hash,
+        }
+        for e in events
+    ]
+
+
+def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, Any]:
+    """Everything held about one person (UK GDPR article 15), as JSON-ready data."""
+    who = supporter_hash(secret, email)
+    submissions = []
+    for sub in submissions_of(session, secret, email):
+        history = session.scalars(
+            select(SubmissionEvent)
+            .where(SubmissionEvent.submission_id == sub.id)
+            .order_by(SubmissionEvent.id)
+        )
+        letter = session.get(Letter, sub.id)
+        delivery = session.get(Delivery, sub.id)
+        submissions.append(
+            {
+                "id": sub.id,
+                "campaign": sub.campaign_slug,
+                "state": sub.state,
+                "received_at": _iso(sub.created_at),
+                "details": sub.payload,
+                "rejection": sub.rejection,
+                "failure_reason": sub.failure_reason,
+                "constituency_code": sub.constituency_code,
+                "mp": sub.recipient,
+                "scrubbed_at": _iso(sub.scrubbed_at),
+                "erased_at": _iso(sub.erased_at),
+                "history": [
+                    {"state": e.state, "at": _iso(e.at), "detail": e.detail} for e in history
+                ],
+                "letter": None
+                if letter is None
+                else {
+                    "subject": letter.subject,
+                    "body": letter.body_text,
+                    "from": letter.from_name,
+                    "to": f"{letter.to_name} <{letter.to_email}>",
+                    "message_id": letter.message_id,
+                },
+                "delivery": None
+                if delivery is None
+                else {
+                    "status": delivery.status,
+                    "sent_at": _iso(delivery.sent_at),
+                    "attempts": delivery.attempts,
+                    "backend": delivery.backend,
+                },
+            }
+        )
+    return {
+        "supporter": {"email": email, "supporter_id": who},
+        "generated_at": utcnow().isoformat(),
+        "submissions": submissions,
+        "consent": {
+            "current": current_preferences(session, who),
+            "events": _ledger_rows(session, who),
+        },
+    }
+
+
+@dataclass
+class ErasureReport:
+    submissions: int = 0
+    stopped_before_sending: int = 0
+    letters_scrubbed: int = 0
+    outbox_files_removed: int = 0
+    consent_events_kept: int = 0
+    consent_events_added: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _erased_payload(payload: Any) -> dict[str, Any]:
+    kept: dict[str, Any] = {"erased": True}
+    if isinstance(payload, dict):
+        for key in ("schema_version", "campaign", "contact_preferences"):
+            if key in payload:
+                kept[key] = payload[key]
+    return kept
+
+
+def _remove_outbox_file(outbox_dir: Path | None, submission_id: str) -> int:
+    if outbox_dir is None:
+        return 0
+    path = outbox_dir / f"{submission_id}.eml"
+    if path.exists():
+        path.unlink()
+        return 1
+    return 0
+
+
+def _stop(session: Session, submission: Submission) -> bool:
+    """A submission still on its way: it ends here, before any letter goes."""
+    for _ in range(5):
+        session.refresh(submission)
+        if State(submission.state).is_final:
+            return False
+        try:
+            with session.begin_nested():
+                advance(
+                    session,
+                    submission,
+                    State.WITHDRAWN,
+                    detail="erased at the supporter's request",
+                )
+            return True
+        except AlreadyMoved:
+            continue  # a worker moved it meanwhile: look again
+    raise RuntimeError(f"submission {submission.id} kept moving; try the erasure again")
+
+
+def erase_supporter(
+    session: Session, secret: bytes, email: str, outbox_dir: Path | None = None
+) -> ErasureReport:
+    """Remove a person's name, email, phone, address and letter text everywhere DearMP holds them.
+
+    Kept: the delivery facts (which MP, when, delivered or not) and the pseudonymous consent
+    ledger, to which a withdrawal of every channel and an erasure event are added. Stage messages
+    in Redis carry only submission ids, so a queued message finds the submission withdrawn and
+    stops. A letter already sent stays sent.
+    """
+    hold(session)  # the ledger's lock before any row lock (see workers.privacy.ledger.hold)
+    report = ErasureReport()
+    now = utcnow()
+    for sub in submissions_of(session, secret, email):
+        report.submissions += 1
+        if _stop(session, sub):
+            report.stopped_before_sending += 1
+        rejection = {field: ERASED for field in sub.rejection} if sub.rejection else None
+        session.execute(
+            update(Submission)
+            .where(Submission.id == sub.id)
+            .values(
+                payload=_erased_payload(sub.payload),
+                rejection=rejection,
+                erased_at=now,
+                scrubbed_at=now,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        scrubbed = session.execute(
+            update(Letter)
+            .where(Letter.submission_id == sub.id)
+            .values(
+                subject=ERASED,
+                body_text=None,
+                body_html=None,
+                from_name=ERASED,
+                reply_to=None,
+                dkim_signature=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        report.letters_scrubbed += int(getattr(scrubbed, "rowcount", 0) or 0)
+        report.outbox_files_removed += _remove_outbox_file(outbox_dir, sub.id)
+    who = supporter_hash(secret, email)
+    report.consent_events_kept = len(
+        session.scalars(select(ConsentEvent.id).where(ConsentEvent.supporter_hash == who)).all()
+    )
+    report.consent_events_added = withdraw(
+        session, secret, email, list(CHANNELS), source="erasure request"
+    )
+    append(
+        session,
+        [
+            ConsentEvent(
+                supporter_hash=who,
+                event_type="erasure",
+                campaign_slug="*",
+                channel="all",
+                choice="erased",
+                wording_version="erasure",
+                wording="The supporter's personal details were erased at their request.",
+                wording_sha256="-",
+                lawful_basis="legal_obligation",
+                source_url="erasure request",
+                recorded_at=now,
+            )
+        ],
+    )
+    report.consent_events_added += 1
+    return report
+
+
+# Final states and the retention period (campaign setting) that applies to each.
+RETENTION_STATES = {
+    State.DELIVERED: "delivered_days",
+    State.FAILED: "failed_days",
+    State.REJECTED: "rejected_days",
+    State.WITHDRAWN: "rejected_days",
+    State.EXPIRED: "unconfirmed_days",
+}
+
+
+def _scrubbed_payload(payload: Any) -> Any:
+    if not isinstance(payload, dict):
+        return payload
+    scrubbed = dict(payload)
+    supporter = dict(scrubbed.get("supporter") or {})
+    if "address_lines" in supporter:
+        supporter["address_lines"] = []
+    if isinstance(supporter.get("postcode"), str):
+        supporter["postcode"] = outward(supporter["postcode"])  # the district says little
+    scrubbed["supporter"] = supporter
+    letter = dict(scrubbed.get("letter") or {})
+    if "body" in letter:
+        letter["body"] = ""
+    scrubbed["letter"] = letter
+    return scrubbed
+
+
+def run_retention(
+    session: Session,
+    now: datetime | None = None,
+    outbox_dir: Path | None = None,
+    batch: int = 500,
+) -> dict[str, int]:
+    """Scrub letter bodies and postal addresses past each campaign's retention period.
+
+    Idempotent (a scrubbed submission is not looked at again) and safe to run from cron.
+    Returns how many submissions were scrubbed per final state.
+    """
+    now = now or utcnow()
+    done: dict[str, int] = {}
+    for slug in session.scalars(select(Campaign.slug)).all():
+        definition = get_definition(session, slug)
+        if definition is None:
+            continue
+        for state, setting in RETENTION_STATES.items():
+            cutoff = now - timedelta(days=getattr(definition.retention, setting))
+            while True:
+                due = list(
+                    session.scalars(
+                        select(Submission)
+                        .where(
+                            Submission.campaign_slug == slug,
+                            Submission.state == state,
+                            Submission.scrubbed_at.is_(None),
+                            Submission.updated_at <= cutoff,
+                        )
+                        .limit(batch)
+                    )
+                )
+                for sub in due:
+                    sub.payload = _scrubbed_payload(sub.payload)
+                    sub.scrubbed_at = now
+                    session.execute(
+                        update(Letter)
+                        .where(Letter.submission_id == sub.id)
+                        .values(body_text=None, body_html=None, dkim_signature=None)
+                        .execution_options(synchronize_session=False)
+                    )
+                    _remove_outbox_file(outbox_dir, sub.id)
+                    done[state] = done.get(state, 0) + 1
+                session.flush()
+                if len(due) < batch:
+                    break
+    return done
+
+
+PURPOSES = {
+    "email": ("Contact: email address", "updates about campaigns and fundraising by email"),
+    "phone": ("Contact: telephone number", "updates about campaigns and fundraising by phone"),
+    "sms": ("Contact: mobile telephone number", "updates about campaigns and fundraising by SMS"),
+    "post": ("Contact: postal address", "updates about campaigns and fundraising by post"),
+}
+
+
+def consent_receipt(session: Session, secret: bytes, email: str) -> dict[str, Any] | None:
+    """A consent receipt following the Kantara Initiative Consent Receipt Specification v1.1."""
+    who = supporter_hash(secret, email)
+    events = list(
+        session.scalars(
+            select(ConsentEvent).where(ConsentEvent.supporter_hash == who).order_by(ConsentEvent.id)
+        )
+    )
+    collected = [e for e in events if e.event_type in ("preference", "mp_notice")]
+    if not collected:
+        return None
+    latest = collected[-1]
+    definition = get_definition(session, latest.campaign_slug)
+    current = current_preferences(session, who)
+    controller: dict[str, Any] = {"piiController": latest.campaign_slug, "onBehalf": False}
+    policy_url, services = "", []
+    if definition is not None:
+        c = definition.controller
+        controller = {
+            "piiController": c.name or definition.organisation,
+            "onBehalf": False,
+            "contact": c.name or definition.organisation,
+            "address": c.address,
+            "email": str(c.email or definition.from_email),
+            "phone": c.phone,
+            "piiControllerUrl": c.url or definition.privacy_notice_url,
+        }
+        policy_url = definition.privacy_notice_url
+    wording = {e.channel: e for e in collected}
+    purposes = []
+    for channel in CHANNELS:
+        if current.get(channel, {}).get("choice") != "granted":
+            continue
+        category, purpose = PURPOSES[channel]
+        shown = wording.get(channel)
+        purposes.append(
+            {
+                "purpose": shown.wording if shown and shown.wording else purpose,
+                "purposeCategory": ["Marketing", "Campaigning"],
+                "consentType": "EXPLICIT",
+                "piiCategory": [category],
+                "primaryPurpose": False,
+                "termination": "Until withdrawn (reply to any message, or ask the controller)",
+                "thirdPartyDisclosure": False,
+            }
+        )
+    if purposes:
+        services.append({"service": "Campaign updates", "purposes": purposes})
+    notices = [e for e in collected if e.event_type == "mp_notice"]
+    if notices:
+        services.append(
+            {
+                "service": "Your letter to your MP",
+                "purposes": [
+                    {
+                        "purpose": notices[-1].wording or "",
+                        "purposeCategory": ["Core function"],
+                        "consentType": "EXPLICIT",
+                        "piiCategory": ["Name", "Email address", "Postal address", "Letter text"],
+                        "primaryPurpose": True,
+                        "termination": "When the letter has been delivered",
+                        "thirdPartyDisclosure": True,
+                        "thirdPartyName": "The supporter's Member of Parliament",
+                    }
+                ],
+            }
+        )
+    return {
+        "version": "KI-CR-v1.1.0",
+        "jurisdiction": "GB",
+        "consentTimestamp": int(latest.recorded_at.timestamp()),
+        "collectionMethod": f"Web form: {latest.source_url or 'campaign page'}",
+        "consentReceiptID": str(
+            uuid.uuid5(RECEIPT_NAMESPACE, events[-1].hash or str(events[-1].id))
+        ),
+        "publicKey": "",
+        "language": "en",
+        "piiPrincipalId": email,
+        "piiControllers": [controller],
+        "policyUrl": policy_url,
+        "services": services,
+        "sensitive": False,
+        "spiCat": [],
+        # Not in the specification: the ledger events this receipt was drawn from.
+        "ledgerEventHashes": [e.hash for e in events],
+    }
+
+
+EXPORT_COLUMNS = [
+    "supporter_id",
+    "email",
+    "name",
+    *(f"consent_{c}" for c in CHANNELS),
+    "updated_at",
+]
+
+
+def writable(text: str) -> str:
+    """``text`` with any lone surrogate (stored before the intake refused text that is not
+    Unicode) as U+FFFD, so an export can always be written as UTF-8."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# A cell a spreadsheet would run as a formula starts with one of these (OWASP's CSV injection
+# rule), possibly after spaces the spreadsheet strips.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell that a spreadsheet shows as text: one that could start a formula gets a
+    leading apostrophe (shown by no spreadsheet, and removable by anyone who needs the raw
+    value)."""
+    if isinstance(value, str) and value.lstrip(" ").startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def consent_csv(session: Session) -> Iterator[str]:
+    """Current contact preferences per supporter, as CSV lines for a CRM (header first).
+
+    Email and name come from the supporter's latest submission that still holds them; an erased
+    supporter appears by their pseudonymous id only, with every channel refused.
+    """
+    contact: dict[str, tuple[str, str]] = {}
+    for who, payload in session.execute(
+        select(Submission.supporter_hash, Submission.payload)
+        .where(Submission.supporter_hash.is_not(None), Submission.erased_at.is_(None))
+        .order_by(Submission.created_at)
+        .execution_options(yield_per=1000)
+    ):
+        supporter = payload.get("supporter") if isinstance(payload, dict) else None
+        if isinstance(supporter, dict) and supporter.get("email"):
+            contact[who] = (supporter["email"], supporter.get("name") or "")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+
+    def flush() -> str:
+        text = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return text
+
+    writer.writerow(EXPORT_COLUMNS)
+    yield flush()
+    rows = session.execute(
+        select(ConsentEvent.supporter_hash).distinct().order_by(ConsentEvent.supporter_hash)
+    ).scalars()
+    for who in list(rows):
+        current = current_preferences(session, who)
+        if not current:
+            continue
+        email, name = contact.get(who, ("", ""))
+        updated = max(p["since"] for p in current.values())
+        choices = [current.get(c, {}).get("choice", "not_asked") for c in CHANNELS]
+        writer.writerow([spreadsheet_safe(v) for v in (who, email, name, *choices, updated)])
+        yield flush()

@@ -1,0 +1,177 @@
+"""Sender confirmation: for campaigns that ask, the letter waits until its sender clicks a signed
+link in an email. One reminder goes after a day; the link works for seven; then the submission
+expires and no letter goes.
+
+The link carries the submission id, its expiry and an HMAC over both with the deployment's secret:
+it cannot be forged or extended, and it reveals nothing personal.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.policy
+import hashlib
+import hmac
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from config.settings import Settings
+from workers.database.models import State, Submission, utcnow
+from workers.database.transitions import advance
+from workers.letters.campaigns import get_definition
+from workers.letters.mail import Mailer, Outgoing, wire_address
+from workers.stages.stage import Stage
+
+
+@dataclass(frozen=True)
+class ConfirmationPolicy:
+    public_url: str = "http://127.0.0.1:8000"
+    valid: timedelta = timedelta(days=7)
+    reminder_after: timedelta = timedelta(hours=24)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConfirmationPolicy:
+        return cls(
+            public_url=settings.public_url,
+            valid=timedelta(days=settings.confirm_valid_days),
+            reminder_after=timedelta(hours=settings.confirm_reminder_hours),
+        )
+
+
+def _sign(secret: bytes, submission_id: str, expires: int) -> str:
+    mac = hmac.new(secret, f"confirm\x00{submission_id}\x00{expires}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()[:24]).decode().rstrip("=")
+
+
+def make_token(secret: bytes, submission_id: str, expires: datetime) -> str:
+    stamp = int(expires.timestamp())
+    return f"{submission_id}.{stamp}.{_sign(secret, submission_id, stamp)}"
+
+
+def read_token(secret: bytes, token: str, now: datetime | None = None) -> tuple[str, bool] | None:
+    """(submission id, still valid) for a genuine token; None for anything forged or malformed."""
+    parts = token.split(".")
+    # ASCII only: str.isdigit() accepts digits such as "²" that int() refuses.
+    if len(parts) != 3 or not token.isascii() or not parts[1].isdigit() or len(parts[0]) > 64:
+        return None
+    submission_id, stamp, mac = parts[0], int(parts[1]), parts[2]
+    if not hmac.compare_digest(mac.encode(), _sign(secret, submission_id, stamp).encode()):
+        return None
+    return submission_id, (now or utcnow()).timestamp() < stamp
+
+
+def _message(
+    submission_id: str,
+    sender: str,
+    title: str,
+    to: str,
+    link: str,
+    expires: datetime,
+    reminder: bool,
+) -> Outgoing:
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = formataddr((title, sender))
+    message["To"] = to
+    message["Subject"] = (
+        "Reminder: " if reminder else ""
+    ) + "Please confirm your letter to your MP"
+    message["Date"] = format_datetime(utcnow())
+    kind = "reminder" if reminder else "confirm"
+    domain = sender.rsplit("@", 1)[1]
+    message["Message-ID"] = f"<{kind}-{submission_id}@{domain}>"
+    message.set_content(
+        "Thank you for writing to your MP.\n\n"
+        "Please confirm that you sent this letter by opening the link below. Until you do, it "
+        "will not be sent.\n\n"
+        f"{link}\n\n"
+        f"The link works until {expires:%d %B %Y at %H:%M} UTC. If you did not write to your MP, "
+        "ignore this email: nothing will be sent, and the details will be deleted.\n"
+    )
+    return Outgoing(sender, [to], message.as_bytes(), message["Message-ID"])
+
+
+def notify(
+    session: Session,
+    submission_id: str,
+    mailer: Mailer,
+    secret: bytes,
+    policy: ConfirmationPolicy,
+) -> list[Stage]:
+    """Send the confirmation email, or the reminder when it is due; at most one of each."""
+    submission = session.get(Submission, submission_id)
+    if submission is None or submission.state != State.UNCONFIRMED:
+        return []
+    reminder = submission.confirmation_sent_at is not None
+    if reminder and (
+        submission.reminder_sent_at is not None
+        or utcnow() - submission.created_at < policy.reminder_after  # a repeat, not yet due
+    ):
+        return []
+    definition = get_definition(session, submission.campaign_slug)
+    to = ((submission.payload or {}).get("supporter") or {}).get("email")
+    if definition is None or not isinstance(to, str) or not to:
+        return []
+    try:
+        to = wire_address(to)
+    except ValueError:  # stored before validation refused non-ASCII local parts: no email
+        return []
+    expires = submission.created_at + policy.valid
+    url = f"{policy.public_url.rstrip('/')}/v1/confirm/"
+    url += make_token(secret, submission.id, expires)
+    mail = _message(
+        submission.id,
+        str(definition.from_email),
+        definition.organisation,
+        to,
+        url,
+        expires,
+        reminder,
+    )
+    # Sent before it is marked, with nothing written yet: on SQLite no write lock is held while
+    # the mail server answers, and a failed send leaves it unmarked for the actor's retry. Two
+    # messages for one submission at the same moment could both send (a harmless duplicate);
+    # the guarded mark records it once.
+    mailer.send(mail)
+    column = Submission.reminder_sent_at if reminder else Submission.confirmation_sent_at
+    session.execute(
+        update(Submission)
+        .where(Submission.id == submission.id, column.is_(None))
+        .values({column.key: utcnow()})
+        .execution_options(synchronize_session=False)
+    )
+    return []
+
+
+def _read(session: Session, secret: bytes, token: str) -> tuple[str, Submission | None]:
+    """What a click would do: "ready" | "already" | "expired" | "invalid", and the submission."""
+    read = read_token(secret, token)
+    if read is None:
+        return "invalid", None
+    submission_id, valid = read
+    submission = session.get(Submission, submission_id)
+    if submission is None:
+        return "invalid", None
+    if submission.state != State.UNCONFIRMED:
+        return ("expired" if submission.state == State.EXPIRED else "already"), submission
+    return ("ready" if valid else "expired"), submission
+
+
+def check_token(session: Session, secret: bytes, token: str) -> str:
+    """What a click would do, without doing it: "ready" | "already" | "expired" | "invalid"."""
+    return _read(session, secret, token)[0]
+
+
+def confirm(session: Session, secret: bytes, token: str) -> tuple[str, str | None]:
+    """Act on a clicked link: ("confirmed" | "already" | "expired" | "invalid", submission id)."""
+    result, submission = _read(session, secret, token)
+    if result != "ready" or submission is None:
+        return result, submission.id if submission is not None else None
+    advance(
+        session, submission, State.RECEIVED, detail="confirmed by the sender", confirmed_at=utcnow()
+    )
+    return "confirmed", submission.id

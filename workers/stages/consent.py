@@ -1,0 +1,144 @@
+"""Consent logging: one event per channel for every valid submission, whatever delivery does."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy.orm import Session
+
+from schemas.submission import CHANNELS
+from workers.database.models import EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
+from workers.database.transitions import Apply, current, done, group_writes, rowcount
+from workers.letters.campaigns import get_definition
+from workers.privacy.hashing import supporter_hash
+from workers.privacy.ledger import append, hold
+
+# The record that the supporter was told their details go to their MP.
+MP_NOTICE = "mp_notice"
+
+
+_WAS_VALIDATED = select(
+    exists().where(
+        EVENTS.c.submission_id == bindparam("id"), EVENTS.c.state == State.VALIDATED.value
+    )
+)
+# States only a validated submission reaches (others, like rejected, may come before or after).
+PAST_VALIDATION = frozenset(
+    {State.VALIDATED, State.RESOLVED, State.HELD, State.RENDERED, State.DELIVERED}
+)
+_MARK_LOGGED = (
+    update(SUBMISSIONS)
+    .where(SUBMISSIONS.c.id == bindparam("submission"), SUBMISSIONS.c.consent_logged_at.is_(None))
+    .values(consent_logged_at=bindparam("at"))
+)
+
+
+def was_validated(session: Session, submission_id: str) -> bool:
+    return bool(session.execute(_WAS_VALIDATED, {"id": submission_id}).scalar())
+
+
+def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
+    """Record the submission's consent choices once; returns how many events were written."""
+    return plan(session, submission_id, secret)(session)
+
+
+def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
+    """The submission's consent events, to be chained onto the ledger in the write transaction."""
+    submission = current(session, submission_id, "consent_logged_at", "payload", "client_ip_hash")
+    if submission is None or submission.consent_logged_at is not None or submission.payload is None:
+        return done(0)
+    if submission.state not in PAST_VALIDATION and not was_validated(session, submission_id):
+        return done(0)
+    definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
+    if definition is None:
+        return done(0)
+    payload = submission.payload
+    prefs = payload["contact_preferences"]
+    common = {
+        "submission_id": submission_id,
+        "supporter_hash": supporter_hash(secret, payload["supporter"]["email"]),
+        "campaign_slug": submission.campaign_slug,
+        "wording_version": prefs["wording_version"],
+        "lawful_basis": definition.consent.lawful_basis,
+        "privacy_notice_version": definition.privacy_notice_version,
+        "source_url": payload.get("source_url"),
+        "user_agent": payload.get("user_agent"),
+        "ip_hash": submission.client_ip_hash,
+        "recorded_at": utcnow(),
+    }
+    events = []
+    for channel in CHANNELS:
+        question = definition.consent.question(channel)
+        assert question is not None  # checked when the campaign was loaded
+        events.append(
+            common
+            | {
+                "event_type": "preference",
+                "channel": channel,
+                "choice": prefs[channel],
+                "wording": question.wording,
+                "wording_sha256": question.sha256,
+            }
+        )
+    notice = definition.consent.mp_notice
+    events.append(
+        common
+        | {
+            "lawful_basis": "legitimate_interests",
+            "event_type": MP_NOTICE,
+            "channel": MP_NOTICE,
+            "choice": "informed",
+            "wording": notice,
+            "wording_sha256": hashlib.sha256(notice.encode()).hexdigest(),
+        }
+    )
+
+    def write(session: Session) -> int:
+        hold(session)  # the ledger's lock before any row lock (see workers.privacy.ledger.hold)
+        # Then the guarded mark: of two workers logging at once, the second writes nothing.
+        mark = {"submission": submission_id, "at": utcnow()}
+        group = group_writes(session)
+        if group is not None:  # made with the group's other marks and events
+            group.guard(_MARK_LOGGED, mark)
+            group.ledger.extend(events)
+            return len(events)
+        if rowcount(session.execute(_MARK_LOGGED, mark)) != 1:
+            return 0
+        # The mark and the events commit together: no event of this submission's is stored yet.
+        return append(session, events)
+
+    return write
+
+
+WITHDRAWAL_WORDING = "The supporter withdrew consent for contact by this channel."
+
+
+def withdraw(
+    session: Session,
+    secret: bytes,
+    email: str,
+    channels: list[str],
+    campaign_slug: str = "*",
+    source: str = "operator",
+) -> int:
+    """Record a withdrawal (a new event per channel; nothing earlier changes)."""
+    now = utcnow()
+    events = [
+        ConsentEvent(
+            submission_id=None,
+            supporter_hash=supporter_hash(secret, email),
+            event_type="withdrawal",
+            campaign_slug=campaign_slug,
+            channel=channel,
+            choice="refused",
+            wording_version="withdrawal",
+            wording=WITHDRAWAL_WORDING,
+            wording_sha256=hashlib.sha256(WITHDRAWAL_WORDING.encode()).hexdigest(),
+            lawful_basis="consent",
+            source_url=source,
+            recorded_at=now,
+        )
+        for channel in channels
+    ]
+    return append(session, events)

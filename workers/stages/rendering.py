@@ -1,0 +1,246 @@
+"""Rendering: the campaign's template and the supporter's words become one stored letter.
+
+Templates belong to the campaign and run in Jinja2's sandbox. What the supporter typed is passed
+in as data and never parsed as a template, so ``{{ 7*7 }}`` in a letter arrives as written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import StrictUndefined, Template
+from jinja2.sandbox import SandboxedEnvironment
+from sqlalchemy import bindparam, insert, select
+from sqlalchemy.orm import Session
+
+from schemas.campaign import CampaignDefinition
+from workers.database.models import (
+    DELIVERIES,
+    LETTERS,
+    Constituency,
+    DeliveryStatus,
+    Letter,
+    Member,
+    State,
+    utcnow,
+)
+from workers.database.transitions import Apply, advance, current, done, group_writes, move
+from workers.letters.campaigns import get_definition
+from workers.letters.mail import DkimSigner
+from workers.stages.stage import Stage
+
+
+@lru_cache(maxsize=1)
+def text_environment() -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
+    )
+
+
+@lru_cache(maxsize=1)
+def html_environment() -> SandboxedEnvironment:
+    return SandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
+
+
+@lru_cache(maxsize=256)
+def campaign_template(source: str, html: bool = False) -> Template:
+    """A campaign's template, compiled once per process (never the supporter's text)."""
+    env = html_environment() if html else text_environment()
+    return env.from_string(source)
+
+
+@dataclass(frozen=True)
+class Recipient:
+    name: str
+    email: str
+    constituency: str
+
+
+@dataclass(frozen=True)
+class RenderedLetter:
+    subject: str
+    body_text: str
+    body_html: str | None
+    from_name: str
+    from_email: str
+    reply_to: str
+    to_name: str
+    to_email: str
+    message_id: str
+
+    @property
+    def content_sha256(self) -> str:
+        parts = (self.subject, self.body_text, self.from_email, self.to_email, self.message_id)
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    def row_values(self, submission_id: str, created_at: datetime | None = None) -> dict[str, Any]:
+        """The columns of the row that stores this letter, once."""
+        return {
+            "submission_id": submission_id,
+            "message_id": self.message_id,
+            "subject": self.subject,
+            "body_text": self.body_text,
+            "body_html": self.body_html,
+            "from_name": self.from_name,
+            "from_email": self.from_email,
+            "reply_to": self.reply_to,
+            "to_name": self.to_name,
+            "to_email": self.to_email,
+            "content_sha256": self.content_sha256,
+            "created_at": created_at or utcnow(),
+        }
+
+
+def choose_subject(definition: CampaignDefinition, submission_id: str, typed: str) -> str:
+    """The supporter's subject where the campaign allows it, else a variant fixed per submission."""
+    if "subject" in definition.editable and typed.strip():
+        return typed.strip()
+    digest = int(hashlib.sha256(submission_id.encode()).hexdigest(), 16)
+    return definition.subject_variants[digest % len(definition.subject_variants)]
+
+
+def compose(
+    definition: CampaignDefinition,
+    submission_id: str,
+    payload: dict[str, Any],
+    mp: Recipient,
+    sandbox_address: str | None = None,
+) -> RenderedLetter:
+    """The letter for one submission: same inputs, same letter, byte for byte.
+
+    With ``sandbox_address`` (a campaign in sandbox mode) the letter goes there instead, with the
+    MP it was meant for noted at the top.
+    """
+    supporter = payload["supporter"]
+    body = payload["letter"]["body"] if "body" in definition.editable else definition.draft_body
+    context: dict[str, Any] = {
+        "mp": {"name": mp.name, "constituency": mp.constituency},
+        "campaign": {"title": definition.title, "organisation": definition.organisation},
+    }
+    salutation = campaign_template(definition.salutation).render(context)
+    letter_context = {
+        **context,
+        "salutation": salutation,
+        "body": body.strip(),
+        "sign_off": definition.sign_off,
+        "supporter": {
+            "name": supporter["name"],
+            "address_lines": supporter["address_lines"],
+            "postcode": supporter["postcode"],
+            "email": supporter["email"],
+        },
+    }
+    text = campaign_template(definition.letter_template).render(letter_context)
+    html = None
+    if definition.letter_template_html:
+        html = campaign_template(definition.letter_template_html, html=True).render(letter_context)
+    subject = choose_subject(definition, submission_id, payload["letter"]["subject"])
+    to_name, to_email = mp.name, mp.email
+    if sandbox_address:
+        note = (
+            f"[SANDBOX] Campaign '{definition.slug}' is in sandbox mode. This letter was meant "
+            f"for {mp.name} <{mp.email}>, MP for {mp.constituency}.\n\n"
+        )
+        text, subject = note + text, f"[SANDBOX] {subject}"
+        to_name, to_email = "DearMP sandbox", sandbox_address
+    from_name = campaign_template(definition.sender_name).render(
+        supporter_name=supporter["name"], organisation=definition.organisation
+    )
+    domain = str(definition.from_email).rsplit("@", 1)[1]
+    return RenderedLetter(
+        subject=subject,
+        body_text=text,
+        body_html=html,
+        from_name=from_name.strip(),
+        from_email=str(definition.from_email),
+        reply_to=supporter["email"],
+        to_name=to_name,
+        to_email=to_email,
+        message_id=f"<{submission_id}@{domain}>",
+    )
+
+
+_HAS_LETTER = select(LETTERS.c.submission_id).where(LETTERS.c.submission_id == bindparam("id"))
+_STORE_LETTER = insert(LETTERS)
+_NEW_DELIVERY = insert(DELIVERIES)
+
+
+def plan(
+    session: Session,
+    submission_id: str,
+    backend: str,
+    sandbox_address: str = "sandbox@localhost",
+    signer: DkimSigner | None = None,
+) -> Apply[list[Stage]]:
+    """Compose the letter: what to write (the letter, its delivery row, the move to rendered)."""
+    submission = current(
+        session,
+        submission_id,
+        "payload",
+        "recipient",
+        "directory_version_id",
+        "member_id",
+        "constituency_code",
+    )
+    if submission is None or submission.state != State.RESOLVED or submission.payload is None:
+        return done([])
+    if session.execute(_HAS_LETTER, {"id": submission_id}).first() is not None:
+        # Stored by an earlier attempt whose state change was lost.
+        return move(submission, State.RENDERED, then=[Stage.DELIVER])
+    definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
+    mode = submission.mode
+    recipient = submission.recipient or {}
+    if not recipient.get("email"):  # resolved before recipients were recorded
+        version = submission.directory_version_id
+        member = session.get(Member, (version, submission.member_id))
+        seat = session.get(Constituency, (version, submission.constituency_code))
+        if member is not None and seat is not None:
+            recipient = {"name": member.name, "email": member.email, "constituency": seat.name}
+    if definition is None or mode is None or not recipient.get("email"):
+        reason = "campaign or MP no longer in the database"
+        return move(submission, State.FAILED, reason, failure_reason=reason)
+    letter = compose(
+        definition,
+        submission_id,
+        submission.payload,
+        Recipient(recipient["name"], recipient["email"], recipient["constituency"]),
+        sandbox_address if mode == "sandbox" else None,
+    )
+    row = letter.row_values(submission_id)
+    if signer is not None:  # signed once: every attempt sends these bytes
+        row["dkim_signature"] = signer.letter_signature(Letter(**row))
+    delivery = {
+        "submission_id": submission_id,
+        "status": DeliveryStatus.PENDING.value,
+        "backend": backend,
+        "attempts": 0,
+    }
+
+    def write(session: Session) -> list[Stage]:
+        # The guarded state change first: of two workers rendering at once, the second stops
+        # here (AlreadyMoved) before it writes anything. Then the letter, then its delivery row.
+        advance(session, submission, State.RENDERED)
+        group = group_writes(session)
+        if group is not None:  # made with the group's other letters
+            group.insert(_STORE_LETTER, row)
+            group.insert(_NEW_DELIVERY, delivery)
+        else:
+            session.execute(_STORE_LETTER, row)
+            session.execute(_NEW_DELIVERY, delivery)
+        return [Stage.DELIVER]
+
+    return write
+
+
+def render(
+    session: Session,
+    submission_id: str,
+    backend: str,
+    sandbox_address: str = "sandbox@localhost",
+    signer: DkimSigner | None = None,
+) -> list[Stage]:
+    return plan(session, submission_id, backend, sandbox_address, signer)(session)

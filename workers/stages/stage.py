@@ -1,0 +1,40 @@
+"""The pipeline's stages by name: each has one queue and one actor, and a group size."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from schemas.messages import MAX_IDS
+
+
+class Stage(StrEnum):
+    VALIDATE = "validate"
+    RESOLVE = "resolve"
+    RENDER = "render"
+    DELIVER = "deliver"
+    CONSENT = "consent"
+    NOTIFY = "notify"  # the sender-confirmation email, for campaigns that ask for one
+
+    @property
+    def queue(self) -> str:
+        return f"dearmp.{self.value}"
+
+    @property
+    def actor(self) -> str:
+        return f"{self.value}_submission"
+
+    @property
+    def group_size(self) -> int:
+        """The most submissions one message to this stage carries (more than one: version 2).
+        Delivery sends a group's letters one after another within one time limit, so its groups
+        are smaller; the confirmation email goes one per message."""
+        return {Stage.DELIVER: 16, Stage.NOTIFY: 1}.get(self, MAX_IDS)
+
+
+class Deferred(Exception):
+    """The stage must wait (quiet hours, a rate limit): send it again later, costing no retry."""
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(f"{reason}: wait {seconds:.1f}s")
+        self.seconds = seconds
+        self.reason = reason

@@ -1,0 +1,62 @@
+"""Validation: turn a stored payload into a valid submission, or a rejection with reasons."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from schemas.campaign import CampaignDefinition
+from schemas.submission import SubmissionV1, parse_submission
+from workers.database.models import State
+from workers.database.transitions import Apply, current, done, move
+from workers.letters.campaigns import get_definition
+from workers.stages.stage import Stage
+
+
+def campaign_errors(definition: CampaignDefinition, submission: SubmissionV1) -> dict[str, str]:
+    """What the campaign's own rules refuse in an otherwise well-formed submission."""
+    errors = {}
+    body = submission.letter.body
+    if "body" in definition.editable:
+        if len(body) < definition.body_min_chars:
+            errors["letter.body"] = (
+                f"Your letter is too short: write at least {definition.body_min_chars} characters."
+            )
+        elif len(body) > definition.body_max_chars:
+            errors["letter.body"] = (
+                f"Your letter is too long: {len(body)} characters, the limit is "
+                f"{definition.body_max_chars}."
+            )
+    if submission.contact_preferences.wording_version != definition.consent.version:
+        errors["contact_preferences.wording_version"] = (
+            "The contact-preference wording has changed since this page was loaded. "
+            "Please reload the page and choose again."
+        )
+    return errors
+
+
+def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
+    """Validate a received submission: what to write, and the stages to send it on to."""
+    submission = current(session, submission_id, "payload")
+    if submission is None or submission.state != State.RECEIVED:
+        return done([])
+    parsed = parse_submission(submission.payload)
+    if isinstance(parsed, dict):
+        errors = parsed
+    else:
+        same = parsed.campaign == submission.campaign_slug  # read with the submission
+        digest = submission.definition_sha256 if same else None
+        definition = get_definition(session, parsed.campaign, digest)
+        if definition is None:
+            errors = {"campaign": f"There is no campaign called '{parsed.campaign}'."}
+        else:
+            errors = campaign_errors(definition, parsed)
+    if errors:
+        return move(submission, State.REJECTED, "invalid input", rejection=errors)
+    assert not isinstance(parsed, dict)
+    payload = parsed.model_dump(mode="json")
+    return move(submission, State.VALIDATED, then=[Stage.RESOLVE, Stage.CONSENT], payload=payload)
+
+
+def validate(session: Session, submission_id: str) -> list[Stage]:
+    """Validate a received submission; returns the stages to send it on to."""
+    return plan(session, submission_id)(session)

@@ -1,0 +1,108 @@
+"""Intake: store what a front end posted, exactly once per idempotency key.
+
+Nothing is judged here beyond what identifies the submission: every check belongs to validation,
+so that even a malformed submission ends as a recorded rejection with reasons.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from workers.database.models import EVENTS, SUBMISSIONS, State, Submission, new_id, utcnow
+from workers.privacy.hashing import ip_hash, supporter_hash
+
+
+@dataclass(frozen=True)
+class Accepted:
+    submission_id: str
+    created: bool
+
+
+def _text(value: Any, limit: int) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+
+
+def _split_ip(payload: Any, secret: bytes) -> tuple[Any, str | None]:
+    """Drop a well-formed client IP from the payload, keeping only its keyed hash."""
+    if not isinstance(payload, dict) or not payload.get("client_ip"):
+        return payload, None
+    try:
+        address = str(ipaddress.ip_address(payload["client_ip"]))
+    except (TypeError, ValueError):
+        return payload, None  # left in place: validation rejects it with a message
+    return {**payload, "client_ip": None}, ip_hash(secret, address)
+
+
+def accept(
+    session: Session, payload: Any, secret: bytes, state: State = State.RECEIVED
+) -> Accepted:
+    """Record a submission in state ``received`` (caller commits, then dispatches validation),
+    or ``unconfirmed`` when its campaign first asks the sender to confirm by email."""
+    return accept_many(session, [(payload, state)], secret)[0]
+
+
+def accept_many(session: Session, items: list[tuple[Any, State]], secret: bytes) -> list[Accepted]:
+    """Record several submissions in one statement (the HTTP intake's group commit)."""
+    now = utcnow()
+    rows = []
+    for payload, state in items:
+        campaign = _text(payload.get("campaign"), 200) if isinstance(payload, dict) else None
+        key = _text(payload.get("idempotency_key"), 200) if isinstance(payload, dict) else None
+        stored, hashed_ip = _split_ip(payload, secret)
+        rows.append(
+            {
+                "id": new_id(),
+                "campaign_slug": campaign or "",
+                "idempotency_key": key,
+                "state": state.value,
+                "payload": stored,
+                "client_ip_hash": hashed_ip,
+                "supporter_hash": _supporter(payload, secret),
+                "created_at": now,
+                "updated_at": now,
+                "dispatched_at": now,
+            }
+        )
+    # Core statements on the session's connection: the intake is the HTTP front door's hot path.
+    # A submission whose key is already stored (or repeated in this batch) inserts nothing (on
+    # PostgreSQL after waiting for a concurrent insert of it to commit) and gets the stored id.
+    connection = session.connection()
+    table = SUBMISSIONS
+    stmt: Any = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert(table)
+    stmt = stmt.values(rows).on_conflict_do_nothing(
+        index_elements=["campaign_slug", "idempotency_key"]
+    )
+    inserted = {row[0] for row in connection.execute(stmt.returning(table.c.id))}
+    results, events = [], []
+    for row in rows:
+        if row["id"] in inserted:
+            results.append(Accepted(row["id"], created=True))
+            events.append({"submission_id": row["id"], "state": row["state"], "at": now})
+            continue
+        found = _find(session, row["campaign_slug"], row["idempotency_key"] or "")
+        if found is None:
+            raise RuntimeError("idempotency conflict without a stored submission")
+        results.append(Accepted(found, created=False))
+    if events:
+        connection.execute(insert(EVENTS), events)
+    return results
+
+
+def _supporter(payload: Any, secret: bytes) -> str | None:
+    supporter = payload.get("supporter") if isinstance(payload, dict) else None
+    email = supporter.get("email") if isinstance(supporter, dict) else None
+    return supporter_hash(secret, email) if isinstance(email, str) and email.strip() else None
+
+
+def _find(session: Session, campaign: str, key: str) -> str | None:
+    return session.scalar(
+        select(Submission.id).where(
+            Submission.campaign_slug == campaign, Submission.idempotency_key == key
+        )
+    )
