@@ -1,0 +1,117 @@
+"""A campaign for its page: what the form needs, and the preview of a supporter's letter."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from schemas.postcode import PostcodeProblem, check_format
+from workers.database.engine import session_scope
+from workers.mp.lookup import Found, find
+from workers.privacy.hashing import ip_hash, limiter_network
+from workers.stages.rendering import campaign_template, choose_subject
+from workers.stages.resolution import MEMBER_FIELD, POSTCODE_FIELD, Refuse, decide
+from workers.web.clients import client_ip, over_limit
+from workers.web.dependencies import AppDep, IntakeDep
+from workers.web.schemas import (
+    ERROR_RESPONSES,
+    HONEYPOT,
+    CampaignOut,
+    ConsentQuestionOut,
+    DraftOut,
+    MpOut,
+    PreviewIn,
+    PreviewOut,
+    problem,
+    retry_after,
+)
+
+router = APIRouter()
+
+
+@router.get("/v1/campaigns/{slug}", response_model=CampaignOut, responses=ERROR_RESPONSES)
+def campaign(slug: str, app: AppDep, intake: IntakeDep) -> Any:
+    """What a page needs to draw the form."""
+    definition = intake.definition(slug)
+    if definition is None:
+        return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
+    return CampaignOut(
+        slug=definition.slug,
+        title=definition.title,
+        organisation=definition.organisation,
+        introduction=definition.introduction.strip(),
+        subject_variants=definition.subject_variants,
+        draft_body=definition.draft_body.strip(),
+        editable=list(definition.editable),
+        body_min_chars=definition.body_min_chars,
+        body_max_chars=definition.body_max_chars,
+        consent_version=definition.consent.version,
+        consent_questions=[
+            ConsentQuestionOut(channel=q.channel, wording=q.wording, sha256=q.sha256)
+            for q in definition.consent.questions
+        ],
+        mp_notice=definition.consent.mp_notice,
+        privacy_notice_url=definition.privacy_notice_url,
+        privacy_notice_version=definition.privacy_notice_version,
+        confirmation_required=definition.confirmation,
+        honeypot_field=HONEYPOT,
+        example_postcode=intake.example_postcode(),
+    )
+
+
+@router.post("/v1/campaigns/{slug}/preview", response_model=PreviewOut, responses=ERROR_RESPONSES)
+def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: IntakeDep) -> Any:
+    """The supporter's MP and the draft letter to edit (the page's second step)."""
+    definition = intake.definition(slug)
+    if definition is None:
+        return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
+    network = limiter_network(client_ip(request) or "unknown", app.settings.api_ipv6_prefix)
+    wait = over_limit(
+        app,
+        "ip",
+        ip_hash(app.secret, network),
+        app.settings.api_ip_limit * 4,
+        app.settings.api_ip_window,
+    )
+    if wait > 0:
+        return problem(429, {"body": "Too many requests. Please wait a moment."}, retry_after(wait))
+    postcode, bad = check_format(body.postcode)
+    if bad is not None:
+        return problem(422, {"postcode": bad.message})
+    with session_scope(app.sessions) as session:
+        answer = find(session, postcode, app.settings.resolution_order, app.live_sources)
+        # A preview tells the supporter now what a held letter would wait for.
+        targets = definition.targets.model_copy(
+            update={"vacant_seat": "reject", "no_email": "reject"}
+        )
+        outcome = decide(targets, postcode, answer)
+    if isinstance(outcome, Refuse):
+        field = "postcode" if outcome.field == POSTCODE_FIELD else MEMBER_FIELD
+        # A postcode the directory does not know is not found; the rest are refusals.
+        unknown = outcome.code == f"postcode:{PostcodeProblem.UNKNOWN}"
+        return problem(404 if unknown else 422, {field: outcome.message})
+    if not isinstance(outcome, Found):
+        return problem(
+            422,
+            {MEMBER_FIELD: "We cannot find an MP to write to for this postcode just now."},
+        )
+    context = {
+        "mp": {"name": outcome.member.name, "constituency": outcome.seat.name},
+        "campaign": {"title": definition.title, "organisation": definition.organisation},
+    }
+    return PreviewOut(
+        postcode=postcode,
+        mp=MpOut(
+            name=outcome.member.name,
+            constituency=outcome.seat.name,
+            party=outcome.member.party,
+        ),
+        letter=DraftOut(
+            subject=choose_subject(definition, secrets.token_hex(8), ""),
+            salutation=campaign_template(definition.salutation).render(context),
+            body=definition.draft_body.strip(),
+            sign_off=definition.sign_off,
+        ),
+    )

@@ -1,0 +1,50 @@
+"""Who is asking: the client's address and user agent, a front end's API key, and the API's
+rate limits per network and per supporter."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import uuid
+
+from fastapi import Request
+
+from workers.letters.rate_limits import Limit
+from workers.pipeline.app import App
+
+
+def client_ip(request: Request) -> str | None:
+    """The peer's address (uvicorn applies X-Forwarded-For from trusted proxies), if it is one."""
+    host = request.client.host if request.client else ""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+def user_agent(request: Request) -> str | None:
+    """The request's User-Agent as consent evidence: printable, at most 512 characters (what
+    the submission schema accepts, so validation never refuses what the API stored)."""
+    value = request.headers.get("user-agent")
+    if not value:
+        return None
+    text = "".join(ch for ch in value if ch.isprintable()).strip()[:512]
+    return text or None
+
+
+def authenticated(app: App, key: str | None) -> bool | None:
+    """None without a key; True or False for a key checked against DEARMP_API_KEYS."""
+    if key is None:
+        return None
+    configured = app.settings.api_keys
+    keys = configured.get_secret_value().split(",") if configured else []
+    given = key.encode("utf-8", "replace")
+    return any(k.strip() and hmac.compare_digest(given, k.strip().encode()) for k in keys)
+
+
+def over_limit(app: App, kind: str, who: str, limit: int, window: float) -> float:
+    """Seconds to wait when ``who`` is over its limit of ``kind``, else 0 (and counted)."""
+    if limit <= 0:
+        return 0.0
+    rule = Limit(f"api:{kind}:{who}", limit, window)
+    return app.limiter.reserve(uuid.uuid4().hex, [rule])

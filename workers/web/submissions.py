@@ -1,0 +1,154 @@
+"""Submissions: a supporter's letter stored before its 202, and its state, without personal
+data. The stage message is sent after the commit; the reconciler resends it if that fails."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio.to_thread
+import structlog
+from fastapi import APIRouter, Body, Header, Request
+
+from schemas.campaign import CampaignDefinition
+from workers.database.engine import session_scope
+from workers.database.models import State, Submission, utcnow
+from workers.privacy.hashing import ip_hash, limiter_email, limiter_network, supporter_hash
+from workers.stages.validation import campaign_errors
+from workers.web.clients import authenticated, client_ip, over_limit, user_agent
+from workers.web.dependencies import MISSING, AppDep, IntakeDep
+from workers.web.honeypot import fake_submission_id, honeypot_campaign
+from workers.web.schemas import (
+    ERROR_RESPONSES,
+    HONEYPOT,
+    KEY_HEADER,
+    OUTCOMES,
+    SUBMIT_RESPONSES,
+    AcceptedOut,
+    StatusOut,
+    SubmissionIn,
+    accepted,
+    problem,
+    retry_after,
+)
+
+log = structlog.get_logger(__name__)
+router = APIRouter()
+
+
+@router.post(
+    "/v1/submissions",
+    status_code=202,
+    response_model=AcceptedOut,
+    responses=SUBMIT_RESPONSES,
+)
+async def submit(
+    request: Request,
+    app: AppDep,
+    intake: IntakeDep,
+    body: Annotated[SubmissionIn, Body()],
+    origin: Annotated[str | None, Header()] = None,
+    x_dearmp_key: Annotated[
+        str | None,
+        Header(
+            description="A server-side front end's key (DEARMP_API_KEYS): only then are "
+            "the body's client_ip and user_agent taken as the consent evidence."
+        ),
+    ] = None,
+) -> Any:
+    """Store a supporter's final submission; 202 once it is in the database."""
+    key_valid = authenticated(app, x_dearmp_key)
+    if key_valid is False:
+        return problem(401, {KEY_HEADER: "This key is not valid for this deployment."})
+    if body.website and body.website.strip():  # a robot filled the trap: keep nothing
+        log.info("honeypot_filled")
+        fake = fake_submission_id(app.secret, body.campaign)
+        return accepted(fake, "received", duplicate=False)
+    definition = intake.cached_definition(body.campaign)
+    if definition is MISSING:
+        definition = await anyio.to_thread.run_sync(intake.definition, body.campaign)
+    if not isinstance(definition, CampaignDefinition):
+        return problem(404, {"campaign": f"There is no campaign called '{body.campaign}'."})
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    if origin and origin != own and not intake.origins.allows(body.campaign, origin):
+        return problem(403, {"origin": "This page may not post to this campaign."})
+    errors = campaign_errors(definition, body)
+    if errors:
+        # The page's consent wording is out of date: a conflict with the campaign as it is
+        # now, which reloading resolves; anything else is the letter's.
+        stale = set(errors) == {"contact_preferences.wording_version"}
+        return problem(409 if stale else 422, errors)
+    address = client_ip(request)
+    for kind, who, limit, window in (
+        (
+            "ip",
+            ip_hash(
+                app.secret,
+                limiter_network(address or "unknown", app.settings.api_ipv6_prefix),
+            ),
+            app.settings.api_ip_limit,
+            app.settings.api_ip_window,
+        ),
+        (
+            "email",
+            supporter_hash(app.secret, limiter_email(body.supporter.email)),
+            app.settings.api_email_limit,
+            app.settings.api_email_window,
+        ),
+    ):
+        if limit <= 0:
+            continue
+        wait = await anyio.to_thread.run_sync(over_limit, app, kind, who, limit, window)
+        if wait > 0:
+            message = "Too many letters from here. Please try again later."
+            return problem(429, {"body": message}, retry_after(wait))
+    payload = body.model_dump(mode="json", exclude={HONEYPOT})
+    # The consent evidence: the request's own, unless an authenticated server-side front
+    # end passes its supporter's (anyone else could opt any address in or out).
+    if key_valid:
+        payload["client_ip"] = payload.get("client_ip") or address
+        payload["user_agent"] = payload.get("user_agent") or user_agent(request)
+    else:
+        payload["client_ip"], payload["user_agent"] = address, user_agent(request)
+    # Stored (with others that arrived meanwhile) and committed before the 202; the stage
+    # message follows the commit.
+    stored = await intake.batcher.submit(
+        payload, State.UNCONFIRMED if definition.confirmation else State.RECEIVED
+    )
+    state = "unconfirmed" if definition.confirmation else "received"
+    return accepted(stored.submission_id, state, duplicate=not stored.created)
+
+
+@router.get("/v1/submissions/{submission_id}", response_model=StatusOut, responses=ERROR_RESPONSES)
+def status(submission_id: str, app: AppDep, intake: IntakeDep) -> Any:
+    """A submission's state, without personal data."""
+    with session_scope(app.sessions) as session:
+        sub = session.get(Submission, submission_id[:64])
+        if sub is None:
+            slug = honeypot_campaign(app.secret, submission_id, intake.origins.slugs())
+            if slug is not None:  # answered like a submission that has just arrived
+                now = utcnow().isoformat()
+                return StatusOut(
+                    id=submission_id,
+                    campaign=slug,
+                    state=State.RECEIVED.value,
+                    final=False,
+                    received_at=now,
+                    updated_at=now,
+                    outcome=OUTCOMES[State.RECEIVED],
+                )
+            return problem(404, {"submission": "There is no such submission."})
+        recipient = sub.recipient or {}
+        state = State(sub.state)
+        return StatusOut(
+            id=sub.id,
+            campaign=sub.campaign_slug,
+            state=state.value,
+            final=state.is_final,
+            received_at=sub.created_at.isoformat(),
+            updated_at=sub.updated_at.isoformat(),
+            mp={"name": recipient["name"], "constituency": recipient["constituency"]}
+            if recipient.get("name")
+            else None,
+            errors=sub.rejection if state == State.REJECTED else None,
+            outcome=OUTCOMES[state],
+        )
