@@ -59,10 +59,14 @@ def main() -> int:
         if run(*check) != 0:
             return 1
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    # The fast layer (no services) first, then the tests with real services. pytest's exit 5
+    # The fast layer (no services) first, then the tests with real services and the exhaustive
+    # checks. pytest's exit 5
     # (no test selected) is fine for one layer when the other ran.
     codes = []
-    layers = {"not services": "the fast layer (no services)", "services": "real services"}
+    layers = {
+        "not services and not thorough": "the fast layer (no services)",
+        "services or thorough": "real services and exhaustive checks",
+    }
     for layer, name in layers.items():
         print(f"== tests: {name}", flush=True)
         codes.append(run(str(BIN / "python"), "-m", "pytest", "-m", layer, *extra))

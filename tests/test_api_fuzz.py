@@ -46,6 +46,7 @@ def api_schema(api_app: Any) -> Any:
     return schemathesis.openapi.from_asgi("/openapi.json", api_app)
 
 
+@pytest.mark.thorough
 def test_no_input_produces_a_server_error(api_schema: Any) -> None:
     """Every operation in the OpenAPI description, with generated valid and invalid requests.
 

@@ -75,6 +75,7 @@ def check_wire(data: bytes) -> None:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=_text.map(lambda t: t.strip()[:100] or "x"), subject=_text.map(lambda t: t[:200]))
+@pytest.mark.thorough
 def test_every_accepted_name_and_subject_makes_lines_a_server_accepts(
     name: str, subject: str
 ) -> None:

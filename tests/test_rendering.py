@@ -9,7 +9,6 @@ from typing import Any
 
 import dkim
 import pytest
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config.settings import CONFIG_DIR
@@ -18,7 +17,7 @@ from tests.factories import submission
 from tests.services import dkim_keys
 from workers.database.models import Letter
 from workers.letters.campaigns import load_definitions
-from workers.letters.mail import WIRE, DkimSigner, build_message, letter_bytes, outgoing
+from workers.letters.mail import DkimSigner, build_message, outgoing
 from workers.stages.rendering import Recipient, choose_subject, compose
 
 MP = Recipient("Alex Baker", "alex.baker.mp@parliament.uk", "Aldershot")
@@ -130,35 +129,6 @@ _header_text = (
     .map("".join)
     .map(str.strip)
 )
-
-
-@settings(max_examples=500, deadline=None)
-@given(
-    name=_header_text,
-    subject=_header_text,
-    html=st.booleans(),
-    reply_to=st.booleans(),
-    body=st.text(min_size=0, max_size=600),
-    line=st.integers(min_value=60, max_value=90),
-    digest=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64) | st.just("not hex"),
-)
-def test_the_letters_bytes_are_the_standard_generators_bytes(
-    name: str, subject: str, html: bool, reply_to: bool, body: str, line: int, digest: str
-) -> None:
-    letter = stored(compose(campaign(), "s-1", payload(), MP))
-    letter.content_sha256 = digest  # the multipart boundary
-    letter.from_name, letter.to_name, letter.subject = name, name[::-1], subject or "x"
-    # Lines around quoted-printable's 76, trailing spaces, dots and "From " at line starts.
-    letter.body_text = body + "\n" + "x" * line + " \n.\nFrom here\t\n" + body[::-1]
-    letter.body_html = f"<p>{letter.body_text}</p>" if html else None
-    letter.reply_to = letter.reply_to if reply_to else None
-    assert letter_bytes(letter) == build_message(letter).as_bytes(policy=WIRE)
-
-
-def test_an_empty_body_is_written_as_the_standard_generator_writes_it() -> None:
-    letter = stored(compose(campaign(), "s-1", payload(), MP))
-    letter.body_text, letter.body_html = "", None
-    assert letter_bytes(letter) == build_message(letter).as_bytes(policy=WIRE)
 
 
 @pytest.mark.parametrize("field", ["subject", "from_name", "to_name", "reply_to", "message_id"])

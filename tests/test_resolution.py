@@ -134,6 +134,7 @@ def run_through_resolution(app: App, postcodes: list[str]) -> dict[str, Submissi
     return out
 
 
+@pytest.mark.thorough
 def test_every_live_postcode_in_the_shared_files_resolves_to_its_constituency(
     uk: App, shared_data: Path
 ) -> None:
