@@ -9,7 +9,6 @@ from typing import Any
 
 import dkim
 import pytest
-from hypothesis import strategies as st
 
 from config.settings import CONFIG_DIR
 from schemas.campaign import CampaignDefinition
@@ -120,15 +119,6 @@ def test_headers_are_encoded_for_non_ascii_names_and_stable_across_retries() -> 
     assert sender.addr_spec == "letters@campaign.example.org"
     assert parsed["Message-ID"] == "<s-1@campaign.example.org>"
     assert parsed.get_body(("html",)) is not None and parsed.get_body(("plain",)) is not None
-
-
-# Header values as supporters and campaigns give them: ASCII and not, short and long, with
-# runs of spaces and things that look like encoded words.
-_header_text = (
-    st.lists(st.sampled_from([*"aZ09 .,'-=?_<>\"()", "  ", "=?utf-8?q?x?=", "é", "Ó", "中", "\t"]))
-    .map("".join)
-    .map(str.strip)
-)
 
 
 @pytest.mark.parametrize("field", ["subject", "from_name", "to_name", "reply_to", "message_id"])
