@@ -41,8 +41,8 @@ from workers.letters.campaigns import update_definition  # noqa: E402
 from workers.pipeline.app import App  # noqa: E402
 from workers.pipeline.dispatch import stage_message  # noqa: E402
 from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
+from workers.stages.intake import accept  # noqa: E402
 from workers.stages.stage import Stage  # noqa: E402
-from workers.web.intake import accept  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

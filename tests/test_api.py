@@ -306,7 +306,7 @@ def test_one_reminder_after_a_day_and_expiry_after_seven(
 
 
 def test_group_commit_stores_each_once_even_with_repeats_in_one_batch(app: App) -> None:
-    from workers.web.intake import accept_many
+    from workers.stages.intake import accept_many
 
     first, second = posted(), posted()
     items = [(first, State.RECEIVED), (second, State.RECEIVED), (dict(first), State.RECEIVED)]
@@ -351,7 +351,7 @@ def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_ag
     from workers.database.engine import make_engine
     from workers.letters.mail import Outgoing, TransientDeliveryError
     from workers.stages.confirmation import ConfirmationPolicy, notify
-    from workers.web.intake import accept
+    from workers.stages.intake import accept
 
     with session_scope(app.sessions) as session:
         update_definition(session, SLUG, confirmation=True)

@@ -36,8 +36,9 @@ from workers.privacy.rights import (
     erase_supporter,
     export_supporter,
     run_retention,
+    withdraw,
 )
-from workers.stages.consent import log_consent, withdraw
+from workers.stages.consent import log_consent
 from workers.stages.delivery import deliver
 from workers.stages.validation import validate
 

@@ -31,8 +31,8 @@ from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups, stage_message, submission_id_of
 from workers.pipeline.runtime import state_counts
 from workers.stages.delivery import DeliveryPolicy, deliver_group
+from workers.stages.intake import accept
 from workers.stages.stage import Stage
-from workers.web.intake import accept
 
 
 class Sent(Middleware):

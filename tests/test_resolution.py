@@ -26,10 +26,10 @@ from workers.mp.directory import import_directory, set_dissolved
 from workers.pipeline.app import App, set_app
 from workers.pipeline.reconciler import find_stalled
 from workers.pipeline.runtime import prepare
+from workers.stages.intake import accept
 from workers.stages.resolution import resolve
 from workers.stages.stage import Stage
 from workers.stages.validation import validate
-from workers.web.intake import accept
 
 SLUG = "political-prisoners"
 MPS = "constituencies_2024_current_mps.csv"

@@ -26,11 +26,11 @@ from workers.pipeline.app import App
 from workers.pipeline.reconciler import find_stalled
 from workers.stages.consent import log_consent
 from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.intake import accept
 from workers.stages.rendering import render
 from workers.stages.resolution import resolve
 from workers.stages.stage import Stage
 from workers.stages.validation import validate
-from workers.web.intake import accept
 
 POLICY = DeliveryPolicy(lease_seconds=300)
 POLICY_3 = DeliveryPolicy(lease_seconds=300, max_attempts=3)

@@ -15,8 +15,8 @@ from workers.database.engine import make_engine, make_sessionmaker, session_scop
 from workers.database.models import State, Submission
 from workers.database.transitions import AlreadyMoved, Apply, current, run_group
 from workers.pipeline.app import App
+from workers.stages.intake import accept
 from workers.stages.validation import plan
-from workers.web.intake import accept
 
 REPO = Path(__file__).resolve().parent.parent
 DONE = Table("done", MetaData(), Column("item", Text, primary_key=True))

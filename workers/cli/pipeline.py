@@ -42,7 +42,7 @@ def migrate() -> None:
 @click.option("--processes", default=2, show_default=True, help="Worker processes.")
 @click.option("--threads", default=8, show_default=True, help="Threads per process.")
 def worker(processes: int, threads: int) -> None:
-    """Run the five actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
+    """Run the six actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
     from dramatiq.cli import main as dramatiq_main
 
     args = [

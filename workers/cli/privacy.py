@@ -59,7 +59,7 @@ def consent_verify() -> None:
 def consent_withdraw(email: str, channels: tuple[str, ...], source: str) -> None:
     """Record that a supporter withdrew consent (a new event; nothing earlier changes)."""
     from workers.database.engine import session_scope
-    from workers.stages.consent import withdraw
+    from workers.privacy.rights import withdraw
 
     app = _app()
     with session_scope(app.sessions) as session:

@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
 from workers.database.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
-from workers.privacy.ledger import append
 
 RECORD_EVENT = insert(EVENTS)
 
@@ -131,19 +130,25 @@ class GroupWrites:
     """A group's writes, collected while its submissions are written (:func:`run_group`) and
     made with one statement of each kind at the end, instead of a few statements per
     submission: the guarded changes (each must match one row), then the inserts in the order
-    their kinds came, then the events, then the consent ledger's events in order."""
+    their kinds came, then the events, then what was collected for a writer of its own (the
+    consent ledger)."""
 
     def __init__(self) -> None:
         self.guarded: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
         self.inserts: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
         self.events: list[dict[str, Any]] = []
-        self.ledger: list[dict[str, Any]] = []
+        self.later: dict[Callable[[Session, list[Any]], Any], list[Any]] = {}
 
     def guard(self, statement: Executable, params: dict[str, Any]) -> None:
         self.guarded.setdefault(id(statement), (statement, []))[1].append(params)
 
     def insert(self, statement: Executable, params: dict[str, Any]) -> None:
         self.inserts.setdefault(id(statement), (statement, []))[1].append(params)
+
+    def collect(self, write: Callable[[Session, list[Any]], Any], rows: list[Any]) -> None:
+        """Rows for ``write``, which gets all of the group's at the end, in order (the consent
+        ledger chains a group's events with one head read and one statement)."""
+        self.later.setdefault(write, []).extend(rows)
 
     def flush(self, session: Session) -> None:
         """Make the writes; :class:`AlreadyMoved` when a guarded change matched nothing
@@ -156,7 +161,8 @@ class GroupWrites:
             session.execute(statement, params)
         if self.events:
             session.execute(RECORD_EVENT, self.events)
-        append(session, self.ledger)
+        for write, rows in self.later.items():
+            write(session, rows)
 
 
 def group_writes(session: Session) -> GroupWrites | None:

@@ -21,8 +21,8 @@ from workers.pipeline.dispatch import dispatch
 from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.reconciler import run_forever
 from workers.stages.confirmation import ConfirmationPolicy
+from workers.stages.intake import accept
 from workers.stages.stage import Stage
-from workers.web.intake import accept
 
 SAMPLE_DIR = CONFIG_DIR / "sample"
 

@@ -7,6 +7,7 @@ the same identity the consent ledger uses, so the ledger's proof survives erasur
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import uuid
 from collections.abc import Iterator
@@ -34,7 +35,6 @@ from workers.database.transitions import AlreadyMoved, advance
 from workers.letters.campaigns import get_definition
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, current_preferences, hold
-from workers.stages.consent import withdraw
 
 ERASED = "(erased)"
 RECEIPT_NAMESPACE = uuid.UUID("6b1c3a52-8d8e-4c39-a0f4-2f0a3f6d9e11")
@@ -503,3 +503,36 @@ def consent_csv(session: Session) -> Iterator[str]:
         choices = [current.get(c, {}).get("choice", "not_asked") for c in CHANNELS]
         writer.writerow([spreadsheet_safe(v) for v in (who, email, name, *choices, updated)])
         yield flush()
+
+
+WITHDRAWAL_WORDING = "The supporter withdrew consent for contact by this channel."
+
+
+def withdraw(
+    session: Session,
+    secret: bytes,
+    email: str,
+    channels: list[str],
+    campaign_slug: str = "*",
+    source: str = "operator",
+) -> int:
+    """Record a withdrawal (a new event per channel; nothing earlier changes)."""
+    now = utcnow()
+    events = [
+        ConsentEvent(
+            submission_id=None,
+            supporter_hash=supporter_hash(secret, email),
+            event_type="withdrawal",
+            campaign_slug=campaign_slug,
+            channel=channel,
+            choice="refused",
+            wording_version="withdrawal",
+            wording=WITHDRAWAL_WORDING,
+            wording_sha256=hashlib.sha256(WITHDRAWAL_WORDING.encode()).hexdigest(),
+            lawful_basis="consent",
+            source_url=source,
+            recorded_at=now,
+        )
+        for channel in channels
+    ]
+    return append(session, events)

@@ -8,7 +8,7 @@ from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from schemas.submission import CHANNELS
-from workers.database.models import EVENTS, SUBMISSIONS, ConsentEvent, State, utcnow
+from workers.database.models import EVENTS, SUBMISSIONS, State, utcnow
 from workers.database.transitions import Apply, current, done, group_writes, rowcount
 from workers.letters.campaigns import get_definition
 from workers.privacy.hashing import supporter_hash
@@ -101,7 +101,7 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
         group = group_writes(session)
         if group is not None:  # made with the group's other marks and events
             group.guard(_MARK_LOGGED, mark)
-            group.ledger.extend(events)
+            group.collect(append, events)
             return len(events)
         if rowcount(session.execute(_MARK_LOGGED, mark)) != 1:
             return 0
@@ -109,36 +109,3 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
         return append(session, events)
 
     return write
-
-
-WITHDRAWAL_WORDING = "The supporter withdrew consent for contact by this channel."
-
-
-def withdraw(
-    session: Session,
-    secret: bytes,
-    email: str,
-    channels: list[str],
-    campaign_slug: str = "*",
-    source: str = "operator",
-) -> int:
-    """Record a withdrawal (a new event per channel; nothing earlier changes)."""
-    now = utcnow()
-    events = [
-        ConsentEvent(
-            submission_id=None,
-            supporter_hash=supporter_hash(secret, email),
-            event_type="withdrawal",
-            campaign_slug=campaign_slug,
-            channel=channel,
-            choice="refused",
-            wording_version="withdrawal",
-            wording=WITHDRAWAL_WORDING,
-            wording_sha256=hashlib.sha256(WITHDRAWAL_WORDING.encode()).hexdigest(),
-            lawful_basis="consent",
-            source_url=source,
-            recorded_at=now,
-        )
-        for channel in channels
-    ]
-    return append(session, events)
