@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from sqlalchemy import Column, MetaData, Table, Text, event, func, select, text
 from sqlalchemy.orm import Session
 
 from tests.factories import submission
-from workers.database.engine import make_engine, make_sessionmaker, session_scope
+from workers.database.engine import Turns, make_engine, make_sessionmaker, session_scope
 from workers.database.models import State, Submission
 from workers.database.transitions import AlreadyMoved, Apply, current, run_group
 from workers.pipeline.app import App
@@ -22,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 DONE = Table("done", MetaData(), Column("item", Text, primary_key=True))
 
 
-def _scratch(tmp_path: Path) -> Any:
-    engine = make_engine(f"sqlite:///{tmp_path / 'scratch.sqlite3'}")
+def _scratch(tmp_path: Path, take_turns: bool = False) -> Any:
+    engine = make_engine(f"sqlite:///{tmp_path / 'scratch.sqlite3'}", take_turns=take_turns)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE IF NOT EXISTS done (item TEXT PRIMARY KEY)"))
     return engine
@@ -168,3 +170,57 @@ def test_reads_on_sqlite_do_not_wait_for_a_writer(tmp_path: Path) -> None:
         thread.join()
     with other.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM done")).scalar() == 2
+
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from workers.database.engine import Turns
+turns = Turns({path!r})
+turns.acquire()
+print("held", flush=True)
+time.sleep(0.6)
+turns.release()
+"""
+
+
+def test_turns_keep_writers_of_two_processes_apart(tmp_path: Path) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(repo=str(REPO), path=path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    turns = Turns(path)
+    started = time.monotonic()
+    turns.acquire()  # waits in the kernel until the other process lets go
+    waited = time.monotonic() - started
+    turns.release()
+    holder.wait(10)
+    assert waited > 0.3
+
+
+def test_worker_engines_checkpoint_the_log_from_a_thread_not_a_commit(tmp_path: Path) -> None:
+    engine = _scratch(tmp_path, take_turns=True)
+    database = tmp_path / "scratch.sqlite3"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    before = database.stat().st_size
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE blobs (b BLOB)"))
+    for _ in range(20):  # far past SQLite's own 1,000-page threshold
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO blobs VALUES (zeroblob(100000))"))
+    assert "sqlite-checkpoint" in {t.name for t in threading.enumerate()}
+    # The rows reach the database file itself without any commit having copied them.
+    deadline = time.monotonic() + 10
+    while database.stat().st_size < before + 2_000_000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert database.stat().st_size >= before + 2_000_000
+    engine.dispose()
+    # A command's engine keeps SQLite's own checkpoints.
+    plain = make_engine(f"sqlite:///{database}")
+    with plain.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+    plain.dispose()
