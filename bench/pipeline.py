@@ -27,7 +27,7 @@ from pathlib import Path
 
 import redis
 from dramatiq.brokers.redis import RedisBroker
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -144,6 +144,11 @@ def bench_pipeline(
     time.sleep(3)  # let the workers boot before the clock starts
     meter = CpuMeter(workers=workers.pid, **others)
     meter.start()
+    counting = app.engine.dialect.name == "postgresql"
+    if counting:  # every statement the database runs from here on, BEGIN and COMMIT included
+        with app.engine.begin() as conn:
+            conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+            conn.execute(text("SELECT pg_stat_statements_reset()"))
     broker = RedisBroker(url=redis_url, namespace="dearmp")  # type: ignore[no-untyped-call]
     enqueued: dict[str, float] = {}
     start = time.time()
@@ -165,6 +170,16 @@ def bench_pipeline(
                 or 0
             )
     cpu = meter.stop()
+    statements = {}
+    if counting:  # less this benchmark's own polling
+        with app.engine.begin() as conn:
+            calls = conn.execute(
+                text(
+                    "SELECT sum(calls) FROM pg_stat_statements WHERE query NOT LIKE "
+                    "'%count(*)%submission_events%' AND query NOT LIKE '%pg_stat_statements%'"
+                )
+            ).scalar()
+        statements = {"statements": float(calls or 0)}
     with session_scope(app.sessions) as session:
         rows = session.execute(
             select(SubmissionEvent.submission_id, SubmissionEvent.at).where(
@@ -174,7 +189,8 @@ def bench_pipeline(
     delivered = {sid: at.timestamp() for sid, at in rows}
     stop(workers)
     app.engine.dispose()
-    return summarise(start, enqueued, delivered, len(ids)) | {f"cpu_{k}": v for k, v in cpu.items()}
+    cpu_used = {f"cpu_{k}": v for k, v in cpu.items()}
+    return summarise(start, enqueued, delivered, len(ids)) | cpu_used | statements
 
 
 def bench_bare(
@@ -270,7 +286,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dearmp-bench-") as tmpdir, outbox_root(args) as root:
         tmp = Path(tmpdir)
         args.outbox_root = root
-        cluster = PostgresCluster(tmp / "pg").start() if args.postgres else None
+        cluster = (
+            PostgresCluster(tmp / "pg", count_statements=True).start() if args.postgres else None
+        )
         db_url = cluster.url() if cluster else f"sqlite:///{tmp / 'bench.sqlite3'}"
         with EmbeddedRedis(tmp / "redis", port=free_port()) as server:
             others = {
@@ -308,6 +326,10 @@ def main() -> None:
             if key in r
         ]
         print(f"{name:>10}: CPU ms per submission: " + ", ".join(parts))
+    if "statements" in pipeline:
+        print(
+            f"  pipeline: database statements per submission: {pipeline['statements'] / args.n:.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ def pg_bin(name: str) -> str | None:
 class PostgresCluster:
     """initdb + pg_ctl into a temp dir, on a loopback port; as 'nobody' when we are root."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, count_statements: bool = False) -> None:
+        """``count_statements``: load pg_stat_statements (the benchmarks count statements)."""
         self.base = base
+        self.count_statements = count_statements
         self.datadir = base / "pgdata"
         self.port = free_port()
         self.as_root = os.geteuid() == 0
@@ -85,6 +87,8 @@ class PostgresCluster:
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
+        if self.count_statements:
+            options += " -c shared_preload_libraries=pg_stat_statements"
         self._run(
             pg_ctl, "-D", str(self.datadir), "-o", options, "-l", str(self.base / "pg.log"),
             "-w", "start",
