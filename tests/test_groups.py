@@ -229,7 +229,8 @@ def test_each_letter_of_a_group_is_recorded_in_a_commit_of_its_own(app: App) -> 
     commits = _commits(app)
     outcomes = deliver_group(app.sessions, ids, app.mailer, DeliveryPolicy(lease_seconds=300))
     assert sorted(outcomes) == sorted((sid, None) for sid in ids)
-    assert commits[0] == 1 + 6  # the group's claims, then each letter's record
+    # The group's claims, then for each letter its delivery row marked sent, then its move.
+    assert commits[0] == 1 + 6 * 2
     assert state_counts(app, ids) == {"delivered": 6}
     assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 6
 
@@ -245,3 +246,27 @@ def test_a_group_interrupted_mid_send_records_the_letters_it_sent(app: App) -> N
     with session_scope(app.sessions) as session:
         statuses = [session.get(Delivery, sid).status for sid in ids]  # type: ignore[union-attr]
     assert statuses == ["sent"] * 3 + ["sending"] * 2
+
+
+def test_a_worker_that_dies_after_the_sent_mark_leaves_a_letter_that_is_not_sent_again(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = through_render(app, submission())
+    mailer = Counting(OutboxMailer(app.settings.resolved_outbox_dir))
+
+    def dies(*args: Any, **kwargs: Any) -> None:
+        raise Interrupted()  # after the delivery row's commit, before the move's
+
+    monkeypatch.setattr("workers.stages.delivery._finish", dies)
+    with pytest.raises(Interrupted):
+        deliver_group(app.sessions, [sid], mailer, DeliveryPolicy(lease_seconds=300))
+    monkeypatch.undo()
+    with session_scope(app.sessions) as session:
+        assert session.get(Delivery, sid).status == "sent"  # type: ignore[union-attr]
+    assert state_counts(app, [sid]) == {"rendered": 1}
+    # The next delivery message (the reconciler's, in production) moves it and sends nothing.
+    assert deliver_group(app.sessions, [sid], mailer, DeliveryPolicy(lease_seconds=300)) == [
+        (sid, None)
+    ]
+    assert state_counts(app, [sid]) == {"delivered": 1}
+    assert mailer.count == 1

@@ -167,10 +167,12 @@ def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
     return rowcount(session.execute(_CLAIM, {"id": submission_id, "now": now, "stale": stale})) == 1
 
 
-def _finish(session: Session, submission_id: str, to_state: State, **delivery: object) -> None:
+def _finish(
+    session: Session, submission_id: str, to_state: State, detail: str = "", **delivery: object
+) -> None:
     if delivery:
         _update_delivery(session, submission_id, **delivery)
-    detail = str(delivery.get("error") or delivery.get("response") or "")[:500]
+    detail = detail or str(delivery.get("error") or delivery.get("response") or "")[:500]
     reason = str(delivery["error"]) if to_state == State.FAILED else None
     try:
         # Only a rendered submission moves on (one erased meanwhile stays withdrawn).
@@ -314,10 +316,16 @@ class _Sent:
 
 
 def _record(sessions: sessionmaker[Session], sent: _Sent, limiter: Limiter | None) -> None:
-    """Record the letter as sent, in a transaction of its own. Nothing may stand between the
-    server's answer and this commit that could leave a sent letter looking unsent."""
+    """Record the letter as sent. Nothing may stand between the server's answer and the commit
+    that marks its delivery row sent: that row is what stops a resend, so it goes first, alone,
+    in one statement and its commit. The submission's move to delivered follows in a commit of
+    its own; a worker that dies between the two leaves a sent row that the next delivery
+    message (or the reconciler's) turns into the move, sending nothing."""
     with session_scope(sessions) as session:
-        _finish(session, sent.submission_id, State.DELIVERED, **sent.values, error=None)
+        _update_delivery(session, sent.submission_id, **sent.values, error=None)
+    with session_scope(sessions) as session:
+        response = str(sent.values.get("response") or "")
+        _finish(session, sent.submission_id, State.DELIVERED, detail=response[:500])
     if limiter is not None and sent.limits:
         try:
             limiter.mark_sent(sent.submission_id, sent.limits)
