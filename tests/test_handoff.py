@@ -86,16 +86,24 @@ def test_a_full_group_goes_at_once_from_the_thread_that_filled_it() -> None:
 
 
 def test_each_stage_waits_from_its_own_oldest_submission() -> None:
-    sent = Recorder()
-    handoff = Handoff(sent, linger=0.3)
+    sent, now = Recorder(), [0.0]
+    # The clock is the test's: the sender thread would wait a real minute, so what is sent here
+    # is sent by send_due, when the test's clock says so.
+    handoff = Handoff(sent, linger=60, clock=lambda: now[0])
     handoff.add({Stage.RESOLVE: ["a"]})
-    time.sleep(0.2)
+    now[0] = 40
     handoff.add({Stage.RENDER: ["b"]})
-    wait_until(lambda: len(sent.sent) == 1)
-    assert sent.sent[0][0] == {Stage.RESOLVE: ["a"]}
+    now[0] = 60
+    handoff.send_due()
+    assert [sends for sends, _, _ in sent.sent] == [{Stage.RESOLVE: ["a"]}]
     assert handoff.held() == 1
-    wait_until(lambda: handoff.held() == 0)
-    assert sent.sent[1][0] == {Stage.RENDER: ["b"]}
+    now[0] = 99
+    handoff.send_due()
+    assert handoff.held() == 1  # "b" has waited 59 of its 60
+    now[0] = 100
+    handoff.send_due()
+    assert [sends for sends, _, _ in sent.sent][1:] == [{Stage.RENDER: ["b"]}]
+    assert handoff.held() == 0
 
 
 def test_flush_sends_everything_held_now() -> None:

@@ -39,9 +39,12 @@ Send = Callable[[Mapping[Stage, Sequence[str]]], object]
 class Handoff:
     """Collects ``{stage: submission ids}`` and sends them grouped, through ``send``."""
 
-    def __init__(self, send: Send, linger: float) -> None:
+    def __init__(
+        self, send: Send, linger: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.send = send
         self.linger = linger
+        self.clock = clock
         self._cond = threading.Condition()
         self._held: dict[Stage, list[str]] = {}
         self._since: dict[Stage, float] = {}  # when the oldest held id of each stage came
@@ -61,7 +64,7 @@ class Handoff:
                     continue
                 held = self._held.setdefault(stage, [])
                 if not held:
-                    self._since[stage] = time.monotonic()
+                    self._since[stage] = self.clock()
                 held.extend(ids)
                 size = stage.group_size
                 if len(held) >= size:
@@ -86,9 +89,16 @@ class Handoff:
 
     def flush(self) -> None:
         """Send everything held now (a worker shutting down, a test draining its queues)."""
+        self._send_taken(math.inf)
+
+    def send_due(self) -> None:
+        """Send what has waited ``linger`` by the clock (the sender thread's work)."""
+        self._send_taken(self.clock())
+
+    def _send_taken(self, now: float) -> None:
         with self._sending:
             with self._cond:
-                taken = self._take(math.inf)
+                taken = self._take(now)
             if taken:
                 self.send(taken)
 
@@ -112,16 +122,11 @@ class Handoff:
             with self._cond:
                 while not self._held:
                     self._cond.wait()
-                wait = min(self._since.values()) + self.linger - time.monotonic()
+                wait = min(self._since.values()) + self.linger - self.clock()
                 if wait > 0:
                     self._cond.wait(wait)
                     continue
-            with self._sending:
-                with self._cond:
-                    taken = self._take(time.monotonic())
-                if not taken:
-                    continue
-                try:
-                    self.send(taken)
-                except Exception as exc:  # never let the sender die: the reconciler resends
-                    log.error("handoff_send_failed", error=type(exc).__name__)
+            try:
+                self.send_due()
+            except Exception as exc:  # never let the sender die: the reconciler resends
+                log.error("handoff_send_failed", error=type(exc).__name__)
