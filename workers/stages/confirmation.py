@@ -132,10 +132,11 @@ def notify(
         expires,
         reminder,
     )
-    # Sent before it is marked, with nothing written yet: on SQLite no write lock is held while
-    # the mail server answers, and a failed send leaves it unmarked for the actor's retry. Two
-    # messages for one submission at the same moment could both send (a harmless duplicate);
-    # the guarded mark records it once.
+    # Sent before it is marked, with nothing written yet and the read transaction ended, so no
+    # transaction is open while the mail server answers; a failed send leaves it unmarked for
+    # the actor's retry. Two messages for one submission at the same moment could both send (a
+    # harmless duplicate); the guarded mark records it once.
+    session.commit()
     mailer.send(mail)
     column = Submission.reminder_sent_at if reminder else Submission.confirmation_sent_at
     session.execute(

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import Update, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
@@ -133,7 +133,7 @@ _CLAIM = (
     )
 )
 # Delivery row updates, one statement per set of columns.
-_updates: dict[tuple[str, ...], Any] = {}
+_updates: dict[tuple[str, ...], Update] = {}
 
 
 def _update_delivery(session: Session, submission_id: str, **values: object) -> None:
