@@ -106,6 +106,27 @@ class Settings(BaseSettings):
     # After this many attempts that failed for a passing reason, the letter is a recorded failure.
     delivery_max_attempts: int = Field(default=20, ge=1, alias="DEARMP_DELIVERY_MAX_ATTEMPTS")
 
+    # After a letter is sent. Each letter's envelope sender (Return-Path) is an address of its
+    # own on the bounce domain, and, for campaigns with ``replies = "relay"``, its Reply-To one on
+    # the reply domain: what comes back to them names the letter (HMAC-signed tokens). Unset: the
+    # envelope sender is the campaign's From address, and nothing comes back to DearMP.
+    bounce_domain: str | None = Field(default=None, alias="DEARMP_BOUNCE_DOMAIN")
+    reply_domain: str | None = Field(default=None, alias="DEARMP_REPLY_DOMAIN")
+    # `dearmp inbound`: the SMTP receiver for those domains.
+    inbound_host: str = Field(default="127.0.0.1", alias="DEARMP_INBOUND_HOST")
+    inbound_port: int = Field(default=2525, ge=1, le=65535, alias="DEARMP_INBOUND_PORT")
+    inbound_max_bytes: int = Field(default=10_000_000, ge=10_000, alias="DEARMP_INBOUND_MAX_BYTES")
+    # Messages one peer may send per minute; more are told to try later (450).
+    inbound_peer_per_minute: int = Field(default=600, ge=1, alias="DEARMP_INBOUND_PEER_PER_MINUTE")
+    # Letters to one MP address returned for good within the window mark it failing: new
+    # letters to that MP are held until the directory has a new address or an operator says ok.
+    failing_after_bounces: int = Field(default=3, ge=1, alias="DEARMP_FAILING_AFTER_BOUNCES")
+    failing_window_hours: float = Field(default=24.0, gt=0, alias="DEARMP_FAILING_WINDOW_HOURS")
+    # Replies forwarded to the supporter per letter, at most.
+    forwards_per_letter: int = Field(default=5, ge=1, le=100, alias="DEARMP_FORWARDS_PER_LETTER")
+    # Mailgun's webhook signing key (`POST /v1/webhooks/mailgun`). Unset: the endpoint refuses.
+    mailgun_signing_key: SecretStr | None = Field(default=None, alias="MAILGUN_WEBHOOK_SIGNING_KEY")
+
     # Resolution: the local directory, the live sources (postcodes.io, the Members API), or the
     # local directory with the live sources as fallback for postcodes it does not know.
     resolution_order: Literal["local", "local,live", "live"] = Field(

@@ -117,6 +117,17 @@ class Retention(BaseModel):
     unconfirmed_days: int = Field(default=7, ge=0, description="Never confirmed by the sender.")
 
 
+class Survey(BaseModel):
+    """ "Did your MP reply?": asked ``after_days`` after delivery when no reply was detected, with
+    one reminder ``reminder_days`` after that."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    after_days: int = Field(default=14, ge=1, le=365)
+    reminder_days: int = Field(default=7, ge=1, le=365)
+
+
 class Controller(BaseModel):
     """The data controller, as named on consent receipts (defaults: the organisation)."""
 
@@ -164,6 +175,10 @@ class CampaignDefinition(BaseModel):
     # Web origins whose pages may post to this campaign from the browser (CORS).
     allowed_origins: list[str] = []
     retention: Retention = Retention()
+    # "direct": Reply-To is the supporter. "relay": Reply-To is the letter's own address on the
+    # reply domain; the MP's reply is recorded and forwarded to the supporter.
+    replies: Literal["direct", "relay"] = "direct"
+    survey: Survey = Survey()
     controller: Controller = Controller()
 
     def check_channels(self) -> None:

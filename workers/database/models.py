@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -66,6 +67,7 @@ class State(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     WITHDRAWN = "withdrawn"  # erased at the supporter's request before a letter went
+    BOUNCED = "bounced"  # delivered to the relay, then returned for good by the MP's server
 
     @property
     def is_final(self) -> bool:
@@ -73,7 +75,14 @@ class State(StrEnum):
 
 
 FINAL_STATES = frozenset(
-    {State.REJECTED, State.DELIVERED, State.FAILED, State.WITHDRAWN, State.EXPIRED}
+    {
+        State.REJECTED,
+        State.DELIVERED,
+        State.FAILED,
+        State.WITHDRAWN,
+        State.EXPIRED,
+        State.BOUNCED,
+    }
 )
 
 
@@ -361,6 +370,102 @@ class LookupCache(Base):
     value: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     fetched_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class InboundStatus(StrEnum):
+    RECEIVED = "received"  # stored, waiting for the inbound actor
+    DONE = "done"  # classified and acted on
+    DROPPED = "dropped"  # recorded with a reason, acted on nothing
+
+
+class InboundMessage(Base):
+    """Mail (or a provider's event) received for a letter's return or reply address, stored
+    before the sender is told ``250``. The raw message is kept only until it has been acted on
+    (a reply to forward: until it is forwarded); the outcome stays, with nothing personal."""
+
+    __tablename__ = "inbound_messages"
+    __table_args__ = (Index("ix_inbound_messages_status_dispatched", "status", "dispatched_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    # "smtp" (dearmp inbound) or "mailgun" (the webhook)
+    source: Mapped[str] = mapped_column(String(16))
+    # The provider's own id for an event: the same event posted twice is stored once.
+    external_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # The address of ours it came to (a letter's return or reply address).
+    recipient: Mapped[str] = mapped_column(String(254))
+    peer_hash: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16), default=InboundStatus.RECEIVED)
+    # What it was: bounce, delay, delivered, auto_reply, reply, or what was wrong with it.
+    kind: Mapped[str | None] = mapped_column(String(24))
+    submission_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
+    processed_at: Mapped[datetime | None] = mapped_column()
+
+
+class LetterEvent(Base):
+    """What happened to a letter after it was sent: bounced, delayed, acknowledged
+    automatically, replied to, the supporter's survey answer. No personal data: a remote
+    server's diagnostic, a status code, an answer."""
+
+    __tablename__ = "letter_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(24))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[str | None] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
+    inbound_id: Mapped[str | None] = mapped_column(String(36))
+
+
+class NoticeStatus(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # no longer needed (a reply came first), or nobody to send it to
+
+
+class Notice(Base):
+    """An email to a supporter about their letter (it was returned; their MP replied, forwarded;
+    did your MP reply?), sent at most once: the key is unique per submission, and the row is
+    claimed before the mail server is asked, like a letter's delivery row."""
+
+    __tablename__ = "notices"
+    __table_args__ = (UniqueConstraint("submission_id", "key", name="uq_notices_submission_key"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    submission_id: Mapped[str] = mapped_column(ForeignKey("submissions.id", ondelete="CASCADE"))
+    # "bounce", "survey", "survey-reminder", "forward:<inbound id>"
+    key: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(24))
+    inbound_id: Mapped[str | None] = mapped_column(String(36))
+    status: Mapped[str] = mapped_column(String(16), default=NoticeStatus.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_at: Mapped[datetime | None] = mapped_column()
+    sent_at: Mapped[datetime | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AddressHealth(Base):
+    """An MP address that returned letters for good: while failing, new letters to it are held."""
+
+    __tablename__ = "address_health"
+
+    email: Mapped[str] = mapped_column(String(254), primary_key=True)  # lower case
+    member_id: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # "failing" or "ok"
+    bounces: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 def table(model: type[Base]) -> Table:

@@ -225,17 +225,20 @@ def letter_bytes(letter: Letter) -> bytes:
     return build_message(letter).as_bytes(policy=WIRE)
 
 
-def outgoing(letter: Letter, signer: DkimSigner | None = None) -> Outgoing:
+def outgoing(
+    letter: Letter, signer: DkimSigner | None = None, envelope_sender: str | None = None
+) -> Outgoing:
     """The letter on the wire: with the signature made when it was rendered, so a resend is
-    the same bytes; a letter rendered without one is signed now by ``signer``, if any."""
+    the same bytes; a letter rendered without one is signed now by ``signer``, if any. The
+    envelope sender (``MAIL FROM``, the Return-Path) is the letter's own return address when
+    there is one, else its From."""
     data = letter_bytes(letter)
     if letter.dkim_signature:
         data = letter.dkim_signature.encode("ascii") + data
     elif signer is not None:
         data = signer.sign(data, wire_address(letter.from_email).rsplit("@", 1)[1])
-    return Outgoing(
-        wire_address(letter.from_email), [wire_address(letter.to_email)], data, letter.message_id
-    )
+    sender = envelope_sender or wire_address(letter.from_email)
+    return Outgoing(sender, [wire_address(letter.to_email)], data, letter.message_id)
 
 
 class OutboxMailer:

@@ -1,4 +1,4 @@
-"""The six stage actors: thin adapters that parse a stage message and run the stage's plan.
+"""The stage actors: thin adapters that parse a stage message and run the stage's plan.
 
 ``dramatiq workers.pipeline.actors:setup`` (or ``dearmp worker``) runs them. Importing this
 module builds and connects nothing: :func:`setup` builds the broker from the settings, declares
@@ -27,7 +27,16 @@ from workers.pipeline.broker import build_broker
 from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_message
 from workers.pipeline.handoff import Handoff
 from workers.pipeline.middleware import ForeignMessage, SendHeld
-from workers.stages import confirmation, consent, delivery, rendering, resolution, validation
+from workers.stages import (
+    confirmation,
+    consent,
+    delivery,
+    inbound,
+    notices,
+    rendering,
+    resolution,
+    validation,
+)
 from workers.stages.stage import Deferred, Stage
 
 log = structlog.get_logger("workers")
@@ -65,6 +74,13 @@ POLICIES: dict[Stage, dict[str, Any]] = {
         "max_age": 7 * DAY,
     },
     Stage.NOTIFY: {"max_retries": 10, "min_backoff": 5_000, "max_backoff": 600_000, "max_age": DAY},
+    Stage.INBOUND: {"max_retries": 8, "min_backoff": 1_000, "max_backoff": 120_000},
+    Stage.NOTICE: {
+        "max_retries": 10,
+        "min_backoff": 5_000,
+        "max_backoff": 600_000,
+        "max_age": 7 * DAY - HOUR,
+    },
 }
 DEFAULT_POLICY: dict[str, Any] = {"max_age": DAY, "time_limit": 60_000, "throws": NOT_RETRIED}
 
@@ -159,7 +175,12 @@ def _render(app: App, ids: list[str]) -> list[Outcome]:
     def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
         settings = app.settings
         return rendering.plan(
-            session, submission_id, app.mailer.name, settings.sandbox_address, app.signer
+            session,
+            submission_id,
+            app.mailer.name,
+            settings.sandbox_address,
+            app.signer,
+            app.returns,
         )
 
     return together(app, ids, plan, send_on)
@@ -169,7 +190,7 @@ def _deliver(app: App, ids: list[str]) -> list[Outcome]:
     # Alone, a permanent refusal is recorded at once and dead-lettered; in a group, the letter
     # goes on in a message of its own first (see deliver_group).
     outcomes = delivery.deliver_group(
-        app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer
+        app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer, app.returns
     )
     return [(sid, _retry(error)) for sid, error in outcomes]
 
@@ -213,6 +234,40 @@ def _notify(app: App, ids: list[str]) -> list[Outcome]:
     return outcomes
 
 
+def _one_by_one(ids: list[str], work: Callable[[str], None]) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for object_id in ids:
+        try:
+            work(object_id)
+        except Exception as exc:
+            outcomes.append((object_id, _retry(exc)))
+            continue
+        outcomes.append((object_id, None))
+    return outcomes
+
+
+def _inbound(app: App, ids: list[str]) -> list[Outcome]:
+    """Each inbound message in a transaction of its own; its notices sent on after the commit."""
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+
+    def work(inbound_id: str) -> None:
+        with session_scope(app.sessions) as session:
+            queued = inbound.process(session, inbound_id, app.returns, policy)
+        if queued:
+            send_on([(notice_id, [Stage.NOTICE]) for notice_id in queued])
+
+    return _one_by_one(ids, work)
+
+
+def _notice(app: App, ids: list[str]) -> list[Outcome]:
+    policy = notices.NoticePolicy(app.settings.public_url, app.settings.delivery_lease_seconds)
+
+    def work(notice_id: str) -> None:
+        notices.send_notice(app.sessions, notice_id, app.mailer, app.returns, app.signer, policy)
+
+    return _one_by_one(ids, work)
+
+
 WORK: dict[Stage, Work] = {
     Stage.VALIDATE: _validate,
     Stage.RESOLVE: _resolve,
@@ -220,6 +275,8 @@ WORK: dict[Stage, Work] = {
     Stage.DELIVER: _deliver,
     Stage.CONSENT: _log_consent,
     Stage.NOTIFY: _notify,
+    Stage.INBOUND: _inbound,
+    Stage.NOTICE: _notice,
 }
 
 
@@ -251,7 +308,7 @@ def get_handoff() -> Handoff:
 
 
 def setup(settings: Settings | None = None) -> dramatiq.Broker:
-    """Build the broker for ``settings`` (the environment's by default), declare the six actors
+    """Build the broker for ``settings`` (the environment's by default), declare the actors
     on it, and install it as the process's broker (also ``dramatiq.get_broker()``)."""
     global _broker, _handoff
     settings = settings or get_settings()

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings, get_settings
 from workers.database.engine import make_engine, make_sessionmaker
+from workers.inbound.addresses import ReturnAddresses
 from workers.letters.mail import DkimSigner, Mailer, make_mailer, make_signer
 from workers.letters.rate_limits import Limiter, MemoryLimiter, RedisLimiter
 from workers.mp.live_sources import LiveSources
@@ -31,6 +32,7 @@ class App:
     delivery_policy: DeliveryPolicy
     limiter: Limiter
     signer: DkimSigner | None
+    returns: ReturnAddresses
     live_sources: LiveSources | None = None
 
     @classmethod
@@ -42,12 +44,14 @@ class App:
             client = redis.Redis.from_url(settings.resolved_redis_url)
             limiter = RedisLimiter(client)
             alarm = mail_pause_alarm(client, settings.redis_namespace)
+        secret = settings.secret()
         return cls(
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
             mailer=make_mailer(settings, alarm),
-            secret=settings.secret(),
+            secret=secret,
+            returns=ReturnAddresses(secret, settings.bounce_domain, settings.reply_domain),
             delivery_policy=DeliveryPolicy.from_settings(settings),
             limiter=limiter,
             signer=make_signer(settings),

@@ -37,6 +37,7 @@ from workers.database.models import (
     utcnow,
 )
 from workers.database.transitions import AlreadyMoved, Apply, At, advance, done, rowcount, run_group
+from workers.inbound.addresses import ReturnAddresses
 from workers.letters.campaigns import get_definition
 from workers.letters.mail import (
     OUT_OF_STEP_WAIT,
@@ -254,6 +255,7 @@ def deliver(
     policy: DeliveryPolicy,
     limiter: Limiter | None = None,
     signer: DkimSigner | None = None,
+    returns: ReturnAddresses | None = None,
 ) -> list[Stage]:
     """Send the letter if nobody has.
 
@@ -261,7 +263,9 @@ def deliver(
     the retry policy (until ``max_attempts``, then a recorded failure), and, once the failure is
     recorded, PermanentDeliveryError so that an operator sees it in the dead-letter queue.
     """
-    [(_, error)] = deliver_group(sessions, [submission_id], mailer, policy, limiter, signer)
+    [(_, error)] = deliver_group(
+        sessions, [submission_id], mailer, policy, limiter, signer, returns
+    )
     if error is not None:
         raise error
     return []
@@ -274,6 +278,7 @@ def deliver_group(
     policy: DeliveryPolicy,
     limiter: Limiter | None = None,
     signer: DkimSigner | None = None,
+    returns: ReturnAddresses | None = None,
 ) -> list[tuple[str, BaseException | None]]:
     """The letters of one message: read and claimed in one transaction, then sent one by one,
     each recorded as sent in a commit of its own the moment the server has answered. What a
@@ -296,7 +301,7 @@ def deliver_group(
                     raise error
                 if letter is not None:
                     sent = _send(sessions, submission_id, letter, mailer, policy, limiter, signer,
-                                 alone)  # fmt: skip
+                                 alone, returns)  # fmt: skip
                     if sent is not None:
                         _record(sessions, sent, limiter)
             except Exception as exc:
@@ -342,6 +347,7 @@ def _send(
     limiter: Limiter | None,
     signer: DkimSigner | None,
     alone: bool,
+    returns: ReturnAddresses | None = None,
 ) -> _Sent | None:
     """Hand the letter to the mail server (claiming it first if it had to wait); what to record,
     or None if someone else holds it. A refusal is recorded here and raised."""
@@ -365,7 +371,8 @@ def _send(
                 return None
     # No transaction is open while we talk to the mail server.
     try:
-        mail: Outgoing = _outgoing(taken, signer)
+        bounce = returns.bounce(submission_id) if returns is not None else None
+        mail: Outgoing = _outgoing(taken, signer, bounce)
         response = mailer.send(mail)
     except (TransientDeliveryError, PermanentDeliveryError) as exc:
         with session_scope(sessions) as session:  # (rare: a transaction of its own)
@@ -397,12 +404,12 @@ def _send(
     return _Sent(submission_id, values, limits)
 
 
-def _outgoing(taken: _Taken, signer: DkimSigner | None) -> Outgoing:
+def _outgoing(taken: _Taken, signer: DkimSigner | None, envelope_sender: str | None) -> Outgoing:
     """The letter's bytes; a letter that cannot be written as email is its own permanent
     failure (an address only SMTPUTF8 could carry, from data stored before validation refused
     such addresses)."""
     try:
-        return outgoing(taken.letter, signer)
+        return outgoing(taken.letter, signer, envelope_sender)
     except ValueError as exc:
         raise PermanentDeliveryError(f"the letter cannot be written as email: {exc}") from exc
 

@@ -29,6 +29,7 @@ from workers.database.models import (
     utcnow,
 )
 from workers.database.transitions import Apply, advance, current, done, group_writes, move
+from workers.inbound.addresses import ReturnAddresses
 from workers.letters.campaigns import get_definition
 from workers.letters.mail import DkimSigner
 from workers.stages.stage import Stage
@@ -109,11 +110,13 @@ def compose(
     payload: dict[str, Any],
     mp: Recipient,
     sandbox_address: str | None = None,
+    reply_to: str | None = None,
 ) -> RenderedLetter:
     """The letter for one submission: same inputs, same letter, byte for byte.
 
     With ``sandbox_address`` (a campaign in sandbox mode) the letter goes there instead, with the
-    MP it was meant for noted at the top.
+    MP it was meant for noted at the top. ``reply_to``: the letter's relay address (campaigns
+    with ``replies = "relay"``); otherwise replies go to the supporter.
     """
     supporter = payload["supporter"]
     body = payload["letter"]["body"] if "body" in definition.editable else definition.draft_body
@@ -157,7 +160,7 @@ def compose(
         body_html=html,
         from_name=from_name.strip(),
         from_email=str(definition.from_email),
-        reply_to=supporter["email"],
+        reply_to=reply_to or supporter["email"],
         to_name=to_name,
         to_email=to_email,
         message_id=f"<{submission_id}@{domain}>",
@@ -175,6 +178,7 @@ def plan(
     backend: str,
     sandbox_address: str = "sandbox@localhost",
     signer: DkimSigner | None = None,
+    returns: ReturnAddresses | None = None,
 ) -> Apply[list[Stage]]:
     """Compose the letter: what to write (the letter, its delivery row, the move to rendered)."""
     submission = current(
@@ -209,6 +213,11 @@ def plan(
         submission.payload,
         Recipient(recipient["name"], recipient["email"], recipient["constituency"]),
         sandbox_address if mode == "sandbox" else None,
+        reply_to=(
+            returns.reply(submission_id)
+            if returns is not None and definition.replies == "relay"
+            else None
+        ),
     )
     row = letter.row_values(submission_id)
     if signer is not None:  # signed once: every attempt sends these bytes
@@ -242,5 +251,6 @@ def render(
     backend: str,
     sandbox_address: str = "sandbox@localhost",
     signer: DkimSigner | None = None,
+    returns: ReturnAddresses | None = None,
 ) -> list[Stage]:
-    return plan(session, submission_id, backend, sandbox_address, signer)(session)
+    return plan(session, submission_id, backend, sandbox_address, signer, returns)(session)

@@ -14,6 +14,9 @@ class Stage(StrEnum):
     DELIVER = "deliver"
     CONSENT = "consent"
     NOTIFY = "notify"  # the sender-confirmation email, for campaigns that ask for one
+    # After a letter is sent: their messages carry inbound message and notice ids.
+    INBOUND = "inbound"  # act on what came back to a letter (bounce, reply...)
+    NOTICE = "notice"  # an email to a supporter about their letter
 
     @property
     def queue(self) -> str:
@@ -21,14 +24,18 @@ class Stage(StrEnum):
 
     @property
     def actor(self) -> str:
-        return f"{self.value}_submission"
+        return {Stage.INBOUND: "process_inbound", Stage.NOTICE: "send_notice"}.get(
+            self, f"{self.value}_submission"
+        )
 
     @property
     def group_size(self) -> int:
         """The most submissions one message to this stage carries (more than one: version 2).
         Delivery sends a group's letters one after another within one time limit, so its groups
         are smaller; the confirmation email goes one per message."""
-        return {Stage.DELIVER: 16, Stage.NOTIFY: 1}.get(self, MAX_IDS)
+        return {Stage.DELIVER: 16, Stage.NOTIFY: 1, Stage.INBOUND: 16, Stage.NOTICE: 1}.get(
+            self, MAX_IDS
+        )
 
 
 class Deferred(Exception):

@@ -1,0 +1,102 @@
+"""Per-letter return and reply addresses: a token that names the letter, signed with the key.
+
+``b-<token>@<bounce domain>`` is a letter's envelope sender, where bounces and most automatic
+replies go; ``r-<token>@<reply domain>`` its Reply-To when the campaign relays replies;
+``n-<token>@<bounce domain>`` the envelope sender of an email to a supporter (a notice), so that
+a bounce of a notice is recognised and never acted on as a letter's.
+
+The token is the submission's 16 id bytes and the first 10 bytes (80 bits) of an HMAC-SHA256
+over the purpose and the id, in lower-case base32: 42 characters, a 44-character local part
+(the limit is 64). It reveals nothing personal; without the key it cannot be made for any
+letter, and a token made for one purpose (a bounce) does not pass for another (a reply).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+Purpose = Literal["b", "r", "n"]
+PURPOSES: tuple[Purpose, ...] = ("b", "r", "n")
+_MAC_BYTES = 10
+
+
+def _mac(secret: bytes, purpose: str, raw_id: bytes) -> bytes:
+    return hmac.new(secret, b"return\x00" + purpose.encode() + raw_id, hashlib.sha256).digest()[
+        :_MAC_BYTES
+    ]
+
+
+def make_local_part(secret: bytes, purpose: Purpose, object_id: str) -> str:
+    raw = uuid.UUID(object_id).bytes
+    token = base64.b32encode(raw + _mac(secret, purpose, raw)).decode().rstrip("=").lower()
+    return f"{purpose}-{token}"
+
+
+@dataclass(frozen=True)
+class Token:
+    purpose: Purpose
+    object_id: str  # a submission id ("b", "r") or a notice id ("n")
+
+
+def read_address(secret: bytes, address: str, domains: set[str]) -> Token | None:
+    """What one of our addresses names, or None: not ours, malformed, or forged."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    if not at or domain.lower().rstrip(".") not in domains or len(local) != 44:
+        return None
+    purpose, dash, token = local.lower().partition("-")
+    if not dash or not token.isascii():
+        return None
+    if purpose not in PURPOSES:
+        return None
+    try:
+        data = base64.b32decode(token.upper() + "======")
+    except (binascii.Error, ValueError):
+        return None
+    if len(data) != 16 + _MAC_BYTES:
+        return None
+    raw, mac = data[:16], data[16:]
+    if not hmac.compare_digest(mac, _mac(secret, purpose, raw)):
+        return None
+    return Token(purpose, str(uuid.UUID(bytes=raw)))
+
+
+@dataclass(frozen=True)
+class ReturnAddresses:
+    """The deployment's bounce and reply domains, and the key that signs their tokens."""
+
+    secret: bytes
+    bounce_domain: str | None = None
+    reply_domain: str | None = None
+
+    @property
+    def domains(self) -> set[str]:
+        return {d.lower().rstrip(".") for d in (self.bounce_domain, self.reply_domain) if d}
+
+    def bounce(self, submission_id: str) -> str | None:
+        """A letter's envelope sender, or None (the campaign's From) with no bounce domain."""
+        if not self.bounce_domain:
+            return None
+        return f"{make_local_part(self.secret, 'b', submission_id)}@{self.bounce_domain}"
+
+    def reply(self, submission_id: str) -> str | None:
+        if not self.reply_domain:
+            return None
+        return f"{make_local_part(self.secret, 'r', submission_id)}@{self.reply_domain}"
+
+    def notice(self, notice_id: str) -> str | None:
+        if not self.bounce_domain:
+            return None
+        return f"{make_local_part(self.secret, 'n', notice_id)}@{self.bounce_domain}"
+
+    def read(self, address: str) -> Token | None:
+        return read_address(self.secret, address, self.domains)
+
+    def accepts(self, address: str) -> bool:
+        """An address on one of our domains with a genuine token (the receiver's RCPT check)."""
+        return self.read(address) is not None

@@ -1,0 +1,132 @@
+"""``dearmp inbound``: the SMTP receiver for the bounce and reply domains (aiosmtpd).
+
+- It takes mail only for its own addresses: a recipient must be a letter's (or a notice's)
+  address with a genuine token, anything else is refused at RCPT with 550: never an open relay.
+- A message larger than ``max_bytes`` is refused (552, aiosmtpd's size limit), and a peer
+  sending more than ``per_minute`` messages is told to try later (450) at MAIL.
+- It answers ``250`` only once the message is committed to the database, the same promise a
+  mail server makes; then it sends the inbound stage its id. If Redis is away, the reconciler
+  sends it later from the database. A database that cannot store it gets 451: the sending
+  server keeps the message and tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import Session as SmtpSession
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.inbound.addresses import ReturnAddresses
+from workers.inbound.store import store
+from workers.privacy.hashing import ip_hash
+
+log = structlog.get_logger(__name__)
+
+MAX_RECIPIENTS = 20
+
+
+class PeerLimit:
+    """At most ``per_minute`` messages per peer in each minute (a fixed window)."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def allow(self, peer: str) -> bool:
+        now = self.clock()
+        start, count = self._windows.get(peer, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        if count >= self.per_minute:
+            return False
+        self._windows[peer] = (start, count + 1)
+        if len(self._windows) > 100_000:  # forget idle peers
+            self._windows = {p: w for p, w in self._windows.items() if now - w[0] < 60}
+        return True
+
+
+class InboundHandler:
+    """aiosmtpd's handler: checks recipients, limits peers, stores, then hands on."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        returns: ReturnAddresses,
+        send_on: Callable[[list[str]], None],
+        per_minute: int = 600,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sessions = sessions
+        self.returns = returns
+        self.send_on = send_on
+        self.limit = PeerLimit(per_minute, clock)
+
+    def _peer(self, session: SmtpSession) -> str:
+        peer = session.peer
+        return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: SmtpSession,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if not self.limit.allow(self._peer(session)):
+            log.warning("inbound_peer_limited", peer_hash=self._hash(session))
+            return "450 4.7.1 Too many messages from you; try again later"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: SmtpSession,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        if not self.returns.accepts(address):
+            return "550 5.1.1 No such address here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    def _hash(self, session: SmtpSession) -> str:
+        return ip_hash(self.returns.secret, self._peer(session))
+
+    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        recipients = [str(r) for r in envelope.rcpt_tos]
+        peer_hash = self._hash(session)
+        loop = asyncio.get_running_loop()
+        try:
+            ids = await loop.run_in_executor(
+                None, lambda: store(self.sessions, "smtp", recipients, raw, peer_hash)
+            )
+        except Exception as exc:
+            log.error("inbound_store_failed", error=type(exc).__name__)
+            return "451 4.3.0 Could not store the message; try again later"
+        try:
+            await loop.run_in_executor(None, self.send_on, ids)
+        except Exception as exc:  # stored: the reconciler sends it on
+            log.warning("dispatch_failed", stage="inbound", error=type(exc).__name__)
+        log.info("inbound_stored", count=len(ids), size=len(raw), peer_hash=peer_hash)
+        return "250 OK stored"
+
+
+def server_options(max_bytes: int) -> dict[str, Any]:
+    """aiosmtpd's SMTP options: the size limit, and bytes kept as they came."""
+    return {"data_size_limit": max_bytes, "decode_data": False, "enable_SMTPUTF8": True}

@@ -1,0 +1,115 @@
+"""Address health: an MP address that returns letters for good is marked failing.
+
+When ``threshold`` distinct letters to one address bounce permanently within ``window``, the
+address is failing: resolution holds new letters to it (as for a vacant seat) instead of sending
+them. A directory with a different address for the MP releases them at the next recheck (the
+held letters are resolved again against it); an operator's ``dearmp directory address EMAIL
+--ok`` marks it ok and releases them at once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from workers.database.models import AddressHealth, Letter, LetterEvent, State, Submission, utcnow
+
+FAILING = "failing"
+OK = "ok"
+
+
+def key(address: str) -> str:
+    return address.strip().lower()
+
+
+def is_failing(session: Session, address: str | None) -> bool:
+    if not address:
+        return False
+    status = session.scalar(select(AddressHealth.status).where(AddressHealth.email == key(address)))
+    return status == FAILING
+
+
+def recent_bounces(session: Session, address: str, since: datetime) -> int:
+    """Distinct letters to ``address`` that bounced for good since ``since``."""
+    count = session.scalar(
+        select(func.count(func.distinct(LetterEvent.submission_id)))
+        .join(Letter, Letter.submission_id == LetterEvent.submission_id)
+        .where(
+            LetterEvent.kind == "bounce",
+            LetterEvent.at >= since,
+            func.lower(Letter.to_email) == key(address),
+        )
+    )
+    return int(count or 0)
+
+
+def note_bounce(
+    session: Session,
+    address: str,
+    member_id: int | None,
+    threshold: int,
+    window: timedelta,
+    now: datetime | None = None,
+) -> bool:
+    """After a permanent bounce is recorded: mark the address failing once enough letters to it
+    have bounced. True when this call marked it."""
+    now = now or utcnow()
+    bounces = recent_bounces(session, address, now - window)
+    if bounces < threshold:
+        return False
+    row = session.get(AddressHealth, key(address), with_for_update=True)
+    reason = f"{bounces} letters returned for good within {window.total_seconds() / 3600:g} hours"
+    if row is None:
+        session.add(
+            AddressHealth(
+                email=key(address),
+                member_id=member_id,
+                status=FAILING,
+                bounces=bounces,
+                reason=reason,
+                changed_at=now,
+            )
+        )
+        session.flush()
+        return True
+    if row.status == FAILING:
+        row.bounces = bounces
+        return False
+    if row.changed_at > now - window:
+        # Marked ok by an operator within the window: only bounces since then count.
+        if recent_bounces(session, address, row.changed_at) < threshold:
+            return False
+    row.status, row.bounces, row.reason, row.changed_at = FAILING, bounces, reason, now
+    return True
+
+
+def mark_ok(session: Session, address: str, reason: str = "marked ok by an operator") -> bool:
+    """The address works again. True if it was failing."""
+    row = session.get(AddressHealth, key(address), with_for_update=True)
+    if row is None or row.status != FAILING:
+        return False
+    row.status, row.reason, row.changed_at = OK, reason, utcnow()
+    return True
+
+
+def failing(session: Session) -> list[AddressHealth]:
+    return list(
+        session.scalars(
+            select(AddressHealth)
+            .where(AddressHealth.status == FAILING)
+            .order_by(AddressHealth.changed_at)
+        )
+    )
+
+
+def held_for(session: Session, member_id: int) -> list[str]:
+    """Submissions held for ``member_id`` (their address failing, or the seat vacant)."""
+    return list(
+        session.scalars(
+            select(Submission.id).where(
+                Submission.state == State.HELD, Submission.member_id == member_id
+            )
+        )
+    )

@@ -1,0 +1,185 @@
+"""Notices: send one email to a supporter about their letter, at most once.
+
+Like a letter's delivery: the notice row is claimed (``sending``) and committed before the mail
+server is asked, and marked ``sent`` in its own commit the moment it answers. A claim older than
+the lease (a worker that died mid-send) is taken over and the same bytes go again, with the same
+Message-ID. A forwarded reply's text is deleted in the commit that marks it sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.database.engine import session_scope
+from workers.database.models import (
+    InboundMessage,
+    Letter,
+    LetterEvent,
+    Notice,
+    NoticeStatus,
+    Submission,
+    utcnow,
+)
+from workers.database.transitions import rowcount
+from workers.inbound.addresses import ReturnAddresses
+from workers.letters import notices
+from workers.letters.campaigns import get_definition
+from workers.letters.mail import (
+    DkimSigner,
+    Mailer,
+    Outgoing,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from workers.stages import survey
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class NoticePolicy:
+    public_url: str = "http://127.0.0.1:8000"
+    lease_seconds: int = 300
+    max_attempts: int = 10
+
+
+def _claim(session: Session, notice_id: str, lease_seconds: int) -> bool:
+    now = utcnow()
+    result = session.execute(
+        update(Notice)
+        .where(
+            Notice.id == notice_id,
+            or_(
+                Notice.status == NoticeStatus.PENDING,
+                (Notice.status == NoticeStatus.SENDING)
+                & (Notice.claimed_at < now - timedelta(seconds=lease_seconds)),
+            ),
+        )
+        .values(status=NoticeStatus.SENDING, claimed_at=now, attempts=Notice.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result) == 1
+
+
+def _mark(session: Session, notice_id: str, status: NoticeStatus, error: str | None = None) -> None:
+    values: dict[str, object] = {"status": status.value, "error": error}
+    if status == NoticeStatus.SENT:
+        values["sent_at"] = utcnow()
+    session.execute(
+        update(Notice)
+        .where(Notice.id == notice_id)
+        .values(values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _compose(
+    session: Session,
+    notice: Notice,
+    returns: ReturnAddresses,
+    signer: DkimSigner | None,
+    policy: NoticePolicy,
+) -> Outgoing | str:
+    """The notice on the wire, or why it will not be sent."""
+    submission = session.get(Submission, notice.submission_id)
+    letter = session.get(Letter, notice.submission_id)
+    if submission is None or letter is None:
+        return "the letter is gone"
+    to = ((submission.payload or {}).get("supporter") or {}).get("email")
+    if not isinstance(to, str) or not to:
+        return "the supporter's details were erased"
+    definition = get_definition(session, submission.campaign_slug)
+    if definition is None:
+        return "the campaign is gone"
+    sender = notices.Sender(definition.organisation, str(definition.from_email))
+    recipient = submission.recipient or {}
+    mp_name = str(recipient.get("name") or letter.to_name)
+    if notice.kind == "bounce":
+        message = notices.bounce_notice(
+            notice.id, sender, to, mp_name, submission.member_id, notice.created_at
+        )
+    elif notice.kind == "forward":
+        inbound = session.get(InboundMessage, notice.inbound_id) if notice.inbound_id else None
+        if inbound is None or inbound.raw is None:
+            return "the reply's text is gone"
+        message = notices.forward(
+            notice.id, sender, to, inbound.raw, mp_name, letter.to_email, notice.created_at
+        )
+    elif notice.kind == "survey":
+        answered = session.scalar(
+            select(LetterEvent.id).where(
+                LetterEvent.submission_id == submission.id,
+                LetterEvent.kind.in_(("reply", "survey")),
+            )
+        )
+        if answered is not None:
+            return "a reply or an answer came first"
+        links = survey.links(policy.public_url, returns.secret, submission.id)
+        reminder = notice.key == "survey-reminder"
+        message = notices.survey(notice.id, sender, to, mp_name, links, notice.created_at, reminder)
+    else:
+        return f"unknown kind {notice.kind!r}"
+    envelope = returns.notice(notice.id) or str(definition.from_email)
+    return notices.outgoing(message, envelope, signer, sender.domain)
+
+
+def send_notice(
+    sessions: sessionmaker[Session],
+    notice_id: str,
+    mailer: Mailer,
+    returns: ReturnAddresses,
+    signer: DkimSigner | None,
+    policy: NoticePolicy,
+) -> None:
+    """Send the notice if nobody has. Raises TransientDeliveryError for the actor's retry."""
+    with session_scope(sessions) as session:
+        notice = session.get(Notice, notice_id)
+        if notice is None or not _claim(session, notice_id, policy.lease_seconds):
+            return
+        session.refresh(notice)
+        try:
+            mail = _compose(session, notice, returns, signer, policy)
+        except ValueError as exc:  # an address the email package will not write
+            mail = f"cannot be written as email: {exc}"[:500]
+        if isinstance(mail, str):
+            _mark(session, notice_id, NoticeStatus.SKIPPED, mail)
+            _forget_reply(session, notice)
+            log.info("notice_skipped", notice_id=notice_id, kind=notice.kind, reason=mail)
+            return
+        kind, inbound_id, attempts = notice.kind, notice.inbound_id, notice.attempts
+    # No transaction is open while the mail server answers.
+    try:
+        mailer.send(mail)
+    except (PermanentDeliveryError, TransientDeliveryError) as exc:
+        give_up = isinstance(exc, PermanentDeliveryError) or attempts >= policy.max_attempts
+        with session_scope(sessions) as session:
+            status = NoticeStatus.FAILED if give_up else NoticeStatus.PENDING
+            _mark(session, notice_id, status, str(exc)[:500])
+        log.warning("notice_failed", notice_id=notice_id, kind=kind, final=give_up)
+        if not give_up:
+            raise
+        return
+    with session_scope(sessions) as session:
+        _mark(session, notice_id, NoticeStatus.SENT)
+        if inbound_id is not None and kind == "forward":
+            _clear_raw(session, inbound_id)
+    log.info("notice_sent", notice_id=notice_id, kind=kind)
+
+
+def _forget_reply(session: Session, notice: Notice) -> None:
+    if notice.kind == "forward" and notice.inbound_id is not None:
+        _clear_raw(session, notice.inbound_id)
+
+
+def _clear_raw(session: Session, inbound_id: str) -> None:
+    session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id)
+        .values(raw=None)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,148 @@
+""" "Did your MP reply?": one email N days after delivery (the campaign's ``survey.after_days``,
+default 14) when no reply has been detected, and one reminder; the answer is an event on the
+letter ("yes", "not_yet", "no"), with nothing personal.
+
+The links carry the submission id and an HMAC over it and the answer: they cannot be forged or
+turned to another letter. A link opens a page; only its button (a POST) records the answer, so
+a mail scanner that fetches every link answers nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session
+
+from schemas.messages import is_submission_id
+from workers.database.models import (
+    Campaign,
+    Delivery,
+    DeliveryStatus,
+    LetterEvent,
+    Notice,
+    NoticeStatus,
+    State,
+    Submission,
+    utcnow,
+)
+from workers.letters.campaigns import get_definition
+
+ANSWERS = ("yes", "not_yet", "no")
+BATCH = 500
+
+
+def _sign(secret: bytes, submission_id: str) -> str:
+    mac = hmac.new(secret, f"survey\x00{submission_id}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac[:18]).decode()
+
+
+def make_token(secret: bytes, submission_id: str) -> str:
+    return f"{submission_id}.{_sign(secret, submission_id)}"
+
+
+def read_token(secret: bytes, token: str) -> str | None:
+    """The submission a genuine token names; None for anything forged or malformed."""
+    submission_id, dot, mac = token.partition(".")
+    if not dot or not token.isascii() or not is_submission_id(submission_id):
+        return None
+    if not hmac.compare_digest(mac.encode(), _sign(secret, submission_id).encode()):
+        return None
+    return submission_id
+
+
+def links(public_url: str, secret: bytes, submission_id: str) -> dict[str, str]:
+    base = f"{public_url.rstrip('/')}/v1/replied/{make_token(secret, submission_id)}"
+    return {answer: f"{base}/{answer}" for answer in ANSWERS}
+
+
+def _replied(submission_id: object) -> object:
+    return exists().where(LetterEvent.submission_id == submission_id, LetterEvent.kind == "reply")
+
+
+def _answered(submission_id: object) -> object:
+    return exists().where(LetterEvent.submission_id == submission_id, LetterEvent.kind == "survey")
+
+
+def _has_notice(submission_id: object, key: str) -> object:
+    return exists().where(Notice.submission_id == submission_id, Notice.key == key)
+
+
+def due(session: Session, now: datetime | None = None) -> list[str]:
+    """Queue the surveys and reminders that are due; the new notices' ids (to send after the
+    commit). A letter with a detected reply, or an answer, gets neither."""
+    now = now or utcnow()
+    created: list[str] = []
+    for slug in session.scalars(select(Campaign.slug)):
+        definition = get_definition(session, slug)
+        if definition is None or not definition.survey.enabled:
+            continue
+        after = now - timedelta(days=definition.survey.after_days)
+        first = session.scalars(
+            select(Submission.id)
+            .join(Delivery, Delivery.submission_id == Submission.id)
+            .where(
+                Submission.campaign_slug == slug,
+                Submission.state == State.DELIVERED,
+                Submission.erased_at.is_(None),
+                Delivery.status == DeliveryStatus.SENT,
+                Delivery.sent_at < after,
+                ~_replied(Submission.id),  # type: ignore[operator]
+                ~_answered(Submission.id),  # type: ignore[operator]
+                ~_has_notice(Submission.id, "survey"),  # type: ignore[operator]
+            )
+            .limit(BATCH)
+        ).all()
+        created += _add(session, first, "survey")
+        remind = now - timedelta(days=definition.survey.reminder_days)
+        second = session.scalars(
+            select(Notice.submission_id)
+            .join(Submission, Submission.id == Notice.submission_id)
+            .where(
+                Submission.campaign_slug == slug,
+                Submission.state == State.DELIVERED,
+                Submission.erased_at.is_(None),
+                Notice.key == "survey",
+                Notice.status == NoticeStatus.SENT,
+                Notice.sent_at < remind,
+                ~_replied(Submission.id),  # type: ignore[operator]
+                ~_answered(Submission.id),  # type: ignore[operator]
+                ~_has_notice(Submission.id, "survey-reminder"),  # type: ignore[operator]
+            )
+            .limit(BATCH)
+        ).all()
+        created += _add(session, second, "survey-reminder")
+    return created
+
+
+def _add(session: Session, submission_ids: Sequence[str], key: str) -> list[str]:
+    notices = [Notice(submission_id=sid, key=key, kind="survey") for sid in submission_ids]
+    session.add_all(notices)
+    session.flush()
+    return [n.id for n in notices]
+
+
+def answer(session: Session, secret: bytes, token: str, value: str) -> str:
+    """Record the supporter's answer: "recorded" | "invalid" (forged, unknown, or no letter)."""
+    submission_id = read_token(secret, token)
+    if submission_id is None or value not in ANSWERS:
+        return "invalid"
+    state = session.scalar(select(Submission.state).where(Submission.id == submission_id))
+    if state not in (State.DELIVERED, State.BOUNCED):
+        return "invalid"
+    session.add(LetterEvent(submission_id=submission_id, kind="survey", detail=value))
+    return "recorded"
+
+
+def campaign_survey_mp(session: Session, submission_id: str) -> tuple[str, str] | None:
+    """(campaign slug, MP name) for a survey page."""
+    row = session.execute(
+        select(Submission.campaign_slug, Submission.recipient).where(Submission.id == submission_id)
+    ).first()
+    if row is None:
+        return None
+    return row.campaign_slug, str((row.recipient or {}).get("name") or "your MP")
