@@ -2,16 +2,18 @@
 
 ``base`` holds the top-level group; each module adds its commands: ``pipeline`` (workers,
 reconciler, queues, dead letters, health, campaigns, deliveries), ``web`` (the HTTP intake),
-``directory`` (the MP directory) and ``privacy`` (consent, supporters, retention).
+``directory`` (the MP directory), ``privacy`` (consent, supporters, retention) and
+``replies`` (inbound mail, the replies report, DNS records).
 """
 
-from workers.cli import pipeline  # noqa: F401  (its commands are declared on main)
+from workers.cli import pipeline, replies  # noqa: F401  (their commands are declared on main)
 from workers.cli.base import main
 from workers.cli.directory import directory
 from workers.cli.privacy import consent, retention, supporter
+from workers.cli.replies import replies as replies_group
 from workers.cli.web import api
 
-for group in (api, directory, consent, supporter, retention):
+for group in (api, directory, consent, supporter, retention, replies_group):
     main.add_command(group)
 
 __all__ = ["main"]

@@ -19,6 +19,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from workers.cli.base import app_for_cli
+from workers.mp import health
 from workers.pipeline.app import App
 
 
@@ -153,6 +154,41 @@ def directory_status() -> None:
                 str(held) if v.is_current else "",
             )
     Console().print(table)
+    with session_scope(app.sessions) as session:
+        failing = health.failing(session)
+        if failing:
+            bad = Table("failing address", "member", "since", "why")
+            for row in failing:
+                bad.add_row(
+                    row.email,
+                    str(row.member_id or ""),
+                    row.changed_at.strftime("%Y-%m-%d %H:%M"),
+                    row.reason or "",
+                )
+            Console().print(bad)
+
+
+@directory.command("address")
+@click.argument("email")
+@click.option("--ok", is_flag=True, required=True, help="The address works again.")
+def directory_address(email: str, ok: bool) -> None:
+    """Mark a failing MP address as working: the letters held for it are resolved again now."""
+    from workers.database.engine import session_scope
+    from workers.database.models import AddressHealth
+    from workers.pipeline.actors import get_broker
+    from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.stage import Stage
+
+    app = _app()
+    with session_scope(app.sessions) as session:
+        row = session.get(AddressHealth, health.key(email))
+        member_id = row.member_id if row is not None else None
+        if not health.mark_ok(session, email):
+            raise click.ClickException(f"{email} is not marked failing")
+        held = health.held_for(session, member_id) if member_id is not None else []
+    if held:
+        dispatch_groups(get_broker(), {Stage.RESOLVE: held})
+    click.echo(f"{email} marked ok; {len(held)} held letters sent to resolution again")
 
 
 @directory.command("prune")

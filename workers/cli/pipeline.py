@@ -42,7 +42,7 @@ def migrate() -> None:
 @click.option("--processes", default=2, show_default=True, help="Worker processes.")
 @click.option("--threads", default=8, show_default=True, help="Threads per process.")
 def worker(processes: int, threads: int) -> None:
-    """Run the six actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
+    """Run the stage actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
     from dramatiq.cli import main as dramatiq_main
 
     args = [
@@ -501,6 +501,8 @@ def health(max_dead: int, max_age: float) -> None:
     """Exit non-zero when dead letters or the oldest waiting message pass the thresholds."""
     import time
 
+    from workers.database.engine import session_scope
+    from workers.mp import health as health_of_addresses
     from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
 
     app = _app()
@@ -519,6 +521,13 @@ def health(max_dead: int, max_age: float) -> None:
         )
     if dead > max_dead:
         problems.append(f"{dead} dead letters (more than {max_dead})")
+    with session_scope(app.sessions) as session:
+        failing = health_of_addresses.failing_count(session)
+    if failing:
+        problems.append(
+            f"{failing} MP addresses failing (letters to them are held): "
+            "`dearmp directory status` lists them"
+        )
     if age > max_age:
         problems.append(f"oldest waiting message is {age:.0f}s old (more than {max_age:g}s)")
     if problems:

@@ -113,3 +113,10 @@ def held_for(session: Session, member_id: int) -> list[str]:
             )
         )
     )
+
+
+def failing_count(session: Session) -> int:
+    count = session.scalar(
+        select(func.count()).select_from(AddressHealth).where(AddressHealth.status == FAILING)
+    )
+    return int(count or 0)

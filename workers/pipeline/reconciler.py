@@ -17,10 +17,21 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
-from workers.database.models import Failure, State, Submission, SubmissionEvent, utcnow
+from workers.database.models import (
+    Failure,
+    InboundMessage,
+    InboundStatus,
+    Notice,
+    NoticeStatus,
+    State,
+    Submission,
+    SubmissionEvent,
+    utcnow,
+)
 from workers.database.transitions import advance
 from workers.mp.directory import current_version_id
 from workers.pipeline.dispatch import dispatch
+from workers.stages import survey
 from workers.stages.confirmation import ConfirmationPolicy
 from workers.stages.stage import Stage
 
@@ -140,6 +151,50 @@ def find_stalled(
     return [(sid, stage) for sid, stage in due if sid in marked]
 
 
+def find_after_sent(
+    session: Session,
+    older_than: timedelta,
+    now: datetime | None = None,
+    lease: timedelta = timedelta(seconds=300),
+) -> list[tuple[str, Stage]]:
+    """Inbound messages stored but not acted on, notices not sent (or whose sender died
+    mid-send), and the surveys that have come due; marks them dispatched now."""
+    now = now or utcnow()
+    cutoff = now - older_than
+    inbound = session.scalars(
+        update(InboundMessage)
+        .where(
+            InboundMessage.id.in_(
+                select(InboundMessage.id)
+                .where(
+                    InboundMessage.status == InboundStatus.RECEIVED,
+                    InboundMessage.dispatched_at < cutoff,
+                )
+                .limit(BATCH)
+            )
+        )
+        .values(dispatched_at=now)
+        .returning(InboundMessage.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    unsent = (Notice.status == NoticeStatus.PENDING) | (
+        (Notice.status == NoticeStatus.SENDING) & (Notice.claimed_at < now - lease)
+    )
+    notices = session.scalars(
+        update(Notice)
+        .where(
+            Notice.id.in_(
+                select(Notice.id).where(unsent, Notice.dispatched_at < cutoff).limit(BATCH)
+            )
+        )
+        .values(dispatched_at=now)
+        .returning(Notice.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    surveys = survey.due(session, now)
+    return [(i, Stage.INBOUND) for i in inbound] + [(n, Stage.NOTICE) for n in [*notices, *surveys]]
+
+
 def _failing_consent(limit: int) -> Any:
     return (
         select(Failure.submission_id)
@@ -170,6 +225,11 @@ def reconcile_once(
             confirmation=confirmation,
             max_dead_letters=max_dead_letters,
         )
+    try:
+        with session_scope(sessions) as session:
+            due += find_after_sent(session, older_than)
+    except Exception as exc:  # the pipeline's own resends above are not held up by it
+        log.warning("reconciler_after_sent_failed", error=type(exc).__name__)
     for submission_id, stage in due:
         dispatch(broker, [stage], submission_id)
     if due:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from schemas.submission import error_message
 from workers.pipeline.actors import get_broker
 from workers.pipeline.app import App, get_app
-from workers.web import campaigns, confirmation, pages, submissions
+from workers.web import campaigns, confirmation, pages, replies, submissions
 from workers.web.dependencies import Intake
 from workers.web.middleware import BodyLimit, Cors, SecurityHeadersAndAccessLog
 from workers.web.schemas import problem
@@ -58,7 +58,8 @@ def create_app(
         lifespan=lifespan,
     )
     api.state.intake = intake
-    for router in (campaigns.router, submissions.router, confirmation.router, pages.router):
+    routers = (campaigns, submissions, confirmation, replies, pages)
+    for router in (module.router for module in routers):
         api.include_router(router)
     _handle_errors(api)
     wrapped: Any = SecurityHeadersAndAccessLog(

@@ -1,0 +1,131 @@
+"""Classifying what comes back: real servers' bounce and auto-reply formats, and hostile mail."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import mail_samples as samples
+from workers.inbound.addresses import ReturnAddresses, make_local_part, read_address
+from workers.inbound.classify import MAX_HOPS, classify
+
+MID = "<3f1e6c1a-8a54-4d3e-9a55-0c1f2e3d4b5a@campaign.example.org>"
+MP = "jane.smith.mp@parliament.example"
+RETURN = "b-aaaa@bounces.campaign.example.org"
+
+
+@pytest.mark.parametrize(
+    ("sample", "status"),
+    [
+        (samples.postfix_dsn, "5.1.1"),
+        (samples.exchange_online_ndr, "5.1.10"),
+        (samples.gmail_dsn, "5.1.1"),
+        (samples.exim_plain, "5.1.1"),
+    ],
+)
+def test_permanent_bounces_of_each_server_are_bounces_with_their_status(
+    sample: object, status: str
+) -> None:
+    found = classify(sample(MID, MP, RETURN))  # type: ignore[operator]
+    assert found.kind == "bounce"
+    assert found.status == status
+    assert found.diagnostic
+    assert MP not in found.diagnostic  # addresses are taken out
+
+
+def test_the_returned_letter_is_named_when_the_bounce_carries_it() -> None:
+    for sample in (samples.postfix_dsn, samples.exchange_online_ndr, samples.gmail_dsn):
+        assert classify(sample(MID, MP, RETURN)).original_message_id == MID
+    assert classify(samples.exim_plain(MID, MP, RETURN)).original_message_id == MID
+
+
+def test_delays_are_not_bounces() -> None:
+    assert classify(samples.postfix_dsn(MID, MP, RETURN, status="4.4.1")).kind == "delay"
+    delay = classify(samples.exim_delay(MID, MP, RETURN))
+    assert (delay.kind, delay.status) == ("delay", "4.3.0")
+
+
+def test_automatic_replies_are_told_from_a_persons_reply() -> None:
+    assert classify(samples.exchange_automatic_reply(MID, MP, RETURN)).kind == "auto_reply"
+    assert classify(samples.rfc3834_auto_reply(MID, MP, RETURN)).kind == "auto_reply"
+    assert classify(samples.human_reply(MID, MP, RETURN)).kind == "reply"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x00\xff\xfe" * 1000,
+        b"Content-Type: multipart/report; report-type=delivery-status\r\n\r\nno boundary at all",
+        b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n" * 2000,
+        b"Subject: =?utf-8?b?////?=\r\nContent-Type: text/plain; charset=no-such-charset\r\n\r\n"
+        + "\u202e\U0001f4a9".encode() * 100,
+        b"Content-Type: message/delivery-status\r\n\r\nAction: failed\r\n",
+    ],
+)
+def test_broken_or_hostile_mime_never_raises(raw: bytes) -> None:
+    found = classify(raw)
+    assert found.kind in ("malformed", "reply", "bounce", "delay", "auto_reply")
+
+
+def test_deeply_nested_mime_is_malformed_or_read_without_raising() -> None:
+    nested = b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
+        for i in range(3000)
+    )
+    assert classify(nested).kind in ("malformed", "reply")
+
+
+def test_a_message_that_has_gone_round_in_circles_is_a_loop() -> None:
+    hops = b"".join(
+        b"Received: from a by b; Wed, 2 Dec 2026 10:00:00 +0000\r\n" for _ in range(MAX_HOPS + 1)
+    )
+    found = classify(hops + samples.human_reply(MID, MP, RETURN))
+    assert found.kind == "loop" and not found.acts
+
+
+def test_one_of_our_notices_coming_back_is_a_loop() -> None:
+    raw = b"X-DearMP-Notice: 1\r\nSubject: Reply from your MP\r\n\r\nhello\r\n"
+    assert classify(raw).kind == "loop"
+
+
+SECRET = b"k" * 32
+SID = "3f1e6c1a-8a54-4d3e-9a55-0c1f2e3d4b5a"
+
+
+def test_a_return_address_names_its_letter_and_cannot_be_forged() -> None:
+    returns = ReturnAddresses(SECRET, "bounces.example.org", "replies.example.org")
+    bounce, reply = returns.bounce(SID), returns.reply(SID)
+    assert bounce is not None and reply is not None
+    local = bounce.split("@")[0]
+    assert len(local) <= 64 and local.startswith("b-")
+    token = returns.read(bounce)
+    assert token is not None and (token.purpose, token.object_id) == ("b", SID)
+    assert returns.read(bounce.upper()) == token  # mail systems may change the case
+    reply_token = returns.read(reply)
+    assert reply_token is not None and reply_token.purpose == "r"
+    # Forged: another key, a changed character, another purpose's token, another domain.
+    assert ReturnAddresses(b"other" * 8, "bounces.example.org").read(bounce) is None
+    flipped = local[:-1] + ("a" if local[-1] != "a" else "b")
+    assert returns.read(f"{flipped}@bounces.example.org") is None
+    as_reply = "r-" + local[2:]
+    assert returns.read(f"{as_reply}@bounces.example.org") is None
+    assert returns.read(bounce.replace("bounces.example.org", "evil.example")) is None
+    assert returns.read(f"{make_local_part(SECRET, 'b', SID)}") is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "@",
+        "postmaster@bounces.example.org",
+        "b-" + "a" * 42 + "@bounces.example.org",
+        "b-" + "é" * 42 + "@bounces.example.org",
+        "x-" + "a" * 42 + "@bounces.example.org",
+        "b-" + "1" * 42 + "@bounces.example.org",  # not base32
+        "<>",
+        "b-" + "a" * 4000 + "@bounces.example.org",
+    ],
+)
+def test_addresses_that_are_not_ours_are_refused(address: str) -> None:
+    assert read_address(SECRET, address, {"bounces.example.org"}) is None

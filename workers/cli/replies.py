@@ -1,0 +1,133 @@
+"""``dearmp inbound``, ``dearmp replies`` and ``dearmp dns``: what comes back to the letters."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from workers.cli.base import app_for_cli, main
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on [DEARMP_INBOUND_HOST].")
+@click.option("--port", default=None, type=int, help="Port [DEARMP_INBOUND_PORT].")
+def inbound(host: str | None, port: int | None) -> None:
+    """Receive bounces and replies by SMTP for the bounce and reply domains."""
+    from aiosmtpd.controller import Controller
+
+    from workers.inbound.receiver import InboundHandler, server_options
+    from workers.pipeline.actors import get_broker
+    from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.stage import Stage
+
+    app = app_for_cli()
+    settings = app.settings
+    if not app.returns.domains:
+        raise click.ClickException(
+            "set DEARMP_BOUNCE_DOMAIN and/or DEARMP_REPLY_DOMAIN: the receiver takes mail only "
+            "for their addresses"
+        )
+    broker = get_broker()
+
+    def send_on(ids: list[str]) -> None:
+        dispatch_groups(broker, {Stage.INBOUND: ids})
+
+    handler = InboundHandler(app.sessions, app.returns, send_on, settings.inbound_peer_per_minute)
+    controller = Controller(
+        handler,
+        hostname=host or settings.inbound_host,
+        port=port or settings.inbound_port,
+        server_kwargs=server_options(settings.inbound_max_bytes),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    controller.start()
+    click.echo(
+        f"receiving for {', '.join(sorted(app.returns.domains))} on "
+        f"{controller.hostname}:{controller.port}"
+    )
+    stop.wait()
+    controller.stop()
+
+
+@click.group()
+def replies() -> None:
+    """What came back to the letters: bounces, automatic replies, MPs' replies, the survey."""
+
+
+@replies.command("report")
+@click.option("--campaign", default=None, help="One campaign's slug.")
+@click.option("--json", "as_json", is_flag=True)
+def replies_report(campaign: str | None, as_json: bool) -> None:
+    """Per campaign and MP: delivered, bounced, acknowledged, replied, and survey answers."""
+    from workers.database.engine import session_scope
+    from workers.letters.outcomes import report
+
+    app = app_for_cli()
+    with session_scope(app.sessions) as session:
+        rows = report(session, campaign)
+    if as_json:
+        click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    table = Table(
+        "campaign", "MP", "delivered", "bounced", "auto-reply", "replied", "yes", "not yet", "no"
+    )
+    for row in rows:
+        table.add_row(
+            row.campaign,
+            row.mp,
+            *(str(n) for n in (row.delivered, row.bounced, row.acknowledged, row.replied)),
+            *(str(row.survey[a]) for a in ("yes", "not_yet", "no")),
+        )
+    Console().print(table)
+
+
+@replies.command("resend-bounced")
+@click.option("--member", "member_id", type=int, required=True, help="The MP's member id.")
+@click.option("--to", "address", required=True, help="The MP's corrected address.")
+@click.option("--dry-run", is_flag=True)
+def replies_resend(member_id: int, address: str, dry_run: bool) -> None:
+    """Write an MP's returned letters again, to a corrected address: each once, recorded."""
+    from workers.database.engine import session_scope
+    from workers.letters.outcomes import resend_bounced
+    from workers.pipeline.actors import get_broker
+    from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.stage import Stage
+
+    app = app_for_cli()
+    try:
+        with session_scope(app.sessions) as session:
+            ids = resend_bounced(session, member_id, address, dry_run)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if dry_run:
+        click.echo(f"would resend {len(ids)} returned letters")
+        return
+    if ids:
+        dispatch_groups(get_broker(), {Stage.RENDER: ids})
+    click.echo(f"resending {len(ids)} returned letters")
+
+
+@main.command()
+@click.option("--campaign", default=None, help="One campaign's slug (default: every campaign).")
+@click.option("--mx", default=None, help="The host name of the MX (default: DEARMP_PUBLIC_URL's).")
+def dns(campaign: str | None, mx: str | None) -> None:
+    """The DNS records to publish: SPF, DKIM, DMARC, and MX for the bounce and reply domains."""
+    from workers.letters.campaigns import load_definitions
+    from workers.letters.dns import records, zone_lines
+
+    app = app_for_cli()
+    definitions = load_definitions(app.settings.campaigns_dir)
+    if campaign:
+        definitions = [d for d in definitions if d.slug == campaign]
+        if not definitions:
+            raise click.ClickException(f"no campaign {campaign!r}")
+    domains = [str(d.from_email).rsplit("@", 1)[1].lower() for d in definitions]
+    for line in zone_lines(records(app.settings, domains, mx)):
+        click.echo(line)

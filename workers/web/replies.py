@@ -1,0 +1,142 @@
+"""What comes back over HTTP: Mailgun's delivery events, and the "did your MP reply?" links."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+import structlog
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from workers.database.engine import session_scope
+from workers.database.models import Letter
+from workers.inbound import mailgun
+from workers.inbound.store import store
+from workers.pipeline.dispatch import dispatch_groups
+from workers.stages import survey
+from workers.stages.stage import Stage
+from workers.web.dependencies import AppDep, IntakeDep
+from workers.web.schemas import CONFIRM_RESPONSES, Errors, problem
+
+log = structlog.get_logger(__name__)
+router = APIRouter()
+
+
+class MailgunSignature(BaseModel):
+    timestamp: str = Field(max_length=200)
+    token: str = Field(max_length=200)
+    signature: str = Field(max_length=200)
+
+
+class MailgunEvent(BaseModel):
+    """Mailgun's webhook body (its JSON form)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    signature: MailgunSignature
+    event_data: dict[str, Any] = Field(alias="event-data")
+
+
+WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Stored (or stored already): Mailgun need not send it again."},
+    404: {"model": Errors, "description": "Mailgun webhooks are not configured here."},
+    406: {"model": Errors, "description": "The signature is not Mailgun's: not retried."},
+    422: {"model": Errors, "description": "Not a Mailgun event."},
+    503: {"model": Errors, "description": "The database cannot be reached just now."},
+}
+
+
+@router.post("/v1/webhooks/mailgun", responses=WEBHOOK_RESPONSES)
+def mailgun_webhook(body: MailgunEvent, app: AppDep, intake: IntakeDep) -> Any:
+    """A Mailgun delivery event (failed permanently or temporarily, delivered), verified by its
+    signature and stored before the answer; the inbound stage ties it to its letter."""
+    key = app.settings.mailgun_signing_key
+    if key is None:
+        return problem(404, {"request": "Mailgun webhooks are not configured here."})
+    if not mailgun.verify(key.get_secret_value().encode(), body.signature.model_dump()):
+        # 406: Mailgun does not retry it.
+        return problem(406, {"signature": "The signature does not match."})
+    event = body.event_data
+    message_id = mailgun.message_id(event)
+    # Only what classifying needs: not the recipient, not the provider's user variables.
+    kept = {
+        "event": event.get("event"),
+        "severity": event.get("severity"),
+        "delivery-status": {
+            k: (event.get("delivery-status") or {}).get(k)
+            for k in ("code", "enhanced-code", "message", "description")
+        }
+        if isinstance(event.get("delivery-status"), dict)
+        else None,
+    }
+    with session_scope(app.sessions) as session:
+        submission_id = (
+            session.scalar(select(Letter.submission_id).where(Letter.message_id == message_id))
+            if message_id
+            else None
+        )
+    raw = json.dumps(kept, default=str).encode()[:20_000]
+    ids = store(
+        app.sessions,
+        "mailgun",
+        [f"mailgun:{str(event.get('event'))[:40]}"],
+        raw,
+        external_id=mailgun.event_id(event),
+        submission_id=submission_id,
+    )
+    if ids:
+        dispatch_groups(intake.broker, {Stage.INBOUND: ids})
+    return JSONResponse({"stored": bool(ids)})
+
+
+SURVEY_TEXTS: dict[str, tuple[int, str]] = {
+    "ready": (200, "Did your MP reply to your letter?"),
+    "recorded": (200, "Thank you: your answer is recorded."),
+    "invalid": (404, "This link is not valid."),
+}
+ANSWER_WORDS = {"yes": "Yes, they replied", "not_yet": "Not yet", "no": "No"}
+
+
+@router.get(
+    "/v1/replied/{token}/{answer}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES
+)
+def survey_page(token: str, answer: str, app: AppDep) -> Any:
+    """The survey email's link: a page whose button records the answer. Opening it records
+    nothing, so a scanner that fetches the links does not answer for the supporter."""
+    submission_id = survey.read_token(app.secret, token[:300])
+    if submission_id is None or answer not in survey.ANSWERS:
+        return _page("invalid")
+    with session_scope(app.sessions) as session:
+        found = survey.campaign_survey_mp(session, submission_id)
+    if found is None:
+        return _page("invalid")
+    mp = html.escape(found[1])
+    form = (
+        f"<p>Your letter to {mp}.</p>"
+        '<form method="post"><button type="submit">'
+        f"Record my answer: {ANSWER_WORDS[answer]}</button></form>"
+    )
+    return _page("ready", form)
+
+
+@router.post(
+    "/v1/replied/{token}/{answer}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES
+)
+def survey_answer(token: str, answer: str, app: AppDep) -> Any:
+    """The survey page's button: the answer becomes an event on the letter."""
+    with session_scope(app.sessions) as session:
+        result = survey.answer(session, app.secret, token[:300], answer)
+    return _page(result)
+
+
+def _page(result: str, form: str = "") -> HTMLResponse:
+    code, text = SURVEY_TEXTS[result]
+    page = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>DearMP</title></head><body><main><h1>{text}</h1>{form}</main></body></html>"
+    )
+    return HTMLResponse(page, status_code=code)
