@@ -113,7 +113,8 @@ Arrival-Date: Wed, 2 Dec 2026 10:00:04 +0000
 Final-Recipient: rfc822;{rcpt}
 Action: failed
 Status: 5.1.10
-Diagnostic-Code: smtp;550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup
+Diagnostic-Code: smtp;550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP
+ address lookup
 
 --_000_NDR_boundary_
 Content-Type: message/rfc822
@@ -153,7 +154,8 @@ Content-Type: text/plain; charset="UTF-8"
 
 ** Address not found **
 
-Your message wasn't delivered to {rcpt} because the address couldn't be found, or is unable to receive mail.
+Your message wasn't delivered to {rcpt} because the address couldn't be found, or is
+unable to receive mail.
 
 The response from the remote server was:
 550 5.1.1 The email account that you tried to reach does not exist.

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import exists, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from schemas.messages import is_submission_id
 from workers.database.models import (
@@ -69,7 +69,8 @@ def _answered(submission_id: object) -> object:
 
 
 def _has_notice(submission_id: object, key: str) -> object:
-    return exists().where(Notice.submission_id == submission_id, Notice.key == key)
+    other = aliased(Notice)  # the reminders' query reads notices itself
+    return exists().where(other.submission_id == submission_id, other.key == key)
 
 
 def due(session: Session, now: datetime | None = None) -> list[str]:

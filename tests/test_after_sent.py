@@ -1,0 +1,511 @@
+"""After a letter is sent: bounces, automatic replies, MPs' replies relayed to the supporter,
+address health, the "did your MP reply?" survey and the report. The actors run on dramatiq's
+StubBroker with the outbox backend; each test runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from tests import mail_samples as samples
+from tests.conftest import drain, make_settings
+from tests.factories import submission
+from workers.database.engine import session_scope
+from workers.database.models import (
+    AddressHealth,
+    Delivery,
+    InboundMessage,
+    Letter,
+    LetterEvent,
+    Notice,
+    Submission,
+    utcnow,
+)
+from workers.inbound.store import store
+from workers.letters.campaigns import update_definition
+from workers.letters.outcomes import report, resend_bounced
+from workers.mp import health
+from workers.pipeline.app import App, set_app
+from workers.pipeline.dispatch import dispatch_groups
+from workers.pipeline.runtime import prepare, state_counts, submit
+from workers.stages import inbound, survey
+from workers.stages.stage import Stage
+from workers.web.api import create_app
+
+BOUNCES = "bounces.campaign.example.org"
+REPLIES = "replies.campaign.example.org"
+SUPPORTER = "amira.haddad@example.com"
+
+
+@pytest.fixture
+def app(db_url: str, tmp_path: Path) -> Iterator[App]:
+    """The App with a bounce and a reply domain, and a Mailgun signing key."""
+    application = App.from_settings(
+        make_settings(
+            tmp_path,
+            database_url=db_url,
+            bounce_domain=BOUNCES,
+            reply_domain=REPLIES,
+            mailgun_signing_key="mailgun-key",
+        )
+    )
+    prepare(application)
+    set_app(application)
+    yield application
+    set_app(None)
+    application.engine.dispose()
+
+
+def deliver(
+    app: App, broker: Any, worker: dramatiq.Worker, n: int = 1, **changes: Any
+) -> list[str]:
+    ids = [submit(app, broker, submission(**changes))[0] for _ in range(n)]
+    drain(broker, worker)
+    assert state_counts(app, ids) == {"delivered": n}
+    return ids
+
+
+def letter_of(app: App, sid: str) -> Letter:
+    with session_scope(app.sessions) as session:
+        letter = session.get(Letter, sid)
+        assert letter is not None
+        session.expunge(letter)
+        return letter
+
+
+def receive(app: App, broker: Any, worker: dramatiq.Worker, rcpt: str, raw: bytes) -> str:
+    """What `dearmp inbound` does with a message: store it, then send it to the inbound stage."""
+    [inbound_id] = store(app.sessions, "smtp", [rcpt], raw)
+    dispatch_groups(broker, {Stage.INBOUND: [inbound_id]})
+    drain(broker, worker)
+    return inbound_id
+
+
+def inbound_row(app: App, inbound_id: str) -> InboundMessage:
+    with session_scope(app.sessions) as session:
+        row = session.get(InboundMessage, inbound_id)
+        assert row is not None
+        session.expunge(row)
+        return row
+
+
+def events(app: App, sid: str) -> list[tuple[str, str | None]]:
+    with session_scope(app.sessions) as session:
+        return [
+            (e.kind, e.status)
+            for e in session.scalars(
+                select(LetterEvent).where(LetterEvent.submission_id == sid).order_by(LetterEvent.id)
+            )
+        ]
+
+
+def outbox(app: App, prefix: str = "notice-") -> list[email.message.EmailMessage]:
+    folder = app.settings.resolved_outbox_dir
+    return [
+        email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
+        for p in sorted(folder.glob(f"{prefix}*.eml"))
+    ]
+
+
+def test_a_letters_envelope_sender_is_its_own_return_address(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    sent: list[Any] = []
+    original = app.mailer.send
+    app.mailer.send = lambda mail: sent.append(mail) or original(mail)  # type: ignore[method-assign]
+    [sid] = deliver(app, stub_broker, stub_worker)
+    token = app.returns.read(sent[0].sender)
+    assert token is not None and (token.purpose, token.object_id) == ("b", sid)
+    assert sent[0].sender.endswith("@" + BOUNCES)
+    assert letter_of(app, sid).reply_to == SUPPORTER  # replies = "direct"
+    assert b"\r\nFrom: " in sent[0].data and BOUNCES.encode() not in sent[0].data
+
+
+def test_a_permanent_bounce_returns_the_letter_and_tells_the_supporter_once(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    rcpt = app.returns.bounce(sid)
+    assert rcpt is not None
+    first = receive(
+        app,
+        stub_broker,
+        stub_worker,
+        rcpt,
+        samples.postfix_dsn(letter.message_id, letter.to_email, rcpt),
+    )
+    assert state_counts(app, [sid]) == {"bounced": 1}
+    assert events(app, sid) == [("bounce", "5.1.1")]
+    row = inbound_row(app, first)
+    assert (row.status, row.kind, row.submission_id, row.raw) == ("done", "bounce", sid, None)
+    # The same server bounces it again (a second copy, another format): recorded, told once.
+    receive(
+        app,
+        stub_broker,
+        stub_worker,
+        rcpt,
+        samples.gmail_dsn(letter.message_id, letter.to_email, rcpt),
+    )
+    assert [k for k, _ in events(app, sid)] == ["bounce", "bounce"]
+    [notice] = outbox(app)
+    assert notice["To"] == SUPPORTER
+    assert "was returned" in notice["Subject"]
+    assert notice["Auto-Submitted"] == "auto-generated"
+    assert "members.parliament.uk/member/" in notice.get_content()
+    with session_scope(app.sessions) as session:
+        failure = session.scalar(select(Submission.failure_reason).where(Submission.id == sid))
+    assert failure and "Recipient address rejected" in failure
+
+
+def test_an_inbound_message_acted_on_twice_acts_once(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    rcpt = app.returns.bounce(sid)
+    assert rcpt is not None
+    [inbound_id] = store(
+        app.sessions, "smtp", [rcpt], samples.exim_plain(letter.message_id, letter.to_email, rcpt)
+    )
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    with session_scope(app.sessions) as session:
+        assert len(inbound.process(session, inbound_id, app.returns, policy)) == 1
+    with session_scope(app.sessions) as session:
+        assert inbound.process(session, inbound_id, app.returns, policy) == []
+    assert events(app, sid) == [("bounce", "5.1.1")]
+
+
+def test_forged_misdirected_and_looping_mail_acts_on_no_letter(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    a, b = deliver(app, stub_broker, stub_worker, n=2)
+    letter_a, letter_b = letter_of(app, a), letter_of(app, b)
+    rcpt_a = app.returns.bounce(a)
+    assert rcpt_a is not None
+    local = rcpt_a.split("@")[0]
+    forged = local[:-1] + ("a" if local[-1] != "a" else "b") + "@" + BOUNCES
+    cases = {
+        "forged token": (
+            forged,
+            samples.postfix_dsn(letter_a.message_id, letter_a.to_email, forged),
+        ),
+        # A's genuine address, with a bounce of B's letter: it names A, and is not A's letter.
+        "another letter": (
+            rcpt_a,
+            samples.postfix_dsn(letter_b.message_id, letter_b.to_email, rcpt_a),
+        ),
+        "loop": (
+            rcpt_a,
+            b"Received: x\r\n" * 50
+            + samples.postfix_dsn(letter_a.message_id, letter_a.to_email, rcpt_a),
+        ),
+        "broken": (rcpt_a, b"\x00\x01Content-Type: multipart/report; boundary=\r\n\r\n--\r\n"),
+    }
+    notice_address = app.returns.notice("3f1e6c1a-8a54-4d3e-9a55-0c1f2e3d4b5a")
+    assert notice_address is not None
+    cases["a notice's bounce"] = (
+        notice_address,
+        samples.postfix_dsn("<notice-x@campaign.example.org>", SUPPORTER, notice_address),
+    )
+    outcomes = {}
+    for name, (rcpt, raw) in cases.items():
+        row = inbound_row(app, receive(app, stub_broker, stub_worker, rcpt, raw))
+        outcomes[name] = (row.status, row.reason, row.raw)
+    assert {name: status for name, (status, _, _) in outcomes.items()} == dict.fromkeys(
+        cases, "dropped"
+    )
+    assert all(reason for _, reason, _ in outcomes.values())
+    assert all(raw is None for _, _, raw in outcomes.values())  # nothing kept
+    assert state_counts(app, [a, b]) == {"delivered": 2}
+    assert events(app, a) == events(app, b) == []
+    assert outbox(app) == []
+
+
+def test_delays_confirmations_and_automatic_replies_are_recorded_and_change_nothing(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    rcpt = app.returns.bounce(sid)
+    assert rcpt is not None
+    receive(
+        app,
+        stub_broker,
+        stub_worker,
+        rcpt,
+        samples.exim_delay(letter.message_id, letter.to_email, rcpt),
+    )
+    receive(
+        app,
+        stub_broker,
+        stub_worker,
+        rcpt,
+        samples.exchange_automatic_reply(letter.message_id, letter.to_email, rcpt),
+    )
+    receive(
+        app,
+        stub_broker,
+        stub_worker,
+        rcpt,
+        samples.rfc3834_auto_reply(letter.message_id, letter.to_email, rcpt),
+    )
+    assert events(app, sid) == [("delay", "4.3.0"), ("auto_reply", None), ("auto_reply", None)]
+    assert state_counts(app, [sid]) == {"delivered": 1}
+    assert outbox(app) == []  # an automatic reply is never answered
+
+
+def test_an_address_that_keeps_bouncing_is_failing_and_holds_new_letters_until_it_is_ok(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    ids = deliver(app, stub_broker, stub_worker, n=3)
+    for sid in ids:
+        letter = letter_of(app, sid)
+        rcpt = app.returns.bounce(sid)
+        assert rcpt is not None
+        receive(
+            app,
+            stub_broker,
+            stub_worker,
+            rcpt,
+            samples.postfix_dsn(letter.message_id, letter.to_email, rcpt),
+        )
+    address = letter_of(app, ids[0]).to_email
+    with session_scope(app.sessions) as session:
+        row = session.get(AddressHealth, address.lower())
+        assert row is not None and row.status == "failing" and row.bounces == 3
+        assert health.failing_count(session) == 1
+    held = submit(app, stub_broker, submission())[0]
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [held]) == {"held": 1}
+    with session_scope(app.sessions) as session:
+        assert health.mark_ok(session, address)
+        member_id = session.scalar(select(Submission.member_id).where(Submission.id == held))
+        assert member_id is not None
+        assert health.held_for(session, member_id) == [held]
+    dispatch_groups(stub_broker, {Stage.RESOLVE: [held]})
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [held]) == {"delivered": 1}
+
+
+def test_an_operator_resends_returned_letters_to_a_corrected_address_once(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    rcpt = app.returns.bounce(sid)
+    assert rcpt is not None
+    receive(
+        app,
+        stub_broker,
+        stub_worker,
+        rcpt,
+        samples.postfix_dsn(letter.message_id, letter.to_email, rcpt),
+    )
+    with session_scope(app.sessions) as session:
+        member_id = session.scalar(select(Submission.member_id).where(Submission.id == sid))
+        assert member_id is not None
+        with pytest.raises(ValueError, match="not an email address"):
+            resend_bounced(session, member_id, "not an address")
+        assert resend_bounced(session, member_id, "new.office@parliament.example") == [sid]
+    with session_scope(app.sessions) as session:
+        assert resend_bounced(session, member_id, "new.office@parliament.example") == []
+    dispatch_groups(stub_broker, {Stage.RENDER: [sid]})
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [sid]) == {"delivered": 1}
+    assert letter_of(app, sid).to_email == "new.office@parliament.example"
+    assert [k for k, _ in events(app, sid)] == ["bounce"]  # the history stays
+
+
+def relay(app: App) -> None:
+    with session_scope(app.sessions) as session:
+        update_definition(session, "political-prisoners", replies="relay")
+
+
+def test_a_relayed_reply_reaches_the_supporter_once_and_its_text_is_not_kept(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    relay(app)
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    assert letter.reply_to == app.returns.reply(sid)
+    reply_to = letter.reply_to
+    assert reply_to is not None
+    first = receive(
+        app,
+        stub_broker,
+        stub_worker,
+        reply_to,
+        samples.human_reply(letter.message_id, letter.to_email, reply_to),
+    )
+    [forward] = outbox(app)
+    assert forward["To"] == SUPPORTER
+    assert forward["Reply-To"] == letter.to_email
+    assert (
+        forward["From"].addresses[0].addr_spec == "letters@campaign.example.org"
+    )  # the campaign's domain
+    assert "replied to your letter" in forward.get_content()
+    assert "I have raised this with the minister" in forward.get_content()
+    assert "letter.pdf" not in forward.as_string()
+    assert inbound_row(app, first).raw is None  # forwarded: the text is gone
+    assert events(app, sid) == [("reply", None)]
+    # An automatic reply to the relay address is recorded, never forwarded.
+    receive(
+        app,
+        stub_broker,
+        stub_worker,
+        reply_to,
+        samples.rfc3834_auto_reply(letter.message_id, letter.to_email, reply_to),
+    )
+    assert len(outbox(app)) == 1
+    assert [k for k, _ in events(app, sid)] == ["reply", "auto_reply"]
+
+
+def test_forwards_per_letter_are_capped(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    relay(app)
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    reply_to = letter.reply_to
+    assert reply_to is not None
+    cap = app.settings.forwards_per_letter
+    last = ""
+    for n in range(cap + 2):
+        last = receive(
+            app,
+            stub_broker,
+            stub_worker,
+            reply_to,
+            samples.human_reply(letter.message_id, letter.to_email, reply_to, f"reply {n}"),
+        )
+    assert len(outbox(app)) == cap
+    row = inbound_row(app, last)
+    assert row.reason == "forward cap reached: not forwarded" and row.raw is None
+
+
+def test_did_your_mp_reply_asks_once_reminds_once_and_records_the_answer_by_button(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    answered, reminded, replied = deliver(app, stub_broker, stub_worker, n=3)
+    letter = letter_of(app, replied)
+    reply_to = app.returns.bounce(replied)
+    assert reply_to is not None
+    receive(
+        app,
+        stub_broker,
+        stub_worker,
+        reply_to,
+        samples.human_reply(letter.message_id, letter.to_email, reply_to),
+    )
+    with session_scope(app.sessions) as session:
+        assert survey.due(session) == []  # fourteen days have not passed
+        session.execute(update(Delivery).values(sent_at=utcnow() - timedelta(days=15)))
+    with session_scope(app.sessions) as session:
+        queued = survey.due(session)
+        assert len(queued) == 2  # not the letter whose MP replied
+    dispatch_groups(stub_broker, {Stage.NOTICE: queued})
+    drain(stub_broker, stub_worker)
+    mails = outbox(app)
+    assert len(mails) == 2 and all("Did " in m["Subject"] for m in mails)
+    with session_scope(app.sessions) as session:
+        assert survey.due(session) == []  # asked once
+    links = {
+        sid: survey.links(app.settings.public_url, app.secret, sid) for sid in (answered, reminded)
+    }
+    texts = " ".join(m.get_content() for m in mails)
+    assert all(link in texts for sid in links for link in links[sid].values())
+    with TestClient(create_app(lambda: app, stub_broker)) as client:
+        path = links[answered]["yes"].removeprefix(app.settings.public_url)
+        page = client.get(path)  # what a link scanner does: nothing is recorded
+        assert page.status_code == 200 and "Record my answer" in page.text
+        assert events(app, answered) == []
+        assert client.post(path).status_code == 200
+        assert events(app, answered) == [("survey", None)]
+        forged = path.replace(path.split("/")[3], answered + ".AAAA")
+        assert client.post(forged).status_code == 404
+        assert client.post(path.replace("/yes", "/maybe")).status_code == 404
+    with session_scope(app.sessions) as session:
+        session.execute(update(Notice).values(sent_at=utcnow() - timedelta(days=8)))
+    with session_scope(app.sessions) as session:
+        [reminder] = survey.due(session)  # only the letter not answered
+        assert session.get(Notice, reminder).submission_id == reminded  # type: ignore[union-attr]
+    rows = {(r.campaign, r.member_id): r for r in _report(app)}
+    total = rows[("political-prisoners", None)]
+    assert (total.delivered, total.replied, total.survey["yes"]) == (3, 1, 1)
+
+
+def _report(app: App) -> list[Any]:
+    with session_scope(app.sessions) as session:
+        return report(session)
+
+
+def mailgun_body(
+    event: dict[str, Any], key: bytes = b"mailgun-key", age: float = 0
+) -> dict[str, Any]:
+    timestamp = str(int(time.time() - age))
+    token = hashlib.sha256(json.dumps(event).encode()).hexdigest()[:50]
+    signature = hmac.new(key, (timestamp + token).encode(), hashlib.sha256).hexdigest()
+    return {
+        "signature": {"timestamp": timestamp, "token": token, "signature": signature},
+        "event-data": event,
+    }
+
+
+def test_mailgun_events_are_verified_stored_once_and_return_the_letter(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    event = {
+        "id": "G9Bn5sl1TC6nu79C8C0bwg",
+        "event": "failed",
+        "severity": "permanent",
+        "recipient": letter.to_email,
+        "delivery-status": {
+            "code": 550,
+            "enhanced-code": "5.1.1",
+            "message": f"5.1.1 <{letter.to_email}> no such user",
+        },
+        "message": {"headers": {"message-id": letter.message_id.strip("<>")}},
+    }
+    with TestClient(create_app(lambda: app, stub_broker)) as client:
+        assert (
+            client.post("/v1/webhooks/mailgun", json=mailgun_body(event, b"wrong")).status_code
+            == 406
+        )
+        assert (
+            client.post("/v1/webhooks/mailgun", json=mailgun_body(event, age=3600)).status_code
+            == 406
+        )
+        assert client.post("/v1/webhooks/mailgun", json={"event-data": event}).status_code == 422
+        assert state_counts(app, [sid]) == {"delivered": 1}
+        body = mailgun_body(event)
+        assert client.post("/v1/webhooks/mailgun", json=body).json() == {"stored": True}
+        assert client.post("/v1/webhooks/mailgun", json=body).json() == {"stored": False}
+        drain(stub_broker, stub_worker)
+        assert state_counts(app, [sid]) == {"bounced": 1}
+        assert events(app, sid) == [("bounce", "5.1.1")]
+        # An event about a message that is not one of our letters is stored and dropped.
+        stray = event | {"id": "other", "message": {"headers": {"message-id": "nope@x"}}}
+        assert client.post("/v1/webhooks/mailgun", json=mailgun_body(stray)).status_code == 200
+        drain(stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        rows = session.scalars(
+            select(InboundMessage).where(InboundMessage.source == "mailgun")
+        ).all()
+        assert sorted(r.status for r in rows) == ["done", "dropped"]
+        assert all(letter.to_email.encode() not in (r.raw or b"") for r in rows)
