@@ -42,7 +42,7 @@ def inbound(host: str | None, port: int | None) -> None:
         handler,
         hostname=host or settings.inbound_host,
         port=port or settings.inbound_port,
-        server_kwargs=server_options(settings.inbound_max_bytes),
+        **server_options(settings.inbound_max_bytes),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
