@@ -509,3 +509,35 @@ def test_mailgun_events_are_verified_stored_once_and_return_the_letter(
         ).all()
         assert sorted(r.status for r in rows) == ["done", "dropped"]
         assert all(letter.to_email.encode() not in (r.raw or b"") for r in rows)
+
+
+def test_erasure_removes_what_came_back_and_export_shows_its_facts(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from workers.privacy.rights import erase_supporter, export_supporter
+
+    relay(app)
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    reply_to = letter.reply_to
+    assert reply_to is not None
+    raw = samples.human_reply(letter.message_id, letter.to_email, reply_to)
+    [inbound_id] = store(app.sessions, "smtp", [reply_to], raw)
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    with session_scope(app.sessions) as session:  # acted on; the forward not sent yet
+        [notice_id] = inbound.process(session, inbound_id, app.returns, policy)
+    assert inbound_row(app, inbound_id).raw == raw
+    with session_scope(app.sessions) as session:
+        exported = export_supporter(session, app.secret, SUPPORTER)
+    [entry] = exported["submissions"]
+    assert [e["event"] for e in entry["after_sent"]] == ["reply"]
+    assert entry["notices"] == [{"kind": "forward", "status": "pending", "sent_at": None}]
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, SUPPORTER, app.settings.resolved_outbox_dir)
+    assert inbound_row(app, inbound_id).raw is None
+    with session_scope(app.sessions) as session:
+        notice = session.get(Notice, notice_id)
+        assert notice is not None and notice.status == "skipped"
+    dispatch_groups(stub_broker, {Stage.NOTICE: [notice_id]})
+    drain(stub_broker, stub_worker)
+    assert outbox(app) == []  # nothing goes to an erased supporter

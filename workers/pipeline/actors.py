@@ -102,7 +102,7 @@ def run_stage(stage: Stage, raw: Any, work: Work) -> None:
     for submission_id, error in work(get_app(), ids):
         if error is None:
             continue
-        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+        with structlog.contextvars.bound_contextvars(**{stage.id_name: submission_id}):
             if isinstance(error, AlreadyMoved):
                 log.info("stage_already_done")
             elif isinstance(error, Deferred):
@@ -119,7 +119,7 @@ def run_stage(stage: Stage, raw: Any, work: Work) -> None:
                     broker.enqueue(stage_message(stage, submission_id), delay=later)
                 except Exception as exc:  # the reconciler sends it again from the database
                     log.warning("dispatch_failed", stage=stage.value, error=type(exc).__name__)
-    log.info("stage_done", submissions=len(ids))
+    log.info("stage_done", count=len(ids))
 
 
 def send_on(moved: list[tuple[str, list[Stage]]]) -> None:

@@ -50,6 +50,7 @@ class StageMessagesOnly(Middleware):
 
 
 STAGE_ACTORS = frozenset(stage.actor for stage in Stage)
+ID_NAMES = {stage.actor: stage.id_name for stage in Stage}
 
 
 class LogContext(Middleware):
@@ -60,10 +61,11 @@ class LogContext(Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         structlog.contextvars.clear_contextvars()
+        id_name = ID_NAMES.get(message.actor_name, "submission_id")
         structlog.contextvars.bind_contextvars(
             actor=message.actor_name,
             message_id=message.message_id,
-            submission_id=submission_id_of(message),
+            **{id_name: submission_id_of(message)},
         )
 
     def after_process_message(

@@ -25,7 +25,11 @@ from workers.database.models import (
     Campaign,
     ConsentEvent,
     Delivery,
+    InboundMessage,
     Letter,
+    LetterEvent,
+    Notice,
+    NoticeStatus,
     State,
     Submission,
     SubmissionEvent,
@@ -124,6 +128,24 @@ def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, A
                     "attempts": delivery.attempts,
                     "backend": delivery.backend,
                 },
+                # Bounces, automatic and human replies (their facts: no reply text is kept),
+                # survey answers, and the emails sent to the supporter about the letter.
+                "after_sent": [
+                    {"event": e.kind, "at": _iso(e.at), "status": e.status, "detail": e.detail}
+                    for e in session.scalars(
+                        select(LetterEvent)
+                        .where(LetterEvent.submission_id == sub.id)
+                        .order_by(LetterEvent.id)
+                    )
+                ],
+                "notices": [
+                    {"kind": n.kind, "status": n.status, "sent_at": _iso(n.sent_at)}
+                    for n in session.scalars(
+                        select(Notice)
+                        .where(Notice.submission_id == sub.id)
+                        .order_by(Notice.created_at)
+                    )
+                ],
             }
         )
     return {
@@ -167,6 +189,27 @@ def _remove_outbox_file(outbox_dir: Path | None, submission_id: str) -> int:
         path.unlink()
         return 1
     return 0
+
+
+def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | None) -> None:
+    """What came back to the letter and what was sent to the supporter about it: a reply's
+    text not yet forwarded is deleted, notices not yet sent will not be, and the outbox's
+    copies of the notices go."""
+    session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.submission_id == submission_id)
+        .values(raw=None)
+        .execution_options(synchronize_session=False)
+    )
+    notices = session.scalars(select(Notice.id).where(Notice.submission_id == submission_id))
+    for notice_id in notices.all():
+        _remove_outbox_file(outbox_dir, f"notice-{notice_id}")
+    session.execute(
+        update(Notice)
+        .where(Notice.submission_id == submission_id, Notice.status == NoticeStatus.PENDING)
+        .values(status=NoticeStatus.SKIPPED, error="erased at the supporter's request")
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _stop(session: Session, submission: Submission) -> bool:
@@ -234,6 +277,7 @@ def erase_supporter(
         )
         report.letters_scrubbed += int(getattr(scrubbed, "rowcount", 0) or 0)
         report.outbox_files_removed += _remove_outbox_file(outbox_dir, sub.id)
+        _forget_after_sent(session, sub.id, outbox_dir)
     who = supporter_hash(secret, email)
     report.consent_events_kept = len(
         session.scalars(select(ConsentEvent.id).where(ConsentEvent.supporter_hash == who)).all()
@@ -270,6 +314,7 @@ RETENTION_STATES = {
     State.REJECTED: "rejected_days",
     State.WITHDRAWN: "rejected_days",
     State.EXPIRED: "unconfirmed_days",
+    State.BOUNCED: "failed_days",
 }
 
 
@@ -332,6 +377,7 @@ def run_retention(
                         .execution_options(synchronize_session=False)
                     )
                     _remove_outbox_file(outbox_dir, sub.id)
+                    _forget_after_sent(session, sub.id, outbox_dir)
                     done[state] = done.get(state, 0) + 1
                 session.flush()
                 if len(due) < batch:

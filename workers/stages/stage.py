@@ -29,6 +29,11 @@ class Stage(StrEnum):
         )
 
     @property
+    def id_name(self) -> str:
+        """What the ids in this stage's messages are, as logs name them."""
+        return {Stage.INBOUND: "inbound_id", Stage.NOTICE: "notice_id"}.get(self, "submission_id")
+
+    @property
     def group_size(self) -> int:
         """The most submissions one message to this stage carries (more than one: version 2).
         Delivery sends a group's letters one after another within one time limit, so its groups
