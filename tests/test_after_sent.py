@@ -541,3 +541,75 @@ def test_erasure_removes_what_came_back_and_export_shows_its_facts(
     dispatch_groups(stub_broker, {Stage.NOTICE: [notice_id]})
     drain(stub_broker, stub_worker)
     assert outbox(app) == []  # nothing goes to an erased supporter
+
+
+def test_the_operators_commands_report_release_and_resend(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from click.testing import CliRunner
+
+    from workers.cli import main
+
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    rcpt = app.returns.bounce(sid)
+    assert rcpt is not None
+    raw = samples.postfix_dsn(letter.message_id, letter.to_email, rcpt)
+    receive(app, stub_broker, stub_worker, rcpt, raw)
+    runner = CliRunner()
+    rows = json.loads(runner.invoke(main, ["replies", "report", "--json"]).stdout)
+    total = next(r for r in rows if r["member_id"] is None)
+    assert (total["delivered"], total["bounced"]) == (1, 1)
+    assert "politi" in runner.invoke(main, ["replies", "report"]).stdout  # a narrow table
+
+    not_failing = runner.invoke(main, ["directory", "address", letter.to_email, "--ok"])
+    assert not_failing.exit_code == 1 and "not marked failing" in not_failing.output
+    with session_scope(app.sessions) as session:
+        session.add(AddressHealth(email=letter.to_email.lower(), member_id=None, status="failing"))
+    assert letter.to_email.lower() in runner.invoke(main, ["directory", "status"]).stdout
+    released = runner.invoke(main, ["directory", "address", letter.to_email, "--ok"])
+    assert released.exit_code == 0, released.output
+
+    with session_scope(app.sessions) as session:
+        member_id = session.scalar(select(Submission.member_id).where(Submission.id == sid))
+    args = ["replies", "resend-bounced", "--member", str(member_id), "--to"]
+    bad = runner.invoke(main, [*args, "nobody"])
+    assert bad.exit_code == 1 and "not an email address" in bad.output
+    dry = runner.invoke(main, [*args, "new.office@parliament.example", "--dry-run"])
+    assert "would resend 1" in dry.stdout and state_counts(app, [sid]) == {"bounced": 1}
+    assert "resending 1" in runner.invoke(main, [*args, "new.office@parliament.example"]).stdout
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [sid]) == {"delivered": 1}
+
+    zone = runner.invoke(main, ["dns", "--mx", "mx.campaign.example.org"]).stdout
+    assert "_dmarc.campaign.example.org. IN TXT" in zone
+    assert f"{BOUNCES}. IN MX 10 mx.campaign.example.org." in zone
+    assert f"{REPLIES}. IN MX 10 mx.campaign.example.org." in zone
+    assert runner.invoke(main, ["dns", "--campaign", "nope"]).exit_code == 1
+
+
+def test_dns_publishes_the_dkim_public_key_of_the_configured_private_key(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from workers.letters.dns import records
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    settings = make_settings(
+        tmp_path, dkim_private_key=pem.decode(), dkim_selector="dearmp", bounce_domain=BOUNCES
+    )
+    found = {(r.name, r.type): r.value for r in records(settings, ["campaign.example.org"])}
+    value = found[("dearmp._domainkey.campaign.example.org", "TXT")]
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    import base64
+
+    assert value == f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+    assert (BOUNCES, "TXT") in found  # SPF where the envelope sender is checked
+    assert ("campaign.example.org", "TXT") not in found

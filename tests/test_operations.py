@@ -176,6 +176,7 @@ def test_prometheus_metrics_from_the_exporter_and_the_workers(
         assert 'dearmp_queue_messages{queue="dearmp.validate",status="dead"} 1.0' in text
         assert 'dearmp_submissions{state="delivered"} 1.0' in text
         assert "dearmp_mail_paused 0.0" in text
+        assert "dearmp_failing_addresses 0.0" in text
         assert 'dearmp_letters_total{campaign="political-prisoners",outcome="sent"} 1.0' in text
         assert wait_for(lambda: "dramatiq_messages_total" in scrape(workers_port), 30)
         assert 'actor_name="deliver_submission"' in scrape(workers_port)

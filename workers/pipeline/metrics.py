@@ -18,7 +18,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
-from workers.database.models import Delivery, Submission
+from workers.database.models import Delivery, LetterEvent, Submission
+from workers.mp import health
 from workers.pipeline.dead_letters import dead_counts, mail_pause, queue_depths
 
 
@@ -55,6 +56,12 @@ class DearmpCollector(Collector):
                 .where(Delivery.status.in_(["sent", "failed"]))
                 .group_by(Submission.campaign_slug, Delivery.status)
             ).all()
+            after: Any = session.execute(
+                select(Submission.campaign_slug, LetterEvent.kind, func.count())
+                .join(Submission, Submission.id == LetterEvent.submission_id)
+                .group_by(Submission.campaign_slug, LetterEvent.kind)
+            ).all()
+            failing = health.failing_count(session)
         states = GaugeMetricFamily("dearmp_submissions", "Submissions per state", labels=["state"])
         for state, count in by_state:
             states.add_metric([state], count)
@@ -65,3 +72,17 @@ class DearmpCollector(Collector):
         for campaign, status, count in letters:
             sent.add_metric([campaign, status], count)
         yield sent
+        returned = CounterMetricFamily(
+            "dearmp_letter_events",
+            "What came back to letters per campaign: bounce, delay, delivered, auto_reply, "
+            "reply, survey",
+            labels=["campaign", "event"],
+        )
+        for campaign, kind, count in after:
+            returned.add_metric([campaign, kind], count)
+        yield returned
+        addresses = GaugeMetricFamily(
+            "dearmp_failing_addresses", "MP addresses marked failing (their letters are held)"
+        )
+        addresses.add_metric([], failing)
+        yield addresses
