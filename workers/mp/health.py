@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from workers.database.models import AddressHealth, Letter, LetterEvent, State, Submission, utcnow
 
+_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:address))")
 FAILING = "failing"
 OK = "ok"
 
@@ -56,6 +57,10 @@ def note_bounce(
     """After a permanent bounce is recorded: mark the address failing once enough letters to it
     have bounced. True when this call marked it."""
     now = now or utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        # Bounces of letters to one address are counted one transaction at a time, so that of
+        # several recorded at once the last sees them all (SQLite has one writer anyway).
+        session.execute(_LOCK, {"address": f"health:{key(address)}"})
     bounces = recent_bounces(session, address, now - window)
     if bounces < threshold:
         return False
