@@ -258,7 +258,8 @@ class Letter(Base):
     from_email: Mapped[str] = mapped_column(String(254))
     reply_to: Mapped[str | None] = mapped_column(String(254))
     to_name: Mapped[str] = mapped_column(String(200))
-    to_email: Mapped[str] = mapped_column(String(254))
+    # Indexed: an MP address's recent bounces are counted by it (workers.mp.health).
+    to_email: Mapped[str] = mapped_column(String(254), index=True)
     content_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # The DKIM-Signature header, made once when the letter is rendered: every attempt sends

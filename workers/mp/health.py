@@ -33,14 +33,15 @@ def is_failing(session: Session, address: str | None) -> bool:
 
 
 def recent_bounces(session: Session, address: str, since: datetime) -> int:
-    """Distinct letters to ``address`` that bounced for good since ``since``."""
+    """Distinct letters to ``address`` (as the letters store it) that bounced for good since
+    ``since`` (found by ``ix_letters_to_email``)."""
     count = session.scalar(
         select(func.count(func.distinct(LetterEvent.submission_id)))
         .join(Letter, Letter.submission_id == LetterEvent.submission_id)
         .where(
             LetterEvent.kind == "bounce",
             LetterEvent.at >= since,
-            func.lower(Letter.to_email) == key(address),
+            Letter.to_email == address,
         )
     )
     return int(count or 0)

@@ -1,4 +1,5 @@
-"""after a letter is sent: inbound mail, letter events, notices to supporters, address health
+"""after a letter is sent: inbound mail, letter events, notices to supporters, address health,
+and letters indexed by the MP address they went to
 
 Revision ID: 0010
 Revises: 0009
@@ -98,9 +99,11 @@ def upgrade() -> None:
         sa.Column("changed_at", WHEN, nullable=False),
         sa.PrimaryKeyConstraint("email", name=op.f("pk_address_health")),
     )
+    op.create_index(op.f("ix_letters_to_email"), "letters", ["to_email"])
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_letters_to_email"), table_name="letters")
     op.drop_table("address_health")
     op.drop_index(op.f("ix_notices_status"), table_name="notices")
     op.drop_table("notices")
