@@ -25,7 +25,9 @@ def compose() -> dict:  # type: ignore[type-arg]
 
 def test_compose_has_the_production_shaped_services() -> None:
     services = compose()["services"]
-    assert {"redis", "postgres", "migrate", "worker", "reconciler", "smtp"} <= set(services)
+    assert {"redis", "postgres", "migrate", "worker", "reconciler", "smtp", "inbound"} <= set(
+        services
+    )
     worker = services["worker"]
     # Scalable with --scale: no fixed container name or host port.
     assert "container_name" not in worker and "ports" not in worker
@@ -37,6 +39,9 @@ def test_compose_has_the_production_shaped_services() -> None:
     # Confirmation links must point at the deployment, not at 127.0.0.1.
     assert "DEARMP_PUBLIC_URL:?" in env["DEARMP_PUBLIC_URL"]
     assert "FORWARDED_ALLOW_IPS" in env and "DEARMP_API_KEYS" in env
+    # Every letter has its own return address: bounces reach the inbound service.
+    assert "DEARMP_BOUNCE_DOMAIN:?" in env["DEARMP_BOUNCE_DOMAIN"]
+    assert services["inbound"]["command"][:2] == ["dearmp", "inbound"]
 
 
 def test_every_compose_command_exists_in_the_project() -> None:
