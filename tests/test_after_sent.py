@@ -613,3 +613,46 @@ def test_dns_publishes_the_dkim_public_key_of_the_configured_private_key(tmp_pat
     assert value == f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
     assert (BOUNCES, "TXT") in found  # SPF where the envelope sender is checked
     assert ("campaign.example.org", "TXT") not in found
+
+
+def test_a_new_directory_address_releases_the_letters_held_for_a_failing_one(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, tmp_path: Path
+) -> None:
+    from config.settings import CONFIG_DIR
+    from workers.mp.directory import import_directory
+    from workers.pipeline.reconciler import reconcile_once
+
+    old = "alex.rivers.mp@mp.example.org"  # the MP for DM1 1AA in the sample directory
+    with session_scope(app.sessions) as session:
+        session.add(AddressHealth(email=old, member_id=990001, status="failing"))
+    held = submit(app, stub_broker, submission())[0]
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [held]) == {"held": 1}
+    members = tmp_path / "mps.csv"
+    members.write_text(
+        (CONFIG_DIR / "sample" / "mps.csv").read_text().replace(old, "alex.rivers@new.example.org")
+    )
+    with session_scope(app.sessions) as session:
+        import_directory(session, members, [], "the MP's office moved")
+    assert reconcile_once(app.sessions, stub_broker, timedelta(0)) >= 1
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [held]) == {"delivered": 1}
+    assert letter_of(app, held).to_email == "alex.rivers@new.example.org"
+
+
+def test_notices_are_signed_for_the_campaigns_domain(tmp_path: Path) -> None:
+    import dkim
+
+    from tests.services import dkim_dns, dkim_keys
+    from workers.letters import notices
+    from workers.letters.mail import DkimSigner
+
+    sender = notices.Sender("Campaign", "letters@campaign.example.org")
+    message = notices.bounce_notice(
+        "3f1e6c1a-8a54-4d3e-9a55-0c1f2e3d4b5a", sender, SUPPORTER, "Jane Smith", 1, utcnow()
+    )
+    signer = DkimSigner("dearmp", dkim_keys()[0])
+    mail = notices.outgoing(message, "n-x@" + BOUNCES, signer, sender.domain)
+    assert dkim.verify(mail.data, dnsfunc=dkim_dns)
+    assert b"d=campaign.example.org" in mail.data
+    assert mail.sender == "n-x@" + BOUNCES and mail.recipients == [SUPPORTER]
