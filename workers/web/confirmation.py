@@ -51,7 +51,11 @@ CONFIRM_TEXTS: dict[str, tuple[int, str]] = {
 
 
 def _confirm_page(result: str, form: str = "") -> HTMLResponse:
-    code, text = CONFIRM_TEXTS[result]
+    return link_page(*CONFIRM_TEXTS[result], form)
+
+
+def link_page(code: int, text: str, form: str = "") -> HTMLResponse:
+    """The page a link in an email opens: a heading and, to act, a form with one button."""
     page = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>DearMP</title></head><body><main><h1>{text}</h1>{form}</main></body></html>"

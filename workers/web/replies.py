@@ -19,6 +19,7 @@ from workers.inbound.store import store
 from workers.pipeline.dispatch import dispatch_groups
 from workers.stages import survey
 from workers.stages.stage import Stage
+from workers.web.confirmation import link_page
 from workers.web.dependencies import AppDep, IntakeDep
 from workers.web.schemas import CONFIRM_RESPONSES, Errors, problem
 
@@ -134,9 +135,4 @@ def survey_answer(token: str, answer: str, app: AppDep) -> Any:
 
 
 def _page(result: str, form: str = "") -> HTMLResponse:
-    code, text = SURVEY_TEXTS[result]
-    page = (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>DearMP</title></head><body><main><h1>{text}</h1>{form}</main></body></html>"
-    )
-    return HTMLResponse(page, status_code=code)
+    return link_page(*SURVEY_TEXTS[result], form)
