@@ -98,6 +98,7 @@ class InboundHandler:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
         if not self.returns.accepts(address):
+            log.info("inbound_recipient_refused", peer_hash=self._hash(session))
             return "550 5.1.1 No such address here"
         envelope.rcpt_tos.append(address)
         return "250 OK"
