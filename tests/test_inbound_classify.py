@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from tests import mail_samples as samples
@@ -105,7 +107,7 @@ def test_a_return_address_names_its_letter_and_cannot_be_forged() -> None:
     assert reply_token is not None and reply_token.purpose == "r"
     # Forged: another key, a changed character, another purpose's token, another domain.
     assert ReturnAddresses(b"other" * 8, "bounces.example.org").read(bounce) is None
-    flipped = local[:-1] + ("a" if local[-1] != "a" else "b")
+    flipped = local[:20] + ("a" if local[20] != "a" else "b") + local[21:]
     assert returns.read(f"{flipped}@bounces.example.org") is None
     as_reply = "r-" + local[2:]
     assert returns.read(f"{as_reply}@bounces.example.org") is None
@@ -129,3 +131,21 @@ def test_a_return_address_names_its_letter_and_cannot_be_forged() -> None:
 )
 def test_addresses_that_are_not_ours_are_refused(address: str) -> None:
     assert read_address(SECRET, address, {"bounces.example.org"}) is None
+
+
+def test_only_the_canonical_spelling_of_a_token_is_ours() -> None:
+    returns = ReturnAddresses(SECRET, "bounces.example.org")
+    address = returns.bounce(SID)
+    assert address is not None
+    local = address.split("@")[0]
+
+    def decoded(token: str) -> bytes:
+        return base64.b32decode(token.upper() + "======")
+
+    # The last base32 character carries two spare bits: another spelling of the same bytes.
+    spare = next(
+        c
+        for c in "abcdefghijklmnopqrstuvwxyz234567"
+        if c != local[-1] and decoded(local[2:-1] + c) == decoded(local[2:])
+    )
+    assert returns.read(f"{local[:-1]}{spare}@bounces.example.org") is None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Executable, bindparam, select
+from sqlalchemy import Executable, bindparam, func, select
 from sqlalchemy.orm import Session, aliased
 
 from schemas.postcode import (
@@ -21,7 +21,8 @@ from schemas.postcode import (
     crown_dependency,
     problem,
 )
-from workers.database.models import Constituency, DirectoryVersion, Member, Postcode
+from workers.database.models import AddressHealth, Constituency, DirectoryVersion, Member, Postcode
+from workers.mp import health
 from workers.mp.directory import current_version
 from workers.mp.live_sources import LiveSources
 
@@ -43,6 +44,8 @@ class Mp:
     party: str
     email: str | None
     phone: str | None
+    # Letters to this address have been coming back (workers.mp.health): hold new ones.
+    failing: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ def _lookup_statement() -> Executable:
             Member.party,
             Member.email,
             Member.phone,
+            AddressHealth.status,
         )
         .select_from(version)
         .join(
@@ -108,6 +112,7 @@ def _lookup_statement() -> Executable:
             Member,
             (Member.version_id == version.id) & (Member.member_id == Constituency.member_id),
         )
+        .outerjoin(AddressHealth, AddressHealth.email == func.lower(Member.email))
         .where(version.is_current.is_(True))
         .order_by(version.id.desc())
         .limit(1)
@@ -121,16 +126,16 @@ LOOKUP = _lookup_statement()
 def lookup_local(session: Session, postcode: str) -> Answer | None:
     """The current directory's answer for a normalised postcode; None when it is not listed.
 
-    One statement, one round trip: the current version, the postcode, its seat and its MP.
+    One statement, one round trip: the current version, the postcode, its seat, its MP and
+    whether the MP's address is failing.
     """
     row = session.execute(LOOKUP, {"postcode": postcode}).first()
     if row is None:
         if current_version(session) is None:
             raise DirectoryMissing("No MP directory has been imported.")
         return None
-    version_id, dissolved, gss_code, terminated, seat_name, member_id, name, party, email, phone = (
-        row
-    )
+    (version_id, dissolved, gss_code, terminated, seat_name) = row[:5]
+    member_id, name, party, email, phone, health_status = row[5:]
     if terminated:
         return problem(PostcodeProblem.TERMINATED)
     if gss_code is None or gss_code in CROWN_PSEUDO_CODES or area(postcode) in CROWN_DEPENDENCIES:
@@ -140,7 +145,8 @@ def lookup_local(session: Session, postcode: str) -> Answer | None:
     seat = Seat(gss_code, seat_name)
     if dissolved or member_id is None:
         return Vacant(seat, dissolved, version_id, "local")
-    return Found(seat, Mp(member_id, name, party, email, phone), version_id, "local")
+    mp = Mp(member_id, name, party, email, phone, health_status == health.FAILING)
+    return Found(seat, mp, version_id, "local")
 
 
 def lookup_live(session: Session, live: LiveSources, postcode: str) -> Answer:
@@ -157,7 +163,8 @@ def lookup_live(session: Session, live: LiveSources, postcode: str) -> Answer:
     member = live.member(session, postcode)
     if member is None:
         return Vacant(seat, False, None, "live")
-    mp = Mp(member.member_id, member.name, member.party, member.email, member.phone)
+    failing = health.is_failing(session, member.email)
+    mp = Mp(member.member_id, member.name, member.party, member.email, member.phone, failing)
     return Found(seat, mp, None, "live")
 
 

@@ -34,7 +34,6 @@ from workers.database.models import (
 )
 from workers.database.transitions import AlreadyMoved, Apply, Current, current, done, move, rowcount
 from workers.letters.campaigns import get_definition
-from workers.mp import health
 from workers.mp.live_sources import LiveSources
 from workers.mp.lookup import Answer, Found, Mp, Unreachable, Vacant, find, lookup_local
 from workers.stages.stage import Stage
@@ -160,7 +159,7 @@ def plan(
     postcode = submission.payload["supporter"]["postcode"]
     answer = find(session, postcode, order, live)
     outcome = decide(targets, postcode, answer)
-    if isinstance(outcome, Found) and health.is_failing(session, outcome.member.email):
+    if isinstance(outcome, Found) and outcome.member.failing:
         # Letters to this address have been coming back: hold until it is mended.
         outcome = Hold(f"address failing for member {outcome.member.member_id}")
     # Which seat and MP the supporter would have written to, kept even when no letter goes.
