@@ -656,3 +656,45 @@ def test_notices_are_signed_for_the_campaigns_domain(tmp_path: Path) -> None:
     assert dkim.verify(mail.data, dnsfunc=dkim_dns)
     assert b"d=campaign.example.org" in mail.data
     assert mail.sender == "n-x@" + BOUNCES and mail.recipients == [SUPPORTER]
+
+
+def test_the_reconciler_sends_on_what_was_stored_while_redis_was_away(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from workers.pipeline.reconciler import reconcile_once
+
+    [sid] = deliver(app, stub_broker, stub_worker)
+    letter = letter_of(app, sid)
+    rcpt = app.returns.bounce(sid)
+    assert rcpt is not None
+    raw = samples.postfix_dsn(letter.message_id, letter.to_email, rcpt)
+    [stored] = store(app.sessions, "smtp", [rcpt], raw)  # its message to the queue was lost
+    assert reconcile_once(app.sessions, stub_broker, timedelta(0)) == 1
+    drain(stub_broker, stub_worker)
+    assert inbound_row(app, stored).status == "done"
+    assert state_counts(app, [sid]) == {"bounced": 1}
+    assert len(outbox(app)) == 1  # the notice the inbound stage queued went too
+    # A notice whose sender died mid-send is taken back after the lease, and sent once.
+    with session_scope(app.sessions) as session:
+        notice = session.scalars(select(Notice)).one()
+        notice.status, notice.claimed_at = "sending", utcnow() - timedelta(hours=1)
+    assert reconcile_once(app.sessions, stub_broker, timedelta(0)) == 1
+    drain(stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        assert session.scalars(select(Notice.status)).one() == "sent"
+    assert len(outbox(app)) == 1  # the same file: the same bytes, the same Message-ID
+
+
+def test_dearmp_inbound_needs_a_domain_to_receive_for(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from workers.cli import main
+
+    plain = App.from_settings(make_settings(tmp_path))
+    set_app(plain)
+    try:
+        result = CliRunner().invoke(main, ["inbound"])
+    finally:
+        set_app(None)
+        plain.engine.dispose()
+    assert result.exit_code == 1 and "DEARMP_BOUNCE_DOMAIN" in result.output
