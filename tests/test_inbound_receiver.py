@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import smtplib
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from workers.database.engine import make_engine, make_sessionmaker, migrate, ses
 from workers.database.models import InboundMessage
 from workers.inbound.addresses import ReturnAddresses
 from workers.inbound.receiver import InboundHandler, server_options
+from workers.privacy.hashing import ip_hash
 
 pytestmark = pytest.mark.smtp
 
@@ -29,7 +31,9 @@ class Receiver:
     def __init__(self, url: str, per_minute: int = 600, max_bytes: int = 10_000_000) -> None:
         self.sessions = make_sessionmaker(make_engine(url))
         self.sent_on: list[str] = []
-        self.handler = InboundHandler(self.sessions, RETURNS, self.sent_on.extend, per_minute)
+        self.handler = InboundHandler(
+            self.sessions, RETURNS, self.sent_on.extend, partial(ip_hash, b"k"), per_minute
+        )
         self.controller = Controller(
             self.handler,
             hostname="127.0.0.1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from functools import partial
 
 import click
 from rich.console import Console
@@ -23,6 +24,7 @@ def inbound(host: str | None, port: int | None) -> None:
     from workers.inbound.receiver import InboundHandler, server_options
     from workers.pipeline.actors import get_broker
     from workers.pipeline.dispatch import dispatch_groups
+    from workers.privacy.hashing import ip_hash
     from workers.stages.stage import Stage
 
     app = app_for_cli()
@@ -37,7 +39,13 @@ def inbound(host: str | None, port: int | None) -> None:
     def send_on(ids: list[str]) -> None:
         dispatch_groups(broker, {Stage.INBOUND: ids})
 
-    handler = InboundHandler(app.sessions, app.returns, send_on, settings.inbound_peer_per_minute)
+    handler = InboundHandler(
+        app.sessions,
+        app.returns,
+        send_on,
+        partial(ip_hash, app.secret),
+        settings.inbound_peer_per_minute,
+    )
     controller = Controller(
         handler,
         hostname=host or settings.inbound_host,

@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from workers.inbound.addresses import ReturnAddresses
 from workers.inbound.store import store
-from workers.privacy.hashing import ip_hash
 
 log = structlog.get_logger(__name__)
 
@@ -60,12 +59,16 @@ class InboundHandler:
         sessions: sessionmaker[Session],
         returns: ReturnAddresses,
         send_on: Callable[[list[str]], None],
+        hash_peer: Callable[[str], str],
         per_minute: int = 600,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``send_on`` sends stored ids to the inbound stage; ``hash_peer`` makes the keyed hash
+        of a peer's address that is all the receiver keeps and logs of it."""
         self.sessions = sessions
         self.returns = returns
         self.send_on = send_on
+        self.hash_peer = hash_peer
         self.limit = PeerLimit(per_minute, clock)
 
     def _peer(self, session: SmtpSession) -> str:
@@ -104,7 +107,7 @@ class InboundHandler:
         return "250 OK"
 
     def _hash(self, session: SmtpSession) -> str:
-        return ip_hash(self.returns.secret, self._peer(session))
+        return self.hash_peer(self._peer(session))
 
     async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
