@@ -698,3 +698,22 @@ def test_dearmp_inbound_needs_a_domain_to_receive_for(tmp_path: Path) -> None:
         set_app(None)
         plain.engine.dispose()
     assert result.exit_code == 1 and "DEARMP_BOUNCE_DOMAIN" in result.output
+
+
+@pytest.mark.smtp
+def test_dearmp_run_receives_bounces_in_the_same_process(app: App, stub_broker: Any) -> None:
+    import smtplib
+
+    from tests.services import free_port, wait_for
+    from workers.pipeline.runtime import running_pipeline
+
+    app.settings.inbound_port = free_port()
+    with running_pipeline(app, stub_broker, 4):
+        sid = submit(app, stub_broker, submission())[0]
+        assert wait_for(lambda: state_counts(app, [sid]) == {"delivered": 1}, 30)
+        letter = letter_of(app, sid)
+        rcpt = app.returns.bounce(sid)
+        assert rcpt is not None
+        with smtplib.SMTP("127.0.0.1", app.settings.inbound_port, timeout=30) as smtp:
+            smtp.sendmail("<>", [rcpt], samples.gmail_dsn(letter.message_id, letter.to_email, rcpt))
+        assert wait_for(lambda: state_counts(app, [sid]) == {"bounced": 1}, 30)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from functools import partial
 
 import click
 from rich.console import Console
@@ -19,43 +18,19 @@ from workers.cli.base import app_for_cli, main
 @click.option("--port", default=None, type=int, help="Port [DEARMP_INBOUND_PORT].")
 def inbound(host: str | None, port: int | None) -> None:
     """Receive bounces and replies by SMTP for the bounce and reply domains."""
-    from aiosmtpd.controller import Controller
-
-    from workers.inbound.receiver import InboundHandler, server_options
     from workers.pipeline.actors import get_broker
-    from workers.pipeline.dispatch import dispatch_groups
-    from workers.privacy.hashing import ip_hash
-    from workers.stages.stage import Stage
+    from workers.pipeline.runtime import start_receiver
 
     app = app_for_cli()
-    settings = app.settings
     if not app.returns.domains:
         raise click.ClickException(
             "set DEARMP_BOUNCE_DOMAIN and/or DEARMP_REPLY_DOMAIN: the receiver takes mail only "
             "for their addresses"
         )
-    broker = get_broker()
-
-    def send_on(ids: list[str]) -> None:
-        dispatch_groups(broker, {Stage.INBOUND: ids})
-
-    handler = InboundHandler(
-        app.sessions,
-        app.returns,
-        send_on,
-        partial(ip_hash, app.secret),
-        settings.inbound_peer_per_minute,
-    )
-    controller = Controller(
-        handler,
-        hostname=host or settings.inbound_host,
-        port=port or settings.inbound_port,
-        **server_options(settings.inbound_max_bytes),
-    )
+    controller = start_receiver(app, get_broker(), host, port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    controller.start()
     click.echo(
         f"receiving for {', '.join(sorted(app.returns.domains))} on "
         f"{controller.hostname}:{controller.port}"

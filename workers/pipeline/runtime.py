@@ -6,20 +6,24 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import dramatiq
+from aiosmtpd.controller import Controller
 from sqlalchemy import func, select
 
 from config.settings import CONFIG_DIR
 from workers.database.engine import migrate, session_scope
 from workers.database.models import State, Submission
+from workers.inbound.receiver import InboundHandler, server_options
 from workers.letters.campaigns import load_definitions, sync_campaigns
 from workers.mp.directory import current_version_id, import_directory
 from workers.pipeline.app import App
-from workers.pipeline.dispatch import dispatch
+from workers.pipeline.dispatch import dispatch, dispatch_groups
 from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.reconciler import run_forever
+from workers.privacy.hashing import ip_hash
 from workers.stages.confirmation import ConfirmationPolicy
 from workers.stages.intake import accept
 from workers.stages.stage import Stage
@@ -64,7 +68,8 @@ def count_final(counts: dict[str, int]) -> int:
 
 @contextmanager
 def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterator[None]:
-    """Embedded Redis (when no REDIS_URL), an in-process worker and the reconciler, until exit."""
+    """Embedded Redis (when no REDIS_URL), an in-process worker and the reconciler, and the
+    inbound SMTP receiver when there is a bounce or reply domain, until exit."""
     embedded = None
     settings = app.settings
     if settings.broker == "redis" and not settings.redis_url:
@@ -92,11 +97,41 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
     )
     worker.start()
     reconciler.start()
+    receiver = start_receiver(app, broker) if app.returns.domains else None
     try:
         yield
     finally:
         stop.set()
+        if receiver is not None:
+            receiver.stop()
         worker.stop()
         reconciler.join(timeout=5)
         if embedded is not None:
             embedded.stop()
+
+
+def start_receiver(
+    app: App, broker: dramatiq.Broker, host: str | None = None, port: int | None = None
+) -> Controller:
+    """`dearmp inbound`'s SMTP receiver, started in a thread of its own: what it stores goes to
+    the inbound stage on ``broker``. Stop it with ``.stop()``."""
+    settings = app.settings
+
+    def send_on(ids: list[str]) -> None:
+        dispatch_groups(broker, {Stage.INBOUND: ids})
+
+    handler = InboundHandler(
+        app.sessions,
+        app.returns,
+        send_on,
+        partial(ip_hash, app.secret),
+        settings.inbound_peer_per_minute,
+    )
+    controller = Controller(
+        handler,
+        hostname=host or settings.inbound_host,
+        port=port or settings.inbound_port,
+        **server_options(settings.inbound_max_bytes),
+    )
+    controller.start()
+    return controller
