@@ -20,7 +20,7 @@ from tests.test_e2e_redis import Stack, wait_all_final
 from tests.test_stages import through_render
 from workers.cli import main
 from workers.database.engine import session_scope
-from workers.database.models import PurgedDeadLetter
+from workers.database.models import AddressHealth, PurgedDeadLetter
 from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import stage_message
 from workers.pipeline.embedded_redis import EmbeddedRedis
@@ -136,6 +136,14 @@ def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
         [purged] = session.scalars(select(PurgedDeadLetter)).all()
     assert purged.message_id == broken.message_id and purged.reason is not None
     assert "ForeignMessage" in purged.reason
+    assert "healthy" in cli("health")
+
+    # An MP address that keeps returning letters makes the deployment unhealthy until mended.
+    with session_scope(app.sessions) as session:
+        session.add(AddressHealth(email="mp@parliament.example", member_id=1, status="failing"))
+    failing = CliRunner().invoke(main, ["health"])
+    assert failing.exit_code != 0 and "1 MP addresses failing" in failing.output
+    assert "marked ok" in cli("directory", "address", "mp@parliament.example", "--ok")
     assert "healthy" in cli("health")
 
 
