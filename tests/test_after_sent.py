@@ -26,6 +26,7 @@ from tests.factories import submission
 from workers.database.engine import session_scope
 from workers.database.models import (
     AddressHealth,
+    Campaign,
     Delivery,
     InboundMessage,
     Letter,
@@ -414,6 +415,10 @@ def test_did_your_mp_reply_asks_once_reminds_once_and_records_the_answer_by_butt
     with session_scope(app.sessions) as session:
         assert survey.due(session) == []  # fourteen days have not passed
         session.execute(update(Delivery).values(sent_at=utcnow() - timedelta(days=15)))
+    with session_scope(app.sessions) as session:  # a campaign in sandbox mode asks nothing
+        session.execute(update(Campaign).values(mode="sandbox"))
+        assert survey.due(session) == []
+        session.execute(update(Campaign).values(mode="live"))
     with session_scope(app.sessions) as session:
         queued = survey.due(session)
         assert len(queued) == 2  # not the letter whose MP replied

@@ -78,7 +78,8 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
     commit). A letter with a detected reply, or an answer, gets neither."""
     now = now or utcnow()
     created: list[str] = []
-    for slug in session.scalars(select(Campaign.slug)):
+    # Campaigns in sandbox mode send their letters to the sandbox, not to MPs: nothing to ask.
+    for slug in session.scalars(select(Campaign.slug).where(Campaign.mode == "live")):
         definition = get_definition(session, slug)
         if definition is None or not definition.survey.enabled:
             continue
