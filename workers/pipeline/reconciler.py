@@ -158,40 +158,36 @@ def find_after_sent(
     lease: timedelta = timedelta(seconds=300),
 ) -> list[tuple[str, Stage]]:
     """Inbound messages stored but not acted on, notices not sent (or whose sender died
-    mid-send), and the surveys that have come due; marks them dispatched now."""
+    mid-send), and the surveys that have come due; marks them dispatched now.
+
+    Everything is read first and written only when something is due: on SQLite the first write
+    takes the database's one write lock, and a pass that found nothing must not hold it while it
+    reads (the stages' commits, a delivered letter's among them, would wait for it)."""
     now = now or utcnow()
     cutoff = now - older_than
     inbound = session.scalars(
-        update(InboundMessage)
+        select(InboundMessage.id)
         .where(
-            InboundMessage.id.in_(
-                select(InboundMessage.id)
-                .where(
-                    InboundMessage.status == InboundStatus.RECEIVED,
-                    InboundMessage.dispatched_at < cutoff,
-                )
-                .limit(BATCH)
-            )
+            InboundMessage.status == InboundStatus.RECEIVED,
+            InboundMessage.dispatched_at < cutoff,
         )
-        .values(dispatched_at=now)
-        .returning(InboundMessage.id)
-        .execution_options(synchronize_session=False)
+        .limit(BATCH)
     ).all()
     unsent = (Notice.status == NoticeStatus.PENDING) | (
         (Notice.status == NoticeStatus.SENDING) & (Notice.claimed_at < now - lease)
     )
     notices = session.scalars(
-        update(Notice)
-        .where(
-            Notice.id.in_(
-                select(Notice.id).where(unsent, Notice.dispatched_at < cutoff).limit(BATCH)
-            )
-        )
-        .values(dispatched_at=now)
-        .returning(Notice.id)
-        .execution_options(synchronize_session=False)
+        select(Notice.id).where(unsent, Notice.dispatched_at < cutoff).limit(BATCH)
     ).all()
     surveys = survey.due(session, now)
+    for model, ids in ((InboundMessage, inbound), (Notice, notices)):
+        if ids:
+            session.execute(
+                update(model)
+                .where(model.id.in_(ids))
+                .values(dispatched_at=now)
+                .execution_options(synchronize_session=False)
+            )
     return [(i, Stage.INBOUND) for i in inbound] + [(n, Stage.NOTICE) for n in [*notices, *surveys]]
 
 

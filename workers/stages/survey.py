@@ -77,7 +77,8 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
     """Queue the surveys and reminders that are due; the new notices' ids (to send after the
     commit). A letter with a detected reply, or an answer, gets neither."""
     now = now or utcnow()
-    created: list[str] = []
+    asks: list[str] = []
+    reminders: list[str] = []
     # Campaigns in sandbox mode send their letters to the sandbox, not to MPs: nothing to ask.
     for slug in session.scalars(select(Campaign.slug).where(Campaign.mode == "live")):
         definition = get_definition(session, slug)
@@ -99,7 +100,7 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
             )
             .limit(BATCH)
         ).all()
-        created += _add(session, first, "survey")
+        asks += first
         remind = now - timedelta(days=definition.survey.reminder_days)
         second = session.scalars(
             select(Notice.submission_id)
@@ -117,11 +118,14 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
             )
             .limit(BATCH)
         ).all()
-        created += _add(session, second, "survey-reminder")
-    return created
+        reminders += second
+    # Written after every read, and only when something is due (see the reconciler).
+    return _add(session, asks, "survey") + _add(session, reminders, "survey-reminder")
 
 
 def _add(session: Session, submission_ids: Sequence[str], key: str) -> list[str]:
+    if not submission_ids:
+        return []
     notices = [Notice(submission_id=sid, key=key, kind="survey") for sid in submission_ids]
     session.add_all(notices)
     session.flush()
