@@ -445,3 +445,10 @@ def parse_submission(payload: Any) -> SubmissionV1 | dict[str, str]:
         return SubmissionV1.model_validate(payload)
     except ValidationError as exc:
         return field_errors(exc)
+
+
+def stored_email(payload: Any) -> str | None:
+    """The supporter's email in a stored submission payload; None once erased (or malformed)."""
+    supporter = payload.get("supporter") if isinstance(payload, dict) else None
+    value = supporter.get("email") if isinstance(supporter, dict) else None
+    return value if isinstance(value, str) and value else None

@@ -216,25 +216,19 @@ def _log_consent(app: App, ids: list[str]) -> list[Outcome]:
 
 
 def _notify(app: App, ids: list[str]) -> list[Outcome]:
-    """The confirmation email, one submission at a time, each sent on as it goes."""
+    """The confirmation email, one submission at a time."""
     policy = confirmation.ConfirmationPolicy.from_settings(app.settings)
-    outcomes: list[Outcome] = []
-    for submission_id in ids:
-        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
-            try:
-                with session_scope(app.sessions) as session:
-                    next_stages = confirmation.notify(
-                        session, submission_id, app.mailer, app.secret, policy
-                    )
-            except Exception as exc:
-                outcomes.append((submission_id, exc))
-                continue
-            send_on([(submission_id, next_stages)])
-        outcomes.append((submission_id, None))
-    return outcomes
+
+    def work(submission_id: str) -> None:
+        with session_scope(app.sessions) as session:
+            confirmation.notify(session, submission_id, app.mailer, app.secret, policy)
+
+    return _one_by_one(ids, work)
 
 
 def _one_by_one(ids: list[str], work: Callable[[str], None]) -> list[Outcome]:
+    """``work`` for each id in turn; an error is that id's alone (a passing refusal by the mail
+    server becomes a retry, as for letters)."""
     outcomes: list[Outcome] = []
     for object_id in ids:
         try:

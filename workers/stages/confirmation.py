@@ -21,6 +21,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
+from schemas.submission import stored_email
 from workers.database.models import State, Submission, utcnow
 from workers.database.transitions import advance
 from workers.letters.campaigns import get_definition
@@ -113,8 +114,8 @@ def notify(
     ):
         return []
     definition = get_definition(session, submission.campaign_slug)
-    to = ((submission.payload or {}).get("supporter") or {}).get("email")
-    if definition is None or not isinstance(to, str) or not to:
+    to = stored_email(submission.payload)
+    if definition is None or to is None:
         return []
     try:
         to = wire_address(to)

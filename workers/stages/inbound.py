@@ -28,6 +28,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
+from schemas.submission import stored_email
 from workers.database.models import (
     Delivery,
     DeliveryStatus,
@@ -183,7 +184,7 @@ def _decide(
     )
     if (forwards or 0) >= policy.forwards_per_letter:
         return acted("reply", "forward cap reached: not forwarded")
-    if not _supporter_email(letter.payload):
+    if stored_email(letter.payload) is None:
         return acted("reply", "supporter erased: not forwarded")
     return acted(
         "reply", None, _queue(session, submission_id, f"forward:{row.id}", "forward", row.id)
@@ -221,11 +222,6 @@ def _bounced(
         if marked:
             log.warning("address_failing", member_id=letter.member_id)
     return notices
-
-
-def _supporter_email(payload: dict[str, Any] | None) -> str | None:
-    value = ((payload or {}).get("supporter") or {}).get("email")
-    return value if isinstance(value, str) and value else None
 
 
 def _queue(

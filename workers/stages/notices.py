@@ -15,6 +15,7 @@ import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from schemas.submission import stored_email
 from workers.database.engine import session_scope
 from workers.database.models import (
     InboundMessage,
@@ -90,8 +91,8 @@ def _compose(
     letter = session.get(Letter, notice.submission_id)
     if submission is None or letter is None:
         return "the letter is gone"
-    to = ((submission.payload or {}).get("supporter") or {}).get("email")
-    if not isinstance(to, str) or not to:
+    to = stored_email(submission.payload)
+    if to is None:
         return "the supporter's details were erased"
     definition = get_definition(session, submission.campaign_slug)
     if definition is None:
@@ -136,22 +137,27 @@ def send_notice(
     signer: DkimSigner | None,
     policy: NoticePolicy,
 ) -> None:
-    """Send the notice if nobody has. Raises TransientDeliveryError for the actor's retry."""
+    """Send the notice if nobody has. Raises TransientDeliveryError for the actor's retry.
+
+    The email is written (and signed) before the claim, so that the claim is the transaction's
+    only write and is committed at once: on SQLite no one waits for the write lock while a
+    notice is being written."""
     with session_scope(sessions) as session:
         notice = session.get(Notice, notice_id)
-        if notice is None or not _claim(session, notice_id, policy.lease_seconds):
+        if notice is None or notice.status not in (NoticeStatus.PENDING, NoticeStatus.SENDING):
             return
-        session.refresh(notice)
         try:
             mail = _compose(session, notice, returns, signer, policy)
         except ValueError as exc:  # an address the email package will not write
             mail = f"cannot be written as email: {exc}"[:500]
+        if not _claim(session, notice_id, policy.lease_seconds):
+            return  # sent, or held by a live claim
         if isinstance(mail, str):
             _mark(session, notice_id, NoticeStatus.SKIPPED, mail)
             _forget_reply(session, notice)
             log.info("notice_skipped", notice_id=notice_id, kind=notice.kind, reason=mail)
             return
-        kind, inbound_id, attempts = notice.kind, notice.inbound_id, notice.attempts
+        kind, inbound_id, attempts = notice.kind, notice.inbound_id, notice.attempts + 1
     # No transaction is open while the mail server answers.
     try:
         mailer.send(mail)

@@ -84,41 +84,39 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
         definition = get_definition(session, slug)
         if definition is None or not definition.survey.enabled:
             continue
+        # Delivered letters of this campaign, not erased, with no reply or answer recorded.
+        waiting = (
+            Submission.campaign_slug == slug,
+            Submission.state == State.DELIVERED,
+            Submission.erased_at.is_(None),
+            ~_replied(Submission.id),  # type: ignore[operator]
+            ~_answered(Submission.id),  # type: ignore[operator]
+        )
         after = now - timedelta(days=definition.survey.after_days)
-        first = session.scalars(
+        asks += session.scalars(
             select(Submission.id)
             .join(Delivery, Delivery.submission_id == Submission.id)
             .where(
-                Submission.campaign_slug == slug,
-                Submission.state == State.DELIVERED,
-                Submission.erased_at.is_(None),
+                *waiting,
                 Delivery.status == DeliveryStatus.SENT,
                 Delivery.sent_at < after,
-                ~_replied(Submission.id),  # type: ignore[operator]
-                ~_answered(Submission.id),  # type: ignore[operator]
                 ~_has_notice(Submission.id, "survey"),  # type: ignore[operator]
             )
             .limit(BATCH)
         ).all()
-        asks += first
         remind = now - timedelta(days=definition.survey.reminder_days)
-        second = session.scalars(
+        reminders += session.scalars(
             select(Notice.submission_id)
             .join(Submission, Submission.id == Notice.submission_id)
             .where(
-                Submission.campaign_slug == slug,
-                Submission.state == State.DELIVERED,
-                Submission.erased_at.is_(None),
+                *waiting,
                 Notice.key == "survey",
                 Notice.status == NoticeStatus.SENT,
                 Notice.sent_at < remind,
-                ~_replied(Submission.id),  # type: ignore[operator]
-                ~_answered(Submission.id),  # type: ignore[operator]
                 ~_has_notice(Submission.id, "survey-reminder"),  # type: ignore[operator]
             )
             .limit(BATCH)
         ).all()
-        reminders += second
     # Written after every read, and only when something is due (see the reconciler).
     return _add(session, asks, "survey") + _add(session, reminders, "survey-reminder")
 
