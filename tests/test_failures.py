@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import dramatiq
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from tests.conftest import drain
 from tests.factories import submission
@@ -15,13 +16,13 @@ from workers.database.engine import session_scope
 from workers.database.models import Failure
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import stage_message
+from workers.pipeline.failures import Attempt, record_failure
 from workers.pipeline.runtime import submit
 from workers.stages.stage import Stage
 
 
 def dead_letter_record(app: App, message_id: str, timeout: float = 10.0) -> Failure | None:
     """The failure record of a message once it is dead-lettered (None if it is not in time)."""
-    row = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with session_scope(app.sessions) as session:
@@ -29,7 +30,7 @@ def dead_letter_record(app: App, message_id: str, timeout: float = 10.0) -> Fail
         if row is not None and row.dead_lettered_at is not None:
             return row
         time.sleep(0.1)
-    return row
+    return None
 
 
 def test_the_final_failure_is_recorded_with_its_traceback(
@@ -119,3 +120,72 @@ def test_a_submission_whose_stage_fails_every_time_ends_failed_and_is_not_resent
     assert "UnicodeEncodeError" in failed.failure_reason
     with session_scope(app.sessions) as session:
         assert (sid, Stage.RENDER) not in find_stalled(session, timedelta(0))
+
+
+def _attempt(message_id: str, attempts: int, dead: bool) -> Attempt:
+    return Attempt(
+        message_id=message_id,
+        queue_name=Stage.RENDER.queue,
+        actor_name=Stage.RENDER.actor,
+        submission_id=None,
+        exception=RuntimeError(f"attempt {attempts}"),
+        attempts=attempts,
+        dead_lettered=dead,
+    )
+
+
+def _failure(app: App, message_id: str) -> Failure:
+    with session_scope(app.sessions) as session:
+        row = session.scalar(select(Failure).where(Failure.message_id == message_id))
+    assert row is not None
+    return row
+
+
+def test_an_earlier_attempt_recorded_late_does_not_undo_the_dead_lettering(app: App) -> None:
+    # The retry is queued before the first attempt is recorded, so it can be recorded first.
+    with session_scope(app.sessions) as session:
+        record_failure(session, _attempt("m-1", 2, dead=True))
+    with session_scope(app.sessions) as session:
+        record_failure(session, _attempt("m-1", 1, dead=False))
+    row = _failure(app, "m-1")
+    assert row.attempts == 2 and row.dead_lettered_at is not None
+    assert row.exception_message == "attempt 2"
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite writers take turns
+def test_two_attempts_of_one_message_recorded_at_the_same_time_both_land(app: App) -> None:
+    """Both insert the message's row; the second waits for the first and updates it."""
+    first = app.sessions()
+    try:
+        record_failure(first, _attempt("m-2", 1, dead=False))
+        first.flush()  # inserted, not committed
+        errors: list[BaseException] = []
+
+        def last() -> None:
+            try:
+                with session_scope(app.sessions) as session:
+                    record_failure(session, _attempt("m-2", 2, dead=True))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=last)
+        thread.start()
+        wait_for_a_lock_wait(app)
+        first.commit()
+    finally:
+        first.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and errors == []
+    row = _failure(app, "m-2")
+    assert row.attempts == 2 and row.dead_lettered_at is not None
+
+
+def wait_for_a_lock_wait(app: App, timeout: float = 10.0) -> None:
+    """Until some PostgreSQL backend waits for a lock (the thread's insert waits for ours)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with app.engine.connect() as connection:
+            waiting = connection.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+        if waiting:
+            return
+    raise AssertionError("nothing waited for the uncommitted insert")

@@ -15,7 +15,8 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -187,6 +188,13 @@ class Checkpointer:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def insert_on_conflict(bind: Session | Connection, table: Any) -> Any:
+    """An ``INSERT`` into ``table`` that can say what to do ``ON CONFLICT`` (PostgreSQL and SQLite
+    spell it alike; SQLAlchemy builds it from each dialect's own ``insert``)."""
+    dialect = bind.get_bind().dialect if isinstance(bind, Session) else bind.dialect
+    return (postgresql if dialect.name == "postgresql" else sqlite).insert(table)
 
 
 @contextmanager

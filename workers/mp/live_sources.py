@@ -21,11 +21,10 @@ from urllib.parse import quote
 import requests
 import structlog
 from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from workers.database.engine import session_scope
+from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import LookupCache, utcnow
 
 log = structlog.get_logger(__name__)
@@ -222,8 +221,7 @@ def _upsert(session: Session, key: str, value: dict[str, Any] | None, ttl: float
         "fetched_at": now,
         "expires_at": now + timedelta(seconds=ttl),
     }
-    dialect = session.get_bind().dialect.name
-    stmt: Any = (postgresql if dialect == "postgresql" else sqlite).insert(LookupCache).values(row)
+    stmt = insert_on_conflict(session, LookupCache).values(row)
     stmt = stmt.on_conflict_do_update(
         index_elements=["key"],
         set_={"value": row["value"], "fetched_at": now, "expires_at": row["expires_at"]},

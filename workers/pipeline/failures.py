@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from workers.database.engine import insert_on_conflict
 from workers.database.models import Failure, State, Submission, utcnow
 from workers.database.transitions import AlreadyMoved, advance
 
@@ -28,25 +29,39 @@ class Attempt:
     dead_lettered: bool
 
 
-def record_failure(session: Session, attempt: Attempt) -> Failure:
-    """Insert or update the message's failure row with this attempt (the caller commits)."""
+def record_failure(session: Session, attempt: Attempt) -> None:
+    """Record this attempt on the message's failure row (the caller commits).
+
+    One upsert: a retry can fail on another thread while an earlier attempt of the same
+    message is still being recorded (the retry is queued first), so both may insert. The later
+    attempt wins whatever order they commit in, and a dead-lettering is never undone.
+    """
     now = utcnow()
     exc = attempt.exception
-    row = session.scalar(select(Failure).where(Failure.message_id == attempt.message_id))
-    if row is None:
-        row = Failure(message_id=attempt.message_id, first_failed_at=now)
-        session.add(row)
-    row.queue_name = attempt.queue_name
-    row.actor_name = attempt.actor_name
-    row.submission_id = attempt.submission_id
-    row.exception_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    row.exception_message = str(exc)[:4000]
-    row.traceback = "".join(tb.format_exception(exc))[-20_000:]
-    row.attempts = attempt.attempts
-    row.last_failed_at = now
-    if attempt.dead_lettered:
-        row.dead_lettered_at = now
-    return row
+    values = {
+        "message_id": attempt.message_id,
+        "queue_name": attempt.queue_name,
+        "actor_name": attempt.actor_name,
+        "submission_id": attempt.submission_id,
+        "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "exception_message": str(exc)[:4000],
+        "traceback": "".join(tb.format_exception(exc))[-20_000:],
+        "attempts": attempt.attempts,
+        "last_failed_at": now,
+        "dead_lettered_at": now if attempt.dead_lettered else None,
+    }
+    stmt = insert_on_conflict(session, Failure).values(first_failed_at=now, **values)
+    changed = {key: getattr(stmt.excluded, key) for key in values if key != "message_id"}
+    changed["dead_lettered_at"] = func.coalesce(
+        stmt.excluded.dead_lettered_at, Failure.dead_lettered_at
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["message_id"],
+            set_=changed,
+            where=Failure.attempts <= stmt.excluded.attempts,
+        )
+    )
 
 
 def dead_letters_of(session: Session, submission_id: str) -> int:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from workers.database.engine import insert_on_conflict
 from workers.database.models import EVENTS, SUBMISSIONS, State, Submission, new_id, utcnow
 from workers.privacy.hashing import ip_hash, supporter_hash
 
@@ -74,9 +74,10 @@ def accept_many(session: Session, items: list[tuple[Any, State]], secret: bytes)
     # PostgreSQL after waiting for a concurrent insert of it to commit) and gets the stored id.
     connection = session.connection()
     table = SUBMISSIONS
-    stmt: Any = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert(table)
-    stmt = stmt.values(rows).on_conflict_do_nothing(
-        index_elements=["campaign_slug", "idempotency_key"]
+    stmt = (
+        insert_on_conflict(connection, table)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["campaign_slug", "idempotency_key"])
     )
     inserted = {row[0] for row in connection.execute(stmt.returning(table.c.id))}
     results, events = [], []
