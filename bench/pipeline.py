@@ -179,6 +179,15 @@ def bench_pipeline(
                     "'%count(*)%submission_events%' AND query NOT LIKE '%pg_stat_statements%'"
                 )
             ).scalar()
+            if args.statements:  # the commonest, per submission
+                top = conn.execute(
+                    text(
+                        "SELECT calls, query FROM pg_stat_statements WHERE query NOT LIKE "
+                        "'%pg_stat_statements%' ORDER BY calls DESC LIMIT 30"
+                    )
+                ).all()
+                for many, query in top:
+                    print(f"{many / len(ids):6.2f}  {' '.join(query.split())[:150]}")
         statements = {"statements": float(calls or 0)}
     with session_scope(app.sessions) as session:
         rows = session.execute(
@@ -267,6 +276,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL cluster")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--statements", action="store_true", help="PostgreSQL: the commonest statements"
+    )
     parser.add_argument(
         "--intake-groups",
         type=int,

@@ -30,7 +30,7 @@ from workers.letters.mail import OutboxMailer, Outgoing
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups, stage_message, submission_id_of
 from workers.pipeline.runtime import state_counts
-from workers.stages.delivery import DeliveryPolicy, deliver_group
+from workers.stages.delivery import DeliveryPolicy, claim, deliver_group
 from workers.stages.intake import accept
 from workers.stages.stage import Stage
 
@@ -229,10 +229,24 @@ def test_each_letter_of_a_group_is_recorded_in_a_commit_of_its_own(app: App) -> 
     commits = _commits(app)
     outcomes = deliver_group(app.sessions, ids, app.mailer, DeliveryPolicy(lease_seconds=300))
     assert sorted(outcomes) == sorted((sid, None) for sid in ids)
-    # The group's claims, then for each letter its delivery row marked sent, then its move.
-    assert commits[0] == 1 + 6 * 2
+    # The group's claims, then for each letter its delivery row marked sent, then the moves.
+    assert commits[0] == 1 + 6 + 1
     assert state_counts(app, ids) == {"delivered": 6}
     assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 6
+
+
+def test_a_letter_of_a_group_that_another_worker_holds_is_left_to_it(app: App) -> None:
+    ids = sorted(
+        through_render(app, submission(supporter__email=f"s{i}@example.com")) for i in range(4)
+    )
+    with session_scope(app.sessions) as session:  # another worker's live claim on one of them
+        assert claim(session, ids[1], lease_seconds=300)
+    mailer = Counting(OutboxMailer(app.settings.resolved_outbox_dir))
+    outcomes = deliver_group(app.sessions, ids, mailer, DeliveryPolicy(lease_seconds=300))
+    assert sorted(outcomes) == sorted((sid, None) for sid in ids)
+    assert mailer.count == 3
+    assert state_counts(app, [ids[1]]) == {"rendered": 1}  # still the other worker's
+    assert state_counts(app, ids[:1] + ids[2:]) == {"delivered": 3}
 
 
 def test_a_group_interrupted_mid_send_records_the_letters_it_sent(app: App) -> None:

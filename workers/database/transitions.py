@@ -83,13 +83,10 @@ def current(session: Session, submission_id: str, *columns: str) -> Any:
     """The submission's id, state and ``columns`` as one row (None if there is no such one),
     with its campaign's ``definition_sha256`` and ``mode`` (None if the campaign is gone), so
     that :func:`workers.letters.campaigns.get_definition` needs no statement of its own."""
-    group = session.info.get(_GROUP)
-    if group is not None and submission_id in group:
-        return _group_rows(session, group, columns).get(submission_id)
     statement = _reads.get(columns)
     if statement is None:
-        statement = _reads[columns] = _read(columns).where(SUBMISSIONS.c.id == bindparam("id"))
-    return session.execute(statement, {"id": submission_id}).first()
+        statement = _reads[columns] = _read(columns)
+    return read_one(session, statement, submission_id)
 
 
 def _read(columns: tuple[str, ...]) -> Select[Any]:
@@ -104,25 +101,33 @@ def _read(columns: tuple[str, ...]) -> Select[Any]:
     ).select_from(SUBMISSIONS.outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug))
 
 
-def _group_rows(session: Session, group: frozenset[str], columns: tuple[str, ...]) -> Any:
-    """The rows of a group's submissions, read for all of them with one statement the first
-    time a stage asks for one of them (:func:`run_group`)."""
-    cache: dict[tuple[str, ...], dict[str, Any]] = session.info.setdefault(_GROUP_ROWS, {})
-    rows = cache.get(columns)
+def read_one(session: Session, statement: Select[Any], submission_id: str) -> Any:
+    """``statement``'s row for one submission (None if there is none). ``statement`` selects
+    ``submissions.id`` first, from a FROM clause that has the submissions table. While
+    ``session`` is deciding a group (:func:`run_group`), the rows of every submission of the
+    group are read with one statement, the first time one of them is asked for."""
+    group = session.info.get(_GROUP)
+    if group is None or submission_id not in group:
+        one = _by_id.get(statement)
+        if one is None:
+            one = _by_id[statement] = statement.where(SUBMISSIONS.c.id == bindparam("id"))
+        return session.execute(one, {"id": submission_id}).first()
+    cache: dict[Select[Any], dict[str, Any]] = session.info.setdefault(_GROUP_ROWS, {})
+    rows = cache.get(statement)
     if rows is None:
-        statement = _group_reads.get(columns)
-        if statement is None:
-            statement = _group_reads[columns] = _read(columns).where(
-                SUBMISSIONS.c.id.in_(bindparam("ids", expanding=True))
-            )
-        found = session.execute(statement, {"ids": sorted(group)})
-        rows = cache[columns] = {row.id: row for row in found}
-    return rows
+        many = _by_ids.get(statement)
+        if many is None:
+            ids: Any = bindparam("ids", expanding=True)
+            many = _by_ids[statement] = statement.where(SUBMISSIONS.c.id.in_(ids))
+        found = session.execute(many, {"ids": sorted(group)})
+        rows = cache[statement] = {row[0]: row for row in found}
+    return rows.get(submission_id)
 
 
-_group_reads: dict[tuple[str, ...], Any] = {}
+_by_id: dict[Select[Any], Select[Any]] = {}
+_by_ids: dict[Select[Any], Select[Any]] = {}
 _GROUP = "workers.database.transitions.group"  # session.info: the ids of the group being decided
-_GROUP_ROWS = "workers.database.transitions.group_rows"  # session.info: {columns: {id: row}}
+_GROUP_ROWS = "workers.database.transitions.group_rows"  # session.info: {read: {id: row}}
 _GROUP_WRITES = "workers.database.transitions.group_writes"  # session.info: a group's GroupWrites
 
 

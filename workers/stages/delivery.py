@@ -36,7 +36,17 @@ from workers.database.models import (
     Submission,
     utcnow,
 )
-from workers.database.transitions import AlreadyMoved, Apply, At, advance, done, rowcount, run_group
+from workers.database.transitions import (
+    AlreadyMoved,
+    Apply,
+    At,
+    advance,
+    done,
+    group_writes,
+    read_one,
+    rowcount,
+    run_group,
+)
 from workers.inbound.addresses import ReturnAddresses
 from workers.letters.campaigns import get_definition
 from workers.letters.mail import (
@@ -99,23 +109,20 @@ def limits_for(
 # Everything delivery reads, in one statement: the submission, its delivery row, its letter and
 # its campaign's version.
 LETTER_FIELDS = tuple(c.name for c in LETTERS.c)
-_READ = (
-    select(
-        SUBMISSIONS.c.state,
-        SUBMISSIONS.c.campaign_slug,
-        SUBMISSIONS.c.member_id,
-        DELIVERIES.c.status,
-        DELIVERIES.c.attempts,
-        DELIVERIES.c.error,
-        CAMPAIGNS.c.definition_sha256,
-        *(LETTERS.c[name] for name in LETTER_FIELDS),
-    )
-    .select_from(
-        SUBMISSIONS.outerjoin(DELIVERIES, DELIVERIES.c.submission_id == SUBMISSIONS.c.id)
-        .outerjoin(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id)
-        .outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug)
-    )
-    .where(SUBMISSIONS.c.id == bindparam("id"))
+_READ = select(
+    SUBMISSIONS.c.id,
+    SUBMISSIONS.c.state,
+    SUBMISSIONS.c.campaign_slug,
+    SUBMISSIONS.c.member_id,
+    DELIVERIES.c.status,
+    DELIVERIES.c.attempts,
+    DELIVERIES.c.error,
+    CAMPAIGNS.c.definition_sha256,
+    *(LETTERS.c[name] for name in LETTER_FIELDS),
+).select_from(
+    SUBMISSIONS.outerjoin(DELIVERIES, DELIVERIES.c.submission_id == SUBMISSIONS.c.id)
+    .outerjoin(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id)
+    .outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug)
 )
 
 
@@ -161,11 +168,15 @@ _UNCOUNTED = (
 )
 
 
+def _claim_params(submission_id: str, lease_seconds: int) -> dict[str, object]:
+    now = utcnow()
+    return {"id": submission_id, "now": now, "stale": now - timedelta(seconds=lease_seconds)}
+
+
 def claim(session: Session, submission_id: str, lease_seconds: int) -> bool:
     """Take the delivery for this worker; False if it is sent, failed or held by a live claim."""
-    now = utcnow()
-    stale = now - timedelta(seconds=lease_seconds)
-    return rowcount(session.execute(_CLAIM, {"id": submission_id, "now": now, "stale": stale})) == 1
+    params = _claim_params(submission_id, lease_seconds)
+    return rowcount(session.execute(_CLAIM, params)) == 1
 
 
 def _finish(
@@ -213,7 +224,7 @@ def _take(
     """Read and decide (no writes); the write claims the letter when nothing makes it wait, and
     answers the letter to send, or None when there is nothing to send (sent, failed, someone
     else's claim, not rendered)."""
-    found = session.execute(_READ, {"id": submission_id}).first()
+    found = read_one(session, _READ, submission_id)
     if found is None or found.state != State.RENDERED:
         return done(None)
     definition = get_definition(session, found.campaign_slug, found.definition_sha256)
@@ -240,8 +251,12 @@ def _take(
         return done(_Taken(letter, False, definition, limits))  # claimed after the wait
 
     def take(session: Session) -> _Taken | None:
-        # Nothing to wait for: claim it now.
-        if not claim(session, submission_id, policy.lease_seconds):
+        # Nothing to wait for: claim it now. In a group, with the group's other claims, and a
+        # claim that matches nothing stops the group (each letter then runs alone).
+        writes = group_writes(session)
+        if writes is not None:
+            writes.guard(_CLAIM, _claim_params(submission_id, policy.lease_seconds))
+        elif not claim(session, submission_id, policy.lease_seconds):
             return None
         return _Taken(letter, True, definition, limits)
 
@@ -283,7 +298,8 @@ def deliver_group(
     """The letters of one message: read and claimed in one transaction, then sent one by one,
     each recorded as sent in a commit of its own the moment the server has answered. What a
     crash can leave sent but unrecorded is the one letter between the server's answer and
-    that commit; it is sent again, the same bytes, once its lease is over.
+    that commit; it is sent again, the same bytes, once its lease is over. The letters sent
+    then move to delivered together, in one transaction (:func:`_delivered`).
 
     Each submission gets its own outcome. In a group, a letter that fails is put back as it was
     (its claim released, the error recorded), even on a permanent refusal: it goes on in a
@@ -293,22 +309,28 @@ def deliver_group(
     plan = partial(_take, mailer=mailer, policy=policy, limiter=limiter)
     taken = run_group(sessions, submission_ids, plan)
     alone = len(taken) == 1
-    outcomes: list[tuple[str, BaseException | None]] = []
-    for submission_id, letter, error in taken:
-        with structlog.contextvars.bound_contextvars(submission_id=submission_id):
-            try:
-                if error is not None:
-                    raise error
-                if letter is not None:
-                    sent = _send(sessions, submission_id, letter, mailer, policy, limiter, signer,
-                                 alone, returns)  # fmt: skip
-                    if sent is not None:
-                        _record(sessions, sent, limiter)
-            except Exception as exc:
-                outcomes.append((submission_id, exc))
-                continue
-        outcomes.append((submission_id, None))
-    return outcomes
+    outcomes: dict[str, BaseException | None] = {}
+    sent: dict[str, str] = {}  # submission id: the server's answer
+    try:
+        for submission_id, letter, error in taken:
+            with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+                try:
+                    if error is not None:
+                        raise error
+                    if letter is not None:
+                        answer = _send(sessions, submission_id, letter, mailer, policy, limiter,
+                                       signer, alone, returns)  # fmt: skip
+                        if answer is not None:
+                            _record(sessions, answer, limiter)
+                            sent[submission_id] = str(answer.values.get("response") or "")
+                except Exception as exc:
+                    outcomes[submission_id] = exc
+                    continue
+            outcomes[submission_id] = None
+    finally:  # also when the worker is interrupted: what was sent moves on
+        if sent:
+            outcomes.update(_delivered(sessions, sent))
+    return list(outcomes.items())
 
 
 @dataclass
@@ -322,20 +344,30 @@ class _Sent:
 
 def _record(sessions: sessionmaker[Session], sent: _Sent, limiter: Limiter | None) -> None:
     """Record the letter as sent. Nothing may stand between the server's answer and the commit
-    that marks its delivery row sent: that row is what stops a resend, so it goes first, alone,
-    in one statement and its commit. The submission's move to delivered follows in a commit of
-    its own; a worker that dies between the two leaves a sent row that the next delivery
-    message (or the reconciler's) turns into the move, sending nothing."""
+    that marks its delivery row sent: that row is what stops a resend, so it goes alone, in
+    one statement and its commit."""
     with session_scope(sessions) as session:
         _update_delivery(session, sent.submission_id, **sent.values, error=None)
-    with session_scope(sessions) as session:
-        response = str(sent.values.get("response") or "")
-        _finish(session, sent.submission_id, State.DELIVERED, detail=response[:500])
     if limiter is not None and sent.limits:
         try:
             limiter.mark_sent(sent.submission_id, sent.limits)
         except Exception as exc:  # bookkeeping: the reservation already counts the letter
             log.warning("rate_limit_mark_failed", error=type(exc).__name__)
+
+
+def _delivered(
+    sessions: sessionmaker[Session], sent: dict[str, str]
+) -> dict[str, BaseException | None]:
+    """Move the submissions whose letters are recorded as sent to delivered, in one transaction
+    (one statement of each kind). A worker that dies before it commits leaves sent rows that
+    the next delivery message (or the reconciler's) turns into the move, sending nothing; an
+    error here is the submission's, so its message is tried again for the same repair."""
+
+    def plan(_session: Session, submission_id: str) -> Apply[None]:
+        detail = sent[submission_id][:500]
+        return lambda session: _finish(session, submission_id, State.DELIVERED, detail=detail)
+
+    return {sid: error for sid, _, error in run_group(sessions, list(sent), plan)}
 
 
 def _send(
