@@ -7,7 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, update
 
 from tests.factories import submission
 from workers.database.engine import session_scope
@@ -21,12 +22,14 @@ from workers.database.models import (
     SubmissionEvent,
     utcnow,
 )
+from workers.database.transitions import run_group
 from workers.letters.mail import OutboxMailer, Outgoing
 from workers.pipeline.app import App
 from workers.pipeline.reconciler import find_stalled
 from workers.stages.consent import log_consent
 from workers.stages.delivery import DeliveryPolicy, deliver
 from workers.stages.intake import accept
+from workers.stages.rendering import plan as rendering_plan
 from workers.stages.rendering import render
 from workers.stages.resolution import resolve
 from workers.stages.stage import Stage
@@ -155,6 +158,35 @@ def test_rendering_stores_the_letter_once(app: App) -> None:
         assert session.scalar(select(func.count()).select_from(Letter)) == 1
         letter = session.get(Letter, sid)
         assert letter is not None and letter.content_sha256 == first_hash
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_a_letter_stored_by_an_attempt_whose_state_change_was_lost_moves_on_as_it_is(
+    app: App, group: int
+) -> None:
+    ids = []
+    for i in range(group):
+        sid = store(app, submission(supporter__email=f"s{i}@example.com"))
+        step(app, validate, sid)
+        step(app, resolve, sid)
+        ids.append(sid)
+    for sid in ids:
+        step(app, render, sid, "outbox")
+    with session_scope(app.sessions) as session:  # the move to rendered lost, the letter kept
+        session.execute(update(Submission).values(state=State.RESOLVED.value))
+        stored = {sid: session.get(Letter, sid).content_sha256 for sid in ids}  # type: ignore[union-attr]
+
+    def plan(session: Any, submission_id: str) -> Any:
+        return rendering_plan(session, submission_id, "outbox")
+
+    outcomes = run_group(app.sessions, ids, plan)
+    assert sorted((sid, then) for sid, then, _ in outcomes) == sorted(
+        (sid, [Stage.DELIVER]) for sid in ids
+    )
+    with session_scope(app.sessions) as session:
+        assert session.scalar(select(func.count()).select_from(Letter)) == group
+        assert {sid: session.get(Letter, sid).content_sha256 for sid in ids} == stored  # type: ignore[union-attr]
+    assert {get(app, sid).state for sid in ids} == {State.RENDERED}
 
 
 def test_delivery_sends_once_however_often_it_runs(app: App, tmp_path: Path) -> None:

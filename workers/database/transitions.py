@@ -85,12 +85,13 @@ def current(session: Session, submission_id: str, *columns: str) -> Any:
     that :func:`workers.letters.campaigns.get_definition` needs no statement of its own."""
     statement = _reads.get(columns)
     if statement is None:
-        statement = _reads[columns] = _read(columns)
+        statement = _reads[columns] = submission_read(*columns)
     return read_one(session, statement, submission_id)
 
 
-def _read(columns: tuple[str, ...]) -> Select[Any]:
-    """A submission's id, state, campaign and ``columns``, with its campaign's version."""
+def submission_read(*columns: str) -> Select[Any]:
+    """A submission's id, state, campaign and ``columns``, with its campaign's version (for
+    :func:`read_one`; a stage may add columns and joins to it)."""
     return select(
         SUBMISSIONS.c.id,
         SUBMISSIONS.c.state,

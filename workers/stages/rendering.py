@@ -14,13 +14,14 @@ from typing import Any
 
 from jinja2 import StrictUndefined, Template
 from jinja2.sandbox import SandboxedEnvironment
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
 from workers.database.models import (
     DELIVERIES,
     LETTERS,
+    SUBMISSIONS,
     Constituency,
     DeliveryStatus,
     Letter,
@@ -28,7 +29,15 @@ from workers.database.models import (
     State,
     utcnow,
 )
-from workers.database.transitions import Apply, advance, current, done, group_writes, move
+from workers.database.transitions import (
+    Apply,
+    advance,
+    done,
+    group_writes,
+    move,
+    read_one,
+    submission_read,
+)
 from workers.inbound.addresses import ReturnAddresses
 from workers.letters.campaigns import get_definition
 from workers.letters.mail import DkimSigner
@@ -167,7 +176,14 @@ def compose(
     )
 
 
-_HAS_LETTER = select(LETTERS.c.submission_id).where(LETTERS.c.submission_id == bindparam("id"))
+# The submission, and whether its letter is stored (by an attempt whose state change was lost).
+_READ = (
+    submission_read(
+        "payload", "recipient", "directory_version_id", "member_id", "constituency_code"
+    )
+    .add_columns(LETTERS.c.submission_id.label("stored_letter"))
+    .outerjoin(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id)
+)
 _STORE_LETTER = insert(LETTERS)
 _NEW_DELIVERY = insert(DELIVERIES)
 
@@ -181,19 +197,10 @@ def plan(
     returns: ReturnAddresses | None = None,
 ) -> Apply[list[Stage]]:
     """Compose the letter: what to write (the letter, its delivery row, the move to rendered)."""
-    submission = current(
-        session,
-        submission_id,
-        "payload",
-        "recipient",
-        "directory_version_id",
-        "member_id",
-        "constituency_code",
-    )
+    submission = read_one(session, _READ, submission_id)
     if submission is None or submission.state != State.RESOLVED or submission.payload is None:
         return done([])
-    if session.execute(_HAS_LETTER, {"id": submission_id}).first() is not None:
-        # Stored by an earlier attempt whose state change was lost.
+    if submission.stored_letter is not None:
         return move(submission, State.RENDERED, then=[Stage.DELIVER])
     definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
     mode = submission.mode
