@@ -345,8 +345,11 @@ class _Sent:
 def _record(sessions: sessionmaker[Session], sent: _Sent, limiter: Limiter | None) -> None:
     """Record the letter as sent. Nothing may stand between the server's answer and the commit
     that marks its delivery row sent: that row is what stops a resend, so it goes alone, in
-    one statement and its commit."""
+    one statement and its commit. On PostgreSQL that statement commits itself (autocommit),
+    one round trip with no ``BEGIN`` and ``COMMIT`` around it."""
     with session_scope(sessions) as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         _update_delivery(session, sent.submission_id, **sent.values, error=None)
     if limiter is not None and sent.limits:
         try:
