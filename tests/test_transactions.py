@@ -201,6 +201,34 @@ def test_turns_keep_writers_of_two_processes_apart(tmp_path: Path) -> None:
     assert waited > 0.3
 
 
+def test_a_first_turn_goes_before_the_threads_already_waiting() -> None:
+    turns = Turns(None)
+    order: list[str] = []
+
+    def write(name: str, first: bool) -> None:
+        turns.acquire(first=first)
+        order.append(name)
+        turns.release()
+
+    def waiting(count: int) -> None:  # until that many threads wait for the turn
+        deadline = time.monotonic() + 10
+        while len(turns._cond._waiters) < count:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    turns.acquire()
+    waiters = [threading.Thread(target=write, args=("a stage", False))]
+    waiters[0].start()
+    waiting(1)
+    waiters.append(threading.Thread(target=write, args=("a sent mark", True)))
+    waiters[1].start()
+    waiting(2)
+    turns.release()
+    for thread in waiters:
+        thread.join(10)
+    assert order == ["a sent mark", "a stage"]
+
+
 def test_worker_engines_checkpoint_the_log_from_a_thread_not_a_commit(tmp_path: Path) -> None:
     engine = _scratch(tmp_path, take_turns=True)
     database = tmp_path / "scratch.sqlite3"

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from schemas.campaign import CampaignDefinition
-from workers.database.engine import session_scope
+from workers.database.engine import FIRST_TURN, session_scope
 from workers.database.models import (
     CAMPAIGNS,
     DELIVERIES,
@@ -346,10 +346,13 @@ def _record(sessions: sessionmaker[Session], sent: _Sent, limiter: Limiter | Non
     """Record the letter as sent. Nothing may stand between the server's answer and the commit
     that marks its delivery row sent: that row is what stops a resend, so it goes alone, in
     one statement and its commit. On PostgreSQL that statement commits itself (autocommit),
-    one round trip with no ``BEGIN`` and ``COMMIT`` around it."""
+    one round trip with no ``BEGIN`` and ``COMMIT`` around it; on SQLite it takes the write
+    lock before the other writers of its process that are waiting for it."""
     with session_scope(sessions) as session:
         if session.get_bind().dialect.name == "postgresql":
             session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        else:
+            session.connection(execution_options={FIRST_TURN: True})
         _update_delivery(session, sent.submission_id, **sent.values, error=None)
     if limiter is not None and sent.limits:
         try:
