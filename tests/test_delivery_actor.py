@@ -19,6 +19,7 @@ from workers.database.engine import session_scope
 from workers.database.models import Delivery, Submission
 from workers.letters.campaigns import update_definition
 from workers.pipeline.app import App
+from workers.pipeline.dispatch import submission_id_of
 from workers.pipeline.runtime import state_counts, submit
 
 
@@ -56,8 +57,16 @@ def test_quiet_hours_defer_and_tell_the_reconciler_to_wait(
                 sub is not None and sub.state == "rendered" and sub.dispatched_at > sub.updated_at
             )
 
+    def held_until() -> float | None:  # the eta of the letter's deferred delivery message
+        for consumer in stub_worker.consumers.values():
+            for item in list(consumer.delay_queue.queue):
+                if submission_id_of(item.message) == sid:
+                    return float(item.message.options["eta"])
+        return None
+
     assert wait_for(deferred, 15)
-    time.sleep(0.5)
+    assert wait_for(lambda: held_until() is not None, 15)
+    assert (held_until() or 0) > time.time() * 1000 + 1000  # held until the quiet hours end
     with session_scope(app.sessions) as session:
         delivery = session.get(Delivery, sid)
         assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
