@@ -452,7 +452,10 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
     age(app, rejected, 8)
     age(app, unconfirmed, 8)
     out = CliRunner().invoke(main, ["retention", "run"])
-    assert json.loads(out.stdout) == {"scrubbed": {"delivered": 1, "rejected": 1, "expired": 1}}
+    assert json.loads(out.stdout) == {
+        "scrubbed": {"delivered": 1, "rejected": 1, "expired": 1},
+        "expired_lookups": 0,
+    }
     scrubbed = get(app, old)
     assert scrubbed.payload is not None and scrubbed.scrubbed_at is not None
     assert scrubbed.payload["supporter"]["address_lines"] == []

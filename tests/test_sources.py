@@ -16,12 +16,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import dramatiq
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import func, select, update
 
 from tests.factories import submission
 from tests.services import HttpStub, free_port
 from tests.test_failures import dead_letter_record
 from tests.test_stages import get, step, store
+from workers.cli import main
 from workers.database.engine import session_scope
 from workers.database.models import Constituency, LookupCache, Member, State
 from workers.mp.directory import current_version, sync_members
@@ -223,6 +225,21 @@ def test_answers_are_cached_with_a_time_to_live(
         session.execute(update(LookupCache).values(expires_at=LookupCache.fetched_at))
     resolved(app, "AB10 1AB", "live", live)
     assert len(postcodes_io.requests) == 2
+
+
+def test_the_retention_job_deletes_cached_answers_past_their_time_to_live(
+    app: App, postcodes_io: HttpStub, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    live = sources(postcodes_io.url, parliament[1].url, ttl=3600)
+    resolved(app, "AB10 1AB", "live", live)
+    out = CliRunner().invoke(main, ["retention", "run"])
+    assert json.loads(out.stdout)["expired_lookups"] == 0  # still fresh: kept
+    with session_scope(app.sessions) as session:
+        session.execute(update(LookupCache).values(expires_at=LookupCache.fetched_at))
+    out = CliRunner().invoke(main, ["retention", "run"])
+    assert json.loads(out.stdout)["expired_lookups"] == 2
+    with session_scope(app.sessions) as session:
+        assert session.scalar(select(func.count()).select_from(LookupCache)) == 0
 
 
 def test_5xx_is_retried_with_backoff(live: LiveSources, postcodes_io: HttpStub) -> None:

@@ -148,17 +148,20 @@ def retention() -> None:
     help="Run again every this many seconds (a long-running service) instead of once (cron).",
 )
 def retention_run(every: float | None) -> None:
-    """Scrub letter bodies and postal addresses past each campaign's retention period."""
+    """Scrub letter bodies and postal addresses past each campaign's retention period, and
+    delete the live postcode lookups' answers past their time to live (keyed by postcode)."""
     import time
 
     from workers.database.engine import session_scope
+    from workers.mp.live_sources import expire_cache
     from workers.privacy.rights import run_retention
 
     app = _app()
     while True:
         with session_scope(app.sessions) as session:
             done = run_retention(session, outbox_dir=_outbox(app))
-        click.echo(json.dumps({"scrubbed": done}))
+            expired = expire_cache(session)
+        click.echo(json.dumps({"scrubbed": done, "expired_lookups": expired}))
         if every is None:
             return
         time.sleep(every)

@@ -250,6 +250,7 @@ def cached(
 
 
 def expire_cache(session: Session) -> int:
+    """Delete the cached answers past their time to live; how many."""
     result = session.execute(delete(LookupCache).where(LookupCache.expires_at <= utcnow()))
     return int(getattr(result, "rowcount", 0) or 0)
 
