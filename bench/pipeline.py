@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -106,12 +107,18 @@ def start_workers(
         [sys.executable, "-m", "dramatiq", module, "--processes", str(processes),
          "--threads", str(threads), "--skip-logging"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )  # fmt: skip
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    process.wait(timeout=60)
+    """Stop the worker processes (a process group), killing them if they do not stop."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def bench_pipeline(
