@@ -149,9 +149,11 @@ class Turns:
                 self._depth += 1
                 return
             self._first += first
-            while self._owner is not None or (self._first and not first):
-                self._cond.wait()
-            self._first -= first
+            try:
+                while self._owner is not None or (self._first and not first):
+                    self._cond.wait()
+            finally:  # also when interrupted while waiting
+                self._first -= first
             self._owner, self._depth = me, 1
         try:  # the process's turn is this thread's: now the other processes'
             fd = self._file()
