@@ -152,8 +152,11 @@ class Turns:
             try:
                 while self._owner is not None or (self._first and not first):
                     self._cond.wait()
-            finally:  # also when interrupted while waiting
+            except BaseException:  # interrupted while waiting: no longer ahead of anyone
                 self._first -= first
+                self._cond.notify_all()
+                raise
+            self._first -= first
             self._owner, self._depth = me, 1
         try:  # the process's turn is this thread's: now the other processes'
             fd = self._file()
