@@ -63,13 +63,15 @@ def main() -> int:
     # checks. pytest's exit 5
     # (no test selected) is fine for one layer when the other ran.
     codes = []
+    # The fast layer shares nothing between tests, so it runs on every core (pytest-xdist);
+    # the service layer's tests share one PostgreSQL cluster and run one at a time.
     layers = {
-        "not services and not thorough": "the fast layer (no services)",
-        "services or thorough": "real services and exhaustive checks",
+        "not services and not thorough": ("the fast layer (no services)", ["-n", "auto"]),
+        "services or thorough": ("real services and exhaustive checks", []),
     }
-    for layer, name in layers.items():
+    for layer, (name, spread) in layers.items():
         print(f"== tests: {name}", flush=True)
-        codes.append(run(str(BIN / "python"), "-m", "pytest", "-m", layer, *extra))
+        codes.append(run(str(BIN / "python"), "-m", "pytest", "-m", layer, *spread, *extra))
         if codes[-1] not in (0, 5):
             return codes[-1]
     return 5 if codes == [5, 5] else 0
