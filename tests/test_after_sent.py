@@ -87,6 +87,15 @@ def letter_of(app: App, sid: str) -> Letter:
         return letter
 
 
+def bounce_of(app: App, sid: str) -> tuple[str, bytes]:
+    """The letter's return address, and the DSN Postfix sends to it when the MP's server
+    refuses the letter."""
+    letter = letter_of(app, sid)
+    rcpt = app.returns.bounce(sid)
+    assert rcpt is not None
+    return rcpt, samples.postfix_dsn(letter.message_id, letter.to_email, rcpt)
+
+
 def receive(app: App, broker: Any, worker: dramatiq.Worker, rcpt: str, raw: bytes) -> str:
     """What `dearmp inbound` does with a message: store it, then send it to the inbound stage."""
     [inbound_id] = store(app.sessions, "smtp", [rcpt], raw)
@@ -140,15 +149,8 @@ def test_a_permanent_bounce_returns_the_letter_and_tells_the_supporter_once(
 ) -> None:
     [sid] = deliver(app, stub_broker, stub_worker)
     letter = letter_of(app, sid)
-    rcpt = app.returns.bounce(sid)
-    assert rcpt is not None
-    first = receive(
-        app,
-        stub_broker,
-        stub_worker,
-        rcpt,
-        samples.postfix_dsn(letter.message_id, letter.to_email, rcpt),
-    )
+    rcpt, raw = bounce_of(app, sid)
+    first = receive(app, stub_broker, stub_worker, rcpt, raw)
     assert state_counts(app, [sid]) == {"bounced": 1}
     assert events(app, sid) == [("bounce", "5.1.1")]
     row = inbound_row(app, first)
@@ -274,16 +276,7 @@ def test_an_address_that_keeps_bouncing_is_failing_and_holds_new_letters_until_i
 ) -> None:
     ids = deliver(app, stub_broker, stub_worker, n=3)
     for sid in ids:
-        letter = letter_of(app, sid)
-        rcpt = app.returns.bounce(sid)
-        assert rcpt is not None
-        receive(
-            app,
-            stub_broker,
-            stub_worker,
-            rcpt,
-            samples.postfix_dsn(letter.message_id, letter.to_email, rcpt),
-        )
+        receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
     address = letter_of(app, ids[0]).to_email
     with session_scope(app.sessions) as session:
         row = session.get(AddressHealth, address.lower())
@@ -306,16 +299,7 @@ def test_an_operator_resends_returned_letters_to_a_corrected_address_once(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker
 ) -> None:
     [sid] = deliver(app, stub_broker, stub_worker)
-    letter = letter_of(app, sid)
-    rcpt = app.returns.bounce(sid)
-    assert rcpt is not None
-    receive(
-        app,
-        stub_broker,
-        stub_worker,
-        rcpt,
-        samples.postfix_dsn(letter.message_id, letter.to_email, rcpt),
-    )
+    receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
     with session_scope(app.sessions) as session:
         member_id = session.scalar(select(Submission.member_id).where(Submission.id == sid))
         assert member_id is not None
@@ -557,10 +541,7 @@ def test_the_operators_commands_report_release_and_resend(
 
     [sid] = deliver(app, stub_broker, stub_worker)
     letter = letter_of(app, sid)
-    rcpt = app.returns.bounce(sid)
-    assert rcpt is not None
-    raw = samples.postfix_dsn(letter.message_id, letter.to_email, rcpt)
-    receive(app, stub_broker, stub_worker, rcpt, raw)
+    receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
     runner = CliRunner()
     rows = json.loads(runner.invoke(main, ["replies", "report", "--json"]).stdout)
     total = next(r for r in rows if r["member_id"] is None)
@@ -669,10 +650,7 @@ def test_the_reconciler_sends_on_what_was_stored_while_redis_was_away(
     from workers.pipeline.reconciler import reconcile_once
 
     [sid] = deliver(app, stub_broker, stub_worker)
-    letter = letter_of(app, sid)
-    rcpt = app.returns.bounce(sid)
-    assert rcpt is not None
-    raw = samples.postfix_dsn(letter.message_id, letter.to_email, rcpt)
+    rcpt, raw = bounce_of(app, sid)
     [stored] = store(app.sessions, "smtp", [rcpt], raw)  # its message to the queue was lost
     assert reconcile_once(app.sessions, stub_broker, timedelta(0)) == 1
     drain(stub_broker, stub_worker)
