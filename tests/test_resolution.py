@@ -13,20 +13,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
+from schemas.postcode import check_format
 from tests.conftest import make_settings, new_pg_database
 from tests.factories import submission
 from tests.services import PostgresCluster
 from tests.test_stages import get, step, store
 from workers.database.engine import session_scope
-from workers.database.models import Member, State, Submission, SubmissionEvent, utcnow
+from workers.database.models import (
+    DirectoryVersion,
+    Member,
+    State,
+    Submission,
+    SubmissionEvent,
+    utcnow,
+)
+from workers.database.transitions import run_group
 from workers.letters.campaigns import update_definition
 from workers.mp.directory import import_directory, set_dissolved
+from workers.mp.lookup import DirectoryMissing, lookup_local, lookup_local_many
 from workers.pipeline.app import App, set_app
 from workers.pipeline.reconciler import find_stalled
 from workers.pipeline.runtime import prepare
 from workers.stages.intake import accept
+from workers.stages.resolution import plan as resolution_plan
 from workers.stages.resolution import resolve
 from workers.stages.stage import Stage
 from workers.stages.validation import validate
@@ -353,3 +364,81 @@ def test_an_mp_without_email_can_be_held_until_the_directory_has_one(uk: App) ->
         )
     step(uk, resolve, sid)
     assert get(uk, sid).recipient["email"] == "mark.hendrick.mp@parliament.uk"  # type: ignore[index]
+
+
+def _resolve_group(app: App, ids: list[str]) -> list[Any]:
+    """Resolution's plan for ``ids`` as one stage message runs it (one transaction)."""
+    return run_group(app.sessions, ids, lambda session, sid: resolution_plan(session, sid))
+
+
+def _lookups(app: App) -> list[str]:
+    """The directory lookups the engine runs from now on (their SQL), listed as they run."""
+    seen: list[str] = []
+
+    @event.listens_for(app.engine, "before_cursor_execute")
+    def _count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "directory_versions AS version" in statement:
+            seen.append(statement)
+
+    return seen
+
+
+HARD_CASES = ["SW1A 1AA", "ab1 0aa", "SE1 9ZZ", "JE2 4WD", "BFPO 801", "ZZ99 3VZ", "hello"]
+
+
+def test_a_group_is_resolved_with_one_lookup_as_each_alone_would_be(
+    uk: App, shared_data: Path
+) -> None:
+    with (shared_data / "postcodes_gb_sample.csv").open() as fh:
+        listed = [row["postcode"] for _, row in zip(range(40), csv.DictReader(fh), strict=False)]
+    postcodes = [*listed, *HARD_CASES, "BT1 9ZZ", listed[0].lower()]  # the last: a second writer
+    alone = run_through_resolution(uk, postcodes)
+    with session_scope(uk.sessions) as session:
+        ids = [accept(session, submission(supporter__postcode=pc), uk.secret).submission_id
+               for pc in postcodes]  # fmt: skip
+        for sid in ids:
+            validate(session, sid)
+        # Not validated, with a payload that is not a submission: left alone, harming nobody.
+        raw = accept(session, {"campaign": SLUG, "junk": [1]}, uk.secret).submission_id
+    lookups = _lookups(uk)
+    outcomes = _resolve_group(uk, [*ids, raw])
+    assert [error for _, _, error in outcomes] == [None] * (len(ids) + 1)
+    assert len(lookups) == 1 and " IN " in lookups[0]  # one statement for the whole group
+    for postcode, sid in zip(postcodes, ids, strict=True):
+        grouped, single = get(uk, sid), alone[postcode]
+        assert (grouped.state, grouped.member_id, grouped.constituency_code) == (
+            single.state,
+            single.member_id,
+            single.constituency_code,
+        ), postcode
+        assert grouped.rejection == single.rejection and grouped.recipient == single.recipient
+    assert get(uk, raw).state == State.RECEIVED
+
+
+def test_the_lookup_for_many_postcodes_answers_as_the_lookup_for_one(
+    uk: App, shared_data: Path
+) -> None:
+    with (shared_data / "postcodes_gb_sample.csv").open() as fh:
+        listed = [check_format(row["postcode"])[0] for row in csv.DictReader(fh)]
+    postcodes = {*listed, *(check_format(pc)[0] for pc in HARD_CASES[:-1]), "BT1 9ZZ"}
+    with session_scope(uk.sessions) as session:
+        one = {pc: lookup_local(session, pc) for pc in postcodes}
+        many = lookup_local_many(session, postcodes)
+    assert many == {pc: answer for pc, answer in one.items() if answer is not None}
+    assert len(many) > 600
+
+
+def test_without_a_directory_each_submission_of_a_group_waits_for_one(uk: App) -> None:
+    ids = [store(uk, submission(supporter__postcode=pc)) for pc in ("SW1A 2AA", "SE1 7PB")]
+    for sid in ids:
+        step(uk, validate, sid)
+    with session_scope(uk.sessions) as session:
+        session.execute(update(DirectoryVersion).values(is_current=False))
+    for group in (ids, ids[:1]):  # in a group and alone
+        errors = [error for _, _, error in _resolve_group(uk, group)]
+        assert all(isinstance(error, DirectoryMissing) for error in errors)
+    assert [get(uk, sid).state for sid in ids] == [State.VALIDATED] * 2
+    with session_scope(uk.sessions) as session:  # an operator imports one: they go on
+        session.execute(update(DirectoryVersion).values(is_current=True))
+    assert [error for _, _, error in _resolve_group(uk, ids)] == [None, None]
+    assert all(get(uk, sid).state in (State.RESOLVED, State.REJECTED) for sid in ids)

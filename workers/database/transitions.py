@@ -107,28 +107,43 @@ def read_one(session: Session, statement: Select[Any], submission_id: str) -> An
     ``submissions.id`` first, from a FROM clause that has the submissions table. While
     ``session`` is deciding a group (:func:`run_group`), the rows of every submission of the
     group are read with one statement, the first time one of them is asked for."""
-    group = session.info.get(_GROUP)
-    if group is None or submission_id not in group:
+    cache = group_cache(session)
+    if cache is None or submission_id not in session.info[_GROUP]:
         one = _by_id.get(statement)
         if one is None:
             one = _by_id[statement] = statement.where(SUBMISSIONS.c.id == bindparam("id"))
         return session.execute(one, {"id": submission_id}).first()
-    cache: dict[Select[Any], dict[str, Any]] = session.info.setdefault(_GROUP_ROWS, {})
     rows = cache.get(statement)
     if rows is None:
         many = _by_ids.get(statement)
         if many is None:
             ids: Any = bindparam("ids", expanding=True)
             many = _by_ids[statement] = statement.where(SUBMISSIONS.c.id.in_(ids))
-        found = session.execute(many, {"ids": sorted(group)})
+        found = session.execute(many, {"ids": group_ids(session)})
         rows = cache[statement] = {row[0]: row for row in found}
     return rows.get(submission_id)
+
+
+def group_ids(session: Session) -> list[str]:
+    """The submissions of the group ``session`` is deciding (:func:`run_group`), in order;
+    none outside a group."""
+    return sorted(session.info.get(_GROUP, ()))
+
+
+def group_cache(session: Session) -> dict[Any, Any] | None:
+    """What has been read for the whole group ``session`` is deciding, by what read it (None
+    outside a group): a stage reads what all of a group's submissions need with one statement,
+    the first time one of them needs it (:func:`read_one`; resolution's directory lookup)."""
+    if _GROUP not in session.info:
+        return None
+    cache: dict[Any, Any] = session.info.setdefault(_GROUP_ROWS, {})
+    return cache
 
 
 _by_id: dict[Select[Any], Select[Any]] = {}
 _by_ids: dict[Select[Any], Select[Any]] = {}
 _GROUP = "workers.database.transitions.group"  # session.info: the ids of the group being decided
-_GROUP_ROWS = "workers.database.transitions.group_rows"  # session.info: {read: {id: row}}
+_GROUP_ROWS = "workers.database.transitions.group_rows"  # session.info: group_cache()
 _GROUP_WRITES = "workers.database.transitions.group_writes"  # session.info: a group's GroupWrites
 
 

@@ -6,9 +6,11 @@ the Members API), in the order ``DEARMP_RESOLUTION_ORDER`` asks.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Executable, bindparam, func, select
+from sqlalchemy import ColumnElement, Executable, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from schemas.postcode import (
@@ -89,14 +91,22 @@ def _no_seat(postcode: str, gss_code: str | None) -> Problem:
     return problem(PostcodeProblem.NO_CONSTITUENCY)
 
 
-def _lookup_statement() -> Executable:
-    # On the tables (SQLAlchemy Core), not the mapped classes: rows without the ORM's loading,
-    # 142 to 172 us a lookup against 197 to 243 us (PostgreSQL, ten runs each, alternated).
+def _lookup_statement(many: bool = False) -> Executable:
+    """One postcode's answer (``:postcode``), or with ``many`` every listed one's (``:postcodes``,
+    with the postcode first and the versions oldest first). On the tables (SQLAlchemy Core),
+    not the mapped classes: rows without the ORM's loading, 142 to 172 us a lookup against 197
+    to 243 us (PostgreSQL, ten runs each, alternated)."""
     version = table(DirectoryVersion).alias("version")
     postcode, seat, member = table(Postcode), table(Constituency), table(Member)
     address = table(AddressHealth)
-    return (
+    listed: ColumnElement[bool]
+    if many:
+        listed = postcode.c.postcode.in_(bindparam("postcodes", expanding=True))
+    else:
+        listed = postcode.c.postcode == bindparam("postcode")
+    statement = (
         select(
+            *([postcode.c.postcode] if many else []),
             version.c.id,
             version.c.dissolved,
             postcode.c.gss_code,
@@ -112,8 +122,7 @@ def _lookup_statement() -> Executable:
         .select_from(version)
         .join(
             postcode,
-            (postcode.c.version_id == version.c.postcodes_version_id)
-            & (postcode.c.postcode == bindparam("postcode")),
+            (postcode.c.version_id == version.c.postcodes_version_id) & listed,
         )
         .outerjoin(
             seat,
@@ -125,13 +134,15 @@ def _lookup_statement() -> Executable:
         )
         .outerjoin(address, address.c.email == func.lower(member.c.email))
         .where(version.c.is_current.is_(True))
-        .order_by(version.c.id.desc())
-        .limit(1)
     )
+    if many:
+        return statement.order_by(version.c.id)
+    return statement.order_by(version.c.id.desc()).limit(1)
 
 
-# Built once: constructing the statement costs ten times more than running it.
+# Built once: constructing a statement costs ten times more than running it.
 LOOKUP = _lookup_statement()
+LOOKUP_MANY = _lookup_statement(many=True)
 
 
 def lookup_local(session: Session, postcode: str) -> Answer | None:
@@ -142,9 +153,30 @@ def lookup_local(session: Session, postcode: str) -> Answer | None:
     """
     row = session.execute(LOOKUP, {"postcode": postcode}).first()
     if row is None:
-        if current_version(session) is None:
-            raise DirectoryMissing("No MP directory has been imported.")
+        _check_directory(session)
         return None
+    return _answer(postcode, row)
+
+
+def lookup_local_many(session: Session, postcodes: Collection[str]) -> dict[str, Answer]:
+    """:func:`lookup_local` for several normalised postcodes with one statement; a postcode
+    the directory does not list is left out."""
+    if not postcodes:
+        return {}
+    rows = session.execute(LOOKUP_MANY, {"postcodes": sorted(postcodes)}).all()
+    if not rows:
+        _check_directory(session)
+    latest = {row[0]: row[1:] for row in rows}  # the versions come oldest first
+    return {postcode: _answer(postcode, row) for postcode, row in latest.items()}
+
+
+def _check_directory(session: Session) -> None:
+    if current_version(session) is None:
+        raise DirectoryMissing("No MP directory has been imported.")
+
+
+def _answer(postcode: str, row: Sequence[Any]) -> Answer:
+    """What a lookup row says of ``postcode``."""
     (version_id, dissolved, gss_code, terminated, seat_name) = row[:5]
     member_id, name, party, email, phone, health_status = row[5:]
     if terminated:
@@ -179,13 +211,24 @@ def lookup_live(session: Session, live: LiveSources, postcode: str) -> Answer:
     return Found(seat, mp, None, "live")
 
 
-def find(session: Session, postcode: str, order: str, live: LiveSources | None) -> Answer:
-    """The answer for a supporter's postcode from the sources in ``order``."""
+def find(
+    session: Session,
+    postcode: str,
+    order: str,
+    live: LiveSources | None,
+    known: Mapping[str, Answer] | None = None,
+) -> Answer:
+    """The answer for a supporter's postcode from the sources in ``order``. ``known``: the local
+    directory's answers already looked up (:func:`lookup_local_many`), by normalised postcode;
+    a postcode not in it is not listed."""
     normalised, format_problem = check_format(postcode)
     if format_problem is not None:
         return format_problem
     if order != "live":
-        local = lookup_local(session, normalised)
+        if known is not None:
+            local = known.get(normalised)
+        else:
+            local = lookup_local(session, normalised)
         if local is not None:
             return local
     if order != "local" and live is not None:

@@ -32,10 +32,30 @@ from workers.database.models import (
     SubmissionEvent,
     utcnow,
 )
-from workers.database.transitions import AlreadyMoved, Apply, Current, current, done, move, rowcount
+from workers.database.transitions import (
+    AlreadyMoved,
+    Apply,
+    Current,
+    current,
+    done,
+    group_cache,
+    group_ids,
+    move,
+    rowcount,
+)
 from workers.letters.campaigns import get_definition
 from workers.mp.live_sources import LiveSources
-from workers.mp.lookup import Answer, Found, Mp, Unreachable, Vacant, find, lookup_local
+from workers.mp.lookup import (
+    LOOKUP_MANY,
+    Answer,
+    Found,
+    Mp,
+    Unreachable,
+    Vacant,
+    find,
+    lookup_local,
+    lookup_local_many,
+)
 from workers.stages.stage import Stage
 
 POSTCODE_FIELD = "supporter.postcode"
@@ -143,21 +163,48 @@ def warm_live(
     live.warm(sessions, postcode)
 
 
-def plan(
-    session: Session, submission_id: str, order: str = "local", live: LiveSources | None = None
-) -> Apply[list[Stage]]:
-    """Find the supporter's MP: what to write, and the stages to send it on to."""
-    submission = current(session, submission_id, "payload")
+def _group_answers(session: Session, order: str) -> dict[str, Answer] | None:
+    """The local directory's answers for the postcodes of every submission of the group
+    ``session`` is resolving, looked up with one statement the first time (None alone)."""
+    cache = group_cache(session)
+    if cache is None or order == "live":
+        return None
+    answers: dict[str, Answer] | None = cache.get(LOOKUP_MANY)
+    if answers is None:
+        postcodes = set()
+        for submission_id in group_ids(session):
+            postcode = _postcode(current(session, submission_id, "payload"))
+            if postcode is not None:
+                normalised, bad = check_format(postcode)
+                if bad is None:
+                    postcodes.add(normalised)
+        answers = cache[LOOKUP_MANY] = lookup_local_many(session, postcodes)
+    return answers
+
+
+def _postcode(submission: Any) -> str | None:
+    """The supporter's postcode of a submission there is an MP to find for (validated, or held
+    for one), else None."""
     if (
         submission is None
         or submission.state not in (State.VALIDATED, State.HELD)
         or submission.payload is None
     ):
+        return None
+    return str(submission.payload["supporter"]["postcode"])
+
+
+def plan(
+    session: Session, submission_id: str, order: str = "local", live: LiveSources | None = None
+) -> Apply[list[Stage]]:
+    """Find the supporter's MP: what to write, and the stages to send it on to."""
+    submission = current(session, submission_id, "payload")
+    postcode = _postcode(submission)
+    if postcode is None:
         return done([])
     definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
     targets = definition.targets if definition is not None else Targets()
-    postcode = submission.payload["supporter"]["postcode"]
-    answer = find(session, postcode, order, live)
+    answer = find(session, postcode, order, live, _group_answers(session, order))
     outcome = decide(targets, postcode, answer)
     if isinstance(outcome, Found) and outcome.member.failing:
         # Letters to this address have been coming back: hold until it is mended.
