@@ -1,0 +1,106 @@
+"""Each stage's cost per submission, measured in one process: CPU of this process (the stage's
+work) and of the database server, stage by stage, on groups as a stage message carries them.
+
+    .venv/bin/python -m bench.stages --postgres     # 1,600 submissions, groups of 16
+    .venv/bin/python -m bench.stages -n 3200 -g 6   # SQLite (the server's CPU is this process's)
+
+Submissions are stored first; then each stage's work function (the one its actor runs) is
+called on groups of ``-g`` submissions in turn, without Redis or worker threads: what moves on
+is handed to the stub broker. The pipeline benchmark's figures move with the machine and with
+how the handoff groups submissions under each run's load; these are steadier, so a change worth
+a tenth of a stage shows in a few runs alternated with the code before it (``git worktree``).
+The letters' files go to tmpfs when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.common import databases, machine  # noqa: E402
+from bench.pipeline import SHM, cpu_seconds, family  # noqa: E402
+from config.settings import Settings  # noqa: E402
+from tests.factories import submission  # noqa: E402
+from workers.database.engine import session_scope  # noqa: E402
+from workers.letters.campaigns import update_definition  # noqa: E402
+from workers.pipeline import actors  # noqa: E402
+from workers.pipeline.app import App  # noqa: E402
+from workers.pipeline.runtime import prepare  # noqa: E402
+from workers.stages.intake import accept  # noqa: E402
+from workers.stages.stage import Stage  # noqa: E402
+
+STAGES = (Stage.VALIDATE, Stage.RESOLVE, Stage.CONSENT, Stage.RENDER, Stage.DELIVER)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", type=int, default=1600, help="submissions (default 1600)")
+    parser.add_argument("-g", type=int, default=16, help="submissions per stage message")
+    parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL cluster")
+    args = parser.parse_args()
+    outbox_parent = SHM if SHM.is_dir() else None
+    with (
+        tempfile.TemporaryDirectory(prefix="dearmp-bench-") as folder,
+        tempfile.TemporaryDirectory(prefix="dearmp-bench-", dir=outbox_parent) as outbox,
+        databases(Path(folder), args.postgres) as url_for,
+    ):
+        url = url_for("stages")
+        settings = Settings(
+            database_url=url, data_dir=Path(folder) / "var", secret_key="bench", broker="stub",
+            outbox_dir=Path(outbox), log_level="WARNING",
+        )  # fmt: skip
+        # As the workers build theirs (workers.pipeline.app.get_app): no ping per checkout.
+        app = App.from_settings(settings, take_turns=True, pool_pre_ping=False)
+        prepare(app)
+        actors.setup(settings)  # what the stages move on goes to the stub broker
+        with session_scope(app.sessions) as session:
+            update_definition(session, "political-prisoners", rate_limit=None)
+            ids = [
+                accept(session, submission(supporter__email=f"b{i}@example.com"), app.secret)
+                .submission_id
+                for i in range(args.n)
+            ]  # fmt: skip
+        server = _postmaster(folder) if args.postgres else None
+        print(machine())
+        database = "PostgreSQL" if args.postgres else "SQLite"
+        print(f"database: {database}; n={args.n}; groups of {args.g}")
+        for stage in STAGES:
+            work = actors.WORK[stage]
+            cpu, db, wall = time.process_time(), _server_cpu(server), time.perf_counter()
+            failed = 0
+            for start in range(0, len(ids), args.g):
+                failed += sum(
+                    error is not None for _, error in work(app, ids[start : start + args.g])
+                )
+            cpu = time.process_time() - cpu
+            db = _server_cpu(server) - db
+            wall = time.perf_counter() - wall
+            per = 1000 / len(ids)
+            on_server = f"database {db * per:6.3f} ms  " if server is not None else ""
+            print(
+                f"{stage.value:9s} workers {cpu * per:6.3f} ms  {on_server}"
+                f"wall {wall * per:6.3f} ms per submission  (failed: {failed})"
+            )
+        app.engine.dispose()
+
+
+def _server_cpu(postmaster: int | None) -> float:
+    """CPU used so far by the database server's processes (its connections' among them)."""
+    return cpu_seconds(family(postmaster)) if postmaster is not None else 0.0
+
+
+def _postmaster(folder: str) -> int:
+    """The throwaway cluster's server process (bench.common.databases puts it in ``pg``)."""
+    return int((Path(folder) / "pg" / "pgdata" / "postmaster.pid").read_text().split()[0])
+
+
+if __name__ == "__main__":
+    main()
