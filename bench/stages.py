@@ -23,10 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import databases, machine  # noqa: E402
-from bench.pipeline import SHM, cpu_seconds, family  # noqa: E402
+from bench.common import machine  # noqa: E402
+from bench.pipeline import SHM, CpuMeter  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from tests.factories import submission  # noqa: E402
+from tests.services import PostgresCluster  # noqa: E402
 from workers.database.engine import session_scope  # noqa: E402
 from workers.letters.campaigns import update_definition  # noqa: E402
 from workers.pipeline import actors  # noqa: E402
@@ -50,56 +51,55 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="dearmp-bench-") as folder,
         tempfile.TemporaryDirectory(prefix="dearmp-bench-", dir=outbox_parent) as outbox,
-        databases(Path(folder), args.postgres) as url_for,
     ):
-        url = url_for("stages")
-        settings = Settings(
-            database_url=url, data_dir=Path(folder) / "var", secret_key="bench", broker="stub",
-            outbox_dir=Path(outbox), log_level="WARNING",
-        )  # fmt: skip
-        # As the workers build theirs (workers.pipeline.app.get_app): no ping per checkout.
-        app = App.from_settings(settings, take_turns=True, pool_pre_ping=False)
-        prepare(app)
-        actors.setup(settings)  # what the stages move on goes to the stub broker
-        with session_scope(app.sessions) as session:
-            update_definition(session, "political-prisoners", rate_limit=None)
-            ids = [
-                accept(session, submission(supporter__email=f"b{i}@example.com"), app.secret)
-                .submission_id
-                for i in range(args.n)
-            ]  # fmt: skip
-        server = _postmaster(folder) if args.postgres else None
-        print(machine())
-        database = "PostgreSQL" if args.postgres else "SQLite"
-        print(f"database: {database}; n={args.n}; groups of {args.g}")
-        for stage in STAGES:
-            work = actors.WORK[stage]
-            cpu, db, wall = time.process_time(), _server_cpu(server), time.perf_counter()
-            failed = 0
-            for start in range(0, len(ids), args.g):
-                failed += sum(
-                    error is not None for _, error in work(app, ids[start : start + args.g])
-                )
-            cpu = time.process_time() - cpu
-            db = _server_cpu(server) - db
-            wall = time.perf_counter() - wall
-            per = 1000 / len(ids)
-            on_server = f"database {db * per:6.3f} ms  " if server is not None else ""
-            print(
-                f"{stage.value:9s} workers {cpu * per:6.3f} ms  {on_server}"
-                f"wall {wall * per:6.3f} ms per submission  (failed: {failed})"
-            )
-        app.engine.dispose()
+        cluster = PostgresCluster(Path(folder) / "pg").start() if args.postgres else None
+        try:
+            run(args, Path(folder), Path(outbox), cluster)
+        finally:
+            if cluster is not None:
+                cluster.stop()
 
 
-def _server_cpu(postmaster: int | None) -> float:
-    """CPU used so far by the database server's processes (its connections' among them)."""
-    return cpu_seconds(family(postmaster)) if postmaster is not None else 0.0
-
-
-def _postmaster(folder: str) -> int:
-    """The throwaway cluster's server process (bench.common.databases puts it in ``pg``)."""
-    return int((Path(folder) / "pg" / "pgdata" / "postmaster.pid").read_text().split()[0])
+def run(
+    args: argparse.Namespace, folder: Path, outbox: Path, cluster: PostgresCluster | None
+) -> None:
+    url = cluster.url() if cluster else f"sqlite:///{folder / 'stages.sqlite3'}"
+    settings = Settings(
+        database_url=url, data_dir=folder / "var", secret_key="bench", broker="stub",
+        outbox_dir=outbox, log_level="WARNING",
+    )  # fmt: skip
+    # As the workers build theirs (workers.pipeline.app.get_app): no ping per checkout.
+    app = App.from_settings(settings, take_turns=True, pool_pre_ping=False)
+    prepare(app)
+    actors.setup(settings)  # what the stages move on goes to the stub broker
+    with session_scope(app.sessions) as session:
+        update_definition(session, "political-prisoners", rate_limit=None)
+        ids = [
+            accept(session, submission(supporter__email=f"b{i}@example.com"), app.secret)
+            .submission_id
+            for i in range(args.n)
+        ]  # fmt: skip
+    print(machine())
+    database = "PostgreSQL" if cluster else "SQLite"
+    print(f"database: {database}; n={args.n}; groups of {args.g}")
+    for stage in STAGES:
+        work = actors.WORK[stage]
+        server = CpuMeter(database=cluster.postmaster_pid() if cluster else None)
+        server.start()
+        cpu, wall = time.process_time(), time.perf_counter()
+        failed = 0
+        for start in range(0, len(ids), args.g):
+            failed += sum(error is not None for _, error in work(app, ids[start : start + args.g]))
+        cpu = time.process_time() - cpu
+        db = server.stop().get("database", 0.0)
+        wall = time.perf_counter() - wall
+        per = 1000 / len(ids)
+        on_server = f"database {db * per:6.3f} ms  " if cluster else ""
+        print(
+            f"{stage.value:9s} workers {cpu * per:6.3f} ms  {on_server}"
+            f"wall {wall * per:6.3f} ms per submission  (failed: {failed})"
+        )
+    app.engine.dispose()
 
 
 if __name__ == "__main__":
