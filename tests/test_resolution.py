@@ -391,7 +391,7 @@ def test_a_group_is_resolved_with_one_lookup_as_each_alone_would_be(
 ) -> None:
     with (shared_data / "postcodes_gb_sample.csv").open() as fh:
         listed = [row["postcode"] for _, row in zip(range(40), csv.DictReader(fh), strict=False)]
-    postcodes = [*listed, *HARD_CASES, "BT1 9ZZ", listed[0].lower()]  # the last: a second writer
+    postcodes = [*listed, *HARD_CASES, "BT1 9ZZ", listed[0].lower()]  # last: lower case
     alone = run_through_resolution(uk, postcodes)
     with session_scope(uk.sessions) as session:
         ids = [accept(session, submission(supporter__postcode=pc), uk.secret).submission_id
@@ -442,3 +442,21 @@ def test_without_a_directory_each_submission_of_a_group_waits_for_one(uk: App) -
         session.execute(update(DirectoryVersion).values(is_current=True))
     assert [error for _, _, error in _resolve_group(uk, ids)] == [None, None]
     assert all(get(uk, sid).state in (State.RESOLVED, State.REJECTED) for sid in ids)
+
+
+def test_a_broken_payload_in_a_group_fails_alone_and_its_neighbours_resolve(
+    uk: App, shared_data: Path
+) -> None:
+    with (shared_data / "postcodes_gb_sample.csv").open() as fh:
+        listed = next(csv.DictReader(fh))["postcode"]
+    ids = [store(uk, submission(supporter__postcode=listed)) for _ in range(3)]
+    for sid in ids:
+        step(uk, validate, sid)
+    with session_scope(uk.sessions) as session:  # stored data damaged after validation
+        session.execute(update(Submission).where(Submission.id == ids[1]).values(payload={}))
+    lookups = _lookups(uk)
+    outcomes = {sid: error for sid, _, error in _resolve_group(uk, ids)}
+    assert isinstance(outcomes[ids[1]], KeyError)
+    assert outcomes[ids[0]] is None and outcomes[ids[2]] is None
+    assert len(lookups) == 1  # the neighbours' lookup was made once, for the group
+    assert [get(uk, sid).state for sid in ids] == [State.RESOLVED, State.VALIDATED, State.RESOLVED]

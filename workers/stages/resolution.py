@@ -171,15 +171,23 @@ def _group_answers(session: Session, order: str) -> dict[str, Answer] | None:
         return None
     answers: dict[str, Answer] | None = cache.get(LOOKUP_MANY)
     if answers is None:
-        postcodes = set()
-        for submission_id in group_ids(session):
-            postcode = _postcode(current(session, submission_id, "payload"))
-            if postcode is not None:
-                normalised, bad = check_format(postcode)
-                if bad is None:
-                    postcodes.add(normalised)
+        rows = (current(session, submission_id, "payload") for submission_id in group_ids(session))
+        postcodes = {postcode for row in rows if (postcode := _well_formed_postcode(row))}
         answers = cache[LOOKUP_MANY] = lookup_local_many(session, postcodes)
     return answers
+
+
+def _well_formed_postcode(submission: Any) -> str | None:
+    """The normalised postcode to look up for a submission of the group, if it has one (a
+    payload that is not a submission is left to its own plan, whose error it is)."""
+    try:
+        postcode = _postcode(submission)
+    except (KeyError, TypeError):
+        return None
+    if postcode is None:
+        return None
+    normalised, bad = check_format(postcode)
+    return normalised if bad is None else None
 
 
 def _postcode(submission: Any) -> str | None:
