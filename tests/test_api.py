@@ -14,7 +14,7 @@ import dramatiq
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from structlog.testing import capture_logs
 
 from schemas.messages import parse_stage_message
@@ -318,6 +318,31 @@ def test_group_commit_stores_each_once_even_with_repeats_in_one_batch(app: App) 
         again = accept_many(session, [(second, State.RECEIVED)], app.secret)
     assert again[0].submission_id == results[1].submission_id and not again[0].created
     assert count(app) == 2
+
+
+def test_a_batch_of_any_size_is_one_insert_a_table_from_a_cached_compilation(app: App) -> None:
+    from workers.stages.intake import accept_many
+
+    def store(n: int) -> None:
+        with session_scope(app.sessions) as session:
+            accept_many(session, [(posted(), State.RECEIVED) for _ in range(n)], app.secret)
+
+    seen: list[tuple[str, bool]] = []
+
+    def see(_conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _: Any) -> None:
+        if statement.startswith("INSERT"):
+            seen.append(
+                (statement.split(" (", 1)[0], context.cache_hit == context.dialect.CACHE_HIT)
+            )
+
+    store(3)  # the statements' first use
+    event.listen(app.engine, "before_cursor_execute", see)
+    try:
+        store(5)
+    finally:
+        event.remove(app.engine, "before_cursor_execute", see)
+    assert seen == [("INSERT INTO submissions", True), ("INSERT INTO submission_events", True)]
+    assert count(app) == 8
 
 
 def test_concurrent_posts_are_batched_and_every_202_is_stored(

@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from workers.database.engine import session_scope
 from workers.database.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
 
-RECORD_EVENT = insert(EVENTS)
+# RETURNING makes SQLAlchemy send a group's events as one multi-row INSERT ("insertmanyvalues")
+# rather than a statement per row.
+RECORD_EVENT = insert(EVENTS).returning(EVENTS.c.id)
 
 
 def rowcount(result: Result[Any]) -> int:
