@@ -6,11 +6,15 @@ import csv
 import json
 from pathlib import Path
 
+import idna
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas import JSON_SCHEMA_DIR, json_schemas
 from schemas.submission import SubmissionV1, normalise_postcode, parse_submission
 from tests.factories import DELETE, submission
+from workers.privacy.hashing import canonical_email
 
 
 def errors_for(**changes: object) -> dict[str, str]:
@@ -91,3 +95,24 @@ def test_committed_json_schemas_are_up_to_date() -> None:
         assert (JSON_SCHEMA_DIR / name).read_text() == text, f"run: dearmp schema export ({name})"
     schema = json.loads(json_schemas()["submission.v1.schema.json"])
     assert set(schema["required"]) >= {"campaign", "idempotency_key", "supporter", "letter"}
+
+
+def _through_idna(domain: str) -> str:
+    try:
+        return str(idna.encode(domain, uts46=True).decode("ascii"))
+    except idna.IDNAError:
+        return domain
+
+
+@given(
+    st.text(st.characters(codec="ascii"), max_size=40)
+    | st.text(st.sampled_from("abc-.xn_0ÄÖüé\u200d"), max_size=30).map(lambda d: f"xn--{d}")
+    | st.text(st.sampled_from("abc-.ÄÖüéß\u200d"), max_size=30)
+)
+def test_a_supporters_domain_is_canonical_as_idna_gives_it(domain: str) -> None:
+    local, _, lowered = f"Bob@{domain}".strip().lower().rpartition("@")
+    assert canonical_email(f"Bob@{domain}") == f"{local}@{_through_idna(lowered)}"
+
+
+def test_the_same_mailbox_in_unicode_and_in_idna_is_one_supporter() -> None:
+    assert canonical_email(" Bob@München.DE ") == canonical_email("bob@xn--mnchen-3ya.de")

@@ -68,7 +68,7 @@ async def submit(
         definition = await anyio.to_thread.run_sync(intake.definition, body.campaign)
     if not isinstance(definition, CampaignDefinition):
         return problem(404, {"campaign": f"There is no campaign called '{body.campaign}'."})
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    own = origin and f"{request.url.scheme}://{request.headers.get('host', '')}"
     if origin and origin != own and not intake.origins.allows(body.campaign, origin):
         return problem(403, {"origin": "This page may not post to this campaign."})
     errors = campaign_errors(definition, body)
