@@ -11,6 +11,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 
 from config.settings import Settings, get_settings
@@ -21,6 +22,11 @@ from workers.pipeline.app import App, set_app
 from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.runtime import prepare
 from workers.stages.stage import Stage
+
+# Tests are not timed: a Hypothesis example has no deadline (the first call into a library that
+# loads its tables, IDNA's for one, can pass 200 ms on a loaded machine).
+hypothesis_settings.register_profile("dearmp", deadline=None)
+hypothesis_settings.load_profile("dearmp")
 
 # Fixtures that start a real service: a test that uses one (or runs on PostgreSQL) belongs to
 # the real-service layer; the rest make the fast layer, which `python3 dev.py test` runs first.
