@@ -417,3 +417,14 @@ def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_ag
             notify(session, sid, mailer, app.secret, policy)
     assert len(mailer.sent) == 1 and get(app, sid).confirmation_sent_at is not None
     other.dispose()
+
+
+def test_what_start_up_built_is_kept_out_of_the_collectors_walks_while_the_api_runs(
+    app: App, stub_broker: Any
+) -> None:
+    import gc
+
+    with TestClient(create_app(lambda: app, stub_broker)) as running:
+        assert gc.get_freeze_count() > 0
+        assert running.post("/v1/submissions", json=posted()).status_code == 202
+    assert gc.get_freeze_count() == 0  # given back when it stops

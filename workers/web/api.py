@@ -10,6 +10,7 @@ dependencies (:mod:`workers.web.dependencies`).
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -46,8 +47,15 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         intake.batcher.start()
+        # What start-up built lives as long as the process: frozen out of the collector's
+        # generations, it is not walked by every full collection. Under load (bench.http on
+        # PostgreSQL) those collections made the slowest answers: p99 147 to 183 ms, and 50 to
+        # 58 ms with the freeze, at about the same throughput.
+        gc.collect()
+        gc.freeze()
         yield
         await intake.batcher.stop()
+        gc.unfreeze()
 
     api = FastAPI(
         title="DearMP intake",
