@@ -146,9 +146,9 @@ def drain(broker: Any, worker: dramatiq.Worker, timeout_ms: int = 30_000) -> Non
         for stage in Stage:
             broker.join(stage.queue, timeout=timeout_ms, fail_fast=False)
         worker.join()
-        if handoff.held():
-            handoff.flush()
-            continue
+        # Sends what is held, and returns only after a send the handoff's own thread has
+        # started: what that thread took is on its queue before the queues are looked at.
+        handoff.flush()
         if all(not broker.queues[s.queue].qsize() for s in Stage if s.queue in broker.queues):
             return
 
