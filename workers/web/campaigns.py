@@ -68,13 +68,8 @@ def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: I
     if definition is None:
         return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
     network = limiter_network(client_ip(request) or "unknown", app.settings.api_ipv6_prefix)
-    wait = over_limit(
-        app,
-        "ip",
-        ip_hash(app.secret, network),
-        app.settings.api_ip_limit * 4,
-        app.settings.api_ip_window,
-    )
+    limit, window = app.settings.api_ip_limit * 4, app.settings.api_ip_window
+    wait = over_limit(app, ("ip", ip_hash(app.secret, network), limit, window))
     if wait > 0:
         return problem(429, {"body": "Too many requests. Please wait a moment."}, retry_after(wait))
     postcode, bad = check_format(body.postcode)

@@ -42,9 +42,15 @@ def authenticated(app: App, key: str | None) -> bool | None:
     return any(k.strip() and hmac.compare_digest(given, k.strip().encode()) for k in keys)
 
 
-def over_limit(app: App, kind: str, who: str, limit: int, window: float) -> float:
-    """Seconds to wait when ``who`` is over its limit of ``kind``, else 0 (and counted)."""
-    if limit <= 0:
-        return 0.0
-    rule = Limit(f"api:{kind}:{who}", limit, window)
-    return app.limiter.reserve(uuid.uuid4().hex, [rule])
+def over_limit(app: App, *checks: tuple[str, str, int, float]) -> float:
+    """Seconds to wait when the client is over one of its limits, else 0. Each check is
+    ``(kind, who, limit, window)`` (a limit of 0 is none), counted as it passes, in order; the
+    first that refuses ends it. One call makes a request's checks in one trip to a thread."""
+    for kind, who, limit, window in checks:
+        if limit <= 0:
+            continue
+        rule = Limit(f"api:{kind}:{who}", limit, window)
+        wait = app.limiter.reserve(uuid.uuid4().hex, [rule])
+        if wait > 0:
+            return wait
+    return 0.0

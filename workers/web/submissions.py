@@ -78,29 +78,22 @@ async def submit(
         stale = set(errors) == {"contact_preferences.wording_version"}
         return problem(409 if stale else 422, errors)
     address = client_ip(request)
-    for kind, who, limit, window in (
-        (
-            "ip",
-            ip_hash(
-                app.secret,
-                limiter_network(address or "unknown", app.settings.api_ipv6_prefix),
-            ),
-            app.settings.api_ip_limit,
-            app.settings.api_ip_window,
-        ),
+    network = limiter_network(address or "unknown", app.settings.api_ipv6_prefix)
+    settings = app.settings
+    checks = [
+        ("ip", ip_hash(app.secret, network), settings.api_ip_limit, settings.api_ip_window),
         (
             "email",
             supporter_hash(app.secret, limiter_email(body.supporter.email)),
-            app.settings.api_email_limit,
-            app.settings.api_email_window,
+            settings.api_email_limit,
+            settings.api_email_window,
         ),
-    ):
-        if limit <= 0:
-            continue
-        wait = await anyio.to_thread.run_sync(over_limit, app, kind, who, limit, window)
-        if wait > 0:
-            message = "Too many letters from here. Please try again later."
-            return problem(429, {"body": message}, retry_after(wait))
+    ]
+    checks = [check for check in checks if check[2] > 0]
+    wait = await anyio.to_thread.run_sync(over_limit, app, *checks) if checks else 0.0
+    if wait > 0:
+        message = "Too many letters from here. Please try again later."
+        return problem(429, {"body": message}, retry_after(wait))
     payload = body.model_dump(mode="json", exclude={HONEYPOT})
     # The consent evidence: the request's own, unless an authenticated server-side front
     # end passes its supporter's (anyone else could opt any address in or out).
