@@ -52,7 +52,9 @@ class Settings(BaseSettings):
 
     # What the stages move on is held this long and sent to the next stage in groups
     # (workers.pipeline.handoff); 0 sends each transaction's submissions at once.
-    handoff_linger_ms: float = Field(default=20.0, ge=0, le=1_000, alias="DEARMP_HANDOFF_LINGER_MS")
+    handoff_linger_ms: float = Field(
+        default=100.0, ge=0, le=1_000, alias="DEARMP_HANDOFF_LINGER_MS"
+    )
 
     # Campaigns are data: TOML files in this folder.
     campaigns_dir: Path = Field(default=CONFIG_DIR / "campaigns", alias="DEARMP_CAMPAIGNS_DIR")
