@@ -94,6 +94,25 @@ def test_sessions_are_recycled_by_age_and_closed_when_idle(tmp_path: Path) -> No
     assert len(opened) == 3 and opened[1].closed
 
 
+def test_a_spent_session_is_closed_after_its_letter_not_on_the_way_back() -> None:
+    """A session's QUIT is no round trip between the server's answer and the caller's record of
+    the letter as sent: the next use closes a spent session first, or the idle sweep does."""
+    opened: list[FakeConn] = []
+
+    def connect() -> Any:
+        opened.append(FakeConn())
+        return opened[-1]
+
+    pool = SmtpPool(connect, size=1, max_age=60, max_letters=1, idle=0.2, wait=1)
+    with pool.session():
+        pass
+    assert not opened[0].quit_sent  # back to the caller with its answer, still open
+    with pool.session() as conn:
+        assert opened[0].quit_sent and opened[0].closed and conn is opened[1]
+    assert wait_for(lambda: opened[1].closed, 5) and opened[1].quit_sent  # the idle sweep
+    assert pool.open == 0
+
+
 def test_a_session_that_met_an_error_is_not_reused(tmp_path: Path) -> None:
     opened: list[FakeConn] = []
 

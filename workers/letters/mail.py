@@ -454,11 +454,11 @@ class SmtpPool:
         except BaseException:
             self._discard(session)
             raise
+        # A session that has carried its last letter goes back too: its QUIT, a round trip,
+        # must not stand between the server's answer and the caller's record of the letter as
+        # sent. The next use or the idle sweep closes it.
         session.letters += 1
         session.used = self.clock()
-        if self._spent(session, session.used):
-            self._discard(session)
-            return
         with self.changed:
             self.idle.append(session)
             self.changed.notify()
