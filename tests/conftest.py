@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
+import httpx
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 
@@ -151,6 +153,18 @@ def drain(broker: Any, worker: dramatiq.Worker, timeout_ms: int = 30_000) -> Non
         handoff.flush()
         if all(not broker.queues[s.queue].qsize() for s in Stage if s.queue in broker.queues):
             return
+
+
+class ApiClient(TestClient):
+    """A test client for the intake whose requests return once the stage messages of what they
+    stored are with the broker. The API sends them after its 202 (beside the next batch), so a
+    test that drains the queues right after a request could otherwise look before they arrive."""
+
+    def request(self, *args: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
+        response = super().request(*args, **kwargs)
+        if self.portal is not None:  # within `with`: the lifespan runs the intake's batcher
+            self.portal.call(self.app.fastapi.state.intake.batcher.sent)
+        return response
 
 
 @pytest.fixture

@@ -17,11 +17,10 @@ from typing import Any
 
 import dramatiq
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from tests import mail_samples as samples
-from tests.conftest import drain, make_settings
+from tests.conftest import ApiClient, drain, make_settings
 from tests.factories import submission
 from workers.database.engine import session_scope
 from workers.database.models import (
@@ -417,7 +416,7 @@ def test_did_your_mp_reply_asks_once_reminds_once_and_records_the_answer_by_butt
     }
     texts = " ".join(m.get_content() for m in mails)
     assert all(link in texts for sid in links for link in links[sid].values())
-    with TestClient(create_app(lambda: app, stub_broker)) as client:
+    with ApiClient(create_app(lambda: app, stub_broker)) as client:
         path = links[answered]["yes"].removeprefix(app.settings.public_url)
         page = client.get(path)  # what a link scanner does: nothing is recorded
         assert page.status_code == 200 and "Record my answer" in page.text
@@ -471,7 +470,7 @@ def test_mailgun_events_are_verified_stored_once_and_return_the_letter(
         },
         "message": {"headers": {"message-id": letter.message_id.strip("<>")}},
     }
-    with TestClient(create_app(lambda: app, stub_broker)) as client:
+    with ApiClient(create_app(lambda: app, stub_broker)) as client:
         assert (
             client.post("/v1/webhooks/mailgun", json=mailgun_body(event, b"wrong")).status_code
             == 406

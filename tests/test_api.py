@@ -18,7 +18,7 @@ from sqlalchemy import event, func, select, update
 from structlog.testing import capture_logs
 
 from schemas.messages import parse_stage_message
-from tests.conftest import drain
+from tests.conftest import ApiClient, drain
 from tests.factories import submission
 from tests.services import wait_for
 from tests.test_stages import get
@@ -39,7 +39,7 @@ ORIGIN = "https://campaign.example.org"
 @pytest.fixture
 def client(app: App, stub_broker: Any) -> Iterator[TestClient]:
     peer = ("203.0.113.9", 50_000)
-    with TestClient(create_app(lambda: app, stub_broker), client=peer) as test_client:
+    with ApiClient(create_app(lambda: app, stub_broker), client=peer) as test_client:
         yield test_client
 
 
@@ -201,14 +201,14 @@ def test_rate_limits_hold_across_processes_through_redis(
     app.settings.api_email_limit = 1
     assert client.post("/v1/submissions", json=posted()).status_code == 202
     # Another API process shares the limit through Redis.
-    other_process = TestClient(create_app(lambda: app, None))
+    other_process = ApiClient(create_app(lambda: app, None))
     assert other_process.post("/v1/submissions", json=posted()).status_code == 429
 
 
 def test_cors_allows_only_each_campaigns_origins(app: App, client: TestClient) -> None:
     with session_scope(app.sessions) as session:
         update_definition(session, SLUG, allowed_origins=[ORIGIN])
-    fresh = TestClient(create_app(lambda: app, None))
+    fresh = ApiClient(create_app(lambda: app, None))
     preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
     ok = fresh.options("/v1/submissions", headers=preflight)
     assert ok.status_code == 204 and ok.headers["access-control-allow-origin"] == ORIGIN
@@ -424,7 +424,7 @@ def test_what_start_up_built_is_kept_out_of_the_collectors_walks_while_the_api_r
 ) -> None:
     import gc
 
-    with TestClient(create_app(lambda: app, stub_broker)) as running:
+    with ApiClient(create_app(lambda: app, stub_broker)) as running:
         assert gc.get_freeze_count() > 0
         assert running.post("/v1/submissions", json=posted()).status_code == 202
     assert gc.get_freeze_count() == 0  # given back when it stops

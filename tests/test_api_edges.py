@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from tests.conftest import drain
+from tests.conftest import ApiClient, drain
 from tests.factories import DELETE, submission
 from tests.test_api import SLUG, count, posted
 from tests.test_stages import get
@@ -34,7 +34,7 @@ SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "json" / "submission.
 def client(app: App, stub_broker: Any) -> Iterator[TestClient]:
     peer = ("203.0.113.9", 50_000)
     app.settings.api_ip_limit = app.settings.api_email_limit = 0
-    with TestClient(create_app(lambda: app, stub_broker), client=peer) as test_client:
+    with ApiClient(create_app(lambda: app, stub_broker), client=peer) as test_client:
         yield test_client
 
 
@@ -211,17 +211,17 @@ def test_rate_limits_key_ipv6_by_network_and_email_by_mailbox(app: App, stub_bro
     api = create_app(lambda: app, stub_broker)
     answers = []
     for host in ("2001:db8:1:2::1", "2001:db8:1:2::ffff", "2001:db8:1:2:abcd::9"):
-        with TestClient(api, client=(host, 5000)) as one_host:
+        with ApiClient(api, client=(host, 5000)) as one_host:
             reply = one_host.post(
                 "/v1/submissions", json=posted(supporter__email=f"s{len(answers)}@example.com")
             )
             answers.append(reply.status_code)
     assert answers == [202, 202, 429]  # one /64, one limit
-    with TestClient(api, client=("2001:db8:1:3::1", 5000)) as other_network:
+    with ApiClient(api, client=("2001:db8:1:3::1", 5000)) as other_network:
         assert other_network.post("/v1/submissions", json=posted()).status_code == 202
 
     app.settings.api_ip_limit, app.settings.api_email_limit = 0, 2
-    with TestClient(api, client=("203.0.113.50", 5000)) as one:
+    with ApiClient(api, client=("203.0.113.50", 5000)) as one:
         codes = [
             one.post("/v1/submissions", json=posted(supporter__email=email)).status_code
             for email in (
@@ -259,7 +259,7 @@ def test_with_redis_down_the_intake_answers_503_with_retry_after(
 ) -> None:
     app.limiter = RedisLimiter(redis.Redis.from_url("redis://127.0.0.1:1/0"))
     app.settings.api_ip_limit = app.settings.api_email_limit = 5
-    with TestClient(create_app(lambda: app, stub_broker), raise_server_exceptions=False) as api:
+    with ApiClient(create_app(lambda: app, stub_broker), raise_server_exceptions=False) as api:
         for path, body in (
             ("/v1/submissions", posted()),
             (f"/v1/campaigns/{SLUG}/preview", {"name": "A", "postcode": "DM1 1AA"}),

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from tests.conftest import drain
+from tests.conftest import ApiClient, drain
 from tests.factories import submission
 from tests.services import dkim_dns, dkim_keys
 from tests.test_stages import get
@@ -128,7 +128,7 @@ def client(app: App, stub_broker: Any, redis_server: Any) -> Iterator[TestClient
     app.signer = DkimSigner("dearmp", dkim_keys()[0])
     app.limiter = RedisLimiter(redis.Redis.from_url(redis_server.url))
     app.settings.api_ip_limit = app.settings.api_email_limit = 100_000
-    with TestClient(create_app(lambda: app, stub_broker), client=("203.0.113.9", 1)) as test:
+    with ApiClient(create_app(lambda: app, stub_broker), client=("203.0.113.9", 1)) as test:
         yield test
 
 

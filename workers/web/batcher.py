@@ -47,9 +47,14 @@ class IntakeBatcher:
         self.queue = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
+    async def sent(self) -> None:
+        """Return once the stage messages of every batch committed so far are with the broker
+        (or have failed to get there, for the reconciler to resend)."""
         if self.sending:
             await asyncio.gather(*self.sending, return_exceptions=True)
+
+    async def stop(self) -> None:
+        await self.sent()
         if self.task is not None:
             self.task.cancel()
             try:
