@@ -81,8 +81,8 @@ async def submit(
         stale = set(errors) == {"contact_preferences.wording_version"}
         return problem(409 if stale else 422, errors)
     address = client_ip(request)
-    network = limiter_network(address or "unknown", app.settings.api_ipv6_prefix)
     settings = app.settings
+    network = limiter_network(address or "unknown", settings.api_ipv6_prefix)
     checks = [
         ("ip", ip_hash(app.secret, network), settings.api_ip_limit, settings.api_ip_window),
         (
