@@ -12,6 +12,7 @@ from typing import Any
 import dramatiq
 import httpx
 import pytest
+from dramatiq.common import dq_name
 from fastapi.testclient import TestClient
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
@@ -151,8 +152,12 @@ def drain(broker: Any, worker: dramatiq.Worker, timeout_ms: int = 30_000) -> Non
         # Sends what is held, and returns only after a send the handoff's own thread has
         # started: what that thread took is on its queue before the queues are looked at.
         handoff.flush()
-        if all(not broker.queues[s.queue].qsize() for s in Stage if s.queue in broker.queues):
+        # A queue's unfinished tasks count a message until it is acked: one a consumer has
+        # taken but an actor has not yet run is off the queue (qsize 0) but not finished.
+        names = [name for s in Stage for name in (s.queue, dq_name(s.queue))]
+        if not any(broker.queues[n].unfinished_tasks for n in names if n in broker.queues):
             return
+    raise AssertionError("the stage queues did not drain")
 
 
 class ApiClient(TestClient):
