@@ -332,9 +332,12 @@ def main() -> None:
             f"{name:>10}: {r['per_second']:8.1f} submissions/s   p50 {r['p50_ms']:8.1f} ms   "
             f"p99 {r['p99_ms']:8.1f} ms   ({r['seconds']:.1f} s)"
         )
+    # The targets: with the intake's groups 0.6 on PostgreSQL and 0.7 on SQLite; one
+    # submission per message (when throughput matters least) 0.3 on either.
+    target = 0.3 if args.intake_groups == 1 else 0.6 if args.postgres else 0.7
     print(
         f"     ratio: {pipeline['per_second'] / bare['per_second']:.2f}"
-        " (pipeline / bare, target >= 0.6)"
+        f" (pipeline / bare, target >= {target})"
     )
     # Where the time goes: CPU per submission while the clock ran (the database is SQLite in the
     # workers' own processes, or the PostgreSQL cluster's processes).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -212,7 +213,7 @@ def test_a_first_turn_goes_before_the_threads_already_waiting() -> None:
 
     def waiting(count: int) -> None:  # until that many threads wait for the turn
         deadline = time.monotonic() + 10
-        while len(turns._cond._waiters) < count:  # type: ignore[attr-defined]
+        while turns.waiting() < count:
             assert time.monotonic() < deadline
             time.sleep(0.001)
 
@@ -227,6 +228,37 @@ def test_a_first_turn_goes_before_the_threads_already_waiting() -> None:
     for thread in waiters:
         thread.join(10)
     assert order == ["a sent mark", "a stage"]
+
+
+def test_threads_take_turns_one_at_a_time_and_none_is_left_waiting() -> None:
+    """A release wakes only the thread that goes next: a wake-up lost to a thread that came
+    at the same moment, or to one interrupted, must still leave every thread its turn."""
+    turns = Turns(None)
+    inside: list[int] = []
+    overlaps = 0
+    failed: list[BaseException] = []
+
+    def write(index: int) -> None:
+        nonlocal overlaps
+        try:
+            for round_ in range(300):
+                turns.acquire(first=(index + round_) % 5 == 0)
+                inside.append(index)
+                os.sched_yield()  # lets the others run, and queue, while this one holds the turn
+                overlaps += len(inside) > 1
+                inside.remove(index)
+                turns.release()
+        except BaseException as exc:  # pragma: no cover - reported below
+            failed.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,), daemon=True) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a thread never got its turn"
+    assert (failed, overlaps, turns.waiting()) == ([], 0, 0)
 
 
 def test_worker_engines_checkpoint_the_log_from_a_thread_not_a_commit(tmp_path: Path) -> None:
