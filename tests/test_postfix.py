@@ -235,8 +235,10 @@ def test_a_per_client_connection_limit_costs_no_letter_an_attempt(run: Run) -> N
     """A relay that allows each client 2 connections answers the others "421 too many
     connections": sessions wait and try again, no letter is failed or charged for it."""
     run.relay.configure(smtpd_client_connection_count_limit="2")
-    run.start()
+    # All 40 queued before the workers start, and each letter its own delivery message (no
+    # handoff linger): the 8 threads send at once, so the pools want more than 2 sessions.
     ids = run.submit(40)
+    run.start(DEARMP_HANDOFF_LINGER_MS="0")
     assert run.final(ids, timeout=180) == {"delivered": 40}, run.logs()
     run.arrived_once(ids)
     assert run.relay.count("Connection concurrency limit exceeded") >= 1
