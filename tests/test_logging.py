@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from workers.logging import configure_logging
+from workers.logging import bound, configure_logging
 
 
 def test_events_are_json_with_bound_context_and_masked_personal_data() -> None:
@@ -22,6 +22,32 @@ def test_events_are_json_with_bound_context_and_masked_personal_data() -> None:
     event = json.loads(out.getvalue().splitlines()[-1])
     assert event["event"] == "oops" and event["submission_id"] == "abc"
     assert event["detail"] == "from [email] at [postcode]"
+
+
+def test_bound_ids_are_in_the_block_s_events_and_what_was_bound_before_comes_back() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", stream=out)
+    log = structlog.get_logger("t")
+    structlog.contextvars.bind_contextvars(stage="render", submission_id="the message's")
+    try:
+        with bound(submission_id="one"):
+            log.info("inside")
+            try:
+                with bound(submission_id="two", extra=1):
+                    raise ValueError
+            except ValueError:
+                pass
+            log.info("after_an_error")
+        log.info("outside")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    events = [json.loads(line) for line in out.getvalue().splitlines()[-3:]]
+    assert [(e["event"], e["submission_id"], e["stage"]) for e in events] == [
+        ("inside", "one", "render"),
+        ("after_an_error", "one", "render"),
+        ("outside", "the message's", "render"),
+    ]
+    assert all("extra" not in e for e in events)
 
 
 class Writes(io.StringIO):

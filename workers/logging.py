@@ -10,7 +10,8 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -102,6 +103,23 @@ class LinesHandler(logging.Handler):
             self.lines.write(self.format(record))
         except Exception:
             self.handleError(record)
+
+
+@contextmanager
+def bound(**values: Any) -> Iterator[None]:
+    """Bind ``values`` to every log event of this block (a submission's id), then put back what
+    was bound before. structlog's ``bound_contextvars`` does the same after copying the whole
+    log context to find what to put back; the tokens of ``bind_contextvars`` know it already.
+    The stages bind a submission's id around each of its steps, about a dozen times a
+    submission: 2.0 against 4.2 us a call alone. ``bench.pipeline --postgres --intake-groups 6``,
+    five pairs of runs alternated: worker CPU 2.12 to 2.40 ms a submission against 2.25 to 2.44
+    (lower in every pair; means 2.25 and 2.38), 478 to 563 against 466 to 540 submissions/s.
+    """
+    tokens = structlog.contextvars.bind_contextvars(**values)
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
 
 
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
 from workers.database.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
+from workers.logging import bound
 
 # RETURNING makes SQLAlchemy send a group's events as one multi-row INSERT ("insertmanyvalues")
 # rather than a statement per row.
@@ -286,7 +287,7 @@ def run_group(
 def _decide(
     session: Session, submission_id: str, plan: Callable[[Session, str], Apply[T]]
 ) -> tuple[Apply[T] | None, BaseException | None]:
-    with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+    with bound(submission_id=submission_id):
         try:
             return plan(session, submission_id), None
         except Exception as exc:  # a decision writes nothing: the others go on
@@ -298,7 +299,7 @@ def _write(
 ) -> Outcome[T]:
     if write is None:
         return submission_id, None, error
-    with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+    with bound(submission_id=submission_id):
         try:
             return submission_id, write(session), None
         except AlreadyMoved as moved:  # its guarded change matched nothing: nothing written

@@ -22,6 +22,7 @@ from schemas.messages import NotAStageMessage, parse_stage_message
 from workers.database.engine import session_scope
 from workers.database.transitions import AlreadyMoved, Apply, run_group
 from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
+from workers.logging import bound
 from workers.pipeline.app import App, get_app
 from workers.pipeline.broker import build_broker
 from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_message
@@ -102,7 +103,7 @@ def run_stage(stage: Stage, raw: Any, work: Work) -> None:
     for submission_id, error in work(get_app(), ids):
         if error is None:
             continue
-        with structlog.contextvars.bound_contextvars(**{stage.id_name: submission_id}):
+        with bound(**{stage.id_name: submission_id}):
             if isinstance(error, AlreadyMoved):
                 log.info("stage_already_done")
             elif isinstance(error, Deferred):

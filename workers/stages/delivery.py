@@ -59,6 +59,7 @@ from workers.letters.mail import (
     outgoing,
 )
 from workers.letters.rate_limits import Limit, Limiter, seconds_until_open
+from workers.logging import bound
 from workers.stages.stage import Deferred, Stage
 
 T = TypeVar("T")
@@ -313,7 +314,7 @@ def deliver_group(
     sent: dict[str, str] = {}  # submission id: the server's answer
     try:
         for submission_id, letter, error in taken:
-            with structlog.contextvars.bound_contextvars(submission_id=submission_id):
+            with bound(submission_id=submission_id):
                 try:
                     if error is not None:
                         raise error
