@@ -111,6 +111,16 @@ def dns(campaign: str | None, mx: str | None) -> None:
         definitions = [d for d in definitions if d.slug == campaign]
         if not definitions:
             raise click.ClickException(f"no campaign {campaign!r}")
+    settings = app.settings
+    if mx and not (settings.bounce_domain or settings.reply_domain):
+        raise click.ClickException(
+            "--mx is for the bounce and reply domains, and neither DEARMP_BOUNCE_DOMAIN nor "
+            "DEARMP_REPLY_DOMAIN is set: set them first, then print the records again"
+        )
     domains = [str(d.from_email).rsplit("@", 1)[1].lower() for d in definitions]
-    for line in zone_lines(records(app.settings, domains, mx)):
+    try:
+        found = records(settings, domains, mx)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in zone_lines(found):
         click.echo(line)

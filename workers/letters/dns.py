@@ -11,12 +11,18 @@ alignment holds for SPF as well as DKIM.
 from __future__ import annotations
 
 import base64
+import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 
 from config.settings import Settings
+
+# A TXT record holds strings of at most 255 bytes each (RFC 1035 3.3.14); a longer value (a
+# 2048-bit DKIM key is about 410 characters) is written as several, which readers join.
+TXT_STRING = 255
+TTL = 3600
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class Record:
     type: str
     value: str
     why: str
+    placeholder: bool = False  # to be filled in: written as a comment, not a record
 
 
 def dkim_public_key(private_pem: bytes) -> str:
@@ -36,23 +43,58 @@ def dkim_public_key(private_pem: bytes) -> str:
     return base64.b64encode(der).decode()
 
 
-def _spf(settings: Settings) -> str:
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _spf(settings: Settings) -> str | None:
+    """The SPF value for the relay the letters leave by: ``ip4:``/``ip6:`` for an address
+    (``a:`` takes a host name only), None when there is no relay to name yet."""
     if settings.mail_backend == "http":
         return "v=spf1 include:mailgun.org ~all"
-    if settings.mail_backend == "smtp":
-        return f"v=spf1 a:{settings.smtp_host} mx ~all"
-    return "v=spf1 a:<your mail relay> ~all"
+    if settings.mail_backend != "smtp":
+        return None
+    ip = _ip(settings.smtp_host)
+    relay = f"a:{settings.smtp_host}" if ip is None else f"ip{ip.version}:{ip}"
+    return f"v=spf1 {relay} mx ~all"
+
+
+def _spf_record(settings: Settings, name: str, why: str) -> Record:
+    spf = _spf(settings)
+    if spf is None:
+        return Record(name, "TXT", "v=spf1 ip4:<your mail relay> ~all", why, placeholder=True)
+    return Record(name, "TXT", spf, why)
+
+
+def mx_host_name(settings: Settings, given: str | None) -> str:
+    """The MX's host name: ``given``, else DEARMP_PUBLIC_URL's. An MX names a host, never an
+    address (RFC 5321 5.1): an address is refused with what to do instead."""
+    host = (given or urlsplit(settings.public_url).hostname or "").rstrip(".")
+    if not host:
+        raise ValueError("give --mx the host name of the machine running `dearmp inbound`")
+    if _ip(host) is not None:
+        raise ValueError(
+            f"an MX needs a host name, not an address ({host}): give --mx a name whose A/AAAA "
+            "record points at the machine running `dearmp inbound`"
+        )
+    return host
 
 
 def records(
     settings: Settings, from_domains: list[str], mx_host: str | None = None
 ) -> list[Record]:
-    mx = mx_host or urlsplit(settings.public_url).hostname or "<the host running dearmp inbound>"
+    """The records for ``from_domains``; ValueError if the MX host is an address (see
+    :func:`mx_host_name`)."""
+    returns = settings.bounce_domain or settings.reply_domain
+    mx = mx_host_name(settings, mx_host) if returns else ""
     out: list[Record] = []
     key = settings.dkim_key()
     for domain in sorted(set(from_domains)):
         if not settings.bounce_domain:
-            out.append(Record(domain, "TXT", _spf(settings), "SPF: letters' envelope sender"))
+            out.append(_spf_record(settings, domain, "SPF: letters' envelope sender"))
         if key is not None and settings.dkim_selector:
             value = f"v=DKIM1; k=rsa; p={dkim_public_key(key)}"
             out.append(
@@ -70,31 +112,38 @@ def records(
                     "TXT",
                     "v=DKIM1; k=rsa; p=<public key>",
                     "DKIM: set DEARMP_DKIM_PRIVATE_KEY(_FILE) and DEARMP_DKIM_SELECTOR first",
+                    placeholder=True,
                 )
             )
         out.append(
             Record(
                 f"_dmarc.{domain}",
                 "TXT",
-                f"v=DMARC1; p=quarantine; adkim=r; aspf=r; rua=mailto:dmarc-reports@{domain}",
-                "DMARC: receivers check DKIM/SPF alignment with the From domain",
+                f"v=DMARC1; p=none; adkim=r; aspf=r; rua=mailto:dmarc-reports@{domain}",
+                "DMARC: start at p=none, read the reports, then move to p=quarantine",
             )
         )
     if settings.bounce_domain:
         out.append(Record(settings.bounce_domain, "MX", f"10 {mx}.", "bounces come back here"))
-        out.append(
-            Record(settings.bounce_domain, "TXT", _spf(settings), "SPF: the envelope sender's")
-        )
+        out.append(_spf_record(settings, settings.bounce_domain, "SPF: the envelope sender's"))
     if settings.reply_domain:
         out.append(Record(settings.reply_domain, "MX", f"10 {mx}.", "MPs' replies come here"))
     return out
 
 
+def _txt(value: str) -> str:
+    """A TXT value as quoted strings of at most 255 characters each."""
+    parts = [value[i : i + TXT_STRING] for i in range(0, len(value), TXT_STRING)]
+    return " ".join(f'"{part}"' for part in parts)
+
+
 def zone_lines(found: list[Record]) -> list[str]:
-    """The records as zone-file lines, each with its reason as a comment."""
-    lines = []
+    """The records as zone-file lines, each with its reason as a comment; a record still to be
+    filled in is a comment too, so the lines load in a zone file as they are."""
+    lines = [f"$TTL {TTL}"]
     for record in found:
-        value = f'"{record.value}"' if record.type == "TXT" else record.value
+        value = _txt(record.value) if record.type == "TXT" else record.value
         lines.append(f"; {record.why}")
-        lines.append(f"{record.name}. IN {record.type} {value}")
+        line = f"{record.name}. IN {record.type} {value}"
+        lines.append(f"; {line}" if record.placeholder else line)
     return lines
