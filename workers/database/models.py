@@ -407,6 +407,16 @@ class InboundMessage(Base):
     processed_at: Mapped[datetime | None] = mapped_column()
 
 
+class WebhookToken(Base):
+    """A Mailgun signature's token, kept while its timestamp would still be accepted: a second
+    request with the same token is a replay, whatever its event (every API process agrees)."""
+
+    __tablename__ = "webhook_tokens"
+
+    token: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 class LetterEvent(Base):
     """What happened to a letter after it was sent: bounced, delayed, acknowledged
     automatically, replied to, the supporter's survey answer. No personal data: a remote

@@ -2,8 +2,15 @@
 
 Mailgun signs each webhook: ``signature.signature`` is the hex HMAC-SHA256, keyed with the
 account's webhook signing key, of ``timestamp`` followed by ``token``. A request whose signature
-does not match, or whose timestamp is more than :data:`MAX_AGE` seconds from now, is refused; a
-replayed event is stored once (its ``event-data.id`` is unique).
+does not match, or whose timestamp is more than :data:`MAX_AGE` seconds from now, is refused. As
+Mailgun advises, each token is remembered (in the database, so every API process agrees) for as
+long as its timestamp would be accepted, and a second request with it is refused: a captured
+signature cannot carry other event data. The same event sent again (its ``event-data.id``) is
+stored once.
+
+The event is outside text: only what classifying needs is kept, each value checked or made one
+printable line (a lone surrogate, a control character, an address become ``?`` or go), so what
+is stored can always be written and read back.
 
 The letter is found by the event's Message-ID (``event-data.message.headers.message-id``),
 which is the letter's own.
@@ -13,22 +20,30 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from typing import Any
 
 from workers.inbound.classify import Classification, clean
 
 MAX_AGE = 300.0
+# Mailgun's event names: "failed", "delivered", "opened", "unsubscribed"...
+_EVENT = re.compile(r"[a-z][a-z_-]{0,39}")
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+# What a signature's three parts may hold: Mailgun's are digits and hexadecimal.
+_SIGNATURE_PART = re.compile(r"[0-9A-Za-z]{1,200}")
 
 
 def verify(signing_key: bytes, signature: Any, now: float | None = None) -> bool:
     if not isinstance(signature, dict):
         return False
     timestamp, token, given = (signature.get(k) for k in ("timestamp", "token", "signature"))
-    if not all(isinstance(v, str) and 0 < len(v) <= 200 for v in (timestamp, token, given)):
-        return False
+    if not all(
+        isinstance(v, str) and _SIGNATURE_PART.fullmatch(v) for v in (timestamp, token, given)
+    ):
+        return False  # (hmac.compare_digest raises on text that is not ASCII)
     assert isinstance(timestamp, str) and isinstance(token, str) and isinstance(given, str)
-    if not timestamp.isascii() or not timestamp.isdigit():
+    if not timestamp.isdigit():
         return False
     if abs((now if now is not None else time.time()) - int(timestamp)) > MAX_AGE:
         return False
@@ -44,18 +59,59 @@ def _get(data: Any, *path: str) -> Any:
     return data
 
 
+def _printable_ascii(value: Any, limit: int) -> str | None:
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        return None
+    return value if value.isascii() and value.isprintable() else None
+
+
 def message_id(event: dict[str, Any]) -> str | None:
-    """The letter's Message-ID as we store it (in angle brackets)."""
-    value = _get(event, "message", "headers", "message-id")
-    if not isinstance(value, str) or not value or len(value) > 250:
+    """The letter's Message-ID as we store it (in angle brackets); None if it is not one we
+    could have made (ours are printable ASCII)."""
+    value = _printable_ascii(_get(event, "message", "headers", "message-id"), 250)
+    if value is None or not value.strip():
         return None
     value = value.strip()
     return value if value.startswith("<") else f"<{value}>"
 
 
 def event_id(event: dict[str, Any]) -> str | None:
-    value = event.get("id")
-    return f"mailgun:{value}" if isinstance(value, str) and 0 < len(value) <= 150 else None
+    value = _printable_ascii(event.get("id"), 150)
+    return f"mailgun:{value}" if value is not None else None
+
+
+def event_kind(event: dict[str, Any]) -> str | None:
+    """The event's name ("failed", "delivered"...), or None if it has no name of that shape."""
+    kind = event.get("event")
+    return kind if isinstance(kind, str) and _EVENT.fullmatch(kind) else None
+
+
+def _enhanced(value: Any) -> str | None:
+    return value if isinstance(value, str) and _ENHANCED.fullmatch(value) else None
+
+
+def _words(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    return clean(str(value)[:2000])
+
+
+def kept_fields(event: dict[str, Any]) -> dict[str, Any]:
+    """What classifying needs and nothing more (not the recipient, not the provider's user
+    variables), each value checked or made one printable line without addresses."""
+    status = event.get("delivery-status")
+    status = status if isinstance(status, dict) else {}
+    severity = event.get("severity")
+    return {
+        "event": event_kind(event),
+        "severity": severity if severity in ("permanent", "temporary") else None,
+        "delivery-status": {
+            "code": _words(status.get("code")),
+            "enhanced-code": _enhanced(status.get("enhanced-code")),
+            "message": _words(status.get("message")),
+            "description": _words(status.get("description")),
+        },
+    }
 
 
 def event_classification(event: Any) -> Classification:
@@ -65,18 +121,15 @@ def event_classification(event: Any) -> Classification:
     kind = event.get("event")
     status = _get(event, "delivery-status")
     code = _get(status, "code")
-    enhanced = _get(status, "enhanced-code")
+    # Checked again here: a row stored before the webhook checked it is read the same way.
+    enhanced = _enhanced(_get(status, "enhanced-code"))
     words = _get(status, "description") or _get(status, "message")
     diagnostic = clean(f"{code or ''} {words or ''}")
     if kind == "delivered":
-        return Classification("delivered", enhanced if isinstance(enhanced, str) else None)
+        return Classification("delivered", enhanced)
     if kind == "failed":
         severity = event.get("severity")
         permanent = severity == "permanent"
-        return Classification(
-            "bounce" if permanent else "delay",
-            enhanced if isinstance(enhanced, str) else None,
-            diagnostic,
-        )
+        return Classification("bounce" if permanent else "delay", enhanced, diagnostic)
     ignored = clean(str(kind), 40)
     return Classification("malformed", diagnostic=f"an event of no interest: {ignored}")

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
-from sqlalchemy.exc import IntegrityError
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from workers.database.engine import session_scope
-from workers.database.models import InboundMessage
+from workers.database.engine import insert_on_conflict, session_scope
+from workers.database.models import InboundMessage, InboundStatus, WebhookToken, new_id, utcnow
+
+
+class Replayed(Exception):
+    """A webhook signature's token seen before: the request is a replay, and nothing is stored."""
+
+
+def unique_recipients(recipients: list[str]) -> list[str]:
+    """Each address once, in the order given: the tokens and domains are case-insensitive, so
+    ``R-ABC@X`` and ``r-abc@x`` are one recipient (and one stored copy)."""
+    seen: set[str] = set()
+    kept: list[str] = []
+    for recipient in recipients:
+        key = recipient.strip().strip("<>").lower()
+        if key not in seen:
+            seen.add(key)
+            kept.append(recipient)
+    return kept
 
 
 def store(
@@ -17,26 +36,58 @@ def store(
     peer_hash: str | None = None,
     external_id: str | None = None,
     submission_id: str | None = None,
+    token: str | None = None,
 ) -> list[str]:
-    """One row per recipient, committed; their ids. An event already stored (the same
-    ``external_id``) is not stored again: no ids."""
-    rows = [
-        InboundMessage(
-            source=source,
-            recipient=recipient[:254],
-            raw=raw,
-            size=len(raw),
-            peer_hash=peer_hash,
-            external_id=external_id,
-            submission_id=submission_id,
+    """One row per distinct recipient, committed; their ids. An event already stored (the same
+    ``external_id``) is not stored again: no ids. ``token`` (a webhook signature's) is
+    remembered in the same transaction; one remembered already raises :class:`Replayed`."""
+    now = utcnow()
+    ids: list[str] = []
+    with session_scope(sessions) as session:
+        if token is not None and not _remember(session, token, now):
+            raise Replayed
+        for recipient in unique_recipients(recipients):
+            row_id = new_id()
+            stored = session.execute(
+                insert_on_conflict(session, InboundMessage)
+                .values(
+                    id=row_id,
+                    source=source,
+                    recipient=recipient[:254],
+                    raw=raw,
+                    size=len(raw),
+                    peer_hash=peer_hash,
+                    external_id=external_id,
+                    submission_id=submission_id,
+                    status=InboundStatus.RECEIVED.value,
+                    received_at=now,
+                    dispatched_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["external_id"])
+                .returning(InboundMessage.id)
+            )
+            if stored.first() is not None:
+                ids.append(row_id)
+    return ids
+
+
+def _remember(session: Session, token: str, now: datetime) -> bool:
+    """Whether ``token`` is new (and now remembered). Two requests with one token at once: the
+    unique key lets one in; the other waits for its commit and finds the token taken."""
+    added = session.execute(
+        insert_on_conflict(session, WebhookToken)
+        .values(token=token, seen_at=now)
+        .on_conflict_do_nothing(index_elements=["token"])
+        .returning(WebhookToken.token)
+    )
+    return added.first() is not None
+
+
+def forget_tokens(sessions: sessionmaker[Session], older_than: float) -> None:
+    """Forget tokens seen more than ``older_than`` seconds ago: their timestamps are refused now."""
+    with session_scope(sessions) as session:
+        session.execute(
+            delete(WebhookToken).where(
+                WebhookToken.seen_at < utcnow() - timedelta(seconds=older_than)
+            )
         )
-        for recipient in recipients
-    ]
-    try:
-        with session_scope(sessions) as session:
-            session.add_all(rows)
-    except IntegrityError:
-        if external_id is None:
-            raise
-        return []
-    return [row.id for row in rows]

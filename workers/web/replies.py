@@ -15,7 +15,7 @@ from sqlalchemy import select
 from workers.database.engine import session_scope
 from workers.database.models import Letter
 from workers.inbound import mailgun
-from workers.inbound.store import store
+from workers.inbound.store import Replayed, forget_tokens, store
 from workers.pipeline.dispatch import dispatch_groups
 from workers.stages import survey
 from workers.stages.stage import Stage
@@ -45,7 +45,10 @@ class MailgunEvent(BaseModel):
 WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Stored (or stored already): Mailgun need not send it again."},
     404: {"model": Errors, "description": "Mailgun webhooks are not configured here."},
-    406: {"model": Errors, "description": "The signature is not Mailgun's: not retried."},
+    406: {
+        "model": Errors,
+        "description": "The signature is not Mailgun's, or was used before: not retried.",
+    },
     422: {"model": Errors, "description": "Not a Mailgun event."},
     503: {"model": Errors, "description": "The database cannot be reached just now."},
 }
@@ -54,41 +57,41 @@ WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.post("/v1/webhooks/mailgun", responses=WEBHOOK_RESPONSES)
 def mailgun_webhook(body: MailgunEvent, app: AppDep, intake: IntakeDep) -> Any:
     """A Mailgun delivery event (failed permanently or temporarily, delivered), verified by its
-    signature and stored before the answer; the inbound stage ties it to its letter."""
+    signature, its token remembered, and stored before the answer; the inbound stage ties it to
+    its letter."""
     key = app.settings.mailgun_signing_key
     if key is None:
         return problem(404, {"request": "Mailgun webhooks are not configured here."})
-    if not mailgun.verify(key.get_secret_value().encode(), body.signature.model_dump()):
+    signature = body.signature.model_dump()
+    if not mailgun.verify(key.get_secret_value().encode(), signature):
         # 406: Mailgun does not retry it.
         return problem(406, {"signature": "The signature does not match."})
     event = body.event_data
+    kind = mailgun.event_kind(event)
+    if kind is None:
+        return problem(422, {"event-data.event": "Not the name of a Mailgun event."})
     message_id = mailgun.message_id(event)
-    # Only what classifying needs: not the recipient, not the provider's user variables.
-    kept = {
-        "event": event.get("event"),
-        "severity": event.get("severity"),
-        "delivery-status": {
-            k: (event.get("delivery-status") or {}).get(k)
-            for k in ("code", "enhanced-code", "message", "description")
-        }
-        if isinstance(event.get("delivery-status"), dict)
-        else None,
-    }
     with session_scope(app.sessions) as session:
         submission_id = (
             session.scalar(select(Letter.submission_id).where(Letter.message_id == message_id))
             if message_id
             else None
         )
-    raw = json.dumps(kept, default=str).encode()[:20_000]
-    ids = store(
-        app.sessions,
-        "mailgun",
-        [f"mailgun:{str(event.get('event'))[:40]}"],
-        raw,
-        external_id=mailgun.event_id(event),
-        submission_id=submission_id,
-    )
+    raw = json.dumps(mailgun.kept_fields(event)).encode()
+    try:
+        ids = store(
+            app.sessions,
+            "mailgun",
+            [f"mailgun:{kind}"],
+            raw,
+            external_id=mailgun.event_id(event),
+            submission_id=submission_id,
+            token=signature["token"],
+        )
+    except Replayed:
+        log.warning("webhook_replay_refused")
+        return problem(406, {"signature": "This signature was used before: a replay is refused."})
+    forget_tokens(app.sessions, older_than=2 * mailgun.MAX_AGE)
     if ids:
         dispatch_groups(intake.broker, {Stage.INBOUND: ids})
     return JSONResponse({"stored": bool(ids)})
