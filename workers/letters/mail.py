@@ -14,8 +14,10 @@ import smtplib
 import ssl
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from email.charset import QP, Charset
 from email.header import Header
 from email.message import Message
@@ -178,40 +180,119 @@ def _part(text: str, subtype: str) -> MIMENonMultipart:
     return part
 
 
+# Taken out of outside text before it goes in a header: control and format characters (CR, LF,
+# NEL, bidirectional overrides, zero-width joiners), line and paragraph separators, and lone
+# surrogates.
+_NOT_IN_HEADERS = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def header_text(text: str, limit: int) -> str:
+    """Outside text (a reply's subject, an MP's name, an organisation) made fit for a header:
+    one line, whitespace of any kind one space, no control or format character, at most
+    ``limit`` characters. What it held cannot become a header of its own, here or when a
+    reader's software writes it again (CPython's CVE-2024-6923: an encoded word holding CR LF
+    became real headers), whatever the interpreter's patch level."""
+    kept = "".join(
+        " " if c.isspace() else c
+        for c in text
+        if c.isspace() or unicodedata.category(c) not in _NOT_IN_HEADERS
+    )
+    return " ".join(kept.split())[:limit].rstrip()
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Any email DearMP sends (a letter, a notice, a confirmation) before it is written. Every
+    header value is one line (the writer refuses a line break; outside text goes through
+    :func:`header_text` first); ``headers`` come last, plain ASCII (``Auto-Submitted``). The
+    same draft is the same bytes: Date and Message-ID are the draft's, and so is the
+    multipart boundary when there is HTML."""
+
+    from_name: str
+    from_email: str
+    to_email: str
+    subject: str
+    date: datetime
+    message_id: str
+    text: str
+    to_name: str = ""
+    reply_to: str | None = None
+    html: str | None = None
+    boundary: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# An email no person wrote at the moment it was sent (RFC 3834): responders stay quiet.
+AUTOMATIC = (("Auto-Submitted", "auto-generated"),)
+
+
 def _boundary(letter: Letter) -> str:
     # From the content, not a random one: every attempt sends the same bytes.
     return f"==dearmp-{letter.content_sha256[:32]}=="
 
 
-def _envelope_headers(letter: Letter) -> list[tuple[str, str]]:
-    """From, To, Reply-To, Subject, Date and Message-ID, each refused if it has a line break."""
+def _envelope_headers(draft: Draft) -> list[tuple[str, str]]:
+    """From, To, Reply-To, Subject, Date, Message-ID and the draft's own, each refused if it
+    has a line break."""
     headers = [
-        ("From", _mailbox("From", letter.from_name, letter.from_email)),
-        ("To", _mailbox("To", letter.to_name, letter.to_email)),
+        ("From", _mailbox("From", draft.from_name, draft.from_email)),
+        ("To", _mailbox("To", draft.to_name, draft.to_email)),
     ]
-    if letter.reply_to:
-        headers.append(("Reply-To", wire_address(letter.reply_to)))
-    subject = _one_line(letter.subject)
+    if draft.reply_to:
+        headers.append(("Reply-To", wire_address(draft.reply_to)))
+    subject = _one_line(draft.subject)
     headers.append(("Subject", subject if _plain(subject) else _encoded(subject, "Subject")))
-    # The letter's own creation time: a retry sends the same Date, like the same Message-ID.
-    headers.append(("Date", format_datetime(letter.created_at)))
-    headers.append(("Message-ID", _one_line(letter.message_id)))
+    headers.append(("Date", format_datetime(draft.date)))
+    headers.append(("Message-ID", _one_line(draft.message_id)))
+    headers.extend((name, _one_line(value)) for name, value in draft.headers)
     return headers
 
 
-def build_message(letter: Letter) -> Message:
-    """The email for a stored letter, as the email package's objects: every header one line,
-    non-ASCII encoded, same bytes on every attempt."""
-    text = _part(letter.body_text or "", "plain")
+def build(draft: Draft) -> Message:
+    """The email as the email package's objects: every header one line, non-ASCII encoded,
+    parts quoted-printable in UTF-8 (lines of at most 76 characters, RFC 2045)."""
+    text = _part(draft.text, "plain")
     message: Message = text
-    if letter.body_html:
-        message = MIMEMultipart("alternative", boundary=_boundary(letter))
-        for part in (text, _part(letter.body_html, "html")):
+    if draft.html:
+        message = MIMEMultipart("alternative", boundary=draft.boundary)
+        for part in (text, _part(draft.html, "html")):
             del part["MIME-Version"]
             message.attach(part)
-    for name, value in _envelope_headers(letter):
+    for name, value in _envelope_headers(draft):
         message[name] = value
     return message
+
+
+def write(draft: Draft) -> bytes:
+    """The email's bytes, written by the email package with CRLF line ends."""
+    return build(draft).as_bytes(policy=WIRE)
+
+
+def letter_draft(letter: Letter) -> Draft:
+    return Draft(
+        from_name=letter.from_name,
+        from_email=letter.from_email,
+        to_name=letter.to_name,
+        to_email=letter.to_email,
+        reply_to=letter.reply_to,
+        subject=letter.subject,
+        # The letter's own creation time: a retry sends the same Date, like the same Message-ID.
+        date=letter.created_at,
+        message_id=letter.message_id,
+        text=letter.body_text or "",
+        html=letter.body_html or None,
+        boundary=_boundary(letter),
+    )
+
+
+def build_message(letter: Letter) -> Message:
+    """The email for a stored letter, the same bytes on every attempt."""
+    return build(letter_draft(letter))
+
+
+def from_domain(address: str) -> str:
+    """The domain a From address is signed for (DMARC alignment)."""
+    return wire_address(address).rsplit("@", 1)[1]
 
 
 class DkimSigner:
@@ -238,15 +319,30 @@ class DkimSigner:
 
     def letter_signature(self, letter: Letter) -> str:
         """The signature to store with a letter when it is rendered."""
-        domain = wire_address(letter.from_email).rsplit("@", 1)[1]
-        return self.signature(letter_bytes(letter), domain).decode("ascii")
+        return self.signature(letter_bytes(letter), from_domain(letter.from_email)).decode("ascii")
 
 
 def letter_bytes(letter: Letter) -> bytes:
-    """The letter as sent: :func:`build_message` written by the email package with CRLF line
-    ends (written twice when letters are signed: when rendered, for the signature, and when
-    delivered)."""
-    return build_message(letter).as_bytes(policy=WIRE)
+    """The letter as sent (written twice when letters are signed: when rendered, for the
+    signature, and when delivered)."""
+    return write(letter_draft(letter))
+
+
+def _envelope(draft_from: str, to: str, envelope_sender: str | None) -> tuple[str, list[str]]:
+    return envelope_sender or wire_address(draft_from), [wire_address(to)]
+
+
+def outgoing_email(
+    draft: Draft, signer: DkimSigner | None, envelope_sender: str | None
+) -> Outgoing:
+    """Any email DearMP sends on the wire: written by :func:`write`, signed by ``signer`` for
+    its From domain, from ``envelope_sender`` (``MAIL FROM``, the Return-Path: an address on
+    the bounce domain) or, without one, from its From."""
+    data = write(draft)
+    if signer is not None:
+        data = signer.sign(data, from_domain(draft.from_email))
+    sender, recipients = _envelope(draft.from_email, draft.to_email, envelope_sender)
+    return Outgoing(sender, recipients, data, draft.message_id)
 
 
 def outgoing(
@@ -254,15 +350,12 @@ def outgoing(
 ) -> Outgoing:
     """The letter on the wire: with the signature made when it was rendered, so a resend is
     the same bytes; a letter rendered without one is signed now by ``signer``, if any. The
-    envelope sender (``MAIL FROM``, the Return-Path) is the letter's own return address when
-    there is one, else its From."""
-    data = letter_bytes(letter)
-    if letter.dkim_signature:
-        data = letter.dkim_signature.encode("ascii") + data
-    elif signer is not None:
-        data = signer.sign(data, wire_address(letter.from_email).rsplit("@", 1)[1])
-    sender = envelope_sender or wire_address(letter.from_email)
-    return Outgoing(sender, [wire_address(letter.to_email)], data, letter.message_id)
+    envelope sender is the letter's own return address when there is one, else its From."""
+    if not letter.dkim_signature:
+        return outgoing_email(letter_draft(letter), signer, envelope_sender)
+    data = letter.dkim_signature.encode("ascii") + letter_bytes(letter)
+    sender, recipients = _envelope(letter.from_email, letter.to_email, envelope_sender)
+    return Outgoing(sender, recipients, data, letter.message_id)
 
 
 class OutboxMailer:
