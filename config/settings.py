@@ -7,6 +7,7 @@ the sample campaign and the fictional MP directory shipped in ``config/``, and a
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +17,15 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CONFIG_DIR = Path(__file__).resolve().parent
+
+
+# A fully qualified host name: two labels or more, letters, digits and inner hyphens, a top
+# label that is not all digits.
+FQDN_RE = re.compile(
+    r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+    r"(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+ADDRESS_LITERAL_RE = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]")
 
 
 class Settings(BaseSettings):
@@ -189,6 +199,19 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("smtp_helo_name")
+    @classmethod
+    def _helo_is_a_full_name(cls, value: str | None) -> str | None:
+        """A relay that checks EHLO refuses a name that is not fully qualified (Postfix's
+        ``reject_non_fqdn_helo_hostname``): every letter would be refused, so refuse it here."""
+        if value is None or FQDN_RE.fullmatch(value) or ADDRESS_LITERAL_RE.fullmatch(value):
+            return value
+        raise ValueError(
+            "SMTP_HELO_NAME must be a fully qualified host name such as mail.example.org "
+            f"(or an address literal such as [203.0.113.5]), not {value!r}: "
+            "relays refuse a name like it"
+        )
 
     @model_validator(mode="after")
     def _sandbox_is_a_real_mailbox(self) -> Settings:

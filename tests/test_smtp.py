@@ -139,3 +139,31 @@ def test_a_421_makes_the_letter_wait_without_using_an_attempt(
         delivery = session.get(Delivery, sid)
         assert delivery is not None and (delivery.status, delivery.attempts) == ("sent", 1)
     assert smtp_sink.received.count() == 1
+
+
+def test_a_refusal_of_one_letter_keeps_its_session_for_the_next(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    """A 4xx (or 5xx) to one letter at RCPT or DATA says nothing about the session: RSET, and
+    the next letter goes on the same one, with no new TLS and AUTH."""
+    from workers.letters.mail import Outgoing
+
+    smtp = mailer(tmp_path, smtp_sink)
+
+    def mail(n: int) -> Outgoing:
+        body = f"From: a@example.org\r\nTo: mp{n}@example.org\r\nSubject: {n}\r\n\r\nhi\r\n"
+        return Outgoing("a@example.org", [f"mp{n}@example.org"], body.encode(), f"<{n}@x>")
+
+    for n in range(0, 10, 3):
+        smtp_sink.refuse[f"mp{n}@example.org"] = "451 4.3.0 <x>: Try again later"
+    smtp_sink.refuse["mp5@example.org"] = "550 5.1.1 <x>: Recipient address rejected: unknown"
+    refused = 0
+    for n in range(10):
+        smtp_sink.answer = "451 4.3.0 Queue full" if n == 7 else None  # at DATA
+        try:
+            smtp.send(mail(n))
+        except (TransientDeliveryError, PermanentDeliveryError):
+            refused += 1
+    assert refused == 6 and smtp_sink.received.count() == 4
+    assert smtp.pool.opened == 1 and len(set(smtp_sink.sessions)) == 1
+    assert smtp_sink.most_sessions == 1

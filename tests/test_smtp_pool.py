@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import smtplib
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,14 +178,47 @@ def test_a_relay_that_allows_fewer_connections_gets_the_ones_we_have_reused() ->
         assert conn in ours
 
 
-def test_a_421_with_no_session_of_ours_open_defers_the_letter() -> None:
-    def connect() -> Any:
-        raise smtplib.SMTPConnectError(421, b"4.7.0 Error: too many connections")
+def test_a_421_with_no_session_of_ours_open_holds_the_process_not_each_letter() -> None:
+    """Other processes hold every connection the relay allows: the first 421 holds every
+    thread of this one (doubling holds), then one thread tries. Letters that wait too long are
+    deferred as ours (no attempt counted); the relay sees a few refused connections, not one
+    per letter."""
+    tries: list[float] = []
+    allowed = threading.Event()
 
-    pool = SmtpPool(connect, size=4, max_age=60, max_letters=100, idle=5, wait=5)
-    with pytest.raises(smtplib.SMTPConnectError), pool.session():
-        pass
+    def connect() -> Any:
+        tries.append(time.monotonic())
+        if not allowed.is_set():
+            raise smtplib.SMTPConnectError(421, b"4.7.0 Error: too many connections")
+        return FakeConn()
+
+    pool = SmtpPool(connect, size=4, max_age=60, max_letters=100, idle=5, wait=1)
+    pool.HOLD_FIRST = 0.2
+    deferred: list[TransientDeliveryError] = []
+
+    def send() -> None:
+        try:
+            with pool.session():
+                pass
+        except TransientDeliveryError as exc:
+            deferred.append(exc)
+
+    def letters(n: int) -> None:
+        threads = [threading.Thread(target=send) for _ in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    letters(8)
+    assert len(deferred) == 8 and all(exc.ours and exc.retry_after for exc in deferred)
+    assert 1 < len(tries) <= 4  # at 0, 0.2, 0.6 s: one thread at a time, not one per letter
     assert pool.open == 0
+    allowed.set()  # another process's sessions closed
+    pool.wait = 5
+    letters(8)
+    assert len(deferred) == 8  # none more: they waited for the hold, then for one session
+    assert pool.opened == 1
 
 
 def test_a_session_left_idle_is_closed_with_no_traffic_to_close_it() -> None:

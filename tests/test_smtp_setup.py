@@ -274,3 +274,86 @@ def test_a_recipient_refused_by_policy_again_after_other_letters_went_is_its_own
         failed = session.get(Submission, refused)
         assert failed is not None and failed.state == "failed"
         assert "Access denied" in (failed.failure_reason or "")
+
+
+def test_a_helo_name_that_is_not_fully_qualified_is_refused_at_start(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="SMTP_HELO_NAME must be a fully qualified"):
+        settings(tmp_path, 25, smtp_helo_name="worker")
+    for good in ("worker.campaign.example.org", "[203.0.113.5]"):
+        assert settings(tmp_path, 25, smtp_helo_name=good).smtp_helo_name == good
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "504 5.5.2 <worker>: Helo command rejected: need fully-qualified hostname",
+        "450 4.7.1 <worker>: Helo command rejected: Host not found",
+        "550 5.7.1 Client host rejected: cannot find your reverse hostname",
+        "530 5.7.0 Must issue a STARTTLS command first",
+    ],
+)
+def test_an_answer_about_our_own_set_up_pauses_and_fails_no_letter(
+    app: App, tmp_path: Path, smtp_sink: SmtpSink, answer: str
+) -> None:
+    """Postfix answers a HELO it refuses at RCPT ("Helo command rejected"), with a code that
+    says nothing of a policy: the words say it is our set-up, the same for every letter."""
+    alarms: list[tuple[str | None, float]] = []
+    mailer = smtp_mailer(tmp_path, smtp_sink, alarm=lambda *a: alarms.append(a))
+    first, second = through_render(app, submission()), through_render(app, submission())
+    for sid in (first, second):
+        with session_scope(app.sessions) as session:
+            letter = session.get(Letter, sid)
+            assert letter is not None
+            smtp_sink.refuse[letter.to_email] = answer
+    policy = DeliveryPolicy(lease_seconds=300)
+    with pytest.raises(Deferred, match=answer.split()[0]):
+        deliver(app.sessions, first, mailer, policy)
+    with pytest.raises(Deferred, match="delivery paused"):
+        deliver(app.sessions, second, mailer, policy)
+    assert alarms == [(answer, 30.0)]
+    with session_scope(app.sessions) as session:
+        for sid in (first, second):
+            delivery = session.get(Delivery, sid)
+            assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
+
+
+def test_a_certificate_our_ca_does_not_verify_pauses_delivery_and_says_why(
+    app: App, tmp_path: Path
+) -> None:
+    """The relay's certificate is not from the CA we were given (SMTP_CA_FILE): the relay's
+    set-up, the same for every letter. Delivery pauses with the reason (what `dearmp health`
+    shows), after one handshake, and no letter is charged an attempt."""
+    relay_ca, our_ca = trustme.CA(), trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    relay_ca.issue_cert("127.0.0.1").configure_cert(context)
+    our_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    sink = SmtpSink(tls_context=context).start()
+    alarms: list[tuple[str | None, float]] = []
+    try:
+        config = settings(
+            tmp_path,
+            sink.port,
+            smtp_security="starttls",
+            smtp_ca_file=tmp_path / "ca.pem",
+            smtp_username=None,
+        )
+        mailer = SmtpMailer(config, alarm=lambda *a: alarms.append(a))
+        first, second = through_render(app, submission()), through_render(app, submission())
+        policy = DeliveryPolicy(lease_seconds=300)
+        with pytest.raises(Deferred, match="certificate verify failed"):
+            deliver(app.sessions, first, mailer, policy)
+        with pytest.raises(Deferred, match="delivery paused"):
+            deliver(app.sessions, second, mailer, policy)
+        assert mailer.pool.opened == 0 and sink.most_sessions == 1  # one handshake, not two
+        [(reason, pause)] = alarms
+        assert reason is not None and "TLS verification of the mail server failed" in reason
+        assert "SMTP_CA_FILE" in reason and pause == 30.0
+        with session_scope(app.sessions) as session:
+            for sid in (first, second):
+                delivery = session.get(Delivery, sid)
+                assert delivery is not None
+                assert (delivery.status, delivery.attempts) == ("pending", 0)
+    finally:
+        sink.stop()

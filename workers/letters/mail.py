@@ -10,6 +10,7 @@ import contextlib
 import email.policy
 import email.quoprimime
 import os
+import re
 import smtplib
 import ssl
 import threading
@@ -404,8 +405,9 @@ def _close(conn: smtplib.SMTP) -> None:
 
 
 class RelayPause:
-    """When the relay refuses us rather than a letter (our login; our sender address or our
-    right to relay: a 5xx to MAIL FROM, a 5.7.x policy answer), no thread of the process tries
+    """When the relay refuses us rather than a letter (our login; its certificate failing our
+    TLS verification; our HELO name, sender address or right to relay: an answer to EHLO or
+    MAIL FROM, one naming our set-up, a 5.7.x policy answer), no thread of the process tries
     again for a while: ``first`` seconds (``SMTP_PAUSE_SECONDS``, 30 by default), doubling with
     each refusal in a row up to 15 minutes. Letters wait
     meanwhile (:meth:`waiting`), costing none of their attempts; the first letter after the
@@ -497,6 +499,16 @@ class RelayPause:
             self.alarm(None, 0.0)
 
 
+class Refusal(Exception):
+    """The server refused one letter with a definite answer to ``command``; ``usable``: the
+    session was reset (RSET answered 250) and can carry the next letter."""
+
+    def __init__(self, command: str, code: int, answer: bytes | str, recipient: str = "") -> None:
+        super().__init__(f"{code} {_text(answer)}")
+        self.command, self.code, self.answer, self.recipient = command, code, answer, recipient
+        self.usable = False
+
+
 @dataclass(eq=False)
 class _Session:
     conn: smtplib.SMTP
@@ -512,12 +524,20 @@ class SmtpPool:
     sessions; a thread that finds them all busy waits for one), a session is closed (with
     QUIT) once it is ``max_age`` seconds old, has carried ``max_letters`` letters, or has sat
     idle for ``idle`` seconds, so that a relay's new rules reach us and idle threads hold
-    nothing. A session that met any error is closed, not reused.
+    nothing. A session that met an error is closed, not reused, unless the error is a
+    :class:`Refusal` of one letter after which the session was reset (``usable``).
 
     When the relay answers a new connection with 421 ("too many connections") while this
     process has sessions open, the pool takes that as the relay's limit: it keeps to the
     sessions it has, and the thread waits for one of them instead of deferring its letter,
-    until ``max_age`` has passed and a larger pool is tried again."""
+    until ``max_age`` has passed and a larger pool is tried again. With none open (other
+    processes hold what the relay allows), no thread of the process connects for a while
+    (``HOLD_FIRST`` seconds, doubling with each 421 in a row up to ``HOLD_LONGEST``) and then
+    one tries: threads wait for that as for a busy session, and a letter that waits too long
+    is deferred as ``ours`` (no attempt counted), not one refused connection per letter."""
+
+    HOLD_FIRST = 1.0
+    HOLD_LONGEST = 30.0
 
     def __init__(
         self,
@@ -537,6 +557,9 @@ class SmtpPool:
         self.idle: list[_Session] = []
         self.open = 0  # sessions open now, idle or in use (or being opened)
         self.opened = 0  # sessions opened so far (for tests and metrics)
+        self.refused = 0  # connections the relay answered 421 (for tests and metrics)
+        self.refused_in_a_row = 0
+        self.held_until = 0.0  # no new connection before this (see HOLD_FIRST)
         self.sweeper: threading.Timer | None = None
 
     @contextlib.contextmanager
@@ -544,9 +567,18 @@ class SmtpPool:
         session = self._take()
         try:
             yield session.conn
+        except Refusal as refusal:
+            if not refusal.usable:
+                self._discard(session)
+            else:
+                self._put_back(session)
+            raise
         except BaseException:
             self._discard(session)
             raise
+        self._put_back(session)
+
+    def _put_back(self, session: _Session) -> None:
         # A session that has carried its last letter goes back too: its QUIT, a round trip,
         # must not stand between the server's answer and the caller's record of the letter as
         # sent. The next use or the idle sweep closes it.
@@ -596,14 +628,18 @@ class SmtpPool:
                 now = self.clock()
                 if self.ceiling < self.size and now - self.lowered_at >= self.max_age:
                     self.ceiling = self.size
-                while not self.idle and self.open >= self.ceiling:
+                while not self.idle and (self.open >= self.ceiling or self._held()):
                     left = deadline - time.monotonic()
-                    if left <= 0 or not self.changed.wait(left):
+                    held = self.held_until - self.clock()
+                    if left <= 0:
                         raise TransientDeliveryError(
-                            "every connection to the mail server is busy",
-                            retry_after=1.0,
+                            "the mail server takes no more connections from us just now"
+                            if held > 0
+                            else "every connection to the mail server is busy",
+                            retry_after=max(1.0, held),
                             ours=True,
                         )
+                    self.changed.wait(min(left, held) if held > 0 else left)
                 session = self.idle.pop() if self.idle else None  # the most recently used
                 if session is None:
                     self.open += 1  # this thread opens one
@@ -618,10 +654,18 @@ class SmtpPool:
                 with self.changed:
                     self.open -= 1
                     self.changed.notify()
-                    if exc.smtp_code != 421 or self.open == 0:
+                    if exc.smtp_code != 421:
                         raise
-                    self.ceiling, self.lowered_at = self.open, self.clock()
-                continue  # the relay allows no more: wait for one of ours
+                    self.refused += 1
+                    if self.open == 0:  # others hold what the relay allows: hold off
+                        self.refused_in_a_row += 1
+                        hold = self.HOLD_FIRST * 2.0 ** (self.refused_in_a_row - 1)
+                        self.held_until = self.clock() + min(self.HOLD_LONGEST, hold)
+                        self.ceiling = 1  # then one thread tries
+                    else:
+                        self.ceiling = self.open
+                    self.lowered_at = self.clock()
+                continue  # the relay allows no more: wait for one of ours, or the hold
             except BaseException:
                 with self.changed:
                     self.open -= 1
@@ -630,7 +674,11 @@ class SmtpPool:
             now = self.clock()
             with self.changed:
                 self.opened += 1
+                self.refused_in_a_row = 0
             return _Session(conn, opened=now, used=now)
+
+    def _held(self) -> bool:
+        return self.clock() < self.held_until
 
     def _usable(self, session: _Session) -> bool:
         now = self.clock()
@@ -711,9 +759,16 @@ class SmtpMailer:
                         answer = _text(exc.smtp_error)
                         self.relay.refused(f"login refused: {exc.smtp_code} {answer}")
                         raise
-        except BaseException:
+        except BaseException as exc:
             if conn is not None:  # a set-up that failed (TLS, EHLO, AUTH) leaves no session
                 _close(conn)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                # The relay's certificate, or the CA we check it with: the same for every
+                # letter, so a pause, not a handshake per letter charged to it.
+                self.relay.refused(
+                    f"TLS verification of the mail server failed ({exc.verify_message}): "
+                    "check SMTP_CA_FILE and the relay's certificate"
+                )
             raise
         return conn
 
@@ -724,36 +779,25 @@ class SmtpMailer:
         self.pool.close()
 
     def send(self, mail: Outgoing) -> str:
-        # Any error closes the session it happened on (the pool's rule): a refusal, a server
-        # out of step with us, or an address the library cannot write cannot leave the next
-        # letter a session mid-transaction.
+        # An error closes the session it happened on (the pool's rule): a server out of step
+        # with us, or an address the library cannot write, cannot leave the next letter a
+        # session mid-transaction. A definite refusal of this letter does not spoil the
+        # session: once RSET is answered, it goes back to the pool (see _transaction).
         try:
             self.relay.check()
             with self.pool.session() as conn:
-                # mail/rcpt/data by hand rather than sendmail(), to keep the final answer.
-                code, answer = conn.mail(mail.sender)
-                if code != 250:
-                    raise smtplib.SMTPSenderRefused(code, answer, mail.sender)
-                for rcpt in mail.recipients:
-                    code, answer = conn.rcpt(rcpt)
-                    if code not in (250, 251):
-                        raise smtplib.SMTPRecipientsRefused({rcpt: (code, answer)})
-                code, answer = conn.data(mail.data)
-                if code != 250:
-                    raise smtplib.SMTPDataError(code, answer)
+                code, answer = _transaction(conn, mail)
             self.relay.accepted()
             return f"{code} {answer.decode(errors='replace')}"
         except smtplib.SMTPAuthenticationError as exc:  # the pause is set already (_connect)
             text = _text(exc.smtp_error)
             wait = self.relay.waiting()
             raise TransientDeliveryError(f"{exc.smtp_code} {text}", wait, ours=True) from exc
-        except smtplib.SMTPSenderRefused as exc:
-            raise self._refused("MAIL", exc.smtp_code, exc.smtp_error) from exc
-        except smtplib.SMTPRecipientsRefused as exc:
-            rcpt, (code, answer) = next(iter(exc.recipients.items()))
-            raise self._refused("RCPT", code, answer, rcpt) from exc
-        except smtplib.SMTPDataError as exc:
-            raise self._refused("DATA", exc.smtp_code, exc.smtp_error) from exc
+        except ssl.SSLCertVerificationError as exc:  # the pause is set already (_connect)
+            wait = self.relay.waiting()
+            raise TransientDeliveryError(f"TLS: {exc}", wait, ours=True) from exc
+        except Refusal as exc:
+            raise self._refused(exc.command, exc.code, exc.answer, exc.recipient) from exc
         except smtplib.SMTPResponseException as exc:  # the greeting, EHLO, STARTTLS
             raise self._refused("SESSION", exc.smtp_code, exc.smtp_error) from exc
         except (smtplib.SMTPException, OSError) as exc:
@@ -767,17 +811,23 @@ class SmtpMailer:
 
         - 421 and 503 answer the session's state, not the letter: it waits, then a new session.
         - A refusal of us pauses delivery (:class:`RelayPause`): the authentication answers,
-          any 5xx to our MAIL FROM or to setting up the session, and a 5.7.x (security or
-          policy: relaying, authorization) answer to a RCPT, unless the relay has shown that it
-          refuses only this recipient (:meth:`RelayPause.refused_rcpt`). At DATA a 5.7.x
-          judges the letter's content (spam, DMARC): the letter's own.
+          any refusal of setting up the session (EHLO, STARTTLS) or of our MAIL FROM, an
+          answer at any step that names our own set-up (our HELO name, our sender address, our
+          host, TLS, authentication: Postfix's "Helo command rejected" comes at RCPT), and a
+          5.7.x (security or policy: relaying, authorization) answer to a RCPT, unless the
+          relay has shown that it refuses only this recipient (:meth:`RelayPause.refused_rcpt`).
+          At DATA a 5.7.x judges the letter's content (spam, DMARC): the letter's own.
         - Otherwise 4xx is worth trying again and 5xx is the letter's permanent failure
           ("550 5.1.1 no such mailbox")."""
         message = f"{code} {_text(answer)}"
         if code in OUT_OF_STEP:
             return TransientDeliveryError(message, retry_after=OUT_OF_STEP_WAIT, ours=True)
         permanent = 500 <= code < 600
-        if code in AUTH_PROBLEMS or (permanent and command in ("MAIL", "SESSION")):
+        if (
+            code in AUTH_PROBLEMS
+            or command in ("MAIL", "SESSION")
+            or ABOUT_US.search(_text(answer))
+        ):
             return TransientDeliveryError(
                 message, retry_after=self.relay.refused(message), ours=True
             )
@@ -788,6 +838,32 @@ class SmtpMailer:
         if 400 <= code < 500:
             return TransientDeliveryError(message)
         return PermanentDeliveryError(message)
+
+
+def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
+    """MAIL, RCPT and DATA by hand rather than ``sendmail()``, to keep the final answer. A
+    refusal raises :class:`Refusal`, ``usable`` when RSET then clears the transaction (a 421
+    or 503 leaves the session's state unknown: it is closed)."""
+    refused: Refusal | None = None
+    code, answer = conn.mail(mail.sender)
+    if code != 250:
+        refused = Refusal("MAIL", code, answer)
+    for rcpt in mail.recipients if refused is None else []:
+        code, answer = conn.rcpt(rcpt)
+        if code not in (250, 251):
+            refused = Refusal("RCPT", code, answer, rcpt)
+            break
+    if refused is None:
+        code, answer = conn.data(mail.data)
+        if code == 250:
+            return code, answer
+        refused = Refusal("DATA", code, answer)
+    if refused.code not in OUT_OF_STEP:
+        try:
+            refused.usable = conn.rset()[0] == 250
+        except (smtplib.SMTPException, OSError):
+            pass
+    raise refused
 
 
 def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
@@ -818,6 +894,13 @@ OUT_OF_STEP_WAIT = 10.0
 
 # Authentication answers: our configuration is wrong, not the letter.
 AUTH_PROBLEMS = {530, 534, 535, 538}
+# Words of an answer about our own set-up rather than the letter, whatever the command it came
+# at: Postfix's "Helo command rejected", "Sender address rejected", "Client host rejected";
+# STARTTLS or TLS required; authentication required.
+ABOUT_US = re.compile(
+    r"\b(?:helo|ehlo|starttls|tls)\b|sender address rejected|client host rejected|authenticat",
+    re.IGNORECASE,
+)
 
 
 class HttpMailer:
