@@ -1,10 +1,14 @@
-"""Emails to a supporter about their letter: it was returned, their MP replied (forwarded), did
-their MP reply? Written by the email package, From the campaign's own address (DMARC-aligned
-and DKIM-signed like the letters), marked automatic (RFC 3834) so that responders stay quiet,
-and carrying ``X-DearMP-Notice``: one that comes back to us is recognised as a loop.
+"""Emails to a supporter about their letter: it was returned, a reply came (forwarded), did
+their MP reply? Written and signed like the letters (:func:`workers.letters.mail.write`), From
+the campaign's own address (DMARC-aligned), marked automatic (RFC 3834) so that responders stay
+quiet, and carrying ``X-DearMP-Notice``: one that comes back to us is recognised as a loop.
 
 The same notice gives the same bytes every time it is sent (Date is its creation time), so a
 resend after a crash is a duplicate a mailbox can tell by its Message-ID.
+
+A reply is hostile input: its subject is decoded, then made one clean line
+(:func:`workers.letters.mail.header_text`) before it goes in a header; its text is read in any
+charset, known or not; its HTML is read as text by a real HTML parser.
 """
 
 from __future__ import annotations
@@ -13,15 +17,28 @@ import email.policy
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import EmailMessage
-from email.utils import format_datetime, formataddr, getaddresses
+from email.message import Message
+from email.utils import getaddresses
 
-from workers.inbound.classify import NOTICE_HEADER, clean, parse
-from workers.letters.mail import DkimSigner, Outgoing, wire_address
+from inscriptis import get_text
 
-# The most of a reply's text a forward carries.
+from workers.inbound.classify import NOTICE_HEADER, parse
+from workers.letters.mail import (
+    AUTOMATIC,
+    DkimSigner,
+    Draft,
+    Outgoing,
+    from_domain,
+    header_text,
+    outgoing_email,
+)
+
+# The most of a reply's text a forward carries, and of its HTML that is read for it.
 MAX_FORWARD_CHARS = 100_000
-_SIMPLE_ADDRESS = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}$")
+MAX_HTML_CHARS = 1_000_000
+SUBJECT_CHARS = 200
+NAME_CHARS = 100
+_SIMPLE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}")
 
 
 @dataclass(frozen=True)
@@ -33,31 +50,45 @@ class Sender:
 
     @property
     def domain(self) -> str:
-        return wire_address(self.address).rsplit("@", 1)[1]
+        return from_domain(self.address)
 
 
-def _base(
-    notice_id: str, sender: Sender, display: str, to: str, subject: str, created: datetime
-) -> EmailMessage:
-    message = EmailMessage(policy=email.policy.SMTP)
-    message["From"] = formataddr((" ".join(display.split()), wire_address(sender.address)))
-    message["To"] = wire_address(to)
-    message["Subject"] = " ".join(subject.split())[:200]
-    message["Date"] = format_datetime(created)
-    message["Message-ID"] = f"<notice-{notice_id}@{sender.domain}>"
-    message["Auto-Submitted"] = "auto-generated"
-    message[NOTICE_HEADER] = notice_id
-    return message
+@dataclass(frozen=True)
+class Reply:
+    subject: str  # decoded, one clean line
+    text: str
+    replier: str | None  # the address in its From, when it is one plain address
+
+
+def _draft(
+    notice_id: str,
+    sender: Sender,
+    display: str,
+    to: str,
+    subject: str,
+    created: datetime,
+    text: str,
+    reply_to: str | None = None,
+) -> Draft:
+    return Draft(
+        from_name=header_text(display, NAME_CHARS * 2),
+        from_email=sender.address,
+        to_email=to,
+        reply_to=reply_to,
+        subject=header_text(subject, SUBJECT_CHARS),
+        date=created,
+        message_id=f"<notice-{notice_id}@{sender.domain}>",
+        text=text,
+        headers=(*AUTOMATIC, (NOTICE_HEADER, notice_id)),
+    )
 
 
 def outgoing(
-    message: EmailMessage, envelope_sender: str, signer: DkimSigner | None, domain: str
+    message: Draft, envelope_sender: str, signer: DkimSigner | None, domain: str | None = None
 ) -> Outgoing:
-    data = message.as_bytes()
-    if signer is not None:
-        data = signer.sign(data, domain)
-    to = str(message["To"])
-    return Outgoing(envelope_sender, [to], data, str(message["Message-ID"]))
+    """The notice on the wire, signed for its From domain (``domain`` is that domain: it is
+    taken from the From address)."""
+    return outgoing_email(message, signer, envelope_sender)
 
 
 def bounce_notice(
@@ -67,57 +98,86 @@ def bounce_notice(
     mp_name: str,
     member_id: int | None,
     created: datetime,
-) -> EmailMessage:
+) -> Draft:
     contact = (
         f"https://members.parliament.uk/member/{member_id}/contact"
         if member_id is not None
         else "https://members.parliament.uk"
     )
-    message = _base(
-        notice_id, sender, sender.name, to, f"Your letter to {mp_name} was returned", created
-    )
-    message.set_content(
+    return _draft(
+        notice_id,
+        sender,
+        sender.name,
+        to,
+        f"Your letter to {mp_name} was returned",
+        created,
         f"Your letter to {mp_name} was sent, but their mail server returned it: the address we "
         "have for them is not accepting email at the moment.\n\n"
         "We will not send it again on our own. You can reach your MP through their official "
         f"contact details:\n\n{contact}\n\n"
         "or by post at the House of Commons, London SW1A 0AA.\n\n"
-        f"{sender.name}\n"
+        f"{sender.name}\n",
     )
-    return message
 
 
-def reply_text(raw: bytes) -> tuple[str, str, str | None]:
-    """(subject, text, the replier's address) of a reply: its plain text (or its HTML's text),
-    at most :data:`MAX_FORWARD_CHARS`; attachments are not forwarded."""
+def _raw(message: Message, name: str) -> str:
+    """A header's first value as it came (8-bit bytes as surrogate escapes), unfolded."""
+    for key, value in message.raw_items():
+        if key.lower() == name:
+            return "".join(str(value).splitlines())
+    return ""
+
+
+def _decoded_header(value: str) -> str:
+    """A header's text as a reader sees it: encoded words decoded (an unknown charset's bytes
+    replaced), raw UTF-8 (SMTPUTF8) read as UTF-8. Not yet fit for a header of ours."""
+    try:
+        return str(email.policy.default.header_factory("subject", value))
+    except Exception:  # hostile input the header parser trips on: its raw text
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _decoded(part: Message) -> str:
+    """A text part's content in its charset, or in UTF-8 (bad bytes replaced) when Python does
+    not know that charset (``x-no-such``, ``unknown-8bit``)."""
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    try:
+        return payload.decode(part.get_content_charset() or "utf-8", "replace")
+    except LookupError:
+        return payload.decode("utf-8", "replace")
+
+
+def _html_text(html: str) -> str:
+    """What a reader of the HTML sees: entities decoded, no style or script."""
+    return str(get_text(html[:MAX_HTML_CHARS]))
+
+
+def _replier(value: str) -> str | None:
+    """The one plain address a From header names, or None (several, a comment form, or an
+    address that the header does not end with, as in ``a@x)<b@y>``)."""
+    found = getaddresses([value])
+    if len(found) != 1 or not _SIMPLE_ADDRESS.fullmatch(found[0][1]):
+        return None
+    address = found[0][1]
+    plain = " ".join(value.split())
+    return address if plain == address or plain.endswith(f"<{address}>") else None
+
+
+def reply_text(raw: bytes) -> Reply:
+    """A reply's subject, its plain text (or its HTML's text), at most
+    :data:`MAX_FORWARD_CHARS`, and its sender's address; attachments are not forwarded."""
     message = parse(raw)
-    subject = clean(str(message.get("Subject") or ""), 150) or ""
-    text = ""
-    html = ""
+    texts: dict[str, str] = {}
     for part in message.walk():
-        if part.get_content_maintype() == "multipart" or part.get_filename():
-            continue
         kind = part.get_content_type()
-        if kind not in ("text/plain", "text/html"):
-            continue
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
-            continue
-        decoded = payload.decode(part.get_content_charset() or "utf-8", "replace")
-        if kind == "text/plain" and not text:
-            text = decoded
-        elif kind == "text/html" and not html:
-            html = decoded
-    if not text and html:
-        text = re.sub(r"<[^>]{0,2000}>", " ", html)
-        text = re.sub(r"[ \t]+", " ", text)
-    text = text.replace("\r\n", "\n")[:MAX_FORWARD_CHARS]
-    replier = None
-    for _, addr in getaddresses([str(message.get("From") or "")]):
-        if _SIMPLE_ADDRESS.match(addr):
-            replier = addr
-            break
-    return subject, text, replier
+        if kind in ("text/plain", "text/html") and kind not in texts and not part.get_filename():
+            texts[kind] = _decoded(part)
+    text = texts.get("text/plain") or _html_text(texts.get("text/html", ""))
+    subject = header_text(_decoded_header(_raw(message, "subject")), 150)
+    replier = _replier(_raw(message, "from"))
+    return Reply(subject, text.replace("\r\n", "\n")[:MAX_FORWARD_CHARS], replier)
 
 
 def forward(
@@ -128,26 +188,31 @@ def forward(
     mp_name: str,
     mp_address: str,
     created: datetime,
-) -> EmailMessage:
-    """The MP's reply, forwarded from the campaign's domain with ``Reply-To`` the MP's address,
-    so that the supporter's answer goes straight to their MP."""
-    subject, text, replier = reply_text(raw)
-    message = _base(
+) -> Draft:
+    """A reply to the supporter's letter, forwarded from the campaign's domain. It says plainly
+    who sent it: From shows the reply's own sender address, and so do its first lines; its
+    ``Reply-To`` is that address alone, so that the supporter's answer goes to whoever wrote."""
+    reply = reply_text(raw)
+    who = reply.replier or "a sender whose address could not be read"
+    answer = (
+        f"To answer, reply to this email: your answer goes to {reply.replier}."
+        if reply.replier
+        else "Replying to this email will not reach them."
+    )
+    return _draft(
         notice_id,
         sender,
-        f"{mp_name} via {sender.name}",
+        f"{reply.replier or 'Unknown sender'} via {sender.name}",
         to,
-        f"Reply from {mp_name}: {subject}" if subject else f"Reply from {mp_name}",
+        f"Reply from {mp_name}: {reply.subject}" if reply.subject else f"Reply from {mp_name}",
         created,
-    )
-    message["Reply-To"] = wire_address(replier or mp_address)
-    message.set_content(
-        f"{mp_name} replied to your letter. Their reply is below; to answer them, reply to this "
-        "email and it will go to their office directly.\n\n"
+        f"Forwarded from {who}.\n\n"
+        f"{who} replied to your letter to {mp_name}, which went to {mp_address}. "
+        f"{sender.name} forwards the reply below as it came, without attachments. {answer}\n\n"
         "----------------------------------------------------------------------\n\n"
-        f"{text}\n"
+        f"{reply.text}\n",
+        reply_to=reply.replier,
     )
-    return message
 
 
 def survey(
@@ -158,22 +223,19 @@ def survey(
     links: dict[str, str],
     created: datetime,
     reminder: bool,
-) -> EmailMessage:
-    message = _base(
+) -> Draft:
+    return _draft(
         notice_id,
         sender,
         sender.name,
         to,
         ("Reminder: " if reminder else "") + f"Did {mp_name} reply to your letter?",
         created,
-    )
-    message.set_content(
         f"A while ago you wrote to your MP, {mp_name}. Did they reply?\n\n"
         f"Yes, they replied:\n{links['yes']}\n\n"
         f"Not yet:\n{links['not_yet']}\n\n"
         f"No, and I don't expect them to:\n{links['no']}\n\n"
         "Each link opens a page where one button records your answer. It tells the campaign "
         "how MPs respond; nothing else about you is kept with it.\n\n"
-        f"{sender.name}\n"
+        f"{sender.name}\n",
     )
-    return message

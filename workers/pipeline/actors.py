@@ -222,7 +222,9 @@ def _notify(app: App, ids: list[str]) -> list[Outcome]:
 
     def work(submission_id: str) -> None:
         with session_scope(app.sessions) as session:
-            confirmation.notify(session, submission_id, app.mailer, app.secret, policy)
+            confirmation.notify(
+                session, submission_id, app.mailer, app.secret, policy, app.signer, app.returns
+            )
 
     return _one_by_one(ids, work)
 

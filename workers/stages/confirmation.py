@@ -9,13 +9,10 @@ it cannot be forged or extended, and it reveals nothing personal.
 from __future__ import annotations
 
 import base64
-import email.policy
 import hashlib
 import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.message import EmailMessage
-from email.utils import format_datetime, formataddr
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -24,8 +21,19 @@ from config.settings import Settings
 from schemas.submission import stored_email
 from workers.database.models import State, Submission, utcnow
 from workers.database.transitions import advance
+from workers.inbound.addresses import ReturnAddresses
+from workers.inbound.classify import NOTICE_HEADER
 from workers.letters.campaigns import get_definition
-from workers.letters.mail import Mailer, Outgoing, wire_address
+from workers.letters.mail import (
+    AUTOMATIC,
+    DkimSigner,
+    Draft,
+    Mailer,
+    from_domain,
+    header_text,
+    outgoing_email,
+    wire_address,
+)
 from workers.stages.stage import Stage
 
 
@@ -73,27 +81,30 @@ def _message(
     to: str,
     link: str,
     expires: datetime,
+    sent: datetime,
     reminder: bool,
-) -> Outgoing:
-    message = EmailMessage(policy=email.policy.SMTP)
-    message["From"] = formataddr((title, sender))
-    message["To"] = to
-    message["Subject"] = (
-        "Reminder: " if reminder else ""
-    ) + "Please confirm your letter to your MP"
-    message["Date"] = format_datetime(utcnow())
+) -> Draft:
+    """The confirmation email, or its reminder: the same bytes every time it is sent (its Date
+    is when it was due, ``sent``), marked automatic (RFC 3834) and ``X-DearMP-Notice``, so that
+    one that comes back is never acted on as a letter's."""
     kind = "reminder" if reminder else "confirm"
-    domain = sender.rsplit("@", 1)[1]
-    message["Message-ID"] = f"<{kind}-{submission_id}@{domain}>"
-    message.set_content(
-        "Thank you for writing to your MP.\n\n"
-        "Please confirm that you sent this letter by opening the link below. Until you do, it "
-        "will not be sent.\n\n"
-        f"{link}\n\n"
-        f"The link works until {expires:%d %B %Y at %H:%M} UTC. If you did not write to your MP, "
-        "ignore this email: nothing will be sent, and the details will be deleted.\n"
+    return Draft(
+        from_name=header_text(title, 200),
+        from_email=sender,
+        to_email=to,
+        subject=("Reminder: " if reminder else "") + "Please confirm your letter to your MP",
+        date=sent,
+        message_id=f"<{kind}-{submission_id}@{from_domain(sender)}>",
+        text=(
+            "Thank you for writing to your MP.\n\n"
+            "Please confirm that you sent this letter by opening the link below. Until you do, "
+            "it will not be sent.\n\n"
+            f"{link}\n\n"
+            f"The link works until {expires:%d %B %Y at %H:%M} UTC. If you did not write to your "
+            "MP, ignore this email: nothing will be sent, and the details will be deleted.\n"
+        ),
+        headers=(*AUTOMATIC, (NOTICE_HEADER, f"{kind}-{submission_id}")),
     )
-    return Outgoing(sender, [to], message.as_bytes(), message["Message-ID"])
 
 
 def notify(
@@ -102,8 +113,13 @@ def notify(
     mailer: Mailer,
     secret: bytes,
     policy: ConfirmationPolicy,
+    signer: DkimSigner | None = None,
+    returns: ReturnAddresses | None = None,
 ) -> list[Stage]:
-    """Send the confirmation email, or the reminder when it is due; at most one of each."""
+    """Send the confirmation email, or the reminder when it is due; at most one of each. Like
+    every email DearMP sends it is signed by ``signer`` for its From domain, and its envelope
+    sender is a notice's address on the bounce domain (``returns``): SPF and DKIM align with
+    its From, and a bounce of it is recognised and never acted on as a letter's."""
     submission = session.get(Submission, submission_id)
     if submission is None or submission.state != State.UNCONFIRMED:
         return []
@@ -124,15 +140,18 @@ def notify(
     expires = submission.created_at + policy.valid
     url = f"{policy.public_url.rstrip('/')}/v1/confirm/"
     url += make_token(secret, submission.id, expires)
-    mail = _message(
+    draft = _message(
         submission.id,
         str(definition.from_email),
         definition.organisation,
         to,
         url,
         expires,
+        submission.created_at + (policy.reminder_after if reminder else timedelta(0)),
         reminder,
     )
+    envelope = returns.notice(submission.id) if returns is not None else None
+    mail = outgoing_email(draft, signer, envelope)
     # Sent before it is marked, with nothing written yet and the read transaction ended, so no
     # transaction is open while the mail server answers; a failed send leaves it unmarked for
     # the actor's retry. Two messages for one submission at the same moment could both send (a
