@@ -258,7 +258,7 @@ def summarise(
 # The letters' files go to tmpfs by default. The file outbox stands in for a mail server, and on
 # ext4 creating a file costs between 50 and 900 µs of kernel time depending on how many files were
 # deleted in the minutes before (each run deletes its 5,000): that measures the disk's state, not
-# the pipeline. ``--outbox /some/disk/folder`` measures it anyway (README, "Performance").
+# the pipeline. ``--outbox /some/disk/folder`` measures it anyway (docs/performance.md).
 SHM = Path("/dev/shm")
 
 
