@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -130,6 +131,14 @@ class Settings(BaseSettings):
     inbound_max_bytes: int = Field(default=10_000_000, ge=10_000, alias="DEARMP_INBOUND_MAX_BYTES")
     # Messages one peer may send per minute; more are told to try later (450).
     inbound_peer_per_minute: int = Field(default=600, ge=1, alias="DEARMP_INBOUND_PEER_PER_MINUTE")
+    # Sessions open at once (more are answered 421), and seconds without a byte before a
+    # session is closed (RFC 5321 suggests 5 minutes; a sender whose session is closed retries).
+    inbound_max_sessions: int = Field(default=100, ge=1, alias="DEARMP_INBOUND_MAX_SESSIONS")
+    inbound_idle_seconds: float = Field(default=60.0, gt=0, alias="DEARMP_INBOUND_IDLE_SECONDS")
+    # A certificate (PEM, with its chain) and its key: the receiver offers STARTTLS. Unset: no
+    # STARTTLS (relays then deliver in clear).
+    inbound_tls_cert: Path | None = Field(default=None, alias="DEARMP_INBOUND_TLS_CERT")
+    inbound_tls_key: Path | None = Field(default=None, alias="DEARMP_INBOUND_TLS_KEY")
     # Letters to one MP address returned for good within the window mark it failing: new
     # letters to that MP are held until the directory has a new address or an operator says ok.
     failing_after_bounces: int = Field(default=3, ge=1, alias="DEARMP_FAILING_AFTER_BOUNCES")
@@ -212,6 +221,26 @@ class Settings(BaseSettings):
             f"(or an address literal such as [203.0.113.5]), not {value!r}: "
             "relays refuse a name like it"
         )
+
+    @model_validator(mode="after")
+    def _inbound_tls_loads(self) -> Settings:
+        """The receiver's certificate and key: both or neither, and a pair that loads."""
+        cert, key = self.inbound_tls_cert, self.inbound_tls_key
+        if cert is None and key is None:
+            return self
+        if cert is None or key is None:
+            raise ValueError("set DEARMP_INBOUND_TLS_CERT and DEARMP_INBOUND_TLS_KEY together")
+        for name, path in (("DEARMP_INBOUND_TLS_CERT", cert), ("DEARMP_INBOUND_TLS_KEY", key)):
+            if not path.is_file() or not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: no readable file at {path}")
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                "DEARMP_INBOUND_TLS_CERT and DEARMP_INBOUND_TLS_KEY are not a PEM certificate "
+                f"and its key ({type(exc).__name__})"
+            ) from None
+        return self
 
     @model_validator(mode="after")
     def _sandbox_is_a_real_mailbox(self) -> Settings:

@@ -8,23 +8,36 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import smtplib
+import socket
+import ssl
 import threading
 import time
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import dramatiq
 import httpx
 import pytest
+import trustme
+from click.testing import CliRunner
 from sqlalchemy import func, select, update
 
+from config.settings import get_settings
 from tests.conftest import ApiClient, drain
+from tests.services import free_port
 from tests.test_after_sent import app as after_sent_app
 from tests.test_after_sent import deliver, events, letter_of
-from workers.database.engine import session_scope
+from workers.cli import main
+from workers.database.engine import make_engine, make_sessionmaker, migrate, session_scope
 from workers.database.models import InboundMessage, WebhookToken, utcnow
+from workers.inbound.addresses import ReturnAddresses
+from workers.inbound.receiver import InboundController, InboundHandler, server_options, tls_context
 from workers.inbound.store import forget_tokens, store
 from workers.pipeline.app import App
 from workers.pipeline.runtime import state_counts
+from workers.privacy.hashing import ip_hash
 from workers.web.api import create_app
 
 URL = "/v1/webhooks/mailgun"
@@ -222,3 +235,200 @@ def test_a_recipient_given_many_times_is_stored_once(app: App) -> None:
     assert len(store(app.sessions, "smtp", given, b"x" * 1000)) == 1
     with session_scope(app.sessions) as session:
         assert session.scalar(select(func.count()).select_from(InboundMessage)) == 1
+
+
+# The SMTP receiver, on loopback.
+
+RETURNS = ReturnAddresses(b"s" * 32, "bounces.example.org", "replies.example.org")
+SID = "3f1e6c1a-8a54-4d3e-9a55-0c1f2e3d4b5a"
+MESSAGE = b"From: a@b.example\r\nSubject: hello\r\n\r\nhello\r\n"
+
+
+class Receiver:
+    """`dearmp inbound`'s receiver on a loopback port, as `start_receiver` builds it."""
+
+    def __init__(
+        self,
+        url: str,
+        max_sessions: int = 100,
+        idle_seconds: float = 60.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.sessions = make_sessionmaker(make_engine(url))
+        self.sent_on: list[str] = []
+        handler = InboundHandler(
+            self.sessions, RETURNS, self.sent_on.extend, partial(ip_hash, b"k")
+        )
+        self.controller = InboundController(
+            handler,
+            max_sessions,
+            hostname="127.0.0.1",
+            port=free_port(),
+            **server_options(1_000_000, idle_seconds, tls),
+        )
+
+    def __enter__(self) -> Receiver:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.controller.stop()
+        self.sessions.kw["bind"].dispose()
+
+    def client(self) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.controller.port, timeout=30)
+
+    def connect(self) -> tuple[socket.socket, bytes]:
+        """A raw connection, and its greeting."""
+        conn = socket.create_connection(("127.0.0.1", self.controller.port), timeout=30)
+        return conn, conn.recv(1000)
+
+    def rows(self) -> list[InboundMessage]:
+        with session_scope(self.sessions) as session:
+            rows = list(session.scalars(select(InboundMessage)))
+            session.expunge_all()
+            return rows
+
+
+@pytest.fixture
+def smtp_db(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'inbound.sqlite3'}"
+    migrate(url)
+    return url
+
+
+def closed_by_server(conn: socket.socket) -> bytes:
+    """Everything the server says until it closes the connection (it has then forgotten the
+    session: asyncio closes the socket after the protocol's connection_lost)."""
+    said = b""
+    while chunk := conn.recv(1000):
+        said += chunk
+    return said
+
+
+@pytest.mark.smtp
+def test_one_recipient_given_20_times_in_a_transaction_is_stored_once(smtp_db: str) -> None:
+    reply, bounce = RETURNS.reply(SID), RETURNS.bounce(SID)
+    assert reply and bounce
+    local, domain = reply.split("@")
+    given = [reply] * 17 + [reply.upper(), f"{local.upper()}@{domain}", bounce, bounce]
+    big = MESSAGE + (b"x" * 998 + b"\r\n") * 500
+    with Receiver(smtp_db) as receiver, receiver.client() as smtp:
+        assert smtp.sendmail("<>", given, big) == {}
+        rows = receiver.rows()
+        assert sorted(r.recipient for r in rows) == sorted([reply, bounce])
+        assert len(receiver.sent_on) == 2
+
+
+@pytest.mark.smtp
+def test_postmaster_is_taken_and_kept_for_the_operator_never_acted_on(smtp_db: str) -> None:
+    refused = "postmaster@gmail.com"  # still never a relay
+    given = ["postmaster@bounces.example.org", "PostMaster@REPLIES.example.org", "postmaster"]
+    with Receiver(smtp_db) as receiver:
+        for rcpt in given:
+            with receiver.client() as smtp:
+                assert smtp.sendmail("someone@example.net", [rcpt], MESSAGE) == {}
+        with receiver.client() as smtp:
+            smtp.ehlo()
+            smtp.mail("someone@example.net")
+            assert smtp.rcpt(refused)[0] == 550
+        rows = receiver.rows()
+        assert receiver.sent_on == []  # the inbound stage never sees it
+    assert [r.recipient for r in rows] == given
+    for row in rows:
+        assert (row.status, row.kind, row.raw) == ("dropped", "postmaster", MESSAGE)
+        assert row.reason and "operator" in row.reason
+
+
+@pytest.mark.smtp
+def test_starttls_is_offered_with_a_certificate_and_mail_goes_over_it(
+    smtp_db: str, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    pem = tmp_path / "receiver.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    bounce = RETURNS.bounce(SID)
+    assert bounce
+    with Receiver(smtp_db, tls=tls_context(pem, pem)) as receiver, receiver.client() as smtp:
+        smtp.ehlo()
+        assert smtp.has_extn("starttls")
+        smtp.starttls(context=client_context)
+        assert isinstance(smtp.sock, ssl.SSLSocket)
+        assert smtp.sendmail("<>", [bounce], MESSAGE) == {}
+        assert [r.raw for r in receiver.rows()] == [MESSAGE]
+    with Receiver(smtp_db) as receiver, receiver.client() as smtp:  # none configured: none offered
+        smtp.ehlo()
+        assert not smtp.has_extn("starttls")
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "says"),
+    [
+        ("missing.pem", "missing.pem", "DEARMP_INBOUND_TLS_CERT: no readable file at"),
+        ("cert.pem", None, "set DEARMP_INBOUND_TLS_CERT and DEARMP_INBOUND_TLS_KEY together"),
+        ("cert.pem", "other.pem", "are not a PEM certificate and its key"),
+        ("garbage.pem", "garbage.pem", "are not a PEM certificate and its key"),
+    ],
+)
+def test_a_tls_certificate_that_will_not_load_is_one_line_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cert: str, key: str | None, says: str
+) -> None:
+    ca = trustme.CA()
+    issued = ca.issue_cert("inbound.example.org")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.issue_cert("other.example.org").private_key_pem.write_to_path(str(tmp_path / "other.pem"))
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    monkeypatch.setenv("DEARMP_BOUNCE_DOMAIN", "bounces.example.org")
+    monkeypatch.setenv("DEARMP_INBOUND_TLS_CERT", str(tmp_path / cert))
+    if key is not None:
+        monkeypatch.setenv("DEARMP_INBOUND_TLS_KEY", str(tmp_path / key))
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["inbound"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("Error: configuration: ") and says in line, line
+
+
+@pytest.mark.smtp
+def test_an_idle_session_is_closed(smtp_db: str) -> None:
+    with Receiver(smtp_db, idle_seconds=0.5) as receiver:
+        conn, greeting = receiver.connect()
+        assert greeting.startswith(b"220")
+        conn.sendall(b"EHLO relay.example.net\r\n")
+        assert closed_by_server(conn).startswith(b"250")  # then nothing more: closed
+        conn.close()
+
+
+@pytest.mark.smtp
+def test_sessions_beyond_the_cap_are_told_421_and_a_closed_one_frees_its_place(
+    smtp_db: str,
+) -> None:
+    with Receiver(smtp_db, max_sessions=3) as receiver:
+        held = [receiver.connect() for _ in range(3)]
+        assert all(greeting.startswith(b"220") for _, greeting in held)
+        for _ in range(5):
+            extra, greeting = receiver.connect()
+            assert greeting.startswith(b"421") and closed_by_server(extra) == b""
+            extra.close()
+        leaving, _ = held.pop()
+        leaving.sendall(b"QUIT\r\n")
+        assert closed_by_server(leaving).startswith(b"221")
+        leaving.close()
+        held.append(receiver.connect())  # its place is free
+        assert held[-1][1].startswith(b"220")
+        beyond, greeting = receiver.connect()
+        assert greeting.startswith(b"421")
+        beyond.close()
+        for conn, _ in held:
+            conn.sendall(b"QUIT\r\n")
+            assert closed_by_server(conn).startswith(b"221")
+            conn.close()
+        bounce = RETURNS.bounce(SID)
+        assert bounce
+        with receiver.client() as smtp:
+            assert smtp.sendmail("<>", [bounce], MESSAGE) == {}

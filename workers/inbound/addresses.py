@@ -3,7 +3,8 @@
 ``b-<token>@<bounce domain>`` is a letter's envelope sender, where bounces and most automatic
 replies go; ``r-<token>@<reply domain>`` its Reply-To when the campaign relays replies;
 ``n-<token>@<bounce domain>`` the envelope sender of an email to a supporter (a notice), so that
-a bounce of a notice is recognised and never acted on as a letter's.
+a bounce of a notice is recognised and never acted on as a letter's. ``postmaster`` at either
+domain is taken too (RFC 5321), for the operator.
 
 The token is the submission's 16 id bytes and the first 10 bytes (80 bits) of an HMAC-SHA256
 over the purpose and the id, in lower-case base32: 42 characters, a 44-character local part
@@ -98,6 +99,16 @@ class ReturnAddresses:
 
     def read(self, address: str) -> Token | None:
         return read_address(self.secret, address, self.domains)
+
+    def is_postmaster(self, address: str) -> bool:
+        """``postmaster``, bare or at one of our domains (any case): RFC 5321 says a mail server
+        takes mail for it. What comes to it is for the operator, never a letter's."""
+        local, at, domain = address.strip().strip("<>").rpartition("@")
+        if not at:
+            local, domain = domain, ""
+        return local.lower() == "postmaster" and (
+            not at or domain.lower().rstrip(".") in self.domains
+        )
 
     def accepts(self, address: str) -> bool:
         """An address on one of our domains with a genuine token (the receiver's RCPT check)."""

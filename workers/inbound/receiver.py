@@ -2,8 +2,14 @@
 
 - It takes mail only for its own addresses: a recipient must be a letter's (or a notice's)
   address with a genuine token, anything else is refused at RCPT with 550: never an open relay.
+  The one exception is ``postmaster`` (bare, or at one of its domains), which RFC 5321 requires
+  a mail server to accept: that mail is kept for the operator and never acted on as a letter's.
+  A recipient given twice in one transaction is taken once.
 - A message larger than ``max_bytes`` is refused (552, aiosmtpd's size limit), and a peer
   sending more than ``per_minute`` messages is told to try later (450) at MAIL.
+- It offers STARTTLS when a certificate and key are configured (relays use TLS when offered),
+  closes a session idle for ``idle_seconds`` and answers ``421`` to a connection beyond
+  ``max_sessions`` open at once: idle peers cannot hold the door shut.
 - It answers ``250`` only once the message is committed to the database, the same promise a
   mail server makes; then it sends the inbound stage its id. If Redis is away, the reconciler
   sends it later from the database. A database that cannot store it gets 451: the sending
@@ -13,17 +19,20 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
+from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.inbound.addresses import ReturnAddresses
-from workers.inbound.store import store
+from workers.inbound.store import recipient_key, store
 
 log = structlog.get_logger(__name__)
 
@@ -98,9 +107,11 @@ class InboundHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if recipient_key(address) in {recipient_key(r) for r in envelope.rcpt_tos}:
+            return "250 OK (a recipient already)"  # stored once, however often it is given
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
-        if not self.returns.accepts(address):
+        if not (self.returns.accepts(address) or self.returns.is_postmaster(address)):
             log.info("inbound_recipient_refused", peer_hash=self._hash(session))
             return "550 5.1.1 No such address here"
         envelope.rcpt_tos.append(address)
@@ -131,6 +142,88 @@ class InboundHandler:
         return "250 OK stored"
 
 
-def server_options(max_bytes: int) -> dict[str, Any]:
-    """aiosmtpd's SMTP options: the size limit, and bytes kept as they came."""
-    return {"data_size_limit": max_bytes, "decode_data": False, "enable_SMTPUTF8": True}
+class SessionCap:
+    """At most ``limit`` SMTP sessions open at once (counted on the receiver's one event loop)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def enter(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
+
+
+class CappedSMTP(SMTP):
+    """aiosmtpd's SMTP session, which answers ``421`` and closes when the cap is reached, and
+    counts a session idle only when no bytes come (a slow relay's large DATA is not cut)."""
+
+    def __init__(self, handler: Any, cap: SessionCap, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.cap = cap
+        self.counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # not STARTTLS's second call, with the TLS transport
+            self.counted = self.cap.enter()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.counted:
+            self.counted = False
+            self.cap.leave()
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        self._reset_timeout()
+        super().data_received(data)
+
+    async def _handle_client(self) -> None:
+        if self.counted:
+            await super()._handle_client()
+            return
+        log.warning("inbound_sessions_capped", limit=self.cap.limit)
+        await self.push("421 4.7.0 Too many connections; try again later")
+        if self.transport is not None:
+            self.transport.close()
+
+
+class InboundController(Controller):
+    """aiosmtpd's controller (a thread with its own event loop) serving :class:`CappedSMTP`."""
+
+    def __init__(self, handler: Any, max_sessions: int, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.cap = SessionCap(max_sessions)
+
+    def factory(self) -> SMTP:
+        return CappedSMTP(self.handler, self.cap, **self.SMTP_kwargs)
+
+
+def tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The context STARTTLS uses, or None (no certificate configured: STARTTLS not offered)."""
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def server_options(
+    max_bytes: int, idle_seconds: float = 60.0, tls: ssl.SSLContext | None = None
+) -> dict[str, Any]:
+    """aiosmtpd's SMTP options: the size limit, bytes kept as they came, the idle timeout, and
+    STARTTLS offered (never required: a relay without TLS still delivers) with a context."""
+    options: dict[str, Any] = {
+        "data_size_limit": max_bytes,
+        "decode_data": False,
+        "enable_SMTPUTF8": True,
+        "timeout": idle_seconds,
+    }
+    if tls is not None:
+        options |= {"tls_context": tls, "require_starttls": False}
+    return options

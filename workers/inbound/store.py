@@ -10,18 +10,25 @@ from sqlalchemy.orm import Session, sessionmaker
 from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import InboundMessage, InboundStatus, WebhookToken, new_id, utcnow
 
+FOR_THE_OPERATOR = "to the postmaster: kept for the operator, never acted on as a letter's"
+
 
 class Replayed(Exception):
     """A webhook signature's token seen before: the request is a replay, and nothing is stored."""
 
 
+def recipient_key(address: str) -> str:
+    """What makes two recipients one: the tokens and domains are case-insensitive, so
+    ``<R-ABC@X>`` and ``r-abc@x`` are one recipient (and one stored copy)."""
+    return address.strip().strip("<>").lower()
+
+
 def unique_recipients(recipients: list[str]) -> list[str]:
-    """Each address once, in the order given: the tokens and domains are case-insensitive, so
-    ``R-ABC@X`` and ``r-abc@x`` are one recipient (and one stored copy)."""
+    """Each recipient once (:func:`recipient_key`), in the order given."""
     seen: set[str] = set()
     kept: list[str] = []
     for recipient in recipients:
-        key = recipient.strip().strip("<>").lower()
+        key = recipient_key(recipient)
         if key not in seen:
             seen.add(key)
             kept.append(recipient)
@@ -38,9 +45,11 @@ def store(
     submission_id: str | None = None,
     token: str | None = None,
 ) -> list[str]:
-    """One row per distinct recipient, committed; their ids. An event already stored (the same
-    ``external_id``) is not stored again: no ids. ``token`` (a webhook signature's) is
-    remembered in the same transaction; one remembered already raises :class:`Replayed`."""
+    """One row per distinct recipient, committed; the ids of those the inbound stage is to act
+    on. Mail to the postmaster is stored ``dropped`` with its text, for the operator: no id. An
+    event already stored (the same ``external_id``) is not stored again: no ids. ``token`` (a
+    webhook signature's) is remembered in the same transaction; one remembered already raises
+    :class:`Replayed`."""
     now = utcnow()
     ids: list[str] = []
     with session_scope(sessions) as session:
@@ -48,6 +57,7 @@ def store(
             raise Replayed
         for recipient in unique_recipients(recipients):
             row_id = new_id()
+            operators = source == "smtp" and _to_postmaster(recipient)
             stored = session.execute(
                 insert_on_conflict(session, InboundMessage)
                 .values(
@@ -59,16 +69,25 @@ def store(
                     peer_hash=peer_hash,
                     external_id=external_id,
                     submission_id=submission_id,
-                    status=InboundStatus.RECEIVED.value,
+                    status=(InboundStatus.DROPPED if operators else InboundStatus.RECEIVED).value,
+                    kind="postmaster" if operators else None,
+                    reason=FOR_THE_OPERATOR if operators else None,
                     received_at=now,
                     dispatched_at=now,
+                    processed_at=now if operators else None,
                 )
                 .on_conflict_do_nothing(index_elements=["external_id"])
                 .returning(InboundMessage.id)
             )
-            if stored.first() is not None:
+            if stored.first() is not None and not operators:
                 ids.append(row_id)
     return ids
+
+
+def _to_postmaster(recipient: str) -> bool:
+    # The receiver takes no other address whose local part is not a token.
+    key = recipient_key(recipient)
+    return (key.rpartition("@")[0] or key) == "postmaster"
 
 
 def _remember(session: Session, token: str, now: datetime) -> bool:

@@ -16,7 +16,12 @@ from sqlalchemy import func, select
 from config.settings import CONFIG_DIR
 from workers.database.engine import migrate, session_scope
 from workers.database.models import State, Submission
-from workers.inbound.receiver import InboundHandler, server_options
+from workers.inbound.receiver import (
+    InboundController,
+    InboundHandler,
+    server_options,
+    tls_context,
+)
 from workers.letters.campaigns import load_definitions, sync_campaigns
 from workers.mp.directory import current_version_id, import_directory
 from workers.pipeline.app import App
@@ -127,11 +132,16 @@ def start_receiver(
         partial(ip_hash, app.secret),
         settings.inbound_peer_per_minute,
     )
-    controller = Controller(
+    controller = InboundController(
         handler,
+        settings.inbound_max_sessions,
         hostname=host or settings.inbound_host,
         port=port or settings.inbound_port,
-        **server_options(settings.inbound_max_bytes),
+        **server_options(
+            settings.inbound_max_bytes,
+            settings.inbound_idle_seconds,
+            tls_context(settings.inbound_tls_cert, settings.inbound_tls_key),
+        ),
     )
     controller.start()
     return controller
