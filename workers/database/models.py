@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -423,6 +424,16 @@ class LetterEvent(Base):
     server's diagnostic, a status code, an answer."""
 
     __tablename__ = "letter_events"
+    __table_args__ = (
+        # One survey answer per letter: a second answer updates it (the latest is kept).
+        Index(
+            "uq_letter_events_survey",
+            "submission_id",
+            unique=True,
+            sqlite_where=text("kind = 'survey'"),
+            postgresql_where=text("kind = 'survey'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     submission_id: Mapped[str] = mapped_column(

@@ -2,9 +2,11 @@
 default 14) when no reply has been detected, and one reminder; the answer is an event on the
 letter ("yes", "not_yet", "no"), with nothing personal.
 
-The links carry the submission id and an HMAC over it and the answer: they cannot be forged or
-turned to another letter. A link opens a page; only its button (a POST) records the answer, so
-a mail scanner that fetches every link answers nothing.
+The links carry the submission id and an HMAC over it and the answer: they cannot be forged,
+turned to another letter or to another answer (links from before the HMAC covered the answer
+are no longer valid; the reminder carries new ones). A link opens a page; only its button (a
+POST) records the answer, so a mail scanner that fetches every link answers nothing. A letter
+has one answer, the latest: answering again replaces it.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import hmac
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, text
 from sqlalchemy.orm import Session, aliased
 
 from schemas.messages import is_submission_id
+from workers.database.engine import insert_on_conflict
 from workers.database.models import (
     Campaign,
     Delivery,
@@ -28,36 +31,45 @@ from workers.database.models import (
     NoticeStatus,
     State,
     Submission,
+    table,
     utcnow,
 )
 from workers.letters.campaigns import get_definition
+
+LETTER_EVENTS = table(LetterEvent)
 
 ANSWERS = ("yes", "not_yet", "no")
 BATCH = 500
 
 
-def _sign(secret: bytes, submission_id: str) -> str:
-    mac = hmac.new(secret, f"survey\x00{submission_id}".encode(), hashlib.sha256).digest()
+def _sign(secret: bytes, submission_id: str, answer: str) -> str:
+    message = f"survey\x00{submission_id}\x00{answer}".encode()
+    mac = hmac.new(secret, message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac[:18]).decode()
 
 
-def make_token(secret: bytes, submission_id: str) -> str:
-    return f"{submission_id}.{_sign(secret, submission_id)}"
+def make_token(secret: bytes, submission_id: str, answer: str) -> str:
+    return f"{submission_id}.{_sign(secret, submission_id, answer)}"
 
 
-def read_token(secret: bytes, token: str) -> str | None:
-    """The submission a genuine token names; None for anything forged or malformed."""
+def read_token(secret: bytes, token: str, answer: str) -> str | None:
+    """The submission a genuine token for ``answer`` names; None for anything forged,
+    malformed, or signed for another answer."""
     submission_id, dot, mac = token.partition(".")
     if not dot or not token.isascii() or not is_submission_id(submission_id):
         return None
-    if not hmac.compare_digest(mac.encode(), _sign(secret, submission_id).encode()):
+    if answer not in ANSWERS:
+        return None
+    if not hmac.compare_digest(mac.encode(), _sign(secret, submission_id, answer).encode()):
         return None
     return submission_id
 
 
 def links(public_url: str, secret: bytes, submission_id: str) -> dict[str, str]:
-    base = f"{public_url.rstrip('/')}/v1/replied/{make_token(secret, submission_id)}"
-    return {answer: f"{base}/{answer}" for answer in ANSWERS}
+    base = f"{public_url.rstrip('/')}/v1/replied"
+    return {
+        answer: f"{base}/{make_token(secret, submission_id, answer)}/{answer}" for answer in ANSWERS
+    }
 
 
 def _replied(submission_id: object) -> object:
@@ -132,13 +144,24 @@ def _add(session: Session, submission_ids: Sequence[str], key: str) -> list[str]
 
 def answer(session: Session, secret: bytes, token: str, value: str) -> str:
     """Record the supporter's answer: "recorded" | "invalid" (forged, unknown, or no letter)."""
-    submission_id = read_token(secret, token)
-    if submission_id is None or value not in ANSWERS:
+    submission_id = read_token(secret, token, value)
+    if submission_id is None:
         return "invalid"
     state = session.scalar(select(Submission.state).where(Submission.id == submission_id))
     if state not in (State.DELIVERED, State.BOUNCED):
         return "invalid"
-    session.add(LetterEvent(submission_id=submission_id, kind="survey", detail=value))
+    # One row per letter (a unique index): two answers at once, on any database, leave one
+    # row, holding whichever was written last.
+    insert = insert_on_conflict(session, LETTER_EVENTS).values(
+        submission_id=submission_id, kind="survey", detail=value, at=utcnow()
+    )
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=["submission_id"],
+            index_where=text("kind = 'survey'"),  # a literal: the partial index's own WHERE
+            set_={"detail": insert.excluded.detail, "at": insert.excluded.at},
+        )
+    )
     return "recorded"
 
 

@@ -31,12 +31,15 @@ PAGE_CSP = (
     b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-# What may appear in the access log instead of the path: ids are kept, tokens are not.
-_TOKEN = re.compile(r"^/v1/confirm/.*")
+# What may appear in the access log instead of the path: ids are kept, tokens are not. Every
+# path that carries a token (the confirmation link, the survey's) is cut after its prefix.
+TOKEN_PATHS = ("/v1/confirm/", "/v1/replied/")
+_TOKEN = re.compile("^(" + "|".join(re.escape(prefix) for prefix in TOKEN_PATHS) + ")")
 
 
 def _safe_path(path: str) -> str:
-    return "/v1/confirm/[token]" if _TOKEN.match(path) else path[:200]
+    token = _TOKEN.match(path)
+    return f"{token.group(1)}[token]" if token else path[:200]
 
 
 async def _send_simple(send: Send, status: int, body: bytes, headers: list[Any]) -> None:

@@ -111,8 +111,8 @@ ANSWER_WORDS = {"yes": "Yes, they replied", "not_yet": "Not yet", "no": "No"}
 def survey_page(token: str, answer: str, app: AppDep) -> Any:
     """The survey email's link: a page whose button records the answer. Opening it records
     nothing, so a scanner that fetches the links does not answer for the supporter."""
-    submission_id = survey.read_token(app.secret, token[:300])
-    if submission_id is None or answer not in survey.ANSWERS:
+    submission_id = survey.read_token(app.secret, token[:300], answer)
+    if submission_id is None:  # forged, or signed for another answer
         return _page("invalid")
     with session_scope(app.sessions) as session:
         found = survey.campaign_survey_mp(session, submission_id)
