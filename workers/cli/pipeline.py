@@ -126,8 +126,9 @@ def show(submission_id: str, as_json: bool, reveal: bool = False) -> None:
     import structlog
 
     from workers.database.engine import session_scope
-    from workers.database.models import Delivery, Letter, Submission
+    from workers.database.models import Delivery, Letter, State, Submission
     from workers.privacy.hashing import mask_supporter
+    from workers.web.schemas import OUTCOMES
 
     app = _app()
     with session_scope(app.sessions) as session:
@@ -139,6 +140,7 @@ def show(submission_id: str, as_json: bool, reveal: bool = False) -> None:
             "id": sub.id,
             "campaign": sub.campaign_slug,
             "state": sub.state,
+            "outcome": OUTCOMES[State(sub.state)],
             "rejection": sub.rejection,
             "failure_reason": sub.failure_reason,
             "constituency": sub.constituency_code,
@@ -179,7 +181,8 @@ def show(submission_id: str, as_json: bool, reveal: bool = False) -> None:
     for event in info["history"]:  # Text: a detail is shown as it is, never as markup
         table.add_row(event["at"], event["state"], Text(event["detail"] or ""))
     console.print(table)
-    for key in ("rejection", "failure_reason", "constituency", "member_id", "delivery", "letter"):
+    details = ("outcome", "rejection", "failure_reason", "constituency", "member_id")
+    for key in (*details, "delivery", "letter"):
         value = info.get(key)
         if not value:
             continue

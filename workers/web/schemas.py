@@ -106,6 +106,7 @@ class StatusOut(BaseModel):
     outcome: str
 
 
+# What each state means to the supporter: the status endpoint, the page and `dearmp show` say it.
 OUTCOMES = {
     State.UNCONFIRMED: "Waiting for you to confirm by email.",
     State.EXPIRED: "Never confirmed, so it was not sent.",
@@ -118,6 +119,8 @@ OUTCOMES = {
     State.REJECTED: "Not sent: see the reasons.",
     State.FAILED: "We could not deliver it. The campaign team has been told.",
     State.WITHDRAWN: "Withdrawn at your request.",
+    State.BOUNCED: "Returned by your MP's mail server, so it did not reach them. "
+    "The campaign team has been told.",
 }
 
 
