@@ -59,14 +59,34 @@ def limiter_email(email: str) -> str:
     return f"{local}@{domain}"
 
 
+# NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 client's address.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for: IPv4-mapped (``::ffff:a.b.c.d``, what a
+    dual-stack proxy reports for an IPv4 client), 6to4 or NAT64; else None."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def limiter_network(ip: str, ipv6_prefix: int = 64) -> str:
     """The client a rate limit counts: an IPv4 address, or an IPv6 address's network (a home
-    or a host gets a whole /64, so counting single IPv6 addresses limits nobody)."""
+    or a host gets a whole /64, so counting single IPv6 addresses limits nobody). An IPv6 form
+    of an IPv4 address counts as that IPv4 address: its /64 holds every IPv4 client."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return ip
-    if address.version == 6:
+    if isinstance(address, ipaddress.IPv6Address):
+        ipv4 = embedded_ipv4(address)
+        if ipv4 is not None:
+            return str(ipv4)
         return str(ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False))
     return str(address)
 
