@@ -18,6 +18,7 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
@@ -29,6 +30,7 @@ from pydantic_core import core_schema
 from schemas.postcode import MESSAGES, PostcodeProblem, check_format, normalise_postcode
 
 __all__ = [
+    "Postcode",
     "SubmissionV1",
     "error_message",
     "normalise_postcode",
@@ -49,13 +51,18 @@ PHONE_RE = re.compile(r"^ *(?:\+?[ ()-]*(?:[0-9][ ()-]*){10,15})? *$")
 MAX_PHONE = 40
 _ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-EMAIL_RE = re.compile(rf"^ *{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+[A-Za-z]{{2,63}} *$")
+# A top-level domain: letters, or an internationalised one as IDNA spells it (xn--p1ai: .рф).
+_TLD = "(?:[A-Za-z]{2,63}|[Xx][Nn]--[A-Za-z0-9-]{1,59})"
+EMAIL_RE = re.compile(rf"^ *{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+{_TLD} *$")
 MAX_EMAIL = 254
-# A UK postcode in any case, with spaces anywhere: BS 7666's shape (see schemas.postcode).
-_AREA = "[A-PR-UWYZa-pr-uwyz] *(?:[A-HK-Ya-hk-y] *)?"
-_DISTRICT = "[0-9] *(?:[0-9A-HJKMNPR-Ya-hjkmnpr-y] *)?"
+# A UK postcode in any case, with whitespace of any kind anywhere (a tab, a no-break space from
+# a copied address): BS 7666's shape (see schemas.postcode). Whitespace is what str.isspace()
+# says it is, less the C0 information separators, spelled out for JSON Schema's engines.
+_WS = "[\\x09-\\x0d\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]*"
+_AREA = f"[A-PR-UWYZa-pr-uwyz]{_WS}(?:[A-HK-Ya-hk-y]{_WS})?"
+_DISTRICT = f"[0-9]{_WS}(?:[0-9A-HJKMNPR-Ya-hjkmnpr-y]{_WS})?"
 _UNIT = "[ABD-HJLNP-UW-Zabd-hjlnp-uw-z]"
-POSTCODE_SHAPE = re.compile(rf"^ *{_AREA}{_DISTRICT}[0-9] *{_UNIT} *{_UNIT} *$")
+POSTCODE_SHAPE = re.compile(rf"^{_WS}{_AREA}{_DISTRICT}[0-9]{_WS}{_UNIT}{_WS}{_UNIT}{_WS}$")
 # IPv4 and IPv6 addresses as RFC 3986 spells them.
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _V4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
@@ -236,18 +243,24 @@ def _ascii_email(value: str) -> str:
     except EmailNotValidError as exc:
         raise ValueError(f"This is not a valid email address: {exc}") from None
     address: str = checked.ascii_email or checked.normalized
-    if value.isascii() and not EMAIL_RE.fullmatch(value):
-        raise ValueError("This is not a valid email address: it should look like name@example.org.")
+    # The pattern holds for what was posted and for the IDNA form that is stored: the pipeline
+    # checks the stored form with this same function, so it accepts what the door accepted.
+    for form in (value, address) if value.isascii() else (address,):
+        if not EMAIL_RE.fullmatch(form) or len(form) > MAX_EMAIL:
+            raise ValueError(
+                "This is not a valid email address: it should look like name@example.org."
+            )
     return address
 
 
 def _check_phone(value: Any) -> str | None:
+    # The length first, as the published maxLength says: 41 spaces are too long, not "none".
+    if isinstance(value, str) and len(value) > MAX_PHONE:
+        raise ValueError(f"A phone number has at most {MAX_PHONE} characters.")
     if value is None or (isinstance(value, str) and not value.strip(" ")):
         return None
     if not isinstance(value, str) or not re.fullmatch(r" *\+?[0-9 ()-]* *", value):
         raise ValueError("This is not a phone number. Use digits, spaces and an optional +.")
-    if len(value) > MAX_PHONE:
-        raise ValueError(f"A phone number has at most {MAX_PHONE} characters.")
     if not PHONE_RE.fullmatch(value):
         raise ValueError("A phone number has between 10 and 15 digits.")
     return value.strip(" ")
@@ -291,7 +304,7 @@ Postcode = Annotated[
         {
             "format": "uk-postcode",
             "pattern": POSTCODE_SHAPE.pattern,
-            "description": "A UK postcode, in any case, spaces anywhere. Whether it has an MP "
+            "description": "A UK postcode, in any case, whitespace anywhere. Whether it has an MP "
             "is for the pipeline to say (POST /v1/campaigns/{slug}/preview says it at once).",
         },
     ),
@@ -371,6 +384,13 @@ class ContactPreferences(BaseModel):
     wording_version: Annotated[str, single_line("Consent wording version", 64)]
 
 
+def _check_version(value: Any) -> Any:
+    """The integer 1, strictly: not ``true`` or ``1.0``, which a lax ``Literal[1]`` takes."""
+    if type(value) is not int:
+        raise ValueError("schema_version must be the integer 1.")
+    return value
+
+
 def _strip_url(value: str | None) -> str | None:
     return value.strip() if value else None
 
@@ -380,7 +400,7 @@ class SubmissionV1(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="DearMP submission v1")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Annotated[Literal[1], BeforeValidator(_check_version)] = SCHEMA_VERSION
     campaign: Annotated[
         str, _check_regex(SLUG_RE, "Campaign must be a slug like 'free-the-prisoners'.")
     ]
@@ -439,7 +459,7 @@ def parse_submission(payload: Any) -> SubmissionV1 | dict[str, str]:
     if not isinstance(payload, dict):
         return {"submission": "A submission must be a JSON object."}
     version = payload.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # not True, not 1.0
         return {"schema_version": f"Unsupported schema version {version!r}; this server speaks 1."}
     try:
         return SubmissionV1.model_validate(payload)

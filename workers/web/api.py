@@ -17,12 +17,13 @@ from typing import Any
 import anyio.to_thread
 import dramatiq
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from schemas.submission import error_message
 from workers.pipeline.actors import get_broker
@@ -64,6 +65,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        dependencies=[Depends(utf8_json)],
     )
     api.state.intake = intake
     routers = (campaigns, submissions, confirmation, replies, pages)
@@ -75,6 +77,36 @@ def create_app(
     )
     wrapped.fastapi = api
     return wrapped  # type: ignore[no-any-return]
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(api: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at this request's path (a page's GET and its button's
+    POST are two routes), asked of the router as it routes."""
+    return [
+        method
+        for method in METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in api.router.routes
+        )
+    ]
+
+
+async def utf8_json(request: Request) -> None:
+    """A JSON body must be UTF-8 (RFC 8259): Python's json reads UTF-16 and UTF-32 too, which
+    no page sends and no published schema describes."""
+    if "json" not in request.headers.get("content-type", ""):
+        return
+    body = await request.body()
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        body = b"\x00"
+    if b"\x00" in body:  # UTF-16 without a byte-order mark decodes, NULs and all
+        raise StarletteHTTPException(400)
 
 
 def _handle_errors(api: FastAPI) -> None:
@@ -92,7 +124,10 @@ def _handle_errors(api: FastAPI) -> None:
         if exc.status_code == 400:
             return problem(422, {"body": "The request body is not valid JSON in UTF-8."})
         detail = exc.detail if isinstance(exc.detail, str) else "This request cannot be served."
-        return problem(exc.status_code, {"request": detail}, dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the first route's methods only
+            headers["Allow"] = ", ".join(allowed_methods(api, request))
+        return problem(exc.status_code, {"request": detail}, headers)
 
     @api.exception_handler(RedisError)
     async def redis_away(request: Request, exc: RedisError) -> Response:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.submission import SubmissionV1, single_line
+from schemas.submission import Postcode, SubmissionV1, single_line
 from workers.database.models import State
 
 HONEYPOT = "website"
@@ -51,7 +51,7 @@ class PreviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, single_line("Full name", 100), Field(min_length=1, max_length=100)]
-    postcode: Annotated[str, single_line("Postcode", 16), Field(min_length=1, max_length=16)]
+    postcode: Postcode
     address_lines: Annotated[
         list[Annotated[str, single_line("Address line", 100, min_len=0), Field(max_length=100)]],
         Field(max_length=5),
