@@ -133,3 +133,19 @@ def test_without_javascript_the_page_says_so_and_sends_nothing_by_get(
     for seen in [page.url, *requests]:
         for detail in ("Amira", "amira", "Mill", "DM1"):
             assert detail not in seen, seen
+
+
+def test_the_page_shows_the_outcome_of_every_state(app: App, server: str, browser: Any) -> None:
+    """What the reference page shows while it follows a letter, for each state there is."""
+    from playwright.sync_api import expect
+
+    from tests.test_api_hardening import stored
+    from workers.database.models import State
+    from workers.web.schemas import OUTCOMES
+
+    page = browser.new_page()
+    for state in State:  # a new state without an outcome fails here
+        sid = stored(app, state)
+        page.goto(f"{server}/demo/political-prisoners")
+        page.evaluate("url => { poll(url); }", f"/v1/submissions/{sid}")
+        expect(page.locator("#status")).to_have_text(f"{state.value}: {OUTCOMES[state]}")

@@ -3,20 +3,23 @@ data. The stage message is sent after the commit; the reconciler resends it if t
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any
 
 import anyio.to_thread
 import structlog
 from fastapi import APIRouter, Body, Header, Request
+from sqlalchemy import select
 
 from schemas.campaign import CampaignDefinition
 from workers.database.engine import session_scope
 from workers.database.models import State, Submission, utcnow
+from workers.pipeline.app import App
 from workers.privacy.hashing import ip_hash, limiter_email, limiter_network, supporter_hash
 from workers.stages.validation import campaign_errors
 from workers.web.clients import authenticated, client_ip, over_limit, user_agent
-from workers.web.dependencies import MISSING, AppDep, IntakeDep
-from workers.web.honeypot import fake_submission_id, honeypot_campaign
+from workers.web.dependencies import MISSING, AppDep, Intake, IntakeDep
+from workers.web.honeypot import Fake, fake_state, fake_submission_id, read_fake
 from workers.web.schemas import (
     ERROR_RESPONSES,
     HONEYPOT,
@@ -59,10 +62,6 @@ async def submit(
     key_valid = authenticated(app, x_dearmp_key)
     if key_valid is False:
         return problem(401, {KEY_HEADER: "This key is not valid for this deployment."})
-    if body.website and body.website.strip():  # a robot filled the trap: keep nothing
-        log.info("honeypot_filled")
-        fake = fake_submission_id(app.secret, body.campaign)
-        return accepted(fake, "received", duplicate=False)
     definition = intake.cached_definition(body.campaign)
     if definition is MISSING:
         definition = await anyio.to_thread.run_sync(intake.definition, body.campaign)
@@ -97,6 +96,17 @@ async def submit(
     if wait > 0:
         message = "Too many letters from here. Please try again later."
         return problem(429, {"body": message}, retry_after(wait))
+    state = State.UNCONFIRMED if definition.confirmation else State.RECEIVED
+    if body.website and body.website.strip():  # a robot filled the trap: keep nothing
+        log.info("honeypot_filled")
+        # A key already stored is answered as a real repeat is (it stores nothing either).
+        stored_id = await anyio.to_thread.run_sync(
+            _stored, app, body.campaign, body.idempotency_key
+        )
+        if stored_id is not None:
+            return accepted(stored_id, state.value, duplicate=True)
+        fake = fake_submission_id(app.secret, body.campaign, utcnow())
+        return accepted(fake, state.value, duplicate=False)
     payload = body.model_dump(mode="json", exclude={HONEYPOT})
     # The consent evidence: the request's own, unless an authenticated server-side front
     # end passes its supporter's (anyone else could opt any address in or out).
@@ -107,11 +117,18 @@ async def submit(
         payload["client_ip"], payload["user_agent"] = address, user_agent(request)
     # Stored (with others that arrived meanwhile) and committed before the 202; the stage
     # message follows the commit.
-    stored = await intake.batcher.submit(
-        payload, State.UNCONFIRMED if definition.confirmation else State.RECEIVED
-    )
-    state = "unconfirmed" if definition.confirmation else "received"
-    return accepted(stored.submission_id, state, duplicate=not stored.created)
+    stored = await intake.batcher.submit(payload, state)
+    return accepted(stored.submission_id, state.value, duplicate=not stored.created)
+
+
+def _stored(app: App, campaign: str, idempotency_key: str) -> str | None:
+    with session_scope(app.sessions) as session:
+        return session.scalar(
+            select(Submission.id).where(
+                Submission.campaign_slug == campaign,
+                Submission.idempotency_key == idempotency_key,
+            )
+        )
 
 
 @router.get("/v1/submissions/{submission_id}", response_model=StatusOut, responses=ERROR_RESPONSES)
@@ -120,18 +137,9 @@ def status(submission_id: str, app: AppDep, intake: IntakeDep) -> Any:
     with session_scope(app.sessions) as session:
         sub = session.get(Submission, submission_id[:64])
         if sub is None:
-            slug = honeypot_campaign(app.secret, submission_id, intake.origins.slugs())
-            if slug is not None:  # answered like a submission that has just arrived
-                now = utcnow().isoformat()
-                return StatusOut(
-                    id=submission_id,
-                    campaign=slug,
-                    state=State.RECEIVED.value,
-                    final=False,
-                    received_at=now,
-                    updated_at=now,
-                    outcome=OUTCOMES[State.RECEIVED],
-                )
+            fake = read_fake(app.secret, submission_id, intake.origins.slugs())
+            if fake is not None:
+                return _fake_status(app, intake, submission_id, fake)
             return problem(404, {"submission": "There is no such submission."})
         recipient = sub.recipient or {}
         state = State(sub.state)
@@ -148,3 +156,20 @@ def status(submission_id: str, app: AppDep, intake: IntakeDep) -> Any:
             errors=sub.rejection if state == State.REJECTED else None,
             outcome=OUTCOMES[state],
         )
+
+
+def _fake_status(app: App, intake: Intake, submission_id: str, fake: Fake) -> StatusOut:
+    """A robot's letter's status, moving on as a real one's would (see workers.web.honeypot)."""
+    definition = intake.definition(fake.campaign)
+    confirmation = definition is not None and definition.confirmation
+    valid = timedelta(days=app.settings.confirm_valid_days)
+    state, since = fake_state(fake, confirmation, valid, utcnow())
+    return StatusOut(
+        id=submission_id,
+        campaign=fake.campaign,
+        state=state.value,
+        final=state.is_final,
+        received_at=fake.received_at.isoformat(),
+        updated_at=since.isoformat(),
+        outcome=OUTCOMES[state],
+    )
