@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     failing_window_hours: float = Field(default=24.0, gt=0, alias="DEARMP_FAILING_WINDOW_HOURS")
     # Replies forwarded to the supporter per letter, at most.
     forwards_per_letter: int = Field(default=5, ge=1, le=100, alias="DEARMP_FORWARDS_PER_LETTER")
+    # The authserv-id (RFC 8601) of the relay in front of `dearmp inbound`, comma-separated if
+    # several: only its Authentication-Results headers are believed (anyone can write one), and
+    # it must remove any arriving with its own id. A reply whose sender is not on the MP
+    # address's domain, or that the relay found failing DMARC, is held for an operator.
+    inbound_authserv_id: str | None = Field(default=None, alias="DEARMP_INBOUND_AUTHSERV_ID")
     # Mailgun's webhook signing key (`POST /v1/webhooks/mailgun`). Unset: the endpoint refuses.
     mailgun_signing_key: SecretStr | None = Field(default=None, alias="MAILGUN_WEBHOOK_SIGNING_KEY")
 

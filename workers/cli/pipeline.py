@@ -75,9 +75,11 @@ def reconcile(once: bool) -> None:
     older = timedelta(seconds=app.settings.reconcile_after)
     held = timedelta(seconds=app.settings.held_recheck)
     confirming = ConfirmationPolicy.from_settings(app.settings)
+    most = app.settings.max_dead_letters
+    lease = timedelta(seconds=app.settings.delivery_lease_seconds)
     if once:
-        most = app.settings.max_dead_letters
-        click.echo(f"resent {reconcile_once(app.sessions, broker, older, held, confirming, most)}")
+        resent = reconcile_once(app.sessions, broker, older, held, confirming, most, lease)
+        click.echo(f"resent {resent}")
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -91,7 +93,8 @@ def reconcile(once: bool) -> None:
             stop,
             held,
             confirming,
-            app.settings.max_dead_letters,
+            most,
+            lease,
         )
     except KeyboardInterrupt:
         stop.set()

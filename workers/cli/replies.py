@@ -86,7 +86,7 @@ def replies_resend(member_id: int, address: str, dry_run: bool) -> None:
     app = app_for_cli()
     try:
         with session_scope(app.sessions) as session:
-            ids = resend_bounced(session, member_id, address, dry_run)
+            ids = resend_bounced(session, member_id, address, dry_run, app.signer)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if dry_run:
@@ -95,6 +95,80 @@ def replies_resend(member_id: int, address: str, dry_run: bool) -> None:
     if ids:
         dispatch_groups(get_broker(), {Stage.RENDER: ids})
     click.echo(f"resending {len(ids)} returned letters")
+
+
+@replies.command("held")
+@click.option("--json", "as_json", is_flag=True)
+def replies_held(as_json: bool) -> None:
+    """Replies held for an operator: not plausibly from the MP's office, so not forwarded."""
+    from workers.database.engine import session_scope
+    from workers.stages.inbound import held
+
+    app = app_for_cli()
+    with session_scope(app.sessions) as session:
+        rows = [
+            {
+                "id": row.id,
+                "received_at": row.received_at.isoformat(timespec="seconds"),
+                "submission_id": row.submission_id,
+                "size": row.size,
+                "reason": row.reason,
+            }
+            for row in held(session)
+        ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no replies held")
+        return
+    for row in rows:  # one line each, so that an id is never cut to fit a table
+        click.echo(
+            f"{row['id']}  received {row['received_at']}  letter {row['submission_id']}  "
+            f"{row['size']} bytes  {row['reason']}"
+        )
+    click.echo(f"{len(rows)} held: `dearmp replies release ID` forwards one, `drop ID` deletes it")
+
+
+@replies.command("release")
+@click.argument("inbound_id")
+def replies_release(inbound_id: str) -> None:
+    """Forward a held reply to the supporter (once, within the letter's cap)."""
+    from workers.database.engine import session_scope
+    from workers.pipeline.actors import get_broker
+    from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.inbound import InboundPolicy, release
+    from workers.stages.stage import Stage
+
+    app = app_for_cli()
+    with session_scope(app.sessions) as session:
+        outcome = release(session, inbound_id, InboundPolicy.from_settings(app.settings))
+    if outcome is None:
+        raise click.ClickException(
+            f"no held reply {inbound_id!r}: `dearmp replies held` lists them"
+        )
+    if outcome.notices:
+        dispatch_groups(get_broker(), {Stage.NOTICE: list(outcome.notices)})
+        click.echo(f"released {inbound_id}: forwarding it to the supporter")
+    else:
+        click.echo(f"released {inbound_id}, recorded as a reply; not forwarded: {outcome.reason}")
+
+
+@replies.command("drop")
+@click.argument("inbound_id")
+def replies_drop(inbound_id: str) -> None:
+    """Delete a held reply without forwarding it; nothing is recorded on the letter."""
+    from workers.database.engine import session_scope
+    from workers.stages.inbound import drop
+
+    app = app_for_cli()
+    with session_scope(app.sessions) as session:
+        dropped = drop(session, inbound_id)
+    if not dropped:
+        raise click.ClickException(
+            f"no held reply {inbound_id!r}: `dearmp replies held` lists them"
+        )
+    click.echo(f"dropped {inbound_id}: its text is deleted")
 
 
 @main.command()

@@ -378,6 +378,8 @@ class InboundStatus(StrEnum):
     RECEIVED = "received"  # stored, waiting for the inbound actor
     DONE = "done"  # classified and acted on
     DROPPED = "dropped"  # recorded with a reason, acted on nothing
+    HELD = "held"  # a reply not plausibly from the MP's office: kept for an operator
+    FAILED = "failed"  # raised every time it was processed: given up, with the reason
 
 
 class InboundMessage(Base):
@@ -406,6 +408,8 @@ class InboundMessage(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
     processed_at: Mapped[datetime | None] = mapped_column()
+    # Times processing it raised; at DEARMP_MAX_DEAD_LETTERS it is failed, not tried again.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class WebhookToken(Base):

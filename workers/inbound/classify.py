@@ -37,7 +37,10 @@ _BOUNCE_SUBJECT = re.compile(
     r"could not be delivered|returned to sender",
     re.IGNORECASE,
 )
-_DAEMON = re.compile(r"mailer-daemon|postmaster|mail delivery (system|subsystem)", re.IGNORECASE)
+_DAEMON = re.compile(
+    r"mailer-daemon|postmaster|mail delivery (system|subsystem)|microsoftexchange[0-9a-f]{32}@",
+    re.IGNORECASE,
+)
 _AUTO_SUBJECT = re.compile(
     r"^\s*(automatic reply|auto(matic)?[- ]?(reply|response)|autoreply|out of (the )?office|"
     r"auto:|automatische antwort|r[ée]ponse automatique)",
@@ -105,6 +108,8 @@ def _classify(message: Message) -> Classification:
         return plain
     if _automatic(message):
         return Classification("auto_reply", diagnostic=clean(_header(message, "Subject"), 120))
+    if acknowledgement(_own_words(message)):
+        return Classification("auto_reply", diagnostic="an office's acknowledgement")
     return Classification("reply")
 
 
@@ -183,9 +188,12 @@ def _text(message: Message, limit: int = 200_000) -> str:
 
 
 def _plain_bounce(message: Message) -> Classification | None:
+    """A bounce that is not RFC 3464: from the mailer daemon, or marked automatic with a
+    bounce's subject. A person who writes "Undeliverable ... 550 5.1.1" is a person writing."""
     sender = _header(message, "From")
     subject = _header(message, "Subject")
-    if not (_DAEMON.search(sender) or _BOUNCE_SUBJECT.search(subject)):
+    auto = _header(message, "Auto-Submitted").strip().lower() not in ("", "no")
+    if not (_DAEMON.search(sender) or (auto and _BOUNCE_SUBJECT.search(subject))):
         return None
     if _AUTO_SUBJECT.search(subject):
         return None
@@ -226,3 +234,130 @@ def _automatic(message: Message) -> bool:
     if _header(message, "Precedence").strip().lower() in ("bulk", "junk", "list", "auto_reply"):
         return True
     return bool(_AUTO_SUBJECT.search(_header(message, "Subject")))
+
+
+# An office's acknowledgement sent without any automatic-reply header. Conservative: a marker
+# that only machines write, or a thank-you opening together with words only an acknowledgement
+# uses (received, a volume of correspondence, "we aim to respond"), in a short message. A person's
+# reply that thanks the constituent has neither of the latter.
+_MACHINE = re.compile(
+    r"this is an? (automated|automatic|auto-generated|computer.generated) "
+    r"(response|reply|acknowledge?ment|message|e-?mail|notification)|"
+    r"(please )?do not reply to this (e-?mail|message)|"
+    r"this (e-?mail address|mailbox|inbox) is not monitored",
+    re.IGNORECASE,
+)
+_THANKS = re.compile(
+    r"thank(s| you) for (your|contacting|e-?mailing|writing to|getting in touch with)",
+    re.IGNORECASE,
+)
+_RECEIPT = re.compile(
+    r"(e-?mail|message|correspondence|enquiry) (has been|was) (safely )?received|"
+    r"(we|this office|the office) (have|has) received your (e-?mail|message|correspondence)|"
+    r"this (e-?mail|message) (is to )?confirms? (that )?(we have|receipt)|"
+    r"(large|high|significant|huge|considerable) (volume|number|amount) of "
+    r"(correspondence|e-?mails|messages|enquiries)|"
+    r"\bwe (aim|endeavour|try|strive|will aim|will try|will endeavour) to (respond|reply|get back)",
+    re.IGNORECASE,
+)
+_QUOTE_START = re.compile(
+    r"^\s*(-{2,} ?original message ?-{2,}|on .{1,200} wrote:|from: .+|_{10,})\s*$",
+    re.IGNORECASE,
+)
+ACKNOWLEDGEMENT_MAX_CHARS = 3000
+
+
+def _own_words(message: Message) -> str:
+    """The first text part's words above the quoted letter, if any."""
+    for part in message.walk():
+        if part.get_content_type() not in ("text/plain", "text/html") or part.get_filename():
+            continue
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            continue
+        try:
+            text = payload[:50_000].decode(part.get_content_charset() or "utf-8", "replace")
+        except LookupError:  # a charset Python does not know: read it as Latin-1
+            text = payload[:50_000].decode("latin-1")
+        if part.get_content_type() == "text/html":
+            text = re.sub(r"<[^>]{0,2000}>", " ", text)
+        lines: list[str] = []
+        for line in text.splitlines():
+            if _QUOTE_START.match(line):
+                break
+            if not line.lstrip().startswith(">"):
+                lines.append(line)
+        return " ".join(" ".join(lines).split())
+    return ""
+
+
+def acknowledgement(words: str) -> bool:
+    """Whether an office's own words are an automatic acknowledgement, not a person's reply."""
+    if _MACHINE.search(words):
+        return True
+    if len(words) > ACKNOWLEDGEMENT_MAX_CHARS:
+        return False
+    return bool(_THANKS.search(words) and _RECEIPT.search(words))
+
+
+def _aligned(domain: str, mp_domain: str) -> bool:
+    """``domain`` is the MP address's domain or one of its subdomains (DMARC's relaxed
+    alignment, without a public-suffix list: the other way round is never taken)."""
+    return bool(mp_domain) and (domain == mp_domain or domain.endswith("." + mp_domain))
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].strip().strip("<>").rstrip(".").lower()
+
+
+def _trusted_results(message: Message, authserv_ids: set[str]) -> list[tuple[str, str, str]]:
+    """(method, result, domain) of the topmost ``Authentication-Results`` header written by
+    our relay (its authserv-id is one of ``authserv_ids``); anyone else's are ignored, since
+    anyone can write one. The domain is the result's ``header.from``, ``header.d`` or
+    ``header.i``."""
+    for value in message.get_all("Authentication-Results") or []:
+        text = re.sub(r"\([^()]*\)", " ", str(value))  # comments (one level)
+        serv, *resinfos = text.split(";")
+        ident = serv.split()
+        if not ident or ident[0].lower() not in authserv_ids:
+            continue
+        found: list[tuple[str, str, str]] = []
+        for resinfo in resinfos:
+            result = re.match(r"\s*([a-z0-9_-]+)\s*=\s*([a-z]+)", resinfo, re.IGNORECASE)
+            if result is None:
+                continue
+            domain = re.search(r"header\.(?:from|d|i)\s*=\s*\"?([^\s\";]+)", resinfo, re.I)
+            found.append(
+                (result[1].lower(), result[2].lower(), _domain(domain[1]) if domain else "")
+            )
+        return found
+    return []
+
+
+def reply_origin(raw: bytes, mp_address: str, authserv_ids: set[str]) -> str | None:
+    """Why a reply does not plausibly come from the MP's office, or None if it does.
+
+    Every address in its ``From`` must be on the MP address's domain (each one: a display name
+    holding another address is a trick, and parsers disagree on such headers). With our relay's
+    authserv-id configured, its ``Authentication-Results`` must also show a DMARC pass for that
+    domain, or a DKIM pass by it: a ``From`` alone is only a claim.
+    """
+    try:
+        message = parse(raw)
+        senders = " ".join(str(v) for v in message.get_all("From") or [])
+    except Exception:  # hostile MIME
+        return "unreadable sender"
+    domains = {_domain(d) for d in re.findall(r"@([^\s<>\"'(),;:@]+)", senders)}
+    mp_domain = _domain(mp_address)
+    if not domains:
+        return "no sender address"
+    if not all(_aligned(d, mp_domain) for d in domains):
+        return "the sender is not on the MP's domain"
+    if not authserv_ids:
+        return None
+    results = _trusted_results(message, {i.lower() for i in authserv_ids})
+    passed = any(
+        method in ("dmarc", "dkim") and result == "pass" and _aligned(domain, mp_domain)
+        for method, result, domain in results
+    )
+    return None if passed else "no DMARC or DKIM pass for the MP's domain from our relay"

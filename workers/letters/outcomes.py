@@ -1,19 +1,33 @@
 """What became of the letters: per campaign and MP, delivered, returned, acknowledged, replied,
 and the supporters' survey answers; and resending an MP's returned letters to a mended address.
+
+A resent letter is a new message: a new Message-ID (and Date, and signature), so that a late
+report about the returned one, which names the old Message-ID, cannot return the new one.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from workers.database.models import Delivery, Letter, LetterEvent, State, Submission
+from workers.database.models import (
+    Delivery,
+    DeliveryStatus,
+    Letter,
+    LetterEvent,
+    State,
+    Submission,
+    utcnow,
+)
 from workers.database.transitions import At, advance
+from workers.letters.mail import DkimSigner, wire_address
+from workers.stages.rendering import RenderedLetter
 
 
 @dataclass
@@ -22,7 +36,7 @@ class Row:
     member_id: int | None
     mp: str
     delivered: int = 0  # reached the MP's server (bounced ones included: they were sent)
-    bounced: int = 0
+    bounced: int = 0  # returned, and not resent since
     acknowledged: int = 0  # an automatic reply came back
     replied: int = 0  # a person's reply was detected
     survey: dict[str, int] = field(default_factory=lambda: {"yes": 0, "not_yet": 0, "no": 0})
@@ -34,13 +48,17 @@ class Row:
 def report(session: Session, campaign: str | None = None) -> list[Row]:
     """One row per campaign and MP, and a total row per campaign (``member_id`` None)."""
     sent = select(
-        Submission.id, Submission.campaign_slug, Submission.member_id, Submission.recipient
+        Submission.id,
+        Submission.campaign_slug,
+        Submission.member_id,
+        Submission.recipient,
+        Submission.state,
     ).where(Submission.state.in_([State.DELIVERED.value, State.BOUNCED.value]))
     if campaign:
         sent = sent.where(Submission.campaign_slug == campaign)
     letters = {
-        sid: (slug, member_id, str((recipient or {}).get("name") or ""))
-        for sid, slug, member_id, recipient in session.execute(sent)
+        sid: (slug, member_id, str((recipient or {}).get("name") or ""), state)
+        for sid, slug, member_id, recipient, state in session.execute(sent)
     }
     events: dict[str, dict[str, Any]] = defaultdict(dict)
     if letters:
@@ -55,14 +73,15 @@ def report(session: Session, campaign: str | None = None) -> list[Row]:
         for sid, kind, detail in session.execute(query):
             events[sid][kind] = detail if kind == "survey" else True  # the latest answer
     rows: dict[tuple[str, int | None], Row] = {}
-    for sid, (slug, member_id, name) in letters.items():
+    for sid, (slug, member_id, name, state) in letters.items():
         for key in ((slug, member_id), (slug, None)):
             row = rows.get(key)
             if row is None:
                 row = rows[key] = Row(slug, key[1], name if key[1] is not None else "(all MPs)")
             row.delivered += 1
             seen = events.get(sid, {})
-            row.bounced += "bounce" in seen
+            # By its state: a letter returned, resent and delivered is delivered.
+            row.bounced += state == State.BOUNCED
             row.acknowledged += "auto_reply" in seen
             row.replied += "reply" in seen
             answer = seen.get("survey")
@@ -81,11 +100,18 @@ def bounced_letters(session: Session, member_id: int) -> list[str]:
     )
 
 
-def resend_bounced(session: Session, member_id: int, to: str, dry_run: bool = False) -> list[str]:
-    """An MP's returned letters, to be written again to ``to`` (a mended address): each moves
-    from ``bounced`` to ``resolved`` once (the guarded move), its returned letter removed and
-    the new address recorded; the caller sends them to rendering after the commit. The address
-    is marked ok. Returns the submissions (or those that would be)."""
+def resend_bounced(
+    session: Session,
+    member_id: int,
+    to: str,
+    dry_run: bool = False,
+    signer: DkimSigner | None = None,
+) -> list[str]:
+    """An MP's returned letters, to be sent again to ``to`` (a mended address): each moves
+    from ``bounced`` to ``resolved`` once (the guarded move) with the new address recorded, and
+    its letter becomes a new message to it (:func:`readdress`, signed by ``signer`` if given)
+    with its delivery to do again; the caller sends them to rendering after the commit, which
+    moves them on to delivery. Returns the submissions (or those that would be)."""
     try:
         address = validate_email(to, check_deliverability=False).normalized
     except EmailNotValidError as exc:
@@ -98,6 +124,7 @@ def resend_bounced(session: Session, member_id: int, to: str, dry_run: bool = Fa
         if submission is None:
             continue
         recipient = dict(submission.recipient or {})
+        returned_to = str(recipient.get("email") or "")
         recipient["email"] = address
         advance(
             session,
@@ -107,6 +134,44 @@ def resend_bounced(session: Session, member_id: int, to: str, dry_run: bool = Fa
             recipient=recipient,
             failure_reason=None,
         )
-        session.execute(delete(Delivery).where(Delivery.submission_id == submission_id))
-        session.execute(delete(Letter).where(Letter.submission_id == submission_id))
+        letter = session.get(Letter, submission_id)
+        if letter is None:  # rendered afresh, with a delivery row of its own
+            session.execute(delete(Delivery).where(Delivery.submission_id == submission_id))
+            continue
+        if letter.to_email.lower() == returned_to.lower():  # not a sandbox copy
+            letter.to_email = address
+        readdress(letter, signer)
+        session.execute(
+            update(Delivery)
+            .where(Delivery.submission_id == submission_id)
+            .values(
+                status=DeliveryStatus.PENDING.value,
+                attempts=0,
+                claimed_at=None,
+                sent_at=None,
+                response=None,
+                error=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
     return ids
+
+
+def readdress(letter: Letter, signer: DkimSigner | None = None) -> None:
+    """Make a stored letter a new message: a new Message-ID and Date, its content hash, and its
+    signature made again (or none, and the delivery signs it when it goes)."""
+    domain = wire_address(letter.from_email).rsplit("@", 1)[1]
+    letter.message_id = f"<{letter.submission_id}@resent-{secrets.token_hex(4)}.{domain}>"
+    letter.created_at = utcnow()
+    letter.content_sha256 = RenderedLetter(
+        subject=letter.subject,
+        body_text=letter.body_text or "",
+        body_html=letter.body_html,
+        from_name=letter.from_name,
+        from_email=letter.from_email,
+        reply_to=letter.reply_to or "",
+        to_name=letter.to_name,
+        to_email=letter.to_email,
+        message_id=letter.message_id,
+    ).content_sha256
+    letter.dkim_signature = signer.letter_signature(letter) if signer is not None else None

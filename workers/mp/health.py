@@ -34,13 +34,15 @@ def is_failing(session: Session, address: str | None) -> bool:
 
 def recent_bounces(session: Session, address: str, since: datetime) -> int:
     """Distinct letters to ``address`` (as the letters store it) that bounced for good since
-    ``since`` (found by ``ix_letters_to_email``)."""
+    ``since`` (found by ``ix_letters_to_email``). A letter resent to a new address is a new
+    message: its returns to the old address (before its creation) do not count for the new."""
     count = session.scalar(
         select(func.count(func.distinct(LetterEvent.submission_id)))
         .join(Letter, Letter.submission_id == LetterEvent.submission_id)
         .where(
             LetterEvent.kind == "bounce",
             LetterEvent.at >= since,
+            LetterEvent.at >= Letter.created_at,
             Letter.to_email == address,
         )
     )

@@ -248,8 +248,7 @@ def _inbound(app: App, ids: list[str]) -> list[Outcome]:
     policy = inbound.InboundPolicy.from_settings(app.settings)
 
     def work(inbound_id: str) -> None:
-        with session_scope(app.sessions) as session:
-            queued = inbound.process(session, inbound_id, app.returns, policy)
+        queued = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
         if queued:
             send_on([(notice_id, [Stage.NOTICE]) for notice_id in queued])
 
@@ -257,7 +256,12 @@ def _inbound(app: App, ids: list[str]) -> list[Outcome]:
 
 
 def _notice(app: App, ids: list[str]) -> list[Outcome]:
-    policy = notices.NoticePolicy(app.settings.public_url, app.settings.delivery_lease_seconds)
+    settings = app.settings
+    policy = notices.NoticePolicy(
+        settings.public_url,
+        settings.delivery_lease_seconds,
+        max_failures=settings.max_dead_letters,
+    )
 
     def work(notice_id: str) -> None:
         notices.send_notice(app.sessions, notice_id, app.mailer, app.returns, app.signer, policy)

@@ -18,7 +18,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
-from workers.database.models import Delivery, LetterEvent, Submission
+from workers.database.models import (
+    Delivery,
+    InboundMessage,
+    InboundStatus,
+    LetterEvent,
+    Submission,
+)
 from workers.mp import health
 from workers.pipeline.dead_letters import dead_counts, mail_pause, queue_depths
 
@@ -62,6 +68,11 @@ class DearmpCollector(Collector):
                 .group_by(Submission.campaign_slug, LetterEvent.kind)
             ).all()
             failing = health.failing_count(session)
+            held = session.scalar(
+                select(func.count())
+                .select_from(InboundMessage)
+                .where(InboundMessage.status == InboundStatus.HELD)
+            )
         states = GaugeMetricFamily("dearmp_submissions", "Submissions per state", labels=["state"])
         for state, count in by_state:
             states.add_metric([state], count)
@@ -86,3 +97,9 @@ class DearmpCollector(Collector):
         )
         addresses.add_metric([], failing)
         yield addresses
+        replies = GaugeMetricFamily(
+            "dearmp_held_replies",
+            "Replies held for an operator: not plausibly from the MP's office",
+        )
+        replies.add_metric([], held or 0)
+        yield replies

@@ -211,8 +211,11 @@ def reconcile_once(
     held_recheck: timedelta = timedelta(hours=6),
     confirmation: ConfirmationPolicy | None = None,
     max_dead_letters: int = 3,
+    lease: timedelta = timedelta(seconds=300),
 ) -> int:
-    """One pass: find what has stalled, commit the new dispatch times, then resend."""
+    """One pass: find what has stalled, commit the new dispatch times, then resend. ``lease``:
+    a notice claimed longer ago by a worker that never finished is taken over
+    (``DEARMP_DELIVERY_LEASE_SECONDS``)."""
     with session_scope(sessions) as session:
         due = find_stalled(
             session,
@@ -223,7 +226,7 @@ def reconcile_once(
         )
     try:
         with session_scope(sessions) as session:
-            due += find_after_sent(session, older_than)
+            due += find_after_sent(session, older_than, lease=lease)
     except Exception as exc:  # the pipeline's own resends above are not held up by it
         log.warning("reconciler_after_sent_failed", error=type(exc).__name__)
     for submission_id, stage in due:
@@ -242,12 +245,13 @@ def run_forever(
     held_recheck: timedelta = timedelta(hours=6),
     confirmation: ConfirmationPolicy | None = None,
     max_dead_letters: int = 3,
+    lease: timedelta = timedelta(seconds=300),
 ) -> None:
     """Reconcile every ``interval`` seconds until ``stop`` is set; a failed pass is retried."""
     while not stop.is_set():
         try:
             reconcile_once(
-                sessions, broker, older_than, held_recheck, confirmation, max_dead_letters
+                sessions, broker, older_than, held_recheck, confirmation, max_dead_letters, lease
             )
         except Exception as exc:  # the database may be briefly away: try again next tick
             log.warning("reconciler_pass_failed", error=type(exc).__name__)

@@ -96,6 +96,7 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
             timedelta(seconds=settings.held_recheck),
             ConfirmationPolicy.from_settings(settings),
             settings.max_dead_letters,
+            timedelta(seconds=settings.delivery_lease_seconds),
         ),
         name="reconciler",
         daemon=True,

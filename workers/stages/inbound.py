@@ -9,26 +9,35 @@ second run finds it done and does nothing):
   failing (:mod:`workers.mp.health`);
 - a delay, a relay's confirmation or an automatic reply is recorded on the letter;
 - a reply is recorded on the letter and, for a relayed letter, queued to be forwarded to the
-  supporter (at most ``forwards_per_letter``), its text kept only until it is forwarded.
+  supporter (at most ``forwards_per_letter``, once per ``Message-ID``), its text kept only until
+  it is forwarded. A reply that does not plausibly come from the MP's office
+  (:func:`workers.inbound.classify.reply_origin`) is held for an operator instead, its text
+  kept until it is released or dropped.
+
+Only the return address (``b-``) takes delivery reports: one sent to the reply address, by
+whoever knows it, acts on nothing.
 
 Anything it cannot tie to a letter it sent (forged or unknown token, a notice's bounce, a
 returned message that is not the letter its address names, a loop, broken MIME) is dropped with
-the reason recorded. The raw message is deleted once acted on.
+the reason recorded. The raw message is deleted once acted on. A message whose processing
+raises ``max_attempts`` times is failed with the reason, and not tried again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from schemas.submission import stored_email
+from workers.database.engine import session_scope
 from workers.database.models import (
     Delivery,
     DeliveryStatus,
@@ -43,7 +52,7 @@ from workers.database.models import (
 )
 from workers.database.transitions import AlreadyMoved, At, advance, rowcount
 from workers.inbound.addresses import ReturnAddresses
-from workers.inbound.classify import Classification, classify
+from workers.inbound.classify import Classification, classify, parse, reply_origin
 from workers.inbound.mailgun import event_classification
 from workers.mp import health
 
@@ -56,14 +65,20 @@ class InboundPolicy:
     failing_window: timedelta = timedelta(hours=24)
     forwards_per_letter: int = 5
     sandbox_address: str = "sandbox@localhost"
+    # Our relay's authserv-ids: only its Authentication-Results are believed.
+    authserv_ids: frozenset[str] = field(default_factory=frozenset)
+    max_attempts: int = 3
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InboundPolicy:
+        ids = (settings.inbound_authserv_id or "").split(",")
         return cls(
             failing_after=settings.failing_after_bounces,
             failing_window=timedelta(hours=settings.failing_window_hours),
             forwards_per_letter=settings.forwards_per_letter,
             sandbox_address=settings.sandbox_address,
+            authserv_ids=frozenset(i.strip().lower() for i in ids if i.strip()),
+            max_attempts=settings.max_dead_letters,
         )
 
 
@@ -139,6 +154,9 @@ def _decide(
         submission_id, purpose = token.object_id, token.purpose
     if not found.acts:
         return _drop(found.kind, found.diagnostic or found.kind, submission_id)
+    if purpose == "r" and found.kind in ("bounce", "delay", "delivered"):
+        # Mail systems report to the envelope sender (b-); to the reply address, anyone can.
+        return _drop(found.kind, "a delivery report sent to the reply address", submission_id)
     if submission_id is None:
         return _drop(found.kind, "names no letter")
     letter = session.execute(
@@ -176,19 +194,63 @@ def _decide(
             "bounce", found.status, _bounced(session, submission_id, letter, found, row.id, policy)
         )
     # A person's reply.
-    session.add(LetterEvent(kind="reply", **event))
     if purpose != "r":
+        session.add(LetterEvent(kind="reply", **event))
         return acted("reply", "to the return address: not forwarded")
+    doubt = reply_origin(row.raw or b"", letter.to_email, set(policy.authserv_ids))
+    if doubt is not None:
+        log.warning("reply_held", inbound_id=row.id, submission_id=submission_id)
+        return Outcome(InboundStatus.HELD, "reply", f"held: {doubt}", submission_id, True)
+    session.add(LetterEvent(kind="reply", **event))
+    reason, queued = _forward(session, submission_id, row.id, row.raw, letter.payload, policy)
+    return acted("reply", reason, queued)
+
+
+def _forward(
+    session: Session,
+    submission_id: str,
+    inbound_id: str,
+    raw: bytes | None,
+    payload: Any,
+    policy: InboundPolicy,
+) -> tuple[str | None, list[str]]:
+    """Queue a reply's forward: once per Message-ID, at most ``forwards_per_letter`` per letter,
+    decided one transaction at a time per letter. (Why not, and) the notices queued. Called
+    with a write pending (the reply's event): on SQLite that write takes the one write lock."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            select(Letter.submission_id)
+            .where(Letter.submission_id == submission_id)
+            .with_for_update()
+        )
+    else:
+        session.flush()
+    if stored_email(payload) is None:
+        return "supporter erased: not forwarded", []
+    key = _forward_key(raw, inbound_id)
+    if session.scalar(
+        select(Notice.id).where(Notice.submission_id == submission_id, Notice.key == key)
+    ):
+        return "the same reply was forwarded already: not forwarded", []
     forwards = session.scalar(
         select(func.count()).where(Notice.submission_id == submission_id, Notice.kind == "forward")
     )
     if (forwards or 0) >= policy.forwards_per_letter:
-        return acted("reply", "forward cap reached: not forwarded")
-    if stored_email(letter.payload) is None:
-        return acted("reply", "supporter erased: not forwarded")
-    return acted(
-        "reply", None, _queue(session, submission_id, f"forward:{row.id}", "forward", row.id)
-    )
+        return "forward cap reached: not forwarded", []
+    return None, _queue(session, submission_id, key, "forward", inbound_id)
+
+
+def _forward_key(raw: bytes | None, inbound_id: str) -> str:
+    """A forward's notice key: the reply's Message-ID (hashed), so that the same reply come
+    again (an MTA's retry, in another SMTP session) is forwarded once; without one, the
+    inbound message's id."""
+    try:
+        message_id = " ".join(str(parse(raw or b"").get("Message-ID") or "").split())
+    except Exception:  # hostile MIME: no Message-ID to go by
+        message_id = ""
+    if not message_id:
+        return f"forward:{inbound_id}"
+    return "forward:" + hashlib.sha256(message_id.encode("utf-8", "replace")).hexdigest()[:32]
 
 
 def _bounced(
@@ -237,3 +299,117 @@ def _queue(
     session.add(notice)
     session.flush()
     return [notice.id]
+
+
+def process_counted(
+    sessions: sessionmaker[Session],
+    inbound_id: str,
+    returns: ReturnAddresses,
+    policy: InboundPolicy,
+) -> list[str]:
+    """:func:`process` in a transaction of its own; an attempt that raises is counted, and the
+    ``max_attempts``-th leaves the message failed with the reason (the reconciler resends only
+    what is still ``received``). Raises for the actor's retry until then."""
+    try:
+        with session_scope(sessions) as session:
+            return process(session, inbound_id, returns, policy)
+    except AlreadyMoved:
+        raise
+    except Exception as exc:
+        with session_scope(sessions) as session:
+            failed = note_failure(session, inbound_id, exc, policy.max_attempts)
+        if not failed:
+            raise
+        log.error("inbound_failed", inbound_id=inbound_id, error=type(exc).__name__)
+        return []
+
+
+def note_failure(session: Session, inbound_id: str, error: BaseException, limit: int) -> bool:
+    """One more attempt that raised; at ``limit`` the message is failed, its reason recorded
+    and its text deleted. True when it was failed now."""
+    attempts = session.scalar(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id, InboundMessage.status == InboundStatus.RECEIVED)
+        .values(attempts=InboundMessage.attempts + 1)
+        .returning(InboundMessage.attempts)
+        .execution_options(synchronize_session=False)
+    )
+    if attempts is None or attempts < limit:
+        return False
+    session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id)
+        .values(
+            status=InboundStatus.FAILED.value,
+            reason=f"gave up after {attempts} attempts: {type(error).__name__}: {error}"[:500],
+            processed_at=utcnow(),
+            raw=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return True
+
+
+def held(session: Session) -> list[InboundMessage]:
+    """Replies held for an operator, oldest first."""
+    return list(
+        session.scalars(
+            select(InboundMessage)
+            .where(InboundMessage.status == InboundStatus.HELD)
+            .order_by(InboundMessage.received_at)
+        )
+    )
+
+
+def _settle(session: Session, inbound_id: str, status: InboundStatus, reason: str) -> bool:
+    """Move a held reply on (guarded: of two operators, one does it)."""
+    moved = session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id, InboundMessage.status == InboundStatus.HELD)
+        .values(status=status.value, reason=reason, processed_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(moved) == 1
+
+
+def release(session: Session, inbound_id: str, policy: InboundPolicy) -> Outcome | None:
+    """An operator vouches for a held reply: it is recorded and forwarded like any reply (once
+    per Message-ID, within the cap). None if no reply with that id is held."""
+    row = session.get(InboundMessage, inbound_id)
+    if row is None or row.status != InboundStatus.HELD or row.submission_id is None:
+        return None
+    submission_id, raw = row.submission_id, row.raw
+    submission = session.get(Submission, submission_id)
+    if submission is None or not _settle(
+        session, inbound_id, InboundStatus.DONE, "released by an operator"
+    ):
+        return None
+    payload = submission.payload
+    session.add(
+        LetterEvent(kind="reply", submission_id=submission_id, inbound_id=inbound_id, at=utcnow())
+    )
+    reason, queued = _forward(session, submission_id, inbound_id, raw, payload, policy)
+    reason = reason or "released by an operator"
+    session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id)
+        .values(reason=reason, raw=InboundMessage.raw if queued else None)
+        .execution_options(synchronize_session=False)
+    )
+    log.info("reply_released", inbound_id=inbound_id, forwarded=bool(queued))
+    return Outcome(InboundStatus.DONE, "reply", reason, submission_id, bool(queued), tuple(queued))
+
+
+def drop(session: Session, inbound_id: str) -> bool:
+    """An operator drops a held reply: its text is deleted, nothing is recorded on the letter.
+    False if no reply with that id is held."""
+    if not _settle(session, inbound_id, InboundStatus.DROPPED, "dropped by an operator"):
+        return False
+    session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id)
+        .values(raw=None)
+        .execution_options(synchronize_session=False)
+    )
+    log.info("reply_dropped", inbound_id=inbound_id)
+    return True

@@ -3,7 +3,9 @@
 Like a letter's delivery: the notice row is claimed (``sending``) and committed before the mail
 server is asked, and marked ``sent`` in its own commit the moment it answers. A claim older than
 the lease (a worker that died mid-send) is taken over and the same bytes go again, with the same
-Message-ID. A forwarded reply's text is deleted in the commit that marks it sent.
+Message-ID. A forwarded reply's text is deleted in the commit that marks it sent. An attempt that
+raises (writing the notice or sending it, for a reason other than the mail server's answer) is
+counted: the ``max_failures``-th leaves the notice ``failed`` with the reason, never resent.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ log = structlog.get_logger(__name__)
 class NoticePolicy:
     public_url: str = "http://127.0.0.1:8000"
     lease_seconds: int = 300
-    max_attempts: int = 10
+    max_attempts: int = 10  # claims, the mail server's passing refusals among them
+    max_failures: int = 3  # attempts that raised otherwise (DEARMP_MAX_DEAD_LETTERS)
 
 
 def _claim(session: Session, notice_id: str, lease_seconds: int) -> bool:
@@ -146,18 +149,28 @@ def send_notice(
         notice = session.get(Notice, notice_id)
         if notice is None or notice.status not in (NoticeStatus.PENDING, NoticeStatus.SENDING):
             return
+        broken: Exception | None = None
         try:
-            mail = _compose(session, notice, returns, signer, policy)
+            mail: Outgoing | str = _compose(session, notice, returns, signer, policy)
         except ValueError as exc:  # an address the email package will not write
             mail = f"cannot be written as email: {exc}"[:500]
+        except Exception as exc:  # nobody foresaw it: counted, like a failed send
+            broken, mail = exc, ""
         if not _claim(session, notice_id, policy.lease_seconds):
             return  # sent, or held by a live claim
-        if isinstance(mail, str):
+        kind, inbound_id, attempts = notice.kind, notice.inbound_id, notice.attempts + 1
+        if broken is None and isinstance(mail, str):
             _mark(session, notice_id, NoticeStatus.SKIPPED, mail)
             _forget_reply(session, notice)
             log.info("notice_skipped", notice_id=notice_id, kind=notice.kind, reason=mail)
             return
-        kind, inbound_id, attempts = notice.kind, notice.inbound_id, notice.attempts + 1
+        if broken is not None:
+            _count_failure(session, notice_id, kind, broken, attempts, policy)
+    if broken is not None:
+        if attempts < policy.max_failures:
+            raise broken
+        return
+    assert not isinstance(mail, str)
     # No transaction is open while the mail server answers.
     try:
         mailer.send(mail)
@@ -170,11 +183,35 @@ def send_notice(
         if not give_up:
             raise
         return
+    except Exception as exc:
+        with session_scope(sessions) as session:
+            _count_failure(session, notice_id, kind, exc, attempts, policy)
+        if attempts < policy.max_failures:
+            raise
+        return
     with session_scope(sessions) as session:
         _mark(session, notice_id, NoticeStatus.SENT)
         if inbound_id is not None and kind == "forward":
             _clear_raw(session, inbound_id)
     log.info("notice_sent", notice_id=notice_id, kind=kind)
+
+
+def _count_failure(
+    session: Session,
+    notice_id: str,
+    kind: str,
+    error: Exception,
+    attempts: int,
+    policy: NoticePolicy,
+) -> None:
+    """An attempt that raised: pending again with the reason, or failed for good at the
+    limit."""
+    final = attempts >= policy.max_failures
+    reason = f"{type(error).__name__}: {error}"[:500]
+    _mark(session, notice_id, NoticeStatus.FAILED if final else NoticeStatus.PENDING, reason)
+    log.warning(
+        "notice_failed", notice_id=notice_id, kind=kind, final=final, error=type(error).__name__
+    )
 
 
 def _forget_reply(session: Session, notice: Notice) -> None:

@@ -1,4 +1,4 @@
-"""inbound replies: held and forwarded once (placeholder, filled by the change that needs it)
+"""inbound replies: how many times processing an inbound message raised (given up at a limit)
 
 Revision ID: 0012
 Revises: 0011
@@ -7,6 +7,9 @@ Create Date: 2026-12-06 06:00:00
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
+from alembic import op
+
 revision: str = "0012"
 down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
@@ -14,8 +17,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    pass
+    with op.batch_alter_table("inbound_messages", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("attempts", sa.Integer(), server_default="0", nullable=False))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table("inbound_messages", schema=None) as batch_op:
+        batch_op.drop_column("attempts")

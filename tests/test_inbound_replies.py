@@ -1,0 +1,489 @@
+"""What comes back to a letter cannot be turned against its supporter: replies not plausibly
+from the MP's office are held for an operator, a reply is forwarded once however often it
+arrives and never past the cap (under concurrency too), a message or notice that always raises
+ends, an office's acknowledgement is not a reply, only a mail system's report to the return
+address returns a letter, a notice's lease is the configured one, and a resent letter is a new
+message. Each test runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select, update
+
+from tests import mail_samples as samples
+from tests.conftest import drain, make_settings
+from tests.test_after_sent import (
+    BOUNCES,
+    REPLIES,
+    SUPPORTER,
+    bounce_of,
+    deliver,
+    events,
+    inbound_row,
+    letter_of,
+    outbox,
+    receive,
+    relay,
+)
+from workers.cli import main
+from workers.database.engine import session_scope
+from workers.database.models import AddressHealth, Notice, Submission, utcnow
+from workers.inbound.classify import acknowledgement, classify, reply_origin
+from workers.inbound.store import store
+from workers.letters.outcomes import report, resend_bounced
+from workers.pipeline.app import App, set_app
+from workers.pipeline.dispatch import dispatch_groups
+from workers.pipeline.reconciler import find_after_sent, reconcile_once
+from workers.pipeline.runtime import prepare, state_counts
+from workers.stages import inbound, notices, survey
+from workers.stages.stage import Stage
+
+MP = "jane.smith.mp@parliament.example"
+
+
+@pytest.fixture
+def app(db_url: str, tmp_path: Path) -> Iterator[App]:
+    """The App with a bounce and a reply domain, a DKIM key, and a notice lease of a minute."""
+    from tests.services import dkim_keys
+
+    application = App.from_settings(
+        make_settings(
+            tmp_path,
+            database_url=db_url,
+            bounce_domain=BOUNCES,
+            reply_domain=REPLIES,
+            dkim_private_key=dkim_keys()[0].decode(),
+            dkim_selector="dearmp",
+            delivery_lease_seconds=60,
+        )
+    )
+    prepare(application)
+    set_app(application)
+    yield application
+    set_app(None)
+    application.engine.dispose()
+
+
+def relayed_letter(app: App, broker: Any, worker: dramatiq.Worker) -> tuple[str, Any, str]:
+    relay(app)
+    [sid] = deliver(app, broker, worker)
+    letter = letter_of(app, sid)
+    assert letter.reply_to is not None
+    return sid, letter, letter.reply_to
+
+
+def phishing(
+    to: str, sender: str = '"Jane Smith MP" <jane.smith@parliament-office.example>'
+) -> bytes:
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nReply-To: <refunds@collect.example>\r\n"
+        "Subject: RE: Please act\r\nMessage-ID: <phish-1@collect.example>\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        "Your campaign donation failed: confirm your card at https://collect.example/pay\r\n"
+    ).encode()
+
+
+# -- 3. the reply relay is not a phishing channel --------------------------------------------
+
+
+def test_a_reply_not_from_the_mps_domain_is_held_for_an_operator_who_releases_or_drops_it(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    sid, _, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    first = receive(app, stub_broker, stub_worker, reply_to, phishing(reply_to))
+    second = receive(
+        app, stub_broker, stub_worker, reply_to, phishing(reply_to).replace(b"phish-1", b"phish-2")
+    )
+    assert outbox(app) == []  # nothing reached the supporter
+    assert events(app, sid) == []  # and nothing counts as the MP's reply
+    row = inbound_row(app, first)
+    assert row.status == "held" and row.raw is not None
+    assert row.reason == "held: the sender is not on the MP's domain"
+    runner = CliRunner()
+    listed = runner.invoke(main, ["replies", "held"])
+    assert listed.exit_code == 0 and first in listed.stdout and second in listed.stdout
+    assert len(json.loads(runner.invoke(main, ["replies", "held", "--json"]).stdout)) == 2
+
+    released = runner.invoke(main, ["replies", "release", first])
+    assert released.exit_code == 0, released.output
+    assert "forwarding it to the supporter" in released.stdout
+    drain(stub_broker, stub_worker)
+    [forward] = outbox(app)
+    assert forward["To"] == SUPPORTER
+    assert events(app, sid) == [("reply", None)]
+    assert runner.invoke(main, ["replies", "release", first]).exit_code == 1  # once
+
+    dropped = runner.invoke(main, ["replies", "drop", second])
+    assert dropped.exit_code == 0 and "dropped" in dropped.stdout
+    assert inbound_row(app, second).status == "dropped" and inbound_row(app, second).raw is None
+    for command in ("release", "drop"):
+        unknown = runner.invoke(main, ["replies", command, "no-such-id"])
+        assert unknown.exit_code == 1 and "no held reply" in unknown.output
+    assert "no replies held" in runner.invoke(main, ["replies", "held"]).stdout
+    assert len(outbox(app)) == 1
+
+
+def test_erasure_removes_a_held_replys_text(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from workers.privacy.rights import erase_supporter
+
+    _, _, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    held = receive(app, stub_broker, stub_worker, reply_to, phishing(reply_to))
+    assert inbound_row(app, held).raw is not None
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, SUPPORTER, app.settings.resolved_outbox_dir)
+    assert inbound_row(app, held).raw is None
+
+
+def authenticated(sender: str, *results: str) -> bytes:
+    """A reply from ``sender`` with Authentication-Results headers, topmost first."""
+    headers = "".join(f"Authentication-Results: {r}\r\n" for r in results)
+    return (
+        f"{headers}Received: from mail.parliament.example by mx.campaign.example.org\r\n"
+        f"From: Jane Smith MP <{sender}>\r\nTo: r-x@{REPLIES}\r\nSubject: Re: Please act\r\n"
+        "Message-ID: <a@parliament.example>\r\n\r\nThank you for writing.\r\n"
+    ).encode()
+
+
+def test_only_the_relays_own_authentication_results_vouch_for_a_reply() -> None:
+    ours = {"mx.campaign.example.org"}
+    good = (
+        "mx.campaign.example.org; dkim=pass header.d=parliament.example;"
+        " dmarc=pass (p=reject) header.from=parliament.example"
+    )
+    forged = "mx.campaign.example.org; dmarc=pass header.from=parliament.example"
+    failed = (
+        "mx.campaign.example.org; dkim=fail header.d=parliament.example;"
+        " dmarc=fail header.from=parliament.example"
+    )
+    theirs = "mail.collect.example; dmarc=pass header.from=parliament.example"
+    # Without a relay configured, the sender's domain is all there is to go by.
+    assert reply_origin(authenticated(MP), MP, set()) is None
+    assert reply_origin(authenticated("office@mail.parliament.example"), MP, set()) is None
+    assert reply_origin(authenticated("jane@parliament.example.net"), MP, set()) is not None
+    assert reply_origin(authenticated("jane@example"), MP, set()) is not None
+    # A display name holding another address: every address must be on the MP's domain.
+    trick = phishing("r-x@" + REPLIES, f'"{MP}" <refunds@collect.example>')
+    assert reply_origin(trick, MP, set()) is not None
+    trick = phishing("r-x@" + REPLIES, f'"refunds@collect.example" <{MP}>')
+    assert reply_origin(trick, MP, set()) is not None
+    # With our relay's authserv-id, its own topmost header must show a pass for the domain.
+    assert reply_origin(authenticated(MP, good), MP, ours) is None
+    assert reply_origin(authenticated(MP), MP, ours) is not None
+    assert reply_origin(authenticated(MP, theirs), MP, ours) is not None  # anyone can write one
+    assert reply_origin(authenticated(MP, failed, forged), MP, ours) is not None  # below ours
+    assert reply_origin(authenticated("x@collect.example", good), MP, ours) is not None
+
+
+def test_with_the_relay_configured_a_reply_it_did_not_vouch_for_is_held(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    app.settings.inbound_authserv_id = "mx.campaign.example.org"
+    sid, letter, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    domain = letter.to_email.rsplit("@", 1)[1]
+    raw = samples.human_reply(letter.message_id, letter.to_email, reply_to)
+    spoofed = receive(app, stub_broker, stub_worker, reply_to, raw)
+    assert inbound_row(app, spoofed).status == "held"
+    vouched = (
+        f"Authentication-Results: mx.campaign.example.org; dmarc=pass header.from={domain}\r\n"
+    )
+    genuine = receive(
+        app,
+        stub_broker,
+        stub_worker,
+        reply_to,
+        vouched.encode() + raw.replace(b"<reply-", b"<reply-genuine-"),
+    )
+    assert inbound_row(app, genuine).status == "done"
+    assert len(outbox(app)) == 1 and events(app, sid) == [("reply", None)]
+
+
+# -- 5. once per Message-ID, and a cap that holds under concurrency ----------------------------
+
+
+def test_the_same_reply_arriving_in_two_smtp_sessions_is_forwarded_once(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    _, letter, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    raw = samples.human_reply(letter.message_id, letter.to_email, reply_to)
+    receive(app, stub_broker, stub_worker, reply_to, raw)
+    again = receive(app, stub_broker, stub_worker, reply_to, b"Received: a retry\r\n" + raw)
+    assert len(outbox(app)) == 1
+    assert inbound_row(app, again).reason == "the same reply was forwarded already: not forwarded"
+
+
+def _at_once(app: App, ids: list[str]) -> None:
+    """Each stored message processed by a thread of its own, all starting together."""
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    start = threading.Barrier(len(ids))
+    errors: list[BaseException] = []
+
+    def work(inbound_id: str) -> None:
+        start.wait()
+        try:
+            inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def _forwards(app: App, sid: str) -> int:
+    with session_scope(app.sessions) as session:
+        count = session.scalar(
+            select(func.count()).where(Notice.submission_id == sid, Notice.kind == "forward")
+        )
+    return int(count or 0)
+
+
+def test_the_forward_cap_and_once_per_message_id_hold_under_concurrent_replies(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    sid, letter, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    cap = app.settings.forwards_per_letter
+    raws = [
+        samples.human_reply(letter.message_id, letter.to_email, reply_to, f"reply {n}")
+        for n in range(cap + 11)
+    ]
+    ids = [store(app.sessions, "smtp", [reply_to], raw)[0] for raw in raws]
+    _at_once(app, ids)
+    assert _forwards(app, sid) == cap
+    # One reply, stored by six SMTP sessions at once (an MTA's retries), on another letter.
+    other, letter, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    raw = samples.human_reply(letter.message_id, letter.to_email, reply_to, "once")
+    _at_once(app, [store(app.sessions, "smtp", [reply_to], raw)[0] for _ in range(6)])
+    assert _forwards(app, other) == 1
+
+
+# -- 6. what always raises ends ----------------------------------------------------------------
+
+
+def test_a_notice_that_always_raises_fails_after_max_dead_letters_and_is_not_resent(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.letters import notices as writing
+
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise LookupError("unknown encoding: x-no-such")
+
+    monkeypatch.setattr(writing, "bounce_notice", unreadable)
+    [sid] = deliver(app, stub_broker, stub_worker)
+    rcpt, raw = bounce_of(app, sid)
+    [inbound_id] = store(app.sessions, "smtp", [rcpt], raw)
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    [notice_id] = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+    sending = notices.NoticePolicy(
+        lease_seconds=app.settings.delivery_lease_seconds,
+        max_failures=app.settings.max_dead_letters,
+    )
+    for _ in range(app.settings.max_dead_letters - 1):
+        with pytest.raises(LookupError):
+            notices.send_notice(
+                app.sessions, notice_id, app.mailer, app.returns, app.signer, sending
+            )
+        with session_scope(app.sessions) as session:
+            assert [n for n, _ in find_after_sent(session, timedelta(0))] == [notice_id]
+    notices.send_notice(app.sessions, notice_id, app.mailer, app.returns, app.signer, sending)
+    with session_scope(app.sessions) as session:
+        notice = session.get(Notice, notice_id)
+        assert notice is not None and notice.status == "failed"
+        assert notice.error == "LookupError: unknown encoding: x-no-such"
+        assert find_after_sent(session, timedelta(0)) == []  # never resent
+    assert reconcile_once(app.sessions, stub_broker, timedelta(0)) == 0
+    assert outbox(app) == []
+
+
+def test_an_inbound_message_that_always_raises_fails_after_max_dead_letters(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(raw: bytes) -> Any:
+        raise LookupError("unknown encoding: unknown-8bit")
+
+    monkeypatch.setattr(inbound, "classify", unreadable)
+    [sid] = deliver(app, stub_broker, stub_worker)
+    [inbound_id] = store(app.sessions, "smtp", [bounce_of(app, sid)[0]], b"Subject: x\r\n\r\n")
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    for _ in range(app.settings.max_dead_letters - 1):
+        with pytest.raises(LookupError):
+            inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+        assert inbound_row(app, inbound_id).status == "received"
+    assert inbound.process_counted(app.sessions, inbound_id, app.returns, policy) == []
+    row = inbound_row(app, inbound_id)
+    assert (row.status, row.attempts, row.raw) == ("failed", app.settings.max_dead_letters, None)
+    assert row.reason == "gave up after 3 attempts: LookupError: unknown encoding: unknown-8bit"
+    assert reconcile_once(app.sessions, stub_broker, timedelta(0)) == 0
+    assert state_counts(app, [sid]) == {"delivered": 1}
+
+
+# -- 13. an office's acknowledgement is not a reply ----------------------------------------------
+
+ACKNOWLEDGEMENTS = [
+    "Thank you for contacting the office of Jane Smith MP. This email is to confirm that we "
+    "have received your message. Due to the high volume of correspondence we receive, we aim "
+    "to respond within 15 working days. Please note that Jane can only act on behalf of her "
+    "constituents; if you have not done so already, please reply with your full postal address.",
+    "Thank you for your email to Sir Alex Rivers MP. Your email has been received and will be "
+    "dealt with as soon as possible. If your matter is urgent, please call 020 7219 0000.",
+    "Thank you for getting in touch. This is an automated response: the office receives a large "
+    "number of emails and we will reply to constituents in turn.",
+    "Dear constituent,\nThanks for your email. Please do not reply to this email.\nThe office",
+]
+REPLIES_THAT_THANK = [
+    "Dear Sam,\nThank you for contacting me about the detention of political prisoners. I share "
+    "your concern and have written to the Foreign Secretary. I will let you know when I receive "
+    "a response.\nKind regards,\nJane Smith MP",
+    "Dear Sam,\nThank you for your email. I have received your letter and raised the case with "
+    "the minister this morning; I will write again as soon as I hear back.\nJane",
+    "Thank you for contacting the office of Jane Smith MP about this case. Jane has asked me to "
+    "reply on her behalf: she met the ambassador last week and pressed for the release.\n"
+    "Caseworker to Jane Smith MP",
+]
+
+
+def _office_mail(words: str) -> bytes:
+    quoted = "\r\n\r\nOn Wed, 2 Dec 2026, Campaign wrote:\r\n> We have received your email\r\n"
+    return (
+        f"From: Office of Jane Smith MP <{MP}>\r\nTo: b-x@{BOUNCES}\r\nSubject: RE: Please act\r\n"
+        "Message-ID: <m@parliament.example>\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        + words.replace("\n", "\r\n")
+        + quoted
+    ).encode()
+
+
+@pytest.mark.parametrize("words", ACKNOWLEDGEMENTS)
+def test_an_office_acknowledgement_without_automatic_headers_is_an_automatic_reply(
+    words: str,
+) -> None:
+    assert acknowledgement(" ".join(words.split()))
+    assert classify(_office_mail(words)).kind == "auto_reply"
+
+
+@pytest.mark.parametrize("words", REPLIES_THAT_THANK)
+def test_a_persons_reply_that_thanks_the_constituent_is_still_a_reply(words: str) -> None:
+    assert classify(_office_mail(words)).kind == "reply"
+
+
+def test_an_acknowledgement_does_not_stop_the_survey(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    [sid] = deliver(app, stub_broker, stub_worker)
+    rcpt = app.returns.bounce(sid)
+    assert rcpt is not None
+    receive(app, stub_broker, stub_worker, rcpt, _office_mail(ACKNOWLEDGEMENTS[0]))
+    assert events(app, sid) == [("auto_reply", None)]
+    with session_scope(app.sessions) as session:
+        from workers.database.models import Delivery
+
+        session.execute(update(Delivery).values(sent_at=utcnow() - timedelta(days=15)))
+    with session_scope(app.sessions) as session:
+        assert len(survey.due(session)) == 1
+
+
+# -- 14. a person's "Undeliverable" returns nothing ---------------------------------------------
+
+
+def _handwritten_undeliverable(to: str) -> bytes:
+    return (
+        f"From: A Stranger <someone@stranger.example>\r\nTo: {to}\r\n"
+        "Subject: Undeliverable: Please act\r\nMessage-ID: <u@stranger.example>\r\n\r\n"
+        "Delivery has failed to these recipients:\r\n\r\n"
+        "Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'\r\n"
+    ).encode()
+
+
+def test_a_handwritten_undeliverable_returns_no_letter_and_marks_no_address_failing(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    relay(app)
+    ids = deliver(app, stub_broker, stub_worker, n=app.settings.failing_after_bounces)
+    for sid in ids:
+        letter = letter_of(app, sid)
+        assert letter.reply_to is not None
+        receive(app, stub_broker, stub_worker, letter.reply_to, _handwritten_undeliverable(MP))
+        rcpt = app.returns.bounce(sid)
+        assert rcpt is not None
+        receive(app, stub_broker, stub_worker, rcpt, _handwritten_undeliverable(rcpt))
+        # A genuine-looking delivery report, sent by whoever knows the reply address.
+        report_raw = samples.postfix_dsn(letter.message_id, letter.to_email, letter.reply_to)
+        dropped = receive(app, stub_broker, stub_worker, letter.reply_to, report_raw)
+        assert inbound_row(app, dropped).reason == "a delivery report sent to the reply address"
+    assert state_counts(app, ids) == {"delivered": len(ids)}
+    assert all("bounce" not in [k for k, _ in events(app, sid)] for sid in ids)
+    with session_scope(app.sessions) as session:
+        assert session.scalars(select(AddressHealth)).all() == []
+    assert classify(_handwritten_undeliverable(MP)).kind == "reply"
+
+
+# -- 16. a notice's lease is DEARMP_DELIVERY_LEASE_SECONDS --------------------------------------
+
+
+def test_a_notice_whose_sender_died_is_taken_over_after_the_configured_lease(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    [sid] = deliver(app, stub_broker, stub_worker)
+    receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
+    with session_scope(app.sessions) as session:
+        notice = session.scalars(select(Notice)).one()
+        assert notice.status == "sent"
+        # Its worker was killed two minutes into sending: past the 60 s lease, within 300 s.
+        notice.status, notice.claimed_at = "sending", utcnow() - timedelta(minutes=2)
+        notice.dispatched_at = utcnow() - timedelta(minutes=2)
+    result = CliRunner().invoke(main, ["reconcile", "--once"])
+    assert result.exit_code == 0 and "resent 1" in result.stdout, result.output
+    drain(stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        assert session.scalars(select(Notice.status)).one() == "sent"
+
+
+# -- 17. a resent letter is a new message -------------------------------------------------------
+
+
+def test_a_resent_letter_is_a_new_signed_message_a_late_report_on_the_old_one_cannot_return(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    import dkim
+
+    from tests.services import dkim_dns
+
+    [sid] = deliver(app, stub_broker, stub_worker)
+    old = letter_of(app, sid)
+    late = samples.postfix_dsn(old.message_id, old.to_email, app.returns.bounce(sid) or "")
+    receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
+    assert state_counts(app, [sid]) == {"bounced": 1}
+    with session_scope(app.sessions) as session:
+        member_id = session.scalar(select(Submission.member_id).where(Submission.id == sid))
+        assert member_id is not None
+        resend_bounced(session, member_id, "new.office@parliament.example", signer=app.signer)
+    dispatch_groups(stub_broker, {Stage.RENDER: [sid]})
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [sid]) == {"delivered": 1}
+    new = letter_of(app, sid)
+    assert new.to_email == "new.office@parliament.example"
+    assert new.message_id != old.message_id and new.dkim_signature != old.dkim_signature
+    [sent] = outbox(app, sid)
+    assert sent["Message-ID"].strip() == new.message_id and sent["To"].endswith(
+        "<new.office@parliament.example>"
+    )
+    assert dkim.verify(sent.as_bytes(), dnsfunc=dkim_dns)
+    # The old address's server reports on the returned letter again, late.
+    dropped = receive(app, stub_broker, stub_worker, app.returns.bounce(sid) or "", late)
+    assert inbound_row(app, dropped).status == "dropped"
+    assert state_counts(app, [sid]) == {"delivered": 1}
+    with session_scope(app.sessions) as session:
+        [total, _] = sorted(report(session), key=lambda r: r.member_id is not None)
+    assert (total.delivered, total.bounced) == (1, 0)
