@@ -17,6 +17,7 @@ from pathlib import Path
 import dkim
 import pytest
 import redis
+import trustme
 from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import func, select
 
@@ -256,3 +257,70 @@ def test_sessions_the_relay_timed_out_are_replaced_without_an_error(run: Run) ->
     run.arrived_once(first + second)
     assert run.most_attempts(first + second) == 1
     assert '"level": "error"' not in run.stack.log_text()
+
+
+def test_a_per_client_connection_limit_is_met_with_a_few_refused_connections(run: Run) -> None:
+    """Two worker processes, a relay that allows 2 connections: the process left with none
+    open holds its new connections (1 s, doubling) and one thread tries, instead of every
+    letter trying and being deferred (1,042 refused connections for 1,200 letters before)."""
+    run.relay.configure(smtpd_client_connection_count_limit="2")
+    ids = run.submit(120)
+    run.start(DEARMP_HANDOFF_LINGER_MS="0")
+    assert run.final(ids, timeout=240) == {"delivered": 120}, run.logs()
+    run.arrived_once(ids)
+    assert run.most_attempts(ids) == 1
+    refused = run.relay.count("Connection concurrency limit exceeded")
+    print(f"120 letters, 2 processes x 4 threads, 2 connections allowed: {refused} refused")
+    assert 1 <= refused <= 20, run.logs()
+
+
+def test_a_451_to_some_letters_keeps_the_sessions_open(run: Run) -> None:
+    """One MP of six answered 451 at RCPT, again and again: each refusal resets its session
+    (RSET) and the session carries on, so the relay sees a session per thread at most, not a
+    new connection (with its TLS and AUTH) per refusal."""
+    run.relay.rules(recipients={"alex.rivers.mp@mp.example.org": "451 4.3.0 <x>: Try again"})
+    run.relay.reload()
+    run.start(SMTP_CONNECTION_IDLE="60")
+    ids = run.submit(36)
+    delivered = [sid for i, sid in enumerate(ids) if i % 6 != 0]
+    assert wait_for(lambda: run.relay.count("451 4.3.0") >= 18, 90), run.logs()
+    assert wait_for(lambda: run.final(delivered).get("delivered") == 30, 60), run.logs()
+    run.arrived_once(delivered)
+    sessions = run.relay.count(" connect from ")
+    refusals = run.relay.count("451 4.3.0")
+    print(f"{refusals} refusals at RCPT over {sessions} sessions")
+    # 2 processes x SMTP_MAX_CONNECTIONS, and a few more if one is recycled meanwhile
+    assert sessions <= 10 and sessions < refusals, run.logs()
+    assert run.failures(ids) == {}
+
+
+def test_a_relay_certificate_our_ca_does_not_verify_pauses_delivery_and_health_says_so(
+    run: Run, tmp_path: Path
+) -> None:
+    """SMTP_CA_FILE names another CA: every handshake would fail the same way. Delivery
+    pauses after one failed handshake per process and pause, `dearmp health` names TLS
+    verification, and no letter is charged; with the right CA, every letter goes."""
+    other = trustme.CA()
+    other.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    run.start(SMTP_CA_FILE=str(tmp_path / "other-ca.pem"))
+    ids = run.submit(24)
+    assert wait_for(lambda: mail_pause(run.redis, "dearmp") is not None, 60), run.logs()
+    health = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "health"],
+        cwd=REPO,
+        env=run.stack.env,
+        capture_output=True,
+        text=True,
+    )
+    assert health.returncode != 0
+    assert "TLS verification of the mail server failed" in health.stderr, health.stderr
+    assert wait_for(lambda: run.relay.count("SSL_accept error") >= 2, 30), run.logs()
+    assert run.most_attempts(ids) == 0
+    handshakes = run.relay.count("SSL_accept error")
+    assert handshakes <= 6, run.logs()  # 2 processes; pauses of 3, 6, 12 s...
+    run.stack.stop()
+    run.stack.processes.clear()
+    run.start(SMTP_CA_FILE=str(run.relay.ca_file))
+    assert run.final(ids) == {"delivered": 24}, run.logs()
+    run.arrived_once(ids)
+    assert run.most_attempts(ids) == 1
