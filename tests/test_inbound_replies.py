@@ -40,6 +40,7 @@ from workers.database.models import AddressHealth, Notice, Submission, utcnow
 from workers.inbound.classify import acknowledgement, classify, reply_origin
 from workers.inbound.store import store
 from workers.letters.outcomes import report, resend_bounced
+from workers.mp import health
 from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
@@ -181,7 +182,9 @@ def test_only_the_relays_own_authentication_results_vouch_for_a_reply() -> None:
     assert reply_origin(authenticated(MP, good), MP, ours) is None
     assert reply_origin(authenticated(MP), MP, ours) is not None
     assert reply_origin(authenticated(MP, theirs), MP, ours) is not None  # anyone can write one
-    assert reply_origin(authenticated(MP, failed, forged), MP, ours) is not None  # below ours
+    # One the sender wrote with our id does not outvote the relay's, above or below it.
+    assert reply_origin(authenticated(MP, failed, forged), MP, ours) is not None
+    assert reply_origin(authenticated(MP, forged, failed), MP, ours) is not None
     assert reply_origin(authenticated("x@collect.example", good), MP, ours) is not None
 
 
@@ -487,3 +490,22 @@ def test_a_resent_letter_is_a_new_signed_message_a_late_report_on_the_old_one_ca
     with session_scope(app.sessions) as session:
         [total, _] = sorted(report(session), key=lambda r: r.member_id is not None)
     assert (total.delivered, total.bounced) == (1, 0)
+
+
+def test_returns_to_the_old_address_do_not_count_against_the_new_one(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    ids = deliver(app, stub_broker, stub_worker, n=app.settings.failing_after_bounces)
+    for sid in ids:
+        receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
+    with session_scope(app.sessions) as session:
+        member_id = session.scalar(select(Submission.member_id).where(Submission.id == ids[0]))
+        assert member_id is not None
+        resend_bounced(session, member_id, "new.office@parliament.example", signer=app.signer)
+    dispatch_groups(stub_broker, {Stage.RENDER: ids})
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, ids) == {"delivered": len(ids)}
+    receive(app, stub_broker, stub_worker, *bounce_of(app, ids[0]))  # one return, new address
+    assert state_counts(app, ids) == {"delivered": len(ids) - 1, "bounced": 1}
+    with session_scope(app.sessions) as session:
+        assert not health.is_failing(session, "new.office@parliament.example")

@@ -108,7 +108,11 @@ def _classify(message: Message) -> Classification:
         return plain
     if _automatic(message):
         return Classification("auto_reply", diagnostic=clean(_header(message, "Subject"), 120))
-    if acknowledgement(_own_words(message)):
+    try:
+        acknowledged = acknowledgement(_own_words(message))
+    except Exception:  # never a reason to lose a reply
+        acknowledged = False
+    if acknowledged:
         return Classification("auto_reply", diagnostic="an office's acknowledgement")
     return Classification("reply")
 
@@ -310,11 +314,11 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].strip().strip("<>").rstrip(".").lower()
 
 
-def _trusted_results(message: Message, authserv_ids: set[str]) -> list[tuple[str, str, str]]:
-    """(method, result, domain) of the topmost ``Authentication-Results`` header written by
-    our relay (its authserv-id is one of ``authserv_ids``); anyone else's are ignored, since
-    anyone can write one. The domain is the result's ``header.from``, ``header.d`` or
-    ``header.i``."""
+def _trusted_results(message: Message, authserv_ids: set[str]) -> list[list[tuple[str, str, str]]]:
+    """For each ``Authentication-Results`` header with our relay's authserv-id (one of
+    ``authserv_ids``), its (method, result, domain) results; anyone else's are ignored. The
+    domain is the result's ``header.from``, ``header.d`` or ``header.i``."""
+    headers: list[list[tuple[str, str, str]]] = []
     for value in message.get_all("Authentication-Results") or []:
         text = re.sub(r"\([^()]*\)", " ", str(value))  # comments (one level)
         serv, *resinfos = text.split(";")
@@ -330,8 +334,8 @@ def _trusted_results(message: Message, authserv_ids: set[str]) -> list[tuple[str
             found.append(
                 (result[1].lower(), result[2].lower(), _domain(domain[1]) if domain else "")
             )
-        return found
-    return []
+        headers.append(found)
+    return headers
 
 
 def reply_origin(raw: bytes, mp_address: str, authserv_ids: set[str]) -> str | None:
@@ -340,7 +344,10 @@ def reply_origin(raw: bytes, mp_address: str, authserv_ids: set[str]) -> str | N
     Every address in its ``From`` must be on the MP address's domain (each one: a display name
     holding another address is a trick, and parsers disagree on such headers). With our relay's
     authserv-id configured, its ``Authentication-Results`` must also show a DMARC pass for that
-    domain, or a DKIM pass by it: a ``From`` alone is only a claim.
+    domain, or a DKIM pass by it: a ``From`` alone is only a claim. Every header with that id
+    must show it, wherever the relay puts its own: the sender may have written one with our id
+    (the relay should remove those, RFC 8601 section 5), and one of ours that does not pass
+    is not outvoted.
     """
     try:
         message = parse(raw)
@@ -355,9 +362,12 @@ def reply_origin(raw: bytes, mp_address: str, authserv_ids: set[str]) -> str | N
         return "the sender is not on the MP's domain"
     if not authserv_ids:
         return None
-    results = _trusted_results(message, {i.lower() for i in authserv_ids})
-    passed = any(
-        method in ("dmarc", "dkim") and result == "pass" and _aligned(domain, mp_domain)
-        for method, result, domain in results
+    headers = _trusted_results(message, {i.lower() for i in authserv_ids})
+    passed = bool(headers) and all(
+        any(
+            method in ("dmarc", "dkim") and result == "pass" and _aligned(domain, mp_domain)
+            for method, result, domain in results
+        )
+        for results in headers
     )
     return None if passed else "no DMARC or DKIM pass for the MP's domain from our relay"
