@@ -123,7 +123,9 @@ def bound(**values: Any) -> Iterator[None]:
 
 
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
-    """JSON lines on stderr for our events and for the libraries' standard-library logs."""
+    """JSON lines on stderr for our events, for the libraries' standard-library logs (dramatiq's
+    parent process telling of a worker process that died among them), for warnings, and for an
+    exception nobody caught (``sys.excepthook``, ``threading.excepthook``)."""
     lines = Lines(stream or sys.stderr)
     structlog.configure(
         processors=[
@@ -152,3 +154,24 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if level == "INFO" else level)
+    logging.captureWarnings(True)  # the warnings module's lines too
+    sys.excepthook = _uncaught
+    threading.excepthook = _uncaught_in_thread
+
+
+def _uncaught(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    """An exception nobody caught, as one JSON event instead of a printed traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    structlog.get_logger("workers").critical("uncaught_exception", exc_info=(kind, error, trace))
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    structlog.get_logger("workers").critical(
+        "uncaught_exception",
+        thread=args.thread.name if args.thread is not None else None,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )

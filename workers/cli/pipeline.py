@@ -45,6 +45,11 @@ def worker(processes: int, threads: int) -> None:
     """Run the stage actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
     from dramatiq.cli import main as dramatiq_main
 
+    from workers.logging import configure_logging
+
+    # dramatiq's own process (it starts the worker processes and tells of one that dies) logs
+    # JSON like them: --skip-logging leaves its records to the handler set up here.
+    configure_logging(get_settings().log_level)
     args = [
         "dramatiq",
         "workers.pipeline.actors:setup",
