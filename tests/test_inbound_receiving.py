@@ -165,6 +165,7 @@ MALFORMED_BODIES: list[tuple[str, bytes]] = [
     ("not UTF-8", b'{"signature": "\xff\xfe"}'),
     ("not JSON", b"signature=1&event-data=2"),
     ("deeply nested", b'{"event-data": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"),
+    ("over the size limit", b'{"event-data": {"event": "' + b"f" * 100_000 + b'"}}'),
     ("a signature of numbers", b'{"signature": {"timestamp": 1, "token": 2, "signature": 3}}'),
     (
         "a signature with a lone surrogate",

@@ -31,9 +31,10 @@ def inbound(host: str | None, port: int | None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    tls = "STARTTLS offered" if app.settings.inbound_tls_cert else "no STARTTLS: no certificate"
     click.echo(
         f"receiving for {', '.join(sorted(app.returns.domains))} on "
-        f"{controller.hostname}:{controller.port}"
+        f"{controller.hostname}:{controller.port} ({tls})"
     )
     stop.wait()
     controller.stop()
