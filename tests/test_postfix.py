@@ -324,3 +324,23 @@ def test_a_relay_certificate_our_ca_does_not_verify_pauses_delivery_and_health_s
     assert run.final(ids) == {"delivered": 24}, run.logs()
     run.arrived_once(ids)
     assert run.most_attempts(ids) == 1
+
+
+def test_a_helo_the_relay_refuses_pauses_delivery_until_it_is_fixed(run: Run) -> None:
+    """Postfix answers a HELO it refuses at RCPT ("504 5.5.2 ... Helo command rejected"), a
+    code that says nothing of policy: our set-up, the same for every letter. Delivery pauses,
+    no letter fails or is charged, and once the relay accepts the name every letter goes."""
+    helo = run.relay.etc / "helo"
+    helo.write_text("worker.campaign.example.org 504 5.5.2 need fully-qualified hostname\n")
+    run.relay.configure(smtpd_helo_restrictions=f"check_helo_access texthash:{helo}")
+    run.start()
+    ids = run.submit(12)
+    assert wait_for(lambda: mail_pause(run.redis, "dearmp") is not None, 60), run.logs()
+    paused = mail_pause(run.redis, "dearmp")
+    assert paused is not None and "Helo command rejected" in paused["reason"]
+    helo.write_text("")
+    run.relay.reload()
+    assert run.final(ids) == {"delivered": 12}, run.logs()
+    run.arrived_once(ids)
+    assert run.most_attempts(ids) == 1
+    assert run.relay.count("Helo command rejected") < 12

@@ -16,7 +16,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from tests.conftest import make_settings
 from tests.factories import submission
-from tests.services import SmtpSink
+from tests.services import SmtpSink, wait_for
 from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
@@ -313,6 +313,7 @@ def test_an_answer_about_our_own_set_up_pauses_and_fails_no_letter(
     with pytest.raises(Deferred, match="delivery paused"):
         deliver(app.sessions, second, mailer, policy)
     assert alarms == [(answer, 30.0)]
+    assert wait_for(lambda: smtp_sink.open_sessions == 0, 5)  # none waits out the pause
     with session_scope(app.sessions) as session:
         for sid in (first, second):
             delivery = session.get(Delivery, sid)

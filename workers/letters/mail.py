@@ -692,7 +692,7 @@ class SmtpPool:
             return False
 
     def close(self) -> None:
-        """Close every idle session (a worker shutting down)."""
+        """Close every idle session (a worker shutting down, or a pause beginning)."""
         with self.changed:
             idle, self.idle = self.idle, []
             self.open -= len(idle)
@@ -797,7 +797,12 @@ class SmtpMailer:
             wait = self.relay.waiting()
             raise TransientDeliveryError(f"TLS: {exc}", wait, ours=True) from exc
         except Refusal as exc:
-            raise self._refused(exc.command, exc.code, exc.answer, exc.recipient) from exc
+            error = self._refused(exc.command, exc.code, exc.answer, exc.recipient)
+            if self.relay.waiting() > 0:
+                # Paused: no session waits out the pause under the rules it was opened with
+                # (a relay's operator fixes them and reloads; the probe gets a new session).
+                self.pool.close()
+            raise error from exc
         except smtplib.SMTPResponseException as exc:  # the greeting, EHLO, STARTTLS
             raise self._refused("SESSION", exc.smtp_code, exc.smtp_error) from exc
         except (smtplib.SMTPException, OSError) as exc:
