@@ -460,7 +460,7 @@ def test_an_html_only_reply_is_forwarded_as_the_text_a_reader_sees() -> None:
         assert left not in text, left
 
 
-@pytest.mark.parametrize("charset", ["x-no-such", "unknown-8bit"])
+@pytest.mark.parametrize("charset", ["x-no-such", "unknown-8bit", "idna", "undefined", "punycode"])
 def test_a_reply_in_a_charset_python_does_not_know_is_read_as_best_it_can(charset: str) -> None:
     raw = reply(
         f"=?{charset}?q?caf=C3=A9?= ok",

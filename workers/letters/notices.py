@@ -36,8 +36,10 @@ from workers.letters.mail import (
 # The most of a reply's text a forward carries, and of its HTML that is read for it.
 MAX_FORWARD_CHARS = 100_000
 MAX_HTML_CHARS = 1_000_000
+# The most of a subject (a reply's own, and a notice's) and of a From name, in characters.
+REPLY_SUBJECT_CHARS = 150
 SUBJECT_CHARS = 200
-NAME_CHARS = 100
+DISPLAY_CHARS = 200
 _SIMPLE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}")
 
 
@@ -71,7 +73,7 @@ def _draft(
     reply_to: str | None = None,
 ) -> Draft:
     return Draft(
-        from_name=header_text(display, NAME_CHARS * 2),
+        from_name=header_text(display, DISPLAY_CHARS),
         from_email=sender.address,
         to_email=to,
         reply_to=reply_to,
@@ -86,8 +88,8 @@ def _draft(
 def outgoing(
     message: Draft, envelope_sender: str, signer: DkimSigner | None, domain: str | None = None
 ) -> Outgoing:
-    """The notice on the wire, signed for its From domain (``domain`` is that domain: it is
-    taken from the From address)."""
+    """The notice on the wire (:func:`workers.letters.mail.outgoing_email`), signed for the
+    domain of its From address; ``domain``, that domain as the caller knows it, is not needed."""
     return outgoing_email(message, signer, envelope_sender)
 
 
@@ -139,13 +141,14 @@ def _decoded_header(value: str) -> str:
 
 def _decoded(part: Message) -> str:
     """A text part's content in its charset, or in UTF-8 (bad bytes replaced) when Python does
-    not know that charset (``x-no-such``, ``unknown-8bit``)."""
+    not know that charset (``x-no-such``, ``unknown-8bit``) or it is no text encoding that can
+    replace what it cannot read (``idna``, ``undefined``)."""
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return ""
     try:
         return payload.decode(part.get_content_charset() or "utf-8", "replace")
-    except LookupError:
+    except (LookupError, UnicodeError):
         return payload.decode("utf-8", "replace")
 
 
@@ -175,7 +178,7 @@ def reply_text(raw: bytes) -> Reply:
         if kind in ("text/plain", "text/html") and kind not in texts and not part.get_filename():
             texts[kind] = _decoded(part)
     text = texts.get("text/plain") or _html_text(texts.get("text/html", ""))
-    subject = header_text(_decoded_header(_raw(message, "subject")), 150)
+    subject = header_text(_decoded_header(_raw(message, "subject")), REPLY_SUBJECT_CHARS)
     replier = _replier(_raw(message, "from"))
     return Reply(subject, text.replace("\r\n", "\n")[:MAX_FORWARD_CHARS], replier)
 
