@@ -27,7 +27,7 @@ TAG_BYTES = 6
 _NONCE = slice(0, 4)
 _TIME_AT = (4, 5, 7, 9)
 # How long a robot's letter seems to take through the pipeline before it fails.
-SETTLE = timedelta(seconds=2)
+SETTLE = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
