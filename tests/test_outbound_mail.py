@@ -9,6 +9,7 @@ import base64
 import email
 import email.policy
 import re
+import shutil
 import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -110,6 +111,7 @@ class Recorder:
 
 @pytest.fixture
 def signed_app(tmp_path: Path, sqlite_url: str) -> Iterator[App]:
+    """The App of :func:`signing_settings` (one database: what is checked is the email)."""
     application = App.from_settings(signing_settings(tmp_path, database_url=sqlite_url))
     prepare(application)
     set_app(application)
@@ -120,8 +122,6 @@ def signed_app(tmp_path: Path, sqlite_url: str) -> Iterator[App]:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
-    import shutil
-
     path = tmp_path / "dearmp.sqlite3"
     shutil.copy(sqlite_template, path)
     return f"sqlite:///{path}"
