@@ -36,8 +36,10 @@ from workers.inbound.addresses import ReturnAddresses
 from workers.inbound.receiver import InboundController, InboundHandler, server_options, tls_context
 from workers.inbound.store import forget_tokens, store
 from workers.pipeline.app import App
+from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.runtime import state_counts
 from workers.privacy.hashing import ip_hash
+from workers.stages.stage import Stage
 from workers.web.api import create_app
 
 URL = "/v1/webhooks/mailgun"
@@ -339,6 +341,34 @@ def test_postmaster_is_taken_and_kept_for_the_operator_never_acted_on(smtp_db: s
     for row in rows:
         assert (row.status, row.kind, row.raw) == ("dropped", "postmaster", MESSAGE)
         assert row.reason and "operator" in row.reason
+
+
+def test_of_mail_to_the_postmaster_the_first_100_kb_are_kept(smtp_db: str) -> None:
+    sessions = make_sessionmaker(make_engine(smtp_db))
+    huge = MESSAGE + b"x" * 5_000_000
+    assert store(sessions, "smtp", ["postmaster"], huge) == []
+    with session_scope(sessions) as session:
+        row = session.scalars(select(InboundMessage)).one()
+        assert row.size == len(huge) and row.raw == huge[:100_000]
+    sessions.kw["bind"].dispose()
+
+
+def test_a_mailgun_event_stored_before_its_values_were_checked_is_processed(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    [sid] = deliver(app, stub_broker, stub_worker)
+    old = {  # as the webhook stored it before: values as they came
+        "event": "failed",
+        "severity": "permanent",
+        "delivery-status": {"code": 550, "enhanced-code": SURROGATE * 30, "message": "gone"},
+    }
+    ids = store(
+        app.sessions, "mailgun", ["mailgun:failed"], json.dumps(old).encode(), submission_id=sid
+    )
+    dispatch_groups(stub_broker, {Stage.INBOUND: ids})
+    drain(stub_broker, stub_worker)
+    assert [row.status for row in mailgun_rows(app)] == ["done"]
+    assert events(app, sid) == [("bounce", None)]
 
 
 @pytest.mark.smtp

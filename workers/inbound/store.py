@@ -11,6 +11,9 @@ from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import InboundMessage, InboundStatus, WebhookToken, new_id, utcnow
 
 FOR_THE_OPERATOR = "to the postmaster: kept for the operator, never acted on as a letter's"
+# Of mail to the postmaster, which anyone may send, this much is kept: enough to read, not a way
+# to fill the database.
+POSTMASTER_KEEP = 100_000
 
 
 class Replayed(Exception):
@@ -46,10 +49,10 @@ def store(
     token: str | None = None,
 ) -> list[str]:
     """One row per distinct recipient, committed; the ids of those the inbound stage is to act
-    on. Mail to the postmaster is stored ``dropped`` with its text, for the operator: no id. An
-    event already stored (the same ``external_id``) is not stored again: no ids. ``token`` (a
-    webhook signature's) is remembered in the same transaction; one remembered already raises
-    :class:`Replayed`."""
+    on. Mail to the postmaster is stored ``dropped`` with its text (the first
+    :data:`POSTMASTER_KEEP` bytes), for the operator: no id. An event already stored (the same
+    ``external_id``) is not stored again: no ids. ``token`` (a webhook signature's) is
+    remembered in the same transaction; one remembered already raises :class:`Replayed`."""
     now = utcnow()
     ids: list[str] = []
     with session_scope(sessions) as session:
@@ -64,7 +67,7 @@ def store(
                     id=row_id,
                     source=source,
                     recipient=recipient[:254],
-                    raw=raw,
+                    raw=raw[:POSTMASTER_KEEP] if operators else raw,
                     size=len(raw),
                     peer_hash=peer_hash,
                     external_id=external_id,
