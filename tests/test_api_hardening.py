@@ -32,7 +32,7 @@ from workers.database.engine import session_scope
 from workers.database.models import LetterEvent, State, Submission, utcnow
 from workers.letters.campaigns import update_definition
 from workers.pipeline.app import App
-from workers.privacy.hashing import limiter_network
+from workers.privacy.hashing import ip_hash, limiter_network
 from workers.stages import survey
 from workers.web.api import create_app
 from workers.web.honeypot import SETTLE, fake_submission_id
@@ -103,6 +103,10 @@ def test_an_ipv4_client_in_ipv6_form_is_limited_as_its_ipv4_address(
     assert post_from("::ffff:203.0.113.2") == 202
     assert post_from("::ffff:203.0.113.1") == 429
     assert post_from("203.0.113.2") == 429  # the same client, however it is written
+    # Its consent evidence is its IPv4 address too.
+    with session_scope(app.sessions) as session:
+        hashes = set(session.scalars(select(Submission.client_ip_hash)))
+    assert hashes == {ip_hash(app.secret, "203.0.113.1"), ip_hash(app.secret, "203.0.113.2")}
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,16 @@ from workers.pipeline.app import App
 
 
 def client_ip(request: Request) -> str | None:
-    """The peer's address (uvicorn applies X-Forwarded-For from trusted proxies), if it is one."""
+    """The peer's address (uvicorn applies X-Forwarded-For from trusted proxies), if it is one;
+    an IPv4 client that a dual-stack proxy reports as ``::ffff:a.b.c.d`` as its IPv4 address."""
     host = request.client.host if request.client else ""
     try:
-        return str(ipaddress.ip_address(host))
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def user_agent(request: Request) -> str | None:
