@@ -244,3 +244,33 @@ class FakeConn:
     def close(self) -> None:
         self.closed = True
         self.sock = None
+
+
+class RefusingDataConn(FakeConn):
+    """A session whose server refuses the DATA command itself (smtplib raises for that)."""
+
+    def mail(self, sender: str) -> tuple[int, bytes]:
+        return 250, b"2.1.0 Ok"
+
+    def rcpt(self, recipient: str) -> tuple[int, bytes]:
+        return 250, b"2.1.5 Ok"
+
+    def data(self, data: bytes) -> tuple[int, bytes]:
+        raise smtplib.SMTPDataError(554, b"5.5.1 Error: no valid recipients")
+
+    def rset(self) -> tuple[int, bytes]:
+        return 250, b"2.0.0 Ok"
+
+
+def test_a_refusal_of_the_data_command_is_the_letters_and_keeps_the_session(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    from workers.letters.mail import PermanentDeliveryError
+
+    smtp = mailer(tmp_path, smtp_sink)
+    opened: list[RefusingDataConn] = []
+    smtp.pool.connect = lambda: opened.append(RefusingDataConn()) or opened[-1]
+    for _ in range(2):
+        with pytest.raises(PermanentDeliveryError, match="no valid recipients"):
+            smtp.send(MAIL)
+    assert smtp.waiting() == 0 and len(opened) == 1  # no pause; one session for both

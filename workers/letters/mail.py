@@ -762,9 +762,10 @@ class SmtpMailer:
         except BaseException as exc:
             if conn is not None:  # a set-up that failed (TLS, EHLO, AUTH) leaves no session
                 _close(conn)
-            if isinstance(exc, ssl.SSLCertVerificationError):
+            if isinstance(exc, ssl.SSLCertVerificationError) and not self.relay.waiting():
                 # The relay's certificate, or the CA we check it with: the same for every
-                # letter, so a pause, not a handshake per letter charged to it.
+                # letter, so a pause, not a handshake per letter charged to it. (Threads that
+                # were in a handshake with the first make one pause, not one doubling each.)
                 self.relay.refused(
                     f"TLS verification of the mail server failed ({exc.verify_message}): "
                     "check SMTP_CA_FILE and the relay's certificate"
@@ -859,10 +860,14 @@ def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
             refused = Refusal("RCPT", code, answer, rcpt)
             break
     if refused is None:
-        code, answer = conn.data(mail.data)
-        if code == 250:
-            return code, answer
-        refused = Refusal("DATA", code, answer)
+        try:
+            code, answer = conn.data(mail.data)
+        except smtplib.SMTPDataError as exc:  # the answer to DATA itself
+            refused = Refusal("DATA", exc.smtp_code, exc.smtp_error)
+        else:
+            if code == 250:
+                return code, answer
+            refused = Refusal("DATA", code, answer)
     if refused.code not in OUT_OF_STEP:
         try:
             refused.usable = conn.rset()[0] == 250
