@@ -269,6 +269,43 @@ def test_the_confirmation_actor_signs_and_sends_from_a_notice_address(
     assert mail.data.startswith(b"DKIM-Signature:") and dkim.verify(mail.data, dnsfunc=dkim_dns)
 
 
+def test_a_report_to_a_confirmations_address_never_returns_the_letter(signed_app: App) -> None:
+    """A confirmation's envelope is a notice's address: a report sent there, even one that names
+    the letter (the same submission's), is dropped; the same report to the letter's own return
+    address returns it."""
+    from workers.database.models import InboundMessage, Letter
+    from workers.inbound.store import store as store_inbound
+    from workers.stages import inbound
+
+    app, mailer = signed_app, Recorder()
+    sid = store(app, submission())
+    step(app, validate, sid)
+    step(app, resolve, sid)
+    step(app, render, sid, "outbox", app.settings.sandbox_address, app.signer, app.returns)
+    deliver(app.sessions, sid, mailer, DeliveryPolicy(), None, app.signer, app.returns)
+    with session_scope(app.sessions) as session:
+        letter = session.get(Letter, sid)
+        assert letter is not None
+        message_id, to = letter.message_id, letter.to_email
+
+    def returned_to(address: str | None) -> str:
+        assert address is not None
+        report = samples.postfix_dsn(message_id, to, address)
+        [inbound_id] = store_inbound(app.sessions, "smtp", [address], report)
+        with session_scope(app.sessions) as session:
+            inbound.process(session, inbound_id, app.returns, inbound.InboundPolicy())
+        with session_scope(app.sessions) as session:
+            row, submission_row = (
+                session.get(InboundMessage, inbound_id),
+                session.get(Submission, sid),
+            )
+            assert row is not None and submission_row is not None
+            return f"{row.status} {submission_row.state}"
+
+    assert returned_to(app.returns.notice(sid)) == "dropped delivered"
+    assert returned_to(app.returns.bounce(sid)) == "done bounced"
+
+
 def after_signature(data: bytes) -> bytes:
     """The email without its DKIM-Signature (whose t= is the time it was signed)."""
     assert data.startswith(b"DKIM-Signature:")
