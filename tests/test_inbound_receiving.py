@@ -463,3 +463,22 @@ def test_sessions_beyond_the_cap_are_told_421_and_a_closed_one_frees_its_place(
         assert bounce
         with receiver.client() as smtp:
             assert smtp.sendmail("<>", [bounce], MESSAGE) == {}
+
+
+@pytest.mark.parametrize(
+    ("address", "ours"),
+    [
+        ("postmaster", True),
+        ("<Postmaster>", True),
+        ("POSTMASTER@bounces.example.org", True),
+        ("postmaster@Replies.Example.Org.", True),
+        ("postmaster@elsewhere.example", False),
+        ("postmaster@bounces.example.org.elsewhere.example", False),
+        ("postmaster@sub.bounces.example.org", False),
+        ("xpostmaster@bounces.example.org", False),
+        ("postmaster@", False),
+        ("abuse@bounces.example.org", False),
+    ],
+)
+def test_postmaster_is_ours_bare_or_at_one_of_our_domains_only(address: str, ours: bool) -> None:
+    assert RETURNS.is_postmaster(address) is ours
