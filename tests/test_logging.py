@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import structlog
 
 from workers.logging import bound, configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _logging_to_stderr_after() -> Iterator[None]:
+    """A test here points the logs at a stream of its own, and may close it: the tests that
+    run after it in the same process log to stderr again."""
+    yield
+    configure_logging()
 
 
 def test_events_are_json_with_bound_context_and_masked_personal_data() -> None:

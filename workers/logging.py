@@ -73,16 +73,19 @@ SHARED_PROCESSORS: list[Any] = [
 class Lines:
     """The one writer of a process's log records, our events and the libraries' alike: each
     record is written whole, with its line end, under one lock. (Two writers on one stream, each
-    with its own lock, let concurrent records share a line.)"""
+    with its own lock, let concurrent records share a line.) Without a stream of its own it
+    writes to ``sys.stderr`` as it is at each record, so a stream swapped in for a while (a
+    test runner's capture) and closed after is never written to."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any = None) -> None:
         self.stream = stream
         self.lock = threading.Lock()
 
     def write(self, record: str) -> None:
+        stream = self.stream or sys.stderr
         with self.lock:
-            self.stream.write(record + "\n")
-            self.stream.flush()
+            stream.write(record + "\n")
+            stream.flush()
 
     # structlog calls the method named for the level with the rendered record.
     def msg(self, message: str) -> None:
@@ -126,7 +129,7 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     """JSON lines on stderr for our events, for the libraries' standard-library logs (dramatiq's
     parent process telling of a worker process that died among them), for warnings, and for an
     exception nobody caught (``sys.excepthook``, ``threading.excepthook``)."""
-    lines = Lines(stream or sys.stderr)
+    lines = Lines(stream)
     structlog.configure(
         processors=[
             *SHARED_PROCESSORS,
