@@ -86,10 +86,18 @@ def mx_host_name(settings: Settings, given: str | None) -> str:
 def records(
     settings: Settings, from_domains: list[str], mx_host: str | None = None
 ) -> list[Record]:
-    """The records for ``from_domains``; ValueError if the MX host is an address (see
-    :func:`mx_host_name`)."""
+    """The records for ``from_domains``; ValueError if ``mx_host`` is an address (see
+    :func:`mx_host_name`). Without one, the MX is DEARMP_PUBLIC_URL's host, or a placeholder
+    saying what to give when that host is an address."""
     returns = settings.bounce_domain or settings.reply_domain
-    mx = mx_host_name(settings, mx_host) if returns else ""
+    mx, unnamed = "", False
+    if returns:
+        try:
+            mx = mx_host_name(settings, mx_host)
+        except ValueError:
+            if mx_host:
+                raise
+            mx, unnamed = "<host name of the machine running dearmp inbound>", True
     out: list[Record] = []
     key = settings.dkim_key()
     for domain in sorted(set(from_domains)):
@@ -123,11 +131,14 @@ def records(
                 "DMARC: start at p=none, read the reports, then move to p=quarantine",
             )
         )
+    unnamed_why = "; DEARMP_PUBLIC_URL names an address, and an MX needs a host: give --mx"
     if settings.bounce_domain:
-        out.append(Record(settings.bounce_domain, "MX", f"10 {mx}.", "bounces come back here"))
+        why = "bounces come back here" + (unnamed_why if unnamed else "")
+        out.append(Record(settings.bounce_domain, "MX", f"10 {mx}.", why, placeholder=unnamed))
         out.append(_spf_record(settings, settings.bounce_domain, "SPF: the envelope sender's"))
     if settings.reply_domain:
-        out.append(Record(settings.reply_domain, "MX", f"10 {mx}.", "MPs' replies come here"))
+        why = "MPs' replies come here" + (unnamed_why if unnamed else "")
+        out.append(Record(settings.reply_domain, "MX", f"10 {mx}.", why, placeholder=unnamed))
     return out
 
 
