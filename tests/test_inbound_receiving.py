@@ -240,6 +240,21 @@ def test_a_recipient_given_many_times_is_stored_once(app: App) -> None:
         assert session.scalar(select(func.count()).select_from(InboundMessage)) == 1
 
 
+def test_one_token_at_either_domain_or_with_a_trailing_dot_is_stored_once(app: App) -> None:
+    address = app.returns.reply("3f1e6c1a-8a54-4d3e-9a55-0c1f2e3d4b5a")
+    assert address and app.settings.bounce_domain
+    local, domain = address.split("@")
+    given = [address, f"{local}@{domain}.", f"{local.upper()}@{app.settings.bounce_domain}"]
+    assert len(store(app.sessions, "smtp", given, b"x" * 1000)) == 1
+    with session_scope(app.sessions) as session:
+        assert session.scalars(select(InboundMessage.recipient)).all() == [address]
+    # Another letter's token, or the same id with a forged MAC, is another recipient.
+    other = app.returns.reply("0c1f2e3d-8a54-4d3e-9a55-3f1e6c1a4b5a")
+    forged = f"{local[:-2]}{'a' if local[-2] != 'a' else 'b'}{local[-1]}@{domain}"
+    assert other
+    assert len(store(app.sessions, "smtp", [address, other, forged], b"y")) == 3
+
+
 # The SMTP receiver, on loopback.
 
 RETURNS = ReturnAddresses(b"s" * 32, "bounces.example.org", "replies.example.org")

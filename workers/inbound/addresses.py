@@ -45,10 +45,9 @@ class Token:
     object_id: str  # a submission id ("b", "r") or a notice id ("n")
 
 
-def read_address(secret: bytes, address: str, domains: set[str]) -> Token | None:
-    """What one of our addresses names, or None: not ours, malformed, or forged."""
-    local, at, domain = address.strip().strip("<>").rpartition("@")
-    if not at or domain.lower().rstrip(".") not in domains or len(local) != 44:
+def _decode(local: str) -> tuple[Purpose, bytes, bytes] | None:
+    """A token's purpose, id bytes and MAC, MAC unchecked; None if it is not one's shape."""
+    if len(local) != 44:
         return None
     purpose, dash, token = local.lower().partition("-")
     if not dash or not token.isascii():
@@ -63,10 +62,33 @@ def read_address(secret: bytes, address: str, domains: set[str]) -> Token | None
         return None
     if base64.b32encode(data).decode().rstrip("=").lower() != token:
         return None  # the last character's spare bits set: not an address we made
-    raw, mac = data[:16], data[16:]
+    return purpose, data[:16], data[16:]
+
+
+def read_address(secret: bytes, address: str, domains: set[str]) -> Token | None:
+    """What one of our addresses names, or None: not ours, malformed, or forged."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    if not at or domain.lower().rstrip(".") not in domains:
+        return None
+    decoded = _decode(local)
+    if decoded is None:
+        return None
+    purpose, raw, mac = decoded
     if not hmac.compare_digest(mac, _mac(secret, purpose, raw)):
         return None
     return Token(purpose, str(uuid.UUID(bytes=raw)))
+
+
+def token_key(address: str) -> str | None:
+    """What a token-shaped address names, whatever its domain, case or trailing dot: its
+    purpose, object id and MAC (unchecked: without the key), or None. Two addresses with one
+    key are one recipient; a forged token (another MAC) is another."""
+    local, at, _ = address.strip().strip("<>").rpartition("@")
+    decoded = _decode(local) if at else None
+    if decoded is None:
+        return None
+    purpose, raw, mac = decoded
+    return f"{purpose}:{uuid.UUID(bytes=raw)}:{mac.hex()}"
 
 
 @dataclass(frozen=True)

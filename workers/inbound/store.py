@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import InboundMessage, InboundStatus, WebhookToken, new_id, utcnow
+from workers.inbound.addresses import token_key
 
 FOR_THE_OPERATOR = "to the postmaster: kept for the operator, never acted on as a letter's"
 # Of mail to the postmaster, which anyone may send, this much is kept: enough to read, not a way
@@ -21,9 +22,13 @@ class Replayed(Exception):
 
 
 def recipient_key(address: str) -> str:
-    """What makes two recipients one: the tokens and domains are case-insensitive, so
-    ``<R-ABC@X>`` and ``r-abc@x`` are one recipient (and one stored copy)."""
-    return address.strip().strip("<>").lower()
+    """What makes two recipients one: one of our addresses is its decoded token (purpose and
+    object id, :func:`~workers.inbound.addresses.token_key`), at whichever of our domains, with
+    or without a trailing dot, in any case: ``r-X@reply``, ``R-X@reply.`` and ``r-X@bounce``
+    are one recipient (and one stored copy). Anything else is its address, case-insensitive,
+    without a trailing dot."""
+    address = address.strip().strip("<>")
+    return token_key(address) or address.lower().rstrip(".")
 
 
 def unique_recipients(recipients: list[str]) -> list[str]:
