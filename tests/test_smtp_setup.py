@@ -4,6 +4,7 @@ login stops every thread from trying again for a while: letters wait, costing no
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import threading
 from collections.abc import Iterator
@@ -197,7 +198,8 @@ def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
         deliver(app.sessions, first, mailer, policy)
     with pytest.raises(Deferred, match="delivery paused"):  # the next letter waits too
         deliver(app.sessions, second, mailer, policy)
-    assert alarms == [(answer, 30.0)] and 25 < mailer.waiting() <= 30
+    masked = re.sub(r"<[^<>]+@[^<>]+>", "<[email]>", answer)  # the address it quotes hidden
+    assert alarms == [(masked, 30.0)] and 25 < mailer.waiting() <= 30
     with session_scope(app.sessions) as session:
         for sid in (first, second):
             delivery = session.get(Delivery, sid)
@@ -358,3 +360,114 @@ def test_a_certificate_our_ca_does_not_verify_pauses_delivery_and_says_why(
                 assert (delivery.status, delivery.attempts) == ("pending", 0)
     finally:
         sink.stop()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "550 5.1.1 <helo@example.com>: Recipient address rejected: User unknown",
+        "450 4.1.2 <a@tls.example>: Recipient address rejected: Domain not found",
+        "550 5.1.1 <starttls@authentication.example>: Recipient address rejected: User unknown",
+        '550 5.1.1 <"Helo command rejected"@example.com>: Recipient address rejected: unknown',
+    ],
+)
+def test_a_recipient_quoted_in_an_answer_is_the_letters_own_whatever_its_words(
+    tmp_path: Path, smtp_sink: SmtpSink, answer: str
+) -> None:
+    """Postfix quotes the recipient it refuses ("<helo@example.com>: Recipient address
+    rejected"): words in the address say nothing of our set-up. The letter fails (5xx) or is
+    tried again as its own (4xx), and nobody else's letter waits."""
+    from workers.letters.mail import PermanentDeliveryError
+
+    alarms: list[tuple[str | None, float]] = []
+    mailer = smtp_mailer(tmp_path, smtp_sink, alarm=lambda *a: alarms.append(a))
+    smtp_sink.refuse["b@example.org"] = answer
+    expected = PermanentDeliveryError if answer.startswith("5") else TransientDeliveryError
+    with pytest.raises(expected, match="Recipient address rejected") as raised:
+        mailer.send(MAIL)
+    assert not getattr(raised.value, "ours", False)  # an attempt of the letter's
+    assert mailer.waiting() == 0 and alarms == []
+    other = Outgoing(MAIL.sender, ["c@example.org"], MAIL.data, "<2@example.org>")
+    assert mailer.send(other).startswith("250")  # the next letter goes at once
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "550 5.7.515 Access denied, sending domain campaign.example.org doesn't meet the "
+        "required authentication level.",
+        "550 5.7.26 Unauthenticated email from campaign.example.org is not accepted due to "
+        "domain's DMARC policy.",
+        "554 5.7.1 Client host rejected: your message looks like spam",
+        "451 4.7.0 Temporary authentication required for this message; try again",
+    ],
+)
+def test_a_refusal_at_data_is_the_letters_own_whatever_its_words(
+    tmp_path: Path, smtp_sink: SmtpSink, answer: str
+) -> None:
+    """At DATA the relay has taken our session, sender and recipients: what it refuses then is
+    the letter (its content, its DKIM or DMARC), even in words about authentication."""
+    from workers.letters.mail import PermanentDeliveryError
+
+    alarms: list[tuple[str | None, float]] = []
+    mailer = smtp_mailer(tmp_path, smtp_sink, alarm=lambda *a: alarms.append(a))
+    smtp_sink.answer = answer
+    expected = PermanentDeliveryError if answer.startswith("5") else TransientDeliveryError
+    with pytest.raises(expected, match=answer.split()[1]) as raised:
+        mailer.send(MAIL)
+    assert not getattr(raised.value, "ours", False)
+    assert mailer.waiting() == 0 and alarms == []
+    smtp_sink.answer = None
+    assert mailer.send(MAIL).startswith("250") and mailer.pool.opened == 1
+
+
+def test_set_up_words_at_rcpt_for_one_recipient_alone_become_that_letters_own(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    """ "Sender address rejected" at RCPT pauses delivery the first time; when the relay has
+    taken other letters since and refuses this recipient again in the same words (a rule of
+    the relay's for that recipient), it is the letter's own answer and pauses nobody."""
+    mailer = smtp_mailer(tmp_path, smtp_sink, smtp_pause=5)
+    answer = "450 4.1.8 <letters@campaign.example.org>: Sender address rejected: Domain not found"
+    smtp_sink.refuse["b@example.org"] = answer
+    with pytest.raises(TransientDeliveryError, match="Sender address rejected") as first:
+        mailer.send(MAIL)
+    assert first.value.ours and 4 < mailer.waiting() <= 5
+    mailer.relay.closed_until = 0.0  # the pause is over
+    other = Outgoing(MAIL.sender, ["c@example.org"], MAIL.data, "<2@example.org>")
+    assert mailer.send(other).startswith("250")
+    with pytest.raises(TransientDeliveryError, match="Sender address rejected") as again:
+        mailer.send(MAIL)
+    assert not again.value.ours and mailer.waiting() == 0  # an attempt of its own, no pause
+
+
+def test_the_pause_reason_health_shows_hides_the_addresses_the_answer_quotes(
+    app: App, tmp_path: Path, smtp_sink: SmtpSink, redis_server: Any
+) -> None:
+    """The relay's answer is the pause's reason, shown to whoever runs `dearmp health` and kept
+    in Redis: a recipient's address it quotes is masked there, as in the logs."""
+    import redis
+    from click.testing import CliRunner
+
+    from workers.cli import main
+    from workers.pipeline.dead_letters import mail_pause_alarm
+
+    app.settings.redis_url = redis_server.url
+    client = redis.Redis.from_url(redis_server.url)
+    alarm = mail_pause_alarm(client, app.settings.redis_namespace)
+    mailer = smtp_mailer(tmp_path, smtp_sink, alarm=alarm)
+    sid = through_render(app, submission())
+    with session_scope(app.sessions) as session:
+        letter = session.get(Letter, sid)
+        assert letter is not None
+        to = letter.to_email
+    smtp_sink.refuse[to] = f"554 5.7.1 <{to}>: Relay access denied"
+    with pytest.raises(Deferred, match="Relay access denied"):
+        deliver(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+    with pytest.raises(TransientDeliveryError, match="delivery paused") as waiting:
+        mailer.send(MAIL)
+    assert to not in str(waiting.value) and "<[email]>" in str(waiting.value)
+    health = CliRunner().invoke(main, ["health"], terminal_width=300)
+    assert health.exit_code != 0 and "mail delivery paused" in health.output
+    assert "554 5.7.1 <[email]>: Relay access denied" in health.output
+    assert to not in health.output and to.split("@")[0] not in health.output

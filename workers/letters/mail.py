@@ -35,6 +35,7 @@ import structlog
 
 from config.settings import Settings
 from workers.database.models import Letter, utcnow
+from workers.logging import mask_text
 
 # Signed: the headers a reader sees and the MIME headers that say how to read the body. The
 # ones a reader sees are listed twice: a header named more often than it occurs is signed as
@@ -407,14 +408,16 @@ def _close(conn: smtplib.SMTP) -> None:
 class RelayPause:
     """When the relay refuses us rather than a letter (our login; its certificate failing our
     TLS verification; our HELO name, sender address or right to relay: an answer to EHLO or
-    MAIL FROM, one naming our set-up, a 5.7.x policy answer), no thread of the process tries
-    again for a while: ``first`` seconds (``SMTP_PAUSE_SECONDS``, 30 by default), doubling with
-    each refusal in a row up to 15 minutes. Letters wait
-    meanwhile (:meth:`waiting`), costing none of their attempts; the first letter after the
-    pause is the probe, and its success ends the pause. A wrong password tried by every thread
+    MAIL FROM, or one to RCPT in a relay's words for our set-up or of policy), no thread of the
+    process tries again for a while: ``first`` seconds (``SMTP_PAUSE_SECONDS``, 30 by default),
+    doubling with each refusal in a row up to 15 minutes. Letters wait meanwhile
+    (:meth:`waiting`), costing none of their attempts; the first letter after the pause is the
+    probe, and its success ends the pause. A wrong password tried by every thread
     for every letter is the burst that gets an account locked; a sender refusal would fail every
     letter for a mistake in configuration. ``alarm`` is told of each pause and of its end (the
-    deployment's operators see it in ``dearmp health`` and the metrics)."""
+    deployment's operators see it in ``dearmp health`` and the metrics), with the relay's
+    answer as its reason, email addresses and postcodes masked: an answer quoting a recipient
+    would otherwise show a supporter's or an MP's address to everyone who runs ``health``."""
 
     LONGEST = 900.0
 
@@ -462,7 +465,7 @@ class RelayPause:
             self.refusals += 1
             pause: float = min(self.LONGEST, self.first * 2.0 ** (self.refusals - 1))
             self.closed_until = self.clock() + pause
-            self.reason = reason[:200]
+            self.reason = mask_text(reason)[:200]
         structlog.get_logger("workers").error(
             "mail_delivery_paused",
             reason=self.reason,
@@ -557,7 +560,6 @@ class SmtpPool:
         self.idle: list[_Session] = []
         self.open = 0  # sessions open now, idle or in use (or being opened)
         self.opened = 0  # sessions opened so far (for tests and metrics)
-        self.refused = 0  # connections the relay answered 421 (for tests and metrics)
         self.refused_in_a_row = 0
         self.held_until = 0.0  # no new connection before this (see HOLD_FIRST)
         self.sweeper: threading.Timer | None = None
@@ -656,7 +658,6 @@ class SmtpPool:
                     self.changed.notify()
                     if exc.smtp_code != 421:
                         raise
-                    self.refused += 1
                     if self.open == 0:  # others hold what the relay allows: hold off
                         self.refused_in_a_row += 1
                         hold = self.HOLD_FIRST * 2.0 ** (self.refused_in_a_row - 1)
@@ -816,28 +817,31 @@ class SmtpMailer:
         session's set-up).
 
         - 421 and 503 answer the session's state, not the letter: it waits, then a new session.
-        - A refusal of us pauses delivery (:class:`RelayPause`): the authentication answers,
-          any refusal of setting up the session (EHLO, STARTTLS) or of our MAIL FROM, an
-          answer at any step that names our own set-up (our HELO name, our sender address, our
-          host, TLS, authentication: Postfix's "Helo command rejected" comes at RCPT), and a
-          5.7.x (security or policy: relaying, authorization) answer to a RCPT, unless the
-          relay has shown that it refuses only this recipient (:meth:`RelayPause.refused_rcpt`).
-          At DATA a 5.7.x judges the letter's content (spam, DMARC): the letter's own.
+        - Any other answer at DATA judges the letter (its content, its authentication: "5.7.26
+          Unauthenticated email", "5.7.515 ... authentication level", spam): the letter's own,
+          whatever its words.
+        - A refusal of us pauses delivery (:class:`RelayPause`): the authentication answers
+          and any refusal of setting up the session (EHLO, STARTTLS) or of our MAIL FROM.
+        - At RCPT, an answer in a relay's words about our own set-up (:data:`ABOUT_US`, read
+          with the addresses it quotes taken out: Postfix's "Helo command rejected" comes at
+          RCPT) or a 5.7.x (security or policy: relaying, authorization) may refuse us or this
+          recipient: it pauses delivery unless the relay has shown that it refuses only this
+          recipient (:meth:`RelayPause.refused_rcpt`).
         - Otherwise 4xx is worth trying again and 5xx is the letter's permanent failure
           ("550 5.1.1 no such mailbox")."""
-        message = f"{code} {_text(answer)}"
+        text = _text(answer)
+        message = f"{code} {text}"
         if code in OUT_OF_STEP:
             return TransientDeliveryError(message, retry_after=OUT_OF_STEP_WAIT, ours=True)
         permanent = 500 <= code < 600
-        if (
-            code in AUTH_PROBLEMS
-            or command in ("MAIL", "SESSION")
-            or ABOUT_US.search(_text(answer))
-        ):
+        if command != "DATA" and (code in AUTH_PROBLEMS or command in ("MAIL", "SESSION")):
             return TransientDeliveryError(
                 message, retry_after=self.relay.refused(message), ours=True
             )
-        if permanent and command == "RCPT" and _text(answer).lstrip().startswith("5.7."):
+        words = _unquoted(text)
+        if command == "RCPT" and (
+            ABOUT_US.search(words) or (permanent and words.lstrip().startswith("5.7."))
+        ):
             pause = self.relay.refused_rcpt(recipient, message)
             if pause is not None:
                 return TransientDeliveryError(message, retry_after=pause, ours=True)
@@ -904,13 +908,26 @@ OUT_OF_STEP_WAIT = 10.0
 
 # Authentication answers: our configuration is wrong, not the letter.
 AUTH_PROBLEMS = {530, 534, 535, 538}
-# Words of an answer about our own set-up rather than the letter, whatever the command it came
-# at: Postfix's "Helo command rejected", "Sender address rejected", "Client host rejected";
-# STARTTLS or TLS required; authentication required.
+# A relay's words for a refusal of our own set-up rather than of the letter, as whole phrases
+# (never single words, which a quoted address can hold: "<helo@example.com>", "<a@tls.example>").
+# Postfix's smtpd writes "<%s>: Helo command rejected: ...", "<%s>: Sender address rejected:
+# ...", "Client host rejected: cannot find your hostname, [%s]", "<%s>: Relay access denied"
+# and "530 5.7.0 Must issue a STARTTLS command first" (Gmail's and Exim's words too); Gmail and
+# Exchange answer "Authentication required". Read in an answer to RCPT only (see
+# SmtpMailer._refused), with the addresses it quotes taken out (_unquoted).
 ABOUT_US = re.compile(
-    r"\b(?:helo|ehlo|starttls|tls)\b|sender address rejected|client host rejected|authenticat",
+    r"helo command rejected|sender address rejected|client host rejected|relay access denied"
+    r"|must issue a starttls command first|authentication required",
     re.IGNORECASE,
 )
+# What an answer quotes of the envelope: <...> (its inside may hold a quoted local part, with
+# spaces, ">" or "<"), a quoted string, and a bare word holding an "@".
+QUOTED = re.compile(r'<(?:"(?:[^"\\]|\\.)*+"|[^<>"])*+>|"(?:[^"\\]|\\.)*+"|(?<!\S)[^\s@]*+@\S*+')
+
+
+def _unquoted(text: str) -> str:
+    """An SMTP answer without the addresses it quotes: the relay's own words."""
+    return QUOTED.sub(" ", text)
 
 
 class HttpMailer:
