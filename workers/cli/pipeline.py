@@ -134,9 +134,9 @@ def show(submission_id: str, as_json: bool, reveal: bool = False) -> None:
     import structlog
 
     from workers.database.engine import session_scope
-    from workers.database.models import Delivery, Letter, State, Submission
+    from workers.database.models import Delivery, Letter, Submission
+    from workers.pipeline.states import OUTCOMES, State
     from workers.privacy.hashing import mask_supporter
-    from workers.web.schemas import OUTCOMES
 
     app = _app()
     with session_scope(app.sessions) as session:

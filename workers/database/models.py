@@ -27,6 +27,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# The states and which are final: the pipeline's table (workers.pipeline.states).
+from workers.pipeline.states import FINAL_STATES as FINAL_STATES
+from workers.pipeline.states import State as State
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -54,37 +58,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class State(StrEnum):
-    UNCONFIRMED = "unconfirmed"  # waiting for the sender to click the link in their email
-    EXPIRED = "expired"  # never confirmed: no letter goes
-    RECEIVED = "received"
-    VALIDATED = "validated"
-    REJECTED = "rejected"
-    HELD = "held"  # the seat has no MP to write to yet; resolution is tried again later
-    RESOLVED = "resolved"
-    RENDERED = "rendered"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    WITHDRAWN = "withdrawn"  # erased at the supporter's request before a letter went
-    BOUNCED = "bounced"  # delivered to the relay, then returned for good by the MP's server
-
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATES
-
-
-FINAL_STATES = frozenset(
-    {
-        State.REJECTED,
-        State.DELIVERED,
-        State.FAILED,
-        State.WITHDRAWN,
-        State.EXPIRED,
-        State.BOUNCED,
-    }
-)
 
 
 class DeliveryStatus(StrEnum):

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from workers.database.engine import session_scope
 from workers.database.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
 from workers.logging import bound
+from workers.pipeline.states import MOVES, moves_from
 
 # RETURNING makes SQLAlchemy send a group's events as one multi-row INSERT ("insertmanyvalues")
 # rather than a statement per row.
@@ -58,6 +59,11 @@ def move(
 
 class AlreadyMoved(Exception):
     """Another worker moved the submission first; this attempt has nothing left to do."""
+
+
+class NotAMove(RuntimeError):
+    """A move the table of states (:mod:`workers.pipeline.states`) does not have: a bug in the
+    code that asked for it, not something to retry."""
 
 
 class Current(Protocol):
@@ -206,7 +212,11 @@ def advance(
 
     The UPDATE is conditional on the state this worker read, so of two workers running the same
     message only one succeeds; the other gets :class:`AlreadyMoved` and its transaction rolls back.
+    A move the table of states does not allow is refused (:class:`NotAMove`).
     """
+    if (submission.state, to_state) not in MOVES:
+        allowed = ", ".join(moves_from(State(submission.state))) or "none"
+        raise NotAMove(f"{submission.state} -> {to_state.value} (allowed: {allowed})")
     now = utcnow()
     names = tuple(sorted(fields))
     statement = _moves.get(names)

@@ -28,6 +28,7 @@ from workers.pipeline.broker import build_broker
 from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_message
 from workers.pipeline.handoff import Handoff
 from workers.pipeline.middleware import ForeignMessage, SendHeld
+from workers.pipeline.states import DAY, STAGES
 from workers.stages import (
     confirmation,
     consent,
@@ -44,46 +45,21 @@ log = structlog.get_logger("workers")
 
 T = TypeVar("T")
 
-HOUR = 3_600_000
-DAY = 24 * HOUR
 # dramatiq refuses delays of seven days or more.
 MAX_DELAY_MS = 7 * DAY - 60_000
 
 # A message that does not parse will not parse next time either: dead-letter it at once.
 NOT_RETRIED = (ForeignMessage, NotAStageMessage, pydantic.ValidationError)
 
-# Each stage's retry policy: bounded retries with backoff, a time limit per attempt, and a
-# maximum age after which a message is dead-lettered instead of run. A message is young again
-# whenever it is re-sent (deferral, reconciler, requeue), so the age bounds retrying.
-POLICIES: dict[Stage, dict[str, Any]] = {
-    Stage.VALIDATE: {"max_retries": 5, "min_backoff": 500, "max_backoff": 30_000},
-    Stage.RESOLVE: {"max_retries": 8, "min_backoff": 1_000, "max_backoff": 120_000},
-    Stage.RENDER: {"max_retries": 5, "min_backoff": 500, "max_backoff": 30_000},
-    Stage.DELIVER: {
-        "max_retries": 10,
-        "min_backoff": 5_000,
-        "max_backoff": 600_000,
-        "max_age": 7 * DAY - HOUR,
-        "time_limit": 120_000,
-        # A permanent refusal is recorded on the submission, then dead-lettered for an operator.
-        "throws": (*NOT_RETRIED, PermanentDeliveryError),
-    },
-    Stage.CONSENT: {
-        "max_retries": 8,
-        "min_backoff": 1_000,
-        "max_backoff": 120_000,
-        "max_age": 7 * DAY,
-    },
-    Stage.NOTIFY: {"max_retries": 10, "min_backoff": 5_000, "max_backoff": 600_000, "max_age": DAY},
-    Stage.INBOUND: {"max_retries": 8, "min_backoff": 1_000, "max_backoff": 120_000},
-    Stage.NOTICE: {
-        "max_retries": 10,
-        "min_backoff": 5_000,
-        "max_backoff": 600_000,
-        "max_age": 7 * DAY - HOUR,
-    },
-}
-DEFAULT_POLICY: dict[str, Any] = {"max_age": DAY, "time_limit": 60_000, "throws": NOT_RETRIED}
+
+def options(stage: Stage) -> dict[str, Any]:
+    """The stage's actor options: its retry policy from the table of stages
+    (:data:`workers.pipeline.states.STAGES`), and what is never retried."""
+    policy = STAGES[stage]
+    # A permanent refusal is recorded on the submission, then dead-lettered for an operator.
+    refused = () if policy.retries_refusals else (PermanentDeliveryError,)
+    return policy.options() | {"throws": (*NOT_RETRIED, *refused)}
+
 
 # Each submission a message was about, and its error (None when the stage did its work).
 Outcome = tuple[str, BaseException | None]
@@ -321,7 +297,7 @@ def setup(settings: Settings | None = None) -> dramatiq.Broker:
             broker=broker,
             queue_name=stage.queue,
             actor_name=stage.actor,
-            **(DEFAULT_POLICY | POLICIES[stage]),
+            **options(stage),
         )
         declare(_actor_function(stage))
     dramatiq.set_broker(broker)

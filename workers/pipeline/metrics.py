@@ -27,6 +27,7 @@ from workers.database.models import (
 )
 from workers.mp import health
 from workers.pipeline.dead_letters import dead_counts, mail_pause, queue_depths
+from workers.pipeline.states import STATES
 
 
 class DearmpCollector(Collector):
@@ -74,8 +75,9 @@ class DearmpCollector(Collector):
                 .where(InboundMessage.status == InboundStatus.HELD)
             )
         states = GaugeMetricFamily("dearmp_submissions", "Submissions per state", labels=["state"])
-        for state, count in by_state:
-            states.add_metric([state], count)
+        counts = dict(by_state)
+        for state in STATES:  # every state of the table, 0 when none is in it
+            states.add_metric([state.value], counts.get(state.value, 0))
         yield states
         sent = CounterMetricFamily(
             "dearmp_letters", "Letters sent and failed per campaign", labels=["campaign", "outcome"]

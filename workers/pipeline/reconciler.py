@@ -31,18 +31,15 @@ from workers.database.models import (
 from workers.database.transitions import advance
 from workers.mp.directory import current_version_id
 from workers.pipeline.dispatch import dispatch
+from workers.pipeline.states import RESENT_TO
 from workers.stages import survey
 from workers.stages.confirmation import ConfirmationPolicy
 from workers.stages.stage import Stage
 
 log = structlog.get_logger(__name__)
 
-STAGE_FOR_STATE = {
-    State.RECEIVED: Stage.VALIDATE,
-    State.VALIDATED: Stage.RESOLVE,
-    State.RESOLVED: Stage.RENDER,
-    State.RENDERED: Stage.DELIVER,
-}
+# The states resent to their stage once stopped (the table's; held and unconfirmed below).
+STAGE_FOR_STATE = RESENT_TO
 BATCH = 1000
 
 

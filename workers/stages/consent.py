@@ -11,6 +11,7 @@ from schemas.submission import CHANNELS
 from workers.database.models import EVENTS, SUBMISSIONS, State, utcnow
 from workers.database.transitions import Apply, current, done, group_writes, rowcount
 from workers.letters.campaigns import get_definition
+from workers.pipeline.states import reached_only_through
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, hold
 
@@ -24,9 +25,7 @@ _WAS_VALIDATED = select(
     )
 )
 # States only a validated submission reaches (others, like rejected, may come before or after).
-PAST_VALIDATION = frozenset(
-    {State.VALIDATED, State.RESOLVED, State.HELD, State.RENDERED, State.DELIVERED}
-)
+PAST_VALIDATION = reached_only_through(State.VALIDATED)
 _MARK_LOGGED = (
     update(SUBMISSIONS)
     .where(SUBMISSIONS.c.id == bindparam("submission"), SUBMISSIONS.c.consent_logged_at.is_(None))

@@ -8,7 +8,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.submission import Postcode, SubmissionV1, single_line
-from workers.database.models import State
+from workers.pipeline.states import OUTCOMES as STATE_OUTCOMES
+from workers.pipeline.states import State
 
 HONEYPOT = "website"
 
@@ -106,22 +107,9 @@ class StatusOut(BaseModel):
     outcome: str
 
 
-# What each state means to the supporter: the status endpoint, the page and `dearmp show` say it.
-OUTCOMES = {
-    State.UNCONFIRMED: "Waiting for you to confirm by email.",
-    State.EXPIRED: "Never confirmed, so it was not sent.",
-    State.RECEIVED: "Received.",
-    State.VALIDATED: "Checked; finding your MP.",
-    State.HELD: "Waiting until your constituency has an MP.",
-    State.RESOLVED: "Your MP is found; preparing the letter.",
-    State.RENDERED: "On its way to your MP.",
-    State.DELIVERED: "Delivered to your MP.",
-    State.REJECTED: "Not sent: see the reasons.",
-    State.FAILED: "We could not deliver it. The campaign team has been told.",
-    State.WITHDRAWN: "Withdrawn at your request.",
-    State.BOUNCED: "Returned by your MP's mail server, so it did not reach them. "
-    "The campaign team has been told.",
-}
+# What each state means to the supporter: the status endpoint, the page and `dearmp show` say it
+# (the table of states' outcomes).
+OUTCOMES: dict[State, str] = STATE_OUTCOMES
 
 
 def problem(

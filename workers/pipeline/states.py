@@ -1,0 +1,178 @@
+"""The pipeline as data: every state a submission can be in, in one table.
+
+For each state: the stage that acts on a submission in it (none for a final state), the states
+it may move to, whether it is final, and what it means to the supporter (the status API, the
+page and ``dearmp show`` all say this text). Each stage's retry policy (its dramatiq options) is
+in the table of stages below it. Everything else derives from these two tables: the actors'
+options, the reconciler's resends, :data:`FINAL_STATES`, the outcomes, the metrics' labels, and
+the guard in :func:`workers.database.transitions.advance`, which refuses a move not listed here.
+
+Adding a state is adding a row (and its outcome); see the README's "Adding a stage".
+This module imports nothing of the project but :class:`Stage`, so the models can use it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from workers.stages.stage import Stage
+
+HOUR = 3_600_000  # dramatiq's durations are in milliseconds
+DAY = 24 * HOUR
+
+
+class State(StrEnum):
+    """Where a submission is (``submissions.state``, at most 16 characters)."""
+
+    UNCONFIRMED = "unconfirmed"
+    EXPIRED = "expired"
+    RECEIVED = "received"
+    VALIDATED = "validated"
+    REJECTED = "rejected"
+    HELD = "held"
+    RESOLVED = "resolved"
+    RENDERED = "rendered"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    WITHDRAWN = "withdrawn"
+    BOUNCED = "bounced"
+
+    @property
+    def is_final(self) -> bool:
+        return STATES[self].final
+
+
+class Row(NamedTuple):
+    stage: Stage | None  # the stage that acts on a submission in this state
+    next: tuple[State, ...]  # the states the pipeline moves it to from here
+    outcome: str  # what it means to the supporter: status API, page, `dearmp show`
+    final: bool = False  # the pipeline is done with it: nothing resends it
+    # After a final state: the moves that what comes back, or an operator, may still make.
+    later: tuple[State, ...] = ()
+    # The reconciler sends it to its stage again once its last dispatch is older than the
+    # deadline. (Held and unconfirmed submissions are looked at on timetables of their own.)
+    resent: bool = True
+
+
+S = State
+# Where a submission starts: unconfirmed when its campaign asks the sender to confirm by email.
+STARTS = (S.RECEIVED, S.UNCONFIRMED)
+# Any state that is not final may also end here: erased at the supporter's request before a
+# letter went, or failed when its stage was dead-lettered again and again (pipeline.failures).
+FROM_ANY_UNFINISHED = (S.WITHDRAWN, S.FAILED)
+
+# fmt: off
+STATES: dict[State, Row] = {
+    # Waiting for the sender to click the link in their email; NOTIFY sends it (and a reminder).
+    S.UNCONFIRMED: Row(Stage.NOTIFY, (S.RECEIVED, S.EXPIRED),
+                       "Waiting for you to confirm by email.", resent=False),
+    S.RECEIVED:    Row(Stage.VALIDATE, (S.VALIDATED, S.REJECTED),
+                       "Received."),
+    S.VALIDATED:   Row(Stage.RESOLVE, (S.RESOLVED, S.HELD, S.REJECTED, S.FAILED),
+                       "Checked; finding your MP."),
+    # The seat has no MP to write to yet, or the MP's address fails: resolution is tried again
+    # when the directory changes, and every few hours (so that a hold can expire).
+    S.HELD:        Row(Stage.RESOLVE, (S.RESOLVED, S.REJECTED, S.FAILED),
+                       "Waiting until your constituency has an MP.", resent=False),
+    S.RESOLVED:    Row(Stage.RENDER, (S.RENDERED, S.FAILED),
+                       "Your MP is found; preparing the letter."),
+    S.RENDERED:    Row(Stage.DELIVER, (S.DELIVERED, S.FAILED),
+                       "On its way to your MP."),
+    # Taken by the relay; returned for good by the MP's server later, it is bounced.
+    S.DELIVERED:   Row(None, (), "Delivered to your MP.", final=True, later=(S.BOUNCED,)),
+    # Sent again to a corrected address by an operator (`dearmp replies resend-bounced`).
+    S.BOUNCED:     Row(None, (), "Returned by your MP's mail server, so it did not reach them. "
+                       "The campaign team has been told.", final=True, later=(S.RESOLVED,)),
+    # The supporter is told why: reasons per field.
+    S.REJECTED:    Row(None, (), "Not sent: see the reasons.", final=True),
+    # Needs an explanation (the reason is recorded); an operator may reopen a failed delivery
+    # (`dearmp deliveries reopen`).
+    S.FAILED:      Row(None, (), "We could not deliver it. The campaign team has been told.",
+                       final=True, later=(S.RENDERED,)),
+    S.EXPIRED:     Row(None, (), "Never confirmed, so it was not sent.", final=True),
+    S.WITHDRAWN:   Row(None, (), "Withdrawn at your request.", final=True),
+}
+# fmt: on
+
+
+class Policy(NamedTuple):
+    """A stage's retry policy, as dramatiq's actor options: bounded retries with backoff, a time
+    limit per attempt, and a maximum age after which a message is dead-lettered instead of run.
+    A message is young again whenever it is re-sent (deferral, reconciler, requeue), so the age
+    bounds retrying."""
+
+    max_retries: int
+    min_backoff: int
+    max_backoff: int
+    max_age: int = DAY
+    time_limit: int = 60_000
+    # A permanent refusal by the mail server is recorded on the submission and dead-lettered
+    # for an operator at once, not retried.
+    retries_refusals: bool = True
+
+    def options(self) -> dict[str, Any]:
+        """The numbers as dramatiq's keyword options (the actors add what is never retried)."""
+        return {name: value for name, value in self._asdict().items() if name != "retries_refusals"}
+
+
+# fmt: off
+STAGES: dict[Stage, Policy] = {
+    Stage.VALIDATE: Policy(max_retries=5, min_backoff=500, max_backoff=30_000),
+    Stage.RESOLVE:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000),
+    Stage.RENDER:   Policy(max_retries=5, min_backoff=500, max_backoff=30_000),
+    Stage.DELIVER:  Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
+                           max_age=7 * DAY - HOUR, time_limit=120_000, retries_refusals=False),
+    Stage.NOTIFY:   Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000),
+    # Acting on no state of its own: the consent record of every validated submission.
+    Stage.CONSENT:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000, max_age=7 * DAY),
+    # After a letter is sent: what came back to it, and emails to the supporter about it.
+    Stage.INBOUND:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000),
+    Stage.NOTICE:   Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
+                           max_age=7 * DAY - HOUR),
+}
+# fmt: on
+
+
+# Derived from the tables.
+
+FINAL_STATES = frozenset(state for state, row in STATES.items() if row.final)
+OUTCOMES: dict[State, str] = {state: row.outcome for state, row in STATES.items()}
+# What the reconciler resends to which stage once it has stopped moving.
+RESENT_TO: dict[State, Stage] = {
+    state: row.stage for state, row in STATES.items() if row.stage is not None and row.resent
+}
+
+
+def moves_from(state: State) -> tuple[State, ...]:
+    """Every state a submission in ``state`` may be moved to."""
+    row = STATES[state]
+    return row.next + row.later + (() if row.final else FROM_ANY_UNFINISHED)
+
+
+MOVES: frozenset[tuple[str, str]] = frozenset(
+    (state, to) for state in STATES for to in moves_from(state)
+)
+
+
+def policy(state: State) -> Policy | None:
+    """The retry policy of the stage acting on ``state`` (None for a final state)."""
+    stage = STATES[state].stage
+    return None if stage is None else STAGES[stage]
+
+
+def reached_only_through(through: State) -> frozenset[State]:
+    """The states a submission can reach only by passing ``through`` (the pipeline's moves and
+    the ends open to any unfinished state; not the later moves an operator makes)."""
+
+    def reachable(starts: tuple[State, ...], avoiding: State | None) -> set[State]:
+        seen, todo = set(starts) - {avoiding}, [s for s in starts if s != avoiding]
+        while todo:
+            row = STATES[todo.pop()]
+            for to in row.next + (() if row.final else FROM_ANY_UNFINISHED):
+                if to != avoiding and to not in seen:
+                    seen.add(to)
+                    todo.append(to)
+        return seen
+
+    return frozenset(reachable((through,), None) - reachable(STARTS, through))
