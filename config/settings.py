@@ -135,6 +135,15 @@ class Settings(BaseSettings):
     # session is closed (RFC 5321 suggests 5 minutes; a sender whose session is closed retries).
     inbound_max_sessions: int = Field(default=100, ge=1, alias="DEARMP_INBOUND_MAX_SESSIONS")
     inbound_idle_seconds: float = Field(default=60.0, gt=0, alias="DEARMP_INBOUND_IDLE_SECONDS")
+    # Sessions open at once from one address (more are answered 421: one host cannot take every
+    # place), and seconds a session may last in all, bytes or none (a peer sending a byte a
+    # minute is never idle; 10 minutes carries the largest message at a slow relay's pace).
+    inbound_max_sessions_per_peer: int = Field(
+        default=5, ge=1, alias="DEARMP_INBOUND_MAX_SESSIONS_PER_PEER"
+    )
+    inbound_session_seconds: float = Field(
+        default=600.0, gt=0, alias="DEARMP_INBOUND_SESSION_SECONDS"
+    )
     # A certificate (PEM, with its chain) and its key: the receiver offers STARTTLS. Unset: no
     # STARTTLS (relays then deliver in clear).
     inbound_tls_cert: Path | None = Field(default=None, alias="DEARMP_INBOUND_TLS_CERT")

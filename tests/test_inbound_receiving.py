@@ -271,6 +271,8 @@ class Receiver:
         max_sessions: int = 100,
         idle_seconds: float = 60.0,
         tls: ssl.SSLContext | None = None,
+        per_peer: int = 5,
+        session_seconds: float = 600.0,
     ) -> None:
         self.sessions = make_sessionmaker(make_engine(url))
         self.sent_on: list[str] = []
@@ -280,6 +282,8 @@ class Receiver:
         self.controller = InboundController(
             handler,
             max_sessions,
+            per_peer,
+            session_seconds,
             hostname="127.0.0.1",
             port=free_port(),
             **server_options(1_000_000, idle_seconds, tls),
@@ -296,9 +300,11 @@ class Receiver:
     def client(self) -> smtplib.SMTP:
         return smtplib.SMTP("127.0.0.1", self.controller.port, timeout=30)
 
-    def connect(self) -> tuple[socket.socket, bytes]:
-        """A raw connection, and its greeting."""
-        conn = socket.create_connection(("127.0.0.1", self.controller.port), timeout=30)
+    def connect(self, source: str = "127.0.0.1") -> tuple[socket.socket, bytes]:
+        """A raw connection (from ``source``, an address of the loopback), and its greeting."""
+        conn = socket.create_connection(
+            ("127.0.0.1", self.controller.port), timeout=30, source_address=(source, 0)
+        )
         return conn, conn.recv(1000)
 
     def rows(self) -> list[InboundMessage]:
@@ -451,10 +457,63 @@ def test_an_idle_session_is_closed(smtp_db: str) -> None:
 
 
 @pytest.mark.smtp
+def test_a_session_trickling_bytes_is_closed_once_it_has_lasted_its_time(smtp_db: str) -> None:
+    """A byte at a time keeps a session from ever being idle: it still ends, with 421, once it
+    has been open DEARMP_INBOUND_SESSION_SECONDS, and its place is free again."""
+    with Receiver(smtp_db, idle_seconds=5, session_seconds=1.5, max_sessions=1) as receiver:
+        conn, greeting = receiver.connect()
+        assert greeting.startswith(b"220")
+        conn.settimeout(0.1)  # a byte every tenth of a second, well inside the idle time
+        started, said = time.monotonic(), b""
+        while time.monotonic() - started < 15:
+            try:
+                conn.sendall(b"x")
+                chunk = conn.recv(1000)
+            except TimeoutError:
+                continue
+            except OSError:  # closed while we wrote
+                break
+            said += chunk
+            if not chunk:
+                break
+        lasted = time.monotonic() - started
+        conn.close()
+        assert said.startswith(b"421 4.4.2") and lasted < 10, (said, lasted)
+        again, greeting = receiver.connect()  # the one place is free
+        assert greeting.startswith(b"220")
+        again.close()
+
+
+@pytest.mark.smtp
+def test_one_address_holds_at_most_its_share_of_sessions(smtp_db: str) -> None:
+    """Beyond DEARMP_INBOUND_MAX_SESSIONS_PER_PEER from one address, 421; other addresses still
+    get in, and a session that ends frees its address's place."""
+    with Receiver(smtp_db, max_sessions=10, per_peer=2) as receiver:
+        held = [receiver.connect() for _ in range(2)]
+        assert all(greeting.startswith(b"220") for _, greeting in held)
+        extra, greeting = receiver.connect()
+        assert greeting.startswith(b"421 4.7.0 Too many connections from you")
+        assert closed_by_server(extra) == b""
+        extra.close()
+        other, greeting = receiver.connect(source="127.0.0.2")  # another host
+        assert greeting.startswith(b"220")
+        leaving, _ = held.pop()
+        leaving.sendall(b"QUIT\r\n")
+        assert closed_by_server(leaving).startswith(b"221")
+        leaving.close()
+        held.append(receiver.connect())
+        assert held[-1][1].startswith(b"220")
+        for conn, _ in [*held, (other, b"")]:
+            conn.sendall(b"QUIT\r\n")
+            assert closed_by_server(conn).startswith(b"221")
+            conn.close()
+
+
+@pytest.mark.smtp
 def test_sessions_beyond_the_cap_are_told_421_and_a_closed_one_frees_its_place(
     smtp_db: str,
 ) -> None:
-    with Receiver(smtp_db, max_sessions=3) as receiver:
+    with Receiver(smtp_db, max_sessions=3) as receiver:  # 3 places; 5 for one address
         held = [receiver.connect() for _ in range(3)]
         assert all(greeting.startswith(b"220") for _, greeting in held)
         for _ in range(5):

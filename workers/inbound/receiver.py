@@ -8,8 +8,10 @@
 - A message larger than ``max_bytes`` is refused (552, aiosmtpd's size limit), and a peer
   sending more than ``per_minute`` messages is told to try later (450) at MAIL.
 - It offers STARTTLS when a certificate and key are configured (relays use TLS when offered),
-  closes a session idle for ``idle_seconds`` and answers ``421`` to a connection beyond
-  ``max_sessions`` open at once: idle peers cannot hold the door shut.
+  closes a session idle for ``idle_seconds`` or open for ``session_seconds`` in all (a peer
+  trickling a byte a minute is never idle), and answers ``421`` to a connection beyond
+  ``max_sessions`` open at once or beyond ``per_peer`` open from its address: neither idle nor
+  slow peers can hold the door shut, and one host cannot take every place.
 - It answers ``250`` only once the message is committed to the database, the same promise a
   mail server makes; then it sends the inbound stage its id. If Redis is away, the reconciler
   sends it later from the database. A database that cannot store it gets 451: the sending
@@ -143,62 +145,109 @@ class InboundHandler:
 
 
 class SessionCap:
-    """At most ``limit`` SMTP sessions open at once (counted on the receiver's one event loop)."""
+    """At most ``limit`` SMTP sessions open at once, ``per_peer`` of them from one address, each
+    open ``seconds`` at the most (counted on the receiver's one event loop)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, per_peer: int = 5, seconds: float = 600.0) -> None:
+        self.limit, self.per_peer, self.seconds = limit, per_peer, seconds
         self.open = 0
+        self.peers: dict[str, int] = {}  # address -> sessions open from it
 
-    def enter(self) -> bool:
+    def enter(self, peer: str) -> str | None:
+        """None when the session may start, else the answer that refuses it."""
         if self.open >= self.limit:
-            return False
+            return "421 4.7.0 Too many connections; try again later"
+        if self.peers.get(peer, 0) >= self.per_peer:
+            return "421 4.7.0 Too many connections from you; try again later"
         self.open += 1
-        return True
+        self.peers[peer] = self.peers.get(peer, 0) + 1
+        return None
 
-    def leave(self) -> None:
+    def leave(self, peer: str) -> None:
         self.open -= 1
+        left = self.peers.pop(peer) - 1
+        if left:
+            self.peers[peer] = left
+
+
+def _address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 class CappedSMTP(SMTP):
-    """aiosmtpd's SMTP session, which answers ``421`` and closes when the cap is reached, and
-    counts a session idle only when no bytes come (a slow relay's large DATA is not cut)."""
+    """aiosmtpd's SMTP session, which answers ``421`` and closes when a cap is reached (all
+    sessions, or its peer's), counts a session idle only when no bytes come (a slow relay's
+    large DATA is not cut), and ends it with ``421`` once it has been open ``cap.seconds``
+    whatever comes (a peer sending a byte a minute would otherwise hold it for ever)."""
 
     def __init__(self, handler: Any, cap: SessionCap, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.cap = cap
+        self.peer_address = ""
+        self.refusal: str | None = None
         self.counted = False
+        self.deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not STARTTLS's second call, with the TLS transport
-            self.counted = self.cap.enter()
+            self.peer_address = _address(transport)
+            self.refusal = self.cap.enter(self.peer_address)
+            self.counted = self.refusal is None
+            if self.counted:
+                self.deadline = self.loop.call_later(self.cap.seconds, self._too_long)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
         if self.counted:
             self.counted = False
-            self.cap.leave()
+            self.cap.leave(self.peer_address)
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
         self._reset_timeout()
         super().data_received(data)
 
+    def _too_long(self) -> None:
+        """The session has been open ``cap.seconds``: say so and close it (as an idle one is)."""
+        self.deadline = None
+        log.warning("inbound_session_too_long", seconds=self.cap.seconds)
+        if self.transport is not None:
+            self._writer.write(b"421 4.4.2 Session too long; closing connection\r\n")
+            self.transport.close()
+
     async def _handle_client(self) -> None:
         if self.counted:
             await super()._handle_client()
             return
-        log.warning("inbound_sessions_capped", limit=self.cap.limit)
-        await self.push("421 4.7.0 Too many connections; try again later")
+        log.warning(
+            "inbound_sessions_capped",
+            answer=self.refusal,
+            limit=self.cap.limit,
+            per_peer=self.cap.per_peer,
+        )
+        await self.push(self.refusal or "421 4.7.0 Too many connections; try again later")
         if self.transport is not None:
             self.transport.close()
 
 
 class InboundController(Controller):
-    """aiosmtpd's controller (a thread with its own event loop) serving :class:`CappedSMTP`."""
+    """aiosmtpd's controller (a thread with its own event loop) serving :class:`CappedSMTP`:
+    ``max_sessions`` at once, ``per_peer`` from one address, each for ``session_seconds``."""
 
-    def __init__(self, handler: Any, max_sessions: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        max_sessions: int,
+        per_peer: int = 5,
+        session_seconds: float = 600.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
-        self.cap = SessionCap(max_sessions)
+        self.cap = SessionCap(max_sessions, per_peer, session_seconds)
 
     def factory(self) -> SMTP:
         return CappedSMTP(self.handler, self.cap, **self.SMTP_kwargs)

@@ -136,6 +136,8 @@ def start_receiver(
     controller = InboundController(
         handler,
         settings.inbound_max_sessions,
+        settings.inbound_max_sessions_per_peer,
+        settings.inbound_session_seconds,
         hostname=host or settings.inbound_host,
         port=port or settings.inbound_port,
         **server_options(
