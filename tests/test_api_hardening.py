@@ -109,6 +109,30 @@ def test_an_ipv4_client_in_ipv6_form_is_limited_as_its_ipv4_address(
     assert hashes == {ip_hash(app.secret, "203.0.113.1"), ip_hash(app.secret, "203.0.113.2")}
 
 
+@pytest.mark.parametrize("form", ["::ffff:198.51.100.7", "64:ff9b::c633:6407", "2002:c633:6407::1"])
+def test_an_ipv4_client_in_any_ipv6_form_is_one_client_for_its_evidence_and_its_limit(
+    app: App, stub_broker: Any, form: str
+) -> None:
+    """The consent evidence and the rate limit read an IPv6 form of an IPv4 address one way
+    (IPv4-mapped, NAT64, 6to4): the hashed address recorded is the IPv4 one the limit counts."""
+    app.settings.api_ip_limit, app.settings.api_email_limit = 1, 0
+    api = create_app(lambda: app, stub_broker)
+
+    def post_from(host: str) -> int:
+        with ApiClient(api, client=(host, 5000)) as one:
+            return one.post("/v1/submissions", json=posted()).status_code
+
+    assert post_from(form) == 202
+    with session_scope(app.sessions) as session:
+        hashes = set(session.scalars(select(Submission.client_ip_hash)))
+    assert (
+        hashes
+        == {ip_hash(app.secret, "198.51.100.7")}
+        == {ip_hash(app.secret, limiter_network(form))}
+    )
+    assert post_from("198.51.100.7") == 429  # the same client
+
+
 @pytest.mark.parametrize(
     ("address", "client"),
     [

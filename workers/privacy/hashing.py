@@ -65,7 +65,9 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 one stands for: IPv4-mapped (``::ffff:a.b.c.d``, what a
-    dual-stack proxy reports for an IPv4 client), 6to4 or NAT64; else None."""
+    dual-stack proxy reports for an IPv4 client), 6to4 or NAT64; else None. The one reading of
+    it: the API's client address (its consent evidence) and :func:`limiter_network` both use
+    it, so the client a limit counts is the one the evidence names."""
     if address.ipv4_mapped is not None:
         return address.ipv4_mapped
     if address.sixtofour is not None:

@@ -11,18 +11,23 @@ from fastapi import Request
 
 from workers.letters.rate_limits import Limit
 from workers.pipeline.app import App
+from workers.privacy.hashing import embedded_ipv4
 
 
 def client_ip(request: Request) -> str | None:
     """The peer's address (uvicorn applies X-Forwarded-For from trusted proxies), if it is one;
-    an IPv4 client that a dual-stack proxy reports as ``::ffff:a.b.c.d`` as its IPv4 address."""
+    an IPv6 form of an IPv4 client (``::ffff:a.b.c.d`` from a dual-stack proxy, NAT64, 6to4:
+    :func:`~workers.privacy.hashing.embedded_ipv4`, the rate limits' reading too) as its IPv4
+    address, so its consent evidence and its limits name one client."""
     host = request.client.host if request.client else ""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        ipv4 = embedded_ipv4(address)
+        if ipv4 is not None:
+            return str(ipv4)
     return str(address)
 
 
