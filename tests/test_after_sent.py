@@ -639,7 +639,7 @@ def test_notices_are_signed_for_the_campaigns_domain(tmp_path: Path) -> None:
         "3f1e6c1a-8a54-4d3e-9a55-0c1f2e3d4b5a", sender, SUPPORTER, "Jane Smith", 1, utcnow()
     )
     signer = DkimSigner("dearmp", dkim_keys()[0])
-    mail = notices.outgoing(message, "n-x@" + BOUNCES, signer, sender.domain)
+    mail = notices.outgoing(message, "n-x@" + BOUNCES, signer)
     assert dkim.verify(mail.data, dnsfunc=dkim_dns)
     assert b"d=campaign.example.org" in mail.data
     assert mail.sender == "n-x@" + BOUNCES and mail.recipients == [SUPPORTER]

@@ -149,3 +149,28 @@ def test_only_the_canonical_spelling_of_a_token_is_ours() -> None:
         if c != local[-1] and decoded(local[2:-1] + c) == decoded(local[2:])
     )
     assert returns.read(f"{local[:-1]}{spare}@bounces.example.org") is None
+
+
+@pytest.mark.parametrize("charset", ["x-no-such", "unknown-8bit", "idna", "undefined", "base64"])
+@pytest.mark.parametrize("subtype", ["plain", "html"])
+def test_a_bounce_in_a_charset_python_does_not_know_is_still_a_bounce(
+    charset: str, subtype: str
+) -> None:
+    raw = samples.exim_plain(MID, MP, RETURN).replace(
+        b"\r\n\r\n", f"\r\nContent-Type: text/{subtype}; charset={charset}\r\n\r\n".encode(), 1
+    )
+    found = classify(raw)
+    assert (found.kind, found.status) == ("bounce", "5.1.1")
+    if subtype == "plain":  # (as HTML, the text's lines are one paragraph)
+        assert found.diagnostic and "550 5.1.1" in found.diagnostic
+        assert found.original_message_id == MID
+
+
+def test_an_html_bounce_is_read_as_the_text_a_reader_sees() -> None:
+    raw = samples.exim_plain(MID, MP, RETURN).replace(
+        b"\r\n\r\n", b"\r\nContent-Type: text/html; charset=utf-8\r\n\r\n", 1
+    )
+    raw = raw.replace(b"550 5.1.1", b"<b>550</b>&nbsp;5.1.1")
+    found = classify(raw)
+    assert (found.kind, found.status) == ("bounce", "5.1.1")
+    assert found.diagnostic and "&nbsp;" not in found.diagnostic and "<b>" not in found.diagnostic

@@ -37,7 +37,7 @@ from tests.test_after_sent import (
 from workers.cli import main
 from workers.database.engine import session_scope
 from workers.database.models import AddressHealth, Notice, Submission, utcnow
-from workers.inbound.classify import acknowledgement, classify, reply_origin
+from workers.inbound.classify import acknowledgement, automated, classify, reply_origin
 from workers.inbound.store import store
 from workers.letters.outcomes import report, resend_bounced
 from workers.mp import health
@@ -182,10 +182,59 @@ def test_only_the_relays_own_authentication_results_vouch_for_a_reply() -> None:
     assert reply_origin(authenticated(MP, good), MP, ours) is None
     assert reply_origin(authenticated(MP), MP, ours) is not None
     assert reply_origin(authenticated(MP, theirs), MP, ours) is not None  # anyone can write one
-    # One the sender wrote with our id does not outvote the relay's, above or below it.
+    # Every header with our id above the first Received must pass: a failing one of ours is
+    # not outvoted.
     assert reply_origin(authenticated(MP, failed, forged), MP, ours) is not None
     assert reply_origin(authenticated(MP, forged, failed), MP, ours) is not None
     assert reply_origin(authenticated("x@collect.example", good), MP, ours) is not None
+
+
+def below_received(raw: bytes, *results: str) -> bytes:
+    """``raw`` with Authentication-Results headers under its first Received: as a sender
+    writes them, before our relay adds its Received on top."""
+    head, received, rest = raw.partition(b"\r\nFrom: ")
+    assert received
+    written = "".join(f"Authentication-Results: {r}\r\n" for r in results).encode()
+    return head + b"\r\n" + written + b"From: " + rest
+
+
+def test_authentication_results_the_sender_wrote_with_our_id_are_not_believed() -> None:
+    """The authserv-id is usually the MX's public name: anyone can write a header with it.
+    Only those above the first Received (added by our relay when it received the message) are
+    the relay's."""
+    ours = {"mx.campaign.example.org"}
+    good = "mx.campaign.example.org; dmarc=pass header.from=parliament.example"
+    failed = "mx.campaign.example.org; dmarc=fail header.from=parliament.example"
+    # A forged pass below the Received, and nothing from the relay: held.
+    assert reply_origin(below_received(authenticated(MP), good), MP, ours) is not None
+    # A forged pass below does not outvote the relay's fail above...
+    assert reply_origin(below_received(authenticated(MP, failed), good), MP, ours) is not None
+    # ...and a forged fail below does not spoil the relay's pass above.
+    assert reply_origin(below_received(authenticated(MP, good), failed), MP, ours) is None
+    # With no Received at all, the message came through no relay: nothing of ours vouches.
+    no_relay = authenticated(MP, good).replace(
+        b"Received: from mail.parliament.example by mx.campaign.example.org\r\n", b""
+    )
+    assert b"Received" not in no_relay
+    assert reply_origin(no_relay, MP, ours) is not None
+
+
+@pytest.mark.parametrize(
+    "mp", ["jane.smith.mp@gmail.com", "Jane.Smith@btinternet.com", "office@yahoo.fr"]
+)
+def test_on_a_shared_mail_service_only_the_mps_own_address_is_from_the_office(mp: str) -> None:
+    domain = mp.rsplit("@", 1)[1]
+    assert reply_origin(authenticated(mp), mp, set()) is None
+    assert reply_origin(authenticated(mp.lower()), mp, set()) is None
+    assert reply_origin(authenticated(f"refunds@{domain}"), mp, set()) == (
+        "the MP's address is on a shared mail service and the sender is not it"
+    )
+    assert reply_origin(authenticated(f"x@mail.{domain}"), mp, set()) is not None
+    # With the relay's results too, a DMARC pass for the service's domain is not enough.
+    ours = {"mx.campaign.example.org"}
+    passed = f"mx.campaign.example.org; dmarc=pass header.from={domain}"
+    assert reply_origin(authenticated(mp, passed), mp, ours) is None
+    assert reply_origin(authenticated(f"refunds@{domain}", passed), mp, ours) is not None
 
 
 def test_with_the_relay_configured_a_reply_it_did_not_vouch_for_is_held(
@@ -199,6 +248,7 @@ def test_with_the_relay_configured_a_reply_it_did_not_vouch_for_is_held(
     assert inbound_row(app, spoofed).status == "held"
     vouched = (
         f"Authentication-Results: mx.campaign.example.org; dmarc=pass header.from={domain}\r\n"
+        "Received: from mail.parliament.example by mx.campaign.example.org\r\n"
     )
     genuine = receive(
         app,
@@ -209,6 +259,18 @@ def test_with_the_relay_configured_a_reply_it_did_not_vouch_for_is_held(
     )
     assert inbound_row(app, genuine).status == "done"
     assert len(outbox(app)) == 1 and events(app, sid) == [("reply", None)]
+    # The same header written by the sender (below the relay's Received) vouches for nothing.
+    forged = receive(
+        app,
+        stub_broker,
+        stub_worker,
+        reply_to,
+        b"Received: from mail.collect.example by mx.campaign.example.org\r\n"
+        + vouched.encode()
+        + raw.replace(b"<reply-", b"<reply-forged-"),
+    )
+    assert inbound_row(app, forged).status == "held"
+    assert len(outbox(app)) == 1
 
 
 # -- 5. once per Message-ID, and a cap that holds under concurrency ----------------------------
@@ -342,10 +404,19 @@ ACKNOWLEDGEMENTS = [
     "constituents; if you have not done so already, please reply with your full postal address.",
     "Thank you for your email to Sir Alex Rivers MP. Your email has been received and will be "
     "dealt with as soon as possible. If your matter is urgent, please call 020 7219 0000.",
+]
+# Words only a machine writes: automatic replies, whatever their headers.
+AUTOMATED = [
     "Thank you for getting in touch. This is an automated response: the office receives a large "
     "number of emails and we will reply to constituents in turn.",
     "Dear constituent,\nThanks for your email. Please do not reply to this email.\nThe office",
 ]
+# A substantive reply that reads like an acknowledgement: a form reply on the subject.
+FORM_REPLY = (
+    "Thank you for contacting me about the climate bill. I have received a large number of "
+    "emails on this subject, so I hope you will forgive a reply to all of them. I share your "
+    "concern: I will vote for the bill at its second reading next week.\nJane Smith MP"
+)
 REPLIES_THAT_THANK = [
     "Dear Sam,\nThank you for contacting me about the detention of political prisoners. I share "
     "your concern and have written to the Foreign Secretary. I will let you know when I receive "
@@ -368,12 +439,67 @@ def _office_mail(words: str) -> bytes:
     ).encode()
 
 
-@pytest.mark.parametrize("words", ACKNOWLEDGEMENTS)
-def test_an_office_acknowledgement_without_automatic_headers_is_an_automatic_reply(
-    words: str,
-) -> None:
-    assert acknowledgement(" ".join(words.split()))
+@pytest.mark.parametrize("words", [*ACKNOWLEDGEMENTS, FORM_REPLY])
+def test_what_reads_like_an_acknowledgement_is_one_not_an_automatic_reply(words: str) -> None:
+    """Only a guess from the words: a form reply reads the same, so it is not a machine's."""
+    assert acknowledgement(" ".join(words.split())) and not automated(words)
+    assert classify(_office_mail(words)).kind == "acknowledgement"
+
+
+@pytest.mark.parametrize("words", AUTOMATED)
+def test_words_only_a_machine_writes_make_an_automatic_reply(words: str) -> None:
+    assert automated(" ".join(words.split()))
     assert classify(_office_mail(words)).kind == "auto_reply"
+
+
+def _office_reply(words: str, letter: Any, message_id: str, sender: str = "") -> bytes:
+    """``words`` from the letter's MP (or ``sender``) to its reply address."""
+    return (
+        _office_mail(words)
+        .replace(f"b-x@{BOUNCES}".encode(), letter.reply_to.encode())
+        .replace(b"<m@parliament.example>", message_id.encode())
+        .replace(MP.encode(), (sender or letter.to_email).encode())
+    )
+
+
+def test_a_form_reply_read_as_an_acknowledgement_still_reaches_the_supporter(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    """Forwarded like a reply where replies are relayed, its text deleted once sent; it counts
+    as an acknowledgement, so the survey still asks. A machine's automatic reply is not
+    forwarded."""
+    sid, letter, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    form = receive(
+        app, stub_broker, stub_worker, reply_to, _office_reply(FORM_REPLY, letter, "<f@p>")
+    )
+    row = inbound_row(app, form)
+    assert (row.status, row.kind, row.raw) == ("done", "acknowledgement", None)
+    [forward] = outbox(app)
+    assert forward["To"] == SUPPORTER
+    assert "I will vote for the bill" in forward.get_content()
+    machine = receive(
+        app, stub_broker, stub_worker, reply_to, _office_reply(AUTOMATED[0], letter, "<a@p>")
+    )
+    assert inbound_row(app, machine).kind == "auto_reply"
+    assert len(outbox(app)) == 1
+    assert events(app, sid) == [("auto_reply", None), ("auto_reply", None)]
+    with session_scope(app.sessions) as session:
+        from workers.database.models import Delivery
+
+        session.execute(update(Delivery).values(sent_at=utcnow() - timedelta(days=15)))
+    with session_scope(app.sessions) as session:
+        assert len(survey.due(session)) == 1
+
+
+def test_an_acknowledgement_not_from_the_office_is_held_like_a_reply(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    _, letter, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    raw = _office_reply(ACKNOWLEDGEMENTS[0], letter, "<h@p>", "office@collect.example")
+    held = receive(app, stub_broker, stub_worker, reply_to, raw)
+    row = inbound_row(app, held)
+    assert (row.status, row.kind) == ("held", "acknowledgement") and row.raw is not None
+    assert outbox(app) == []
 
 
 @pytest.mark.parametrize("words", REPLIES_THAT_THANK)

@@ -216,7 +216,7 @@ def every_kind(app: App) -> dict[str, Outgoing]:
     }
     kinds = dict(zip(("letter", "confirmation", "reminder"), mailer.sent, strict=True))
     for kind, draft in drafts.items():
-        kinds[kind] = notices.outgoing(draft, envelope, app.signer, SENDER.domain)
+        kinds[kind] = notices.outgoing(draft, envelope, app.signer)
     return kinds
 
 
@@ -243,7 +243,7 @@ def test_an_email_sent_from_its_own_from_address_unsigned_fails_dmarc(
     """The evaluator is not lenient: what confirmations were (unsigned, the envelope their
     From) fails, as it would at a receiving server."""
     draft = notices.bounce_notice(NOTICE_ID, SENDER, SUPPORTER, "Jane", 1, CREATED)
-    mail = notices.outgoing(draft, SENDER.address, None, SENDER.domain)
+    mail = notices.outgoing(draft, SENDER.address, None)
     published = PublishedDns(signed_app.settings.model_copy(update=RELAYED))
     results = judged(mail, published, monkeypatch)
     assert "dmarc=fail" in results, results
@@ -351,7 +351,7 @@ def test_a_notice_is_the_same_email_every_time_it_is_written() -> None:
 
     def sent() -> Outgoing:
         draft = notices.forward(NOTICE_ID, SENDER, SUPPORTER, reply, "Jane", MP, CREATED)
-        return notices.outgoing(draft, "n-x@" + BOUNCES, signer(), SENDER.domain)
+        return notices.outgoing(draft, "n-x@" + BOUNCES, signer())
 
     first, second = sent(), sent()
     assert after_signature(first.data) == after_signature(second.data)
@@ -400,7 +400,7 @@ FORWARD_HEADERS = [
 
 def forwarded(raw: bytes, mp_name: str = "Jane Smith", sender: notices.Sender = SENDER) -> bytes:
     draft = notices.forward(NOTICE_ID, sender, SUPPORTER, raw, mp_name, MP, CREATED)
-    return notices.outgoing(draft, "n-x@" + BOUNCES, signer(), sender.domain).data
+    return notices.outgoing(draft, "n-x@" + BOUNCES, signer()).data
 
 
 def test_an_encoded_line_break_in_a_reply_adds_no_header_to_its_forward() -> None:
@@ -421,8 +421,8 @@ def test_an_encoded_line_break_in_a_reply_adds_no_header_to_its_forward() -> Non
     assert message["Content-Type"].content_type == "text/plain"
     assert str(message["Reply-To"]) == MP
     assert str(message["Subject"]) == (
-        "Reply from Jane Smith X-Injected: mp: X Content-Type: text/html X-Injected: yesa "
-        "X-Injected: sep"
+        "Reply to your letter to Jane Smith X-Injected: mp: X Content-Type: text/html "
+        "X-Injected: yesa X-Injected: sep"
     )
     assert dkim.verify(data, dnsfunc=dkim_dns)
     # Written again by the email package's own writer (what a reader's software may do, on an
@@ -459,8 +459,11 @@ def test_a_forward_says_plainly_who_sent_the_reply() -> None:
     office = "caseworker@office.parliament.example"
     data = forwarded(reply("RE: Please act", sender=f'"Jane Smith MP" <{office}>'))
     message = email.message_from_bytes(data, policy=email.policy.default)
-    assert message["From"].addresses[0].display_name == f"{office} via {SENDER.name}"
+    # No address in the From name (one that differs from the From's domain is a spam signal),
+    # and the MP's office named only for a sender on the MP's domain.
+    assert message["From"].addresses[0].display_name == f"Office of Jane Smith via {SENDER.name}"
     assert message["From"].addresses[0].addr_spec == SENDER.address
+    assert str(message["Subject"]) == "Reply to your letter to Jane Smith: RE: Please act"
     assert str(message["Reply-To"]) == office
     body = message.get_content().replace("\r\n", "\n")
     assert body.startswith(f"Forwarded from {office}.\n")
@@ -469,8 +472,36 @@ def test_a_forward_says_plainly_who_sent_the_reply() -> None:
 
 @pytest.mark.parametrize(
     "sender",
+    ['"Jane Smith MP" <jane@elsewhere.example>', f'"Jane Smith MP" <{MP}>, <b@x.example>', ""],
+)
+def test_a_forward_from_anyone_else_does_not_claim_the_mp_wrote_it(sender: str) -> None:
+    """A reply an operator released from hold, or whose sender could not be read."""
+    message = email.message_from_bytes(
+        forwarded(reply("RE: Please act", sender=sender)), policy=email.policy.default
+    )
+    name = message["From"].addresses[0].display_name
+    assert name == f"A reply to your letter via {SENDER.name}"
+    assert "@" not in name and "Jane" not in name
+    assert str(message["Subject"]) == "Reply to your letter to Jane Smith: RE: Please act"
+
+
+def test_a_forward_names_the_office_on_a_shared_mail_service_only_for_the_mps_own_address() -> None:
+    mp = "jane.smith.mp@gmail.com"
+
+    def display(sender: str) -> str:
+        draft = notices.forward(
+            NOTICE_ID, SENDER, SUPPORTER, reply("RE: x", sender=sender), "Jane", mp, CREATED
+        )
+        return draft.from_name
+
+    assert display(f"Jane <{mp}>") == f"Office of Jane via {SENDER.name}"
+    assert display("Jane <someone.else@gmail.com>") == f"A reply to your letter via {SENDER.name}"
+
+
+@pytest.mark.parametrize(
+    "sender",
     ["a@parliament.example, b@elsewhere.example", "alice@parliament.example)<bob@evil.example>",
-     "not an address", ""],
+     '"refunds@collect.example" <jane@parliament.example>', "not an address", ""],
 )  # fmt: skip
 def test_a_reply_whose_sender_is_not_one_plain_address_gets_no_reply_to(sender: str) -> None:
     message = email.message_from_bytes(
@@ -534,7 +565,7 @@ def test_a_reply_subject_is_decoded_then_cut_then_encoded_again(subject: str, de
     data = forwarded(reply(subject))
     check_wire(data)
     message = email.message_from_bytes(data, policy=email.policy.default)
-    assert str(message["Subject"]) == f"Reply from Jane Smith: {decoded.rstrip()}"
+    assert str(message["Subject"]) == f"Reply to your letter to Jane Smith: {decoded.rstrip()}"
     assert "\ufffd" not in str(message["Subject"])
 
 
@@ -558,7 +589,7 @@ def test_every_body_line_of_every_kind_of_email_is_at_most_76_characters(
         notices.survey(NOTICE_ID, SENDER, SUPPORTER, wide, links, CREATED, True),
         Draft(SENDER.name, SENDER.address, SUPPORTER, "Letter", CREATED, "<l@x>", wide, html=wide),
     ]
-    mails = [notices.outgoing(d, "n-x@" + BOUNCES, signer(), SENDER.domain) for d in drafts]
+    mails = [notices.outgoing(d, "n-x@" + BOUNCES, signer()) for d in drafts]
     mails += list(every_kind(signed_app).values())  # confirmations and reminders among them
     for mail in mails:
         body = mail.data.split(b"\r\n\r\n", 1)[1]

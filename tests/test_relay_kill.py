@@ -86,7 +86,7 @@ def test_a_reply_forwarded_by_a_worker_killed_mid_forward_arrives_once(
             return [
                 str(m["Message-ID"])
                 for m in server.received.messages
-                if str(m["To"]) == SUPPORTER and "Reply from" in str(m["Subject"])
+                if str(m["To"]) == SUPPORTER and "Reply to your letter" in str(m["Subject"])
             ]
 
         # Taken back after its lease (5 s) by the reconciler, and sent by the new worker.

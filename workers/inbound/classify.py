@@ -5,8 +5,18 @@
 - Bounces that are not RFC 3464 (older Exim, qmail, some appliances): from the mailer daemon or
   with a bounce's subject, and an SMTP status in the text.
 - Automatic replies (RFC 3834 ``Auto-Submitted``; Exchange's ``X-Auto-Response-Suppress`` and
-  "Automatic reply:"; ``Precedence: bulk/junk/list/auto_reply``; ``X-Autoreply``).
+  "Automatic reply:"; ``Precedence: bulk/junk/list/auto_reply``; ``X-Autoreply``; words only a
+  machine writes: "this is an automated response", "do not reply to this email").
+- An office's acknowledgement without any of those: a thank-you and words of receipt ("we have
+  received your email", "a large number of emails") in a short message. Only a guess, and a
+  substantive form reply can read the same, so it is not taken for a machine's: it is forwarded
+  like a reply where replies are relayed, and does not count as the MP's reply (the survey
+  still asks the supporter).
 - Anything else is a person's reply.
+
+One reader for the text of a part (:func:`part_text`: any charset, known or not; HTML as the
+text a reader sees) and one for a reply's sender (:func:`reply_sender`) serve the classifier,
+the relay policy (:func:`reply_origin`) and the forward alike.
 
 Hostile or broken mail never raises: it is ``malformed``, or a ``loop`` (too many hops, or one
 of our own notices come back). Only a short diagnostic is kept, with addresses taken out.
@@ -19,9 +29,14 @@ import email.policy
 import re
 from dataclasses import dataclass
 from email.message import Message
+from email.utils import getaddresses
 from typing import Literal
 
-Kind = Literal["bounce", "delay", "delivered", "auto_reply", "reply", "malformed", "loop"]
+from inscriptis import get_text
+
+Kind = Literal[
+    "bounce", "delay", "delivered", "auto_reply", "acknowledgement", "reply", "malformed", "loop"
+]
 
 # More Received headers than this is a message going round in circles (Postfix's own limit: 50).
 MAX_HOPS = 40
@@ -66,7 +81,9 @@ class Classification:
 
 
 def clean(text: str | None, limit: int = 300) -> str | None:
-    """One printable line, addresses taken out, at most ``limit`` characters."""
+    """One printable line, addresses taken out, at most ``limit`` characters: for what is
+    stored or logged about a message (a diagnostic), never for a header of ours (outside text
+    goes in a header through :func:`workers.letters.mail.header_text`)."""
     if not text:
         return None
     line = " ".join(str(text).split())
@@ -109,11 +126,13 @@ def _classify(message: Message) -> Classification:
     if _automatic(message):
         return Classification("auto_reply", diagnostic=clean(_header(message, "Subject"), 120))
     try:
-        acknowledged = acknowledgement(_own_words(message))
+        words = _own_words(message)
     except Exception:  # never a reason to lose a reply
-        acknowledged = False
-    if acknowledged:
-        return Classification("auto_reply", diagnostic="an office's acknowledgement")
+        words = ""
+    if automated(words):
+        return Classification("auto_reply", diagnostic="an automated response")
+    if acknowledgement(words):
+        return Classification("acknowledgement", diagnostic="an office's acknowledgement")
     return Classification("reply")
 
 
@@ -168,6 +187,29 @@ def _original_message_id(message: Message) -> str | None:
     return None
 
 
+# The most of a part's content that is read, in bytes (a forward reads up to its own limit).
+PART_BYTES = 1_000_000
+
+
+def part_text(part: Message, limit: int = PART_BYTES) -> str:
+    """A text part's content as a reader sees it, from at most ``limit`` bytes of it: decoded
+    in its charset, or as UTF-8 (bad bytes replaced) when Python does not know that charset
+    (``x-no-such``, ``unknown-8bit``) or it is no text encoding that can replace what it cannot
+    read (``idna``, ``undefined``, ``base64``); HTML read by a real HTML parser (entities
+    decoded, no style or script). Never a reason to lose a message."""
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    payload = payload[:limit]
+    try:
+        text = payload.decode(part.get_content_charset() or "utf-8", "replace")
+    except (LookupError, ValueError, TypeError):
+        text = payload.decode("utf-8", "replace")
+    if part.get_content_type() == "text/html":
+        text = str(get_text(text))
+    return text
+
+
 def _text(message: Message, limit: int = 200_000) -> str:
     """The message's plain text parts, decoded, up to ``limit`` characters."""
     out: list[str] = []
@@ -178,12 +220,7 @@ def _text(message: Message, limit: int = 200_000) -> str:
             "text/html",
         ):
             continue
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
-            continue
-        text = payload.decode(part.get_content_charset() or "utf-8", "replace")
-        if part.get_content_type() == "text/html":
-            text = re.sub(r"<[^>]{0,2000}>", " ", text)
+        text = part_text(part, limit - size)
         out.append(text[: limit - size])
         size += len(out[-1])
         if size >= limit:
@@ -240,10 +277,7 @@ def _automatic(message: Message) -> bool:
     return bool(_AUTO_SUBJECT.search(_header(message, "Subject")))
 
 
-# An office's acknowledgement sent without any automatic-reply header. Conservative: a marker
-# that only machines write, or a thank-you opening together with words only an acknowledgement
-# uses (received, a volume of correspondence, "we aim to respond"), in a short message. A person's
-# reply that thanks the constituent has neither of the latter.
+# Words only a machine writes: an automatic reply whatever its headers.
 _MACHINE = re.compile(
     r"this is an? (automated|automatic|auto-generated|computer.generated) "
     r"(response|reply|acknowledge?ment|message|e-?mail|notification)|"
@@ -251,6 +285,10 @@ _MACHINE = re.compile(
     r"this (e-?mail address|mailbox|inbox) is not monitored",
     re.IGNORECASE,
 )
+# An office's acknowledgement sent without any automatic-reply header: a thank-you opening
+# together with words an acknowledgement uses (received, a volume of correspondence, "we aim to
+# respond"), in a short message. A form reply on the subject can use them too: see
+# :func:`acknowledgement`.
 _THANKS = re.compile(
     r"thank(s| you) for (your|contacting|e-?mailing|writing to|getting in touch with)",
     re.IGNORECASE,
@@ -276,15 +314,9 @@ def _own_words(message: Message) -> str:
     for part in message.walk():
         if part.get_content_type() not in ("text/plain", "text/html") or part.get_filename():
             continue
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
+        if not isinstance(part.get_payload(decode=True), bytes):
             continue
-        try:
-            text = payload[:50_000].decode(part.get_content_charset() or "utf-8", "replace")
-        except LookupError:  # a charset Python does not know: read it as Latin-1
-            text = payload[:50_000].decode("latin-1")
-        if part.get_content_type() == "text/html":
-            text = re.sub(r"<[^>]{0,2000}>", " ", text)
+        text = part_text(part, 50_000)
         lines: list[str] = []
         for line in text.splitlines():
             if _QUOTE_START.match(line):
@@ -295,10 +327,18 @@ def _own_words(message: Message) -> str:
     return ""
 
 
+def automated(words: str) -> bool:
+    """Whether an office's own words say a machine wrote them ("this is an automated
+    response", "do not reply to this email"): an automatic reply."""
+    return bool(_MACHINE.search(words))
+
+
 def acknowledgement(words: str) -> bool:
-    """Whether an office's own words are an automatic acknowledgement, not a person's reply."""
-    if _MACHINE.search(words):
-        return True
+    """Whether an office's own words read like an acknowledgement of receipt (a thank-you and
+    words of receipt, in a short message). A guess from the words alone: a form reply on the
+    subject ("Thank you for contacting me about the bill. I have received a large number of
+    emails... I will vote for it") reads the same, so what it finds is never discarded as a
+    machine's reply (:data:`Kind` ``acknowledgement``)."""
     if len(words) > ACKNOWLEDGEMENT_MAX_CHARS:
         return False
     return bool(_THANKS.search(words) and _RECEIPT.search(words))
@@ -314,13 +354,91 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].strip().strip("<>").rstrip(".").lower()
 
 
+# Big mail services whose domain anyone can have an address on: an MP whose address is on one
+# (as some constituency offices' are) is vouched for by that exact address only, not its domain.
+# A shared domain that is not in this list (a party's, a council's) cannot be known here.
+FREEMAIL = frozenset(
+    {
+        "gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "hotmail.co.uk",
+        "live.com", "live.co.uk", "msn.com", "yahoo.com", "yahoo.co.uk", "ymail.com",
+        "rocketmail.com", "icloud.com", "me.com", "mac.com", "aol.com", "aol.co.uk",
+        "btinternet.com", "btopenworld.com", "talk21.com", "sky.com", "talktalk.net",
+        "virginmedia.com", "ntlworld.com", "blueyonder.co.uk", "tiscali.co.uk",
+        "protonmail.com", "proton.me", "pm.me", "gmx.com", "gmx.co.uk", "gmx.net", "mail.com",
+        "zoho.com", "fastmail.com", "hushmail.com", "yandex.com", "mail.ru",
+    }
+)  # fmt: skip
+# The same services under a country's domain: yahoo.fr, hotmail.it, outlook.co.nz...
+_FREEMAIL_ANYWHERE = re.compile(
+    r"(yahoo|hotmail|outlook|live|aol|gmx|ymail)\.(com?\.)?[a-z]{2,3}", re.IGNORECASE
+)
+
+
+def freemail(domain: str) -> bool:
+    """Whether ``domain`` is a big mail service's, where anyone can have an address."""
+    domain = _domain(domain)
+    return domain in FREEMAIL or bool(_FREEMAIL_ANYWHERE.fullmatch(domain))
+
+
+_SIMPLE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}")
+
+
+def _raw_values(message: Message, name: str) -> list[str]:
+    """A header's values as they came (8-bit bytes as surrogate escapes), each unfolded."""
+    return [
+        "".join(str(value).splitlines())
+        for key, value in message.raw_items()
+        if key.lower() == name
+    ]
+
+
+def reply_sender(message: Message) -> str | None:
+    """The address a reply comes from, when its one ``From`` names exactly one plain address,
+    or None: no From or several, several addresses, a comment form or an address the header
+    does not end with (``a@x)<b@y>``), or a display name holding another address (``"x@evil"
+    <mp@office>``: parsers disagree on such headers, and so may a reader). The one reading of
+    the sender for the relay policy (:func:`reply_origin`) and the forward (its first line and
+    ``Reply-To``)."""
+    values = _raw_values(message, "from")
+    if len(values) != 1:
+        return None
+    value = values[0]
+    found = getaddresses([value])
+    if len(found) != 1 or not _SIMPLE_ADDRESS.fullmatch(found[0][1]):
+        return None
+    address = found[0][1]
+    plain = " ".join(value.split())
+    if not (plain == address or plain.endswith(f"<{address}>")):
+        return None
+    if any(other.lower() != address.lower() for other in _ADDRESS.findall(plain)):
+        return None
+    return address
+
+
+def _relay_headers(message: Message) -> list[str]:
+    """The ``Authentication-Results`` headers above the first ``Received``: those our relay
+    added when it received the message (RFC 8601 section 5: a relay that authenticates adds its
+    results at the top, and removes any with its own authserv-id that came with the message).
+    One below the first ``Received`` came with the message, whoever wrote it; with no
+    ``Received`` the message came through no relay, and none is ours."""
+    found: list[str] = []
+    for key, value in message.raw_items():
+        name = key.lower()
+        if name == "received":
+            return found
+        if name == "authentication-results":
+            found.append(" ".join(str(value).split()))
+    return []
+
+
 def _trusted_results(message: Message, authserv_ids: set[str]) -> list[list[tuple[str, str, str]]]:
-    """For each ``Authentication-Results`` header with our relay's authserv-id (one of
-    ``authserv_ids``), its (method, result, domain) results; anyone else's are ignored. The
-    domain is the result's ``header.from``, ``header.d`` or ``header.i``."""
+    """For each ``Authentication-Results`` header our relay added (:func:`_relay_headers`) with
+    its authserv-id (one of ``authserv_ids``), its (method, result, domain) results; anyone
+    else's are ignored. The domain is the result's ``header.from``, ``header.d`` or
+    ``header.i``."""
     headers: list[list[tuple[str, str, str]]] = []
-    for value in message.get_all("Authentication-Results") or []:
-        text = re.sub(r"\([^()]*\)", " ", str(value))  # comments (one level)
+    for value in _relay_headers(message):
+        text = re.sub(r"\([^()]*\)", " ", value)  # comments (one level)
         serv, *resinfos = text.split(";")
         ident = serv.split()
         if not ident or ident[0].lower() not in authserv_ids:
@@ -338,27 +456,38 @@ def _trusted_results(message: Message, authserv_ids: set[str]) -> list[list[tupl
     return headers
 
 
+def from_office(sender: str | None, mp_address: str) -> bool:
+    """Whether a reply's sender (:func:`reply_sender`) is where the MP's office writes from:
+    on the MP address's domain or a subdomain of it; when that domain is a big mail service's
+    (:func:`freemail`), the MP's address itself. What the ``From`` claims, nothing more."""
+    if sender is None:
+        return False
+    if freemail(_domain(mp_address)):
+        return sender.lower() == mp_address.strip().strip("<>").lower()
+    return _aligned(_domain(sender), _domain(mp_address))
+
+
 def reply_origin(raw: bytes, mp_address: str, authserv_ids: set[str]) -> str | None:
     """Why a reply does not plausibly come from the MP's office, or None if it does.
 
-    Every address in its ``From`` must be on the MP address's domain (each one: a display name
-    holding another address is a trick, and parsers disagree on such headers). With our relay's
-    authserv-id configured, its ``Authentication-Results`` must also show a DMARC pass for that
-    domain, or a DKIM pass by it: a ``From`` alone is only a claim. Every header with that id
-    must show it, wherever the relay puts its own: the sender may have written one with our id
-    (the relay should remove those, RFC 8601 section 5), and one of ours that does not pass
-    is not outvoted.
+    Its sender (:func:`reply_sender`: one plain address) must be on the MP address's domain,
+    or be the MP's address when that domain is a big mail service's (:func:`from_office`).
+    Without our relay's authserv-id that claim is all there is to go by, and anyone can write
+    it. With it, the relay's ``Authentication-Results`` (those above the first ``Received``)
+    must also show a DMARC pass for that domain, or a DKIM pass by it. Every such header with
+    our id must show it: one of ours that does not pass is not outvoted.
     """
     try:
         message = parse(raw)
-        senders = " ".join(str(v) for v in message.get_all("From") or [])
+        sender = reply_sender(message)
     except Exception:  # hostile MIME
         return "unreadable sender"
-    domains = {_domain(d) for d in re.findall(r"@([^\s<>\"'(),;:@]+)", senders)}
+    if sender is None:
+        return "the sender is not one plain address"
     mp_domain = _domain(mp_address)
-    if not domains:
-        return "no sender address"
-    if not all(_aligned(d, mp_domain) for d in domains):
+    if not from_office(sender, mp_address):
+        if freemail(mp_domain):
+            return "the MP's address is on a shared mail service and the sender is not it"
         return "the sender is not on the MP's domain"
     if not authserv_ids:
         return None

@@ -7,22 +7,20 @@ The same notice gives the same bytes every time it is sent (Date is its creation
 resend after a crash is a duplicate a mailbox can tell by its Message-ID.
 
 A reply is hostile input: its subject is decoded, then made one clean line
-(:func:`workers.letters.mail.header_text`) before it goes in a header; its text is read in any
-charset, known or not; its HTML is read as text by a real HTML parser.
+(:func:`workers.letters.mail.header_text`) before it goes in a header; its text is read as the
+classifier reads it (:func:`workers.inbound.classify.part_text`: any charset, known or not; HTML
+as text, by a real HTML parser), and its sender as the relay policy reads it
+(:func:`workers.inbound.classify.reply_sender`).
 """
 
 from __future__ import annotations
 
 import email.policy
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
-from email.utils import getaddresses
 
-from inscriptis import get_text
-
-from workers.inbound.classify import NOTICE_HEADER, parse
+from workers.inbound.classify import NOTICE_HEADER, from_office, parse, part_text, reply_sender
 from workers.letters.mail import (
     AUTOMATIC,
     DkimSigner,
@@ -33,14 +31,13 @@ from workers.letters.mail import (
     outgoing_email,
 )
 
-# The most of a reply's text a forward carries, and of its HTML that is read for it.
+# The most of a reply's text a forward carries, and of each of its parts that is read for it.
 MAX_FORWARD_CHARS = 100_000
-MAX_HTML_CHARS = 1_000_000
+MAX_PART_BYTES = 1_000_000
 # The most of a subject (a reply's own, and a notice's) and of a From name, in characters.
 REPLY_SUBJECT_CHARS = 150
 SUBJECT_CHARS = 200
 DISPLAY_CHARS = 200
-_SIMPLE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}")
 
 
 @dataclass(frozen=True)
@@ -50,16 +47,12 @@ class Sender:
     name: str
     address: str
 
-    @property
-    def domain(self) -> str:
-        return from_domain(self.address)
-
 
 @dataclass(frozen=True)
 class Reply:
     subject: str  # decoded, one clean line
     text: str
-    replier: str | None  # the address in its From, when it is one plain address
+    replier: str | None  # the address in its From, when it is one plain address (reply_sender)
 
 
 def _draft(
@@ -79,17 +72,15 @@ def _draft(
         reply_to=reply_to,
         subject=header_text(subject, SUBJECT_CHARS),
         date=created,
-        message_id=f"<notice-{notice_id}@{sender.domain}>",
+        message_id=f"<notice-{notice_id}@{from_domain(sender.address)}>",
         text=text,
         headers=(*AUTOMATIC, (NOTICE_HEADER, notice_id)),
     )
 
 
-def outgoing(
-    message: Draft, envelope_sender: str, signer: DkimSigner | None, domain: str | None = None
-) -> Outgoing:
+def outgoing(message: Draft, envelope_sender: str, signer: DkimSigner | None) -> Outgoing:
     """The notice on the wire (:func:`workers.letters.mail.outgoing_email`), signed for the
-    domain of its From address; ``domain``, that domain as the caller knows it, is not needed."""
+    domain of its From address."""
     return outgoing_email(message, signer, envelope_sender)
 
 
@@ -139,35 +130,6 @@ def _decoded_header(value: str) -> str:
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _decoded(part: Message) -> str:
-    """A text part's content in its charset, or in UTF-8 (bad bytes replaced) when Python does
-    not know that charset (``x-no-such``, ``unknown-8bit``) or it is no text encoding that can
-    replace what it cannot read (``idna``, ``undefined``)."""
-    payload = part.get_payload(decode=True)
-    if not isinstance(payload, bytes):
-        return ""
-    try:
-        return payload.decode(part.get_content_charset() or "utf-8", "replace")
-    except (LookupError, UnicodeError):
-        return payload.decode("utf-8", "replace")
-
-
-def _html_text(html: str) -> str:
-    """What a reader of the HTML sees: entities decoded, no style or script."""
-    return str(get_text(html[:MAX_HTML_CHARS]))
-
-
-def _replier(value: str) -> str | None:
-    """The one plain address a From header names, or None (several, a comment form, or an
-    address that the header does not end with, as in ``a@x)<b@y>``)."""
-    found = getaddresses([value])
-    if len(found) != 1 or not _SIMPLE_ADDRESS.fullmatch(found[0][1]):
-        return None
-    address = found[0][1]
-    plain = " ".join(value.split())
-    return address if plain == address or plain.endswith(f"<{address}>") else None
-
-
 def reply_text(raw: bytes) -> Reply:
     """A reply's subject, its plain text (or its HTML's text), at most
     :data:`MAX_FORWARD_CHARS`, and its sender's address; attachments are not forwarded."""
@@ -176,11 +138,10 @@ def reply_text(raw: bytes) -> Reply:
     for part in message.walk():
         kind = part.get_content_type()
         if kind in ("text/plain", "text/html") and kind not in texts and not part.get_filename():
-            texts[kind] = _decoded(part)
-    text = texts.get("text/plain") or _html_text(texts.get("text/html", ""))
+            texts[kind] = part_text(part, MAX_PART_BYTES)
+    text = texts.get("text/plain") or texts.get("text/html", "")
     subject = header_text(_decoded_header(_raw(message, "subject")), REPLY_SUBJECT_CHARS)
-    replier = _replier(_raw(message, "from"))
-    return Reply(subject, text.replace("\r\n", "\n")[:MAX_FORWARD_CHARS], replier)
+    return Reply(subject, text.replace("\r\n", "\n")[:MAX_FORWARD_CHARS], reply_sender(message))
 
 
 def forward(
@@ -193,8 +154,12 @@ def forward(
     created: datetime,
 ) -> Draft:
     """A reply to the supporter's letter, forwarded from the campaign's domain. It says plainly
-    who sent it: From shows the reply's own sender address, and so do its first lines; its
-    ``Reply-To`` is that address alone, so that the supporter's answer goes to whoever wrote."""
+    who sent it: its first lines name the reply's own sender address, and its ``Reply-To`` is
+    that address alone, so that the supporter's answer goes to whoever wrote. The subject says
+    it replies to the letter, not who wrote it; the From name says "Office of" the MP only when
+    the sender is where the MP's office writes from
+    (:func:`workers.inbound.classify.from_office`), and holds no address (a name holding an
+    address other than the From's is what spam filters look for)."""
     reply = reply_text(raw)
     who = reply.replier or "a sender whose address could not be read"
     answer = (
@@ -202,12 +167,15 @@ def forward(
         if reply.replier
         else "Replying to this email will not reach them."
     )
+    office = from_office(reply.replier, mp_address)
+    display = f"Office of {mp_name}" if office else "A reply to your letter"
+    heading = f"Reply to your letter to {mp_name}"
     return _draft(
         notice_id,
         sender,
-        f"{reply.replier or 'Unknown sender'} via {sender.name}",
+        f"{display} via {sender.name}".replace("@", " at "),
         to,
-        f"Reply from {mp_name}: {reply.subject}" if reply.subject else f"Reply from {mp_name}",
+        f"{heading}: {reply.subject}" if reply.subject else heading,
         created,
         f"Forwarded from {who}.\n\n"
         f"{who} replied to your letter to {mp_name}, which went to {mp_address}. "

@@ -12,7 +12,10 @@ second run finds it done and does nothing):
   supporter (at most ``forwards_per_letter``, once per ``Message-ID``), its text kept only until
   it is forwarded. A reply that does not plausibly come from the MP's office
   (:func:`workers.inbound.classify.reply_origin`) is held for an operator instead, its text
-  kept until it is released or dropped.
+  kept until it is released or dropped;
+- what reads like an office's acknowledgement without automatic-reply headers is forwarded (or
+  held) like a reply, since a form reply can read the same, but is recorded as an automatic
+  reply: it does not stop the survey.
 
 Only the return address (``b-``) takes delivery reports: one sent to the reply address, by
 whoever knows it, acts on nothing.
@@ -181,7 +184,7 @@ def _decide(
     event = {"submission_id": submission_id, "inbound_id": row.id, "at": utcnow()}
 
     def acted(kind: str, reason: str | None = None, notices: list[str] | None = None) -> Outcome:
-        keep = bool(notices) and kind == "reply"  # a reply's text, until it is forwarded
+        keep = bool(notices) and kind in FORWARDED  # a reply's text, until it is forwarded
         return Outcome(InboundStatus.DONE, kind, reason, submission_id, keep, tuple(notices or ()))
 
     if found.kind in ("bounce", "delay", "delivered", "auto_reply"):
@@ -193,17 +196,30 @@ def _decide(
         return acted(
             "bounce", found.status, _bounced(session, submission_id, letter, found, row.id, policy)
         )
-    # A person's reply.
+    # A person's reply, or what reads like an office's acknowledgement (a form reply can):
+    # forwarded alike, but only a reply counts as the MP's (and stops the survey).
+    recorded = _event_kind(found.kind)
     if purpose != "r":
-        session.add(LetterEvent(kind="reply", **event))
-        return acted("reply", "to the return address: not forwarded")
+        session.add(LetterEvent(kind=recorded, detail=found.diagnostic, **event))
+        return acted(found.kind, "to the return address: not forwarded")
     doubt = reply_origin(row.raw or b"", letter.to_email, set(policy.authserv_ids))
     if doubt is not None:
         log.warning("reply_held", inbound_id=row.id, submission_id=submission_id)
-        return Outcome(InboundStatus.HELD, "reply", f"held: {doubt}", submission_id, True)
-    session.add(LetterEvent(kind="reply", **event))
+        return Outcome(InboundStatus.HELD, found.kind, f"held: {doubt}", submission_id, True)
+    session.add(LetterEvent(kind=recorded, detail=found.diagnostic, **event))
     reason, queued = _forward(session, submission_id, row.id, row.raw, letter.payload, policy)
-    return acted("reply", reason, queued)
+    return acted(found.kind, reason, queued)
+
+
+# What is forwarded where replies are relayed: a person's reply, and an office's
+# acknowledgement (only a guess from its words: a substantive form reply can read like one).
+FORWARDED = ("reply", "acknowledgement")
+
+
+def _event_kind(kind: str) -> str:
+    """What a forwarded kind counts as on the letter: an acknowledgement is an automatic reply
+    (the survey still asks the supporter), not the MP's reply."""
+    return "auto_reply" if kind == "acknowledgement" else "reply"
 
 
 def _forward(
@@ -385,8 +401,9 @@ def release(session: Session, inbound_id: str, policy: InboundPolicy) -> Outcome
     ):
         return None
     payload = submission.payload
+    kind = _event_kind(row.kind or "reply")
     session.add(
-        LetterEvent(kind="reply", submission_id=submission_id, inbound_id=inbound_id, at=utcnow())
+        LetterEvent(kind=kind, submission_id=submission_id, inbound_id=inbound_id, at=utcnow())
     )
     reason, queued = _forward(session, submission_id, inbound_id, raw, payload, policy)
     reason = reason or "released by an operator"

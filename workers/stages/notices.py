@@ -129,7 +129,7 @@ def _compose(
     else:
         return f"unknown kind {notice.kind!r}"
     envelope = returns.notice(notice.id) or str(definition.from_email)
-    return notices.outgoing(message, envelope, signer, sender.domain)
+    return notices.outgoing(message, envelope, signer)
 
 
 def send_notice(
