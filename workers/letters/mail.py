@@ -130,7 +130,12 @@ WIRE = _Wire(linesep="\r\n")
 
 
 def _one_line(value: str) -> str:
-    """A header value, refused if it could start a header of its own (header injection)."""
+    """A header value, refused if it could start a header of its own (header injection).
+
+    Not a cleaner: the writer's last guard for every value it sets. Outside text is made fit
+    for a header before it gets here (:func:`header_text`); what is stored or logged about an
+    inbound message is :func:`workers.inbound.classify.clean`. A letter's own values go
+    through this guard alone, so that a letter's bytes never change with the cleaner."""
     if "\r" in value or "\n" in value:
         raise ValueError("Header values may not contain linefeed or carriage return characters")
     return value
@@ -193,7 +198,11 @@ def header_text(text: str, limit: int) -> str:
     one line, whitespace of any kind one space, no control or format character, at most
     ``limit`` characters. What it held cannot become a header of its own, here or when a
     reader's software writes it again (CPython's CVE-2024-6923: an encoded word holding CR LF
-    became real headers), whatever the interpreter's patch level."""
+    became real headers), whatever the interpreter's patch level.
+
+    The one cleaner for outside text in headers (notices and forwards); the writer refuses
+    what is still unfit (:func:`_one_line`), and a diagnostic kept about an inbound message is
+    :func:`workers.inbound.classify.clean` (addresses taken out, never a header)."""
     kept = "".join(
         " " if c.isspace() else c
         for c in text
