@@ -7,7 +7,9 @@ message. Each test runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import base64
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,6 +20,7 @@ import dramatiq
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
 from tests import mail_samples as samples
 from tests.conftest import drain, make_settings
@@ -36,7 +39,7 @@ from tests.test_after_sent import (
 )
 from workers.cli import main
 from workers.database.engine import session_scope
-from workers.database.models import AddressHealth, Notice, Submission, utcnow
+from workers.database.models import AddressHealth, InboundMessage, Notice, Submission, utcnow
 from workers.inbound.classify import acknowledgement, automated, classify, reply_origin
 from workers.inbound.store import store
 from workers.letters.outcomes import report, resend_bounced
@@ -143,6 +146,145 @@ def test_erasure_removes_a_held_replys_text(
     assert inbound_row(app, held).raw is not None
     with session_scope(app.sessions) as session:
         erase_supporter(session, app.secret, SUPPORTER, app.settings.resolved_outbox_dir)
+    assert inbound_row(app, held).raw is None
+
+
+RELAY = "mx.campaign.example.org"
+
+
+def test_held_replies_are_listed_and_shown_with_their_sender_subject_and_our_relays_results(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    app.settings.inbound_authserv_id = RELAY
+    _, _, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    tricky = "=?utf-8?b?" + base64.b64encode(b"Refund\r\nX-Injected: yes\x1b[31m").decode() + "?="
+    raw = (
+        f"Authentication-Results: {RELAY}; dmarc=fail header.from=parliament-office.example\r\n"
+        "Authentication-Results: mail.collect.example; dmarc=pass"
+        " header.from=parliament.example\r\n"
+        + phishing(reply_to).decode().replace("RE: Please act", tricky)
+        + "\x1b]0;owned\x07 and more\r\n"
+    ).encode()
+    held = receive(app, stub_broker, stub_worker, reply_to, raw)
+    runner = CliRunner()
+    listed = runner.invoke(main, ["replies", "held"])
+    assert listed.exit_code == 0, listed.output
+    assert 'From: "Jane Smith MP" <jane.smith@parliament-office.example>' in listed.stdout
+    assert "Subject: Refund X-Injected: yes[31m" in listed.stdout  # one line, no escape
+    assert f"Authentication-Results: {RELAY}; dmarc=fail" in listed.stdout
+    assert "collect.example; dmarc=pass" not in listed.stdout  # not our relay's: not shown
+    assert "\x1b" not in listed.stdout
+    [row] = json.loads(runner.invoke(main, ["replies", "held", "--json"]).stdout)
+    assert row["id"] == held and row["subject"] == "Refund X-Injected: yes[31m"
+    assert row["from"] == '"Jane Smith MP" <jane.smith@parliament-office.example>'
+    assert row["authentication"] == [f"{RELAY}; dmarc=fail header.from=parliament-office.example"]
+    shown = runner.invoke(main, ["replies", "show", held])
+    assert shown.exit_code == 0, shown.output
+    assert "status: held" in shown.stdout and "reason: held: the sender is not" in shown.stdout
+    assert "confirm your card at https://collect.example/pay" in shown.stdout
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    # What was acted on is no operator's to read.
+    genuine = receive(
+        app, stub_broker, stub_worker, reply_to, bounce_of(app, row["submission_id"])[1]
+    )
+    for unknown in (genuine, "no-such-id"):
+        refused = runner.invoke(main, ["replies", "show", unknown])
+        assert refused.exit_code == 1 and "no held, failed or postmaster" in refused.output
+
+
+def test_held_replies_per_letter_are_capped_beyond_it_dropped_with_their_text(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    app.settings.forwards_per_letter = 1  # held at once: twice that
+    sid, _, reply_to = relayed_letter(app, stub_broker, stub_worker)
+
+    def arrives(n: int) -> str:
+        raw = phishing(reply_to).replace(b"phish-1", f"phish-{n}".encode())
+        return receive(app, stub_broker, stub_worker, reply_to, raw)
+
+    first, second, third = arrives(1), arrives(2), arrives(3)
+    assert [inbound_row(app, i).status for i in (first, second)] == ["held", "held"]
+    row = inbound_row(app, third)
+    assert (row.status, row.raw, row.submission_id) == ("dropped", None, sid)
+    assert row.reason == (
+        "not held: 2 replies to this letter are held already (the sender is not on the MP's domain)"
+    )
+    # The operator drops one: there is room for the next.
+    assert CliRunner().invoke(main, ["replies", "drop", first]).exit_code == 0
+    assert inbound_row(app, arrives(4)).status == "held"
+    assert outbox(app) == [] and events(app, sid) == []
+
+
+def test_mail_to_the_postmaster_and_failed_messages_are_listed_shown_and_dropped(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = (
+        b"From: =?utf-8?q?Postmaster_at_a_list?= <pm@list.example>\r\n"
+        b"Subject: Your bounces\r\n\r\nYou send too many bounces.\r\n"
+    )
+    assert store(app.sessions, "smtp", [f"postmaster@{BOUNCES}"], raw) == []
+    runner = CliRunner()
+    listed = runner.invoke(main, ["replies", "postmaster"])
+    assert listed.exit_code == 0, listed.output
+    [row] = json.loads(runner.invoke(main, ["replies", "postmaster", "--json"]).stdout)
+    assert row["from"] == "Postmaster at a list <pm@list.example>"
+    assert row["subject"] == "Your bounces" and row["id"] in listed.stdout
+    shown = runner.invoke(main, ["replies", "show", row["id"]])
+    assert "status: dropped" in shown.stdout and "You send too many bounces." in shown.stdout
+    dropped = runner.invoke(main, ["replies", "drop", row["id"]])
+    assert dropped.exit_code == 0, dropped.output
+    assert inbound_row(app, row["id"]).raw is None
+    assert "no mail to the postmaster" in runner.invoke(main, ["replies", "postmaster"]).stdout
+    assert "its text is deleted" in runner.invoke(main, ["replies", "show", row["id"]]).stdout
+    assert runner.invoke(main, ["replies", "drop", row["id"]]).exit_code == 1  # once
+
+    # A message that failed keeps its text for the operator to read, and to drop.
+    def unreadable(raw: bytes) -> Any:
+        raise LookupError("unknown encoding: unknown-8bit")
+
+    monkeypatch.setattr(inbound, "classify", unreadable)
+    [sid] = deliver(app, stub_broker, stub_worker)
+    failed = receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
+    assert inbound_row(app, failed).status == "failed"
+    shown = runner.invoke(main, ["replies", "show", failed])
+    assert "status: failed" in shown.stdout and "gave up after 3 failed attempts" in shown.stdout
+    assert "Delivery Status Notification" in shown.stdout or "5.1.1" in shown.stdout
+    assert runner.invoke(main, ["replies", "drop", failed]).exit_code == 0
+    assert inbound_row(app, failed).raw is None
+
+
+def test_retention_deletes_the_text_no_letters_retention_would(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from workers.privacy.rights import INBOUND_UNLINKED, run_retention
+
+    old_postmaster = store(app.sessions, "smtp", ["postmaster"], b"Subject: old\r\n\r\nold\r\n")
+    new_postmaster = store(app.sessions, "smtp", ["postmaster"], b"Subject: new\r\n\r\nnew\r\n")
+    assert old_postmaster == new_postmaster == []
+    sid, _, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    held = receive(app, stub_broker, stub_worker, reply_to, phishing(reply_to))
+    waiting = store(app.sessions, "smtp", ["r-forged@" + REPLIES], b"Subject: x\r\n\r\n")
+    with session_scope(app.sessions) as session:
+        rows = {r.raw: r.id for r in session.scalars(select(InboundMessage))}
+        long_ago = utcnow() - timedelta(days=91)
+        session.execute(
+            update(InboundMessage)
+            .where(InboundMessage.id != rows[b"Subject: new\r\n\r\nnew\r\n"])
+            .values(received_at=long_ago)
+        )
+    with session_scope(app.sessions) as session:
+        assert run_retention(session) == {INBOUND_UNLINKED: 1}
+    texts = {r: inbound_row(app, i).raw for r, i in rows.items()}
+    assert texts[b"Subject: old\r\n\r\nold\r\n"] is None
+    assert texts[b"Subject: new\r\n\r\nnew\r\n"] is not None  # within 90 days
+    assert inbound_row(app, held).raw is not None  # its letter's retention deletes it
+    assert inbound_row(app, waiting[0]).raw is not None  # still to be processed
+    with session_scope(app.sessions) as session:
+        assert run_retention(session) == {}
+    # A letter scrubbed, a reply to it held later: past the period, its text goes too.
+    with session_scope(app.sessions) as session:
+        session.execute(update(Submission).where(Submission.id == sid).values(scrubbed_at=utcnow()))
+        assert run_retention(session) == {INBOUND_UNLINKED: 1}
     assert inbound_row(app, held).raw is None
 
 
@@ -367,7 +509,11 @@ def test_a_notice_that_always_raises_fails_after_max_dead_letters_and_is_not_res
     with session_scope(app.sessions) as session:
         notice = session.get(Notice, notice_id)
         assert notice is not None and notice.status == "failed"
-        assert notice.error == "LookupError: unknown encoding: x-no-such"
+        assert (
+            notice.error
+            == "gave up after 3 failed attempts: LookupError: unknown encoding: x-no-such"
+        )
+        assert (notice.failures, notice.attempts) == (3, 3)
         assert find_after_sent(session, timedelta(0)) == []  # never resent
     assert reconcile_once(app.sessions, stub_broker, timedelta(0)) == 0
     assert outbox(app) == []
@@ -389,10 +535,153 @@ def test_an_inbound_message_that_always_raises_fails_after_max_dead_letters(
         assert inbound_row(app, inbound_id).status == "received"
     assert inbound.process_counted(app.sessions, inbound_id, app.returns, policy) == []
     row = inbound_row(app, inbound_id)
-    assert (row.status, row.attempts, row.raw) == ("failed", app.settings.max_dead_letters, None)
-    assert row.reason == "gave up after 3 attempts: LookupError: unknown encoding: unknown-8bit"
+    assert (row.status, row.attempts) == ("failed", app.settings.max_dead_letters)
+    assert row.raw == b"Subject: x\r\n\r\n"  # kept for the operator, until retention
+    assert row.reason == (
+        "gave up after 3 failed attempts: LookupError: unknown encoding: unknown-8bit"
+    )
     assert reconcile_once(app.sessions, stub_broker, timedelta(0)) == 0
     assert state_counts(app, [sid]) == {"delivered": 1}
+
+
+def database_locked() -> OperationalError:
+    """What SQLAlchemy raises when SQLite's lock (or PostgreSQL's lock timeout) runs out."""
+    return OperationalError("UPDATE inbound_messages", {}, sqlite3.OperationalError("locked"))
+
+
+def test_passing_database_trouble_is_not_counted_against_an_inbound_message(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def locked(raw: bytes) -> Any:
+        raise database_locked()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(inbound, "classify", locked)
+        [sid] = deliver(app, stub_broker, stub_worker)
+        rcpt, raw = bounce_of(app, sid)
+        [inbound_id] = store(app.sessions, "smtp", [rcpt], raw)
+        policy = inbound.InboundPolicy.from_settings(app.settings)
+        for _ in range(app.settings.max_dead_letters + 2):
+            with pytest.raises(OperationalError):
+                inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+        row = inbound_row(app, inbound_id)
+        assert (row.status, row.attempts, row.raw) == ("received", 0, raw)
+    # The database is back: the reply is acted on as if nothing had happened.
+    assert inbound.process_counted(app.sessions, inbound_id, app.returns, policy) != []
+    assert inbound_row(app, inbound_id).status == "done"
+    assert state_counts(app, [sid]) == {"bounced": 1}
+
+
+def test_a_failures_reason_has_no_address_in_it(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(raw: bytes) -> Any:
+        raise ValueError("no charset for <jane.doe@example.org> in SW1A 1AA")
+
+    monkeypatch.setattr(inbound, "classify", unreadable)
+    [sid] = deliver(app, stub_broker, stub_worker)
+    [inbound_id] = store(app.sessions, "smtp", [bounce_of(app, sid)[0]], b"Subject: x\r\n\r\n")
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    for _ in range(app.settings.max_dead_letters - 1):
+        with pytest.raises(ValueError):
+            inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+    inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+    assert inbound_row(app, inbound_id).reason == (
+        "gave up after 3 failed attempts: ValueError: no charset for <[email]> in [postcode]"
+    )
+
+
+def _pending_bounce_notice(app: App, broker: Any, worker: dramatiq.Worker) -> str:
+    """A bounce's notice to the supporter, queued and not yet sent."""
+    [sid] = deliver(app, broker, worker)
+    rcpt, raw = bounce_of(app, sid)
+    [inbound_id] = store(app.sessions, "smtp", [rcpt], raw)
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    [notice_id] = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+    return notice_id
+
+
+def _sending(app: App) -> notices.NoticePolicy:
+    return notices.NoticePolicy(
+        lease_seconds=app.settings.delivery_lease_seconds,
+        max_failures=app.settings.max_dead_letters,
+    )
+
+
+def _notice(app: App, notice_id: str) -> Notice:
+    with session_scope(app.sessions) as session:
+        notice = session.get(Notice, notice_id)
+        assert notice is not None
+        session.expunge(notice)
+        return notice
+
+
+def test_passing_database_trouble_is_not_counted_against_a_notice(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.letters import notices as writing
+
+    notice_id = _pending_bounce_notice(app, stub_broker, stub_worker)
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise database_locked()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(writing, "bounce_notice", locked)
+        for _ in range(app.settings.max_dead_letters + 2):
+            with pytest.raises(OperationalError):
+                notices.send_notice(
+                    app.sessions, notice_id, app.mailer, app.returns, app.signer, _sending(app)
+                )
+            notice = _notice(app, notice_id)
+            assert (notice.status, notice.failures) == ("pending", 0)
+    notices.send_notice(app.sessions, notice_id, app.mailer, app.returns, app.signer, _sending(app))
+    assert _notice(app, notice_id).status == "sent"
+    assert len(outbox(app)) == 1
+
+
+class Killed(BaseException):
+    """The worker process dies in the middle of handing the notice over."""
+
+
+class Dying:
+    name = "dying"
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def send(self, mail: Any) -> str:
+        self.sent += 1
+        raise Killed
+
+    def waiting(self) -> float:
+        return 0.0
+
+
+def test_a_notice_whose_worker_stops_every_time_ends_failed(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    notice_id = _pending_bounce_notice(app, stub_broker, stub_worker)
+    dying = Dying()
+    lapsed = utcnow() - timedelta(seconds=app.settings.delivery_lease_seconds + 1)
+    for _ in range(10):
+        try:
+            notices.send_notice(
+                app.sessions, notice_id, dying, app.returns, app.signer, _sending(app)
+            )
+        except Killed:
+            with session_scope(app.sessions) as session:  # its claim lapses
+                session.execute(
+                    update(Notice).where(Notice.id == notice_id).values(claimed_at=lapsed)
+                )
+            continue
+        break
+    notice = _notice(app, notice_id)
+    assert dying.sent == app.settings.max_dead_letters
+    assert (notice.status, notice.failures) == ("failed", app.settings.max_dead_letters)
+    assert notice.error == "gave up after 3 failed attempts: the worker sending it stopped"
+    with session_scope(app.sessions) as session:
+        assert find_after_sent(session, timedelta(0)) == []  # never resent
 
 
 # -- 13. an office's acknowledgement is not a reply ----------------------------------------------

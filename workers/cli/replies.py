@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from typing import Any
 
 import click
 from rich.console import Console
@@ -107,28 +108,112 @@ def replies_held(as_json: bool) -> None:
 
     app = app_for_cli()
     with session_scope(app.sessions) as session:
-        rows = [
-            {
-                "id": row.id,
-                "received_at": row.received_at.isoformat(timespec="seconds"),
-                "submission_id": row.submission_id,
-                "size": row.size,
-                "reason": row.reason,
-            }
-            for row in held(session)
-        ]
+        rows = [_listed(app, row) for row in held(session)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
         click.echo("no replies held")
         return
-    for row in rows:  # one line each, so that an id is never cut to fit a table
+    for row in rows:  # a few lines each, so that an id is never cut to fit a table
         click.echo(
             f"{row['id']}  received {row['received_at']}  letter {row['submission_id']}  "
             f"{row['size']} bytes  {row['reason']}"
         )
-    click.echo(f"{len(rows)} held: `dearmp replies release ID` forwards one, `drop ID` deletes it")
+        click.echo(f"  From: {row['from']}\n  Subject: {row['subject']}")
+        for line in row["authentication"] or ["(none from our relay)"]:
+            click.echo(f"  Authentication-Results: {line}")
+    click.echo(
+        f"{len(rows)} held: `dearmp replies show ID` shows one, `release ID` forwards it, "
+        "`drop ID` deletes it"
+    )
+
+
+@replies.command("postmaster")
+@click.option("--json", "as_json", is_flag=True)
+def replies_postmaster(as_json: bool) -> None:
+    """Mail to the postmaster, kept for the operator until retention deletes it."""
+    from workers.database.engine import session_scope
+    from workers.stages.inbound import postmaster
+
+    app = app_for_cli()
+    with session_scope(app.sessions) as session:
+        rows = [_listed(app, row) for row in postmaster(session)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no mail to the postmaster")
+        return
+    for row in rows:
+        click.echo(f"{row['id']}  received {row['received_at']}  {row['size']} bytes")
+        click.echo(f"  From: {row['from']}\n  Subject: {row['subject']}")
+    click.echo(f"{len(rows)}: `dearmp replies show ID` shows one, `drop ID` deletes it")
+
+
+@replies.command("show")
+@click.argument("inbound_id")
+@click.option("--json", "as_json", is_flag=True)
+def replies_show(inbound_id: str, as_json: bool) -> None:
+    """A held, failed or postmaster message: when, its status and why, From, Subject, our
+    relay's Authentication-Results and its text (the first 20,000 characters)."""
+    from workers.database.engine import session_scope
+    from workers.stages.inbound import for_the_operator
+
+    app = app_for_cli()
+    with session_scope(app.sessions) as session:
+        row = for_the_operator(session, inbound_id)
+        shown = _listed(app, row, text=True) if row is not None else None
+    if shown is None:
+        raise click.ClickException(
+            f"no held, failed or postmaster message {inbound_id!r}: `dearmp replies held` "
+            "and `dearmp replies postmaster` list them"
+        )
+    if as_json:
+        click.echo(json.dumps(shown, indent=2))
+        return
+    for label, key in (
+        ("id", "id"),
+        ("received", "received_at"),
+        ("status", "status"),
+        ("reason", "reason"),
+        ("letter", "submission_id"),
+        ("size", "size"),
+        ("From", "from"),
+        ("Subject", "subject"),
+    ):
+        click.echo(f"{label}: {shown[key]}")
+    for line in shown["authentication"]:
+        click.echo(f"Authentication-Results: {line}")
+    if shown["text"] is None:
+        click.echo("\n(its text is deleted)")
+        return
+    click.echo("\n" + shown["text"])
+    if shown["more"]:
+        click.echo(f"\n({shown['more']} more characters not shown)")
+
+
+def _listed(app: Any, row: Any, text: bool = False) -> dict[str, Any]:
+    """What the operator is shown of a stored message: every value cleaned
+    (:func:`workers.stages.inbound.readable`)."""
+    from workers.stages.inbound import InboundPolicy, readable
+
+    read = readable(row, InboundPolicy.from_settings(app.settings).authserv_ids)
+    listed: dict[str, Any] = {
+        "id": row.id,
+        "received_at": row.received_at.isoformat(timespec="seconds"),
+        "status": row.status,
+        "submission_id": row.submission_id,
+        "size": row.size,
+        "reason": row.reason,
+        "from": read.sender,
+        "subject": read.subject,
+        "authentication": list(read.authentication),
+    }
+    if text:
+        listed["text"] = read.text if row.raw is not None else None
+        listed["more"] = read.more
+    return listed
 
 
 @replies.command("release")
@@ -158,7 +243,8 @@ def replies_release(inbound_id: str) -> None:
 @replies.command("drop")
 @click.argument("inbound_id")
 def replies_drop(inbound_id: str) -> None:
-    """Delete a held reply without forwarding it; nothing is recorded on the letter."""
+    """Delete a held reply without forwarding it (nothing is recorded on the letter), or the
+    kept text of a failed message or of mail to the postmaster."""
     from workers.database.engine import session_scope
     from workers.stages.inbound import drop
 
@@ -167,7 +253,8 @@ def replies_drop(inbound_id: str) -> None:
         dropped = drop(session, inbound_id)
     if not dropped:
         raise click.ClickException(
-            f"no held reply {inbound_id!r}: `dearmp replies held` lists them"
+            f"no held reply, or failed or postmaster message with its text, {inbound_id!r}: "
+            "`dearmp replies held` and `dearmp replies postmaster` list them"
         )
     click.echo(f"dropped {inbound_id}: its text is deleted")
 

@@ -446,7 +446,10 @@ class Notice(Base):
     kind: Mapped[str] = mapped_column(String(24))
     inbound_id: Mapped[str | None] = mapped_column(String(36))
     status: Mapped[str] = mapped_column(String(16), default=NoticeStatus.PENDING, index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims
+    # Attempts that failed (raised, or the worker sending it stopped); at DEARMP_MAX_DEAD_LETTERS
+    # the notice is failed, never resent. Passing database trouble is not counted.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     claimed_at: Mapped[datetime | None] = mapped_column()
     sent_at: Mapped[datetime | None] = mapped_column()
     error: Mapped[str | None] = mapped_column(Text)

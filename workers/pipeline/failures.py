@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import traceback as tb
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import exc as db
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from workers.database.engine import insert_on_conflict
 from workers.database.models import Failure, State, Submission, utcnow
 from workers.database.transitions import AlreadyMoved, advance
+from workers.logging import mask_text
 
 
 @dataclass(frozen=True)
@@ -99,3 +102,50 @@ def end_if_failing(session: Session, attempt: Attempt, limit: int) -> bool:
     except AlreadyMoved:  # it moved on meanwhile (its guarded update wrote nothing)
         return False
     return True
+
+
+def passing(error: BaseException) -> bool:
+    """Database trouble that passes (SQLite's "database is locked", a lock timeout, a
+    failover, a lost connection, a full pool): not the message's fault, never counted against
+    it; the actor retries."""
+    return isinstance(
+        error, (db.OperationalError, db.InterfaceError, db.DisconnectionError, db.TimeoutError)
+    ) or (isinstance(error, db.DBAPIError) and error.connection_invalidated)
+
+
+@dataclass(frozen=True)
+class Counted:
+    failures: int  # the row's count, this one included
+    final: bool  # the limit reached: the caller ends the row with ``reason``
+    reason: str  # the error, addresses and postcodes masked; ``gave up ...`` when final
+
+
+def count_failure(
+    session: Session,
+    counter: InstrumentedAttribute[int],
+    guard: ColumnElement[bool],
+    error: BaseException | str,
+    limit: int,
+) -> Counted | None:
+    """One more failed attempt of an inbound message or a notice: the row ``guard`` selects
+    has its ``counter`` raised by one (the caller commits). None when it is not counted
+    (:func:`passing` database trouble) or no such row is there any more. ``error`` is an
+    exception or what happened, in words; the reason is masked, since an error's text can
+    quote an address."""
+    if isinstance(error, BaseException):
+        if passing(error):
+            return None
+        error = f"{type(error).__name__}: {error}"
+    model: Any = counter.class_
+    failures = session.scalar(
+        update(model)
+        .where(guard)
+        .values({counter.key: counter + 1})
+        .returning(counter)
+        .execution_options(synchronize_session=False)
+    )
+    if failures is None:
+        return None
+    final = failures >= limit
+    reason = f"gave up after {failures} failed attempts: {error}" if final else error
+    return Counted(failures, final, mask_text(reason)[:500])

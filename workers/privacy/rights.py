@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from schemas.campaign import Retention
 from schemas.postcode import outward
 from schemas.submission import CHANNELS
 from workers.database.models import (
@@ -26,6 +27,7 @@ from workers.database.models import (
     ConsentEvent,
     Delivery,
     InboundMessage,
+    InboundStatus,
     Letter,
     LetterEvent,
     Notice,
@@ -341,10 +343,12 @@ def run_retention(
     outbox_dir: Path | None = None,
     batch: int = 500,
 ) -> dict[str, int]:
-    """Scrub letter bodies and postal addresses past each campaign's retention period.
+    """Scrub letter bodies and postal addresses past each campaign's retention period, and
+    the kept text of inbound messages no letter's scrubbing deletes (:func:`_forget_inbound`).
 
     Idempotent (a scrubbed submission is not looked at again) and safe to run from cron.
-    Returns how many submissions were scrubbed per final state.
+    Returns how many submissions were scrubbed per final state (and how many inbound messages'
+    texts were deleted, under :data:`INBOUND_UNLINKED`).
     """
     now = now or utcnow()
     done: dict[str, int] = {}
@@ -382,7 +386,46 @@ def run_retention(
                 session.flush()
                 if len(due) < batch:
                     break
+    forgotten = _forget_inbound(session, now - timedelta(days=_longest_failed_days(session)))
+    if forgotten:
+        done[INBOUND_UNLINKED] = forgotten
     return done
+
+
+# run_retention's count of inbound messages whose text it deleted, tied to no letter it scrubs.
+INBOUND_UNLINKED = "inbound without a letter"
+
+
+def _longest_failed_days(session: Session) -> int:
+    """The retention period of what tells of no one letter (mail to the postmaster, a message
+    whose processing failed): the campaigns' longest ``failed_days``, long enough to
+    investigate (the default's with no campaign)."""
+    days = [
+        definition.retention.failed_days
+        for slug in session.scalars(select(Campaign.slug)).all()
+        if (definition := get_definition(session, slug)) is not None
+    ]
+    return max(days, default=Retention().failed_days)
+
+
+def _forget_inbound(session: Session, cutoff: datetime) -> int:
+    """Delete the kept text of inbound messages received before ``cutoff`` that no
+    submission's retention deletes: tied to no submission (mail to the postmaster, a failed
+    message whose address named no letter), or to one already scrubbed when it came. Those
+    still waiting to be processed are left alone. How many."""
+    scrubbed = select(Submission.id).where(Submission.scrubbed_at.is_not(None))
+    forgotten = session.execute(
+        update(InboundMessage)
+        .where(
+            InboundMessage.raw.is_not(None),
+            InboundMessage.received_at <= cutoff,
+            InboundMessage.status != InboundStatus.RECEIVED,
+            InboundMessage.submission_id.is_(None) | InboundMessage.submission_id.in_(scrubbed),
+        )
+        .values(raw=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(forgotten, "rowcount", 0) or 0)
 
 
 PURPOSES = {

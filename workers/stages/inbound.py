@@ -23,13 +23,16 @@ whoever knows it, acts on nothing.
 Anything it cannot tie to a letter it sent (forged or unknown token, a notice's bounce, a
 returned message that is not the letter its address names, a loop, broken MIME) is dropped with
 the reason recorded. The raw message is deleted once acted on. A message whose processing
-raises ``max_attempts`` times is failed with the reason, and not tried again.
+raises ``max_attempts`` times (passing database trouble is not counted) is failed with the
+reason, and not tried again; its text stays for the operator until retention deletes it.
 """
 
 from __future__ import annotations
 
+import email.policy
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -57,7 +60,10 @@ from workers.database.transitions import AlreadyMoved, At, advance, rowcount
 from workers.inbound.addresses import ReturnAddresses
 from workers.inbound.classify import Classification, classify, parse, reply_origin
 from workers.inbound.mailgun import event_classification
+from workers.letters.mail import header_text
+from workers.letters.notices import reply_text
 from workers.mp import health
+from workers.pipeline.failures import count_failure
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +77,8 @@ class InboundPolicy:
     # Our relay's authserv-ids: only its Authentication-Results are believed.
     authserv_ids: frozenset[str] = field(default_factory=frozenset)
     max_attempts: int = 3
+    # Replies held for an operator at once, per letter: beyond, dropped with their text.
+    held_per_letter: int = 10
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InboundPolicy:
@@ -82,6 +90,7 @@ class InboundPolicy:
             sandbox_address=settings.sandbox_address,
             authserv_ids=frozenset(i.strip().lower() for i in ids if i.strip()),
             max_attempts=settings.max_dead_letters,
+            held_per_letter=2 * settings.forwards_per_letter,
         )
 
 
@@ -204,8 +213,7 @@ def _decide(
         return acted(found.kind, "to the return address: not forwarded")
     doubt = reply_origin(row.raw or b"", letter.to_email, set(policy.authserv_ids))
     if doubt is not None:
-        log.warning("reply_held", inbound_id=row.id, submission_id=submission_id)
-        return Outcome(InboundStatus.HELD, found.kind, f"held: {doubt}", submission_id, True)
+        return _hold(session, row.id, found.kind, doubt, submission_id, policy)
     session.add(LetterEvent(kind=recorded, detail=found.diagnostic, **event))
     reason, queued = _forward(session, submission_id, row.id, row.raw, letter.payload, policy)
     return acted(found.kind, reason, queued)
@@ -220,6 +228,47 @@ def _event_kind(kind: str) -> str:
     """What a forwarded kind counts as on the letter: an acknowledgement is an automatic reply
     (the survey still asks the supporter), not the MP's reply."""
     return "auto_reply" if kind == "acknowledgement" else "reply"
+
+
+def _hold(
+    session: Session,
+    inbound_id: str,
+    kind: str,
+    doubt: str,
+    submission_id: str,
+    policy: InboundPolicy,
+) -> Outcome:
+    """Hold a reply for an operator, its text kept; with ``held_per_letter`` held for the
+    letter already (anyone who knows its reply address can send), it is dropped instead, with
+    the reason, and its text deleted. Decided one transaction at a time per letter."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            select(Letter.submission_id)
+            .where(Letter.submission_id == submission_id)
+            .with_for_update()
+        )
+    else:  # a write first: it takes SQLite's one write lock before the count
+        session.execute(
+            update(InboundMessage)
+            .where(InboundMessage.id == inbound_id)
+            .values(kind=kind)
+            .execution_options(synchronize_session=False)
+        )
+    held_now = session.scalar(
+        select(func.count()).where(
+            InboundMessage.submission_id == submission_id,
+            InboundMessage.status == InboundStatus.HELD,
+        )
+    )
+    if (held_now or 0) >= policy.held_per_letter:
+        log.warning("reply_not_held", inbound_id=inbound_id, submission_id=submission_id)
+        return _drop(
+            kind,
+            f"not held: {policy.held_per_letter} replies to this letter are held already ({doubt})",
+            submission_id,
+        )
+    log.warning("reply_held", inbound_id=inbound_id, submission_id=submission_id)
+    return Outcome(InboundStatus.HELD, kind, f"held: {doubt}", submission_id, True)
 
 
 def _forward(
@@ -323,9 +372,10 @@ def process_counted(
     returns: ReturnAddresses,
     policy: InboundPolicy,
 ) -> list[str]:
-    """:func:`process` in a transaction of its own; an attempt that raises is counted, and the
-    ``max_attempts``-th leaves the message failed with the reason (the reconciler resends only
-    what is still ``received``). Raises for the actor's retry until then."""
+    """:func:`process` in a transaction of its own; an attempt that raises is counted (not
+    for passing database trouble), and the ``max_attempts``-th leaves the message failed with
+    the reason (the reconciler resends only what is still ``received``). Raises for the actor's
+    retry until then."""
     try:
         with session_scope(sessions) as session:
             return process(session, inbound_id, returns, policy)
@@ -341,26 +391,23 @@ def process_counted(
 
 
 def note_failure(session: Session, inbound_id: str, error: BaseException, limit: int) -> bool:
-    """One more attempt that raised; at ``limit`` the message is failed, its reason recorded
-    and its text deleted. True when it was failed now."""
-    attempts = session.scalar(
-        update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.status == InboundStatus.RECEIVED)
-        .values(attempts=InboundMessage.attempts + 1)
-        .returning(InboundMessage.attempts)
-        .execution_options(synchronize_session=False)
+    """One more attempt that raised (:func:`workers.pipeline.failures.count_failure`); at
+    ``limit`` the message is failed with its reason (masked). Its text is kept for the
+    operator (``dearmp replies show``) until retention deletes it. True when it was failed
+    now."""
+    counted = count_failure(
+        session,
+        InboundMessage.attempts,
+        (InboundMessage.id == inbound_id) & (InboundMessage.status == InboundStatus.RECEIVED),
+        error,
+        limit,
     )
-    if attempts is None or attempts < limit:
+    if counted is None or not counted.final:
         return False
     session.execute(
         update(InboundMessage)
         .where(InboundMessage.id == inbound_id)
-        .values(
-            status=InboundStatus.FAILED.value,
-            reason=f"gave up after {attempts} attempts: {type(error).__name__}: {error}"[:500],
-            processed_at=utcnow(),
-            raw=None,
-        )
+        .values(status=InboundStatus.FAILED.value, reason=counted.reason, processed_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     return True
@@ -374,6 +421,87 @@ def held(session: Session) -> list[InboundMessage]:
             .where(InboundMessage.status == InboundStatus.HELD)
             .order_by(InboundMessage.received_at)
         )
+    )
+
+
+def postmaster(session: Session) -> list[InboundMessage]:
+    """Mail to the postmaster whose text is still kept, oldest first."""
+    return list(
+        session.scalars(
+            select(InboundMessage)
+            .where(InboundMessage.kind == "postmaster", InboundMessage.raw.is_not(None))
+            .order_by(InboundMessage.received_at)
+        )
+    )
+
+
+def for_the_operator(session: Session, inbound_id: str) -> InboundMessage | None:
+    """A message an operator may read: held, failed, or to the postmaster. None otherwise."""
+    row = session.get(InboundMessage, inbound_id)
+    if row is None:
+        return None
+    if row.status in (InboundStatus.HELD, InboundStatus.FAILED) or row.kind == "postmaster":
+        return row
+    return None
+
+
+# How much of a message's text `dearmp replies show` prints: enough to judge it by.
+SHOWN_CHARS = 20_000
+_HEADER_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Readable:
+    """A stored message as an operator reads it: every value cleaned of control characters
+    (a terminal's escape sequences among them), its headers one line each."""
+
+    sender: str  # the From header, decoded, one line
+    subject: str
+    authentication: tuple[str, ...]  # our relay's own Authentication-Results, one line each
+    text: str  # at most SHOWN_CHARS
+    more: int  # characters of the text not shown
+
+
+def readable(row: InboundMessage, authserv_ids: frozenset[str]) -> Readable:
+    """What an operator reads of a stored message (a Mailgun event: its JSON as text)."""
+    raw = row.raw or b""
+    sender = subject = ""
+    results: list[str] = []
+    if row.source == "mailgun":
+        text = raw.decode("utf-8", "replace")
+    else:
+        try:
+            message = parse(raw)
+            sender = _header_line(message.get_all("From") or [])
+            subject = _header_line(message.get_all("Subject") or [])
+            for value in message.get_all("Authentication-Results") or []:
+                line = _header_line([value])
+                if line.split(";")[0].strip().lower() in authserv_ids:
+                    results.append(line)
+            text = reply_text(raw).text
+        except Exception:  # hostile MIME: the text as it came
+            text = raw.decode("utf-8", "replace")
+    shown = _printable(text[:SHOWN_CHARS])
+    return Readable(sender, subject, tuple(results), shown, max(0, len(text) - SHOWN_CHARS))
+
+
+def _header_line(values: list[Any]) -> str:
+    decoded = []
+    for value in values:
+        text = "".join(str(value).splitlines())
+        try:
+            decoded.append(str(email.policy.default.header_factory("x", text)))
+        except Exception:  # hostile input the header parser trips on: its raw text
+            decoded.append(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    return header_text(", ".join(decoded), _HEADER_CHARS)
+
+
+def _printable(text: str) -> str:
+    """Line breaks and tabs kept; any other control or format character (an escape sequence's
+    ESC, a bidirectional override) is replaced by U+FFFD."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(
+        c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf") else "\ufffd" for c in lines
     )
 
 
@@ -418,9 +546,15 @@ def release(session: Session, inbound_id: str, policy: InboundPolicy) -> Outcome
 
 
 def drop(session: Session, inbound_id: str) -> bool:
-    """An operator drops a held reply: its text is deleted, nothing is recorded on the letter.
-    False if no reply with that id is held."""
-    if not _settle(session, inbound_id, InboundStatus.DROPPED, "dropped by an operator"):
+    """An operator drops a held reply (its text is deleted, nothing is recorded on the letter),
+    or deletes the kept text of a failed message or of mail to the postmaster. False if no
+    such message has its text."""
+    if _settle(session, inbound_id, InboundStatus.DROPPED, "dropped by an operator"):
+        kept = True
+    else:
+        row = for_the_operator(session, inbound_id)
+        kept = row is not None and row.raw is not None and row.status != InboundStatus.HELD
+    if not kept:
         return False
     session.execute(
         update(InboundMessage)

@@ -3,9 +3,13 @@
 Like a letter's delivery: the notice row is claimed (``sending``) and committed before the mail
 server is asked, and marked ``sent`` in its own commit the moment it answers. A claim older than
 the lease (a worker that died mid-send) is taken over and the same bytes go again, with the same
-Message-ID. A forwarded reply's text is deleted in the commit that marks it sent. An attempt that
-raises (writing the notice or sending it, for a reason other than the mail server's answer) is
-counted: the ``max_failures``-th leaves the notice ``failed`` with the reason, never resent.
+Message-ID. A forwarded reply's text is deleted in the commit that marks it sent.
+
+An attempt that raises (writing the notice or sending it, for a reason other than the mail
+server's answer) and a worker that stopped mid-send (its claim taken over) are failures, counted
+in ``failures`` (:func:`workers.pipeline.failures.count_failure`; passing database trouble is
+not counted): the ``max_failures``-th leaves the notice ``failed`` with the reason, never resent.
+The mail server's passing refusals are counted by the claims, at most ``max_attempts``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.submission import stored_email
@@ -39,6 +43,8 @@ from workers.letters.mail import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from workers.logging import mask_text
+from workers.pipeline.failures import count_failure
 from workers.stages import survey
 
 log = structlog.get_logger(__name__)
@@ -52,22 +58,41 @@ class NoticePolicy:
     max_failures: int = 3  # attempts that raised otherwise (DEARMP_MAX_DEAD_LETTERS)
 
 
-def _claim(session: Session, notice_id: str, lease_seconds: int) -> bool:
+STOPPED = "the worker sending it stopped"
+
+
+def _claim(session: Session, notice_id: str, policy: NoticePolicy) -> bool:
+    """Claim a pending notice, or take over a claim older than the lease: its worker stopped
+    mid-send, a failure counted like one that raised (a notice that kills its worker every
+    time ends ``failed``). True if claimed."""
     now = utcnow()
-    result = session.execute(
+    claimed = session.execute(
         update(Notice)
-        .where(
-            Notice.id == notice_id,
-            or_(
-                Notice.status == NoticeStatus.PENDING,
-                (Notice.status == NoticeStatus.SENDING)
-                & (Notice.claimed_at < now - timedelta(seconds=lease_seconds)),
-            ),
-        )
+        .where(Notice.id == notice_id, Notice.status == NoticeStatus.PENDING)
         .values(status=NoticeStatus.SENDING, claimed_at=now, attempts=Notice.attempts + 1)
         .execution_options(synchronize_session=False)
     )
-    return rowcount(result) == 1
+    if rowcount(claimed) == 1:
+        return True
+    lapsed = (
+        (Notice.id == notice_id)
+        & (Notice.status == NoticeStatus.SENDING)
+        & (Notice.claimed_at < now - timedelta(seconds=policy.lease_seconds))
+    )
+    counted = count_failure(session, Notice.failures, lapsed, STOPPED, policy.max_failures)
+    if counted is None:
+        return False  # sent, or held by a live claim
+    if counted.final:
+        _mark(session, notice_id, NoticeStatus.FAILED, counted.reason)
+        log.warning("notice_failed", notice_id=notice_id, final=True, error="stopped")
+        return False
+    session.execute(
+        update(Notice)
+        .where(Notice.id == notice_id)
+        .values(claimed_at=now, attempts=Notice.attempts + 1, error=counted.reason)
+        .execution_options(synchronize_session=False)
+    )
+    return True
 
 
 def _mark(session: Session, notice_id: str, status: NoticeStatus, error: str | None = None) -> None:
@@ -156,20 +181,18 @@ def send_notice(
             mail = f"cannot be written as email: {exc}"[:500]
         except Exception as exc:  # nobody foresaw it: counted, like a failed send
             broken, mail = exc, ""
-        if not _claim(session, notice_id, policy.lease_seconds):
-            return  # sent, or held by a live claim
+        if not _claim(session, notice_id, policy):
+            return  # sent, held by a live claim, or given up
         kind, inbound_id, attempts = notice.kind, notice.inbound_id, notice.attempts + 1
         if broken is None and isinstance(mail, str):
             _mark(session, notice_id, NoticeStatus.SKIPPED, mail)
             _forget_reply(session, notice)
             log.info("notice_skipped", notice_id=notice_id, kind=notice.kind, reason=mail)
             return
-        if broken is not None:
-            _count_failure(session, notice_id, kind, broken, attempts, policy)
+        if broken is not None and _count_failure(session, notice_id, kind, broken, policy):
+            return
     if broken is not None:
-        if attempts < policy.max_failures:
-            raise broken
-        return
+        raise broken
     assert not isinstance(mail, str)
     # No transaction is open while the mail server answers.
     try:
@@ -178,15 +201,15 @@ def send_notice(
         give_up = isinstance(exc, PermanentDeliveryError) or attempts >= policy.max_attempts
         with session_scope(sessions) as session:
             status = NoticeStatus.FAILED if give_up else NoticeStatus.PENDING
-            _mark(session, notice_id, status, str(exc)[:500])
+            _mark(session, notice_id, status, mask_text(str(exc))[:500])
         log.warning("notice_failed", notice_id=notice_id, kind=kind, final=give_up)
         if not give_up:
             raise
         return
     except Exception as exc:
         with session_scope(sessions) as session:
-            _count_failure(session, notice_id, kind, exc, attempts, policy)
-        if attempts < policy.max_failures:
+            final = _count_failure(session, notice_id, kind, exc, policy)
+        if not final:
             raise
         return
     with session_scope(sessions) as session:
@@ -197,21 +220,20 @@ def send_notice(
 
 
 def _count_failure(
-    session: Session,
-    notice_id: str,
-    kind: str,
-    error: Exception,
-    attempts: int,
-    policy: NoticePolicy,
-) -> None:
-    """An attempt that raised: pending again with the reason, or failed for good at the
-    limit."""
-    final = attempts >= policy.max_failures
-    reason = f"{type(error).__name__}: {error}"[:500]
+    session: Session, notice_id: str, kind: str, error: Exception, policy: NoticePolicy
+) -> bool:
+    """An attempt that raised: pending again with the reason (passing database trouble is
+    not counted), or failed for good at the limit. True if it was failed now."""
+    counted = count_failure(
+        session, Notice.failures, Notice.id == notice_id, error, policy.max_failures
+    )
+    final = counted is not None and counted.final
+    reason = counted.reason if counted is not None else None
     _mark(session, notice_id, NoticeStatus.FAILED if final else NoticeStatus.PENDING, reason)
     log.warning(
         "notice_failed", notice_id=notice_id, kind=kind, final=final, error=type(error).__name__
     )
+    return final
 
 
 def _forget_reply(session: Session, notice: Notice) -> None:

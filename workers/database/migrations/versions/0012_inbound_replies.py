@@ -1,4 +1,5 @@
-"""inbound replies: how many times processing an inbound message raised (given up at a limit)
+"""inbound replies: how many times processing an inbound message, or sending a notice, failed
+(given up at a limit)
 
 Revision ID: 0012
 Revises: 0011
@@ -19,8 +20,12 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("inbound_messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("attempts", sa.Integer(), server_default="0", nullable=False))
+    with op.batch_alter_table("notices", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("failures", sa.Integer(), server_default="0", nullable=False))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("notices", schema=None) as batch_op:
+        batch_op.drop_column("failures")
     with op.batch_alter_table("inbound_messages", schema=None) as batch_op:
         batch_op.drop_column("attempts")
