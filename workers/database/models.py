@@ -381,7 +381,8 @@ class InboundMessage(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
     processed_at: Mapped[datetime | None] = mapped_column()
-    # Times processing it raised; at DEARMP_MAX_DEAD_LETTERS it is failed, not tried again.
+    # Times processing it raised (passing database trouble not counted); at
+    # DEARMP_MAX_DEAD_LETTERS it is failed, not tried again, its text kept for the operator.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
