@@ -640,6 +640,43 @@ def test_passing_database_trouble_is_not_counted_against_a_notice(
     assert len(outbox(app)) == 1
 
 
+class Scripted:
+    """A mail server that answers as told, then as the App's own mailer does."""
+
+    name = "scripted"
+
+    def __init__(self, app: App, *answers: Exception) -> None:
+        self.app, self.answers = app, list(answers)
+
+    def send(self, mail: Any) -> str:
+        if self.answers:
+            raise self.answers.pop(0)
+        return self.app.mailer.send(mail)
+
+    def waiting(self) -> float:
+        return 0.0
+
+
+def test_a_notices_passing_refusals_do_not_count_as_its_failures(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from workers.letters.mail import TransientDeliveryError
+
+    notice_id = _pending_bounce_notice(app, stub_broker, stub_worker)
+    busy = [TransientDeliveryError("451 4.3.2 try later")] * 3
+    mailer = Scripted(app, *busy, RuntimeError("connection reset to <jane@example.org>"))
+    for expected in (TransientDeliveryError,) * 3 + (RuntimeError,):
+        with pytest.raises(expected):
+            notices.send_notice(
+                app.sessions, notice_id, mailer, app.returns, app.signer, _sending(app)
+            )
+    notice = _notice(app, notice_id)
+    assert (notice.status, notice.attempts, notice.failures) == ("pending", 4, 1)
+    assert notice.error == "RuntimeError: connection reset to <[email]>"
+    notices.send_notice(app.sessions, notice_id, mailer, app.returns, app.signer, _sending(app))
+    assert _notice(app, notice_id).status == "sent"
+
+
 class Killed(BaseException):
     """The worker process dies in the middle of handing the notice over."""
 

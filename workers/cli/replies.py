@@ -198,7 +198,7 @@ def _listed(app: Any, row: Any, text: bool = False) -> dict[str, Any]:
     (:func:`workers.stages.inbound.readable`)."""
     from workers.stages.inbound import InboundPolicy, readable
 
-    read = readable(row, InboundPolicy.from_settings(app.settings).authserv_ids)
+    read = readable(row, InboundPolicy.from_settings(app.settings).authserv_ids, text)
     listed: dict[str, Any] = {
         "id": row.id,
         "received_at": row.received_at.isoformat(timespec="seconds"),

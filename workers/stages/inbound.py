@@ -462,13 +462,15 @@ class Readable:
     more: int  # characters of the text not shown
 
 
-def readable(row: InboundMessage, authserv_ids: frozenset[str]) -> Readable:
-    """What an operator reads of a stored message (a Mailgun event: its JSON as text)."""
+def readable(row: InboundMessage, authserv_ids: frozenset[str], text: bool = True) -> Readable:
+    """What an operator reads of a stored message (a Mailgun event: its JSON as text); its
+    headers only, without ``text`` (a listing)."""
     raw = row.raw or b""
     sender = subject = ""
     results: list[str] = []
+    body = ""
     if row.source == "mailgun":
-        text = raw.decode("utf-8", "replace")
+        body = raw.decode("utf-8", "replace") if text else ""
     else:
         try:
             message = parse(raw)
@@ -478,11 +480,11 @@ def readable(row: InboundMessage, authserv_ids: frozenset[str]) -> Readable:
                 line = _header_line([value])
                 if line.split(";")[0].strip().lower() in authserv_ids:
                     results.append(line)
-            text = reply_text(raw).text
+            body = reply_text(raw).text if text else ""
         except Exception:  # hostile MIME: the text as it came
-            text = raw.decode("utf-8", "replace")
-    shown = _printable(text[:SHOWN_CHARS])
-    return Readable(sender, subject, tuple(results), shown, max(0, len(text) - SHOWN_CHARS))
+            body = raw.decode("utf-8", "replace") if text else ""
+    shown = _printable(body[:SHOWN_CHARS])
+    return Readable(sender, subject, tuple(results), shown, max(0, len(body) - SHOWN_CHARS))
 
 
 def _header_line(values: list[Any]) -> str:
