@@ -383,7 +383,7 @@ def freemail(domain: str) -> bool:
 _SIMPLE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}")
 
 
-def _raw_values(message: Message, name: str) -> list[str]:
+def raw_values(message: Message, name: str) -> list[str]:
     """A header's values as they came (8-bit bytes as surrogate escapes), each unfolded."""
     return [
         "".join(str(value).splitlines())
@@ -399,7 +399,7 @@ def reply_sender(message: Message) -> str | None:
     <mp@office>``: parsers disagree on such headers, and so may a reader). The one reading of
     the sender for the relay policy (:func:`reply_origin`) and the forward (its first line and
     ``Reply-To``)."""
-    values = _raw_values(message, "from")
+    values = raw_values(message, "from")
     if len(values) != 1:
         return None
     value = values[0]

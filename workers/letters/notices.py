@@ -18,9 +18,15 @@ from __future__ import annotations
 import email.policy
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import Message
 
-from workers.inbound.classify import NOTICE_HEADER, from_office, parse, part_text, reply_sender
+from workers.inbound.classify import (
+    NOTICE_HEADER,
+    from_office,
+    parse,
+    part_text,
+    raw_values,
+    reply_sender,
+)
 from workers.letters.mail import (
     AUTOMATIC,
     DkimSigner,
@@ -113,14 +119,6 @@ def bounce_notice(
     )
 
 
-def _raw(message: Message, name: str) -> str:
-    """A header's first value as it came (8-bit bytes as surrogate escapes), unfolded."""
-    for key, value in message.raw_items():
-        if key.lower() == name:
-            return "".join(str(value).splitlines())
-    return ""
-
-
 def _decoded_header(value: str) -> str:
     """A header's text as a reader sees it: encoded words decoded (an unknown charset's bytes
     replaced), raw UTF-8 (SMTPUTF8) read as UTF-8. Not yet fit for a header of ours."""
@@ -140,7 +138,9 @@ def reply_text(raw: bytes) -> Reply:
         if kind in ("text/plain", "text/html") and kind not in texts and not part.get_filename():
             texts[kind] = part_text(part, MAX_PART_BYTES)
     text = texts.get("text/plain") or texts.get("text/html", "")
-    subject = header_text(_decoded_header(_raw(message, "subject")), REPLY_SUBJECT_CHARS)
+    subject = header_text(
+        _decoded_header(next(iter(raw_values(message, "subject")), "")), REPLY_SUBJECT_CHARS
+    )
     return Reply(subject, text.replace("\r\n", "\n")[:MAX_FORWARD_CHARS], reply_sender(message))
 
 
