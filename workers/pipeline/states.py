@@ -64,6 +64,7 @@ FROM_ANY_UNFINISHED = (S.WITHDRAWN, S.FAILED)
 
 # fmt: off
 STATES: dict[State, Row] = {
+    # state:       Row(stage acting on it, (next states), outcome, [final, later, resent])
     # Waiting for the sender to click the link in their email; NOTIFY sends it (and a reminder).
     S.UNCONFIRMED: Row(Stage.NOTIFY, (S.RECEIVED, S.EXPIRED),
                        "Waiting for you to confirm by email.", resent=False),
