@@ -345,6 +345,25 @@ def test_one_recipient_given_20_times_in_a_transaction_is_stored_once(smtp_db: s
 
 
 @pytest.mark.smtp
+def test_one_token_at_both_our_domains_is_stored_once_and_at_another_domain_refused(
+    smtp_db: str,
+) -> None:
+    reply = RETURNS.reply(SID)
+    assert reply
+    local = reply.split("@")[0]
+    with Receiver(smtp_db) as receiver, receiver.client() as smtp:
+        smtp.ehlo()
+        smtp.mail("<>")
+        assert smtp.rcpt(reply)[0] == 250
+        assert smtp.rcpt(f"{local}@bounces.example.org")[0] == 250
+        assert smtp.rcpt(f"{local.upper()}@REPLIES.example.org")[0] == 250
+        assert smtp.rcpt(f"{local}@gmail.example")[0] == 550  # never a relay
+        assert smtp.data(MESSAGE)[0] == 250
+        assert [r.recipient for r in receiver.rows()] == [reply]
+        assert len(receiver.sent_on) == 1
+
+
+@pytest.mark.smtp
 def test_postmaster_is_taken_and_kept_for_the_operator_never_acted_on(smtp_db: str) -> None:
     refused = "postmaster@gmail.com"  # still never a relay
     given = ["postmaster@bounces.example.org", "PostMaster@REPLIES.example.org", "postmaster"]

@@ -22,21 +22,26 @@ class Replayed(Exception):
 
 
 def recipient_key(address: str) -> str:
-    """What makes two recipients one: one of our addresses is its decoded token (purpose and
-    object id, :func:`~workers.inbound.addresses.token_key`), at whichever of our domains, with
-    or without a trailing dot, in any case: ``r-X@reply``, ``R-X@reply.`` and ``r-X@bounce``
-    are one recipient (and one stored copy). Anything else is its address, case-insensitive,
-    without a trailing dot."""
-    address = address.strip().strip("<>")
-    return token_key(address) or address.lower().rstrip(".")
+    """One address however it is written: case-insensitive, without angle brackets or a
+    trailing dot (the receiver's check of a recipient given twice)."""
+    return address.strip().strip("<>").lower().rstrip(".")
+
+
+def stored_key(address: str) -> str:
+    """What makes two recipients one stored copy: one of our addresses is its decoded token
+    (purpose, object id and MAC: :func:`~workers.inbound.addresses.token_key`), at whichever of
+    our domains, with or without a trailing dot, in any case: ``r-X@reply``, ``R-X@reply.``
+    and ``r-X@bounce`` are one. Anything else is its :func:`recipient_key`. (The receiver
+    takes only tokens it verified at one of our domains.)"""
+    return token_key(address) or recipient_key(address)
 
 
 def unique_recipients(recipients: list[str]) -> list[str]:
-    """Each recipient once (:func:`recipient_key`), in the order given."""
+    """Each recipient once (:func:`stored_key`), in the order given."""
     seen: set[str] = set()
     kept: list[str] = []
     for recipient in recipients:
-        key = recipient_key(recipient)
+        key = stored_key(recipient)
         if key not in seen:
             seen.add(key)
             kept.append(recipient)
