@@ -19,7 +19,7 @@ import pytest
 import redis
 import trustme
 from dramatiq.brokers.redis import RedisBroker
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from tests.conftest import make_settings
 from tests.factories import submission
@@ -27,7 +27,7 @@ from tests.postfix import Postfix
 from tests.services import REPO, dkim_dns, dkim_keys, wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
 from workers.database.engine import session_scope
-from workers.database.models import Delivery, Letter, Submission
+from workers.database.models import Delivery, Letter, Member, Submission
 from workers.pipeline.app import App
 from workers.pipeline.dead_letters import mail_pause
 from workers.pipeline.embedded_redis import EmbeddedRedis
@@ -196,6 +196,32 @@ def test_a_recipient_the_relay_refuses_fails_that_letter_alone(run: Run) -> None
     assert all("550 5.1.1" in reason for reason in failures.values())
     run.arrived_once([sid for sid in ids if sid not in failures])
     assert mail_pause(run.redis, "dearmp") is None  # one recipient pauses nobody
+
+
+def test_a_recipient_whose_address_holds_words_of_set_up_fails_that_letter_alone(
+    run: Run,
+) -> None:
+    """Postfix quotes the recipient it refuses ("550 5.1.1 <helo@tls.mp.example.org>:
+    Recipient address rejected: User unknown"): the words in the address are not an answer
+    about our HELO or TLS. That letter fails, and nobody's delivery pauses."""
+    refused = "helo@tls.mp.example.org"
+    with session_scope(run.app.sessions) as session:
+        session.execute(
+            update(Member)
+            .where(Member.email == "alex.rivers.mp@mp.example.org")
+            .values(email=refused)
+        )
+    run.relay.rules(recipients={refused: "550 5.1.1 User unknown"})
+    run.relay.reload()
+    run.start()
+    ids = run.submit(12)
+    assert run.final(ids) == {"delivered": 10, "failed": 2}, run.logs()
+    failures = run.failures(ids)
+    assert all("Recipient address rejected: User unknown" in r for r in failures.values())
+    delivered = [sid for sid in ids if sid not in failures]
+    run.arrived_once(delivered)
+    assert run.most_attempts(delivered) == 1
+    assert "mail_delivery_paused" not in run.stack.log_text(), run.logs()
 
 
 def test_a_451_storm_passes_and_every_letter_goes_once(run: Run) -> None:
