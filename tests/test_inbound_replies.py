@@ -215,6 +215,20 @@ def test_held_replies_per_letter_are_capped_beyond_it_dropped_with_their_text(
     assert outbox(app) == [] and events(app, sid) == []
 
 
+def test_the_held_cap_holds_under_concurrent_replies(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    app.settings.forwards_per_letter = 1
+    sid, _, reply_to = relayed_letter(app, stub_broker, stub_worker)
+    raws = [phishing(reply_to).replace(b"phish-1", f"phish-{n}".encode()) for n in range(10)]
+    _at_once(app, [store(app.sessions, "smtp", [reply_to], raw)[0] for raw in raws])
+    with session_scope(app.sessions) as session:
+        statuses = session.scalars(
+            select(InboundMessage.status).where(InboundMessage.submission_id == sid)
+        ).all()
+    assert sorted(statuses) == ["dropped"] * 8 + ["held"] * 2
+
+
 def test_mail_to_the_postmaster_and_failed_messages_are_listed_shown_and_dropped(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
