@@ -486,8 +486,10 @@ class RelayPause:
         return pause
 
     def refused_rcpt(self, recipient: str, reason: str) -> float | None:
-        """A policy answer (5.7.x) to RCPT: it may refuse us (our right to relay, our sender) or
-        this recipient ("Recipient address rejected: Access denied"), and its words do not say
+        """A policy answer (5.7.x) to RCPT, or one in a relay's words for our set-up there
+        ("Sender address rejected", "Helo command rejected", which a relay's rule for one
+        recipient can give too): it may refuse us (our right to relay, our sender) or this
+        recipient ("Recipient address rejected: Access denied"), and its words do not say
         which. The first time it is taken as ours: pause, and return for how long. When the
         same recipient is refused again after the relay accepted other letters, the recipient
         is the cause: None (the letter's own permanent failure, with no pause)."""
