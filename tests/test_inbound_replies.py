@@ -654,6 +654,22 @@ def test_passing_database_trouble_is_not_counted_against_a_notice(
     assert len(outbox(app)) == 1
 
 
+def test_a_notice_that_cannot_be_written_is_skipped_with_the_address_masked(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.letters import notices as writing
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("invalid address 'jane doe@example.org'")
+
+    monkeypatch.setattr(writing, "bounce_notice", refused)
+    notice_id = _pending_bounce_notice(app, stub_broker, stub_worker)
+    notices.send_notice(app.sessions, notice_id, app.mailer, app.returns, app.signer, _sending(app))
+    notice = _notice(app, notice_id)
+    assert notice.status == "skipped"
+    assert notice.error == "cannot be written as email: invalid address 'jane [email]'"
+
+
 class Scripted:
     """A mail server that answers as told, then as the App's own mailer does."""
 

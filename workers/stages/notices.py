@@ -178,7 +178,7 @@ def send_notice(
         try:
             mail: Outgoing | str = _compose(session, notice, returns, signer, policy)
         except ValueError as exc:  # an address the email package will not write
-            mail = f"cannot be written as email: {exc}"[:500]
+            mail = mask_text(f"cannot be written as email: {exc}")[:500]
         except Exception as exc:  # nobody foresaw it: counted, like a failed send
             broken, mail = exc, ""
         if not _claim(session, notice_id, policy):
