@@ -686,6 +686,9 @@ class Scripted:
     def waiting(self) -> float:
         return 0.0
 
+    def close(self) -> None:
+        pass
+
 
 def test_a_notices_passing_refusals_do_not_count_as_its_failures(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker
@@ -723,6 +726,9 @@ class Dying:
 
     def waiting(self) -> float:
         return 0.0
+
+    def close(self) -> None:
+        pass
 
 
 def test_a_notice_whose_worker_stops_every_time_ends_failed(
