@@ -25,15 +25,9 @@ from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
 from workers.database.models import Letter, State, Submission
-from workers.letters.mail import (
-    SIGNED_HEADERS,
-    WIRE,
-    DkimSigner,
-    Outgoing,
-    build_message,
-    letter_bytes,
-    outgoing,
-)
+from workers.letters.mail import DkimSigner, Outgoing, outgoing
+from workers.letters.mail.dkim import SIGNED_HEADERS
+from workers.letters.mail.messages import WIRE, build_message, letter_bytes
 from workers.pipeline.app import App
 from workers.stages.delivery import DeliveryPolicy, deliver
 from workers.stages.rendering import compose

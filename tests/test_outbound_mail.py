@@ -46,8 +46,8 @@ from workers.letters.mail import (
     Outgoing,
     TransientDeliveryError,
     header_text,
-    write,
 )
+from workers.letters.mail.messages import write
 from workers.pipeline.app import App, set_app
 from workers.pipeline.runtime import prepare
 from workers.stages.confirmation import ConfirmationPolicy, notify

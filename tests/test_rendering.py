@@ -16,7 +16,8 @@ from tests.factories import submission
 from tests.services import dkim_keys
 from workers.database.models import Letter
 from workers.letters.campaigns import load_definitions
-from workers.letters.mail import DkimSigner, build_message, outgoing
+from workers.letters.mail import DkimSigner, outgoing
+from workers.letters.mail.messages import build_message
 from workers.stages.rendering import Recipient, choose_subject, compose
 
 MP = Recipient("Alex Baker", "alex.baker.mp@parliament.uk", "Aldershot")

@@ -14,7 +14,8 @@ import pytest
 
 from tests.services import SmtpSink, wait_for
 from tests.test_smtp import mailer as smtp_mailer
-from workers.letters.mail import Outgoing, SmtpMailer, SmtpPool, TransientDeliveryError
+from workers.letters.mail import Outgoing, SmtpMailer, TransientDeliveryError
+from workers.letters.mail.smtp import SmtpPool
 
 pytestmark = pytest.mark.smtp
 MAIL = Outgoing(

@@ -22,7 +22,8 @@ from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
 from workers.database.models import Delivery, Letter, Submission
-from workers.letters.mail import Outgoing, RelayPause, SmtpMailer, TransientDeliveryError
+from workers.letters.mail import Outgoing, SmtpMailer, TransientDeliveryError
+from workers.letters.mail.relay import RelayPause
 from workers.pipeline.app import App
 from workers.stages.delivery import DeliveryPolicy, deliver
 from workers.stages.stage import Deferred

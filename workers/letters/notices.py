@@ -1,7 +1,8 @@
 """Emails to a supporter about their letter: it was returned, a reply came (forwarded), did
-their MP reply? Written and signed like the letters (:func:`workers.letters.mail.write`), From
-the campaign's own address (DMARC-aligned), marked automatic (RFC 3834) so that responders stay
-quiet, and carrying ``X-DearMP-Notice``: one that comes back to us is recognised as a loop.
+their MP reply? Written and signed like the letters
+(:func:`workers.letters.mail.messages.write`), From the campaign's own address (DMARC-aligned),
+marked automatic (RFC 3834) so that responders stay quiet, and carrying ``X-DearMP-Notice``:
+one that comes back to us is recognised as a loop.
 
 The same notice gives the same bytes every time it is sent (Date is its creation time), so a
 resend after a crash is a duplicate a mailbox can tell by its Message-ID.

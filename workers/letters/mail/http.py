@@ -1,0 +1,73 @@
+"""An HTTP provider: Mailgun's raw-MIME API through ``requests``, so the same signed bytes
+go as they are; 429 and 5xx are worth trying again (after Retry-After), any other refusal is
+the letter's."""
+
+from __future__ import annotations
+
+import threading
+from email.utils import parsedate_to_datetime
+
+import requests
+
+from config.settings import Settings
+from workers.database.models import utcnow
+from workers.letters.mail.mailer import Outgoing, PermanentDeliveryError, TransientDeliveryError
+
+
+class HttpMailer:
+    """Mailgun's ``messages.mime`` API: the signed bytes go as they are; a session per thread."""
+
+    name = "http"
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.email_api_key or not settings.email_api_domain:
+            raise ValueError("the http mail backend needs EMAIL_API_KEY and EMAIL_API_DOMAIN")
+        self.url = (
+            f"{settings.email_api_url.rstrip('/')}/v3/{settings.email_api_domain}/messages.mime"
+        )
+        self.auth = ("api", settings.email_api_key.get_secret_value())
+        self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
+        self._local = threading.local()
+
+    def waiting(self) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.auth = self.auth
+        return session
+
+    def send(self, mail: Outgoing) -> str:
+        try:
+            response = self._session().post(
+                self.url,
+                data={"to": mail.recipients},
+                files={"message": ("message.eml", mail.data, "message/rfc822")},
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        answer = f"{response.status_code} {response.text[:500]}"
+        if response.status_code < 300:
+            return answer
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientDeliveryError(answer, retry_after=retry_after(response))
+        raise PermanentDeliveryError(answer)
+
+
+def retry_after(response: requests.Response) -> float | None:
+    """Seconds from a Retry-After header, given as seconds or as an HTTP date."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
+    except (TypeError, ValueError):
+        return None

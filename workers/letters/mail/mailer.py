@@ -1,0 +1,53 @@
+"""What every mail backend is: a :class:`Mailer` takes an :class:`Outgoing` (envelope and the
+exact bytes to send) and answers, or raises one of the two delivery errors, which say whether
+trying again can help. Its own module so that the backends, the relay policy and the writer
+can all name it without importing one another."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class TransientDeliveryError(Exception):
+    """Worth trying again later: connection trouble, a timeout, SMTP 4xx, HTTP 429 or 5xx.
+
+    ``ours``: the refusal answers our side (the relay closing a session it has too many of, a
+    conversation out of step, our login paused, every session busy), not the letter: the letter
+    waits and tries again without it counting as one of its attempts."""
+
+    def __init__(self, message: str, retry_after: float | None = None, ours: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.ours = ours
+
+
+class PermanentDeliveryError(Exception):
+    """Trying again will not help: SMTP 5xx, HTTP 4xx. Recorded, then left for an operator."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One letter ready for the wire: envelope and the exact bytes to send."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    message_id: str
+
+
+class Mailer(Protocol):
+    name: str
+
+    def send(self, mail: Outgoing) -> str:
+        """Hand the letter over; return the server's answer. Raises a *DeliveryError."""
+        ...
+
+    def waiting(self) -> float:
+        """Seconds before letters should be handed over again (0: now): the backend knows it
+        would be refused for a reason that is not the letter's."""
+        ...
+
+    def close(self) -> None:
+        """End what the backend holds open (a worker shutting down)."""
+        ...

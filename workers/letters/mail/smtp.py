@@ -1,0 +1,382 @@
+"""SMTP: STARTTLS or implicit TLS, optional login, and a pool of sessions a worker's threads
+share (:class:`SmtpPool`: at most so many open, each closed after so long or so many letters,
+and the relay's own limit on connections kept to). MAIL, RCPT and DATA are sent by hand to keep
+each answer; what an answer means is the relay policy's to say (:mod:`.relay`)."""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from config.settings import Settings
+from workers.letters.mail.mailer import Outgoing, TransientDeliveryError
+from workers.letters.mail.relay import OUT_OF_STEP, RelayPause, answer_text, classify
+
+
+def _close(conn: smtplib.SMTP) -> None:
+    """End a session as RFC 5321 asks (QUIT), then close the socket whatever the server does."""
+    try:
+        if conn.sock is not None:
+            conn.quit()
+    except (smtplib.SMTPException, OSError):
+        pass
+    finally:
+        conn.close()
+
+
+class Refusal(Exception):
+    """The server refused one letter with a definite answer to ``command``; ``usable``: the
+    session was reset (RSET answered 250) and can carry the next letter."""
+
+    def __init__(self, command: str, code: int, answer: bytes | str, recipient: str = "") -> None:
+        super().__init__(f"{code} {answer_text(answer)}")
+        self.command, self.code, self.answer, self.recipient = command, code, answer, recipient
+        self.usable = False
+
+
+@dataclass(eq=False)
+class _Session:
+    conn: smtplib.SMTP
+    opened: float
+    used: float
+    letters: int = 0
+
+
+class SmtpPool:
+    """The SMTP sessions a worker process keeps open to its relay, shared by its threads.
+
+    At most ``size`` sessions are open at once (a relay's limit per client is counted in
+    sessions; a thread that finds them all busy waits for one), a session is closed (with
+    QUIT) once it is ``max_age`` seconds old, has carried ``max_letters`` letters, or has sat
+    idle for ``idle`` seconds, so that a relay's new rules reach us and idle threads hold
+    nothing. A session that met an error is closed, not reused, unless the error is a
+    :class:`Refusal` of one letter after which the session was reset (``usable``).
+
+    When the relay answers a new connection with 421 ("too many connections") while this
+    process has sessions open, the pool takes that as the relay's limit: it keeps to the
+    sessions it has, and the thread waits for one of them instead of deferring its letter,
+    until ``max_age`` has passed and a larger pool is tried again. With none open (other
+    processes hold what the relay allows), no thread of the process connects for a while
+    (``HOLD_FIRST`` seconds, doubling with each 421 in a row up to ``HOLD_LONGEST``) and then
+    one tries: threads wait for that as for a busy session, and a letter that waits too long
+    is deferred as ``ours`` (no attempt counted), not one refused connection per letter."""
+
+    HOLD_FIRST = 1.0
+    HOLD_LONGEST = 30.0
+
+    def __init__(
+        self,
+        connect: Callable[[], smtplib.SMTP],
+        size: int,
+        max_age: float,
+        max_letters: int,
+        idle: float,
+        wait: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.connect, self.clock = connect, clock
+        self.max_age, self.max_letters, self.idle_for, self.wait = max_age, max_letters, idle, wait
+        self.size = self.ceiling = size
+        self.lowered_at = 0.0
+        self.changed = threading.Condition()
+        self.idle: list[_Session] = []
+        self.open = 0  # sessions open now, idle or in use (or being opened)
+        self.opened = 0  # sessions opened so far (for tests and metrics)
+        self.refused_in_a_row = 0
+        self.held_until = 0.0  # no new connection before this (see HOLD_FIRST)
+        self.sweeper: threading.Timer | None = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[smtplib.SMTP]:
+        session = self._take()
+        try:
+            yield session.conn
+        except Refusal as refusal:
+            if not refusal.usable:
+                self._discard(session)
+            else:
+                self._put_back(session)
+            raise
+        except BaseException:
+            self._discard(session)
+            raise
+        self._put_back(session)
+
+    def _put_back(self, session: _Session) -> None:
+        # A session that has carried its last letter goes back too: its QUIT, a round trip,
+        # must not stand between the server's answer and the caller's record of the letter as
+        # sent. The next use or the idle sweep closes it.
+        session.letters += 1
+        session.used = self.clock()
+        with self.changed:
+            self.idle.append(session)
+            self.changed.notify()
+            if self.sweeper is None:
+                self.sweeper = threading.Timer(self.idle_for, self._sweep)
+                self.sweeper.daemon = True
+                self.sweeper.start()
+
+    def _sweep(self) -> None:
+        """Close the sessions that have sat idle too long (a timer while any are idle)."""
+        with self.changed:
+            now = self.clock()
+            gone = [s for s in self.idle if self._spent(s, now)]
+            self.idle = [s for s in self.idle if s not in gone]
+            self.open -= len(gone)
+            self.changed.notify(len(gone))
+            self.sweeper = None
+            if self.idle:
+                self.sweeper = threading.Timer(self.idle_for, self._sweep)
+                self.sweeper.daemon = True
+                self.sweeper.start()
+        for session in gone:
+            _close(session.conn)
+
+    def _spent(self, session: _Session, now: float) -> bool:
+        return (
+            now - session.opened >= self.max_age
+            or session.letters >= self.max_letters
+            or now - session.used >= self.idle_for
+        )
+
+    def _discard(self, session: _Session) -> None:
+        _close(session.conn)
+        with self.changed:
+            self.open -= 1
+            self.changed.notify()
+
+    def _take(self) -> _Session:
+        deadline = time.monotonic() + self.wait
+        while True:
+            with self.changed:
+                now = self.clock()
+                if self.ceiling < self.size and now - self.lowered_at >= self.max_age:
+                    self.ceiling = self.size
+                while not self.idle and (self.open >= self.ceiling or self._held()):
+                    left = deadline - time.monotonic()
+                    held = self.held_until - self.clock()
+                    if left <= 0:
+                        raise TransientDeliveryError(
+                            "the mail server takes no more connections from us just now"
+                            if held > 0
+                            else "every connection to the mail server is busy",
+                            retry_after=max(1.0, held),
+                            ours=True,
+                        )
+                    self.changed.wait(min(left, held) if held > 0 else left)
+                session = self.idle.pop() if self.idle else None  # the most recently used
+                if session is None:
+                    self.open += 1  # this thread opens one
+            if session is not None:
+                if self._usable(session):
+                    return session
+                self._discard(session)
+                continue
+            try:
+                conn = self.connect()
+            except smtplib.SMTPResponseException as exc:
+                with self.changed:
+                    self.open -= 1
+                    self.changed.notify()
+                    if exc.smtp_code != 421:
+                        raise
+                    if self.open == 0:  # others hold what the relay allows: hold off
+                        self.refused_in_a_row += 1
+                        hold = self.HOLD_FIRST * 2.0 ** (self.refused_in_a_row - 1)
+                        self.held_until = self.clock() + min(self.HOLD_LONGEST, hold)
+                        self.ceiling = 1  # then one thread tries
+                    else:
+                        self.ceiling = self.open
+                    self.lowered_at = self.clock()
+                continue  # the relay allows no more: wait for one of ours, or the hold
+            except BaseException:
+                with self.changed:
+                    self.open -= 1
+                    self.changed.notify()
+                raise
+            now = self.clock()
+            with self.changed:
+                self.opened += 1
+                self.refused_in_a_row = 0
+            return _Session(conn, opened=now, used=now)
+
+    def _held(self) -> bool:
+        return self.clock() < self.held_until
+
+    def _usable(self, session: _Session) -> bool:
+        now = self.clock()
+        if self._spent(session, now):
+            return False
+        if now - session.used < 1.0:
+            return True
+        try:  # idle for a moment: make sure the server has not closed it meanwhile
+            return bool(session.conn.noop()[0] == 250)
+        except (smtplib.SMTPException, OSError):
+            return False
+
+    def close(self) -> None:
+        """Close every idle session (a worker shutting down, or a pause beginning)."""
+        with self.changed:
+            idle, self.idle = self.idle, []
+            self.open -= len(idle)
+            self.changed.notify_all()
+            if self.sweeper is not None:
+                self.sweeper.cancel()
+                self.sweeper = None
+        for session in idle:
+            _close(session.conn)
+
+
+class SmtpMailer:
+    """SMTP with STARTTLS or implicit TLS, optional auth, over a pool of sessions."""
+
+    name = "smtp"
+
+    def __init__(
+        self, settings: Settings, alarm: Callable[[str | None, float], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.relay = RelayPause(settings.smtp_pause, alarm=alarm)
+        self.pool = SmtpPool(
+            self._connect,
+            size=settings.smtp_max_connections,
+            max_age=settings.smtp_connection_max_age,
+            max_letters=settings.smtp_connection_max_letters,
+            idle=settings.smtp_connection_idle,
+            wait=settings.smtp_timeout,
+        )
+
+    def _tls(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self.settings.smtp_ca_file:
+            context.load_verify_locations(cafile=str(self.settings.smtp_ca_file))
+        return context
+
+    def _connect(self) -> smtplib.SMTP:
+        s = self.settings
+        conn: smtplib.SMTP | None = None
+        try:
+            if s.smtp_security == "tls":
+                conn = smtplib.SMTP_SSL(
+                    s.smtp_host,
+                    s.smtp_port,
+                    local_hostname=s.smtp_helo_name,
+                    timeout=s.smtp_timeout,
+                    context=self._tls(),
+                )
+            else:
+                conn = smtplib.SMTP(
+                    s.smtp_host,
+                    s.smtp_port,
+                    local_hostname=s.smtp_helo_name,
+                    timeout=s.smtp_timeout,
+                )
+                if s.smtp_security == "starttls":
+                    conn.starttls(context=self._tls())
+            conn.ehlo_or_helo_if_needed()
+            if s.smtp_username and s.smtp_password:
+                with self.relay.turn():
+                    try:
+                        _login(conn, s.smtp_username, s.smtp_password.get_secret_value())
+                    except smtplib.SMTPAuthenticationError as exc:
+                        answer = answer_text(exc.smtp_error)
+                        self.relay.refused(f"login refused: {exc.smtp_code} {answer}")
+                        raise
+        except BaseException as exc:
+            if conn is not None:  # a set-up that failed (TLS, EHLO, AUTH) leaves no session
+                _close(conn)
+            if isinstance(exc, ssl.SSLCertVerificationError) and not self.relay.waiting():
+                # The relay's certificate, or the CA we check it with: the same for every
+                # letter, so a pause, not a handshake per letter charged to it. (Threads that
+                # were in a handshake with the first make one pause, not one doubling each.)
+                self.relay.refused(
+                    f"TLS verification of the mail server failed ({exc.verify_message}): "
+                    "check SMTP_CA_FILE and the relay's certificate"
+                )
+            raise
+        return conn
+
+    def waiting(self) -> float:
+        return self.relay.waiting()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def send(self, mail: Outgoing) -> str:
+        # An error closes the session it happened on (the pool's rule): a server out of step
+        # with us, or an address the library cannot write, cannot leave the next letter a
+        # session mid-transaction. A definite refusal of this letter does not spoil the
+        # session: once RSET is answered, it goes back to the pool (see _transaction).
+        try:
+            self.relay.check()
+            with self.pool.session() as conn:
+                code, answer = _transaction(conn, mail)
+            self.relay.accepted()
+            return f"{code} {answer.decode(errors='replace')}"
+        except smtplib.SMTPAuthenticationError as exc:  # the pause is set already (_connect)
+            text = answer_text(exc.smtp_error)
+            wait = self.relay.waiting()
+            raise TransientDeliveryError(f"{exc.smtp_code} {text}", wait, ours=True) from exc
+        except ssl.SSLCertVerificationError as exc:  # the pause is set already (_connect)
+            wait = self.relay.waiting()
+            raise TransientDeliveryError(f"TLS: {exc}", wait, ours=True) from exc
+        except Refusal as exc:
+            error = classify(self.relay, exc.command, exc.code, exc.answer, exc.recipient)
+            if self.relay.waiting() > 0:
+                # Paused: no session waits out the pause under the rules it was opened with
+                # (a relay's operator fixes them and reloads; the probe gets a new session).
+                self.pool.close()
+            raise error from exc
+        except smtplib.SMTPResponseException as exc:  # the greeting, EHLO, STARTTLS
+            raise classify(self.relay, "SESSION", exc.smtp_code, exc.smtp_error) from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
+    """MAIL, RCPT and DATA by hand rather than ``sendmail()``, to keep the final answer. A
+    refusal raises :class:`Refusal`, ``usable`` when RSET then clears the transaction (a 421
+    or 503 leaves the session's state unknown: it is closed)."""
+    refused: Refusal | None = None
+    code, answer = conn.mail(mail.sender)
+    if code != 250:
+        refused = Refusal("MAIL", code, answer)
+    for rcpt in mail.recipients if refused is None else []:
+        code, answer = conn.rcpt(rcpt)
+        if code not in (250, 251):
+            refused = Refusal("RCPT", code, answer, rcpt)
+            break
+    if refused is None:
+        try:
+            code, answer = conn.data(mail.data)
+        except smtplib.SMTPDataError as exc:  # the answer to DATA itself
+            refused = Refusal("DATA", exc.smtp_code, exc.smtp_error)
+        else:
+            if code == 250:
+                return code, answer
+            refused = Refusal("DATA", code, answer)
+    if refused.code not in OUT_OF_STEP:
+        try:
+            refused.usable = conn.rset()[0] == 250
+        except (smtplib.SMTPException, OSError):
+            pass
+    raise refused
+
+
+def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
+    """AUTH with one mechanism, the first of smtplib's preference the server offers:
+    ``SMTP.login`` tries each offered mechanism in turn with the same password, so one wrong
+    password counts as two or three failures against the account at the relay."""
+    conn.ehlo_or_helo_if_needed()
+    offered = conn.esmtp_features.get("auth", "").upper().split()
+    mechanism = next((m for m in ("CRAM-MD5", "PLAIN", "LOGIN") if m in offered), None)
+    if mechanism is None:
+        raise smtplib.SMTPException("the mail server offers no authentication this client has")
+    conn.user, conn.password = user, password
+    method = getattr(conn, "auth_" + mechanism.lower().replace("-", "_"))
+    conn.auth(mechanism, method)  # a refusal raises SMTPAuthenticationError
