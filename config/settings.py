@@ -206,6 +206,10 @@ class Settings(BaseSettings):
     # A submission dead-lettered this many times (each after all of a stage's retries) fails the
     # same way every time: it becomes `failed` with the reason, and is not resent again.
     max_dead_letters: int = Field(default=3, ge=1, le=100, alias="DEARMP_MAX_DEAD_LETTERS")
+    # An email to a supporter (workers.outbox) is tried at most this many times: each failed
+    # attempt (the mail server's refusal, an error, the worker sending it stopped) waits longer
+    # before the next (1 minute, doubling, at most an hour); the last is recorded as failed.
+    outbox_max_attempts: int = Field(default=8, ge=1, le=100, alias="DEARMP_OUTBOX_MAX_ATTEMPTS")
 
     # Workers started by `dearmp run` / `dearmp demo`.
     worker_threads: int = Field(default=8, ge=1, le=64, alias="DEARMP_WORKER_THREADS")

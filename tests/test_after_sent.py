@@ -30,7 +30,7 @@ from workers.database.models import (
     InboundMessage,
     Letter,
     LetterEvent,
-    Notice,
+    OutboxItem,
     Submission,
     utcnow,
 )
@@ -405,7 +405,7 @@ def test_did_your_mp_reply_asks_once_reminds_once_and_records_the_answer_by_butt
     with session_scope(app.sessions) as session:
         queued = survey.due(session)
         assert len(queued) == 2  # not the letter whose MP replied
-    dispatch_groups(stub_broker, {Stage.NOTICE: queued})
+    dispatch_groups(stub_broker, {Stage.OUTBOX: queued})
     drain(stub_broker, stub_worker)
     mails = outbox(app)
     assert len(mails) == 2 and all("Did " in m["Subject"] for m in mails)
@@ -427,10 +427,10 @@ def test_did_your_mp_reply_asks_once_reminds_once_and_records_the_answer_by_butt
         assert client.post(forged).status_code == 404
         assert client.post(path.replace("/yes", "/maybe")).status_code == 404
     with session_scope(app.sessions) as session:
-        session.execute(update(Notice).values(sent_at=utcnow() - timedelta(days=8)))
+        session.execute(update(OutboxItem).values(sent_at=utcnow() - timedelta(days=8)))
     with session_scope(app.sessions) as session:
         [reminder] = survey.due(session)  # only the letter not answered
-        assert session.get(Notice, reminder).submission_id == reminded  # type: ignore[union-attr]
+        assert session.get(OutboxItem, reminder).submission_id == reminded  # type: ignore[union-attr]
     rows = {(r.campaign, r.member_id): r for r in _report(app)}
     total = rows[("political-prisoners", None)]
     assert (total.delivered, total.replied, total.survey["yes"]) == (3, 1, 1)
@@ -526,9 +526,9 @@ def test_erasure_removes_what_came_back_and_export_shows_its_facts(
         erase_supporter(session, app.secret, SUPPORTER, app.settings.resolved_outbox_dir)
     assert inbound_row(app, inbound_id).raw is None
     with session_scope(app.sessions) as session:
-        notice = session.get(Notice, notice_id)
+        notice = session.get(OutboxItem, notice_id)
         assert notice is not None and notice.status == "skipped"
-    dispatch_groups(stub_broker, {Stage.NOTICE: [notice_id]})
+    dispatch_groups(stub_broker, {Stage.OUTBOX: [notice_id]})
     drain(stub_broker, stub_worker)
     assert outbox(app) == []  # nothing goes to an erased supporter
 
@@ -660,12 +660,12 @@ def test_the_reconciler_sends_on_what_was_stored_while_redis_was_away(
     assert len(outbox(app)) == 1  # the notice the inbound stage queued went too
     # A notice whose sender died mid-send is taken back after the lease, and sent once.
     with session_scope(app.sessions) as session:
-        notice = session.scalars(select(Notice)).one()
+        notice = session.scalars(select(OutboxItem)).one()
         notice.status, notice.claimed_at = "sending", utcnow() - timedelta(hours=1)
     assert reconcile_once(app.sessions, stub_broker, timedelta(0)) == 1
     drain(stub_broker, stub_worker)
     with session_scope(app.sessions) as session:
-        assert session.scalars(select(Notice.status)).one() == "sent"
+        assert session.scalars(select(OutboxItem.status)).one() == "sent"
     assert len(outbox(app)) == 1  # the same file: the same bytes, the same Message-ID
 
 

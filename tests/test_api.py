@@ -373,7 +373,9 @@ def test_concurrent_posts_are_batched_and_every_202_is_stored(
 def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_again(
     app: App,
 ) -> None:
+    from tests.test_outbox import no_wait, send_item
     from workers.database.engine import make_engine
+    from workers.database.models import OutboxItem
     from workers.letters.mail import Outgoing, TransientDeliveryError
     from workers.stages.confirmation import ConfirmationPolicy, notify
     from workers.stages.intake import accept
@@ -401,6 +403,7 @@ def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_ag
                 conn.execute(
                     update(Submission).where(Submission.id == sid).values(updated_at=utcnow())
                 )
+                conn.execute(update(OutboxItem).values(dispatched_at=utcnow()))
                 conn.commit()
             if self.fail_next:
                 self.fail_next = False
@@ -408,14 +411,22 @@ def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_ag
             self.sent.append(mail)
             return "250 ok"
 
+    def status() -> str:
+        with session_scope(app.sessions) as session:
+            return session.scalars(select(OutboxItem.status)).one()
+
     mailer, policy = Mailer(), ConfirmationPolicy.from_settings(app.settings)
-    with pytest.raises(TransientDeliveryError), session_scope(app.sessions) as session:
-        notify(session, sid, mailer, app.secret, policy)
-    assert get(app, sid).confirmation_sent_at is None  # not marked: the retry sends it
+    with session_scope(app.sessions) as session:
+        [item_id] = notify(session, sid, policy)
+    with pytest.raises(TransientDeliveryError):
+        send_item(app, item_id, mailer, no_wait(app))
+    assert status() == "pending"  # not marked: the retry sends it
     for _ in range(2):  # the retry sends; a repeat before the reminder is due does not
         with session_scope(app.sessions) as session:
-            notify(session, sid, mailer, app.secret, policy)
-    assert len(mailer.sent) == 1 and get(app, sid).confirmation_sent_at is not None
+            queued = notify(session, sid, policy)
+        for item_id in queued:
+            send_item(app, item_id, mailer, no_wait(app))
+    assert len(mailer.sent) == 1 and status() == "sent"
     other.dispose()
 
 

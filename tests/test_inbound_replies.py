@@ -37,18 +37,20 @@ from tests.test_after_sent import (
     receive,
     relay,
 )
+from tests.test_outbox import no_wait, send_item
 from workers.cli import main
 from workers.database.engine import session_scope
-from workers.database.models import AddressHealth, InboundMessage, Notice, Submission, utcnow
+from workers.database.models import AddressHealth, InboundMessage, OutboxItem, Submission, utcnow
 from workers.inbound.classify import acknowledgement, automated, classify, reply_origin
 from workers.inbound.store import store
 from workers.letters.outcomes import report, resend_bounced
 from workers.mp import health
+from workers.outbox import sending as outbox_sending
 from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
 from workers.pipeline.runtime import prepare, state_counts
-from workers.stages import inbound, notices, survey
+from workers.stages import inbound, survey
 from workers.stages.stage import Stage
 
 MP = "jane.smith.mp@parliament.example"
@@ -467,7 +469,9 @@ def _at_once(app: App, ids: list[str]) -> None:
 def _forwards(app: App, sid: str) -> int:
     with session_scope(app.sessions) as session:
         count = session.scalar(
-            select(func.count()).where(Notice.submission_id == sid, Notice.kind == "forward")
+            select(func.count()).where(
+                OutboxItem.submission_id == sid, OutboxItem.kind == "forward"
+            )
         )
     return int(count or 0)
 
@@ -494,7 +498,7 @@ def test_the_forward_cap_and_once_per_message_id_hold_under_concurrent_replies(
 # -- 6. what always raises ends ----------------------------------------------------------------
 
 
-def test_a_notice_that_always_raises_fails_after_max_dead_letters_and_is_not_resent(
+def test_a_notice_that_always_raises_fails_after_its_attempts_and_is_not_resent(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from workers.letters import notices as writing
@@ -508,26 +512,21 @@ def test_a_notice_that_always_raises_fails_after_max_dead_letters_and_is_not_res
     [inbound_id] = store(app.sessions, "smtp", [rcpt], raw)
     policy = inbound.InboundPolicy.from_settings(app.settings)
     [notice_id] = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
-    sending = notices.NoticePolicy(
-        lease_seconds=app.settings.delivery_lease_seconds,
-        max_failures=app.settings.max_dead_letters,
-    )
-    for _ in range(app.settings.max_dead_letters - 1):
+    sending = no_wait(app)
+    for _ in range(sending.max_attempts - 1):
         with pytest.raises(LookupError):
-            notices.send_notice(
-                app.sessions, notice_id, app.mailer, app.returns, app.signer, sending
-            )
+            send_item(app, notice_id, app.mailer, sending)
         with session_scope(app.sessions) as session:
             assert [n for n, _ in find_after_sent(session, timedelta(0))] == [notice_id]
-    notices.send_notice(app.sessions, notice_id, app.mailer, app.returns, app.signer, sending)
+    send_item(app, notice_id, app.mailer, sending)
     with session_scope(app.sessions) as session:
-        notice = session.get(Notice, notice_id)
+        notice = session.get(OutboxItem, notice_id)
         assert notice is not None and notice.status == "failed"
-        assert (
-            notice.error
-            == "gave up after 3 failed attempts: LookupError: unknown encoding: x-no-such"
+        n = sending.max_attempts
+        assert notice.error == (
+            f"gave up after {n} failed attempts: LookupError: unknown encoding: x-no-such"
         )
-        assert (notice.failures, notice.attempts) == (3, 3)
+        assert (notice.failures, notice.attempts) == (n, n)
         assert find_after_sent(session, timedelta(0)) == []  # never resent
     assert reconcile_once(app.sessions, stub_broker, timedelta(0)) == 0
     assert outbox(app) == []
@@ -615,16 +614,13 @@ def _pending_bounce_notice(app: App, broker: Any, worker: dramatiq.Worker) -> st
     return notice_id
 
 
-def _sending(app: App) -> notices.NoticePolicy:
-    return notices.NoticePolicy(
-        lease_seconds=app.settings.delivery_lease_seconds,
-        max_failures=app.settings.max_dead_letters,
-    )
+def _sending(app: App) -> outbox_sending.OutboxPolicy:
+    return no_wait(app)
 
 
-def _notice(app: App, notice_id: str) -> Notice:
+def _notice(app: App, notice_id: str) -> OutboxItem:
     with session_scope(app.sessions) as session:
-        notice = session.get(Notice, notice_id)
+        notice = session.get(OutboxItem, notice_id)
         assert notice is not None
         session.expunge(notice)
         return notice
@@ -644,12 +640,10 @@ def test_passing_database_trouble_is_not_counted_against_a_notice(
         patched.setattr(writing, "bounce_notice", locked)
         for _ in range(app.settings.max_dead_letters + 2):
             with pytest.raises(OperationalError):
-                notices.send_notice(
-                    app.sessions, notice_id, app.mailer, app.returns, app.signer, _sending(app)
-                )
+                send_item(app, notice_id, app.mailer, _sending(app))
             notice = _notice(app, notice_id)
             assert (notice.status, notice.failures) == ("pending", 0)
-    notices.send_notice(app.sessions, notice_id, app.mailer, app.returns, app.signer, _sending(app))
+    send_item(app, notice_id, app.mailer, _sending(app))
     assert _notice(app, notice_id).status == "sent"
     assert len(outbox(app)) == 1
 
@@ -664,7 +658,7 @@ def test_a_notice_that_cannot_be_written_is_skipped_with_the_address_masked(
 
     monkeypatch.setattr(writing, "bounce_notice", refused)
     notice_id = _pending_bounce_notice(app, stub_broker, stub_worker)
-    notices.send_notice(app.sessions, notice_id, app.mailer, app.returns, app.signer, _sending(app))
+    send_item(app, notice_id, app.mailer, _sending(app))
     notice = _notice(app, notice_id)
     assert notice.status == "skipped"
     assert notice.error == "cannot be written as email: invalid address 'jane [email]'"
@@ -690,7 +684,7 @@ class Scripted:
         pass
 
 
-def test_a_notices_passing_refusals_do_not_count_as_its_failures(
+def test_a_notices_refusals_and_errors_each_count_as_a_failed_attempt(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker
 ) -> None:
     from workers.letters.mail import TransientDeliveryError
@@ -700,13 +694,11 @@ def test_a_notices_passing_refusals_do_not_count_as_its_failures(
     mailer = Scripted(app, *busy, RuntimeError("connection reset to <jane@example.org>"))
     for expected in (TransientDeliveryError,) * 3 + (RuntimeError,):
         with pytest.raises(expected):
-            notices.send_notice(
-                app.sessions, notice_id, mailer, app.returns, app.signer, _sending(app)
-            )
+            send_item(app, notice_id, mailer, _sending(app))
     notice = _notice(app, notice_id)
-    assert (notice.status, notice.attempts, notice.failures) == ("pending", 4, 1)
+    assert (notice.status, notice.attempts, notice.failures) == ("pending", 4, 4)
     assert notice.error == "RuntimeError: connection reset to <[email]>"
-    notices.send_notice(app.sessions, notice_id, mailer, app.returns, app.signer, _sending(app))
+    send_item(app, notice_id, mailer, _sending(app))
     assert _notice(app, notice_id).status == "sent"
 
 
@@ -739,20 +731,19 @@ def test_a_notice_whose_worker_stops_every_time_ends_failed(
     lapsed = utcnow() - timedelta(seconds=app.settings.delivery_lease_seconds + 1)
     for _ in range(10):
         try:
-            notices.send_notice(
-                app.sessions, notice_id, dying, app.returns, app.signer, _sending(app)
-            )
+            send_item(app, notice_id, dying, _sending(app))
         except Killed:
             with session_scope(app.sessions) as session:  # its claim lapses
                 session.execute(
-                    update(Notice).where(Notice.id == notice_id).values(claimed_at=lapsed)
+                    update(OutboxItem).where(OutboxItem.id == notice_id).values(claimed_at=lapsed)
                 )
             continue
         break
     notice = _notice(app, notice_id)
-    assert dying.sent == app.settings.max_dead_letters
-    assert (notice.status, notice.failures) == ("failed", app.settings.max_dead_letters)
-    assert notice.error == "gave up after 3 failed attempts: the worker sending it stopped"
+    n = _sending(app).max_attempts
+    assert dying.sent == n
+    assert (notice.status, notice.failures) == ("failed", n)
+    assert notice.error == f"gave up after {n} failed attempts: the worker sending it stopped"
     with session_scope(app.sessions) as session:
         assert find_after_sent(session, timedelta(0)) == []  # never resent
 
@@ -929,7 +920,7 @@ def test_a_notice_whose_sender_died_is_taken_over_after_the_configured_lease(
     [sid] = deliver(app, stub_broker, stub_worker)
     receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
     with session_scope(app.sessions) as session:
-        notice = session.scalars(select(Notice)).one()
+        notice = session.scalars(select(OutboxItem)).one()
         assert notice.status == "sent"
         # Its worker was killed two minutes into sending: past the 60 s lease, within 300 s.
         notice.status, notice.claimed_at = "sending", utcnow() - timedelta(minutes=2)
@@ -938,7 +929,7 @@ def test_a_notice_whose_sender_died_is_taken_over_after_the_configured_lease(
     assert result.exit_code == 0 and "resent 1" in result.stdout, result.output
     drain(stub_broker, stub_worker)
     with session_scope(app.sessions) as session:
-        assert session.scalars(select(Notice.status)).one() == "sent"
+        assert session.scalars(select(OutboxItem.status)).one() == "sent"
 
 
 # -- 17. a resent letter is a new message -------------------------------------------------------

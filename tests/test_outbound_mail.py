@@ -34,9 +34,10 @@ from tests.conftest import ApiClient, drain, make_settings
 from tests.factories import submission
 from tests.services import dkim_dns, dkim_keys
 from tests.test_mail_headers import check_wire
+from tests.test_outbox import no_wait, send_item
 from tests.test_stages import step, store
 from workers.database.engine import session_scope
-from workers.database.models import State, Submission
+from workers.database.models import OutboxItem, State, Submission
 from workers.letters import notices
 from workers.letters.campaigns import update_definition
 from workers.letters.dns import records, zone_lines
@@ -48,6 +49,7 @@ from workers.letters.mail import (
     header_text,
 )
 from workers.letters.mail.messages import write
+from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App, set_app
 from workers.pipeline.runtime import prepare
 from workers.stages.confirmation import ConfirmationPolicy, notify
@@ -197,7 +199,10 @@ def every_kind(app: App) -> dict[str, Outgoing]:
     policy = ConfirmationPolicy.from_settings(app.settings)
     for _ in ("confirmation", "reminder"):
         with session_scope(app.sessions) as session:
-            notify(session, waiting, mailer, app.secret, policy, app.signer, app.returns)
+            queued = notify(session, waiting, policy)
+        for item_id in queued:
+            send_item(app, item_id, mailer)
+        with session_scope(app.sessions) as session:
             row = session.get(Submission, waiting)
             assert row is not None
             row.created_at -= policy.reminder_after  # the reminder is due
@@ -325,24 +330,26 @@ def test_a_confirmation_sent_again_is_the_same_email_dated_when_it_was_due(
         created = row.created_at
     mailer = Recorder(fail_first=True)
     policy = ConfirmationPolicy.from_settings(app.settings)
-    with pytest.raises(TransientDeliveryError), session_scope(app.sessions) as session:
-        notify(session, sid, mailer, app.secret, policy, app.signer, app.returns)
-    failed = write_of(app, sid, policy)
     with session_scope(app.sessions) as session:
-        notify(session, sid, mailer, app.secret, policy, app.signer, app.returns)
+        [item_id] = notify(session, sid, policy)
+    with pytest.raises(TransientDeliveryError):
+        send_item(app, item_id, mailer, no_wait(app))
+    failed = write_of(app, item_id)
+    send_item(app, item_id, mailer, no_wait(app))
     [mail] = mailer.sent
     assert after_signature(mail.data) == after_signature(failed.data)
     message = email.message_from_bytes(mail.data, policy=email.policy.default)
     assert message["Date"] == format_datetime(created)
 
 
-def write_of(app: App, sid: str, policy: ConfirmationPolicy) -> Outgoing:
-    """What notify would send now, from a second, recording mailer."""
-    again = Recorder()
+def write_of(app: App, item_id: str) -> Outgoing:
+    """What the outbox would send now for the item, written again."""
+    every_kind, _ = outbox_for(app)
     with session_scope(app.sessions) as session:
-        notify(session, sid, again, app.secret, policy, app.signer, app.returns)
-        session.rollback()  # not marked: the first send is still to go
-    [mail] = again.sent
+        item = session.get(OutboxItem, item_id)
+        assert item is not None
+        mail = every_kind[item.kind].compose(session, item)
+    assert not isinstance(mail, str)
     return mail
 
 

@@ -17,7 +17,7 @@ from tests.factories import submission
 from tests.services import SmtpSink, free_port, wait_for
 from tests.test_e2e_redis import Stack
 from workers.database.engine import session_scope
-from workers.database.models import InboundMessage, Letter, Notice
+from workers.database.models import InboundMessage, Letter, OutboxItem
 from workers.letters.campaigns import update_definition
 from workers.pipeline.app import App
 from workers.pipeline.embedded_redis import EmbeddedRedis
@@ -94,7 +94,7 @@ def test_a_reply_forwarded_by_a_worker_killed_mid_forward_arrives_once(
         assert wait_for(lambda: _notice_status(app) == "sent", 30)
         assert len(forwards()) == 1
         with session_scope(app.sessions) as session:
-            notice = session.scalars(select(Notice)).one()
+            notice = session.scalars(select(OutboxItem)).one()
             assert notice.attempts == 2
             assert session.scalars(select(InboundMessage.raw)).one() is None
     finally:
@@ -104,7 +104,7 @@ def test_a_reply_forwarded_by_a_worker_killed_mid_forward_arrives_once(
 
 def _notice_status(app: App) -> str | None:
     with session_scope(app.sessions) as session:
-        return session.scalar(select(Notice.status))
+        return session.scalar(select(OutboxItem.status))
 
 
 def _listening(port: int) -> bool:

@@ -234,7 +234,7 @@ def replies_release(inbound_id: str) -> None:
             f"no held reply {inbound_id!r}: `dearmp replies held` lists them"
         )
     if outcome.notices:
-        dispatch_groups(get_broker(), {Stage.NOTICE: list(outcome.notices)})
+        dispatch_groups(get_broker(), {Stage.OUTBOX: list(outcome.notices)})
         click.echo(f"released {inbound_id}: forwarding it to the supporter")
     else:
         click.echo(f"released {inbound_id}, recorded as a reply; not forwarded: {outcome.reason}")

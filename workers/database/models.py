@@ -186,9 +186,7 @@ class Submission(Base):
     # Retention: letter body and postal address scrubbed; erasure: every personal detail removed.
     scrubbed_at: Mapped[datetime | None] = mapped_column()
     erased_at: Mapped[datetime | None] = mapped_column()
-    # Sender confirmation (campaigns that ask for it): emails sent, and the click.
-    confirmation_sent_at: Mapped[datetime | None] = mapped_column()
-    reminder_sent_at: Mapped[datetime | None] = mapped_column()
+    # Sender confirmation (campaigns that ask for it): the click (the emails are in the outbox).
     confirmed_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -424,7 +422,7 @@ class LetterEvent(Base):
     inbound_id: Mapped[str | None] = mapped_column(String(36))
 
 
-class NoticeStatus(StrEnum):
+class OutboxStatus(StrEnum):
     PENDING = "pending"
     SENDING = "sending"
     SENT = "sent"
@@ -432,25 +430,27 @@ class NoticeStatus(StrEnum):
     SKIPPED = "skipped"  # no longer needed (a reply came first), or nobody to send it to
 
 
-class Notice(Base):
-    """An email to a supporter about their letter (it was returned; their MP replied, forwarded;
-    did your MP reply?), sent at most once: the key is unique per submission, and the row is
-    claimed before the mail server is asked, like a letter's delivery row."""
+class OutboxItem(Base):
+    """One email DearMP sends to a supporter (confirm, its reminder, a bounce notice, a forwarded
+    reply, the survey and its reminder), sent at most once by :mod:`workers.outbox`: the key
+    is unique per submission, and the row is claimed before the mail server is asked."""
 
-    __tablename__ = "notices"
-    __table_args__ = (UniqueConstraint("submission_id", "key", name="uq_notices_submission_key"),)
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("submission_id", "key", name="uq_outbox_submission_key"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     submission_id: Mapped[str] = mapped_column(ForeignKey("submissions.id", ondelete="CASCADE"))
-    # "bounce", "survey", "survey-reminder", "forward:<inbound id>"
+    # "confirm", "reminder", "bounce", "survey", "survey-reminder", "forward:<reply's hash>"
     key: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(24))
     inbound_id: Mapped[str | None] = mapped_column(String(36))
-    status: Mapped[str] = mapped_column(String(16), default=NoticeStatus.PENDING, index=True)
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims
-    # Attempts that failed (raised, or the worker sending it stopped); at DEARMP_MAX_DEAD_LETTERS
-    # the notice is failed, never resent. Passing database trouble is not counted.
+    # Failed attempts (the mail server's refusal, an error, the worker sending it stopped; not
+    # passing database trouble): at DEARMP_OUTBOX_MAX_ATTEMPTS the item is failed, never resent.
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # After a failed attempt: not tried again before this (exponential backoff).
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
     claimed_at: Mapped[datetime | None] = mapped_column()
     sent_at: Mapped[datetime | None] = mapped_column()
     error: Mapped[str | None] = mapped_column(Text)

@@ -23,6 +23,9 @@ from workers.database.engine import session_scope
 from workers.database.transitions import AlreadyMoved, Apply, run_group
 from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
 from workers.logging import bound
+from workers.outbox import kinds
+from workers.outbox import sending as outbox
+from workers.outbox.sending import Kind
 from workers.pipeline.app import App, get_app
 from workers.pipeline.broker import build_broker
 from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_message
@@ -34,7 +37,6 @@ from workers.stages import (
     consent,
     delivery,
     inbound,
-    notices,
     rendering,
     resolution,
     validation,
@@ -193,14 +195,14 @@ def _log_consent(app: App, ids: list[str]) -> list[Outcome]:
 
 
 def _notify(app: App, ids: list[str]) -> list[Outcome]:
-    """The confirmation email, one submission at a time."""
+    """The confirmation email (or its reminder) queued in the outbox, sent on after the commit."""
     policy = confirmation.ConfirmationPolicy.from_settings(app.settings)
 
     def work(submission_id: str) -> None:
         with session_scope(app.sessions) as session:
-            confirmation.notify(
-                session, submission_id, app.mailer, app.secret, policy, app.signer, app.returns
-            )
+            queued = confirmation.notify(session, submission_id, policy)
+        if queued:
+            send_on([(item_id, [Stage.OUTBOX]) for item_id in queued])
 
     return _one_by_one(ids, work)
 
@@ -220,27 +222,39 @@ def _one_by_one(ids: list[str], work: Callable[[str], None]) -> list[Outcome]:
 
 
 def _inbound(app: App, ids: list[str]) -> list[Outcome]:
-    """Each inbound message in a transaction of its own; its notices sent on after the commit."""
+    """Each inbound message in a transaction of its own; its notices sent on after the commit
+    (to the outbox)."""
     policy = inbound.InboundPolicy.from_settings(app.settings)
 
     def work(inbound_id: str) -> None:
         queued = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
         if queued:
-            send_on([(notice_id, [Stage.NOTICE]) for notice_id in queued])
+            send_on([(item_id, [Stage.OUTBOX]) for item_id in queued])
 
     return _one_by_one(ids, work)
 
 
-def _notice(app: App, ids: list[str]) -> list[Outcome]:
+def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
+    """Every kind of email the outbox sends, and its policy, from the App's settings."""
     settings = app.settings
-    policy = notices.NoticePolicy(
+    policy = outbox.OutboxPolicy(settings.delivery_lease_seconds, settings.outbox_max_attempts)
+    context = kinds.Context(
+        app.returns,
+        app.signer,
+        app.secret,
         settings.public_url,
-        settings.delivery_lease_seconds,
-        max_failures=settings.max_dead_letters,
+        confirmation.ConfirmationPolicy.from_settings(settings),
     )
+    return kinds.kinds(context), policy
 
-    def work(notice_id: str) -> None:
-        notices.send_notice(app.sessions, notice_id, app.mailer, app.returns, app.signer, policy)
+
+def _outbox(app: App, ids: list[str]) -> list[Outcome]:
+    """Each email to a supporter, through the outbox."""
+    every_kind, policy = outbox_for(app)
+
+    def work(item_id: str) -> None:
+        with session_scope(app.sessions) as session:
+            outbox.send(session, item_id, app.mailer, every_kind, policy)
 
     return _one_by_one(ids, work)
 
@@ -253,7 +267,7 @@ WORK: dict[Stage, Work] = {
     Stage.CONSENT: _log_consent,
     Stage.NOTIFY: _notify,
     Stage.INBOUND: _inbound,
-    Stage.NOTICE: _notice,
+    Stage.OUTBOX: _outbox,
 }
 
 

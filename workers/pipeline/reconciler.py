@@ -21,8 +21,8 @@ from workers.database.models import (
     Failure,
     InboundMessage,
     InboundStatus,
-    Notice,
-    NoticeStatus,
+    OutboxItem,
+    OutboxStatus,
     State,
     Submission,
     SubmissionEvent,
@@ -30,6 +30,7 @@ from workers.database.models import (
 )
 from workers.database.transitions import advance
 from workers.mp.directory import current_version_id
+from workers.outbox import sending as outbox
 from workers.pipeline.dispatch import dispatch
 from workers.pipeline.states import RESENT_TO
 from workers.stages import survey
@@ -93,9 +94,10 @@ def find_stalled(
         select(Submission.id)
         .where(Submission.state == State.UNCONFIRMED, Submission.dispatched_at < cutoff)
         .where(
-            Submission.confirmation_sent_at.is_(None)
+            ~_queued(Submission.id, "confirm")
             | (
-                Submission.reminder_sent_at.is_(None)
+                ~_queued(Submission.id, "reminder")
+                & _queued(Submission.id, "confirm", OutboxStatus.SENT)
                 & (Submission.created_at < now - policy.reminder_after)
             )
         )
@@ -154,8 +156,9 @@ def find_after_sent(
     now: datetime | None = None,
     lease: timedelta = timedelta(seconds=300),
 ) -> list[tuple[str, Stage]]:
-    """Inbound messages stored but not acted on, notices not sent (or whose sender died
-    mid-send), and the surveys that have come due; marks them dispatched now.
+    """Inbound messages stored but not acted on, outbox items due (pending and past their
+    backoff, or claimed by a worker that died mid-send; every kind alike), and the surveys that
+    have come due; marks them dispatched now.
 
     Everything is read first and written only when something is due: on SQLite the first write
     takes the database's one write lock, and a pass that found nothing must not hold it while it
@@ -170,14 +173,13 @@ def find_after_sent(
         )
         .limit(BATCH)
     ).all()
-    unsent = (Notice.status == NoticeStatus.PENDING) | (
-        (Notice.status == NoticeStatus.SENDING) & (Notice.claimed_at < now - lease)
-    )
-    notices = session.scalars(
-        select(Notice.id).where(unsent, Notice.dispatched_at < cutoff).limit(BATCH)
+    items = session.scalars(
+        select(OutboxItem.id)
+        .where(outbox.due(now, lease), OutboxItem.dispatched_at < cutoff)
+        .limit(BATCH)
     ).all()
     surveys = survey.due(session, now)
-    for model, ids in ((InboundMessage, inbound), (Notice, notices)):
+    for model, ids in ((InboundMessage, inbound), (OutboxItem, items)):
         if ids:
             session.execute(
                 update(model)
@@ -185,7 +187,15 @@ def find_after_sent(
                 .values(dispatched_at=now)
                 .execution_options(synchronize_session=False)
             )
-    return [(i, Stage.INBOUND) for i in inbound] + [(n, Stage.NOTICE) for n in [*notices, *surveys]]
+    return [(i, Stage.INBOUND) for i in inbound] + [(n, Stage.OUTBOX) for n in [*items, *surveys]]
+
+
+def _queued(submission_id: Any, key: str, status: OutboxStatus | None = None) -> Any:
+    """Whether the submission's outbox item ``key`` is there (in ``status``)."""
+    found = select(OutboxItem.id).where(
+        OutboxItem.submission_id == submission_id, OutboxItem.key == key
+    )
+    return found.where(OutboxItem.status == status).exists() if status else found.exists()
 
 
 def _failing_consent(limit: int) -> Any:
@@ -211,7 +221,7 @@ def reconcile_once(
     lease: timedelta = timedelta(seconds=300),
 ) -> int:
     """One pass: find what has stalled, commit the new dispatch times, then resend. ``lease``:
-    a notice claimed longer ago by a worker that never finished is taken over
+    an outbox item claimed longer ago by a worker that never finished is taken over
     (``DEARMP_DELIVERY_LEASE_SECONDS``)."""
     with session_scope(sessions) as session:
         due = find_stalled(

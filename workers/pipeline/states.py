@@ -65,7 +65,8 @@ FROM_ANY_UNFINISHED = (S.WITHDRAWN, S.FAILED)
 # fmt: off
 STATES: dict[State, Row] = {
     # state:       Row(stage acting on it, (next states), outcome, [final, later, resent])
-    # Waiting for the sender to click the link in their email; NOTIFY sends it (and a reminder).
+    # Waiting for the sender to click the link in their email; NOTIFY queues it (and a
+    # reminder) in the outbox.
     S.UNCONFIRMED: Row(Stage.NOTIFY, (S.RECEIVED, S.EXPIRED),
                        "Waiting for you to confirm by email.", resent=False),
     S.RECEIVED:    Row(Stage.VALIDATE, (S.VALIDATED, S.REJECTED),
@@ -127,9 +128,11 @@ STAGES: dict[Stage, Policy] = {
     Stage.NOTIFY:   Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000),
     # Acting on no state of its own: the consent record of every validated submission.
     Stage.CONSENT:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000, max_age=7 * DAY),
-    # After a letter is sent: what came back to it, and emails to the supporter about it.
+    # After a letter is sent: what came back to it.
     Stage.INBOUND:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000),
-    Stage.NOTICE:   Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
+    # Every email to a supporter (workers.outbox): its retries wait for its own backoff, and the
+    # outbox gives it up after DEARMP_OUTBOX_MAX_ATTEMPTS; the reconciler resends it when due.
+    Stage.OUTBOX:   Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
                            max_age=7 * DAY - HOUR),
 }
 # fmt: on

@@ -30,8 +30,8 @@ from workers.database.models import (
     InboundStatus,
     Letter,
     LetterEvent,
-    Notice,
-    NoticeStatus,
+    OutboxItem,
+    OutboxStatus,
     State,
     Submission,
     SubmissionEvent,
@@ -39,6 +39,7 @@ from workers.database.models import (
 )
 from workers.database.transitions import AlreadyMoved, advance
 from workers.letters.campaigns import get_definition
+from workers.outbox.kinds import file_stem
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, current_preferences, hold
 
@@ -140,12 +141,13 @@ def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, A
                         .order_by(LetterEvent.id)
                     )
                 ],
+                # Every email sent to them about it (the outbox's items, every kind).
                 "notices": [
                     {"kind": n.kind, "status": n.status, "sent_at": _iso(n.sent_at)}
                     for n in session.scalars(
-                        select(Notice)
-                        .where(Notice.submission_id == sub.id)
-                        .order_by(Notice.created_at)
+                        select(OutboxItem)
+                        .where(OutboxItem.submission_id == sub.id)
+                        .order_by(OutboxItem.created_at)
                     )
                 ],
             }
@@ -195,21 +197,24 @@ def _remove_outbox_file(outbox_dir: Path | None, submission_id: str) -> int:
 
 def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | None) -> None:
     """What came back to the letter and what was sent to the supporter about it: a reply's
-    text not yet forwarded is deleted, notices not yet sent will not be, and the outbox's
-    copies of the notices go."""
+    text not yet forwarded is deleted, emails to them not yet sent (every kind in the outbox)
+    will not be, and the file outbox's copies of them go."""
     session.execute(
         update(InboundMessage)
         .where(InboundMessage.submission_id == submission_id)
         .values(raw=None)
         .execution_options(synchronize_session=False)
     )
-    notices = session.scalars(select(Notice.id).where(Notice.submission_id == submission_id))
-    for notice_id in notices.all():
-        _remove_outbox_file(outbox_dir, f"notice-{notice_id}")
+    items = session.scalars(select(OutboxItem).where(OutboxItem.submission_id == submission_id))
+    for item in items.all():
+        _remove_outbox_file(outbox_dir, file_stem(item))
     session.execute(
-        update(Notice)
-        .where(Notice.submission_id == submission_id, Notice.status == NoticeStatus.PENDING)
-        .values(status=NoticeStatus.SKIPPED, error="erased at the supporter's request")
+        update(OutboxItem)
+        .where(
+            OutboxItem.submission_id == submission_id,
+            OutboxItem.status == OutboxStatus.PENDING,
+        )
+        .values(status=OutboxStatus.SKIPPED, error="erased at the supporter's request")
         .execution_options(synchronize_session=False)
     )
 

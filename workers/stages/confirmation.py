@@ -14,12 +14,11 @@ import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from schemas.submission import stored_email
-from workers.database.models import State, Submission, utcnow
+from workers.database.models import OutboxStatus, State, Submission, utcnow
 from workers.database.transitions import advance
 from workers.inbound.addresses import ReturnAddresses
 from workers.inbound.classify import NOTICE_HEADER
@@ -28,13 +27,13 @@ from workers.letters.mail import (
     AUTOMATIC,
     DkimSigner,
     Draft,
-    Mailer,
+    Outgoing,
     from_domain,
     header_text,
     outgoing_email,
     wire_address,
 )
-from workers.stages.stage import Stage
+from workers.outbox import sending as outbox
 
 
 @dataclass(frozen=True)
@@ -107,36 +106,49 @@ def _message(
     )
 
 
-def notify(
+def notify(session: Session, submission_id: str, policy: ConfirmationPolicy) -> list[str]:
+    """Queue the confirmation email, or the reminder when it is due, in the outbox (at most one
+    of each: the outbox's key is unique per submission). The ids of those still to send, for
+    the outbox stage after the commit."""
+    submission = session.get(Submission, submission_id)
+    if submission is None or submission.state != State.UNCONFIRMED:
+        return []
+    keys = ["confirm"]
+    first = outbox.item_of(session, submission_id, "confirm")
+    if first is not None and first.status == OutboxStatus.SENT:
+        if utcnow() - submission.created_at >= policy.reminder_after:
+            keys.append("reminder")
+    for key in keys:
+        outbox.enqueue(session, submission_id, key, "confirm")
+    items = (outbox.item_of(session, submission_id, key) for key in keys)
+    unsent = (OutboxStatus.PENDING, OutboxStatus.SENDING)
+    return [item.id for item in items if item is not None and item.status in unsent]
+
+
+def compose(
     session: Session,
     submission_id: str,
-    mailer: Mailer,
+    reminder: bool,
     secret: bytes,
     policy: ConfirmationPolicy,
     signer: DkimSigner | None = None,
     returns: ReturnAddresses | None = None,
-) -> list[Stage]:
-    """Send the confirmation email, or the reminder when it is due; at most one of each. Like
+) -> Outgoing | str:
+    """The confirmation email or its reminder on the wire, or why it will not be sent. Like
     every email DearMP sends it is signed by ``signer`` for its From domain, and its envelope
     sender is a notice's address on the bounce domain (``returns``): SPF and DKIM align with
     its From, and a bounce of it is recognised and never acted on as a letter's."""
     submission = session.get(Submission, submission_id)
     if submission is None or submission.state != State.UNCONFIRMED:
-        return []
-    reminder = submission.confirmation_sent_at is not None
-    if reminder and (
-        submission.reminder_sent_at is not None
-        or utcnow() - submission.created_at < policy.reminder_after  # a repeat, not yet due
-    ):
-        return []
+        return "no longer waiting for confirmation"
     definition = get_definition(session, submission.campaign_slug)
+    if definition is None:
+        return "the campaign is gone"
     to = stored_email(submission.payload)
-    if definition is None or to is None:
-        return []
-    try:
-        to = wire_address(to)
-    except ValueError:  # stored before validation refused non-ASCII local parts: no email
-        return []
+    if to is None:
+        return "the supporter's details were erased"
+    # Raises ValueError for a non-ASCII local part stored before validation refused them.
+    to = wire_address(to)
     expires = submission.created_at + policy.valid
     url = f"{policy.public_url.rstrip('/')}/v1/confirm/"
     url += make_token(secret, submission.id, expires)
@@ -151,21 +163,7 @@ def notify(
         reminder,
     )
     envelope = returns.notice(submission.id) if returns is not None else None
-    mail = outgoing_email(draft, signer, envelope)
-    # Sent before it is marked, with nothing written yet and the read transaction ended, so no
-    # transaction is open while the mail server answers; a failed send leaves it unmarked for
-    # the actor's retry. Two messages for one submission at the same moment could both send (a
-    # harmless duplicate); the guarded mark records it once.
-    session.commit()
-    mailer.send(mail)
-    column = Submission.reminder_sent_at if reminder else Submission.confirmation_sent_at
-    session.execute(
-        update(Submission)
-        .where(Submission.id == submission.id, column.is_(None))
-        .values({column.key: utcnow()})
-        .execution_options(synchronize_session=False)
-    )
-    return []
+    return outgoing_email(draft, signer, envelope)
 
 
 def _read(session: Session, secret: bytes, token: str) -> tuple[str, Submission | None]:

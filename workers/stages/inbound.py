@@ -51,7 +51,7 @@ from workers.database.models import (
     InboundStatus,
     Letter,
     LetterEvent,
-    Notice,
+    OutboxItem,
     State,
     Submission,
     utcnow,
@@ -63,6 +63,7 @@ from workers.inbound.mailgun import event_classification
 from workers.letters.mail import header_text
 from workers.letters.notices import reply_text
 from workers.mp import health
+from workers.outbox import sending as outbox
 from workers.pipeline.failures import count_failure
 
 log = structlog.get_logger(__name__)
@@ -294,11 +295,15 @@ def _forward(
         return "supporter erased: not forwarded", []
     key = _forward_key(raw, inbound_id)
     if session.scalar(
-        select(Notice.id).where(Notice.submission_id == submission_id, Notice.key == key)
+        select(OutboxItem.id).where(
+            OutboxItem.submission_id == submission_id, OutboxItem.key == key
+        )
     ):
         return "the same reply was forwarded already: not forwarded", []
     forwards = session.scalar(
-        select(func.count()).where(Notice.submission_id == submission_id, Notice.kind == "forward")
+        select(func.count()).where(
+            OutboxItem.submission_id == submission_id, OutboxItem.kind == "forward"
+        )
     )
     if (forwards or 0) >= policy.forwards_per_letter:
         return "forward cap reached: not forwarded", []
@@ -354,16 +359,9 @@ def _bounced(
 def _queue(
     session: Session, submission_id: str, key: str, kind: str, inbound_id: str | None = None
 ) -> list[str]:
-    """A notice to send, once per (submission, key): none if one exists already."""
-    exists = session.scalar(
-        select(Notice.id).where(Notice.submission_id == submission_id, Notice.key == key)
-    )
-    if exists is not None:
-        return []
-    notice = Notice(submission_id=submission_id, key=key, kind=kind, inbound_id=inbound_id)
-    session.add(notice)
-    session.flush()
-    return [notice.id]
+    """A notice to send through the outbox, once per (submission, key)."""
+    added = outbox.enqueue(session, submission_id, key, kind, inbound_id)
+    return [] if added is None else [added]
 
 
 def process_counted(

@@ -14,9 +14,9 @@ class Stage(StrEnum):
     DELIVER = "deliver"
     CONSENT = "consent"
     NOTIFY = "notify"  # the sender-confirmation email, for campaigns that ask for one
-    # After a letter is sent: their messages carry inbound message and notice ids.
+    # Their messages carry inbound message and outbox item ids.
     INBOUND = "inbound"  # act on what came back to a letter (bounce, reply...)
-    NOTICE = "notice"  # an email to a supporter about their letter
+    OUTBOX = "outbox"  # send an email to a supporter (workers.outbox): a notice, a confirmation
 
     @property
     def queue(self) -> str:
@@ -24,21 +24,21 @@ class Stage(StrEnum):
 
     @property
     def actor(self) -> str:
-        return {Stage.INBOUND: "process_inbound", Stage.NOTICE: "send_notice"}.get(
+        return {Stage.INBOUND: "process_inbound", Stage.OUTBOX: "send_outbox"}.get(
             self, f"{self.value}_submission"
         )
 
     @property
     def id_name(self) -> str:
         """What the ids in this stage's messages are, as logs name them."""
-        return {Stage.INBOUND: "inbound_id", Stage.NOTICE: "notice_id"}.get(self, "submission_id")
+        return {Stage.INBOUND: "inbound_id", Stage.OUTBOX: "outbox_id"}.get(self, "submission_id")
 
     @property
     def group_size(self) -> int:
         """The most submissions one message to this stage carries (more than one: version 2).
         Delivery sends a group's letters one after another within one time limit, so its groups
         are smaller; the confirmation email goes one per message."""
-        return {Stage.DELIVER: 16, Stage.NOTIFY: 1, Stage.INBOUND: 16, Stage.NOTICE: 1}.get(
+        return {Stage.DELIVER: 16, Stage.NOTIFY: 1, Stage.INBOUND: 16, Stage.OUTBOX: 1}.get(
             self, MAX_IDS
         )
 

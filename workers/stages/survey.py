@@ -27,14 +27,15 @@ from workers.database.models import (
     Delivery,
     DeliveryStatus,
     LetterEvent,
-    Notice,
-    NoticeStatus,
+    OutboxItem,
+    OutboxStatus,
     State,
     Submission,
     table,
     utcnow,
 )
 from workers.letters.campaigns import get_definition
+from workers.outbox import sending as outbox
 
 LETTER_EVENTS = table(LetterEvent)
 
@@ -81,13 +82,13 @@ def _answered(submission_id: object) -> object:
 
 
 def _has_notice(submission_id: object, key: str) -> object:
-    other = aliased(Notice)  # the reminders' query reads notices itself
+    other = aliased(OutboxItem)  # the reminders' query reads the outbox itself
     return exists().where(other.submission_id == submission_id, other.key == key)
 
 
 def due(session: Session, now: datetime | None = None) -> list[str]:
-    """Queue the surveys and reminders that are due; the new notices' ids (to send after the
-    commit). A letter with a detected reply, or an answer, gets neither."""
+    """Queue the surveys and reminders that are due in the outbox; the new items' ids (to send
+    after the commit). A letter with a detected reply, or an answer, gets neither."""
     now = now or utcnow()
     asks: list[str] = []
     reminders: list[str] = []
@@ -118,13 +119,13 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
         ).all()
         remind = now - timedelta(days=definition.survey.reminder_days)
         reminders += session.scalars(
-            select(Notice.submission_id)
-            .join(Submission, Submission.id == Notice.submission_id)
+            select(OutboxItem.submission_id)
+            .join(Submission, Submission.id == OutboxItem.submission_id)
             .where(
                 *waiting,
-                Notice.key == "survey",
-                Notice.status == NoticeStatus.SENT,
-                Notice.sent_at < remind,
+                OutboxItem.key == "survey",
+                OutboxItem.status == OutboxStatus.SENT,
+                OutboxItem.sent_at < remind,
                 ~_has_notice(Submission.id, "survey-reminder"),  # type: ignore[operator]
             )
             .limit(BATCH)
@@ -134,12 +135,8 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
 
 
 def _add(session: Session, submission_ids: Sequence[str], key: str) -> list[str]:
-    if not submission_ids:
-        return []
-    notices = [Notice(submission_id=sid, key=key, kind="survey") for sid in submission_ids]
-    session.add_all(notices)
-    session.flush()
-    return [n.id for n in notices]
+    added = (outbox.enqueue(session, sid, key, "survey") for sid in submission_ids)
+    return [item_id for item_id in added if item_id is not None]
 
 
 def answer(session: Session, secret: bytes, token: str, value: str) -> str:

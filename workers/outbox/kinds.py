@@ -1,0 +1,119 @@
+"""What each kind of outbox item is on the wire, written from its row by the one writer and
+signer (:mod:`workers.letters.notices`, :mod:`workers.letters.mail`), its envelope on the
+bounce domain: the same bytes every time it is composed, so a resend is the same email.
+
+A new kind is a :class:`~workers.outbox.sending.Kind` in :func:`kinds`: a compose function (and,
+if it must, what to do in the commit that ends it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from schemas.submission import stored_email
+from workers.database.models import InboundMessage, Letter, LetterEvent, OutboxItem, Submission
+from workers.inbound.addresses import ReturnAddresses
+from workers.letters import notices
+from workers.letters.campaigns import get_definition
+from workers.letters.mail import DkimSigner, Outgoing
+from workers.outbox.sending import Kind
+from workers.stages import confirmation, survey
+
+
+@dataclass(frozen=True)
+class Context:
+    """What composing needs, built once per process."""
+
+    returns: ReturnAddresses
+    signer: DkimSigner | None
+    secret: bytes
+    public_url: str = "http://127.0.0.1:8000"
+    confirmation: confirmation.ConfirmationPolicy = field(
+        default_factory=confirmation.ConfirmationPolicy
+    )
+
+
+def kinds(context: Context) -> dict[str, Kind]:
+    """Every kind of email the outbox sends, by ``outbox.kind``."""
+
+    def after_sent(session: Session, item: OutboxItem) -> Outgoing | str:
+        return _after_sent(session, item, context)
+
+    def confirm(session: Session, item: OutboxItem) -> Outgoing | str:
+        return confirmation.compose(
+            session,
+            item.submission_id,
+            item.key == "reminder",
+            context.secret,
+            context.confirmation,
+            context.signer,
+            context.returns,
+        )
+
+    return {
+        "confirm": Kind(confirm),
+        "bounce": Kind(after_sent),
+        "forward": Kind(after_sent, done=_forget_reply),
+        "survey": Kind(after_sent),
+    }
+
+
+def file_stem(item: OutboxItem) -> str:
+    """The name of the item's copy in the file outbox (its Message-ID's local part)."""
+    return f"{item.key}-{item.submission_id}" if item.kind == "confirm" else f"notice-{item.id}"
+
+
+def _after_sent(session: Session, item: OutboxItem, context: Context) -> Outgoing | str:
+    """A notice about a letter that was sent: returned, a reply forwarded, the survey."""
+    submission = session.get(Submission, item.submission_id)
+    letter = session.get(Letter, item.submission_id)
+    if submission is None or letter is None:
+        return "the letter is gone"
+    to = stored_email(submission.payload)
+    if to is None:
+        return "the supporter's details were erased"
+    definition = get_definition(session, submission.campaign_slug)
+    if definition is None:
+        return "the campaign is gone"
+    sender = notices.Sender(definition.organisation, str(definition.from_email))
+    recipient = submission.recipient or {}
+    mp_name = str(recipient.get("name") or letter.to_name)
+    if item.kind == "bounce":
+        message = notices.bounce_notice(
+            item.id, sender, to, mp_name, submission.member_id, item.created_at
+        )
+    elif item.kind == "forward":
+        inbound = session.get(InboundMessage, item.inbound_id) if item.inbound_id else None
+        if inbound is None or inbound.raw is None:
+            return "the reply's text is gone"
+        message = notices.forward(
+            item.id, sender, to, inbound.raw, mp_name, letter.to_email, item.created_at
+        )
+    else:
+        answered = session.scalar(
+            select(LetterEvent.id).where(
+                LetterEvent.submission_id == submission.id,
+                LetterEvent.kind.in_(("reply", "survey")),
+            )
+        )
+        if answered is not None:
+            return "a reply or an answer came first"
+        links = survey.links(context.public_url, context.returns.secret, submission.id)
+        reminder = item.key == "survey-reminder"
+        message = notices.survey(item.id, sender, to, mp_name, links, item.created_at, reminder)
+    envelope = context.returns.notice(item.id) or str(definition.from_email)
+    return notices.outgoing(message, envelope, context.signer)
+
+
+def _forget_reply(session: Session, item: OutboxItem) -> None:
+    """A reply's text is kept only until it is forwarded (or will not be)."""
+    if item.inbound_id is not None:
+        session.execute(
+            update(InboundMessage)
+            .where(InboundMessage.id == item.inbound_id)
+            .values(raw=None)
+            .execution_options(synchronize_session=False)
+        )
