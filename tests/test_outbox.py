@@ -5,13 +5,36 @@ and PostgreSQL."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from workers.database.engine import session_scope
-from workers.letters.mail import Mailer
+import dramatiq
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, select, text, update
+
+from tests import mail_samples as samples
+from tests.conftest import make_settings
+from tests.factories import submission
+from tests.test_after_sent import BOUNCES, REPLIES, SUPPORTER, deliver, letter_of, relay
+from workers.database.engine import alembic_config, session_scope
+from workers.database.models import OutboxItem, State, Submission, utcnow
+from workers.inbound.store import store
+from workers.letters.campaigns import update_definition
+from workers.letters.mail import Mailer, Outgoing, PermanentDeliveryError, TransientDeliveryError
 from workers.outbox import sending as outbox
 from workers.pipeline.actors import outbox_for
-from workers.pipeline.app import App
+from workers.pipeline.app import App, set_app
+from workers.pipeline.reconciler import find_after_sent, reconcile_once
+from workers.pipeline.runtime import prepare
+from workers.privacy.rights import erase_supporter
+from workers.stages import inbound
+from workers.stages.confirmation import ConfirmationPolicy, notify
+from workers.stages.intake import accept
 
 
 def no_wait(app: App) -> outbox.OutboxPolicy:
@@ -26,3 +49,290 @@ def send_item(
     every_kind, default = outbox_for(app)
     with session_scope(app.sessions) as session:
         outbox.send(session, item_id, mailer or app.mailer, every_kind, policy or default)
+
+
+class Recorder:
+    """A mail server that answers as told (raising each error in turn), then takes everything."""
+
+    name = "recorder"
+
+    def __init__(self, *answers: BaseException) -> None:
+        self.answers = list(answers)
+        self.sent: list[Outgoing] = []
+
+    def send(self, mail: Outgoing) -> str:
+        if self.answers:
+            raise self.answers.pop(0)
+        self.sent.append(mail)
+        return "250 ok"
+
+    def waiting(self) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def app(db_url: str, tmp_path: Path) -> Iterator[App]:
+    """The App with a bounce and a reply domain (unsigned: a resend is byte for byte the same)."""
+    application = App.from_settings(
+        make_settings(
+            tmp_path,
+            database_url=db_url,
+            bounce_domain=BOUNCES,
+            reply_domain=REPLIES,
+            delivery_lease_seconds=60,
+        )
+    )
+    prepare(application)
+    set_app(application)
+    yield application
+    set_app(None)
+    application.engine.dispose()
+
+
+def unconfirmed(app: App) -> str:
+    with session_scope(app.sessions) as session:
+        update_definition(session, "political-prisoners", confirmation=True)
+        return accept(session, submission(), app.secret, state=State.UNCONFIRMED).submission_id
+
+
+def confirmation(app: App) -> str:
+    """An unconfirmed submission's confirmation, queued."""
+    sid = unconfirmed(app)
+    with session_scope(app.sessions) as session:
+        [item_id] = notify(session, sid, ConfirmationPolicy())
+    return item_id
+
+
+def every_kind(app: App, broker: Any, worker: dramatiq.Worker) -> dict[str, str]:
+    """One item of each key, queued and not sent: {key: item id}."""
+    relay(app)
+    replied, asked = deliver(app, broker, worker, n=2)
+    letter = letter_of(app, replied)
+    assert letter.reply_to is not None
+    raw = samples.human_reply(letter.message_id, letter.to_email, letter.reply_to)
+    [inbound_id] = store(app.sessions, "smtp", [letter.reply_to], raw)
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    [forward] = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+    confirm = confirmation(app)
+    with session_scope(app.sessions) as session:
+        queued = {
+            key: outbox.enqueue(session, sid, key, kind)
+            for sid, key, kind in (
+                (replied, "bounce", "bounce"),
+                (asked, "survey", "survey"),
+                (asked, "survey-reminder", "survey"),
+                (session.get(OutboxItem, confirm).submission_id, "reminder", "confirm"),  # type: ignore[union-attr]
+            )
+        }
+    items = {key: item_id for key, item_id in queued.items() if item_id is not None}
+    return items | {"forward": forward, "confirm": confirm}
+
+
+def item(app: App, item_id: str) -> OutboxItem:
+    with session_scope(app.sessions) as session:
+        row = session.get(OutboxItem, item_id)
+        assert row is not None
+        session.expunge(row)
+        return row
+
+
+def due(app: App, now: datetime | None = None) -> list[str]:
+    with session_scope(app.sessions) as session:
+        lease = timedelta(seconds=app.settings.delivery_lease_seconds)
+        return [i for i, _ in find_after_sent(session, timedelta(0), now=now, lease=lease)]
+
+
+def test_one_item_of_each_kind_is_sent_once_and_a_second_message_sends_nothing(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    items = every_kind(app, stub_broker, stub_worker)
+    assert sorted(items) == [
+        "bounce", "confirm", "forward", "reminder", "survey", "survey-reminder"
+    ]  # fmt: skip
+    with session_scope(app.sessions) as session:  # enqueued again: nothing more to send
+        assert (
+            outbox.enqueue(session, item(app, items["bounce"]).submission_id, "bounce", "x") is None
+        )
+    mailer = Recorder()
+    for item_id in items.values():
+        send_item(app, item_id, mailer)
+        send_item(app, item_id, mailer)  # a duplicate message, or a second worker after it
+    assert len(mailer.sent) == len({m.message_id for m in mailer.sent}) == 6
+    assert {item(app, i).status for i in items.values()} == {"sent"}
+    assert all(m.sender.endswith("@" + BOUNCES) for m in mailer.sent)  # envelopes: bounce domain
+    assert due(app, utcnow() + timedelta(days=1)) == []
+
+
+def test_a_confirmation_is_claimed_and_sent_once_with_two_messages_at_once(app: App) -> None:
+    sid = unconfirmed(app)
+    policy = ConfirmationPolicy()
+    handing_over, second_done = threading.Event(), threading.Event()
+
+    class Slow(Recorder):
+        def send(self, mail: Outgoing) -> str:
+            handing_over.set()
+            second_done.wait(10)  # the other message runs while the server answers
+            return super().send(mail)
+
+    def message(mailer: Recorder) -> None:
+        with session_scope(app.sessions) as session:
+            queued = notify(session, sid, policy)
+        for item_id in queued:
+            send_item(app, item_id, mailer)
+
+    first, second = Slow(), Recorder()
+    worker = threading.Thread(target=message, args=(first,))
+    worker.start()
+    assert handing_over.wait(10)
+    message(second)
+    second_done.set()
+    worker.join(10)
+    assert (len(first.sent), len(second.sent)) == (1, 0)
+    with session_scope(app.sessions) as session:
+        assert session.scalars(select(OutboxItem.status)).all() == ["sent"]
+
+
+class Killed(BaseException):
+    """The worker process dies while the mail server has the email."""
+
+
+def test_a_lapsed_claim_is_taken_over_and_the_same_bytes_go_again(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    for item_id in every_kind(app, stub_broker, stub_worker).values():
+        dying, mailer = Recorder(Killed()), Recorder()
+        with pytest.raises(Killed):
+            send_item(app, item_id, dying)
+        written = Recorder()
+        send_item(app, item_id, written)  # its claim is live: nothing is sent
+        assert (written.sent, item(app, item_id).status) == ([], "sending")
+        with session_scope(app.sessions) as session:  # the lease lapses
+            lapsed = utcnow() - timedelta(seconds=61)
+            session.execute(
+                update(OutboxItem).where(OutboxItem.id == item_id).values(claimed_at=lapsed)
+            )
+        assert item_id in due(app)
+        first = compose(app, item_id)
+        send_item(app, item_id, mailer)
+        [mail] = mailer.sent
+        assert mail.data == first.data and mail.message_id == first.message_id
+        taken = item(app, item_id)
+        assert (taken.status, taken.attempts, taken.failures) == ("sent", 2, 1)
+
+
+def compose(app: App, item_id: str) -> Outgoing:
+    composers, _ = outbox_for(app)
+    with session_scope(app.sessions) as session:
+        row = session.get(OutboxItem, item_id)
+        assert row is not None
+        mail = composers[row.kind].compose(session, row)
+    assert not isinstance(mail, str)
+    return mail
+
+
+def test_a_passing_refusal_backs_off_and_is_tried_again_when_due(app: App) -> None:
+    item_id = confirmation(app)
+    mailer = Recorder(
+        TransientDeliveryError("451 4.7.1 greylisted"), TransientDeliveryError("421 busy")
+    )
+    policy = outbox_for(app)[1]
+    with pytest.raises(TransientDeliveryError) as raised:
+        send_item(app, item_id, mailer)
+    assert raised.value.retry_after == policy.first_backoff  # the actor's retry comes then
+    waiting = item(app, item_id)
+    assert (waiting.status, waiting.failures) == ("pending", 1)
+    assert waiting.next_attempt_at is not None
+    assert waiting.next_attempt_at > utcnow() + timedelta(seconds=policy.first_backoff - 5)
+    send_item(app, item_id, mailer)  # a message before it is due sends nothing
+    assert (mailer.sent, item(app, item_id).attempts) == ([], 1)
+    assert due(app) == []
+    assert due(app, waiting.next_attempt_at + timedelta(seconds=1)) == [item_id]
+    with session_scope(app.sessions) as session:
+        session.execute(update(OutboxItem).values(next_attempt_at=utcnow()))
+    with pytest.raises(TransientDeliveryError) as raised:
+        send_item(app, item_id, mailer)
+    assert raised.value.retry_after == 2 * policy.first_backoff  # doubled
+    with session_scope(app.sessions) as session:
+        session.execute(update(OutboxItem).values(next_attempt_at=utcnow()))
+    send_item(app, item_id, mailer)
+    assert len(mailer.sent) == 1 and item(app, item_id).status == "sent"
+    assert policy.backoff(30) == timedelta(seconds=policy.max_backoff)  # capped
+
+
+def test_an_item_is_given_up_after_its_attempts_with_its_reason_masked_and_never_resent(
+    app: App, stub_broker: Any
+) -> None:
+    item_id = confirmation(app)
+    policy = replace(no_wait(app), max_attempts=3)
+    full = "452 4.2.2 mailbox of <amira.haddad@example.com> in SW1A 1AA is full"
+    mailer = Recorder(*(TransientDeliveryError(full) for _ in range(3)))
+    for _ in range(2):
+        with pytest.raises(TransientDeliveryError):
+            send_item(app, item_id, mailer, policy)
+    send_item(app, item_id, mailer, policy)  # the last: given up, nothing raised
+    failed = item(app, item_id)
+    assert (failed.status, failed.failures) == ("failed", 3)
+    assert failed.error == (
+        "gave up after 3 failed attempts: TransientDeliveryError: "
+        "452 4.2.2 mailbox of <[email]> in [postcode] is full"
+    )
+    assert due(app, utcnow() + timedelta(days=1)) == []
+    with session_scope(app.sessions) as session:  # nor is the confirmation queued again
+        session.execute(update(Submission).values(dispatched_at=utcnow() - timedelta(hours=1)))
+    assert reconcile_once(app.sessions, stub_broker, timedelta(minutes=2)) == 0
+    with session_scope(app.sessions) as session:
+        assert notify(session, failed.submission_id, ConfirmationPolicy()) == []
+    send_item(app, item_id, Recorder())
+    assert item(app, item_id).status == "failed"
+    # A permanent refusal ends it at once, its reason masked too.
+    other = confirmation(app)
+    refused = PermanentDeliveryError("550 5.1.1 <amira.haddad@example.com>: no such user")
+    send_item(app, other, Recorder(refused))
+    ended = item(app, other)
+    assert (ended.status, ended.error) == ("failed", "550 5.1.1 <[email]>: no such user")
+
+
+def test_erasure_ends_the_supporters_pending_items_and_nothing_is_sent(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    items = every_kind(app, stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, SUPPORTER, app.settings.resolved_outbox_dir)
+    mailer = Recorder()
+    for item_id in items.values():
+        erased = item(app, item_id)
+        assert (erased.status, erased.error) == ("skipped", "erased at the supporter's request")
+        send_item(app, item_id, mailer)
+    assert mailer.sent == [] and due(app) == []
+
+
+def test_the_migration_carries_sent_confirmations_and_notices_down_and_up(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    items = every_kind(app, stub_broker, stub_worker)
+    send_item(app, items["confirm"], Recorder())
+    url = app.settings.resolved_database_url
+    app.engine.dispose()
+    config = alembic_config(url)
+    command.downgrade(config, "0013")
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        sent = "SELECT count(*) FROM submissions WHERE confirmation_sent_at IS NOT NULL"
+        assert conn.scalar(text(sent)) == 1
+        kinds = conn.scalars(text("SELECT kind FROM notices ORDER BY kind")).all()
+        assert kinds == ["bounce", "forward", "survey", "survey"]
+    engine.dispose()
+    command.upgrade(config, "head")
+    with session_scope(app.sessions) as session:
+        rows = session.execute(select(OutboxItem.key, OutboxItem.status)).all()
+    keyed = {("forward" if key.startswith("forward:") else key, status) for key, status in rows}
+    assert keyed == {
+        ("confirm", "sent"),  # the unsent reminder is queued again by the reconciler when due
+        ("bounce", "pending"),
+        ("forward", "pending"),
+        ("survey", "pending"),
+        ("survey-reminder", "pending"),
+    }

@@ -19,6 +19,12 @@ def run_migrations_online() -> None:
         url = get_settings().resolved_database_url
     engine = make_engine(url)
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # A batch migration copies a table and drops the old one: with foreign keys on,
+            # that drop deletes every row referring to it (ON DELETE CASCADE). Set outside the
+            # migrations' transaction, where SQLite honours it.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
