@@ -1,10 +1,12 @@
 """What a process needs, built once: settings, the database, the mailer, the hashing key.
 
-Nothing here connects at import time; :func:`get_app` builds on first use.
+Nothing here connects at import time; :func:`get_app` builds on first use, once per process
+however many threads ask at once.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,18 +66,25 @@ class App:
 
 
 _app: App | None = None
+# Without it, a cold worker's eight threads built eight Apps: eight engines and mailers, each
+# with relay sessions of its own (11 against a limit of 4), and a wrong relay password cost 17
+# failed logins instead of one.
+_building = threading.Lock()
 
 
 def get_app() -> App:
     global _app
-    if _app is None:
-        # On SQLite, the process's transactions take turns for the writer
-        # (workers.database.engine.Turns).
-        # No ping before each transaction (a round trip each): after a database restart the
-        # first statement fails, SQLAlchemy replaces the pool's connections, and the message
-        # is retried like any failed attempt.
-        _app = App.from_settings(get_settings(), take_turns=True, pool_pre_ping=False)
-    return _app
+    if _app is not None:
+        return _app
+    with _building:
+        if _app is None:
+            # On SQLite, the process's transactions take turns for the writer
+            # (workers.database.engine.Turns).
+            # No ping before each transaction (a round trip each): after a database restart
+            # the first statement fails, SQLAlchemy replaces the pool's connections, and the
+            # message is retried like any failed attempt.
+            _app = App.from_settings(get_settings(), take_turns=True, pool_pre_ping=False)
+        return _app
 
 
 def set_app(app: App | None) -> None:
