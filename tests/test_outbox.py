@@ -27,6 +27,7 @@ from workers.inbound.store import store
 from workers.letters.campaigns import update_definition
 from workers.letters.mail import Mailer, Outgoing, PermanentDeliveryError, TransientDeliveryError
 from workers.outbox import sending as outbox
+from workers.outbox.kinds import KINDS
 from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App, set_app
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
@@ -336,3 +337,21 @@ def test_the_migration_carries_sent_confirmations_and_notices_down_and_up(
         ("survey", "pending"),
         ("survey-reminder", "pending"),
     }
+
+
+def test_health_and_the_metrics_count_every_kind_alike(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    every_kind(app, stub_broker, stub_worker)
+    late, lease = timedelta(minutes=5), timedelta(seconds=app.settings.delivery_lease_seconds)
+    with session_scope(app.sessions) as session:
+        assert outbox.counts(session) == {
+            ("confirm", "pending"): 2,
+            ("bounce", "pending"): 1,
+            ("forward", "pending"): 1,
+            ("survey", "pending"): 2,
+        }
+        assert outbox.overdue(session, utcnow(), late, lease) == 0
+        # No worker sent them: `dearmp health` says so once they are late.
+        assert outbox.overdue(session, utcnow() + timedelta(minutes=6), late, lease) == 6
+    assert set(KINDS) == set(outbox_for(app)[0])

@@ -513,7 +513,9 @@ def health(max_dead: int, max_age: float) -> None:
     import time
 
     from workers.database.engine import session_scope
+    from workers.database.models import utcnow
     from workers.mp import health as health_of_addresses
+    from workers.outbox import sending as outbox
     from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
 
     app = _app()
@@ -534,6 +536,13 @@ def health(max_dead: int, max_age: float) -> None:
         problems.append(f"{dead} dead letters (more than {max_dead})")
     with session_scope(app.sessions) as session:
         failing = health_of_addresses.failing_count(session)
+        lease = timedelta(seconds=app.settings.delivery_lease_seconds)
+        late = outbox.overdue(session, utcnow(), timedelta(seconds=max_age), lease)
+        given_up = sum(n for (_, status), n in outbox.counts(session).items() if status == "failed")
+    if late:
+        problems.append(
+            f"{late} emails to supporters overdue by more than {max_age:g}s: is a worker running?"
+        )
     if failing:
         problems.append(
             f"{failing} MP addresses failing (letters to them are held): "
@@ -543,7 +552,10 @@ def health(max_dead: int, max_age: float) -> None:
         problems.append(f"oldest waiting message is {age:.0f}s old (more than {max_age:g}s)")
     if problems:
         raise click.ClickException("unhealthy: " + "; ".join(problems))
-    click.echo(f"healthy: {dead} dead letters, oldest waiting message {age:.0f}s")
+    click.echo(
+        f"healthy: {dead} dead letters, oldest waiting message {age:.0f}s, "
+        f"{given_up} emails to supporters given up"
+    )
 
 
 def _watch_view(snap: Any) -> Any:

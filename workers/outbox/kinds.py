@@ -36,8 +36,12 @@ class Context:
     )
 
 
+# Every kind the outbox sends (``outbox.kind``): what :func:`kinds` returns, by name.
+KINDS = ("confirm", "bounce", "forward", "survey")
+
+
 def kinds(context: Context) -> dict[str, Kind]:
-    """Every kind of email the outbox sends, by ``outbox.kind``."""
+    """Every kind of email the outbox sends, by ``outbox.kind`` (:data:`KINDS`)."""
 
     def after_sent(session: Session, item: OutboxItem) -> Outgoing | str:
         return _after_sent(session, item, context)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from workers.database.engine import insert_on_conflict
@@ -98,6 +98,25 @@ def due(now: datetime, lease: timedelta) -> ColumnElement[bool]:
         (OutboxItem.status == OutboxStatus.PENDING)
         & (OutboxItem.next_attempt_at.is_(None) | (OutboxItem.next_attempt_at <= now))
     ) | ((OutboxItem.status == OutboxStatus.SENDING) & (OutboxItem.claimed_at < now - lease))
+
+
+def counts(session: Session) -> dict[tuple[str, str], int]:
+    """How many items of each (kind, status): the metrics' and ``dearmp health``'s view."""
+    rows = session.execute(
+        select(OutboxItem.kind, OutboxItem.status, func.count()).group_by(
+            OutboxItem.kind, OutboxItem.status
+        )
+    ).all()
+    return {(kind, status): count for kind, status, count in rows}
+
+
+def overdue(session: Session, now: datetime, late: timedelta, lease: timedelta) -> int:
+    """Items that should have been sent more than ``late`` ago and are not: no worker sends."""
+    waited = (
+        (OutboxItem.status == OutboxStatus.PENDING)
+        & (func.coalesce(OutboxItem.next_attempt_at, OutboxItem.created_at) < now - late)
+    ) | ((OutboxItem.status == OutboxStatus.SENDING) & (OutboxItem.claimed_at < now - lease - late))
+    return session.scalar(select(func.count()).select_from(OutboxItem).where(waited)) or 0
 
 
 def send(

@@ -1,4 +1,5 @@
-"""Prometheus metrics for what dramatiq does not measure: queues, dead letters, outcomes.
+"""Prometheus metrics for what dramatiq does not measure: queues, dead letters, outcomes, the
+outbox.
 
 Collected on each scrape from Redis and the database, so any number of workers can run and one
 ``dearmp metrics`` process answers for all of them. dramatiq's own per-actor metrics (messages
@@ -23,9 +24,12 @@ from workers.database.models import (
     InboundMessage,
     InboundStatus,
     LetterEvent,
+    OutboxStatus,
     Submission,
 )
 from workers.mp import health
+from workers.outbox import sending as outbox
+from workers.outbox.kinds import KINDS
 from workers.pipeline.dead_letters import dead_counts, mail_pause, queue_depths
 from workers.pipeline.states import STATES
 
@@ -69,6 +73,7 @@ class DearmpCollector(Collector):
                 .group_by(Submission.campaign_slug, LetterEvent.kind)
             ).all()
             failing = health.failing_count(session)
+            emails = outbox.counts(session)
             held = session.scalar(
                 select(func.count())
                 .select_from(InboundMessage)
@@ -94,6 +99,15 @@ class DearmpCollector(Collector):
         for campaign, kind, count in after:
             returned.add_metric([campaign, kind], count)
         yield returned
+        sending = GaugeMetricFamily(
+            "dearmp_outbox",
+            "Emails to supporters per kind and status (every kind, 0 when none)",
+            labels=["kind", "status"],
+        )
+        for kind in KINDS:
+            for status in OutboxStatus:
+                sending.add_metric([kind, status.value], emails.get((kind, status.value), 0))
+        yield sending
         addresses = GaugeMetricFamily(
             "dearmp_failing_addresses", "MP addresses marked failing (their letters are held)"
         )
