@@ -3,7 +3,9 @@ link in an email. One reminder goes after a day; the link works for seven; then 
 expires and no letter goes.
 
 The link carries the submission id, its expiry and an HMAC over both with the deployment's secret:
-it cannot be forged or extended, and it reveals nothing personal.
+it cannot be forged or extended, and it reveals nothing personal. The email and its reminder are
+outbox items (keys "confirm" and "reminder"), sent, retried and given up like every other email
+to a supporter (:mod:`workers.outbox`); :func:`compose` writes them.
 """
 
 from __future__ import annotations
