@@ -1,8 +1,9 @@
 """What each kind of process builds, and how often: one App per process, however many threads
-ask for it at once."""
+ask for it at once, given to what needs it by the process's composition root."""
 
 from __future__ import annotations
 
+import ast
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,10 @@ import pytest
 from tests.conftest import make_settings
 from workers.letters.mail import make_mailer
 from workers.pipeline import app as app_module
+from workers.pipeline.actors import setup
 from workers.pipeline.app import App, get_app, set_app
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_eight_threads_on_a_cold_start_build_one_app_and_one_mailer(
@@ -50,3 +54,41 @@ def test_eight_threads_on_a_cold_start_build_one_app_and_one_mailer(
     assert len(got) == 8 and len({id(app) for app in got}) == 1
     assert len(mailers) == 1
     got[0].engine.dispose()
+
+
+def test_a_worker_process_builds_its_app_as_it_boots(tmp_path: Path) -> None:
+    """setup() gives the broker's middleware where the App comes from; the App is built when
+    the worker process boots, before its threads start, and is the one its actors run with."""
+    built: list[App] = []
+    application = App.from_settings(make_settings(tmp_path))
+
+    def apps() -> App:
+        if not built:
+            built.append(application)
+        return application
+
+    broker = setup(make_settings(tmp_path), apps)
+    assert built == []  # importing and setting up build nothing
+    broker.emit_after("process_boot")
+    assert built == [application]
+    application.engine.dispose()
+
+
+ROOTS = {"workers/pipeline/app.py", "workers/pipeline/actors.py", "workers/cli/base.py"}
+
+
+def test_only_the_composition_roots_fetch_the_process_app() -> None:
+    """The broker, its middleware, the actors and the API are given the App; only the worker's
+    setup() and the command line's app_for_cli() fetch it."""
+    fetching = []
+    for path in (REPO / "workers").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "workers.pipeline.app"
+            for alias in node.names
+        }
+        if "get_app" in names:
+            fetching.append(str(path.relative_to(REPO)))
+    assert set(fetching) <= ROOTS

@@ -13,7 +13,10 @@ from workers.pipeline.app import App, get_app
 
 
 def app_for_cli(log_file: Path | None = None) -> App:
-    """The process's application, with logging set up (to ``log_file``, if given)."""
+    """The command line's composition root: the process's App, built once (settings, engine,
+    mailer, limiter, signer, return addresses), with logging set up (to ``log_file``, if given).
+    A command that sends stage messages gets its broker from
+    :func:`workers.pipeline.actors.get_broker`, set up on first use with this same App."""
     settings = get_settings()
     if log_file is not None:
         # The embedded data folder holds personal data: this user's only.

@@ -26,7 +26,7 @@ from workers.logging import bound
 from workers.outbox import kinds
 from workers.outbox import sending as outbox
 from workers.outbox.sending import Kind
-from workers.pipeline.app import App, get_app
+from workers.pipeline.app import App, Apps, get_app
 from workers.pipeline.broker import build_broker
 from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_message
 from workers.pipeline.handoff import Handoff
@@ -68,8 +68,9 @@ Outcome = tuple[str, BaseException | None]
 Work = Callable[[App, list[str]], list[Outcome]]
 
 
-def run_stage(stage: Stage, raw: Any, work: Work) -> None:
-    """Run ``work`` for the message's submissions; their next stages are sent by ``work``.
+def run_stage(stage: Stage, raw: Any, work: Work, app: App, broker: dramatiq.Broker) -> None:
+    """Run ``work`` with ``app`` for the message's submissions; their next stages are sent by
+    ``work``; what waits or goes on alone is sent again on ``broker``.
 
     A message about one submission fails as a whole, and dramatiq retries it. In a message about
     several, a submission that fails goes on in a message of its own (with the stage's retries
@@ -77,8 +78,7 @@ def run_stage(stage: Stage, raw: Any, work: Work) -> None:
     """
     message = parse_stage_message(raw)
     ids = message.ids
-    broker = get_broker()
-    for submission_id, error in work(get_app(), ids):
+    for submission_id, error in work(app, ids):
         if error is None:
             continue
         with bound(**{stage.id_name: submission_id}):
@@ -271,11 +271,14 @@ WORK: dict[Stage, Work] = {
 }
 
 
-def _actor_function(stage: Stage) -> Callable[[dict[str, Any]], None]:
+def _actor_function(
+    stage: Stage, apps: Apps, broker: dramatiq.Broker
+) -> Callable[[dict[str, Any]], None]:
+    """The stage's actor: its work, run with the process's App (``apps()``) and ``broker``."""
     work = WORK[stage]
 
     def run(message: dict[str, Any]) -> None:
-        run_stage(stage, message, work)
+        run_stage(stage, message, work, apps(), broker)
 
     run.__name__ = run.__qualname__ = stage.actor
     return run
@@ -286,7 +289,8 @@ _handoff: Handoff | None = None
 
 
 def get_broker() -> dramatiq.Broker:
-    """The process's broker, with the actors declared on it: set up on first use."""
+    """The process's broker, with the actors declared on it: set up on first use (by the
+    command line, whose commands send stage messages)."""
     return _broker if _broker is not None else setup()
 
 
@@ -298,12 +302,17 @@ def get_handoff() -> Handoff:
     return _handoff
 
 
-def setup(settings: Settings | None = None) -> dramatiq.Broker:
-    """Build the broker for ``settings`` (the environment's by default), declare the actors
-    on it, and install it as the process's broker (also ``dramatiq.get_broker()``)."""
+def setup(settings: Settings | None = None, apps: Apps = get_app) -> dramatiq.Broker:
+    """The worker's composition root, called by ``dramatiq workers.pipeline.actors:setup`` in
+    each worker process before its threads start: build the broker for ``settings`` (the
+    environment's by default), with its middleware and the actors given ``apps``, where the
+    process's App comes from (built once, as the process boots:
+    :class:`workers.pipeline.middleware.ProcessApp`), and install it as the process's broker
+    (also ``dramatiq.get_broker()``). Tests give theirs with
+    :func:`workers.pipeline.app.set_app`."""
     global _broker, _handoff
     settings = settings or get_settings()
-    broker = build_broker(settings)
+    broker = build_broker(settings, apps)
     handoff = Handoff(partial(dispatch_groups, broker), settings.handoff_linger_ms / 1000)
     broker.add_middleware(SendHeld(handoff))
     for stage in Stage:
@@ -313,7 +322,7 @@ def setup(settings: Settings | None = None) -> dramatiq.Broker:
             actor_name=stage.actor,
             **options(stage),
         )
-        declare(_actor_function(stage))
+        declare(_actor_function(stage, apps, broker))
     dramatiq.set_broker(broker)
     if _handoff is not None:  # set up again (tests): what the old one holds goes first
         _handoff.flush()

@@ -7,6 +7,7 @@ however many threads ask at once.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,10 @@ class App:
         )
 
 
+# Where the process's App comes from, given to what needs it when it is built (the broker, its
+# middleware, the actors): :func:`get_app` in a worker or a command, the test's own in tests.
+Apps = Callable[[], App]
+
 _app: App | None = None
 # Without it, a cold worker's eight threads built eight Apps: eight engines and mailers, each
 # with relay sessions of its own (11 against a limit of 4), and a wrong relay password cost 17
@@ -73,6 +78,10 @@ _building = threading.Lock()
 
 
 def get_app() -> App:
+    """The process's App, built on first use (a worker builds it as its process boots:
+    :class:`workers.pipeline.middleware.ProcessApp`). Only the composition roots call it: the
+    worker's :func:`workers.pipeline.actors.setup` and the command line's
+    :func:`workers.cli.base.app_for_cli`; the rest are given it."""
     global _app
     if _app is not None:
         return _app
@@ -88,6 +97,7 @@ def get_app() -> App:
 
 
 def set_app(app: App | None) -> None:
-    """Install the process's App (tests, and commands that build their own)."""
+    """Install the process's App, or None to have the next :func:`get_app` build one (tests,
+    which build theirs on a database of their own)."""
     global _app
     _app = app

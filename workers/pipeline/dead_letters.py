@@ -2,8 +2,8 @@
 
 dramatiq keeps, per queue, a list of waiting message ids (``ns:queue``) with their bodies
 (``ns:queue.msgs``), delayed ones likewise under ``ns:queue.DQ``, the ids each worker has fetched
-but not acknowledged (``ns:__acks__.<worker>.<queue>``), and dead letters in a sorted set by time of
-death (``ns:queue.XQ``) with their bodies (``ns:queue.XQ.msgs``).
+but not acknowledged (counted by :mod:`workers.pipeline.dramatiq_private`), and dead letters in a
+sorted set by time of death (``ns:queue.XQ``) with their bodies (``ns:queue.XQ.msgs``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from workers.database.engine import session_scope
 from workers.database.models import Failure, PurgedDeadLetter, Submission, SubmissionEvent
 from workers.pipeline.dispatch import stage_message, submission_id_of
+from workers.pipeline.dramatiq_private import held
 from workers.stages.stage import Stage
 
 
@@ -51,12 +52,6 @@ class DeadLetter:
 UNREADABLE = "(unreadable)"
 
 
-def _held(client: redis.Redis, namespace: str, queue: str) -> int:
-    return sum(
-        int(client.scard(key)) for key in client.scan_iter(f"{namespace}:__acks__.*.{queue}")
-    )
-
-
 def queue_depths(client: redis.Redis, namespace: str, dead: Mapping[str, int]) -> list[QueueDepth]:
     """Per stage queue, from Redis; ``dead``: the dead letters per queue as the database counts
     them (:func:`dead_counts`: Redis forgets its dead letters when it restarts)."""
@@ -68,8 +63,8 @@ def queue_depths(client: redis.Redis, namespace: str, dead: Mapping[str, int]) -
                 queue=q,
                 waiting=int(client.llen(f"{namespace}:{q}")),
                 delayed=int(client.llen(f"{namespace}:{q}.DQ"))
-                + _held(client, namespace, f"{q}.DQ"),
-                in_progress=_held(client, namespace, q),
+                + held(client, namespace, f"{q}.DQ"),
+                in_progress=held(client, namespace, q),
                 dead=dead.get(q, 0),
             )
         )

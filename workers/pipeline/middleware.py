@@ -9,12 +9,11 @@ import structlog
 from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware, MiddlewareError
 
-from config.settings import get_settings
 from schemas.messages import NotAStageMessage, parse_stage_args
 from workers.database.engine import session_scope
 from workers.letters.mail import TransientDeliveryError
 from workers.logging import configure_logging
-from workers.pipeline.app import get_app
+from workers.pipeline.app import Apps
 from workers.pipeline.dispatch import submission_id_of
 from workers.pipeline.failures import Attempt, end_if_failing, record_failure
 from workers.pipeline.handoff import Handoff
@@ -54,10 +53,14 @@ ID_NAMES = {stage.actor: stage.id_name for stage in Stage}
 
 
 class LogContext(Middleware):
-    """JSON logs in worker processes; the actor, message and submission id bound per message."""
+    """JSON logs in worker processes (at ``log_level``); the actor, message and submission id
+    bound per message."""
+
+    def __init__(self, log_level: str) -> None:
+        self.log_level = log_level
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        configure_logging(get_settings().log_level)
+        configure_logging(self.log_level)
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         structlog.contextvars.clear_contextvars()
@@ -100,20 +103,32 @@ class SendHeld(Middleware):
         self.handoff.flush()
 
 
-class CloseMailSessions(Middleware):
-    """A worker that shuts down ends its sessions with the mail server (QUIT), after its
-    threads have finished their messages."""
+class ProcessApp(Middleware):
+    """The worker process's App (``apps``): built as the process boots, before its threads
+    start, so they share one (one engine, one mailer and its relay sessions); and a worker that
+    shuts down ends its sessions with the mail server (QUIT), after its threads have finished
+    their messages."""
+
+    def __init__(self, apps: Apps) -> None:
+        self.apps = apps
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        self.apps()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         try:
-            get_app().mailer.close()
+            self.apps().mailer.close()
         except Exception as exc:  # shutting down: nothing more to do about it
             structlog.get_logger("workers").warning("mail_close_failed", error=type(exc).__name__)
 
 
 class FailureRecorder(Middleware):
     """Records every failed attempt in the database; added before Retries, so it runs after it
-    (dramatiq calls after-hooks in reverse) and knows whether the message was dead-lettered."""
+    (dramatiq calls after-hooks in reverse) and knows whether the message was dead-lettered.
+    Failures go to the database of ``apps()``, the process's App."""
+
+    def __init__(self, apps: Apps) -> None:
+        self.apps = apps
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
@@ -146,7 +161,7 @@ class FailureRecorder(Middleware):
             dead_lettered=bool(message.failed),
         )
         try:
-            app = get_app()
+            app = self.apps()
             with session_scope(app.sessions) as session:
                 record_failure(session, attempt)
             # Apart: the failure stays recorded whatever happens to the submission meanwhile.

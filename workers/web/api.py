@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio.to_thread
@@ -26,8 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from schemas.submission import error_message
-from workers.pipeline.actors import get_broker
-from workers.pipeline.app import App, get_app
+from workers.pipeline.app import Apps
 from workers.web import campaigns, confirmation, pages, replies, submissions
 from workers.web.dependencies import Intake
 from workers.web.middleware import BodyLimit, Cors, SecurityHeadersAndAccessLog
@@ -38,11 +37,11 @@ log = structlog.get_logger(__name__)
 API_THREADS = 16
 
 
-def create_app(
-    app_getter: Callable[[], App] = get_app, broker: dramatiq.Broker | None = None
-) -> FastAPI:
-    """The ASGI application. ``broker``: where stage messages go (default: the process's)."""
-    intake = Intake(app_getter, broker if broker is not None else get_broker())
+def create_app(app_getter: Apps, broker: dramatiq.Broker) -> FastAPI:
+    """The ASGI application, on the process's App (``app_getter()``); ``broker``: where stage
+    messages go. Both are built by the process's composition root (:mod:`workers.web.asgi`, or
+    a test)."""
+    intake = Intake(app_getter, broker)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

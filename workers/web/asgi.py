@@ -1,5 +1,7 @@
 """The ASGI entry point for uvicorn (``dearmp api``): the factory ``workers.web.asgi:application``
-(``uvicorn --factory``), called once in each uvicorn process."""
+(``uvicorn --factory``), called once in each uvicorn process: the API's composition root, which
+builds the process's App (settings, engine, mailer, limiter, signer, return addresses) and its
+broker once, and gives them to the application."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from fastapi import FastAPI
 
 from config.settings import get_settings
 from workers.logging import configure_logging
-from workers.pipeline.app import App, set_app
+from workers.pipeline.actors import setup
+from workers.pipeline.app import App
 from workers.web.api import API_THREADS, create_app
 
 
@@ -22,5 +25,5 @@ def application() -> FastAPI:
         # connections), and no ping per checkout: a connection the database dropped fails one
         # request with a 503 and is replaced (SQLAlchemy invalidates the pool on a disconnect).
         engine_options = {"pool_size": API_THREADS, "max_overflow": 0, "pool_pre_ping": False}
-    set_app(App.from_settings(settings, **engine_options))
-    return create_app()
+    app = App.from_settings(settings, **engine_options)
+    return create_app(lambda: app, setup(settings, lambda: app))

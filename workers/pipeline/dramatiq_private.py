@@ -1,0 +1,79 @@
+"""Every use of dramatiq's private API, in this one module: what its Redis broker does not offer
+publicly and DearMP needs.
+
+- A screen on what a consumer fetches. dramatiq's consumer fetches through ``broker.do_fetch``,
+  which ``RedisBroker.__getattr__`` maps to its Lua script's ``fetch`` command
+  (``RedisBroker._dispatch``); there is no public hook between the fetch and the decoding.
+- Dead-lettering fetched bytes by their Redis id (``do_nack``), found in the set of ids the
+  worker holds: ``<namespace>:__acks__.<broker id>.<queue>``, with the bodies in
+  ``<namespace>:<queue>.msgs`` (``dramatiq/brokers/redis/dispatch.lua``).
+- Counting what workers hold per queue, for the operator's queue depths: the same ``__acks__``
+  sets.
+
+Written for and checked with dramatiq 2.2.1: ``tests/test_dramatiq_private.py`` pins the range
+(:data:`CHECKED`) and says what to re-check on an upgrade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq.brokers.redis
+import redis
+
+# The dramatiq versions this module was read against: [lowest, first one not checked).
+CHECKED = ("2.2.1", "2.3")
+
+
+def acks_key(namespace: str, broker_id: str, queue_name: str) -> str:
+    """The set of message ids one worker (broker id) has fetched from a queue and not acked."""
+    return f"{namespace}:__acks__.{broker_id}.{queue_name}"
+
+
+def bodies_key(namespace: str, queue_name: str) -> str:
+    """The hash of a queue's message bodies by Redis id."""
+    return f"{namespace}:{queue_name}.msgs"
+
+
+def held(client: redis.Redis, namespace: str, queue_name: str) -> int:
+    """How many messages of a queue every worker holds (fetched, not yet acked)."""
+    pattern = acks_key(namespace, "*", queue_name)
+    return sum(int(client.scard(key)) for key in client.scan_iter(pattern))
+
+
+class ScreenedRedisBroker(dramatiq.brokers.redis.RedisBroker):
+    """dramatiq's Redis broker with a screen between fetching and decoding: fetched bytes that
+    ``keep`` refuses are dead-lettered as they are fetched and ``refused(queue, redis_id,
+    size)`` is told, so the consumer never sees them."""
+
+    def __init__(
+        self,
+        *,
+        keep: Callable[[bytes], bool],
+        refused: Callable[[str, str, int], None],
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)  # type: ignore[no-untyped-call]
+        self.keep = keep
+        self.refused = refused
+
+    def do_fetch(self, queue_name: str, prefetch: int) -> list[bytes]:
+        fetched: list[bytes] = self._dispatch("fetch")(queue_name, prefetch)  # type: ignore[no-untyped-call]
+        kept = []
+        for data in fetched:
+            if self.keep(data):
+                kept.append(data)
+            else:
+                self._dead_letter(queue_name, data)
+        return kept
+
+    def _dead_letter(self, queue_name: str, data: bytes) -> None:
+        # Which fetched id holds these bytes: the ids this worker holds on the queue.
+        ids = list(self.client.smembers(acks_key(self.namespace, self.broker_id, queue_name)))
+        bodies = self.client.hmget(bodies_key(self.namespace, queue_name), ids) if ids else []
+        for redis_id, body in zip(ids, bodies, strict=True):
+            if body == data:
+                self.do_nack(queue_name, redis_id)
+                self.refused(queue_name, redis_id.decode(errors="replace"), len(data))
+                return
