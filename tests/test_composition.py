@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dramatiq
 import pytest
 
 from tests.conftest import make_settings
@@ -16,6 +17,7 @@ from workers.letters.mail import make_mailer
 from workers.pipeline import app as app_module
 from workers.pipeline.actors import setup
 from workers.pipeline.app import App, get_app, set_app
+from workers.web import asgi
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,3 +94,20 @@ def test_only_the_composition_roots_fetch_the_process_app() -> None:
         if "get_app" in names:
             fetching.append(str(path.relative_to(REPO)))
     assert set(fetching) <= ROOTS
+
+
+def test_the_api_builds_its_app_and_broker_once_and_gives_them_to_the_application(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's factory builds one App and one broker and passes both in: nothing in the
+    application fetches or builds the process's App."""
+    settings = make_settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    monkeypatch.setattr(asgi, "get_settings", lambda: settings)
+    set_app(None)
+    api: Any = asgi.application()
+    intake = api.fastapi.state.intake
+    assert intake.app_getter() is intake.app_getter() is intake.batcher.app_getter()
+    assert intake.app_getter().settings is settings
+    assert intake.broker is dramatiq.get_broker()
+    assert app_module._app is None  # the process's slot is the worker's and the commands'
+    intake.app_getter().engine.dispose()

@@ -295,10 +295,10 @@ def get_broker() -> dramatiq.Broker:
 
 
 def get_handoff() -> Handoff:
-    """What the process's stages moved on, sent to the next stages in groups."""
+    """What the process's stages moved on, sent to the next stages in groups: the handoff
+    :func:`setup` built with the broker (before any actor runs)."""
     if _handoff is None:
-        setup()
-    assert _handoff is not None
+        raise RuntimeError("no handoff: the process's setup() has not run")
     return _handoff
 
 
