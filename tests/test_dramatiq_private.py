@@ -11,7 +11,14 @@ from pathlib import Path
 import dramatiq.brokers.redis
 from packaging.version import Version
 
-from workers.pipeline.dramatiq_private import CHECKED, acks_key, bodies_key
+from workers.pipeline.dramatiq_private import (
+    CHECKED,
+    acks_key,
+    bodies_key,
+    dead_key,
+    delayed_key,
+    queue_key,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DISPATCH = Path(dramatiq.brokers.redis.__file__).parent / "redis" / "dispatch.lua"
@@ -22,9 +29,10 @@ def test_dramatiq_is_a_version_the_private_api_was_checked_with() -> None:
     re-check, then widen CHECKED: that the consumer still fetches through ``broker.do_fetch``
     (and nothing else), that ``_dispatch("fetch")`` still returns the message bodies and takes
     (queue, prefetch), that ``do_nack`` still dead-letters by Redis id, and that fetched ids are
-    still held in ``<ns>:__acks__.<broker id>.<queue>`` with bodies in ``<ns>:<queue>.msgs``.
-    tests/test_foreign_messages.py (unreadable bytes dead-lettered on a real Redis) and the
-    queue depths of tests/test_operations.py exercise them."""
+    still held in ``<ns>:__acks__.<broker id>.<queue>`` with bodies in ``<ns>:<queue>.msgs``,
+    and that delayed and dead letters are still under ``<queue>.DQ`` and ``<queue>.XQ``.
+    tests/test_foreign_messages.py (unreadable bytes dead-lettered on a real Redis) and
+    tests/test_operations.py (queue depths, dead letters requeued and purged) exercise them."""
     lowest, first_unchecked = (Version(v) for v in CHECKED)
     assert lowest <= Version(importlib.metadata.version("dramatiq")) < first_unchecked
 
@@ -35,8 +43,11 @@ def test_the_key_layout_is_the_dispatch_scripts() -> None:
     assert 'namespace .. ":__acks__." .. worker_id' in script
     assert 'acks .. "." .. queue_name' in script
     assert '".msgs"' in script
+    assert 'namespace .. ":" .. queue_canonical_name .. ".XQ"' in script
+    assert 'q_fn .. ".DQ" .. ".msgs"' in script
     assert acks_key("ns", "w", "q") == "ns:__acks__.w.q"
-    assert bodies_key("ns", "q") == "ns:q.msgs"
+    assert (queue_key("ns", "q"), bodies_key("ns", "q")) == ("ns:q", "ns:q.msgs")
+    assert (delayed_key("ns", "q"), dead_key("ns", "q")) == ("ns:q.DQ", "ns:q.XQ")
 
 
 def test_the_consumer_fetches_through_the_hook_the_broker_overrides() -> None:
@@ -48,8 +59,9 @@ def test_the_consumer_fetches_through_the_hook_the_broker_overrides() -> None:
 
 
 def test_no_other_module_uses_dramatiqs_private_api() -> None:
-    """Private attributes of dramatiq's broker and its Redis keys appear in one module only."""
-    private = re.compile(r"\._dispatch\('|__acks__|\bdo_fetch\b|\bdo_nack\b")
+    """Private attributes of dramatiq's broker and the names of its Redis keys appear in one
+    module only."""
+    private = re.compile(r"\._dispatch\('|__acks__|\bdo_fetch\b|\bdo_nack\b|\.(msgs|XQ|DQ)\b")
     found = []
     for path in (REPO / "workers").rglob("*.py"):
         if path.name == "dramatiq_private.py":

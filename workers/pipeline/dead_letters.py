@@ -1,9 +1,8 @@
 """What operators need from Redis: queue depths and dead letters, read and requeued safely.
 
-dramatiq keeps, per queue, a list of waiting message ids (``ns:queue``) with their bodies
-(``ns:queue.msgs``), delayed ones likewise under ``ns:queue.DQ``, the ids each worker has fetched
-but not acknowledged (counted by :mod:`workers.pipeline.dramatiq_private`), and dead letters in a
-sorted set by time of death (``ns:queue.XQ``) with their bodies (``ns:queue.XQ.msgs``).
+dramatiq keeps, per queue, a list of waiting message ids with their bodies, delayed ones likewise,
+the ids each worker has fetched but not acknowledged, and dead letters in a sorted set by time of
+death with their bodies: its Redis keys are named in :mod:`workers.pipeline.dramatiq_private`.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import dramatiq
 import redis
 import structlog
 from dramatiq import Message
+from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import DecodeError
 from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,7 +25,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from workers.database.engine import session_scope
 from workers.database.models import Failure, PurgedDeadLetter, Submission, SubmissionEvent
 from workers.pipeline.dispatch import stage_message, submission_id_of
-from workers.pipeline.dramatiq_private import held
+from workers.pipeline.dramatiq_private import (
+    bodies_key,
+    dead_key,
+    delayed_key,
+    held,
+    queue_key,
+)
 from workers.stages.stage import Stage
 
 
@@ -61,9 +67,9 @@ def queue_depths(client: redis.Redis, namespace: str, dead: Mapping[str, int]) -
         depths.append(
             QueueDepth(
                 queue=q,
-                waiting=int(client.llen(f"{namespace}:{q}")),
-                delayed=int(client.llen(f"{namespace}:{q}.DQ"))
-                + held(client, namespace, f"{q}.DQ"),
+                waiting=int(client.llen(queue_key(namespace, q))),
+                delayed=int(client.llen(delayed_key(namespace, q)))
+                + held(client, namespace, dq_name(q)),
                 in_progress=held(client, namespace, q),
                 dead=dead.get(q, 0),
             )
@@ -77,12 +83,15 @@ def dead_letters(client: redis.Redis, namespace: str, queue: str | None = None) 
     for stage in Stage:
         if queue and stage.queue != queue:
             continue
-        key = f"{namespace}:{stage.queue}.XQ"
+        key = dead_key(namespace, stage.queue)
         # redis-py's return types are loose: these are what the commands return here.
         entries = cast("list[tuple[bytes, float]]", client.zrange(key, 0, -1, withscores=True))
         if not entries:
             continue
-        bodies = cast("list[bytes | None]", client.hmget(f"{key}.msgs", [r for r, _ in entries]))
+        bodies = cast(
+            "list[bytes | None]",
+            client.hmget(bodies_key(namespace, xq_name(stage.queue)), [r for r, _ in entries]),
+        )
         for (rid, score), body in zip(entries, bodies, strict=True):
             if body is None:
                 continue
@@ -309,9 +318,9 @@ def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> 
     """Age of the oldest message waiting on any stage queue (0 when all are empty)."""
     oldest = 0.0
     for stage in Stage:
-        key = f"{namespace}:{stage.queue}"
-        first = cast("bytes | None", client.lindex(key, 0))
-        body = cast("bytes | None", client.hget(f"{key}.msgs", first)) if first else None
+        first = cast("bytes | None", client.lindex(queue_key(namespace, stage.queue), 0))
+        bodies = bodies_key(namespace, stage.queue)
+        body = cast("bytes | None", client.hget(bodies, first)) if first else None
         if body is not None:
             try:
                 age = (now_ms - Message.decode(body).message_timestamp) / 1000
@@ -322,10 +331,9 @@ def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> 
 
 
 def remove(client: redis.Redis, namespace: str, dead: DeadLetter) -> None:
-    key = f"{namespace}:{dead.queue}.XQ"
     pipe = client.pipeline()
-    pipe.zrem(key, dead.redis_id)
-    pipe.hdel(f"{key}.msgs", dead.redis_id)
+    pipe.zrem(dead_key(namespace, dead.queue), dead.redis_id)
+    pipe.hdel(bodies_key(namespace, xq_name(dead.queue)), dead.redis_id)
     pipe.execute()
 
 

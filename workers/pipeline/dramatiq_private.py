@@ -7,8 +7,10 @@ publicly and DearMP needs.
 - Dead-lettering fetched bytes by their Redis id (``do_nack``), found in the set of ids the
   worker holds: ``<namespace>:__acks__.<broker id>.<queue>``, with the bodies in
   ``<namespace>:<queue>.msgs`` (``dramatiq/brokers/redis/dispatch.lua``).
-- Counting what workers hold per queue, for the operator's queue depths: the same ``__acks__``
-  sets.
+- The rest of the Redis key layout the operator's commands read (queue depths, dead letters):
+  a queue's ids at ``<namespace>:<queue>``, delayed ones under ``<queue>.DQ``, dead letters
+  under ``<queue>.XQ``, each with its bodies in ``.msgs``; what workers hold, in the same
+  ``__acks__`` sets.
 
 Written for and checked with dramatiq 2.2.1: ``tests/test_dramatiq_private.py`` pins the range
 (:data:`CHECKED`) and says what to re-check on an upgrade.
@@ -21,9 +23,25 @@ from typing import Any
 
 import dramatiq.brokers.redis
 import redis
+from dramatiq.common import dq_name, xq_name
 
 # The dramatiq versions this module was read against: [lowest, first one not checked).
 CHECKED = ("2.2.1", "2.3")
+
+
+def queue_key(namespace: str, queue_name: str) -> str:
+    """The list of a queue's waiting message ids."""
+    return f"{namespace}:{queue_name}"
+
+
+def delayed_key(namespace: str, queue_name: str) -> str:
+    """The list of a queue's delayed message ids."""
+    return queue_key(namespace, dq_name(queue_name))
+
+
+def dead_key(namespace: str, queue_name: str) -> str:
+    """The sorted set of a queue's dead letters' ids, by time of death (ms)."""
+    return queue_key(namespace, xq_name(queue_name))
 
 
 def acks_key(namespace: str, broker_id: str, queue_name: str) -> str:
@@ -32,8 +50,9 @@ def acks_key(namespace: str, broker_id: str, queue_name: str) -> str:
 
 
 def bodies_key(namespace: str, queue_name: str) -> str:
-    """The hash of a queue's message bodies by Redis id."""
-    return f"{namespace}:{queue_name}.msgs"
+    """The hash of a queue's message bodies by Redis id (``queue_name``: a queue, its delayed
+    queue or its dead letters)."""
+    return f"{queue_key(namespace, queue_name)}.msgs"
 
 
 def held(client: redis.Redis, namespace: str, queue_name: str) -> int:
