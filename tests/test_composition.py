@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import make_settings
 from workers.letters.mail import make_mailer
 from workers.pipeline import app as app_module
+from workers.pipeline import middleware
 from workers.pipeline.actors import setup
 from workers.pipeline.app import App, get_app, set_app
 from workers.web import asgi
@@ -58,21 +59,24 @@ def test_eight_threads_on_a_cold_start_build_one_app_and_one_mailer(
     got[0].engine.dispose()
 
 
-def test_a_worker_process_builds_its_app_as_it_boots(tmp_path: Path) -> None:
+def test_a_worker_process_builds_its_app_as_it_boots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """setup() gives the broker's middleware where the App comes from; the App is built when
-    the worker process boots, before its threads start, and is the one its actors run with."""
-    built: list[App] = []
+    the worker process boots, before its threads start (after logging is configured), and is
+    the one its actors run with."""
+    booted: list[str] = []
     application = App.from_settings(make_settings(tmp_path))
 
     def apps() -> App:
-        if not built:
-            built.append(application)
+        booted.append("app")
         return application
 
+    monkeypatch.setattr(middleware, "configure_logging", lambda level: booted.append("logging"))
     broker = setup(make_settings(tmp_path), apps)
-    assert built == []  # importing and setting up build nothing
+    assert booted == []  # setting up builds nothing
     broker.emit_after("process_boot")
-    assert built == [application]
+    assert booted == ["logging", "app"]
     application.engine.dispose()
 
 

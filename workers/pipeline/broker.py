@@ -82,8 +82,10 @@ def build_broker(settings: Settings, apps: Apps) -> dramatiq.Broker:
         from dramatiq.middleware.prometheus import Prometheus
 
         broker.add_middleware(Prometheus())
+    # Before LogContext: dramatiq runs after-hooks in reverse, so logging is configured before
+    # the App is built as the process boots.
+    broker.add_middleware(ProcessApp(apps))
     broker.add_middleware(LogContext(settings.log_level))
     broker.add_middleware(StageMessagesOnly())
-    broker.add_middleware(ProcessApp(apps))
     broker.add_middleware(FailureRecorder(apps), before=Retries)
     return broker
