@@ -69,7 +69,7 @@ def run(
         outbox_dir=outbox, log_level="WARNING",
     )  # fmt: skip
     # As the workers build theirs (workers.pipeline.app.get_app): no ping per checkout.
-    app = App.from_settings(settings, take_turns=True, pool_pre_ping=False)
+    app = App.from_settings(settings, pool_pre_ping=False)
     prepare(app)
     actors.setup(settings)  # what the stages move on goes to the stub broker
     with session_scope(app.sessions) as session:

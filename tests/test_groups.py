@@ -24,7 +24,7 @@ from tests.services import SmtpSink, free_port, wait_for
 from tests.test_smtp import mailer as smtp_mailer
 from tests.test_sources import parliament, sources  # noqa: F401  (the Members API fixture)
 from tests.test_stages import through_render
-from workers.database.engine import FIRST_TURN, session_scope
+from workers.database.engine import session_scope
 from workers.database.models import Delivery, Submission
 from workers.letters.mail import OutboxMailer, Outgoing
 from workers.pipeline.app import App
@@ -237,7 +237,7 @@ def test_each_letter_of_a_group_is_recorded_in_a_commit_of_its_own(app: App) -> 
 
 def test_a_letters_sent_mark_is_one_statement_that_commits_at_once(app: App) -> None:
     """On PostgreSQL the mark commits itself (autocommit: no BEGIN or COMMIT round trips); on
-    SQLite it asks for the first turn at the write lock."""
+    SQLite it takes the write lock (BEGIN IMMEDIATE) and commits."""
     ids = [through_render(app, submission(supporter__email=f"s{i}@example.com")) for i in range(2)]
     postgres = app.engine.dialect.name == "postgresql"
     marks: list[Any] = []
@@ -247,7 +247,7 @@ def test_a_letters_sent_mark_is_one_statement_that_commits_at_once(app: App) -> 
             if postgres:  # psycopg's own flag: no transaction around the statement
                 marks.append(conn.connection.dbapi_connection.autocommit)
             else:
-                marks.append(context.execution_options.get(FIRST_TURN))
+                marks.append(conn.connection.dbapi_connection.in_transaction)
 
     event.listen(app.engine, "before_cursor_execute", see)
     try:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,19 +11,18 @@ from sqlalchemy import Column, MetaData, Table, Text, event, func, select, text
 from sqlalchemy.orm import Session
 
 from tests.factories import submission
-from workers.database.engine import Turns, make_engine, make_sessionmaker, session_scope
+from workers.database.engine import make_engine, make_sessionmaker, session_scope
 from workers.database.models import State, Submission
 from workers.database.transitions import AlreadyMoved, Apply, current, run_group
 from workers.pipeline.app import App
 from workers.stages.intake import accept
 from workers.stages.validation import plan
 
-REPO = Path(__file__).resolve().parent.parent
 DONE = Table("done", MetaData(), Column("item", Text, primary_key=True))
 
 
-def _scratch(tmp_path: Path, take_turns: bool = False) -> Any:
-    engine = make_engine(f"sqlite:///{tmp_path / 'scratch.sqlite3'}", take_turns=take_turns)
+def _scratch(tmp_path: Path) -> Any:
+    engine = make_engine(f"sqlite:///{tmp_path / 'scratch.sqlite3'}")
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE IF NOT EXISTS done (item TEXT PRIMARY KEY)"))
     return engine
@@ -173,114 +169,81 @@ def test_reads_on_sqlite_do_not_wait_for_a_writer(tmp_path: Path) -> None:
         assert conn.execute(text("SELECT count(*) FROM done")).scalar() == 2
 
 
-HOLD = """
-import sys, time
-sys.path.insert(0, {repo!r})
-from workers.database.engine import Turns
-turns = Turns({path!r})
-turns.acquire()
-print("held", flush=True)
-time.sleep(0.6)
-turns.release()
-"""
-
-
-def test_turns_keep_writers_of_two_processes_apart(tmp_path: Path) -> None:
-    path = str(tmp_path / "db.sqlite3")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD.format(repo=str(REPO), path=path)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    turns = Turns(path)
-    started = time.monotonic()
-    turns.acquire()  # waits in the kernel until the other process lets go
-    waited = time.monotonic() - started
-    turns.release()
-    holder.wait(10)
-    assert waited > 0.3
-
-
-def test_a_first_turn_goes_before_the_threads_already_waiting() -> None:
-    turns = Turns(None)
-    order: list[str] = []
-
-    def write(name: str, first: bool) -> None:
-        turns.acquire(first=first)
-        order.append(name)
-        turns.release()
-
-    def waiting(count: int) -> None:  # until that many threads wait for the turn
-        deadline = time.monotonic() + 10
-        while turns.waiting() < count:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-
-    turns.acquire()
-    waiters = [threading.Thread(target=write, args=("a stage", False))]
-    waiters[0].start()
-    waiting(1)
-    waiters.append(threading.Thread(target=write, args=("a sent mark", True)))
-    waiters[1].start()
-    waiting(2)
-    turns.release()
-    for thread in waiters:
-        thread.join(10)
-    assert order == ["a sent mark", "a stage"]
-
-
-def test_threads_take_turns_one_at_a_time_and_none_is_left_waiting() -> None:
-    """A release wakes only the thread that goes next: a wake-up lost to a thread that came
-    at the same moment, or to one interrupted, must still leave every thread its turn."""
-    turns = Turns(None)
-    inside: list[int] = []
-    overlaps = 0
+def test_two_threads_writing_at_once_on_a_sqlite_file_both_commit(tmp_path: Path) -> None:
+    """No scheduler of our own: SQLite's busy timeout makes each writer wait for the other, and
+    every row of both gets written."""
+    engine = _scratch(tmp_path)
     failed: list[BaseException] = []
+    start = threading.Barrier(2)
 
-    def write(index: int) -> None:
-        nonlocal overlaps
+    def write(name: str) -> None:
         try:
-            for round_ in range(300):
-                turns.acquire(first=(index + round_) % 5 == 0)
-                inside.append(index)
-                os.sched_yield()  # lets the others run, and queue, while this one holds the turn
-                overlaps += len(inside) > 1
-                inside.remove(index)
-                turns.release()
+            start.wait(10)
+            for index in range(200):
+                with engine.begin() as conn:
+                    conn.execute(select(func.count()).select_from(DONE)).scalar()
+                    conn.execute(DONE.insert().values(item=f"{name}-{index}"))
         except BaseException as exc:  # pragma: no cover - reported below
             failed.append(exc)
 
-    threads = [threading.Thread(target=write, args=(i,), daemon=True) for i in range(12)]
+    threads = [threading.Thread(target=write, args=(name,)) for name in ("a", "b")]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 30
     for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(thread.is_alive() for thread in threads), "a thread never got its turn"
-    assert (failed, overlaps, turns.waiting()) == ([], 0, 0)
-
-
-def test_worker_engines_checkpoint_the_log_from_a_thread_not_a_commit(tmp_path: Path) -> None:
-    engine = _scratch(tmp_path, take_turns=True)
-    database = tmp_path / "scratch.sqlite3"
+        thread.join(60)
+    assert failed == []
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
-    before = database.stat().st_size
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE blobs (b BLOB)"))
-    for _ in range(20):  # far past SQLite's own 1,000-page threshold
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO blobs VALUES (zeroblob(100000))"))
-    assert "sqlite-checkpoint" in {t.name for t in threading.enumerate()}
-    # The rows reach the database file itself without any commit having copied them.
-    deadline = time.monotonic() + 10
-    while database.stat().st_size < before + 2_000_000 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert database.stat().st_size >= before + 2_000_000
+        assert conn.execute(select(func.count()).select_from(DONE)).scalar() == 400
     engine.dispose()
-    # A command's engine keeps SQLite's own checkpoints.
-    plain = make_engine(f"sqlite:///{database}")
-    with plain.connect() as conn:
+
+
+def test_a_write_begins_immediate_so_a_read_then_write_is_never_refused(tmp_path: Path) -> None:
+    """A transaction that has written holds SQLite's write lock from its first write (BEGIN
+    IMMEDIATE): another's read-then-write waits for it, and is not refused the upgrade of a
+    read snapshot ("database is locked") that a deferred BEGIN would give it."""
+    engine = _scratch(tmp_path)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with engine.connect() as conn:
+        conn.execute(select(func.count()).select_from(DONE))
+        conn.execute(DONE.insert().values(item="first"))
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None and dbapi.in_transaction
+        conn.commit()
+    assert not any(s.startswith("BEGIN") and "IMMEDIATE" not in s for s in statements)
+
+    other = make_engine(f"sqlite:///{tmp_path / 'scratch.sqlite3'}")
+    errors: list[BaseException] = []
+    read = threading.Event()
+
+    def read_then_write() -> None:
+        try:
+            with other.begin() as conn:
+                conn.execute(select(func.count()).select_from(DONE)).scalar()  # a read snapshot
+                read.set()
+                time.sleep(0.2)  # meanwhile the other transaction writes and commits
+                conn.execute(DONE.insert().values(item="after"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with engine.connect() as writer:
+        thread = threading.Thread(target=read_then_write)
+        thread.start()
+        assert read.wait(10)
+        writer.execute(DONE.insert().values(item="between"))
+        writer.commit()
+        thread.join(30)
+    assert errors == []
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(DONE)).scalar() == 3
+    other.dispose()
+    engine.dispose()
+
+
+def test_sqlite_engines_use_wal_a_busy_timeout_and_sqlites_own_checkpoints(tmp_path: Path) -> None:
+    engine = _scratch(tmp_path)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60000
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
-    plain.dispose()
+    engine.dispose()

@@ -83,19 +83,21 @@ class At(NamedTuple):
     state: str
 
 
-# Statements built once per set of columns: building one costs more than running it.
-_reads: dict[tuple[str, ...], Select[Any]] = {}
+# A move's statement for each set of columns it writes, and below a read's for one submission
+# and for a group, built once each. SQLAlchemy's compiled cache compiles a statement once
+# however often it is built, but building one and computing its cache key (40 to 100 µs,
+# against 0.3 µs for a statement kept) is paid on every call: built anew, the stages' reads and
+# moves cost the workers up to 1 ms more a submission (docs/performance.md, SQLite's section).
+# A group's moves are also made together by statement (GroupWrites).
 _moves: dict[tuple[str, ...], Update] = {}
 
 
-def current(session: Session, submission_id: str, *columns: str) -> Any:
-    """The submission's id, state and ``columns`` as one row (None if there is no such one),
-    with its campaign's ``definition_sha256`` and ``mode`` (None if the campaign is gone), so
-    that :func:`workers.letters.campaigns.get_definition` needs no statement of its own."""
-    statement = _reads.get(columns)
-    if statement is None:
-        statement = _reads[columns] = submission_read(*columns)
-    return read_one(session, statement, submission_id)
+def current(session: Session, submission_id: str, read: Select[Any] | None = None) -> Any:
+    """The submission's row read by ``read`` (:func:`submission_read`; by default its id, state
+    and campaign), None if there is no such one. It has the campaign's ``definition_sha256``
+    and ``mode`` (None if the campaign is gone), so that
+    :func:`workers.letters.campaigns.get_definition` needs no statement of its own."""
+    return read_one(session, SUBMISSION if read is None else read, submission_id)
 
 
 def submission_read(*columns: str) -> Select[Any]:
@@ -109,6 +111,11 @@ def submission_read(*columns: str) -> Select[Any]:
         CAMPAIGNS.c.mode,
         *(SUBMISSIONS.c[name] for name in columns),
     ).select_from(SUBMISSIONS.outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug))
+
+
+# Reads built once, as module constants: a group's rows are kept by the statement that read them.
+SUBMISSION = submission_read()
+WITH_PAYLOAD = submission_read("payload")
 
 
 def read_one(session: Session, statement: Select[Any], submission_id: str) -> Any:

@@ -87,12 +87,10 @@ def get_app() -> App:
         return _app
     with _building:
         if _app is None:
-            # On SQLite, the process's transactions take turns for the writer
-            # (workers.database.engine.Turns).
             # No ping before each transaction (a round trip each): after a database restart
             # the first statement fails, SQLAlchemy replaces the pool's connections, and the
             # message is retried like any failed attempt.
-            _app = App.from_settings(get_settings(), take_turns=True, pool_pre_ping=False)
+            _app = App.from_settings(get_settings(), pool_pre_ping=False)
         return _app
 
 

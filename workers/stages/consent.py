@@ -9,7 +9,14 @@ from sqlalchemy.orm import Session
 
 from schemas.submission import CHANNELS
 from workers.database.models import EVENTS, SUBMISSIONS, State, utcnow
-from workers.database.transitions import Apply, current, done, group_writes, rowcount
+from workers.database.transitions import (
+    Apply,
+    current,
+    done,
+    group_writes,
+    rowcount,
+    submission_read,
+)
 from workers.letters.campaigns import get_definition
 from workers.pipeline.states import reached_only_through
 from workers.privacy.hashing import supporter_hash
@@ -31,6 +38,7 @@ _MARK_LOGGED = (
     .where(SUBMISSIONS.c.id == bindparam("submission"), SUBMISSIONS.c.consent_logged_at.is_(None))
     .values(consent_logged_at=bindparam("at"))
 )
+_READ = submission_read("consent_logged_at", "payload", "client_ip_hash")
 
 
 def was_validated(session: Session, submission_id: str) -> bool:
@@ -44,7 +52,7 @@ def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
 
 def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
     """The submission's consent events, to be chained onto the ledger in the write transaction."""
-    submission = current(session, submission_id, "consent_logged_at", "payload", "client_ip_hash")
+    submission = current(session, submission_id, _READ)
     if submission is None or submission.consent_logged_at is not None or submission.payload is None:
         return done(0)
     if submission.state not in PAST_VALIDATION and not was_validated(session, submission_id):

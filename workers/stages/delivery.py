@@ -19,12 +19,12 @@ from functools import partial
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Connection, Engine, Update, bindparam, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from schemas.campaign import CampaignDefinition
-from workers.database.engine import FIRST_TURN, session_scope
+from workers.database.engine import session_scope
 from workers.database.models import (
     CAMPAIGNS,
     DELIVERIES,
@@ -141,20 +141,11 @@ _CLAIM = (
         status=DeliveryStatus.SENDING.value, claimed_at=bindparam("now"), attempts=_d.attempts + 1
     )
 )
-# Delivery row updates, one statement per set of columns.
-_updates: dict[tuple[str, ...], Update] = {}
 
 
 def _update_delivery(session: Session | Connection, submission_id: str, **values: object) -> None:
-    names = tuple(sorted(values))
-    statement = _updates.get(names)
-    if statement is None:
-        statement = _updates[names] = (
-            update(DELIVERIES)
-            .where(_d.submission_id == bindparam("id"))
-            .values({name: bindparam(f"v_{name}") for name in names})
-        )
-    session.execute(statement, {"id": submission_id, **{f"v_{k}": v for k, v in values.items()}})
+    # SQLAlchemy compiles it once per set of columns (its compiled cache).
+    session.execute(update(DELIVERIES).where(_d.submission_id == submission_id).values(values))
 
 
 # A claim given back for a refusal that was not the letter's: the attempt does not count.
@@ -349,14 +340,11 @@ def _record(sessions: sessionmaker[Session], sent: _Sent, limiter: Limiter | Non
     one statement and its commit, on a connection of the engine's (no session: half of this
     function's cost was the session's own bookkeeping). On PostgreSQL that statement commits
     itself (autocommit), one round trip with no ``BEGIN`` and ``COMMIT`` around it; on SQLite
-    it takes the write lock before the other writers of its process that are waiting for it."""
+    it waits for the write lock like any other writer."""
     engine: Engine = sessions.kw["bind"]
-    if engine.dialect.name == "postgresql":
-        options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
-    else:
-        options = {FIRST_TURN: True}
     with engine.connect() as connection:
-        connection.execution_options(**options)
+        if engine.dialect.name == "postgresql":
+            connection.execution_options(isolation_level="AUTOCOMMIT")
         _update_delivery(connection, sent.submission_id, **sent.values, error=None)
         connection.commit()
     if limiter is not None and sent.limits:

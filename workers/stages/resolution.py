@@ -33,6 +33,7 @@ from workers.database.models import (
     utcnow,
 )
 from workers.database.transitions import (
+    WITH_PAYLOAD,
     AlreadyMoved,
     Apply,
     Current,
@@ -154,7 +155,7 @@ def warm_live(
     if live is None or order == "local":
         return
     with session_scope(sessions) as session:
-        submission = current(session, submission_id, "payload")
+        submission = current(session, submission_id, WITH_PAYLOAD)
         if submission is None or submission.payload is None:
             return
         postcode, bad = check_format(submission.payload["supporter"]["postcode"])
@@ -171,7 +172,7 @@ def _group_answers(session: Session, order: str) -> dict[str, Answer] | None:
         return None
     answers: dict[str, Answer] | None = cache.get(LOOKUP_MANY)
     if answers is None:
-        rows = (current(session, submission_id, "payload") for submission_id in group_ids(session))
+        rows = (current(session, sid, WITH_PAYLOAD) for sid in group_ids(session))
         postcodes = {postcode for row in rows if (postcode := _well_formed_postcode(row))}
         answers = cache[LOOKUP_MANY] = lookup_local_many(session, postcodes)
     return answers
@@ -206,7 +207,7 @@ def plan(
     session: Session, submission_id: str, order: str = "local", live: LiveSources | None = None
 ) -> Apply[list[Stage]]:
     """Find the supporter's MP: what to write, and the stages to send it on to."""
-    submission = current(session, submission_id, "payload")
+    submission = current(session, submission_id, WITH_PAYLOAD)
     postcode = _postcode(submission)
     if postcode is None:
         return done([])

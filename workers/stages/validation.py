@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from schemas.campaign import CampaignDefinition
 from schemas.submission import SubmissionV1, parse_submission
 from workers.database.models import State
-from workers.database.transitions import Apply, current, done, move
+from workers.database.transitions import WITH_PAYLOAD, Apply, current, done, move
 from workers.letters.campaigns import get_definition
 from workers.stages.stage import Stage
 
@@ -36,7 +36,7 @@ def campaign_errors(definition: CampaignDefinition, submission: SubmissionV1) ->
 
 def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
     """Validate a received submission: what to write, and the stages to send it on to."""
-    submission = current(session, submission_id, "payload")
+    submission = current(session, submission_id, WITH_PAYLOAD)
     if submission is None or submission.state != State.RECEIVED:
         return done([])
     parsed = parse_submission(submission.payload)

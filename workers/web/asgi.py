@@ -19,7 +19,7 @@ from workers.web.api import API_THREADS, create_app
 def application() -> FastAPI:
     settings = get_settings()
     configure_logging(settings.log_level)
-    engine_options: dict[str, Any] = {"take_turns": True}  # SQLite: threads queue for the writer
+    engine_options: dict[str, Any] = {}
     if not settings.resolved_database_url.startswith("sqlite"):
         # One pooled connection per request thread, kept open (no churn of overflow
         # connections), and no ping per checkout: a connection the database dropped fails one
