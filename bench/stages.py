@@ -71,7 +71,7 @@ def run(
     # As the workers build theirs (workers.pipeline.app.get_app): no ping per checkout.
     app = App.from_settings(settings, pool_pre_ping=False)
     prepare(app)
-    actors.setup(settings)  # what the stages move on goes to the stub broker
+    actors.setup(settings, lambda: app)  # what the stages move on goes to the stub broker
     with session_scope(app.sessions) as session:
         update_definition(session, "political-prisoners", rate_limit=None)
         ids = [

@@ -56,8 +56,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # Reads before a transaction's first write run on their own (autocommit), each seeing the
     # latest committed data, as under PostgreSQL's READ COMMITTED; they wait for no one, since
     # WAL readers never block. The first statement that is not a SELECT (an INSERT, UPDATE,
-    # DELETE, DDL, or SQL text, whatever it says) begins the transaction with BEGIN IMMEDIATE,
-    # which waits in SQLite's busy handler for the one write lock, and the rest of it is
+    # DELETE, DDL, or SQL text through ``execute``, whatever it says; ``exec_driver_sql`` goes
+    # around this, and only the migrations' PRAGMA uses it) begins the transaction with BEGIN
+    # IMMEDIATE, which waits in SQLite's busy handler for the one write lock, and the rest of it is
     # serialised: a transaction never holds a read snapshot that a write would have to upgrade
     # (SQLite refuses that upgrade when another writer committed since). SQLAlchemy tells which
     # is which: the statement object, not its text. Every write the stages make is conditional

@@ -127,7 +127,7 @@ def count_failure(
     error: BaseException | str,
     limit: int,
 ) -> Counted | None:
-    """One more failed attempt of an inbound message or a notice: the row ``guard`` selects
+    """One more failed attempt of an inbound message or an outbox item: the row ``guard`` selects
     has its ``counter`` raised by one (the caller commits). None when it is not counted
     (:func:`passing` database trouble) or no such row is there any more. ``error`` is an
     exception or what happened, in words; the reason is masked, since an error's text can

@@ -13,7 +13,7 @@ class Stage(StrEnum):
     RENDER = "render"
     DELIVER = "deliver"
     CONSENT = "consent"
-    NOTIFY = "notify"  # the sender-confirmation email, for campaigns that ask for one
+    NOTIFY = "notify"  # queue the sender-confirmation email (or its reminder) in the outbox
     # Their messages carry inbound message and outbox item ids.
     INBOUND = "inbound"  # act on what came back to a letter (bounce, reply...)
     OUTBOX = "outbox"  # send an email to a supporter (workers.outbox): a notice, a confirmation
