@@ -51,7 +51,7 @@ from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
 from workers.pipeline.runtime import prepare, state_counts
 from workers.stages import inbound, survey
-from workers.stages.stage import Stage
+from workers.stages.stage import Deferred, Stage
 
 MP = "jane.smith.mp@parliament.example"
 
@@ -514,8 +514,9 @@ def test_a_notice_that_always_raises_fails_after_its_attempts_and_is_not_resent(
     [notice_id] = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
     sending = no_wait(app)
     for _ in range(sending.max_attempts - 1):
-        with pytest.raises(LookupError):
+        with pytest.raises(Deferred) as waits:  # tried again when due, costing no retry
             send_item(app, notice_id, app.mailer, sending)
+        assert isinstance(waits.value.__cause__, LookupError)
         with session_scope(app.sessions) as session:
             assert [n for n, _ in find_after_sent(session, timedelta(0))] == [notice_id]
     send_item(app, notice_id, app.mailer, sending)
@@ -639,8 +640,9 @@ def test_passing_database_trouble_is_not_counted_against_a_notice(
     with monkeypatch.context() as patched:
         patched.setattr(writing, "bounce_notice", locked)
         for _ in range(app.settings.max_dead_letters + 2):
-            with pytest.raises(OperationalError):
+            with pytest.raises(Deferred) as waits:  # a moment's wait, no dramatiq retry
                 send_item(app, notice_id, app.mailer, _sending(app))
+            assert isinstance(waits.value.__cause__, OperationalError)
             notice = _notice(app, notice_id)
             assert (notice.status, notice.failures) == ("pending", 0)
     send_item(app, notice_id, app.mailer, _sending(app))
@@ -693,8 +695,9 @@ def test_a_notices_refusals_and_errors_each_count_as_a_failed_attempt(
     busy = [TransientDeliveryError("451 4.3.2 try later")] * 3
     mailer = Scripted(app, *busy, RuntimeError("connection reset to <jane@example.org>"))
     for expected in (TransientDeliveryError,) * 3 + (RuntimeError,):
-        with pytest.raises(expected):
+        with pytest.raises(Deferred) as waits:  # each waits for its backoff, costing no retry
             send_item(app, notice_id, mailer, _sending(app))
+        assert isinstance(waits.value.__cause__, expected)
     notice = _notice(app, notice_id)
     assert (notice.status, notice.attempts, notice.failures) == ("pending", 4, 4)
     assert notice.error == "RuntimeError: connection reset to <[email]>"

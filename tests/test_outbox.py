@@ -5,7 +5,9 @@ and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -15,20 +17,31 @@ from typing import Any
 import dramatiq
 import pytest
 from alembic import command
+from click.testing import CliRunner
+from dramatiq.common import dq_name
 from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.exc import OperationalError
 
+from schemas.messages import stage_payload
 from tests import mail_samples as samples
-from tests.conftest import make_settings
+from tests.conftest import drain, make_settings
 from tests.factories import submission
 from tests.test_after_sent import BOUNCES, REPLIES, SUPPORTER, deliver, letter_of, relay
+from workers.cli import main as cli
 from workers.database.engine import alembic_config, session_scope
-from workers.database.models import OutboxItem, State, Submission, utcnow
+from workers.database.models import InboundMessage, OutboxItem, State, Submission, utcnow
 from workers.inbound.store import store
 from workers.letters.campaigns import update_definition
-from workers.letters.mail import Mailer, Outgoing, PermanentDeliveryError, TransientDeliveryError
+from workers.letters.mail import (
+    OUT_OF_STEP_WAIT,
+    Mailer,
+    Outgoing,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 from workers.outbox import sending as outbox
 from workers.outbox.kinds import KINDS
-from workers.pipeline.actors import outbox_for
+from workers.pipeline.actors import WORK, outbox_for, run_stage
 from workers.pipeline.app import App, set_app
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
 from workers.pipeline.runtime import prepare
@@ -36,6 +49,7 @@ from workers.privacy.rights import erase_supporter
 from workers.stages import inbound
 from workers.stages.confirmation import ConfirmationPolicy, notify
 from workers.stages.intake import accept
+from workers.stages.stage import Deferred, Stage
 
 
 def no_wait(app: App) -> outbox.OutboxPolicy:
@@ -240,22 +254,24 @@ def test_a_passing_refusal_backs_off_and_is_tried_again_when_due(app: App) -> No
         TransientDeliveryError("451 4.7.1 greylisted"), TransientDeliveryError("421 busy")
     )
     policy = outbox_for(app)[1]
-    with pytest.raises(TransientDeliveryError) as raised:
+    with pytest.raises(Deferred) as raised:
         send_item(app, item_id, mailer)
-    assert raised.value.retry_after == policy.first_backoff  # the actor's retry comes then
+    assert raised.value.seconds == policy.first_backoff  # its next message comes then
     waiting = item(app, item_id)
     assert (waiting.status, waiting.failures) == ("pending", 1)
     assert waiting.next_attempt_at is not None
     assert waiting.next_attempt_at > utcnow() + timedelta(seconds=policy.first_backoff - 5)
-    send_item(app, item_id, mailer)  # a message before it is due sends nothing
+    with pytest.raises(Deferred) as early:  # a message before it is due sends nothing: it waits
+        send_item(app, item_id, mailer)
+    assert policy.first_backoff - 5 < early.value.seconds <= policy.first_backoff
     assert (mailer.sent, item(app, item_id).attempts) == ([], 1)
     assert due(app) == []
     assert due(app, waiting.next_attempt_at + timedelta(seconds=1)) == [item_id]
     with session_scope(app.sessions) as session:
         session.execute(update(OutboxItem).values(next_attempt_at=utcnow()))
-    with pytest.raises(TransientDeliveryError) as raised:
+    with pytest.raises(Deferred) as raised:
         send_item(app, item_id, mailer)
-    assert raised.value.retry_after == 2 * policy.first_backoff  # doubled
+    assert raised.value.seconds == 2 * policy.first_backoff  # doubled
     with session_scope(app.sessions) as session:
         session.execute(update(OutboxItem).values(next_attempt_at=utcnow()))
     send_item(app, item_id, mailer)
@@ -271,7 +287,7 @@ def test_an_item_is_given_up_after_its_attempts_with_its_reason_masked_and_never
     full = "452 4.2.2 mailbox of <amira.haddad@example.com> in SW1A 1AA is full"
     mailer = Recorder(*(TransientDeliveryError(full) for _ in range(3)))
     for _ in range(2):
-        with pytest.raises(TransientDeliveryError):
+        with pytest.raises(Deferred):
             send_item(app, item_id, mailer, policy)
     send_item(app, item_id, mailer, policy)  # the last: given up, nothing raised
     failed = item(app, item_id)
@@ -355,3 +371,248 @@ def test_health_and_the_metrics_count_every_kind_alike(
         # No worker sent them: `dearmp health` says so once they are late.
         assert outbox.overdue(session, utcnow() + timedelta(minutes=6), late, lease) == 6
     assert set(KINDS) == set(outbox_for(app)[0])
+
+
+class Hanging(Recorder):
+    """A mail server that hangs until let go, then answers with ``answer`` (None: takes it)."""
+
+    def __init__(self, answer: BaseException | None) -> None:
+        super().__init__()
+        self.answer = answer
+        self.asked, self.let_go = threading.Event(), threading.Event()
+
+    def send(self, mail: Outgoing) -> str:
+        self.asked.set()
+        assert self.let_go.wait(20)
+        if self.answer is not None:
+            raise self.answer
+        return super().send(mail)
+
+
+def fields(row: OutboxItem) -> tuple[Any, ...]:
+    return (
+        row.status, row.attempts, row.failures, row.error, row.sent_at, row.next_attempt_at,
+        row.claimed_at,
+    )  # fmt: skip
+
+
+def hung_then_taken_over(
+    app: App,
+    item_id: str,
+    late: BaseException | None,
+    policy: outbox.OutboxPolicy,
+    second: Recorder,
+) -> list[BaseException]:
+    """A first worker claims the item and hangs in the mail server past its lease; a second
+    takes the item over and tries it (``second``); then the first's answer comes (``late``),
+    and changes nothing. What the first raised."""
+    first, raised = Hanging(late), []
+
+    def run() -> None:
+        try:
+            send_item(app, item_id, first, policy)
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert first.asked.wait(20)
+    time.sleep(policy.lease_seconds + 0.2)  # its lease lapses
+    try:
+        send_item(app, item_id, second, policy)
+    except Deferred:
+        pass
+    before = fields(item(app, item_id))
+    first.let_go.set()
+    worker.join(20)
+    assert not worker.is_alive()
+    assert fields(item(app, item_id)) == before  # the first's answer changed nothing
+    return raised
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        None,
+        TransientDeliveryError("451 4.3.2 try later"),
+        TransientDeliveryError("delivery paused", retry_after=60, ours=True),
+        PermanentDeliveryError("550 5.1.1 no such user"),
+        RuntimeError("connection reset"),
+    ],
+    ids=["sent", "passing", "ours", "permanent", "error"],
+)
+def test_a_late_answer_to_a_worker_whose_claim_was_taken_over_changes_nothing(
+    app: App, late: BaseException | None
+) -> None:
+    item_id = confirmation(app)
+    policy = replace(no_wait(app), lease_seconds=1)
+    second = Recorder()
+    raised = hung_then_taken_over(app, item_id, late, policy, second)
+    assert raised == []  # the claim is lost: nothing to retry
+    assert len(second.sent) == 1
+    sent = item(app, item_id)
+    # The second's send stands: the first's lapse counted once, and nothing more.
+    assert (sent.status, sent.attempts, sent.failures, sent.error) == ("sent", 2, 1, None)
+    send_item(app, item_id, Recorder())  # never sent a third time
+    assert due(app, utcnow() + timedelta(days=1)) == []
+
+
+def test_a_late_failure_does_not_revive_an_item_given_up_meanwhile(app: App) -> None:
+    item_id = confirmation(app)
+    policy = replace(no_wait(app), lease_seconds=1, max_attempts=2)
+    second = Recorder(TransientDeliveryError("452 4.2.2 mailbox full"))
+    hung_then_taken_over(app, item_id, TransientDeliveryError("451 later"), policy, second)
+    given_up = item(app, item_id)
+    assert (given_up.status, given_up.failures) == ("failed", 2)
+    assert given_up.error is not None and "mailbox full" in given_up.error
+    assert due(app, utcnow() + timedelta(days=1)) == []
+
+
+def test_a_forward_whose_claim_was_taken_over_keeps_nothing_twice(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    """The kind's ``done`` (a forward forgets the reply's text) runs once, for the send that
+    stands; a late failure after it changes nothing."""
+    forward = every_kind(app, stub_broker, stub_worker)["forward"]
+    policy = replace(no_wait(app), lease_seconds=1)
+    second = Recorder()
+    hung_then_taken_over(app, forward, RuntimeError("reset"), policy, second)
+    assert len(second.sent) == 1 and item(app, forward).status == "sent"
+    with session_scope(app.sessions) as session:
+        inbound_id = item(app, forward).inbound_id
+        assert session.get(InboundMessage, inbound_id).raw is None  # type: ignore[union-attr]
+
+
+class Paused(Recorder):
+    """The relay refuses us (our login, our set-up): every worker waits this long."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def waiting(self) -> float:
+        return self.seconds
+
+
+def test_while_the_relay_refuses_us_nothing_is_claimed_and_no_attempt_is_counted(
+    app: App,
+) -> None:
+    item_id = confirmation(app)
+    policy = outbox_for(app)[1]
+    # Known before claiming: the item is not claimed, and waits.
+    with pytest.raises(Deferred) as paused:
+        send_item(app, item_id, Paused(120.0))
+    assert paused.value.seconds == 120.0
+    untouched = item(app, item_id)
+    assert (untouched.status, untouched.attempts, untouched.failures) == ("pending", 0, 0)
+    # Learnt while sending (the relay paused, every session busy): the claim is given back,
+    # uncounted, however often: the email is never given up for our side's outage.
+    for n in range(policy.max_attempts + 2):
+        ours = TransientDeliveryError(
+            "delivery paused: 535 5.7.8 bad credentials for <amira.haddad@example.com>",
+            retry_after=None if n % 2 else 90.0,
+            ours=True,
+        )
+        with pytest.raises(Deferred) as waits:
+            send_item(app, item_id, Recorder(ours))
+        assert waits.value.seconds == (OUT_OF_STEP_WAIT if n % 2 else 90.0)
+        waiting = item(app, item_id)
+        assert (waiting.status, waiting.failures) == ("pending", 0)
+        assert waiting.error is not None and "<[email]>" in waiting.error
+        assert waiting.next_attempt_at is not None and waiting.next_attempt_at > utcnow()
+        with session_scope(app.sessions) as session:  # its wait is over
+            session.execute(update(OutboxItem).values(next_attempt_at=utcnow()))
+    mailer = Recorder()
+    send_item(app, item_id, mailer)
+    sent = item(app, item_id)
+    assert (len(mailer.sent), sent.status, sent.failures) == (1, "sent", 0)
+
+
+def test_an_item_due_within_a_second_is_claimed_and_a_later_one_waits_for_its_time(
+    app: App,
+) -> None:
+    item_id = confirmation(app)
+    with session_scope(app.sessions) as session:
+        soon = utcnow() + timedelta(seconds=0.5)  # a deferred message arriving a moment early
+        session.execute(update(OutboxItem).values(next_attempt_at=soon))
+    mailer = Recorder()
+    send_item(app, item_id, mailer)
+    assert len(mailer.sent) == 1
+    other = confirmation(app)
+    with session_scope(app.sessions) as session:
+        later = utcnow() + timedelta(seconds=40)
+        session.execute(
+            update(OutboxItem).where(OutboxItem.id == other).values(next_attempt_at=later)
+        )
+    with pytest.raises(Deferred) as waits:
+        send_item(app, other, mailer)
+    assert 35 < waits.value.seconds <= 40 and len(mailer.sent) == 1
+
+
+def delayed(broker: Any) -> list[dramatiq.Message[Any]]:
+    """The outbox's messages waiting for their time."""
+    queue = broker.queues[dq_name(Stage.OUTBOX.queue)]
+    return [dramatiq.Message.decode(raw) for raw in list(queue.queue)]
+
+
+def test_the_actor_sends_the_next_attempt_when_due_as_a_fresh_message_costing_no_retry(
+    app: App, stub_broker: Any
+) -> None:
+    item_id = confirmation(app)
+    policy = outbox_for(app)[1]
+    app.mailer = Recorder(TransientDeliveryError("451 4.7.1 greylisted"))
+    raw = stage_payload([item_id])
+    started = time.time() * 1000
+    run_stage(Stage.OUTBOX, raw, WORK[Stage.OUTBOX], app, stub_broker)  # raises nothing
+    [message] = delayed(stub_broker)
+    assert message.args[0] == raw and "retries" not in message.options
+    eta = message.options["eta"] - started
+    assert policy.first_backoff * 1000 - 1000 < eta < policy.first_backoff * 1000 + 5000
+    assert item(app, item_id).failures == 1
+    # Passing database trouble: not counted, a moment's wait, no retry of dramatiq's.
+    with session_scope(app.sessions) as session:
+        session.execute(update(OutboxItem).values(next_attempt_at=None))
+    app.mailer = Recorder(OperationalError("UPDATE", {}, Exception("database is locked")))
+    run_stage(Stage.OUTBOX, raw, WORK[Stage.OUTBOX], app, stub_broker)
+    assert len(delayed(stub_broker)) == 2
+    waiting = item(app, item_id)
+    assert (waiting.status, waiting.failures) == ("pending", 1)
+
+
+def test_the_outbox_kinds_are_built_once_per_app(app: App) -> None:
+    assert outbox_for(app)[0] is outbox_for(app)[0]
+
+
+def test_given_up_items_are_listed_and_retried_by_an_operator(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    items = every_kind(app, stub_broker, stub_worker)
+    runner = CliRunner()
+    none = runner.invoke(cli, ["outbox", "retry"])
+    assert none.exit_code != 0 and "retried 0" in none.stdout
+    refused = PermanentDeliveryError("554 5.7.1 <amira.haddad@example.com>: relay denied")
+    for item_id in items.values():
+        send_item(app, item_id, Recorder(refused))
+    listed = runner.invoke(cli, ["outbox", "list", "--status", "failed", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.stdout)
+    assert sorted(row["id"] for row in rows) == sorted(items.values())
+    assert {(row["status"], row["error"]) for row in rows} == {
+        ("failed", "554 5.7.1 <[email]>: relay denied")
+    }
+    assert {row["kind"] for row in rows} == set(KINDS)
+    table = runner.invoke(cli, ["outbox", "list"])
+    assert table.exit_code == 0 and "relay denied" in table.stdout
+    dry = runner.invoke(cli, ["outbox", "retry", "--kind", "forward", "--dry-run"])
+    assert dry.exit_code == 0 and "would retry 1" in dry.stdout
+    assert item(app, items["forward"]).status == "failed"  # nothing changed
+    done = runner.invoke(cli, ["outbox", "retry", "--kind", "forward"])
+    assert done.exit_code == 0 and "retried 1" in done.stdout
+    done = runner.invoke(cli, ["outbox", "retry"])
+    assert done.exit_code == 0 and "retried 5" in done.stdout
+    drain(stub_broker, stub_worker)
+    for item_id in items.values():  # a given-up forward kept the reply's text: it goes too
+        sent = item(app, item_id)
+        assert (sent.status, sent.failures, sent.error) == ("sent", 0, None)
+    again = runner.invoke(cli, ["outbox", "retry"])
+    assert again.exit_code != 0 and "retried 0" in again.stdout

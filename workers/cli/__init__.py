@@ -2,18 +2,19 @@
 
 ``base`` holds the top-level group; each module adds its commands: ``pipeline`` (workers,
 reconciler, queues, dead letters, health, campaigns, deliveries), ``web`` (the HTTP intake),
-``directory`` (the MP directory), ``privacy`` (consent, supporters, retention) and
-``replies`` (inbound mail, the replies report, DNS records).
+``directory`` (the MP directory), ``privacy`` (consent, supporters, retention),
+``replies`` (inbound mail, the replies report, DNS records) and ``outbox`` (emails to supporters).
 """
 
 from workers.cli import pipeline, replies  # noqa: F401  (their commands are declared on main)
 from workers.cli.base import main
 from workers.cli.directory import directory
+from workers.cli.outbox import outbox
 from workers.cli.privacy import consent, retention, supporter
 from workers.cli.replies import replies as replies_group
 from workers.cli.web import api
 
-for group in (api, directory, consent, supporter, retention, replies_group):
+for group in (api, directory, consent, supporter, retention, replies_group, outbox):
     main.add_command(group)
 
 __all__ = ["main"]

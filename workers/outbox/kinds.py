@@ -25,7 +25,7 @@ from workers.stages import confirmation, survey
 
 @dataclass(frozen=True)
 class Context:
-    """What composing needs, built once per process."""
+    """What composing needs, built once per App (:func:`workers.pipeline.actors.outbox_for`)."""
 
     returns: ReturnAddresses
     signer: DkimSigner | None
@@ -113,7 +113,9 @@ def _after_sent(session: Session, item: OutboxItem, context: Context) -> Outgoin
 
 
 def _forget_reply(session: Session, item: OutboxItem) -> None:
-    """A reply's text is kept only until it is forwarded (or will not be)."""
+    """A reply's text is kept only until it is forwarded (or will not be: skipped). A forward
+    given up (``failed``) keeps it, so that ``dearmp outbox retry`` can still send it once the
+    cause is fixed; the submission's retention deletes it with the rest."""
     if item.inbound_id is not None:
         session.execute(
             update(InboundMessage)

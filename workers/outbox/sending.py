@@ -10,10 +10,19 @@ Sending one:
 - a failed attempt (the server's passing refusal, an error, the worker sending it stopped) is
   counted in ``failures`` and the item waits before its next (``next_attempt_at``: exponential
   backoff, capped); the ``max_attempts``-th, or a permanent refusal, leaves it ``failed`` with the
-  reason, masked, never resent. Passing database trouble is not counted
-  (:func:`workers.pipeline.failures.passing`);
-- a claim older than the lease (its worker died mid-send) is taken over, and the same bytes go
-  again with the same Message-ID.
+  reason, masked, never resent by itself (``dearmp outbox retry`` sends it again). Passing
+  database trouble is not counted (:func:`workers.pipeline.failures.passing`), nor is a refusal
+  of our side (``TransientDeliveryError.ours``: the relay paused, our login, every session busy):
+  the claim is given back and the item waits; while the mailer says it would refuse us
+  (``Mailer.waiting``), nothing is claimed at all;
+- the table owns the timing: an item not yet due, or waiting after an attempt, is sent again by
+  a deferred message for when it is due (:class:`~workers.stages.stage.Deferred`, costing no
+  retry of the actor's), and by the reconciler;
+- a claim older than the lease (its worker died, or hung, mid-send) is taken over, and the same
+  bytes go again with the same Message-ID. Every mark that ends an attempt checks that its
+  worker still holds the claim (status ``sending`` and the ``claimed_at`` it wrote): a worker
+  whose claim was taken over changes nothing when its send at last returns or fails
+  (``outbox_claim_lost``).
 
 What each kind sends is a :class:`Kind`: how to compose it from its row, and what to do in the
 commit that ends it. The kinds are in :mod:`workers.outbox.kinds`; a new kind is one entry there.
@@ -21,7 +30,7 @@ commit that ends it. The kinds are in :mod:`workers.outbox.kinds`; a new kind is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -33,17 +42,23 @@ from workers.database.engine import insert_on_conflict
 from workers.database.models import OutboxItem, OutboxStatus, utcnow
 from workers.database.transitions import rowcount
 from workers.letters.mail import (
+    OUT_OF_STEP_WAIT,
     Mailer,
     Outgoing,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
 from workers.logging import mask_text
-from workers.pipeline.failures import count_failure
+from workers.pipeline.failures import count_failure, passing
+from workers.stages.stage import Deferred
 
 log = structlog.get_logger(__name__)
 
 STOPPED = "the worker sending it stopped"
+# An item due within this is claimed now (a deferred message may arrive a moment early).
+DUE_TOLERANCE = timedelta(seconds=1)
+# After passing database trouble: the wait before the item is tried again (not counted).
+PASSING_WAIT = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,52 @@ def overdue(session: Session, now: datetime, late: timedelta, lease: timedelta) 
     return session.scalar(select(func.count()).select_from(OutboxItem).where(waited)) or 0
 
 
+def retry_failed(session: Session, kind: str | None = None, dry_run: bool = False) -> list[str]:
+    """Items given up (``failed``) back to pending with a fresh count of failures, due now (the
+    caller sends them after the commit): once the cause is fixed, a relay outage costs nothing.
+    ``kind``: only items of that kind. The items retried (or that would be)."""
+    where = [OutboxItem.status == OutboxStatus.FAILED]
+    if kind is not None:
+        where.append(OutboxItem.kind == kind)
+    ids = list(session.scalars(select(OutboxItem.id).where(*where).order_by(OutboxItem.created_at)))
+    if ids and not dry_run:
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id.in_(ids), OutboxItem.status == OutboxStatus.FAILED)
+            .values(
+                status=OutboxStatus.PENDING,
+                failures=0,
+                next_attempt_at=None,
+                error=None,
+                dispatched_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def listing(session: Session, statuses: Sequence[str], limit: int = 100) -> list[dict[str, object]]:
+    """Items in ``statuses``, oldest first: kind, status, failures, next attempt and the error
+    (addresses and postcodes masked), for an operator."""
+    rows = session.scalars(
+        select(OutboxItem)
+        .where(OutboxItem.status.in_(statuses))
+        .order_by(OutboxItem.created_at)
+        .limit(limit)
+    ).all()
+    return [
+        {
+            "id": row.id,
+            "kind": row.kind,
+            "status": row.status,
+            "failures": row.failures,
+            "next_attempt_at": row.next_attempt_at.isoformat() if row.next_attempt_at else None,
+            "error": mask_text(row.error)[:500] if row.error else None,
+        }
+        for row in rows
+    ]
+
+
 def send(
     session: Session,
     item_id: str,
@@ -126,12 +187,27 @@ def send(
     kinds: Mapping[str, Kind],
     policy: OutboxPolicy,
 ) -> None:
-    """Send the item if it is due and nobody has. ``session`` is committed at each step. Raises
-    the error of a failed attempt that will be tried again (a TransientDeliveryError's
-    ``retry_after`` is the backoff), for the actor's retry."""
+    """Send the item if it is due and nobody has. ``session`` is committed at each step.
+
+    The table owns the timing: an item not yet due, a failed attempt that will be tried again
+    and a wait for our side (the mail server refusing us, not the email) raise
+    :class:`~workers.stages.stage.Deferred` for when it is due, a fresh message that costs no
+    retry. Anything else raised is unforeseen, and the actor's retry takes it."""
     item = session.get(OutboxItem, item_id)
     if item is None or item.status not in (OutboxStatus.PENDING, OutboxStatus.SENDING):
         return
+    now = utcnow()
+    if (
+        item.status == OutboxStatus.PENDING
+        and item.next_attempt_at is not None
+        and item.next_attempt_at > now + DUE_TOLERANCE
+    ):
+        session.commit()
+        raise Deferred((item.next_attempt_at - now).total_seconds(), "not due yet")
+    paused = mailer.waiting()
+    if paused > 0:  # the mail server would refuse us, not the email: it is not claimed
+        session.commit()
+        raise Deferred(paused, "delivery paused: the mail server refused us")
     kind = kinds.get(item.kind)
     broken: Exception | None = None
     mail: Outgoing | str = ""
@@ -145,51 +221,61 @@ def send(
         session.rollback()  # only read: a failed read may have ended the transaction
     # The email is written before the claim, so that the claim is the transaction's only write
     # and is committed at once: on SQLite no one waits for the write lock meanwhile.
-    if not _claim(session, item_id, policy):
+    mine = _claim(session, item_id, policy)
+    if mine is None:
         session.commit()
         return  # sent, not due, held by a live claim, or given up
     if broken is None and isinstance(mail, str):
-        _end(session, item, OutboxStatus.SKIPPED, kind, mail)
+        if _end(session, item, mine, OutboxStatus.SKIPPED, kind, mail):
+            log.info("outbox_skipped", outbox_id=item_id, kind=item.kind, reason=mail)
         session.commit()
-        log.info("outbox_skipped", outbox_id=item_id, kind=item.kind, reason=mail)
         return
     session.commit()
     if broken is not None:
-        _failed(session, item, broken, policy)
+        _failed(session, item, mine, broken, policy)
         return
     assert not isinstance(mail, str)
     try:
         mailer.send(mail)  # no transaction is open while the mail server answers
     except PermanentDeliveryError as exc:
-        _end(session, item, OutboxStatus.FAILED, None, mask_text(str(exc))[:500])
+        ended = _end(session, item, mine, OutboxStatus.FAILED, None, mask_text(str(exc))[:500])
         session.commit()
-        log.warning("outbox_failed", outbox_id=item_id, kind=item.kind, final=True)
+        if ended:
+            log.warning("outbox_failed", outbox_id=item_id, kind=item.kind, final=True)
+        return
+    except TransientDeliveryError as exc:
+        if exc.ours:
+            _give_back(session, item, mine, exc)
+        else:
+            _failed(session, item, mine, exc, policy)
         return
     except Exception as exc:
-        _failed(session, item, exc, policy)
+        _failed(session, item, mine, exc, policy)
         return
-    _end(session, item, OutboxStatus.SENT, kind)
+    if _end(session, item, mine, OutboxStatus.SENT, kind):
+        log.info("outbox_sent", outbox_id=item_id, kind=item.kind)
     session.commit()
-    log.info("outbox_sent", outbox_id=item_id, kind=item.kind)
 
 
-def _claim(session: Session, item_id: str, policy: OutboxPolicy) -> bool:
+def _claim(session: Session, item_id: str, policy: OutboxPolicy) -> datetime | None:
     """Claim a pending item that is due, or take over a claim older than the lease: its worker
     stopped mid-send, a failed attempt like any other (an item that kills its worker every
-    time ends ``failed``). True if claimed."""
+    time ends ``failed``). The claim's time (what the marks that end the attempt check that
+    this worker still holds it by), or None if not claimed."""
     now = utcnow()
     claimed = session.execute(
         update(OutboxItem)
         .where(
             OutboxItem.id == item_id,
             OutboxItem.status == OutboxStatus.PENDING,
-            OutboxItem.next_attempt_at.is_(None) | (OutboxItem.next_attempt_at <= now),
+            OutboxItem.next_attempt_at.is_(None)
+            | (OutboxItem.next_attempt_at <= now + DUE_TOLERANCE),
         )
         .values(status=OutboxStatus.SENDING, claimed_at=now, attempts=OutboxItem.attempts + 1)
         .execution_options(synchronize_session=False)
     )
     if rowcount(claimed) == 1:
-        return True
+        return now
     lapsed = (
         (OutboxItem.id == item_id)
         & (OutboxItem.status == OutboxStatus.SENDING)
@@ -197,31 +283,79 @@ def _claim(session: Session, item_id: str, policy: OutboxPolicy) -> bool:
     )
     counted = count_failure(session, OutboxItem.failures, lapsed, STOPPED, policy.max_attempts)
     if counted is None:
-        return False
+        return None
+    # The row is locked (PostgreSQL) or the database is (SQLite) until the commit: still lapsed.
     if counted.final:
-        _set(session, item_id, status=OutboxStatus.FAILED, error=counted.reason)
+        _set(session, lapsed, status=OutboxStatus.FAILED, error=counted.reason)
         log.warning("outbox_failed", outbox_id=item_id, final=True, error="stopped")
-        return False
-    _set(session, item_id, claimed_at=now, attempts=OutboxItem.attempts + 1, error=counted.reason)
-    return True
+        return None
+    _set(session, lapsed, claimed_at=now, attempts=OutboxItem.attempts + 1, error=counted.reason)
+    return now
 
 
-def _failed(session: Session, item: OutboxItem, error: Exception, policy: OutboxPolicy) -> None:
-    """A failed attempt: pending again after the backoff with the reason (passing database
-    trouble is not counted, and waits for no backoff), or failed for good at the limit. Raises
-    ``error`` unless the item was given up."""
-    counted = count_failure(
-        session, OutboxItem.failures, OutboxItem.id == item.id, error, policy.max_attempts
+def _held(item_id: str, mine: datetime) -> ColumnElement[bool]:
+    """The item, still claimed by this worker (its claim not taken over since)."""
+    return (
+        (OutboxItem.id == item_id)
+        & (OutboxItem.status == OutboxStatus.SENDING)
+        & (OutboxItem.claimed_at == mine)
     )
+
+
+def _lost(item: OutboxItem) -> None:
+    """The claim lapsed and another worker took the item over: what it did stands."""
+    log.warning("outbox_claim_lost", outbox_id=item.id, kind=item.kind)
+
+
+def _give_back(
+    session: Session, item: OutboxItem, mine: datetime, error: TransientDeliveryError
+) -> None:
+    """A refusal of our side (the relay paused, our login, every session busy, a conversation
+    out of step), not of the email: the claim is given back without counting the attempt, and
+    the item waits (a deferral, costing no retry either)."""
+    wait = error.retry_after if error.retry_after is not None else OUT_OF_STEP_WAIT
+    reason = mask_text(f"{type(error).__name__}: {error}")[:500]
+    given = _set(
+        session,
+        _held(item.id, mine),
+        status=OutboxStatus.PENDING,
+        error=reason,
+        next_attempt_at=utcnow() + timedelta(seconds=wait),
+    )
+    session.commit()
+    if not given:
+        _lost(item)
+        return
+    log.info("outbox_waiting", outbox_id=item.id, kind=item.kind, retry_in=wait)
+    raise Deferred(wait, f"the mail server: {reason}"[:200])
+
+
+def _failed(
+    session: Session, item: OutboxItem, mine: datetime, error: Exception, policy: OutboxPolicy
+) -> None:
+    """A failed attempt: pending again after the backoff with the reason, or failed for good at
+    the limit. Passing database trouble is not counted, and waits only a moment. Raises
+    :class:`Deferred` for the next attempt unless the item was given up (or the claim lost)."""
+    held = _held(item.id, mine)
+    counted = count_failure(session, OutboxItem.failures, held, error, policy.max_attempts)
+    if counted is None and not passing(error):  # nothing matched: the claim is not ours
+        session.commit()
+        _lost(item)
+        return
     final = counted is not None and counted.final
-    wait = policy.backoff(counted.failures) if counted is not None else timedelta(0)
+    wait = policy.backoff(counted.failures) if counted is not None else PASSING_WAIT
     reason = counted.reason if counted is not None else None
     if final:
-        _set(session, item.id, status=OutboxStatus.FAILED, error=reason)
+        marked = _set(session, held, status=OutboxStatus.FAILED, error=reason)
     else:
         later = utcnow() + wait if counted is not None else None
-        _set(session, item.id, status=OutboxStatus.PENDING, error=reason, next_attempt_at=later)
+        marked = _set(
+            session, held, status=OutboxStatus.PENDING, error=reason, next_attempt_at=later
+        )
     session.commit()
+    if not marked:
+        _lost(item)
+        return
     log.warning(
         "outbox_failed",
         outbox_id=item.id,
@@ -232,30 +366,35 @@ def _failed(session: Session, item: OutboxItem, error: Exception, policy: Outbox
     )
     if final:
         return
-    if isinstance(error, TransientDeliveryError):  # the actor's retry comes when it is due
-        raise TransientDeliveryError(reason or "", retry_after=wait.total_seconds()) from error
-    raise error
+    why = "passing database trouble" if counted is None else f"failed attempt {counted.failures}"
+    raise Deferred(wait.total_seconds(), why) from error
 
 
 def _end(
     session: Session,
     item: OutboxItem,
+    mine: datetime,
     status: OutboxStatus,
     kind: Kind | None,
     error: str | None = None,
-) -> None:
+) -> bool:
+    """End the attempt (sent, skipped or failed) if this worker still holds the claim, and run
+    the kind's ``done`` when it was sent or skipped. False, changing nothing, if the claim was
+    taken over meanwhile."""
     values: dict[str, object] = {"status": status, "error": error}
     if status == OutboxStatus.SENT:
         values["sent_at"] = utcnow()
-    _set(session, item.id, **values)
+    if not _set(session, _held(item.id, mine), **values):
+        _lost(item)
+        return False
     if kind is not None and kind.done is not None and status != OutboxStatus.FAILED:
         kind.done(session, item)
+    return True
 
 
-def _set(session: Session, item_id: str, **values: object) -> None:
-    session.execute(
-        update(OutboxItem)
-        .where(OutboxItem.id == item_id)
-        .values(values)
-        .execution_options(synchronize_session=False)
+def _set(session: Session, guard: ColumnElement[bool], **values: object) -> bool:
+    """Update the row ``guard`` selects; True if there was one."""
+    changed = session.execute(
+        update(OutboxItem).where(guard).values(values).execution_options(synchronize_session=False)
     )
+    return rowcount(changed) == 1

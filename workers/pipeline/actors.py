@@ -234,8 +234,17 @@ def _inbound(app: App, ids: list[str]) -> list[Outcome]:
     return _one_by_one(ids, work)
 
 
+# The App the outbox's kinds and policy were last built for, and them: built once per App.
+_outbox_built: tuple[App, dict[str, Kind], outbox.OutboxPolicy] | None = None
+
+
 def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
-    """Every kind of email the outbox sends, and its policy, from the App's settings."""
+    """Every kind of email the outbox sends, and its policy, from the App's settings: built
+    once per App (the process's), not per message."""
+    global _outbox_built
+    built = _outbox_built
+    if built is not None and built[0] is app:
+        return built[1], built[2]
     settings = app.settings
     policy = outbox.OutboxPolicy(settings.delivery_lease_seconds, settings.outbox_max_attempts)
     context = kinds.Context(
@@ -245,11 +254,14 @@ def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
         settings.public_url,
         confirmation.ConfirmationPolicy.from_settings(settings),
     )
-    return kinds.kinds(context), policy
+    every_kind = kinds.kinds(context)
+    _outbox_built = (app, every_kind, policy)
+    return every_kind, policy
 
 
 def _outbox(app: App, ids: list[str]) -> list[Outcome]:
-    """Each email to a supporter, through the outbox."""
+    """Each email to a supporter, through the outbox: an item not yet due, or waiting after an
+    attempt, raises Deferred, and goes again in a fresh delayed message (run_stage)."""
     every_kind, policy = outbox_for(app)
 
     def work(item_id: str) -> None:

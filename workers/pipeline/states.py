@@ -130,8 +130,10 @@ STAGES: dict[Stage, Policy] = {
     Stage.CONSENT:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000, max_age=7 * DAY),
     # After a letter is sent: what came back to it.
     Stage.INBOUND:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000),
-    # Every email to a supporter (workers.outbox): its retries wait for its own backoff, and the
-    # outbox gives it up after DEARMP_OUTBOX_MAX_ATTEMPTS; the reconciler resends it when due.
+    # Every email to a supporter (workers.outbox): its table owns the timing (the backoff after a
+    # failed attempt, a wait for the mail server) through deferrals, which cost no retry; these
+    # retries are for what the outbox did not foresee (the database away while it marks an
+    # item). It gives an item up after DEARMP_OUTBOX_MAX_ATTEMPTS; the reconciler resends it.
     Stage.OUTBOX:   Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
                            max_age=7 * DAY - HOUR),
 }
