@@ -79,3 +79,42 @@ def test_readme_names_the_two_commands() -> None:
     readme = (REPO / "README.md").read_text()
     assert "python3 dev.py demo" in readme and "python3 dev.py test" in readme
     assert Path(REPO / ".ci" / "run").read_text().count("dev.py test") == 1
+
+
+def test_consent_events_from_before_the_ledger_are_chained_so_the_ledger_verifies(
+    db_url: str,
+) -> None:
+    """Migration 0005 seals the events written before the ledger had hashes with its own frozen
+    copy of the hash: what the ledger checks today agrees with it."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from workers.privacy.ledger import verify
+
+    config = alembic_config(db_url)
+    command.downgrade(config, "0004")
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        for i, channel in enumerate(["email", "mp_notice", "sms"]):
+            conn.execute(
+                text(
+                    "INSERT INTO consent_events (submission_id, supporter_hash, campaign_slug, "
+                    "channel, choice, wording_version, wording_sha256, lawful_basis, "
+                    "source_url, user_agent, ip_hash, recorded_at) VALUES (:s, :h, 'c', :ch, "
+                    "'yes', 'v1', :w, 'consent', 'https://example.org/ünï', 'UA', NULL, :at)"
+                ),
+                {
+                    "s": f"s-{i}",
+                    "h": "a" * 64,
+                    "ch": channel,
+                    "w": "b" * 64,
+                    "at": datetime(2026, 11, 20, 9, i, 30, 123456, tzinfo=UTC),
+                },
+            )
+    command.upgrade(config, "head")
+    with Session(engine) as session:
+        checked = verify(session)
+    engine.dispose()
+    assert checked.events == 3 and checked.intact, checked

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, insert, select, text, update
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from workers.database.models import CONSENT_EVENTS, ConsentEvent
@@ -172,33 +172,6 @@ def verify(session: Session) -> Verification:
             return Verification(count, previous, event.id, "its content does not match its hash")
         previous, count = event.hash, count + 1
     return Verification(count, previous)
-
-
-def seal_unsealed(connection: Connection) -> int:
-    """Chain events written before the ledger had hashes (used once, by migration 0005).
-
-    Only the named columns are read and written, so later columns on the model do not matter.
-    """
-    table = ConsentEvent.__table__
-    assert isinstance(table, Table)
-    rows = connection.execute(
-        select(table.c.id, table.c.hash, *[table.c[name] for name in HASHED]).order_by(table.c.id)
-    ).mappings()
-    previous, sealed = GENESIS, 0
-    for row in list(rows):
-        current = row["hash"]
-        if current is None:
-            fields = dict(row)
-            fields["event_type"] = "mp_notice" if row["channel"] == "mp_notice" else "preference"
-            current = event_hash(previous, fields)
-            connection.execute(
-                update(table)
-                .where(table.c.id == row["id"])
-                .values(event_type=fields["event_type"], prev_hash=previous, hash=current)
-            )
-            sealed += 1
-        previous = current
-    return sealed
 
 
 def current_preferences(session: Session, supporter_hash: str) -> dict[str, dict[str, Any]]:

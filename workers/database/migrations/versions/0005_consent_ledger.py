@@ -5,10 +5,15 @@ Revises: 0004
 Create Date: 2026-11-23 12:00:00
 """
 
+import hashlib
+import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.engine import Connection
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -72,13 +77,79 @@ def upgrade() -> None:
             batch_op.f("ix_submissions_supporter_hash"), ["supporter_hash"], unique=False
         )
 
-    from workers.privacy.ledger import seal_unsealed
-
-    seal_unsealed(op.get_bind())
+    _seal_unsealed(op.get_bind())
     dialect = op.get_bind().dialect.name
     for statement in APPEND_ONLY_POSTGRESQL if dialect == "postgresql" else APPEND_ONLY_SQLITE:
         op.execute(statement)
     op.execute(CURRENT_VIEW)
+
+
+# The ledger's hash as it was when this migration was written, frozen here: a migration runs the
+# same way whatever the application code becomes (workers.privacy.ledger computes the same).
+GENESIS = "0" * 64
+HASHED = (
+    "submission_id",
+    "supporter_hash",
+    "event_type",
+    "campaign_slug",
+    "channel",
+    "choice",
+    "wording_version",
+    "wording",
+    "wording_sha256",
+    "lawful_basis",
+    "privacy_notice_version",
+    "source_url",
+    "user_agent",
+    "ip_hash",
+    "recorded_at",
+)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):  # UTC, as the models give it (SQLite keeps no zone)
+        moment = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return moment.isoformat()
+    return value
+
+
+def _event_hash(prev_hash: str, fields: dict[str, Any]) -> str:
+    body = json.dumps(
+        {name: _plain(fields.get(name)) for name in sorted(HASHED)},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+
+
+def _seal_unsealed(connection: Connection) -> None:
+    """Chain the events written before the ledger had hashes, in id order."""
+    table = sa.table(
+        "consent_events",
+        sa.column("id", sa.Integer()),
+        sa.column("hash", sa.String()),
+        sa.column("prev_hash", sa.String()),
+        *(sa.column(name, sa.DateTime(timezone=True) if name == "recorded_at" else sa.String())
+          for name in HASHED),
+    )  # fmt: skip
+    rows = connection.execute(
+        sa.select(table.c.id, table.c.hash, *[table.c[name] for name in HASHED]).order_by(
+            table.c.id
+        )
+    ).mappings()
+    previous = GENESIS
+    for row in list(rows):
+        current = row["hash"]
+        if current is None:
+            fields = dict(row)
+            fields["event_type"] = "mp_notice" if row["channel"] == "mp_notice" else "preference"
+            current = _event_hash(previous, fields)
+            connection.execute(
+                sa.update(table)
+                .where(table.c.id == row["id"])
+                .values(event_type=fields["event_type"], prev_hash=previous, hash=current)
+            )
+        previous = current
 
 
 def downgrade() -> None:
