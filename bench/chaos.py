@@ -43,9 +43,9 @@ from workers.database.engine import session_scope  # noqa: E402
 from workers.pipeline.app import App  # noqa: E402
 from workers.pipeline.dispatch import dispatch  # noqa: E402
 from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
+from workers.pipeline.intake import accept  # noqa: E402
 from workers.pipeline.runtime import state_counts  # noqa: E402
 from workers.privacy.ledger import verify  # noqa: E402
-from workers.stages.intake import accept  # noqa: E402
 from workers.stages.stage import Stage  # noqa: E402
 
 POSTCODES = ["DM1 1AA", "DM2 1AA", "DM3 1AA", "DM4 1AA", "DM5 1AA", "DM6 1AA"]

@@ -13,7 +13,7 @@ from typing import Any
 from config.settings import Settings
 from tests.services import PostgresCluster
 from workers.database.engine import session_scope
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.pipeline.app import App
 from workers.pipeline.runtime import prepare
 

@@ -29,7 +29,7 @@ from workers.database.engine import session_scope  # noqa: E402
 from workers.pipeline.app import App  # noqa: E402
 from workers.pipeline.dispatch import stage_message  # noqa: E402
 from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
-from workers.stages.intake import accept  # noqa: E402
+from workers.pipeline.intake import accept  # noqa: E402
 from workers.stages.rendering import render  # noqa: E402
 from workers.stages.resolution import resolve  # noqa: E402
 from workers.stages.stage import Stage  # noqa: E402

@@ -38,11 +38,11 @@ from tests.factories import submission  # noqa: E402
 from tests.services import PostgresCluster, free_port  # noqa: E402
 from workers.database.engine import session_scope  # noqa: E402
 from workers.database.models import State, SubmissionEvent  # noqa: E402
-from workers.letters.campaigns import update_definition  # noqa: E402
+from workers.letters.definitions import update_definition  # noqa: E402
 from workers.pipeline.app import App  # noqa: E402
 from workers.pipeline.dispatch import stage_message  # noqa: E402
 from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
-from workers.stages.intake import accept  # noqa: E402
+from workers.pipeline.intake import accept  # noqa: E402
 from workers.stages.stage import Stage  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")

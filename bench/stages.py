@@ -29,11 +29,11 @@ from config.settings import Settings  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import PostgresCluster  # noqa: E402
 from workers.database.engine import session_scope  # noqa: E402
-from workers.letters.campaigns import update_definition  # noqa: E402
+from workers.letters.definitions import update_definition  # noqa: E402
 from workers.pipeline import actors  # noqa: E402
 from workers.pipeline.app import App  # noqa: E402
+from workers.pipeline.intake import accept  # noqa: E402
 from workers.pipeline.runtime import prepare  # noqa: E402
-from workers.stages.intake import accept  # noqa: E402
 from workers.stages.stage import Stage  # noqa: E402
 
 STAGES = (Stage.VALIDATE, Stage.RESOLVE, Stage.CONSENT, Stage.RENDER, Stage.DELIVER)

@@ -34,13 +34,13 @@ from workers.database.models import (
     Submission,
     utcnow,
 )
-from workers.inbound.store import store
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.letters.outcomes import report, resend_bounced
 from workers.mp import health
 from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.runtime import prepare, state_counts, submit
+from workers.receiving.store import store
 from workers.stages import inbound, survey
 from workers.stages.stage import Stage
 from workers.web.api import create_app

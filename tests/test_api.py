@@ -24,7 +24,7 @@ from tests.services import wait_for
 from tests.test_stages import get
 from workers.database.engine import session_scope
 from workers.database.models import Constituency, State, Submission, utcnow
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.letters.rate_limits import RedisLimiter
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch
@@ -306,7 +306,7 @@ def test_one_reminder_after_a_day_and_expiry_after_seven(
 
 
 def test_group_commit_stores_each_once_even_with_repeats_in_one_batch(app: App) -> None:
-    from workers.stages.intake import accept_many
+    from workers.pipeline.intake import accept_many
 
     first, second = posted(), posted()
     items = [(first, State.RECEIVED), (second, State.RECEIVED), (dict(first), State.RECEIVED)]
@@ -321,7 +321,7 @@ def test_group_commit_stores_each_once_even_with_repeats_in_one_batch(app: App) 
 
 
 def test_a_batch_of_any_size_is_one_insert_a_table_from_a_cached_compilation(app: App) -> None:
-    from workers.stages.intake import accept_many
+    from workers.pipeline.intake import accept_many
 
     def store(n: int) -> None:
         with session_scope(app.sessions) as session:
@@ -377,8 +377,8 @@ def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_ag
     from workers.database.engine import make_engine
     from workers.database.models import OutboxItem
     from workers.letters.mail import Outgoing, TransientDeliveryError
+    from workers.pipeline.intake import accept
     from workers.stages.confirmation import ConfirmationPolicy, notify
-    from workers.stages.intake import accept
 
     with session_scope(app.sessions) as session:
         update_definition(session, SLUG, confirmation=True)

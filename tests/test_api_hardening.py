@@ -30,13 +30,13 @@ from tests.test_stages import get
 from workers.cli import main
 from workers.database.engine import session_scope
 from workers.database.models import LetterEvent, State, Submission, utcnow
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.pipeline.app import App
 from workers.privacy.hashing import ip_hash, limiter_network
 from workers.stages import survey
 from workers.web.api import create_app
+from workers.web.bodies import OUTCOMES
 from workers.web.honeypot import SETTLE, fake_submission_id
-from workers.web.schemas import OUTCOMES
 
 MP = {"name": "Alex Rivers", "constituency": "Millbrook and Eastvale", "email": "a@mp.example"}
 

@@ -141,7 +141,7 @@ def test_the_page_shows_the_outcome_of_every_state(app: App, server: str, browse
 
     from tests.test_api_hardening import stored
     from workers.database.models import State
-    from workers.web.schemas import OUTCOMES
+    from workers.web.bodies import OUTCOMES
 
     page = browser.new_page()
     for state in State:  # a new state without an outcome fails here

@@ -68,7 +68,7 @@ def test_campaign_mode_switch_sends_new_letters_to_the_sandbox(
 def test_an_operators_mode_switch_survives_a_campaign_file_sync(app: App) -> None:
     from workers.database.engine import session_scope
     from workers.database.models import Campaign
-    from workers.letters.campaigns import get_definition, update_definition
+    from workers.letters.definitions import get_definition, update_definition
 
     runner = CliRunner()
     switch = ["campaigns", "mode", "political-prisoners", "sandbox"]

@@ -25,7 +25,7 @@ from workers.cli import main
 from workers.database.engine import session_scope
 from workers.database.models import ConsentEvent, Letter, State, Submission, utcnow
 from workers.database.transitions import AlreadyMoved
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.letters.mail import OutboxMailer
 from workers.pipeline.app import App
 from workers.privacy.hashing import supporter_hash

@@ -17,7 +17,7 @@ from tests.test_providers import ProviderStub, http_mailer
 from tests.test_smtp import mailer as smtp_mailer
 from workers.database.engine import session_scope
 from workers.database.models import Delivery, Submission
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import submission_id_of
 from workers.pipeline.runtime import state_counts, submit

@@ -29,9 +29,9 @@ from workers.database.models import Delivery, Submission
 from workers.letters.mail import OutboxMailer, Outgoing
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups, stage_message, submission_id_of
+from workers.pipeline.intake import accept
 from workers.pipeline.runtime import state_counts
 from workers.stages.delivery import DeliveryPolicy, claim, deliver_group
-from workers.stages.intake import accept
 from workers.stages.stage import Stage
 
 

@@ -42,7 +42,7 @@ from tests.services import dkim_dns, dkim_keys, free_port
 from tests.test_stages import get
 from workers.database.engine import session_scope
 from workers.database.models import InboundMessage, Letter, State
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.letters.mail import DkimSigner
 from workers.letters.rate_limits import RedisLimiter
 from workers.pipeline.app import App, set_app

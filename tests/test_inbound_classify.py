@@ -7,8 +7,8 @@ import base64
 import pytest
 
 from tests import mail_samples as samples
-from workers.inbound.addresses import ReturnAddresses, make_local_part, read_address
-from workers.inbound.classify import MAX_HOPS, classify
+from workers.receiving.addresses import ReturnAddresses, make_local_part, read_address
+from workers.receiving.classify import MAX_HOPS, classify
 
 MID = "<3f1e6c1a-8a54-4d3e-9a55-0c1f2e3d4b5a@campaign.example.org>"
 MP = "jane.smith.mp@parliament.example"

@@ -16,9 +16,9 @@ from sqlalchemy import func, select
 from tests.services import free_port
 from workers.database.engine import make_engine, make_sessionmaker, migrate, session_scope
 from workers.database.models import InboundMessage
-from workers.inbound.addresses import ReturnAddresses
-from workers.inbound.receiver import InboundHandler, server_options
 from workers.privacy.hashing import ip_hash
+from workers.receiving.addresses import ReturnAddresses
+from workers.receiving.receiver import InboundHandler, server_options
 
 pytestmark = pytest.mark.smtp
 

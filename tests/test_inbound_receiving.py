@@ -32,13 +32,18 @@ from tests.test_after_sent import deliver, events, letter_of
 from workers.cli import main
 from workers.database.engine import make_engine, make_sessionmaker, migrate, session_scope
 from workers.database.models import InboundMessage, WebhookToken, utcnow
-from workers.inbound.addresses import ReturnAddresses
-from workers.inbound.receiver import InboundController, InboundHandler, server_options, tls_context
-from workers.inbound.store import forget_tokens, store
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.runtime import state_counts
 from workers.privacy.hashing import ip_hash
+from workers.receiving.addresses import ReturnAddresses
+from workers.receiving.receiver import (
+    InboundController,
+    InboundHandler,
+    server_options,
+    tls_context,
+)
+from workers.receiving.store import forget_tokens, store
 from workers.stages.stage import Stage
 from workers.web.api import create_app
 

@@ -41,8 +41,6 @@ from tests.test_outbox import no_wait, send_item
 from workers.cli import main
 from workers.database.engine import session_scope
 from workers.database.models import AddressHealth, InboundMessage, OutboxItem, Submission, utcnow
-from workers.inbound.classify import acknowledgement, automated, classify, reply_origin
-from workers.inbound.store import store
 from workers.letters.outcomes import report, resend_bounced
 from workers.mp import health
 from workers.outbox import sending as outbox_sending
@@ -50,6 +48,8 @@ from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
 from workers.pipeline.runtime import prepare, state_counts
+from workers.receiving.classify import acknowledgement, automated, classify, reply_origin
+from workers.receiving.store import store
 from workers.stages import inbound, survey
 from workers.stages.stage import Deferred, Stage
 

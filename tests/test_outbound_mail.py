@@ -39,7 +39,7 @@ from tests.test_stages import step, store
 from workers.database.engine import session_scope
 from workers.database.models import OutboxItem, State, Submission
 from workers.letters import notices
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.letters.dns import records, zone_lines
 from workers.letters.mail import (
     DkimSigner,
@@ -51,10 +51,10 @@ from workers.letters.mail import (
 from workers.letters.mail.messages import write
 from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App, set_app
+from workers.pipeline.intake import accept
 from workers.pipeline.runtime import prepare
 from workers.stages.confirmation import ConfirmationPolicy, notify
 from workers.stages.delivery import DeliveryPolicy, deliver
-from workers.stages.intake import accept
 from workers.stages.rendering import render
 from workers.stages.resolution import resolve
 from workers.stages.stage import Deferred
@@ -280,7 +280,7 @@ def test_a_report_to_a_confirmations_address_never_returns_the_letter(signed_app
     the letter (the same submission's), is dropped; the same report to the letter's own return
     address returns it."""
     from workers.database.models import InboundMessage, Letter
-    from workers.inbound.store import store as store_inbound
+    from workers.receiving.store import store as store_inbound
     from workers.stages import inbound
 
     app, mailer = signed_app, Recorder()

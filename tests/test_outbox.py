@@ -30,8 +30,7 @@ from tests.test_after_sent import BOUNCES, REPLIES, SUPPORTER, deliver, letter_o
 from workers.cli import main as cli
 from workers.database.engine import alembic_config, session_scope
 from workers.database.models import InboundMessage, OutboxItem, State, Submission, utcnow
-from workers.inbound.store import store
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.letters.mail import (
     OUT_OF_STEP_WAIT,
     Mailer,
@@ -43,12 +42,13 @@ from workers.outbox import sending as outbox
 from workers.outbox.kinds import KINDS
 from workers.pipeline.actors import WORK, outbox_for, run_stage
 from workers.pipeline.app import App, set_app
+from workers.pipeline.intake import accept
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
 from workers.pipeline.runtime import prepare
 from workers.privacy.rights import erase_supporter
+from workers.receiving.store import store
 from workers.stages import inbound
 from workers.stages.confirmation import ConfirmationPolicy, notify
-from workers.stages.intake import accept
 from workers.stages.stage import Deferred, Stage
 
 

@@ -33,7 +33,7 @@ from workers.pipeline.states import (
     policy,
 )
 from workers.stages.stage import Stage
-from workers.web import schemas
+from workers.web import bodies
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,7 +123,7 @@ def test_final_states_and_outcomes_are_the_tables() -> None:
     assert {state for state, row in STATES.items() if row.final} == FINAL_STATES
     assert all(state.is_final == (state in FINAL_STATES) for state in State)
     for state in State:  # the status API and the page (which shows the API's), and the CLI
-        assert schemas.OUTCOMES[state] == OUTCOMES[state] == STATES[state].outcome
+        assert bodies.OUTCOMES[state] == OUTCOMES[state] == STATES[state].outcome
         assert OUTCOMES[state].strip()
 
 

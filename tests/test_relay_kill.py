@@ -18,7 +18,7 @@ from tests.services import SmtpSink, free_port, wait_for
 from tests.test_e2e_redis import Stack
 from workers.database.engine import session_scope
 from workers.database.models import InboundMessage, Letter, OutboxItem
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.pipeline.app import App
 from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.runtime import prepare, state_counts, submit

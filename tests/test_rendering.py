@@ -15,7 +15,7 @@ from schemas.campaign import CampaignDefinition
 from tests.factories import submission
 from tests.services import dkim_keys
 from workers.database.models import Letter
-from workers.letters.campaigns import load_definitions
+from workers.letters.definitions import load_definitions
 from workers.letters.mail import DkimSigner, outgoing
 from workers.letters.mail.messages import build_message
 from workers.stages.rendering import Recipient, choose_subject, compose

@@ -30,13 +30,13 @@ from workers.database.models import (
     utcnow,
 )
 from workers.database.transitions import run_group
-from workers.letters.campaigns import update_definition
+from workers.letters.definitions import update_definition
 from workers.mp.directory import import_directory, set_dissolved
 from workers.mp.lookup import DirectoryMissing, lookup_local, lookup_local_many
 from workers.pipeline.app import App, set_app
+from workers.pipeline.intake import accept
 from workers.pipeline.reconciler import find_stalled
 from workers.pipeline.runtime import prepare
-from workers.stages.intake import accept
 from workers.stages.resolution import plan as resolution_plan
 from workers.stages.resolution import resolve
 from workers.stages.stage import Stage

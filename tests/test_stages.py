@@ -25,10 +25,10 @@ from workers.database.models import (
 from workers.database.transitions import run_group
 from workers.letters.mail import OutboxMailer, Outgoing
 from workers.pipeline.app import App
+from workers.pipeline.intake import accept
 from workers.pipeline.reconciler import find_stalled
 from workers.stages.consent import log_consent
 from workers.stages.delivery import DeliveryPolicy, deliver
-from workers.stages.intake import accept
 from workers.stages.rendering import plan as rendering_plan
 from workers.stages.rendering import render
 from workers.stages.resolution import resolve

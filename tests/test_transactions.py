@@ -15,7 +15,7 @@ from workers.database.engine import make_engine, make_sessionmaker, session_scop
 from workers.database.models import State, Submission
 from workers.database.transitions import AlreadyMoved, Apply, current, run_group
 from workers.pipeline.app import App
-from workers.stages.intake import accept
+from workers.pipeline.intake import accept
 from workers.stages.validation import plan
 
 DONE = Table("done", MetaData(), Column("item", Text, primary_key=True))

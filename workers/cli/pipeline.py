@@ -654,7 +654,7 @@ def campaigns() -> None:
 def campaigns_sync() -> None:
     """Load campaign files into the database."""
     from workers.database.engine import session_scope
-    from workers.letters.campaigns import load_definitions, sync_campaigns
+    from workers.letters.definitions import load_definitions, sync_campaigns
 
     app = _app()
     with session_scope(app.sessions) as session:

@@ -264,7 +264,7 @@ def replies_drop(inbound_id: str) -> None:
 @click.option("--mx", default=None, help="The host name of the MX (default: DEARMP_PUBLIC_URL's).")
 def dns(campaign: str | None, mx: str | None) -> None:
     """The DNS records to publish: SPF, DKIM, DMARC, and MX for the bounce and reply domains."""
-    from workers.letters.campaigns import load_definitions
+    from workers.letters.definitions import load_definitions
     from workers.letters.dns import records, zone_lines
 
     app = app_for_cli()

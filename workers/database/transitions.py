@@ -96,7 +96,7 @@ def current(session: Session, submission_id: str, read: Select[Any] | None = Non
     """The submission's row read by ``read`` (:func:`submission_read`; by default its id, state
     and campaign), None if there is no such one. It has the campaign's ``definition_sha256``
     and ``mode`` (None if the campaign is gone), so that
-    :func:`workers.letters.campaigns.get_definition` needs no statement of its own."""
+    :func:`workers.letters.definitions.get_definition` needs no statement of its own."""
     return read_one(session, SUBMISSION if read is None else read, submission_id)
 
 

@@ -9,9 +9,9 @@ resend after a crash is a duplicate a mailbox can tell by its Message-ID.
 
 A reply is hostile input: its subject is decoded, then made one clean line
 (:func:`workers.letters.mail.header_text`) before it goes in a header; its text is read as the
-classifier reads it (:func:`workers.inbound.classify.part_text`: any charset, known or not; HTML
+classifier reads it (:func:`workers.receiving.classify.part_text`: any charset, known or not; HTML
 as text, by a real HTML parser), and its sender as the relay policy reads it
-(:func:`workers.inbound.classify.reply_sender`).
+(:func:`workers.receiving.classify.reply_sender`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ import email.policy
 from dataclasses import dataclass
 from datetime import datetime
 
-from workers.inbound.classify import (
-    NOTICE_HEADER,
-    from_office,
-    parse,
-    part_text,
-    raw_values,
-    reply_sender,
-)
 from workers.letters.mail import (
     AUTOMATIC,
     DkimSigner,
@@ -36,6 +28,14 @@ from workers.letters.mail import (
     from_domain,
     header_text,
     outgoing_email,
+)
+from workers.receiving.classify import (
+    NOTICE_HEADER,
+    from_office,
+    parse,
+    part_text,
+    raw_values,
+    reply_sender,
 )
 
 # The most of a reply's text a forward carries, and of each of its parts that is read for it.
@@ -159,7 +159,7 @@ def forward(
     that address alone, so that the supporter's answer goes to whoever wrote. The subject says
     it replies to the letter, not who wrote it; the From name says "Office of" the MP only when
     the sender is where the MP's office writes from
-    (:func:`workers.inbound.classify.from_office`), and holds no address (a name holding an
+    (:func:`workers.receiving.classify.from_office`), and holds no address (a name holding an
     address other than the From's is what spam filters look for)."""
     reply = reply_text(raw)
     who = reply.replier or "a sender whose address could not be read"

@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session
 
 from schemas.submission import stored_email
 from workers.database.models import InboundMessage, Letter, LetterEvent, OutboxItem, Submission
-from workers.inbound.addresses import ReturnAddresses
 from workers.letters import notices
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner, Outgoing
 from workers.outbox.sending import Kind
+from workers.receiving.addresses import ReturnAddresses
 from workers.stages import confirmation, survey
 
 

@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings, get_settings
 from workers.database.engine import make_engine, make_sessionmaker
-from workers.inbound.addresses import ReturnAddresses
 from workers.letters.mail import DkimSigner, Mailer, make_mailer, make_signer
 from workers.letters.rate_limits import Limiter, MemoryLimiter, RedisLimiter
 from workers.mp.live_sources import LiveSources
 from workers.pipeline.dead_letters import mail_pause_alarm
+from workers.receiving.addresses import ReturnAddresses
 from workers.stages.delivery import DeliveryPolicy
 
 

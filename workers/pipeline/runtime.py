@@ -16,21 +16,21 @@ from sqlalchemy import func, select
 from config.settings import CONFIG_DIR
 from workers.database.engine import migrate, session_scope
 from workers.database.models import State, Submission
-from workers.inbound.receiver import (
+from workers.letters.definitions import load_definitions, sync_campaigns
+from workers.mp.directory import current_version_id, import_directory
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import dispatch, dispatch_groups
+from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.intake import accept
+from workers.pipeline.reconciler import run_forever
+from workers.privacy.hashing import ip_hash
+from workers.receiving.receiver import (
     InboundController,
     InboundHandler,
     server_options,
     tls_context,
 )
-from workers.letters.campaigns import load_definitions, sync_campaigns
-from workers.mp.directory import current_version_id, import_directory
-from workers.pipeline.app import App
-from workers.pipeline.dispatch import dispatch, dispatch_groups
-from workers.pipeline.embedded_redis import EmbeddedRedis
-from workers.pipeline.reconciler import run_forever
-from workers.privacy.hashing import ip_hash
 from workers.stages.confirmation import ConfirmationPolicy
-from workers.stages.intake import accept
 from workers.stages.stage import Stage
 
 SAMPLE_DIR = CONFIG_DIR / "sample"

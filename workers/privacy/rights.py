@@ -38,7 +38,7 @@ from workers.database.models import (
     utcnow,
 )
 from workers.database.transitions import AlreadyMoved, advance
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.outbox.kinds import file_stem
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, current_preferences, hold

@@ -22,9 +22,7 @@ from config.settings import Settings
 from schemas.submission import stored_email
 from workers.database.models import OutboxStatus, State, Submission, utcnow
 from workers.database.transitions import advance
-from workers.inbound.addresses import ReturnAddresses
-from workers.inbound.classify import NOTICE_HEADER
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.letters.mail import (
     AUTOMATIC,
     DkimSigner,
@@ -36,6 +34,8 @@ from workers.letters.mail import (
     wire_address,
 )
 from workers.outbox import sending as outbox
+from workers.receiving.addresses import ReturnAddresses
+from workers.receiving.classify import NOTICE_HEADER
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from workers.database.transitions import (
     rowcount,
     submission_read,
 )
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.pipeline.states import reached_only_through
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, hold

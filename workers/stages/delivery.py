@@ -47,8 +47,7 @@ from workers.database.transitions import (
     rowcount,
     run_group,
 )
-from workers.inbound.addresses import ReturnAddresses
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.letters.mail import (
     OUT_OF_STEP_WAIT,
     DkimSigner,
@@ -60,6 +59,7 @@ from workers.letters.mail import (
 )
 from workers.letters.rate_limits import Limit, Limiter, seconds_until_open
 from workers.logging import bound
+from workers.receiving.addresses import ReturnAddresses
 from workers.stages.stage import Deferred, Stage
 
 T = TypeVar("T")

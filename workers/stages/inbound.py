@@ -11,7 +11,7 @@ second run finds it done and does nothing):
 - a reply is recorded on the letter and, for a relayed letter, queued to be forwarded to the
   supporter (at most ``forwards_per_letter``, once per ``Message-ID``), its text kept only until
   it is forwarded. A reply that does not plausibly come from the MP's office
-  (:func:`workers.inbound.classify.reply_origin`) is held for an operator instead, its text
+  (:func:`workers.receiving.classify.reply_origin`) is held for an operator instead, its text
   kept until it is released or dropped;
 - what reads like an office's acknowledgement without automatic-reply headers is forwarded (or
   held) like a reply, since a form reply can read the same, but is recorded as an automatic
@@ -57,14 +57,14 @@ from workers.database.models import (
     utcnow,
 )
 from workers.database.transitions import AlreadyMoved, At, advance, rowcount
-from workers.inbound.addresses import ReturnAddresses
-from workers.inbound.classify import Classification, classify, parse, reply_origin
-from workers.inbound.mailgun import event_classification
 from workers.letters.mail import header_text
 from workers.letters.notices import reply_text
 from workers.mp import health
 from workers.outbox import sending as outbox
 from workers.pipeline.failures import count_failure
+from workers.receiving.addresses import ReturnAddresses
+from workers.receiving.classify import Classification, classify, parse, reply_origin
+from workers.receiving.mailgun import event_classification
 
 log = structlog.get_logger(__name__)
 

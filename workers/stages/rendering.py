@@ -38,9 +38,9 @@ from workers.database.transitions import (
     read_one,
     submission_read,
 )
-from workers.inbound.addresses import ReturnAddresses
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner
+from workers.receiving.addresses import ReturnAddresses
 from workers.stages.stage import Stage
 
 

@@ -44,7 +44,7 @@ from workers.database.transitions import (
     move,
     rowcount,
 )
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.mp.live_sources import LiveSources
 from workers.mp.lookup import (
     LOOKUP_MANY,

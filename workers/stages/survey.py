@@ -34,7 +34,7 @@ from workers.database.models import (
     table,
     utcnow,
 )
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.outbox import sending as outbox
 
 LETTER_EVENTS = table(LetterEvent)

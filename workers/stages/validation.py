@@ -8,7 +8,7 @@ from schemas.campaign import CampaignDefinition
 from schemas.submission import SubmissionV1, parse_submission
 from workers.database.models import State
 from workers.database.transitions import WITH_PAYLOAD, Apply, current, done, move
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.stages.stage import Stage
 
 

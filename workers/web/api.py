@@ -3,7 +3,7 @@
 Every answer a page can show next to a field comes as ``{"errors": {"<field path>": "<message>"}}``
 with status 422. A ``202`` means the submission is committed to the database; the stage message
 is sent after the commit, and the reconciler resends it if that send fails. The endpoints are
-in routers by subject (campaigns, submissions, confirmation, pages); what they share comes as
+in routers by subject (preview, submissions, confirmation, pages); what they share comes as
 dependencies (:mod:`workers.web.dependencies`).
 """
 
@@ -27,10 +27,10 @@ from starlette.routing import Match
 
 from schemas.submission import error_message
 from workers.pipeline.app import Apps
-from workers.web import campaigns, confirmation, pages, replies, submissions
+from workers.web import confirmation, pages, preview, replies, submissions
+from workers.web.bodies import problem
 from workers.web.dependencies import Intake
-from workers.web.middleware import BodyLimit, Cors, SecurityHeadersAndAccessLog
-from workers.web.schemas import problem
+from workers.web.guards import BodyLimit, Cors, SecurityHeadersAndAccessLog
 
 log = structlog.get_logger(__name__)
 # Request threads (sync endpoints); the database pool matches it.
@@ -67,7 +67,7 @@ def create_app(app_getter: Apps, broker: dramatiq.Broker) -> FastAPI:
         dependencies=[Depends(utf8_json)],
     )
     api.state.intake = intake
-    routers = (campaigns, submissions, confirmation, replies, pages)
+    routers = (preview, submissions, confirmation, replies, pages)
     for router in (module.router for module in routers):
         api.include_router(router)
     _handle_errors(api)

@@ -21,7 +21,7 @@ from workers.database.engine import session_scope
 from workers.database.models import State
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups, group_by_stage
-from workers.stages.intake import Accepted, accept_many
+from workers.pipeline.intake import Accepted, accept_many
 from workers.stages.stage import Stage
 
 log = structlog.get_logger(__name__)

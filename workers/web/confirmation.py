@@ -11,8 +11,8 @@ from workers.database.engine import session_scope
 from workers.pipeline.dispatch import dispatch
 from workers.stages.confirmation import check_token, confirm
 from workers.stages.stage import Stage
+from workers.web.bodies import CONFIRM_RESPONSES
 from workers.web.dependencies import AppDep, IntakeDep
-from workers.web.schemas import CONFIRM_RESPONSES
 
 router = APIRouter()
 

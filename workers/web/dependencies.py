@@ -16,7 +16,7 @@ from sqlalchemy import select
 from schemas.campaign import CampaignDefinition
 from workers.database.engine import session_scope
 from workers.database.models import Campaign
-from workers.letters.campaigns import get_definition
+from workers.letters.definitions import get_definition
 from workers.mp.directory import example_postcode
 from workers.pipeline.app import App
 from workers.web.batcher import IntakeBatcher

@@ -14,14 +14,14 @@ from sqlalchemy import select
 
 from workers.database.engine import session_scope
 from workers.database.models import Letter
-from workers.inbound import mailgun
-from workers.inbound.store import Replayed, forget_tokens, store
 from workers.pipeline.dispatch import dispatch_groups
+from workers.receiving import mailgun
+from workers.receiving.store import Replayed, forget_tokens, store
 from workers.stages import survey
 from workers.stages.stage import Stage
+from workers.web.bodies import CONFIRM_RESPONSES, Errors, problem
 from workers.web.confirmation import link_page
 from workers.web.dependencies import AppDep, IntakeDep
-from workers.web.schemas import CONFIRM_RESPONSES, Errors, problem
 
 log = structlog.get_logger(__name__)
 router = APIRouter()

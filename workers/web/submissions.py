@@ -17,10 +17,7 @@ from workers.database.models import State, Submission, utcnow
 from workers.pipeline.app import App
 from workers.privacy.hashing import ip_hash, limiter_email, limiter_network, supporter_hash
 from workers.stages.validation import campaign_errors
-from workers.web.clients import authenticated, client_ip, over_limit, user_agent
-from workers.web.dependencies import MISSING, AppDep, Intake, IntakeDep
-from workers.web.honeypot import Fake, fake_state, fake_submission_id, read_fake
-from workers.web.schemas import (
+from workers.web.bodies import (
     ERROR_RESPONSES,
     HONEYPOT,
     KEY_HEADER,
@@ -33,6 +30,9 @@ from workers.web.schemas import (
     problem,
     retry_after,
 )
+from workers.web.clients import authenticated, client_ip, over_limit, user_agent
+from workers.web.dependencies import MISSING, AppDep, Intake, IntakeDep
+from workers.web.honeypot import Fake, fake_state, fake_submission_id, read_fake
 
 log = structlog.get_logger(__name__)
 router = APIRouter()

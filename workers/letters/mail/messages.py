@@ -61,7 +61,7 @@ def _one_line(value: str) -> str:
 
     Not a cleaner: the writer's last guard for every value it sets. Outside text is made fit
     for a header before it gets here (:func:`header_text`); what is stored or logged about an
-    inbound message is :func:`workers.inbound.classify.clean`. A letter's own values go
+    inbound message is :func:`workers.receiving.classify.clean`. A letter's own values go
     through this guard alone, so that a letter's bytes never change with the cleaner."""
     if "\r" in value or "\n" in value:
         raise ValueError("Header values may not contain linefeed or carriage return characters")
@@ -129,7 +129,7 @@ def header_text(text: str, limit: int) -> str:
 
     The one cleaner for outside text in headers (notices and forwards); the writer refuses
     what is still unfit (:func:`_one_line`), and a diagnostic kept about an inbound message is
-    :func:`workers.inbound.classify.clean` (addresses taken out, never a header)."""
+    :func:`workers.receiving.classify.clean` (addresses taken out, never a header)."""
     kept = "".join(
         " " if c.isspace() else c
         for c in text

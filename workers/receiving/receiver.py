@@ -33,8 +33,8 @@ from aiosmtpd.smtp import SMTP, Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 from sqlalchemy.orm import Session, sessionmaker
 
-from workers.inbound.addresses import ReturnAddresses
-from workers.inbound.store import recipient_key, store
+from workers.receiving.addresses import ReturnAddresses
+from workers.receiving.store import recipient_key, store
 
 log = structlog.get_logger(__name__)
 

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import InboundMessage, InboundStatus, WebhookToken, new_id, utcnow
-from workers.inbound.addresses import token_key
+from workers.receiving.addresses import token_key
 
 FOR_THE_OPERATOR = "to the postmaster: kept for the operator, never acted on as a letter's"
 # Of mail to the postmaster, which anyone may send, this much is kept: enough to read, not a way
@@ -29,7 +29,7 @@ def recipient_key(address: str) -> str:
 
 def stored_key(address: str) -> str:
     """What makes two recipients one stored copy: one of our addresses is its decoded token
-    (purpose, object id and MAC: :func:`~workers.inbound.addresses.token_key`), at whichever of
+    (purpose, object id and MAC: :func:`~workers.receiving.addresses.token_key`), at whichever of
     our domains, with or without a trailing dot, in any case: ``r-X@reply``, ``R-X@reply.``
     and ``r-X@bounce`` are one. Anything else is its :func:`recipient_key`. (The receiver
     takes only tokens it verified at one of our domains.)"""

@@ -13,9 +13,7 @@ from workers.mp.lookup import Found, find
 from workers.privacy.hashing import ip_hash, limiter_network
 from workers.stages.rendering import campaign_template, choose_subject
 from workers.stages.resolution import MEMBER_FIELD, POSTCODE_FIELD, Refuse, decide
-from workers.web.clients import client_ip, over_limit
-from workers.web.dependencies import AppDep, IntakeDep
-from workers.web.schemas import (
+from workers.web.bodies import (
     ERROR_RESPONSES,
     HONEYPOT,
     CampaignOut,
@@ -27,6 +25,8 @@ from workers.web.schemas import (
     problem,
     retry_after,
 )
+from workers.web.clients import client_ip, over_limit
+from workers.web.dependencies import AppDep, IntakeDep
 
 router = APIRouter()
 

@@ -24,7 +24,7 @@ import re
 import time
 from typing import Any
 
-from workers.inbound.classify import Classification, clean
+from workers.receiving.classify import Classification, clean
 
 MAX_AGE = 300.0
 # Mailgun's event names: "failed", "delivered", "opened", "unsubscribed"...
