@@ -36,7 +36,7 @@ from sqlalchemy import text
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import bench_app, databases, machine, worker_env  # noqa: E402
+from bench.common import bench_app, database_name, databases, machine, worker_env  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import SmtpSink, free_port  # noqa: E402
 from workers.database.engine import session_scope  # noqa: E402
@@ -240,6 +240,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL cluster")
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="PostgreSQL with fsync and synchronous commits on, as production runs",
+    )
     parser.add_argument("-n", type=int, default=3000, help="submissions fed")
     parser.add_argument("--rate", type=float, default=50.0, help="submissions fed per second")
     parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between SIGKILLs")
@@ -251,11 +256,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dearmp-chaos-") as tmpdir:
         tmp = Path(tmpdir)
-        with databases(tmp, args.postgres) as url:
+        with databases(tmp, args.postgres, args.durable) as url:
             r = run(args, tmp, url("chaos"))
     print(machine())
     print(
-        f"database: {'PostgreSQL' if args.postgres else 'SQLite'}; workers: {args.processes} "
+        f"database: {database_name(args.postgres, args.durable)}; workers: {args.processes} "
         f"processes x {args.threads} threads; {r['submissions']} submissions at {args.rate:g}/s; "
         f"a SIGKILL every {args.kill_every:g} s; Redis restarted empty {args.redis_restarts} "
         f"times; {args.share_451:.0%} of SMTP transactions answered 451"

@@ -24,10 +24,18 @@ def machine() -> str:
     )
 
 
+def database_name(postgres: bool, durable: bool) -> str:
+    """The database a run used, as its report names it."""
+    if not postgres:
+        return "SQLite"
+    return "PostgreSQL (durable)" if durable else "PostgreSQL"
+
+
 @contextlib.contextmanager
-def databases(tmp: Path, postgres: bool) -> Iterator[Callable[[str], str]]:
-    """A database URL for each name: a SQLite file each, or one throwaway PostgreSQL cluster's."""
-    cluster = PostgresCluster(tmp / "pg").start() if postgres else None
+def databases(tmp: Path, postgres: bool, durable: bool = False) -> Iterator[Callable[[str], str]]:
+    """A database URL for each name: a SQLite file each, or one throwaway PostgreSQL cluster's
+    (``durable``: with fsync and synchronous commits, as production runs)."""
+    cluster = PostgresCluster(tmp / "pg", durable=durable).start() if postgres else None
     try:
         yield lambda name: cluster.url() if cluster else f"sqlite:///{tmp / f'{name}.sqlite3'}"
     finally:

@@ -111,6 +111,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--postgres", action="store_true")
     parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="PostgreSQL with fsync and synchronous commits on, as production runs",
+    )
+    parser.add_argument(
         "--rate-limits",
         action="store_true",
         help="keep the per-network and per-email limits on (set high enough that none refuses)",
@@ -125,7 +130,7 @@ def main() -> None:
     try:
         url = f"sqlite:///{work / 'bench.sqlite3'}"
         if args.postgres:
-            cluster = PostgresCluster(work / "pg").start()
+            cluster = PostgresCluster(work / "pg", durable=args.durable).start()
             url = cluster.url()
         env = {
             **os.environ,
@@ -161,7 +166,11 @@ def main() -> None:
         with session_scope(make_sessionmaker(engine)) as session:
             stored = session.scalar(select(func.count()).select_from(Submission))
         engine.dispose()
-        database = "PostgreSQL 15" if args.postgres else "SQLite"
+        database = (
+            ("PostgreSQL 15 (durable)" if args.durable else "PostgreSQL 15")
+            if args.postgres
+            else "SQLite"
+        )
         load = f"wrk -c{args.connections}, {args.duration} s"
         load += ", rate limits on" if args.rate_limits else ", rate limits off"
         print(f"{database}, {args.workers} uvicorn workers, {load}")

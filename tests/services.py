@@ -54,10 +54,13 @@ def pg_bin(name: str) -> str | None:
 class PostgresCluster:
     """initdb + pg_ctl into a temp dir, on a loopback port; as 'nobody' when we are root."""
 
-    def __init__(self, base: Path, count_statements: bool = False) -> None:
-        """``count_statements``: load pg_stat_statements (the benchmarks count statements)."""
+    def __init__(self, base: Path, count_statements: bool = False, durable: bool = False) -> None:
+        """``count_statements``: load pg_stat_statements (the benchmarks count statements).
+        ``durable``: fsync, synchronous commits and full page writes on, as production runs
+        (off by default: a throwaway cluster for tests need not survive a power cut)."""
         self.base = base
         self.count_statements = count_statements
+        self.durable = durable
         self.datadir = base / "pgdata"
         self.port = free_port()
         self.as_root = os.geteuid() == 0
@@ -84,9 +87,10 @@ class PostgresCluster:
                 parent.chmod(parent.stat().st_mode | 0o011)
         self._run(initdb, "-D", str(self.datadir), "-U", "postgres", "-A", "trust", "-E", "UTF8")
         options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} -c max_connections=200"
         )
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         if self.count_statements:
             options += " -c shared_preload_libraries=pg_stat_statements"
         self._run(
