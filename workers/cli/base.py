@@ -1,11 +1,14 @@
-"""What every ``dearmp`` command shares: the top-level group, and the application it runs on."""
+"""What every ``dearmp`` command shares: the top-level group, and what commands are given."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import click
+import dramatiq
 
 from config.settings import get_settings
 from workers.logging import configure_logging
@@ -13,10 +16,7 @@ from workers.pipeline.app import App, get_app
 
 
 def app_for_cli(log_file: Path | None = None) -> App:
-    """The command line's composition root: the process's App, built once (settings, engine,
-    mailer, limiter, signer, return addresses), with logging set up (to ``log_file``, if given).
-    A command that sends stage messages gets its broker from
-    :func:`workers.pipeline.actors.get_broker`, set up on first use with this same App."""
+    """The process's App, with logging set up (to ``log_file``, if given)."""
     settings = get_settings()
     if log_file is not None:
         # The embedded data folder holds personal data: this user's only.
@@ -26,6 +26,28 @@ def app_for_cli(log_file: Path | None = None) -> App:
     else:
         configure_logging(settings.log_level)
     return get_app()
+
+
+@dataclass
+class Cli:
+    """The command line's composition root, given to each command as click's context object:
+    the App and the broker, each built once, on first use (set ``log_file`` before)."""
+
+    log_file: Path | None = None
+
+    @cached_property
+    def app(self) -> App:
+        return app_for_cli(self.log_file)
+
+    @cached_property
+    def broker(self) -> dramatiq.Broker:
+        """The broker that stage messages go on, with the actors declared on it."""
+        from workers.pipeline.actors import get_broker
+
+        return get_broker()
+
+
+pass_cli = click.make_pass_decorator(Cli, ensure=True)
 
 
 class Commands(click.Group):
@@ -58,5 +80,7 @@ class Commands(click.Group):
 
 
 @click.group(cls=Commands)
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """DearMP: every supporter's letter reaches their MP, once."""
+    ctx.ensure_object(Cli)

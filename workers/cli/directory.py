@@ -18,13 +18,8 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy import func, select
 
-from workers.cli.base import app_for_cli
+from workers.cli.base import Cli, pass_cli
 from workers.mp import health
-from workers.pipeline.app import App
-
-
-def _app() -> App:
-    return app_for_cli()
 
 
 @click.group()
@@ -47,14 +42,17 @@ def directory() -> None:
     "several files. Left out: the current postcodes are kept.",
 )
 @click.option("--source", default=None, help="A note on where the data came from.")
-def directory_import(members: Path | None, postcodes: tuple[Path, ...], source: str | None) -> None:
+@pass_cli
+def directory_import(
+    cli: Cli, members: Path | None, postcodes: tuple[Path, ...], source: str | None
+) -> None:
     """Import a new directory version and switch to it atomically (all or nothing)."""
     from workers.database.engine import session_scope
     from workers.mp.directory import DirectoryError, import_directory
 
     if members is None and not postcodes:
         raise click.UsageError("give --members, --postcodes, or both")
-    app = _app()
+    app = cli.app
     total = sum(p.stat().st_size for p in postcodes)
     label = source or ", ".join(p.name for p in [*([members] if members else []), *postcodes])
     columns = (
@@ -85,13 +83,14 @@ def directory_import(members: Path | None, postcodes: tuple[Path, ...], source: 
 
 
 @directory.command("sync")
-def directory_sync() -> None:
+@pass_cli
+def directory_sync(cli: Cli) -> None:
     """Refresh MPs and their emails from the UK Parliament Members API (MEMBERS_API_URL)."""
     from workers.database.engine import session_scope
     from workers.mp.directory import DirectoryError, sync_members
     from workers.mp.live_sources import LiveSources, SourceUnavailable
 
-    app = _app()
+    app = cli.app
     members = LiveSources.from_settings(app.settings).members
     try:
         with session_scope(app.sessions) as session:
@@ -111,24 +110,26 @@ def directory_sync() -> None:
 
 @directory.command("dissolve")
 @click.option("--off", is_flag=True, help="Parliament meets again (usually: import the new MPs).")
-def directory_dissolve(off: bool) -> None:
+@pass_cli
+def directory_dissolve(cli: Cli, off: bool) -> None:
     """Mark Parliament dissolved: no seat has an MP; campaigns hold or refuse letters."""
     from workers.database.engine import session_scope
     from workers.mp.directory import set_dissolved
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         version_id = set_dissolved(session, not off, source="dissolved" if not off else "sitting")
     click.echo(f"version {version_id} is current: Parliament {'sits' if off else 'dissolved'}")
 
 
 @directory.command("status")
-def directory_status() -> None:
+@pass_cli
+def directory_status(cli: Cli) -> None:
     """The directory versions, which is current, and what each holds."""
     from workers.database.engine import session_scope
     from workers.database.models import Constituency, DirectoryVersion, Member, Submission
 
-    app = _app()
+    app = cli.app
     table = Table("version", "current", "created", "source", "seats", "MPs", "postcodes of", "held")
     with session_scope(app.sessions) as session:
         held = session.scalar(
@@ -171,15 +172,15 @@ def directory_status() -> None:
 @directory.command("address")
 @click.argument("email")
 @click.option("--ok", is_flag=True, required=True, help="The address works again.")
-def directory_address(email: str, ok: bool) -> None:
+@pass_cli
+def directory_address(cli: Cli, email: str, ok: bool) -> None:
     """Mark a failing MP address as working: the letters held for it are resolved again now."""
     from workers.database.engine import session_scope
     from workers.database.models import AddressHealth
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.dispatch import dispatch_groups
     from workers.stages.stage import Stage
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         row = session.get(AddressHealth, health.key(email))
         member_id = row.member_id if row is not None else None
@@ -187,18 +188,19 @@ def directory_address(email: str, ok: bool) -> None:
             raise click.ClickException(f"{email} is not marked failing")
         held = health.held_for(session, member_id) if member_id is not None else []
     if held:
-        dispatch_groups(get_broker(), {Stage.RESOLVE: held})
+        dispatch_groups(cli.broker, {Stage.RESOLVE: held})
     click.echo(f"{email} marked ok; {len(held)} held letters sent to resolution again")
 
 
 @directory.command("prune")
 @click.option("--keep", default=2, show_default=True, help="Versions to keep (newest first).")
-def directory_prune(keep: int) -> None:
+@pass_cli
+def directory_prune(cli: Cli, keep: int) -> None:
     """Delete old directory versions (and postcode sets nothing uses any more)."""
     from workers.database.engine import session_scope
     from workers.mp.directory import prune
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         gone = prune(session, keep=max(1, keep))
     click.echo(f"deleted versions: {', '.join(map(str, gone)) or 'none'}")

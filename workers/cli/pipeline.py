@@ -15,27 +15,28 @@ from rich.console import Console
 from rich.table import Table
 
 from config.settings import get_settings
-from workers.cli.base import app_for_cli as _app
-from workers.cli.base import main
+from workers.cli.base import Cli, main, pass_cli
 from workers.pipeline.app import App
 
 
 @main.command()
-def init() -> None:
+@pass_cli
+def init(cli: Cli) -> None:
     """Migrate the database, load campaigns, import the sample directory if there is none."""
     from workers.pipeline.runtime import prepare
 
-    app = _app()
+    app = cli.app
     prepare(app)
     click.echo(f"ready: {app.settings.resolved_database_url}")
 
 
 @main.command()
-def migrate() -> None:
+@pass_cli
+def migrate(cli: Cli) -> None:
     """Apply Alembic migrations to DATABASE_URL (or the embedded SQLite file)."""
     from workers.database.engine import migrate as run_migrations
 
-    run_migrations(_app().settings.resolved_database_url)
+    run_migrations(cli.app.settings.resolved_database_url)
 
 
 @main.command()
@@ -69,14 +70,14 @@ def worker(processes: int, threads: int) -> None:
 
 @main.command()
 @click.option("--once", is_flag=True, help="One pass, then exit (for cron).")
-def reconcile(once: bool) -> None:
+@pass_cli
+def reconcile(cli: Cli, once: bool) -> None:
     """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds)."""
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.reconciler import reconcile_once, run_forever
     from workers.stages.confirmation import ConfirmationPolicy
 
-    app = _app()
-    broker = get_broker()
+    app = cli.app
+    broker = cli.broker
     older = timedelta(seconds=app.settings.reconcile_after)
     held = timedelta(seconds=app.settings.held_recheck)
     confirming = ConfirmationPolicy.from_settings(app.settings)
@@ -107,16 +108,14 @@ def reconcile(once: bool) -> None:
 
 @main.command()
 @click.argument("file", type=click.File("rb"))
-def submit(file: Any) -> None:
+@pass_cli
+def submit(cli: Cli, file: Any) -> None:
     """Submit a JSON file: one submission object, or a list of them. Prints the ids."""
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.runtime import submit as submit_one
 
-    app = _app()
-    broker = get_broker()
     data = json.load(file)
     for item in data if isinstance(data, list) else [data]:
-        submission_id, created = submit_one(app, broker, item)
+        submission_id, created = submit_one(cli.app, cli.broker, item)
         click.echo(f"{submission_id} {'accepted' if created else 'duplicate'}")
 
 
@@ -129,7 +128,8 @@ def submission() -> None:
 @click.argument("submission_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--reveal", is_flag=True, help="The letter unmasked (the reveal is logged).")
-def show(submission_id: str, as_json: bool, reveal: bool = False) -> None:
+@pass_cli
+def show(cli: Cli, submission_id: str, as_json: bool, reveal: bool = False) -> None:
     """A submission's state history, without personal data."""
     import structlog
 
@@ -138,7 +138,7 @@ def show(submission_id: str, as_json: bool, reveal: bool = False) -> None:
     from workers.pipeline.states import OUTCOMES, State
     from workers.privacy.hashing import mask_supporter
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         sub = session.get(Submission, submission_id)
         if sub is None:
@@ -211,17 +211,16 @@ main.add_command(show, name="show")  # the short form of `dearmp submission show
 
 @main.command()
 @click.option("--threads", type=int, default=None, help="Worker threads (DEARMP_WORKER_THREADS).")
-def run(threads: int | None) -> None:
+@pass_cli
+def run(cli: Cli, threads: int | None) -> None:
     """Run everything in one process (embedded Redis unless REDIS_URL): Ctrl-C stops it."""
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.runtime import prepare, running_pipeline
 
-    app = _app()
-    broker = get_broker()
+    app = cli.app
     prepare(app)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with running_pipeline(app, broker, threads or app.settings.worker_threads):
+    with running_pipeline(app, cli.broker, threads or app.settings.worker_threads):
         click.echo("pipeline running; Ctrl-C to stop")
         try:
             while not stop.wait(1):
@@ -233,17 +232,16 @@ def run(threads: int | None) -> None:
 @main.command()
 @click.option("--count", default=40, show_default=True, help="How many submissions to feed.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for all.")
-def demo(count: int, timeout: float) -> None:
+@pass_cli
+def demo(cli: Cli, count: int, timeout: float) -> None:
     """The main job: start the pipeline, feed a sample batch, wait for final states, summarise."""
     from workers.cli.demo import print_summary, run_demo
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.runtime import prepare, running_pipeline
-
-    broker = get_broker()
 
     settings = get_settings()
     log_file = settings.data_dir / "logs" / "dearmp.jsonl"
-    app = _app(log_file)
+    cli.log_file = log_file
+    app, broker = cli.app, cli.broker
     console = Console()
     console.print(
         f"[bold]DearMP demo[/bold]: data in {settings.data_dir.resolve()}, logs in {log_file}"
@@ -273,8 +271,10 @@ def _redis(app: App) -> tuple[Any, Any, str]:
 
 def redis_unreachable(app: App, exc: Exception) -> str:
     """One line for an operator: what could not be reached, where, and what to start."""
+    from sqlalchemy.engine import make_url
+
     settings = app.settings
-    where = _without_password(settings.resolved_redis_url)
+    where = make_url(settings.resolved_redis_url).render_as_string(hide_password=True)
     start = (
         "start it with `dearmp run` (or `python3 dev.py demo`), which runs the embedded Redis"
         if settings.redis_url is None
@@ -283,26 +283,16 @@ def redis_unreachable(app: App, exc: Exception) -> str:
     return f"cannot reach Redis at {where} ({type(exc).__name__}): {start}."
 
 
-def _without_password(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def queues(as_json: bool) -> None:
+@pass_cli
+def queues(cli: Cli, as_json: bool) -> None:
     """Per queue: messages waiting, delayed, in progress and dead."""
     from dataclasses import asdict
 
     from workers.pipeline.dead_letters import dead_counts, queue_depths
 
-    app = _app()
+    app = cli.app
     client, _, namespace = _redis(app)
     depths = queue_depths(client, namespace, dead_counts(app.sessions))
     if as_json:
@@ -324,13 +314,16 @@ def dlq() -> None:
 def _dead(
     app: App, queue: str | None, actor: str | None, reason: str | None, since: Any
 ) -> list[Any]:
+    """The dead letters matching the filters (``since`` a naive UTC time, from the option)."""
+    from datetime import UTC
+
     from workers.pipeline.dead_letters import find_dead
 
     client, _, namespace = _redis(app)
-    found = find_dead(
+    since = since.replace(tzinfo=UTC) if since is not None else None
+    return find_dead(
         client, namespace, app.sessions, queue=queue, actor=actor, reason=reason, since=since
     )
-    return found
 
 
 _FILTERS = [
@@ -347,20 +340,15 @@ def _filters(fn: Any) -> Any:
     return fn
 
 
-def _utc(value: Any) -> Any:
-    from datetime import UTC
-
-    return value.replace(tzinfo=UTC) if value is not None else None
-
-
 @dlq.command("list")
 @_filters
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_cli
 def dlq_list(
-    queue: str | None, actor: str | None, reason: str | None, since: Any, as_json: bool
+    cli: Cli, queue: str | None, actor: str | None, reason: str | None, since: Any, as_json: bool
 ) -> None:
     """Dead letters, oldest first, with the recorded reason."""
-    rows = _dead(_app(), queue, actor, reason, _utc(since))
+    rows = _dead(cli.app, queue, actor, reason, since)
     listed = [
         {
             "message_id": found.message_id,
@@ -391,7 +379,8 @@ def dlq_list(
 @click.option(
     "--reveal", is_flag=True, help="Show personal data in the failure (the reveal is logged)."
 )
-def dlq_show(message_id: str, reveal: bool) -> None:
+@pass_cli
+def dlq_show(cli: Cli, message_id: str, reveal: bool) -> None:
     """One dead letter: the message, its submission's state history, and the recorded failure."""
     import structlog
 
@@ -399,7 +388,7 @@ def dlq_show(message_id: str, reveal: bool) -> None:
     from workers.database.models import Submission
     from workers.logging import mask_text
 
-    app = _app()
+    app = cli.app
     match = [f for f in _dead(app, None, None, None, None) if f.message_id == message_id]
     if not match:
         raise click.ClickException(f"no dead letter {message_id}")
@@ -441,7 +430,9 @@ def dlq_show(message_id: str, reveal: bool) -> None:
 @click.option("--all", "everything", is_flag=True, help="Every dead letter matching the filters.")
 @_filters
 @click.option("--dry-run", is_flag=True, help="Say what would be requeued; change nothing.")
+@pass_cli
 def dlq_requeue(
+    cli: Cli,
     message_ids: tuple[str, ...],
     everything: bool,
     queue: str | None,
@@ -455,9 +446,9 @@ def dlq_requeue(
 
     if not message_ids and not everything:
         raise click.UsageError("name message ids, or --all (with filters)")
-    app = _app()
+    app = cli.app
     client, broker, namespace = _redis(app)
-    rows = _dead(app, queue, actor, reason, _utc(since))
+    rows = _dead(app, queue, actor, reason, since)
     chosen = [f for f in rows if everything or f.message_id in message_ids]
     missing = set(message_ids) - {f.message_id for f in chosen}
     done = 0
@@ -481,15 +472,16 @@ def dlq_requeue(
 @dlq.command("purge")
 @_filters
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_cli
 def dlq_purge(
-    queue: str | None, actor: str | None, reason: str | None, since: Any, yes: bool
+    cli: Cli, queue: str | None, actor: str | None, reason: str | None, since: Any, yes: bool
 ) -> None:
     """Delete dead letters matching the filters, recording each one in the database."""
     from workers.pipeline.dead_letters import purge
 
-    app = _app()
+    app = cli.app
     client, _, namespace = _redis(app)
-    rows = _dead(app, queue, actor, reason, _utc(since))
+    rows = _dead(app, queue, actor, reason, since)
     if not rows:
         click.echo("nothing to purge")
         return
@@ -508,7 +500,8 @@ def dlq_purge(
     show_default=True,
     help="Seconds the oldest waiting message may wait.",
 )
-def health(max_dead: int, max_age: float) -> None:
+@pass_cli
+def health(cli: Cli, max_dead: int, max_age: float) -> None:
     """Exit non-zero when dead letters or the oldest waiting message pass the thresholds."""
     import time
 
@@ -518,7 +511,7 @@ def health(max_dead: int, max_age: float) -> None:
     from workers.outbox import sending as outbox
     from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
 
-    app = _app()
+    app = cli.app
     try:
         client, _, namespace = _redis(app)
     except click.ClickException as exc:
@@ -579,7 +572,8 @@ def _watch_view(snap: Any) -> Any:
 @main.command()
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--iterations", type=int, default=None, help="Stop after this many (default: never).")
-def watch(interval: float, iterations: int | None) -> None:
+@pass_cli
+def watch(cli: Cli, interval: float, iterations: int | None) -> None:
     """A live view of queues, work per stage, dead letters and the newest failures."""
     import itertools
     import time
@@ -588,7 +582,7 @@ def watch(interval: float, iterations: int | None) -> None:
 
     from workers.pipeline.dead_letters import snapshot
 
-    app = _app()
+    app = cli.app
     client, _, namespace = _redis(app)
     console = Console()
     with Live(console=console, refresh_per_second=4, screen=False) as live:
@@ -600,14 +594,15 @@ def watch(interval: float, iterations: int | None) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=9464, show_default=True)
-def metrics(host: str, port: int) -> None:
+@pass_cli
+def metrics(cli: Cli, host: str, port: int) -> None:
     """Serve Prometheus metrics: queue and dead-letter depths, submissions, letters."""
     from prometheus_client import start_http_server
     from prometheus_client.core import REGISTRY
 
     from workers.pipeline.metrics import DearmpCollector
 
-    app = _app()
+    app = cli.app
     client, _, namespace = _redis(app)
     REGISTRY.register(DearmpCollector(client, namespace, app.sessions))
     server, _thread = start_http_server(port, addr=host)
@@ -651,12 +646,13 @@ def campaigns() -> None:
 
 
 @campaigns.command("sync")
-def campaigns_sync() -> None:
+@pass_cli
+def campaigns_sync(cli: Cli) -> None:
     """Load campaign files into the database."""
     from workers.database.engine import session_scope
     from workers.letters.definitions import load_definitions, sync_campaigns
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         changed = sync_campaigns(session, load_definitions(app.settings.campaigns_dir))
     click.echo(f"changed: {', '.join(changed) or 'none'}")
@@ -665,12 +661,13 @@ def campaigns_sync() -> None:
 @campaigns.command("mode")
 @click.argument("slug")
 @click.argument("mode", type=click.Choice(["sandbox", "live"]))
-def campaigns_mode(slug: str, mode: str) -> None:
+@pass_cli
+def campaigns_mode(cli: Cli, slug: str, mode: str) -> None:
     """Switch a campaign between sandbox (letters to DEARMP_SANDBOX_ADDRESS) and live."""
     from workers.database.engine import session_scope
     from workers.database.models import Campaign
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         row = session.get(Campaign, slug)
         if row is None:
@@ -689,22 +686,20 @@ def deliveries() -> None:
 @click.option("--campaign", help="Only this campaign's letters (its slug).")
 @click.option("--mp", "member_id", type=int, help="Only letters to this MP (member id).")
 @click.option("--dry-run", is_flag=True, help="Say what would be reopened; change nothing.")
+@pass_cli
 def deliveries_reopen(
-    reason: str | None, campaign: str | None, member_id: int | None, dry_run: bool
+    cli: Cli, reason: str | None, campaign: str | None, member_id: int | None, dry_run: bool
 ) -> None:
     """Send failed letters again with a fresh count of attempts (after a configuration fix)."""
     from workers.database.engine import session_scope
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.dispatch import dispatch_groups
     from workers.stages.delivery import reopen_failed
     from workers.stages.stage import Stage
 
-    app = _app()
-    broker = get_broker()
-    with session_scope(app.sessions) as session:
+    with session_scope(cli.app.sessions) as session:
         ids = reopen_failed(session, reason, campaign, member_id, dry_run)
     for submission_id in ids:
         click.echo(f"{'would reopen' if dry_run else 'reopened'} {submission_id}")
     if ids and not dry_run:
-        dispatch_groups(broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
+        dispatch_groups(cli.broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
     click.echo(f"{'would reopen' if dry_run else 'reopened'} {len(ids)}")

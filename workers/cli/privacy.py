@@ -9,13 +9,9 @@ from pathlib import Path
 import click
 
 from schemas.submission import CHANNELS
-from workers.cli.base import app_for_cli
+from workers.cli.base import Cli, pass_cli
 from workers.pipeline.app import App
 from workers.privacy.rights import writable
-
-
-def _app() -> App:
-    return app_for_cli()
 
 
 def _outbox(app: App) -> Path | None:
@@ -28,12 +24,13 @@ def consent() -> None:
 
 
 @consent.command("verify")
-def consent_verify() -> None:
+@pass_cli
+def consent_verify(cli: Cli) -> None:
     """Walk the hash chain; exit 1 and name the first broken link if anything was altered."""
     from workers.database.engine import session_scope
     from workers.privacy.ledger import verify
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         result = verify(session)
     if result.intact:
@@ -56,12 +53,13 @@ def consent_verify() -> None:
     help="Repeat for several; default: every channel.",
 )
 @click.option("--source", default="operator", show_default=True, help="How the request came.")
-def consent_withdraw(email: str, channels: tuple[str, ...], source: str) -> None:
+@pass_cli
+def consent_withdraw(cli: Cli, email: str, channels: tuple[str, ...], source: str) -> None:
     """Record that a supporter withdrew consent (a new event; nothing earlier changes)."""
     from workers.database.engine import session_scope
     from workers.privacy.rights import withdraw
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         written = withdraw(session, app.secret, email, list(channels or CHANNELS), source=source)
     click.echo(f"recorded {written} withdrawal events")
@@ -69,12 +67,13 @@ def consent_withdraw(email: str, channels: tuple[str, ...], source: str) -> None
 
 @consent.command("receipt")
 @click.argument("email")
-def consent_receipt_command(email: str) -> None:
+@pass_cli
+def consent_receipt_command(cli: Cli, email: str) -> None:
     """A consent receipt for a supporter (Kantara Consent Receipt Specification v1.1), as JSON."""
     from workers.database.engine import session_scope
     from workers.privacy.rights import consent_receipt
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         receipt = consent_receipt(session, app.secret, email)
     if receipt is None:
@@ -84,12 +83,13 @@ def consent_receipt_command(email: str) -> None:
 
 @consent.command("export")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def consent_export(output: Path | None) -> None:
+@pass_cli
+def consent_export(cli: Cli, output: Path | None) -> None:
     """Current contact preferences per supporter as CSV, for a CRM (stdout or --output)."""
     from workers.database.engine import session_scope
     from workers.privacy.rights import consent_csv
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         if output is None:
             for chunk in consent_csv(session):
@@ -108,12 +108,13 @@ def supporter() -> None:
 
 @supporter.command("export")
 @click.argument("email")
-def supporter_export(email: str) -> None:
+@pass_cli
+def supporter_export(cli: Cli, email: str) -> None:
     """Everything held about a person (submissions, letters, deliveries, consent) as JSON."""
     from workers.database.engine import session_scope
     from workers.privacy.rights import export_supporter
 
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         data = export_supporter(session, app.secret, email)
     click.echo(writable(json.dumps(data, indent=2, ensure_ascii=False)))
@@ -122,14 +123,15 @@ def supporter_export(email: str) -> None:
 @supporter.command("erase")
 @click.argument("email")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def supporter_erase(email: str, yes: bool) -> None:
+@pass_cli
+def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
     """Erase a person's details everywhere; keep the consent proof and the delivery facts."""
     from workers.database.engine import session_scope
     from workers.privacy.rights import erase_supporter
 
     if not yes:
         click.confirm("Erase this supporter's details? This cannot be undone", abort=True)
-    app = _app()
+    app = cli.app
     with session_scope(app.sessions) as session:
         report = erase_supporter(session, app.secret, email, _outbox(app))
     click.echo(json.dumps(report.as_dict(), indent=2))
@@ -147,7 +149,8 @@ def retention() -> None:
     default=None,
     help="Run again every this many seconds (a long-running service) instead of once (cron).",
 )
-def retention_run(every: float | None) -> None:
+@pass_cli
+def retention_run(cli: Cli, every: float | None) -> None:
     """Scrub letter bodies and postal addresses past each campaign's retention period, and
     delete the live postcode lookups' answers past their time to live (keyed by postcode)."""
     import time
@@ -156,7 +159,7 @@ def retention_run(every: float | None) -> None:
     from workers.mp.live_sources import expire_cache
     from workers.privacy.rights import run_retention
 
-    app = _app()
+    app = cli.app
     while True:
         with session_scope(app.sessions) as session:
             done = run_retention(session, outbox_dir=_outbox(app))

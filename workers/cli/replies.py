@@ -11,24 +11,24 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from workers.cli.base import app_for_cli, main
+from workers.cli.base import Cli, main, pass_cli
 
 
 @main.command()
 @click.option("--host", default=None, help="Address to listen on [DEARMP_INBOUND_HOST].")
 @click.option("--port", default=None, type=int, help="Port [DEARMP_INBOUND_PORT].")
-def inbound(host: str | None, port: int | None) -> None:
+@pass_cli
+def inbound(cli: Cli, host: str | None, port: int | None) -> None:
     """Receive bounces and replies by SMTP for the bounce and reply domains."""
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.runtime import start_receiver
 
-    app = app_for_cli()
+    app = cli.app
     if not app.returns.domains:
         raise click.ClickException(
             "set DEARMP_BOUNCE_DOMAIN and/or DEARMP_REPLY_DOMAIN: the receiver takes mail only "
             "for their addresses"
         )
-    controller = start_receiver(app, get_broker(), host, port)
+    controller = start_receiver(app, cli.broker, host, port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -49,12 +49,13 @@ def replies() -> None:
 @replies.command("report")
 @click.option("--campaign", default=None, help="One campaign's slug.")
 @click.option("--json", "as_json", is_flag=True)
-def replies_report(campaign: str | None, as_json: bool) -> None:
+@pass_cli
+def replies_report(cli: Cli, campaign: str | None, as_json: bool) -> None:
     """Per campaign and MP: delivered, bounced, acknowledged, replied, and survey answers."""
     from workers.database.engine import session_scope
     from workers.letters.outcomes import report
 
-    app = app_for_cli()
+    app = cli.app
     with session_scope(app.sessions) as session:
         rows = report(session, campaign)
     if as_json:
@@ -77,15 +78,15 @@ def replies_report(campaign: str | None, as_json: bool) -> None:
 @click.option("--member", "member_id", type=int, required=True, help="The MP's member id.")
 @click.option("--to", "address", required=True, help="The MP's corrected address.")
 @click.option("--dry-run", is_flag=True)
-def replies_resend(member_id: int, address: str, dry_run: bool) -> None:
+@pass_cli
+def replies_resend(cli: Cli, member_id: int, address: str, dry_run: bool) -> None:
     """Write an MP's returned letters again, to a corrected address: each once, recorded."""
     from workers.database.engine import session_scope
     from workers.letters.outcomes import resend_bounced
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.dispatch import dispatch_groups
     from workers.stages.stage import Stage
 
-    app = app_for_cli()
+    app = cli.app
     try:
         with session_scope(app.sessions) as session:
             ids = resend_bounced(session, member_id, address, dry_run, app.signer)
@@ -95,18 +96,19 @@ def replies_resend(member_id: int, address: str, dry_run: bool) -> None:
         click.echo(f"would resend {len(ids)} returned letters")
         return
     if ids:
-        dispatch_groups(get_broker(), {Stage.RENDER: ids})
+        dispatch_groups(cli.broker, {Stage.RENDER: ids})
     click.echo(f"resending {len(ids)} returned letters")
 
 
 @replies.command("held")
 @click.option("--json", "as_json", is_flag=True)
-def replies_held(as_json: bool) -> None:
+@pass_cli
+def replies_held(cli: Cli, as_json: bool) -> None:
     """Replies held for an operator: not plausibly from the MP's office, so not forwarded."""
     from workers.database.engine import session_scope
     from workers.stages.inbound import held
 
-    app = app_for_cli()
+    app = cli.app
     with session_scope(app.sessions) as session:
         rows = [_listed(app, row) for row in held(session)]
     if as_json:
@@ -131,12 +133,13 @@ def replies_held(as_json: bool) -> None:
 
 @replies.command("postmaster")
 @click.option("--json", "as_json", is_flag=True)
-def replies_postmaster(as_json: bool) -> None:
+@pass_cli
+def replies_postmaster(cli: Cli, as_json: bool) -> None:
     """Mail to the postmaster, kept for the operator until retention deletes it."""
     from workers.database.engine import session_scope
     from workers.stages.inbound import postmaster
 
-    app = app_for_cli()
+    app = cli.app
     with session_scope(app.sessions) as session:
         rows = [_listed(app, row) for row in postmaster(session)]
     if as_json:
@@ -154,13 +157,14 @@ def replies_postmaster(as_json: bool) -> None:
 @replies.command("show")
 @click.argument("inbound_id")
 @click.option("--json", "as_json", is_flag=True)
-def replies_show(inbound_id: str, as_json: bool) -> None:
+@pass_cli
+def replies_show(cli: Cli, inbound_id: str, as_json: bool) -> None:
     """A held, failed or postmaster message: when, its status and why, From, Subject, our
     relay's Authentication-Results and its text (the first 20,000 characters)."""
     from workers.database.engine import session_scope
     from workers.stages.inbound import for_the_operator
 
-    app = app_for_cli()
+    app = cli.app
     with session_scope(app.sessions) as session:
         row = for_the_operator(session, inbound_id)
         shown = _listed(app, row, text=True) if row is not None else None
@@ -218,15 +222,15 @@ def _listed(app: Any, row: Any, text: bool = False) -> dict[str, Any]:
 
 @replies.command("release")
 @click.argument("inbound_id")
-def replies_release(inbound_id: str) -> None:
+@pass_cli
+def replies_release(cli: Cli, inbound_id: str) -> None:
     """Forward a held reply to the supporter (once, within the letter's cap)."""
     from workers.database.engine import session_scope
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.dispatch import dispatch_groups
     from workers.stages.inbound import InboundPolicy, release
     from workers.stages.stage import Stage
 
-    app = app_for_cli()
+    app = cli.app
     with session_scope(app.sessions) as session:
         outcome = release(session, inbound_id, InboundPolicy.from_settings(app.settings))
     if outcome is None:
@@ -234,7 +238,7 @@ def replies_release(inbound_id: str) -> None:
             f"no held reply {inbound_id!r}: `dearmp replies held` lists them"
         )
     if outcome.notices:
-        dispatch_groups(get_broker(), {Stage.OUTBOX: list(outcome.notices)})
+        dispatch_groups(cli.broker, {Stage.OUTBOX: list(outcome.notices)})
         click.echo(f"released {inbound_id}: forwarding it to the supporter")
     else:
         click.echo(f"released {inbound_id}, recorded as a reply; not forwarded: {outcome.reason}")
@@ -242,13 +246,14 @@ def replies_release(inbound_id: str) -> None:
 
 @replies.command("drop")
 @click.argument("inbound_id")
-def replies_drop(inbound_id: str) -> None:
+@pass_cli
+def replies_drop(cli: Cli, inbound_id: str) -> None:
     """Delete a held reply without forwarding it (nothing is recorded on the letter), or the
     kept text of a failed message or of mail to the postmaster."""
     from workers.database.engine import session_scope
     from workers.stages.inbound import drop
 
-    app = app_for_cli()
+    app = cli.app
     with session_scope(app.sessions) as session:
         dropped = drop(session, inbound_id)
     if not dropped:
@@ -262,12 +267,13 @@ def replies_drop(inbound_id: str) -> None:
 @main.command()
 @click.option("--campaign", default=None, help="One campaign's slug (default: every campaign).")
 @click.option("--mx", default=None, help="The host name of the MX (default: DEARMP_PUBLIC_URL's).")
-def dns(campaign: str | None, mx: str | None) -> None:
+@pass_cli
+def dns(cli: Cli, campaign: str | None, mx: str | None) -> None:
     """The DNS records to publish: SPF, DKIM, DMARC, and MX for the bounce and reply domains."""
     from workers.letters.definitions import load_definitions
     from workers.letters.dns import records, zone_lines
 
-    app = app_for_cli()
+    app = cli.app
     definitions = load_definitions(app.settings.campaigns_dir)
     if campaign:
         definitions = [d for d in definitions if d.slug == campaign]
