@@ -1,9 +1,5 @@
-"""What operators need from Redis: queue depths and dead letters, read and requeued safely.
-
-dramatiq keeps, per queue, a list of waiting message ids with their bodies, delayed ones likewise,
-the ids each worker has fetched but not acknowledged, and dead letters in a sorted set by time of
-death with their bodies: its Redis keys are named in :mod:`workers.pipeline.dramatiq_private`.
-"""
+"""What operators need from Redis: queue depths and dead letters, read and requeued safely
+(dramatiq's Redis keys are named in :mod:`workers.pipeline.dramatiq_private`)."""
 
 from __future__ import annotations
 
@@ -59,8 +55,7 @@ UNREADABLE = "(unreadable)"
 
 
 def queue_depths(client: redis.Redis, namespace: str, dead: Mapping[str, int]) -> list[QueueDepth]:
-    """Per stage queue, from Redis; ``dead``: the dead letters per queue as the database counts
-    them (:func:`dead_counts`: Redis forgets its dead letters when it restarts)."""
+    """Per stage queue, from Redis; ``dead``: the database's counts (:func:`dead_counts`)."""
     depths = []
     for stage in Stage:
         q = stage.queue
@@ -116,8 +111,7 @@ def dead_letters(client: redis.Redis, namespace: str, queue: str | None = None) 
 
 @dataclass(frozen=True)
 class Found:
-    """A dead letter that needs an operator: the database's record of it (the source of truth),
-    and Redis's copy of the message while Redis still holds one."""
+    """A dead letter that needs an operator: the database's record, and Redis's copy if any."""
 
     message_id: str
     queue: str
@@ -141,13 +135,6 @@ def _needing_attention() -> ColumnElement[bool]:
     )
 
 
-def _needs_attention(session: Session, queue: str | None) -> list[Failure]:
-    query = select(Failure).where(_needing_attention()).order_by(Failure.dead_lettered_at)
-    if queue:
-        query = query.where(Failure.queue_name == queue)
-    return list(session.scalars(query))
-
-
 def find_dead(
     client: redis.Redis,
     namespace: str,
@@ -158,12 +145,14 @@ def find_dead(
     reason: str | None = None,
     since: datetime | None = None,
 ) -> list[Found]:
-    """Dead letters matching every filter given (``reason``: part of the exception type): every
-    one the database records as needing attention, with Redis's copy where it has one (after a
-    Redis restart it has none), and any Redis holds that the database never heard of."""
+    """Dead letters matching every filter given (``reason``: part of the exception type): those
+    the database records as needing attention, and any Redis holds that it never heard of."""
     in_redis = {d.message_id: d for d in dead_letters(client, namespace, queue)}
+    query = select(Failure).where(_needing_attention()).order_by(Failure.dead_lettered_at)
+    if queue:
+        query = query.where(Failure.queue_name == queue)
     with session_scope(sessions) as session:
-        failures = _needs_attention(session, queue)
+        failures = list(session.scalars(query))
         ids = list(in_redis)
         known = set(session.scalars(select(Failure.message_id).where(Failure.message_id.in_(ids))))
         purged = set(
@@ -230,11 +219,9 @@ def requeue(
     sessions: sessionmaker[Session],
     found: Found,
 ) -> str:
-    """Put a dead letter back on its queue with a fresh retry budget: Redis's copy of the
-    message, or, when Redis no longer holds one, the stage message for its submission made
-    again from the database. The copy is enqueued first, then the dead one removed and the
-    record marked, so a crash in between leaves a duplicate (harmless: the actors are
-    idempotent), never a loss. Returns the new message id."""
+    """Put a dead letter back on its queue with a fresh retry budget (Redis's copy, or the stage
+    message made again from the database). The copy is enqueued before the dead one is removed:
+    a crash in between leaves a harmless duplicate, never a loss. Returns the new message id."""
     stages = {stage.queue: stage for stage in Stage}
     fresh: Message[Any]
     if found.dead is not None and found.dead.message is not None:
@@ -285,10 +272,8 @@ def pause_key(namespace: str) -> str:
 
 
 def mail_pause_alarm(client: redis.Redis, namespace: str) -> Callable[[str | None, float], None]:
-    """What a worker tells every operator's command when the relay refuses us (and when that
-    ends): a key in Redis that lives as long as the pause, and half a minute after in case the
-    worker dies before it can say the pause is over. (A worker whose pause runs out with no
-    letter to try has nothing more to say: its key goes with the pause.)"""
+    """How a worker tells operators' commands that the relay refused us (and when that ends): a
+    Redis key that lives as long as the pause and half a minute more."""
     log = structlog.get_logger("workers")
 
     def alarm(reason: str | None, seconds: float) -> None:
@@ -363,9 +348,7 @@ def snapshot(
     now: datetime | None = None,
 ) -> Snapshot:
     """What an operator watches: queues, work done per stage in the last minute, new failures.
-
-    Redis is read first, then the database: no Redis call runs inside the transaction.
-    """
+    Redis is read before the transaction."""
     depths = queue_depths(client, namespace, dead_counts(sessions))
     with session_scope(sessions) as session:
         return _snapshot_from_db(session, depths, now or datetime.now(UTC))

@@ -1,25 +1,10 @@
-"""What a message that came back to a letter is: a bounce, a delay, an automatic reply, a reply.
+"""What a message that came back to a letter is: a bounce, a delay, an automatic reply, an
+office's acknowledgement, or a person's reply.
 
-- Delivery status notifications (RFC 3464): ``multipart/report; report-type=delivery-status``,
-  each recipient's ``Action`` and ``Status`` (5.x.x permanent, 4.x.x temporary).
-- Bounces that are not RFC 3464 (older Exim, qmail, some appliances): from the mailer daemon or
-  with a bounce's subject, and an SMTP status in the text.
-- Automatic replies (RFC 3834 ``Auto-Submitted``; Exchange's ``X-Auto-Response-Suppress`` and
-  "Automatic reply:"; ``Precedence: bulk/junk/list/auto_reply``; ``X-Autoreply``; words only a
-  machine writes: "this is an automated response", "do not reply to this email").
-- An office's acknowledgement without any of those: a thank-you and words of receipt ("we have
-  received your email", "a large number of emails") in a short message. Only a guess, and a
-  substantive form reply can read the same, so it is not taken for a machine's: it is forwarded
-  like a reply where replies are relayed, and does not count as the MP's reply (the survey
-  still asks the supporter).
-- Anything else is a person's reply.
-
-One reader for the text of a part (:func:`part_text`: any charset, known or not; HTML as the
-text a reader sees) and one for a reply's sender (:func:`reply_sender`) serve the classifier,
-the relay policy (:func:`reply_origin`) and the forward alike.
-
-Hostile or broken mail never raises: it is ``malformed``, or a ``loop`` (too many hops, or one
-of our own notices come back). Only a short diagnostic is kept, with addresses taken out.
+Bounces are RFC 3464 reports, or mail from a mailer daemon with an SMTP status in the text.
+Automatic replies are told by their headers (RFC 3834 and vendors') or by words only a machine
+writes. An acknowledgement is only a guess from the words, so it is forwarded like a reply and
+not counted as the MP's. Hostile or broken mail never raises: it is ``malformed`` or a ``loop``.
 """
 
 from __future__ import annotations
@@ -82,8 +67,7 @@ class Classification:
 
 def clean(text: str | None, limit: int = 300) -> str | None:
     """One printable line, addresses taken out, at most ``limit`` characters: for what is
-    stored or logged about a message (a diagnostic), never for a header of ours (outside text
-    goes in a header through :func:`workers.letters.mail.header_text`)."""
+    stored or logged about a message, never for a header of ours."""
     if not text:
         return None
     line = " ".join(str(text).split())
@@ -192,11 +176,9 @@ PART_BYTES = 1_000_000
 
 
 def part_text(part: Message, limit: int = PART_BYTES) -> str:
-    """A text part's content as a reader sees it, from at most ``limit`` bytes of it: decoded
-    in its charset, or as UTF-8 (bad bytes replaced) when Python does not know that charset
-    (``x-no-such``, ``unknown-8bit``) or it is no text encoding that can replace what it cannot
-    read (``idna``, ``undefined``, ``base64``); HTML read by a real HTML parser (entities
-    decoded, no style or script). Never a reason to lose a message."""
+    """A text part's content as a reader sees it, from at most ``limit`` bytes: decoded in its
+    charset, or as UTF-8 when that charset is unknown or cannot replace bad bytes; HTML as text.
+    Never raises."""
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return ""
@@ -268,10 +250,6 @@ def _automatic(message: Message) -> bool:
         return True
     if message.get("X-Autoreply") or message.get("X-Autorespond"):
         return True
-    if message.get("X-Auto-Response-Suppress") and _AUTO_SUBJECT.search(
-        _header(message, "Subject")
-    ):
-        return True
     if _header(message, "Precedence").strip().lower() in ("bulk", "junk", "list", "auto_reply"):
         return True
     return bool(_AUTO_SUBJECT.search(_header(message, "Subject")))
@@ -285,10 +263,7 @@ _MACHINE = re.compile(
     r"this (e-?mail address|mailbox|inbox) is not monitored",
     re.IGNORECASE,
 )
-# An office's acknowledgement sent without any automatic-reply header: a thank-you opening
-# together with words an acknowledgement uses (received, a volume of correspondence, "we aim to
-# respond"), in a short message. A form reply on the subject can use them too: see
-# :func:`acknowledgement`.
+# An office's acknowledgement without an automatic-reply header: a thank-you and words of receipt.
 _THANKS = re.compile(
     r"thank(s| you) for (your|contacting|e-?mailing|writing to|getting in touch with)",
     re.IGNORECASE,
@@ -328,25 +303,21 @@ def _own_words(message: Message) -> str:
 
 
 def automated(words: str) -> bool:
-    """Whether an office's own words say a machine wrote them ("this is an automated
-    response", "do not reply to this email"): an automatic reply."""
+    """Whether an office's own words say a machine wrote them: an automatic reply."""
     return bool(_MACHINE.search(words))
 
 
 def acknowledgement(words: str) -> bool:
     """Whether an office's own words read like an acknowledgement of receipt (a thank-you and
-    words of receipt, in a short message). A guess from the words alone: a form reply on the
-    subject ("Thank you for contacting me about the bill. I have received a large number of
-    emails... I will vote for it") reads the same, so what it finds is never discarded as a
-    machine's reply (:data:`Kind` ``acknowledgement``)."""
+    words of receipt, in a short message). A form reply can read the same, so it is never
+    discarded as a machine's."""
     if len(words) > ACKNOWLEDGEMENT_MAX_CHARS:
         return False
     return bool(_THANKS.search(words) and _RECEIPT.search(words))
 
 
 def _aligned(domain: str, mp_domain: str) -> bool:
-    """``domain`` is the MP address's domain or one of its subdomains (DMARC's relaxed
-    alignment, without a public-suffix list: the other way round is never taken)."""
+    """``domain`` is ``mp_domain`` or one of its subdomains (DMARC's relaxed alignment, one way)."""
     return bool(mp_domain) and (domain == mp_domain or domain.endswith("." + mp_domain))
 
 
@@ -354,9 +325,7 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].strip().strip("<>").rstrip(".").lower()
 
 
-# Big mail services whose domain anyone can have an address on: an MP whose address is on one
-# (as some constituency offices' are) is vouched for by that exact address only, not its domain.
-# A shared domain that is not in this list (a party's, a council's) cannot be known here.
+# Big mail services anyone can have an address on: there only the MP's exact address vouches.
 FREEMAIL = frozenset(
     {
         "gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "hotmail.co.uk",
@@ -393,12 +362,9 @@ def raw_values(message: Message, name: str) -> list[str]:
 
 
 def reply_sender(message: Message) -> str | None:
-    """The address a reply comes from, when its one ``From`` names exactly one plain address,
-    or None: no From or several, several addresses, a comment form or an address the header
-    does not end with (``a@x)<b@y>``), or a display name holding another address (``"x@evil"
-    <mp@office>``: parsers disagree on such headers, and so may a reader). The one reading of
-    the sender for the relay policy (:func:`reply_origin`) and the forward (its first line and
-    ``Reply-To``)."""
+    """The address a reply comes from when its one ``From`` names exactly one plain address,
+    else None (parsers disagree on the other forms, such as ``"x@evil" <mp@office>``). The one
+    reading of the sender, for the relay policy and the forward."""
     values = raw_values(message, "from")
     if len(values) != 1:
         return None
@@ -416,11 +382,8 @@ def reply_sender(message: Message) -> str | None:
 
 
 def _relay_headers(message: Message) -> list[str]:
-    """The ``Authentication-Results`` headers above the first ``Received``: those our relay
-    added when it received the message (RFC 8601 section 5: a relay that authenticates adds its
-    results at the top, and removes any with its own authserv-id that came with the message).
-    One below the first ``Received`` came with the message, whoever wrote it; with no
-    ``Received`` the message came through no relay, and none is ours."""
+    """The ``Authentication-Results`` headers above the first ``Received``: the ones our relay
+    added (RFC 8601 section 5); with no ``Received``, none is ours."""
     found: list[str] = []
     for key, value in message.raw_items():
         name = key.lower()
@@ -432,10 +395,8 @@ def _relay_headers(message: Message) -> list[str]:
 
 
 def _trusted_results(message: Message, authserv_ids: set[str]) -> list[list[tuple[str, str, str]]]:
-    """For each ``Authentication-Results`` header our relay added (:func:`_relay_headers`) with
-    its authserv-id (one of ``authserv_ids``), its (method, result, domain) results; anyone
-    else's are ignored. The domain is the result's ``header.from``, ``header.d`` or
-    ``header.i``."""
+    """The (method, result, domain) results of each header our relay added with one of
+    ``authserv_ids``; the domain is ``header.from``, ``header.d`` or ``header.i``."""
     headers: list[list[tuple[str, str, str]]] = []
     for value in _relay_headers(message):
         text = re.sub(r"\([^()]*\)", " ", value)  # comments (one level)
@@ -457,9 +418,8 @@ def _trusted_results(message: Message, authserv_ids: set[str]) -> list[list[tupl
 
 
 def from_office(sender: str | None, mp_address: str) -> bool:
-    """Whether a reply's sender (:func:`reply_sender`) is where the MP's office writes from:
-    on the MP address's domain or a subdomain of it; when that domain is a big mail service's
-    (:func:`freemail`), the MP's address itself. What the ``From`` claims, nothing more."""
+    """Whether a reply's sender is on the MP address's domain (or is that address, on a big mail
+    service). What the ``From`` claims, nothing more."""
     if sender is None:
         return False
     if freemail(_domain(mp_address)):
@@ -468,15 +428,9 @@ def from_office(sender: str | None, mp_address: str) -> bool:
 
 
 def reply_origin(raw: bytes, mp_address: str, authserv_ids: set[str]) -> str | None:
-    """Why a reply does not plausibly come from the MP's office, or None if it does.
-
-    Its sender (:func:`reply_sender`: one plain address) must be on the MP address's domain,
-    or be the MP's address when that domain is a big mail service's (:func:`from_office`).
-    Without our relay's authserv-id that claim is all there is to go by, and anyone can write
-    it. With it, the relay's ``Authentication-Results`` (those above the first ``Received``)
-    must also show a DMARC pass for that domain, or a DKIM pass by it. Every such header with
-    our id must show it: one of ours that does not pass is not outvoted.
-    """
+    """Why a reply does not plausibly come from the MP's office, or None if it does: its
+    sender must be the office's (:func:`from_office`) and, given our relay's authserv-ids,
+    every header our relay added must show a DMARC or DKIM pass for the MP's domain."""
     try:
         message = parse(raw)
         sender = reply_sender(message)
