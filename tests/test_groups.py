@@ -25,7 +25,7 @@ from tests.test_smtp import mailer as smtp_mailer
 from tests.test_sources import parliament, sources  # noqa: F401  (the Members API fixture)
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
-from workers.database.models import Delivery, Submission
+from workers.database.models import Delivery, Failure, Submission
 from workers.letters.mail import OutboxMailer, Outgoing
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups, stage_message, submission_id_of
@@ -129,32 +129,40 @@ def test_a_group_moves_on_together_and_bad_input_is_still_a_rejection(
     assert state_counts(app, good + bad) == {"delivered": 5, "rejected": 1}
 
 
-def test_a_refused_letter_in_a_group_goes_alone_to_the_dead_letter_queue(
+@pytest.mark.parametrize("size", [1, 4])
+def test_a_refused_letter_fails_at_once_and_is_dead_lettered_under_its_own_id(
     app: App,
     stub_broker: Any,
     stub_worker: dramatiq.Worker,
     smtp_sink: SmtpSink,
     tmp_path: Path,
     sent: Sent,
+    size: int,
 ) -> None:
+    """Alone or in a group, the same: the refusal is recorded on the submission the first time
+    (no second attempt at a server that said no), and an operator finds one dead letter for
+    it, which names it alone; the rest of its group is delivered."""
     app.mailer = smtp_mailer(tmp_path, smtp_sink)
     smtp_sink.refuse["priya.nandakumar.mp@mp.example.org"] = "550 5.1.1 No such mailbox"
-    fine = store(app, 3)
+    fine = store(app, size - 1)
     refused = store(app, 1, supporter__postcode="DM2 1AA")  # Harrowgate Sands: Priya
     stub_broker.enqueue(stage_message(Stage.VALIDATE, *fine, *refused))
     drain(stub_broker, stub_worker)
-    assert state_counts(app, fine) == {"delivered": 3}
-    assert smtp_sink.received.count() == 3
+    assert state_counts(app, fine) == ({"delivered": size - 1} if fine else {})
+    assert state_counts(app, refused) == {"failed": 1}
+    assert smtp_sink.received.count() == size - 1
     with session_scope(app.sessions) as session:
         failed = session.get(Submission, refused[0])
         delivery = session.get(Delivery, refused[0])
         assert failed is not None and failed.state == "failed"
         assert failed.failure_reason is not None and "550 5.1.1" in failed.failure_reason
-        # Tried in its group, put back, then tried alone: refused both times.
-        assert delivery is not None and (delivery.status, delivery.attempts) == ("failed", 2)
-    [dead] = stub_broker.dead_letters
-    assert dead.actor_name == "deliver_submission" and submission_id_of(dead) == refused[0]
-    assert sent.to(Stage.DELIVER) == [sorted(fine + refused), refused]
+        assert delivery is not None and (delivery.status, delivery.attempts) == ("failed", 1)
+    with session_scope(app.sessions) as session:
+        [dead] = session.scalars(select(Failure).where(Failure.dead_lettered_at.is_not(None)))
+        session.expunge(dead)
+    assert (dead.actor_name, dead.submission_id) == ("deliver_submission", refused[0])
+    assert "PermanentDeliveryError" in dead.exception_type
+    assert sent.to(Stage.DELIVER) == [sorted(fine + refused)]
 
 
 def test_a_live_lookup_that_fails_one_submission_sends_only_that_one_alone(

@@ -8,6 +8,7 @@ the actors on it and installs it, in each worker process.
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from workers.outbox.sending import Kind
 from workers.pipeline.app import App, Apps, get_app
 from workers.pipeline.broker import build_broker
 from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_message
+from workers.pipeline.failures import Attempt, record_failure
 from workers.pipeline.handoff import Handoff
 from workers.pipeline.middleware import ForeignMessage, SendHeld
 from workers.pipeline.states import DAY, STAGES
@@ -54,13 +56,16 @@ MAX_DELAY_MS = 7 * DAY - 60_000
 NOT_RETRIED = (ForeignMessage, NotAStageMessage, pydantic.ValidationError)
 
 
+def refusals(stage: Stage) -> tuple[type[BaseException], ...]:
+    """A submission's errors the stage never retries: a permanent refusal by the mail server,
+    recorded on the submission, then dead-lettered for an operator at once."""
+    return () if STAGES[stage].retries_refusals else (PermanentDeliveryError,)
+
+
 def options(stage: Stage) -> dict[str, Any]:
     """The stage's actor options: its retry policy from the table of stages
     (:data:`workers.pipeline.states.STAGES`), and what is never retried."""
-    policy = STAGES[stage]
-    # A permanent refusal is recorded on the submission, then dead-lettered for an operator.
-    refused = () if policy.retries_refusals else (PermanentDeliveryError,)
-    return policy.options() | {"throws": (*NOT_RETRIED, *refused)}
+    return STAGES[stage].options() | {"throws": (*NOT_RETRIED, *refusals(stage))}
 
 
 # Each submission a message was about, and its error (None when the stage did its work).
@@ -74,7 +79,9 @@ def run_stage(stage: Stage, raw: Any, work: Work, app: App, broker: dramatiq.Bro
 
     A message about one submission fails as a whole, and dramatiq retries it. In a message about
     several, a submission that fails goes on in a message of its own (with the stage's retries
-    and, at the end, the dead-letter queue), so that the others are not run again for it.
+    and, at the end, the dead-letter queue), so that the others are not run again for it; one
+    the stage never retries (:func:`refusals`) is dead-lettered under its own id at once, as it
+    would be alone.
     """
     message = parse_stage_message(raw)
     ids = message.ids
@@ -91,6 +98,8 @@ def run_stage(stage: Stage, raw: Any, work: Work, app: App, broker: dramatiq.Bro
                 log.info("stage_deferred", reason=error.reason, seconds=round(error.seconds, 3))
             elif len(ids) == 1:
                 raise error
+            elif isinstance(error, refusals(stage)):
+                dead_letter(app, stage, submission_id, error)
             else:
                 log.warning("stage_failed_sending_alone", error=type(error).__name__)
                 later = error.delay if isinstance(error, dramatiq.Retry) else None
@@ -99,6 +108,20 @@ def run_stage(stage: Stage, raw: Any, work: Work, app: App, broker: dramatiq.Bro
                 except Exception as exc:  # the reconciler sends it again from the database
                     log.warning("dispatch_failed", stage=stage.value, error=type(exc).__name__)
     log.info("stage_done", count=len(ids))
+
+
+def dead_letter(app: App, stage: Stage, submission_id: str, error: BaseException) -> None:
+    """Record a dead letter for one submission of a group, as dramatiq's would be recorded for
+    a message of its own (the database is the dead letters' source of truth: ``dearmp dlq``
+    lists it, and can requeue it)."""
+    attempt = Attempt(str(uuid.uuid4()), stage.queue, stage.actor, submission_id, error, 1, True)
+    try:
+        with session_scope(app.sessions) as session:
+            record_failure(session, attempt)
+    except Exception as exc:  # the submission's own failure is recorded already
+        log.error("dead_letter_not_recorded", error=type(exc).__name__)
+        return
+    log.warning("stage_dead_lettered", error=type(error).__name__)
 
 
 def send_on(moved: list[tuple[str, list[Stage]]]) -> None:

@@ -293,14 +293,12 @@ def deliver_group(
     that commit; it is sent again, the same bytes, once its lease is over. The letters sent
     then move to delivered together, in one transaction (:func:`_delivered`).
 
-    Each submission gets its own outcome. In a group, a letter that fails is put back as it was
-    (its claim released, the error recorded), even on a permanent refusal: it goes on in a
-    message of its own, which sends it again and, if it is refused again, records the failure
-    and reaches the dead-letter queue under its own id.
+    Each submission gets its own outcome: a permanent refusal is recorded at once (the letter
+    failed, with the server's answer) and raised; a passing one puts the letter back as it was
+    (its claim released, the error recorded) for its retry.
     """
     plan = partial(_take, mailer=mailer, policy=policy, limiter=limiter)
     taken = run_group(sessions, submission_ids, plan)
-    alone = len(taken) == 1
     outcomes: dict[str, BaseException | None] = {}
     sent: dict[str, str] = {}  # submission id: the server's answer
     try:
@@ -311,7 +309,7 @@ def deliver_group(
                         raise error
                     if letter is not None:
                         answer = _send(sessions, submission_id, letter, mailer, policy, limiter,
-                                       signer, alone, returns)  # fmt: skip
+                                       signer, returns)  # fmt: skip
                         if answer is not None:
                             _record(sessions, answer, limiter)
                             sent[submission_id] = str(answer.values.get("response") or "")
@@ -377,7 +375,6 @@ def _send(
     policy: DeliveryPolicy,
     limiter: Limiter | None,
     signer: DkimSigner | None,
-    alone: bool,
     returns: ReturnAddresses | None = None,
 ) -> _Sent | None:
     """Hand the letter to the mail server (claiming it first if it had to wait); what to record,
@@ -407,7 +404,7 @@ def _send(
         response = mailer.send(mail)
     except (TransientDeliveryError, PermanentDeliveryError) as exc:
         with session_scope(sessions) as session:  # (rare: a transaction of its own)
-            if isinstance(exc, PermanentDeliveryError) and alone:
+            if isinstance(exc, PermanentDeliveryError):
                 _finish(
                     session,
                     submission_id,
