@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from dataclasses import asdict
 from typing import Any
 
 import click
@@ -59,7 +60,7 @@ def replies_report(cli: Cli, campaign: str | None, as_json: bool) -> None:
     with session_scope(app.sessions) as session:
         rows = report(session, campaign)
     if as_json:
-        click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+        click.echo(json.dumps([asdict(row) for row in rows], indent=2))
         return
     table = Table(
         "campaign", "MP", "delivered", "bounced", "auto-reply", "replied", "yes", "not yet", "no"

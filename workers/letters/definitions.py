@@ -72,10 +72,8 @@ _DEFINITION = select(CAMPAIGNS.c.definition, CAMPAIGNS.c.definition_sha256).wher
 def get_definition(
     session: Session, slug: str, digest: str | None = None
 ) -> CampaignDefinition | None:
-    """The campaign's current definition (parsed once per version, then cached).
-
-    ``digest``: its ``definition_sha256`` if the caller read it already (with the submission).
-    """
+    """The campaign's current definition, parsed once per version; ``digest``: its
+    ``definition_sha256`` if the caller read it already."""
     if digest is None:
         digest = session.execute(_DIGEST, {"slug": slug}).scalar()
     if digest is None:

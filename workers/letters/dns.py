@@ -1,11 +1,6 @@
-"""The DNS records a deployment publishes so that its letters are delivered and what comes back
-reaches it: SPF, DKIM and DMARC for each campaign's From domain, and MX (and SPF) for the
-bounce and reply domains. ``dearmp dns`` prints them.
-
-DMARC passes when DKIM (signed for the From domain) or SPF (checked on the envelope sender's
-domain) aligns with the From domain. With a bounce domain, SPF is checked on it: make it a
-subdomain of the From domain (``bounces.example.org`` for ``example.org``), so that relaxed
-alignment holds for SPF as well as DKIM.
+"""The DNS records a deployment publishes (``dearmp dns``): SPF, DKIM and DMARC for each
+campaign's From domain, and MX (and SPF) for the bounce and reply domains. Make the bounce domain
+a subdomain of the From domain, so that SPF aligns for DMARC as DKIM does.
 """
 
 from __future__ import annotations
@@ -19,8 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from config.settings import Settings
 
-# A TXT record holds strings of at most 255 bytes each (RFC 1035 3.3.14); a longer value (a
-# 2048-bit DKIM key is about 410 characters) is written as several, which readers join.
+# A TXT record's strings hold at most 255 bytes each (RFC 1035 3.3.14); readers join several.
 TXT_STRING = 255
 TTL = 3600
 
@@ -51,8 +45,7 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def _spf(settings: Settings) -> str | None:
-    """The SPF value for the relay the letters leave by: ``ip4:``/``ip6:`` for an address
-    (``a:`` takes a host name only), None when there is no relay to name yet."""
+    """The SPF value for the relay the letters leave by, None when there is none to name yet."""
     if settings.mail_backend == "http":
         return "v=spf1 include:mailgun.org ~all"
     if settings.mail_backend != "smtp":
@@ -70,8 +63,7 @@ def _spf_record(settings: Settings, name: str, why: str) -> Record:
 
 
 def mx_host_name(settings: Settings, given: str | None) -> str:
-    """The MX's host name: ``given``, else DEARMP_PUBLIC_URL's. An MX names a host, never an
-    address (RFC 5321 5.1): an address is refused with what to do instead."""
+    """The MX's host name: ``given``, else DEARMP_PUBLIC_URL's; never an address (RFC 5321 5.1)."""
     host = (given or urlsplit(settings.public_url).hostname or "").rstrip(".")
     if not host:
         raise ValueError("give --mx the host name of the machine running `dearmp inbound`")
@@ -86,9 +78,8 @@ def mx_host_name(settings: Settings, given: str | None) -> str:
 def records(
     settings: Settings, from_domains: list[str], mx_host: str | None = None
 ) -> list[Record]:
-    """The records for ``from_domains``; ValueError if ``mx_host`` is an address (see
-    :func:`mx_host_name`). Without one, the MX is DEARMP_PUBLIC_URL's host, or a placeholder
-    saying what to give when that host is an address."""
+    """The records for ``from_domains``; ValueError if ``mx_host`` is an address. Without one,
+    the MX is DEARMP_PUBLIC_URL's host, or a placeholder."""
     returns = settings.bounce_domain or settings.reply_domain
     mx, unnamed = "", False
     if returns:
@@ -149,8 +140,8 @@ def _txt(value: str) -> str:
 
 
 def zone_lines(found: list[Record]) -> list[str]:
-    """The records as zone-file lines, each with its reason as a comment; a record still to be
-    filled in is a comment too, so the lines load in a zone file as they are."""
+    """The records as zone-file lines, each with its reason as a comment (a placeholder is
+    commented out too)."""
     lines = [f"$TTL {TTL}"]
     for record in found:
         value = _txt(record.value) if record.type == "TXT" else record.value

@@ -1,17 +1,8 @@
 """Emails to a supporter about their letter: it was returned, a reply came (forwarded), did
-their MP reply? Written and signed like the letters
-(:func:`workers.letters.mail.messages.write`), From the campaign's own address (DMARC-aligned),
-marked automatic (RFC 3834) so that responders stay quiet, and carrying ``X-DearMP-Notice``:
-one that comes back to us is recognised as a loop.
-
-The same notice gives the same bytes every time it is sent (Date is its creation time), so a
-resend after a crash is a duplicate a mailbox can tell by its Message-ID.
-
-A reply is hostile input: its subject is decoded, then made one clean line
-(:func:`workers.letters.mail.header_text`) before it goes in a header; its text is read as the
-classifier reads it (:func:`workers.receiving.classify.part_text`: any charset, known or not; HTML
-as text, by a real HTML parser), and its sender as the relay policy reads it
-(:func:`workers.receiving.classify.reply_sender`).
+their MP reply? From the campaign's own address, marked automatic (RFC 3834) and carrying
+``X-DearMP-Notice``, so that one that comes back to us is recognised as a loop. The same notice
+is the same bytes every time it is sent. A reply is hostile input: its subject is decoded and
+made one clean line, its text and sender read as the classifier reads them.
 """
 
 from __future__ import annotations
@@ -38,9 +29,8 @@ from workers.receiving.classify import (
     reply_sender,
 )
 
-# The most of a reply's text a forward carries, and of each of its parts that is read for it.
+# The most of a reply's text a forward carries.
 MAX_FORWARD_CHARS = 100_000
-MAX_PART_BYTES = 1_000_000
 # The most of a subject (a reply's own, and a notice's) and of a From name, in characters.
 REPLY_SUBJECT_CHARS = 150
 SUBJECT_CHARS = 200
@@ -86,8 +76,7 @@ def _draft(
 
 
 def outgoing(message: Draft, envelope_sender: str, signer: DkimSigner | None) -> Outgoing:
-    """The notice on the wire (:func:`workers.letters.mail.outgoing_email`), signed for the
-    domain of its From address."""
+    """The notice on the wire, signed for its From domain."""
     return outgoing_email(message, signer, envelope_sender)
 
 
@@ -121,8 +110,7 @@ def bounce_notice(
 
 
 def _decoded_header(value: str) -> str:
-    """A header's text as a reader sees it: encoded words decoded (an unknown charset's bytes
-    replaced), raw UTF-8 (SMTPUTF8) read as UTF-8. Not yet fit for a header of ours."""
+    """A header's text as a reader sees it (encoded words decoded); not yet fit for a header."""
     try:
         return str(email.policy.default.header_factory("subject", value))
     except Exception:  # hostile input the header parser trips on: its raw text
@@ -137,7 +125,7 @@ def reply_text(raw: bytes) -> Reply:
     for part in message.walk():
         kind = part.get_content_type()
         if kind in ("text/plain", "text/html") and kind not in texts and not part.get_filename():
-            texts[kind] = part_text(part, MAX_PART_BYTES)
+            texts[kind] = part_text(part)
     text = texts.get("text/plain") or texts.get("text/html", "")
     subject = header_text(
         _decoded_header(next(iter(raw_values(message, "subject")), "")), REPLY_SUBJECT_CHARS
@@ -154,13 +142,9 @@ def forward(
     mp_address: str,
     created: datetime,
 ) -> Draft:
-    """A reply to the supporter's letter, forwarded from the campaign's domain. It says plainly
-    who sent it: its first lines name the reply's own sender address, and its ``Reply-To`` is
-    that address alone, so that the supporter's answer goes to whoever wrote. The subject says
-    it replies to the letter, not who wrote it; the From name says "Office of" the MP only when
-    the sender is where the MP's office writes from
-    (:func:`workers.receiving.classify.from_office`), and holds no address (a name holding an
-    address other than the From's is what spam filters look for)."""
+    """A reply to the supporter's letter, forwarded from the campaign's domain. Its first lines
+    and its ``Reply-To`` name the reply's own sender; its From name says "Office of" the MP only
+    when the sender is the office's, and never holds an address (what spam filters look for)."""
     reply = reply_text(raw)
     who = reply.replier or "a sender whose address could not be read"
     answer = (

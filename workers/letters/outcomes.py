@@ -1,15 +1,13 @@
-"""What became of the letters: per campaign and MP, delivered, returned, acknowledged, replied,
-and the supporters' survey answers; and resending an MP's returned letters to a mended address.
-
-A resent letter is a new message: a new Message-ID (and Date, and signature), so that a late
-report about the returned one, which names the old Message-ID, cannot return the new one.
+"""What became of the letters per campaign and MP (delivered, returned, acknowledged, replied,
+survey answers), and resending an MP's returned letters to a mended address as new messages (a
+late report naming the old Message-ID cannot return the new one).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -40,9 +38,6 @@ class Row:
     acknowledged: int = 0  # an automatic reply came back
     replied: int = 0  # a person's reply was detected
     survey: dict[str, int] = field(default_factory=lambda: {"yes": 0, "not_yet": 0, "no": 0})
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def report(session: Session, campaign: str | None = None) -> list[Row]:
@@ -90,16 +85,6 @@ def report(session: Session, campaign: str | None = None) -> list[Row]:
     return sorted(rows.values(), key=lambda r: (r.campaign, r.member_id is not None, r.mp))
 
 
-def bounced_letters(session: Session, member_id: int) -> list[str]:
-    return list(
-        session.scalars(
-            select(Submission.id)
-            .where(Submission.state == State.BOUNCED, Submission.member_id == member_id)
-            .order_by(Submission.updated_at)
-        )
-    )
-
-
 def resend_bounced(
     session: Session,
     member_id: int,
@@ -107,16 +92,21 @@ def resend_bounced(
     dry_run: bool = False,
     signer: DkimSigner | None = None,
 ) -> list[str]:
-    """An MP's returned letters, to be sent again to ``to`` (a mended address): each moves
-    from ``bounced`` to ``resolved`` once (the guarded move) with the new address recorded, and
-    its letter becomes a new message to it (:func:`readdress`, signed by ``signer`` if given)
-    with its delivery to do again; the caller sends them to rendering after the commit, which
-    moves them on to delivery. Returns the submissions (or those that would be)."""
+    """An MP's returned letters, to be sent again to ``to``: each moves from ``bounced`` to
+    ``resolved`` once with the new address, and its letter becomes a new message with its
+    delivery to do again. The caller sends them to rendering after the commit. Returns the
+    submissions (or those that would be)."""
     try:
         address = validate_email(to, check_deliverability=False).normalized
     except EmailNotValidError as exc:
         raise ValueError(f"not an email address: {exc}") from None
-    ids = bounced_letters(session, member_id)
+    ids = list(
+        session.scalars(
+            select(Submission.id)
+            .where(Submission.state == State.BOUNCED, Submission.member_id == member_id)
+            .order_by(Submission.updated_at)
+        )
+    )
     if dry_run:
         return ids
     for submission_id in ids:

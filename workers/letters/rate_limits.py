@@ -1,8 +1,7 @@
 """Rate limits and quiet hours for delivery: a letter that meets one waits, it does not fail.
 
-Limits are sliding windows ("at most N in any W seconds") kept in Redis sorted sets, so they hold
-across every worker process on every machine. A reservation is made atomically for all the limits
-that apply to a letter, or for none; the answer otherwise is how long to wait.
+Limits are sliding windows kept in Redis sorted sets, so they hold across every worker; a
+reservation is made atomically for every limit that applies, or for none.
 """
 
 from __future__ import annotations
@@ -37,16 +36,13 @@ class Limiter(Protocol):
         ...
 
 
-# A reserved letter has not reached the server yet. Until ``mark_sent`` records when it did, its
-# slot is dated this far ahead of the reservation (half the window, at most two seconds), so that
-# a letter slow to leave (a busy database between reservation and send) is never counted as older
-# than it is. It costs no throughput in a steady state: mark_sent then gives the real time.
+# Until ``mark_sent`` records when a reserved letter really left, its slot is dated this far
+# ahead, so that a letter slow to leave is never counted as older than it is.
 def hold_seconds(window_seconds: float) -> float:
     return min(window_seconds / 2, 2.0)
 
 
-# KEYS: the limits' keys. ARGV: member, then limit, window (ms) and hold (ms) per key. Server
-# time, so the clocks of many worker machines do not matter.
+# KEYS: the limits' keys. ARGV: member, then limit, window (ms) and hold (ms) per key. Server time.
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

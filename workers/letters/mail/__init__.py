@@ -1,14 +1,8 @@
-"""Mail backends behind one small interface, all sending the same stored, optionally signed bytes.
+"""Mail backends behind one small interface, all sending the same stored, optionally signed
+bytes: a file outbox (the embedded default), SMTP and an HTTP provider (Mailgun).
 
-Backends: a file outbox (the embedded default), SMTP (STARTTLS or implicit TLS, auth, a pool of
-sessions shared by a worker's threads) and an HTTP provider (Mailgun's raw-MIME API through
-``requests``).
-
-One module per concern, as dramatiq has ``brokers/``: the interface (:mod:`.mailer`), the MIME
-writer (:mod:`.messages`), DKIM and the email on the wire (:mod:`.dkim`), the backends
-(:mod:`.outbox`, :mod:`.smtp`, :mod:`.http`) and the relay policy (:mod:`.relay`). The
-package's own names are what the rest of DearMP uses; tests of a module's insides import
-from that module."""
+One module per concern: the interface (:mod:`.mailer`), the MIME writer (:mod:`.messages`),
+DKIM (:mod:`.dkim`), the backends and the relay policy (:mod:`.relay`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""DKIM: the signature for the From domain (RSA-SHA256, relaxed/relaxed, over
-:data:`SIGNED_HEADERS`), and the email as it goes on the wire: written by :mod:`.messages`,
-signed here, with its envelope (:func:`outgoing` for a stored letter, :func:`outgoing_email`
-for any other email). Signing sits above writing: it signs the writer's bytes."""
+"""DKIM signing (RSA-SHA256, relaxed/relaxed) of the writer's bytes, and the email as it goes
+on the wire with its envelope: :func:`outgoing` for a stored letter, :func:`outgoing_email` for
+any other email."""
 
 from __future__ import annotations
 
@@ -19,10 +18,8 @@ from workers.letters.mail.messages import (
     write,
 )
 
-# Signed: the headers a reader sees and the MIME headers that say how to read the body. The
-# ones a reader sees are listed twice: a header named more often than it occurs is signed as
-# absent, so a relay that adds a second From, To, Subject or Reply-To breaks the signature
-# (RFC 6376 5.4).
+# The headers a reader sees are listed twice: a relay that adds a second one then breaks the
+# signature (RFC 6376 5.4).
 SIGNED_HEADERS = [
     *(name for name in (b"from", b"to", b"subject", b"reply-to") for _ in range(2)),
     b"date",
@@ -67,9 +64,8 @@ def _envelope(draft_from: str, to: str, envelope_sender: str | None) -> tuple[st
 def outgoing_email(
     draft: Draft, signer: DkimSigner | None, envelope_sender: str | None
 ) -> Outgoing:
-    """Any email DearMP sends on the wire: written by :func:`write`, signed by ``signer`` for
-    its From domain, from ``envelope_sender`` (``MAIL FROM``, the Return-Path: an address on
-    the bounce domain) or, without one, from its From."""
+    """Any email on the wire: written, signed for its From domain if there is a ``signer``,
+    from ``envelope_sender`` (the bounce address) or else its From."""
     data = write(draft)
     if signer is not None:
         data = signer.sign(data, from_domain(draft.from_email))
@@ -80,9 +76,8 @@ def outgoing_email(
 def outgoing(
     letter: Letter, signer: DkimSigner | None = None, envelope_sender: str | None = None
 ) -> Outgoing:
-    """The letter on the wire: with the signature made when it was rendered, so a resend is
-    the same bytes; a letter rendered without one is signed now by ``signer``, if any. The
-    envelope sender is the letter's own return address when there is one, else its From."""
+    """The letter on the wire, with the signature made when it was rendered (so a resend is the
+    same bytes), or signed now if it was rendered without one."""
     if not letter.dkim_signature:
         return outgoing_email(letter_draft(letter), signer, envelope_sender)
     data = letter.dkim_signature.encode("ascii") + letter_bytes(letter)

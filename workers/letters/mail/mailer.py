@@ -1,7 +1,5 @@
-"""What every mail backend is: a :class:`Mailer` takes an :class:`Outgoing` (envelope and the
-exact bytes to send) and answers, or raises one of the two delivery errors, which say whether
-trying again can help. Its own module so that the backends, the relay policy and the writer
-can all name it without importing one another."""
+"""What every mail backend is: a :class:`Mailer` sends an :class:`Outgoing` or raises one of
+the two delivery errors, which say whether trying again can help."""
 
 from __future__ import annotations
 
@@ -11,10 +9,8 @@ from typing import Protocol
 
 class TransientDeliveryError(Exception):
     """Worth trying again later: connection trouble, a timeout, SMTP 4xx, HTTP 429 or 5xx.
-
-    ``ours``: the refusal answers our side (the relay closing a session it has too many of, a
-    conversation out of step, our login paused, every session busy), not the letter: the letter
-    waits and tries again without it counting as one of its attempts."""
+    ``ours``: the refusal is about our side (too many sessions, our login paused), not the
+    letter, so it does not count as one of the letter's attempts."""
 
     def __init__(self, message: str, retry_after: float | None = None, ours: bool = False) -> None:
         super().__init__(message)
@@ -44,8 +40,7 @@ class Mailer(Protocol):
         ...
 
     def waiting(self) -> float:
-        """Seconds before letters should be handed over again (0: now): the backend knows it
-        would be refused for a reason that is not the letter's."""
+        """Seconds before letters should be handed over again (0: now)."""
         ...
 
     def close(self) -> None:

@@ -1,8 +1,6 @@
-"""The MIME writer: any email DearMP sends (a letter, a notice, a confirmation) as a
-:class:`Draft`, written by the email package in the wire format (:data:`WIRE`), the same
-bytes for the same draft on every attempt. Outside text is made fit for a header here
-(:func:`header_text`), and every header value is refused if it could start a header of its
-own. Nothing here signs or sends: see :mod:`.dkim` and the backends."""
+"""The MIME writer: any email DearMP sends, as a :class:`Draft` written by the email package,
+the same bytes for the same draft on every attempt. Every header value is refused if it could
+start a header of its own. Nothing here signs or sends."""
 
 from __future__ import annotations
 
@@ -30,16 +28,9 @@ UTF8.body_encoding = QP
 
 
 class _Wire(email.policy.Compat32):
-    """The wire format: compat32 with CRLF line ends. The compat32 classes are an order of
-    magnitude cheaper than EmailMessage's header registry, which re-parses every header it is
-    given; every header value here is checked for line breaks before it is set (see
-    :func:`_one_line`).
-
-    compat32 writes every header through :class:`email.header.Header`'s folding, which gives
-    back a printable ASCII value that fits on its line unchanged: such a header (all but a long
-    or non-ASCII one) is written as it is, the same bytes. Writing the sample letter took 244
-    to 280 us with compat32's folding and 147 to 174 us with this (eight runs each,
-    alternated; x86_64, Python 3.11); delivery writes every letter it sends."""
+    """The wire format: compat32 (much cheaper than EmailMessage's header registry) with CRLF
+    line ends. A short printable ASCII header is written as it is, skipping compat32's folding,
+    which would give back the same bytes more slowly."""
 
     def fold_binary(self, name: str, value: str) -> bytes:
         limit = self.max_line_length or 0
@@ -57,12 +48,8 @@ WIRE = _Wire(linesep="\r\n")
 
 
 def _one_line(value: str) -> str:
-    """A header value, refused if it could start a header of its own (header injection).
-
-    Not a cleaner: the writer's last guard for every value it sets. Outside text is made fit
-    for a header before it gets here (:func:`header_text`); what is stored or logged about an
-    inbound message is :func:`workers.receiving.classify.clean`. A letter's own values go
-    through this guard alone, so that a letter's bytes never change with the cleaner."""
+    """A header value, refused if it could start a header of its own (header injection): the
+    writer's last guard, not a cleaner (outside text goes through :func:`header_text` first)."""
     if "\r" in value or "\n" in value:
         raise ValueError("Header values may not contain linefeed or carriage return characters")
     return value
@@ -72,9 +59,8 @@ CRLF = "\r\n"
 
 
 def wire_address(address: str) -> str:
-    """An address as it goes in a header or the SMTP envelope: an internationalised domain as
-    IDNA (``bob@xn--mnchen-3ya.de``). A non-ASCII local part would need SMTPUTF8 everywhere the
-    letter and its replies go; validation refuses those, and one found here fails its letter."""
+    """An address as it goes in a header or the SMTP envelope, its domain as IDNA. A non-ASCII
+    local part would need SMTPUTF8 everywhere: refused."""
     local, _, domain = _one_line(address).strip().rpartition("@")
     if not local.isascii():
         raise ValueError("an address with a non-ASCII local part needs SMTPUTF8")
@@ -114,22 +100,15 @@ def _part(text: str, subtype: str) -> MIMENonMultipart:
     return part
 
 
-# Taken out of outside text before it goes in a header: control and format characters (CR, LF,
-# NEL, bidirectional overrides, zero-width joiners), line and paragraph separators, and lone
-# surrogates.
+# Taken out of outside text for a header: control and format characters, line and paragraph
+# separators, lone surrogates.
 _NOT_IN_HEADERS = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 def header_text(text: str, limit: int) -> str:
-    """Outside text (a reply's subject, an MP's name, an organisation) made fit for a header:
-    one line, whitespace of any kind one space, no control or format character, at most
-    ``limit`` characters. What it held cannot become a header of its own, here or when a
-    reader's software writes it again (CPython's CVE-2024-6923: an encoded word holding CR LF
-    became real headers), whatever the interpreter's patch level.
-
-    The one cleaner for outside text in headers (notices and forwards); the writer refuses
-    what is still unfit (:func:`_one_line`), and a diagnostic kept about an inbound message is
-    :func:`workers.receiving.classify.clean` (addresses taken out, never a header)."""
+    """Outside text (a reply's subject, an MP's name) made fit for a header: one line, no control
+    or format character, at most ``limit`` characters, so that it can never become a header of its
+    own, here or when a reader's software writes it again (CPython's CVE-2024-6923)."""
     kept = "".join(
         " " if c.isspace() else c
         for c in text
@@ -140,11 +119,9 @@ def header_text(text: str, limit: int) -> str:
 
 @dataclass(frozen=True)
 class Draft:
-    """Any email DearMP sends (a letter, a notice, a confirmation) before it is written. Every
-    header value is one line (the writer refuses a line break; outside text goes through
-    :func:`header_text` first); ``headers`` come last, plain ASCII (``Auto-Submitted``). The
-    same draft is the same bytes: Date and Message-ID are the draft's, and so is the
-    multipart boundary when there is HTML."""
+    """Any email DearMP sends before it is written. Every header value is one line; ``headers``
+    come last, plain ASCII. Date, Message-ID and the boundary are the draft's: the same draft is
+    the same bytes."""
 
     from_name: str
     from_email: str
@@ -170,8 +147,7 @@ def _boundary(letter: Letter) -> str:
 
 
 def _envelope_headers(draft: Draft) -> list[tuple[str, str]]:
-    """From, To, Reply-To, Subject, Date, Message-ID and the draft's own, each refused if it
-    has a line break."""
+    """The draft's headers, each refused if it has a line break."""
     headers = [
         ("From", _mailbox("From", draft.from_name, draft.from_email)),
         ("To", _mailbox("To", draft.to_name, draft.to_email)),
@@ -187,8 +163,7 @@ def _envelope_headers(draft: Draft) -> list[tuple[str, str]]:
 
 
 def build(draft: Draft) -> Message:
-    """The email as the email package's objects: every header one line, non-ASCII encoded,
-    parts quoted-printable in UTF-8 (lines of at most 76 characters, RFC 2045)."""
+    """The email as the email package's objects: parts quoted-printable in UTF-8."""
     text = _part(draft.text, "plain")
     message: Message = text
     if draft.html:

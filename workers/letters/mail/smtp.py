@@ -1,7 +1,6 @@
 """SMTP: STARTTLS or implicit TLS, optional login, and a pool of sessions a worker's threads
-share (:class:`SmtpPool`: at most so many open, each closed after so long or so many letters,
-and the relay's own limit on connections kept to). MAIL, RCPT and DATA are sent by hand to keep
-each answer; what an answer means is the relay policy's to say (:mod:`.relay`)."""
+share. MAIL, RCPT and DATA are sent by hand to keep each answer; the relay policy (:mod:`.relay`)
+says what an answer means."""
 
 from __future__ import annotations
 
@@ -50,21 +49,14 @@ class _Session:
 class SmtpPool:
     """The SMTP sessions a worker process keeps open to its relay, shared by its threads.
 
-    At most ``size`` sessions are open at once (a relay's limit per client is counted in
-    sessions; a thread that finds them all busy waits for one), a session is closed (with
-    QUIT) once it is ``max_age`` seconds old, has carried ``max_letters`` letters, or has sat
-    idle for ``idle`` seconds, so that a relay's new rules reach us and idle threads hold
-    nothing. A session that met an error is closed, not reused, unless the error is a
-    :class:`Refusal` of one letter after which the session was reset (``usable``).
+    At most ``size`` are open (a thread that finds them all busy waits); a session is closed once
+    ``max_age`` old, after ``max_letters`` letters, or ``idle`` seconds unused. A session that
+    met an error is closed, unless a :class:`Refusal` of one letter left it ``usable``.
 
-    When the relay answers a new connection with 421 ("too many connections") while this
-    process has sessions open, the pool takes that as the relay's limit: it keeps to the
-    sessions it has, and the thread waits for one of them instead of deferring its letter,
-    until ``max_age`` has passed and a larger pool is tried again. With none open (other
-    processes hold what the relay allows), no thread of the process connects for a while
-    (``HOLD_FIRST`` seconds, doubling with each 421 in a row up to ``HOLD_LONGEST``) and then
-    one tries: threads wait for that as for a busy session, and a letter that waits too long
-    is deferred as ``ours`` (no attempt counted), not one refused connection per letter."""
+    A 421 to a new connection is the relay's limit: the pool keeps to the sessions it has until
+    ``max_age`` passes; with none open, it holds off (``HOLD_FIRST`` seconds, doubling up to
+    ``HOLD_LONGEST``) and then one thread tries. A letter that waits too long is deferred as
+    ``ours``."""
 
     HOLD_FIRST = 1.0
     HOLD_LONGEST = 30.0
@@ -108,18 +100,19 @@ class SmtpPool:
         self._put_back(session)
 
     def _put_back(self, session: _Session) -> None:
-        # A session that has carried its last letter goes back too: its QUIT, a round trip,
-        # must not stand between the server's answer and the caller's record of the letter as
-        # sent. The next use or the idle sweep closes it.
+        # A spent session goes back too: its QUIT must not delay recording the letter as sent.
         session.letters += 1
         session.used = self.clock()
         with self.changed:
             self.idle.append(session)
             self.changed.notify()
             if self.sweeper is None:
-                self.sweeper = threading.Timer(self.idle_for, self._sweep)
-                self.sweeper.daemon = True
-                self.sweeper.start()
+                self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        self.sweeper = threading.Timer(self.idle_for, self._sweep)
+        self.sweeper.daemon = True
+        self.sweeper.start()
 
     def _sweep(self) -> None:
         """Close the sessions that have sat idle too long (a timer while any are idle)."""
@@ -131,9 +124,7 @@ class SmtpPool:
             self.changed.notify(len(gone))
             self.sweeper = None
             if self.idle:
-                self.sweeper = threading.Timer(self.idle_for, self._sweep)
-                self.sweeper.daemon = True
-                self.sweeper.start()
+                self._schedule_sweep()
         for session in gone:
             _close(session.conn)
 
@@ -291,9 +282,7 @@ class SmtpMailer:
             if conn is not None:  # a set-up that failed (TLS, EHLO, AUTH) leaves no session
                 _close(conn)
             if isinstance(exc, ssl.SSLCertVerificationError) and not self.relay.waiting():
-                # The relay's certificate, or the CA we check it with: the same for every
-                # letter, so a pause, not a handshake per letter charged to it. (Threads that
-                # were in a handshake with the first make one pause, not one doubling each.)
+                # The same for every letter: a pause, not a failed handshake per letter.
                 self.relay.refused(
                     f"TLS verification of the mail server failed ({exc.verify_message}): "
                     "check SMTP_CA_FILE and the relay's certificate"
@@ -308,10 +297,7 @@ class SmtpMailer:
         self.pool.close()
 
     def send(self, mail: Outgoing) -> str:
-        # An error closes the session it happened on (the pool's rule): a server out of step
-        # with us, or an address the library cannot write, cannot leave the next letter a
-        # session mid-transaction. A definite refusal of this letter does not spoil the
-        # session: once RSET is answered, it goes back to the pool (see _transaction).
+        # An error closes its session (the pool's rule), unless RSET cleared a refusal.
         try:
             self.relay.check()
             with self.pool.session() as conn:
@@ -328,8 +314,7 @@ class SmtpMailer:
         except Refusal as exc:
             error = classify(self.relay, exc.command, exc.code, exc.answer, exc.recipient)
             if self.relay.waiting() > 0:
-                # Paused: no session waits out the pause under the rules it was opened with
-                # (a relay's operator fixes them and reloads; the probe gets a new session).
+                # Paused: the probe after the pause gets a new session, under the relay's new rules.
                 self.pool.close()
             raise error from exc
         except smtplib.SMTPResponseException as exc:  # the greeting, EHLO, STARTTLS
@@ -339,9 +324,8 @@ class SmtpMailer:
 
 
 def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
-    """MAIL, RCPT and DATA by hand rather than ``sendmail()``, to keep the final answer. A
-    refusal raises :class:`Refusal`, ``usable`` when RSET then clears the transaction (a 421
-    or 503 leaves the session's state unknown: it is closed)."""
+    """MAIL, RCPT and DATA by hand, to keep the final answer. A refusal raises :class:`Refusal`,
+    ``usable`` when RSET then clears the transaction (not after a 421 or 503)."""
     refused: Refusal | None = None
     code, answer = conn.mail(mail.sender)
     if code != 250:
@@ -369,9 +353,9 @@ def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
 
 
 def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
-    """AUTH with one mechanism, the first of smtplib's preference the server offers:
-    ``SMTP.login`` tries each offered mechanism in turn with the same password, so one wrong
-    password counts as two or three failures against the account at the relay."""
+    """AUTH with the first mechanism of smtplib's preference the server offers, only that one:
+    ``SMTP.login`` tries each with the same password, so one wrong password would count two or
+    three times against the account."""
     conn.ehlo_or_helo_if_needed()
     offered = conn.esmtp_features.get("auth", "").upper().split()
     mechanism = next((m for m in ("CRAM-MD5", "PLAIN", "LOGIN") if m in offered), None)
