@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from config.settings import Settings, get_settings
 from tests.services import SHARED_DATA, PostgresCluster, SmtpSink, free_port, unavailable
 from workers.database.engine import migrate
-from workers.pipeline.actors import get_handoff, setup
+from workers.pipeline.actors import held_by, setup
 from workers.pipeline.app import App, set_app
 from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.runtime import prepare
@@ -144,7 +144,7 @@ def stub_worker(stub_broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
 def drain(broker: Any, worker: dramatiq.Worker, timeout_ms: int = 30_000) -> None:
     """Wait until every stage queue is empty, the worker is idle and nothing is held for sending
     (stages enqueue each other, through the process's handoff)."""
-    handoff = get_handoff()
+    handoff = held_by(broker)
     for _ in range(10):
         for stage in Stage:
             broker.join(stage.queue, timeout=timeout_ms, fail_fast=False)

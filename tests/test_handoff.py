@@ -11,7 +11,7 @@ from typing import Any
 import dramatiq
 
 from schemas.messages import parse_stage_message
-from workers.pipeline.actors import get_handoff, send_on
+from workers.pipeline.actors import held_by
 from workers.pipeline.handoff import Handoff
 from workers.pipeline.middleware import SendHeld
 from workers.stages.stage import Stage
@@ -146,11 +146,11 @@ def test_a_worker_shutting_down_sends_what_is_held(stub_broker: dramatiq.Broker)
 
 
 def test_the_stages_send_on_through_the_handoff(stub_broker: dramatiq.Broker) -> None:
-    handoff = get_handoff()
+    handoff = held_by(stub_broker)
     a, b, c = (f"00000000-0000-4000-8000-00000000000{n}" for n in range(3))
     assert handoff.linger > 0  # the default: the stages' messages are grouped
-    send_on([(a, [Stage.RESOLVE, Stage.CONSENT]), (b, [Stage.RESOLVE])])
-    send_on([(c, [Stage.RESOLVE])])
+    handoff.add({Stage.RESOLVE: [a, b], Stage.CONSENT: [a]})
+    handoff.add({Stage.RESOLVE: [c]})
     resolve, consent = (stub_broker.queues[s.queue] for s in (Stage.RESOLVE, Stage.CONSENT))
     wait_until(lambda: resolve.qsize() and consent.qsize())
     [message] = [dramatiq.Message.decode(raw) for raw in resolve.queue]
