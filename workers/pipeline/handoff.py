@@ -7,15 +7,9 @@ to ``linger`` seconds (``DEARMP_HANDOFF_LINGER_MS``) and sends it in messages of
 stage's group size (:attr:`workers.stages.stage.Stage.group_size`); a full group goes at once,
 in the thread that filled it.
 
-Measured (``bench.pipeline --postgres``, n = 5,000, 2 processes x 8 threads, 2 cores), runs
-alternated. Against ``DEARMP_HANDOFF_LINGER_MS=0``, with one validation message per submission:
-109 against 56 submissions/s, 9.7 against 20.9 ms of worker CPU per submission. A linger of
-100 ms against 20 ms, with one validation message per submission: 165 to 269 against 120 to
-180 submissions/s, 4.4 to 7.4 against 6.5 to 9.7 ms of worker CPU. With 20 ms a group held only
-what a process moved on in 20 ms, so a slower run made smaller groups, which cost more and kept
-it slow; 100 ms fills a group of 16 at 160 submissions/s a process. With the intake's groups of
-six the throughput was the same (305 and 348 against 309 and 301 /s); 200 ms gained little more
-(265 and 282 /s) for twice the wait.
+Without it, each stage would send on what one message moved on as one message; with the
+intake's groups the PostgreSQL pipeline target is met only with it (docs/performance.md, "The
+handoff holds what moved on for 100 ms").
 
 Nothing held is at risk that was not already: it has been committed, and a submission that was
 never sent on is found and sent again by the reconciler, as when Redis refuses a send. A worker
