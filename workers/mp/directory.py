@@ -1,10 +1,8 @@
 """The local MP directory: versioned imports of constituencies, MPs and postcodes.
 
-An import builds a complete new version and switches to it in the same transaction, so a failed
-import leaves the previous version in place and readers never see half a directory. Postcode files
-are streamed (the full ONS Postcode Directory has about 2.7 million rows): on PostgreSQL the file's
-bytes go straight to ``COPY`` and the server parses them; on SQLite rows go in batches. Either way
-memory stays bounded, and ``progress`` is told how many bytes have been read.
+An import builds a complete new version and switches to it in the same transaction, so readers
+never see half a directory. Postcode files are streamed (PostgreSQL parses them with ``COPY``;
+SQLite takes batches), and ``progress`` is told how many bytes have been read.
 """
 
 from __future__ import annotations
@@ -198,10 +196,7 @@ def _postcodes_postgresql(
         # Later files add only postcodes the earlier ones lack. (Checking the first file for
         # conflicts too would cost a third of the import; a repeat in it is an error.)
     )
-    session.execute(
-        text(insert_sql),
-        {"v": version_id},
-    )
+    session.execute(text(insert_sql), {"v": version_id})
     session.execute(text("DROP TABLE dearmp_postcode_stage"))
 
 
@@ -215,8 +210,8 @@ def current_version(session: Session) -> DirectoryVersion | None:
 
 
 def example_postcode(session: Session) -> str | None:
-    """A live postcode of the current directory whose seat has an MP with an email address:
-    what a page can suggest (the embedded sample's postcodes are fictional, ``DM1 1AA``...)."""
+    """A live postcode of the current directory whose MP has an email address, for a page to
+    suggest."""
     version = current_version_id(session)
     if version is None:
         return None
@@ -329,8 +324,7 @@ def import_directory(
 
     _switch_to(session, version)
     if session.get_bind().dialect.name == "postgresql":
-        # Fresh statistics before the first lookup: without them the planner can pick a plan
-        # fifty times slower until autovacuum gets round to the new rows.
+        # Fresh statistics: else the planner may pick a far slower plan until autovacuum runs.
         session.execute(text("ANALYZE postcodes, constituencies, members"))
     return ImportCounts(
         version.id,
@@ -389,13 +383,10 @@ def _seat_key(name: str) -> str:
 def sync_members(session: Session, members_api: MembersApi, source: str) -> dict[str, Any]:
     """Refresh MPs and their emails from the Members API into a new current version.
 
-    The API's constituencies carry no ONS code, so sitting members are matched to our seats by
-    member id first and by seat name for newcomers. Emails come only from the API's contact
-    records: a member with none listed has none here (never one guessed from a name).
-    Returns what changed: new MPs, vacancies, changed emails.
+    The API's seats carry no ONS code: members are matched by member id, newcomers by seat name.
+    Emails come only from the API's contact records, never guessed. Returns what changed.
     """
-    # Every network call first, before the transaction begins (on SQLite it would hold the write
-    # lock for the minutes 650 contact look-ups take).
+    # Every network call before the transaction begins (650 look-ups take minutes).
     sitting = {member_id: rest for member_id, *rest in members_api.current_members()}
     contacts = {member_id: members_api.contact(member_id) for member_id in sitting}
     previous = current_version(session)

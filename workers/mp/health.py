@@ -1,10 +1,8 @@
 """Address health: an MP address that returns letters for good is marked failing.
 
-When ``threshold`` distinct letters to one address bounce permanently within ``window``, the
-address is failing: resolution holds new letters to it (as for a vacant seat) instead of sending
-them. A directory with a different address for the MP releases them at the next recheck (the
-held letters are resolved again against it); an operator's ``dearmp directory address EMAIL
---ok`` marks it ok and releases them at once.
+When ``threshold`` letters to one address bounce permanently within ``window``, resolution holds
+new letters to it. A new address in the directory, or ``dearmp directory address EMAIL --ok``,
+releases them.
 """
 
 from __future__ import annotations
@@ -33,9 +31,8 @@ def is_failing(session: Session, address: str | None) -> bool:
 
 
 def recent_bounces(session: Session, address: str, since: datetime) -> int:
-    """Distinct letters to ``address`` (as the letters store it) that bounced for good since
-    ``since`` (found by ``ix_letters_to_email``). A letter resent to a new address is a new
-    message: its returns to the old address (before its creation) do not count for the new."""
+    """Distinct letters to ``address`` that bounced for good since ``since``; a letter resent
+    to a new address does not count its returns from before."""
     count = session.scalar(
         select(func.count(func.distinct(LetterEvent.submission_id)))
         .join(Letter, Letter.submission_id == LetterEvent.submission_id)
@@ -61,8 +58,7 @@ def note_bounce(
     have bounced. True when this call marked it."""
     now = now or utcnow()
     if session.get_bind().dialect.name == "postgresql":
-        # Bounces of letters to one address are counted one transaction at a time, so that of
-        # several recorded at once the last sees them all (SQLite has one writer anyway).
+        # One transaction at a time counts an address's bounces, so the last sees them all.
         session.execute(_LOCK, {"address": f"health:{key(address)}"})
     bounces = recent_bounces(session, address, now - window)
     if bounces < threshold:

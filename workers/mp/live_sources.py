@@ -1,10 +1,9 @@
-"""Live sources over HTTP: postcodes.io (postcode → constituency) and the UK Parliament Members API
-(constituency → current MP and contact details).
+"""Live sources over HTTP: postcodes.io (postcode → constituency) and the UK Parliament Members
+API (constituency → current MP and contact details).
 
-Each worker thread has its own ``requests.Session``. Connection errors, 429 and 5xx are retried with
-backoff, honouring ``Retry-After`` up to a limit; past it, :class:`SourceUnavailable` sends the
-message back to its queue (the actor's retries), and from there to the dead-letter queue. Answers
-are cached in the database with a time to live, so a burst of supporters in one postcode asks once.
+Connection errors, 429 and 5xx are retried with backoff (honouring ``Retry-After`` up to a
+limit); past that, :class:`SourceUnavailable` leaves it to the actor's retries. Answers are
+cached in the database with a time to live.
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ from workers.database.models import LookupCache, utcnow
 log = structlog.get_logger(__name__)
 
 USER_AGENT = "DearMP/1 (+https://github.com/dearmp)"
-# Contact types in the Members API: 1 is the parliamentary office, 4 the constituency office.
+# The Members API's contact type of the parliamentary office.
 PARLIAMENTARY_OFFICE = 1
-CONSTITUENCY_OFFICE = 4
 
 
 class SourceUnavailable(Exception):
@@ -289,8 +287,8 @@ class LiveSources:
         ]
 
     def warm(self, sessions: sessionmaker[Session], postcode: str) -> None:
-        """Fetch a postcode's answers into the cache with no transaction open, so the resolution
-        transaction that follows makes no network call (and holds no lock while one waits)."""
+        """Fetch a postcode's answers into the cache with no transaction open, so that resolution
+        makes no network call inside its transaction."""
         if self.ttl <= 0:
             return
         for key, fetch in self._fetchers(postcode):

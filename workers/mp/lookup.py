@@ -92,10 +92,9 @@ def _no_seat(postcode: str, gss_code: str | None) -> Problem:
 
 
 def _lookup_statement(many: bool = False) -> Executable:
-    """One postcode's answer (``:postcode``), or with ``many`` every listed one's (``:postcodes``,
-    with the postcode first and the versions oldest first). On the tables (SQLAlchemy Core),
-    not the mapped classes: rows without the ORM's loading, 142 to 172 us a lookup against 197
-    to 243 us (PostgreSQL, ten runs each, alternated)."""
+    """One postcode's answer (``:postcode``), or with ``many`` every listed one's
+    (``:postcodes``, the versions oldest first). On the tables, not the mapped classes: rows
+    without the ORM's loading are faster."""
     version = table(DirectoryVersion).alias("version")
     postcode, seat, member = table(Postcode), table(Constituency), table(Member)
     address = table(AddressHealth)
@@ -146,11 +145,8 @@ LOOKUP_MANY = _lookup_statement(many=True)
 
 
 def lookup_local(session: Session, postcode: str) -> Answer | None:
-    """The current directory's answer for a normalised postcode; None when it is not listed.
-
-    One statement, one round trip: the current version, the postcode, its seat, its MP and
-    whether the MP's address is failing.
-    """
+    """The current directory's answer for a normalised postcode in one statement; None when it
+    is not listed."""
     row = session.execute(LOOKUP, {"postcode": postcode}).first()
     if row is None:
         _check_directory(session)
@@ -219,8 +215,7 @@ def find(
     known: Mapping[str, Answer] | None = None,
 ) -> Answer:
     """The answer for a supporter's postcode from the sources in ``order``. ``known``: the local
-    directory's answers already looked up (:func:`lookup_local_many`), by normalised postcode;
-    a postcode not in it is not listed."""
+    directory's answers already looked up (:func:`lookup_local_many`)."""
     normalised, format_problem = check_format(postcode)
     if format_problem is not None:
         return format_problem

@@ -1,15 +1,9 @@
 """Per-letter return and reply addresses: a token that names the letter, signed with the key.
 
-``b-<token>@<bounce domain>`` is a letter's envelope sender, where bounces and most automatic
-replies go; ``r-<token>@<reply domain>`` its Reply-To when the campaign relays replies;
-``n-<token>@<bounce domain>`` the envelope sender of an email to a supporter (a notice), so that
-a bounce of a notice is recognised and never acted on as a letter's. ``postmaster`` at either
-domain is taken too (RFC 5321), for the operator.
-
-The token is the submission's 16 id bytes and the first 10 bytes (80 bits) of an HMAC-SHA256
-over the purpose and the id, in lower-case base32: 42 characters, a 44-character local part
-(the limit is 64). It reveals nothing personal; without the key it cannot be made for any
-letter, and a token made for one purpose (a bounce) does not pass for another (a reply).
+``b-<token>`` (at the bounce domain) is a letter's envelope sender, ``r-<token>`` (at the reply
+domain) its Reply-To, ``n-<token>`` (bounce domain) a notice's envelope sender, so that a notice's
+bounce is never taken for a letter's. The token is the id's 16 bytes and 80 bits of an HMAC over
+purpose and id, in base32: nothing personal, unforgeable without the key, one purpose each.
 """
 
 from __future__ import annotations
@@ -80,9 +74,8 @@ def read_address(secret: bytes, address: str, domains: set[str]) -> Token | None
 
 
 def token_key(address: str) -> str | None:
-    """What a token-shaped address names, whatever its domain, case or trailing dot: its
-    purpose, object id and MAC (unchecked: without the key), or None. Two addresses with one
-    key are one recipient; a forged token (another MAC) is another."""
+    """What a token-shaped address names, whatever its domain or case: purpose, id and MAC
+    (unchecked), or None. Two addresses with one key are one recipient."""
     local, at, _ = address.strip().strip("<>").rpartition("@")
     decoded = _decode(local) if at else None
     if decoded is None:
@@ -123,8 +116,7 @@ class ReturnAddresses:
         return read_address(self.secret, address, self.domains)
 
     def is_postmaster(self, address: str) -> bool:
-        """``postmaster``, bare or at one of our domains (any case): RFC 5321 says a mail server
-        takes mail for it. What comes to it is for the operator, never a letter's."""
+        """``postmaster``, bare or at one of our domains: for the operator, never a letter's."""
         local, at, domain = address.strip().strip("<>").rpartition("@")
         if not at:
             local, domain = domain, ""

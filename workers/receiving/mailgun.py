@@ -1,19 +1,9 @@
 """Mailgun's delivery events (``POST /v1/webhooks/mailgun``): verified, then read like a bounce.
 
-Mailgun signs each webhook: ``signature.signature`` is the hex HMAC-SHA256, keyed with the
-account's webhook signing key, of ``timestamp`` followed by ``token``. A request whose signature
-does not match, or whose timestamp is more than :data:`MAX_AGE` seconds from now, is refused. As
-Mailgun advises, each token is remembered (in the database, so every API process agrees) for as
-long as its timestamp would be accepted, and a second request with it is refused: a captured
-signature cannot carry other event data. The same event sent again (its ``event-data.id``) is
-stored once.
-
-The event is outside text: only what classifying needs is kept, each value checked or made one
-printable line (a lone surrogate, a control character, an address become ``?`` or go), so what
-is stored can always be written and read back.
-
-The letter is found by the event's Message-ID (``event-data.message.headers.message-id``),
-which is the letter's own.
+A request is refused unless its HMAC-SHA256 signature matches and its timestamp is within
+:data:`MAX_AGE`; each signature token is remembered in the database for as long, so a captured
+signature cannot be replayed. Only what classifying needs is kept, each value checked or made one
+printable line. The letter is found by the event's Message-ID.
 """
 
 from __future__ import annotations
@@ -66,8 +56,8 @@ def _printable_ascii(value: Any, limit: int) -> str | None:
 
 
 def message_id(event: dict[str, Any]) -> str | None:
-    """The letter's Message-ID as we store it (in angle brackets); None if it is not one we
-    could have made (ours are printable ASCII)."""
+    """The letter's Message-ID as we store it (in angle brackets), or None if we could not
+    have made it."""
     value = _printable_ascii(_get(event, "message", "headers", "message-id"), 250)
     if value is None or not value.strip():
         return None
@@ -97,8 +87,8 @@ def _words(value: Any) -> str | None:
 
 
 def kept_fields(event: dict[str, Any]) -> dict[str, Any]:
-    """What classifying needs and nothing more (not the recipient, not the provider's user
-    variables), each value checked or made one printable line without addresses."""
+    """What classifying needs and nothing more, each value checked or made one printable line
+    without addresses."""
     status = event.get("delivery-status")
     status = status if isinstance(status, dict) else {}
     severity = event.get("severity")

@@ -1,21 +1,10 @@
 """``dearmp inbound``: the SMTP receiver for the bounce and reply domains (aiosmtpd).
 
-- It takes mail only for its own addresses: a recipient must be a letter's (or a notice's)
-  address with a genuine token, anything else is refused at RCPT with 550: never an open relay.
-  The one exception is ``postmaster`` (bare, or at one of its domains), which RFC 5321 requires
-  a mail server to accept: that mail is kept for the operator and never acted on as a letter's.
-  A recipient given twice in one transaction is taken once.
-- A message larger than ``max_bytes`` is refused (552, aiosmtpd's size limit), and a peer
-  sending more than ``per_minute`` messages is told to try later (450) at MAIL.
-- It offers STARTTLS when a certificate and key are configured (relays use TLS when offered),
-  closes a session idle for ``idle_seconds`` or open for ``session_seconds`` in all (a peer
-  trickling a byte a minute is never idle), and answers ``421`` to a connection beyond
-  ``max_sessions`` open at once or beyond ``per_peer`` open from its address: neither idle nor
-  slow peers can hold the door shut, and one host cannot take every place.
-- It answers ``250`` only once the message is committed to the database, the same promise a
-  mail server makes; then it sends the inbound stage its id. If Redis is away, the reconciler
-  sends it later from the database. A database that cannot store it gets 451: the sending
-  server keeps the message and tries again.
+It takes mail only for its own token addresses and ``postmaster`` (RFC 5321), never an open
+relay. It limits size, messages per peer, sessions at once and per peer, and how long a session
+may stay open, so that slow or idle peers cannot hold the door shut. It answers ``250`` only
+once the message is committed to the database, then sends its id to the inbound stage (the
+reconciler does if Redis is away); a database that cannot store it gets 451.
 """
 
 from __future__ import annotations
@@ -75,16 +64,12 @@ class InboundHandler:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``send_on`` sends stored ids to the inbound stage; ``hash_peer`` makes the keyed hash
-        of a peer's address that is all the receiver keeps and logs of it."""
+        that is all the receiver keeps and logs of a peer's address."""
         self.sessions = sessions
         self.returns = returns
         self.send_on = send_on
         self.hash_peer = hash_peer
         self.limit = PeerLimit(per_minute, clock)
-
-    def _peer(self, session: SmtpSession) -> str:
-        peer = session.peer
-        return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
     async def handle_MAIL(
         self,
@@ -94,7 +79,7 @@ class InboundHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        if not self.limit.allow(self._peer(session)):
+        if not self.limit.allow(_host(session.peer)):
             log.warning("inbound_peer_limited", peer_hash=self._hash(session))
             return "450 4.7.1 Too many messages from you; try again later"
         envelope.mail_from = address
@@ -120,7 +105,7 @@ class InboundHandler:
         return "250 OK"
 
     def _hash(self, session: SmtpSession) -> str:
-        return self.hash_peer(self._peer(session))
+        return self.hash_peer(_host(session.peer))
 
     async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
@@ -170,16 +155,15 @@ class SessionCap:
             self.peers[peer] = left
 
 
-def _address(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
+def _host(peer: Any) -> str:
+    """A peer's address, from what aiosmtpd or asyncio give as its name."""
     return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 class CappedSMTP(SMTP):
-    """aiosmtpd's SMTP session, which answers ``421`` and closes when a cap is reached (all
-    sessions, or its peer's), counts a session idle only when no bytes come (a slow relay's
-    large DATA is not cut), and ends it with ``421`` once it has been open ``cap.seconds``
-    whatever comes (a peer sending a byte a minute would otherwise hold it for ever)."""
+    """aiosmtpd's SMTP session, answering ``421`` when a cap is reached, counting a session idle
+    only when no bytes come, and ending it once open ``cap.seconds`` (a peer sending a byte a
+    minute would otherwise hold it for ever)."""
 
     def __init__(self, handler: Any, cap: SessionCap, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -191,7 +175,7 @@ class CappedSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not STARTTLS's second call, with the TLS transport
-            self.peer_address = _address(transport)
+            self.peer_address = _host(transport.get_extra_info("peername"))
             self.refusal = self.cap.enter(self.peer_address)
             self.counted = self.refusal is None
             if self.counted:
@@ -212,7 +196,7 @@ class CappedSMTP(SMTP):
         super().data_received(data)
 
     def _too_long(self) -> None:
-        """The session has been open ``cap.seconds``: say so and close it (as an idle one is)."""
+        """Say the session has been open too long, and close it."""
         self.deadline = None
         log.warning("inbound_session_too_long", seconds=self.cap.seconds)
         if self.transport is not None:
@@ -235,8 +219,7 @@ class CappedSMTP(SMTP):
 
 
 class InboundController(Controller):
-    """aiosmtpd's controller (a thread with its own event loop) serving :class:`CappedSMTP`:
-    ``max_sessions`` at once, ``per_peer`` from one address, each for ``session_seconds``."""
+    """aiosmtpd's controller (a thread with its own event loop) serving :class:`CappedSMTP`."""
 
     def __init__(
         self,
@@ -265,8 +248,8 @@ def tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
 def server_options(
     max_bytes: int, idle_seconds: float = 60.0, tls: ssl.SSLContext | None = None
 ) -> dict[str, Any]:
-    """aiosmtpd's SMTP options: the size limit, bytes kept as they came, the idle timeout, and
-    STARTTLS offered (never required: a relay without TLS still delivers) with a context."""
+    """aiosmtpd's SMTP options: size limit, bytes as they came, idle timeout, and STARTTLS
+    offered (never required) when there is a context."""
     options: dict[str, Any] = {
         "data_size_limit": max_bytes,
         "decode_data": False,

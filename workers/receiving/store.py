@@ -12,8 +12,7 @@ from workers.database.models import InboundMessage, InboundStatus, WebhookToken,
 from workers.receiving.addresses import token_key
 
 FOR_THE_OPERATOR = "to the postmaster: kept for the operator, never acted on as a letter's"
-# Of mail to the postmaster, which anyone may send, this much is kept: enough to read, not a way
-# to fill the database.
+# Of mail to the postmaster, which anyone may send: enough to read, not a way to fill the database.
 POSTMASTER_KEEP = 100_000
 
 
@@ -22,17 +21,13 @@ class Replayed(Exception):
 
 
 def recipient_key(address: str) -> str:
-    """One address however it is written: case-insensitive, without angle brackets or a
-    trailing dot (the receiver's check of a recipient given twice)."""
+    """One address however it is written: no case, angle brackets or trailing dot."""
     return address.strip().strip("<>").lower().rstrip(".")
 
 
 def stored_key(address: str) -> str:
     """What makes two recipients one stored copy: one of our addresses is its decoded token
-    (purpose, object id and MAC: :func:`~workers.receiving.addresses.token_key`), at whichever of
-    our domains, with or without a trailing dot, in any case: ``r-X@reply``, ``R-X@reply.``
-    and ``r-X@bounce`` are one. Anything else is its :func:`recipient_key`. (The receiver
-    takes only tokens it verified at one of our domains.)"""
+    (at whichever of our domains, in any case), anything else its :func:`recipient_key`."""
     return token_key(address) or recipient_key(address)
 
 
@@ -58,11 +53,10 @@ def store(
     submission_id: str | None = None,
     token: str | None = None,
 ) -> list[str]:
-    """One row per distinct recipient, committed; the ids of those the inbound stage is to act
-    on. Mail to the postmaster is stored ``dropped`` with its text (the first
-    :data:`POSTMASTER_KEEP` bytes), for the operator: no id. An event already stored (the same
-    ``external_id``) is not stored again: no ids. ``token`` (a webhook signature's) is
-    remembered in the same transaction; one remembered already raises :class:`Replayed`."""
+    """One row per distinct recipient, committed; the ids the inbound stage is to act on. Mail
+    to the postmaster is kept (truncated) for the operator, with no id; an event already stored
+    (same ``external_id``) gives no id. ``token`` (a webhook signature's) is remembered in the
+    same transaction; one seen before raises :class:`Replayed`."""
     now = utcnow()
     ids: list[str] = []
     with session_scope(sessions) as session:
@@ -104,8 +98,7 @@ def _to_postmaster(recipient: str) -> bool:
 
 
 def _remember(session: Session, token: str, now: datetime) -> bool:
-    """Whether ``token`` is new (and now remembered). Two requests with one token at once: the
-    unique key lets one in; the other waits for its commit and finds the token taken."""
+    """Whether ``token`` is new (and now remembered); the unique key decides between two."""
     added = session.execute(
         insert_on_conflict(session, WebhookToken)
         .values(token=token, seen_at=now)
