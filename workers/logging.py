@@ -17,8 +17,7 @@ from typing import Any
 import structlog
 
 # Linear time on any input: a local part is matched only from the start of a run of its
-# characters (the lookbehind), and possessively, so no run is scanned twice. (Without the
-# lookbehind every position of a long run started a scan to its end: 40 KB took 7 s.)
+# characters (the lookbehind), and possessively, so no run is scanned twice.
 EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+")
 POSTCODE_RE = re.compile(r"\b[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}\b", re.IGNORECASE)
 # Longer values are cut before masking: nothing the code logs is this long.
@@ -34,8 +33,7 @@ def _mask(value: Any) -> Any:
 
 
 class MessageIdsOnly(logging.Filter):
-    """dramatiq's own log lines show a message as its actor and arguments; put its id there
-    instead, so no argument (which could be anything a sender put in it) reaches the log."""
+    """dramatiq's own log lines show a message's arguments: show its id instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and any(_is_message(a) for a in record.args):
@@ -71,11 +69,9 @@ SHARED_PROCESSORS: list[Any] = [
 
 
 class Lines:
-    """The one writer of a process's log records, our events and the libraries' alike: each
-    record is written whole, with its line end, under one lock. (Two writers on one stream, each
-    with its own lock, let concurrent records share a line.) Without a stream of its own it
-    writes to ``sys.stderr`` as it is at each record, so a stream swapped in for a while (a
-    test runner's capture) and closed after is never written to."""
+    """The one writer of a process's log records, ours and the libraries', each written whole
+    under one lock (two writers on one stream let records share a line). Without a stream of
+    its own it writes to ``sys.stderr`` as it is at each record (a test runner swaps it)."""
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream
@@ -111,13 +107,8 @@ class LinesHandler(logging.Handler):
 @contextmanager
 def bound(**values: Any) -> Iterator[None]:
     """Bind ``values`` to every log event of this block (a submission's id), then put back what
-    was bound before. structlog's ``bound_contextvars`` does the same after copying the whole
-    log context to find what to put back; the tokens of ``bind_contextvars`` know it already.
-    The stages bind a submission's id around each of its steps, about a dozen times a
-    submission: 2.0 against 4.2 us a call alone. ``bench.pipeline --postgres --intake-groups 6``,
-    five pairs of runs alternated: worker CPU 2.12 to 2.40 ms a submission against 2.25 to 2.44
-    (lower in every pair; means 2.25 and 2.38), 478 to 563 against 466 to 540 submissions/s.
-    """
+    was bound before. structlog's ``bound_contextvars`` does the same but copies the whole
+    context each call; the stages call this about a dozen times a submission."""
     tokens = structlog.contextvars.bind_contextvars(**values)
     try:
         yield
@@ -126,9 +117,8 @@ def bound(**values: Any) -> Iterator[None]:
 
 
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
-    """JSON lines on stderr for our events, for the libraries' standard-library logs (dramatiq's
-    parent process telling of a worker process that died among them), for warnings, and for an
-    exception nobody caught (``sys.excepthook``, ``threading.excepthook``)."""
+    """JSON lines on stderr (or ``stream``) for our events, the libraries' logs, warnings, and
+    exceptions nobody caught."""
     lines = Lines(stream)
     structlog.configure(
         processors=[

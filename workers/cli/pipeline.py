@@ -74,34 +74,17 @@ def worker(processes: int, threads: int) -> None:
 def reconcile(cli: Cli, once: bool) -> None:
     """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds)."""
     from workers.pipeline.reconciler import reconcile_once, run_forever
-    from workers.stages.confirmation import ConfirmationPolicy
+    from workers.pipeline.runtime import reconciler_options
 
     app = cli.app
-    broker = cli.broker
-    older = timedelta(seconds=app.settings.reconcile_after)
-    held = timedelta(seconds=app.settings.held_recheck)
-    confirming = ConfirmationPolicy.from_settings(app.settings)
-    most = app.settings.max_dead_letters
-    lease = timedelta(seconds=app.settings.delivery_lease_seconds)
+    options = reconciler_options(app.settings)
     if once:
-        resent = reconcile_once(app.sessions, broker, older, held, confirming, most, lease)
-        click.echo(f"resent {resent}")
+        click.echo(f"resent {reconcile_once(app.sessions, cli.broker, **options)}")
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    interval = app.settings.reconcile_interval
     try:
-        run_forever(
-            app.sessions,
-            broker,
-            interval,
-            older,
-            stop,
-            held,
-            confirming,
-            most,
-            lease,
-        )
+        run_forever(app.sessions, cli.broker, app.settings.reconcile_interval, stop=stop, **options)
     except KeyboardInterrupt:
         stop.set()
 

@@ -71,25 +71,21 @@ class App:
 Apps = Callable[[], App]
 
 _app: App | None = None
-# Without it, a cold worker's eight threads built eight Apps: eight engines and mailers, each
-# with relay sessions of its own (11 against a limit of 4), and a wrong relay password cost 17
-# failed logins instead of one.
+# Without it, a cold worker's threads each built an App, with relay sessions and logins of its own.
 _building = threading.Lock()
 
 
 def get_app() -> App:
-    """The process's App, built on first use (a worker builds it as its process boots:
-    :class:`workers.pipeline.middleware.ProcessApp`). Only the composition roots call it: the
-    worker's :func:`workers.pipeline.actors.setup` and the command line's
-    :func:`workers.cli.base.app_for_cli`; the rest are given it."""
+    """The process's App, built on first use. Only the composition roots call it (the worker's
+    :func:`workers.pipeline.actors.setup` and the command line's :class:`workers.cli.base.Cli`);
+    the rest are given it."""
     global _app
     if _app is not None:
         return _app
     with _building:
         if _app is None:
-            # No ping before each transaction (a round trip each): after a database restart
-            # the first statement fails, SQLAlchemy replaces the pool's connections, and the
-            # message is retried like any failed attempt.
+            # No ping before each transaction: after a database restart the first statement
+            # fails, the pool is replaced, and the message is retried like any failed attempt.
             _app = App.from_settings(get_settings(), pool_pre_ping=False)
         return _app
 

@@ -1,19 +1,12 @@
 """Every use of dramatiq's private API, in this one module: what its Redis broker does not offer
 publicly and DearMP needs.
 
-- A screen on what a consumer fetches. dramatiq's consumer fetches through ``broker.do_fetch``,
-  which ``RedisBroker.__getattr__`` maps to its Lua script's ``fetch`` command
-  (``RedisBroker._dispatch``); there is no public hook between the fetch and the decoding.
-- Dead-lettering fetched bytes by their Redis id (``do_nack``), found in the set of ids the
-  worker holds: ``<namespace>:__acks__.<broker id>.<queue>``, with the bodies in
-  ``<namespace>:<queue>.msgs`` (``dramatiq/brokers/redis/dispatch.lua``).
-- The rest of the Redis key layout the operator's commands read (queue depths, dead letters):
-  a queue's ids at ``<namespace>:<queue>``, delayed ones under ``<queue>.DQ``, dead letters
-  under ``<queue>.XQ``, each with its bodies in ``.msgs``; what workers hold, in the same
-  ``__acks__`` sets.
+- A screen between a consumer's fetch (``RedisBroker._dispatch("fetch")``) and decoding, which
+  dead-letters fetched bytes by their Redis id (``do_nack``), found in the ``__acks__`` set.
+- The Redis key layout the operator's commands read: queues, delayed queues (``.DQ``), dead
+  letters (``.XQ``), their bodies (``.msgs``) and what workers hold (``__acks__``).
 
-Written for and checked with dramatiq 2.2.1: ``tests/test_dramatiq_private.py`` pins the range
-(:data:`CHECKED`) and says what to re-check on an upgrade.
+Written for dramatiq 2.2.1: ``tests/test_dramatiq_private.py`` pins the range (:data:`CHECKED`).
 """
 
 from __future__ import annotations
@@ -50,8 +43,8 @@ def acks_key(namespace: str, broker_id: str, queue_name: str) -> str:
 
 
 def bodies_key(namespace: str, queue_name: str) -> str:
-    """The hash of a queue's message bodies by Redis id (``queue_name``: a queue, its delayed
-    queue or its dead letters)."""
+    """The hash of the message bodies by Redis id of a queue, its delayed queue or its dead
+    letters."""
     return f"{queue_key(namespace, queue_name)}.msgs"
 
 
@@ -63,8 +56,7 @@ def held(client: redis.Redis, namespace: str, queue_name: str) -> int:
 
 class ScreenedRedisBroker(dramatiq.brokers.redis.RedisBroker):
     """dramatiq's Redis broker with a screen between fetching and decoding: fetched bytes that
-    ``keep`` refuses are dead-lettered as they are fetched and ``refused(queue, redis_id,
-    size)`` is told, so the consumer never sees them."""
+    ``keep`` refuses are dead-lettered, and ``refused(queue, redis_id, size)`` is told."""
 
     def __init__(
         self,

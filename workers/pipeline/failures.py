@@ -1,8 +1,7 @@
-"""Failure recording: each failed attempt of a message, and above all its last, in the database.
+"""Failure recording: each failed attempt of a message, above all its last, in the database.
 
-dramatiq's dead-lettered copy keeps only what the message held when it was enqueued, so the final
-traceback would otherwise be lost. Tracebacks can quote data (an SQL error shows its parameters):
-they are kept here, with the rest of the personal data, and never logged.
+dramatiq's dead-lettered copy would lose the final traceback. Tracebacks can quote data, so they
+are kept here with the rest of the personal data, and never logged.
 """
 
 from __future__ import annotations
@@ -33,12 +32,9 @@ class Attempt:
 
 
 def record_failure(session: Session, attempt: Attempt) -> None:
-    """Record this attempt on the message's failure row (the caller commits).
-
-    One upsert: a retry can fail on another thread while an earlier attempt of the same
-    message is still being recorded (the retry is queued first), so both may insert. The later
-    attempt wins whatever order they commit in, and a dead-lettering is never undone.
-    """
+    """Record this attempt on the message's failure row (the caller commits). One upsert, as
+    two attempts of a message may be recorded at once: the later attempt wins, and a
+    dead-lettering is never undone."""
     now = utcnow()
     exc = attempt.exception
     values = {
@@ -67,26 +63,14 @@ def record_failure(session: Session, attempt: Attempt) -> None:
     )
 
 
-def dead_letters_of(session: Session, submission_id: str) -> int:
-    """How many of the submission's messages have been dead-lettered."""
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Failure)
-            .where(Failure.submission_id == submission_id, Failure.dead_lettered_at.is_not(None))
-        )
-        or 0
-    )
-
-
 def end_if_failing(session: Session, attempt: Attempt, limit: int) -> bool:
-    """A submission whose stage has been dead-lettered ``limit`` times (each after all its
-    retries, the later ones after the reconciler's resends) fails the same way every time: it
-    is moved to ``failed`` with the reason, so the reconciler stops resending it and the
-    operator sees one failed submission, not a dead letter every pass. True if it was ended."""
+    """Move a submission whose stage has been dead-lettered ``limit`` times to ``failed``, so
+    the reconciler stops resending it and the operator sees one failed submission. True if it
+    was ended."""
     if not attempt.dead_lettered or attempt.submission_id is None:
         return False
-    count = dead_letters_of(session, attempt.submission_id)
+    dead = (Failure.submission_id == attempt.submission_id) & Failure.dead_lettered_at.is_not(None)
+    count = session.scalar(select(func.count()).select_from(Failure).where(dead)) or 0
     if count < limit:
         return False
     submission = session.get(Submission, attempt.submission_id)
@@ -105,9 +89,8 @@ def end_if_failing(session: Session, attempt: Attempt, limit: int) -> bool:
 
 
 def passing(error: BaseException) -> bool:
-    """Database trouble that passes (SQLite's "database is locked", a lock timeout, a
-    failover, a lost connection, a full pool): not the message's fault, never counted against
-    it; the actor retries."""
+    """Database trouble that passes (a lock, a failover, a lost connection, a full pool): not
+    the message's fault, never counted against it."""
     return isinstance(
         error, (db.OperationalError, db.InterfaceError, db.DisconnectionError, db.TimeoutError)
     ) or (isinstance(error, db.DBAPIError) and error.connection_invalidated)
@@ -127,11 +110,9 @@ def count_failure(
     error: BaseException | str,
     limit: int,
 ) -> Counted | None:
-    """One more failed attempt of an inbound message or an outbox item: the row ``guard`` selects
-    has its ``counter`` raised by one (the caller commits). None when it is not counted
-    (:func:`passing` database trouble) or no such row is there any more. ``error`` is an
-    exception or what happened, in words; the reason is masked, since an error's text can
-    quote an address."""
+    """One more failed attempt of an inbound message or an outbox item: ``counter`` of the row
+    ``guard`` selects is raised by one (the caller commits). None when not counted (passing
+    trouble, or the row is gone). The reason is masked: an error can quote an address."""
     if isinstance(error, BaseException):
         if passing(error):
             return None

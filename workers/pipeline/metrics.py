@@ -1,9 +1,6 @@
 """Prometheus metrics for what dramatiq does not measure: queues, dead letters, outcomes, the
-outbox.
-
-Collected on each scrape from Redis and the database, so any number of workers can run and one
-``dearmp metrics`` process answers for all of them. dramatiq's own per-actor metrics (messages
-processed, failed, retried, durations) come from its Prometheus middleware in the workers
+outbox. Collected on each scrape from Redis and the database, so one ``dearmp metrics`` process
+answers for every worker; dramatiq's per-actor metrics come from its Prometheus middleware
 (``DEARMP_WORKER_METRICS=true``).
 """
 

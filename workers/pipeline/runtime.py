@@ -13,7 +13,7 @@ import dramatiq
 from aiosmtpd.controller import Controller
 from sqlalchemy import func, select
 
-from config.settings import CONFIG_DIR
+from config.settings import CONFIG_DIR, Settings
 from workers.database.engine import migrate, session_scope
 from workers.database.models import State, Submission
 from workers.letters.definitions import load_definitions, sync_campaigns
@@ -59,6 +59,17 @@ def submit(app: App, broker: dramatiq.Broker, payload: Any) -> tuple[str, bool]:
     return accepted.submission_id, accepted.created
 
 
+def reconciler_options(settings: Settings) -> dict[str, Any]:
+    """The reconciler's settings, as ``reconcile_once`` and ``run_forever`` take them."""
+    return {
+        "older_than": timedelta(seconds=settings.reconcile_after),
+        "held_recheck": timedelta(seconds=settings.held_recheck),
+        "confirmation": ConfirmationPolicy.from_settings(settings),
+        "max_dead_letters": settings.max_dead_letters,
+        "lease": timedelta(seconds=settings.delivery_lease_seconds),
+    }
+
+
 def state_counts(app: App, ids: list[str] | None = None) -> dict[str, int]:
     with session_scope(app.sessions) as session:
         query = select(Submission.state, func.count()).group_by(Submission.state)
@@ -87,17 +98,8 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
     stop = threading.Event()
     reconciler = threading.Thread(
         target=run_forever,
-        args=(
-            app.sessions,
-            broker,
-            settings.reconcile_interval,
-            timedelta(seconds=settings.reconcile_after),
-            stop,
-            timedelta(seconds=settings.held_recheck),
-            ConfirmationPolicy.from_settings(settings),
-            settings.max_dead_letters,
-            timedelta(seconds=settings.delivery_lease_seconds),
-        ),
+        args=(app.sessions, broker, settings.reconcile_interval),
+        kwargs={"stop": stop, **reconciler_options(settings)},
         name="reconciler",
         daemon=True,
     )
@@ -119,8 +121,8 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
 def start_receiver(
     app: App, broker: dramatiq.Broker, host: str | None = None, port: int | None = None
 ) -> Controller:
-    """`dearmp inbound`'s SMTP receiver, started in a thread of its own: what it stores goes to
-    the inbound stage on ``broker``. Stop it with ``.stop()``."""
+    """`dearmp inbound`'s SMTP receiver, started in a thread of its own, sending what it stores
+    to the inbound stage on ``broker``. Stop it with ``.stop()``."""
     settings = app.settings
 
     def send_on(ids: list[str]) -> None:

@@ -28,11 +28,8 @@ def mask_supporter(text: str, payload: Any) -> str:
 
 
 def canonical_email(email: str) -> str:
-    """One form per mailbox for identifying a supporter: lower case, the domain as IDNA, so
-    ``Bob@München.de`` and ``bob@xn--mnchen-3ya.de`` (as the submission stores it) match.
-    IDNA gives back a lower-case ASCII domain unchanged (or refuses it, and it is kept), so only
-    a non-ASCII one goes through it: the intake calls this twice a request, and IDNA was about a
-    twentieth of its CPU."""
+    """One form per mailbox for identifying a supporter: lower case, the domain as IDNA (as the
+    submission stores it). Only a non-ASCII domain goes through IDNA, which is costly."""
     local, _, domain = email.strip().lower().rpartition("@")
     if domain.isascii():
         return f"{local}@{domain}"
@@ -48,9 +45,8 @@ DOTLESS_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
 
 
 def limiter_email(email: str) -> str:
-    """The mailbox an address reaches, as a rate-limit key only (never stored or shown): no
-    ``+tag``, and no dots in the local part for providers that ignore them, so one person cannot
-    take a fresh limit with ``me+1@``, ``me+2@``, ``m.e@``."""
+    """The mailbox an address reaches, as a rate-limit key only: no ``+tag``, and no dots for
+    providers that ignore them, so one person cannot take a fresh limit with ``me+1@``."""
     local, _, domain = canonical_email(email).rpartition("@")
     local = local.split("+", 1)[0]
     if domain in DOTLESS_DOMAINS:
@@ -64,10 +60,8 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one stands for: IPv4-mapped (``::ffff:a.b.c.d``, what a
-    dual-stack proxy reports for an IPv4 client), 6to4 or NAT64; else None. The one reading of
-    it: the API's client address (its consent evidence) and :func:`limiter_network` both use
-    it, so the client a limit counts is the one the evidence names."""
+    """The IPv4 address an IPv6 one stands for (IPv4-mapped, 6to4 or NAT64), else None: the
+    one reading, for the API's client address and :func:`limiter_network` alike."""
     if address.ipv4_mapped is not None:
         return address.ipv4_mapped
     if address.sixtofour is not None:
@@ -78,9 +72,8 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
 
 
 def limiter_network(ip: str, ipv6_prefix: int = 64) -> str:
-    """The client a rate limit counts: an IPv4 address, or an IPv6 address's network (a home
-    or a host gets a whole /64, so counting single IPv6 addresses limits nobody). An IPv6 form
-    of an IPv4 address counts as that IPv4 address: its /64 holds every IPv4 client."""
+    """The client a rate limit counts: an IPv4 address, or an IPv6 address's network (a host gets
+    a whole /64); an IPv6 form of an IPv4 address counts as that IPv4 address."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
