@@ -1,10 +1,8 @@
 """The HTTP intake for campaign front ends (FastAPI on uvicorn): ``dearmp api``.
 
-Every answer a page can show next to a field comes as ``{"errors": {"<field path>": "<message>"}}``
-with status 422. A ``202`` means the submission is committed to the database; the stage message
-is sent after the commit, and the reconciler resends it if that send fails. The endpoints are
-in routers by subject (preview, submissions, confirmation, pages); what they share comes as
-dependencies (:mod:`workers.web.dependencies`).
+Errors a page can show next to a field come as ``{"errors": {"<field path>": "<message>"}}``
+with status 422. A ``202`` means the submission is committed; its stage message is sent after
+the commit (the reconciler resends it if that fails).
 """
 
 from __future__ import annotations
@@ -38,19 +36,16 @@ API_THREADS = 16
 
 
 def create_app(app_getter: Apps, broker: dramatiq.Broker) -> FastAPI:
-    """The ASGI application, on the process's App (``app_getter()``); ``broker``: where stage
-    messages go. Both are built by the process's composition root (:mod:`workers.web.asgi`, or
-    a test)."""
+    """The ASGI application, on the process's App (``app_getter()``), sending stage messages
+    on ``broker``; both built by the composition root (:mod:`workers.web.asgi`, or a test)."""
     intake = Intake(app_getter, broker)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         intake.batcher.start()
-        # What start-up built lives as long as the process: frozen out of the collector's
-        # generations, it is not walked by every full collection. Under load (bench.http on
-        # PostgreSQL) those collections made the slowest answers: p99 147 to 183 ms, and 50 to
-        # 58 ms with the freeze, at about the same throughput.
+        # What start-up built lives as long as the process: frozen, full collections (which
+        # made the slowest answers under load) do not walk it.
         gc.collect()
         gc.freeze()
         yield
@@ -82,8 +77,7 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def allowed_methods(api: FastAPI, request: Request) -> list[str]:
-    """Every method some route serves at this request's path (a page's GET and its button's
-    POST are two routes), asked of the router as it routes."""
+    """Every method some route serves at this request's path, asked of the router."""
     return [
         method
         for method in METHODS
@@ -95,8 +89,7 @@ def allowed_methods(api: FastAPI, request: Request) -> list[str]:
 
 
 async def utf8_json(request: Request) -> None:
-    """A JSON body must be UTF-8 (RFC 8259): Python's json reads UTF-16 and UTF-32 too, which
-    no page sends and no published schema describes."""
+    """A JSON body must be UTF-8 (RFC 8259); Python's json would read UTF-16 and UTF-32 too."""
     if "json" not in request.headers.get("content-type", ""):
         return
     body = await request.body()
@@ -118,8 +111,7 @@ def _handle_errors(api: FastAPI) -> None:
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        # Starlette's own answers (a body that is not UTF-8 JSON, an unknown path or method)
-        # in the same shape as every other error; a body it cannot read is a 422 like bad JSON.
+        # Starlette's own answers in the same shape; an unreadable body is a 422 like bad JSON.
         if exc.status_code == 400:
             return problem(422, {"body": "The request body is not valid JSON in UTF-8."})
         detail = exc.detail if isinstance(exc.detail, str) else "This request cannot be served."

@@ -1,10 +1,8 @@
 """Group commit for the HTTP intake: submissions that arrive together are stored together.
 
-Each request waits for its own 202 until the transaction holding its row has committed, so a 202
-still means "in the database". Under load, the requests that queued while one batch was being
-written go into the next: one multi-row INSERT, one commit and one validation message for the
-group (:mod:`schemas.messages`, version 2), instead of one of each per request. At low load a
-batch is a single submission and nothing waits.
+Each request waits for its 202 until the transaction holding its row has committed. Under load,
+requests that queued while one batch was written go into the next: one INSERT, one commit and
+one validation message for the group. At low load a batch is one submission.
 """
 
 from __future__ import annotations
@@ -48,8 +46,7 @@ class IntakeBatcher:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def sent(self) -> None:
-        """Return once the stage messages of every batch committed so far are with the broker
-        (or have failed to get there, for the reconciler to resend)."""
+        """Return once the stage messages of every batch committed so far are sent (or failed)."""
         if self.sending:
             await asyncio.gather(*self.sending, return_exceptions=True)
 
@@ -107,8 +104,8 @@ class IntakeBatcher:
             return accept_many(session, items, app.secret)
 
     def _dispatch(self, sends: list[tuple[str, State]]) -> None:
-        """After the commit, a message for each group of a batch's submissions (one each for the
-        confirmation email); a message lost here is resent by the reconciler."""
+        """After the commit, a message for each group of a batch's submissions; one lost here is
+        resent by the reconciler."""
         dispatch_groups(
             self.broker,
             group_by_stage(

@@ -15,10 +15,8 @@ from workers.privacy.hashing import embedded_ipv4
 
 
 def client_ip(request: Request) -> str | None:
-    """The peer's address (uvicorn applies X-Forwarded-For from trusted proxies), if it is one;
-    an IPv6 form of an IPv4 client (``::ffff:a.b.c.d`` from a dual-stack proxy, NAT64, 6to4:
-    :func:`~workers.privacy.hashing.embedded_ipv4`, the rate limits' reading too) as its IPv4
-    address, so its consent evidence and its limits name one client."""
+    """The peer's address (uvicorn applies X-Forwarded-For from trusted proxies), if it is one; an
+    IPv6 form of an IPv4 client as that IPv4 address, as the rate limits read it."""
     host = request.client.host if request.client else ""
     try:
         address = ipaddress.ip_address(host)
@@ -32,8 +30,8 @@ def client_ip(request: Request) -> str | None:
 
 
 def user_agent(request: Request) -> str | None:
-    """The request's User-Agent as consent evidence: printable, at most 512 characters (what
-    the submission schema accepts, so validation never refuses what the API stored)."""
+    """The request's User-Agent as consent evidence: printable, at most 512 characters (what the
+    submission schema accepts)."""
     value = request.headers.get("user-agent")
     if not value:
         return None
@@ -53,8 +51,7 @@ def authenticated(app: App, key: str | None) -> bool | None:
 
 def over_limit(app: App, *checks: tuple[str, str, int, float]) -> float:
     """Seconds to wait when the client is over one of its limits, else 0. Each check is
-    ``(kind, who, limit, window)`` (a limit of 0 is none), counted as it passes, in order; the
-    first that refuses ends it. One call makes a request's checks in one trip to a thread."""
+    ``(kind, who, limit, window)`` (0: no limit), counted in order until one refuses."""
     for kind, who, limit, window in checks:
         if limit <= 0:
             continue

@@ -1,6 +1,5 @@
-"""What the API's endpoints share, given to them as FastAPI dependencies: the process's App,
-the broker, the intake batcher, campaigns' allowed origins, and short-lived caches of campaign
-definitions (a campaign edit reaches the API within ``DEFINITION_TTL`` seconds)."""
+"""What the API's endpoints share, as FastAPI dependencies: the App, the broker, the intake
+batcher, campaigns' allowed origins, and short-lived caches of campaign definitions."""
 
 from __future__ import annotations
 

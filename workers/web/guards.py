@@ -31,8 +31,7 @@ PAGE_CSP = (
     b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-# What may appear in the access log instead of the path: ids are kept, tokens are not. Every
-# path that carries a token (the confirmation link, the survey's) is cut after its prefix.
+# Paths that carry a token are logged cut after their prefix.
 TOKEN_PATHS = ("/v1/confirm/", "/v1/replied/")
 _TOKEN = re.compile("^(" + "|".join(re.escape(prefix) for prefix in TOKEN_PATHS) + ")")
 
@@ -40,6 +39,9 @@ _TOKEN = re.compile("^(" + "|".join(re.escape(prefix) for prefix in TOKEN_PATHS)
 def _safe_path(path: str) -> str:
     token = _TOKEN.match(path)
     return f"{token.group(1)}[token]" if token else path[:200]
+
+
+TOO_LARGE = b'{"errors":{"body":"The request is too large."}}'
 
 
 async def _send_simple(send: Send, status: int, body: bytes, headers: list[Any]) -> None:
@@ -65,9 +67,7 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                await _send_simple(
-                    send, 413, b'{"errors":{"body":"The request is too large."}}', []
-                )
+                await _send_simple(send, 413, TOO_LARGE, [])
                 return
         seen = 0
         too_large = False
@@ -92,7 +92,7 @@ class BodyLimit:
             if not too_large:
                 raise
         if too_large:
-            await _send_simple(send, 413, b'{"errors":{"body":"The request is too large."}}', [])
+            await _send_simple(send, 413, TOO_LARGE, [])
 
 
 class BodyTooLarge(Exception):
@@ -100,12 +100,9 @@ class BodyTooLarge(Exception):
 
 
 class Cors:
-    """CORS with an allow-list of origins per campaign.
-
-    ``origins_for(path)`` gives the origins allowed for a request path: the campaign's own list for
-    /v1/campaigns/{slug}/..., every campaign's for /v1/submissions (whose campaign is in the body:
-    the handler checks that campaign's list). No list, no cross-origin access.
-    """
+    """CORS with an allow-list of origins per campaign: ``origins_for(path)`` gives the
+    campaign's own for /v1/campaigns/{slug}/..., every campaign's for /v1/submissions (whose
+    handler checks the body's campaign). No list, no cross-origin access."""
 
     def __init__(self, app: ASGIApp, origins_for: Callable[[str], set[str]]) -> None:
         self.app, self.origins_for = app, origins_for

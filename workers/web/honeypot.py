@@ -1,12 +1,9 @@
 """The honeypot's answer: a robot that fills the trap field gets what a real supporter gets.
 
-The trap is looked at only after every check a real submission meets (campaign, origin,
-consent wording, rate limits), so a filled trap gets the 404, 409, 422 or 429 the same letter
-would get without it. Then nothing is stored and nothing is sent. The fake submission id looks
-like any other (a version 4 UUID) but carries its creation time, hidden under a keyed pad, and a
-keyed tag over the rest and the campaign; so the status URL it was given moves on as a real
-one's does, without a database row: ``unconfirmed`` then ``expired`` on a campaign that asks
-for confirmation (what a letter nobody confirms does), else ``received`` then ``failed``.
+The trap is looked at only after every check a real submission meets, so a filled trap gets the
+same refusals; then nothing is stored or sent. The fake id looks like a version 4 UUID but
+carries its creation time under a keyed pad and a keyed tag, so its status URL moves on as a real
+one's does (``unconfirmed`` then ``expired``, or ``received`` then ``failed``) without a row.
 """
 
 from __future__ import annotations
