@@ -600,7 +600,7 @@ def test_given_up_items_are_listed_and_retried_by_an_operator(
     assert {(row["status"], row["error"]) for row in rows} == {
         ("failed", "554 5.7.1 <[email]>: relay denied")
     }
-    assert {row["kind"] for row in rows} == set(KINDS)
+    assert {row["kind"] for row in rows} == set(KINDS) - {"webhook"}  # test_webhooks.py
     table = runner.invoke(cli, ["outbox", "list"])
     assert table.exit_code == 0 and "relay denied" in table.stdout
     dry = runner.invoke(cli, ["outbox", "retry", "--kind", "forward", "--dry-run"])

@@ -3,7 +3,8 @@
 ``base`` holds the top-level group; each module adds its commands: ``pipeline`` (workers,
 reconciler, queues, dead letters, health, campaigns, deliveries), ``web`` (the HTTP intake),
 ``directory`` (the MP directory), ``privacy`` (consent, supporters, retention),
-``replies`` (inbound mail, the replies report, DNS records) and ``outbox`` (emails to supporters).
+``replies`` (inbound mail, the replies report, DNS records), ``outbox`` (emails to supporters)
+and ``webhooks`` (signed webhooks to a CRM).
 """
 
 from workers.cli import pipeline, replies  # noqa: F401  (their commands are declared on main)
@@ -13,8 +14,9 @@ from workers.cli.outbox import outbox
 from workers.cli.privacy import consent, retention, supporter
 from workers.cli.replies import replies as replies_group
 from workers.cli.web import api
+from workers.cli.webhooks import webhooks
 
-for group in (api, directory, consent, supporter, retention, replies_group, outbox):
+for group in (api, directory, consent, supporter, retention, replies_group, outbox, webhooks):
     main.add_command(group)
 
 __all__ = ["main"]

@@ -444,6 +444,8 @@ class OutboxItem(Base):
     key: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(24))
     inbound_id: Mapped[str | None] = mapped_column(String(36))
+    # A webhook (kind "webhook"): the endpoint it goes to (workers.webhooks).
+    endpoint_id: Mapped[int | None] = mapped_column(Integer, index=True)
     status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims
     # Failed attempts (the mail server's refusal, an error, the worker sending it stopped; not
@@ -456,6 +458,24 @@ class OutboxItem(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """Where a CRM hears of the events it asked for (workers.webhooks), signed with its secret;
+    after a rotation the previous secret signs too until ``previous_until``."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    campaign_slug: Mapped[str | None] = mapped_column(String(200))  # None: every campaign
+    events: Mapped[str] = mapped_column(Text)  # event names, space-separated
+    personal_data: Mapped[bool] = mapped_column(Boolean, default=False)
+    secret: Mapped[str] = mapped_column(String(128))
+    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_until: Mapped[datetime | None] = mapped_column()
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AddressHealth(Base):

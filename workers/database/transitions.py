@@ -18,6 +18,7 @@ from workers.database.engine import session_scope
 from workers.database.models import CAMPAIGNS, EVENTS, SUBMISSIONS, State, Submission, utcnow
 from workers.logging import bound
 from workers.pipeline.states import MOVES, moves_from
+from workers.webhooks import events as webhooks
 
 # RETURNING makes SQLAlchemy send a group's events as one multi-row INSERT ("insertmanyvalues")
 # rather than a statement per row.
@@ -245,10 +246,12 @@ def advance(
     if writes is not None and not isinstance(submission, Submission):
         writes.guard(statement, move)  # made with the group's other writes
         writes.events.append(event)
+        webhooks.on_move(session, submission, to_state, now, writes)
         return
     if rowcount(session.execute(statement, move)) != 1:
         raise AlreadyMoved(submission.id)
     session.execute(RECORD_EVENT, event)
+    webhooks.on_move(session, submission, to_state, now)  # nothing read without endpoints
     if isinstance(submission, Submission):
         session.expire(submission)
 

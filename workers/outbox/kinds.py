@@ -21,6 +21,8 @@ from workers.letters.mail import DkimSigner, Outgoing
 from workers.outbox.sending import Kind
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages import confirmation, survey
+from workers.webhooks import events as webhooks
+from workers.webhooks import payloads
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,16 @@ class Context:
     confirmation: confirmation.ConfirmationPolicy = field(
         default_factory=confirmation.ConfirmationPolicy
     )
+    webhook_timeout: float = 10.0  # DEARMP_WEBHOOK_TIMEOUT_SECONDS
 
 
 # Every kind the outbox sends (``outbox.kind``): what :func:`kinds` returns, by name.
-KINDS = ("confirm", "bounce", "forward", "survey")
+KINDS = ("confirm", "bounce", "forward", "survey", webhooks.KIND)
 
 
 def kinds(context: Context) -> dict[str, Kind]:
-    """Every kind of email the outbox sends, by ``outbox.kind`` (:data:`KINDS`)."""
+    """Every kind the outbox sends, by ``outbox.kind`` (:data:`KINDS`): the emails, and the
+    webhook to a CRM (:mod:`workers.webhooks`, on a channel of its own)."""
 
     def after_sent(session: Session, item: OutboxItem) -> Outgoing | str:
         return _after_sent(session, item, context)
@@ -62,6 +66,7 @@ def kinds(context: Context) -> dict[str, Kind]:
         "bounce": Kind(after_sent),
         "forward": Kind(after_sent, done=_forget_reply),
         "survey": Kind(after_sent),
+        webhooks.KIND: payloads.kind(context.webhook_timeout),
     }
 
 

@@ -24,8 +24,11 @@ Sending one:
   whose claim was taken over changes nothing when its send at last returns or fails
   (``outbox_claim_lost``).
 
-What each kind sends is a :class:`Kind`: how to compose it from its row, and what to do in the
-commit that ends it. The kinds are in :mod:`workers.outbox.kinds`; a new kind is one entry there.
+What each kind sends is a :class:`Kind`: how to compose it from its row, what to do in the
+commit that ends it, and its :class:`Channel`, the transport that sends what compose returns
+(the ``Mailer`` by default; a webhook's is HTTP, :mod:`workers.webhooks.channel`). Every channel
+raises the same two errors, so every kind shares every line above. The email kinds are in
+:mod:`workers.outbox.kinds`; a new kind is one entry there.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import ColumnElement, func, select, update
@@ -44,7 +48,6 @@ from workers.database.transitions import rowcount
 from workers.letters.mail import (
     OUT_OF_STEP_WAIT,
     Mailer,
-    Outgoing,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
@@ -74,13 +77,26 @@ class OutboxPolicy:
         return timedelta(seconds=min(seconds, self.max_backoff))
 
 
+class Channel(Protocol):
+    """A transport: ``send`` hands over what a kind composed, raising
+    :class:`PermanentDeliveryError` or :class:`TransientDeliveryError` (``ours``: a refusal of
+    our side); ``waiting`` is how long it knows it would refuse us (0: it would not). The
+    :class:`~workers.letters.mail.Mailer` is one."""
+
+    def waiting(self) -> float: ...
+
+    def send(self, message: Any, /) -> object: ...
+
+
 @dataclass(frozen=True)
 class Kind:
-    """One kind of email: ``compose`` writes it from its row (or says, in words, why it will
-    not be sent: it is skipped); ``done`` runs in the commit that marks it sent or skipped."""
+    """One kind of item: ``compose`` writes it from its row (or says, in words, why it will
+    not be sent: it is skipped); ``done`` runs in the commit that marks it sent or skipped;
+    ``channel`` sends what compose wrote (None: the mailer, for an email)."""
 
-    compose: Callable[[Session, OutboxItem], Outgoing | str]
+    compose: Callable[[Session, OutboxItem], object]
     done: Callable[[Session, OutboxItem], None] | None = None
+    channel: Channel | None = None
 
 
 def enqueue(
@@ -142,10 +158,21 @@ def retry_failed(session: Session, kind: str | None = None, dry_run: bool = Fals
     if kind is not None:
         where.append(OutboxItem.kind == kind)
     ids = list(session.scalars(select(OutboxItem.id).where(*where).order_by(OutboxItem.created_at)))
-    if ids and not dry_run:
-        session.execute(
+    return ids if dry_run else send_again(session, ids, (OutboxStatus.FAILED,))
+
+
+def send_again(
+    session: Session, ids: Sequence[str], statuses: Sequence[str] = (OutboxStatus.FAILED,)
+) -> list[str]:
+    """The items of ``ids`` in ``statuses`` back to pending with a fresh count, due now; the
+    same rows, so the same ids (a webhook replayed keeps its ``webhook-id``). The caller sends
+    them after the commit. The ids of those changed."""
+    if not ids:
+        return []
+    changed = set(
+        session.scalars(
             update(OutboxItem)
-            .where(OutboxItem.id.in_(ids), OutboxItem.status == OutboxStatus.FAILED)
+            .where(OutboxItem.id.in_(ids), OutboxItem.status.in_(statuses))
             .values(
                 status=OutboxStatus.PENDING,
                 failures=0,
@@ -153,9 +180,11 @@ def retry_failed(session: Session, kind: str | None = None, dry_run: bool = Fals
                 error=None,
                 dispatched_at=utcnow(),
             )
+            .returning(OutboxItem.id)
             .execution_options(synchronize_session=False)
         )
-    return ids
+    )
+    return [item_id for item_id in ids if item_id in changed]
 
 
 def listing(session: Session, statuses: Sequence[str], limit: int = 100) -> list[dict[str, object]]:
@@ -204,13 +233,14 @@ def send(
     ):
         session.commit()
         raise Deferred((item.next_attempt_at - now).total_seconds(), "not due yet")
-    paused = mailer.waiting()
+    kind = kinds.get(item.kind)
+    channel: Channel = kind.channel if kind is not None and kind.channel else mailer
+    paused = channel.waiting()
     if paused > 0:  # the mail server would refuse us, not the email: it is not claimed
         session.commit()
         raise Deferred(paused, "delivery paused: the mail server refused us")
-    kind = kinds.get(item.kind)
     broken: Exception | None = None
-    mail: Outgoing | str = ""
+    mail: object = ""
     try:
         mail = kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
     except ValueError as exc:  # an address the email package will not write
@@ -234,9 +264,8 @@ def send(
     if broken is not None:
         _failed(session, item, mine, broken, policy)
         return
-    assert not isinstance(mail, str)
     try:
-        mailer.send(mail)  # no transaction is open while the mail server answers
+        channel.send(mail)  # no transaction is open while the mail server answers
     except PermanentDeliveryError as exc:
         ended = _end(session, item, mine, OutboxStatus.FAILED, None, mask_text(str(exc))[:500])
         session.commit()
@@ -327,7 +356,7 @@ def _give_back(
         _lost(item)
         return
     log.info("outbox_waiting", outbox_id=item.id, kind=item.kind, retry_in=wait)
-    raise Deferred(wait, f"the mail server: {reason}"[:200])
+    raise Deferred(wait, f"refused us: {reason}"[:200])
 
 
 def _failed(

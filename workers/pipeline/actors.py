@@ -276,6 +276,7 @@ def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
         app.secret,
         settings.public_url,
         confirmation.ConfirmationPolicy.from_settings(settings),
+        settings.webhook_timeout_seconds,
     )
     every_kind = kinds.kinds(context)
     _outbox_built = (app, every_kind, policy)
@@ -303,6 +304,7 @@ WORK: dict[Stage, Work] = {
     Stage.NOTIFY: _notify,
     Stage.INBOUND: _inbound,
     Stage.OUTBOX: _outbox,
+    Stage.WEBHOOK: _outbox,  # the same work on a queue of its own: an endpoint never holds up mail
 }
 
 

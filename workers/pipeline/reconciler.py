@@ -36,6 +36,7 @@ from workers.pipeline.states import RESENT_TO
 from workers.stages import survey
 from workers.stages.confirmation import ConfirmationPolicy
 from workers.stages.stage import Stage
+from workers.webhooks.events import KIND as WEBHOOK
 
 log = structlog.get_logger(__name__)
 
@@ -157,7 +158,8 @@ def find_after_sent(
     lease: timedelta = timedelta(seconds=300),
 ) -> list[tuple[str, Stage]]:
     """Inbound messages stored but not acted on, outbox items due (pending and past their
-    backoff, or claimed by a worker that died mid-send; every kind alike), and the surveys that
+    backoff, or claimed by a worker that died mid-send; every kind alike, webhooks to their own
+    queue), and the surveys that
     have come due; marks them dispatched now.
 
     Everything is read first and written only when something is due: on SQLite the first write
@@ -173,13 +175,13 @@ def find_after_sent(
         )
         .limit(BATCH)
     ).all()
-    items = session.scalars(
-        select(OutboxItem.id)
+    items = session.execute(
+        select(OutboxItem.id, OutboxItem.kind)
         .where(outbox.due(now, lease), OutboxItem.dispatched_at < cutoff)
         .limit(BATCH)
     ).all()
     surveys = survey.due(session, now)
-    for model, ids in ((InboundMessage, inbound), (OutboxItem, items)):
+    for model, ids in ((InboundMessage, inbound), (OutboxItem, [i for i, _ in items])):
         if ids:
             session.execute(
                 update(model)
@@ -187,7 +189,9 @@ def find_after_sent(
                 .values(dispatched_at=now)
                 .execution_options(synchronize_session=False)
             )
-    return [(i, Stage.INBOUND) for i in inbound] + [(n, Stage.OUTBOX) for n in [*items, *surveys]]
+    # A webhook goes on its own queue, so that an endpoint that hangs holds up no email.
+    sent = [(n, Stage.WEBHOOK if kind == WEBHOOK else Stage.OUTBOX) for n, kind in items]
+    return [(i, Stage.INBOUND) for i in inbound] + sent + [(n, Stage.OUTBOX) for n in surveys]
 
 
 def _queued(submission_id: Any, key: str, status: OutboxStatus | None = None) -> Any:

@@ -136,6 +136,10 @@ STAGES: dict[Stage, Policy] = {
     # item). It gives an item up after DEARMP_OUTBOX_MAX_ATTEMPTS; the reconciler resends it.
     Stage.OUTBOX:   Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
                            max_age=7 * DAY - HOUR),
+    # Webhooks to a CRM: outbox items too (the same timing and giving up), on their own queue.
+    # A receiver that hangs is cut off by DEARMP_WEBHOOK_TIMEOUT_SECONDS, well within the limit.
+    Stage.WEBHOOK:  Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
+                           max_age=7 * DAY - HOUR),
 }
 # fmt: on
 

@@ -42,6 +42,8 @@ from workers.letters.definitions import get_definition
 from workers.outbox.kinds import file_stem
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, current_preferences, hold
+from workers.webhooks.events import KIND as WEBHOOK
+from workers.webhooks.events import emit
 
 ERASED = "(erased)"
 RECEIPT_NAMESPACE = uuid.UUID("6b1c3a52-8d8e-4c39-a0f4-2f0a3f6d9e11")
@@ -213,6 +215,7 @@ def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | 
         .where(
             OutboxItem.submission_id == submission_id,
             OutboxItem.status == OutboxStatus.PENDING,
+            OutboxItem.kind != WEBHOOK,  # a webhook is written when sent, without their details
         )
         .values(status=OutboxStatus.SKIPPED, error="erased at the supporter's request")
         .execution_options(synchronize_session=False)
@@ -285,6 +288,7 @@ def erase_supporter(
         report.letters_scrubbed += int(getattr(scrubbed, "rowcount", 0) or 0)
         report.outbox_files_removed += _remove_outbox_file(outbox_dir, sub.id)
         _forget_after_sent(session, sub.id, outbox_dir)
+        emit(session, "supporter.erased", sub.id, campaign=sub.campaign_slug)
     who = supporter_hash(secret, email)
     report.consent_events_kept = len(
         session.scalars(select(ConsentEvent.id).where(ConsentEvent.supporter_hash == who)).all()

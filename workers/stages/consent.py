@@ -21,6 +21,7 @@ from workers.letters.definitions import get_definition
 from workers.pipeline.states import reached_only_through
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, hold
+from workers.webhooks.events import emit
 
 # The record that the supporter was told their details go to their MP.
 MP_NOTICE = "mp_notice"
@@ -106,12 +107,15 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
         # Then the guarded mark: of two workers logging at once, the second writes nothing.
         mark = {"submission": submission_id, "at": utcnow()}
         group = group_writes(session)
+        campaign = submission.campaign_slug
         if group is not None:  # made with the group's other marks and events
             group.guard(_MARK_LOGGED, mark)
             group.collect(append, events)
+            emit(session, "consent.recorded", submission_id, campaign=campaign, writes=group)
             return len(events)
         if rowcount(session.execute(_MARK_LOGGED, mark)) != 1:
             return 0
+        emit(session, "consent.recorded", submission_id, campaign=campaign)
         # The mark and the events commit together: no event of this submission's is stored yet.
         return append(session, events)
 

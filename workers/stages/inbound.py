@@ -65,6 +65,7 @@ from workers.pipeline.failures import count_failure
 from workers.receiving.addresses import ReturnAddresses
 from workers.receiving.classify import Classification, classify, parse, reply_origin
 from workers.receiving.mailgun import event_classification
+from workers.webhooks.events import emit
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +133,8 @@ def process(
     )
     if rowcount(finished) != 1:
         raise AlreadyMoved(inbound_id)
+    if outcome.status == InboundStatus.DONE and outcome.kind in FORWARDED and outcome.submission_id:
+        emit(session, "reply.received", outcome.submission_id, inbound_id, inbound_id=inbound_id)
     log.info(
         "inbound_processed",
         inbound_id=inbound_id,
@@ -534,6 +537,7 @@ def release(session: Session, inbound_id: str, policy: InboundPolicy) -> Outcome
         LetterEvent(kind=kind, submission_id=submission_id, inbound_id=inbound_id, at=utcnow())
     )
     reason, queued = _forward(session, submission_id, inbound_id, raw, payload, policy)
+    emit(session, "reply.received", submission_id, inbound_id, inbound_id=inbound_id)
     reason = reason or "released by an operator"
     session.execute(
         update(InboundMessage)

@@ -17,6 +17,9 @@ class Stage(StrEnum):
     # Their messages carry inbound message and outbox item ids.
     INBOUND = "inbound"  # act on what came back to a letter (bounce, reply...)
     OUTBOX = "outbox"  # send an email to a supporter (workers.outbox): a notice, a confirmation
+    # A webhook to a CRM (workers.webhooks): an outbox item on a queue of its own, so that an
+    # endpoint that is down or hangs never delays a letter or an email.
+    WEBHOOK = "webhook"
 
     @property
     def queue(self) -> str:
@@ -24,23 +27,27 @@ class Stage(StrEnum):
 
     @property
     def actor(self) -> str:
-        return {Stage.INBOUND: "process_inbound", Stage.OUTBOX: "send_outbox"}.get(
-            self, f"{self.value}_submission"
-        )
+        return {
+            Stage.INBOUND: "process_inbound",
+            Stage.OUTBOX: "send_outbox",
+            Stage.WEBHOOK: "send_webhook",
+        }.get(self, f"{self.value}_submission")
 
     @property
     def id_name(self) -> str:
         """What the ids in this stage's messages are, as logs name them."""
-        return {Stage.INBOUND: "inbound_id", Stage.OUTBOX: "outbox_id"}.get(self, "submission_id")
+        outbox = "outbox_id"
+        return {Stage.INBOUND: "inbound_id", Stage.OUTBOX: outbox, Stage.WEBHOOK: outbox}.get(
+            self, "submission_id"
+        )
 
     @property
     def group_size(self) -> int:
         """The most submissions one message to this stage carries (more than one: version 2).
         Delivery sends a group's letters one after another within one time limit, so its groups
         are smaller; the confirmation email goes one per message."""
-        return {Stage.DELIVER: 16, Stage.NOTIFY: 1, Stage.INBOUND: 16, Stage.OUTBOX: 1}.get(
-            self, MAX_IDS
-        )
+        one = (Stage.NOTIFY, Stage.OUTBOX, Stage.WEBHOOK)
+        return 1 if self in one else {Stage.DELIVER: 16, Stage.INBOUND: 16}.get(self, MAX_IDS)
 
 
 class Deferred(Exception):

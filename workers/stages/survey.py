@@ -36,6 +36,7 @@ from workers.database.models import (
 )
 from workers.letters.definitions import get_definition
 from workers.outbox import sending as outbox
+from workers.webhooks.events import emit
 
 LETTER_EVENTS = table(LetterEvent)
 
@@ -159,6 +160,7 @@ def answer(session: Session, secret: bytes, token: str, value: str) -> str:
             set_={"detail": insert.excluded.detail, "at": insert.excluded.at},
         )
     )
+    emit(session, "survey.answered", submission_id, value)  # once per answer given
     return "recorded"
 
 

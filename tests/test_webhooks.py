@@ -1,0 +1,491 @@
+"""Signed webhooks to a CRM, a kind of outbox item: emitted in the fact's transaction, sent on a
+queue of their own to a real HTTP receiver on loopback that verifies every request with the
+standardwebhooks library; retried, given up, replayed, rotated; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import jsonschema_rs
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select, update
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from schemas import JSON_SCHEMA_DIR
+from schemas.webhooks import json_schemas
+from tests import mail_samples as samples
+from tests.conftest import drain, make_settings
+from tests.factories import submission
+from tests.services import wait_for
+from tests.test_after_sent import BOUNCES, REPLIES, bounce_of, deliver, letter_of, receive, relay
+from workers.cli import main as cli
+from workers.database.engine import session_scope
+from workers.database.models import OutboxItem, Submission, utcnow
+from workers.outbox import sending as outbox
+from workers.pipeline.actors import outbox_for
+from workers.pipeline.app import App, set_app
+from workers.pipeline.reconciler import find_after_sent
+from workers.pipeline.runtime import prepare, state_counts, submit
+from workers.privacy.rights import erase_supporter
+from workers.stages import consent, survey
+from workers.stages.stage import Deferred, Stage
+from workers.webhooks import endpoints, events, payloads
+
+SUPPORTER = "amira.haddad@example.com"
+
+
+@dataclass
+class Request:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    verified: set[str] = field(default_factory=set)  # the secrets it verifies with
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """A CRM on loopback. ``/ok`` answers 200, ``/fail`` 500, ``/gone`` 404, ``/redirect`` 302
+    to ``/ok``, ``/hang`` nothing until the test ends. Each request is checked against every
+    secret in ``secrets`` with the standardwebhooks library."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.secrets: list[str] = []
+        self.done = threading.Event()
+        self.changed = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                request = Request(self.path, dict(self.headers.items()), body)
+                for secret in receiver.secrets:
+                    try:
+                        Webhook(secret).verify(body, request.headers)
+                    except WebhookVerificationError:
+                        continue
+                    request.verified.add(secret)
+                with receiver.changed:
+                    receiver.requests.append(request)
+                    receiver.changed.notify_all()
+                path = self.path.split("?")[0]
+                if path == "/hang":
+                    receiver.done.wait(30)
+                status = {"/fail": 500, "/gone": 404, "/redirect": 302}.get(path, 200)
+                self.send_response(status)
+                if status == 302:
+                    self.send_header("location", receiver.url("/ok"))
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def wait(self, count: int, timeout: float = 20) -> list[Request]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.requests) >= count, timeout), (
+                f"{len(self.requests)} of {count} webhooks arrived"
+            )
+            return list(self.requests)
+
+    def close(self) -> None:
+        self.done.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    crm = Receiver()
+    yield crm
+    crm.close()
+
+
+@pytest.fixture
+def app(db_url: str, tmp_path: Path) -> Iterator[App]:
+    """The App with bounce and reply domains and a short webhook timeout."""
+    application = App.from_settings(
+        make_settings(
+            tmp_path,
+            database_url=db_url,
+            bounce_domain=BOUNCES,
+            reply_domain=REPLIES,
+            webhook_timeout_seconds=2.0,
+        )
+    )
+    prepare(application)
+    set_app(application)
+    events.forget()
+    yield application
+    set_app(None)
+    application.engine.dispose()
+
+
+def add(app: App, url: str, wanted: tuple[str, ...] = events.EVENTS, **options: Any) -> int:
+    with session_scope(app.sessions) as session:
+        return endpoints.add(session, url, wanted, **options).id
+
+
+def items(app: App) -> list[OutboxItem]:
+    with session_scope(app.sessions) as session:
+        found = session.scalars(
+            select(OutboxItem).where(OutboxItem.kind == "webhook").order_by(OutboxItem.created_at)
+        ).all()
+        session.expunge_all()
+        return list(found)
+
+
+def send(
+    app: App, item_id: str, policy: outbox.OutboxPolicy | None = None, pause: float = 0
+) -> None:
+    """What the webhook stage does with one item (a deferral is the next attempt's wait); an
+    endpoint that failed is not paused unless ``pause``."""
+    every_kind, default = outbox_for(app)
+    if pause == 0:
+        every_kind = every_kind | {events.KIND: payloads.kind(2.0, pause=0)}
+    with session_scope(app.sessions) as session:
+        outbox.send(session, item_id, app.mailer, every_kind, policy or default)
+
+
+def until_ended(app: App, item_id: str, policy: outbox.OutboxPolicy) -> OutboxItem:
+    for _ in range(policy.max_attempts + 1):
+        try:
+            send(app, item_id, policy)
+        except Deferred:
+            continue
+        break
+    [found] = [i for i in items(app) if i.id == item_id]
+    return found
+
+
+SCHEMAS = {
+    name.removeprefix("webhook.").removesuffix(".v1.schema.json"): jsonschema_rs.validator_for(
+        json.loads((JSON_SCHEMA_DIR / name).read_text())
+    )
+    for name in json_schemas()
+}
+
+
+def test_the_committed_schemas_are_the_models_and_every_event_has_one() -> None:
+    for name, text in json_schemas().items():
+        assert (JSON_SCHEMA_DIR / name).read_text() == text, name
+    assert set(SCHEMAS) == set(events.EVENTS)
+
+
+def test_every_event_is_sent_once_signed_and_valid_without_personal_data(
+    app: App, receiver: Receiver, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    endpoint_id = add(app, receiver.url("/ok"))
+    with session_scope(app.sessions) as session:
+        receiver.secrets = [endpoints.get(session, endpoint_id).secret]
+    relay(app)
+    replied, returned = deliver(app, stub_broker, stub_worker, n=2)
+    submit(app, stub_broker, submission(supporter__email="not an email"))
+    letter = letter_of(app, replied)
+    assert letter.reply_to is not None
+    reply = samples.human_reply(letter.message_id, letter.to_email, letter.reply_to)
+    receive(app, stub_broker, stub_worker, letter.reply_to, reply)
+    receive(app, stub_broker, stub_worker, *bounce_of(app, returned))
+    with session_scope(app.sessions) as session:
+        token = survey.make_token(app.secret, replied, "yes")
+        assert survey.answer(session, app.secret, token, "yes") == "recorded"
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, SUPPORTER)
+    drain(stub_broker, stub_worker)
+    got = receiver.wait(len(items(app)))
+    kinds = sorted(r.json["type"] for r in got)
+    assert set(kinds) == set(events.EVENTS)
+    assert kinds.count("supporter.erased") == 2 and kinds.count("letter.delivered") == 2
+    for request in got:
+        assert request.verified == set(receiver.secrets), request.path
+        body = request.json
+        SCHEMAS[body["type"]].validate(body)
+        assert "supporter" not in body["data"] or body["data"]["supporter"] is None
+        assert SUPPORTER not in request.body.decode()
+    assert len({r.headers["webhook-id"] for r in got}) == len(got)  # each sent once
+    assert {i.status for i in items(app)} == {"sent"}
+    rejected = next(r.json for r in got if r.json["type"] == "submission.rejected")
+    assert rejected["data"]["reasons"] == ["supporter.email"]
+
+
+def test_personal_data_only_with_the_endpoints_permission_the_consent_and_never_after_erasure(
+    app: App, receiver: Receiver, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    wanted = ("letter.delivered",)
+    allowed = add(app, receiver.url("/ok?crm=allowed"), wanted, personal_data=True)
+    add(app, receiver.url("/ok?crm=not-allowed"), wanted)
+    [agreed] = deliver(app, stub_broker, stub_worker)
+    refused = {c: "refused" for c in ("email", "phone", "sms", "post")}
+    deliver(
+        app,
+        stub_broker,
+        stub_worker,
+        supporter__email="b@example.com",
+        **{f"contact_preferences__{c}": v for c, v in refused.items()},
+    )
+    got = receiver.wait(4)
+    sent = {(r.path, r.json["data"]["submission_id"]): r.json["data"] for r in got}
+    person = sent[("/ok?crm=allowed", agreed)]["supporter"]
+    assert person["email"] == SUPPORTER and person["postcode"] == "DM1 1AA"
+    assert person["contact_preferences"]["email"] == "granted"
+    assert [key for key, data in sent.items() if data.get("supporter")] == [
+        ("/ok?crm=allowed", agreed)
+    ]
+    # Erased, then replayed: the same webhook-id, written anew without the details.
+    [first] = [r for r in got if r.path == "/ok?crm=allowed" and agreed in r.body.decode()]
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, SUPPORTER)
+        [item_id] = [
+            i.id for i in items(app) if i.endpoint_id == allowed and i.submission_id == agreed
+        ]
+        assert endpoints.replay(session, [item_id]) == [item_id]
+    send(app, item_id)
+    again = receiver.wait(len(got) + 1)[-1]
+    assert again.headers["webhook-id"] == first.headers["webhook-id"] == item_id
+    assert again.json["data"]["supporter"] is None and SUPPORTER not in again.body.decode()
+
+
+def test_during_a_rotation_both_secrets_sign_and_after_it_only_the_new_one(
+    app: App, receiver: Receiver
+) -> None:
+    endpoint_id = add(app, receiver.url("/ok"), ("supporter.erased",))
+    with session_scope(app.sessions) as session:
+        old = endpoints.get(session, endpoint_id).secret
+        new = endpoints.rotate(session, endpoint_id, timedelta(hours=24))
+    receiver.secrets = [old, new]
+    sid = erased(app)
+    [item] = items(app)
+    send(app, item.id)
+    [during] = receiver.wait(1)
+    assert during.verified == {old, new}
+    assert len(during.headers["webhook-signature"].split(" ")) == 2
+    with session_scope(app.sessions) as session:
+        newest = endpoints.rotate(session, endpoint_id, timedelta(0))  # `new` expires at once
+        endpoints.replay(session, [item.id])
+    receiver.secrets = [new, newest]
+    send(app, item.id)
+    after = receiver.wait(2)[-1]
+    assert after.verified == {newest} and " " not in after.headers["webhook-signature"]
+    assert after.json["data"]["submission_id"] == sid
+
+
+def erased(app: App) -> str:
+    """A submission, stored and then erased: one supporter.erased per endpoint wanting it."""
+    with session_scope(app.sessions) as session:
+        from workers.pipeline.intake import accept
+
+        sid = accept(session, submission(), app.secret).submission_id
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, SUPPORTER)
+    return sid
+
+
+def test_a_failing_receiver_is_retried_then_given_up_with_the_reason_and_no_url_in_logs(
+    app: App, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add(app, receiver.url("/fail?token=s3cret"), ("supporter.erased",))
+    erased(app)
+    [item] = items(app)
+    policy = replace(outbox_for(app)[1], first_backoff=0, max_attempts=3)
+    ended = until_ended(app, item.id, policy)
+    assert (ended.status, ended.failures) == ("failed", 3)
+    assert ended.error is not None and "HTTP 500" in ended.error and "s3cret" not in ended.error
+    got = receiver.wait(3)
+    assert len(got) == 3 and {r.headers["webhook-id"] for r in got} == {item.id}
+    logs = capsys.readouterr()
+    assert "s3cret" not in logs.err + logs.out and SUPPORTER not in logs.err + logs.out
+
+
+def test_an_endpoint_that_failed_is_held_back_without_counting_so_it_holds_no_threads(
+    app: App, receiver: Receiver
+) -> None:
+    add(app, receiver.url("/fail"), ("supporter.erased",))
+    erased(app)
+    erased(app)
+    first, second = items(app)
+    every_kind = outbox_for(app)[0] | {events.KIND: payloads.kind(2.0, pause=60)}
+    policy = replace(outbox_for(app)[1], first_backoff=0)
+    for item_id in (first.id, second.id):
+        with session_scope(app.sessions) as session, pytest.raises(Deferred):
+            outbox.send(session, item_id, app.mailer, every_kind, policy)
+    assert len(receiver.requests) == 1  # the second was not sent: the endpoint is paused
+    held = {i.id: i for i in items(app)}[second.id]
+    assert (held.status, held.failures, held.error) == (
+        "pending",
+        0,
+        "TransientDeliveryError: endpoint held back",
+    )
+
+
+@pytest.mark.parametrize("path", ["/gone", "/redirect"])
+def test_a_refusal_or_a_redirect_is_given_up_at_once_and_a_redirect_is_not_followed(
+    app: App, receiver: Receiver, path: str
+) -> None:
+    add(app, receiver.url(path), ("supporter.erased",))
+    erased(app)
+    [item] = items(app)
+    ended = until_ended(app, item.id, outbox_for(app)[1])
+    assert (ended.status, ended.failures) == ("failed", 0)
+    assert [r.path for r in receiver.requests] == [path]  # never /ok
+
+
+def test_a_receiver_that_never_answers_times_out_while_the_letter_goes(
+    app: App, receiver: Receiver, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    add(app, receiver.url("/hang"), ("submission.accepted",))
+    sid, _ = submit(app, stub_broker, submission())
+    receiver.wait(1)
+    assert wait_for(lambda: state_counts(app, [sid]) == {"delivered": 1}, 20)
+    [item] = items(app)
+    assert item.status == "sending"  # the webhook still waits for its receiver meanwhile
+    assert wait_for(lambda: items(app)[0].failures == 1, 20)
+    [late] = items(app)
+    assert (late.status, late.error) == (
+        "pending",
+        "TransientDeliveryError: endpoint 1: no answer in time",
+    )
+
+
+def test_a_second_run_of_an_actor_or_a_send_adds_and_sends_nothing(
+    app: App, receiver: Receiver, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    add(app, receiver.url("/ok"), ("consent.recorded",))
+    [sid] = deliver(app, stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        assert consent.log_consent(session, sid, app.secret) == 0  # done: nothing written
+    with session_scope(app.sessions) as session:
+        events.emit(session, "consent.recorded", sid)  # the same fact again: the same key
+    [item] = items(app)
+    send(app, item.id)
+    send(app, item.id)
+    drain(stub_broker, stub_worker)
+    assert len(receiver.requests) == 1 and items(app)[0].status == "sent"
+
+
+def test_without_endpoints_nothing_is_written_and_an_event_costs_a_lookup(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    deliver(app, stub_broker, stub_worker, n=3)
+    assert items(app) == []
+    with session_scope(app.sessions) as session:
+        events.wanting(session, "letter.delivered")  # read once, then kept
+        start = time.perf_counter()
+        for _ in range(10_000):
+            events.emit(session, "letter.delivered", "x")
+        each = (time.perf_counter() - start) / 10_000
+    assert each < 50e-6, each  # measured about 1 µs
+
+
+def test_the_reconciler_sends_a_webhook_due_to_the_webhook_queue(
+    app: App, receiver: Receiver
+) -> None:
+    add(app, receiver.url("/ok"), ("supporter.erased",))
+    erased(app)
+    [item] = items(app)
+    with session_scope(app.sessions) as session:
+        session.execute(update(OutboxItem).values(dispatched_at=utcnow() - timedelta(hours=1)))
+    with session_scope(app.sessions) as session:
+        assert find_after_sent(session, timedelta(minutes=5)) == [(item.id, Stage.WEBHOOK)]
+
+
+def test_an_endpoint_for_one_campaign_hears_nothing_of_another(
+    app: App, receiver: Receiver
+) -> None:
+    with session_scope(app.sessions) as session:
+        from workers.database.models import Campaign
+
+        other = session.scalars(select(Campaign.slug)).first()
+    assert other is not None
+    add(app, receiver.url("/ok"), ("supporter.erased",), campaign=other)
+    with session_scope(app.sessions) as session:
+        session.execute(update(Submission).values(campaign_slug="elsewhere"))
+    erased(app)
+    assert [i.submission_id for i in items(app)] == [
+        sid for sid in submissions(app) if campaign_of(app, sid) == other
+    ]
+
+
+def submissions(app: App) -> list[str]:
+    with session_scope(app.sessions) as session:
+        return list(session.scalars(select(Submission.id)))
+
+
+def campaign_of(app: App, sid: str) -> str:
+    with session_scope(app.sessions) as session:
+        return str(session.scalar(select(Submission.campaign_slug).where(Submission.id == sid)))
+
+
+def test_the_cli_adds_shows_rotates_replays_and_removes_and_refuses_bad_configuration(
+    app: App, receiver: Receiver
+) -> None:
+    runner = CliRunner()
+    added = runner.invoke(
+        cli, ["webhooks", "add", receiver.url("/ok?token=s3cret"), "--event", "supporter.erased"]
+    )
+    assert added.exit_code == 0, added.output
+    secret = added.stdout.split("secret ")[1].strip()
+    assert secret.startswith("whsec_")
+    Webhook(secret)  # a valid Standard Webhooks secret
+    listed = runner.invoke(cli, ["webhooks", "list"])
+    assert "s3cret" not in listed.stdout and secret not in listed.stdout
+    assert "/ok?[masked]" in listed.stdout
+    erased(app)
+    [item] = items(app)
+    send(app, item.id)
+    shown = runner.invoke(cli, ["webhooks", "show", "1"])
+    assert shown.exit_code == 0 and secret not in shown.stdout and "s3cret" not in shown.stdout
+    assert json.loads(shown.stdout)["deliveries"][0]["status"] == "sent"
+    assert SUPPORTER not in shown.stdout
+    rotated = runner.invoke(cli, ["webhooks", "rotate", "1"])
+    assert rotated.exit_code == 0 and rotated.stdout.startswith("secret whsec_")
+    replayed = runner.invoke(cli, ["webhooks", "replay", item.id])
+    assert replayed.exit_code == 0 and "replayed 1" in replayed.stdout
+    refused = {
+        "ftp://crm.example/hook": "http:// or https://",
+        "https://user:pw@crm.example/hook": "credentials",
+        "/just/a/path": "http:// or https://",
+    }
+    for url, said in refused.items():
+        bad = runner.invoke(cli, ["webhooks", "add", url, "--event", "letter.delivered"])
+        assert bad.exit_code == 1 and said in bad.output and len(bad.output.splitlines()) == 1
+    unknown = runner.invoke(
+        cli, ["webhooks", "add", receiver.url("/ok"), "--event", "letter.eaten"]
+    )
+    assert unknown.exit_code == 1 and "unknown event letter.eaten" in unknown.output
+    nowhere = runner.invoke(
+        cli,
+        [
+            "webhooks",
+            "add",
+            receiver.url("/ok"),
+            "--event",
+            "letter.delivered",
+            "--campaign",
+            "nope",
+        ],
+    )
+    assert nowhere.exit_code == 1 and "no campaign 'nope'" in nowhere.output
+    removed = runner.invoke(cli, ["webhooks", "remove", "1"])
+    assert removed.exit_code == 0 and items(app) == []
+    assert runner.invoke(cli, ["webhooks", "show", "1"]).exit_code == 1

@@ -1,0 +1,113 @@
+"""The webhook channel: sign a body (Standard Webhooks, with every secret valid now) and POST it.
+
+2xx is sent; 408, 429, 5xx, a timeout or a connection error is a passing failure (the outbox
+retries it with backoff and gives up after its limit); anything else, a redirect included (never
+followed), is permanent. Reasons name the endpoint by id: a URL may carry a token in its path,
+and the receiver's exception texts carry the URL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import requests
+from standardwebhooks.webhooks import Webhook
+
+from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
+
+ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
+PASSING = frozenset({408, 429})
+
+
+@dataclass(frozen=True)
+class Request:
+    """One webhook ready to send; ``webhook_id`` is the outbox item's id, the same on every
+    attempt and every replay, so a receiver can drop what it has seen."""
+
+    endpoint_id: int
+    url: str
+    webhook_id: str
+    body: bytes
+    secrets: tuple[str, ...]
+
+
+def signed_headers(request: Request, at: datetime) -> dict[str, str]:
+    signatures = " ".join(
+        Webhook(s).sign(request.webhook_id, at, request.body) for s in request.secrets
+    )
+    return {
+        "content-type": "application/json",
+        "user-agent": "DearMP-Webhooks/1",
+        "webhook-id": request.webhook_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": signatures,
+    }
+
+
+class HttpChannel:
+    """POSTs webhooks with a ``requests.Session`` per thread (dramatiq runs threads).
+
+    Worker threads serve every queue, so an endpoint that hangs must not hold many of them: a
+    process sends at most ``in_flight`` webhooks to one endpoint at a time, and after a passing
+    failure sends it nothing for ``pause`` seconds. A webhook held back meanwhile is a refusal
+    of our side (``ours``): given back uncounted, it waits (the relay's pause, for email)."""
+
+    def __init__(self, timeout: float, in_flight: int = 2, pause: float = 30.0) -> None:
+        self.timeout = (min(timeout, 5.0), timeout)  # (connect, each read)
+        self.in_flight, self.pause = in_flight, pause
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._busy: dict[int, int] = {}  # endpoint: webhooks being sent to it now
+        self._until: dict[int, float] = {}  # endpoint: nothing sent to it before this
+
+    def waiting(self) -> float:
+        return 0.0  # each endpoint answers for itself: nothing pauses the others
+
+    def send(self, request: Request, /) -> int:
+        """The receiver's status; raises a *DeliveryError for any other answer."""
+        endpoint = request.endpoint_id
+        with self._lock:
+            wait = self._until.get(endpoint, 0.0) - time.monotonic()
+            if wait > 0 or self._busy.get(endpoint, 0) >= self.in_flight:
+                raise TransientDeliveryError("endpoint held back", max(wait, 1.0), ours=True)
+            self._busy[endpoint] = self._busy.get(endpoint, 0) + 1
+        try:
+            return self._post(request)
+        except TransientDeliveryError:
+            with self._lock:
+                self._until[endpoint] = time.monotonic() + self.pause
+            raise
+        finally:
+            with self._lock:
+                self._busy[endpoint] -= 1
+
+    def _post(self, request: Request) -> int:
+        http: requests.Session | None = getattr(self._local, "http", None)
+        if http is None:
+            http = self._local.http = requests.Session()
+        headers = signed_headers(request, datetime.now(UTC))
+        where = f"endpoint {request.endpoint_id}"
+        try:
+            with http.post(
+                request.url,
+                data=request.body,
+                headers=headers,
+                timeout=self.timeout,
+                allow_redirects=False,
+                stream=True,
+            ) as answer:
+                next(answer.iter_content(ANSWER_CAP), b"")  # a little of it, then closed
+                status = answer.status_code
+        except requests.Timeout:
+            raise TransientDeliveryError(f"{where}: no answer in time") from None
+        except requests.RequestException as exc:
+            raise TransientDeliveryError(f"{where}: {type(exc).__name__}") from None
+        if 200 <= status < 300:
+            return status
+        if status in PASSING or status >= 500:
+            raise TransientDeliveryError(f"{where} answered HTTP {status}")
+        followed = " (redirects are not followed)" if 300 <= status < 400 else ""
+        raise PermanentDeliveryError(f"{where} answered HTTP {status}{followed}")

@@ -1,0 +1,153 @@
+"""Webhook endpoints as data: what ``dearmp webhooks`` adds, rotates, shows, replays and removes.
+
+Configuration is hostile input: a URL that is not http(s), carries credentials or has no host,
+an event that does not exist and a campaign that does not exist are each refused with one line.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from workers.database.models import Campaign, OutboxItem, OutboxStatus, WebhookEndpoint, utcnow
+from workers.logging import mask_text
+from workers.outbox.sending import send_again
+from workers.webhooks.events import EVENTS, KIND, forget
+
+
+class Refused(ValueError):
+    """Configuration that cannot work; the message is the one line the operator sees."""
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def masked(url: str) -> str:
+    """The URL without its query string (which may hold a token), for screens and logs."""
+    parts = urlsplit(url)
+    return parts._replace(query="[masked]" if parts.query else "", fragment="").geturl()
+
+
+def check(session: Session, url: str, events: Sequence[str], campaign: str | None) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Refused(f"the URL must be http:// or https:// with a host: {masked(url)}")
+    if parts.username is not None or parts.password is not None:
+        raise Refused("the URL must not carry credentials (user:password@); use the signature")
+    unknown = sorted(set(events) - set(EVENTS))
+    if unknown or not events:
+        raise Refused(f"unknown event {', '.join(unknown) or '(none)'}; known: {', '.join(EVENTS)}")
+    if campaign is not None and session.get(Campaign, campaign) is None:
+        raise Refused(f"no campaign {campaign!r} (dearmp campaigns sync loads them)")
+
+
+def add(
+    session: Session,
+    url: str,
+    events: Sequence[str],
+    campaign: str | None = None,
+    personal_data: bool = False,
+) -> WebhookEndpoint:
+    """A new enabled endpoint with a fresh secret (its ``secret``: shown once by the CLI)."""
+    check(session, url, events, campaign)
+    endpoint = WebhookEndpoint(
+        url=url,
+        campaign_slug=campaign,
+        events=" ".join(e for e in EVENTS if e in events),
+        personal_data=personal_data,
+        secret=new_secret(),
+        enabled=True,
+    )
+    session.add(endpoint)
+    session.flush()
+    forget()
+    return endpoint
+
+
+def get(session: Session, endpoint_id: int) -> WebhookEndpoint:
+    endpoint = session.get(WebhookEndpoint, endpoint_id)
+    if endpoint is None:
+        raise Refused(f"no webhook endpoint {endpoint_id}")
+    return endpoint
+
+
+def rotate(session: Session, endpoint_id: int, overlap: timedelta) -> str:
+    """A new secret; the current one keeps signing too for ``overlap`` (both signatures are
+    sent), so a receiver holding either verifies while it changes over."""
+    endpoint = get(session, endpoint_id)
+    endpoint.previous_secret, endpoint.secret = endpoint.secret, new_secret()
+    endpoint.previous_until = utcnow() + overlap
+    return endpoint.secret
+
+
+def remove(session: Session, endpoint_id: int) -> int:
+    """Delete the endpoint and its deliveries; how many deliveries went with it."""
+    get(session, endpoint_id)
+    gone = session.execute(delete(OutboxItem).where(OutboxItem.endpoint_id == endpoint_id))
+    session.execute(delete(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id))
+    forget()
+    return int(getattr(gone, "rowcount", 0) or 0)
+
+
+def replay(session: Session, item_ids: Sequence[str]) -> list[str]:
+    """Delivered or given-up webhooks sent again: the same items, so the same ``webhook-id``,
+    with their bodies written anew (a supporter erased since is sent without details)."""
+    webhooks = session.scalars(
+        select(OutboxItem.id).where(OutboxItem.id.in_(item_ids), OutboxItem.kind == KIND)
+    ).all()
+    return send_again(session, list(webhooks), (OutboxStatus.SENT, OutboxStatus.FAILED))
+
+
+def describe(session: Session, endpoint_id: int, limit: int = 20) -> dict[str, Any]:
+    """The endpoint (URL masked, no secret) and its latest deliveries with their errors: ids,
+    events and outcomes, no personal data."""
+    endpoint = get(session, endpoint_id)
+    items = session.scalars(
+        select(OutboxItem)
+        .where(OutboxItem.endpoint_id == endpoint_id)
+        .order_by(OutboxItem.created_at.desc())
+        .limit(limit)
+    ).all()
+    until = endpoint.previous_until
+    return summary(endpoint) | {
+        "previous_secret_valid_until": until.isoformat() if until and until > utcnow() else None,
+        "deliveries": [
+            {
+                "webhook_id": item.id,
+                "event": item.key.split(":", 1)[0],
+                "submission_id": item.submission_id,
+                "status": item.status,
+                "attempts": item.attempts,
+                "failures": item.failures,
+                "sent_at": item.sent_at.isoformat() if item.sent_at else None,
+                "error": mask_text(item.error)[:300] if item.error else None,
+            }
+            for item in items
+        ],
+    }
+
+
+def summary(endpoint: WebhookEndpoint) -> dict[str, Any]:
+    return {
+        "id": endpoint.id,
+        "url": masked(endpoint.url),
+        "campaign": endpoint.campaign_slug,
+        "events": endpoint.events.split(),
+        "personal_data": endpoint.personal_data,
+        "enabled": endpoint.enabled,
+    }
+
+
+def listing(session: Session) -> list[dict[str, Any]]:
+    return [
+        summary(e) for e in session.scalars(select(WebhookEndpoint).order_by(WebhookEndpoint.id))
+    ]

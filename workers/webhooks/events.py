@@ -1,0 +1,188 @@
+"""Emitting webhook events: an outbox item per endpoint that wants one, in the fact's transaction.
+
+An item's key is ``<event>:<endpoint>[:<discriminator>]``, unique per submission (the outbox's
+key), so a second run of an actor adds nothing. The items written are sent on after the commit
+(a SQLAlchemy ``after_commit`` hook, as warehouse enqueues its tasks); one not sent is found by
+the reconciler.
+
+Without endpoints, an event costs a dictionary lookup: the enabled endpoints are read once per
+:data:`REFRESH` seconds per database and kept, so the hot path (every state move) reads nothing.
+An endpoint added in another process hears of events from at most that long after.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import dramatiq
+import structlog
+from sqlalchemy import Engine, event, select
+from sqlalchemy.orm import Session
+
+from workers.database.engine import insert_on_conflict
+from workers.database.models import (
+    OutboxItem,
+    OutboxStatus,
+    State,
+    Submission,
+    WebhookEndpoint,
+    new_id,
+    table,
+    utcnow,
+)
+
+log = structlog.get_logger(__name__)
+
+KIND = "webhook"  # outbox.kind of every webhook
+EVENTS = (
+    "submission.accepted",
+    "submission.rejected",
+    "letter.delivered",
+    "letter.bounced",
+    "reply.received",
+    "survey.answered",
+    "consent.recorded",
+    "supporter.erased",
+)
+# The state moves that are events (advance() emits them).
+STATE_EVENTS = {
+    State.VALIDATED: "submission.accepted",
+    State.REJECTED: "submission.rejected",
+    State.DELIVERED: "letter.delivered",
+    State.BOUNCED: "letter.bounced",
+}
+# A letter returned and sent again is delivered (or returned) again: each move is its own event.
+RECURRING = ("letter.delivered", "letter.bounced")
+REFRESH = 5.0  # seconds an emitting process keeps its list of endpoints
+_QUEUED = "workers.webhooks.queued"  # session.info: the items this transaction wrote
+
+
+@dataclass(frozen=True)
+class Wanted:
+    endpoint_id: int
+    campaign: str | None
+    events: frozenset[str]
+
+
+_endpoints: WeakKeyDictionary[Engine, tuple[float, tuple[Wanted, ...]]] = WeakKeyDictionary()
+_lock = threading.Lock()
+_statements: dict[str, Any] = {}
+
+
+def forget() -> None:
+    """Read the endpoints again at the next event (after ``dearmp webhooks`` changed them)."""
+    with _lock:
+        _endpoints.clear()
+
+
+def wanting(session: Session, event_name: str) -> list[Wanted]:
+    """The enabled endpoints that want ``event_name`` (of any campaign)."""
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    kept = _endpoints.get(engine)
+    now = time.monotonic()
+    if kept is None or now - kept[0] > REFRESH:
+        rows = session.execute(
+            select(WebhookEndpoint.id, WebhookEndpoint.campaign_slug, WebhookEndpoint.events).where(
+                WebhookEndpoint.enabled.is_(True)
+            )
+        ).all()
+        kept = (now, tuple(Wanted(i, c, frozenset(e.split())) for i, c, e in rows))
+        with _lock:
+            _endpoints[engine] = kept
+    return [wanted for wanted in kept[1] if event_name in wanted.events]
+
+
+def on_move(
+    session: Session, submission: Any, to_state: State, at: datetime, writes: Any = None
+) -> None:
+    """The event a state move is, if any (``advance`` calls this after its guarded move)."""
+    name = STATE_EVENTS.get(to_state)
+    if name is not None:
+        key = str(int(at.timestamp() * 1000)) if name in RECURRING else ""
+        campaign = getattr(submission, "campaign_slug", None)
+        emit(session, name, submission.id, key, campaign=campaign, writes=writes)
+
+
+def emit(
+    session: Session,
+    event_name: str,
+    submission_id: str,
+    discriminator: str = "",
+    *,
+    campaign: str | None = None,
+    inbound_id: str | None = None,
+    writes: Any = None,
+) -> None:
+    """Write the event's item for each endpoint that wants it, in ``session``'s transaction (or
+    with a group's ``writes``: :class:`workers.database.transitions.GroupWrites`)."""
+    wanted = wanting(session, event_name)
+    if not wanted:
+        return
+    if campaign is None and any(w.campaign for w in wanted):
+        campaign = session.scalar(
+            select(Submission.campaign_slug).where(Submission.id == submission_id)
+        )
+    now = utcnow()
+    rows = [
+        {
+            "id": new_id(),
+            "submission_id": submission_id,
+            "key": ":".join(filter(None, (event_name, str(w.endpoint_id), discriminator))),
+            "kind": KIND,
+            "inbound_id": inbound_id,
+            "endpoint_id": w.endpoint_id,
+            "status": OutboxStatus.PENDING.value,
+            "attempts": 0,
+            "failures": 0,
+            "created_at": now,
+            "dispatched_at": now,
+        }
+        for w in wanted
+        if w.campaign in (None, campaign)
+    ]
+    if not rows:
+        return
+    statement = _insert(session)
+    if writes is not None:
+        for row in rows:
+            writes.insert(statement, row)
+    else:
+        session.execute(statement, rows)
+    session.info.setdefault(_QUEUED, []).extend(row["id"] for row in rows)
+
+
+def _insert(session: Session) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING into the outbox, built once per dialect."""
+    name = session.get_bind().dialect.name
+    statement = _statements.get(name)
+    if statement is None:
+        outbox = insert_on_conflict(session, table(OutboxItem))
+        statement = _statements[name] = outbox.on_conflict_do_nothing(
+            index_elements=["submission_id", "key"]
+        )
+    return statement
+
+
+@event.listens_for(Session, "after_commit")
+def _send_after_commit(session: Session) -> None:
+    """The items the transaction wrote, to the webhook queue (an item a conflict left unwritten
+    is found missing by its actor, which does nothing)."""
+    ids = session.info.pop(_QUEUED, None)
+    broker = dramatiq.broker.global_broker
+    if not ids or broker is None:
+        return  # no broker in this process: the reconciler sends them
+    from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.stage import Stage
+
+    dispatch_groups(broker, {Stage.WEBHOOK: ids})
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    session.info.pop(_QUEUED, None)

@@ -1,0 +1,121 @@
+"""A webhook's body, written from the database when it is sent (so an erased supporter's details
+are never sent afterwards, a replay included), checked against its schema
+(:mod:`schemas.webhooks`) before it leaves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from schemas.submission import CHANNELS
+from schemas.webhooks import envelope
+from workers.database.models import (
+    InboundMessage,
+    OutboxItem,
+    State,
+    Submission,
+    SubmissionEvent,
+    WebhookEndpoint,
+    utcnow,
+)
+from workers.outbox.sending import Kind
+from workers.privacy.ledger import current_preferences
+from workers.webhooks.channel import HttpChannel, Request
+
+
+def kind(timeout: float, pause: float = 30.0) -> Kind:
+    """The outbox's kind "webhook": composed here, POSTed by :class:`HttpChannel`."""
+    return Kind(compose, channel=HttpChannel(timeout, pause=pause))
+
+
+def compose(session: Session, item: OutboxItem) -> Request | str:
+    """The item's signed request, or why it will not be sent (it is skipped)."""
+    endpoint = session.get(WebhookEndpoint, item.endpoint_id) if item.endpoint_id else None
+    if endpoint is None or not endpoint.enabled:
+        return "the endpoint was removed or disabled"
+    submission = session.get(Submission, item.submission_id)
+    if submission is None:
+        return "the submission is gone"
+    event, _, rest = item.key.partition(":")  # <event>:<endpoint>[:<discriminator>]
+    discriminator = rest.partition(":")[2]
+    data = _data(session, event, submission, item, discriminator)
+    if event != "supporter.erased" and endpoint.personal_data:
+        data["supporter"] = personal_data(session, submission)
+    body = {"type": event, "timestamp": item.created_at, "data": data}
+    text = envelope(event).model_validate(body).model_dump_json(exclude_none=False)
+    return Request(endpoint.id, endpoint.url, item.id, text.encode(), secrets(endpoint))
+
+
+def secrets(endpoint: WebhookEndpoint) -> tuple[str, ...]:
+    """The secrets that sign now: the current one, and the previous one during a rotation."""
+    previous = endpoint.previous_secret
+    if previous and endpoint.previous_until and endpoint.previous_until > utcnow():
+        return (endpoint.secret, previous)
+    return (endpoint.secret,)
+
+
+def personal_data(session: Session, submission: Submission) -> dict[str, Any] | None:
+    """The supporter's details, if they are still held and the supporter agreed to be contacted
+    by the organisation (on any channel, as they chose it, or as the consent ledger says now)."""
+    payload = submission.payload or {}
+    person = payload.get("supporter")
+    if submission.erased_at is not None or not isinstance(person, dict) or "email" not in person:
+        return None
+    prefs = dict(payload.get("contact_preferences") or {})
+    if submission.supporter_hash:
+        now = current_preferences(session, submission.supporter_hash)
+        prefs |= {channel: value["choice"] for channel, value in now.items() if channel in prefs}
+    if not any(prefs.get(channel) == "granted" for channel in CHANNELS):
+        return None
+    return {
+        "name": person.get("name", ""),
+        "email": person["email"],
+        "postcode": person.get("postcode", ""),
+        "address_lines": list(person.get("address_lines") or []),
+        "contact_preferences": {c: prefs.get(c, "not_asked") for c in CHANNELS},
+    }
+
+
+def _data(
+    session: Session, event: str, submission: Submission, item: OutboxItem, discriminator: str
+) -> dict[str, Any]:
+    if event == "supporter.erased":
+        return {
+            "submission_id": submission.id,
+            "campaign": submission.campaign_slug,
+            "erased_at": submission.erased_at,
+        }
+    recipient = submission.recipient or {}
+    data: dict[str, Any] = {
+        "submission_id": submission.id,
+        "campaign": submission.campaign_slug,
+        "state": submission.state,
+        "constituency": recipient.get("constituency"),
+        "constituency_code": submission.constituency_code,
+        "mp": {"member_id": submission.member_id, "name": recipient["name"]}
+        if recipient.get("name")
+        else None,
+    }
+    if event == "submission.rejected":
+        data["reasons"] = sorted(submission.rejection or {})
+        data["code"] = session.scalar(
+            select(SubmissionEvent.detail)
+            .where(
+                SubmissionEvent.submission_id == submission.id,
+                SubmissionEvent.state == State.REJECTED,
+            )
+            .limit(1)
+        )
+    elif event == "reply.received":
+        inbound = session.get(InboundMessage, item.inbound_id) if item.inbound_id else None
+        data["inbound_id"] = item.inbound_id or ""
+        data["kind"] = (inbound.kind if inbound else None) or "reply"
+    elif event == "survey.answered":
+        data["answer"] = discriminator
+    elif event == "consent.recorded":
+        data["wording_version"] = (
+            (submission.payload or {}).get("contact_preferences", {}).get("wording_version")
+        )
+    return data
