@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -21,30 +22,8 @@ from workers.database.models import Submission
 from workers.pipeline.app import App
 from workers.pipeline.runtime import SAMPLE_DIR, count_final, state_counts, submit
 
-FIRST = [
-    "Aisha",
-    "Bryony",
-    "Callum",
-    "Deepa",
-    "Ewan",
-    "Farah",
-    "Gethin",
-    "Hollie",
-    "Imran",
-    "Jodie",
-]
-LAST = [
-    "Ahmed",
-    "Brennan",
-    "Clarke",
-    "Dhillon",
-    "Evans",
-    "Fraser",
-    "Gill",
-    "Hughes",
-    "Iqbal",
-    "Jones",
-]
+FIRST = "Aisha Bryony Callum Deepa Ewan Farah Gethin Hollie Imran Jodie".split()
+LAST = "Ahmed Brennan Clarke Dhillon Evans Fraser Gill Hughes Iqbal Jones".split()
 POSTCODES = ["DM1 1AA", "DM2 1AB", "DM3 2BD", "DM4 3GE", "DM5 4DF", "DM6 1AA", "DM1 4DF"]
 
 
@@ -56,10 +35,10 @@ def sample_batch(count: int, run_id: str) -> list[dict[str, Any]]:
     batch = []
     for i in range(max(count, 1)):
         if i < len(samples):
-            item = json.loads(json.dumps(samples[i]))
+            item = copy.deepcopy(samples[i])
         else:
             first, last = rng.choice(FIRST), rng.choice(LAST)
-            item = json.loads(json.dumps(template))
+            item = copy.deepcopy(template)
             item["idempotency_key"] = f"generated-{i:06d}"
             item["supporter"].update(
                 name=f"{first} {last}",

@@ -8,8 +8,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.submission import Postcode, SubmissionV1, single_line
-from workers.pipeline.states import OUTCOMES as STATE_OUTCOMES
-from workers.pipeline.states import State
+from workers.pipeline.states import OUTCOMES as OUTCOMES  # what each state means to the supporter
 
 HONEYPOT = "website"
 
@@ -107,11 +106,6 @@ class StatusOut(BaseModel):
     outcome: str
 
 
-# What each state means to the supporter: the status endpoint, the page and `dearmp show` say it
-# (the table of states' outcomes).
-OUTCOMES: dict[State, str] = STATE_OUTCOMES
-
-
 def problem(
     status: int, errors: dict[str, str], headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -153,6 +147,10 @@ def accepted(submission_id: str, state: str, duplicate: bool) -> JSONResponse:
     status_url = f"/v1/submissions/{submission_id}"
     body = AcceptedOut(id=submission_id, state=state, status_url=status_url, duplicate=duplicate)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": status_url})
+
+
+def no_campaign(slug: str) -> JSONResponse:
+    return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
 
 
 def retry_after(wait: float) -> dict[str, str]:

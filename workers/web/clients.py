@@ -11,7 +11,7 @@ from fastapi import Request
 
 from workers.letters.rate_limits import Limit
 from workers.pipeline.app import App
-from workers.privacy.hashing import embedded_ipv4
+from workers.privacy.hashing import embedded_ipv4, ip_hash, limiter_network
 
 
 def client_ip(request: Request) -> str | None:
@@ -22,11 +22,14 @@ def client_ip(request: Request) -> str | None:
         address = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address):
-        ipv4 = embedded_ipv4(address)
-        if ipv4 is not None:
-            return str(ipv4)
-    return str(address)
+    ipv4 = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    return str(ipv4 or address)
+
+
+def client_key(app: App, address: str | None) -> str:
+    """The keyed hash of the network a rate limit counts for a client address."""
+    network = limiter_network(address or "unknown", app.settings.api_ipv6_prefix)
+    return ip_hash(app.secret, network)
 
 
 def user_agent(request: Request) -> str | None:

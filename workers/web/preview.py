@@ -10,7 +10,6 @@ from fastapi import APIRouter, Request
 from schemas.postcode import PostcodeProblem, check_format
 from workers.database.engine import session_scope
 from workers.mp.lookup import Found, find
-from workers.privacy.hashing import ip_hash, limiter_network
 from workers.stages.rendering import campaign_template, choose_subject
 from workers.stages.resolution import MEMBER_FIELD, POSTCODE_FIELD, Refuse, decide
 from workers.web.bodies import (
@@ -22,10 +21,11 @@ from workers.web.bodies import (
     MpOut,
     PreviewIn,
     PreviewOut,
+    no_campaign,
     problem,
     retry_after,
 )
-from workers.web.clients import client_ip, over_limit
+from workers.web.clients import client_ip, client_key, over_limit
 from workers.web.dependencies import AppDep, IntakeDep
 
 router = APIRouter()
@@ -36,7 +36,7 @@ def campaign(slug: str, app: AppDep, intake: IntakeDep) -> Any:
     """What a page needs to draw the form."""
     definition = intake.definition(slug)
     if definition is None:
-        return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
+        return no_campaign(slug)
     return CampaignOut(
         slug=definition.slug,
         title=definition.title,
@@ -66,10 +66,9 @@ def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: I
     """The supporter's MP and the draft letter to edit (the page's second step)."""
     definition = intake.definition(slug)
     if definition is None:
-        return problem(404, {"campaign": f"There is no campaign called '{slug[:64]}'."})
-    network = limiter_network(client_ip(request) or "unknown", app.settings.api_ipv6_prefix)
+        return no_campaign(slug)
     limit, window = app.settings.api_ip_limit * 4, app.settings.api_ip_window
-    wait = over_limit(app, ("ip", ip_hash(app.secret, network), limit, window))
+    wait = over_limit(app, ("ip", client_key(app, client_ip(request)), limit, window))
     if wait > 0:
         return problem(429, {"body": "Too many requests. Please wait a moment."}, retry_after(wait))
     postcode, bad = check_format(body.postcode)

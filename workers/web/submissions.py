@@ -15,7 +15,7 @@ from schemas.campaign import CampaignDefinition
 from workers.database.engine import session_scope
 from workers.database.models import State, Submission, utcnow
 from workers.pipeline.app import App
-from workers.privacy.hashing import ip_hash, limiter_email, limiter_network, supporter_hash
+from workers.privacy.hashing import limiter_email, supporter_hash
 from workers.stages.validation import campaign_errors
 from workers.web.bodies import (
     ERROR_RESPONSES,
@@ -27,10 +27,11 @@ from workers.web.bodies import (
     StatusOut,
     SubmissionIn,
     accepted,
+    no_campaign,
     problem,
     retry_after,
 )
-from workers.web.clients import authenticated, client_ip, over_limit, user_agent
+from workers.web.clients import authenticated, client_ip, client_key, over_limit, user_agent
 from workers.web.dependencies import MISSING, AppDep, Intake, IntakeDep
 from workers.web.honeypot import Fake, fake_state, fake_submission_id, read_fake
 
@@ -66,7 +67,7 @@ async def submit(
     if definition is MISSING:
         definition = await anyio.to_thread.run_sync(intake.definition, body.campaign)
     if not isinstance(definition, CampaignDefinition):
-        return problem(404, {"campaign": f"There is no campaign called '{body.campaign}'."})
+        return no_campaign(body.campaign)
     if (
         origin
         and origin != f"{request.url.scheme}://{request.headers.get('host', '')}"
@@ -81,9 +82,8 @@ async def submit(
         return problem(409 if stale else 422, errors)
     address = client_ip(request)
     settings = app.settings
-    network = limiter_network(address or "unknown", settings.api_ipv6_prefix)
     checks = [
-        ("ip", ip_hash(app.secret, network), settings.api_ip_limit, settings.api_ip_window),
+        ("ip", client_key(app, address), settings.api_ip_limit, settings.api_ip_window),
         (
             "email",
             supporter_hash(app.secret, limiter_email(body.supporter.email)),
