@@ -70,12 +70,16 @@ def options(stage: Stage) -> dict[str, Any]:
 
 # Each submission a message was about, and its error (None when the stage did its work).
 Outcome = tuple[str, BaseException | None]
-Work = Callable[[App, list[str]], list[Outcome]]
+# Sends what a stage moved on to its next stages, after the commit: (id, its next stages).
+SendOn = Callable[[list[tuple[str, list[Stage]]]], None]
+Work = Callable[[App, list[str], SendOn], list[Outcome]]
 
 
-def run_stage(stage: Stage, raw: Any, work: Work, app: App, broker: dramatiq.Broker) -> None:
+def run_stage(
+    stage: Stage, raw: Any, work: Work, app: App, broker: dramatiq.Broker, send_on: SendOn
+) -> None:
     """Run ``work`` with ``app`` for the message's submissions; their next stages are sent by
-    ``work``; what waits or goes on alone is sent again on ``broker``.
+    ``work`` through ``send_on``; what waits or goes on alone is sent again on ``broker``.
 
     A message about one submission fails as a whole, and dramatiq retries it. In a message about
     several, a submission that fails goes on in a message of its own (with the stage's retries
@@ -85,7 +89,7 @@ def run_stage(stage: Stage, raw: Any, work: Work, app: App, broker: dramatiq.Bro
     """
     message = parse_stage_message(raw)
     ids = message.ids
-    for submission_id, error in work(app, ids):
+    for submission_id, error in work(app, ids, send_on):
         if error is None:
             continue
         with bound(**{stage.id_name: submission_id}):
@@ -124,13 +128,6 @@ def dead_letter(app: App, stage: Stage, submission_id: str, error: BaseException
     log.warning("stage_dead_lettered", error=type(error).__name__)
 
 
-def send_on(moved: list[tuple[str, list[Stage]]]) -> None:
-    """Send submissions a stage moved on to their next stages, after the commit, through the
-    process's handoff (grouped: :mod:`workers.pipeline.handoff`). A failed send is logged, and
-    the reconciler sends them again."""
-    get_handoff().add(group_by_stage(moved))
-
-
 def together(
     app: App,
     ids: list[str],
@@ -150,11 +147,11 @@ def together(
     return [(sid, error) for sid, _, error in outcomes]
 
 
-def _validate(app: App, ids: list[str]) -> list[Outcome]:
+def _validate(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     return together(app, ids, validation.plan, send_on)
 
 
-def _resolve(app: App, ids: list[str]) -> list[Outcome]:
+def _resolve(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     # Live answers are fetched before any transaction; a source that fails one submission
     # fails that submission alone.
     order = app.settings.resolution_order
@@ -173,7 +170,7 @@ def _resolve(app: App, ids: list[str]) -> list[Outcome]:
     return failed + (together(app, ready, plan, send_on) if ready else [])
 
 
-def _render(app: App, ids: list[str]) -> list[Outcome]:
+def _render(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
         settings = app.settings
         return rendering.plan(
@@ -188,9 +185,8 @@ def _render(app: App, ids: list[str]) -> list[Outcome]:
     return together(app, ids, plan, send_on)
 
 
-def _deliver(app: App, ids: list[str]) -> list[Outcome]:
-    # Alone, a permanent refusal is recorded at once and dead-lettered; in a group, the letter
-    # goes on in a message of its own first (see deliver_group).
+def _deliver(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
+    # A permanent refusal is recorded at once and dead-lettered (run_stage).
     outcomes = delivery.deliver_group(
         app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer, app.returns
     )
@@ -210,14 +206,14 @@ def _retry(error: BaseException | None) -> BaseException | None:
     return error
 
 
-def _log_consent(app: App, ids: list[str]) -> list[Outcome]:
+def _log_consent(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     def plan(session: Session, submission_id: str) -> Apply[int]:
         return consent.plan(session, submission_id, app.secret)
 
     return together(app, ids, plan)
 
 
-def _notify(app: App, ids: list[str]) -> list[Outcome]:
+def _notify(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     """The confirmation email (or its reminder) queued in the outbox, sent on after the commit."""
     policy = confirmation.ConfirmationPolicy.from_settings(app.settings)
 
@@ -244,7 +240,7 @@ def _one_by_one(ids: list[str], work: Callable[[str], None]) -> list[Outcome]:
     return outcomes
 
 
-def _inbound(app: App, ids: list[str]) -> list[Outcome]:
+def _inbound(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     """Each inbound message in a transaction of its own; its notices sent on after the commit
     (to the outbox)."""
     policy = inbound.InboundPolicy.from_settings(app.settings)
@@ -283,7 +279,7 @@ def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
     return every_kind, policy
 
 
-def _outbox(app: App, ids: list[str]) -> list[Outcome]:
+def _outbox(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     """Each email to a supporter, through the outbox: an item not yet due, or waiting after an
     attempt, raises Deferred, and goes again in a fresh delayed message (run_stage)."""
     every_kind, policy = outbox_for(app)
@@ -309,34 +305,26 @@ WORK: dict[Stage, Work] = {
 
 
 def _actor_function(
-    stage: Stage, apps: Apps, broker: dramatiq.Broker
+    stage: Stage, apps: Apps, broker: dramatiq.Broker, send_on: SendOn
 ) -> Callable[[dict[str, Any]], None]:
-    """The stage's actor: its work, run with the process's App (``apps()``) and ``broker``."""
+    """The stage's actor: its work, run with the process's App (``apps()``), ``broker`` and
+    ``send_on``."""
     work = WORK[stage]
 
     def run(message: dict[str, Any]) -> None:
-        run_stage(stage, message, work, apps(), broker)
+        run_stage(stage, message, work, apps(), broker, send_on)
 
     run.__name__ = run.__qualname__ = stage.actor
     return run
 
 
 _broker: dramatiq.Broker | None = None
-_handoff: Handoff | None = None
 
 
 def get_broker() -> dramatiq.Broker:
     """The process's broker, with the actors declared on it: set up on first use (by the
     command line, whose commands send stage messages)."""
     return _broker if _broker is not None else setup()
-
-
-def get_handoff() -> Handoff:
-    """What the process's stages moved on, sent to the next stages in groups: the handoff
-    :func:`setup` built with the broker (before any actor runs)."""
-    if _handoff is None:
-        raise RuntimeError("no handoff: the process's setup() has not run")
-    return _handoff
 
 
 def setup(settings: Settings | None = None, apps: Apps = get_app) -> dramatiq.Broker:
@@ -346,12 +334,21 @@ def setup(settings: Settings | None = None, apps: Apps = get_app) -> dramatiq.Br
     process's App comes from (built once, as the process boots:
     :class:`workers.pipeline.middleware.ProcessApp`), and install it as the process's broker
     (also ``dramatiq.get_broker()``). Tests give theirs with
-    :func:`workers.pipeline.app.set_app`."""
-    global _broker, _handoff
+    :func:`workers.pipeline.app.set_app`.
+
+    What the stages move on goes to the next stages through the process's handoff, grouped
+    (:mod:`workers.pipeline.handoff`); a failed send is logged, and the reconciler sends it
+    again. The handoff is the broker's :class:`SendHeld` middleware's, which sends what it
+    holds when the worker stops."""
+    global _broker
     settings = settings or get_settings()
     broker = build_broker(settings, apps)
     handoff = Handoff(partial(dispatch_groups, broker), settings.handoff_linger_ms / 1000)
     broker.add_middleware(SendHeld(handoff))
+
+    def send_on(moved: list[tuple[str, list[Stage]]]) -> None:
+        handoff.add(group_by_stage(moved))
+
     for stage in Stage:
         declare = dramatiq.actor(
             broker=broker,
@@ -359,9 +356,15 @@ def setup(settings: Settings | None = None, apps: Apps = get_app) -> dramatiq.Br
             actor_name=stage.actor,
             **options(stage),
         )
-        declare(_actor_function(stage, apps, broker))
+        declare(_actor_function(stage, apps, broker, send_on))
     dramatiq.set_broker(broker)
-    if _handoff is not None:  # set up again (tests): what the old one holds goes first
-        _handoff.flush()
-    _broker, _handoff = broker, handoff
+    if _broker is not None:  # set up again (tests): what the old one holds goes first
+        held_by(_broker).flush()
+    _broker = broker
     return broker
+
+
+def held_by(broker: dramatiq.Broker) -> Handoff:
+    """The handoff of a broker :func:`setup` built (its :class:`SendHeld` middleware's)."""
+    [held] = [m for m in broker.middleware if isinstance(m, SendHeld)]
+    return held.handoff
