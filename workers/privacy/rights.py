@@ -64,10 +64,15 @@ def submissions_of(session: Session, secret: bytes, email: str) -> list[Submissi
     )
 
 
-def _ledger_rows(session: Session, who: str) -> list[dict[str, Any]]:
-    events = session.scalars(
-        select(ConsentEvent).where(ConsentEvent.supporter_hash == who).order_by(ConsentEvent.id)
+def _ledger(session: Session, who: str) -> list[ConsentEvent]:
+    return list(
+        session.scalars(
+            select(ConsentEvent).where(ConsentEvent.supporter_hash == who).order_by(ConsentEvent.id)
+        )
     )
+
+
+def _ledger_rows(session: Session, who: str) -> list[dict[str, Any]]:
     return [
         {
             "id": e.id,
@@ -84,7 +89,7 @@ def _ledger_rows(session: Session, who: str) -> list[dict[str, Any]]:
             "recorded_at": _iso(e.recorded_at),
             "hash": e.hash,
         }
-        for e in events
+        for e in _ledger(session, who)
     ]
 
 
@@ -133,8 +138,7 @@ def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, A
                     "attempts": delivery.attempts,
                     "backend": delivery.backend,
                 },
-                # Bounces, automatic and human replies (their facts: no reply text is kept),
-                # survey answers, and the emails sent to the supporter about the letter.
+                # What came back to the letter (its facts: no reply text is kept).
                 "after_sent": [
                     {"event": e.kind, "at": _iso(e.at), "status": e.status, "detail": e.detail}
                     for e in session.scalars(
@@ -198,9 +202,8 @@ def _remove_outbox_file(outbox_dir: Path | None, submission_id: str) -> int:
 
 
 def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | None) -> None:
-    """What came back to the letter and what was sent to the supporter about it: a reply's
-    text not yet forwarded is deleted, emails to them not yet sent (every kind in the outbox)
-    will not be, and the file outbox's copies of them go."""
+    """Delete the kept text of what came back to the letter, skip the emails to the supporter
+    not yet sent, and remove the file outbox's copies of them."""
     session.execute(
         update(InboundMessage)
         .where(InboundMessage.submission_id == submission_id)
@@ -247,10 +250,8 @@ def erase_supporter(
 ) -> ErasureReport:
     """Remove a person's name, email, phone, address and letter text everywhere DearMP holds them.
 
-    Kept: the delivery facts (which MP, when, delivered or not) and the pseudonymous consent
-    ledger, to which a withdrawal of every channel and an erasure event are added. Stage messages
-    in Redis carry only submission ids, so a queued message finds the submission withdrawn and
-    stops. A letter already sent stays sent.
+    Kept: the delivery facts and the pseudonymous consent ledger, to which a withdrawal of every
+    channel and an erasure event are added. A submission still on its way is withdrawn.
     """
     hold(session)  # the ledger's lock before any row lock (see workers.privacy.ledger.hold)
     report = ErasureReport()
@@ -352,19 +353,20 @@ def run_retention(
     outbox_dir: Path | None = None,
     batch: int = 500,
 ) -> dict[str, int]:
-    """Scrub letter bodies and postal addresses past each campaign's retention period, and
-    the kept text of inbound messages no letter's scrubbing deletes (:func:`_forget_inbound`).
+    """Scrub letter bodies and postal addresses past each campaign's retention period, and the
+    kept text of inbound messages tied to no letter past the longest ``failed_days``.
 
-    Idempotent (a scrubbed submission is not looked at again) and safe to run from cron.
-    Returns how many submissions were scrubbed per final state (and how many inbound messages'
-    texts were deleted, under :data:`INBOUND_UNLINKED`).
+    Idempotent, safe from cron. Returns how many were scrubbed per final state (inbound texts
+    under :data:`INBOUND_UNLINKED`).
     """
     now = now or utcnow()
     done: dict[str, int] = {}
+    failed_days: list[int] = []
     for slug in session.scalars(select(Campaign.slug)).all():
         definition = get_definition(session, slug)
         if definition is None:
             continue
+        failed_days.append(definition.retention.failed_days)
         for state, setting in RETENTION_STATES.items():
             cutoff = now - timedelta(days=getattr(definition.retention, setting))
             while True:
@@ -395,7 +397,9 @@ def run_retention(
                 session.flush()
                 if len(due) < batch:
                     break
-    forgotten = _forget_inbound(session, now - timedelta(days=_longest_failed_days(session)))
+    # What tells of no one letter is kept long enough to investigate: the longest failed_days.
+    longest = max(failed_days, default=Retention().failed_days)
+    forgotten = _forget_inbound(session, now - timedelta(days=longest))
     if forgotten:
         done[INBOUND_UNLINKED] = forgotten
     return done
@@ -405,23 +409,9 @@ def run_retention(
 INBOUND_UNLINKED = "inbound without a letter"
 
 
-def _longest_failed_days(session: Session) -> int:
-    """The retention period of what tells of no one letter (mail to the postmaster, a message
-    whose processing failed): the campaigns' longest ``failed_days``, long enough to
-    investigate (the default's with no campaign)."""
-    days = [
-        definition.retention.failed_days
-        for slug in session.scalars(select(Campaign.slug)).all()
-        if (definition := get_definition(session, slug)) is not None
-    ]
-    return max(days, default=Retention().failed_days)
-
-
 def _forget_inbound(session: Session, cutoff: datetime) -> int:
-    """Delete the kept text of inbound messages received before ``cutoff`` that no
-    submission's retention deletes: tied to no submission (mail to the postmaster, a failed
-    message whose address named no letter), or to one already scrubbed when it came. Those
-    still waiting to be processed are left alone. How many."""
+    """Delete the kept text of processed inbound messages received before ``cutoff`` that are
+    tied to no submission, or to one already scrubbed. How many."""
     scrubbed = select(Submission.id).where(Submission.scrubbed_at.is_not(None))
     forgotten = session.execute(
         update(InboundMessage)
@@ -448,11 +438,7 @@ PURPOSES = {
 def consent_receipt(session: Session, secret: bytes, email: str) -> dict[str, Any] | None:
     """A consent receipt following the Kantara Initiative Consent Receipt Specification v1.1."""
     who = supporter_hash(secret, email)
-    events = list(
-        session.scalars(
-            select(ConsentEvent).where(ConsentEvent.supporter_hash == who).order_by(ConsentEvent.id)
-        )
-    )
+    events = _ledger(session, who)
     collected = [e for e in events if e.event_type in ("preference", "mp_notice")]
     if not collected:
         return None
@@ -543,31 +529,24 @@ EXPORT_COLUMNS = [
 
 
 def writable(text: str) -> str:
-    """``text`` with any lone surrogate (stored before the intake refused text that is not
-    Unicode) as U+FFFD, so an export can always be written as UTF-8."""
+    """``text`` with any lone surrogate (stored before the intake refused them) as U+FFFD."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-# A cell a spreadsheet would run as a formula starts with one of these (OWASP's CSV injection
-# rule), possibly after spaces the spreadsheet strips.
+# A cell a spreadsheet would run as a formula starts with one of these (OWASP's CSV injection).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def spreadsheet_safe(value: object) -> object:
-    """A CSV cell that a spreadsheet shows as text: one that could start a formula gets a
-    leading apostrophe (shown by no spreadsheet, and removable by anyone who needs the raw
-    value)."""
+    """A CSV cell that a spreadsheet shows as text: a leading apostrophe before a formula."""
     if isinstance(value, str) and value.lstrip(" ").startswith(FORMULA_STARTS):
         return "'" + value
     return value
 
 
 def consent_csv(session: Session) -> Iterator[str]:
-    """Current contact preferences per supporter, as CSV lines for a CRM (header first).
-
-    Email and name come from the supporter's latest submission that still holds them; an erased
-    supporter appears by their pseudonymous id only, with every channel refused.
-    """
+    """Current contact preferences per supporter, as CSV lines for a CRM (header first). An
+    erased supporter appears by their pseudonymous id only."""
     contact: dict[str, tuple[str, str]] = {}
     for who, payload in session.execute(
         select(Submission.supporter_hash, Submission.payload)
@@ -611,7 +590,6 @@ def withdraw(
     secret: bytes,
     email: str,
     channels: list[str],
-    campaign_slug: str = "*",
     source: str = "operator",
 ) -> int:
     """Record a withdrawal (a new event per channel; nothing earlier changes)."""
@@ -621,7 +599,7 @@ def withdraw(
             submission_id=None,
             supporter_hash=supporter_hash(secret, email),
             event_type="withdrawal",
-            campaign_slug=campaign_slug,
+            campaign_slug="*",
             channel=channel,
             choice="refused",
             wording_version="withdrawal",
