@@ -489,3 +489,23 @@ def test_the_cli_adds_shows_rotates_replays_and_removes_and_refuses_bad_configur
     removed = runner.invoke(cli, ["webhooks", "remove", "1"])
     assert removed.exit_code == 0 and items(app) == []
     assert runner.invoke(cli, ["webhooks", "show", "1"]).exit_code == 1
+
+
+def test_a_group_writes_its_events_with_its_other_writes_once_per_submission(
+    app: App, receiver: Receiver
+) -> None:
+    from workers.database.transitions import run_group
+    from workers.pipeline.intake import accept
+    from workers.stages import validation
+
+    add(app, receiver.url("/ok"), ("submission.accepted", "submission.rejected"))
+    with session_scope(app.sessions) as session:
+        payloads_ = [submission(), submission(), submission(supporter__email="nope")]
+        ids = [accept(session, p, app.secret).submission_id for p in payloads_]
+    for _ in range(2):  # the second run finds them moved: nothing more
+        run_group(app.sessions, ids, validation.plan)
+    written = sorted((i.submission_id, i.key.split(":")[0]) for i in items(app))
+    assert written == sorted(
+        (sid, "submission.rejected" if n == 2 else "submission.accepted")
+        for n, sid in enumerate(ids)
+    )

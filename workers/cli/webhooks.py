@@ -54,9 +54,9 @@ def webhooks_add(
 @webhooks.command("list")
 def webhooks_list() -> None:
     """Every endpoint (URLs without their query strings)."""
-    from workers.webhooks.endpoints import listing
+    from workers.webhooks.endpoints import describe
 
-    click.echo(json.dumps(_run(listing), indent=2))
+    click.echo(json.dumps(_run(describe), indent=2))
 
 
 @webhooks.command("show")

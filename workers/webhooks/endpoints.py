@@ -107,47 +107,38 @@ def replay(session: Session, item_ids: Sequence[str]) -> list[str]:
     return send_again(session, list(webhooks), (OutboxStatus.SENT, OutboxStatus.FAILED))
 
 
-def describe(session: Session, endpoint_id: int, limit: int = 20) -> dict[str, Any]:
-    """The endpoint (URL masked, no secret) and its latest deliveries with their errors: ids,
-    events and outcomes, no personal data."""
-    endpoint = get(session, endpoint_id)
+def describe(session: Session, endpoint_id: int | None = None, limit: int = 20) -> Any:
+    """Every endpoint (URL masked, no secret); or one, with its latest deliveries and their
+    errors: ids, events and outcomes, no personal data."""
+    if endpoint_id is None:
+        found = session.scalars(select(WebhookEndpoint).order_by(WebhookEndpoint.id))
+        return [_summary(e) for e in found]
+    endpoint, until = get(session, endpoint_id), None
+    if endpoint.previous_until and endpoint.previous_until > utcnow():
+        until = endpoint.previous_until.isoformat()
     items = session.scalars(
         select(OutboxItem)
         .where(OutboxItem.endpoint_id == endpoint_id)
         .order_by(OutboxItem.created_at.desc())
         .limit(limit)
-    ).all()
-    until = endpoint.previous_until
-    return summary(endpoint) | {
-        "previous_secret_valid_until": until.isoformat() if until and until > utcnow() else None,
-        "deliveries": [
-            {
-                "webhook_id": item.id,
-                "event": item.key.split(":", 1)[0],
-                "submission_id": item.submission_id,
-                "status": item.status,
-                "attempts": item.attempts,
-                "failures": item.failures,
-                "sent_at": item.sent_at.isoformat() if item.sent_at else None,
-                "error": mask_text(item.error)[:300] if item.error else None,
-            }
-            for item in items
-        ],
-    }
-
-
-def summary(endpoint: WebhookEndpoint) -> dict[str, Any]:
-    return {
-        "id": endpoint.id,
-        "url": masked(endpoint.url),
-        "campaign": endpoint.campaign_slug,
-        "events": endpoint.events.split(),
-        "personal_data": endpoint.personal_data,
-        "enabled": endpoint.enabled,
-    }
-
-
-def listing(session: Session) -> list[dict[str, Any]]:
-    return [
-        summary(e) for e in session.scalars(select(WebhookEndpoint).order_by(WebhookEndpoint.id))
+    )
+    deliveries = [
+        {
+            "webhook_id": item.id,
+            "event": item.key.split(":", 1)[0],
+            "submission_id": item.submission_id,
+            "status": item.status,
+            "failures": item.failures,
+            "sent_at": item.sent_at.isoformat() if item.sent_at else None,
+            "error": mask_text(item.error)[:300] if item.error else None,
+        }
+        for item in items
     ]
+    return _summary(endpoint) | {"previous_secret_until": until, "deliveries": deliveries}
+
+
+def _summary(endpoint: WebhookEndpoint) -> dict[str, Any]:
+    names = ("id", "campaign_slug", "personal_data", "enabled")
+    return {"url": masked(endpoint.url), "events": endpoint.events.split()} | {
+        name: getattr(endpoint, name) for name in names
+    }

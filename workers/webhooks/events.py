@@ -20,35 +20,15 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import dramatiq
-import structlog
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
 
+from schemas.webhooks import DATA
 from workers.database.engine import insert_on_conflict
-from workers.database.models import (
-    OutboxItem,
-    OutboxStatus,
-    State,
-    Submission,
-    WebhookEndpoint,
-    new_id,
-    table,
-    utcnow,
-)
-
-log = structlog.get_logger(__name__)
+from workers.database.models import OutboxItem, State, Submission, WebhookEndpoint, new_id, table
 
 KIND = "webhook"  # outbox.kind of every webhook
-EVENTS = (
-    "submission.accepted",
-    "submission.rejected",
-    "letter.delivered",
-    "letter.bounced",
-    "reply.received",
-    "survey.answered",
-    "consent.recorded",
-    "supporter.erased",
-)
+EVENTS = tuple(DATA)  # every event's name, in the order of schemas.webhooks
 # The state moves that are events (advance() emits them).
 STATE_EVENTS = {
     State.VALIDATED: "submission.accepted",
@@ -128,8 +108,7 @@ def emit(
         campaign = session.scalar(
             select(Submission.campaign_slug).where(Submission.id == submission_id)
         )
-    now = utcnow()
-    rows = [
+    rows = [  # the other columns are their defaults (pending, due now)
         {
             "id": new_id(),
             "submission_id": submission_id,
@@ -137,11 +116,6 @@ def emit(
             "kind": KIND,
             "inbound_id": inbound_id,
             "endpoint_id": w.endpoint_id,
-            "status": OutboxStatus.PENDING.value,
-            "attempts": 0,
-            "failures": 0,
-            "created_at": now,
-            "dispatched_at": now,
         }
         for w in wanted
         if w.campaign in (None, campaign)
@@ -158,15 +132,13 @@ def emit(
 
 
 def _insert(session: Session) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING into the outbox, built once per dialect."""
+    """INSERT ... ON CONFLICT DO NOTHING into the outbox, built once per dialect (a group's
+    writes are made with one statement of each)."""
     name = session.get_bind().dialect.name
-    statement = _statements.get(name)
-    if statement is None:
+    if name not in _statements:
         outbox = insert_on_conflict(session, table(OutboxItem))
-        statement = _statements[name] = outbox.on_conflict_do_nothing(
-            index_elements=["submission_id", "key"]
-        )
-    return statement
+        _statements[name] = outbox.on_conflict_do_nothing(index_elements=["submission_id", "key"])
+    return _statements[name]
 
 
 @event.listens_for(Session, "after_commit")
