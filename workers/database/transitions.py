@@ -124,44 +124,26 @@ def read_one(session: Session, statement: Select[Any], submission_id: str) -> An
     ``submissions.id`` first, from a FROM clause that has the submissions table. While
     ``session`` is deciding a group (:func:`run_group`), the rows of every submission of the
     group are read with one statement, the first time one of them is asked for."""
-    cache = group_cache(session)
-    if cache is None or submission_id not in session.info[_GROUP]:
+    group = group_of(session)
+    if group is None or submission_id not in group.members:
         one = _by_id.get(statement)
         if one is None:
             one = _by_id[statement] = statement.where(SUBMISSIONS.c.id == bindparam("id"))
         return session.execute(one, {"id": submission_id}).first()
-    rows = cache.get(statement)
+    rows = group.read.get(statement)
     if rows is None:
         many = _by_ids.get(statement)
         if many is None:
             ids: Any = bindparam("ids", expanding=True)
             many = _by_ids[statement] = statement.where(SUBMISSIONS.c.id.in_(ids))
-        found = session.execute(many, {"ids": group_ids(session)})
-        rows = cache[statement] = {row[0]: row for row in found}
+        found = session.execute(many, {"ids": group.ids})
+        rows = group.read[statement] = {row[0]: row for row in found}
     return rows.get(submission_id)
-
-
-def group_ids(session: Session) -> list[str]:
-    """The submissions of the group ``session`` is deciding (:func:`run_group`), in order;
-    none outside a group."""
-    return sorted(session.info.get(_GROUP, ()))
-
-
-def group_cache(session: Session) -> dict[Any, Any] | None:
-    """What has been read for the whole group ``session`` is deciding, by what read it (None
-    outside a group): a stage reads what all of a group's submissions need with one statement,
-    the first time one of them needs it (:func:`read_one`; resolution's directory lookup)."""
-    if _GROUP not in session.info:
-        return None
-    cache: dict[Any, Any] = session.info.setdefault(_GROUP_ROWS, {})
-    return cache
 
 
 _by_id: dict[Select[Any], Select[Any]] = {}
 _by_ids: dict[Select[Any], Select[Any]] = {}
-_GROUP = "workers.database.transitions.group"  # session.info: the ids of the group being decided
-_GROUP_ROWS = "workers.database.transitions.group_rows"  # session.info: group_cache()
-_GROUP_WRITES = "workers.database.transitions.group_writes"  # session.info: a group's GroupWrites
+_GROUP = "workers.database.transitions.group"  # session.info: the Group being decided, written
 
 
 class GroupWrites:
@@ -203,9 +185,39 @@ class GroupWrites:
             write(session, rows)
 
 
+class Group:
+    """The submissions one transaction decides and then writes together (:func:`in_group`): a
+    message's, however many it carries (one is a group of one). ``read``: what was read for all
+    of them, by the statement that read it (:func:`read_one`; resolution's directory lookup).
+    ``writes`` is set once every decision is made: the writes happen after them all."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        self.members = frozenset(ids)
+        self.read: dict[Any, Any] = {}
+        self.writes: GroupWrites | None = None
+
+
+def group_of(session: Session) -> Group | None:
+    """The group ``session`` is deciding or writing, if any (kept in ``Session.info``, which
+    SQLAlchemy gives applications for what belongs to a session)."""
+    group: Group | None = session.info.get(_GROUP)
+    return group
+
+
 def group_writes(session: Session) -> GroupWrites | None:
-    """The group's writes when ``session`` is writing a group (see :class:`GroupWrites`)."""
-    writes: GroupWrites | None = session.info.get(_GROUP_WRITES)
+    """The group's writes when ``session`` is writing a group (see :class:`GroupWrites`); None
+    outside one (an operator's command) and while the group is still deciding."""
+    group = group_of(session)
+    return None if group is None else group.writes
+
+
+def writes_of(session: Session) -> GroupWrites:
+    """The writes of the group ``session`` is writing: a stage's writes are made with its
+    group's (every stage runs in one, :func:`in_group`)."""
+    writes = group_writes(session)
+    if writes is None:
+        raise RuntimeError("a stage's write outside its group's write step")
     return writes
 
 
@@ -277,16 +289,9 @@ def run_group(
     moved is told so (:class:`AlreadyMoved`) and writes nothing: one submission cannot fail its
     neighbours."""
     ids = sorted(set(submission_ids))
-    writes = GroupWrites() if len(ids) > 1 else None
     try:
         with session_scope(sessions) as session:
-            if writes is not None:
-                session.info[_GROUP] = frozenset(ids)
-            decided = [(sid, *_decide(session, sid, plan)) for sid in ids]
-            session.info[_GROUP_WRITES] = writes
-            outcomes = [_write(session, sid, write, error) for sid, write, error in decided]
-            if writes is not None:
-                writes.flush(session)
+            outcomes = in_group(session, ids, plan)
     except Exception as exc:
         if len(ids) == 1:
             return [(ids[0], None, exc)]
@@ -297,11 +302,37 @@ def run_group(
         for sid in ids:
             try:
                 with session_scope(sessions) as session:
-                    write, error = _decide(session, sid, plan)
-                    outcomes.append(_write(session, sid, write, error))
+                    outcomes += in_group(session, [sid], plan)
             except Exception as alone:
                 outcomes.append((sid, None, alone))
     return outcomes
+
+
+def in_group(
+    session: Session, submission_ids: Sequence[str], plan: Callable[[Session, str], Apply[T]]
+) -> list[Outcome[T]]:
+    """Decide, then write, the submissions as one group in ``session``'s transaction (the
+    caller commits, or rolls back on an error: a guarded change that matched nothing raises
+    :class:`AlreadyMoved` when the group's writes are made)."""
+    ids = sorted(set(submission_ids))
+    group = session.info[_GROUP] = Group(ids)
+    try:
+        decided = [(sid, *_decide(session, sid, plan)) for sid in ids]
+        group.writes = GroupWrites()
+        outcomes = [_write(session, sid, write, error) for sid, write, error in decided]
+        group.writes.flush(session)
+    finally:
+        del session.info[_GROUP]
+    return outcomes
+
+
+def one(session: Session, submission_id: str, plan: Callable[[Session, str], Apply[T]]) -> T:
+    """A stage's decision and writes for one submission in ``session``'s transaction, as the
+    pipeline makes them (a group of one); its error is raised."""
+    [(_, value, error)] = in_group(session, [submission_id], plan)
+    if error is not None:
+        raise error
+    return value  # type: ignore[return-value]  # set whenever error is None
 
 
 def _decide(

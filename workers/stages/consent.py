@@ -13,9 +13,9 @@ from workers.database.transitions import (
     Apply,
     current,
     done,
-    group_writes,
-    rowcount,
+    one,
     submission_read,
+    writes_of,
 )
 from workers.letters.definitions import get_definition
 from workers.pipeline.states import reached_only_through
@@ -48,7 +48,7 @@ def was_validated(session: Session, submission_id: str) -> bool:
 
 def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
     """Record the submission's consent choices once; returns how many events were written."""
-    return plan(session, submission_id, secret)(session)
+    return one(session, submission_id, lambda s, sid: plan(s, sid, secret))
 
 
 def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
@@ -106,17 +106,12 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
         hold(session)  # the ledger's lock before any row lock (see workers.privacy.ledger.hold)
         # Then the guarded mark: of two workers logging at once, the second writes nothing.
         mark = {"submission": submission_id, "at": utcnow()}
-        group = group_writes(session)
-        campaign = submission.campaign_slug
-        if group is not None:  # made with the group's other marks and events
-            group.guard(_MARK_LOGGED, mark)
-            group.collect(append, events)
-            emit(session, "consent.recorded", submission_id, campaign=campaign, writes=group)
-            return len(events)
-        if rowcount(session.execute(_MARK_LOGGED, mark)) != 1:
-            return 0
-        emit(session, "consent.recorded", submission_id, campaign=campaign)
-        # The mark and the events commit together: no event of this submission's is stored yet.
-        return append(session, events)
+        # Made with the group's other marks and events: the mark and the events commit together.
+        writes = writes_of(session)
+        writes.guard(_MARK_LOGGED, mark)
+        writes.collect(append, events)
+        emit(session, "consent.recorded", submission_id, campaign=submission.campaign_slug,
+             writes=writes)  # fmt: skip
+        return len(events)
 
     return write

@@ -42,10 +42,10 @@ from workers.database.transitions import (
     At,
     advance,
     done,
-    group_writes,
     read_one,
     rowcount,
     run_group,
+    writes_of,
 )
 from workers.letters.definitions import get_definition
 from workers.letters.mail import (
@@ -243,13 +243,9 @@ def _take(
         return done(_Taken(letter, False, definition, limits))  # claimed after the wait
 
     def take(session: Session) -> _Taken | None:
-        # Nothing to wait for: claim it now. In a group, with the group's other claims, and a
-        # claim that matches nothing stops the group (each letter then runs alone).
-        writes = group_writes(session)
-        if writes is not None:
-            writes.guard(_CLAIM, _claim_params(submission_id, policy.lease_seconds))
-        elif not claim(session, submission_id, policy.lease_seconds):
-            return None
+        # Nothing to wait for: claimed now, with the group's other claims; a claim that matches
+        # nothing stops the group (each letter then runs alone).
+        writes_of(session).guard(_CLAIM, _claim_params(submission_id, policy.lease_seconds))
         return _Taken(letter, True, definition, limits)
 
     return take
@@ -273,7 +269,7 @@ def deliver(
     [(_, error)] = deliver_group(
         sessions, [submission_id], mailer, policy, limiter, signer, returns
     )
-    if error is not None:
+    if error is not None and not isinstance(error, AlreadyMoved):  # held by another worker
         raise error
     return []
 

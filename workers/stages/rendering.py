@@ -33,10 +33,11 @@ from workers.database.transitions import (
     Apply,
     advance,
     done,
-    group_writes,
     move,
+    one,
     read_one,
     submission_read,
+    writes_of,
 )
 from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner
@@ -240,13 +241,9 @@ def plan(
         # The guarded state change first: of two workers rendering at once, the second stops
         # here (AlreadyMoved) before it writes anything. Then the letter, then its delivery row.
         advance(session, submission, State.RENDERED)
-        group = group_writes(session)
-        if group is not None:  # made with the group's other letters
-            group.insert(_STORE_LETTER, row)
-            group.insert(_NEW_DELIVERY, delivery)
-        else:
-            session.execute(_STORE_LETTER, row)
-            session.execute(_NEW_DELIVERY, delivery)
+        writes = writes_of(session)  # made with the group's other letters
+        writes.insert(_STORE_LETTER, row)
+        writes.insert(_NEW_DELIVERY, delivery)
         return [Stage.DELIVER]
 
     return write
@@ -260,4 +257,8 @@ def render(
     signer: DkimSigner | None = None,
     returns: ReturnAddresses | None = None,
 ) -> list[Stage]:
-    return plan(session, submission_id, backend, sandbox_address, signer, returns)(session)
+    return one(
+        session,
+        submission_id,
+        lambda s, sid: plan(s, sid, backend, sandbox_address, signer, returns),
+    )

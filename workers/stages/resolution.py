@@ -39,9 +39,9 @@ from workers.database.transitions import (
     Current,
     current,
     done,
-    group_cache,
-    group_ids,
+    group_of,
     move,
+    one,
     rowcount,
 )
 from workers.letters.definitions import get_definition
@@ -167,14 +167,14 @@ def warm_live(
 def _group_answers(session: Session, order: str) -> dict[str, Answer] | None:
     """The local directory's answers for the postcodes of every submission of the group
     ``session`` is resolving, looked up with one statement the first time (None alone)."""
-    cache = group_cache(session)
-    if cache is None or order == "live":
+    group = group_of(session)
+    if group is None or order == "live":
         return None
-    answers: dict[str, Answer] | None = cache.get(LOOKUP_MANY)
+    answers: dict[str, Answer] | None = group.read.get(LOOKUP_MANY)
     if answers is None:
-        rows = (current(session, sid, WITH_PAYLOAD) for sid in group_ids(session))
+        rows = (current(session, sid, WITH_PAYLOAD) for sid in group.ids)
         postcodes = {postcode for row in rows if (postcode := _well_formed_postcode(row))}
-        answers = cache[LOOKUP_MANY] = lookup_local_many(session, postcodes)
+        answers = group.read[LOOKUP_MANY] = lookup_local_many(session, postcodes)
     return answers
 
 
@@ -270,4 +270,4 @@ def plan(
 def resolve(
     session: Session, submission_id: str, order: str = "local", live: LiveSources | None = None
 ) -> list[Stage]:
-    return plan(session, submission_id, order, live)(session)
+    return one(session, submission_id, lambda s, sid: plan(s, sid, order, live))

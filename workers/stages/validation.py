@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from schemas.campaign import CampaignDefinition
 from schemas.submission import SubmissionV1, parse_submission
 from workers.database.models import State
-from workers.database.transitions import WITH_PAYLOAD, Apply, current, done, move
+from workers.database.transitions import WITH_PAYLOAD, Apply, current, done, move, one
 from workers.letters.definitions import get_definition
 from workers.stages.stage import Stage
 
@@ -59,4 +59,4 @@ def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
 
 def validate(session: Session, submission_id: str) -> list[Stage]:
     """Validate a received submission; returns the stages to send it on to."""
-    return plan(session, submission_id)(session)
+    return one(session, submission_id, plan)
