@@ -62,8 +62,8 @@ def forget() -> None:
 
 def wanting(session: Session, event_name: str) -> list[Wanted]:
     """The enabled endpoints that want ``event_name`` (of any campaign)."""
-    engine = session.get_bind()
-    assert isinstance(engine, Engine)
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine  # a session on a Connection
     kept = _endpoints.get(engine)
     now = time.monotonic()
     if kept is None or now - kept[0] > REFRESH:
