@@ -211,9 +211,10 @@ class Settings(BaseSettings):
     # before the next (1 minute, doubling, at most an hour); the last is recorded as failed.
     outbox_max_attempts: int = Field(default=8, ge=1, le=100, alias="DEARMP_OUTBOX_MAX_ATTEMPTS")
     # A webhook to a CRM (workers/webhooks): seconds to connect, and to wait for each read of its
-    # answer; a receiver that takes longer is a failed attempt, retried like any other.
+    # answer; a receiver that takes longer is a failed attempt, retried like any other. At most
+    # 50 s: within the webhook actor's time limit (60 s).
     webhook_timeout_seconds: float = Field(
-        default=10.0, gt=0, le=120, alias="DEARMP_WEBHOOK_TIMEOUT_SECONDS"
+        default=10.0, gt=0, le=50, alias="DEARMP_WEBHOOK_TIMEOUT_SECONDS"
     )
 
     # Workers started by `dearmp run` / `dearmp demo`.
