@@ -317,7 +317,7 @@ def test_a_failing_receiver_is_retried_then_given_up_with_the_reason_and_no_url_
     assert "s3cret" not in logs.err + logs.out and SUPPORTER not in logs.err + logs.out
 
 
-def test_an_endpoint_that_failed_is_held_back_without_counting_so_it_holds_no_threads(
+def test_an_endpoint_that_failed_is_paused_its_webhooks_neither_claimed_nor_counted(
     app: App, receiver: Receiver
 ) -> None:
     add(app, receiver.url("/fail"), ("supporter.erased",))
@@ -331,11 +331,7 @@ def test_an_endpoint_that_failed_is_held_back_without_counting_so_it_holds_no_th
             outbox.send(session, item_id, app.mailer, every_kind, policy)
     assert len(receiver.requests) == 1  # the second was not sent: the endpoint is paused
     held = {i.id: i for i in items(app)}[second.id]
-    assert (held.status, held.failures, held.error) == (
-        "pending",
-        0,
-        "TransientDeliveryError: endpoint held back",
-    )
+    assert (held.status, held.attempts, held.failures, held.error) == ("pending", 0, 0, None)
 
 
 @pytest.mark.parametrize("path", ["/gone", "/redirect"])
@@ -511,3 +507,22 @@ def test_a_group_writes_its_events_with_its_other_writes_once_per_submission(
         (sid, "submission.rejected" if n == 2 else "submission.accepted")
         for n, sid in enumerate(ids)
     )
+
+
+def test_a_process_sends_one_endpoint_at_most_in_flight_webhooks_at_a_time(
+    receiver: Receiver,
+) -> None:
+    from workers.letters.mail import TransientDeliveryError
+    from workers.webhooks.channel import HttpChannel, Request
+
+    channel = HttpChannel(timeout=5, in_flight=1)
+    hanging = Request(7, receiver.url("/hang"), "w1", b"{}", (endpoints.new_secret(),))
+    first = threading.Thread(target=channel.send, args=(hanging,))
+    first.start()
+    receiver.wait(1)
+    with pytest.raises(TransientDeliveryError) as held:
+        channel.send(replace(hanging, webhook_id="w2"))
+    assert held.value.ours and len(receiver.requests) == 1  # given back uncounted, not sent
+    receiver.done.set()  # the first is answered (200) and the endpoint is free again
+    first.join(10)
+    assert channel.send(replace(hanging, webhook_id="w3")) == 200

@@ -219,7 +219,8 @@ def send(
     """Send the item if it is due and nobody has. ``session`` is committed at each step.
 
     The table owns the timing: an item not yet due, a failed attempt that will be tried again
-    and a wait for our side (the mail server refusing us, not the email) raise
+    and a wait for our side (the mail server refusing us, not the email; a compose that raises
+    :class:`Deferred` because its destination would) raise
     :class:`~workers.stages.stage.Deferred` for when it is due, a fresh message that costs no
     retry. Anything else raised is unforeseen, and the actor's retry takes it."""
     item = session.get(OutboxItem, item_id)
@@ -243,6 +244,9 @@ def send(
     mail: object = ""
     try:
         mail = kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
+    except Deferred:  # its destination would refuse us now (a webhook's endpoint paused)
+        session.rollback()  # only read: nothing is claimed, nothing counted
+        raise
     except ValueError as exc:  # an address the email package will not write
         mail = mask_text(f"cannot be written as email: {exc}")[:500]
     except Exception as exc:  # nobody foresaw it: counted, like a failed send

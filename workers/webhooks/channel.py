@@ -66,6 +66,10 @@ class HttpChannel:
     def waiting(self) -> float:
         return 0.0  # each endpoint answers for itself: nothing pauses the others
 
+    def paused(self, endpoint: int) -> float:
+        """Seconds before ``endpoint`` is sent anything again (0: now)."""
+        return max(self._until.get(endpoint, 0.0) - time.monotonic(), 0.0)
+
     def send(self, request: Request, /) -> int:
         """The receiver's status; raises a *DeliveryError for any other answer."""
         endpoint = request.endpoint_id

@@ -4,6 +4,7 @@ are never sent afterwards, a replay included), checked against its schema
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,19 +24,27 @@ from workers.database.models import (
 )
 from workers.outbox.sending import Kind
 from workers.privacy.ledger import current_preferences
+from workers.stages.stage import Deferred
 from workers.webhooks.channel import HttpChannel, Request
 
 
 def kind(timeout: float, pause: float = 30.0) -> Kind:
     """The outbox's kind "webhook": composed here, POSTed by :class:`HttpChannel`."""
-    return Kind(compose, channel=HttpChannel(timeout, pause=pause))
+    channel = HttpChannel(timeout, pause=pause)
+    return Kind(partial(compose, channel=channel), channel=channel)
 
 
-def compose(session: Session, item: OutboxItem) -> Request | str:
-    """The item's signed request, or why it will not be sent (it is skipped)."""
+def compose(
+    session: Session, item: OutboxItem, channel: HttpChannel | None = None
+) -> Request | str:
+    """The item's signed request, or why it will not be sent (it is skipped). While its
+    endpoint is paused after a failure, :class:`Deferred`: it waits, neither claimed nor sent."""
     endpoint = session.get(WebhookEndpoint, item.endpoint_id) if item.endpoint_id else None
     if endpoint is None or not endpoint.enabled:
         return "the endpoint was removed or disabled"
+    wait = channel.paused(endpoint.id) if channel else 0.0
+    if wait > 0:
+        raise Deferred(wait, "its endpoint is paused after a failure")
     submission = session.get(Submission, item.submission_id)
     if submission is None:
         return "the submission is gone"
