@@ -213,18 +213,9 @@ class MembersApi:
 
 def _upsert(session: Session, key: str, value: dict[str, Any] | None, ttl: float) -> None:
     now = utcnow()
-    row = {
-        "key": key,
-        "value": value,
-        "fetched_at": now,
-        "expires_at": now + timedelta(seconds=ttl),
-    }
-    stmt = insert_on_conflict(session, LookupCache).values(row)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["key"],
-        set_={"value": row["value"], "fetched_at": now, "expires_at": row["expires_at"]},
-    )
-    session.execute(stmt)
+    answer = {"value": value, "fetched_at": now, "expires_at": now + timedelta(seconds=ttl)}
+    stmt = insert_on_conflict(session, LookupCache).values(key=key, **answer)
+    session.execute(stmt.on_conflict_do_update(index_elements=["key"], set_=answer))
 
 
 def _fresh(session: Session, key: str) -> tuple[bool, dict[str, Any] | None]:

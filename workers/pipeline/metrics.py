@@ -48,11 +48,11 @@ class DearmpCollector(Collector):
             for status in ("waiting", "delayed", "in_progress", "dead"):
                 queues.add_metric([depth.queue, status], getattr(depth, status))
         yield queues
-        paused = GaugeMetricFamily(
-            "dearmp_mail_paused", "1 while the relay's refusal of us pauses delivery"
+        yield GaugeMetricFamily(
+            "dearmp_mail_paused",
+            "1 while the relay's refusal of us pauses delivery",
+            value=1 if mail_pause(self.client, self.namespace) else 0,
         )
-        paused.add_metric([], 1 if mail_pause(self.client, self.namespace) else 0)
-        yield paused
 
         with session_scope(self.sessions) as session:
             by_state: Any = session.execute(
@@ -105,14 +105,13 @@ class DearmpCollector(Collector):
             for status in OutboxStatus:
                 sending.add_metric([kind, status.value], emails.get((kind, status.value), 0))
         yield sending
-        addresses = GaugeMetricFamily(
-            "dearmp_failing_addresses", "MP addresses marked failing (their letters are held)"
+        yield GaugeMetricFamily(
+            "dearmp_failing_addresses",
+            "MP addresses marked failing (their letters are held)",
+            value=failing,
         )
-        addresses.add_metric([], failing)
-        yield addresses
-        replies = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             "dearmp_held_replies",
             "Replies held for an operator: not plausibly from the MP's office",
+            value=held or 0,
         )
-        replies.add_metric([], held or 0)
-        yield replies

@@ -147,14 +147,12 @@ def _delivery_status(message: Message) -> Classification | None:
     if not found:
         return None
     rank, action, code, diagnostic = max(found, key=lambda f: f[0])
-    original = _original_message_id(message)
+    kind: Kind = "delay"
     if rank == 3:
-        return Classification("bounce", code, clean(diagnostic), original)
-    if rank == 2:
-        return Classification("delay", code, clean(diagnostic), original)
-    if action in ("delivered", "relayed", "expanded"):
-        return Classification("delivered", code, clean(diagnostic), original)
-    return Classification("delay", code, clean(diagnostic), original)
+        kind = "bounce"
+    elif rank < 2 and action in ("delivered", "relayed", "expanded"):
+        kind = "delivered"
+    return Classification(kind, code, clean(diagnostic), _original_message_id(message))
 
 
 def _original_message_id(message: Message) -> str | None:
