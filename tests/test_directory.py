@@ -152,3 +152,24 @@ def test_dissolve_and_status(app: App) -> None:
     assert not current(app).dissolved
     status = run("status")
     assert "dissolved" in status and "sample" in status
+
+
+def test_a_postcode_listed_twice_in_one_file_is_refused_on_both_databases(
+    app: App, shared_data: Path, tmp_path: Path
+) -> None:
+    """The first file's repeat is an error (the same on PostgreSQL's COPY as on SQLite), while a
+    later file may repeat what an earlier one holds: it adds only the postcodes they lack."""
+    before = current(app)
+    lines = (shared_data / "postcodes_onspd_seed_sample.csv").read_text().splitlines()
+    twice = tmp_path / "twice.csv"
+    twice.write_text("\n".join([*lines, lines[1]]) + "\n")
+    members = str(shared_data / MPS)
+    result = CliRunner().invoke(
+        main, ["directory", "import", "--members", members, "--postcodes", str(twice)]
+    )
+    assert result.exit_code != 0 and "twice.csv lists a postcode twice" in result.output
+    assert current(app).id == before.id
+    sample = str(shared_data / "postcodes_onspd_seed_sample.csv")
+    run("import", "--members", members, "--postcodes", sample, "--postcodes", sample)
+    version = current(app)
+    assert count(app, Postcode, version.id) == len(lines) - 1

@@ -172,11 +172,11 @@ def _postcodes_postgresql(
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor.copy("COPY dearmp_postcode_stage FROM STDIN (FORMAT csv, HEADER true)") as copy:
         with path.open("rb") as fh:
-            first = True
+            at_start = True
             while chunk := fh.read(CHUNK):
-                if first and chunk.startswith(b"\xef\xbb\xbf"):
+                if at_start and chunk.startswith(b"\xef\xbb\xbf"):
                     chunk = chunk[3:]
-                first = False
+                at_start = False
                 copy.write(chunk)
                 if progress is not None:
                     progress(len(chunk))
