@@ -341,7 +341,9 @@ def test_a_relay_certificate_our_ca_does_not_verify_pauses_delivery_and_health_s
     assert health.returncode != 0
     assert "TLS verification of the mail server failed" in health.stderr, health.stderr
     assert wait_for(lambda: run.relay.count("SSL_accept error") >= 2, 30), run.logs()
-    assert run.most_attempts(ids) == 0
+    # A letter claimed as the pause began counts its claim until its failed handshake gives the
+    # claim back uncounted: none is left charged.
+    assert wait_for(lambda: run.most_attempts(ids) == 0, 30), run.logs()
     handshakes = run.relay.count("SSL_accept error")
     assert handshakes <= 6, run.logs()  # 2 processes; pauses of 3, 6, 12 s...
     run.stack.stop()
