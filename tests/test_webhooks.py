@@ -520,9 +520,12 @@ def test_a_process_sends_one_endpoint_at_most_in_flight_webhooks_at_a_time(
     first = threading.Thread(target=channel.send, args=(hanging,))
     first.start()
     receiver.wait(1)
+    # Asked before the claim: the webhook waits as long as the one in flight may take.
+    assert channel.paused(7) == 5
     with pytest.raises(TransientDeliveryError) as held:
         channel.send(replace(hanging, webhook_id="w2"))
     assert held.value.ours and len(receiver.requests) == 1  # given back uncounted, not sent
+    assert held.value.retry_after == 5
     receiver.done.set()  # the first is answered (200) and the endpoint is free again
     first.join(10)
     assert channel.send(replace(hanging, webhook_id="w3")) == 200

@@ -67,16 +67,25 @@ class HttpChannel:
         return 0.0  # each endpoint answers for itself: nothing pauses the others
 
     def paused(self, endpoint: int) -> float:
-        """Seconds before ``endpoint`` is sent anything again (0: now)."""
-        return max(self._until.get(endpoint, 0.0) - time.monotonic(), 0.0)
+        """Seconds before ``endpoint`` is sent anything again (0: now): the rest of its pause
+        after a failure, or, while it has ``in_flight`` webhooks unanswered, the time they may
+        take (a webhook asked for sooner would only be given back, costing two commits and a
+        message each time)."""
+        with self._lock:
+            wait = self._until.get(endpoint, 0.0) - time.monotonic()
+            if wait <= 0 and self._busy.get(endpoint, 0) >= self.in_flight:
+                wait = self.timeout[1]
+        return max(wait, 0.0)
 
     def send(self, request: Request, /) -> int:
         """The receiver's status; raises a *DeliveryError for any other answer."""
         endpoint = request.endpoint_id
         with self._lock:
             wait = self._until.get(endpoint, 0.0) - time.monotonic()
-            if wait > 0 or self._busy.get(endpoint, 0) >= self.in_flight:
-                raise TransientDeliveryError("endpoint held back", max(wait, 1.0), ours=True)
+            if wait <= 0 and self._busy.get(endpoint, 0) >= self.in_flight:
+                wait = self.timeout[1]
+            if wait > 0:
+                raise TransientDeliveryError("endpoint held back", wait, ours=True)
             self._busy[endpoint] = self._busy.get(endpoint, 0) + 1
         try:
             return self._post(request)
