@@ -529,3 +529,20 @@ def test_a_process_sends_one_endpoint_at_most_in_flight_webhooks_at_a_time(
     receiver.done.set()  # the first is answered (200) and the endpoint is free again
     first.join(10)
     assert channel.send(replace(hanging, webhook_id="w3")) == 200
+
+
+def test_an_operators_retry_sends_a_given_up_webhook_on_the_webhook_queue(
+    app: App, receiver: Receiver, stub_broker: Any
+) -> None:
+    add(app, receiver.url("/gone"), ("supporter.erased",))
+    erased(app)
+    [item] = items(app)
+    assert until_ended(app, item.id, outbox_for(app)[1]).status == "failed"  # 410: given up
+    for queue in stub_broker.queues.values():
+        queue.queue.clear()
+    retried = CliRunner().invoke(cli, ["outbox", "retry", "--kind", "webhook"])
+    assert retried.exit_code == 0 and "retried 1" in retried.stdout, retried.output
+    assert stub_broker.queues[Stage.WEBHOOK.queue].qsize() == 1
+    assert stub_broker.queues.get(Stage.OUTBOX.queue) is None or not any(
+        stub_broker.queues[Stage.OUTBOX.queue].queue
+    )

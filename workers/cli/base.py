@@ -42,9 +42,11 @@ class Cli:
     @cached_property
     def broker(self) -> dramatiq.Broker:
         """The broker that stage messages go on, with the actors declared on it."""
-        from workers.pipeline.actors import get_broker
+        from workers.pipeline.actors import setup
+        from workers.pipeline.dramatiq_private import installed_broker
 
-        return get_broker()
+        # The one set up already in this process (a test's), or this process's own.
+        return installed_broker() or setup(self.app.settings, lambda: self.app)
 
 
 pass_cli = click.make_pass_decorator(Cli, ensure=True)

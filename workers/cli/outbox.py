@@ -9,7 +9,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from workers.cli.base import app_for_cli
+from workers.cli.base import Cli, app_for_cli, pass_cli
+from workers.stages.stage import Stage
 
 # Without --status: the items not yet ended, and those given up.
 UNFINISHED = ("pending", "sending", "failed")
@@ -56,20 +57,27 @@ def outbox_list(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
 @outbox.command("retry")
 @click.option("--kind", default=None, help="Only items of this kind (confirm, bounce, ...).")
 @click.option("--dry-run", is_flag=True, help="Say what would be retried; change nothing.")
-def outbox_retry(kind: str | None, dry_run: bool) -> None:
+@pass_cli
+def outbox_retry(cli: Cli, kind: str | None, dry_run: bool) -> None:
     """Send given-up items again with a fresh count of failures (after the cause is fixed).
     Exits non-zero when there is none."""
-    from workers.database.engine import session_scope
-    from workers.outbox.sending import retry_failed
-    from workers.pipeline.actors import get_broker
-    from workers.pipeline.dispatch import dispatch_groups
-    from workers.stages.stage import Stage
+    from sqlalchemy import select
 
-    app = app_for_cli()
-    with session_scope(app.sessions) as session:
+    from workers.database.engine import session_scope
+    from workers.database.models import OutboxItem
+    from workers.outbox.kinds import stage_of
+    from workers.outbox.sending import retry_failed
+    from workers.pipeline.dispatch import dispatch_groups
+
+    with session_scope(cli.app.sessions) as session:
         ids = retry_failed(session, kind, dry_run)
-    if ids and not dry_run:
-        dispatch_groups(get_broker(), {Stage.OUTBOX: ids})  # after the commit; else the reconciler
+        found = select(OutboxItem.id, OutboxItem.kind).where(OutboxItem.id.in_(ids))
+        kind_of = dict(session.execute(found).tuples().all())
+    if ids and not dry_run:  # after the commit; else the reconciler
+        sends: dict[Stage, list[str]] = {}
+        for item_id in ids:
+            sends.setdefault(stage_of(kind_of[item_id]), []).append(item_id)
+        dispatch_groups(cli.broker, sends)
     click.echo(f"{'would retry' if dry_run else 'retried'} {len(ids)}")
     if not ids:
         raise SystemExit(1)

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from workers.cli.base import app_for_cli
+from workers.cli.base import Cli, app_for_cli, pass_cli
 from workers.webhooks.events import EVENTS
 
 T = TypeVar("T")
@@ -82,16 +82,16 @@ def webhooks_rotate(endpoint_id: int, overlap_hours: float) -> None:
 
 @webhooks.command("replay")
 @click.argument("webhook_ids", nargs=-1, required=True)
-def webhooks_replay(webhook_ids: tuple[str, ...]) -> None:
+@pass_cli
+def webhooks_replay(cli: Cli, webhook_ids: tuple[str, ...]) -> None:
     """Send delivered or given-up webhooks again, with the same webhook-id (from ``show``)."""
-    from workers.pipeline.actors import get_broker
     from workers.pipeline.dispatch import dispatch_groups
     from workers.stages.stage import Stage
     from workers.webhooks.endpoints import replay
 
     ids = _run(lambda s: replay(s, webhook_ids))
     if ids:
-        dispatch_groups(get_broker(), {Stage.WEBHOOK: ids})  # after the commit; else the reconciler
+        dispatch_groups(cli.broker, {Stage.WEBHOOK: ids})  # after the commit; else the reconciler
     click.echo(f"replayed {len(ids)}")
     if len(ids) < len(webhook_ids):
         raise click.ClickException("some were not replayed: not webhooks, or not sent or given up")

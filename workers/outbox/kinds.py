@@ -21,6 +21,7 @@ from workers.letters.mail import DkimSigner, Outgoing
 from workers.outbox.sending import Kind
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages import confirmation, survey
+from workers.stages.stage import Stage
 from workers.webhooks import events as webhooks
 from workers.webhooks import payloads
 
@@ -41,6 +42,12 @@ class Context:
 
 # Every kind the outbox sends (``outbox.kind``): what :func:`kinds` returns, by name.
 KINDS = ("confirm", "bounce", "forward", "survey", webhooks.KIND)
+
+
+def stage_of(kind: str) -> Stage:
+    """The stage (queue) an item of ``kind`` is sent by: a webhook on its own, so that an
+    endpoint that hangs holds up no email."""
+    return Stage.WEBHOOK if kind == webhooks.KIND else Stage.OUTBOX
 
 
 def kinds(context: Context) -> dict[str, Kind]:

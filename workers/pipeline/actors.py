@@ -321,12 +321,6 @@ def _actor_function(
 _broker: dramatiq.Broker | None = None
 
 
-def get_broker() -> dramatiq.Broker:
-    """The process's broker, with the actors declared on it: set up on first use (by the
-    command line, whose commands send stage messages)."""
-    return _broker if _broker is not None else setup()
-
-
 def setup(settings: Settings | None = None, apps: Apps = get_app) -> dramatiq.Broker:
     """The worker's composition root, called by ``dramatiq workers.pipeline.actors:setup`` in
     each worker process before its threads start: build the broker for ``settings`` (the

@@ -3,6 +3,8 @@ publicly and DearMP needs.
 
 - A screen between a consumer's fetch (``RedisBroker._dispatch("fetch")``) and decoding, which
   dead-letters fetched bytes by their Redis id (``do_nack``), found in the ``__acks__`` set.
+- The process's broker, if one was installed (``dramatiq.broker.global_broker``; the public
+  ``get_broker()`` builds a default broker when none was): what a commit's webhooks are sent on.
 - The Redis key layout the operator's commands read: queues, delayed queues (``.DQ``), dead
   letters (``.XQ``), their bodies (``.msgs``) and what workers hold (``__acks__``).
 
@@ -20,6 +22,13 @@ from dramatiq.common import dq_name, xq_name
 
 # The dramatiq versions this module was read against: [lowest, first one not checked).
 CHECKED = ("2.2.1", "2.3")
+
+
+def installed_broker() -> dramatiq.Broker | None:
+    """The broker ``dramatiq.set_broker`` installed in this process (by a composition root:
+    :func:`workers.pipeline.actors.setup`), or None: nothing is built."""
+    broker: dramatiq.Broker | None = dramatiq.broker.global_broker
+    return broker
 
 
 def queue_key(namespace: str, queue_name: str) -> str:

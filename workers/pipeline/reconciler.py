@@ -31,12 +31,12 @@ from workers.database.models import (
 from workers.database.transitions import advance
 from workers.mp.directory import current_version_id
 from workers.outbox import sending as outbox
+from workers.outbox.kinds import stage_of
 from workers.pipeline.dispatch import dispatch
 from workers.pipeline.states import RESENT_TO
 from workers.stages import survey
 from workers.stages.confirmation import ConfirmationPolicy
 from workers.stages.stage import Stage
-from workers.webhooks.events import KIND as WEBHOOK
 
 log = structlog.get_logger(__name__)
 
@@ -189,8 +189,7 @@ def find_after_sent(
                 .values(dispatched_at=now)
                 .execution_options(synchronize_session=False)
             )
-    # A webhook goes on its own queue, so that an endpoint that hangs holds up no email.
-    sent = [(n, Stage.WEBHOOK if kind == WEBHOOK else Stage.OUTBOX) for n, kind in items]
+    sent = [(n, stage_of(kind)) for n, kind in items]
     return [(i, Stage.INBOUND) for i in inbound] + sent + [(n, Stage.OUTBOX) for n in surveys]
 
 

@@ -19,13 +19,13 @@ from datetime import datetime
 from typing import Any
 from weakref import WeakKeyDictionary
 
-import dramatiq
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
 
 from schemas.webhooks import DATA
 from workers.database.engine import insert_on_conflict
 from workers.database.models import OutboxItem, State, Submission, WebhookEndpoint, new_id, table
+from workers.pipeline.dramatiq_private import installed_broker
 
 KIND = "webhook"  # outbox.kind of every webhook
 EVENTS = tuple(DATA)  # every event's name, in the order of schemas.webhooks
@@ -146,7 +146,7 @@ def _send_after_commit(session: Session) -> None:
     """The items the transaction wrote, to the webhook queue (an item a conflict left unwritten
     is found missing by its actor, which does nothing)."""
     ids = session.info.pop(_QUEUED, None)
-    broker = dramatiq.broker.global_broker
+    broker = installed_broker()
     if not ids or broker is None:
         return  # no broker in this process: the reconciler sends them
     from workers.pipeline.dispatch import dispatch_groups
