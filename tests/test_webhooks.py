@@ -546,3 +546,12 @@ def test_an_operators_retry_sends_a_given_up_webhook_on_the_webhook_queue(
     assert stub_broker.queues.get(Stage.OUTBOX.queue) is None or not any(
         stub_broker.queues[Stage.OUTBOX.queue].queue
     )
+
+
+def test_a_worker_runs_the_letters_and_emails_it_holds_before_its_webhooks(
+    stub_broker: Any,
+) -> None:
+    webhook = stub_broker.get_actor(Stage.WEBHOOK.actor).priority
+    assert all(
+        webhook > stub_broker.get_actor(s.actor).priority for s in Stage if s != Stage.WEBHOOK
+    )

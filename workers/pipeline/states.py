@@ -112,6 +112,8 @@ class Policy(NamedTuple):
     # A permanent refusal by the mail server is recorded on the submission and dead-lettered
     # for an operator at once, not retried.
     retries_refusals: bool = True
+    # Of the messages a worker holds, those with the lowest number run first (dramatiq's).
+    priority: int = 0
 
     def options(self) -> dict[str, Any]:
         """The numbers as dramatiq's keyword options (the actors add what is never retried)."""
@@ -138,8 +140,9 @@ STAGES: dict[Stage, Policy] = {
                            max_age=7 * DAY - HOUR),
     # Webhooks to a CRM: outbox items too (the same timing and giving up), on their own queue.
     # A receiver that hangs is cut off by DEARMP_WEBHOOK_TIMEOUT_SECONDS, well within the limit.
+    # Last in each worker: a letter or an email it holds runs before a webhook.
     Stage.WEBHOOK:  Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
-                           max_age=7 * DAY - HOUR),
+                           max_age=7 * DAY - HOUR, priority=100),
 }
 # fmt: on
 
