@@ -505,6 +505,10 @@ def test_while_the_relay_refuses_us_nothing_is_claimed_and_no_attempt_is_counted
     assert paused.value.seconds == 120.0
     untouched = item(app, item_id)
     assert (untouched.status, untouched.attempts, untouched.failures) == ("pending", 0, 0)
+    # Not due before the pause ends: nothing else (a duplicate, the reconciler) sends it sooner.
+    assert untouched.next_attempt_at is not None and untouched.next_attempt_at > utcnow()
+    with session_scope(app.sessions) as session:  # its wait is over
+        session.execute(update(OutboxItem).values(next_attempt_at=utcnow()))
     # Learnt while sending (the relay paused, every session busy): the claim is given back,
     # uncounted, however often: the email is never given up for our side's outage.
     for n in range(policy.max_attempts + 2):

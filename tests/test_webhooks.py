@@ -555,3 +555,87 @@ def test_a_worker_runs_the_letters_and_emails_it_holds_before_its_webhooks(
     assert all(
         webhook > stub_broker.get_actor(s.actor).priority for s in Stage if s != Stage.WEBHOOK
     )
+
+
+def test_a_webhook_that_must_wait_is_not_due_until_then_so_nothing_else_sends_it(
+    app: App, receiver: Receiver
+) -> None:
+    """A webhook held back (its endpoint paused) is neither claimed nor counted, and is not due
+    before the pause ends: the reconciler does not start another loop of messages for it."""
+    add(app, receiver.url("/fail"), ("supporter.erased",))
+    erased(app)
+    erased(app)
+    first, second = items(app)
+    every_kind = outbox_for(app)[0] | {events.KIND: payloads.kind(2.0, pause=60)}
+    policy = replace(outbox_for(app)[1], first_backoff=0)
+    for item_id in (first.id, second.id):
+        with session_scope(app.sessions) as session, pytest.raises(Deferred):
+            outbox.send(session, item_id, app.mailer, every_kind, policy)
+    held = {i.id: i for i in items(app)}[second.id]
+    assert (held.status, held.attempts, held.failures) == ("pending", 0, 0)
+    assert held.next_attempt_at is not None and held.next_attempt_at > utcnow()
+    with session_scope(app.sessions) as session:  # even long after its last dispatch
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == second.id)
+            .values(dispatched_at=utcnow() - timedelta(hours=1))
+        )
+    with session_scope(app.sessions) as session:
+        assert second.id not in [i for i, _ in find_after_sent(session, timedelta(minutes=2))]
+
+
+def test_webhooks_written_before_a_savepoint_are_sent_after_the_transaction_commits(
+    app: App, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Erasing a supporter with two submissions uses a savepoint between them: what the
+    transaction wrote goes out when it commits, not when a savepoint is released."""
+    from sqlalchemy import func
+
+    import workers.pipeline.dispatch as dispatch
+    from workers.pipeline.intake import accept
+
+    add(app, receiver.url("/ok"), ("supporter.erased",))
+    with session_scope(app.sessions) as session:
+        for _ in range(2):
+            accept(session, submission(), app.secret)
+    seen: list[tuple[list[str], int]] = []
+
+    def record(broker: Any, sends: Any) -> bool:
+        for ids in sends.values():
+            with session_scope(app.sessions) as other:  # what another worker would find
+                found = select(func.count()).where(OutboxItem.id.in_(ids))
+                seen.append((list(ids), int(other.scalar(found) or 0)))
+        return True
+
+    monkeypatch.setattr(events, "installed_broker", lambda: object())
+    monkeypatch.setattr(dispatch, "dispatch_groups", record)
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, SUPPORTER)
+    assert sorted(i for ids, _ in seen for i in ids) == sorted(i.id for i in items(app))
+    assert all(found == len(ids) for ids, found in seen)
+
+
+def test_an_endpoint_id_is_never_used_again_and_an_item_goes_only_where_still_wanted(
+    app: App, receiver: Receiver
+) -> None:
+    first = add(app, receiver.url("/ok"), ("supporter.erased",))
+    erased(app)
+    [item] = items(app)
+    with session_scope(app.sessions) as session:
+        endpoints.remove(session, first)
+    second = add(app, receiver.url("/ok"), ("letter.delivered",))
+    assert second != first
+    with session_scope(app.sessions) as session:  # as a process whose list is stale writes it
+        session.add(
+            OutboxItem(
+                submission_id=item.submission_id,
+                key=f"supporter.erased:{second}",
+                kind=item.kind,
+                endpoint_id=second,
+            )
+        )
+    [stale] = items(app)
+    with session_scope(app.sessions) as session:
+        row = session.get(OutboxItem, stale.id)
+        assert row is not None
+        assert payloads.compose(session, row) == "the endpoint no longer asks for it"

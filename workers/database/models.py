@@ -465,6 +465,8 @@ class WebhookEndpoint(Base):
     after a rotation the previous secret signs too until ``previous_until``."""
 
     __tablename__ = "webhook_endpoints"
+    # An id is never used again (items name their endpoint by it), on SQLite too.
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     url: Mapped[str] = mapped_column(String(2000))

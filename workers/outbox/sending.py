@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import structlog
 from sqlalchemy import ColumnElement, func, select, update
@@ -238,15 +238,13 @@ def send(
     channel: Channel = kind.channel if kind is not None and kind.channel else mailer
     paused = channel.waiting()
     if paused > 0:  # the mail server would refuse us, not the email: it is not claimed
-        session.commit()
-        raise Deferred(paused, "delivery paused: the mail server refused us")
+        _wait(session, item_id, paused, "delivery paused: the mail server refused us")
     broken: Exception | None = None
     mail: object = ""
     try:
         mail = kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
-    except Deferred:  # its destination would refuse us now (a webhook's endpoint paused)
-        session.rollback()  # only read: nothing is claimed, nothing counted
-        raise
+    except Deferred as wait:  # its destination would refuse us now (a webhook's endpoint paused)
+        _wait(session, item_id, wait.seconds, wait.reason)
     except ValueError as exc:  # an address the email package will not write
         mail = mask_text(f"cannot be written as email: {exc}")[:500]
     except Exception as exc:  # nobody foresaw it: counted, like a failed send
@@ -288,6 +286,23 @@ def send(
     if _end(session, item, mine, OutboxStatus.SENT, kind):
         log.info("outbox_sent", outbox_id=item_id, kind=item.kind)
     session.commit()
+
+
+def _wait(session: Session, item_id: str, seconds: float, why: str) -> NoReturn:
+    """Wait ``seconds`` unclaimed, costing no attempt: the item is not due before then, so
+    neither a duplicate message nor the reconciler tries it sooner (each try of an item that
+    must wait would otherwise start one more loop of delayed messages); the deferral sends it
+    when it is due."""
+    session.rollback()  # only read so far
+    later = utcnow() + timedelta(seconds=seconds)
+    session.execute(
+        update(OutboxItem)
+        .where(OutboxItem.id == item_id, OutboxItem.status == OutboxStatus.PENDING)
+        .values(next_attempt_at=later, dispatched_at=later)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    raise Deferred(seconds, why)
 
 
 def _claim(session: Session, item_id: str, policy: OutboxPolicy) -> datetime | None:

@@ -145,6 +145,8 @@ def _insert(session: Session) -> Any:
 def _send_after_commit(session: Session) -> None:
     """The items the transaction wrote, to the webhook queue (an item a conflict left unwritten
     is found missing by its actor, which does nothing)."""
+    if session.get_nested_transaction() is not None:
+        return  # a savepoint: only the transaction's own commit sends what it wrote
     ids = session.info.pop(_QUEUED, None)
     broker = installed_broker()
     if not ids or broker is None:
@@ -157,4 +159,6 @@ def _send_after_commit(session: Session) -> None:
 
 @event.listens_for(Session, "after_rollback")
 def _forget_rolled_back(session: Session) -> None:
+    if session.get_nested_transaction() is not None:
+        return  # a savepoint: what the rest of the transaction wrote is still to be sent
     session.info.pop(_QUEUED, None)

@@ -49,6 +49,13 @@ def compose(
     if submission is None:
         return "the submission is gone"
     event, _, rest = item.key.partition(":")  # <event>:<endpoint>[:<discriminator>]
+    # Written from a process's list of endpoints, up to a few seconds old: what the endpoint
+    # asks for now decides.
+    if event not in endpoint.events.split() or endpoint.campaign_slug not in (
+        None,
+        submission.campaign_slug,
+    ):
+        return "the endpoint no longer asks for it"
     discriminator = rest.partition(":")[2]
     data = _data(session, event, submission, item, discriminator)
     if event != "supporter.erased" and endpoint.personal_data:

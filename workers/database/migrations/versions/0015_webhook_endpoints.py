@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("enabled", sa.Boolean(), nullable=False),
         sa.Column("created_at", WHEN, nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_endpoints")),
+        sqlite_autoincrement=True,  # an id is never used again: items name their endpoint by it
     )
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.add_column(sa.Column("endpoint_id", sa.Integer(), nullable=True))
