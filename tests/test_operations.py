@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ from tests.test_e2e_redis import Stack, wait_all_final
 from tests.test_stages import through_render
 from workers.cli import main
 from workers.database.engine import session_scope
-from workers.database.models import AddressHealth, PurgedDeadLetter
+from workers.database.models import AddressHealth, OutboxItem, PurgedDeadLetter, utcnow
 from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import stage_message
 from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.intake import accept
 from workers.pipeline.runtime import prepare, submit
 from workers.stages.stage import Stage
 
@@ -145,6 +147,18 @@ def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
     assert failing.exit_code != 0 and "1 MP addresses failing" in failing.output
     assert "marked ok" in cli("directory", "address", "mp@parliament.example", "--ok")
     assert "healthy" in cli("health")
+
+    # A webhook long overdue is a CRM endpoint not answering, not emails or workers gone.
+    with session_scope(app.sessions) as session:
+        sid = accept(session, submission(), app.secret).submission_id
+        long_ago = utcnow() - timedelta(hours=1)
+        session.add(
+            OutboxItem(submission_id=sid, key="letter.delivered:1", kind="webhook",
+                       created_at=long_ago)
+        )  # fmt: skip
+    late = CliRunner().invoke(main, ["health"])
+    assert late.exit_code != 0 and "1 webhooks overdue" in late.output, late.output
+    assert "emails to supporters overdue" not in late.output
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

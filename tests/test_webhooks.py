@@ -463,6 +463,8 @@ def test_the_cli_adds_shows_rotates_replays_and_removes_and_refuses_bad_configur
         "ftp://crm.example/hook": "http:// or https://",
         "https://user:pw@crm.example/hook": "credentials",
         "/just/a/path": "http:// or https://",
+        "https://crm.example/ho ok": "spaces or control characters",
+        "https://crm.example/\x00hook": "spaces or control characters",
     }
     for url, said in refused.items():
         bad = runner.invoke(cli, ["webhooks", "add", url, "--event", "letter.delivered"])
@@ -639,3 +641,27 @@ def test_an_endpoint_id_is_never_used_again_and_an_item_goes_only_where_still_wa
         row = session.get(OutboxItem, stale.id)
         assert row is not None
         assert payloads.compose(session, row) == "the endpoint no longer asks for it"
+
+
+def test_endpoints_that_hang_hold_at_most_a_few_of_a_processs_threads(
+    receiver: Receiver,
+) -> None:
+    from workers.letters.mail import TransientDeliveryError
+    from workers.webhooks.channel import HttpChannel, Request
+
+    channel = HttpChannel(timeout=5, in_flight=2, all_in_flight=2)
+    secret = (endpoints.new_secret(),)
+    hanging = [Request(n, receiver.url("/hang"), f"w{n}", b"{}", secret) for n in (1, 2)]
+    threads = [threading.Thread(target=channel.send, args=(r,)) for r in hanging]
+    for thread in threads:
+        thread.start()
+    receiver.wait(2)
+    other = Request(3, receiver.url("/ok"), "w3", b"{}", secret)  # a third endpoint waits too
+    assert channel.paused(3) == 5
+    with pytest.raises(TransientDeliveryError) as held:
+        channel.send(other)
+    assert held.value.ours and len(receiver.requests) == 2
+    receiver.done.set()
+    for thread in threads:
+        thread.join(10)
+    assert channel.send(other) == 200

@@ -493,6 +493,7 @@ def health(cli: Cli, max_dead: int, max_age: float) -> None:
     from workers.mp import health as health_of_addresses
     from workers.outbox import sending as outbox
     from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
+    from workers.webhooks.events import KIND as WEBHOOK
 
     app = cli.app
     try:
@@ -513,11 +514,21 @@ def health(cli: Cli, max_dead: int, max_age: float) -> None:
     with session_scope(app.sessions) as session:
         failing = health_of_addresses.failing_count(session)
         lease = timedelta(seconds=app.settings.delivery_lease_seconds)
-        late = outbox.overdue(session, utcnow(), timedelta(seconds=max_age), lease)
-        given_up = sum(n for (_, status), n in outbox.counts(session).items() if status == "failed")
-    if late:
+        every = outbox.overdue(session, utcnow(), timedelta(seconds=max_age), lease)
+        hooks = outbox.overdue(session, utcnow(), timedelta(seconds=max_age), lease, WEBHOOK)
+        failed = {
+            kind: n for (kind, status), n in outbox.counts(session).items() if status == "failed"
+        }
+    given_up = sum(n for kind, n in failed.items() if kind != WEBHOOK)
+    if every > hooks:
         problems.append(
-            f"{late} emails to supporters overdue by more than {max_age:g}s: is a worker running?"
+            f"{every - hooks} emails to supporters overdue by more than {max_age:g}s: "
+            "is a worker running?"
+        )
+    if hooks:  # letters and emails are not held up by it: their own queue
+        problems.append(
+            f"{hooks} webhooks overdue by more than {max_age:g}s: a CRM endpoint does not "
+            "answer, or no worker serves dearmp.webhook (`dearmp webhooks show ID`)"
         )
     if failing:
         problems.append(
@@ -530,7 +541,7 @@ def health(cli: Cli, max_dead: int, max_age: float) -> None:
         raise click.ClickException("unhealthy: " + "; ".join(problems))
     click.echo(
         f"healthy: {dead} dead letters, oldest waiting message {age:.0f}s, "
-        f"{given_up} emails to supporters given up"
+        f"{given_up} emails to supporters given up, {failed.get(WEBHOOK, 0)} webhooks given up"
     )
 
 

@@ -141,12 +141,17 @@ def counts(session: Session) -> dict[tuple[str, str], int]:
     return {(kind, status): count for kind, status, count in rows}
 
 
-def overdue(session: Session, now: datetime, late: timedelta, lease: timedelta) -> int:
-    """Items that should have been sent more than ``late`` ago and are not: no worker sends."""
+def overdue(
+    session: Session, now: datetime, late: timedelta, lease: timedelta, kind: str | None = None
+) -> int:
+    """Items (of ``kind``, or of every kind) that should have been sent more than ``late`` ago
+    and are not: no worker sends them, or (a webhook) their endpoint does not answer."""
     waited = (
         (OutboxItem.status == OutboxStatus.PENDING)
         & (func.coalesce(OutboxItem.next_attempt_at, OutboxItem.created_at) < now - late)
     ) | ((OutboxItem.status == OutboxStatus.SENDING) & (OutboxItem.claimed_at < now - lease - late))
+    if kind is not None:
+        waited = waited & (OutboxItem.kind == kind)
     return session.scalar(select(func.count()).select_from(OutboxItem).where(waited)) or 0
 
 

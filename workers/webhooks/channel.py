@@ -55,9 +55,14 @@ class HttpChannel:
     failure sends it nothing for ``pause`` seconds. A webhook held back meanwhile is a refusal
     of our side (``ours``): given back uncounted, it waits (the relay's pause, for email)."""
 
-    def __init__(self, timeout: float, in_flight: int = 2, pause: float = 30.0) -> None:
+    def __init__(
+        self, timeout: float, in_flight: int = 2, pause: float = 30.0, all_in_flight: int = 4
+    ) -> None:
         self.timeout = (min(timeout, 5.0), timeout)  # (connect, each read)
         self.in_flight, self.pause = in_flight, pause
+        # Across every endpoint: endpoints that hang hold at most this many of a process's
+        # threads (8 by default), the rest stay for letters and emails.
+        self.all_in_flight = all_in_flight
         self._local = threading.local()
         self._lock = threading.Lock()
         self._busy: dict[int, int] = {}  # endpoint: webhooks being sent to it now
@@ -72,30 +77,40 @@ class HttpChannel:
         take (a webhook asked for sooner would only be given back, costing two commits and a
         message each time)."""
         with self._lock:
-            wait = self._until.get(endpoint, 0.0) - time.monotonic()
-            if wait <= 0 and self._busy.get(endpoint, 0) >= self.in_flight:
-                wait = self.timeout[1]
+            return self._wait(endpoint)
+
+    def _wait(self, endpoint: int) -> float:
+        """(Called with the lock held.)"""
+        wait = self._until.get(endpoint, 0.0) - time.monotonic()
+        if wait <= 0 and (
+            self._busy.get(endpoint, 0) >= self.in_flight
+            or sum(self._busy.values()) >= self.all_in_flight
+        ):
+            wait = self.timeout[1]
         return max(wait, 0.0)
 
     def send(self, request: Request, /) -> int:
         """The receiver's status; raises a *DeliveryError for any other answer."""
         endpoint = request.endpoint_id
         with self._lock:
-            wait = self._until.get(endpoint, 0.0) - time.monotonic()
-            if wait <= 0 and self._busy.get(endpoint, 0) >= self.in_flight:
-                wait = self.timeout[1]
+            wait = self._wait(endpoint)
             if wait > 0:
                 raise TransientDeliveryError("endpoint held back", wait, ours=True)
             self._busy[endpoint] = self._busy.get(endpoint, 0) + 1
         try:
             return self._post(request)
-        except TransientDeliveryError:
-            with self._lock:
-                self._until[endpoint] = time.monotonic() + self.pause
+        except PermanentDeliveryError:
+            raise  # this webhook's own answer
+        except BaseException:  # a passing failure, or the actor's time limit (a receiver that
+            self._pause(endpoint)  # answers a byte at a time outlasts each read's timeout)
             raise
         finally:
             with self._lock:
                 self._busy[endpoint] -= 1
+
+    def _pause(self, endpoint: int) -> None:
+        with self._lock:
+            self._until[endpoint] = time.monotonic() + self.pause
 
     def _post(self, request: Request) -> int:
         http: requests.Session | None = getattr(self._local, "http", None)
@@ -116,6 +131,8 @@ class HttpChannel:
                 status = answer.status_code
         except requests.Timeout:
             raise TransientDeliveryError(f"{where}: no answer in time") from None
+        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as exc:
+            raise PermanentDeliveryError(f"{where}: {type(exc).__name__}") from None
         except requests.RequestException as exc:
             raise TransientDeliveryError(f"{where}: {type(exc).__name__}") from None
         if 200 <= status < 300:

@@ -38,6 +38,8 @@ def masked(url: str) -> str:
 
 
 def check(session: Session, url: str, events: Sequence[str], campaign: str | None) -> None:
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise Refused("the URL must not hold spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Refused(f"the URL must be http:// or https:// with a host: {masked(url)}")
