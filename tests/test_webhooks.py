@@ -36,7 +36,7 @@ from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App, set_app
 from workers.pipeline.reconciler import find_after_sent
 from workers.pipeline.runtime import prepare, state_counts, submit
-from workers.privacy.rights import erase_supporter
+from workers.privacy.rights import erase_supporter, export_supporter
 from workers.stages import consent, survey
 from workers.stages.stage import Deferred, Stage
 from workers.webhooks import endpoints, events, payloads
@@ -251,6 +251,14 @@ def test_personal_data_only_with_the_endpoints_permission_the_consent_and_never_
     assert person["contact_preferences"]["email"] == "granted"
     assert [key for key, data in sent.items() if data.get("supporter")] == [
         ("/ok?crm=allowed", agreed)
+    ]
+    # Their export says which CRM was told what, and whether it could hear their details.
+    with session_scope(app.sessions) as session:
+        export = export_supporter(session, app.secret, SUPPORTER)
+    told = [n for s in export["submissions"] for n in s["notices"] if n["kind"] == "webhook"]
+    assert sorted((n["event"], n["to"], n["personal_data_allowed"]) for n in told) == [
+        ("letter.delivered", "127.0.0.1", False),
+        ("letter.delivered", "127.0.0.1", True),
     ]
     # Erased, then replayed: the same webhook-id, written anew without the details.
     [first] = [r for r in got if r.path == "/ok?crm=allowed" and agreed in r.body.decode()]

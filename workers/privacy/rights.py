@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -35,6 +36,7 @@ from workers.database.models import (
     State,
     Submission,
     SubmissionEvent,
+    WebhookEndpoint,
     utcnow,
 )
 from workers.database.transitions import AlreadyMoved, advance
@@ -91,6 +93,17 @@ def _ledger_rows(session: Session, who: str) -> list[dict[str, Any]]:
         }
         for e in _ledger(session, who)
     ]
+
+
+def _webhook(session: Session, item: OutboxItem) -> dict[str, Any]:
+    """What a CRM was told: the event, where it went, and whether it could carry the
+    supporter's details (the endpoint's permission; their consent decides it when sent)."""
+    endpoint = session.get(WebhookEndpoint, item.endpoint_id)
+    return {
+        "event": item.key.partition(":")[0],
+        "to": urlsplit(endpoint.url).hostname if endpoint else None,
+        "personal_data_allowed": bool(endpoint and endpoint.personal_data),
+    }
 
 
 def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, Any]:
@@ -150,6 +163,7 @@ def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, A
                 # Every email sent to them about it (the outbox's items, every kind).
                 "notices": [
                     {"kind": n.kind, "status": n.status, "sent_at": _iso(n.sent_at)}
+                    | (_webhook(session, n) if n.endpoint_id is not None else {})
                     for n in session.scalars(
                         select(OutboxItem)
                         .where(OutboxItem.submission_id == sub.id)
