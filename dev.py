@@ -63,11 +63,12 @@ def main() -> int:
     # checks. pytest's exit 5
     # (no test selected) is fine for one layer when the other ran.
     codes = []
-    # The fast layer shares nothing between tests, so it runs on every core (pytest-xdist);
-    # the service layer's tests share one PostgreSQL cluster and run one at a time.
+    # The fast layer shares nothing between tests, so it runs on every core (pytest-xdist).
+    # The service layer's tests mostly wait on their servers: two at a time (each xdist worker
+    # has its own PostgreSQL cluster; Redis, SMTP and Postfix are per test) halve its time.
     layers = {
         "not services and not thorough": ("the fast layer (no services)", ["-n", "auto"]),
-        "services or thorough": ("real services and exhaustive checks", []),
+        "services or thorough": ("real services and exhaustive checks", ["-n", "2"]),
     }
     for layer, (name, spread) in layers.items():
         print(f"== tests: {name}", flush=True)
