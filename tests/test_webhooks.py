@@ -340,6 +340,17 @@ def test_an_endpoint_that_failed_is_paused_its_webhooks_neither_claimed_nor_coun
     assert len(receiver.requests) == 1  # the second was not sent: the endpoint is paused
     held = {i.id: i for i in items(app)}[second.id]
     assert (held.status, held.attempts, held.failures, held.error) == ("pending", 0, 0, None)
+    # Not due before the pause ends: the reconciler starts no other loop of messages for it,
+    # even long after its last dispatch.
+    assert held.next_attempt_at is not None and held.next_attempt_at > utcnow()
+    with session_scope(app.sessions) as session:
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == second.id)
+            .values(dispatched_at=utcnow() - timedelta(hours=1))
+        )
+    with session_scope(app.sessions) as session:
+        assert second.id not in [i for i, _ in find_after_sent(session, timedelta(minutes=2))]
 
 
 @pytest.mark.parametrize("path", ["/gone", "/redirect"])
@@ -565,33 +576,6 @@ def test_a_worker_runs_the_letters_and_emails_it_holds_before_its_webhooks(
     assert all(
         webhook > stub_broker.get_actor(s.actor).priority for s in Stage if s != Stage.WEBHOOK
     )
-
-
-def test_a_webhook_that_must_wait_is_not_due_until_then_so_nothing_else_sends_it(
-    app: App, receiver: Receiver
-) -> None:
-    """A webhook held back (its endpoint paused) is neither claimed nor counted, and is not due
-    before the pause ends: the reconciler does not start another loop of messages for it."""
-    add(app, receiver.url("/fail"), ("supporter.erased",))
-    erased(app)
-    erased(app)
-    first, second = items(app)
-    every_kind = outbox_for(app)[0] | {events.KIND: payloads.kind(2.0, pause=60)}
-    policy = replace(outbox_for(app)[1], first_backoff=0)
-    for item_id in (first.id, second.id):
-        with session_scope(app.sessions) as session, pytest.raises(Deferred):
-            outbox.send(session, item_id, app.mailer, every_kind, policy)
-    held = {i.id: i for i in items(app)}[second.id]
-    assert (held.status, held.attempts, held.failures) == ("pending", 0, 0)
-    assert held.next_attempt_at is not None and held.next_attempt_at > utcnow()
-    with session_scope(app.sessions) as session:  # even long after its last dispatch
-        session.execute(
-            update(OutboxItem)
-            .where(OutboxItem.id == second.id)
-            .values(dispatched_at=utcnow() - timedelta(hours=1))
-        )
-    with session_scope(app.sessions) as session:
-        assert second.id not in [i for i, _ in find_after_sent(session, timedelta(minutes=2))]
 
 
 def test_webhooks_written_before_a_savepoint_are_sent_after_the_transaction_commits(
