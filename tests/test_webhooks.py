@@ -657,3 +657,16 @@ def test_endpoints_that_hang_hold_at_most_a_few_of_a_processs_threads(
     for thread in threads:
         thread.join(10)
     assert channel.send(other) == 200
+
+
+def test_the_moves_a_crm_hears_of_are_named_in_the_table_of_states() -> None:
+    from workers.pipeline.states import STATES
+
+    named = {state: row.event for state, row in STATES.items() if row.event}
+    assert set(named.values()) <= set(events.EVENTS)
+    assert named == {
+        "validated": "submission.accepted",
+        "rejected": "submission.rejected",
+        "delivered": "letter.delivered",
+        "bounced": "letter.bounced",
+    }

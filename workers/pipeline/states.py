@@ -53,6 +53,8 @@ class Row(NamedTuple):
     # The reconciler sends it to its stage again once its last dispatch is older than the
     # deadline. (Held and unconfirmed submissions are looked at on timetables of their own.)
     resent: bool = True
+    # What a CRM hears when a submission reaches this state (workers.webhooks), if anything.
+    event: str | None = None
 
 
 S = State
@@ -72,7 +74,7 @@ STATES: dict[State, Row] = {
     S.RECEIVED:    Row(Stage.VALIDATE, (S.VALIDATED, S.REJECTED),
                        "Received."),
     S.VALIDATED:   Row(Stage.RESOLVE, (S.RESOLVED, S.HELD, S.REJECTED, S.FAILED),
-                       "Checked; finding your MP."),
+                       "Checked; finding your MP.", event="submission.accepted"),
     # The seat has no MP to write to yet, or the MP's address fails: resolution is tried again
     # when the directory changes, and every few hours (so that a hold can expire).
     S.HELD:        Row(Stage.RESOLVE, (S.RESOLVED, S.REJECTED, S.FAILED),
@@ -82,12 +84,15 @@ STATES: dict[State, Row] = {
     S.RENDERED:    Row(Stage.DELIVER, (S.DELIVERED, S.FAILED),
                        "On its way to your MP."),
     # Taken by the relay; returned for good by the MP's server later, it is bounced.
-    S.DELIVERED:   Row(None, (), "Delivered to your MP.", final=True, later=(S.BOUNCED,)),
+    S.DELIVERED:   Row(None, (), "Delivered to your MP.", final=True, later=(S.BOUNCED,),
+                       event="letter.delivered"),
     # Sent again to a corrected address by an operator (`dearmp replies resend-bounced`).
     S.BOUNCED:     Row(None, (), "Returned by your MP's mail server, so it did not reach them. "
-                       "The campaign team has been told.", final=True, later=(S.RESOLVED,)),
+                       "The campaign team has been told.", final=True, later=(S.RESOLVED,),
+                       event="letter.bounced"),
     # The supporter is told why: reasons per field.
-    S.REJECTED:    Row(None, (), "Not sent: see the reasons.", final=True),
+    S.REJECTED:    Row(None, (), "Not sent: see the reasons.", final=True,
+                       event="submission.rejected"),
     # Needs an explanation (the reason is recorded); an operator may reopen a failed delivery
     # (`dearmp deliveries reopen`).
     S.FAILED:      Row(None, (), "We could not deliver it. The campaign team has been told.",

@@ -26,16 +26,11 @@ from schemas.webhooks import DATA
 from workers.database.engine import insert_on_conflict
 from workers.database.models import OutboxItem, State, Submission, WebhookEndpoint, new_id, table
 from workers.pipeline.dramatiq_private import installed_broker
+from workers.pipeline.states import STATES
 
 KIND = "webhook"  # outbox.kind of every webhook
 EVENTS = tuple(DATA)  # every event's name, in the order of schemas.webhooks
 # The state moves that are events (advance() emits them).
-STATE_EVENTS = {
-    State.VALIDATED: "submission.accepted",
-    State.REJECTED: "submission.rejected",
-    State.DELIVERED: "letter.delivered",
-    State.BOUNCED: "letter.bounced",
-}
 # A letter returned and sent again is delivered (or returned) again: each move is its own event.
 RECURRING = ("letter.delivered", "letter.bounced")
 REFRESH = 5.0  # seconds an emitting process keeps its list of endpoints
@@ -82,7 +77,7 @@ def on_move(
     session: Session, submission: Any, to_state: State, at: datetime, writes: Any = None
 ) -> None:
     """The event a state move is, if any (``advance`` calls this after its guarded move)."""
-    name = STATE_EVENTS.get(to_state)
+    name = STATES[to_state].event  # the table of states says which moves a CRM hears of
     if name is not None:
         key = str(int(at.timestamp() * 1000)) if name in RECURRING else ""
         campaign = getattr(submission, "campaign_slug", None)
