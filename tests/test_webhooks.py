@@ -534,19 +534,24 @@ def test_a_process_sends_one_endpoint_at_most_in_flight_webhooks_at_a_time(
     receiver: Receiver,
 ) -> None:
     from workers.letters.mail import TransientDeliveryError
-    from workers.webhooks.channel import HttpChannel, Request
+    from workers.webhooks.channel import BUSY_WAIT, HttpChannel, Request
 
     channel = HttpChannel(timeout=5, in_flight=1)
     hanging = Request(7, receiver.url("/hang"), "w1", b"{}", (endpoints.new_secret(),))
     first = threading.Thread(target=channel.send, args=(hanging,))
     first.start()
     receiver.wait(1)
-    # Asked before the claim: the webhook waits as long as the one in flight may take.
-    assert channel.paused(7) == 5
+    # Asked before the claim: a moment while the one in flight has just begun; once it has
+    # taken longer, what it may still take (its timeout, 5 s, from when it began).
+    assert channel.paused(7) == BUSY_WAIT
+    started = channel._sending[7][0]
+    channel._sending[7][0] = started - 3
+    assert 1.9 < channel.paused(7) <= 2.0
+    channel._sending[7][0] = started
     with pytest.raises(TransientDeliveryError) as held:
         channel.send(replace(hanging, webhook_id="w2"))
     assert held.value.ours and len(receiver.requests) == 1  # given back uncounted, not sent
-    assert held.value.retry_after == 5
+    assert held.value.retry_after == BUSY_WAIT
     receiver.done.set()  # the first is answered (200) and the endpoint is free again
     first.join(10)
     assert channel.send(replace(hanging, webhook_id="w3")) == 200
@@ -639,7 +644,7 @@ def test_endpoints_that_hang_hold_at_most_a_few_of_a_processs_threads(
     receiver: Receiver,
 ) -> None:
     from workers.letters.mail import TransientDeliveryError
-    from workers.webhooks.channel import HttpChannel, Request
+    from workers.webhooks.channel import BUSY_WAIT, HttpChannel, Request
 
     channel = HttpChannel(timeout=5, in_flight=2, all_in_flight=2)
     secret = (endpoints.new_secret(),)
@@ -649,7 +654,7 @@ def test_endpoints_that_hang_hold_at_most_a_few_of_a_processs_threads(
         thread.start()
     receiver.wait(2)
     other = Request(3, receiver.url("/ok"), "w3", b"{}", secret)  # a third endpoint waits too
-    assert channel.paused(3) == 5
+    assert channel.paused(3) == BUSY_WAIT
     with pytest.raises(TransientDeliveryError) as held:
         channel.send(other)
     assert held.value.ours and len(receiver.requests) == 2

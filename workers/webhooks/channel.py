@@ -20,6 +20,8 @@ from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
 
 ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
 PASSING = frozenset({408, 429})
+# A webhook held back by others just sent waits this long (they are likely answered by then).
+BUSY_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class HttpChannel:
         self.all_in_flight = all_in_flight
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._busy: dict[int, int] = {}  # endpoint: webhooks being sent to it now
+        self._sending: dict[int, list[float]] = {}  # endpoint: when each webhook to it began
         self._until: dict[int, float] = {}  # endpoint: nothing sent to it before this
 
     def waiting(self) -> float:
@@ -73,21 +75,25 @@ class HttpChannel:
 
     def paused(self, endpoint: int) -> float:
         """Seconds before ``endpoint`` is sent anything again (0: now): the rest of its pause
-        after a failure, or, while it has ``in_flight`` webhooks unanswered, the time they may
-        take (a webhook asked for sooner would only be given back, costing two commits and a
-        message each time)."""
+        after a failure, or, while too many webhooks are unanswered (``in_flight`` to it,
+        ``all_in_flight`` to all), a moment if they began just now, else the time the oldest
+        may still take (asked sooner, a webhook would only wait again)."""
         with self._lock:
             return self._wait(endpoint)
 
     def _wait(self, endpoint: int) -> float:
         """(Called with the lock held.)"""
-        wait = self._until.get(endpoint, 0.0) - time.monotonic()
-        if wait <= 0 and (
-            self._busy.get(endpoint, 0) >= self.in_flight
-            or sum(self._busy.values()) >= self.all_in_flight
-        ):
-            wait = self.timeout[1]
-        return max(wait, 0.0)
+        now = time.monotonic()
+        wait = self._until.get(endpoint, 0.0) - now
+        if wait > 0:
+            return wait
+        mine = self._sending.get(endpoint, [])
+        every = [began for began_all in self._sending.values() for began in began_all]
+        busy = mine if len(mine) >= self.in_flight else every
+        if len(mine) < self.in_flight and len(every) < self.all_in_flight:
+            return 0.0
+        waited = now - min(busy)
+        return BUSY_WAIT if waited < BUSY_WAIT else max(self.timeout[1] - waited, BUSY_WAIT)
 
     def send(self, request: Request, /) -> int:
         """The receiver's status; raises a *DeliveryError for any other answer."""
@@ -96,7 +102,8 @@ class HttpChannel:
             wait = self._wait(endpoint)
             if wait > 0:
                 raise TransientDeliveryError("endpoint held back", wait, ours=True)
-            self._busy[endpoint] = self._busy.get(endpoint, 0) + 1
+            began = time.monotonic()
+            self._sending.setdefault(endpoint, []).append(began)
         try:
             return self._post(request)
         except PermanentDeliveryError:
@@ -106,7 +113,7 @@ class HttpChannel:
             raise
         finally:
             with self._lock:
-                self._busy[endpoint] -= 1
+                self._sending[endpoint].remove(began)
 
     def _pause(self, endpoint: int) -> None:
         with self._lock:
