@@ -124,10 +124,12 @@ def test_restarting_redis_without_persistence_loses_no_submission(
     stack: tuple[Stack, App, Any], redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     running, app, broker = stack
-    ids = [submit(app, broker, submission())[0] for _ in range(150)]
-    # Let part of the batch through, then take Redis away with everything queued in it.
+    ids = [submit(app, broker, submission())[0] for _ in range(50)]
+    # Let part of the batch through, then take Redis away with everything queued in it; what
+    # is submitted while it is away is stored, and its messages are lost (sent to no one).
     assert wait_for(lambda: count_final(state_counts(app, ids)) >= 10, 60, 0.05)
     redis_server.stop(kill=True)
+    ids += [submit(app, broker, submission())[0] for _ in range(100)]
     unfinished_at_kill = len(ids) - count_final(state_counts(app, ids))
     time.sleep(1.5)
     redis_server.start()
