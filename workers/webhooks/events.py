@@ -30,7 +30,7 @@ from workers.pipeline.states import STATES
 
 KIND = "webhook"  # outbox.kind of every webhook
 EVENTS = tuple(DATA)  # every event's name, in the order of schemas.webhooks
-# The state moves that are events (advance() emits them).
+# Which state moves are events is the table of states' (Row.event); advance() emits them.
 # A letter returned and sent again is delivered (or returned) again: each move is its own event.
 RECURRING = ("letter.delivered", "letter.bounced")
 REFRESH = 5.0  # seconds an emitting process keeps its list of endpoints
