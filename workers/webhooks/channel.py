@@ -1,9 +1,8 @@
 """The webhook channel: sign a body (Standard Webhooks, with every secret valid now) and POST it.
 
-2xx is sent; 408, 429, 5xx, a timeout or a connection error is a passing failure (the outbox
-retries it with backoff and gives up after its limit); anything else, a redirect included (never
-followed), is permanent. Reasons name the endpoint by id: a URL may carry a token in its path,
-and the receiver's exception texts carry the URL.
+2xx is sent; 408, 429, 5xx, a timeout or a connection error is a passing failure; anything else,
+a redirect included (never followed), is permanent. Reasons name the endpoint by id, never by
+its URL, which may carry a token.
 """
 
 from __future__ import annotations
@@ -20,14 +19,13 @@ from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
 
 ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
 PASSING = frozenset({408, 429})
-# A webhook held back by others just sent waits this long (they are likely answered by then).
-BUSY_WAIT = 1.0
+BUSY_WAIT = 1.0  # a webhook held back by others just sent waits this long
 
 
 @dataclass(frozen=True)
 class Request:
-    """One webhook ready to send; ``webhook_id`` is the outbox item's id, the same on every
-    attempt and every replay, so a receiver can drop what it has seen."""
+    """One webhook; ``webhook_id`` is the outbox item's id, the same on every attempt and
+    replay, so a receiver can drop what it has seen."""
 
     endpoint_id: int
     url: str
@@ -37,34 +35,27 @@ class Request:
 
 
 def signed_headers(request: Request, at: datetime) -> dict[str, str]:
-    signatures = " ".join(
-        Webhook(s).sign(request.webhook_id, at, request.body) for s in request.secrets
-    )
+    signatures = (Webhook(s).sign(request.webhook_id, at, request.body) for s in request.secrets)
     return {
         "content-type": "application/json",
         "user-agent": "DearMP-Webhooks/1",
         "webhook-id": request.webhook_id,
         "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": signatures,
+        "webhook-signature": " ".join(signatures),
     }
 
 
 class HttpChannel:
-    """POSTs webhooks with a ``requests.Session`` per thread (dramatiq runs threads).
-
-    Worker threads serve every queue, so an endpoint that hangs must not hold many of them: a
-    process sends at most ``in_flight`` webhooks to one endpoint at a time, and after a passing
-    failure sends it nothing for ``pause`` seconds. A webhook held back meanwhile is a refusal
-    of our side (``ours``): given back uncounted, it waits (the relay's pause, for email)."""
+    """POSTs webhooks, a ``requests.Session`` per thread. Worker threads serve every queue, so a
+    process sends at most ``in_flight`` webhooks to one endpoint and ``all_in_flight`` to all at
+    a time, and nothing to an endpoint for ``pause`` seconds after a passing failure. A webhook
+    held back is a refusal of our side (``ours``): given back uncounted, it waits."""
 
     def __init__(
         self, timeout: float, in_flight: int = 2, pause: float = 30.0, all_in_flight: int = 4
     ) -> None:
         self.timeout = (min(timeout, 5.0), timeout)  # (connect, each read)
-        self.in_flight, self.pause = in_flight, pause
-        # Across every endpoint: endpoints that hang hold at most this many of a process's
-        # threads (8 by default), the rest stay for letters and emails.
-        self.all_in_flight = all_in_flight
+        self.in_flight, self.all_in_flight, self.pause = in_flight, all_in_flight, pause
         self._local = threading.local()
         self._lock = threading.Lock()
         self._sending: dict[int, list[float]] = {}  # endpoint: when each webhook to it began
@@ -74,33 +65,28 @@ class HttpChannel:
         return 0.0  # each endpoint answers for itself: nothing pauses the others
 
     def paused(self, endpoint: int) -> float:
-        """Seconds before ``endpoint`` is sent anything again (0: now): the rest of its pause
-        after a failure, or, while too many webhooks are unanswered (``in_flight`` to it,
-        ``all_in_flight`` to all), a moment if they began just now, else the time the oldest
-        may still take (asked sooner, a webhook would only wait again)."""
+        """Seconds before ``endpoint`` is sent anything (0: now): the rest of its pause, or, while
+        too many webhooks are in flight, what the oldest may still take (a moment if it just
+        began: asked sooner, a webhook would only wait again)."""
         with self._lock:
-            return self._wait(endpoint)
+            return self._paused(endpoint)
 
-    def _wait(self, endpoint: int) -> float:
-        """(Called with the lock held.)"""
+    def _paused(self, endpoint: int) -> float:
         now = time.monotonic()
-        wait = self._until.get(endpoint, 0.0) - now
-        if wait > 0:
+        if (wait := self._until.get(endpoint, 0.0) - now) > 0:
             return wait
         mine = self._sending.get(endpoint, [])
-        every = [began for began_all in self._sending.values() for began in began_all]
-        busy = mine if len(mine) >= self.in_flight else every
+        every = [began for all_began in self._sending.values() for began in all_began]
         if len(mine) < self.in_flight and len(every) < self.all_in_flight:
             return 0.0
-        waited = now - min(busy)
+        waited = now - min(mine if len(mine) >= self.in_flight else every)
         return BUSY_WAIT if waited < BUSY_WAIT else max(self.timeout[1] - waited, BUSY_WAIT)
 
     def send(self, request: Request, /) -> int:
         """The receiver's status; raises a *DeliveryError for any other answer."""
         endpoint = request.endpoint_id
         with self._lock:
-            wait = self._wait(endpoint)
-            if wait > 0:
+            if (wait := self._paused(endpoint)) > 0:
                 raise TransientDeliveryError("endpoint held back", wait, ours=True)
             began = time.monotonic()
             self._sending.setdefault(endpoint, []).append(began)
@@ -108,28 +94,24 @@ class HttpChannel:
             return self._post(request)
         except PermanentDeliveryError:
             raise  # this webhook's own answer
-        except BaseException:  # a passing failure, or the actor's time limit (a receiver that
-            self._pause(endpoint)  # answers a byte at a time outlasts each read's timeout)
+        except BaseException:  # passing, or the actor's time limit (a receiver that trickles)
+            with self._lock:
+                self._until[endpoint] = time.monotonic() + self.pause
             raise
         finally:
             with self._lock:
                 self._sending[endpoint].remove(began)
 
-    def _pause(self, endpoint: int) -> None:
-        with self._lock:
-            self._until[endpoint] = time.monotonic() + self.pause
-
     def _post(self, request: Request) -> int:
         http: requests.Session | None = getattr(self._local, "http", None)
         if http is None:
             http = self._local.http = requests.Session()
-        headers = signed_headers(request, datetime.now(UTC))
         where = f"endpoint {request.endpoint_id}"
         try:
             with http.post(
                 request.url,
                 data=request.body,
-                headers=headers,
+                headers=signed_headers(request, datetime.now(UTC)),
                 timeout=self.timeout,
                 allow_redirects=False,
                 stream=True,

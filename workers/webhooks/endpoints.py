@@ -1,8 +1,5 @@
-"""Webhook endpoints as data: what ``dearmp webhooks`` adds, rotates, shows, replays and removes.
-
-Configuration is hostile input: a URL that is not http(s), carries credentials or has no host,
-an event that does not exist and a campaign that does not exist are each refused with one line.
-"""
+"""Webhook endpoints as data, what ``dearmp webhooks`` edits. Configuration is hostile input:
+what cannot work is refused with one line (:class:`Refused`)."""
 
 from __future__ import annotations
 
@@ -38,14 +35,14 @@ def masked(url: str) -> str:
 
 
 def check(session: Session, url: str, events: Sequence[str], campaign: str | None) -> None:
+    parts = urlsplit(url)
+    unknown = sorted(set(events) - set(EVENTS))
     if not url.isprintable() or any(c.isspace() for c in url):
         raise Refused("the URL must not hold spaces or control characters")
-    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Refused(f"the URL must be http:// or https:// with a host: {masked(url)}")
     if parts.username is not None or parts.password is not None:
         raise Refused("the URL must not carry credentials (user:password@); use the signature")
-    unknown = sorted(set(events) - set(EVENTS))
     if unknown or not events:
         raise Refused(f"unknown event {', '.join(unknown) or '(none)'}; known: {', '.join(EVENTS)}")
     if campaign is not None and session.get(Campaign, campaign) is None:
@@ -59,16 +56,13 @@ def add(
     campaign: str | None = None,
     personal_data: bool = False,
 ) -> WebhookEndpoint:
-    """A new enabled endpoint with a fresh secret (its ``secret``: shown once by the CLI)."""
+    """A new enabled endpoint with a fresh secret (shown once by the CLI)."""
     check(session, url, events, campaign)
+    wanted = " ".join(e for e in EVENTS if e in events)
     endpoint = WebhookEndpoint(
-        url=url,
-        campaign_slug=campaign,
-        events=" ".join(e for e in EVENTS if e in events),
-        personal_data=personal_data,
-        secret=new_secret(),
-        enabled=True,
+        url=url, campaign_slug=campaign, events=wanted, personal_data=personal_data, enabled=True
     )
+    endpoint.secret = new_secret()
     session.add(endpoint)
     session.flush()
     forget()
@@ -83,8 +77,7 @@ def get(session: Session, endpoint_id: int) -> WebhookEndpoint:
 
 
 def rotate(session: Session, endpoint_id: int, overlap: timedelta) -> str:
-    """A new secret; the current one keeps signing too for ``overlap`` (both signatures are
-    sent), so a receiver holding either verifies while it changes over."""
+    """A new secret; the current one signs too for ``overlap``, while the receiver changes over."""
     endpoint = get(session, endpoint_id)
     endpoint.previous_secret, endpoint.secret = endpoint.secret, new_secret()
     endpoint.previous_until = utcnow() + overlap
@@ -101,23 +94,19 @@ def remove(session: Session, endpoint_id: int) -> int:
 
 
 def replay(session: Session, item_ids: Sequence[str]) -> list[str]:
-    """Delivered or given-up webhooks sent again: the same items, so the same ``webhook-id``,
-    with their bodies written anew (a supporter erased since is sent without details)."""
-    webhooks = session.scalars(
-        select(OutboxItem.id).where(OutboxItem.id.in_(item_ids), OutboxItem.kind == KIND)
-    ).all()
-    return send_again(session, list(webhooks), (OutboxStatus.SENT, OutboxStatus.FAILED))
+    """Delivered or given-up webhooks sent again: the same items (so the same ``webhook-id``),
+    their bodies written anew (a supporter erased since is sent without details)."""
+    ids = select(OutboxItem.id).where(OutboxItem.id.in_(item_ids), OutboxItem.kind == KIND)
+    return send_again(session, session.scalars(ids).all(), (OutboxStatus.SENT, OutboxStatus.FAILED))
 
 
 def describe(session: Session, endpoint_id: int | None = None, limit: int = 20) -> Any:
-    """Every endpoint (URL masked, no secret); or one, with its latest deliveries and their
-    errors: ids, events and outcomes, no personal data."""
+    """Every endpoint (URL masked, no secret); or one, with its latest deliveries: ids, events,
+    outcomes and errors, no personal data."""
     if endpoint_id is None:
-        found = session.scalars(select(WebhookEndpoint).order_by(WebhookEndpoint.id))
-        return [_summary(e) for e in found]
-    endpoint, until = get(session, endpoint_id), None
-    if endpoint.previous_until and endpoint.previous_until > utcnow():
-        until = endpoint.previous_until.isoformat()
+        return [_summary(e) for e in session.scalars(select(WebhookEndpoint).order_by("id"))]
+    endpoint = get(session, endpoint_id)
+    rotating = endpoint.previous_until and endpoint.previous_until > utcnow()
     items = session.scalars(
         select(OutboxItem)
         .where(OutboxItem.endpoint_id == endpoint_id)
@@ -136,11 +125,16 @@ def describe(session: Session, endpoint_id: int | None = None, limit: int = 20) 
         }
         for item in items
     ]
+    until = endpoint.previous_until.isoformat() if rotating and endpoint.previous_until else None
     return _summary(endpoint) | {"previous_secret_until": until, "deliveries": deliveries}
 
 
 def _summary(endpoint: WebhookEndpoint) -> dict[str, Any]:
-    names = ("id", "campaign_slug", "personal_data", "enabled")
-    return {"url": masked(endpoint.url), "events": endpoint.events.split()} | {
-        name: getattr(endpoint, name) for name in names
+    return {
+        "id": endpoint.id,
+        "url": masked(endpoint.url),
+        "events": endpoint.events.split(),
+        "campaign_slug": endpoint.campaign_slug,
+        "personal_data": endpoint.personal_data,
+        "enabled": endpoint.enabled,
     }

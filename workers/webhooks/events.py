@@ -1,22 +1,18 @@
-"""Emitting webhook events: an outbox item per endpoint that wants one, in the fact's transaction.
+"""Webhook events: an outbox item per endpoint that wants one, written in the fact's transaction
+and sent on after its commit (as warehouse enqueues its tasks; one not sent, the reconciler
+finds). An item's key, ``<event>:<endpoint>[:<discriminator>]``, is unique per submission, so a
+second run of an actor adds nothing.
 
-An item's key is ``<event>:<endpoint>[:<discriminator>]``, unique per submission (the outbox's
-key), so a second run of an actor adds nothing. The items written are sent on after the commit
-(a SQLAlchemy ``after_commit`` hook, as warehouse enqueues its tasks); one not sent is found by
-the reconciler.
-
-Without endpoints, an event costs a dictionary lookup: the enabled endpoints are read once per
-:data:`REFRESH` seconds per database and kept, so the hot path (every state move) reads nothing.
-An endpoint added in another process hears of events from at most that long after.
+The enabled endpoints are read at most every :data:`REFRESH` seconds per database and kept: with
+none, an event (every state move) costs a lookup and no statement.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine, event, select
@@ -30,15 +26,13 @@ from workers.pipeline.states import STATES
 
 KIND = "webhook"  # outbox.kind of every webhook
 EVENTS = tuple(DATA)  # every event's name, in the order of schemas.webhooks
-# Which state moves are events is the table of states' (Row.event); advance() emits them.
 # A letter returned and sent again is delivered (or returned) again: each move is its own event.
 RECURRING = ("letter.delivered", "letter.bounced")
 REFRESH = 5.0  # seconds an emitting process keeps its list of endpoints
 _QUEUED = "workers.webhooks.queued"  # session.info: the items this transaction wrote
 
 
-@dataclass(frozen=True)
-class Wanted:
+class Wanted(NamedTuple):
     endpoint_id: int
     campaign: str | None
     events: frozenset[str]
@@ -50,7 +44,7 @@ _statements: dict[str, Any] = {}
 
 
 def forget() -> None:
-    """Read the endpoints again at the next event (after ``dearmp webhooks`` changed them)."""
+    """Read the endpoints again at the next event (``dearmp webhooks`` changed them)."""
     with _lock:
         _endpoints.clear()
 
@@ -58,15 +52,14 @@ def forget() -> None:
 def wanting(session: Session, event_name: str) -> list[Wanted]:
     """The enabled endpoints that want ``event_name`` (of any campaign)."""
     bind = session.get_bind()
-    engine = bind if isinstance(bind, Engine) else bind.engine  # a session on a Connection
-    kept = _endpoints.get(engine)
-    now = time.monotonic()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    kept, now = _endpoints.get(engine), time.monotonic()
     if kept is None or now - kept[0] > REFRESH:
         rows = session.execute(
             select(WebhookEndpoint.id, WebhookEndpoint.campaign_slug, WebhookEndpoint.events).where(
                 WebhookEndpoint.enabled.is_(True)
             )
-        ).all()
+        )
         kept = (now, tuple(Wanted(i, c, frozenset(e.split())) for i, c, e in rows))
         with _lock:
             _endpoints[engine] = kept
@@ -76,8 +69,8 @@ def wanting(session: Session, event_name: str) -> list[Wanted]:
 def on_move(
     session: Session, submission: Any, to_state: State, at: datetime, writes: Any = None
 ) -> None:
-    """The event a state move is, if any (``advance`` calls this after its guarded move)."""
-    name = STATES[to_state].event  # the table of states says which moves a CRM hears of
+    """The event a state move is, if the table of states names one (``advance`` calls this)."""
+    name = STATES[to_state].event
     if name is not None:
         key = str(int(at.timestamp() * 1000)) if name in RECURRING else ""
         campaign = getattr(submission, "campaign_slug", None)
@@ -118,42 +111,39 @@ def emit(
     if not rows:
         return
     statement = _insert(session)
-    if writes is not None:
+    if writes is None:
+        session.execute(statement, rows)
+    else:
         for row in rows:
             writes.insert(statement, row)
-    else:
-        session.execute(statement, rows)
     session.info.setdefault(_QUEUED, []).extend(row["id"] for row in rows)
 
 
 def _insert(session: Session) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING into the outbox, built once per dialect (a group's
-    writes are made with one statement of each)."""
-    name = session.get_bind().dialect.name
-    if name not in _statements:
-        outbox = insert_on_conflict(session, table(OutboxItem))
-        _statements[name] = outbox.on_conflict_do_nothing(index_elements=["submission_id", "key"])
-    return _statements[name]
+    """INSERT ... ON CONFLICT DO NOTHING into the outbox: one per dialect, so a group batches it."""
+    dialect = session.get_bind().dialect.name
+    if dialect not in _statements:
+        insert = insert_on_conflict(session, table(OutboxItem))
+        _statements[dialect] = insert.on_conflict_do_nothing(
+            index_elements=["submission_id", "key"]
+        )
+    return _statements[dialect]
 
 
 @event.listens_for(Session, "after_commit")
 def _send_after_commit(session: Session) -> None:
-    """The items the transaction wrote, to the webhook queue (an item a conflict left unwritten
-    is found missing by its actor, which does nothing)."""
-    if session.get_nested_transaction() is not None:
-        return  # a savepoint: only the transaction's own commit sends what it wrote
-    ids = session.info.pop(_QUEUED, None)
+    """The items the transaction wrote, to the webhook queue (one a conflict left unwritten is
+    found missing by its actor, which does nothing). Not at a savepoint's release."""
+    ids = None if session.get_nested_transaction() else session.info.pop(_QUEUED, None)
     broker = installed_broker()
-    if not ids or broker is None:
-        return  # no broker in this process: the reconciler sends them
-    from workers.pipeline.dispatch import dispatch_groups
-    from workers.stages.stage import Stage
+    if ids and broker is not None:  # no broker in this process: the reconciler sends them
+        from workers.pipeline.dispatch import dispatch_groups
+        from workers.stages.stage import Stage
 
-    dispatch_groups(broker, {Stage.WEBHOOK: ids})
+        dispatch_groups(broker, {Stage.WEBHOOK: ids})
 
 
 @event.listens_for(Session, "after_rollback")
 def _forget_rolled_back(session: Session) -> None:
-    if session.get_nested_transaction() is not None:
-        return  # a savepoint: what the rest of the transaction wrote is still to be sent
-    session.info.pop(_QUEUED, None)
+    if session.get_nested_transaction() is None:  # a savepoint's: the rest is still to be sent
+        session.info.pop(_QUEUED, None)

@@ -1,6 +1,5 @@
 """A webhook's body, written from the database when it is sent (so an erased supporter's details
-are never sent afterwards, a replay included), checked against its schema
-(:mod:`schemas.webhooks`) before it leaves."""
+are never sent afterwards, a replay included) and checked against :mod:`schemas.webhooks`."""
 
 from __future__ import annotations
 
@@ -37,27 +36,22 @@ def kind(timeout: float, pause: float = 30.0) -> Kind:
 def compose(
     session: Session, item: OutboxItem, channel: HttpChannel | None = None
 ) -> Request | str:
-    """The item's signed request, or why it will not be sent (it is skipped). While its
-    endpoint is paused after a failure, :class:`Deferred`: it waits, neither claimed nor sent."""
+    """The item's signed request, or why it will not be sent (it is skipped). While its endpoint
+    is paused, :class:`Deferred`: it waits, neither claimed nor counted."""
     endpoint = session.get(WebhookEndpoint, item.endpoint_id) if item.endpoint_id else None
     if endpoint is None or not endpoint.enabled:
         return "the endpoint was removed or disabled"
-    wait = channel.paused(endpoint.id) if channel else 0.0
-    if wait > 0:
+    if (wait := channel.paused(endpoint.id) if channel else 0.0) > 0:
         raise Deferred(wait, "its endpoint is paused after a failure")
     submission = session.get(Submission, item.submission_id)
     if submission is None:
         return "the submission is gone"
     event, _, rest = item.key.partition(":")  # <event>:<endpoint>[:<discriminator>]
-    # Written from a process's list of endpoints, up to a few seconds old: what the endpoint
-    # asks for now decides.
-    if event not in endpoint.events.split() or endpoint.campaign_slug not in (
-        None,
-        submission.campaign_slug,
-    ):
+    # Written from a list of endpoints a few seconds old: what the endpoint asks for now decides.
+    campaigns = (None, submission.campaign_slug)
+    if event not in endpoint.events.split() or endpoint.campaign_slug not in campaigns:
         return "the endpoint no longer asks for it"
-    discriminator = rest.partition(":")[2]
-    data = _data(session, event, submission, item, discriminator)
+    data = _data(session, event, submission, item, rest.partition(":")[2])
     if event != "supporter.erased" and endpoint.personal_data:
         data["supporter"] = personal_data(session, submission)
     body = {"type": event, "timestamp": item.created_at, "data": data}
@@ -66,20 +60,14 @@ def compose(
     except ValidationError as exc:  # a bug; its text would carry the values, maybe personal
         fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
         return f"the body does not match its schema: {fields}"
-    return Request(endpoint.id, endpoint.url, item.id, text.encode(), secrets(endpoint))
-
-
-def secrets(endpoint: WebhookEndpoint) -> tuple[str, ...]:
-    """The secrets that sign now: the current one, and the previous one during a rotation."""
-    previous = endpoint.previous_secret
-    if previous and endpoint.previous_until and endpoint.previous_until > utcnow():
-        return (endpoint.secret, previous)
-    return (endpoint.secret,)
+    rotating = endpoint.previous_until and endpoint.previous_until > utcnow()
+    secrets = (endpoint.secret, endpoint.previous_secret) if rotating else (endpoint.secret,)
+    return Request(endpoint.id, endpoint.url, item.id, text.encode(), tuple(filter(None, secrets)))
 
 
 def personal_data(session: Session, submission: Submission) -> dict[str, Any] | None:
-    """The supporter's details, if they are still held and the supporter agreed to be contacted
-    by the organisation (on any channel, as they chose it, or as the consent ledger says now)."""
+    """The supporter's details, if still held and they agreed to be contacted by the
+    organisation on some channel (as they chose it, or as the consent ledger says now)."""
     payload = submission.payload or {}
     person = payload.get("supporter")
     if submission.erased_at is not None or not isinstance(person, dict) or "email" not in person:
@@ -102,41 +90,31 @@ def personal_data(session: Session, submission: Submission) -> dict[str, Any] | 
 def _data(
     session: Session, event: str, submission: Submission, item: OutboxItem, discriminator: str
 ) -> dict[str, Any]:
+    data: dict[str, Any] = {"submission_id": submission.id, "campaign": submission.campaign_slug}
     if event == "supporter.erased":
-        return {
-            "submission_id": submission.id,
-            "campaign": submission.campaign_slug,
-            "erased_at": submission.erased_at,
-        }
+        return data | {"erased_at": submission.erased_at}
     recipient = submission.recipient or {}
-    data: dict[str, Any] = {
-        "submission_id": submission.id,
-        "campaign": submission.campaign_slug,
+    mp = {"member_id": submission.member_id, "name": recipient.get("name")}
+    data |= {
         "state": submission.state,
         "constituency": recipient.get("constituency"),
         "constituency_code": submission.constituency_code,
-        "mp": {"member_id": submission.member_id, "name": recipient["name"]}
-        if recipient.get("name")
-        else None,
+        "mp": mp if mp["name"] else None,
     }
     if event == "submission.rejected":
         data["reasons"] = sorted(submission.rejection or {})
         data["code"] = session.scalar(
-            select(SubmissionEvent.detail)
-            .where(
+            select(SubmissionEvent.detail).where(
                 SubmissionEvent.submission_id == submission.id,
                 SubmissionEvent.state == State.REJECTED,
             )
-            .limit(1)
         )
     elif event == "reply.received":
         inbound = session.get(InboundMessage, item.inbound_id) if item.inbound_id else None
-        data["inbound_id"] = item.inbound_id or ""
-        data["kind"] = (inbound.kind if inbound else None) or "reply"
+        data |= {"inbound_id": item.inbound_id or "", "kind": (inbound and inbound.kind) or "reply"}
     elif event == "survey.answered":
         data["answer"] = discriminator
     elif event == "consent.recorded":
-        data["wording_version"] = (
-            (submission.payload or {}).get("contact_preferences", {}).get("wording_version")
-        )
+        consent = (submission.payload or {}).get("contact_preferences", {})
+        data["wording_version"] = consent.get("wording_version")
     return data
