@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,13 @@ class Request:
 
 class Receiver:
     """A CRM on loopback. ``/ok`` answers 200, ``/fail`` 500, ``/gone`` 404, ``/redirect`` 302
-    to ``/ok``, ``/hang`` nothing until the test ends. Each request is checked against every
-    secret in ``secrets`` with the standardwebhooks library."""
+    to ``/ok``, ``/busy`` 429 with ``retry_after``, ``/hang`` nothing until the test ends. Each
+    request is checked against every secret in ``secrets`` with the standardwebhooks library."""
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
         self.secrets: list[str] = []
+        self.retry_after = "120"  # the Retry-After of /busy's 429
         self.done = threading.Event()
         self.changed = threading.Condition()
         receiver = self
@@ -84,8 +86,10 @@ class Receiver:
                 path = self.path.split("?")[0]
                 if path == "/hang":
                     receiver.done.wait(30)
-                status = {"/fail": 500, "/gone": 404, "/redirect": 302}.get(path, 200)
+                status = {"/fail": 500, "/gone": 404, "/redirect": 302, "/busy": 429}.get(path, 200)
                 self.send_response(status)
+                if status == 429:
+                    self.send_header("retry-after", receiver.retry_after)
                 if status == 302:
                     self.send_header("location", receiver.url("/ok"))
                 self.send_header("content-length", "2")
@@ -351,6 +355,35 @@ def test_an_endpoint_that_failed_is_paused_its_webhooks_neither_claimed_nor_coun
         )
     with session_scope(app.sessions) as session:
         assert second.id not in [i for i, _ in find_after_sent(session, timedelta(minutes=2))]
+
+
+def test_a_receivers_retry_after_pauses_its_endpoint_that_long_and_at_most_an_hour(
+    app: App, receiver: Receiver
+) -> None:
+    endpoint_id = add(app, receiver.url("/busy"), ("supporter.erased",))
+    for _ in range(3):
+        erased(app)
+    first, second, third = items(app)
+    policy = replace(outbox_for(app)[1], first_backoff=0)
+
+    def send_with(channel_kind: outbox.Kind, item_id: str) -> None:
+        every_kind = outbox_for(app)[0] | {events.KIND: channel_kind}
+        with session_scope(app.sessions) as session, pytest.raises(Deferred):
+            outbox.send(session, item_id, app.mailer, every_kind, policy)
+
+    kind = payloads.kind(2.0, pause=0)  # no pause of our own: only the receiver's
+    send_with(kind, first.id)  # 429, Retry-After: 120
+    assert kind.channel is not None and 119 < kind.channel.paused(endpoint_id) <= 120
+    send_with(kind, second.id)  # not sent: it waits for the rest of the pause, unclaimed
+    assert len(receiver.requests) == 1
+    held = {i.id: i for i in items(app)}[second.id]
+    assert held.attempts == 0 and held.next_attempt_at is not None
+    assert held.next_attempt_at > utcnow() + timedelta(seconds=118)
+    receiver.retry_after = format_datetime(utcnow() + timedelta(days=2), usegmt=True)
+    kind = payloads.kind(2.0, pause=0)
+    send_with(kind, third.id)  # an HTTP date two days away: an hour
+    assert kind.channel is not None and 3599 < kind.channel.paused(endpoint_id) <= 3600
+    assert [r.path for r in receiver.requests] == ["/busy", "/busy"]
 
 
 @pytest.mark.parametrize("path", ["/gone", "/redirect"])

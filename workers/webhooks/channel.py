@@ -1,7 +1,8 @@
 """The webhook channel: sign a body (Standard Webhooks, with every secret valid now) and POST it.
 
-2xx is sent; 408, 429, 5xx, a timeout or a connection error is a passing failure; anything else,
-a redirect included (never followed), is permanent. Reasons name the endpoint by id, never by
+2xx is sent; 408, 429, 5xx, a timeout or a connection error is a passing failure (after which
+the endpoint is paused, for as long as its Retry-After asks if longer, up to an hour); anything
+else, a redirect included (never followed), is permanent. Reasons name the endpoint by id, never by
 its URL, which may carry a token.
 """
 
@@ -16,10 +17,12 @@ import requests
 from standardwebhooks.webhooks import Webhook
 
 from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
+from workers.letters.mail.http import retry_after
 
 ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
 PASSING = frozenset({408, 429})
 BUSY_WAIT = 1.0  # a webhook held back by others just sent waits this long
+LONGEST_PAUSE = 3600.0  # a receiver's Retry-After is honoured up to this
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,10 @@ class HttpChannel:
             return self._post(request)
         except PermanentDeliveryError:
             raise  # this webhook's own answer
-        except BaseException:  # passing, or the actor's time limit (a receiver that trickles)
+        except BaseException as exc:  # passing, or the actor's time limit (a trickling receiver)
+            asked = getattr(exc, "retry_after", None) or 0.0
             with self._lock:
-                self._until[endpoint] = time.monotonic() + self.pause
+                self._until[endpoint] = time.monotonic() + max(self.pause, asked)
             raise
         finally:
             with self._lock:
@@ -117,7 +121,7 @@ class HttpChannel:
                 stream=True,
             ) as answer:
                 next(answer.iter_content(ANSWER_CAP), b"")  # a little of it, then closed
-                status = answer.status_code
+                status, asked = answer.status_code, retry_after(answer)
         except requests.Timeout:
             raise TransientDeliveryError(f"{where}: no answer in time") from None
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as exc:
@@ -127,6 +131,7 @@ class HttpChannel:
         if 200 <= status < 300:
             return status
         if status in PASSING or status >= 500:
-            raise TransientDeliveryError(f"{where} answered HTTP {status}")
+            wait = None if asked is None else min(asked, LONGEST_PAUSE)
+            raise TransientDeliveryError(f"{where} answered HTTP {status}", retry_after=wait)
         followed = " (redirects are not followed)" if 300 <= status < 400 else ""
         raise PermanentDeliveryError(f"{where} answered HTTP {status}{followed}")

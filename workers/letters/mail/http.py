@@ -60,9 +60,10 @@ class HttpMailer:
         raise PermanentDeliveryError(answer)
 
 
-def retry_after(response: requests.Response) -> float | None:
-    """Seconds from a Retry-After header, given as seconds or as an HTTP date."""
-    value = response.headers.get("Retry-After")
+def retry_after(answer: requests.Response | str | None) -> float | None:
+    """Seconds from a Retry-After header (of a response, or its value), given as seconds or as
+    an HTTP date; None if there is none or it cannot be read."""
+    value = answer.headers.get("Retry-After") if isinstance(answer, requests.Response) else answer
     if not value:
         return None
     if value.strip().isdigit():
