@@ -28,6 +28,7 @@ from workers.pipeline.dramatiq_private import (
     held,
     queue_key,
 )
+from workers.pipeline.states import STATES, State
 from workers.stages.stage import Stage
 
 
@@ -322,18 +323,6 @@ def remove(client: redis.Redis, namespace: str, dead: DeadLetter) -> None:
     pipe.execute()
 
 
-# Which stage's work each recorded transition shows.
-STAGE_OF_STATE = {
-    "validated": Stage.VALIDATE,
-    "rejected": Stage.VALIDATE,
-    "resolved": Stage.RESOLVE,
-    "held": Stage.RESOLVE,
-    "rendered": Stage.RENDER,
-    "delivered": Stage.DELIVER,
-    "failed": Stage.DELIVER,
-}
-
-
 @dataclass(frozen=True)
 class Snapshot:
     depths: list[QueueDepth]
@@ -356,15 +345,29 @@ def snapshot(
 
 def _snapshot_from_db(session: Session, depths: list[QueueDepth], now: datetime) -> Snapshot:
     since = now - timedelta(minutes=1)
+    # A recorded move is the work of the stage acting on the state it moved from (the table of
+    # states says which): each move of the last minute, with the state before it.
+    recent = select(SubmissionEvent.submission_id).where(SubmissionEvent.at >= since)
+    moves = (
+        select(
+            SubmissionEvent.at,
+            func.lag(SubmissionEvent.state)
+            .over(partition_by=SubmissionEvent.submission_id, order_by=SubmissionEvent.id)
+            .label("moved_from"),
+        )
+        .where(SubmissionEvent.submission_id.in_(recent))
+        .subquery()
+    )
     counts = session.execute(
-        select(SubmissionEvent.state, func.count())
-        .where(SubmissionEvent.at >= since)
-        .group_by(SubmissionEvent.state)
+        select(moves.c.moved_from, func.count())
+        .where(moves.c.at >= since, moves.c.moved_from.is_not(None))
+        .group_by(moves.c.moved_from)
     ).all()
     per_minute = {stage.value: 0 for stage in Stage}
     for state, count in counts:
-        if state in STAGE_OF_STATE:
-            per_minute[STAGE_OF_STATE[state].value] += count
+        stage = STATES[State(state)].stage if state in STATES else None
+        if stage is not None:
+            per_minute[stage.value] += count
     per_minute[Stage.CONSENT.value] = int(
         session.scalar(
             select(func.count())
