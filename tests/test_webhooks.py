@@ -543,6 +543,21 @@ def test_the_cli_adds_shows_rotates_replays_and_removes_and_refuses_bad_configur
     assert runner.invoke(cli, ["webhooks", "show", "1"]).exit_code == 1
 
 
+def test_list_and_show_mask_what_may_be_a_token_in_an_endpoints_path_and_query(app: App) -> None:
+    url = "https://crm.example:8443/hooks/abc123SECRETtoken/dearmp?key=xyz#k2"
+    endpoint_id = add(app, url, ("survey.answered",))
+    runner = CliRunner()
+    for command in (["list"], ["show", str(endpoint_id)]):
+        shown = runner.invoke(cli, ["webhooks", *command])
+        assert shown.exit_code == 0, shown.output
+        assert "SECRET" not in shown.stdout and "xyz" not in shown.stdout, shown.stdout
+        assert "https://crm.example:8443/hooks/[masked]/dearmp?[masked]" in shown.stdout
+    assert (
+        endpoints.masked("https://crm.example/v1/Hooks/x")
+        == "https://crm.example/[masked]/[masked]/x"
+    )
+
+
 def test_a_group_writes_its_events_with_its_other_writes_once_per_submission(
     app: App, receiver: Receiver
 ) -> None:

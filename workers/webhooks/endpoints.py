@@ -4,6 +4,7 @@ what cannot work is refused with one line (:class:`Refused`)."""
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 from collections.abc import Sequence
 from datetime import timedelta
@@ -18,6 +19,8 @@ from workers.logging import mask_text
 from workers.outbox.sending import send_again
 from workers.webhooks.events import EVENTS, KIND, forget
 
+WORD = re.compile(r"[a-z][a-z._-]{0,15}")  # a path segment shown as it is
+
 
 class Refused(ValueError):
     """Configuration that cannot work; the message is the one line the operator sees."""
@@ -29,9 +32,12 @@ def new_secret() -> str:
 
 
 def masked(url: str) -> str:
-    """The URL without its query string (which may hold a token), for screens and logs."""
+    """The URL for screens: its host, and its path with every segment that may be a token (any
+    but a short lowercase word) masked, as is any query string; no credentials or fragment."""
     parts = urlsplit(url)
-    return parts._replace(query="[masked]" if parts.query else "", fragment="").geturl()
+    path = "/".join(p if not p or WORD.fullmatch(p) else "[masked]" for p in parts.path.split("/"))
+    query, host = "[masked]" if parts.query else "", parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=host, path=path, query=query, fragment="").geturl()
 
 
 def check(session: Session, url: str, events: Sequence[str], campaign: str | None) -> None:
