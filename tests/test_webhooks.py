@@ -558,6 +558,37 @@ def test_list_and_show_mask_what_may_be_a_token_in_an_endpoints_path_and_query(a
     )
 
 
+def test_a_disabled_endpoint_gets_no_new_webhooks_and_its_pending_ones_wait_until_enabled(
+    app: App, receiver: Receiver, stub_broker: Any
+) -> None:
+    endpoint_id = add(app, receiver.url("/ok"), ("supporter.erased",))
+    erased(app)
+    [item] = items(app)
+    runner = CliRunner()
+    disabled = runner.invoke(cli, ["webhooks", "disable", str(endpoint_id)])
+    assert disabled.exit_code == 0 and "disabled" in disabled.stdout, disabled.output
+    erased(app)  # an event while disabled: nothing written for it
+    assert [i.id for i in items(app)] == [item.id]
+    with pytest.raises(Deferred):
+        send(app, item.id)
+    [waiting] = items(app)
+    assert (waiting.status, waiting.attempts, waiting.failures) == ("pending", 0, 0)
+    assert waiting.next_attempt_at is not None and waiting.next_attempt_at > utcnow()
+    assert receiver.requests == []
+    for queue in stub_broker.queues.values():
+        queue.queue.clear()
+    enabled = runner.invoke(cli, ["webhooks", "enable", str(endpoint_id)])
+    assert enabled.exit_code == 0 and "1 waiting webhooks sent" in enabled.stdout, enabled.output
+    assert stub_broker.queues[Stage.WEBHOOK.queue].qsize() == 1
+    send(app, item.id)
+    assert [r.headers["webhook-id"] for r in receiver.wait(1)] == [item.id]
+    assert items(app)[0].status == "sent"
+    for command in ("disable", "enable"):
+        unknown = runner.invoke(cli, ["webhooks", command, "99"])
+        assert unknown.exit_code == 1 and "no webhook endpoint 99" in unknown.output
+        assert len(unknown.output.splitlines()) == 1
+
+
 def test_a_group_writes_its_events_with_its_other_writes_once_per_submission(
     app: App, receiver: Receiver
 ) -> None:

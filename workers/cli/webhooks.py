@@ -92,3 +92,21 @@ def replay(cli: Cli, webhook_ids: tuple[str, ...]) -> None:
 def remove(endpoint_id: int) -> None:
     """Delete an endpoint and its deliveries."""
     click.echo(f"removed, with {_run(lambda s: endpoints.remove(s, endpoint_id))} deliveries")
+
+
+@webhooks.command("disable")
+@click.argument("endpoint_id", type=int)
+def disable(endpoint_id: int) -> None:
+    """Send an endpoint nothing: no new webhooks, and its pending ones wait until enabled."""
+    _run(lambda s: endpoints.enable(s, endpoint_id, enabled=False))
+    click.echo(f"endpoint {endpoint_id} disabled")
+
+
+@webhooks.command("enable")
+@click.argument("endpoint_id", type=int)
+@pass_cli
+def enable(cli: Cli, endpoint_id: int) -> None:
+    """Send to a disabled endpoint again, its waiting webhooks at once."""
+    ids = _run(lambda s: endpoints.enable(s, endpoint_id))
+    _send(cli, ids)
+    click.echo(f"endpoint {endpoint_id} enabled; {len(ids)} waiting webhooks sent")

@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from workers.database.models import Campaign, OutboxItem, OutboxStatus, WebhookEndpoint, utcnow
@@ -88,6 +88,20 @@ def rotate(session: Session, endpoint_id: int, overlap: timedelta) -> str:
     endpoint.previous_secret, endpoint.secret = endpoint.secret, new_secret()
     endpoint.previous_until = utcnow() + overlap
     return endpoint.secret
+
+
+def enable(session: Session, endpoint_id: int, enabled: bool = True) -> list[str]:
+    """Disabled, an endpoint gets no new webhooks and its pending ones wait; enabled again, those
+    are due at once: their ids, for the caller to send after the commit."""
+    get(session, endpoint_id).enabled = enabled
+    forget()
+    waiting = (
+        update(OutboxItem)
+        .where(OutboxItem.endpoint_id == endpoint_id, OutboxItem.status == OutboxStatus.PENDING)
+        .values(next_attempt_at=None, dispatched_at=utcnow())
+        .returning(OutboxItem.id)
+    )
+    return list(session.scalars(waiting)) if enabled else []
 
 
 def remove(session: Session, endpoint_id: int) -> int:

@@ -26,6 +26,8 @@ from workers.privacy.ledger import current_preferences
 from workers.stages.stage import Deferred
 from workers.webhooks.channel import HttpChannel, Request
 
+DISABLED_WAIT = 3600.0  # a disabled endpoint's webhook is looked at again after this
+
 
 def kind(timeout: float, pause: float = 30.0) -> Kind:
     """The outbox's kind "webhook": composed here, POSTed by :class:`HttpChannel`."""
@@ -37,10 +39,12 @@ def compose(
     session: Session, item: OutboxItem, channel: HttpChannel | None = None
 ) -> Request | str:
     """The item's signed request, or why it will not be sent (it is skipped). While its endpoint
-    is paused, :class:`Deferred`: it waits, neither claimed nor counted."""
+    is paused or disabled, :class:`Deferred`: it waits, neither claimed nor counted."""
     endpoint = session.get(WebhookEndpoint, item.endpoint_id) if item.endpoint_id else None
-    if endpoint is None or not endpoint.enabled:
-        return "the endpoint was removed or disabled"
+    if endpoint is None:
+        return "the endpoint was removed"
+    if not endpoint.enabled:  # `dearmp webhooks enable` makes it due at once
+        raise Deferred(DISABLED_WAIT, "its endpoint is disabled")
     if (wait := channel.paused(endpoint.id) if channel else 0.0) > 0:
         raise Deferred(wait, "its endpoint is paused after a failure")
     submission = session.get(Submission, item.submission_id)
