@@ -45,7 +45,7 @@ def rendered_letters(app: App, n: int) -> list[str]:
             with session_scope(app.sessions) as session:
                 step(session, sid.submission_id)
         with session_scope(app.sessions) as session:
-            render(session, sid.submission_id, "smtp")
+            render(session, sid.submission_id)
         ids.append(sid.submission_id)
     return ids
 

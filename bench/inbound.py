@@ -37,8 +37,8 @@ from tests import mail_samples as samples  # noqa: E402
 from tests.services import free_port, wait_for  # noqa: E402
 from workers.database.engine import session_scope  # noqa: E402
 from workers.database.models import (  # noqa: E402
-    DELIVERIES,
     LETTERS,
+    OUTBOX,
     SUBMISSIONS,
     InboundMessage,
     InboundStatus,
@@ -78,10 +78,10 @@ def delivered_letters(app: object, n: int) -> list[tuple[str, str, str]]:
             ],
         )  # fmt: skip
         session.execute(
-            insert(DELIVERIES),
+            insert(OUTBOX),
             [
-                {"submission_id": sid, "status": "sent", "backend": "outbox", "attempts": 1,
-                 "sent_at": now}
+                {"id": sid, "submission_id": sid, "key": "letter", "kind": "letter",
+                 "status": "sent", "attempts": 1, "sent_at": now}
                 for sid, _, _ in rows
             ],
         )  # fmt: skip

@@ -30,7 +30,7 @@ from bench.delivery import rendered_letters  # noqa: E402
 from tests.postfix import Postfix  # noqa: E402
 from tests.services import dkim_keys, free_port  # noqa: E402
 from workers.database.engine import session_scope  # noqa: E402
-from workers.database.models import Delivery  # noqa: E402
+from workers.database.models import OutboxItem  # noqa: E402
 from workers.pipeline.app import App  # noqa: E402
 from workers.pipeline.dispatch import stage_message  # noqa: E402
 from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
@@ -42,8 +42,8 @@ def delivered(app: App, ids: list[str]) -> int:
         return int(
             session.scalar(
                 select(func.count())
-                .select_from(Delivery)
-                .where(Delivery.submission_id.in_(ids), Delivery.status == "sent")
+                .select_from(OutboxItem)
+                .where(OutboxItem.id.in_(ids), OutboxItem.status == "sent")
             )
             or 0
         )

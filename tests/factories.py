@@ -6,6 +6,17 @@ import copy
 import uuid
 from typing import Any
 
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.database.engine import session_scope
+from workers.letters.mail import DkimSigner, Mailer
+from workers.letters.rate_limits import Limiter
+from workers.outbox.sending import OutboxPolicy, send_group
+from workers.receiving.addresses import ReturnAddresses
+from workers.stages import delivery
+from workers.stages.delivery import DeliveryPolicy
+from workers.stages.stage import Deferred
+
 WORDING = "2024-03-contact-v2"
 
 VALID: dict[str, Any] = {
@@ -53,3 +64,39 @@ def submission(**changes: Any) -> dict[str, Any]:
 
 
 DELETE = object()
+
+
+def send_letter(
+    sessions: sessionmaker[Session],
+    submission_id: str,
+    mailer: Mailer,
+    policy: DeliveryPolicy | None = None,
+    limiter: Limiter | None = None,
+    signer: DkimSigner | None = None,
+    returns: ReturnAddresses | None = None,
+) -> None:
+    """Send one rendered letter through the outbox, as the delivery actor does, without the
+    backoff between attempts (a test tries again at once). A failed attempt's error is raised
+    (what the outbox recorded it as, for a wait); a refusal for good too."""
+    [(_, error)] = send_letters(sessions, [submission_id], mailer, policy, limiter, signer, returns)
+    if isinstance(error, Deferred) and isinstance(error.__cause__, Exception):
+        raise error.__cause__
+    if error is not None:
+        raise error
+
+
+def send_letters(
+    sessions: sessionmaker[Session],
+    submission_ids: list[str],
+    mailer: Mailer,
+    policy: DeliveryPolicy | None = None,
+    limiter: Limiter | None = None,
+    signer: DkimSigner | None = None,
+    returns: ReturnAddresses | None = None,
+) -> list[tuple[str, BaseException | None]]:
+    """The letters of one delivery message through the outbox (no backoff between attempts)."""
+    policy = policy or DeliveryPolicy()
+    kind = delivery.kind(mailer, policy, limiter, signer, returns)
+    timing = OutboxPolicy(policy.lease_seconds, policy.max_attempts, first_backoff=0)
+    with session_scope(sessions) as session:
+        return send_group(session, submission_ids, mailer, {delivery.KIND: kind}, timing)

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from tests.conftest import drain
 from tests.factories import submission
 from workers.database.engine import session_scope
-from workers.database.models import ConsentEvent, Delivery, State, Submission
+from workers.database.models import ConsentEvent, OutboxItem, State, Submission
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import stage_message
 from workers.pipeline.runtime import state_counts, submit
@@ -63,7 +63,7 @@ def test_every_actor_run_twice_on_the_same_message_has_no_second_effect(
         sub = session.get(Submission, sid)
         assert sub is not None and sub.state == State.DELIVERED
         assert [e.state for e in sub.events].count("delivered") == 1
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None and delivery.attempts == 1
         assert session.scalar(select(func.count()).select_from(ConsentEvent)) == 5
     assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 1

@@ -419,7 +419,9 @@ def test_the_confirmation_email_goes_with_no_lock_held_and_a_failed_send_goes_ag
 
     def status() -> str:
         with session_scope(app.sessions) as session:
-            return session.scalars(select(OutboxItem.status)).one()
+            return session.scalars(
+                select(OutboxItem.status).where(OutboxItem.kind != "letter")
+            ).one()
 
     mailer, policy = Mailer(), ConfirmationPolicy.from_settings(app.settings)
     with session_scope(app.sessions) as session:

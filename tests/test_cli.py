@@ -150,7 +150,7 @@ def test_failed_deliveries_are_reopened_by_reason_with_a_dry_run_first(
     from sqlalchemy import update
 
     from workers.database.engine import session_scope
-    from workers.database.models import Delivery, State, Submission
+    from workers.database.models import OutboxItem, State, Submission
 
     ids = [submit(app, stub_broker, submission())[0] for _ in range(3)]
     drain(stub_broker, stub_worker)
@@ -165,9 +165,10 @@ def test_failed_deliveries_are_reopened_by_reason_with_a_dry_run_first(
                 update(Submission).where(Submission.id == sid).values(state=State.FAILED.value)
             )
             session.execute(
-                update(Delivery)
-                .where(Delivery.submission_id == sid)
-                .values(status="failed", attempts=20, error=error)
+                update(OutboxItem)
+                .where(OutboxItem.kind == "letter")
+                .where(OutboxItem.id == sid)
+                .values(status="failed", attempts=20, failures=20, error=error)
             )
     runner = CliRunner()
     dry = runner.invoke(main, ["deliveries", "reopen", "--reason", "5.7.1", "--dry-run"])
@@ -179,8 +180,9 @@ def test_failed_deliveries_are_reopened_by_reason_with_a_dry_run_first(
     drain(stub_broker, stub_worker)
     with session_scope(app.sessions) as session:
         states = {sid: session.get(Submission, sid).state for sid in ids}  # type: ignore[union-attr]
-        deliveries = {sid: session.get(Delivery, sid) for sid in ids}
+        deliveries = {sid: session.get(OutboxItem, sid) for sid in ids}
         assert [states[sid] for sid in ids] == ["delivered", "delivered", "failed"]
-        assert deliveries[ids[0]] is not None and deliveries[ids[0]].attempts == 1
+        reopened = deliveries[ids[0]]
+        assert reopened is not None and (reopened.status, reopened.failures) == ("sent", 0)
         history = [e.state for e in session.get(Submission, ids[0]).events]  # type: ignore[union-attr]
         assert history[-2:] == ["rendered", "delivered"]

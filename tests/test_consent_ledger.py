@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, event, select, text, update
 from sqlalchemy.exc import DatabaseError
 
-from tests.factories import submission
+from tests.factories import send_letter, submission
 from tests.test_stages import POLICY, get, step, store, through_render
 from workers.cli import main
 from workers.database.engine import session_scope
@@ -39,7 +39,6 @@ from workers.privacy.rights import (
     withdraw,
 )
 from workers.stages.consent import log_consent
-from workers.stages.delivery import deliver
 from workers.stages.validation import validate
 
 EMAIL = "amira.haddad@example.com"
@@ -65,7 +64,7 @@ def delivered(app: App, tmp_path: Path, payload: dict[str, Any] | None = None) -
     sid = through_render(app, payload or submission())
     with session_scope(app.sessions) as session:
         log_consent(session, sid, app.secret)
-    deliver(app.sessions, sid, OutboxMailer(app.settings.resolved_outbox_dir), POLICY)
+    send_letter(app.sessions, sid, OutboxMailer(app.settings.resolved_outbox_dir), POLICY)
     assert get(app, sid).state == State.DELIVERED
     return sid
 
@@ -376,7 +375,7 @@ def everything_stored(app: App) -> str:
             "submissions",
             "submission_events",
             "letters",
-            "deliveries",
+            "outbox",
             "consent_events",
             "failures",
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tests.services import SmtpSink, wait_for
 from tests.test_providers import ProviderStub, http_mailer
 from tests.test_smtp import mailer as smtp_mailer
 from workers.database.engine import session_scope
-from workers.database.models import Delivery, Submission
+from workers.database.models import OutboxItem, Submission
 from workers.letters.definitions import update_definition
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import submission_id_of
@@ -40,7 +41,9 @@ def test_a_rate_limited_letter_waits_without_using_retries(
     assert time.monotonic() - started >= 2.0  # six letters at two a second: three windows
     assert stub_broker.dead_letters == []
     with session_scope(app.sessions) as session:
-        assert set(session.scalars(select(Delivery.attempts))) == {1}
+        assert set(
+            session.scalars(select(OutboxItem.attempts).where(OutboxItem.kind == "letter"))
+        ) == {1}
 
 
 def test_quiet_hours_defer_and_tell_the_reconciler_to_wait(
@@ -51,10 +54,13 @@ def test_quiet_hours_defer_and_tell_the_reconciler_to_wait(
 
     def deferred() -> bool:
         with session_scope(app.sessions) as session:
-            sub = session.get(Submission, sid)
-            # Rendered, and its next dispatch pushed into the future: the reconciler leaves it.
+            sub, item = session.get(Submission, sid), session.get(OutboxItem, sid)
+            # Rendered, and its letter not due until then: the reconciler leaves it.
             return (
-                sub is not None and sub.state == "rendered" and sub.dispatched_at > sub.updated_at
+                sub is not None
+                and sub.state == "rendered"
+                and item is not None
+                and item.dispatched_at > item.created_at + timedelta(hours=1)
             )
 
     def held_until() -> float | None:  # the eta of the letter's deferred delivery message
@@ -68,7 +74,7 @@ def test_quiet_hours_defer_and_tell_the_reconciler_to_wait(
     assert wait_for(lambda: held_until() is not None, 15)
     assert (held_until() or 0) > time.time() * 1000 + 1000  # held until the quiet hours end
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
     assert stub_broker.dead_letters == []
 

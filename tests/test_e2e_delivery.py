@@ -21,7 +21,7 @@ from tests.factories import submission
 from tests.services import SmtpSink, wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
 from workers.database.engine import session_scope
-from workers.database.models import Delivery
+from workers.database.models import OutboxItem
 from workers.pipeline.app import App
 from workers.pipeline.dead_letters import dead_letters as redis_dead_letters
 from workers.pipeline.embedded_redis import EmbeddedRedis
@@ -85,7 +85,9 @@ def test_a_worker_killed_mid_delivery_still_gives_exactly_one_letter_each(
     stack.kill(doomed)  # SIGKILL in the middle of delivery: claimed, not finished
     with session_scope(app.sessions) as session:
         in_flight = session.scalar(
-            select(func.count()).select_from(Delivery).where(Delivery.status == "sending")
+            select(func.count())
+            .select_from(OutboxItem)
+            .where(OutboxItem.status == "sending", OutboxItem.kind == "letter")
         )
     assert in_flight and in_flight >= 1
     smtp_sink.rcpt_delay = 0
@@ -97,7 +99,9 @@ def test_a_worker_killed_mid_delivery_still_gives_exactly_one_letter_each(
     )
     with session_scope(app.sessions) as session:
         retried = session.scalar(
-            select(func.count()).select_from(Delivery).where(Delivery.attempts > 1)
+            select(func.count())
+            .select_from(OutboxItem)
+            .where(OutboxItem.attempts > 1, OutboxItem.kind == "letter")
         )
     assert retried == in_flight  # the killed claims were taken over after their lease
 
@@ -130,7 +134,7 @@ def test_rate_limit_holds_across_worker_processes(
     assert (arrivals[-1] - arrivals[0]) >= (letters / limit - 1) * window
     assert dead_letters(redis_server) == 0
     with session_scope(app.sessions) as session:
-        assert session.scalar(select(func.max(Delivery.attempts))) == 1  # no retry used up
+        assert session.scalar(select(func.max(OutboxItem.attempts))) == 1  # no retry used up
     assert '"event": "stage_deferred"' in stack.log_text()
 
 

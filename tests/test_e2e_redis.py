@@ -19,7 +19,7 @@ from tests.conftest import make_settings
 from tests.factories import submission
 from tests.services import REPO, wait_for
 from workers.database.engine import session_scope
-from workers.database.models import Delivery
+from workers.database.models import OutboxItem
 from workers.pipeline.app import App
 from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.runtime import count_final, prepare, state_counts, submit
@@ -141,4 +141,4 @@ def test_restarting_redis_without_persistence_loses_no_submission(
     # Every letter exactly once: one file per letter, one attempt per delivery.
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 150
     with session_scope(app.sessions) as session:
-        assert session.scalar(select(func.max(Delivery.attempts))) == 1
+        assert session.scalar(select(func.max(OutboxItem.attempts))) == 1

@@ -9,7 +9,7 @@ from typing import Any
 import dramatiq
 import pytest
 from dramatiq.middleware import Middleware
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 
 from schemas.messages import (
     MAX_IDS,
@@ -19,19 +19,18 @@ from schemas.messages import (
     stage_payload,
 )
 from tests.conftest import drain
-from tests.factories import submission
+from tests.factories import send_letters, submission
 from tests.services import SmtpSink, free_port, wait_for
 from tests.test_smtp import mailer as smtp_mailer
 from tests.test_sources import parliament, sources  # noqa: F401  (the Members API fixture)
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
-from workers.database.models import Delivery, Failure, Submission
+from workers.database.models import Failure, OutboxItem, Submission, utcnow
 from workers.letters.mail import OutboxMailer, Outgoing
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups, stage_message, submission_id_of
 from workers.pipeline.intake import accept
 from workers.pipeline.runtime import state_counts
-from workers.stages.delivery import DeliveryPolicy, claim, deliver_group
 from workers.stages.stage import Stage
 
 
@@ -153,7 +152,7 @@ def test_a_refused_letter_fails_at_once_and_is_dead_lettered_under_its_own_id(
     assert smtp_sink.received.count() == size - 1
     with session_scope(app.sessions) as session:
         failed = session.get(Submission, refused[0])
-        delivery = session.get(Delivery, refused[0])
+        delivery = session.get(OutboxItem, refused[0])
         assert failed is not None and failed.state == "failed"
         assert failed.failure_reason is not None and "550 5.1.1" in failed.failure_reason
         assert delivery is not None and (delivery.status, delivery.attempts) == ("failed", 1)
@@ -235,38 +234,12 @@ def _commits(app: App) -> list[int]:
 def test_each_letter_of_a_group_is_recorded_in_a_commit_of_its_own(app: App) -> None:
     ids = [through_render(app, submission(supporter__email=f"s{i}@example.com")) for i in range(6)]
     commits = _commits(app)
-    outcomes = deliver_group(app.sessions, ids, app.mailer, DeliveryPolicy(lease_seconds=300))
+    outcomes = send_letters(app.sessions, ids, app.mailer)
     assert sorted(outcomes) == sorted((sid, None) for sid in ids)
-    # The group's claims, then for each letter its delivery row marked sent, then the moves.
-    assert commits[0] == 1 + 6 + 1
+    # The group's claims, then for each letter its item marked sent with the move to delivered.
+    assert commits[0] == 1 + 6
     assert state_counts(app, ids) == {"delivered": 6}
     assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 6
-
-
-def test_a_letters_sent_mark_is_one_statement_that_commits_at_once(app: App) -> None:
-    """On PostgreSQL the mark commits itself (autocommit: no BEGIN or COMMIT round trips); on
-    SQLite it takes the write lock (BEGIN IMMEDIATE) and commits."""
-    ids = [through_render(app, submission(supporter__email=f"s{i}@example.com")) for i in range(2)]
-    postgres = app.engine.dialect.name == "postgresql"
-    marks: list[Any] = []
-
-    def see(conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, *_: Any) -> None:
-        if statement.startswith("UPDATE deliveries") and "sent_at" in statement:
-            if postgres:  # psycopg's own flag: no transaction around the statement
-                marks.append(conn.connection.dbapi_connection.autocommit)
-            else:
-                marks.append(conn.connection.dbapi_connection.in_transaction)
-
-    event.listen(app.engine, "before_cursor_execute", see)
-    try:
-        deliver_group(app.sessions, ids, app.mailer, DeliveryPolicy(lease_seconds=300))
-    finally:
-        event.remove(app.engine, "before_cursor_execute", see)
-    assert marks == [True, True]
-    assert state_counts(app, ids) == {"delivered": 2}
-    if postgres:  # the pooled connections are back to transactions
-        with app.engine.connect() as conn:
-            assert conn.connection.dbapi_connection.autocommit is False
 
 
 def test_a_letter_of_a_group_that_another_worker_holds_is_left_to_it(app: App) -> None:
@@ -274,12 +247,14 @@ def test_a_letter_of_a_group_that_another_worker_holds_is_left_to_it(app: App) -
         through_render(app, submission(supporter__email=f"s{i}@example.com")) for i in range(4)
     )
     with session_scope(app.sessions) as session:  # another worker's live claim on one of them
-        assert claim(session, ids[1], lease_seconds=300)
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == ids[1])
+            .values(status="sending", claimed_at=utcnow())
+        )
     mailer = Counting(OutboxMailer(app.settings.resolved_outbox_dir))
-    outcomes = deliver_group(app.sessions, ids, mailer, DeliveryPolicy(lease_seconds=300))
-    errors = {sid: type(error).__name__ if error else None for sid, error in outcomes}
-    # The held one is told so (run_stage logs it as done already) and left alone.
-    assert errors == {sid: "AlreadyMoved" if sid == ids[1] else None for sid in ids}
+    outcomes = send_letters(app.sessions, ids, mailer)
+    assert dict(outcomes) == dict.fromkeys(ids)  # the held one: nothing to do here
     assert mailer.count == 3
     assert state_counts(app, [ids[1]]) == {"rendered": 1}  # still the other worker's
     assert state_counts(app, ids[:1] + ids[2:]) == {"delivered": 3}
@@ -290,33 +265,34 @@ def test_a_group_interrupted_mid_send_records_the_letters_it_sent(app: App) -> N
     ids.sort()  # the order a group is sent in
     mailer = Counting(OutboxMailer(app.settings.resolved_outbox_dir), stop_at=4)
     with pytest.raises(Interrupted):
-        deliver_group(app.sessions, ids, mailer, DeliveryPolicy(lease_seconds=300))
+        send_letters(app.sessions, ids, mailer)
     assert state_counts(app, ids[:3]) == {"delivered": 3}  # each recorded as it was sent
     assert state_counts(app, ids[3:]) == {"rendered": 2}  # claimed: taken back after the lease
     with session_scope(app.sessions) as session:
-        statuses = [session.get(Delivery, sid).status for sid in ids]  # type: ignore[union-attr]
+        statuses = [session.get(OutboxItem, sid).status for sid in ids]  # type: ignore[union-attr]
     assert statuses == ["sent"] * 3 + ["sending"] * 2
 
 
-def test_a_worker_that_dies_after_the_sent_mark_leaves_a_letter_that_is_not_sent_again(
+def test_a_move_that_fails_after_the_send_leaves_the_sent_mark_and_is_made_again(
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The letter's sent mark and its move to delivered commit together; if the move fails,
+    the mark is committed alone (the letter is never sent again) and the message's retry
+    makes the move, sending nothing."""
     sid = through_render(app, submission())
     mailer = Counting(OutboxMailer(app.settings.resolved_outbox_dir))
 
-    def dies(*args: Any, **kwargs: Any) -> None:
-        raise Interrupted()  # after the delivery row's commit, before the move's
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the move failed")
 
-    monkeypatch.setattr("workers.stages.delivery._finish", dies)
-    with pytest.raises(Interrupted):
-        deliver_group(app.sessions, [sid], mailer, DeliveryPolicy(lease_seconds=300))
+    monkeypatch.setattr("workers.stages.delivery.advance", fails)
+    [(_, error)] = send_letters(app.sessions, [sid], mailer)
+    assert isinstance(error, RuntimeError)
     monkeypatch.undo()
     with session_scope(app.sessions) as session:
-        assert session.get(Delivery, sid).status == "sent"  # type: ignore[union-attr]
+        assert session.get(OutboxItem, sid).status == "sent"  # type: ignore[union-attr]
     assert state_counts(app, [sid]) == {"rendered": 1}
-    # The next delivery message (the reconciler's, in production) moves it and sends nothing.
-    assert deliver_group(app.sessions, [sid], mailer, DeliveryPolicy(lease_seconds=300)) == [
-        (sid, None)
-    ]
+    # The retry (or a duplicate message) moves it and sends nothing.
+    assert send_letters(app.sessions, [sid], mailer) == [(sid, None)]
     assert state_counts(app, [sid]) == {"delivered": 1}
     assert mailer.count == 1

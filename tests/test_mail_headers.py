@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from schemas.submission import parse_submission
-from tests.factories import submission
+from tests.factories import send_letter, submission
 from tests.services import SmtpSink, dkim_dns, dkim_keys
 from tests.test_rendering import MP, campaign, payload, stored
 from tests.test_smtp import mailer as smtp_mailer
@@ -29,7 +29,7 @@ from workers.letters.mail import DkimSigner, Outgoing, outgoing
 from workers.letters.mail.dkim import SIGNED_HEADERS
 from workers.letters.mail.messages import WIRE, build_message, letter_bytes
 from workers.pipeline.app import App
-from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.delivery import DeliveryPolicy
 from workers.stages.rendering import compose
 
 COMPAT32_CRLF = email.policy.compat32.clone(linesep="\r\n")
@@ -196,8 +196,8 @@ def test_an_idn_letter_and_an_ordinary_one_on_one_thread_are_both_delivered(
         letter.reply_to = "bob@münchen.de"
     plain = through_render(app, submission())
     with pytest.raises(Exception, match="SMTPUTF8"):
-        deliver(app.sessions, idn, smtp, policy)
-    deliver(app.sessions, plain, smtp, policy)
+        send_letter(app.sessions, idn, smtp, policy)
+    send_letter(app.sessions, plain, smtp, policy)
     with session_scope(app.sessions) as session:
         failed = session.get(Submission, idn)
         assert failed is not None and failed.state == State.FAILED
@@ -212,8 +212,8 @@ def test_an_idn_letter_and_an_ordinary_one_on_one_thread_are_both_delivered(
         letter = session.get(Letter, again)
         assert letter is not None
         letter.to_email = "mp@bundestag-münchen.de"
-    deliver(app.sessions, again, smtp, policy)
-    deliver(app.sessions, through_render(app, submission()), smtp, policy)
+    send_letter(app.sessions, again, smtp, policy)
+    send_letter(app.sessions, through_render(app, submission()), smtp, policy)
     assert smtp_sink.received.count() == 3
     assert smtp_sink.received.messages[1]["Reply-To"] == "bob@xn--mnchen-3ya.de"
 
@@ -230,7 +230,7 @@ def test_a_letter_is_signed_once_when_rendered_so_every_attempt_sends_the_same_b
     sid = store(app, submission())
     step(app, validate, sid)
     step(app, resolve, sid)
-    step(app, render, sid, "outbox", "sandbox@campaign.example.org", signer)
+    step(app, render, sid, "sandbox@campaign.example.org", signer)
     with session_scope(app.sessions) as session:
         letter = session.get(Letter, sid)
         assert letter is not None and letter.dkim_signature is not None

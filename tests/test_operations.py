@@ -252,8 +252,8 @@ def test_health_says_when_the_relay_refusing_us_pauses_delivery(
     health = CliRunner().invoke(main, ["health"])
     assert health.exit_code == 1 and "553 5.7.1 Sender address rejected" in health.output
     with session_scope(app.sessions) as session:
-        from workers.database.models import Delivery
+        from workers.database.models import OutboxItem
 
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None and delivery.attempts == 0
     assert json.loads(cli("dlq", "list", "--json")) == []  # waiting is not failing

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from config.settings import Settings
 from tests import mail_samples as samples
 from tests.conftest import ApiClient, drain, make_settings
-from tests.factories import submission
+from tests.factories import send_letter, submission
 from tests.services import dkim_dns, dkim_keys
 from tests.test_mail_headers import check_wire
 from tests.test_outbox import no_wait, send_item
@@ -54,7 +54,7 @@ from workers.pipeline.app import App, set_app
 from workers.pipeline.intake import accept
 from workers.pipeline.runtime import prepare
 from workers.stages.confirmation import ConfirmationPolicy, notify
-from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.delivery import DeliveryPolicy
 from workers.stages.rendering import render
 from workers.stages.resolution import resolve
 from workers.stages.stage import Deferred
@@ -192,8 +192,8 @@ def every_kind(app: App) -> dict[str, Outgoing]:
     sid = store(app, submission())
     step(app, validate, sid)
     step(app, resolve, sid)
-    step(app, render, sid, "outbox", app.settings.sandbox_address, app.signer, app.returns)
-    deliver(app.sessions, sid, mailer, DeliveryPolicy(), None, app.signer, app.returns)
+    step(app, render, sid, app.settings.sandbox_address, app.signer, app.returns)
+    send_letter(app.sessions, sid, mailer, DeliveryPolicy(), None, app.signer, app.returns)
     with session_scope(app.sessions) as session:
         update_definition(session, "political-prisoners", confirmation=True)
         waiting = accept(session, submission(), app.secret, state=State.UNCONFIRMED).submission_id
@@ -287,8 +287,8 @@ def test_a_report_to_a_confirmations_address_never_returns_the_letter(signed_app
     sid = store(app, submission())
     step(app, validate, sid)
     step(app, resolve, sid)
-    step(app, render, sid, "outbox", app.settings.sandbox_address, app.signer, app.returns)
-    deliver(app.sessions, sid, mailer, DeliveryPolicy(), None, app.signer, app.returns)
+    step(app, render, sid, app.settings.sandbox_address, app.signer, app.returns)
+    send_letter(app.sessions, sid, mailer, DeliveryPolicy(), None, app.signer, app.returns)
     with session_scope(app.sessions) as session:
         letter = session.get(Letter, sid)
         assert letter is not None

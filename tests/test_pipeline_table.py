@@ -18,6 +18,7 @@ from workers.database.engine import session_scope
 from workers.database.models import FINAL_STATES, Submission, SubmissionEvent
 from workers.database.transitions import AlreadyMoved, At, NotAMove, advance
 from workers.letters.mail import PermanentDeliveryError
+from workers.outbox.kinds import stage_of
 from workers.pipeline import actors, reconciler
 from workers.pipeline.app import App
 from workers.pipeline.states import (
@@ -103,20 +104,17 @@ def test_the_actors_options_are_the_tables_policies() -> None:
         options = actors.options(stage)
         assert {k: v for k, v in options.items() if k != "throws"} == row.options()
         assert set(actors.NOT_RETRIED) <= set(options["throws"])
-        assert (PermanentDeliveryError in options["throws"]) == (not row.retries_refusals)
-    assert not STAGES[Stage.DELIVER].retries_refusals
+        assert PermanentDeliveryError in options["throws"]
+    assert STAGES[Stage.DELIVER].dead_letters_refusals
 
 
 def test_the_reconciler_resends_each_resent_state_to_its_stage() -> None:
     assert reconciler.STAGE_FOR_STATE == {
         state: row.stage for state, row in STATES.items() if row.resent and row.stage
     }
-    assert set(reconciler.STAGE_FOR_STATE) == {
-        State.RECEIVED,
-        State.VALIDATED,
-        State.RESOLVED,
-        State.RENDERED,
-    }
+    # A rendered letter is an outbox item: the outbox's timing resends it, not its state.
+    assert set(reconciler.STAGE_FOR_STATE) == {State.RECEIVED, State.VALIDATED, State.RESOLVED}
+    assert stage_of("letter") == Stage.DELIVER
 
 
 def test_final_states_and_outcomes_are_the_tables() -> None:

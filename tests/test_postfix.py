@@ -27,7 +27,7 @@ from tests.postfix import Postfix
 from tests.services import REPO, dkim_dns, dkim_keys, wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
 from workers.database.engine import session_scope
-from workers.database.models import Delivery, Letter, Member, Submission
+from workers.database.models import Letter, Member, OutboxItem, Submission
 from workers.pipeline.app import App
 from workers.pipeline.dead_letters import mail_pause
 from workers.pipeline.embedded_redis import EmbeddedRedis
@@ -89,9 +89,7 @@ class Run:
     def most_attempts(self, ids: list[str]) -> int:
         with session_scope(self.app.sessions) as session:
             return int(
-                session.scalar(
-                    select(func.max(Delivery.attempts)).where(Delivery.submission_id.in_(ids))
-                )
+                session.scalar(select(func.max(OutboxItem.attempts)).where(OutboxItem.id.in_(ids)))
                 or 0
             )
 

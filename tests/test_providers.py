@@ -17,11 +17,11 @@ import trustme
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from tests.conftest import make_settings
-from tests.factories import submission
+from tests.factories import send_letter, submission
 from tests.services import SmtpSink
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
-from workers.database.models import Delivery
+from workers.database.models import OutboxItem
 from workers.letters.mail import (
     HttpMailer,
     Outgoing,
@@ -30,7 +30,7 @@ from workers.letters.mail import (
     TransientDeliveryError,
 )
 from workers.pipeline.app import App
-from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.delivery import DeliveryPolicy
 
 POLICY = DeliveryPolicy(lease_seconds=300)
 MAIL = Outgoing(
@@ -92,13 +92,13 @@ def test_http_provider_gets_the_exact_bytes_and_the_answer_is_kept(
     app: App, provider: ProviderStub, tmp_path: Path
 ) -> None:
     sid = through_render(app, submission())
-    deliver(app.sessions, sid, http_mailer(tmp_path, provider), POLICY)
+    send_letter(app.sessions, sid, http_mailer(tmp_path, provider), POLICY)
     [request] = provider.requests
     assert request["path"] == "/v3/campaign.example.org/messages.mime"
     assert request["headers"]["Authorization"].startswith("Basic ")
     assert b"Message-ID: <" + sid.encode() + b"@campaign.example.org>" in request["body"]
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None and delivery.status == "sent"
         assert delivery.response is not None and delivery.response.startswith("200")
 

@@ -9,14 +9,14 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import make_settings
-from tests.factories import submission
+from tests.factories import send_letter, submission
 from tests.services import SmtpSink
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
-from workers.database.models import Delivery, State, Submission
+from workers.database.models import OutboxItem, State, Submission
 from workers.letters.mail import PermanentDeliveryError, SmtpMailer, TransientDeliveryError
 from workers.pipeline.app import App
-from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.delivery import DeliveryPolicy
 
 POLICY = DeliveryPolicy(lease_seconds=300)
 POLICY_3 = DeliveryPolicy(lease_seconds=300, max_attempts=3)
@@ -40,7 +40,7 @@ def test_letters_arrive_once_with_dmarc_safe_headers(
     smtp = mailer(tmp_path, smtp_sink)
     sid = through_render(app, submission(supporter__name="Siân Llywelyn-Évans"))
     for _ in range(3):
-        deliver(app.sessions, sid, smtp, POLICY)
+        send_letter(app.sessions, sid, smtp, POLICY)
     assert smtp_sink.received.count() == 1
     message = smtp_sink.received.messages[0]
     assert message["Message-ID"] == f"<{sid}@campaign.example.org>"
@@ -52,7 +52,7 @@ def test_letters_arrive_once_with_dmarc_safe_headers(
     body = plain.get_payload(decode=True)
     assert isinstance(body, bytes) and "Dear Alex Rivers," in body.decode()
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None and delivery.response is not None
         assert delivery.response.startswith("250")
 
@@ -62,7 +62,7 @@ def test_one_connection_is_reused_across_letters(
 ) -> None:
     smtp = mailer(tmp_path, smtp_sink)
     for _ in range(3):
-        deliver(app.sessions, through_render(app, submission()), smtp, POLICY)
+        send_letter(app.sessions, through_render(app, submission()), smtp, POLICY)
     assert smtp_sink.received.count() == 3
     assert len(set(smtp_sink.sessions)) == 1 and smtp.pool.opened == 1
 
@@ -74,12 +74,12 @@ def test_a_4xx_answer_is_retried_later_and_then_sent(
     sid = through_render(app, submission())
     smtp_sink.answer = "451 4.3.0 Try again later"
     with pytest.raises(TransientDeliveryError, match="451"):
-        deliver(app.sessions, sid, smtp, POLICY)
+        send_letter(app.sessions, sid, smtp, POLICY)
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None and delivery.status == "pending"
     smtp_sink.answer = None
-    deliver(app.sessions, sid, smtp, POLICY)
+    send_letter(app.sessions, sid, smtp, POLICY)
     assert smtp_sink.received.count() == 1
 
 
@@ -90,12 +90,12 @@ def test_a_5xx_answer_is_a_recorded_permanent_failure(
     sid = through_render(app, submission())
     smtp_sink.answer = "550 5.1.1 Mailbox unavailable"
     with pytest.raises(PermanentDeliveryError, match="550"):  # recorded, then dead-lettered
-        deliver(app.sessions, sid, smtp, POLICY)
+        send_letter(app.sessions, sid, smtp, POLICY)
     with session_scope(app.sessions) as session:
         sub = session.get(Submission, sid)
         assert sub is not None and sub.state == State.FAILED
         assert sub.failure_reason is not None and "550" in sub.failure_reason
-        status = session.scalar(select(Delivery.status).where(Delivery.submission_id == sid))
+        status = session.scalar(select(OutboxItem.status).where(OutboxItem.id == sid))
         assert status == "failed"
     assert smtp_sink.received.count() == 0
 
@@ -105,15 +105,15 @@ def test_mail_server_down_is_transient_until_the_attempts_run_out(app: App, tmp_
         tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=1, smtp_timeout=2
     )
     sid = through_render(app, submission())
-    for _ in range(3):
+    for _ in range(2):
         with pytest.raises(TransientDeliveryError):
-            deliver(app.sessions, sid, SmtpMailer(settings), POLICY_3)
-    deliver(app.sessions, sid, SmtpMailer(settings), POLICY_3)
+            send_letter(app.sessions, sid, SmtpMailer(settings), POLICY_3)
+    send_letter(app.sessions, sid, SmtpMailer(settings), POLICY_3)  # the third: given up
     with session_scope(app.sessions) as session:
         sub = session.get(Submission, sid)
         assert sub is not None and sub.state == State.FAILED
         assert sub.failure_reason is not None
-        assert sub.failure_reason.startswith("gave up after 3 attempts; last error:")
+        assert sub.failure_reason.startswith("gave up after 3 failed attempts:")
 
 
 def test_a_421_makes_the_letter_wait_without_using_an_attempt(
@@ -126,17 +126,17 @@ def test_a_421_makes_the_letter_wait_without_using_an_attempt(
     smtp_sink.answer = "421 4.7.0 Too many connections from your host"
     for _ in range(25):  # more than DEARMP_DELIVERY_MAX_ATTEMPTS would allow
         with pytest.raises(Deferred, match="421"):
-            deliver(app.sessions, sid, smtp, POLICY_3)
+            send_letter(app.sessions, sid, smtp, POLICY_3)
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
         sub = session.get(Submission, sid)
         assert sub is not None and sub.state == State.RENDERED
-        assert sub.dispatched_at > sub.updated_at  # the reconciler waits too
+        assert delivery.next_attempt_at is not None  # the reconciler waits too
     smtp_sink.answer = None
-    deliver(app.sessions, sid, smtp, POLICY_3)
+    send_letter(app.sessions, sid, smtp, POLICY_3)
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None and (delivery.status, delivery.attempts) == ("sent", 1)
     assert smtp_sink.received.count() == 1
 

@@ -16,16 +16,16 @@ import trustme
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from tests.conftest import make_settings
-from tests.factories import submission
+from tests.factories import send_letter, submission
 from tests.services import SmtpSink, wait_for
 from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
-from workers.database.models import Delivery, Letter, Submission
+from workers.database.models import Letter, OutboxItem, Submission
 from workers.letters.mail import Outgoing, SmtpMailer, TransientDeliveryError
 from workers.letters.mail.relay import RelayPause
 from workers.pipeline.app import App
-from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.delivery import DeliveryPolicy
 from workers.stages.stage import Deferred
 
 pytestmark = [
@@ -165,9 +165,9 @@ def test_letters_wait_for_the_login_without_using_attempts(
     mailer.relay.refused("535 5.7.8 Authentication failed")  # a moment ago
     sid = through_render(app, submission())
     with pytest.raises(Deferred, match="delivery paused"):
-        deliver(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+        send_letter(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
         sub = session.get(Submission, sid)
         assert sub is not None and sub.dispatched_at > sub.updated_at  # the reconciler waits too
@@ -196,14 +196,14 @@ def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
             smtp_sink.refuse[to.to_email] = answer
     policy = DeliveryPolicy(lease_seconds=300)
     with pytest.raises(Deferred, match=r"5\.7\.1"):
-        deliver(app.sessions, first, mailer, policy)
+        send_letter(app.sessions, first, mailer, policy)
     with pytest.raises(Deferred, match="delivery paused"):  # the next letter waits too
-        deliver(app.sessions, second, mailer, policy)
+        send_letter(app.sessions, second, mailer, policy)
     masked = re.sub(r"<[^<>]+@[^<>]+>", "<[email]>", answer)  # the address it quotes hidden
     assert alarms == [(masked, 30.0)] and 25 < mailer.waiting() <= 30
     with session_scope(app.sessions) as session:
         for sid in (first, second):
-            delivery = session.get(Delivery, sid)
+            delivery = session.get(OutboxItem, sid)
             assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
             sub = session.get(Submission, sid)
             assert sub is not None and sub.state == "rendered"  # not failed: not their fault
@@ -211,8 +211,8 @@ def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
     smtp_sink.sender_answer = None
     smtp_sink.refuse.clear()
     mailer.relay.closed_until = 0.0
-    deliver(app.sessions, first, mailer, policy)
-    deliver(app.sessions, second, mailer, policy)
+    send_letter(app.sessions, first, mailer, policy)
+    send_letter(app.sessions, second, mailer, policy)
     assert smtp_sink.received.count() == 2 and alarms[-1] == (None, 0.0)
     assert mailer.waiting() == 0
 
@@ -229,7 +229,7 @@ def test_a_refused_recipient_is_still_the_letters_own_failure(
         assert to is not None
         smtp_sink.refuse[to.to_email] = "550 5.1.1 <x>: Recipient address rejected: unknown"
     with pytest.raises(PermanentDeliveryError, match=r"5\.1\.1"):
-        deliver(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+        send_letter(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
     assert mailer.waiting() == 0
 
 
@@ -263,15 +263,15 @@ def test_a_recipient_refused_by_policy_again_after_other_letters_went_is_its_own
         smtp_sink.refuse[to.to_email] = "550 5.7.1 <x>: Recipient address rejected: Access denied"
     policy = DeliveryPolicy(lease_seconds=300)
     with pytest.raises(Deferred, match=r"5\.7\.1"):
-        deliver(app.sessions, refused, mailer, policy)
+        send_letter(app.sessions, refused, mailer, policy)
     assert 4 < mailer.waiting() <= 5  # SMTP_PAUSE_SECONDS
     mailer.relay.closed_until = 0.0  # the pause is over
     with pytest.raises(Deferred, match=r"5\.7\.1"):  # refused again, nothing accepted between
-        deliver(app.sessions, refused, mailer, policy)
+        send_letter(app.sessions, refused, mailer, policy)
     mailer.relay.closed_until = 0.0
-    deliver(app.sessions, other, mailer, policy)
+    send_letter(app.sessions, other, mailer, policy)
     with pytest.raises(PermanentDeliveryError, match="Access denied"):
-        deliver(app.sessions, refused, mailer, policy)
+        send_letter(app.sessions, refused, mailer, policy)
     assert mailer.waiting() == 0
     with session_scope(app.sessions) as session:
         failed = session.get(Submission, refused)
@@ -312,14 +312,14 @@ def test_an_answer_about_our_own_set_up_pauses_and_fails_no_letter(
             smtp_sink.refuse[letter.to_email] = answer
     policy = DeliveryPolicy(lease_seconds=300)
     with pytest.raises(Deferred, match=answer.split()[0]):
-        deliver(app.sessions, first, mailer, policy)
+        send_letter(app.sessions, first, mailer, policy)
     with pytest.raises(Deferred, match="delivery paused"):
-        deliver(app.sessions, second, mailer, policy)
+        send_letter(app.sessions, second, mailer, policy)
     assert alarms == [(answer, 30.0)]
     assert wait_for(lambda: smtp_sink.open_sessions == 0, 5)  # none waits out the pause
     with session_scope(app.sessions) as session:
         for sid in (first, second):
-            delivery = session.get(Delivery, sid)
+            delivery = session.get(OutboxItem, sid)
             assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
 
 
@@ -347,16 +347,16 @@ def test_a_certificate_our_ca_does_not_verify_pauses_delivery_and_says_why(
         first, second = through_render(app, submission()), through_render(app, submission())
         policy = DeliveryPolicy(lease_seconds=300)
         with pytest.raises(Deferred, match="certificate verify failed"):
-            deliver(app.sessions, first, mailer, policy)
+            send_letter(app.sessions, first, mailer, policy)
         with pytest.raises(Deferred, match="delivery paused"):
-            deliver(app.sessions, second, mailer, policy)
+            send_letter(app.sessions, second, mailer, policy)
         assert mailer.pool.opened == 0 and sink.most_sessions == 1  # one handshake, not two
         [(reason, pause)] = alarms
         assert reason is not None and "TLS verification of the mail server failed" in reason
         assert "SMTP_CA_FILE" in reason and pause == 30.0
         with session_scope(app.sessions) as session:
             for sid in (first, second):
-                delivery = session.get(Delivery, sid)
+                delivery = session.get(OutboxItem, sid)
                 assert delivery is not None
                 assert (delivery.status, delivery.attempts) == ("pending", 0)
     finally:
@@ -464,7 +464,7 @@ def test_the_pause_reason_health_shows_hides_the_addresses_the_answer_quotes(
         to = letter.to_email
     smtp_sink.refuse[to] = f"554 5.7.1 <{to}>: Relay access denied"
     with pytest.raises(Deferred, match="Relay access denied"):
-        deliver(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+        send_letter(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
     with pytest.raises(TransientDeliveryError, match="delivery paused") as waiting:
         mailer.send(MAIL)
     assert to not in str(waiting.value) and "<[email]>" in str(waiting.value)

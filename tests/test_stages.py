@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
-from tests.factories import submission
+from tests.factories import send_letter, submission
 from workers.database.engine import session_scope
 from workers.database.models import (
     ConsentEvent,
-    Delivery,
     Letter,
     Member,
+    OutboxItem,
     State,
     Submission,
     SubmissionEvent,
@@ -28,7 +28,7 @@ from workers.pipeline.app import App
 from workers.pipeline.intake import accept
 from workers.pipeline.reconciler import find_stalled
 from workers.stages.consent import log_consent
-from workers.stages.delivery import DeliveryPolicy, deliver
+from workers.stages.delivery import DeliveryPolicy
 from workers.stages.rendering import plan as rendering_plan
 from workers.stages.rendering import render
 from workers.stages.resolution import resolve
@@ -62,7 +62,7 @@ def through_render(app: App, payload: Any) -> str:
     sid = store(app, payload)
     assert step(app, validate, sid) == [Stage.RESOLVE, Stage.CONSENT]
     assert step(app, resolve, sid) == [Stage.RENDER]
-    assert step(app, render, sid, "outbox") == [Stage.DELIVER]
+    assert step(app, render, sid) == [Stage.DELIVER]
     return sid
 
 
@@ -153,7 +153,7 @@ def test_rendering_stores_the_letter_once(app: App) -> None:
         first_hash = letter.content_sha256
         assert letter.body_text is not None and letter.body_text.startswith("Dear Alex Rivers,")
     # A second render message finds the state moved on and changes nothing.
-    assert step(app, render, sid, "outbox") == []
+    assert step(app, render, sid) == []
     with session_scope(app.sessions) as session:
         assert session.scalar(select(func.count()).select_from(Letter)) == 1
         letter = session.get(Letter, sid)
@@ -161,9 +161,11 @@ def test_rendering_stores_the_letter_once(app: App) -> None:
 
 
 @pytest.mark.parametrize("group", [1, 3])
-def test_a_letter_stored_by_an_attempt_whose_state_change_was_lost_moves_on_as_it_is(
+def test_a_stored_letter_to_send_again_moves_on_as_it_is_with_a_new_item(
     app: App, group: int
 ) -> None:
+    """A returned letter sent again (``replies resend-bounced``) keeps its text; its outbox
+    item goes, and rendering writes a new one with the move to rendered."""
     ids = []
     for i in range(group):
         sid = store(app, submission(supporter__email=f"s{i}@example.com"))
@@ -171,13 +173,14 @@ def test_a_letter_stored_by_an_attempt_whose_state_change_was_lost_moves_on_as_i
         step(app, resolve, sid)
         ids.append(sid)
     for sid in ids:
-        step(app, render, sid, "outbox")
-    with session_scope(app.sessions) as session:  # the move to rendered lost, the letter kept
+        step(app, render, sid)
+    with session_scope(app.sessions) as session:  # back to resolved, the letter kept
         session.execute(update(Submission).values(state=State.RESOLVED.value))
+        session.execute(delete(OutboxItem))
         stored = {sid: session.get(Letter, sid).content_sha256 for sid in ids}  # type: ignore[union-attr]
 
     def plan(session: Any, submission_id: str) -> Any:
-        return rendering_plan(session, submission_id, "outbox")
+        return rendering_plan(session, submission_id)
 
     outcomes = run_group(app.sessions, ids, plan)
     assert sorted((sid, then) for sid, then, _ in outcomes) == sorted(
@@ -186,6 +189,7 @@ def test_a_letter_stored_by_an_attempt_whose_state_change_was_lost_moves_on_as_i
     with session_scope(app.sessions) as session:
         assert session.scalar(select(func.count()).select_from(Letter)) == group
         assert {sid: session.get(Letter, sid).content_sha256 for sid in ids} == stored  # type: ignore[union-attr]
+        assert {i.status for i in session.scalars(select(OutboxItem))} == {"pending"}
     assert {get(app, sid).state for sid in ids} == {State.RENDERED}
 
 
@@ -193,10 +197,10 @@ def test_delivery_sends_once_however_often_it_runs(app: App, tmp_path: Path) -> 
     sid = through_render(app, submission())
     outbox = OutboxMailer(tmp_path / "once")
     for _ in range(3):
-        deliver(app.sessions, sid, outbox, POLICY)
+        send_letter(app.sessions, sid, outbox, POLICY)
     assert len(list((tmp_path / "once").glob("*.eml"))) == 1
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None
         assert (delivery.status, delivery.attempts) == ("sent", 1)
     sub = get(app, sid)
@@ -223,17 +227,17 @@ def test_the_outbox_makes_its_folder_whenever_it_is_missing(tmp_path: Path) -> N
 def test_a_live_claim_blocks_a_second_sender(app: App, tmp_path: Path) -> None:
     sid = through_render(app, submission())
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None
         delivery.status, delivery.claimed_at = "sending", utcnow()
-    deliver(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), POLICY)
+    send_letter(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), POLICY)
     assert not (tmp_path / "blocked").exists()
     # Once the claim is older than the lease (the sender died), the letter is taken over.
     with session_scope(app.sessions) as session:
-        delivery = session.get(Delivery, sid)
+        delivery = session.get(OutboxItem, sid)
         assert delivery is not None
         delivery.claimed_at = utcnow() - timedelta(seconds=301)
-    deliver(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), POLICY)
+    send_letter(app.sessions, sid, OutboxMailer(tmp_path / "blocked"), POLICY)
     assert len(list((tmp_path / "blocked").glob("*.eml"))) == 1
 
 

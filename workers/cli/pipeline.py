@@ -117,7 +117,7 @@ def show(cli: Cli, submission_id: str, as_json: bool, reveal: bool = False) -> N
     import structlog
 
     from workers.database.engine import session_scope
-    from workers.database.models import Delivery, Letter, Submission
+    from workers.database.models import Letter, OutboxItem, Submission
     from workers.pipeline.states import OUTCOMES, State
     from workers.privacy.hashing import mask_supporter
 
@@ -126,7 +126,7 @@ def show(cli: Cli, submission_id: str, as_json: bool, reveal: bool = False) -> N
         sub = session.get(Submission, submission_id)
         if sub is None:
             raise click.ClickException(f"no submission {submission_id}")
-        delivery = session.get(Delivery, submission_id)
+        delivery = session.get(OutboxItem, submission_id)  # the letter's item
         info: dict[str, Any] = {
             "id": sub.id,
             "campaign": sub.campaign_slug,

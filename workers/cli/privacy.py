@@ -110,7 +110,7 @@ def supporter() -> None:
 @click.argument("email")
 @pass_cli
 def supporter_export(cli: Cli, email: str) -> None:
-    """Everything held about a person (submissions, letters, deliveries, consent) as JSON."""
+    """Everything held about a person (submissions, letters and what was sent, consent) as JSON."""
     from workers.database.engine import session_scope
     from workers.privacy.rights import export_supporter
 

@@ -13,7 +13,6 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
-    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -58,13 +57,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class DeliveryStatus(StrEnum):
-    PENDING = "pending"
-    SENDING = "sending"
-    SENT = "sent"
-    FAILED = "failed"
 
 
 NAMING = {
@@ -237,24 +229,6 @@ class Letter(Base):
     # The DKIM-Signature header, made once when the letter is rendered: every attempt sends
     # the same bytes. None: sent unsigned, or signed at each attempt (letters rendered before).
     dkim_signature: Mapped[str | None] = mapped_column(Text)
-
-
-class Delivery(Base):
-    """One delivery record per letter: the unique key that stops a second send."""
-
-    __tablename__ = "deliveries"
-    __table_args__ = (
-        ForeignKeyConstraint(["submission_id"], ["letters.submission_id"], ondelete="CASCADE"),
-    )
-
-    submission_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
-    backend: Mapped[str] = mapped_column(String(32))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    claimed_at: Mapped[datetime | None] = mapped_column()
-    sent_at: Mapped[datetime | None] = mapped_column()
-    response: Mapped[str | None] = mapped_column(Text)
-    error: Mapped[str | None] = mapped_column(Text)
 
 
 class ConsentEvent(Base):
@@ -431,16 +405,18 @@ class OutboxStatus(StrEnum):
 
 
 class OutboxItem(Base):
-    """One email DearMP sends to a supporter (confirm, its reminder, a bounce notice, a forwarded
-    reply, the survey and its reminder), sent at most once by :mod:`workers.outbox`: the key
-    is unique per submission, and the row is claimed before the mail server is asked."""
+    """One thing DearMP sends (the letter to the MP, whose item has its submission's id; the
+    confirmation and its reminder, a bounce notice, a forwarded reply, the survey and its
+    reminder; a webhook), sent at most once by :mod:`workers.outbox`: the key is unique per
+    submission, and the row is claimed before the mail server is asked."""
 
     __tablename__ = "outbox"
     __table_args__ = (UniqueConstraint("submission_id", "key", name="uq_outbox_submission_key"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     submission_id: Mapped[str] = mapped_column(ForeignKey("submissions.id", ondelete="CASCADE"))
-    # "confirm", "reminder", "bounce", "survey", "survey-reminder", "forward:<reply's hash>"
+    # "letter", "confirm", "reminder", "bounce", "survey", "survey-reminder",
+    # "forward:<reply's hash>", "webhook:<event>:<endpoint>"
     key: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(24))
     inbound_id: Mapped[str | None] = mapped_column(String(36))
@@ -455,6 +431,7 @@ class OutboxItem(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column()
     claimed_at: Mapped[datetime | None] = mapped_column()
     sent_at: Mapped[datetime | None] = mapped_column()
+    response: Mapped[str | None] = mapped_column(Text)  # the server's answer when it took it
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -502,5 +479,5 @@ SUBMISSIONS = table(Submission)
 EVENTS = table(SubmissionEvent)
 CAMPAIGNS = table(Campaign)
 LETTERS = table(Letter)
-DELIVERIES = table(Delivery)
+OUTBOX = table(OutboxItem)
 CONSENT_EVENTS = table(ConsentEvent)

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from workers.database.models import (
-    Delivery,
-    DeliveryStatus,
     Letter,
     LetterEvent,
+    OutboxItem,
     State,
     Submission,
     utcnow,
@@ -124,26 +123,14 @@ def resend_bounced(
             recipient=recipient,
             failure_reason=None,
         )
+        # Its item goes: rendering writes the letter's item afresh with the move to rendered.
+        session.execute(delete(OutboxItem).where(OutboxItem.id == submission_id))
         letter = session.get(Letter, submission_id)
-        if letter is None:  # rendered afresh, with a delivery row of its own
-            session.execute(delete(Delivery).where(Delivery.submission_id == submission_id))
+        if letter is None:  # rendered afresh
             continue
         if letter.to_email.lower() == returned_to.lower():  # not a sandbox copy
             letter.to_email = address
         readdress(letter, signer)
-        session.execute(
-            update(Delivery)
-            .where(Delivery.submission_id == submission_id)
-            .values(
-                status=DeliveryStatus.PENDING.value,
-                attempts=0,
-                claimed_at=None,
-                sent_at=None,
-                response=None,
-                error=None,
-            )
-            .execution_options(synchronize_session=False)
-        )
     return ids
 
 

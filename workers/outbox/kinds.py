@@ -1,6 +1,7 @@
 """What each kind of outbox item is on the wire, written from its row by the one writer and
 signer (:mod:`workers.letters.notices`, :mod:`workers.letters.mail`), its envelope on the
-bounce domain: the same bytes every time it is composed, so a resend is the same email.
+bounce domain: the same bytes every time it is composed, so a resend is the same email. The
+letter to the MP is :mod:`workers.stages.delivery`'s, a webhook :mod:`workers.webhooks`'s.
 
 A new kind is a :class:`~workers.outbox.sending.Kind` in :func:`kinds`: a compose function (and,
 if it must, what to do in the commit that ends it).
@@ -14,13 +15,21 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from schemas.submission import stored_email
-from workers.database.models import InboundMessage, Letter, LetterEvent, OutboxItem, Submission
+from workers.database.models import (
+    InboundMessage,
+    Letter,
+    LetterEvent,
+    OutboxItem,
+    OutboxStatus,
+    Submission,
+)
 from workers.letters import notices
 from workers.letters.definitions import get_definition
-from workers.letters.mail import DkimSigner, Outgoing
+from workers.letters.mail import DkimSigner, Mailer, Outgoing
+from workers.letters.rate_limits import Limiter
 from workers.outbox.sending import Kind
 from workers.receiving.addresses import ReturnAddresses
-from workers.stages import confirmation, survey
+from workers.stages import confirmation, delivery, survey
 from workers.stages.stage import Stage
 from workers.webhooks import events as webhooks
 from workers.webhooks import payloads
@@ -33,6 +42,9 @@ class Context:
     returns: ReturnAddresses
     signer: DkimSigner | None
     secret: bytes
+    mailer: Mailer
+    delivery: delivery.DeliveryPolicy = field(default_factory=delivery.DeliveryPolicy)
+    limiter: Limiter | None = None
     public_url: str = "http://127.0.0.1:8000"
     confirmation: confirmation.ConfirmationPolicy = field(
         default_factory=confirmation.ConfirmationPolicy
@@ -41,18 +53,19 @@ class Context:
 
 
 # Every kind the outbox sends (``outbox.kind``): what :func:`kinds` returns, by name.
-KINDS = ("confirm", "bounce", "forward", "survey", webhooks.KIND)
+KINDS = (delivery.KIND, "confirm", "bounce", "forward", "survey", webhooks.KIND)
 
 
 def stage_of(kind: str) -> Stage:
-    """The stage (queue) an item of ``kind`` is sent by: a webhook on its own, so that an
-    endpoint that hangs holds up no email."""
-    return Stage.WEBHOOK if kind == webhooks.KIND else Stage.OUTBOX
+    """The stage (queue) an item of ``kind`` is sent by: the letter by delivery (its item's id
+    is its submission's), a webhook on its own, so that an endpoint that hangs holds up no
+    email."""
+    return {delivery.KIND: Stage.DELIVER, webhooks.KIND: Stage.WEBHOOK}.get(kind, Stage.OUTBOX)
 
 
 def kinds(context: Context) -> dict[str, Kind]:
-    """Every kind the outbox sends, by ``outbox.kind`` (:data:`KINDS`): the emails, and the
-    webhook to a CRM (:mod:`workers.webhooks`, on a channel of its own)."""
+    """Every kind the outbox sends, by ``outbox.kind`` (:data:`KINDS`): the letter, the emails
+    to supporters, and the webhook to a CRM (each of the last on a channel of its own)."""
 
     def after_sent(session: Session, item: OutboxItem) -> Outgoing | str:
         return _after_sent(session, item, context)
@@ -68,7 +81,11 @@ def kinds(context: Context) -> dict[str, Kind]:
             context.returns,
         )
 
+    letter = delivery.kind(
+        context.mailer, context.delivery, context.limiter, context.signer, context.returns
+    )
     return {
+        delivery.KIND: letter,
         "confirm": Kind(confirm),
         "bounce": Kind(after_sent),
         "forward": Kind(after_sent, done=_forget_reply),
@@ -124,11 +141,11 @@ def _after_sent(session: Session, item: OutboxItem, context: Context) -> Outgoin
     return notices.outgoing(message, envelope, context.signer)
 
 
-def _forget_reply(session: Session, item: OutboxItem) -> None:
+def _forget_reply(session: Session, item: OutboxItem, status: str, _detail: str | None) -> None:
     """A reply's text is kept only until it is forwarded (or will not be: skipped). A forward
     given up (``failed``) keeps it, so that ``dearmp outbox retry`` can still send it once the
     cause is fixed; the submission's retention deletes it with the rest."""
-    if item.inbound_id is not None:
+    if item.inbound_id is not None and status != OutboxStatus.FAILED:
         session.execute(
             update(InboundMessage)
             .where(InboundMessage.id == item.inbound_id)

@@ -1,12 +1,14 @@
-"""The outbox: every email DearMP sends to a supporter, sent at most once, one way.
+"""The outbox: everything DearMP sends (letters to MPs, emails to supporters, webhooks to a
+CRM), sent at most once, one way.
 
 An item is a row of ``outbox``, unique per (submission, key), so a second enqueue is harmless.
-Sending one:
+Sending a message's items:
 
-- it is composed (its bytes the same every time: the kind writes them from the row) and then
-  claimed (``sending``) in a commit of its own, before the mail server is asked, with no
-  transaction open while it answers;
-- it is marked ``sent`` in its own commit the moment the server takes it;
+- they are composed (their bytes the same every time: the kind writes them from the row) and
+  then claimed (``sending``) in one commit, before the server is asked, with no transaction
+  open while it answers;
+- each is marked ``sent`` in its own commit the moment the server takes it (with what its kind
+  does then: a letter's submission moves to delivered in that commit);
 - a failed attempt (the server's passing refusal, an error, the worker sending it stopped) is
   counted in ``failures`` and the item waits before its next (``next_attempt_at``: exponential
   backoff, capped); the ``max_attempts``-th, or a permanent refusal, leaves it ``failed`` with the
@@ -36,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import ColumnElement, func, select, update
@@ -91,12 +93,15 @@ class Channel(Protocol):
 @dataclass(frozen=True)
 class Kind:
     """One kind of item: ``compose`` writes it from its row (or says, in words, why it will
-    not be sent: it is skipped); ``done`` runs in the commit that marks it sent or skipped;
-    ``channel`` sends what compose wrote (None: the mailer, for an email)."""
+    not be sent: it is skipped; or raises :class:`Deferred` for it to wait); ``done`` runs in
+    the commit that ends it (sent, skipped or failed, with the server's answer or the reason);
+    ``channel`` sends what compose wrote (None: the mailer, for an email); ``max_attempts``
+    replaces the policy's."""
 
     compose: Callable[[Session, OutboxItem], object]
-    done: Callable[[Session, OutboxItem], None] | None = None
+    done: Callable[[Session, OutboxItem, str, str | None], None] | None = None
     channel: Channel | None = None
+    max_attempts: int | None = None
 
 
 def enqueue(
@@ -214,6 +219,21 @@ def listing(session: Session, statuses: Sequence[str], limit: int = 100) -> list
     ]
 
 
+# An item the message was about, and its error (None when nothing more is to be done for it).
+Outcome = tuple[str, BaseException | None]
+
+
+@dataclass
+class _Ready:
+    """An item composed (or broken while composing), to claim and send."""
+
+    item: OutboxItem
+    kind: Kind | None
+    channel: Channel
+    mail: object = ""
+    broken: Exception | None = None
+
+
 def send(
     session: Session,
     item_id: str,
@@ -221,84 +241,137 @@ def send(
     kinds: Mapping[str, Kind],
     policy: OutboxPolicy,
 ) -> None:
-    """Send the item if it is due and nobody has. ``session`` is committed at each step.
+    """Send one item (:func:`send_group`); its error raised, but for a refusal for good, which
+    is recorded on the item (and by its kind)."""
+    [(_, error)] = send_group(session, [item_id], mailer, kinds, policy)
+    if error is not None and not isinstance(error, PermanentDeliveryError):
+        raise error
+
+
+def send_group(
+    session: Session,
+    item_ids: Sequence[str],
+    mailer: Mailer,
+    kinds: Mapping[str, Kind],
+    policy: OutboxPolicy,
+) -> list[Outcome]:
+    """Send the items that are due and that nobody has. ``session`` is committed at each step:
+    every item is read and composed, then those ready are claimed in one commit, then each is
+    sent and marked in a commit of its own.
 
     The table owns the timing: an item not yet due, a failed attempt that will be tried again
     and a wait for our side (the mail server refusing us, not the email; a compose that raises
-    :class:`Deferred` because its destination would) raise
-    :class:`~workers.stages.stage.Deferred` for when it is due, a fresh message that costs no
-    retry. Anything else raised is unforeseen, and the actor's retry takes it."""
-    item = session.get(OutboxItem, item_id)
-    if item is None or item.status not in (OutboxStatus.PENDING, OutboxStatus.SENDING):
-        return
+    :class:`Deferred` because its destination would) get :class:`Deferred` for when it is due,
+    a fresh message that costs no retry. A refusal for good gets the
+    :class:`PermanentDeliveryError` (recorded already). Anything else is unforeseen, and the
+    actor's retry takes it."""
+    ids = sorted(set(item_ids))
+    outcomes: dict[str, BaseException | None] = dict.fromkeys(ids)
     now = utcnow()
-    if (
-        item.status == OutboxStatus.PENDING
-        and item.next_attempt_at is not None
-        and item.next_attempt_at > now + DUE_TOLERANCE
-    ):
-        session.commit()
-        raise Deferred((item.next_attempt_at - now).total_seconds(), "not due yet")
-    kind = kinds.get(item.kind)
-    channel: Channel = kind.channel if kind is not None and kind.channel else mailer
-    paused = channel.waiting()
-    if paused > 0:  # the mail server would refuse us, not the email: it is not claimed
-        _wait(session, item_id, paused, "delivery paused: the mail server refused us")
-    broken: Exception | None = None
-    mail: object = ""
-    try:
-        mail = kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
-    except Deferred as wait:  # its destination would refuse us now (a webhook's endpoint paused)
-        _wait(session, item_id, wait.seconds, wait.reason)
-    except ValueError as exc:  # an address the email package will not write
-        mail = mask_text(f"cannot be written as email: {exc}")[:500]
-    except Exception as exc:  # nobody foresaw it: counted, like a failed send
-        broken = exc
-    if broken is not None:
+    waits: list[tuple[str, Deferred]] = []
+    ready: list[_Ready] = []
+    ended: list[OutboxItem] = []
+    for item in session.scalars(select(OutboxItem).where(OutboxItem.id.in_(ids))).all():
+        if item.status not in (OutboxStatus.PENDING, OutboxStatus.SENDING):
+            ended.append(item)  # its kind's ``done`` is made again, in case it failed
+            continue
+        if (
+            item.status == OutboxStatus.PENDING
+            and item.next_attempt_at is not None
+            and item.next_attempt_at > now + DUE_TOLERANCE
+        ):
+            outcomes[item.id] = Deferred((item.next_attempt_at - now).total_seconds(), "not due")
+            continue
+        kind = kinds.get(item.kind)
+        one = _Ready(item, kind, kind.channel if kind is not None and kind.channel else mailer)
+        paused = one.channel.waiting()
+        if paused > 0:  # the mail server would refuse us, not the email: it is not claimed
+            waits.append((item.id, Deferred(paused, "paused: the mail server refused us")))
+            continue
+        try:
+            one.mail = kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
+        except Deferred as later:  # its destination would refuse us now (quiet hours, a limit)
+            waits.append((item.id, later))
+            continue
+        except ValueError as exc:  # an address the email package will not write
+            one.mail = mask_text(f"cannot be written as email: {exc}")[:500]
+        except Exception as exc:  # nobody foresaw it: counted, like a failed send
+            one.broken = exc
+        ready.append(one)
+    if any(one.broken is not None for one in ready):
         session.rollback()  # only read: a failed read may have ended the transaction
-    # The email is written before the claim, so that the claim is the transaction's only write
-    # and is committed at once: on SQLite no one waits for the write lock meanwhile.
-    mine = _claim(session, item_id, policy)
-    if mine is None:
-        session.commit()
-        return  # sent, not due, held by a live claim, or given up
-    if broken is None and isinstance(mail, str):
-        if _end(session, item, mine, OutboxStatus.SKIPPED, kind, mail):
-            log.info("outbox_skipped", outbox_id=item_id, kind=item.kind, reason=mail)
-        session.commit()
-        return
+    for item_id, wait in waits:
+        _wait(session, item_id, wait.seconds)
+        outcomes[item_id] = wait
+    # The emails are written before the claims, so that the claims are the transaction's only
+    # writes and are committed at once: on SQLite no one waits for the write lock meanwhile.
+    claims = _claim(session, [one.item for one in ready], policy, kinds)
+    for item in ended:
+        _done(session, item, kinds.get(item.kind), item.status, item.response or item.error)
+    claimed = []
+    for one in ready:
+        mine = claims.get(one.item.id)
+        if mine is None:
+            continue  # sent, not due, held by a live claim, or given up
+        if one.broken is None and isinstance(one.mail, str):
+            if _end(session, one.item, mine, OutboxStatus.SKIPPED, one.kind, one.mail):
+                log.info("outbox_skipped", outbox_id=one.item.id, kind=one.item.kind)
+            continue
+        claimed.append((one, mine))
     session.commit()
-    if broken is not None:
-        _failed(session, item, mine, broken, policy)
+    for one, mine in claimed:  # no transaction is open while a server answers
+        try:
+            _send(session, one, mine, policy)
+        except Exception as exc:  # Deferred, a refusal for good, or the unforeseen
+            session.rollback()
+            outcomes[one.item.id] = exc
+    return list(outcomes.items())
+
+
+def _send(session: Session, one: _Ready, mine: datetime, policy: OutboxPolicy) -> None:
+    """Send a claimed item and end its attempt, in a commit of its own."""
+    item, kind = one.item, one.kind
+    if one.broken is not None:
+        _failed(session, item, mine, one.broken, policy, kind)
         return
     try:
-        channel.send(mail)  # no transaction is open while the mail server answers
+        answer = one.channel.send(one.mail)
     except PermanentDeliveryError as exc:
-        ended = _end(session, item, mine, OutboxStatus.FAILED, None, mask_text(str(exc))[:500])
+        reason = mask_text(str(exc))[:500]
+        ended = _end(session, item, mine, OutboxStatus.FAILED, kind, reason)
         session.commit()
         if ended:
-            log.warning("outbox_failed", outbox_id=item_id, kind=item.kind, final=True)
+            log.warning("outbox_failed", outbox_id=item.id, kind=item.kind, final=True)
+            raise
         return
     except TransientDeliveryError as exc:
         if exc.ours:
             _give_back(session, item, mine, exc)
         else:
-            _failed(session, item, mine, exc, policy)
+            _failed(session, item, mine, exc, policy, kind)
         return
     except Exception as exc:
-        _failed(session, item, mine, exc, policy)
+        _failed(session, item, mine, exc, policy, kind)
         return
-    if _end(session, item, mine, OutboxStatus.SENT, kind):
-        log.info("outbox_sent", outbox_id=item_id, kind=item.kind)
-    session.commit()
+    response = answer[:2000] if isinstance(answer, str) else None
+    try:
+        sent = _end(session, item, mine, OutboxStatus.SENT, kind, response=response)
+        session.commit()
+    except Exception as exc:  # what its kind does failed: the mark alone, never sent again
+        session.rollback()
+        log.error("outbox_done_failed", outbox_id=item.id, kind=item.kind, error=type(exc).__name__)
+        sent = _end(session, item, mine, OutboxStatus.SENT, None, response=response)
+        session.commit()
+        raise  # tried again (the item's kind's ``done`` is made again for an item ended)
+    if sent:
+        log.info("outbox_sent", outbox_id=item.id, kind=item.kind)
 
 
-def _wait(session: Session, item_id: str, seconds: float, why: str) -> NoReturn:
+def _wait(session: Session, item_id: str, seconds: float) -> None:
     """Wait ``seconds`` unclaimed, costing no attempt: the item is not due before then, so
     neither a duplicate message nor the reconciler tries it sooner (each try of an item that
     must wait would otherwise start one more loop of delayed messages); the deferral sends it
-    when it is due."""
-    session.rollback()  # only read so far
+    when it is due. The caller commits."""
     later = utcnow() + timedelta(seconds=seconds)
     session.execute(
         update(OutboxItem)
@@ -306,44 +379,66 @@ def _wait(session: Session, item_id: str, seconds: float, why: str) -> NoReturn:
         .values(next_attempt_at=later, dispatched_at=later)
         .execution_options(synchronize_session=False)
     )
-    session.commit()
-    raise Deferred(seconds, why)
 
 
-def _claim(session: Session, item_id: str, policy: OutboxPolicy) -> datetime | None:
-    """Claim a pending item that is due, or take over a claim older than the lease: its worker
-    stopped mid-send, a failed attempt like any other (an item that kills its worker every
-    time ends ``failed``). The claim's time (what the marks that end the attempt check that
-    this worker still holds it by), or None if not claimed."""
+def _claim(
+    session: Session, items: Sequence[OutboxItem], policy: OutboxPolicy, kinds: Mapping[str, Kind]
+) -> dict[str, datetime]:
+    """Claim the pending items that are due, with one statement, and take over each claim
+    older than the lease: its worker stopped mid-send, a failed attempt like any other (an item
+    that kills its worker every time ends ``failed``). The claim's time of each item claimed
+    (what the marks that end the attempt check that this worker still holds it by)."""
+    if not items:
+        return {}
     now = utcnow()
-    claimed = session.execute(
-        update(OutboxItem)
-        .where(
-            OutboxItem.id == item_id,
-            OutboxItem.status == OutboxStatus.PENDING,
-            OutboxItem.next_attempt_at.is_(None)
-            | (OutboxItem.next_attempt_at <= now + DUE_TOLERANCE),
+    claimed = set(
+        session.scalars(
+            update(OutboxItem)
+            .where(
+                OutboxItem.id.in_([item.id for item in items]),
+                OutboxItem.status == OutboxStatus.PENDING,
+                OutboxItem.next_attempt_at.is_(None)
+                | (OutboxItem.next_attempt_at <= now + DUE_TOLERANCE),
+            )
+            .values(status=OutboxStatus.SENDING, claimed_at=now, attempts=OutboxItem.attempts + 1)
+            .returning(OutboxItem.id)
+            .execution_options(synchronize_session=False)
         )
-        .values(status=OutboxStatus.SENDING, claimed_at=now, attempts=OutboxItem.attempts + 1)
-        .execution_options(synchronize_session=False)
     )
-    if rowcount(claimed) == 1:
-        return now
+    mine = dict.fromkeys(claimed, now)
+    for item in items:
+        if item.id not in claimed and item.status == OutboxStatus.SENDING:
+            if _take_over(session, item, now, policy, kinds.get(item.kind)):
+                mine[item.id] = now
+    return mine
+
+
+def _take_over(
+    session: Session, item: OutboxItem, now: datetime, policy: OutboxPolicy, kind: Kind | None
+) -> bool:
+    """Take over the item's claim if it is older than the lease, counting the attempt its
+    worker did not finish (at the limit the item is given up)."""
     lapsed = (
-        (OutboxItem.id == item_id)
+        (OutboxItem.id == item.id)
         & (OutboxItem.status == OutboxStatus.SENDING)
         & (OutboxItem.claimed_at < now - timedelta(seconds=policy.lease_seconds))
     )
-    counted = count_failure(session, OutboxItem.failures, lapsed, STOPPED, policy.max_attempts)
+    limit = _limit(kind, policy)
+    counted = count_failure(session, OutboxItem.failures, lapsed, STOPPED, limit)
     if counted is None:
-        return None
+        return False
     # The row is locked (PostgreSQL) or the database is (SQLite) until the commit: still lapsed.
     if counted.final:
         _set(session, lapsed, status=OutboxStatus.FAILED, error=counted.reason)
-        log.warning("outbox_failed", outbox_id=item_id, final=True, error="stopped")
-        return None
+        _done(session, item, kind, OutboxStatus.FAILED, counted.reason)
+        log.warning("outbox_failed", outbox_id=item.id, final=True, error="stopped")
+        return False
     _set(session, lapsed, claimed_at=now, attempts=OutboxItem.attempts + 1, error=counted.reason)
-    return now
+    return True
+
+
+def _limit(kind: Kind | None, policy: OutboxPolicy) -> int:
+    return kind.max_attempts if kind is not None and kind.max_attempts else policy.max_attempts
 
 
 def _held(item_id: str, mine: datetime) -> ColumnElement[bool]:
@@ -384,22 +479,31 @@ def _give_back(
 
 
 def _failed(
-    session: Session, item: OutboxItem, mine: datetime, error: Exception, policy: OutboxPolicy
+    session: Session,
+    item: OutboxItem,
+    mine: datetime,
+    error: Exception,
+    policy: OutboxPolicy,
+    kind: Kind | None,
 ) -> None:
     """A failed attempt: pending again after the backoff with the reason, or failed for good at
     the limit. Passing database trouble is not counted, and waits only a moment. Raises
     :class:`Deferred` for the next attempt unless the item was given up (or the claim lost)."""
     held = _held(item.id, mine)
-    counted = count_failure(session, OutboxItem.failures, held, error, policy.max_attempts)
+    counted = count_failure(session, OutboxItem.failures, held, error, _limit(kind, policy))
     if counted is None and not passing(error):  # nothing matched: the claim is not ours
         session.commit()
         _lost(item)
         return
     final = counted is not None and counted.final
     wait = policy.backoff(counted.failures) if counted is not None else PASSING_WAIT
+    if isinstance(error, TransientDeliveryError) and error.retry_after is not None:
+        wait = timedelta(seconds=error.retry_after)  # the server said when to try again
     reason = counted.reason if counted is not None else None
     if final:
         marked = _set(session, held, status=OutboxStatus.FAILED, error=reason)
+        if marked:
+            _done(session, item, kind, OutboxStatus.FAILED, reason)
     else:
         later = utcnow() + wait if counted is not None else None
         marked = _set(
@@ -430,19 +534,26 @@ def _end(
     status: OutboxStatus,
     kind: Kind | None,
     error: str | None = None,
+    response: str | None = None,
 ) -> bool:
     """End the attempt (sent, skipped or failed) if this worker still holds the claim, and run
-    the kind's ``done`` when it was sent or skipped. False, changing nothing, if the claim was
-    taken over meanwhile."""
+    the kind's ``done``. False, changing nothing, if the claim was taken over meanwhile."""
     values: dict[str, object] = {"status": status, "error": error}
     if status == OutboxStatus.SENT:
-        values["sent_at"] = utcnow()
+        values |= {"sent_at": utcnow(), "response": response}
     if not _set(session, _held(item.id, mine), **values):
         _lost(item)
         return False
-    if kind is not None and kind.done is not None and status != OutboxStatus.FAILED:
-        kind.done(session, item)
+    _done(session, item, kind, status, response if status == OutboxStatus.SENT else error)
     return True
+
+
+def _done(
+    session: Session, item: OutboxItem, kind: Kind | None, status: str, detail: str | None
+) -> None:
+    """The kind's ``done``, in the transaction that ends the item."""
+    if kind is not None and kind.done is not None:
+        kind.done(session, item, status, detail)
 
 
 def _set(session: Session, guard: ColumnElement[bool], **values: object) -> bool:

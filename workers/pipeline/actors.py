@@ -37,7 +37,6 @@ from workers.pipeline.states import DAY, STAGES
 from workers.stages import (
     confirmation,
     consent,
-    delivery,
     inbound,
     rendering,
     resolution,
@@ -52,20 +51,15 @@ T = TypeVar("T")
 # dramatiq refuses delays of seven days or more.
 MAX_DELAY_MS = 7 * DAY - 60_000
 
-# A message that does not parse will not parse next time either: dead-letter it at once.
-NOT_RETRIED = (ForeignMessage, NotAStageMessage, pydantic.ValidationError)
-
-
-def refusals(stage: Stage) -> tuple[type[BaseException], ...]:
-    """A submission's errors the stage never retries: a permanent refusal by the mail server,
-    recorded on the submission, then dead-lettered for an operator at once."""
-    return () if STAGES[stage].retries_refusals else (PermanentDeliveryError,)
+# A message that does not parse will not parse next time either: dead-letter it at once. A
+# permanent refusal by the mail server is recorded on its item, and never retried.
+NOT_RETRIED = (ForeignMessage, NotAStageMessage, pydantic.ValidationError, PermanentDeliveryError)
 
 
 def options(stage: Stage) -> dict[str, Any]:
     """The stage's actor options: its retry policy from the table of stages
     (:data:`workers.pipeline.states.STAGES`), and what is never retried."""
-    return STAGES[stage].options() | {"throws": (*NOT_RETRIED, *refusals(stage))}
+    return STAGES[stage].options() | {"throws": NOT_RETRIED}
 
 
 # Each submission a message was about, and its error (None when the stage did its work).
@@ -83,12 +77,12 @@ def run_stage(
 
     A message about one submission fails as a whole, and dramatiq retries it. In a message about
     several, a submission that fails goes on in a message of its own (with the stage's retries
-    and, at the end, the dead-letter queue), so that the others are not run again for it; one
-    the stage never retries (:func:`refusals`) is dead-lettered under its own id at once, as it
-    would be alone.
+    and, at the end, the dead-letter queue), so that the others are not run again for it. A
+    permanent refusal by the mail server (recorded on its item already) is dead-lettered under
+    its own id at once where the table of stages says so (letters), as it would be alone.
     """
     message = parse_stage_message(raw)
-    ids = message.ids
+    ids, policy = message.ids, STAGES[stage]
     for submission_id, error in work(app, ids, send_on):
         if error is None:
             continue
@@ -100,9 +94,11 @@ def run_stage(
                 delay = min(MAX_DELAY_MS, max(1, math.ceil(error.seconds * 1000)))
                 broker.enqueue(stage_message(stage, submission_id), delay=delay)
                 log.info("stage_deferred", reason=error.reason, seconds=round(error.seconds, 3))
+            elif isinstance(error, PermanentDeliveryError) and not policy.dead_letters_refusals:
+                log.info("stage_refused_for_good")  # recorded on its item: nothing more to do
             elif len(ids) == 1:
                 raise error
-            elif isinstance(error, refusals(stage)):
+            elif isinstance(error, PermanentDeliveryError):
                 dead_letter(app, stage, submission_id, error)
             else:
                 log.warning("stage_failed_sending_alone", error=type(error).__name__)
@@ -176,21 +172,12 @@ def _render(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
         return rendering.plan(
             session,
             submission_id,
-            app.mailer.name,
             settings.sandbox_address,
             app.signer,
             app.returns,
         )
 
     return together(app, ids, plan, send_on)
-
-
-def _deliver(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
-    # A permanent refusal is recorded at once and dead-lettered (run_stage).
-    outcomes = delivery.deliver_group(
-        app.sessions, ids, app.mailer, app.delivery_policy, app.limiter, app.signer, app.returns
-    )
-    return [(sid, _retry(error)) for sid, error in outcomes]
 
 
 def _retry(error: BaseException | None) -> BaseException | None:
@@ -270,6 +257,9 @@ def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
         app.returns,
         app.signer,
         app.secret,
+        app.mailer,
+        app.delivery_policy,
+        app.limiter,
         settings.public_url,
         confirmation.ConfirmationPolicy.from_settings(settings),
         settings.webhook_timeout_seconds,
@@ -280,22 +270,19 @@ def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
 
 
 def _outbox(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
-    """Each email to a supporter, through the outbox: an item not yet due, or waiting after an
-    attempt, raises Deferred, and goes again in a fresh delayed message (run_stage)."""
+    """What the message's outbox items are (letters, emails, webhooks), sent through the
+    outbox: an item not yet due, or waiting after an attempt, gets Deferred, and goes again in
+    a fresh delayed message (run_stage)."""
     every_kind, policy = outbox_for(app)
-
-    def work(item_id: str) -> None:
-        with session_scope(app.sessions) as session:
-            outbox.send(session, item_id, app.mailer, every_kind, policy)
-
-    return _one_by_one(ids, work)
+    with session_scope(app.sessions) as session:
+        return outbox.send_group(session, ids, app.mailer, every_kind, policy)
 
 
 WORK: dict[Stage, Work] = {
     Stage.VALIDATE: _validate,
     Stage.RESOLVE: _resolve,
     Stage.RENDER: _render,
-    Stage.DELIVER: _deliver,
+    Stage.DELIVER: _outbox,  # a letter's item has its submission's id
     Stage.CONSENT: _log_consent,
     Stage.NOTIFY: _notify,
     Stage.INBOUND: _inbound,

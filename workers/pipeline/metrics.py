@@ -17,10 +17,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
 from workers.database.models import (
-    Delivery,
     InboundMessage,
     InboundStatus,
     LetterEvent,
+    OutboxItem,
     OutboxStatus,
     Submission,
 )
@@ -59,10 +59,10 @@ class DearmpCollector(Collector):
                 select(Submission.state, func.count()).group_by(Submission.state)
             ).all()
             letters: Any = session.execute(
-                select(Submission.campaign_slug, Delivery.status, func.count())
-                .join(Delivery, Delivery.submission_id == Submission.id)
-                .where(Delivery.status.in_(["sent", "failed"]))
-                .group_by(Submission.campaign_slug, Delivery.status)
+                select(Submission.campaign_slug, OutboxItem.status, func.count())
+                .join(OutboxItem, OutboxItem.id == Submission.id)
+                .where(OutboxItem.status.in_(["sent", "failed"]))
+                .group_by(Submission.campaign_slug, OutboxItem.status)
             ).all()
             after: Any = session.execute(
                 select(Submission.campaign_slug, LetterEvent.kind, func.count())

@@ -81,8 +81,9 @@ STATES: dict[State, Row] = {
                        "Waiting until your constituency has an MP.", resent=False),
     S.RESOLVED:    Row(Stage.RENDER, (S.RENDERED, S.FAILED),
                        "Your MP is found; preparing the letter."),
+    # The letter is an outbox item: the outbox's own timing resends it (workers.outbox).
     S.RENDERED:    Row(Stage.DELIVER, (S.DELIVERED, S.FAILED),
-                       "On its way to your MP."),
+                       "On its way to your MP.", resent=False),
     # Taken by the relay; returned for good by the MP's server later, it is bounced.
     S.DELIVERED:   Row(None, (), "Delivered to your MP.", final=True, later=(S.BOUNCED,),
                        event="letter.delivered"),
@@ -114,15 +115,17 @@ class Policy(NamedTuple):
     max_backoff: int
     max_age: int = DAY
     time_limit: int = 60_000
-    # A permanent refusal by the mail server is recorded on the submission and dead-lettered
-    # for an operator at once, not retried.
-    retries_refusals: bool = True
+    # A permanent refusal by the mail server is never retried; recorded on its outbox item (and
+    # a letter's on its submission), it is also dead-lettered for an operator (letters).
+    dead_letters_refusals: bool = False
     # Of the messages a worker holds, those with the lowest number run first (dramatiq's).
     priority: int = 0
 
     def options(self) -> dict[str, Any]:
         """The numbers as dramatiq's keyword options (the actors add what is never retried)."""
-        return {name: value for name, value in self._asdict().items() if name != "retries_refusals"}
+        return {
+            name: value for name, value in self._asdict().items() if name != "dead_letters_refusals"
+        }
 
 
 # fmt: off
@@ -131,7 +134,7 @@ STAGES: dict[Stage, Policy] = {
     Stage.RESOLVE:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000),
     Stage.RENDER:   Policy(max_retries=5, min_backoff=500, max_backoff=30_000),
     Stage.DELIVER:  Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
-                           max_age=7 * DAY - HOUR, time_limit=120_000, retries_refusals=False),
+                           max_age=7 * DAY - HOUR, time_limit=120_000, dead_letters_refusals=True),
     Stage.NOTIFY:   Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000),
     # Acting on no state of its own: the consent record of every validated submission.
     Stage.CONSENT:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000, max_age=7 * DAY),

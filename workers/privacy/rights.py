@@ -26,7 +26,6 @@ from schemas.submission import CHANNELS
 from workers.database.models import (
     Campaign,
     ConsentEvent,
-    Delivery,
     InboundMessage,
     InboundStatus,
     Letter,
@@ -117,7 +116,7 @@ def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, A
             .order_by(SubmissionEvent.id)
         )
         letter = session.get(Letter, sub.id)
-        delivery = session.get(Delivery, sub.id)
+        delivery = session.get(OutboxItem, sub.id)  # the letter's item: its submission's id
         submissions.append(
             {
                 "id": sub.id,
@@ -149,7 +148,6 @@ def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, A
                     "status": delivery.status,
                     "sent_at": _iso(delivery.sent_at),
                     "attempts": delivery.attempts,
-                    "backend": delivery.backend,
                 },
                 # What came back to the letter (its facts: no reply text is kept).
                 "after_sent": [
@@ -160,13 +158,13 @@ def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, A
                         .order_by(LetterEvent.id)
                     )
                 ],
-                # Every email sent to them about it (the outbox's items, every kind).
+                # Everything else sent about it (the outbox's items but the letter).
                 "notices": [
                     {"kind": n.kind, "status": n.status, "sent_at": _iso(n.sent_at)}
                     | (_webhook(session, n) if n.endpoint_id is not None else {})
                     for n in session.scalars(
                         select(OutboxItem)
-                        .where(OutboxItem.submission_id == sub.id)
+                        .where(OutboxItem.submission_id == sub.id, OutboxItem.id != sub.id)
                         .order_by(OutboxItem.created_at)
                     )
                 ],

@@ -45,13 +45,12 @@ from config.settings import Settings
 from schemas.submission import stored_email
 from workers.database.engine import session_scope
 from workers.database.models import (
-    Delivery,
-    DeliveryStatus,
     InboundMessage,
     InboundStatus,
     Letter,
     LetterEvent,
     OutboxItem,
+    OutboxStatus,
     State,
     Submission,
     utcnow,
@@ -182,13 +181,13 @@ def _decide(
             Submission.payload,
             Letter.message_id,
             Letter.to_email,
-            Delivery.status,
+            OutboxItem.status,
         )
         .join(Letter, Letter.submission_id == Submission.id)
-        .join(Delivery, Delivery.submission_id == Submission.id)
+        .join(OutboxItem, OutboxItem.id == Submission.id)
         .where(Submission.id == submission_id)
     ).first()
-    if letter is None or letter.status != DeliveryStatus.SENT:
+    if letter is None or letter.status != OutboxStatus.SENT:
         return _drop(found.kind, "no letter was sent from this address", submission_id)
     if found.original_message_id and found.original_message_id != letter.message_id:
         return _drop(

@@ -19,11 +19,9 @@ from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
 from workers.database.models import (
-    DELIVERIES,
     LETTERS,
     SUBMISSIONS,
     Constituency,
-    DeliveryStatus,
     Letter,
     Member,
     State,
@@ -42,6 +40,7 @@ from workers.database.transitions import (
 from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner
 from workers.receiving.addresses import ReturnAddresses
+from workers.stages import delivery
 from workers.stages.stage import Stage
 
 
@@ -186,23 +185,21 @@ _READ = (
     .outerjoin(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id)
 )
 _STORE_LETTER = insert(LETTERS)
-_NEW_DELIVERY = insert(DELIVERIES)
 
 
 def plan(
     session: Session,
     submission_id: str,
-    backend: str,
     sandbox_address: str = "sandbox@localhost",
     signer: DkimSigner | None = None,
     returns: ReturnAddresses | None = None,
 ) -> Apply[list[Stage]]:
-    """Compose the letter: what to write (the letter, its delivery row, the move to rendered)."""
+    """Compose the letter: what to write (the letter, its outbox item, the move to rendered)."""
     submission = read_one(session, _READ, submission_id)
     if submission is None or submission.state != State.RESOLVED or submission.payload is None:
         return done([])
-    if submission.stored_letter is not None:
-        return move(submission, State.RENDERED, then=[Stage.DELIVER])
+    if submission.stored_letter is not None:  # a returned letter, to send again as it is
+        return _rendered(submission, None)
     definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
     mode = submission.mode
     recipient = submission.recipient or {}
@@ -230,20 +227,20 @@ def plan(
     row = letter.row_values(submission_id)
     if signer is not None:  # signed once: every attempt sends these bytes
         row["dkim_signature"] = signer.letter_signature(Letter(**row))
-    delivery = {
-        "submission_id": submission_id,
-        "status": DeliveryStatus.PENDING.value,
-        "backend": backend,
-        "attempts": 0,
-    }
+    return _rendered(submission, row)
+
+
+def _rendered(submission: Any, letter: dict[str, Any] | None) -> Apply[list[Stage]]:
+    """The move to rendered, with the letter (unless it is stored) and its outbox item."""
 
     def write(session: Session) -> list[Stage]:
         # The guarded state change first: of two workers rendering at once, the second stops
-        # here (AlreadyMoved) before it writes anything. Then the letter, then its delivery row.
+        # here (AlreadyMoved) before it writes anything. Then the letter, then its item.
         advance(session, submission, State.RENDERED)
         writes = writes_of(session)  # made with the group's other letters
-        writes.insert(_STORE_LETTER, row)
-        writes.insert(_NEW_DELIVERY, delivery)
+        if letter is not None:
+            writes.insert(_STORE_LETTER, letter)
+        writes.insert(delivery.NEW_ITEM, delivery.item_row(submission.id))
         return [Stage.DELIVER]
 
     return write
@@ -252,7 +249,6 @@ def plan(
 def render(
     session: Session,
     submission_id: str,
-    backend: str,
     sandbox_address: str = "sandbox@localhost",
     signer: DkimSigner | None = None,
     returns: ReturnAddresses | None = None,
@@ -260,5 +256,5 @@ def render(
     return one(
         session,
         submission_id,
-        lambda s, sid: plan(s, sid, backend, sandbox_address, signer, returns),
+        lambda s, sid: plan(s, sid, sandbox_address, signer, returns),
     )

@@ -24,8 +24,6 @@ from schemas.messages import is_submission_id
 from workers.database.engine import insert_on_conflict
 from workers.database.models import (
     Campaign,
-    Delivery,
-    DeliveryStatus,
     LetterEvent,
     OutboxItem,
     OutboxStatus,
@@ -39,6 +37,7 @@ from workers.outbox import sending as outbox
 from workers.webhooks.events import emit
 
 LETTER_EVENTS = table(LetterEvent)
+LETTER_ITEM = aliased(OutboxItem)  # the letter's outbox item (its id is its submission's)
 
 ANSWERS = ("yes", "not_yet", "no")
 BATCH = 500
@@ -109,11 +108,11 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
         after = now - timedelta(days=definition.survey.after_days)
         asks += session.scalars(
             select(Submission.id)
-            .join(Delivery, Delivery.submission_id == Submission.id)
+            .join(LETTER_ITEM, LETTER_ITEM.id == Submission.id)
             .where(
                 *waiting,
-                Delivery.status == DeliveryStatus.SENT,
-                Delivery.sent_at < after,
+                LETTER_ITEM.status == OutboxStatus.SENT,
+                LETTER_ITEM.sent_at < after,
                 ~_has_notice(Submission.id, "survey"),  # type: ignore[operator]
             )
             .limit(BATCH)
