@@ -210,6 +210,11 @@ class Settings(BaseSettings):
     # attempt (the mail server's refusal, an error, the worker sending it stopped) waits longer
     # before the next (1 minute, doubling, at most an hour); the last is recorded as failed.
     outbox_max_attempts: int = Field(default=8, ge=1, le=100, alias="DEARMP_OUTBOX_MAX_ATTEMPTS")
+    # The wait after the first failed attempt of anything sent (a letter too), doubling after
+    # each, at most an hour.
+    outbox_backoff_seconds: float = Field(
+        default=60.0, gt=0, le=3600, alias="DEARMP_OUTBOX_BACKOFF_SECONDS"
+    )
     # A webhook to a CRM (workers/webhooks): seconds to connect, and to wait for each read of its
     # answer; a receiver that takes longer is a failed attempt, retried like any other. At most
     # 50 s: within the webhook actor's time limit (60 s).

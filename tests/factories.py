@@ -6,9 +6,11 @@ import copy
 import uuid
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
+from workers.database.models import OutboxItem
 from workers.letters.mail import DkimSigner, Mailer
 from workers.letters.rate_limits import Limiter
 from workers.outbox.sending import OutboxPolicy, send_group
@@ -75,9 +77,9 @@ def send_letter(
     signer: DkimSigner | None = None,
     returns: ReturnAddresses | None = None,
 ) -> None:
-    """Send one rendered letter through the outbox, as the delivery actor does, without the
-    backoff between attempts (a test tries again at once). A failed attempt's error is raised
-    (what the outbox recorded it as, for a wait); a refusal for good too."""
+    """Send one rendered letter through the outbox, as the delivery actor does, due now. A
+    failed attempt's error is raised (not the wait the outbox made of it); a refusal for good
+    too."""
     [(_, error)] = send_letters(sessions, [submission_id], mailer, policy, limiter, signer, returns)
     if isinstance(error, Deferred) and isinstance(error.__cause__, Exception):
         raise error.__cause__
@@ -94,9 +96,13 @@ def send_letters(
     signer: DkimSigner | None = None,
     returns: ReturnAddresses | None = None,
 ) -> list[tuple[str, BaseException | None]]:
-    """The letters of one delivery message through the outbox (no backoff between attempts)."""
+    """The letters of one delivery message through the outbox, each due now (a test is the
+    deferred message that comes when a letter waited)."""
     policy = policy or DeliveryPolicy()
     kind = delivery.kind(mailer, policy, limiter, signer, returns)
-    timing = OutboxPolicy(policy.lease_seconds, policy.max_attempts, first_backoff=0)
+    timing = OutboxPolicy(policy.lease_seconds, policy.max_attempts)
     with session_scope(sessions) as session:
+        session.execute(
+            update(OutboxItem).where(OutboxItem.id.in_(submission_ids)).values(next_attempt_at=None)
+        )
         return send_group(session, submission_ids, mailer, {delivery.KIND: kind}, timing)

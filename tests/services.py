@@ -240,6 +240,7 @@ class HttpStub:
     script: list[tuple[int, dict[str, str], Any]] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
     server: Any = None
+    port: int = 0  # 0: any free one
 
     def start(self) -> HttpStub:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -262,7 +263,7 @@ class HttpStub:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         ).start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -130,22 +131,22 @@ def test_a_passing_refusal_is_a_warning_with_the_answer_not_an_error(
     from structlog.testing import capture_logs
 
     from tests.test_stages import through_render
-    from workers.database.models import Failure
     from workers.pipeline.dispatch import stage_message
     from workers.stages.stage import Stage
 
     app.mailer = smtp_mailer(tmp_path, smtp_sink)
+    app.settings.outbox_backoff_seconds = 0.05  # the next attempt at once, then given up
+    app.delivery_policy = replace(app.delivery_policy, max_attempts=2)
     smtp_sink.answer = "451 4.3.0 Try again later"
     sid = through_render(app, submission())
-    message = stage_message(Stage.DELIVER, sid).copy(options={"max_retries": 0})
     with caplog.at_level(logging.INFO), capture_logs() as logs:
-        stub_broker.enqueue(message)
+        stub_broker.enqueue(stage_message(Stage.DELIVER, sid))
         drain(stub_broker, stub_worker)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
-    [warning] = [e for e in logs if e["event"] == "stage_attempt_failed"]
-    assert warning["log_level"] == "warning" and warning["error"] == "TransientDeliveryError"
-    assert warning["answer"].startswith("451 4.3.0")
-    with session_scope(app.sessions) as session:
-        failure = session.scalar(select(Failure).where(Failure.message_id == message.message_id))
-    assert failure is not None and failure.exception_type.endswith("TransientDeliveryError")
+    first, last = [e for e in logs if e["event"] == "outbox_failed"]
+    assert first["log_level"] == "warning" and first["error"] == "TransientDeliveryError"
+    assert first["reason"].startswith("TransientDeliveryError: 451 4.3.0") and not first["final"]
+    assert last["final"] and "gave up after 2 failed attempts" in last["reason"]
+    assert state_counts(app, [sid]) == {"failed": 1}  # recorded, explained: no dead letter
+    assert stub_broker.dead_letters == []

@@ -18,6 +18,7 @@ from tests.conftest import make_settings
 from tests.factories import submission
 from tests.services import SmtpSink, free_port, wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
+from tests.test_sources import parliament, recorded_postcodes_io  # noqa: F401
 from tests.test_stages import through_render
 from workers.cli import main
 from workers.database.engine import session_scope
@@ -28,13 +29,26 @@ from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.intake import accept
 from workers.pipeline.runtime import prepare, submit
 from workers.stages.stage import Stage
+from workers.stages.validation import validate
 
 pytestmark = [pytest.mark.redis, pytest.mark.smtp]
 
 
 @pytest.fixture
+def postcodes_port() -> int:
+    """Where the workers look up postcodes the directory lacks: nothing answers there until a
+    test starts the recorded postcodes.io on it (an outage, then its end)."""
+    return free_port()
+
+
+@pytest.fixture
 def ops(
-    tmp_path: Path, db_url: str, redis_server: EmbeddedRedis, smtp_sink: SmtpSink
+    tmp_path: Path,
+    db_url: str,
+    redis_server: EmbeddedRedis,
+    smtp_sink: SmtpSink,
+    postcodes_port: int,
+    parliament: Any,  # noqa: F811
 ) -> Iterator[tuple[App, RedisBroker, Stack]]:
     settings = make_settings(
         tmp_path, database_url=db_url, redis_url=redis_server.url, broker="redis"
@@ -46,6 +60,10 @@ def ops(
         "DEARMP_MAIL_BACKEND": "smtp",
         "SMTP_HOST": "127.0.0.1",
         "SMTP_PORT": str(smtp_sink.port),
+        "DEARMP_RESOLUTION_ORDER": "local,live",
+        "POSTCODES_IO_URL": f"http://127.0.0.1:{postcodes_port}",
+        "MEMBERS_API_URL": parliament[1].url,
+        "DEARMP_LOOKUP_ATTEMPTS": "1",
     }
     stack = Stack(tmp_path, db_url, redis_server.url, **env)
     stack.start("worker", "--processes", "1", "--threads", "2")
@@ -61,6 +79,17 @@ def cli(*args: str) -> Any:
     return result.stdout
 
 
+def outage(app: App, broker: RedisBroker) -> str:
+    """A real dead letter that a requeue can complete: a submission whose postcode only the
+    live source knows, resolved while postcodes.io is away, with no retries left."""
+    with session_scope(app.sessions) as session:
+        sid = accept(session, submission(supporter__postcode="AB10 1AB"), app.secret).submission_id
+    with session_scope(app.sessions) as session:
+        validate(session, sid)
+    broker.enqueue(stage_message(Stage.RESOLVE, sid).copy(options={"max_retries": 0}))
+    return sid
+
+
 def dead_count(queue: str) -> int:
     depths = {d["queue"]: d for d in json.loads(cli("queues", "--json"))}
     return int(depths[queue]["dead"])
@@ -68,52 +97,51 @@ def dead_count(queue: str) -> int:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_queues_list_show_and_a_requeue_that_a_worker_completes(
-    ops: tuple[App, RedisBroker, Stack], smtp_sink: SmtpSink
+    ops: tuple[App, RedisBroker, Stack], smtp_sink: SmtpSink, shared_data: Path, postcodes_port: int
 ) -> None:
     app, broker, stack = ops
-    # Two real dead letters: a message that cannot parse, and a delivery refused "try later"
-    # with no retries left.
+    # Two real dead letters: a message that cannot parse, and a resolution while postcodes.io
+    # is away, with no retries left.
     broken = stage_message(Stage.VALIDATE, "x").copy(args=({"v": 99, "submission_id": "x"},))
     broker.enqueue(broken)
-    sid = through_render(app, submission())
-    smtp_sink.answer = "451 4.7.1 Greylisted, try again later"
-    broker.enqueue(stage_message(Stage.DELIVER, sid).copy(options={"max_retries": 0}))
-    assert wait_for(lambda: dead_count("dearmp.deliver") == 1, 60), stack.log_text()[-2000:]
+    sid = outage(app, broker)
+    assert wait_for(lambda: dead_count("dearmp.resolve") == 1, 60), stack.log_text()[-2000:]
     assert wait_for(lambda: dead_count("dearmp.validate") == 1, 10)
 
     listed = json.loads(cli("dlq", "list", "--json"))
-    assert {d["actor"] for d in listed} == {"validate_submission", "deliver_submission"}
-    [delivery] = json.loads(cli("dlq", "list", "--json", "--actor", "deliver_submission"))
-    assert delivery["submission_id"] == sid and delivery["reason"].endswith(
-        "TransientDeliveryError"
-    )
+    assert {d["actor"] for d in listed} == {"validate_submission", "resolve_submission"}
+    [lookup] = json.loads(cli("dlq", "list", "--json", "--actor", "resolve_submission"))
+    assert lookup["submission_id"] == sid and lookup["reason"].endswith("SourceUnavailable")
     assert len(json.loads(cli("dlq", "list", "--json", "--reason", "foreignmessage"))) == 1
 
-    shown = json.loads(cli("dlq", "show", delivery["message_id"]))
-    assert [h["state"] for h in shown["history"]][-1] == "rendered"
-    assert shown["failure"]["message"].startswith("451 4.7.1 Greylisted")
-    assert "TransientDeliveryError" in shown["failure"]["traceback"]
+    shown = json.loads(cli("dlq", "show", lookup["message_id"]))
+    assert [h["state"] for h in shown["history"]][-1] == "validated"
+    assert "unavailable" in shown["failure"]["message"]
+    assert "SourceUnavailable" in shown["failure"]["traceback"]
     assert "amira" not in json.dumps(shown).lower()
-    revealed = CliRunner().invoke(main, ["dlq", "show", delivery["message_id"], "--reveal"])
+    revealed = CliRunner().invoke(main, ["dlq", "show", lookup["message_id"], "--reveal"])
     assert '"event": "dead_letter_revealed"' in revealed.stderr
 
     assert "would requeue 1" in cli(
-        "dlq", "requeue", "--all", "--actor", "deliver_submission", "--dry-run"
+        "dlq", "requeue", "--all", "--actor", "resolve_submission", "--dry-run"
     )
-    assert dead_count("dearmp.deliver") == 1  # a dry run changes nothing
+    assert dead_count("dearmp.resolve") == 1  # a dry run changes nothing
 
-    smtp_sink.answer = None  # the mail server is fixed: send it again
-    out = cli("dlq", "requeue", delivery["message_id"])
-    assert "requeued 1, not found 0" in out
-    assert wait_all_final(app, [sid], timeout=60) == {"delivered": 1}, stack.log_text()[-2000:]
+    back = recorded_postcodes_io(shared_data, postcodes_port)  # postcodes.io is back
+    try:
+        out = cli("dlq", "requeue", lookup["message_id"])
+        assert "requeued 1, not found 0" in out
+        assert wait_all_final(app, [sid], timeout=60) == {"delivered": 1}, stack.log_text()[-2000:]
+    finally:
+        back.stop()
     assert smtp_sink.received.count() == 1
-    assert dead_count("dearmp.deliver") == 0 and dead_count("dearmp.validate") == 1
+    assert dead_count("dearmp.resolve") == 0 and dead_count("dearmp.validate") == 1
     assert "not found 1" in cli("dlq", "requeue", "no-such-id")
 
     wide = {"COLUMNS": "160"}
     view = CliRunner().invoke(main, ["watch", "--iterations", "1"], env=wide).stdout
-    assert "dearmp.deliver" in view and "Newest failures" in view
-    assert "TransientDeliveryError" in view and "ForeignMessage" in view
+    assert "dearmp.resolve" in view and "Newest failures" in view
+    assert "SourceUnavailable" in view and "ForeignMessage" in view
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -158,7 +186,7 @@ def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
         )  # fmt: skip
     late = CliRunner().invoke(main, ["health"])
     assert late.exit_code != 0 and "1 webhooks overdue" in late.output, late.output
-    assert "emails to supporters overdue" not in late.output
+    assert "letters and emails overdue" not in late.output
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -209,29 +237,30 @@ def test_prometheus_metrics_from_the_exporter_and_the_workers(
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_dead_letters_outlive_a_redis_restart_in_the_operators_view(
-    ops: tuple[App, RedisBroker, Stack], smtp_sink: SmtpSink
+    ops: tuple[App, RedisBroker, Stack], smtp_sink: SmtpSink, shared_data: Path, postcodes_port: int
 ) -> None:
     """The database is the source of truth: after Redis restarts empty, the dead letters are
     still listed, counted by health, and a requeue makes the message again from the record."""
     import redis
 
     app, broker, stack = ops
-    sid = through_render(app, submission())
-    smtp_sink.answer = "451 4.7.1 Greylisted, try again later"
-    broker.enqueue(stage_message(Stage.DELIVER, sid).copy(options={"max_retries": 0}))
-    assert wait_for(lambda: dead_count("dearmp.deliver") == 1, 60), stack.log_text()[-2000:]
+    sid = outage(app, broker)
+    assert wait_for(lambda: dead_count("dearmp.resolve") == 1, 60), stack.log_text()[-2000:]
     redis.Redis.from_url(app.settings.resolved_redis_url).flushall()  # a restart, empty
 
     [listed] = json.loads(cli("dlq", "list", "--json"))
     assert listed["submission_id"] == sid and listed["in_redis"] is False
-    assert listed["reason"].endswith("TransientDeliveryError")
-    assert dead_count("dearmp.deliver") == 1
+    assert listed["reason"].endswith("SourceUnavailable")
+    assert dead_count("dearmp.resolve") == 1
     unhealthy = CliRunner().invoke(main, ["health"])
     assert unhealthy.exit_code == 1 and "1 dead letters" in unhealthy.output
 
-    smtp_sink.answer = None
-    assert "requeued 1, not found 0" in cli("dlq", "requeue", "--all")
-    assert wait_all_final(app, [sid], timeout=60) == {"delivered": 1}, stack.log_text()[-2000:]
+    back = recorded_postcodes_io(shared_data, postcodes_port)
+    try:
+        assert "requeued 1, not found 0" in cli("dlq", "requeue", "--all")
+        assert wait_all_final(app, [sid], timeout=60) == {"delivered": 1}, stack.log_text()[-2000:]
+    finally:
+        back.stop()
     assert smtp_sink.received.count() == 1
     assert json.loads(cli("dlq", "list", "--json")) == []
     assert "healthy: 0 dead letters" in cli("health")

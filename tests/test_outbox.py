@@ -343,12 +343,19 @@ def test_the_migration_carries_sent_confirmations_and_notices_down_and_up(
         assert conn.scalar(text(sent)) == 1
         kinds = conn.scalars(text("SELECT kind FROM notices ORDER BY kind")).all()
         assert kinds == ["bounce", "forward", "survey", "survey"]
+        # The letters' items were their delivery rows before 0016.
+        letters = conn.execute(text("SELECT submission_id, status FROM deliveries")).all()
+        assert len(letters) == 2 and {status for _, status in letters} == {"sent"}
     engine.dispose()
     command.upgrade(config, "head")
     with session_scope(app.sessions) as session:
         rows = session.execute(
             select(OutboxItem.key, OutboxItem.status).where(OutboxItem.kind != "letter")
         ).all()
+        back = session.execute(
+            select(OutboxItem.id, OutboxItem.status).where(OutboxItem.kind == "letter")
+        ).all()
+    assert sorted(back) == sorted(letters)  # and back: each letter's item has its submission's id
     keyed = {("forward" if key.startswith("forward:") else key, status) for key, status in rows}
     assert keyed == {
         ("confirm", "sent"),  # the unsent reminder is queued again by the reconciler when due

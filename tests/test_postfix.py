@@ -304,7 +304,7 @@ def test_a_451_to_some_letters_keeps_the_sessions_open(run: Run) -> None:
     new connection (with its TLS and AUTH) per refusal."""
     run.relay.rules(recipients={"alex.rivers.mp@mp.example.org": "451 4.3.0 <x>: Try again"})
     run.relay.reload()
-    run.start(SMTP_CONNECTION_IDLE="60")
+    run.start(SMTP_CONNECTION_IDLE="60", DEARMP_OUTBOX_BACKOFF_SECONDS="1")
     ids = run.submit(36)
     delivered = [sid for i, sid in enumerate(ids) if i % 6 != 0]
     assert wait_for(lambda: run.relay.count("451 4.3.0") >= 18, 90), run.logs()

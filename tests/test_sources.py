@@ -38,7 +38,7 @@ from workers.stages.validation import validate
 MPS = "constituencies_2024_current_mps.csv"
 
 
-def recorded_postcodes_io(shared_data: Path) -> HttpStub:
+def recorded_postcodes_io(shared_data: Path, port: int = 0) -> HttpStub:
     answers: dict[str, tuple[int, dict[str, str], Any]] = {}
     for path in (shared_data / "postcodes_io_responses").glob("*.json"):
         exchange = json.loads(path.read_text())
@@ -49,7 +49,7 @@ def recorded_postcodes_io(shared_data: Path) -> HttpStub:
     def route(path: str) -> tuple[int, dict[str, str], Any]:
         return answers.get(path, (404, {}, {"status": 404, "error": "Postcode not found"}))
 
-    return HttpStub(route).start()
+    return HttpStub(route, port=port).start()
 
 
 class FakeParliament:

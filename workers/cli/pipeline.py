@@ -493,6 +493,7 @@ def health(cli: Cli, max_dead: int, max_age: float) -> None:
     from workers.mp import health as health_of_addresses
     from workers.outbox import sending as outbox
     from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
+    from workers.stages.delivery import KIND as LETTER
     from workers.webhooks.events import KIND as WEBHOOK
 
     app = cli.app
@@ -519,10 +520,10 @@ def health(cli: Cli, max_dead: int, max_age: float) -> None:
         failed = {
             kind: n for (kind, status), n in outbox.counts(session).items() if status == "failed"
         }
-    given_up = sum(n for kind, n in failed.items() if kind != WEBHOOK)
+    given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER))
     if every > hooks:
         problems.append(
-            f"{every - hooks} emails to supporters overdue by more than {max_age:g}s: "
+            f"{every - hooks} letters and emails overdue by more than {max_age:g}s: "
             "is a worker running?"
         )
     if hooks:  # letters and emails are not held up by it: their own queue
@@ -541,7 +542,8 @@ def health(cli: Cli, max_dead: int, max_age: float) -> None:
         raise click.ClickException("unhealthy: " + "; ".join(problems))
     click.echo(
         f"healthy: {dead} dead letters, oldest waiting message {age:.0f}s, "
-        f"{given_up} emails to supporters given up, {failed.get(WEBHOOK, 0)} webhooks given up"
+        f"{failed.get(LETTER, 0)} letters failed, {given_up} emails to supporters given up, "
+        f"{failed.get(WEBHOOK, 0)} webhooks given up"
     )
 
 

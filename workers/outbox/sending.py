@@ -271,7 +271,10 @@ def send_group(
     waits: list[tuple[str, Deferred]] = []
     ready: list[_Ready] = []
     ended: list[OutboxItem] = []
-    for item in session.scalars(select(OutboxItem).where(OutboxItem.id.in_(ids))).all():
+    found = session.scalars(
+        select(OutboxItem).where(OutboxItem.id.in_(ids)).order_by(OutboxItem.id)
+    )
+    for item in found.all():
         if item.status not in (OutboxStatus.PENDING, OutboxStatus.SENDING):
             ended.append(item)  # its kind's ``done`` is made again, in case it failed
             continue
@@ -286,7 +289,7 @@ def send_group(
         one = _Ready(item, kind, kind.channel if kind is not None and kind.channel else mailer)
         paused = one.channel.waiting()
         if paused > 0:  # the mail server would refuse us, not the email: it is not claimed
-            waits.append((item.id, Deferred(paused, "paused: the mail server refused us")))
+            waits.append((item.id, Deferred(paused, "delivery paused: the mail server refused us")))
             continue
         try:
             one.mail = kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
@@ -467,6 +470,7 @@ def _give_back(
         session,
         _held(item.id, mine),
         status=OutboxStatus.PENDING,
+        attempts=OutboxItem.attempts - 1,  # a claim given back is no attempt
         error=reason,
         next_attempt_at=utcnow() + timedelta(seconds=wait),
     )
@@ -519,6 +523,7 @@ def _failed(
         kind=item.kind,
         final=final,
         error=type(error).__name__,
+        reason=(reason or "")[:200],  # masked: the server's answer can quote an address
         retry_in=wait.total_seconds(),
     )
     if final:

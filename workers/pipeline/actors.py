@@ -252,7 +252,11 @@ def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
     if built is not None and built[0] is app:
         return built[1], built[2]
     settings = app.settings
-    policy = outbox.OutboxPolicy(settings.delivery_lease_seconds, settings.outbox_max_attempts)
+    policy = outbox.OutboxPolicy(
+        settings.delivery_lease_seconds,
+        settings.outbox_max_attempts,
+        first_backoff=settings.outbox_backoff_seconds,
+    )
     context = kinds.Context(
         app.returns,
         app.signer,
