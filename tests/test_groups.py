@@ -236,8 +236,8 @@ def test_each_letter_of_a_group_is_recorded_in_a_commit_of_its_own(app: App) -> 
     commits = _commits(app)
     outcomes = send_letters(app.sessions, ids, app.mailer)
     assert sorted(outcomes) == sorted((sid, None) for sid in ids)
-    # The group's claims, then for each letter its item marked sent with the move to delivered.
-    assert commits[0] == 1 + 6
+    # The group's claims, then each letter's item marked sent, then the moves to delivered.
+    assert commits[0] == 1 + 6 + 1
     assert state_counts(app, ids) == {"delivered": 6}
     assert len(list(app.settings.resolved_outbox_dir.glob("*.eml"))) == 6
 
@@ -276,9 +276,9 @@ def test_a_group_interrupted_mid_send_records_the_letters_it_sent(app: App) -> N
 def test_a_move_that_fails_after_the_send_leaves_the_sent_mark_and_is_made_again(
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The letter's sent mark and its move to delivered commit together; if the move fails,
-    the mark is committed alone (the letter is never sent again) and the message's retry
-    makes the move, sending nothing."""
+    """The letter's sent mark commits alone, the moment the server took it; if the move to
+    delivered then fails, the message's retry (or the reconciler's resend of a rendered
+    submission whose letter is no longer waiting) makes the move, sending nothing."""
     sid = through_render(app, submission())
     mailer = Counting(OutboxMailer(app.settings.resolved_outbox_dir))
 
@@ -296,3 +296,37 @@ def test_a_move_that_fails_after_the_send_leaves_the_sent_mark_and_is_made_again
     assert send_letters(app.sessions, [sid], mailer) == [(sid, None)]
     assert state_counts(app, [sid]) == {"delivered": 1}
     assert mailer.count == 1
+
+
+def test_the_reconciler_resends_a_sent_letter_whose_move_was_lost_and_not_one_that_waits(
+    app: App,
+) -> None:
+    """A worker that dies between a letter's sent mark and its move leaves a rendered
+    submission whose letter is sent: the reconciler resends it to delivery, which moves it and
+    sends nothing. A letter waiting in the outbox (its backoff, quiet hours) is the outbox's
+    to resend when it is due, not the reconciler's by its state."""
+    from datetime import timedelta
+
+    from workers.pipeline.reconciler import find_stalled
+
+    sent, waiting = (
+        through_render(app, submission(supporter__email=f"s{i}@example.com")) for i in range(2)
+    )
+    long_ago = utcnow() - timedelta(hours=1)
+    with session_scope(app.sessions) as session:
+        session.execute(update(Submission).values(dispatched_at=long_ago))
+        session.execute(
+            update(OutboxItem).where(OutboxItem.id == sent).values(status="sent", sent_at=long_ago)
+        )
+        later = utcnow() + timedelta(hours=1)
+        session.execute(
+            update(OutboxItem).where(OutboxItem.id == waiting).values(next_attempt_at=later)
+        )
+    with session_scope(app.sessions) as session:
+        resent = find_stalled(session, timedelta(minutes=5))
+    assert [(sid, stage) for sid, stage in resent if stage != Stage.CONSENT] == [
+        (sent, Stage.DELIVER)
+    ]  # (their consent is not logged: through_render skips it)
+    mailer = Counting(OutboxMailer(app.settings.resolved_outbox_dir))
+    assert send_letters(app.sessions, [sent], mailer) == [(sent, None)]
+    assert state_counts(app, [sent]) == {"delivered": 1} and mailer.count == 0

@@ -1,5 +1,5 @@
-"""``dearmp outbox``: the emails to supporters an operator looks at, and sends again once the
-cause of their failure is fixed."""
+"""``dearmp outbox``: everything DearMP sends (letters, emails to supporters, webhooks) that an
+operator looks at, and sends again once the cause of a failure is fixed."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ STATUSES = ("pending", "sending", "sent", "failed", "skipped")
 
 @click.group()
 def outbox() -> None:
-    """Emails to supporters (confirmations, notices, forwards, surveys)."""
+    """What DearMP sends: letters, emails to supporters (confirmations, notices, forwards,
+    surveys), webhooks."""
 
 
 @outbox.command("list")
@@ -55,7 +56,7 @@ def outbox_list(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
 
 
 @outbox.command("retry")
-@click.option("--kind", default=None, help="Only items of this kind (confirm, bounce, ...).")
+@click.option("--kind", default=None, help="Only items of this kind (confirm, bounce, webhook...).")
 @click.option("--dry-run", is_flag=True, help="Say what would be retried; change nothing.")
 @pass_cli
 def outbox_retry(cli: Cli, kind: str | None, dry_run: bool) -> None:
@@ -68,11 +69,16 @@ def outbox_retry(cli: Cli, kind: str | None, dry_run: bool) -> None:
     from workers.outbox.kinds import stage_of
     from workers.outbox.sending import retry_failed
     from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.delivery import KIND as LETTER
 
+    if kind == LETTER:
+        raise click.ClickException(
+            "a failed letter failed its submission too: `dearmp deliveries reopen` sends it again"
+        )
     with session_scope(cli.app.sessions) as session:
         ids = retry_failed(session, kind, dry_run)
         found = select(OutboxItem.id, OutboxItem.kind).where(OutboxItem.id.in_(ids))
-        kind_of = dict(session.execute(found).tuples().all())
+        kind_of: dict[str, str] = {item_id: k for item_id, k in session.execute(found)}
     if ids and not dry_run:  # after the commit; else the reconciler
         sends: dict[Stage, list[str]] = {}
         for item_id in ids:

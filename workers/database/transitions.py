@@ -7,7 +7,8 @@ cost more than the statements themselves.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import structlog
@@ -203,6 +204,22 @@ def group_of(session: Session) -> Group | None:
     SQLAlchemy gives applications for what belongs to a session)."""
     group: Group | None = session.info.get(_GROUP)
     return group
+
+
+@contextmanager
+def together(session: Session, submission_ids: Sequence[str], writing: bool) -> Iterator[None]:
+    """A group outside :func:`in_group` (the outbox's items of one message): while in it,
+    :func:`read_one` reads these submissions' rows with one statement, and, ``writing``, the
+    moves are made with one statement of each kind when it ends (:class:`GroupWrites`, which
+    raises :class:`AlreadyMoved` if one of them was moved meanwhile)."""
+    group = session.info[_GROUP] = Group(sorted(set(submission_ids)))
+    group.writes = GroupWrites() if writing else None
+    try:
+        yield
+        if group.writes is not None:
+            group.writes.flush(session)
+    finally:
+        del session.info[_GROUP]
 
 
 def group_writes(session: Session) -> GroupWrites | None:

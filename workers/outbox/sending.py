@@ -41,12 +41,12 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, Update, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from workers.database.engine import insert_on_conflict
-from workers.database.models import OutboxItem, OutboxStatus, utcnow
-from workers.database.transitions import rowcount
+from workers.database.models import OUTBOX, OutboxItem, OutboxStatus, utcnow
+from workers.database.transitions import rowcount, together
 from workers.letters.mail import (
     OUT_OF_STEP_WAIT,
     Mailer,
@@ -96,12 +96,13 @@ class Kind:
     not be sent: it is skipped; or raises :class:`Deferred` for it to wait); ``done`` runs in
     the commit that ends it (sent, skipped or failed, with the server's answer or the reason);
     ``channel`` sends what compose wrote (None: the mailer, for an email); ``max_attempts``
-    replaces the policy's."""
+    replaces the policy's; ``sent`` gets what was sent once its mark is committed."""
 
     compose: Callable[[Session, OutboxItem], object]
     done: Callable[[Session, OutboxItem, str, str | None], None] | None = None
     channel: Channel | None = None
     max_attempts: int | None = None
+    sent: Callable[[Any], None] | None = None  # after the sent mark's commit: bookkeeping
 
 
 def enqueue(
@@ -163,8 +164,9 @@ def overdue(
 def retry_failed(session: Session, kind: str | None = None, dry_run: bool = False) -> list[str]:
     """Items given up (``failed``) back to pending with a fresh count of failures, due now (the
     caller sends them after the commit): once the cause is fixed, a relay outage costs nothing.
-    ``kind``: only items of that kind. The items retried (or that would be)."""
-    where = [OutboxItem.status == OutboxStatus.FAILED]
+    ``kind``: only items of that kind. Not letters: a failed letter failed its submission too,
+    and ``dearmp deliveries reopen`` sends it again. The items retried (or that would be)."""
+    where = [OutboxItem.status == OutboxStatus.FAILED, OutboxItem.kind != "letter"]
     if kind is not None:
         where.append(OutboxItem.kind == kind)
     ids = list(session.scalars(select(OutboxItem.id).where(*where).order_by(OutboxItem.created_at)))
@@ -268,49 +270,55 @@ def send_group(
     ids = sorted(set(item_ids))
     outcomes: dict[str, BaseException | None] = dict.fromkeys(ids)
     now = utcnow()
+    lapsed = now - timedelta(seconds=policy.lease_seconds)
     waits: list[tuple[str, Deferred]] = []
     ready: list[_Ready] = []
     ended: list[OutboxItem] = []
     found = session.scalars(
         select(OutboxItem).where(OutboxItem.id.in_(ids)).order_by(OutboxItem.id)
-    )
-    for item in found.all():
-        if item.status not in (OutboxStatus.PENDING, OutboxStatus.SENDING):
-            ended.append(item)  # its kind's ``done`` is made again, in case it failed
-            continue
-        if (
-            item.status == OutboxStatus.PENDING
-            and item.next_attempt_at is not None
-            and item.next_attempt_at > now + DUE_TOLERANCE
-        ):
-            outcomes[item.id] = Deferred((item.next_attempt_at - now).total_seconds(), "not due")
-            continue
-        kind = kinds.get(item.kind)
-        one = _Ready(item, kind, kind.channel if kind is not None and kind.channel else mailer)
-        paused = one.channel.waiting()
-        if paused > 0:  # the mail server would refuse us, not the email: it is not claimed
-            waits.append((item.id, Deferred(paused, "delivery paused: the mail server refused us")))
-            continue
-        try:
-            one.mail = kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
-        except Deferred as later:  # its destination would refuse us now (quiet hours, a limit)
-            waits.append((item.id, later))
-            continue
-        except ValueError as exc:  # an address the email package will not write
-            one.mail = mask_text(f"cannot be written as email: {exc}")[:500]
-        except Exception as exc:  # nobody foresaw it: counted, like a failed send
-            one.broken = exc
-        ready.append(one)
+    ).all()
+    for item in found:  # detached: a rollback below does not expire (and reload) them
+        session.expunge(item)
+    # What the kinds read of their submissions is read for them all at once (read_one).
+    with together(session, [item.submission_id for item in found], writing=False):
+        for item in found:
+            if item.status not in (OutboxStatus.PENDING, OutboxStatus.SENDING):
+                ended.append(item)
+                continue
+            if item.status == OutboxStatus.SENDING and (item.claimed_at or now) >= lapsed:
+                continue  # another worker's live claim: its to end
+            wait = _not_due(item, now)
+            kind = kinds.get(item.kind)
+            one = _Ready(item, kind, kind.channel if kind is not None and kind.channel else mailer)
+            if wait is None and one.channel.waiting() > 0:  # refusing us, not the email
+                wait = Deferred(
+                    one.channel.waiting(), "delivery paused: the mail server refused us"
+                )
+            if wait is None:
+                try:
+                    one.mail = (
+                        kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
+                    )
+                except Deferred as later:  # its destination would refuse us now (quiet hours)
+                    wait = later
+                except ValueError as exc:  # an address the email package will not write
+                    one.mail = mask_text(f"cannot be written as email: {exc}")[:500]
+                except Exception as exc:  # nobody foresaw it: counted, like a failed send
+                    one.broken = exc
+            if wait is not None:
+                waits.append((item.id, wait))
+            else:
+                ready.append(one)
     if any(one.broken is not None for one in ready):
         session.rollback()  # only read: a failed read may have ended the transaction
+    if ended:
+        _repair(session, ended, kinds)
     for item_id, wait in waits:
-        _wait(session, item_id, wait.seconds)
-        outcomes[item_id] = wait
+        if _wait(session, item_id, wait.seconds, lapsed):
+            outcomes[item_id] = wait
     # The emails are written before the claims, so that the claims are the transaction's only
     # writes and are committed at once: on SQLite no one waits for the write lock meanwhile.
     claims = _claim(session, [one.item for one in ready], policy, kinds)
-    for item in ended:
-        _done(session, item, kinds.get(item.kind), item.status, item.response or item.error)
     claimed = []
     for one in ready:
         mine = claims.get(one.item.id)
@@ -322,21 +330,57 @@ def send_group(
             continue
         claimed.append((one, mine))
     session.commit()
-    for one, mine in claimed:  # no transaction is open while a server answers
-        try:
-            _send(session, one, mine, policy)
-        except Exception as exc:  # Deferred, a refusal for good, or the unforeseen
-            session.rollback()
-            outcomes[one.item.id] = exc
+    sent: list[tuple[_Ready, str | None]] = []
+    try:
+        for one, mine in claimed:  # no transaction is open while a server answers
+            try:
+                response = _send(session, one, mine, policy)
+            except Exception as exc:  # Deferred, a refusal for good, or the unforeseen
+                session.rollback()
+                outcomes[one.item.id] = exc
+                continue
+            if response is not None:
+                sent.append((one, response or None))
+    finally:  # also when the worker is interrupted (its time limit): what was sent moves on
+        if sent:
+            outcomes.update(_sent(session, sent))
     return list(outcomes.items())
 
 
-def _send(session: Session, one: _Ready, mine: datetime, policy: OutboxPolicy) -> None:
-    """Send a claimed item and end its attempt, in a commit of its own."""
+def _sent(session: Session, sent: list[tuple[_Ready, str | None]]) -> dict[str, Exception]:
+    """What the kinds do once their items are sent (a letter's submission moves to delivered),
+    for all of them in one transaction, with one statement of each kind; if that fails (one
+    moved meanwhile), each alone. A worker that dies before leaves items sent whose ``done``
+    is made when a message about them comes again (the reconciler resends a letter whose
+    submission did not move, :func:`workers.pipeline.reconciler.find_stalled`). The errors."""
+    try:
+        with together(session, [one.item.submission_id for one, _ in sent], writing=True):
+            for one, response in sent:
+                _done(session, one.item, one.kind, OutboxStatus.SENT, response)
+        session.commit()
+        return {}
+    except Exception:
+        session.rollback()
+    errors: dict[str, Exception] = {}
+    for one, response in sent:
+        try:
+            _done(session, one.item, one.kind, OutboxStatus.SENT, response)
+            session.commit()
+        except Exception as exc:  # sent and marked: its message's retry makes it again
+            session.rollback()
+            log.error("outbox_done_failed", outbox_id=one.item.id, error=type(exc).__name__)
+            errors[one.item.id] = exc
+    return errors
+
+
+def _send(session: Session, one: _Ready, mine: datetime, policy: OutboxPolicy) -> str | None:
+    """Send a claimed item and mark it sent, alone in its commit the moment the server took it
+    (what stops a resend, so nothing else waits in that commit): the server's answer ("" for
+    none), or None when it was not (its attempt ended otherwise, or the claim was lost)."""
     item, kind = one.item, one.kind
     if one.broken is not None:
         _failed(session, item, mine, one.broken, policy, kind)
-        return
+        return None
     try:
         answer = one.channel.send(one.mail)
     except PermanentDeliveryError as exc:
@@ -346,42 +390,78 @@ def _send(session: Session, one: _Ready, mine: datetime, policy: OutboxPolicy) -
         if ended:
             log.warning("outbox_failed", outbox_id=item.id, kind=item.kind, final=True)
             raise
-        return
+        return None
     except TransientDeliveryError as exc:
         if exc.ours:
             _give_back(session, item, mine, exc)
         else:
             _failed(session, item, mine, exc, policy, kind)
-        return
+        return None
     except Exception as exc:
         _failed(session, item, mine, exc, policy, kind)
-        return
-    response = answer[:2000] if isinstance(answer, str) else None
-    try:
-        sent = _end(session, item, mine, OutboxStatus.SENT, kind, response=response)
-        session.commit()
-    except Exception as exc:  # what its kind does failed: the mark alone, never sent again
-        session.rollback()
-        log.error("outbox_done_failed", outbox_id=item.id, kind=item.kind, error=type(exc).__name__)
-        sent = _end(session, item, mine, OutboxStatus.SENT, None, response=response)
-        session.commit()
-        raise  # tried again (the item's kind's ``done`` is made again for an item ended)
-    if sent:
-        log.info("outbox_sent", outbox_id=item.id, kind=item.kind)
+        return None
+    response = answer[:2000] if isinstance(answer, str) else ""
+    values: dict[str, object] = {
+        "status": OutboxStatus.SENT,
+        "error": None,
+        "sent_at": utcnow(),
+        "response": response,
+    }
+    marked = _mark(session, item.id, mine, values)
+    session.commit()
+    if not marked:
+        _lost(item)
+        return None
+    log.info("outbox_sent", outbox_id=item.id, kind=item.kind)
+    if kind is not None and kind.sent is not None:
+        try:
+            kind.sent(one.mail)
+        except Exception as exc:  # bookkeeping only: it is sent, and marked
+            log.warning("outbox_sent_hook_failed", outbox_id=item.id, error=type(exc).__name__)
+    return response
 
 
-def _wait(session: Session, item_id: str, seconds: float) -> None:
+def _not_due(item: OutboxItem, now: datetime) -> Deferred | None:
+    """The wait of an item not yet due (after a failed attempt, or a wait of its own)."""
+    at = item.next_attempt_at
+    if item.status == OutboxStatus.PENDING and at is not None and at > now + DUE_TOLERANCE:
+        return Deferred((at - now).total_seconds(), "not due")
+    return None
+
+
+def _wait(session: Session, item_id: str, seconds: float, lapsed: datetime) -> bool:
     """Wait ``seconds`` unclaimed, costing no attempt: the item is not due before then, so
     neither a duplicate message nor the reconciler tries it sooner (each try of an item that
     must wait would otherwise start one more loop of delayed messages); the deferral sends it
-    when it is due. The caller commits."""
+    when it is due. A claim older than the lease (its worker stopped) is given back to wait
+    too. Whether the item waits (False: someone else has it now). The caller commits."""
     later = utcnow() + timedelta(seconds=seconds)
-    session.execute(
+    mine = (OutboxItem.status == OutboxStatus.PENDING) | (
+        (OutboxItem.status == OutboxStatus.SENDING) & (OutboxItem.claimed_at < lapsed)
+    )
+    changed = session.execute(
         update(OutboxItem)
-        .where(OutboxItem.id == item_id, OutboxItem.status == OutboxStatus.PENDING)
-        .values(next_attempt_at=later, dispatched_at=later)
+        .where(OutboxItem.id == item_id, mine)
+        .values(status=OutboxStatus.PENDING, next_attempt_at=later, dispatched_at=later)
         .execution_options(synchronize_session=False)
     )
+    return rowcount(changed) == 1
+
+
+def _repair(session: Session, ended: list[OutboxItem], kinds: Mapping[str, Kind]) -> None:
+    """The ``done`` of items ended already, made again in case it was lost (a worker that died
+    between an item's sent mark and its kind's ``done``): each only if it is still as it was
+    read (locked until the commit), and its kind does nothing if it has been done."""
+    still = dict(
+        session.execute(
+            select(OutboxItem.id, OutboxItem.status)
+            .where(OutboxItem.id.in_([item.id for item in ended]))
+            .with_for_update()
+        ).all()
+    )
+    for item in ended:
+        if still.get(item.id) == item.status:
+            _done(session, item, kinds.get(item.kind), item.status, item.response or item.error)
 
 
 def _claim(
@@ -394,20 +474,8 @@ def _claim(
     if not items:
         return {}
     now = utcnow()
-    claimed = set(
-        session.scalars(
-            update(OutboxItem)
-            .where(
-                OutboxItem.id.in_([item.id for item in items]),
-                OutboxItem.status == OutboxStatus.PENDING,
-                OutboxItem.next_attempt_at.is_(None)
-                | (OutboxItem.next_attempt_at <= now + DUE_TOLERANCE),
-            )
-            .values(status=OutboxStatus.SENDING, claimed_at=now, attempts=OutboxItem.attempts + 1)
-            .returning(OutboxItem.id)
-            .execution_options(synchronize_session=False)
-        )
-    )
+    ids = [item.id for item in items]
+    claimed = set(session.scalars(_CLAIM, {"ids": ids, "now": now, "due": now + DUE_TOLERANCE}))
     mine = dict.fromkeys(claimed, now)
     for item in items:
         if item.id not in claimed and item.status == OutboxStatus.SENDING:
@@ -539,17 +607,13 @@ def _end(
     status: OutboxStatus,
     kind: Kind | None,
     error: str | None = None,
-    response: str | None = None,
 ) -> bool:
-    """End the attempt (sent, skipped or failed) if this worker still holds the claim, and run
-    the kind's ``done``. False, changing nothing, if the claim was taken over meanwhile."""
-    values: dict[str, object] = {"status": status, "error": error}
-    if status == OutboxStatus.SENT:
-        values |= {"sent_at": utcnow(), "response": response}
-    if not _set(session, _held(item.id, mine), **values):
+    """End the attempt (skipped or failed) if this worker still holds the claim, and run the
+    kind's ``done``. False, changing nothing, if the claim was taken over meanwhile."""
+    if not _mark(session, item.id, mine, {"status": status, "error": error}):
         _lost(item)
         return False
-    _done(session, item, kind, status, response if status == OutboxStatus.SENT else error)
+    _done(session, item, kind, status, error)
     return True
 
 
@@ -559,6 +623,42 @@ def _done(
     """The kind's ``done``, in the transaction that ends the item."""
     if kind is not None and kind.done is not None:
         kind.done(session, item, status, detail)
+
+
+# The statements of the hot path, built once (SQLAlchemy compiles each once; building one anew
+# and computing its cache key costs more than running it).
+_o = OUTBOX.c
+_CLAIM = (
+    update(OUTBOX)
+    .where(
+        _o.id.in_(bindparam("ids", expanding=True)),
+        _o.status == OutboxStatus.PENDING.value,
+        _o.next_attempt_at.is_(None) | (_o.next_attempt_at <= bindparam("due")),
+    )
+    .values(
+        status=OutboxStatus.SENDING.value, claimed_at=bindparam("now"), attempts=_o.attempts + 1
+    )
+    .returning(_o.id)
+)
+_marks: dict[tuple[str, ...], Update] = {}
+
+
+def _mark(session: Session, item_id: str, mine: datetime, values: dict[str, object]) -> bool:
+    """End the attempt of an item this worker still holds (``_held``) with ``values``."""
+    names = tuple(sorted(values))
+    statement = _marks.get(names)
+    if statement is None:
+        statement = _marks[names] = (
+            update(OUTBOX)
+            .where(
+                _o.id == bindparam("b_id"),
+                _o.status == OutboxStatus.SENDING.value,
+                _o.claimed_at == bindparam("b_mine"),
+            )
+            .values({name: bindparam(f"v_{name}") for name in names})
+        )
+    params = {f"v_{name}": value for name, value in values.items()}
+    return rowcount(session.execute(statement, {"b_id": item_id, "b_mine": mine, **params})) == 1
 
 
 def _set(session: Session, guard: ColumnElement[bool], **values: object) -> bool:

@@ -109,6 +109,7 @@ def find_stalled(
         select(Submission.id, Submission.state)
         .where(Submission.state.in_([s.value for s in STAGE_FOR_STATE]))
         .where(Submission.dispatched_at < cutoff)
+        .where(~_waiting_letter(Submission.id))
         .order_by(Submission.dispatched_at)
         .limit(BATCH)
     ).all()
@@ -181,16 +182,40 @@ def find_after_sent(
         .limit(BATCH)
     ).all()
     surveys = survey.due(session, now)
+    marked: set[str] = set()
     for model, ids in ((InboundMessage, inbound), (OutboxItem, [i for i, _ in items])):
-        if ids:
-            session.execute(
-                update(model)
-                .where(model.id.in_(ids))
-                .values(dispatched_at=now)
-                .execution_options(synchronize_session=False)
+        if ids:  # skipping a row a worker is writing (it is moving on), as find_stalled does
+            free = (
+                select(model.id)
+                .where(model.id.in_(sorted(ids)))
+                .order_by(model.id)
+                .with_for_update(skip_locked=True)
             )
-    sent = [(n, stage_of(kind)) for n, kind in items]
+            marked.update(
+                session.scalars(
+                    update(model)
+                    .where(model.id.in_(free))
+                    .values(dispatched_at=now)
+                    .returning(model.id)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+    inbound = [i for i in inbound if i in marked]
+    sent = [(n, stage_of(kind)) for n, kind in items if n in marked]
     return [(i, Stage.INBOUND) for i in inbound] + sent + [(n, Stage.OUTBOX) for n in surveys]
+
+
+def _waiting_letter(submission_id: Any) -> Any:
+    """Whether the submission's letter waits in the outbox (pending or being sent): the
+    outbox's timing sends it (:func:`find_after_sent`), not its state."""
+    return (
+        select(OutboxItem.id)
+        .where(
+            OutboxItem.id == submission_id,
+            OutboxItem.status.in_((OutboxStatus.PENDING, OutboxStatus.SENDING)),
+        )
+        .exists()
+    )
 
 
 def _queued(submission_id: Any, key: str, status: OutboxStatus | None = None) -> Any:

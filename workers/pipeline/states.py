@@ -81,9 +81,11 @@ STATES: dict[State, Row] = {
                        "Waiting until your constituency has an MP.", resent=False),
     S.RESOLVED:    Row(Stage.RENDER, (S.RENDERED, S.FAILED),
                        "Your MP is found; preparing the letter."),
-    # The letter is an outbox item: the outbox's own timing resends it (workers.outbox).
+    # The letter is an outbox item: the outbox's own timing resends it while it waits
+    # (workers.outbox); the reconciler resends a submission whose letter was sent or given up
+    # but which did not move (its worker died between the two commits).
     S.RENDERED:    Row(Stage.DELIVER, (S.DELIVERED, S.FAILED),
-                       "On its way to your MP.", resent=False),
+                       "On its way to your MP."),
     # Taken by the relay; returned for good by the MP's server later, it is bounced.
     S.DELIVERED:   Row(None, (), "Delivered to your MP.", final=True, later=(S.BOUNCED,),
                        event="letter.delivered"),

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
@@ -29,7 +29,7 @@ from workers.database.models import (
     State,
     utcnow,
 )
-from workers.database.transitions import AlreadyMoved, At, advance
+from workers.database.transitions import AlreadyMoved, At, advance, read_one
 from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner, Mailer, Outgoing, outgoing
 from workers.letters.rate_limits import Limit, Limiter, seconds_until_open
@@ -93,20 +93,17 @@ def item_row(submission_id: str) -> dict[str, str]:
 # Everything the letter is written from, in one statement: its submission, its row, its
 # campaign's version.
 LETTER_FIELDS = tuple(c.name for c in LETTERS.c)
-_READ = (
-    select(
-        SUBMISSIONS.c.state,
-        SUBMISSIONS.c.campaign_slug,
-        SUBMISSIONS.c.member_id,
-        CAMPAIGNS.c.definition_sha256,
-        *(LETTERS.c[name] for name in LETTER_FIELDS),
+_READ = select(
+    SUBMISSIONS.c.id,
+    SUBMISSIONS.c.state,
+    SUBMISSIONS.c.campaign_slug,
+    SUBMISSIONS.c.member_id,
+    CAMPAIGNS.c.definition_sha256,
+    *(LETTERS.c[name] for name in LETTER_FIELDS),
+).select_from(
+    SUBMISSIONS.join(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id).outerjoin(
+        CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug
     )
-    .select_from(
-        SUBMISSIONS.join(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id).outerjoin(
-            CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug
-        )
-    )
-    .where(SUBMISSIONS.c.id == bindparam("id"))
 )
 
 
@@ -121,23 +118,15 @@ class LetterMail:
 
 @dataclass(frozen=True)
 class LetterChannel:
-    """The mailer, for letters: once the server has taken one, its rate-limit slots are dated
-    from that moment."""
+    """The mailer, for letters."""
 
     mailer: Mailer
-    limiter: Limiter | None
 
     def waiting(self) -> float:
         return self.mailer.waiting()
 
     def send(self, letter: LetterMail) -> object:
-        answer = self.mailer.send(letter.mail)
-        if self.limiter is not None and letter.limits:
-            try:
-                self.limiter.mark_sent(letter.submission_id, letter.limits)
-            except Exception as exc:  # bookkeeping: the reservation already counts the letter
-                log.warning("rate_limit_mark_failed", error=type(exc).__name__)
-        return answer
+        return self.mailer.send(letter.mail)
 
 
 def kind(
@@ -152,11 +141,18 @@ def kind(
     def compose(session: Session, item: OutboxItem) -> LetterMail | str:
         return _compose(session, item, mailer.name, policy, limiter, signer, returns)
 
+    def sent(letter: LetterMail) -> None:
+        """Its rate-limit slots dated from the moment it left (after its sent mark's commit:
+        nothing stands between the server's answer and that)."""
+        if limiter is not None and letter.limits:
+            limiter.mark_sent(letter.submission_id, letter.limits)
+
     return Kind(
         compose,
         done=_done,
-        channel=LetterChannel(mailer, limiter),
+        channel=LetterChannel(mailer),
         max_attempts=policy.max_attempts,
+        sent=sent,
     )
 
 
@@ -171,7 +167,7 @@ def _compose(
 ) -> LetterMail | str:
     """The letter's bytes, once nothing makes it wait (:class:`Deferred`); or why it will not
     be sent."""
-    found = session.execute(_READ, {"id": item.submission_id}).first()
+    found = read_one(session, _READ, item.submission_id)  # a message's letters: one statement
     if found is None:
         return "the letter is gone"
     if found.state != State.RENDERED:
@@ -227,6 +223,8 @@ def reopen_failed(
         .where(
             SUBMISSIONS.c.state == State.FAILED.value,
             OUTBOX.c.status.in_((OutboxStatus.FAILED.value, OutboxStatus.SKIPPED.value)),
+            SUBMISSIONS.c.erased_at.is_(None),  # its letter is gone, or going
+            SUBMISSIONS.c.scrubbed_at.is_(None),
         )
         .order_by(SUBMISSIONS.c.updated_at)
     )

@@ -31,7 +31,9 @@ def upgrade() -> None:
         "SELECT d.submission_id, d.submission_id, 'letter', 'letter', d.status, d.attempts, "
         "CASE WHEN d.status = 'sent' THEN 0 ELSE d.attempts END, d.claimed_at, d.sent_at, "
         "d.response, d.error, l.created_at, l.created_at "
-        "FROM deliveries d JOIN letters l ON l.submission_id = d.submission_id"
+        "FROM deliveries d JOIN letters l ON l.submission_id = d.submission_id "
+        # A returned letter on its way to a corrected address: rendering writes its item.
+        "JOIN submissions s ON s.id = d.submission_id WHERE s.state <> 'resolved'"
     )
     op.drop_table("deliveries")
 
