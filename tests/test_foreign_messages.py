@@ -18,6 +18,8 @@ from tests.services import wait_for
 from tests.test_e2e_redis import Stack, wait_all_final
 from tests.test_operations import cli
 from tests.test_operations import ops as ops  # the fixture
+from tests.test_operations import postcodes_port as postcodes_port  # its fixtures
+from tests.test_sources import parliament as parliament
 from workers.database.engine import session_scope
 from workers.database.models import Failure, State, Submission
 from workers.pipeline.app import App

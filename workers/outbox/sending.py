@@ -41,7 +41,16 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import ColumnElement, Update, bindparam, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Update,
+    bindparam,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from workers.database.engine import insert_on_conflict
@@ -407,8 +416,7 @@ def _send(session: Session, one: _Ready, mine: datetime, policy: OutboxPolicy) -
         "sent_at": utcnow(),
         "response": response,
     }
-    marked = _mark(session, item.id, mine, values)
-    session.commit()
+    marked = _mark_sent(session, item.id, mine, values)
     if not marked:
         _lost(item)
         return None
@@ -643,7 +651,25 @@ _CLAIM = (
 _marks: dict[tuple[str, ...], Update] = {}
 
 
-def _mark(session: Session, item_id: str, mine: datetime, values: dict[str, object]) -> bool:
+def _mark_sent(session: Session, item_id: str, mine: datetime, values: dict[str, object]) -> bool:
+    """The sent mark, alone: on a connection of its own, which on PostgreSQL commits itself
+    (autocommit: one round trip, no ``BEGIN`` and ``COMMIT`` around it)."""
+    engine = session.get_bind()
+    if not isinstance(engine, Engine):  # a session bound to a connection of its own
+        marked = _mark(session, item_id, mine, values)
+        session.commit()
+        return marked
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+        marked = _mark(connection, item_id, mine, values)
+        connection.commit()
+    return marked
+
+
+def _mark(
+    session: Session | Connection, item_id: str, mine: datetime, values: dict[str, object]
+) -> bool:
     """End the attempt of an item this worker still holds (``_held``) with ``values``."""
     names = tuple(sorted(values))
     statement = _marks.get(names)
