@@ -132,7 +132,8 @@ def run(args: argparse.Namespace, tmp: Path, db_url: str) -> dict[str, Any]:
     env = worker_env(
         db_url, tmp / "var", redis_server.url, DEARMP_MAIL_BACKEND="smtp", SMTP_HOST="127.0.0.1",
         SMTP_PORT=str(sink.port), DEARMP_RECONCILE_INTERVAL="1", DEARMP_RECONCILE_AFTER="5",
-        DEARMP_DELIVERY_LEASE_SECONDS="10", dramatiq_restart_delay="500",
+        DEARMP_DELIVERY_LEASE_SECONDS="10", DEARMP_OUTBOX_BACKOFF_SECONDS="2",
+        dramatiq_restart_delay="500",
     )  # fmt: skip
     logs = tmp / "logs"
     logs.mkdir()
