@@ -131,25 +131,32 @@ def find_stalled(
     ids = sorted({sid for sid, _ in due})
     if not ids:
         return []
-    # Marked in the order of the ids, as the stages write, and skipping a row a stage is
-    # writing at this moment (it is moving on: no resend needed), so the reconciler never waits
-    # in a cycle with a stage's transaction (PostgreSQL; SQLite has one writer at a time).
+    marked = _mark_dispatched(session, Submission, ids, now)
+    return [(sid, stage) for sid, stage in due if sid in marked]
+
+
+def _mark_dispatched(session: Session, model: Any, ids: list[str], now: datetime) -> set[str]:
+    """Mark the rows dispatched now, in the order of their ids, as the stages write, skipping a
+    row a worker is writing at this moment (it is moving on: no resend needed), so that the
+    reconciler never waits in a cycle with a worker's transaction (PostgreSQL; SQLite has one
+    writer at a time). The ids marked."""
+    if not ids:
+        return set()
     free = (
-        select(Submission.id)
-        .where(Submission.id.in_(ids))
-        .order_by(Submission.id)
+        select(model.id)
+        .where(model.id.in_(sorted(ids)))
+        .order_by(model.id)
         .with_for_update(skip_locked=True)
     )
-    marked = set(
+    return set(
         session.scalars(
-            update(Submission)
-            .where(Submission.id.in_(free))
+            update(model)
+            .where(model.id.in_(free))
             .values(dispatched_at=now)
-            .returning(Submission.id)
+            .returning(model.id)
             .execution_options(synchronize_session=False)
         )
     )
-    return [(sid, stage) for sid, stage in due if sid in marked]
 
 
 def find_after_sent(
@@ -182,24 +189,8 @@ def find_after_sent(
         .limit(BATCH)
     ).all()
     surveys = survey.due(session, now)
-    marked: set[str] = set()
-    for model, ids in ((InboundMessage, inbound), (OutboxItem, [i for i, _ in items])):
-        if ids:  # skipping a row a worker is writing (it is moving on), as find_stalled does
-            free = (
-                select(model.id)
-                .where(model.id.in_(sorted(ids)))
-                .order_by(model.id)
-                .with_for_update(skip_locked=True)
-            )
-            marked.update(
-                session.scalars(
-                    update(model)
-                    .where(model.id.in_(free))
-                    .values(dispatched_at=now)
-                    .returning(model.id)
-                    .execution_options(synchronize_session=False)
-                )
-            )
+    marked = _mark_dispatched(session, InboundMessage, list(inbound), now)
+    marked |= _mark_dispatched(session, OutboxItem, [i for i, _ in items], now)
     inbound = [i for i in inbound if i in marked]
     sent = [(n, stage_of(kind)) for n, kind in items if n in marked]
     return [(i, Stage.INBOUND) for i in inbound] + sent + [(n, Stage.OUTBOX) for n in surveys]
