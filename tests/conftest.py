@@ -108,7 +108,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def make_settings(tmp_path: Path, **values: Any) -> Settings:
     base: dict[str, Any] = {
         "data_dir": tmp_path / "var",
-        "secret_key": "test-secret",
+        "secret_key": "test-secret-of-at-least-32-characters",
         "broker": "stub",
         "outbox_dir": tmp_path / "outbox",
         "sandbox_address": "sandbox@campaign.example.org",

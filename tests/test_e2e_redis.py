@@ -39,7 +39,7 @@ class Stack:
             "DEARMP_BROKER": "redis",
             "REDIS_URL": redis_url,
             "DATABASE_URL": db_url,
-            "DEARMP_SECRET_KEY": "test-secret",
+            "DEARMP_SECRET_KEY": "test-secret-of-at-least-32-characters",  # as make_settings
             "DEARMP_SANDBOX_ADDRESS": "sandbox@campaign.example.org",
             "DEARMP_DATA_DIR": str(tmp_path / "var"),
             "DEARMP_OUTBOX_DIR": str(tmp_path / "outbox"),

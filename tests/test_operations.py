@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 from click.testing import CliRunner
 from dramatiq.brokers.redis import RedisBroker
@@ -26,6 +27,7 @@ from workers.database.models import AddressHealth, OutboxItem, PurgedDeadLetter,
 from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import stage_message
 from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.heartbeat import last_pass, live_workers
 from workers.pipeline.intake import accept
 from workers.pipeline.runtime import prepare, submit
 from workers.stages.stage import Stage
@@ -51,7 +53,13 @@ def ops(
     parliament: Any,  # noqa: F811
 ) -> Iterator[tuple[App, RedisBroker, Stack]]:
     settings = make_settings(
-        tmp_path, database_url=db_url, redis_url=redis_server.url, broker="redis"
+        tmp_path,
+        database_url=db_url,
+        redis_url=redis_server.url,
+        broker="redis",
+        mail_backend="smtp",  # the operator's commands see what the workers use
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_sink.port,
     )
     app = App.from_settings(settings)
     prepare(app)
@@ -67,6 +75,10 @@ def ops(
     }
     stack = Stack(tmp_path, db_url, redis_server.url, **env)
     stack.start("worker", "--processes", "1", "--threads", "2")
+    stack.start("reconcile")  # `dearmp health` asks for its last pass
+    client = redis.Redis.from_url(redis_server.url)
+    alive = lambda: live_workers(client, "dearmp") and last_pass(client, "dearmp")  # noqa: E731
+    assert wait_for(alive, 60), stack.log_text()[-2000:]
     yield app, RedisBroker(url=redis_server.url, namespace="dearmp"), stack
     stack.stop()
     set_app(None)
@@ -241,7 +253,6 @@ def test_dead_letters_outlive_a_redis_restart_in_the_operators_view(
 ) -> None:
     """The database is the source of truth: after Redis restarts empty, the dead letters are
     still listed, counted by health, and a requeue makes the message again from the record."""
-    import redis
 
     app, broker, stack = ops
     sid = outage(app, broker)
@@ -252,8 +263,10 @@ def test_dead_letters_outlive_a_redis_restart_in_the_operators_view(
     assert listed["submission_id"] == sid and listed["in_redis"] is False
     assert listed["reason"].endswith("SourceUnavailable")
     assert dead_count("dearmp.resolve") == 1
+    client = redis.Redis.from_url(app.settings.resolved_redis_url)
+    assert wait_for(lambda: live_workers(client, "dearmp"), 30)  # their next heartbeat
     unhealthy = CliRunner().invoke(main, ["health"])
-    assert unhealthy.exit_code == 1 and "1 dead letters" in unhealthy.output
+    assert unhealthy.exit_code == 1 and "1 dead letters" in unhealthy.output, unhealthy.output
 
     back = recorded_postcodes_io(shared_data, postcodes_port)
     try:

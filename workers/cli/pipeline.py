@@ -7,7 +7,6 @@ import json
 import signal
 import sys
 import threading
-from datetime import timedelta
 from typing import Any
 
 import click
@@ -481,70 +480,41 @@ def dlq_purge(
     "--max-age",
     default=300.0,
     show_default=True,
-    help="Seconds the oldest waiting message may wait.",
+    help="Seconds the oldest waiting message (or a letter, an email) may be late.",
 )
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_cli
-def health(cli: Cli, max_dead: int, max_age: float) -> None:
-    """Exit non-zero when dead letters or the oldest waiting message pass the thresholds."""
-    import time
-
-    from workers.database.engine import session_scope
-    from workers.database.models import utcnow
-    from workers.mp import health as health_of_addresses
-    from workers.outbox import sending as outbox
-    from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
-    from workers.stages.delivery import KIND as LETTER
-    from workers.webhooks.events import KIND as WEBHOOK
+def health(cli: Cli, max_dead: int, max_age: float, as_json: bool) -> None:
+    """Whether letters can go out, and what to look at. Exits 0 healthy, 1 degraded (something
+    to look at; letters still go), 2 down (nothing can go out)."""
+    from workers.pipeline import checks
 
     app = cli.app
     try:
         client, _, namespace = _redis(app)
     except click.ClickException as exc:
-        raise click.ClickException(f"unhealthy: {exc.message}") from None
-    dead = sum(dead_counts(app.sessions).values())  # the database's count: Redis may forget
-    age = oldest_waiting_seconds(client, namespace, int(time.time() * 1000))
-    problems = []
-    paused = mail_pause(client, namespace)
-    if paused is not None:
-        problems.append(
-            f"mail delivery paused until {paused['until']}: the relay refused us "
-            f"({paused['reason']}); letters wait, and resume when a try succeeds"
-        )
-    if dead > max_dead:
-        problems.append(f"{dead} dead letters (more than {max_dead})")
-    with session_scope(app.sessions) as session:
-        failing = health_of_addresses.failing_count(session)
-        lease = timedelta(seconds=app.settings.delivery_lease_seconds)
-        every = outbox.overdue(session, utcnow(), timedelta(seconds=max_age), lease)
-        hooks = outbox.overdue(session, utcnow(), timedelta(seconds=max_age), lease, WEBHOOK)
-        failed = {
-            kind: n for (kind, status), n in outbox.counts(session).items() if status == "failed"
-        }
-    given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER))
-    if every > hooks:
-        problems.append(
-            f"{every - hooks} letters and emails overdue by more than {max_age:g}s: "
-            "is a worker running?"
-        )
-    if hooks:  # letters and emails are not held up by it: their own queue
-        problems.append(
-            f"{hooks} webhooks overdue by more than {max_age:g}s: a CRM endpoint does not "
-            "answer, or no worker serves dearmp.webhook (`dearmp webhooks show ID`)"
-        )
-    if failing:
-        problems.append(
-            f"{failing} MP addresses failing (letters to them are held): "
-            "`dearmp directory status` lists them"
-        )
-    if age > max_age:
-        problems.append(f"oldest waiting message is {age:.0f}s old (more than {max_age:g}s)")
-    if problems:
-        raise click.ClickException("unhealthy: " + "; ".join(problems))
-    click.echo(
-        f"healthy: {dead} dead letters, oldest waiting message {age:.0f}s, "
-        f"{failed.get(LETTER, 0)} letters failed, {given_up} emails to supporters given up, "
-        f"{failed.get(WEBHOOK, 0)} webhooks given up"
-    )
+        found = [checks.Check("redis", checks.DOWN, exc.message)]
+    else:
+        found = checks.run(app, client, namespace, max_dead, max_age)
+    status = checks.overall(found)
+    if as_json:
+        click.echo(json.dumps(checks.as_json(found), indent=2))
+    else:
+        problems = [c.detail for c in found if c.status != checks.OK]
+        if problems:  # one line, for cron and a container's health check
+            click.echo(
+                f"{'down' if status == checks.DOWN else 'degraded'}: {'; '.join(problems)}",
+                err=True,
+            )
+        else:
+            said = {c.name: c.detail for c in found}
+            click.echo("healthy: " + "; ".join(said[name] for name in SUMMARY if name in said))
+    if status != checks.OK:
+        sys.exit(checks.ORDER[status])
+
+
+# What `dearmp health` says when all is well.
+SUMMARY = ("dead letters", "queues", "given up", "workers", "mail server", "reconciler")
 
 
 def _watch_view(snap: Any) -> Any:
@@ -699,3 +669,47 @@ def deliveries_reopen(
     if ids and not dry_run:
         dispatch_groups(cli.broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
     click.echo(f"{'would reopen' if dry_run else 'reopened'} {len(ids)}")
+
+
+@deliveries.command("waiting")
+@click.option("--limit", default=100, show_default=True, help="At most this many, oldest first.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_cli
+def deliveries_waiting(cli: Cli, limit: int, as_json: bool) -> None:
+    """Letters waiting to be sent or to try again: failures, next attempt and why (masked)."""
+    from workers.database.engine import session_scope
+    from workers.outbox.sending import listing
+    from workers.stages.delivery import KIND as LETTER
+
+    with session_scope(cli.app.sessions) as session:
+        rows = listing(session, ("pending", "sending"), limit, LETTER)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        next_at = row["next_attempt_at"] or "now"
+        click.echo(f"{row['id']}  {row['status']}  failures {row['failures']}  next {next_at}")
+        if row["error"]:
+            click.echo(f"    {row['error']}")
+    click.echo(f"{len(rows)} letters waiting")
+
+
+@deliveries.command("flush")
+@click.option("--dry-run", is_flag=True, help="Say what would be tried; change nothing.")
+@pass_cli
+def deliveries_flush(cli: Cli, dry_run: bool) -> None:
+    """Try every letter waiting for a later attempt now (once the cause is fixed), as Postfix's
+    `postqueue -f` does. Exits 1 when none waits."""
+    from workers.database.engine import session_scope
+    from workers.outbox.sending import due_now
+    from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.delivery import KIND as LETTER
+    from workers.stages.stage import Stage
+
+    with session_scope(cli.app.sessions) as session:
+        ids = due_now(session, LETTER, dry_run)
+    if ids and not dry_run:
+        dispatch_groups(cli.broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
+    click.echo(f"{'would try' if dry_run else 'trying'} {len(ids)} letters now")
+    if not ids:
+        raise SystemExit(1)

@@ -182,6 +182,28 @@ def retry_failed(session: Session, kind: str | None = None, dry_run: bool = Fals
     return ids if dry_run else send_again(session, ids, (OutboxStatus.FAILED,))
 
 
+def due_now(session: Session, kind: str, dry_run: bool = False) -> list[str]:
+    """The pending items of ``kind`` waiting for a later attempt, due now (the caller sends
+    them after the commit): an operator's "retry now" once the cause is fixed. One that must
+    still wait (quiet hours, a rate limit) waits again, uncounted. The items (or would be)."""
+    waiting = (
+        (OutboxItem.kind == kind)
+        & (OutboxItem.status == OutboxStatus.PENDING)
+        & (OutboxItem.next_attempt_at > utcnow())
+    )
+    if dry_run:
+        return list(session.scalars(select(OutboxItem.id).where(waiting)))
+    return list(
+        session.scalars(
+            update(OutboxItem)
+            .where(waiting)
+            .values(next_attempt_at=None, dispatched_at=utcnow())
+            .returning(OutboxItem.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+
+
 def send_again(
     session: Session, ids: Sequence[str], statuses: Sequence[str] = (OutboxStatus.FAILED,)
 ) -> list[str]:
@@ -208,14 +230,16 @@ def send_again(
     return [item_id for item_id in ids if item_id in changed]
 
 
-def listing(session: Session, statuses: Sequence[str], limit: int = 100) -> list[dict[str, object]]:
-    """Items in ``statuses``, oldest first: kind, status, failures, next attempt and the error
-    (addresses and postcodes masked), for an operator."""
+def listing(
+    session: Session, statuses: Sequence[str], limit: int = 100, kind: str | None = None
+) -> list[dict[str, object]]:
+    """Items in ``statuses`` (of ``kind``), oldest first: kind, status, failures, next attempt
+    and the error (addresses and postcodes masked), for an operator."""
+    where: list[ColumnElement[bool]] = [OutboxItem.status.in_(statuses)]
+    if kind is not None:
+        where.append(OutboxItem.kind == kind)
     rows = session.scalars(
-        select(OutboxItem)
-        .where(OutboxItem.status.in_(statuses))
-        .order_by(OutboxItem.created_at)
-        .limit(limit)
+        select(OutboxItem).where(*where).order_by(OutboxItem.created_at).limit(limit)
     ).all()
     return [
         {

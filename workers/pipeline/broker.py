@@ -17,6 +17,7 @@ from workers.pipeline.app import Apps
 from workers.pipeline.dead_letters import UNREADABLE
 from workers.pipeline.dramatiq_private import ScreenedRedisBroker
 from workers.pipeline.failures import Attempt, record_failure
+from workers.pipeline.heartbeat import Heartbeat
 from workers.pipeline.middleware import (
     FailureRecorder,
     LogContext,
@@ -87,4 +88,6 @@ def build_broker(settings: Settings, apps: Apps) -> dramatiq.Broker:
     broker.add_middleware(LogContext(settings.log_level))
     broker.add_middleware(StageMessagesOnly())
     broker.add_middleware(FailureRecorder(apps), before=Retries)
+    if isinstance(broker, ScreenedRedisBroker):  # `dearmp health` counts the live workers
+        broker.add_middleware(Heartbeat(broker.client, settings.redis_namespace))
     return broker

@@ -33,6 +33,7 @@ from workers.mp.directory import current_version_id
 from workers.outbox import sending as outbox
 from workers.outbox.kinds import stage_of
 from workers.pipeline.dispatch import dispatch
+from workers.pipeline.heartbeat import record_pass
 from workers.pipeline.states import RESENT_TO
 from workers.stages import survey
 from workers.stages.confirmation import ConfirmationPolicy
@@ -259,6 +260,7 @@ def reconcile_once(
         dispatch(broker, [stage], submission_id)
     if due:
         log.info("reconciler_resent", count=len(due))
+    record_pass(broker)  # `dearmp health` says when the last pass was
     return len(due)
 
 

@@ -1,0 +1,128 @@
+"""`dearmp health` tells the truth: down when nothing can go out (no worker, no mail server, no
+Redis), degraded when an operator should look (letters to files, no reconciler pass), healthy
+otherwise; and the letters waiting to retry, listed and tried again at once."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+from click.testing import CliRunner
+from sqlalchemy import update
+
+from tests.factories import submission
+from tests.services import SmtpSink, free_port, wait_for
+from tests.test_stages import through_render
+from workers.cli import main
+from workers.database.engine import session_scope
+from workers.database.models import OutboxItem, utcnow
+from workers.pipeline.app import App
+from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.heartbeat import Heartbeat, last_pass, live_workers, record_pass
+
+pytestmark = [pytest.mark.redis]
+
+
+@pytest.fixture
+def on_redis(app: App, redis_server: EmbeddedRedis) -> redis.Redis:
+    app.settings.redis_url = redis_server.url
+    return redis.Redis.from_url(redis_server.url)
+
+
+def checks_of(result: Any) -> dict[str, tuple[str, str]]:
+    report = json.loads(result.stdout)
+    return {c["name"]: (c["status"], c["detail"]) for c in report["checks"]}
+
+
+def beating(client: redis.Redis) -> Heartbeat:
+    """A worker process's heartbeat, as `dearmp worker` starts it."""
+    heart = Heartbeat(client, "dearmp")
+    heart.after_worker_boot(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    assert wait_for(lambda: live_workers(client, "dearmp"), 10)
+    return heart
+
+
+def test_no_worker_and_letters_to_files_is_down_and_says_why(app: App, on_redis: Any) -> None:
+    result = CliRunner().invoke(main, ["health", "--json"])
+    assert result.exit_code == 2, result.output
+    checks = checks_of(result)
+    assert checks["workers"][0] == "down" and "no worker process" in checks["workers"][1]
+    assert checks["mail server"][0] == "degraded" and "files" in checks["mail server"][1]
+    assert checks["reconciler"][0] == "degraded" and "no pass recorded" in checks["reconciler"][1]
+    assert checks["database"] == ("ok", "reachable") and checks["redis"] == ("ok", "reachable")
+    text = CliRunner().invoke(main, ["health"])
+    assert text.exit_code == 2 and len(text.output.strip().splitlines()) == 1
+    assert text.output.startswith("down: no worker process is alive")
+
+
+def test_a_live_worker_a_reachable_mail_server_and_a_recent_pass_are_healthy(
+    app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
+) -> None:
+    settings = app.settings
+    settings.mail_backend, settings.smtp_host, settings.smtp_port = (
+        "smtp",
+        "127.0.0.1",
+        smtp_sink.port,
+    )
+    heart = beating(on_redis)
+    record_pass(dramatiq.brokers.redis.RedisBroker(url=settings.redis_url, namespace="dearmp"))  # type: ignore[no-untyped-call]
+    try:
+        result = CliRunner().invoke(main, ["health"])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith("healthy: 0 dead letters")
+        assert "1 worker processes alive" in result.stdout and "answers" in result.stdout
+        assert last_pass(on_redis, "dearmp") is not None
+    finally:
+        heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    assert live_workers(on_redis, "dearmp") == []  # a worker that stops says so at once
+
+
+def test_a_mail_server_that_does_not_answer_is_down(app: App, on_redis: redis.Redis) -> None:
+    settings = app.settings
+    settings.mail_backend, settings.smtp_host, settings.smtp_port = "smtp", "127.0.0.1", free_port()
+    heart = beating(on_redis)
+    try:
+        result = CliRunner().invoke(main, ["health", "--json"])
+    finally:
+        heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    assert result.exit_code == 2
+    status, detail = checks_of(result)["mail server"]
+    assert status == "down" and f"cannot reach 127.0.0.1:{settings.smtp_port}" in detail
+
+
+def test_a_stale_reconciler_pass_is_degraded(app: App, on_redis: redis.Redis) -> None:
+    on_redis.set("dearmp:reconciler", str(utcnow().timestamp() - 3600))
+    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["reconciler"]
+    assert status == "degraded" and "last pass 3600s ago" in detail
+
+
+def test_letters_waiting_to_retry_are_listed_with_why_and_flushed_at_once(
+    app: App, on_redis: redis.Redis
+) -> None:
+    sid = through_render(app, submission())
+    later = utcnow() + timedelta(hours=1)
+    with session_scope(app.sessions) as session:
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == sid)
+            .values(failures=2, next_attempt_at=later, error="451 4.7.1 <amira@example.com>: later")
+        )
+    waiting = CliRunner().invoke(main, ["deliveries", "waiting", "--json"])
+    [row] = json.loads(waiting.stdout)
+    assert row["id"] == sid and row["failures"] == 2 and row["next_attempt_at"]
+    assert row["error"] == "451 4.7.1 <[email]>: later"  # masked
+    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["retries"]
+    assert status == "ok" and "1 letters waiting to retry" in detail and "451 4.7.1" in detail
+
+    assert "would try 1" in CliRunner().invoke(main, ["deliveries", "flush", "--dry-run"]).output
+    flushed = CliRunner().invoke(main, ["deliveries", "flush"])
+    assert flushed.exit_code == 0 and "trying 1 letters now" in flushed.output
+    with session_scope(app.sessions) as session:
+        item = session.get(OutboxItem, sid)
+        assert item is not None and item.next_attempt_at is None
+    again = CliRunner().invoke(main, ["deliveries", "flush"])
+    assert again.exit_code == 1 and "trying 0" in again.output  # nothing waits: says so

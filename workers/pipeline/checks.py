@@ -1,0 +1,240 @@
+"""What ``dearmp health`` checks: whether letters can go out now, and what an operator should
+look at. Each check is ``ok``, ``degraded`` (something to look at; letters still go) or
+``down`` (nothing can go out: no database, no Redis, no worker, no mail server).
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+import redis
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
+
+from config.settings import Settings
+from workers.database.engine import session_scope
+from workers.database.models import OutboxItem, OutboxStatus, utcnow
+from workers.mp import health as addresses
+from workers.outbox import sending as outbox
+from workers.pipeline.app import App
+from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
+from workers.pipeline.heartbeat import last_pass, live_workers
+from workers.stages.delivery import KIND as LETTER
+from workers.webhooks.events import KIND as WEBHOOK
+
+OK, DEGRADED, DOWN = "ok", "degraded", "down"
+ORDER = {OK: 0, DEGRADED: 1, DOWN: 2}  # also the exit code
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+def overall(checks: list[Check]) -> str:
+    """The worst status of the checks: ``ok`` (healthy), ``degraded`` or ``down``."""
+    return max((c.status for c in checks), key=ORDER.__getitem__, default=OK)
+
+
+def as_json(checks: list[Check]) -> dict[str, Any]:
+    return {"status": overall(checks), "checks": [asdict(c) for c in checks]}
+
+
+def run(
+    app: App, client: redis.Redis, namespace: str, max_dead: int, max_age: float
+) -> list[Check]:
+    """Every check, the database's first (what the others read)."""
+    settings = app.settings
+    checks = [Check("redis", OK, "reachable")]
+    try:
+        with session_scope(app.sessions) as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:
+        where = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+        return [*checks, Check("database", DOWN, f"cannot reach {where} ({type(exc).__name__})")]
+    checks.append(Check("database", OK, "reachable"))
+    checks += [_workers(client, namespace), _mail_server(settings)]
+    checks += _pipeline(app, client, namespace, max_dead, max_age)
+    checks.append(_reconciler(client, namespace, settings.reconcile_interval))
+    if app.returns.domains:
+        checks.append(_receiver(settings))
+    return checks
+
+
+def _workers(client: redis.Redis, namespace: str) -> Check:
+    workers = live_workers(client, namespace)
+    if not workers:
+        return Check("workers", DOWN, "no worker process is alive (`dearmp worker`): nothing moves")
+    hosts = sorted({w["host"] for w in workers})
+    return Check("workers", OK, f"{len(workers)} worker processes alive on {', '.join(hosts)}")
+
+
+def _mail_server(settings: Settings) -> Check:
+    """Whether letters can reach a mail server: connect and EHLO (SMTP), nothing sent."""
+    backend = settings.mail_backend
+    if backend == "outbox":
+        return Check(
+            "mail server",
+            DEGRADED,
+            f"letters go to files in {settings.resolved_outbox_dir}, not to a mail server "
+            "(DEARMP_MAIL_BACKEND=outbox): no MP receives them",
+        )
+    if backend != "smtp":
+        return Check("mail server", OK, f"{backend}: not probed")
+    where = f"{settings.smtp_host}:{settings.smtp_port}"
+    timeout = min(settings.smtp_timeout, 5.0)
+    try:
+        if settings.smtp_security == "tls":
+            context = ssl.create_default_context(
+                cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
+            )
+            conn: smtplib.SMTP = smtplib.SMTP_SSL(
+                settings.smtp_host, settings.smtp_port, timeout=timeout, context=context
+            )
+        else:
+            conn = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=timeout)
+        with conn:
+            code, _ = conn.ehlo(settings.smtp_helo_name or socket.getfqdn())
+    except (OSError, smtplib.SMTPException) as exc:
+        return Check("mail server", DOWN, f"cannot reach {where} ({type(exc).__name__})")
+    if code != 250:
+        return Check("mail server", DOWN, f"{where} answered EHLO with {code}")
+    return Check("mail server", OK, f"{where} answers")
+
+
+def _pipeline(
+    app: App, client: redis.Redis, namespace: str, max_dead: int, max_age: float
+) -> list[Check]:
+    """Dead letters, waiting messages, what is overdue or waiting to retry, the mail pause."""
+    settings = app.settings
+    checks = []
+    paused = mail_pause(client, namespace)
+    checks.append(
+        Check("mail pause", OK, "none")
+        if paused is None
+        else Check(
+            "mail pause",
+            DEGRADED,
+            f"mail delivery paused until {paused['until']}: the relay refused us "
+            f"({paused['reason']}); letters wait, and resume when a try succeeds",
+        )
+    )
+    dead = sum(dead_counts(app.sessions).values())  # the database's count: Redis may forget
+    checks.append(
+        Check("dead letters", OK, f"{dead} dead letters")
+        if dead <= max_dead
+        else Check("dead letters", DEGRADED, f"{dead} dead letters (more than {max_dead})")
+    )
+    age = oldest_waiting_seconds(client, namespace, int(time.time() * 1000))
+    checks.append(
+        Check("queues", OK, f"oldest waiting message {age:.0f}s")
+        if age <= max_age
+        else Check(
+            "queues", DEGRADED, f"oldest waiting message is {age:.0f}s old (more than {max_age:g}s)"
+        )
+    )
+    late, lease = timedelta(seconds=max_age), timedelta(seconds=settings.delivery_lease_seconds)
+    with session_scope(app.sessions) as session:
+        now = utcnow()
+        every = outbox.overdue(session, now, late, lease)
+        hooks = outbox.overdue(session, now, late, lease, WEBHOOK)
+        failing = addresses.failing_count(session)
+        failed = {k: n for (k, status), n in outbox.counts(session).items() if status == "failed"}
+        retrying = session.execute(
+            select(OutboxItem.error, func.count())
+            .where(
+                OutboxItem.kind == LETTER,
+                OutboxItem.status == OutboxStatus.PENDING,
+                OutboxItem.failures > 0,
+            )
+            .group_by(OutboxItem.error)
+            .order_by(func.count().desc())
+        ).all()
+    overdue = every - hooks
+    checks.append(
+        Check("outbox", OK, "nothing overdue")
+        if not overdue
+        else Check(
+            "outbox",
+            DEGRADED,
+            f"{overdue} letters and emails overdue by more than {max_age:g}s: is a worker running?",
+        )
+    )
+    if hooks:  # letters and emails are not held up by it: their own queue
+        checks.append(
+            Check(
+                "webhooks",
+                DEGRADED,
+                f"{hooks} webhooks overdue by more than {max_age:g}s: a CRM endpoint does not "
+                "answer, or no worker serves dearmp.webhook (`dearmp webhooks show ID`)",
+            )
+        )
+    waiting = sum(n for _, n in retrying)
+    if waiting:
+        reason = retrying[0][0]
+        checks.append(
+            Check(
+                "retries",
+                OK,
+                f"{waiting} letters waiting to retry (most often: {reason}); "
+                "`dearmp deliveries waiting` lists them",
+            )
+        )
+    if failing:
+        checks.append(
+            Check(
+                "MP addresses",
+                DEGRADED,
+                f"{failing} MP addresses failing (letters to them are held): "
+                "`dearmp directory status` lists them",
+            )
+        )
+    given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER))
+    checks.append(
+        Check(
+            "given up",
+            OK,
+            f"{failed.get(LETTER, 0)} letters failed, {given_up} emails to supporters given up, "
+            f"{failed.get(WEBHOOK, 0)} webhooks given up",
+        )
+    )
+    return checks
+
+
+def _reconciler(client: redis.Redis, namespace: str, interval: float) -> Check:
+    at = last_pass(client, namespace)
+    if at is None:
+        return Check(
+            "reconciler",
+            DEGRADED,
+            "no pass recorded: is `dearmp reconcile` running? (what Redis loses is not resent)",
+        )
+    ago = time.time() - at
+    if ago > max(3 * interval, 120):
+        return Check("reconciler", DEGRADED, f"last pass {ago:.0f}s ago: is it running?")
+    return Check("reconciler", OK, f"last pass {ago:.0f}s ago")
+
+
+def _receiver(settings: Settings) -> Check:
+    """The inbound SMTP receiver (returned letters and replies): does it accept connections?"""
+    anywhere = settings.inbound_host in ("0.0.0.0", "::")  # noqa: S104 (where it listens)
+    host = "127.0.0.1" if anywhere else settings.inbound_host
+    where = f"{host}:{settings.inbound_port}"
+    try:
+        socket.create_connection((host, settings.inbound_port), timeout=3).close()
+    except OSError as exc:
+        return Check(
+            "inbound receiver",
+            DEGRADED,
+            f"nothing accepts mail at {where} ({type(exc).__name__}): returned letters and "
+            "replies are not received (`dearmp inbound`)",
+        )
+    return Check("inbound receiver", OK, f"{where} accepts connections")
