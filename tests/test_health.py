@@ -126,3 +126,45 @@ def test_letters_waiting_to_retry_are_listed_with_why_and_flushed_at_once(
         assert item is not None and item.next_attempt_at is None
     again = CliRunner().invoke(main, ["deliveries", "flush"])
     assert again.exit_code == 1 and "trying 0" in again.output  # nothing waits: says so
+
+
+@pytest.mark.smtp
+def test_a_refused_letters_dead_letter_listed_by_reason_shown_by_prefix_and_cleared_by_reopen(
+    app: App,
+    stub_broker: Any,
+    stub_worker: dramatiq.Worker,
+    smtp_sink: SmtpSink,
+    tmp_path: Any,
+    on_redis: redis.Redis,
+) -> None:
+    """A dead letter an operator can act on: grouped by reason with the server's answer, its
+    full id (or a unique prefix) to `show`; a requeue of a refusal for good says why it would
+    send nothing and what will; `deliveries reopen` sends it again and clears it."""
+    from tests.conftest import drain
+    from tests.test_smtp import mailer as smtp_mailer
+    from workers.pipeline.runtime import state_counts, submit
+
+    app.mailer = smtp_mailer(tmp_path, smtp_sink)
+    smtp_sink.answer = "550 5.1.1 <mp@parliament.uk>: Recipient address rejected"
+    sid = submit(app, stub_broker, submission())[0]
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [sid]) == {"failed": 1}
+
+    listed = CliRunner().invoke(main, ["dlq", "list"])
+    assert "PermanentDeliveryError: 1" in listed.output, listed.output
+    assert "550 5.1.1 <[email]>: Recipient address rejected" in listed.output
+    [row] = json.loads(CliRunner().invoke(main, ["dlq", "list", "--json"]).stdout)
+    assert row["message_id"] in listed.output  # whole, to paste
+    shown = CliRunner().invoke(main, ["dlq", "show", row["message_id"][:8]])
+    assert json.loads(shown.stdout)["message_id"] == row["message_id"]
+
+    requeued = CliRunner().invoke(main, ["dlq", "requeue", row["message_id"]])
+    assert "not requeued" in requeued.output and "dearmp deliveries reopen" in requeued.output
+    assert "requeued 0, not found 0" in requeued.output
+
+    smtp_sink.answer = None  # the cause fixed
+    reopened = CliRunner().invoke(main, ["deliveries", "reopen"])
+    assert reopened.exit_code == 0 and "cleared 1 dead letters" in reopened.output
+    assert json.loads(CliRunner().invoke(main, ["dlq", "list", "--json"]).stdout) == []
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, [sid]) == {"delivered": 1} and smtp_sink.received.count() == 1

@@ -296,16 +296,32 @@ def dlq() -> None:
 def _dead(
     app: App, queue: str | None, actor: str | None, reason: str | None, since: Any
 ) -> list[Any]:
-    """The dead letters matching the filters (``since`` a naive UTC time, from the option)."""
+    """The dead letters matching the filters (``since`` a naive UTC time, from the option):
+    the database's record, with what Redis holds when it can be reached (said on stderr when
+    it cannot)."""
     from datetime import UTC
 
     from workers.pipeline.dead_letters import find_dead
 
-    client, _, namespace = _redis(app)
+    try:
+        client, _, namespace = _redis(app)
+    except click.ClickException as exc:
+        click.echo(f"the database's record only: {exc.message}", err=True)
+        client, namespace = None, app.settings.redis_namespace
     since = since.replace(tzinfo=UTC) if since is not None else None
     return find_dead(
         client, namespace, app.sessions, queue=queue, actor=actor, reason=reason, since=since
     )
+
+
+def _one_dead(app: App, message_id: str) -> Any:
+    """The dead letter whose message id is, or starts with, ``message_id`` (a unique prefix)."""
+    found = [f for f in _dead(app, None, None, None, None) if f.message_id.startswith(message_id)]
+    if not found:
+        raise click.ClickException(f"no dead letter {message_id}")
+    if len(found) > 1:
+        raise click.ClickException(f"{len(found)} dead letters start with {message_id}: say more")
+    return found[0]
 
 
 _FILTERS = [
@@ -329,7 +345,11 @@ def _filters(fn: Any) -> Any:
 def dlq_list(
     cli: Cli, queue: str | None, actor: str | None, reason: str | None, since: Any, as_json: bool
 ) -> None:
-    """Dead letters, oldest first, with the recorded reason."""
+    """Dead letters grouped by reason, with the answer (masked), oldest first: full ids."""
+    from rich.markup import escape
+
+    from workers.logging import mask_text
+
     rows = _dead(cli.app, queue, actor, reason, since)
     listed = [
         {
@@ -340,6 +360,9 @@ def dlq_list(
             "dead_at": found.dead_at.isoformat(),
             "in_redis": found.dead is not None,
             "reason": found.failure.exception_type if found.failure else None,
+            "answer": mask_text(found.failure.exception_message.splitlines()[0])[:200]
+            if found.failure and found.failure.exception_message
+            else None,
             "attempts": found.failure.attempts if found.failure else None,
         }
         for found in rows
@@ -347,13 +370,21 @@ def dlq_list(
     if as_json:
         click.echo(json.dumps(listed, indent=2))
         return
-    columns = ("message_id", "actor", "submission_id", "dead_at", "reason", "attempts")
-    table = Table(title=f"Dead letters ({len(listed)})")
-    for col in columns:
-        table.add_column(col)
+    if not listed:
+        click.echo("no dead letters")
+        return
+    groups: dict[str, list[dict[str, Any]]] = {}
     for item in listed:
-        table.add_row(*(str(item[c]) for c in columns))
-    Console().print(table)
+        groups.setdefault(str(item["reason"]), []).append(item)
+    columns = ("message_id", "actor", "submission_id", "dead_at", "attempts")
+    for why, items in sorted(groups.items(), key=lambda g: -len(g[1])):
+        click.echo(f"{why}: {len(items)} (the answer: {items[0]['answer']})")
+        table = Table()
+        for col in columns:  # ids whole, to paste into `dlq show`
+            table.add_column(col, overflow="fold", no_wrap=col.endswith("_id"))
+        for item in items:
+            table.add_row(*(escape(str(item[c] or "")) for c in columns))
+        Console(width=max(160, Console().width)).print(table)
 
 
 @dlq.command("show")
@@ -371,10 +402,8 @@ def dlq_show(cli: Cli, message_id: str, reveal: bool) -> None:
     from workers.logging import mask_text
 
     app = cli.app
-    match = [f for f in _dead(app, None, None, None, None) if f.message_id == message_id]
-    if not match:
-        raise click.ClickException(f"no dead letter {message_id}")
-    found, failure = match[0], match[0].failure
+    found = _one_dead(app, message_id)
+    failure = found.failure
     dead = found.dead
     history = []
     if found.submission_id:
@@ -431,10 +460,19 @@ def dlq_requeue(
     app = cli.app
     client, broker, namespace = _redis(app)
     rows = _dead(app, queue, actor, reason, since)
-    chosen = [f for f in rows if everything or f.message_id in message_ids]
-    missing = set(message_ids) - {f.message_id for f in chosen}
+    chosen = [f for f in rows if everything or any(f.message_id.startswith(m) for m in message_ids)]
+    missing = {m for m in message_ids if not any(f.message_id.startswith(m) for f in chosen)}
     done = 0
     for found in chosen:
+        if found.failure is not None and found.failure.exception_type.endswith(
+            "PermanentDeliveryError"
+        ):
+            click.echo(
+                f"not requeued {found.message_id}: the mail server refused the letter for good "
+                "and its submission failed, so a requeue sends nothing; once the cause is fixed, "
+                "`dearmp deliveries reopen` sends it again (and clears this dead letter)"
+            )
+            continue
         if dry_run:
             click.echo(f"would requeue {found.message_id} on {found.queue}")
             done += 1
@@ -668,7 +706,25 @@ def deliveries_reopen(
         click.echo(f"{'would reopen' if dry_run else 'reopened'} {submission_id}")
     if ids and not dry_run:
         dispatch_groups(cli.broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
+        cleared = _clear_dead(cli.app, Stage.DELIVER.actor, set(ids))
+        if cleared:
+            click.echo(f"cleared {cleared} dead letters these supersede")
     click.echo(f"{'would reopen' if dry_run else 'reopened'} {len(ids)}")
+
+
+def _clear_dead(app: App, actor: str, submission_ids: set[str]) -> int:
+    """Purge (recording) the dead letters of ``actor`` about these submissions: what was done
+    for them since supersedes them. How many."""
+    from workers.pipeline.dead_letters import purge
+
+    found = [f for f in _dead(app, None, actor, None, None) if f.submission_id in submission_ids]
+    try:
+        client, _, namespace = _redis(app)
+    except click.ClickException:  # Redis away: the database's record, and Redis's copy stays
+        client, namespace = None, app.settings.redis_namespace
+    for dead in found:
+        purge(client, namespace, app.sessions, dead)
+    return len(found)
 
 
 @deliveries.command("waiting")

@@ -137,7 +137,7 @@ def _needing_attention() -> ColumnElement[bool]:
 
 
 def find_dead(
-    client: redis.Redis,
+    client: redis.Redis | None,
     namespace: str,
     sessions: sessionmaker[Session],
     *,
@@ -147,8 +147,10 @@ def find_dead(
     since: datetime | None = None,
 ) -> list[Found]:
     """Dead letters matching every filter given (``reason``: part of the exception type): those
-    the database records as needing attention, and any Redis holds that it never heard of."""
-    in_redis = {d.message_id: d for d in dead_letters(client, namespace, queue)}
+    the database records as needing attention, and any Redis holds that it never heard of
+    (``client`` None: Redis is away, the database's record alone)."""
+    held = dead_letters(client, namespace, queue) if client is not None else []
+    in_redis = {d.message_id: d for d in held}
     query = select(Failure).where(_needing_attention()).order_by(Failure.dead_lettered_at)
     if queue:
         query = query.where(Failure.queue_name == queue)
@@ -250,7 +252,7 @@ def requeue(
 
 
 def purge(
-    client: redis.Redis, namespace: str, sessions: sessionmaker[Session], found: Found
+    client: redis.Redis | None, namespace: str, sessions: sessionmaker[Session], found: Found
 ) -> None:
     """Delete a dead letter, recording it first: a crash in between leaves a record, not a gap."""
     with session_scope(sessions) as session:
@@ -264,7 +266,7 @@ def purge(
                 dead_at=found.dead_at,
             )
         )
-    if found.dead is not None:
+    if found.dead is not None and client is not None:
         remove(client, namespace, found.dead)
 
 
