@@ -411,3 +411,101 @@ def test_a_postcode_with_any_whitespace_is_normalised(
     assert reply.status_code == 202, reply.text
     drain(stub_broker, stub_worker)
     assert get(app, reply.json()["id"]).state == State.DELIVERED
+
+
+def test_a_key_reused_with_another_body_is_a_409_naming_the_key_and_stores_nothing(
+    app: App, client: TestClient
+) -> None:
+    first = posted()
+    stored = client.post("/v1/submissions", json=first).json()
+    key = str(uuid.uuid4())
+    client.post("/v1/submissions", json={**first, "idempotency_key": key})  # a second letter
+    for changed in (
+        {**first, "supporter": {**first["supporter"], "email": "someone.else@example.com"}},
+        {**first, "letter": {**first["letter"], "subject": "Another subject"}},
+        trap({**first, "supporter": {**first["supporter"], "name": "A Robot"}}),
+    ):
+        reply = client.post("/v1/submissions", json=changed)
+        assert reply.status_code == 409, reply.text
+        message = reply.json()["errors"]["idempotency_key"]
+        assert first["idempotency_key"] in message and "different" in message
+    other = posted(supporter__email="someone.else@example.com", idempotency_key=key)
+    assert client.post("/v1/submissions", json=other).status_code == 409
+    assert count(app) == 2
+    kept = get(app, stored["id"])
+    assert (
+        kept.payload is not None
+        and kept.payload["supporter"]["email"] == (first["supporter"]["email"])
+    )
+
+
+def test_a_repeat_differing_only_in_transport_evidence_order_or_nulls_is_the_same_body(
+    client: TestClient,
+) -> None:
+    first = posted()
+    first["supporter"].pop("phone")
+    stored = client.post("/v1/submissions", json=first).json()
+    for repeat in (
+        dict(reversed(list(first.items()))),  # key order
+        {**first, "supporter": {**first["supporter"], "phone": None}},  # null is absent
+        {**first, "user_agent": "Another/2.0"},  # the browser is the request's, not the letter's
+    ):
+        reply = client.post("/v1/submissions", json=repeat)
+        assert (reply.status_code, reply.json()["id"]) == (202, stored["id"]), reply.text
+    without_source = {k: v for k, v in first.items() if k != "source_url"}
+    assert client.post("/v1/submissions", json=without_source).status_code == 409
+
+
+def test_the_same_key_again_answers_with_the_submissions_current_state(
+    app: App, client: TestClient, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    payload = posted()
+    first = client.post("/v1/submissions", json=payload).json()
+    assert (first["state"], first["duplicate"]) == ("received", False)
+    drain(stub_broker, stub_worker)
+    again = client.post("/v1/submissions", json=payload)
+    assert again.status_code == 202
+    assert again.json() == {**first, "state": "delivered", "duplicate": True}
+    assert client.post("/v1/submissions", json=trap(payload)).json() == again.json()
+
+
+def test_a_scrubbed_or_erased_submission_still_binds_its_key(app: App, client: TestClient) -> None:
+    payload = posted()
+    sid = client.post("/v1/submissions", json=payload).json()["id"]
+    with session_scope(app.sessions) as session:
+        row = session.get(Submission, sid)
+        assert row is not None
+        row.payload, row.supporter_hash, row.erased_at = None, None, utcnow()
+    assert client.post("/v1/submissions", json=payload).json()["id"] == sid
+    changed = {**payload, "letter": {**payload["letter"], "subject": "Changed"}}
+    assert client.post("/v1/submissions", json=changed).status_code == 409
+
+
+def test_a_row_stored_before_bodies_were_hashed_takes_a_repeat_as_the_same(
+    app: App, client: TestClient
+) -> None:
+    payload = posted()
+    sid = client.post("/v1/submissions", json=payload).json()["id"]
+    with session_scope(app.sessions) as session:
+        row = session.get(Submission, sid)
+        assert row is not None
+        row.body_hash = None
+    changed = {**payload, "letter": {**payload["letter"], "subject": "Changed"}}
+    reply = client.post("/v1/submissions", json=changed)
+    assert (reply.status_code, reply.json()["id"], reply.json()["duplicate"]) == (202, sid, True)
+
+
+def test_two_bodies_under_one_key_in_one_batch_store_the_first_and_refuse_the_second(
+    app: App,
+) -> None:
+    from workers.pipeline.intake import accept_many
+
+    first = posted()
+    second = posted(supporter__email="b@example.com", idempotency_key=first["idempotency_key"])
+    with session_scope(app.sessions) as session:
+        results = accept_many(
+            session, [(first, State.RECEIVED), (second, State.RECEIVED)], app.secret
+        )
+    assert [(r.created, r.conflict) for r in results] == [(True, False), (False, True)]
+    assert results[1].submission_id == results[0].submission_id
+    assert count(app) == 1

@@ -163,6 +163,9 @@ class Submission(Base):
     client_ip_hash: Mapped[str | None] = mapped_column(String(64))
     # Keyed hash of the normalised email: finds a supporter's submissions for export and erasure.
     supporter_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Keyed hash of the body as posted (workers.pipeline.intake.body_hash): a reused idempotency
+    # key with another body is refused, even after the payload is scrubbed or erased.
+    body_hash: Mapped[str | None] = mapped_column(String(64))
     # Outcome details: per-field reasons for a rejection, an explanation for a failure.
     rejection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     failure_reason: Mapped[str | None] = mapped_column(Text)

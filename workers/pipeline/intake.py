@@ -2,11 +2,16 @@
 
 Nothing is judged here beyond what identifies the submission: every check belongs to validation,
 so that even a malformed submission ends as a recorded rejection with reasons.
+
+A key is bound to the body first posted with it, as payment APIs bind theirs: a repeat with the
+same body is answered with the stored submission as it is now; another body under the same key
+is a conflict (:attr:`Accepted.conflict`), never a silent second letter or a lost one.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +21,40 @@ from sqlalchemy.orm import Session
 from workers.database.engine import insert_on_conflict
 from workers.database.models import SUBMISSIONS, State, Submission, new_id, utcnow
 from workers.database.transitions import RECORD_EVENT
-from workers.privacy.hashing import ip_hash, supporter_hash
+from workers.privacy.hashing import ip_hash, keyed_hash, supporter_hash
+
+# What a retry of the same request may change without being another submission: the transport's
+# consent evidence (the client's address and browser, taken from the connection) and the robot
+# trap; the key itself names the binding. Every other field is what the supporter wrote and chose.
+NOT_IN_BODY_HASH = frozenset({"client_ip", "user_agent", "idempotency_key", "website"})
 
 
 @dataclass(frozen=True)
 class Accepted:
     submission_id: str
     created: bool
+    state: str = ""  # the submission's state now: a repeat is answered with where it has got to
+    conflict: bool = False  # the key was stored with another body: nothing stored, nothing sent
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def body_hash(secret: bytes, payload: Any) -> str:
+    """Keyed hash of the canonical body: sorted keys, no nulls (an absent optional field and a
+    null one are the same body), without the fields in :data:`NOT_IN_BODY_HASH`. Keyed, as the
+    body is personal data: the hash outlives its scrubbing and erasure."""
+    if isinstance(payload, dict):
+        payload = {k: v for k, v in payload.items() if k not in NOT_IN_BODY_HASH}
+    canonical = json.dumps(
+        _without_nulls(payload), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return keyed_hash(secret, canonical, "submission-body")
 
 
 def _text(value: Any, limit: int) -> str | None:
@@ -65,6 +97,7 @@ def accept_many(session: Session, items: list[tuple[Any, State]], secret: bytes)
                 "payload": stored,
                 "client_ip_hash": hashed_ip,
                 "supporter_hash": _supporter(payload, secret),
+                "body_hash": body_hash(secret, payload),
                 "created_at": now,
                 "updated_at": now,
                 "dispatched_at": now,
@@ -87,13 +120,13 @@ def accept_many(session: Session, items: list[tuple[Any, State]], secret: bytes)
     results, events = [], []
     for row in rows:
         if row["id"] in inserted:
-            results.append(Accepted(row["id"], created=True))
+            results.append(Accepted(row["id"], created=True, state=row["state"]))
             events.append({"submission_id": row["id"], "state": row["state"], "at": now})
             continue
-        found = _find(session, row["campaign_slug"], row["idempotency_key"] or "")
+        found = _find(session, row["campaign_slug"], row["idempotency_key"] or "", row["body_hash"])
         if found is None:
             raise RuntimeError("idempotency conflict without a stored submission")
-        results.append(Accepted(found, created=False))
+        results.append(found)
     if events:
         connection.execute(RECORD_EVENT, events)
     return results
@@ -105,9 +138,24 @@ def _supporter(payload: Any, secret: bytes) -> str | None:
     return supporter_hash(secret, email) if isinstance(email, str) and email.strip() else None
 
 
-def _find(session: Session, campaign: str, key: str) -> str | None:
-    return session.scalar(
-        select(Submission.id).where(
+def stored(session: Session, payload: Any, secret: bytes) -> Accepted | None:
+    """The submission already stored under this payload's campaign and key, compared with it;
+    None when there is none (what a filled robot trap is answered with: see workers.web)."""
+    campaign = _text(payload.get("campaign"), 200) if isinstance(payload, dict) else None
+    key = _text(payload.get("idempotency_key"), 200) if isinstance(payload, dict) else None
+    if key is None:
+        return None
+    return _find(session, campaign or "", key, body_hash(secret, payload))
+
+
+def _find(session: Session, campaign: str, key: str, hashed: str) -> Accepted | None:
+    row = session.execute(
+        select(Submission.id, Submission.state, Submission.body_hash).where(
             Submission.campaign_slug == campaign, Submission.idempotency_key == key
         )
-    )
+    ).one_or_none()
+    if row is None:
+        return None
+    # A row stored before bodies were hashed has none: its repeat is taken as the same body.
+    conflict = row.body_hash is not None and row.body_hash != hashed
+    return Accepted(row.id, created=False, state=row.state, conflict=conflict)

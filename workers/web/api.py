@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio.to_thread
@@ -25,7 +25,7 @@ from starlette.routing import Match
 
 from schemas.submission import error_message
 from workers.pipeline.app import Apps
-from workers.web import confirmation, pages, preview, replies, submissions
+from workers.web import confirmation, pages, preview, probes, replies, submissions
 from workers.web.bodies import problem
 from workers.web.dependencies import Intake
 from workers.web.guards import BodyLimit, Cors, SecurityHeadersAndAccessLog
@@ -62,15 +62,26 @@ def create_app(app_getter: Apps, broker: dramatiq.Broker) -> FastAPI:
         dependencies=[Depends(utf8_json)],
     )
     api.state.intake = intake
-    routers = (preview, submissions, confirmation, replies, pages)
+    # The probes first: their paths are theirs (pages' older /healthz is not reached).
+    routers = (probes, preview, submissions, confirmation, replies, pages)
     for router in (module.router for module in routers):
         api.include_router(router)
     _handle_errors(api)
     wrapped: Any = SecurityHeadersAndAccessLog(
-        Cors(BodyLimit(api, app_getter().settings.api_max_body_bytes), intake.origins.for_path)
+        Cors(BodyLimit(api, app_getter().settings.api_max_body_bytes), _origins(intake))
     )
     wrapped.fastapi = api
     return wrapped  # type: ignore[no-any-return]
+
+
+def _origins(intake: Intake) -> Callable[[str], set[str]]:
+    """Campaigns' origins for CORS; none for the probes, which must answer with the database
+    down (reading the origins needs it)."""
+
+    def origins_for(path: str) -> set[str]:
+        return set() if path in probes.PATHS else intake.origins.for_path(path)
+
+    return origins_for
 
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

@@ -1,5 +1,6 @@
 """What the API's endpoints share, as FastAPI dependencies: the App, the broker, the intake
-batcher, campaigns' allowed origins, and short-lived caches of campaign definitions."""
+batcher, campaigns' allowed origins, short-lived caches of campaign definitions, and the Redis
+client the readiness probe pings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import dramatiq
+import redis
 from fastapi import Depends, Request
 from sqlalchemy import select
 
@@ -94,6 +96,21 @@ class Intake:
         self.origins = CampaignOrigins(app_getter)
         self.definitions = Timed(DEFINITION_TTL)
         self.examples = Timed(DEFINITION_TTL)
+        self._redis: redis.Redis | None = None
+        self._redis_lock = threading.Lock()
+
+    def redis_client(self) -> redis.Redis | None:
+        """A client for the Redis the rate limits and the broker use (None with the stub
+        broker: then the API uses none), built on first use, with short timeouts."""
+        settings = self.app_getter().settings
+        if settings.broker != "redis":
+            return None
+        with self._redis_lock:
+            if self._redis is None:
+                self._redis = redis.Redis.from_url(
+                    settings.resolved_redis_url, socket_connect_timeout=2, socket_timeout=2
+                )
+            return self._redis
 
     def cached_definition(self, slug: str) -> CampaignDefinition | Any | None:
         """The cached definition while fresh, else ``MISSING`` (no database access here)."""

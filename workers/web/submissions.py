@@ -9,12 +9,12 @@ from typing import Annotated, Any
 import anyio.to_thread
 import structlog
 from fastapi import APIRouter, Body, Header, Request
-from sqlalchemy import select
 
 from schemas.campaign import CampaignDefinition
 from workers.database.engine import session_scope
 from workers.database.models import State, Submission, utcnow
 from workers.pipeline.app import App
+from workers.pipeline.intake import Accepted, stored
 from workers.privacy.hashing import limiter_email, supporter_hash
 from workers.stages.validation import campaign_errors
 from workers.web.bodies import (
@@ -24,6 +24,7 @@ from workers.web.bodies import (
     OUTCOMES,
     SUBMIT_RESPONSES,
     AcceptedOut,
+    Errors,
     StatusOut,
     SubmissionIn,
     accepted,
@@ -37,14 +38,17 @@ from workers.web.honeypot import Fake, fake_state, fake_submission_id, read_fake
 
 log = structlog.get_logger(__name__)
 router = APIRouter()
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    **SUBMIT_RESPONSES,
+    409: {
+        "model": Errors,
+        "description": "The consent wording has changed since the page was loaded (reload it), "
+        "or the idempotency key was already used with a different body (use a new key).",
+    },
+}
 
 
-@router.post(
-    "/v1/submissions",
-    status_code=202,
-    response_model=AcceptedOut,
-    responses=SUBMIT_RESPONSES,
-)
+@router.post("/v1/submissions", status_code=202, response_model=AcceptedOut, responses=RESPONSES)
 async def submit(
     request: Request,
     app: AppDep,
@@ -59,7 +63,11 @@ async def submit(
         ),
     ] = None,
 ) -> Any:
-    """Store a supporter's final submission; 202 once it is in the database."""
+    """Store a supporter's final submission; 202 once it is in the database.
+
+    The idempotency key is bound to the body first posted with it: the same body again is
+    answered with the stored submission's current state (``duplicate: true``); another body
+    under the same key is a 409 (what counts: :data:`workers.pipeline.intake.NOT_IN_BODY_HASH`)."""
     key_valid = authenticated(app, x_dearmp_key)
     if key_valid is False:
         return problem(401, {KEY_HEADER: "This key is not valid for this deployment."})
@@ -100,11 +108,9 @@ async def submit(
     if body.website and body.website.strip():  # a robot filled the trap: keep nothing
         log.info("honeypot_filled")
         # A key already stored is answered as a real repeat is (it stores nothing either).
-        stored_id = await anyio.to_thread.run_sync(
-            _stored, app, body.campaign, body.idempotency_key
-        )
-        if stored_id is not None:
-            return accepted(stored_id, state.value, duplicate=True)
+        found = await anyio.to_thread.run_sync(_stored, app, body.model_dump(mode="json"))
+        if found is not None:
+            return _repeat(found, body.idempotency_key)
         fake = fake_submission_id(app.secret, body.campaign, utcnow())
         return accepted(fake, state.value, duplicate=False)
     payload = body.model_dump(mode="json", exclude={HONEYPOT})
@@ -117,18 +123,26 @@ async def submit(
         payload["client_ip"], payload["user_agent"] = address, user_agent(request)
     # Stored (with others that arrived meanwhile) and committed before the 202; the stage
     # message follows the commit.
-    stored = await intake.batcher.submit(payload, state)
-    return accepted(stored.submission_id, state.value, duplicate=not stored.created)
+    result = await intake.batcher.submit(payload, state)
+    if result.created:
+        return accepted(result.submission_id, result.state, duplicate=False)
+    return _repeat(result, body.idempotency_key)
 
 
-def _stored(app: App, campaign: str, idempotency_key: str) -> str | None:
-    with session_scope(app.sessions) as session:
-        return session.scalar(
-            select(Submission.id).where(
-                Submission.campaign_slug == campaign,
-                Submission.idempotency_key == idempotency_key,
-            )
+def _repeat(found: Accepted, key: str) -> Any:
+    """The answer to a key already stored: its submission as it is now, or the conflict."""
+    if found.conflict:
+        message = (
+            f"The idempotency key '{key}' was already used for a different submission to this "
+            "campaign. Send a new key for a new letter."
         )
+        return problem(409, {"idempotency_key": message})
+    return accepted(found.submission_id, found.state, duplicate=True)
+
+
+def _stored(app: App, payload: dict[str, Any]) -> Accepted | None:
+    with session_scope(app.sessions) as session:
+        return stored(session, payload, app.secret)
 
 
 @router.get("/v1/submissions/{submission_id}", response_model=StatusOut, responses=ERROR_RESPONSES)
