@@ -1,4 +1,4 @@
-"""The reference page for a campaign (``/demo/SLUG``), its files, and a health check."""
+"""The reference page for a campaign (``/demo/SLUG``) and its files."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse
-
-from workers.database.models import utcnow
 
 STATIC = Path(__file__).resolve().parent / "static"
 router = APIRouter()
@@ -23,8 +21,3 @@ def demo_page(slug: str) -> Any:
 def static(name: Literal["demo.js", "demo.css"]) -> Any:
     media = "text/javascript" if name.endswith(".js") else "text/css"
     return FileResponse(STATIC / name, media_type=media)
-
-
-@router.get("/healthz", include_in_schema=False)
-def healthz() -> dict[str, str]:
-    return {"status": "ok", "time": utcnow().isoformat()}
