@@ -471,3 +471,14 @@ def test_the_pause_reason_health_shows_hides_the_addresses_the_answer_quotes(
     assert health.exit_code != 0 and "mail delivery paused" in health.output
     assert "554 5.7.1 <[email]>: Relay access denied" in health.output
     assert to not in health.output and to.split("@")[0] not in health.output
+
+    # The relay fixed, an operator resumes: the worker tries again within seconds, not after
+    # its doubled pause, and the next letter goes.
+    del smtp_sink.refuse[to]
+    resumed = CliRunner().invoke(main, ["deliveries", "resume"])
+    assert resumed.exit_code == 0 and "resumed" in resumed.output
+    assert wait_for(lambda: mailer.waiting() == 0, 5)
+    send_letter(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+    assert smtp_sink.received.count() == 1
+    again = CliRunner().invoke(main, ["deliveries", "resume"])
+    assert again.exit_code == 1 and "no pause was reported" in again.output

@@ -769,3 +769,19 @@ def deliveries_flush(cli: Cli, dry_run: bool) -> None:
     click.echo(f"{'would try' if dry_run else 'trying'} {len(ids)} letters now")
     if not ids:
         raise SystemExit(1)
+
+
+@deliveries.command("resume")
+@pass_cli
+def deliveries_resume(cli: Cli) -> None:
+    """End the mail pause once the relay is fixed (a password, a certificate, a sender): every
+    worker process tries again within seconds instead of waiting out its pause. Exits 1 when
+    no pause was reported."""
+    from workers.pipeline.dead_letters import resume_mail
+
+    client, _, namespace = _redis(cli.app)
+    paused = resume_mail(client, namespace)
+    if paused is None:
+        click.echo("no pause was reported; the workers are told to try anyway")
+        raise SystemExit(1)
+    click.echo(f"resumed: the workers try again within seconds (paused for {paused['reason']})")

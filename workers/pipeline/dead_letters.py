@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -274,23 +275,52 @@ def pause_key(namespace: str) -> str:
     return f"{namespace}:mail-paused"
 
 
-def mail_pause_alarm(client: redis.Redis, namespace: str) -> Callable[[str | None, float], None]:
-    """How a worker tells operators' commands that the relay refused us (and when that ends): a
-    Redis key that lives as long as the pause and half a minute more."""
-    log = structlog.get_logger("workers")
+def resume_key(namespace: str) -> str:
+    return f"{namespace}:mail-resumed"
 
-    def alarm(reason: str | None, seconds: float) -> None:
+
+class MailPauseAlarm:
+    """How a worker tells operators' commands that the relay refused us (and when that ends: a
+    Redis key that lives as long as the pause and half a minute more), and hears an operator's
+    ``dearmp deliveries resume`` (:meth:`resumed`)."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client, self.namespace = client, namespace
+
+    def __call__(self, reason: str | None, seconds: float) -> None:
         try:
             if reason is None:
-                client.delete(pause_key(namespace))
+                self.client.delete(pause_key(self.namespace))
             else:
                 until = datetime.now(UTC) + timedelta(seconds=seconds)
                 value = json.dumps({"reason": reason, "until": until.isoformat()})
-                client.set(pause_key(namespace), value, ex=int(seconds) + 30)
+                self.client.set(pause_key(self.namespace), value, ex=int(seconds) + 30)
         except redis.RedisError as exc:  # the pause itself holds in the worker regardless
-            log.warning("mail_pause_not_shared", error=type(exc).__name__)
+            structlog.get_logger("workers").warning(
+                "mail_pause_not_shared", error=type(exc).__name__
+            )
 
-    return alarm
+    def resumed(self, since: float) -> bool:
+        """Whether an operator asked to resume after ``since`` (epoch seconds)."""
+        try:
+            raw = cast("bytes | None", self.client.get(resume_key(self.namespace)))
+        except redis.RedisError:
+            return False
+        return raw is not None and float(raw) > since
+
+
+def mail_pause_alarm(client: redis.Redis, namespace: str) -> MailPauseAlarm:
+    return MailPauseAlarm(client, namespace)
+
+
+def resume_mail(client: redis.Redis, namespace: str) -> dict[str, str] | None:
+    """An operator's resume of the mail pause (the relay is fixed): every worker process tries
+    again within seconds, instead of waiting out its doubled pause. The pause it ends, if any
+    was reported."""
+    paused = mail_pause(client, namespace)
+    client.set(resume_key(namespace), str(time.time()), ex=86_400)
+    client.delete(pause_key(namespace))
+    return paused
 
 
 def mail_pause(client: redis.Redis, namespace: str) -> dict[str, str] | None:

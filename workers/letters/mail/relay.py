@@ -34,6 +34,10 @@ class RelayPause:
         alarm: Callable[[str | None, float], None] | None = None,
     ) -> None:
         self.first, self.clock, self.alarm = first, clock, alarm
+        # An operator's resume (`dearmp deliveries resume`), asked at most every RESUME_LOOK s.
+        self.resumed: Callable[[float], bool] | None = getattr(alarm, "resumed", None)
+        self.paused_at = 0.0  # wall clock, for the resume
+        self.next_look = 0.0
         self.lock = threading.Lock()
         self.one_at_a_time = threading.Lock()
         self.refusals = 0
@@ -43,10 +47,22 @@ class RelayPause:
         # recipient -> letters_accepted when a policy answer last refused it (see refused_rcpt)
         self.refused_recipients: dict[str, int] = {}
 
+    RESUME_LOOK = 2.0
+
     def waiting(self) -> float:
-        """Seconds until the relay may be tried again (0: now)."""
+        """Seconds until the relay may be tried again (0: now, or an operator resumed)."""
         with self.lock:
-            return max(0.0, self.closed_until - self.clock())
+            now = self.clock()
+            wait = max(0.0, self.closed_until - now)
+            if wait <= 0 or self.resumed is None or now < self.next_look:
+                return wait
+            self.next_look, since = now + self.RESUME_LOOK, self.paused_at
+        if not self.resumed(since):  # (outside the lock: a Redis read)
+            return wait
+        with self.lock:
+            self.refusals, self.closed_until, self.reason = 0, 0.0, None
+        structlog.get_logger("workers").warning("mail_delivery_resumed", by="operator")
+        return 0.0
 
     def check(self) -> None:
         wait = self.waiting()
@@ -70,6 +86,7 @@ class RelayPause:
             self.refusals += 1
             pause: float = min(self.LONGEST, self.first * 2.0 ** (self.refusals - 1))
             self.closed_until = self.clock() + pause
+            self.paused_at = time.time()
             self.reason = mask_text(reason)[:200]
         structlog.get_logger("workers").error(
             "mail_delivery_paused",
