@@ -6,18 +6,43 @@ the sample campaign and the fictional MP directory shipped in ``config/``, and a
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import secrets
 import ssl
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import SplitResult, urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 CONFIG_DIR = Path(__file__).resolve().parent
+
+# A URL's [user[:password]@]host[:port], the host a name or a bracketed IPv6 address.
+NETLOC_RE = re.compile(r"(?:[^@/]*@)?(?:\[[0-9A-Fa-f:.]+\]|[^:@/\[\]]*)(?::\d*)?")
+PASSWORD_PARAMETER_RE = re.compile(r"(?i)([?&]password=)[^&#]*")
+
+# Variables with these prefixes are ours: one that is not a setting is a mistake (a misspelled
+# name would otherwise be ignored, and its default used).
+PREFIXES = ("DEARMP_", "SMTP_", "MAILGUN_")
+# Variables with those prefixes read by name outside Settings (none today): known all the same.
+READ_ELSEWHERE: frozenset[str] = frozenset()
+
+# The keyed hashes (client IPs, supporters, return addresses) are only as strong as their key:
+# `openssl rand -hex 32` gives 64 characters; the key DearMP generates itself is 64 too.
+SECRET_KEY_MIN_LENGTH = 32
+
+# An address: a local part and a domain of dotted labels (``sandbox@localhost`` is one).
+ADDRESS_RE = re.compile(
+    r"[^@\s<>\"(),;:]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
 
 
 # A fully qualified host name: two labels or more, letters, digits and inner hyphens, a top
@@ -233,10 +258,75 @@ class Settings(BaseSettings):
         default="INFO", alias="DEARMP_LOG_LEVEL"
     )
 
-    @field_validator("database_url", "redis_url")
+    @field_validator("database_url")
     @classmethod
-    def _empty_is_unset(cls, value: str | None) -> str | None:
-        return value or None
+    def _a_database_we_run_on(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = value.partition("://")[0].lower() if "://" in value else ""
+        dialect = scheme.partition("+")[0]
+        if dialect == "postgres":
+            raise ValueError("postgres:// is not a scheme SQLAlchemy knows: write postgresql://")
+        if dialect not in ("sqlite", "postgresql"):
+            what = f"{scheme}:// is" if scheme else "no scheme:"
+            raise ValueError(
+                f"{what} not a database DearMP runs on: "
+                "write sqlite:///path/to/file or postgresql://user:password@host/name"
+            )
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError):
+            raise ValueError("not a database URL (sqlite:///path, postgresql://...)") from None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _a_redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = _split(value)
+        if parts is None or parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "not a Redis URL: write redis://host:6379/0, rediss://host:6380/0 (TLS) "
+                "or unix:///path/to/redis.sock"
+            )
+        if parts.scheme == "unix" and not parts.path:
+            raise ValueError("a unix:// URL needs the socket's path: unix:///path/to/redis.sock")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError(f"a {parts.scheme}:// URL needs a host: {parts.scheme}://host:6379/0")
+        return value
+
+    @field_validator("public_url", "email_api_url", "postcodes_io_url", "members_api_url")
+    @classmethod
+    def _a_web_address(cls, value: str) -> str:
+        parts = _split(value)
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// address with a host")
+        return value
+
+    @field_validator("sandbox_address")
+    @classmethod
+    def _an_address(cls, value: str) -> str:
+        if not ADDRESS_RE.fullmatch(value):
+            raise ValueError("must be an email address such as sandbox@campaign.example.org")
+        return value
+
+    @field_validator("bounce_domain", "reply_domain")
+    @classmethod
+    def _a_domain(cls, value: str | None) -> str | None:
+        if value is None or FQDN_RE.fullmatch(value):
+            return value
+        raise ValueError("must be a domain name such as bounces.campaign.example.org")
+
+    @field_validator("secret_key")
+    @classmethod
+    def _a_long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or len(value.get_secret_value()) >= SECRET_KEY_MIN_LENGTH:
+            return value
+        raise ValueError(
+            f"must be at least {SECRET_KEY_MIN_LENGTH} characters (openssl rand -hex 32 "
+            "makes one), or unset to have one generated in DEARMP_DATA_DIR"
+        )
 
     @field_validator("smtp_helo_name")
     @classmethod
@@ -269,6 +359,44 @@ class Settings(BaseSettings):
                 "DEARMP_INBOUND_TLS_CERT and DEARMP_INBOUND_TLS_KEY are not a PEM certificate "
                 f"and its key ({type(exc).__name__})"
             ) from None
+        return self
+
+    @field_validator("dkim_private_key")
+    @classmethod
+    def _dkim_key_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        """A key that does not parse would fail every letter's rendering: refuse it at start."""
+        if value is not None:
+            _parse_dkim_key(value.get_secret_value().encode())
+        return value
+
+    @field_validator("dkim_private_key_file")
+    @classmethod
+    def _dkim_key_file_loads(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file() or not os.access(value, os.R_OK):
+            raise ValueError(f"no readable file at {value}")
+        _parse_dkim_key(value.read_bytes())
+        return value
+
+    @model_validator(mode="after")
+    def _dkim_key_and_selector(self) -> Settings:
+        """One key, and its selector: a key without one would leave letters unsigned."""
+        key, path = self.dkim_private_key, self.dkim_private_key_file
+        if key is not None and path is not None:
+            raise ValueError(
+                "set DEARMP_DKIM_PRIVATE_KEY or DEARMP_DKIM_PRIVATE_KEY_FILE, not both"
+            )
+        if (key is not None or path is not None) and not self.dkim_selector:
+            name = "DEARMP_DKIM_PRIVATE_KEY" if key is not None else "DEARMP_DKIM_PRIVATE_KEY_FILE"
+            raise ValueError(
+                f"{name} is set but DEARMP_DKIM_SELECTOR is not: letters would go unsigned"
+            )
+        if key is None and path is None and self.dkim_selector:
+            raise ValueError(
+                "DEARMP_DKIM_SELECTOR is set but no key: set DEARMP_DKIM_PRIVATE_KEY or "
+                "DEARMP_DKIM_PRIVATE_KEY_FILE"
+            )
         return self
 
     @model_validator(mode="after")
@@ -319,6 +447,94 @@ class Settings(BaseSettings):
         return path.read_text().strip().encode()
 
 
+def _parse_dkim_key(pem: bytes) -> None:
+    try:
+        parse_pem_private_key(pem)
+    except (UnparsableKeyError, ValueError, TypeError):
+        raise ValueError("not a PEM RSA private key") from None
+
+
+def _split(url: str) -> SplitResult | None:
+    """``url``'s parts, or None if its host and port cannot be read (a port that is not a
+    number). A port out of range is left to the connection to refuse."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return parts if NETLOC_RE.fullmatch(parts.netloc) else None
+
+
+def masked_url(url: str) -> str:
+    """``url`` without its password (in the address or a ``password=`` parameter): for logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(unreadable)"
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    return PASSWORD_PARAMETER_RE.sub(r"\1***", f"{scheme}://{netloc}{slash}{path}")
+
+
+def variables() -> frozenset[str]:
+    """Every variable DearMP reads: the settings' and those read elsewhere."""
+    return frozenset(f.alias for f in Settings.model_fields.values() if f.alias) | READ_ELSEWHERE
+
+
+def unknown_variables(names: Iterable[str]) -> list[str]:
+    """A problem for each of ``names`` with one of our prefixes that is not a variable we read,
+    with the nearest one that is."""
+    known = variables()
+    problems = []
+    for name in sorted(names):
+        if not name.upper().startswith(PREFIXES) or name.upper() in known:
+            continue
+        nearest = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+        problems.append(f"{name} is not a setting{hint}")
+    return problems
+
+
+def problems_of(error: ValidationError) -> list[str]:
+    """One line per problem in ``error``, each naming the variable (not the field)."""
+    aliases = {name: f.alias for name, f in Settings.model_fields.items() if f.alias}
+    problems = []
+    for e in error.errors(include_url=False):
+        message = str(e["msg"]).removeprefix("Value error, ")
+        if not e["loc"]:  # a check of several settings: its message names them
+            problems.append(message)
+            continue
+        field = str(e["loc"][0])
+        name = aliases.get(field, field).upper()
+        problems.append(message if message.startswith(name) else f"{name}: {message}")
+    return problems
+
+
+class ConfigurationError(SystemExit):
+    """Settings a process cannot start with, one line per problem, each naming its variable.
+
+    A SystemExit: a worker process or uvicorn that meets one exits non-zero with these lines on
+    stderr rather than a traceback. The command line shows them its own way."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"configuration: {p}" for p in problems))
+
+
+def load_settings() -> Settings:
+    """The settings from the environment, or :class:`ConfigurationError` with every problem:
+    unknown variables and every value that does not pass its check."""
+    problems = unknown_variables(os.environ)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigurationError([*problems, *problems_of(exc)]) from None
+    if problems:
+        raise ConfigurationError(problems)
+    return settings
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The process's settings (see :func:`load_settings`), read once."""
+    return load_settings()

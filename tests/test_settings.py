@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from config.settings import Settings, get_settings
 from tests.conftest import make_settings
-from tests.services import SmtpSink
+from tests.services import REPO, SmtpSink
 from workers.cli import main
 from workers.letters.mail import Outgoing, SmtpMailer
 
@@ -56,3 +56,26 @@ def test_the_ehlo_name_is_the_configured_one(tmp_path: Path, smtp_sink: SmtpSink
     data = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: x\r\n\r\nhello\r\n"
     SmtpMailer(settings).send(Outgoing("a@example.org", ["b@example.org"], data, "<1@x>"))
     assert smtp_sink.helo_names == ["mail.campaign.example.org"]
+
+
+def example_variables() -> dict[str, str]:
+    """The variables ``.env.example`` sets, with their values."""
+    lines = (REPO / ".env.example").read_text().splitlines()
+    pairs = [line.partition("=") for line in lines if line and not line.startswith("#")]
+    return {name: value for name, _, value in pairs}
+
+
+def test_the_example_environment_names_every_variable_and_nothing_else() -> None:
+    names = list(example_variables())
+    assert len(names) == len(set(names))
+    assert set(names) == {f.alias for f in Settings.model_fields.values()}
+
+
+def test_the_example_environment_gives_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copied as it is, ``.env.example`` changes nothing: its values are the defaults."""
+    for name in example_variables():
+        monkeypatch.delenv(name, raising=False)
+    defaults = Settings()
+    for name, value in example_variables().items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == defaults

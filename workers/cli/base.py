@@ -5,14 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 import dramatiq
 
-from config.settings import get_settings
+from config.settings import ConfigurationError, get_settings, problems_of
 from workers.logging import configure_logging
-from workers.pipeline.app import App, get_app
+from workers.pipeline.app import App, get_app, log_started
+
+# The commands that run the pipeline (or part of it) for as long as they are left to: each
+# logs the start-up line. (``api``'s is its ASGI factory's; ``worker``'s its worker processes'.)
+RUNNING_COMMANDS = frozenset({"run", "demo", "reconcile", "inbound"})
 
 
 def app_for_cli(log_file: Path | None = None) -> App:
@@ -37,7 +41,11 @@ class Cli:
 
     @cached_property
     def app(self) -> App:
-        return app_for_cli(self.log_file)
+        app = app_for_cli(self.log_file)
+        command = click.get_current_context(silent=True)
+        if command is not None and command.info_name in RUNNING_COMMANDS:
+            log_started(app, command.info_name)
+        return app
 
     @cached_property
     def broker(self) -> dramatiq.Broker:
@@ -52,6 +60,18 @@ class Cli:
 pass_cli = click.make_pass_decorator(Cli, ensure=True)
 
 
+class BadConfiguration(click.ClickException):
+    """Settings a command cannot run with: one line per problem, each naming its variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        for problem in self.problems:
+            click.echo(f"Error: configuration: {problem}", file=file, err=True)
+
+
 class Commands(click.Group):
     """The ``dearmp`` group: a service that goes away while a command runs is one line and a
     non-zero exit, not a traceback."""
@@ -63,13 +83,10 @@ class Commands(click.Group):
 
         try:
             return super().invoke(ctx)
-        except ValidationError as exc:  # the settings: what is wrong, not a traceback
-            problems = "; ".join(
-                str(e["msg"]).removeprefix("Value error, ")
-                + (f" ({'.'.join(str(p) for p in e['loc'])})" if e["loc"] else "")
-                for e in exc.errors(include_url=False)
-            )
-            raise click.ClickException(f"configuration: {problems}") from None
+        except ConfigurationError as exc:  # the settings: what is wrong, not a traceback
+            raise BadConfiguration(exc.problems) from None
+        except ValidationError as exc:  # settings built from values, not the environment
+            raise BadConfiguration(problems_of(exc)) from None
         except redis.RedisError as exc:
             raise click.ClickException(
                 f"lost Redis ({type(exc).__name__}); is it running? `dearmp queues` says where "

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from sqlalchemy import Engine
+import structlog
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings, get_settings
+from config.settings import Settings, get_settings, masked_url
 from workers.database.engine import make_engine, make_sessionmaker
+from workers.database.models import Campaign
 from workers.letters.mail import DkimSigner, Mailer, make_mailer, make_signer
 from workers.letters.rate_limits import Limiter, MemoryLimiter, RedisLimiter
 from workers.mp.live_sources import LiveSources
@@ -64,6 +67,33 @@ class App:
                 else None
             ),
         )
+
+
+def log_started(app: App, process: str) -> None:
+    """The process's one start-up line: where letters go, the database and Redis (without
+    passwords) and the campaigns with their modes, so that a log says what a process ran with."""
+    settings = app.settings
+    where: dict[str, Any] = {"mail_backend": settings.mail_backend}
+    if settings.mail_backend == "outbox":  # letters go to files, not to any MP
+        where["outbox_dir"] = str(settings.resolved_outbox_dir)
+    structlog.get_logger("workers").info(
+        "dearmp_started",
+        process=process,
+        **where,
+        database=masked_url(settings.resolved_database_url),
+        redis=masked_url(settings.resolved_redis_url) if settings.broker == "redis" else "stub",
+        campaigns=campaign_modes(app),
+    )
+
+
+def campaign_modes(app: App) -> dict[str, str] | None:
+    """Each campaign's mode, or None when the database cannot say (not migrated yet, down)."""
+    try:
+        with app.sessions() as session:
+            rows = session.execute(select(Campaign.slug, Campaign.mode))
+            return {slug: mode for slug, mode in rows}
+    except SQLAlchemyError:
+        return None
 
 
 # Where the process's App comes from, given to what needs it when it is built (the broker, its

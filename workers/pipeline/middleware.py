@@ -13,7 +13,7 @@ from schemas.messages import NotAStageMessage, parse_stage_args
 from workers.database.engine import session_scope
 from workers.letters.mail import TransientDeliveryError
 from workers.logging import configure_logging
-from workers.pipeline.app import Apps
+from workers.pipeline.app import Apps, log_started
 from workers.pipeline.dispatch import submission_id_of
 from workers.pipeline.failures import Attempt, end_if_failing, record_failure
 from workers.pipeline.handoff import Handoff
@@ -105,15 +105,15 @@ class SendHeld(Middleware):
 
 class ProcessApp(Middleware):
     """The worker process's App (``apps``): built as the process boots, before its threads
-    start, so they share one (one engine, one mailer and its relay sessions); and a worker that
-    shuts down ends its sessions with the mail server (QUIT), after its threads have finished
-    their messages."""
+    start, so they share one (one engine, one mailer and its relay sessions), and said in the
+    process's start-up line; and a worker that shuts down ends its sessions with the mail server
+    (QUIT), after its threads have finished their messages."""
 
     def __init__(self, apps: Apps) -> None:
         self.apps = apps
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        self.apps()
+        log_started(self.apps(), "worker")
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         try:

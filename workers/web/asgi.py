@@ -1,7 +1,11 @@
 """The ASGI entry point for uvicorn (``dearmp api``): the factory ``workers.web.asgi:application``
 (``uvicorn --factory``), called once in each uvicorn process: the API's composition root, which
 builds the process's App (settings, engine, mailer, limiter, signer, return addresses) and its
-broker once, and gives them to the application."""
+broker once, and gives them to the application.
+
+Settings it cannot start with end the process with one line each on stderr, not a traceback:
+:func:`config.settings.get_settings` raises :class:`config.settings.ConfigurationError`, a
+``SystemExit``, which uvicorn lets through."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from fastapi import FastAPI
 from config.settings import get_settings
 from workers.logging import configure_logging
 from workers.pipeline.actors import setup
-from workers.pipeline.app import App
+from workers.pipeline.app import App, log_started
 from workers.web.api import API_THREADS, create_app
 
 
@@ -26,4 +30,5 @@ def application() -> FastAPI:
         # request with a 503 and is replaced (SQLAlchemy invalidates the pool on a disconnect).
         engine_options = {"pool_size": API_THREADS, "max_overflow": 0, "pool_pre_ping": False}
     app = App.from_settings(settings, **engine_options)
+    log_started(app, "api")
     return create_app(lambda: app, setup(settings, lambda: app))
