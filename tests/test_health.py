@@ -168,3 +168,35 @@ def test_a_refused_letters_dead_letter_listed_by_reason_shown_by_prefix_and_clea
     assert json.loads(CliRunner().invoke(main, ["dlq", "list", "--json"]).stdout) == []
     drain(stub_broker, stub_worker)
     assert state_counts(app, [sid]) == {"delivered": 1} and smtp_sink.received.count() == 1
+
+
+def test_a_paused_campaign_holds_its_letters_until_resumed_and_health_names_it(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, on_redis: redis.Redis
+) -> None:
+    from workers.pipeline.runtime import state_counts, submit
+
+    slug = "political-prisoners"
+    assert CliRunner().invoke(main, ["campaigns", "pause", slug]).exit_code == 0
+    again = CliRunner().invoke(main, ["campaigns", "pause", slug])
+    assert again.exit_code == 1 and "paused already" in again.output
+    unknown = CliRunner().invoke(main, ["campaigns", "pause", "nope"])
+    assert unknown.exit_code == 1 and "no campaign nope" in unknown.output
+
+    sid = submit(app, stub_broker, submission())[0]
+    assert wait_for(lambda: state_counts(app, [sid]) == {"rendered": 1}, 30)
+    assert wait_for(lambda: _waits(app, sid), 30)  # held in the outbox, not sent, not lost
+    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["campaigns"]
+    assert status == "degraded" and slug in detail
+
+    resumed = CliRunner().invoke(main, ["campaigns", "resume", slug])
+    assert resumed.exit_code == 0 and "1 letters waiting go now" in resumed.output
+    assert wait_for(lambda: state_counts(app, [sid]) == {"delivered": 1}, 30)
+    assert "campaigns" not in checks_of(CliRunner().invoke(main, ["health", "--json"]))
+    not_paused = CliRunner().invoke(main, ["campaigns", "resume", slug])
+    assert not_paused.exit_code == 1 and "is not paused" in not_paused.output
+
+
+def _waits(app: App, sid: str) -> bool:
+    with session_scope(app.sessions) as session:
+        item = session.get(OutboxItem, sid)
+        return item is not None and item.status == "pending" and item.next_attempt_at is not None

@@ -680,6 +680,48 @@ def campaigns_mode(cli: Cli, slug: str, mode: str) -> None:
     click.echo(f"{slug}: {before} -> {mode} (letters rendered from now on)")
 
 
+@campaigns.command("pause")
+@click.argument("slug")
+@pass_cli
+def campaigns_pause(cli: Cli, slug: str) -> None:
+    """Hold a campaign's letters: submissions are still taken and prepared, and its letters
+    wait, never lost, until `dearmp campaigns resume` (`dearmp health` names it meanwhile)."""
+    from workers.database.engine import session_scope
+    from workers.database.models import Campaign, utcnow
+
+    with session_scope(cli.app.sessions) as session:
+        row = session.get(Campaign, slug)
+        if row is None:
+            raise click.ClickException(f"no campaign {slug}")
+        if row.paused_at is not None:
+            raise click.ClickException(f"{slug} is paused already (since {row.paused_at})")
+        row.paused_at = utcnow()
+    click.echo(f"{slug}: paused; its letters wait until `dearmp campaigns resume {slug}`")
+
+
+@campaigns.command("resume")
+@click.argument("slug")
+@pass_cli
+def campaigns_resume(cli: Cli, slug: str) -> None:
+    """Send a paused campaign's letters again: those waiting go at once."""
+    from workers.database.engine import session_scope
+    from workers.database.models import Campaign
+    from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.delivery import resume_campaign
+    from workers.stages.stage import Stage
+
+    with session_scope(cli.app.sessions) as session:
+        row = session.get(Campaign, slug)
+        if row is None:
+            raise click.ClickException(f"no campaign {slug}")
+        if row.paused_at is None:
+            raise click.ClickException(f"{slug} is not paused")
+        ids = resume_campaign(session, slug) or []
+    if ids:
+        dispatch_groups(cli.broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
+    click.echo(f"{slug}: resumed; {len(ids)} letters waiting go now")
+
+
 @main.group()
 def deliveries() -> None:
     """Deliveries, for an operator."""

@@ -84,6 +84,8 @@ class Campaign(Base):
     definition: Mapped[dict[str, Any]] = mapped_column(JSON)
     definition_sha256: Mapped[str] = mapped_column(String(64))
     mode: Mapped[str] = mapped_column(String(16), default="sandbox")
+    # Paused by an operator: its letters wait, held, until `dearmp campaigns resume`.
+    paused_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

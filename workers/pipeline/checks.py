@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 from config.settings import Settings
 from workers.database.engine import session_scope
-from workers.database.models import OutboxItem, OutboxStatus, utcnow
+from workers.database.models import Campaign, OutboxItem, OutboxStatus, utcnow
 from workers.mp import health as addresses
 from workers.outbox import sending as outbox
 from workers.pipeline.app import App
@@ -147,6 +147,11 @@ def _pipeline(
         every = outbox.overdue(session, now, late, lease)
         hooks = outbox.overdue(session, now, late, lease, WEBHOOK)
         failing = addresses.failing_count(session)
+        paused_campaigns = list(
+            session.scalars(
+                select(Campaign.slug).where(Campaign.paused_at.is_not(None)).order_by(Campaign.slug)
+            )
+        )
         failed = {k: n for (k, status), n in outbox.counts(session).items() if status == "failed"}
         retrying = session.execute(
             select(OutboxItem.error, func.count())
@@ -186,6 +191,15 @@ def _pipeline(
                 OK,
                 f"{waiting} letters waiting to retry (most often: {reason}); "
                 "`dearmp deliveries waiting` lists them",
+            )
+        )
+    if paused_campaigns:
+        checks.append(
+            Check(
+                "campaigns",
+                DEGRADED,
+                f"paused, their letters held: {', '.join(paused_campaigns)} "
+                "(`dearmp campaigns resume SLUG`)",
             )
         )
     if failing:

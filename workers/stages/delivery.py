@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
@@ -29,7 +29,7 @@ from workers.database.models import (
     State,
     utcnow,
 )
-from workers.database.transitions import AlreadyMoved, At, advance, read_one
+from workers.database.transitions import AlreadyMoved, At, advance, read_one, rowcount
 from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner, Mailer, Outgoing, outgoing
 from workers.letters.rate_limits import Limit, Limiter, seconds_until_open
@@ -40,6 +40,7 @@ from workers.stages.stage import Deferred
 log = structlog.get_logger(__name__)
 
 KIND = KEY = "letter"  # the letter's outbox item: kind and key
+PAUSED_LOOK = 600.0  # a paused campaign's letter looks again after this (resume: at once)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ _READ = select(
     SUBMISSIONS.c.campaign_slug,
     SUBMISSIONS.c.member_id,
     CAMPAIGNS.c.definition_sha256,
+    CAMPAIGNS.c.paused_at,
     *(LETTERS.c[name] for name in LETTER_FIELDS),
 ).select_from(
     SUBMISSIONS.join(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id).outerjoin(
@@ -175,6 +177,8 @@ def _compose(
     definition = get_definition(session, found.campaign_slug, found.definition_sha256)
     if definition is None:
         return "the campaign is gone"
+    if found.paused_at is not None:  # held: `dearmp campaigns resume` sends it at once
+        raise Deferred(PAUSED_LOOK, "the campaign is paused")
     if definition.quiet_hours:
         quiet = definition.quiet_hours
         wait = seconds_until_open(utcnow(), quiet.start, quiet.end)
@@ -205,6 +209,29 @@ def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -
         )
     except AlreadyMoved:
         pass
+
+
+def resume_campaign(session: Session, slug: str) -> list[str] | None:
+    """Resume a paused campaign: its letters waiting are due now (the caller sends them after
+    the commit). None if there is no such campaign; its waiting letters otherwise."""
+    found = session.execute(
+        update(CAMPAIGNS).where(CAMPAIGNS.c.slug == slug).values(paused_at=None)
+    )
+    if rowcount(found) != 1:
+        return None
+    of_campaign = select(SUBMISSIONS.c.id).where(SUBMISSIONS.c.campaign_slug == slug)
+    return list(
+        session.scalars(
+            update(OUTBOX)
+            .where(
+                OUTBOX.c.kind == KIND,
+                OUTBOX.c.status == OutboxStatus.PENDING.value,
+                OUTBOX.c.submission_id.in_(of_campaign),
+            )
+            .values(next_attempt_at=None, dispatched_at=utcnow())
+            .returning(OUTBOX.c.id)
+        )
+    )
 
 
 def reopen_failed(
