@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import func, select  # noqa: E402
 
+from bench.common import SECRET  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import PostgresCluster, free_port  # noqa: E402
 from workers.database.engine import make_engine, make_sessionmaker, session_scope  # noqa: E402
@@ -137,7 +138,7 @@ def main() -> None:
             "DATABASE_URL": url,
             "REDIS_URL": redis_server.url,
             "DEARMP_DATA_DIR": str(work),
-            "DEARMP_SECRET_KEY": "bench",
+            "DEARMP_SECRET_KEY": SECRET,
             # Off, or on with limits no run reaches: every request then makes its two checks
             # against Redis, as in production.
             "DEARMP_API_IP_LIMIT": "100000000" if args.rate_limits else "0",

@@ -33,7 +33,7 @@ from sqlalchemy import func, select, text
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import database_name  # noqa: E402
+from bench.common import SECRET, database_name  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import PostgresCluster, free_port  # noqa: E402
@@ -127,7 +127,7 @@ def bench_pipeline(
 ) -> dict[str, float]:
     outbox = args.outbox_root / "outbox"
     settings = Settings(
-        database_url=db_url, data_dir=tmp / "var", secret_key="bench", broker="redis",
+        database_url=db_url, data_dir=tmp / "var", secret_key=SECRET, broker="redis",
         redis_url=redis_url, outbox_dir=outbox, log_level="WARNING",
     )  # fmt: skip
     app = App.from_settings(settings)
@@ -145,7 +145,7 @@ def bench_pipeline(
             ids.append(accept(session, payload, app.secret).submission_id)
     env = {
         **os.environ, "REDIS_URL": redis_url, "DATABASE_URL": db_url, "DEARMP_BROKER": "redis",
-        "DEARMP_SECRET_KEY": "bench", "DEARMP_DATA_DIR": str(tmp / "var"),
+        "DEARMP_SECRET_KEY": SECRET, "DEARMP_DATA_DIR": str(tmp / "var"),
         "DEARMP_OUTBOX_DIR": str(outbox), "DEARMP_LOG_LEVEL": "WARNING",
     }  # fmt: skip
     workers = start_workers("workers.pipeline.actors:setup", env, args.processes, args.threads)

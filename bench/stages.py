@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine  # noqa: E402
+from bench.common import SECRET, machine  # noqa: E402
 from bench.pipeline import SHM, CpuMeter  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from tests.factories import submission  # noqa: E402
@@ -65,7 +65,7 @@ def run(
 ) -> None:
     url = cluster.url() if cluster else f"sqlite:///{folder / 'stages.sqlite3'}"
     settings = Settings(
-        database_url=url, data_dir=folder / "var", secret_key="bench", broker="stub",
+        database_url=url, data_dir=folder / "var", secret_key=SECRET, broker="stub",
         outbox_dir=outbox, log_level="WARNING",
     )  # fmt: skip
     # As the workers build theirs (workers.pipeline.app.get_app): no ping per checkout.
