@@ -200,3 +200,34 @@ def _waits(app: App, sid: str) -> bool:
     with session_scope(app.sessions) as session:
         item = session.get(OutboxItem, sid)
         return item is not None and item.status == "pending" and item.next_attempt_at is not None
+
+
+def test_commands_given_what_does_not_exist_say_so_and_change_nothing(
+    app: App, tmp_path: Any
+) -> None:
+    """A mistake is not accepted with exit 0: a campaign folder with no campaign files, a
+    report of an unknown campaign, the erasure or withdrawal of an address nothing is held
+    about (no consent event written)."""
+    from sqlalchemy import func, select
+
+    from workers.database.models import ConsentEvent
+
+    app.settings.campaigns_dir = tmp_path / "nowhere"
+    synced = CliRunner().invoke(main, ["campaigns", "sync"])
+    assert synced.exit_code == 1 and "no campaign files" in synced.output
+    assert "DEARMP_CAMPAIGNS_DIR" in synced.output
+    report = CliRunner().invoke(main, ["replies", "report", "--campaign", "nope"])
+    assert report.exit_code == 1 and "no campaign nope" in report.output
+
+    def events() -> int:
+        with session_scope(app.sessions) as session:
+            return session.scalar(select(func.count()).select_from(ConsentEvent)) or 0
+
+    before = events()
+    erased = CliRunner().invoke(main, ["supporter", "erase", "nobody@example.org", "--yes"])
+    assert erased.exit_code == 1 and "nothing is held about that address" in erased.output
+    withdrawn = CliRunner().invoke(main, ["consent", "withdraw", "nobody@example.org"])
+    assert withdrawn.exit_code == 1 and "--anyway" in withdrawn.output
+    assert events() == before
+    anyway = CliRunner().invoke(main, ["consent", "withdraw", "nobody@example.org", "--anyway"])
+    assert anyway.exit_code == 0 and events() > before  # a suppression, asked for

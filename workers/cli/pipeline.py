@@ -590,9 +590,10 @@ def watch(cli: Cli, interval: float, iterations: int | None) -> None:
     client, _, namespace = _redis(app)
     console = Console()
     with Live(console=console, refresh_per_second=4, screen=False) as live:
-        for _ in itertools.count() if iterations is None else range(iterations):
+        for n in itertools.count() if iterations is None else range(iterations):
+            if n:
+                time.sleep(interval)
             live.update(_watch_view(snapshot(client, namespace, app.sessions)))
-            time.sleep(interval if iterations is None else 0)
 
 
 @main.command()
@@ -657,8 +658,12 @@ def campaigns_sync(cli: Cli) -> None:
     from workers.letters.definitions import load_definitions, sync_campaigns
 
     app = cli.app
+    folder = app.settings.campaigns_dir
+    definitions = load_definitions(folder) if folder.is_dir() else []
+    if not definitions:
+        raise click.ClickException(f"no campaign files (*.toml) in {folder} (DEARMP_CAMPAIGNS_DIR)")
     with session_scope(app.sessions) as session:
-        changed = sync_campaigns(session, load_definitions(app.settings.campaigns_dir))
+        changed = sync_campaigns(session, definitions)
     click.echo(f"changed: {', '.join(changed) or 'none'}")
 
 

@@ -53,14 +53,24 @@ def consent_verify(cli: Cli) -> None:
     help="Repeat for several; default: every channel.",
 )
 @click.option("--source", default="operator", show_default=True, help="How the request came.")
+@click.option(
+    "--anyway", is_flag=True, help="Record it for an address nothing is held about (a suppression)."
+)
 @pass_cli
-def consent_withdraw(cli: Cli, email: str, channels: tuple[str, ...], source: str) -> None:
+def consent_withdraw(
+    cli: Cli, email: str, channels: tuple[str, ...], source: str, anyway: bool
+) -> None:
     """Record that a supporter withdrew consent (a new event; nothing earlier changes)."""
     from workers.database.engine import session_scope
-    from workers.privacy.rights import withdraw
+    from workers.privacy.rights import holds_anything, withdraw
 
     app = cli.app
     with session_scope(app.sessions) as session:
+        if not anyway and not holds_anything(session, app.secret, email):
+            raise click.ClickException(
+                "nothing is held about that address (a typo?): nothing recorded; "
+                "--anyway records the withdrawal all the same"
+            )
         written = withdraw(session, app.secret, email, list(channels or CHANNELS), source=source)
     click.echo(f"recorded {written} withdrawal events")
 
@@ -127,11 +137,14 @@ def supporter_export(cli: Cli, email: str) -> None:
 def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
     """Erase a person's details everywhere; keep the consent proof and the delivery facts."""
     from workers.database.engine import session_scope
-    from workers.privacy.rights import erase_supporter
+    from workers.privacy.rights import erase_supporter, holds_anything
 
+    app = cli.app
+    with session_scope(app.sessions) as session:
+        if not holds_anything(session, app.secret, email):
+            raise click.ClickException("nothing is held about that address: nothing to erase")
     if not yes:
         click.confirm("Erase this supporter's details? This cannot be undone", abort=True)
-    app = cli.app
     with session_scope(app.sessions) as session:
         report = erase_supporter(session, app.secret, email, _outbox(app))
     click.echo(json.dumps(report.as_dict(), indent=2))

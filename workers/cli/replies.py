@@ -54,10 +54,13 @@ def replies() -> None:
 def replies_report(cli: Cli, campaign: str | None, as_json: bool) -> None:
     """Per campaign and MP: delivered, bounced, acknowledged, replied, and survey answers."""
     from workers.database.engine import session_scope
+    from workers.database.models import Campaign
     from workers.letters.outcomes import report
 
     app = cli.app
     with session_scope(app.sessions) as session:
+        if campaign is not None and session.get(Campaign, campaign) is None:
+            raise click.ClickException(f"no campaign {campaign}")
         rows = report(session, campaign)
     if as_json:
         click.echo(json.dumps([asdict(row) for row in rows], indent=2))

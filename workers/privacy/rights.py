@@ -65,6 +65,13 @@ def submissions_of(session: Session, secret: bytes, email: str) -> list[Submissi
     )
 
 
+def holds_anything(session: Session, secret: bytes, email: str) -> bool:
+    """Whether anything is held about the address: a submission, or an event of the ledger."""
+    who = supporter_hash(secret, email)
+    found = session.scalar(select(Submission.id).where(Submission.supporter_hash == who).limit(1))
+    return found is not None or bool(_ledger(session, who))
+
+
 def _ledger(session: Session, who: str) -> list[ConsentEvent]:
     return list(
         session.scalars(
