@@ -110,16 +110,24 @@ def directory_sync(cli: Cli) -> None:
 
 @directory.command("dissolve")
 @click.option("--off", is_flag=True, help="Parliament meets again (usually: import the new MPs).")
+@click.option("--dry-run", is_flag=True, help="Say what would change; change nothing.")
 @pass_cli
-def directory_dissolve(cli: Cli, off: bool) -> None:
+def directory_dissolve(cli: Cli, off: bool, dry_run: bool) -> None:
     """Mark Parliament dissolved: no seat has an MP; campaigns hold or refuse letters."""
-    from workers.database.engine import session_scope
     from workers.mp.directory import set_dissolved
 
     app = cli.app
-    with session_scope(app.sessions) as session:
+    with app.sessions() as session:  # committed unless a dry run
         version_id = set_dissolved(session, not off, source="dissolved" if not off else "sitting")
-    click.echo(f"version {version_id} is current: Parliament {'sits' if off else 'dissolved'}")
+        if dry_run:
+            session.rollback()
+        else:
+            session.commit()
+    state = "sits" if off else "dissolved"
+    if dry_run:
+        click.echo(f"would make a new current version: Parliament {state} (nothing changed)")
+        return
+    click.echo(f"version {version_id} is current: Parliament {state}")
 
 
 @directory.command("status")
@@ -194,13 +202,18 @@ def directory_address(cli: Cli, email: str, ok: bool) -> None:
 
 @directory.command("prune")
 @click.option("--keep", default=2, show_default=True, help="Versions to keep (newest first).")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 @pass_cli
-def directory_prune(cli: Cli, keep: int) -> None:
+def directory_prune(cli: Cli, keep: int, dry_run: bool) -> None:
     """Delete old directory versions (and postcode sets nothing uses any more)."""
-    from workers.database.engine import session_scope
     from workers.mp.directory import prune
 
     app = cli.app
-    with session_scope(app.sessions) as session:
+    with app.sessions() as session:  # committed unless a dry run
         gone = prune(session, keep=max(1, keep))
-    click.echo(f"deleted versions: {', '.join(map(str, gone)) or 'none'}")
+        if dry_run:
+            session.rollback()
+        else:
+            session.commit()
+    said = "would delete" if dry_run else "deleted"
+    click.echo(f"{said} versions: {', '.join(map(str, gone)) or 'none'}")
