@@ -33,6 +33,9 @@ def test_demo_processes_the_sample_batch_to_final_states(tmp_path: Path) -> None
     assert "all final: True" in result.stdout
     assert "delivered" in result.stdout and "rejected" in result.stdout
     assert ".venv/bin/dearmp show " in result.stdout
+    # Each rejection with its reason, not only the field (the summary may wrap a long line).
+    flat = " ".join(result.stdout.split())
+    assert "rejected: supporter.email: " in flat or "rejected: supporter.postcode: " in flat
     letters = list((tmp_path / "var" / "outbox").glob("*.eml"))
     assert len(letters) == 21  # 30 fed: 8 valid samples, 8 invalid, 1 repeated key, 13 generated
     log = (tmp_path / "var" / "logs" / "dearmp.jsonl").read_text()

@@ -13,12 +13,15 @@ from typing import Any
 
 import dramatiq
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import select
 
+from config.settings import masked_url
 from workers.database.engine import session_scope
 from workers.database.models import Submission
+from workers.logging import mask_text
 from workers.pipeline.app import App
 from workers.pipeline.runtime import SAMPLE_DIR, count_final, state_counts, submit
 
@@ -104,8 +107,8 @@ def run_demo(
         ).all()
     for submission_id, state, rejection, failure in rows:
         result.examples.setdefault(state, submission_id)
-        for path in rejection or {}:
-            result.reasons[f"rejected: {path}"] += 1
+        for path, why in (rejection or {}).items():  # the supporter's own reason, masked
+            result.reasons[f"rejected: {path}: {mask_text(str(why))[:120]}"] += 1
         if failure:
             result.reasons[f"failed: {failure}"] += 1
     return result
@@ -123,7 +126,7 @@ def print_summary(result: DemoResult, app: App, console: Console) -> None:
         reasons.add_column("reason")
         reasons.add_column("count", justify="right")
         for reason, n in result.reasons.most_common():
-            reasons.add_row(reason, str(n))
+            reasons.add_row(escape(reason), str(n))
         console.print(reasons)
     where = (
         f"the outbox {app.settings.resolved_outbox_dir.resolve()} (one .eml per letter)"
@@ -134,7 +137,7 @@ def print_summary(result: DemoResult, app: App, console: Console) -> None:
         f"{result.submitted} submitted ({result.unique} unique by idempotency key), "
         f"{sum(result.counts.values())} tracked, all final: {result.finished}, "
         f"in {result.seconds:.1f}s.\nLetters went to {where}.\n"
-        f"Database: {app.settings.resolved_database_url}\n"
+        f"Database: {masked_url(app.settings.resolved_database_url)}\n"
         "The history of one submission, e.g.:"
     )
     for state, submission_id in sorted(result.examples.items()):

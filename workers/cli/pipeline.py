@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from config.settings import get_settings
+from config.settings import get_settings, masked_url
 from workers.cli.base import Cli, main, pass_cli
 from workers.pipeline.app import App
 
@@ -26,7 +26,7 @@ def init(cli: Cli) -> None:
 
     app = cli.app
     prepare(app)
-    click.echo(f"ready: {app.settings.resolved_database_url}")
+    click.echo(f"ready: {masked_url(app.settings.resolved_database_url)}")
 
 
 @main.command()
