@@ -35,7 +35,10 @@ def test_compose_has_the_production_shaped_services() -> None:
     env = worker["environment"]
     assert env["DATABASE_URL"].startswith("postgresql+psycopg://")
     assert env["REDIS_URL"].startswith("redis://redis:")
-    assert env["SMTP_HOST"] == "smtp"
+    # The relay, its login and the DKIM key are the deployment's: the catcher by default.
+    assert env["SMTP_HOST"] == "${SMTP_HOST:-smtp}"
+    assert {"SMTP_USERNAME", "SMTP_PASSWORD", "DEARMP_DKIM_PRIVATE_KEY"} <= set(env)
+    assert "readyz" in " ".join(services["api"]["healthcheck"]["test"])
     # Confirmation links must point at the deployment, not at 127.0.0.1.
     assert "DEARMP_PUBLIC_URL:?" in env["DEARMP_PUBLIC_URL"]
     assert "FORWARDED_ALLOW_IPS" in env and "DEARMP_API_KEYS" in env
@@ -118,3 +121,12 @@ def test_consent_events_from_before_the_ledger_are_chained_so_the_ledger_verifie
         checked = verify(session)
     engine.dispose()
     assert checked.events == 3 and checked.intact, checked
+
+
+def test_every_variable_compose_sets_is_a_setting() -> None:
+    """A misspelled variable would stop every container at start (configuration fails fast)."""
+    from config.settings import unknown_variables
+
+    for name, service in compose()["services"].items():
+        env = service.get("environment") or {}
+        assert unknown_variables(list(env)) == [], name
