@@ -100,7 +100,7 @@ def send_letters(
     deferred message that comes when a letter waited)."""
     policy = policy or DeliveryPolicy()
     kind = delivery.kind(mailer, policy, limiter, signer, returns)
-    timing = OutboxPolicy(policy.lease_seconds, policy.max_attempts)
+    timing = OutboxPolicy(max_attempts=policy.max_attempts)
     with session_scope(sessions) as session:
         session.execute(
             update(OutboxItem).where(OutboxItem.id.in_(submission_ids)).values(next_attempt_at=None)

@@ -187,7 +187,7 @@ def test_an_idn_letter_and_an_ordinary_one_on_one_thread_are_both_delivered(
     app: App, tmp_path: Path, smtp_sink: SmtpSink
 ) -> None:
     smtp = smtp_mailer(tmp_path, smtp_sink)
-    policy = DeliveryPolicy(lease_seconds=300)
+    policy = DeliveryPolicy()
     idn = through_render(app, submission(supporter__email="bob@münchen.de"))
     with session_scope(app.sessions) as session:
         letter = session.get(Letter, idn)

@@ -32,7 +32,7 @@ from workers.letters.mail import (
 from workers.pipeline.app import App
 from workers.stages.delivery import DeliveryPolicy
 
-POLICY = DeliveryPolicy(lease_seconds=300)
+POLICY = DeliveryPolicy()
 MAIL = Outgoing(
     "from@campaign.example.org", ["mp@parliament.uk"], b"Subject: x\r\n\r\nhi\r\n", "<m@x>"
 )

@@ -18,8 +18,8 @@ from workers.letters.mail import PermanentDeliveryError, SmtpMailer, TransientDe
 from workers.pipeline.app import App
 from workers.stages.delivery import DeliveryPolicy
 
-POLICY = DeliveryPolicy(lease_seconds=300)
-POLICY_3 = DeliveryPolicy(lease_seconds=300, max_attempts=3)
+POLICY = DeliveryPolicy()
+POLICY_3 = DeliveryPolicy(max_attempts=3)
 
 
 def mailer(tmp_path: Path, sink: SmtpSink, alarm: Any = None, **values: Any) -> SmtpMailer:

@@ -165,7 +165,7 @@ def test_letters_wait_for_the_login_without_using_attempts(
     mailer.relay.refused("535 5.7.8 Authentication failed")  # a moment ago
     sid = through_render(app, submission())
     with pytest.raises(Deferred, match="delivery paused"):
-        send_letter(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+        send_letter(app.sessions, sid, mailer, DeliveryPolicy())
     with session_scope(app.sessions) as session:
         delivery = session.get(OutboxItem, sid)
         assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
@@ -193,7 +193,7 @@ def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
             to = session.get(Letter, first)
             assert to is not None
             smtp_sink.refuse[to.to_email] = answer
-    policy = DeliveryPolicy(lease_seconds=300)
+    policy = DeliveryPolicy()
     with pytest.raises(Deferred, match=r"5\.7\.1"):
         send_letter(app.sessions, first, mailer, policy)
     with pytest.raises(Deferred, match="delivery paused"):  # the next letter waits too
@@ -228,7 +228,7 @@ def test_a_refused_recipient_is_still_the_letters_own_failure(
         assert to is not None
         smtp_sink.refuse[to.to_email] = "550 5.1.1 <x>: Recipient address rejected: unknown"
     with pytest.raises(PermanentDeliveryError, match=r"5\.1\.1"):
-        send_letter(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+        send_letter(app.sessions, sid, mailer, DeliveryPolicy())
     assert mailer.waiting() == 0
 
 
@@ -260,7 +260,7 @@ def test_a_recipient_refused_by_policy_again_after_other_letters_went_is_its_own
         to = session.get(Letter, refused)
         assert to is not None
         smtp_sink.refuse[to.to_email] = "550 5.7.1 <x>: Recipient address rejected: Access denied"
-    policy = DeliveryPolicy(lease_seconds=300)
+    policy = DeliveryPolicy()
     with pytest.raises(Deferred, match=r"5\.7\.1"):
         send_letter(app.sessions, refused, mailer, policy)
     assert 4 < mailer.waiting() <= 5  # SMTP_PAUSE_SECONDS
@@ -309,7 +309,7 @@ def test_an_answer_about_our_own_set_up_pauses_and_fails_no_letter(
             letter = session.get(Letter, sid)
             assert letter is not None
             smtp_sink.refuse[letter.to_email] = answer
-    policy = DeliveryPolicy(lease_seconds=300)
+    policy = DeliveryPolicy()
     with pytest.raises(Deferred, match=answer.split()[0]):
         send_letter(app.sessions, first, mailer, policy)
     with pytest.raises(Deferred, match="delivery paused"):
@@ -344,7 +344,7 @@ def test_a_certificate_our_ca_does_not_verify_pauses_delivery_and_says_why(
         )
         mailer = SmtpMailer(config, alarm=lambda *a: alarms.append(a))
         first, second = through_render(app, submission()), through_render(app, submission())
-        policy = DeliveryPolicy(lease_seconds=300)
+        policy = DeliveryPolicy()
         with pytest.raises(Deferred, match="certificate verify failed"):
             send_letter(app.sessions, first, mailer, policy)
         with pytest.raises(Deferred, match="delivery paused"):
@@ -463,7 +463,7 @@ def test_the_pause_reason_health_shows_hides_the_addresses_the_answer_quotes(
         to = letter.to_email
     smtp_sink.refuse[to] = f"554 5.7.1 <{to}>: Relay access denied"
     with pytest.raises(Deferred, match="Relay access denied"):
-        send_letter(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+        send_letter(app.sessions, sid, mailer, DeliveryPolicy())
     with pytest.raises(TransientDeliveryError, match="delivery paused") as waiting:
         mailer.send(MAIL)
     assert to not in str(waiting.value) and "<[email]>" in str(waiting.value)
@@ -478,7 +478,7 @@ def test_the_pause_reason_health_shows_hides_the_addresses_the_answer_quotes(
     resumed = CliRunner().invoke(main, ["deliveries", "resume"])
     assert resumed.exit_code == 0 and "resumed" in resumed.output
     assert wait_for(lambda: mailer.waiting() == 0, 5)
-    send_letter(app.sessions, sid, mailer, DeliveryPolicy(lease_seconds=300))
+    send_letter(app.sessions, sid, mailer, DeliveryPolicy())
     assert smtp_sink.received.count() == 1
     again = CliRunner().invoke(main, ["deliveries", "resume"])
     assert again.exit_code == 1 and "no pause was reported" in again.output

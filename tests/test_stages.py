@@ -35,8 +35,8 @@ from workers.stages.resolution import resolve
 from workers.stages.stage import Stage
 from workers.stages.validation import validate
 
-POLICY = DeliveryPolicy(lease_seconds=300)
-POLICY_3 = DeliveryPolicy(lease_seconds=300, max_attempts=3)
+POLICY = DeliveryPolicy()
+POLICY_3 = DeliveryPolicy(max_attempts=3)
 
 
 def store(app: App, payload: Any) -> str:

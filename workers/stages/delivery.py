@@ -45,7 +45,6 @@ PAUSED_LOOK = 600.0  # a paused campaign's letter looks again after this (resume
 
 @dataclass(frozen=True)
 class DeliveryPolicy:
-    lease_seconds: int = 300
     max_attempts: int = 20
     mp_limit: int = 0
     mp_limit_window: float = 3600.0
@@ -54,7 +53,6 @@ class DeliveryPolicy:
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryPolicy:
         return cls(
-            lease_seconds=settings.delivery_lease_seconds,
             max_attempts=settings.delivery_max_attempts,
             mp_limit=settings.mp_limit,
             mp_limit_window=settings.mp_limit_window,
