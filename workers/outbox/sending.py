@@ -146,6 +146,19 @@ def due(now: datetime, lease: timedelta) -> ColumnElement[bool]:
     ) | ((OutboxItem.status == OutboxStatus.SENDING) & (OutboxItem.claimed_at < now - lease))
 
 
+def waiting(item_id: Any) -> Any:
+    """Whether the item ``item_id`` (a value, or a column such as a letter's submission id) is
+    the outbox's to send: pending, or being sent."""
+    return (
+        select(OutboxItem.id)
+        .where(
+            OutboxItem.id == item_id,
+            OutboxItem.status.in_((OutboxStatus.PENDING, OutboxStatus.SENDING)),
+        )
+        .exists()
+    )
+
+
 def counts(session: Session) -> dict[tuple[str, str], int]:
     """How many items of each (kind, status): the metrics' and ``dearmp health``'s view."""
     rows = session.execute(

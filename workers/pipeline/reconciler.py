@@ -110,7 +110,7 @@ def find_stalled(
         select(Submission.id, Submission.state)
         .where(Submission.state.in_([s.value for s in STAGE_FOR_STATE]))
         .where(Submission.dispatched_at < cutoff)
-        .where(~_waiting_letter(Submission.id))
+        .where(~outbox.waiting(Submission.id))  # the outbox sends its letter
         .order_by(Submission.dispatched_at)
         .limit(BATCH)
     ).all()
@@ -195,19 +195,6 @@ def find_after_sent(
     inbound = [i for i in inbound if i in marked]
     sent = [(n, stage_of(kind)) for n, kind in items if n in marked]
     return [(i, Stage.INBOUND) for i in inbound] + sent + [(n, Stage.OUTBOX) for n in surveys]
-
-
-def _waiting_letter(submission_id: Any) -> Any:
-    """Whether the submission's letter waits in the outbox (pending or being sent): the
-    outbox's timing sends it (:func:`find_after_sent`), not its state."""
-    return (
-        select(OutboxItem.id)
-        .where(
-            OutboxItem.id == submission_id,
-            OutboxItem.status.in_((OutboxStatus.PENDING, OutboxStatus.SENDING)),
-        )
-        .exists()
-    )
 
 
 def _queued(submission_id: Any, key: str, status: OutboxStatus | None = None) -> Any:
