@@ -330,31 +330,16 @@ def send_group(
         for item in found:
             if item.status not in (OutboxStatus.PENDING, OutboxStatus.SENDING):
                 ended.append(item)
-                continue
-            if item.status == OutboxStatus.SENDING and (item.claimed_at or now) >= lapsed:
-                continue  # another worker's live claim: its to end
-            wait = _not_due(item, now)
-            kind = kinds.get(item.kind)
-            one = _Ready(item, kind, kind.channel if kind is not None and kind.channel else mailer)
-            if wait is None and one.channel.waiting() > 0:  # refusing us, not the email
-                wait = Deferred(
-                    one.channel.waiting(), "delivery paused: the mail server refused us"
-                )
-            if wait is None:
-                try:
-                    one.mail = (
-                        kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
-                    )
-                except Deferred as later:  # its destination would refuse us now (quiet hours)
-                    wait = later
-                except ValueError as exc:  # an address the email package will not write
-                    one.mail = mask_text(f"cannot be written as email: {exc}")[:500]
-                except Exception as exc:  # nobody foresaw it: counted, like a failed send
-                    one.broken = exc
-            if wait is not None:
-                waits.append((item.id, wait))
+            elif item.status == OutboxStatus.SENDING and (item.claimed_at or now) >= lapsed:
+                pass  # another worker's live claim: its to end
+            elif (not_due := _not_due(item, now)) is not None:
+                outcomes[item.id] = not_due  # its deferred message comes then; nothing written
             else:
-                ready.append(one)
+                one = _compose(session, item, kinds, mailer)
+                if isinstance(one, Deferred):
+                    waits.append((item.id, one))
+                else:
+                    ready.append(one)
     if any(one.broken is not None for one in ready):
         session.rollback()  # only read: a failed read may have ended the transaction
     if ended:
@@ -464,6 +449,27 @@ def _send(session: Session, one: _Ready, mine: datetime, policy: OutboxPolicy) -
         except Exception as exc:  # bookkeeping only: it is sent, and marked
             log.warning("outbox_sent_hook_failed", outbox_id=item.id, error=type(exc).__name__)
     return response
+
+
+def _compose(
+    session: Session, item: OutboxItem, kinds: Mapping[str, Kind], mailer: Mailer
+) -> _Ready | Deferred:
+    """The item written by its kind, ready to claim (or broken, or a reason not to send it);
+    or how long it must wait, unclaimed, because its destination would refuse us now."""
+    kind = kinds.get(item.kind)
+    one = _Ready(item, kind, kind.channel if kind is not None and kind.channel else mailer)
+    paused = one.channel.waiting()
+    if paused > 0:  # refusing us, not the email
+        return Deferred(paused, "delivery paused: the mail server refused us")
+    try:
+        one.mail = kind.compose(session, item) if kind else f"unknown kind {item.kind!r}"
+    except Deferred as later:  # its destination would refuse us now (quiet hours, a limit)
+        return later
+    except ValueError as exc:  # an address the email package will not write
+        one.mail = mask_text(f"cannot be written as email: {exc}")[:500]
+    except Exception as exc:  # nobody foresaw it: counted, like a failed send
+        one.broken = exc
+    return one
 
 
 def _not_due(item: OutboxItem, now: datetime) -> Deferred | None:
