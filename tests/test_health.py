@@ -196,6 +196,46 @@ def test_a_paused_campaign_holds_its_letters_until_resumed_and_health_names_it(
     assert not_paused.exit_code == 1 and "is not paused" in not_paused.output
 
 
+def test_a_paused_mp_address_holds_its_letters_until_marked_ok(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, on_redis: redis.Redis
+) -> None:
+    """An office asks for a break: every letter to its address waits (the campaign's resume
+    does not send it), health names the address, and `--ok` sends what waited."""
+    from workers.database.models import Letter
+    from workers.mp import health
+    from workers.pipeline.runtime import state_counts, submit
+
+    slug = "political-prisoners"
+    assert CliRunner().invoke(main, ["campaigns", "pause", slug]).exit_code == 0
+    sid = submit(app, stub_broker, submission())[0]
+    assert wait_for(lambda: _waits(app, sid), 30)
+    with session_scope(app.sessions) as session:
+        address = session.get(Letter, sid).to_email  # type: ignore[union-attr]
+    cli = CliRunner()
+    assert (
+        cli.invoke(main, ["directory", "address", address.upper(), "--pause", "recess"]).exit_code
+        == 0
+    )
+    again = cli.invoke(main, ["directory", "address", address, "--pause", "recess"])
+    assert again.exit_code == 1 and "paused already" in again.output
+    neither = cli.invoke(main, ["directory", "address", address])
+    assert neither.exit_code == 2 and "--pause REASON or --ok" in neither.output
+    assert "1 letters waiting go now" in cli.invoke(main, ["campaigns", "resume", slug]).output
+    assert wait_for(lambda: _waits(app, sid), 30)  # due, then deferred again: still held
+    assert state_counts(app, [sid]) == {"rendered": 1}
+    with session_scope(app.sessions) as session:  # a bounce of an earlier letter: still paused
+        assert not health.note_bounce(session, address, None, 0, timedelta(hours=1))
+    status, detail = checks_of(cli.invoke(main, ["health", "--json"]))["paused MP addresses"]
+    assert status == "degraded" and f"{address.lower()} (1 letters waiting)" in detail
+
+    resumed = cli.invoke(main, ["directory", "address", address, "--ok"])
+    assert resumed.exit_code == 0 and "1 letters waiting go now" in resumed.output
+    assert wait_for(lambda: state_counts(app, [sid]) == {"delivered": 1}, 30)
+    assert "paused MP addresses" not in checks_of(cli.invoke(main, ["health", "--json"]))
+    not_paused = cli.invoke(main, ["directory", "address", address, "--ok"])
+    assert not_paused.exit_code == 1 and "neither paused nor marked failing" in not_paused.output
+
+
 def _waits(app: App, sid: str) -> bool:
     with session_scope(app.sessions) as session:
         item = session.get(OutboxItem, sid)

@@ -179,25 +179,40 @@ def directory_status(cli: Cli) -> None:
 
 @directory.command("address")
 @click.argument("email")
-@click.option("--ok", is_flag=True, required=True, help="The address works again.")
+@click.option("--pause", "reason", metavar="REASON", help="Hold every letter to it, and why.")
+@click.option("--ok", is_flag=True, help="It works again: end its pause or its failing mark.")
 @pass_cli
-def directory_address(cli: Cli, email: str, ok: bool) -> None:
-    """Mark a failing MP address as working: the letters held for it are resolved again now."""
+def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> None:
+    """Pause an MP address (an office asked for a break, a mailbox is full: its letters wait,
+    never lost), or mark it working again: letters waiting for it go now, and letters held
+    while it was failing are resolved again."""
     from workers.database.engine import session_scope
     from workers.database.models import AddressHealth
     from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages.pauses import pause_address, resume_address
     from workers.stages.stage import Stage
 
-    app = cli.app
-    with session_scope(app.sessions) as session:
-        row = session.get(AddressHealth, health.key(email))
-        member_id = row.member_id if row is not None else None
-        if not health.mark_ok(session, email):
-            raise click.ClickException(f"{email} is not marked failing")
-        held = health.held_for(session, member_id) if member_id is not None else []
-    if held:
-        dispatch_groups(cli.broker, {Stage.RESOLVE: held})
-    click.echo(f"{email} marked ok; {len(held)} held letters sent to resolution again")
+    if (reason is None) == (not ok):
+        raise click.UsageError("give one of --pause REASON or --ok")
+    with session_scope(cli.app.sessions) as session:
+        if reason is not None:
+            if not pause_address(session, email, reason):
+                raise click.ClickException(f"{email} is paused already")
+            said, groups = "paused; its letters wait until --ok", {}
+        else:
+            row = session.get(AddressHealth, health.key(email))
+            if row is not None and row.status == health.PAUSED:
+                ids = resume_address(session, email)
+                said, groups = f"resumed; {len(ids)} letters waiting go now", {Stage.DELIVER: ids}
+            elif health.mark_ok(session, email):
+                held = health.held_for(session, row.member_id) if row and row.member_id else []
+                said = f"marked ok; {len(held)} held letters sent to resolution again"
+                groups = {Stage.RESOLVE: held}
+            else:
+                raise click.ClickException(f"{email} is neither paused nor marked failing")
+    if any(groups.values()):
+        dispatch_groups(cli.broker, groups)  # after the commit; else the reconciler
+    click.echo(f"{email} {said}")
 
 
 @directory.command("prune")

@@ -692,15 +692,14 @@ def campaigns_pause(cli: Cli, slug: str) -> None:
     """Hold a campaign's letters: submissions are still taken and prepared, and its letters
     wait, never lost, until `dearmp campaigns resume` (`dearmp health` names it meanwhile)."""
     from workers.database.engine import session_scope
-    from workers.database.models import Campaign, utcnow
+    from workers.stages.pauses import pause_campaign
 
     with session_scope(cli.app.sessions) as session:
-        row = session.get(Campaign, slug)
-        if row is None:
-            raise click.ClickException(f"no campaign {slug}")
-        if row.paused_at is not None:
-            raise click.ClickException(f"{slug} is paused already (since {row.paused_at})")
-        row.paused_at = utcnow()
+        try:
+            if not pause_campaign(session, slug):
+                raise click.ClickException(f"{slug} is paused already")
+        except LookupError as e:
+            raise click.ClickException(str(e)) from None
     click.echo(f"{slug}: paused; its letters wait until `dearmp campaigns resume {slug}`")
 
 
@@ -710,18 +709,15 @@ def campaigns_pause(cli: Cli, slug: str) -> None:
 def campaigns_resume(cli: Cli, slug: str) -> None:
     """Send a paused campaign's letters again: those waiting go at once."""
     from workers.database.engine import session_scope
-    from workers.database.models import Campaign
     from workers.pipeline.dispatch import dispatch_groups
-    from workers.stages.delivery import resume_campaign
+    from workers.stages.pauses import resume_campaign
     from workers.stages.stage import Stage
 
     with session_scope(cli.app.sessions) as session:
-        row = session.get(Campaign, slug)
-        if row is None:
-            raise click.ClickException(f"no campaign {slug}")
-        if row.paused_at is None:
-            raise click.ClickException(f"{slug} is not paused")
-        ids = resume_campaign(session, slug) or []
+        try:
+            ids = resume_campaign(session, slug)
+        except LookupError as e:
+            raise click.ClickException(str(e)) from None
     if ids:
         dispatch_groups(cli.broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
     click.echo(f"{slug}: resumed; {len(ids)} letters waiting go now")

@@ -2,7 +2,8 @@
 
 When ``threshold`` letters to one address bounce permanently within ``window``, resolution holds
 new letters to it. A new address in the directory, or ``dearmp directory address EMAIL --ok``,
-releases them.
+releases them. An address an operator paused (:mod:`workers.stages.pauses`) stays paused:
+its letters wait at delivery, and bounces of letters from before do not change that.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from workers.database.models import AddressHealth, Letter, LetterEvent, State, S
 _LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:address))")
 FAILING = "failing"
 OK = "ok"
+PAUSED = "paused"
 
 
 def key(address: str) -> str:
@@ -78,7 +80,7 @@ def note_bounce(
         )
         session.flush()
         return True
-    if row.status == FAILING:
+    if row.status in (FAILING, PAUSED):
         row.bounces = bounces
         return False
     if row.changed_at > now - window:

@@ -45,6 +45,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Select,
     Update,
     bindparam,
     func,
@@ -195,15 +196,20 @@ def retry_failed(session: Session, kind: str | None = None, dry_run: bool = Fals
     return ids if dry_run else send_again(session, ids, (OutboxStatus.FAILED,))
 
 
-def due_now(session: Session, kind: str, dry_run: bool = False) -> list[str]:
-    """The pending items of ``kind`` waiting for a later attempt, due now (the caller sends
-    them after the commit): an operator's "retry now" once the cause is fixed. One that must
-    still wait (quiet hours, a rate limit) waits again, uncounted. The items (or would be)."""
+def due_now(
+    session: Session, kind: str, dry_run: bool = False, of: Select[Any] | None = None
+) -> list[str]:
+    """The pending items of ``kind`` waiting for a later attempt (of the submissions ``of``
+    selects), due now; the caller sends them after the commit: an operator's "retry now" or
+    "resume". One that must still wait (quiet hours, a rate limit, a pause) waits again,
+    uncounted. The items (or would be)."""
     waiting = (
         (OutboxItem.kind == kind)
         & (OutboxItem.status == OutboxStatus.PENDING)
         & (OutboxItem.next_attempt_at > utcnow())
     )
+    if of is not None:
+        waiting = waiting & OutboxItem.submission_id.in_(of)
     if dry_run:
         return list(session.scalars(select(OutboxItem.id).where(waiting)))
     return list(

@@ -19,12 +19,13 @@ from sqlalchemy.engine import make_url
 
 from config.settings import Settings
 from workers.database.engine import session_scope
-from workers.database.models import Campaign, OutboxItem, OutboxStatus, utcnow
+from workers.database.models import OutboxItem, OutboxStatus, utcnow
 from workers.mp import health as addresses
 from workers.outbox import sending as outbox
 from workers.pipeline.app import App
 from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
 from workers.pipeline.heartbeat import last_pass, live_workers
+from workers.stages import pauses
 from workers.stages.delivery import KIND as LETTER
 from workers.webhooks.events import KIND as WEBHOOK
 
@@ -147,11 +148,7 @@ def _pipeline(
         every = outbox.overdue(session, now, late, lease)
         hooks = outbox.overdue(session, now, late, lease, WEBHOOK)
         failing = addresses.failing_count(session)
-        paused_campaigns = list(
-            session.scalars(
-                select(Campaign.slug).where(Campaign.paused_at.is_not(None)).order_by(Campaign.slug)
-            )
-        )
+        held_back = pauses.paused(session)
         failed = {k: n for (k, status), n in outbox.counts(session).items() if status == "failed"}
         retrying = session.execute(
             select(OutboxItem.error, func.count())
@@ -193,15 +190,13 @@ def _pipeline(
                 "`dearmp deliveries waiting` lists them",
             )
         )
-    if paused_campaigns:
-        checks.append(
-            Check(
-                "campaigns",
-                DEGRADED,
-                f"paused, their letters held: {', '.join(paused_campaigns)} "
-                "(`dearmp campaigns resume SLUG`)",
-            )
-        )
+    for what, name, resume in (
+        ("campaign", "campaigns", "`dearmp campaigns resume SLUG`"),
+        ("address", "paused MP addresses", "`dearmp directory address EMAIL --ok`"),
+    ):
+        held = [f"{p.name} ({p.waiting} letters waiting)" for p in held_back if p.what == what]
+        if held:
+            checks.append(Check(name, DEGRADED, f"paused: {', '.join(held)}; {resume} sends them"))
     if failing:
         checks.append(
             Check(

@@ -13,12 +13,13 @@ import math
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from schemas.campaign import CampaignDefinition
 from workers.database.models import (
+    ADDRESS_HEALTH,
     CAMPAIGNS,
     LETTERS,
     OUTBOX,
@@ -29,10 +30,11 @@ from workers.database.models import (
     State,
     utcnow,
 )
-from workers.database.transitions import AlreadyMoved, At, advance, read_one, rowcount
+from workers.database.transitions import AlreadyMoved, At, advance, read_one
 from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner, Mailer, Outgoing, outgoing
 from workers.letters.rate_limits import Limit, Limiter, seconds_until_open
+from workers.mp.health import PAUSED
 from workers.outbox.sending import Kind, send_again
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages.stage import Deferred
@@ -40,7 +42,7 @@ from workers.stages.stage import Deferred
 log = structlog.get_logger(__name__)
 
 KIND = KEY = "letter"  # the letter's outbox item: kind and key
-PAUSED_LOOK = 600.0  # a paused campaign's letter looks again after this (resume: at once)
+PAUSED_LOOK = 600.0  # a paused letter looks again after this (resume: at once)
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,12 @@ _READ = select(
     SUBMISSIONS.c.member_id,
     CAMPAIGNS.c.definition_sha256,
     CAMPAIGNS.c.paused_at,
+    ADDRESS_HEALTH.c.status.label("address_status"),
     *(LETTERS.c[name] for name in LETTER_FIELDS),
 ).select_from(
-    SUBMISSIONS.join(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id).outerjoin(
-        CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug
-    )
+    SUBMISSIONS.join(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id)
+    .outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug)
+    .outerjoin(ADDRESS_HEALTH, ADDRESS_HEALTH.c.email == func.lower(LETTERS.c.to_email))
 )
 
 
@@ -177,6 +180,8 @@ def _compose(
         return "the campaign is gone"
     if found.paused_at is not None:  # held: `dearmp campaigns resume` sends it at once
         raise Deferred(PAUSED_LOOK, "the campaign is paused")
+    if found.address_status == PAUSED:  # `dearmp directory address EMAIL --ok` sends it
+        raise Deferred(PAUSED_LOOK, "the MP's address is paused")
     if definition.quiet_hours:
         quiet = definition.quiet_hours
         wait = seconds_until_open(utcnow(), quiet.start, quiet.end)
@@ -207,29 +212,6 @@ def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -
         )
     except AlreadyMoved:
         pass
-
-
-def resume_campaign(session: Session, slug: str) -> list[str] | None:
-    """Resume a paused campaign: its letters waiting are due now (the caller sends them after
-    the commit). None if there is no such campaign; its waiting letters otherwise."""
-    found = session.execute(
-        update(CAMPAIGNS).where(CAMPAIGNS.c.slug == slug).values(paused_at=None)
-    )
-    if rowcount(found) != 1:
-        return None
-    of_campaign = select(SUBMISSIONS.c.id).where(SUBMISSIONS.c.campaign_slug == slug)
-    return list(
-        session.scalars(
-            update(OUTBOX)
-            .where(
-                OUTBOX.c.kind == KIND,
-                OUTBOX.c.status == OutboxStatus.PENDING.value,
-                OUTBOX.c.submission_id.in_(of_campaign),
-            )
-            .values(next_attempt_at=None, dispatched_at=utcnow())
-            .returning(OUTBOX.c.id)
-        )
-    )
 
 
 def reopen_failed(

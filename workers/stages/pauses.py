@@ -1,0 +1,137 @@
+"""Pauses an operator sets: a campaign's letters, or every letter to one MP address (an office
+asked for a break, a mailbox is full), wait in the outbox, never lost and counting no attempt,
+until resumed; then those waiting go at once. ``dearmp health`` names every pause meanwhile.
+
+A campaign's pause is its ``paused_at``; an address's is its address-health row's status
+``paused`` (:mod:`workers.mp.health`, which also marks an address failing after its bounces).
+Delivery reads both with the letter (:mod:`workers.stages.delivery`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.orm import Session
+
+from workers.database.models import (
+    LETTERS,
+    SUBMISSIONS,
+    AddressHealth,
+    Campaign,
+    OutboxItem,
+    OutboxStatus,
+    utcnow,
+)
+from workers.database.transitions import rowcount
+from workers.mp import health
+from workers.outbox.sending import due_now
+
+LETTER = "letter"  # the letter's outbox kind (workers.stages.delivery.KIND)
+
+
+@dataclass(frozen=True)
+class Pause:
+    what: str  # "campaign" or "address"
+    name: str
+    since: datetime
+    reason: str | None
+    waiting: int  # letters waiting for the resume
+
+
+def _of_campaign(slug: str) -> Select[tuple[str]]:
+    return select(SUBMISSIONS.c.id).where(SUBMISSIONS.c.campaign_slug == slug)
+
+
+def _to_address(address: str) -> Select[tuple[str]]:
+    return select(LETTERS.c.submission_id).where(
+        func.lower(LETTERS.c.to_email) == health.key(address)
+    )
+
+
+def pause_campaign(session: Session, slug: str) -> bool:
+    """Hold a campaign's letters. False if it was paused already; LookupError if no such one."""
+    row = session.get(Campaign, slug, with_for_update=True)
+    if row is None:
+        raise LookupError(f"no campaign {slug}")
+    if row.paused_at is not None:
+        return False
+    row.paused_at = utcnow()
+    return True
+
+
+def resume_campaign(session: Session, slug: str) -> list[str]:
+    """End a campaign's pause: its waiting letters are due now (the caller sends them to
+    delivery after the commit). LookupError if there is no such campaign or it is not paused."""
+    found = session.execute(
+        update(Campaign)
+        .where(Campaign.slug == slug, Campaign.paused_at.is_not(None))
+        .values(paused_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(found) != 1:
+        raise LookupError(
+            f"{slug} is not paused" if session.get(Campaign, slug) else f"no campaign {slug}"
+        )
+    return due_now(session, LETTER, of=_of_campaign(slug))
+
+
+def pause_address(session: Session, address: str, reason: str) -> bool:
+    """Hold every letter to ``address``. False if it was paused already."""
+    key = health.key(address)
+    row = session.get(AddressHealth, key, with_for_update=True)
+    if row is None:
+        session.add(AddressHealth(email=key, status=health.PAUSED, reason=reason[:500]))
+        return True
+    if row.status == health.PAUSED:
+        return False
+    row.status, row.reason, row.changed_at = health.PAUSED, reason[:500], utcnow()
+    return True
+
+
+def resume_address(session: Session, address: str) -> list[str]:
+    """End an address's pause: its waiting letters are due now (the caller sends them after
+    the commit). LookupError if it is not paused."""
+    row = session.get(AddressHealth, health.key(address), with_for_update=True)
+    if row is None or row.status != health.PAUSED:
+        raise LookupError(f"{address} is not paused")
+    row.status, row.reason, row.changed_at = health.OK, "resumed by an operator", utcnow()
+    return due_now(session, LETTER, of=_to_address(address))
+
+
+def _waiting(session: Session, of: Select[tuple[str]]) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(OutboxItem)
+            .where(
+                OutboxItem.kind == LETTER,
+                OutboxItem.status == OutboxStatus.PENDING,
+                OutboxItem.submission_id.in_(of),
+            )
+        )
+        or 0
+    )
+
+
+def paused(session: Session) -> list[Pause]:
+    """Every pause in force, campaigns first, with the letters waiting for it."""
+    campaigns = session.execute(
+        select(Campaign.slug, Campaign.paused_at)
+        .where(Campaign.paused_at.is_not(None))
+        .order_by(Campaign.slug)
+    ).all()
+    addresses = session.execute(
+        select(AddressHealth.email, AddressHealth.changed_at, AddressHealth.reason)
+        .where(AddressHealth.status == health.PAUSED)
+        .order_by(AddressHealth.email)
+    ).all()
+    return [
+        Pause("campaign", slug, since, None, _waiting(session, _of_campaign(slug)))
+        for slug, since in campaigns
+        if since is not None
+    ] + [
+        Pause("address", email, since, reason, _waiting(session, _to_address(email)))
+        for email, since, reason in addresses
+    ]
