@@ -6,13 +6,15 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
+from sqlalchemy.orm import Session
 
 from workers.database.engine import session_scope
 from workers.pipeline.dispatch import dispatch
-from workers.stages.confirmation import check_token, confirm
+from workers.stages.confirmation import check_token, confirm, read_token
 from workers.stages.stage import Stage
 from workers.web.bodies import CONFIRM_RESPONSES
 from workers.web.dependencies import AppDep, IntakeDep
+from workers.web.supporter_pages import Masthead, masthead_of, page
 
 router = APIRouter()
 
@@ -23,12 +25,9 @@ def confirm_page(token: str, app: AppDep) -> Any:
     changes nothing, so mail scanners that fetch links cannot confirm for the supporter."""
     with session_scope(app.sessions) as session:
         result = check_token(session, app.secret, token[:300])
-    if result != "ready":
-        return _confirm_page(result)
-    return _confirm_page(
-        "ready",
-        '<form method="post"><button type="submit">Send my letter to my MP</button></form>',
-    )
+        campaign = _campaign(session, app.secret, token[:300])
+    button = "Send my letter to my MP" if result == "ready" else None
+    return _confirm_page(result, campaign, button)
 
 
 @router.post("/v1/confirm/{token}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES)
@@ -36,9 +35,10 @@ def confirm_link(token: str, app: AppDep, intake: IntakeDep) -> Any:
     """The confirmation page's button."""
     with session_scope(app.sessions) as session:
         result, sid = confirm(session, app.secret, token[:300])
+        campaign = _campaign(session, app.secret, token[:300])
     if result == "confirmed" and sid is not None:
         dispatch(intake.broker, [Stage.VALIDATE], sid)
-    return _confirm_page(result)
+    return _confirm_page(result, campaign)
 
 
 CONFIRM_TEXTS: dict[str, tuple[int, str]] = {
@@ -50,14 +50,14 @@ CONFIRM_TEXTS: dict[str, tuple[int, str]] = {
 }
 
 
-def _confirm_page(result: str, form: str = "") -> HTMLResponse:
-    return link_page(*CONFIRM_TEXTS[result], form)
+def _campaign(session: Session, secret: bytes, token: str) -> Masthead | None:
+    """The campaign of a genuine token's submission, expired or not; None for a forged one."""
+    read = read_token(secret, token)
+    return masthead_of(session, read[0] if read is not None else None)
 
 
-def link_page(code: int, text: str, form: str = "") -> HTMLResponse:
-    """The page a link in an email opens: a heading and, to act, a form with one button."""
-    page = (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>DearMP</title></head><body><main><h1>{text}</h1>{form}</main></body></html>"
-    )
-    return HTMLResponse(page, status_code=code)
+def _confirm_page(
+    result: str, campaign: Masthead | None, button: str | None = None
+) -> HTMLResponse:
+    status, heading = CONFIRM_TEXTS[result]
+    return page(status, heading, campaign, button=button)

@@ -31,9 +31,21 @@ PAGE_CSP = (
     b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
+# The pages an email's link opens: their stylesheet and a form posting back, nothing else.
+LINK_CSP = (
+    b"default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    b"base-uri 'none'"
+)
 # Paths that carry a token are logged cut after their prefix.
 TOKEN_PATHS = ("/v1/confirm/", "/v1/replied/")
 _TOKEN = re.compile("^(" + "|".join(re.escape(prefix) for prefix in TOKEN_PATHS) + ")")
+
+
+def _csp(path: str) -> bytes:
+    """An emailed link's page, the reference page, or the API (which loads nothing)."""
+    if path.startswith(TOKEN_PATHS):
+        return LINK_CSP
+    return PAGE_CSP if path.startswith("/demo") else API_CSP
 
 
 def _safe_path(path: str) -> str:
@@ -153,14 +165,14 @@ class SecurityHeadersAndAccessLog:
             return
         started = time.perf_counter()
         status = 0
-        page = scope["path"].startswith("/demo")
+        csp = _csp(scope["path"])
 
         async def decorated(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", []), *SECURITY_HEADERS]
-                headers.append((b"content-security-policy", PAGE_CSP if page else API_CSP))
+                headers.append((b"content-security-policy", csp))
                 if scope["path"].startswith("/v1/"):
                     headers.append((b"cache-control", b"no-store"))
                 message["headers"] = headers

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 from typing import Any
 
@@ -20,8 +19,8 @@ from workers.receiving.store import Replayed, forget_tokens, store
 from workers.stages import survey
 from workers.stages.stage import Stage
 from workers.web.bodies import CONFIRM_RESPONSES, Errors, problem
-from workers.web.confirmation import link_page
 from workers.web.dependencies import AppDep, IntakeDep
+from workers.web.supporter_pages import Masthead, masthead, masthead_of, page
 
 log = structlog.get_logger(__name__)
 router = APIRouter()
@@ -113,18 +112,18 @@ def survey_page(token: str, answer: str, app: AppDep) -> Any:
     nothing, so a scanner that fetches the links does not answer for the supporter."""
     submission_id = survey.read_token(app.secret, token[:300], answer)
     if submission_id is None:  # forged, or signed for another answer
-        return _page("invalid")
+        return _page("invalid", None)
     with session_scope(app.sessions) as session:
         found = survey.campaign_survey_mp(session, submission_id)
+        campaign = masthead(session, found[0]) if found is not None else None
     if found is None:
-        return _page("invalid")
-    mp = html.escape(found[1])
-    form = (
-        f"<p>Your letter to {mp}.</p>"
-        '<form method="post"><button type="submit">'
-        f"Record my answer: {ANSWER_WORDS[answer]}</button></form>"
+        return _page("invalid", None)
+    return _page(
+        "ready",
+        campaign,
+        lines=(f"Your letter to {found[1]}.",),
+        button=f"Record my answer: {ANSWER_WORDS[answer]}",
     )
-    return _page("ready", form)
 
 
 @router.post(
@@ -134,8 +133,12 @@ def survey_answer(token: str, answer: str, app: AppDep) -> Any:
     """The survey page's button: the answer becomes an event on the letter."""
     with session_scope(app.sessions) as session:
         result = survey.answer(session, app.secret, token[:300], answer)
-    return _page(result)
+        campaign = masthead_of(session, survey.read_token(app.secret, token[:300], answer))
+    return _page(result, campaign)
 
 
-def _page(result: str, form: str = "") -> HTMLResponse:
-    return link_page(*SURVEY_TEXTS[result], form)
+def _page(
+    result: str, campaign: Masthead | None, lines: tuple[str, ...] = (), button: str | None = None
+) -> HTMLResponse:
+    status, heading = SURVEY_TEXTS[result]
+    return page(status, heading, campaign, lines, button)

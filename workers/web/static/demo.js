@@ -64,8 +64,10 @@ async function load() {
   const { ok, data } = await call("GET", `/v1/campaigns/${encodeURIComponent(slug)}`);
   if (!ok) { showErrors(data.errors || { page: "This campaign could not be loaded." }); return; }
   campaign = data;
-  document.title = data.title;
+  document.title = `${data.title} — ${data.organisation}`;
   $("title").textContent = data.title;
+  $("organisation").textContent = data.organisation;
+  $("masthead").hidden = false;
   $("introduction").textContent = data.introduction;
   if (data.example_postcode) {
     $("postcode-hint").textContent = `We use it to find your MP, for example ${data.example_postcode}.`;
@@ -159,6 +161,7 @@ async function poll(url) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  $("details").hidden = false; // hidden in the HTML: without this script it cannot be used
   $("details").addEventListener("submit", toLetter);
   $("letter").addEventListener("submit", send);
   $("back").addEventListener("click", () => { $("letter").hidden = true; $("details").hidden = false; });
