@@ -1,12 +1,23 @@
 """Production-shaped files: docker-compose.yml, the Dockerfile, migrations matching the models.
 
-Docker cannot run here, so the compose file is checked for structure and for commands that exist.
+Docker cannot run here, so the compose file is checked for structure, for commands that exist,
+and against the compose specification's JSON Schema (the copy check-jsonschema ships: offline)
+once interpolated with the environment the README's production quick start tells an operator to
+write.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.resources
+import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import jsonschema
+import pytest
 import yaml
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -130,3 +141,229 @@ def test_every_variable_compose_sets_is_a_setting() -> None:
     for name, service in compose()["services"].items():
         env = service.get("environment") or {}
         assert unknown_variables(list(env)) == [], name
+
+
+# --- The compose file as docker compose reads it -------------------------------------------------
+
+# Compose's interpolation: $$, $NAME, ${NAME}, and ${NAME<op>arg} with op one of :- - :? ? :+ +.
+VARIABLE_RE = re.compile(
+    r"\$(?:(?P<escaped>\$)|(?P<named>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\})"
+)
+
+
+class MissingVariable(Exception):
+    """A ${NAME:?message} (or ${NAME?message}) whose variable is unset, as compose refuses it."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"required variable {name} is missing a value: {message}")
+        self.name = name
+
+
+def interpolate(value: Any, env: Mapping[str, str]) -> Any:
+    """``value`` (a loaded compose file, or part of one) with every variable substituted."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["named"] or match["braced"]
+        op, arg = match["op"], match["arg"] or ""
+        is_set = name in env
+        has_value = bool(env.get(name))
+        if op in (":-", "-"):
+            return env[name] if (has_value if op == ":-" else is_set) else arg
+        if op in (":?", "?"):
+            if not (has_value if op == ":?" else is_set):
+                raise MissingVariable(name, arg)
+            return env[name]
+        if op in (":+", "+"):
+            return arg if (has_value if op == ":+" else is_set) else ""
+        return env.get(name, "")
+
+    return VARIABLE_RE.sub(substitute, value)
+
+
+def compose_schema() -> dict[str, Any]:
+    """The compose specification's schema, as check-jsonschema vendors it (no network)."""
+    vendor = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+    return json.loads((vendor / "compose-spec.json").read_text())  # type: ignore[no-any-return]
+
+
+def env_file(text: str) -> dict[str, str]:
+    """NAME=value lines, as a .env file has them (comments and blank lines skipped)."""
+    pairs = (line.partition("=") for line in text.splitlines())
+    return {
+        name.strip(): value.strip()
+        for name, sep, value in pairs
+        if sep and name.strip() and not name.lstrip().startswith("#")
+    }
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def documented_environment() -> dict[str, str]:
+    """What an operator following the README's production quick start has: .env.example copied
+    to .env, the secret key generated into it, and the lines the quick start gives."""
+    quick_start = readme_section("Production quick start")
+    env = env_file((REPO / ".env.example").read_text())
+    assert "openssl rand -hex 32" in quick_start
+    env["DEARMP_SECRET_KEY"] = "0f" * 32  # what `openssl rand -hex 32` writes
+    blocks = re.findall(r"```ini\n(.*?)```", quick_start, re.S)
+    assert blocks, "the quick start gives the .env lines in an ini block"
+    env.update(env_file(blocks[0]))
+    return env
+
+
+def required_variables() -> set[str]:
+    return set(
+        re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", (REPO / "docker-compose.yml").read_text())
+    )
+
+
+def test_the_compose_file_is_valid_with_the_documented_environment() -> None:
+    config = interpolate(compose(), documented_environment())
+    validator = jsonschema.validators.validator_for(compose_schema())(compose_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+    # The documented values arrive: the relay named in the quick start, not the catcher.
+    worker = config["services"]["worker"]["environment"]
+    assert worker["SMTP_HOST"] != "smtp" and worker["DEARMP_MAIL_BACKEND"] == "smtp"
+
+
+def test_the_schema_is_the_compose_specification_and_refuses_a_mistake() -> None:
+    schema = compose_schema()
+    assert "compose" in schema["$id"].lower()
+    broken = interpolate(compose(), documented_environment())
+    broken["services"]["worker"]["depends_on"]["redis"]["condition"] = "service_ready"
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert list(validator.iter_errors(broken))
+
+
+def test_the_required_variables_are_the_quick_starts_and_each_is_named_when_missing() -> None:
+    required = required_variables()
+    assert required == {
+        "DEARMP_SECRET_KEY",
+        "DEARMP_PUBLIC_URL",
+        "DEARMP_SANDBOX_ADDRESS",
+        "DEARMP_BOUNCE_DOMAIN",
+    }
+    documented = documented_environment()
+    quick_start = readme_section("Production quick start")
+    for name in required:
+        assert name in quick_start, name
+        for missing in (
+            {k: v for k, v in documented.items() if k != name},
+            {**documented, name: ""},
+        ):
+            with pytest.raises(MissingVariable) as raised:
+                interpolate(compose(), missing)
+            assert raised.value.name == name and name in str(raised.value)
+
+
+def test_copied_as_it_is_the_example_environment_is_refused_for_want_of_the_required() -> None:
+    """.env.example leaves the four empty: compose refuses to start on a copy not filled in."""
+    with pytest.raises(MissingVariable) as raised:
+        interpolate(compose(), env_file((REPO / ".env.example").read_text()))
+    assert raised.value.name in required_variables()
+
+
+def test_every_variable_compose_reads_is_in_the_example_environment() -> None:
+    """An operator finds in .env.example every variable the compose file takes from .env, and a
+    value there that compose would pass on is the setting's default or empty."""
+    text = (REPO / "docker-compose.yml").read_text()
+    read = {m["named"] or m["braced"] for m in VARIABLE_RE.finditer(text) if not m["escaped"]}
+    example = env_file((REPO / ".env.example").read_text())
+    assert read - {"FORWARDED_ALLOW_IPS"} <= set(example), read - set(example)
+    # A value in .env.example overrides compose's default: only where both agree.
+    defaults = {
+        name: m["arg"]
+        for m in VARIABLE_RE.finditer(text)
+        if m["op"] == ":-" and (name := m["braced"]) in example
+    }
+    for name, default in defaults.items():
+        assert example[name] in ("", default), f"{name}={example[name]} would override {default!r}"
+
+
+def test_services_start_on_health_and_every_long_running_one_has_a_check() -> None:
+    services = compose()["services"]
+    one_shot = {name for name, s in services.items() if s.get("restart") == "no"}
+    assert one_shot == {"migrate", "demo-data"}
+    for name, service in services.items():
+        for needed, how in (service.get("depends_on") or {}).items():
+            expected = "service_completed_successfully" if needed in one_shot else "service_healthy"
+            assert how == {"condition": expected}, (name, needed)
+            assert needed in one_shot or "healthcheck" in services[needed], (name, needed)
+        if name not in one_shot | {"retention"}:  # retention sleeps a day between passes
+            assert "healthcheck" in service, name
+        command = service.get("command") or []
+        if command[:1] == ["dearmp"] and name not in {"migrate"}:
+            assert service["depends_on"]["migrate"] == {
+                "condition": "service_completed_successfully"
+            }, name
+    # A worker's check is its own liveness, not `dearmp health`, which is "down" for the whole
+    # deployment when the mail server is away.
+    worker_check = " ".join(services["worker"]["healthcheck"]["test"])
+    assert "health" not in services["worker"]["command"] and "dearmp health" not in worker_check
+    assert "live_workers" in worker_check and "gethostname" in worker_check
+
+
+def test_the_health_checks_python_is_python_and_imports_what_exists() -> None:
+    import importlib
+
+    for name, service in compose()["services"].items():
+        test = (service.get("healthcheck") or {}).get("test") or []
+        if test[:3] != ["CMD", "python", "-c"]:
+            continue
+        tree = ast.parse(test[3])  # raises on a syntax error
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), (name, node.module, alias.name)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    importlib.import_module(alias.name)
+
+
+def test_the_sample_data_is_loaded_only_in_the_demo_profile() -> None:
+    """`dearmp init` loads the campaign files and, with no directory, the fictional sample MPs:
+    only the demo profile runs it, and it alone reads the image's sample campaign folder."""
+    services = compose()["services"]
+    for name, service in services.items():
+        command = service.get("command") or []
+        env = service.get("environment") or {}
+        demo = service.get("profiles") == ["demo"]
+        if command[:2] == ["dearmp", "init"] or command[:2] == ["dearmp", "demo"]:
+            assert demo, f"{name} loads the sample data outside the demo profile"
+        if command[:1] == ["dearmp"] and not demo:
+            assert env.get("DEARMP_CAMPAIGNS_DIR") == "/srv/dearmp/campaigns", name
+    assert services["demo-data"]["environment"]["DEARMP_CAMPAIGNS_DIR"] == ""
+    assert services["migrate"]["command"] == ["dearmp", "migrate"]
+
+
+def test_the_quick_start_posts_a_submission_the_intake_accepts() -> None:
+    """The quick start's curl example: a body the schema takes, for a campaign file that exists,
+    with that campaign's current consent wording version (else the intake answers 409)."""
+    from schemas.submission import SubmissionV1, parse_submission
+    from workers.letters.definitions import load_definitions
+
+    quick_start = readme_section("Production quick start")
+    found = re.search(r"curl [^\n]*?/v1/submissions.*?-d '(\{.*?\})'", quick_start, re.S)
+    assert found, "the quick start has a curl example posting to /v1/submissions"
+    body = json.loads(found[1])
+    parsed = parse_submission(body)
+    assert isinstance(parsed, SubmissionV1), parsed
+    campaigns = {d.slug: d for d in load_definitions(REPO / "config" / "campaigns")}
+    campaign = campaigns[body["campaign"]]
+    assert body["contact_preferences"]["wording_version"] == campaign.consent.version
