@@ -224,6 +224,13 @@ class Settings(BaseSettings):
     # Sender confirmation: the link's life, and when the one reminder goes.
     confirm_valid_days: float = Field(default=7.0, gt=0, alias="DEARMP_CONFIRM_VALID_DAYS")
     confirm_reminder_hours: float = Field(default=24.0, gt=0, alias="DEARMP_CONFIRM_REMINDER_HOURS")
+    # The operators' web console (/console): off, answering 404, until accounts are set.
+    # Comma-separated ``name:hash`` entries, each hash made by `dearmp console hash-password`.
+    console_accounts: SecretStr | None = Field(default=None, alias="DEARMP_CONSOLE_ACCOUNTS")
+    # Hours a console login lasts.
+    console_session_hours: float = Field(
+        default=8.0, gt=0, le=168, alias="DEARMP_CONSOLE_SESSION_HOURS"
+    )
 
     # Reconciler: how often it runs and how long a submission may sit in one state.
     reconcile_interval: float = Field(default=60.0, gt=0, alias="DEARMP_RECONCILE_INTERVAL")
@@ -327,6 +334,14 @@ class Settings(BaseSettings):
             f"must be at least {SECRET_KEY_MIN_LENGTH} characters (openssl rand -hex 32 "
             "makes one), or unset to have one generated in DEARMP_DATA_DIR"
         )
+
+    @field_validator("console_accounts")
+    @classmethod
+    def _console_accounts_read(cls, value: SecretStr | None) -> SecretStr | None:
+        """Each entry a name and a password hash: a typo would lock everyone out unseen."""
+        if value is not None:
+            console_accounts(value.get_secret_value())
+        return value
 
     @field_validator("smtp_helo_name")
     @classmethod
@@ -445,6 +460,32 @@ class Settings(BaseSettings):
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_hex(32))
         return path.read_text().strip().encode()
+
+
+# A console account: a plain name and a scrypt hash (workers.web.console.auth makes them).
+CONSOLE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+CONSOLE_HASH_RE = re.compile(
+    r"scrypt\$\d{1,2}\$\d{1,2}\$\d{1,2}\$[A-Za-z0-9_=-]{16,}\$[A-Za-z0-9_=-]{16,}"
+)
+
+
+def console_accounts(value: str) -> dict[str, str]:
+    """DEARMP_CONSOLE_ACCOUNTS as {name: password hash}; ValueError naming a bad entry by its
+    position (never its text: it holds a hash)."""
+    accounts: dict[str, str] = {}
+    for n, entry in enumerate((e.strip() for e in value.split(",") if e.strip()), 1):
+        name, _, hashed = entry.partition(":")
+        if not CONSOLE_NAME_RE.fullmatch(name) or not CONSOLE_HASH_RE.fullmatch(hashed):
+            raise ValueError(
+                f"entry {n} is not name:hash (a name of letters, digits, . _ -, and a hash "
+                "from `dearmp console hash-password`)"
+            )
+        if name in accounts:
+            raise ValueError(f"entry {n} names {name} a second time")
+        accounts[name] = hashed
+    if not accounts:
+        raise ValueError("no account: unset it to keep the console off")
+    return accounts
 
 
 def _parse_dkim_key(pem: bytes) -> None:

@@ -11,6 +11,7 @@ import click
 
 from workers.cli import pipeline, replies  # noqa: F401  (their commands are declared on main)
 from workers.cli.base import main
+from workers.cli.console import console
 from workers.cli.directory import directory
 from workers.cli.outbox import outbox
 from workers.cli.privacy import consent, retention, supporter
@@ -22,6 +23,7 @@ from workers.cli.webhooks import webhooks
 for group in (api, directory, consent, supporter, retention, replies_group, outbox, webhooks):
     main.add_command(group)
 main.add_command(submissions)
+main.add_command(console)
 # The installed distribution's version (pyproject.toml's), not a copy kept in the code.
 click.version_option(package_name="dearmp", prog_name="dearmp")(main)
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
 from workers.database.models import Failure, PurgedDeadLetter, Submission, SubmissionEvent
+from workers.logging import mask_text
 from workers.pipeline.dispatch import stage_message, submission_id_of
 from workers.pipeline.dramatiq_private import (
     bodies_key,
@@ -127,6 +128,21 @@ class Found:
     def reason(self) -> str:
         return self.failure.exception_type if self.failure else "unknown"
 
+    @property
+    def answer(self) -> str | None:
+        """The first line of the failure's message (the server's answer), masked and cut."""
+        if self.failure is None or not self.failure.exception_message:
+            return None
+        return mask_text(self.failure.exception_message.splitlines()[0])[:200]
+
+
+def by_reason(found: list[Found]) -> list[tuple[str, list[Found]]]:
+    """Dead letters grouped by reason, the largest group first, each oldest first."""
+    groups: dict[str, list[Found]] = {}
+    for one in found:
+        groups.setdefault(one.reason, []).append(one)
+    return sorted(groups.items(), key=lambda group: -len(group[1]))
+
 
 def _needing_attention() -> ColumnElement[bool]:
     """A failure that was dead-lettered and not requeued or purged since."""
@@ -216,8 +232,29 @@ def dead_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
     return {queue: int(count) for queue, count in rows}
 
 
+def replay(
+    client: redis.Redis | None,
+    broker: dramatiq.Broker,
+    namespace: str,
+    sessions: sessionmaker[Session],
+    found: Found,
+) -> str:
+    """An operator's requeue of one dead letter (:func:`requeue`), refused with the reason
+    (ValueError) for a letter the mail server refused for good: its submission failed, so a
+    requeue would send nothing. The new message id."""
+    if found.failure is not None and found.failure.exception_type.endswith(
+        "PermanentDeliveryError"
+    ):
+        raise ValueError(
+            "the mail server refused the letter for good and its submission failed, so a "
+            "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` sends "
+            "it again (and clears this dead letter)"
+        )
+    return requeue(client, broker, namespace, sessions, found)
+
+
 def requeue(
-    client: redis.Redis,
+    client: redis.Redis | None,
     broker: dramatiq.Broker,
     namespace: str,
     sessions: sessionmaker[Session],
@@ -241,7 +278,7 @@ def requeue(
     else:
         raise ValueError("not a readable stage message; purge it")
     broker.enqueue(fresh)
-    if found.dead is not None:
+    if found.dead is not None and client is not None:
         remove(client, namespace, found.dead)
     with session_scope(sessions) as session:
         session.execute(

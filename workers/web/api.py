@@ -27,6 +27,7 @@ from schemas.submission import error_message
 from workers.pipeline.app import Apps
 from workers.web import confirmation, pages, preview, probes, replies, submissions
 from workers.web.bodies import problem
+from workers.web.console import views as console
 from workers.web.dependencies import Intake
 from workers.web.guards import BodyLimit, Cors, SecurityHeadersAndAccessLog
 
@@ -63,7 +64,7 @@ def create_app(app_getter: Apps, broker: dramatiq.Broker) -> FastAPI:
     )
     api.state.intake = intake
     # The probes first: their paths are theirs (pages' older /healthz is not reached).
-    routers = (probes, preview, submissions, confirmation, replies, pages)
+    routers = (probes, preview, submissions, confirmation, replies, pages, console)
     for router in (module.router for module in routers):
         api.include_router(router)
     _handle_errors(api)

@@ -42,8 +42,9 @@ _TOKEN = re.compile("^(" + "|".join(re.escape(prefix) for prefix in TOKEN_PATHS)
 
 
 def _csp(path: str) -> bytes:
-    """An emailed link's page, the reference page, or the API (which loads nothing)."""
-    if path.startswith(TOKEN_PATHS):
+    """An emailed link's page or the console, the reference page, or the API (which loads
+    nothing)."""
+    if path.startswith((*TOKEN_PATHS, "/console")):  # no script: a stylesheet and forms
         return LINK_CSP
     return PAGE_CSP if path.startswith("/demo") else API_CSP
 

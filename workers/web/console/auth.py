@@ -1,0 +1,142 @@
+"""Who may use the console: operator accounts from DEARMP_CONSOLE_ACCOUNTS (scrypt hashes), a
+signed session cookie, a CSRF token tied to the session, and a cap on failed logins.
+
+The session is the cookie alone (HMAC-signed with the secret key, expiring): nothing is stored
+server-side, so a login ends when its cookie expires or the operator logs out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+# scrypt's cost: 2**14 rounds, 16 MiB, about 50 ms (the figures OWASP gives as a minimum).
+LOG2_N, R, P = 14, 8, 1
+MAX_PASSWORD = 1024  # characters: a longer one is refused before it is hashed
+# A failed login costs as much as a good one; this many in a row for one name lock it a while.
+FAILURES_ALLOWED = 5
+LOCKED_SECONDS = 900.0
+ANONYMOUS_SECONDS = 3600.0  # the session a login form is given, before anyone logs in
+COOKIE = "dearmp_console"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+def _scrypt(password: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(
+        password.encode(), salt=salt, n=2**log2_n, r=r, p=p, maxmem=2**26, dklen=32
+    )
+
+
+def hash_password(password: str) -> str:
+    """The hash to put in DEARMP_CONSOLE_ACCOUNTS after ``name:``."""
+    salt = secrets.token_bytes(16)
+    return f"scrypt${LOG2_N}${R}${P}${_b64(salt)}${_b64(_scrypt(password, salt, LOG2_N, R, P))}"
+
+
+# Checked against when the name is unknown: an unknown name takes as long as a wrong password.
+_NOBODY = hash_password(secrets.token_hex(16))
+
+
+def verify_password(password: str, hashed: str) -> bool:
+    """Whether ``password`` is the one ``hashed`` was made from (constant-time compare)."""
+    _, log2_n, r, p, salt, digest = hashed.split("$")
+    if int(log2_n) > 20 or len(password) > MAX_PASSWORD:
+        return False
+    found = _scrypt(password, base64.urlsafe_b64decode(salt), int(log2_n), int(r), int(p))
+    return hmac.compare_digest(found, base64.urlsafe_b64decode(digest))
+
+
+class Throttle:
+    """Failed logins per name, in this process: after FAILURES_ALLOWED within LOCKED_SECONDS,
+    that name is refused until the window passes, good password or not."""
+
+    def __init__(self) -> None:
+        self.failures: dict[str, list[float]] = {}
+        self.lock = threading.Lock()
+
+    def locked(self, name: str, now: float) -> bool:
+        with self.lock:
+            recent = [t for t in self.failures.get(name, []) if now - t < LOCKED_SECONDS]
+            self.failures[name] = recent
+            return len(recent) >= FAILURES_ALLOWED
+
+    def failed(self, name: str, now: float) -> None:
+        with self.lock:
+            if len(self.failures) > 10_000:  # names are the caller's choice: bound the memory
+                self.failures.clear()
+            self.failures.setdefault(name, []).append(now)
+
+    def succeeded(self, name: str) -> None:
+        with self.lock:
+            self.failures.pop(name, None)
+
+
+def check_login(
+    accounts: dict[str, str], throttle: Throttle, name: str, password: str
+) -> str | None:
+    """The operator's name if ``password`` is theirs and the name is not locked, else None."""
+    now = time.monotonic()
+    name = name[:64]
+    if throttle.locked(name, now):
+        return None
+    good = verify_password(password, accounts.get(name, _NOBODY)) and name in accounts
+    if good:
+        throttle.succeeded(name)
+        return name
+    throttle.failed(name, now)
+    return None
+
+
+@dataclass(frozen=True)
+class Session:
+    """What the cookie says: the operator (empty before login), a random nonce the CSRF token
+    is made from, and when it expires (epoch seconds)."""
+
+    operator: str
+    nonce: str
+    expires: float
+
+    @classmethod
+    def new(cls, operator: str, seconds: float) -> Session:
+        return cls(operator, secrets.token_urlsafe(16), time.time() + seconds)
+
+
+class Signer:
+    """Sessions to and from cookie values, and their CSRF tokens, under keys derived from the
+    secret key (one purpose each: a CSRF token is never a valid cookie)."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.cookie_key = hmac.new(secret, b"console-session", hashlib.sha256).digest()
+        self.csrf_key = hmac.new(secret, b"console-csrf", hashlib.sha256).digest()
+
+    def dump(self, session: Session) -> str:
+        body = _b64(json.dumps([session.operator, session.nonce, session.expires]).encode())
+        return f"{body}.{self._mac(body)}"
+
+    def load(self, value: str | None) -> Session | None:
+        """The session a cookie value holds, if it is ours, whole and not expired."""
+        if not value or len(value) > 1000:
+            return None
+        body, _, mac = value.partition(".")
+        if not hmac.compare_digest(mac.encode(), self._mac(body).encode()):
+            return None
+        operator, nonce, expires = json.loads(base64.urlsafe_b64decode(body))
+        return Session(operator, nonce, expires) if expires > time.time() else None
+
+    def csrf(self, session: Session) -> str:
+        return hmac.new(self.csrf_key, session.nonce.encode(), hashlib.sha256).hexdigest()
+
+    def csrf_ok(self, session: Session, token: str) -> bool:
+        return hmac.compare_digest(self.csrf(session).encode(), token.encode())
+
+    def _mac(self, body: str) -> str:
+        return hmac.new(self.cookie_key, body.encode(), hashlib.sha256).hexdigest()

@@ -1,0 +1,294 @@
+"""What the console shows, read with the operations the command line uses: health
+(:mod:`workers.pipeline.checks`), queues and dead letters (:mod:`workers.pipeline.dead_letters`),
+the outbox (:mod:`workers.outbox.sending`), pauses (:mod:`workers.stages.pauses`), and per
+campaign figures whose states and outcomes come from the pipeline table
+(:mod:`workers.pipeline.states`). Plain functions: the views only render what they return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from workers.database.models import (
+    Campaign,
+    ConsentEvent,
+    Constituency,
+    Letter,
+    LetterEvent,
+    OutboxItem,
+    OutboxStatus,
+    Submission,
+    utcnow,
+)
+from workers.logging import mask_text
+from workers.mp.directory import current_version_id
+from workers.pipeline import checks
+from workers.pipeline.app import App
+from workers.pipeline.dead_letters import QueueDepth, dead_counts, mail_pause, queue_depths
+from workers.pipeline.heartbeat import live_workers
+from workers.pipeline.states import OUTCOMES, STATES, State
+from workers.privacy.hashing import mask_supporter
+
+# Letters that reached the MP's server: delivered, and what may follow delivery (bounced).
+SENT_STATES = sorted({State.DELIVERED, *STATES[State.DELIVERED].later})
+ANSWERS = ("yes", "not_yet", "no")  # the survey's (workers.stages.survey)
+CHART_DAYS = 30
+
+
+@dataclass(frozen=True)
+class Overview:
+    status: str
+    checks: list[checks.Check]
+    depths: list[QueueDepth] | None  # None: Redis is away
+    workers: list[dict[str, Any]]
+    mail_pause: dict[str, str] | None
+
+
+def overview(app: App, client: redis.Redis | None, namespace: str, why: str) -> Overview:
+    """What `dearmp health` and `dearmp queues` say; ``client`` None: Redis away (``why``)."""
+    if client is None:
+        found = [checks.Check("redis", checks.DOWN, why)]
+        return Overview(checks.overall(found), found, None, [], None)
+    found = checks.run(app, client, namespace, max_dead=0, max_age=300.0)
+    depths = queue_depths(client, namespace, dead_counts(app.sessions))
+    return Overview(
+        checks.overall(found),
+        found,
+        depths,
+        live_workers(client, namespace),
+        mail_pause(client, namespace),
+    )
+
+
+@dataclass(frozen=True)
+class CampaignRow:
+    slug: str
+    title: str
+    mode: str
+    paused_at: datetime | None
+    submissions: int
+
+
+def campaigns(session: Session) -> list[CampaignRow]:
+    counts = dict(
+        session.execute(
+            select(Submission.campaign_slug, func.count()).group_by(Submission.campaign_slug)
+        ).all()
+    )
+    rows = session.execute(
+        select(Campaign.slug, Campaign.title, Campaign.mode, Campaign.paused_at).order_by(
+            Campaign.slug
+        )
+    ).all()
+    return [CampaignRow(*row, submissions=int(counts.get(row.slug, 0))) for row in rows]
+
+
+@dataclass(frozen=True)
+class StateCount:
+    state: str
+    outcome: str
+    final: bool
+    count: int
+
+
+def by_state(session: Session, slug: str) -> list[StateCount]:
+    """Every state of the pipeline table in its order, with its outcome and how many are in it."""
+    counts = dict(
+        session.execute(
+            select(Submission.state, func.count())
+            .where(Submission.campaign_slug == slug)
+            .group_by(Submission.state)
+        ).all()
+    )
+    return [
+        StateCount(state.value, OUTCOMES[state], row.final, int(counts.get(state.value, 0)))
+        for state, row in STATES.items()
+    ]
+
+
+@dataclass
+class Seat:
+    code: str
+    name: str
+    submissions: int = 0
+    delivered: int = 0
+    bounced: int = 0
+    replied: int = 0
+    survey: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ANSWERS, 0))
+
+
+def by_constituency(session: Session, slug: str) -> list[Seat]:
+    """Per constituency: submissions, letters delivered (bounced ones included: they were
+    sent), bounced, replied to, and the survey's answers; the most submissions first."""
+    replied = select(LetterEvent.submission_id).where(LetterEvent.kind == "reply")
+    survey = (
+        select(LetterEvent.submission_id, LetterEvent.detail)
+        .where(LetterEvent.kind == "survey")
+        .subquery()
+    )
+
+    def count_if(condition: Any) -> Any:
+        return func.sum(case((condition, 1), else_=0))
+
+    rows = session.execute(
+        select(
+            Submission.constituency_code,
+            func.count(),
+            count_if(Submission.state.in_(SENT_STATES)),
+            count_if(Submission.state == State.BOUNCED),
+            count_if(Submission.id.in_(replied)),
+            *(count_if(survey.c.detail == answer) for answer in ANSWERS),
+        )
+        .outerjoin(survey, survey.c.submission_id == Submission.id)
+        .where(Submission.campaign_slug == slug)
+        .group_by(Submission.constituency_code)
+        .order_by(func.count().desc(), Submission.constituency_code)
+    ).all()
+    names = _constituency_names(session, [row[0] for row in rows if row[0]])
+    return [
+        Seat(
+            code=code or "",
+            name=names.get(code, code) if code else "(not yet resolved)",
+            submissions=int(total),
+            delivered=int(delivered or 0),
+            bounced=int(bounced or 0),
+            replied=int(replies or 0),
+            survey={a: int(n or 0) for a, n in zip(ANSWERS, answers, strict=True)},
+        )
+        for code, total, delivered, bounced, replies, *answers in rows
+    ]
+
+
+def _constituency_names(session: Session, codes: list[str]) -> dict[str, str]:
+    version = current_version_id(session)
+    if version is None or not codes:
+        return {}
+    return dict(
+        session.execute(
+            select(Constituency.gss_code, Constituency.name).where(
+                Constituency.version_id == version, Constituency.gss_code.in_(codes)
+            )
+        ).all()
+    )
+
+
+@dataclass(frozen=True)
+class Day:
+    day: date
+    received: int
+    sent: int
+
+
+def per_day(session: Session, slug: str, days: int = CHART_DAYS) -> list[Day]:
+    """Submissions received and letters sent per day (UTC) over the last ``days`` days."""
+    start = (utcnow() - timedelta(days=days - 1)).date()
+    since = datetime.combine(start, datetime.min.time(), UTC)
+    ours = Submission.campaign_slug == slug
+    received = _by_day(session, Submission.created_at, since, ours)
+    sent = _by_day(
+        session,
+        OutboxItem.sent_at,
+        since,
+        ours,
+        OutboxItem.kind == "letter",
+        OutboxItem.status == OutboxStatus.SENT,
+        OutboxItem.submission_id == Submission.id,
+    )
+    return [
+        Day(d, received.get(d, 0), sent.get(d, 0))
+        for d in (start + timedelta(days=n) for n in range(days))
+    ]
+
+
+def _by_day(session: Session, column: Any, since: datetime, *where: Any) -> dict[date, int]:
+    day = func.date(column)  # SQLite gives text, PostgreSQL a date
+    rows = session.execute(
+        select(day, func.count()).where(column >= since, *where).group_by(day)
+    ).all()
+    return {d if isinstance(d, date) else date.fromisoformat(str(d)): int(n) for d, n in rows}
+
+
+def sources(session: Session, slug: str, limit: int = 20) -> list[tuple[str, int]]:
+    """Where supporters wrote from: the page recorded with their consent (the consent ledger's
+    ``source_url``), as host and path only (a query string may carry anything), masked."""
+    rows = session.execute(
+        select(ConsentEvent.source_url, func.count(func.distinct(ConsentEvent.submission_id)))
+        .where(ConsentEvent.campaign_slug == slug, ConsentEvent.submission_id.is_not(None))
+        .group_by(ConsentEvent.source_url)
+    ).all()
+    found: dict[str, int] = {}
+    for url, count in rows:
+        key = _page(url)
+        found[key] = found.get(key, 0) + int(count)
+    return sorted(found.items(), key=lambda item: (-item[1], item[0]))[:limit]
+
+
+def _page(url: str | None) -> str:
+    if not url:
+        return "(not recorded)"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unreadable)"
+    page = f"{parts.hostname or ''}{parts.path}" if parts.hostname else url
+    return mask_text(page)[:200]
+
+
+def recent(session: Session, slug: str, limit: int = 20) -> list[tuple[str, str, datetime]]:
+    """The campaign's newest submissions: id, state and when received (nothing personal)."""
+    rows = session.execute(
+        select(Submission.id, Submission.state, Submission.created_at)
+        .where(Submission.campaign_slug == slug)
+        .order_by(Submission.created_at.desc(), Submission.id.desc())
+        .limit(limit)
+    ).all()
+    return [(sid, state, at) for sid, state, at in rows]
+
+
+HIDDEN = "[hidden]"
+
+
+def record(session: Session, submission_id: str, reveal: bool) -> dict[str, Any] | None:
+    """One submission for an operator: its history, and the supporter's details and letter,
+    masked unless ``reveal`` (the caller logs a reveal)."""
+    sub = session.get(Submission, submission_id)
+    if sub is None:
+        return None
+    payload = sub.payload or {}
+    supporter = payload.get("supporter") or {}
+    shown = ("name", "email", "phone", "postcode", "address_lines")
+
+    def hide(text: str) -> str:
+        return text if reveal else mask_supporter(text, payload)
+
+    details = {
+        key: (supporter.get(key) if reveal else HIDDEN) for key in shown if supporter.get(key)
+    }
+    letter = session.get(Letter, submission_id)
+    return {
+        "id": sub.id,
+        "campaign": sub.campaign_slug,
+        "state": sub.state,
+        "outcome": OUTCOMES.get(State(sub.state), "") if sub.state in STATES else "",
+        "constituency": sub.constituency_code,
+        "created_at": sub.created_at,
+        "failure_reason": hide(sub.failure_reason) if sub.failure_reason else None,
+        "erased": sub.erased_at is not None,
+        "revealed": reveal,
+        "supporter": details,
+        "source": _page(payload.get("source_url")) if not reveal else payload.get("source_url"),
+        "letter": letter
+        and {
+            "to": f"{letter.to_name} <{letter.to_email}>",
+            "subject": hide(letter.subject),
+            "body": hide(letter.body_text or ""),
+        },
+        "history": [(e.at, e.state, hide(e.detail or "")) for e in sub.events],
+    }

@@ -1,0 +1,469 @@
+"""The console's pages and actions under ``/console``: thin views over
+:mod:`workers.web.console.queries` and the operations the command line uses.
+
+Every page needs a login; every POST a CSRF token tied to the session. An action answers with a
+redirect to its page (which says what was done), or a page saying why nothing was done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlencode
+
+import redis
+import structlog
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from starlette.exceptions import HTTPException
+
+from config.settings import console_accounts
+from schemas.messages import is_submission_id
+from workers.database.engine import session_scope
+from workers.outbox.sending import due_now, listing
+from workers.pipeline import dead_letters
+from workers.pipeline.app import App
+from workers.pipeline.dispatch import dispatch_groups
+from workers.stages import pauses
+from workers.stages.delivery import KIND as LETTER
+from workers.stages.stage import Stage
+from workers.web.console import auth, queries
+from workers.web.dependencies import Intake
+
+HERE = Path(__file__).resolve().parent
+MAX_FORM_BYTES = 8_192
+MAX_FIELD = 500
+log = structlog.get_logger("workers")
+
+templates = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=True,  # every value is outside text: escaped, whatever the template's name
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+# What a redirect after an action says on the page (a fixed text: the URL only names it).
+DONE = {
+    "replayed": "{n} dead letters put back on their queues.",
+    "retried": "{n} letters are being tried now.",
+    "paused": "Paused: letters wait until it is resumed.",
+    "already-paused": "It was paused already.",
+    "resumed": "Resumed: {n} waiting letters go now.",
+    "mail-resumed": "The workers try the mail server again within seconds.",
+    "no-mail-pause": "No mail pause was reported; the workers are told to try anyway.",
+}
+
+
+class Refused(Exception):
+    """An answer instead of the page: a status and a sentence for the operator."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Redirect(Exception):
+    def __init__(self, to: str) -> None:
+        self.to = to
+
+
+class ConsoleRoute(APIRoute):
+    """Turns :class:`Refused` and :class:`Redirect`, from a view or a dependency, into a page
+    or a redirect (the API's own handlers answer in JSON)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Refused as exc:
+                return page(request, "message.html.j2", exc.status, message=exc.message)
+            except Redirect as exc:
+                return RedirectResponse(exc.to, status_code=303)
+
+        return handle
+
+
+router = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
+
+
+@dataclass
+class Console:
+    """What the console needs of the settings, built once per application."""
+
+    app: App
+    intake: Intake
+    accounts: dict[str, str]
+    signer: auth.Signer
+    throttle: auth.Throttle
+    secure: bool  # cookies only over https when the public address is https
+    session_seconds: float
+
+
+async def _console(request: Request) -> Console:
+    """The console, or 404 while no account is configured: it is never open."""
+    console: Console | None = getattr(request.app.state, "console", None)
+    if console is None:
+        intake: Intake = request.app.state.intake
+        app = intake.app_getter()
+        settings = app.settings
+        if settings.console_accounts is None:
+            raise HTTPException(404)
+        console = Console(
+            app=app,
+            intake=intake,
+            accounts=console_accounts(settings.console_accounts.get_secret_value()),
+            signer=auth.Signer(app.secret),
+            throttle=auth.Throttle(),
+            secure=settings.public_url.startswith("https://"),
+            session_seconds=settings.console_session_hours * 3600,
+        )
+        request.app.state.console = console
+    return console
+
+
+ConsoleDep = Annotated[Console, Depends(_console)]
+
+
+async def _session(request: Request, console: ConsoleDep) -> auth.Session | None:
+    return console.signer.load(request.cookies.get(auth.COOKIE))
+
+
+SessionDep = Annotated[auth.Session | None, Depends(_session)]
+
+
+async def _operator(session: SessionDep) -> auth.Session:
+    if session is None or not session.operator:
+        raise Redirect("/console/login")
+    return session
+
+
+OperatorDep = Annotated[auth.Session, Depends(_operator)]
+
+
+async def _form(request: Request, console: ConsoleDep, session: SessionDep) -> dict[str, str]:
+    """A POSTed form (URL-encoded, small), its CSRF token checked against the session."""
+    body = await request.body()
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if body and kind != "application/x-www-form-urlencoded":
+        raise Refused(415, "This form must be sent by the page.")
+    if len(body) > MAX_FORM_BYTES:
+        raise Refused(413, "This form is too large.")
+    try:
+        pairs = parse_qsl(
+            body.decode("ascii"), keep_blank_values=True, strict_parsing=False, max_num_fields=20
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise Refused(400, "This form could not be read.") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if len(value) > MAX_FIELD or name in form:
+            raise Refused(422, "A field of this form is too long, or given twice.")
+        form[name] = value
+    if session is None or not console.signer.csrf_ok(session, form.get("csrf", "")):
+        raise Refused(403, "This form has expired: go back, reload the page and try again.")
+    return form
+
+
+FormDep = Annotated[dict[str, str], Depends(_form)]
+
+
+def page(
+    request: Request,
+    name: str,
+    status: int = 200,
+    session: auth.Session | None = None,
+    **context: Any,
+) -> HTMLResponse:
+    """A template rendered for the session's operator (with its CSRF token; ``session``: the
+    request's cookie's unless given), never cached."""
+    console: Console | None = getattr(request.app.state, "console", None)
+    if session is None and console is not None:
+        session = console.signer.load(request.cookies.get(auth.COOKIE))
+    said = DONE.get(request.query_params.get("done", ""), "")
+    count = request.query_params.get("n", "0")
+    html = templates.get_template(name).render(
+        operator=session.operator if session else "",
+        csrf=console.signer.csrf(session) if console and session else "",
+        done=said.format(n=int(count) if count.isdigit() and len(count) < 7 else 0),
+        **context,
+    )
+    return HTMLResponse(html, status, headers={"Cache-Control": "no-store"})
+
+
+def done(path: str, what: str, n: int = 0) -> RedirectResponse:
+    return RedirectResponse(f"{path}?{urlencode({'done': what, 'n': n})}", status_code=303)
+
+
+def _set_cookie(response: Response, console: Console, session: auth.Session) -> None:
+    response.set_cookie(
+        auth.COOKIE,
+        console.signer.dump(session),
+        max_age=int(session.expires - time.time()),
+        path="/console",
+        secure=console.secure,
+        httponly=True,
+        samesite="strict",
+    )
+
+
+def _redis(console: Console) -> tuple[redis.Redis | None, str]:
+    """The Redis client, or None and why not (a stub broker uses none; Redis may be away)."""
+    client = console.intake.redis_client()
+    if client is None:
+        return None, "not used: the broker is dramatiq's StubBroker (DEARMP_BROKER=stub)"
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return None, f"cannot reach Redis ({type(exc).__name__})"
+    return client, "reachable"
+
+
+# Logging in and out.
+
+
+@router.get("/static/console.css")
+def stylesheet(console: ConsoleDep) -> FileResponse:
+    return FileResponse(HERE / "static" / "console.css", media_type="text/css")
+
+
+@router.get("/login")
+def login_form(request: Request, console: ConsoleDep, session: SessionDep) -> Response:
+    """The login form, with a session of its own to tie its CSRF token to."""
+    if session is not None and session.operator:
+        return RedirectResponse("/console/", status_code=303)
+    fresh = session or auth.Session.new("", auth.ANONYMOUS_SECONDS)
+    response = page(request, "login.html.j2", session=fresh)
+    _set_cookie(response, console, fresh)
+    return response
+
+
+@router.post("/login")
+def login(request: Request, console: ConsoleDep, form: FormDep) -> Response:
+    name, password = form.get("name", ""), form.get("password", "")
+    operator = auth.check_login(console.accounts, console.throttle, name, password)
+    if operator is None:
+        log.warning("console_login_failed")
+        raise Refused(401, "Wrong name or password (or too many tries: wait a while).")
+    log.info("console_login", operator=operator)
+    response = RedirectResponse("/console/", status_code=303)
+    # A new nonce: a session known before the login is not the operator's.
+    _set_cookie(response, console, auth.Session.new(operator, console.session_seconds))
+    return response
+
+
+@router.post("/logout")
+def logout(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
+    response = RedirectResponse("/console/login", status_code=303)
+    response.delete_cookie(auth.COOKIE, path="/console", secure=console.secure, httponly=True)
+    return response
+
+
+# Pages.
+
+
+@router.get("/")
+def home(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
+    client, why = _redis(console)
+    settings = console.app.settings
+    found = queries.overview(console.app, client, settings.redis_namespace, why)
+    return page(request, "overview.html.j2", overview=found, redis_said=why)
+
+
+@router.get("/dead-letters")
+def dead(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
+    client, why = _redis(console)
+    namespace = console.app.settings.redis_namespace
+    found = dead_letters.find_dead(client, namespace, console.app.sessions)
+    groups = dead_letters.by_reason(found)
+    return page(request, "dead_letters.html.j2", groups=groups, redis_said=why, redis=client)
+
+
+@router.get("/waiting")
+def waiting(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
+    with session_scope(console.app.sessions) as db:
+        rows = listing(db, ("pending", "sending"), 100, LETTER)
+    return page(request, "waiting.html.j2", rows=rows)
+
+
+@router.get("/pauses")
+def paused(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
+    client, _ = _redis(console)
+    mail = dead_letters.mail_pause(client, console.app.settings.redis_namespace) if client else None
+    with session_scope(console.app.sessions) as db:
+        found = pauses.paused(db)
+    return page(request, "pauses.html.j2", pauses=found, mail=mail, redis=client)
+
+
+@router.get("/campaigns")
+def campaign_list(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
+    with session_scope(console.app.sessions) as db:
+        rows = queries.campaigns(db)
+    return page(request, "campaigns.html.j2", campaigns=rows)
+
+
+@router.get("/campaigns/{slug}")
+def campaign(
+    request: Request, slug: str, console: ConsoleDep, session: OperatorDep
+) -> HTMLResponse:
+    with session_scope(console.app.sessions) as db:
+        row = next((c for c in queries.campaigns(db) if c.slug == slug), None)
+        if row is None:
+            raise Refused(404, "There is no such campaign.")
+        states = queries.by_state(db, slug)
+        seats = queries.by_constituency(db, slug)
+        days = queries.per_day(db, slug)
+        sources = queries.sources(db, slug)
+        recent = queries.recent(db, slug)
+    return page(
+        request,
+        "campaign.html.j2",
+        campaign=row,
+        states=states,
+        seats=seats,
+        days=days,
+        sources=sources,
+        recent=recent,
+    )
+
+
+@router.get("/submissions/{submission_id}")
+def submission(
+    request: Request, submission_id: str, console: ConsoleDep, session: OperatorDep
+) -> HTMLResponse:
+    return page(request, "submission.html.j2", record=_record(console, submission_id, False))
+
+
+@router.post("/submissions/{submission_id}/reveal")
+def reveal(
+    request: Request,
+    submission_id: str,
+    console: ConsoleDep,
+    form: FormDep,
+    session: OperatorDep,
+) -> HTMLResponse:
+    """One submission unmasked, at an operator's explicit request; logged with who and which
+    (nothing personal in the log line)."""
+    found = _record(console, submission_id, True)
+    log.warning("console_record_revealed", operator=session.operator, submission_id=submission_id)
+    return page(request, "submission.html.j2", record=found)
+
+
+def _record(console: Console, submission_id: str, reveal: bool) -> dict[str, Any]:
+    found = None
+    if is_submission_id(submission_id):
+        with session_scope(console.app.sessions) as db:
+            found = queries.record(db, submission_id, reveal)
+    if found is None:
+        raise Refused(404, "There is no such submission.")
+    return found
+
+
+# Actions.
+
+
+@router.post("/dead-letters/replay")
+def replay(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
+    """Requeue one dead letter (``message_id``) or every one of a reason (``reason``)."""
+    client, _ = _redis(console)
+    namespace = console.app.settings.redis_namespace
+    found = dead_letters.find_dead(client, namespace, console.app.sessions)
+    message_id, reason = form.get("message_id"), form.get("reason")
+    chosen = [
+        f
+        for f in found
+        if (message_id and f.message_id == message_id) or (reason and f.reason == reason)
+    ]
+    if not chosen:
+        raise Refused(
+            404, "No such dead letter needs attention (another operator may have replayed it)."
+        )
+    refused = []
+    for one in chosen:
+        try:
+            dead_letters.replay(client, console.intake.broker, namespace, console.app.sessions, one)
+        except ValueError as exc:
+            refused.append(f"{one.message_id}: {exc}")
+    log.info("console_dead_letters_replayed", operator=session.operator, count=len(chosen))
+    if refused:
+        raise Refused(409, "Not requeued: " + "; ".join(refused))
+    return done("/console/dead-letters", "replayed", len(chosen))
+
+
+@router.post("/waiting/retry")
+def retry_now(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
+    """Every letter waiting for a later attempt, due now (`dearmp deliveries flush`)."""
+    with session_scope(console.app.sessions) as db:
+        ids = due_now(db, LETTER)
+    if ids:  # after the commit; else the reconciler
+        dispatch_groups(console.intake.broker, {Stage.DELIVER: ids})
+    log.info("console_retry_now", operator=session.operator, count=len(ids))
+    return done("/console/waiting", "retried", len(ids))
+
+
+@router.post("/campaigns/{slug}/pause")
+def pause_campaign(slug: str, console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
+    try:
+        with session_scope(console.app.sessions) as db:
+            changed = pauses.pause_campaign(db, slug[:200])
+    except LookupError:
+        raise Refused(404, "There is no such campaign.") from None
+    log.info("console_campaign_paused", operator=session.operator, campaign=slug)
+    return done(f"/console/campaigns/{slug}", "paused" if changed else "already-paused")
+
+
+@router.post("/campaigns/{slug}/resume")
+def resume_campaign(
+    slug: str, console: ConsoleDep, form: FormDep, session: OperatorDep
+) -> Response:
+    try:
+        with session_scope(console.app.sessions) as db:
+            ids = pauses.resume_campaign(db, slug[:200])
+    except LookupError as exc:
+        raise Refused(409, f"Not resumed: {exc}.") from None
+    if ids:
+        dispatch_groups(console.intake.broker, {Stage.DELIVER: ids})
+    log.info("console_campaign_resumed", operator=session.operator, campaign=slug)
+    return done(f"/console/campaigns/{slug}", "resumed", len(ids))
+
+
+@router.post("/pauses/address")
+def pause_address(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
+    address, reason = form.get("address", "").strip(), form.get("reason", "").strip()
+    if "@" not in address or len(address) > 254:
+        raise Refused(422, "Give the MP's email address.")
+    with session_scope(console.app.sessions) as db:
+        changed = pauses.pause_address(db, address, reason or "paused by an operator")
+    log.info("console_address_paused", operator=session.operator)
+    return done("/console/pauses", "paused" if changed else "already-paused")
+
+
+@router.post("/pauses/address/resume")
+def resume_address(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
+    try:
+        with session_scope(console.app.sessions) as db:
+            ids = pauses.resume_address(db, form.get("address", ""))
+    except LookupError:
+        raise Refused(409, "Not resumed: that address is not paused.") from None
+    if ids:
+        dispatch_groups(console.intake.broker, {Stage.DELIVER: ids})
+    log.info("console_address_resumed", operator=session.operator)
+    return done("/console/pauses", "resumed", len(ids))
+
+
+@router.post("/mail/resume")
+def resume_mail(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
+    """End the mail pause (`dearmp deliveries resume`)."""
+    client, why = _redis(console)
+    if client is None:
+        raise Refused(503, f"Redis: {why}.")
+    ended = dead_letters.resume_mail(client, console.app.settings.redis_namespace)
+    log.info("console_mail_resumed", operator=session.operator)
+    return done("/console/pauses", "mail-resumed" if ended else "no-mail-pause")
