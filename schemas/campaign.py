@@ -6,7 +6,7 @@ import hashlib
 from datetime import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
 
 from schemas.submission import CHANNELS
 
@@ -140,6 +140,28 @@ class Controller(BaseModel):
     url: str | None = None
 
 
+class SimilarLetters(BaseModel):
+    """What to do with a letter near-identical to many others to the same MP (offices filter
+    those): ``send`` it as every other, or ``hold`` it for an operator to release or reject
+    with a reason the supporter is told, once more than ``hold_after`` letters to that MP within
+    ``hold_hours`` are at least ``threshold`` alike (estimated Jaccard similarity of their word
+    shingles). Letters are compared with those to the same MP within ``window_days``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["send", "hold"] = "send"
+    threshold: float = Field(default=0.9, gt=0, le=1)
+    hold_after: int = Field(default=5, ge=0)
+    hold_hours: int = Field(default=24, ge=1, le=24 * 30)
+    window_days: int = Field(default=30, ge=1, le=365)
+
+    @model_validator(mode="after")
+    def _hold_within_window(self) -> SimilarLetters:
+        if self.hold_hours > self.window_days * 24:
+            raise ValueError("hold_hours must be within window_days")
+        return self
+
+
 class CampaignDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -180,6 +202,7 @@ class CampaignDefinition(BaseModel):
     replies: Literal["direct", "relay"] = "direct"
     survey: Survey = Survey()
     controller: Controller = Controller()
+    similar_letters: SimilarLetters = SimilarLetters()
 
     def check_channels(self) -> None:
         missing = [c for c in CHANNELS if self.consent.question(c) is None]

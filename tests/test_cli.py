@@ -180,7 +180,7 @@ def test_failed_deliveries_are_reopened_by_reason_with_a_dry_run_first(
     assert dry.exit_code == 0 and "would reopen 2" in dry.stdout
     with session_scope(app.sessions) as session:
         assert {s.state for s in session.query(Submission)} == {"failed"}  # nothing changed
-    done = runner.invoke(main, ["deliveries", "reopen", "--reason", "5.7.1"])
+    done = runner.invoke(main, ["deliveries", "reopen", "--reason", "5.7.1", "--yes"])
     assert done.exit_code == 0 and "reopened 2" in done.stdout
     drain(stub_broker, stub_worker)
     with session_scope(app.sessions) as session:

@@ -117,7 +117,7 @@ def test_a_reimport_is_a_new_version_and_the_switch_is_atomic(
     # Prune: the shared postcode set stays while a kept version uses it. A dry run first.
     assert "would delete versions:" in run("prune", "--keep", "1", "--dry-run")
     assert count(app, Postcode, before.id) > 0  # nothing deleted
-    run("prune", "--keep", "1")
+    run("prune", "--keep", "1", "--yes")
     assert count(app, Postcode, first.id) == 1896
     assert count(app, Postcode, before.id) == 0
 
@@ -150,9 +150,9 @@ def test_a_failed_import_leaves_the_current_directory_in_place(
 def test_dissolve_and_status(app: App) -> None:
     assert "nothing changed" in run("dissolve", "--dry-run")
     assert not current(app).dissolved
-    assert "dissolved" in run("dissolve")
+    assert "dissolved" in run("dissolve", "--yes")
     assert current(app).dissolved
-    assert "sits" in run("dissolve", "--off")
+    assert "sits" in run("dissolve", "--off", "--yes")
     assert not current(app).dissolved
     status = run("status")
     assert "dissolved" in status and "sample" in status

@@ -92,12 +92,14 @@ def test_a_submission_whose_stage_fails_every_time_ends_failed_and_is_not_resent
     from tests.test_stages import get, step, store
     from workers.database.models import State
     from workers.pipeline.reconciler import find_stalled
+    from workers.stages.comparison import compare
     from workers.stages.resolution import resolve
     from workers.stages.validation import validate
 
     sid = store(app, submission())
     step(app, validate, sid)
     step(app, resolve, sid)
+    step(app, compare, sid)
 
     def broken(*args: Any) -> Any:
         raise UnicodeEncodeError("utf-8", "A\ud800", 1, 2, "surrogates not allowed")
@@ -112,7 +114,7 @@ def test_a_submission_whose_stage_fails_every_time_ends_failed_and_is_not_resent
         stub_broker.enqueue(message)
         assert dead_letter_record(app, message.message_id) is not None
         drain(stub_broker, stub_worker)
-        expected = State.FAILED if resend == 2 else State.RESOLVED
+        expected = State.FAILED if resend == 2 else State.COMPARED
         assert get(app, sid).state == expected
     failed = get(app, sid)
     assert failed.failure_reason is not None

@@ -119,16 +119,16 @@ def test_a_reply_not_from_the_mps_domain_is_held_for_an_operator_who_releases_or
     assert listed.exit_code == 0 and first in listed.stdout and second in listed.stdout
     assert len(json.loads(runner.invoke(main, ["replies", "held", "--json"]).stdout)) == 2
 
-    released = runner.invoke(main, ["replies", "release", first])
+    released = runner.invoke(main, ["replies", "release", first, "--yes"])
     assert released.exit_code == 0, released.output
     assert "forwarding it to the supporter" in released.stdout
     drain(stub_broker, stub_worker)
     [forward] = outbox(app)
     assert forward["To"] == SUPPORTER
     assert events(app, sid) == [("reply", None)]
-    assert runner.invoke(main, ["replies", "release", first]).exit_code == 1  # once
+    assert runner.invoke(main, ["replies", "release", first, "--yes"]).exit_code == 1  # once
 
-    dropped = runner.invoke(main, ["replies", "drop", second])
+    dropped = runner.invoke(main, ["replies", "drop", second, "--yes"])
     assert dropped.exit_code == 0 and "dropped" in dropped.stdout
     assert inbound_row(app, second).status == "dropped" and inbound_row(app, second).raw is None
     for command in ("release", "drop"):
@@ -212,7 +212,7 @@ def test_held_replies_per_letter_are_capped_beyond_it_dropped_with_their_text(
         "not held: 2 replies to this letter are held already (the sender is not on the MP's domain)"
     )
     # The operator drops one: there is room for the next.
-    assert CliRunner().invoke(main, ["replies", "drop", first]).exit_code == 0
+    assert CliRunner().invoke(main, ["replies", "drop", first, "--yes"]).exit_code == 0
     assert inbound_row(app, arrives(4)).status == "held"
     assert outbox(app) == [] and events(app, sid) == []
 
@@ -247,12 +247,12 @@ def test_mail_to_the_postmaster_and_failed_messages_are_listed_shown_and_dropped
     assert row["subject"] == "Your bounces" and row["id"] in listed.stdout
     shown = runner.invoke(main, ["replies", "show", row["id"]])
     assert "status: dropped" in shown.stdout and "You send too many bounces." in shown.stdout
-    dropped = runner.invoke(main, ["replies", "drop", row["id"]])
+    dropped = runner.invoke(main, ["replies", "drop", row["id"], "--yes"])
     assert dropped.exit_code == 0, dropped.output
     assert inbound_row(app, row["id"]).raw is None
     assert "no mail to the postmaster" in runner.invoke(main, ["replies", "postmaster"]).stdout
     assert "its text is deleted" in runner.invoke(main, ["replies", "show", row["id"]]).stdout
-    assert runner.invoke(main, ["replies", "drop", row["id"]]).exit_code == 1  # once
+    assert runner.invoke(main, ["replies", "drop", row["id"], "--yes"]).exit_code == 1  # once
 
     # A message that failed keeps its text for the operator to read, and to drop.
     def unreadable(raw: bytes) -> Any:
@@ -265,7 +265,7 @@ def test_mail_to_the_postmaster_and_failed_messages_are_listed_shown_and_dropped
     shown = runner.invoke(main, ["replies", "show", failed])
     assert "status: failed" in shown.stdout and "gave up after 3 failed attempts" in shown.stdout
     assert "Delivery Status Notification" in shown.stdout or "5.1.1" in shown.stdout
-    assert runner.invoke(main, ["replies", "drop", failed]).exit_code == 0
+    assert runner.invoke(main, ["replies", "drop", failed, "--yes"]).exit_code == 0
     assert inbound_row(app, failed).raw is None
 
 

@@ -221,6 +221,7 @@ def test_a_letter_is_signed_once_when_rendered_so_every_attempt_sends_the_same_b
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.test_stages import step, store
+    from workers.stages.comparison import compare
     from workers.stages.rendering import render
     from workers.stages.resolution import resolve
     from workers.stages.validation import validate
@@ -229,6 +230,7 @@ def test_a_letter_is_signed_once_when_rendered_so_every_attempt_sends_the_same_b
     sid = store(app, submission())
     step(app, validate, sid)
     step(app, resolve, sid)
+    step(app, compare, sid)
     step(app, render, sid, "sandbox@campaign.example.org", signer)
     with session_scope(app.sessions) as session:
         letter = session.get(Letter, sid)

@@ -148,7 +148,8 @@ def test_queues_list_show_and_a_requeue_that_a_worker_completes(
         back.stop()
     assert smtp_sink.received.count() == 1
     assert dead_count("dearmp.resolve") == 0 and dead_count("dearmp.validate") == 1
-    assert "not found 1" in cli("dlq", "requeue", "no-such-id")
+    missing = CliRunner().invoke(main, ["dlq", "requeue", "no-such-id"])
+    assert missing.exit_code == 1 and "not found 1" in missing.stdout  # nothing requeued
 
     wide = {"COLUMNS": "160"}
     view = CliRunner().invoke(main, ["watch", "--iterations", "1"], env=wide).stdout
@@ -170,8 +171,9 @@ def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
     assert unhealthy.exit_code != 0 and "1 dead letters" in unhealthy.output
     assert CliRunner().invoke(main, ["health", "--max-dead", "1"]).exit_code == 0
 
-    declined = CliRunner().invoke(main, ["dlq", "purge"], input="n\n")
-    assert declined.exit_code != 0 and dead_count("dearmp.validate") == 1
+    unasked = CliRunner().invoke(main, ["dlq", "purge"])  # no terminal to ask on, no --yes
+    assert unasked.exit_code == 1 and "--yes" in unasked.stderr
+    assert dead_count("dearmp.validate") == 1
     assert "purged 1" in cli("dlq", "purge", "--yes", "--queue", "dearmp.validate")
     assert dead_count("dearmp.validate") == 0
     with session_scope(app.sessions) as session:
@@ -270,7 +272,7 @@ def test_dead_letters_outlive_a_redis_restart_in_the_operators_view(
 
     back = recorded_postcodes_io(shared_data, postcodes_port)
     try:
-        assert "requeued 1, not found 0" in cli("dlq", "requeue", "--all")
+        assert "requeued 1, not found 0" in cli("dlq", "requeue", "--all", "--yes")
         assert wait_all_final(app, [sid], timeout=60) == {"delivered": 1}, stack.log_text()[-2000:]
     finally:
         back.stop()

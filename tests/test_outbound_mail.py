@@ -53,6 +53,7 @@ from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App, set_app
 from workers.pipeline.intake import accept
 from workers.pipeline.runtime import prepare
+from workers.stages.comparison import compare
 from workers.stages.confirmation import ConfirmationPolicy, notify
 from workers.stages.delivery import DeliveryPolicy
 from workers.stages.rendering import render
@@ -192,6 +193,7 @@ def every_kind(app: App) -> dict[str, Outgoing]:
     sid = store(app, submission())
     step(app, validate, sid)
     step(app, resolve, sid)
+    step(app, compare, sid)
     step(app, render, sid, app.settings.sandbox_address, app.signer, app.returns)
     send_letter(app.sessions, sid, mailer, DeliveryPolicy(), None, app.signer, app.returns)
     with session_scope(app.sessions) as session:
@@ -287,6 +289,7 @@ def test_a_report_to_a_confirmations_address_never_returns_the_letter(signed_app
     sid = store(app, submission())
     step(app, validate, sid)
     step(app, resolve, sid)
+    step(app, compare, sid)
     step(app, render, sid, app.settings.sandbox_address, app.signer, app.returns)
     send_letter(app.sessions, sid, mailer, DeliveryPolicy(), None, app.signer, app.returns)
     with session_scope(app.sessions) as session:

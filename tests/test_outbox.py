@@ -611,7 +611,7 @@ def test_given_up_items_are_listed_and_retried_by_an_operator(
     items = every_kind(app, stub_broker, stub_worker)
     runner = CliRunner()
     none = runner.invoke(cli, ["outbox", "retry"])
-    assert none.exit_code != 0 and "retried 0" in none.stdout
+    assert none.exit_code == 1 and "no given-up item to retry" in none.stderr
     refused = PermanentDeliveryError("554 5.7.1 <amira.haddad@example.com>: relay denied")
     for item_id in items.values():
         send_item(app, item_id, Recorder(refused))
@@ -631,13 +631,13 @@ def test_given_up_items_are_listed_and_retried_by_an_operator(
     dry = runner.invoke(cli, ["outbox", "retry", "--kind", "forward", "--dry-run"])
     assert dry.exit_code == 0 and "would retry 1" in dry.stdout
     assert item(app, items["forward"]).status == "failed"  # nothing changed
-    done = runner.invoke(cli, ["outbox", "retry", "--kind", "forward"])
+    done = runner.invoke(cli, ["outbox", "retry", "--kind", "forward", "--yes"])
     assert done.exit_code == 0 and "retried 1" in done.stdout
-    done = runner.invoke(cli, ["outbox", "retry"])
+    done = runner.invoke(cli, ["outbox", "retry", "--yes"])
     assert done.exit_code == 0 and "retried 5" in done.stdout
     drain(stub_broker, stub_worker)
     for item_id in items.values():  # a given-up forward kept the reply's text: it goes too
         sent = item(app, item_id)
         assert (sent.status, sent.failures, sent.error) == ("sent", 0, None)
-    again = runner.invoke(cli, ["outbox", "retry"])
-    assert again.exit_code != 0 and "retried 0" in again.stdout
+    again = runner.invoke(cli, ["outbox", "retry", "--yes"])
+    assert again.exit_code == 1 and "no given-up item to retry" in again.stderr

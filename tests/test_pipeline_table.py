@@ -116,6 +116,7 @@ def test_the_reconciler_resends_each_resent_state_to_its_stage() -> None:
         State.RECEIVED,
         State.VALIDATED,
         State.RESOLVED,
+        State.COMPARED,
         State.RENDERED,  # unless its letter waits in the outbox, whose timing resends it
     }
     assert stage_of("letter") == Stage.DELIVER

@@ -31,6 +31,7 @@ from workers.mp.live_sources import JsonApi, LiveSources, MembersApi, PostcodesI
 from workers.mp.lookup import lookup_live
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import stage_message
+from workers.stages.comparison import compare
 from workers.stages.resolution import resolve
 from workers.stages.stage import Stage
 from workers.stages.validation import validate
@@ -362,6 +363,7 @@ def test_live_answers_are_fetched_before_the_resolution_transaction(
     assert postcodes_io.requests == ["/postcodes/AB10%201AB"]
     postcodes_io.stop()  # the transaction below must not need the network
     step(app, resolve, sid, "live", live)
+    step(app, compare, sid)
     assert get(app, sid).recipient["name"] == "Douglas Lumsden"  # type: ignore[index]
     # A postcode the local directory knows is not looked up live at all.
     local = store(app, submission(supporter__postcode="DM1 1AA"))

@@ -27,6 +27,7 @@ from workers.letters.mail import OutboxMailer, Outgoing
 from workers.pipeline.app import App
 from workers.pipeline.intake import accept
 from workers.pipeline.reconciler import find_stalled
+from workers.stages.comparison import compare
 from workers.stages.consent import log_consent
 from workers.stages.delivery import DeliveryPolicy
 from workers.stages.rendering import plan as rendering_plan
@@ -61,7 +62,8 @@ def get(app: App, submission_id: str) -> Submission:
 def through_render(app: App, payload: Any) -> str:
     sid = store(app, payload)
     assert step(app, validate, sid) == [Stage.RESOLVE, Stage.CONSENT]
-    assert step(app, resolve, sid) == [Stage.RENDER]
+    assert step(app, resolve, sid) == [Stage.COMPARE]
+    assert step(app, compare, sid) == [Stage.RENDER]
     assert step(app, render, sid) == [Stage.DELIVER]
     return sid
 
@@ -115,7 +117,7 @@ def test_validation_twice_has_no_second_effect(app: App) -> None:
 def test_resolution_finds_the_mp_and_records_the_directory_version(app: App) -> None:
     sid = store(app, submission(supporter__postcode="dm5 4df"))
     step(app, validate, sid)
-    assert step(app, resolve, sid) == [Stage.RENDER]
+    assert step(app, resolve, sid) == [Stage.COMPARE]
     sub = get(app, sid)
     assert (sub.state, sub.constituency_code, sub.member_id) == ("resolved", "W07900005", 990005)
     assert sub.directory_version_id is not None
@@ -127,6 +129,7 @@ def test_unknown_and_terminated_postcodes_are_rejected_with_a_message(app: App) 
         sid = store(app, submission(supporter__postcode=postcode))
         step(app, validate, sid)
         step(app, resolve, sid)
+        step(app, compare, sid)
         sub = get(app, sid)
         assert sub.state == State.REJECTED
         assert sub.rejection is not None and fragment in sub.rejection["supporter.postcode"]
@@ -139,6 +142,7 @@ def test_an_mp_without_email_gets_the_official_contact_route_not_a_guess(app: Ap
     sid = store(app, submission(supporter__postcode="DM1 1AA"))
     step(app, validate, sid)
     step(app, resolve, sid)
+    step(app, compare, sid)
     sub = get(app, sid)
     assert sub.state == State.REJECTED
     message = (sub.rejection or {})["member"]
@@ -171,11 +175,12 @@ def test_a_stored_letter_to_send_again_moves_on_as_it_is_with_a_new_item(
         sid = store(app, submission(supporter__email=f"s{i}@example.com"))
         step(app, validate, sid)
         step(app, resolve, sid)
+        step(app, compare, sid)
         ids.append(sid)
     for sid in ids:
         step(app, render, sid)
-    with session_scope(app.sessions) as session:  # back to resolved, the letter kept
-        session.execute(update(Submission).values(state=State.RESOLVED.value))
+    with session_scope(app.sessions) as session:  # back to compared, the letter kept
+        session.execute(update(Submission).values(state=State.COMPARED.value))
         session.execute(delete(OutboxItem))
         stored = {sid: session.get(Letter, sid).content_sha256 for sid in ids}  # type: ignore[union-attr]
 
@@ -208,6 +213,7 @@ def test_delivery_sends_once_however_often_it_runs(app: App, tmp_path: Path) -> 
         "received",
         "validated",
         "resolved",
+        "compared",
         "rendered",
         "delivered",
     ]
@@ -299,4 +305,4 @@ def test_history_records_each_transition_with_a_time(app: App) -> None:
         times = session.scalars(
             select(SubmissionEvent.at).where(SubmissionEvent.submission_id == sid)
         ).all()
-    assert len(times) == 4 and times == sorted(times)
+    assert len(times) == 5 and times == sorted(times)

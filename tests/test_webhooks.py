@@ -538,7 +538,7 @@ def test_the_cli_adds_shows_rotates_replays_and_removes_and_refuses_bad_configur
         ],
     )
     assert nowhere.exit_code == 1 and "no campaign 'nope'" in nowhere.output
-    removed = runner.invoke(cli, ["webhooks", "remove", "1"])
+    removed = runner.invoke(cli, ["webhooks", "remove", "1", "--yes"])
     assert removed.exit_code == 0 and items(app) == []
     assert runner.invoke(cli, ["webhooks", "show", "1"]).exit_code == 1
 
@@ -645,7 +645,7 @@ def test_an_operators_retry_sends_a_given_up_webhook_on_the_webhook_queue(
     assert until_ended(app, item.id, outbox_for(app)[1]).status == "failed"  # 410: given up
     for queue in stub_broker.queues.values():
         queue.queue.clear()
-    retried = CliRunner().invoke(cli, ["outbox", "retry", "--kind", "webhook"])
+    retried = CliRunner().invoke(cli, ["outbox", "retry", "--kind", "webhook", "--yes"])
     assert retried.exit_code == 0 and "retried 1" in retried.stdout, retried.output
     assert stub_broker.queues[Stage.WEBHOOK.queue].qsize() == 1
     assert stub_broker.queues.get(Stage.OUTBOX.queue) is None or not any(

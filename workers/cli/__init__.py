@@ -16,6 +16,7 @@ from workers.cli.directory import directory
 from workers.cli.outbox import outbox
 from workers.cli.privacy import consent, retention, supporter
 from workers.cli.replies import replies as replies_group
+from workers.cli.review import review
 from workers.cli.submissions import submissions
 from workers.cli.web import api
 from workers.cli.webhooks import webhooks
@@ -24,6 +25,7 @@ for group in (api, directory, consent, supporter, retention, replies_group, outb
     main.add_command(group)
 main.add_command(submissions)
 main.add_command(console)
+main.add_command(review)
 # The installed distribution's version (pyproject.toml's), not a copy kept in the code.
 click.version_option(package_name="dearmp", prog_name="dearmp")(main)
 

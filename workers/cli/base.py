@@ -1,11 +1,18 @@
-"""What every ``dearmp`` command shares: the top-level group, and what commands are given."""
+"""What every ``dearmp`` command shares: the top-level group, what commands are given, and how
+they answer: text or ``--json`` (:func:`json_option`, :meth:`Cli.say`), a refusal for nothing to
+do (:class:`Nothing`), and a question before a destructive change (:func:`confirm`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import click
 import dramatiq
@@ -38,6 +45,21 @@ class Cli:
     the App and the broker, each built once, on first use (set ``log_file`` before)."""
 
     log_file: Path | None = None
+    as_json: bool = False  # --json: one JSON document on stdout, messages for people on stderr
+
+    def say(self, text: str | Callable[[], None], data: Any) -> None:
+        """The command's answer: ``data`` as one JSON document with --json, else ``text`` (a
+        string, or what prints it: a table, say)."""
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, default=_plain))
+        elif callable(text):
+            text()
+        else:
+            click.echo(text)
+
+    def tell(self, text: str) -> None:
+        """A line for a person: on stdout, or on stderr when stdout is for --json's document."""
+        click.echo(text, err=self.as_json)
 
     @cached_property
     def app(self) -> App:
@@ -58,6 +80,67 @@ class Cli:
 
 
 pass_cli = click.make_pass_decorator(Cli, ensure=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _plain(value: Any) -> Any:
+    """What JSON cannot hold as it is: times in ISO 8601, paths and the rest as text."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    return str(value)
+
+
+def _want_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Cli).as_json = True
+
+
+def json_option(fn: F) -> F:
+    """``--json``: the command answers with one JSON document on stdout (see :meth:`Cli.say`)."""
+    return click.option(
+        "--json",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,  # before other options' callbacks, which may already have to answer
+        callback=_want_json,
+        help="Machine-readable: one JSON document on stdout.",
+    )(fn)
+
+
+def dry_run_option(fn: F) -> F:
+    """``--dry-run``: say what would be done, change nothing (exit 0 when something would)."""
+    return click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")(
+        fn
+    )
+
+
+def yes_option(fn: F) -> F:
+    """``--yes``: do it without asking (:func:`confirm`)."""
+    return click.option(
+        "--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed without a terminal)."
+    )(fn)
+
+
+def confirm(yes: bool, question: str) -> None:
+    """Ask ``question`` before a destructive change, unless ``--yes`` was given. Without a
+    terminal to ask on, refuse (exit 1) rather than hang or guess."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.ClickException(f"{question} Not asked without a terminal: add --yes.")
+    click.confirm(question, abort=True, err=True)
+
+
+class Nothing(click.ClickException):
+    """Nothing to do, or nothing found by what was given: said on stderr, and exit 1."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(self.message, file=file, err=True)
 
 
 class BadConfiguration(click.ClickException):

@@ -114,6 +114,21 @@ def run_demo(
     return result
 
 
+def summary(result: DemoResult, app: App) -> dict[str, Any]:
+    """The demo's result for ``--json``: what :func:`print_summary` prints."""
+    return {
+        "letters_to": _letters_to(app),
+        "database": masked_url(app.settings.resolved_database_url),
+        "submitted": result.submitted,
+        "unique": result.unique,
+        "counts": result.counts,
+        "finished": result.finished,
+        "seconds": round(result.seconds, 1),
+        "reasons": dict(result.reasons.most_common()),
+        "examples": result.examples,
+    }
+
+
 def print_summary(result: DemoResult, app: App, console: Console) -> None:
     table = Table(title="Submissions by final state")
     table.add_column("state")
@@ -128,17 +143,18 @@ def print_summary(result: DemoResult, app: App, console: Console) -> None:
         for reason, n in result.reasons.most_common():
             reasons.add_row(escape(reason), str(n))
         console.print(reasons)
-    where = (
-        f"the outbox {app.settings.resolved_outbox_dir.resolve()} (one .eml per letter)"
-        if app.settings.mail_backend == "outbox"
-        else f"SMTP server {app.settings.smtp_host}:{app.settings.smtp_port}"
-    )
     console.print(
         f"{result.submitted} submitted ({result.unique} unique by idempotency key), "
         f"{sum(result.counts.values())} tracked, all final: {result.finished}, "
-        f"in {result.seconds:.1f}s.\nLetters went to {where}.\n"
+        f"in {result.seconds:.1f}s.\nLetters went to {_letters_to(app)}.\n"
         f"Database: {masked_url(app.settings.resolved_database_url)}\n"
         "The history of one submission, e.g.:"
     )
     for state, submission_id in sorted(result.examples.items()):
         console.print(f"  .venv/bin/dearmp show {submission_id}   ({state})")
+
+
+def _letters_to(app: App) -> str:
+    if app.settings.mail_backend == "outbox":
+        return f"the outbox {app.settings.resolved_outbox_dir.resolve()} (one .eml per letter)"
+    return f"SMTP server {app.settings.smtp_host}:{app.settings.smtp_port}"

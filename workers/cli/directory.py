@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -18,7 +18,15 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy import func, select
 
-from workers.cli.base import Cli, pass_cli
+from workers.cli.base import (
+    Cli,
+    Nothing,
+    confirm,
+    dry_run_option,
+    json_option,
+    pass_cli,
+    yes_option,
+)
 from workers.mp import health
 
 
@@ -42,6 +50,7 @@ def directory() -> None:
     "several files. Left out: the current postcodes are kept.",
 )
 @click.option("--source", default=None, help="A note on where the data came from.")
+@json_option
 @pass_cli
 def directory_import(
     cli: Cli, members: Path | None, postcodes: tuple[Path, ...], source: str | None
@@ -76,13 +85,15 @@ def directory_import(
                 progress.update(task, description="switching")
         except DirectoryError as exc:
             raise click.ClickException(f"{exc} (the current directory is unchanged)") from exc
-    click.echo(
+    cli.say(
         f"version {counts.version_id} is current: {counts.constituencies} constituencies, "
-        f"{counts.members} members, {counts.postcodes} postcodes"
+        f"{counts.members} members, {counts.postcodes} postcodes",
+        counts,
     )
 
 
 @directory.command("sync")
+@json_option
 @pass_cli
 def directory_sync(cli: Cli) -> None:
     """Refresh MPs and their emails from the UK Parliament Members API (MEMBERS_API_URL)."""
@@ -97,40 +108,56 @@ def directory_sync(cli: Cli) -> None:
             report = sync_members(session, members, source=f"Members API {members.api.base_url}")
     except (DirectoryError, SourceUnavailable) as exc:
         raise click.ClickException(f"{exc} (the current directory is unchanged)") from exc
-    click.echo(f"version {report['version_id']} is current")
-    for item in report["new_members"]:
-        click.echo(f"  new MP: {item['member']} ({item['constituency']})")
-    for item in report["vacancies"]:
-        click.echo(f"  vacant: {item['constituency']}")
-    for item in report["changed_emails"]:
-        click.echo(f"  email changed: {item['member']}: {item['old']} -> {item['new']}")
     counts = {k: len(v) for k, v in report.items() if isinstance(v, list)}
-    click.echo(json.dumps(counts))
+    lines = [f"version {report['version_id']} is current"]
+    lines += [f"  new MP: {i['member']} ({i['constituency']})" for i in report["new_members"]]
+    lines += [f"  vacant: {i['constituency']}" for i in report["vacancies"]]
+    lines += [
+        f"  email changed: {i['member']}: {i['old']} -> {i['new']}"
+        for i in report["changed_emails"]
+    ]
+    lines.append(", ".join(f"{k}: {n}" for k, n in counts.items()))
+    cli.say("\n".join(lines), {**report, "counts": counts})
 
 
 @directory.command("dissolve")
 @click.option("--off", is_flag=True, help="Parliament meets again (usually: import the new MPs).")
-@click.option("--dry-run", is_flag=True, help="Say what would change; change nothing.")
+@dry_run_option
+@yes_option
+@json_option
 @pass_cli
-def directory_dissolve(cli: Cli, off: bool, dry_run: bool) -> None:
-    """Mark Parliament dissolved: no seat has an MP; campaigns hold or refuse letters."""
-    from workers.mp.directory import set_dissolved
+def directory_dissolve(cli: Cli, off: bool, dry_run: bool, yes: bool) -> None:
+    """Mark Parliament dissolved: no seat has an MP; campaigns hold or refuse letters. Asks
+    first (--yes does not); exits 1 when Parliament is in that state already."""
+    from workers.database.engine import session_scope
+    from workers.mp.directory import current_version, set_dissolved
 
     app = cli.app
-    with app.sessions() as session:  # committed unless a dry run
-        version_id = set_dissolved(session, not off, source="dissolved" if not off else "sitting")
-        if dry_run:
-            session.rollback()
-        else:
-            session.commit()
     state = "sits" if off else "dissolved"
+    with session_scope(app.sessions) as session:
+        current = current_version(session)
+        if current is None:
+            raise Nothing("no directory has been imported: `dearmp directory import` first")
+        if current.dissolved != off:
+            raise Nothing(f"Parliament is {'sitting' if off else 'dissolved'} already")
     if dry_run:
-        click.echo(f"would make a new current version: Parliament {state} (nothing changed)")
+        said = f"would make a new current version: Parliament {state} (nothing changed)"
+        cli.say(said, {"dry_run": True, "version_id": None, "dissolved": not off})
         return
-    click.echo(f"version {version_id} is current: Parliament {state}")
+    confirm(
+        yes,
+        "Mark Parliament sitting again?"
+        if off
+        else "Mark Parliament dissolved (letters wait or are refused until --off)?",
+    )
+    with session_scope(app.sessions) as session:
+        version_id = set_dissolved(session, not off, source="dissolved" if not off else "sitting")
+    said = f"version {version_id} is current: Parliament {state}"
+    cli.say(said, {"dry_run": False, "version_id": version_id, "dissolved": not off})
 
 
 @directory.command("status")
+@json_option
 @pass_cli
 def directory_status(cli: Cli) -> None:
     """The directory versions, which is current, and what each holds."""
@@ -138,7 +165,7 @@ def directory_status(cli: Cli) -> None:
     from workers.database.models import Constituency, DirectoryVersion, Member, Submission
 
     app = cli.app
-    table = Table("version", "current", "created", "source", "seats", "MPs", "postcodes of", "held")
+    versions: list[dict[str, Any]] = []
     with session_scope(app.sessions) as session:
         held = session.scalar(
             select(func.count()).select_from(Submission).where(Submission.state == "held")
@@ -152,35 +179,62 @@ def directory_status(cli: Cli) -> None:
             mps = session.scalar(
                 select(func.count()).select_from(Member).where(Member.version_id == v.id)
             )
-            table.add_row(
-                str(v.id),
-                "yes" if v.is_current else "",
-                v.created_at.strftime("%Y-%m-%d %H:%M"),
-                v.source + (" (dissolved)" if v.dissolved else ""),
-                str(seats),
-                str(mps),
-                str(v.postcodes_version_id),
-                str(held) if v.is_current else "",
+            versions.append(
+                {
+                    "id": v.id,
+                    "current": v.is_current,
+                    "created_at": v.created_at.isoformat(),
+                    "source": v.source,
+                    "dissolved": v.dissolved,
+                    "seats": seats,
+                    "members": mps,
+                    "postcodes_version_id": v.postcodes_version_id,
+                    "held": held if v.is_current else None,
+                }
             )
+        failing = [
+            {
+                "email": row.email,
+                "member_id": row.member_id,
+                "since": row.changed_at.isoformat(),
+                "reason": row.reason,
+            }
+            for row in health.failing(session)
+        ]
+    cli.say(lambda: _print_status(versions, failing), {"versions": versions, "failing": failing})
+
+
+def _print_status(versions: list[dict[str, Any]], failing: list[dict[str, Any]]) -> None:
+    table = Table("version", "current", "created", "source", "seats", "MPs", "postcodes of", "held")
+    for v in versions:
+        table.add_row(
+            str(v["id"]),
+            "yes" if v["current"] else "",
+            v["created_at"][:16].replace("T", " "),
+            v["source"] + (" (dissolved)" if v["dissolved"] else ""),
+            str(v["seats"]),
+            str(v["members"]),
+            str(v["postcodes_version_id"]),
+            "" if v["held"] is None else str(v["held"]),
+        )
     Console().print(table)
-    with session_scope(app.sessions) as session:
-        failing = health.failing(session)
-        if failing:
-            bad = Table("failing address", "member", "since", "why")
-            for row in failing:
-                bad.add_row(
-                    row.email,
-                    str(row.member_id or ""),
-                    row.changed_at.strftime("%Y-%m-%d %H:%M"),
-                    row.reason or "",
-                )
-            Console().print(bad)
+    if failing:
+        bad = Table("failing address", "member", "since", "why")
+        for row in failing:
+            bad.add_row(
+                row["email"],
+                str(row["member_id"] or ""),
+                row["since"][:16].replace("T", " "),
+                row["reason"] or "",
+            )
+        Console().print(bad)
 
 
 @directory.command("address")
 @click.argument("email")
 @click.option("--pause", "reason", metavar="REASON", help="Hold every letter to it, and why.")
 @click.option("--ok", is_flag=True, help="It works again: end its pause or its failing mark.")
+@json_option
 @pass_cli
 def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> None:
     """Pause an MP address (an office asked for a break, a mailbox is full: its letters wait,
@@ -199,36 +253,57 @@ def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> Non
             if not pause_address(session, email, reason):
                 raise click.ClickException(f"{email} is paused already")
             said, groups = "paused; its letters wait until --ok", {}
+            action = "paused"
         else:
             row = session.get(AddressHealth, health.key(email))
             if row is not None and row.status == health.PAUSED:
                 ids = resume_address(session, email)
                 said, groups = f"resumed; {len(ids)} letters waiting go now", {Stage.DELIVER: ids}
+                action = "resumed"
             elif health.mark_ok(session, email):
                 held = health.held_for(session, row.member_id) if row and row.member_id else []
                 said = f"marked ok; {len(held)} held letters sent to resolution again"
                 groups = {Stage.RESOLVE: held}
+                action = "marked ok"
             else:
                 raise click.ClickException(f"{email} is neither paused nor marked failing")
     if any(groups.values()):
         dispatch_groups(cli.broker, groups)  # after the commit; else the reconciler
-    click.echo(f"{email} {said}")
+    letters = [i for ids in groups.values() for i in ids]
+    cli.say(f"{email} {said}", {"address": email, "action": action, "letters": letters})
 
 
 @directory.command("prune")
 @click.option("--keep", default=2, show_default=True, help="Versions to keep (newest first).")
-@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@dry_run_option
+@yes_option
+@json_option
 @pass_cli
-def directory_prune(cli: Cli, keep: int, dry_run: bool) -> None:
-    """Delete old directory versions (and postcode sets nothing uses any more)."""
+def directory_prune(cli: Cli, keep: int, dry_run: bool, yes: bool) -> None:
+    """Delete old directory versions (and postcode sets nothing uses any more). Asks first
+    (--yes does not); exits 1 when there is none to delete."""
+    app = cli.app
+    gone = _prune(app, keep, dry_run=True)
+    if not gone:
+        raise Nothing(f"no version to delete: at most {max(1, keep)} are kept, and no more exist")
+    if not dry_run:
+        confirm(yes, f"Delete {len(gone)} old directory versions ({', '.join(map(str, gone))})?")
+        gone = _prune(app, keep, dry_run=False)
+    said = "would delete" if dry_run else "deleted"
+    cli.say(
+        f"{said} versions: {', '.join(map(str, gone)) or 'none'}",
+        {"dry_run": dry_run, "deleted": gone},
+    )
+
+
+def _prune(app: Any, keep: int, dry_run: bool) -> list[int]:
+    """The versions :func:`workers.mp.directory.prune` deletes (only said, on a dry run)."""
     from workers.mp.directory import prune
 
-    app = cli.app
     with app.sessions() as session:  # committed unless a dry run
         gone = prune(session, keep=max(1, keep))
         if dry_run:
             session.rollback()
         else:
             session.commit()
-    said = "would delete" if dry_run else "deleted"
-    click.echo(f"{said} versions: {', '.join(map(str, gone)) or 'none'}")
+    return gone

@@ -14,11 +14,21 @@ from rich.console import Console
 from rich.table import Table
 
 from config.settings import get_settings, masked_url
-from workers.cli.base import Cli, main, pass_cli
+from workers.cli.base import (
+    Cli,
+    Nothing,
+    confirm,
+    dry_run_option,
+    json_option,
+    main,
+    pass_cli,
+    yes_option,
+)
 from workers.pipeline.app import App
 
 
 @main.command()
+@json_option
 @pass_cli
 def init(cli: Cli) -> None:
     """Migrate the database, load campaigns, import the sample directory if there is none."""
@@ -26,7 +36,8 @@ def init(cli: Cli) -> None:
 
     app = cli.app
     prepare(app)
-    click.echo(f"ready: {masked_url(app.settings.resolved_database_url)}")
+    database = masked_url(app.settings.resolved_database_url)
+    cli.say(f"ready: {database}", {"ready": True, "database": database})
 
 
 @main.command()
@@ -69,16 +80,19 @@ def worker(processes: int, threads: int) -> None:
 
 @main.command()
 @click.option("--once", is_flag=True, help="One pass, then exit (for cron).")
+@json_option
 @pass_cli
 def reconcile(cli: Cli, once: bool) -> None:
-    """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds)."""
+    """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds).
+    --json answers for --once; the loop prints nothing."""
     from workers.pipeline.reconciler import reconcile_once, run_forever
     from workers.pipeline.runtime import reconciler_options
 
     app = cli.app
     options = reconciler_options(app.settings)
     if once:
-        click.echo(f"resent {reconcile_once(app.sessions, cli.broker, **options)}")
+        resent = reconcile_once(app.sessions, cli.broker, **options)
+        cli.say(f"resent {resent}", {"resent": resent})
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -90,15 +104,33 @@ def reconcile(cli: Cli, once: bool) -> None:
 
 @main.command()
 @click.argument("file", type=click.File("rb"))
+@json_option
 @pass_cli
 def submit(cli: Cli, file: Any) -> None:
-    """Submit a JSON file: one submission object, or a list of them. Prints the ids."""
-    from workers.pipeline.runtime import submit as submit_one
+    """Submit a JSON file: one submission object, or a list of them. Prints the ids, each
+    accepted, duplicate (its key and body seen before) or conflict (its key seen before with
+    another body: nothing stored; exits 1)."""
+    from workers.database.engine import session_scope
+    from workers.pipeline.dispatch import dispatch
+    from workers.pipeline.intake import accept
+    from workers.stages.stage import Stage
 
     data = json.load(file)
+    answers = []
     for item in data if isinstance(data, list) else [data]:
-        submission_id, created = submit_one(cli.app, cli.broker, item)
-        click.echo(f"{submission_id} {'accepted' if created else 'duplicate'}")
+        with session_scope(cli.app.sessions) as session:
+            found = accept(session, item, cli.app.secret)
+        if found.created:  # after the commit; else the reconciler
+            dispatch(cli.broker, [Stage.VALIDATE], found.submission_id)
+        outcome = "accepted" if found.created else "conflict" if found.conflict else "duplicate"
+        answers.append({"id": found.submission_id, "outcome": outcome})
+    cli.say("\n".join(f"{a['id']} {a['outcome']}" for a in answers), answers)
+    conflicts = sum(a["outcome"] == "conflict" for a in answers)
+    if conflicts:
+        raise click.ClickException(
+            f"{conflicts} conflict{'s' if conflicts > 1 else ''}: an idempotency key already "
+            "used with a different body; nothing stored for it (send a new key for a new letter)"
+        )
 
 
 @main.group()
@@ -108,10 +140,10 @@ def submission() -> None:
 
 @submission.command("show")
 @click.argument("submission_id")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.option("--reveal", is_flag=True, help="The letter unmasked (the reveal is logged).")
 @pass_cli
-def show(cli: Cli, submission_id: str, as_json: bool, reveal: bool = False) -> None:
+def show(cli: Cli, submission_id: str, reveal: bool = False) -> None:
     """A submission's state history, without personal data."""
     import structlog
 
@@ -159,13 +191,14 @@ def show(cli: Cli, submission_id: str, as_json: bool, reveal: bool = False) -> N
             }
     if reveal:
         structlog.get_logger("workers").warning("letter_revealed", submission_id=submission_id)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
+    cli.say(lambda: _print_submission(info), info)
+
+
+def _print_submission(info: dict[str, Any]) -> None:
     from rich.text import Text
 
     console = Console()
-    table = Table(title=f"Submission {sub.id} ({info['state']})")
+    table = Table(title=f"Submission {info['id']} ({info['state']})")
     for col in ("at", "state", "detail"):
         table.add_column(col)
     for event in info["history"]:  # Text: a detail is shown as it is, never as markup
@@ -214,24 +247,25 @@ def run(cli: Cli, threads: int | None) -> None:
 @main.command()
 @click.option("--count", default=40, show_default=True, help="How many submissions to feed.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for all.")
+@json_option
 @pass_cli
 def demo(cli: Cli, count: int, timeout: float) -> None:
     """The main job: start the pipeline, feed a sample batch, wait for final states, summarise."""
-    from workers.cli.demo import print_summary, run_demo
+    from workers.cli.demo import print_summary, run_demo, summary
     from workers.pipeline.runtime import prepare, running_pipeline
 
     settings = get_settings()
     log_file = settings.data_dir / "logs" / "dearmp.jsonl"
     cli.log_file = log_file
     app, broker = cli.app, cli.broker
-    console = Console()
+    console = Console(stderr=cli.as_json)  # with --json, the progress is for people
     console.print(
         f"[bold]DearMP demo[/bold]: data in {settings.data_dir.resolve()}, logs in {log_file}"
     )
     prepare(app)
     with running_pipeline(app, broker, app.settings.worker_threads):
         result = run_demo(app, broker, count, timeout, console)
-    print_summary(result, app, console)
+    cli.say(lambda: print_summary(result, app, console), summary(result, app))
     if not result.finished:
         raise SystemExit(1)
 
@@ -266,9 +300,9 @@ def redis_unreachable(app: App, exc: Exception) -> str:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @pass_cli
-def queues(cli: Cli, as_json: bool) -> None:
+def queues(cli: Cli) -> None:
     """Per queue: messages waiting, delayed, in progress and dead."""
     from dataclasses import asdict
 
@@ -277,15 +311,12 @@ def queues(cli: Cli, as_json: bool) -> None:
     app = cli.app
     client, _, namespace = _redis(app)
     depths = queue_depths(client, namespace, dead_counts(app.sessions))
-    if as_json:
-        click.echo(json.dumps([asdict(d) for d in depths], indent=2))
-        return
     table = Table(title="Queues")
     for col in ("queue", "waiting", "delayed", "in progress", "dead"):
         table.add_column(col, justify="left" if col == "queue" else "right")
     for d in depths:
         table.add_row(d.queue, str(d.waiting), str(d.delayed), str(d.in_progress), str(d.dead))
-    Console().print(table)
+    cli.say(lambda: Console().print(table), [asdict(d) for d in depths])
 
 
 @main.group()
@@ -340,14 +371,13 @@ def _filters(fn: Any) -> Any:
 
 @dlq.command("list")
 @_filters
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @pass_cli
 def dlq_list(
-    cli: Cli, queue: str | None, actor: str | None, reason: str | None, since: Any, as_json: bool
+    cli: Cli, queue: str | None, actor: str | None, reason: str | None, since: Any
 ) -> None:
-    """Dead letters grouped by reason, with the answer (masked), oldest first: full ids."""
-    from rich.markup import escape
-
+    """Dead letters grouped by reason, with the answer (masked), oldest first: full ids.
+    Filters that match nothing exit 1."""
     from workers.logging import mask_text
 
     rows = _dead(cli.app, queue, actor, reason, since)
@@ -367,9 +397,14 @@ def dlq_list(
         }
         for found in rows
     ]
-    if as_json:
-        click.echo(json.dumps(listed, indent=2))
-        return
+    cli.say(lambda: _print_dead(listed), listed)
+    if not listed and any(f is not None for f in (queue, actor, reason, since)):
+        raise Nothing("no dead letter matches these filters")
+
+
+def _print_dead(listed: list[dict[str, Any]]) -> None:
+    from rich.markup import escape
+
     if not listed:
         click.echo("no dead letters")
         return
@@ -389,6 +424,7 @@ def dlq_list(
 
 @dlq.command("show")
 @click.argument("message_id")
+@json_option  # its answer is JSON either way
 @click.option(
     "--reveal", is_flag=True, help="Show personal data in the failure (the reveal is logged)."
 )
@@ -433,14 +469,16 @@ def dlq_show(cli: Cli, message_id: str, reveal: bool) -> None:
             "traceback": show_text(failure.traceback),
         },
     }
-    click.echo(json.dumps(info, indent=2))
+    cli.say(json.dumps(info, indent=2), info)
 
 
 @dlq.command("requeue")
 @click.argument("message_ids", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Every dead letter matching the filters.")
 @_filters
-@click.option("--dry-run", is_flag=True, help="Say what would be requeued; change nothing.")
+@dry_run_option
+@yes_option
+@json_option
 @pass_cli
 def dlq_requeue(
     cli: Cli,
@@ -451,8 +489,10 @@ def dlq_requeue(
     reason: str | None,
     since: Any,
     dry_run: bool,
+    yes: bool,
 ) -> None:
-    """Put dead letters back on their queues (the copy is enqueued before the dead one goes)."""
+    """Put dead letters back on their queues (the copy is enqueued before the dead one goes).
+    --all asks first (--yes does not). Exits 1 when none is requeued."""
     from workers.pipeline.dead_letters import requeue
 
     if not message_ids and not everything:
@@ -461,55 +501,79 @@ def dlq_requeue(
     client, broker, namespace = _redis(app)
     rows = _dead(app, queue, actor, reason, since)
     chosen = [f for f in rows if everything or any(f.message_id.startswith(m) for m in message_ids)]
-    missing = {m for m in message_ids if not any(f.message_id.startswith(m) for f in chosen)}
-    done = 0
+    missing = sorted(m for m in message_ids if not any(f.message_id.startswith(m) for f in chosen))
+    if everything and chosen and not dry_run:
+        confirm(yes, f"Requeue {len(chosen)} dead letters?")
+    done: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
     for found in chosen:
         if found.failure is not None and found.failure.exception_type.endswith(
             "PermanentDeliveryError"
         ):
-            click.echo(
-                f"not requeued {found.message_id}: the mail server refused the letter for good "
-                "and its submission failed, so a requeue sends nothing; once the cause is fixed, "
-                "`dearmp deliveries reopen` sends it again (and clears this dead letter)"
+            why = (
+                "the mail server refused the letter for good and its submission failed, so a "
+                "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` "
+                "sends it again (and clears this dead letter)"
             )
+            refused.append({"message_id": found.message_id, "why": why})
+            cli.tell(f"not requeued {found.message_id}: {why}")
             continue
         if dry_run:
-            click.echo(f"would requeue {found.message_id} on {found.queue}")
-            done += 1
+            done.append({"message_id": found.message_id, "queue": found.queue, "new_id": None})
+            cli.tell(f"would requeue {found.message_id} on {found.queue}")
             continue
         try:
             new_id = requeue(client, broker, namespace, app.sessions, found)
         except ValueError as exc:
-            click.echo(f"cannot requeue {found.message_id}: {exc}")
+            refused.append({"message_id": found.message_id, "why": str(exc)})
+            cli.tell(f"cannot requeue {found.message_id}: {exc}")
             continue
-        click.echo(f"requeued {found.message_id} on {found.queue} as {new_id}")
-        done += 1
-    for message_id in sorted(missing):
-        click.echo(f"not found {message_id}")
-    click.echo(f"{'would requeue' if dry_run else 'requeued'} {done}, not found {len(missing)}")
+        done.append({"message_id": found.message_id, "queue": found.queue, "new_id": new_id})
+        cli.tell(f"requeued {found.message_id} on {found.queue} as {new_id}")
+    for message_id in missing:
+        cli.tell(f"not found {message_id}")
+    said = "would requeue" if dry_run else "requeued"
+    cli.say(
+        f"{said} {len(done)}, not found {len(missing)}",
+        {"dry_run": dry_run, "requeued": done, "not_requeued": refused, "not_found": missing},
+    )
+    if not done:
+        raise Nothing("no dead letter requeued")
 
 
 @dlq.command("purge")
 @_filters
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@dry_run_option
+@yes_option
+@json_option
 @pass_cli
 def dlq_purge(
-    cli: Cli, queue: str | None, actor: str | None, reason: str | None, since: Any, yes: bool
+    cli: Cli,
+    queue: str | None,
+    actor: str | None,
+    reason: str | None,
+    since: Any,
+    dry_run: bool,
+    yes: bool,
 ) -> None:
-    """Delete dead letters matching the filters, recording each one in the database."""
+    """Delete dead letters matching the filters, recording each one in the database. Asks
+    first (--yes does not); exits 1 when none matches."""
     from workers.pipeline.dead_letters import purge
 
     app = cli.app
     client, _, namespace = _redis(app)
     rows = _dead(app, queue, actor, reason, since)
     if not rows:
-        click.echo("nothing to purge")
+        raise Nothing("nothing to purge: no dead letter matches")
+    ids = [found.message_id for found in rows]
+    if dry_run:
+        cli.say(f"would purge {len(rows)}: {', '.join(ids)}", {"dry_run": True, "purged": ids})
         return
-    if not yes:
-        click.confirm(f"Delete {len(rows)} dead letters for good?", abort=True)
+    confirm(yes, f"Delete {len(rows)} dead letters for good?")
     for found in rows:
         purge(client, namespace, app.sessions, found)
-    click.echo(f"purged {len(rows)} (recorded in purged_dead_letters)")
+    said = f"purged {len(rows)} (recorded in purged_dead_letters)"
+    cli.say(said, {"dry_run": False, "purged": ids})
 
 
 @main.command()
@@ -520,9 +584,9 @@ def dlq_purge(
     show_default=True,
     help="Seconds the oldest waiting message (or a letter, an email) may be late.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @pass_cli
-def health(cli: Cli, max_dead: int, max_age: float, as_json: bool) -> None:
+def health(cli: Cli, max_dead: int, max_age: float) -> None:
     """Whether letters can go out, and what to look at. Exits 0 healthy, 1 degraded (something
     to look at; letters still go), 2 down (nothing can go out)."""
     from workers.pipeline import checks
@@ -535,20 +599,23 @@ def health(cli: Cli, max_dead: int, max_age: float, as_json: bool) -> None:
     else:
         found = checks.run(app, client, namespace, max_dead, max_age)
     status = checks.overall(found)
-    if as_json:
-        click.echo(json.dumps(checks.as_json(found), indent=2))
-    else:
-        problems = [c.detail for c in found if c.status != checks.OK]
-        if problems:  # one line, for cron and a container's health check
-            click.echo(
-                f"{'down' if status == checks.DOWN else 'degraded'}: {'; '.join(problems)}",
-                err=True,
-            )
-        else:
-            said = {c.name: c.detail for c in found}
-            click.echo("healthy: " + "; ".join(said[name] for name in SUMMARY if name in said))
+    cli.say(lambda: _say_health(found, status), checks.as_json(found))
     if status != checks.OK:
         sys.exit(checks.ORDER[status])
+
+
+def _say_health(found: list[Any], status: str) -> None:
+    """One line, for cron and a container's health check: on stderr when something is wrong."""
+    from workers.pipeline import checks
+
+    problems = [c.detail for c in found if c.status != checks.OK]
+    if problems:
+        click.echo(
+            f"{'down' if status == checks.DOWN else 'degraded'}: {'; '.join(problems)}", err=True
+        )
+    else:
+        said = {c.name: c.detail for c in found}
+        click.echo("healthy: " + "; ".join(said[name] for name in SUMMARY if name in said))
 
 
 # What `dearmp health` says when all is well.
@@ -628,7 +695,10 @@ def schema() -> None:
 
 @schema.command("export")
 @click.option("--check", is_flag=True, help="Fail if the committed files are out of date.")
-def schema_export(check: bool) -> None:
+@json_option
+@pass_cli
+def schema_export(cli: Cli, check: bool) -> None:
+    """Write the JSON Schema files (schemas/json/), or --check that they are up to date."""
     from schemas import JSON_SCHEMA_DIR, export_json_schemas, json_schemas
 
     if check:
@@ -637,12 +707,12 @@ def schema_export(check: bool) -> None:
             for n, t in json_schemas().items()
             if not (JSON_SCHEMA_DIR / n).exists() or (JSON_SCHEMA_DIR / n).read_text() != t
         ]
+        cli.say("schemas up to date" if not stale else "", {"stale": stale})
         if stale:
             raise click.ClickException(f"out of date: {', '.join(stale)}; run dearmp schema export")
-        click.echo("schemas up to date")
         return
-    for path in export_json_schemas():
-        click.echo(f"wrote {path}")
+    written = [str(path) for path in export_json_schemas()]
+    cli.say("\n".join(f"wrote {path}" for path in written), {"written": written})
 
 
 @main.group()
@@ -651,9 +721,11 @@ def campaigns() -> None:
 
 
 @campaigns.command("sync")
+@json_option
 @pass_cli
 def campaigns_sync(cli: Cli) -> None:
-    """Load campaign files into the database."""
+    """Load campaign files into the database (nothing to change is not a failure: a deploy
+    runs it every time)."""
     from workers.database.engine import session_scope
     from workers.letters.definitions import load_definitions, sync_campaigns
 
@@ -664,15 +736,17 @@ def campaigns_sync(cli: Cli) -> None:
         raise click.ClickException(f"no campaign files (*.toml) in {folder} (DEARMP_CAMPAIGNS_DIR)")
     with session_scope(app.sessions) as session:
         changed = sync_campaigns(session, definitions)
-    click.echo(f"changed: {', '.join(changed) or 'none'}")
+    cli.say(f"changed: {', '.join(changed) or 'none'}", {"changed": list(changed)})
 
 
 @campaigns.command("mode")
 @click.argument("slug")
 @click.argument("mode", type=click.Choice(["sandbox", "live"]))
+@json_option
 @pass_cli
 def campaigns_mode(cli: Cli, slug: str, mode: str) -> None:
-    """Switch a campaign between sandbox (letters to DEARMP_SANDBOX_ADDRESS) and live."""
+    """Switch a campaign between sandbox (letters to DEARMP_SANDBOX_ADDRESS) and live. Exits 1
+    when it is in that mode already."""
     from workers.database.engine import session_scope
     from workers.database.models import Campaign
 
@@ -681,12 +755,18 @@ def campaigns_mode(cli: Cli, slug: str, mode: str) -> None:
         row = session.get(Campaign, slug)
         if row is None:
             raise click.ClickException(f"no campaign {slug}")
+        if row.mode == mode:
+            raise Nothing(f"{slug} is in {mode} mode already: nothing changed")
         before, row.mode = row.mode, mode
-    click.echo(f"{slug}: {before} -> {mode} (letters rendered from now on)")
+    cli.say(
+        f"{slug}: {before} -> {mode} (letters rendered from now on)",
+        {"campaign": slug, "before": before, "mode": mode},
+    )
 
 
 @campaigns.command("pause")
 @click.argument("slug")
+@json_option
 @pass_cli
 def campaigns_pause(cli: Cli, slug: str) -> None:
     """Hold a campaign's letters: submissions are still taken and prepared, and its letters
@@ -700,11 +780,13 @@ def campaigns_pause(cli: Cli, slug: str) -> None:
                 raise click.ClickException(f"{slug} is paused already")
         except LookupError as e:
             raise click.ClickException(str(e)) from None
-    click.echo(f"{slug}: paused; its letters wait until `dearmp campaigns resume {slug}`")
+    said = f"{slug}: paused; its letters wait until `dearmp campaigns resume {slug}`"
+    cli.say(said, {"campaign": slug, "paused": True})
 
 
 @campaigns.command("resume")
 @click.argument("slug")
+@json_option
 @pass_cli
 def campaigns_resume(cli: Cli, slug: str) -> None:
     """Send a paused campaign's letters again: those waiting go at once."""
@@ -720,7 +802,8 @@ def campaigns_resume(cli: Cli, slug: str) -> None:
             raise click.ClickException(str(e)) from None
     if ids:
         dispatch_groups(cli.broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
-    click.echo(f"{slug}: resumed; {len(ids)} letters waiting go now")
+    said = f"{slug}: resumed; {len(ids)} letters waiting go now"
+    cli.say(said, {"campaign": slug, "paused": False, "sent": list(ids)})
 
 
 @main.group()
@@ -732,27 +815,45 @@ def deliveries() -> None:
 @click.option("--reason", help="Only failures whose recorded error contains this.")
 @click.option("--campaign", help="Only this campaign's letters (its slug).")
 @click.option("--mp", "member_id", type=int, help="Only letters to this MP (member id).")
-@click.option("--dry-run", is_flag=True, help="Say what would be reopened; change nothing.")
+@dry_run_option
+@yes_option
+@json_option
 @pass_cli
 def deliveries_reopen(
-    cli: Cli, reason: str | None, campaign: str | None, member_id: int | None, dry_run: bool
+    cli: Cli,
+    reason: str | None,
+    campaign: str | None,
+    member_id: int | None,
+    dry_run: bool,
+    yes: bool,
 ) -> None:
-    """Send failed letters again with a fresh count of attempts (after a configuration fix)."""
+    """Send failed letters again with a fresh count of attempts (after a configuration fix).
+    Asks first (--yes does not); exits 1 when no failed letter matches."""
     from workers.database.engine import session_scope
     from workers.pipeline.dispatch import dispatch_groups
     from workers.stages.delivery import reopen_failed
     from workers.stages.stage import Stage
 
     with session_scope(cli.app.sessions) as session:
-        ids = reopen_failed(session, reason, campaign, member_id, dry_run)
-    for submission_id in ids:
-        click.echo(f"{'would reopen' if dry_run else 'reopened'} {submission_id}")
-    if ids and not dry_run:
-        dispatch_groups(cli.broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
-        cleared = _clear_dead(cli.app, Stage.DELIVER.actor, set(ids))
-        if cleared:
-            click.echo(f"cleared {cleared} dead letters these supersede")
-    click.echo(f"{'would reopen' if dry_run else 'reopened'} {len(ids)}")
+        found = reopen_failed(session, reason, campaign, member_id, dry_run=True)
+    if not found:
+        raise Nothing("no failed letter matches: nothing reopened")
+    if not dry_run:
+        confirm(yes, f"Send {len(found)} failed letters again?")
+        with session_scope(cli.app.sessions) as session:
+            found = reopen_failed(session, reason, campaign, member_id)
+    cleared = 0
+    if found and not dry_run:
+        dispatch_groups(cli.broker, {Stage.DELIVER: found})  # after the commit; else reconciler
+        cleared = _clear_dead(cli.app, Stage.DELIVER.actor, set(found))
+    said = "would reopen" if dry_run else "reopened"
+    lines = [f"{said} {submission_id}" for submission_id in found]
+    if cleared:
+        lines.append(f"cleared {cleared} dead letters these supersede")
+    cli.say(
+        "\n".join([*lines, f"{said} {len(found)}"]),
+        {"dry_run": dry_run, "reopened": found, "dead_letters_cleared": cleared},
+    )
 
 
 def _clear_dead(app: App, actor: str, submission_ids: set[str]) -> int:
@@ -772,9 +873,9 @@ def _clear_dead(app: App, actor: str, submission_ids: set[str]) -> int:
 
 @deliveries.command("waiting")
 @click.option("--limit", default=100, show_default=True, help="At most this many, oldest first.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @pass_cli
-def deliveries_waiting(cli: Cli, limit: int, as_json: bool) -> None:
+def deliveries_waiting(cli: Cli, limit: int) -> None:
     """Letters waiting to be sent or to try again: failures, next attempt and why (masked)."""
     from workers.database.engine import session_scope
     from workers.outbox.sending import listing
@@ -782,19 +883,18 @@ def deliveries_waiting(cli: Cli, limit: int, as_json: bool) -> None:
 
     with session_scope(cli.app.sessions) as session:
         rows = listing(session, ("pending", "sending"), limit, LETTER)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
+    lines = []
     for row in rows:
         next_at = row["next_attempt_at"] or "now"
-        click.echo(f"{row['id']}  {row['status']}  failures {row['failures']}  next {next_at}")
+        lines.append(f"{row['id']}  {row['status']}  failures {row['failures']}  next {next_at}")
         if row["error"]:
-            click.echo(f"    {row['error']}")
-    click.echo(f"{len(rows)} letters waiting")
+            lines.append(f"    {row['error']}")
+    cli.say("\n".join([*lines, f"{len(rows)} letters waiting"]), rows)
 
 
 @deliveries.command("flush")
-@click.option("--dry-run", is_flag=True, help="Say what would be tried; change nothing.")
+@dry_run_option
+@json_option
 @pass_cli
 def deliveries_flush(cli: Cli, dry_run: bool) -> None:
     """Try every letter waiting for a later attempt now (once the cause is fixed), as Postfix's
@@ -809,12 +909,14 @@ def deliveries_flush(cli: Cli, dry_run: bool) -> None:
         ids = due_now(session, LETTER, dry_run)
     if ids and not dry_run:
         dispatch_groups(cli.broker, {Stage.DELIVER: ids})  # after the commit; else the reconciler
-    click.echo(f"{'would try' if dry_run else 'trying'} {len(ids)} letters now")
     if not ids:
-        raise SystemExit(1)
+        raise Nothing("no letter waits for a later attempt: nothing to try")
+    said = f"{'would try' if dry_run else 'trying'} {len(ids)} letters now"
+    cli.say(said, {"dry_run": dry_run, "trying": list(ids)})
 
 
 @deliveries.command("resume")
+@json_option
 @pass_cli
 def deliveries_resume(cli: Cli) -> None:
     """End the mail pause once the relay is fixed (a password, a certificate, a sender): every
@@ -825,6 +927,6 @@ def deliveries_resume(cli: Cli) -> None:
     client, _, namespace = _redis(cli.app)
     paused = resume_mail(client, namespace)
     if paused is None:
-        click.echo("no pause was reported; the workers are told to try anyway")
-        raise SystemExit(1)
-    click.echo(f"resumed: the workers try again within seconds (paused for {paused['reason']})")
+        raise Nothing("no pause was reported; the workers are told to try anyway")
+    said = f"resumed: the workers try again within seconds (paused for {paused['reason']})"
+    cli.say(said, {"resumed": True, "paused_for": paused["reason"]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import click
 
 from schemas.submission import CHANNELS
-from workers.cli.base import Cli, pass_cli
+from workers.cli.base import Cli, confirm, json_option, pass_cli, yes_option
 from workers.pipeline.app import App
 from workers.privacy.rights import writable
 
@@ -24,6 +25,7 @@ def consent() -> None:
 
 
 @consent.command("verify")
+@json_option
 @pass_cli
 def consent_verify(cli: Cli) -> None:
     """Walk the hash chain; exit 1 and name the first broken link if anything was altered."""
@@ -33,14 +35,15 @@ def consent_verify(cli: Cli) -> None:
     app = cli.app
     with session_scope(app.sessions) as session:
         result = verify(session)
-    if result.intact:
-        click.echo(f"intact: {result.events} events, head {result.head}")
-        return
-    click.echo(
-        f"BROKEN at event {result.broken_at}: {result.reason} "
+    said = (
+        f"intact: {result.events} events, head {result.head}"
+        if result.intact
+        else f"BROKEN at event {result.broken_at}: {result.reason} "
         f"({result.events} events before it verified)"
     )
-    sys.exit(1)
+    cli.say(said, {"intact": result.intact, **dataclasses.asdict(result)})
+    if not result.intact:
+        sys.exit(1)
 
 
 @consent.command("withdraw")
@@ -56,6 +59,7 @@ def consent_verify(cli: Cli) -> None:
 @click.option(
     "--anyway", is_flag=True, help="Record it for an address nothing is held about (a suppression)."
 )
+@json_option
 @pass_cli
 def consent_withdraw(
     cli: Cli, email: str, channels: tuple[str, ...], source: str, anyway: bool
@@ -72,11 +76,12 @@ def consent_withdraw(
                 "--anyway records the withdrawal all the same"
             )
         written = withdraw(session, app.secret, email, list(channels or CHANNELS), source=source)
-    click.echo(f"recorded {written} withdrawal events")
+    cli.say(f"recorded {written} withdrawal events", {"recorded": written})
 
 
 @consent.command("receipt")
 @click.argument("email")
+@json_option  # its answer is JSON either way
 @pass_cli
 def consent_receipt_command(cli: Cli, email: str) -> None:
     """A consent receipt for a supporter (Kantara Consent Receipt Specification v1.1), as JSON."""
@@ -88,26 +93,38 @@ def consent_receipt_command(cli: Cli, email: str) -> None:
         receipt = consent_receipt(session, app.secret, email)
     if receipt is None:
         raise click.ClickException("no consent recorded for this address")
-    click.echo(writable(json.dumps(receipt, indent=2, ensure_ascii=False)))
+    cli.say(writable(json.dumps(receipt, indent=2, ensure_ascii=False)), receipt)
 
 
 @consent.command("export")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@json_option
 @pass_cli
 def consent_export(cli: Cli, output: Path | None) -> None:
-    """Current contact preferences per supporter as CSV, for a CRM (stdout or --output)."""
+    """Current contact preferences per supporter as CSV, for a CRM (stdout or --output);
+    with --json, a JSON list of the same rows."""
+    import csv
+
     from workers.database.engine import session_scope
     from workers.privacy.rights import consent_csv
 
     app = cli.app
     with session_scope(app.sessions) as session:
-        if output is None:
+        if cli.as_json:
+            rows = list(csv.DictReader(writable("".join(consent_csv(session))).splitlines()))
+            text = json.dumps(rows, indent=2)
+            if output is None:
+                click.echo(text)
+                return
+            output.write_text(text + "\n")
+        elif output is None:
             for chunk in consent_csv(session):
                 click.echo(writable(chunk), nl=False)
             return
-        with output.open("w", newline="") as fh:
-            for chunk in consent_csv(session):
-                fh.write(writable(chunk))
+        else:
+            with output.open("w", newline="") as fh:
+                for chunk in consent_csv(session):
+                    fh.write(writable(chunk))
     click.echo(f"written {output}", err=True)
 
 
@@ -118,6 +135,7 @@ def supporter() -> None:
 
 @supporter.command("export")
 @click.argument("email")
+@json_option  # its answer is JSON either way
 @pass_cli
 def supporter_export(cli: Cli, email: str) -> None:
     """Everything held about a person (submissions, letters and what was sent, consent) as JSON."""
@@ -127,15 +145,17 @@ def supporter_export(cli: Cli, email: str) -> None:
     app = cli.app
     with session_scope(app.sessions) as session:
         data = export_supporter(session, app.secret, email)
-    click.echo(writable(json.dumps(data, indent=2, ensure_ascii=False)))
+    cli.say(writable(json.dumps(data, indent=2, ensure_ascii=False)), data)
 
 
 @supporter.command("erase")
 @click.argument("email")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
+@json_option  # its answer is JSON either way
 @pass_cli
 def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
-    """Erase a person's details everywhere; keep the consent proof and the delivery facts."""
+    """Erase a person's details everywhere; keep the consent proof and the delivery facts.
+    Asks first (--yes does not)."""
     from workers.database.engine import session_scope
     from workers.privacy.rights import erase_supporter, holds_anything
 
@@ -143,11 +163,10 @@ def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
     with session_scope(app.sessions) as session:
         if not holds_anything(session, app.secret, email):
             raise click.ClickException("nothing is held about that address: nothing to erase")
-    if not yes:
-        click.confirm("Erase this supporter's details? This cannot be undone", abort=True)
+    confirm(yes, "Erase everything held about 1 supporter, for good?")
     with session_scope(app.sessions) as session:
         report = erase_supporter(session, app.secret, email, _outbox(app))
-    click.echo(json.dumps(report.as_dict(), indent=2))
+    cli.say(json.dumps(report.as_dict(), indent=2), report.as_dict())
 
 
 @click.group()
@@ -162,6 +181,7 @@ def retention() -> None:
     default=None,
     help="Run again every this many seconds (a long-running service) instead of once (cron).",
 )
+@json_option  # its answer (a line per run) is JSON either way
 @pass_cli
 def retention_run(cli: Cli, every: float | None) -> None:
     """Scrub letter bodies and postal addresses past each campaign's retention period, and
@@ -177,7 +197,8 @@ def retention_run(cli: Cli, every: float | None) -> None:
         with session_scope(app.sessions) as session:
             done = run_retention(session, outbox_dir=_outbox(app))
             expired = expire_cache(session)
-        click.echo(json.dumps({"scrubbed": done, "expired_lookups": expired}))
+        said = {"scrubbed": done, "expired_lookups": expired}
+        cli.say(json.dumps(said), said)
         if every is None:
             return
         time.sleep(every)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from dataclasses import asdict
@@ -12,7 +11,16 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from workers.cli.base import Cli, main, pass_cli
+from workers.cli.base import (
+    Cli,
+    Nothing,
+    confirm,
+    dry_run_option,
+    json_option,
+    main,
+    pass_cli,
+    yes_option,
+)
 
 
 @main.command()
@@ -49,9 +57,9 @@ def replies() -> None:
 
 @replies.command("report")
 @click.option("--campaign", default=None, help="One campaign's slug.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @pass_cli
-def replies_report(cli: Cli, campaign: str | None, as_json: bool) -> None:
+def replies_report(cli: Cli, campaign: str | None) -> None:
     """Per campaign and MP: delivered, bounced, acknowledged, replied, and survey answers."""
     from workers.database.engine import session_scope
     from workers.database.models import Campaign
@@ -62,9 +70,6 @@ def replies_report(cli: Cli, campaign: str | None, as_json: bool) -> None:
         if campaign is not None and session.get(Campaign, campaign) is None:
             raise click.ClickException(f"no campaign {campaign}")
         rows = report(session, campaign)
-    if as_json:
-        click.echo(json.dumps([asdict(row) for row in rows], indent=2))
-        return
     table = Table(
         "campaign", "MP", "delivered", "bounced", "auto-reply", "replied", "yes", "not yet", "no"
     )
@@ -75,16 +80,19 @@ def replies_report(cli: Cli, campaign: str | None, as_json: bool) -> None:
             *(str(n) for n in (row.delivered, row.bounced, row.acknowledged, row.replied)),
             *(str(row.survey[a]) for a in ("yes", "not_yet", "no")),
         )
-    Console().print(table)
+    cli.say(lambda: Console().print(table), [asdict(row) for row in rows])
 
 
 @replies.command("resend-bounced")
 @click.option("--member", "member_id", type=int, required=True, help="The MP's member id.")
 @click.option("--to", "address", required=True, help="The MP's corrected address.")
-@click.option("--dry-run", is_flag=True)
+@dry_run_option
+@yes_option
+@json_option
 @pass_cli
-def replies_resend(cli: Cli, member_id: int, address: str, dry_run: bool) -> None:
-    """Write an MP's returned letters again, to a corrected address: each once, recorded."""
+def replies_resend(cli: Cli, member_id: int, address: str, dry_run: bool, yes: bool) -> None:
+    """Write an MP's returned letters again, to a corrected address: each once, recorded.
+    Asks first (--yes does not); exits 1 when the MP has no returned letter."""
     from workers.database.engine import session_scope
     from workers.letters.outcomes import resend_bounced
     from workers.pipeline.dispatch import dispatch_groups
@@ -93,21 +101,25 @@ def replies_resend(cli: Cli, member_id: int, address: str, dry_run: bool) -> Non
     app = cli.app
     try:
         with session_scope(app.sessions) as session:
-            ids = resend_bounced(session, member_id, address, dry_run, app.signer)
+            ids = resend_bounced(session, member_id, address, True, app.signer)
+        if not ids:
+            raise Nothing(f"no returned letter to MP {member_id}: nothing to resend")
+        if not dry_run:
+            confirm(yes, f"Send {len(ids)} returned letters again, to {address}?")
+            with session_scope(app.sessions) as session:
+                ids = resend_bounced(session, member_id, address, False, app.signer)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    if dry_run:
-        click.echo(f"would resend {len(ids)} returned letters")
-        return
-    if ids:
+    if ids and not dry_run:
         dispatch_groups(cli.broker, {Stage.RENDER: ids})
-    click.echo(f"resending {len(ids)} returned letters")
+    said = f"{'would resend' if dry_run else 'resending'} {len(ids)} returned letters"
+    cli.say(said, {"dry_run": dry_run, "resending": ids})
 
 
 @replies.command("held")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @pass_cli
-def replies_held(cli: Cli, as_json: bool) -> None:
+def replies_held(cli: Cli) -> None:
     """Replies held for an operator: not plausibly from the MP's office, so not forwarded."""
     from workers.database.engine import session_scope
     from workers.stages.inbound import held
@@ -115,9 +127,10 @@ def replies_held(cli: Cli, as_json: bool) -> None:
     app = cli.app
     with session_scope(app.sessions) as session:
         rows = [_listed(app, row) for row in held(session)]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
+    cli.say(lambda: _print_held(rows), rows)
+
+
+def _print_held(rows: list[dict[str, Any]]) -> None:
     if not rows:
         click.echo("no replies held")
         return
@@ -136,9 +149,9 @@ def replies_held(cli: Cli, as_json: bool) -> None:
 
 
 @replies.command("postmaster")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @pass_cli
-def replies_postmaster(cli: Cli, as_json: bool) -> None:
+def replies_postmaster(cli: Cli) -> None:
     """Mail to the postmaster, kept for the operator until retention deletes it."""
     from workers.database.engine import session_scope
     from workers.stages.inbound import postmaster
@@ -146,9 +159,10 @@ def replies_postmaster(cli: Cli, as_json: bool) -> None:
     app = cli.app
     with session_scope(app.sessions) as session:
         rows = [_listed(app, row) for row in postmaster(session)]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
+    cli.say(lambda: _print_postmaster(rows), rows)
+
+
+def _print_postmaster(rows: list[dict[str, Any]]) -> None:
     if not rows:
         click.echo("no mail to the postmaster")
         return
@@ -160,9 +174,9 @@ def replies_postmaster(cli: Cli, as_json: bool) -> None:
 
 @replies.command("show")
 @click.argument("inbound_id")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @pass_cli
-def replies_show(cli: Cli, inbound_id: str, as_json: bool) -> None:
+def replies_show(cli: Cli, inbound_id: str) -> None:
     """A held, failed or postmaster message: when, its status and why, From, Subject, our
     relay's Authentication-Results and its text (the first 20,000 characters)."""
     from workers.database.engine import session_scope
@@ -177,9 +191,10 @@ def replies_show(cli: Cli, inbound_id: str, as_json: bool) -> None:
             f"no held, failed or postmaster message {inbound_id!r}: `dearmp replies held` "
             "and `dearmp replies postmaster` list them"
         )
-    if as_json:
-        click.echo(json.dumps(shown, indent=2))
-        return
+    cli.say(lambda: _print_shown(shown), shown)
+
+
+def _print_shown(shown: dict[str, Any]) -> None:
     for label, key in (
         ("id", "id"),
         ("received", "received_at"),
@@ -226,51 +241,76 @@ def _listed(app: Any, row: Any, text: bool = False) -> dict[str, Any]:
 
 @replies.command("release")
 @click.argument("inbound_id")
+@yes_option
+@json_option
 @pass_cli
-def replies_release(cli: Cli, inbound_id: str) -> None:
-    """Forward a held reply to the supporter (once, within the letter's cap)."""
+def replies_release(cli: Cli, inbound_id: str, yes: bool) -> None:
+    """Forward a held reply to the supporter (once, within the letter's cap). Asks first
+    (--yes does not)."""
     from workers.database.engine import session_scope
+    from workers.database.models import InboundMessage, InboundStatus
     from workers.pipeline.dispatch import dispatch_groups
     from workers.stages.inbound import InboundPolicy, release
     from workers.stages.stage import Stage
 
     app = cli.app
+    missing = f"no held reply {inbound_id!r}: `dearmp replies held` lists them"
+    with session_scope(app.sessions) as session:
+        row = session.get(InboundMessage, inbound_id)
+        if row is None or row.status != InboundStatus.HELD:
+            raise click.ClickException(missing)
+    confirm(yes, f"Forward held reply {inbound_id} to the supporter?")
     with session_scope(app.sessions) as session:
         outcome = release(session, inbound_id, InboundPolicy.from_settings(app.settings))
     if outcome is None:
-        raise click.ClickException(
-            f"no held reply {inbound_id!r}: `dearmp replies held` lists them"
-        )
+        raise click.ClickException(missing)
     if outcome.notices:
         dispatch_groups(cli.broker, {Stage.OUTBOX: list(outcome.notices)})
-        click.echo(f"released {inbound_id}: forwarding it to the supporter")
+        said = f"released {inbound_id}: forwarding it to the supporter"
     else:
-        click.echo(f"released {inbound_id}, recorded as a reply; not forwarded: {outcome.reason}")
+        said = f"released {inbound_id}, recorded as a reply; not forwarded: {outcome.reason}"
+    cli.say(
+        said,
+        {
+            "released": inbound_id,
+            "forwarded": bool(outcome.notices),
+            "reason": None if outcome.notices else outcome.reason,
+        },
+    )
 
 
 @replies.command("drop")
 @click.argument("inbound_id")
+@yes_option
+@json_option
 @pass_cli
-def replies_drop(cli: Cli, inbound_id: str) -> None:
+def replies_drop(cli: Cli, inbound_id: str, yes: bool) -> None:
     """Delete a held reply without forwarding it (nothing is recorded on the letter), or the
-    kept text of a failed message or of mail to the postmaster."""
+    kept text of a failed message or of mail to the postmaster. Asks first (--yes does not)."""
     from workers.database.engine import session_scope
-    from workers.stages.inbound import drop
+    from workers.stages.inbound import drop, for_the_operator
 
     app = cli.app
+    missing = (
+        f"no held reply, or failed or postmaster message with its text, {inbound_id!r}: "
+        "`dearmp replies held` and `dearmp replies postmaster` list them"
+    )
+    with session_scope(app.sessions) as session:
+        row = for_the_operator(session, inbound_id)
+        if row is None or row.raw is None:
+            raise click.ClickException(missing)
+    confirm(yes, f"Delete the text of message {inbound_id} for good?")
     with session_scope(app.sessions) as session:
         dropped = drop(session, inbound_id)
     if not dropped:
-        raise click.ClickException(
-            f"no held reply, or failed or postmaster message with its text, {inbound_id!r}: "
-            "`dearmp replies held` and `dearmp replies postmaster` list them"
-        )
-    click.echo(f"dropped {inbound_id}: its text is deleted")
+        raise click.ClickException(missing)
+    cli.say(f"dropped {inbound_id}: its text is deleted", {"dropped": inbound_id})
 
 
 @main.command()
 @click.option("--campaign", default=None, help="One campaign's slug (default: every campaign).")
 @click.option("--mx", default=None, help="The host name of the MX (default: DEARMP_PUBLIC_URL's).")
+@json_option
 @pass_cli
 def dns(cli: Cli, campaign: str | None, mx: str | None) -> None:
     """The DNS records to publish: SPF, DKIM, DMARC, and MX for the bounce and reply domains."""
@@ -294,5 +334,4 @@ def dns(cli: Cli, campaign: str | None, mx: str | None) -> None:
         found = records(settings, domains, mx)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    for line in zone_lines(found):
-        click.echo(line)
+    cli.say("\n".join(zone_lines(found)), [asdict(record) for record in found])

@@ -4,7 +4,6 @@ printed or logged here."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -14,7 +13,7 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from workers.cli.base import Cli, pass_cli
+from workers.cli.base import Cli, Nothing, json_option, pass_cli
 from workers.database.models import Submission
 from workers.pipeline.states import State
 from workers.privacy.hashing import supporter_hash
@@ -92,7 +91,7 @@ def submissions() -> None:
 @click.option(
     "--limit", default=50, show_default=True, type=click.IntRange(min=1), help="At most this many."
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @pass_cli
 def submissions_list(
     cli: Cli,
@@ -101,7 +100,6 @@ def submissions_list(
     since: datetime | None,
     email: str | None,
     limit: int,
-    as_json: bool,
 ) -> None:
     """Submissions newest first: full id, campaign, state, received and last changed. A filter
     that matches nothing says so and exits 1."""
@@ -112,14 +110,10 @@ def submissions_list(
     filters = Filters(states, campaign, since, supporter, limit)
     with session_scope(app.sessions) as session:
         rows = find(session, filters)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    if not rows:
-        click.echo("no submission matches these filters", err=True)
-        raise SystemExit(1)
-    if as_json:
-        return
     table = Table(*COLUMNS)
     for row in rows:
         table.add_row(*(row[column] for column in COLUMNS))
-    Console(width=200).print(table)
+    if rows or cli.as_json:
+        cli.say(lambda: Console(width=200).print(table), rows)
+    if not rows:
+        raise Nothing("no submission matches these filters")

@@ -9,9 +9,11 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -234,6 +236,50 @@ class Letter(Base):
     # The DKIM-Signature header, made once when the letter is rendered: every attempt sends
     # the same bytes. None: sent unsigned, or signed at each attempt (letters rendered before).
     dkim_signature: Mapped[str | None] = mapped_column(Text)
+    # Headers an MP's office can sort on: the campaign (List-Id) and the share of the letter in
+    # the supporter's own words, in per cent (None: rendered before these were written).
+    list_id: Mapped[str | None] = mapped_column(String(300))
+    own_words: Mapped[int | None] = mapped_column(Integer)
+
+
+class LetterPrint(Base):
+    """A letter's fingerprint, written by the comparison stage (:mod:`workers.stages.comparison`):
+    its share of the supporter's own words against the campaign's draft, its MinHash signature
+    (which cannot be read back into words), and the near-identical letters it found. Deleted
+    with the letter's text when a submission is erased or scrubbed."""
+
+    __tablename__ = "letter_prints"
+    __table_args__ = (Index("ix_letter_prints_member_created", "member_id", "created_at"),)
+
+    submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), primary_key=True
+    )
+    campaign_slug: Mapped[str] = mapped_column(String(200))
+    member_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    own_words: Mapped[float] = mapped_column(Float)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    # Near-identical letters (estimated similarity at the campaign's threshold or above) to the
+    # same MP within the comparison window, and within the hold window.
+    similar: Mapped[int] = mapped_column(Integer, default=0)
+    similar_recent: Mapped[int] = mapped_column(Integer, default=0)
+    # Letters to any MP sharing a band of the signature (LSH candidates), counted up to a cap.
+    similar_anywhere: Mapped[int] = mapped_column(Integer, default=0)
+    decision: Mapped[str] = mapped_column(String(16))  # "send" or "hold"
+
+
+class LetterBand(Base):
+    """The bands of a letter's signature (locality-sensitive hashing): letters that share one
+    are candidates for being near-identical, found by the index whatever MP they went to."""
+
+    __tablename__ = "letter_bands"
+    __table_args__ = (Index("ix_letter_bands_band_created", "band", "created_at"),)
+
+    band: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), primary_key=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ConsentEvent(Base):
@@ -487,3 +533,5 @@ LETTERS = table(Letter)
 OUTBOX = table(OutboxItem)
 CONSENT_EVENTS = table(ConsentEvent)
 ADDRESS_HEALTH = table(AddressHealth)
+LETTER_PRINTS = table(LetterPrint)
+LETTER_BANDS = table(LetterBand)

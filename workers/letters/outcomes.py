@@ -118,7 +118,7 @@ def resend_bounced(
         advance(
             session,
             At(submission_id, State.BOUNCED),
-            State.RESOLVED,
+            State.COMPARED,  # to rendering, as it was compared already
             "returned letter to be sent again to a corrected address",
             recipient=recipient,
             failure_reason=None,

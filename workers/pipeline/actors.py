@@ -35,6 +35,7 @@ from workers.pipeline.handoff import Handoff
 from workers.pipeline.middleware import ForeignMessage, SendHeld
 from workers.pipeline.states import DAY, STAGES
 from workers.stages import (
+    comparison,
     confirmation,
     consent,
     inbound,
@@ -166,6 +167,10 @@ def _resolve(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     return failed + (together(app, ready, plan, send_on) if ready else [])
 
 
+def _compare(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
+    return together(app, ids, comparison.plan, send_on)
+
+
 def _render(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
         settings = app.settings
@@ -285,6 +290,7 @@ def _outbox(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
 WORK: dict[Stage, Work] = {
     Stage.VALIDATE: _validate,
     Stage.RESOLVE: _resolve,
+    Stage.COMPARE: _compare,
     Stage.RENDER: _render,
     Stage.DELIVER: _outbox,  # a letter's item has its submission's id
     Stage.CONSENT: _log_consent,

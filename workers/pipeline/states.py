@@ -32,6 +32,8 @@ class State(StrEnum):
     REJECTED = "rejected"
     HELD = "held"
     RESOLVED = "resolved"
+    COMPARED = "compared"
+    IN_REVIEW = "in_review"
     RENDERED = "rendered"
     DELIVERED = "delivered"
     FAILED = "failed"
@@ -79,8 +81,16 @@ STATES: dict[State, Row] = {
     # when the directory changes, and every few hours (so that a hold can expire).
     S.HELD:        Row(Stage.RESOLVE, (S.RESOLVED, S.REJECTED, S.FAILED),
                        "Waiting until your constituency has an MP.", resent=False),
-    S.RESOLVED:    Row(Stage.RENDER, (S.RENDERED, S.FAILED),
+    S.RESOLVED:    Row(Stage.COMPARE, (S.COMPARED, S.IN_REVIEW, S.FAILED),
                        "Your MP is found; preparing the letter."),
+    S.COMPARED:    Row(Stage.RENDER, (S.RENDERED, S.FAILED),
+                       "Your MP is found; preparing the letter."),
+    # Near-identical to many letters to the same MP, in a campaign that holds those: an
+    # operator releases it (compared) or rejects it with a reason (`dearmp letters review`).
+    S.IN_REVIEW:   Row(Stage.COMPARE, (S.COMPARED, S.REJECTED),
+                       "Waiting for the campaign team: your letter is very like many others "
+                       "to your MP, and letters in your own words carry more weight.",
+                       resent=False),
     # The letter is an outbox item: the outbox's own timing resends it while it waits
     # (workers.outbox); the reconciler resends a submission whose letter was sent or given up
     # but which did not move (its worker died between the two commits).
@@ -91,7 +101,7 @@ STATES: dict[State, Row] = {
                        event="letter.delivered"),
     # Sent again to a corrected address by an operator (`dearmp replies resend-bounced`).
     S.BOUNCED:     Row(None, (), "Returned by your MP's mail server, so it did not reach them. "
-                       "The campaign team has been told.", final=True, later=(S.RESOLVED,),
+                       "The campaign team has been told.", final=True, later=(S.COMPARED,),
                        event="letter.bounced"),
     # The supporter is told why: reasons per field.
     S.REJECTED:    Row(None, (), "Not sent: see the reasons.", final=True,
@@ -134,6 +144,7 @@ class Policy(NamedTuple):
 STAGES: dict[Stage, Policy] = {
     Stage.VALIDATE: Policy(max_retries=5, min_backoff=500, max_backoff=30_000),
     Stage.RESOLVE:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000),
+    Stage.COMPARE:  Policy(max_retries=5, min_backoff=500, max_backoff=30_000),
     Stage.RENDER:   Policy(max_retries=5, min_backoff=500, max_backoff=30_000),
     Stage.DELIVER:  Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
                            max_age=7 * DAY - HOUR, time_limit=120_000, dead_letters_refusals=True),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from schemas.campaign import Retention
@@ -29,7 +29,9 @@ from workers.database.models import (
     InboundMessage,
     InboundStatus,
     Letter,
+    LetterBand,
     LetterEvent,
+    LetterPrint,
     OutboxItem,
     OutboxStatus,
     State,
@@ -221,8 +223,11 @@ def _remove_outbox_file(outbox_dir: Path | None, submission_id: str) -> int:
 
 
 def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | None) -> None:
-    """Delete the kept text of what came back to the letter, skip the emails to the supporter
-    not yet sent, and remove the file outbox's copies of them."""
+    """Delete the kept text of what came back to the letter and the letter's fingerprint (its
+    signature and bands are made from its words), skip the emails to the supporter not yet
+    sent, and remove the file outbox's copies of them."""
+    for table in (LetterBand, LetterPrint):
+        session.execute(delete(table).where(table.submission_id == submission_id))
     session.execute(
         update(InboundMessage)
         .where(InboundMessage.submission_id == submission_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from email.utils import formataddr
 from functools import lru_cache
 from typing import Any
 
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
 from workers.database.models import (
+    LETTER_PRINTS,
     LETTERS,
     SUBMISSIONS,
     Constituency,
@@ -39,6 +41,7 @@ from workers.database.transitions import (
 )
 from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner
+from workers.letters.mail.messages import header_text
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.stage import Stage
@@ -103,6 +106,14 @@ class RenderedLetter:
             "content_sha256": self.content_sha256,
             "created_at": created_at or utcnow(),
         }
+
+
+def list_id(definition: CampaignDefinition) -> str:
+    """The campaign's List-Id (RFC 2919), for an office's mail rules: the organisation and
+    campaign by name (RFC 2047 words when not ASCII), the campaign's slug on its From domain."""
+    name = header_text(f"{definition.organisation}: {definition.title}", 120)
+    domain = str(definition.from_email).rsplit("@", 1)[1].encode("idna").decode("ascii")
+    return formataddr((name, f"{definition.slug}.{domain}"))
 
 
 def choose_subject(definition: CampaignDefinition, submission_id: str, typed: str) -> str:
@@ -181,8 +192,9 @@ _READ = (
     submission_read(
         "payload", "recipient", "directory_version_id", "member_id", "constituency_code"
     )
-    .add_columns(LETTERS.c.submission_id.label("stored_letter"))
+    .add_columns(LETTERS.c.submission_id.label("stored_letter"), LETTER_PRINTS.c.own_words)
     .outerjoin(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id)
+    .outerjoin(LETTER_PRINTS, LETTER_PRINTS.c.submission_id == SUBMISSIONS.c.id)
 )
 _STORE_LETTER = insert(LETTERS)
 
@@ -196,7 +208,7 @@ def plan(
 ) -> Apply[list[Stage]]:
     """Compose the letter: what to write (the letter, its outbox item, the move to rendered)."""
     submission = read_one(session, _READ, submission_id)
-    if submission is None or submission.state != State.RESOLVED or submission.payload is None:
+    if submission is None or submission.state != State.COMPARED or submission.payload is None:
         return done([])
     if submission.stored_letter is not None:  # a returned letter, to send again as it is
         return _rendered(submission, None)
@@ -225,6 +237,9 @@ def plan(
         ),
     )
     row = letter.row_values(submission_id)
+    row["list_id"] = list_id(definition)
+    if submission.own_words is not None:
+        row["own_words"] = round(submission.own_words * 100)
     if signer is not None:  # signed once: every attempt sends these bytes
         row["dkim_signature"] = signer.letter_signature(Letter(**row))
     return _rendered(submission, row)

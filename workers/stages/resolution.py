@@ -253,7 +253,7 @@ def plan(
         submission,
         State.RESOLVED,
         f"{outcome.seat.gss_code} member {outcome.member.member_id} via {outcome.via}",
-        then=[Stage.RENDER],
+        then=[Stage.COMPARE],
         directory_version_id=outcome.version_id,
         constituency_code=outcome.seat.gss_code,
         member_id=outcome.member.member_id,

@@ -10,6 +10,7 @@ from schemas.messages import MAX_IDS
 class Stage(StrEnum):
     VALIDATE = "validate"
     RESOLVE = "resolve"
+    COMPARE = "compare"  # the letter against the campaign's draft and other letters to the MP
     RENDER = "render"
     DELIVER = "deliver"
     CONSENT = "consent"

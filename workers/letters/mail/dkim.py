@@ -24,6 +24,8 @@ SIGNED_HEADERS = [
     *(name for name in (b"from", b"to", b"subject", b"reply-to") for _ in range(2)),
     b"date",
     b"message-id",
+    b"list-id",
+    b"x-own-words",
     b"mime-version",
     b"content-type",
     b"content-transfer-encoding",

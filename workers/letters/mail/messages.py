@@ -195,7 +195,19 @@ def letter_draft(letter: Letter) -> Draft:
         text=letter.body_text or "",
         html=letter.body_html or None,
         boundary=_boundary(letter),
+        headers=letter_headers(letter),
     )
+
+
+def letter_headers(letter: Letter) -> tuple[tuple[str, str], ...]:
+    """What an MP's office can sort on: the campaign (List-Id) and the share of the letter in
+    the supporter's own words (X-Own-Words, in per cent). Letters rendered before have none."""
+    headers = []
+    if letter.list_id:
+        headers.append(("List-Id", letter.list_id))
+    if letter.own_words is not None:
+        headers.append(("X-Own-Words", f"{letter.own_words}%"))
+    return tuple(headers)
 
 
 def build_message(letter: Letter) -> Message:
