@@ -75,6 +75,21 @@ def test_preview_finds_the_mp_and_the_draft(client: TestClient) -> None:
         "party": "Independent",
     }
     assert data["letter"]["salutation"] == "Dear Alex Rivers,"
+    assert data["own_words"] == 0.0  # the draft as it is
+
+
+def test_preview_says_how_much_of_an_edited_letter_is_the_supporters_own_words(
+    client: TestClient,
+) -> None:
+    draft = client.get(f"/v1/campaigns/{SLUG}").json()["draft_body"]
+    own = "My brother has been held for eleven months without any charge or any trial at all."
+    for body, low, high in [(draft, 0.0, 0.0), (f"{draft}\n\n{own}", 0.1, 0.25), (own, 1, 1)]:
+        reply = client.post(
+            f"/v1/campaigns/{SLUG}/preview", json={"name": "A", "postcode": "dm11aa", "body": body}
+        )
+        assert reply.status_code == 200 and low <= reply.json()["own_words"] <= high, body
+    too_long = {"name": "A", "postcode": "dm11aa", "body": "x" * 10_001}
+    assert client.post(f"/v1/campaigns/{SLUG}/preview", json=too_long).status_code == 422
 
 
 @pytest.mark.parametrize(

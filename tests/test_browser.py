@@ -5,6 +5,7 @@ edit the letter, send, and see the letter arrive in the outbox."""
 from __future__ import annotations
 
 import email.policy
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -94,11 +95,15 @@ def test_a_supporter_writes_to_their_mp_in_a_real_browser(
     expect(page.locator("#mp-line")).to_have_text(
         "Alex Rivers is the MP for Millbrook and Eastvale."
     )
+    own_words = page.locator("#own-words")  # the draft as it is: none of it the supporter's
+    expect(own_words).to_have_text(re.compile(r"^About 0 % in your own words"))
     letter = page.get_by_label("Your letter (edit it as you like)")
     letter.fill(
         "As your constituent in Millbrook, I ask you to raise the treatment of Palestinian "
         "political prisoners with the Foreign Secretary this month."
     )
+    expect(own_words).to_have_text(re.compile(r"^About [1-9]\d* % in your own words"))
+    shown = own_words.inner_text().split()[1]  # as the letter's header will say
     page.get_by_role("button", name="Send my letter").click()
 
     expect(page.locator("#thanks")).to_be_visible()
@@ -108,6 +113,7 @@ def test_a_supporter_writes_to_their_mp_in_a_real_browser(
     assert wait_for(eml.exists, 5)
     message = message_from_bytes(eml.read_bytes(), policy=email.policy.default)
     assert message["To"] == "Alex Rivers <alex.rivers.mp@mp.example.org>"
+    assert message["X-Own-Words"] == f"{shown}%"
     text = message.get_body(("plain",)).get_content()  # type: ignore[attr-defined]
     assert "raise the treatment of Palestinian political prisoners" in text
     assert text.startswith("Dear Alex Rivers,")

@@ -56,6 +56,9 @@ class PreviewIn(BaseModel):
         list[Annotated[str, single_line("Address line", 100, min_len=0), Field(max_length=100)]],
         Field(max_length=5),
     ] = []
+    # The letter as the supporter has edited it so far: the answer says how much of it is in
+    # their own words (the draft when absent).
+    body: str | None = Field(default=None, max_length=10_000)
 
 
 class MpOut(BaseModel):
@@ -75,6 +78,10 @@ class PreviewOut(BaseModel):
     postcode: str
     mp: MpOut
     letter: DraftOut
+    own_words: float = Field(
+        description="The share of the letter (``body``, else the draft) in the supporter's own "
+        "words, 0 to 1: letters in a constituent's own words carry more weight."
+    )
 
 
 class SubmissionIn(SubmissionV1):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from schemas.postcode import PostcodeProblem, check_format
 from workers.database.engine import session_scope
+from workers.letters.originality import template
 from workers.mp.lookup import Found, find
 from workers.stages.rendering import campaign_template, choose_subject
 from workers.stages.resolution import MEMBER_FIELD, POSTCODE_FIELD, Refuse, decide
@@ -108,4 +109,5 @@ def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: I
             body=definition.draft_body.strip(),
             sign_off=definition.sign_off,
         ),
+        own_words=round(template(definition.draft_body).share(body.body or ""), 3),
     )

@@ -98,9 +98,7 @@ async function toLetter(event) {
   if (!$("email").value.includes("@")) errors["supporter.email"] = "Please enter your email address.";
   if (!addressLines().length) errors["address_lines"] = "Please enter the first line of your address.";
   if (Object.keys(errors).length) { showErrors(errors); return; }
-  const { ok, data } = await call("POST", `/v1/campaigns/${encodeURIComponent(slug)}/preview`, {
-    name: $("name").value, postcode: $("postcode").value, address_lines: addressLines(),
-  });
+  const { ok, data } = await call("POST", `/v1/campaigns/${encodeURIComponent(slug)}/preview`, previewBody());
   if (!ok) { showErrors(data.errors || { page: "Something went wrong. Please try again." }); return; }
   $("postcode").value = data.postcode;
   $("mp-name").textContent = data.mp.name;
@@ -113,6 +111,30 @@ async function toLetter(event) {
   $("details").hidden = true;
   $("letter").hidden = false;
   $("body").focus();
+  showOwnWords(data.own_words);
+}
+
+function previewBody(body) {
+  return { name: $("name").value, postcode: $("postcode").value, address_lines: addressLines(), body };
+}
+
+// How much of the letter is in the supporter's own words, as they edit it (the server scores
+// it: one request a second at most, after typing stops). It informs; it never blocks sending.
+function showOwnWords(share) {
+  const percent = Math.round(share * 100);
+  $("own-words").textContent =
+    `About ${percent} % in your own words: letters in your own words carry more weight with your MP.`;
+  $("own-words").hidden = false;
+}
+
+let ownWordsTimer = null;
+function scoreLater() {
+  clearTimeout(ownWordsTimer);
+  ownWordsTimer = setTimeout(async () => {
+    const { ok, data } = await call(
+      "POST", `/v1/campaigns/${encodeURIComponent(slug)}/preview`, previewBody($("body").value));
+    if (ok) showOwnWords(data.own_words);
+  }, 1000);
 }
 
 async function send(event) {
@@ -164,6 +186,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("details").hidden = false; // hidden in the HTML: without this script it cannot be used
   $("details").addEventListener("submit", toLetter);
   $("letter").addEventListener("submit", send);
+  $("body").addEventListener("input", scoreLater);
   $("back").addEventListener("click", () => { $("letter").hidden = true; $("details").hidden = false; });
   load();
 });
