@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
+from jinja2 import Environment, TemplateSyntaxError, meta
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, model_validator
 
-from schemas.submission import CHANNELS
+from schemas.submission import CHANNELS, MAX_ANSWER, MAX_PROMPTS, PROMPT_KEY_RE
 
+# The answers to the campaign's questions (``prompts``) follow the body, a paragraph each.
 DEFAULT_LETTER_TEMPLATE = """\
 {{ salutation }}
 
 {{ body }}
 
-{{ sign_off }}
+{% for answer in answers %}{{ answer.text }}
+
+{% endfor %}{{ sign_off }}
 
 {{ supporter.name }}
 {% for line in supporter.address_lines %}{{ line }}
@@ -142,14 +147,17 @@ class Controller(BaseModel):
 
 class SimilarLetters(BaseModel):
     """What to do with a letter near-identical to many others to the same MP (offices filter
-    those): ``send`` it as every other, or ``hold`` it for an operator to release or reject
-    with a reason the supporter is told, once more than ``hold_after`` letters to that MP within
-    ``hold_hours`` are at least ``threshold`` alike (estimated Jaccard similarity of their word
-    shingles). Letters are compared with those to the same MP within ``window_days``."""
+    those), once more than ``hold_after`` letters to that MP within ``hold_hours`` are at least
+    ``threshold`` alike (estimated Jaccard similarity of their word shingles): ``send`` it as
+    every other; ``hold`` it for an operator to release or reject with a reason the supporter is
+    told; or put it in the MP's ``digest``, one email a day (from ``digest_hour``, UTC) with the
+    common text once and each constituent's own words. Letters are compared with those to the
+    same MP within ``window_days``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["send", "hold"] = "send"
+    policy: Literal["send", "hold", "digest"] = "send"
+    digest_hour: int = Field(default=17, ge=0, le=23)
     threshold: float = Field(default=0.9, gt=0, le=1)
     hold_after: int = Field(default=5, ge=0)
     hold_hours: int = Field(default=24, ge=1, le=24 * 30)
@@ -160,6 +168,44 @@ class SimilarLetters(BaseModel):
         if self.hold_hours > self.window_days * 24:
             raise ValueError("hold_hours must be within window_days")
         return self
+
+
+class Prompt(BaseModel):
+    """A question the supporter may answer in their own words ("Why does this matter to you?").
+
+    The answer is letter text, checked as the body is, and goes into the letter where the
+    campaign's templates put ``answers``; an optional question left empty adds nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(pattern=PROMPT_KEY_RE.pattern, description="The answer's name when posted.")
+    question: str = Field(min_length=1, max_length=200)
+    required: bool = False
+    min_chars: int = Field(default=1, ge=1, le=MAX_ANSWER)
+    max_chars: int = Field(default=1000, ge=1, le=MAX_ANSWER)
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> Prompt:
+        if self.min_chars > self.max_chars:
+            raise ValueError("min_chars must be at most max_chars")
+        return self
+
+
+def _unique_keys(prompts: list[Prompt]) -> list[Prompt]:
+    keys = [p.key for p in prompts]
+    if len(set(keys)) != len(keys):
+        raise ValueError("each prompt needs a key of its own")
+    return prompts
+
+
+def _uses_answers(source: str) -> bool:
+    """Whether a template names ``answers`` (one that does not parse fails where it is
+    rendered, as any other)."""
+    try:
+        parsed = Environment(autoescape=True).parse(source)  # parsed only, never rendered
+        return "answers" in meta.find_undeclared_variables(parsed)
+    except TemplateSyntaxError:
+        return True
 
 
 class CampaignDefinition(BaseModel):
@@ -203,6 +249,26 @@ class CampaignDefinition(BaseModel):
     survey: Survey = Survey()
     controller: Controller = Controller()
     similar_letters: SimilarLetters = SimilarLetters()
+    # Questions answered in the supporter's own words, placed by the templates' ``answers``.
+    prompts: Annotated[
+        list[Prompt], Field(max_length=MAX_PROMPTS), AfterValidator(_unique_keys)
+    ] = []
+
+    @model_validator(mode="after")
+    def _answers_have_a_place(self) -> CampaignDefinition:
+        # An answer the template leaves out would be accepted and silently never sent.
+        templates = {"letter_template": self.letter_template}
+        if self.letter_template_html is not None:
+            templates["letter_template_html"] = self.letter_template_html
+        for name, source in templates.items():
+            if self.prompts and not _uses_answers(source):
+                raise ValueError(f"{name} must place the answers to prompts (use `answers`)")
+        return self
+
+    def answered(self, answers: Mapping[str, Any]) -> list[tuple[Prompt, str]]:
+        """The questions a supporter answered, in the campaign's order, with their answers."""
+        found = [(p, answers.get(p.key)) for p in self.prompts]
+        return [(p, text.strip()) for p, text in found if isinstance(text, str) and text.strip()]
 
     def check_channels(self) -> None:
         missing = [c for c in CHANNELS if self.consent.question(c) is None]

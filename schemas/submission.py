@@ -270,18 +270,33 @@ def _check_phone(value: Any) -> str | None:
     return value.strip(" ")
 
 
-def _check_body(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("Your letter is empty. Please write something to your MP.")
-    check_text("Your letter", value)
-    if _has_control(value, letter=True):
-        raise ValueError("Your letter contains control characters that cannot be sent.")
-    if len(value) > MAX_BODY:
-        raise ValueError(f"Your letter is too long: the limit is {MAX_BODY} characters.")
-    return value.replace("\r\n", "\n").replace("\r", "\n").strip()
+def letter_text(label: str, max_len: int, empty: str | None) -> Callable[[Any], str]:
+    """The check for text that goes into a letter (its body, an answer to a campaign's
+    question): lines of text, tabs allowed, line breaks as ``\\n``, without the spaces around
+    it. ``empty``: the message for text with nothing in it, or None where empty text is taken."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or (empty is not None and not value.strip()):
+            raise ValueError(empty or f"{label} must be text.")
+        check_text(label, value)
+        if _has_control(value, letter=True):
+            raise ValueError(f"{label} contains control characters that cannot be sent.")
+        if len(value) > max_len:
+            raise ValueError(f"{label} is too long: the limit is {max_len} characters.")
+        return value.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+    return check
 
 
 MAX_BODY = 10_000
+_check_body = letter_text(
+    "Your letter", MAX_BODY, "Your letter is empty. Please write something to your MP."
+)
+# A campaign asks at most MAX_PROMPTS questions; its answers are letter text, each at most
+# MAX_ANSWER characters (a campaign sets its own lengths, within these).
+MAX_PROMPTS = 5
+MAX_ANSWER = 2_000
+PROMPT_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
 def _check_ip(value: Any) -> str | None:
@@ -375,6 +390,44 @@ class Letter(BaseModel):
             },
         ),
     ]
+    answers: Annotated[
+        dict[AnswerKey, Answer],
+        BeforeValidator(_check_answer_keys),
+        Field(
+            max_length=MAX_PROMPTS,
+            json_schema_extra={"additionalProperties": False},
+            description="The supporter's answers to the campaign's questions (its `prompts`), "
+            "by question key; merged into the letter where the campaign's template places them.",
+        ),
+    ] = {}
+
+
+AnswerKey = Annotated[str, Field(pattern=PROMPT_KEY_RE.pattern)]
+
+
+def _check_answer_keys(value: Any) -> Any:
+    """Refuse a key that cannot be a question's at the answers' own path (a key's error would
+    otherwise be filed under the key, which is not a field the page has)."""
+    if isinstance(value, dict) and any(
+        not isinstance(key, str) or not PROMPT_KEY_RE.fullmatch(key) for key in value
+    ):
+        raise ValueError("This is not one of the campaign's questions. Please reload the page.")
+    return value
+
+
+Answer = Annotated[
+    str,
+    Checked(
+        letter_text("Your answer", MAX_ANSWER, empty=None),
+        {
+            "format": "letter-text",
+            "description": "Letter text, as the body. Empty for a question left unanswered. "
+            "Each campaign sets its own questions and lengths (GET /v1/campaigns/{slug}).",
+            "maxLength": MAX_ANSWER,
+            "pattern": _text_pattern(NOT_LETTER_TEXT, required=False),
+        },
+    ),
+]
 
 
 class ContactPreferences(BaseModel):

@@ -708,3 +708,38 @@ def test_dearmp_run_receives_bounces_in_the_same_process(app: App, stub_broker: 
         with smtplib.SMTP("127.0.0.1", app.settings.inbound_port, timeout=30) as smtp:
             smtp.sendmail("<>", [rcpt], samples.gmail_dsn(letter.message_id, letter.to_email, rcpt))
         assert wait_for(lambda: state_counts(app, [sid]) == {"bounced": 1}, 30)
+
+
+def test_a_bounce_of_an_mps_digest_returns_every_letter_in_it(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from schemas.campaign import SimilarLetters
+    from workers.letters.definitions import get_definition
+    from workers.stages import digests
+
+    with session_scope(app.sessions) as session:
+        rules = SimilarLetters(policy="digest", hold_after=0)
+        update_definition(session, "political-prisoners", similar_letters=rules)
+        draft = get_definition(session, "political-prisoners").draft_body  # type: ignore[union-attr]
+    # One after another: letters compared in one group do not see each other.
+    ids = []
+    for _ in range(3):
+        ids.append(submit(app, stub_broker, submission(letter__body=draft))[0])
+        drain(stub_broker, stub_worker)
+    assert state_counts(app, ids) == {"delivered": 1, "in_digest": 2}
+    with session_scope(app.sessions) as session:
+        [made] = digests.build_due(session, force=True)
+        lead = session.get(OutboxItem, made).submission_id  # type: ignore[union-attr]
+    dispatch_groups(stub_broker, {Stage.DELIVER: [made]})
+    drain(stub_broker, stub_worker)
+    assert state_counts(app, ids) == {"delivered": 3}
+    rcpt = app.returns.bounce(lead)  # the digest's envelope: its first letter's return address
+    assert rcpt is not None
+    letter = letter_of(app, lead)
+    dsn = samples.postfix_dsn(f"<digest-{made}@campaign.example.org>", letter.to_email, rcpt)
+    [inbound_id] = store(app.sessions, "smtp", [rcpt], dsn)
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    with session_scope(app.sessions) as session:
+        notices = inbound.process(session, inbound_id, app.returns, policy)
+    assert len(notices) == 2  # each supporter whose letter was in it is told
+    assert state_counts(app, ids) == {"delivered": 1, "bounced": 2}

@@ -103,6 +103,24 @@ def test_a_supporter_writes_to_their_mp_in_a_real_browser(
         "political prisoners with the Foreign Secretary this month."
     )
     expect(own_words).to_have_text(re.compile(r"^About [1-9]\d* % in your own words"))
+
+    # The campaign's question, under the letter: its error shown at it, as for any field.
+    answer = page.get_by_label("Why does this matter to you? (optional)")
+    expect(answer).to_have_attribute("maxlength", "1500")
+    answer.fill("Too short.")
+    page.get_by_role("button", name="Send my letter").click()
+    expect(page.locator("#answer-why-error")).to_have_text(
+        "Your answer is too short: write at least 20 characters."
+    )
+    expect(answer).to_have_attribute("aria-invalid", "true")
+    expect(answer).to_be_focused()
+    why = "My grandfather was held for a year without {{ charge }}, and we still feel it."
+    with page.expect_response(
+        lambda r: r.url.endswith("/preview") and "grandfather" in (r.request.post_data or "")
+    ) as scored:
+        answer.fill(why)  # the answer counts in the live score as the supporter's own words
+    percent = round(scored.value.json()["own_words"] * 100)
+    expect(own_words).to_have_text(re.compile(rf"^About {percent} % in your own words"))
     shown = own_words.inner_text().split()[1]  # as the letter's header will say
     page.get_by_role("button", name="Send my letter").click()
 
@@ -116,6 +134,8 @@ def test_a_supporter_writes_to_their_mp_in_a_real_browser(
     assert message["X-Own-Words"] == f"{shown}%"
     text = message.get_body(("plain",)).get_content()  # type: ignore[attr-defined]
     assert "raise the treatment of Palestinian political prisoners" in text
+    # The answer after the body, as written (the {{ }} too), lines ending CRLF on the wire.
+    assert f"this month.\r\n\r\n{why}\r\n\r\nYours sincerely," in text
     assert text.startswith("Dear Alex Rivers,")
 
 

@@ -42,7 +42,7 @@ def sections() -> dict[str, str]:
 def section_for(table: str) -> str:
     if not table:
         return sections()["Top-level fields"]
-    arrays = {"consent.questions"}  # lists of tables: [[...]]
+    arrays = {"consent.questions", "prompts"}  # lists of tables: [[...]]
     heading = f"`[[{table}]]`" if table in arrays else f"`[{table}]`"
     assert heading in sections(), f"docs/campaigns.md has no section {heading}"
     return sections()[heading]

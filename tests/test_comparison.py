@@ -6,26 +6,28 @@ fingerprint."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from typing import Any
 
 import dramatiq
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from schemas.campaign import SimilarLetters
 from tests.conftest import drain
 from tests.factories import submission
+from tests.test_outbox import send_item
 from tests.test_stages import get, step, store
 from workers.cli import main
 from workers.database.engine import session_scope
-from workers.database.models import Letter, LetterBand, LetterPrint, State
+from workers.database.models import Letter, LetterPrint, State
 from workers.letters import originality
 from workers.letters.definitions import get_definition, update_definition
 from workers.letters.mail.messages import letter_bytes
 from workers.pipeline.app import App
 from workers.pipeline.runtime import state_counts, submit
-from workers.stages.comparison import compare
+from workers.stages.comparison import compare, near_identical_anywhere
 from workers.stages.rendering import render
 from workers.stages.resolution import resolve
 from workers.stages.stage import Stage
@@ -45,8 +47,8 @@ def _draft(app: App) -> str:
         return definition.draft_body
 
 
-def _compared(app: App, body: str, email: str = "a@example.com") -> str:
-    sid = store(app, submission(letter__body=body, supporter__email=email))
+def _compared(app: App, body: str, email: str = "a@example.com", **changes: Any) -> str:
+    sid = store(app, submission(letter__body=body, supporter__email=email, **changes))
     step(app, validate, sid)
     assert step(app, resolve, sid) == [Stage.COMPARE]
     return sid
@@ -70,8 +72,6 @@ def test_the_draft_as_it_is_scores_no_own_words_and_the_letter_says_so_in_its_he
     found = _print(app, sid)
     assert (found.own_words, found.decision, found.similar) == (0.0, "send", 0)
     assert originality.unpack(found.signature) == originality.signature(originality.words(draft))
-    with session_scope(app.sessions) as session:
-        assert session.scalar(select(func.count()).select_from(LetterBand)) == originality.BANDS
     assert step(app, render, sid) == [Stage.DELIVER]
     with session_scope(app.sessions) as session:
         letter = session.get(Letter, sid)
@@ -100,7 +100,8 @@ def test_a_paragraph_of_ones_own_scores_its_share_and_near_identical_letters_are
     again = _compared(app, draft, "again@example.com")
     step(app, compare, again)
     assert (_print(app, again).similar, _print(app, again).similar_recent) == (1, 1)
-    assert _print(app, again).similar_anywhere >= 2  # LSH candidates, whatever the MP
+    with session_scope(app.sessions) as session:  # every letter went to one MP
+        assert near_identical_anywhere(session, SLUG, 0.9) == 0
 
 
 def test_a_campaign_that_holds_near_identical_letters_sends_them_to_review_until_an_operator_acts(
@@ -129,14 +130,16 @@ def test_a_campaign_that_holds_near_identical_letters_sends_them_to_review_until
     cli = CliRunner()
     listed = json.loads(cli.invoke(main, ["review", "list", "--json"]).stdout)
     assert [r["id"] for r in listed] == ids[2:] and listed[0]["similar_recent"] == 2
-    released = cli.invoke(main, ["review", "release", ids[2]])
+    released = cli.invoke(main, ["review", "release", ids[2], "--yes"])
     assert released.exit_code == 0 and "released 1 letters" in released.output
-    again = cli.invoke(main, ["review", "release", ids[2]])
+    again = cli.invoke(main, ["review", "release", ids[2], "--yes"])
     assert again.exit_code == 1 and "not in review" in again.output
     no_reason = cli.invoke(main, ["review", "reject", ids[3], "--reason", " "])
     assert no_reason.exit_code == 2
     reason = "Please write to your MP in your own words: identical letters are filtered."
-    assert cli.invoke(main, ["review", "reject", ids[3], "--reason", reason]).exit_code == 0
+    assert (
+        cli.invoke(main, ["review", "reject", ids[3], "--reason", reason, "--yes"]).exit_code == 0
+    )
     drain(stub_broker, stub_worker)
     assert state_counts(app, ids) == {"delivered": 3, "rejected": 1}
     assert get(app, ids[3]).rejection == {"letter.body": reason}  # what the supporter is told
@@ -157,4 +160,79 @@ def test_erasure_forgets_the_letters_fingerprint(app: App) -> None:
         erase_supporter(session, app.secret, "erase.me@example.com")
     with session_scope(app.sessions) as session:
         assert session.get(LetterPrint, sid) is None
-        assert session.scalar(select(func.count()).select_from(LetterBand)) == 0
+
+
+def test_a_digest_campaign_sends_the_days_near_identical_letters_to_an_mp_as_one_email(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    """The common text once, then each constituent: name, postcode, their own words, their
+    reply address; the letters delivered when it is sent, and each supporter told."""
+    from workers.database.models import Digest, OutboxItem
+    from workers.stages import digests
+
+    rules = SimilarLetters(policy="digest", threshold=0.5, hold_after=1, digest_hour=23)
+    with session_scope(app.sessions) as session:
+        update_definition(session, SLUG, similar_letters=rules)
+    draft = _draft(app).strip()
+    added = ["I care for my neighbour.", "", "My cousin was held in Ofer.", "We marched in May."]
+    ids = []
+    for i, extra in enumerate(added):
+        body = f"{draft}\n\n{extra}" if extra else draft
+        payload = submission(letter__body=body, supporter__email=f"d{i}@example.com")
+        payload["supporter"]["name"] = f"Supporter {i}"
+        ids.append(submit(app, stub_broker, payload)[0])
+        drain(stub_broker, stub_worker)
+    assert [get(app, sid).state for sid in ids] == ["delivered"] * 2 + ["in_digest"] * 2
+    assert json.loads(CliRunner().invoke(main, ["review", "list", "--json"]).stdout) == []
+
+    with session_scope(app.sessions) as session:  # before its hour, nothing; once made, once
+        early = datetime.now(UTC).replace(hour=22)
+        assert digests.build_due(session, early) == []
+    made = CliRunner().invoke(main, ["review", "digest", "--now"])
+    assert made.exit_code == 0 and "1 digests made" in made.output
+    assert CliRunner().invoke(main, ["review", "digest"]).exit_code == 1
+    drain(stub_broker, stub_worker)
+    assert [get(app, sid).state for sid in ids] == ["delivered"] * 4
+    with session_scope(app.sessions) as session:
+        digest = session.scalars(select(Digest)).one()
+        assert digest.letters == 2
+        letters = session.scalars(
+            select(OutboxItem).where(OutboxItem.id.in_(ids[2:]))
+        ).all()  # a letter item each, sent with the digest (the survey asks as for any)
+        assert {(i.kind, i.status) for i in letters} == {("letter", "sent")}
+        notices = session.scalars(select(OutboxItem.id).where(OutboxItem.kind == "digested"))
+        told = list(notices)
+    eml = app.settings.resolved_outbox_dir / f"digest-{digest.id}.eml"
+    mail = message_from_bytes(eml.read_bytes(), policy=policy.SMTP)
+    assert (
+        mail["Subject"] == "2 constituents wrote to you: Stand with Palestinian political prisoners"
+    )
+    text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert text.count(draft.splitlines()[0]) == 1  # the common text once
+    assert "1. Supporter 2, " in text and "2. Supporter 3, " in text
+    assert "My cousin was held in Ofer." in text and "We marched in May." in text
+    assert "I care for my neighbour." not in text  # sent on its own, not in the digest
+    assert text.count("Reply to: d2@example.com") == 1  # replies go to each supporter (direct)
+    assert len(told) == 2
+    for item_id in told:
+        send_item(app, item_id)
+    told_mail = list(app.settings.resolved_outbox_dir.glob("notice-*.eml"))
+    assert len(told_mail) == 2
+    assert b"in one email with the letters of 1" in told_mail[0].read_bytes()
+    report = json.loads(CliRunner().invoke(main, ["review", "report", SLUG, "--json"]).stdout)
+    assert report["per_mp"][0]["digested"] == 2
+
+
+def test_near_identical_letters_to_different_mps_are_counted_for_the_report(app: App) -> None:
+    draft = _draft(app)
+    ids = [
+        _compared(app, draft, "x@example.com"),
+        _compared(app, f"{draft}\n\nThank you.", "y@example.com", supporter__postcode="dm5 4df"),
+        _compared(app, OWN * 3, "z@example.com", supporter__postcode="dm5 4df"),
+    ]
+    for sid in ids:
+        step(app, compare, sid)
+    assert get(app, ids[0]).member_id != get(app, ids[1]).member_id
+    with session_scope(app.sessions) as session:
+        assert near_identical_anywhere(session, SLUG, 0.9) == 2
+        assert near_identical_anywhere(session, "nope", 0.9) == 0

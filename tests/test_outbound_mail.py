@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config.settings import Settings
+from schemas.campaign import SimilarLetters
 from tests import mail_samples as samples
 from tests.conftest import ApiClient, drain, make_settings
 from tests.factories import send_letter, submission
@@ -223,9 +224,35 @@ def every_kind(app: App) -> dict[str, Outgoing]:
         ),
     }
     kinds = dict(zip(("letter", "confirmation", "reminder"), mailer.sent, strict=True))
+    text = "Your letter went to Jane today, in one email with the letters of 2 others."
+    drafts["digest notice"] = notices.digested(NOTICE_ID, SENDER, SUPPORTER, "Jane", text, CREATED)
     for kind, draft in drafts.items():
         kinds[kind] = notices.outgoing(draft, envelope, app.signer)
+    kinds["digest"] = _digest(app)
     return kinds
+
+
+def _digest(app: App) -> Outgoing:
+    """An MP's daily digest of two near-identical letters, as its outbox item sends it."""
+    from workers.outbox import sending as outbox
+    from workers.stages import digests
+
+    rules = SimilarLetters(policy="digest", hold_after=0)
+    with session_scope(app.sessions) as session:
+        update_definition(session, "political-prisoners", confirmation=False, similar_letters=rules)
+    for i in range(3):  # each near-identical to the letters before it
+        sid = store(app, submission(supporter__email=f"digest{i}@example.com"))
+        for stage in (validate, resolve, compare):
+            step(app, stage, sid)
+        step(app, render, sid, app.settings.sandbox_address, app.signer, app.returns)
+    with session_scope(app.sessions) as session:
+        [made] = digests.build_due(session, force=True)
+    mailer = Recorder()
+    kind = digests.kind(mailer, DeliveryPolicy(), None, app.signer, app.returns)
+    with session_scope(app.sessions) as session:
+        outbox.send(session, made, mailer, {digests.KIND: kind}, outbox.OutboxPolicy())
+    [mail] = mailer.sent
+    return mail
 
 
 def test_every_kind_of_email_passes_spf_dkim_and_dmarc_with_the_published_records(
@@ -239,9 +266,10 @@ def test_every_kind_of_email_passes_spf_dkim_and_dmarc_with_the_published_record
         assert "dmarc=pass" in results and f"header.from={FROM_DOMAIN}" in results, (kind, results)
         message = email.message_from_bytes(mail.data, policy=email.policy.default)
         automatic = message["Auto-Submitted"]
-        assert automatic == (None if kind == "letter" else "auto-generated"), kind
+        letter = kind in ("letter", "digest")  # written to the MP, not automatic
+        assert automatic == (None if letter else "auto-generated"), kind
         # A bounce of a letter comes back to its own address; of anything else, to a notice's.
-        assert mail.sender.startswith("b-" if kind == "letter" else "n-"), kind
+        assert mail.sender.startswith("b-" if letter else "n-"), kind
         assert mail.sender.endswith(f"@{BOUNCES}"), kind
 
 

@@ -625,7 +625,9 @@ def test_given_up_items_are_listed_and_retried_by_an_operator(
     assert {row["kind"] for row in rows} == set(KINDS) - {
         "webhook",
         "letter",
-    }  # test_webhooks.py, test_smtp.py
+        "digest",
+        "digested",
+    }  # test_webhooks.py, test_smtp.py; the digest's: test_comparison.py
     table = runner.invoke(cli, ["outbox", "list"])
     assert table.exit_code == 0 and "relay denied" in table.stdout
     dry = runner.invoke(cli, ["outbox", "retry", "--kind", "forward", "--dry-run"])

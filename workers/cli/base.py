@@ -131,9 +131,14 @@ def confirm(yes: bool, question: str) -> None:
     terminal to ask on, refuse (exit 1) rather than hang or guess."""
     if yes:
         return
-    if not sys.stdin.isatty():
+    if not _terminal():
         raise click.ClickException(f"{question} Not asked without a terminal: add --yes.")
     click.confirm(question, abort=True, err=True)
+
+
+def _terminal() -> bool:
+    """Whether a person can answer: stdin is a terminal (not a pipe, cron or a CI job)."""
+    return sys.stdin.isatty()
 
 
 class Nothing(click.ClickException):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from workers.cli.base import Cli, json_option, pass_cli
+
 
 @click.group()
 def console() -> None:
@@ -13,7 +15,9 @@ def console() -> None:
 @console.command("hash-password")
 @click.argument("name")
 @click.password_option(help="The operator's password (asked for, twice, when not given).")
-def hash_password(name: str, password: str) -> None:
+@json_option
+@pass_cli
+def hash_password(cli: Cli, name: str, password: str) -> None:
     """An entry for DEARMP_CONSOLE_ACCOUNTS: NAME:HASH (comma-separate several)."""
     from config.settings import CONSOLE_NAME_RE
     from workers.web.console.auth import MAX_PASSWORD, hash_password
@@ -22,4 +26,5 @@ def hash_password(name: str, password: str) -> None:
         raise click.BadParameter("letters, digits, . _ - (64 at most)", param_hint="NAME")
     if not 12 <= len(password) <= MAX_PASSWORD:
         raise click.BadParameter(f"12 to {MAX_PASSWORD} characters", param_hint="password")
-    click.echo(f"{name}:{hash_password(password)}")
+    entry = f"{name}:{hash_password(password)}"
+    cli.say(entry, {"name": name, "entry": entry})

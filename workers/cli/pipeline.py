@@ -378,9 +378,8 @@ def dlq_list(
 ) -> None:
     """Dead letters grouped by reason, with the answer (masked), oldest first: full ids.
     Filters that match nothing exit 1."""
-    from workers.logging import mask_text
+    from workers.pipeline.dead_letters import by_reason
 
-    rows = _dead(cli.app, queue, actor, reason, since)
     listed = [
         {
             "message_id": found.message_id,
@@ -389,13 +388,12 @@ def dlq_list(
             "submission_id": found.submission_id,
             "dead_at": found.dead_at.isoformat(),
             "in_redis": found.dead is not None,
-            "reason": found.failure.exception_type if found.failure else None,
-            "answer": mask_text(found.failure.exception_message.splitlines()[0])[:200]
-            if found.failure and found.failure.exception_message
-            else None,
+            "reason": found.reason,
+            "answer": found.answer,
             "attempts": found.failure.attempts if found.failure else None,
         }
-        for found in rows
+        for _, group in by_reason(_dead(cli.app, queue, actor, reason, since))
+        for found in group
     ]
     cli.say(lambda: _print_dead(listed), listed)
     if not listed and any(f is not None for f in (queue, actor, reason, since)):
@@ -408,11 +406,11 @@ def _print_dead(listed: list[dict[str, Any]]) -> None:
     if not listed:
         click.echo("no dead letters")
         return
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}  # in by_reason's order: the largest first
     for item in listed:
         groups.setdefault(str(item["reason"]), []).append(item)
     columns = ("message_id", "actor", "submission_id", "dead_at", "attempts")
-    for why, items in sorted(groups.items(), key=lambda g: -len(g[1])):
+    for why, items in groups.items():
         click.echo(f"{why}: {len(items)} (the answer: {items[0]['answer']})")
         table = Table()
         for col in columns:  # ids whole, to paste into `dlq show`
@@ -493,7 +491,7 @@ def dlq_requeue(
 ) -> None:
     """Put dead letters back on their queues (the copy is enqueued before the dead one goes).
     --all asks first (--yes does not). Exits 1 when none is requeued."""
-    from workers.pipeline.dead_letters import requeue
+    from workers.pipeline.dead_letters import refusal, requeue
 
     if not message_ids and not everything:
         raise click.UsageError("name message ids, or --all (with filters)")
@@ -507,14 +505,8 @@ def dlq_requeue(
     done: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
     for found in chosen:
-        if found.failure is not None and found.failure.exception_type.endswith(
-            "PermanentDeliveryError"
-        ):
-            why = (
-                "the mail server refused the letter for good and its submission failed, so a "
-                "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` "
-                "sends it again (and clears this dead letter)"
-            )
+        why = refusal(found)
+        if why is not None:
             refused.append({"message_id": found.message_id, "why": why})
             cli.tell(f"not requeued {found.message_id}: {why}")
             continue

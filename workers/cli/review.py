@@ -1,19 +1,18 @@
 """``dearmp review``: letters held because they are near-identical to many others to the same MP
-(campaigns whose ``similar_letters`` policy is ``hold``), and what the comparison found."""
+(campaigns whose ``similar_letters`` policy is ``hold``), the MPs' daily digests (``digest``),
+and what the comparison found."""
 
 from __future__ import annotations
-
-import json
-from typing import Any
 
 import click
 from sqlalchemy import case, func, select
 
-from workers.cli.base import Cli, pass_cli
+from workers.cli.base import Cli, confirm, json_option, pass_cli, yes_option
 from workers.database.engine import session_scope
 from workers.database.models import LetterPrint, State, Submission
+from workers.letters.definitions import get_definition
 from workers.pipeline.dispatch import dispatch_groups
-from workers.stages import comparison
+from workers.stages import comparison, digests
 from workers.stages.stage import Stage
 
 # The own-words shares a report counts letters in, as [low, high) in per cent.
@@ -25,15 +24,18 @@ def review() -> None:
     """Letters held for review, and what the comparison of letters found."""
 
 
-def _echo(as_json: bool, text: str, data: Any) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
+def _in_review(cli: Cli, ids: tuple[str, ...]) -> set[str]:
+    """Those of ``ids`` held for review now."""
+    query = select(Submission.id).where(Submission.id.in_(ids), Submission.state == State.IN_REVIEW)
+    with session_scope(cli.app.sessions) as session:
+        return set(session.scalars(query))
 
 
 @review.command("list")
 @click.option("--campaign", help="Only this campaign's letters.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@json_option
 @pass_cli
-def review_list(cli: Cli, campaign: str | None, as_json: bool) -> None:
+def review_list(cli: Cli, campaign: str | None) -> None:
     """Letters waiting for review, oldest first: near-identical letters to the same MP, and the
     share in the supporter's own words."""
     query = (
@@ -61,15 +63,20 @@ def review_list(cli: Cli, campaign: str | None, as_json: bool) -> None:
         f"{r['similar_recent']} near-identical"
         for r in rows
     ]
-    _echo(as_json, "\n".join([*lines, f"{len(rows)} letters in review"]), rows)
+    cli.say("\n".join([*lines, f"{len(rows)} letters in review"]), rows)
 
 
 @review.command("release")
 @click.argument("ids", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@yes_option
+@json_option
 @pass_cli
-def review_release(cli: Cli, ids: tuple[str, ...], as_json: bool) -> None:
-    """Send letters held for review on to their MPs. Exits 1 if one was not in review."""
+def review_release(cli: Cli, ids: tuple[str, ...], yes: bool) -> None:
+    """Send letters held for review on to their MPs. Asks first (--yes does not); exits 1 if
+    one was not in review."""
+    held = _in_review(cli, ids)
+    if held:
+        confirm(yes, f"Send {len(held)} letters held for review on to their MPs?")
     with session_scope(cli.app.sessions) as session:
         released = [sid for sid in ids if comparison.release(session, sid)]
     if released:
@@ -78,7 +85,7 @@ def review_release(cli: Cli, ids: tuple[str, ...], as_json: bool) -> None:
     text = f"released {len(released)} letters" + (
         f"; not in review: {', '.join(missed)}" if missed else ""
     )
-    _echo(as_json, text, {"released": released, "not_in_review": missed})
+    cli.say(text, {"released": released, "not_in_review": missed})
     if missed:
         raise SystemExit(1)
 
@@ -86,28 +93,51 @@ def review_release(cli: Cli, ids: tuple[str, ...], as_json: bool) -> None:
 @review.command("reject")
 @click.argument("submission_id")
 @click.option("--reason", required=True, help="What the supporter is told (no personal data).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@yes_option
+@json_option
 @pass_cli
-def review_reject(cli: Cli, submission_id: str, reason: str, as_json: bool) -> None:
-    """Reject a letter held for review; the supporter's status page gives ``--reason``."""
+def review_reject(cli: Cli, submission_id: str, reason: str, yes: bool) -> None:
+    """Reject a letter held for review; the supporter's status page gives ``--reason``. Asks
+    first (--yes does not)."""
     if not reason.strip():
         raise click.UsageError("--reason must say something to the supporter")
+    if not _in_review(cli, (submission_id,)):
+        raise click.ClickException(f"{submission_id} is not in review")
+    confirm(yes, f"Reject letter {submission_id} (it is never sent)?")
     with session_scope(cli.app.sessions) as session:
         rejected = comparison.reject(session, submission_id, reason.strip())
     if not rejected:
         raise click.ClickException(f"{submission_id} is not in review")
-    _echo(as_json, f"{submission_id} rejected", {"rejected": submission_id})
+    cli.say(f"{submission_id} rejected", {"rejected": submission_id})
+
+
+@review.command("digest")
+@click.option("--now", is_flag=True, help="Make them now, whatever the campaigns' digest hour.")
+@json_option
+@pass_cli
+def review_digest(cli: Cli, now: bool) -> None:
+    """Make the MPs' digests that are due (the reconciler does this each pass), or every one
+    with letters waiting (``--now``), and send them. Exits 1 when none was made."""
+    with session_scope(cli.app.sessions) as session:
+        made = digests.build_due(session, force=now)
+    if made:
+        dispatch_groups(cli.broker, {Stage.DELIVER: made})  # after the commit
+    cli.say(f"{len(made)} digests made", {"digests": made})
+    if not made:
+        raise SystemExit(1)
 
 
 @review.command("report")
 @click.argument("campaign")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@json_option
 @pass_cli
-def review_report(cli: Cli, campaign: str, as_json: bool) -> None:
+def review_report(cli: Cli, campaign: str) -> None:
     """A campaign's letters by their share of the supporter's own words, and per MP: letters
-    compared, sent on their own, held for review, and their average share of own words."""
+    compared, sent on their own, held for review, put in digests, and their average share of
+    own words; and the letters near-identical to a letter to another MP."""
     share = LetterPrint.own_words * 100
     held = func.sum(case((LetterPrint.decision == "hold", 1), else_=0))
+    digested = func.sum(case((LetterPrint.decision == "digest", 1), else_=0))
     with session_scope(cli.app.sessions) as session:
         buckets = {
             f"{low}-{min(high, 100)}%": session.scalar(
@@ -122,27 +152,47 @@ def review_report(cli: Cli, campaign: str, as_json: bool) -> None:
             {
                 "member_id": member,
                 "letters": count,
-                "sent_on_their_own": count - int(holds or 0),
+                "sent_on_their_own": count - int(holds or 0) - int(in_digests or 0),
                 "held": int(holds or 0),
+                "digested": int(in_digests or 0),
                 "average_own_words": round(float(average or 0) * 100),
             }
-            for member, count, holds, average in session.execute(
-                select(LetterPrint.member_id, func.count(), held, func.avg(LetterPrint.own_words))
+            for member, count, holds, in_digests, average in session.execute(
+                select(
+                    LetterPrint.member_id,
+                    func.count(),
+                    held,
+                    digested,
+                    func.avg(LetterPrint.own_words),
+                )
                 .where(LetterPrint.campaign_slug == campaign)
                 .group_by(LetterPrint.member_id)
                 .order_by(func.count().desc())
             )
         ]
+        definition = get_definition(session, campaign)
+        threshold = definition.similar_letters.threshold if definition else 0.9
+        anywhere = comparison.near_identical_anywhere(session, campaign, threshold)
     if not per_mp:
         raise click.ClickException(f"no letters of {campaign} have been compared")
     text = "\n".join(
         [
             "own words: " + ", ".join(f"{k} {v}" for k, v in buckets.items()),
+            f"near-identical to a letter to another MP: {anywhere}",
             *(
                 f"MP {r['member_id']}: {r['letters']} letters, {r['sent_on_their_own']} sent on "
-                f"their own, {r['held']} held, {r['average_own_words']}% own words on average"
+                f"their own, {r['held']} held, {r['digested']} in digests, "
+                f"{r['average_own_words']}% own words on average"
                 for r in per_mp
             ),
         ]
     )
-    _echo(as_json, text, {"campaign": campaign, "own_words": buckets, "per_mp": per_mp})
+    cli.say(
+        text,
+        {
+            "campaign": campaign,
+            "own_words": buckets,
+            "near_identical_to_other_mps": anywhere,
+            "per_mp": per_mp,
+        },
+    )

@@ -9,7 +9,6 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
-    BigInteger,
     Boolean,
     DateTime,
     Dialect,
@@ -263,22 +262,27 @@ class LetterPrint(Base):
     # same MP within the comparison window, and within the hold window.
     similar: Mapped[int] = mapped_column(Integer, default=0)
     similar_recent: Mapped[int] = mapped_column(Integer, default=0)
-    # Letters to any MP sharing a band of the signature (LSH candidates), counted up to a cap.
-    similar_anywhere: Mapped[int] = mapped_column(Integer, default=0)
-    decision: Mapped[str] = mapped_column(String(16))  # "send" or "hold"
+    decision: Mapped[str] = mapped_column(String(16))  # "send", "hold" or "digest"
+    # The MP's daily digest that carries this letter (decision "digest"), once it is made.
+    digest_id: Mapped[str | None] = mapped_column(String(36), index=True)
 
 
-class LetterBand(Base):
-    """The bands of a letter's signature (locality-sensitive hashing): letters that share one
-    are candidates for being near-identical, found by the index whatever MP they went to."""
+class Digest(Base):
+    """One day's digest of a campaign's near-identical letters to one MP: an outbox item of its
+    own (its id is the item's), written from its letters' rows each time it is composed
+    (:mod:`workers.stages.digests`), so it holds no personal data itself."""
 
-    __tablename__ = "letter_bands"
-    __table_args__ = (Index("ix_letter_bands_band_created", "band", "created_at"),)
-
-    band: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    submission_id: Mapped[str] = mapped_column(
-        ForeignKey("submissions.id", ondelete="CASCADE"), primary_key=True
+    __tablename__ = "digests"
+    __table_args__ = (
+        Index("ix_digests_campaign_member_created", "campaign_slug", "member_id", "created_at"),
     )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    campaign_slug: Mapped[str] = mapped_column(String(200))
+    member_id: Mapped[int] = mapped_column(Integer)
+    to_name: Mapped[str] = mapped_column(String(200))
+    to_email: Mapped[str] = mapped_column(String(254))
+    letters: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -534,4 +538,4 @@ OUTBOX = table(OutboxItem)
 CONSENT_EVENTS = table(ConsentEvent)
 ADDRESS_HEALTH = table(AddressHealth)
 LETTER_PRINTS = table(LetterPrint)
-LETTER_BANDS = table(LetterBand)
+DIGESTS = table(Digest)

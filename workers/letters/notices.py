@@ -195,3 +195,11 @@ def survey(
         "how MPs respond; nothing else about you is kept with it.\n\n"
         f"{sender.name}\n",
     )
+
+
+def digested(
+    notice_id: str, sender: Sender, to: str, mp_name: str, text: str, created: datetime
+) -> Draft:
+    """The supporter's letter went in the MP's daily digest (:mod:`workers.stages.digests`)."""
+    subject = f"Your letter went to {mp_name} in today's digest"
+    return _draft(notice_id, sender, sender.name, to, subject, created, text)

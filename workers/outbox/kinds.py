@@ -16,9 +16,11 @@ from sqlalchemy.orm import Session
 
 from schemas.submission import stored_email
 from workers.database.models import (
+    Digest,
     InboundMessage,
     Letter,
     LetterEvent,
+    LetterPrint,
     OutboxItem,
     OutboxStatus,
     Submission,
@@ -29,7 +31,7 @@ from workers.letters.mail import DkimSigner, Mailer, Outgoing
 from workers.letters.rate_limits import Limiter
 from workers.outbox.sending import Kind
 from workers.receiving.addresses import ReturnAddresses
-from workers.stages import confirmation, delivery, survey
+from workers.stages import confirmation, delivery, digests, survey
 from workers.stages.stage import Stage
 from workers.webhooks import events as webhooks
 from workers.webhooks import payloads
@@ -53,14 +55,24 @@ class Context:
 
 
 # Every kind the outbox sends (``outbox.kind``): what :func:`kinds` returns, by name.
-KINDS = (delivery.KIND, "confirm", "bounce", "forward", "survey", webhooks.KIND)
+KINDS = (
+    delivery.KIND,
+    digests.KIND,
+    "confirm",
+    "bounce",
+    "forward",
+    "survey",
+    digests.NOTICE,
+    webhooks.KIND,
+)
 
 
 def stage_of(kind: str) -> Stage:
     """The stage (queue) an item of ``kind`` is sent by: the letter by delivery (its item's id
     is its submission's), a webhook on its own, so that an endpoint that hangs holds up no
     email."""
-    return {delivery.KIND: Stage.DELIVER, webhooks.KIND: Stage.WEBHOOK}.get(kind, Stage.OUTBOX)
+    letters = {delivery.KIND: Stage.DELIVER, digests.KIND: Stage.DELIVER}
+    return {**letters, webhooks.KIND: Stage.WEBHOOK}.get(kind, Stage.OUTBOX)
 
 
 def kinds(context: Context) -> dict[str, Kind]:
@@ -84,8 +96,13 @@ def kinds(context: Context) -> dict[str, Kind]:
     letter = delivery.kind(
         context.mailer, context.delivery, context.limiter, context.signer, context.returns
     )
+    digest = digests.kind(
+        context.mailer, context.delivery, context.limiter, context.signer, context.returns
+    )
     return {
         delivery.KIND: letter,
+        digests.KIND: digest,
+        digests.NOTICE: Kind(after_sent),
         "confirm": Kind(confirm),
         "bounce": Kind(after_sent),
         "forward": Kind(after_sent, done=_forget_reply),
@@ -125,6 +142,14 @@ def _after_sent(session: Session, item: OutboxItem, context: Context) -> Outgoin
         message = notices.forward(
             item.id, sender, to, inbound.raw, mp_name, letter.to_email, item.created_at
         )
+    elif item.kind == digests.NOTICE:
+        count = session.scalar(
+            select(Digest.letters)
+            .join(LetterPrint, LetterPrint.digest_id == Digest.id)
+            .where(LetterPrint.submission_id == submission.id)
+        )
+        text = digests.notice_text(definition, mp_name, count or 1)
+        message = notices.digested(item.id, sender, to, mp_name, text, item.created_at)
     else:
         answered = session.scalar(
             select(LetterEvent.id).where(

@@ -232,6 +232,20 @@ def dead_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
     return {queue: int(count) for queue, count in rows}
 
 
+def refusal(found: Found) -> str | None:
+    """Why a requeue of this dead letter would not help, or None: a letter the mail server
+    refused for good failed its submission, so a requeue would send nothing."""
+    if found.failure is not None and found.failure.exception_type.endswith(
+        "PermanentDeliveryError"
+    ):
+        return (
+            "the mail server refused the letter for good and its submission failed, so a "
+            "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` sends "
+            "it again (and clears this dead letter)"
+        )
+    return None
+
+
 def replay(
     client: redis.Redis | None,
     broker: dramatiq.Broker,
@@ -240,16 +254,10 @@ def replay(
     found: Found,
 ) -> str:
     """An operator's requeue of one dead letter (:func:`requeue`), refused with the reason
-    (ValueError) for a letter the mail server refused for good: its submission failed, so a
-    requeue would send nothing. The new message id."""
-    if found.failure is not None and found.failure.exception_type.endswith(
-        "PermanentDeliveryError"
-    ):
-        raise ValueError(
-            "the mail server refused the letter for good and its submission failed, so a "
-            "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` sends "
-            "it again (and clears this dead letter)"
-        )
+    (ValueError, :func:`refusal`) when it would not help. The new message id."""
+    why = refusal(found)
+    if why is not None:
+        raise ValueError(why)
     return requeue(client, broker, namespace, sessions, found)
 
 

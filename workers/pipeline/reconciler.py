@@ -35,7 +35,7 @@ from workers.outbox.kinds import stage_of
 from workers.pipeline.dispatch import dispatch
 from workers.pipeline.heartbeat import record_pass
 from workers.pipeline.states import RESENT_TO
-from workers.stages import survey
+from workers.stages import digests, survey
 from workers.stages.confirmation import ConfirmationPolicy
 from workers.stages.stage import Stage
 
@@ -243,6 +243,11 @@ def reconcile_once(
             due += find_after_sent(session, older_than, lease=lease)
     except Exception as exc:  # the pipeline's own resends above are not held up by it
         log.warning("reconciler_after_sent_failed", error=type(exc).__name__)
+    try:  # the MPs' daily digests that are due (workers.stages.digests)
+        with session_scope(sessions) as session:
+            due += [(digest, Stage.DELIVER) for digest in digests.build_due(session)]
+    except Exception as exc:
+        log.warning("reconciler_digests_failed", error=type(exc).__name__)
     for submission_id, stage in due:
         dispatch(broker, [stage], submission_id)
     if due:

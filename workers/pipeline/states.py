@@ -34,6 +34,7 @@ class State(StrEnum):
     RESOLVED = "resolved"
     COMPARED = "compared"
     IN_REVIEW = "in_review"
+    IN_DIGEST = "in_digest"
     RENDERED = "rendered"
     DELIVERED = "delivered"
     FAILED = "failed"
@@ -83,8 +84,13 @@ STATES: dict[State, Row] = {
                        "Waiting until your constituency has an MP.", resent=False),
     S.RESOLVED:    Row(Stage.COMPARE, (S.COMPARED, S.IN_REVIEW, S.FAILED),
                        "Your MP is found; preparing the letter."),
-    S.COMPARED:    Row(Stage.RENDER, (S.RENDERED, S.FAILED),
+    S.COMPARED:    Row(Stage.RENDER, (S.RENDERED, S.IN_DIGEST, S.FAILED),
                        "Your MP is found; preparing the letter."),
+    # Rendered, for the MP's daily digest (a campaign whose similar_letters policy is digest):
+    # the digest, an outbox item of its own (workers.stages.digests), moves it on when sent.
+    S.IN_DIGEST:   Row(Stage.DELIVER, (S.DELIVERED, S.FAILED),
+                       "Going to your MP in today's digest of letters from constituents, with "
+                       "your own words and your name.", resent=False),
     # Near-identical to many letters to the same MP, in a campaign that holds those: an
     # operator releases it (compared) or rejects it with a reason (`dearmp letters review`).
     S.IN_REVIEW:   Row(Stage.COMPARE, (S.COMPARED, S.REJECTED),

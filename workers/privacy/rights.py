@@ -29,7 +29,6 @@ from workers.database.models import (
     InboundMessage,
     InboundStatus,
     Letter,
-    LetterBand,
     LetterEvent,
     LetterPrint,
     OutboxItem,
@@ -226,8 +225,7 @@ def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | 
     """Delete the kept text of what came back to the letter and the letter's fingerprint (its
     signature and bands are made from its words), skip the emails to the supporter not yet
     sent, and remove the file outbox's copies of them."""
-    for table in (LetterBand, LetterPrint):
-        session.execute(delete(table).where(table.submission_id == submission_id))
+    session.execute(delete(LetterPrint).where(LetterPrint.submission_id == submission_id))
     session.execute(
         update(InboundMessage)
         .where(InboundMessage.submission_id == submission_id)
@@ -367,6 +365,8 @@ def _scrubbed_payload(payload: Any) -> Any:
     letter = dict(scrubbed.get("letter") or {})
     if "body" in letter:
         letter["body"] = ""
+    if "answers" in letter:  # their own words too
+        letter["answers"] = {}
     scrubbed["letter"] = letter
     return scrubbed
 

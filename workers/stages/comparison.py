@@ -2,13 +2,15 @@
 same MP are near-identical to it (offices filter those).
 
 Between resolution (which names the MP) and rendering. The letter's share of its own words
-against the campaign's draft, its MinHash signature and its bands (:mod:`workers.letters.
-originality`) are stored in the database (``letter_prints``, ``letter_bands``), so every worker
-gives the same answer and the index survives restarts. A campaign whose ``similar_letters``
-policy is ``hold`` sends a letter to review once more than ``hold_after`` letters to the same MP
-within ``hold_hours`` are at least ``threshold`` alike; an operator releases or rejects it
-(:func:`release`, :func:`reject`). The same supporter writing again is a duplicate submission,
-refused at intake, not a near-identical letter.
+against the campaign's draft and its MinHash signature (:mod:`workers.letters.originality`)
+are stored in the database (``letter_prints``, indexed by MP and time), so every worker gives the
+same answer and the index survives restarts; letters to all MPs are compared for a campaign's
+report (:func:`near_identical_anywhere`, locality-sensitive hashing over its signatures).
+A campaign whose ``similar_letters`` policy is ``hold`` sends a letter to review once more than
+``hold_after`` letters to the same MP within ``hold_hours`` are at least ``threshold`` alike; an
+operator releases or rejects it (:func:`release`, :func:`reject`); ``digest`` puts it in the
+MP's daily digest (:mod:`workers.stages.digests`). The same supporter writing again is a
+duplicate submission, refused at intake, not a near-identical letter.
 
 Letters compared in one group do not see each other (they are written together): a hold counts
 what was stored before, which is as exact as a threshold "more than N a day" needs.
@@ -19,12 +21,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import case, func, insert, select
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition, SimilarLetters
 from workers.database.models import (
-    LETTER_BANDS,
     LETTER_PRINTS,
     SUBMISSIONS,
     State,
@@ -46,9 +47,8 @@ from workers.letters import originality
 from workers.letters.definitions import get_definition
 from workers.stages.stage import Stage
 
-# Letters to the same MP compared with, newest first; letters to any MP sharing a band counted.
-MOST_COMPARED = 200
-MOST_COUNTED = 1_000
+# The newest letters to the same MP a letter is compared with (within the window).
+MOST_COMPARED = 1_000
 
 _READ = (
     submission_read("payload", "member_id")
@@ -56,14 +56,15 @@ _READ = (
     .outerjoin(LETTER_PRINTS, LETTER_PRINTS.c.submission_id == SUBMISSIONS.c.id)
 )
 _STORE_PRINT = insert(LETTER_PRINTS)
-_STORE_BAND = insert(LETTER_BANDS)
 
 
 def letter_body(definition: CampaignDefinition, payload: dict[str, Any]) -> str:
-    """The words the supporter sends: their edit where the campaign allows it, else the draft."""
-    if "body" in definition.editable:
-        return str(payload["letter"]["body"])
-    return definition.draft_body
+    """The words the supporter sends: their edit where the campaign allows it, else the draft,
+    then their answers to the campaign's questions (their own words too), as the letter has them."""
+    letter = payload["letter"]
+    body = str(letter["body"]) if "body" in definition.editable else definition.draft_body
+    answers = [text for _, text in definition.answered(letter.get("answers") or {})]
+    return "\n\n".join([body.strip(), *answers])
 
 
 def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
@@ -76,16 +77,14 @@ def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
         reason = "campaign no longer in the database"
         return move(submission, State.FAILED, reason, failure_reason=reason)
     if submission.decision is not None:  # compared by an attempt whose move was lost
-        return _moved(submission, submission.decision, None, [])
+        return _moved(submission, submission.decision, None)
     rules = definition.similar_letters
     words = originality.words(letter_body(definition, submission.payload))
     sig = originality.signature(words)
     now = utcnow()
     similar, recent = _similar_to_mp(session, submission.member_id, sig, rules, now)
-    bands = originality.bands(sig)
-    anywhere = _sharing_a_band(session, bands, now - timedelta(days=rules.window_days))
-    hold = rules.policy == "hold" and recent > rules.hold_after
-    decision = "hold" if hold else "send"
+    # Near-identical to more letters to this MP than the campaign lets through on their own.
+    decision = rules.policy if recent > rules.hold_after else "send"
     row = {
         "submission_id": submission_id,
         "campaign_slug": submission.campaign_slug,
@@ -95,26 +94,19 @@ def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
         "signature": originality.pack(sig),
         "similar": similar,
         "similar_recent": recent,
-        "similar_anywhere": anywhere,
         "decision": decision,
     }
-    band_rows = [{"band": b, "submission_id": submission_id, "created_at": now} for b in bands]
-    return _moved(submission, decision, row, band_rows)
+    return _moved(submission, decision, row)
 
 
-def _moved(
-    submission: Any, decision: str, row: dict[str, Any] | None, bands: list[dict[str, Any]]
-) -> Apply[list[Stage]]:
+def _moved(submission: Any, decision: str, row: dict[str, Any] | None) -> Apply[list[Stage]]:
     def write(session: Session) -> list[Stage]:
         if decision == "hold":
             advance(session, submission, State.IN_REVIEW, "near-identical to letters to this MP")
         else:
             advance(session, submission, State.COMPARED)
-        writes = writes_of(session)
         if row is not None:
-            writes.insert(_STORE_PRINT, row)
-            for band in bands:
-                writes.insert(_STORE_BAND, band)
+            writes_of(session).insert(_STORE_PRINT, row)
         return [] if decision == "hold" else [Stage.RENDER]
 
     return write
@@ -128,37 +120,62 @@ def _similar_to_mp(
     now: datetime,
 ) -> tuple[int, int]:
     """Letters to the same MP at least ``rules.threshold`` alike: within the window, and within
-    the hold's hours."""
+    the hold's hours. One read, of each distinct signature with its counts: copies of one
+    letter (most of a campaign's) are compared once."""
     if member_id is None:
         return 0, 0
-    since, recent_since = (
-        now - timedelta(days=rules.window_days),
-        now - timedelta(hours=rules.hold_hours),
-    )
-    rows = session.execute(
+    since = now - timedelta(days=rules.window_days)
+    newest = (
         select(LETTER_PRINTS.c.signature, LETTER_PRINTS.c.created_at)
         .where(LETTER_PRINTS.c.member_id == member_id, LETTER_PRINTS.c.created_at >= since)
         .order_by(LETTER_PRINTS.c.created_at.desc())
         .limit(MOST_COMPARED)
-    ).all()
-    alike = [
-        created
-        for packed, created in rows
-        if originality.similarity(sig, originality.unpack(packed)) >= rules.threshold
-    ]
-    return len(alike), sum(1 for created in alike if created >= recent_since)
-
-
-def _sharing_a_band(session: Session, bands: list[int], since: datetime) -> int:
-    """Letters to any MP within the window that share a band with this one (candidates of
-    locality-sensitive hashing), counted up to MOST_COUNTED band matches."""
-    matches = (
-        select(LETTER_BANDS.c.submission_id)
-        .where(LETTER_BANDS.c.band.in_(bands), LETTER_BANDS.c.created_at >= since)
-        .limit(MOST_COUNTED)
         .subquery()
     )
-    return session.scalar(select(func.count(func.distinct(matches.c.submission_id)))) or 0
+    recent = newest.c.created_at >= now - timedelta(hours=rules.hold_hours)
+    similar = within = 0
+    for packed, count, recently in session.execute(
+        select(newest.c.signature, func.count(), func.sum(case((recent, 1), else_=0))).group_by(
+            newest.c.signature
+        )
+    ):
+        if originality.similarity(sig, originality.unpack(packed)) >= rules.threshold:
+            similar, within = similar + count, within + int(recently or 0)
+    return similar, within
+
+
+def near_identical_anywhere(session: Session, campaign: str, threshold: float) -> int:
+    """A campaign's letters near-identical to a letter to another MP: locality-sensitive hashing
+    over its distinct signatures (each band a bucket; a bucket's signatures linked to its first
+    when at least ``threshold`` alike), then the letters of clusters that reached two MPs."""
+    letters: dict[bytes, tuple[set[int | None], int]] = {}
+    for packed, member_id, count in session.execute(
+        select(LETTER_PRINTS.c.signature, LETTER_PRINTS.c.member_id, func.count())
+        .where(LETTER_PRINTS.c.campaign_slug == campaign)
+        .group_by(LETTER_PRINTS.c.signature, LETTER_PRINTS.c.member_id)
+    ):
+        members, total = letters.get(packed, (set(), 0))
+        letters[packed] = (members | {member_id}, total + count)
+    signatures = [originality.unpack(packed) for packed in letters]
+    parent = list(range(len(signatures)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    buckets: dict[int, int] = {}
+    for i, sig in enumerate(signatures):
+        for band in originality.bands(sig):
+            first = buckets.setdefault(band, i)
+            if first != i and originality.similarity(signatures[first], sig) >= threshold:
+                parent[root(i)] = root(first)
+    clusters: dict[int, tuple[set[int | None], int]] = {}
+    for i, (members, total) in enumerate(letters.values()):
+        seen, count = clusters.get(root(i), (set(), 0))
+        clusters[root(i)] = (seen | members, count + total)
+    return sum(count for members, count in clusters.values() if len(members) > 1)
 
 
 def release(session: Session, submission_id: str) -> bool:

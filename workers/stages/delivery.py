@@ -188,13 +188,19 @@ def _compose(
         if wait > 0:
             raise Deferred(wait, "quiet hours")
     limits = limits_for(policy, definition, found.member_id, account)
-    if limiter is not None and limits:
-        wait = limiter.reserve(item.submission_id, limits)
-        if wait > 0:
-            raise Deferred(wait, "rate limit")
+    wait_for_limits(limiter, item.submission_id, limits)
     letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
     bounce = returns.bounce(item.submission_id) if returns is not None else None
     return LetterMail(item.submission_id, outgoing(letter, signer, bounce), limits)
+
+
+def wait_for_limits(limiter: Limiter | None, key: str, limits: list[Limit]) -> None:
+    """Take the limits' slots for ``key`` (a letter, a digest), or wait (:class:`Deferred`,
+    costing no attempt) while one is full."""
+    if limiter is not None and limits:
+        wait = limiter.reserve(key, limits)
+        if wait > 0:
+            raise Deferred(wait, "rate limit")
 
 
 def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -> None:

@@ -64,6 +64,7 @@ from workers.pipeline.failures import count_failure
 from workers.receiving.addresses import ReturnAddresses
 from workers.receiving.classify import Classification, classify, parse, reply_origin
 from workers.receiving.mailgun import event_classification
+from workers.stages import digests
 from workers.webhooks.events import emit
 
 log = structlog.get_logger(__name__)
@@ -189,7 +190,8 @@ def _decide(
     ).first()
     if letter is None or letter.status != OutboxStatus.SENT:
         return _drop(found.kind, "no letter was sent from this address", submission_id)
-    if found.original_message_id and found.original_message_id != letter.message_id:
+    sent_as = (letter.message_id, digests.message_id(session, submission_id, letter.message_id))
+    if found.original_message_id and found.original_message_id not in sent_as:
         return _drop(
             found.kind, "the returned message is not the letter its address names", submission_id
         )
@@ -336,18 +338,20 @@ def _bounced(
     """A permanent bounce: the letter moves to bounced, the supporter is told once, and the
     MP's address may be marked failing. The notices to send."""
     notices: list[str] = []
-    if letter.state == State.DELIVERED:
-        try:
-            advance(
-                session,
-                At(submission_id, State.DELIVERED),
-                State.BOUNCED,
-                f"returned: {found.status or ''} {found.diagnostic or ''}".strip()[:500],
-                failure_reason=found.diagnostic,
-            )
-        except AlreadyMoved:
-            pass
-        notices = _queue(session, submission_id, "bounce", "bounce", inbound_id)
+    if letter.state == State.DELIVERED:  # and the letters that went in its digest with it
+        for returned in (submission_id, *digests.mates(session, submission_id)):
+            try:
+                advance(
+                    session,
+                    At(returned, State.DELIVERED),
+                    State.BOUNCED,
+                    f"returned: {found.status or ''} {found.diagnostic or ''}".strip()[:500],
+                    failure_reason=found.diagnostic,
+                )
+            except AlreadyMoved:
+                if returned != submission_id:  # a letter of its digest erased, or returned
+                    continue
+            notices += _queue(session, returned, "bounce", "bounce", inbound_id)
     session.flush()
     if letter.to_email.lower() != policy.sandbox_address.lower():
         marked = health.note_bounce(

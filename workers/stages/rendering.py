@@ -1,7 +1,10 @@
 """Rendering: the campaign's template and the supporter's words become one stored letter.
 
 Templates belong to the campaign and run in Jinja2's sandbox. What the supporter typed is passed
-in as data and never parsed as a template, so ``{{ 7*7 }}`` in a letter arrives as written.
+in as data and never parsed as a template, so ``{{ 7*7 }}`` in a letter arrives as written: the
+body as ``body``, the answers to the campaign's questions as ``answers`` (a list of ``key``,
+``question`` and ``text``, answered ones only, in the campaign's order), which the templates
+place (the default one: a paragraph each after the body).
 """
 
 from __future__ import annotations
@@ -150,6 +153,10 @@ def compose(
         "salutation": salutation,
         "body": body.strip(),
         "sign_off": definition.sign_off,
+        "answers": [
+            {"key": prompt.key, "question": prompt.question, "text": text}
+            for prompt, text in definition.answered(payload["letter"].get("answers") or {})
+        ],
         "supporter": {
             "name": supporter["name"],
             "address_lines": supporter["address_lines"],
@@ -192,7 +199,11 @@ _READ = (
     submission_read(
         "payload", "recipient", "directory_version_id", "member_id", "constituency_code"
     )
-    .add_columns(LETTERS.c.submission_id.label("stored_letter"), LETTER_PRINTS.c.own_words)
+    .add_columns(
+        LETTERS.c.submission_id.label("stored_letter"),
+        LETTER_PRINTS.c.own_words,
+        LETTER_PRINTS.c.decision,
+    )
     .outerjoin(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id)
     .outerjoin(LETTER_PRINTS, LETTER_PRINTS.c.submission_id == SUBMISSIONS.c.id)
 )
@@ -240,6 +251,8 @@ def plan(
     row["list_id"] = list_id(definition)
     if submission.own_words is not None:
         row["own_words"] = round(submission.own_words * 100)
+    if submission.decision == "digest":  # stored for the MP's daily digest, not sent alone
+        return _for_digest(submission, row)
     if signer is not None:  # signed once: every attempt sends these bytes
         row["dkim_signature"] = signer.letter_signature(Letter(**row))
     return _rendered(submission, row)
@@ -257,6 +270,18 @@ def _rendered(submission: Any, letter: dict[str, Any] | None) -> Apply[list[Stag
             writes.insert(_STORE_LETTER, letter)
         writes.insert(delivery.NEW_ITEM, delivery.item_row(submission.id))
         return [Stage.DELIVER]
+
+    return write
+
+
+def _for_digest(submission: Any, letter: dict[str, Any]) -> Apply[list[Stage]]:
+    """The letter stored (its reply address, its words) for the MP's daily digest
+    (:mod:`workers.stages.digests`), which sends it with the day's others."""
+
+    def write(session: Session) -> list[Stage]:
+        advance(session, submission, State.IN_DIGEST)
+        writes_of(session).insert(_STORE_LETTER, letter)
+        return []
 
     return write
 

@@ -26,11 +26,35 @@ def campaign_errors(definition: CampaignDefinition, submission: SubmissionV1) ->
                 f"Your letter is too long: {len(body)} characters, the limit is "
                 f"{definition.body_max_chars}."
             )
+    errors.update(answer_errors(definition, submission.letter.answers))
     if submission.contact_preferences.wording_version != definition.consent.version:
         errors["contact_preferences.wording_version"] = (
             "The contact-preference wording has changed since this page was loaded. "
             "Please reload the page and choose again."
         )
+    return errors
+
+
+def answer_errors(definition: CampaignDefinition, answers: dict[str, str]) -> dict[str, str]:
+    """What the campaign's questions refuse in the answers (already letter text, stripped)."""
+    errors: dict[str, str] = {}
+    for key in sorted(answers.keys() - {p.key for p in definition.prompts}):
+        errors[f"letter.answers.{key}"] = (
+            "This is not one of the campaign's questions. Please reload the page."
+        )
+    for prompt in definition.prompts:
+        text, field = answers.get(prompt.key, ""), f"letter.answers.{prompt.key}"
+        if not text:
+            if prompt.required:
+                errors[field] = f"Please answer the question: {prompt.question}"
+        elif len(text) < prompt.min_chars:
+            errors[field] = (
+                f"Your answer is too short: write at least {prompt.min_chars} characters."
+            )
+        elif len(text) > prompt.max_chars:
+            errors[field] = (
+                f"Your answer is too long: {len(text)} characters, the limit is {prompt.max_chars}."
+            )
     return errors
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.submission import Postcode, SubmissionV1, single_line
+from schemas.submission import MAX_ANSWER, MAX_PROMPTS, Postcode, SubmissionV1, single_line
 from workers.pipeline.states import OUTCOMES as OUTCOMES  # what each state means to the supporter
 
 HONEYPOT = "website"
@@ -23,6 +23,17 @@ class ConsentQuestionOut(BaseModel):
     channel: str
     wording: str
     sha256: str
+
+
+class PromptOut(BaseModel):
+    """A question the supporter may answer in their own words; the answer is posted as
+    ``letter.answers.<key>`` and goes into the letter."""
+
+    key: str
+    question: str
+    required: bool
+    min_chars: int = Field(description="The shortest answer taken (an optional one may be empty).")
+    max_chars: int
 
 
 class CampaignOut(BaseModel):
@@ -41,6 +52,9 @@ class CampaignOut(BaseModel):
     privacy_notice_url: str
     privacy_notice_version: str
     confirmation_required: bool
+    prompts: list[PromptOut] = Field(
+        default=[], description="Questions to answer in the supporter's own words, in order."
+    )
     honeypot_field: str = Field(description="Leave this field empty; it is a trap for robots.")
     example_postcode: str | None = Field(
         default=None, description="A postcode the directory knows, for the form's hint."
@@ -59,6 +73,10 @@ class PreviewIn(BaseModel):
     # The letter as the supporter has edited it so far: the answer says how much of it is in
     # their own words (the draft when absent).
     body: str | None = Field(default=None, max_length=10_000)
+    # The answers to the campaign's questions so far: their own words too.
+    answers: dict[str, Annotated[str, Field(max_length=MAX_ANSWER)]] = Field(
+        default={}, max_length=MAX_PROMPTS
+    )
 
 
 class MpOut(BaseModel):
@@ -79,8 +97,9 @@ class PreviewOut(BaseModel):
     mp: MpOut
     letter: DraftOut
     own_words: float = Field(
-        description="The share of the letter (``body``, else the draft) in the supporter's own "
-        "words, 0 to 1: letters in a constituent's own words carry more weight."
+        description="The share of the letter (``body``, else the draft, and the ``answers``) in "
+        "the supporter's own words, 0 to 1: letters in a constituent's own words carry more "
+        "weight."
     )
 
 

@@ -7,10 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from schemas.campaign import CampaignDefinition
 from schemas.postcode import PostcodeProblem, check_format
 from workers.database.engine import session_scope
 from workers.letters.originality import template
 from workers.mp.lookup import Found, find
+from workers.stages.comparison import letter_body
 from workers.stages.rendering import campaign_template, choose_subject
 from workers.stages.resolution import MEMBER_FIELD, POSTCODE_FIELD, Refuse, decide
 from workers.web.bodies import (
@@ -22,6 +24,7 @@ from workers.web.bodies import (
     MpOut,
     PreviewIn,
     PreviewOut,
+    PromptOut,
     no_campaign,
     problem,
     retry_after,
@@ -57,6 +60,7 @@ def campaign(slug: str, app: AppDep, intake: IntakeDep) -> Any:
         privacy_notice_url=definition.privacy_notice_url,
         privacy_notice_version=definition.privacy_notice_version,
         confirmation_required=definition.confirmation,
+        prompts=[PromptOut(**p.model_dump()) for p in definition.prompts],
         honeypot_field=HONEYPOT,
         example_postcode=intake.example_postcode(),
     )
@@ -109,5 +113,11 @@ def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: I
             body=definition.draft_body.strip(),
             sign_off=definition.sign_off,
         ),
-        own_words=round(template(definition.draft_body).share(body.body or ""), 3),
+        own_words=round(template(definition.draft_body).share(_letter(definition, body)), 3),
     )
+
+
+def _letter(definition: CampaignDefinition, body: PreviewIn) -> str:
+    """The letter as the supporter has it so far, as the comparison stage will score it."""
+    typed = definition.draft_body if body.body is None else body.body
+    return letter_body(definition, {"letter": {"body": typed, "answers": body.answers}})

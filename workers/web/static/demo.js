@@ -21,6 +21,7 @@ const FIELDS = {
   "letter.subject": ["subject-error", "subject"],
   "letter.body": ["body-error", "body"],
 };
+// The campaign's questions add their own: "letter.answers.<key>" (see addPrompts).
 const STEP1 = new Set(["name-error", "email-error", "postcode-error", "address-error", "member-error"]);
 
 function clearErrors() {
@@ -88,6 +89,48 @@ async function load() {
     wrap.append(input, " ", label);
     box.append(wrap);
   }
+  addPrompts(data.prompts || []);
+}
+
+// A labelled box for each of the campaign's questions, under the letter; its answer goes into
+// the letter (posted as letter.answers.<key>) and counts as the supporter's own words.
+function addPrompts(prompts) {
+  const box = $("prompts");
+  for (const p of prompts) {
+    const id = `answer-${p.key}`;
+    const wrap = document.createElement("div");
+    wrap.className = "field";
+    const label = document.createElement("label");
+    label.htmlFor = id;
+    label.textContent = `${p.question} (${p.required ? "required" : "optional"})`;
+    const hint = document.createElement("p");
+    hint.id = `${id}-hint`;
+    hint.className = "hint";
+    hint.textContent = p.min_chars > 1
+      ? `In your own words, ${p.min_chars} to ${p.max_chars} characters.`
+      : `In your own words, up to ${p.max_chars} characters.`;
+    const input = document.createElement("textarea");
+    input.id = id;
+    input.rows = 4;
+    input.maxLength = p.max_chars;
+    input.required = p.required;
+    input.dataset.key = p.key;
+    input.setAttribute("aria-describedby", `${id}-hint ${id}-error`);
+    input.addEventListener("input", scoreLater);
+    const error = document.createElement("p");
+    error.id = `${id}-error`;
+    error.className = "error";
+    error.hidden = true;
+    wrap.append(label, hint, input, error);
+    box.append(wrap);
+    FIELDS[`letter.answers.${p.key}`] = [error.id, id];
+  }
+}
+
+function answers() {
+  const out = {};
+  document.querySelectorAll("#prompts textarea").forEach((el) => { out[el.dataset.key] = el.value; });
+  return out;
 }
 
 async function toLetter(event) {
@@ -98,7 +141,8 @@ async function toLetter(event) {
   if (!$("email").value.includes("@")) errors["supporter.email"] = "Please enter your email address.";
   if (!addressLines().length) errors["address_lines"] = "Please enter the first line of your address.";
   if (Object.keys(errors).length) { showErrors(errors); return; }
-  const { ok, data } = await call("POST", `/v1/campaigns/${encodeURIComponent(slug)}/preview`, previewBody());
+  const { ok, data } = await call(
+    "POST", `/v1/campaigns/${encodeURIComponent(slug)}/preview`, previewBody(undefined, answers()));
   if (!ok) { showErrors(data.errors || { page: "Something went wrong. Please try again." }); return; }
   $("postcode").value = data.postcode;
   $("mp-name").textContent = data.mp.name;
@@ -114,8 +158,10 @@ async function toLetter(event) {
   showOwnWords(data.own_words);
 }
 
-function previewBody(body) {
-  return { name: $("name").value, postcode: $("postcode").value, address_lines: addressLines(), body };
+function previewBody(body, answers) {
+  return {
+    name: $("name").value, postcode: $("postcode").value, address_lines: addressLines(), body, answers,
+  };
 }
 
 // How much of the letter is in the supporter's own words, as they edit it (the server scores
@@ -132,7 +178,7 @@ function scoreLater() {
   clearTimeout(ownWordsTimer);
   ownWordsTimer = setTimeout(async () => {
     const { ok, data } = await call(
-      "POST", `/v1/campaigns/${encodeURIComponent(slug)}/preview`, previewBody($("body").value));
+      "POST", `/v1/campaigns/${encodeURIComponent(slug)}/preview`, previewBody($("body").value, answers()));
     if (ok) showOwnWords(data.own_words);
   }, 1000);
 }
@@ -150,7 +196,7 @@ async function send(event) {
       name: $("name").value, email: $("email").value, postcode: $("postcode").value,
       address_lines: addressLines(),
     },
-    letter: { subject: $("subject").value, body: $("body").value },
+    letter: { subject: $("subject").value, body: $("body").value, answers: answers() },
     contact_preferences: {
       email: choice("email"), phone: choice("phone"), sms: choice("sms"), post: choice("post"),
       wording_version: campaign.consent_version,

@@ -1,5 +1,5 @@
-"""letter_prints and letter_bands: each letter's own-words share and near-duplicate fingerprint
-(the comparison stage); letters: List-Id and own-words headers
+"""letter_prints: each letter's own-words share and near-duplicate fingerprint (the comparison
+stage); letters: List-Id and own-words headers
 
 Revision ID: 0019
 Revises: 0018
@@ -30,7 +30,6 @@ def upgrade() -> None:
         sa.Column("signature", sa.LargeBinary(), nullable=False),
         sa.Column("similar", sa.Integer(), nullable=False),
         sa.Column("similar_recent", sa.Integer(), nullable=False),
-        sa.Column("similar_anywhere", sa.Integer(), nullable=False),
         sa.Column("decision", sa.String(length=16), nullable=False),
         sa.ForeignKeyConstraint(
             ["submission_id"],
@@ -41,20 +40,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("submission_id", name="pk_letter_prints"),
     )
     op.create_index("ix_letter_prints_member_created", "letter_prints", ["member_id", "created_at"])
-    op.create_table(
-        "letter_bands",
-        sa.Column("band", sa.BigInteger(), autoincrement=False, nullable=False),
-        sa.Column("submission_id", sa.String(length=36), nullable=False),
-        sa.Column("created_at", WHEN, nullable=False),
-        sa.ForeignKeyConstraint(
-            ["submission_id"],
-            ["submissions.id"],
-            name="fk_letter_bands_submission_id_submissions",
-            ondelete="CASCADE",
-        ),
-        sa.PrimaryKeyConstraint("band", "submission_id", name="pk_letter_bands"),
-    )
-    op.create_index("ix_letter_bands_band_created", "letter_bands", ["band", "created_at"])
     with op.batch_alter_table("letters", schema=None) as batch_op:
         batch_op.add_column(sa.Column("list_id", sa.String(length=300), nullable=True))
         batch_op.add_column(sa.Column("own_words", sa.Integer(), nullable=True))
@@ -64,7 +49,5 @@ def downgrade() -> None:
     with op.batch_alter_table("letters", schema=None) as batch_op:
         batch_op.drop_column("own_words")
         batch_op.drop_column("list_id")
-    op.drop_index("ix_letter_bands_band_created", table_name="letter_bands")
-    op.drop_table("letter_bands")
     op.drop_index("ix_letter_prints_member_created", table_name="letter_prints")
     op.drop_table("letter_prints")

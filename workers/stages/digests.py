@@ -1,0 +1,277 @@
+"""The MP's daily digest: a campaign whose ``similar_letters`` policy is ``digest`` sends the
+day's near-identical letters to one MP as one email: how many constituents wrote and about what,
+the common text once, then each constituent's name, postcode, the words they added and the
+address to reply to them. Offices read one email instead of filtering N copies.
+
+Comparison decides (:mod:`workers.stages.comparison`); rendering stores each letter as usual
+(its reply address, its words) and leaves it ``in_digest``; :func:`build_due` (each reconciler
+pass, or ``dearmp review digest``) makes a campaign's digest per MP once a day from its
+``digest_hour``: a ``digests`` row and its outbox item (the same id), composed from its letters'
+rows at each attempt, DKIM-signed, within the per-MP limits. When it is sent its letters are
+delivered (each with a letter item marked sent, so the survey asks as for any letter) and each
+supporter is told; a bounce of it returns every letter in it (:func:`mates`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, time
+from typing import Any
+
+from sqlalchemy import exists, insert, select, update
+from sqlalchemy.orm import Session
+
+from schemas.campaign import CampaignDefinition
+from workers.database.models import (
+    Digest,
+    Letter,
+    LetterPrint,
+    OutboxItem,
+    OutboxStatus,
+    State,
+    Submission,
+    utcnow,
+)
+from workers.database.transitions import AlreadyMoved, At, advance, rowcount
+from workers.letters import originality
+from workers.letters.definitions import get_definition
+from workers.letters.mail import (
+    DkimSigner,
+    Draft,
+    Mailer,
+    from_domain,
+    header_text,
+    outgoing_email,
+)
+from workers.letters.rate_limits import Limiter
+from workers.outbox.sending import Kind, enqueue
+from workers.receiving.addresses import ReturnAddresses
+from workers.stages import delivery
+from workers.stages.comparison import letter_body
+from workers.stages.rendering import campaign_template, list_id
+
+KIND = KEY = "digest"
+NOTICE = "digested"  # the supporter's notice that their letter went in the digest
+
+
+def build_due(session: Session, now: datetime | None = None, force: bool = False) -> list[str]:
+    """Make the digests that are due: per campaign and MP with letters waiting, from the
+    campaign's ``digest_hour`` (UTC), at most one a day (``force``: now, for an operator). The
+    new digests' ids, which are their outbox items' (the caller sends them after the commit)."""
+    now = now or utcnow()
+    waiting = session.execute(
+        select(Submission.campaign_slug, Submission.member_id, Submission.id)
+        .join(LetterPrint, LetterPrint.submission_id == Submission.id)
+        .where(Submission.state == State.IN_DIGEST, LetterPrint.digest_id.is_(None))
+        .order_by(Submission.created_at, Submission.id)
+    ).all()
+    groups: dict[tuple[str, int], list[str]] = {}
+    for slug, member_id, submission_id in waiting:
+        if member_id is not None:  # a letter in a digest went to an MP resolution named
+            groups.setdefault((slug, member_id), []).append(submission_id)
+    today = datetime.combine(now.date(), time(0), now.tzinfo)
+    made = []
+    for (slug, member_id), ids in groups.items():
+        definition = get_definition(session, slug)
+        hour = definition.similar_letters.digest_hour if definition else 0
+        sent_today = session.scalar(
+            select(
+                exists().where(
+                    Digest.campaign_slug == slug,
+                    Digest.member_id == member_id,
+                    Digest.created_at >= today,
+                )
+            )
+        )
+        if not force and (now.hour < hour or sent_today):
+            continue
+        made.append(_make(session, slug, member_id, ids, now))
+    return made
+
+
+def _make(session: Session, slug: str, member_id: int, ids: list[str], now: datetime) -> str:
+    first = session.get(Letter, ids[0])
+    assert first is not None  # stored by rendering with the move to in_digest
+    digest = Digest(
+        campaign_slug=slug,
+        member_id=member_id,
+        to_name=first.to_name,
+        to_email=first.to_email,
+        letters=len(ids),
+        created_at=now,
+    )
+    session.add(digest)
+    session.flush()
+    taken = session.execute(
+        update(LetterPrint)
+        .where(LetterPrint.submission_id.in_(ids), LetterPrint.digest_id.is_(None))
+        .values(digest_id=digest.id)
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(taken) != len(ids):  # another pass took some: this one makes nothing
+        raise AlreadyMoved(f"letters for {slug} to MP {member_id} went in another digest")
+    session.execute(
+        insert(OutboxItem).values(id=digest.id, submission_id=ids[0], key=KEY, kind=KIND)
+    )
+    return digest.id
+
+
+def mates(session: Session, submission_id: str) -> list[str]:
+    """The other letters that went in the same digest as ``submission_id``'s (none if it went
+    on its own): a bounce of the digest returns them all."""
+    digest_id = select(LetterPrint.digest_id).where(LetterPrint.submission_id == submission_id)
+    return list(
+        session.scalars(
+            select(LetterPrint.submission_id).where(
+                LetterPrint.digest_id == digest_id.scalar_subquery(),
+                LetterPrint.submission_id != submission_id,
+            )
+        )
+    )
+
+
+def message_id(session: Session, submission_id: str, letter_message_id: str) -> str | None:
+    """The Message-ID of the digest the letter went in (on its letter's domain), if it did: a
+    report about that email is about the letter."""
+    digest_id = session.scalar(
+        select(LetterPrint.digest_id).where(LetterPrint.submission_id == submission_id)
+    )
+    return None if digest_id is None else f"<digest-{digest_id}@{letter_message_id.split('@')[-1]}"
+
+
+def own_words(definition: CampaignDefinition, body: str) -> list[str]:
+    """The paragraphs of a letter that are mostly the supporter's own words, as they wrote them."""
+    draft = originality.template(definition.draft_body)
+    paragraphs = [p.strip() for p in body.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    return [p for p in paragraphs if draft.share(p) >= 0.5]
+
+
+def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) -> Draft:
+    """The digest's email, from its letters' rows (submission, letter): the same rows, the
+    same bytes."""
+    first = letters[0].Submission
+    recipient = first.recipient or {}
+    context = {
+        "mp": {"name": digest.to_name, "constituency": recipient.get("constituency", "")},
+        "campaign": {"title": definition.title, "organisation": definition.organisation},
+    }
+    count = len(letters)
+    entries = []
+    for number, row in enumerate(letters, 1):
+        supporter = row.Submission.payload["supporter"]
+        added = own_words(definition, letter_body(definition, row.Submission.payload))
+        entries.append(
+            f"{number}. {supporter['name']}, {supporter['postcode']}\n"
+            f"   Reply to: {row.Letter.reply_to}\n"
+            + (
+                "   In their own words:\n" + "\n".join(f"   {p}" for p in added)
+                if added
+                else "   (no words of their own)"
+            )
+        )
+    text = (
+        f"{campaign_template(definition.salutation).render(context)}\n\n"
+        f"{count} of your constituents wrote to you through {definition.organisation} about "
+        f'"{definition.title}". Here is the letter they sent, once, then each constituent: '
+        "their name and postcode, the words they added, and the address that reaches them.\n\n"
+        f"{definition.draft_body.strip()}\n\n{definition.sign_off}\n\n"
+        "Your constituents:\n\n" + "\n\n".join(entries) + "\n"
+    )
+    return Draft(
+        from_name=header_text(definition.organisation, 120),
+        from_email=str(definition.from_email),
+        to_name=digest.to_name,
+        to_email=digest.to_email,
+        subject=header_text(f"{count} constituents wrote to you: {definition.title}", 200),
+        date=digest.created_at,
+        message_id=f"<digest-{digest.id}@{from_domain(str(definition.from_email))}>",
+        text=text,
+        headers=(("List-Id", list_id(definition)),),
+    )
+
+
+def _letters(session: Session, digest_id: str) -> list[Any]:
+    """The digest's letters whose supporters were not erased, oldest first."""
+    return list(
+        session.execute(
+            select(Submission, Letter)
+            .join(LetterPrint, LetterPrint.submission_id == Submission.id)
+            .join(Letter, Letter.submission_id == Submission.id)
+            .where(LetterPrint.digest_id == digest_id, Submission.erased_at.is_(None))
+            .order_by(Submission.created_at, Submission.id)
+        ).all()
+    )
+
+
+def kind(
+    mailer: Mailer,
+    policy: delivery.DeliveryPolicy,
+    limiter: Limiter | None,
+    signer: DkimSigner | None,
+    returns: ReturnAddresses | None,
+) -> Kind:
+    """The digest's kind of outbox item: sent as a letter (the per-MP limits, the letter's
+    channel), its letters moved on in the commit that ends it."""
+    letter = delivery.kind(mailer, policy, limiter, signer, returns)
+
+    def compose(session: Session, item: OutboxItem) -> delivery.LetterMail | str:
+        digest = session.get(Digest, item.id)
+        definition = get_definition(session, digest.campaign_slug) if digest else None
+        if digest is None or definition is None:
+            return "the digest or its campaign is gone"
+        letters = _letters(session, item.id)
+        if not letters:
+            return "every letter in it was erased"
+        limits = delivery.limits_for(policy, definition, digest.member_id, mailer.name)
+        delivery.wait_for_limits(limiter, item.id, limits)
+        bounce = returns.bounce(item.submission_id) if returns is not None else None
+        mail = outgoing_email(draft(definition, digest, letters), signer, bounce)
+        return delivery.LetterMail(item.id, mail, limits)
+
+    return Kind(
+        compose, done=_done, channel=letter.channel, max_attempts=policy.max_attempts,
+        sent=letter.sent,
+    )  # fmt: skip
+
+
+def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -> None:
+    """Its letters delivered (each with its letter item marked sent, for the survey) and their
+    supporters told; or failed with the reason."""
+    sent = status == OutboxStatus.SENT
+    now = utcnow()
+    ids = session.scalars(select(LetterPrint.submission_id).where(LetterPrint.digest_id == item.id))
+    for submission_id in ids.all():
+        try:
+            advance(
+                session,
+                At(submission_id, State.IN_DIGEST),
+                State.DELIVERED if sent else State.FAILED,
+                f"in the MP's digest {item.id}" if sent else (detail or "")[:500],
+                **({} if sent else {"failure_reason": (detail or "not sent")[:2000]}),
+            )
+        except AlreadyMoved:  # erased meanwhile: withdrawn
+            continue
+        if sent:
+            session.execute(
+                insert(OutboxItem).values(
+                    id=submission_id,
+                    submission_id=submission_id,
+                    key=delivery.KEY,
+                    kind=delivery.KIND,
+                    status=OutboxStatus.SENT,
+                    sent_at=now,
+                    response=f"in the MP's digest {item.id}",
+                )
+            )
+            enqueue(session, submission_id, NOTICE, NOTICE)
+
+
+def notice_text(definition: CampaignDefinition, mp_name: str, count: int) -> str:
+    """What a supporter is told when their letter went in the MP's digest."""
+    return (
+        f"Your letter went to {mp_name} today, in one email with the letters of {count - 1} "
+        f'other constituents who wrote about "{definition.title}".\n\n'
+        "MPs' offices filter many copies of the same letter; one email that gives your name, "
+        "your postcode and your own words is read. Replies from your MP come to you as "
+        "usual.\n\n"
+        f"{definition.organisation}\n"
+    )
