@@ -37,6 +37,7 @@ from workers.database.transitions import (
     At,
     advance,
     done,
+    group_of,
     move,
     one,
     read_one,
@@ -47,8 +48,7 @@ from workers.letters import originality
 from workers.letters.definitions import get_definition
 from workers.stages.stage import Stage
 
-# The newest letters to the same MP a letter is compared with (within the window).
-MOST_COMPARED = 1_000
+_SIGNATURES = "comparison.signatures"  # the group's read of the signatures to its MPs
 
 _READ = (
     submission_read("payload", "member_id")
@@ -120,28 +120,52 @@ def _similar_to_mp(
     now: datetime,
 ) -> tuple[int, int]:
     """Letters to the same MP at least ``rules.threshold`` alike: within the window, and within
-    the hold's hours. One read, of each distinct signature with its counts: copies of one
-    letter (most of a campaign's) are compared once."""
+    the hold's hours. Each distinct signature is compared once: copies of one letter (most of a
+    campaign's) cost one comparison."""
     if member_id is None:
         return 0, 0
-    since = now - timedelta(days=rules.window_days)
-    newest = (
-        select(LETTER_PRINTS.c.signature, LETTER_PRINTS.c.created_at)
-        .where(LETTER_PRINTS.c.member_id == member_id, LETTER_PRINTS.c.created_at >= since)
-        .order_by(LETTER_PRINTS.c.created_at.desc())
-        .limit(MOST_COMPARED)
-        .subquery()
-    )
-    recent = newest.c.created_at >= now - timedelta(hours=rules.hold_hours)
-    similar = within = 0
-    for packed, count, recently in session.execute(
-        select(newest.c.signature, func.count(), func.sum(case((recent, 1), else_=0))).group_by(
-            newest.c.signature
-        )
-    ):
+    similar = recent = 0
+    for packed, count, within in _signatures(session, rules, now, member_id).get(member_id, ()):
         if originality.similarity(sig, originality.unpack(packed)) >= rules.threshold:
-            similar, within = similar + count, within + int(recently or 0)
-    return similar, within
+            similar, recent = similar + count, recent + within
+    return similar, recent
+
+
+def _signatures(
+    session: Session, rules: SimilarLetters, now: datetime, member_id: int
+) -> dict[int, list[tuple[bytes, int, int]]]:
+    """For the MPs the group's letters go to: each distinct signature of the letters to them
+    within the window, with how many letters have it, and how many of those within the hold's
+    hours. One statement for the group, the first time (:func:`workers.database.transitions.
+    read_one`'s way; resolution reads the directory so)."""
+    group = group_of(session)
+    key = (_SIGNATURES, rules.window_days, rules.hold_hours)
+    found: dict[int, list[tuple[bytes, int, int]]] | None = group.read.get(key) if group else None
+    if found is not None:
+        return found
+    ids = group.ids if group is not None else []
+    members = {row.member_id for sid in ids if (row := read_one(session, _READ, sid)) is not None}
+    members = (members - {None}) | {member_id}
+    recent = LETTER_PRINTS.c.created_at >= now - timedelta(hours=rules.hold_hours)
+    rows = session.execute(
+        select(
+            LETTER_PRINTS.c.member_id,
+            LETTER_PRINTS.c.signature,
+            func.count(),
+            func.sum(case((recent, 1), else_=0)),
+        )
+        .where(
+            LETTER_PRINTS.c.member_id.in_(members),
+            LETTER_PRINTS.c.created_at >= now - timedelta(days=rules.window_days),
+        )
+        .group_by(LETTER_PRINTS.c.member_id, LETTER_PRINTS.c.signature)
+    )
+    found = {}
+    for member_id, packed, count, within in rows:
+        found.setdefault(member_id, []).append((packed, count, int(within or 0)))
+    if group is not None:
+        group.read[key] = found
+    return found
 
 
 def near_identical_anywhere(session: Session, campaign: str, threshold: float) -> int:
