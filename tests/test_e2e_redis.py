@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,67 @@ def test_restarting_redis_without_persistence_loses_no_submission(
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 150
     with session_scope(app.sessions) as session:
         assert session.scalar(select(func.max(OutboxItem.attempts))) == 1
+
+
+def test_the_three_policies_for_near_identical_letters_on_real_workers(
+    tmp_path: Path, db_url: str, redis_server: EmbeddedRedis
+) -> None:
+    """Three campaigns, one per policy (send, hold, digest), each writing to an MP of its own
+    (letters to one MP are compared whatever their campaign), each letter the draft as it is,
+    sent one after another through worker and reconciler processes on real Redis: after the
+    first, each is near-identical to those before it."""
+    from workers.database.models import Digest
+    from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages import comparison, digests
+    from workers.stages.stage import Stage
+
+    campaigns = tmp_path / "campaigns"
+    campaigns.mkdir()
+    sample = (REPO / "config" / "campaigns" / "political-prisoners.toml").read_text()
+    for policy in ("send", "hold", "digest"):
+        text = sample.replace('slug = "political-prisoners"', f'slug = "{policy}-letters"')
+        text += f'\n[similar_letters]\npolicy = "{policy}"\nhold_after = 1\ndigest_hour = 23\n'
+        (campaigns / f"{policy}.toml").write_text(text)
+    app = App.from_settings(make_settings(tmp_path, database_url=db_url, campaigns_dir=campaigns))
+    prepare(app)
+    broker = RedisBroker(url=redis_server.url, namespace="dearmp")
+    running = Stack(tmp_path, db_url, redis_server.url, DEARMP_CAMPAIGNS_DIR=str(campaigns))
+    running.start("worker", "--processes", "1", "--threads", "4")
+    running.start("reconcile")
+    try:
+        ids: dict[str, list[str]] = {}
+        mps = {"send": "DM1 1AA", "hold": "DM2 1AA", "digest": "DM3 1AA"}
+        for policy, postcode in mps.items():
+            for i in range(3):
+                payload = submission(campaign=f"{policy}-letters", supporter__postcode=postcode)
+                payload["supporter"]["email"] = f"{policy}{i}@example.com"
+                sid = submit(app, broker, payload)[0]
+                ids.setdefault(policy, []).append(sid)
+                settled = partial(_settled, app, sid)
+                assert wait_for(settled, 60, 0.05), running.log_text()[-3000:]
+        states = {p: [_state(app, sid) for sid in group] for p, group in ids.items()}
+        assert states == {
+            "send": ["delivered"] * 3,
+            "hold": ["delivered", "delivered", "in_review"],
+            "digest": ["delivered", "delivered", "in_digest"],
+        }, running.log_text()[-3000:]
+        with session_scope(app.sessions) as session:
+            assert comparison.release(session, ids["hold"][2])
+            made = digests.build_due(session, force=True)
+        dispatch_groups(broker, {Stage.RENDER: [ids["hold"][2]], Stage.DELIVER: made})
+        everything = [sid for group in ids.values() for sid in group]
+        assert wait_all_final(app, everything, timeout=60) == {"delivered": 9}
+        with session_scope(app.sessions) as session:
+            assert session.scalar(select(func.count()).select_from(Digest)) == 1
+        assert len(list((tmp_path / "outbox").glob("digest-*.eml"))) == 1
+    finally:
+        running.stop()
+        app.engine.dispose()
+
+
+def _state(app: App, sid: str) -> str:
+    return next(iter(state_counts(app, [sid])))
+
+
+def _settled(app: App, sid: str) -> bool:
+    return _state(app, sid) in ("delivered", "in_review", "in_digest", "rejected", "failed")
