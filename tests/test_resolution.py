@@ -301,7 +301,7 @@ def test_a_vacant_seat_holds_the_letter_until_a_new_directory_has_an_mp(uk: App)
         )
     with session_scope(uk.sessions) as session:
         assert (sid, Stage.RESOLVE) in find_stalled(session, timedelta(seconds=0))
-    assert step(uk, resolve, sid) == [Stage.RENDER]
+    assert step(uk, resolve, sid) == [Stage.COMPARE]
     assert [e.state for e in get(uk, sid).events] == ["received", "validated", "held", "resolved"]
 
 

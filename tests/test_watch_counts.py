@@ -16,7 +16,7 @@ from workers.pipeline.intake import accept
 def test_each_move_of_the_last_minute_counts_for_the_stage_it_moved_from(app: App) -> None:
     now = utcnow()
     paths = [
-        ["validated", "resolved", "rendered", "failed"],  # the letter failed: delivery's work
+        ["validated", "resolved", "compared", "rendered", "failed"],  # failed: delivery's work
         ["rejected"],  # validation's
         ["validated (old)", "failed"],  # resolution's (validated before the last minute)
     ]
@@ -32,6 +32,7 @@ def test_each_move_of_the_last_minute_counts_for_the_stage_it_moved_from(app: Ap
     assert {stage: n for stage, n in per_minute.items() if n and stage != "consent"} == {
         "validate": 2,
         "resolve": 2,
+        "compare": 1,
         "render": 1,
         "deliver": 1,
     }
