@@ -710,9 +710,9 @@ def test_dearmp_run_receives_bounces_in_the_same_process(app: App, stub_broker: 
         assert wait_for(lambda: state_counts(app, [sid]) == {"bounced": 1}, 30)
 
 
-def test_a_bounce_of_an_mps_digest_returns_every_letter_in_it(
-    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
-) -> None:
+def _digest_delivered(app: App, broker: Any, worker: dramatiq.Worker) -> tuple[list[str], str]:
+    """Three copies of the draft, one after another, to a campaign that puts them in digests
+    after the first, and the MP's digest of the last two sent: the three ids and the digest's."""
     from schemas.campaign import SimilarLetters
     from workers.letters.definitions import get_definition
     from workers.stages import digests
@@ -724,16 +724,25 @@ def test_a_bounce_of_an_mps_digest_returns_every_letter_in_it(
     # One after another: letters compared in one group do not see each other.
     ids = []
     for _ in range(3):
-        ids.append(submit(app, stub_broker, submission(letter__body=draft))[0])
-        drain(stub_broker, stub_worker)
+        ids.append(submit(app, broker, submission(letter__body=draft))[0])
+        drain(broker, worker)
     assert state_counts(app, ids) == {"delivered": 1, "in_digest": 2}
     with session_scope(app.sessions) as session:
         [made] = digests.build_due(session, force=True)
-        lead = session.get(OutboxItem, made).submission_id  # type: ignore[union-attr]
-    dispatch_groups(stub_broker, {Stage.DELIVER: [made]})
-    drain(stub_broker, stub_worker)
+    dispatch_groups(broker, {Stage.DELIVER: [made]})
+    drain(broker, worker)
     assert state_counts(app, ids) == {"delivered": 3}
-    rcpt = app.returns.bounce(lead)  # the digest's envelope: its first letter's return address
+    return ids, made
+
+
+def test_a_bounce_of_an_mps_digest_returns_every_letter_in_it(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from workers.stages import digests
+
+    ids, made = _digest_delivered(app, stub_broker, stub_worker)
+    lead = ids[1]  # the digest's envelope: its first letter's return address
+    rcpt = app.returns.bounce(lead)
     assert rcpt is not None
     letter = letter_of(app, lead)
     dsn = samples.postfix_dsn(f"<digest-{made}@campaign.example.org>", letter.to_email, rcpt)
@@ -742,4 +751,29 @@ def test_a_bounce_of_an_mps_digest_returns_every_letter_in_it(
     with session_scope(app.sessions) as session:
         notices = inbound.process(session, inbound_id, app.returns, policy)
     assert len(notices) == 2  # each supporter whose letter was in it is told
+    assert state_counts(app, ids) == {"delivered": 1, "bounced": 2}
+    with session_scope(app.sessions) as session:  # sent again, each on its own
+        member_id = session.get(Submission, lead).member_id  # type: ignore[union-attr]
+        assert len(resend_bounced(session, member_id, "new.office@mp.example.org")) == 2
+        assert digests.mates(session, lead) == []  # a later bounce returns it alone
+
+
+def test_a_mailgun_report_of_an_mps_digest_returns_every_letter_in_it(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    ids, made = _digest_delivered(app, stub_broker, stub_worker)
+    to = letter_of(app, ids[1]).to_email
+    event = {
+        "id": "digest-event",
+        "event": "failed",
+        "severity": "permanent",
+        "recipient": to,
+        "delivery-status": {"code": 550, "enhanced-code": "5.1.1", "message": "no such user"},
+        "message": {"headers": {"message-id": f"digest-{made}@campaign.example.org"}},
+    }
+    with ApiClient(create_app(lambda: app, stub_broker)) as client:
+        assert client.post("/v1/webhooks/mailgun", json=mailgun_body(event)).json() == {
+            "stored": True
+        }
+        drain(stub_broker, stub_worker)
     assert state_counts(app, ids) == {"delivered": 1, "bounced": 2}

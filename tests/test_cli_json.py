@@ -195,7 +195,12 @@ def test_reopen_dry_runs_asks_and_says_when_nothing_matches(
         session.execute(update(Submission).values(state=State.FAILED.value))
         session.execute(update(OutboxItem).where(OutboxItem.id == sid).values(status="failed"))
     dry = run("deliveries", "reopen", "--dry-run", "--json")
-    assert json.loads(dry.stdout) == {"dry_run": True, "reopened": [sid], "dead_letters_cleared": 0}
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "reopened": [sid],
+        "digests_reopened": [],
+        "dead_letters_cleared": 0,
+    }
     unasked = CliRunner().invoke(main, ["deliveries", "reopen"])
     assert unasked.exit_code == 1 and "Send 1 failed letters again?" in unasked.stderr
     with session_scope(app.sessions) as session:

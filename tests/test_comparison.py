@@ -11,6 +11,7 @@ from email import message_from_bytes, policy
 from typing import Any
 
 import dramatiq
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
@@ -30,7 +31,7 @@ from workers.pipeline.runtime import state_counts, submit
 from workers.stages.comparison import compare, near_identical_anywhere
 from workers.stages.rendering import render
 from workers.stages.resolution import resolve
-from workers.stages.stage import Stage
+from workers.stages.stage import Deferred, Stage
 from workers.stages.validation import validate
 
 SLUG = "political-prisoners"
@@ -236,3 +237,95 @@ def test_near_identical_letters_to_different_mps_are_counted_for_the_report(app:
     with session_scope(app.sessions) as session:
         assert near_identical_anywhere(session, SLUG, 0.9) == 2
         assert near_identical_anywhere(session, "nope", 0.9) == 0
+
+
+def _waiting_for_a_digest(app: App, broker: Any, worker: dramatiq.Worker) -> list[str]:
+    """Three copies of the draft, one after another, to a campaign that puts them in digests
+    after the first: the ids of the two waiting for the MP's digest."""
+    rules = SimilarLetters(policy="digest", hold_after=0, digest_hour=23)
+    with session_scope(app.sessions) as session:
+        update_definition(session, SLUG, similar_letters=rules)
+    ids = []
+    for i in range(3):
+        ids.append(submit(app, broker, submission(supporter__email=f"w{i}@example.com"))[0])
+        drain(broker, worker)
+    assert [get(app, sid).state for sid in ids] == ["delivered", "in_digest", "in_digest"]
+    return ids[1:]
+
+
+def test_a_digest_waits_for_a_paused_campaign_and_goes_without_an_erased_supporter(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from workers.database.models import OutboxItem
+    from workers.privacy.rights import erase_supporter
+    from workers.stages import digests, pauses
+
+    waiting = _waiting_for_a_digest(app, stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        assert pauses.pause_campaign(session, SLUG)
+        [made] = digests.build_due(session, force=True)
+    with pytest.raises(Deferred, match="the campaign is paused"):  # it waits, uncounted
+        send_item(app, made)
+    with session_scope(app.sessions) as session:
+        item = session.get(OutboxItem, made)
+        assert item is not None and (item.status, item.failures) == ("pending", 0)
+        assert item.error is None or "paused" in item.error
+        # The digest's first supporter asks to be erased: the others' letters still go.
+        erase_supporter(session, app.secret, "w1@example.com")
+        assert pauses.resume_campaign(session, SLUG) == [made]  # the digest is due again
+    send_item(app, made)
+    assert [get(app, sid).state for sid in waiting] == ["withdrawn", "delivered"]
+    sent = (app.settings.resolved_outbox_dir / f"digest-{made}.eml").read_text()
+    assert "1 constituents wrote to you" in sent or "1 constituent" in sent
+    assert "w2@example.com" in sent and "w1@example.com" not in sent
+    with session_scope(app.sessions) as session:  # its copy goes with the next erasure
+        erase_supporter(session, app.secret, "w2@example.com", app.settings.resolved_outbox_dir)
+    assert not (app.settings.resolved_outbox_dir / f"digest-{made}.eml").exists()
+
+
+def test_a_digest_given_up_is_reopened_with_its_letters_and_one_whose_move_was_lost_is_found(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from sqlalchemy import update
+
+    from tests.test_outbox import Recorder
+    from workers.database.models import OutboxItem, Submission
+    from workers.letters.mail import PermanentDeliveryError
+    from workers.outbox import sending as outbox
+    from workers.stages import digests
+    from workers.stages.delivery import DeliveryPolicy
+
+    waiting = _waiting_for_a_digest(app, stub_broker, stub_worker)
+    with session_scope(app.sessions) as session:
+        [made] = digests.build_due(session, force=True)
+    refused = Recorder(PermanentDeliveryError("550 5.1.1 no such mailbox"))
+    kind = digests.kind(refused, DeliveryPolicy(), None, None, app.returns)
+    with session_scope(app.sessions) as session:
+        outbox.send(session, made, refused, {digests.KIND: kind}, outbox.OutboxPolicy())
+    assert [get(app, sid).state for sid in waiting] == ["failed", "failed"]
+    cli = CliRunner()
+    assert cli.invoke(main, ["outbox", "retry", "--yes"]).exit_code == 1  # not the outbox's
+    reopened = json.loads(cli.invoke(main, ["deliveries", "reopen", "--yes", "--json"]).stdout)
+    assert reopened["digests_reopened"] == [made] and reopened["reopened"] == []
+    drain(stub_broker, stub_worker)
+    assert [get(app, sid).state for sid in waiting] == ["delivered", "delivered"]
+    with session_scope(app.sessions) as session:  # a worker stopped between the send and the move
+        session.execute(
+            update(Submission).where(Submission.id == waiting[0]).values(state="in_digest")
+        )
+        assert digests.stalled(session) == [made]
+        session.execute(update(OutboxItem).where(OutboxItem.id == made).values(status="sent"))
+    send_item(app, made)  # the outbox's repair makes the move again
+    assert get(app, waiting[0]).state == "delivered"
+
+
+def test_a_failing_address_cannot_be_paused(app: App) -> None:
+    from workers.database.models import AddressHealth
+    from workers.mp import health
+    from workers.stages import pauses
+
+    with session_scope(app.sessions) as session:
+        failing = "office@mp.example.org"
+        session.add(AddressHealth(email=failing, status=health.FAILING, reason="3 returned"))
+    with session_scope(app.sessions) as session, pytest.raises(LookupError, match="failing"):
+        pauses.pause_address(session, "Office@mp.example.org", "recess")

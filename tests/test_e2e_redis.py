@@ -152,7 +152,10 @@ def test_the_three_policies_for_near_identical_letters_on_real_workers(
     (letters to one MP are compared whatever their campaign), each letter the draft as it is,
     sent one after another through worker and reconciler processes on real Redis: after the
     first, each is near-identical to those before it."""
+    import redis
+
     from workers.database.models import Digest
+    from workers.pipeline import checks
     from workers.pipeline.dispatch import dispatch_groups
     from workers.stages import comparison, digests
     from workers.stages.stage import Stage
@@ -187,6 +190,9 @@ def test_the_three_policies_for_near_identical_letters_on_real_workers(
             "hold": ["delivered", "delivered", "in_review"],
             "digest": ["delivered", "delivered", "in_digest"],
         }, running.log_text()[-3000:]
+        client = redis.Redis.from_url(redis_server.url)
+        found = {c.name: c for c in checks.run(app, client, "dearmp", 3, 300)}
+        assert found["review"].status == "degraded" and "1 letters" in found["review"].detail
         with session_scope(app.sessions) as session:
             assert comparison.release(session, ids["hold"][2])
             made = digests.build_due(session, force=True)

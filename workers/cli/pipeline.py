@@ -819,32 +819,45 @@ def deliveries_reopen(
     dry_run: bool,
     yes: bool,
 ) -> None:
-    """Send failed letters again with a fresh count of attempts (after a configuration fix).
-    Asks first (--yes does not); exits 1 when no failed letter matches."""
+    """Send failed letters again with a fresh count of attempts (after a configuration fix),
+    and, without filters, MPs' digests given up with their letters. Asks first (--yes does
+    not); exits 1 when no failed letter matches."""
     from workers.database.engine import session_scope
     from workers.pipeline.dispatch import dispatch_groups
+    from workers.stages import digests
     from workers.stages.delivery import reopen_failed
     from workers.stages.stage import Stage
 
-    with session_scope(cli.app.sessions) as session:
-        found = reopen_failed(session, reason, campaign, member_id, dry_run=True)
-    if not found:
+    every = reason is None and campaign is None and member_id is None
+
+    def reopen(dry: bool) -> tuple[list[str], list[str]]:
+        with session_scope(cli.app.sessions) as session:
+            letters = reopen_failed(session, reason, campaign, member_id, dry_run=dry)
+            return letters, digests.reopen_failed(session, dry_run=dry) if every else []
+
+    found, digest_ids = reopen(True)
+    if not found and not digest_ids:
         raise Nothing("no failed letter matches: nothing reopened")
     if not dry_run:
-        confirm(yes, f"Send {len(found)} failed letters again?")
-        with session_scope(cli.app.sessions) as session:
-            found = reopen_failed(session, reason, campaign, member_id)
+        digests_too = f" and {len(digest_ids)} MPs' digests" if digest_ids else ""
+        confirm(yes, f"Send {len(found)} failed letters{digests_too} again?")
+        found, digest_ids = reopen(False)
     cleared = 0
-    if found and not dry_run:
-        dispatch_groups(cli.broker, {Stage.DELIVER: found})  # after the commit; else reconciler
+    if (found or digest_ids) and not dry_run:  # after the commit; else the reconciler
+        dispatch_groups(cli.broker, {Stage.DELIVER: found + digest_ids})
         cleared = _clear_dead(cli.app, Stage.DELIVER.actor, set(found))
     said = "would reopen" if dry_run else "reopened"
-    lines = [f"{said} {submission_id}" for submission_id in found]
+    lines = [f"{said} {one}" for one in found + digest_ids]
     if cleared:
         lines.append(f"cleared {cleared} dead letters these supersede")
     cli.say(
-        "\n".join([*lines, f"{said} {len(found)}"]),
-        {"dry_run": dry_run, "reopened": found, "dead_letters_cleared": cleared},
+        "\n".join([*lines, f"{said} {len(found)} letters and {len(digest_ids)} digests"]),
+        {
+            "dry_run": dry_run,
+            "reopened": found,
+            "digests_reopened": digest_ids,
+            "dead_letters_cleared": cleared,
+        },
     )
 
 

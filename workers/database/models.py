@@ -237,7 +237,7 @@ class Letter(Base):
     dkim_signature: Mapped[str | None] = mapped_column(Text)
     # Headers an MP's office can sort on: the campaign (List-Id) and the share of the letter in
     # the supporter's own words, in per cent (None: rendered before these were written).
-    list_id: Mapped[str | None] = mapped_column(String(300))
+    list_id: Mapped[str | None] = mapped_column(Text)
     own_words: Mapped[int | None] = mapped_column(Integer)
 
 
@@ -253,7 +253,7 @@ class LetterPrint(Base):
     submission_id: Mapped[str] = mapped_column(
         ForeignKey("submissions.id", ondelete="CASCADE"), primary_key=True
     )
-    campaign_slug: Mapped[str] = mapped_column(String(200))
+    campaign_slug: Mapped[str] = mapped_column(String(200), index=True)  # a campaign's report
     member_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     own_words: Mapped[float] = mapped_column(Float)

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from workers.database.models import (
     Letter,
     LetterEvent,
+    LetterPrint,
     OutboxItem,
     State,
     Submission,
@@ -125,6 +126,13 @@ def resend_bounced(
         )
         # Its item goes: rendering writes the letter's item afresh with the move to rendered.
         session.execute(delete(OutboxItem).where(OutboxItem.id == submission_id))
+        # Sent again on its own: no longer one of a digest's letters (a later bounce of it
+        # returns it alone).
+        session.execute(
+            update(LetterPrint)
+            .where(LetterPrint.submission_id == submission_id)
+            .values(digest_id=None)
+        )
         letter = session.get(Letter, submission_id)
         if letter is None:  # rendered afresh
             continue

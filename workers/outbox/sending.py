@@ -187,9 +187,10 @@ def overdue(
 def retry_failed(session: Session, kind: str | None = None, dry_run: bool = False) -> list[str]:
     """Items given up (``failed``) back to pending with a fresh count of failures, due now (the
     caller sends them after the commit): once the cause is fixed, a relay outage costs nothing.
-    ``kind``: only items of that kind. Not letters: a failed letter failed its submission too,
-    and ``dearmp deliveries reopen`` sends it again. The items retried (or that would be)."""
-    where = [OutboxItem.status == OutboxStatus.FAILED, OutboxItem.kind != "letter"]
+    ``kind``: only items of that kind. Not letters nor MPs' digests: a failed one failed its
+    submissions too, and ``dearmp deliveries reopen`` sends it again. The items retried (or
+    that would be)."""
+    where = [OutboxItem.status == OutboxStatus.FAILED, OutboxItem.kind.not_in(("letter", "digest"))]
     if kind is not None:
         where.append(OutboxItem.kind == kind)
     ids = list(session.scalars(select(OutboxItem.id).where(*where).order_by(OutboxItem.created_at)))

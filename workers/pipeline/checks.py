@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 from config.settings import Settings
 from workers.database.engine import session_scope
-from workers.database.models import OutboxItem, OutboxStatus, utcnow
+from workers.database.models import OutboxItem, OutboxStatus, State, Submission, utcnow
 from workers.mp import health as addresses
 from workers.outbox import sending as outbox
 from workers.pipeline.app import App
@@ -31,6 +31,8 @@ from workers.webhooks.events import KIND as WEBHOOK
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
 ORDER = {OK: 0, DEGRADED: 1, DOWN: 2}  # also the exit code
+# A day's digest is made once a day: a letter waiting longer, its reconciler is not running.
+DIGEST_LATE_HOURS = 36
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,17 @@ def _pipeline(
         hooks = outbox.overdue(session, now, late, lease, WEBHOOK)
         failing = addresses.failing_count(session)
         held_back = pauses.paused(session)
+        in_review = session.scalar(
+            select(func.count()).select_from(Submission).where(Submission.state == State.IN_REVIEW)
+        )
+        late_digests = session.scalar(
+            select(func.count())
+            .select_from(Submission)
+            .where(
+                Submission.state == State.IN_DIGEST,
+                Submission.updated_at < now - timedelta(hours=DIGEST_LATE_HOURS),
+            )
+        )
         failed = {k: n for (k, status), n in outbox.counts(session).items() if status == "failed"}
         retrying = session.execute(
             select(OutboxItem.error, func.count())
@@ -197,6 +210,24 @@ def _pipeline(
         held = [f"{p.name} ({p.waiting} letters waiting)" for p in held_back if p.what == what]
         if held:
             checks.append(Check(name, DEGRADED, f"paused: {', '.join(held)}; {resume} sends them"))
+    if in_review:
+        checks.append(
+            Check(
+                "review",
+                DEGRADED,
+                f"{in_review} letters near-identical to others wait for an operator: "
+                "`dearmp review list`",
+            )
+        )
+    if late_digests:
+        checks.append(
+            Check(
+                "digests",
+                DEGRADED,
+                f"{late_digests} letters have waited over {DIGEST_LATE_HOURS} h for their MP's "
+                "digest (is the reconciler running?): `dearmp review digest --now`",
+            )
+        )
     if failing:
         checks.append(
             Check(

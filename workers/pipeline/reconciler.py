@@ -243,9 +243,10 @@ def reconcile_once(
             due += find_after_sent(session, older_than, lease=lease)
     except Exception as exc:  # the pipeline's own resends above are not held up by it
         log.warning("reconciler_after_sent_failed", error=type(exc).__name__)
-    try:  # the MPs' daily digests that are due (workers.stages.digests)
+    try:  # the MPs' daily digests that are due, and those whose letters' move was lost
         with session_scope(sessions) as session:
-            due += [(digest, Stage.DELIVER) for digest in digests.build_due(session)]
+            made = digests.build_due(session) + digests.stalled(session)
+            due += [(digest, Stage.DELIVER) for digest in made]
     except Exception as exc:
         log.warning("reconciler_digests_failed", error=type(exc).__name__)
     for submission_id, stage in due:

@@ -112,10 +112,10 @@ STATES: dict[State, Row] = {
     # The supporter is told why: reasons per field.
     S.REJECTED:    Row(None, (), "Not sent: see the reasons.", final=True,
                        event="submission.rejected"),
-    # Needs an explanation (the reason is recorded); an operator may reopen a failed delivery
-    # (`dearmp deliveries reopen`).
+    # Needs an explanation (the reason is recorded); an operator may reopen a failed delivery,
+    # a letter's or an MP's digest's (`dearmp deliveries reopen`).
     S.FAILED:      Row(None, (), "We could not deliver it. The campaign team has been told.",
-                       final=True, later=(S.RENDERED,)),
+                       final=True, later=(S.RENDERED, S.IN_DIGEST)),
     S.EXPIRED:     Row(None, (), "Never confirmed, so it was not sent.", final=True),
     S.WITHDRAWN:   Row(None, (), "Withdrawn at your request.", final=True),
 }

@@ -44,6 +44,7 @@ from workers.letters.definitions import get_definition
 from workers.outbox.kinds import file_stem
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, current_preferences, hold
+from workers.stages.digests import KIND as DIGEST
 from workers.webhooks.events import KIND as WEBHOOK
 from workers.webhooks.events import emit
 
@@ -225,6 +226,11 @@ def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | 
     """Delete the kept text of what came back to the letter and the letter's fingerprint (its
     signature and bands are made from its words), skip the emails to the supporter not yet
     sent, and remove the file outbox's copies of them."""
+    digest_id = session.scalar(
+        select(LetterPrint.digest_id).where(LetterPrint.submission_id == submission_id)
+    )
+    if digest_id is not None:  # its copy names every constituent in it; sent without them
+        _remove_outbox_file(outbox_dir, f"digest-{digest_id}")
     session.execute(delete(LetterPrint).where(LetterPrint.submission_id == submission_id))
     session.execute(
         update(InboundMessage)
@@ -240,7 +246,9 @@ def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | 
         .where(
             OutboxItem.submission_id == submission_id,
             OutboxItem.status == OutboxStatus.PENDING,
-            OutboxItem.kind != WEBHOOK,  # a webhook is written when sent, without their details
+            # A webhook is written when sent, without their details; a digest carries other
+            # letters too, and is written without an erased one's.
+            OutboxItem.kind.not_in((WEBHOOK, DIGEST)),
         )
         .values(status=OutboxStatus.SKIPPED, error="erased at the supporter's request")
         .execution_options(synchronize_session=False)

@@ -178,20 +178,27 @@ def _compose(
     definition = get_definition(session, found.campaign_slug, found.definition_sha256)
     if definition is None:
         return "the campaign is gone"
-    if found.paused_at is not None:  # held: `dearmp campaigns resume` sends it at once
+    wait_while_held(definition, found.paused_at is not None, found.address_status == PAUSED)
+    limits = limits_for(policy, definition, found.member_id, account)
+    wait_for_limits(limiter, item.submission_id, limits)
+    letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
+    bounce = returns.bounce(item.submission_id) if returns is not None else None
+    return LetterMail(item.submission_id, outgoing(letter, signer, bounce), limits)
+
+
+def wait_while_held(definition: CampaignDefinition, paused: bool, address_paused: bool) -> None:
+    """What makes a letter (or an MP's digest) wait before it is claimed, costing no attempt
+    (:class:`Deferred`): its campaign paused (`dearmp campaigns resume` sends it at once), its
+    MP's address paused (`dearmp directory address EMAIL --ok`), the campaign's quiet hours."""
+    if paused:
         raise Deferred(PAUSED_LOOK, "the campaign is paused")
-    if found.address_status == PAUSED:  # `dearmp directory address EMAIL --ok` sends it
+    if address_paused:
         raise Deferred(PAUSED_LOOK, "the MP's address is paused")
     if definition.quiet_hours:
         quiet = definition.quiet_hours
         wait = seconds_until_open(utcnow(), quiet.start, quiet.end)
         if wait > 0:
             raise Deferred(wait, "quiet hours")
-    limits = limits_for(policy, definition, found.member_id, account)
-    wait_for_limits(limiter, item.submission_id, limits)
-    letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
-    bounce = returns.bounce(item.submission_id) if returns is not None else None
-    return LetterMail(item.submission_id, outgoing(letter, signer, bounce), limits)
 
 
 def wait_for_limits(limiter: Limiter | None, key: str, limits: list[Limit]) -> None:

@@ -14,6 +14,7 @@ supporter is told; a bounce of it returns every letter in it (:func:`mates`).
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, time
 from typing import Any
 
@@ -21,7 +22,10 @@ from sqlalchemy import exists, insert, select, update
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
+from workers.database.engine import insert_on_conflict
 from workers.database.models import (
+    AddressHealth,
+    Campaign,
     Digest,
     Letter,
     LetterPrint,
@@ -43,7 +47,8 @@ from workers.letters.mail import (
     outgoing_email,
 )
 from workers.letters.rate_limits import Limiter
-from workers.outbox.sending import Kind, enqueue
+from workers.mp import health
+from workers.outbox.sending import Kind, enqueue, send_again
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.comparison import letter_body
@@ -113,6 +118,73 @@ def _make(session: Session, slug: str, member_id: int, ids: list[str], now: date
         insert(OutboxItem).values(id=digest.id, submission_id=ids[0], key=KEY, kind=KIND)
     )
     return digest.id
+
+
+def stalled(session: Session) -> list[str]:
+    """Digests that ended (sent, given up) with letters still waiting in them: the worker
+    that sent one stopped before its letters moved on. Sent to delivery again, the outbox
+    makes their move (as for a letter whose move was lost)."""
+    return list(
+        session.scalars(
+            select(OutboxItem.id)
+            .join(LetterPrint, LetterPrint.digest_id == OutboxItem.id)
+            .join(Submission, Submission.id == LetterPrint.submission_id)
+            .where(
+                OutboxItem.kind == KIND,
+                OutboxItem.status.not_in((OutboxStatus.PENDING, OutboxStatus.SENDING)),
+                Submission.state == State.IN_DIGEST,
+            )
+            .distinct()
+        )
+    )
+
+
+def reopen_failed(session: Session, dry_run: bool = False) -> list[str]:
+    """Digests given up, back to waiting with a fresh count, their letters with them (the
+    caller sends them to delivery after the commit): ``dearmp deliveries reopen``'s, for
+    letters that went in a digest. The digests reopened (or that would be)."""
+    failed = list(
+        session.execute(
+            select(OutboxItem.id, Submission.id)
+            .join(LetterPrint, LetterPrint.digest_id == OutboxItem.id)
+            .join(Submission, Submission.id == LetterPrint.submission_id)
+            .where(
+                OutboxItem.kind == KIND,
+                OutboxItem.status.in_((OutboxStatus.FAILED, OutboxStatus.SKIPPED)),
+                Submission.state == State.FAILED,
+                Submission.erased_at.is_(None),
+            )
+        ).all()
+    )
+    digest_ids = sorted({digest_id for digest_id, _ in failed})
+    if dry_run:
+        return digest_ids
+    for _, submission_id in failed:
+        advance(
+            session,
+            At(submission_id, State.FAILED),
+            State.IN_DIGEST,
+            "digest reopened by an operator",
+            failure_reason=None,
+        )
+    return send_again(session, digest_ids, (OutboxStatus.FAILED, OutboxStatus.SKIPPED))
+
+
+_DIGEST_ID = re.compile(r"digest-([0-9a-f-]{36})@")
+
+
+def letter_named(session: Session, message_id: str) -> str | None:
+    """A letter of the digest a Message-ID names (``<digest-ID@domain>``), if one is there: a
+    provider's report about the digest (Mailgun's) is about its letters (:func:`mates`)."""
+    found = _DIGEST_ID.search(message_id)
+    if found is None:
+        return None
+    return session.scalar(
+        select(LetterPrint.submission_id)
+        .where(LetterPrint.digest_id == found.group(1))
+        .order_by(LetterPrint.created_at)
+        .limit(1)
+    )
 
 
 def mates(session: Session, submission_id: str) -> list[str]:
@@ -221,9 +293,19 @@ def kind(
         letters = _letters(session, item.id)
         if not letters:
             return "every letter in it was erased"
+        campaign = session.get(Campaign, digest.campaign_slug)
+        address = session.get(AddressHealth, health.key(digest.to_email))
+        delivery.wait_while_held(
+            definition,
+            campaign is not None and campaign.paused_at is not None,
+            address is not None and address.status == health.PAUSED,
+        )
         limits = delivery.limits_for(policy, definition, digest.member_id, mailer.name)
         delivery.wait_for_limits(limiter, item.id, limits)
-        bounce = returns.bounce(item.submission_id) if returns is not None else None
+        # Its return address: its first letter's still there (a report names that letter, and
+        # mates() the others; the item's own submission may have been erased since).
+        first = letters[0].Submission.id
+        bounce = returns.bounce(first) if returns is not None else None
         mail = outgoing_email(draft(definition, digest, letters), signer, bounce)
         return delivery.LetterMail(item.id, mail, limits)
 
@@ -251,8 +333,9 @@ def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -
         except AlreadyMoved:  # erased meanwhile: withdrawn
             continue
         if sent:
-            session.execute(
-                insert(OutboxItem).values(
+            session.execute(  # made again by a repair: there already
+                insert_on_conflict(session, OutboxItem)
+                .values(
                     id=submission_id,
                     submission_id=submission_id,
                     key=delivery.KEY,
@@ -261,6 +344,7 @@ def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -
                     sent_at=now,
                     response=f"in the MP's digest {item.id}",
                 )
+                .on_conflict_do_nothing()
             )
             enqueue(session, submission_id, NOTICE, NOTICE)
 

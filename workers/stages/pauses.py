@@ -29,6 +29,7 @@ from workers.mp import health
 from workers.outbox.sending import due_now
 
 LETTER = "letter"  # the letter's outbox kind (workers.stages.delivery.KIND)
+DIGEST = "digest"  # an MP's digest's (workers.stages.digests.KIND), its item's the first letter's
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,12 @@ def resume_campaign(session: Session, slug: str) -> list[str]:
         raise LookupError(
             f"{slug} is not paused" if session.get(Campaign, slug) else f"no campaign {slug}"
         )
-    return due_now(session, LETTER, of=_of_campaign(slug))
+    return _due(session, _of_campaign(slug))
 
 
 def pause_address(session: Session, address: str, reason: str) -> bool:
-    """Hold every letter to ``address``. False if it was paused already."""
+    """Hold every letter to ``address``. False if it was paused already; LookupError if it is
+    marked failing (its new letters are held at resolution already)."""
     key = health.key(address)
     row = session.get(AddressHealth, key, with_for_update=True)
     if row is None:
@@ -86,6 +88,8 @@ def pause_address(session: Session, address: str, reason: str) -> bool:
         return True
     if row.status == health.PAUSED:
         return False
+    if row.status == health.FAILING:  # its letters are held already; its mark must stay
+        raise LookupError(f"{address} is marked failing: `--ok` once it works, then pause it")
     row.status, row.reason, row.changed_at = health.PAUSED, reason[:500], utcnow()
     return True
 
@@ -97,7 +101,12 @@ def resume_address(session: Session, address: str) -> list[str]:
     if row is None or row.status != health.PAUSED:
         raise LookupError(f"{address} is not paused")
     row.status, row.reason, row.changed_at = health.OK, "resumed by an operator", utcnow()
-    return due_now(session, LETTER, of=_to_address(address))
+    return _due(session, _to_address(address))
+
+
+def _due(session: Session, of: Select[tuple[str]]) -> list[str]:
+    """The letters, and MPs' digests, of the submissions ``of`` selects, due now."""
+    return due_now(session, LETTER, of=of) + due_now(session, DIGEST, of=of)
 
 
 def _waiting(session: Session, of: Select[tuple[str]]) -> int:

@@ -16,7 +16,7 @@ from workers.database.models import Letter
 from workers.pipeline.dispatch import dispatch_groups
 from workers.receiving import mailgun
 from workers.receiving.store import Replayed, forget_tokens, store
-from workers.stages import survey
+from workers.stages import digests, survey
 from workers.stages.stage import Stage
 from workers.web.bodies import CONFIRM_RESPONSES, Errors, problem
 from workers.web.dependencies import AppDep, IntakeDep
@@ -73,6 +73,7 @@ def mailgun_webhook(body: MailgunEvent, app: AppDep, intake: IntakeDep) -> Any:
     with session_scope(app.sessions) as session:
         submission_id = (
             session.scalar(select(Letter.submission_id).where(Letter.message_id == message_id))
+            or digests.letter_named(session, message_id)  # an MP's digest: its letters'
             if message_id
             else None
         )

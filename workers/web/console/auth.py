@@ -71,8 +71,6 @@ class Throttle:
 
     def failed(self, name: str, now: float) -> None:
         with self.lock:
-            if len(self.failures) > 10_000:  # names are the caller's choice: bound the memory
-                self.failures.clear()
             self.failures.setdefault(name, []).append(now)
 
     def succeeded(self, name: str) -> None:
@@ -92,7 +90,8 @@ def check_login(
     if good:
         throttle.succeeded(name)
         return name
-    throttle.failed(name, now)
+    if name in accounts:  # only real accounts can be locked out: junk names grow nothing
+        throttle.failed(name, now)
     return None
 
 

@@ -41,7 +41,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_letter_prints_member_created", "letter_prints", ["member_id", "created_at"])
     with op.batch_alter_table("letters", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("list_id", sa.String(length=300), nullable=True))
+        batch_op.add_column(sa.Column("list_id", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("own_words", sa.Integer(), nullable=True))
 
 
@@ -49,5 +49,6 @@ def downgrade() -> None:
     with op.batch_alter_table("letters", schema=None) as batch_op:
         batch_op.drop_column("own_words")
         batch_op.drop_column("list_id")
+    op.drop_index("ix_letter_prints_campaign_slug", table_name="letter_prints")
     op.drop_index("ix_letter_prints_member_created", table_name="letter_prints")
     op.drop_table("letter_prints")
