@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("submission_id", name="pk_letter_prints"),
     )
     op.create_index("ix_letter_prints_member_created", "letter_prints", ["member_id", "created_at"])
+    op.create_index("ix_letter_prints_campaign_slug", "letter_prints", ["campaign_slug"])
     with op.batch_alter_table("letters", schema=None) as batch_op:
         batch_op.add_column(sa.Column("list_id", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("own_words", sa.Integer(), nullable=True))
