@@ -36,7 +36,14 @@ from workers.pipeline.intake import accept  # noqa: E402
 from workers.pipeline.runtime import prepare  # noqa: E402
 from workers.stages.stage import Stage  # noqa: E402
 
-STAGES = (Stage.VALIDATE, Stage.RESOLVE, Stage.CONSENT, Stage.RENDER, Stage.DELIVER)
+STAGES = (
+    Stage.VALIDATE,
+    Stage.RESOLVE,
+    Stage.CONSENT,
+    Stage.COMPARE,
+    Stage.RENDER,
+    Stage.DELIVER,
+)
 
 
 def main() -> None:
