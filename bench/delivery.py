@@ -30,6 +30,7 @@ from workers.pipeline.app import App  # noqa: E402
 from workers.pipeline.dispatch import stage_message  # noqa: E402
 from workers.pipeline.embedded_redis import EmbeddedRedis  # noqa: E402
 from workers.pipeline.intake import accept  # noqa: E402
+from workers.stages.comparison import compare  # noqa: E402
 from workers.stages.rendering import render  # noqa: E402
 from workers.stages.resolution import resolve  # noqa: E402
 from workers.stages.stage import Stage  # noqa: E402
@@ -41,7 +42,7 @@ def rendered_letters(app: App, n: int) -> list[str]:
     for i in range(n):
         with session_scope(app.sessions) as session:
             sid = accept(session, submission(supporter__email=f"d{i}@example.com"), app.secret)
-        for step in (validate, resolve):
+        for step in (validate, resolve, compare):
             with session_scope(app.sessions) as session:
                 step(session, sid.submission_id)
         with session_scope(app.sessions) as session:
