@@ -4,12 +4,15 @@ and what the comparison found."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import click
 from sqlalchemy import case, func, select
 
+from schemas.campaign import SimilarLetters
 from workers.cli.base import Cli, confirm, json_option, pass_cli, yes_option
 from workers.database.engine import session_scope
-from workers.database.models import LetterPrint, State, Submission
+from workers.database.models import LetterPrint, State, Submission, utcnow
 from workers.letters.definitions import get_definition
 from workers.pipeline.dispatch import dispatch_groups
 from workers.stages import comparison, digests
@@ -171,8 +174,9 @@ def review_report(cli: Cli, campaign: str) -> None:
             )
         ]
         definition = get_definition(session, campaign)
-        threshold = definition.similar_letters.threshold if definition else 0.9
-        anywhere = comparison.near_identical_anywhere(session, campaign, threshold)
+        rules = definition.similar_letters if definition else SimilarLetters()
+        since = utcnow() - timedelta(days=rules.window_days)
+        anywhere = comparison.near_identical_anywhere(session, campaign, rules.threshold, since)
     if not per_mp:
         raise click.ClickException(f"no letters of {campaign} have been compared")
     text = "\n".join(

@@ -21,7 +21,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, insert, select
+from sqlalchemy import case, func, insert, select, true
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition, SimilarLetters
@@ -168,14 +168,18 @@ def _signatures(
     return found
 
 
-def near_identical_anywhere(session: Session, campaign: str, threshold: float) -> int:
-    """A campaign's letters near-identical to a letter to another MP: locality-sensitive hashing
-    over its distinct signatures (each band a bucket; a bucket's signatures linked to its first
-    when at least ``threshold`` alike), then the letters of clusters that reached two MPs."""
+def near_identical_anywhere(
+    session: Session, campaign: str, threshold: float, since: datetime | None = None
+) -> int:
+    """A campaign's letters (compared ``since``) near-identical to a letter to another MP:
+    locality-sensitive hashing over its distinct signatures (each band a bucket; a bucket's
+    signatures linked to its first when at least ``threshold`` alike), then the letters of
+    clusters that reached two MPs."""
     letters: dict[bytes, tuple[set[int | None], int]] = {}
+    window = LETTER_PRINTS.c.created_at >= since if since is not None else true()
     for packed, member_id, count in session.execute(
         select(LETTER_PRINTS.c.signature, LETTER_PRINTS.c.member_id, func.count())
-        .where(LETTER_PRINTS.c.campaign_slug == campaign)
+        .where(LETTER_PRINTS.c.campaign_slug == campaign, window)
         .group_by(LETTER_PRINTS.c.signature, LETTER_PRINTS.c.member_id)
     ):
         members, total = letters.get(packed, (set(), 0))
