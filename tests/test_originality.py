@@ -213,3 +213,16 @@ def test_template_is_built_once() -> None:
     """own_words_share builds a campaign's Template once and reuses it."""
     assert o.template(DRAFT) is o.template(DRAFT)
     assert isinstance(o.template(DRAFT), Template)
+
+
+def test_the_passages_a_writer_added_are_quoted_as_written() -> None:
+    """What an MP's digest shows of each letter: its own words, even inside a sentence of the
+    template, apostrophes and capitals as typed; not a word changed here and there."""
+    draft = Template(DRAFT)
+    first = DRAFT.strip().splitlines()[0]
+    extended = f"{first.rstrip('.')} and to urge the Government to act."
+    assert draft.added(extended) == ["and to urge the Government to act"]
+    own = f"{DRAFT}\n\nMy cousin wasn\u2019t charged.\n\nYours sincerely,\nAmira"
+    assert draft.added(own) == ["My cousin wasn\u2019t charged"]
+    assert draft.added(f"Dear Alex,\n{DRAFT}") == []
+    assert draft.added("") == [] and Template("").added("Two words") == []

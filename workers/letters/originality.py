@@ -48,6 +48,9 @@ _INVISIBLE = re.compile(
     "[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff'\u2018\u2019\u02bc`]"
 )
 _WORD = re.compile(r"[^\W_]+")
+# A word as written, its apostrophes kept (for quoting a letter's own words back).
+_APOSTROPHES = re.compile("['\u2018\u2019\u02bc`]")
+_WRITTEN = re.compile(r"[^\W_]+(?:['\u2018\u2019\u02bc`][^\W_]+)*")
 _SALUTATION = re.compile(r"(dear|hello|hi|to whom it may concern)\b")
 _CLOSING = re.compile(
     r"(yours(\s+(sincerely|faithfully|truly|respectfully))?|sincerely|faithfully|respectfully"
@@ -70,6 +73,14 @@ def words(text: str) -> list[str]:
         lines = lines[1:]
     lines = lines[: _closing_start(lines)]
     return _WORD.findall("\n".join(lines))
+
+
+def _visible(text: str) -> str:
+    """The text without invisible format characters, its apostrophes kept."""
+    return _INVISIBLE.sub(
+        lambda m: m.group() if _APOSTROPHES.fullmatch(m.group()) else "",
+        unicodedata.normalize("NFKC", text),
+    )
 
 
 def _is_salutation(line: str) -> bool:
@@ -124,6 +135,31 @@ class Template:
                 covered += min(n, i + n - reach)
                 reach = i + n
         return (len(letter) - covered) / len(letter)
+
+    def added(self, text: str, least: int = 3) -> list[str]:
+        """The passages of a letter in the writer's own words, as they wrote them: its runs of
+        at least ``least`` words that no SHINGLE-word run shared with the template covers
+        (salutation and sign-off left out, as :func:`words` does)."""
+        lines = [line.strip() for line in _visible(text).splitlines() if line.strip()]
+        if lines and _is_salutation(lines[0].casefold()):
+            lines = lines[1:]
+        body = "\n".join(lines[: _closing_start([line.casefold() for line in lines])])
+        found = list(_WRITTEN.finditer(body))
+        letter = [_APOSTROPHES.sub("", m.group()).casefold() for m in found]
+        n = min(SHINGLE, len(letter), len(self.words))
+        ours = [True] * len(letter)
+        for i, gram in enumerate(_grams(letter, n) if n else ()):
+            if gram in self._grams[n]:
+                ours[i : i + n] = [False] * n
+        passages, start = [], None
+        for i, own in enumerate([*ours, False]):
+            if own and start is None:
+                start = i
+            elif not own and start is not None:
+                if i - start >= least:
+                    passages.append(body[found[start].start() : found[i - 1].end()])
+                start = None
+        return passages
 
 
 @functools.lru_cache(maxsize=64)

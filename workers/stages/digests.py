@@ -210,13 +210,6 @@ def message_id(session: Session, submission_id: str, letter_message_id: str) -> 
     return None if digest_id is None else f"<digest-{digest_id}@{letter_message_id.split('@')[-1]}"
 
 
-def own_words(definition: CampaignDefinition, body: str) -> list[str]:
-    """The paragraphs of a letter that are mostly the supporter's own words, as they wrote them."""
-    draft = originality.template(definition.draft_body)
-    paragraphs = [p.strip() for p in body.replace("\r\n", "\n").split("\n\n") if p.strip()]
-    return [p for p in paragraphs if draft.share(p) >= 0.5]
-
-
 def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) -> Draft:
     """The digest's email, from its letters' rows (submission, letter): the same rows, the
     same bytes."""
@@ -227,25 +220,27 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
         "campaign": {"title": definition.title, "organisation": definition.organisation},
     }
     count = len(letters)
+    suggested = originality.template(definition.draft_body)
     entries = []
     for number, row in enumerate(letters, 1):
         supporter = row.Submission.payload["supporter"]
-        added = own_words(definition, letter_body(definition, row.Submission.payload))
+        added = suggested.added(letter_body(definition, row.Submission.payload))
         entries.append(
             f"{number}. {supporter['name']}, {supporter['postcode']}\n"
             f"   Reply to: {row.Letter.reply_to}\n"
             + (
-                "   In their own words:\n" + "\n".join(f"   {p}" for p in added)
+                "   What they wrote themselves:\n" + "\n".join(f'   "{p}"' for p in added)
                 if added
-                else "   (no words of their own)"
+                else "   (the campaign's letter, with no words of their own)"
             )
         )
     text = (
         f"{campaign_template(definition.salutation).render(context)}\n\n"
         f"{count} of your constituents wrote to you through {definition.organisation} about "
-        f'"{definition.title}". Here is the letter they sent, once, then each constituent: '
-        "their name and postcode, the words they added, and the address that reaches them.\n\n"
-        f"{definition.draft_body.strip()}\n\n{definition.sign_off}\n\n"
+        f'"{definition.title}". Each sent the campaign\'s suggested letter below, in whole or in '
+        "part; after it, each constituent: their name and postcode, the passages they wrote "
+        "themselves, and the address that reaches them.\n\n"
+        f"The campaign's suggested letter:\n\n{definition.draft_body.strip()}\n\n"
         "Your constituents:\n\n" + "\n\n".join(entries) + "\n"
     )
     return Draft(
