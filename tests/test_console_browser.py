@@ -32,6 +32,7 @@ def fits(page: Any) -> None:
     assert width <= NARROW["width"], f"{page.url} is {width} px wide"
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the page, not the database
 def test_an_operator_pauses_and_resumes_a_campaign_at_390_px(
     console_data: list[str],
     server: str,  # noqa: F811

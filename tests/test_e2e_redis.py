@@ -145,6 +145,7 @@ def test_restarting_redis_without_persistence_loses_no_submission(
         assert session.scalar(select(func.max(OutboxItem.attempts))) == 1
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # production's: CI's time
 def test_the_three_policies_for_near_identical_letters_on_real_workers(
     tmp_path: Path, db_url: str, redis_server: EmbeddedRedis
 ) -> None:
