@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, time
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import exists, insert, select, update
+from sqlalchemy import Select, exists, insert, select, update
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
@@ -55,6 +55,7 @@ from workers.stages.comparison import letter_body
 from workers.stages.rendering import campaign_template, list_id
 
 KIND = KEY = "digest"
+_Query = TypeVar("_Query", bound=Select[*tuple[Any, ...]])
 NOTICE = "digested"  # the supporter's notice that their letter went in the digest
 
 
@@ -120,17 +121,23 @@ def _make(session: Session, slug: str, member_id: int, ids: list[str], now: date
     return digest.id
 
 
+def _with_letters(query: _Query) -> _Query:
+    """``query`` over the digests' outbox items joined to their letters' submissions."""
+    return (
+        query.join(LetterPrint, LetterPrint.digest_id == OutboxItem.id)
+        .join(Submission, Submission.id == LetterPrint.submission_id)
+        .where(OutboxItem.kind == KIND)
+    )
+
+
 def stalled(session: Session) -> list[str]:
     """Digests that ended (sent, given up) with letters still waiting in them: the worker
     that sent one stopped before its letters moved on. Sent to delivery again, the outbox
     makes their move (as for a letter whose move was lost)."""
     return list(
         session.scalars(
-            select(OutboxItem.id)
-            .join(LetterPrint, LetterPrint.digest_id == OutboxItem.id)
-            .join(Submission, Submission.id == LetterPrint.submission_id)
+            _with_letters(select(OutboxItem.id))
             .where(
-                OutboxItem.kind == KIND,
                 OutboxItem.status.not_in((OutboxStatus.PENDING, OutboxStatus.SENDING)),
                 Submission.state == State.IN_DIGEST,
             )
@@ -145,11 +152,7 @@ def reopen_failed(session: Session, dry_run: bool = False) -> list[str]:
     letters that went in a digest. The digests reopened (or that would be)."""
     failed = list(
         session.execute(
-            select(OutboxItem.id, Submission.id)
-            .join(LetterPrint, LetterPrint.digest_id == OutboxItem.id)
-            .join(Submission, Submission.id == LetterPrint.submission_id)
-            .where(
-                OutboxItem.kind == KIND,
+            _with_letters(select(OutboxItem.id, Submission.id)).where(
                 OutboxItem.status.in_((OutboxStatus.FAILED, OutboxStatus.SKIPPED)),
                 Submission.state == State.FAILED,
                 Submission.erased_at.is_(None),
