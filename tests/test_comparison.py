@@ -6,7 +6,7 @@ fingerprint."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from typing import Any
 
@@ -22,12 +22,15 @@ from tests.test_outbox import send_item
 from tests.test_stages import get, step, store
 from workers.cli import main
 from workers.database.engine import session_scope
-from workers.database.models import Letter, LetterPrint, State
+from workers.database.models import Letter, LetterPrint, PrintCount, State
+from workers.database.transitions import run_group
 from workers.letters import originality
 from workers.letters.definitions import get_definition, update_definition
 from workers.letters.mail.messages import letter_bytes
 from workers.pipeline.app import App
+from workers.pipeline.dispatch import stage_message
 from workers.pipeline.runtime import state_counts, submit
+from workers.stages import comparison
 from workers.stages.comparison import compare, near_identical_anywhere
 from workers.stages.rendering import render
 from workers.stages.resolution import resolve
@@ -152,15 +155,79 @@ def test_a_campaign_that_holds_near_identical_letters_sends_them_to_review_until
     assert unknown.exit_code == 1
 
 
-def test_erasure_forgets_the_letters_fingerprint(app: App) -> None:
+def _counts(app: App) -> list[tuple[int, int]]:
+    with session_scope(app.sessions) as session:
+        return [tuple(r) for r in session.execute(select(PrintCount.member_id, PrintCount.letters))]
+
+
+def test_erasure_forgets_the_letters_fingerprint_and_takes_it_off_its_count(app: App) -> None:
     from workers.privacy.rights import erase_supporter
 
+    kept = _compared(app, _draft(app), "kept@example.com")
     sid = _compared(app, _draft(app), "erase.me@example.com")
-    step(app, compare, sid)
+    assert run_group(app.sessions, [kept, sid], comparison.plan)  # together: one count of two
+    [(member, letters)] = _counts(app)
+    assert letters == 2 and member == _print(app, sid).member_id
     with session_scope(app.sessions) as session:
         erase_supporter(session, app.secret, "erase.me@example.com")
     with session_scope(app.sessions) as session:
         assert session.get(LetterPrint, sid) is None
+    assert _counts(app) == [(member, 1)]
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, "kept@example.com")
+    assert _counts(app) == []  # a count that reaches nothing goes
+
+
+def test_letters_counted_before_the_hold_window_or_the_comparison_window_are_not_recent(
+    app: App,
+) -> None:
+    draft = _draft(app)
+    first = _compared(app, draft, "first@example.com")
+    step(app, compare, first)
+    member = _print(app, first).member_id
+    with session_scope(app.sessions) as session:  # the hour it was counted in, moved back
+        [count] = session.scalars(select(PrintCount)).all()
+        count.hour -= timedelta(hours=26)
+    second = _compared(app, draft, "second@example.com")
+    step(app, compare, second)
+    assert (_print(app, second).similar, _print(app, second).similar_recent) == (1, 0)
+    with session_scope(app.sessions) as session:
+        for count in session.scalars(select(PrintCount)):
+            count.hour -= timedelta(days=31)
+    third = _compared(app, draft, "third@example.com")
+    step(app, compare, third)
+    assert (_print(app, third).similar, _print(app, third).similar_recent) == (0, 0)
+    assert sorted(_counts(app)) == [(member, 1), (member, 1), (member, 1)]
+
+
+def test_the_comparison_runs_in_line_after_resolution_and_on_its_queue_when_it_cannot(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = store(app, submission())
+    step(app, validate, sid)
+    ran: list[str] = []
+    stub_broker.actors[Stage.COMPARE.actor].fn, original = (
+        lambda message: ran.append("message"),
+        stub_broker.actors[Stage.COMPARE.actor].fn,
+    )
+    stub_broker.enqueue(stage_message(Stage.RESOLVE, sid))
+    stub_broker.join(Stage.RESOLVE.queue)
+    stub_worker.join()
+    assert State.COMPARED in [e.state for e in get(app, sid).events]
+    assert ran == []  # compared by the worker that resolved it: no message to its queue
+
+    def broken(session: Any, submission_id: str) -> Any:
+        raise RuntimeError("the comparison cannot run here")
+
+    other = store(app, submission(supporter__email="other@example.com"))
+    step(app, validate, other)
+    monkeypatch.setattr(comparison, "plan", broken)
+    stub_broker.enqueue(stage_message(Stage.RESOLVE, other))
+    stub_broker.join(Stage.RESOLVE.queue)
+    stub_broker.join(Stage.COMPARE.queue)
+    stub_worker.join()
+    assert get(app, other).state == State.RESOLVED and ran == ["message"]  # sent on its queue
+    stub_broker.actors[Stage.COMPARE.actor].fn = original
 
 
 def test_a_digest_campaign_sends_the_days_near_identical_letters_to_an_mp_as_one_email(

@@ -134,6 +134,51 @@ def test_consent_events_from_before_the_ledger_are_chained_so_the_ledger_verifie
     assert checked.events == 3 and checked.intact, checked
 
 
+def test_letters_compared_before_their_counts_existed_are_counted_by_the_hour(
+    db_url: str,
+) -> None:
+    """Migration 0021 counts the fingerprints stored before it, so holds go on counting them."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select, text
+
+    from workers.database.models import PRINT_COUNTS
+
+    config = alembic_config(db_url)
+    command.downgrade(config, "0020")
+    engine = create_engine(db_url)
+    compared = [(7, 9, 5), (7, 9, 55), (7, 10, 5), (None, 9, 0)]  # MP, hour, minute
+    with engine.begin() as conn:
+        for i, (member, hour, minute) in enumerate(compared):
+            at = datetime(2026, 12, 1, hour, minute, 30, 123456, tzinfo=UTC)
+            row = {"id": f"s-{i}", "m": member, "at": at, "sig": bytes([1]) * 256}
+            conn.execute(
+                text(
+                    "INSERT INTO submissions (id, campaign_slug, state, created_at, updated_at, "
+                    "dispatched_at) VALUES (:id, 'c', 'compared', :at, :at, :at)"
+                ),
+                row,
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO letter_prints (submission_id, campaign_slug, member_id, "
+                    'created_at, own_words, signature, "similar", similar_recent, decision) '
+                    "VALUES (:id, 'c', :m, :at, 0, :sig, 0, 0, 'send')"
+                ),
+                row,
+            )
+    command.upgrade(config, "head")
+    counts = PRINT_COUNTS.c  # read as the stage reads them (SQLite keeps times as text)
+    with engine.connect() as conn:
+        rows = conn.execute(select(counts.member_id, counts.hour, counts.letters).order_by("hour"))
+        rows = rows.all()
+    engine.dispose()
+    assert [(m, h.replace(tzinfo=None), n) for m, h, n in rows] == [
+        (7, datetime(2026, 12, 1, 9), 2),
+        (7, datetime(2026, 12, 1, 10), 1),
+    ]
+
+
 def test_every_variable_compose_sets_is_a_setting() -> None:
     """A misspelled variable would stop every container at start (configuration fails fast)."""
     from config.settings import unknown_variables

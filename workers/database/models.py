@@ -267,6 +267,20 @@ class LetterPrint(Base):
     digest_id: Mapped[str | None] = mapped_column(String(36), index=True)
 
 
+class PrintCount(Base):
+    """How many letters to an MP had one signature in one hour: what the comparison stage reads
+    to count near-identical letters (a read of the distinct letters to an MP, however many
+    copies of each were sent). Written with the letters' fingerprints, in the same transaction;
+    an erased or scrubbed letter is taken off its count with its fingerprint."""
+
+    __tablename__ = "print_counts"
+
+    member_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    signature: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+    hour: Mapped[datetime] = mapped_column(primary_key=True)  # the hour the letters were compared
+    letters: Mapped[int] = mapped_column(Integer)
+
+
 class Digest(Base):
     """One day's digest of a campaign's near-identical letters to one MP: an outbox item of its
     own (its id is the item's), written from its letters' rows each time it is composed
@@ -538,4 +552,5 @@ OUTBOX = table(OutboxItem)
 CONSENT_EVENTS = table(ConsentEvent)
 ADDRESS_HEALTH = table(AddressHealth)
 LETTER_PRINTS = table(LetterPrint)
+PRINT_COUNTS = table(PrintCount)
 DIGESTS = table(Digest)

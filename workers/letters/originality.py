@@ -115,6 +115,12 @@ class Template:
         self.words = words(text)
         # Shorter shingles for a template or a letter shorter than SHINGLE words.
         self._grams = [set(_grams(self.words, n)) for n in range(SHINGLE + 1)]
+        self._signature = signature(self.words)
+
+    def signature_of(self, letter: Sequence[str]) -> tuple[int, ...]:
+        """:func:`signature` of ``letter``; the template's own is computed once (most letters
+        are sent as the campaign drafted them)."""
+        return self._signature if letter == self.words else signature(letter)
 
     def share(self, body: str) -> float:
         """The share of the letter's words that are its own: see :meth:`share_of`."""
@@ -210,12 +216,13 @@ def signature(letter: Sequence[str]) -> tuple[int, ...]:
         b, value = h % NUM_PERM, h >> 32
         if value < mins[b]:
             mins[b] = value
-    if _EMPTY not in mins:
-        return tuple(mins)
-    filled = [
-        value if value != _EMPTY else next((mins[j] for j in order if mins[j] != _EMPTY), _EMPTY)
-        for value, order in zip(mins, _FALLBACK, strict=True)
-    ]
+    filled = list(mins)
+    for i, value in enumerate(mins):
+        if value == _EMPTY:
+            for j in _FALLBACK[i]:
+                if mins[j] != _EMPTY:
+                    filled[i] = mins[j]
+                    break
     return tuple(filled)
 
 

@@ -82,9 +82,22 @@ def run_stage(
     permanent refusal by the mail server (recorded on its item already) is dead-lettered under
     its own id at once where the table of stages says so (letters), as it would be alone.
     """
-    message = parse_stage_message(raw)
-    ids, policy = message.ids, STAGES[stage]
-    for submission_id, error in work(app, ids, send_on):
+    ids = parse_stage_message(raw).ids
+    settle(stage, ids, work(app, ids, send_on), app, broker, alone=len(ids) == 1)
+
+
+def settle(
+    stage: Stage,
+    ids: list[str],
+    outcomes: list[Outcome],
+    app: App,
+    broker: dramatiq.Broker,
+    alone: bool,
+) -> None:
+    """What becomes of each submission a stage ran for (see :func:`run_stage`); ``alone``: the
+    message was about one submission, whose error dramatiq retries."""
+    policy = STAGES[stage]
+    for submission_id, error in outcomes:
         if error is None:
             continue
         with bound(**{stage.id_name: submission_id}):
@@ -97,7 +110,7 @@ def run_stage(
                 log.info("stage_deferred", reason=error.reason, seconds=round(error.seconds, 3))
             elif isinstance(error, PermanentDeliveryError) and not policy.dead_letters_refusals:
                 log.info("stage_refused_for_good")  # recorded on its item: nothing more to do
-            elif len(ids) == 1:
+            elif alone:
                 raise error
             elif isinstance(error, PermanentDeliveryError):
                 dead_letter(app, stage, submission_id, error)
@@ -301,6 +314,27 @@ WORK: dict[Stage, Work] = {
 }
 
 
+def in_line(app: App, broker: dramatiq.Broker, send_on: SendOn) -> SendOn:
+    """``send_on``, except that a stage the table of stages runs in line
+    (:attr:`workers.pipeline.states.Policy.inline`) runs here and now, for what moved to it; if
+    it cannot, its submissions go to its queue, as they would have."""
+
+    def send(moved: list[tuple[str, list[Stage]]]) -> None:
+        later = [(sid, [s for s in stages if not STAGES[s].inline]) for sid, stages in moved]
+        send_on([(sid, stages) for sid, stages in later if stages])
+        here = [(sid, [s for s in stages if STAGES[s].inline]) for sid, stages in moved]
+        for stage, ids in group_by_stage(here).items():
+            try:
+                outcomes = WORK[stage](app, ids, send)
+            except Exception as exc:
+                log.warning("in_line_failed", stage=stage.value, error=type(exc).__name__)
+                send_on([(sid, [stage]) for sid in ids])
+                continue
+            settle(stage, ids, outcomes, app, broker, alone=False)
+
+    return send
+
+
 def _actor_function(
     stage: Stage, apps: Apps, broker: dramatiq.Broker, send_on: SendOn
 ) -> Callable[[dict[str, Any]], None]:
@@ -309,7 +343,8 @@ def _actor_function(
     work = WORK[stage]
 
     def run(message: dict[str, Any]) -> None:
-        run_stage(stage, message, work, apps(), broker, send_on)
+        app = apps()
+        run_stage(stage, message, work, app, broker, in_line(app, broker, send_on))
 
     run.__name__ = run.__qualname__ = stage.actor
     return run

@@ -138,11 +138,18 @@ class Policy(NamedTuple):
     dead_letters_refusals: bool = False
     # Of the messages a worker holds, those with the lowest number run first (dramatiq's).
     priority: int = 0
+    # Run by the worker that moved the submissions to it, right after that commit, in a
+    # transaction of its own, instead of through a message (a stage of a little CPU and a few
+    # statements, for which the message would cost more than the work). Its queue still carries
+    # its retries, the reconciler's resends and what an operator sends on.
+    inline: bool = False
 
     def options(self) -> dict[str, Any]:
         """The numbers as dramatiq's keyword options (the actors add what is never retried)."""
         return {
-            name: value for name, value in self._asdict().items() if name != "dead_letters_refusals"
+            name: value
+            for name, value in self._asdict().items()
+            if name not in ("dead_letters_refusals", "inline")
         }
 
 
@@ -150,7 +157,7 @@ class Policy(NamedTuple):
 STAGES: dict[Stage, Policy] = {
     Stage.VALIDATE: Policy(max_retries=5, min_backoff=500, max_backoff=30_000),
     Stage.RESOLVE:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000),
-    Stage.COMPARE:  Policy(max_retries=5, min_backoff=500, max_backoff=30_000),
+    Stage.COMPARE:  Policy(max_retries=5, min_backoff=500, max_backoff=30_000, inline=True),
     Stage.RENDER:   Policy(max_retries=5, min_backoff=500, max_backoff=30_000),
     Stage.DELIVER:  Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
                            max_age=7 * DAY - HOUR, time_limit=120_000, dead_letters_refusals=True),

@@ -44,6 +44,7 @@ from workers.letters.definitions import get_definition
 from workers.outbox.kinds import file_stem
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, current_preferences, hold
+from workers.stages.comparison import uncount
 from workers.stages.digests import KIND as DIGEST
 from workers.webhooks.events import KIND as WEBHOOK
 from workers.webhooks.events import emit
@@ -231,6 +232,7 @@ def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | 
     )
     if digest_id is not None:  # its copy names every constituent in it; sent without them
         _remove_outbox_file(outbox_dir, f"digest-{digest_id}")
+    uncount(session, submission_id)
     session.execute(delete(LetterPrint).where(LetterPrint.submission_id == submission_id))
     session.execute(
         update(InboundMessage)

@@ -18,15 +18,18 @@ what was stored before, which is as exact as a threshold "more than N a day" nee
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, insert, select, true
+from sqlalchemy import case, delete, func, insert, select, true, update
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition, SimilarLetters
+from workers.database.engine import insert_on_conflict
 from workers.database.models import (
     LETTER_PRINTS,
+    PRINT_COUNTS,
     SUBMISSIONS,
     State,
     utcnow,
@@ -80,7 +83,8 @@ def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
         return _moved(submission, submission.decision, None)
     rules = definition.similar_letters
     words = originality.words(letter_body(definition, submission.payload))
-    sig = originality.signature(words)
+    template = originality.template(definition.draft_body)
+    sig = template.signature_of(words)
     now = utcnow()
     similar, recent = _similar_to_mp(session, submission.member_id, sig, rules, now)
     # Near-identical to more letters to this MP than the campaign lets through on their own.
@@ -90,7 +94,7 @@ def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
         "campaign_slug": submission.campaign_slug,
         "member_id": submission.member_id,
         "created_at": now,
-        "own_words": originality.template(definition.draft_body).share_of(words),
+        "own_words": template.share_of(words),
         "signature": originality.pack(sig),
         "similar": similar,
         "similar_recent": recent,
@@ -106,7 +110,10 @@ def _moved(submission: Any, decision: str, row: dict[str, Any] | None) -> Apply[
         else:
             advance(session, submission, State.COMPARED)
         if row is not None:
-            writes_of(session).insert(_STORE_PRINT, row)
+            writes = writes_of(session)
+            writes.insert(_STORE_PRINT, row)
+            if row["member_id"] is not None:
+                writes.collect(_count, [_count_key(row)])
         return [] if decision == "hold" else [Stage.RENDER]
 
     return write
@@ -131,13 +138,55 @@ def _similar_to_mp(
     return similar, recent
 
 
+def _count_key(row: dict[str, Any]) -> tuple[int, bytes, datetime]:
+    """The count a letter's fingerprint adds to: its MP, its signature, its hour."""
+    hour = row["created_at"].replace(minute=0, second=0, microsecond=0)
+    return row["member_id"], row["signature"], hour
+
+
+def _count(session: Session, keys: list[tuple[int, bytes, datetime]]) -> None:
+    """Add a group's letters to their counts: one statement, its rows in the order of their
+    keys, so that two groups adding to the same counts lock them in the same order."""
+    upsert = insert_on_conflict(session, PRINT_COUNTS)
+    session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=["member_id", "signature", "hour"],
+            set_={"letters": PRINT_COUNTS.c.letters + upsert.excluded.letters},
+        ),
+        [
+            {"member_id": member, "signature": signature, "hour": hour, "letters": letters}
+            for (member, signature, hour), letters in sorted(Counter(keys).items())
+        ],
+    )
+
+
+def uncount(session: Session, submission_id: str) -> None:
+    """Take an erased or scrubbed letter off its count (before its fingerprint is deleted)."""
+    found = session.execute(
+        select(
+            LETTER_PRINTS.c.member_id, LETTER_PRINTS.c.signature, LETTER_PRINTS.c.created_at
+        ).where(LETTER_PRINTS.c.submission_id == submission_id)
+    ).first()
+    if found is None or found.member_id is None:
+        return
+    member, signature, hour = _count_key(found._asdict())
+    key = (
+        PRINT_COUNTS.c.member_id == member,
+        PRINT_COUNTS.c.signature == signature,
+        PRINT_COUNTS.c.hour == hour,
+    )
+    session.execute(update(PRINT_COUNTS).where(*key).values(letters=PRINT_COUNTS.c.letters - 1))
+    session.execute(delete(PRINT_COUNTS).where(*key, PRINT_COUNTS.c.letters <= 0))
+
+
 def _signatures(
     session: Session, rules: SimilarLetters, now: datetime, member_id: int
 ) -> dict[int, list[tuple[bytes, int, int]]]:
     """For the MPs the group's letters go to: each distinct signature of the letters to them
     within the window, with how many letters have it, and how many of those within the hold's
-    hours. One statement for the group, the first time (:func:`workers.database.transitions.
-    read_one`'s way; resolution reads the directory so)."""
+    hours, from their counts by the hour (an hour that began before the window but ends in it
+    counts whole). One statement for the group, the first time
+    (:func:`workers.database.transitions.read_one`'s way; resolution reads the directory so)."""
     group = group_of(session)
     key = (_SIGNATURES, rules.window_days, rules.hold_hours)
     found: dict[int, list[tuple[bytes, int, int]]] | None = group.read.get(key) if group else None
@@ -146,19 +195,20 @@ def _signatures(
     ids = group.ids if group is not None else []
     members = {row.member_id for sid in ids if (row := read_one(session, _READ, sid)) is not None}
     members = (members - {None}) | {member_id}
-    recent = LETTER_PRINTS.c.created_at >= now - timedelta(hours=rules.hold_hours)
+    counts, hour = PRINT_COUNTS.c, timedelta(hours=1)
+    recent = counts.hour > now - timedelta(hours=rules.hold_hours) - hour
     rows = session.execute(
         select(
-            LETTER_PRINTS.c.member_id,
-            LETTER_PRINTS.c.signature,
-            func.count(),
-            func.sum(case((recent, 1), else_=0)),
+            counts.member_id,
+            counts.signature,
+            func.sum(counts.letters),
+            func.sum(case((recent, counts.letters), else_=0)),
         )
         .where(
-            LETTER_PRINTS.c.member_id.in_(members),
-            LETTER_PRINTS.c.created_at >= now - timedelta(days=rules.window_days),
+            counts.member_id.in_(members),
+            counts.hour > now - timedelta(days=rules.window_days) - hour,
         )
-        .group_by(LETTER_PRINTS.c.member_id, LETTER_PRINTS.c.signature)
+        .group_by(counts.member_id, counts.signature)
     )
     found = {}
     for member_id, packed, count, within in rows:
