@@ -22,7 +22,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, select, true, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, true, update
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition, SimilarLetters
@@ -138,6 +138,25 @@ def _similar_to_mp(
     return similar, recent
 
 
+# The counts of letters to the given MPs within a window, and within its last hours.
+_COUNTED = (
+    select(
+        PRINT_COUNTS.c.member_id,
+        PRINT_COUNTS.c.signature,
+        func.sum(PRINT_COUNTS.c.letters),
+        func.sum(
+            case((PRINT_COUNTS.c.hour > bindparam("recent"), PRINT_COUNTS.c.letters), else_=0)
+        ),
+    )
+    .where(
+        PRINT_COUNTS.c.member_id.in_(bindparam("members", expanding=True)),
+        PRINT_COUNTS.c.hour > bindparam("window"),
+    )
+    .group_by(PRINT_COUNTS.c.member_id, PRINT_COUNTS.c.signature)
+)
+_COUNT: dict[str, Any] = {}  # the upsert of a group's counts, by dialect
+
+
 def _count_key(row: dict[str, Any]) -> tuple[int, bytes, datetime]:
     """The count a letter's fingerprint adds to: its MP, its signature, its hour."""
     hour = row["created_at"].replace(minute=0, second=0, microsecond=0)
@@ -147,12 +166,16 @@ def _count_key(row: dict[str, Any]) -> tuple[int, bytes, datetime]:
 def _count(session: Session, keys: list[tuple[int, bytes, datetime]]) -> None:
     """Add a group's letters to their counts: one statement, its rows in the order of their
     keys, so that two groups adding to the same counts lock them in the same order."""
-    upsert = insert_on_conflict(session, PRINT_COUNTS)
-    session.execute(
-        upsert.on_conflict_do_update(
+    dialect = session.get_bind().dialect.name
+    statement = _COUNT.get(dialect)
+    if statement is None:
+        upsert = insert_on_conflict(session, PRINT_COUNTS)
+        statement = _COUNT[dialect] = upsert.on_conflict_do_update(
             index_elements=["member_id", "signature", "hour"],
             set_={"letters": PRINT_COUNTS.c.letters + upsert.excluded.letters},
-        ),
+        )
+    session.execute(
+        statement,
         [
             {"member_id": member, "signature": signature, "hour": hour, "letters": letters}
             for (member, signature, hour), letters in sorted(Counter(keys).items())
@@ -195,20 +218,14 @@ def _signatures(
     ids = group.ids if group is not None else []
     members = {row.member_id for sid in ids if (row := read_one(session, _READ, sid)) is not None}
     members = (members - {None}) | {member_id}
-    counts, hour = PRINT_COUNTS.c, timedelta(hours=1)
-    recent = counts.hour > now - timedelta(hours=rules.hold_hours) - hour
+    hour = timedelta(hours=1)
     rows = session.execute(
-        select(
-            counts.member_id,
-            counts.signature,
-            func.sum(counts.letters),
-            func.sum(case((recent, counts.letters), else_=0)),
-        )
-        .where(
-            counts.member_id.in_(members),
-            counts.hour > now - timedelta(days=rules.window_days) - hour,
-        )
-        .group_by(counts.member_id, counts.signature)
+        _COUNTED,
+        {
+            "members": sorted(members),
+            "window": now - timedelta(days=rules.window_days) - hour,
+            "recent": now - timedelta(hours=rules.hold_hours) - hour,
+        },
     )
     found = {}
     for member_id, packed, count, within in rows:
