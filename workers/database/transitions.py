@@ -92,9 +92,6 @@ class At(NamedTuple):
 # moves cost the workers up to 1 ms more a submission (docs/performance.md, SQLite's section).
 # A group's moves are also made together by statement (GroupWrites).
 _moves: dict[tuple[str, ...], Update] = {}
-# The same move for many submissions at once (``b_ids``), by the statement for one: a group's
-# moves alike but for their ids (most of a stage's) are made with one UPDATE.
-_for_ids: dict[Update, Update] = {}
 
 
 def current(session: Session, submission_id: str, read: Select[Any] | None = None) -> Any:
@@ -158,7 +155,6 @@ class GroupWrites:
     consent ledger)."""
 
     def __init__(self) -> None:
-        self.now = utcnow()  # the time of the group's moves and events
         self.guarded: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
         self.inserts: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
         self.events: list[dict[str, Any]] = []
@@ -180,38 +176,16 @@ class GroupWrites:
         (another worker moved that submission first: the caller runs each submission again
         alone)."""
         for statement, params in self.guarded.values():
-            for one_go, batch, count in _alike(statement, params):
-                if rowcount(session.execute(one_go, batch)) != count:
-                    raise AlreadyMoved("a submission of the group")
+            # One row at a time, in the order of the ids (not one UPDATE ... IN: PostgreSQL may
+            # lock those rows in the table's order, and deadlock with another stage's group).
+            if rowcount(session.execute(statement, params)) != len(params):
+                raise AlreadyMoved("a submission of the group")
         for statement, params in self.inserts.values():
             session.execute(_one_statement(statement), params)
         if self.events:
             session.execute(RECORD_EVENT, self.events)
         for write, rows in self.later.items():
             write(session, rows)
-
-
-def _alike(
-    statement: Executable, params: list[dict[str, Any]]
-) -> Iterator[tuple[Executable, Any, int]]:
-    """The guarded changes as statements to execute, with their parameters and the rows they
-    must match: the moves alike but for their ids as one UPDATE each, the rest as before."""
-    many = _for_ids.get(statement)  # type: ignore[call-overload]
-    runs: dict[Any, list[dict[str, Any]]] = {}
-    if many is not None and len(params) > 1:
-        try:
-            for row in params:
-                alike = tuple(sorted((k, v) for k, v in row.items() if k != "b_id"))
-                runs.setdefault(alike, []).append(row)
-        except TypeError:  # a value that cannot be compared so (JSON): one by one
-            runs = {}
-    rest = [row for run in runs.values() if len(run) == 1 for row in run] if runs else params
-    for run in runs.values():
-        if len(run) > 1:
-            ids = [row["b_id"] for row in run]
-            yield many, {**run[0], "b_ids": ids}, len(ids)
-    if rest:
-        yield statement, rest, len(rest)
 
 
 def _one_statement(statement: Any) -> Any:
@@ -294,27 +268,24 @@ def advance(
     if (submission.state, to_state) not in MOVES:
         allowed = ", ".join(moves_from(State(submission.state))) or "none"
         raise NotAMove(f"{submission.state} -> {to_state.value} (allowed: {allowed})")
-    writes = group_writes(session)
-    now = writes.now if writes is not None else utcnow()
+    now = utcnow()
     names = tuple(sorted(fields))
     statement = _moves.get(names)
     if statement is None:
-        changed: dict[str, Any] = {
-            name: bindparam(f"v_{name}")
-            for name in ("state", "updated_at", "dispatched_at", *names)
-        }
-        guard = SUBMISSIONS.c.state == bindparam("b_state")
+        changed = ("state", "updated_at", "dispatched_at", *names)
         statement = _moves[names] = (
-            SUBMISSIONS.update().where(SUBMISSIONS.c.id == bindparam("b_id"), guard).values(changed)
-        )
-        ids: Any = bindparam("b_ids", expanding=True)
-        _for_ids[statement] = (
-            SUBMISSIONS.update().where(SUBMISSIONS.c.id.in_(ids), guard).values(changed)
+            SUBMISSIONS.update()
+            .where(
+                SUBMISSIONS.c.id == bindparam("b_id"),
+                SUBMISSIONS.c.state == bindparam("b_state"),
+            )
+            .values({name: bindparam(f"v_{name}") for name in changed})
         )
     values = {"state": to_state.value, "updated_at": now, "dispatched_at": now, **fields}
     params = {f"v_{name}": value for name, value in values.items()}
     move = {"b_id": submission.id, "b_state": submission.state, **params}
     event = {"submission_id": submission.id, "state": to_state.value, "at": now, "detail": detail}
+    writes = group_writes(session)
     if writes is not None and not isinstance(submission, Submission):
         writes.guard(statement, move)  # made with the group's other writes
         writes.events.append(event)
