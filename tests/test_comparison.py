@@ -27,6 +27,7 @@ from workers.database.transitions import run_group
 from workers.letters import originality
 from workers.letters.definitions import get_definition, update_definition
 from workers.letters.mail.messages import letter_bytes
+from workers.pipeline import actors
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import stage_message
 from workers.pipeline.runtime import state_counts, submit
@@ -227,6 +228,15 @@ def test_the_comparison_runs_in_line_after_resolution_and_on_its_queue_when_it_c
     stub_broker.join(Stage.COMPARE.queue)
     stub_worker.join()
     assert get(app, other).state == State.RESOLVED and ran == ["message"]  # sent on its queue
+
+    def interrupted(app: App, ids: list[str], send_on: Any) -> Any:
+        raise KeyboardInterrupt  # as dramatiq's time limit interrupts (not an Exception)
+
+    monkeypatch.setitem(actors.WORK, Stage.COMPARE, interrupted)
+    queued: list[tuple[str, list[Stage]]] = []
+    with pytest.raises(KeyboardInterrupt):  # goes on, after the ids went to the queue
+        actors.in_line(app, stub_broker, queued.extend)([(other, [Stage.COMPARE, Stage.RENDER])])
+    assert queued == [(other, [Stage.RENDER]), (other, [Stage.COMPARE])]
     stub_broker.actors[Stage.COMPARE.actor].fn = original
 
 

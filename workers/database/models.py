@@ -274,6 +274,8 @@ class PrintCount(Base):
     an erased or scrubbed letter is taken off its count with its fingerprint."""
 
     __tablename__ = "print_counts"
+    # The stage reads an MP's counts within a window.
+    __table_args__ = (Index("ix_print_counts_member_hour", "member_id", "hour"),)
 
     member_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     signature: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)

@@ -324,13 +324,16 @@ def in_line(app: App, broker: dramatiq.Broker, send_on: SendOn) -> SendOn:
         send_on([(sid, stages) for sid, stages in later if stages])
         here = [(sid, [s for s in stages if STAGES[s].inline]) for sid, stages in moved]
         for stage, ids in group_by_stage(here).items():
-            try:
-                outcomes = WORK[stage](app, ids, send)
-            except Exception as exc:
-                log.warning("in_line_failed", stage=stage.value, error=type(exc).__name__)
-                send_on([(sid, [stage]) for sid in ids])
-                continue
-            settle(stage, ids, outcomes, app, broker, alone=False)
+            with bound(actor=stage.actor, in_line=True):
+                try:
+                    outcomes = WORK[stage](app, ids, send)
+                except BaseException as exc:  # also dramatiq's time limit, or a shutdown
+                    log.warning("in_line_failed", error=type(exc).__name__)
+                    send_on([(sid, [stage]) for sid in ids])
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                settle(stage, ids, outcomes, app, broker, alone=False)
 
     return send
 

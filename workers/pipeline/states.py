@@ -141,7 +141,7 @@ class Policy(NamedTuple):
     # Run by the worker that moved the submissions to it, right after that commit, in a
     # transaction of its own, instead of through a message (a stage of a little CPU and a few
     # statements, for which the message would cost more than the work). Its queue still carries
-    # its retries, the reconciler's resends and what an operator sends on.
+    # its retries, the reconciler's resends and dead letters requeued.
     inline: bool = False
 
     def options(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("letters", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("member_id", "signature", "hour", name="pk_print_counts"),
     )
+    op.create_index("ix_print_counts_member_hour", "print_counts", ["member_id", "hour"])
     # The letters compared before: counted by the hour they were compared in.
     prints = sa.table(
         "letter_prints",
@@ -32,8 +33,9 @@ def upgrade() -> None:
         sa.column("signature", sa.LargeBinary()),
         sa.column("created_at", sa.DateTime(timezone=True)),
     )
-    if op.get_bind().dialect.name == "postgresql":
-        hour = sa.func.date_trunc("hour", prints.c.created_at)
+    if op.get_bind().dialect.name == "postgresql":  # UTC hours, whatever the session's zone
+        utc = sa.func.timezone("UTC", prints.c.created_at)
+        hour = sa.func.timezone("UTC", sa.func.date_trunc("hour", utc))
     else:
         hour = sa.func.strftime("%Y-%m-%d %H:00:00.000000", prints.c.created_at)
     counts = sa.table(
@@ -51,4 +53,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_print_counts_member_hour", table_name="print_counts")
     op.drop_table("print_counts")
