@@ -13,10 +13,12 @@ Accuracy: every pair of letters whose exact Jaccard similarity of shingles is at
 threshold should be found; a pair is found when the two share an LSH band key and their
 signatures' estimated similarity is at least the threshold.
 
-CPU: letters in an in-memory band index (band key -> letter ids, newest last) stand in for the
-database's; each submission is timed in this one thread (process CPU) for words, own-words
-share, signature, band keys, the candidates' look-up and the similarity to at most CANDIDATES of
-them (unpacking each stored signature, as a database row would give it).
+CPU: each submission is timed in this one thread (process CPU) for what the comparison stage
+computes (workers/stages/comparison.py): words, own-words share, signature, and the similarity
+to the distinct letters its MP had most within the window, at most MOST_COMPARED of them, drawn
+from the letters indexed (unpacking each stored signature, as the database's row gives it, as if
+each submission were alone in its group). The database's side of that read is measured by
+``--database`` (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ import re
 import sys
 import time
 import tomllib
-from collections import defaultdict
-from collections.abc import Iterator
-from itertools import combinations, islice
+from itertools import combinations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,11 +38,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import machine  # noqa: E402
 from workers.letters import originality as o  # noqa: E402
+from workers.stages.comparison import MOST_COMPARED  # noqa: E402
 
-# With one template nearly every letter of a campaign shares a band with every other, so the
-# candidates are most of the window: the stage asks only whether more than a few letters to the
-# same MP are near-duplicates, so it compares the newest CANDIDATES (a LIMIT on the index query).
-CANDIDATES = 100
+CANDIDATES = MOST_COMPARED
 THRESHOLDS = (0.5, 0.9)
 MARGIN = 0.05
 
@@ -53,6 +51,9 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a smaller run")
     parser.add_argument("--seed", type=int, default=29)
+    parser.add_argument(
+        "--database", action="store_true", help="the stage's read of counts, on PostgreSQL"
+    )
     args = parser.parse_args()
     judged, indexed, timed = (800, 10_000, 1_000) if args.quick else (2_000, 100_000, 2_000)
     corpus = Corpus(random.Random(args.seed))
@@ -61,8 +62,73 @@ def main() -> None:
         f"shingles of {o.SHINGLE} words; one-permutation MinHash, {o.NUM_PERM} values; "
         f"{o.BANDS} bands x {o.ROWS} rows"
     )
+    if args.database:
+        database(indexed, 650)
+        database(indexed, 1)
+        return
     accuracy(corpus, judged)
     cpu(corpus, indexed, timed)
+
+
+def database(letters: int, mps: int, groups: int = 300) -> None:
+    """The comparison stage's read for a group of six letters (to six MPs, or to one), with
+    ``letters`` distinct letters to ``mps`` MPs in the window, one count row each: its time and
+    PostgreSQL's CPU per group."""
+    from datetime import UTC, datetime, timedelta
+    from tempfile import TemporaryDirectory
+
+    from sqlalchemy import create_engine, insert
+
+    from bench.pipeline import CpuMeter
+    from tests.services import PostgresCluster
+    from workers.database.models import PRINT_COUNTS, Base
+    from workers.stages.comparison import _COUNTED
+
+    rng = random.Random(letters + mps)
+    now = datetime.now(UTC)
+    with TemporaryDirectory(prefix="dearmp-bench-") as folder:
+        cluster = PostgresCluster(Path(folder) / "pg").start()
+        try:
+            engine = create_engine(cluster.url())
+            Base.metadata.create_all(engine)
+            rows = [
+                {
+                    "member_id": i % mps,
+                    "signature": rng.randbytes(4 * o.NUM_PERM),
+                    "hour": (now - timedelta(hours=rng.randrange(30 * 24))).replace(
+                        minute=0, second=0, microsecond=0
+                    ),
+                    "letters": 1,
+                }
+                for i in range(letters)
+            ]
+            with engine.begin() as conn:
+                conn.execute(insert(PRINT_COUNTS), rows)
+                conn.exec_driver_sql("ANALYZE print_counts")
+            meter = CpuMeter(database=cluster.postmaster_pid())
+            with engine.connect() as conn:
+                meter.start()
+                wall = time.perf_counter()
+                returned = 0
+                for _ in range(groups):
+                    members = sorted({rng.randrange(mps) for _ in range(6)})
+                    params = {
+                        "members": members,
+                        "window": now - timedelta(days=30, hours=1),
+                        "recent": now - timedelta(hours=25),
+                        "most": MOST_COMPARED,
+                    }
+                    returned += len(conn.execute(_COUNTED, params).all())
+                wall = time.perf_counter() - wall
+                server = meter.stop().get("database", 0.0)
+            engine.dispose()
+        finally:
+            cluster.stop()
+    print(
+        f"\nthe stage's read, {letters:,} distinct letters to {mps} MP(s) in the window: "
+        f"{wall / groups * 1000:.2f} ms a group of six, PostgreSQL {server / groups * 1000:.2f} ms "
+        f"({server / groups / 6 * 1000:.2f} ms a submission), {returned / groups:.0f} rows read"
+    )
 
 
 class Corpus:
@@ -155,26 +221,21 @@ def accuracy(corpus: Corpus, n: int) -> None:
 
 def cpu(corpus: Corpus, indexed: int, timed: int) -> None:
     template = o.Template(corpus.template)
-    stored: list[bytes] = []
-    index: dict[int, list[int]] = defaultdict(list)
-    for i in range(indexed):
-        sig = o.signature(o.words(corpus.letter()))
-        stored.append(o.pack(sig))
-        for key in o.bands(sig):
-            index[key].append(i)
-    # The index stands in for the database's: keep the collector from walking it every submission.
+    rng = random.Random(indexed)
+    stored = [o.pack(o.signature(o.words(corpus.letter()))) for _ in range(indexed)]
+    # The letters stand in for the database's: keep the collector from walking them each time.
     gc.collect()
     gc.freeze()
     bodies = [corpus.letter() for _ in range(timed)]
     bodies.append(((corpus.template + "\n\n") * 20)[:5000])
     times, counts = [], []
     for body in bodies:
+        mps_letters = rng.sample(stored, CANDIDATES)  # the distinct letters its MP had most
         start = time.process_time_ns()
         words = o.words(body)
         template.share_of(words)
-        sig = o.signature(words)
-        seen = list(islice(_newest_first(o.bands(sig), index), CANDIDATES))
-        near = sum(o.similarity(sig, o.unpack(stored[i])) >= THRESHOLDS[-1] for i in seen)
+        sig = template.signature_of(words)
+        near = sum(o.similarity(sig, o.unpack(other)) >= THRESHOLDS[-1] for other in mps_letters)
         times.append(time.process_time_ns() - start)
         counts.append(near)
     longest_ms = times.pop() / 1e6
@@ -185,22 +246,12 @@ def cpu(corpus: Corpus, indexed: int, timed: int) -> None:
 
     print(
         f"\nCPU per submission: {indexed:,} letters indexed, {timed:,} submissions, "
-        f"at most {CANDIDATES} candidates compared"
+        f"each compared with {CANDIDATES} distinct letters to its MP"
     )
     print(f"p50 {ms(0.5):.3f} ms  p99 {ms(0.99):.3f} ms  max {times[-1] / 1e6:.3f} ms")
     print(f"a 5,000-character letter (the campaign's limit): {longest_ms:.3f} ms")
     print(f"near-duplicates >= {THRESHOLDS[-1]} per submission (of those compared): "
           f"mean {sum(counts[:-1]) / timed:.1f}")  # fmt: skip
-
-
-def _newest_first(keys: list[int], index: dict[int, list[int]]) -> Iterator[int]:
-    """Candidate ids from every band, the newest first, each once."""
-    seen: set[int] = set()
-    for key in keys:
-        for i in reversed(index.get(key, ())):
-            if i not in seen:
-                seen.add(i)
-                yield i
 
 
 if __name__ == "__main__":

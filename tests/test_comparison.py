@@ -13,7 +13,7 @@ from typing import Any
 import dramatiq
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from schemas.campaign import SimilarLetters
 from tests.conftest import drain
@@ -199,6 +199,58 @@ def test_letters_counted_before_the_hold_window_or_the_comparison_window_are_not
     step(app, compare, third)
     assert (_print(app, third).similar, _print(app, third).similar_recent) == (0, 0)
     assert sorted(_counts(app)) == [(member, 1), (member, 1), (member, 1)]
+
+
+def test_a_letter_is_compared_with_the_distinct_letters_its_mp_had_most(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    draft = _draft(app)
+    own = f"{draft.strip()}\n\n{OWN}"
+    for i, body in enumerate([draft, draft, own, own, own]):
+        step(app, compare, _compared(app, body, f"s{i}@example.com"))
+    monkeypatch.setattr(comparison, "MOST_COMPARED", 1)  # only the letter sent most: not alike
+    first = _compared(app, draft, "first@example.com")
+    step(app, compare, first)
+    assert (_print(app, first).similar, _print(app, first).similar_recent) == (0, 0)
+    monkeypatch.setattr(comparison, "MOST_COMPARED", 2)
+    second = _compared(app, draft, "second@example.com")
+    step(app, compare, second)
+    assert (_print(app, second).similar, _print(app, second).similar_recent) == (3, 3)
+
+
+def test_a_groups_alike_moves_are_one_update_and_one_moved_meanwhile_sends_each_alone(
+    app: App,
+) -> None:
+    ids = sorted(_compared(app, _draft(app), f"g{i}@example.com") for i in range(4))
+    updates: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("UPDATE submissions"):
+            updates.append(statement)
+
+    event.listen(app.engine, "before_cursor_execute", count)
+    try:
+        assert all(
+            error is None for _, _, error in run_group(app.sessions, ids[:2], comparison.plan)
+        )
+        assert len(updates) == 1 and " IN " in updates[0]  # the group's two moves: one UPDATE
+        taken, raced = ids[3], []
+
+        def racing(session: Any, submission_id: str) -> Any:
+            write = comparison.plan(session, submission_id)
+            if submission_id == taken and not raced:
+                raced.append(submission_id)
+                with session_scope(app.sessions) as other:  # another worker, in between
+                    compare(other, submission_id)
+            return write
+
+        outcomes = {sid: error for sid, _, error in run_group(app.sessions, ids[2:], racing)}
+    finally:
+        event.remove(app.engine, "before_cursor_execute", count)
+    assert outcomes == {ids[2]: None, taken: None}  # rolled back, then each alone
+    assert {get(app, sid).state for sid in ids} == {State.COMPARED}
+    assert [e.state for e in get(app, taken).events].count(State.COMPARED) == 1
+    assert sum(letters for _, letters in _counts(app)) == 4  # each counted once
 
 
 def test_the_comparison_runs_in_line_after_resolution_and_on_its_queue_when_it_cannot(

@@ -92,6 +92,11 @@ class At(NamedTuple):
 # moves cost the workers up to 1 ms more a submission (docs/performance.md, SQLite's section).
 # A group's moves are also made together by statement (GroupWrites).
 _moves: dict[tuple[str, ...], Update] = {}
+# The same move for a group whose moves are alike but for their ids (``b_ids``), by the
+# statement for one: one UPDATE, which locks its rows in the order of their ids as the moves one
+# at a time do (PostgreSQL would otherwise lock them in the table's order, and deadlock with
+# another stage's group).
+_for_ids: dict[Update, Update] = {}
 
 
 def current(session: Session, submission_id: str, read: Select[Any] | None = None) -> Any:
@@ -155,6 +160,7 @@ class GroupWrites:
     consent ledger)."""
 
     def __init__(self) -> None:
+        self.now = utcnow()  # the time of the group's moves and events
         self.guarded: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
         self.inserts: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
         self.events: list[dict[str, Any]] = []
@@ -176,9 +182,7 @@ class GroupWrites:
         (another worker moved that submission first: the caller runs each submission again
         alone)."""
         for statement, params in self.guarded.values():
-            # One row at a time, in the order of the ids (not one UPDATE ... IN: PostgreSQL may
-            # lock those rows in the table's order, and deadlock with another stage's group).
-            if rowcount(session.execute(statement, params)) != len(params):
+            if rowcount(session.execute(*_alike(statement, params))) != len(params):
                 raise AlreadyMoved("a submission of the group")
         for statement, params in self.inserts.values():
             session.execute(_one_statement(statement), params)
@@ -186,6 +190,19 @@ class GroupWrites:
             session.execute(RECORD_EVENT, self.events)
         for write, rows in self.later.items():
             write(session, rows)
+
+
+def _alike(statement: Executable, params: list[dict[str, Any]]) -> tuple[Executable, Any]:
+    """A group's guarded changes of one kind: moves alike but for their ids as one UPDATE,
+    else one row at a time (in the order of the ids)."""
+    many = _for_ids.get(statement)  # type: ignore[call-overload]
+    if many is None or len(params) < 2:
+        return statement, params
+    first = {name: value for name, value in params[0].items() if name != "b_id"}
+    for row in params[1:]:
+        if {name: value for name, value in row.items() if name != "b_id"} != first:
+            return statement, params
+    return many, {**first, "b_ids": [row["b_id"] for row in params]}
 
 
 def _one_statement(statement: Any) -> Any:
@@ -268,24 +285,31 @@ def advance(
     if (submission.state, to_state) not in MOVES:
         allowed = ", ".join(moves_from(State(submission.state))) or "none"
         raise NotAMove(f"{submission.state} -> {to_state.value} (allowed: {allowed})")
-    now = utcnow()
+    writes = group_writes(session)
+    now = writes.now if writes is not None else utcnow()
     names = tuple(sorted(fields))
     statement = _moves.get(names)
     if statement is None:
         changed = ("state", "updated_at", "dispatched_at", *names)
+        changes: dict[str, Any] = {name: bindparam(f"v_{name}") for name in changed}
+        guard = SUBMISSIONS.c.state == bindparam("b_state")
         statement = _moves[names] = (
-            SUBMISSIONS.update()
-            .where(
-                SUBMISSIONS.c.id == bindparam("b_id"),
-                SUBMISSIONS.c.state == bindparam("b_state"),
-            )
-            .values({name: bindparam(f"v_{name}") for name in changed})
+            SUBMISSIONS.update().where(SUBMISSIONS.c.id == bindparam("b_id"), guard).values(changes)
+        )
+        ids: Any = bindparam("b_ids", expanding=True)
+        locked = (
+            select(SUBMISSIONS.c.id)
+            .where(SUBMISSIONS.c.id.in_(ids))
+            .order_by(SUBMISSIONS.c.id)
+            .with_for_update()
+        )
+        _for_ids[statement] = (
+            SUBMISSIONS.update().where(SUBMISSIONS.c.id.in_(locked), guard).values(changes)
         )
     values = {"state": to_state.value, "updated_at": now, "dispatched_at": now, **fields}
     params = {f"v_{name}": value for name, value in values.items()}
     move = {"b_id": submission.id, "b_state": submission.state, **params}
     event = {"submission_id": submission.id, "state": to_state.value, "at": now, "detail": detail}
-    writes = group_writes(session)
     if writes is not None and not isinstance(submission, Submission):
         writes.guard(statement, move)  # made with the group's other writes
         writes.events.append(event)

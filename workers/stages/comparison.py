@@ -127,33 +127,53 @@ def _similar_to_mp(
     now: datetime,
 ) -> tuple[int, int]:
     """Letters to the same MP at least ``rules.threshold`` alike: within the window, and within
-    the hold's hours. Each distinct signature is compared once: copies of one letter (most of a
-    campaign's) cost one comparison."""
+    the hold's hours, among its MOST_COMPARED distinct letters sent most. Each distinct signature
+    is compared once: copies of one letter (most of a campaign's) cost one comparison."""
     if member_id is None:
         return 0, 0
     similar = recent = 0
-    for packed, count, within in _signatures(session, rules, now, member_id).get(member_id, ()):
-        if originality.similarity(sig, originality.unpack(packed)) >= rules.threshold:
+    for other, count, within in _signatures(session, rules, now, member_id).get(member_id, ()):
+        if originality.similarity(sig, other) >= rules.threshold:
             similar, recent = similar + count, recent + within
     return similar, recent
 
 
-# The counts of letters to the given MPs within a window, and within its last hours.
-_COUNTED = (
+# The distinct letters to each MP a letter is compared with, at most: those sent most within
+# the hold's hours, then within the window. Copies of a few letters (most of a campaign's) are
+# a few; a flood of letters each edited a little is more than enough of them to hold a letter,
+# and the comparison's cost stays bounded however many an MP has had (bench.originality).
+MOST_COMPARED = 200
+
+# The counts of letters to the given MPs within a window, and within its last hours: for each
+# MP, its MOST_COMPARED distinct letters sent most.
+_TOTALS = (
     select(
         PRINT_COUNTS.c.member_id,
         PRINT_COUNTS.c.signature,
-        func.sum(PRINT_COUNTS.c.letters),
+        func.sum(PRINT_COUNTS.c.letters).label("letters"),
         func.sum(
             case((PRINT_COUNTS.c.hour > bindparam("recent"), PRINT_COUNTS.c.letters), else_=0)
-        ),
+        ).label("recent"),
     )
     .where(
         PRINT_COUNTS.c.member_id.in_(bindparam("members", expanding=True)),
         PRINT_COUNTS.c.hour > bindparam("window"),
     )
     .group_by(PRINT_COUNTS.c.member_id, PRINT_COUNTS.c.signature)
+    .subquery()
 )
+_RANKED = select(
+    _TOTALS,
+    func.row_number()
+    .over(
+        partition_by=_TOTALS.c.member_id,
+        order_by=(_TOTALS.c.recent.desc(), _TOTALS.c.letters.desc(), _TOTALS.c.signature),
+    )
+    .label("rank"),
+).subquery()
+_COUNTED = select(
+    _RANKED.c.member_id, _RANKED.c.signature, _RANKED.c.letters, _RANKED.c.recent
+).where(_RANKED.c.rank <= bindparam("most"))
 _COUNT: dict[str, Any] = {}  # the upsert of a group's counts, by dialect
 
 
@@ -204,15 +224,17 @@ def uncount(session: Session, submission_id: str) -> None:
 
 def _signatures(
     session: Session, rules: SimilarLetters, now: datetime, member_id: int
-) -> dict[int, list[tuple[bytes, int, int]]]:
-    """For the MPs the group's letters go to: each distinct signature of the letters to them
-    within the window, with how many letters have it, and how many of those within the hold's
-    hours, from their counts by the hour (an hour that began before the window but ends in it
-    counts whole). One statement for the group, the first time
+) -> dict[int, list[tuple[tuple[int, ...], int, int]]]:
+    """For the MPs the group's letters go to: the distinct signatures of the letters to them
+    within the window (at most MOST_COMPARED each), with how many letters have each, and how
+    many of those within the hold's hours, from their counts by the hour (an hour that began
+    before the window but ends in it counts whole). One statement for the group, the first time
     (:func:`workers.database.transitions.read_one`'s way; resolution reads the directory so)."""
     group = group_of(session)
     key = (_SIGNATURES, rules.window_days, rules.hold_hours)
-    found: dict[int, list[tuple[bytes, int, int]]] | None = group.read.get(key) if group else None
+    found: dict[int, list[tuple[tuple[int, ...], int, int]]] | None = (
+        group.read.get(key) if group else None
+    )
     if found is not None:
         return found
     ids = group.ids if group is not None else []
@@ -225,11 +247,14 @@ def _signatures(
             "members": sorted(members),
             "window": now - timedelta(days=rules.window_days) - hour,
             "recent": now - timedelta(hours=rules.hold_hours) - hour,
+            "most": MOST_COMPARED,
         },
     )
     found = {}
     for member_id, packed, count, within in rows:
-        found.setdefault(member_id, []).append((packed, count, int(within or 0)))
+        found.setdefault(member_id, []).append(
+            (originality.unpack(packed), int(count), int(within or 0))
+        )
     if group is not None:
         group.read[key] = found
     return found
