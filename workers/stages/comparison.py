@@ -142,7 +142,7 @@ def _similar_to_mp(
 # the hold's hours, then within the window. Copies of a few letters (most of a campaign's) are
 # a few; a flood of letters each edited a little is more than enough of them to hold a letter,
 # and the comparison's cost stays bounded however many an MP has had (bench.originality).
-MOST_COMPARED = 200
+MOST_COMPARED = 100
 
 # The counts of letters to the given MPs within a window, and within its last hours: for each
 # MP, its MOST_COMPARED distinct letters sent most.
