@@ -72,8 +72,8 @@ def main() -> None:
 
 def database(letters: int, mps: int, groups: int = 300) -> None:
     """The comparison stage's read for a group of six letters (to six MPs, or to one), with
-    ``letters`` distinct letters to ``mps`` MPs in the window, one count row each: its time and
-    PostgreSQL's CPU per group."""
+    ``letters`` distinct letters to ``mps`` MPs in the window, one count row each: its time (the
+    statement and the signatures it returns unpacked) and PostgreSQL's CPU per group."""
     from datetime import UTC, datetime, timedelta
     from tempfile import TemporaryDirectory
 
@@ -82,7 +82,7 @@ def database(letters: int, mps: int, groups: int = 300) -> None:
     from bench.pipeline import CpuMeter
     from tests.services import PostgresCluster
     from workers.database.models import PRINT_COUNTS, Base
-    from workers.stages.comparison import _COUNTED
+    from workers.stages.comparison import RECENT_COUNTS, _counts_read
 
     rng = random.Random(letters + mps)
     now = datetime.now(UTC)
@@ -112,13 +112,14 @@ def database(letters: int, mps: int, groups: int = 300) -> None:
                 returned = 0
                 for _ in range(groups):
                     members = sorted({rng.randrange(mps) for _ in range(6)})
-                    params = {
-                        "members": members,
-                        "window": now - timedelta(days=30, hours=1),
-                        "recent": now - timedelta(hours=25),
-                        "most": MOST_COMPARED,
-                    }
-                    returned += len(conn.execute(_COUNTED, params).all())
+                    params = {f"m{i}": member for i, member in enumerate(members)}
+                    window = now - timedelta(days=30, hours=1)
+                    recent = now - timedelta(hours=25)
+                    params |= {"window": window, "recent": recent, "newest": RECENT_COUNTS}
+                    rows = conn.execute(
+                        _counts_read(len(members)), params | {"most": MOST_COMPARED}
+                    )
+                    returned += len([o.unpack(row.signature) for row in rows])
                 wall = time.perf_counter() - wall
                 server = meter.stop().get("database", 0.0)
             engine.dispose()
@@ -127,7 +128,7 @@ def database(letters: int, mps: int, groups: int = 300) -> None:
     print(
         f"\nthe stage's read, {letters:,} distinct letters to {mps} MP(s) in the window: "
         f"{wall / groups * 1000:.2f} ms a group of six, PostgreSQL {server / groups * 1000:.2f} ms "
-        f"({server / groups / 6 * 1000:.2f} ms a submission), {returned / groups:.0f} rows read"
+        f"({server / groups / 6 * 1000:.2f} ms a submission), {returned / groups:.0f} compared"
     )
 
 

@@ -216,6 +216,14 @@ def test_a_letter_is_compared_with_the_distinct_letters_its_mp_had_most(
     second = _compared(app, draft, "second@example.com")
     step(app, compare, second)
     assert (_print(app, second).similar, _print(app, second).similar_recent) == (3, 3)
+    with session_scope(app.sessions) as session:  # the counts of the others, an hour older
+        for count in session.scalars(select(PrintCount)):
+            count.hour -= timedelta(hours=1)
+    step(app, compare, _compared(app, own, "new@example.com"))  # the newest count: not alike
+    monkeypatch.setattr(comparison, "RECENT_COUNTS", 1)  # only the newest count is read
+    third = _compared(app, draft, "third@example.com")
+    step(app, compare, third)
+    assert (_print(app, third).similar, _print(app, third).similar_recent) == (0, 0)
 
 
 def test_a_groups_alike_moves_are_one_update_and_one_moved_meanwhile_sends_each_alone(

@@ -259,7 +259,8 @@ class LetterPrint(Base):
     own_words: Mapped[float] = mapped_column(Float)
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     # Near-identical letters (estimated similarity at the campaign's threshold or above) to the
-    # same MP within the comparison window, and within the hold window.
+    # same MP within the comparison window, and within the hold window (of the MP's newest
+    # counts: workers.stages.comparison.RECENT_COUNTS).
     similar: Mapped[int] = mapped_column(Integer, default=0)
     similar_recent: Mapped[int] = mapped_column(Integer, default=0)
     decision: Mapped[str] = mapped_column(String(16))  # "send", "hold" or "digest"

@@ -22,7 +22,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, insert, select, true, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, true, union_all, update
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition, SimilarLetters
@@ -138,42 +138,60 @@ def _similar_to_mp(
     return similar, recent
 
 
-# The distinct letters to each MP a letter is compared with, at most: those sent most within
-# the hold's hours, then within the window. Copies of a few letters (most of a campaign's) are
-# a few; a flood of letters each edited a little is more than enough of them to hold a letter,
-# and the comparison's cost stays bounded however many an MP has had (bench.originality).
+# What a letter is compared with: of the counts of the letters to its MP within the window,
+# the RECENT_COUNTS newest (an MP's counts by the hour, read newest first on the index, so the
+# read is bounded however many letters the window holds), and of the distinct letters in them,
+# the MOST_COMPARED sent most within the hold's hours, then within the window. Copies of a few
+# letters (most of a campaign's) are a few counts an hour; a flood of letters each edited a
+# little is more than enough of them to hold a letter (bench.originality measures both sides).
+RECENT_COUNTS = 1000
 MOST_COMPARED = 100
 
-# The counts of letters to the given MPs within a window, and within its last hours: for each
-# MP, its MOST_COMPARED distinct letters sent most.
-_TOTALS = (
-    select(
-        PRINT_COUNTS.c.member_id,
-        PRINT_COUNTS.c.signature,
-        func.sum(PRINT_COUNTS.c.letters).label("letters"),
-        func.sum(
-            case((PRINT_COUNTS.c.hour > bindparam("recent"), PRINT_COUNTS.c.letters), else_=0)
-        ).label("recent"),
-    )
-    .where(
-        PRINT_COUNTS.c.member_id.in_(bindparam("members", expanding=True)),
-        PRINT_COUNTS.c.hour > bindparam("window"),
-    )
-    .group_by(PRINT_COUNTS.c.member_id, PRINT_COUNTS.c.signature)
-    .subquery()
-)
-_RANKED = select(
-    _TOTALS,
-    func.row_number()
-    .over(
-        partition_by=_TOTALS.c.member_id,
-        order_by=(_TOTALS.c.recent.desc(), _TOTALS.c.letters.desc(), _TOTALS.c.signature),
-    )
-    .label("rank"),
-).subquery()
-_COUNTED = select(
-    _RANKED.c.member_id, _RANKED.c.signature, _RANKED.c.letters, _RANKED.c.recent
-).where(_RANKED.c.rank <= bindparam("most"))
+
+def _counts_read(members: int) -> Any:
+    """The statement that reads, for each of ``members`` MPs (``m0``...), its newest counts
+    (one bounded index scan each) and of them its distinct letters sent most, with their
+    letters and those within the hold's hours (``recent``); built once for each number of MPs."""
+    found = _COUNTS_READ.get(members)
+    if found is None:
+        counts = PRINT_COUNTS.c
+        newest = union_all(
+            *(
+                select(
+                    select(counts.member_id, counts.signature, counts.hour, counts.letters)
+                    .where(
+                        counts.member_id == bindparam(f"m{i}"), counts.hour > bindparam("window")
+                    )
+                    .order_by(counts.hour.desc())
+                    .limit(bindparam("newest"))
+                    .subquery()
+                )
+                for i in range(members)
+            )
+        ).subquery()
+        recent = case((newest.c.hour > bindparam("recent"), newest.c.letters), else_=0)
+        totals = (
+            select(
+                newest.c.member_id,
+                newest.c.signature,
+                func.sum(newest.c.letters).label("letters"),
+                func.sum(recent).label("recent"),
+            )
+            .group_by(newest.c.member_id, newest.c.signature)
+            .subquery()
+        )
+        order = (totals.c.recent.desc(), totals.c.letters.desc(), totals.c.signature)
+        ranked = select(
+            totals,
+            func.row_number().over(partition_by=totals.c.member_id, order_by=order).label("rank"),
+        ).subquery()
+        found = _COUNTS_READ[members] = select(
+            ranked.c.member_id, ranked.c.signature, ranked.c.letters, ranked.c.recent
+        ).where(ranked.c.rank <= bindparam("most"))
+    return found
+
+
+_COUNTS_READ: dict[int, Any] = {}
 _COUNT: dict[str, Any] = {}  # the upsert of a group's counts, by dialect
 
 
@@ -226,10 +244,11 @@ def _signatures(
     session: Session, rules: SimilarLetters, now: datetime, member_id: int
 ) -> dict[int, list[tuple[tuple[int, ...], int, int]]]:
     """For the MPs the group's letters go to: the distinct signatures of the letters to them
-    within the window (at most MOST_COMPARED each), with how many letters have each, and how
-    many of those within the hold's hours, from their counts by the hour (an hour that began
-    before the window but ends in it counts whole). One statement for the group, the first time
-    (:func:`workers.database.transitions.read_one`'s way; resolution reads the directory so)."""
+    within the window, with how many letters have each, and how many of those within the hold's
+    hours, from their counts by the hour (an hour that began before the window but ends in it
+    counts whole): of each MP's RECENT_COUNTS newest counts, its MOST_COMPARED letters sent
+    most. One statement for the group, the first time (:func:`workers.database.transitions.
+    read_one`'s way; resolution reads the directory so)."""
     group = group_of(session)
     key = (_SIGNATURES, rules.window_days, rules.hold_hours)
     found: dict[int, list[tuple[tuple[int, ...], int, int]]] | None = (
@@ -240,20 +259,21 @@ def _signatures(
     ids = group.ids if group is not None else []
     members = {row.member_id for sid in ids if (row := read_one(session, _READ, sid)) is not None}
     members = (members - {None}) | {member_id}
-    hour = timedelta(hours=1)
+    hour, ordered = timedelta(hours=1), sorted(members)
     rows = session.execute(
-        _COUNTED,
+        _counts_read(len(ordered)),
         {
-            "members": sorted(members),
+            **{f"m{i}": member for i, member in enumerate(ordered)},
             "window": now - timedelta(days=rules.window_days) - hour,
             "recent": now - timedelta(hours=rules.hold_hours) - hour,
+            "newest": RECENT_COUNTS,
             "most": MOST_COMPARED,
         },
     )
     found = {}
-    for member_id, packed, count, within in rows:
-        found.setdefault(member_id, []).append(
-            (originality.unpack(packed), int(count), int(within or 0))
+    for member, packed, letters, within in rows:
+        found.setdefault(member, []).append(
+            (originality.unpack(packed), int(letters), int(within or 0))
         )
     if group is not None:
         group.read[key] = found
