@@ -248,7 +248,6 @@ class LetterPrint(Base):
     with the letter's text when a submission is erased or scrubbed."""
 
     __tablename__ = "letter_prints"
-    __table_args__ = (Index("ix_letter_prints_member_created", "member_id", "created_at"),)
 
     submission_id: Mapped[str] = mapped_column(
         ForeignKey("submissions.id", ondelete="CASCADE"), primary_key=True

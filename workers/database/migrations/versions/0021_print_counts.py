@@ -1,4 +1,5 @@
-"""print_counts: letters per MP, signature and hour, for the comparison stage's read
+"""print_counts: letters per MP, signature and hour, for the comparison stage's read (instead
+of letter_prints' index by MP and time)
 
 Revision ID: 0021
 Revises: 0020
@@ -26,6 +27,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("member_id", "signature", "hour", name="pk_print_counts"),
     )
     op.create_index("ix_print_counts_member_hour", "print_counts", ["member_id", "hour"])
+    # The stage read the fingerprints by MP and time; it reads the counts now.
+    op.drop_index("ix_letter_prints_member_created", table_name="letter_prints")
     # The letters compared before: counted by the hour they were compared in.
     prints = sa.table(
         "letter_prints",
@@ -53,5 +56,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.create_index("ix_letter_prints_member_created", "letter_prints", ["member_id", "created_at"])
     op.drop_index("ix_print_counts_member_hour", table_name="print_counts")
     op.drop_table("print_counts")
