@@ -1,25 +1,32 @@
-"""What every ``dearmp`` command shares: the top-level group, what commands are given, and how
-they answer: text or ``--json`` (:func:`json_option`, :meth:`Cli.say`), a refusal for nothing to
+"""What every ``dearmp`` command shares: the top-level group, the :class:`Cli` each is given, and
+how they answer: text or ``--json`` (:func:`command`, :meth:`Cli.say`), a refusal for nothing to
 do (:class:`Nothing`), and a question before a destructive change (:func:`confirm`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import click
 import dramatiq
+from sqlalchemy.orm import Session
 
 from config.settings import ConfigurationError, get_settings, problems_of
+from workers.database.engine import session_scope
 from workers.logging import configure_logging
 from workers.pipeline.app import App, get_app, log_started
+from workers.pipeline.dispatch import dispatch_groups
+from workers.stages.stage import Stage
 
 # The commands that run the pipeline (or part of it) for as long as they are left to: each
 # logs the start-up line. (``api``'s is its ASGI factory's; ``worker``'s its worker processes'.)
@@ -48,8 +55,8 @@ class Cli:
     as_json: bool = False  # --json: one JSON document on stdout, messages for people on stderr
 
     def say(self, text: str | Callable[[], None], data: Any) -> None:
-        """The command's answer: ``data`` as one JSON document with --json, else ``text`` (a
-        string, or what prints it: a table, say)."""
+        """The command's answer: ``data`` as one JSON document with --json, else ``text`` (or
+        what prints it: a table, say)."""
         if self.as_json:
             click.echo(json.dumps(data, indent=2, default=_plain))
         elif callable(text):
@@ -60,6 +67,16 @@ class Cli:
     def tell(self, text: str) -> None:
         """A line for a person: on stdout, or on stderr when stdout is for --json's document."""
         click.echo(text, err=self.as_json)
+
+    def session(self) -> AbstractContextManager[Session]:
+        """A transaction on the App's database: committed unless it raises."""
+        return session_scope(self.app.sessions)
+
+    def send(self, sends: Mapping[Stage, Sequence[str]]) -> None:
+        """Stage messages for what a command has committed (if not, the reconciler sends them);
+        the broker is built only when there is something to send."""
+        if any(sends.values()):
+            dispatch_groups(self.broker, sends)
 
     @cached_property
     def app(self) -> App:
@@ -81,8 +98,6 @@ class Cli:
 
 pass_cli = click.make_pass_decorator(Cli, ensure=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 
 def _plain(value: Any) -> Any:
     """What JSON cannot hold as it is: times in ISO 8601, paths and the rest as text."""
@@ -100,30 +115,45 @@ def _want_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         ctx.ensure_object(Cli).as_json = True
 
 
-def json_option(fn: F) -> F:
+class JsonFlag(click.Option):
     """``--json``: the command answers with one JSON document on stdout (see :meth:`Cli.say`)."""
-    return click.option(
-        "--json",
-        is_flag=True,
-        expose_value=False,
-        is_eager=True,  # before other options' callbacks, which may already have to answer
-        callback=_want_json,
-        help="Machine-readable: one JSON document on stdout.",
-    )(fn)
+
+    def __init__(self, param_decls: Sequence[str] = ("--json",), **_: Any) -> None:
+        super().__init__(
+            param_decls,
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,  # before other options' callbacks, which may already have to answer
+            callback=_want_json,
+            help="Machine-readable: one JSON document on stdout.",
+        )
 
 
-def dry_run_option(fn: F) -> F:
-    """``--dry-run``: say what would be done, change nothing (exit 0 when something would)."""
-    return click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")(
-        fn
-    )
+json_option = click.option("--json", cls=JsonFlag)
 
 
-def yes_option(fn: F) -> F:
-    """``--yes``: do it without asking (:func:`confirm`)."""
-    return click.option(
-        "--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed without a terminal)."
-    )(fn)
+def command(
+    group: click.Group, name: str | None = None
+) -> Callable[[Callable[..., None]], click.Command]:
+    """Declare a command of ``group`` that is given the :class:`Cli` and answers ``--json``
+    (listed after its other options)."""
+
+    def declare(fn: Callable[..., None]) -> click.Command:
+        declared = group.command(name)(pass_cli(fn))
+        declared.params.append(JsonFlag())
+        return declared
+
+    return declare
+
+
+# Say what would be done, change nothing (exit 0 when something would).
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Say what would be done; change nothing."
+)
+# Do it without asking (:func:`confirm`).
+yes_option = click.option(
+    "--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed without a terminal)."
+)
 
 
 def confirm(yes: bool, question: str) -> None:
@@ -139,6 +169,27 @@ def confirm(yes: bool, question: str) -> None:
 def _terminal() -> bool:
     """Whether a person can answer: stdin is a terminal (not a pipe, cron or a CI job)."""
     return sys.stdin.isatty()
+
+
+@contextmanager
+def refusing(*errors: type[Exception], then: str = "") -> Iterator[None]:
+    """What ``errors`` say (and ``then``), one line and exit 1, not a traceback."""
+    try:
+        yield
+    except errors as exc:
+        raise click.ClickException(f"{exc}{then}") from None
+
+
+@contextmanager
+def until_stopped(*signals: signal.Signals) -> Iterator[threading.Event]:
+    """An event set on SIGTERM (and ``signals``); Ctrl-C ends the block quietly."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, *signals):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield stop
+    except KeyboardInterrupt:
+        stop.set()
 
 
 class Nothing(click.ClickException):

@@ -1,4 +1,5 @@
-"""The main job on embedded defaults: feed a sample batch through the pipeline and report."""
+"""``dearmp demo``, the main job on embedded defaults: feed a sample batch through the pipeline
+and report."""
 
 from __future__ import annotations
 
@@ -8,22 +9,31 @@ import random
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
+import click
 import dramatiq
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from sqlalchemy import select
 
-from config.settings import masked_url
+from config.settings import get_settings, masked_url
+from workers.cli.base import Cli, command, main
 from workers.database.engine import session_scope
 from workers.database.models import Submission
 from workers.logging import mask_text
 from workers.pipeline.app import App
-from workers.pipeline.runtime import SAMPLE_DIR, count_final, state_counts, submit
+from workers.pipeline.runtime import (
+    SAMPLE_DIR,
+    count_final,
+    prepare,
+    running_pipeline,
+    state_counts,
+    submit,
+)
 
 FIRST = "Aisha Bryony Callum Deepa Ewan Farah Gethin Hollie Imran Jodie".split()
 LAST = "Ahmed Brennan Clarke Dhillon Evans Fraser Gill Hughes Iqbal Jones".split()
@@ -55,36 +65,17 @@ def sample_batch(count: int, run_id: str) -> list[dict[str, Any]]:
     return batch
 
 
-@dataclass
-class DemoResult:
-    submitted: int
-    unique: int
-    counts: dict[str, int]
-    finished: bool
-    seconds: float
-    reasons: Counter[str] = field(default_factory=Counter)
-    examples: dict[str, str] = field(default_factory=dict)
-
-
 def run_demo(
     app: App, broker: dramatiq.Broker, count: int, timeout: float, console: Console
-) -> DemoResult:
-    run_id = uuid.uuid4().hex[:8]
-    batch = sample_batch(count, run_id)
-    ids: list[str] = []
+) -> dict[str, Any]:
+    """Feed a sample batch, wait until every submission is final (or ``timeout``): the summary
+    that ``--json`` gives and :func:`print_summary` prints."""
+    batch = sample_batch(count, uuid.uuid4().hex[:8])
     started = time.monotonic()
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        feeding = progress.add_task("Submitting", total=len(batch))
-        for item in batch:
-            ids.append(submit(app, broker, item)[0])
-            progress.advance(feeding)
-        unique = sorted(set(ids))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
+        fed = progress.track(batch, description="Submitting")
+        unique = sorted({submit(app, broker, item)[0] for item in fed})
         finishing = progress.add_task("Final state", total=len(unique))
         counts = state_counts(app, unique)
         while count_final(counts) < len(unique) and time.monotonic() - started < timeout:
@@ -92,69 +83,75 @@ def run_demo(
             time.sleep(0.2)
             counts = state_counts(app, unique)
         progress.update(finishing, completed=count_final(counts))
-    result = DemoResult(
-        submitted=len(batch),
-        unique=len(unique),
-        counts=counts,
-        finished=count_final(counts) == len(unique),
-        seconds=time.monotonic() - started,
-    )
+    seconds = time.monotonic() - started
+    query = select(
+        Submission.id, Submission.state, Submission.rejection, Submission.failure_reason
+    ).where(Submission.id.in_(unique))
     with session_scope(app.sessions) as session:
-        rows = session.execute(
-            select(
-                Submission.id, Submission.state, Submission.rejection, Submission.failure_reason
-            ).where(Submission.id.in_(unique))
-        ).all()
+        rows = session.execute(query).all()
+    reasons: Counter[str] = Counter()
+    examples: dict[str, str] = {}
     for submission_id, state, rejection, failure in rows:
-        result.examples.setdefault(state, submission_id)
+        examples.setdefault(state, submission_id)
         for path, why in (rejection or {}).items():  # the supporter's own reason, masked
-            result.reasons[f"rejected: {path}: {mask_text(str(why))[:120]}"] += 1
+            reasons[f"rejected: {path}: {mask_text(str(why))[:120]}"] += 1
         if failure:
-            result.reasons[f"failed: {failure}"] += 1
-    return result
-
-
-def summary(result: DemoResult, app: App) -> dict[str, Any]:
-    """The demo's result for ``--json``: what :func:`print_summary` prints."""
+            reasons[f"failed: {failure}"] += 1
+    settings = app.settings
     return {
-        "letters_to": _letters_to(app),
-        "database": masked_url(app.settings.resolved_database_url),
-        "submitted": result.submitted,
-        "unique": result.unique,
-        "counts": result.counts,
-        "finished": result.finished,
-        "seconds": round(result.seconds, 1),
-        "reasons": dict(result.reasons.most_common()),
-        "examples": result.examples,
+        "letters_to": (
+            f"the outbox {settings.resolved_outbox_dir.resolve()} (one .eml per letter)"
+            if settings.mail_backend == "outbox"
+            else f"SMTP server {settings.smtp_host}:{settings.smtp_port}"
+        ),
+        "database": masked_url(settings.resolved_database_url),
+        "submitted": len(batch),
+        "unique": len(unique),
+        "counts": counts,
+        "finished": count_final(counts) == len(unique),
+        "seconds": round(seconds, 1),
+        "reasons": dict(reasons.most_common()),
+        "examples": examples,
     }
 
 
-def print_summary(result: DemoResult, app: App, console: Console) -> None:
-    table = Table(title="Submissions by final state")
-    table.add_column("state")
-    table.add_column("count", justify="right")
-    for state, n in sorted(result.counts.items()):
-        table.add_row(state, str(n))
-    console.print(table)
-    if result.reasons:
-        reasons = Table(title="Why (field or reason → count)")
-        reasons.add_column("reason")
-        reasons.add_column("count", justify="right")
-        for reason, n in result.reasons.most_common():
-            reasons.add_row(escape(reason), str(n))
-        console.print(reasons)
+def _counts(title: str, column: str, counted: Iterable[tuple[str, int]]) -> Table:
+    table = Table(column, Column("count", justify="right"), title=title)
+    for name, n in counted:
+        table.add_row(escape(name), str(n))
+    return table
+
+
+def print_summary(said: dict[str, Any], console: Console) -> None:
+    console.print(_counts("Submissions by final state", "state", sorted(said["counts"].items())))
+    if said["reasons"]:
+        console.print(_counts("Why (field or reason → count)", "reason", said["reasons"].items()))
     console.print(
-        f"{result.submitted} submitted ({result.unique} unique by idempotency key), "
-        f"{sum(result.counts.values())} tracked, all final: {result.finished}, "
-        f"in {result.seconds:.1f}s.\nLetters went to {_letters_to(app)}.\n"
-        f"Database: {masked_url(app.settings.resolved_database_url)}\n"
+        f"{said['submitted']} submitted ({said['unique']} unique by idempotency key), "
+        f"{sum(said['counts'].values())} tracked, all final: {said['finished']}, "
+        f"in {said['seconds']:.1f}s.\nLetters went to {said['letters_to']}.\n"
+        f"Database: {said['database']}\n"
         "The history of one submission, e.g.:"
     )
-    for state, submission_id in sorted(result.examples.items()):
+    for state, submission_id in sorted(said["examples"].items()):
         console.print(f"  .venv/bin/dearmp show {submission_id}   ({state})")
 
 
-def _letters_to(app: App) -> str:
-    if app.settings.mail_backend == "outbox":
-        return f"the outbox {app.settings.resolved_outbox_dir.resolve()} (one .eml per letter)"
-    return f"SMTP server {app.settings.smtp_host}:{app.settings.smtp_port}"
+@command(main)
+@click.option("--count", default=40, show_default=True, help="How many submissions to feed.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for all.")
+def demo(cli: Cli, count: int, timeout: float) -> None:
+    """The main job: start the pipeline, feed a sample batch, wait for final states, summarise."""
+    settings = get_settings()
+    cli.log_file = settings.data_dir / "logs" / "dearmp.jsonl"
+    app, broker = cli.app, cli.broker
+    console = Console(stderr=cli.as_json)  # with --json, the progress is for people
+    console.print(
+        f"[bold]DearMP demo[/bold]: data in {settings.data_dir.resolve()}, logs in {cli.log_file}"
+    )
+    prepare(app)
+    with running_pipeline(app, broker, app.settings.worker_threads):
+        said = run_demo(app, broker, count, timeout, console)
+    cli.say(lambda: print_summary(said, console), said)
+    if not said["finished"]:
+        raise SystemExit(1)

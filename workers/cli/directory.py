@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +22,42 @@ from sqlalchemy import func, select
 from workers.cli.base import (
     Cli,
     Nothing,
+    command,
     confirm,
     dry_run_option,
-    json_option,
-    pass_cli,
+    main,
+    refusing,
     yes_option,
 )
+from workers.database.models import (
+    AddressHealth,
+    Constituency,
+    DirectoryVersion,
+    Member,
+    Submission,
+)
 from workers.mp import health
+from workers.mp.directory import (
+    DirectoryError,
+    current_version,
+    import_directory,
+    prune,
+    set_dissolved,
+    sync_members,
+)
+from workers.mp.live_sources import LiveSources, SourceUnavailable
+from workers.stages.pauses import pause_address, resume_address
+from workers.stages.stage import Stage
+
+UNCHANGED = " (the current directory is unchanged)"
 
 
-@click.group()
+@main.group()
 def directory() -> None:
     """The local MP directory: constituencies, MPs and postcodes, in versions."""
 
 
-@directory.command("import")
+@command(directory, "import")
 @click.option(
     "--members",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -50,18 +72,13 @@ def directory() -> None:
     "several files. Left out: the current postcodes are kept.",
 )
 @click.option("--source", default=None, help="A note on where the data came from.")
-@json_option
-@pass_cli
 def directory_import(
     cli: Cli, members: Path | None, postcodes: tuple[Path, ...], source: str | None
 ) -> None:
     """Import a new directory version and switch to it atomically (all or nothing)."""
-    from workers.database.engine import session_scope
-    from workers.mp.directory import DirectoryError, import_directory
 
     if members is None and not postcodes:
         raise click.UsageError("give --members, --postcodes, or both")
-    app = cli.app
     total = sum(p.stat().st_size for p in postcodes)
     label = source or ", ".join(p.name for p in [*([members] if members else []), *postcodes])
     columns = (
@@ -73,18 +90,12 @@ def directory_import(
     )
     with Progress(*columns, console=Console(stderr=True), disable=not postcodes) as progress:
         task = progress.add_task("postcodes", total=total)
-        try:
-            with session_scope(app.sessions) as session:
-                counts = import_directory(
-                    session,
-                    members,
-                    list(postcodes),
-                    source=label,
-                    progress=lambda n: progress.advance(task, n),
-                )
-                progress.update(task, description="switching")
-        except DirectoryError as exc:
-            raise click.ClickException(f"{exc} (the current directory is unchanged)") from exc
+        with refusing(DirectoryError, then=UNCHANGED), cli.session() as session:
+            advance = partial(progress.advance, task)
+            counts = import_directory(
+                session, members, list(postcodes), source=label, progress=advance
+            )
+            progress.update(task, description="switching")
     cli.say(
         f"version {counts.version_id} is current: {counts.constituencies} constituencies, "
         f"{counts.members} members, {counts.postcodes} postcodes",
@@ -92,22 +103,12 @@ def directory_import(
     )
 
 
-@directory.command("sync")
-@json_option
-@pass_cli
+@command(directory, "sync")
 def directory_sync(cli: Cli) -> None:
     """Refresh MPs and their emails from the UK Parliament Members API (MEMBERS_API_URL)."""
-    from workers.database.engine import session_scope
-    from workers.mp.directory import DirectoryError, sync_members
-    from workers.mp.live_sources import LiveSources, SourceUnavailable
-
-    app = cli.app
-    members = LiveSources.from_settings(app.settings).members
-    try:
-        with session_scope(app.sessions) as session:
-            report = sync_members(session, members, source=f"Members API {members.api.base_url}")
-    except (DirectoryError, SourceUnavailable) as exc:
-        raise click.ClickException(f"{exc} (the current directory is unchanged)") from exc
+    members = LiveSources.from_settings(cli.app.settings).members
+    with refusing(DirectoryError, SourceUnavailable, then=UNCHANGED), cli.session() as session:
+        report = sync_members(session, members, source=f"Members API {members.api.base_url}")
     counts = {k: len(v) for k, v in report.items() if isinstance(v, list)}
     lines = [f"version {report['version_id']} is current"]
     lines += [f"  new MP: {i['member']} ({i['constituency']})" for i in report["new_members"]]
@@ -120,21 +121,15 @@ def directory_sync(cli: Cli) -> None:
     cli.say("\n".join(lines), {**report, "counts": counts})
 
 
-@directory.command("dissolve")
+@command(directory, "dissolve")
 @click.option("--off", is_flag=True, help="Parliament meets again (usually: import the new MPs).")
 @dry_run_option
 @yes_option
-@json_option
-@pass_cli
 def directory_dissolve(cli: Cli, off: bool, dry_run: bool, yes: bool) -> None:
     """Mark Parliament dissolved: no seat has an MP; campaigns hold or refuse letters. Asks
     first (--yes does not); exits 1 when Parliament is in that state already."""
-    from workers.database.engine import session_scope
-    from workers.mp.directory import current_version, set_dissolved
-
-    app = cli.app
     state = "sits" if off else "dissolved"
-    with session_scope(app.sessions) as session:
+    with cli.session() as session:
         current = current_version(session)
         if current is None:
             raise Nothing("no directory has been imported: `dearmp directory import` first")
@@ -150,35 +145,27 @@ def directory_dissolve(cli: Cli, off: bool, dry_run: bool, yes: bool) -> None:
         if off
         else "Mark Parliament dissolved (letters wait or are refused until --off)?",
     )
-    with session_scope(app.sessions) as session:
+    with cli.session() as session:
         version_id = set_dissolved(session, not off, source="dissolved" if not off else "sitting")
     said = f"version {version_id} is current: Parliament {state}"
     cli.say(said, {"dry_run": False, "version_id": version_id, "dissolved": not off})
 
 
-@directory.command("status")
-@json_option
-@pass_cli
+@command(directory, "status")
 def directory_status(cli: Cli) -> None:
     """The directory versions, which is current, and what each holds."""
-    from workers.database.engine import session_scope
-    from workers.database.models import Constituency, DirectoryVersion, Member, Submission
 
-    app = cli.app
+    def count(model: Any) -> Any:  # of the version on the row
+        where = model.version_id == DirectoryVersion.id
+        return select(func.count()).select_from(model).where(where).scalar_subquery()
+
     versions: list[dict[str, Any]] = []
-    with session_scope(app.sessions) as session:
+    with cli.session() as session:
         held = session.scalar(
             select(func.count()).select_from(Submission).where(Submission.state == "held")
         )
-        for v in session.scalars(select(DirectoryVersion).order_by(DirectoryVersion.id)):
-            seats = session.scalar(
-                select(func.count())
-                .select_from(Constituency)
-                .where(Constituency.version_id == v.id)
-            )
-            mps = session.scalar(
-                select(func.count()).select_from(Member).where(Member.version_id == v.id)
-            )
+        query = select(DirectoryVersion, count(Constituency), count(Member))
+        for v, seats, mps in session.execute(query.order_by(DirectoryVersion.id)):
             versions.append(
                 {
                     "id": v.id,
@@ -221,39 +208,26 @@ def _print_status(versions: list[dict[str, Any]], failing: list[dict[str, Any]])
     if failing:
         bad = Table("failing address", "member", "since", "why")
         for row in failing:
-            bad.add_row(
-                row["email"],
-                str(row["member_id"] or ""),
-                row["since"][:16].replace("T", " "),
-                row["reason"] or "",
-            )
+            since = row["since"][:16].replace("T", " ")
+            bad.add_row(row["email"], str(row["member_id"] or ""), since, row["reason"] or "")
         Console().print(bad)
 
 
-@directory.command("address")
+@command(directory, "address")
 @click.argument("email")
 @click.option("--pause", "reason", metavar="REASON", help="Hold every letter to it, and why.")
 @click.option("--ok", is_flag=True, help="It works again: end its pause or its failing mark.")
-@json_option
-@pass_cli
 def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> None:
     """Pause an MP address (an office asked for a break, a mailbox is full: its letters wait,
     never lost), or mark it working again: letters waiting for it go now, and letters held
     while it was failing are resolved again."""
-    from workers.database.engine import session_scope
-    from workers.database.models import AddressHealth
-    from workers.pipeline.dispatch import dispatch_groups
-    from workers.stages.pauses import pause_address, resume_address
-    from workers.stages.stage import Stage
-
     if (reason is None) == (not ok):
         raise click.UsageError("give one of --pause REASON or --ok")
-    with session_scope(cli.app.sessions) as session:
+    with cli.session() as session:
         if reason is not None:
             if not pause_address(session, email, reason):
                 raise click.ClickException(f"{email} is paused already")
-            said, groups = "paused; its letters wait until --ok", {}
-            action = "paused"
+            action, said, groups = "paused", "paused; its letters wait until --ok", {}
         else:
             row = session.get(AddressHealth, health.key(email))
             if row is not None and row.status == health.PAUSED:
@@ -267,43 +241,32 @@ def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> Non
                 action = "marked ok"
             else:
                 raise click.ClickException(f"{email} is neither paused nor marked failing")
-    if any(groups.values()):
-        dispatch_groups(cli.broker, groups)  # after the commit; else the reconciler
+    cli.send(groups)
     letters = [i for ids in groups.values() for i in ids]
     cli.say(f"{email} {said}", {"address": email, "action": action, "letters": letters})
 
 
-@directory.command("prune")
+@command(directory, "prune")
 @click.option("--keep", default=2, show_default=True, help="Versions to keep (newest first).")
 @dry_run_option
 @yes_option
-@json_option
-@pass_cli
 def directory_prune(cli: Cli, keep: int, dry_run: bool, yes: bool) -> None:
     """Delete old directory versions (and postcode sets nothing uses any more). Asks first
     (--yes does not); exits 1 when there is none to delete."""
-    app = cli.app
-    gone = _prune(app, keep, dry_run=True)
+
+    def pruned(dry: bool) -> list[int]:
+        # A dry run's session is closed without a commit: nothing is deleted.
+        with cli.app.sessions() if dry else cli.session() as session:
+            return prune(session, keep=max(1, keep))
+
+    gone = pruned(True)
     if not gone:
         raise Nothing(f"no version to delete: at most {max(1, keep)} are kept, and no more exist")
     if not dry_run:
         confirm(yes, f"Delete {len(gone)} old directory versions ({', '.join(map(str, gone))})?")
-        gone = _prune(app, keep, dry_run=False)
+        gone = pruned(False)
     said = "would delete" if dry_run else "deleted"
     cli.say(
         f"{said} versions: {', '.join(map(str, gone)) or 'none'}",
         {"dry_run": dry_run, "deleted": gone},
     )
-
-
-def _prune(app: Any, keep: int, dry_run: bool) -> list[int]:
-    """The versions :func:`workers.mp.directory.prune` deletes (only said, on a dry run)."""
-    from workers.mp.directory import prune
-
-    with app.sessions() as session:  # committed unless a dry run
-        gone = prune(session, keep=max(1, keep))
-        if dry_run:
-            session.rollback()
-        else:
-            session.commit()
-    return gone

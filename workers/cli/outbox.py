@@ -1,21 +1,23 @@
 """``dearmp outbox``: everything DearMP sends (letters, emails to supporters, webhooks) that an
-operator looks at, and sends again once the cause of a failure is fixed."""
+operator looks at, and sends again once the cause of a failure is fixed; ``dearmp deliveries``:
+the letters to MPs."""
 
 from __future__ import annotations
 
 import click
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import select
 
-from workers.cli.base import (
-    Cli,
-    Nothing,
-    confirm,
-    dry_run_option,
-    json_option,
-    pass_cli,
-    yes_option,
-)
+from workers.cli.base import Cli, Nothing, command, confirm, dry_run_option, main, yes_option
+from workers.cli.queues import clear_dead, redis_client
+from workers.database.models import OutboxItem
+from workers.outbox.kinds import stage_of
+from workers.outbox.sending import due_now, listing, retry_failed
+from workers.pipeline.dead_letters import resume_mail
+from workers.stages import digests
+from workers.stages.delivery import KIND as LETTER
+from workers.stages.delivery import reopen_failed
 from workers.stages.stage import Stage
 
 # Without --status: the items not yet ended, and those given up.
@@ -23,13 +25,13 @@ UNFINISHED = ("pending", "sending", "failed")
 STATUSES = ("pending", "sending", "sent", "failed", "skipped")
 
 
-@click.group()
+@main.group()
 def outbox() -> None:
     """What DearMP sends: letters, emails to supporters (confirmations, notices, forwards,
     surveys), webhooks."""
 
 
-@outbox.command("list")
+@command(outbox, "list")
 @click.option(
     "--status",
     "statuses",
@@ -38,65 +40,148 @@ def outbox() -> None:
     help="Only items in this status (repeatable) [pending, sending, failed].",
 )
 @click.option("--limit", default=100, show_default=True, help="At most this many, oldest first.")
-@json_option
-@pass_cli
 def outbox_list(cli: Cli, statuses: tuple[str, ...], limit: int) -> None:
     """Items with their kind, status, failures, next attempt and error (masked). A --status
     that matches nothing exits 1."""
-    from workers.database.engine import session_scope
-    from workers.outbox.sending import listing
-
-    with session_scope(cli.app.sessions) as session:
+    with cli.session() as session:
         rows = listing(session, statuses or UNFINISHED, limit)
     table = Table("id", "kind", "status", "failures", "next attempt", "error")
     for row in rows:
-        table.add_row(
-            *(str(row[key] or "") for key in ("id", "kind", "status")),
-            str(row["failures"]),
-            str(row["next_attempt_at"] or ""),
-            str(row["error"] or ""),
-        )
+        keys = ("id", "kind", "status", "failures", "next_attempt_at", "error")
+        table.add_row(*(str("" if row[key] is None else row[key]) for key in keys))
     cli.say(lambda: Console(width=200).print(table), rows)
     if not rows and statuses:
         raise Nothing(f"no item is {' or '.join(statuses)}")
 
 
-@outbox.command("retry")
+@command(outbox, "retry")
 @click.option("--kind", default=None, help="Only items of this kind (confirm, bounce, webhook...).")
 @dry_run_option
 @yes_option
-@json_option
-@pass_cli
 def outbox_retry(cli: Cli, kind: str | None, dry_run: bool, yes: bool) -> None:
     """Send given-up items again with a fresh count of failures (after the cause is fixed).
     Asks first (--yes does not); exits 1 when there is none."""
-    from sqlalchemy import select
-
-    from workers.database.engine import session_scope
-    from workers.database.models import OutboxItem
-    from workers.outbox.kinds import stage_of
-    from workers.outbox.sending import retry_failed
-    from workers.pipeline.dispatch import dispatch_groups
-    from workers.stages.delivery import KIND as LETTER
-
     if kind == LETTER:
         raise click.ClickException(
             "a failed letter failed its submission too: `dearmp deliveries reopen` sends it again"
         )
-    with session_scope(cli.app.sessions) as session:
-        ids = retry_failed(session, kind, dry_run=True)
-    if not ids:
+
+    def retry(dry: bool) -> dict[str, str]:
+        """The items retried (or that would be), with their kinds."""
+        with cli.session() as session:
+            ids = retry_failed(session, kind, dry)
+            found = select(OutboxItem.id, OutboxItem.kind).where(OutboxItem.id.in_(ids))
+            kind_of: dict[str, str] = {item_id: k for item_id, k in session.execute(found)}
+        return {item_id: kind_of[item_id] for item_id in ids}
+
+    retried = retry(True)
+    if not retried:
         raise Nothing(f"no given-up {kind or 'item'} to retry")
     if not dry_run:
-        confirm(yes, f"Send {len(ids)} given-up items again?")
-    with session_scope(cli.app.sessions) as session:
-        ids = retry_failed(session, kind, dry_run)
-        found = select(OutboxItem.id, OutboxItem.kind).where(OutboxItem.id.in_(ids))
-        kind_of: dict[str, str] = {item_id: k for item_id, k in session.execute(found)}
-    if ids and not dry_run:  # after the commit; else the reconciler
+        confirm(yes, f"Send {len(retried)} given-up items again?")
+        retried = retry(False)
         sends: dict[Stage, list[str]] = {}
-        for item_id in ids:
-            sends.setdefault(stage_of(kind_of[item_id]), []).append(item_id)
-        dispatch_groups(cli.broker, sends)
-    said = f"{'would retry' if dry_run else 'retried'} {len(ids)}"
-    cli.say(said, {"dry_run": dry_run, "retried": [{"id": i, "kind": kind_of[i]} for i in ids]})
+        for item_id, item_kind in retried.items():
+            sends.setdefault(stage_of(item_kind), []).append(item_id)
+        cli.send(sends)
+    said = f"{'would retry' if dry_run else 'retried'} {len(retried)}"
+    listed = [{"id": item_id, "kind": item_kind} for item_id, item_kind in retried.items()]
+    cli.say(said, {"dry_run": dry_run, "retried": listed})
+
+
+@main.group()
+def deliveries() -> None:
+    """Deliveries, for an operator."""
+
+
+@command(deliveries, "reopen")
+@click.option("--reason", help="Only failures whose recorded error contains this.")
+@click.option("--campaign", help="Only this campaign's letters (its slug).")
+@click.option("--mp", "member_id", type=int, help="Only letters to this MP (member id).")
+@dry_run_option
+@yes_option
+def deliveries_reopen(
+    cli: Cli,
+    reason: str | None,
+    campaign: str | None,
+    member_id: int | None,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Send failed letters again with a fresh count of attempts (after a configuration fix),
+    and, without filters, MPs' digests given up with their letters. Asks first (--yes does
+    not); exits 1 when no failed letter matches."""
+    every = reason is None and campaign is None and member_id is None
+
+    def reopen(dry: bool) -> tuple[list[str], list[str]]:
+        with cli.session() as session:
+            letters = reopen_failed(session, reason, campaign, member_id, dry_run=dry)
+            return letters, digests.reopen_failed(session, dry_run=dry) if every else []
+
+    found, digest_ids = reopen(True)
+    if not found and not digest_ids:
+        raise Nothing("no failed letter matches: nothing reopened")
+    cleared = 0
+    if not dry_run:
+        digests_too = f" and {len(digest_ids)} MPs' digests" if digest_ids else ""
+        confirm(yes, f"Send {len(found)} failed letters{digests_too} again?")
+        found, digest_ids = reopen(False)
+        if found or digest_ids:
+            cli.send({Stage.DELIVER: found + digest_ids})
+            cleared = clear_dead(cli.app, Stage.DELIVER.actor, set(found))
+    said = "would reopen" if dry_run else "reopened"
+    lines = [f"{said} {one}" for one in found + digest_ids]
+    if cleared:
+        lines.append(f"cleared {cleared} dead letters these supersede")
+    cli.say(
+        "\n".join([*lines, f"{said} {len(found)} letters and {len(digest_ids)} digests"]),
+        {
+            "dry_run": dry_run,
+            "reopened": found,
+            "digests_reopened": digest_ids,
+            "dead_letters_cleared": cleared,
+        },
+    )
+
+
+@command(deliveries, "waiting")
+@click.option("--limit", default=100, show_default=True, help="At most this many, oldest first.")
+def deliveries_waiting(cli: Cli, limit: int) -> None:
+    """Letters waiting to be sent or to try again: failures, next attempt and why (masked)."""
+    with cli.session() as session:
+        rows = listing(session, ("pending", "sending"), limit, LETTER)
+    lines = []
+    for row in rows:
+        next_at = row["next_attempt_at"] or "now"
+        lines.append(f"{row['id']}  {row['status']}  failures {row['failures']}  next {next_at}")
+        if row["error"]:
+            lines.append(f"    {row['error']}")
+    cli.say("\n".join([*lines, f"{len(rows)} letters waiting"]), rows)
+
+
+@command(deliveries, "flush")
+@dry_run_option
+def deliveries_flush(cli: Cli, dry_run: bool) -> None:
+    """Try every letter waiting for a later attempt now (once the cause is fixed), as Postfix's
+    `postqueue -f` does. Exits 1 when none waits."""
+    with cli.session() as session:
+        ids = due_now(session, LETTER, dry_run)
+    if not ids:
+        raise Nothing("no letter waits for a later attempt: nothing to try")
+    if not dry_run:
+        cli.send({Stage.DELIVER: ids})
+    said = f"{'would try' if dry_run else 'trying'} {len(ids)} letters now"
+    cli.say(said, {"dry_run": dry_run, "trying": list(ids)})
+
+
+@command(deliveries, "resume")
+def deliveries_resume(cli: Cli) -> None:
+    """End the mail pause once the relay is fixed (a password, a certificate, a sender): every
+    worker process tries again within seconds instead of waiting out its pause. Exits 1 when
+    no pause was reported."""
+    app = cli.app
+    paused = resume_mail(redis_client(app), app.settings.redis_namespace)
+    if paused is None:
+        raise Nothing("no pause was reported; the workers are told to try anyway")
+    said = f"resumed: the workers try again within seconds (paused for {paused['reason']})"
+    cli.say(said, {"resumed": True, "paused_for": paused["reason"]})

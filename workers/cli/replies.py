@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import signal
-import threading
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.orm import Session
 
 from workers.cli.base import (
     Cli,
     Nothing,
+    command,
     confirm,
     dry_run_option,
-    json_option,
     main,
     pass_cli,
+    refusing,
+    until_stopped,
     yes_option,
 )
+from workers.database.models import Campaign, InboundMessage, InboundStatus
+from workers.letters.definitions import load_definitions
+from workers.letters.dns import records, zone_lines
+from workers.letters.outcomes import report, resend_bounced
+from workers.pipeline.app import App
+from workers.pipeline.runtime import start_receiver
+from workers.stages.inbound import (
+    InboundPolicy,
+    drop,
+    for_the_operator,
+    held,
+    postmaster,
+    readable,
+    release,
+)
+from workers.stages.stage import Stage
 
 
 @main.command()
@@ -29,8 +48,6 @@ from workers.cli.base import (
 @pass_cli
 def inbound(cli: Cli, host: str | None, port: int | None) -> None:
     """Receive bounces and replies by SMTP for the bounce and reply domains."""
-    from workers.pipeline.runtime import start_receiver
-
     app = cli.app
     if not app.returns.domains:
         raise click.ClickException(
@@ -38,35 +55,26 @@ def inbound(cli: Cli, host: str | None, port: int | None) -> None:
             "for their addresses"
         )
     controller = start_receiver(app, cli.broker, host, port)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     tls = "STARTTLS offered" if app.settings.inbound_tls_cert else "no STARTTLS: no certificate"
-    click.echo(
-        f"receiving for {', '.join(sorted(app.returns.domains))} on "
-        f"{controller.hostname}:{controller.port} ({tls})"
-    )
-    stop.wait()
+    with until_stopped(signal.SIGINT) as stop:
+        click.echo(
+            f"receiving for {', '.join(sorted(app.returns.domains))} on "
+            f"{controller.hostname}:{controller.port} ({tls})"
+        )
+        stop.wait()
     controller.stop()
 
 
-@click.group()
+@main.group()
 def replies() -> None:
     """What came back to the letters: bounces, automatic replies, MPs' replies, the survey."""
 
 
-@replies.command("report")
+@command(replies, "report")
 @click.option("--campaign", default=None, help="One campaign's slug.")
-@json_option
-@pass_cli
 def replies_report(cli: Cli, campaign: str | None) -> None:
     """Per campaign and MP: delivered, bounced, acknowledged, replied, and survey answers."""
-    from workers.database.engine import session_scope
-    from workers.database.models import Campaign
-    from workers.letters.outcomes import report
-
-    app = cli.app
-    with session_scope(app.sessions) as session:
+    with cli.session() as session:
         if campaign is not None and session.get(Campaign, campaign) is None:
             raise click.ClickException(f"no campaign {campaign}")
         rows = report(session, campaign)
@@ -83,50 +91,40 @@ def replies_report(cli: Cli, campaign: str | None) -> None:
     cli.say(lambda: Console().print(table), [asdict(row) for row in rows])
 
 
-@replies.command("resend-bounced")
+@command(replies, "resend-bounced")
 @click.option("--member", "member_id", type=int, required=True, help="The MP's member id.")
 @click.option("--to", "address", required=True, help="The MP's corrected address.")
 @dry_run_option
 @yes_option
-@json_option
-@pass_cli
 def replies_resend(cli: Cli, member_id: int, address: str, dry_run: bool, yes: bool) -> None:
     """Write an MP's returned letters again, to a corrected address: each once, recorded.
     Asks first (--yes does not); exits 1 when the MP has no returned letter."""
-    from workers.database.engine import session_scope
-    from workers.letters.outcomes import resend_bounced
-    from workers.pipeline.dispatch import dispatch_groups
-    from workers.stages.stage import Stage
-
-    app = cli.app
-    try:
-        with session_scope(app.sessions) as session:
-            ids = resend_bounced(session, member_id, address, True, app.signer)
+    signer = cli.app.signer
+    with refusing(ValueError):
+        with cli.session() as session:
+            ids = resend_bounced(session, member_id, address, True, signer)
         if not ids:
             raise Nothing(f"no returned letter to MP {member_id}: nothing to resend")
         if not dry_run:
             confirm(yes, f"Send {len(ids)} returned letters again, to {address}?")
-            with session_scope(app.sessions) as session:
-                ids = resend_bounced(session, member_id, address, False, app.signer)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    if ids and not dry_run:
-        dispatch_groups(cli.broker, {Stage.RENDER: ids})
+            with cli.session() as session:
+                ids = resend_bounced(session, member_id, address, False, signer)
+    if not dry_run:
+        cli.send({Stage.RENDER: ids})
     said = f"{'would resend' if dry_run else 'resending'} {len(ids)} returned letters"
     cli.say(said, {"dry_run": dry_run, "resending": ids})
 
 
-@replies.command("held")
-@json_option
-@pass_cli
+def _stored(cli: Cli, find: Callable[[Session], Iterable[InboundMessage]]) -> list[dict[str, Any]]:
+    """The messages ``find`` selects, as the operator is shown them (:func:`_listed`)."""
+    with cli.session() as session:
+        return [_listed(cli.app, row) for row in find(session)]
+
+
+@command(replies, "held")
 def replies_held(cli: Cli) -> None:
     """Replies held for an operator: not plausibly from the MP's office, so not forwarded."""
-    from workers.database.engine import session_scope
-    from workers.stages.inbound import held
-
-    app = cli.app
-    with session_scope(app.sessions) as session:
-        rows = [_listed(app, row) for row in held(session)]
+    rows = _stored(cli, held)
     cli.say(lambda: _print_held(rows), rows)
 
 
@@ -148,17 +146,10 @@ def _print_held(rows: list[dict[str, Any]]) -> None:
     )
 
 
-@replies.command("postmaster")
-@json_option
-@pass_cli
+@command(replies, "postmaster")
 def replies_postmaster(cli: Cli) -> None:
     """Mail to the postmaster, kept for the operator until retention deletes it."""
-    from workers.database.engine import session_scope
-    from workers.stages.inbound import postmaster
-
-    app = cli.app
-    with session_scope(app.sessions) as session:
-        rows = [_listed(app, row) for row in postmaster(session)]
+    rows = _stored(cli, postmaster)
     cli.say(lambda: _print_postmaster(rows), rows)
 
 
@@ -172,20 +163,14 @@ def _print_postmaster(rows: list[dict[str, Any]]) -> None:
     click.echo(f"{len(rows)}: `dearmp replies show ID` shows one, `drop ID` deletes it")
 
 
-@replies.command("show")
+@command(replies, "show")
 @click.argument("inbound_id")
-@json_option
-@pass_cli
 def replies_show(cli: Cli, inbound_id: str) -> None:
     """A held, failed or postmaster message: when, its status and why, From, Subject, our
     relay's Authentication-Results and its text (the first 20,000 characters)."""
-    from workers.database.engine import session_scope
-    from workers.stages.inbound import for_the_operator
-
-    app = cli.app
-    with session_scope(app.sessions) as session:
+    with cli.session() as session:
         row = for_the_operator(session, inbound_id)
-        shown = _listed(app, row, text=True) if row is not None else None
+        shown = _listed(cli.app, row, text=True) if row is not None else None
     if shown is None:
         raise click.ClickException(
             f"no held, failed or postmaster message {inbound_id!r}: `dearmp replies held` "
@@ -216,11 +201,9 @@ def _print_shown(shown: dict[str, Any]) -> None:
         click.echo(f"\n({shown['more']} more characters not shown)")
 
 
-def _listed(app: Any, row: Any, text: bool = False) -> dict[str, Any]:
+def _listed(app: App, row: InboundMessage, text: bool = False) -> dict[str, Any]:
     """What the operator is shown of a stored message: every value cleaned
     (:func:`workers.stages.inbound.readable`)."""
-    from workers.stages.inbound import InboundPolicy, readable
-
     read = readable(row, InboundPolicy.from_settings(app.settings).authserv_ids, text)
     listed: dict[str, Any] = {
         "id": row.id,
@@ -239,99 +222,70 @@ def _listed(app: Any, row: Any, text: bool = False) -> dict[str, Any]:
     return listed
 
 
-@replies.command("release")
+@command(replies, "release")
 @click.argument("inbound_id")
 @yes_option
-@json_option
-@pass_cli
 def replies_release(cli: Cli, inbound_id: str, yes: bool) -> None:
     """Forward a held reply to the supporter (once, within the letter's cap). Asks first
     (--yes does not)."""
-    from workers.database.engine import session_scope
-    from workers.database.models import InboundMessage, InboundStatus
-    from workers.pipeline.dispatch import dispatch_groups
-    from workers.stages.inbound import InboundPolicy, release
-    from workers.stages.stage import Stage
-
-    app = cli.app
     missing = f"no held reply {inbound_id!r}: `dearmp replies held` lists them"
-    with session_scope(app.sessions) as session:
+    with cli.session() as session:
         row = session.get(InboundMessage, inbound_id)
         if row is None or row.status != InboundStatus.HELD:
             raise click.ClickException(missing)
     confirm(yes, f"Forward held reply {inbound_id} to the supporter?")
-    with session_scope(app.sessions) as session:
-        outcome = release(session, inbound_id, InboundPolicy.from_settings(app.settings))
+    with cli.session() as session:
+        outcome = release(session, inbound_id, InboundPolicy.from_settings(cli.app.settings))
     if outcome is None:
         raise click.ClickException(missing)
     if outcome.notices:
-        dispatch_groups(cli.broker, {Stage.OUTBOX: list(outcome.notices)})
+        cli.send({Stage.OUTBOX: list(outcome.notices)})
         said = f"released {inbound_id}: forwarding it to the supporter"
     else:
         said = f"released {inbound_id}, recorded as a reply; not forwarded: {outcome.reason}"
-    cli.say(
-        said,
-        {
-            "released": inbound_id,
-            "forwarded": bool(outcome.notices),
-            "reason": None if outcome.notices else outcome.reason,
-        },
-    )
+    reason = None if outcome.notices else outcome.reason
+    cli.say(said, {"released": inbound_id, "forwarded": bool(outcome.notices), "reason": reason})
 
 
-@replies.command("drop")
+@command(replies, "drop")
 @click.argument("inbound_id")
 @yes_option
-@json_option
-@pass_cli
 def replies_drop(cli: Cli, inbound_id: str, yes: bool) -> None:
     """Delete a held reply without forwarding it (nothing is recorded on the letter), or the
     kept text of a failed message or of mail to the postmaster. Asks first (--yes does not)."""
-    from workers.database.engine import session_scope
-    from workers.stages.inbound import drop, for_the_operator
-
-    app = cli.app
     missing = (
         f"no held reply, or failed or postmaster message with its text, {inbound_id!r}: "
         "`dearmp replies held` and `dearmp replies postmaster` list them"
     )
-    with session_scope(app.sessions) as session:
+    with cli.session() as session:
         row = for_the_operator(session, inbound_id)
         if row is None or row.raw is None:
             raise click.ClickException(missing)
     confirm(yes, f"Delete the text of message {inbound_id} for good?")
-    with session_scope(app.sessions) as session:
+    with cli.session() as session:
         dropped = drop(session, inbound_id)
     if not dropped:
         raise click.ClickException(missing)
     cli.say(f"dropped {inbound_id}: its text is deleted", {"dropped": inbound_id})
 
 
-@main.command()
+@command(main)
 @click.option("--campaign", default=None, help="One campaign's slug (default: every campaign).")
 @click.option("--mx", default=None, help="The host name of the MX (default: DEARMP_PUBLIC_URL's).")
-@json_option
-@pass_cli
 def dns(cli: Cli, campaign: str | None, mx: str | None) -> None:
     """The DNS records to publish: SPF, DKIM, DMARC, and MX for the bounce and reply domains."""
-    from workers.letters.definitions import load_definitions
-    from workers.letters.dns import records, zone_lines
-
-    app = cli.app
-    definitions = load_definitions(app.settings.campaigns_dir)
+    settings = cli.app.settings
+    definitions = load_definitions(settings.campaigns_dir)
     if campaign:
         definitions = [d for d in definitions if d.slug == campaign]
         if not definitions:
             raise click.ClickException(f"no campaign {campaign!r}")
-    settings = app.settings
     if mx and not (settings.bounce_domain or settings.reply_domain):
         raise click.ClickException(
             "--mx is for the bounce and reply domains, and neither DEARMP_BOUNCE_DOMAIN nor "
             "DEARMP_REPLY_DOMAIN is set: set them first, then print the records again"
         )
     domains = [str(d.from_email).rsplit("@", 1)[1].lower() for d in definitions]
-    try:
+    with refusing(ValueError):
         found = records(settings, domains, mx)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
     cli.say("\n".join(zone_lines(found)), [asdict(record) for record in found])

@@ -10,11 +10,9 @@ import click
 from sqlalchemy import case, func, select
 
 from schemas.campaign import SimilarLetters
-from workers.cli.base import Cli, confirm, json_option, pass_cli, yes_option
-from workers.database.engine import session_scope
+from workers.cli.base import Cli, command, confirm, main, yes_option
 from workers.database.models import LetterPrint, State, Submission, utcnow
 from workers.letters.definitions import get_definition
-from workers.pipeline.dispatch import dispatch_groups
 from workers.stages import comparison, digests
 from workers.stages.stage import Stage
 
@@ -22,7 +20,7 @@ from workers.stages.stage import Stage
 BUCKETS = ((0, 10), (10, 25), (25, 50), (50, 101))
 
 
-@click.group()
+@main.group()
 def review() -> None:
     """Letters held for review, and what the comparison of letters found."""
 
@@ -30,14 +28,12 @@ def review() -> None:
 def _in_review(cli: Cli, ids: tuple[str, ...]) -> set[str]:
     """Those of ``ids`` held for review now."""
     query = select(Submission.id).where(Submission.id.in_(ids), Submission.state == State.IN_REVIEW)
-    with session_scope(cli.app.sessions) as session:
+    with cli.session() as session:
         return set(session.scalars(query))
 
 
-@review.command("list")
+@command(review, "list")
 @click.option("--campaign", help="Only this campaign's letters.")
-@json_option
-@pass_cli
 def review_list(cli: Cli, campaign: str | None) -> None:
     """Letters waiting for review, oldest first: near-identical letters to the same MP, and the
     share in the supporter's own words."""
@@ -49,7 +45,7 @@ def review_list(cli: Cli, campaign: str | None) -> None:
     )
     if campaign:
         query = query.where(Submission.campaign_slug == campaign)
-    with session_scope(cli.app.sessions) as session:
+    with cli.session() as session:
         rows = [
             {
                 "id": sid,
@@ -69,21 +65,18 @@ def review_list(cli: Cli, campaign: str | None) -> None:
     cli.say("\n".join([*lines, f"{len(rows)} letters in review"]), rows)
 
 
-@review.command("release")
+@command(review, "release")
 @click.argument("ids", nargs=-1, required=True)
 @yes_option
-@json_option
-@pass_cli
 def review_release(cli: Cli, ids: tuple[str, ...], yes: bool) -> None:
     """Send letters held for review on to their MPs. Asks first (--yes does not); exits 1 if
     one was not in review."""
     held = _in_review(cli, ids)
     if held:
         confirm(yes, f"Send {len(held)} letters held for review on to their MPs?")
-    with session_scope(cli.app.sessions) as session:
+    with cli.session() as session:
         released = [sid for sid in ids if comparison.release(session, sid)]
-    if released:
-        dispatch_groups(cli.broker, {Stage.RENDER: released})  # after the commit
+    cli.send({Stage.RENDER: released})
     missed = [sid for sid in ids if sid not in released]
     text = f"released {len(released)} letters" + (
         f"; not in review: {', '.join(missed)}" if missed else ""
@@ -93,12 +86,10 @@ def review_release(cli: Cli, ids: tuple[str, ...], yes: bool) -> None:
         raise SystemExit(1)
 
 
-@review.command("reject")
+@command(review, "reject")
 @click.argument("submission_id")
 @click.option("--reason", required=True, help="What the supporter is told (no personal data).")
 @yes_option
-@json_option
-@pass_cli
 def review_reject(cli: Cli, submission_id: str, reason: str, yes: bool) -> None:
     """Reject a letter held for review; the supporter's status page gives ``--reason``. Asks
     first (--yes does not)."""
@@ -107,72 +98,64 @@ def review_reject(cli: Cli, submission_id: str, reason: str, yes: bool) -> None:
     if not _in_review(cli, (submission_id,)):
         raise click.ClickException(f"{submission_id} is not in review")
     confirm(yes, f"Reject letter {submission_id} (it is never sent)?")
-    with session_scope(cli.app.sessions) as session:
+    with cli.session() as session:
         rejected = comparison.reject(session, submission_id, reason.strip())
     if not rejected:
         raise click.ClickException(f"{submission_id} is not in review")
     cli.say(f"{submission_id} rejected", {"rejected": submission_id})
 
 
-@review.command("digest")
+@command(review, "digest")
 @click.option("--now", is_flag=True, help="Make them now, whatever the campaigns' digest hour.")
-@json_option
-@pass_cli
 def review_digest(cli: Cli, now: bool) -> None:
     """Make the MPs' digests that are due (the reconciler does this each pass), or every one
     with letters waiting (``--now``), and send them. Exits 1 when none was made."""
-    with session_scope(cli.app.sessions) as session:
+    with cli.session() as session:
         made = digests.build_due(session, force=now)
-    if made:
-        dispatch_groups(cli.broker, {Stage.DELIVER: made})  # after the commit
+    cli.send({Stage.DELIVER: made})
     cli.say(f"{len(made)} digests made", {"digests": made})
     if not made:
         raise SystemExit(1)
 
 
-@review.command("report")
+@command(review, "report")
 @click.argument("campaign")
-@json_option
-@pass_cli
 def review_report(cli: Cli, campaign: str) -> None:
     """A campaign's letters by their share of the supporter's own words, and per MP: letters
     compared, sent on their own, held for review, put in digests, and their average share of
     own words; and the letters near-identical to a letter to another MP."""
-    share = LetterPrint.own_words * 100
-    held = func.sum(case((LetterPrint.decision == "hold", 1), else_=0))
-    digested = func.sum(case((LetterPrint.decision == "digest", 1), else_=0))
-    with session_scope(cli.app.sessions) as session:
+    share, of_campaign = LetterPrint.own_words * 100, LetterPrint.campaign_slug == campaign
+    held, digested = (
+        func.sum(case((LetterPrint.decision == decision, 1), else_=0))
+        for decision in ("hold", "digest")
+    )
+    per_mp_query = (
+        select(LetterPrint.member_id, func.count(), held, digested, func.avg(LetterPrint.own_words))
+        .where(of_campaign)
+        .group_by(LetterPrint.member_id)
+        .order_by(func.count().desc())
+    )
+    with cli.session() as session:
         buckets = {
             f"{low}-{min(high, 100)}%": session.scalar(
-                select(func.count())
-                .select_from(LetterPrint)
-                .where(LetterPrint.campaign_slug == campaign, share >= low, share < high)
+                select(func.count()).where(of_campaign, share >= low, share < high)
             )
             or 0
             for low, high in BUCKETS
         }
-        per_mp = [
-            {
-                "member_id": member,
-                "letters": count,
-                "sent_on_their_own": count - int(holds or 0) - int(in_digests or 0),
-                "held": int(holds or 0),
-                "digested": int(in_digests or 0),
-                "average_own_words": round(float(average or 0) * 100),
-            }
-            for member, count, holds, in_digests, average in session.execute(
-                select(
-                    LetterPrint.member_id,
-                    func.count(),
-                    held,
-                    digested,
-                    func.avg(LetterPrint.own_words),
-                )
-                .where(LetterPrint.campaign_slug == campaign)
-                .group_by(LetterPrint.member_id)
-                .order_by(func.count().desc())
+        per_mp = []
+        for member, count, holds, in_digests, average in session.execute(per_mp_query):
+            holds, in_digests = int(holds or 0), int(in_digests or 0)
+            per_mp.append(
+                {
+                    "member_id": member,
+                    "letters": count,
+                    "sent_on_their_own": count - holds - in_digests,
+                    "held": holds,
+                    "digested": in_digests,
+                    "average_own_words": round(float(average or 0) * 100),
+                }
             )
-        ]
         definition = get_definition(session, campaign)
         rules = definition.similar_letters if definition else SimilarLetters()
         since = utcnow() - timedelta(days=rules.window_days)
@@ -191,12 +174,5 @@ def review_report(cli: Cli, campaign: str) -> None:
             ),
         ]
     )
-    cli.say(
-        text,
-        {
-            "campaign": campaign,
-            "own_words": buckets,
-            "near_identical_to_other_mps": anywhere,
-            "per_mp": per_mp,
-        },
-    )
+    said = {"own_words": buckets, "near_identical_to_other_mps": anywhere, "per_mp": per_mp}
+    cli.say(text, {"campaign": campaign, **said})

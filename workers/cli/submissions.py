@@ -1,57 +1,25 @@
 """``dearmp submissions``: find submissions by state, campaign, age or supporter, showing no
-personal data: a supporter is found by the keyed hash of their email, which is never stored,
-printed or logged here."""
+personal data (a supporter is found by the keyed hash of their email, which is never stored,
+printed or logged here); ``dearmp submission show``: one submission."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import click
+import structlog
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from workers.cli.base import Cli, Nothing, json_option, pass_cli
-from workers.database.models import Submission
-from workers.pipeline.states import State
-from workers.privacy.hashing import supporter_hash
+from workers.cli.base import Cli, Nothing, command, json_option, main, pass_cli
+from workers.database.models import Letter, OutboxItem, Submission
+from workers.pipeline.states import OUTCOMES, State
+from workers.privacy.hashing import mask_supporter, supporter_hash
 
 COLUMNS = ("id", "campaign", "state", "created", "updated")
-
-
-@dataclass(frozen=True)
-class Filters:
-    states: tuple[str, ...] = ()
-    campaign: str | None = None
-    since: datetime | None = None
-    supporter: str | None = None  # the keyed hash, never the address
-    limit: int = 50
-
-
-def find(session: Session, filters: Filters) -> list[dict[str, str]]:
-    """Submissions matching every filter given, newest first: ids, campaign, state and times."""
-    query = select(
-        Submission.id,
-        Submission.campaign_slug,
-        Submission.state,
-        Submission.created_at,
-        Submission.updated_at,
-    )
-    if filters.states:
-        query = query.where(Submission.state.in_(filters.states))
-    if filters.campaign is not None:
-        query = query.where(Submission.campaign_slug == filters.campaign)
-    if filters.since is not None:
-        query = query.where(Submission.created_at >= filters.since)
-    if filters.supporter is not None:
-        query = query.where(Submission.supporter_hash == filters.supporter)
-    query = query.order_by(Submission.created_at.desc(), Submission.id.desc()).limit(filters.limit)
-    return [
-        dict(zip(COLUMNS, (r[0], r[1], r[2], r[3].isoformat(), r[4].isoformat()), strict=True))
-        for r in session.execute(query)
-    ]
 
 
 def iso_time(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -67,12 +35,12 @@ def iso_time(ctx: click.Context, param: click.Parameter, value: str | None) -> d
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-@click.group()
+@main.group()
 def submissions() -> None:
     """Find submissions (no personal data shown)."""
 
 
-@submissions.command("list")
+@command(submissions, "list")
 @click.option(
     "--state",
     "states",
@@ -91,8 +59,6 @@ def submissions() -> None:
 @click.option(
     "--limit", default=50, show_default=True, type=click.IntRange(min=1), help="At most this many."
 )
-@json_option
-@pass_cli
 def submissions_list(
     cli: Cli,
     states: tuple[str, ...],
@@ -103,13 +69,27 @@ def submissions_list(
 ) -> None:
     """Submissions newest first: full id, campaign, state, received and last changed. A filter
     that matches nothing says so and exits 1."""
-    from workers.database.engine import session_scope
-
-    app = cli.app
-    supporter = supporter_hash(app.secret, email) if email is not None else None
-    filters = Filters(states, campaign, since, supporter, limit)
-    with session_scope(app.sessions) as session:
-        rows = find(session, filters)
+    query = select(
+        Submission.id,
+        Submission.campaign_slug,
+        Submission.state,
+        Submission.created_at,
+        Submission.updated_at,
+    )
+    if states:
+        query = query.where(Submission.state.in_(states))
+    if campaign is not None:
+        query = query.where(Submission.campaign_slug == campaign)
+    if since is not None:
+        query = query.where(Submission.created_at >= since)
+    if email is not None:  # by the keyed hash, never the address
+        query = query.where(Submission.supporter_hash == supporter_hash(cli.app.secret, email))
+    query = query.order_by(Submission.created_at.desc(), Submission.id.desc()).limit(limit)
+    with cli.session() as session:
+        rows = [
+            dict(zip(COLUMNS, (*r[:3], r[3].isoformat(), r[4].isoformat()), strict=True))
+            for r in session.execute(query)
+        ]
     table = Table(*COLUMNS)
     for row in rows:
         table.add_row(*(row[column] for column in COLUMNS))
@@ -117,3 +97,77 @@ def submissions_list(
         cli.say(lambda: Console(width=200).print(table), rows)
     if not rows:
         raise Nothing("no submission matches these filters")
+
+
+@main.group()
+def submission() -> None:
+    """One submission, for an operator."""
+
+
+@submission.command("show")
+@click.argument("submission_id")
+@json_option
+@click.option("--reveal", is_flag=True, help="The letter unmasked (the reveal is logged).")
+@pass_cli
+def show(cli: Cli, submission_id: str, reveal: bool = False) -> None:
+    """A submission's state history, without personal data."""
+    with cli.session() as session:
+        sub = session.get(Submission, submission_id)
+        if sub is None:
+            raise click.ClickException(f"no submission {submission_id}")
+        delivery = session.get(OutboxItem, submission_id)  # the letter's item
+        info: dict[str, Any] = {
+            "id": sub.id,
+            "campaign": sub.campaign_slug,
+            "state": sub.state,
+            "outcome": OUTCOMES[State(sub.state)],
+            "rejection": sub.rejection,
+            "failure_reason": sub.failure_reason,
+            "constituency": sub.constituency_code,
+            "member_id": sub.member_id,
+            "consent_logged_at": sub.consent_logged_at and sub.consent_logged_at.isoformat(),
+            "delivery": delivery
+            and {k: getattr(delivery, k) for k in ("status", "attempts", "response", "error")},
+            "history": [
+                {"state": e.state, "at": e.at.isoformat(), "detail": e.detail} for e in sub.events
+            ],
+        }
+        letter = session.get(Letter, submission_id)
+        if letter is not None:
+            hide = (lambda t: t) if reveal else (lambda t: mask_supporter(t, sub.payload))
+            info["letter"] = {
+                "message_id": letter.message_id,
+                "to": f"{letter.to_name} <{letter.to_email}>",
+                "subject": hide(letter.subject),
+                "body": hide(letter.body_text or ""),
+                "content_sha256": letter.content_sha256,
+            }
+    if reveal:
+        structlog.get_logger("workers").warning("letter_revealed", submission_id=submission_id)
+    cli.say(lambda: _print_submission(info), info)
+
+
+def _print_submission(info: dict[str, Any]) -> None:
+    console = Console()
+    table = Table("at", "state", "detail", title=f"Submission {info['id']} ({info['state']})")
+    for event in info["history"]:  # Text: a detail is shown as it is, never as markup
+        table.add_row(event["at"], event["state"], Text(event["detail"] or ""))
+    console.print(table)
+    details = ("outcome", "rejection", "failure_reason", "constituency", "member_id")
+    for key in (*details, "delivery", "letter"):
+        value = info.get(key)
+        if not value:
+            continue
+        if not isinstance(value, dict):
+            console.print(Text(f"{key}: {value}"))
+            continue
+        console.print(Text(f"{key}:", style="bold"))
+        for name, item in value.items():
+            if isinstance(item, str) and "\n" in item:  # the letter's body, line by line
+                console.print(Text(f"  {name}:"))
+                console.print(Text("\n".join(f"    {line}" for line in item.splitlines())))
+            else:
+                console.print(Text(f"  {name}: {'' if item is None else item}"))
+
+
+main.add_command(show, name="show")  # the short form of `dearmp submission show`

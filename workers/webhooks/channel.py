@@ -1,10 +1,8 @@
 """The webhook channel: sign a body (Standard Webhooks, with every secret valid now) and POST it.
-
-2xx is sent; 408, 429, 5xx, a timeout or a connection error is a passing failure (after which
-the endpoint is paused, for as long as its Retry-After asks if longer, up to an hour); anything
-else, a redirect included (never followed), is permanent. Reasons name the endpoint by id, never by
-its URL, which may carry a token.
-"""
+2xx is sent; 408, 429, 5xx, a timeout or a connection error is a passing failure (the endpoint is
+then paused, as long as its Retry-After asks if longer, up to an hour); anything else, a redirect
+included (never followed), is permanent. Reasons name the endpoint by id, never by its URL, which
+may carry a token."""
 
 from __future__ import annotations
 
@@ -20,7 +18,6 @@ from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
 from workers.letters.mail.http import retry_after
 
 ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
-PASSING = frozenset({408, 429})
 BUSY_WAIT = 1.0  # a webhook held back by others just sent waits this long
 LONGEST_PAUSE = 3600.0  # a receiver's Retry-After is honoured up to this
 
@@ -37,17 +34,6 @@ class Request:
     secrets: tuple[str, ...]
 
 
-def signed_headers(request: Request, at: datetime) -> dict[str, str]:
-    signatures = (Webhook(s).sign(request.webhook_id, at, request.body) for s in request.secrets)
-    return {
-        "content-type": "application/json",
-        "user-agent": "DearMP-Webhooks/1",
-        "webhook-id": request.webhook_id,
-        "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": " ".join(signatures),
-    }
-
-
 class HttpChannel:
     """POSTs webhooks, a ``requests.Session`` per thread. Worker threads serve every queue, so a
     process sends at most ``in_flight`` webhooks to one endpoint and ``all_in_flight`` to all at
@@ -60,7 +46,7 @@ class HttpChannel:
         self.timeout = (min(timeout, 5.0), timeout)  # (connect, each read)
         self.in_flight, self.all_in_flight, self.pause = in_flight, all_in_flight, pause
         self._local = threading.local()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._sending: dict[int, list[float]] = {}  # endpoint: when each webhook to it began
         self._until: dict[int, float] = {}  # endpoint: nothing sent to it before this
 
@@ -71,25 +57,22 @@ class HttpChannel:
         """Seconds before ``endpoint`` is sent anything (0: now): the rest of its pause, or, while
         too many webhooks are in flight, what the oldest may still take (a moment if it just
         began: asked sooner, a webhook would only wait again)."""
-        with self._lock:
-            return self._paused(endpoint)
-
-    def _paused(self, endpoint: int) -> float:
         now = time.monotonic()
-        if (wait := self._until.get(endpoint, 0.0) - now) > 0:
-            return wait
-        mine = self._sending.get(endpoint, [])
-        every = [began for all_began in self._sending.values() for began in all_began]
-        if len(mine) < self.in_flight and len(every) < self.all_in_flight:
-            return 0.0
-        waited = now - min(mine if len(mine) >= self.in_flight else every)
+        with self._lock:
+            if (wait := self._until.get(endpoint, 0.0) - now) > 0:
+                return wait
+            mine = self._sending.get(endpoint, [])
+            every = [began for all_began in self._sending.values() for began in all_began]
+            if len(mine) < self.in_flight and len(every) < self.all_in_flight:
+                return 0.0
+            waited = now - min(mine if len(mine) >= self.in_flight else every)
         return BUSY_WAIT if waited < BUSY_WAIT else max(self.timeout[1] - waited, BUSY_WAIT)
 
     def send(self, request: Request, /) -> int:
         """The receiver's status; raises a *DeliveryError for any other answer."""
         endpoint = request.endpoint_id
         with self._lock:
-            if (wait := self._paused(endpoint)) > 0:
+            if (wait := self.paused(endpoint)) > 0:
                 raise TransientDeliveryError("endpoint held back", wait, ours=True)
             began = time.monotonic()
             self._sending.setdefault(endpoint, []).append(began)
@@ -110,12 +93,20 @@ class HttpChannel:
         http: requests.Session | None = getattr(self._local, "http", None)
         if http is None:
             http = self._local.http = requests.Session()
-        where = f"endpoint {request.endpoint_id}"
+        at, where = datetime.now(UTC), f"endpoint {request.endpoint_id}"
+        signed = (Webhook(s).sign(request.webhook_id, at, request.body) for s in request.secrets)
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "DearMP-Webhooks/1",
+            "webhook-id": request.webhook_id,
+            "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": " ".join(signed),
+        }
         try:
             with http.post(
                 request.url,
                 data=request.body,
-                headers=signed_headers(request, datetime.now(UTC)),
+                headers=headers,
                 timeout=self.timeout,
                 allow_redirects=False,
                 stream=True,
@@ -130,7 +121,7 @@ class HttpChannel:
             raise TransientDeliveryError(f"{where}: {type(exc).__name__}") from None
         if 200 <= status < 300:
             return status
-        if status in PASSING or status >= 500:
+        if status in (408, 429) or status >= 500:
             wait = None if asked is None else min(asked, LONGEST_PAUSE)
             raise TransientDeliveryError(f"{where} answered HTTP {status}", retry_after=wait)
         followed = " (redirects are not followed)" if 300 <= status < 400 else ""

@@ -40,7 +40,14 @@ def masked(url: str) -> str:
     return parts._replace(netloc=host, path=path, query=query, fragment="").geturl()
 
 
-def check(session: Session, url: str, events: Sequence[str], campaign: str | None) -> None:
+def add(
+    session: Session,
+    url: str,
+    events: Sequence[str],
+    campaign: str | None = None,
+    personal_data: bool = False,
+) -> WebhookEndpoint:
+    """A new enabled endpoint with a fresh secret (shown once by the CLI)."""
     parts = urlsplit(url)
     unknown = sorted(set(events) - set(EVENTS))
     if not url.isprintable() or any(c.isspace() for c in url):
@@ -53,17 +60,6 @@ def check(session: Session, url: str, events: Sequence[str], campaign: str | Non
         raise Refused(f"unknown event {', '.join(unknown) or '(none)'}; known: {', '.join(EVENTS)}")
     if campaign is not None and session.get(Campaign, campaign) is None:
         raise Refused(f"no campaign {campaign!r} (dearmp campaigns sync loads them)")
-
-
-def add(
-    session: Session,
-    url: str,
-    events: Sequence[str],
-    campaign: str | None = None,
-    personal_data: bool = False,
-) -> WebhookEndpoint:
-    """A new enabled endpoint with a fresh secret (shown once by the CLI)."""
-    check(session, url, events, campaign)
     wanted = " ".join(e for e in EVENTS if e in events)
     endpoint = WebhookEndpoint(
         url=url, campaign_slug=campaign, events=wanted, personal_data=personal_data, enabled=True
@@ -90,10 +86,13 @@ def rotate(session: Session, endpoint_id: int, overlap: timedelta) -> str:
     return endpoint.secret
 
 
-def enable(session: Session, endpoint_id: int, enabled: bool = True) -> list[str]:
+def enable(session: Session, endpoint_id: int, enabled: bool = True) -> list[str] | None:
     """Disabled, an endpoint gets no new webhooks and its pending ones wait; enabled again, those
-    are due at once: their ids, for the caller to send after the commit."""
-    get(session, endpoint_id).enabled = enabled
+    are due at once: their ids, for the caller to send after the commit. None if it was so."""
+    endpoint = get(session, endpoint_id)
+    if endpoint.enabled == enabled:
+        return None
+    endpoint.enabled = enabled
     forget()
     waiting = (
         update(OutboxItem)
@@ -126,7 +125,7 @@ def describe(session: Session, endpoint_id: int | None = None, limit: int = 20) 
     if endpoint_id is None:
         return [_summary(e) for e in session.scalars(select(WebhookEndpoint).order_by("id"))]
     endpoint = get(session, endpoint_id)
-    rotating = endpoint.previous_until and endpoint.previous_until > utcnow()
+    until = endpoint.previous_until
     items = session.scalars(
         select(OutboxItem)
         .where(OutboxItem.endpoint_id == endpoint_id)
@@ -145,8 +144,8 @@ def describe(session: Session, endpoint_id: int | None = None, limit: int = 20) 
         }
         for item in items
     ]
-    until = endpoint.previous_until.isoformat() if rotating and endpoint.previous_until else None
-    return _summary(endpoint) | {"previous_secret_until": until, "deliveries": deliveries}
+    rotating = until.isoformat() if until and until > utcnow() else None
+    return _summary(endpoint) | {"previous_secret_until": rotating, "deliveries": deliveries}
 
 
 def _summary(endpoint: WebhookEndpoint) -> dict[str, Any]:

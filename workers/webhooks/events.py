@@ -1,28 +1,28 @@
 """Webhook events: an outbox item per endpoint that wants one, written in the fact's transaction
-and sent on after its commit (as warehouse enqueues its tasks; one not sent, the reconciler
-finds). An item's key, ``<event>:<endpoint>[:<discriminator>]``, is unique per submission, so a
-second run of an actor adds nothing.
-
-The enabled endpoints are read at most every :data:`REFRESH` seconds per database and kept: with
-none, an event (every state move) costs a lookup and no statement.
-"""
+and sent on after its commit (one not sent, the reconciler finds). An item's key,
+``<event>:<endpoint>[:<discriminator>]``, is unique per submission, so a second run of an actor
+adds nothing. The enabled endpoints are kept per database for :data:`REFRESH` seconds: with none,
+an event (every state move) costs a lookup and no statement."""
 
 from __future__ import annotations
 
 import threading
 import time
 from datetime import datetime
+from functools import cache
 from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine, event, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from schemas.webhooks import DATA
-from workers.database.engine import insert_on_conflict
-from workers.database.models import OutboxItem, State, Submission, WebhookEndpoint, new_id, table
+from workers.database.models import OUTBOX, State, Submission, WebhookEndpoint, new_id
+from workers.pipeline import dispatch
 from workers.pipeline.dramatiq_private import installed_broker
 from workers.pipeline.states import STATES
+from workers.stages.stage import Stage
 
 KIND = "webhook"  # outbox.kind of every webhook
 EVENTS = tuple(DATA)  # every event's name, in the order of schemas.webhooks
@@ -40,7 +40,6 @@ class Wanted(NamedTuple):
 
 _endpoints: WeakKeyDictionary[Engine, tuple[float, tuple[Wanted, ...]]] = WeakKeyDictionary()
 _lock = threading.Lock()
-_statements: dict[str, Any] = {}
 
 
 def forget() -> None:
@@ -55,11 +54,8 @@ def wanting(session: Session, event_name: str) -> list[Wanted]:
     engine = bind if isinstance(bind, Engine) else bind.engine
     kept, now = _endpoints.get(engine), time.monotonic()
     if kept is None or now - kept[0] > REFRESH:
-        rows = session.execute(
-            select(WebhookEndpoint.id, WebhookEndpoint.campaign_slug, WebhookEndpoint.events).where(
-                WebhookEndpoint.enabled.is_(True)
-            )
-        )
+        columns = (WebhookEndpoint.id, WebhookEndpoint.campaign_slug, WebhookEndpoint.events)
+        rows = session.execute(select(*columns).where(WebhookEndpoint.enabled.is_(True)))
         kept = (now, tuple(Wanted(i, c, frozenset(e.split())) for i, c, e in rows))
         with _lock:
             _endpoints[engine] = kept
@@ -110,7 +106,7 @@ def emit(
     ]
     if not rows:
         return
-    statement = _insert(session)
+    statement = _insert(session.get_bind().dialect.name)
     if writes is None:
         session.execute(statement, rows)
     else:
@@ -119,15 +115,11 @@ def emit(
     session.info.setdefault(_QUEUED, []).extend(row["id"] for row in rows)
 
 
-def _insert(session: Session) -> Any:
+@cache
+def _insert(dialect: str) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING into the outbox: one per dialect, so a group batches it."""
-    dialect = session.get_bind().dialect.name
-    if dialect not in _statements:
-        insert = insert_on_conflict(session, table(OutboxItem))
-        _statements[dialect] = insert.on_conflict_do_nothing(
-            index_elements=["submission_id", "key"]
-        )
-    return _statements[dialect]
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert(OUTBOX)
+    return insert.on_conflict_do_nothing(index_elements=["submission_id", "key"])
 
 
 @event.listens_for(Session, "after_commit")
@@ -137,10 +129,7 @@ def _send_after_commit(session: Session) -> None:
     ids = None if session.get_nested_transaction() else session.info.pop(_QUEUED, None)
     broker = installed_broker()
     if ids and broker is not None:  # no broker in this process: the reconciler sends them
-        from workers.pipeline.dispatch import dispatch_groups
-        from workers.stages.stage import Stage
-
-        dispatch_groups(broker, {Stage.WEBHOOK: ids})
+        dispatch.dispatch_groups(broker, {Stage.WEBHOOK: ids})
 
 
 @event.listens_for(Session, "after_rollback")

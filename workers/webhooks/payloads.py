@@ -106,13 +106,10 @@ def _data(
         "mp": mp if mp["name"] else None,
     }
     if event == "submission.rejected":
-        data["reasons"] = sorted(submission.rejection or {})
-        data["code"] = session.scalar(
-            select(SubmissionEvent.detail).where(
-                SubmissionEvent.submission_id == submission.id,
-                SubmissionEvent.state == State.REJECTED,
-            )
+        code = select(SubmissionEvent.detail).where(
+            SubmissionEvent.submission_id == submission.id, SubmissionEvent.state == State.REJECTED
         )
+        data |= {"reasons": sorted(submission.rejection or {}), "code": session.scalar(code)}
     elif event == "reply.received":
         inbound = session.get(InboundMessage, item.inbound_id) if item.inbound_id else None
         data |= {"inbound_id": item.inbound_id or "", "kind": (inbound and inbound.kind) or "reply"}
