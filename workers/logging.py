@@ -90,25 +90,10 @@ class Lines:
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
-class LinesHandler(logging.Handler):
-    """The standard library's records, formatted, through :class:`Lines`."""
-
-    def __init__(self, lines: Lines) -> None:
-        super().__init__()
-        self.lines = lines
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.lines.write(self.format(record))
-        except Exception:
-            self.handleError(record)
-
-
 @contextmanager
 def bound(**values: Any) -> Iterator[None]:
-    """Bind ``values`` to every log event of this block (a submission's id), then put back what
-    was bound before. structlog's ``bound_contextvars`` does the same but copies the whole
-    context each call; the stages call this about a dozen times a submission."""
+    """Bind ``values`` to every log event of this block, then put back what was bound before
+    (structlog's ``bound_contextvars``, without its copy of the whole context: a hot path)."""
     tokens = structlog.contextvars.bind_contextvars(**values)
     try:
         yield
@@ -120,27 +105,23 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     """JSON lines on stderr (or ``stream``) for our events, the libraries' logs, warnings, and
     exceptions nobody caught."""
     lines = Lines(stream)
+    rendered: list[Any] = [
+        structlog.processors.format_exc_info,
+        mask_personal_data,
+        structlog.processors.JSONRenderer(),
+    ]
     structlog.configure(
-        processors=[
-            *SHARED_PROCESSORS,
-            structlog.processors.format_exc_info,
-            mask_personal_data,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*SHARED_PROCESSORS, *rendered],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=lambda *_: lines,
         cache_logger_on_first_use=False,
     )
-    handler = LinesHandler(lines)
+    handler = logging.StreamHandler(lines)  # the standard library's records, through Lines
+    handler.terminator = ""  # Lines ends each record
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*SHARED_PROCESSORS, structlog.stdlib.add_logger_name],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                mask_personal_data,
-                structlog.processors.JSONRenderer(),
-            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendered],
         )
     )
     handler.addFilter(MessageIdsOnly())

@@ -73,14 +73,12 @@ Work = Callable[[App, list[str], SendOn], list[Outcome]]
 def run_stage(
     stage: Stage, raw: Any, work: Work, app: App, broker: dramatiq.Broker, send_on: SendOn
 ) -> None:
-    """Run ``work`` with ``app`` for the message's submissions; their next stages are sent by
-    ``work`` through ``send_on``; what waits or goes on alone is sent again on ``broker``.
+    """Run ``work`` for the message's submissions (their next stages go through ``send_on``).
 
     A message about one submission fails as a whole, and dramatiq retries it. In a message about
-    several, a submission that fails goes on in a message of its own (with the stage's retries
-    and, at the end, the dead-letter queue), so that the others are not run again for it. A
-    permanent refusal by the mail server (recorded on its item already) is dead-lettered under
-    its own id at once where the table of stages says so (letters), as it would be alone.
+    several, a submission that fails goes on in a message of its own, so that the others are not
+    run again for it; a permanent refusal by the mail server is dead-lettered under its own id
+    at once where the table of stages says so (letters), as it would be alone.
     """
     ids = parse_stage_message(raw).ids
     settle(stage, ids, work(app, ids, send_on), app, broker, alone=len(ids) == 1)
@@ -125,9 +123,8 @@ def settle(
 
 
 def dead_letter(app: App, stage: Stage, submission_id: str, error: BaseException) -> None:
-    """Record a dead letter for one submission of a group, as dramatiq's would be recorded for
-    a message of its own (the database is the dead letters' source of truth: ``dearmp dlq``
-    lists it, and can requeue it)."""
+    """Record a dead letter for one submission of a group, as for a message of its own (the
+    database is the dead letters' source of truth: ``dearmp dlq`` lists and requeues it)."""
     attempt = Attempt(str(uuid.uuid4()), stage.queue, stage.actor, submission_id, error, 1, True)
     try:
         with session_scope(app.sessions) as session:
@@ -157,10 +154,6 @@ def together(
     return [(sid, error) for sid, _, error in outcomes]
 
 
-def _validate(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
-    return together(app, ids, validation.plan, send_on)
-
-
 def _resolve(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     # Live answers are fetched before any transaction; a source that fails one submission
     # fails that submission alone.
@@ -180,29 +173,26 @@ def _resolve(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     return failed + (together(app, ready, plan, send_on) if ready else [])
 
 
+def _validate(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
+    return together(app, ids, validation.plan, send_on)
+
+
 def _compare(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     return together(app, ids, comparison.plan, send_on)
 
 
 def _render(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
-        settings = app.settings
-        return rendering.plan(
-            session,
-            submission_id,
-            settings.sandbox_address,
-            app.signer,
-            app.returns,
-        )
+        sandbox = app.settings.sandbox_address
+        return rendering.plan(session, submission_id, sandbox, app.signer, app.returns)
 
     return together(app, ids, plan, send_on)
 
 
 def _retry(error: BaseException | None) -> BaseException | None:
-    """A passing refusal (a 4xx, a server away) is an expected outcome, not a crash: it goes
-    back to dramatiq as a retry, which dramatiq does not log as an error (the warning with the
-    server's answer is :class:`workers.pipeline.middleware.LogContext`'s). When the provider
-    said when to try again, the letter's message waits that long."""
+    """A passing refusal (a 4xx, a server away) goes back to dramatiq as a retry, which it does
+    not log as an error (:class:`workers.pipeline.middleware.LogContext` warns with the answer),
+    waiting as long as the provider said, if it did."""
     if isinstance(error, TransientDeliveryError):
         later = None if error.retry_after is None else int(error.retry_after * 1000)
         retry = dramatiq.Retry(str(error), delay=later)
@@ -219,25 +209,38 @@ def _log_consent(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
 
 
 def _notify(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
-    """The confirmation email (or its reminder) queued in the outbox, sent on after the commit."""
+    """The confirmation email (or its reminder) queued in the outbox."""
     policy = confirmation.ConfirmationPolicy.from_settings(app.settings)
 
-    def work(submission_id: str) -> None:
+    def queue(submission_id: str) -> list[str]:
         with session_scope(app.sessions) as session:
-            queued = confirmation.notify(session, submission_id, policy)
-        if queued:
-            send_on([(item_id, [Stage.OUTBOX]) for item_id in queued])
+            return confirmation.notify(session, submission_id, policy)
 
-    return _one_by_one(ids, work)
+    return _one_by_one(ids, queue, send_on)
 
 
-def _one_by_one(ids: list[str], work: Callable[[str], None]) -> list[Outcome]:
-    """``work`` for each id in turn; an error is that id's alone (a passing refusal by the mail
-    server becomes a retry, as for letters)."""
+def _inbound(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
+    """Each inbound message in a transaction of its own, its notices queued in the outbox."""
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+
+    def queue(inbound_id: str) -> list[str]:
+        return inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+
+    return _one_by_one(ids, queue, send_on)
+
+
+def _one_by_one(
+    ids: list[str], queue: Callable[[str], list[str]], send_on: SendOn
+) -> list[Outcome]:
+    """``queue`` for each id in turn, in its own transaction, what it queued sent on to the
+    outbox after its commit. An error is that id's alone (a passing refusal by the mail server
+    becomes a retry, as for letters)."""
     outcomes: list[Outcome] = []
     for object_id in ids:
         try:
-            work(object_id)
+            queued = queue(object_id)
+            if queued:
+                send_on([(item_id, [Stage.OUTBOX]) for item_id in queued])
         except Exception as exc:
             outcomes.append((object_id, _retry(exc)))
             continue
@@ -245,20 +248,6 @@ def _one_by_one(ids: list[str], work: Callable[[str], None]) -> list[Outcome]:
     return outcomes
 
 
-def _inbound(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
-    """Each inbound message in a transaction of its own; its notices sent on after the commit
-    (to the outbox)."""
-    policy = inbound.InboundPolicy.from_settings(app.settings)
-
-    def work(inbound_id: str) -> None:
-        queued = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
-        if queued:
-            send_on([(item_id, [Stage.OUTBOX]) for item_id in queued])
-
-    return _one_by_one(ids, work)
-
-
-# The App the outbox's kinds and policy were last built for, and them: built once per App.
 _outbox_built: tuple[App, dict[str, Kind], outbox.OutboxPolicy] | None = None
 
 
@@ -267,34 +256,31 @@ def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
     once per App (the process's), not per message."""
     global _outbox_built
     built = _outbox_built
-    if built is not None and built[0] is app:
-        return built[1], built[2]
-    settings = app.settings
-    policy = outbox.OutboxPolicy(
-        settings.delivery_lease_seconds,
-        settings.outbox_max_attempts,
-        first_backoff=settings.outbox_backoff_seconds,
-    )
-    context = kinds.Context(
-        app.returns,
-        app.signer,
-        app.secret,
-        app.mailer,
-        app.delivery_policy,
-        app.limiter,
-        settings.public_url,
-        confirmation.ConfirmationPolicy.from_settings(settings),
-        settings.webhook_timeout_seconds,
-    )
-    every_kind = kinds.kinds(context)
-    _outbox_built = (app, every_kind, policy)
-    return every_kind, policy
+    if built is None or built[0] is not app:
+        settings = app.settings
+        policy = outbox.OutboxPolicy(
+            settings.delivery_lease_seconds,
+            settings.outbox_max_attempts,
+            first_backoff=settings.outbox_backoff_seconds,
+        )
+        context = kinds.Context(
+            app.returns,
+            app.signer,
+            app.secret,
+            app.mailer,
+            app.delivery_policy,
+            app.limiter,
+            settings.public_url,
+            confirmation.ConfirmationPolicy.from_settings(settings),
+            settings.webhook_timeout_seconds,
+        )
+        built = _outbox_built = (app, kinds.kinds(context), policy)
+    return built[1], built[2]
 
 
 def _outbox(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
-    """What the message's outbox items are (letters, emails, webhooks), sent through the
-    outbox: an item not yet due, or waiting after an attempt, gets Deferred, and goes again in
-    a fresh delayed message (run_stage)."""
+    """The message's outbox items (letters, emails, webhooks) sent: one not yet due, or waiting
+    after an attempt, is Deferred, and goes again in a fresh delayed message (:func:`settle`)."""
     every_kind, policy = outbox_for(app)
     with session_scope(app.sessions) as session:
         return outbox.send_group(session, ids, app.mailer, every_kind, policy)
@@ -315,9 +301,8 @@ WORK: dict[Stage, Work] = {
 
 
 def in_line(app: App, broker: dramatiq.Broker, send_on: SendOn) -> SendOn:
-    """``send_on``, except that a stage the table of stages runs in line
-    (:attr:`workers.pipeline.states.Policy.inline`) runs here and now, for what moved to it; if
-    it cannot, its submissions go to its queue, as they would have."""
+    """``send_on``, except that a stage the table runs in line (``Policy.inline``) runs here and
+    now for what moved to it; if it cannot, its submissions go to its queue."""
 
     def send(moved: list[tuple[str, list[Stage]]]) -> None:
         later = [(sid, [s for s in stages if not STAGES[s].inline]) for sid, stages in moved]
@@ -341,8 +326,7 @@ def in_line(app: App, broker: dramatiq.Broker, send_on: SendOn) -> SendOn:
 def _actor_function(
     stage: Stage, apps: Apps, broker: dramatiq.Broker, send_on: SendOn
 ) -> Callable[[dict[str, Any]], None]:
-    """The stage's actor: its work, run with the process's App (``apps()``), ``broker`` and
-    ``send_on``."""
+    """The stage's actor: its work, with the process's App (``apps()``)."""
     work = WORK[stage]
 
     def run(message: dict[str, Any]) -> None:
@@ -357,18 +341,12 @@ _broker: dramatiq.Broker | None = None
 
 
 def setup(settings: Settings | None = None, apps: Apps = get_app) -> dramatiq.Broker:
-    """The worker's composition root, called by ``dramatiq workers.pipeline.actors:setup`` in
-    each worker process before its threads start: build the broker for ``settings`` (the
-    environment's by default), with its middleware and the actors given ``apps``, where the
-    process's App comes from (built once, as the process boots:
-    :class:`workers.pipeline.middleware.ProcessApp`), and install it as the process's broker
-    (also ``dramatiq.get_broker()``). Tests give theirs with
-    :func:`workers.pipeline.app.set_app`.
-
-    What the stages move on goes to the next stages through the process's handoff, grouped
-    (:mod:`workers.pipeline.handoff`); a failed send is logged, and the reconciler sends it
-    again. The handoff is the broker's :class:`SendHeld` middleware's, which sends what it
-    holds when the worker stops."""
+    """The worker's composition root (``dramatiq workers.pipeline.actors:setup``, in each worker
+    process before its threads start): the broker for ``settings`` with its middleware and the
+    actors, given ``apps``, where the process's App comes from; installed as the process's
+    broker. What the stages move on goes through the process's :class:`Handoff`, which the
+    broker's :class:`SendHeld` flushes when the worker stops (the reconciler resends a failed
+    send)."""
     global _broker
     settings = settings or get_settings()
     broker = build_broker(settings, apps)

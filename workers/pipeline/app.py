@@ -1,8 +1,5 @@
 """What a process needs, built once: settings, the database, the mailer, the hashing key.
-
-Nothing here connects at import time; :func:`get_app` builds on first use, once per process
-however many threads ask at once.
-"""
+Nothing here connects at import time; :func:`get_app` builds on first use."""
 
 from __future__ import annotations
 
@@ -71,7 +68,7 @@ class App:
 
 def log_started(app: App, process: str) -> None:
     """The process's one start-up line: where letters go, the database and Redis (without
-    passwords) and the campaigns with their modes, so that a log says what a process ran with."""
+    passwords) and the campaigns' modes."""
     settings = app.settings
     where: dict[str, Any] = {"mail_backend": settings.mail_backend}
     if settings.mail_backend == "outbox":  # letters go to files, not to any MP
@@ -101,14 +98,12 @@ def campaign_modes(app: App) -> dict[str, str] | None:
 Apps = Callable[[], App]
 
 _app: App | None = None
-# Without it, a cold worker's threads each built an App, with relay sessions and logins of its own.
-_building = threading.Lock()
+_building = threading.Lock()  # one App, however many of a cold worker's threads ask at once
 
 
 def get_app() -> App:
     """The process's App, built on first use. Only the composition roots call it (the worker's
-    :func:`workers.pipeline.actors.setup` and the command line's :class:`workers.cli.base.Cli`);
-    the rest are given it."""
+    :func:`workers.pipeline.actors.setup`, the command line's Cli); the rest are given it."""
     global _app
     if _app is not None:
         return _app
@@ -121,7 +116,6 @@ def get_app() -> App:
 
 
 def set_app(app: App | None) -> None:
-    """Install the process's App, or None to have the next :func:`get_app` build one (tests,
-    which build theirs on a database of their own)."""
+    """Install the process's App (tests), or None to have the next :func:`get_app` build one."""
     global _app
     _app = app

@@ -46,15 +46,8 @@ def record_unreadable(apps: Apps, queue_name: str, redis_id: str, size: int) -> 
     structlog.get_logger("workers").error(
         "unreadable_message_dead_lettered", queue=queue_name, bytes=size
     )
-    attempt = Attempt(
-        message_id=redis_id[:64],
-        queue_name=queue_name,
-        actor_name=UNREADABLE,
-        submission_id=None,
-        exception=UnreadableMessage(f"{size} bytes that are not a dramatiq message"),
-        attempts=1,
-        dead_lettered=True,
-    )
+    error = UnreadableMessage(f"{size} bytes that are not a dramatiq message")
+    attempt = Attempt(redis_id[:64], queue_name, UNREADABLE, None, error, 1, dead_lettered=True)
     try:
         with session_scope(apps().sessions) as session:
             record_failure(session, attempt)

@@ -118,32 +118,30 @@ def _pipeline(
 ) -> list[Check]:
     """Dead letters, waiting messages, what is overdue or waiting to retry, the mail pause."""
     settings = app.settings
-    checks = []
+    checks: list[Check] = []
+
+    def degraded(name: str, detail: str) -> None:
+        checks.append(Check(name, DEGRADED, detail))
+
     paused = mail_pause(client, namespace)
-    checks.append(
-        Check("mail pause", OK, "none")
-        if paused is None
-        else Check(
+    if paused is None:
+        checks.append(Check("mail pause", OK, "none"))
+    else:
+        degraded(
             "mail pause",
-            DEGRADED,
             f"mail delivery paused until {paused['until']}: the relay refused us "
             f"({paused['reason']}); letters wait, and resume when a try succeeds",
         )
-    )
     dead = sum(dead_counts(app.sessions).values())  # the database's count: Redis may forget
-    checks.append(
-        Check("dead letters", OK, f"{dead} dead letters")
-        if dead <= max_dead
-        else Check("dead letters", DEGRADED, f"{dead} dead letters (more than {max_dead})")
-    )
+    if dead <= max_dead:
+        checks.append(Check("dead letters", OK, f"{dead} dead letters"))
+    else:
+        degraded("dead letters", f"{dead} dead letters (more than {max_dead})")
     age = oldest_waiting_seconds(client, namespace, int(time.time() * 1000))
-    checks.append(
-        Check("queues", OK, f"oldest waiting message {age:.0f}s")
-        if age <= max_age
-        else Check(
-            "queues", DEGRADED, f"oldest waiting message is {age:.0f}s old (more than {max_age:g}s)"
-        )
-    )
+    if age <= max_age:
+        checks.append(Check("queues", OK, f"oldest waiting message {age:.0f}s"))
+    else:
+        degraded("queues", f"oldest waiting message is {age:.0f}s old (more than {max_age:g}s)")
     late, lease = timedelta(seconds=max_age), timedelta(seconds=settings.delivery_lease_seconds)
     with session_scope(app.sessions) as session:
         now = utcnow()
@@ -174,23 +172,18 @@ def _pipeline(
             .order_by(func.count().desc())
         ).all()
     overdue = every - hooks
-    checks.append(
-        Check("outbox", OK, "nothing overdue")
-        if not overdue
-        else Check(
+    if not overdue:
+        checks.append(Check("outbox", OK, "nothing overdue"))
+    else:
+        degraded(
             "outbox",
-            DEGRADED,
             f"{overdue} letters and emails overdue by more than {max_age:g}s: is a worker running?",
         )
-    )
     if hooks:  # letters and emails are not held up by it: their own queue
-        checks.append(
-            Check(
-                "webhooks",
-                DEGRADED,
-                f"{hooks} webhooks overdue by more than {max_age:g}s: a CRM endpoint does not "
-                "answer, or no worker serves dearmp.webhook (`dearmp webhooks show ID`)",
-            )
+        degraded(
+            "webhooks",
+            f"{hooks} webhooks overdue by more than {max_age:g}s: a CRM endpoint does not "
+            "answer, or no worker serves dearmp.webhook (`dearmp webhooks show ID`)",
         )
     waiting = sum(n for _, n in retrying)
     if waiting:
@@ -209,33 +202,24 @@ def _pipeline(
     ):
         held = [f"{p.name} ({p.waiting} letters waiting)" for p in held_back if p.what == what]
         if held:
-            checks.append(Check(name, DEGRADED, f"paused: {', '.join(held)}; {resume} sends them"))
+            degraded(name, f"paused: {', '.join(held)}; {resume} sends them")
     if in_review:
-        checks.append(
-            Check(
-                "review",
-                DEGRADED,
-                f"{in_review} letters near-identical to others wait for an operator: "
-                "`dearmp review list`",
-            )
+        degraded(
+            "review",
+            f"{in_review} letters near-identical to others wait for an operator: "
+            "`dearmp review list`",
         )
     if late_digests:
-        checks.append(
-            Check(
-                "digests",
-                DEGRADED,
-                f"{late_digests} letters have waited over {DIGEST_LATE_HOURS} h for their MP's "
-                "digest (is the reconciler running?): `dearmp review digest --now`",
-            )
+        degraded(
+            "digests",
+            f"{late_digests} letters have waited over {DIGEST_LATE_HOURS} h for their MP's "
+            "digest (is the reconciler running?): `dearmp review digest --now`",
         )
     if failing:
-        checks.append(
-            Check(
-                "MP addresses",
-                DEGRADED,
-                f"{failing} MP addresses failing (letters to them are held): "
-                "`dearmp directory status` lists them",
-            )
+        degraded(
+            "MP addresses",
+            f"{failing} MP addresses failing (letters to them are held): "
+            "`dearmp directory status` lists them",
         )
     given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER))
     checks.append(

@@ -16,20 +16,14 @@ import structlog
 from dramatiq import Message
 from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import DecodeError
-from sqlalchemy import ColumnElement, and_, func, select, update
+from sqlalchemy import ColumnElement, and_, func, select, union, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
 from workers.database.models import Failure, PurgedDeadLetter, Submission, SubmissionEvent
 from workers.logging import mask_text
 from workers.pipeline.dispatch import stage_message, submission_id_of
-from workers.pipeline.dramatiq_private import (
-    bodies_key,
-    dead_key,
-    delayed_key,
-    held,
-    queue_key,
-)
+from workers.pipeline.dramatiq_private import bodies_key, dead_key, delayed_key, held, queue_key
 from workers.pipeline.states import STATES, State
 from workers.stages.stage import Stage
 
@@ -59,53 +53,50 @@ UNREADABLE = "(unreadable)"
 
 def queue_depths(client: redis.Redis, namespace: str, dead: Mapping[str, int]) -> list[QueueDepth]:
     """Per stage queue, from Redis; ``dead``: the database's counts (:func:`dead_counts`)."""
-    depths = []
-    for stage in Stage:
-        q = stage.queue
-        depths.append(
-            QueueDepth(
-                queue=q,
-                waiting=int(client.llen(queue_key(namespace, q))),
-                delayed=int(client.llen(delayed_key(namespace, q)))
-                + held(client, namespace, dq_name(q)),
-                in_progress=held(client, namespace, q),
-                dead=dead.get(q, 0),
-            )
+    return [
+        QueueDepth(
+            queue=stage.queue,
+            waiting=int(client.llen(queue_key(namespace, stage.queue))),
+            delayed=int(client.llen(delayed_key(namespace, stage.queue)))
+            + held(client, namespace, dq_name(stage.queue)),
+            in_progress=held(client, namespace, stage.queue),
+            dead=dead.get(stage.queue, 0),
         )
-    return depths
+        for stage in Stage
+    ]
 
 
 def dead_letters(client: redis.Redis, namespace: str, queue: str | None = None) -> list[DeadLetter]:
     """Every dead letter (of one queue, or all), oldest first."""
     found = []
-    for stage in Stage:
-        if queue and stage.queue != queue:
-            continue
-        key = dead_key(namespace, stage.queue)
+    for q in [stage.queue for stage in Stage if not queue or stage.queue == queue]:
         # redis-py's return types are loose: these are what the commands return here.
-        entries = cast("list[tuple[bytes, float]]", client.zrange(key, 0, -1, withscores=True))
+        entries = cast(
+            "list[tuple[bytes, float]]",
+            client.zrange(dead_key(namespace, q), 0, -1, withscores=True),
+        )
         if not entries:
             continue
         bodies = cast(
             "list[bytes | None]",
-            client.hmget(bodies_key(namespace, xq_name(stage.queue)), [r for r, _ in entries]),
+            client.hmget(bodies_key(namespace, xq_name(q)), [r for r, _ in entries]),
         )
         for (rid, score), body in zip(entries, bodies, strict=True):
             if body is None:
                 continue
-            dead_at = datetime.fromtimestamp(float(score) / 1000, UTC)
             try:
                 message: Message[Any] | None = Message.decode(body)
             except DecodeError:  # bytes that were never a message: listed, never requeued
                 message = None
+            redis_id = rid.decode(errors="replace")
             found.append(
                 DeadLetter(
-                    message_id=message.message_id if message else rid.decode(errors="replace"),
-                    redis_id=rid.decode(errors="replace"),
-                    queue=stage.queue,
+                    message_id=message.message_id if message else redis_id,
+                    redis_id=redis_id,
+                    queue=q,
                     actor=message.actor_name if message else UNREADABLE,
                     submission_id=submission_id_of(message) if message else None,
-                    dead_at=dead_at,
+                    dead_at=datetime.fromtimestamp(float(score) / 1000, UTC),
                     message=message,
                 )
             )
@@ -174,12 +165,11 @@ def find_dead(
     with session_scope(sessions) as session:
         failures = list(session.scalars(query))
         ids = list(in_redis)
-        known = set(session.scalars(select(Failure.message_id).where(Failure.message_id.in_(ids))))
-        purged = set(
-            session.scalars(
-                select(PurgedDeadLetter.message_id).where(PurgedDeadLetter.message_id.in_(ids))
-            )
+        recorded = union(  # failed or purged: a dead letter the database has heard of
+            select(Failure.message_id).where(Failure.message_id.in_(ids)),
+            select(PurgedDeadLetter.message_id).where(PurgedDeadLetter.message_id.in_(ids)),
         )
+        known = set(session.scalars(recorded))
         session.expunge_all()
     found = []
     for failure in failures:
@@ -196,19 +186,11 @@ def find_dead(
                 dead=dead,
             )
         )
-    for message_id, dead in in_redis.items():
-        if message_id not in known and message_id not in purged:
-            found.append(
-                Found(
-                    message_id=message_id,
-                    queue=dead.queue,
-                    actor=dead.actor,
-                    submission_id=dead.submission_id,
-                    dead_at=dead.dead_at,
-                    failure=None,
-                    dead=dead,
-                )
-            )
+    found += [
+        Found(d.message_id, d.queue, d.actor, d.submission_id, d.dead_at, None, d)
+        for message_id, d in in_redis.items()
+        if message_id not in known
+    ]
     return sorted(
         (
             f
@@ -235,15 +217,13 @@ def dead_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
 def refusal(found: Found) -> str | None:
     """Why a requeue of this dead letter would not help, or None: a letter the mail server
     refused for good failed its submission, so a requeue would send nothing."""
-    if found.failure is not None and found.failure.exception_type.endswith(
-        "PermanentDeliveryError"
-    ):
-        return (
-            "the mail server refused the letter for good and its submission failed, so a "
-            "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` sends "
-            "it again (and clears this dead letter)"
-        )
-    return None
+    if found.failure is None or not found.failure.exception_type.endswith("PermanentDeliveryError"):
+        return None
+    return (
+        "the mail server refused the letter for good and its submission failed, so a "
+        "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` sends "
+        "it again (and clears this dead letter)"
+    )
 
 
 def replay(
@@ -253,8 +233,7 @@ def replay(
     sessions: sessionmaker[Session],
     found: Found,
 ) -> str:
-    """An operator's requeue of one dead letter (:func:`requeue`), refused with the reason
-    (ValueError, :func:`refusal`) when it would not help. The new message id."""
+    """:func:`requeue`, refused (ValueError, :func:`refusal`) when it would not help."""
     why = refusal(found)
     if why is not None:
         raise ValueError(why)
@@ -316,12 +295,11 @@ def purge(
         remove(client, namespace, found.dead)
 
 
-def pause_key(namespace: str) -> str:
-    return f"{namespace}:mail-paused"
-
-
-def resume_key(namespace: str) -> str:
-    return f"{namespace}:mail-resumed"
+def remove(client: redis.Redis, namespace: str, dead: DeadLetter) -> None:
+    pipe = client.pipeline()
+    pipe.zrem(dead_key(namespace, dead.queue), dead.redis_id)
+    pipe.hdel(bodies_key(namespace, xq_name(dead.queue)), dead.redis_id)
+    pipe.execute()
 
 
 class MailPauseAlarm:
@@ -335,11 +313,11 @@ class MailPauseAlarm:
     def __call__(self, reason: str | None, seconds: float) -> None:
         try:
             if reason is None:
-                self.client.delete(pause_key(self.namespace))
+                self.client.delete(f"{self.namespace}:mail-paused")
             else:
                 until = datetime.now(UTC) + timedelta(seconds=seconds)
                 value = json.dumps({"reason": reason, "until": until.isoformat()})
-                self.client.set(pause_key(self.namespace), value, ex=int(seconds) + 30)
+                self.client.set(f"{self.namespace}:mail-paused", value, ex=int(seconds) + 30)
         except redis.RedisError as exc:  # the pause itself holds in the worker regardless
             structlog.get_logger("workers").warning(
                 "mail_pause_not_shared", error=type(exc).__name__
@@ -348,14 +326,13 @@ class MailPauseAlarm:
     def resumed(self, since: float) -> bool:
         """Whether an operator asked to resume after ``since`` (epoch seconds)."""
         try:
-            raw = cast("bytes | None", self.client.get(resume_key(self.namespace)))
+            raw = cast("bytes | None", self.client.get(f"{self.namespace}:mail-resumed"))
         except redis.RedisError:
             return False
         return raw is not None and float(raw) > since
 
 
-def mail_pause_alarm(client: redis.Redis, namespace: str) -> MailPauseAlarm:
-    return MailPauseAlarm(client, namespace)
+mail_pause_alarm = MailPauseAlarm
 
 
 def resume_mail(client: redis.Redis, namespace: str) -> dict[str, str] | None:
@@ -363,18 +340,15 @@ def resume_mail(client: redis.Redis, namespace: str) -> dict[str, str] | None:
     again within seconds, instead of waiting out its doubled pause. The pause it ends, if any
     was reported."""
     paused = mail_pause(client, namespace)
-    client.set(resume_key(namespace), str(time.time()), ex=86_400)
-    client.delete(pause_key(namespace))
+    client.set(f"{namespace}:mail-resumed", str(time.time()), ex=86_400)
+    client.delete(f"{namespace}:mail-paused")
     return paused
 
 
 def mail_pause(client: redis.Redis, namespace: str) -> dict[str, str] | None:
     """The relay's refusal that paused delivery, if a worker reported one: reason and until."""
-    raw = cast("bytes | None", client.get(pause_key(namespace)))
-    if raw is None:
-        return None
-    value: dict[str, str] = json.loads(raw)
-    return value
+    raw = cast("bytes | None", client.get(f"{namespace}:mail-paused"))
+    return None if raw is None else cast("dict[str, str]", json.loads(raw))
 
 
 def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> float:
@@ -391,13 +365,6 @@ def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> 
                 continue
             oldest = max(oldest, age)
     return oldest
-
-
-def remove(client: redis.Redis, namespace: str, dead: DeadLetter) -> None:
-    pipe = client.pipeline()
-    pipe.zrem(dead_key(namespace, dead.queue), dead.redis_id)
-    pipe.hdel(bodies_key(namespace, xq_name(dead.queue)), dead.redis_id)
-    pipe.execute()
 
 
 @dataclass(frozen=True)

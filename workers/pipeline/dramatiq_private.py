@@ -52,8 +52,7 @@ def acks_key(namespace: str, broker_id: str, queue_name: str) -> str:
 
 
 def bodies_key(namespace: str, queue_name: str) -> str:
-    """The hash of the message bodies by Redis id of a queue, its delayed queue or its dead
-    letters."""
+    """The hash of the message bodies by Redis id of a queue (or its delayed or dead queue)."""
     return f"{queue_key(namespace, queue_name)}.msgs"
 
 

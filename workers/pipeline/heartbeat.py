@@ -31,8 +31,8 @@ def _worker_key(namespace: str) -> str:
 class Heartbeat(Middleware):
     """A worker process's heartbeat, from its boot to its shutdown."""
 
-    def __init__(self, client: redis.Redis, namespace: str, threads: int | None = None) -> None:
-        self.client, self.namespace, self.threads = client, namespace, threads
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client, self.namespace = client, namespace
         self.stop = threading.Event()
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:

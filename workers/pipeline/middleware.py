@@ -19,6 +19,8 @@ from workers.pipeline.failures import Attempt, end_if_failing, record_failure
 from workers.pipeline.handoff import Handoff
 from workers.stages.stage import Stage
 
+log = structlog.get_logger("workers")
+
 
 class MessageTooOld(Exception):
     """The reason recorded for a message dead-lettered for its age."""
@@ -32,13 +34,12 @@ def reason_of(exception: BaseException) -> BaseException:
 
 
 class ForeignMessage(MiddlewareError):
-    """A message for a stage actor that is not a stage message. (A middleware error: dramatiq
-    stops the message for it; the actors do not retry it.)"""
+    """A message for a stage actor that is not a stage message (never retried)."""
 
 
 class StageMessagesOnly(Middleware):
-    """A message for a stage actor whose arguments are not a stage message is refused before the
-    actor runs: it is dead-lettered at once with the reason (:class:`ForeignMessage`)."""
+    """Dead-letters at once, before the actor runs, a message for a stage actor whose arguments
+    are not a stage message (:class:`ForeignMessage`)."""
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         if message.actor_name in STAGE_ACTORS:
@@ -79,7 +80,7 @@ class LogContext(Middleware):
             details = {}
             if isinstance(cause, TransientDeliveryError):  # the server's answer, masked
                 details["answer"] = str(cause)[:300]
-            structlog.get_logger("workers").warning(
+            log.warning(
                 "stage_attempt_failed",
                 error=type(cause).__name__,
                 retries=message.options.get("retries", 0),
@@ -92,9 +93,8 @@ class LogContext(Middleware):
 
 
 class SendHeld(Middleware):
-    """A worker that shuts down sends on what its stages still hold
-    (:mod:`workers.pipeline.handoff`): after its threads have finished their messages, before
-    the broker is closed."""
+    """A worker that shuts down sends on what its handoff holds: after its threads have finished
+    their messages, before the broker is closed."""
 
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
@@ -104,10 +104,8 @@ class SendHeld(Middleware):
 
 
 class ProcessApp(Middleware):
-    """The worker process's App (``apps``): built as the process boots, before its threads
-    start, so they share one (one engine, one mailer and its relay sessions), and said in the
-    process's start-up line; and a worker that shuts down ends its sessions with the mail server
-    (QUIT), after its threads have finished their messages."""
+    """The worker process's App, built (and logged) as the process boots so that its threads
+    share one; its sessions with the mail server ended (QUIT) when the worker shuts down."""
 
     def __init__(self, apps: Apps) -> None:
         self.apps = apps
@@ -119,13 +117,12 @@ class ProcessApp(Middleware):
         try:
             self.apps().mailer.close()
         except Exception as exc:  # shutting down: nothing more to do about it
-            structlog.get_logger("workers").warning("mail_close_failed", error=type(exc).__name__)
+            log.warning("mail_close_failed", error=type(exc).__name__)
 
 
 class FailureRecorder(Middleware):
-    """Records every failed attempt in the database; added before Retries, so it runs after it
-    (dramatiq calls after-hooks in reverse) and knows whether the message was dead-lettered.
-    Failures go to the database of ``apps()``, the process's App."""
+    """Records every failed attempt in the database of ``apps()``; added before Retries, so it
+    runs after it (dramatiq calls after-hooks in reverse) and knows whether it dead-lettered."""
 
     def __init__(self, apps: Apps) -> None:
         self.apps = apps
@@ -133,9 +130,8 @@ class FailureRecorder(Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
-        if exception is None:
-            return
-        self._record(message, exception)
+        if exception is not None:
+            self._record(message, exception)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         # dramatiq skips a message past its maximum age, and dead-letters it.
@@ -168,8 +164,6 @@ class FailureRecorder(Middleware):
             with session_scope(app.sessions) as session:
                 ended = end_if_failing(session, attempt, app.settings.max_dead_letters)
             if ended:
-                structlog.get_logger("workers").error(
-                    "submission_failed_repeatedly", stage=message.actor_name
-                )
+                log.error("submission_failed_repeatedly", stage=message.actor_name)
         except Exception as exc:  # never let bookkeeping take the worker down
-            structlog.get_logger("workers").error("failure_not_recorded", error=type(exc).__name__)
+            log.error("failure_not_recorded", error=type(exc).__name__)

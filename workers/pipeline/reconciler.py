@@ -41,8 +41,7 @@ from workers.stages.stage import Stage
 
 log = structlog.get_logger(__name__)
 
-# The states resent to their stage once stopped (the table's; held and unconfirmed below).
-STAGE_FOR_STATE = RESENT_TO
+STAGE_FOR_STATE = RESENT_TO  # the table's; held and unconfirmed have timetables of their own
 BATCH = 1000
 
 
@@ -56,11 +55,9 @@ def find_stalled(
 ) -> list[tuple[str, Stage]]:
     """(submission id, stage) for everything due a resend; marks them dispatched now.
 
-    A submission whose consent logging was dead-lettered ``max_dead_letters`` times is not
-    resent there again (its letter may be delivered already; the failures table and
-    ``dearmp dlq`` show why). Held submissions (no MP to write to yet) go back to resolution
-    when the directory has changed since they were held, or every ``held_recheck`` (so a hold
-    can expire).
+    Consent logging dead-lettered ``max_dead_letters`` times is not resent (``dearmp dlq``
+    shows why). Held submissions go back to resolution when the directory has changed since
+    they were held, or every ``held_recheck`` (so a hold can expire).
     """
     now = now or utcnow()
     cutoff = now - older_than
@@ -137,10 +134,9 @@ def find_stalled(
 
 
 def _mark_dispatched(session: Session, model: Any, ids: list[str], now: datetime) -> set[str]:
-    """Mark the rows dispatched now, in the order of their ids, as the stages write, skipping a
-    row a worker is writing at this moment (it is moving on: no resend needed), so that the
-    reconciler never waits in a cycle with a worker's transaction (PostgreSQL; SQLite has one
-    writer at a time). The ids marked."""
+    """Mark the rows dispatched now, locking them in the order of their ids as the stages do and
+    skipping a row a worker is writing (it is moving on), so that the reconciler never waits in
+    a cycle with a worker's transaction (PostgreSQL; SQLite has one writer). The ids marked."""
     if not ids:
         return set()
     free = (
@@ -167,13 +163,9 @@ def find_after_sent(
     lease: timedelta = timedelta(seconds=300),
 ) -> list[tuple[str, Stage]]:
     """Inbound messages stored but not acted on, outbox items due (pending and past their
-    backoff, or claimed by a worker that died mid-send; every kind alike, webhooks to their own
-    queue), and the surveys that
-    have come due; marks them dispatched now.
-
-    Everything is read first and written only when something is due: on SQLite the first write
-    takes the database's one write lock, and a pass that found nothing must not hold it while it
-    reads (the stages' commits, a delivered letter's among them, would wait for it)."""
+    backoff, or claimed by a worker that died mid-send) and surveys come due; marks them
+    dispatched now. Everything is read before the first write: on SQLite that takes the one
+    write lock, which a pass that found nothing must not hold while the stages commit."""
     now = now or utcnow()
     cutoff = now - older_than
     inbound = session.scalars(

@@ -1,15 +1,8 @@
-"""The pipeline as data: every state a submission can be in, in one table.
-
-For each state: the stage that acts on a submission in it (none for a final state), the states
-it may move to, whether it is final, and what it means to the supporter (the status API, the
-page and ``dearmp show`` all say this text). Each stage's retry policy (its dramatiq options) is
-in the table of stages below it. Everything else derives from these two tables: the actors'
-options, the reconciler's resends, :data:`FINAL_STATES`, the outcomes, the metrics' labels, and
-the guard in :func:`workers.database.transitions.advance`, which refuses a move not listed here.
-
-Adding a state is adding a row (and its outcome); see the README's "Adding a stage".
-This module imports nothing of the project but :class:`Stage`, so the models can use it.
-"""
+"""The pipeline as data: every state a submission can be in (:data:`STATES`) and each stage's
+retry policy (:data:`STAGES`). The actors' options, the reconciler's resends, the outcomes, the
+metrics' labels and the guard in :func:`workers.database.transitions.advance` (which refuses a
+move not listed here) derive from them; see the README's "Adding a stage". Imports nothing of
+the project but :class:`Stage`, so the models can use it."""
 
 from __future__ import annotations
 
@@ -123,10 +116,9 @@ STATES: dict[State, Row] = {
 
 
 class Policy(NamedTuple):
-    """A stage's retry policy, as dramatiq's actor options: bounded retries with backoff, a time
-    limit per attempt, and a maximum age after which a message is dead-lettered instead of run.
-    A message is young again whenever it is re-sent (deferral, reconciler, requeue), so the age
-    bounds retrying."""
+    """A stage's retry policy, as dramatiq's actor options. A message past ``max_age`` is
+    dead-lettered instead of run; it is young again whenever it is re-sent (deferral,
+    reconciler, requeue), so the age bounds retrying."""
 
     max_retries: int
     min_backoff: int
@@ -139,18 +131,14 @@ class Policy(NamedTuple):
     # Of the messages a worker holds, those with the lowest number run first (dramatiq's).
     priority: int = 0
     # Run by the worker that moved the submissions to it, right after that commit, in a
-    # transaction of its own, instead of through a message (a stage of a little CPU and a few
-    # statements, for which the message would cost more than the work). Its queue still carries
-    # its retries, the reconciler's resends and dead letters requeued.
+    # transaction of its own (a stage cheaper than its message). Its queue still carries its
+    # retries, the reconciler's resends and dead letters requeued.
     inline: bool = False
 
     def options(self) -> dict[str, Any]:
         """The numbers as dramatiq's keyword options (the actors add what is never retried)."""
-        return {
-            name: value
-            for name, value in self._asdict().items()
-            if name not in ("dead_letters_refusals", "inline")
-        }
+        ours = ("dead_letters_refusals", "inline")
+        return {name: value for name, value in self._asdict().items() if name not in ours}
 
 
 # fmt: off
