@@ -1,25 +1,18 @@
-"""Comparison: how much of a letter is the supporter's own words, and how many letters to the
-same MP are near-identical to it (offices filter those).
+"""Comparison, between resolution and rendering: how much of a letter is the supporter's own
+words, and how many letters to the same MP are near-identical to it (offices filter those).
 
-Between resolution (which names the MP) and rendering. The letter's share of its own words
-against the campaign's draft and its MinHash signature (:mod:`workers.letters.originality`)
-are stored in the database (``letter_prints``, indexed by MP and time), so every worker gives the
-same answer and the index survives restarts; letters to all MPs are compared for a campaign's
-report (:func:`near_identical_anywhere`, locality-sensitive hashing over its signatures).
-A campaign whose ``similar_letters`` policy is ``hold`` sends a letter to review once more than
-``hold_after`` letters to the same MP within ``hold_hours`` are at least ``threshold`` alike; an
-operator releases or rejects it (:func:`release`, :func:`reject`); ``digest`` puts it in the
-MP's daily digest (:mod:`workers.stages.digests`). The same supporter writing again is a
-duplicate submission, refused at intake, not a near-identical letter.
-
-Letters compared in one group do not see each other (they are written together): a hold counts
-what was stored before, which is as exact as a threshold "more than N a day" needs.
+Fingerprints are stored (``letter_prints``, counted by MP and hour in ``print_counts``) so every
+worker gives the same answer. With the ``hold`` policy a letter goes to review once more than
+``hold_after`` letters to its MP within ``hold_hours`` are alike (:func:`release`,
+:func:`reject`); with ``digest`` it goes in the MP's daily digest (:mod:`workers.stages.digests`).
+Letters compared in one group do not see each other: a hold counts what was stored before.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 from sqlalchemy import bindparam, case, delete, func, insert, select, true, union_all, update
@@ -27,13 +20,7 @@ from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition, SimilarLetters
 from workers.database.engine import insert_on_conflict
-from workers.database.models import (
-    LETTER_PRINTS,
-    PRINT_COUNTS,
-    SUBMISSIONS,
-    State,
-    utcnow,
-)
+from workers.database.models import LETTER_PRINTS, PRINT_COUNTS, SUBMISSIONS, State, utcnow
 from workers.database.transitions import (
     AlreadyMoved,
     Apply,
@@ -63,7 +50,7 @@ _STORE_PRINT = insert(LETTER_PRINTS)
 
 def letter_body(definition: CampaignDefinition, payload: dict[str, Any]) -> str:
     """The words the supporter sends: their edit where the campaign allows it, else the draft,
-    then their answers to the campaign's questions (their own words too), as the letter has them."""
+    then their answers to the campaign's questions, as the letter has them."""
     letter = payload["letter"]
     body = str(letter["body"]) if "body" in definition.editable else definition.draft_body
     answers = [text for _, text in definition.answered(letter.get("answers") or {})]
@@ -104,17 +91,17 @@ def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
 
 
 def _moved(submission: Any, decision: str, row: dict[str, Any] | None) -> Apply[list[Stage]]:
+    hold = decision == "hold"
+
     def write(session: Session) -> list[Stage]:
-        if decision == "hold":
-            advance(session, submission, State.IN_REVIEW, "near-identical to letters to this MP")
-        else:
-            advance(session, submission, State.COMPARED)
+        detail = "near-identical to letters to this MP" if hold else None
+        advance(session, submission, State.IN_REVIEW if hold else State.COMPARED, detail)
         if row is not None:
             writes = writes_of(session)
             writes.insert(_STORE_PRINT, row)
             if row["member_id"] is not None:
                 writes.collect(_count, [_count_key(row)])
-        return [] if decision == "hold" else [Stage.RENDER]
+        return [] if hold else [Stage.RENDER]
 
     return write
 
@@ -127,8 +114,7 @@ def _similar_to_mp(
     now: datetime,
 ) -> tuple[int, int]:
     """Letters to the same MP at least ``rules.threshold`` alike: within the window, and within
-    the hold's hours, among its MOST_COMPARED distinct letters sent most. Each distinct signature
-    is compared once: copies of one letter (most of a campaign's) cost one comparison."""
+    the hold's hours. Each distinct signature is compared once."""
     if member_id is None:
         return 0, 0
     similar = recent = 0
@@ -138,60 +124,52 @@ def _similar_to_mp(
     return similar, recent
 
 
-# What a letter is compared with: of the counts of the letters to its MP within the window,
-# the RECENT_COUNTS newest (an MP's counts by the hour, read newest first on the index, so the
-# read is bounded however many letters the window holds), and of the distinct letters in them,
-# the MOST_COMPARED sent most within the hold's hours, then within the window. Copies of a few
-# letters (most of a campaign's) are a few counts an hour; a flood of letters each edited a
-# little is more than enough of them to hold a letter (bench.originality measures both sides).
+# What a letter is compared with: of its MP's counts within the window, the RECENT_COUNTS
+# newest (a bounded index scan however many letters the window holds), and of the distinct
+# letters in them, the MOST_COMPARED sent most within the hold's hours, then the window.
 RECENT_COUNTS = 1000
 MOST_COMPARED = 100
 
 
+@cache
 def _counts_read(members: int) -> Any:
-    """The statement that reads, for each of ``members`` MPs (``m0``...), its newest counts
-    (one bounded index scan each) and of them its distinct letters sent most, with their
-    letters and those within the hold's hours (``recent``); built once for each number of MPs."""
-    found = _COUNTS_READ.get(members)
-    if found is None:
-        counts = PRINT_COUNTS.c
-        newest = union_all(
-            *(
-                select(
-                    select(counts.member_id, counts.signature, counts.hour, counts.letters)
-                    .where(
-                        counts.member_id == bindparam(f"m{i}"), counts.hour > bindparam("window")
-                    )
-                    .order_by(counts.hour.desc())
-                    .limit(bindparam("newest"))
-                    .subquery()
-                )
-                for i in range(members)
-            )
-        ).subquery()
-        recent = case((newest.c.hour > bindparam("recent"), newest.c.letters), else_=0)
-        totals = (
+    """The statement that reads, for each of ``members`` MPs (``m0``...), its distinct letters
+    sent most among its newest counts, with their letters and those within the hold's hours
+    (``recent``); built once for each number of MPs."""
+    counts = PRINT_COUNTS.c
+    newest = union_all(
+        *(
             select(
-                newest.c.member_id,
-                newest.c.signature,
-                func.sum(newest.c.letters).label("letters"),
-                func.sum(recent).label("recent"),
+                select(counts.member_id, counts.signature, counts.hour, counts.letters)
+                .where(counts.member_id == bindparam(f"m{i}"), counts.hour > bindparam("window"))
+                .order_by(counts.hour.desc())
+                .limit(bindparam("newest"))
+                .subquery()
             )
-            .group_by(newest.c.member_id, newest.c.signature)
-            .subquery()
+            for i in range(members)
         )
-        order = (totals.c.recent.desc(), totals.c.letters.desc(), totals.c.signature)
-        ranked = select(
-            totals,
-            func.row_number().over(partition_by=totals.c.member_id, order_by=order).label("rank"),
-        ).subquery()
-        found = _COUNTS_READ[members] = select(
-            ranked.c.member_id, ranked.c.signature, ranked.c.letters, ranked.c.recent
-        ).where(ranked.c.rank <= bindparam("most"))
-    return found
+    ).subquery()
+    recent = case((newest.c.hour > bindparam("recent"), newest.c.letters), else_=0)
+    totals = (
+        select(
+            newest.c.member_id,
+            newest.c.signature,
+            func.sum(newest.c.letters).label("letters"),
+            func.sum(recent).label("recent"),
+        )
+        .group_by(newest.c.member_id, newest.c.signature)
+        .subquery()
+    )
+    order = (totals.c.recent.desc(), totals.c.letters.desc(), totals.c.signature)
+    ranked = select(
+        totals,
+        func.row_number().over(partition_by=totals.c.member_id, order_by=order).label("rank"),
+    ).subquery()
+    return select(ranked.c.member_id, ranked.c.signature, ranked.c.letters, ranked.c.recent).where(
+        ranked.c.rank <= bindparam("most")
+    )
 
 
-_COUNTS_READ: dict[int, Any] = {}
 _COUNT: dict[str, Any] = {}  # the upsert of a group's counts, by dialect
 
 
@@ -240,20 +218,19 @@ def uncount(session: Session, submission_id: str) -> None:
     session.execute(delete(PRINT_COUNTS).where(*key, PRINT_COUNTS.c.letters <= 0))
 
 
+# By MP: each distinct signature, its letters, and those within the hold's hours.
+_Signatures = dict[int, list[tuple[tuple[int, ...], int, int]]]
+
+
 def _signatures(
     session: Session, rules: SimilarLetters, now: datetime, member_id: int
-) -> dict[int, list[tuple[tuple[int, ...], int, int]]]:
+) -> _Signatures:
     """For the MPs the group's letters go to: the distinct signatures of the letters to them
-    within the window, with how many letters have each, and how many of those within the hold's
-    hours, from their counts by the hour (an hour that began before the window but ends in it
-    counts whole): of each MP's RECENT_COUNTS newest counts, its MOST_COMPARED letters sent
-    most. One statement for the group, the first time (:func:`workers.database.transitions.
-    read_one`'s way; resolution reads the directory so)."""
+    within the window, with how many letters have each and how many within the hold's hours
+    (an hour that began before the window counts whole). One statement for the group."""
     group = group_of(session)
     key = (_SIGNATURES, rules.window_days, rules.hold_hours)
-    found: dict[int, list[tuple[tuple[int, ...], int, int]]] | None = (
-        group.read.get(key) if group else None
-    )
+    found: _Signatures | None = group.read.get(key) if group else None
     if found is not None:
         return found
     ids = group.ids if group is not None else []
@@ -318,29 +295,27 @@ def near_identical_anywhere(
     return sum(count for members, count in clusters.values() if len(members) > 1)
 
 
-def release(session: Session, submission_id: str) -> bool:
-    """An operator sends a letter held for review on to rendering (the caller sends it after
-    the commit). False if it was not in review."""
+def _reviewed(session: Session, submission_id: str, to: State, detail: str, **fields: Any) -> bool:
+    """An operator's move of a letter held for review; False if it was not in review."""
     try:
-        advance(session, At(submission_id, State.IN_REVIEW), State.COMPARED, "released")
+        advance(session, At(submission_id, State.IN_REVIEW), to, detail, **fields)
     except AlreadyMoved:
         return False
     return True
+
+
+def release(session: Session, submission_id: str) -> bool:
+    """An operator sends a letter held for review on to rendering (the caller sends it after
+    the commit). False if it was not in review."""
+    return _reviewed(session, submission_id, State.COMPARED, "released")
 
 
 def reject(session: Session, submission_id: str, reason: str) -> bool:
     """An operator rejects a letter held for review; the supporter is told ``reason``."""
-    try:
-        advance(
-            session,
-            At(submission_id, State.IN_REVIEW),
-            State.REJECTED,
-            "rejected on review",
-            rejection={"letter.body": reason[:500]},
-        )
-    except AlreadyMoved:
-        return False
-    return True
+    rejection = {"letter.body": reason[:500]}
+    return _reviewed(
+        session, submission_id, State.REJECTED, "rejected on review", rejection=rejection
+    )
 
 
 def compare(session: Session, submission_id: str) -> list[Stage]:

@@ -1,11 +1,8 @@
 """Sender confirmation: for campaigns that ask, the letter waits until its sender clicks a signed
-link in an email. One reminder goes after a day; the link works for seven; then the submission
-expires and no letter goes.
-
-The link carries the submission id, its expiry and an HMAC over both with the deployment's secret:
-it cannot be forged or extended, and it reveals nothing personal. The email and its reminder are
-outbox items (keys "confirm" and "reminder"), sent, retried and given up like every other email
-to a supporter (:mod:`workers.outbox`); :func:`compose` writes them.
+link in an email (one reminder after a day; the link works for seven, then the submission
+expires). The link carries the submission id, its expiry and an HMAC over both: it cannot be
+forged or extended, and reveals nothing personal. The email and its reminder are outbox items
+(keys "confirm" and "reminder"), sent like every email to a supporter; :func:`compose` writes them.
 """
 
 from __future__ import annotations
@@ -75,39 +72,6 @@ def read_token(secret: bytes, token: str, now: datetime | None = None) -> tuple[
     return submission_id, (now or utcnow()).timestamp() < stamp
 
 
-def _message(
-    submission_id: str,
-    sender: str,
-    title: str,
-    to: str,
-    link: str,
-    expires: datetime,
-    sent: datetime,
-    reminder: bool,
-) -> Draft:
-    """The confirmation email, or its reminder: the same bytes every time it is sent (its Date
-    is when it was due, ``sent``), marked automatic (RFC 3834) and ``X-DearMP-Notice``, so that
-    one that comes back is never acted on as a letter's."""
-    kind = "reminder" if reminder else "confirm"
-    return Draft(
-        from_name=header_text(title, 200),
-        from_email=sender,
-        to_email=to,
-        subject=("Reminder: " if reminder else "") + "Please confirm your letter to your MP",
-        date=sent,
-        message_id=f"<{kind}-{submission_id}@{from_domain(sender)}>",
-        text=(
-            "Thank you for writing to your MP.\n\n"
-            "Please confirm that you sent this letter by opening the link below. Until you do, "
-            "it will not be sent.\n\n"
-            f"{link}\n\n"
-            f"The link works until {expires:%d %B %Y at %H:%M} UTC. If you did not write to your "
-            "MP, ignore this email: nothing will be sent, and the details will be deleted.\n"
-        ),
-        headers=(*AUTOMATIC, (NOTICE_HEADER, f"{kind}-{submission_id}")),
-    )
-
-
 def notify(session: Session, submission_id: str, policy: ConfirmationPolicy) -> list[str]:
     """Queue the confirmation email, or the reminder when it is due, in the outbox (at most one
     of each: the outbox's key is unique per submission). The ids of those still to send, for
@@ -136,10 +100,10 @@ def compose(
     signer: DkimSigner | None = None,
     returns: ReturnAddresses | None = None,
 ) -> Outgoing | str:
-    """The confirmation email or its reminder on the wire, or why it will not be sent. Like
-    every email DearMP sends it is signed by ``signer`` for its From domain, and its envelope
-    sender is a notice's address on the bounce domain (``returns``): SPF and DKIM align with
-    its From, and a bounce of it is recognised and never acted on as a letter's."""
+    """The confirmation email or its reminder on the wire, or why it will not be sent: the same
+    bytes every time (its Date is when it was due), signed by ``signer``, its envelope sender a
+    notice's address (``returns``), marked automatic (RFC 3834) and ``X-DearMP-Notice``, so
+    that one that comes back is never acted on as a letter's."""
     submission = session.get(Submission, submission_id)
     if submission is None or submission.state != State.UNCONFIRMED:
         return "no longer waiting for confirmation"
@@ -152,17 +116,26 @@ def compose(
     # Raises ValueError for a non-ASCII local part stored before validation refused them.
     to = wire_address(to)
     expires = submission.created_at + policy.valid
-    url = f"{policy.public_url.rstrip('/')}/v1/confirm/"
-    url += make_token(secret, submission.id, expires)
-    draft = _message(
-        submission.id,
-        str(definition.from_email),
-        definition.organisation,
-        to,
-        url,
-        expires,
-        submission.created_at + (policy.reminder_after if reminder else timedelta(0)),
-        reminder,
+    link = (
+        f"{policy.public_url.rstrip('/')}/v1/confirm/{make_token(secret, submission.id, expires)}"
+    )
+    kind, sender = "reminder" if reminder else "confirm", str(definition.from_email)
+    draft = Draft(
+        from_name=header_text(definition.organisation, 200),
+        from_email=sender,
+        to_email=to,
+        subject=("Reminder: " if reminder else "") + "Please confirm your letter to your MP",
+        date=submission.created_at + (policy.reminder_after if reminder else timedelta(0)),
+        message_id=f"<{kind}-{submission.id}@{from_domain(sender)}>",
+        text=(
+            "Thank you for writing to your MP.\n\n"
+            "Please confirm that you sent this letter by opening the link below. Until you do, "
+            "it will not be sent.\n\n"
+            f"{link}\n\n"
+            f"The link works until {expires:%d %B %Y at %H:%M} UTC. If you did not write to your "
+            "MP, ignore this email: nothing will be sent, and the details will be deleted.\n"
+        ),
+        headers=(*AUTOMATIC, (NOTICE_HEADER, f"{kind}-{submission.id}")),
     )
     envelope = returns.notice(submission.id) if returns is not None else None
     return outgoing_email(draft, signer, envelope)

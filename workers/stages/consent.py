@@ -9,14 +9,7 @@ from sqlalchemy.orm import Session
 
 from schemas.submission import CHANNELS
 from workers.database.models import EVENTS, SUBMISSIONS, State, utcnow
-from workers.database.transitions import (
-    Apply,
-    current,
-    done,
-    one,
-    submission_read,
-    writes_of,
-)
+from workers.database.transitions import Apply, current, done, one, submission_read, writes_of
 from workers.letters.definitions import get_definition
 from workers.pipeline.states import reached_only_through
 from workers.privacy.hashing import supporter_hash
@@ -42,10 +35,6 @@ _MARK_LOGGED = (
 _READ = submission_read("consent_logged_at", "payload", "client_ip_hash")
 
 
-def was_validated(session: Session, submission_id: str) -> bool:
-    return bool(session.execute(_WAS_VALIDATED, {"id": submission_id}).scalar())
-
-
 def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
     """Record the submission's consent choices once; returns how many events were written."""
     return one(session, submission_id, lambda s, sid: plan(s, sid, secret))
@@ -56,7 +45,9 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
     submission = current(session, submission_id, _READ)
     if submission is None or submission.consent_logged_at is not None or submission.payload is None:
         return done(0)
-    if submission.state not in PAST_VALIDATION and not was_validated(session, submission_id):
+    if submission.state not in PAST_VALIDATION and not session.scalar(
+        _WAS_VALIDATED, {"id": submission_id}
+    ):
         return done(0)
     definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
     if definition is None:

@@ -1,10 +1,7 @@
-"""Delivery: the letter to the MP, an outbox item (:mod:`workers.outbox`) like everything else
-DearMP sends, whose id is its submission's.
-
-What is the letter's own: it is written from its stored row (the same bytes every time, so a
-resend is the same email), it waits for quiet hours and the rate limits before it is claimed
-(a wait costs no attempt), and its submission moves to delivered, or failed with the reason, in
-the commit that ends its item.
+"""Delivery: the letter to the MP, an outbox item (:mod:`workers.outbox`) whose id is its
+submission's. It is written from its stored row (a resend is the same email), waits for pauses,
+quiet hours and the rate limits before it is claimed (costing no attempt), and its submission
+moves to delivered, or failed with the reason, in the commit that ends its item.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import structlog
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
@@ -38,8 +34,6 @@ from workers.mp.health import PAUSED
 from workers.outbox.sending import Kind, send_again
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages.stage import Deferred
-
-log = structlog.get_logger(__name__)
 
 KIND = KEY = "letter"  # the letter's outbox item: kind and key
 PAUSED_LOOK = 600.0  # a paused letter looks again after this (resume: at once)
@@ -74,12 +68,9 @@ def limits_for(
         limits.append(
             Limit(f"campaign:{definition.slug}:mp:{member_id}", rl.per_mp, rl.window_seconds)
         )
-    if policy.send_rate:
-        per_second = policy.send_rate
-        if per_second >= 1:
-            limits.append(Limit(f"account:{account}", math.floor(per_second), 1.0))
-        else:
-            limits.append(Limit(f"account:{account}", 1, 1 / per_second))
+    if rate := policy.send_rate:  # below one a second: one per interval
+        count, window = (math.floor(rate), 1.0) if rate >= 1 else (1, 1 / rate)
+        limits.append(Limit(f"account:{account}", count, window))
     return limits
 
 
@@ -91,8 +82,7 @@ def item_row(submission_id: str) -> dict[str, str]:
     return {"id": submission_id, "submission_id": submission_id, "key": KEY, "kind": KIND}
 
 
-# Everything the letter is written from, in one statement: its submission, its row, its
-# campaign's version.
+# Everything the letter is written from, in one statement.
 LETTER_FIELDS = tuple(c.name for c in LETTERS.c)
 _READ = select(
     SUBMISSIONS.c.id,
@@ -142,7 +132,22 @@ def kind(
     """The letter's kind of outbox item."""
 
     def compose(session: Session, item: OutboxItem) -> LetterMail | str:
-        return _compose(session, item, mailer.name, policy, limiter, signer, returns)
+        """The letter's bytes, once nothing makes it wait (:class:`Deferred`); or why it will
+        not be sent."""
+        found = read_one(session, _READ, item.submission_id)  # a message's letters: one statement
+        if found is None:
+            return "the letter is gone"
+        if found.state != State.RENDERED:
+            return f"the submission is {found.state}"
+        definition = get_definition(session, found.campaign_slug, found.definition_sha256)
+        if definition is None:
+            return "the campaign is gone"
+        wait_while_held(definition, found.paused_at is not None, found.address_status == PAUSED)
+        limits = limits_for(policy, definition, found.member_id, mailer.name)
+        wait_for_limits(limiter, item.submission_id, limits)
+        letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
+        bounce = returns.bounce(item.submission_id) if returns is not None else None
+        return LetterMail(item.submission_id, outgoing(letter, signer, bounce), limits)
 
     def sent(letter: LetterMail) -> None:
         """Its rate-limit slots dated from the moment it left (after its sent mark's commit:
@@ -157,33 +162,6 @@ def kind(
         max_attempts=policy.max_attempts,
         sent=sent,
     )
-
-
-def _compose(
-    session: Session,
-    item: OutboxItem,
-    account: str,
-    policy: DeliveryPolicy,
-    limiter: Limiter | None,
-    signer: DkimSigner | None,
-    returns: ReturnAddresses | None,
-) -> LetterMail | str:
-    """The letter's bytes, once nothing makes it wait (:class:`Deferred`); or why it will not
-    be sent."""
-    found = read_one(session, _READ, item.submission_id)  # a message's letters: one statement
-    if found is None:
-        return "the letter is gone"
-    if found.state != State.RENDERED:
-        return f"the submission is {found.state}"
-    definition = get_definition(session, found.campaign_slug, found.definition_sha256)
-    if definition is None:
-        return "the campaign is gone"
-    wait_while_held(definition, found.paused_at is not None, found.address_status == PAUSED)
-    limits = limits_for(policy, definition, found.member_id, account)
-    wait_for_limits(limiter, item.submission_id, limits)
-    letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
-    bounce = returns.bounce(item.submission_id) if returns is not None else None
-    return LetterMail(item.submission_id, outgoing(letter, signer, bounce), limits)
 
 
 def wait_while_held(definition: CampaignDefinition, paused: bool, address_paused: bool) -> None:
@@ -210,21 +188,26 @@ def wait_for_limits(limiter: Limiter | None, key: str, limits: list[Limit]) -> N
             raise Deferred(wait, "rate limit")
 
 
-def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -> None:
-    """The submission moves on with its letter: delivered, or failed with the reason (one
-    erased meanwhile stays withdrawn)."""
-    sent = status == OutboxStatus.SENT
-    reason = None if sent else (detail or "not sent")[:2000]
+def moved_on(
+    session: Session, submission_id: str, from_state: State, sent: bool, detail: str | None
+) -> bool:
+    """The submission moves on with its letter: delivered (``detail``), or failed with the
+    reason; False if it was moved meanwhile (erased: withdrawn)."""
     try:
         advance(
             session,
-            At(item.submission_id, State.RENDERED),
+            At(submission_id, from_state),
             State.DELIVERED if sent else State.FAILED,
             (detail or "")[:500],
-            **({} if sent else {"failure_reason": reason}),
+            **({} if sent else {"failure_reason": (detail or "not sent")[:2000]}),
         )
     except AlreadyMoved:
-        pass
+        return False
+    return True
+
+
+def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -> None:
+    moved_on(session, item.submission_id, State.RENDERED, status == OutboxStatus.SENT, detail)
 
 
 def reopen_failed(
@@ -255,15 +238,16 @@ def reopen_failed(
     if member_id is not None:
         query = query.where(SUBMISSIONS.c.member_id == member_id)
     ids = list(session.scalars(query))
-    if dry_run:
-        return ids
-    for submission_id in ids:
-        advance(
-            session,
-            At(submission_id, State.FAILED),
-            State.RENDERED,
-            "delivery reopened by an operator",
-            failure_reason=None,
-        )
-    send_again(session, ids, (OutboxStatus.FAILED, OutboxStatus.SKIPPED))
+    if not dry_run:
+        reopen(session, ids, ids, State.RENDERED, "delivery reopened by an operator")
     return ids
+
+
+def reopen(
+    session: Session, submission_ids: list[str], items: list[str], to: State, detail: str
+) -> list[str]:
+    """Failed submissions back to ``to``, and their outbox ``items`` to pending with a fresh
+    count (the caller sends them after the commit); the items changed."""
+    for submission_id in submission_ids:
+        advance(session, At(submission_id, State.FAILED), to, detail, failure_reason=None)
+    return send_again(session, items, (OutboxStatus.FAILED, OutboxStatus.SKIPPED))

@@ -1,20 +1,14 @@
-"""The MP's daily digest: a campaign whose ``similar_letters`` policy is ``digest`` sends the
-day's near-identical letters to one MP as one email: how many constituents wrote and about what,
-the common text once, then each constituent's name, postcode, the words they added and the
-address to reply to them. Offices read one email instead of filtering N copies.
-
-Comparison decides (:mod:`workers.stages.comparison`); rendering stores each letter as usual
-(its reply address, its words) and leaves it ``in_digest``; :func:`build_due` (each reconciler
-pass, or ``dearmp review digest``) makes a campaign's digest per MP once a day from its
-``digest_hour``: a ``digests`` row and its outbox item (the same id), composed from its letters'
-rows at each attempt, DKIM-signed, within the per-MP limits. When it is sent its letters are
-delivered (each with a letter item marked sent, so the survey asks as for any letter) and each
-supporter is told; a bounce of it returns every letter in it (:func:`mates`).
+"""The MP's daily digest: with a campaign's ``digest`` policy for similar letters, the day's
+near-identical letters to one MP go as one email (the common text once, then each constituent's
+name, postcode, own words and reply address). Rendering leaves each letter ``in_digest``;
+:func:`build_due` makes a digest per campaign and MP once a day; once it is sent its letters are
+delivered and each supporter told, and a bounce of it returns them all (:func:`mates`).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime, time
 from typing import Any, TypeVar
 
@@ -35,20 +29,13 @@ from workers.database.models import (
     Submission,
     utcnow,
 )
-from workers.database.transitions import AlreadyMoved, At, advance, rowcount
+from workers.database.transitions import AlreadyMoved, rowcount
 from workers.letters import originality
 from workers.letters.definitions import get_definition
-from workers.letters.mail import (
-    DkimSigner,
-    Draft,
-    Mailer,
-    from_domain,
-    header_text,
-    outgoing_email,
-)
+from workers.letters.mail import DkimSigner, Draft, Mailer, from_domain, header_text, outgoing_email
 from workers.letters.rate_limits import Limiter
 from workers.mp import health
-from workers.outbox.sending import Kind, enqueue, send_again
+from workers.outbox.sending import Kind, enqueue
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.comparison import letter_body
@@ -162,15 +149,10 @@ def reopen_failed(session: Session, dry_run: bool = False) -> list[str]:
     digest_ids = sorted({digest_id for digest_id, _ in failed})
     if dry_run:
         return digest_ids
-    for _, submission_id in failed:
-        advance(
-            session,
-            At(submission_id, State.FAILED),
-            State.IN_DIGEST,
-            "digest reopened by an operator",
-            failure_reason=None,
-        )
-    return send_again(session, digest_ids, (OutboxStatus.FAILED, OutboxStatus.SKIPPED))
+    letters = [submission_id for _, submission_id in failed]
+    return delivery.reopen(
+        session, letters, digest_ids, State.IN_DIGEST, "digest reopened by an operator"
+    )
 
 
 _DIGEST_ID = re.compile(r"digest-([0-9a-f-]{36})@")
@@ -281,7 +263,6 @@ def kind(
 ) -> Kind:
     """The digest's kind of outbox item: sent as a letter (the per-MP limits, the letter's
     channel), its letters moved on in the commit that ends it."""
-    letter = delivery.kind(mailer, policy, limiter, signer, returns)
 
     def compose(session: Session, item: OutboxItem) -> delivery.LetterMail | str:
         digest = session.get(Digest, item.id)
@@ -307,40 +288,29 @@ def kind(
         mail = outgoing_email(draft(definition, digest, letters), signer, bounce)
         return delivery.LetterMail(item.id, mail, limits)
 
-    return Kind(
-        compose, done=_done, channel=letter.channel, max_attempts=policy.max_attempts,
-        sent=letter.sent,
-    )  # fmt: skip
+    return replace(
+        delivery.kind(mailer, policy, limiter, signer, returns), compose=compose, done=_done
+    )
 
 
 def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -> None:
     """Its letters delivered (each with its letter item marked sent, for the survey) and their
     supporters told; or failed with the reason."""
     sent = status == OutboxStatus.SENT
-    now = utcnow()
+    now, in_digest = utcnow(), f"in the MP's digest {item.id}"
     ids = session.scalars(select(LetterPrint.submission_id).where(LetterPrint.digest_id == item.id))
     for submission_id in ids.all():
-        try:
-            advance(
-                session,
-                At(submission_id, State.IN_DIGEST),
-                State.DELIVERED if sent else State.FAILED,
-                f"in the MP's digest {item.id}" if sent else (detail or "")[:500],
-                **({} if sent else {"failure_reason": (detail or "not sent")[:2000]}),
-            )
-        except AlreadyMoved:  # erased meanwhile: withdrawn
-            continue
-        if sent:
+        moved = delivery.moved_on(
+            session, submission_id, State.IN_DIGEST, sent, in_digest if sent else detail
+        )
+        if moved and sent:
             session.execute(  # made again by a repair: there already
                 insert_on_conflict(session, OutboxItem)
                 .values(
-                    id=submission_id,
-                    submission_id=submission_id,
-                    key=delivery.KEY,
-                    kind=delivery.KIND,
+                    **delivery.item_row(submission_id),
                     status=OutboxStatus.SENT,
                     sent_at=now,
-                    response=f"in the MP's digest {item.id}",
+                    response=in_digest,
                 )
                 .on_conflict_do_nothing()
             )

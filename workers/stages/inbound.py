@@ -1,38 +1,21 @@
-"""Inbound: act on a message that came back to a letter's return or reply address.
+"""Inbound: act on a message that came back to a letter's return (``b-``) or reply address.
 
-The receiver (``dearmp inbound``, or the Mailgun webhook) has stored it before saying ``250``;
-this stage reads it, classifies it and, in one transaction guarded on the message's status (a
-second run finds it done and does nothing):
-
-- a permanent bounce moves the letter from ``delivered`` to ``bounced`` with the remote
-  server's diagnostic, queues one notice to the supporter, and may mark the MP's address
-  failing (:mod:`workers.mp.health`);
-- a delay, a relay's confirmation or an automatic reply is recorded on the letter;
-- a reply is recorded on the letter and, for a relayed letter, queued to be forwarded to the
-  supporter (at most ``forwards_per_letter``, once per ``Message-ID``), its text kept only until
-  it is forwarded. A reply that does not plausibly come from the MP's office
-  (:func:`workers.receiving.classify.reply_origin`) is held for an operator instead, its text
-  kept until it is released or dropped;
-- what reads like an office's acknowledgement without automatic-reply headers is forwarded (or
-  held) like a reply, since a form reply can read the same, but is recorded as an automatic
-  reply: it does not stop the survey.
-
-Only the return address (``b-``) takes delivery reports: one sent to the reply address, by
-whoever knows it, acts on nothing.
-
-Anything it cannot tie to a letter it sent (forged or unknown token, a notice's bounce, a
-returned message that is not the letter its address names, a loop, broken MIME) is dropped with
-the reason recorded. The raw message is deleted once acted on. A message whose processing
-raises ``max_attempts`` times (passing database trouble is not counted) is failed with the
-reason, and not tried again; its text stays for the operator until retention deletes it.
+In one transaction guarded on the message's status (a second run does nothing): a permanent
+bounce moves the letter to ``bounced`` and tells the supporter once (the MP's address may be
+marked failing); a delay, a relay's confirmation or an automatic reply is recorded; a reply is
+recorded and forwarded to the supporter, or held for an operator when its origin is doubtful.
+Anything not tied to a letter we sent is dropped with the reason; the raw message is deleted
+once acted on, and kept for the operator when processing fails ``max_attempts`` times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import hashlib
 import json
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -118,20 +101,18 @@ def process(
     if row is None or row.status != InboundStatus.RECEIVED:
         return []
     outcome = _decide(session, row, returns, policy)
-    finished = session.execute(
-        update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.status == InboundStatus.RECEIVED)
-        .values(
-            status=outcome.status.value,
-            kind=outcome.kind,
-            reason=outcome.reason,
-            submission_id=outcome.submission_id,
-            processed_at=utcnow(),
-            raw=InboundMessage.raw if outcome.keep_raw else None,
-        )
-        .execution_options(synchronize_session=False)
+    finished = _set(
+        session,
+        inbound_id,
+        InboundMessage.status == InboundStatus.RECEIVED,
+        status=outcome.status.value,
+        kind=outcome.kind,
+        reason=outcome.reason,
+        submission_id=outcome.submission_id,
+        processed_at=utcnow(),
+        raw=InboundMessage.raw if outcome.keep_raw else None,
     )
-    if rowcount(finished) != 1:
+    if finished != 1:
         raise AlreadyMoved(inbound_id)
     if outcome.status == InboundStatus.DONE and outcome.kind in FORWARDED and outcome.submission_id:
         emit(session, "reply.received", outcome.submission_id, inbound_id, inbound_id=inbound_id)
@@ -143,6 +124,17 @@ def process(
         submission_id=outcome.submission_id,
     )
     return list(outcome.notices)
+
+
+def _set(session: Session, inbound_id: str, *where: Any, **values: Any) -> int:
+    """Update the message's row (only if ``where`` holds); how many rows changed."""
+    result = session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id, *where)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
 
 
 def _classification(row: InboundMessage) -> Classification:
@@ -205,21 +197,18 @@ def _decide(
         session.add(
             LetterEvent(kind=found.kind, status=found.status, detail=found.diagnostic, **event)
         )
-        if found.kind != "bounce":
-            return acted(found.kind, found.status)
-        return acted(
-            "bounce", found.status, _bounced(session, submission_id, letter, found, row.id, policy)
-        )
+        bounced = found.kind == "bounce"
+        notices = _bounced(session, submission_id, letter, found, row.id, policy) if bounced else []
+        return acted(found.kind, found.status, notices)
     # A person's reply, or what reads like an office's acknowledgement (a form reply can):
     # forwarded alike, but only a reply counts as the MP's (and stops the survey).
-    recorded = _event_kind(found.kind)
+    if purpose == "r":  # only what came to the reply address is forwarded, or held
+        doubt = reply_origin(row.raw or b"", letter.to_email, set(policy.authserv_ids))
+        if doubt is not None:
+            return _hold(session, row.id, found.kind, doubt, submission_id, policy)
+    session.add(LetterEvent(kind=_event_kind(found.kind), detail=found.diagnostic, **event))
     if purpose != "r":
-        session.add(LetterEvent(kind=recorded, detail=found.diagnostic, **event))
         return acted(found.kind, "to the return address: not forwarded")
-    doubt = reply_origin(row.raw or b"", letter.to_email, set(policy.authserv_ids))
-    if doubt is not None:
-        return _hold(session, row.id, found.kind, doubt, submission_id, policy)
-    session.add(LetterEvent(kind=recorded, detail=found.diagnostic, **event))
     reason, queued = _forward(session, submission_id, row.id, row.raw, letter.payload, policy)
     return acted(found.kind, reason, queued)
 
@@ -245,27 +234,14 @@ def _hold(
 ) -> Outcome:
     """Hold a reply for an operator, its text kept; with ``held_per_letter`` held for the
     letter already (anyone who knows its reply address can send), it is dropped instead, with
-    the reason, and its text deleted. Decided one transaction at a time per letter."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            select(Letter.submission_id)
-            .where(Letter.submission_id == submission_id)
-            .with_for_update()
-        )
-    else:  # a write first: it takes SQLite's one write lock before the count
-        session.execute(
-            update(InboundMessage)
-            .where(InboundMessage.id == inbound_id)
-            .values(kind=kind)
-            .execution_options(synchronize_session=False)
-        )
-    held_now = session.scalar(
-        select(func.count()).where(
-            InboundMessage.submission_id == submission_id,
-            InboundMessage.status == InboundStatus.HELD,
-        )
+    the reason, and its text deleted."""
+    _one_at_a_time(session, submission_id, lambda: _set(session, inbound_id, kind=kind))
+    held_now = _count(
+        session,
+        InboundMessage.submission_id == submission_id,
+        InboundMessage.status == InboundStatus.HELD,
     )
-    if (held_now or 0) >= policy.held_per_letter:
+    if held_now >= policy.held_per_letter:
         log.warning("reply_not_held", inbound_id=inbound_id, submission_id=submission_id)
         return _drop(
             kind,
@@ -284,9 +260,25 @@ def _forward(
     payload: Any,
     policy: InboundPolicy,
 ) -> tuple[str | None, list[str]]:
-    """Queue a reply's forward: once per Message-ID, at most ``forwards_per_letter`` per letter,
-    decided one transaction at a time per letter. (Why not, and) the notices queued. Called
-    with a write pending (the reply's event): on SQLite that write takes the one write lock."""
+    """Queue a reply's forward: once per Message-ID, at most ``forwards_per_letter`` per letter.
+    (Why not, and) the notices queued. Called with a write pending (the reply's event)."""
+    _one_at_a_time(session, submission_id, session.flush)
+    if stored_email(payload) is None:
+        return "supporter erased: not forwarded", []
+    key = _forward_key(raw, inbound_id)
+    if outbox.item_of(session, submission_id, key) is not None:
+        return "the same reply was forwarded already: not forwarded", []
+    forwards = _count(
+        session, OutboxItem.submission_id == submission_id, OutboxItem.kind == "forward"
+    )
+    if forwards >= policy.forwards_per_letter:
+        return "forward cap reached: not forwarded", []
+    return None, _queue(session, submission_id, key, "forward", inbound_id)
+
+
+def _one_at_a_time(session: Session, submission_id: str, write: Callable[[], object]) -> None:
+    """Decide one transaction at a time per letter: PostgreSQL locks the letter's row; on
+    SQLite, ``write`` takes the one write lock before anything is counted."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(
             select(Letter.submission_id)
@@ -294,24 +286,11 @@ def _forward(
             .with_for_update()
         )
     else:
-        session.flush()
-    if stored_email(payload) is None:
-        return "supporter erased: not forwarded", []
-    key = _forward_key(raw, inbound_id)
-    if session.scalar(
-        select(OutboxItem.id).where(
-            OutboxItem.submission_id == submission_id, OutboxItem.key == key
-        )
-    ):
-        return "the same reply was forwarded already: not forwarded", []
-    forwards = session.scalar(
-        select(func.count()).where(
-            OutboxItem.submission_id == submission_id, OutboxItem.kind == "forward"
-        )
-    )
-    if (forwards or 0) >= policy.forwards_per_letter:
-        return "forward cap reached: not forwarded", []
-    return None, _queue(session, submission_id, key, "forward", inbound_id)
+        write()
+
+
+def _count(session: Session, *where: Any) -> int:
+    return session.scalar(select(func.count()).where(*where)) or 0
 
 
 def _forward_key(raw: bytes | None, inbound_id: str) -> str:
@@ -387,64 +366,47 @@ def process_counted(
         raise
     except Exception as exc:
         with session_scope(sessions) as session:
-            failed = note_failure(session, inbound_id, exc, policy.max_attempts)
-        if not failed:
+            # One more attempt that raised; the last fails the message with its reason
+            # (masked), its text kept for the operator until retention deletes it.
+            counted = count_failure(
+                session,
+                InboundMessage.attempts,
+                (InboundMessage.id == inbound_id)
+                & (InboundMessage.status == InboundStatus.RECEIVED),
+                exc,
+                policy.max_attempts,
+            )
+            if counted is not None and counted.final:
+                failed = {"status": InboundStatus.FAILED.value, "reason": counted.reason}
+                _set(session, inbound_id, **failed, processed_at=utcnow())
+        if counted is None or not counted.final:
             raise
         log.error("inbound_failed", inbound_id=inbound_id, error=type(exc).__name__)
         return []
 
 
-def note_failure(session: Session, inbound_id: str, error: BaseException, limit: int) -> bool:
-    """One more attempt that raised (:func:`workers.pipeline.failures.count_failure`); at
-    ``limit`` the message is failed with its reason (masked). Its text is kept for the
-    operator (``dearmp replies show``) until retention deletes it. True when it was failed
-    now."""
-    counted = count_failure(
-        session,
-        InboundMessage.attempts,
-        (InboundMessage.id == inbound_id) & (InboundMessage.status == InboundStatus.RECEIVED),
-        error,
-        limit,
-    )
-    if counted is None or not counted.final:
-        return False
-    session.execute(
-        update(InboundMessage)
-        .where(InboundMessage.id == inbound_id)
-        .values(status=InboundStatus.FAILED.value, reason=counted.reason, processed_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    return True
+def _oldest_first(session: Session, *where: Any) -> list[InboundMessage]:
+    query = select(InboundMessage).where(*where).order_by(InboundMessage.received_at)
+    return list(session.scalars(query))
 
 
 def held(session: Session) -> list[InboundMessage]:
     """Replies held for an operator, oldest first."""
-    return list(
-        session.scalars(
-            select(InboundMessage)
-            .where(InboundMessage.status == InboundStatus.HELD)
-            .order_by(InboundMessage.received_at)
-        )
-    )
+    return _oldest_first(session, InboundMessage.status == InboundStatus.HELD)
 
 
 def postmaster(session: Session) -> list[InboundMessage]:
     """Mail to the postmaster whose text is still kept, oldest first."""
-    return list(
-        session.scalars(
-            select(InboundMessage)
-            .where(InboundMessage.kind == "postmaster", InboundMessage.raw.is_not(None))
-            .order_by(InboundMessage.received_at)
-        )
-    )
+    kept = InboundMessage.raw.is_not(None)
+    return _oldest_first(session, InboundMessage.kind == "postmaster", kept)
 
 
 def for_the_operator(session: Session, inbound_id: str) -> InboundMessage | None:
     """A message an operator may read: held, failed, or to the postmaster. None otherwise."""
     row = session.get(InboundMessage, inbound_id)
-    if row is None:
-        return None
-    if row.status in (InboundStatus.HELD, InboundStatus.FAILED) or row.kind == "postmaster":
+    if row is not None and (
+        row.status in (InboundStatus.HELD, InboundStatus.FAILED) or row.kind == "postmaster"
+    ):
         return row
     return None
 
@@ -472,11 +434,9 @@ def readable(row: InboundMessage, authserv_ids: frozenset[str], text: bool = Tru
     raw = row.raw or b""
     sender = subject = ""
     results: list[str] = []
-    body = ""
-    if row.source == "mailgun":
-        body = raw.decode("utf-8", "replace") if text else ""
-    else:
-        try:
+    body = raw.decode("utf-8", "replace") if text else ""  # as it came
+    if row.source != "mailgun":
+        with contextlib.suppress(Exception):  # hostile MIME: the text as it came
             message = parse(raw)
             sender = _header_line(message.get_all("From") or [])
             subject = _header_line(message.get_all("Subject") or [])
@@ -485,8 +445,6 @@ def readable(row: InboundMessage, authserv_ids: frozenset[str], text: bool = Tru
                 if line.split(";")[0].strip().lower() in authserv_ids:
                     results.append(line)
             body = reply_text(raw).text if text else ""
-        except Exception:  # hostile MIME: the text as it came
-            body = raw.decode("utf-8", "replace") if text else ""
     shown = _printable(body[:SHOWN_CHARS])
     return Readable(sender, subject, tuple(results), shown, max(0, len(body) - SHOWN_CHARS))
 
@@ -513,13 +471,9 @@ def _printable(text: str) -> str:
 
 def _settle(session: Session, inbound_id: str, status: InboundStatus, reason: str) -> bool:
     """Move a held reply on (guarded: of two operators, one does it)."""
-    moved = session.execute(
-        update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.status == InboundStatus.HELD)
-        .values(status=status.value, reason=reason, processed_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    return rowcount(moved) == 1
+    held_now = InboundMessage.status == InboundStatus.HELD
+    values = {"status": status.value, "reason": reason, "processed_at": utcnow()}
+    return _set(session, inbound_id, held_now, **values) == 1
 
 
 def release(session: Session, inbound_id: str, policy: InboundPolicy) -> Outcome | None:
@@ -528,26 +482,18 @@ def release(session: Session, inbound_id: str, policy: InboundPolicy) -> Outcome
     row = session.get(InboundMessage, inbound_id)
     if row is None or row.status != InboundStatus.HELD or row.submission_id is None:
         return None
-    submission_id, raw = row.submission_id, row.raw
+    submission_id, raw, released = row.submission_id, row.raw, "released by an operator"
     submission = session.get(Submission, submission_id)
-    if submission is None or not _settle(
-        session, inbound_id, InboundStatus.DONE, "released by an operator"
-    ):
+    if submission is None or not _settle(session, inbound_id, InboundStatus.DONE, released):
         return None
-    payload = submission.payload
     kind = _event_kind(row.kind or "reply")
     session.add(
         LetterEvent(kind=kind, submission_id=submission_id, inbound_id=inbound_id, at=utcnow())
     )
-    reason, queued = _forward(session, submission_id, inbound_id, raw, payload, policy)
+    reason, queued = _forward(session, submission_id, inbound_id, raw, submission.payload, policy)
     emit(session, "reply.received", submission_id, inbound_id, inbound_id=inbound_id)
-    reason = reason or "released by an operator"
-    session.execute(
-        update(InboundMessage)
-        .where(InboundMessage.id == inbound_id)
-        .values(reason=reason, raw=InboundMessage.raw if queued else None)
-        .execution_options(synchronize_session=False)
-    )
+    reason = reason or released
+    _set(session, inbound_id, reason=reason, raw=InboundMessage.raw if queued else None)
     log.info("reply_released", inbound_id=inbound_id, forwarded=bool(queued))
     return Outcome(InboundStatus.DONE, "reply", reason, submission_id, bool(queued), tuple(queued))
 
@@ -556,18 +502,10 @@ def drop(session: Session, inbound_id: str) -> bool:
     """An operator drops a held reply (its text is deleted, nothing is recorded on the letter),
     or deletes the kept text of a failed message or of mail to the postmaster. False if no
     such message has its text."""
-    if _settle(session, inbound_id, InboundStatus.DROPPED, "dropped by an operator"):
-        kept = True
-    else:
+    if not _settle(session, inbound_id, InboundStatus.DROPPED, "dropped by an operator"):
         row = for_the_operator(session, inbound_id)
-        kept = row is not None and row.raw is not None and row.status != InboundStatus.HELD
-    if not kept:
-        return False
-    session.execute(
-        update(InboundMessage)
-        .where(InboundMessage.id == inbound_id)
-        .values(raw=None)
-        .execution_options(synchronize_session=False)
-    )
+        if row is None or row.raw is None or row.status == InboundStatus.HELD:
+            return False
+    _set(session, inbound_id, raw=None)
     log.info("reply_dropped", inbound_id=inbound_id)
     return True

@@ -1,10 +1,7 @@
-"""Pauses an operator sets: a campaign's letters, or every letter to one MP address (an office
-asked for a break, a mailbox is full), wait in the outbox, never lost and counting no attempt,
-until resumed; then those waiting go at once. ``dearmp health`` names every pause meanwhile.
-
-A campaign's pause is its ``paused_at``; an address's is its address-health row's status
-``paused`` (:mod:`workers.mp.health`, which also marks an address failing after its bounces).
-Delivery reads both with the letter (:mod:`workers.stages.delivery`).
+"""Pauses an operator sets: a campaign's letters (its ``paused_at``), or every letter to one MP
+address (its address-health row ``paused``, :mod:`workers.mp.health`), wait in the outbox,
+never lost and counting no attempt, until resumed; then those waiting go at once. Delivery reads
+both with the letter; ``dearmp health`` names every pause meanwhile.
 """
 
 from __future__ import annotations
@@ -27,9 +24,8 @@ from workers.database.models import (
 from workers.database.transitions import rowcount
 from workers.mp import health
 from workers.outbox.sending import due_now
-
-LETTER = "letter"  # the letter's outbox kind (workers.stages.delivery.KIND)
-DIGEST = "digest"  # an MP's digest's (workers.stages.digests.KIND), its item's the first letter's
+from workers.stages.delivery import KIND as LETTER
+from workers.stages.digests import KIND as DIGEST  # its item's submission: its first letter's
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,14 @@
 """Rendering: the campaign's template and the supporter's words become one stored letter.
 
 Templates belong to the campaign and run in Jinja2's sandbox. What the supporter typed is passed
-in as data and never parsed as a template, so ``{{ 7*7 }}`` in a letter arrives as written: the
-body as ``body``, the answers to the campaign's questions as ``answers`` (a list of ``key``,
-``question`` and ``text``, answered ones only, in the campaign's order), which the templates
-place (the default one: a paragraph each after the body).
+in as data (``body``; ``answers``: ``key``, ``question`` and ``text`` of each answered question,
+in the campaign's order) and never parsed as a template: ``{{ 7*7 }}`` arrives as written.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import asdict, dataclass
 from email.utils import formataddr
 from functools import lru_cache
 from typing import Any
@@ -49,24 +46,16 @@ from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.stage import Stage
 
-
-@lru_cache(maxsize=1)
-def text_environment() -> SandboxedEnvironment:
-    return SandboxedEnvironment(
-        autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
-    )
-
-
-@lru_cache(maxsize=1)
-def html_environment() -> SandboxedEnvironment:
-    return SandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
+_TEXT = SandboxedEnvironment(
+    autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
+)
+_HTML = SandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
 
 
 @lru_cache(maxsize=256)
 def campaign_template(source: str, html: bool = False) -> Template:
     """A campaign's template, compiled once per process (never the supporter's text)."""
-    env = html_environment() if html else text_environment()
-    return env.from_string(source)
+    return (_HTML if html else _TEXT).from_string(source)
 
 
 @dataclass(frozen=True)
@@ -93,21 +82,13 @@ class RenderedLetter:
         parts = (self.subject, self.body_text, self.from_email, self.to_email, self.message_id)
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
-    def row_values(self, submission_id: str, created_at: datetime | None = None) -> dict[str, Any]:
+    def row_values(self, submission_id: str) -> dict[str, Any]:
         """The columns of the row that stores this letter, once."""
         return {
             "submission_id": submission_id,
-            "message_id": self.message_id,
-            "subject": self.subject,
-            "body_text": self.body_text,
-            "body_html": self.body_html,
-            "from_name": self.from_name,
-            "from_email": self.from_email,
-            "reply_to": self.reply_to,
-            "to_name": self.to_name,
-            "to_email": self.to_email,
+            **asdict(self),
             "content_sha256": self.content_sha256,
-            "created_at": created_at or utcnow(),
+            "created_at": utcnow(),
         }
 
 
@@ -157,12 +138,7 @@ def compose(
             {"key": prompt.key, "question": prompt.question, "text": text}
             for prompt, text in definition.answered(payload["letter"].get("answers") or {})
         ],
-        "supporter": {
-            "name": supporter["name"],
-            "address_lines": supporter["address_lines"],
-            "postcode": supporter["postcode"],
-            "email": supporter["email"],
-        },
+        "supporter": {k: supporter[k] for k in ("name", "address_lines", "postcode", "email")},
     }
     text = campaign_template(definition.letter_template).render(letter_context)
     html = None
@@ -252,36 +228,29 @@ def plan(
     if submission.own_words is not None:
         row["own_words"] = round(submission.own_words * 100)
     if submission.decision == "digest":  # stored for the MP's daily digest, not sent alone
-        return _for_digest(submission, row)
+        return _rendered(submission, row, digest=True)
     if signer is not None:  # signed once: every attempt sends these bytes
         row["dkim_signature"] = signer.letter_signature(Letter(**row))
     return _rendered(submission, row)
 
 
-def _rendered(submission: Any, letter: dict[str, Any] | None) -> Apply[list[Stage]]:
-    """The move to rendered, with the letter (unless it is stored) and its outbox item."""
+def _rendered(
+    submission: Any, letter: dict[str, Any] | None, digest: bool = False
+) -> Apply[list[Stage]]:
+    """The move to rendered with the letter (unless it is stored) and its outbox item; or, for
+    the MP's daily digest (:mod:`workers.stages.digests`), to in_digest with the letter only."""
 
     def write(session: Session) -> list[Stage]:
         # The guarded state change first: of two workers rendering at once, the second stops
         # here (AlreadyMoved) before it writes anything. Then the letter, then its item.
-        advance(session, submission, State.RENDERED)
+        advance(session, submission, State.IN_DIGEST if digest else State.RENDERED)
         writes = writes_of(session)  # made with the group's other letters
         if letter is not None:
             writes.insert(_STORE_LETTER, letter)
+        if digest:
+            return []
         writes.insert(delivery.NEW_ITEM, delivery.item_row(submission.id))
         return [Stage.DELIVER]
-
-    return write
-
-
-def _for_digest(submission: Any, letter: dict[str, Any]) -> Apply[list[Stage]]:
-    """The letter stored (its reply address, its words) for the MP's daily digest
-    (:mod:`workers.stages.digests`), which sends it with the day's others."""
-
-    def write(session: Session) -> list[Stage]:
-        advance(session, submission, State.IN_DIGEST)
-        writes_of(session).insert(_STORE_LETTER, letter)
-        return []
 
     return write
 
@@ -294,7 +263,5 @@ def render(
     returns: ReturnAddresses | None = None,
 ) -> list[Stage]:
     return one(
-        session,
-        submission_id,
-        lambda s, sid: plan(s, sid, sandbox_address, signer, returns),
+        session, submission_id, lambda s, sid: plan(s, sid, sandbox_address, signer, returns)
     )

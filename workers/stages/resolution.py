@@ -1,10 +1,6 @@
-"""MP resolution: the stage that finds a submission's MP (:mod:`workers.mp.lookup`), and what
-to do when there is none to email.
-
-Where the answer comes from is configurable (``DEARMP_RESOLUTION_ORDER``): the local directory,
-the live sources (postcodes.io and the Members API), or the local directory first with the live
-sources for postcodes it does not know. What happens with an MP who cannot simply be emailed is
-each campaign's decision (:class:`schemas.campaign.Targets`); every case ends in a recorded outcome.
+"""MP resolution: find a submission's MP (:mod:`workers.mp.lookup`: the local directory, the
+live sources, or both, per ``DEARMP_RESOLUTION_ORDER``), and what to do when there is none to
+email: each campaign's decision (:class:`schemas.campaign.Targets`), always a recorded outcome.
 """
 
 from __future__ import annotations
@@ -18,20 +14,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.campaign import Targets
-from schemas.postcode import (
-    PostcodeProblem,
-    Problem,
-    check_format,
-    is_non_geographic,
-    problem,
-)
+from schemas.postcode import PostcodeProblem, Problem, check_format, is_non_geographic, problem
 from workers.database.engine import session_scope
-from workers.database.models import (
-    State,
-    Submission,
-    SubmissionEvent,
-    utcnow,
-)
+from workers.database.models import State, Submission, SubmissionEvent, utcnow
 from workers.database.transitions import (
     WITH_PAYLOAD,
     AlreadyMoved,
@@ -172,35 +157,25 @@ def _group_answers(session: Session, order: str) -> dict[str, Answer] | None:
         return None
     answers: dict[str, Answer] | None = group.read.get(LOOKUP_MANY)
     if answers is None:
-        rows = (current(session, sid, WITH_PAYLOAD) for sid in group.ids)
-        postcodes = {postcode for row in rows if (postcode := _well_formed_postcode(row))}
+        postcodes = set()
+        for sid in group.ids:
+            try:  # a payload that is not a submission is left to its own plan's error
+                postcode = _postcode(current(session, sid, WITH_PAYLOAD))
+            except (KeyError, TypeError):
+                continue
+            normalised, bad = check_format(postcode) if postcode else ("", None)
+            if bad is None and normalised:
+                postcodes.add(normalised)
         answers = group.read[LOOKUP_MANY] = lookup_local_many(session, postcodes)
     return answers
-
-
-def _well_formed_postcode(submission: Any) -> str | None:
-    """The normalised postcode to look up for a submission of the group, if it has one (a
-    payload that is not a submission is left to its own plan, whose error it is)."""
-    try:
-        postcode = _postcode(submission)
-    except (KeyError, TypeError):
-        return None
-    if postcode is None:
-        return None
-    normalised, bad = check_format(postcode)
-    return normalised if bad is None else None
 
 
 def _postcode(submission: Any) -> str | None:
     """The supporter's postcode of a submission there is an MP to find for (validated, or held
     for one), else None."""
-    if (
-        submission is None
-        or submission.state not in (State.VALIDATED, State.HELD)
-        or submission.payload is None
-    ):
+    if submission is None or submission.state not in (State.VALIDATED, State.HELD):
         return None
-    return str(submission.payload["supporter"]["postcode"])
+    return None if submission.payload is None else str(submission.payload["supporter"]["postcode"])
 
 
 def plan(
@@ -254,10 +229,7 @@ def plan(
         State.RESOLVED,
         f"{outcome.seat.gss_code} member {outcome.member.member_id} via {outcome.via}",
         then=[Stage.COMPARE],
-        directory_version_id=outcome.version_id,
-        constituency_code=outcome.seat.gss_code,
-        member_id=outcome.member.member_id,
-        resolved_via=outcome.via,
+        **seat_fields,  # the answer's: outcome is it
         recipient={
             "member_id": outcome.member.member_id,
             "name": outcome.member.name,

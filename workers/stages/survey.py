@@ -1,12 +1,8 @@
-""" "Did your MP reply?": one email N days after delivery (the campaign's ``survey.after_days``,
-default 14) when no reply has been detected, and one reminder; the answer is an event on the
-letter ("yes", "not_yet", "no"), with nothing personal.
-
-The links carry the submission id and an HMAC over it and the answer: they cannot be forged,
-turned to another letter or to another answer (links from before the HMAC covered the answer
-are no longer valid; the reminder carries new ones). A link opens a page; only its button (a
-POST) records the answer, so a mail scanner that fetches every link answers nothing. A letter
-has one answer, the latest: answering again replaces it.
+""" "Did your MP reply?": one email the campaign's ``survey.after_days`` after delivery when no
+reply has been detected, and one reminder; the answer ("yes", "not_yet", "no") is an event on
+the letter, the latest replacing any earlier. Links carry the submission id and an HMAC over it
+and the answer, so they cannot be forged or turned to another letter or answer; a link opens a
+page and only its button (a POST) records, so a mail scanner fetching links answers nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +12,9 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import exists, select, text
+from sqlalchemy import Exists, exists, select, text
 from sqlalchemy.orm import Session, aliased
 
 from schemas.messages import is_submission_id
@@ -73,15 +70,11 @@ def links(public_url: str, secret: bytes, submission_id: str) -> dict[str, str]:
     }
 
 
-def _replied(submission_id: object) -> object:
-    return exists().where(LetterEvent.submission_id == submission_id, LetterEvent.kind == "reply")
+def _has_event(submission_id: Any, kind: str) -> Exists:
+    return exists().where(LetterEvent.submission_id == submission_id, LetterEvent.kind == kind)
 
 
-def _answered(submission_id: object) -> object:
-    return exists().where(LetterEvent.submission_id == submission_id, LetterEvent.kind == "survey")
-
-
-def _has_notice(submission_id: object, key: str) -> object:
+def _has_notice(submission_id: Any, key: str) -> Exists:
     other = aliased(OutboxItem)  # the reminders' query reads the outbox itself
     return exists().where(other.submission_id == submission_id, other.key == key)
 
@@ -97,13 +90,12 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
         definition = get_definition(session, slug)
         if definition is None or not definition.survey.enabled:
             continue
-        # Delivered letters of this campaign, not erased, with no reply or answer recorded.
         waiting = (
             Submission.campaign_slug == slug,
             Submission.state == State.DELIVERED,
             Submission.erased_at.is_(None),
-            ~_replied(Submission.id),  # type: ignore[operator]
-            ~_answered(Submission.id),  # type: ignore[operator]
+            ~_has_event(Submission.id, "reply"),
+            ~_has_event(Submission.id, "survey"),
         )
         after = now - timedelta(days=definition.survey.after_days)
         asks += session.scalars(
@@ -113,7 +105,7 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
                 *waiting,
                 LETTER_ITEM.status == OutboxStatus.SENT,
                 LETTER_ITEM.sent_at < after,
-                ~_has_notice(Submission.id, "survey"),  # type: ignore[operator]
+                ~_has_notice(Submission.id, "survey"),
             )
             .limit(BATCH)
         ).all()
@@ -126,7 +118,7 @@ def due(session: Session, now: datetime | None = None) -> list[str]:
                 OutboxItem.key == "survey",
                 OutboxItem.status == OutboxStatus.SENT,
                 OutboxItem.sent_at < remind,
-                ~_has_notice(Submission.id, "survey-reminder"),  # type: ignore[operator]
+                ~_has_notice(Submission.id, "survey-reminder"),
             )
             .limit(BATCH)
         ).all()

@@ -15,17 +15,9 @@ from workers.stages.stage import Stage
 def campaign_errors(definition: CampaignDefinition, submission: SubmissionV1) -> dict[str, str]:
     """What the campaign's own rules refuse in an otherwise well-formed submission."""
     errors = {}
-    body = submission.letter.body
-    if "body" in definition.editable:
-        if len(body) < definition.body_min_chars:
-            errors["letter.body"] = (
-                f"Your letter is too short: write at least {definition.body_min_chars} characters."
-            )
-        elif len(body) > definition.body_max_chars:
-            errors["letter.body"] = (
-                f"Your letter is too long: {len(body)} characters, the limit is "
-                f"{definition.body_max_chars}."
-            )
+    body, least, most = submission.letter.body, definition.body_min_chars, definition.body_max_chars
+    if "body" in definition.editable and (error := _length_error("letter", body, least, most)):
+        errors["letter.body"] = error
     errors.update(answer_errors(definition, submission.letter.answers))
     if submission.contact_preferences.wording_version != definition.consent.version:
         errors["contact_preferences.wording_version"] = (
@@ -47,15 +39,17 @@ def answer_errors(definition: CampaignDefinition, answers: dict[str, str]) -> di
         if not text:
             if prompt.required:
                 errors[field] = f"Please answer the question: {prompt.question}"
-        elif len(text) < prompt.min_chars:
-            errors[field] = (
-                f"Your answer is too short: write at least {prompt.min_chars} characters."
-            )
-        elif len(text) > prompt.max_chars:
-            errors[field] = (
-                f"Your answer is too long: {len(text)} characters, the limit is {prompt.max_chars}."
-            )
+        elif error := _length_error("answer", text, prompt.min_chars, prompt.max_chars):
+            errors[field] = error
     return errors
+
+
+def _length_error(what: str, text: str, least: int, most: int) -> str | None:
+    if len(text) < least:
+        return f"Your {what} is too short: write at least {least} characters."
+    if len(text) > most:
+        return f"Your {what} is too long: {len(text)} characters, the limit is {most}."
+    return None
 
 
 def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
