@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio.to_thread
@@ -25,7 +25,7 @@ from starlette.routing import Match
 
 from schemas.submission import error_message
 from workers.pipeline.app import Apps
-from workers.web import confirmation, pages, preview, probes, replies, submissions
+from workers.web import preview, probes, replies, submissions, supporter_pages
 from workers.web.bodies import problem
 from workers.web.console import views as console
 from workers.web.dependencies import Intake
@@ -37,16 +37,15 @@ API_THREADS = 16
 
 
 def create_app(app_getter: Apps, broker: dramatiq.Broker) -> FastAPI:
-    """The ASGI application, on the process's App (``app_getter()``), sending stage messages
-    on ``broker``; both built by the composition root (:mod:`workers.web.asgi`, or a test)."""
+    """The ASGI application on the process's App (``app_getter()``), sending stage messages on
+    ``broker``; both built by the composition root (:mod:`workers.web.asgi`, or a test)."""
     intake = Intake(app_getter, broker)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         intake.batcher.start()
-        # What start-up built lives as long as the process: frozen, full collections (which
-        # made the slowest answers under load) do not walk it.
+        # What start-up built lives as long as the process: full collections need not walk it.
         gc.collect()
         gc.freeze()
         yield
@@ -63,36 +62,27 @@ def create_app(app_getter: Apps, broker: dramatiq.Broker) -> FastAPI:
         dependencies=[Depends(utf8_json)],
     )
     api.state.intake = intake
-    # The probes first: their paths are theirs (pages' older /healthz is not reached).
-    routers = (probes, preview, submissions, confirmation, replies, pages, console)
-    for router in (module.router for module in routers):
-        api.include_router(router)
+    for module in (probes, preview, submissions, supporter_pages, replies, console):
+        api.include_router(module.router)
     _handle_errors(api)
-    wrapped: Any = SecurityHeadersAndAccessLog(
-        Cors(BodyLimit(api, app_getter().settings.api_max_body_bytes), _origins(intake))
-    )
-    wrapped.fastapi = api
-    return wrapped  # type: ignore[no-any-return]
-
-
-def _origins(intake: Intake) -> Callable[[str], set[str]]:
-    """Campaigns' origins for CORS; none for the probes, which must answer with the database
-    down (reading the origins needs it)."""
+    for error in (console.Refused, console.Redirect):  # the console's answers are pages
+        api.add_exception_handler(error, console.refused)
 
     def origins_for(path: str) -> set[str]:
-        return set() if path in probes.PATHS else intake.origins.for_path(path)
+        # None for the probes, which must answer with the database (which holds them) down.
+        return set() if path in probes.PATHS else intake.origins_for(path)
 
-    return origins_for
-
-
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    limit = app_getter().settings.api_max_body_bytes
+    wrapped: Any = SecurityHeadersAndAccessLog(Cors(BodyLimit(api, limit), origins_for))
+    wrapped.fastapi = api
+    return wrapped  # type: ignore[no-any-return]
 
 
 def allowed_methods(api: FastAPI, request: Request) -> list[str]:
     """Every method some route serves at this request's path, asked of the router."""
     return [
         method
-        for method in METHODS
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
         if any(
             route.matches({**request.scope, "method": method})[0] is Match.FULL
             for route in api.router.routes

@@ -1,10 +1,6 @@
-"""The ASGI entry point for uvicorn (``dearmp api``): the factory ``workers.web.asgi:application``
-(``uvicorn --factory``), called once in each uvicorn process: the API's composition root, which
-builds the process's App (settings, engine, mailer, limiter, signer, return addresses) and its
-broker once, and gives them to the application.
-
-Settings it cannot start with end the process with one line each on stderr, not a traceback:
-:func:`config.settings.get_settings` raises :class:`config.settings.ConfigurationError`, a
+"""The ASGI entry point for uvicorn (``dearmp api``): the factory ``workers.web.asgi:application``,
+called once per process, builds the App and the broker and gives them to the application. Bad
+settings end the process with one line each on stderr: ``ConfigurationError`` is a
 ``SystemExit``, which uvicorn lets through."""
 
 from __future__ import annotations

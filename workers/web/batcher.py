@@ -1,19 +1,16 @@
-"""Group commit for the HTTP intake: submissions that arrive together are stored together.
-
-Each request waits for its 202 until the transaction holding its row has committed. Under load,
-requests that queued while one batch was written go into the next: one INSERT, one commit and
-one validation message for the group. At low load a batch is one submission.
-"""
+"""Group commit for the HTTP intake: each request waits for its 202 until the transaction
+holding its row has committed; requests that queued while one batch was written go into the next
+(one INSERT, one commit and one stage message for the group). At low load a batch is one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
-import structlog
 
 from workers.database.engine import session_scope
 from workers.database.models import State
@@ -22,7 +19,7 @@ from workers.pipeline.dispatch import dispatch_groups, group_by_stage
 from workers.pipeline.intake import Accepted, accept_many
 from workers.stages.stage import Stage
 
-log = structlog.get_logger(__name__)
+MAX_BATCH = 128
 
 
 @dataclass
@@ -33,10 +30,9 @@ class Pending:
 
 
 class IntakeBatcher:
-    def __init__(self, app_getter: Callable[[], App], broker: Any, max_batch: int = 128) -> None:
+    def __init__(self, app_getter: Callable[[], App], broker: Any) -> None:
         self.app_getter = app_getter
         self.broker = broker
-        self.max_batch = max_batch
         self.queue: asyncio.Queue[Pending] | None = None
         self.task: asyncio.Task[None] | None = None
         self.sending: set[asyncio.Task[None]] = set()
@@ -54,10 +50,8 @@ class IntakeBatcher:
         await self.sent()
         if self.task is not None:
             self.task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-            except asyncio.CancelledError:
-                pass
 
     async def submit(self, payload: dict[str, Any], state: State) -> Accepted:
         if self.queue is None:  # not started (no lifespan): one at a time, in a thread
@@ -73,7 +67,7 @@ class IntakeBatcher:
         assert self.queue is not None
         while True:
             batch = [await self.queue.get()]
-            while len(batch) < self.max_batch and not self.queue.empty():
+            while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             try:
                 results = await anyio.to_thread.run_sync(

@@ -148,15 +148,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The database or Redis cannot be reached just now; see Retry-After.",
     },
 }
-SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **ERROR_RESPONSES,
-    401: {"model": Errors, "description": "The X-DearMP-Key header holds no valid key."},
-    403: {"model": Errors, "description": "This page's origin may not post to the campaign."},
-    409: {
-        "model": Errors,
-        "description": "The consent wording has changed since the page was loaded: reload it.",
-    },
-}
 _PAGE = {"text/html": {"schema": {"type": "string"}}}
 CONFIRM_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "A page: the link is not valid.", "content": _PAGE},
@@ -164,8 +155,6 @@ CONFIRM_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": Errors, "description": "The path is not a token."},
     503: {"model": Errors, "description": "The database cannot be reached just now."},
 }
-# The header a server-side front end authenticates with (DEARMP_API_KEYS).
-KEY_HEADER = "X-DearMP-Key"
 
 
 def accepted(submission_id: str, state: str, duplicate: bool) -> JSONResponse:

@@ -15,8 +15,8 @@ from workers.privacy.hashing import embedded_ipv4, ip_hash, limiter_network
 
 
 def client_ip(request: Request) -> str | None:
-    """The peer's address (uvicorn applies X-Forwarded-For from trusted proxies), if it is one; an
-    IPv6 form of an IPv4 client as that IPv4 address, as the rate limits read it."""
+    """The peer's address (uvicorn applies X-Forwarded-For from trusted proxies), if it is one;
+    an IPv4 client's IPv6 form as that IPv4 address, as the rate limits read it."""
     host = request.client.host if request.client else ""
     try:
         address = ipaddress.ip_address(host)

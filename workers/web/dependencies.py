@@ -1,18 +1,18 @@
 """What the API's endpoints share, as FastAPI dependencies: the App, the broker, the intake
-batcher, campaigns' allowed origins, short-lived caches of campaign definitions, and the Redis
-client the readiness probe pings."""
+batcher, short-lived caches of campaigns' definitions and allowed origins, and a Redis client."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar, cast
 
 import dramatiq
 import redis
 from fastapi import Depends, Request
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition
 from workers.database.engine import session_scope
@@ -25,22 +25,23 @@ from workers.web.batcher import IntakeBatcher
 DEFINITION_TTL = 5.0  # seconds a campaign edit takes to reach the API
 ORIGINS_TTL = 30.0
 MISSING: Any = object()
+T = TypeVar("T")
 
 
-class Timed:
+class Timed(Generic[T]):
     """Values kept for ``ttl`` seconds, each computed on first use (a thousand at most)."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._values: dict[str, tuple[float, Any]] = {}
+        self._values: dict[str, tuple[float, T]] = {}
 
     def fresh(self, key: str) -> Any:
         """The value while it is fresh, else ``MISSING`` (computes nothing)."""
         found = self._values.get(key)
         return found[1] if found is not None and time.monotonic() - found[0] < self.ttl else MISSING
 
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        value = self.fresh(key)
+    def get(self, key: str, compute: Callable[[], T]) -> T:
+        value: T = self.fresh(key)
         if value is MISSING:
             value = compute()
             if len(self._values) > 1000:
@@ -49,41 +50,13 @@ class Timed:
         return value
 
 
-class CampaignOrigins:
-    """Allowed origins per campaign, re-read from the database at most every 30 s."""
-
-    def __init__(self, app_getter: Callable[[], App]) -> None:
-        self.app_getter = app_getter
-        self.loaded_at = -1e9
-        self.by_slug: dict[str, set[str]] = {}
-        self.lock = threading.Lock()
-
-    def _load(self) -> dict[str, set[str]]:
-        now = time.monotonic()
-        with self.lock:
-            if now - self.loaded_at > ORIGINS_TTL:
-                with session_scope(self.app_getter().sessions) as session:
-                    slugs = session.scalars(select(Campaign.slug)).all()
-                    self.by_slug = {
-                        slug: set(d.allowed_origins)
-                        for slug in slugs
-                        if (d := get_definition(session, slug)) is not None
-                    }
-                self.loaded_at = now
-            return self.by_slug
-
-    def for_path(self, path: str) -> set[str]:
-        by_slug = self._load()
-        parts = path.split("/")
-        if len(parts) > 3 and parts[1:3] == ["v1", "campaigns"]:
-            return by_slug.get(parts[3], set())
-        return set().union(*by_slug.values()) if by_slug else set()
-
-    def slugs(self) -> list[str]:
-        return list(self._load())
-
-    def allows(self, slug: str, origin: str) -> bool:
-        return origin in self._load().get(slug, set())
+def _origins(session: Session) -> dict[str, set[str]]:
+    slugs = session.scalars(select(Campaign.slug)).all()
+    return {
+        slug: set(d.allowed_origins)
+        for slug in slugs
+        if (d := get_definition(session, slug)) is not None
+    }
 
 
 class Intake:
@@ -93,9 +66,9 @@ class Intake:
         self.app_getter = app_getter
         self.broker = broker
         self.batcher = IntakeBatcher(app_getter, broker)
-        self.origins = CampaignOrigins(app_getter)
-        self.definitions = Timed(DEFINITION_TTL)
-        self.examples = Timed(DEFINITION_TTL)
+        self.definitions: Timed[CampaignDefinition | None] = Timed(DEFINITION_TTL)
+        self.examples: Timed[str | None] = Timed(DEFINITION_TTL)
+        self.origins: Timed[dict[str, set[str]]] = Timed(ORIGINS_TTL)
         self._redis: redis.Redis | None = None
         self._redis_lock = threading.Lock()
 
@@ -112,41 +85,43 @@ class Intake:
                 )
             return self._redis
 
-    def cached_definition(self, slug: str) -> CampaignDefinition | Any | None:
-        """The cached definition while fresh, else ``MISSING`` (no database access here)."""
-        return self.definitions.fresh(slug[:64])
+    def read(self, query: Callable[..., T], *args: Any) -> T:
+        """``query(session, *args)``, in a transaction of its own."""
+        with session_scope(self.app_getter().sessions) as session:
+            return query(session, *args)
 
     def definition(self, slug: str) -> CampaignDefinition | None:
         """The campaign's definition, read from the database at most every few seconds."""
-
-        def read() -> CampaignDefinition | None:
-            with session_scope(self.app_getter().sessions) as session:
-                return get_definition(session, slug)
-
-        found: CampaignDefinition | None = self.definitions.get(slug[:64], read)
-        return found
+        return self.definitions.get(slug[:64], lambda: self.read(get_definition, slug))
 
     def example_postcode(self) -> str | None:
         """A postcode the directory knows, for the page's hint."""
+        return self.examples.get("", lambda: self.read(example_postcode))
 
-        def read() -> str | None:
-            with session_scope(self.app_getter().sessions) as session:
-                return example_postcode(session)
+    def origins_by_slug(self) -> dict[str, set[str]]:
+        """Allowed origins per campaign, re-read from the database at most every 30 s."""
+        return self.origins.get("", lambda: self.read(_origins))
 
-        found: str | None = self.examples.get("", read)
-        return found
+    def origins_for(self, path: str) -> set[str]:
+        """For CORS: a campaign's origins for /v1/campaigns/{slug}/..., every campaign's
+        elsewhere (/v1/submissions checks the body's campaign)."""
+        by_slug = self.origins_by_slug()
+        parts = path.split("/")
+        if len(parts) > 3 and parts[1:3] == ["v1", "campaigns"]:
+            return by_slug.get(parts[3], set())
+        return set().union(*by_slug.values())
 
 
 # Async: they compute nothing, so they run on the event loop, not in a thread of their own.
 async def _intake(request: Request) -> Intake:
-    intake: Intake = request.app.state.intake
-    return intake
-
-
-async def _app(request: Request) -> App:
-    intake: Intake = request.app.state.intake
-    return intake.app_getter()
+    return cast(Intake, request.app.state.intake)
 
 
 IntakeDep = Annotated[Intake, Depends(_intake)]
+
+
+async def _app(intake: IntakeDep) -> App:
+    return intake.app_getter()
+
+
 AppDep = Annotated[App, Depends(_app)]

@@ -3,18 +3,12 @@ an access log with no personal data in it."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Any]
-Send = Callable[[Message], Any]
-ASGIApp = Any  # an ASGI application (FastAPI, or another of these wrappers)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = structlog.get_logger("dearmp.access")
 
@@ -38,20 +32,17 @@ LINK_CSP = (
 )
 # Paths that carry a token are logged cut after their prefix.
 TOKEN_PATHS = ("/v1/confirm/", "/v1/replied/")
-_TOKEN = re.compile("^(" + "|".join(re.escape(prefix) for prefix in TOKEN_PATHS) + ")")
 
 
 def _csp(path: str) -> bytes:
-    """An emailed link's page or the console, the reference page, or the API (which loads
-    nothing)."""
     if path.startswith((*TOKEN_PATHS, "/console")):  # no script: a stylesheet and forms
         return LINK_CSP
     return PAGE_CSP if path.startswith("/demo") else API_CSP
 
 
 def _safe_path(path: str) -> str:
-    token = _TOKEN.match(path)
-    return f"{token.group(1)}[token]" if token else path[:200]
+    prefix = next((p for p in TOKEN_PATHS if path.startswith(p)), None)
+    return f"{prefix}[token]" if prefix else path[:200]
 
 
 TOO_LARGE = b'{"errors":{"body":"The request is too large."}}'

@@ -1,10 +1,8 @@
-"""The honeypot's answer: a robot that fills the trap field gets what a real supporter gets.
-
-The trap is looked at only after every check a real submission meets, so a filled trap gets the
-same refusals; then nothing is stored or sent. The fake id looks like a version 4 UUID but
-carries its creation time under a keyed pad and a keyed tag, so its status URL moves on as a real
-one's does (``unconfirmed`` then ``expired``, or ``received`` then ``failed``) without a row.
-"""
+"""The honeypot's answer: a robot that fills the trap field, looked at only after every check a
+real submission meets, gets what a supporter gets, and nothing is stored or sent. The fake id
+looks like a version 4 UUID but carries its creation time under a keyed pad and a keyed tag, so
+its status moves on as a real one's does (``unconfirmed`` then ``expired``, or ``received`` then
+``failed``) without a row."""
 
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
-"""A campaign for its page: what the form needs, and the preview of a supporter's letter."""
+"""A campaign for its page: what the form needs, the preview of a supporter's letter, and the
+reference page (``/demo/SLUG``) with its files."""
 
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse
 
 from schemas.campaign import CampaignDefinition
 from schemas.postcode import PostcodeProblem, check_format
@@ -32,6 +35,7 @@ from workers.web.bodies import (
 from workers.web.clients import client_ip, client_key, over_limit
 from workers.web.dependencies import AppDep, IntakeDep
 
+STATIC = Path(__file__).resolve().parent / "static"
 router = APIRouter()
 
 
@@ -53,14 +57,14 @@ def campaign(slug: str, app: AppDep, intake: IntakeDep) -> Any:
         body_max_chars=definition.body_max_chars,
         consent_version=definition.consent.version,
         consent_questions=[
-            ConsentQuestionOut(channel=q.channel, wording=q.wording, sha256=q.sha256)
+            ConsentQuestionOut.model_validate(q, from_attributes=True)
             for q in definition.consent.questions
         ],
         mp_notice=definition.consent.mp_notice,
         privacy_notice_url=definition.privacy_notice_url,
         privacy_notice_version=definition.privacy_notice_version,
         confirmation_required=definition.confirmation,
-        prompts=[PromptOut(**p.model_dump()) for p in definition.prompts],
+        prompts=[PromptOut.model_validate(p, from_attributes=True) for p in definition.prompts],
         honeypot_field=HONEYPOT,
         example_postcode=intake.example_postcode(),
     )
@@ -92,21 +96,15 @@ def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: I
         unknown = outcome.code == f"postcode:{PostcodeProblem.UNKNOWN}"
         return problem(404 if unknown else 422, {field: outcome.message})
     if not isinstance(outcome, Found):
-        return problem(
-            422,
-            {MEMBER_FIELD: "We cannot find an MP to write to for this postcode just now."},
-        )
+        message = "We cannot find an MP to write to for this postcode just now."
+        return problem(422, {MEMBER_FIELD: message})
     context = {
         "mp": {"name": outcome.member.name, "constituency": outcome.seat.name},
         "campaign": {"title": definition.title, "organisation": definition.organisation},
     }
     return PreviewOut(
         postcode=postcode,
-        mp=MpOut(
-            name=outcome.member.name,
-            constituency=outcome.seat.name,
-            party=outcome.member.party,
-        ),
+        mp=MpOut(**context["mp"], party=outcome.member.party),
         letter=DraftOut(
             subject=choose_subject(definition, secrets.token_hex(8), ""),
             salutation=campaign_template(definition.salutation).render(context),
@@ -121,3 +119,14 @@ def _letter(definition: CampaignDefinition, body: PreviewIn) -> str:
     """The letter as the supporter has it so far, as the comparison stage will score it."""
     typed = definition.draft_body if body.body is None else body.body
     return letter_body(definition, {"letter": {"body": typed, "answers": body.answers}})
+
+
+@router.get("/demo/{slug}", response_class=HTMLResponse, include_in_schema=False)
+def demo_page(slug: str) -> Any:
+    return FileResponse(STATIC / "demo.html", media_type="text/html")
+
+
+@router.get("/static/{name}", include_in_schema=False)
+def static(name: Literal["demo.js", "demo.css"]) -> Any:
+    media = "text/javascript" if name.endswith(".js") else "text/css"
+    return FileResponse(STATIC / name, media_type=media)

@@ -1,6 +1,6 @@
 """Probes for a load balancer or an orchestrator: ``/healthz`` (the process answers) and
-``/readyz`` (it can serve: the database and Redis answer). Neither needs a campaign, an origin or
-a rate limit, and neither names a host or a password."""
+``/readyz`` (the database and Redis answer). Neither needs a campaign, an origin or a rate limit,
+and neither names a host or a password."""
 
 from __future__ import annotations
 

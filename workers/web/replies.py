@@ -1,4 +1,5 @@
-"""What comes back over HTTP: Mailgun's delivery events, and the "did your MP reply?" links."""
+"""Mailgun's delivery events, over HTTP (the "did your MP reply?" links are
+:mod:`workers.web.supporter_pages`')."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import structlog
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -16,11 +17,10 @@ from workers.database.models import Letter
 from workers.pipeline.dispatch import dispatch_groups
 from workers.receiving import mailgun
 from workers.receiving.store import Replayed, forget_tokens, store
-from workers.stages import digests, survey
+from workers.stages import digests
 from workers.stages.stage import Stage
-from workers.web.bodies import CONFIRM_RESPONSES, Errors, problem
+from workers.web.bodies import Errors, problem
 from workers.web.dependencies import AppDep, IntakeDep
-from workers.web.supporter_pages import Masthead, masthead, masthead_of, page
 
 log = structlog.get_logger(__name__)
 router = APIRouter()
@@ -95,51 +95,3 @@ def mailgun_webhook(body: MailgunEvent, app: AppDep, intake: IntakeDep) -> Any:
     if ids:
         dispatch_groups(intake.broker, {Stage.INBOUND: ids})
     return JSONResponse({"stored": bool(ids)})
-
-
-SURVEY_TEXTS: dict[str, tuple[int, str]] = {
-    "ready": (200, "Did your MP reply to your letter?"),
-    "recorded": (200, "Thank you: your answer is recorded."),
-    "invalid": (404, "This link is not valid."),
-}
-ANSWER_WORDS = {"yes": "Yes, they replied", "not_yet": "Not yet", "no": "No"}
-
-
-@router.get(
-    "/v1/replied/{token}/{answer}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES
-)
-def survey_page(token: str, answer: str, app: AppDep) -> Any:
-    """The survey email's link: a page whose button records the answer. Opening it records
-    nothing, so a scanner that fetches the links does not answer for the supporter."""
-    submission_id = survey.read_token(app.secret, token[:300], answer)
-    if submission_id is None:  # forged, or signed for another answer
-        return _page("invalid", None)
-    with session_scope(app.sessions) as session:
-        found = survey.campaign_survey_mp(session, submission_id)
-        campaign = masthead(session, found[0]) if found is not None else None
-    if found is None:
-        return _page("invalid", None)
-    return _page(
-        "ready",
-        campaign,
-        lines=(f"Your letter to {found[1]}.",),
-        button=f"Record my answer: {ANSWER_WORDS[answer]}",
-    )
-
-
-@router.post(
-    "/v1/replied/{token}/{answer}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES
-)
-def survey_answer(token: str, answer: str, app: AppDep) -> Any:
-    """The survey page's button: the answer becomes an event on the letter."""
-    with session_scope(app.sessions) as session:
-        result = survey.answer(session, app.secret, token[:300], answer)
-        campaign = masthead_of(session, survey.read_token(app.secret, token[:300], answer))
-    return _page(result, campaign)
-
-
-def _page(
-    result: str, campaign: Masthead | None, lines: tuple[str, ...] = (), button: str | None = None
-) -> HTMLResponse:
-    status, heading = SURVEY_TEXTS[result]
-    return page(status, heading, campaign, lines, button)

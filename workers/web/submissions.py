@@ -3,7 +3,7 @@ data. The stage message is sent after the commit; the reconciler resends it if t
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -13,16 +13,13 @@ from fastapi import APIRouter, Body, Header, Request
 from schemas.campaign import CampaignDefinition
 from workers.database.engine import session_scope
 from workers.database.models import State, Submission, utcnow
-from workers.pipeline.app import App
 from workers.pipeline.intake import Accepted, stored
 from workers.privacy.hashing import limiter_email, supporter_hash
 from workers.stages.validation import campaign_errors
 from workers.web.bodies import (
     ERROR_RESPONSES,
     HONEYPOT,
-    KEY_HEADER,
     OUTCOMES,
-    SUBMIT_RESPONSES,
     AcceptedOut,
     Errors,
     StatusOut,
@@ -33,13 +30,17 @@ from workers.web.bodies import (
     retry_after,
 )
 from workers.web.clients import authenticated, client_ip, client_key, over_limit, user_agent
-from workers.web.dependencies import MISSING, AppDep, Intake, IntakeDep
-from workers.web.honeypot import Fake, fake_state, fake_submission_id, read_fake
+from workers.web.dependencies import MISSING, AppDep, IntakeDep
+from workers.web.honeypot import fake_state, fake_submission_id, read_fake
 
 log = structlog.get_logger(__name__)
 router = APIRouter()
+# The header a server-side front end authenticates with (DEARMP_API_KEYS).
+KEY_HEADER = "X-DearMP-Key"
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    **SUBMIT_RESPONSES,
+    **ERROR_RESPONSES,
+    401: {"model": Errors, "description": "The X-DearMP-Key header holds no valid key."},
+    403: {"model": Errors, "description": "This page's origin may not post to the campaign."},
     409: {
         "model": Errors,
         "description": "The consent wording has changed since the page was loaded (reload it), "
@@ -71,7 +72,7 @@ async def submit(
     key_valid = authenticated(app, x_dearmp_key)
     if key_valid is False:
         return problem(401, {KEY_HEADER: "This key is not valid for this deployment."})
-    definition = intake.cached_definition(body.campaign)
+    definition = intake.definitions.fresh(body.campaign[:64])  # no thread while it is fresh
     if definition is MISSING:
         definition = await anyio.to_thread.run_sync(intake.definition, body.campaign)
     if not isinstance(definition, CampaignDefinition):
@@ -79,7 +80,7 @@ async def submit(
     if (
         origin
         and origin != f"{request.url.scheme}://{request.headers.get('host', '')}"
-        and not intake.origins.allows(body.campaign, origin)
+        and origin not in intake.origins_by_slug().get(body.campaign, set())
     ):
         return problem(403, {"origin": "This page may not post to this campaign."})
     errors = campaign_errors(definition, body)
@@ -100,17 +101,17 @@ async def submit(
         ),
     ]
     limited = any(limit > 0 for _, _, limit, _ in checks)  # none: no trip to a thread
-    wait = await anyio.to_thread.run_sync(over_limit, app, *checks) if limited else 0.0
-    if wait > 0:
+    if limited and (wait := await anyio.to_thread.run_sync(over_limit, app, *checks)) > 0:
         message = "Too many letters from here. Please try again later."
         return problem(429, {"body": message}, retry_after(wait))
     state = State.UNCONFIRMED if definition.confirmation else State.RECEIVED
     if body.website and body.website.strip():  # a robot filled the trap: keep nothing
         log.info("honeypot_filled")
         # A key already stored is answered as a real repeat is (it stores nothing either).
-        found = await anyio.to_thread.run_sync(_stored, app, body.model_dump(mode="json"))
+        payload = body.model_dump(mode="json")
+        found = await anyio.to_thread.run_sync(intake.read, stored, payload, app.secret)
         if found is not None:
-            return _repeat(found, body.idempotency_key)
+            return _answer(found, body.idempotency_key)
         fake = fake_submission_id(app.secret, body.campaign, utcnow())
         return accepted(fake, state.value, duplicate=False)
     payload = body.model_dump(mode="json", exclude={HONEYPOT})
@@ -123,26 +124,19 @@ async def submit(
         payload["client_ip"], payload["user_agent"] = address, user_agent(request)
     # Stored (with others that arrived meanwhile) and committed before the 202; the stage
     # message follows the commit.
-    result = await intake.batcher.submit(payload, state)
-    if result.created:
-        return accepted(result.submission_id, result.state, duplicate=False)
-    return _repeat(result, body.idempotency_key)
+    return _answer(await intake.batcher.submit(payload, state), body.idempotency_key)
 
 
-def _repeat(found: Accepted, key: str) -> Any:
-    """The answer to a key already stored: its submission as it is now, or the conflict."""
+def _answer(found: Accepted, key: str) -> Any:
+    """The 202 for a stored submission (as it is now if its key was stored already), or the
+    conflict of a key stored with another body."""
     if found.conflict:
         message = (
             f"The idempotency key '{key}' was already used for a different submission to this "
             "campaign. Send a new key for a new letter."
         )
         return problem(409, {"idempotency_key": message})
-    return accepted(found.submission_id, found.state, duplicate=True)
-
-
-def _stored(app: App, payload: dict[str, Any]) -> Accepted | None:
-    with session_scope(app.sessions) as session:
-        return stored(session, payload, app.secret)
+    return accepted(found.submission_id, found.state, duplicate=not found.created)
 
 
 @router.get("/v1/submissions/{submission_id}", response_model=StatusOut, responses=ERROR_RESPONSES)
@@ -150,40 +144,41 @@ def status(submission_id: str, app: AppDep, intake: IntakeDep) -> Any:
     """A submission's state, without personal data."""
     with session_scope(app.sessions) as session:
         sub = session.get(Submission, submission_id[:64])
-        if sub is None:
-            fake = read_fake(app.secret, submission_id, intake.origins.slugs())
-            if fake is not None:
-                return _fake_status(app, intake, submission_id, fake)
-            return problem(404, {"submission": "There is no such submission."})
-        recipient = sub.recipient or {}
-        state = State(sub.state)
-        return StatusOut(
-            id=sub.id,
-            campaign=sub.campaign_slug,
-            state=state.value,
-            final=state.is_final,
-            received_at=sub.created_at.isoformat(),
-            updated_at=sub.updated_at.isoformat(),
-            mp={"name": recipient["name"], "constituency": recipient["constituency"]}
-            if recipient.get("name")
-            else None,
-            errors=sub.rejection if state == State.REJECTED else None,
-            outcome=OUTCOMES[state],
-        )
-
-
-def _fake_status(app: App, intake: Intake, submission_id: str, fake: Fake) -> StatusOut:
-    """A robot's letter's status, moving on as a real one's would (see workers.web.honeypot)."""
+        if sub is not None:
+            recipient = sub.recipient or {}
+            state = State(sub.state)
+            return _status(
+                sub.id,
+                sub.campaign_slug,
+                state,
+                sub.created_at,
+                sub.updated_at,
+                mp={"name": recipient["name"], "constituency": recipient["constituency"]}
+                if recipient.get("name")
+                else None,
+                errors=sub.rejection if state == State.REJECTED else None,
+            )
+    fake = read_fake(app.secret, submission_id, intake.origins_by_slug())
+    if fake is None:
+        return problem(404, {"submission": "There is no such submission."})
+    # A robot's letter moves on as a real one's would (see workers.web.honeypot).
     definition = intake.definition(fake.campaign)
     confirmation = definition is not None and definition.confirmation
     valid = timedelta(days=app.settings.confirm_valid_days)
     state, since = fake_state(fake, confirmation, valid, utcnow())
+    return _status(submission_id, fake.campaign, state, fake.received_at, since)
+
+
+def _status(
+    sid: str, campaign: str, state: State, received: datetime, updated: datetime, **more: Any
+) -> StatusOut:
     return StatusOut(
-        id=submission_id,
-        campaign=fake.campaign,
+        id=sid,
+        campaign=campaign,
         state=state.value,
         final=state.is_final,
-        received_at=fake.received_at.isoformat(),
-        updated_at=since.isoformat(),
+        received_at=received.isoformat(),
+        updated_at=updated.isoformat(),
         outcome=OUTCOMES[state],
+        **more,
     )

@@ -1,9 +1,7 @@
 """Who may use the console: operator accounts from DEARMP_CONSOLE_ACCOUNTS (scrypt hashes), a
-signed session cookie, a CSRF token tied to the session, and a cap on failed logins.
-
-The session is the cookie alone (HMAC-signed with the secret key, expiring): nothing is stored
-server-side, so a login ends when its cookie expires or the operator logs out.
-"""
+signed session cookie, a CSRF token tied to the session, and a cap on failed logins. The session
+is the cookie alone (HMAC-signed, expiring): nothing is stored server-side, so a login ends when
+its cookie expires or the operator logs out."""
 
 from __future__ import annotations
 
@@ -63,36 +61,21 @@ class Throttle:
         self.failures: dict[str, list[float]] = {}
         self.lock = threading.Lock()
 
-    def locked(self, name: str, now: float) -> bool:
+    def check_login(self, accounts: dict[str, str], name: str, password: str) -> str | None:
+        """The operator's name if ``password`` is theirs and the name is not locked, else None."""
+        now, name = time.monotonic(), name[:64]
         with self.lock:
             recent = [t for t in self.failures.get(name, []) if now - t < LOCKED_SECONDS]
             self.failures[name] = recent
-            return len(recent) >= FAILURES_ALLOWED
-
-    def failed(self, name: str, now: float) -> None:
+        if len(recent) >= FAILURES_ALLOWED:
+            return None
+        good = verify_password(password, accounts.get(name, _NOBODY)) and name in accounts
         with self.lock:
-            self.failures.setdefault(name, []).append(now)
-
-    def succeeded(self, name: str) -> None:
-        with self.lock:
-            self.failures.pop(name, None)
-
-
-def check_login(
-    accounts: dict[str, str], throttle: Throttle, name: str, password: str
-) -> str | None:
-    """The operator's name if ``password`` is theirs and the name is not locked, else None."""
-    now = time.monotonic()
-    name = name[:64]
-    if throttle.locked(name, now):
-        return None
-    good = verify_password(password, accounts.get(name, _NOBODY)) and name in accounts
-    if good:
-        throttle.succeeded(name)
-        return name
-    if name in accounts:  # only real accounts can be locked out: junk names grow nothing
-        throttle.failed(name, now)
-    return None
+            if good:
+                self.failures.pop(name, None)
+            elif name in accounts:  # only real accounts can be locked out
+                self.failures.setdefault(name, []).append(now)
+        return name if good else None
 
 
 @dataclass(frozen=True)

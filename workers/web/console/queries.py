@@ -1,13 +1,11 @@
-"""What the console shows, read with the operations the command line uses: health
-(:mod:`workers.pipeline.checks`), queues and dead letters (:mod:`workers.pipeline.dead_letters`),
-the outbox (:mod:`workers.outbox.sending`), pauses (:mod:`workers.stages.pauses`), and per
-campaign figures whose states and outcomes come from the pipeline table
-(:mod:`workers.pipeline.states`). Plain functions: the views only render what they return.
-"""
+"""What the console shows, read with the operations the command line uses (health, queues,
+dead letters), and per campaign figures whose states and outcomes come from the pipeline table
+(:mod:`workers.pipeline.states`). Plain functions: the views only render what they return."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,52 +74,58 @@ class CampaignRow:
     submissions: int
 
 
+def _counts(session: Session, key: Any, *where: Any) -> dict[Any, int]:
+    """How many rows per value of ``key``."""
+    rows = session.execute(select(key, func.count()).where(*where).group_by(key))
+    return {value: int(n) for value, n in rows}
+
+
 def campaigns(session: Session) -> list[CampaignRow]:
-    counts = dict(
-        session.execute(
-            select(Submission.campaign_slug, func.count()).group_by(Submission.campaign_slug)
-        ).all()
-    )
+    counts = _counts(session, Submission.campaign_slug)
     rows = session.execute(
         select(Campaign.slug, Campaign.title, Campaign.mode, Campaign.paused_at).order_by(
             Campaign.slug
         )
     ).all()
-    return [CampaignRow(*row, submissions=int(counts.get(row.slug, 0))) for row in rows]
+    return [CampaignRow(*row, submissions=counts.get(row.slug, 0)) for row in rows]
+
+
+def campaign_page(session: Session, slug: str) -> dict[str, Any] | None:
+    """Everything a campaign's page shows; None if there is no such campaign."""
+    row = next((c for c in campaigns(session) if c.slug == slug), None)
+    if row is None:
+        return None
+    return {
+        "campaign": row,
+        "states": by_state(session, slug),
+        "seats": by_constituency(session, slug),
+        "days": per_day(session, slug),
+        "sources": sources(session, slug),
+        "recent": recent(session, slug),
+    }
 
 
 @dataclass(frozen=True)
 class StateCount:
     state: str
     outcome: str
-    final: bool
     count: int
 
 
 def by_state(session: Session, slug: str) -> list[StateCount]:
     """Every state of the pipeline table in its order, with its outcome and how many are in it."""
-    counts = dict(
-        session.execute(
-            select(Submission.state, func.count())
-            .where(Submission.campaign_slug == slug)
-            .group_by(Submission.state)
-        ).all()
-    )
-    return [
-        StateCount(state.value, OUTCOMES[state], row.final, int(counts.get(state.value, 0)))
-        for state, row in STATES.items()
-    ]
+    counts = _counts(session, Submission.state, Submission.campaign_slug == slug)
+    return [StateCount(s.value, OUTCOMES[s], counts.get(s.value, 0)) for s in STATES]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Seat:
-    code: str
     name: str
-    submissions: int = 0
-    delivered: int = 0
-    bounced: int = 0
-    replied: int = 0
-    survey: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ANSWERS, 0))
+    submissions: int
+    delivered: int
+    bounced: int
+    replied: int
+    survey: dict[str, int]
 
 
 def by_constituency(session: Session, slug: str) -> list[Seat]:
@@ -134,12 +138,18 @@ def by_constituency(session: Session, slug: str) -> list[Seat]:
         .subquery()
     )
 
+    version = current_version_id(session)
+    named = (Constituency.gss_code == Submission.constituency_code) & (
+        Constituency.version_id == version
+    )
+
     def count_if(condition: Any) -> Any:
         return func.sum(case((condition, 1), else_=0))
 
     rows = session.execute(
         select(
             Submission.constituency_code,
+            Constituency.name,
             func.count(),
             count_if(Submission.state.in_(SENT_STATES)),
             count_if(Submission.state == State.BOUNCED),
@@ -147,36 +157,22 @@ def by_constituency(session: Session, slug: str) -> list[Seat]:
             *(count_if(survey.c.detail == answer) for answer in ANSWERS),
         )
         .outerjoin(survey, survey.c.submission_id == Submission.id)
+        .outerjoin(Constituency, named)
         .where(Submission.campaign_slug == slug)
-        .group_by(Submission.constituency_code)
+        .group_by(Submission.constituency_code, Constituency.name)
         .order_by(func.count().desc(), Submission.constituency_code)
     ).all()
-    names = _constituency_names(session, [row[0] for row in rows if row[0]])
     return [
         Seat(
-            code=code or "",
-            name=names.get(code, code) if code else "(not yet resolved)",
+            name=(name or code) if code else "(not yet resolved)",
             submissions=int(total),
             delivered=int(delivered or 0),
             bounced=int(bounced or 0),
             replied=int(replies or 0),
             survey={a: int(n or 0) for a, n in zip(ANSWERS, answers, strict=True)},
         )
-        for code, total, delivered, bounced, replies, *answers in rows
+        for code, name, total, delivered, bounced, replies, *answers in rows
     ]
-
-
-def _constituency_names(session: Session, codes: list[str]) -> dict[str, str]:
-    version = current_version_id(session)
-    if version is None or not codes:
-        return {}
-    return dict(
-        session.execute(
-            select(Constituency.gss_code, Constituency.name).where(
-                Constituency.version_id == version, Constituency.gss_code.in_(codes)
-            )
-        ).all()
-    )
 
 
 @dataclass(frozen=True)
@@ -208,11 +204,9 @@ def per_day(session: Session, slug: str, days: int = CHART_DAYS) -> list[Day]:
 
 
 def _by_day(session: Session, column: Any, since: datetime, *where: Any) -> dict[date, int]:
-    day = func.date(column)  # SQLite gives text, PostgreSQL a date
-    rows = session.execute(
-        select(day, func.count()).where(column >= since, *where).group_by(day)
-    ).all()
-    return {d if isinstance(d, date) else date.fromisoformat(str(d)): int(n) for d, n in rows}
+    counts = _counts(session, func.date(column), column >= since, *where)
+    # SQLite gives text, PostgreSQL a date.
+    return {d if isinstance(d, date) else date.fromisoformat(str(d)): n for d, n in counts.items()}
 
 
 def sources(session: Session, slug: str, limit: int = 20) -> list[tuple[str, int]]:
@@ -223,10 +217,9 @@ def sources(session: Session, slug: str, limit: int = 20) -> list[tuple[str, int
         .where(ConsentEvent.campaign_slug == slug, ConsentEvent.submission_id.is_not(None))
         .group_by(ConsentEvent.source_url)
     ).all()
-    found: dict[str, int] = {}
+    found: Counter[str] = Counter()
     for url, count in rows:
-        key = _page(url)
-        found[key] = found.get(key, 0) + int(count)
+        found[_page(url)] += int(count)
     return sorted(found.items(), key=lambda item: (-item[1], item[0]))[:limit]
 
 
@@ -243,13 +236,13 @@ def _page(url: str | None) -> str:
 
 def recent(session: Session, slug: str, limit: int = 20) -> list[tuple[str, str, datetime]]:
     """The campaign's newest submissions: id, state and when received (nothing personal)."""
-    rows = session.execute(
+    query = (
         select(Submission.id, Submission.state, Submission.created_at)
         .where(Submission.campaign_slug == slug)
         .order_by(Submission.created_at.desc(), Submission.id.desc())
         .limit(limit)
-    ).all()
-    return [(sid, state, at) for sid, state, at in rows]
+    )
+    return list(session.execute(query).all())
 
 
 HIDDEN = "[hidden]"

@@ -1,14 +1,10 @@
-"""The console's pages and actions under ``/console``: thin views over
-:mod:`workers.web.console.queries` and the operations the command line uses.
-
-Every page needs a login; every POST a CSRF token tied to the session. An action answers with a
-redirect to its page (which says what was done), or a page saying why nothing was done.
-"""
+"""The console's pages and actions under ``/console``: thin views over :mod:`.queries` and the
+operations the command line uses. Every page needs a login; every POST a CSRF token tied to the
+session. An action redirects to its page (which says what was done), or shows why nothing was."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,13 +14,10 @@ import redis
 import structlog
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
-from fastapi.routing import APIRoute
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.exceptions import HTTPException
 
 from config.settings import console_accounts
 from schemas.messages import is_submission_id
-from workers.database.engine import session_scope
 from workers.outbox.sending import due_now, listing
 from workers.pipeline import dead_letters
 from workers.pipeline.app import App
@@ -34,19 +27,14 @@ from workers.stages.delivery import KIND as LETTER
 from workers.stages.stage import Stage
 from workers.web.console import auth, queries
 from workers.web.dependencies import Intake
+from workers.web.supporter_pages import environment
 
 HERE = Path(__file__).resolve().parent
 MAX_FORM_BYTES = 8_192
 MAX_FIELD = 500
 log = structlog.get_logger("workers")
 
-templates = Environment(
-    loader=FileSystemLoader(HERE / "templates"),
-    autoescape=True,  # every value is outside text: escaped, whatever the template's name
-    undefined=StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
+templates = environment(HERE / "templates")
 
 # What a redirect after an action says on the page (a fixed text: the URL only names it).
 DONE = {
@@ -73,25 +61,16 @@ class Redirect(Exception):
         self.to = to
 
 
-class ConsoleRoute(APIRoute):
-    """Turns :class:`Refused` and :class:`Redirect`, from a view or a dependency, into a page
-    or a redirect (the API's own handlers answer in JSON)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Refused as exc:
-                return page(request, "message.html.j2", exc.status, message=exc.message)
-            except Redirect as exc:
-                return RedirectResponse(exc.to, status_code=303)
-
-        return handle
+async def refused(request: Request, exc: Exception) -> Response:
+    """:class:`Refused` as a page and :class:`Redirect` as a redirect, from a view or a
+    dependency (the API's own handlers answer in JSON)."""
+    if isinstance(exc, Redirect):
+        return RedirectResponse(exc.to, status_code=303)
+    assert isinstance(exc, Refused)
+    return page(request, "message.html.j2", exc.status, message=exc.message)
 
 
-router = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
+router = APIRouter(prefix="/console", include_in_schema=False)
 
 
 @dataclass
@@ -104,7 +83,26 @@ class Console:
     signer: auth.Signer
     throttle: auth.Throttle
     secure: bool  # cookies only over https when the public address is https
-    session_seconds: float
+
+    def deliver(self, ids: list[str]) -> None:
+        """After the commit, letters due now go to delivery (else the reconciler sends them)."""
+        if ids:
+            dispatch_groups(self.intake.broker, {Stage.DELIVER: ids})
+
+    def redis(self) -> tuple[redis.Redis | None, str]:
+        """The Redis client, or None and why not (a stub broker uses none; Redis may be away)."""
+        client = self.intake.redis_client()
+        if client is None:
+            return None, "not used: the broker is dramatiq's StubBroker (DEARMP_BROKER=stub)"
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            return None, f"cannot reach Redis ({type(exc).__name__})"
+        return client, "reachable"
+
+    @property
+    def namespace(self) -> str:
+        return self.app.settings.redis_namespace
 
 
 async def _console(request: Request) -> Console:
@@ -123,7 +121,6 @@ async def _console(request: Request) -> Console:
             signer=auth.Signer(app.secret),
             throttle=auth.Throttle(),
             secure=settings.public_url.startswith("https://"),
-            session_seconds=settings.console_session_hours * 3600,
         )
         request.app.state.console = console
     return console
@@ -214,18 +211,6 @@ def _set_cookie(response: Response, console: Console, session: auth.Session) -> 
     )
 
 
-def _redis(console: Console) -> tuple[redis.Redis | None, str]:
-    """The Redis client, or None and why not (a stub broker uses none; Redis may be away)."""
-    client = console.intake.redis_client()
-    if client is None:
-        return None, "not used: the broker is dramatiq's StubBroker (DEARMP_BROKER=stub)"
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        return None, f"cannot reach Redis ({type(exc).__name__})"
-    return client, "reachable"
-
-
 # Logging in and out.
 
 
@@ -248,14 +233,15 @@ def login_form(request: Request, console: ConsoleDep, session: SessionDep) -> Re
 @router.post("/login")
 def login(request: Request, console: ConsoleDep, form: FormDep) -> Response:
     name, password = form.get("name", ""), form.get("password", "")
-    operator = auth.check_login(console.accounts, console.throttle, name, password)
+    operator = console.throttle.check_login(console.accounts, name, password)
     if operator is None:
         log.warning("console_login_failed")
         raise Refused(401, "Wrong name or password (or too many tries: wait a while).")
     log.info("console_login", operator=operator)
     response = RedirectResponse("/console/", status_code=303)
     # A new nonce: a session known before the login is not the operator's.
-    _set_cookie(response, console, auth.Session.new(operator, console.session_seconds))
+    seconds = console.app.settings.console_session_hours * 3600
+    _set_cookie(response, console, auth.Session.new(operator, seconds))
     return response
 
 
@@ -271,67 +257,46 @@ def logout(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response
 
 @router.get("/")
 def home(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
-    client, why = _redis(console)
-    settings = console.app.settings
-    found = queries.overview(console.app, client, settings.redis_namespace, why)
+    client, why = console.redis()
+    found = queries.overview(console.app, client, console.namespace, why)
     return page(request, "overview.html.j2", overview=found, redis_said=why)
 
 
 @router.get("/dead-letters")
 def dead(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
-    client, why = _redis(console)
-    namespace = console.app.settings.redis_namespace
-    found = dead_letters.find_dead(client, namespace, console.app.sessions)
+    client, why = console.redis()
+    found = dead_letters.find_dead(client, console.namespace, console.app.sessions)
     groups = dead_letters.by_reason(found)
     return page(request, "dead_letters.html.j2", groups=groups, redis_said=why, redis=client)
 
 
 @router.get("/waiting")
 def waiting(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
-    with session_scope(console.app.sessions) as db:
-        rows = listing(db, ("pending", "sending"), 100, LETTER)
+    rows = console.intake.read(listing, ("pending", "sending"), 100, LETTER)
     return page(request, "waiting.html.j2", rows=rows)
 
 
 @router.get("/pauses")
 def paused(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
-    client, _ = _redis(console)
-    mail = dead_letters.mail_pause(client, console.app.settings.redis_namespace) if client else None
-    with session_scope(console.app.sessions) as db:
-        found = pauses.paused(db)
+    client, _ = console.redis()
+    mail = dead_letters.mail_pause(client, console.namespace) if client else None
+    found = console.intake.read(pauses.paused)
     return page(request, "pauses.html.j2", pauses=found, mail=mail, redis=client)
 
 
 @router.get("/campaigns")
 def campaign_list(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
-    with session_scope(console.app.sessions) as db:
-        rows = queries.campaigns(db)
-    return page(request, "campaigns.html.j2", campaigns=rows)
+    return page(request, "campaigns.html.j2", campaigns=console.intake.read(queries.campaigns))
 
 
 @router.get("/campaigns/{slug}")
 def campaign(
     request: Request, slug: str, console: ConsoleDep, session: OperatorDep
 ) -> HTMLResponse:
-    with session_scope(console.app.sessions) as db:
-        row = next((c for c in queries.campaigns(db) if c.slug == slug), None)
-        if row is None:
-            raise Refused(404, "There is no such campaign.")
-        states = queries.by_state(db, slug)
-        seats = queries.by_constituency(db, slug)
-        days = queries.per_day(db, slug)
-        sources = queries.sources(db, slug)
-        recent = queries.recent(db, slug)
-    return page(
-        request,
-        "campaign.html.j2",
-        campaign=row,
-        states=states,
-        seats=seats,
-        days=days,
-        sources=sources,
-        recent=recent,
-    )
+    found = console.intake.read(queries.campaign_page, slug)
+    if found is None:
+        raise Refused(404, "There is no such campaign.")
+    return page(request, "campaign.html.j2", **found)
 
 
 @router.get("/submissions/{submission_id}")
@@ -357,10 +322,8 @@ def reveal(
 
 
 def _record(console: Console, submission_id: str, reveal: bool) -> dict[str, Any]:
-    found = None
-    if is_submission_id(submission_id):
-        with session_scope(console.app.sessions) as db:
-            found = queries.record(db, submission_id, reveal)
+    valid = is_submission_id(submission_id)
+    found = console.intake.read(queries.record, submission_id, reveal) if valid else None
     if found is None:
         raise Refused(404, "There is no such submission.")
     return found
@@ -372,9 +335,8 @@ def _record(console: Console, submission_id: str, reveal: bool) -> dict[str, Any
 @router.post("/dead-letters/replay")
 def replay(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
     """Requeue one dead letter (``message_id``) or every one of a reason (``reason``)."""
-    client, _ = _redis(console)
-    namespace = console.app.settings.redis_namespace
-    found = dead_letters.find_dead(client, namespace, console.app.sessions)
+    client, _ = console.redis()
+    found = dead_letters.find_dead(client, console.namespace, console.app.sessions)
     message_id, reason = form.get("message_id"), form.get("reason")
     chosen = [
         f
@@ -388,7 +350,9 @@ def replay(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response
     refused = []
     for one in chosen:
         try:
-            dead_letters.replay(client, console.intake.broker, namespace, console.app.sessions, one)
+            dead_letters.replay(
+                client, console.intake.broker, console.namespace, console.app.sessions, one
+            )
         except ValueError as exc:
             refused.append(f"{one.message_id}: {exc}")
     log.info("console_dead_letters_replayed", operator=session.operator, count=len(chosen))
@@ -400,10 +364,8 @@ def replay(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response
 @router.post("/waiting/retry")
 def retry_now(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
     """Every letter waiting for a later attempt, due now (`dearmp deliveries flush`)."""
-    with session_scope(console.app.sessions) as db:
-        ids = due_now(db, LETTER)
-    if ids:  # after the commit; else the reconciler
-        dispatch_groups(console.intake.broker, {Stage.DELIVER: ids})
+    ids = console.intake.read(due_now, LETTER)
+    console.deliver(ids)
     log.info("console_retry_now", operator=session.operator, count=len(ids))
     return done("/console/waiting", "retried", len(ids))
 
@@ -411,8 +373,7 @@ def retry_now(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Respo
 @router.post("/campaigns/{slug}/pause")
 def pause_campaign(slug: str, console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
     try:
-        with session_scope(console.app.sessions) as db:
-            changed = pauses.pause_campaign(db, slug[:200])
+        changed = console.intake.read(pauses.pause_campaign, slug[:200])
     except LookupError:
         raise Refused(404, "There is no such campaign.") from None
     log.info("console_campaign_paused", operator=session.operator, campaign=slug)
@@ -424,12 +385,10 @@ def resume_campaign(
     slug: str, console: ConsoleDep, form: FormDep, session: OperatorDep
 ) -> Response:
     try:
-        with session_scope(console.app.sessions) as db:
-            ids = pauses.resume_campaign(db, slug[:200])
+        ids = console.intake.read(pauses.resume_campaign, slug[:200])
     except LookupError as exc:
         raise Refused(409, f"Not resumed: {exc}.") from None
-    if ids:
-        dispatch_groups(console.intake.broker, {Stage.DELIVER: ids})
+    console.deliver(ids)
     log.info("console_campaign_resumed", operator=session.operator, campaign=slug)
     return done(f"/console/campaigns/{slug}", "resumed", len(ids))
 
@@ -439,8 +398,7 @@ def pause_address(console: ConsoleDep, form: FormDep, session: OperatorDep) -> R
     address, reason = form.get("address", "").strip(), form.get("reason", "").strip()
     if "@" not in address or len(address) > 254:
         raise Refused(422, "Give the MP's email address.")
-    with session_scope(console.app.sessions) as db:
-        changed = pauses.pause_address(db, address, reason or "paused by an operator")
+    changed = console.intake.read(pauses.pause_address, address, reason or "paused by an operator")
     log.info("console_address_paused", operator=session.operator)
     return done("/console/pauses", "paused" if changed else "already-paused")
 
@@ -448,12 +406,10 @@ def pause_address(console: ConsoleDep, form: FormDep, session: OperatorDep) -> R
 @router.post("/pauses/address/resume")
 def resume_address(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
     try:
-        with session_scope(console.app.sessions) as db:
-            ids = pauses.resume_address(db, form.get("address", ""))
+        ids = console.intake.read(pauses.resume_address, form.get("address", ""))
     except LookupError:
         raise Refused(409, "Not resumed: that address is not paused.") from None
-    if ids:
-        dispatch_groups(console.intake.broker, {Stage.DELIVER: ids})
+    console.deliver(ids)
     log.info("console_address_resumed", operator=session.operator)
     return done("/console/pauses", "resumed", len(ids))
 
@@ -461,9 +417,9 @@ def resume_address(console: ConsoleDep, form: FormDep, session: OperatorDep) -> 
 @router.post("/mail/resume")
 def resume_mail(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
     """End the mail pause (`dearmp deliveries resume`)."""
-    client, why = _redis(console)
+    client, why = console.redis()
     if client is None:
         raise Refused(503, f"Redis: {why}.")
-    ended = dead_letters.resume_mail(client, console.app.settings.redis_namespace)
+    ended = dead_letters.resume_mail(client, console.namespace)
     log.info("console_mail_resumed", operator=session.operator)
     return done("/console/pauses", "mail-resumed" if ended else "no-mail-pause")
