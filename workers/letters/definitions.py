@@ -33,9 +33,7 @@ def definition_sha256(definition: CampaignDefinition) -> str:
 
 def sync_campaigns(session: Session, definitions: list[CampaignDefinition]) -> list[str]:
     """Insert or update campaign rows from their definitions; returns the slugs that changed.
-
-    An operator's switch of ``mode`` in the database is kept: files set the mode only on creation.
-    """
+    Files set ``mode`` only on creation: an operator's switch in the database is kept."""
     changed = []
     for definition in definitions:
         digest = definition_sha256(definition)

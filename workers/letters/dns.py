@@ -1,7 +1,6 @@
 """The DNS records a deployment publishes (``dearmp dns``): SPF, DKIM and DMARC for each
 campaign's From domain, and MX (and SPF) for the bounce and reply domains. Make the bounce domain
-a subdomain of the From domain, so that SPF aligns for DMARC as DKIM does.
-"""
+a subdomain of the From domain, so that SPF aligns for DMARC as DKIM does."""
 
 from __future__ import annotations
 
@@ -44,22 +43,15 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def _spf(settings: Settings) -> str | None:
-    """The SPF value for the relay the letters leave by, None when there is none to name yet."""
+def _spf_record(settings: Settings, name: str, why: str) -> Record:
+    """SPF for the relay the letters leave by (a placeholder when there is none to name yet)."""
     if settings.mail_backend == "http":
-        return "v=spf1 include:mailgun.org ~all"
+        return Record(name, "TXT", "v=spf1 include:mailgun.org ~all", why)
     if settings.mail_backend != "smtp":
-        return None
+        return Record(name, "TXT", "v=spf1 ip4:<your mail relay> ~all", why, placeholder=True)
     ip = _ip(settings.smtp_host)
     relay = f"a:{settings.smtp_host}" if ip is None else f"ip{ip.version}:{ip}"
-    return f"v=spf1 {relay} mx ~all"
-
-
-def _spf_record(settings: Settings, name: str, why: str) -> Record:
-    spf = _spf(settings)
-    if spf is None:
-        return Record(name, "TXT", "v=spf1 ip4:<your mail relay> ~all", why, placeholder=True)
-    return Record(name, "TXT", spf, why)
+    return Record(name, "TXT", f"v=spf1 {relay} mx ~all", why)
 
 
 def mx_host_name(settings: Settings, given: str | None) -> str:

@@ -1,9 +1,7 @@
-"""Emails to a supporter about their letter: it was returned, a reply came (forwarded), did
-their MP reply? From the campaign's own address, marked automatic (RFC 3834) and carrying
-``X-DearMP-Notice``, so that one that comes back to us is recognised as a loop. The same notice
-is the same bytes every time it is sent. A reply is hostile input: its subject is decoded and
-made one clean line, its text and sender read as the classifier reads them.
-"""
+"""Emails to a supporter about their letter (returned, a reply forwarded, did the MP reply?),
+from the campaign's address, marked automatic (RFC 3834) and with ``X-DearMP-Notice`` so that
+one that comes back is recognised as a loop. A reply is hostile input: its subject is decoded
+and made one clean line, its text and sender read as the classifier reads them."""
 
 from __future__ import annotations
 
@@ -29,8 +27,7 @@ from workers.receiving.classify import (
     reply_sender,
 )
 
-# The most of a reply's text a forward carries.
-MAX_FORWARD_CHARS = 100_000
+MAX_FORWARD_CHARS = 100_000  # the most of a reply's text a forward carries
 # The most of a subject (a reply's own, and a notice's) and of a From name, in characters.
 REPLY_SUBJECT_CHARS = 150
 SUBJECT_CHARS = 200
@@ -39,9 +36,7 @@ DISPLAY_CHARS = 200
 
 @dataclass(frozen=True)
 class Sender:
-    """Who notices come from: the campaign's address and organisation."""
-
-    name: str
+    name: str  # the campaign's organisation
     address: str
 
 
@@ -81,12 +76,7 @@ def outgoing(message: Draft, envelope_sender: str, signer: DkimSigner | None) ->
 
 
 def bounce_notice(
-    notice_id: str,
-    sender: Sender,
-    to: str,
-    mp_name: str,
-    member_id: int | None,
-    created: datetime,
+    notice_id: str, sender: Sender, to: str, mp_name: str, member_id: int | None, created: datetime
 ) -> Draft:
     contact = (
         f"https://members.parliament.uk/member/{member_id}/contact"

@@ -1,16 +1,6 @@
-"""How much of a letter is the supporter's own words, and near-duplicate fingerprints.
-
-Pure functions, no I/O: the originality stage calls them and keeps what they return (the share,
-the packed signature, the band keys) in the database, whose index on the band keys finds the
-candidate near-duplicates, so every worker and every restart gives the same answer.
-
-    template = Template(campaign.draft_body)      # once per campaign (or own_words_share)
-    letter = words(body)                          # salutation and sign-off removed
-    share = template.share_of(letter)             # 0.0 = all template .. 1.0 = all own words
-    sig = signature(letter)                       # pack(sig) for a LargeBinary column
-    keys = bands(sig)                             # BIGINT band keys for the index
-    similarity(sig, unpack(stored))               # estimated Jaccard of the two letters
-"""
+"""How much of a letter is the supporter's own words, and near-duplicate fingerprints (MinHash
+signatures and their band keys). Pure functions, no I/O: the comparison stage stores what they
+return, and the database's index on the band keys finds the candidate near-duplicates."""
 
 from __future__ import annotations
 
@@ -29,18 +19,16 @@ SHINGLE = 4
 
 NUM_PERM = 64  # signature values (one-permutation MinHash bins)
 ROWS = 3  # values per band
-BANDS = NUM_PERM // ROWS  # 21 (the 64th value counts in similarity only)
-# The S-curve P(candidate) = 1 - (1 - s**3)**21 rises through 0.5 at s ~ 0.32: 0.94 at s = 0.5,
-# 0.99 at 0.6 and 1.0 at 0.9, so both a hold threshold of 0.9 and WriteToThem's 0.5 find nearly
-# every pair (16 x 4 found 0.91 of those at 0.5 on the benchmark), for 21 index rows per letter.
+# 21 (the 64th value counts in similarity only): P(candidate) = 1 - (1 - s**3)**21 is 0.94 at a
+# similarity of 0.5 and 1.0 at 0.9, so thresholds from 0.5 up find nearly every pair.
+BANDS = NUM_PERM // ROWS
 
 _EMPTY = 0xFFFFFFFF  # a bin no shingle fell in (before densification)
 _BAND_BITS = 58  # a band key: the band number above 58 bits of the band's hash (< 2**63)
 _PACK = struct.Struct(f">{NUM_PERM}I")
 _PACK_ROWS = struct.Struct(f">{ROWS}I")
-# Stored beside signatures and band keys: a change to any constant or hash here makes new ones
-# that cannot be compared with the old, so it needs a new SCHEME and the window recomputed.
-SCHEME = 1
+# A change to any constant or hash here makes signatures and band keys that cannot be compared
+# with those stored: the comparison window must then be computed again.
 
 # Invisible format characters (soft hyphen, zero-width space/joiners, bidi marks and isolates,
 # word joiner, BOM) would split or disguise words; apostrophes are dropped ("don't" = "dont").
@@ -67,12 +55,15 @@ def words(text: str) -> list[str]:
     """The letter's normalised words (NFKC, casefolded, letters and digits only), without a
     "Dear ..." first line or a closing ("Yours sincerely", "Kind regards", "Thanks", ...) and the
     short name or address lines after it among the last lines."""
-    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).casefold()
+    return _WORD.findall(_body(_INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).casefold()))
+
+
+def _body(text: str) -> str:
+    """The text's non-blank lines without a salutation and a sign-off."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and _is_salutation(lines[0]):
+    if lines and _is_salutation(lines[0].casefold()):
         lines = lines[1:]
-    lines = lines[: _closing_start(lines)]
-    return _WORD.findall("\n".join(lines))
+    return "\n".join(lines[: _closing_start(lines)])
 
 
 def _visible(text: str) -> str:
@@ -96,7 +87,7 @@ def _closing_start(lines: list[str]) -> int:
     """Where the sign-off starts: a closing line (not the first) followed only by short lines,
     or ``len(lines)``."""
     for start in range(len(lines) - 1, max(len(lines) - 2 - _TRAILER_LINES, 0), -1):
-        if _CLOSING.fullmatch(lines[start]):
+        if _CLOSING.fullmatch(lines[start].casefold()):
             return start
         if len(lines[start].split()) > _TRAILER_WORDS:
             break
@@ -118,8 +109,8 @@ class Template:
         self._signature = signature(self.words)
 
     def signature_of(self, letter: Sequence[str]) -> tuple[int, ...]:
-        """:func:`signature` of ``letter``; the template's own is computed once (most letters
-        are sent as the campaign drafted them)."""
+        """:func:`signature` of ``letter``, the template's own computed once (most letters are
+        the campaign's draft)."""
         return self._signature if letter == self.words else signature(letter)
 
     def share(self, body: str) -> float:
@@ -146,10 +137,7 @@ class Template:
         """The passages of a letter in the writer's own words, as they wrote them: its runs of
         at least ``least`` words that no SHINGLE-word run shared with the template covers
         (salutation and sign-off left out, as :func:`words` does)."""
-        lines = [line.strip() for line in _visible(text).splitlines() if line.strip()]
-        if lines and _is_salutation(lines[0].casefold()):
-            lines = lines[1:]
-        body = "\n".join(lines[: _closing_start([line.casefold() for line in lines])])
+        body = _body(_visible(text))
         found = list(_WRITTEN.finditer(body))
         letter = [_APOSTROPHES.sub("", m.group()).casefold() for m in found]
         n = min(SHINGLE, len(letter), len(self.words))
@@ -202,13 +190,9 @@ _FALLBACK = [_fallback_order(i) for i in range(NUM_PERM)]
 
 
 def signature(letter: Sequence[str]) -> tuple[int, ...]:
-    """A MinHash signature of the letter's SHINGLE-word shingles: NUM_PERM 32-bit values.
-
-    One-permutation MinHash: each shingle is hashed once, into one of NUM_PERM bins by its low
-    bits, and each bin keeps the least of its top 32 bits; empty bins are filled from others
-    (densification). The cost grows with the letter's length, not with NUM_PERM times it.
-    Letters without words all get the same signature.
-    """
+    """A one-permutation MinHash signature of the letter's SHINGLE-word shingles: each is
+    hashed once, into a bin by its low bits, and each bin keeps the least of its top 32 bits;
+    empty bins are filled from others (densification). Letters without words all get one."""
     n = min(SHINGLE, len(letter))
     mins = [_EMPTY] * NUM_PERM
     for gram in map(" ".join, _grams(letter, n) if n else ()):

@@ -1,7 +1,6 @@
 """What became of the letters per campaign and MP (delivered, returned, acknowledged, replied,
 survey answers), and resending an MP's returned letters to a mended address as new messages (a
-late report naming the old Message-ID cannot return the new one).
-"""
+late report naming the old Message-ID cannot return the new one)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
 from workers.database.models import (
@@ -42,15 +41,18 @@ class Row:
 
 def report(session: Session, campaign: str | None = None) -> list[Row]:
     """One row per campaign and MP, and a total row per campaign (``member_id`` None)."""
+    where: list[ColumnElement[bool]] = [
+        Submission.state.in_([State.DELIVERED.value, State.BOUNCED.value])
+    ]
+    if campaign:
+        where.append(Submission.campaign_slug == campaign)
     sent = select(
         Submission.id,
         Submission.campaign_slug,
         Submission.member_id,
         Submission.recipient,
         Submission.state,
-    ).where(Submission.state.in_([State.DELIVERED.value, State.BOUNCED.value]))
-    if campaign:
-        sent = sent.where(Submission.campaign_slug == campaign)
+    ).where(*where)
     letters = {
         sid: (slug, member_id, str((recipient or {}).get("name") or ""), state)
         for sid, slug, member_id, recipient, state in session.execute(sent)
@@ -60,11 +62,9 @@ def report(session: Session, campaign: str | None = None) -> list[Row]:
         query = (
             select(LetterEvent.submission_id, LetterEvent.kind, LetterEvent.detail)
             .join(Submission, Submission.id == LetterEvent.submission_id)
-            .where(Submission.state.in_([State.DELIVERED.value, State.BOUNCED.value]))
+            .where(*where)
             .order_by(LetterEvent.id)
         )
-        if campaign:
-            query = query.where(Submission.campaign_slug == campaign)
         for sid, kind, detail in session.execute(query):
             events[sid][kind] = detail if kind == "survey" else True  # the latest answer
     rows: dict[tuple[str, int | None], Row] = {}

@@ -1,8 +1,6 @@
 """Rate limits and quiet hours for delivery: a letter that meets one waits, it does not fail.
-
-Limits are sliding windows kept in Redis sorted sets, so they hold across every worker; a
-reservation is made atomically for every limit that applies, or for none.
-"""
+Limits are sliding windows in Redis sorted sets, so they hold across every worker; a reservation
+is made atomically for every limit that applies, or for none."""
 
 from __future__ import annotations
 
@@ -36,9 +34,9 @@ class Limiter(Protocol):
         ...
 
 
-# Until ``mark_sent`` records when a reserved letter really left, its slot is dated this far
-# ahead, so that a letter slow to leave is never counted as older than it is.
 def hold_seconds(window_seconds: float) -> float:
+    """How far ahead a reserved slot is dated until ``mark_sent`` records when the letter left,
+    so that a letter slow to leave is never counted as older than it is."""
     return min(window_seconds / 2, 2.0)
 
 
@@ -88,12 +86,8 @@ class RedisLimiter:
         keys = [self.prefix + lim.key for lim in limits]
         args = [member]
         for lim in limits:
-            window_ms = int(lim.window_seconds * 1000)
-            args += [
-                str(lim.limit),
-                str(window_ms),
-                str(int(hold_seconds(lim.window_seconds) * 1000)),
-            ]
+            hold = hold_seconds(lim.window_seconds)
+            args += [str(lim.limit), str(int(lim.window_seconds * 1000)), str(int(hold * 1000))]
         return keys, args
 
     def reserve(self, member: str, limits: list[Limit]) -> float:

@@ -1,15 +1,11 @@
-"""What each kind of outbox item is on the wire, written from its row by the one writer and
-signer (:mod:`workers.letters.notices`, :mod:`workers.letters.mail`), its envelope on the
-bounce domain: the same bytes every time it is composed, so a resend is the same email. The
-letter to the MP is :mod:`workers.stages.delivery`'s, a webhook :mod:`workers.webhooks`'s.
-
-A new kind is a :class:`~workers.outbox.sending.Kind` in :func:`kinds`: a compose function (and,
-if it must, what to do in the commit that ends it).
-"""
+"""What each kind of outbox item is on the wire, written from its row (the same bytes every
+time, so a resend is the same email), its envelope on the bounce domain. A new kind is a
+:class:`~workers.outbox.sending.Kind` in :func:`kinds`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -68,19 +64,14 @@ KINDS = (
 
 
 def stage_of(kind: str) -> Stage:
-    """The stage (queue) an item of ``kind`` is sent by: the letter by delivery (its item's id
-    is its submission's), a webhook on its own, so that an endpoint that hangs holds up no
-    email."""
+    """The stage (queue) an item of ``kind`` is sent by: a webhook's its own, so that an
+    endpoint that hangs holds up no email."""
     letters = {delivery.KIND: Stage.DELIVER, digests.KIND: Stage.DELIVER}
     return {**letters, webhooks.KIND: Stage.WEBHOOK}.get(kind, Stage.OUTBOX)
 
 
 def kinds(context: Context) -> dict[str, Kind]:
-    """Every kind the outbox sends, by ``outbox.kind`` (:data:`KINDS`): the letter, the emails
-    to supporters, and the webhook to a CRM (each of the last on a channel of its own)."""
-
-    def after_sent(session: Session, item: OutboxItem) -> Outgoing | str:
-        return _after_sent(session, item, context)
+    """Every kind the outbox sends, by ``outbox.kind`` (:data:`KINDS`)."""
 
     def confirm(session: Session, item: OutboxItem) -> Outgoing | str:
         return confirmation.compose(
@@ -93,15 +84,11 @@ def kinds(context: Context) -> dict[str, Kind]:
             context.returns,
         )
 
-    letter = delivery.kind(
-        context.mailer, context.delivery, context.limiter, context.signer, context.returns
-    )
-    digest = digests.kind(
-        context.mailer, context.delivery, context.limiter, context.signer, context.returns
-    )
+    after_sent = partial(_after_sent, context=context)
+    mail = (context.mailer, context.delivery, context.limiter, context.signer, context.returns)
     return {
-        delivery.KIND: letter,
-        digests.KIND: digest,
+        delivery.KIND: delivery.kind(*mail),
+        digests.KIND: digests.kind(*mail),
         digests.NOTICE: Kind(after_sent),
         "confirm": Kind(confirm),
         "bounce": Kind(after_sent),
@@ -167,9 +154,8 @@ def _after_sent(session: Session, item: OutboxItem, context: Context) -> Outgoin
 
 
 def _forget_reply(session: Session, item: OutboxItem, status: str, _detail: str | None) -> None:
-    """A reply's text is kept only until it is forwarded (or will not be: skipped). A forward
-    given up (``failed``) keeps it, so that ``dearmp outbox retry`` can still send it once the
-    cause is fixed; the submission's retention deletes it with the rest."""
+    """A reply's text is kept only until it is forwarded or skipped: one given up keeps it for
+    ``dearmp outbox retry`` (the submission's retention deletes it with the rest)."""
     if item.inbound_id is not None and status != OutboxStatus.FAILED:
         session.execute(
             update(InboundMessage)

@@ -1,36 +1,8 @@
 """The outbox: everything DearMP sends (letters to MPs, emails to supporters, webhooks to a
-CRM), sent at most once, one way.
+CRM), sent at most once, one way: claim, lease, send, mark, backoff, give up and take over.
 
-An item is a row of ``outbox``, unique per (submission, key), so a second enqueue is harmless.
-Sending a message's items:
-
-- they are composed (their bytes the same every time: the kind writes them from the row) and
-  then claimed (``sending``) in one commit, before the server is asked, with no transaction
-  open while it answers;
-- each is marked ``sent`` in its own commit the moment the server takes it (with what its kind
-  does then: a letter's submission moves to delivered in that commit);
-- a failed attempt (the server's passing refusal, an error, the worker sending it stopped) is
-  counted in ``failures`` and the item waits before its next (``next_attempt_at``: exponential
-  backoff, capped); the ``max_attempts``-th, or a permanent refusal, leaves it ``failed`` with the
-  reason, masked, never resent by itself (``dearmp outbox retry`` sends it again). Passing
-  database trouble is not counted (:func:`workers.pipeline.failures.passing`), nor is a refusal
-  of our side (``TransientDeliveryError.ours``: the relay paused, our login, every session busy):
-  the claim is given back and the item waits; while the mailer says it would refuse us
-  (``Mailer.waiting``), nothing is claimed at all;
-- the table owns the timing: an item not yet due, or waiting after an attempt, is sent again by
-  a deferred message for when it is due (:class:`~workers.stages.stage.Deferred`, costing no
-  retry of the actor's), and by the reconciler;
-- a claim older than the lease (its worker died, or hung, mid-send) is taken over, and the same
-  bytes go again with the same Message-ID. Every mark that ends an attempt checks that its
-  worker still holds the claim (status ``sending`` and the ``claimed_at`` it wrote): a worker
-  whose claim was taken over changes nothing when its send at last returns or fails
-  (``outbox_claim_lost``).
-
-What each kind sends is a :class:`Kind`: how to compose it from its row, what to do in the
-commit that ends it, and its :class:`Channel`, the transport that sends what compose returns
-(the ``Mailer`` by default; a webhook's is HTTP, :mod:`workers.webhooks.channel`). Every channel
-raises the same two errors, so every kind shares every line above. The email kinds are in
-:mod:`workers.outbox.kinds`; a new kind is one entry there.
+How and why (every mark guarded by the claim, what counts as a failed attempt, the table owning
+the timing): docs/design.md, "The outbox". The kinds are in :mod:`workers.outbox.kinds`.
 """
 
 from __future__ import annotations
@@ -41,17 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Engine,
-    Select,
-    Update,
-    bindparam,
-    func,
-    select,
-    update,
-)
+from sqlalchemy import ColumnElement, Engine, Select, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from workers.database.engine import insert_on_conflict
@@ -90,10 +52,9 @@ class OutboxPolicy:
 
 
 class Channel(Protocol):
-    """A transport: ``send`` hands over what a kind composed, raising
-    :class:`PermanentDeliveryError` or :class:`TransientDeliveryError` (``ours``: a refusal of
-    our side); ``waiting`` is how long it knows it would refuse us (0: it would not). The
-    :class:`~workers.letters.mail.Mailer` is one."""
+    """A transport (the :class:`~workers.letters.mail.Mailer` is one): ``send`` raises
+    :class:`PermanentDeliveryError` or :class:`TransientDeliveryError`; ``waiting`` is how long
+    it knows it would refuse us (0: it would not)."""
 
     def waiting(self) -> float: ...
 
@@ -102,11 +63,9 @@ class Channel(Protocol):
 
 @dataclass(frozen=True)
 class Kind:
-    """One kind of item: ``compose`` writes it from its row (or says, in words, why it will
-    not be sent: it is skipped; or raises :class:`Deferred` for it to wait); ``done`` runs in
-    the commit that ends it (sent, skipped or failed, with the server's answer or the reason);
-    ``channel`` sends what compose wrote (None: the mailer, for an email); ``max_attempts``
-    replaces the policy's; ``sent`` gets what was sent once its mark is committed."""
+    """One kind of item: ``compose`` writes it from its row (or returns why it is skipped, or
+    raises :class:`Deferred`); ``done`` runs in the commit that ends it; ``channel`` sends it
+    (None: the mailer); ``max_attempts`` replaces the policy's."""
 
     compose: Callable[[Session, OutboxItem], object]
     done: Callable[[Session, OutboxItem, str, str | None], None] | None = None
@@ -118,9 +77,8 @@ class Kind:
 def enqueue(
     session: Session, submission_id: str, key: str, kind: str, inbound_id: str | None = None
 ) -> str | None:
-    """Add an item to send once per (submission, key): its id, or None if there is one already
-    (the unique key makes a second enqueue, even at the same moment, harmless). The caller
-    commits, then dispatches the id."""
+    """Add an item to send once per (submission, key): its id, or None if there is one already.
+    The caller commits, then dispatches the id."""
     stmt = insert_on_conflict(session, OutboxItem).values(
         submission_id=submission_id, key=key, kind=kind, inbound_id=inbound_id
     )
@@ -139,8 +97,7 @@ def item_of(session: Session, submission_id: str, key: str) -> OutboxItem | None
 
 
 def due(now: datetime, lease: timedelta) -> ColumnElement[bool]:
-    """The items a worker should try now: pending and not waiting, or claimed by a worker
-    whose lease has lapsed."""
+    """The items to try now: pending and not waiting, or with a lapsed claim."""
     return (
         (OutboxItem.status == OutboxStatus.PENDING)
         & (OutboxItem.next_attempt_at.is_(None) | (OutboxItem.next_attempt_at <= now))
@@ -148,8 +105,7 @@ def due(now: datetime, lease: timedelta) -> ColumnElement[bool]:
 
 
 def waiting(item_id: Any) -> Any:
-    """Whether the item ``item_id`` (a value, or a column such as a letter's submission id) is
-    the outbox's to send: pending, or being sent."""
+    """Whether the item ``item_id`` (a value or a column) is still to send: pending or sending."""
     return (
         select(OutboxItem.id)
         .where(
@@ -173,8 +129,7 @@ def counts(session: Session) -> dict[tuple[str, str], int]:
 def overdue(
     session: Session, now: datetime, late: timedelta, lease: timedelta, kind: str | None = None
 ) -> int:
-    """Items (of ``kind``, or of every kind) that should have been sent more than ``late`` ago
-    and are not: no worker sends them, or (a webhook) their endpoint does not answer."""
+    """Items (of ``kind``, or of every kind) that should have been sent more than ``late`` ago."""
     waited = (
         (OutboxItem.status == OutboxStatus.PENDING)
         & (func.coalesce(OutboxItem.next_attempt_at, OutboxItem.created_at) < now - late)
@@ -185,11 +140,9 @@ def overdue(
 
 
 def retry_failed(session: Session, kind: str | None = None, dry_run: bool = False) -> list[str]:
-    """Items given up (``failed``) back to pending with a fresh count of failures, due now (the
-    caller sends them after the commit): once the cause is fixed, a relay outage costs nothing.
-    ``kind``: only items of that kind. Not letters nor MPs' digests: a failed one failed its
-    submissions too, and ``dearmp deliveries reopen`` sends it again. The items retried (or
-    that would be)."""
+    """Given-up items (of ``kind``) back to pending with a fresh count, due now; the caller sends
+    them after the commit. Not letters nor digests: those failed their submissions too, and
+    ``dearmp deliveries reopen`` sends them again. The items retried (or that would be)."""
     where = [OutboxItem.status == OutboxStatus.FAILED, OutboxItem.kind.not_in(("letter", "digest"))]
     if kind is not None:
         where.append(OutboxItem.kind == kind)
@@ -200,10 +153,9 @@ def retry_failed(session: Session, kind: str | None = None, dry_run: bool = Fals
 def due_now(
     session: Session, kind: str, dry_run: bool = False, of: Select[Any] | None = None
 ) -> list[str]:
-    """The pending items of ``kind`` waiting for a later attempt (of the submissions ``of``
-    selects), due now; the caller sends them after the commit: an operator's "retry now" or
-    "resume". One that must still wait (quiet hours, a rate limit, a pause) waits again,
-    uncounted. The items (or would be)."""
+    """The pending items of ``kind`` (of the submissions ``of`` selects) waiting for a later
+    attempt, made due now (an operator's "retry now" or "resume"); the caller sends them after
+    the commit. The items (or that would be)."""
     waiting = (
         (OutboxItem.kind == kind)
         & (OutboxItem.status == OutboxStatus.PENDING)
@@ -227,9 +179,9 @@ def due_now(
 def send_again(
     session: Session, ids: Sequence[str], statuses: Sequence[str] = (OutboxStatus.FAILED,)
 ) -> list[str]:
-    """The items of ``ids`` in ``statuses`` back to pending with a fresh count, due now; the
-    same rows, so the same ids (a webhook replayed keeps its ``webhook-id``). The caller sends
-    them after the commit. The ids of those changed."""
+    """The items of ``ids`` in ``statuses`` back to pending with a fresh count, due now (the same
+    rows: a webhook replayed keeps its ``webhook-id``); the caller sends them after the commit.
+    The ids of those changed."""
     if not ids:
         return []
     changed = set(
@@ -253,8 +205,7 @@ def send_again(
 def listing(
     session: Session, statuses: Sequence[str], limit: int = 100, kind: str | None = None
 ) -> list[dict[str, object]]:
-    """Items in ``statuses`` (of ``kind``), oldest first: kind, status, failures, next attempt
-    and the error (addresses and postcodes masked), for an operator."""
+    """Items in ``statuses`` (of ``kind``), oldest first, their errors masked, for an operator."""
     where: list[ColumnElement[bool]] = [OutboxItem.status.in_(statuses)]
     if kind is not None:
         where.append(OutboxItem.kind == kind)
@@ -287,14 +238,11 @@ class _Ready:
     channel: Channel
     mail: object = ""
     broken: Exception | None = None
+    claim: datetime | None = None  # the claimed_at this worker wrote: every end mark checks it
 
 
 def send(
-    session: Session,
-    item_id: str,
-    mailer: Mailer,
-    kinds: Mapping[str, Kind],
-    policy: OutboxPolicy,
+    session: Session, item_id: str, mailer: Mailer, kinds: Mapping[str, Kind], policy: OutboxPolicy
 ) -> None:
     """Send one item (:func:`send_group`); its error raised, but for a refusal for good, which
     is recorded on the item (and by its kind)."""
@@ -310,16 +258,10 @@ def send_group(
     kinds: Mapping[str, Kind],
     policy: OutboxPolicy,
 ) -> list[Outcome]:
-    """Send the items that are due and that nobody has. ``session`` is committed at each step:
-    every item is read and composed, then those ready are claimed in one commit, then each is
-    sent and marked in a commit of its own.
-
-    The table owns the timing: an item not yet due, a failed attempt that will be tried again
-    and a wait for our side (the mail server refusing us, not the email; a compose that raises
-    :class:`Deferred` because its destination would) get :class:`Deferred` for when it is due,
-    a fresh message that costs no retry. A refusal for good gets the
-    :class:`PermanentDeliveryError` (recorded already). Anything else is unforeseen, and the
-    actor's retry takes it."""
+    """Send the items that are due and that nobody has: every item is read and composed, those
+    ready are claimed in one commit, then each is sent and marked in a commit of its own.
+    An item to try later gets :class:`Deferred` for when it is due; a refusal for good its
+    :class:`PermanentDeliveryError` (recorded already); anything else is for the actor's retry."""
     ids = sorted(set(item_ids))
     outcomes: dict[str, BaseException | None] = dict.fromkeys(ids)
     now = utcnow()
@@ -356,23 +298,22 @@ def send_group(
             outcomes[item_id] = wait
     # The emails are written before the claims, so that the claims are the transaction's only
     # writes and are committed at once: on SQLite no one waits for the write lock meanwhile.
-    claims = _claim(session, [one.item for one in ready], policy, kinds)
+    _claim(session, ready, policy)
     claimed = []
     for one in ready:
-        mine = claims.get(one.item.id)
-        if mine is None:
+        if one.claim is None:
             continue  # sent, not due, held by a live claim, or given up
         if one.broken is None and isinstance(one.mail, str):
-            if _end(session, one.item, mine, OutboxStatus.SKIPPED, one.kind, one.mail):
+            if _end(session, one, OutboxStatus.SKIPPED, one.mail):
                 log.info("outbox_skipped", outbox_id=one.item.id, kind=one.item.kind)
             continue
-        claimed.append((one, mine))
+        claimed.append(one)
     session.commit()
     sent: list[tuple[_Ready, str | None]] = []
     try:
-        for one, mine in claimed:  # no transaction is open while a server answers
+        for one in claimed:  # no transaction is open while a server answers
             try:
-                response = _send(session, one, mine, policy)
+                response = _send(session, one, policy)
             except Exception as exc:  # Deferred, a refusal for good, or the unforeseen
                 session.rollback()
                 outcomes[one.item.id] = exc
@@ -386,11 +327,9 @@ def send_group(
 
 
 def _sent(session: Session, sent: list[tuple[_Ready, str | None]]) -> dict[str, Exception]:
-    """What the kinds do once their items are sent (a letter's submission moves to delivered),
-    for all of them in one transaction, with one statement of each kind; if that fails (one
-    moved meanwhile), each alone. A worker that dies before leaves items sent whose ``done``
-    is made when a message about them comes again (the reconciler resends a letter whose
-    submission did not move, :func:`workers.pipeline.reconciler.find_stalled`). The errors."""
+    """The kinds' ``done`` for the items sent, in one transaction (one statement of each kind);
+    if that fails (one moved meanwhile), each alone. A worker that dies before leaves them to
+    the next message about them (the reconciler's resend). The errors."""
     try:
         with together(session, [one.item.submission_id for one, _ in sent], writing=True):
             for one, response in sent:
@@ -411,19 +350,17 @@ def _sent(session: Session, sent: list[tuple[_Ready, str | None]]) -> dict[str, 
     return errors
 
 
-def _send(session: Session, one: _Ready, mine: datetime, policy: OutboxPolicy) -> str | None:
-    """Send a claimed item and mark it sent, alone in its commit the moment the server took it
-    (what stops a resend, so nothing else waits in that commit): the server's answer ("" for
-    none), or None when it was not (its attempt ended otherwise, or the claim was lost)."""
+def _send(session: Session, one: _Ready, policy: OutboxPolicy) -> str | None:
+    """Send a claimed item and mark it sent, alone in its commit, the moment the server took it:
+    the server's answer ("" for none), or None when it was not (or the claim was lost)."""
     item, kind = one.item, one.kind
     if one.broken is not None:
-        _failed(session, item, mine, one.broken, policy, kind)
+        _failed(session, one, one.broken, policy)
         return None
     try:
         answer = one.channel.send(one.mail)
     except PermanentDeliveryError as exc:
-        reason = mask_text(str(exc))[:500]
-        ended = _end(session, item, mine, OutboxStatus.FAILED, kind, reason)
+        ended = _end(session, one, OutboxStatus.FAILED, mask_text(str(exc))[:500])
         session.commit()
         if ended:
             log.warning("outbox_failed", outbox_id=item.id, kind=item.kind, final=True)
@@ -431,22 +368,15 @@ def _send(session: Session, one: _Ready, mine: datetime, policy: OutboxPolicy) -
         return None
     except TransientDeliveryError as exc:
         if exc.ours:
-            _give_back(session, item, mine, exc)
+            _give_back(session, one, exc)
         else:
-            _failed(session, item, mine, exc, policy, kind)
+            _failed(session, one, exc, policy)
         return None
     except Exception as exc:
-        _failed(session, item, mine, exc, policy, kind)
+        _failed(session, one, exc, policy)
         return None
     response = answer[:2000] if isinstance(answer, str) else ""
-    values: dict[str, object] = {
-        "status": OutboxStatus.SENT,
-        "error": None,
-        "sent_at": utcnow(),
-        "response": response,
-    }
-    marked = _mark_sent(session, item.id, mine, values)
-    if not marked:
+    if not _mark_sent(session, one, response):
         _lost(item)
         return None
     log.info("outbox_sent", outbox_id=item.id, kind=item.kind)
@@ -480,7 +410,6 @@ def _compose(
 
 
 def _not_due(item: OutboxItem, now: datetime) -> Deferred | None:
-    """The wait of an item not yet due (after a failed attempt, or a wait of its own)."""
     at = item.next_attempt_at
     if item.status == OutboxStatus.PENDING and at is not None and at > now + DUE_TOLERANCE:
         return Deferred((at - now).total_seconds(), "not due")
@@ -488,28 +417,26 @@ def _not_due(item: OutboxItem, now: datetime) -> Deferred | None:
 
 
 def _wait(session: Session, item_id: str, seconds: float, lapsed: datetime) -> bool:
-    """Wait ``seconds`` unclaimed, costing no attempt: the item is not due before then, so
-    neither a duplicate message nor the reconciler tries it sooner (each try of an item that
-    must wait would otherwise start one more loop of delayed messages); the deferral sends it
-    when it is due. A claim older than the lease (its worker stopped) is given back to wait
-    too. Whether the item waits (False: someone else has it now). The caller commits."""
+    """Make the item wait ``seconds`` unclaimed, costing no attempt, so that neither a duplicate
+    message nor the reconciler tries it sooner; a lapsed claim is given back to wait too.
+    False if someone else has it now. The caller commits."""
     later = utcnow() + timedelta(seconds=seconds)
     mine = (OutboxItem.status == OutboxStatus.PENDING) | (
         (OutboxItem.status == OutboxStatus.SENDING) & (OutboxItem.claimed_at < lapsed)
     )
-    changed = session.execute(
-        update(OutboxItem)
-        .where(OutboxItem.id == item_id, mine)
-        .values(status=OutboxStatus.PENDING, next_attempt_at=later, dispatched_at=later)
-        .execution_options(synchronize_session=False)
+    return _set(
+        session,
+        (OutboxItem.id == item_id) & mine,
+        status=OutboxStatus.PENDING,
+        next_attempt_at=later,
+        dispatched_at=later,
     )
-    return rowcount(changed) == 1
 
 
 def _repair(session: Session, ended: list[OutboxItem], kinds: Mapping[str, Kind]) -> None:
-    """The ``done`` of items ended already, made again in case it was lost (a worker that died
-    between an item's sent mark and its kind's ``done``): each only if it is still as it was
-    read (locked until the commit), and its kind does nothing if it has been done."""
+    """The ``done`` of items ended already, made again in case it was lost (a worker died
+    between the sent mark and ``done``): each only if still as read (locked until the commit);
+    a kind's ``done`` does nothing if it has been done."""
     still = dict(
         session.execute(
             select(OutboxItem.id, OutboxItem.status)
@@ -522,60 +449,54 @@ def _repair(session: Session, ended: list[OutboxItem], kinds: Mapping[str, Kind]
             _done(session, item, kinds.get(item.kind), item.status, item.response or item.error)
 
 
-def _claim(
-    session: Session, items: Sequence[OutboxItem], policy: OutboxPolicy, kinds: Mapping[str, Kind]
-) -> dict[str, datetime]:
-    """Claim the pending items that are due, with one statement, and take over each claim
-    older than the lease: its worker stopped mid-send, a failed attempt like any other (an item
-    that kills its worker every time ends ``failed``). The claim's time of each item claimed
-    (what the marks that end the attempt check that this worker still holds it by)."""
-    if not items:
-        return {}
+def _claim(session: Session, ready: Sequence[_Ready], policy: OutboxPolicy) -> None:
+    """Claim the due pending items with one statement, and take over each claim older than the
+    lease; set the ``claim`` of each item claimed."""
+    if not ready:
+        return
     now = utcnow()
-    ids = [item.id for item in items]
+    ids = [one.item.id for one in ready]
     claimed = set(session.scalars(_CLAIM, {"ids": ids, "now": now, "due": now + DUE_TOLERANCE}))
-    mine = dict.fromkeys(claimed, now)
-    for item in items:
-        if item.id not in claimed and item.status == OutboxStatus.SENDING:
-            if _take_over(session, item, now, policy, kinds.get(item.kind)):
-                mine[item.id] = now
-    return mine
+    for one in ready:
+        if one.item.id in claimed or (
+            one.item.status == OutboxStatus.SENDING and _take_over(session, one, now, policy)
+        ):
+            one.claim = now
 
 
-def _take_over(
-    session: Session, item: OutboxItem, now: datetime, policy: OutboxPolicy, kind: Kind | None
-) -> bool:
-    """Take over the item's claim if it is older than the lease, counting the attempt its
-    worker did not finish (at the limit the item is given up)."""
+def _take_over(session: Session, one: _Ready, now: datetime, policy: OutboxPolicy) -> bool:
+    """Take over the item's claim if it is older than the lease: its worker stopped mid-send, a
+    failed attempt like any other (an item that kills its worker every time ends ``failed``)."""
+    item = one.item
     lapsed = (
         (OutboxItem.id == item.id)
         & (OutboxItem.status == OutboxStatus.SENDING)
         & (OutboxItem.claimed_at < now - timedelta(seconds=policy.lease_seconds))
     )
-    limit = _limit(kind, policy)
-    counted = count_failure(session, OutboxItem.failures, lapsed, STOPPED, limit)
+    counted = count_failure(session, OutboxItem.failures, lapsed, STOPPED, _limit(one, policy))
     if counted is None:
         return False
     # The row is locked (PostgreSQL) or the database is (SQLite) until the commit: still lapsed.
     if counted.final:
         _set(session, lapsed, status=OutboxStatus.FAILED, error=counted.reason)
-        _done(session, item, kind, OutboxStatus.FAILED, counted.reason)
+        _done(session, item, one.kind, OutboxStatus.FAILED, counted.reason)
         log.warning("outbox_failed", outbox_id=item.id, final=True, error="stopped")
         return False
     _set(session, lapsed, claimed_at=now, attempts=OutboxItem.attempts + 1, error=counted.reason)
     return True
 
 
-def _limit(kind: Kind | None, policy: OutboxPolicy) -> int:
+def _limit(one: _Ready, policy: OutboxPolicy) -> int:
+    kind = one.kind
     return kind.max_attempts if kind is not None and kind.max_attempts else policy.max_attempts
 
 
-def _held(item_id: str, mine: datetime) -> ColumnElement[bool]:
+def _held(one: _Ready) -> ColumnElement[bool]:
     """The item, still claimed by this worker (its claim not taken over since)."""
     return (
-        (OutboxItem.id == item_id)
+        (OutboxItem.id == one.item.id)
         & (OutboxItem.status == OutboxStatus.SENDING)
-        & (OutboxItem.claimed_at == mine)
+        & (OutboxItem.claimed_at == one.claim)
     )
 
 
@@ -584,17 +505,14 @@ def _lost(item: OutboxItem) -> None:
     log.warning("outbox_claim_lost", outbox_id=item.id, kind=item.kind)
 
 
-def _give_back(
-    session: Session, item: OutboxItem, mine: datetime, error: TransientDeliveryError
-) -> None:
-    """A refusal of our side (the relay paused, our login, every session busy, a conversation
-    out of step), not of the email: the claim is given back without counting the attempt, and
-    the item waits (a deferral, costing no retry either)."""
+def _give_back(session: Session, one: _Ready, error: TransientDeliveryError) -> None:
+    """A refusal of our side, not of the email: the claim is given back uncounted, and the item
+    waits (a deferral, costing no retry either)."""
     wait = error.retry_after if error.retry_after is not None else OUT_OF_STEP_WAIT
     reason = mask_text(f"{type(error).__name__}: {error}")[:500]
     given = _set(
         session,
-        _held(item.id, mine),
+        _held(one),
         status=OutboxStatus.PENDING,
         attempts=OutboxItem.attempts - 1,  # a claim given back is no attempt
         error=reason,
@@ -602,38 +520,29 @@ def _give_back(
     )
     session.commit()
     if not given:
-        _lost(item)
+        _lost(one.item)
         return
-    log.info("outbox_waiting", outbox_id=item.id, kind=item.kind, retry_in=wait)
+    log.info("outbox_waiting", outbox_id=one.item.id, kind=one.item.kind, retry_in=wait)
     raise Deferred(wait, f"refused us: {reason}"[:200])
 
 
-def _failed(
-    session: Session,
-    item: OutboxItem,
-    mine: datetime,
-    error: Exception,
-    policy: OutboxPolicy,
-    kind: Kind | None,
-) -> None:
-    """A failed attempt: pending again after the backoff with the reason, or failed for good at
-    the limit. Passing database trouble is not counted, and waits only a moment. Raises
-    :class:`Deferred` for the next attempt unless the item was given up (or the claim lost)."""
-    held = _held(item.id, mine)
-    counted = count_failure(session, OutboxItem.failures, held, error, _limit(kind, policy))
-    if counted is None and not passing(error):  # nothing matched: the claim is not ours
-        session.commit()
-        _lost(item)
-        return
+def _failed(session: Session, one: _Ready, error: Exception, policy: OutboxPolicy) -> None:
+    """A failed attempt: pending again after the backoff, or failed for good at the limit;
+    passing database trouble is not counted and waits a moment. Raises :class:`Deferred` for
+    the next attempt unless the item was given up (or the claim lost)."""
+    item, held = one.item, _held(one)
+    counted = count_failure(session, OutboxItem.failures, held, error, _limit(one, policy))
     final = counted is not None and counted.final
     wait = policy.backoff(counted.failures) if counted is not None else PASSING_WAIT
     if isinstance(error, TransientDeliveryError) and error.retry_after is not None:
         wait = timedelta(seconds=error.retry_after)  # the server said when to try again
     reason = counted.reason if counted is not None else None
-    if final:
+    if counted is None and not passing(error):
+        marked = False  # nothing matched: the claim is not ours
+    elif final:
         marked = _set(session, held, status=OutboxStatus.FAILED, error=reason)
         if marked:
-            _done(session, item, kind, OutboxStatus.FAILED, reason)
+            _done(session, item, one.kind, OutboxStatus.FAILED, reason)
     else:
         later = utcnow() + wait if counted is not None else None
         marked = _set(
@@ -658,20 +567,13 @@ def _failed(
     raise Deferred(wait.total_seconds(), why) from error
 
 
-def _end(
-    session: Session,
-    item: OutboxItem,
-    mine: datetime,
-    status: OutboxStatus,
-    kind: Kind | None,
-    error: str | None = None,
-) -> bool:
-    """End the attempt (skipped or failed) if this worker still holds the claim, and run the
-    kind's ``done``. False, changing nothing, if the claim was taken over meanwhile."""
-    if not _mark(session, item.id, mine, {"status": status, "error": error}):
-        _lost(item)
+def _end(session: Session, one: _Ready, status: OutboxStatus, error: str | None) -> bool:
+    """End the attempt (skipped or failed) and run the kind's ``done``, if this worker still
+    holds the claim (False, changing nothing, if not)."""
+    if not _set(session, _held(one), status=status, error=error):
+        _lost(one.item)
         return False
-    _done(session, item, kind, status, error)
+    _done(session, one.item, one.kind, status, error)
     return True
 
 
@@ -683,8 +585,8 @@ def _done(
         kind.done(session, item, status, detail)
 
 
-# The statements of the hot path, built once (SQLAlchemy compiles each once; building one anew
-# and computing its cache key costs more than running it).
+# The statements of the hot path, built once (building one anew and computing its cache key
+# costs more than running it).
 _o = OUTBOX.c
 _CLAIM = (
     update(OUTBOX)
@@ -698,43 +600,42 @@ _CLAIM = (
     )
     .returning(_o.id)
 )
-_marks: dict[tuple[str, ...], Update] = {}
+_SENT = (  # for an item this worker still holds (as _held)
+    update(OUTBOX)
+    .where(
+        _o.id == bindparam("b_id"),
+        _o.status == OutboxStatus.SENDING.value,
+        _o.claimed_at == bindparam("b_mine"),
+    )
+    .values(
+        status=OutboxStatus.SENT.value,
+        error=None,
+        sent_at=bindparam("v_sent_at"),
+        response=bindparam("v_response"),
+    )
+)
 
 
-def _mark_sent(session: Session, item_id: str, mine: datetime, values: dict[str, object]) -> bool:
+def _mark_sent(session: Session, one: _Ready, response: str) -> bool:
     """The sent mark, alone: on a connection of its own, which on PostgreSQL commits itself
     (autocommit: one round trip, no ``BEGIN`` and ``COMMIT`` around it)."""
+    params = {
+        "b_id": one.item.id,
+        "b_mine": one.claim,
+        "v_sent_at": utcnow(),
+        "v_response": response,
+    }
     engine = session.get_bind()
     if not isinstance(engine, Engine):  # a session bound to a connection of its own
-        marked = _mark(session, item_id, mine, values)
+        marked = rowcount(session.execute(_SENT, params)) == 1
         session.commit()
         return marked
     with engine.connect() as connection:
         if engine.dialect.name == "postgresql":
             connection = connection.execution_options(isolation_level="AUTOCOMMIT")
-        marked = _mark(connection, item_id, mine, values)
+        marked = rowcount(connection.execute(_SENT, params)) == 1
         connection.commit()
     return marked
-
-
-def _mark(
-    session: Session | Connection, item_id: str, mine: datetime, values: dict[str, object]
-) -> bool:
-    """End the attempt of an item this worker still holds (``_held``) with ``values``."""
-    names = tuple(sorted(values))
-    statement = _marks.get(names)
-    if statement is None:
-        statement = _marks[names] = (
-            update(OUTBOX)
-            .where(
-                _o.id == bindparam("b_id"),
-                _o.status == OutboxStatus.SENDING.value,
-                _o.claimed_at == bindparam("b_mine"),
-            )
-            .values({name: bindparam(f"v_{name}") for name in names})
-        )
-    params = {f"v_{name}": value for name, value in values.items()}
-    return rowcount(session.execute(statement, {"b_id": item_id, "b_mine": mine, **params})) == 1
 
 
 def _set(session: Session, guard: ColumnElement[bool], **values: object) -> bool:

@@ -1,8 +1,6 @@
-"""Mail backends behind one small interface, all sending the same stored, optionally signed
-bytes: a file outbox (the embedded default), SMTP and an HTTP provider (Mailgun).
-
-One module per concern: the interface (:mod:`.mailer`), the MIME writer (:mod:`.messages`),
-DKIM (:mod:`.dkim`), the backends and the relay policy (:mod:`.relay`)."""
+"""Mail backends behind one interface (:mod:`.mailer`), all sending the same stored, optionally
+signed bytes: a file outbox (the embedded default), SMTP and HTTP (Mailgun); the MIME writer
+(:mod:`.messages`), DKIM (:mod:`.dkim`) and the relay policy (:mod:`.relay`)."""
 
 from __future__ import annotations
 

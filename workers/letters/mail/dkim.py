@@ -1,6 +1,5 @@
-"""DKIM signing (RSA-SHA256, relaxed/relaxed) of the writer's bytes, and the email as it goes
-on the wire with its envelope: :func:`outgoing` for a stored letter, :func:`outgoing_email` for
-any other email."""
+"""DKIM signing of the writer's bytes, and the email on the wire with its envelope:
+:func:`outgoing` for a stored letter, :func:`outgoing_email` for any other email."""
 
 from __future__ import annotations
 
@@ -51,16 +50,9 @@ class DkimSigner:
         )
         return signature
 
-    def sign(self, data: bytes, domain: str) -> bytes:
-        return self.signature(data, domain) + data
-
     def letter_signature(self, letter: Letter) -> str:
         """The signature to store with a letter when it is rendered."""
         return self.signature(letter_bytes(letter), from_domain(letter.from_email)).decode("ascii")
-
-
-def _envelope(draft_from: str, to: str, envelope_sender: str | None) -> tuple[str, list[str]]:
-    return envelope_sender or wire_address(draft_from), [wire_address(to)]
 
 
 def outgoing_email(
@@ -70,9 +62,8 @@ def outgoing_email(
     from ``envelope_sender`` (the bounce address) or else its From."""
     data = write(draft)
     if signer is not None:
-        data = signer.sign(data, from_domain(draft.from_email))
-    sender, recipients = _envelope(draft.from_email, draft.to_email, envelope_sender)
-    return Outgoing(sender, recipients, data, draft.message_id)
+        data = signer.signature(data, from_domain(draft.from_email)) + data
+    return _outgoing(draft, data, envelope_sender)
 
 
 def outgoing(
@@ -83,8 +74,12 @@ def outgoing(
     if not letter.dkim_signature:
         return outgoing_email(letter_draft(letter), signer, envelope_sender)
     data = letter.dkim_signature.encode("ascii") + letter_bytes(letter)
-    sender, recipients = _envelope(letter.from_email, letter.to_email, envelope_sender)
-    return Outgoing(sender, recipients, data, letter.message_id)
+    return _outgoing(letter, data, envelope_sender)
+
+
+def _outgoing(mail: Draft | Letter, data: bytes, envelope_sender: str | None) -> Outgoing:
+    sender = envelope_sender or wire_address(mail.from_email)
+    return Outgoing(sender, [wire_address(mail.to_email)], data, mail.message_id)
 
 
 def make_signer(settings: Settings) -> DkimSigner | None:

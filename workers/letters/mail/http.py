@@ -1,6 +1,5 @@
-"""An HTTP provider: Mailgun's raw-MIME API through ``requests``, so the same signed bytes
-go as they are; 429 and 5xx are worth trying again (after Retry-After), any other refusal is
-the letter's."""
+"""Mailgun's raw-MIME API: the same signed bytes go as they are; 429 and 5xx are worth trying
+again (after Retry-After), any other refusal is the letter's."""
 
 from __future__ import annotations
 
@@ -11,11 +10,16 @@ import requests
 
 from config.settings import Settings
 from workers.database.models import utcnow
-from workers.letters.mail.mailer import Outgoing, PermanentDeliveryError, TransientDeliveryError
+from workers.letters.mail.mailer import (
+    Mailer,
+    Outgoing,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 
 
-class HttpMailer:
-    """Mailgun's ``messages.mime`` API: the signed bytes go as they are; a session per thread."""
+class HttpMailer(Mailer):
+    """Mailgun's ``messages.mime`` API, a ``requests`` session per thread."""
 
     name = "http"
 
@@ -28,12 +32,6 @@ class HttpMailer:
         self.auth = ("api", settings.email_api_key.get_secret_value())
         self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
         self._local = threading.local()
-
-    def waiting(self) -> float:
-        return 0.0
-
-    def close(self) -> None:
-        pass
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)

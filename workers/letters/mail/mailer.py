@@ -33,6 +33,8 @@ class Outgoing:
 
 
 class Mailer(Protocol):
+    """A backend; one that subclasses it never waits and holds nothing open by default."""
+
     name: str
 
     def send(self, mail: Outgoing) -> str:
@@ -41,8 +43,8 @@ class Mailer(Protocol):
 
     def waiting(self) -> float:
         """Seconds before letters should be handed over again (0: now)."""
-        ...
+        return 0.0
 
     def close(self) -> None:
         """End what the backend holds open (a worker shutting down)."""
-        ...
+        return None

@@ -5,7 +5,6 @@ start a header of its own. Nothing here signs or sends."""
 from __future__ import annotations
 
 import email.policy
-import email.quoprimime
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,9 +27,8 @@ UTF8.body_encoding = QP
 
 
 class _Wire(email.policy.Compat32):
-    """The wire format: compat32 (much cheaper than EmailMessage's header registry) with CRLF
-    line ends. A short printable ASCII header is written as it is, skipping compat32's folding,
-    which would give back the same bytes more slowly."""
+    """compat32 (cheaper than EmailMessage's header registry) with CRLF line ends; a short
+    printable ASCII header is written as it is, skipping folding that would not change it."""
 
     def fold_binary(self, name: str, value: str) -> bytes:
         limit = self.max_line_length or 0
@@ -48,8 +46,8 @@ WIRE = _Wire(linesep="\r\n")
 
 
 def _one_line(value: str) -> str:
-    """A header value, refused if it could start a header of its own (header injection): the
-    writer's last guard, not a cleaner (outside text goes through :func:`header_text` first)."""
+    """A header value, refused if it could start a header of its own: the writer's last guard
+    against header injection (outside text goes through :func:`header_text` first)."""
     if "\r" in value or "\n" in value:
         raise ValueError("Header values may not contain linefeed or carriage return characters")
     return value
@@ -141,13 +139,7 @@ class Draft:
 AUTOMATIC = (("Auto-Submitted", "auto-generated"),)
 
 
-def _boundary(letter: Letter) -> str:
-    # From the content, not a random one: every attempt sends the same bytes.
-    return f"==dearmp-{letter.content_sha256[:32]}=="
-
-
 def _envelope_headers(draft: Draft) -> list[tuple[str, str]]:
-    """The draft's headers, each refused if it has a line break."""
     headers = [
         ("From", _mailbox("From", draft.from_name, draft.from_email)),
         ("To", _mailbox("To", draft.to_name, draft.to_email)),
@@ -194,14 +186,14 @@ def letter_draft(letter: Letter) -> Draft:
         message_id=letter.message_id,
         text=letter.body_text or "",
         html=letter.body_html or None,
-        boundary=_boundary(letter),
+        boundary=f"==dearmp-{letter.content_sha256[:32]}==",  # not random: the same bytes
         headers=letter_headers(letter),
     )
 
 
 def letter_headers(letter: Letter) -> tuple[tuple[str, str], ...]:
     """What an MP's office can sort on: the campaign (List-Id) and the share of the letter in
-    the supporter's own words (X-Own-Words, in per cent). Letters rendered before have none."""
+    the supporter's own words (X-Own-Words, in per cent)."""
     headers = []
     if letter.list_id:
         headers.append(("List-Id", letter.list_id))
@@ -221,6 +213,5 @@ def from_domain(address: str) -> str:
 
 
 def letter_bytes(letter: Letter) -> bytes:
-    """The letter as sent (written twice when letters are signed: when rendered, for the
-    signature, and when delivered)."""
+    """The letter as sent (written when rendered, for the signature, and when delivered)."""
     return write(letter_draft(letter))

@@ -1,6 +1,5 @@
 """The file outbox, the embedded default backend: each letter an ``.eml`` file, readable by
-this user only, written whole (a temporary file, then a rename), so a letter in the folder is
-one letter as it would have been sent."""
+this user only, written whole (a temporary file, then a rename)."""
 
 from __future__ import annotations
 
@@ -8,22 +7,16 @@ import os
 import threading
 from pathlib import Path
 
-from workers.letters.mail.mailer import Outgoing
+from workers.letters.mail.mailer import Mailer, Outgoing
 
 
-class OutboxMailer:
+class OutboxMailer(Mailer):
     """One ``.eml`` file per letter, named by its Message-ID: writing it twice leaves one file."""
 
     name = "outbox"
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-
-    def waiting(self) -> float:
-        return 0.0
-
-    def close(self) -> None:
-        pass
 
     def send(self, mail: Outgoing) -> str:
         stem = mail.message_id.strip("<>").split("@", 1)[0]

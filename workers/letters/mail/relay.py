@@ -1,7 +1,7 @@
-"""Relay policy: what an SMTP answer says about whom it refuses. One that refuses us (our
-login, set-up or sender) pauses delivery for the whole process, so that a configuration
-mistake costs no letter an attempt and no account a lock-out; one that refuses the letter is
-the letter's (4xx: try again; 5xx: no); one about the session's state is neither."""
+"""Relay policy: what an SMTP answer says about whom it refuses. A refusal of us (our login,
+set-up or sender) pauses delivery for the whole process, so that a configuration mistake costs
+no letter an attempt and no account a lock-out; one of the letter is the letter's (4xx: try
+again; 5xx: no). Why: docs/design.md, "Delivery: sessions, refusals and limits"."""
 
 from __future__ import annotations
 
@@ -18,14 +18,12 @@ from workers.logging import mask_text
 
 
 class RelayPause:
-    """When the relay refuses us rather than a letter, no thread of the process tries again for
-    ``first`` seconds, doubling with each refusal in a row up to 15 minutes. Letters wait
-    meanwhile without losing attempts; the first letter after the pause is the probe. ``alarm``
-    is told of each pause and its end, with the relay's answer masked (it may quote an address).
-    Without it, every thread would try a wrong password for every letter, and get the account
-    locked."""
+    """When the relay refuses us, no thread of the process tries again for ``first`` seconds,
+    doubling with each refusal in a row up to ``LONGEST``; the first letter after is the probe.
+    ``alarm`` is told of each pause and its end, the relay's answer masked."""
 
     LONGEST = 900.0
+    RESUME_LOOK = 2.0  # seconds between looks for an operator's `dearmp deliveries resume`
 
     def __init__(
         self,
@@ -34,7 +32,6 @@ class RelayPause:
         alarm: Callable[[str | None, float], None] | None = None,
     ) -> None:
         self.first, self.clock, self.alarm = first, clock, alarm
-        # An operator's resume (`dearmp deliveries resume`), asked at most every RESUME_LOOK s.
         self.resumed: Callable[[float], bool] | None = getattr(alarm, "resumed", None)
         self.paused_at = 0.0  # wall clock, for the resume
         self.next_look = 0.0
@@ -46,8 +43,6 @@ class RelayPause:
         self.letters_accepted = 0
         # recipient -> letters_accepted when a policy answer last refused it (see refused_rcpt)
         self.refused_recipients: dict[str, int] = {}
-
-    RESUME_LOOK = 2.0
 
     def waiting(self) -> float:
         """Seconds until the relay may be tried again (0: now, or an operator resumed)."""
@@ -125,13 +120,10 @@ class RelayPause:
 def classify(
     relay: RelayPause, command: str, code: int, answer: bytes | str, recipient: str = ""
 ) -> Exception:
-    """The error for a refusal of ``command`` (MAIL, RCPT, DATA, or SESSION for its set-up).
-
-    421 and 503 answer the session's state: the letter waits for a new session. At DATA the
-    answer judges the letter. Authentication answers and refusals of the session or of MAIL FROM
-    pause delivery. At RCPT, words about our set-up (:data:`ABOUT_US`) or a 5.7.x may be ours or
-    the recipient's (:meth:`RelayPause.refused_rcpt`). Otherwise 4xx is transient, 5xx permanent.
-    """
+    """The error for a refusal of ``command`` (MAIL, RCPT, DATA, or SESSION for its set-up):
+    421 and 503 wait for a new session; authentication answers and refusals of the session or
+    of MAIL FROM pause delivery; at RCPT, :data:`ABOUT_US` words or a 5.7.x may be ours or the
+    recipient's (:meth:`RelayPause.refused_rcpt`); otherwise 4xx is transient, 5xx permanent."""
     text = answer_text(answer)
     message = f"{code} {text}"
     if code in OUT_OF_STEP:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 from config.settings import Settings
 from workers.letters.mail.mailer import Outgoing, TransientDeliveryError
@@ -47,16 +48,11 @@ class _Session:
 
 
 class SmtpPool:
-    """The SMTP sessions a worker process keeps open to its relay, shared by its threads.
-
-    At most ``size`` are open (a thread that finds them all busy waits); a session is closed once
-    ``max_age`` old, after ``max_letters`` letters, or ``idle`` seconds unused. A session that
-    met an error is closed, unless a :class:`Refusal` of one letter left it ``usable``.
-
-    A 421 to a new connection is the relay's limit: the pool keeps to the sessions it has until
-    ``max_age`` passes; with none open, it holds off (``HOLD_FIRST`` seconds, doubling up to
-    ``HOLD_LONGEST``) and then one thread tries. A letter that waits too long is deferred as
-    ``ours``."""
+    """At most ``size`` SMTP sessions to the relay, shared by a worker's threads, each closed
+    once ``max_age`` old, after ``max_letters`` letters, ``idle`` seconds unused, or an error
+    (unless a :class:`Refusal` left it ``usable``). A 421 to a new connection is the relay's
+    limit: keep to the sessions open, or with none hold off (``HOLD_FIRST`` doubling up to
+    ``HOLD_LONGEST``). A letter that waits longer than ``wait`` is deferred as ``ours``."""
 
     HOLD_FIRST = 1.0
     HOLD_LONGEST = 30.0
@@ -88,14 +84,11 @@ class SmtpPool:
         session = self._take()
         try:
             yield session.conn
-        except Refusal as refusal:
-            if not refusal.usable:
-                self._discard(session)
-            else:
+        except BaseException as exc:
+            if isinstance(exc, Refusal) and exc.usable:
                 self._put_back(session)
-            raise
-        except BaseException:
-            self._discard(session)
+            else:
+                self._discard(session)
             raise
         self._put_back(session)
 
@@ -137,6 +130,9 @@ class SmtpPool:
 
     def _discard(self, session: _Session) -> None:
         _close(session.conn)
+        self._release()
+
+    def _release(self) -> None:
         with self.changed:
             self.open -= 1
             self.changed.notify()
@@ -148,7 +144,9 @@ class SmtpPool:
                 now = self.clock()
                 if self.ceiling < self.size and now - self.lowered_at >= self.max_age:
                     self.ceiling = self.size
-                while not self.idle and (self.open >= self.ceiling or self._held()):
+                while not self.idle and (
+                    self.open >= self.ceiling or self.clock() < self.held_until
+                ):
                     left = deadline - time.monotonic()
                     held = self.held_until - self.clock()
                     if left <= 0:
@@ -186,18 +184,13 @@ class SmtpPool:
                     self.lowered_at = self.clock()
                 continue  # the relay allows no more: wait for one of ours, or the hold
             except BaseException:
-                with self.changed:
-                    self.open -= 1
-                    self.changed.notify()
+                self._release()
                 raise
             now = self.clock()
             with self.changed:
                 self.opened += 1
                 self.refused_in_a_row = 0
             return _Session(conn, opened=now, used=now)
-
-    def _held(self) -> bool:
-        return self.clock() < self.held_until
 
     def _usable(self, session: _Session) -> bool:
         now = self.clock()
@@ -253,22 +246,14 @@ class SmtpMailer:
         conn: smtplib.SMTP | None = None
         try:
             if s.smtp_security == "tls":
-                conn = smtplib.SMTP_SSL(
-                    s.smtp_host,
-                    s.smtp_port,
-                    local_hostname=s.smtp_helo_name,
-                    timeout=s.smtp_timeout,
-                    context=self._tls(),
-                )
+                smtp: Callable[..., smtplib.SMTP] = partial(smtplib.SMTP_SSL, context=self._tls())
             else:
-                conn = smtplib.SMTP(
-                    s.smtp_host,
-                    s.smtp_port,
-                    local_hostname=s.smtp_helo_name,
-                    timeout=s.smtp_timeout,
-                )
-                if s.smtp_security == "starttls":
-                    conn.starttls(context=self._tls())
+                smtp = smtplib.SMTP
+            conn = smtp(
+                s.smtp_host, s.smtp_port, local_hostname=s.smtp_helo_name, timeout=s.smtp_timeout
+            )
+            if s.smtp_security == "starttls":
+                conn.starttls(context=self._tls())
             conn.ehlo_or_helo_if_needed()
             if s.smtp_username and s.smtp_password:
                 with self.relay.turn():
@@ -304,13 +289,13 @@ class SmtpMailer:
                 code, answer = _transaction(conn, mail)
             self.relay.accepted()
             return f"{code} {answer.decode(errors='replace')}"
-        except smtplib.SMTPAuthenticationError as exc:  # the pause is set already (_connect)
-            text = answer_text(exc.smtp_error)
-            wait = self.relay.waiting()
-            raise TransientDeliveryError(f"{exc.smtp_code} {text}", wait, ours=True) from exc
-        except ssl.SSLCertVerificationError as exc:  # the pause is set already (_connect)
-            wait = self.relay.waiting()
-            raise TransientDeliveryError(f"TLS: {exc}", wait, ours=True) from exc
+        except (smtplib.SMTPAuthenticationError, ssl.SSLCertVerificationError) as exc:
+            # The pause is set already (_connect).
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                text = f"TLS: {exc}"
+            else:
+                text = f"{exc.smtp_code} {answer_text(exc.smtp_error)}"
+            raise TransientDeliveryError(text, self.relay.waiting(), ours=True) from exc
         except Refusal as exc:
             error = classify(self.relay, exc.command, exc.code, exc.answer, exc.recipient)
             if self.relay.waiting() > 0:
@@ -326,30 +311,26 @@ class SmtpMailer:
 def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
     """MAIL, RCPT and DATA by hand, to keep the final answer. A refusal raises :class:`Refusal`,
     ``usable`` when RSET then clears the transaction (not after a 421 or 503)."""
-    refused: Refusal | None = None
-    code, answer = conn.mail(mail.sender)
-    if code != 250:
-        refused = Refusal("MAIL", code, answer)
-    for rcpt in mail.recipients if refused is None else []:
-        code, answer = conn.rcpt(rcpt)
-        if code not in (250, 251):
-            refused = Refusal("RCPT", code, answer, rcpt)
-            break
-    if refused is None:
+    try:
+        code, answer = conn.mail(mail.sender)
+        if code != 250:
+            raise Refusal("MAIL", code, answer)
+        for rcpt in mail.recipients:
+            code, answer = conn.rcpt(rcpt)
+            if code not in (250, 251):
+                raise Refusal("RCPT", code, answer, rcpt)
         try:
             code, answer = conn.data(mail.data)
         except smtplib.SMTPDataError as exc:  # the answer to DATA itself
-            refused = Refusal("DATA", exc.smtp_code, exc.smtp_error)
-        else:
-            if code == 250:
-                return code, answer
-            refused = Refusal("DATA", code, answer)
-    if refused.code not in OUT_OF_STEP:
-        try:
-            refused.usable = conn.rset()[0] == 250
-        except (smtplib.SMTPException, OSError):
-            pass
-    raise refused
+            raise Refusal("DATA", exc.smtp_code, exc.smtp_error) from None
+        if code != 250:
+            raise Refusal("DATA", code, answer)
+        return code, answer
+    except Refusal as refused:
+        if refused.code not in OUT_OF_STEP:
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                refused.usable = conn.rset()[0] == 250
+        raise
 
 
 def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
