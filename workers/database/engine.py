@@ -16,11 +16,13 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# busy_timeout: a writer waits up to 60 s for the write lock.
+SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=60000", "foreign_keys=ON")
 
 
 def private_file(path: Path) -> None:
-    """Create ``path`` (and its folder) readable by this user only, before SQLite opens it: it
-    holds personal data. SQLite gives its -wal and -shm files the database file's mode."""
+    """Create ``path`` (and its folder) readable by this user only before SQLite opens it (it
+    holds personal data); SQLite gives its -wal and -shm files the same mode."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     if path.stat().st_mode & 0o077:  # a file made before this rule
@@ -28,10 +30,8 @@ def private_file(path: Path) -> None:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``. SQLite gets SQLAlchemy's recipe for pysqlite: SQLAlchemy, not the
-    driver, says when a transaction begins; WAL; a busy timeout; and a transaction that takes
-    the write lock (``BEGIN IMMEDIATE``) at its first write, reads before it waiting for nothing.
-    """
+    """An engine for ``url``. SQLite gets SQLAlchemy's recipe for pysqlite (SQLAlchemy, not the
+    driver, begins transactions), WAL, a busy timeout, and the write lock at the first write."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
@@ -46,26 +46,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control from pysqlite: no transaction until _on_execute opens one.
         dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=60000")  # a writer waits up to 60 s for the lock
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
+        for pragma in SQLITE_PRAGMAS:
+            dbapi_conn.execute(f"PRAGMA {pragma}")
 
-    # Reads before a transaction's first write run on their own (autocommit), each seeing the
-    # latest committed data, as under PostgreSQL's READ COMMITTED; they wait for no one, since
-    # WAL readers never block. The first statement that is not a SELECT (an INSERT, UPDATE,
-    # DELETE, DDL, or SQL text through ``execute``, whatever it says; ``exec_driver_sql`` goes
-    # around this, and only the migrations' PRAGMA uses it) begins the transaction with BEGIN
-    # IMMEDIATE, which waits in SQLite's busy handler for the one write lock, and the rest of it is
-    # serialised: a transaction never holds a read snapshot that a write would have to upgrade
-    # (SQLite refuses that upgrade when another writer committed since). SQLAlchemy tells which
-    # is which: the statement object, not its text. Every write the stages make is conditional
-    # on what they read (a state, a claim), so a read that is stale by then makes the write
-    # match nothing rather than do harm. (A BEGIN IMMEDIATE at every transaction's start, in
-    # the "begin" event, would hold the one write lock over reads: a session reading inside
-    # another's, or reading and then waiting on a mail server, would stop every writer.)
+    # Reads before a transaction's first write run on their own (autocommit), seeing the latest
+    # committed data and waiting for no one (WAL). The first statement that is not a SELECT
+    # (by the statement object: SQL text counts as a write; ``exec_driver_sql`` goes around this)
+    # begins the transaction with BEGIN IMMEDIATE: it never holds a read snapshot that a write
+    # would have to upgrade, which SQLite refuses once another writer has committed. The
+    # stages' writes are conditional on what they read, so a stale read makes a write match
+    # nothing. (BEGIN IMMEDIATE at every start would hold the one write lock over reads, and a
+    # session waiting on a mail server would stop every writer.)
     @event.listens_for(engine, "before_execute")
     def _on_execute(
         conn: Any, statement: Any, _multiparams: Any, _params: Any, _options: Any
@@ -83,7 +74,7 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 def insert_on_conflict(bind: Session | Connection, table: Any) -> Any:
     """An ``INSERT`` into ``table`` that can say what to do ``ON CONFLICT`` (PostgreSQL and SQLite
-    spell it alike; SQLAlchemy builds it from each dialect's own ``insert``)."""
+    spell it alike)."""
     dialect = bind.get_bind().dialect if isinstance(bind, Session) else bind.dialect
     return (postgresql if dialect.name == "postgresql" else sqlite).insert(table)
 

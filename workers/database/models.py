@@ -93,10 +93,7 @@ class Campaign(Base):
 
 class DirectoryVersion(Base):
     """One snapshot of constituencies and MPs, and the postcode set it uses; one is current.
-
-    Postcodes (millions of rows, changed quarterly) are stored once per postcode import and shared
-    by the versions built on them: an MP refresh makes a new version that points at the same set.
-    """
+    Postcodes are stored once per postcode import, shared by the MP refreshes built on them."""
 
     __tablename__ = "directory_versions"
 
@@ -166,13 +163,11 @@ class Submission(Base):
     client_ip_hash: Mapped[str | None] = mapped_column(String(64))
     # Keyed hash of the normalised email: finds a supporter's submissions for export and erasure.
     supporter_hash: Mapped[str | None] = mapped_column(String(64), index=True)
-    # Keyed hash of the body as posted (workers.pipeline.intake.body_hash): a reused idempotency
-    # key with another body is refused, even after the payload is scrubbed or erased.
+    # Keyed hash of the body as posted: a reused idempotency key with another body is refused.
     body_hash: Mapped[str | None] = mapped_column(String(64))
     # Outcome details: per-field reasons for a rejection, an explanation for a failure.
     rejection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     failure_reason: Mapped[str | None] = mapped_column(Text)
-    # Resolution: which directory version and which MP this letter goes to.
     directory_version_id: Mapped[int | None] = mapped_column(Integer)
     constituency_code: Mapped[str | None] = mapped_column(String(9))
     member_id: Mapped[int | None] = mapped_column(Integer)
@@ -192,7 +187,7 @@ class Submission(Base):
     dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     events: Mapped[list[SubmissionEvent]] = relationship(
-        back_populates="submission", order_by="SubmissionEvent.id", cascade="all, delete-orphan"
+        order_by="SubmissionEvent.id", cascade="all, delete-orphan"
     )
 
 
@@ -208,8 +203,6 @@ class SubmissionEvent(Base):
     state: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(default=utcnow)
     detail: Mapped[str | None] = mapped_column(Text)
-
-    submission: Mapped[Submission] = relationship(back_populates="events")
 
 
 class Letter(Base):
@@ -232,20 +225,16 @@ class Letter(Base):
     to_email: Mapped[str] = mapped_column(String(254), index=True)
     content_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # The DKIM-Signature header, made once when the letter is rendered: every attempt sends
-    # the same bytes. None: sent unsigned, or signed at each attempt (letters rendered before).
+    # The DKIM-Signature header, made once at rendering so every attempt sends the same bytes.
     dkim_signature: Mapped[str | None] = mapped_column(Text)
-    # Headers an MP's office can sort on: the campaign (List-Id) and the share of the letter in
-    # the supporter's own words, in per cent (None: rendered before these were written).
+    # Headers an MP's office can sort on: the campaign (List-Id), the share in own words (%).
     list_id: Mapped[str | None] = mapped_column(Text)
     own_words: Mapped[int | None] = mapped_column(Integer)
 
 
 class LetterPrint(Base):
-    """A letter's fingerprint, written by the comparison stage (:mod:`workers.stages.comparison`):
-    its share of the supporter's own words against the campaign's draft, its MinHash signature
-    (which cannot be read back into words), and the near-identical letters it found. Deleted
-    with the letter's text when a submission is erased or scrubbed."""
+    """A letter's fingerprint (:mod:`workers.stages.comparison`): its share of own words, its
+    MinHash signature and the near-identical letters found. Deleted with the letter's text."""
 
     __tablename__ = "letter_prints"
 
@@ -257,9 +246,7 @@ class LetterPrint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     own_words: Mapped[float] = mapped_column(Float)
     signature: Mapped[bytes] = mapped_column(LargeBinary)
-    # Near-identical letters (estimated similarity at the campaign's threshold or above) to the
-    # same MP within the comparison window, and within the hold window (of the MP's newest
-    # counts: workers.stages.comparison.RECENT_COUNTS).
+    # Near-identical letters to the same MP within the comparison window, and the hold window.
     similar: Mapped[int] = mapped_column(Integer, default=0)
     similar_recent: Mapped[int] = mapped_column(Integer, default=0)
     decision: Mapped[str] = mapped_column(String(16))  # "send", "hold" or "digest"
@@ -268,13 +255,10 @@ class LetterPrint(Base):
 
 
 class PrintCount(Base):
-    """How many letters to an MP had one signature in one hour: what the comparison stage reads
-    to count near-identical letters (a read of the distinct letters to an MP, however many
-    copies of each were sent). Written with the letters' fingerprints, in the same transaction;
-    an erased or scrubbed letter is taken off its count with its fingerprint."""
+    """How many letters to an MP had one signature in one hour: what the comparison stage counts
+    near-identical letters with. Kept in step with the letters' fingerprints."""
 
     __tablename__ = "print_counts"
-    # The stage reads an MP's counts within a window.
     __table_args__ = (Index("ix_print_counts_member_hour", "member_id", "hour"),)
 
     member_id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -284,9 +268,8 @@ class PrintCount(Base):
 
 
 class Digest(Base):
-    """One day's digest of a campaign's near-identical letters to one MP: an outbox item of its
-    own (its id is the item's), written from its letters' rows each time it is composed
-    (:mod:`workers.stages.digests`), so it holds no personal data itself."""
+    """One day's digest of a campaign's near-identical letters to one MP (its id is its outbox
+    item's); composed from its letters' rows, it holds no personal data itself."""
 
     __tablename__ = "digests"
     __table_args__ = (
@@ -303,16 +286,12 @@ class Digest(Base):
 
 
 class ConsentEvent(Base):
-    """The consent ledger: append-only, each event chained to the one before by its hash.
-
-    Nothing here identifies a person directly: the supporter is a keyed hash of their normalised
-    email, the client address a keyed hash, so the proof outlives erasure of their details.
-    """
+    """The consent ledger: append-only, each event chained to the one before by its hash. The
+    supporter and client address are keyed hashes, so the proof outlives erasure."""
 
     __tablename__ = "consent_events"
-    # Lookups by submission use the first column of uq_consent_submission, by supporter the first
-    # of ix_consent_events_supporter_channel: indexes of their own would only be more pages to
-    # write with every event (both keys are random, so each row lands on a page of its own).
+    # Lookups by submission or supporter use these indexes' first columns: no index of their own
+    # (random keys: each would be one more page written per event).
     __table_args__ = (
         UniqueConstraint("submission_id", "channel", name="uq_consent_submission"),
         Index("ix_consent_events_supporter_channel", "supporter_hash", "channel", "id"),
@@ -341,10 +320,8 @@ class ConsentEvent(Base):
 
 
 class Failure(Base):
-    """What went wrong with a message: its last attempt in full, kept when it is dead-lettered.
-
-    One row per dramatiq message id, updated on every failed attempt.
-    """
+    """A message's last failed attempt in full, kept when it is dead-lettered (one row per
+    dramatiq message id)."""
 
     __tablename__ = "failures"
 
@@ -399,9 +376,8 @@ class InboundStatus(StrEnum):
 
 
 class InboundMessage(Base):
-    """Mail (or a provider's event) received for a letter's return or reply address, stored
-    before the sender is told ``250``. The raw message is kept only until it has been acted on
-    (a reply to forward: until it is forwarded); the outcome stays, with nothing personal."""
+    """Mail (or a provider's event) received for a letter's address, stored before ``250``. The
+    raw message is kept only until acted on; the outcome stays, with nothing personal."""
 
     __tablename__ = "inbound_messages"
     __table_args__ = (Index("ix_inbound_messages_status_dispatched", "status", "dispatched_at"),)
@@ -424,14 +400,12 @@ class InboundMessage(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
     processed_at: Mapped[datetime | None] = mapped_column()
-    # Times processing it raised (passing database trouble not counted); at
-    # DEARMP_MAX_DEAD_LETTERS it is failed, not tried again, its text kept for the operator.
+    # Times processing it raised; at DEARMP_MAX_DEAD_LETTERS it is failed, its text kept.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class WebhookToken(Base):
-    """A Mailgun signature's token, kept while its timestamp would still be accepted: a second
-    request with the same token is a replay, whatever its event (every API process agrees)."""
+    """A Mailgun signature's token, kept while its timestamp is accepted: seen again, a replay."""
 
     __tablename__ = "webhook_tokens"
 
@@ -440,9 +414,8 @@ class WebhookToken(Base):
 
 
 class LetterEvent(Base):
-    """What happened to a letter after it was sent: bounced, delayed, acknowledged
-    automatically, replied to, the supporter's survey answer. No personal data: a remote
-    server's diagnostic, a status code, an answer."""
+    """What happened to a letter after it was sent (bounce, delay, auto-reply, reply, survey
+    answer). No personal data: a diagnostic, a status code, an answer."""
 
     __tablename__ = "letter_events"
     __table_args__ = (
@@ -476,10 +449,8 @@ class OutboxStatus(StrEnum):
 
 
 class OutboxItem(Base):
-    """One thing DearMP sends (the letter to the MP, whose item has its submission's id; the
-    confirmation and its reminder, a bounce notice, a forwarded reply, the survey and its
-    reminder; a webhook), sent at most once by :mod:`workers.outbox`: the key is unique per
-    submission, and the row is claimed before the mail server is asked."""
+    """One thing DearMP sends (the letter, whose item has its submission's id; a notice; a
+    webhook), at most once (:mod:`workers.outbox`): a key unique per submission, claimed first."""
 
     __tablename__ = "outbox"
     __table_args__ = (UniqueConstraint("submission_id", "key", name="uq_outbox_submission_key"),)
@@ -495,8 +466,7 @@ class OutboxItem(Base):
     endpoint_id: Mapped[int | None] = mapped_column(Integer, index=True)
     status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims
-    # Failed attempts (the mail server's refusal, an error, the worker sending it stopped; not
-    # passing database trouble): at DEARMP_OUTBOX_MAX_ATTEMPTS the item is failed, never resent.
+    # Failed attempts: at DEARMP_OUTBOX_MAX_ATTEMPTS the item is failed, never resent.
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # After a failed attempt: not tried again before this (exponential backoff).
     next_attempt_at: Mapped[datetime | None] = mapped_column()
@@ -509,8 +479,8 @@ class OutboxItem(Base):
 
 
 class WebhookEndpoint(Base):
-    """Where a CRM hears of the events it asked for (workers.webhooks), signed with its secret;
-    after a rotation the previous secret signs too until ``previous_until``."""
+    """Where a CRM hears of its events, signed with its secret (and the previous one until
+    ``previous_until``)."""
 
     __tablename__ = "webhook_endpoints"
     # An id is never used again (items name their endpoint by it), on SQLite too.
@@ -555,4 +525,3 @@ CONSENT_EVENTS = table(ConsentEvent)
 ADDRESS_HEALTH = table(AddressHealth)
 LETTER_PRINTS = table(LetterPrint)
 PRINT_COUNTS = table(PrintCount)
-DIGESTS = table(Digest)

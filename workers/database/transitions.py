@@ -1,14 +1,17 @@
 """Guarded state transitions: the database decides which worker moves a submission on.
 
-The stages read and write with SQLAlchemy Core on the tables (one statement each, compiled once
-per process), not through ORM objects: a stage is a few statements, and the ORM's unit of work
-cost more than the statements themselves.
+The stages read and write with SQLAlchemy Core statements built once per process (building
+one and computing its cache key costs more than running it), and a group of submissions is
+read with one statement and written with one statement of each kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import structlog
@@ -21,7 +24,7 @@ from workers.logging import bound
 from workers.pipeline.states import MOVES, moves_from
 from workers.webhooks import events as webhooks
 
-# RETURNING makes SQLAlchemy send a group's events as one multi-row INSERT ("insertmanyvalues")
+# RETURNING makes SQLAlchemy send a group's rows as one multi-row INSERT ("insertmanyvalues")
 # rather than a statement per row.
 RECORD_EVENT = insert(EVENTS).returning(EVENTS.c.id)
 
@@ -85,25 +88,9 @@ class At(NamedTuple):
     state: str
 
 
-# A move's statement for each set of columns it writes, and below a read's for one submission
-# and for a group, built once each. SQLAlchemy's compiled cache compiles a statement once
-# however often it is built, but building one and computing its cache key (40 to 100 µs,
-# against 0.3 µs for a statement kept) is paid on every call: built anew, the stages' reads and
-# moves cost the workers up to 1 ms more a submission (docs/performance.md, SQLite's section).
-# A group's moves are also made together by statement (GroupWrites).
-_moves: dict[tuple[str, ...], Update] = {}
-# The same move for a group whose moves are alike but for their ids (``b_ids``), by the
-# statement for one: one UPDATE, which locks its rows in the order of their ids as the moves one
-# at a time do (PostgreSQL would otherwise lock them in the table's order, and deadlock with
-# another stage's group).
-_for_ids: dict[Update, Update] = {}
-
-
 def current(session: Session, submission_id: str, read: Select[Any] | None = None) -> Any:
-    """The submission's row read by ``read`` (:func:`submission_read`; by default its id, state
-    and campaign), None if there is no such one. It has the campaign's ``definition_sha256``
-    and ``mode`` (None if the campaign is gone), so that
-    :func:`workers.letters.definitions.get_definition` needs no statement of its own."""
+    """The submission's row read by ``read`` (by default :data:`SUBMISSION`), None if there is
+    no such one; with its campaign's ``definition_sha256`` and ``mode`` (for ``get_definition``)."""
     return read_one(session, SUBMISSION if read is None else read, submission_id)
 
 
@@ -125,46 +112,71 @@ SUBMISSION = submission_read()
 WITH_PAYLOAD = submission_read("payload")
 
 
+@cache
+def _by_id(statement: Select[Any]) -> Select[Any]:
+    return statement.where(SUBMISSIONS.c.id == bindparam("id"))
+
+
+@cache
+def _by_ids(statement: Select[Any]) -> Select[Any]:
+    ids: Any = bindparam("ids", expanding=True)
+    return statement.where(SUBMISSIONS.c.id.in_(ids))
+
+
 def read_one(session: Session, statement: Select[Any], submission_id: str) -> Any:
-    """``statement``'s row for one submission (None if there is none). ``statement`` selects
-    ``submissions.id`` first, from a FROM clause that has the submissions table. While
-    ``session`` is deciding a group (:func:`run_group`), the rows of every submission of the
-    group are read with one statement, the first time one of them is asked for."""
+    """``statement``'s row for one submission, None if there is none (``statement`` selects
+    ``submissions.id`` first). In a group, every member's row is read with one statement, the
+    first time one of them is asked for."""
     group = group_of(session)
     if group is None or submission_id not in group.members:
-        one = _by_id.get(statement)
-        if one is None:
-            one = _by_id[statement] = statement.where(SUBMISSIONS.c.id == bindparam("id"))
-        return session.execute(one, {"id": submission_id}).first()
+        return session.execute(_by_id(statement), {"id": submission_id}).first()
     rows = group.read.get(statement)
     if rows is None:
-        many = _by_ids.get(statement)
-        if many is None:
-            ids: Any = bindparam("ids", expanding=True)
-            many = _by_ids[statement] = statement.where(SUBMISSIONS.c.id.in_(ids))
-        found = session.execute(many, {"ids": group.ids})
+        found = session.execute(_by_ids(statement), {"ids": group.ids})
         rows = group.read[statement] = {row[0]: row for row in found}
     return rows.get(submission_id)
 
 
-_by_id: dict[Select[Any], Select[Any]] = {}
-_by_ids: dict[Select[Any], Select[Any]] = {}
-_GROUP = "workers.database.transitions.group"  # session.info: the Group being decided, written
+@cache
+def _move_statement(names: tuple[str, ...]) -> Update:
+    """The guarded move writing the columns ``names`` (besides the state and its times)."""
+    changed = ("state", "updated_at", "dispatched_at", *names)
+    changes: dict[str, Any] = {name: bindparam(f"v_{name}") for name in changed}
+    guard = SUBMISSIONS.c.state == bindparam("b_state")
+    one = SUBMISSIONS.update().where(SUBMISSIONS.c.id == bindparam("b_id"), guard).values(changes)
+    # The same move for many ids (``b_ids``) alike but for them: one UPDATE, which locks its
+    # rows in the order of their ids as the moves one at a time do (PostgreSQL would otherwise
+    # lock them in the table's order, and deadlock with another stage's group).
+    ids: Any = bindparam("b_ids", expanding=True)
+    locked = select(SUBMISSIONS.c.id).where(SUBMISSIONS.c.id.in_(ids))
+    locked = locked.order_by(SUBMISSIONS.c.id).with_for_update()
+    _for_ids[one] = SUBMISSIONS.update().where(SUBMISSIONS.c.id.in_(locked), guard).values(changes)
+    return one
 
 
+_for_ids: dict[Update, Update] = {}
+
+
+@cache
+def _returning_key(statement: Any) -> Any:
+    """The INSERT returning its key, so that a group's rows go as one multi-row INSERT."""
+    return statement.returning(*statement.table.primary_key)
+
+
+Batched = dict[int, tuple[Executable, list[dict[str, Any]]]]
+
+
+@dataclass(eq=False)
 class GroupWrites:
-    """A group's writes, collected while its submissions are written (:func:`run_group`) and
-    made with one statement of each kind at the end, instead of a few statements per
-    submission: the guarded changes (each must match one row), then the inserts in the order
-    their kinds came, then the events, then what was collected for a writer of its own (the
-    consent ledger)."""
+    """A group's writes, collected while its submissions are written and made at the end with
+    one statement of each kind: the guarded changes (each must match one row), the inserts in
+    the order their kinds came, the events, then each writer's rows (the consent ledger)."""
 
-    def __init__(self) -> None:
-        self.now = utcnow()  # the time of the group's moves and events
-        self.guarded: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
-        self.inserts: dict[int, tuple[Executable, list[dict[str, Any]]]] = {}
-        self.events: list[dict[str, Any]] = []
-        self.later: dict[Callable[[Session, list[Any]], Any], list[Any]] = {}
+    now: datetime = field(default_factory=utcnow)  # the time of the group's moves and events
+    guarded: Batched = field(default_factory=dict)
+    inserts: Batched = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    later: dict[Callable[[Session, list[Any]], Any], list[Any]] = field(default_factory=dict)
 
     def guard(self, statement: Executable, params: dict[str, Any]) -> None:
         self.guarded.setdefault(id(statement), (statement, []))[1].append(params)
@@ -173,19 +185,17 @@ class GroupWrites:
         self.inserts.setdefault(id(statement), (statement, []))[1].append(params)
 
     def collect(self, write: Callable[[Session, list[Any]], Any], rows: list[Any]) -> None:
-        """Rows for ``write``, which gets all of the group's at the end, in order (the consent
-        ledger chains a group's events with one head read and one statement)."""
+        """Rows for ``write``, which gets all of the group's at the end, in order."""
         self.later.setdefault(write, []).extend(rows)
 
     def flush(self, session: Session) -> None:
         """Make the writes; :class:`AlreadyMoved` when a guarded change matched nothing
-        (another worker moved that submission first: the caller runs each submission again
-        alone)."""
+        (another worker moved that submission first)."""
         for statement, params in self.guarded.values():
             if rowcount(session.execute(*_alike(statement, params))) != len(params):
                 raise AlreadyMoved("a submission of the group")
         for statement, params in self.inserts.values():
-            session.execute(_one_statement(statement), params)
+            session.execute(_returning_key(statement), params)
         if self.events:
             session.execute(RECORD_EVENT, self.events)
         for write, rows in self.later.items():
@@ -196,53 +206,39 @@ def _alike(statement: Executable, params: list[dict[str, Any]]) -> tuple[Executa
     """A group's guarded changes of one kind: moves alike but for their ids as one UPDATE,
     else one row at a time (in the order of the ids)."""
     many = _for_ids.get(statement)  # type: ignore[call-overload]
-    if many is None or len(params) < 2:
+    rest = [{name: value for name, value in row.items() if name != "b_id"} for row in params]
+    if many is None or len(params) < 2 or any(row != rest[0] for row in rest):
         return statement, params
-    first = {name: value for name, value in params[0].items() if name != "b_id"}
-    for row in params[1:]:
-        if {name: value for name, value in row.items() if name != "b_id"} != first:
-            return statement, params
-    return many, {**first, "b_ids": [row["b_id"] for row in params]}
+    return many, {**rest[0], "b_ids": [row["b_id"] for row in params]}
 
 
-def _one_statement(statement: Any) -> Any:
-    """The INSERT returning its key: SQLAlchemy then sends a group's rows as one multi-row
-    INSERT ("insertmanyvalues") rather than a statement per row, as for the events."""
-    found = _returning.get(statement)
-    if found is None:
-        found = _returning[statement] = statement.returning(*statement.table.primary_key)
-    return found
-
-
-_returning: dict[Any, Any] = {}
-
-
+@dataclass(eq=False)
 class Group:
-    """The submissions one transaction decides and then writes together (:func:`in_group`): a
-    message's, however many it carries (one is a group of one). ``read``: what was read for all
-    of them, by the statement that read it (:func:`read_one`; resolution's directory lookup).
-    ``writes`` is set once every decision is made: the writes happen after them all."""
+    """The submissions one transaction decides, then writes, together: a message's. ``read``:
+    what was read for all of them, by the statement that read it; ``writes``, set once every
+    decision is made."""
 
-    def __init__(self, ids: list[str]) -> None:
-        self.ids = ids
-        self.members = frozenset(ids)
-        self.read: dict[Any, Any] = {}
-        self.writes: GroupWrites | None = None
+    ids: list[str]
+    read: dict[Any, Any] = field(default_factory=dict)
+    writes: GroupWrites | None = None
+
+    def __post_init__(self) -> None:
+        self.members = frozenset(self.ids)
+
+
+_GROUP = "workers.database.transitions.group"  # session.info: the Group being decided, written
 
 
 def group_of(session: Session) -> Group | None:
-    """The group ``session`` is deciding or writing, if any (kept in ``Session.info``, which
-    SQLAlchemy gives applications for what belongs to a session)."""
+    """The group ``session`` is deciding or writing, if any (kept in ``Session.info``)."""
     group: Group | None = session.info.get(_GROUP)
     return group
 
 
 @contextmanager
 def together(session: Session, submission_ids: Sequence[str], writing: bool) -> Iterator[None]:
-    """A group outside :func:`in_group` (the outbox's items of one message): while in it,
-    :func:`read_one` reads these submissions' rows with one statement, and, ``writing``, the
-    moves are made with one statement of each kind when it ends (:class:`GroupWrites`, which
-    raises :class:`AlreadyMoved` if one of them was moved meanwhile)."""
+    """A group (a stage's, or the outbox's items of one message): its rows are read together
+    and its writes, if any (``writing``, or set meanwhile), made together when it ends."""
     group = session.info[_GROUP] = Group(sorted(set(submission_ids)))
     group.writes = GroupWrites() if writing else None
     try:
@@ -253,20 +249,12 @@ def together(session: Session, submission_ids: Sequence[str], writing: bool) -> 
         del session.info[_GROUP]
 
 
-def group_writes(session: Session) -> GroupWrites | None:
-    """The group's writes when ``session`` is writing a group (see :class:`GroupWrites`); None
-    outside one (an operator's command) and while the group is still deciding."""
-    group = group_of(session)
-    return None if group is None else group.writes
-
-
 def writes_of(session: Session) -> GroupWrites:
-    """The writes of the group ``session`` is writing: a stage's writes are made with its
-    group's (every stage runs in one, :func:`in_group`)."""
-    writes = group_writes(session)
-    if writes is None:
+    """The writes of the group ``session`` is writing (every stage runs in one)."""
+    group = group_of(session)
+    if group is None or group.writes is None:
         raise RuntimeError("a stage's write outside its group's write step")
-    return writes
+    return group.writes
 
 
 def advance(
@@ -280,42 +268,26 @@ def advance(
 
     The UPDATE is conditional on the state this worker read, so of two workers running the same
     message only one succeeds; the other gets :class:`AlreadyMoved` and its transaction rolls back.
-    A move the table of states does not allow is refused (:class:`NotAMove`).
+    A move the table of states does not allow is refused (:class:`NotAMove`). In a group being
+    written (but for an ORM object), it is made with the group's other writes.
     """
     if (submission.state, to_state) not in MOVES:
         allowed = ", ".join(moves_from(State(submission.state))) or "none"
         raise NotAMove(f"{submission.state} -> {to_state.value} (allowed: {allowed})")
-    writes = group_writes(session)
+    group = group_of(session)
+    writes = None if group is None else group.writes
     now = writes.now if writes is not None else utcnow()
-    names = tuple(sorted(fields))
-    statement = _moves.get(names)
-    if statement is None:
-        changed = ("state", "updated_at", "dispatched_at", *names)
-        changes: dict[str, Any] = {name: bindparam(f"v_{name}") for name in changed}
-        guard = SUBMISSIONS.c.state == bindparam("b_state")
-        statement = _moves[names] = (
-            SUBMISSIONS.update().where(SUBMISSIONS.c.id == bindparam("b_id"), guard).values(changes)
-        )
-        ids: Any = bindparam("b_ids", expanding=True)
-        locked = (
-            select(SUBMISSIONS.c.id)
-            .where(SUBMISSIONS.c.id.in_(ids))
-            .order_by(SUBMISSIONS.c.id)
-            .with_for_update()
-        )
-        _for_ids[statement] = (
-            SUBMISSIONS.update().where(SUBMISSIONS.c.id.in_(locked), guard).values(changes)
-        )
+    statement = _move_statement(tuple(sorted(fields)))
     values = {"state": to_state.value, "updated_at": now, "dispatched_at": now, **fields}
     params = {f"v_{name}": value for name, value in values.items()}
-    move = {"b_id": submission.id, "b_state": submission.state, **params}
+    change = {"b_id": submission.id, "b_state": submission.state, **params}
     event = {"submission_id": submission.id, "state": to_state.value, "at": now, "detail": detail}
     if writes is not None and not isinstance(submission, Submission):
-        writes.guard(statement, move)  # made with the group's other writes
+        writes.guard(statement, change)
         writes.events.append(event)
         webhooks.on_move(session, submission, to_state, now, writes)
         return
-    if rowcount(session.execute(statement, move)) != 1:
+    if rowcount(session.execute(statement, change)) != 1:
         raise AlreadyMoved(submission.id)
     session.execute(RECORD_EVENT, event)
     webhooks.on_move(session, submission, to_state, now)  # nothing read without endpoints
@@ -334,32 +306,28 @@ def run_group(
 ) -> list[Outcome[T]]:
     """A stage's work for the submissions of one message, in one transaction of its own.
 
-    Every decision first (reads, parsing, rendering: no writes), then every write, in the order
-    of the ids, so that two transactions that touch the same submissions take their row locks in
-    the same order and cannot deadlock. A group's rows are read with one statement and its
-    writes made with one statement of each kind (:class:`GroupWrites`). A submission whose
-    decision fails gets its error and the others go on. When a guarded change matches nothing
-    (another worker moved that submission first) or any write fails, the transaction is rolled
-    back and each submission runs again alone, in a transaction of its own, where one already
-    moved is told so (:class:`AlreadyMoved`) and writes nothing: one submission cannot fail its
-    neighbours."""
+    Every decision first (no writes), then every write, in the order of the ids, so that two
+    transactions that touch the same submissions take their row locks in the same order and
+    cannot deadlock. A decision that fails fails its submission only. When any write fails (a
+    guarded change matched nothing: :class:`AlreadyMoved`), the transaction is rolled back and
+    each submission runs again alone: one submission cannot fail its neighbours."""
     ids = sorted(set(submission_ids))
     try:
         with session_scope(sessions) as session:
-            outcomes = in_group(session, ids, plan)
+            return in_group(session, ids, plan)
     except Exception as exc:
         if len(ids) == 1:
             return [(ids[0], None, exc)]
         structlog.get_logger(__name__).warning(
             "group_failed_running_alone", size=len(ids), error=type(exc).__name__
         )
-        outcomes = []
-        for sid in ids:
-            try:
-                with session_scope(sessions) as session:
-                    outcomes += in_group(session, [sid], plan)
-            except Exception as alone:
-                outcomes.append((sid, None, alone))
+    outcomes: list[Outcome[T]] = []
+    for sid in ids:
+        try:
+            with session_scope(sessions) as session:
+                outcomes += in_group(session, [sid], plan)
+        except Exception as alone:
+            outcomes.append((sid, None, alone))
     return outcomes
 
 
@@ -367,17 +335,24 @@ def in_group(
     session: Session, submission_ids: Sequence[str], plan: Callable[[Session, str], Apply[T]]
 ) -> list[Outcome[T]]:
     """Decide, then write, the submissions as one group in ``session``'s transaction (the
-    caller commits, or rolls back on an error: a guarded change that matched nothing raises
-    :class:`AlreadyMoved` when the group's writes are made)."""
-    ids = sorted(set(submission_ids))
-    group = session.info[_GROUP] = Group(ids)
-    try:
-        decided = [(sid, *_decide(session, sid, plan)) for sid in ids]
-        group.writes = GroupWrites()
-        outcomes = [_write(session, sid, write, error) for sid, write, error in decided]
-        group.writes.flush(session)
-    finally:
-        del session.info[_GROUP]
+    caller commits, or rolls back on an error such as :class:`AlreadyMoved`)."""
+    with together(session, submission_ids, writing=False):
+        group: Group = session.info[_GROUP]
+        decided: list[tuple[str, Apply[T] | None, BaseException | None]] = []
+        for sid in group.ids:
+            with bound(submission_id=sid):
+                try:
+                    decided.append((sid, plan(session, sid), None))
+                except Exception as exc:  # a decision writes nothing: the others go on
+                    decided.append((sid, None, exc))
+        group.writes = GroupWrites()  # made when the group ends
+        outcomes: list[Outcome[T]] = []
+        for sid, write, error in decided:
+            with bound(submission_id=sid):
+                try:
+                    outcomes.append((sid, None if write is None else write(session), error))
+                except AlreadyMoved as moved:  # its guarded change matched nothing
+                    outcomes.append((sid, None, moved))
     return outcomes
 
 
@@ -388,25 +363,3 @@ def one(session: Session, submission_id: str, plan: Callable[[Session, str], App
     if error is not None:
         raise error
     return value  # type: ignore[return-value]  # set whenever error is None
-
-
-def _decide(
-    session: Session, submission_id: str, plan: Callable[[Session, str], Apply[T]]
-) -> tuple[Apply[T] | None, BaseException | None]:
-    with bound(submission_id=submission_id):
-        try:
-            return plan(session, submission_id), None
-        except Exception as exc:  # a decision writes nothing: the others go on
-            return None, exc
-
-
-def _write(
-    session: Session, submission_id: str, write: Apply[T] | None, error: BaseException | None
-) -> Outcome[T]:
-    if write is None:
-        return submission_id, None, error
-    with bound(submission_id=submission_id):
-        try:
-            return submission_id, write(session), None
-        except AlreadyMoved as moved:  # its guarded change matched nothing: nothing written
-            return submission_id, None, moved

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from contextlib import suppress
 from typing import Any
 
 import idna
@@ -31,12 +32,9 @@ def canonical_email(email: str) -> str:
     """One form per mailbox for identifying a supporter: lower case, the domain as IDNA (as the
     submission stores it). Only a non-ASCII domain goes through IDNA, which is costly."""
     local, _, domain = email.strip().lower().rpartition("@")
-    if domain.isascii():
-        return f"{local}@{domain}"
-    try:
-        domain = idna.encode(domain, uts46=True).decode("ascii")
-    except idna.IDNAError:
-        pass
+    if not domain.isascii():
+        with suppress(idna.IDNAError):
+            domain = idna.encode(domain, uts46=True).decode("ascii")
     return f"{local}@{domain}"
 
 
@@ -60,8 +58,7 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one stands for (IPv4-mapped, 6to4 or NAT64), else None: the
-    one reading, for the API's client address and :func:`limiter_network` alike."""
+    """The IPv4 address an IPv6 one stands for (IPv4-mapped, 6to4 or NAT64), else None."""
     if address.ipv4_mapped is not None:
         return address.ipv4_mapped
     if address.sixtofour is not None:
@@ -78,12 +75,12 @@ def limiter_network(ip: str, ipv6_prefix: int = 64) -> str:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        ipv4 = embedded_ipv4(address)
-        if ipv4 is not None:
-            return str(ipv4)
-        return str(ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False))
-    return str(address)
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    ipv4 = embedded_ipv4(address)
+    if ipv4 is not None:
+        return str(ipv4)
+    return str(ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False))
 
 
 def supporter_hash(secret: bytes, email: str) -> str:

@@ -1,17 +1,16 @@
 """The consent ledger: append-only and tamper-evident.
 
-Each event carries the hash of the event before it and its own hash over its content and that
-link, so changing, removing or reordering any event breaks the chain from there on. Appends are
-serialised (a transaction-scoped advisory lock on PostgreSQL; SQLite's write lock is already
-exclusive), so the chain has one order: the order of ids. The application never updates or deletes
-an event; on PostgreSQL and SQLite triggers refuse it (migration 0005).
+Each event carries the hash of the one before and its own hash over its content and that link,
+so changing, removing or reordering any event breaks the chain. Appends are serialised (an
+advisory lock on PostgreSQL, the write lock on SQLite): the chain's order is the ids'. Triggers
+refuse updates and deletes (migration 0005).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +40,6 @@ HASHED = (
     "recorded_at",
 )
 LOCK_KEY = 0x6465_6172_6D70  # "dearmp": the advisory lock that serialises appends
-PREFERENCE_TYPES = ("preference", "withdrawal")
 
 
 def _plain(value: Any) -> Any:
@@ -85,17 +83,13 @@ def head(session: Session) -> str:
 
 def append(session: Session, events: Iterable[ConsentEvent | Mapping[str, Any]]) -> int:
     """Chain ``events`` (ORM objects, or mappings of the :data:`HASHED` fields) onto the ledger
-    in order, the caller commits, which releases the lock; returns how many were written.
-
-    The events are written as given (every hashed field, then the link and the hash), in one
-    executemany whose rows take their ids in order: the order of the chain.
-    """
+    in order, in one executemany whose rows take their ids in order; returns how many. The
+    caller commits, which releases the lock."""
     fields = [_fields(event) for event in events]
     if not fields:
         return 0
     hold(session)
-    # A transaction that has appended already knows the head: the last hash it wrote (a
-    # consent group appends many submissions' events in one transaction).
+    # A transaction that has appended already knows the head: the last hash it wrote.
     transaction = session.get_transaction()
     known = session.info.get(_HEAD_KNOWN)
     previous = known[1] if known is not None and known[0] is transaction else head(session)
@@ -105,17 +99,16 @@ def append(session: Session, events: Iterable[ConsentEvent | Mapping[str, Any]])
         previous = event_hash(link, row)
         rows.append({**row, "prev_hash": link, "hash": previous})
     session.execute(_INSERT, rows)
-    session.info[_HEAD_KNOWN] = (session.get_transaction(), previous)
+    session.info[_HEAD_KNOWN] = (transaction, previous)
     return len(rows)
 
 
 def hold(session: Session) -> None:
     """Take the ledger's lock for this transaction (once per transaction).
 
-    A transaction that appends must call this before it takes any row lock (consent logging's
-    first write), so that every transaction takes the ledger's lock first or not at all, and
-    none waits for it while holding a row another one waits for. On SQLite it takes the write
-    lock, which is exclusive, so that the head read next is the last one written."""
+    A transaction that appends calls this before it takes any row lock, so that none waits for
+    the ledger's lock while holding a row another one waits for. On SQLite it takes the write
+    lock, so that the head read next is the last one written."""
     session.connection()  # the session's transaction has begun
     transaction = session.get_transaction()
     if session.info.get(_LOCKED) is transaction:
@@ -144,28 +137,11 @@ class Verification:
         return self.broken_at is None
 
 
-def _rows(session: Session, batch: int = 5000) -> Iterator[ConsentEvent]:
-    last_id = 0
-    while True:
-        rows = list(
-            session.scalars(
-                select(ConsentEvent)
-                .where(ConsentEvent.id > last_id)
-                .order_by(ConsentEvent.id)
-                .limit(batch)
-            )
-        )
-        if not rows:
-            return
-        yield from rows
-        last_id = rows[-1].id
-        session.expunge_all()
-
-
 def verify(session: Session) -> Verification:
     """Walk the chain from the start; report the first event whose link or content is wrong."""
     previous, count = GENESIS, 0
-    for event in _rows(session):
+    events = select(ConsentEvent).order_by(ConsentEvent.id)
+    for event in session.scalars(events.execution_options(yield_per=5000)):
         if event.prev_hash != previous:
             return Verification(count, previous, event.id, "its link to the event before is wrong")
         if event.hash != event_hash(previous, _fields(event)):

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
 from schemas.campaign import Retention
 from schemas.postcode import outward
 from schemas.submission import CHANNELS
 from workers.database.models import (
+    Base,
     Campaign,
     ConsentEvent,
     InboundMessage,
@@ -39,7 +40,7 @@ from workers.database.models import (
     WebhookEndpoint,
     utcnow,
 )
-from workers.database.transitions import AlreadyMoved, advance
+from workers.database.transitions import AlreadyMoved, advance, rowcount
 from workers.letters.definitions import get_definition
 from workers.outbox.kinds import file_stem
 from workers.privacy.hashing import supporter_hash
@@ -50,58 +51,51 @@ from workers.webhooks.events import KIND as WEBHOOK
 from workers.webhooks.events import emit
 
 ERASED = "(erased)"
+BY_REQUEST = "erased at the supporter's request"
 RECEIPT_NAMESPACE = uuid.UUID("6b1c3a52-8d8e-4c39-a0f4-2f0a3f6d9e11")
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+def _facts(row: Any, fields: str) -> dict[str, Any]:
+    """``row``'s space-separated ``fields`` (``key:attribute`` to name one otherwise) as
+    JSON-ready data: datetimes in ISO 8601."""
+    facts = {}
+    for field in fields.split():
+        key, _, attribute = field.partition(":")
+        value = getattr(row, attribute or key)
+        facts[key] = value.isoformat() if isinstance(value, datetime) else value
+    return facts
 
 
-def submissions_of(session: Session, secret: bytes, email: str) -> list[Submission]:
-    who = supporter_hash(secret, email)
-    return list(
-        session.scalars(
-            select(Submission)
-            .where(Submission.supporter_hash == who)
-            .order_by(Submission.created_at)
-        )
-    )
+SUBMISSION_FACTS = (
+    "id campaign:campaign_slug state received_at:created_at details:payload rejection "
+    "failure_reason constituency_code mp:recipient scrubbed_at erased_at"
+)
+LEDGER_FACTS = (
+    "id type:event_type campaign:campaign_slug channel choice wording wording_version "
+    "wording_sha256 lawful_basis privacy_notice_version source_url recorded_at hash"
+)
+
+
+def _submissions(session: Session, who: str) -> list[Submission]:
+    found = select(Submission).where(Submission.supporter_hash == who)
+    return list(session.scalars(found.order_by(Submission.created_at)))
+
+
+def _ledger(session: Session, who: str) -> list[ConsentEvent]:
+    found = select(ConsentEvent).where(ConsentEvent.supporter_hash == who)
+    return list(session.scalars(found.order_by(ConsentEvent.id)))
+
+
+def _about(session: Session, model: Any, submission_id: str, *where: Any, order: Any = None) -> Any:
+    """``model``'s rows about one submission, by ``order`` (by default their ids)."""
+    found = select(model).where(model.submission_id == submission_id, *where)
+    return session.scalars(found.order_by(model.id if order is None else order))
 
 
 def holds_anything(session: Session, secret: bytes, email: str) -> bool:
     """Whether anything is held about the address: a submission, or an event of the ledger."""
     who = supporter_hash(secret, email)
-    found = session.scalar(select(Submission.id).where(Submission.supporter_hash == who).limit(1))
-    return found is not None or bool(_ledger(session, who))
-
-
-def _ledger(session: Session, who: str) -> list[ConsentEvent]:
-    return list(
-        session.scalars(
-            select(ConsentEvent).where(ConsentEvent.supporter_hash == who).order_by(ConsentEvent.id)
-        )
-    )
-
-
-def _ledger_rows(session: Session, who: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": e.id,
-            "type": e.event_type,
-            "campaign": e.campaign_slug,
-            "channel": e.channel,
-            "choice": e.choice,
-            "wording": e.wording,
-            "wording_version": e.wording_version,
-            "wording_sha256": e.wording_sha256,
-            "lawful_basis": e.lawful_basis,
-            "privacy_notice_version": e.privacy_notice_version,
-            "source_url": e.source_url,
-            "recorded_at": _iso(e.recorded_at),
-            "hash": e.hash,
-        }
-        for e in _ledger(session, who)
-    ]
+    return bool(_submissions(session, who) or _ledger(session, who))
 
 
 def _webhook(session: Session, item: OutboxItem) -> dict[str, Any]:
@@ -115,78 +109,41 @@ def _webhook(session: Session, item: OutboxItem) -> dict[str, Any]:
     }
 
 
+def _export(session: Session, sub: Submission) -> dict[str, Any]:
+    letter = session.get(Letter, sub.id)
+    delivery = session.get(OutboxItem, sub.id)  # the letter's item: its submission's id
+    return _facts(sub, SUBMISSION_FACTS) | {
+        "history": [_facts(e, "state at detail") for e in _about(session, SubmissionEvent, sub.id)],
+        "letter": None
+        if letter is None
+        else _facts(letter, "subject body:body_text from:from_name")
+        | {"to": f"{letter.to_name} <{letter.to_email}>", "message_id": letter.message_id},
+        "delivery": None if delivery is None else _facts(delivery, "status sent_at attempts"),
+        # What came back to the letter (its facts: no reply text is kept).
+        "after_sent": [
+            _facts(e, "event:kind at status detail") for e in _about(session, LetterEvent, sub.id)
+        ],
+        # Everything else sent about it (the outbox's items but the letter).
+        "notices": [
+            _facts(n, "kind status sent_at")
+            | (_webhook(session, n) if n.endpoint_id is not None else {})
+            for n in _about(
+                session, OutboxItem, sub.id, OutboxItem.id != sub.id, order=OutboxItem.created_at
+            )
+        ],
+    }
+
+
 def export_supporter(session: Session, secret: bytes, email: str) -> dict[str, Any]:
     """Everything held about one person (UK GDPR article 15), as JSON-ready data."""
     who = supporter_hash(secret, email)
-    submissions = []
-    for sub in submissions_of(session, secret, email):
-        history = session.scalars(
-            select(SubmissionEvent)
-            .where(SubmissionEvent.submission_id == sub.id)
-            .order_by(SubmissionEvent.id)
-        )
-        letter = session.get(Letter, sub.id)
-        delivery = session.get(OutboxItem, sub.id)  # the letter's item: its submission's id
-        submissions.append(
-            {
-                "id": sub.id,
-                "campaign": sub.campaign_slug,
-                "state": sub.state,
-                "received_at": _iso(sub.created_at),
-                "details": sub.payload,
-                "rejection": sub.rejection,
-                "failure_reason": sub.failure_reason,
-                "constituency_code": sub.constituency_code,
-                "mp": sub.recipient,
-                "scrubbed_at": _iso(sub.scrubbed_at),
-                "erased_at": _iso(sub.erased_at),
-                "history": [
-                    {"state": e.state, "at": _iso(e.at), "detail": e.detail} for e in history
-                ],
-                "letter": None
-                if letter is None
-                else {
-                    "subject": letter.subject,
-                    "body": letter.body_text,
-                    "from": letter.from_name,
-                    "to": f"{letter.to_name} <{letter.to_email}>",
-                    "message_id": letter.message_id,
-                },
-                "delivery": None
-                if delivery is None
-                else {
-                    "status": delivery.status,
-                    "sent_at": _iso(delivery.sent_at),
-                    "attempts": delivery.attempts,
-                },
-                # What came back to the letter (its facts: no reply text is kept).
-                "after_sent": [
-                    {"event": e.kind, "at": _iso(e.at), "status": e.status, "detail": e.detail}
-                    for e in session.scalars(
-                        select(LetterEvent)
-                        .where(LetterEvent.submission_id == sub.id)
-                        .order_by(LetterEvent.id)
-                    )
-                ],
-                # Everything else sent about it (the outbox's items but the letter).
-                "notices": [
-                    {"kind": n.kind, "status": n.status, "sent_at": _iso(n.sent_at)}
-                    | (_webhook(session, n) if n.endpoint_id is not None else {})
-                    for n in session.scalars(
-                        select(OutboxItem)
-                        .where(OutboxItem.submission_id == sub.id, OutboxItem.id != sub.id)
-                        .order_by(OutboxItem.created_at)
-                    )
-                ],
-            }
-        )
     return {
         "supporter": {"email": email, "supporter_id": who},
         "generated_at": utcnow().isoformat(),
-        "submissions": submissions,
+        "submissions": [_export(session, sub) for sub in _submissions(session, who)],
         "consent": {
             "current": current_preferences(session, who),
-            "events": _ledger_rows(session, who),
+            "events": [_facts(e, LEDGER_FACTS) for e in _ledger(session, who)],
         },
     }
 
@@ -204,29 +161,32 @@ class ErasureReport:
         return asdict(self)
 
 
-def _erased_payload(payload: Any) -> dict[str, Any]:
-    kept: dict[str, Any] = {"erased": True}
-    if isinstance(payload, dict):
-        for key in ("schema_version", "campaign", "contact_preferences"):
-            if key in payload:
-                kept[key] = payload[key]
-    return kept
+def _update(session: Session, model: type[Base], *where: ColumnElement[bool], **values: Any) -> int:
+    """UPDATE ``model``'s rows matching ``where`` (none of them loaded); how many matched."""
+    statement = update(model).where(*where).values(**values)
+    return rowcount(session.execute(statement.execution_options(synchronize_session=False)))
 
 
-def _remove_outbox_file(outbox_dir: Path | None, submission_id: str) -> int:
-    if outbox_dir is None:
+def _remove_outbox_file(outbox_dir: Path | None, stem: str) -> int:
+    if outbox_dir is None or not (path := outbox_dir / f"{stem}.eml").exists():
         return 0
-    path = outbox_dir / f"{submission_id}.eml"
-    if path.exists():
-        path.unlink()
-        return 1
-    return 0
+    path.unlink()
+    return 1
 
 
-def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | None) -> None:
-    """Delete the kept text of what came back to the letter and the letter's fingerprint (its
-    signature and bands are made from its words), skip the emails to the supporter not yet
-    sent, and remove the file outbox's copies of them."""
+# A letter's columns retention scrubs; erasure scrubs its names and addresses too.
+SCRUBBED_LETTER = {"body_text": None, "body_html": None, "dkim_signature": None}
+ERASED_LETTER = SCRUBBED_LETTER | {"subject": ERASED, "from_name": ERASED, "reply_to": None}
+
+
+def _forget(
+    session: Session, submission_id: str, outbox_dir: Path | None, letter: dict[str, Any]
+) -> tuple[int, int]:
+    """Scrub the letter's columns ``letter`` and remove its file outbox copy; delete the kept
+    text of what came back to it and its fingerprint (made from its words), skip the emails to
+    the supporter not yet sent, and remove their copies. How many letters and letter files."""
+    scrubbed = _update(session, Letter, Letter.submission_id == submission_id, **letter)
+    removed = _remove_outbox_file(outbox_dir, submission_id)
     digest_id = session.scalar(
         select(LetterPrint.digest_id).where(LetterPrint.submission_id == submission_id)
     )
@@ -234,27 +194,22 @@ def _forget_after_sent(session: Session, submission_id: str, outbox_dir: Path | 
         _remove_outbox_file(outbox_dir, f"digest-{digest_id}")
     uncount(session, submission_id)
     session.execute(delete(LetterPrint).where(LetterPrint.submission_id == submission_id))
-    session.execute(
-        update(InboundMessage)
-        .where(InboundMessage.submission_id == submission_id)
-        .values(raw=None)
-        .execution_options(synchronize_session=False)
-    )
+    _update(session, InboundMessage, InboundMessage.submission_id == submission_id, raw=None)
     items = session.scalars(select(OutboxItem).where(OutboxItem.submission_id == submission_id))
     for item in items.all():
         _remove_outbox_file(outbox_dir, file_stem(item))
-    session.execute(
-        update(OutboxItem)
-        .where(
-            OutboxItem.submission_id == submission_id,
-            OutboxItem.status == OutboxStatus.PENDING,
-            # A webhook is written when sent, without their details; a digest carries other
-            # letters too, and is written without an erased one's.
-            OutboxItem.kind.not_in((WEBHOOK, DIGEST)),
-        )
-        .values(status=OutboxStatus.SKIPPED, error="erased at the supporter's request")
-        .execution_options(synchronize_session=False)
+    _update(
+        session,
+        OutboxItem,
+        OutboxItem.submission_id == submission_id,
+        OutboxItem.status == OutboxStatus.PENDING,
+        # A webhook is written when sent, without their details; a digest carries other
+        # letters too, and is written without an erased one's.
+        OutboxItem.kind.not_in((WEBHOOK, DIGEST)),
+        status=OutboxStatus.SKIPPED,
+        error=BY_REQUEST,
     )
+    return scrubbed, removed
 
 
 def _stop(session: Session, submission: Submission) -> bool:
@@ -265,16 +220,17 @@ def _stop(session: Session, submission: Submission) -> bool:
             return False
         try:
             with session.begin_nested():
-                advance(
-                    session,
-                    submission,
-                    State.WITHDRAWN,
-                    detail="erased at the supporter's request",
-                )
+                advance(session, submission, State.WITHDRAWN, detail=BY_REQUEST)
             return True
         except AlreadyMoved:
             continue  # a worker moved it meanwhile: look again
     raise RuntimeError(f"submission {submission.id} kept moving; try the erasure again")
+
+
+def _erased_payload(payload: Any) -> dict[str, Any]:
+    found = payload if isinstance(payload, dict) else {}
+    kept = ("schema_version", "campaign", "contact_preferences")
+    return {"erased": True} | {key: found[key] for key in kept if key in found}
 
 
 def erase_supporter(
@@ -288,48 +244,29 @@ def erase_supporter(
     hold(session)  # the ledger's lock before any row lock (see workers.privacy.ledger.hold)
     report = ErasureReport()
     now = utcnow()
-    for sub in submissions_of(session, secret, email):
-        report.submissions += 1
-        if _stop(session, sub):
-            report.stopped_before_sending += 1
-        rejection = {field: ERASED for field in sub.rejection} if sub.rejection else None
-        session.execute(
-            update(Submission)
-            .where(Submission.id == sub.id)
-            .values(
-                payload=_erased_payload(sub.payload),
-                rejection=rejection,
-                erased_at=now,
-                scrubbed_at=now,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        scrubbed = session.execute(
-            update(Letter)
-            .where(Letter.submission_id == sub.id)
-            .values(
-                subject=ERASED,
-                body_text=None,
-                body_html=None,
-                from_name=ERASED,
-                reply_to=None,
-                dkim_signature=None,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        report.letters_scrubbed += int(getattr(scrubbed, "rowcount", 0) or 0)
-        report.outbox_files_removed += _remove_outbox_file(outbox_dir, sub.id)
-        _forget_after_sent(session, sub.id, outbox_dir)
-        emit(session, "supporter.erased", sub.id, campaign=sub.campaign_slug)
     who = supporter_hash(secret, email)
-    report.consent_events_kept = len(
-        session.scalars(select(ConsentEvent.id).where(ConsentEvent.supporter_hash == who)).all()
-    )
+    for sub in _submissions(session, who):
+        report.submissions += 1
+        report.stopped_before_sending += _stop(session, sub)
+        _update(
+            session,
+            Submission,
+            Submission.id == sub.id,
+            payload=_erased_payload(sub.payload),
+            rejection={field: ERASED for field in sub.rejection} if sub.rejection else None,
+            erased_at=now,
+            scrubbed_at=now,
+            updated_at=now,
+        )
+        scrubbed, removed = _forget(session, sub.id, outbox_dir, ERASED_LETTER)
+        report.letters_scrubbed += scrubbed
+        report.outbox_files_removed += removed
+        emit(session, "supporter.erased", sub.id, campaign=sub.campaign_slug)
+    report.consent_events_kept = len(_ledger(session, who))
     report.consent_events_added = withdraw(
         session, secret, email, list(CHANNELS), source="erasure request"
     )
-    append(
+    report.consent_events_added += append(
         session,
         [
             ConsentEvent(
@@ -347,7 +284,6 @@ def erase_supporter(
             )
         ],
     )
-    report.consent_events_added += 1
     return report
 
 
@@ -365,20 +301,21 @@ RETENTION_STATES = {
 def _scrubbed_payload(payload: Any) -> Any:
     if not isinstance(payload, dict):
         return payload
-    scrubbed = dict(payload)
-    supporter = dict(scrubbed.get("supporter") or {})
+    supporter = dict(payload.get("supporter") or {})
     if "address_lines" in supporter:
         supporter["address_lines"] = []
     if isinstance(supporter.get("postcode"), str):
         supporter["postcode"] = outward(supporter["postcode"])  # the district says little
-    scrubbed["supporter"] = supporter
-    letter = dict(scrubbed.get("letter") or {})
+    letter = dict(payload.get("letter") or {})
     if "body" in letter:
         letter["body"] = ""
     if "answers" in letter:  # their own words too
         letter["answers"] = {}
-    scrubbed["letter"] = letter
-    return scrubbed
+    return payload | {"supporter": supporter, "letter": letter}
+
+
+# run_retention's count of inbound messages whose text it deleted, tied to no letter it scrubs.
+INBOUND_UNLINKED = "inbound without a letter"
 
 
 def run_retention(
@@ -403,31 +340,18 @@ def run_retention(
         failed_days.append(definition.retention.failed_days)
         for state, setting in RETENTION_STATES.items():
             cutoff = now - timedelta(days=getattr(definition.retention, setting))
-            while True:
-                due = list(
-                    session.scalars(
-                        select(Submission)
-                        .where(
-                            Submission.campaign_slug == slug,
-                            Submission.state == state,
-                            Submission.scrubbed_at.is_(None),
-                            Submission.updated_at <= cutoff,
-                        )
-                        .limit(batch)
-                    )
-                )
+            due_now = select(Submission).where(
+                Submission.campaign_slug == slug,
+                Submission.state == state,
+                Submission.scrubbed_at.is_(None),
+                Submission.updated_at <= cutoff,
+            )
+            while due := list(session.scalars(due_now.limit(batch))):
                 for sub in due:
                     sub.payload = _scrubbed_payload(sub.payload)
                     sub.scrubbed_at = now
-                    session.execute(
-                        update(Letter)
-                        .where(Letter.submission_id == sub.id)
-                        .values(body_text=None, body_html=None, dkim_signature=None)
-                        .execution_options(synchronize_session=False)
-                    )
-                    _remove_outbox_file(outbox_dir, sub.id)
-                    _forget_after_sent(session, sub.id, outbox_dir)
-                    done[state] = done.get(state, 0) + 1
+                    _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER)
+                done[state] = done.get(state, 0) + len(due)
                 session.flush()
                 if len(due) < batch:
                     break
@@ -439,26 +363,19 @@ def run_retention(
     return done
 
 
-# run_retention's count of inbound messages whose text it deleted, tied to no letter it scrubs.
-INBOUND_UNLINKED = "inbound without a letter"
-
-
 def _forget_inbound(session: Session, cutoff: datetime) -> int:
     """Delete the kept text of processed inbound messages received before ``cutoff`` that are
     tied to no submission, or to one already scrubbed. How many."""
     scrubbed = select(Submission.id).where(Submission.scrubbed_at.is_not(None))
-    forgotten = session.execute(
-        update(InboundMessage)
-        .where(
-            InboundMessage.raw.is_not(None),
-            InboundMessage.received_at <= cutoff,
-            InboundMessage.status != InboundStatus.RECEIVED,
-            InboundMessage.submission_id.is_(None) | InboundMessage.submission_id.in_(scrubbed),
-        )
-        .values(raw=None)
-        .execution_options(synchronize_session=False)
+    return _update(
+        session,
+        InboundMessage,
+        InboundMessage.raw.is_not(None),
+        InboundMessage.received_at <= cutoff,
+        InboundMessage.status != InboundStatus.RECEIVED,
+        InboundMessage.submission_id.is_(None) | InboundMessage.submission_id.in_(scrubbed),
+        raw=None,
     )
-    return int(getattr(forgotten, "rowcount", 0) or 0)
 
 
 PURPOSES = {
@@ -480,7 +397,7 @@ def consent_receipt(session: Session, secret: bytes, email: str) -> dict[str, An
     definition = get_definition(session, latest.campaign_slug)
     current = current_preferences(session, who)
     controller: dict[str, Any] = {"piiController": latest.campaign_slug, "onBehalf": False}
-    policy_url, services = "", []
+    policy_url = ""
     if definition is not None:
         c = definition.controller
         controller = {
@@ -494,7 +411,7 @@ def consent_receipt(session: Session, secret: bytes, email: str) -> dict[str, An
         }
         policy_url = definition.privacy_notice_url
     wording = {e.channel: e for e in collected}
-    purposes = []
+    purposes, services = [], []
     for channel in CHANNELS:
         if current.get(channel, {}).get("choice") != "granted":
             continue
@@ -578,6 +495,12 @@ def spreadsheet_safe(value: object) -> object:
     return value
 
 
+def _csv_line(values: list[Any]) -> str:
+    line = io.StringIO()
+    csv.writer(line).writerow([spreadsheet_safe(value) for value in values])
+    return line.getvalue()
+
+
 def consent_csv(session: Session) -> Iterator[str]:
     """Current contact preferences per supporter, as CSV lines for a CRM (header first). An
     erased supporter appears by their pseudonymous id only."""
@@ -591,17 +514,7 @@ def consent_csv(session: Session) -> Iterator[str]:
         supporter = payload.get("supporter") if isinstance(payload, dict) else None
         if isinstance(supporter, dict) and supporter.get("email"):
             contact[who] = (supporter["email"], supporter.get("name") or "")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-
-    def flush() -> str:
-        text = buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-        return text
-
-    writer.writerow(EXPORT_COLUMNS)
-    yield flush()
+    yield _csv_line(EXPORT_COLUMNS)
     rows = session.execute(
         select(ConsentEvent.supporter_hash).distinct().order_by(ConsentEvent.supporter_hash)
     ).scalars()
@@ -612,8 +525,7 @@ def consent_csv(session: Session) -> Iterator[str]:
         email, name = contact.get(who, ("", ""))
         updated = max(p["since"] for p in current.values())
         choices = [current.get(c, {}).get("choice", "not_asked") for c in CHANNELS]
-        writer.writerow([spreadsheet_safe(v) for v in (who, email, name, *choices, updated)])
-        yield flush()
+        yield _csv_line([who, email, name, *choices, updated])
 
 
 WITHDRAWAL_WORDING = "The supporter withdrew consent for contact by this channel."
@@ -630,7 +542,6 @@ def withdraw(
     now = utcnow()
     events = [
         ConsentEvent(
-            submission_id=None,
             supporter_hash=supporter_hash(secret, email),
             event_type="withdrawal",
             campaign_slug="*",
