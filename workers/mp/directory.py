@@ -1,8 +1,8 @@
 """The local MP directory: versioned imports of constituencies, MPs and postcodes.
 
 An import builds a complete new version and switches to it in the same transaction, so readers
-never see half a directory. Postcode files are streamed (PostgreSQL parses them with ``COPY``;
-SQLite takes batches), and ``progress`` is told how many bytes have been read.
+never see half a directory. Postcode files are streamed (``COPY`` on PostgreSQL, batches on
+SQLite), and ``progress`` is told how many bytes have been read.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import csv
 import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from sqlalchemy import Integer, delete, func, insert, literal, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -43,11 +44,6 @@ class ImportCounts:
     postcodes: int
 
 
-def _read_csv(path: Path) -> Iterator[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        yield from csv.DictReader(fh)
-
-
 def _pick(row: dict[str, str], *names: str) -> str:
     for name in names:
         if row.get(name):
@@ -55,28 +51,34 @@ def _pick(row: dict[str, str], *names: str) -> str:
     return ""
 
 
-def member_rows(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
+def member_rows(
+    path: Path, version_id: int
+) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
     """(constituency, member or None) per row of a CSV in the constituencies-with-MPs layout."""
-    for row in _read_csv(path):
-        member_id = _pick(row, "member_id")
-        constituency = {
-            "gss_code": _pick(row, "ons_code", "pcon24cd"),
-            "name": _pick(row, "constituency_name"),
-            "country": _pick(row, "country"),
-            "member_id": int(member_id) if member_id else None,
-        }
-        if not constituency["gss_code"] or not constituency["name"]:
-            raise DirectoryError(f"{path.name}: a row has no ons_code or constituency_name")
-        member = None
-        if member_id:
-            member = {
-                "member_id": int(member_id),
-                "name": _pick(row, "mp_name"),
-                "party": _pick(row, "party"),
-                "email": _pick(row, "email") or None,
-                "phone": _pick(row, "phone") or None,
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        for row in csv.DictReader(fh):
+            given = _pick(row, "member_id")
+            member_id = int(given) if given else None
+            constituency = {
+                "version_id": version_id,
+                "gss_code": _pick(row, "ons_code", "pcon24cd"),
+                "name": _pick(row, "constituency_name"),
+                "country": _pick(row, "country"),
+                "member_id": member_id,
             }
-        yield constituency, member
+            if not constituency["gss_code"] or not constituency["name"]:
+                raise DirectoryError(f"{path.name}: a row has no ons_code or constituency_name")
+            member = None
+            if member_id is not None:
+                member = {
+                    "version_id": version_id,
+                    "member_id": member_id,
+                    "name": _pick(row, "mp_name"),
+                    "party": _pick(row, "party"),
+                    "email": _pick(row, "email") or None,
+                    "phone": _pick(row, "phone") or None,
+                }
+            yield constituency, member
 
 
 @dataclass(frozen=True)
@@ -117,52 +119,32 @@ class PostcodeLayout:
         }
 
 
-class _CountingReader(io.RawIOBase):
-    """A binary file that reports how many bytes have been read so far."""
-
-    def __init__(self, fh: IO[bytes], progress: Progress | None) -> None:
-        self.fh, self.progress = fh, progress
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self.fh.readinto(buffer)  # type: ignore[attr-defined]
-        if n and self.progress is not None:
-            self.progress(n)
-        return int(n or 0)
-
-
 def _header(path: Path) -> list[str]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         return next(csv.reader(fh), [])
 
 
 def _postcodes_sqlite(
-    session: Session, path: Path, version_id: int, progress: Progress | None, first: bool
+    session: Session, path: Path, version_id: int, progress: Progress, first: bool
 ) -> None:
     layout = PostcodeLayout.from_header(_header(path), path.name)
     stmt = insert(Postcode)
     if not first:  # later files add only postcodes the earlier ones lack
         stmt = stmt.prefix_with("OR IGNORE")
-    with path.open("rb") as raw:
-        counted = io.BufferedReader(_CountingReader(raw, progress), CHUNK)
-        reader = csv.reader(io.TextIOWrapper(counted, encoding="utf-8-sig", newline=""))
+    with path.open("rb") as fh:
+        reader = csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", newline=""))
         next(reader, None)
-        batch: list[dict[str, Any]] = []
-        for values in reader:
-            row = layout.row(values)
-            if row is not None:
-                batch.append({**row, "version_id": version_id})
-            if len(batch) >= BATCH:
-                session.execute(stmt, batch)
-                batch = []
-        if batch:
+        rows = (row for row in map(layout.row, reader) if row is not None)
+        told = 0
+        while batch := [{**row, "version_id": version_id} for row in islice(rows, BATCH)]:
             session.execute(stmt, batch)
+            progress(fh.tell() - told)
+            told = fh.tell()
+        progress(fh.tell() - told)
 
 
 def _postcodes_postgresql(
-    session: Session, path: Path, version_id: int, progress: Progress | None, first: bool
+    session: Session, path: Path, version_id: int, progress: Progress, first: bool
 ) -> None:
     """COPY the file's bytes into a staging table; PostgreSQL parses the CSV, SQL normalises it."""
     header = _header(path)
@@ -172,14 +154,11 @@ def _postcodes_postgresql(
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor.copy("COPY dearmp_postcode_stage FROM STDIN (FORMAT csv, HEADER true)") as copy:
         with path.open("rb") as fh:
-            at_start = True
+            if fh.read(3) != b"\xef\xbb\xbf":  # a byte order mark is skipped
+                fh.seek(0)
             while chunk := fh.read(CHUNK):
-                if at_start and chunk.startswith(b"\xef\xbb\xbf"):
-                    chunk = chunk[3:]
-                at_start = False
                 copy.write(chunk)
-                if progress is not None:
-                    progress(len(chunk))
+                progress(len(chunk))
     compact = f"replace(upper(c{layout.postcode}), ' ', '')"
     terminated = "false"
     if layout.terminated is not None:
@@ -215,7 +194,7 @@ def example_postcode(session: Session) -> str | None:
     version = current_version_id(session)
     if version is None:
         return None
-    found: str | None = session.scalar(
+    return session.scalar(
         select(Postcode.postcode)
         .join(
             Constituency,
@@ -235,7 +214,6 @@ def example_postcode(session: Session) -> str | None:
         .order_by(Postcode.postcode)
         .limit(1)
     )
-    return found
 
 
 def current_version_id(session: Session) -> int | None:
@@ -256,6 +234,14 @@ def _copy_members(session: Session, source_id: int, version_id: int) -> None:
         )
 
 
+def _new_version(session: Session, source: str, **values: Any) -> DirectoryVersion:
+    """A new version, not current yet (:func:`_switch_to`)."""
+    version = DirectoryVersion(source=source[:200], is_current=False, **values)
+    session.add(version)
+    session.flush()
+    return version
+
+
 def _switch_to(session: Session, version: DirectoryVersion) -> None:
     session.execute(update(DirectoryVersion).values(is_current=False))
     version.is_current = True
@@ -263,12 +249,8 @@ def _switch_to(session: Session, version: DirectoryVersion) -> None:
 
 
 def _count(session: Session, model: type[Any], version_id: int) -> int:
-    return int(
-        session.scalar(
-            select(func.count()).select_from(model).where(model.version_id == version_id)
-        )
-        or 0
-    )
+    query = select(func.count()).select_from(model).where(model.version_id == version_id)
+    return int(session.scalar(query) or 0)
 
 
 def import_directory(
@@ -278,41 +260,31 @@ def import_directory(
     source: str,
     progress: Progress | None = None,
 ) -> ImportCounts:
-    """Build a new directory version and make it current (the caller commits).
-
-    Without ``members_csv`` the current constituencies and MPs are carried over; without postcode
-    files the new version uses the current version's postcodes.
-    """
+    """Build a new directory version and make it current (the caller commits). Without
+    ``members_csv`` the current constituencies and MPs are carried over; without postcode files
+    the new version uses the current version's postcodes."""
+    postgresql = session.get_bind().dialect.name == "postgresql"
     previous = current_version(session)
     if previous is None and (members_csv is None or not postcode_csvs):
         raise DirectoryError("the first import needs both an MP file and a postcode file")
-    version = DirectoryVersion(source=source[:200], is_current=False)
-    session.add(version)
-    session.flush()
-
+    version = _new_version(session, source)
     if members_csv is not None:
-        constituencies, members = [], {}
-        for constituency, member in member_rows(members_csv):
-            constituencies.append({**constituency, "version_id": version.id})
-            if member is not None:
-                members[member["member_id"]] = {**member, "version_id": version.id}
-        if not constituencies:
+        rows = list(member_rows(members_csv, version.id))
+        if not rows:
             raise DirectoryError(f"{members_csv.name} has no constituencies")
-        session.execute(insert(Constituency), constituencies)
+        session.execute(insert(Constituency), [constituency for constituency, _ in rows])
+        members = {member["member_id"]: member for _, member in rows if member is not None}
         if members:
             session.execute(insert(Member), list(members.values()))
     else:
         assert previous is not None
         _copy_members(session, previous.id, version.id)
-
     if postcode_csvs:
-        load = _postcodes_postgresql
-        if session.get_bind().dialect.name != "postgresql":
-            load = _postcodes_sqlite
+        load = _postcodes_postgresql if postgresql else _postcodes_sqlite
         for n, path in enumerate(postcode_csvs):
             try:
                 with session.begin_nested():
-                    load(session, path, version.id, progress, n == 0)
+                    load(session, path, version.id, progress or (lambda _: None), n == 0)
             except IntegrityError as exc:
                 raise DirectoryError(f"{path.name} lists a postcode twice") from exc
         version.postcodes_version_id = version.id
@@ -321,9 +293,8 @@ def import_directory(
     else:
         assert previous is not None
         version.postcodes_version_id = previous.postcodes_version_id
-
     _switch_to(session, version)
-    if session.get_bind().dialect.name == "postgresql":
+    if postgresql:
         # Fresh statistics: else the planner may pick a far slower plan until autovacuum runs.
         session.execute(text("ANALYZE postcodes, constituencies, members"))
     return ImportCounts(
@@ -339,13 +310,9 @@ def set_dissolved(session: Session, dissolved: bool, source: str) -> int:
     previous = current_version(session)
     if previous is None:
         raise DirectoryError("no directory has been imported")
-    version = DirectoryVersion(
-        source=source,
-        postcodes_version_id=previous.postcodes_version_id,
-        dissolved=dissolved,
+    version = _new_version(
+        session, source, postcodes_version_id=previous.postcodes_version_id, dissolved=dissolved
     )
-    session.add(version)
-    session.flush()
     _copy_members(session, previous.id, version.id)
     _switch_to(session, version)
     return version.id
@@ -364,13 +331,11 @@ def prune(session: Session, keep: int = 2) -> list[int]:
             select(DirectoryVersion.postcodes_version_id).where(DirectoryVersion.id.in_(kept))
         )
     )
-    for version_id in dropped:
-        session.execute(delete(Constituency).where(Constituency.version_id == version_id))
-        session.execute(delete(Member).where(Member.version_id == version_id))
-        if version_id not in in_use:
-            session.execute(delete(Postcode).where(Postcode.version_id == version_id))
     # A version whose postcodes are still used by a kept one stays as an empty shell.
     gone = [v for v in dropped if v not in in_use]
+    for model, versions in ((Constituency, dropped), (Member, dropped), (Postcode, gone)):
+        if versions:
+            session.execute(delete(model).where(model.version_id.in_(versions)))
     if gone:
         session.execute(delete(DirectoryVersion).where(DirectoryVersion.id.in_(gone)))
     return gone
@@ -381,11 +346,9 @@ def _seat_key(name: str) -> str:
 
 
 def sync_members(session: Session, members_api: MembersApi, source: str) -> dict[str, Any]:
-    """Refresh MPs and their emails from the Members API into a new current version.
-
-    The API's seats carry no ONS code: members are matched by member id, newcomers by seat name.
-    Emails come only from the API's contact records, never guessed. Returns what changed.
-    """
+    """Refresh MPs and their emails from the Members API into a new current version; what
+    changed. The API's seats carry no ONS code: members are matched by member id, newcomers by
+    seat name. Emails come only from the API's contact records, never guessed."""
     # Every network call before the transaction begins (650 look-ups take minutes).
     sitting = {member_id: rest for member_id, *rest in members_api.current_members()}
     contacts = {member_id: members_api.contact(member_id) for member_id in sitting}
@@ -395,36 +358,22 @@ def sync_members(session: Session, members_api: MembersApi, source: str) -> dict
     seats = list(
         session.scalars(select(Constituency).where(Constituency.version_id == previous.id))
     )
-    old = {
-        m.member_id: m
-        for m in session.scalars(select(Member).where(Member.version_id == previous.id))
-    }
+    old_emails = dict(
+        session.execute(
+            select(Member.member_id, Member.email).where(Member.version_id == previous.id)
+        ).all()
+    )
     by_seat = {_seat_key(seat): member_id for member_id, (_, _, seat) in sitting.items()}
 
-    version = DirectoryVersion(
-        source=source[:200], postcodes_version_id=previous.postcodes_version_id
-    )
-    session.add(version)
-    session.flush()
-    changes: dict[str, list[dict[str, Any]]] = {
-        "new_members": [],
-        "vacancies": [],
-        "changed_emails": [],
-    }
+    version = _new_version(session, source, postcodes_version_id=previous.postcodes_version_id)
+    changes: dict[str, list[Any]] = {"new_members": [], "vacancies": [], "changed_emails": []}
     constituencies, members = [], []
     for seat in seats:
         member_id = seat.member_id if seat.member_id in sitting else None
         if member_id is None:
             member_id = by_seat.get(_seat_key(seat.name))
-        constituencies.append(
-            {
-                "version_id": version.id,
-                "gss_code": seat.gss_code,
-                "name": seat.name,
-                "country": seat.country,
-                "member_id": member_id,
-            }
-        )
+        row = {c.name: getattr(seat, c.name) for c in Constituency.__table__.columns}
+        constituencies.append({**row, "version_id": version.id, "member_id": member_id})
         if member_id is None:
             if seat.member_id is not None:
                 changes["vacancies"].append({"constituency": seat.name, "gss_code": seat.gss_code})
@@ -445,9 +394,9 @@ def sync_members(session: Session, members_api: MembersApi, source: str) -> dict
             changes["new_members"].append(
                 {"constituency": seat.name, "gss_code": seat.gss_code, "member": name}
             )
-        elif member_id in old and old[member_id].email != email:
+        elif member_id in old_emails and old_emails[member_id] != email:
             changes["changed_emails"].append(
-                {"member": name, "old": old[member_id].email, "new": email}
+                {"member": name, "old": old_emails[member_id], "new": email}
             )
     session.execute(insert(Constituency), constituencies)
     if members:

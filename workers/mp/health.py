@@ -1,9 +1,8 @@
-"""Address health: an MP address that returns letters for good is marked failing.
-
-When ``threshold`` letters to one address bounce permanently within ``window``, resolution holds
-new letters to it. A new address in the directory, or ``dearmp directory address EMAIL --ok``,
-releases them. An address an operator paused (:mod:`workers.stages.pauses`) stays paused:
-its letters wait at delivery, and bounces of letters from before do not change that.
+"""Address health: once ``threshold`` letters to one MP address bounce for good within
+``window``, it is failing and resolution holds new letters to it, until a new address in the
+directory or ``dearmp directory address EMAIL --ok``. An address an operator paused
+(:mod:`workers.stages.pauses`: its letters wait at delivery) stays paused whatever bounces of
+earlier letters say.
 """
 
 from __future__ import annotations
@@ -66,28 +65,20 @@ def note_bounce(
     if bounces < threshold:
         return False
     row = session.get(AddressHealth, key(address), with_for_update=True)
-    reason = f"{bounces} letters returned for good within {window.total_seconds() / 3600:g} hours"
     if row is None:
-        session.add(
-            AddressHealth(
-                email=key(address),
-                member_id=member_id,
-                status=FAILING,
-                bounces=bounces,
-                reason=reason,
-                changed_at=now,
-            )
-        )
-        session.flush()
-        return True
-    if row.status in (FAILING, PAUSED):
+        row = AddressHealth(email=key(address), member_id=member_id)
+        session.add(row)
+    elif row.status in (FAILING, PAUSED):
         row.bounces = bounces
         return False
-    if row.changed_at > now - window:
+    elif row.changed_at > now - window:
         # Marked ok by an operator within the window: only bounces since then count.
         if recent_bounces(session, address, row.changed_at) < threshold:
             return False
-    row.status, row.bounces, row.reason, row.changed_at = FAILING, bounces, reason, now
+    hours = window.total_seconds() / 3600
+    row.status, row.bounces, row.changed_at = FAILING, bounces, now
+    row.reason = f"{bounces} letters returned for good within {hours:g} hours"
+    session.flush()
     return True
 
 

@@ -1,9 +1,8 @@
 """Live sources over HTTP: postcodes.io (postcode → constituency) and the UK Parliament Members
-API (constituency → current MP and contact details).
+API (constituency → current MP and contact details), cached in the database with a time to live.
 
 Connection errors, 429 and 5xx are retried with backoff (honouring ``Retry-After`` up to a
-limit); past that, :class:`SourceUnavailable` leaves it to the actor's retries. Answers are
-cached in the database with a time to live.
+limit); past that, :class:`SourceUnavailable` leaves it to the actor's retries.
 """
 
 from __future__ import annotations
@@ -11,9 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -25,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import LookupCache, utcnow
+from workers.letters.mail.http import retry_after
 
 log = structlog.get_logger(__name__)
 
@@ -56,47 +55,27 @@ class MemberAnswer:
     phone: str | None
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: either a number or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
-    except (TypeError, ValueError):
-        return None
-
-
+@dataclass
 class JsonApi:
     """GET JSON from one base URL with timeouts, retries and a session per thread."""
 
-    def __init__(
-        self,
-        base_url: str,
-        timeout: float = 10.0,
-        attempts: int = 3,
-        backoff: float = 0.5,
-        max_wait: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.attempts = attempts
-        self.backoff = backoff
-        self.max_wait = max_wait
-        self.sleep = sleep
-        self._local = threading.local()
+    base_url: str
+    timeout: float = 10.0
+    attempts: int = 3
+    backoff: float = 0.5
+    max_wait: float = 30.0
+    sleep: Callable[[float], None] = time.sleep
+    _local: threading.local = field(default_factory=threading.local, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
 
     @property
     def session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
+            session = self._local.session = requests.Session()
             session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-            self._local.session = session
         return session
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> tuple[int, Any]:
@@ -116,7 +95,7 @@ class JsonApi:
                     except ValueError:
                         return response.status_code, None
                 problem = f"HTTP {response.status_code}"
-                asked = retry_after_seconds(response.headers.get("Retry-After"))
+                asked = retry_after(response)
                 if asked is not None:
                     if asked > self.max_wait:
                         raise SourceUnavailable(
@@ -137,13 +116,10 @@ class PostcodesIo:
 
     def lookup(self, postcode: str) -> PostcodeAnswer:
         status, body = self.api.get(f"/postcodes/{quote(postcode)}")
-        if status == 200 and isinstance(body, dict) and isinstance(body.get("result"), dict):
-            codes = body["result"].get("codes") or {}
-            return PostcodeAnswer(
-                "found",
-                codes.get("parliamentary_constituency"),
-                body["result"].get("parliamentary_constituency"),
-            )
+        result = body.get("result") if isinstance(body, dict) else None
+        if status == 200 and isinstance(result, dict):
+            gss_code = (result.get("codes") or {}).get("parliamentary_constituency")
+            return PostcodeAnswer("found", gss_code, result.get("parliamentary_constituency"))
         if status == 404 and isinstance(body, dict):
             if body.get("terminated"):
                 return PostcodeAnswer("terminated")
@@ -167,13 +143,17 @@ class MembersApi:
             membership.get("membershipFrom") or "",
         )
 
-    def for_postcode(self, postcode: str) -> MemberAnswer | None:
-        """The sitting Commons member for a postcode, or None for a vacant seat."""
-        params = {"Location": postcode, "House": 1, "IsCurrentMember": "true"}
+    def _search(self, what: str, **params: Any) -> dict[str, Any]:
+        """A search of the sitting members of the Commons."""
+        params |= {"House": 1, "IsCurrentMember": "true"}
         status, body = self.api.get("/api/Members/Search", params)
         if status != 200 or not isinstance(body, dict):
-            raise SourceUnavailable(f"Members API answered {status} for a member search")
-        items = body.get("items") or []
+            raise SourceUnavailable(f"Members API answered {status} for {what}")
+        return body
+
+    def for_postcode(self, postcode: str) -> MemberAnswer | None:
+        """The sitting Commons member for a postcode, or None for a vacant seat."""
+        items = self._search("a member search", Location=postcode).get("items") or []
         if not items:
             return None
         member_id, name, party, seat = self._member(items[0]["value"])
@@ -199,10 +179,7 @@ class MembersApi:
         """(member id, name, party, seat name) of every sitting member of the Commons."""
         skip = 0
         while True:
-            params = {"House": 1, "IsCurrentMember": "true", "skip": skip, "take": 20}
-            status, body = self.api.get("/api/Members/Search", params)
-            if status != 200 or not isinstance(body, dict):
-                raise SourceUnavailable(f"Members API answered {status} for the member list")
+            body = self._search("the member list", skip=skip, take=20)
             items = body.get("items") or []
             for item in items:
                 yield self._member(item["value"])
@@ -225,19 +202,6 @@ def _fresh(session: Session, key: str) -> tuple[bool, dict[str, Any] | None]:
     return (True, hit[0]) if hit is not None else (False, None)
 
 
-def cached(
-    session: Session, key: str, ttl: float, fetch: Callable[[], dict[str, Any] | None]
-) -> dict[str, Any] | None:
-    """The cached answer for ``key`` while it is fresh; otherwise ``fetch()`` and keep it."""
-    found, value = _fresh(session, key)
-    if found:
-        return value
-    value = fetch()
-    if ttl > 0:
-        _upsert(session, key, value, ttl)
-    return value
-
-
 def expire_cache(session: Session) -> int:
     """Delete the cached answers past their time to live; how many."""
     result = session.execute(delete(LookupCache).where(LookupCache.expires_at <= utcnow()))
@@ -246,6 +210,8 @@ def expire_cache(session: Session) -> int:
 
 @dataclass
 class LiveSources:
+    """The live sources, their answers cached for ``ttl`` seconds under ``source:postcode``."""
+
     postcodes: PostcodesIo
     members: MembersApi
     ttl: float
@@ -267,38 +233,41 @@ class LiveSources:
             settings.lookup_cache_ttl,
         )
 
-    def _fetchers(self, postcode: str) -> list[tuple[str, Callable[[], dict[str, Any] | None]]]:
-        def member() -> dict[str, Any] | None:
-            found = self.members.for_postcode(postcode)
-            return asdict(found) if found else None
-
-        return [
-            (f"postcodes.io:{postcode}", lambda: asdict(self.postcodes.lookup(postcode))),
-            (f"members:{postcode}", member),
-        ]
+    def _fetch(self, key: str) -> dict[str, Any] | None:
+        source, _, postcode = key.partition(":")
+        if source == "postcodes.io":
+            return asdict(self.postcodes.lookup(postcode))
+        found = self.members.for_postcode(postcode)
+        return asdict(found) if found else None
 
     def warm(self, sessions: sessionmaker[Session], postcode: str) -> None:
         """Fetch a postcode's answers into the cache with no transaction open, so that resolution
         makes no network call inside its transaction."""
         if self.ttl <= 0:
             return
-        for key, fetch in self._fetchers(postcode):
+        for key in (f"postcodes.io:{postcode}", f"members:{postcode}"):
             with session_scope(sessions) as session:
                 found, value = _fresh(session, key)
             if not found:
-                value = fetch()  # the network, outside any transaction
+                value = self._fetch(key)  # the network, outside any transaction
                 with session_scope(sessions) as session:
                     _upsert(session, key, value, self.ttl)
             if key.startswith("postcodes.io:") and (value or {}).get("status") != "found":
                 return  # no constituency: no member to look up
 
+    def _cached(self, session: Session, key: str) -> dict[str, Any] | None:
+        found, value = _fresh(session, key)
+        if not found:
+            value = self._fetch(key)
+            if self.ttl > 0:
+                _upsert(session, key, value, self.ttl)
+        return value
+
     def postcode(self, session: Session, postcode: str) -> PostcodeAnswer:
-        key, fetch = self._fetchers(postcode)[0]
-        value = cached(session, key, self.ttl, fetch)
+        value = self._cached(session, f"postcodes.io:{postcode}")
         assert value is not None
         return PostcodeAnswer(**value)
 
     def member(self, session: Session, postcode: str) -> MemberAnswer | None:
-        key, fetch = self._fetchers(postcode)[1]
-        value = cached(session, key, self.ttl, fetch)
+        value = self._cached(session, f"members:{postcode}")
         return MemberAnswer(**value) if value else None

@@ -188,14 +188,17 @@ def _answer(postcode: str, row: Sequence[Any]) -> Answer:
     return Found(seat, mp, version_id, "local")
 
 
+# postcodes.io's answers that find no constituency.
+_LIVE_PROBLEMS = {
+    "terminated": PostcodeProblem.TERMINATED,
+    "invalid": PostcodeProblem.NOT_A_POSTCODE,
+}
+
+
 def lookup_live(session: Session, live: LiveSources, postcode: str) -> Answer:
     answer = live.postcode(session, postcode)
-    if answer.status == "terminated":
-        return problem(PostcodeProblem.TERMINATED)
-    if answer.status == "invalid":
-        return problem(PostcodeProblem.NOT_A_POSTCODE)
     if answer.status != "found":
-        return problem(PostcodeProblem.UNKNOWN)
+        return problem(_LIVE_PROBLEMS.get(answer.status, PostcodeProblem.UNKNOWN))
     if not answer.gss_code or answer.gss_code in CROWN_PSEUDO_CODES or not answer.constituency:
         return _no_seat(postcode, answer.gss_code)
     seat = Seat(answer.gss_code, answer.constituency)
@@ -220,10 +223,7 @@ def find(
     if format_problem is not None:
         return format_problem
     if order != "live":
-        if known is not None:
-            local = known.get(normalised)
-        else:
-            local = lookup_local(session, normalised)
+        local = known.get(normalised) if known is not None else lookup_local(session, normalised)
         if local is not None:
             return local
     if order != "local" and live is not None:

@@ -1,9 +1,7 @@
-"""Per-letter return and reply addresses: a token that names the letter, signed with the key.
-
-``b-<token>`` (at the bounce domain) is a letter's envelope sender, ``r-<token>`` (at the reply
-domain) its Reply-To, ``n-<token>`` (bounce domain) a notice's envelope sender, so that a notice's
-bounce is never taken for a letter's. The token is the id's 16 bytes and 80 bits of an HMAC over
-purpose and id, in base32: nothing personal, unforgeable without the key, one purpose each.
+"""Per-letter return and reply addresses: ``b-<token>`` (bounce domain) is a letter's envelope
+sender, ``r-<token>`` (reply domain) its Reply-To, ``n-<token>`` (bounce domain) a notice's, so
+that a notice's bounce is never taken for a letter's. The token is the id's 16 bytes and 80 bits
+of an HMAC over purpose and id, in base32: nothing personal, unforgeable without the key.
 """
 
 from __future__ import annotations
@@ -22,9 +20,8 @@ _MAC_BYTES = 10
 
 
 def _mac(secret: bytes, purpose: str, raw_id: bytes) -> bytes:
-    return hmac.new(secret, b"return\x00" + purpose.encode() + raw_id, hashlib.sha256).digest()[
-        :_MAC_BYTES
-    ]
+    mac = hmac.new(secret, b"return\x00" + purpose.encode() + raw_id, hashlib.sha256)
+    return mac.digest()[:_MAC_BYTES]
 
 
 def make_local_part(secret: bytes, purpose: Purpose, object_id: str) -> str:
@@ -44,9 +41,7 @@ def _decode(local: str) -> tuple[Purpose, bytes, bytes] | None:
     if len(local) != 44:
         return None
     purpose, dash, token = local.lower().partition("-")
-    if not dash or not token.isascii():
-        return None
-    if purpose not in PURPOSES:
+    if not dash or not token.isascii() or purpose not in PURPOSES:
         return None
     try:
         data = base64.b32decode(token.upper() + "======")
@@ -96,21 +91,18 @@ class ReturnAddresses:
     def domains(self) -> set[str]:
         return {d.lower().rstrip(".") for d in (self.bounce_domain, self.reply_domain) if d}
 
+    def _address(self, purpose: Purpose, object_id: str, domain: str | None) -> str | None:
+        return f"{make_local_part(self.secret, purpose, object_id)}@{domain}" if domain else None
+
     def bounce(self, submission_id: str) -> str | None:
         """A letter's envelope sender, or None (the campaign's From) with no bounce domain."""
-        if not self.bounce_domain:
-            return None
-        return f"{make_local_part(self.secret, 'b', submission_id)}@{self.bounce_domain}"
+        return self._address("b", submission_id, self.bounce_domain)
 
     def reply(self, submission_id: str) -> str | None:
-        if not self.reply_domain:
-            return None
-        return f"{make_local_part(self.secret, 'r', submission_id)}@{self.reply_domain}"
+        return self._address("r", submission_id, self.reply_domain)
 
     def notice(self, notice_id: str) -> str | None:
-        if not self.bounce_domain:
-            return None
-        return f"{make_local_part(self.secret, 'n', notice_id)}@{self.bounce_domain}"
+        return self._address("n", notice_id, self.bounce_domain)
 
     def read(self, address: str) -> Token | None:
         return read_address(self.secret, address, self.domains)

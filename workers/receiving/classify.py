@@ -1,10 +1,7 @@
-"""What a message that came back to a letter is: a bounce, a delay, an automatic reply, an
-office's acknowledgement, or a person's reply.
-
-Bounces are RFC 3464 reports, or mail from a mailer daemon with an SMTP status in the text.
-Automatic replies are told by their headers (RFC 3834 and vendors') or by words only a machine
-writes. An acknowledgement is only a guess from the words, so it is forwarded like a reply and
-not counted as the MP's. Hostile or broken mail never raises: it is ``malformed`` or a ``loop``.
+"""What came back to a letter: a bounce (RFC 3464, or a mailer daemon's text), a delay, an
+automatic reply (RFC 3834 and vendors' headers, or a machine's words), an office's
+acknowledgement (a guess from the words: forwarded like a reply, not counted as the MP's), or a
+reply. Hostile or broken mail never raises: it is ``malformed`` or a ``loop``.
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ import re
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import getaddresses
+from itertools import takewhile
 from typing import Literal
 
 from inscriptis import get_text
@@ -51,6 +49,7 @@ _PERMANENT_WORDS = re.compile(
     r"address rejected|recipient (address )?rejected",
     re.IGNORECASE,
 )
+_TEMPORARY_WORDS = re.compile(r"temporar|delayed|will (keep )?try", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -101,12 +100,9 @@ def _classify(message: Message) -> Classification:
         return Classification("loop", diagnostic=f"more than {MAX_HOPS} Received headers")
     if message.get(NOTICE_HEADER) is not None:
         return Classification("loop", diagnostic="one of our own notices came back")
-    report = _delivery_status(message)
-    if report is not None:
-        return report
-    plain = _plain_bounce(message)
-    if plain is not None:
-        return plain
+    bounce = _delivery_status(message) or _plain_bounce(message)
+    if bounce is not None:
+        return bounce
     if _automatic(message):
         return Classification("auto_reply", diagnostic=clean(_header(message, "Subject"), 120))
     try:
@@ -133,7 +129,7 @@ def _delivery_status(message: Message) -> Classification | None:
     if not isinstance(blocks, list):  # the parser could not split it into field blocks
         blocks = [parse(str(blocks).encode("utf-8", "replace"))]
     found: list[tuple[int, str, str | None, str | None]] = []
-    for block in blocks[1:] if len(blocks) > 1 else blocks:
+    for block in blocks[1:] or blocks:  # the first block is the message's, the rest recipients'
         if not isinstance(block, Message):
             continue
         action = _header(block, "Action").strip().lower()
@@ -191,60 +187,55 @@ def part_text(part: Message, limit: int = PART_BYTES) -> str:
 
 
 def _text(message: Message, limit: int = 200_000) -> str:
-    """The message's plain text parts, decoded, up to ``limit`` characters."""
+    """The message's text parts, decoded, up to ``limit`` characters."""
     out: list[str] = []
-    size = 0
     for part in message.walk():
-        if part.get_content_maintype() == "multipart" or part.get_content_type() not in (
-            "text/plain",
-            "text/html",
-        ):
-            continue
-        text = part_text(part, limit - size)
-        out.append(text[: limit - size])
-        size += len(out[-1])
-        if size >= limit:
-            break
+        if part.get_content_type() in ("text/plain", "text/html"):
+            out.append(part_text(part, limit)[:limit])
+            limit -= len(out[-1])
+            if limit <= 0:
+                break
     return "\n".join(out)
 
 
 def _plain_bounce(message: Message) -> Classification | None:
     """A bounce that is not RFC 3464: from the mailer daemon, or marked automatic with a
     bounce's subject. A person who writes "Undeliverable ... 550 5.1.1" is a person writing."""
-    sender = _header(message, "From")
     subject = _header(message, "Subject")
-    auto = _header(message, "Auto-Submitted").strip().lower() not in ("", "no")
-    if not (_DAEMON.search(sender) or (auto and _BOUNCE_SUBJECT.search(subject))):
+    daemon = _DAEMON.search(_header(message, "From"))
+    if not (daemon or (_auto_submitted(message) and _BOUNCE_SUBJECT.search(subject))):
         return None
     if _AUTO_SUBJECT.search(subject):
         return None
     text = _text(message)
+    lines = text.splitlines()
     status = _STATUS.search(text)
     code = ".".join(status.groups()) if status else None
-    line = next(
-        (ln for ln in text.splitlines() if (status and status.group(0) in ln)), None
-    ) or next((ln for ln in text.splitlines() if _SMTP_CODE.search(ln)), None)
+    line = next((ln for ln in lines if status and status.group(0) in ln), None) or next(
+        (ln for ln in lines if _SMTP_CODE.search(ln)), None
+    )
     smtp = _SMTP_CODE.search(line or "")
-    permanent = (code or "").startswith("5") or (smtp is not None and smtp.group(1) == "5")
-    temporary = (code or "").startswith("4") or (smtp is not None and smtp.group(1) == "4")
-    if not permanent and not temporary:
-        if _PERMANENT_WORDS.search(text):
-            permanent = True
-        elif re.search(r"temporar|delayed|will (keep )?try", text, re.IGNORECASE):
-            temporary = True
-        else:
-            return None
+    digits = {(code or " ")[0], smtp.group(1) if smtp else ""}  # the status's class, and SMTP's
+    kind: Kind
+    if "5" in digits or ("4" not in digits and _PERMANENT_WORDS.search(text)):
+        kind = "bounce"
+    elif "4" in digits or _TEMPORARY_WORDS.search(text):
+        kind = "delay"
+    else:
+        return None
     original = _original_message_id(message)
     if original is None:
         found = re.search(r"^Message-ID:\s*(<[^>\s]{1,250}>)", text, re.IGNORECASE | re.MULTILINE)
         original = found.group(1) if found else None
-    kind: Kind = "bounce" if permanent else "delay"
     return Classification(kind, code, clean(line), original)
 
 
+def _auto_submitted(message: Message) -> bool:
+    return _header(message, "Auto-Submitted").strip().lower() not in ("", "no")
+
+
 def _automatic(message: Message) -> bool:
-    auto = _header(message, "Auto-Submitted").strip().lower()
-    if auto and auto != "no":
+    if _auto_submitted(message):
         return True
     if message.get("X-Autoreply") or message.get("X-Autorespond"):
         return True
@@ -289,14 +280,10 @@ def _own_words(message: Message) -> str:
             continue
         if not isinstance(part.get_payload(decode=True), bytes):
             continue
-        text = part_text(part, 50_000)
-        lines: list[str] = []
-        for line in text.splitlines():
-            if _QUOTE_START.match(line):
-                break
-            if not line.lstrip().startswith(">"):
-                lines.append(line)
-        return " ".join(" ".join(lines).split())
+        lines = takewhile(
+            lambda ln: not _QUOTE_START.match(ln), part_text(part, 50_000).splitlines()
+        )
+        return " ".join(" ".join(ln for ln in lines if not ln.lstrip().startswith(">")).split())
     return ""
 
 
@@ -379,40 +366,31 @@ def reply_sender(message: Message) -> str | None:
     return address
 
 
-def _relay_headers(message: Message) -> list[str]:
-    """The ``Authentication-Results`` headers above the first ``Received``: the ones our relay
-    added (RFC 8601 section 5); with no ``Received``, none is ours."""
-    found: list[str] = []
+def _relay_passed(message: Message, authserv_ids: set[str], mp_domain: str) -> bool:
+    """Whether there are ``Authentication-Results`` headers our relay added (above the first
+    ``Received``, RFC 8601 section 5, with one of ``authserv_ids``) and each shows a DMARC or
+    DKIM pass for ``mp_domain`` (``header.from``, ``header.d`` or ``header.i``)."""
+    verdicts: list[bool] = []
     for key, value in message.raw_items():
         name = key.lower()
         if name == "received":
-            return found
-        if name == "authentication-results":
-            found.append(" ".join(str(value).split()))
-    return []
-
-
-def _trusted_results(message: Message, authserv_ids: set[str]) -> list[list[tuple[str, str, str]]]:
-    """The (method, result, domain) results of each header our relay added with one of
-    ``authserv_ids``; the domain is ``header.from``, ``header.d`` or ``header.i``."""
-    headers: list[list[tuple[str, str, str]]] = []
-    for value in _relay_headers(message):
-        text = re.sub(r"\([^()]*\)", " ", value)  # comments (one level)
+            return bool(verdicts) and all(verdicts)
+        if name != "authentication-results":
+            continue
+        text = re.sub(r"\([^()]*\)", " ", " ".join(str(value).split()))  # comments (one level)
         serv, *resinfos = text.split(";")
         ident = serv.split()
-        if not ident or ident[0].lower() not in authserv_ids:
-            continue
-        found: list[tuple[str, str, str]] = []
-        for resinfo in resinfos:
-            result = re.match(r"\s*([a-z0-9_-]+)\s*=\s*([a-z]+)", resinfo, re.IGNORECASE)
-            if result is None:
-                continue
-            domain = re.search(r"header\.(?:from|d|i)\s*=\s*\"?([^\s\";]+)", resinfo, re.I)
-            found.append(
-                (result[1].lower(), result[2].lower(), _domain(domain[1]) if domain else "")
-            )
-        headers.append(found)
-    return headers
+        if ident and ident[0].lower() in authserv_ids:
+            verdicts.append(any(_passes(resinfo, mp_domain) for resinfo in resinfos))
+    return False  # with no Received, no header is our relay's
+
+
+def _passes(resinfo: str, mp_domain: str) -> bool:
+    result = re.match(r"\s*([a-z0-9_-]+)\s*=\s*([a-z]+)", resinfo, re.IGNORECASE)
+    if result is None or result[1].lower() not in ("dmarc", "dkim") or result[2].lower() != "pass":
+        return False
+    domain = re.search(r"header\.(?:from|d|i)\s*=\s*\"?([^\s\";]+)", resinfo, re.I)
+    return _aligned(_domain(domain[1]) if domain else "", mp_domain)
 
 
 def from_office(sender: str | None, mp_address: str) -> bool:
@@ -441,14 +419,6 @@ def reply_origin(raw: bytes, mp_address: str, authserv_ids: set[str]) -> str | N
         if freemail(mp_domain):
             return "the MP's address is on a shared mail service and the sender is not it"
         return "the sender is not on the MP's domain"
-    if not authserv_ids:
+    if not authserv_ids or _relay_passed(message, {i.lower() for i in authserv_ids}, mp_domain):
         return None
-    headers = _trusted_results(message, {i.lower() for i in authserv_ids})
-    passed = bool(headers) and all(
-        any(
-            method in ("dmarc", "dkim") and result == "pass" and _aligned(domain, mp_domain)
-            for method, result, domain in results
-        )
-        for results in headers
-    )
-    return None if passed else "no DMARC or DKIM pass for the MP's domain from our relay"
+    return "no DMARC or DKIM pass for the MP's domain from our relay"

@@ -1,9 +1,8 @@
 """Mailgun's delivery events (``POST /v1/webhooks/mailgun``): verified, then read like a bounce.
 
 A request is refused unless its HMAC-SHA256 signature matches and its timestamp is within
-:data:`MAX_AGE`; each signature token is remembered in the database for as long, so a captured
-signature cannot be replayed. Only what classifying needs is kept, each value checked or made one
-printable line. The letter is found by the event's Message-ID.
+:data:`MAX_AGE`; each token is remembered for as long, so a signature cannot be replayed. Only
+what classifying needs is kept, each value checked. The letter is found by its Message-ID.
 """
 
 from __future__ import annotations
@@ -25,17 +24,14 @@ _SIGNATURE_PART = re.compile(r"[0-9A-Za-z]{1,200}")
 
 
 def verify(signing_key: bytes, signature: Any, now: float | None = None) -> bool:
-    if not isinstance(signature, dict):
-        return False
-    timestamp, token, given = (signature.get(k) for k in ("timestamp", "token", "signature"))
+    timestamp, token, given = (_get(signature, k) for k in ("timestamp", "token", "signature"))
     if not all(
         isinstance(v, str) and _SIGNATURE_PART.fullmatch(v) for v in (timestamp, token, given)
     ):
         return False  # (hmac.compare_digest raises on text that is not ASCII)
     assert isinstance(timestamp, str) and isinstance(token, str) and isinstance(given, str)
-    if not timestamp.isdigit():
-        return False
-    if abs((now if now is not None else time.time()) - int(timestamp)) > MAX_AGE:
+    now = now if now is not None else time.time()
+    if not timestamp.isdigit() or abs(now - int(timestamp)) > MAX_AGE:
         return False
     expected = hmac.new(signing_key, (timestamp + token).encode(), hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, given.lower())
@@ -110,16 +106,14 @@ def event_classification(event: Any) -> Classification:
         return Classification("malformed", diagnostic="not a Mailgun event")
     kind = event.get("event")
     status = _get(event, "delivery-status")
-    code = _get(status, "code")
     # Checked again here: a row stored before the webhook checked it is read the same way.
     enhanced = _enhanced(_get(status, "enhanced-code"))
-    words = _get(status, "description") or _get(status, "message")
-    diagnostic = clean(f"{code or ''} {words or ''}")
     if kind == "delivered":
         return Classification("delivered", enhanced)
     if kind == "failed":
-        severity = event.get("severity")
-        permanent = severity == "permanent"
+        words = _get(status, "description") or _get(status, "message")
+        diagnostic = clean(f"{_get(status, 'code') or ''} {words or ''}")
+        permanent = event.get("severity") == "permanent"
         return Classification("bounce" if permanent else "delay", enhanced, diagnostic)
     ignored = clean(str(kind), 40)
     return Classification("malformed", diagnostic=f"an event of no interest: {ignored}")

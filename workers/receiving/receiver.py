@@ -1,10 +1,7 @@
-"""``dearmp inbound``: the SMTP receiver for the bounce and reply domains (aiosmtpd).
-
-It takes mail only for its own token addresses and ``postmaster`` (RFC 5321), never an open
-relay. It limits size, messages per peer, sessions at once and per peer, and how long a session
-may stay open, so that slow or idle peers cannot hold the door shut. It answers ``250`` only
-once the message is committed to the database, then sends its id to the inbound stage (the
-reconciler does if Redis is away); a database that cannot store it gets 451.
+"""``dearmp inbound``: the SMTP receiver (aiosmtpd) for our token addresses and ``postmaster``
+only, never an open relay. It limits size, messages per peer, sessions at once and per peer, and
+a session's length, so that slow peers cannot hold the door shut. ``250`` only once the message
+is committed (else 451); its id then goes to the inbound stage (or the reconciler sends it).
 """
 
 from __future__ import annotations
@@ -30,27 +27,6 @@ log = structlog.get_logger(__name__)
 MAX_RECIPIENTS = 20
 
 
-class PeerLimit:
-    """At most ``per_minute`` messages per peer in each minute (a fixed window)."""
-
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_minute = per_minute
-        self.clock = clock
-        self._windows: dict[str, tuple[float, int]] = {}
-
-    def allow(self, peer: str) -> bool:
-        now = self.clock()
-        start, count = self._windows.get(peer, (now, 0))
-        if now - start >= 60:
-            start, count = now, 0
-        if count >= self.per_minute:
-            return False
-        self._windows[peer] = (start, count + 1)
-        if len(self._windows) > 100_000:  # forget idle peers
-            self._windows = {p: w for p, w in self._windows.items() if now - w[0] < 60}
-        return True
-
-
 class InboundHandler:
     """aiosmtpd's handler: checks recipients, limits peers, stores, then hands on."""
 
@@ -61,7 +37,6 @@ class InboundHandler:
         send_on: Callable[[list[str]], None],
         hash_peer: Callable[[str], str],
         per_minute: int = 600,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``send_on`` sends stored ids to the inbound stage; ``hash_peer`` makes the keyed hash
         that is all the receiver keeps and logs of a peer's address."""
@@ -69,7 +44,21 @@ class InboundHandler:
         self.returns = returns
         self.send_on = send_on
         self.hash_peer = hash_peer
-        self.limit = PeerLimit(per_minute, clock)
+        self.per_minute = per_minute
+        self._windows: dict[str, tuple[float, int]] = {}  # peer -> (window's start, messages)
+
+    def _allow(self, peer: str) -> bool:
+        """At most ``per_minute`` messages per peer in each minute (a fixed window)."""
+        now = time.monotonic()
+        start, count = self._windows.get(peer, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        if count >= self.per_minute:
+            return False
+        self._windows[peer] = (start, count + 1)
+        if len(self._windows) > 100_000:  # forget idle peers
+            self._windows = {p: w for p, w in self._windows.items() if now - w[0] < 60}
+        return True
 
     async def handle_MAIL(
         self,
@@ -79,7 +68,7 @@ class InboundHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        if not self.limit.allow(_host(session.peer)):
+        if not self._allow(_host(session.peer)):
             log.warning("inbound_peer_limited", peer_hash=self._hash(session))
             return "450 4.7.1 Too many messages from you; try again later"
         envelope.mail_from = address
@@ -108,9 +97,7 @@ class InboundHandler:
         return self.hash_peer(_host(session.peer))
 
     async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
-        raw = envelope.original_content or b""
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8", "surrogateescape")
+        raw = envelope.original_content or b""  # the bytes as they came, whatever decode_data
         recipients = [str(r) for r in envelope.rcpt_tos]
         peer_hash = self._hash(session)
         loop = asyncio.get_running_loop()
@@ -135,21 +122,18 @@ class SessionCap:
 
     def __init__(self, limit: int, per_peer: int = 5, seconds: float = 600.0) -> None:
         self.limit, self.per_peer, self.seconds = limit, per_peer, seconds
-        self.open = 0
         self.peers: dict[str, int] = {}  # address -> sessions open from it
 
     def enter(self, peer: str) -> str | None:
         """None when the session may start, else the answer that refuses it."""
-        if self.open >= self.limit:
+        if sum(self.peers.values()) >= self.limit:
             return "421 4.7.0 Too many connections; try again later"
         if self.peers.get(peer, 0) >= self.per_peer:
             return "421 4.7.0 Too many connections from you; try again later"
-        self.open += 1
         self.peers[peer] = self.peers.get(peer, 0) + 1
         return None
 
     def leave(self, peer: str) -> None:
-        self.open -= 1
         left = self.peers.pop(peer) - 1
         if left:
             self.peers[peer] = left
@@ -161,9 +145,8 @@ def _host(peer: Any) -> str:
 
 
 class CappedSMTP(SMTP):
-    """aiosmtpd's SMTP session, answering ``421`` when a cap is reached, counting a session idle
-    only when no bytes come, and ending it once open ``cap.seconds`` (a peer sending a byte a
-    minute would otherwise hold it for ever)."""
+    """aiosmtpd's SMTP session, answering ``421`` when a cap is reached, idle only when no bytes
+    come, and ended once open ``cap.seconds`` (else a byte a minute would hold it for ever)."""
 
     def __init__(self, handler: Any, cap: SessionCap, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -196,7 +179,6 @@ class CappedSMTP(SMTP):
         super().data_received(data)
 
     def _too_long(self) -> None:
-        """Say the session has been open too long, and close it."""
         self.deadline = None
         log.warning("inbound_session_too_long", seconds=self.cap.seconds)
         if self.transport is not None:

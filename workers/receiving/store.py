@@ -25,22 +25,13 @@ def recipient_key(address: str) -> str:
     return address.strip().strip("<>").lower().rstrip(".")
 
 
-def stored_key(address: str) -> str:
-    """What makes two recipients one stored copy: one of our addresses is its decoded token
-    (at whichever of our domains, in any case), anything else its :func:`recipient_key`."""
-    return token_key(address) or recipient_key(address)
-
-
 def unique_recipients(recipients: list[str]) -> list[str]:
-    """Each recipient once (:func:`stored_key`), in the order given."""
-    seen: set[str] = set()
-    kept: list[str] = []
+    """Each recipient once, in the order given: one of our addresses is its decoded token (at
+    whichever of our domains, in any case), anything else its :func:`recipient_key`."""
+    unique: dict[str, str] = {}
     for recipient in recipients:
-        key = stored_key(recipient)
-        if key not in seen:
-            seen.add(key)
-            kept.append(recipient)
-    return kept
+        unique.setdefault(token_key(recipient) or recipient_key(recipient), recipient)
+    return list(unique.values())
 
 
 def store(
