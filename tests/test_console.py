@@ -25,6 +25,7 @@ from tests.factories import submission
 from workers.cli import main
 from workers.database.engine import session_scope
 from workers.database.models import (
+    AddressHealth,
     Campaign,
     Failure,
     LetterEvent,
@@ -33,6 +34,7 @@ from workers.database.models import (
     Submission,
     utcnow,
 )
+from workers.mp import health
 from workers.pipeline.app import App
 from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.runtime import submit
@@ -433,6 +435,19 @@ def test_pausing_and_resuming_an_mp_address(operator: TestClient) -> None:
     assert "Nothing is paused" in operator.get("/console/pauses").text
     assert post(operator, "/console/pauses/address/resume", address=address).status_code == 409
     assert post(operator, "/console/pauses/address", address="no at sign").status_code == 422
+
+
+def test_an_address_marked_failing_is_not_paused_over_its_mark(
+    app: App, operator: TestClient
+) -> None:
+    failing = "bounced.mp@mp.example.org"
+    with session_scope(app.sessions) as session:
+        session.add(AddressHealth(email=health.key(failing), status=health.FAILING, reason="x"))
+    reply = post(operator, "/console/pauses/address", address=failing)
+    assert reply.status_code == 409 and "marked failing" in reply.text
+    with session_scope(app.sessions) as session:
+        row = session.get(AddressHealth, health.key(failing))
+        assert row is not None and row.status == health.FAILING
 
 
 def test_resuming_the_mail_pause_needs_redis(operator: TestClient) -> None:

@@ -398,7 +398,12 @@ def pause_address(console: ConsoleDep, form: FormDep, session: OperatorDep) -> R
     address, reason = form.get("address", "").strip(), form.get("reason", "").strip()
     if "@" not in address or len(address) > 254:
         raise Refused(422, "Give the MP's email address.")
-    changed = console.intake.read(pauses.pause_address, address, reason or "paused by an operator")
+    try:
+        changed = console.intake.read(
+            pauses.pause_address, address, reason or "paused by an operator"
+        )
+    except LookupError:  # marked failing: its letters are held already, and its mark must stay
+        raise Refused(409, "Not paused: that address is marked failing.") from None
     log.info("console_address_paused", operator=session.operator)
     return done("/console/pauses", "paused" if changed else "already-paused")
 
