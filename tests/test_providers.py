@@ -29,6 +29,7 @@ from workers.letters.mail import (
     SmtpMailer,
     TransientDeliveryError,
 )
+from workers.letters.mail.http import retry_after
 from workers.pipeline.app import App
 from workers.stages.delivery import DeliveryPolicy
 
@@ -114,6 +115,16 @@ def test_http_429_and_5xx_are_transient_and_retry_after_is_honoured(
     with pytest.raises(TransientDeliveryError) as raised:
         http_mailer(tmp_path, provider).send(MAIL)
     assert raised.value.retry_after == retry_after
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("120", 120.0), (" 5 ", 5.0), ("²", None), ("1¹", None), ("-3", None), ("soon", None)],
+)
+def test_a_retry_after_value_is_read_or_ignored_never_an_error(
+    value: str, seconds: float | None
+) -> None:
+    assert retry_after(value) == seconds
 
 
 def test_http_4xx_is_permanent(tmp_path: Path, provider: ProviderStub) -> None:

@@ -95,7 +95,10 @@ def _about(session: Session, model: Any, submission_id: str, *where: Any, order:
 def holds_anything(session: Session, secret: bytes, email: str) -> bool:
     """Whether anything is held about the address: a submission, or an event of the ledger."""
     who = supporter_hash(secret, email)
-    return bool(_submissions(session, who) or _ledger(session, who))
+    return any(
+        session.scalar(select(model.id).where(model.supporter_hash == who).limit(1)) is not None
+        for model in (Submission, ConsentEvent)
+    )
 
 
 def _webhook(session: Session, item: OutboxItem) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class Timed(Generic[T]):
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._values: dict[str, tuple[float, T]] = {}
+        self._lock = threading.Lock()
 
     def fresh(self, key: str) -> Any:
         """The value while it is fresh, else ``MISSING`` (computes nothing)."""
@@ -43,10 +44,13 @@ class Timed(Generic[T]):
     def get(self, key: str, compute: Callable[[], T]) -> T:
         value: T = self.fresh(key)
         if value is MISSING:
-            value = compute()
-            if len(self._values) > 1000:
-                self._values.clear()
-            self._values[key] = (time.monotonic(), value)
+            with self._lock:  # one thread computes a stale value; the others wait for it
+                value = self.fresh(key)
+                if value is MISSING:
+                    value = compute()
+                    if len(self._values) > 1000:
+                        self._values.clear()
+                    self._values[key] = (time.monotonic(), value)
         return value
 
 

@@ -64,7 +64,7 @@ def retry_after(answer: requests.Response | str | None) -> float | None:
     value = answer.headers.get("Retry-After") if isinstance(answer, requests.Response) else answer
     if not value:
         return None
-    if value.strip().isdigit():
+    if value.strip().isascii() and value.strip().isdigit():  # "²" is a digit float() refuses
         return float(value)
     try:
         return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
