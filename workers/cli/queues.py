@@ -251,16 +251,13 @@ def dlq_requeue(
     done: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
     for found in chosen:
-        mid, on, new_id = found.message_id, found.queue, None
-        why, said = dead.refusal(found), "not requeued"
-        if why is None and not dry_run:
-            try:
-                new_id = dead.requeue(client, broker, namespace, app.sessions, found)
-            except ValueError as exc:
-                why, said = str(exc), "cannot requeue"
-        if why is not None:
-            refused.append({"message_id": mid, "why": why})
-            cli.tell(f"{said} {mid}: {why}")
+        mid, on = found.message_id, found.queue
+        try:
+            new_id = dead.replay(client, broker, namespace, app.sessions, found, dry_run=dry_run)
+        except ValueError as exc:
+            said = "not requeued" if isinstance(exc, dead.RequeueRefused) else "cannot requeue"
+            refused.append({"message_id": mid, "why": str(exc)})
+            cli.tell(f"{said} {mid}: {exc}")
             continue
         done.append({"message_id": mid, "queue": on, "new_id": new_id})
         cli.tell(

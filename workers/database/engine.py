@@ -72,11 +72,16 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def insert_on_conflict(bind: Session | Connection, table: Any) -> Any:
+def dialect_insert(dialect: str, table: Any) -> Any:
     """An ``INSERT`` into ``table`` that can say what to do ``ON CONFLICT`` (PostgreSQL and SQLite
-    spell it alike)."""
+    spell it alike), for the dialect named ``dialect``."""
+    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
+
+
+def insert_on_conflict(bind: Session | Connection, table: Any) -> Any:
+    """:func:`dialect_insert` for ``bind``'s dialect."""
     dialect = bind.get_bind().dialect if isinstance(bind, Session) else bind.dialect
-    return (postgresql if dialect.name == "postgresql" else sqlite).insert(table)
+    return dialect_insert(dialect.name, table)
 
 
 @contextmanager

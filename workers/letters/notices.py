@@ -99,7 +99,7 @@ def bounce_notice(
     )
 
 
-def _decoded_header(value: str) -> str:
+def decoded_header(value: str) -> str:
     """A header's text as a reader sees it (encoded words decoded); not yet fit for a header."""
     try:
         return str(email.policy.default.header_factory("subject", value))
@@ -118,7 +118,7 @@ def reply_text(raw: bytes) -> Reply:
             texts[kind] = part_text(part)
     text = texts.get("text/plain") or texts.get("text/html", "")
     subject = header_text(
-        _decoded_header(next(iter(raw_values(message, "subject")), "")), REPLY_SUBJECT_CHARS
+        decoded_header(next(iter(raw_values(message, "subject")), "")), REPLY_SUBJECT_CHARS
     )
     return Reply(subject, text.replace("\r\n", "\n")[:MAX_FORWARD_CHARS], reply_sender(message))
 

@@ -225,7 +225,7 @@ def listing(
     ]
 
 
-# An item the message was about, and its error (None when nothing more is to be done for it).
+# Each item (or submission) a message was about, and its error (None when its work is done).
 Outcome = tuple[str, BaseException | None]
 
 

@@ -26,7 +26,7 @@ from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
 from workers.logging import bound
 from workers.outbox import kinds
 from workers.outbox import sending as outbox
-from workers.outbox.sending import Kind
+from workers.outbox.sending import Kind, Outcome
 from workers.pipeline.app import App, Apps, get_app
 from workers.pipeline.broker import build_broker
 from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_message
@@ -63,8 +63,6 @@ def options(stage: Stage) -> dict[str, Any]:
     return STAGES[stage].options() | {"throws": NOT_RETRIED}
 
 
-# Each submission a message was about, and its error (None when the stage did its work).
-Outcome = tuple[str, BaseException | None]
 # Sends what a stage moved on to its next stages, after the commit: (id, its next stages).
 SendOn = Callable[[list[tuple[str, list[Stage]]]], None]
 Work = Callable[[App, list[str], SendOn], list[Outcome]]

@@ -214,16 +214,9 @@ def dead_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
     return {queue: int(count) for queue, count in rows}
 
 
-def refusal(found: Found) -> str | None:
-    """Why a requeue of this dead letter would not help, or None: a letter the mail server
-    refused for good failed its submission, so a requeue would send nothing."""
-    if found.failure is None or not found.failure.exception_type.endswith("PermanentDeliveryError"):
-        return None
-    return (
-        "the mail server refused the letter for good and its submission failed, so a "
-        "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` sends "
-        "it again (and clears this dead letter)"
-    )
+class RequeueRefused(ValueError):
+    """A requeue that would not help: a letter the mail server refused for good failed its
+    submission, so a requeue would send nothing."""
 
 
 def replay(
@@ -232,24 +225,24 @@ def replay(
     namespace: str,
     sessions: sessionmaker[Session],
     found: Found,
-) -> str:
-    """:func:`requeue`, refused (ValueError, :func:`refusal`) when it would not help."""
-    why = refusal(found)
-    if why is not None:
-        raise ValueError(why)
-    return requeue(client, broker, namespace, sessions, found)
-
-
-def requeue(
-    client: redis.Redis | None,
-    broker: dramatiq.Broker,
-    namespace: str,
-    sessions: sessionmaker[Session],
-    found: Found,
-) -> str:
+    *,
+    dry_run: bool = False,
+) -> str | None:
     """Put a dead letter back on its queue with a fresh retry budget (Redis's copy, or the stage
-    message made again from the database). The copy is enqueued before the dead one is removed:
-    a crash in between leaves a harmless duplicate, never a loss. Returns the new message id."""
+    message made again from the database); :class:`RequeueRefused` when that would not help,
+    ValueError when there is nothing to requeue. The copy is enqueued before the dead one is
+    removed: a crash in between leaves a harmless duplicate, never a loss. Returns the new
+    message id (``dry_run``: None, after the refusal check alone)."""
+    if found.failure is not None and found.failure.exception_type.endswith(
+        "PermanentDeliveryError"
+    ):
+        raise RequeueRefused(
+            "the mail server refused the letter for good and its submission failed, so a "
+            "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` sends "
+            "it again (and clears this dead letter)"
+        )
+    if dry_run:
+        return None
     stages = {stage.queue: stage for stage in Stage}
     fresh: Message[Any]
     if found.dead is not None and found.dead.message is not None:

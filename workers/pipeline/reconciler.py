@@ -43,15 +43,19 @@ log = structlog.get_logger(__name__)
 
 STAGE_FOR_STATE = RESENT_TO  # the table's; held and unconfirmed have timetables of their own
 BATCH = 1000
+# The defaults of DEARMP_HELD_RECHECK, DEARMP_MAX_DEAD_LETTERS, DEARMP_DELIVERY_LEASE_SECONDS.
+HELD_RECHECK = timedelta(hours=6)
+MAX_DEAD_LETTERS = 3
+LEASE = timedelta(seconds=300)
 
 
 def find_stalled(
     session: Session,
     older_than: timedelta,
     now: datetime | None = None,
-    held_recheck: timedelta = timedelta(hours=6),
+    held_recheck: timedelta = HELD_RECHECK,
     confirmation: ConfirmationPolicy | None = None,
-    max_dead_letters: int = 3,
+    max_dead_letters: int = MAX_DEAD_LETTERS,
 ) -> list[tuple[str, Stage]]:
     """(submission id, stage) for everything due a resend; marks them dispatched now.
 
@@ -160,7 +164,7 @@ def find_after_sent(
     session: Session,
     older_than: timedelta,
     now: datetime | None = None,
-    lease: timedelta = timedelta(seconds=300),
+    lease: timedelta = LEASE,
 ) -> list[tuple[str, Stage]]:
     """Inbound messages stored but not acted on, outbox items due (pending and past their
     backoff, or claimed by a worker that died mid-send) and surveys come due; marks them
@@ -214,10 +218,10 @@ def reconcile_once(
     sessions: sessionmaker[Session],
     broker: dramatiq.Broker,
     older_than: timedelta,
-    held_recheck: timedelta = timedelta(hours=6),
+    held_recheck: timedelta = HELD_RECHECK,
     confirmation: ConfirmationPolicy | None = None,
-    max_dead_letters: int = 3,
-    lease: timedelta = timedelta(seconds=300),
+    max_dead_letters: int = MAX_DEAD_LETTERS,
+    lease: timedelta = LEASE,
 ) -> int:
     """One pass: find what has stalled, commit the new dispatch times, then resend. ``lease``:
     an outbox item claimed longer ago by a worker that never finished is taken over
@@ -253,19 +257,14 @@ def run_forever(
     sessions: sessionmaker[Session],
     broker: dramatiq.Broker,
     interval: float,
-    older_than: timedelta,
     stop: threading.Event,
-    held_recheck: timedelta = timedelta(hours=6),
-    confirmation: ConfirmationPolicy | None = None,
-    max_dead_letters: int = 3,
-    lease: timedelta = timedelta(seconds=300),
+    **options: Any,
 ) -> None:
-    """Reconcile every ``interval`` seconds until ``stop`` is set; a failed pass is retried."""
+    """Reconcile (``options``: :func:`reconcile_once`'s) every ``interval`` seconds until
+    ``stop`` is set; a failed pass is retried."""
     while not stop.is_set():
         try:
-            reconcile_once(
-                sessions, broker, older_than, held_recheck, confirmation, max_dead_letters, lease
-            )
+            reconcile_once(sessions, broker, **options)
         except Exception as exc:  # the database may be briefly away: try again next tick
             log.warning("reconciler_pass_failed", error=type(exc).__name__)
         stop.wait(interval)

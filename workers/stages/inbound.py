@@ -11,7 +11,6 @@ once acted on, and kept for the operator when processing fails ``max_attempts`` 
 from __future__ import annotations
 
 import contextlib
-import email.policy
 import hashlib
 import json
 import unicodedata
@@ -40,7 +39,7 @@ from workers.database.models import (
 )
 from workers.database.transitions import AlreadyMoved, At, advance, rowcount
 from workers.letters.mail import header_text
-from workers.letters.notices import reply_text
+from workers.letters.notices import decoded_header, reply_text
 from workers.mp import health
 from workers.outbox import sending as outbox
 from workers.pipeline.failures import count_failure
@@ -450,13 +449,7 @@ def readable(row: InboundMessage, authserv_ids: frozenset[str], text: bool = Tru
 
 
 def _header_line(values: list[Any]) -> str:
-    decoded = []
-    for value in values:
-        text = "".join(str(value).splitlines())
-        try:
-            decoded.append(str(email.policy.default.header_factory("x", text)))
-        except Exception:  # hostile input the header parser trips on: its raw text
-            decoded.append(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    decoded = (decoded_header("".join(str(value).splitlines())) for value in values)
     return header_text(", ".join(decoded), _HEADER_CHARS)
 
 

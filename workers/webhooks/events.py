@@ -14,10 +14,10 @@ from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine, event, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from schemas.webhooks import DATA
+from workers.database.engine import dialect_insert
 from workers.database.models import OUTBOX, State, Submission, WebhookEndpoint, new_id
 from workers.pipeline import dispatch
 from workers.pipeline.dramatiq_private import installed_broker
@@ -118,7 +118,7 @@ def emit(
 @cache
 def _insert(dialect: str) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING into the outbox: one per dialect, so a group batches it."""
-    insert = (postgresql if dialect == "postgresql" else sqlite).insert(OUTBOX)
+    insert = dialect_insert(dialect, OUTBOX)
     return insert.on_conflict_do_nothing(index_elements=["submission_id", "key"])
 
 
