@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import dramatiq
@@ -191,3 +192,15 @@ def wait_for_a_lock_wait(app: App, timeout: float = 10.0) -> None:
         if waiting:
             return
     raise AssertionError("nothing waited for the uncommitted insert")
+
+
+def test_the_reconciler_refuses_an_option_it_does_not_take_at_start(app: App) -> None:
+    """A wrong option fails once, at start, not in every pass (where it would only be logged)."""
+    from workers.pipeline.reconciler import run_forever
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(TypeError, match="lease_second"):
+        run_forever(
+            app.sessions, dramatiq.get_broker(), 1.0, stop, older_than=timedelta(0), lease_second=5
+        )

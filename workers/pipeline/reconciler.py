@@ -7,6 +7,7 @@ stages are idempotent, so a resend of a message that was only slow does no harm.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from datetime import datetime, timedelta
 from typing import Any
@@ -261,7 +262,9 @@ def run_forever(
     **options: Any,
 ) -> None:
     """Reconcile (``options``: :func:`reconcile_once`'s) every ``interval`` seconds until
-    ``stop`` is set; a failed pass is retried."""
+    ``stop`` is set; a failed pass is retried. Options it does not take fail here, at start,
+    not in every pass."""
+    inspect.signature(reconcile_once).bind(sessions, broker, **options)
     while not stop.is_set():
         try:
             reconcile_once(sessions, broker, **options)
