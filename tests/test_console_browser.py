@@ -53,7 +53,8 @@ def test_an_operator_pauses_and_resumes_a_campaign_at_390_px(
     expect(page.locator("header.top")).to_have_css("background-color", "rgb(29, 59, 83)")
     fits(page)
 
-    page.get_by_role("link", name="Campaigns").click()
+    with page.expect_navigation():
+        page.get_by_role("link", name="Campaigns").click()
     fits(page)
     page.get_by_role("link", name=SLUG).click()
     expect(page.get_by_role("heading", level=1)).to_have_text(
@@ -73,7 +74,8 @@ def test_an_operator_pauses_and_resumes_a_campaign_at_390_px(
     expect(page.get_by_role("button", name="Pause its letters")).to_be_visible()
 
     for name in ("Dead letters", "Waiting", "Overview"):
-        page.get_by_role("link", name=name, exact=True).click()
+        with page.expect_navigation():  # measured once the new page is there, not mid-way
+            page.get_by_role("link", name=name, exact=True).click()
         fits(page)
     page.get_by_role("link", name="Dead letters").click()
     page.get_by_role("link", name=console_data[0]).click()
