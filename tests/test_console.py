@@ -189,6 +189,16 @@ def test_an_unknown_name_is_refused_like_a_wrong_password(console: TestClient) -
     assert reply.status_code == 401
 
 
+def test_names_tried_are_not_kept_unless_a_real_account_failed() -> None:
+    throttle, accounts = auth.Throttle(), {"ada": auth.hash_password(PASSWORD)}
+    for name in ("mallory", "eve", "x" * 200):
+        assert throttle.check_login(accounts, name, PASSWORD) is None
+    assert throttle.check_login(accounts, "ada", PASSWORD) == "ada"
+    assert throttle.failures == {}  # a flood of invented names grows nothing
+    assert throttle.check_login(accounts, "ada", "wrong") is None
+    assert list(throttle.failures) == ["ada"]
+
+
 def test_a_forged_or_tampered_cookie_is_no_session(console: TestClient) -> None:
     log_in(console)
     value = console.cookies[auth.COOKIE]

@@ -65,8 +65,9 @@ class Throttle:
         """The operator's name if ``password`` is theirs and the name is not locked, else None."""
         now, name = time.monotonic(), name[:64]
         with self.lock:
-            recent = [t for t in self.failures.get(name, []) if now - t < LOCKED_SECONDS]
-            self.failures[name] = recent
+            recent = [t for t in self.failures.pop(name, []) if now - t < LOCKED_SECONDS]
+            if recent:  # a name with none is not kept: names tried cost no memory
+                self.failures[name] = recent
         if len(recent) >= FAILURES_ALLOWED:
             return None
         good = verify_password(password, accounts.get(name, _NOBODY)) and name in accounts
