@@ -94,6 +94,28 @@ def test_a_mail_server_that_does_not_answer_is_down(app: App, on_redis: redis.Re
     assert status == "down" and f"cannot reach 127.0.0.1:{settings.smtp_port}" in detail
 
 
+def test_a_mail_server_without_the_starttls_letters_need_is_down(
+    app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
+) -> None:
+    """Health connects as letters do: a relay that offers no STARTTLS, when letters require it,
+    is down (EHLO alone would have answered)."""
+    settings = app.settings
+    settings.mail_backend, settings.smtp_host, settings.smtp_port = (
+        "smtp",
+        "127.0.0.1",
+        smtp_sink.port,
+    )
+    settings.smtp_security = "starttls"
+    heart = beating(on_redis)
+    try:
+        result = CliRunner().invoke(main, ["health", "--json"])
+    finally:
+        heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    assert result.exit_code == 2
+    status, detail = checks_of(result)["mail server"]
+    assert status == "down" and "SMTPNotSupportedError" in detail
+
+
 def test_a_stale_reconciler_pass_is_degraded(app: App, on_redis: redis.Redis) -> None:
     on_redis.set("dearmp:reconciler", str(utcnow().timestamp() - 3600))
     status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["reconciler"]

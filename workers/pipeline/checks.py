@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import ssl
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -20,6 +19,7 @@ from sqlalchemy.engine import make_url
 from config.settings import Settings
 from workers.database.engine import session_scope
 from workers.database.models import OutboxItem, OutboxStatus, State, Submission, utcnow
+from workers.letters.mail import smtp
 from workers.mp import health as addresses
 from workers.outbox import sending as outbox
 from workers.pipeline.app import App
@@ -81,7 +81,8 @@ def _workers(client: redis.Redis, namespace: str) -> Check:
 
 
 def _mail_server(settings: Settings) -> Check:
-    """Whether letters can reach a mail server: connect and EHLO (SMTP), nothing sent."""
+    """Whether letters can reach a mail server: connected as letters are, TLS verified, as far
+    as EHLO (SMTP); nothing sent, no login."""
     backend = settings.mail_backend
     if backend == "outbox":
         return Check(
@@ -93,23 +94,12 @@ def _mail_server(settings: Settings) -> Check:
     if backend != "smtp":
         return Check("mail server", OK, f"{backend}: not probed")
     where = f"{settings.smtp_host}:{settings.smtp_port}"
-    timeout = min(settings.smtp_timeout, 5.0)
     try:
-        if settings.smtp_security == "tls":
-            context = ssl.create_default_context(
-                cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
-            )
-            conn: smtplib.SMTP = smtplib.SMTP_SSL(
-                settings.smtp_host, settings.smtp_port, timeout=timeout, context=context
-            )
-        else:
-            conn = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=timeout)
-        with conn:
-            code, _ = conn.ehlo(settings.smtp_helo_name or socket.getfqdn())
+        smtp.close(smtp.connect(settings, timeout=min(settings.smtp_timeout, 5.0)))
+    except smtplib.SMTPHeloError as exc:
+        return Check("mail server", DOWN, f"{where} answered EHLO with {exc.smtp_code}")
     except (OSError, smtplib.SMTPException) as exc:
         return Check("mail server", DOWN, f"cannot reach {where} ({type(exc).__name__})")
-    if code != 250:
-        return Check("mail server", DOWN, f"{where} answered EHLO with {code}")
     return Check("mail server", OK, f"{where} answers")
 
 

@@ -18,7 +18,7 @@ from workers.letters.mail.mailer import Outgoing, TransientDeliveryError
 from workers.letters.mail.relay import OUT_OF_STEP, RelayPause, answer_text, classify
 
 
-def _close(conn: smtplib.SMTP) -> None:
+def close(conn: smtplib.SMTP) -> None:
     """End a session as RFC 5321 asks (QUIT), then close the socket whatever the server does."""
     try:
         if conn.sock is not None:
@@ -27,6 +27,30 @@ def _close(conn: smtplib.SMTP) -> None:
         pass
     finally:
         conn.close()
+
+
+def connect(settings: Settings, timeout: float | None = None) -> smtplib.SMTP:
+    """A session with the relay as far as EHLO, without logging in: implicit TLS or STARTTLS
+    verified (against SMTP_CA_FILE if set), then EHLO. Letters' sessions and ``dearmp health``
+    connect this one way; a set-up that fails leaves no session open."""
+    s = settings
+    context = ssl.create_default_context()
+    if s.smtp_ca_file:
+        context.load_verify_locations(cafile=str(s.smtp_ca_file))
+    smtp: Callable[..., smtplib.SMTP] = smtplib.SMTP
+    if s.smtp_security == "tls":
+        smtp = partial(smtplib.SMTP_SSL, context=context)
+    conn = smtp(
+        s.smtp_host, s.smtp_port, local_hostname=s.smtp_helo_name, timeout=timeout or s.smtp_timeout
+    )
+    try:
+        if s.smtp_security == "starttls":
+            conn.starttls(context=context)
+        conn.ehlo_or_helo_if_needed()
+    except BaseException:
+        close(conn)
+        raise
+    return conn
 
 
 class Refusal(Exception):
@@ -119,7 +143,7 @@ class SmtpPool:
             if self.idle:
                 self._schedule_sweep()
         for session in gone:
-            _close(session.conn)
+            close(session.conn)
 
     def _spent(self, session: _Session, now: float) -> bool:
         return (
@@ -129,7 +153,7 @@ class SmtpPool:
         )
 
     def _discard(self, session: _Session) -> None:
-        _close(session.conn)
+        close(session.conn)
         self._release()
 
     def _release(self) -> None:
@@ -213,7 +237,7 @@ class SmtpPool:
                 self.sweeper.cancel()
                 self.sweeper = None
         for session in idle:
-            _close(session.conn)
+            close(session.conn)
 
 
 class SmtpMailer:
@@ -235,26 +259,11 @@ class SmtpMailer:
             wait=settings.smtp_timeout,
         )
 
-    def _tls(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        if self.settings.smtp_ca_file:
-            context.load_verify_locations(cafile=str(self.settings.smtp_ca_file))
-        return context
-
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
         conn: smtplib.SMTP | None = None
         try:
-            if s.smtp_security == "tls":
-                smtp: Callable[..., smtplib.SMTP] = partial(smtplib.SMTP_SSL, context=self._tls())
-            else:
-                smtp = smtplib.SMTP
-            conn = smtp(
-                s.smtp_host, s.smtp_port, local_hostname=s.smtp_helo_name, timeout=s.smtp_timeout
-            )
-            if s.smtp_security == "starttls":
-                conn.starttls(context=self._tls())
-            conn.ehlo_or_helo_if_needed()
+            conn = connect(s)
             if s.smtp_username and s.smtp_password:
                 with self.relay.turn():
                     try:
@@ -264,8 +273,8 @@ class SmtpMailer:
                         self.relay.refused(f"login refused: {exc.smtp_code} {answer}")
                         raise
         except BaseException as exc:
-            if conn is not None:  # a set-up that failed (TLS, EHLO, AUTH) leaves no session
-                _close(conn)
+            if conn is not None:  # a login that failed leaves no session
+                close(conn)
             if isinstance(exc, ssl.SSLCertVerificationError) and not self.relay.waiting():
                 # The same for every letter: a pause, not a failed handshake per letter.
                 self.relay.refused(
