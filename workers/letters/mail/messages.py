@@ -5,6 +5,7 @@ start a header of its own. Nothing here signs or sends."""
 from __future__ import annotations
 
 import email.policy
+import functools
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,19 +28,22 @@ UTF8.body_encoding = QP
 
 
 class _Wire(email.policy.Compat32):
-    """compat32 (cheaper than EmailMessage's header registry) with CRLF line ends; a short
-    printable ASCII header is written as it is, skipping folding that would not change it."""
+    """compat32 (cheaper than EmailMessage's header registry) with CRLF line ends. A printable
+    ASCII header is written as it is when short, and folded once per value when long: a
+    campaign's From and List-Id are the same on every letter, and folding is the writer's
+    costliest step."""
 
     def fold_binary(self, name: str, value: str) -> bytes:
-        limit = self.max_line_length or 0
-        if (
-            isinstance(value, str)
-            and len(name) + len(value) + 2 <= limit
-            and value.isascii()
-            and value.isprintable()
-        ):
-            return f"{name}: {value}{self.linesep}".encode("ascii")
+        if isinstance(value, str) and value.isascii() and value.isprintable():
+            if len(name) + len(value) + 2 <= (self.max_line_length or 0):
+                return f"{name}: {value}{self.linesep}".encode("ascii")
+            return _folded(self, name, value)
         return super().fold_binary(name, value)
+
+
+@functools.lru_cache(maxsize=256)
+def _folded(policy: _Wire, name: str, value: str) -> bytes:
+    return email.policy.Compat32.fold_binary(policy, name, value)
 
 
 WIRE = _Wire(linesep="\r\n")
