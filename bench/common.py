@@ -16,7 +16,18 @@ from workers.database.engine import session_scope
 from workers.letters.definitions import update_definition
 from workers.pipeline.app import App
 from workers.pipeline.runtime import prepare
+from workers.stages.stage import Stage
 
+# The stages every benchmark submission goes through, a message each (with the intake's groups,
+# a message for each group): the bare chain has as many no-op actors.
+STAGES = (
+    Stage.VALIDATE,
+    Stage.RESOLVE,
+    Stage.CONSENT,
+    Stage.COMPARE,
+    Stage.RENDER,
+    Stage.DELIVER,
+)
 # The benchmarks' DEARMP_SECRET_KEY (32 characters, as the settings ask).
 SECRET = "bench-secret-32-characters-long!"  # noqa: S105 (a benchmark's)
 

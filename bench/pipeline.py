@@ -1,5 +1,7 @@
-"""Pipeline benchmark: N submissions through all five stages on real Redis and a real database,
-against a bare chain of five no-op dramatiq actors on the same Redis with the same worker settings.
+"""Pipeline benchmark: N submissions through every stage on real Redis and a real database,
+against a bare chain of as many no-op dramatiq actors (one a stage: ``bench.common.STAGES``) on
+the same Redis with the same worker settings. ``--bare-hops 5`` measures against the five-actor
+chain of the days before the comparison stage.
 
     .venv/bin/python -m bench.pipeline                 # 5,000 submissions, SQLite
     .venv/bin/python -m bench.pipeline --postgres      # the same on a throwaway PostgreSQL cluster
@@ -33,7 +35,7 @@ from sqlalchemy import func, select, text
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import SECRET, database_name  # noqa: E402
+from bench.common import SECRET, STAGES, database_name  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import PostgresCluster, free_port  # noqa: E402
@@ -213,12 +215,12 @@ def bench_pipeline(
 def bench_bare(
     args: argparse.Namespace, redis_url: str, others: dict[str, int | None]
 ) -> dict[str, float]:
-    env = {**os.environ, "REDIS_URL": redis_url}
+    env = {**os.environ, "REDIS_URL": redis_url, "BARE_HOPS": str(args.bare_hops)}
     workers = start_workers("bench.bare_chain", env, args.processes, args.threads)
     time.sleep(3)
     meter = CpuMeter(workers=workers.pid, **others)
     meter.start()
-    os.environ["REDIS_URL"] = redis_url
+    os.environ["REDIS_URL"], os.environ["BARE_HOPS"] = redis_url, str(args.bare_hops)
     from bench import bare_chain
 
     client = redis.Redis.from_url(redis_url)
@@ -227,7 +229,7 @@ def bench_bare(
     start = time.time()
     for i in range(args.n):
         enqueued[str(i)] = time.time()
-        bare_chain.step1.send(str(i), enqueued[str(i)])
+        bare_chain.steps[0].send(str(i), enqueued[str(i)])
     deadline = time.monotonic() + args.timeout
     while client.llen(bare_chain.DONE_KEY) < args.n and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -288,6 +290,12 @@ def main() -> None:
         action="store_true",
         help="PostgreSQL with fsync and synchronous commits on, as production runs",
     )
+    parser.add_argument(
+        "--bare-hops",
+        type=int,
+        default=len(STAGES),
+        help=f"no-op actors in the bare chain (default {len(STAGES)}: one a stage)",
+    )
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument(
         "--statements", action="store_true", help="PostgreSQL: the commonest statements"
@@ -335,6 +343,7 @@ def main() -> None:
         f"workers: {args.processes} processes x {args.threads} threads; n={args.n}; "
         f"outbox: {args.outbox_root}"
     )
+    print(f"bare chain: {args.bare_hops} no-op actors; pipeline: {len(STAGES)} stages")
     for name, r in (("bare chain", bare), ("pipeline", pipeline)):
         print(
             f"{name:>10}: {r['per_second']:8.1f} submissions/s   p50 {r['p50_ms']:8.1f} ms   "

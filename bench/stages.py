@@ -23,27 +23,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import SECRET, machine  # noqa: E402
+from bench.common import SECRET, STAGES, machine  # noqa: E402
 from bench.pipeline import SHM, CpuMeter  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import PostgresCluster  # noqa: E402
 from workers.database.engine import session_scope  # noqa: E402
 from workers.letters.definitions import update_definition  # noqa: E402
+from workers.logging import configure_logging  # noqa: E402
 from workers.pipeline import actors  # noqa: E402
 from workers.pipeline.app import App  # noqa: E402
 from workers.pipeline.intake import accept  # noqa: E402
 from workers.pipeline.runtime import prepare  # noqa: E402
-from workers.stages.stage import Stage  # noqa: E402
-
-STAGES = (
-    Stage.VALIDATE,
-    Stage.RESOLVE,
-    Stage.CONSENT,
-    Stage.COMPARE,
-    Stage.RENDER,
-    Stage.DELIVER,
-)
 
 
 def main() -> None:
@@ -75,6 +66,7 @@ def run(
         database_url=url, data_dir=folder / "var", secret_key=SECRET, broker="stub",
         outbox_dir=outbox, log_level="WARNING",
     )  # fmt: skip
+    configure_logging(settings.log_level)  # as a worker process does: no info events
     # As the workers build theirs (workers.pipeline.app.get_app): no ping per checkout.
     app = App.from_settings(settings, pool_pre_ping=False)
     prepare(app)
