@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -160,6 +161,20 @@ def test_signatures_are_the_same_in_every_process() -> None:
     ).stdout  # fmt: skip
     sig = o.signature(o.words(DRAFT))
     assert json.loads(out) == [list(sig), o.bands(sig)]
+
+
+def test_signatures_and_band_keys_are_those_stored_by_earlier_releases() -> None:
+    """Stored signatures and band keys are compared with new ones: a change to any constant or
+    hash of ``originality`` fails here, and then needs a migration that computes the stored ones
+    again (the comparison window), not only new code."""
+    text = (
+        "Dear Jane Smith MP, I am writing as your constituent to ask you to press the Foreign "
+        "Secretary on the detention without trial of political prisoners. Please reply and tell "
+        "me what you will do. Yours sincerely, Ada"
+    )
+    sig = o.signature(o.words(text))
+    assert hashlib.sha256(o.pack(sig)).hexdigest()[:16] == "229fa536e75316ab"
+    assert hashlib.sha256(repr(o.bands(sig)).encode()).hexdigest()[:16] == "a8a2d9282bdbbe3f"
 
 
 def test_similarity_of_a_letter_with_itself_and_with_an_unrelated_one() -> None:

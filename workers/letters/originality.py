@@ -28,7 +28,7 @@ _BAND_BITS = 58  # a band key: the band number above 58 bits of the band's hash 
 _PACK = struct.Struct(f">{NUM_PERM}I")
 _PACK_ROWS = struct.Struct(f">{ROWS}I")
 # A change to any constant or hash here makes signatures and band keys that cannot be compared
-# with those stored: the comparison window must then be computed again.
+# with those stored: the comparison window must then be computed again (a test pins them).
 
 # Invisible format characters (soft hyphen, zero-width space/joiners, bidi marks and isolates,
 # word joiner, BOM) would split or disguise words; apostrophes are dropped ("don't" = "dont").
