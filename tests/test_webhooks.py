@@ -58,9 +58,10 @@ class Request:
 
 
 class Receiver:
-    """A CRM on loopback. ``/ok`` answers 200, ``/fail`` 500, ``/gone`` 404, ``/redirect`` 302
-    to ``/ok``, ``/busy`` 429 with ``retry_after``, ``/hang`` nothing until the test ends. Each
-    request is checked against every secret in ``secrets`` with the standardwebhooks library."""
+    """A CRM on loopback. ``/ok`` answers 200 (``/short`` too, its body cut short), ``/fail``
+    500, ``/gone`` 404, ``/redirect`` 302 to ``/ok``, ``/busy`` 429 with ``retry_after``,
+    ``/hang`` nothing until the test ends. Each request is checked against every secret in
+    ``secrets`` with the standardwebhooks library."""
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
@@ -92,6 +93,12 @@ class Receiver:
                     self.send_header("retry-after", receiver.retry_after)
                 if status == 302:
                     self.send_header("location", receiver.url("/ok"))
+                if path == "/short":  # a 200 whose body is cut short, then the connection reset
+                    self.send_header("content-length", "100")
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+                    self.close_connection = True
+                    return
                 self.send_header("content-length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -398,6 +405,16 @@ def test_a_refusal_or_a_redirect_is_given_up_at_once_and_a_redirect_is_not_follo
     assert [r.path for r in receiver.requests] == [path]  # never /ok
 
 
+def test_a_200_with_its_body_cut_short_is_sent_once(app: App, receiver: Receiver) -> None:
+    """The status is the answer: what becomes of the body after a 2xx changes nothing."""
+    add(app, receiver.url("/short"), ("supporter.erased",))
+    erased(app)
+    [item] = items(app)
+    ended = until_ended(app, item.id, outbox_for(app)[1])
+    assert (ended.status, ended.failures) == ("sent", 0)
+    assert [r.path for r in receiver.requests] == ["/short"]
+
+
 def test_a_receiver_that_never_answers_times_out_while_the_letter_goes(
     app: App, receiver: Receiver, stub_broker: Any, stub_worker: dramatiq.Worker
 ) -> None:
@@ -517,6 +534,10 @@ def test_the_cli_adds_shows_rotates_replays_and_removes_and_refuses_bad_configur
         "/just/a/path": "http:// or https://",
         "https://crm.example/ho ok": "spaces or control characters",
         "https://crm.example/\x00hook": "spaces or control characters",
+        "https://crm.example:99999/hook": "host and port",
+        "https://crm.example:abc/hook": "host and port",
+        "http://[::1/hook": "host and port",
+        "https://crm.example:0/hook": "port must be from 1 to 65535",
     }
     for url, said in refused.items():
         bad = runner.invoke(cli, ["webhooks", "add", url, "--event", "letter.delivered"])

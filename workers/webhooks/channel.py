@@ -6,6 +6,7 @@ may carry a token."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -111,8 +112,11 @@ class HttpChannel:
                 allow_redirects=False,
                 stream=True,
             ) as answer:
-                next(answer.iter_content(ANSWER_CAP), b"")  # a little of it, then closed
                 status, asked = answer.status_code, retry_after(answer)
+                # A little of the body, then closed: the status is the answer, so a body cut
+                # short or a reset after it changes nothing.
+                with contextlib.suppress(requests.RequestException):
+                    next(answer.iter_content(ANSWER_CAP), b"")
         except requests.Timeout:
             raise TransientDeliveryError(f"{where}: no answer in time") from None
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as exc:

@@ -48,10 +48,16 @@ def add(
     personal_data: bool = False,
 ) -> WebhookEndpoint:
     """A new enabled endpoint with a fresh secret (shown once by the CLI)."""
-    parts = urlsplit(url)
     unknown = sorted(set(events) - set(EVENTS))
     if not url.isprintable() or any(c.isspace() for c in url):
         raise Refused("the URL must not hold spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (read for its check: a port that is no number from 1 to 65535)
+    except ValueError:
+        raise Refused("the URL cannot be read: check its host and port") from None
+    if parts.port == 0:
+        raise Refused("the URL's port must be from 1 to 65535")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Refused(f"the URL must be http:// or https:// with a host: {masked(url)}")
     if parts.username is not None or parts.password is not None:
