@@ -415,6 +415,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _mail_server_credentials(self) -> Settings:
+        """What a mail backend cannot send without: refused at start, not at the first letter."""
+        if self.mail_backend == "http" and not (self.email_api_key and self.email_api_domain):
+            raise ValueError("DEARMP_MAIL_BACKEND=http needs EMAIL_API_KEY and EMAIL_API_DOMAIN")
+        if (self.smtp_username is None) != (self.smtp_password is None):
+            raise ValueError(
+                "set SMTP_USERNAME and SMTP_PASSWORD together: one alone logs in as no one"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sandbox_is_a_real_mailbox(self) -> Settings:
         domain = self.sandbox_address.rpartition("@")[2].lower()
         if self.mail_backend != "outbox" and ("." not in domain or domain.endswith(".localhost")):

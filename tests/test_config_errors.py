@@ -169,6 +169,18 @@ def test_a_dkim_key_needs_its_selector_and_only_one_source(
     assert no_key.startswith("DEARMP_DKIM_SELECTOR is set but no key")
 
 
+def test_a_mail_backend_without_its_credentials_is_refused(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    environment.setenv("DEARMP_SANDBOX_ADDRESS", "sandbox@campaign.example.org")
+    [http] = problems(environment, DEARMP_MAIL_BACKEND="http", EMAIL_API_KEY="key-1")
+    assert http == "DEARMP_MAIL_BACKEND=http needs EMAIL_API_KEY and EMAIL_API_DOMAIN"
+    assert problems(environment, EMAIL_API_DOMAIN="campaign.example.org") == []
+    [half] = problems(environment, DEARMP_MAIL_BACKEND="smtp", SMTP_USERNAME="dearmp")
+    assert half.startswith("set SMTP_USERNAME and SMTP_PASSWORD together")
+    assert problems(environment, SMTP_PASSWORD="pw") == []
+
+
 def test_the_demo_needs_no_configuration(environment: pytest.MonkeyPatch) -> None:
     """Unset, the key is generated (long enough) and every default passes its check."""
     settings = load_settings()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from workers.logging import bound, configure_logging
+from workers.logging import bound, configure_logging, mask_text
 
 
 @pytest.fixture(autouse=True)
@@ -119,3 +119,11 @@ def test_concurrent_records_from_structlog_and_the_standard_library_keep_a_line_
     assert len(lines) == 8 * 100
     events = [json.loads(line) for line in lines]  # each line one whole record
     assert {e["event"].split()[0] for e in events} == {"ours", "theirs"}
+
+
+def test_a_long_value_keeps_its_start_and_its_end() -> None:
+    """A traceback longer than what is logged keeps its last line: what happened."""
+    trace = "Traceback (most recent call last):\n" + "  frame\n" * 1000 + "ValueError: the end"
+    logged = mask_text(trace)
+    assert logged.startswith("Traceback") and logged.endswith("ValueError: the end")
+    assert "[...]" in logged and len(logged) < 2_100

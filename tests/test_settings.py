@@ -29,9 +29,10 @@ def test_sandbox_letters_need_a_real_mailbox_when_they_go_to_a_mail_server(
     address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_settings(tmp_path, sandbox_address=address)  # the outbox takes any address
-    for backend in ("smtp", "http"):
+    http = {"email_api_key": "key-1", "email_api_domain": "campaign.example.org"}
+    for backend, more in (("smtp", {}), ("http", http)):
         with pytest.raises(ValidationError, match="DEARMP_SANDBOX_ADDRESS must be a real"):
-            make_settings(tmp_path, mail_backend=backend, sandbox_address=address)
+            make_settings(tmp_path, mail_backend=backend, sandbox_address=address, **more)
     monkeypatch.setenv("DEARMP_MAIL_BACKEND", "smtp")
     monkeypatch.setenv("DEARMP_SANDBOX_ADDRESS", address)
     monkeypatch.setenv("DEARMP_DATA_DIR", str(tmp_path))

@@ -26,8 +26,8 @@ MAX_LOGGED = 2_000
 
 def _mask(value: Any) -> Any:
     if isinstance(value, str):
-        if len(value) > MAX_LOGGED:
-            value = value[:MAX_LOGGED] + "[...]"
+        if len(value) > MAX_LOGGED:  # a traceback's last line says what happened: kept
+            value = value[: MAX_LOGGED // 2] + "[...]" + value[-MAX_LOGGED // 2 :]
         return POSTCODE_RE.sub("[postcode]", EMAIL_RE.sub("[email]", value))
     return value
 
