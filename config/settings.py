@@ -117,8 +117,9 @@ class Settings(BaseSettings):
     smtp_connection_max_age: float = Field(default=60.0, gt=0, alias="SMTP_CONNECTION_MAX_AGE")
     smtp_connection_max_letters: int = Field(default=100, ge=1, alias="SMTP_CONNECTION_MAX_LETTERS")
     smtp_connection_idle: float = Field(default=5.0, gt=0, alias="SMTP_CONNECTION_IDLE")
-    # When the relay refuses us (our login, our sender, our right to relay), delivery pauses for
-    # this long, doubling with each refusal in a row up to 15 minutes.
+    # When the relay refuses us (our login, our sender, our right to relay), or the http
+    # provider our key or domain, delivery pauses for this long, doubling with each refusal in a
+    # row up to 15 minutes.
     smtp_pause: float = Field(default=30.0, ge=1, le=900, alias="SMTP_PAUSE_SECONDS")
     # Extra CA bundle to trust for the SMTP server's certificate (a private CA, or tests).
     smtp_ca_file: Path | None = Field(default=None, alias="SMTP_CA_FILE")

@@ -133,6 +133,23 @@ def test_http_4xx_is_permanent(tmp_path: Path, provider: ProviderStub) -> None:
         http_mailer(tmp_path, provider).send(MAIL)
 
 
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_http_refusing_our_key_or_domain_pauses_delivery_and_costs_no_attempt(
+    tmp_path: Path, provider: ProviderStub, status: int
+) -> None:
+    """A wrong key or domain is the same for every letter: delivery pauses, as for a relay
+    that refuses our login, and the letters wait (``ours``) instead of failing one by one."""
+    provider.replies.append((status, {}, '{"message": "Forbidden"}'))
+    mailer = http_mailer(tmp_path, provider)
+    with pytest.raises(TransientDeliveryError) as raised:
+        mailer.send(MAIL)
+    assert raised.value.ours and raised.value.retry_after == 30.0
+    assert 29 < mailer.waiting() <= 30
+    with pytest.raises(TransientDeliveryError, match="delivery paused"):
+        mailer.send(MAIL)  # not sent again while paused
+    assert len(provider.requests) == 1
+
+
 def test_http_provider_unreachable_is_transient(tmp_path: Path) -> None:
     settings = make_settings(
         tmp_path,

@@ -48,5 +48,5 @@ def make_mailer(
     if settings.mail_backend == "smtp":
         return SmtpMailer(settings, alarm)
     if settings.mail_backend == "http":
-        return HttpMailer(settings)
+        return HttpMailer(settings, alarm)
     return OutboxMailer(settings.resolved_outbox_dir)

@@ -1,9 +1,11 @@
 """Mailgun's raw-MIME API: the same signed bytes go as they are; 429 and 5xx are worth trying
-again (after Retry-After), any other refusal is the letter's."""
+again (after Retry-After); 401, 403 and 404 refuse our key or domain, which pauses delivery as a
+relay's refusal of our login does (:class:`RelayPause`); any other refusal is the letter's."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
 import requests
@@ -16,6 +18,10 @@ from workers.letters.mail.mailer import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from workers.letters.mail.relay import RelayPause
+
+# Answers about our account (a wrong key, a domain it does not hold), not the letter.
+REFUSING_US = {401, 403, 404}
 
 
 class HttpMailer(Mailer):
@@ -23,7 +29,9 @@ class HttpMailer(Mailer):
 
     name = "http"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, alarm: Callable[[str | None, float], None] | None = None
+    ) -> None:
         if not settings.email_api_key or not settings.email_api_domain:
             raise ValueError("the http mail backend needs EMAIL_API_KEY and EMAIL_API_DOMAIN")
         self.url = (
@@ -32,6 +40,10 @@ class HttpMailer(Mailer):
         self.auth = ("api", settings.email_api_key.get_secret_value())
         self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
         self._local = threading.local()
+        self.relay = RelayPause(settings.smtp_pause, alarm=alarm)
+
+    def waiting(self) -> float:
+        return self.relay.waiting()
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
@@ -41,6 +53,7 @@ class HttpMailer(Mailer):
         return session
 
     def send(self, mail: Outgoing) -> str:
+        self.relay.check()
         try:
             response = self._session().post(
                 self.url,
@@ -52,7 +65,10 @@ class HttpMailer(Mailer):
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
         answer = f"{response.status_code} {response.text[:500]}"
         if response.status_code < 300:
+            self.relay.accepted()
             return answer
+        if response.status_code in REFUSING_US:
+            raise TransientDeliveryError(answer, retry_after=self.relay.refused(answer), ours=True)
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientDeliveryError(answer, retry_after=retry_after(response))
         raise PermanentDeliveryError(answer)
