@@ -20,6 +20,7 @@ from tests.test_stages import through_render
 from workers.cli import main
 from workers.database.engine import session_scope
 from workers.database.models import OutboxItem, utcnow
+from workers.pipeline import checks
 from workers.pipeline.app import App
 from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.heartbeat import Heartbeat, last_pass, live_workers, record_pass
@@ -148,6 +149,35 @@ def test_letters_waiting_to_retry_are_listed_with_why_and_flushed_at_once(
         assert item is not None and item.next_attempt_at is None
     again = CliRunner().invoke(main, ["deliveries", "flush"])
     assert again.exit_code == 1 and "no letter waits" in again.stderr  # nothing waits: says so
+
+
+def test_letters_that_all_fail_their_tries_with_none_sent_are_down(
+    app: App, on_redis: redis.Redis
+) -> None:
+    """Whatever the cause (a relay that refuses our login without saying so, say), letters that
+    all fail while none goes out is nothing going out: down, with the commonest reason."""
+    ids = [through_render(app, submission()) for _ in range(checks.STALLED_LETTERS)]
+
+    def fail(*letters: str, **values: Any) -> None:
+        with session_scope(app.sessions) as session:
+            session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id.in_(letters))
+                .values(claimed_at=utcnow(), **values)
+            )
+
+    fail(*ids[:-1], failures=1, error="no authentication this client has")
+    status, _ = checks_of(CliRunner().invoke(main, ["health", "--json"]))["retries"]
+    assert status == "ok"  # two letters: a recipient's trouble, maybe
+    fail(ids[-1], failures=1, error="no authentication this client has")
+    result = CliRunner().invoke(main, ["health", "--json"])
+    status, detail = checks_of(result)["retries"]
+    assert result.exit_code == 2 and status == "down"
+    assert "no letter sent in 15 minutes while 3 failed" in detail
+    assert "no authentication this client has" in detail
+    fail(ids[0], status="sent", sent_at=utcnow())  # one goes: the mail server takes letters
+    status, _ = checks_of(CliRunner().invoke(main, ["health", "--json"]))["retries"]
+    assert status == "ok"
 
 
 @pytest.mark.smtp

@@ -33,6 +33,9 @@ OK, DEGRADED, DOWN = "ok", "degraded", "down"
 ORDER = {OK: 0, DEGRADED: 1, DOWN: 2}  # also the exit code
 # A day's digest is made once a day: a letter waiting longer, its reconciler is not running.
 DIGEST_LATE_HOURS = 36
+# Letters tried in this window whose every try failed, and none sent: nothing goes out.
+STALLED_WINDOW = timedelta(minutes=15)
+STALLED_LETTERS = 3
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,21 @@ def _pipeline(
             .group_by(OutboxItem.error)
             .order_by(func.count().desc())
         ).all()
+        letters = OutboxItem.kind == LETTER
+        since = now - STALLED_WINDOW
+        failed_lately = session.scalar(
+            select(func.count()).where(
+                letters,
+                OutboxItem.status.in_((OutboxStatus.PENDING, OutboxStatus.FAILED)),
+                OutboxItem.failures > 0,
+                OutboxItem.claimed_at >= since,
+            )
+        )
+        sent_lately = session.scalar(
+            select(func.count()).where(
+                letters, OutboxItem.status == OutboxStatus.SENT, OutboxItem.sent_at >= since
+            )
+        )
     overdue = every - hooks
     if not overdue:
         checks.append(Check("outbox", OK, "nothing overdue"))
@@ -176,7 +194,18 @@ def _pipeline(
             "answer, or no worker serves dearmp.webhook (`dearmp webhooks show ID`)",
         )
     waiting = sum(n for _, n in retrying)
-    if waiting:
+    minutes = STALLED_WINDOW.total_seconds() / 60
+    if (failed_lately or 0) >= STALLED_LETTERS and not sent_lately:
+        reason = retrying[0][0] if retrying else "see `dearmp deliveries waiting`"
+        checks.append(
+            Check(
+                "retries",
+                DOWN,
+                f"no letter sent in {minutes:g} minutes while {failed_lately} failed their "
+                f"last try (most often: {reason}); `dearmp deliveries waiting` lists them",
+            )
+        )
+    elif waiting:
         reason = retrying[0][0]
         checks.append(
             Check(
