@@ -36,6 +36,7 @@ from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.runtime import state_counts
 from workers.privacy.hashing import ip_hash
+from workers.receiving import receiver as receiver_module
 from workers.receiving.addresses import ReturnAddresses
 from workers.receiving.receiver import (
     InboundController,
@@ -386,6 +387,27 @@ def test_postmaster_is_taken_and_kept_for_the_operator_never_acted_on(smtp_db: s
     for row in rows:
         assert (row.status, row.kind, row.raw) == ("dropped", "postmaster", MESSAGE)
         assert row.reason and "operator" in row.reason
+
+
+@pytest.mark.smtp
+def test_mail_to_the_postmaster_is_kept_once_and_at_most_so_many_an_hour(
+    smtp_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone may write to the postmaster: every form of it in one envelope is one message kept,
+    and past the hour's allowance a sender is told to try again later, keeping nothing."""
+    monkeypatch.setattr(receiver_module, "POSTMASTER_PER_HOUR", 2)
+    forms = ["postmaster", "postmaster@bounces.example.org", "PostMaster@REPLIES.example.org"]
+    with Receiver(smtp_db) as receiver:
+        for _ in range(2):
+            with receiver.client() as smtp:
+                assert smtp.sendmail("someone@example.net", forms, MESSAGE) == {}
+        with receiver.client() as smtp:
+            smtp.ehlo()
+            smtp.mail("someone@example.net")
+            code, answer = smtp.rcpt("postmaster")
+            assert code == 452 and b"try again later" in answer
+        rows = receiver.rows()
+    assert [r.recipient for r in rows] == ["postmaster", "postmaster"]
 
 
 def test_of_mail_to_the_postmaster_the_first_100_kb_are_kept(smtp_db: str) -> None:

@@ -25,6 +25,9 @@ from workers.receiving.store import recipient_key, store
 log = structlog.get_logger(__name__)
 
 MAX_RECIPIENTS = 20
+# Anyone may write to the postmaster: this many messages an hour are kept, the rest told to
+# try again later, so that mail to it cannot fill the database.
+POSTMASTER_PER_HOUR = 100
 
 
 class InboundHandler:
@@ -46,6 +49,18 @@ class InboundHandler:
         self.hash_peer = hash_peer
         self.per_minute = per_minute
         self._windows: dict[str, tuple[float, int]] = {}  # peer -> (window's start, messages)
+        self._postmaster = (time.monotonic(), 0)  # (the hour's start, messages accepted)
+
+    def _postmaster_allows(self) -> bool:
+        """At most POSTMASTER_PER_HOUR messages to the postmaster in each hour (a fixed window)."""
+        now = time.monotonic()
+        start, count = self._postmaster
+        if now - start >= 3600:
+            start, count = now, 0
+        if count >= POSTMASTER_PER_HOUR:
+            return False
+        self._postmaster = (start, count + 1)
+        return True
 
     def _allow(self, peer: str) -> bool:
         """At most ``per_minute`` messages per peer in each minute (a fixed window)."""
@@ -87,9 +102,16 @@ class InboundHandler:
             return "250 OK (a recipient already)"  # stored once, however often it is given
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
-        if not (self.returns.accepts(address) or self.returns.is_postmaster(address)):
+        postmaster = self.returns.is_postmaster(address)
+        if not (postmaster or self.returns.accepts(address)):
             log.info("inbound_recipient_refused", peer_hash=self._hash(session))
             return "550 5.1.1 No such address here"
+        if postmaster:
+            if any(self.returns.is_postmaster(str(r)) for r in envelope.rcpt_tos):
+                return "250 OK (a recipient already)"  # every form of it is one mailbox
+            if not self._postmaster_allows():
+                log.warning("inbound_postmaster_limited", peer_hash=self._hash(session))
+                return "452 4.3.1 The postmaster's mailbox is full for now; try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
