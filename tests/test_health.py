@@ -117,6 +117,21 @@ def test_a_mail_server_without_the_starttls_letters_need_is_down(
     assert status == "down" and "SMTPNotSupportedError" in detail
 
 
+def test_a_lease_shorter_than_a_send_may_take_is_degraded(
+    app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
+) -> None:
+    settings = app.settings
+    settings.mail_backend, settings.smtp_host, settings.smtp_port = (
+        "smtp",
+        "127.0.0.1",
+        smtp_sink.port,
+    )
+    assert "lease" not in checks_of(CliRunner().invoke(main, ["health", "--json"]))
+    settings.delivery_lease_seconds = 5
+    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["lease"]
+    assert status == "degraded" and "DEARMP_DELIVERY_LEASE_SECONDS is 5" in detail
+
+
 def test_a_stale_reconciler_pass_is_degraded(app: App, on_redis: redis.Redis) -> None:
     on_redis.set("dearmp:reconciler", str(utcnow().timestamp() - 3600))
     status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["reconciler"]

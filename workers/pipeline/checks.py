@@ -25,8 +25,10 @@ from workers.outbox import sending as outbox
 from workers.pipeline.app import App
 from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
 from workers.pipeline.heartbeat import last_pass, live_workers
+from workers.pipeline.states import STAGES
 from workers.stages import pauses
 from workers.stages.delivery import KIND as LETTER
+from workers.stages.stage import Stage
 from workers.webhooks.events import KIND as WEBHOOK
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
@@ -68,6 +70,8 @@ def run(
         return [*checks, Check("database", DOWN, f"cannot reach {where} ({type(exc).__name__})")]
     checks.append(Check("database", OK, "reachable"))
     checks += [_workers(client, namespace), _mail_server(settings)]
+    if (lease := _lease(settings)) is not None:
+        checks.append(lease)
     checks += _pipeline(app, client, namespace, max_dead, max_age)
     checks.append(_reconciler(client, namespace, settings.reconcile_interval))
     if app.returns.domains:
@@ -81,6 +85,21 @@ def _workers(client: redis.Redis, namespace: str) -> Check:
         return Check("workers", DOWN, "no worker process is alive (`dearmp worker`): nothing moves")
     hosts = sorted({w["host"] for w in workers})
     return Check("workers", OK, f"{len(workers)} worker processes alive on {', '.join(hosts)}")
+
+
+def _lease(settings: Settings) -> Check | None:
+    """A claim's lease shorter than a send may take (the delivery actor's time limit): a slow
+    mail server would see the letter taken over and sent again while it still has it."""
+    longest = STAGES[Stage.DELIVER].time_limit / 1000
+    lease = settings.delivery_lease_seconds
+    if settings.mail_backend == "outbox" or lease > longest:
+        return None
+    return Check(
+        "lease",
+        DEGRADED,
+        f"DEARMP_DELIVERY_LEASE_SECONDS is {lease}, no longer than a send may take ({longest:g} s):"
+        " a slow mail server can make a letter go twice (the default is 300)",
+    )
 
 
 def _mail_server(settings: Settings) -> Check:
