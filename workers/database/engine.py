@@ -22,11 +22,16 @@ SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=60000"
 
 def private_file(path: Path) -> None:
     """Create ``path`` (and its folder) readable by this user only before SQLite opens it (it
-    holds personal data); SQLite gives its -wal and -shm files the same mode."""
+    holds personal data); SQLite gives its -wal and -shm files the same mode. A file that is
+    there is never opened here: closing any descriptor of it would drop every lock this
+    process's SQLite connections hold on it (POSIX locks), and another process would then
+    checkpoint and delete the WAL under them."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    if path.stat().st_mode & 0o077:  # a file made before this rule
-        path.chmod(0o600)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:  # a file made before this rule
+            path.chmod(0o600)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
