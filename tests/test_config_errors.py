@@ -205,6 +205,22 @@ def clean_environment(tmp_path: Path, **variables: str) -> dict[str, str]:
     return env | {"DEARMP_DATA_DIR": str(tmp_path / "var")} | variables
 
 
+def test_a_database_without_tables_is_named_as_such_not_as_unreachable(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "submissions", "list"],
+        cwd=REPO,
+        env=clean_environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "Error: the database has no DearMP tables yet: `dearmp migrate` makes them "
+        "(or DATABASE_URL names another database)"
+    )
+
+
 def test_the_real_command_line_fails_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "workers.cli", "health"],

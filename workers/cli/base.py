@@ -232,6 +232,12 @@ class Commands(click.Group):
                 "it is expected."
             ) from None
         except OperationalError as exc:
+            said = str(exc.orig)  # SQLite's words, then PostgreSQL's, for a missing table
+            if "no such table" in said or ('relation "' in said and "does not exist" in said):
+                raise click.ClickException(
+                    "the database has no DearMP tables yet: `dearmp migrate` makes them (or "
+                    "DATABASE_URL names another database)"
+                ) from None
             raise click.ClickException(
                 f"cannot reach the database ({type(exc.orig).__name__}); check DATABASE_URL."
             ) from None
