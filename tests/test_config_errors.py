@@ -219,6 +219,21 @@ def test_a_database_without_tables_is_named_as_such_not_as_unreachable(tmp_path:
         "Error: the database has no DearMP tables yet: `dearmp migrate` makes them "
         "(or DATABASE_URL names another database)"
     )
+    nowhere = tmp_path / "a-file"
+    nowhere.write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "submissions", "list"],
+        cwd=REPO,
+        env=clean_environment(tmp_path, DATABASE_URL=f"sqlite:///{nowhere}/x.db"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"Error: configuration: DATABASE_URL: no SQLite file can be made at {nowhere}/x.db "
+        "(File exists)"
+    )
 
 
 def test_the_real_command_line_fails_with_one_line(tmp_path: Path) -> None:

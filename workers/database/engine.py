@@ -15,6 +15,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import ConfigurationError
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # busy_timeout: a writer waits up to 60 s for the write lock.
 SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=60000", "foreign_keys=ON")
@@ -44,7 +46,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return create_engine(url, **kwargs)
 
     if parsed.database and parsed.database != ":memory:":
-        private_file(Path(str(parsed.database)))
+        try:
+            private_file(Path(str(parsed.database)))
+        except OSError as exc:
+            raise ConfigurationError(
+                [f"DATABASE_URL: no SQLite file can be made at {parsed.database} ({exc.strerror})"]
+            ) from None
     engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **kwargs)
 
     @event.listens_for(engine, "connect")
