@@ -14,6 +14,7 @@ import redis
 from click.testing import CliRunner
 from sqlalchemy import update
 
+from config.settings import Settings
 from tests.factories import submission
 from tests.services import SmtpSink, free_port, wait_for
 from tests.test_stages import through_render
@@ -47,6 +48,13 @@ def beating(client: redis.Redis) -> Heartbeat:
     return heart
 
 
+def on_smtp(app: App, sink: SmtpSink) -> Settings:
+    """The App's settings, letters going to ``sink`` over SMTP."""
+    settings = app.settings
+    settings.mail_backend, settings.smtp_host, settings.smtp_port = "smtp", "127.0.0.1", sink.port
+    return settings
+
+
 def test_no_worker_and_letters_to_files_is_down_and_says_why(app: App, on_redis: Any) -> None:
     result = CliRunner().invoke(main, ["health", "--json"])
     assert result.exit_code == 2, result.output
@@ -63,12 +71,7 @@ def test_no_worker_and_letters_to_files_is_down_and_says_why(app: App, on_redis:
 def test_a_live_worker_a_reachable_mail_server_and_a_recent_pass_are_healthy(
     app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
 ) -> None:
-    settings = app.settings
-    settings.mail_backend, settings.smtp_host, settings.smtp_port = (
-        "smtp",
-        "127.0.0.1",
-        smtp_sink.port,
-    )
+    settings = on_smtp(app, smtp_sink)
     heart = beating(on_redis)
     record_pass(dramatiq.brokers.redis.RedisBroker(url=settings.redis_url, namespace="dearmp"))  # type: ignore[no-untyped-call]
     try:
@@ -100,12 +103,7 @@ def test_a_mail_server_without_the_starttls_letters_need_is_down(
 ) -> None:
     """Health connects as letters do: a relay that offers no STARTTLS, when letters require it,
     is down (EHLO alone would have answered)."""
-    settings = app.settings
-    settings.mail_backend, settings.smtp_host, settings.smtp_port = (
-        "smtp",
-        "127.0.0.1",
-        smtp_sink.port,
-    )
+    settings = on_smtp(app, smtp_sink)
     settings.smtp_security = "starttls"
     heart = beating(on_redis)
     try:
@@ -120,12 +118,7 @@ def test_a_mail_server_without_the_starttls_letters_need_is_down(
 def test_a_lease_shorter_than_a_send_may_take_is_degraded(
     app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
 ) -> None:
-    settings = app.settings
-    settings.mail_backend, settings.smtp_host, settings.smtp_port = (
-        "smtp",
-        "127.0.0.1",
-        smtp_sink.port,
-    )
+    settings = on_smtp(app, smtp_sink)
     assert "lease" not in checks_of(CliRunner().invoke(main, ["health", "--json"]))
     settings.delivery_lease_seconds = 5
     status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["lease"]
