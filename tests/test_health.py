@@ -48,6 +48,15 @@ def beating(client: redis.Redis) -> Heartbeat:
     return heart
 
 
+def health_with_a_worker(on_redis: redis.Redis) -> Any:
+    """``dearmp health --json`` while a worker process beats."""
+    heart = beating(on_redis)
+    try:
+        return CliRunner().invoke(main, ["health", "--json"])
+    finally:
+        heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+
+
 def on_smtp(app: App, sink: SmtpSink) -> Settings:
     """The App's settings, letters going to ``sink`` over SMTP."""
     settings = app.settings
@@ -88,11 +97,7 @@ def test_a_live_worker_a_reachable_mail_server_and_a_recent_pass_are_healthy(
 def test_a_mail_server_that_does_not_answer_is_down(app: App, on_redis: redis.Redis) -> None:
     settings = app.settings
     settings.mail_backend, settings.smtp_host, settings.smtp_port = "smtp", "127.0.0.1", free_port()
-    heart = beating(on_redis)
-    try:
-        result = CliRunner().invoke(main, ["health", "--json"])
-    finally:
-        heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    result = health_with_a_worker(on_redis)
     assert result.exit_code == 2
     status, detail = checks_of(result)["mail server"]
     assert status == "down" and f"cannot reach 127.0.0.1:{settings.smtp_port}" in detail
@@ -105,11 +110,7 @@ def test_a_mail_server_without_the_starttls_letters_need_is_down(
     is down (EHLO alone would have answered)."""
     settings = on_smtp(app, smtp_sink)
     settings.smtp_security = "starttls"
-    heart = beating(on_redis)
-    try:
-        result = CliRunner().invoke(main, ["health", "--json"])
-    finally:
-        heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    result = health_with_a_worker(on_redis)
     assert result.exit_code == 2
     status, detail = checks_of(result)["mail server"]
     assert status == "down" and "SMTPNotSupportedError" in detail
