@@ -4,6 +4,7 @@ otherwise; and the letters waiting to retry, listed and tried again at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import timedelta
 from typing import Any
@@ -15,12 +16,13 @@ from click.testing import CliRunner
 from sqlalchemy import update
 
 from config.settings import Settings
-from tests.factories import submission
+from tests.factories import send_letter, submission
 from tests.services import SmtpSink, free_port, wait_for
 from tests.test_stages import through_render
 from workers.cli import main
 from workers.database.engine import session_scope
 from workers.database.models import OutboxItem, utcnow
+from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
 from workers.pipeline import checks
 from workers.pipeline.app import App
 from workers.pipeline.embedded_redis import EmbeddedRedis
@@ -160,32 +162,58 @@ def test_letters_waiting_to_retry_are_listed_with_why_and_flushed_at_once(
     assert again.exit_code == 1 and "no letter waits" in again.stderr  # nothing waits: says so
 
 
+class Refusing:
+    """A mail server that refuses every letter with ``error``, or takes it (``error`` None)."""
+
+    name = "refusing"
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+
+    def send(self, mail: Any) -> str:
+        if self.error is not None:
+            raise self.error
+        return "250 taken"
+
+    def waiting(self) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TransientDeliveryError("530 5.7.0 Must issue a STARTTLS command first"),
+        PermanentDeliveryError("554 5.7.1 Service unavailable; client host blocked"),
+    ],
+    ids=["tried-again", "given-up"],
+)
 def test_letters_that_all_fail_their_tries_with_none_sent_are_down(
-    app: App, on_redis: redis.Redis
+    app: App, on_redis: redis.Redis, error: Exception
 ) -> None:
-    """Whatever the cause (a relay that refuses our login without saying so, say), letters that
-    all fail while none goes out is nothing going out: down, with the commonest reason."""
-    ids = [through_render(app, submission()) for _ in range(checks.STALLED_LETTERS)]
+    """Whatever the cause (a relay that refuses our login without saying so, or refuses every
+    letter for good), letters that all fail while none goes out is nothing going out: down,
+    with the commonest reason."""
+    ids = [through_render(app, submission()) for _ in range(checks.STALLED_LETTERS + 1)]
 
-    def fail(*letters: str, **values: Any) -> None:
-        with session_scope(app.sessions) as session:
-            session.execute(
-                update(OutboxItem)
-                .where(OutboxItem.id.in_(letters))
-                .values(claimed_at=utcnow(), **values)
-            )
+    def send(sid: str, mailer: Refusing) -> None:
+        with contextlib.suppress(Exception):
+            send_letter(app.sessions, sid, mailer)
 
-    fail(*ids[:-1], failures=1, error="no authentication this client has")
-    status, _ = checks_of(CliRunner().invoke(main, ["health", "--json"]))["retries"]
-    assert status == "ok"  # two letters: a recipient's trouble, maybe
-    fail(ids[-1], failures=1, error="no authentication this client has")
+    for sid in ids[: checks.STALLED_LETTERS - 1]:
+        send(sid, Refusing(error))
+    status, _ = checks_of(CliRunner().invoke(main, ["health", "--json"])).get("retries", ("ok", ""))
+    assert status == "ok"  # two letters: their recipients' trouble, maybe
+    send(ids[checks.STALLED_LETTERS - 1], Refusing(error))
     result = CliRunner().invoke(main, ["health", "--json"])
     status, detail = checks_of(result)["retries"]
     assert result.exit_code == 2 and status == "down"
-    assert "no letter sent in 15 minutes while 3 failed" in detail
-    assert "no authentication this client has" in detail
-    fail(ids[0], status="sent", sent_at=utcnow())  # one goes: the mail server takes letters
-    status, _ = checks_of(CliRunner().invoke(main, ["health", "--json"]))["retries"]
+    assert "no letter sent in 15 minutes while 3 failed their last try" in detail
+    assert str(error)[:20] in detail
+    send(ids[-1], Refusing(None))  # one goes: the mail server takes letters
+    status, _ = checks_of(CliRunner().invoke(main, ["health", "--json"])).get("retries", ("ok", ""))
     assert status == "ok"
 
 

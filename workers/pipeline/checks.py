@@ -183,16 +183,19 @@ def _pipeline(
             .group_by(OutboxItem.error)
             .order_by(func.count().desc())
         ).all()
-        letters = OutboxItem.kind == LETTER
-        since = now - STALLED_WINDOW
-        failed_lately = session.scalar(
-            select(func.count()).where(
+        letters, since = OutboxItem.kind == LETTER, now - STALLED_WINDOW
+        # Tried lately and not sent: waiting after a failed try, or given up (a refusal for good).
+        failed_lately = session.execute(
+            select(OutboxItem.error, func.count())
+            .where(
                 letters,
-                OutboxItem.status.in_((OutboxStatus.PENDING, OutboxStatus.FAILED)),
-                OutboxItem.failures > 0,
                 OutboxItem.claimed_at >= since,
+                ((OutboxItem.status == OutboxStatus.PENDING) & (OutboxItem.failures > 0))
+                | (OutboxItem.status == OutboxStatus.FAILED),
             )
-        )
+            .group_by(OutboxItem.error)
+            .order_by(func.count().desc())
+        ).all()
         sent_lately = session.scalar(
             select(func.count()).where(
                 letters, OutboxItem.status == OutboxStatus.SENT, OutboxItem.sent_at >= since
@@ -214,14 +217,15 @@ def _pipeline(
         )
     waiting = sum(n for _, n in retrying)
     minutes = STALLED_WINDOW.total_seconds() / 60
-    if (failed_lately or 0) >= STALLED_LETTERS and not sent_lately:
-        reason = retrying[0][0] if retrying else "see `dearmp deliveries waiting`"
+    stalled = sum(n for _, n in failed_lately)
+    if stalled >= STALLED_LETTERS and not sent_lately:
         checks.append(
             Check(
                 "retries",
                 DOWN,
-                f"no letter sent in {minutes:g} minutes while {failed_lately} failed their "
-                f"last try (most often: {reason}); `dearmp deliveries waiting` lists them",
+                f"no letter sent in {minutes:g} minutes while {stalled} failed their last try "
+                f"(most often: {failed_lately[0][0]}); `dearmp deliveries waiting` lists those "
+                "to retry, `dearmp dlq list` those given up",
             )
         )
     elif waiting:
