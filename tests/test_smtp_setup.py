@@ -341,6 +341,7 @@ def test_a_certificate_our_ca_does_not_verify_pauses_delivery_and_says_why(
             smtp_security="starttls",
             smtp_ca_file=tmp_path / "ca.pem",
             smtp_username=None,
+            smtp_password=None,
         )
         mailer = SmtpMailer(config, alarm=lambda *a: alarms.append(a))
         first, second = through_render(app, submission()), through_render(app, submission())
