@@ -150,6 +150,32 @@ def test_http_refusing_our_key_or_domain_pauses_delivery_and_costs_no_attempt(
     assert len(provider.requests) == 1
 
 
+def test_http_refusals_of_threads_at_once_are_one_refusal(
+    tmp_path: Path, provider: ProviderStub
+) -> None:
+    """Eight threads refused together pause delivery for the first pause, not doubled eight
+    times (to 15 minutes) for one wrong key."""
+    provider.replies.extend([(401, {}, '{"message": "Forbidden"}')] * 8)
+    mailer = http_mailer(tmp_path, provider)
+    barrier = threading.Barrier(8)
+    waits: list[float | None] = []
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            mailer.send(MAIL)
+        except TransientDeliveryError as exc:
+            waits.append(exc.retry_after)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(waits) == 8 and all(w is not None and w <= 30 for w in waits)
+    assert mailer.relay.refusals == 1 and mailer.waiting() <= 30
+
+
 def test_http_provider_unreachable_is_transient(tmp_path: Path) -> None:
     settings = make_settings(
         tmp_path,

@@ -41,6 +41,7 @@ class HttpMailer(Mailer):
         self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
         self._local = threading.local()
         self.relay = RelayPause(settings.smtp_pause, alarm=alarm)
+        self._refusing = threading.Lock()
 
     def waiting(self) -> float:
         return self.relay.waiting()
@@ -68,7 +69,9 @@ class HttpMailer(Mailer):
             self.relay.accepted()
             return answer
         if response.status_code in REFUSING_US:
-            raise TransientDeliveryError(answer, retry_after=self.relay.refused(answer), ours=True)
+            with self._refusing:  # threads refused at once are one refusal, not one doubling each
+                wait = self.relay.waiting() or self.relay.refused(answer)
+            raise TransientDeliveryError(answer, retry_after=wait, ours=True)
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientDeliveryError(answer, retry_after=retry_after(response))
         raise PermanentDeliveryError(answer)
