@@ -23,7 +23,8 @@ from config.settings import (
     masked_url,
     unknown_variables,
 )
-from tests.services import REPO, dkim_keys
+from tests.conftest import new_pg_database
+from tests.services import REPO, PostgresCluster, dkim_keys
 from workers.cli import main
 from workers.pipeline.app import App, log_started
 from workers.pipeline.middleware import ProcessApp
@@ -232,8 +233,25 @@ def test_a_database_without_tables_is_named_as_such_not_as_unreachable(tmp_path:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         f"Error: configuration: DATABASE_URL: no SQLite file can be made at {nowhere}/x.db "
-        "(File exists)"
+        f"(File exists: {nowhere})"
     )
+
+
+@pytest.mark.postgres
+def test_a_postgresql_database_without_tables_is_named_as_such(
+    tmp_path: Path, pg_cluster: PostgresCluster
+) -> None:
+    empty = new_pg_database(pg_cluster, "template0")
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "submissions", "list"],
+        cwd=REPO,
+        env=clean_environment(tmp_path, DATABASE_URL=empty),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("Error: the database has no DearMP tables yet")
 
 
 def test_the_real_command_line_fails_with_one_line(tmp_path: Path) -> None:

@@ -218,7 +218,7 @@ class Commands(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         import redis
         from pydantic import ValidationError
-        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.exc import OperationalError, ProgrammingError
 
         try:
             return super().invoke(ctx)
@@ -231,13 +231,15 @@ class Commands(click.Group):
                 f"lost Redis ({type(exc).__name__}); is it running? `dearmp queues` says where "
                 "it is expected."
             ) from None
-        except OperationalError as exc:
-            said = str(exc.orig)  # SQLite's words, then PostgreSQL's, for a missing table
-            if "no such table" in said or ('relation "' in said and "does not exist" in said):
+        except (OperationalError, ProgrammingError) as exc:
+            # A missing table: SQLite's OperationalError, PostgreSQL's UndefinedTable.
+            if "no such table" in str(exc.orig) or type(exc.orig).__name__ == "UndefinedTable":
                 raise click.ClickException(
                     "the database has no DearMP tables yet: `dearmp migrate` makes them (or "
                     "DATABASE_URL names another database)"
                 ) from None
+            if isinstance(exc, ProgrammingError):
+                raise
             raise click.ClickException(
                 f"cannot reach the database ({type(exc.orig).__name__}); check DATABASE_URL."
             ) from None

@@ -49,8 +49,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         try:
             private_file(Path(str(parsed.database)))
         except OSError as exc:
+            where = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
             raise ConfigurationError(
-                [f"DATABASE_URL: no SQLite file can be made at {parsed.database} ({exc.strerror})"]
+                [f"DATABASE_URL: no SQLite file can be made at {parsed.database} ({where})"]
             ) from None
     engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **kwargs)
 
