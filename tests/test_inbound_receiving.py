@@ -398,6 +398,12 @@ def test_mail_to_the_postmaster_is_kept_once_and_at_most_so_many_an_hour(
     monkeypatch.setattr(receiver_module, "POSTMASTER_PER_HOUR", 2)
     forms = ["postmaster", "postmaster@bounces.example.org", "PostMaster@REPLIES.example.org"]
     with Receiver(smtp_db) as receiver:
+        for _ in range(3):  # envelopes left without DATA spend nothing
+            with receiver.client() as smtp:
+                smtp.ehlo()
+                smtp.mail("someone@example.net")
+                assert smtp.rcpt("postmaster")[0] == 250
+                smtp.rset()
         for _ in range(2):
             with receiver.client() as smtp:
                 assert smtp.sendmail("someone@example.net", forms, MESSAGE) == {}

@@ -28,6 +28,7 @@ MAX_RECIPIENTS = 20
 # Anyone may write to the postmaster: this many messages an hour are kept, the rest told to
 # try again later, so that mail to it cannot fill the database.
 POSTMASTER_PER_HOUR = 100
+POSTMASTER_FULL = "452 4.3.1 The postmaster's mailbox is full for now; try again later"
 
 
 class InboundHandler:
@@ -49,17 +50,18 @@ class InboundHandler:
         self.hash_peer = hash_peer
         self.per_minute = per_minute
         self._windows: dict[str, tuple[float, int]] = {}  # peer -> (window's start, messages)
-        self._postmaster = (time.monotonic(), 0)  # (the hour's start, messages accepted)
+        self._postmaster = (time.monotonic(), 0)  # (the hour's start, messages kept)
 
-    def _postmaster_allows(self) -> bool:
-        """At most POSTMASTER_PER_HOUR messages to the postmaster in each hour (a fixed window)."""
+    def _postmaster_kept(self, more: int = 0) -> bool:
+        """Whether another message to the postmaster may be kept this hour (a fixed window of
+        POSTMASTER_PER_HOUR), counting ``more`` kept now if so."""
         now = time.monotonic()
         start, count = self._postmaster
         if now - start >= 3600:
             start, count = now, 0
         if count >= POSTMASTER_PER_HOUR:
             return False
-        self._postmaster = (start, count + 1)
+        self._postmaster = (start, count + more)
         return True
 
     def _allow(self, peer: str) -> bool:
@@ -109,9 +111,9 @@ class InboundHandler:
         if postmaster:
             if any(self.returns.is_postmaster(str(r)) for r in envelope.rcpt_tos):
                 return "250 OK (a recipient already)"  # every form of it is one mailbox
-            if not self._postmaster_allows():
+            if not self._postmaster_kept():
                 log.warning("inbound_postmaster_limited", peer_hash=self._hash(session))
-                return "452 4.3.1 The postmaster's mailbox is full for now; try again later"
+                return POSTMASTER_FULL
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -122,6 +124,10 @@ class InboundHandler:
         raw = envelope.original_content or b""  # the bytes as they came, whatever decode_data
         recipients = [str(r) for r in envelope.rcpt_tos]
         peer_hash = self._hash(session)
+        # Counted when kept, not at RCPT: an envelope left without DATA spends nothing.
+        if any(map(self.returns.is_postmaster, recipients)) and not self._postmaster_kept(1):
+            log.warning("inbound_postmaster_limited", peer_hash=peer_hash)
+            return POSTMASTER_FULL
         loop = asyncio.get_running_loop()
         try:
             ids = await loop.run_in_executor(
