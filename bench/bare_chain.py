@@ -1,5 +1,5 @@
 """The benchmark's baseline: a chain of dramatiq actors that do nothing but pass a message on,
-as many as the stages a benchmark submission goes through (``BARE_HOPS``, set by
+as many as the stage messages a benchmark submission makes (``BARE_HOPS``, set by
 ``bench.pipeline``), each on a queue of its own.
 
 Run by ``dramatiq bench.bare_chain`` with the same worker settings as the pipeline.
@@ -16,7 +16,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-HOPS = int(os.environ.get("BARE_HOPS", "6"))
+HOPS = int(os.environ.get("BARE_HOPS", "5"))
 broker = RedisBroker(url=REDIS_URL, namespace="bare")  # type: ignore[no-untyped-call]
 dramatiq.set_broker(broker)
 DONE_KEY = "bare:done"

@@ -16,10 +16,10 @@ from workers.database.engine import session_scope
 from workers.letters.definitions import update_definition
 from workers.pipeline.app import App
 from workers.pipeline.runtime import prepare
+from workers.pipeline.states import STAGES as POLICIES
 from workers.stages.stage import Stage
 
-# The stages every benchmark submission goes through, a message each (with the intake's groups,
-# a message for each group): the bare chain has as many no-op actors.
+# The stages every benchmark submission goes through (``bench.stages`` runs each one's work).
 STAGES = (
     Stage.VALIDATE,
     Stage.RESOLVE,
@@ -28,6 +28,9 @@ STAGES = (
     Stage.RENDER,
     Stage.DELIVER,
 )
+# The stage messages a submission makes (with the intake's groups, a group's): a stage run in
+# line by the worker before it sends none. The bare chain has as many no-op actors.
+MESSAGES = sum(not POLICIES[stage].inline for stage in STAGES)
 # The benchmarks' DEARMP_SECRET_KEY (32 characters, as the settings ask).
 SECRET = "bench-secret-32-characters-long!"  # noqa: S105 (a benchmark's)
 

@@ -1,7 +1,7 @@
 """Pipeline benchmark: N submissions through every stage on real Redis and a real database,
-against a bare chain of as many no-op dramatiq actors (one a stage: ``bench.common.STAGES``) on
-the same Redis with the same worker settings. ``--bare-hops 5`` measures against the five-actor
-chain of the days before the comparison stage.
+against a bare chain of no-op dramatiq actors, one for each stage message a submission makes
+(``bench.common.MESSAGES``: five, the comparison stage running in line), on the same Redis with
+the same worker settings.
 
     .venv/bin/python -m bench.pipeline                 # 5,000 submissions, SQLite
     .venv/bin/python -m bench.pipeline --postgres      # the same on a throwaway PostgreSQL cluster
@@ -35,7 +35,7 @@ from sqlalchemy import func, select, text
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import SECRET, STAGES, database_name  # noqa: E402
+from bench.common import MESSAGES, SECRET, STAGES, database_name  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from tests.factories import submission  # noqa: E402
 from tests.services import PostgresCluster, free_port  # noqa: E402
@@ -293,8 +293,8 @@ def main() -> None:
     parser.add_argument(
         "--bare-hops",
         type=int,
-        default=len(STAGES),
-        help=f"no-op actors in the bare chain (default {len(STAGES)}: one a stage)",
+        default=MESSAGES,
+        help=f"no-op actors in the bare chain (default {MESSAGES}: one a stage message)",
     )
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument(
@@ -343,7 +343,10 @@ def main() -> None:
         f"workers: {args.processes} processes x {args.threads} threads; n={args.n}; "
         f"outbox: {args.outbox_root}"
     )
-    print(f"bare chain: {args.bare_hops} no-op actors; pipeline: {len(STAGES)} stages")
+    print(
+        f"bare chain: {args.bare_hops} no-op actors; pipeline: {len(STAGES)} stages, "
+        f"{MESSAGES} messages a submission"
+    )
     for name, r in (("bare chain", bare), ("pipeline", pipeline)):
         print(
             f"{name:>10}: {r['per_second']:8.1f} submissions/s   p50 {r['p50_ms']:8.1f} ms   "
