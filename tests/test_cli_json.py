@@ -226,3 +226,23 @@ def test_commands_with_nothing_to_do_say_so_and_exit_1(app: App) -> None:
     assert run("campaigns", "pause", "political-prisoners").exit_code == 0
     again = CliRunner().invoke(main, ["campaigns", "pause", "political-prisoners"])
     assert again.exit_code == 1 and "paused already" in again.stderr
+
+
+def test_messages_redis_did_not_take_are_said_to_wait_for_the_reconciler(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a command committed is sent on after the commit; if Redis is away, the command says
+    the reconciler will send it (the database holds it), not only a log line."""
+    from workers.cli.base import Cli
+    from workers.stages.stage import Stage
+
+    class Away:
+        def enqueue(self, message: Any) -> None:
+            raise ConnectionError("redis is away")
+
+    cli = Cli()
+    cli.__dict__["broker"] = Away()  # the cached broker, unreachable
+    cli.send({Stage.WEBHOOK: ["an-item"]})
+    assert "the reconciler sends them once it is back" in capsys.readouterr().out
+    cli.send({Stage.WEBHOOK: []})  # nothing to send: nothing said
+    assert capsys.readouterr().out == ""

@@ -75,8 +75,8 @@ class Cli:
     def send(self, sends: Mapping[Stage, Sequence[str]]) -> None:
         """Stage messages for what a command has committed (if not, the reconciler sends them);
         the broker is built only when there is something to send."""
-        if any(sends.values()):
-            dispatch_groups(self.broker, sends)
+        if any(sends.values()) and not dispatch_groups(self.broker, sends):
+            self.tell("Redis did not take every message: the reconciler sends them once it is back")
 
     @cached_property
     def app(self) -> App:
