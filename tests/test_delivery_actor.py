@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from tests.test_smtp import mailer as smtp_mailer
 from workers.database.engine import session_scope
 from workers.database.models import OutboxItem, Submission
 from workers.letters.definitions import update_definition
+from workers.letters.rate_limits import UK
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import submission_id_of
 from workers.pipeline.runtime import state_counts, submit
@@ -50,7 +51,10 @@ def test_a_rate_limited_letter_waits_without_using_retries(
 def test_quiet_hours_defer_and_tell_the_reconciler_to_wait(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker
 ) -> None:
-    change_campaign(app, quiet_hours=QuietHours(start="00:00", end="23:59:59"))
+    # Quiet from an hour ago until three hours from now, whatever the time of day (UK time).
+    now = datetime.now(UK)
+    start, end = (f"{now + timedelta(hours=h):%H:%M}" for h in (-1, 3))
+    change_campaign(app, quiet_hours=QuietHours(start=start, end=end))
     sid = submit(app, stub_broker, submission())[0]
 
     def deferred() -> bool:

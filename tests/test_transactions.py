@@ -247,3 +247,37 @@ def test_sqlite_engines_use_wal_a_busy_timeout_and_sqlites_own_checkpoints(tmp_p
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60000
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
     engine.dispose()
+
+
+def test_statements_keep_percent_signs_and_placeholder_lookalikes_as_text(db_url: str) -> None:
+    # On PostgreSQL, SQLAlchemy writes $1 placeholders that psycopg sends as they are: a
+    # literal %, and values that look like placeholders, are text like any other.
+    engine = make_engine(db_url)
+    table = Table("lookalikes", MetaData(), Column("value", Text, primary_key=True))
+    values = ["100%", "%(value)s", "%s", "$1", ":value", "?"]
+    try:
+        with engine.begin() as conn:
+            table.create(conn)
+            conn.execute(table.insert(), [{"value": v} for v in values])
+            found = (
+                conn.execute(
+                    select(table.c.value)
+                    .where(table.c.value.like(text("'%' || :tail")))
+                    .order_by(table.c.value),
+                    {"tail": "s"},
+                )
+                .scalars()
+                .all()
+            )
+            assert found == sorted(["%(value)s", "%s"])
+            assert conn.execute(text("SELECT '100%' || :x"), {"x": "$1"}).scalar() == "100%$1"
+            returned = (
+                conn.execute(
+                    table.insert().returning(table.c.value), [{"value": f"{v}!"} for v in values]
+                )
+                .scalars()
+                .all()
+            )
+            assert sorted(returned) == sorted(f"{v}!" for v in values)
+    finally:
+        engine.dispose()

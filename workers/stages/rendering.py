@@ -8,7 +8,7 @@ in the campaign's order) and never parsed as a template: ``{{ 7*7 }}`` arrives a
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from email.utils import formataddr
 from functools import lru_cache
 from typing import Any
@@ -86,7 +86,7 @@ class RenderedLetter:
         """The columns of the row that stores this letter, once."""
         return {
             "submission_id": submission_id,
-            **asdict(self),
+            **vars(self),  # its fields, all strings (asdict would deep-copy them)
             "content_sha256": self.content_sha256,
             "created_at": utcnow(),
         }
