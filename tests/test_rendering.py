@@ -17,7 +17,7 @@ from tests.services import dkim_keys
 from workers.database.models import Letter
 from workers.letters.definitions import load_definitions
 from workers.letters.mail import DkimSigner, outgoing
-from workers.letters.mail.messages import build_message
+from workers.letters.mail.messages import letter_bytes
 from workers.stages.rendering import Recipient, choose_subject, compose
 
 MP = Recipient("Alex Baker", "alex.baker.mp@parliament.uk", "Aldershot")
@@ -129,7 +129,7 @@ def test_a_header_with_a_line_break_is_refused(field: str) -> None:
     with pytest.raises(ValueError):
         outgoing(letter)
     with pytest.raises(ValueError):
-        build_message(letter)
+        letter_bytes(letter)
 
 
 def test_dkim_signature_verifies() -> None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import email.policy
 import functools
+import hashlib
+import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from email.charset import QP, Charset
 from email.header import Header
-from email.message import Message
-from email.mime.multipart import MIMEMultipart
-from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import format_datetime, formataddr
 
 import idna
@@ -96,10 +95,12 @@ def _mailbox(header: str, name: str, addr: str) -> str:
     return f"{words}{gap}<{address}>"
 
 
-def _part(text: str, subtype: str) -> MIMENonMultipart:
-    part = MIMENonMultipart("text", subtype)
-    part.set_payload(text, UTF8)
-    return part
+_LINE_ENDS = re.compile(r"\r\n|\r|\n")
+
+
+def _quoted(text: str) -> str:
+    """A part's body: UTF-8, quoted-printable by the email package, with CRLF line ends."""
+    return _LINE_ENDS.sub(CRLF, UTF8.body_encode(text))
 
 
 # Taken out of outside text for a header: control and format characters, line and paragraph
@@ -160,23 +161,45 @@ def _envelope_headers(draft: Draft) -> list[tuple[str, str]]:
     return headers
 
 
-def build(draft: Draft) -> Message:
-    """The email as the email package's objects: parts quoted-printable in UTF-8."""
-    text = _part(draft.text, "plain")
-    message: Message = text
-    if draft.html:
-        message = MIMEMultipart("alternative", boundary=draft.boundary)
-        for part in (text, _part(draft.html, "html")):
-            del part["MIME-Version"]
-            message.attach(part)
-    for name, value in _envelope_headers(draft):
-        message[name] = value
-    return message
+_PART = (
+    'Content-Type: text/{}; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
+)
+
+_PLAIN = [
+    ("Content-Type", 'text/plain; charset="utf-8"'),
+    ("Content-Transfer-Encoding", "quoted-printable"),
+]
 
 
 def write(draft: Draft) -> bytes:
-    """The email's bytes, written by the email package with CRLF line ends."""
-    return build(draft).as_bytes(policy=WIRE)
+    """The email's bytes, CRLF line ends: what the email package's compat32 generator writes for
+    the draft (a test holds them equal), laid out here because the generator was a tenth of a
+    worker's time. The email package still folds the headers (:data:`WIRE`) and quotes the
+    parts (:data:`UTF8`); a draft with HTML is multipart/alternative."""
+    if draft.html:
+        boundary = draft.boundary or "==dearmp-" + _digest(draft.text, draft.html) + "=="
+        head = [
+            ("Content-Type", f'multipart/alternative; boundary="{boundary}"'),
+            ("MIME-Version", "1.0"),
+        ]
+        body = (
+            "".join(
+                f"--{boundary}{CRLF}{_PART.format(subtype)}{_quoted(text)}{CRLF}"
+                for subtype, text in (("plain", draft.text), ("html", draft.html))
+            )
+            + f"--{boundary}--{CRLF}"
+        )
+    else:
+        head = [("MIME-Version", "1.0"), *_PLAIN]
+        body = _quoted(draft.text)
+    headers = b"".join(
+        WIRE.fold_binary(name, value) for name, value in head + _envelope_headers(draft)
+    )
+    return headers + b"\r\n" + body.encode("ascii")
+
+
+def _digest(*texts: str) -> str:
+    return hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def letter_draft(letter: Letter) -> Draft:
@@ -206,11 +229,6 @@ def letter_headers(letter: Letter) -> tuple[tuple[str, str], ...]:
     if letter.own_words is not None:
         headers.append(("X-Own-Words", f"{letter.own_words}%"))
     return tuple(headers)
-
-
-def build_message(letter: Letter) -> Message:
-    """The email for a stored letter, the same bytes on every attempt."""
-    return build(letter_draft(letter))
 
 
 def from_domain(address: str) -> str:
