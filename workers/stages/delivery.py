@@ -20,7 +20,6 @@ from workers.database.models import (
     LETTERS,
     OUTBOX,
     SUBMISSIONS,
-    Letter,
     OutboxItem,
     OutboxStatus,
     State,
@@ -83,7 +82,6 @@ def item_row(submission_id: str) -> dict[str, str]:
 
 
 # Everything the letter is written from, in one statement.
-LETTER_FIELDS = tuple(c.name for c in LETTERS.c)
 _READ = select(
     SUBMISSIONS.c.id,
     SUBMISSIONS.c.state,
@@ -92,7 +90,7 @@ _READ = select(
     CAMPAIGNS.c.definition_sha256,
     CAMPAIGNS.c.paused_at,
     ADDRESS_HEALTH.c.status.label("address_status"),
-    *(LETTERS.c[name] for name in LETTER_FIELDS),
+    *LETTERS.c,
 ).select_from(
     SUBMISSIONS.join(LETTERS, LETTERS.c.submission_id == SUBMISSIONS.c.id)
     .outerjoin(CAMPAIGNS, CAMPAIGNS.c.slug == SUBMISSIONS.c.campaign_slug)
@@ -145,9 +143,8 @@ def kind(
         wait_while_held(definition, found.paused_at is not None, found.address_status == PAUSED)
         limits = limits_for(policy, definition, found.member_id, mailer.name)
         wait_for_limits(limiter, item.submission_id, limits)
-        letter = Letter(**{name: getattr(found, name) for name in LETTER_FIELDS})
         bounce = returns.bounce(item.submission_id) if returns is not None else None
-        return LetterMail(item.submission_id, outgoing(letter, signer, bounce), limits)
+        return LetterMail(item.submission_id, outgoing(found, signer, bounce), limits)
 
     def sent(letter: LetterMail) -> None:
         """Its rate-limit slots dated from the moment it left (after its sent mark's commit:

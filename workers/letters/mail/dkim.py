@@ -10,6 +10,7 @@ from workers.database.models import Letter
 from workers.letters.mail.mailer import Outgoing
 from workers.letters.mail.messages import (
     Draft,
+    StoredLetter,
     from_domain,
     letter_bytes,
     letter_draft,
@@ -67,7 +68,7 @@ def outgoing_email(
 
 
 def outgoing(
-    letter: Letter, signer: DkimSigner | None = None, envelope_sender: str | None = None
+    letter: StoredLetter, signer: DkimSigner | None = None, envelope_sender: str | None = None
 ) -> Outgoing:
     """The letter on the wire, with the signature made when it was rendered (so a resend is the
     same bytes), or signed now if it was rendered without one."""
@@ -77,7 +78,7 @@ def outgoing(
     return _outgoing(letter, data, envelope_sender)
 
 
-def _outgoing(mail: Draft | Letter, data: bytes, envelope_sender: str | None) -> Outgoing:
+def _outgoing(mail: Draft | StoredLetter, data: bytes, envelope_sender: str | None) -> Outgoing:
     sender = envelope_sender or wire_address(mail.from_email)
     return Outgoing(sender, [wire_address(mail.to_email)], data, mail.message_id)
 
