@@ -565,3 +565,23 @@ def test_exports_never_crash_on_text_stored_before_surrogates_were_refused(
     csv_out = runner.invoke(main, ["consent", "export", "-o", str(target)])
     assert csv_out.exit_code == 0, csv_out.output
     assert "A\ufffd" in target.read_text(encoding="utf-8")
+
+
+def test_an_events_hash_is_pinned_so_stored_chains_stay_verifiable() -> None:
+    # The canonical form (sorted keys, no spaces, UTF-8 as it is, times in ISO 8601) is what
+    # every stored chain was hashed with: a change to it must fail here, not in `consent verify`.
+    from datetime import UTC, datetime
+
+    from workers.privacy.ledger import GENESIS, event_hash
+
+    fields = {
+        "submission_id": "s-1", "supporter_hash": "ab" * 32, "event_type": "preference",
+        "campaign_slug": "political-prisoners", "channel": "email", "choice": "yes",
+        "wording_version": "v1", "wording": "Email me — Zoë\u2019s updates",
+        "wording_sha256": "cd" * 32, "lawful_basis": "consent",
+        "privacy_notice_version": "2026-01", "source_url": None, "user_agent": "Mozilla/5.0",
+        "ip_hash": None,
+        "recorded_at": datetime(2026, 12, 6, 23, 0, 1, 123456, tzinfo=UTC),
+    }  # fmt: skip
+    expected = "0bc77a4332d5aa241d3b25c8230edbd1de9997aa20f1db2c31466d5fadaab52e"
+    assert event_hash(GENESIS, fields) == expected

@@ -142,11 +142,16 @@ def _move_statement(names: tuple[str, ...]) -> Update:
     """The guarded move writing the columns ``names`` (besides the state and its times)."""
     changed = ("state", "updated_at", "dispatched_at", *names)
     changes: dict[str, Any] = {name: bindparam(f"v_{name}") for name in changed}
-    guard = SUBMISSIONS.c.state == bindparam("b_state")
+    return guarded_update(SUBMISSIONS.c.state == bindparam("b_state"), changes)
+
+
+def guarded_update(guard: Any, changes: dict[str, Any]) -> Update:
+    """A change of one submission (``b_id``) made only where ``guard`` holds, for
+    :meth:`GroupWrites.guard`. A group's changes alike but for their ids are made as one UPDATE
+    (``b_ids``), which locks its rows in the order of their ids as the changes one at a time do
+    (PostgreSQL would otherwise lock them in the table's order, and deadlock with another
+    stage's group)."""
     one = SUBMISSIONS.update().where(SUBMISSIONS.c.id == bindparam("b_id"), guard).values(changes)
-    # The same move for many ids (``b_ids``) alike but for them: one UPDATE, which locks its
-    # rows in the order of their ids as the moves one at a time do (PostgreSQL would otherwise
-    # lock them in the table's order, and deadlock with another stage's group).
     ids: Any = bindparam("b_ids", expanding=True)
     locked = select(SUBMISSIONS.c.id).where(SUBMISSIONS.c.id.in_(ids))
     locked = locked.order_by(SUBMISSIONS.c.id).with_for_update()

@@ -42,10 +42,6 @@ HASHED = (
 LOCK_KEY = 0x6465_6172_6D70  # "dearmp": the advisory lock that serialises appends
 
 
-def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
-
-
 def _utc_iso(value: Any) -> str:
     """A timestamp from a view (SQLite gives text, PostgreSQL a datetime) as UTC ISO 8601."""
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
@@ -56,12 +52,12 @@ def _utc_iso(value: Any) -> str:
 
 # The hashed fields in the order the canonical JSON lists them (sorted), and its encoder.
 _SORTED = tuple(sorted(HASHED))
-_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=datetime.isoformat)
 
 
 def event_hash(prev_hash: str, fields: dict[str, Any]) -> str:
     """SHA-256 of the previous hash and the event's canonical JSON (keys sorted, no spaces)."""
-    body = _CANONICAL.encode({name: _plain(fields.get(name)) for name in _SORTED})
+    body = _CANONICAL.encode({name: fields.get(name) for name in _SORTED})
     return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
 
 

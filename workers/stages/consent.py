@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import bindparam, exists, select
 from sqlalchemy.orm import Session
 
 from schemas.submission import CHANNELS
 from workers.database.models import EVENTS, SUBMISSIONS, State, utcnow
-from workers.database.transitions import Apply, current, done, one, submission_read, writes_of
+from workers.database.transitions import (
+    Apply,
+    current,
+    done,
+    guarded_update,
+    one,
+    submission_read,
+    writes_of,
+)
 from workers.letters.definitions import get_definition
 from workers.pipeline.states import reached_only_through
 from workers.privacy.hashing import supporter_hash
@@ -27,10 +35,8 @@ _WAS_VALIDATED = select(
 )
 # States only a validated submission reaches (others, like rejected, may come before or after).
 PAST_VALIDATION = reached_only_through(State.VALIDATED)
-_MARK_LOGGED = (
-    update(SUBMISSIONS)
-    .where(SUBMISSIONS.c.id == bindparam("submission"), SUBMISSIONS.c.consent_logged_at.is_(None))
-    .values(consent_logged_at=bindparam("at"))
+_MARK_LOGGED = guarded_update(
+    SUBMISSIONS.c.consent_logged_at.is_(None), {"consent_logged_at": bindparam("v_at")}
 )
 _READ = submission_read("consent_logged_at", "payload", "client_ip_hash")
 
@@ -96,10 +102,9 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
     def write(session: Session) -> int:
         hold(session)  # the ledger's lock before any row lock (see workers.privacy.ledger.hold)
         # Then the guarded mark: of two workers logging at once, the second writes nothing.
-        mark = {"submission": submission_id, "at": utcnow()}
-        # Made with the group's other marks and events: the mark and the events commit together.
+        # Made with the group's other marks (one UPDATE) and events: they commit together.
         writes = writes_of(session)
-        writes.guard(_MARK_LOGGED, mark)
+        writes.guard(_MARK_LOGGED, {"b_id": submission_id, "v_at": writes.now})
         writes.collect(append, events)
         emit(session, "consent.recorded", submission_id, campaign=submission.campaign_slug,
              writes=writes)  # fmt: skip
