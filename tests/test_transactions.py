@@ -279,5 +279,10 @@ def test_statements_keep_percent_signs_and_placeholder_lookalikes_as_text(db_url
                 .all()
             )
             assert sorted(returned) == sorted(f"{v}!" for v in values)
+            # A streamed result (a server-side cursor on PostgreSQL) with a bound value.
+            streamed = conn.execution_options(yield_per=2).execute(
+                select(table.c.value).where(table.c.value.like("%!")).order_by(table.c.value)
+            )
+            assert list(streamed.scalars()) == sorted(f"{v}!" for v in values)
     finally:
         engine.dispose()

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
@@ -44,13 +43,21 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 10)
-        if parsed.get_driver_name() == "psycopg":
-            # SQLAlchemy writes PostgreSQL's own $1 placeholders and psycopg's raw cursor sends
-            # them as they are: psycopg no longer parses every statement to rewrite %(name)s
-            # (uncached for a group's multi-row INSERT, a seventh of a worker's time).
-            kwargs.setdefault("paramstyle", "numeric_dollar")
-            kwargs.setdefault("connect_args", {"cursor_factory": psycopg.RawCursor})
-        return create_engine(url, **kwargs)
+        if parsed.get_driver_name() != "psycopg":
+            return create_engine(url, **kwargs)
+        import psycopg
+
+        # SQLAlchemy writes PostgreSQL's own $1 placeholders and psycopg's raw cursors send them
+        # as they are: psycopg no longer parses every statement to rewrite %(name)s (uncached
+        # for a group's multi-row INSERT, a seventh of a worker's time).
+        engine = create_engine(url, paramstyle="numeric_dollar", **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _raw_cursors(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.cursor_factory = psycopg.RawCursor
+            dbapi_conn.server_cursor_factory = psycopg.RawServerCursor  # streamed results
+
+        return engine
 
     if parsed.database and parsed.database != ":memory:":
         try:

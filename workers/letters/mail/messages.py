@@ -7,7 +7,6 @@ from __future__ import annotations
 import email.policy
 import functools
 import hashlib
-import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
@@ -97,12 +96,10 @@ def _mailbox(header: str, name: str, addr: str) -> str:
     return f"{words}{gap}<{address}>"
 
 
-_LINE_ENDS = re.compile(r"\r\n|\r|\n")
-
-
 def _quoted(text: str) -> str:
-    """A part's body: UTF-8, quoted-printable by the email package, with CRLF line ends."""
-    return _LINE_ENDS.sub(CRLF, UTF8.body_encode(text))
+    """A part's body: UTF-8, quoted-printable by the email package (which ends its lines with
+    LF, and writes a CR in the text as =0D), with CRLF line ends."""
+    return UTF8.body_encode(text).replace("\n", CRLF)
 
 
 # Taken out of outside text for a header: control and format characters, line and paragraph
