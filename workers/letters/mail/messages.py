@@ -1,6 +1,6 @@
-"""The MIME writer: any email DearMP sends, as a :class:`Draft` written by the email package,
-the same bytes for the same draft on every attempt. Every header value is refused if it could
-start a header of its own. Nothing here signs or sends."""
+"""The MIME writer: any email DearMP sends, as a :class:`Draft`, its headers folded and its parts
+quoted by the email package, the same bytes for the same draft on every attempt. Every header
+value is refused if it could start a header of its own. Nothing here signs or sends."""
 
 from __future__ import annotations
 
