@@ -286,3 +286,14 @@ def test_statements_keep_percent_signs_and_placeholder_lookalikes_as_text(db_url
             assert list(streamed.scalars()) == sorted(f"{v}!" for v in values)
     finally:
         engine.dispose()
+
+
+def test_a_postgresql_url_without_a_driver_runs_on_psycopg_with_its_raw_cursors() -> None:
+    # SQLAlchemy 2.0 would take psycopg2 for postgresql://, which DearMP does not install.
+    engine = make_engine("postgresql://dearmp:secret@127.0.0.1:1/dearmp")
+    try:
+        assert engine.dialect.driver == "psycopg"
+        assert engine.dialect.paramstyle == "numeric_dollar"
+        assert engine.url.render_as_string(hide_password=True).startswith("postgresql+psycopg://")
+    finally:
+        engine.dispose()

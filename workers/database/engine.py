@@ -43,14 +43,16 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 10)
+        if parsed.drivername == "postgresql":  # SQLAlchemy 2.0 would take psycopg2, not installed
+            parsed = parsed.set(drivername="postgresql+psycopg")
         if parsed.get_driver_name() != "psycopg":
-            return create_engine(url, **kwargs)
+            return create_engine(parsed, **kwargs)
         import psycopg
 
         # SQLAlchemy writes PostgreSQL's own $1 placeholders and psycopg's raw cursors send them
         # as they are: psycopg no longer parses every statement to rewrite %(name)s (uncached
         # for a group's multi-row INSERT, a seventh of a worker's time).
-        engine = create_engine(url, paramstyle="numeric_dollar", **kwargs)
+        engine = create_engine(parsed, paramstyle="numeric_dollar", **kwargs)
 
         @event.listens_for(engine, "connect")
         def _raw_cursors(dbapi_conn: Any, _record: Any) -> None:
