@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
@@ -177,3 +178,30 @@ def test_a_postcode_listed_twice_in_one_file_is_refused_on_both_databases(
     run("import", "--members", members, "--postcodes", sample, "--postcodes", sample)
     version = current(app)
     assert count(app, Postcode, version.id) == len(lines) - 1
+
+
+@pytest.mark.parametrize(
+    ("email", "member_id", "said"),
+    [
+        ("office@parliament.uk\x07", "5173", "the MP's email for Aldershot is not an address"),
+        ("two words@parliament.uk", "5173", "the MP's email for Aldershot is not an address"),
+        ("alex.baker.mp@parliament.uk", "51 73", "a member_id is not a number: '51 73'"),
+    ],
+)
+def test_an_mp_file_with_an_email_or_member_id_that_cannot_work_is_refused(
+    app: App, shared_data: Path, tmp_path: Path, email: str, member_id: str, said: str
+) -> None:
+    """The operator's file is outside input too: refused with one line naming the row."""
+    before = current(app)
+    with (shared_data / MPS).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows[0] |= {"email": email, "member_id": member_id}
+    bad = tmp_path / "mps.csv"
+    with bad.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = CliRunner().invoke(main, ["directory", "import", "--members", str(bad)])
+    assert result.exit_code == 1, result.output
+    assert f"mps.csv: {said}" in result.output and "unchanged" in result.output
+    assert current(app).id == before.id

@@ -330,3 +330,15 @@ def test_an_html_draft_without_a_boundary_gets_one_from_its_content() -> None:
     parsed = email.message_from_bytes(write(draft), policy=email.policy.default)
     assert parsed.get_content_type() == "multipart/alternative"
     assert parsed.get_boundary().startswith("==dearmp-")
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["mp\x00@parliament.uk", "two words@parliament.uk", "mp@parliament.uk\x7f", "m\tp@x.uk"],
+)
+def test_an_address_with_a_space_or_control_character_is_never_written(address: str) -> None:
+    """The writer's last guard, for addresses no validation saw (a directory stored earlier)."""
+    letter = letter_with("Bob", "Hello")
+    letter.to_email = address
+    with pytest.raises(ValueError, match="spaces or control characters"):
+        outgoing(letter)

@@ -370,3 +370,31 @@ def test_live_answers_are_fetched_before_the_resolution_transaction(
     step(app, validate, local)
     warm_live(app.sessions, local, "local,live", live)
     assert postcodes_io.requests == ["/postcodes/AB10%201AB"]
+
+
+@pytest.mark.parametrize(
+    "listed",
+    [
+        "office@parliament.uk\r\nBcc: all@example.org",
+        "two words@parliament.uk",
+        "office\x00@parliament.uk",
+        "<office@parliament.uk>",
+        "office@parliament.uk@example.org",
+        42,
+    ],
+)
+def test_an_mps_email_from_the_members_api_that_is_no_address_is_passed_over(
+    parliament: tuple[FakeParliament, HttpStub], listed: Any
+) -> None:
+    """Outside data is hostile: what is no address is no email (the campaign's rule for an MP
+    without one applies), logged by member id without the value."""
+    from structlog.testing import capture_logs
+
+    fake, stub = parliament
+    fake.members[5450]["email"] = listed
+    with capture_logs() as logs:
+        email, phone = MembersApi(JsonApi(stub.url, attempts=1)).contact(5450)
+    assert email is None and phone == "020 7219 3000"
+    assert [e for e in logs if e["event"] == "mp_email_refused"] == [
+        {"event": "mp_email_refused", "member_id": 5450, "refused": 1, "log_level": "warning"}
+    ]

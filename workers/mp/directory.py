@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from schemas.postcode import normalise_postcode
 from workers.database.models import Constituency, DirectoryVersion, Member, Postcode
-from workers.mp.live_sources import MembersApi
+from workers.mp.live_sources import MembersApi, office_email
 
 BATCH = 5_000
 CHUNK = 1 << 20
@@ -58,6 +58,8 @@ def member_rows(
     with path.open(newline="", encoding="utf-8-sig") as fh:
         for row in csv.DictReader(fh):
             given = _pick(row, "member_id")
+            if given and not given.isdigit():
+                raise DirectoryError(f"{path.name}: a member_id is not a number: {given[:20]!r}")
             member_id = int(given) if given else None
             constituency = {
                 "version_id": version_id,
@@ -68,14 +70,19 @@ def member_rows(
             }
             if not constituency["gss_code"] or not constituency["name"]:
                 raise DirectoryError(f"{path.name}: a row has no ons_code or constituency_name")
-            member = None
+            member, email = None, _pick(row, "email")
+            if email and office_email(email) is None:
+                raise DirectoryError(
+                    f"{path.name}: the MP's email for {constituency['name']} is not an address "
+                    f"a letter can go to: {email[:80]!r}"
+                )
             if member_id is not None:
                 member = {
                     "version_id": version_id,
                     "member_id": member_id,
                     "name": _pick(row, "mp_name"),
                     "party": _pick(row, "party"),
-                    "email": _pick(row, "email") or None,
+                    "email": email or None,
                     "phone": _pick(row, "phone") or None,
                 }
             yield constituency, member

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import requests
 import structlog
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,6 +31,17 @@ log = structlog.get_logger(__name__)
 USER_AGENT = "DearMP/1 (+https://github.com/dearmp)"
 # The Members API's contact type of the parliamentary office.
 PARLIAMENTARY_OFFICE = 1
+
+
+def office_email(value: object) -> str | None:
+    """A directory's address for an MP's office, or None if a letter cannot go to it: outside
+    data like any other, it becomes a ``To`` header and an SMTP recipient."""
+    address = value.strip() if isinstance(value, str) else ""
+    try:
+        validate_email(address, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError:
+        return None
+    return address
 
 
 class SourceUnavailable(Exception):
@@ -161,7 +173,8 @@ class MembersApi:
         return MemberAnswer(member_id, name, party, seat, email, phone)
 
     def contact(self, member_id: int) -> tuple[str | None, str | None]:
-        """(email, phone): the parliamentary office's first, then any other listed email."""
+        """(email, phone): the parliamentary office's first, then any other listed email; one
+        that is no address (:func:`office_email`) is passed over, and logged by member id."""
         status, body = self.api.get(f"/api/Members/{member_id}/Contact")
         if status == 404:
             return None, None
@@ -171,7 +184,11 @@ class MembersApi:
             body.get("value") or [],
             key=lambda e: (e.get("typeId") != PARLIAMENTARY_OFFICE, not e.get("isPreferred")),
         )
-        email = next((e["email"].strip() for e in entries if (e.get("email") or "").strip()), None)
+        listed = [e["email"] for e in entries if e.get("email")]
+        valid = [address for address in map(office_email, listed) if address]
+        if len(valid) < len(listed):
+            log.warning("mp_email_refused", member_id=member_id, refused=len(listed) - len(valid))
+        email = valid[0] if valid else None
         phone = next((e["phone"].strip() for e in entries if (e.get("phone") or "").strip()), None)
         return email, phone
 

@@ -62,8 +62,11 @@ CRLF = "\r\n"
 
 def wire_address(address: str) -> str:
     """An address as it goes in a header or the SMTP envelope, its domain as IDNA. A non-ASCII
-    local part would need SMTPUTF8 everywhere: refused."""
+    local part would need SMTPUTF8 everywhere, a space or control character is no address a
+    relay takes: refused."""
     local, _, domain = _one_line(address).strip().rpartition("@")
+    if not address.strip().isprintable() or any(c.isspace() for c in address.strip()):
+        raise ValueError("an address may not hold spaces or control characters")
     if not local.isascii():
         raise ValueError("an address with a non-ASCII local part needs SMTPUTF8")
     if not domain.isascii():
