@@ -7,6 +7,7 @@ the sample campaign and the fictional MP directory shipped in ``config/``, and a
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import secrets
@@ -52,6 +53,14 @@ FQDN_RE = re.compile(
     r"(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 )
 ADDRESS_LITERAL_RE = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]")
+
+
+def _loopback(host: str) -> bool:
+    """``host`` is this machine (a name that resolves elsewhere is not: nothing is looked up)."""
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -423,6 +432,16 @@ class Settings(BaseSettings):
         if (self.smtp_username is None) != (self.smtp_password is None):
             raise ValueError(
                 "set SMTP_USERNAME and SMTP_PASSWORD together: one alone logs in as no one"
+            )
+        if (
+            self.mail_backend == "smtp"
+            and self.smtp_username is not None
+            and self.smtp_security == "none"
+            and not _loopback(self.smtp_host)
+        ):
+            raise ValueError(
+                f"SMTP_SECURITY=none would send SMTP_PASSWORD in clear to {self.smtp_host}: set "
+                "SMTP_SECURITY=starttls or tls (a login without TLS only to a relay on this host)"
             )
         return self
 

@@ -179,7 +179,11 @@ def test_a_mail_backend_without_its_credentials_is_refused(
     assert problems(environment, EMAIL_API_DOMAIN="campaign.example.org") == []
     [half] = problems(environment, DEARMP_MAIL_BACKEND="smtp", SMTP_USERNAME="dearmp")
     assert half.startswith("set SMTP_USERNAME and SMTP_PASSWORD together")
-    assert problems(environment, SMTP_PASSWORD="pw") == []
+    assert problems(environment, SMTP_PASSWORD="pw") == []  # on localhost, no TLS is fine
+    [clear] = problems(environment, SMTP_HOST="smtp.campaign.example.org")
+    assert clear.startswith("SMTP_SECURITY=none would send SMTP_PASSWORD in clear to smtp.")
+    assert problems(environment, SMTP_SECURITY="starttls") == []
+    assert problems(environment, SMTP_SECURITY="none", SMTP_HOST="::1") == []
 
 
 def test_the_demo_needs_no_configuration(environment: pytest.MonkeyPatch) -> None:
