@@ -4,8 +4,6 @@
 commands on that group.
 """
 
-import click
-
 from workers.cli import (  # noqa: F401  (their commands are declared on main)
     demo,
     directory,
@@ -17,12 +15,8 @@ from workers.cli import (  # noqa: F401  (their commands are declared on main)
     review,
     submissions,
     web,
+    webhooks,
 )
 from workers.cli.base import main
-from workers.cli.webhooks import webhooks
-
-main.add_command(webhooks)
-# The installed distribution's version (pyproject.toml's), not a copy kept in the code.
-click.version_option(package_name="dearmp", prog_name="dearmp")(main)
 
 __all__ = ["main"]

@@ -4,14 +4,13 @@ do (:class:`Nothing`), and a question before a destructive change (:func:`confir
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import date, datetime
 from functools import cached_property
 from pathlib import Path
@@ -36,13 +35,13 @@ RUNNING_COMMANDS = frozenset({"run", "demo", "reconcile", "inbound"})
 def app_for_cli(log_file: Path | None = None) -> App:
     """The process's App, with logging set up (to ``log_file``, if given)."""
     settings = get_settings()
+    stream = None
     if log_file is not None:
         # The embedded data folder holds personal data: this user's only.
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        configure_logging(settings.log_level, stream=log_file.open("a", buffering=1))
-    else:
-        configure_logging(settings.log_level)
+        stream = log_file.open("a", buffering=1)
+    configure_logging(settings.log_level, stream=stream)
     return get_app()
 
 
@@ -103,8 +102,8 @@ def _plain(value: Any) -> Any:
     """What JSON cannot hold as it is: times in ISO 8601, paths and the rest as text."""
     if isinstance(value, datetime | date):
         return value.isoformat()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
     if isinstance(value, set | frozenset):
         return sorted(value)
     return str(value)
@@ -115,42 +114,28 @@ def _want_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         ctx.ensure_object(Cli).as_json = True
 
 
-class JsonFlag(click.Option):
-    """``--json``: the command answers with one JSON document on stdout (see :meth:`Cli.say`)."""
-
-    def __init__(self, param_decls: Sequence[str] = ("--json",), **_: Any) -> None:
-        super().__init__(
-            param_decls,
-            is_flag=True,
-            expose_value=False,
-            is_eager=True,  # before other options' callbacks, which may already have to answer
-            callback=_want_json,
-            help="Machine-readable: one JSON document on stdout.",
-        )
-
-
-json_option = click.option("--json", cls=JsonFlag)
+# --json: the command answers with one JSON document on stdout (see :meth:`Cli.say`).
+json_option = click.option(
+    "--json",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,  # before other options' callbacks, which may already have to answer
+    callback=_want_json,
+    help="Machine-readable: one JSON document on stdout.",
+)
 
 
 def command(
     group: click.Group, name: str | None = None
 ) -> Callable[[Callable[..., None]], click.Command]:
     """Declare a command of ``group`` that is given the :class:`Cli` and answers ``--json``
-    (listed after its other options)."""
-
-    def declare(fn: Callable[..., None]) -> click.Command:
-        declared = group.command(name)(pass_cli(fn))
-        declared.params.append(JsonFlag())
-        return declared
-
-    return declare
+    (listed after its other options: added to the command, not to ``fn``)."""
+    return lambda fn: json_option(group.command(name)(pass_cli(fn)))
 
 
-# Say what would be done, change nothing (exit 0 when something would).
 dry_run_option = click.option(
     "--dry-run", is_flag=True, help="Say what would be done; change nothing."
 )
-# Do it without asking (:func:`confirm`).
 yes_option = click.option(
     "--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed without a terminal)."
 )
@@ -246,6 +231,8 @@ class Commands(click.Group):
 
 
 @click.group(cls=Commands)
+# The installed distribution's version (pyproject.toml's), not a copy kept in the code.
+@click.version_option(package_name="dearmp", prog_name="dearmp")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """DearMP: every supporter's letter reaches their MP, once."""

@@ -43,15 +43,12 @@ POSTCODES = ["DM1 1AA", "DM2 1AB", "DM3 2BD", "DM4 3GE", "DM5 4DF", "DM6 1AA", "
 def sample_batch(count: int, run_id: str) -> list[dict[str, Any]]:
     """The shipped samples (valid and invalid), then generated valid ones up to ``count``."""
     samples: list[dict[str, Any]] = json.loads((SAMPLE_DIR / "submissions.json").read_text())
-    template = samples[0]
     rng = random.Random(run_id)
     batch = []
     for i in range(max(count, 1)):
-        if i < len(samples):
-            item = copy.deepcopy(samples[i])
-        else:
+        item = copy.deepcopy(samples[i] if i < len(samples) else samples[0])
+        if i >= len(samples):
             first, last = rng.choice(FIRST), rng.choice(LAST)
-            item = copy.deepcopy(template)
             item["idempotency_key"] = f"generated-{i:06d}"
             item["supporter"].update(
                 name=f"{first} {last}",
@@ -73,7 +70,7 @@ def run_demo(
     batch = sample_batch(count, uuid.uuid4().hex[:8])
     started = time.monotonic()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
         fed = progress.track(batch, description="Submitting")
         unique = sorted({submit(app, broker, item)[0] for item in fed})
         finishing = progress.add_task("Final state", total=len(unique))

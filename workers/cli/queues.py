@@ -158,11 +158,10 @@ def _print_dead(listed: list[dict[str, Any]]) -> None:
     if not listed:
         click.echo("no dead letters")
         return
-    groups: dict[str, list[dict[str, Any]]] = {}  # in by_reason's order: the largest first
-    for item in listed:
-        groups.setdefault(str(item["reason"]), []).append(item)
     columns = ("message_id", "actor", "submission_id", "dead_at", "attempts")
-    for why, items in groups.items():
+    # listed is in by_reason's order: each reason's letters together, the largest group first
+    for why, grouped in itertools.groupby(listed, key=lambda item: item["reason"]):
+        items = list(grouped)
         click.echo(f"{why}: {len(items)} (the answer: {items[0]['answer']})")
         table = Table()
         for col in columns:  # ids whole, to paste into `dlq show`

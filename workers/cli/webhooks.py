@@ -10,7 +10,7 @@ from typing import TypeVar
 import click
 from sqlalchemy.orm import Session
 
-from workers.cli.base import Cli, Nothing, command, confirm, yes_option
+from workers.cli.base import Cli, Nothing, command, confirm, main, refusing, yes_option
 from workers.stages.stage import Stage
 from workers.webhooks import endpoints
 from workers.webhooks.events import EVENTS
@@ -20,14 +20,11 @@ T = TypeVar("T")
 
 def _run(cli: Cli, work: Callable[[Session], T]) -> T:
     """``work(session)`` in a transaction; refused configuration is one line and exit 1."""
-    try:
-        with cli.session() as session:
-            return work(session)
-    except endpoints.Refused as exc:
-        raise click.ClickException(str(exc)) from None
+    with refusing(endpoints.Refused), cli.session() as session:
+        return work(session)
 
 
-@click.group()
+@main.group()
 def webhooks() -> None:
     """Signed webhooks to a CRM (Standard Webhooks)."""
 

@@ -187,7 +187,7 @@ def _render(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     return together(app, ids, plan, send_on)
 
 
-def _retry(error: BaseException | None) -> BaseException | None:
+def _retry(error: Exception) -> Exception:
     """A passing refusal (a 4xx, a server away) goes back to dramatiq as a retry, which it does
     not log as an error (:class:`workers.pipeline.middleware.LogContext` warns with the answer),
     waiting as long as the provider said, if it did."""
@@ -235,14 +235,13 @@ def _one_by_one(
     becomes a retry, as for letters)."""
     outcomes: list[Outcome] = []
     for object_id in ids:
+        error = None
         try:
-            queued = queue(object_id)
-            if queued:
+            if queued := queue(object_id):
                 send_on([(item_id, [Stage.OUTBOX]) for item_id in queued])
         except Exception as exc:
-            outcomes.append((object_id, _retry(exc)))
-            continue
-        outcomes.append((object_id, None))
+            error = _retry(exc)
+        outcomes.append((object_id, error))
     return outcomes
 
 

@@ -87,8 +87,7 @@ def campaign_modes(app: App) -> dict[str, str] | None:
     """Each campaign's mode, or None when the database cannot say (not migrated yet, down)."""
     try:
         with app.sessions() as session:
-            rows = session.execute(select(Campaign.slug, Campaign.mode))
-            return {slug: mode for slug, mode in rows}
+            return dict(session.execute(select(Campaign.slug, Campaign.mode)).all())
     except SQLAlchemyError:
         return None
 

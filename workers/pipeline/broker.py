@@ -25,6 +25,8 @@ from workers.pipeline.middleware import (
     StageMessagesOnly,
 )
 
+log = structlog.get_logger("workers")
+
 
 class UnreadableMessage(Exception):
     """The reason recorded for bytes on a queue that are not a dramatiq message."""
@@ -43,16 +45,14 @@ def readable(data: bytes) -> bool:
 
 def record_unreadable(apps: Apps, queue_name: str, redis_id: str, size: int) -> None:
     """Record a dead-lettered unreadable message as a failure (logged with its size only)."""
-    structlog.get_logger("workers").error(
-        "unreadable_message_dead_lettered", queue=queue_name, bytes=size
-    )
+    log.error("unreadable_message_dead_lettered", queue=queue_name, bytes=size)
     error = UnreadableMessage(f"{size} bytes that are not a dramatiq message")
     attempt = Attempt(redis_id[:64], queue_name, UNREADABLE, None, error, 1, dead_lettered=True)
     try:
         with session_scope(apps().sessions) as session:
             record_failure(session, attempt)
     except Exception as exc:  # never let bookkeeping stop the consumer
-        structlog.get_logger("workers").error("failure_not_recorded", error=type(exc).__name__)
+        log.error("failure_not_recorded", error=type(exc).__name__)
 
 
 def build_broker(settings: Settings, apps: Apps) -> dramatiq.Broker:

@@ -157,49 +157,40 @@ def _pipeline(
     late, lease = timedelta(seconds=max_age), timedelta(seconds=settings.delivery_lease_seconds)
     with session_scope(app.sessions) as session:
         now = utcnow()
+        since, letters = now - STALLED_WINDOW, OutboxItem.kind == LETTER
+        retried = (OutboxItem.status == OutboxStatus.PENDING) & (OutboxItem.failures > 0)
+
+        def count(model: Any, *where: Any) -> int:
+            return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+        def by_error(*where: Any) -> list[Any]:
+            return list(
+                session.execute(
+                    select(OutboxItem.error, func.count())
+                    .where(letters, *where)
+                    .group_by(OutboxItem.error)
+                    .order_by(func.count().desc())
+                )
+            )
+
         every = outbox.overdue(session, now, late, lease)
         hooks = outbox.overdue(session, now, late, lease, WEBHOOK)
         failing = addresses.failing_count(session)
         held_back = pauses.paused(session)
-        in_review = session.scalar(
-            select(func.count()).select_from(Submission).where(Submission.state == State.IN_REVIEW)
-        )
-        late_digests = session.scalar(
-            select(func.count())
-            .select_from(Submission)
-            .where(
-                Submission.state == State.IN_DIGEST,
-                Submission.updated_at < now - timedelta(hours=DIGEST_LATE_HOURS),
-            )
+        in_review = count(Submission, Submission.state == State.IN_REVIEW)
+        late_digests = count(
+            Submission,
+            Submission.state == State.IN_DIGEST,
+            Submission.updated_at < now - timedelta(hours=DIGEST_LATE_HOURS),
         )
         failed = {k: n for (k, status), n in outbox.counts(session).items() if status == "failed"}
-        retrying = session.execute(
-            select(OutboxItem.error, func.count())
-            .where(
-                OutboxItem.kind == LETTER,
-                OutboxItem.status == OutboxStatus.PENDING,
-                OutboxItem.failures > 0,
-            )
-            .group_by(OutboxItem.error)
-            .order_by(func.count().desc())
-        ).all()
-        letters, since = OutboxItem.kind == LETTER, now - STALLED_WINDOW
+        retrying = by_error(retried)
         # Tried lately and not sent: waiting after a failed try, or given up (a refusal for good).
-        failed_lately = session.execute(
-            select(OutboxItem.error, func.count())
-            .where(
-                letters,
-                OutboxItem.claimed_at >= since,
-                ((OutboxItem.status == OutboxStatus.PENDING) & (OutboxItem.failures > 0))
-                | (OutboxItem.status == OutboxStatus.FAILED),
-            )
-            .group_by(OutboxItem.error)
-            .order_by(func.count().desc())
-        ).all()
-        sent_lately = session.scalar(
-            select(func.count()).where(
-                letters, OutboxItem.status == OutboxStatus.SENT, OutboxItem.sent_at >= since
-            )
+        failed_lately = by_error(
+            OutboxItem.claimed_at >= since, retried | (OutboxItem.status == OutboxStatus.FAILED)
+        )
+        sent_lately = count(
+            OutboxItem, letters, OutboxItem.status == OutboxStatus.SENT, OutboxItem.sent_at >= since
         )
     overdue = every - hooks
     if not overdue:
@@ -229,12 +220,11 @@ def _pipeline(
             )
         )
     elif waiting:
-        reason = retrying[0][0]
         checks.append(
             Check(
                 "retries",
                 OK,
-                f"{waiting} letters waiting to retry (most often: {reason}); "
+                f"{waiting} letters waiting to retry (most often: {retrying[0][0]}); "
                 "`dearmp deliveries waiting` lists them",
             )
         )

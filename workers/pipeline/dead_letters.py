@@ -233,9 +233,7 @@ def replay(
     ValueError when there is nothing to requeue. The copy is enqueued before the dead one is
     removed: a crash in between leaves a harmless duplicate, never a loss. Returns the new
     message id (``dry_run``: None, after the refusal check alone)."""
-    if found.failure is not None and found.failure.exception_type.endswith(
-        "PermanentDeliveryError"
-    ):
+    if found.reason.endswith("PermanentDeliveryError"):
         raise RequeueRefused(
             "the mail server refused the letter for good and its submission failed, so a "
             "requeue sends nothing; once the cause is fixed, `dearmp deliveries reopen` sends "
@@ -367,17 +365,12 @@ class Snapshot:
     newest_failures: list[tuple[datetime, str, str, str | None]]
 
 
-def snapshot(
-    client: redis.Redis,
-    namespace: str,
-    sessions: sessionmaker[Session],
-    now: datetime | None = None,
-) -> Snapshot:
+def snapshot(client: redis.Redis, namespace: str, sessions: sessionmaker[Session]) -> Snapshot:
     """What an operator watches: queues, work done per stage in the last minute, new failures.
     Redis is read before the transaction."""
     depths = queue_depths(client, namespace, dead_counts(sessions))
     with session_scope(sessions) as session:
-        return _snapshot_from_db(session, depths, now or datetime.now(UTC))
+        return _snapshot_from_db(session, depths, datetime.now(UTC))
 
 
 def _snapshot_from_db(session: Session, depths: list[QueueDepth], now: datetime) -> Snapshot:

@@ -1,8 +1,7 @@
 """How a stage message is sent: after the database commit, in groups of the stage's size.
 
-Messages carry only a submission id and a schema version. Sending happens after the database
-commit; if Redis is unreachable the send is logged and left to the reconciler, which finds every
-submission that has not moved on and sends it again.
+Messages carry only submission ids and a schema version. If Redis is unreachable the send is
+logged and left to the reconciler, which sends again every submission that has not moved on.
 """
 
 from __future__ import annotations

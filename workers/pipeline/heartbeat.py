@@ -61,11 +61,8 @@ class Heartbeat(Middleware):
 
 def live_workers(client: redis.Redis, namespace: str) -> list[dict[str, Any]]:
     """The worker processes whose heartbeat has not expired: host, pid, started (epoch)."""
-    found = []
-    for key in client.scan_iter(match=f"{namespace}:worker:*", count=500):
-        raw = client.get(key)
-        if raw:
-            found.append(json.loads(raw))
+    beats = (client.get(key) for key in client.scan_iter(match=f"{namespace}:worker:*", count=500))
+    found = [json.loads(raw) for raw in beats if raw]
     return sorted(found, key=lambda w: (w["host"], w["pid"]))
 
 

@@ -35,9 +35,7 @@ class DearmpCollector(Collector):
     def __init__(
         self, client: redis.Redis, namespace: str, sessions: sessionmaker[Session]
     ) -> None:
-        self.client = client
-        self.namespace = namespace
-        self.sessions = sessions
+        self.client, self.namespace, self.sessions = client, namespace, sessions
 
     def collect(self) -> Iterator[Metric]:
         queues = GaugeMetricFamily(

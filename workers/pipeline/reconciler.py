@@ -53,7 +53,6 @@ LEASE = timedelta(seconds=300)
 def find_stalled(
     session: Session,
     older_than: timedelta,
-    now: datetime | None = None,
     held_recheck: timedelta = HELD_RECHECK,
     confirmation: ConfirmationPolicy | None = None,
     max_dead_letters: int = MAX_DEAD_LETTERS,
@@ -64,7 +63,7 @@ def find_stalled(
     shows why). Held submissions go back to resolution when the directory has changed since
     they were held, or every ``held_recheck`` (so a hold can expire).
     """
-    now = now or utcnow()
+    now = utcnow()
     cutoff = now - older_than
     due: list[tuple[str, Stage]] = []
     current = current_version_id(session)
@@ -131,10 +130,7 @@ def find_stalled(
     ).all()
     due.extend((sid, Stage.CONSENT) for sid in unlogged)
 
-    ids = sorted({sid for sid, _ in due})
-    if not ids:
-        return []
-    marked = _mark_dispatched(session, Submission, ids, now)
+    marked = _mark_dispatched(session, Submission, list({sid for sid, _ in due}), now)
     return [(sid, stage) for sid, stage in due if sid in marked]
 
 

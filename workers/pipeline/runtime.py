@@ -75,7 +75,7 @@ def state_counts(app: App, ids: list[str] | None = None) -> dict[str, int]:
         query = select(Submission.state, func.count()).group_by(Submission.state)
         if ids is not None:
             query = query.where(Submission.id.in_(ids))
-        return {state: count for state, count in session.execute(query).all()}
+        return dict(session.execute(query).all())
 
 
 def count_final(counts: dict[str, int]) -> int:
@@ -89,11 +89,9 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
     embedded = None
     settings = app.settings
     if settings.broker == "redis" and not settings.redis_url:
-        embedded = EmbeddedRedis(settings.data_dir, socket=settings.embedded_redis_socket)
-        if not embedded.is_up():
-            embedded.start()
-        else:
-            embedded = None  # another `dearmp run` owns it
+        server = EmbeddedRedis(settings.data_dir, socket=settings.embedded_redis_socket)
+        if not server.is_up():  # else another `dearmp run` owns it
+            embedded = server.start()
     worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
     stop = threading.Event()
     reconciler = threading.Thread(

@@ -59,13 +59,9 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 one stands for (IPv4-mapped, 6to4 or NAT64), else None."""
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address.sixtofour is not None:
-        return address.sixtofour
     if address in NAT64:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return None
+    return address.ipv4_mapped or address.sixtofour
 
 
 def limiter_network(ip: str, ipv6_prefix: int = 64) -> str:
@@ -75,9 +71,7 @@ def limiter_network(ip: str, ipv6_prefix: int = 64) -> str:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return ip
-    if isinstance(address, ipaddress.IPv4Address):
-        return str(address)
-    ipv4 = embedded_ipv4(address)
+    ipv4 = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else address
     if ipv4 is not None:
         return str(ipv4)
     return str(ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False))

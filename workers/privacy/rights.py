@@ -319,21 +319,17 @@ def _scrubbed_payload(payload: Any) -> Any:
 
 # run_retention's count of inbound messages whose text it deleted, tied to no letter it scrubs.
 INBOUND_UNLINKED = "inbound without a letter"
+RETENTION_BATCH = 500  # submissions scrubbed per query
 
 
-def run_retention(
-    session: Session,
-    now: datetime | None = None,
-    outbox_dir: Path | None = None,
-    batch: int = 500,
-) -> dict[str, int]:
+def run_retention(session: Session, outbox_dir: Path | None = None) -> dict[str, int]:
     """Scrub letter bodies and postal addresses past each campaign's retention period, and the
     kept text of inbound messages tied to no letter past the longest ``failed_days``.
 
     Idempotent, safe from cron. Returns how many were scrubbed per final state (inbound texts
     under :data:`INBOUND_UNLINKED`).
     """
-    now = now or utcnow()
+    now = utcnow()
     done: dict[str, int] = {}
     failed_days: list[int] = []
     for slug in session.scalars(select(Campaign.slug)).all():
@@ -349,14 +345,14 @@ def run_retention(
                 Submission.scrubbed_at.is_(None),
                 Submission.updated_at <= cutoff,
             )
-            while due := list(session.scalars(due_now.limit(batch))):
+            while due := list(session.scalars(due_now.limit(RETENTION_BATCH))):
                 for sub in due:
                     sub.payload = _scrubbed_payload(sub.payload)
                     sub.scrubbed_at = now
                     _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER)
                 done[state] = done.get(state, 0) + len(due)
                 session.flush()
-                if len(due) < batch:
+                if len(due) < RETENTION_BATCH:
                     break
     # What tells of no one letter is kept long enough to investigate: the longest failed_days.
     longest = max(failed_days, default=Retention().failed_days)
@@ -413,16 +409,15 @@ def consent_receipt(session: Session, secret: bytes, email: str) -> dict[str, An
             "piiControllerUrl": c.url or definition.privacy_notice_url,
         }
         policy_url = definition.privacy_notice_url
-    wording = {e.channel: e for e in collected}
+    wording = {e.channel: e.wording for e in collected}
     purposes, services = [], []
     for channel in CHANNELS:
         if current.get(channel, {}).get("choice") != "granted":
             continue
         category, purpose = PURPOSES[channel]
-        shown = wording.get(channel)
         purposes.append(
             {
-                "purpose": shown.wording if shown and shown.wording else purpose,
+                "purpose": wording.get(channel) or purpose,
                 "purposeCategory": ["Marketing", "Campaigning"],
                 "consentType": "EXPLICIT",
                 "piiCategory": [category],

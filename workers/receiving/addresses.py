@@ -36,9 +36,11 @@ class Token:
     object_id: str  # a submission id ("b", "r") or a notice id ("n")
 
 
-def _decode(local: str) -> tuple[Purpose, bytes, bytes] | None:
-    """A token's purpose, id bytes and MAC, MAC unchecked; None if it is not one's shape."""
-    if len(local) != 44:
+def _decode(address: str) -> tuple[str, Purpose, bytes, bytes] | None:
+    """A token address's domain, and its token's purpose, id bytes and MAC (unchecked); None if
+    it is not one's shape."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    if not at or len(local) != 44:
         return None
     purpose, dash, token = local.lower().partition("-")
     if not dash or not token.isascii() or purpose not in PURPOSES:
@@ -51,18 +53,15 @@ def _decode(local: str) -> tuple[Purpose, bytes, bytes] | None:
         return None
     if base64.b32encode(data).decode().rstrip("=").lower() != token:
         return None  # the last character's spare bits set: not an address we made
-    return purpose, data[:16], data[16:]
+    return domain.lower().rstrip("."), purpose, data[:16], data[16:]
 
 
 def read_address(secret: bytes, address: str, domains: set[str]) -> Token | None:
     """What one of our addresses names, or None: not ours, malformed, or forged."""
-    local, at, domain = address.strip().strip("<>").rpartition("@")
-    if not at or domain.lower().rstrip(".") not in domains:
+    decoded = _decode(address)
+    if decoded is None or decoded[0] not in domains:
         return None
-    decoded = _decode(local)
-    if decoded is None:
-        return None
-    purpose, raw, mac = decoded
+    _, purpose, raw, mac = decoded
     if not hmac.compare_digest(mac, _mac(secret, purpose, raw)):
         return None
     return Token(purpose, str(uuid.UUID(bytes=raw)))
@@ -71,11 +70,10 @@ def read_address(secret: bytes, address: str, domains: set[str]) -> Token | None
 def token_key(address: str) -> str | None:
     """What a token-shaped address names, whatever its domain or case: purpose, id and MAC
     (unchecked), or None. Two addresses with one key are one recipient."""
-    local, at, _ = address.strip().strip("<>").rpartition("@")
-    decoded = _decode(local) if at else None
+    decoded = _decode(address)
     if decoded is None:
         return None
-    purpose, raw, mac = decoded
+    _, purpose, raw, mac = decoded
     return f"{purpose}:{uuid.UUID(bytes=raw)}:{mac.hex()}"
 
 

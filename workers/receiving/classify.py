@@ -80,15 +80,13 @@ def parse(raw: bytes) -> Message:
 
 
 def _header(message: Message, name: str) -> str:
-    value = message.get(name)
-    return str(value) if value is not None else ""
+    return str(message.get(name, ""))
 
 
 def classify(raw: bytes) -> Classification:
     """Never raises: anything the email package cannot read is ``malformed``."""
     try:
-        message = parse(raw)
-        return _classify(message)
+        return _classify(parse(raw))
     except Exception as exc:  # hostile MIME: whatever it makes the parser do, it is dropped
         return Classification("malformed", diagnostic=type(exc).__name__)
 
@@ -137,7 +135,7 @@ def _delivery_status(message: Message) -> Classification | None:
         code = ".".join(status.groups()) if status else None
         diagnostic = _header(block, "Diagnostic-Code").partition(";")[2] or None
         rank = {"failed": 3, "delayed": 2}.get(action, 1 if action else 0)
-        if code and code.startswith("5") and rank < 3 and action not in ("delivered", "relayed"):
+        if code and code.startswith("5") and action not in ("delivered", "relayed"):
             rank = 3
         found.append((rank, action, code, diagnostic))
     if not found:
@@ -235,13 +233,12 @@ def _auto_submitted(message: Message) -> bool:
 
 
 def _automatic(message: Message) -> bool:
-    if _auto_submitted(message):
-        return True
-    if message.get("X-Autoreply") or message.get("X-Autorespond"):
-        return True
-    if _header(message, "Precedence").strip().lower() in ("bulk", "junk", "list", "auto_reply"):
-        return True
-    return bool(_AUTO_SUBJECT.search(_header(message, "Subject")))
+    return (
+        _auto_submitted(message)
+        or bool(message.get("X-Autoreply") or message.get("X-Autorespond"))
+        or _header(message, "Precedence").strip().lower() in ("bulk", "junk", "list", "auto_reply")
+        or bool(_AUTO_SUBJECT.search(_header(message, "Subject")))
+    )
 
 
 # Words only a machine writes: an automatic reply whatever its headers.

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, case, delete, func, insert, select, true, unio
 from sqlalchemy.orm import Session
 
 from schemas.campaign import CampaignDefinition, SimilarLetters
-from workers.database.engine import insert_on_conflict
+from workers.database.engine import dialect_insert
 from workers.database.models import LETTER_PRINTS, PRINT_COUNTS, SUBMISSIONS, State, utcnow
 from workers.database.transitions import (
     AlreadyMoved,
@@ -37,8 +37,6 @@ from workers.database.transitions import (
 from workers.letters import originality
 from workers.letters.definitions import get_definition
 from workers.stages.stage import Stage
-
-_SIGNATURES = "comparison.signatures"  # the group's read of the signatures to its MPs
 
 _READ = (
     submission_read("payload", "member_id")
@@ -170,28 +168,26 @@ def _counts_read(members: int) -> Any:
     )
 
 
-_COUNT: dict[str, Any] = {}  # the upsert of a group's counts, by dialect
-
-
 def _count_key(row: dict[str, Any]) -> tuple[int, bytes, datetime]:
     """The count a letter's fingerprint adds to: its MP, its signature, its hour."""
     hour = row["created_at"].replace(minute=0, second=0, microsecond=0)
     return row["member_id"], row["signature"], hour
 
 
+@cache
+def _count_upsert(dialect: str) -> Any:
+    upsert = dialect_insert(dialect, PRINT_COUNTS)
+    return upsert.on_conflict_do_update(
+        index_elements=["member_id", "signature", "hour"],
+        set_={"letters": PRINT_COUNTS.c.letters + upsert.excluded.letters},
+    )
+
+
 def _count(session: Session, keys: list[tuple[int, bytes, datetime]]) -> None:
     """Add a group's letters to their counts: one statement, its rows in the order of their
     keys, so that two groups adding to the same counts lock them in the same order."""
-    dialect = session.get_bind().dialect.name
-    statement = _COUNT.get(dialect)
-    if statement is None:
-        upsert = insert_on_conflict(session, PRINT_COUNTS)
-        statement = _COUNT[dialect] = upsert.on_conflict_do_update(
-            index_elements=["member_id", "signature", "hour"],
-            set_={"letters": PRINT_COUNTS.c.letters + upsert.excluded.letters},
-        )
     session.execute(
-        statement,
+        _count_upsert(session.get_bind().dialect.name),
         [
             {"member_id": member, "signature": signature, "hour": hour, "letters": letters}
             for (member, signature, hour), letters in sorted(Counter(keys).items())
@@ -229,7 +225,7 @@ def _signatures(
     within the window, with how many letters have each and how many within the hold's hours
     (an hour that began before the window counts whole). One statement for the group."""
     group = group_of(session)
-    key = (_SIGNATURES, rules.window_days, rules.hold_hours)
+    key = ("comparison.signatures", rules.window_days, rules.hold_hours)
     found: _Signatures | None = group.read.get(key) if group else None
     if found is not None:
         return found

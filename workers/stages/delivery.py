@@ -169,8 +169,7 @@ def wait_while_held(definition: CampaignDefinition, paused: bool, address_paused
         raise Deferred(PAUSED_LOOK, "the campaign is paused")
     if address_paused:
         raise Deferred(PAUSED_LOOK, "the MP's address is paused")
-    if definition.quiet_hours:
-        quiet = definition.quiet_hours
+    if quiet := definition.quiet_hours:
         wait = seconds_until_open(utcnow(), quiet.start, quiet.end)
         if wait > 0:
             raise Deferred(wait, "quiet hours")
@@ -179,10 +178,8 @@ def wait_while_held(definition: CampaignDefinition, paused: bool, address_paused
 def wait_for_limits(limiter: Limiter | None, key: str, limits: list[Limit]) -> None:
     """Take the limits' slots for ``key`` (a letter, a digest), or wait (:class:`Deferred`,
     costing no attempt) while one is full."""
-    if limiter is not None and limits:
-        wait = limiter.reserve(key, limits)
-        if wait > 0:
-            raise Deferred(wait, "rate limit")
+    if limiter is not None and limits and (wait := limiter.reserve(key, limits)) > 0:
+        raise Deferred(wait, "rate limit")
 
 
 def moved_on(

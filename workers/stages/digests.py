@@ -137,15 +137,13 @@ def reopen_failed(session: Session, dry_run: bool = False) -> list[str]:
     """Digests given up, back to waiting with a fresh count, their letters with them (the
     caller sends them to delivery after the commit): ``dearmp deliveries reopen``'s, for
     letters that went in a digest. The digests reopened (or that would be)."""
-    failed = list(
-        session.execute(
-            _with_letters(select(OutboxItem.id, Submission.id)).where(
-                OutboxItem.status.in_((OutboxStatus.FAILED, OutboxStatus.SKIPPED)),
-                Submission.state == State.FAILED,
-                Submission.erased_at.is_(None),
-            )
-        ).all()
-    )
+    failed = session.execute(
+        _with_letters(select(OutboxItem.id, Submission.id)).where(
+            OutboxItem.status.in_((OutboxStatus.FAILED, OutboxStatus.SKIPPED)),
+            Submission.state == State.FAILED,
+            Submission.erased_at.is_(None),
+        )
+    ).all()
     digest_ids = sorted({digest_id for digest_id, _ in failed})
     if dry_run:
         return digest_ids

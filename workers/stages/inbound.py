@@ -136,23 +136,17 @@ def _set(session: Session, inbound_id: str, *where: Any, **values: Any) -> int:
     return rowcount(result)
 
 
-def _classification(row: InboundMessage) -> Classification:
-    if row.source == "mailgun":
-        try:
-            return event_classification(json.loads(row.raw or b"{}"))
-        except ValueError:
-            return Classification("malformed", diagnostic="not a Mailgun event")
-    return classify(row.raw or b"")
-
-
 def _decide(
     session: Session, row: InboundMessage, returns: ReturnAddresses, policy: InboundPolicy
 ) -> Outcome:
-    found = _classification(row)
     if row.source == "mailgun":
-        submission_id = row.submission_id
-        purpose = "b"
+        try:
+            found = event_classification(json.loads(row.raw or b"{}"))
+        except ValueError:
+            found = Classification("malformed", diagnostic="not a Mailgun event")
+        submission_id, purpose = row.submission_id, "b"
     else:
+        found = classify(row.raw or b"")
         token = returns.read(row.recipient)
         if token is None:
             return _drop(found.kind, "not one of our addresses, or its token is forged")
@@ -199,8 +193,6 @@ def _decide(
         bounced = found.kind == "bounce"
         notices = _bounced(session, submission_id, letter, found, row.id, policy) if bounced else []
         return acted(found.kind, found.status, notices)
-    # A person's reply, or what reads like an office's acknowledgement (a form reply can):
-    # forwarded alike, but only a reply counts as the MP's (and stops the survey).
     if purpose == "r":  # only what came to the reply address is forwarded, or held
         doubt = reply_origin(row.raw or b"", letter.to_email, set(policy.authserv_ids))
         if doubt is not None:
@@ -340,9 +332,7 @@ def _bounced(
     return notices
 
 
-def _queue(
-    session: Session, submission_id: str, key: str, kind: str, inbound_id: str | None = None
-) -> list[str]:
+def _queue(session: Session, submission_id: str, key: str, kind: str, inbound_id: str) -> list[str]:
     """A notice to send through the outbox, once per (submission, key)."""
     added = outbox.enqueue(session, submission_id, key, kind, inbound_id)
     return [] if added is None else [added]
@@ -356,8 +346,8 @@ def process_counted(
 ) -> list[str]:
     """:func:`process` in a transaction of its own; an attempt that raises is counted (not
     for passing database trouble), and the ``max_attempts``-th leaves the message failed with
-    the reason (the reconciler resends only what is still ``received``). Raises for the actor's
-    retry until then."""
+    the reason (masked), its text kept for the operator (the reconciler resends only what is
+    still ``received``). Raises for the actor's retry until then."""
     try:
         with session_scope(sessions) as session:
             return process(session, inbound_id, returns, policy)
@@ -365,8 +355,6 @@ def process_counted(
         raise
     except Exception as exc:
         with session_scope(sessions) as session:
-            # One more attempt that raised; the last fails the message with its reason
-            # (masked), its text kept for the operator until retention deletes it.
             counted = count_failure(
                 session,
                 InboundMessage.attempts,

@@ -200,7 +200,6 @@ def plan(
     if submission.stored_letter is not None:  # a returned letter, to send again as it is
         return _rendered(submission, None)
     definition = get_definition(session, submission.campaign_slug, submission.definition_sha256)
-    mode = submission.mode
     recipient = submission.recipient or {}
     if not recipient.get("email"):  # resolved before recipients were recorded
         version = submission.directory_version_id
@@ -208,7 +207,7 @@ def plan(
         seat = session.get(Constituency, (version, submission.constituency_code))
         if member is not None and seat is not None:
             recipient = {"name": member.name, "email": member.email, "constituency": seat.name}
-    if definition is None or mode is None or not recipient.get("email"):
+    if definition is None or submission.mode is None or not recipient.get("email"):
         reason = "campaign or MP no longer in the database"
         return move(submission, State.FAILED, reason, failure_reason=reason)
     letter = compose(
@@ -216,7 +215,7 @@ def plan(
         submission_id,
         submission.payload,
         Recipient(recipient["name"], recipient["email"], recipient["constituency"]),
-        sandbox_address if mode == "sandbox" else None,
+        sandbox_address if submission.mode == "sandbox" else None,
         reply_to=(
             returns.reply(submission_id)
             if returns is not None and definition.replies == "relay"

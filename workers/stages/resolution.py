@@ -35,7 +35,6 @@ from workers.mp.lookup import (
     LOOKUP_MANY,
     Answer,
     Found,
-    Mp,
     Unreachable,
     Vacant,
     find,
@@ -46,17 +45,11 @@ from workers.stages.stage import Stage
 
 POSTCODE_FIELD = "supporter.postcode"
 MEMBER_FIELD = "member"
-HOUSE_OF_COMMONS = "House of Commons, London SW1A 0AA"
 
 
 def fill(template: str, **values: str) -> str:
     """Substitute ``{name}`` placeholders, and nothing else (no attribute access, no code)."""
     return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), template)
-
-
-def contact_route(member: Mp) -> str:
-    route = HOUSE_OF_COMMONS
-    return f"{route}, or by phone on {member.phone}" if member.phone else route
 
 
 @dataclass(frozen=True)
@@ -89,11 +82,10 @@ def decide(targets: Targets, postcode: str, answer: Answer) -> Found | Hold | Re
             problem(PostcodeProblem.NON_GEOGRAPHIC).message,
             f"postcode:{PostcodeProblem.NON_GEOGRAPHIC}",
         )
-    values = {
-        "mp": answer.member.name,
-        "constituency": answer.seat.name,
-        "contact": contact_route(answer.member),
-    }
+    contact = "House of Commons, London SW1A 0AA"  # the official route, never a guess
+    if answer.member.phone:
+        contact += f", or by phone on {answer.member.phone}"
+    values = {"mp": answer.member.name, "constituency": answer.seat.name, "contact": contact}
     if answer.member.member_id in targets.excluded_member_ids or (
         answer.member.party in targets.excluded_parties
     ):

@@ -37,10 +37,9 @@ class Stage(StrEnum):
     @property
     def id_name(self) -> str:
         """What the ids in this stage's messages are, as logs name them."""
-        outbox = "outbox_id"
-        return {Stage.INBOUND: "inbound_id", Stage.OUTBOX: outbox, Stage.WEBHOOK: outbox}.get(
-            self, "submission_id"
-        )
+        if self in (Stage.OUTBOX, Stage.WEBHOOK):
+            return "outbox_id"
+        return "inbound_id" if self == Stage.INBOUND else "submission_id"
 
     @property
     def group_size(self) -> int:

@@ -68,9 +68,8 @@ def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
             errors = {"campaign": f"There is no campaign called '{parsed.campaign}'."}
         else:
             errors = campaign_errors(definition, parsed)
-    if errors:
+    if isinstance(parsed, dict) or errors:
         return move(submission, State.REJECTED, "invalid input", rejection=errors)
-    assert not isinstance(parsed, dict)
     payload = parsed.model_dump(mode="json")
     return move(submission, State.VALIDATED, then=[Stage.RESOLVE, Stage.CONSENT], payload=payload)
 

@@ -35,11 +35,8 @@ def client_key(app: App, address: str | None) -> str:
 def user_agent(request: Request) -> str | None:
     """The request's User-Agent as consent evidence: printable, at most 512 characters (what the
     submission schema accepts)."""
-    value = request.headers.get("user-agent")
-    if not value:
-        return None
-    text = "".join(ch for ch in value if ch.isprintable()).strip()[:512]
-    return text or None
+    value = request.headers.get("user-agent", "")
+    return "".join(ch for ch in value if ch.isprintable()).strip()[:512] or None
 
 
 def authenticated(app: App, key: str | None) -> bool | None:

@@ -112,10 +112,8 @@ class Cors:
         self.app, self.origins_for = app, origins_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        origin = next((v for k, v in scope["headers"] if k == b"origin"), None)
+        request_headers = scope["headers"] if scope["type"] == "http" else []
+        origin = next((v for k, v in request_headers if k == b"origin"), None)
         if origin is None:
             await self.app(scope, receive, send)
             return
@@ -157,14 +155,13 @@ class SecurityHeadersAndAccessLog:
             return
         started = time.perf_counter()
         status = 0
-        csp = _csp(scope["path"])
+        csp = (b"content-security-policy", _csp(scope["path"]))
 
         async def decorated(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [*message.get("headers", []), *SECURITY_HEADERS]
-                headers.append((b"content-security-policy", csp))
+                headers = [*message.get("headers", []), *SECURITY_HEADERS, csp]
                 if scope["path"].startswith("/v1/"):
                     headers.append((b"cache-control", b"no-store"))
                 message["headers"] = headers

@@ -230,7 +230,7 @@ def _page(url: str | None) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "(unreadable)"
-    page = f"{parts.hostname or ''}{parts.path}" if parts.hostname else url
+    page = f"{parts.hostname}{parts.path}" if parts.hostname else url
     return mask_text(page)[:200]
 
 
