@@ -585,3 +585,44 @@ def test_an_events_hash_is_pinned_so_stored_chains_stay_verifiable() -> None:
     }  # fmt: skip
     expected = "0bc77a4332d5aa241d3b25c8230edbd1de9997aa20f1db2c31466d5fadaab52e"
     assert event_hash(GENESIS, fields) == expected
+
+
+def test_a_groups_events_go_in_one_statement_and_take_their_ids_in_order(app: App) -> None:
+    """PostgreSQL: one multi-row INSERT, not one per event; its serial ids follow the events'
+    order, so the chain verify walks by id is the one the hashes were written in."""
+    from workers.privacy.ledger import append
+
+    inserts: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("INSERT INTO consent_events"):
+            inserts.append(statement)
+
+    rows = [
+        {
+            "submission_id": f"s{n:03d}",
+            "supporter_hash": "h" * 64,
+            "event_type": "preference",
+            "campaign_slug": "sample",
+            "channel": "email",
+            "choice": "granted",
+            "wording_version": "1",
+            "wording": f"wording {n}",
+            "wording_sha256": "w" * 64,
+            "lawful_basis": "consent",
+            "recorded_at": utcnow(),
+        }
+        for n in reversed(range(120))  # ids that do not sort like the rows' other columns
+    ]
+    event.listen(app.engine, "before_cursor_execute", count)
+    try:
+        with session_scope(app.sessions) as session:
+            assert append(session, rows) == 120
+    finally:
+        event.remove(app.engine, "before_cursor_execute", count)
+    if app.engine.dialect.name == "postgresql":
+        assert len(inserts) == 1
+    with session_scope(app.sessions) as session:
+        written = session.scalars(select(ConsentEvent.wording).order_by(ConsentEvent.id)).all()
+        assert written == [row["wording"] for row in rows]
+        assert verify(session).intact

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import insert, select, text
@@ -45,9 +46,7 @@ LOCK_KEY = 0x6465_6172_6D70  # "dearmp": the advisory lock that serialises appen
 def _utc_iso(value: Any) -> str:
     """A timestamp from a view (SQLite gives text, PostgreSQL a datetime) as UTC ISO 8601."""
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return str(moment.astimezone(UTC).isoformat())
+    return str(moment.replace(tzinfo=moment.tzinfo or UTC).astimezone(UTC).isoformat())
 
 
 # The hashed fields in the order the canonical JSON lists them (sorted), and its encoder.
@@ -62,39 +61,38 @@ def event_hash(prev_hash: str, fields: dict[str, Any]) -> str:
 
 
 def _fields(event: ConsentEvent | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(event, ConsentEvent):
-        return {name: getattr(event, name) for name in HASHED}
-    return {name: event.get(name) for name in HASHED}
+    get = partial(getattr, event) if isinstance(event, ConsentEvent) else event.get
+    return {name: get(name) for name in HASHED}
 
 
 _HEAD = select(CONSENT_EVENTS.c.hash).order_by(CONSENT_EVENTS.c.id.desc()).limit(1)
 _LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _INSERT = insert(CONSENT_EVENTS)
-
-
-def head(session: Session) -> str:
-    last = session.execute(_HEAD).scalar()
-    return str(last) if last else GENESIS
+# PostgreSQL: one multi-row INSERT whose SERIAL ids follow the rows' order (SQLAlchemy's
+# "insertmanyvalues" with sorted RETURNING: INSERT ... SELECT ... ORDER BY), not a statement per
+# row; SQLite's executemany is one loop in C, and its rowids follow the order already.
+_INSERT_IN_ORDER = _INSERT.returning(CONSENT_EVENTS.c.id, sort_by_parameter_order=True)
 
 
 def append(session: Session, events: Iterable[ConsentEvent | Mapping[str, Any]]) -> int:
     """Chain ``events`` (ORM objects, or mappings of the :data:`HASHED` fields) onto the ledger
-    in order, in one executemany whose rows take their ids in order; returns how many. The
-    caller commits, which releases the lock."""
+    in order, in one statement whose rows take their ids in order; returns how many. The caller
+    commits, which releases the lock."""
     fields = [_fields(event) for event in events]
     if not fields:
         return 0
     hold(session)
     # A transaction that has appended already knows the head: the last hash it wrote.
     transaction = session.get_transaction()
-    known = session.info.get(_HEAD_KNOWN)
-    previous = known[1] if known is not None and known[0] is transaction else head(session)
+    known = session.info.get(_HEAD_KNOWN, (None, None))
+    previous = known[1] if known[0] is transaction else (session.scalar(_HEAD) or GENESIS)
     rows = []
     for row in fields:
         link = previous
         previous = event_hash(link, row)
         rows.append({**row, "prev_hash": link, "hash": previous})
-    session.execute(_INSERT, rows)
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    session.execute(_INSERT_IN_ORDER if postgresql else _INSERT, rows)
     session.info[_HEAD_KNOWN] = (transaction, previous)
     return len(rows)
 
