@@ -555,13 +555,20 @@ def variables() -> frozenset[str]:
 
 def unknown_variables(names: Iterable[str]) -> list[str]:
     """A problem for each of ``names`` with one of our prefixes that is not a variable we read,
-    with the nearest one that is."""
-    known = variables()
+    with the nearest one that is; and for each that is nearly an unprefixed one left unset."""
+    known, given = variables(), {name.upper() for name in names}
+    # Our variables without a prefix (DATABASE_URL...) that are not set: a name set that is
+    # nearly one of them is taken for a misspelling of it (another program's variables are not).
+    unset = [name for name in known if not name.startswith(PREFIXES) and name not in given]
     problems = []
     for name in sorted(names):
-        if not name.upper().startswith(PREFIXES) or name.upper() in known:
+        upper = name.upper()
+        if upper in known:
             continue
-        nearest = difflib.get_close_matches(name.upper(), known, n=1)
+        if upper.startswith(PREFIXES):
+            nearest = difflib.get_close_matches(upper, known, n=1)
+        elif not (nearest := difflib.get_close_matches(upper, unset, n=1, cutoff=0.85)):
+            continue
         hint = f" (did you mean {nearest[0]}?)" if nearest else ""
         problems.append(f"{name} is not a setting{hint}")
     return problems

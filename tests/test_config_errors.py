@@ -72,6 +72,18 @@ def test_each_prefix_is_ours_and_other_variables_are_left_alone() -> None:
     assert unknown_variables(["DEARMP_MAIL_BACKEND", "REDIS_URL", "PATH", "dearmp_log_level"]) == []
 
 
+def test_a_misspelled_unprefixed_variable_is_refused_while_its_setting_is_unset() -> None:
+    """DATABSE_URL would leave production on the embedded SQLite file without a word."""
+    found = unknown_variables(["DATABSE_URL", "REDIS_URI", "EMAIL_API_KY", "PATH", "PGDATABASE"])
+    assert found == [
+        "DATABSE_URL is not a setting (did you mean DATABASE_URL?)",
+        "EMAIL_API_KY is not a setting (did you mean EMAIL_API_KEY?)",
+        "REDIS_URI is not a setting (did you mean REDIS_URL?)",
+    ]
+    # Set as well, the near name is another program's: left alone, as names not near are.
+    assert unknown_variables(["DATABASE_URL", "DATABASE_URI", "REDIS_HOST", "REDIS_PORT"]) == []
+
+
 def test_every_settings_variable_is_known(environment: pytest.MonkeyPatch) -> None:
     aliases = [f.alias for f in Settings.model_fields.values() if f.alias]
     assert unknown_variables(aliases) == []
