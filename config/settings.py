@@ -33,6 +33,7 @@ PASSWORD_PARAMETER_RE = re.compile(r"(?i)([?&]password=)[^&#]*")
 # Variables with these prefixes are ours: one that is not a setting is a mistake (a misspelled
 # name would otherwise be ignored, and its default used).
 PREFIXES = ("DEARMP_", "SMTP_", "MAILGUN_")
+EMBEDDED_UNLESS_SET = ("DATABASE_URL", "REDIS_URL")
 # Variables with those prefixes read by name outside Settings (none today): known all the same.
 READ_ELSEWHERE: frozenset[str] = frozenset()
 
@@ -57,10 +58,26 @@ ADDRESS_LITERAL_RE = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.
 
 def _loopback(host: str) -> bool:
     """``host`` is this machine (a name that resolves elsewhere is not: nothing is looked up)."""
+    if host.lower().rstrip(".") in ("localhost", "ip6-localhost", "ip6-loopback"):
+        return True
     try:
-        return host.lower() == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """``a`` and ``b`` differ by one letter added, dropped, changed, or two swapped."""
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        swapped = len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+        return len(diff) == 1 or (swapped and a[diff[1]] == b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    return len(long) - len(short) == 1 and any(
+        long[:i] + long[i + 1 :] == short for i in range(len(long))
+    )
 
 
 class Settings(BaseSettings):
@@ -555,11 +572,11 @@ def variables() -> frozenset[str]:
 
 def unknown_variables(names: Iterable[str]) -> list[str]:
     """A problem for each of ``names`` with one of our prefixes that is not a variable we read,
-    with the nearest one that is; and for each that is nearly an unprefixed one left unset."""
+    with the nearest one that is; and for a misspelling of one of :data:`EMBEDDED_UNLESS_SET`."""
     known, given = variables(), {name.upper() for name in names}
-    # Our variables without a prefix (DATABASE_URL...) that are not set: a name set that is
-    # nearly one of them is taken for a misspelling of it (another program's variables are not).
-    unset = [name for name in known if not name.startswith(PREFIXES) and name not in given]
+    # Unset, these fall back to the embedded Redis and SQLite file without a word: a name one
+    # letter from one of them is its misspelling (DATABSE_URL), not another program's variable.
+    unset = [name for name in EMBEDDED_UNLESS_SET if name not in given]
     problems = []
     for name in sorted(names):
         upper = name.upper()
@@ -567,7 +584,7 @@ def unknown_variables(names: Iterable[str]) -> list[str]:
             continue
         if upper.startswith(PREFIXES):
             nearest = difflib.get_close_matches(upper, known, n=1)
-        elif not (nearest := difflib.get_close_matches(upper, unset, n=1, cutoff=0.85)):
+        elif not (nearest := [meant for meant in unset if _one_edit(upper, meant)]):
             continue
         hint = f" (did you mean {nearest[0]}?)" if nearest else ""
         problems.append(f"{name} is not a setting{hint}")

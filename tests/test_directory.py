@@ -186,6 +186,7 @@ def test_a_postcode_listed_twice_in_one_file_is_refused_on_both_databases(
         ("office@parliament.uk\x07", "5173", "the MP's email for Aldershot is not an address"),
         ("two words@parliament.uk", "5173", "the MP's email for Aldershot is not an address"),
         ("alex.baker.mp@parliament.uk", "51 73", "a member_id is not a number: '51 73'"),
+        ("alex.baker.mp@parliament.uk", "5173²", "a member_id is not a number: '5173²'"),
     ],
 )
 def test_an_mp_file_with_an_email_or_member_id_that_cannot_work_is_refused(

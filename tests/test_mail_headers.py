@@ -334,11 +334,20 @@ def test_an_html_draft_without_a_boundary_gets_one_from_its_content() -> None:
 
 @pytest.mark.parametrize(
     "address",
-    ["mp\x00@parliament.uk", "two words@parliament.uk", "mp@parliament.uk\x7f", "m\tp@x.uk"],
+    [
+        "mp\x00@parliament.uk",
+        "two words@parliament.uk",
+        "mp@parliament.uk\x7f",
+        "m\tp@x.uk",
+        "mp@parliament.uk,all@example.org",  # a second recipient for an HTTP API's "to"
+        "mp@parliament.uk>,<all@example.org",
+        '"mp"@parliament.uk',
+        "mp@",
+    ],
 )
-def test_an_address_with_a_space_or_control_character_is_never_written(address: str) -> None:
+def test_an_address_that_is_not_one_plain_mailbox_is_never_written(address: str) -> None:
     """The writer's last guard, for addresses no validation saw (a directory stored earlier)."""
     letter = letter_with("Bob", "Hello")
     letter.to_email = address
-    with pytest.raises(ValueError, match="spaces or control characters"):
+    with pytest.raises(ValueError, match="not one plain address"):
         outgoing(letter)

@@ -58,7 +58,7 @@ def member_rows(
     with path.open(newline="", encoding="utf-8-sig") as fh:
         for row in csv.DictReader(fh):
             given = _pick(row, "member_id")
-            if given and not given.isdigit():
+            if given and not (given.isascii() and given.isdigit()):
                 raise DirectoryError(f"{path.name}: a member_id is not a number: {given[:20]!r}")
             member_id = int(given) if given else None
             constituency = {

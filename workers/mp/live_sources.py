@@ -184,7 +184,7 @@ class MembersApi:
             body.get("value") or [],
             key=lambda e: (e.get("typeId") != PARLIAMENTARY_OFFICE, not e.get("isPreferred")),
         )
-        listed = [e["email"] for e in entries if e.get("email")]
+        listed = [e["email"] for e in entries if str(e.get("email") or "").strip()]
         valid = [address for address in map(office_email, listed) if address]
         if len(valid) < len(listed):
             log.warning("mp_email_refused", member_id=member_id, refused=len(listed) - len(valid))
