@@ -217,7 +217,9 @@ def _check_postcode(value: Any) -> str:
     raise ValueError(problem.message if problem else MESSAGES[PostcodeProblem.NOT_A_POSTCODE])
 
 
-def _check_email(value: Any) -> str:
+def check_email(value: Any) -> str:
+    """An address as it goes on the wire (see :func:`_ascii_email`), or ValueError saying why not:
+    a supporter's, and an MP's from a directory."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Please enter your email address.")
     check_text("Email address", value)
@@ -332,7 +334,7 @@ Postcode = Annotated[
 Email = Annotated[
     str,
     Checked(
-        _check_email,
+        check_email,
         {
             "maxLength": MAX_EMAIL,
             "pattern": EMAIL_RE.pattern,

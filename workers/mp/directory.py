@@ -71,7 +71,8 @@ def member_rows(
             if not constituency["gss_code"] or not constituency["name"]:
                 raise DirectoryError(f"{path.name}: a row has no ons_code or constituency_name")
             member, email = None, _pick(row, "email")
-            if email and office_email(email) is None:
+            address = office_email(email) if email else None
+            if email and address is None:
                 raise DirectoryError(
                     f"{path.name}: the MP's email for {constituency['name']} is not an address "
                     f"a letter can go to: {email[:80]!r}"
@@ -82,7 +83,7 @@ def member_rows(
                     "member_id": member_id,
                     "name": _pick(row, "mp_name"),
                     "party": _pick(row, "party"),
-                    "email": email or None,
+                    "email": address,
                     "phone": _pick(row, "phone") or None,
                 }
             yield constituency, member

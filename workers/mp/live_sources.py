@@ -17,11 +17,11 @@ from urllib.parse import quote
 
 import requests
 import structlog
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
+from schemas.submission import check_email
 from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import LookupCache, utcnow
 from workers.letters.mail.http import retry_after
@@ -36,12 +36,10 @@ PARLIAMENTARY_OFFICE = 1
 def office_email(value: object) -> str | None:
     """A directory's address for an MP's office, or None if a letter cannot go to it: outside
     data like any other, it becomes a ``To`` header and an SMTP recipient."""
-    address = value.strip() if isinstance(value, str) else ""
     try:
-        validate_email(address, check_deliverability=False, allow_smtputf8=False)
-    except EmailNotValidError:
+        return check_email(value.strip() if isinstance(value, str) else value)
+    except ValueError:  # the supporters' check, whose message is for them
         return None
-    return address
 
 
 class SourceUnavailable(Exception):
