@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
@@ -628,6 +628,11 @@ def load_settings() -> Settings:
     if problems:
         raise ConfigurationError(problems)
     return settings
+
+
+def default(name: str) -> Any:
+    """A setting's default, for code that takes the setting as a parameter: kept here only."""
+    return Settings.model_fields[name].default
 
 
 @lru_cache(maxsize=1)

@@ -80,3 +80,26 @@ def test_the_example_environment_gives_the_defaults(monkeypatch: pytest.MonkeyPa
     for name, value in example_variables().items():
         monkeypatch.setenv(name, value)
     assert Settings() == defaults
+
+
+def test_a_policy_made_without_settings_has_the_settings_defaults() -> None:
+    """The defaults live in Settings only: the policies' own are read from there."""
+    from workers.outbox.sending import OutboxPolicy
+    from workers.pipeline import reconciler
+    from workers.pipeline.runtime import reconciler_options
+    from workers.stages.confirmation import ConfirmationPolicy
+    from workers.stages.delivery import DeliveryPolicy
+    from workers.stages.inbound import InboundPolicy
+
+    defaults = Settings.model_construct()
+    for policy in (DeliveryPolicy, ConfirmationPolicy, InboundPolicy):
+        assert policy() == policy.from_settings(defaults)
+    options = reconciler_options(defaults)
+    assert (reconciler.HELD_RECHECK, reconciler.MAX_DEAD_LETTERS, reconciler.LEASE) == (
+        options["held_recheck"],
+        options["max_dead_letters"],
+        options["lease"],
+    )
+    assert OutboxPolicy().lease_seconds == defaults.delivery_lease_seconds
+    assert OutboxPolicy().max_attempts == defaults.outbox_max_attempts
+    assert OutboxPolicy().first_backoff == defaults.outbox_backoff_seconds

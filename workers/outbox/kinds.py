@@ -10,6 +10,7 @@ from functools import partial
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from config.settings import default
 from schemas.submission import stored_email
 from workers.database.models import (
     Digest,
@@ -43,11 +44,11 @@ class Context:
     mailer: Mailer
     delivery: delivery.DeliveryPolicy = field(default_factory=delivery.DeliveryPolicy)
     limiter: Limiter | None = None
-    public_url: str = "http://127.0.0.1:8000"
+    public_url: str = default("public_url")
     confirmation: confirmation.ConfirmationPolicy = field(
         default_factory=confirmation.ConfirmationPolicy
     )
-    webhook_timeout: float = 10.0  # DEARMP_WEBHOOK_TIMEOUT_SECONDS
+    webhook_timeout: float = default("webhook_timeout_seconds")
 
 
 # Every kind the outbox sends (``outbox.kind``): what :func:`kinds` returns, by name.

@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy import ColumnElement, Engine, Select, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
+from config.settings import default
 from workers.database.engine import insert_on_conflict
 from workers.database.models import OUTBOX, OutboxItem, OutboxStatus, utcnow
 from workers.database.transitions import rowcount, together
@@ -40,9 +41,9 @@ PASSING_WAIT = timedelta(seconds=30)
 
 @dataclass(frozen=True)
 class OutboxPolicy:
-    lease_seconds: int = 300  # DEARMP_DELIVERY_LEASE_SECONDS
-    max_attempts: int = 8  # failed attempts before it is given up (DEARMP_OUTBOX_MAX_ATTEMPTS)
-    first_backoff: float = 60.0
+    lease_seconds: int = default("delivery_lease_seconds")
+    max_attempts: int = default("outbox_max_attempts")  # failed attempts before it is given up
+    first_backoff: float = default("outbox_backoff_seconds")
     max_backoff: float = 3600.0
 
     def backoff(self, failures: int) -> timedelta:

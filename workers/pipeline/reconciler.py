@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import default
 from workers.database.engine import session_scope
 from workers.database.models import (
     Failure,
@@ -45,9 +46,9 @@ log = structlog.get_logger(__name__)
 STAGE_FOR_STATE = RESENT_TO  # the table's; held and unconfirmed have timetables of their own
 BATCH = 1000
 # The defaults of DEARMP_HELD_RECHECK, DEARMP_MAX_DEAD_LETTERS, DEARMP_DELIVERY_LEASE_SECONDS.
-HELD_RECHECK = timedelta(hours=6)
-MAX_DEAD_LETTERS = 3
-LEASE = timedelta(seconds=300)
+HELD_RECHECK = timedelta(seconds=default("held_recheck"))
+MAX_DEAD_LETTERS: int = default("max_dead_letters")
+LEASE = timedelta(seconds=default("delivery_lease_seconds"))
 
 
 def find_stalled(

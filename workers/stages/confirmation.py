@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from config.settings import Settings
+from config.settings import Settings, default
 from schemas.submission import stored_email
 from workers.database.models import OutboxStatus, State, Submission, utcnow
 from workers.database.transitions import advance
@@ -37,9 +37,9 @@ from workers.receiving.classify import NOTICE_HEADER
 
 @dataclass(frozen=True)
 class ConfirmationPolicy:
-    public_url: str = "http://127.0.0.1:8000"
-    valid: timedelta = timedelta(days=7)
-    reminder_after: timedelta = timedelta(hours=24)
+    public_url: str = default("public_url")
+    valid: timedelta = timedelta(days=default("confirm_valid_days"))
+    reminder_after: timedelta = timedelta(hours=default("confirm_reminder_hours"))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConfirmationPolicy:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from config.settings import Settings
+from config.settings import Settings, default
 from schemas.campaign import CampaignDefinition
 from workers.database.models import (
     ADDRESS_HEALTH,
@@ -40,10 +40,10 @@ PAUSED_LOOK = 600.0  # a paused letter looks again after this (resume: at once)
 
 @dataclass(frozen=True)
 class DeliveryPolicy:
-    max_attempts: int = 20
-    mp_limit: int = 0
-    mp_limit_window: float = 3600.0
-    send_rate: float = 0.0
+    max_attempts: int = default("delivery_max_attempts")
+    mp_limit: int = default("mp_limit")
+    mp_limit_window: float = default("mp_limit_window")
+    send_rate: float = default("send_rate_per_second")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryPolicy:

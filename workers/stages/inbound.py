@@ -23,7 +23,7 @@ import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import Settings, default
 from schemas.submission import stored_email
 from workers.database.engine import session_scope
 from workers.database.models import (
@@ -54,15 +54,15 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class InboundPolicy:
-    failing_after: int = 3
-    failing_window: timedelta = timedelta(hours=24)
-    forwards_per_letter: int = 5
-    sandbox_address: str = "sandbox@localhost"
+    failing_after: int = default("failing_after_bounces")
+    failing_window: timedelta = timedelta(hours=default("failing_window_hours"))
+    forwards_per_letter: int = default("forwards_per_letter")
+    sandbox_address: str = default("sandbox_address")
     # Our relay's authserv-ids: only its Authentication-Results are believed.
     authserv_ids: frozenset[str] = field(default_factory=frozenset)
-    max_attempts: int = 3
+    max_attempts: int = default("max_dead_letters")
     # Replies held for an operator at once, per letter: beyond, dropped with their text.
-    held_per_letter: int = 10
+    held_per_letter: int = 2 * default("forwards_per_letter")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InboundPolicy:
