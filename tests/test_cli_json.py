@@ -146,7 +146,7 @@ def test_a_destructive_command_dry_runs_refuses_without_yes_and_does_it_with_yes
     assert versions(app) == before  # a dry run changes nothing
     unasked = CliRunner().invoke(main, ["directory", "prune", "--keep", "1"])
     assert unasked.exit_code == 1 and "--yes" in unasked.stderr
-    assert "Delete 1 old directory versions (2)?" in unasked.stderr
+    assert "Delete 1 old directory version (2)?" in unasked.stderr
     assert versions(app) == before  # refused, not done
     done = run("directory", "prune", "--keep", "1", "--yes")
     assert done.exit_code == 0 and "deleted versions: 2" in done.stdout
@@ -202,7 +202,7 @@ def test_reopen_dry_runs_asks_and_says_when_nothing_matches(
         "dead_letters_cleared": 0,
     }
     unasked = CliRunner().invoke(main, ["deliveries", "reopen"])
-    assert unasked.exit_code == 1 and "Send 1 failed letters again?" in unasked.stderr
+    assert unasked.exit_code == 1 and "Send 1 failed letter again?" in unasked.stderr
     with session_scope(app.sessions) as session:
         assert session.scalar(select(Submission.state)) == "failed"  # neither changed anything
     assert "reopened 1" in run("deliveries", "reopen", "--yes").stdout

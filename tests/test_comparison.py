@@ -136,7 +136,7 @@ def test_a_campaign_that_holds_near_identical_letters_sends_them_to_review_until
     listed = json.loads(cli.invoke(main, ["review", "list", "--json"]).stdout)
     assert [r["id"] for r in listed] == ids[2:] and listed[0]["similar_recent"] == 2
     released = cli.invoke(main, ["review", "release", ids[2], "--yes"])
-    assert released.exit_code == 0 and "released 1 letters" in released.output
+    assert released.exit_code == 0 and "released 1 letter" in released.output
     again = cli.invoke(main, ["review", "release", ids[2], "--yes"])
     assert again.exit_code == 1 and "not in review" in again.output
     no_reason = cli.invoke(main, ["review", "reject", ids[3], "--reason", " "])
@@ -327,7 +327,7 @@ def test_a_digest_campaign_sends_the_days_near_identical_letters_to_an_mp_as_one
         early = datetime.now(UTC).replace(hour=22)
         assert digests.build_due(session, early) == []
     made = CliRunner().invoke(main, ["review", "digest", "--now"])
-    assert made.exit_code == 0 and "1 digests made" in made.output
+    assert made.exit_code == 0 and "1 digest made" in made.output
     assert CliRunner().invoke(main, ["review", "digest"]).exit_code == 1
     drain(stub_broker, stub_worker)
     assert [get(app, sid).state for sid in ids] == ["delivered"] * 4

@@ -89,7 +89,7 @@ def test_a_live_worker_a_reachable_mail_server_and_a_recent_pass_are_healthy(
         result = CliRunner().invoke(main, ["health"])
         assert result.exit_code == 0, result.output
         assert result.stdout.startswith("healthy: 0 dead letters")
-        assert "1 worker processes alive" in result.stdout and "answers" in result.stdout
+        assert "1 worker process alive" in result.stdout and "answers" in result.stdout
         assert last_pass(on_redis, "dearmp") is not None
     finally:
         heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
@@ -150,11 +150,11 @@ def test_letters_waiting_to_retry_are_listed_with_why_and_flushed_at_once(
     assert row["id"] == sid and row["failures"] == 2 and row["next_attempt_at"]
     assert row["error"] == "451 4.7.1 <[email]>: later"  # masked
     status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["retries"]
-    assert status == "ok" and "1 letters waiting to retry" in detail and "451 4.7.1" in detail
+    assert status == "ok" and "1 letter waiting to retry" in detail and "451 4.7.1" in detail
 
     assert "would try 1" in CliRunner().invoke(main, ["deliveries", "flush", "--dry-run"]).output
     flushed = CliRunner().invoke(main, ["deliveries", "flush"])
-    assert flushed.exit_code == 0 and "trying 1 letters now" in flushed.output
+    assert flushed.exit_code == 0 and "trying 1 letter now" in flushed.output
     with session_scope(app.sessions) as session:
         item = session.get(OutboxItem, sid)
         assert item is not None and item.next_attempt_at is None
@@ -253,7 +253,7 @@ def test_a_refused_letters_dead_letter_listed_by_reason_shown_by_prefix_and_clea
 
     smtp_sink.answer = None  # the cause fixed
     reopened = CliRunner().invoke(main, ["deliveries", "reopen", "--yes"])
-    assert reopened.exit_code == 0 and "cleared 1 dead letters" in reopened.output
+    assert reopened.exit_code == 0 and "cleared 1 dead letter " in reopened.output
     assert json.loads(CliRunner().invoke(main, ["dlq", "list", "--json"]).stdout) == []
     drain(stub_broker, stub_worker)
     assert state_counts(app, [sid]) == {"delivered": 1} and smtp_sink.received.count() == 1
@@ -278,7 +278,7 @@ def test_a_paused_campaign_holds_its_letters_until_resumed_and_health_names_it(
     assert status == "degraded" and slug in detail
 
     resumed = CliRunner().invoke(main, ["campaigns", "resume", slug])
-    assert resumed.exit_code == 0 and "1 letters waiting go now" in resumed.output
+    assert resumed.exit_code == 0 and "1 waiting letter sent now" in resumed.output
     assert wait_for(lambda: state_counts(app, [sid]) == {"delivered": 1}, 30)
     assert "campaigns" not in checks_of(CliRunner().invoke(main, ["health", "--json"]))
     not_paused = CliRunner().invoke(main, ["campaigns", "resume", slug])
@@ -309,16 +309,16 @@ def test_a_paused_mp_address_holds_its_letters_until_marked_ok(
     assert again.exit_code == 1 and "paused already" in again.output
     neither = cli.invoke(main, ["directory", "address", address])
     assert neither.exit_code == 2 and "--pause REASON or --ok" in neither.output
-    assert "1 letters waiting go now" in cli.invoke(main, ["campaigns", "resume", slug]).output
+    assert "1 waiting letter sent now" in cli.invoke(main, ["campaigns", "resume", slug]).output
     assert wait_for(lambda: _waits(app, sid), 30)  # due, then deferred again: still held
     assert state_counts(app, [sid]) == {"rendered": 1}
     with session_scope(app.sessions) as session:  # a bounce of an earlier letter: still paused
         assert not health.note_bounce(session, address, None, 0, timedelta(hours=1))
     status, detail = checks_of(cli.invoke(main, ["health", "--json"]))["paused MP addresses"]
-    assert status == "degraded" and f"{address.lower()} (1 letters waiting)" in detail
+    assert status == "degraded" and f"{address.lower()} (1 letter waiting)" in detail
 
     resumed = cli.invoke(main, ["directory", "address", address, "--ok"])
-    assert resumed.exit_code == 0 and "1 letters waiting go now" in resumed.output
+    assert resumed.exit_code == 0 and "1 waiting letter sent now" in resumed.output
     assert wait_for(lambda: state_counts(app, [sid]) == {"delivered": 1}, 30)
     assert "paused MP addresses" not in checks_of(cli.invoke(main, ["health", "--json"]))
     not_paused = cli.invoke(main, ["directory", "address", address, "--ok"])

@@ -168,7 +168,7 @@ def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
     assert wait_for(lambda: dead_count("dearmp.validate") == 1, 60), stack.log_text()[-2000:]
 
     unhealthy = CliRunner().invoke(main, ["health"])
-    assert unhealthy.exit_code != 0 and "1 dead letters" in unhealthy.output
+    assert unhealthy.exit_code != 0 and "1 dead letter" in unhealthy.output
     assert CliRunner().invoke(main, ["health", "--max-dead", "1"]).exit_code == 0
 
     unasked = CliRunner().invoke(main, ["dlq", "purge"])  # no terminal to ask on, no --yes
@@ -186,7 +186,7 @@ def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
     with session_scope(app.sessions) as session:
         session.add(AddressHealth(email="mp@parliament.example", member_id=1, status="failing"))
     failing = CliRunner().invoke(main, ["health"])
-    assert failing.exit_code != 0 and "1 MP addresses failing" in failing.output
+    assert failing.exit_code != 0 and "1 MP address failing" in failing.output
     assert "marked ok" in cli("directory", "address", "mp@parliament.example", "--ok")
     assert "healthy" in cli("health")
 
@@ -199,8 +199,8 @@ def test_health_fails_on_dead_letters_and_purge_records_what_it_deleted(
                        created_at=long_ago)
         )  # fmt: skip
     late = CliRunner().invoke(main, ["health"])
-    assert late.exit_code != 0 and "1 webhooks overdue" in late.output, late.output
-    assert "letters and emails overdue" not in late.output
+    assert late.exit_code != 0 and "1 webhook overdue" in late.output, late.output
+    assert "emails overdue" not in late.output and "email overdue" not in late.output
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -268,7 +268,7 @@ def test_dead_letters_outlive_a_redis_restart_in_the_operators_view(
     client = redis.Redis.from_url(app.settings.resolved_redis_url)
     assert wait_for(lambda: live_workers(client, "dearmp"), 30)  # their next heartbeat
     unhealthy = CliRunner().invoke(main, ["health"])
-    assert unhealthy.exit_code == 1 and "1 dead letters" in unhealthy.output, unhealthy.output
+    assert unhealthy.exit_code == 1 and "1 dead letter" in unhealthy.output, unhealthy.output
 
     back = recorded_postcodes_io(shared_data, postcodes_port)
     try:

@@ -599,7 +599,7 @@ def test_a_disabled_endpoint_gets_no_new_webhooks_and_its_pending_ones_wait_unti
     for queue in stub_broker.queues.values():
         queue.queue.clear()
     enabled = runner.invoke(cli, ["webhooks", "enable", str(endpoint_id)])
-    assert enabled.exit_code == 0 and "1 waiting webhooks sent" in enabled.stdout, enabled.output
+    assert enabled.exit_code == 0 and "1 waiting webhook sent" in enabled.stdout, enabled.output
     assert stub_broker.queues[Stage.WEBHOOK.queue].qsize() == 1
     send(app, item.id)
     assert [r.headers["webhook-id"] for r in receiver.wait(1)] == [item.id]

@@ -48,6 +48,7 @@ from workers.mp.directory import (
 from workers.mp.live_sources import LiveSources, SourceUnavailable
 from workers.stages.pauses import pause_address, resume_address
 from workers.stages.stage import Stage
+from workers.wording import counted
 
 UNCHANGED = " (the current directory is unchanged)"
 
@@ -97,8 +98,9 @@ def directory_import(
             )
             progress.update(task, description="switching")
     cli.say(
-        f"version {counts.version_id} is current: {counts.constituencies} constituencies, "
-        f"{counts.members} members, {counts.postcodes} postcodes",
+        f"version {counts.version_id} is current: "
+        f"{counted(counts.constituencies, 'constituency', 'constituencies')}, "
+        f"{counted(counts.members, 'member')}, {counted(counts.postcodes, 'postcode')}",
         counts,
     )
 
@@ -232,11 +234,14 @@ def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> Non
             row = session.get(AddressHealth, health.key(email))
             if row is not None and row.status == health.PAUSED:
                 ids = resume_address(session, email)
-                said, groups = f"resumed; {len(ids)} letters waiting go now", {Stage.DELIVER: ids}
+                said, groups = (
+                    f"resumed; {counted(len(ids), 'waiting letter')} sent now",
+                    {Stage.DELIVER: ids},
+                )
                 action = "resumed"
             elif health.mark_ok(session, email):
                 held = health.held_for(session, row.member_id) if row and row.member_id else []
-                said = f"marked ok; {len(held)} held letters sent to resolution again"
+                said = f"marked ok; {counted(len(held), 'held letter')} sent to resolution again"
                 groups = {Stage.RESOLVE: held}
                 action = "marked ok"
             else:
@@ -263,7 +268,8 @@ def directory_prune(cli: Cli, keep: int, dry_run: bool, yes: bool) -> None:
     if not gone:
         raise Nothing(f"no version to delete: at most {max(1, keep)} are kept, and no more exist")
     if not dry_run:
-        confirm(yes, f"Delete {len(gone)} old directory versions ({', '.join(map(str, gone))})?")
+        old = counted(len(gone), "old directory version")
+        confirm(yes, f"Delete {old} ({', '.join(map(str, gone))})?")
         gone = pruned(False)
     said = "would delete" if dry_run else "deleted"
     cli.say(

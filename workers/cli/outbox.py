@@ -19,6 +19,7 @@ from workers.stages import digests
 from workers.stages.delivery import KIND as LETTER
 from workers.stages.delivery import reopen_failed
 from workers.stages.stage import Stage
+from workers.wording import counted
 
 # Without --status: the items not yet ended, and those given up.
 UNFINISHED = ("pending", "sending", "failed")
@@ -123,8 +124,9 @@ def deliveries_reopen(
         raise Nothing("no failed letter matches: nothing reopened")
     cleared = 0
     if not dry_run:
-        digests_too = f" and {len(digest_ids)} MPs' digests" if digest_ids else ""
-        confirm(yes, f"Send {len(found)} failed letters{digests_too} again?")
+        mps = counted(len(digest_ids), "MP's digest", "MPs' digests")
+        digests_too = f" and {mps}" if digest_ids else ""
+        confirm(yes, f"Send {counted(len(found), 'failed letter')}{digests_too} again?")
         found, digest_ids = reopen(False)
         if found or digest_ids:
             cli.send({Stage.DELIVER: found + digest_ids})
@@ -132,9 +134,14 @@ def deliveries_reopen(
     said = "would reopen" if dry_run else "reopened"
     lines = [f"{said} {one}" for one in found + digest_ids]
     if cleared:
-        lines.append(f"cleared {cleared} dead letters these supersede")
+        lines.append(f"cleared {counted(cleared, 'dead letter')} these supersede")
     cli.say(
-        "\n".join([*lines, f"{said} {len(found)} letters and {len(digest_ids)} digests"]),
+        "\n".join(
+            [
+                *lines,
+                f"{said} {counted(len(found), 'letter')} and {counted(len(digest_ids), 'digest')}",
+            ]
+        ),
         {
             "dry_run": dry_run,
             "reopened": found,
@@ -156,7 +163,7 @@ def deliveries_waiting(cli: Cli, limit: int) -> None:
         lines.append(f"{row['id']}  {row['status']}  failures {row['failures']}  next {next_at}")
         if row["error"]:
             lines.append(f"    {row['error']}")
-    cli.say("\n".join([*lines, f"{len(rows)} letters waiting"]), rows)
+    cli.say("\n".join([*lines, f"{counted(len(rows), 'letter')} waiting"]), rows)
 
 
 @command(deliveries, "flush")
@@ -170,7 +177,7 @@ def deliveries_flush(cli: Cli, dry_run: bool) -> None:
         raise Nothing("no letter waits for a later attempt: nothing to try")
     if not dry_run:
         cli.send({Stage.DELIVER: ids})
-    said = f"{'would try' if dry_run else 'trying'} {len(ids)} letters now"
+    said = f"{'would try' if dry_run else 'trying'} {counted(len(ids), 'letter')} now"
     cli.say(said, {"dry_run": dry_run, "trying": list(ids)})
 
 

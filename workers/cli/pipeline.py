@@ -29,6 +29,7 @@ from workers.pipeline.reconciler import reconcile_once, run_forever
 from workers.pipeline.runtime import prepare, reconciler_options, running_pipeline
 from workers.stages.pauses import pause_campaign, resume_campaign
 from workers.stages.stage import Stage
+from workers.wording import counted
 
 
 @command(main)
@@ -99,7 +100,7 @@ def submit(cli: Cli, file: Any) -> None:
     conflicts = sum(a["outcome"] == "conflict" for a in answers)
     if conflicts:
         raise click.ClickException(
-            f"{conflicts} conflict{'s' if conflicts > 1 else ''}: an idempotency key already "
+            f"{counted(conflicts, 'conflict')}: an idempotency key already "
             "used with a different body; nothing stored for it (send a new key for a new letter)"
         )
 
@@ -199,5 +200,5 @@ def campaigns_resume(cli: Cli, slug: str) -> None:
     with refusing(LookupError), cli.session() as session:
         ids = resume_campaign(session, slug)
     cli.send({Stage.DELIVER: ids})
-    said = f"{slug}: resumed; {len(ids)} letters waiting go now"
+    said = f"{slug}: resumed; {counted(len(ids), 'waiting letter')} sent now"
     cli.say(said, {"campaign": slug, "paused": False, "sent": list(ids)})

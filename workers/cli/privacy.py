@@ -27,6 +27,7 @@ from workers.privacy.rights import (
     withdraw,
     writable,
 )
+from workers.wording import counted
 
 
 def _outbox(app: App) -> Path | None:
@@ -44,10 +45,10 @@ def consent_verify(cli: Cli) -> None:
     with cli.session() as session:
         result = verify(session)
     said = (
-        f"intact: {result.events} events, head {result.head}"
+        f"intact: {counted(result.events, 'event')}, head {result.head}"
         if result.intact
         else f"BROKEN at event {result.broken_at}: {result.reason} "
-        f"({result.events} events before it verified)"
+        f"({counted(result.events, 'event')} before it verified)"
     )
     cli.say(said, {"intact": result.intact, **dataclasses.asdict(result)})
     if not result.intact:
@@ -79,7 +80,7 @@ def consent_withdraw(
                 "--anyway records the withdrawal all the same"
             )
         written = withdraw(session, app.secret, email, list(channels or CHANNELS), source=source)
-    cli.say(f"recorded {written} withdrawal events", {"recorded": written})
+    cli.say(f"recorded {counted(written, 'withdrawal event')}", {"recorded": written})
 
 
 @command(consent, "receipt")  # its answer is JSON either way

@@ -38,6 +38,7 @@ from workers.logging import mask_text
 from workers.pipeline import checks
 from workers.pipeline import dead_letters as dead
 from workers.pipeline.app import App
+from workers.wording import counted
 
 # What `dearmp health` says when all is well.
 SUMMARY = ("dead letters", "queues", "given up", "workers", "mail server", "reconciler")
@@ -246,7 +247,7 @@ def dlq_requeue(
     chosen = [f for f in rows if everything or any(f.message_id.startswith(m) for m in message_ids)]
     missing = sorted(m for m in message_ids if not any(f.message_id.startswith(m) for f in chosen))
     if everything and chosen and not dry_run:
-        confirm(yes, f"Requeue {len(chosen)} dead letters?")
+        confirm(yes, f"Requeue {counted(len(chosen), 'dead letter')}?")
     done: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
     for found in chosen:
@@ -289,7 +290,7 @@ def dlq_purge(cli: Cli, dry_run: bool, yes: bool, **filters: Any) -> None:
     if dry_run:
         cli.say(f"would purge {len(rows)}: {', '.join(ids)}", {"dry_run": True, "purged": ids})
         return
-    confirm(yes, f"Delete {len(rows)} dead letters for good?")
+    confirm(yes, f"Delete {counted(len(rows), 'dead letter')} for good?")
     for found in rows:
         dead.purge(client, app.settings.redis_namespace, app.sessions, found)
     said = f"purged {len(rows)} (recorded in purged_dead_letters)"

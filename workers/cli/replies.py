@@ -40,6 +40,7 @@ from workers.stages.inbound import (
     release,
 )
 from workers.stages.stage import Stage
+from workers.wording import counted
 
 
 @main.command()
@@ -106,12 +107,12 @@ def replies_resend(cli: Cli, member_id: int, address: str, dry_run: bool, yes: b
         if not ids:
             raise Nothing(f"no returned letter to MP {member_id}: nothing to resend")
         if not dry_run:
-            confirm(yes, f"Send {len(ids)} returned letters again, to {address}?")
+            confirm(yes, f"Send {counted(len(ids), 'returned letter')} again, to {address}?")
             with cli.session() as session:
                 ids = resend_bounced(session, member_id, address, False, signer)
     if not dry_run:
         cli.send({Stage.RENDER: ids})
-    said = f"{'would resend' if dry_run else 'resending'} {len(ids)} returned letters"
+    said = f"{'would resend' if dry_run else 'resending'} {counted(len(ids), 'returned letter')}"
     cli.say(said, {"dry_run": dry_run, "resending": ids})
 
 

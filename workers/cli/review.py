@@ -15,6 +15,7 @@ from workers.database.models import LetterPrint, State, Submission, utcnow
 from workers.letters.definitions import get_definition
 from workers.stages import comparison, digests
 from workers.stages.stage import Stage
+from workers.wording import counted
 
 # The own-words shares a report counts letters in, as [low, high) in per cent.
 BUCKETS = ((0, 10), (10, 25), (25, 50), (50, 101))
@@ -62,7 +63,7 @@ def review_list(cli: Cli, campaign: str | None) -> None:
         f"{r['similar_recent']} near-identical"
         for r in rows
     ]
-    cli.say("\n".join([*lines, f"{len(rows)} letters in review"]), rows)
+    cli.say("\n".join([*lines, f"{counted(len(rows), 'letter')} in review"]), rows)
 
 
 @command(review, "release")
@@ -73,12 +74,12 @@ def review_release(cli: Cli, ids: tuple[str, ...], yes: bool) -> None:
     one was not in review."""
     held = _in_review(cli, ids)
     if held:
-        confirm(yes, f"Send {len(held)} letters held for review on to their MPs?")
+        confirm(yes, f"Send {counted(len(held), 'letter')} held for review on to their MPs?")
     with cli.session() as session:
         released = [sid for sid in ids if comparison.release(session, sid)]
     cli.send({Stage.RENDER: released})
     missed = [sid for sid in ids if sid not in released]
-    text = f"released {len(released)} letters" + (
+    text = f"released {counted(len(released), 'letter')}" + (
         f"; not in review: {', '.join(missed)}" if missed else ""
     )
     cli.say(text, {"released": released, "not_in_review": missed})
@@ -113,7 +114,7 @@ def review_digest(cli: Cli, now: bool) -> None:
     with cli.session() as session:
         made = digests.build_due(session, force=now)
     cli.send({Stage.DELIVER: made})
-    cli.say(f"{len(made)} digests made", {"digests": made})
+    cli.say(f"{counted(len(made), 'digest')} made", {"digests": made})
     if not made:
         raise SystemExit(1)
 
@@ -167,8 +168,9 @@ def review_report(cli: Cli, campaign: str) -> None:
             "own words: " + ", ".join(f"{k} {v}" for k, v in buckets.items()),
             f"near-identical to a letter to another MP: {anywhere}",
             *(
-                f"MP {r['member_id']}: {r['letters']} letters, {r['sent_on_their_own']} sent on "
-                f"their own, {r['held']} held, {r['digested']} in digests, "
+                f"MP {r['member_id']}: {counted(r['letters'], 'letter')}, "
+                f"{r['sent_on_their_own']} sent on their own, {r['held']} held, "
+                f"{r['digested']} in digests, "
                 f"{r['average_own_words']}% own words on average"
                 for r in per_mp
             ),

@@ -14,6 +14,7 @@ from workers.cli.base import Cli, Nothing, command, confirm, main, refusing, yes
 from workers.stages.stage import Stage
 from workers.webhooks import endpoints
 from workers.webhooks.events import EVENTS
+from workers.wording import counted
 
 T = TypeVar("T")
 
@@ -86,7 +87,10 @@ def remove(cli: Cli, endpoint_id: int, yes: bool) -> None:
     _run(cli, lambda s: endpoints.get(s, endpoint_id))  # one that is not there is not asked about
     confirm(yes, f"Delete webhook endpoint {endpoint_id} and its deliveries?")
     gone = _run(cli, lambda s: endpoints.remove(s, endpoint_id))
-    cli.say(f"removed, with {gone} deliveries", {"removed": endpoint_id, "deliveries": gone})
+    cli.say(
+        f"removed, with {counted(gone, 'delivery', 'deliveries')}",
+        {"removed": endpoint_id, "deliveries": gone},
+    )
 
 
 def _switch(cli: Cli, endpoint_id: int, enabled: bool) -> list[str]:
@@ -113,5 +117,5 @@ def enable(cli: Cli, endpoint_id: int) -> None:
     """Send to a disabled endpoint again, its waiting webhooks at once. Exits 1 when it is
     enabled already."""
     ids = _switch(cli, endpoint_id, enabled=True)
-    said = f"endpoint {endpoint_id} enabled; {len(ids)} waiting webhooks sent"
+    said = f"endpoint {endpoint_id} enabled; {counted(len(ids), 'waiting webhook')} sent"
     cli.say(said, {"id": endpoint_id, "enabled": True, "sent": ids})

@@ -13,6 +13,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from workers.database.models import AddressHealth, Letter, LetterEvent, State, Submission, utcnow
+from workers.wording import counted
 
 _LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:address))")
 FAILING = "failing"
@@ -77,7 +78,7 @@ def note_bounce(
             return False
     hours = window.total_seconds() / 3600
     row.status, row.bounces, row.changed_at = FAILING, bounces, now
-    row.reason = f"{bounces} letters returned for good within {hours:g} hours"
+    row.reason = f"{counted(bounces, 'letter')} returned for good within {counted(hours, 'hour')}"
     session.flush()
     return True
 

@@ -25,6 +25,7 @@ from schemas.submission import check_email
 from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import LookupCache, utcnow
 from workers.letters.mail.http import retry_after
+from workers.wording import counted
 
 log = structlog.get_logger(__name__)
 
@@ -116,7 +117,7 @@ class JsonApi:
             if attempt + 1 < self.attempts:
                 self.sleep(wait)
         raise SourceUnavailable(
-            f"{self.base_url} unavailable after {self.attempts} tries: {problem}"
+            f"{self.base_url} unavailable after {counted(self.attempts, 'try', 'tries')}: {problem}"
         )
 
 

@@ -30,6 +30,7 @@ from workers.stages import pauses
 from workers.stages.delivery import KIND as LETTER
 from workers.stages.stage import Stage
 from workers.webhooks.events import KIND as WEBHOOK
+from workers.wording import counted
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
 ORDER = {OK: 0, DEGRADED: 1, DOWN: 2}  # also the exit code
@@ -84,7 +85,8 @@ def _workers(client: redis.Redis, namespace: str) -> Check:
     if not workers:
         return Check("workers", DOWN, "no worker process is alive (`dearmp worker`): nothing moves")
     hosts = sorted({w["host"] for w in workers})
-    return Check("workers", OK, f"{len(workers)} worker processes alive on {', '.join(hosts)}")
+    alive = counted(len(workers), "worker process", "worker processes")
+    return Check("workers", OK, f"{alive} alive on {', '.join(hosts)}")
 
 
 def _lease(settings: Settings) -> Check | None:
@@ -146,9 +148,9 @@ def _pipeline(
         )
     dead = sum(dead_counts(app.sessions).values())  # the database's count: Redis may forget
     if dead <= max_dead:
-        checks.append(Check("dead letters", OK, f"{dead} dead letters"))
+        checks.append(Check("dead letters", OK, counted(dead, "dead letter")))
     else:
-        degraded("dead letters", f"{dead} dead letters (more than {max_dead})")
+        degraded("dead letters", f"{counted(dead, 'dead letter')} (more than {max_dead})")
     age = oldest_waiting_seconds(client, namespace, int(time.time() * 1000))
     if age <= max_age:
         checks.append(Check("queues", OK, f"oldest waiting message {age:.0f}s"))
@@ -198,13 +200,14 @@ def _pipeline(
     else:
         degraded(
             "outbox",
-            f"{overdue} letters and emails overdue by more than {max_age:g}s: is a worker running?",
+            f"{counted(overdue, 'letter or email', 'letters and emails')} overdue by more than "
+            f"{max_age:g}s: is a worker running?",
         )
     if hooks:  # letters and emails are not held up by it: their own queue
         degraded(
             "webhooks",
-            f"{hooks} webhooks overdue by more than {max_age:g}s: a CRM endpoint does not "
-            "answer, or no worker serves dearmp.webhook (`dearmp webhooks show ID`)",
+            f"{counted(hooks, 'webhook')} overdue by more than {max_age:g}s: a CRM endpoint "
+            "does not answer, or no worker serves dearmp.webhook (`dearmp webhooks show ID`)",
         )
     waiting = sum(n for _, n in retrying)
     minutes = STALLED_WINDOW.total_seconds() / 60
@@ -214,7 +217,8 @@ def _pipeline(
             Check(
                 "retries",
                 DOWN,
-                f"no letter sent in {minutes:g} minutes while {stalled} failed their last try "
+                f"no letter sent in {counted(minutes, 'minute')} while {stalled} failed their "
+                "last try "
                 f"(most often: {failed_lately[0][0]}); `dearmp deliveries waiting` lists those "
                 "to retry, `dearmp dlq list` those given up",
             )
@@ -224,7 +228,7 @@ def _pipeline(
             Check(
                 "retries",
                 OK,
-                f"{waiting} letters waiting to retry (most often: {retrying[0][0]}); "
+                f"{counted(waiting, 'letter')} waiting to retry (most often: {retrying[0][0]}); "
                 "`dearmp deliveries waiting` lists them",
             )
         )
@@ -232,25 +236,29 @@ def _pipeline(
         ("campaign", "campaigns", "`dearmp campaigns resume SLUG`"),
         ("address", "paused MP addresses", "`dearmp directory address EMAIL --ok`"),
     ):
-        held = [f"{p.name} ({p.waiting} letters waiting)" for p in held_back if p.what == what]
+        held = [
+            f"{p.name} ({counted(p.waiting, 'letter')} waiting)"
+            for p in held_back
+            if p.what == what
+        ]
         if held:
             degraded(name, f"paused: {', '.join(held)}; {resume} sends them")
     if in_review:
         degraded(
             "review",
-            f"{in_review} letters near-identical to others wait for an operator: "
+            f"{counted(in_review, 'letter')} near-identical to others waiting for an operator: "
             "`dearmp review list`",
         )
     if late_digests:
         degraded(
             "digests",
-            f"{late_digests} letters have waited over {DIGEST_LATE_HOURS} h for their MP's "
+            f"{counted(late_digests, 'letter')} waiting over {DIGEST_LATE_HOURS} h for their MP's "
             "digest (is the reconciler running?): `dearmp review digest --now`",
         )
     if failing:
         degraded(
             "MP addresses",
-            f"{failing} MP addresses failing (letters to them are held): "
+            f"{counted(failing, 'MP address', 'MP addresses')} failing (letters to them are held): "
             "`dearmp directory status` lists them",
         )
     given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER))
@@ -258,8 +266,9 @@ def _pipeline(
         Check(
             "given up",
             OK,
-            f"{failed.get(LETTER, 0)} letters failed, {given_up} emails to supporters given up, "
-            f"{failed.get(WEBHOOK, 0)} webhooks given up",
+            f"{counted(failed.get(LETTER, 0), 'letter')} failed, "
+            f"{counted(given_up, 'email')} to supporters given up, "
+            f"{counted(failed.get(WEBHOOK, 0), 'webhook')} given up",
         )
     )
     return checks

@@ -18,6 +18,7 @@ from workers.database.engine import insert_on_conflict
 from workers.database.models import Failure, State, Submission, utcnow
 from workers.database.transitions import AlreadyMoved, advance
 from workers.logging import mask_text
+from workers.wording import counted
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def end_if_failing(session: Session, attempt: Attempt, limit: int) -> bool:
         return False
     stage = attempt.actor_name.removesuffix("_submission")
     reason = (
-        f"the {stage} stage failed {count} times in a row "
+        f"the {stage} stage failed {counted(count, 'time')} in a row "
         f"({type(attempt.exception).__name__}); see `dearmp dlq show`"
     )
     try:
@@ -128,5 +129,5 @@ def count_failure(
     if failures is None:
         return None
     final = failures >= limit
-    reason = f"gave up after {failures} failed attempts: {error}" if final else error
+    reason = f"gave up after {counted(failures, 'failed attempt')}: {error}" if final else error
     return Counted(failures, final, mask_text(reason)[:500])

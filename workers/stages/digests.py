@@ -40,6 +40,7 @@ from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.comparison import letter_body
 from workers.stages.rendering import campaign_template, list_id
+from workers.wording import counted
 
 KIND = KEY = "digest"
 _Query = TypeVar("_Query", bound=Select[*tuple[Any, ...]])
@@ -231,7 +232,9 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
         from_email=str(definition.from_email),
         to_name=digest.to_name,
         to_email=digest.to_email,
-        subject=header_text(f"{count} constituents wrote to you: {definition.title}", 200),
+        subject=header_text(
+            f"{counted(count, 'constituent')} wrote to you: {definition.title}", 200
+        ),
         date=digest.created_at,
         message_id=f"<digest-{digest.id}@{from_domain(str(definition.from_email))}>",
         text=text,

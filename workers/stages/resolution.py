@@ -42,6 +42,7 @@ from workers.mp.lookup import (
     lookup_local_many,
 )
 from workers.stages.stage import Stage
+from workers.wording import counted
 
 POSTCODE_FIELD = "supporter.postcode"
 MEMBER_FIELD = "member"
@@ -201,8 +202,8 @@ def plan(
             version_id = seat_fields.get("directory_version_id")
             return lambda s: _still_held(s, submission, version_id)
         message = (
-            f"We held your letter for {targets.hold_days} days, but there is still no MP "
-            "to send it to."
+            f"We held your letter for {counted(targets.hold_days, 'day')}, but there is still "
+            "no MP to send it to."
         )
         outcome = Refuse(MEMBER_FIELD, message, "hold expired")
 

@@ -38,11 +38,11 @@ templates = environment(HERE / "templates")
 
 # What a redirect after an action says on the page (a fixed text: the URL only names it).
 DONE = {
-    "replayed": "{n} dead letters put back on their queues.",
-    "retried": "{n} letters are being tried now.",
+    "replayed": "Dead letters put back on their queues: {n}.",
+    "retried": "Letters being tried now: {n}.",
     "paused": "Paused: letters wait until it is resumed.",
     "already-paused": "It was paused already.",
-    "resumed": "Resumed: {n} waiting letters go now.",
+    "resumed": "Resumed; waiting letters sent now: {n}.",
     "mail-resumed": "The workers try the mail server again within seconds.",
     "no-mail-pause": "No mail pause was reported; the workers are told to try anyway.",
 }
