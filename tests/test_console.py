@@ -359,7 +359,8 @@ def test_replaying_a_dead_letter_requeues_it(
     message_id = dead_letter(app, sid)
     reply = post(operator, "/console/dead-letters/replay", message_id=message_id)
     assert reply.status_code == 303
-    assert "Dead letters put back on their queues: 1." in operator.get(reply.headers["location"]).text
+    page = operator.get(reply.headers["location"]).text
+    assert "Dead letters put back on their queues: 1." in page
     with session_scope(app.sessions) as session:
         failure = session.scalar(select(Failure).where(Failure.message_id == message_id))
         assert failure is not None and failure.requeued_at is not None

@@ -39,7 +39,7 @@ from workers.outbox.sending import Kind, enqueue
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.comparison import letter_body
-from workers.stages.rendering import campaign_template, list_id
+from workers.stages.rendering import SANDBOX, campaign_template, list_id
 from workers.wording import counted
 
 KIND = KEY = "digest"
@@ -50,21 +50,24 @@ NOTICE = "digested"  # the supporter's notice that their letter went in the dige
 def build_due(session: Session, now: datetime | None = None, force: bool = False) -> list[str]:
     """Make the digests that are due: per campaign and MP with letters waiting, from the
     campaign's ``digest_hour`` (UTC), at most one a day (``force``: now, for an operator). The
-    new digests' ids, which are their outbox items' (the caller sends them after the commit)."""
+    new digests' ids, which are their outbox items' (the caller sends them after the commit).
+    Letters rendered for another address (the sandbox's, while the campaign was in sandbox mode,
+    or the MP's before a directory update) go in a digest of their own to that address."""
     now = now or utcnow()
     waiting = session.execute(
-        select(Submission.campaign_slug, Submission.member_id, Submission.id)
+        select(Submission.campaign_slug, Submission.member_id, Letter.to_email, Submission.id)
         .join(LetterPrint, LetterPrint.submission_id == Submission.id)
+        .join(Letter, Letter.submission_id == Submission.id)
         .where(Submission.state == State.IN_DIGEST, LetterPrint.digest_id.is_(None))
         .order_by(Submission.created_at, Submission.id)
     ).all()
-    groups: dict[tuple[str, int], list[str]] = {}
-    for slug, member_id, submission_id in waiting:
+    groups: dict[tuple[str, int, str], list[str]] = {}
+    for slug, member_id, to_email, submission_id in waiting:
         if member_id is not None:  # a letter in a digest went to an MP resolution named
-            groups.setdefault((slug, member_id), []).append(submission_id)
+            groups.setdefault((slug, member_id, to_email), []).append(submission_id)
     today = datetime.combine(now.date(), time(0), now.tzinfo)
     made = []
-    for (slug, member_id), ids in groups.items():
+    for (slug, member_id, to_email), ids in groups.items():
         definition = get_definition(session, slug)
         hour = definition.similar_letters.digest_hour if definition else 0
         sent_today = session.scalar(
@@ -72,6 +75,7 @@ def build_due(session: Session, now: datetime | None = None, force: bool = False
                 exists().where(
                     Digest.campaign_slug == slug,
                     Digest.member_id == member_id,
+                    Digest.to_email == to_email,
                     Digest.created_at >= today,
                 )
             )
@@ -199,8 +203,9 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
     same bytes."""
     first = letters[0].Submission
     recipient = first.recipient or {}
+    mp_name = recipient.get("name") or digest.to_name
     context = {
-        "mp": {"name": digest.to_name, "constituency": recipient.get("constituency", "")},
+        "mp": {"name": mp_name, "constituency": recipient.get("constituency", "")},
         "campaign": {"title": definition.title, "organisation": definition.organisation},
     }
     count = len(letters)
@@ -218,8 +223,14 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
                 else "   (the campaign's letter, with no words of their own)"
             )
         )
+    sandbox = letters[0].Letter.subject.startswith(SANDBOX)  # as its letters were rendered
+    note = (
+        f"{SANDBOX}Campaign '{definition.slug}' is in sandbox mode. This digest was meant for "
+        f"{mp_name}, MP for {recipient.get('constituency', '')}.\n\n"
+    )
     text = (
-        f"{campaign_template(definition.salutation).render(context)}\n\n"
+        (note if sandbox else "")
+        + f"{campaign_template(definition.salutation).render(context)}\n\n"
         f"{count} of your constituents wrote to you through {definition.organisation} about "
         f'"{definition.title}". Each sent the campaign\'s suggested letter below, in whole or in '
         "part; after it, each constituent: their name and postcode, the passages they wrote "
@@ -233,7 +244,9 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
         to_name=digest.to_name,
         to_email=digest.to_email,
         subject=header_text(
-            f"{counted(count, 'constituent')} wrote to you: {definition.title}", 200
+            f"{SANDBOX if sandbox else ''}{counted(count, 'constituent')} wrote to you: "
+            f"{definition.title}",
+            200,
         ),
         date=digest.created_at,
         message_id=f"<digest-{digest.id}@{from_domain(str(definition.from_email))}>",

@@ -46,6 +46,7 @@ from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.stage import Stage
 
+SANDBOX = "[SANDBOX] "  # what a sandbox letter's subject and text begin with
 _TEXT = SandboxedEnvironment(
     autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
 )
@@ -148,10 +149,10 @@ def compose(
     to_name, to_email = mp.name, mp.email
     if sandbox_address:
         note = (
-            f"[SANDBOX] Campaign '{definition.slug}' is in sandbox mode. This letter was meant "
+            f"{SANDBOX}Campaign '{definition.slug}' is in sandbox mode. This letter was meant "
             f"for {mp.name} <{mp.email}>, MP for {mp.constituency}.\n\n"
         )
-        text, subject = note + text, f"[SANDBOX] {subject}"
+        text, subject = note + text, f"{SANDBOX}{subject}"
         to_name, to_email = "DearMP sandbox", sandbox_address
     from_name = campaign_template(definition.sender_name).render(
         supporter_name=supporter["name"], organisation=definition.organisation
