@@ -313,6 +313,21 @@ def test_an_operator_resends_returned_letters_to_a_corrected_address_once(
     assert [k for k, _ in events(app, sid)] == ["bounce"]  # the history stays
 
 
+def test_the_returned_letter_of_a_supporter_erased_since_is_never_sent_again(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    from workers.privacy.rights import erase_supporter
+
+    [sid] = deliver(app, stub_broker, stub_worker)
+    receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
+    with session_scope(app.sessions) as session:
+        member_id = session.scalar(select(Submission.member_id).where(Submission.id == sid))
+        assert member_id is not None
+        erase_supporter(session, app.secret, SUPPORTER)
+    with session_scope(app.sessions) as session:
+        assert resend_bounced(session, member_id, "new.office@parliament.example") == []
+
+
 def relay(app: App) -> None:
     with session_scope(app.sessions) as session:
         update_definition(session, "political-prisoners", replies="relay")

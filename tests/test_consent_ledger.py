@@ -626,3 +626,64 @@ def test_a_groups_events_go_in_one_statement_and_take_their_ids_in_order(app: Ap
         written = session.scalars(select(ConsentEvent.wording).order_by(ConsentEvent.id)).all()
         assert written == [row["wording"] for row in rows]
         assert verify(session).intact
+
+
+def test_a_failed_statements_error_names_none_of_its_values(app: App) -> None:
+    """Its text goes to the failures table, the logs and a retried message: no values in it."""
+    with pytest.raises(DatabaseError) as failed, session_scope(app.sessions) as session:
+        session.execute(
+            text("SELECT id FROM submissions WHERE id = :who AND no_such_column = 1"),
+            {"who": "Amira Haddad, 12 Mill Lane"},
+        )
+    assert "no_such_column" in str(failed.value) and "Amira" not in str(failed.value)
+
+
+def test_erasure_takes_the_text_of_failures_and_half_written_copies_too(
+    app: App, tmp_path: Path
+) -> None:
+    from workers.database.models import Failure
+    from workers.privacy.rights import FAILURE_TEXT_GONE
+
+    sid = delivered(app, tmp_path)
+    folder = app.settings.resolved_outbox_dir
+    (folder / f"{sid}.tmp123-456").write_text("Amira Haddad")  # a worker stopped mid-write
+    with session_scope(app.sessions) as session:
+        for message_id, about, said in (("m1", sid, "Amira Haddad"), ("m2", "another", "kept")):
+            session.add(
+                Failure(
+                    message_id=message_id,
+                    queue_name="dearmp.render",
+                    actor_name="render_submission",
+                    submission_id=about,
+                    exception_type="builtins.ValueError",
+                    exception_message=f"{said}, 12 Mill Lane",
+                    traceback=said,
+                )
+            )
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, EMAIL, folder)
+    with session_scope(app.sessions) as session:
+        texts = {f.message_id: (f.exception_message, f.traceback) for f in session.scalars(
+            select(Failure))}  # fmt: skip
+    assert texts == {
+        "m1": (FAILURE_TEXT_GONE, FAILURE_TEXT_GONE),
+        "m2": ("kept, 12 Mill Lane", "kept"),
+    }
+    assert not list(folder.glob(f"{sid}.*"))
+
+
+def test_retention_skips_what_waits_with_its_own_reason_not_an_erasure_request(
+    app: App, tmp_path: Path
+) -> None:
+    from workers.database.models import OutboxItem
+    from workers.privacy.rights import RETENTION_OVER
+
+    sid = delivered(app, tmp_path)
+    with session_scope(app.sessions) as session:
+        session.add(OutboxItem(submission_id=sid, key="survey", kind="survey"))
+    age(app, sid, 29)
+    with session_scope(app.sessions) as session:
+        assert run_retention(session) == {"delivered": 1}
+    with session_scope(app.sessions) as session:
+        item = session.scalars(select(OutboxItem).where(OutboxItem.kind == "survey")).one()
+        assert (item.status, item.error) == ("skipped", RETENTION_OVER)

@@ -40,6 +40,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``. SQLite gets SQLAlchemy's recipe for pysqlite (SQLAlchemy, not the
     driver, begins transactions), WAL, a busy timeout, and the write lock at the first write."""
     parsed = make_url(url)
+    # A failed statement's error names its values (a letter, an address) unless hidden: its text
+    # goes to the failures table, the logs and a retried message in Redis.
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 10)

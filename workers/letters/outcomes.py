@@ -103,7 +103,12 @@ def resend_bounced(
     ids = list(
         session.scalars(
             select(Submission.id)
-            .where(Submission.state == State.BOUNCED, Submission.member_id == member_id)
+            .where(
+                Submission.state == State.BOUNCED,
+                Submission.member_id == member_id,
+                Submission.erased_at.is_(None),  # its letter is gone: never sent again
+                Submission.scrubbed_at.is_(None),
+            )
             .order_by(Submission.updated_at)
         )
     )

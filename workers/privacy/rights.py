@@ -7,6 +7,7 @@ the same identity the consent ledger uses, so the ledger's proof survives erasur
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import uuid
@@ -27,6 +28,7 @@ from workers.database.models import (
     Base,
     Campaign,
     ConsentEvent,
+    Failure,
     InboundMessage,
     InboundStatus,
     Letter,
@@ -52,6 +54,9 @@ from workers.webhooks.events import emit
 
 ERASED = "(erased)"
 BY_REQUEST = "erased at the supporter's request"
+RETENTION_OVER = "the letter's retention period ended"
+# A failure's message and traceback may quote what failed to be written: they go with the rest.
+FAILURE_TEXT_GONE = "(removed with the supporter's details)"
 RECEIPT_NAMESPACE = uuid.UUID("6b1c3a52-8d8e-4c39-a0f4-2f0a3f6d9e11")
 
 
@@ -171,7 +176,13 @@ def _update(session: Session, model: type[Base], *where: ColumnElement[bool], **
 
 
 def _remove_outbox_file(outbox_dir: Path | None, stem: str) -> int:
-    if outbox_dir is None or not (path := outbox_dir / f"{stem}.eml").exists():
+    """Remove the file outbox's copy, and any half-written one a stopped worker left behind
+    (``<stem>.tmp<pid>-<thread>``); 1 if there was a copy."""
+    if outbox_dir is None:
+        return 0
+    for left in outbox_dir.glob(f"{glob.escape(stem)}.tmp*"):
+        left.unlink(missing_ok=True)
+    if not (path := outbox_dir / f"{stem}.eml").exists():
         return 0
     path.unlink()
     return 1
@@ -183,11 +194,16 @@ ERASED_LETTER = SCRUBBED_LETTER | {"subject": ERASED, "from_name": ERASED, "repl
 
 
 def _forget(
-    session: Session, submission_id: str, outbox_dir: Path | None, letter: dict[str, Any]
+    session: Session,
+    submission_id: str,
+    outbox_dir: Path | None,
+    letter: dict[str, Any],
+    why: str,
 ) -> tuple[int, int]:
     """Scrub the letter's columns ``letter`` and remove its file outbox copy; delete the kept
-    text of what came back to it and its fingerprint (made from its words), skip the emails to
-    the supporter not yet sent, and remove their copies. How many letters and letter files."""
+    text of what came back to it, its fingerprint (made from its words) and the text of its
+    failures; skip the emails to the supporter not yet sent (``why``: the reason recorded), and
+    remove their copies. How many letters and letter files."""
     scrubbed = _update(session, Letter, Letter.submission_id == submission_id, **letter)
     removed = _remove_outbox_file(outbox_dir, submission_id)
     digest_id = session.scalar(
@@ -199,8 +215,19 @@ def _forget(
     session.execute(delete(LetterPrint).where(LetterPrint.submission_id == submission_id))
     _update(session, InboundMessage, InboundMessage.submission_id == submission_id, raw=None)
     items = session.scalars(select(OutboxItem).where(OutboxItem.submission_id == submission_id))
+    about = [submission_id]  # what a failure row names: the submission, an item, an inbound
     for item in items.all():
         _remove_outbox_file(outbox_dir, file_stem(item))
+        about.append(item.id)
+    inbound = select(InboundMessage.id).where(InboundMessage.submission_id == submission_id)
+    about += session.scalars(inbound).all()
+    _update(
+        session,
+        Failure,
+        Failure.submission_id.in_(about),
+        exception_message=FAILURE_TEXT_GONE,
+        traceback=FAILURE_TEXT_GONE,
+    )
     _update(
         session,
         OutboxItem,
@@ -210,7 +237,7 @@ def _forget(
         # letters too, and is written without an erased one's.
         OutboxItem.kind.not_in((WEBHOOK, DIGEST)),
         status=OutboxStatus.SKIPPED,
-        error=BY_REQUEST,
+        error=why,
     )
     return scrubbed, removed
 
@@ -261,7 +288,7 @@ def erase_supporter(
             scrubbed_at=now,
             updated_at=now,
         )
-        scrubbed, removed = _forget(session, sub.id, outbox_dir, ERASED_LETTER)
+        scrubbed, removed = _forget(session, sub.id, outbox_dir, ERASED_LETTER, BY_REQUEST)
         report.letters_scrubbed += scrubbed
         report.outbox_files_removed += removed
         emit(session, "supporter.erased", sub.id, campaign=sub.campaign_slug)
@@ -349,7 +376,7 @@ def run_retention(session: Session, outbox_dir: Path | None = None) -> dict[str,
                 for sub in due:
                     sub.payload = _scrubbed_payload(sub.payload)
                     sub.scrubbed_at = now
-                    _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER)
+                    _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER, RETENTION_OVER)
                 done[state] = done.get(state, 0) + len(due)
                 session.flush()
                 if len(due) < RETENTION_BATCH:
