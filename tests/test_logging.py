@@ -127,3 +127,9 @@ def test_a_long_value_keeps_its_start_and_its_end() -> None:
     logged = mask_text(trace)
     assert logged.startswith("Traceback") and logged.endswith("ValueError: the end")
     assert "[...]" in logged and len(logged) < 2_100
+
+
+def test_a_postcode_after_an_escaped_line_break_is_masked_too() -> None:
+    """A repr'd letter in an exception's text has ``\\n`` before each line of the address."""
+    assert mask_text(repr("Millbrook\nDM1 1AA\nsw1a1aa")) == "'Millbrook\\n[postcode]\\n[postcode]'"
+    assert mask_text("in DM10 ONE, DM1 1AAB") == "in DM10 ONE, DM1 1AAB"  # not postcodes

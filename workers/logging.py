@@ -19,7 +19,10 @@ import structlog
 # Linear time on any input: a local part is matched only from the start of a run of its
 # characters (the lookbehind), and possessively, so no run is scanned twice.
 EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+")
-POSTCODE_RE = re.compile(r"\b[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}\b", re.IGNORECASE)
+# A postcode begins a word, or follows an escaped line break in repr'd text ("...\\nDM1 1AA").
+POSTCODE_RE = re.compile(
+    r"(?:(?<=\\[nrt])|\b)[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}\b", re.IGNORECASE
+)
 # Longer values are cut before masking: nothing the code logs is this long.
 MAX_LOGGED = 2_000
 
