@@ -360,3 +360,14 @@ def test_commands_given_what_does_not_exist_say_so_and_change_nothing(
     assert events() == before
     anyway = CliRunner().invoke(main, ["consent", "withdraw", "nobody@example.org", "--anyway"])
     assert anyway.exit_code == 0 and events() > before  # a suppression, asked for
+
+
+def test_a_given_up_digest_is_counted_as_mail_to_an_mp_not_to_a_supporter(
+    app: App, on_redis: redis.Redis
+) -> None:
+    sid = through_render(app, submission())
+    with session_scope(app.sessions) as session:
+        for key, kind in (("digest", "digest"), ("confirm", "confirm")):
+            session.add(OutboxItem(submission_id=sid, key=key, kind=kind, status="failed"))
+    _, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["given up"]
+    assert detail.startswith("0 letters failed, 1 MP digest failed, 1 email to supporters given up")

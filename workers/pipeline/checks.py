@@ -28,6 +28,7 @@ from workers.pipeline.heartbeat import last_pass, live_workers
 from workers.pipeline.states import STAGES
 from workers.stages import pauses
 from workers.stages.delivery import KIND as LETTER
+from workers.stages.digests import KIND as DIGEST
 from workers.stages.stage import Stage
 from workers.webhooks.events import KIND as WEBHOOK
 from workers.wording import counted
@@ -159,7 +160,7 @@ def _pipeline(
     late, lease = timedelta(seconds=max_age), timedelta(seconds=settings.delivery_lease_seconds)
     with session_scope(app.sessions) as session:
         now = utcnow()
-        since, letters = now - STALLED_WINDOW, OutboxItem.kind == LETTER
+        since, letters = now - STALLED_WINDOW, OutboxItem.kind.in_((LETTER, DIGEST))  # to MPs
         retried = (OutboxItem.status == OutboxStatus.PENDING) & (OutboxItem.failures > 0)
 
         def count(model: Any, *where: Any) -> int:
@@ -261,12 +262,13 @@ def _pipeline(
             f"{counted(failing, 'MP address', 'MP addresses')} failing (letters to them are held): "
             "`dearmp directory status` lists them",
         )
-    given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER))
+    given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER, DIGEST))
+    digests = f"{counted(failed[DIGEST], 'MP digest')} failed, " if failed.get(DIGEST) else ""
     checks.append(
         Check(
             "given up",
             OK,
-            f"{counted(failed.get(LETTER, 0), 'letter')} failed, "
+            f"{counted(failed.get(LETTER, 0), 'letter')} failed, {digests}"
             f"{counted(given_up, 'email')} to supporters given up, "
             f"{counted(failed.get(WEBHOOK, 0), 'webhook')} given up",
         )
