@@ -285,6 +285,28 @@ def test_personal_data_only_with_the_endpoints_permission_the_consent_and_never_
     assert again.json["data"]["supporter"] is None and SUPPORTER not in again.body.decode()
 
 
+def test_personal_data_waits_for_the_consent_ledger_not_the_submissions_own_say(
+    app: App, receiver: Receiver
+) -> None:
+    """Sent before its consent is logged (or for a submission rejected before it is), a
+    webhook carries no details: the ledger is the proof. Replayed after, it does."""
+    from tests.test_stages import step, store
+    from workers.stages.validation import validate
+
+    add(app, receiver.url("/ok"), ("submission.accepted",), personal_data=True)
+    sid = store(app, submission())
+    step(app, validate, sid)  # accepted: the event; its consent is logged by the next stage
+    [item] = items(app)
+    send(app, item.id)
+    assert receiver.wait(1)[0].json["data"]["supporter"] is None
+    with session_scope(app.sessions) as session:
+        consent.log_consent(session, sid, app.secret)
+    with session_scope(app.sessions) as session:
+        assert endpoints.replay(session, [item.id]) == [item.id]
+    send(app, item.id)
+    assert receiver.wait(2)[-1].json["data"]["supporter"]["email"] == SUPPORTER
+
+
 def test_during_a_rotation_both_secrets_sign_and_after_it_only_the_new_one(
     app: App, receiver: Receiver
 ) -> None:

@@ -70,16 +70,16 @@ def compose(
 
 
 def personal_data(session: Session, submission: Submission) -> dict[str, Any] | None:
-    """The supporter's details, if still held and they agreed to be contacted by the
-    organisation on some channel (as they chose it, or as the consent ledger says now)."""
+    """The supporter's details, if still held and the consent ledger, the proof, says now that
+    they agreed to be contacted by the organisation on some channel this submission asked about
+    (so nothing before their consent is logged, and nothing for a rejected submission)."""
     payload = submission.payload or {}
     person = payload.get("supporter")
     if submission.erased_at is not None or not isinstance(person, dict) or "email" not in person:
         return None
-    prefs = dict(payload.get("contact_preferences") or {})
-    if submission.supporter_hash:
-        now = current_preferences(session, submission.supporter_hash)
-        prefs |= {channel: value["choice"] for channel, value in now.items() if channel in prefs}
+    asked = payload.get("contact_preferences") or {}
+    recorded = current_preferences(session, submission.supporter_hash or "")
+    prefs = {channel: recorded[channel]["choice"] for channel in asked if channel in recorded}
     if not any(prefs.get(channel) == "granted" for channel in CHANNELS):
         return None
     return {
