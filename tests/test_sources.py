@@ -398,3 +398,19 @@ def test_an_mps_email_from_the_members_api_that_is_no_address_is_passed_over(
     assert [e for e in logs if e["event"] == "mp_email_refused"] == [
         {"event": "mp_email_refused", "member_id": 5450, "refused": 1, "log_level": "warning"}
     ]
+
+
+@pytest.mark.parametrize("field", ["name", "party"])
+def test_a_members_api_answer_in_a_shape_it_does_not_document_is_the_sources_outage(
+    app: App, live: LiveSources, parliament: tuple[FakeParliament, HttpStub], field: str
+) -> None:
+    """Not text where text is documented: the source is unavailable (retried, or the local
+    directory), never a crash of another kind and never an MP called 42."""
+    fake, _ = parliament
+    postcode = "AB10 1AB"  # Aberdeen South: member 5450
+    fake.members[5450][field] = 42 if field == "name" else ["a", "list"]
+    with pytest.raises(SourceUnavailable, match="in a shape it does not document"):
+        live.warm(app.sessions, postcode)
+    with session_scope(app.sessions) as session:  # nothing of it is kept
+        assert session.scalar(select(func.count()).select_from(LookupCache).where(
+            LookupCache.key == f"members:{postcode}")) == 0  # fmt: skip

@@ -130,7 +130,10 @@ class PostcodesIo:
         result = body.get("result") if isinstance(body, dict) else None
         if status == 200 and isinstance(result, dict):
             gss_code = (result.get("codes") or {}).get("parliamentary_constituency")
-            return PostcodeAnswer("found", gss_code, result.get("parliamentary_constituency"))
+            name = result.get("parliamentary_constituency")
+            if not isinstance(gss_code, str) or not isinstance(name, str):
+                raise TypeError("a constituency code or name that is not text")
+            return PostcodeAnswer("found", gss_code, name)
         if status == 404 and isinstance(body, dict):
             if body.get("terminated"):
                 return PostcodeAnswer("terminated")
@@ -147,12 +150,14 @@ class MembersApi:
     @staticmethod
     def _member(value: dict[str, Any]) -> tuple[int, str, str, str]:
         membership = value.get("latestHouseMembership") or {}
-        return (
-            int(value["id"]),
+        texts = (
             value.get("nameDisplayAs") or value.get("nameListAs") or "",
             (value.get("latestParty") or {}).get("name") or "",
             membership.get("membershipFrom") or "",
         )
+        if not all(isinstance(text, str) for text in texts):
+            raise TypeError("a member's name, party or seat that is not text")
+        return int(value["id"]), *texts
 
     def _search(self, what: str, **params: Any) -> dict[str, Any]:
         """A search of the sitting members of the Commons."""
@@ -250,10 +255,15 @@ class LiveSources:
         )
 
     def _fetch(self, key: str) -> dict[str, Any] | None:
+        """The source's answer; one not shaped as its documentation says is the source's fault:
+        :class:`SourceUnavailable`, as for an outage (nothing of it is kept)."""
         source, _, postcode = key.partition(":")
-        if source == "postcodes.io":
-            return asdict(self.postcodes.lookup(postcode))
-        found = self.members.for_postcode(postcode)
+        try:
+            if source == "postcodes.io":
+                return asdict(self.postcodes.lookup(postcode))
+            found = self.members.for_postcode(postcode)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise SourceUnavailable(f"{source} answered in a shape it does not document") from exc
         return asdict(found) if found else None
 
     def warm(self, sessions: sessionmaker[Session], postcode: str) -> None:
