@@ -131,8 +131,8 @@ class PostcodesIo:
         if status == 200 and isinstance(result, dict):
             gss_code = (result.get("codes") or {}).get("parliamentary_constituency")
             name = result.get("parliamentary_constituency")
-            if not isinstance(gss_code, str) or not isinstance(name, str):
-                raise TypeError("a constituency code or name that is not text")
+            if not isinstance(gss_code, str | None) or not isinstance(name, str | None):
+                raise TypeError("a constituency code or name that is not text")  # null: none
             return PostcodeAnswer("found", gss_code, name)
         if status == 404 and isinstance(body, dict):
             if body.get("terminated"):
