@@ -5,12 +5,28 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from datetime import time
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from jinja2 import Environment, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta
+from jinja2.sandbox import SandboxedEnvironment
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, model_validator
 
-from schemas.submission import CHANNELS, MAX_ANSWER, MAX_PROMPTS, PROMPT_KEY_RE
+from schemas.submission import CHANNELS, MAX_ANSWER, MAX_PROMPTS, PROMPT_KEY_RE, single_line
+
+# The sandboxed environments campaign templates run in (a name they are not given is an error):
+# here, so that a definition is checked when it is loaded (below) with what renders its letters.
+TEXT_TEMPLATES = SandboxedEnvironment(
+    autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
+)
+HTML_TEMPLATES = SandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
+
+
+@lru_cache(maxsize=256)
+def campaign_template(source: str, html: bool = False) -> Template:
+    """A campaign's template, compiled once per process (never the supporter's text)."""
+    return (HTML_TEMPLATES if html else TEXT_TEMPLATES).from_string(source)
+
 
 # The answers to the campaign's questions (``prompts``) follow the body, a paragraph each.
 DEFAULT_LETTER_TEMPLATE = """\
@@ -198,28 +214,44 @@ def _unique_keys(prompts: list[Prompt]) -> list[Prompt]:
     return prompts
 
 
-def _uses_answers(source: str) -> bool:
-    """Whether a template names ``answers`` (one that does not parse fails where it is
-    rendered, as any other)."""
-    try:
-        parsed = Environment(autoescape=True).parse(source)  # parsed only, never rendered
-        return "answers" in meta.find_undeclared_variables(parsed)
-    except TemplateSyntaxError:
-        return True
+# What a campaign's one-line texts are checked with: the supporters' own one-line check (no
+# line breaks or other control characters: these go into headers). A subject variant is held
+# to a supporter's subject's length.
+Title = Annotated[str, single_line("Title", 200)]
+Organisation = Annotated[str, single_line("Organisation", 120)]
+SubjectVariant = Annotated[str, single_line("Subject variant", 200)]
+# The From display name sender_name gives, as rendering stores it (stripped; its column holds 300).
+_FROM_NAME = single_line("The From name it gives", 300, min_len=0)
+
+# The sample supporters a definition's templates are rendered for when it is loaded: the fewest
+# address lines and answers a submission can have, and the most (with the longest name).
+_FEWEST_NAME = "Sam Sample"
+_LONGEST_NAME = ("Samantha Sample-Supporter " * 4)[:100]  # a supporter's name: at most 100
+
+
+def _message(error: Exception) -> str:
+    """What a template's error says, on one line."""
+    if isinstance(error, TemplateSyntaxError):
+        text = f"{error.message} (line {error.lineno})"
+    elif isinstance(error, TemplateError):
+        text = error.message or type(error).__name__
+    else:  # anything else a template can raise when rendered (1/0, a missing loader...)
+        text = f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
 
 
 class CampaignDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     slug: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
-    title: str = Field(min_length=1, max_length=200)
-    organisation: str = Field(min_length=1, max_length=120)
+    title: Title
+    organisation: Organisation
     introduction: str = ""
     mode: Literal["sandbox", "live"] = "sandbox"
     from_email: EmailStr = Field(description="An address on the campaign's own (DMARC) domain.")
     privacy_notice_url: str
     privacy_notice_version: str = "1"
-    subject_variants: list[str] = Field(min_length=1)
+    subject_variants: list[SubjectVariant] = Field(min_length=1)
     draft_body: str = Field(min_length=1, description="The pre-written letter the supporter edits.")
     editable: list[Literal["subject", "body"]] = ["subject", "body"]
     salutation: str = "Dear {{ mp.name }},"
@@ -255,15 +287,71 @@ class CampaignDefinition(BaseModel):
     ] = []
 
     @model_validator(mode="after")
-    def _answers_have_a_place(self) -> CampaignDefinition:
-        # An answer the template leaves out would be accepted and silently never sent.
-        templates = {"letter_template": self.letter_template}
+    def _templates_work(self) -> CampaignDefinition:
+        """Every template compiles in the sandbox that renders it and renders, with nothing
+        undefined, for the fewest and the most a supporter can send; the From name it gives is
+        one line. A template that fails here would fail every letter, at every retry."""
+        sources = {
+            "salutation": (self.salutation, False),
+            "letter_template": (self.letter_template, False),
+            "sender_name": (self.sender_name, False),
+        }
         if self.letter_template_html is not None:
-            templates["letter_template_html"] = self.letter_template_html
-        for name, source in templates.items():
-            if self.prompts and not _uses_answers(source):
-                raise ValueError(f"{name} must place the answers to prompts (use `answers`)")
+            sources["letter_template_html"] = (self.letter_template_html, True)
+        templates = {}
+        for field, (source, html) in sources.items():
+            try:
+                parsed = (HTML_TEMPLATES if html else TEXT_TEMPLATES).parse(source)
+            except TemplateSyntaxError as exc:
+                raise ValueError(f"{field}: {_message(exc)}") from None
+            # An answer the template leaves out would be accepted and silently never sent.
+            placed = "answers" in meta.find_undeclared_variables(parsed)
+            if field.startswith("letter_template") and self.prompts and not placed:
+                raise ValueError(f"{field} must place the answers to prompts (use `answers`)")
+            templates[field] = (HTML_TEMPLATES if html else TEXT_TEMPLATES).from_string(parsed)
+        for fewest in (True, False):
+            self._render_sample(templates, fewest)
         return self
+
+    def _render_sample(self, templates: dict[str, Template], fewest: bool) -> None:
+        """Render the templates as workers.stages.rendering.compose does, for a sample of the
+        same shape: ValueError naming a template that fails."""
+        mp = {"name": "Alex Sample", "constituency": "Sampleton and Exampleford"}
+        campaign = {"title": self.title, "organisation": self.organisation}
+        asked = [p for p in self.prompts if p.required or not fewest]
+        answers = [{"key": p.key, "question": p.question, "text": "My own words."} for p in asked]
+        address_lines = ["1 Sample Street"] if fewest else [f"Line {n}" for n in range(1, 6)]
+        name = _FEWEST_NAME if fewest else _LONGEST_NAME
+        supporter = {
+            "name": name,
+            "address_lines": address_lines,
+            "postcode": "SW1A 1AA",
+            "email": "sam.sample@example.org",
+        }
+
+        def render(field: str, **context: Any) -> str:
+            try:
+                return templates[field].render(context)
+            except Exception as exc:  # whatever it raises, it would raise for every letter
+                raise ValueError(f"{field}: {_message(exc)}") from None
+
+        context: dict[str, Any] = {"mp": mp, "campaign": campaign}
+        letter = {
+            **context,
+            "salutation": render("salutation", **context),
+            "body": self.draft_body.strip(),
+            "sign_off": self.sign_off,
+            "answers": answers,
+            "supporter": supporter,
+        }
+        render("letter_template", **letter)
+        if "letter_template_html" in templates:
+            render("letter_template_html", **letter)
+        from_name = render("sender_name", supporter_name=name, organisation=self.organisation)
+        try:
+            _FROM_NAME.check(from_name.strip())
+        except ValueError as exc:
+            raise ValueError(f"sender_name: {exc}") from None
 
     def answered(self, answers: Mapping[str, Any]) -> list[tuple[Prompt, str]]:
         """The questions a supporter answered, in the campaign's order, with their answers."""

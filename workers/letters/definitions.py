@@ -8,22 +8,71 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from config.settings import ConfigurationError
 from schemas.campaign import CampaignDefinition
+from schemas.submission import SLUG_RE
 from workers.database.models import CAMPAIGNS, Campaign
 
 
 def load_definitions(directory: Path) -> list[CampaignDefinition]:
-    """Every ``*.toml`` campaign in ``directory``, validated; a bad file fails loudly."""
-    definitions = []
+    """Every ``*.toml`` campaign in ``directory``, validated, or :class:`ConfigurationError`
+    with one line per problem in any of them, each naming the file, the campaign and the field
+    (before anything is synced: a bad file changes nothing)."""
+    definitions, problems = [], []
     for path in sorted(directory.glob("*.toml")):
-        with path.open("rb") as fh:
-            definition = CampaignDefinition.model_validate(tomllib.load(fh))
-        definition.check_channels()
-        definitions.append(definition)
+        try:
+            definitions.append(_load(path))
+        except ConfigurationError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigurationError(problems)
     return definitions
+
+
+def _load(path: Path) -> CampaignDefinition:
+    where = _printable(path.name)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError([f"{where}: not a TOML file: {_one_line(str(exc))}"]) from None
+    slug = data.get("slug")
+    if isinstance(slug, str) and SLUG_RE.fullmatch(slug):
+        where = f"{where}: campaign {slug}"
+    try:
+        definition = CampaignDefinition.model_validate(data)
+        definition.check_channels()  # its message names the campaign
+    except ValidationError as exc:
+        raise ConfigurationError([f"{where}: {problem}" for problem in _problems(exc)]) from None
+    except ValueError as exc:
+        raise ConfigurationError([f"{_printable(path.name)}: {_one_line(str(exc))}"]) from None
+    return definition
+
+
+def _problems(error: ValidationError) -> list[str]:
+    """One line per problem, each naming its field ("subject_variants[0]: ..."; a check of the
+    whole definition names the field in its message)."""
+    problems = []
+    for e in error.errors(include_url=False):
+        message = _one_line(str(e["msg"]).removeprefix("Value error, "))
+        field = ""
+        for part in e["loc"]:
+            field += f"[{part}]" if isinstance(part, int) else f".{part}" if field else str(part)
+        problems.append(f"{field}: {message}" if field else message)
+    return problems
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _printable(name: str) -> str:
+    """A file's name as it is, or as a Python literal if it holds a line break or control."""
+    return name if name.isprintable() else ascii(name)
 
 
 def definition_sha256(definition: CampaignDefinition) -> str:

@@ -10,15 +10,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from email.utils import formataddr
-from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, Template
-from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from schemas.campaign import CampaignDefinition
+from schemas.campaign import CampaignDefinition, campaign_template
 from workers.database.models import (
     LETTER_PRINTS,
     LETTERS,
@@ -47,16 +44,6 @@ from workers.stages import delivery
 from workers.stages.stage import Stage
 
 SANDBOX = "[SANDBOX] "  # what a sandbox letter's subject and text begin with
-_TEXT = SandboxedEnvironment(
-    autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
-)
-_HTML = SandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
-
-
-@lru_cache(maxsize=256)
-def campaign_template(source: str, html: bool = False) -> Template:
-    """A campaign's template, compiled once per process (never the supporter's text)."""
-    return (_HTML if html else _TEXT).from_string(source)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
-from schemas.campaign import CampaignDefinition
+from schemas.campaign import CampaignDefinition, campaign_template
 from schemas.postcode import PostcodeProblem, check_format
 from workers.database.engine import session_scope
 from workers.letters.originality import template
 from workers.mp.lookup import Found, find
 from workers.stages.comparison import letter_body
-from workers.stages.rendering import campaign_template, choose_subject
+from workers.stages.rendering import choose_subject
 from workers.stages.resolution import MEMBER_FIELD, POSTCODE_FIELD, Refuse, decide
 from workers.web.bodies import (
     ERROR_RESPONSES,

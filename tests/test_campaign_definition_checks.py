@@ -1,0 +1,248 @@
+"""Campaign files are hostile input: a definition that cannot work (a header field on two lines,
+a template that does not compile, names what it is not given, or gives a From name on two lines)
+is refused when it is loaded, with one line naming the file, the campaign and the field, and
+nothing changes; before, each supporter's letter failed or was retried until dead-lettered."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from pydantic import ValidationError
+
+from config.settings import CONFIG_DIR, ConfigurationError
+from schemas.campaign import CampaignDefinition
+from tests.test_rendering import MP, payload
+from workers.cli import main
+from workers.database.engine import session_scope
+from workers.database.models import Campaign
+from workers.letters.definitions import load_definitions
+from workers.pipeline.app import App
+from workers.stages import rendering
+
+SAMPLE = CONFIG_DIR / "campaigns" / "political-prisoners.toml"
+SLUG = "political-prisoners"
+
+
+def sample(**changes: Any) -> dict[str, Any]:
+    """The shipped sample campaign's file, as data, with ``changes``."""
+    return tomllib.loads(SAMPLE.read_text()) | changes
+
+
+def refusal(**changes: Any) -> str:
+    """The one problem the sample campaign with ``changes`` is refused for."""
+    with pytest.raises(ValidationError) as refused:
+        CampaignDefinition.model_validate(sample(**changes))
+    [error] = refused.value.errors(include_url=False)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return ".".join(str(p) for p in error["loc"]) + f": {message}" if error["loc"] else message
+
+
+def write(folder: Path, name: str, data: dict[str, Any]) -> None:
+    """A campaign file: the sample's text with these top-level keys set (or replaced)."""
+    text = SAMPLE.read_text()
+    for key, value in data.items():
+        line = f"{key} = {_toml(value)}\n"
+        found = re.search(rf"^{key} = (?:\[.*?\]|.*?)\n", text, re.M | re.S)
+        text = text.replace(found[0], line, 1) if found else line + text
+    (folder / name).write_text(text)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\r", "\\r").replace("\n", "\\n") + '"'
+
+
+# What works
+
+
+def test_the_shipped_campaigns_load() -> None:
+    assert [d.slug for d in load_definitions(CONFIG_DIR / "campaigns")] == [SLUG]
+
+
+def test_a_definition_with_templates_of_its_own_that_work_is_accepted() -> None:
+    definition = CampaignDefinition.model_validate(
+        sample(
+            salutation="Dear {{ mp.name }} ({{ mp.constituency }}),",
+            letter_template=(
+                "{{ salutation }}\n\n{{ body }}\n\n{% for a in answers %}{{ a.question }}\n"
+                "{{ a.text }}\n{% endfor %}{{ sign_off }}\n{{ supporter.name }}\n"
+                "{{ supporter.address_lines | join(', ') }}, {{ supporter.postcode }}\n"
+                "{% if supporter.address_lines | length > 1 %}{{ supporter.address_lines[1] }}"
+                "{% endif %}{{ campaign.title }}, {{ campaign.organisation }}\n"
+            ),
+            sender_name="{{ supporter_name }}\n",  # stripped as rendering does: one line
+            title="  Free them  ",
+        )
+    )
+    assert definition.title == "Free them"  # kept without the spaces around it, as a supporter's
+    letter = rendering.compose(definition, "s-1", payload(), MP)
+    assert letter.from_name == "Amira Haddad"
+
+
+# One-line fields
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "refused"),
+    [
+        (
+            "subject_variants",
+            ["Please act", "Free them\r\nBcc: everyone@example.net"],
+            "subject_variants.1: Subject variant must be on one line",
+        ),
+        ("organisation", "Example\nBcc: x@example.net", "organisation: Organisation must be on"),
+        ("title", "Free them\rBcc: x@example.net", "title: Title must be on one line"),
+        ("title", "Free \u202ethem", "title: Title must be on one line"),
+        ("subject_variants", [" "], "subject_variants.0: Please enter your subject variant."),
+    ],
+)
+def test_a_header_field_on_more_than_one_line_is_refused(
+    field: str, value: Any, refused: str
+) -> None:
+    assert refusal(**{field: value}).startswith(refused)
+
+
+def test_a_from_name_template_that_gives_two_lines_is_refused() -> None:
+    assert refusal(sender_name="{{ supporter_name }}\nvia {{ organisation }}") == (
+        "sender_name: The From name it gives must be on one line, without control characters."
+    )
+
+
+def test_a_from_name_longer_than_a_letter_can_store_for_the_longest_name_is_refused() -> None:
+    too_long = refusal(sender_name="{{ supporter_name }} and " * 3 + "{{ organisation }}")
+    assert too_long == "sender_name: The From name it gives must be at most 300 characters."
+
+
+# Templates
+
+
+NOT_WORKING = [
+    (
+        "letter_template",
+        "{{ answers }}{{ supporter.nickname }}",
+        "'dict object' has no attribute 'nickname'",
+    ),
+    ("letter_template", "{{ body }", "unexpected '}' (line 1)"),
+    ("letter_template", "{{ answers }}\n{% if body %}", "Unexpected end of template. Jinja was"),
+    ("letter_template", "{{ answers }} {{ signature }}", "'signature' is undefined"),
+    (
+        "letter_template_html",
+        "{{ mp.party }}{{ answers }}",
+        "'dict object' has no attribute 'party'",
+    ),
+    (
+        "letter_template_html",
+        "{% for a in answers %}{{ a.x }}{% endfor %}",
+        "'dict object' has no attribute 'x'",
+    ),
+    ("salutation", "Dear {{ mp.name }", "unexpected '}' (line 1)"),
+    ("salutation", "Dear {{ supporter.name }},", "'supporter' is undefined"),
+    ("sender_name", "{{ supporter.name }}", "'supporter' is undefined"),
+    ("sender_name", "{{ supporter_name }} via {{ campaign.title }}", "'campaign' is undefined"),
+]
+
+
+@pytest.mark.parametrize(("field", "source", "refused"), NOT_WORKING)
+def test_a_template_that_does_not_compile_or_names_what_it_is_not_given_is_refused(
+    field: str, source: str, refused: str
+) -> None:
+    assert refusal(**{field: source}).startswith(f"{field}: {refused}")
+
+
+# One address line and no answer to an optional question are what many supporters send.
+FEWEST = [
+    ("{{ supporter.address_lines[1] }}{{ answers }}", "list object has no element 1"),
+    ("{{ answers[0].text }}", "list object has no element 0"),
+]
+
+
+@pytest.mark.parametrize(("source", "refused"), FEWEST)
+def test_a_template_that_fails_for_the_fewest_lines_or_answers_a_supporter_sends_is_refused(
+    source: str, refused: str
+) -> None:
+    assert refusal(letter_template=source) == f"letter_template: {refused}"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ mp.__class__.__mro__ }}{{ answers }}",
+        "{{ body.__class__ }}{{ answers }}",
+        "{% include 'secrets.txt' %}{{ answers }}",
+        "{{ 1 / 0 }}{{ answers }}",
+    ],
+)
+def test_a_template_that_raises_in_the_sandbox_is_refused_on_one_line(source: str) -> None:
+    refused = refusal(letter_template=source)
+    assert refused.startswith("letter_template: ") and "\n" not in refused
+
+
+# Loading files: one line per problem, naming the file, the campaign and the field
+
+
+def test_a_bad_campaign_file_is_refused_with_one_line_naming_file_campaign_and_field(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path, "a-good.toml", {})
+    write(tmp_path, "b-bad.toml", {"subject_variants": ["Free them\r\nBcc: everyone@example.net"]})
+    with pytest.raises(ConfigurationError) as refused:
+        load_definitions(tmp_path)
+    assert refused.value.problems == [
+        f"b-bad.toml: campaign {SLUG}: subject_variants[0]: Subject variant must be on one "
+        "line, without control characters."
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"letter_template": "{{ supporter.nickname }}{{ answers }}"},
+         f"campaign {SLUG}: letter_template: 'dict object' has no attribute 'nickname'"),
+        ({"sender_name": "{{ supporter_name }}\nvia {{ organisation }}"},
+         f"campaign {SLUG}: sender_name: The From name it gives must be on one line"),
+        ({"slug": "Not A Slug\nx"}, "slug: String should match pattern"),
+    ],
+)  # fmt: skip
+def test_each_problem_in_a_file_is_one_line(
+    tmp_path: Path, data: dict[str, Any], problem: str
+) -> None:
+    write(tmp_path, "c.toml", data)
+    with pytest.raises(ConfigurationError) as refused:
+        load_definitions(tmp_path)
+    [line] = refused.value.problems
+    assert line.startswith(f"c.toml: {problem}") and "\n" not in line
+
+
+def test_a_file_that_is_not_toml_is_refused_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.toml").write_text('slug = "x\ntitle = \n')
+    with pytest.raises(ConfigurationError) as refused:
+        load_definitions(tmp_path)
+    [line] = refused.value.problems
+    assert line.startswith("broken.toml: not a TOML file: ") and "\n" not in line
+
+
+def test_campaigns_sync_refuses_a_bad_file_in_one_line_and_changes_nothing(
+    app: App, tmp_path: Path
+) -> None:
+    with session_scope(app.sessions) as session:
+        before = session.get(Campaign, SLUG)
+        assert before is not None
+        stored = (before.title, before.definition_sha256)
+    write(tmp_path, "p.toml", {"title": "New title", "letter_template": "{{ body }"})
+    app.settings.campaigns_dir = tmp_path
+    synced = CliRunner().invoke(main, ["campaigns", "sync"])
+    assert synced.exit_code == 1
+    assert synced.stderr == (
+        f"Error: configuration: p.toml: campaign {SLUG}: letter_template: unexpected '}}' "
+        "(line 1)\n"
+    )
+    with session_scope(app.sessions) as session:
+        after = session.get(Campaign, SLUG)
+        assert after is not None and (after.title, after.definition_sha256) == stored
