@@ -71,7 +71,9 @@ SUPPORTER = "amira.haddad@example.com"
 RELAYED = {"mail_backend": "smtp", "smtp_host": RELAY}  # the deployment `dearmp dns` describes
 MP = "jane.smith.mp@parliament.example"
 NOTICE_ID = "3f1e6c1a-8a54-4d3e-9a55-0c1f2e3d4b5a"
-CREATED = datetime(2026, 12, 10, 15, 30, tzinfo=UTC)
+# A notice's Date, and its signature's time (t=): past, as every email's is when it is sent (a
+# verifier refuses a signature from the future).
+CREATED = datetime(2026, 11, 30, 15, 30, tzinfo=UTC)
 SENDER = notices.Sender("Example Solidarity Campaign", f"letters@{FROM_DOMAIN}")
 AUTOMATIC_KINDS = ("bounce notice", "forward", "survey", "survey reminder")
 

@@ -3,10 +3,19 @@ near-identical letters to one MP go as one email (the common text once, then eac
 name, postcode, own words and reply address). Rendering leaves each letter ``in_digest``;
 :func:`build_due` makes a digest per campaign and MP once a day; once it is sent its letters are
 delivered and each supporter told, and a bounce of it returns them all (:func:`mates`).
+
+A digest is composed from live rows at each attempt, so two rules keep a resend the same email:
+until its first attempt (its first claim) it is whatever its rows make, without the letters of
+supporters erased meanwhile, with the campaign as it is now; from then on its bytes are fixed
+(``Digest.content_sha256``). An attempt whose bytes would differ (a constituent erased, the
+campaign edited since) is not sent: not under its Message-ID, which the MP may have received
+already, nor under a new one, which would be a second digest of the same letters. It ends
+skipped, its letters failed with the reason (:data:`CHANGED`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import replace
 from datetime import datetime, time
@@ -15,7 +24,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, exists, insert, select, update
 from sqlalchemy.orm import Session
 
-from schemas.campaign import CampaignDefinition
+from schemas.campaign import CampaignDefinition, campaign_template
 from workers.database.engine import insert_on_conflict
 from workers.database.models import (
     AddressHealth,
@@ -33,18 +42,23 @@ from workers.database.transitions import AlreadyMoved, rowcount
 from workers.letters import originality
 from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner, Draft, Mailer, from_domain, header_text, outgoing_email
+from workers.letters.mail.messages import write
 from workers.letters.rate_limits import Limiter
 from workers.mp import health
 from workers.outbox.sending import Kind, enqueue
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.comparison import letter_body
-from workers.stages.rendering import SANDBOX, campaign_template, list_id
+from workers.stages.rendering import SANDBOX, list_id
 from workers.wording import counted
 
 KIND = KEY = "digest"
 _Query = TypeVar("_Query", bound=Select[*tuple[Any, ...]])
 NOTICE = "digested"  # the supporter's notice that their letter went in the digest
+CHANGED = (
+    "not sent again: its text changed after an attempt that may have reached the MP "
+    "(a constituent erased or the campaign edited since)"
+)
 
 
 def build_due(session: Session, now: datetime | None = None, force: bool = False) -> list[str]:
@@ -82,11 +96,18 @@ def build_due(session: Session, now: datetime | None = None, force: bool = False
         )
         if not force and (now.hour < hour or sent_today):
             continue
-        made.append(_make(session, slug, member_id, ids, now))
+        made.append(_make(session, definition, slug, member_id, ids, now))
     return made
 
 
-def _make(session: Session, slug: str, member_id: int, ids: list[str], now: datetime) -> str:
+def _make(
+    session: Session,
+    definition: CampaignDefinition | None,
+    slug: str,
+    member_id: int,
+    ids: list[str],
+    now: datetime,
+) -> str:
     first = session.get(Letter, ids[0])
     assert first is not None  # stored by rendering with the move to in_digest
     digest = Digest(
@@ -107,6 +128,8 @@ def _make(session: Session, slug: str, member_id: int, ids: list[str], now: date
     )
     if rowcount(taken) != len(ids):  # another pass took some: this one makes nothing
         raise AlreadyMoved(f"letters for {slug} to MP {member_id} went in another digest")
+    if definition is not None:  # its bytes as made (composing takes them as they are then)
+        digest.content_sha256 = fingerprint(draft(definition, digest, _letters(session, digest.id)))
     session.execute(
         insert(OutboxItem).values(id=digest.id, submission_id=ids[0], key=KEY, kind=KIND)
     )
@@ -255,6 +278,12 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
     )
 
 
+def fingerprint(digest_draft: Draft) -> str:
+    """The SHA-256 of the digest's bytes, unsigned (a signature made with the same key at the
+    same Date is the same)."""
+    return hashlib.sha256(write(digest_draft)).hexdigest()
+
+
 def _letters(session: Session, digest_id: str) -> list[Any]:
     """The digest's letters whose supporters were not erased, oldest first."""
     return list(
@@ -279,6 +308,7 @@ def kind(
     channel), its letters moved on in the commit that ends it."""
 
     def compose(session: Session, item: OutboxItem) -> delivery.LetterMail | str:
+        """The digest's bytes; after its first attempt, only those (the module's rules)."""
         digest = session.get(Digest, item.id)
         definition = get_definition(session, digest.campaign_slug) if digest else None
         if digest is None or definition is None:
@@ -286,6 +316,11 @@ def kind(
         letters = _letters(session, item.id)
         if not letters:
             return "every letter in it was erased"
+        message = draft(definition, digest, letters)
+        made = fingerprint(message)
+        attempted = item.attempts > 0  # claimed before (a claim given back is not counted)
+        if attempted and digest.content_sha256 not in (None, made):  # None: made before 0022
+            return CHANGED
         campaign = session.get(Campaign, digest.campaign_slug)
         address = session.get(AddressHealth, health.key(digest.to_email))
         delivery.wait_while_held(
@@ -299,11 +334,25 @@ def kind(
         # mates() the others; the item's own submission may have been erased since).
         first = letters[0].Submission.id
         bounce = returns.bounce(first) if returns is not None else None
-        mail = outgoing_email(draft(definition, digest, letters), signer, bounce)
+        if not attempted and digest.content_sha256 != made:
+            _fix(session, item.id, made)
+        mail = outgoing_email(message, signer, bounce)
         return delivery.LetterMail(item.id, mail, limits)
 
     return replace(
         delivery.kind(mailer, policy, limiter, signer, returns), compose=compose, done=_done
+    )
+
+
+def _fix(session: Session, digest_id: str, made: str) -> None:
+    """The digest's bytes before its first attempt, committed with its claim (and only while
+    it was never claimed: a worker that read it unclaimed and lost the race writes nothing)."""
+    never_claimed = select(OutboxItem.attempts).where(OutboxItem.id == digest_id).scalar_subquery()
+    session.execute(
+        update(Digest)
+        .where(Digest.id == digest_id, never_claimed == 0)
+        .values(content_sha256=made)
+        .execution_options(synchronize_session=False)
     )
 
 
