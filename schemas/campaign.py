@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from datetime import time
 from functools import lru_cache
@@ -88,11 +89,30 @@ class RateLimit(BaseModel):
     window_seconds: float = Field(default=3600, gt=0)
 
 
+def _placeholders(*names: str) -> AfterValidator:
+    """A message's check: the ``{name}`` placeholders in it are among ``names`` (another would
+    reach the supporter as it is)."""
+
+    def check(text: str) -> str:
+        unknown = sorted(set(re.findall(r"\{(\w+)\}", text)) - set(names))
+        if unknown:
+            known = ", ".join(f"{{{n}}}" for n in names)
+            raise ValueError(f"no placeholder {{{unknown[0]}}} here; it may use {known}")
+        return text
+
+    return AfterValidator(check)
+
+
+SeatMessage = Annotated[str, _placeholders("constituency")]
+MemberMessage = Annotated[str, _placeholders("mp", "constituency", "contact")]
+
+
 class Targets(BaseModel):
     """Which MPs a campaign writes to, and what happens when one cannot simply be emailed.
 
     Messages may use ``{mp}``, ``{constituency}`` and ``{contact}`` (the MP's official contact
-    route); nothing else is substituted.
+    route), those about a seat without an MP ``{constituency}`` only; nothing else is
+    substituted, and another placeholder is refused.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -101,17 +121,17 @@ class Targets(BaseModel):
     # directory has a member again (for at most hold_days), or reject it at once.
     vacant_seat: Literal["hold", "reject"] = "hold"
     hold_days: int = Field(default=90, ge=1, le=400)
-    vacant_message: str = (
+    vacant_message: SeatMessage = (
         "The seat of {constituency} is vacant until a by-election, so there is no MP to write to "
         "yet."
     )
-    dissolved_message: str = (
+    dissolved_message: SeatMessage = (
         "Parliament has been dissolved for a general election, so there are no MPs until it "
         "meets again."
     )
     # An MP with no email address in the directory: never guess one from a name.
     no_email: Literal["hold", "reject"] = "reject"
-    no_email_message: str = (
+    no_email_message: MemberMessage = (
         "Your MP, {mp}, does not publish an email address, so we cannot send your letter by "
         "email. You can write to them at {contact}."
     )
@@ -120,7 +140,7 @@ class Targets(BaseModel):
     # MPs this campaign does not write to (the Speaker, MPs who do not take their seats...).
     excluded_member_ids: list[int] = []
     excluded_parties: list[str] = []
-    excluded_message: str = "Your MP, {mp}, is not taking part in this campaign."
+    excluded_message: MemberMessage = "Your MP, {mp}, is not taking part in this campaign."
 
 
 class Retention(BaseModel):

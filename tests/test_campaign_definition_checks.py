@@ -220,6 +220,28 @@ def test_each_problem_in_a_file_is_one_line(
     assert line.startswith(f"c.toml: {problem}") and "\n" not in line
 
 
+def test_two_files_for_one_campaign_are_refused_naming_both(tmp_path: Path) -> None:
+    write(tmp_path, "a.toml", {})
+    write(tmp_path, "b.toml", {"title": "Another title"})
+    with pytest.raises(ConfigurationError) as refused:
+        load_definitions(tmp_path)
+    assert refused.value.problems == [f"b.toml: campaign {SLUG} is in a.toml too"]
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "problem"),
+    [
+        ("no_email_message", "Write to {member} at {contact}.", "no placeholder {member} here"),
+        ("vacant_message", "{mp} has gone.", "no placeholder {mp} here; it may use {constituency}"),
+    ],
+)
+def test_a_targets_message_with_a_placeholder_it_is_not_given_is_refused(
+    field: str, text: str, problem: str
+) -> None:
+    targets = sample()["targets"] | {field: text}
+    assert refusal(targets=targets).startswith(f"targets.{field}: {problem}")
+
+
 def test_a_file_that_is_not_toml_is_refused_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "broken.toml").write_text('slug = "x\ntitle = \n')
     with pytest.raises(ConfigurationError) as refused:

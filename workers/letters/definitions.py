@@ -22,12 +22,17 @@ def load_definitions(directory: Path) -> list[CampaignDefinition]:
     """Every ``*.toml`` campaign in ``directory``, validated, or :class:`ConfigurationError`
     with one line per problem in any of them, each naming the file, the campaign and the field
     (before anything is synced: a bad file changes nothing)."""
-    definitions, problems = [], []
+    definitions, problems, files = [], [], dict[str, str]()
     for path in sorted(directory.glob("*.toml")):
         try:
-            definitions.append(_load(path))
+            definition = _load(path)
         except ConfigurationError as exc:
             problems += exc.problems
+            continue
+        if (first := files.setdefault(definition.slug, path.name)) != path.name:
+            where = _printable(path.name)
+            problems.append(f"{where}: campaign {definition.slug} is in {_printable(first)} too")
+        definitions.append(definition)
     if problems:
         raise ConfigurationError(problems)
     return definitions
