@@ -411,6 +411,17 @@ class Settings(BaseSettings):
             _parse_dkim_key(value.get_secret_value().encode())
         return value
 
+    @field_validator("smtp_ca_file")
+    @classmethod
+    def _ca_file_loads(cls, value: Path | None) -> Path | None:
+        """Certificates that do not load would fail every letter's connection: refuse at start."""
+        if value is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=str(value))
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"no certificates can be read from {value} ({exc})") from None
+        return value
+
     @field_validator("dkim_private_key_file")
     @classmethod
     def _dkim_key_file_loads(cls, value: Path | None) -> Path | None:

@@ -115,7 +115,21 @@ def test_a_mail_server_without_the_starttls_letters_need_is_down(
     result = health_with_a_worker(on_redis)
     assert result.exit_code == 2
     status, detail = checks_of(result)["mail server"]
-    assert status == "down" and "SMTPNotSupportedError" in detail
+    assert status == "down" and "offers no STARTTLS (SMTP_SECURITY=starttls)" in detail
+
+
+def test_a_mail_server_that_offers_no_login_when_one_is_set_is_down(
+    app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
+) -> None:
+    """SMTP_USERNAME set and no AUTH offered: no letter can go, whatever EHLO answers."""
+    from pydantic import SecretStr
+
+    settings = on_smtp(app, smtp_sink)
+    settings.smtp_username, settings.smtp_password = "letters", SecretStr("secret")
+    result = health_with_a_worker(on_redis)
+    assert result.exit_code == 2
+    status, detail = checks_of(result)["mail server"]
+    assert status == "down" and "offers no login (AUTH)" in detail
 
 
 def test_a_lease_shorter_than_a_send_may_take_is_degraded(

@@ -103,3 +103,10 @@ def test_a_policy_made_without_settings_has_the_settings_defaults() -> None:
     assert OutboxPolicy().lease_seconds == defaults.delivery_lease_seconds
     assert OutboxPolicy().max_attempts == defaults.outbox_max_attempts
     assert OutboxPolicy().first_backoff == defaults.outbox_backoff_seconds
+
+
+def test_an_smtp_ca_file_that_loads_no_certificates_is_refused_at_start(tmp_path: Path) -> None:
+    (tmp_path / "not-pem.pem").write_text("not a certificate")
+    for path in (tmp_path / "missing.pem", tmp_path / "not-pem.pem"):
+        with pytest.raises(ValidationError, match="no certificates can be read from"):
+            make_settings(tmp_path, smtp_ca_file=path)

@@ -483,3 +483,15 @@ def test_the_pause_reason_health_shows_hides_the_addresses_the_answer_quotes(
     assert smtp_sink.received.count() == 1
     again = CliRunner().invoke(main, ["deliveries", "resume"])
     assert again.exit_code == 1 and "no pause was reported" in again.output
+
+
+def test_a_relay_that_offers_no_login_when_one_is_set_pauses_delivery_as_a_refused_login(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    """A relay without AUTH (often: only after STARTTLS) while SMTP_USERNAME is set: every
+    letter would fail the same way, so it is our side's refusal, not the letter's."""
+    mailer = SmtpMailer(settings(tmp_path, smtp_sink.port))
+    with pytest.raises(TransientDeliveryError, match="offers no login") as raised:
+        mailer.send(MAIL)
+    assert raised.value.ours and mailer.relay.waiting() > 0
+    assert smtp_sink.received.count() == 0

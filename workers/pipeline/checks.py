@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import ssl
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -120,11 +121,25 @@ def _mail_server(settings: Settings) -> Check:
         return Check("mail server", OK, f"{backend}: not probed")
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     try:
-        smtp.close(smtp.connect(settings, timeout=min(settings.smtp_timeout, 5.0)))
+        conn = smtp.connect(settings, timeout=min(settings.smtp_timeout, 5.0))
     except smtplib.SMTPHeloError as exc:
         return Check("mail server", DOWN, f"{where} answered EHLO with {exc.smtp_code}")
+    except smtplib.SMTPNotSupportedError:
+        return Check("mail server", DOWN, f"{where} offers no STARTTLS (SMTP_SECURITY=starttls)")
+    except ssl.SSLCertVerificationError as exc:
+        said = f"{where}'s certificate is not trusted ({exc.verify_message}): check SMTP_CA_FILE"
+        return Check("mail server", DOWN, said)
+    except ssl.SSLError as exc:
+        return Check("mail server", DOWN, f"TLS with {where} failed ({exc.reason}): SMTP_SECURITY?")
+    except socket.gaierror:
+        return Check("mail server", DOWN, f"{settings.smtp_host}: no such host (SMTP_HOST)")
     except (OSError, smtplib.SMTPException) as exc:
         return Check("mail server", DOWN, f"cannot reach {where} ({type(exc).__name__})")
+    try:
+        if settings.smtp_username and smtp.login_mechanism(conn) is None:
+            return Check("mail server", DOWN, f"{where}: {smtp.NoLogin()}")
+    finally:
+        smtp.close(conn)
     return Check("mail server", OK, f"{where} answers")
 
 

@@ -272,6 +272,9 @@ class SmtpMailer:
                         answer = answer_text(exc.smtp_error)
                         self.relay.refused(f"login refused: {exc.smtp_code} {answer}")
                         raise
+                    except NoLogin as exc:
+                        self.relay.refused(str(exc))
+                        raise
         except BaseException as exc:
             if conn is not None:  # a login that failed leaves no session
                 close(conn)
@@ -298,10 +301,12 @@ class SmtpMailer:
                 code, answer = _transaction(conn, mail)
             self.relay.accepted()
             return f"{code} {answer.decode(errors='replace')}"
-        except (smtplib.SMTPAuthenticationError, ssl.SSLCertVerificationError) as exc:
+        except (smtplib.SMTPAuthenticationError, ssl.SSLCertVerificationError, NoLogin) as exc:
             # The pause is set already (_connect).
             if isinstance(exc, ssl.SSLCertVerificationError):
                 text = f"TLS: {exc}"
+            elif isinstance(exc, NoLogin):
+                text = str(exc)
             else:
                 text = f"{exc.smtp_code} {answer_text(exc.smtp_error)}"
             raise TransientDeliveryError(text, self.relay.waiting(), ours=True) from exc
@@ -342,15 +347,31 @@ def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
         raise
 
 
+class NoLogin(smtplib.SMTPException):
+    """SMTP_USERNAME is set and the server offers no AUTH mechanism smtplib has: as a refused
+    login, the same for every letter."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the mail server offers no login (AUTH) this client has, and SMTP_USERNAME is set: "
+            "check SMTP_SECURITY (many relays offer AUTH only after STARTTLS)"
+        )
+
+
+def login_mechanism(conn: smtplib.SMTP) -> str | None:
+    """The first mechanism of smtplib's preference the server offers (after EHLO), if any."""
+    offered = conn.esmtp_features.get("auth", "").upper().split()
+    return next((m for m in ("CRAM-MD5", "PLAIN", "LOGIN") if m in offered), None)
+
+
 def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
     """AUTH with the first mechanism of smtplib's preference the server offers, only that one:
     ``SMTP.login`` tries each with the same password, so one wrong password would count two or
     three times against the account."""
     conn.ehlo_or_helo_if_needed()
-    offered = conn.esmtp_features.get("auth", "").upper().split()
-    mechanism = next((m for m in ("CRAM-MD5", "PLAIN", "LOGIN") if m in offered), None)
+    mechanism = login_mechanism(conn)
     if mechanism is None:
-        raise smtplib.SMTPException("the mail server offers no authentication this client has")
+        raise NoLogin
     conn.user, conn.password = user, password
     method = getattr(conn, "auth_" + mechanism.lower().replace("-", "_"))
     conn.auth(mechanism, method)  # a refusal raises SMTPAuthenticationError
