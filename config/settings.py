@@ -594,7 +594,11 @@ def unknown_variables(names: Iterable[str]) -> list[str]:
         if upper in known:
             continue
         if upper.startswith(PREFIXES):
-            nearest = difflib.get_close_matches(upper, known, n=1)
+            # The shortest known name holding each of its words (DEARMP_DKIM_KEY:
+            # DEARMP_DKIM_PRIVATE_KEY), or else the closest spelling.
+            words = set(upper.split("_"))
+            holding = sorted((len(k), k) for k in known if words <= set(k.split("_")))
+            nearest = [holding[0][1]] if holding else difflib.get_close_matches(upper, known, n=1)
         elif not (nearest := [meant for meant in unset if _one_edit(upper, meant)]):
             continue
         hint = f" (did you mean {nearest[0]}?)" if nearest else ""

@@ -72,6 +72,13 @@ def test_each_prefix_is_ours_and_other_variables_are_left_alone() -> None:
     assert unknown_variables(["DEARMP_MAIL_BACKEND", "REDIS_URL", "PATH", "dearmp_log_level"]) == []
 
 
+def test_a_name_missing_a_word_is_pointed_at_the_setting_that_has_its_words() -> None:
+    assert unknown_variables(["DEARMP_DKIM_KEY", "SMTP_USER"]) == [
+        "DEARMP_DKIM_KEY is not a setting (did you mean DEARMP_DKIM_PRIVATE_KEY?)",
+        "SMTP_USER is not a setting (did you mean SMTP_USERNAME?)",
+    ]
+
+
 def test_a_misspelled_database_or_redis_url_is_refused_while_the_setting_is_unset() -> None:
     """DATABSE_URL would leave production on the embedded SQLite file without a word."""
     found = unknown_variables(["DATABSE_URL", "REDIS_URI", "DATABASE_URL2", "PATH"])
