@@ -191,3 +191,105 @@ def test_failed_deliveries_are_reopened_by_reason_with_a_dry_run_first(
         assert reopened is not None and (reopened.status, reopened.failures) == ("sent", 0)
         history = [e.state for e in session.get(Submission, ids[0]).events]  # type: ignore[union-attr]
         assert history[-2:] == ["rendered", "delivered"]
+
+
+def test_numeric_options_refuse_values_that_make_no_sense(app: App) -> None:
+    """--every 0 was a busy loop, a negative overlap dropped the old secret at once and a huge
+    one kept it for a century, --count 0 fed one anyway and --keep 0 kept one anyway: each is
+    refused (click's usage error, exit 2) and nothing runs."""
+    runner = CliRunner()
+    for command, option in (
+        (["retention", "run", "--every", "0"], "--every"),
+        (["retention", "run", "--every", "59"], "--every"),
+        (["webhooks", "rotate", "1", "--overlap-hours", "-5"], "--overlap-hours"),
+        (["webhooks", "rotate", "1", "--overlap-hours", "1000000"], "--overlap-hours"),
+        (["demo", "--count", "0"], "--count"),
+        (["directory", "prune", "--keep", "0"], "--keep"),
+    ):
+        refused = runner.invoke(main, command)
+        assert refused.exit_code == 2, (command, refused.output)
+        assert f"Invalid value for '{option}'" in refused.stderr
+        assert "not in the range" in refused.stderr and "Traceback" not in refused.output
+    for command, said in (
+        (["retention", "run", "--help"], "at least 60"),
+        (["webhooks", "rotate", "--help"], "up to 720"),
+        (["demo", "--help"], "at least 1"),
+        (["directory", "prune", "--help"], "at least 1"),
+    ):
+        assert said in " ".join(runner.invoke(main, command).stdout.split()), command
+
+
+def test_retention_run_logs_its_start_as_retention_not_run(app: App) -> None:
+    out = CliRunner().invoke(main, ["retention", "run"])
+    assert out.exit_code == 0, out.output
+    started = [json.loads(line) for line in out.stderr.splitlines() if '"dearmp_started"' in line]
+    assert [line["process"] for line in started] == ["retention"]
+
+
+def test_a_rotated_secret_overlaps_for_the_hours_given_and_0_ends_it_at_once(app: App) -> None:
+    from datetime import timedelta
+
+    from workers.database.engine import session_scope
+    from workers.database.models import WebhookEndpoint, utcnow
+
+    runner = CliRunner()
+    hook = ["webhooks", "add", "https://crm.example/hook", "--event", "letter.delivered"]
+    assert runner.invoke(main, hook).exit_code == 0
+
+    def overlap(hours: str) -> timedelta:
+        before = utcnow()
+        rotated = runner.invoke(main, ["webhooks", "rotate", "1", "--overlap-hours", hours])
+        assert rotated.exit_code == 0, rotated.output
+        with session_scope(app.sessions) as session:
+            endpoint = session.get(WebhookEndpoint, 1)
+            assert endpoint is not None and endpoint.previous_until is not None
+            return endpoint.previous_until.replace(tzinfo=before.tzinfo) - before
+
+    assert overlap("0") < timedelta(minutes=1)
+    assert timedelta(hours=719) < overlap("720") <= timedelta(hours=720, minutes=1)
+
+
+def test_directory_prune_says_how_many_are_kept_in_good_english(app: App) -> None:
+    runner = CliRunner()
+    one = runner.invoke(main, ["directory", "prune", "--keep", "1", "--dry-run"])
+    assert one.exit_code == 1
+    assert "no version to delete: at most 1 version is kept, and no more exist" in one.stderr
+    two = runner.invoke(main, ["directory", "prune", "--dry-run"])
+    assert "at most 2 versions are kept" in two.stderr
+
+
+def test_submit_says_in_one_line_where_a_file_is_not_json(app: App, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "campaign": "political-prisoners",\n  "supporter": {,}\n}\n')
+    out = CliRunner().invoke(main, ["submit", str(bad)])
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert out.stderr.splitlines() == [
+        f"Error: {bad}: not valid JSON: Expecting property name enclosed in double quotes "
+        "(line 3, column 17)"
+    ]
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b'{"a": "\xff\xfe\xfa"}')
+    out = CliRunner().invoke(main, ["submit", str(binary)])
+    assert out.exit_code == 1 and len(out.stderr.splitlines()) == 1
+    assert f"{binary}: not valid JSON" in out.stderr
+
+
+def test_campaigns_list_gives_each_campaigns_mode_and_pause(app: App) -> None:
+    runner = CliRunner()
+    listed = runner.invoke(main, ["campaigns", "list"])
+    assert listed.exit_code == 0, listed.output
+    [line] = listed.stdout.splitlines()
+    assert line.startswith("political-prisoners (live): ")
+    assert (
+        runner.invoke(main, ["campaigns", "mode", "political-prisoners", "sandbox"]).exit_code == 0
+    )
+    assert runner.invoke(main, ["campaigns", "pause", "political-prisoners"]).exit_code == 0
+    listed = runner.invoke(main, ["campaigns", "list"])
+    assert listed.stdout.startswith("political-prisoners (sandbox, paused): ")
+    [row] = json.loads(runner.invoke(main, ["campaigns", "list", "--json"]).stdout)
+    assert row["slug"] == "political-prisoners" and row["title"] in listed.stdout
+    assert (row["mode"], row["paused"]) == ("sandbox", True)
+    assert row["paused_at"].startswith("20")  # ISO 8601
+    assert runner.invoke(main, ["campaigns", "resume", "political-prisoners"]).exit_code == 0
+    [row] = json.loads(runner.invoke(main, ["campaigns", "list", "--json"]).stdout)
+    assert (row["paused"], row["paused_at"]) == (False, None)

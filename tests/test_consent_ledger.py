@@ -687,3 +687,55 @@ def test_retention_skips_what_waits_with_its_own_reason_not_an_erasure_request(
     with session_scope(app.sessions) as session:
         item = session.scalars(select(OutboxItem).where(OutboxItem.kind == "survey")).one()
         assert (item.status, item.error) == ("skipped", RETENTION_OVER)
+
+
+def test_exporting_an_address_nothing_is_held_about_says_so_and_exits_1(app: App) -> None:
+    """A misspelt address in a subject access request must not look like a real, empty answer."""
+    logged(app)
+    runner = CliRunner()
+    for extra in ([], ["--json"]):
+        out = runner.invoke(main, ["supporter", "export", "amira.hadad@example.com", *extra])
+        assert out.exit_code == 1 and out.stdout == ""
+        assert out.stderr == "nothing is held about that address: nothing to export\n"
+    found = runner.invoke(main, ["supporter", "export", EMAIL, "--json"])
+    assert found.exit_code == 0 and json.loads(found.stdout)["submissions"]
+
+
+def test_a_second_erasure_changes_nothing_and_one_after_a_return_erases_the_new_details(
+    app: App, tmp_path: Path
+) -> None:
+    delivered(app, tmp_path)
+    runner = CliRunner()
+    first = runner.invoke(main, ["supporter", "erase", EMAIL, "--yes", "--json"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["letters_scrubbed"] == 1
+    stored, before = everything_stored(app), len(events(app))
+
+    again = runner.invoke(main, ["supporter", "erase", EMAIL, "--yes", "--json"])
+    assert again.exit_code == 1 and again.stdout == ""
+    assert again.stderr == "that supporter was erased already: nothing to erase\n"
+    with session_scope(app.sessions) as session:  # and by the function itself
+        report = erase_supporter(session, app.secret, EMAIL)
+    assert report.as_dict() == {
+        "submissions": 0,
+        "stopped_before_sending": 0,
+        "letters_scrubbed": 0,
+        "outbox_files_removed": 0,
+        "consent_events_kept": before,
+        "consent_events_added": 0,
+    }
+    assert len(events(app)) == before and everything_stored(app) == stored
+    assert runner.invoke(main, ["consent", "verify"]).exit_code == 0
+
+    # They came back: their new submission is erased, the one erased before left as it was.
+    back = logged(app)
+    assert "Amira Haddad" in everything_stored(app)
+    with_new = len(events(app))
+    out = runner.invoke(main, ["supporter", "erase", EMAIL, "--yes", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["submissions"] == 1
+    assert json.loads(out.stdout)["consent_events_added"] == 5
+    assert len(events(app)) == with_new + 5
+    assert get(app, back).erased_at is not None
+    assert "amira" not in everything_stored(app).lower()
+    assert runner.invoke(main, ["consent", "verify"]).exit_code == 0

@@ -27,9 +27,10 @@ from workers.pipeline.app import App, get_app, log_started
 from workers.pipeline.dispatch import dispatch_groups
 from workers.stages.stage import Stage
 
-# The commands that run the pipeline (or part of it) for as long as they are left to: each
-# logs the start-up line. (``api``'s is its ASGI factory's; ``worker``'s its worker processes'.)
-RUNNING_COMMANDS = frozenset({"run", "demo", "reconcile", "inbound"})
+# The commands that run the pipeline (or part of it) for as long as they are left to, by their
+# path under ``dearmp``: each logs the start-up line, its process named by the path's first word.
+# (``api``'s is its ASGI factory's; ``worker``'s its worker processes'.)
+RUNNING_COMMANDS = frozenset({"run", "demo", "reconcile", "inbound", "retention run"})
 
 
 def app_for_cli(log_file: Path | None = None) -> App:
@@ -81,8 +82,10 @@ class Cli:
     def app(self) -> App:
         app = app_for_cli(self.log_file)
         command = click.get_current_context(silent=True)
-        if command is not None and command.info_name in RUNNING_COMMANDS:
-            log_started(app, command.info_name)
+        if command is not None:  # its path without the program's name: "retention run"
+            path = command.command_path.removeprefix(command.find_root().command_path).strip()
+            if path in RUNNING_COMMANDS:
+                log_started(app, path.split()[0])
         return app
 
     @cached_property

@@ -135,7 +135,13 @@ def print_summary(said: dict[str, Any], console: Console) -> None:
 
 
 @command(main)
-@click.option("--count", default=40, show_default=True, help="How many submissions to feed.")
+@click.option(
+    "--count",
+    default=40,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many submissions to feed (at least 1).",
+)
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for all.")
 def demo(cli: Cli, count: int, timeout: float) -> None:
     """The main job: start the pipeline, feed a sample batch, wait for final states, summarise."""

@@ -252,7 +252,13 @@ def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> Non
 
 
 @command(directory, "prune")
-@click.option("--keep", default=2, show_default=True, help="Versions to keep (newest first).")
+@click.option(
+    "--keep",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Versions to keep (newest first), at least 1.",
+)
 @dry_run_option
 @yes_option
 def directory_prune(cli: Cli, keep: int, dry_run: bool, yes: bool) -> None:
@@ -262,11 +268,12 @@ def directory_prune(cli: Cli, keep: int, dry_run: bool, yes: bool) -> None:
     def pruned(dry: bool) -> list[int]:
         # A dry run's session is closed without a commit: nothing is deleted.
         with cli.app.sessions() if dry else cli.session() as session:
-            return prune(session, keep=max(1, keep))
+            return prune(session, keep=keep)
 
     gone = pruned(True)
     if not gone:
-        raise Nothing(f"no version to delete: at most {max(1, keep)} are kept, and no more exist")
+        kept = f"{counted(keep, 'version')} {'is' if keep == 1 else 'are'}"
+        raise Nothing(f"no version to delete: at most {kept} kept, and no more exist")
     if not dry_run:
         old = counted(len(gone), "old directory version")
         confirm(yes, f"Delete {old} ({', '.join(map(str, gone))})?")

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 import click
+from sqlalchemy import select
 
 from config.settings import get_settings, masked_url
 from schemas import JSON_SCHEMA_DIR, export_json_schemas, json_schemas
@@ -87,7 +88,16 @@ def submit(cli: Cli, file: Any) -> None:
     """Submit a JSON file: one submission object, or a list of them. Prints the ids, each
     accepted, duplicate (its key and body seen before) or conflict (its key seen before with
     another body: nothing stored; exits 1)."""
-    data = json.load(file)
+    try:
+        data = json.load(file)
+    except json.JSONDecodeError as exc:  # one line naming the file and where, not a traceback
+        raise click.ClickException(
+            f"{file.name}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(
+            f"{file.name}: not valid JSON: not UTF-8 text ({exc.reason})"
+        ) from None
     answers = []
     for item in data if isinstance(data, list) else [data]:
         with cli.session() as session:
@@ -160,6 +170,29 @@ def campaigns_sync(cli: Cli) -> None:
     with cli.session() as session:
         changed = sync_campaigns(session, definitions)
     cli.say(f"changed: {', '.join(changed) or 'none'}", {"changed": list(changed)})
+
+
+@command(campaigns, "list")
+def campaigns_list(cli: Cli) -> None:
+    """Every campaign, one a line: its slug, mode (sandbox or live), whether it is paused, and
+    its title."""
+    query = select(Campaign.slug, Campaign.title, Campaign.mode, Campaign.paused_at)
+    with cli.session() as session:
+        rows = [
+            {
+                "slug": slug,
+                "title": title,
+                "mode": mode,
+                "paused": since is not None,
+                "paused_at": since,
+            }
+            for slug, title, mode, since in session.execute(query.order_by(Campaign.slug))
+        ]
+    lines = [
+        f"{row['slug']} ({row['mode']}{', paused' if row['paused'] else ''}): {row['title']}"
+        for row in rows
+    ]
+    cli.say("\n".join(lines) or "no campaign: `dearmp campaigns sync` loads them", rows)
 
 
 @command(campaigns, "mode")

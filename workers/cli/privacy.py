@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from schemas.submission import CHANNELS
-from workers.cli.base import Cli, command, confirm, main, yes_option
+from workers.cli.base import Cli, Nothing, command, confirm, main, yes_option
 from workers.mp.live_sources import expire_cache
 from workers.pipeline.app import App
 from workers.privacy.ledger import verify
@@ -21,6 +21,7 @@ from workers.privacy.rights import (
     consent_csv,
     consent_receipt,
     erase_supporter,
+    erased_already,
     export_supporter,
     holds_anything,
     run_retention,
@@ -122,8 +123,11 @@ def supporter() -> None:
 @command(supporter, "export")  # its answer is JSON either way
 @click.argument("email")
 def supporter_export(cli: Cli, email: str) -> None:
-    """Everything held about a person (submissions, letters and what was sent, consent) as JSON."""
+    """Everything held about a person (submissions, letters and what was sent, consent) as JSON.
+    Exits 1 when nothing is held about the address (a typo?)."""
     with cli.session() as session:
+        if not holds_anything(session, cli.app.secret, email):
+            raise Nothing("nothing is held about that address: nothing to export")
         data = export_supporter(session, cli.app.secret, email)
     cli.say(writable(json.dumps(data, indent=2, ensure_ascii=False)), data)
 
@@ -133,11 +137,13 @@ def supporter_export(cli: Cli, email: str) -> None:
 @yes_option
 def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
     """Erase a person's details everywhere; keep the consent proof and the delivery facts.
-    Asks first (--yes does not)."""
+    Asks first (--yes does not); exits 1 when they were erased already."""
     app = cli.app
     with cli.session() as session:
         if not holds_anything(session, app.secret, email):
             raise click.ClickException("nothing is held about that address: nothing to erase")
+        if erased_already(session, app.secret, email):
+            raise Nothing("that supporter was erased already: nothing to erase")
     confirm(yes, "Erase everything held about 1 supporter, for good?")
     with cli.session() as session:
         report = erase_supporter(session, app.secret, email, _outbox(app))
@@ -152,9 +158,10 @@ def retention() -> None:
 @command(retention, "run")  # its answer (a line per run) is JSON either way
 @click.option(
     "--every",
-    type=float,
+    type=click.FloatRange(min=60),
     default=None,
-    help="Run again every this many seconds (a long-running service) instead of once (cron).",
+    help="Run again every this many seconds, at least 60 (a long-running service), instead of "
+    "once (cron).",
 )
 def retention_run(cli: Cli, every: float | None) -> None:
     """Scrub letter bodies and postal addresses past each campaign's retention period, and

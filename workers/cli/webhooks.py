@@ -61,7 +61,13 @@ def show(cli: Cli, endpoint_id: int, limit: int) -> None:
 
 @command(webhooks, "rotate")
 @click.argument("endpoint_id", type=int)
-@click.option("--overlap-hours", default=24.0, show_default=True, help="The old secret signs too.")
+@click.option(
+    "--overlap-hours",
+    default=24.0,
+    show_default=True,
+    type=click.FloatRange(min=0, max=720),
+    help="Hours the old secret signs too, up to 720 (30 days); 0: it stops at once.",
+)
 def rotate(cli: Cli, endpoint_id: int, overlap_hours: float) -> None:
     """A new secret, printed once; both sign every delivery during the overlap."""
     secret = _run(cli, lambda s: endpoints.rotate(s, endpoint_id, timedelta(hours=overlap_hours)))

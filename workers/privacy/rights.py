@@ -106,6 +106,23 @@ def holds_anything(session: Session, secret: bytes, email: str) -> bool:
     )
 
 
+def _erased(session: Session, who: str) -> bool:
+    """Whether the supporter was erased, and nothing has been held about them since: an erasure
+    in the ledger, and no submission that is not erased (one after it: they came back)."""
+    erasure = select(ConsentEvent.id).where(
+        ConsentEvent.supporter_hash == who, ConsentEvent.event_type == "erasure"
+    )
+    kept = select(Submission.id).where(
+        Submission.supporter_hash == who, Submission.erased_at.is_(None)
+    )
+    return session.scalar(erasure.limit(1)) is not None and session.scalar(kept.limit(1)) is None
+
+
+def erased_already(session: Session, secret: bytes, email: str) -> bool:
+    """Whether an erasure of the address would change nothing: it was erased already."""
+    return _erased(session, supporter_hash(secret, email))
+
+
 def _webhook(session: Session, item: OutboxItem) -> dict[str, Any]:
     """What a CRM was told: the event, where it went, and whether it could carry the
     supporter's details (the endpoint's permission; their consent decides it when sent)."""
@@ -270,12 +287,19 @@ def erase_supporter(
 
     Kept: the delivery facts and the pseudonymous consent ledger, to which a withdrawal of every
     channel and an erasure event are added. A submission still on its way is withdrawn.
+    Submissions erased before are left as they are; a supporter erased already (nothing held
+    since) is left alone, no event added: the report counts nothing done.
     """
     hold(session)  # the ledger's lock before any row lock (see workers.privacy.ledger.hold)
     report = ErasureReport()
     now = utcnow()
     who = supporter_hash(secret, email)
+    if _erased(session, who):
+        report.consent_events_kept = len(_ledger(session, who))
+        return report
     for sub in _submissions(session, who):
+        if sub.erased_at is not None:  # erased before: only those sent since (they came back)
+            continue
         report.submissions += 1
         report.stopped_before_sending += _stop(session, sub)
         _update(
