@@ -385,3 +385,25 @@ def test_a_given_up_digest_is_counted_as_mail_to_an_mp_not_to_a_supporter(
             session.add(OutboxItem(submission_id=sid, key=key, kind=kind, status="failed"))
     _, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["given up"]
     assert detail.startswith("0 letters failed, 1 MP digest failed, 1 email to supporters given up")
+
+
+def test_settings_nothing_can_start_with_or_a_database_without_tables_are_down(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, redis_server: EmbeddedRedis
+) -> None:
+    """Not "degraded, letters still go" (exit 1): nothing can go (exit 2), and why."""
+    from config.settings import get_settings
+
+    monkeypatch.setenv("DEARMP_DATA_DIR", str(tmp_path / "fresh"))
+    monkeypatch.setenv("SMTP_PORT", "abc")
+    get_settings.cache_clear()
+    try:
+        wrong = CliRunner().invoke(main, ["health"])
+        monkeypatch.delenv("SMTP_PORT")
+        monkeypatch.setenv("REDIS_URL", redis_server.url)
+        get_settings.cache_clear()
+        empty = CliRunner().invoke(main, ["health"])
+    finally:
+        get_settings.cache_clear()
+    assert wrong.exit_code == 2 and wrong.stderr.startswith("down: SMTP_PORT: "), wrong.output
+    assert empty.exit_code == 2, empty.output
+    assert "has no DearMP tables yet: `dearmp migrate` makes them" in empty.stderr

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
+from config.settings import ConfigurationError
 from workers.cli.base import (
     Cli,
     Nothing,
@@ -308,13 +309,17 @@ def dlq_purge(cli: Cli, dry_run: bool, yes: bool, **filters: Any) -> None:
 def health(cli: Cli, max_dead: int, max_age: float) -> None:
     """Whether letters can go out, and what to look at. Exits 0 healthy, 1 degraded (something
     to look at; letters still go), 2 down (nothing can go out)."""
-    app = cli.app
     try:
-        client = redis_client(app)
-    except click.ClickException as exc:
-        found = [checks.Check("redis", checks.DOWN, exc.message)]
+        app = cli.app
+    except ConfigurationError as exc:  # nothing can start with these settings: down, not degraded
+        found = [checks.Check("configuration", checks.DOWN, "; ".join(exc.problems))]
     else:
-        found = checks.run(app, client, app.settings.redis_namespace, max_dead, max_age)
+        try:
+            client = redis_client(app)
+        except click.ClickException as exc:
+            found = [checks.Check("redis", checks.DOWN, exc.message)]
+        else:
+            found = checks.run(app, client, app.settings.redis_namespace, max_dead, max_age)
     status = checks.overall(found)
     cli.say(lambda: _say_health(found, status), checks.as_json(found))
     if status != checks.OK:

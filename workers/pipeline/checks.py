@@ -65,12 +65,18 @@ def run(
     """Every check, the database's first (what the others read)."""
     settings = app.settings
     checks = [Check("redis", OK, "reachable")]
+    where = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
     try:
         with session_scope(app.sessions) as session:
             session.execute(text("SELECT 1"))
     except Exception as exc:
-        where = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
         return [*checks, Check("database", DOWN, f"cannot reach {where} ({type(exc).__name__})")]
+    try:
+        with session_scope(app.sessions) as session:
+            session.execute(select(func.count()).select_from(Submission).where(text("1 = 0")))
+    except Exception:
+        said = f"{where} has no DearMP tables yet: `dearmp migrate` makes them"
+        return [*checks, Check("database", DOWN, said)]
     checks.append(Check("database", OK, "reachable"))
     checks += [_workers(client, namespace), _mail_server(settings)]
     if (lease := _lease(settings)) is not None:
