@@ -61,6 +61,13 @@ class ProviderStub:
                 self.end_headers()
                 self.wfile.write(text.encode())
 
+            def do_GET(self) -> None:  # the domain endpoint health asks
+                stub.requests.append({"path": self.path, "headers": dict(self.headers)})
+                status = stub.replies.pop(0)[0] if stub.replies else 200
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -239,3 +246,27 @@ def test_smtp_over_tls_with_auth(tmp_path: Path, ca: trustme.CA, security: str) 
             SmtpMailer(wrong).send(MAIL)
     finally:
         sink.stop()
+
+
+def test_health_asks_the_email_api_whether_it_takes_our_key_and_sends_nothing(
+    tmp_path: Path, provider: ProviderStub
+) -> None:
+    from tests.services import free_port
+    from workers.pipeline.checks import _mail_server
+
+    settings = make_settings(
+        tmp_path,
+        mail_backend="http",
+        email_api_url=provider.url,
+        email_api_key="key-123",
+        email_api_domain="campaign.example.org",
+    )
+    assert _mail_server(settings).status == "ok"
+    assert provider.requests[-1]["path"] == "/v3/domains/campaign.example.org"
+    assert provider.requests[-1]["headers"]["Authorization"].startswith("Basic ")
+    provider.replies.append((401, {}, "Forbidden"))
+    refused = _mail_server(settings)
+    assert refused.status == "down" and "refuses our key or domain (HTTP 401)" in refused.detail
+    settings.email_api_url = f"http://127.0.0.1:{free_port()}"
+    assert "cannot reach the email API" in _mail_server(settings).detail
+    assert all(r["path"].startswith("/v3/domains/") for r in provider.requests)  # nothing sent

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from sqlalchemy import func, select, text
@@ -21,6 +22,7 @@ from config.settings import Settings
 from workers.database.engine import session_scope
 from workers.database.models import OutboxItem, OutboxStatus, State, Submission, utcnow
 from workers.letters.mail import smtp
+from workers.letters.mail.http import HttpMailer
 from workers.mp import health as addresses
 from workers.outbox import sending as outbox
 from workers.pipeline.app import App
@@ -123,8 +125,12 @@ def _mail_server(settings: Settings) -> Check:
             f"letters go to files in {settings.resolved_outbox_dir}, not to a mail server "
             "(DEARMP_MAIL_BACKEND=outbox): no MP receives them",
         )
-    if backend != "smtp":
-        return Check("mail server", OK, f"{backend}: not probed")
+    if backend == "http":
+        refused = HttpMailer(settings).probe()
+        host = urlsplit(settings.email_api_url).hostname
+        if refused:
+            return Check("mail server", DOWN, refused)
+        return Check("mail server", OK, f"{host} accepts our key for {settings.email_api_domain}")
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     try:
         conn = smtp.connect(settings, timeout=min(settings.smtp_timeout, 5.0))

@@ -34,9 +34,8 @@ class HttpMailer(Mailer):
     ) -> None:
         if not settings.email_api_key or not settings.email_api_domain:
             raise ValueError("the http mail backend needs EMAIL_API_KEY and EMAIL_API_DOMAIN")
-        self.url = (
-            f"{settings.email_api_url.rstrip('/')}/v3/{settings.email_api_domain}/messages.mime"
-        )
+        api, domain = settings.email_api_url.rstrip("/"), settings.email_api_domain
+        self.url, self.domain_url = f"{api}/v3/{domain}/messages.mime", f"{api}/v3/domains/{domain}"
         self.auth = ("api", settings.email_api_key.get_secret_value())
         self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
         self._local = threading.local()
@@ -52,6 +51,17 @@ class HttpMailer(Mailer):
             session = self._local.session = requests.Session()
             session.auth = self.auth
         return session
+
+    def probe(self) -> str | None:
+        """Why no letter could go (the API unreachable, or refusing our key or domain), asked
+        of its domain endpoint, which sends nothing; None when it accepts us."""
+        try:
+            status = self._session().get(self.domain_url, timeout=self.timeout).status_code
+        except requests.RequestException as exc:
+            return f"cannot reach the email API ({type(exc).__name__})"
+        if status in REFUSING_US:
+            return f"the email API refuses our key or domain (HTTP {status}): check EMAIL_API_*"
+        return None if status < 300 else f"the email API answered HTTP {status}"
 
     def send(self, mail: Outgoing) -> str:
         self.relay.check()
