@@ -407,3 +407,23 @@ def test_settings_nothing_can_start_with_or_a_database_without_tables_are_down(
     assert wrong.exit_code == 2 and wrong.stderr.startswith("down: SMTP_PORT: "), wrong.output
     assert empty.exit_code == 2, empty.output
     assert "has no DearMP tables yet: `dearmp migrate` makes them" in empty.stderr
+
+
+def test_workers_whose_letters_go_elsewhere_than_healths_settings_say_are_degraded(
+    app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
+) -> None:
+    """Health checks the mail server its own settings name: when the workers' letters go
+    elsewhere (to files, here), it says so rather than vouch for a server they do not use."""
+    from workers.pipeline.heartbeat import mail_route
+
+    files = mail_route(app.settings)
+    on_smtp(app, smtp_sink)
+    heart = Heartbeat(on_redis, "dearmp", files)
+    heart.after_worker_boot(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    assert wait_for(lambda: live_workers(on_redis, "dearmp"), 10)
+    try:
+        status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["workers"]
+    finally:
+        heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    assert status == "degraded" and f"sending letters to {files}" in detail
+    assert f"these settings say SMTP 127.0.0.1:{smtp_sink.port}" in detail

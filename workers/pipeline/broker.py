@@ -17,7 +17,7 @@ from workers.pipeline.app import Apps
 from workers.pipeline.dead_letters import UNREADABLE
 from workers.pipeline.dramatiq_private import ScreenedRedisBroker
 from workers.pipeline.failures import Attempt, record_failure
-from workers.pipeline.heartbeat import Heartbeat
+from workers.pipeline.heartbeat import Heartbeat, mail_route
 from workers.pipeline.middleware import (
     FailureRecorder,
     LogContext,
@@ -82,5 +82,7 @@ def build_broker(settings: Settings, apps: Apps) -> dramatiq.Broker:
     broker.add_middleware(StageMessagesOnly())
     broker.add_middleware(FailureRecorder(apps), before=Retries)
     if isinstance(broker, ScreenedRedisBroker):  # `dearmp health` counts the live workers
-        broker.add_middleware(Heartbeat(broker.client, settings.redis_namespace))
+        broker.add_middleware(
+            Heartbeat(broker.client, settings.redis_namespace, mail_route(settings))
+        )
     return broker

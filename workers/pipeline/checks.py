@@ -27,7 +27,7 @@ from workers.mp import health as addresses
 from workers.outbox import sending as outbox
 from workers.pipeline.app import App
 from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
-from workers.pipeline.heartbeat import last_pass, live_workers
+from workers.pipeline.heartbeat import last_pass, live_workers, mail_route
 from workers.pipeline.states import STAGES
 from workers.stages import pauses
 from workers.stages.delivery import KIND as LETTER
@@ -80,7 +80,7 @@ def run(
         said = f"{where} has no DearMP tables yet: `dearmp migrate` makes them"
         return [*checks, Check("database", DOWN, said)]
     checks.append(Check("database", OK, "reachable"))
-    checks += [_workers(client, namespace), _mail_server(settings)]
+    checks += [_workers(client, namespace, settings), _mail_server(settings)]
     if (lease := _lease(settings)) is not None:
         checks.append(lease)
     checks += _pipeline(app, client, namespace, max_dead, max_age)
@@ -90,12 +90,19 @@ def run(
     return checks
 
 
-def _workers(client: redis.Redis, namespace: str) -> Check:
+def _workers(client: redis.Redis, namespace: str, settings: Settings) -> Check:
+    """The live worker processes; degraded when their letters go elsewhere than these settings
+    say (the mail server checked below is then not theirs)."""
     workers = live_workers(client, namespace)
     if not workers:
         return Check("workers", DOWN, "no worker process is alive (`dearmp worker`): nothing moves")
     hosts = sorted({w["host"] for w in workers})
     alive = counted(len(workers), "worker process", "worker processes")
+    mine = mail_route(settings)
+    elsewhere = sorted({w["mail"] for w in workers if w.get("mail") not in ("", None, mine)})
+    if elsewhere:
+        said = f"{alive} alive, sending letters to {' and '.join(elsewhere)}; these settings "
+        return Check("workers", DEGRADED, said + f"say {mine}, which is what health checked")
     return Check("workers", OK, f"{alive} alive on {', '.join(hosts)}")
 
 

@@ -19,6 +19,8 @@ import redis
 import structlog
 from dramatiq.middleware import Middleware
 
+from config.settings import Settings
+
 log = structlog.get_logger(__name__)
 
 BEAT_SECONDS = 10.0
@@ -29,16 +31,22 @@ def _worker_key(namespace: str) -> str:
 
 
 class Heartbeat(Middleware):
-    """A worker process's heartbeat, from its boot to its shutdown."""
+    """A worker process's heartbeat, from its boot to its shutdown; ``mail``: where its letters
+    go (:func:`mail_route`; empty: not said), which ``dearmp health`` holds against its own."""
 
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
-        self.client, self.namespace = client, namespace
+    def __init__(self, client: redis.Redis, namespace: str, mail: str = "") -> None:
+        self.client, self.namespace, self.mail = client, namespace, mail
         self.stop = threading.Event()
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         key = _worker_key(self.namespace)
         about = json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": time.time(),
+                "mail": self.mail,
+            }
         )
 
         def beat() -> None:
@@ -59,8 +67,18 @@ class Heartbeat(Middleware):
             pass  # it expires
 
 
+def mail_route(settings: Settings) -> str:
+    """Where letters go with ``settings``, in words: files, a relay, or an email API's domain."""
+    if settings.mail_backend == "smtp":
+        return f"SMTP {settings.smtp_host}:{settings.smtp_port}"
+    if settings.mail_backend == "http":
+        return f"the email API for {settings.email_api_domain}"
+    return f"files in {settings.resolved_outbox_dir}"
+
+
 def live_workers(client: redis.Redis, namespace: str) -> list[dict[str, Any]]:
-    """The worker processes whose heartbeat has not expired: host, pid, started (epoch)."""
+    """The worker processes whose heartbeat has not expired: host, pid, started (epoch), and
+    where their letters go."""
     beats = (client.get(key) for key in client.scan_iter(match=f"{namespace}:worker:*", count=500))
     found = [json.loads(raw) for raw in beats if raw]
     return sorted(found, key=lambda w: (w["host"], w["pid"]))
