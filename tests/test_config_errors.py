@@ -282,7 +282,7 @@ def test_a_postgresql_database_without_tables_is_named_as_such(
 
 def test_the_real_command_line_fails_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "health"],
+        [sys.executable, "-m", "workers.cli", "queues"],
         cwd=REPO,
         env=clean_environment(tmp_path, REDIS_URL="http://x"),
         capture_output=True,
