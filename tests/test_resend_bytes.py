@@ -25,7 +25,7 @@ from tests.test_after_sent import BOUNCES, REPLIES
 from tests.test_outbox import Recorder, compose, every_kind, item
 from tests.test_stages import get, step, store
 from workers.database.engine import session_scope
-from workers.database.models import Digest, LetterPrint, OutboxItem, Submission, utcnow
+from workers.database.models import LetterPrint, OutboxItem, Submission, utcnow
 from workers.letters.definitions import update_definition
 from workers.letters.mail import DkimSigner, Outgoing
 from workers.letters.mail.dkim import SIGNED_HEADERS
@@ -252,51 +252,3 @@ def test_a_constituent_erased_before_the_first_attempt_is_left_out_and_the_resen
     assert again.data == delivered.data
     assert b"1 constituent wrote to you" in again.data
     assert get(app, kept).state == "delivered"
-
-
-@pytest.mark.parametrize("change", ["erasure", "campaign edit"])
-def test_a_digest_whose_text_changed_after_an_attempt_is_not_sent_again(
-    app: App, change: str
-) -> None:
-    """The MP may have it already: not sent again with other bytes under its Message-ID (nor
-    under another: a second digest of the same letters). Its letters fail with the reason."""
-    made, [first, second] = a_digest(app)
-    dying, mailer = Dying(), Recorder()
-    with pytest.raises(Killed):
-        send(app, made, dying)
-    with session_scope(app.sessions) as session:
-        if change == "erasure":
-            erase_supporter(session, app.secret, email_of(app, first))
-        else:
-            update_definition(session, SLUG, title="A changed title")
-    lapse(app, made)
-    send(app, made, mailer)
-    assert mailer.sent == []
-    ended = item(app, made)
-    assert (ended.status, ended.error) == ("skipped", digests.CHANGED)
-    kept = [second] if change == "erasure" else [first, second]
-    for sid in kept:
-        letter = get(app, sid)
-        assert (letter.state, letter.failure_reason) == ("failed", digests.CHANGED)
-
-
-def test_a_digest_waiting_before_its_first_attempt_takes_the_campaign_as_it_is_then(
-    app: App, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Until it is first claimed nobody has seen it: an edit meanwhile is in it, and fixed."""
-    made, _ = a_digest(app)
-    with session_scope(app.sessions) as session:
-        made_with = session.scalar(select(Digest.content_sha256).where(Digest.id == made))
-        assert made_with is not None
-        update_definition(session, SLUG, title="A changed title")
-    dying, mailer = Dying(), Recorder()
-    with pytest.raises(Killed):
-        send(app, made, dying)
-    lapse(app, made)
-    later(monkeypatch)
-    send(app, made, mailer)
-    [delivered], [again] = dying.sent, mailer.sent
-    assert again.data == delivered.data and b"A changed title" in again.data
-    with session_scope(app.sessions) as session:
-        fixed = session.scalar(select(Digest.content_sha256).where(Digest.id == made))
-    assert fixed not in (None, made_with)

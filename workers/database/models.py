@@ -283,9 +283,6 @@ class Digest(Base):
     to_email: Mapped[str] = mapped_column(String(254))
     letters: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # The SHA-256 of its bytes (unsigned) as made, then as composed until its first attempt:
-    # after one, it is not sent again with other bytes (workers.stages.digests).
-    content_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class ConsentEvent(Base):

@@ -4,18 +4,13 @@ name, postcode, own words and reply address). Rendering leaves each letter ``in_
 :func:`build_due` makes a digest per campaign and MP once a day; once it is sent its letters are
 delivered and each supporter told, and a bounce of it returns them all (:func:`mates`).
 
-A digest is composed from live rows at each attempt, so two rules keep a resend the same email:
-until its first attempt (its first claim) it is whatever its rows make, without the letters of
-supporters erased meanwhile, with the campaign as it is now; from then on its bytes are fixed
-(``Digest.content_sha256``). An attempt whose bytes would differ (a constituent erased, the
-campaign edited since) is not sent: not under its Message-ID, which the MP may have received
-already, nor under a new one, which would be a second digest of the same letters. It ends
-skipped, its letters failed with the reason (:data:`CHANGED`).
+A digest is composed from its letters' rows at each attempt, signed at its own Date: a resend
+is the same bytes unless a constituent was erased or the campaign edited in between (then it
+goes without them, or as the campaign is now).
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import replace
 from datetime import datetime, time
@@ -24,6 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, exists, insert, select, update
 from sqlalchemy.orm import Session
 
+from config.settings import default
 from schemas.campaign import CampaignDefinition, campaign_template
 from workers.database.engine import insert_on_conflict
 from workers.database.models import (
@@ -42,7 +38,6 @@ from workers.database.transitions import AlreadyMoved, rowcount
 from workers.letters import originality
 from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner, Draft, Mailer, from_domain, header_text, outgoing_email
-from workers.letters.mail.messages import write
 from workers.letters.rate_limits import Limiter
 from workers.mp import health
 from workers.outbox.sending import Kind, enqueue
@@ -55,10 +50,6 @@ from workers.wording import counted
 KIND = KEY = "digest"
 _Query = TypeVar("_Query", bound=Select[*tuple[Any, ...]])
 NOTICE = "digested"  # the supporter's notice that their letter went in the digest
-CHANGED = (
-    "not sent again: its text changed after an attempt that may have reached the MP "
-    "(a constituent erased or the campaign edited since)"
-)
 
 
 def build_due(session: Session, now: datetime | None = None, force: bool = False) -> list[str]:
@@ -96,18 +87,11 @@ def build_due(session: Session, now: datetime | None = None, force: bool = False
         )
         if not force and (now.hour < hour or sent_today):
             continue
-        made.append(_make(session, definition, slug, member_id, ids, now))
+        made.append(_make(session, slug, member_id, ids, now))
     return made
 
 
-def _make(
-    session: Session,
-    definition: CampaignDefinition | None,
-    slug: str,
-    member_id: int,
-    ids: list[str],
-    now: datetime,
-) -> str:
+def _make(session: Session, slug: str, member_id: int, ids: list[str], now: datetime) -> str:
     first = session.get(Letter, ids[0])
     assert first is not None  # stored by rendering with the move to in_digest
     digest = Digest(
@@ -128,8 +112,6 @@ def _make(
     )
     if rowcount(taken) != len(ids):  # another pass took some: this one makes nothing
         raise AlreadyMoved(f"letters for {slug} to MP {member_id} went in another digest")
-    if definition is not None:  # its bytes as made (composing takes them as they are then)
-        digest.content_sha256 = fingerprint(draft(definition, digest, _letters(session, digest.id)))
     session.execute(
         insert(OutboxItem).values(id=digest.id, submission_id=ids[0], key=KEY, kind=KIND)
     )
@@ -221,9 +203,11 @@ def message_id(session: Session, submission_id: str, letter_message_id: str) -> 
     return None if digest_id is None else f"<digest-{digest_id}@{letter_message_id.split('@')[-1]}"
 
 
-def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) -> Draft:
+def draft(
+    definition: CampaignDefinition, digest: Digest, letters: list[Any], sandbox: bool = False
+) -> Draft:
     """The digest's email, from its letters' rows (submission, letter): the same rows, the
-    same bytes."""
+    same bytes. ``sandbox``: it goes to the sandbox mailbox, marked so, as its letters are."""
     first = letters[0].Submission
     recipient = first.recipient or {}
     mp_name = recipient.get("name") or digest.to_name
@@ -246,7 +230,6 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
                 else "   (the campaign's letter, with no words of their own)"
             )
         )
-    sandbox = letters[0].Letter.subject.startswith(SANDBOX)  # as its letters were rendered
     note = (
         f"{SANDBOX}Campaign '{definition.slug}' is in sandbox mode. This digest was meant for "
         f"{mp_name}, MP for {recipient.get('constituency', '')}.\n\n"
@@ -278,12 +261,6 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
     )
 
 
-def fingerprint(digest_draft: Draft) -> str:
-    """The SHA-256 of the digest's bytes, unsigned (a signature made with the same key at the
-    same Date is the same)."""
-    return hashlib.sha256(write(digest_draft)).hexdigest()
-
-
 def _letters(session: Session, digest_id: str) -> list[Any]:
     """The digest's letters whose supporters were not erased, oldest first."""
     return list(
@@ -303,12 +280,12 @@ def kind(
     limiter: Limiter | None,
     signer: DkimSigner | None,
     returns: ReturnAddresses | None,
+    sandbox_address: str = default("sandbox_address"),
 ) -> Kind:
     """The digest's kind of outbox item: sent as a letter (the per-MP limits, the letter's
     channel), its letters moved on in the commit that ends it."""
 
     def compose(session: Session, item: OutboxItem) -> delivery.LetterMail | str:
-        """The digest's bytes; after its first attempt, only those (the module's rules)."""
         digest = session.get(Digest, item.id)
         definition = get_definition(session, digest.campaign_slug) if digest else None
         if digest is None or definition is None:
@@ -316,11 +293,6 @@ def kind(
         letters = _letters(session, item.id)
         if not letters:
             return "every letter in it was erased"
-        message = draft(definition, digest, letters)
-        made = fingerprint(message)
-        attempted = item.attempts > 0  # claimed before (a claim given back is not counted)
-        if attempted and digest.content_sha256 not in (None, made):  # None: made before 0022
-            return CHANGED
         campaign = session.get(Campaign, digest.campaign_slug)
         address = session.get(AddressHealth, health.key(digest.to_email))
         delivery.wait_while_held(
@@ -334,25 +306,12 @@ def kind(
         # mates() the others; the item's own submission may have been erased since).
         first = letters[0].Submission.id
         bounce = returns.bounce(first) if returns is not None else None
-        if not attempted and digest.content_sha256 != made:
-            _fix(session, item.id, made)
-        mail = outgoing_email(message, signer, bounce)
+        to_sandbox = digest.to_email == sandbox_address  # its letters were written in sandbox
+        mail = outgoing_email(draft(definition, digest, letters, to_sandbox), signer, bounce)
         return delivery.LetterMail(item.id, mail, limits)
 
     return replace(
         delivery.kind(mailer, policy, limiter, signer, returns), compose=compose, done=_done
-    )
-
-
-def _fix(session: Session, digest_id: str, made: str) -> None:
-    """The digest's bytes before its first attempt, committed with its claim (and only while
-    it was never claimed: a worker that read it unclaimed and lost the race writes nothing)."""
-    never_claimed = select(OutboxItem.attempts).where(OutboxItem.id == digest_id).scalar_subquery()
-    session.execute(
-        update(Digest)
-        .where(Digest.id == digest_id, never_claimed == 0)
-        .values(content_sha256=made)
-        .execution_options(synchronize_session=False)
     )
 
 
