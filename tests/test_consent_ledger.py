@@ -704,16 +704,25 @@ def test_exporting_an_address_nothing_is_held_about_says_so_and_exits_1(app: App
 def test_a_second_erasure_changes_nothing_and_one_after_a_return_erases_the_new_details(
     app: App, tmp_path: Path
 ) -> None:
-    delivered(app, tmp_path)
+    from workers.database.models import InboundMessage
+
+    sid = delivered(app, tmp_path)
     runner = CliRunner()
     first = runner.invoke(main, ["supporter", "erase", EMAIL, "--yes", "--json"])
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout)["letters_scrubbed"] == 1
     stored, before = everything_stored(app), len(events(app))
+    with session_scope(app.sessions) as session:  # a reply to their letter, held since
+        held = InboundMessage(source="smtp", recipient="r@x", raw=b"Dear Amira", submission_id=sid)
+        session.add(held)
+        session.flush()
+        held_id = held.id
 
     again = runner.invoke(main, ["supporter", "erase", EMAIL, "--yes", "--json"])
     assert again.exit_code == 1 and again.stdout == ""
-    assert again.stderr == "that supporter was erased already: nothing to erase\n"
+    assert again.stderr == "that supporter was erased already: nothing new to erase\n"
+    with session_scope(app.sessions) as session:  # what reached them since is gone all the same
+        assert session.get(InboundMessage, held_id).raw is None  # type: ignore[union-attr]
     with session_scope(app.sessions) as session:  # and by the function itself
         report = erase_supporter(session, app.secret, EMAIL)
     assert report.as_dict() == {

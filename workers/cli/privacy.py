@@ -142,11 +142,13 @@ def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
     with cli.session() as session:
         if not holds_anything(session, app.secret, email):
             raise click.ClickException("nothing is held about that address: nothing to erase")
-        if erased_already(session, app.secret, email):
-            raise Nothing("that supporter was erased already: nothing to erase")
-    confirm(yes, "Erase everything held about 1 supporter, for good?")
-    with cli.session() as session:
+        again = erased_already(session, app.secret, email)
+    if not again:
+        confirm(yes, "Erase everything held about 1 supporter, for good?")
+    with cli.session() as session:  # again: what reached their erased submissions since goes
         report = erase_supporter(session, app.secret, email, _outbox(app))
+    if again:
+        raise Nothing("that supporter was erased already: nothing new to erase")
     cli.say(json.dumps(report.as_dict(), indent=2), report.as_dict())
 
 

@@ -287,18 +287,18 @@ def erase_supporter(
 
     Kept: the delivery facts and the pseudonymous consent ledger, to which a withdrawal of every
     channel and an erasure event are added. A submission still on its way is withdrawn.
-    Submissions erased before are left as they are; a supporter erased already (nothing held
-    since) is left alone, no event added: the report counts nothing done.
+    A submission erased before is not counted again, but what reached it since (a held reply, a
+    failure's text, a copy written by a send under way at the erasure) goes; a supporter erased
+    already, with nothing sent since, gets no new ledger events.
     """
     hold(session)  # the ledger's lock before any row lock (see workers.privacy.ledger.hold)
     report = ErasureReport()
     now = utcnow()
     who = supporter_hash(secret, email)
-    if _erased(session, who):
-        report.consent_events_kept = len(_ledger(session, who))
-        return report
+    erased_before = _erased(session, who)
     for sub in _submissions(session, who):
-        if sub.erased_at is not None:  # erased before: only those sent since (they came back)
+        if sub.erased_at is not None:
+            _forget(session, sub.id, outbox_dir, ERASED_LETTER, BY_REQUEST)
             continue
         report.submissions += 1
         report.stopped_before_sending += _stop(session, sub)
@@ -317,6 +317,8 @@ def erase_supporter(
         report.outbox_files_removed += removed
         emit(session, "supporter.erased", sub.id, campaign=sub.campaign_slug)
     report.consent_events_kept = len(_ledger(session, who))
+    if erased_before:
+        return report
     report.consent_events_added = withdraw(
         session, secret, email, list(CHANNELS), source="erasure request"
     )
