@@ -293,6 +293,10 @@ def test_personal_data_waits_for_the_consent_ledger_not_the_submissions_own_say(
     from tests.test_stages import step, store
     from workers.stages.validation import validate
 
+    earlier = store(app, submission())  # they wrote before, agreeing: that is not this one's
+    step(app, validate, earlier)
+    with session_scope(app.sessions) as session:
+        consent.log_consent(session, earlier, app.secret)
     add(app, receiver.url("/ok"), ("submission.accepted",), personal_data=True)
     sid = store(app, submission())
     step(app, validate, sid)  # accepted: the event; its consent is logged by the next stage

@@ -70,12 +70,15 @@ def compose(
 
 
 def personal_data(session: Session, submission: Submission) -> dict[str, Any] | None:
-    """The supporter's details, if still held and the consent ledger, the proof, says now that
-    they agreed to be contacted by the organisation on some channel this submission asked about
-    (so nothing before their consent is logged, and nothing for a rejected submission)."""
+    """The supporter's details, if still held, once this submission's consent is in the ledger
+    (the proof: so nothing before it is logged, nor for a rejected submission), and if the
+    ledger says now that they agree to be contacted by the organisation on some channel this
+    submission asked about (a later withdrawal counts)."""
     payload = submission.payload or {}
     person = payload.get("supporter")
-    if submission.erased_at is not None or not isinstance(person, dict) or "email" not in person:
+    if submission.erased_at is not None or submission.consent_logged_at is None:
+        return None
+    if not isinstance(person, dict) or "email" not in person:
         return None
     asked = payload.get("contact_preferences") or {}
     recorded = current_preferences(session, submission.supporter_hash or "")
