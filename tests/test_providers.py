@@ -61,13 +61,6 @@ class ProviderStub:
                 self.end_headers()
                 self.wfile.write(text.encode())
 
-            def do_GET(self) -> None:  # the domain endpoint health asks
-                stub.requests.append({"path": self.path, "headers": dict(self.headers)})
-                status = stub.replies.pop(0)[0] if stub.replies else 200
-                self.send_response(status)
-                self.end_headers()
-                self.wfile.write(b"{}")
-
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -261,12 +254,13 @@ def test_health_asks_the_email_api_whether_it_takes_our_key_and_sends_nothing(
         email_api_key="key-123",
         email_api_domain="campaign.example.org",
     )
-    assert _mail_server(settings).status == "ok"
-    assert provider.requests[-1]["path"] == "/v3/domains/campaign.example.org"
+    provider.replies.append((400, {}, '{"message": "to parameter is missing"}'))
+    assert _mail_server(settings).status == "ok"  # the key and domain taken, nothing to send
+    assert provider.requests[-1]["path"] == "/v3/campaign.example.org/messages.mime"
     assert provider.requests[-1]["headers"]["Authorization"].startswith("Basic ")
     provider.replies.append((401, {}, "Forbidden"))
     refused = _mail_server(settings)
     assert refused.status == "down" and "refuses our key or domain (HTTP 401)" in refused.detail
     settings.email_api_url = f"http://127.0.0.1:{free_port()}"
     assert "cannot reach the email API" in _mail_server(settings).detail
-    assert all(r["path"].startswith("/v3/domains/") for r in provider.requests)  # nothing sent
+    assert all(r["body"] == b"" for r in provider.requests)  # nothing sent

@@ -35,7 +35,7 @@ class HttpMailer(Mailer):
         if not settings.email_api_key or not settings.email_api_domain:
             raise ValueError("the http mail backend needs EMAIL_API_KEY and EMAIL_API_DOMAIN")
         api, domain = settings.email_api_url.rstrip("/"), settings.email_api_domain
-        self.url, self.domain_url = f"{api}/v3/{domain}/messages.mime", f"{api}/v3/domains/{domain}"
+        self.url = f"{api}/v3/{domain}/messages.mime"
         self.auth = ("api", settings.email_api_key.get_secret_value())
         self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
         self._local = threading.local()
@@ -53,15 +53,17 @@ class HttpMailer(Mailer):
         return session
 
     def probe(self) -> str | None:
-        """Why no letter could go (the API unreachable, or refusing our key or domain), asked
-        of its domain endpoint, which sends nothing; None when it accepts us."""
+        """Why no letter could go (the API unreachable, or refusing our key or domain); None
+        when it accepts us. Asked with an empty POST to the endpoint letters go to, which sends
+        nothing (a 400 for the missing message: the key and domain were accepted); a domain
+        sending key may do nothing else."""
         try:
-            status = self._session().get(self.domain_url, timeout=self.timeout).status_code
+            status = self._session().post(self.url, timeout=self.timeout).status_code
         except requests.RequestException as exc:
             return f"cannot reach the email API ({type(exc).__name__})"
         if status in REFUSING_US:
             return f"the email API refuses our key or domain (HTTP {status}): check EMAIL_API_*"
-        return None if status < 300 else f"the email API answered HTTP {status}"
+        return None if status < 500 else f"the email API answered HTTP {status}"
 
     def send(self, mail: Outgoing) -> str:
         self.relay.check()
