@@ -356,7 +356,8 @@ def test_a_digest_campaign_sends_the_days_near_identical_letters_to_an_mp_as_one
         send_item(app, item_id)
     told_mail = list(app.settings.resolved_outbox_dir.glob("notice-*.eml"))
     assert len(told_mail) == 2
-    assert b"in one email with the letters of 1" in told_mail[0].read_bytes()
+    told_text = message_from_bytes(told_mail[0].read_bytes(), policy=policy.SMTP).get_content()
+    assert "in one email with the letter of 1 other constituent who wrote" in told_text
     report = json.loads(CliRunner().invoke(main, ["review", "report", SLUG, "--json"]).stdout)
     assert report["per_mp"][0]["digested"] == 2
 

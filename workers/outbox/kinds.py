@@ -7,13 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from config.settings import default
 from schemas.submission import stored_email
 from workers.database.models import (
-    Digest,
     InboundMessage,
     Letter,
     LetterEvent,
@@ -132,10 +131,9 @@ def _after_sent(session: Session, item: OutboxItem, context: Context) -> Outgoin
             item.id, sender, to, inbound.raw, mp_name, letter.to_email, item.created_at
         )
     elif item.kind == digests.NOTICE:
-        count = session.scalar(
-            select(Digest.letters)
-            .join(LetterPrint, LetterPrint.digest_id == Digest.id)
-            .where(LetterPrint.submission_id == submission.id)
+        digest = select(LetterPrint.digest_id).where(LetterPrint.submission_id == submission.id)
+        count = session.scalar(  # the letters it holds (an erased constituent's went with them)
+            select(func.count()).where(LetterPrint.digest_id == digest.scalar_subquery())
         )
         text = digests.notice_text(definition, mp_name, count or 1)
         message = notices.digested(item.id, sender, to, mp_name, text, item.created_at)

@@ -340,10 +340,16 @@ def _done(session: Session, item: OutboxItem, status: str, detail: str | None) -
 
 
 def notice_text(definition: CampaignDefinition, mp_name: str, count: int) -> str:
-    """What a supporter is told when their letter went in the MP's digest."""
+    """What a supporter is told when their letter went in the MP's digest of ``count``."""
+    others = count - 1
+    with_them = (
+        f"with the letter{'s' if others > 1 else ''} of {counted(others, 'other constituent')}"
+        if others
+        else "for the constituents"
+    )
     return (
-        f"Your letter went to {mp_name} today, in one email with the letters of {count - 1} "
-        f'other constituents who wrote about "{definition.title}".\n\n'
+        f"Your letter went to {mp_name} today, in one email {with_them} who wrote about "
+        f'"{definition.title}".\n\n'
         "MPs' offices filter many copies of the same letter; one email that gives your name, "
         "your postcode and your own words is read. Replies from your MP come to you as "
         "usual.\n\n"
