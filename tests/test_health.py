@@ -292,7 +292,7 @@ def test_a_paused_campaign_holds_its_letters_until_resumed_and_health_names_it(
     assert status == "degraded" and slug in detail
 
     resumed = CliRunner().invoke(main, ["campaigns", "resume", slug])
-    assert resumed.exit_code == 0 and "1 waiting letter sent now" in resumed.output
+    assert resumed.exit_code == 0 and "1 waiting letter queued to go" in resumed.output
     assert wait_for(lambda: state_counts(app, [sid]) == {"delivered": 1}, 30)
     assert "campaigns" not in checks_of(CliRunner().invoke(main, ["health", "--json"]))
     not_paused = CliRunner().invoke(main, ["campaigns", "resume", slug])
@@ -323,7 +323,7 @@ def test_a_paused_mp_address_holds_its_letters_until_marked_ok(
     assert again.exit_code == 1 and "paused already" in again.output
     neither = cli.invoke(main, ["directory", "address", address])
     assert neither.exit_code == 2 and "--pause REASON or --ok" in neither.output
-    assert "1 waiting letter sent now" in cli.invoke(main, ["campaigns", "resume", slug]).output
+    assert "1 waiting letter queued to go" in cli.invoke(main, ["campaigns", "resume", slug]).output
     assert wait_for(lambda: _waits(app, sid), 30)  # due, then deferred again: still held
     assert state_counts(app, [sid]) == {"rendered": 1}
     with session_scope(app.sessions) as session:  # a bounce of an earlier letter: still paused
@@ -332,7 +332,7 @@ def test_a_paused_mp_address_holds_its_letters_until_marked_ok(
     assert status == "degraded" and f"{address.lower()} (1 letter waiting)" in detail
 
     resumed = cli.invoke(main, ["directory", "address", address, "--ok"])
-    assert resumed.exit_code == 0 and "1 waiting letter sent now" in resumed.output
+    assert resumed.exit_code == 0 and "1 waiting letter queued to go" in resumed.output
     assert wait_for(lambda: state_counts(app, [sid]) == {"delivered": 1}, 30)
     assert "paused MP addresses" not in checks_of(cli.invoke(main, ["health", "--json"]))
     not_paused = cli.invoke(main, ["directory", "address", address, "--ok"])

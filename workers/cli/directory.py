@@ -235,7 +235,7 @@ def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> Non
             if row is not None and row.status == health.PAUSED:
                 ids = resume_address(session, email)
                 said, groups = (
-                    f"resumed; {counted(len(ids), 'waiting letter')} sent now",
+                    f"resumed; {counted(len(ids), 'waiting letter')} queued to go",
                     {Stage.DELIVER: ids},
                 )
                 action = "resumed"

@@ -233,5 +233,5 @@ def campaigns_resume(cli: Cli, slug: str) -> None:
     with refusing(LookupError), cli.session() as session:
         ids = resume_campaign(session, slug)
     cli.send({Stage.DELIVER: ids})
-    said = f"{slug}: resumed; {counted(len(ids), 'waiting letter')} sent now"
+    said = f"{slug}: resumed; {counted(len(ids), 'waiting letter')} queued to go"
     cli.say(said, {"campaign": slug, "paused": False, "sent": list(ids)})

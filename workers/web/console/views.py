@@ -42,7 +42,7 @@ DONE = {
     "retried": "Letters being tried now: {n}.",
     "paused": "Paused: letters wait until it is resumed.",
     "already-paused": "It was paused already.",
-    "resumed": "Resumed; waiting letters sent now: {n}.",
+    "resumed": "Resumed; waiting letters queued to go: {n}.",
     "mail-resumed": "The workers try the mail server again within seconds.",
     "no-mail-pause": "No mail pause was reported; the workers are told to try anyway.",
 }
