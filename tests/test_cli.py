@@ -293,3 +293,8 @@ def test_campaigns_list_gives_each_campaigns_mode_and_pause(app: App) -> None:
     assert runner.invoke(main, ["campaigns", "resume", "political-prisoners"]).exit_code == 0
     [row] = json.loads(runner.invoke(main, ["campaigns", "list", "--json"]).stdout)
     assert (row["paused"], row["paused_at"]) == (False, None)
+
+
+def test_watch_without_a_terminal_says_it_would_print_nothing_unless_told_when_to_stop() -> None:
+    result = CliRunner().invoke(main, ["watch"])
+    assert result.exit_code == 2 and "give --iterations" in result.output

@@ -359,7 +359,13 @@ def _watch_view(snap: dead.Snapshot) -> Any:
 @click.option("--iterations", type=int, default=None, help="Stop after this many (default: never).")
 @pass_cli
 def watch(cli: Cli, interval: float, iterations: int | None) -> None:
-    """A live view of queues, work per stage, dead letters and the newest failures."""
+    """A live view of queues, work per stage, dead letters and the newest failures (on a
+    terminal; elsewhere only with --iterations, the last view printed when they are done)."""
+    if iterations is None and not sys.stdout.isatty():
+        raise click.UsageError(
+            "watch is a live view for a terminal, which it would never print to here: "
+            "give --iterations, or use `dearmp queues` or `dearmp health --json`"
+        )
     app = cli.app
     client = redis_client(app)
     with Live(console=Console(), refresh_per_second=4, screen=False) as live:
