@@ -514,3 +514,14 @@ def test_a_failing_address_cannot_be_paused(app: App) -> None:
         session.add(AddressHealth(email=failing, status=health.FAILING, reason="3 returned"))
     with session_scope(app.sessions) as session, pytest.raises(LookupError, match="failing"):
         pauses.pause_address(session, "Office@mp.example.org", "recess")
+
+
+def test_the_notice_for_a_digest_of_one_speaks_of_no_others() -> None:
+    from schemas.campaign import CampaignDefinition
+    from tests.test_campaign_definition_checks import sample
+    from workers.stages.digests import notice_text
+
+    definition = CampaignDefinition.model_validate(sample())
+    one, two = (notice_text(definition, "Alex Rivers", n).splitlines()[0] for n in (1, 2))
+    assert "other" not in one and "gathers constituents' letters about" in one
+    assert "with the letter of 1 other constituent who wrote about" in two

@@ -261,6 +261,9 @@ def test_health_asks_the_email_api_whether_it_takes_our_key_and_sends_nothing(
     provider.replies.append((401, {}, "Forbidden"))
     refused = _mail_server(settings)
     assert refused.status == "down" and "refuses our key or domain (HTTP 401)" in refused.detail
+    provider.replies.append((405, {}, "Method Not Allowed"))  # a website, not the API
+    wrong = _mail_server(settings)
+    assert wrong.status == "down" and "answered HTTP 405: check EMAIL_API_URL" in wrong.detail
     settings.email_api_url = f"http://127.0.0.1:{free_port()}"
     assert "cannot reach the email API" in _mail_server(settings).detail
     assert all(r["body"] == b"" for r in provider.requests)  # nothing sent

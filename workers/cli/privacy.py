@@ -21,7 +21,6 @@ from workers.privacy.rights import (
     consent_csv,
     consent_receipt,
     erase_supporter,
-    erased_already,
     export_supporter,
     holds_anything,
     run_retention,
@@ -142,12 +141,10 @@ def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
     with cli.session() as session:
         if not holds_anything(session, app.secret, email):
             raise click.ClickException("nothing is held about that address: nothing to erase")
-        again = erased_already(session, app.secret, email)
-    if not again:
-        confirm(yes, "Erase everything held about 1 supporter, for good?")
+    confirm(yes, "Erase everything held about 1 supporter, for good?")
     with cli.session() as session:  # again: what reached their erased submissions since goes
         report = erase_supporter(session, app.secret, email, _outbox(app))
-    if again:
+    if report.submissions == 0 and report.consent_events_added == 0:
         raise Nothing("that supporter was erased already: nothing new to erase")
     cli.say(json.dumps(report.as_dict(), indent=2), report.as_dict())
 

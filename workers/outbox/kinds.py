@@ -48,7 +48,6 @@ class Context:
         default_factory=confirmation.ConfirmationPolicy
     )
     webhook_timeout: float = default("webhook_timeout_seconds")
-    sandbox_address: str = default("sandbox_address")
 
 
 # Every kind the outbox sends (``outbox.kind``): what :func:`kinds` returns, by name.
@@ -89,7 +88,7 @@ def kinds(context: Context) -> dict[str, Kind]:
     mail = (context.mailer, context.delivery, context.limiter, context.signer, context.returns)
     return {
         delivery.KIND: delivery.kind(*mail),
-        digests.KIND: digests.kind(*mail, context.sandbox_address),
+        digests.KIND: digests.kind(*mail),
         digests.NOTICE: Kind(after_sent),
         "confirm": Kind(confirm),
         "bounce": Kind(after_sent),

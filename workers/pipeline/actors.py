@@ -270,7 +270,6 @@ def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
             settings.public_url,
             confirmation.ConfirmationPolicy.from_settings(settings),
             settings.webhook_timeout_seconds,
-            settings.sandbox_address,
         )
         built = _outbox_built = (app, kinds.kinds(context), policy)
     return built[1], built[2]

@@ -118,11 +118,6 @@ def _erased(session: Session, who: str) -> bool:
     return session.scalar(erasure.limit(1)) is not None and session.scalar(kept.limit(1)) is None
 
 
-def erased_already(session: Session, secret: bytes, email: str) -> bool:
-    """Whether an erasure of the address would change nothing: it was erased already."""
-    return _erased(session, supporter_hash(secret, email))
-
-
 def _webhook(session: Session, item: OutboxItem) -> dict[str, Any]:
     """What a CRM was told: the event, where it went, and whether it could carry the
     supporter's details (the endpoint's permission; their consent decides it when sent)."""

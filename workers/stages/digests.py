@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, exists, insert, select, update
 from sqlalchemy.orm import Session
 
-from config.settings import default
 from schemas.campaign import CampaignDefinition, campaign_template
 from workers.database.engine import insert_on_conflict
 from workers.database.models import (
@@ -44,7 +43,7 @@ from workers.outbox.sending import Kind, enqueue
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.comparison import letter_body
-from workers.stages.rendering import SANDBOX, list_id
+from workers.stages.rendering import SANDBOX, SANDBOX_NAME, list_id
 from workers.wording import counted
 
 KIND = KEY = "digest"
@@ -203,11 +202,9 @@ def message_id(session: Session, submission_id: str, letter_message_id: str) -> 
     return None if digest_id is None else f"<digest-{digest_id}@{letter_message_id.split('@')[-1]}"
 
 
-def draft(
-    definition: CampaignDefinition, digest: Digest, letters: list[Any], sandbox: bool = False
-) -> Draft:
+def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) -> Draft:
     """The digest's email, from its letters' rows (submission, letter): the same rows, the
-    same bytes. ``sandbox``: it goes to the sandbox mailbox, marked so, as its letters are."""
+    same bytes. Letters written for the sandbox mailbox make a digest marked so, as they are."""
     first = letters[0].Submission
     recipient = first.recipient or {}
     mp_name = recipient.get("name") or digest.to_name
@@ -215,7 +212,7 @@ def draft(
         "mp": {"name": mp_name, "constituency": recipient.get("constituency", "")},
         "campaign": {"title": definition.title, "organisation": definition.organisation},
     }
-    count = len(letters)
+    count, sandbox = len(letters), letters[0].Letter.to_name == SANDBOX_NAME
     suggested = originality.template(definition.draft_body)
     entries = []
     for number, row in enumerate(letters, 1):
@@ -280,7 +277,6 @@ def kind(
     limiter: Limiter | None,
     signer: DkimSigner | None,
     returns: ReturnAddresses | None,
-    sandbox_address: str = default("sandbox_address"),
 ) -> Kind:
     """The digest's kind of outbox item: sent as a letter (the per-MP limits, the letter's
     channel), its letters moved on in the commit that ends it."""
@@ -306,8 +302,7 @@ def kind(
         # mates() the others; the item's own submission may have been erased since).
         first = letters[0].Submission.id
         bounce = returns.bounce(first) if returns is not None else None
-        to_sandbox = digest.to_email == sandbox_address  # its letters were written in sandbox
-        mail = outgoing_email(draft(definition, digest, letters, to_sandbox), signer, bounce)
+        mail = outgoing_email(draft(definition, digest, letters), signer, bounce)
         return delivery.LetterMail(item.id, mail, limits)
 
     return replace(
@@ -343,13 +338,13 @@ def notice_text(definition: CampaignDefinition, mp_name: str, count: int) -> str
     """What a supporter is told when their letter went in the MP's digest of ``count``."""
     others = count - 1
     with_them = (
-        f"with the letter{'s' if others > 1 else ''} of {counted(others, 'other constituent')}"
+        f"in one email with the letter{'s' if others > 1 else ''} of "
+        f"{counted(others, 'other constituent')} who wrote"
         if others
-        else "for the constituents"
+        else "in the email that gathers constituents' letters"
     )
     return (
-        f"Your letter went to {mp_name} today, in one email {with_them} who wrote about "
-        f'"{definition.title}".\n\n'
+        f'Your letter went to {mp_name} today, {with_them} about "{definition.title}".\n\n'
         "MPs' offices filter many copies of the same letter; one email that gives your name, "
         "your postcode and your own words is read. Replies from your MP come to you as "
         "usual.\n\n"

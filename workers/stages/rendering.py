@@ -44,6 +44,7 @@ from workers.stages import delivery
 from workers.stages.stage import Stage
 
 SANDBOX = "[SANDBOX] "  # what a sandbox letter's subject and text begin with
+SANDBOX_NAME = "DearMP sandbox"  # a sandbox letter's To: name (only rendering writes it)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def compose(
             f"for {mp.name} <{mp.email}>, MP for {mp.constituency}.\n\n"
         )
         text, subject = note + text, f"{SANDBOX}{subject}"
-        to_name, to_email = "DearMP sandbox", sandbox_address
+        to_name, to_email = SANDBOX_NAME, sandbox_address
     from_name = campaign_template(definition.sender_name).render(
         supporter_name=supporter["name"], organisation=definition.organisation
     )

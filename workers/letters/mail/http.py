@@ -63,7 +63,9 @@ class HttpMailer(Mailer):
             return f"cannot reach the email API ({type(exc).__name__})"
         if status in REFUSING_US:
             return f"the email API refuses our key or domain (HTTP {status}): check EMAIL_API_*"
-        return None if status < 500 else f"the email API answered HTTP {status}"
+        if status in (400, 429) or status < 300:  # the missing message, or busy: it took us
+            return None
+        return f"the email API answered HTTP {status}: check EMAIL_API_URL"
 
     def send(self, mail: Outgoing) -> str:
         self.relay.check()
