@@ -193,7 +193,10 @@ def test_the_three_policies_for_near_identical_letters_on_real_workers(
         }, running.log_text()[-3000:]
         client = redis.Redis.from_url(redis_server.url)
         found = {c.name: c for c in checks.run(app, client, "dearmp", 3, 300)}
-        assert found["review"].status == "degraded" and "1 letters" in found["review"].detail
+        assert (
+            found["review"].status == "degraded"
+            and "1 letter near-identical" in found["review"].detail
+        )
         with session_scope(app.sessions) as session:
             assert comparison.release(session, ids["hold"][2])
             made = digests.build_due(session, force=True)
