@@ -6,6 +6,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +117,25 @@ def make_settings(tmp_path: Path, **values: Any) -> Settings:
     return Settings(**(base | values))
 
 
+@contextmanager
+def serving(settings: Settings) -> Iterator[App]:
+    """The process's App for ``settings`` on a prepared database (the sample campaign and
+    directory loaded), for the block; a test module's ``app`` fixture with settings of its own."""
+    application = App.from_settings(settings)
+    prepare(application)
+    set_app(application)
+    try:
+        yield application
+    finally:
+        set_app(None)
+        application.engine.dispose()
+
+
 @pytest.fixture
 def app(db_url: str, tmp_path: Path) -> Iterator[App]:
     """The process's App on a fresh database with the sample campaign and directory loaded."""
-    application = App.from_settings(make_settings(tmp_path, database_url=db_url))
-    prepare(application)
-    set_app(application)
-    yield application
-    set_app(None)
-    application.engine.dispose()
+    with serving(make_settings(tmp_path, database_url=db_url)) as application:
+        yield application
 
 
 @pytest.fixture

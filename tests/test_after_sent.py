@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tests import mail_samples as samples
-from tests.conftest import ApiClient, drain, make_settings
+from tests.conftest import ApiClient, drain, make_settings, serving
 from tests.factories import submission
 from workers.database.engine import session_scope
 from workers.database.models import (
@@ -38,7 +38,7 @@ from workers.letters.outcomes import report, resend_bounced
 from workers.mp import health
 from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import dispatch_groups
-from workers.pipeline.runtime import prepare, state_counts, submit
+from workers.pipeline.runtime import state_counts, submit
 from workers.receiving.store import store
 from workers.stages import inbound, survey
 from workers.stages.stage import Stage
@@ -52,7 +52,7 @@ SUPPORTER = "amira.haddad@example.com"
 @pytest.fixture
 def app(db_url: str, tmp_path: Path) -> Iterator[App]:
     """The App with a bounce and a reply domain, and a Mailgun signing key."""
-    application = App.from_settings(
+    with serving(
         make_settings(
             tmp_path,
             database_url=db_url,
@@ -60,12 +60,8 @@ def app(db_url: str, tmp_path: Path) -> Iterator[App]:
             reply_domain=REPLIES,
             mailgun_signing_key="mailgun-key",
         )
-    )
-    prepare(application)
-    set_app(application)
-    yield application
-    set_app(None)
-    application.engine.dispose()
+    ) as application:
+        yield application
 
 
 def deliver(

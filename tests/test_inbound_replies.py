@@ -23,7 +23,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
 from tests import mail_samples as samples
-from tests.conftest import drain, make_settings
+from tests.conftest import drain, make_settings, serving
 from tests.test_after_sent import (
     BOUNCES,
     REPLIES,
@@ -44,10 +44,10 @@ from workers.database.models import AddressHealth, InboundMessage, OutboxItem, S
 from workers.letters.outcomes import report, resend_bounced
 from workers.mp import health
 from workers.outbox import sending as outbox_sending
-from workers.pipeline.app import App, set_app
+from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
-from workers.pipeline.runtime import prepare, state_counts
+from workers.pipeline.runtime import state_counts
 from workers.receiving.classify import acknowledgement, automated, classify, reply_origin
 from workers.receiving.store import store
 from workers.stages import inbound, survey
@@ -61,22 +61,17 @@ def app(db_url: str, tmp_path: Path) -> Iterator[App]:
     """The App with a bounce and a reply domain, a DKIM key, and a notice lease of a minute."""
     from tests.services import dkim_keys
 
-    application = App.from_settings(
-        make_settings(
-            tmp_path,
-            database_url=db_url,
-            bounce_domain=BOUNCES,
-            reply_domain=REPLIES,
-            dkim_private_key=dkim_keys()[0].decode(),
-            dkim_selector="dearmp",
-            delivery_lease_seconds=60,
-        )
+    settings = make_settings(
+        tmp_path,
+        database_url=db_url,
+        bounce_domain=BOUNCES,
+        reply_domain=REPLIES,
+        dkim_private_key=dkim_keys()[0].decode(),
+        dkim_selector="dearmp",
+        delivery_lease_seconds=60,
     )
-    prepare(application)
-    set_app(application)
-    yield application
-    set_app(None)
-    application.engine.dispose()
+    with serving(settings) as application:
+        yield application
 
 
 def relayed_letter(app: App, broker: Any, worker: dramatiq.Worker) -> tuple[str, Any, str]:

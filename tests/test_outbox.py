@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from schemas.messages import stage_payload
 from tests import mail_samples as samples
-from tests.conftest import drain, make_settings
+from tests.conftest import drain, make_settings, serving
 from tests.factories import submission
 from tests.test_after_sent import BOUNCES, REPLIES, SUPPORTER, deliver, letter_of, relay
 from workers.cli import main as cli
@@ -41,10 +41,9 @@ from workers.letters.mail import (
 from workers.outbox import sending as outbox
 from workers.outbox.kinds import KINDS
 from workers.pipeline.actors import WORK, outbox_for, run_stage
-from workers.pipeline.app import App, set_app
+from workers.pipeline.app import App
 from workers.pipeline.intake import accept
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
-from workers.pipeline.runtime import prepare
 from workers.privacy.rights import erase_supporter
 from workers.receiving.store import store
 from workers.stages import inbound
@@ -91,7 +90,7 @@ class Recorder:
 @pytest.fixture
 def app(db_url: str, tmp_path: Path) -> Iterator[App]:
     """The App with a bounce and a reply domain (unsigned: a resend is byte for byte the same)."""
-    application = App.from_settings(
+    with serving(
         make_settings(
             tmp_path,
             database_url=db_url,
@@ -99,12 +98,8 @@ def app(db_url: str, tmp_path: Path) -> Iterator[App]:
             reply_domain=REPLIES,
             delivery_lease_seconds=60,
         )
-    )
-    prepare(application)
-    set_app(application)
-    yield application
-    set_app(None)
-    application.engine.dispose()
+    ) as application:
+        yield application
 
 
 def unconfirmed(app: App) -> str:

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select, update
 
 from schemas.campaign import SimilarLetters
-from tests.conftest import make_settings
+from tests.conftest import make_settings, serving
 from tests.factories import submission
 from tests.services import dkim_dns, dkim_keys
 from tests.test_after_sent import BOUNCES, REPLIES
@@ -32,8 +32,7 @@ from workers.letters.mail.dkim import SIGNED_HEADERS
 from workers.letters.mail.messages import Draft, write
 from workers.outbox import sending as outbox
 from workers.pipeline.actors import outbox_for
-from workers.pipeline.app import App, set_app
-from workers.pipeline.runtime import prepare
+from workers.pipeline.app import App
 from workers.privacy.rights import erase_supporter
 from workers.stages import delivery, digests
 from workers.stages.comparison import compare
@@ -48,7 +47,7 @@ LATER = 400  # seconds: past the 300-second lease, a takeover's clock
 @pytest.fixture
 def app(db_url: str, tmp_path: Path) -> Iterator[App]:
     """A deployment that signs (a DKIM key), with a bounce and a reply domain."""
-    application = App.from_settings(
+    with serving(
         make_settings(
             tmp_path,
             database_url=db_url,
@@ -58,12 +57,8 @@ def app(db_url: str, tmp_path: Path) -> Iterator[App]:
             dkim_selector="dearmp",
             delivery_lease_seconds=60,
         )
-    )
-    prepare(application)
-    set_app(application)
-    yield application
-    set_app(None)
-    application.engine.dispose()
+    ) as application:
+        yield application
 
 
 class Dying(Recorder):

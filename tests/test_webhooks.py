@@ -25,7 +25,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from schemas import JSON_SCHEMA_DIR
 from schemas.webhooks import json_schemas
 from tests import mail_samples as samples
-from tests.conftest import drain, make_settings
+from tests.conftest import drain, make_settings, serving
 from tests.factories import submission
 from tests.services import wait_for
 from tests.test_after_sent import BOUNCES, REPLIES, bounce_of, deliver, letter_of, receive, relay
@@ -34,9 +34,9 @@ from workers.database.engine import session_scope
 from workers.database.models import OutboxItem, Submission, utcnow
 from workers.outbox import sending as outbox
 from workers.pipeline.actors import outbox_for
-from workers.pipeline.app import App, set_app
+from workers.pipeline.app import App
 from workers.pipeline.reconciler import find_after_sent
-from workers.pipeline.runtime import prepare, state_counts, submit
+from workers.pipeline.runtime import state_counts, submit
 from workers.privacy.rights import erase_supporter, export_supporter
 from workers.stages import consent, survey
 from workers.stages.stage import Deferred, Stage
@@ -136,21 +136,16 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def app(db_url: str, tmp_path: Path) -> Iterator[App]:
     """The App with bounce and reply domains and a short webhook timeout."""
-    application = App.from_settings(
-        make_settings(
-            tmp_path,
-            database_url=db_url,
-            bounce_domain=BOUNCES,
-            reply_domain=REPLIES,
-            webhook_timeout_seconds=2.0,
-        )
+    settings = make_settings(
+        tmp_path,
+        database_url=db_url,
+        bounce_domain=BOUNCES,
+        reply_domain=REPLIES,
+        webhook_timeout_seconds=2.0,
     )
-    prepare(application)
-    set_app(application)
-    events.forget()
-    yield application
-    set_app(None)
-    application.engine.dispose()
+    with serving(settings) as application:
+        events.forget()
+        yield application
 
 
 def add(app: App, url: str, wanted: tuple[str, ...] = events.EVENTS, **options: Any) -> int:
