@@ -289,14 +289,21 @@ def test_an_address_that_keeps_bouncing_is_failing_and_holds_new_letters_until_i
     assert state_counts(app, [held]) == {"delivered": 1}
 
 
+def returned(app: App, broker: Any, worker: dramatiq.Worker) -> tuple[str, int]:
+    """A letter delivered, then returned for good: its submission and its MP."""
+    [sid] = deliver(app, broker, worker)
+    receive(app, broker, worker, *bounce_of(app, sid))
+    with session_scope(app.sessions) as session:
+        member_id = session.scalar(select(Submission.member_id).where(Submission.id == sid))
+    assert member_id is not None
+    return sid, member_id
+
+
 def test_an_operator_resends_returned_letters_to_a_corrected_address_once(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker
 ) -> None:
-    [sid] = deliver(app, stub_broker, stub_worker)
-    receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
+    sid, member_id = returned(app, stub_broker, stub_worker)
     with session_scope(app.sessions) as session:
-        member_id = session.scalar(select(Submission.member_id).where(Submission.id == sid))
-        assert member_id is not None
         with pytest.raises(ValueError, match="not an email address"):
             resend_bounced(session, member_id, "not an address")
         assert resend_bounced(session, member_id, "new.office@parliament.example") == [sid]
@@ -314,11 +321,8 @@ def test_the_returned_letter_of_a_supporter_erased_since_is_never_sent_again(
 ) -> None:
     from workers.privacy.rights import erase_supporter
 
-    [sid] = deliver(app, stub_broker, stub_worker)
-    receive(app, stub_broker, stub_worker, *bounce_of(app, sid))
+    _, member_id = returned(app, stub_broker, stub_worker)
     with session_scope(app.sessions) as session:
-        member_id = session.scalar(select(Submission.member_id).where(Submission.id == sid))
-        assert member_id is not None
         erase_supporter(session, app.secret, SUPPORTER)
     with session_scope(app.sessions) as session:
         assert resend_bounced(session, member_id, "new.office@parliament.example") == []

@@ -16,6 +16,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from config.settings import Settings
 from tests.conftest import make_settings
 from tests.factories import send_letter, submission
 from tests.services import SmtpSink
@@ -78,15 +79,18 @@ def provider() -> Iterator[ProviderStub]:
     stub.server.shutdown()
 
 
-def http_mailer(tmp_path: Path, provider: ProviderStub) -> HttpMailer:
-    settings = make_settings(
+def http_settings(tmp_path: Path, provider: ProviderStub) -> Settings:
+    return make_settings(
         tmp_path,
         mail_backend="http",
         email_api_url=provider.url,
         email_api_key="key-123",
         email_api_domain="campaign.example.org",
     )
-    return HttpMailer(settings)
+
+
+def http_mailer(tmp_path: Path, provider: ProviderStub) -> HttpMailer:
+    return HttpMailer(http_settings(tmp_path, provider))
 
 
 def test_http_provider_gets_the_exact_bytes_and_the_answer_is_kept(
@@ -247,13 +251,7 @@ def test_health_asks_the_email_api_whether_it_takes_our_key_and_sends_nothing(
     from tests.services import free_port
     from workers.pipeline.checks import _mail_server
 
-    settings = make_settings(
-        tmp_path,
-        mail_backend="http",
-        email_api_url=provider.url,
-        email_api_key="key-123",
-        email_api_domain="campaign.example.org",
-    )
+    settings = http_settings(tmp_path, provider)
     provider.replies.append((400, {}, '{"message": "to parameter is missing"}'))
     assert _mail_server(settings).status == "ok"  # the key and domain taken, nothing to send
     assert provider.requests[-1]["path"] == "/v3/campaign.example.org/messages.mime"
