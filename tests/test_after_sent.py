@@ -11,6 +11,7 @@ import hmac
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from sqlalchemy import select, update
 from tests import mail_samples as samples
 from tests.conftest import ApiClient, drain, make_settings, serving
 from tests.factories import submission
+from tests.test_stages import through_render
 from workers.database.engine import session_scope
 from workers.database.models import (
     AddressHealth,
@@ -36,6 +38,9 @@ from workers.database.models import (
 from workers.letters.definitions import update_definition
 from workers.letters.outcomes import report, resend_bounced
 from workers.mp import health
+from workers.outbox import sending as outbox_sending
+from workers.outbox.sending import Kind
+from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.runtime import state_counts, submit
@@ -180,9 +185,11 @@ def test_an_inbound_message_acted_on_twice_acts_once(
     )
     policy = inbound.InboundPolicy.from_settings(app.settings)
     with session_scope(app.sessions) as session:
-        assert len(inbound.process(session, inbound_id, app.returns, policy)) == 1
+        assert (
+            len(inbound.process(session, inbound_id, app.returns, policy, outbox_for(app)[0])) == 1
+        )
     with session_scope(app.sessions) as session:
-        assert inbound.process(session, inbound_id, app.returns, policy) == []
+        assert inbound.process(session, inbound_id, app.returns, policy, outbox_for(app)[0]) == []
     assert events(app, sid) == [("bounce", "5.1.1")]
 
 
@@ -533,7 +540,7 @@ def test_erasure_removes_what_came_back_and_export_shows_its_facts(
     [inbound_id] = store(app.sessions, "smtp", [reply_to], raw)
     policy = inbound.InboundPolicy.from_settings(app.settings)
     with session_scope(app.sessions) as session:  # acted on; the forward not sent yet
-        [notice_id] = inbound.process(session, inbound_id, app.returns, policy)
+        [notice_id] = inbound.process(session, inbound_id, app.returns, policy, outbox_for(app)[0])
     assert inbound_row(app, inbound_id).raw == raw
     with session_scope(app.sessions) as session:
         exported = export_supporter(session, app.secret, SUPPORTER)
@@ -725,9 +732,9 @@ def test_dearmp_run_receives_bounces_in_the_same_process(app: App, stub_broker: 
         assert wait_for(lambda: state_counts(app, [sid]) == {"bounced": 1}, 30)
 
 
-def _digest_delivered(app: App, broker: Any, worker: dramatiq.Worker) -> tuple[list[str], str]:
+def _digest_made(app: App, broker: Any, worker: dramatiq.Worker) -> tuple[list[str], str]:
     """Three copies of the draft, one after another, to a campaign that puts them in digests
-    after the first, and the MP's digest of the last two sent: the three ids and the digest's."""
+    after the first, and the MP's digest of the last two made: the three ids and the digest's."""
     from schemas.campaign import SimilarLetters
     from workers.letters.definitions import get_definition
     from workers.stages import digests
@@ -744,6 +751,12 @@ def _digest_delivered(app: App, broker: Any, worker: dramatiq.Worker) -> tuple[l
     assert state_counts(app, ids) == {"delivered": 1, "in_digest": 2}
     with session_scope(app.sessions) as session:
         [made] = digests.build_due(session, force=True)
+    return ids, made
+
+
+def _digest_delivered(app: App, broker: Any, worker: dramatiq.Worker) -> tuple[list[str], str]:
+    """:func:`_digest_made`, and the digest sent."""
+    ids, made = _digest_made(app, broker, worker)
     dispatch_groups(broker, {Stage.DELIVER: [made]})
     drain(broker, worker)
     assert state_counts(app, ids) == {"delivered": 3}
@@ -764,7 +777,7 @@ def test_a_bounce_of_an_mps_digest_returns_every_letter_in_it(
     [inbound_id] = store(app.sessions, "smtp", [rcpt], dsn)
     policy = inbound.InboundPolicy.from_settings(app.settings)
     with session_scope(app.sessions) as session:
-        notices = inbound.process(session, inbound_id, app.returns, policy)
+        notices = inbound.process(session, inbound_id, app.returns, policy, outbox_for(app)[0])
     assert len(notices) == 2  # each supporter whose letter was in it is told
     assert state_counts(app, ids) == {"delivered": 1, "bounced": 2}
     with session_scope(app.sessions) as session:  # sent again, each on its own
@@ -791,4 +804,57 @@ def test_a_mailgun_report_of_an_mps_digest_returns_every_letter_in_it(
             "stored": True
         }
         drain(stub_broker, stub_worker)
+    assert state_counts(app, ids) == {"delivered": 1, "bounced": 2}
+
+
+def _sent_unmoved(app: App, item_id: str) -> dict[str, Kind]:
+    """Send the item as the outbox does, but stop after its sent mark, before its kind's move
+    (a worker killed there, or one still sending the rest of its group); the outbox's kinds."""
+    every_kind, timing = outbox_for(app)
+    unmoved = {name: replace(kind, done=None) for name, kind in every_kind.items()}
+    with session_scope(app.sessions) as session:
+        assert outbox_sending.send_group(session, [item_id], app.mailer, unmoved, timing) == [
+            (item_id, None)
+        ]
+    return every_kind
+
+
+def test_a_bounce_acted_on_before_its_letters_move_to_delivered_still_returns_it(
+    app: App,
+) -> None:
+    """A relay on the same host returns a refused letter within milliseconds, while the worker
+    that sent it may still be sending the rest of its group: the bounce makes the letter's
+    move first (the outbox's record says it was sent), then returns it."""
+    sid = through_render(app, submission())
+    every_kind = _sent_unmoved(app, sid)
+    assert state_counts(app, [sid]) == {"rendered": 1}
+    rcpt, dsn = bounce_of(app, sid)
+    [inbound_id] = store(app.sessions, "smtp", [rcpt], dsn)
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    with session_scope(app.sessions) as session:
+        assert len(inbound.process(session, inbound_id, app.returns, policy, every_kind)) == 1
+    assert state_counts(app, [sid]) == {"bounced": 1}
+    assert inbound_row(app, inbound_id).status == "done"
+    # The sender's move, made late, changes nothing.
+    with session_scope(app.sessions) as session:
+        sending_policy = outbox_for(app)[1]
+        outbox_sending.send_group(session, [sid], app.mailer, every_kind, sending_policy)
+    assert state_counts(app, [sid]) == {"bounced": 1}
+
+
+def test_a_bounce_of_a_digest_acted_on_before_its_letters_move_returns_them_all(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    ids, made = _digest_made(app, stub_broker, stub_worker)
+    every_kind = _sent_unmoved(app, made)
+    assert state_counts(app, ids) == {"delivered": 1, "in_digest": 2}
+    lead = ids[1]
+    rcpt = app.returns.bounce(lead)
+    assert rcpt is not None
+    letter = letter_of(app, lead)
+    dsn = samples.postfix_dsn(f"<digest-{made}@campaign.example.org>", letter.to_email, rcpt)
+    [inbound_id] = store(app.sessions, "smtp", [rcpt], dsn)
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    with session_scope(app.sessions) as session:
+        assert len(inbound.process(session, inbound_id, app.returns, policy, every_kind)) == 2
     assert state_counts(app, ids) == {"delivered": 1, "bounced": 2}

@@ -44,6 +44,7 @@ from workers.database.models import AddressHealth, InboundMessage, OutboxItem, S
 from workers.letters.outcomes import report, resend_bounced
 from workers.mp import health
 from workers.outbox import sending as outbox_sending
+from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.reconciler import find_after_sent, reconcile_once
@@ -449,7 +450,9 @@ def _at_once(app: App, ids: list[str]) -> None:
     def work(inbound_id: str) -> None:
         start.wait()
         try:
-            inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+            inbound.process_counted(
+                app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0]
+            )
         except BaseException as exc:
             errors.append(exc)
 
@@ -506,7 +509,9 @@ def test_a_notice_that_always_raises_fails_after_its_attempts_and_is_not_resent(
     rcpt, raw = bounce_of(app, sid)
     [inbound_id] = store(app.sessions, "smtp", [rcpt], raw)
     policy = inbound.InboundPolicy.from_settings(app.settings)
-    [notice_id] = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+    [notice_id] = inbound.process_counted(
+        app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0]
+    )
     sending = no_wait(app)
     for _ in range(sending.max_attempts - 1):
         with pytest.raises(Deferred) as waits:  # tried again when due, costing no retry
@@ -540,9 +545,14 @@ def test_an_inbound_message_that_always_raises_fails_after_max_dead_letters(
     policy = inbound.InboundPolicy.from_settings(app.settings)
     for _ in range(app.settings.max_dead_letters - 1):
         with pytest.raises(LookupError):
-            inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+            inbound.process_counted(
+                app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0]
+            )
         assert inbound_row(app, inbound_id).status == "received"
-    assert inbound.process_counted(app.sessions, inbound_id, app.returns, policy) == []
+    assert (
+        inbound.process_counted(app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0])
+        == []
+    )
     row = inbound_row(app, inbound_id)
     assert (row.status, row.attempts) == ("failed", app.settings.max_dead_letters)
     assert row.raw == b"Subject: x\r\n\r\n"  # kept for the operator, until retention
@@ -572,11 +582,16 @@ def test_passing_database_trouble_is_not_counted_against_an_inbound_message(
         policy = inbound.InboundPolicy.from_settings(app.settings)
         for _ in range(app.settings.max_dead_letters + 2):
             with pytest.raises(OperationalError):
-                inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+                inbound.process_counted(
+                    app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0]
+                )
         row = inbound_row(app, inbound_id)
         assert (row.status, row.attempts, row.raw) == ("received", 0, raw)
     # The database is back: the reply is acted on as if nothing had happened.
-    assert inbound.process_counted(app.sessions, inbound_id, app.returns, policy) != []
+    assert (
+        inbound.process_counted(app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0])
+        != []
+    )
     assert inbound_row(app, inbound_id).status == "done"
     assert state_counts(app, [sid]) == {"bounced": 1}
 
@@ -593,8 +608,10 @@ def test_a_failures_reason_has_no_address_in_it(
     policy = inbound.InboundPolicy.from_settings(app.settings)
     for _ in range(app.settings.max_dead_letters - 1):
         with pytest.raises(ValueError):
-            inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
-    inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+            inbound.process_counted(
+                app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0]
+            )
+    inbound.process_counted(app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0])
     assert inbound_row(app, inbound_id).reason == (
         "gave up after 3 failed attempts: ValueError: no charset for <[email]> in [postcode]"
     )
@@ -606,7 +623,9 @@ def _pending_bounce_notice(app: App, broker: Any, worker: dramatiq.Worker) -> st
     rcpt, raw = bounce_of(app, sid)
     [inbound_id] = store(app.sessions, "smtp", [rcpt], raw)
     policy = inbound.InboundPolicy.from_settings(app.settings)
-    [notice_id] = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+    [notice_id] = inbound.process_counted(
+        app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0]
+    )
     return notice_id
 
 

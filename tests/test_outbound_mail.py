@@ -332,7 +332,9 @@ def test_a_report_to_a_confirmations_address_never_returns_the_letter(signed_app
         report = samples.postfix_dsn(message_id, to, address)
         [inbound_id] = store_inbound(app.sessions, "smtp", [address], report)
         with session_scope(app.sessions) as session:
-            inbound.process(session, inbound_id, app.returns, inbound.InboundPolicy())
+            inbound.process(
+                session, inbound_id, app.returns, inbound.InboundPolicy(), outbox_for(app)[0]
+            )
         with session_scope(app.sessions) as session:
             row, submission_row = (
                 session.get(InboundMessage, inbound_id),

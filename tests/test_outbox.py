@@ -125,7 +125,9 @@ def every_kind(app: App, broker: Any, worker: dramatiq.Worker) -> dict[str, str]
     raw = samples.human_reply(letter.message_id, letter.to_email, letter.reply_to)
     [inbound_id] = store(app.sessions, "smtp", [letter.reply_to], raw)
     policy = inbound.InboundPolicy.from_settings(app.settings)
-    [forward] = inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+    [forward] = inbound.process_counted(
+        app.sessions, inbound_id, app.returns, policy, outbox_for(app)[0]
+    )
     confirm = confirmation(app)
     with session_scope(app.sessions) as session:
         queued = {

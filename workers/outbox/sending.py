@@ -434,6 +434,20 @@ def _wait(session: Session, item_id: str, seconds: float, lapsed: datetime) -> b
     )
 
 
+def settle(session: Session, item_ids: Sequence[str], kinds: Mapping[str, Kind]) -> None:
+    """The ``done`` of those items that have ended, made now if it is still to come (sent, and
+    its sender not yet at :func:`_sent`, or dead before it), so that what reads an item's end
+    from its submission (a bounce, which can come back within milliseconds) reads it true."""
+    ended = session.scalars(
+        select(OutboxItem).where(
+            OutboxItem.id.in_(item_ids),
+            OutboxItem.status.not_in((OutboxStatus.PENDING, OutboxStatus.SENDING)),
+        )
+    ).all()
+    if ended:
+        _repair(session, list(ended), kinds)
+
+
 def _repair(session: Session, ended: list[OutboxItem], kinds: Mapping[str, Kind]) -> None:
     """The ``done`` of items ended already, made again in case it was lost (a worker died
     between the sent mark and ``done``): each only if still as read (locked until the commit);

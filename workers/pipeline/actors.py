@@ -220,9 +220,10 @@ def _notify(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
 def _inbound(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:
     """Each inbound message in a transaction of its own, its notices queued in the outbox."""
     policy = inbound.InboundPolicy.from_settings(app.settings)
+    every_kind = outbox_for(app)[0]
 
     def queue(inbound_id: str) -> list[str]:
-        return inbound.process_counted(app.sessions, inbound_id, app.returns, policy)
+        return inbound.process_counted(app.sessions, inbound_id, app.returns, policy, every_kind)
 
     return _one_by_one(ids, queue, send_on)
 

@@ -193,12 +193,17 @@ def mates(session: Session, submission_id: str) -> list[str]:
     )
 
 
+def digest_of(session: Session, submission_id: str) -> str | None:
+    """The digest the letter went in (or waits in), if it did: its outbox item's id."""
+    return session.scalar(
+        select(LetterPrint.digest_id).where(LetterPrint.submission_id == submission_id)
+    )
+
+
 def message_id(session: Session, submission_id: str, letter_message_id: str) -> str | None:
     """The Message-ID of the digest the letter went in (on its letter's domain), if it did: a
     report about that email is about the letter."""
-    digest_id = session.scalar(
-        select(LetterPrint.digest_id).where(LetterPrint.submission_id == submission_id)
-    )
+    digest_id = digest_of(session, submission_id)
     return None if digest_id is None else f"<digest-{digest_id}@{letter_message_id.split('@')[-1]}"
 
 

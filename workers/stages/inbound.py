@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -42,6 +42,7 @@ from workers.letters.mail import header_text
 from workers.letters.notices import decoded_header, reply_text
 from workers.mp import health
 from workers.outbox import sending as outbox
+from workers.outbox.sending import Kind
 from workers.pipeline.failures import count_failure
 from workers.receiving.addresses import ReturnAddresses
 from workers.receiving.classify import Classification, classify, parse, reply_origin
@@ -93,13 +94,18 @@ def _drop(kind: str, reason: str, submission_id: str | None = None) -> Outcome:
 
 
 def process(
-    session: Session, inbound_id: str, returns: ReturnAddresses, policy: InboundPolicy
+    session: Session,
+    inbound_id: str,
+    returns: ReturnAddresses,
+    policy: InboundPolicy,
+    kinds: Mapping[str, Kind],
 ) -> list[str]:
-    """Act on one stored inbound message; the notices to send after the commit."""
+    """Act on one stored inbound message; the notices to send after the commit. ``kinds``: the
+    outbox's, to settle a letter sent but not yet marked delivered (a bounce can be that quick)."""
     row = session.get(InboundMessage, inbound_id)
     if row is None or row.status != InboundStatus.RECEIVED:
         return []
-    outcome = _decide(session, row, returns, policy)
+    outcome = _decide(session, row, returns, policy, kinds)
     finished = _set(
         session,
         inbound_id,
@@ -137,7 +143,11 @@ def _set(session: Session, inbound_id: str, *where: Any, **values: Any) -> int:
 
 
 def _decide(
-    session: Session, row: InboundMessage, returns: ReturnAddresses, policy: InboundPolicy
+    session: Session,
+    row: InboundMessage,
+    returns: ReturnAddresses,
+    policy: InboundPolicy,
+    kinds: Mapping[str, Kind],
 ) -> Outcome:
     if row.source == "mailgun":
         try:
@@ -160,6 +170,8 @@ def _decide(
         return _drop(found.kind, "a delivery report sent to the reply address", submission_id)
     if submission_id is None:
         return _drop(found.kind, "names no letter")
+    items = (submission_id, digests.digest_of(session, submission_id))  # and its digest
+    outbox.settle(session, [item for item in items if item], kinds)
     letter = session.execute(
         select(
             Submission.state,
@@ -343,6 +355,7 @@ def process_counted(
     inbound_id: str,
     returns: ReturnAddresses,
     policy: InboundPolicy,
+    kinds: Mapping[str, Kind],
 ) -> list[str]:
     """:func:`process` in a transaction of its own; an attempt that raises is counted (not
     for passing database trouble), and the ``max_attempts``-th leaves the message failed with
@@ -350,7 +363,7 @@ def process_counted(
     still ``received``). Raises for the actor's retry until then."""
     try:
         with session_scope(sessions) as session:
-            return process(session, inbound_id, returns, policy)
+            return process(session, inbound_id, returns, policy, kinds)
     except AlreadyMoved:
         raise
     except Exception as exc:
