@@ -9,6 +9,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+from dramatiq.middleware import Middleware
 from sqlalchemy import select, text
 
 from tests.conftest import drain
@@ -34,6 +35,16 @@ def dead_letter_record(app: App, message_id: str, timeout: float = 10.0) -> Fail
     return None
 
 
+class Enqueued(Middleware):
+    """The options of every message as it goes to the broker."""
+
+    def __init__(self) -> None:
+        self.options: list[dict[str, Any]] = []
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        self.options.append(dict(message.options))
+
+
 def test_the_final_failure_is_recorded_with_its_traceback(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -43,11 +54,16 @@ def test_the_final_failure_is_recorded_with_its_traceback(
     # An unexpected bug in the resolution stage (the recorder is what is under test), and a
     # message with a short retry policy so that it dies quickly.
     monkeypatch.setattr("workers.stages.resolution.plan", broken)
+    sent_back = Enqueued()
+    stub_broker.add_middleware(sent_back)
     sid = "5e1d0000-0000-0000-0000-000000000001"
     message = stage_message(Stage.RESOLVE, sid)
     fast = message.copy(options={"max_retries": 2, "min_backoff": 10, "max_backoff": 20})
     stub_broker.enqueue(fast)
     row = dead_letter_record(app, fast.message_id)
+    # The retries went back to the broker without dramatiq's traceback (it can quote data).
+    assert {options.get("retries") for options in sent_back.options} == {None, 1, 2}
+    assert all("traceback" not in options for options in sent_back.options)
     assert row is not None and row.dead_lettered_at is not None
     assert (row.actor_name, row.queue_name, row.submission_id) == (
         "resolve_submission",

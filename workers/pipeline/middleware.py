@@ -133,6 +133,11 @@ class FailureRecorder(Middleware):
         if exception is not None:
             self._record(message, exception)
 
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        # A retry goes back to Redis without the traceback dramatiq's Retries put in it: it can
+        # quote data, and it is kept here, where erasure and retention reach it.
+        message.options.pop("traceback", None)
+
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         # dramatiq skips a message past its maximum age, and dead-letters it.
         if message.failed:
