@@ -9,6 +9,7 @@ import email.policy
 import hashlib
 import hmac
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -23,7 +24,7 @@ from sqlalchemy import select, update
 from tests import mail_samples as samples
 from tests.conftest import ApiClient, drain, make_settings, serving
 from tests.factories import submission
-from tests.test_stages import through_render
+from tests.test_stages import step, through_render
 from workers.database.engine import session_scope
 from workers.database.models import (
     AddressHealth,
@@ -44,8 +45,11 @@ from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App, set_app
 from workers.pipeline.dispatch import dispatch_groups
 from workers.pipeline.runtime import state_counts, submit
+from workers.privacy.rights import erase_supporter
 from workers.receiving.store import store
 from workers.stages import inbound, survey
+from workers.stages.delivery import LetterChannel
+from workers.stages.rendering import render
 from workers.stages.stage import Stage
 from workers.web.api import create_app
 
@@ -326,11 +330,9 @@ def test_an_operator_resends_returned_letters_to_a_corrected_address_once(
 def test_the_returned_letter_of_a_supporter_erased_since_is_never_sent_again(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker
 ) -> None:
-    from workers.privacy.rights import erase_supporter
-
     _, member_id = returned(app, stub_broker, stub_worker)
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, SUPPORTER)
+        erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
     with session_scope(app.sessions) as session:
         assert resend_bounced(session, member_id, "new.office@parliament.example") == []
 
@@ -529,7 +531,7 @@ def test_mailgun_events_are_verified_stored_once_and_return_the_letter(
 def test_erasure_removes_what_came_back_and_export_shows_its_facts(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker
 ) -> None:
-    from workers.privacy.rights import erase_supporter, export_supporter
+    from workers.privacy.rights import export_supporter
 
     relay(app)
     [sid] = deliver(app, stub_broker, stub_worker)
@@ -548,7 +550,9 @@ def test_erasure_removes_what_came_back_and_export_shows_its_facts(
     assert [e["event"] for e in entry["after_sent"]] == ["reply"]
     assert entry["notices"] == [{"kind": "forward", "status": "pending", "sent_at": None}]
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, SUPPORTER, app.settings.resolved_outbox_dir)
+        erase_supporter(
+            session, app.secret, SUPPORTER, outbox_for(app)[0], app.settings.resolved_outbox_dir
+        )
     assert inbound_row(app, inbound_id).raw is None
     with session_scope(app.sessions) as session:
         notice = session.get(OutboxItem, notice_id)
@@ -858,3 +862,89 @@ def test_a_bounce_of_a_digest_acted_on_before_its_letters_move_returns_them_all(
     with session_scope(app.sessions) as session:
         assert len(inbound.process(session, inbound_id, app.returns, policy, every_kind)) == 2
     assert state_counts(app, ids) == {"delivered": 1, "bounced": 2}
+
+
+class SecondWaits:
+    """The App's mailer, holding its second email until ``go`` (a sender in mid-group)."""
+
+    def __init__(self, mailer: Any) -> None:
+        self.mailer, self.name, self.calls = mailer, mailer.name, 0
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def waiting(self) -> float:
+        return 0.0
+
+    def send(self, mail: Any) -> object:
+        self.calls += 1
+        if self.calls == 2:
+            self.reached.set()
+            assert self.go.wait(60)
+        return self.mailer.send(mail)
+
+
+def test_a_sender_ending_late_leaves_a_returned_letter_made_anew_to_be_sent(app: App) -> None:
+    """A group's first letter bounces while its sender is still sending the second, and an
+    operator resends it to a corrected address at once (its item made anew): the sender's move
+    of its group, made after, does not mark the new letter delivered before it is sent."""
+    first, second = sorted(
+        through_render(app, submission(supporter__email=f"s{i}@example.com")) for i in range(2)
+    )
+    every_kind, timing = outbox_for(app)
+    mailer = SecondWaits(app.mailer)
+    holding = {**every_kind, "letter": replace(every_kind["letter"], channel=LetterChannel(mailer))}
+
+    def send() -> None:
+        with session_scope(app.sessions) as session:
+            outbox_sending.send_group(session, [first, second], app.mailer, holding, timing)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        assert mailer.reached.wait(60)
+        rcpt, dsn = bounce_of(app, first)
+        [inbound_id] = store(app.sessions, "smtp", [rcpt], dsn)
+        policy = inbound.InboundPolicy.from_settings(app.settings)
+        with session_scope(app.sessions) as session:
+            inbound.process(session, inbound_id, app.returns, policy, every_kind)
+        assert state_counts(app, [first]) == {"bounced": 1}
+        with session_scope(app.sessions) as session:
+            member_id = session.get(Submission, first).member_id  # type: ignore[union-attr]
+            assert resend_bounced(session, member_id, "new.office@mp.example.org") == [first]
+        assert step(app, render, first) == [Stage.DELIVER]
+    finally:
+        mailer.go.set()
+        sender.join(60)
+    assert state_counts(app, [first, second]) == {"rendered": 1, "delivered": 1}
+    with session_scope(app.sessions) as session:
+        outbox_sending.send_group(session, [first], app.mailer, every_kind, timing)
+    assert state_counts(app, [first]) == {"delivered": 1}
+    assert letter_of(app, first).to_email == "new.office@mp.example.org"
+
+
+def test_an_erasure_after_a_server_took_the_letter_does_not_call_it_stopped(app: App) -> None:
+    """Erased between the server's answer and the letter's move: the report does not say it
+    was stopped before sending, and it is delivered."""
+    sid = through_render(app, submission(supporter__email=SUPPORTER))
+    every_kind = _sent_unmoved(app, sid)
+    with session_scope(app.sessions) as session:
+        report = erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
+    assert (report.submissions, report.stopped_before_sending) == (1, 0)
+    assert state_counts(app, [sid]) == {"delivered": 1}  # moved on as the sender would
+    with session_scope(app.sessions) as session:  # the sender's move, late: nothing to do
+        outbox_sending.send_group(session, [sid], app.mailer, every_kind, outbox_for(app)[1])
+    assert state_counts(app, [sid]) == {"delivered": 1}
+
+
+def test_an_erasure_after_a_server_took_the_digest_does_not_call_its_letters_stopped(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    ids, made = _digest_made(app, stub_broker, stub_worker)
+    every_kind = _sent_unmoved(app, made)
+    with session_scope(app.sessions) as session:
+        email = session.get(Submission, ids[1]).payload["supporter"]["email"]  # type: ignore[union-attr]
+        report = erase_supporter(session, app.secret, email, outbox_for(app)[0])
+    assert report.stopped_before_sending == 0
+    assert state_counts(app, ids) == {"delivered": 3}  # moved on as the sender would
+    with session_scope(app.sessions) as session:  # the sender's move, late: nothing to do
+        outbox_sending.send_group(session, [made], app.mailer, every_kind, outbox_for(app)[1])
+    assert state_counts(app, ids) == {"delivered": 3}

@@ -170,12 +170,12 @@ def test_erasure_forgets_the_letters_fingerprint_and_takes_it_off_its_count(app:
     [(member, letters)] = _counts(app)
     assert letters == 2 and member == _print(app, sid).member_id
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, "erase.me@example.com")
+        erase_supporter(session, app.secret, "erase.me@example.com", actors.outbox_for(app)[0])
     with session_scope(app.sessions) as session:
         assert session.get(LetterPrint, sid) is None
     assert _counts(app) == [(member, 1)]
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, "kept@example.com")
+        erase_supporter(session, app.secret, "kept@example.com", actors.outbox_for(app)[0])
     assert _counts(app) == []  # a count that reaches nothing goes
 
 
@@ -409,7 +409,7 @@ def test_a_digest_waits_for_a_paused_campaign_and_goes_without_an_erased_support
         assert item is not None and (item.status, item.failures) == ("pending", 0)
         assert item.error is None or "paused" in item.error
         # The digest's first supporter asks to be erased: the others' letters still go.
-        erase_supporter(session, app.secret, "w1@example.com")
+        erase_supporter(session, app.secret, "w1@example.com", actors.outbox_for(app)[0])
         assert pauses.resume_campaign(session, SLUG) == [made]  # the digest is due again
     send_item(app, made)
     assert [get(app, sid).state for sid in waiting] == ["withdrawn", "delivered"]
@@ -417,7 +417,13 @@ def test_a_digest_waits_for_a_paused_campaign_and_goes_without_an_erased_support
     assert "1 constituent wrote to you" in sent
     assert "w2@example.com" in sent and "w1@example.com" not in sent
     with session_scope(app.sessions) as session:  # its copy goes with the next erasure
-        erase_supporter(session, app.secret, "w2@example.com", app.settings.resolved_outbox_dir)
+        erase_supporter(
+            session,
+            app.secret,
+            "w2@example.com",
+            actors.outbox_for(app)[0],
+            app.settings.resolved_outbox_dir,
+        )
     assert not (app.settings.resolved_outbox_dir / f"digest-{made}.eml").exists()
 
 

@@ -27,6 +27,7 @@ from workers.database.models import ConsentEvent, Letter, State, Submission, utc
 from workers.database.transitions import AlreadyMoved
 from workers.letters.definitions import update_definition
 from workers.letters.mail import OutboxMailer
+from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import current_preferences, verify
@@ -514,7 +515,7 @@ def test_consent_export_is_a_csv_for_a_crm(app: App, tmp_path: Path) -> None:
     logged(app)
     logged(app, submission(supporter__email="bob@example.com", supporter__name="Bob Smith"))
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, "bob@example.com")
+        erase_supporter(session, app.secret, "bob@example.com", outbox_for(app)[0])
     with session_scope(app.sessions) as session:
         rows = list(csv.DictReader(io.StringIO("".join(consent_csv(session)))))
     by_email = {r["email"]: r for r in rows}
@@ -661,7 +662,7 @@ def test_erasure_takes_the_text_of_failures_and_half_written_copies_too(
                 )
             )
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, EMAIL, folder)
+        erase_supporter(session, app.secret, EMAIL, outbox_for(app)[0], folder)
     with session_scope(app.sessions) as session:
         texts = {f.message_id: (f.exception_message, f.traceback) for f in session.scalars(
             select(Failure))}  # fmt: skip
@@ -724,7 +725,7 @@ def test_a_second_erasure_changes_nothing_and_one_after_a_return_erases_the_new_
     with session_scope(app.sessions) as session:  # what reached them since is gone all the same
         assert session.get(InboundMessage, held_id).raw is None  # type: ignore[union-attr]
     with session_scope(app.sessions) as session:  # and by the function itself
-        report = erase_supporter(session, app.secret, EMAIL)
+        report = erase_supporter(session, app.secret, EMAIL, outbox_for(app)[0])
     assert report.as_dict() == {
         "submissions": 0,
         "stopped_before_sending": 0,

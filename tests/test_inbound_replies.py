@@ -143,7 +143,9 @@ def test_erasure_removes_a_held_replys_text(
     held = receive(app, stub_broker, stub_worker, reply_to, phishing(reply_to))
     assert inbound_row(app, held).raw is not None
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, SUPPORTER, app.settings.resolved_outbox_dir)
+        erase_supporter(
+            session, app.secret, SUPPORTER, outbox_for(app)[0], app.settings.resolved_outbox_dir
+        )
     assert inbound_row(app, held).raw is None
 
 

@@ -316,7 +316,9 @@ def test_erasure_ends_the_supporters_pending_items_and_nothing_is_sent(
 ) -> None:
     items = every_kind(app, stub_broker, stub_worker)
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, SUPPORTER, app.settings.resolved_outbox_dir)
+        erase_supporter(
+            session, app.secret, SUPPORTER, outbox_for(app)[0], app.settings.resolved_outbox_dir
+        )
     mailer = Recorder()
     for item_id in items.values():
         erased = item(app, item_id)

@@ -236,7 +236,7 @@ def test_a_constituent_erased_before_the_first_attempt_is_left_out_and_the_resen
 ) -> None:
     made, [gone, kept] = a_digest(app)
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, email_of(app, gone))
+        erase_supporter(session, app.secret, email_of(app, gone), outbox_for(app)[0])
     dying, mailer = Dying(), Recorder()
     with pytest.raises(Killed):
         send(app, made, dying)

@@ -217,7 +217,7 @@ def test_every_event_is_sent_once_signed_and_valid_without_personal_data(
         token = survey.make_token(app.secret, replied, "yes")
         assert survey.answer(session, app.secret, token, "yes") == "recorded"
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, SUPPORTER)
+        erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
     drain(stub_broker, stub_worker)
     got = receiver.wait(len(items(app)))
     kinds = sorted(r.json["type"] for r in got)
@@ -269,7 +269,7 @@ def test_personal_data_only_with_the_endpoints_permission_the_consent_and_never_
     # Erased, then replayed: the same webhook-id, written anew without the details.
     [first] = [r for r in got if r.path == "/ok?crm=allowed" and agreed in r.body.decode()]
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, SUPPORTER)
+        erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
         [item_id] = [
             i.id for i in items(app) if i.endpoint_id == allowed and i.submission_id == agreed
         ]
@@ -337,7 +337,7 @@ def erased(app: App) -> str:
 
         sid = accept(session, submission(), app.secret).submission_id
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, SUPPORTER)
+        erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
     return sid
 
 
@@ -730,7 +730,7 @@ def test_webhooks_written_before_a_savepoint_are_sent_after_the_transaction_comm
     monkeypatch.setattr(events, "installed_broker", lambda: object())
     monkeypatch.setattr(dispatch, "dispatch_groups", record)
     with session_scope(app.sessions) as session:
-        erase_supporter(session, app.secret, SUPPORTER)
+        erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
     assert sorted(i for ids, _ in seen for i in ids) == sorted(i.id for i in items(app))
     assert all(found == len(ids) for ids, found in seen)
 

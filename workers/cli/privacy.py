@@ -15,6 +15,7 @@ import click
 from schemas.submission import CHANNELS
 from workers.cli.base import Cli, Nothing, command, confirm, main, yes_option
 from workers.mp.live_sources import expire_cache
+from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App
 from workers.privacy.ledger import verify
 from workers.privacy.rights import (
@@ -143,7 +144,7 @@ def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
             raise click.ClickException("nothing is held about that address: nothing to erase")
     confirm(yes, "Erase everything held about 1 supporter, for good?")
     with cli.session() as session:  # again: what reached their erased submissions since goes
-        report = erase_supporter(session, app.secret, email, _outbox(app))
+        report = erase_supporter(session, app.secret, email, outbox_for(app)[0], _outbox(app))
     if report.submissions == 0 and report.consent_events_added == 0:
         raise Nothing("that supporter was erased already: nothing new to erase")
     cli.say(json.dumps(report.as_dict(), indent=2), report.as_dict())

@@ -323,31 +323,34 @@ def send_group(
                 sent.append((one, response or None))
     finally:  # also when the worker is interrupted (its time limit): what was sent moves on
         if sent:
-            outcomes.update(_sent(session, sent))
+            outcomes.update(_sent(session, sent, kinds))
     return list(outcomes.items())
 
 
-def _sent(session: Session, sent: list[tuple[_Ready, str | None]]) -> dict[str, Exception]:
-    """The kinds' ``done`` for the items sent, in one transaction (one statement of each kind);
-    if that fails (one moved meanwhile), each alone. A worker that dies before leaves them to
-    the next message about them (the reconciler's resend). The errors."""
+def _sent(
+    session: Session, sent: list[tuple[_Ready, str | None]], kinds: Mapping[str, Kind]
+) -> dict[str, Exception]:
+    """The kinds' ``done`` for the items sent, in one transaction (one statement of each kind),
+    each only if its item is still as marked (:func:`_ended`); if that fails, each alone. A
+    worker that dies before leaves them to the next message about them (the reconciler's
+    resend). The errors."""
+    ended = [(one.item, OutboxStatus.SENT.value, response) for one, response in sent]
     try:
         with together(session, [one.item.submission_id for one, _ in sent], writing=True):
-            for one, response in sent:
-                _done(session, one.item, one.kind, OutboxStatus.SENT, response)
+            _ended(session, ended, kinds)
         session.commit()
         return {}
     except Exception:
         session.rollback()
     errors: dict[str, Exception] = {}
-    for one, response in sent:
+    for item, status, response in ended:
         try:
-            _done(session, one.item, one.kind, OutboxStatus.SENT, response)
+            _ended(session, [(item, status, response)], kinds)
             session.commit()
         except Exception as exc:  # sent and marked: its message's retry makes it again
             session.rollback()
-            log.error("outbox_done_failed", outbox_id=one.item.id, error=type(exc).__name__)
-            errors[one.item.id] = exc
+            log.error("outbox_done_failed", outbox_id=item.id, error=type(exc).__name__)
+            errors[item.id] = exc
     return errors
 
 
@@ -450,18 +453,27 @@ def settle(session: Session, item_ids: Sequence[str], kinds: Mapping[str, Kind])
 
 def _repair(session: Session, ended: list[OutboxItem], kinds: Mapping[str, Kind]) -> None:
     """The ``done`` of items ended already, made again in case it was lost (a worker died
-    between the sent mark and ``done``): each only if still as read (locked until the commit);
-    a kind's ``done`` does nothing if it has been done."""
+    between the sent mark and ``done``); a kind's ``done`` does nothing if it has been done."""
+    _ended(session, [(item, item.status, item.response or item.error) for item in ended], kinds)
+
+
+def _ended(
+    session: Session, ended: Sequence[tuple[OutboxItem, str, str | None]], kinds: Mapping[str, Kind]
+) -> None:
+    """Each item's kind's ``done`` (with its status and detail), only if the item is still in
+    that status, locked until the commit (in one order, so that two workers ending one item
+    wait for each other): not once an operator's resend has made it anew."""
     still = dict(
         session.execute(
             select(OutboxItem.id, OutboxItem.status)
-            .where(OutboxItem.id.in_([item.id for item in ended]))
+            .where(OutboxItem.id.in_([item.id for item, _, _ in ended]))
+            .order_by(OutboxItem.id)
             .with_for_update()
         ).all()
     )
-    for item in ended:
-        if still.get(item.id) == item.status:
-            _done(session, item, kinds.get(item.kind), item.status, item.response or item.error)
+    for item, status, detail in ended:
+        if still.get(item.id) == status:
+            _done(session, item, kinds.get(item.kind), status, detail)
 
 
 def _claim(session: Session, ready: Sequence[_Ready], policy: OutboxPolicy) -> None:

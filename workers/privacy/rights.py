@@ -11,7 +11,7 @@ import glob
 import hashlib
 import io
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -44,9 +44,12 @@ from workers.database.models import (
 )
 from workers.database.transitions import AlreadyMoved, advance, rowcount
 from workers.letters.definitions import get_definition
+from workers.outbox import sending as outbox
 from workers.outbox.kinds import file_stem
+from workers.outbox.sending import Kind
 from workers.privacy.hashing import supporter_hash
 from workers.privacy.ledger import append, current_preferences, hold
+from workers.stages import digests
 from workers.stages.comparison import uncount
 from workers.stages.digests import KIND as DIGEST
 from workers.webhooks.events import KIND as WEBHOOK
@@ -254,8 +257,10 @@ def _forget(
     return scrubbed, removed
 
 
-def _stop(session: Session, submission: Submission) -> bool:
-    """A submission still on its way: it ends here, before any letter goes."""
+def _stop(session: Session, submission: Submission, kinds: Mapping[str, Kind]) -> bool:
+    """A submission still on its way: it ends here, before any letter goes. One whose letter
+    (or digest) a server has taken already is moved on as its sender would (``kinds``)."""
+    outbox.settle(session, digests.carriers(session, submission.id), kinds)
     for _ in range(5):
         session.refresh(submission)
         if State(submission.state).is_final:
@@ -276,7 +281,11 @@ def _erased_payload(payload: Any) -> dict[str, Any]:
 
 
 def erase_supporter(
-    session: Session, secret: bytes, email: str, outbox_dir: Path | None = None
+    session: Session,
+    secret: bytes,
+    email: str,
+    kinds: Mapping[str, Kind],
+    outbox_dir: Path | None = None,
 ) -> ErasureReport:
     """Remove a person's name, email, phone, address and letter text everywhere DearMP holds them.
 
@@ -296,7 +305,7 @@ def erase_supporter(
             _forget(session, sub.id, outbox_dir, ERASED_LETTER, BY_REQUEST)
             continue
         report.submissions += 1
-        report.stopped_before_sending += _stop(session, sub)
+        report.stopped_before_sending += _stop(session, sub, kinds)
         _update(
             session,
             Submission,

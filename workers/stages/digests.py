@@ -200,6 +200,11 @@ def digest_of(session: Session, submission_id: str) -> str | None:
     )
 
 
+def carriers(session: Session, submission_id: str) -> list[str]:
+    """The outbox items that carry the letter: its own, and its digest's if it went in one."""
+    return [i for i in (submission_id, digest_of(session, submission_id)) if i]
+
+
 def message_id(session: Session, submission_id: str, letter_message_id: str) -> str | None:
     """The Message-ID of the digest the letter went in (on its letter's domain), if it did: a
     report about that email is about the letter."""

@@ -170,8 +170,7 @@ def _decide(
         return _drop(found.kind, "a delivery report sent to the reply address", submission_id)
     if submission_id is None:
         return _drop(found.kind, "names no letter")
-    items = (submission_id, digests.digest_of(session, submission_id))  # and its digest
-    outbox.settle(session, [item for item in items if item], kinds)
+    outbox.settle(session, digests.carriers(session, submission_id), kinds)
     letter = session.execute(
         select(
             Submission.state,
