@@ -50,7 +50,7 @@ from workers.receiving.store import store
 from workers.stages import inbound, survey
 from workers.stages.delivery import LetterChannel
 from workers.stages.rendering import render
-from workers.stages.stage import Stage
+from workers.stages.stage import Deferred, Stage
 from workers.web.api import create_app
 
 BOUNCES = "bounces.campaign.example.org"
@@ -948,3 +948,31 @@ def test_an_erasure_after_a_server_took_the_digest_does_not_call_its_letters_sto
     with session_scope(app.sessions) as session:  # the sender's move, late: nothing to do
         outbox_sending.send_group(session, [made], app.mailer, every_kind, outbox_for(app)[1])
     assert state_counts(app, ids) == {"delivered": 3}
+
+
+def test_a_bounce_while_its_letter_is_being_sent_waits_for_the_sent_mark(app: App) -> None:
+    """Its letter claimed and with the server (or its worker dead before the sent mark): the
+    bounce is not dropped, nor counted as a failure; it waits, then returns the letter."""
+    sid = through_render(app, submission())
+    with session_scope(app.sessions) as session:
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == sid)
+            .values(status="sending", claimed_at=utcnow(), attempts=1)
+        )
+    rcpt, dsn = bounce_of(app, sid)
+    [inbound_id] = store(app.sessions, "smtp", [rcpt], dsn)
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    every_kind = outbox_for(app)[0]
+    with pytest.raises(Deferred):
+        inbound.process_counted(app.sessions, inbound_id, app.returns, policy, every_kind)
+    row = inbound_row(app, inbound_id)
+    assert (row.status, row.attempts) == ("received", 0)
+    with session_scope(app.sessions) as session:  # the server took it: the sent mark
+        session.execute(
+            update(OutboxItem).where(OutboxItem.id == sid).values(status="sent", sent_at=utcnow())
+        )
+    assert (
+        len(inbound.process_counted(app.sessions, inbound_id, app.returns, policy, every_kind)) == 1
+    )
+    assert state_counts(app, [sid]) == {"bounced": 1}

@@ -451,6 +451,15 @@ def settle(session: Session, item_ids: Sequence[str], kinds: Mapping[str, Kind])
         _repair(session, list(ended), kinds)
 
 
+def in_flight(session: Session, item_ids: Sequence[str]) -> bool:
+    """Whether one of the items is claimed and may be with its server now (its answer not yet
+    recorded: in milliseconds, or, if its worker died, once its claim is taken over)."""
+    claimed = select(OutboxItem.id).where(
+        OutboxItem.id.in_(item_ids), OutboxItem.status == OutboxStatus.SENDING
+    )
+    return session.scalar(claimed.limit(1)) is not None
+
+
 def _repair(session: Session, ended: list[OutboxItem], kinds: Mapping[str, Kind]) -> None:
     """The ``done`` of items ended already, made again in case it was lost (a worker died
     between the sent mark and ``done``); a kind's ``done`` does nothing if it has been done."""

@@ -48,9 +48,13 @@ from workers.receiving.addresses import ReturnAddresses
 from workers.receiving.classify import Classification, classify, parse, reply_origin
 from workers.receiving.mailgun import event_classification
 from workers.stages import digests
+from workers.stages.stage import Deferred
 from workers.webhooks.events import emit
 
 log = structlog.get_logger(__name__)
+
+# What comes back about a letter while it is being sent waits this long, as often as needed.
+SENT_MARK_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,10 @@ def _decide(
         return _drop(found.kind, "a delivery report sent to the reply address", submission_id)
     if submission_id is None:
         return _drop(found.kind, "names no letter")
-    outbox.settle(session, digests.carriers(session, submission_id), kinds)
+    carriers = digests.carriers(session, submission_id)
+    outbox.settle(session, carriers, kinds)
+    if outbox.in_flight(session, carriers):
+        raise Deferred(SENT_MARK_WAIT, "its letter's sending is not recorded yet")
     letter = session.execute(
         select(
             Submission.state,
@@ -357,13 +364,13 @@ def process_counted(
     kinds: Mapping[str, Kind],
 ) -> list[str]:
     """:func:`process` in a transaction of its own; an attempt that raises is counted (not
-    for passing database trouble), and the ``max_attempts``-th leaves the message failed with
+    for passing database trouble, nor :class:`Deferred`), and the ``max_attempts``-th leaves the message failed with
     the reason (masked), its text kept for the operator (the reconciler resends only what is
     still ``received``). Raises for the actor's retry until then."""
     try:
         with session_scope(sessions) as session:
             return process(session, inbound_id, returns, policy, kinds)
-    except AlreadyMoved:
+    except (AlreadyMoved, Deferred):
         raise
     except Exception as exc:
         with session_scope(sessions) as session:
