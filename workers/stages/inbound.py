@@ -364,9 +364,9 @@ def process_counted(
     kinds: Mapping[str, Kind],
 ) -> list[str]:
     """:func:`process` in a transaction of its own; an attempt that raises is counted (not
-    for passing database trouble, nor :class:`Deferred`), and the ``max_attempts``-th leaves the message failed with
-    the reason (masked), its text kept for the operator (the reconciler resends only what is
-    still ``received``). Raises for the actor's retry until then."""
+    for passing database trouble, nor :class:`Deferred`), and the ``max_attempts``-th leaves
+    the message failed with the reason (masked), its text kept for the operator (the reconciler
+    resends only what is still ``received``). Raises for the actor's retry until then."""
     try:
         with session_scope(sessions) as session:
             return process(session, inbound_id, returns, policy, kinds)
