@@ -427,3 +427,48 @@ def test_workers_whose_letters_go_elsewhere_than_healths_settings_say_are_degrad
         heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
     assert status == "degraded" and f"sending letters to {files}" in detail
     assert f"these settings say SMTP 127.0.0.1:{smtp_sink.port}" in detail
+
+
+@pytest.mark.parametrize(
+    ("reason", "status"),
+    [
+        ("login refused: 535 5.7.8 Error: authentication failed", "down"),
+        ("554 5.7.1 <[email]>: Relay access denied", "down"),
+        ("the mail server offers no login (AUTH) this client has", "down"),
+        ("login refused: 454 4.7.0 Temporary authentication failure", "degraded"),
+        ("451 4.3.0 Sender address rejected: try again later", "degraded"),
+    ],
+)
+def test_a_mail_pause_the_relay_keeps_answering_the_same_way_is_down(
+    app: App, on_redis: redis.Redis, reason: str, status: str
+) -> None:
+    """A refused login (or sender, or certificate) pauses delivery until someone acts: nothing
+    goes out, so down; a 4xx refusal passes by itself: degraded."""
+    from workers.pipeline.dead_letters import mail_pause_alarm
+
+    mail_pause_alarm(on_redis, app.settings.redis_namespace)(reason, 60.0)
+    result = CliRunner().invoke(main, ["health", "--json"])
+    found, detail = checks_of(result)["mail pause"]
+    assert (found, result.exit_code >= checks.ORDER[status]) == (status, True)
+    assert reason in detail
+    if status == "down":
+        assert result.exit_code == 2 and "dearmp deliveries resume" in detail
+
+
+def test_letters_given_up_today_are_degraded_with_how_to_send_them_again(
+    app: App, on_redis: redis.Redis
+) -> None:
+    """Letters given up after their tries (a server down for hours) are failed, not dead
+    letters: health says so for a day, with the command that sends them again."""
+    today, long_ago = (through_render(app, submission()) for _ in range(2))
+    with session_scope(app.sessions) as session:
+        for sid, at in ((today, utcnow()), (long_ago, utcnow() - timedelta(days=2))):
+            session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id == sid)
+                .values(status="failed", claimed_at=at, error="gave up after 3 failed attempts")
+            )
+    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["failed letters"]
+    assert status == "degraded"
+    assert detail.startswith("1 letter to MPs failed in the last 24 h (most often: gave up")
+    assert "dearmp deliveries reopen --reason TEXT" in detail

@@ -5,6 +5,7 @@ look at. Each check is ``ok``, ``degraded`` (something to look at; letters still
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import ssl
@@ -43,6 +44,10 @@ DIGEST_LATE_HOURS = 36
 # Letters tried in this window whose every try failed, and none sent: nothing goes out.
 STALLED_WINDOW = timedelta(minutes=15)
 STALLED_LETTERS = 3
+# A pause for a 4xx answer (to our login or sender) passes by itself; any other does not.
+PASSING_REFUSAL = re.compile(r"(login refused: )?4\d\d\b")
+# Letters given up within this window make health degraded: an operator reopens them.
+GIVEN_UP_WINDOW = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -175,11 +180,20 @@ def _pipeline(
     paused = mail_pause(client, namespace)
     if paused is None:
         checks.append(Check("mail pause", OK, "none"))
-    else:
+    elif PASSING_REFUSAL.match(paused["reason"]):
         degraded(
             "mail pause",
             f"mail delivery paused until {paused['until']}: the relay refused us "
             f"({paused['reason']}); letters wait, and resume when a try succeeds",
+        )
+    else:  # our login, certificate or sender refused: the same answer until someone acts
+        checks.append(
+            Check(
+                "mail pause",
+                DOWN,
+                f"mail delivery paused: the relay refused us ({paused['reason']}); nothing goes "
+                "out until that is fixed, then `dearmp deliveries resume`",
+            )
         )
     dead = sum(dead_counts(app.sessions).values())  # the database's count: Redis may forget
     if dead <= max_dead:
@@ -225,6 +239,9 @@ def _pipeline(
         # Tried lately and not sent: waiting after a failed try, or given up (a refusal for good).
         failed_lately = by_error(
             OutboxItem.claimed_at >= since, retried | (OutboxItem.status == OutboxStatus.FAILED)
+        )
+        failed_today = by_error(
+            OutboxItem.status == OutboxStatus.FAILED, OutboxItem.claimed_at >= now - GIVEN_UP_WINDOW
         )
         sent_lately = count(
             OutboxItem, letters, OutboxItem.status == OutboxStatus.SENT, OutboxItem.sent_at >= since
@@ -295,6 +312,13 @@ def _pipeline(
             "MP addresses",
             f"{counted(failing, 'MP address', 'MP addresses')} failing (letters to them are held): "
             "`dearmp directory status` lists them",
+        )
+    if failed_today:
+        degraded(
+            "failed letters",
+            f"{counted(sum(n for _, n in failed_today), 'letter')} to MPs failed in the last "
+            f"{GIVEN_UP_WINDOW.total_seconds() / 3600:g} h (most often: {failed_today[0][0]}); "
+            "once the cause is fixed, `dearmp deliveries reopen --reason TEXT` sends them again",
         )
     given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER, DIGEST))
     digests = f"{counted(failed[DIGEST], 'MP digest')} failed, " if failed.get(DIGEST) else ""
