@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -217,3 +218,38 @@ def _state(app: App, sid: str) -> str:
 
 def _settled(app: App, sid: str) -> bool:
     return _state(app, sid) in ("delivered", "in_review", "in_digest", "rejected", "failed")
+
+
+def test_dearmp_run_starts_its_embedded_redis_again_when_it_dies(
+    tmp_path: Path, db_url: str
+) -> None:
+    """`dearmp run` on the embedded defaults: its Redis dies, it is started again, and a letter
+    submitted after goes (before, the process went on with nothing moving)."""
+    import redis
+
+    app = App.from_settings(make_settings(tmp_path, database_url=db_url))
+    prepare(app)
+    running = Stack(tmp_path, db_url, "")
+    del running.env["REDIS_URL"]  # the embedded Redis
+    server = EmbeddedRedis(app.settings.data_dir, socket=app.settings.embedded_redis_socket)
+    try:
+        running.start("run", "--threads", "2")
+        assert wait_for(lambda: "pipeline running" in running.log_text(), 60), running.log_text()[
+            -3000:
+        ]
+        client = redis.Redis.from_url(server.url)
+        first = client.info()["process_id"]
+        with contextlib.suppress(redis.ConnectionError):
+            client.shutdown(nosave=True)
+        assert wait_for(lambda: server.is_up() and client.info()["process_id"] != first, 30), (
+            running.log_text()[-3000:]
+        )
+        broker = RedisBroker(url=server.url, namespace="dearmp")
+        sid = submit(app, broker, submission())[0]
+        assert wait_for(lambda: state_counts(app, [sid]) == {"delivered": 1}, 90), (
+            running.log_text()[-3000:]
+        )
+        assert "embedded_redis_restarted" in running.log_text()
+    finally:
+        running.stop()
+        app.engine.dispose()

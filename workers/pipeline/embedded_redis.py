@@ -55,6 +55,10 @@ class EmbeddedRedis:
             time.sleep(0.02)
         return self
 
+    def exited(self) -> bool:
+        """Whether the server this object started has exited since."""
+        return self.process is not None and self.process.poll() is not None
+
     def stop(self, kill: bool = False) -> None:
         if self.process is None:
             return

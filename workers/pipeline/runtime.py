@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any
 
 import dramatiq
+import structlog
 from aiosmtpd.controller import Controller
 from sqlalchemy import func, select
 
@@ -34,6 +35,8 @@ from workers.stages.confirmation import ConfirmationPolicy
 from workers.stages.stage import Stage
 
 SAMPLE_DIR = CONFIG_DIR / "sample"
+
+log = structlog.get_logger(__name__)
 
 
 def prepare(app: App) -> None:
@@ -101,6 +104,12 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
         name="reconciler",
         daemon=True,
     )
+    keeper = None
+    if embedded is not None:
+        keeper = threading.Thread(
+            target=keep_up, args=(embedded, stop), name="embedded-redis", daemon=True
+        )
+        keeper.start()
     worker.start()
     reconciler.start()
     receiver = start_receiver(app, broker) if app.returns.domains else None
@@ -112,8 +121,25 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
             receiver.stop()
         worker.stop()
         reconciler.join(timeout=5)
+        if keeper is not None:
+            keeper.join(timeout=15)
         if embedded is not None:
             embedded.stop()
+
+
+def keep_up(server: EmbeddedRedis, stop: threading.Event, every: float = 1.0) -> None:
+    """Start the embedded Redis again whenever it exits, until ``stop``: it is transport only,
+    and the reconciler resends from the database what it held."""
+    while not stop.wait(every):
+        if not server.exited():
+            continue
+        code = server.process.returncode if server.process is not None else None
+        try:
+            server.start()
+        except Exception as exc:  # tried again in a second; `dearmp health` says Redis is down
+            log.error("embedded_redis_not_restarted", exit_code=code, error=type(exc).__name__)
+            continue
+        log.warning("embedded_redis_restarted", exit_code=code)
 
 
 def start_receiver(
