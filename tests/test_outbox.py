@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from dramatiq.common import dq_name
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import OperationalError
+from structlog.testing import capture_logs
 
 from schemas.messages import stage_payload
 from tests import mail_samples as samples
@@ -230,7 +231,10 @@ def test_a_lapsed_claim_is_taken_over_and_the_same_bytes_go_again(
             )
         assert item_id in due(app)
         first = compose(app, item_id)
-        send_item(app, item_id, mailer)
+        with capture_logs() as logs:
+            send_item(app, item_id, mailer)
+        taken_over = [e for e in logs if e["event"] == "outbox_claim_taken_over"]
+        assert [(e["outbox_id"], e["log_level"]) for e in taken_over] == [(item_id, "warning")]
         [mail] = mailer.sent
         assert mail.data == first.data and mail.message_id == first.message_id
         taken = item(app, item_id)

@@ -519,6 +519,8 @@ def _take_over(session: Session, one: _Ready, now: datetime, policy: OutboxPolic
         log.warning("outbox_failed", outbox_id=item.id, final=True, error="stopped")
         return False
     _set(session, lapsed, claimed_at=now, attempts=OutboxItem.attempts + 1, error=counted.reason)
+    # Its worker stopped between claim and sent mark: the server may have taken it already.
+    log.warning("outbox_claim_taken_over", outbox_id=item.id, kind=item.kind)
     return True
 
 
