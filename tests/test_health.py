@@ -472,3 +472,21 @@ def test_letters_given_up_today_are_degraded_with_how_to_send_them_again(
     assert status == "degraded"
     assert detail.startswith("1 letter to MPs failed in the last 24 h (most often: gave up")
     assert "dearmp deliveries reopen --reason TEXT" in detail
+
+
+def test_watch_shows_a_letters_failed_tries_among_the_newest_failures(
+    app: App, on_redis: redis.Redis
+) -> None:
+    """A letter's failed tries are recorded on its outbox item, not as a failed message: the
+    live view lists them with the server's answer."""
+    sid = through_render(app, submission())
+    answer = "451 4.3.0 <[email]>: try again later"
+    with session_scope(app.sessions) as session:
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == sid)
+            .values(failures=1, claimed_at=utcnow(), error=answer)
+        )
+    view = CliRunner().invoke(main, ["watch", "--iterations", "1"], env={"COLUMNS": "200"})
+    assert view.exit_code == 0
+    assert "outbox (letter)" in view.stdout and answer in view.stdout and sid in view.stdout

@@ -347,10 +347,10 @@ def _watch_view(snap: dead.Snapshot) -> Any:
         row = (d.waiting, d.delayed, d.in_progress, d.dead, snap.per_minute.get(stage, 0))
         queues.add_row(d.queue, *(str(v) for v in row), style="red" if d.dead else None)
     failures = Table(title="Newest failures", expand=True)
-    for col in ("last failed", "actor", "exception", "submission"):
+    for col in ("last failed", "actor", "error", "submission"):
         failures.add_column(col)
-    for at, actor, kind, sid in snap.newest_failures:
-        failures.add_row(at.strftime("%H:%M:%S"), actor, kind.rsplit(".", 1)[-1], sid or "")
+    for at, actor, error, sid in snap.newest_failures:
+        failures.add_row(at.strftime("%H:%M:%S"), actor, escape(error), sid or "")
     return Group(queues, failures)
 
 

@@ -20,7 +20,14 @@ from sqlalchemy import ColumnElement, and_, func, select, union, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
-from workers.database.models import Failure, PurgedDeadLetter, Submission, SubmissionEvent
+from workers.database.models import (
+    Failure,
+    OutboxItem,
+    OutboxStatus,
+    PurgedDeadLetter,
+    Submission,
+    SubmissionEvent,
+)
 from workers.logging import mask_text
 from workers.pipeline.dispatch import stage_message, submission_id_of
 from workers.pipeline.dramatiq_private import bodies_key, dead_key, delayed_key, held, queue_key
@@ -416,4 +423,20 @@ def _snapshot_from_db(session: Session, depths: list[QueueDepth], now: datetime)
         .order_by(Failure.last_failed_at.desc())
         .limit(5)
     ).all()
-    return Snapshot(depths, per_minute, [tuple(row) for row in failures])  # type: ignore[misc]
+    # An email's failed tries are on its outbox item (waiting to retry, or given up).
+    tries = session.execute(
+        select(OutboxItem.claimed_at, OutboxItem.kind, OutboxItem.error, OutboxItem.submission_id)
+        .where(
+            OutboxItem.failures > 0,
+            OutboxItem.status.in_((OutboxStatus.PENDING, OutboxStatus.FAILED)),
+            OutboxItem.claimed_at.is_not(None),
+        )
+        .order_by(OutboxItem.claimed_at.desc())
+        .limit(5)
+    ).all()
+    newest = [(at, actor, kind.rsplit(".", 1)[-1], sid) for at, actor, kind, sid in failures]
+    newest += [
+        (at or now, f"outbox ({kind})", (error or "")[:80], sid) for at, kind, error, sid in tries
+    ]
+    newest.sort(key=lambda row: row[0], reverse=True)
+    return Snapshot(depths, per_minute, newest[:5])
