@@ -298,3 +298,36 @@ def test_campaigns_list_gives_each_campaigns_mode_and_pause(app: App) -> None:
 def test_watch_without_a_terminal_says_it_would_print_nothing_unless_told_when_to_stop() -> None:
     result = CliRunner().invoke(main, ["watch"])
     assert result.exit_code == 2 and "give --iterations" in result.output
+
+
+def test_submit_with_redis_away_stores_each_and_says_so_once(tmp_path: Path) -> None:
+    """Each submission is stored (the reconciler sends it on once Redis is back); the command
+    says once that Redis did not take them, not once per submission."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import make_settings, serving
+    from tests.services import REPO
+    from workers.pipeline.runtime import state_counts
+
+    with serving(make_settings(tmp_path)) as app:
+        path = tmp_path / "batch.json"
+        path.write_text(
+            json.dumps([submission(supporter__email=f"s{i}@example.com") for i in range(3)])
+        )
+        env = {
+            **os.environ,
+            "DEARMP_BROKER": "redis",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "DEARMP_DATA_DIR": str(app.settings.data_dir),
+            "DEARMP_SECRET_KEY": app.settings.secret_key.get_secret_value(),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "workers.cli", "submit", str(path)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.count("Redis did not take every message") == 1
+        ids = [line.split()[0] for line in done.stdout.splitlines() if line.endswith("accepted")]
+        assert len(ids) == 3 and state_counts(app, ids) == {"received": 3}

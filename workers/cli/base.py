@@ -76,7 +76,10 @@ class Cli:
         """Stage messages for what a command has committed (if not, the reconciler sends them);
         the broker is built only when there is something to send."""
         if any(sends.values()) and not dispatch_groups(self.broker, sends):
-            self.tell("Redis did not take every message: the reconciler sends them once it is back")
+            click.echo(  # a warning: on stderr, apart from what the command answers
+                "Redis did not take every message: the reconciler sends them once it is back",
+                err=True,
+            )
 
     @cached_property
     def app(self) -> App:

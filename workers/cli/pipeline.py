@@ -98,14 +98,17 @@ def submit(cli: Cli, file: Any) -> None:
         raise click.ClickException(
             f"{file.name}: not valid JSON: not UTF-8 text ({exc.reason})"
         ) from None
-    answers = []
-    for item in data if isinstance(data, list) else [data]:
-        with cli.session() as session:
-            found = accept(session, item, cli.app.secret)
-        if found.created:
-            cli.send({Stage.VALIDATE: [found.submission_id]})
-        outcome = "accepted" if found.created else "conflict" if found.conflict else "duplicate"
-        answers.append({"id": found.submission_id, "outcome": outcome})
+    answers, created = [], []
+    try:
+        for item in data if isinstance(data, list) else [data]:
+            with cli.session() as session:
+                found = accept(session, item, cli.app.secret)
+            if found.created:
+                created.append(found.submission_id)
+            outcome = "accepted" if found.created else "conflict" if found.conflict else "duplicate"
+            answers.append({"id": found.submission_id, "outcome": outcome})
+    finally:  # each stored in its own commit: what was stored goes on, in one send
+        cli.send({Stage.VALIDATE: created})
     cli.say("\n".join(f"{a['id']} {a['outcome']}" for a in answers), answers)
     conflicts = sum(a["outcome"] == "conflict" for a in answers)
     if conflicts:
