@@ -968,6 +968,8 @@ def test_a_bounce_while_its_letter_is_being_sent_waits_for_the_sent_mark(app: Ap
         inbound.process_counted(app.sessions, inbound_id, app.returns, policy, every_kind)
     row = inbound_row(app, inbound_id)
     assert (row.status, row.attempts) == ("received", 0)
+    # Its delayed message is the one to come: the reconciler's copy only after it.
+    assert row.dispatched_at > utcnow().replace(tzinfo=row.dispatched_at.tzinfo)
     with session_scope(app.sessions) as session:  # the server took it: the sent mark
         session.execute(
             update(OutboxItem).where(OutboxItem.id == sid).values(status="sent", sent_at=utcnow())

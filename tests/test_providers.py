@@ -144,10 +144,13 @@ def test_http_refusing_our_key_or_domain_pauses_delivery_and_costs_no_attempt(
     """A wrong key or domain is the same for every letter: delivery pauses, as for a relay
     that refuses our login, and the letters wait (``ours``) instead of failing one by one."""
     provider.replies.append((status, {}, '{"message": "Forbidden"}'))
-    mailer = http_mailer(tmp_path, provider)
+    alarms: list[tuple[Any, ...]] = []
+    mailer = HttpMailer(http_settings(tmp_path, provider), alarm=lambda *a: alarms.append(a))
     with pytest.raises(TransientDeliveryError) as raised:
         mailer.send(MAIL)
     assert raised.value.ours and raised.value.retry_after == 30.0
+    [(_, _, lasting)] = alarms
+    assert lasting  # the same answer until someone acts: `dearmp health` says down
     assert 29 < mailer.waiting() <= 30
     with pytest.raises(TransientDeliveryError, match="delivery paused"):
         mailer.send(MAIL)  # not sent again while paused

@@ -139,22 +139,22 @@ def test_one_refused_login_stops_every_thread_from_trying(
 
 def test_the_pause_doubles_and_a_login_accepted_ends_it() -> None:
     now = [1000.0]
-    alarms: list[tuple[str | None, float]] = []
+    alarms: list[tuple[Any, ...]] = []
     breaker = RelayPause(clock=lambda: now[0], alarm=lambda *a: alarms.append(a))
-    breaker.refused("535 5.7.8 Authentication failed")
+    breaker.refused("535 5.7.8 Authentication failed", lasting=True)
     assert breaker.waiting() == 30
     with pytest.raises(TransientDeliveryError, match="next try in 30 s"), breaker.turn():
         pass
     now[0] += 30
     with breaker.turn():  # its turn: one login is tried
-        breaker.refused("535 5.7.8 Authentication failed")
+        breaker.refused("535 5.7.8 Authentication failed", lasting=True)
     assert breaker.waiting() == 60
     for _ in range(10):
-        breaker.refused("535 5.7.8 Authentication failed")
+        breaker.refused("535 5.7.8 Authentication failed", lasting=True)
     assert breaker.waiting() == 900  # at most 15 minutes
     breaker.accepted()
     assert breaker.waiting() == 0
-    assert alarms[0] == ("535 5.7.8 Authentication failed", 30.0)
+    assert alarms[0] == ("535 5.7.8 Authentication failed", 30.0, True)
     assert alarms[-1] == (None, 0.0) and len(alarms) == 13  # 12 pauses, one end
 
 
@@ -162,7 +162,7 @@ def test_letters_wait_for_the_login_without_using_attempts(
     app: App, tmp_path: Path, relay: SmtpSink
 ) -> None:
     mailer = SmtpMailer(settings(tmp_path, relay.port))
-    mailer.relay.refused("535 5.7.8 Authentication failed")  # a moment ago
+    mailer.relay.refused("535 5.7.8 Authentication failed", lasting=True)  # a moment ago
     sid = through_render(app, submission())
     with pytest.raises(Deferred, match="delivery paused"):
         send_letter(app.sessions, sid, mailer, DeliveryPolicy())
@@ -183,7 +183,7 @@ def test_letters_wait_for_the_login_without_using_attempts(
 def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
     app: App, tmp_path: Path, smtp_sink: SmtpSink, where: str, answer: str
 ) -> None:
-    alarms: list[tuple[str | None, float]] = []
+    alarms: list[tuple[Any, ...]] = []
     mailer = smtp_mailer(tmp_path, smtp_sink, alarm=lambda *a: alarms.append(a))
     first, second = through_render(app, submission()), through_render(app, submission())
     if where == "MAIL":
@@ -199,7 +199,7 @@ def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
     with pytest.raises(Deferred, match="delivery paused"):  # the next letter waits too
         send_letter(app.sessions, second, mailer, policy)
     masked = re.sub(r"<[^<>]+@[^<>]+>", "<[email]>", answer)  # the address it quotes hidden
-    assert alarms == [(masked, 30.0)] and 25 < mailer.waiting() <= 30
+    assert alarms == [(masked, 30.0, True)] and 25 < mailer.waiting() <= 30
     with session_scope(app.sessions) as session:
         for sid in (first, second):
             delivery = session.get(OutboxItem, sid)
@@ -301,7 +301,7 @@ def test_an_answer_about_our_own_set_up_pauses_and_fails_no_letter(
 ) -> None:
     """Postfix answers a HELO it refuses at RCPT ("Helo command rejected"), with a code that
     says nothing of a policy: the words say it is our set-up, the same for every letter."""
-    alarms: list[tuple[str | None, float]] = []
+    alarms: list[tuple[Any, ...]] = []
     mailer = smtp_mailer(tmp_path, smtp_sink, alarm=lambda *a: alarms.append(a))
     first, second = through_render(app, submission()), through_render(app, submission())
     for sid in (first, second):
@@ -314,7 +314,7 @@ def test_an_answer_about_our_own_set_up_pauses_and_fails_no_letter(
         send_letter(app.sessions, first, mailer, policy)
     with pytest.raises(Deferred, match="delivery paused"):
         send_letter(app.sessions, second, mailer, policy)
-    assert alarms == [(answer, 30.0)]
+    assert alarms == [(answer, 30.0, answer.startswith("5"))]  # 4xx: passes by itself
     assert wait_for(lambda: smtp_sink.open_sessions == 0, 5)  # none waits out the pause
     with session_scope(app.sessions) as session:
         for sid in (first, second):
@@ -333,7 +333,7 @@ def test_a_certificate_our_ca_does_not_verify_pauses_delivery_and_says_why(
     relay_ca.issue_cert("127.0.0.1").configure_cert(context)
     our_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     sink = SmtpSink(tls_context=context).start()
-    alarms: list[tuple[str | None, float]] = []
+    alarms: list[tuple[Any, ...]] = []
     try:
         config = settings(
             tmp_path,
@@ -351,9 +351,9 @@ def test_a_certificate_our_ca_does_not_verify_pauses_delivery_and_says_why(
         with pytest.raises(Deferred, match="delivery paused"):
             send_letter(app.sessions, second, mailer, policy)
         assert mailer.pool.opened == 0 and sink.most_sessions == 1  # one handshake, not two
-        [(reason, pause)] = alarms
+        [(reason, pause, lasting)] = alarms
         assert reason is not None and "TLS verification of the mail server failed" in reason
-        assert "SMTP_CA_FILE" in reason and pause == 30.0
+        assert "SMTP_CA_FILE" in reason and pause == 30.0 and lasting
         with session_scope(app.sessions) as session:
             for sid in (first, second):
                 delivery = session.get(OutboxItem, sid)
@@ -380,7 +380,7 @@ def test_a_recipient_quoted_in_an_answer_is_the_letters_own_whatever_its_words(
     tried again as its own (4xx), and nobody else's letter waits."""
     from workers.letters.mail import PermanentDeliveryError
 
-    alarms: list[tuple[str | None, float]] = []
+    alarms: list[tuple[Any, ...]] = []
     mailer = smtp_mailer(tmp_path, smtp_sink, alarm=lambda *a: alarms.append(a))
     smtp_sink.refuse["b@example.org"] = answer
     expected = PermanentDeliveryError if answer.startswith("5") else TransientDeliveryError
@@ -410,7 +410,7 @@ def test_a_refusal_at_data_is_the_letters_own_whatever_its_words(
     the letter (its content, its DKIM or DMARC), even in words about authentication."""
     from workers.letters.mail import PermanentDeliveryError
 
-    alarms: list[tuple[str | None, float]] = []
+    alarms: list[tuple[Any, ...]] = []
     mailer = smtp_mailer(tmp_path, smtp_sink, alarm=lambda *a: alarms.append(a))
     smtp_sink.answer = answer
     expected = PermanentDeliveryError if answer.startswith("5") else TransientDeliveryError

@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -98,6 +98,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             dbapi_conn.execute("BEGIN IMMEDIATE")
 
     return engine
+
+
+def write_lock(session: Session) -> None:
+    """Begin the transaction's writing now: on SQLite, its one write lock, so that what is read
+    next stays so until the commit (see :func:`make_engine`); PostgreSQL locks rows instead."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("SAVEPOINT dearmp_write"))  # a statement that is not a SELECT
+        session.execute(text("RELEASE dearmp_write"))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, Engine, Select, bindparam, func, select, u
 from sqlalchemy.orm import Session
 
 from config.settings import default
-from workers.database.engine import insert_on_conflict
+from workers.database.engine import insert_on_conflict, write_lock
 from workers.database.models import OUTBOX, OutboxItem, OutboxStatus, utcnow
 from workers.database.transitions import rowcount, together
 from workers.letters.mail import (
@@ -437,27 +437,28 @@ def _wait(session: Session, item_id: str, seconds: float, lapsed: datetime) -> b
     )
 
 
-def settle(session: Session, item_ids: Sequence[str], kinds: Mapping[str, Kind]) -> None:
-    """The ``done`` of those items that have ended, made now if it is still to come (sent, and
-    its sender not yet at :func:`_sent`, or dead before it), so that what reads an item's end
-    from its submission (a bounce, which can come back within milliseconds) reads it true."""
-    ended = session.scalars(
-        select(OutboxItem).where(
+def settle(session: Session, item_ids: Sequence[str], kinds: Mapping[str, Kind]) -> bool:
+    """The ``done`` of those items that were sent, made now if it is still to come (their
+    sender not yet at :func:`_sent`, or dead before it), so that what reads a letter's end from
+    its submission (a bounce, which can come back within milliseconds) reads it true. False,
+    and nothing done, while one of them is claimed and may be with its server (its answer not
+    yet recorded). Read once, and locked until the commit."""
+    write_lock(session)
+    rows = session.scalars(
+        select(OutboxItem)
+        .where(
             OutboxItem.id.in_(item_ids),
-            OutboxItem.status.not_in((OutboxStatus.PENDING, OutboxStatus.SENDING)),
+            OutboxItem.status.in_((OutboxStatus.SENT, OutboxStatus.SENDING)),
         )
+        .order_by(OutboxItem.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).all()
-    if ended:
-        _repair(session, list(ended), kinds)
-
-
-def in_flight(session: Session, item_ids: Sequence[str]) -> bool:
-    """Whether one of the items is claimed and may be with its server now (its answer not yet
-    recorded: in milliseconds, or, if its worker died, once its claim is taken over)."""
-    claimed = select(OutboxItem.id).where(
-        OutboxItem.id.in_(item_ids), OutboxItem.status == OutboxStatus.SENDING
-    )
-    return session.scalar(claimed.limit(1)) is not None
+    if any(row.status == OutboxStatus.SENDING for row in rows):
+        return False
+    for row in rows:
+        _done(session, row, kinds.get(row.kind), row.status, row.response)
+    return True
 
 
 def _repair(session: Session, ended: list[OutboxItem], kinds: Mapping[str, Kind]) -> None:
@@ -472,6 +473,7 @@ def _ended(
     """Each item's kind's ``done`` (with its status and detail), only if the item is still in
     that status, locked until the commit (in one order, so that two workers ending one item
     wait for each other): not once an operator's resend has made it anew."""
+    write_lock(session)
     still = dict(
         session.execute(
             select(OutboxItem.id, OutboxItem.status)

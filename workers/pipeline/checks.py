@@ -5,7 +5,6 @@ look at. Each check is ``ok``, ``degraded`` (something to look at; letters still
 
 from __future__ import annotations
 
-import re
 import smtplib
 import socket
 import ssl
@@ -44,8 +43,6 @@ DIGEST_LATE_HOURS = 36
 # Letters tried in this window whose every try failed, and none sent: nothing goes out.
 STALLED_WINDOW = timedelta(minutes=15)
 STALLED_LETTERS = 3
-# A pause for a 4xx answer (to our login or sender) passes by itself; any other does not.
-PASSING_REFUSAL = re.compile(r"(login refused: )?4\d\d\b")
 # Letters given up within this window make health degraded: an operator reopens them.
 GIVEN_UP_WINDOW = timedelta(hours=24)
 
@@ -180,7 +177,7 @@ def _pipeline(
     paused = mail_pause(client, namespace)
     if paused is None:
         checks.append(Check("mail pause", OK, "none"))
-    elif PASSING_REFUSAL.match(paused["reason"]):
+    elif not paused.get("lasting"):
         degraded(
             "mail pause",
             f"mail delivery paused until {paused['until']}: the relay refused us "

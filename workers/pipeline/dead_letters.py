@@ -308,13 +308,14 @@ class MailPauseAlarm:
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.client, self.namespace = client, namespace
 
-    def __call__(self, reason: str | None, seconds: float) -> None:
+    def __call__(self, reason: str | None, seconds: float, lasting: bool = False) -> None:
         try:
             if reason is None:
                 self.client.delete(f"{self.namespace}:mail-paused")
             else:
                 until = datetime.now(UTC) + timedelta(seconds=seconds)
-                value = json.dumps({"reason": reason, "until": until.isoformat()})
+                pause = {"reason": reason, "until": until.isoformat(), "lasting": lasting}
+                value = json.dumps(pause)
                 self.client.set(f"{self.namespace}:mail-paused", value, ex=int(seconds) + 30)
         except redis.RedisError as exc:  # the pause itself holds in the worker regardless
             structlog.get_logger("workers").warning(
@@ -343,10 +344,11 @@ def resume_mail(client: redis.Redis, namespace: str) -> dict[str, str] | None:
     return paused
 
 
-def mail_pause(client: redis.Redis, namespace: str) -> dict[str, str] | None:
-    """The relay's refusal that paused delivery, if a worker reported one: reason and until."""
+def mail_pause(client: redis.Redis, namespace: str) -> dict[str, Any] | None:
+    """The relay's refusal that paused delivery, if a worker reported one: reason, until, and
+    whether it lasts until someone acts."""
     raw = cast("bytes | None", client.get(f"{namespace}:mail-paused"))
-    return None if raw is None else cast("dict[str, str]", json.loads(raw))
+    return None if raw is None else cast("dict[str, Any]", json.loads(raw))
 
 
 def oldest_waiting_seconds(client: redis.Redis, namespace: str, now_ms: int) -> float:

@@ -47,7 +47,11 @@ class EmbeddedRedis:
         if self.socket:
             self.socket.unlink(missing_ok=True)
             args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A session of its own: a Ctrl-C or SIGTERM to the process group stops the pipeline,
+        # which stops its Redis after its workers.
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + 10
         while not self.is_up():
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -134,6 +134,9 @@ def keep_up(server: EmbeddedRedis, stop: threading.Event, every: float = 1.0) ->
         if not server.exited():
             continue
         code = server.process.returncode if server.process is not None else None
+        if server.is_up():  # another `dearmp run` started its own meanwhile: it is theirs
+            log.warning("embedded_redis_taken_over", exit_code=code)
+            return
         try:
             server.start()
         except Exception as exc:  # tried again in a second; `dearmp health` says Redis is down

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
+from workers.database.engine import write_lock
 from workers.database.models import CONSENT_EVENTS, ConsentEvent
 
 GENESIS = "0" * 64
@@ -109,9 +110,8 @@ def hold(session: Session) -> None:
         return
     if session.get_bind().dialect.name == "postgresql":
         session.execute(_LOCK, {"key": LOCK_KEY})
-    else:  # a write statement begins the write transaction (see make_engine); it changes nothing
-        session.execute(text("SAVEPOINT dearmp_ledger"))
-        session.execute(text("RELEASE dearmp_ledger"))
+    else:
+        write_lock(session)
     session.info[_LOCKED] = transaction
 
 

@@ -257,10 +257,8 @@ def _forget(
     return scrubbed, removed
 
 
-def _stop(session: Session, submission: Submission, kinds: Mapping[str, Kind]) -> bool:
-    """A submission still on its way: it ends here, before any letter goes. One whose letter
-    (or digest) a server has taken already is moved on as its sender would (``kinds``)."""
-    outbox.settle(session, digests.carriers(session, submission.id), kinds)
+def _stop(session: Session, submission: Submission) -> bool:
+    """A submission still on its way: it ends here, before any letter goes."""
     for _ in range(5):
         session.refresh(submission)
         if State(submission.state).is_final:
@@ -300,12 +298,17 @@ def erase_supporter(
     now = utcnow()
     who = supporter_hash(secret, email)
     erased_before = _erased(session, who)
-    for sub in _submissions(session, who):
+    subs = _submissions(session, who)
+    # Letters a server took already, their move still to come, move on as their sender would:
+    # every one at once, their items locked in one order, as a sender locks its group's.
+    due = [sub.id for sub in subs if sub.state in (State.RENDERED, State.IN_DIGEST)]
+    outbox.settle(session, [item for sid in due for item in digests.carriers(session, sid)], kinds)
+    for sub in subs:
         if sub.erased_at is not None:
             _forget(session, sub.id, outbox_dir, ERASED_LETTER, BY_REQUEST)
             continue
         report.submissions += 1
-        report.stopped_before_sending += _stop(session, sub, kinds)
+        report.stopped_before_sending += _stop(session, sub)
         _update(
             session,
             Submission,

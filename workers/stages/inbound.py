@@ -174,9 +174,11 @@ def _decide(
         return _drop(found.kind, "a delivery report sent to the reply address", submission_id)
     if submission_id is None:
         return _drop(found.kind, "names no letter")
-    carriers = digests.carriers(session, submission_id)
-    outbox.settle(session, carriers, kinds)
-    if outbox.in_flight(session, carriers):
+    # Sent, its move to delivered may still be to come (the sender's group, or a dead worker).
+    state = session.scalar(select(Submission.state).where(Submission.id == submission_id))
+    if state in (State.RENDERED, State.IN_DIGEST) and not outbox.settle(
+        session, digests.carriers(session, submission_id), kinds
+    ):
         raise Deferred(SENT_MARK_WAIT, "its letter's sending is not recorded yet")
     letter = session.execute(
         select(
@@ -370,7 +372,17 @@ def process_counted(
     try:
         with session_scope(sessions) as session:
             return process(session, inbound_id, returns, policy, kinds)
-    except (AlreadyMoved, Deferred):
+    except AlreadyMoved:
+        raise
+    except Deferred as later:  # its delayed message is the one: the reconciler's comes after
+        with session_scope(sessions) as session:
+            due = utcnow() + timedelta(seconds=later.seconds)
+            _set(
+                session,
+                inbound_id,
+                InboundMessage.status == InboundStatus.RECEIVED,
+                dispatched_at=due,
+            )
         raise
     except Exception as exc:
         with session_scope(sessions) as session:

@@ -4,8 +4,6 @@ signed bytes: a file outbox (the embedded default), SMTP and HTTP (Mailgun); the
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from config.settings import Settings
 from workers.letters.mail.dkim import DkimSigner, make_signer, outgoing, outgoing_email
 from workers.letters.mail.http import HttpMailer
@@ -17,7 +15,7 @@ from workers.letters.mail.mailer import (
 )
 from workers.letters.mail.messages import AUTOMATIC, Draft, from_domain, header_text, wire_address
 from workers.letters.mail.outbox import OutboxMailer
-from workers.letters.mail.relay import OUT_OF_STEP_WAIT
+from workers.letters.mail.relay import OUT_OF_STEP_WAIT, Alarm
 from workers.letters.mail.smtp import SmtpMailer
 
 __all__ = [
@@ -42,9 +40,7 @@ __all__ = [
 ]
 
 
-def make_mailer(
-    settings: Settings, alarm: Callable[[str | None, float], None] | None = None
-) -> Mailer:
+def make_mailer(settings: Settings, alarm: Alarm | None = None) -> Mailer:
     if settings.mail_backend == "smtp":
         return SmtpMailer(settings, alarm)
     if settings.mail_backend == "http":

@@ -5,7 +5,6 @@ relay's refusal of our login does (:class:`RelayPause`); any other refusal is th
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
 import requests
@@ -18,7 +17,7 @@ from workers.letters.mail.mailer import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
-from workers.letters.mail.relay import RelayPause
+from workers.letters.mail.relay import Alarm, RelayPause
 
 # Answers about our account (a wrong key, a domain it does not hold), not the letter.
 REFUSING_US = {401, 403, 404}
@@ -29,9 +28,7 @@ class HttpMailer(Mailer):
 
     name = "http"
 
-    def __init__(
-        self, settings: Settings, alarm: Callable[[str | None, float], None] | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, alarm: Alarm | None = None) -> None:
         if not settings.email_api_key or not settings.email_api_domain:
             raise ValueError("the http mail backend needs EMAIL_API_KEY and EMAIL_API_DOMAIN")
         api, domain = settings.email_api_url.rstrip("/"), settings.email_api_domain
@@ -84,7 +81,7 @@ class HttpMailer(Mailer):
             return answer
         if response.status_code in REFUSING_US:
             with self._refusing:  # threads refused at once are one refusal, not one doubling each
-                wait = self.relay.waiting() or self.relay.refused(answer)
+                wait = self.relay.waiting() or self.relay.refused(answer, lasting=True)
             raise TransientDeliveryError(answer, retry_after=wait, ours=True)
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientDeliveryError(answer, retry_after=retry_after(response))

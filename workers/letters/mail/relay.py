@@ -16,11 +16,16 @@ import structlog
 from workers.letters.mail.mailer import PermanentDeliveryError, TransientDeliveryError
 from workers.logging import mask_text
 
+# Told of a pause (the relay's answer, seconds, whether it lasts until someone acts) and of its
+# end (None, 0).
+Alarm = Callable[..., None]
+
 
 class RelayPause:
     """When the relay refuses us, no thread of the process tries again for ``first`` seconds,
     doubling with each refusal in a row up to ``LONGEST``; the first letter after is the probe.
-    ``alarm`` is told of each pause and its end, the relay's answer masked."""
+    ``alarm`` is told of each pause (the relay's answer masked, and whether it lasts until
+    someone acts) and of its end."""
 
     LONGEST = 900.0
     RESUME_LOOK = 2.0  # seconds between looks for an operator's `dearmp deliveries resume`
@@ -29,7 +34,7 @@ class RelayPause:
         self,
         first: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
-        alarm: Callable[[str | None, float], None] | None = None,
+        alarm: Alarm | None = None,
     ) -> None:
         self.first, self.clock, self.alarm = first, clock, alarm
         self.resumed: Callable[[float], bool] | None = getattr(alarm, "resumed", None)
@@ -75,8 +80,9 @@ class RelayPause:
             self.check()
             yield
 
-    def refused(self, reason: str) -> float:
-        """The relay refused us: pause, and return for how long."""
+    def refused(self, reason: str, lasting: bool) -> float:
+        """The relay refused us: pause, and return for how long. ``lasting``: it will answer the
+        same until someone acts (a 5xx to our login or sender, our certificate, our key)."""
         with self.lock:
             self.refusals += 1
             pause: float = min(self.LONGEST, self.first * 2.0 ** (self.refusals - 1))
@@ -90,10 +96,10 @@ class RelayPause:
             refusals_in_a_row=self.refusals,
         )
         if self.alarm is not None:
-            self.alarm(self.reason, pause)
+            self.alarm(self.reason, pause, lasting)
         return pause
 
-    def refused_rcpt(self, recipient: str, reason: str) -> float | None:
+    def refused_rcpt(self, recipient: str, reason: str, lasting: bool) -> float | None:
         """A policy answer to RCPT, which may refuse us or this recipient: the first time it is
         taken as ours (pause, and return for how long); refused again after the relay accepted
         other letters, the recipient is the cause (None: the letter's permanent failure)."""
@@ -104,7 +110,7 @@ class RelayPause:
             if len(self.refused_recipients) >= 10_000:
                 self.refused_recipients.clear()
             self.refused_recipients[recipient] = self.letters_accepted
-        return self.refused(reason)
+        return self.refused(reason, lasting)
 
     def accepted(self) -> None:
         with self.lock:
@@ -130,12 +136,13 @@ def classify(
         return TransientDeliveryError(message, retry_after=OUT_OF_STEP_WAIT, ours=True)
     permanent = 500 <= code < 600
     if command != "DATA" and (code in AUTH_PROBLEMS or command in ("MAIL", "SESSION")):
-        return TransientDeliveryError(message, retry_after=relay.refused(message), ours=True)
+        wait = relay.refused(message, lasting=permanent)
+        return TransientDeliveryError(message, retry_after=wait, ours=True)
     words = _unquoted(text)
     if command == "RCPT" and (
         ABOUT_US.search(words) or (permanent and words.lstrip().startswith("5.7."))
     ):
-        pause = relay.refused_rcpt(recipient, message)
+        pause = relay.refused_rcpt(recipient, message, permanent)
         if pause is not None:
             return TransientDeliveryError(message, retry_after=pause, ours=True)
     if 400 <= code < 500:

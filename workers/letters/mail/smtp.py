@@ -15,7 +15,7 @@ from functools import partial
 
 from config.settings import Settings
 from workers.letters.mail.mailer import Outgoing, TransientDeliveryError
-from workers.letters.mail.relay import OUT_OF_STEP, RelayPause, answer_text, classify
+from workers.letters.mail.relay import OUT_OF_STEP, Alarm, RelayPause, answer_text, classify
 
 
 def close(conn: smtplib.SMTP) -> None:
@@ -245,9 +245,7 @@ class SmtpMailer:
 
     name = "smtp"
 
-    def __init__(
-        self, settings: Settings, alarm: Callable[[str | None, float], None] | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, alarm: Alarm | None = None) -> None:
         self.settings = settings
         self.relay = RelayPause(settings.smtp_pause, alarm=alarm)
         self.pool = SmtpPool(
@@ -270,10 +268,12 @@ class SmtpMailer:
                         _login(conn, s.smtp_username, s.smtp_password.get_secret_value())
                     except smtplib.SMTPAuthenticationError as exc:
                         answer = answer_text(exc.smtp_error)
-                        self.relay.refused(f"login refused: {exc.smtp_code} {answer}")
+                        self.relay.refused(
+                            f"login refused: {exc.smtp_code} {answer}", exc.smtp_code >= 500
+                        )
                         raise
                     except NoLogin as exc:
-                        self.relay.refused(str(exc))
+                        self.relay.refused(str(exc), lasting=True)
                         raise
         except BaseException as exc:
             if conn is not None:  # a login that failed leaves no session
@@ -282,7 +282,8 @@ class SmtpMailer:
                 # The same for every letter: a pause, not a failed handshake per letter.
                 self.relay.refused(
                     f"TLS verification of the mail server failed ({exc.verify_message}): "
-                    "check SMTP_CA_FILE and the relay's certificate"
+                    "check SMTP_CA_FILE and the relay's certificate",
+                    lasting=True,
                 )
             raise
         return conn
