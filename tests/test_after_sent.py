@@ -823,6 +823,12 @@ def _sent_unmoved(app: App, item_id: str) -> dict[str, Kind]:
     return every_kind
 
 
+def _moved_late(app: App, item_id: str, every_kind: dict[str, Kind]) -> None:
+    """The sender's move of its group, made late (or the reconciler's resend of it)."""
+    with session_scope(app.sessions) as session:
+        outbox_sending.send_group(session, [item_id], app.mailer, every_kind, outbox_for(app)[1])
+
+
 def test_a_bounce_acted_on_before_its_letters_move_to_delivered_still_returns_it(
     app: App,
 ) -> None:
@@ -839,10 +845,7 @@ def test_a_bounce_acted_on_before_its_letters_move_to_delivered_still_returns_it
         assert len(inbound.process(session, inbound_id, app.returns, policy, every_kind)) == 1
     assert state_counts(app, [sid]) == {"bounced": 1}
     assert inbound_row(app, inbound_id).status == "done"
-    # The sender's move, made late, changes nothing.
-    with session_scope(app.sessions) as session:
-        sending_policy = outbox_for(app)[1]
-        outbox_sending.send_group(session, [sid], app.mailer, every_kind, sending_policy)
+    _moved_late(app, sid, every_kind)  # changes nothing
     assert state_counts(app, [sid]) == {"bounced": 1}
 
 
@@ -930,8 +933,7 @@ def test_an_erasure_after_a_server_took_the_letter_does_not_call_it_stopped(app:
         report = erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
     assert (report.submissions, report.stopped_before_sending) == (1, 0)
     assert state_counts(app, [sid]) == {"delivered": 1}  # moved on as the sender would
-    with session_scope(app.sessions) as session:  # the sender's move, late: nothing to do
-        outbox_sending.send_group(session, [sid], app.mailer, every_kind, outbox_for(app)[1])
+    _moved_late(app, sid, every_kind)  # nothing to do
     assert state_counts(app, [sid]) == {"delivered": 1}
 
 
@@ -945,8 +947,7 @@ def test_an_erasure_after_a_server_took_the_digest_does_not_call_its_letters_sto
         report = erase_supporter(session, app.secret, email, outbox_for(app)[0])
     assert report.stopped_before_sending == 0
     assert state_counts(app, ids) == {"delivered": 3}  # moved on as the sender would
-    with session_scope(app.sessions) as session:  # the sender's move, late: nothing to do
-        outbox_sending.send_group(session, [made], app.mailer, every_kind, outbox_for(app)[1])
+    _moved_late(app, made, every_kind)  # nothing to do
     assert state_counts(app, ids) == {"delivered": 3}
 
 
