@@ -105,6 +105,34 @@ def test_a_mail_server_that_does_not_answer_is_down(app: App, on_redis: redis.Re
     assert status == "down" and f"cannot reach 127.0.0.1:{settings.smtp_port}" in detail
 
 
+def test_a_mail_server_refusing_us_at_its_greeting_is_down_with_its_answer(
+    app: App, on_redis: redis.Redis
+) -> None:
+    """It answers, so it is reachable: what it said is the reason, not "cannot reach"."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def greet() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"421 4.7.0 relay.example.org Too many connections\r\n")
+
+    threading.Thread(target=greet, daemon=True).start()
+    settings = app.settings
+    settings.mail_backend, settings.smtp_host = "smtp", "127.0.0.1"
+    settings.smtp_port = listener.getsockname()[1]
+    try:
+        result = health_with_a_worker(on_redis)
+    finally:
+        listener.close()
+    status, detail = checks_of(result)["mail server"]
+    assert status == "down" and "refused us at its greeting: 421 4.7.0" in detail
+    assert "Too many connections" in detail and "cannot reach" not in detail
+
+
 def test_a_mail_server_without_the_starttls_letters_need_is_down(
     app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
 ) -> None:

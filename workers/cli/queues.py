@@ -42,7 +42,7 @@ from workers.pipeline.app import App
 from workers.wording import counted
 
 # What `dearmp health` says when all is well.
-SUMMARY = ("dead letters", "queues", "given up", "workers", "mail server", "reconciler")
+SUMMARY = ("dead letters", "queues", "retries", "given up", "workers", "mail server", "reconciler")
 
 
 def redis_client(app: App) -> redis.Redis:

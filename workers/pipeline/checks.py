@@ -23,6 +23,7 @@ from workers.database.engine import session_scope
 from workers.database.models import OutboxItem, OutboxStatus, State, Submission, utcnow
 from workers.letters.mail import smtp
 from workers.letters.mail.http import HttpMailer
+from workers.letters.mail.relay import answer_text
 from workers.mp import health as addresses
 from workers.outbox import sending as outbox
 from workers.pipeline.app import App
@@ -145,6 +146,11 @@ def _mail_server(settings: Settings) -> Check:
         conn = smtp.connect(settings, timeout=min(settings.smtp_timeout, 5.0))
     except smtplib.SMTPHeloError as exc:
         return Check("mail server", DOWN, f"{where} answered EHLO with {exc.smtp_code}")
+    except smtplib.SMTPConnectError as exc:  # it answered, with a refusal for its greeting
+        answer = answer_text(exc.smtp_error)
+        return Check(
+            "mail server", DOWN, f"{where} refused us at its greeting: {exc.smtp_code} {answer}"
+        )
     except smtplib.SMTPNotSupportedError:
         return Check("mail server", DOWN, f"{where} offers no STARTTLS (SMTP_SECURITY=starttls)")
     except ssl.SSLCertVerificationError as exc:
