@@ -979,3 +979,24 @@ def test_a_bounce_while_its_letter_is_being_sent_waits_for_the_sent_mark(app: Ap
         len(inbound.process_counted(app.sessions, inbound_id, app.returns, policy, every_kind)) == 1
     )
     assert state_counts(app, [sid]) == {"bounced": 1}
+
+
+def test_an_erasure_while_one_letter_is_with_its_server_still_moves_on_another_sent(
+    app: App,
+) -> None:
+    """One of the supporter's letters sent (its move still to come), another claimed and with
+    its server: the first is delivered; the second is withdrawn (a retry of it would send an
+    erased letter) but not counted as stopped before sending, as it may have gone."""
+    sent, claimed = (through_render(app, submission(supporter__email=SUPPORTER)) for _ in range(2))
+    every_kind = _sent_unmoved(app, sent)
+    with session_scope(app.sessions) as session:
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == claimed)
+            .values(status="sending", claimed_at=utcnow(), attempts=1)
+        )
+    with session_scope(app.sessions) as session:
+        report = erase_supporter(session, app.secret, SUPPORTER, every_kind)
+    assert (report.submissions, report.stopped_before_sending) == (2, 0)
+    assert state_counts(app, [sent]) == {"delivered": 1}
+    assert state_counts(app, [claimed]) == {"withdrawn": 1}

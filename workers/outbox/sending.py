@@ -437,28 +437,24 @@ def _wait(session: Session, item_id: str, seconds: float, lapsed: datetime) -> b
     )
 
 
-def settle(session: Session, item_ids: Sequence[str], kinds: Mapping[str, Kind]) -> bool:
+def settle(session: Session, item_ids: Sequence[str], kinds: Mapping[str, Kind]) -> set[str]:
     """The ``done`` of those items that were sent, made now if it is still to come (their
     sender not yet at :func:`_sent`, or dead before it), so that what reads a letter's end from
-    its submission (a bounce, which can come back within milliseconds) reads it true. False,
-    and nothing done, while one of them is claimed and may be with its server (its answer not
-    yet recorded). Read once, and locked until the commit."""
+    its submission (a bounce, which can come back within milliseconds) reads it true. The items
+    read are locked until the commit (none is claimed meanwhile); returned, those claimed
+    already, which may be with their server now (their answer not yet recorded)."""
     write_lock(session)
     rows = session.scalars(
         select(OutboxItem)
-        .where(
-            OutboxItem.id.in_(item_ids),
-            OutboxItem.status.in_((OutboxStatus.SENT, OutboxStatus.SENDING)),
-        )
+        .where(OutboxItem.id.in_(item_ids))
         .order_by(OutboxItem.id)
         .with_for_update()
         .execution_options(populate_existing=True)
     ).all()
-    if any(row.status == OutboxStatus.SENDING for row in rows):
-        return False
     for row in rows:
-        _done(session, row, kinds.get(row.kind), row.status, row.response)
-    return True
+        if row.status == OutboxStatus.SENT:
+            _done(session, row, kinds.get(row.kind), row.status, row.response)
+    return {row.id for row in rows if row.status == OutboxStatus.SENDING}
 
 
 def _repair(session: Session, ended: list[OutboxItem], kinds: Mapping[str, Kind]) -> None:

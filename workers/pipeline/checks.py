@@ -147,10 +147,8 @@ def _mail_server(settings: Settings) -> Check:
     except smtplib.SMTPHeloError as exc:
         return Check("mail server", DOWN, f"{where} answered EHLO with {exc.smtp_code}")
     except smtplib.SMTPConnectError as exc:  # it answered, with a refusal for its greeting
-        answer = answer_text(exc.smtp_error)
-        return Check(
-            "mail server", DOWN, f"{where} refused us at its greeting: {exc.smtp_code} {answer}"
-        )
+        said = f"{where} refused us at its greeting: {exc.smtp_code} {answer_text(exc.smtp_error)}"
+        return Check("mail server", DEGRADED if 400 <= exc.smtp_code < 500 else DOWN, said)
     except smtplib.SMTPNotSupportedError:
         return Check("mail server", DOWN, f"{where} offers no STARTTLS (SMTP_SECURITY=starttls)")
     except ssl.SSLCertVerificationError as exc:
@@ -243,8 +241,21 @@ def _pipeline(
         failed_lately = by_error(
             OutboxItem.claimed_at >= since, retried | (OutboxItem.status == OutboxStatus.FAILED)
         )
-        failed_today = by_error(
-            OutboxItem.status == OutboxStatus.FAILED, OutboxItem.claimed_at >= now - GIVEN_UP_WINDOW
+        # Letters `deliveries reopen --reason` would send again (not digests, nor the erased).
+        failed_today = list(
+            session.execute(
+                select(OutboxItem.error, func.count())
+                .join(Submission, Submission.id == OutboxItem.submission_id)
+                .where(
+                    OutboxItem.kind == LETTER,
+                    OutboxItem.status == OutboxStatus.FAILED,
+                    OutboxItem.claimed_at >= now - GIVEN_UP_WINDOW,
+                    Submission.erased_at.is_(None),
+                    Submission.scrubbed_at.is_(None),
+                )
+                .group_by(OutboxItem.error)
+                .order_by(func.count().desc())
+            )
         )
         sent_lately = count(
             OutboxItem, letters, OutboxItem.status == OutboxStatus.SENT, OutboxItem.sent_at >= since
@@ -320,7 +331,8 @@ def _pipeline(
         degraded(
             "failed letters",
             f"{counted(sum(n for _, n in failed_today), 'letter')} to MPs failed in the last "
-            f"{GIVEN_UP_WINDOW.total_seconds() / 3600:g} h (most often: {failed_today[0][0]}); "
+            f"{GIVEN_UP_WINDOW.total_seconds() / 3600:g} h "
+            f"(most often: {failed_today[0][0] or 'no answer recorded'}); "
             "once the cause is fixed, `dearmp deliveries reopen --reason TEXT` sends them again",
         )
     given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER, DIGEST))

@@ -117,14 +117,16 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
         yield
     finally:
         stop.set()
-        if receiver is not None:
-            receiver.stop()
-        worker.stop()
-        reconciler.join(timeout=5)
-        if keeper is not None:
-            keeper.join(timeout=15)
-        if embedded is not None:
-            embedded.stop()
+        try:
+            if receiver is not None:
+                receiver.stop()
+            worker.stop()
+            reconciler.join(timeout=5)
+        finally:  # also on a second Ctrl-C: its Redis, in a session of its own, goes too
+            if keeper is not None:
+                keeper.join(timeout=15)
+            if embedded is not None:
+                embedded.stop()
 
 
 def keep_up(server: EmbeddedRedis, stop: threading.Event, every: float = 1.0) -> None:

@@ -299,16 +299,22 @@ def erase_supporter(
     who = supporter_hash(secret, email)
     erased_before = _erased(session, who)
     subs = _submissions(session, who)
-    # Letters a server took already, their move still to come, move on as their sender would:
-    # every one at once, their items locked in one order, as a sender locks its group's.
-    due = [sub.id for sub in subs if sub.state in (State.RENDERED, State.IN_DIGEST)]
-    outbox.settle(session, [item for sid in due for item in digests.carriers(session, sid)], kinds)
+    # Letters a server took already, their move still to come, move on as their sender would;
+    # the items of those on their way are locked (none is claimed until the commit), every one
+    # at once in one order, as a sender locks its group's.
+    carriers = {
+        sub.id: digests.carriers(session, sub.id)
+        for sub in subs
+        if sub.erased_at is None and not State(sub.state).is_final
+    }
+    in_flight = outbox.settle(session, [i for items in carriers.values() for i in items], kinds)
     for sub in subs:
         if sub.erased_at is not None:
             _forget(session, sub.id, outbox_dir, ERASED_LETTER, BY_REQUEST)
             continue
         report.submissions += 1
-        report.stopped_before_sending += _stop(session, sub)
+        stopped = _stop(session, sub)  # (one with its server now may have gone: not counted)
+        report.stopped_before_sending += stopped and not (in_flight & set(carriers.get(sub.id, ())))
         _update(
             session,
             Submission,

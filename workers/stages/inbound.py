@@ -176,7 +176,7 @@ def _decide(
         return _drop(found.kind, "names no letter")
     # Sent, its move to delivered may still be to come (the sender's group, or a dead worker).
     state = session.scalar(select(Submission.state).where(Submission.id == submission_id))
-    if state in (State.RENDERED, State.IN_DIGEST) and not outbox.settle(
+    if state in (State.RENDERED, State.IN_DIGEST) and outbox.settle(
         session, digests.carriers(session, submission_id), kinds
     ):
         raise Deferred(SENT_MARK_WAIT, "its letter's sending is not recorded yet")

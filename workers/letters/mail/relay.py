@@ -142,7 +142,9 @@ def classify(
     if command == "RCPT" and (
         ABOUT_US.search(words) or (permanent and words.lstrip().startswith("5.7."))
     ):
-        pause = relay.refused_rcpt(recipient, message, permanent)
+        # A 5.7.x without those words may be about the recipient: not lasting until it repeats.
+        lasting = permanent and ABOUT_US.search(words) is not None
+        pause = relay.refused_rcpt(recipient, message, lasting)
         if pause is not None:
             return TransientDeliveryError(message, retry_after=pause, ours=True)
     if 400 <= code < 500:
