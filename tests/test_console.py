@@ -412,6 +412,13 @@ def test_retry_now_makes_waiting_letters_due_and_sends_them(
     with session_scope(app.sessions) as session:
         assert session.get(Submission, sid).state == State.DELIVERED  # type: ignore[union-attr]
     assert "No letter is waiting" in operator.get("/console/waiting").text
+    with session_scope(app.sessions) as session:  # taken by a worker: with its server, not due
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == sid)
+            .values(status="sending", claimed_at=later)
+        )
+    assert f"with its server since {later.isoformat()}" in operator.get("/console/waiting").text
 
 
 def test_pausing_and_resuming_a_campaign(app: App, operator: TestClient) -> None:

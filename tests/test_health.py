@@ -207,6 +207,24 @@ def test_letters_waiting_to_retry_are_listed_with_why_and_flushed_at_once(
     assert again.exit_code == 1 and "no letter waits" in again.stderr  # nothing waits: says so
 
 
+def test_a_letter_with_its_server_is_listed_as_such_not_as_due_now(
+    app: App, on_redis: redis.Redis
+) -> None:
+    sid = through_render(app, submission())
+    claimed = utcnow() - timedelta(seconds=5)
+    with session_scope(app.sessions) as session:  # a worker took it, its answer not yet in
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == sid)
+            .values(status="sending", claimed_at=claimed)
+        )
+    waiting = CliRunner().invoke(main, ["deliveries", "waiting"])
+    assert (
+        f"{sid}  sending  failures 0  with its server since {claimed.isoformat()}" in waiting.output
+    )
+    assert "next now" not in waiting.output
+
+
 class Refusing:
     """A mail server that refuses every letter with ``error``, or takes it (``error`` None)."""
 

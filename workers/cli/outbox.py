@@ -159,8 +159,10 @@ def deliveries_waiting(cli: Cli, limit: int) -> None:
         rows = listing(session, ("pending", "sending"), limit, LETTER)
     lines = []
     for row in rows:
-        next_at = row["next_attempt_at"] or "now"
-        lines.append(f"{row['id']}  {row['status']}  failures {row['failures']}  next {next_at}")
+        next_at = f"next {row['next_attempt_at'] or 'now'}"
+        if row["status"] == "sending":
+            next_at = f"with its server since {row['claimed_at']}"
+        lines.append(f"{row['id']}  {row['status']}  failures {row['failures']}  {next_at}")
         if row["error"]:
             lines.append(f"    {row['error']}")
     cli.say("\n".join([*lines, f"{counted(len(rows), 'letter')} waiting"]), rows)

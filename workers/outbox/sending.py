@@ -206,7 +206,8 @@ def send_again(
 def listing(
     session: Session, statuses: Sequence[str], limit: int = 100, kind: str | None = None
 ) -> list[dict[str, object]]:
-    """Items in ``statuses`` (of ``kind``), oldest first, their errors masked, for an operator."""
+    """Items in ``statuses`` (of ``kind``), oldest first, their errors masked, for an operator
+    (``claimed_at``: when a sending one's worker took it, to send now)."""
     where: list[ColumnElement[bool]] = [OutboxItem.status.in_(statuses)]
     if kind is not None:
         where.append(OutboxItem.kind == kind)
@@ -220,6 +221,7 @@ def listing(
             "status": row.status,
             "failures": row.failures,
             "next_attempt_at": row.next_attempt_at.isoformat() if row.next_attempt_at else None,
+            "claimed_at": row.claimed_at.isoformat() if row.claimed_at else None,
             "error": mask_text(row.error)[:500] if row.error else None,
         }
         for row in rows
