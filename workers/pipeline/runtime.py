@@ -93,6 +93,8 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
     settings = app.settings
     if settings.broker == "redis" and not settings.redis_url:
         server = EmbeddedRedis(settings.data_dir, socket=settings.embedded_redis_socket)
+        if (dead := server.stop_orphan()) is not None:
+            log.warning("embedded_redis_orphan_stopped", started_by=dead)
         if not server.is_up():  # else another `dearmp run` owns it
             embedded = server.start()
     worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
