@@ -32,6 +32,7 @@ from workers.database.models import (
     InboundMessage,
     Letter,
     LetterEvent,
+    LetterPrint,
     OutboxItem,
     Submission,
     utcnow,
@@ -749,8 +750,9 @@ def _digest_made(app: App, broker: Any, worker: dramatiq.Worker) -> tuple[list[s
         draft = get_definition(session, "political-prisoners").draft_body  # type: ignore[union-attr]
     # One after another: letters compared in one group do not see each other.
     ids = []
-    for _ in range(3):
-        ids.append(submit(app, broker, submission(letter__body=draft))[0])
+    for i in range(3):
+        one = submission(letter__body=draft, supporter__email=f"digest{i}@example.com")
+        ids.append(submit(app, broker, one)[0])
         drain(broker, worker)
     assert state_counts(app, ids) == {"delivered": 1, "in_digest": 2}
     with session_scope(app.sessions) as session:
@@ -788,6 +790,31 @@ def test_a_bounce_of_an_mps_digest_returns_every_letter_in_it(
         member_id = session.get(Submission, lead).member_id  # type: ignore[union-attr]
         assert len(resend_bounced(session, member_id, "new.office@mp.example.org")) == 2
         assert digests.mates(session, lead) == []  # a later bounce returns it alone
+
+
+def test_a_bounce_of_a_digest_whose_first_supporter_was_erased_returns_the_others(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    """The digest's envelope names its first letter; that supporter erased since, the bounce
+    still returns every letter that went in it (the erased one without telling anyone)."""
+    ids, made = _digest_delivered(app, stub_broker, stub_worker)
+    lead = ids[1]
+    rcpt = app.returns.bounce(lead)
+    assert rcpt is not None
+    to_email = letter_of(app, lead).to_email
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, "digest1@example.com", outbox_for(app)[0])
+    with session_scope(app.sessions) as session:  # its fingerprint gone, its digest recorded
+        kept = session.get(LetterPrint, lead)
+        assert kept is not None and (kept.signature, kept.digest_id) == (None, made)
+    dsn = samples.postfix_dsn(f"<digest-{made}@campaign.example.org>", to_email, rcpt)
+    [inbound_id] = store(app.sessions, "smtp", [rcpt], dsn)
+    policy = inbound.InboundPolicy.from_settings(app.settings)
+    with session_scope(app.sessions) as session:
+        notices = inbound.process(session, inbound_id, app.returns, policy, outbox_for(app)[0])
+    assert inbound_row(app, inbound_id).status == "done"
+    assert state_counts(app, ids[1:]) == {"bounced": 2}
+    assert len(notices) <= 2  # the erased supporter's is skipped when composed
 
 
 def test_a_mailgun_report_of_an_mps_digest_returns_every_letter_in_it(

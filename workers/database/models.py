@@ -234,7 +234,8 @@ class Letter(Base):
 
 class LetterPrint(Base):
     """A letter's fingerprint (:mod:`workers.stages.comparison`): its share of own words, its
-    MinHash signature and the near-identical letters found. Deleted with the letter's text."""
+    MinHash signature and the near-identical letters found. Deleted with the letter's text;
+    a letter sent in a digest keeps its row without the signature, as the digest's record."""
 
     __tablename__ = "letter_prints"
 
@@ -245,7 +246,7 @@ class LetterPrint(Base):
     member_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     own_words: Mapped[float] = mapped_column(Float)
-    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes | None] = mapped_column(LargeBinary)  # None once erased or scrubbed
     # Near-identical letters to the same MP within the comparison window, and the hold window.
     similar: Mapped[int] = mapped_column(Integer, default=0)
     similar_recent: Mapped[int] = mapped_column(Integer, default=0)

@@ -216,9 +216,10 @@ def _forget(
     why: str,
 ) -> tuple[int, int]:
     """Scrub the letter's columns ``letter`` and remove its file outbox copy; delete the kept
-    text of what came back to it, its fingerprint (made from its words) and the text of its
-    failures; skip the emails to the supporter not yet sent (``why``: the reason recorded), and
-    remove their copies. How many letters and letter files."""
+    text of what came back to it, its fingerprint (made from its words; the record of the
+    digest it went in stays) and the text of its failures; skip the emails to the supporter
+    not yet sent (``why``: the reason recorded), and remove their copies. How many letters and
+    letter files."""
     scrubbed = _update(session, Letter, Letter.submission_id == submission_id, **letter)
     removed = _remove_outbox_file(outbox_dir, submission_id)
     digest_id = session.scalar(
@@ -227,7 +228,10 @@ def _forget(
     if digest_id is not None:  # its copy names every constituent in it; sent without them
         _remove_outbox_file(outbox_dir, f"digest-{digest_id}")
     uncount(session, submission_id)
-    session.execute(delete(LetterPrint).where(LetterPrint.submission_id == submission_id))
+    if digest_id is None:
+        session.execute(delete(LetterPrint).where(LetterPrint.submission_id == submission_id))
+    else:  # what a bounce of the digest returns: its letters (mates()), this one among them
+        _update(session, LetterPrint, LetterPrint.submission_id == submission_id, signature=None)
     _update(session, InboundMessage, InboundMessage.submission_id == submission_id, raw=None)
     items = session.scalars(select(OutboxItem).where(OutboxItem.submission_id == submission_id))
     about = [submission_id]  # what a failure row names: the submission, an item, an inbound

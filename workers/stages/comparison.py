@@ -202,8 +202,8 @@ def uncount(session: Session, submission_id: str) -> None:
             LETTER_PRINTS.c.member_id, LETTER_PRINTS.c.signature, LETTER_PRINTS.c.created_at
         ).where(LETTER_PRINTS.c.submission_id == submission_id)
     ).first()
-    if found is None or found.member_id is None:
-        return
+    if found is None or found.member_id is None or found.signature is None:
+        return  # (None: taken off already)
     member, signature, hour = _count_key(found._asdict())
     key = (
         PRINT_COUNTS.c.member_id == member,
@@ -264,7 +264,11 @@ def near_identical_anywhere(
     window = LETTER_PRINTS.c.created_at >= since if since is not None else true()
     for packed, member_id, count in session.execute(
         select(LETTER_PRINTS.c.signature, LETTER_PRINTS.c.member_id, func.count())
-        .where(LETTER_PRINTS.c.campaign_slug == campaign, window)
+        .where(
+            LETTER_PRINTS.c.campaign_slug == campaign,
+            LETTER_PRINTS.c.signature.is_not(None),
+            window,
+        )
         .group_by(LETTER_PRINTS.c.signature, LETTER_PRINTS.c.member_id)
     ):
         members, total = letters.get(packed, (set(), 0))
