@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from workers.logging import bound, configure_logging, mask_text
+from workers.logging import answer_logged, bound, configure_logging, mask_text
 
 
 @pytest.fixture(autouse=True)
@@ -133,3 +133,22 @@ def test_a_postcode_after_an_escaped_line_break_is_masked_too() -> None:
     """A repr'd letter in an exception's text has ``\\n`` before each line of the address."""
     assert mask_text(repr("Millbrook\nDM1 1AA\nsw1a1aa")) == "'Millbrook\\n[postcode]\\n[postcode]'"
     assert mask_text("in DM10 ONE, DM1 1AAB") == "in DM10 ONE, DM1 1AAB"  # not postcodes
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [
+        ("451 4.3.0 Message from Amira Haddad deferred", "451 4.3.0"),
+        ("TransientDeliveryError: 550-5.7.1 'Dear Sir' looks like spam", "550 5.7.1"),
+        ("PermanentDeliveryError: 400 {'from': 'Amira Haddad'}", "400"),
+        ("TransientDeliveryError: endpoint 3 answered HTTP 503", "503"),
+        ("TransientDeliveryError: endpoint 3: no answer in time", None),
+        ("TransientDeliveryError: ConnectionRefusedError: [Errno 111] to relay:465", None),
+    ],
+)
+def test_a_servers_answer_is_logged_as_its_status_never_its_words(
+    error: str, logged: str | None
+) -> None:
+    """An answer can quote the letter's sender or words; without a status it is no answer but
+    a failed connection, in our words or a library's, and is logged as it is."""
+    assert answer_logged(error) == (logged or error)

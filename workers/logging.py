@@ -23,6 +23,9 @@ EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+")
 POSTCODE_RE = re.compile(
     r"(?:(?<=\\[nrt])|\b)[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}\b", re.IGNORECASE
 )
+# A server's status where its answer begins (after the error's name, if given): SMTP's code
+# and enhanced code; or HTTP's, which a webhook's error gives after "HTTP ".
+STATUS_RE = re.compile(r"(?:^(?:\w+: )?|\bHTTP )([245]\d\d)\b(?:[ -]([245]\.\d{1,3}\.\d{1,3})\b)?")
 # Longer values are cut before masking: nothing the code logs is this long.
 MAX_LOGGED = 2_000
 
@@ -49,6 +52,15 @@ class MessageIdsOnly(logging.Filter):
 
 def _is_message(value: Any) -> bool:
     return hasattr(value, "message_id") and hasattr(value, "actor_name")
+
+
+def answer_logged(text: str) -> str:
+    """What logs carry of an error a server answered: its status ("451 4.7.1"; "503" for "HTTP
+    503"), never its words, which may quote a supporter's name or letter (the database keeps
+    them, erased with the supporter). Text with no status is no server's answer but a failed
+    connection's, in our words or a library's: carried as it is, masked."""
+    found = STATUS_RE.search(text)
+    return " ".join(filter(None, found.groups())) if found else mask_text(text)[:200]
 
 
 def mask_text(text: str) -> str:

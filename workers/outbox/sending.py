@@ -26,7 +26,7 @@ from workers.letters.mail import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
-from workers.logging import mask_text
+from workers.logging import answer_logged, mask_text
 from workers.pipeline.failures import count_failure, passing
 from workers.stages.stage import Deferred
 
@@ -561,7 +561,7 @@ def _give_back(session: Session, one: _Ready, error: TransientDeliveryError) -> 
         _lost(one.item)
         return
     log.info("outbox_waiting", outbox_id=one.item.id, kind=one.item.kind, retry_in=wait)
-    raise Deferred(wait, f"refused us: {reason}"[:200])
+    raise Deferred(wait, f"refused us: {answer_logged(reason)}")
 
 
 def _failed(session: Session, one: _Ready, error: Exception, policy: OutboxPolicy) -> None:
@@ -596,7 +596,9 @@ def _failed(session: Session, one: _Ready, error: Exception, policy: OutboxPolic
         kind=item.kind,
         final=final,
         error=type(error).__name__,
-        reason=(reason or "")[:200],  # masked: the server's answer can quote an address
+        answer=answer_logged(
+            f"{type(error).__name__}: {error}"
+        ),  # its words are on the item (they may quote a supporter)
         retry_in=wait.total_seconds(),
     )
     if final:
