@@ -152,3 +152,25 @@ def test_a_servers_answer_is_logged_as_its_status_never_its_words(
     """An answer can quote the letter's sender or words; without a status it is no answer but
     a failed connection, in our words or a library's, and is logged as it is."""
     assert answer_logged(error) == (logged or error)
+
+
+def test_a_failed_message_is_logged_by_its_exceptions_type_and_place_not_its_text() -> None:
+    """dramatiq logs a message that failed with its traceback, whose last line can quote the
+    submission; the failures table keeps that, the log its type and where it was raised."""
+    import logging
+
+    import dramatiq
+
+    stream = io.StringIO()
+    configure_logging(stream=stream)
+    message = dramatiq.Message("dearmp.render", "render_submission", ("sid-1",), {}, {})
+    try:
+        raise RuntimeError("Dear Ms Smith, I live at 1 High Street")
+    except RuntimeError:
+        logging.getLogger("dramatiq.worker.WorkerThread").error(
+            "Failed to process message %s with unhandled exception.", message, exc_info=True
+        )
+    [event] = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert event["event"].startswith(f"Failed to process message message {message.message_id}")
+    assert "(RuntimeError at test_logging.py:" in event["event"]
+    assert "High Street" not in stream.getvalue() and "exception" not in event

@@ -10,8 +10,10 @@ import logging
 import re
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -39,14 +41,23 @@ def _mask(value: Any) -> Any:
 
 
 class MessageIdsOnly(logging.Filter):
-    """dramatiq's own log lines show a message's arguments: show its id instead."""
+    """dramatiq's own log lines about a message show its arguments: show its id instead, and
+    its exception by its type and where it was raised, not its text, which can quote a
+    submission (the failures table keeps the whole traceback: ``dearmp dlq show``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(_is_message(a) for a in record.args):
-            record.args = tuple(
-                f"message {getattr(a, 'message_id', '')}" if _is_message(a) else a
-                for a in record.args
-            )
+        if not isinstance(record.args, tuple) or not any(_is_message(a) for a in record.args):
+            return True
+        record.args = tuple(
+            f"message {getattr(a, 'message_id', '')}" if _is_message(a) else a
+            for a in record.args
+        )
+        if record.exc_info and record.exc_info[0]:
+            kind, _, trace = record.exc_info
+            last = traceback.extract_tb(trace)[-1:] if trace is not None else []
+            where = "".join(f" at {Path(f.filename).name}:{f.lineno} in {f.name}" for f in last)
+            record.msg = f"{record.getMessage()} ({kind.__qualname__}{where})"
+            record.args, record.exc_info, record.exc_text = (), None, None
         return True
 
 
