@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from tests import mail_samples as samples
 from tests.conftest import ApiClient, drain, make_settings, serving
 from tests.factories import submission
+from tests.test_consent_ledger import everything_stored
 from tests.test_stages import step, through_render
 from workers.database.engine import session_scope
 from workers.database.models import (
@@ -815,6 +816,34 @@ def test_a_bounce_of_a_digest_whose_first_supporter_was_erased_returns_the_other
     assert inbound_row(app, inbound_id).status == "done"
     assert state_counts(app, ids[1:]) == {"bounced": 2}
     assert len(notices) <= 2  # the erased supporter's is skipped when composed
+
+
+def test_erasure_keeps_of_a_servers_words_about_the_letter_only_their_status(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    """A refusal can quote the letter's sender or words: after erasure, what the database keeps
+    of every server's answer about the letter is its status."""
+    [sid] = deliver(app, stub_broker, stub_worker)
+    rcpt, dsn = bounce_of(app, sid)
+    receive(
+        app,
+        stub_broker,
+        stub_worker,
+        rcpt,
+        dsn.replace(b"Recipient address rejected", b"From Amira Haddad"),
+    )
+    assert state_counts(app, [sid]) == {"bounced": 1}
+    assert "From Amira Haddad" in everything_stored(app)
+    with session_scope(app.sessions) as session:
+        erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
+        [event] = session.scalars(select(LetterEvent).where(LetterEvent.submission_id == sid))
+        bounced = session.get(Submission, sid)
+        assert bounced is not None and bounced.failure_reason is not None
+        assert (event.detail, bounced.failure_reason[:9]) == ("550 5.1.1 (erased)", "550 5.1.1")
+    assert "Amira" not in everything_stored(app)
+    with session_scope(app.sessions) as session:  # a second erasure changes nothing
+        erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
+    assert "Amira" not in everything_stored(app)
 
 
 def test_a_mailgun_report_of_an_mps_digest_returns_every_letter_in_it(

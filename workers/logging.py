@@ -25,9 +25,9 @@ EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+")
 POSTCODE_RE = re.compile(
     r"(?:(?<=\\[nrt])|\b)[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}\b", re.IGNORECASE
 )
-# A server's status where its answer begins (after the error's name, if given): SMTP's code
-# and enhanced code; or HTTP's, which a webhook's error gives after "HTTP ".
-STATUS_RE = re.compile(r"(?:^(?:\w+: )?|\bHTTP )([245]\d\d)\b(?:[ -]([245]\.\d{1,3}\.\d{1,3})\b)?")
+# A server's status where its answer begins (the text's start, or after ": ", "; " or "HTTP "):
+# SMTP's code and enhanced code, or HTTP's.
+STATUS_RE = re.compile(r"(?:^|[:;] |\bHTTP )([245]\d\d)\b(?:[ -]([245]\.\d{1,3}\.\d{1,3})\b)?")
 # Longer values are cut before masking: nothing the code logs is this long.
 MAX_LOGGED = 2_000
 
@@ -49,8 +49,7 @@ class MessageIdsOnly(logging.Filter):
         if not isinstance(record.args, tuple) or not any(_is_message(a) for a in record.args):
             return True
         record.args = tuple(
-            f"message {getattr(a, 'message_id', '')}" if _is_message(a) else a
-            for a in record.args
+            f"message {getattr(a, 'message_id', '')}" if _is_message(a) else a for a in record.args
         )
         if record.exc_info and record.exc_info[0]:
             kind, _, trace = record.exc_info
@@ -70,8 +69,13 @@ def answer_logged(text: str) -> str:
     503"), never its words, which may quote a supporter's name or letter (the database keeps
     them, erased with the supporter). Text with no status is no server's answer but a failed
     connection's, in our words or a library's: carried as it is, masked."""
+    return status_of(text) or mask_text(text)[:200]
+
+
+def status_of(text: str) -> str | None:
+    """The status a server's answer in ``text`` gives ("550 5.1.1"), if it gives one."""
     found = STATUS_RE.search(text)
-    return " ".join(filter(None, found.groups())) if found else mask_text(text)[:200]
+    return " ".join(filter(None, found.groups())) if found else None
 
 
 def mask_text(text: str) -> str:

@@ -31,8 +31,10 @@ from workers.privacy.rights import (
 from workers.wording import counted
 
 
-def _outbox(app: App) -> Path | None:
-    return app.settings.resolved_outbox_dir if app.settings.mail_backend == "outbox" else None
+def _outbox(app: App) -> Path:
+    """Where the file outbox writes: looked at whatever the backend is now (it may have been the
+    file outbox when those letters went)."""
+    return app.settings.resolved_outbox_dir
 
 
 @main.group()

@@ -44,6 +44,7 @@ from workers.database.models import (
 )
 from workers.database.transitions import AlreadyMoved, advance, rowcount
 from workers.letters.definitions import get_definition
+from workers.logging import status_of
 from workers.outbox import sending as outbox
 from workers.outbox.kinds import file_stem
 from workers.outbox.sending import Kind
@@ -247,6 +248,20 @@ def _forget(
         exception_message=FAILURE_TEXT_GONE,
         traceback=FAILURE_TEXT_GONE,
     )
+    # What servers answered about the letter can quote it, or the sender's name: its status stays.
+    kept = SubmissionEvent.state.in_(SERVER_WORDS)
+    _to_status(
+        session, SubmissionEvent.detail, SubmissionEvent.submission_id == submission_id, kept
+    )
+    _to_status(session, Submission.failure_reason, Submission.id == submission_id)
+    _to_status(session, LetterEvent.detail, LetterEvent.submission_id == submission_id)
+    _to_status(session, InboundMessage.reason, InboundMessage.submission_id == submission_id)
+    answered = (
+        OutboxItem.submission_id == submission_id,
+        OutboxItem.status != OutboxStatus.SKIPPED,
+    )
+    for column in (OutboxItem.error, OutboxItem.response):  # (a skipped one's error is ours)
+        _to_status(session, column, *answered)
     _update(
         session,
         OutboxItem,
@@ -259,6 +274,22 @@ def _forget(
         error=why,
     )
     return scrubbed, removed
+
+
+# The states whose event's detail can be a server's answer (the sent mark's, a refusal, a DSN).
+SERVER_WORDS = (State.DELIVERED, State.FAILED, State.BOUNCED)
+
+
+def _to_status(session: Session, column: Any, *where: ColumnElement[bool]) -> None:
+    """``column``'s texts in the rows ``where``: each cut to the server's status it gives, if
+    any ("550 5.1.1 (erased)"); the rows are few (one supporter's)."""
+    model = column.class_
+    key = model.__mapper__.primary_key[0]
+    rows = session.execute(select(key, column).where(*where, column.is_not(None))).all()
+    for ident, text in rows:
+        cut = " ".join(filter(None, (status_of(text), ERASED)))
+        if text != cut:
+            _update(session, model, key == ident, **{column.key: cut})
 
 
 def _stop(session: Session, submission: Submission) -> bool:
