@@ -51,11 +51,12 @@ PHONE_RE = re.compile(r"^ *(?:\+?[ ()-]*(?:[0-9][ ()-]*){10,15})? *$")
 MAX_PHONE = 40
 _ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-EMAIL_RE = re.compile(rf"^ *{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+[A-Za-z]{{2,63}} *$")
+# No "=?" anywhere: a mail reader may decode it as an encoded word, showing another address.
+EMAIL_RE = re.compile(rf"^(?!.*=\?) *{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+[A-Za-z]{{2,63}} *$")
 # An internationalised domain as IDNA spells it, its top-level label too (xn--p1ai is .рф):
 # what is stored for one, and checked again by the pipeline.
 _IDNA_TLD = "(?:[A-Za-z]{2,63}|[Xx][Nn]--[A-Za-z0-9-]{1,59})"
-IDNA_EMAIL_RE = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+{_IDNA_TLD}$")
+IDNA_EMAIL_RE = re.compile(rf"^(?!.*=\?){_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+{_IDNA_TLD}$")
 MAX_EMAIL = 254
 # A UK postcode in any case, with whitespace of any kind anywhere (a tab, a no-break space from
 # a copied address): BS 7666's shape (see schemas.postcode). Whitespace is what str.isspace()
@@ -114,14 +115,18 @@ _NOT_LETTER_TEXT_RE = re.compile(f"[{NOT_LETTER_TEXT}]")
 # removes that the classes above leave (spelled out: JSON Schema's engines, Python's re and
 # schemathesis each read \s differently).
 SPACES = "\\x20\\xa0\\u1680\\u2000-\\u200a\\u202f\\u205f\\u3000"
+# Characters that show nothing (zero-width spaces, joiners and marks, fillers, the braille
+# blank, a byte order mark): allowed in text, but text of nothing else is empty.
+INVISIBLE = "\\xad\\u034f\\u115f\\u1160\\u180e\\u200b-\\u200f\\u2060-\\u2064\\u2800\\u3164\\ufeff\\uffa0"
+_SHOWS_RE = re.compile(f"[^{SPACES}{INVISIBLE}\\t\\n\\r]")
 
 
 def _text_pattern(excluded: str, required: bool, also_blank: str = "") -> str:
     """The JSON Schema pattern for text without ``excluded`` and, when ``required``, with a
-    character other than a space (or ``also_blank``)."""
+    character that shows (not a space, :data:`INVISIBLE` or ``also_blank``)."""
     if not required:
         return f"^[^{excluded}]*$"
-    return f"^[^{excluded}]*[^{SPACES}{also_blank}{excluded}][^{excluded}]*$"
+    return f"^[^{excluded}]*[^{SPACES}{INVISIBLE}{also_blank}{excluded}][^{excluded}]*$"
 
 
 def _not_scalar(text: str) -> bool:
@@ -189,7 +194,7 @@ def single_line(label: str, max_len: int, min_len: int = 1, optional: bool = Fal
         if len(value) > max_len:
             raise ValueError(f"{label} must be at most {max_len} characters.")
         text: str = value.strip()
-        if len(text) < min_len:
+        if len(text) < min_len or (min_len and not _SHOWS_RE.search(text)):
             raise ValueError(f"Please enter your {label.lower()}.")
         return text
 
@@ -278,7 +283,7 @@ def letter_text(label: str, max_len: int, empty: str | None) -> Callable[[Any], 
     it. ``empty``: the message for text with nothing in it, or None where empty text is taken."""
 
     def check(value: Any) -> str:
-        if not isinstance(value, str) or (empty is not None and not value.strip()):
+        if not isinstance(value, str) or (empty is not None and not _SHOWS_RE.search(value)):
             raise ValueError(empty or f"{label} must be text.")
         check_text(label, value)
         if _has_control(value, letter=True):
@@ -311,7 +316,7 @@ def _check_ip(value: Any) -> str | None:
 
 def _check_regex(pattern: re.Pattern[str], message: str) -> Any:
     def check(value: Any) -> str:
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):  # ("$" takes a "\n")
             raise ValueError(message)
         return value
 

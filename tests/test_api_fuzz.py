@@ -60,7 +60,11 @@ def test_no_input_produces_a_server_error(api_schema: Any) -> None:
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
         def no_server_error(case: Any) -> None:
-            case.call_and_validate(checks=ALL_CHECKS)
+            response = case.call()
+            # A body too large is refused before it is read (413): a rejection of bad data too,
+            # which schemathesis's list of rejections leaves out.
+            checks = ALL_CHECKS if response.status_code != 413 else BUT_REJECTION
+            case.validate_response(response, checks=checks)
 
         try:
             no_server_error()
@@ -71,6 +75,7 @@ def test_no_input_produces_a_server_error(api_schema: Any) -> None:
 
 schemathesis.checks.load_all_checks()
 ALL_CHECKS = list(schemathesis.checks.CHECKS.get_all())
+BUT_REJECTION = [c for c in ALL_CHECKS if c.__name__ != "negative_data_rejection"]
 
 
 JSON = st.recursive(

@@ -51,6 +51,21 @@ def test_valid_submission_parses_and_normalises() -> None:
         ({"client_ip": "999.1.1.1"}, "client_ip", "not an IPv4 or IPv6 address"),
         ({"supporter": DELETE}, "supporter", "Supporter is required"),
         ({"surprise": 1}, "surprise", "not part of the submission schema"),
+        # Text that shows nothing: a letter signed with an invisible name.
+        ({"supporter__name": "\u200b\u200b"}, "supporter.name", "Please enter your full name"),
+        ({"supporter__name": "\ufeff"}, "supporter.name", "Please enter your full name"),
+        ({"supporter__name": "\u3164\u115f"}, "supporter.name", "Please enter your full name"),
+        ({"supporter__name": "\u2800 "}, "supporter.name", "Please enter your full name"),
+        ({"letter__body": "\u200b\n\u2060"}, "letter.body", "Your letter is empty"),
+        # An address a mail reader could decode as another ("boss@attacker.org"@example.com).
+        (
+            {"supporter__email": "=?utf-8?q?boss=40attacker.org?=@example.com"},
+            "supporter.email",
+            "not a valid email address",
+        ),
+        # "$" matches before a final line break: the whole value is checked.
+        ({"idempotency_key": "abcdefgh\n"}, "idempotency_key", "8 to 128"),
+        ({"campaign": "political-prisoners\n"}, "campaign", "slug"),
     ],
 )
 def test_each_invalid_field_gets_a_specific_message(

@@ -132,6 +132,9 @@ def _handle_errors(api: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
         errors: dict[str, str] = {}
         for err in exc.errors():
+            if err.get("type") == "json_invalid":  # its place is a byte offset, not a field
+                errors.setdefault("body", "The body is not valid JSON.")
+                continue
             loc = [str(p) for p in err.get("loc", ())]
             loc = loc[1:] if loc[:1] == ["body"] else loc
             errors.setdefault(".".join(loc) or "body", error_message(err, loc))
