@@ -117,7 +117,9 @@ _NOT_LETTER_TEXT_RE = re.compile(f"[{NOT_LETTER_TEXT}]")
 SPACES = "\\x20\\xa0\\u1680\\u2000-\\u200a\\u202f\\u205f\\u3000"
 # Characters that show nothing (zero-width spaces, joiners and marks, fillers, the braille
 # blank, a byte order mark): allowed in text, but text of nothing else is empty.
-INVISIBLE = "\\xad\\u034f\\u115f\\u1160\\u180e\\u200b-\\u200f\\u2060-\\u2064\\u2800\\u3164\\ufeff\\uffa0"
+INVISIBLE = (
+    "\\xad\\u034f\\u115f\\u1160\\u180e\\u200b-\\u200f\\u2060-\\u2064\\u2800\\u3164\\ufeff\\uffa0"
+)
 _SHOWS_RE = re.compile(f"[^{SPACES}{INVISIBLE}\\t\\n\\r]")
 
 
