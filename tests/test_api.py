@@ -208,6 +208,39 @@ def test_rate_limits_per_hashed_ip_and_per_email(app: App, client: TestClient) -
     assert "Too many" in other.json()["errors"]["body"]
 
 
+def test_a_page_posting_again_gets_its_submission_back_over_the_limit(
+    app: App, client: TestClient
+) -> None:
+    """A page that timed out posts the same body again: over the limit it is still answered
+    with what was stored (a refusal would tell the supporter their letter was not taken)."""
+    app.settings.api_ip_limit = 1
+    first = posted()
+    stored = client.post("/v1/submissions", json=first)
+    assert stored.status_code == 202
+    again = client.post("/v1/submissions", json=first)
+    assert again.status_code == 202 and again.json()["duplicate"] is True
+    assert again.json()["id"] == stored.json()["id"]
+    assert client.post("/v1/submissions", json=posted()).status_code == 429  # a new one is not
+
+
+def test_previews_are_counted_apart_from_submissions(app: App, client: TestClient) -> None:
+    """A supporter editing their letter previews it again and again: that does not use up
+    what they may submit."""
+    app.settings.api_ip_limit = 1
+    for _ in range(4):
+        shown = client.post(
+            f"/v1/campaigns/{SLUG}/preview", json={"name": "A", "postcode": "DM1 1AA"}
+        )
+        assert shown.status_code == 200
+    assert (
+        client.post(
+            f"/v1/campaigns/{SLUG}/preview", json={"name": "A", "postcode": "DM1 1AA"}
+        ).status_code
+        == 429
+    )
+    assert client.post("/v1/submissions", json=posted()).status_code == 202
+
+
 @pytest.mark.redis
 def test_rate_limits_hold_across_processes_through_redis(
     app: App, client: TestClient, redis_server: Any

@@ -76,8 +76,9 @@ def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: I
     definition = intake.definition(slug)
     if definition is None:
         return no_campaign(slug)
+    # Counted apart from submissions: a supporter editing their letter previews again and again.
     limit, window = app.settings.api_ip_limit * 4, app.settings.api_ip_window
-    wait = over_limit(app, ("ip", client_key(app, client_ip(request)), limit, window))
+    wait = over_limit(app, ("preview", client_key(app, client_ip(request)), limit, window))
     if wait > 0:
         return problem(429, {"body": "Too many requests. Please wait a moment."}, retry_after(wait))
     postcode, bad = check_format(body.postcode)

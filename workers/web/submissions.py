@@ -102,6 +102,11 @@ async def submit(
     ]
     limited = any(limit > 0 for _, _, limit, _ in checks)  # none: no trip to a thread
     if limited and (wait := await anyio.to_thread.run_sync(over_limit, app, *checks)) > 0:
+        # A page posting again after a timeout gets its submission back, not a refusal.
+        payload = body.model_dump(mode="json")
+        found = await anyio.to_thread.run_sync(intake.read, stored, payload, app.secret)
+        if found is not None:
+            return _answer(found, body.idempotency_key)
         message = "Too many letters from here. Please try again later."
         return problem(429, {"body": message}, retry_after(wait))
     state = State.UNCONFIRMED if definition.confirmation else State.RECEIVED
