@@ -13,6 +13,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+import redis
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
@@ -196,7 +197,47 @@ def test_names_tried_are_not_kept_unless_a_real_account_failed() -> None:
     assert throttle.check_login(accounts, "ada", PASSWORD) == "ada"
     assert throttle.failures == {}  # a flood of invented names grows nothing
     assert throttle.check_login(accounts, "ada", "wrong") is None
-    assert list(throttle.failures) == ["ada"]
+    assert list(throttle.failures) == [("ada", "")]
+
+
+def test_a_name_locked_from_one_client_still_logs_in_from_another() -> None:
+    """Anyone can fail five times for an operator's name: that locks it for them only."""
+    throttle, accounts = auth.Throttle(), {"ada": auth.hash_password(PASSWORD)}
+    for _ in range(auth.FAILURES_ALLOWED + 2):
+        assert throttle.check_login(accounts, "ada", "wrong", "attacker") is None
+    assert throttle.check_login(accounts, "ada", PASSWORD, "attacker") is None
+    assert throttle.check_login(accounts, "ada", PASSWORD, "operator") == "ada"
+
+
+def test_logins_checked_at_once_are_capped_and_the_rest_refused_at_once() -> None:
+    """scrypt costs 50 ms and 16 MiB: a flood of logins must not hold the intake's threads."""
+    throttle, accounts = auth.Throttle(), {"ada": auth.hash_password(PASSWORD)}
+    for _ in range(auth.CHECKED_AT_ONCE):  # others being checked now
+        assert throttle.turns.acquire(blocking=False)
+    with pytest.raises(auth.Busy):
+        throttle.check_login(accounts, "ada", PASSWORD)
+    throttle.turns.release()
+    assert throttle.check_login(accounts, "ada", PASSWORD) == "ada"
+
+
+class RedisAway:
+    def reserve(self, *_: Any) -> float:
+        raise redis.ConnectionError("Error 111 connecting")
+
+
+def test_an_operator_logs_in_while_redis_is_away(app: App, console: TestClient) -> None:
+    """The per-client count is in Redis; an operator logs in to see why Redis is away."""
+    app.limiter = RedisAway()  # type: ignore[assignment]
+    assert log_in(console).status_code == 303
+
+
+def test_logins_from_one_client_are_limited(
+    console: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "LOGINS_PER_CLIENT", 2)
+    assert [log_in(console, "wrong password").status_code for _ in range(2)] == [401, 401]
+    refused = log_in(console)
+    assert refused.status_code == 429 and "Too many logins from here" in refused.text
 
 
 def test_a_forged_or_tampered_cookie_is_no_session(console: TestClient) -> None:

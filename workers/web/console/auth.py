@@ -17,9 +17,14 @@ from dataclasses import dataclass
 # scrypt's cost: 2**14 rounds, 16 MiB, about 50 ms (the figures OWASP gives as a minimum).
 LOG2_N, R, P = 14, 8, 1
 MAX_PASSWORD = 1024  # characters: a longer one is refused before it is hashed
-# A failed login costs as much as a good one; this many in a row for one name lock it a while.
+# A failed login costs as much as a good one; this many in a row for one name from one client
+# lock it a while for that client (from another, anyone could lock an operator out).
 FAILURES_ALLOWED = 5
 LOCKED_SECONDS = 900.0
+# Passwords checked at once in a process: a flood of logins is refused, not queued on the
+# threads the intake needs. And at most this many logins per client in the window.
+CHECKED_AT_ONCE = 2
+LOGINS_PER_CLIENT, LOGIN_WINDOW = 20, 300.0
 ANONYMOUS_SECONDS = 3600.0  # the session a login form is given, before anyone logs in
 COOKIE = "dearmp_console"
 
@@ -53,30 +58,43 @@ def verify_password(password: str, hashed: str) -> bool:
     return hmac.compare_digest(found, base64.urlsafe_b64decode(digest))
 
 
+class Busy(Exception):
+    """:data:`CHECKED_AT_ONCE` passwords are being checked: try again in a moment."""
+
+
 class Throttle:
-    """Failed logins per name, in this process: after FAILURES_ALLOWED within LOCKED_SECONDS,
-    that name is refused until the window passes, good password or not."""
+    """Failed logins per name and client, in this process: after FAILURES_ALLOWED within
+    LOCKED_SECONDS, that name is refused to that client until the window passes, good password
+    or not; and at most CHECKED_AT_ONCE passwords checked at a time."""
 
     def __init__(self) -> None:
-        self.failures: dict[str, list[float]] = {}
+        self.failures: dict[tuple[str, str], list[float]] = {}
         self.lock = threading.Lock()
+        self.turns = threading.BoundedSemaphore(CHECKED_AT_ONCE)
 
-    def check_login(self, accounts: dict[str, str], name: str, password: str) -> str | None:
-        """The operator's name if ``password`` is theirs and the name is not locked, else None."""
-        now, name = time.monotonic(), name[:64]
+    def check_login(
+        self, accounts: dict[str, str], name: str, password: str, client: str = ""
+    ) -> str | None:
+        """The operator's name if ``password`` is theirs and the name is not locked for
+        ``client``, else None; :class:`Busy` (at once) while others are being checked."""
+        now, key = time.monotonic(), (name[:64], client)
         with self.lock:
-            recent = [t for t in self.failures.pop(name, []) if now - t < LOCKED_SECONDS]
+            recent = [t for t in self.failures.pop(key, []) if now - t < LOCKED_SECONDS]
             if recent:  # a name with none is not kept: names tried cost no memory
-                self.failures[name] = recent
-        if len(recent) >= FAILURES_ALLOWED:
-            return None
-        good = verify_password(password, accounts.get(name, _NOBODY)) and name in accounts
+                self.failures[key] = recent
+        if not self.turns.acquire(blocking=False):
+            raise Busy
+        try:  # a locked name is checked all the same: it answers as slowly as any other
+            good = verify_password(password, accounts.get(key[0], _NOBODY)) and key[0] in accounts
+        finally:
+            self.turns.release()
+        good = good and len(recent) < FAILURES_ALLOWED
         with self.lock:
             if good:
-                self.failures.pop(name, None)
-            elif name in accounts:  # only real accounts can be locked out
-                self.failures.setdefault(name, []).append(now)
-        return name if good else None
+                self.failures.pop(key, None)
+            elif key[0] in accounts and len(recent) < FAILURES_ALLOWED:  # real accounts only
+                self.failures.setdefault(key, []).append(now)
+        return key[0] if good else None
 
 
 @dataclass(frozen=True)

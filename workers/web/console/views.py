@@ -25,6 +25,7 @@ from workers.pipeline.dispatch import dispatch_groups
 from workers.stages import pauses
 from workers.stages.delivery import KIND as LETTER
 from workers.stages.stage import Stage
+from workers.web.clients import client_ip, client_key, over_limit
 from workers.web.console import auth, queries
 from workers.web.dependencies import Intake
 from workers.web.supporter_pages import environment
@@ -233,7 +234,17 @@ def login_form(request: Request, console: ConsoleDep, session: SessionDep) -> Re
 @router.post("/login")
 def login(request: Request, console: ConsoleDep, form: FormDep) -> Response:
     name, password = form.get("name", ""), form.get("password", "")
-    operator = console.throttle.check_login(console.accounts, name, password)
+    client = client_key(console.app, client_ip(request))
+    try:
+        many = over_limit(console.app, ("login", client, auth.LOGINS_PER_CLIENT, auth.LOGIN_WINDOW))
+    except redis.RedisError:  # an operator logs in to see why Redis is away: the cap still holds
+        many = 0.0
+    if many:
+        raise Refused(429, "Too many logins from here: wait a few minutes.")
+    try:
+        operator = console.throttle.check_login(console.accounts, name, password, client)
+    except auth.Busy:
+        raise Refused(429, "Too many logins at once: try again in a moment.") from None
     if operator is None:
         log.warning("console_login_failed")
         raise Refused(401, "Wrong name or password (or too many tries: wait a while).")
