@@ -251,6 +251,11 @@ def test_the_honeypots_answer_is_a_real_answer_and_whitespace_is_not_a_robot(
     spaced = client.post("/v1/submissions", json={**posted(), "website": "  "})
     assert spaced.status_code == 202 and count(app) == 2
     assert client.get("/v1/submissions/00000000-0000-4000-8000-000000000000").status_code == 404
+    # Written another way, a fake id is found no more than a real one is.
+    fake, real_id = trapped.json()["id"], real.json()["id"]
+    for other in (fake.upper(), fake.replace("-", ""), f"urn:uuid:{fake}", f"{{{fake}}}"):
+        assert client.get(f"/v1/submissions/{other}").status_code == 404
+        assert client.get(f"/v1/submissions/{real_id.upper()}").status_code == 404
 
 
 @pytest.mark.redis

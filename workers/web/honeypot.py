@@ -62,9 +62,12 @@ def fake_submission_id(secret: bytes, slug: str, now: datetime) -> str:
 def read_fake(secret: bytes, submission_id: str, slugs: Iterable[str]) -> Fake | None:
     """The campaign and time a fake id was given for, or None if it is not one of ours."""
     try:
-        raw = uuid.UUID(submission_id).bytes
+        parsed = uuid.UUID(submission_id)
     except ValueError:
         return None
+    if str(parsed) != submission_id:  # a real id is found only as written: so is a fake one
+        return None
+    raw = parsed.bytes
     head, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
     for slug in slugs:
         if hmac.compare_digest(tag, _tag(secret, head, slug)):
