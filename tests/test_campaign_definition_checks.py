@@ -268,3 +268,25 @@ def test_campaigns_sync_refuses_a_bad_file_in_one_line_and_changes_nothing(
     with session_scope(app.sessions) as session:
         after = session.get(Campaign, SLUG)
         assert after is not None and (after.title, after.definition_sha256) == stored
+
+
+def test_new_consent_words_under_the_same_version_are_refused_at_sync(
+    app: App, tmp_path: Path
+) -> None:
+    """The ledger proves a consent by its wording's version: new words need a new version."""
+    text = SAMPLE.read_text()
+    by_email = "Yes, I'd like to receive updates about campaigns and fundraising by email."
+    (tmp_path / "p.toml").write_text(text.replace(by_email, "Yes, email me about everything."))
+    app.settings.campaigns_dir = tmp_path
+    synced = CliRunner().invoke(main, ["campaigns", "sync"])
+    assert synced.exit_code == 1
+    assert synced.stderr == (
+        f"Error: configuration: campaign {SLUG}: its consent wording changed but its version "
+        "(2024-03-contact-v2) did not: give the new wording a new [consent] version\n"
+    )
+    versioned = text.replace(by_email, "Yes, email me about everything.").replace(
+        'version = "2024-03-contact-v2"', 'version = "2024-03-contact-v3"'
+    )
+    (tmp_path / "p.toml").write_text(versioned)
+    again = CliRunner().invoke(main, ["campaigns", "sync"])
+    assert again.exit_code == 0 and again.stdout.strip() == f"changed: {SLUG}"

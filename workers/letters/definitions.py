@@ -97,11 +97,26 @@ def sync_campaigns(session: Session, definitions: list[CampaignDefinition]) -> l
             session.add(row)
         elif row.definition_sha256 == digest:
             continue
+        else:
+            _same_version_same_words(row.definition.get("consent") or {}, definition)
         row.title = definition.title
         row.definition = definition.model_dump(mode="json")
         row.definition_sha256 = digest
         changed.append(definition.slug)
     return changed
+
+
+def _same_version_same_words(before: dict[str, Any], definition: CampaignDefinition) -> None:
+    """The ledger records each consent by its wording's version: new words under the version
+    the ledger already holds would make its proof say two things. Refused with one line."""
+    now = definition.consent.model_dump(mode="json")
+    if before.get("version") == now["version"] and before != now:
+        raise ConfigurationError(
+            [
+                f"campaign {definition.slug}: its consent wording changed but its version "
+                f"({now['version']}) did not: give the new wording a new [consent] version"
+            ]
+        )
 
 
 def update_definition(session: Session, slug: str, **changes: Any) -> CampaignDefinition:
