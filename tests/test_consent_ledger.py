@@ -745,3 +745,12 @@ def test_a_second_erasure_changes_nothing_and_one_after_a_return_erases_the_new_
     assert get(app, back).erased_at is not None
     assert "amira" not in everything_stored(app).lower()
     assert runner.invoke(main, ["consent", "verify"]).exit_code == 0
+
+
+def test_the_ledger_keeps_the_page_that_asked_without_its_query_or_credentials(app: App) -> None:
+    """The ledger outlives erasure: a page address's query (?ref=their address) or login part
+    would be the supporter's details kept for ever."""
+    url = "https://me:pw@campaign.example.org/political-prisoners?ref=amira%40example.com#form"
+    sid = logged(app, submission(source_url=url))
+    kept = {event.source_url for event in events(app, sid)}
+    assert kept == {"https://campaign.example.org/political-prisoners"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from urllib.parse import urlsplit
 
 from sqlalchemy import bindparam, exists, select
 from sqlalchemy.orm import Session
@@ -41,6 +42,15 @@ _MARK_LOGGED = guarded_update(
 _READ = submission_read("consent_logged_at", "payload", "client_ip_hash")
 
 
+def page_of(url: str | None) -> str | None:
+    """The page that asked, as the ledger keeps it: without the query, fragment or credentials,
+    which can carry the supporter's address or an id (the ledger outlives erasure)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
+
+
 def log_consent(session: Session, submission_id: str, secret: bytes) -> int:
     """Record the submission's consent choices once; returns how many events were written."""
     return one(session, submission_id, lambda s, sid: plan(s, sid, secret))
@@ -67,7 +77,7 @@ def plan(session: Session, submission_id: str, secret: bytes) -> Apply[int]:
         "wording_version": prefs["wording_version"],
         "lawful_basis": definition.consent.lawful_basis,
         "privacy_notice_version": definition.privacy_notice_version,
-        "source_url": payload.get("source_url"),
+        "source_url": page_of(payload.get("source_url")),
         "user_agent": payload.get("user_agent"),
         "ip_hash": submission.client_ip_hash,
         "recorded_at": utcnow(),
