@@ -174,3 +174,15 @@ def test_a_failed_message_is_logged_by_its_exceptions_type_and_place_not_its_tex
     assert event["event"].startswith(f"Failed to process message message {message.message_id}")
     assert "(RuntimeError at test_logging.py:" in event["event"]
     assert "High Street" not in stream.getvalue() and "exception" not in event
+
+
+def test_at_debug_the_smtp_receiver_does_not_log_the_lines_it_receives() -> None:
+    import logging
+
+    stream = io.StringIO()
+    configure_logging("DEBUG", stream=stream)
+    logging.getLogger("mail.log").debug("DATA readline: %r", b"7 Marmalade Cottages\r\n")
+    logging.getLogger("mail.log").info("%r >> %r", ("127.0.0.1", 1), b"RCPT TO:<b-x@example.org>")
+    logging.getLogger("mail.log").warning("%r too many bogus commands", ("127.0.0.1", 1))
+    logged = stream.getvalue()
+    assert "Marmalade" not in logged and "RCPT" not in logged and "bogus" in logged

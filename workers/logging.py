@@ -158,6 +158,8 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if level == "INFO" else level)
+    # The SMTP receiver's lines below a warning quote every line received, letters included.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.captureWarnings(True)  # the warnings module's lines too
     sys.excepthook = _uncaught
     threading.excepthook = _uncaught_in_thread
