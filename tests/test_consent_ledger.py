@@ -23,7 +23,14 @@ from tests.factories import send_letter, submission
 from tests.test_stages import POLICY, get, step, store, through_render
 from workers.cli import main
 from workers.database.engine import session_scope
-from workers.database.models import ConsentEvent, Letter, State, Submission, utcnow
+from workers.database.models import (
+    ConsentEvent,
+    InboundMessage,
+    Letter,
+    State,
+    Submission,
+    utcnow,
+)
 from workers.database.transitions import AlreadyMoved
 from workers.letters.definitions import update_definition
 from workers.letters.mail import OutboxMailer
@@ -391,6 +398,9 @@ def test_erasure_removes_personal_details_everywhere_and_keeps_the_proof(
         assert detail in stored
     before = len(events(app))
 
+    with session_scope(app.sessions) as session:  # a reply quoting their letter, held
+        held = b"> Amira Haddad, 12 Mill Lane\r\n" * 40
+        session.add(InboundMessage(source="smtp", recipient="r@x", raw=held, submission_id=sent))
     app.settings.mail_backend = "smtp"  # changed since: the file outbox's copies go all the same
     out = CliRunner().invoke(main, ["supporter", "erase", EMAIL, "--yes"])
     assert out.exit_code == 0, out.output
@@ -419,6 +429,13 @@ def test_erasure_removes_personal_details_everywhere_and_keeps_the_proof(
         prefs = current_preferences(session, supporter_hash(app.secret, EMAIL))
     assert {p["choice"] for p in prefs.values()} == {"refused"}
     assert len(events(app)) == before + 5
+    database = app.settings.resolved_database_url
+    if database.startswith("sqlite"):  # nor in the file's free space or its write-ahead log
+        path = Path(database.removeprefix("sqlite:///"))
+        files = b"".join(f.read_bytes() for f in path.parent.glob(f"{path.name}*"))
+        assert b"Amira Haddad" not in files and b"12 Mill Lane" not in files
+        with app.engine.connect() as conn:  # and what is deleted is zeroed (FAST: 2)
+            assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 2
 
 
 def age(app: App, sid: str, days: float) -> None:

@@ -14,6 +14,7 @@ import click
 
 from schemas.submission import CHANNELS
 from workers.cli.base import Cli, Nothing, command, confirm, main, yes_option
+from workers.database.engine import forget_old_pages
 from workers.mp.live_sources import expire_cache
 from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App
@@ -147,6 +148,7 @@ def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
     confirm(yes, "Erase everything held about 1 supporter, for good?")
     with cli.session() as session:  # again: what reached their erased submissions since goes
         report = erase_supporter(session, app.secret, email, outbox_for(app)[0], _outbox(app))
+    forget_old_pages(app.engine)
     if report.submissions == 0 and report.consent_events_added == 0:
         raise Nothing("that supporter was erased already: nothing new to erase")
     cli.say(json.dumps(report.as_dict(), indent=2), report.as_dict())
@@ -173,6 +175,7 @@ def retention_run(cli: Cli, every: float | None) -> None:
         with cli.session() as session:
             done = run_retention(session, outbox_dir=_outbox(app))
             expired = expire_cache(session)
+        forget_old_pages(app.engine)
         said = {"scrubbed": done, "expired_lookups": expired}
         cli.say(json.dumps(said), said)
         if every is None:
