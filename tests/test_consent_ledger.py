@@ -473,7 +473,15 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
     assert scrubbed.payload["supporter"]["address_lines"] == []
     assert scrubbed.payload["supporter"]["postcode"] == "DM1"
     assert scrubbed.payload["letter"]["body"] == ""
-    assert scrubbed.payload["supporter"]["email"] == EMAIL  # only bodies and addresses go
+    assert scrubbed.payload["letter"]["subject"] == ""  # their words, as the body
+    # Their consent recorded: the name and email stay (for the CRM export), not the phone
+    # (they refused calls and were not asked about texts).
+    assert scrubbed.payload["supporter"]["email"] == EMAIL
+    assert scrubbed.payload["supporter"]["name"] == "Amira Haddad"
+    assert "phone" not in scrubbed.payload["supporter"]
+    for never in (rejected, unconfirmed):  # no consent recorded: nothing of them is kept
+        kept = get(app, never)
+        assert kept.scrubbed_at is not None and "supporter" not in (kept.payload or {})
     with session_scope(app.sessions) as session:
         assert session.get(Letter, old).body_text is None  # type: ignore[union-attr]
         assert session.get(Letter, recent).body_text is not None  # type: ignore[union-attr]

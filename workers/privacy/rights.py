@@ -205,8 +205,8 @@ def _remove_outbox_file(outbox_dir: Path | None, stem: str) -> int:
 
 
 # A letter's columns retention scrubs; erasure scrubs its names and addresses too.
-SCRUBBED_LETTER = {"body_text": None, "body_html": None, "dkim_signature": None}
-ERASED_LETTER = SCRUBBED_LETTER | {"subject": ERASED, "from_name": ERASED, "reply_to": None}
+SCRUBBED_LETTER = {"body_text": None, "body_html": None, "dkim_signature": None, "subject": ERASED}
+ERASED_LETTER = SCRUBBED_LETTER | {"from_name": ERASED, "reply_to": None}
 
 
 def _forget(
@@ -402,10 +402,20 @@ RETENTION_STATES = {
 }
 
 
-def _scrubbed_payload(payload: Any) -> Any:
+def _scrubbed_payload(payload: Any, consented: bool) -> Any:
+    """What retention keeps of a submission: its letter's words go (body, answers, subject) and
+    the postal address (the postcode cut to its district). A submission whose consent was
+    recorded keeps the name and email (the CRM export of those who agreed needs them) and the
+    phone only if they agreed to calls or texts; one whose consent never was (rejected, never
+    confirmed) keeps nothing of the supporter."""
     if not isinstance(payload, dict):
         return payload
+    if not consented:
+        return _erased_payload(payload)
     supporter = dict(payload.get("supporter") or {})
+    asked = payload.get("contact_preferences") or {}
+    if "granted" not in (asked.get("phone"), asked.get("sms")):
+        supporter.pop("phone", None)
     if "address_lines" in supporter:
         supporter["address_lines"] = []
     if isinstance(supporter.get("postcode"), str):
@@ -415,6 +425,8 @@ def _scrubbed_payload(payload: Any) -> Any:
         letter["body"] = ""
     if "answers" in letter:  # their own words too
         letter["answers"] = {}
+    if letter.get("subject"):
+        letter["subject"] = ""
     return payload | {"supporter": supporter, "letter": letter}
 
 
@@ -448,7 +460,7 @@ def run_retention(session: Session, outbox_dir: Path | None = None) -> dict[str,
             )
             while due := list(session.scalars(due_now.limit(RETENTION_BATCH))):
                 for sub in due:
-                    sub.payload = _scrubbed_payload(sub.payload)
+                    sub.payload = _scrubbed_payload(sub.payload, sub.consent_logged_at is not None)
                     sub.scrubbed_at = now
                     _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER, RETENTION_OVER)
                 done[state] = done.get(state, 0) + len(due)
