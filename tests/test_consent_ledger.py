@@ -526,6 +526,8 @@ def test_a_consent_receipt_follows_the_kantara_specification(app: App) -> None:
     channels = [p["piiCategory"][0] for p in updates["purposes"]]
     assert channels == ["Contact: email address", "Contact: postal address"]  # the granted ones
     assert all(p["consentType"] == "EXPLICIT" for p in updates["purposes"])
+    [notice] = letter["purposes"]  # told, not asked: their details go to the MP with the letter
+    assert (notice["consentType"], notice["lawfulBasis"]) == ("IMPLIED", "legitimate_interests")
     assert letter["purposes"][0]["thirdPartyDisclosure"] is True
     out = CliRunner().invoke(main, ["consent", "receipt", EMAIL])
     assert json.loads(out.stdout)["consentReceiptID"] == receipt["consentReceiptID"]

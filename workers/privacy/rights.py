@@ -550,7 +550,10 @@ def consent_receipt(session: Session, secret: bytes, email: str) -> dict[str, An
                     {
                         "purpose": notices[-1].wording or "",
                         "purposeCategory": ["Core function"],
-                        "consentType": "EXPLICIT",
+                        # Not consent but the supporter informed (legitimate interests): the
+                        # letter goes because they sent it.
+                        "consentType": "IMPLIED",
+                        "lawfulBasis": notices[-1].lawful_basis,
                         "piiCategory": ["Name", "Email address", "Postal address", "Letter text"],
                         "primaryPurpose": True,
                         "termination": "When the letter has been delivered",
