@@ -37,7 +37,7 @@ from workers.letters.mail import OutboxMailer
 from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App
 from workers.privacy.hashing import supporter_hash
-from workers.privacy.ledger import current_preferences, verify
+from workers.privacy.ledger import HASHED, current_preferences, event_hash, verify
 from workers.privacy.rights import (
     consent_csv,
     consent_receipt,
@@ -155,8 +155,8 @@ def tamper(app: App, sql: str) -> None:
             "ALTER TABLE consent_events ENABLE TRIGGER consent_events_append_only",
         )
     else:
-        raw(app, "DROP TRIGGER consent_events_no_update")
-        raw(app, "DROP TRIGGER consent_events_no_delete")
+        raw(app, "DROP TRIGGER IF EXISTS consent_events_no_update")
+        raw(app, "DROP TRIGGER IF EXISTS consent_events_no_delete")
         raw(app, sql)
 
 
@@ -171,6 +171,27 @@ def test_an_edit_behind_the_applications_back_breaks_the_chain(app: App) -> None
     assert "content" in (result.reason or "")
     out = CliRunner().invoke(main, ["consent", "verify"])
     assert out.exit_code == 1 and f"BROKEN at event {target.id}" in out.stdout
+
+
+def test_a_chain_rewritten_and_hashed_again_is_found_by_a_head_kept_elsewhere(app: App) -> None:
+    """Someone with the database's rights edits an event and hashes the chain again: the walk
+    alone cannot tell; the head printed before, kept outside the database, can."""
+    logged(app)
+    recorded = CliRunner().invoke(main, ["consent", "verify"]).stdout.split("head ")[1].strip()
+    rows = events(app)
+    tamper(app, f"UPDATE consent_events SET choice = 'granted' WHERE id = {rows[1].id}")  # noqa: S608
+    previous = "0" * 64
+    for row in events(app):  # every hash made again, as the ledger makes them
+        new = event_hash(previous, {name: getattr(row, name) for name in HASHED})
+        rehash = f"UPDATE consent_events SET prev_hash = '{previous}', hash = '{new}'"  # noqa: S608
+        tamper(app, f"{rehash} WHERE id = {row.id}")
+        previous = new
+    assert CliRunner().invoke(main, ["consent", "verify"]).exit_code == 0  # it walks fine
+    found = CliRunner().invoke(main, ["consent", "verify", "--head", recorded])
+    assert found.exit_code == 1
+    said = f"the head recorded earlier ({recorded}) is not in it: rewritten or cut since"
+    assert found.stdout == f"BROKEN: {said}\n"
+    assert CliRunner().invoke(main, ["consent", "verify", "--head", previous]).exit_code == 0
 
 
 def test_a_deleted_event_breaks_the_chain_at_the_next_one(app: App) -> None:

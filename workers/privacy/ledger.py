@@ -131,16 +131,24 @@ class Verification:
         return self.broken_at is None
 
 
-def verify(session: Session) -> Verification:
-    """Walk the chain from the start; report the first event whose link or content is wrong."""
-    previous, count = GENESIS, 0
+def verify(session: Session, recorded: str | None = None) -> Verification:
+    """Walk the chain from the start; report the first event whose link or content is wrong.
+
+    The hashes are not keyed: someone who can write to the database could rewrite the chain
+    and hash it all again. ``recorded``, a head printed earlier and kept outside the database,
+    must still be in the chain (broken at event 0 if not): rewritten before it, or cut, it is
+    gone."""
+    previous, count, seen = GENESIS, 0, recorded is None
     events = select(ConsentEvent).order_by(ConsentEvent.id)
     for event in session.scalars(events.execution_options(yield_per=5000)):
         if event.prev_hash != previous:
             return Verification(count, previous, event.id, "its link to the event before is wrong")
         if event.hash != event_hash(previous, _fields(event)):
             return Verification(count, previous, event.id, "its content does not match its hash")
-        previous, count = event.hash, count + 1
+        previous, count, seen = event.hash, count + 1, seen or event.hash == recorded
+    if not seen:
+        why = f"the head recorded earlier ({recorded}) is not in it: rewritten or cut since"
+        return Verification(count, previous, 0, why)
     return Verification(count, previous)
 
 
