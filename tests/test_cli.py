@@ -101,6 +101,29 @@ def test_show_prints_the_letter_with_its_hidden_markers_and_the_delivery_as_fiel
     assert any("[hidden]" in line for line in body_lines)
 
 
+def test_show_hides_the_supporter_in_what_servers_answered(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker
+) -> None:
+    """A refusal can quote the letter's sender: shown with their name hidden, as the letter."""
+    from sqlalchemy import update
+
+    from workers.database.engine import session_scope
+    from workers.database.models import OutboxItem, Submission
+
+    sid = submit(app, stub_broker, submission())[0]
+    drain(stub_broker, stub_worker)
+    answer = "550 5.7.1 Message from Amira Haddad refused"
+    with session_scope(app.sessions) as session:
+        session.execute(update(OutboxItem).where(OutboxItem.id == sid).values(error=answer))
+        session.execute(
+            update(Submission).where(Submission.id == sid).values(failure_reason=answer)
+        )
+    shown = CliRunner().invoke(main, ["show", sid, "--json"]).stdout
+    assert "Amira" not in shown and "550 5.7.1 Message from [hidden] refused" in shown
+    revealed = CliRunner().invoke(main, ["show", sid, "--json", "--reveal"]).stdout
+    assert "Message from Amira Haddad refused" in revealed
+
+
 def test_operator_commands_say_in_one_line_that_redis_is_away(app: App) -> None:
     app.settings.redis_url = "redis://127.0.0.1:1/0"
     for command in (["queues"], ["health"], ["watch", "--iterations", "1"]):

@@ -116,25 +116,36 @@ def show(cli: Cli, submission_id: str, reveal: bool = False) -> None:
         if sub is None:
             raise click.ClickException(f"no submission {submission_id}")
         delivery = session.get(OutboxItem, submission_id)  # the letter's item
+        payload = sub.payload
+
+        def hide(text: str | None) -> str | None:
+            """Their details hidden wherever they may be: servers' answers can quote them."""
+            return text if reveal or not text else mask_supporter(text, payload)
+
         info: dict[str, Any] = {
             "id": sub.id,
             "campaign": sub.campaign_slug,
             "state": sub.state,
             "outcome": OUTCOMES[State(sub.state)],
             "rejection": sub.rejection,
-            "failure_reason": sub.failure_reason,
+            "failure_reason": hide(sub.failure_reason),
             "constituency": sub.constituency_code,
             "member_id": sub.member_id,
             "consent_logged_at": sub.consent_logged_at and sub.consent_logged_at.isoformat(),
             "delivery": delivery
-            and {k: getattr(delivery, k) for k in ("status", "attempts", "response", "error")},
+            and {
+                "status": delivery.status,
+                "attempts": delivery.attempts,
+                "response": hide(delivery.response),
+                "error": hide(delivery.error),
+            },
             "history": [
-                {"state": e.state, "at": e.at.isoformat(), "detail": e.detail} for e in sub.events
+                {"state": e.state, "at": e.at.isoformat(), "detail": hide(e.detail)}
+                for e in sub.events
             ],
         }
         letter = session.get(Letter, submission_id)
         if letter is not None:
-            hide = (lambda t: t) if reveal else (lambda t: mask_supporter(t, sub.payload))
             info["letter"] = {
                 "message_id": letter.message_id,
                 "to": f"{letter.to_name} <{letter.to_email}>",
