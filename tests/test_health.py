@@ -297,7 +297,7 @@ def test_a_refused_letters_dead_letter_listed_by_reason_shown_by_prefix_and_clea
     from workers.pipeline.runtime import state_counts, submit
 
     app.mailer = smtp_mailer(tmp_path, smtp_sink)
-    smtp_sink.answer = "550 5.1.1 <mp@parliament.uk>: Recipient address rejected"
+    smtp_sink.answer = "550 5.1.1 <mp@parliament.uk>: Recipient address rejected (Amira Haddad)"
     sid = submit(app, stub_broker, submission())[0]
     drain(stub_broker, stub_worker)
     assert state_counts(app, [sid]) == {"failed": 1}
@@ -309,6 +309,7 @@ def test_a_refused_letters_dead_letter_listed_by_reason_shown_by_prefix_and_clea
     assert row["message_id"] in listed.output  # whole, to paste
     shown = CliRunner().invoke(main, ["dlq", "show", row["message_id"][:8]])
     assert json.loads(shown.stdout)["message_id"] == row["message_id"]
+    assert "Amira" not in shown.stdout and "rejected ([hidden])" in shown.stdout  # the sender
 
     requeued = CliRunner().invoke(main, ["dlq", "requeue", row["message_id"]])
     assert "not requeued" in requeued.output and "dearmp deliveries reopen" in requeued.output

@@ -35,10 +35,10 @@ from workers.cli.base import (
     yes_option,
 )
 from workers.database.models import Submission
-from workers.logging import mask_text
 from workers.pipeline import checks
 from workers.pipeline import dead_letters as dead
 from workers.pipeline.app import App
+from workers.privacy.hashing import mask_supporter
 from workers.wording import counted
 
 # What `dearmp health` says when all is well.
@@ -191,15 +191,21 @@ def dlq_show(cli: Cli, message_id: str, reveal: bool) -> None:
         raise click.ClickException(f"{many} dead letters start with {message_id}: say more")
     found = matching[0]
     failure, message = found.failure, found.dead.message if found.dead else None
-    history = []
+    history, payload = [], None
     if found.submission_id:
         with cli.session() as session:
             sub = session.get(Submission, found.submission_id)
             if sub is not None:
                 history = [{"state": e.state, "at": e.at.isoformat()} for e in sub.events]
+                payload = sub.payload
     if reveal:
         structlog.get_logger("workers").warning("dead_letter_revealed", dead_message_id=message_id)
-    show_text = (lambda t: t) if reveal else mask_text
+
+    def show_text(text: str) -> str:
+        """Unless revealed: the supporter's own details hidden (an error can quote them), and
+        anything email- or postcode-shaped."""
+        return text if reveal else mask_supporter(text, payload)
+
     info = {
         "message_id": found.message_id,
         "queue": found.queue,
