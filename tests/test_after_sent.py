@@ -834,9 +834,13 @@ def test_erasure_keeps_of_a_servers_words_about_the_letter_only_their_status(
     )
     assert state_counts(app, [sid]) == {"bounced": 1}
     assert "From Amira Haddad" in everything_stored(app)
+    with session_scope(app.sessions) as session:  # and words of ours: they stay
+        session.add(LetterEvent(submission_id=sid, kind="survey", detail="yes", at=utcnow()))
     with session_scope(app.sessions) as session:
         erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
-        [event] = session.scalars(select(LetterEvent).where(LetterEvent.submission_id == sid))
+        found = session.scalars(select(LetterEvent).where(LetterEvent.submission_id == sid))
+        [event, survey] = sorted(found, key=lambda e: e.kind)
+        assert (survey.kind, survey.detail) == ("survey", "yes")
         bounced = session.get(Submission, sid)
         assert bounced is not None and bounced.failure_reason is not None
         assert (event.detail, bounced.failure_reason[:9]) == ("550 5.1.1 (erased)", "550 5.1.1")

@@ -25,9 +25,12 @@ EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+")
 POSTCODE_RE = re.compile(
     r"(?:(?<=\\[nrt])|\b)[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}\b", re.IGNORECASE
 )
-# A server's status where its answer begins (the text's start, or after ": ", "; " or "HTTP "):
-# SMTP's code and enhanced code, or HTTP's.
-STATUS_RE = re.compile(r"(?:^|[:;] |\bHTTP )([245]\d\d)\b(?:[ -]([245]\.\d{1,3}\.\d{1,3})\b)?")
+# A server's status where its answer begins (the text's start, or after ": ", "; ", "HTTP " or
+# a DSN's status): SMTP's code and enhanced code, or HTTP's.
+STATUS_RE = re.compile(
+    r"(?:^|[:;] |\bHTTP |\b[245]\.\d{1,3}\.\d{1,3} )"
+    r"([245]\d\d)\b(?:[ -]([245]\.\d{1,3}\.\d{1,3})\b)?"
+)
 # Longer values are cut before masking: nothing the code logs is this long.
 MAX_LOGGED = 2_000
 

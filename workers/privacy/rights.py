@@ -44,11 +44,11 @@ from workers.database.models import (
 )
 from workers.database.transitions import AlreadyMoved, advance, rowcount
 from workers.letters.definitions import get_definition
-from workers.logging import status_of
+from workers.logging import STATUS_RE
 from workers.outbox import sending as outbox
 from workers.outbox.kinds import file_stem
 from workers.outbox.sending import Kind
-from workers.privacy.hashing import supporter_hash
+from workers.privacy.hashing import mask_supporter, supporter_hash
 from workers.privacy.ledger import append, current_preferences, hold
 from workers.stages import digests
 from workers.stages.comparison import uncount
@@ -215,12 +215,14 @@ def _forget(
     outbox_dir: Path | None,
     letter: dict[str, Any],
     why: str,
+    payload: Any,
 ) -> tuple[int, int]:
     """Scrub the letter's columns ``letter`` and remove its file outbox copy; delete the kept
     text of what came back to it, its fingerprint (made from its words; the record of the
-    digest it went in stays) and the text of its failures; skip the emails to the supporter
-    not yet sent (``why``: the reason recorded), and remove their copies. How many letters and
-    letter files."""
+    digest it went in stays) and the text of its failures; keep of servers' answers about it
+    only their status, and hide the details ``payload`` (the submission's, as it was) held in
+    the rest; skip the emails to the supporter not yet sent (``why``: the reason recorded), and
+    remove their copies. How many letters and letter files."""
     scrubbed = _update(session, Letter, Letter.submission_id == submission_id, **letter)
     removed = _remove_outbox_file(outbox_dir, submission_id)
     digest_id = session.scalar(
@@ -248,20 +250,17 @@ def _forget(
         exception_message=FAILURE_TEXT_GONE,
         traceback=FAILURE_TEXT_GONE,
     )
-    # What servers answered about the letter can quote it, or the sender's name: its status stays.
-    kept = SubmissionEvent.state.in_(SERVER_WORDS)
-    _to_status(
-        session, SubmissionEvent.detail, SubmissionEvent.submission_id == submission_id, kept
+    # What servers answered about the letter can quote it, or the sender's name.
+    about_it = (
+        (SubmissionEvent.detail, SubmissionEvent.submission_id == submission_id),
+        (Submission.failure_reason, Submission.id == submission_id),
+        (LetterEvent.detail, LetterEvent.submission_id == submission_id),
+        (InboundMessage.reason, InboundMessage.submission_id == submission_id),
+        (OutboxItem.error, OutboxItem.submission_id == submission_id),
+        (OutboxItem.response, OutboxItem.submission_id == submission_id),
     )
-    _to_status(session, Submission.failure_reason, Submission.id == submission_id)
-    _to_status(session, LetterEvent.detail, LetterEvent.submission_id == submission_id)
-    _to_status(session, InboundMessage.reason, InboundMessage.submission_id == submission_id)
-    answered = (
-        OutboxItem.submission_id == submission_id,
-        OutboxItem.status != OutboxStatus.SKIPPED,
-    )
-    for column in (OutboxItem.error, OutboxItem.response):  # (a skipped one's error is ours)
-        _to_status(session, column, *answered)
+    for column, where in about_it:
+        _without_servers_words(session, column, where, payload)
     _update(
         session,
         OutboxItem,
@@ -276,19 +275,19 @@ def _forget(
     return scrubbed, removed
 
 
-# The states whose event's detail can be a server's answer (the sent mark's, a refusal, a DSN).
-SERVER_WORDS = (State.DELIVERED, State.FAILED, State.BOUNCED)
-
-
-def _to_status(session: Session, column: Any, *where: ColumnElement[bool]) -> None:
-    """``column``'s texts in the rows ``where``: each cut to the server's status it gives, if
-    any ("550 5.1.1 (erased)"); the rows are few (one supporter's)."""
+def _without_servers_words(
+    session: Session, column: Any, where: ColumnElement[bool], payload: Any
+) -> None:
+    """``column``'s texts in the rows ``where`` (one supporter's: few), each cut after the
+    status a server's answer in it begins with ("gave up after 3 failed attempts: 550 5.7.1
+    (erased)"), and with the supporter's details in ``payload`` hidden in what is left (our
+    own words: a survey's answer, a stage's reason, are kept)."""
     model = column.class_
     key = model.__mapper__.primary_key[0]
-    rows = session.execute(select(key, column).where(*where, column.is_not(None))).all()
-    for ident, text in rows:
-        cut = " ".join(filter(None, (status_of(text), ERASED)))
-        if text != cut:
+    for ident, text in session.execute(select(key, column).where(where, column.is_not(None))):
+        found = STATUS_RE.search(text)
+        cut = f"{text[: found.end()]} {ERASED}" if found else mask_supporter(text, payload)
+        if cut != text:
             _update(session, model, key == ident, **{column.key: cut})
 
 
@@ -345,7 +344,7 @@ def erase_supporter(
     in_flight = outbox.settle(session, [i for items in carriers.values() for i in items], kinds)
     for sub in subs:
         if sub.erased_at is not None:
-            _forget(session, sub.id, outbox_dir, ERASED_LETTER, BY_REQUEST)
+            _forget(session, sub.id, outbox_dir, ERASED_LETTER, BY_REQUEST, sub.payload)
             continue
         report.submissions += 1
         stopped = _stop(session, sub)  # (one with its server now may have gone: not counted)
@@ -360,7 +359,9 @@ def erase_supporter(
             scrubbed_at=now,
             updated_at=now,
         )
-        scrubbed, removed = _forget(session, sub.id, outbox_dir, ERASED_LETTER, BY_REQUEST)
+        scrubbed, removed = _forget(
+            session, sub.id, outbox_dir, ERASED_LETTER, BY_REQUEST, sub.payload
+        )
         report.letters_scrubbed += scrubbed
         report.outbox_files_removed += removed
         emit(session, "supporter.erased", sub.id, campaign=sub.campaign_slug)
@@ -460,9 +461,10 @@ def run_retention(session: Session, outbox_dir: Path | None = None) -> dict[str,
             )
             while due := list(session.scalars(due_now.limit(RETENTION_BATCH))):
                 for sub in due:
-                    sub.payload = _scrubbed_payload(sub.payload, sub.consent_logged_at is not None)
+                    before = sub.payload
+                    sub.payload = _scrubbed_payload(before, sub.consent_logged_at is not None)
                     sub.scrubbed_at = now
-                    _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER, RETENTION_OVER)
+                    _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER, RETENTION_OVER, before)
                 done[state] = done.get(state, 0) + len(due)
                 session.flush()
                 if len(due) < RETENTION_BATCH:
