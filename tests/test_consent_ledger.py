@@ -802,3 +802,9 @@ def test_the_ledger_keeps_the_page_that_asked_without_its_query_or_credentials(a
     sid = logged(app, submission(source_url=url))
     kept = {event.source_url for event in events(app, sid)}
     assert kept == {"https://campaign.example.org/political-prisoners"}
+    for unreadable, page in (
+        ("http://[x/p?email=amira%40example.com", "http://[x/p"),
+        ("http://me@[x/p", None),
+    ):  # a URL urlsplit cannot read: consent is recorded all the same
+        sid = logged(app, submission(source_url=unreadable, supporter__email="b@example.com"))
+        assert {event.source_url for event in events(app, sid)} == {page}

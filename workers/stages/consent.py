@@ -47,7 +47,11 @@ def page_of(url: str | None) -> str | None:
     which can carry the supporter's address or an id (the ledger outlives erasure)."""
     if not url:
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL one can read ("http://[x/p"): what comes before a query
+        page = url.split("?", 1)[0].split("#", 1)[0]
+        return None if "@" in page else page
     return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
 
 
