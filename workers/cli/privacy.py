@@ -38,6 +38,16 @@ def _outbox(app: App) -> Path:
     return app.settings.resolved_outbox_dir
 
 
+def _forget_old_pages(app: App) -> None:
+    """The SQLite log's copies of what was just erased: gone, or the operator told."""
+    if not forget_old_pages(app.engine):
+        click.echo(
+            "note: a reader kept the SQLite write-ahead log, which still holds the pages as "
+            "they were before; run the command again later to truncate it",
+            err=True,
+        )
+
+
 @main.group()
 def consent() -> None:
     """The consent ledger: verify it, record withdrawals, receipts and exports."""
@@ -158,7 +168,7 @@ def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
     confirm(yes, "Erase everything held about 1 supporter, for good?")
     with cli.session() as session:  # again: what reached their erased submissions since goes
         report = erase_supporter(session, app.secret, email, outbox_for(app)[0], _outbox(app))
-    forget_old_pages(app.engine)
+    _forget_old_pages(app)
     if report.submissions == 0 and report.consent_events_added == 0:
         raise Nothing("that supporter was erased already: nothing new to erase")
     cli.say(json.dumps(report.as_dict(), indent=2), report.as_dict())
@@ -185,7 +195,8 @@ def retention_run(cli: Cli, every: float | None) -> None:
         with cli.session() as session:
             done = run_retention(session, outbox_dir=_outbox(app))
             expired = expire_cache(session)
-        forget_old_pages(app.engine)
+        if done:
+            _forget_old_pages(app)
         said = {"scrubbed": done, "expired_lookups": expired}
         cli.say(json.dumps(said), said)
         if every is None:

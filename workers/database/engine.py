@@ -19,14 +19,15 @@ from config.settings import ConfigurationError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # busy_timeout: a writer waits up to 60 s for the write lock.
-# secure_delete: what is deleted or overwritten is zeroed in the pages written anyway (FAST:
-# no more I/O), so an erased supporter's details are not left in the file's free space.
+# secure_delete: what is deleted or overwritten is zeroed, a long letter's overflow pages too,
+# so an erased supporter's details are not left in the file's free space.
+BUSY_TIMEOUT = "busy_timeout=60000"
 SQLITE_PRAGMAS = (
     "journal_mode=WAL",
     "synchronous=NORMAL",
-    "busy_timeout=60000",
+    BUSY_TIMEOUT,
     "foreign_keys=ON",
-    "secure_delete=FAST",
+    "secure_delete=ON",
 )
 
 
@@ -108,12 +109,19 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return engine
 
 
-def forget_old_pages(engine: Engine) -> None:
+def forget_old_pages(engine: Engine, wait_ms: int = 2000) -> bool:
     """On SQLite, copy the write-ahead log into the file and truncate it: the log still holds
-    the pages as they were before an erasure (best effort: a reader may keep it for now)."""
-    if engine.dialect.name == "sqlite":
-        with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    the pages as they were before an erasure. Writers wait meanwhile, for ``wait_ms`` at most;
+    False if a reader kept the log that long (a later checkpoint truncates it)."""
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={wait_ms}")
+        try:
+            busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").scalar()
+        finally:
+            conn.exec_driver_sql(f"PRAGMA {BUSY_TIMEOUT}")
+    return not busy
 
 
 def write_lock(session: Session) -> None:
