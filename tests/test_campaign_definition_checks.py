@@ -270,23 +270,40 @@ def test_campaigns_sync_refuses_a_bad_file_in_one_line_and_changes_nothing(
         assert after is not None and (after.title, after.definition_sha256) == stored
 
 
-def test_new_consent_words_under_the_same_version_are_refused_at_sync(
+def test_new_consent_words_under_a_version_already_used_are_refused_at_sync(
     app: App, tmp_path: Path
 ) -> None:
-    """The ledger proves a consent by its wording's version: new words need a new version."""
+    """The ledger proves a consent by its wording's version: new words need a new version, and
+    going back to a version the ledger holds means going back to its words."""
+    from tests.test_consent_ledger import logged
+
+    logged(app)  # the ledger holds consents under 2024-03-contact-v2
     text = SAMPLE.read_text()
     by_email = "Yes, I'd like to receive updates about campaigns and fundraising by email."
-    (tmp_path / "p.toml").write_text(text.replace(by_email, "Yes, email me about everything."))
+    v2, v3 = 'version = "2024-03-contact-v2"', 'version = "2024-03-contact-v3"'
+    reworded = text.replace(by_email, "Yes, email me about everything.")
     app.settings.campaigns_dir = tmp_path
-    synced = CliRunner().invoke(main, ["campaigns", "sync"])
-    assert synced.exit_code == 1
-    assert synced.stderr == (
-        f"Error: configuration: campaign {SLUG}: its consent wording changed but its version "
-        "(2024-03-contact-v2) did not: give the new wording a new [consent] version\n"
+
+    def sync(campaign: str) -> Any:
+        (tmp_path / "p.toml").write_text(campaign)
+        return CliRunner().invoke(main, ["campaigns", "sync"])
+
+    refused = sync(reworded)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        f"Error: configuration: campaign {SLUG}: its consent wording for email changed but its "
+        "version (2024-03-contact-v2) did not: give the new wording a new [consent] version\n"
     )
-    versioned = text.replace(by_email, "Yes, email me about everything.").replace(
-        'version = "2024-03-contact-v2"', 'version = "2024-03-contact-v3"'
+    assert sync(reworded.replace(v2, v3)).stdout.strip() == f"changed: {SLUG}"
+    back = sync(reworded)  # v2 again, with v3's words: the ledger says otherwise
+    assert back.exit_code == 1 and "for email changed" in back.stderr
+    assert sync(text).stdout.strip() == f"changed: {SLUG}"  # v2's own words: fine
+    email, phone = (
+        f'channel = "{ch}"\nwording = "Yes, I\'d like to receive updates about campaigns and '
+        f'fundraising by {by}."'
+        for ch, by in (("email", "email"), ("phone", "phone"))
     )
-    (tmp_path / "p.toml").write_text(versioned)
-    again = CliRunner().invoke(main, ["campaigns", "sync"])
-    assert again.exit_code == 0 and again.stdout.strip() == f"changed: {SLUG}"
+    assert email in text and phone in text
+    reordered = text.replace(email, "<swap>").replace(phone, email).replace("<swap>", phone)
+    moved = sync(reordered)
+    assert moved.exit_code == 0, moved.stderr  # the same words in another order: no change

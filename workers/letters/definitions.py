@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from config.settings import ConfigurationError
 from schemas.campaign import CampaignDefinition
 from schemas.submission import SLUG_RE
-from workers.database.models import CAMPAIGNS, Campaign
+from workers.database.models import CAMPAIGNS, Campaign, ConsentEvent
 
 
 def load_definitions(directory: Path) -> list[CampaignDefinition]:
@@ -98,7 +98,7 @@ def sync_campaigns(session: Session, definitions: list[CampaignDefinition]) -> l
         elif row.definition_sha256 == digest:
             continue
         else:
-            _same_version_same_words(row.definition.get("consent") or {}, definition)
+            _same_version_same_words(session, row.definition.get("consent") or {}, definition)
         row.title = definition.title
         row.definition = definition.model_dump(mode="json")
         row.definition_sha256 = digest
@@ -106,17 +106,42 @@ def sync_campaigns(session: Session, definitions: list[CampaignDefinition]) -> l
     return changed
 
 
-def _same_version_same_words(before: dict[str, Any], definition: CampaignDefinition) -> None:
-    """The ledger records each consent by its wording's version: new words under the version
-    the ledger already holds would make its proof say two things. Refused with one line."""
-    now = definition.consent.model_dump(mode="json")
-    if before.get("version") == now["version"] and before != now:
+def _same_version_same_words(
+    session: Session, before: dict[str, Any], definition: CampaignDefinition
+) -> None:
+    """The ledger records each consent by its wording's version: new words under a version the
+    ledger (or the campaign as loaded) holds already would make its proof say two things.
+    Refused with one line naming the channels."""
+    consent = definition.consent
+    words: dict[str, str] = {q.channel: q.sha256 for q in consent.questions}
+    words["mp_notice"] = _sha256(consent.mp_notice)
+    recorded: list[tuple[str, str]] = [
+        (channel, sha)
+        for channel, sha in session.execute(
+            select(ConsentEvent.channel, ConsentEvent.wording_sha256)
+            .where(
+                ConsentEvent.campaign_slug == definition.slug,
+                ConsentEvent.wording_version == consent.version,
+            )
+            .distinct()
+        )
+    ]
+    if before.get("version") == consent.version:
+        recorded += [(q["channel"], _sha256(q["wording"])) for q in before.get("questions", [])]
+        recorded.append(("mp_notice", _sha256(before.get("mp_notice", ""))))
+    changed = sorted({ch for ch, sha in recorded if words.get(ch) not in (None, sha)})
+    if changed:
         raise ConfigurationError(
             [
-                f"campaign {definition.slug}: its consent wording changed but its version "
-                f"({now['version']}) did not: give the new wording a new [consent] version"
+                f"campaign {definition.slug}: its consent wording for {', '.join(changed)} "
+                f"changed but its version ({consent.version}) did not: give the new wording a "
+                "new [consent] version"
             ]
         )
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def update_definition(session: Session, slug: str, **changes: Any) -> CampaignDefinition:
