@@ -220,6 +220,27 @@ def test_logins_checked_at_once_are_capped_and_the_rest_refused_at_once() -> Non
     assert throttle.check_login(accounts, "ada", PASSWORD) == "ada"
 
 
+def test_logins_for_one_name_from_every_client_together_are_limited(
+    console: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many addresses guessing one operator's password: past the limit, the name is refused."""
+    monkeypatch.setattr(auth, "LOGINS_PER_NAME", 2)
+    assert [log_in(console, "wrong password").status_code for _ in range(2)] == [401, 401]
+    refused = log_in(console)
+    assert refused.status_code == 429 and "for this name" in refused.text
+
+
+def test_failed_logins_from_clients_long_gone_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "KEPT_CLIENTS", 3)
+    throttle, accounts = auth.Throttle(), {"ada": auth.hash_password(PASSWORD)}
+    for client in ("a", "b", "c", "d"):
+        throttle.check_login(accounts, "ada", "wrong", client)
+    for key in throttle.failures:  # all long ago
+        throttle.failures[key] = [t - auth.LOCKED_SECONDS for t in throttle.failures[key]]
+    throttle.check_login(accounts, "ada", "wrong", "e")
+    assert list(throttle.failures) == [("ada", "e")]
+
+
 class RedisAway:
     def reserve(self, *_: Any) -> float:
         raise redis.ConnectionError("Error 111 connecting")

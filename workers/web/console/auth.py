@@ -25,6 +25,10 @@ LOCKED_SECONDS = 900.0
 # threads the intake needs. And at most this many logins per client in the window.
 CHECKED_AT_ONCE = 2
 LOGINS_PER_CLIENT, LOGIN_WINDOW = 20, 300.0
+# Tries for one account from every client together (many addresses guessing one password):
+# past this, the name is refused to all until the window passes.
+LOGINS_PER_NAME, NAME_WINDOW = 100, 900.0
+KEPT_CLIENTS = 10_000  # (name, client) entries kept before the stale ones are swept
 ANONYMOUS_SECONDS = 3600.0  # the session a login form is given, before anyone logs in
 COOKIE = "dearmp_console"
 
@@ -82,6 +86,12 @@ class Throttle:
             recent = [t for t in self.failures.pop(key, []) if now - t < LOCKED_SECONDS]
             if recent:  # a name with none is not kept: names tried cost no memory
                 self.failures[key] = recent
+            if len(self.failures) > KEPT_CLIENTS:  # clients that came and went
+                stale = [
+                    k for k, times in self.failures.items() if now - times[-1] >= LOCKED_SECONDS
+                ]
+                for gone in stale:
+                    del self.failures[gone]
         if not self.turns.acquire(blocking=False):
             raise Busy
         try:  # a locked name is checked all the same: it answers as slowly as any other
