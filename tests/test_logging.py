@@ -186,3 +186,28 @@ def test_at_debug_the_smtp_receiver_does_not_log_the_lines_it_receives() -> None
     logging.getLogger("mail.log").warning("%r too many bogus commands", ("127.0.0.1", 1))
     logged = stream.getvalue()
     assert "Marmalade" not in logged and "RCPT" not in logged and "bogus" in logged
+
+
+def test_a_failed_message_keeps_a_databases_own_words_and_no_one_elses() -> None:
+    """A database's or a connection's error says what failed without what it carried (the
+    engine hides statements' parameters): its text is kept; any other's is not."""
+    import logging
+
+    import dramatiq
+    from sqlalchemy.exc import OperationalError
+
+    stream = io.StringIO()
+    configure_logging(stream=stream)
+    message = dramatiq.Message("dearmp.render", "render_submission", ("sid-1",), {}, {})
+    locked = OperationalError("UPDATE x", {}, Exception("database is locked"))
+    for error in (locked, ConnectionRefusedError(111, "Connection refused"), KeyError("Amira")):
+        try:
+            raise error
+        except Exception:
+            logging.getLogger("dramatiq.worker.WorkerThread").error(
+                "Failed to process message %s.", message, exc_info=True
+            )
+    said = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert "(OperationalError at test_logging.py:" in said[0] and "database is locked" in said[0]
+    assert "Connection refused" in said[1]
+    assert "(KeyError at test_logging.py:" in said[2] and "Amira" not in said[2]

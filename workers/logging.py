@@ -7,6 +7,7 @@ masks anything shaped like an email address or a UK postcode in any logged value
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -55,12 +56,24 @@ class MessageIdsOnly(logging.Filter):
             f"message {getattr(a, 'message_id', '')}" if _is_message(a) else a for a in record.args
         )
         if record.exc_info and record.exc_info[0]:
-            kind, _, trace = record.exc_info
-            last = traceback.extract_tb(trace)[-1:] if trace is not None else []
-            where = "".join(f" at {Path(f.filename).name}:{f.lineno} in {f.name}" for f in last)
-            record.msg = f"{record.getMessage()} ({kind.__qualname__}{where})"
+            kind, error, trace = record.exc_info
+            frames = traceback.extract_tb(trace) if trace is not None else []
+            ours = [f for f in frames if f"{os.sep}workers{os.sep}" in f.filename] or frames
+            where = "".join(
+                f" at {Path(f.filename).name}:{f.lineno} in {f.name}" for f in ours[-1:]
+            )
+            # The database's or the network's own words say what failed, and quote no one (the
+            # engine hides statements' parameters).
+            plumbing = kind.__module__.split(".")[0] in PLUMBING or issubclass(kind, OSError)
+            said = f": {str(error)[:300]}" if plumbing else ""
+            record.msg = f"{record.getMessage()} ({kind.__qualname__}{where}{said})"
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
+
+
+# Whose exceptions' text is logged (and OSError's): databases and connections, which say what
+# failed without what they carried. Not a mail server's: its answer can quote the letter.
+PLUMBING = frozenset({"sqlalchemy", "psycopg", "sqlite3", "redis"})
 
 
 def _is_message(value: Any) -> bool:
