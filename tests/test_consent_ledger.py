@@ -473,6 +473,9 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
     app: App, tmp_path: Path
 ) -> None:
     old, recent = delivered(app, tmp_path), delivered(app, tmp_path)
+    gone = delivered(app, tmp_path, submission(supporter__email="gone@example.com"))
+    with session_scope(app.sessions) as session:  # they no longer agree to anything
+        withdraw(session, app.secret, "gone@example.com", ["email", "post"], source="test")
     rejected = store(app, submission(supporter__email="not an email"))
     step(app, validate, rejected)
     unconfirmed = store(app, submission())
@@ -481,12 +484,13 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
             update(Submission).where(Submission.id == unconfirmed).values(state=State.EXPIRED)
         )
     age(app, old, 29)
+    age(app, gone, 29)
     age(app, recent, 27)
     age(app, rejected, 8)
     age(app, unconfirmed, 8)
     out = CliRunner().invoke(main, ["retention", "run"])
     assert json.loads(out.stdout) == {
-        "scrubbed": {"delivered": 1, "rejected": 1, "expired": 1},
+        "scrubbed": {"delivered": 2, "rejected": 1, "expired": 1},
         "expired_lookups": 0,
     }
     scrubbed = get(app, old)
@@ -500,7 +504,8 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
     assert scrubbed.payload["supporter"]["email"] == EMAIL
     assert scrubbed.payload["supporter"]["name"] == "Amira Haddad"
     assert "phone" not in scrubbed.payload["supporter"]
-    for never in (rejected, unconfirmed):  # no consent recorded: nothing of them is kept
+    # No consent recorded, or none standing now: nothing of them is kept.
+    for never in (rejected, unconfirmed, gone):
         kept = get(app, never)
         assert kept.scrubbed_at is not None and "supporter" not in (kept.payload or {})
     with session_scope(app.sessions) as session:

@@ -403,19 +403,27 @@ RETENTION_STATES = {
 }
 
 
-def _scrubbed_payload(payload: Any, consented: bool) -> Any:
+def _granted(session: Session, sub: Submission) -> set[str]:
+    """The channels the supporter agrees to now, by the ledger; none if this submission's
+    consent was never recorded (rejected, never confirmed)."""
+    if sub.consent_logged_at is None or not sub.supporter_hash:
+        return set()
+    now = current_preferences(session, sub.supporter_hash)
+    return {channel for channel, said in now.items() if said["choice"] == "granted"}
+
+
+def _scrubbed_payload(payload: Any, granted: set[str]) -> Any:
     """What retention keeps of a submission: its letter's words go (body, answers, subject) and
-    the postal address (the postcode cut to its district). A submission whose consent was
-    recorded keeps the name and email (the CRM export of those who agreed needs them) and the
-    phone only if they agreed to calls or texts; one whose consent never was (rejected, never
-    confirmed) keeps nothing of the supporter."""
+    the postal address (the postcode cut to its district). Where the supporter agrees now to be
+    contacted (``granted``: the channels, by the ledger), the name and email stay (the CRM
+    export of those who agree needs them), and the phone if they agree to calls or texts;
+    otherwise nothing of the supporter stays."""
     if not isinstance(payload, dict):
         return payload
-    if not consented:
+    if not granted:
         return _erased_payload(payload)
     supporter = dict(payload.get("supporter") or {})
-    asked = payload.get("contact_preferences") or {}
-    if "granted" not in (asked.get("phone"), asked.get("sms")):
+    if not granted & {"phone", "sms"}:
         supporter.pop("phone", None)
     if "address_lines" in supporter:
         supporter["address_lines"] = []
@@ -462,7 +470,7 @@ def run_retention(session: Session, outbox_dir: Path | None = None) -> dict[str,
             while due := list(session.scalars(due_now.limit(RETENTION_BATCH))):
                 for sub in due:
                     before = sub.payload
-                    sub.payload = _scrubbed_payload(before, sub.consent_logged_at is not None)
+                    sub.payload = _scrubbed_payload(before, _granted(session, sub))
                     sub.scrubbed_at = now
                     _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER, RETENTION_OVER, before)
                 done[state] = done.get(state, 0) + len(due)
