@@ -131,8 +131,15 @@ def _after_sent(session: Session, item: OutboxItem, context: Context) -> Outgoin
         )
     elif item.kind == digests.NOTICE:
         digest = select(LetterPrint.digest_id).where(LetterPrint.submission_id == submission.id)
-        count = session.scalar(  # the letters it holds (an erased constituent's went with them)
-            select(func.count()).where(LetterPrint.digest_id == digest.scalar_subquery())
+        sent = select(OutboxItem.sent_at).where(OutboxItem.id == digest.scalar_subquery())
+        count = session.scalar(  # the letters it held: those of constituents erased since too
+            select(func.count())
+            .select_from(LetterPrint)
+            .join(Submission, Submission.id == LetterPrint.submission_id)
+            .where(
+                LetterPrint.digest_id == digest.scalar_subquery(),
+                Submission.erased_at.is_(None) | (Submission.erased_at > sent.scalar_subquery()),
+            )
         )
         text = digests.notice_text(definition, mp_name, count or 1)
         message = notices.digested(item.id, sender, to, mp_name, text, item.created_at)
