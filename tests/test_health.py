@@ -223,6 +223,11 @@ def test_a_letter_with_its_server_is_listed_as_such_not_as_due_now(
         f"{sid}  sending  failures 0  with its server since {claimed.isoformat()}" in waiting.output
     )
     assert "next now" not in waiting.output
+    lapsed = utcnow() - timedelta(seconds=app.settings.delivery_lease_seconds + 5)
+    with session_scope(app.sessions) as session:  # its worker died: the claim lapsed
+        session.execute(update(OutboxItem).where(OutboxItem.id == sid).values(claimed_at=lapsed))
+    waiting = CliRunner().invoke(main, ["deliveries", "waiting"])
+    assert f"its worker stopped (taken at {lapsed.isoformat()})" in waiting.output
 
 
 class Refusing:

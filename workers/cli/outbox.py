@@ -156,11 +156,14 @@ def deliveries_reopen(
 def deliveries_waiting(cli: Cli, limit: int) -> None:
     """Letters waiting to be sent or to try again: failures, next attempt and why (masked)."""
     with cli.session() as session:
-        rows = listing(session, ("pending", "sending"), limit, LETTER)
+        lease = cli.app.settings.delivery_lease_seconds
+        rows = listing(session, ("pending", "sending"), limit, LETTER, lease)
     lines = []
     for row in rows:
         next_at = f"next {row['next_attempt_at'] or 'now'}"
-        if row["status"] == "sending":
+        if row["lapsed"]:
+            next_at = f"its worker stopped (taken at {row['claimed_at']}): next try takes it over"
+        elif row["status"] == "sending":
             next_at = f"with its server since {row['claimed_at']}"
         lines.append(f"{row['id']}  {row['status']}  failures {row['failures']}  {next_at}")
         if row["error"]:

@@ -204,10 +204,16 @@ def send_again(
 
 
 def listing(
-    session: Session, statuses: Sequence[str], limit: int = 100, kind: str | None = None
+    session: Session,
+    statuses: Sequence[str],
+    limit: int = 100,
+    kind: str | None = None,
+    lease: float = default("delivery_lease_seconds"),
 ) -> list[dict[str, object]]:
     """Items in ``statuses`` (of ``kind``), oldest first, their errors masked, for an operator
-    (``claimed_at``: when a sending one's worker took it, to send now)."""
+    (``claimed_at``: when a sending one's worker took it, to send now; ``lapsed``: its claim
+    is older than ``lease`` seconds, so its worker stopped and the next try takes it over)."""
+    lapsed_before = utcnow() - timedelta(seconds=lease)
     where: list[ColumnElement[bool]] = [OutboxItem.status.in_(statuses)]
     if kind is not None:
         where.append(OutboxItem.kind == kind)
@@ -222,6 +228,9 @@ def listing(
             "failures": row.failures,
             "next_attempt_at": row.next_attempt_at.isoformat() if row.next_attempt_at else None,
             "claimed_at": row.claimed_at.isoformat() if row.claimed_at else None,
+            "lapsed": row.status == OutboxStatus.SENDING
+            and row.claimed_at is not None
+            and row.claimed_at < lapsed_before,
             "error": mask_text(row.error)[:500] if row.error else None,
         }
         for row in rows

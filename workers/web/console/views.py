@@ -289,7 +289,8 @@ def dead(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLRes
 
 @router.get("/waiting")
 def waiting(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
-    rows = console.intake.read(listing, ("pending", "sending"), 100, LETTER)
+    lease = console.app.settings.delivery_lease_seconds
+    rows = console.intake.read(listing, ("pending", "sending"), 100, LETTER, lease)
     return page(request, "waiting.html.j2", rows=rows)
 
 
