@@ -341,7 +341,9 @@ def _bounced(
             except AlreadyMoved:
                 if returned != submission_id:  # a letter of its digest erased, or returned
                     continue
-            notices += _queue(session, returned, "bounce", "bounce", inbound_id)
+            erased = select(Submission.erased_at).where(Submission.id == returned)
+            if session.scalar(erased) is None:  # (an erased supporter: no one to tell)
+                notices += _queue(session, returned, "bounce", "bounce", inbound_id)
     session.flush()
     if letter.to_email.lower() != policy.sandbox_address.lower():
         marked = health.note_bounce(
