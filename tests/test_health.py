@@ -309,7 +309,8 @@ def test_a_refused_letters_dead_letter_listed_by_reason_shown_by_prefix_and_clea
 
     listed = CliRunner().invoke(main, ["dlq", "list"])
     assert "PermanentDeliveryError: 1" in listed.output, listed.output
-    assert "550 5.1.1 <[email]>: Recipient address rejected" in listed.output
+    assert "550 5.1.1 <[email]>: Recipient address rejected ([hidden])" in listed.output
+    assert "Amira" not in listed.output  # the sender, quoted by the server: hidden
     [row] = json.loads(CliRunner().invoke(main, ["dlq", "list", "--json"]).stdout)
     assert row["message_id"] in listed.output  # whole, to paste
     shown = CliRunner().invoke(main, ["dlq", "show", row["message_id"][:8]])

@@ -28,10 +28,10 @@ from workers.database.models import (
     Submission,
     SubmissionEvent,
 )
-from workers.logging import mask_text
 from workers.pipeline.dispatch import stage_message, submission_id_of
 from workers.pipeline.dramatiq_private import bodies_key, dead_key, delayed_key, held, queue_key
 from workers.pipeline.states import STATES, State
+from workers.privacy.hashing import mask_supporter
 from workers.stages.stage import Stage
 
 
@@ -121,6 +121,7 @@ class Found:
     dead_at: datetime
     failure: Failure | None
     dead: DeadLetter | None
+    payload: Any = None  # the submission's, to hide its supporter's details in the answer
 
     @property
     def reason(self) -> str:
@@ -128,10 +129,11 @@ class Found:
 
     @property
     def answer(self) -> str | None:
-        """The first line of the failure's message (the server's answer), masked and cut."""
+        """The first line of the failure's message (the server's answer, which can quote the
+        sender), the supporter's details hidden, masked and cut."""
         if self.failure is None or not self.failure.exception_message:
             return None
-        return mask_text(self.failure.exception_message.splitlines()[0])[:200]
+        return mask_supporter(self.failure.exception_message.splitlines()[0], self.payload)[:200]
 
 
 def by_reason(found: list[Found]) -> list[tuple[str, list[Found]]]:
@@ -177,6 +179,14 @@ def find_dead(
             select(PurgedDeadLetter.message_id).where(PurgedDeadLetter.message_id.in_(ids)),
         )
         known = set(session.scalars(recorded))
+        about = {f.submission_id for f in failures if f.submission_id}
+        payloads: dict[str, Any] = dict(
+            session.execute(
+                select(Submission.id, Submission.payload).where(Submission.id.in_(about))
+            )
+            .tuples()
+            .all()
+        )
         session.expunge_all()
     found = []
     for failure in failures:
@@ -191,6 +201,7 @@ def find_dead(
                 dead_at=dead.dead_at if dead else failure.dead_lettered_at,
                 failure=failure,
                 dead=dead,
+                payload=payloads.get(failure.submission_id or ""),
             )
         )
     found += [
