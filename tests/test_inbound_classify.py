@@ -174,3 +174,28 @@ def test_an_html_bounce_is_read_as_the_text_a_reader_sees() -> None:
     found = classify(raw)
     assert (found.kind, found.status) == ("bounce", "5.1.1")
     assert found.diagnostic and "&nbsp;" not in found.diagnostic and "<b>" not in found.diagnostic
+
+
+def test_a_bounce_with_a_line_of_200000_characters_is_read_at_once() -> None:
+    """The diagnostic's address pattern took time growing as the square of a line's length,
+    holding the interpreter: a 200 KB line stopped every thread of the process for minutes.
+    The line is cut first. (A bound, not a benchmark: the old code took over a minute.)"""
+    import time
+
+    raw = samples.exim_plain("<x@campaign.example.org>", "mp@parliament.example", "b-x@b.org")
+    hostile = raw.replace(b"mailbox unavailable", b"a@" * 100_000)
+    began = time.perf_counter()
+    found = classify(hostile)
+    assert time.perf_counter() - began < 5
+    assert found.kind == "bounce" and len(found.diagnostic or "") <= 300
+
+
+def test_a_reply_subject_of_a_megabyte_of_encoded_words_is_cut_before_it_is_decoded() -> None:
+    """The header parser's memory grows far faster than its input (a 1 MB subject took 10 GB)."""
+    from workers.letters.notices import MAX_HEADER_DECODED, decoded_header, reply_text
+
+    subject = " ".join(["=?utf-8?q?abcdefghij?="] * 50_000)
+    assert len(decoded_header(subject)) < MAX_HEADER_DECODED
+    raw = samples.human_reply("<x@campaign.example.org>", "mp@parliament.example", "r-x@r.org")
+    reply = reply_text(raw.replace(b"Subject: ", f"Subject: {subject} ".encode(), 1))
+    assert reply.subject.startswith("abcdefghij") and len(reply.subject) < 1000

@@ -99,8 +99,15 @@ def bounce_notice(
     )
 
 
+# Characters of a header decoded, at most: the header parser's memory grows far faster than its
+# input (a 1 MB subject of encoded words took 10 GB); more than this is nobody's subject.
+MAX_HEADER_DECODED = 4000
+
+
 def decoded_header(value: str) -> str:
-    """A header's text as a reader sees it (encoded words decoded); not yet fit for a header."""
+    """A header's text as a reader sees it (encoded words decoded), from its first
+    :data:`MAX_HEADER_DECODED` characters; not yet fit for a header."""
+    value = value[:MAX_HEADER_DECODED]
     try:
         return str(email.policy.default.header_factory("subject", value))
     except Exception:  # hostile input the header parser trips on: its raw text

@@ -69,7 +69,9 @@ def clean(text: str | None, limit: int = 300) -> str | None:
     stored or logged about a message, never for a header of ours."""
     if not text:
         return None
-    line = " ".join(str(text).split())
+    # Cut before the address pattern runs: on a long line without spaces its time grows as the
+    # square of the length, holding the interpreter (a sender chooses the line).
+    line = " ".join(str(text)[: limit * 4].split())
     line = _ADDRESS.sub("<address>", line)
     line = "".join(c if c.isprintable() else "?" for c in line)
     return line[:limit] or None
@@ -343,12 +345,15 @@ def raw_values(message: Message, name: str) -> list[str]:
     ]
 
 
+MAX_FROM = 1000  # characters: a longer From is no one's plain address
+
+
 def reply_sender(message: Message) -> str | None:
     """The address a reply comes from when its one ``From`` names exactly one plain address,
     else None (parsers disagree on the other forms, such as ``"x@evil" <mp@office>``). The one
     reading of the sender, for the relay policy and the forward."""
     values = raw_values(message, "from")
-    if len(values) != 1:
+    if len(values) != 1 or len(values[0]) > MAX_FROM:
         return None
     value = values[0]
     found = getaddresses([value])

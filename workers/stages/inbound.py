@@ -470,7 +470,7 @@ def readable(row: InboundMessage, authserv_ids: frozenset[str], text: bool = Tru
 
 
 def _header_line(values: list[Any]) -> str:
-    decoded = (decoded_header("".join(str(value).splitlines())) for value in values)
+    decoded = (decoded_header("".join(str(value).splitlines())) for value in values[:10])
     return header_text(", ".join(decoded), _HEADER_CHARS)
 
 
