@@ -50,6 +50,10 @@ def test_automatic_replies_are_told_from_a_persons_reply() -> None:
     assert classify(samples.exchange_automatic_reply(MID, MP, RETURN)).kind == "auto_reply"
     assert classify(samples.rfc3834_auto_reply(MID, MP, RETURN)).kind == "auto_reply"
     assert classify(samples.human_reply(MID, MP, RETURN)).kind == "reply"
+    human = samples.human_reply(MID, MP, RETURN)
+    for mark in (b"List-Id: <news.mp.example>", b"List-Unsubscribe: <mailto:u@mp.example>"):
+        newsletter = human.replace(b"Subject: ", mark + b"\r\nSubject: ", 1)
+        assert classify(newsletter).kind == "auto_reply"  # an office's newsletter: no reply
 
 
 @pytest.mark.parametrize(

@@ -235,9 +235,18 @@ def _auto_submitted(message: Message) -> bool:
 
 
 def _automatic(message: Message) -> bool:
+    """Marked as sent by a machine: an automatic reply, or a list's mail (an office's newsletter
+    is no reply to the letter)."""
+    marks = (
+        "X-Autoreply",
+        "X-Autorespond",
+        "X-Auto-Response-Suppress",
+        "List-Id",
+        "List-Unsubscribe",
+    )
     return (
         _auto_submitted(message)
-        or bool(message.get("X-Autoreply") or message.get("X-Autorespond"))
+        or any(message.get(mark) for mark in marks)
         or _header(message, "Precedence").strip().lower() in ("bulk", "junk", "list", "auto_reply")
         or bool(_AUTO_SUBJECT.search(_header(message, "Subject")))
     )

@@ -124,7 +124,8 @@ def process(
     if finished != 1:
         raise AlreadyMoved(inbound_id)
     if outcome.status == InboundStatus.DONE and outcome.kind in FORWARDED and outcome.submission_id:
-        emit(session, "reply.received", outcome.submission_id, inbound_id, inbound_id=inbound_id)
+        once = _forward_key(row.raw, inbound_id)  # the same reply come again: one event
+        emit(session, "reply.received", outcome.submission_id, once, inbound_id=inbound_id)
     log.info(
         "inbound_processed",
         inbound_id=inbound_id,
@@ -213,17 +214,20 @@ def _decide(
         bounced = found.kind == "bounce"
         notices = _bounced(session, submission_id, letter, found, row.id, policy) if bounced else []
         return acted(found.kind, found.status, notices)
-    if purpose == "r":  # only what came to the reply address is forwarded, or held
-        doubt = reply_origin(row.raw or b"", letter.to_email, set(policy.authserv_ids))
-        if doubt is not None:
-            return _hold(session, row.id, found.kind, doubt, submission_id, policy)
+    if purpose != "r":  # a reply comes to the reply address; mail systems write to this one
+        # (an office's acknowledgement, a challenge-response filter; anyone can): at most an
+        # automatic reply, never the MP's (it would stop the survey, and tell the CRM).
+        session.add(LetterEvent(kind="auto_reply", detail=found.diagnostic, **event))
+        return Outcome(InboundStatus.DONE, "auto_reply", TO_RETURN_ADDRESS, submission_id)
+    doubt = reply_origin(row.raw or b"", letter.to_email, set(policy.authserv_ids))
+    if doubt is not None:
+        return _hold(session, row.id, found.kind, doubt, submission_id, policy)
     session.add(LetterEvent(kind=_event_kind(found.kind), detail=found.diagnostic, **event))
-    if purpose != "r":
-        return acted(found.kind, "to the return address: not forwarded")
     reason, queued = _forward(session, submission_id, row.id, row.raw, letter.payload, policy)
     return acted(found.kind, reason, queued)
 
 
+TO_RETURN_ADDRESS = "to the return address: counted as an automatic reply, not forwarded"
 # What is forwarded where replies are relayed: a person's reply, and an office's
 # acknowledgement (only a guess from its words: a substantive form reply can read like one).
 FORWARDED = ("reply", "acknowledgement")
@@ -505,7 +509,8 @@ def release(session: Session, inbound_id: str, policy: InboundPolicy) -> Outcome
         LetterEvent(kind=kind, submission_id=submission_id, inbound_id=inbound_id, at=utcnow())
     )
     reason, queued = _forward(session, submission_id, inbound_id, raw, submission.payload, policy)
-    emit(session, "reply.received", submission_id, inbound_id, inbound_id=inbound_id)
+    once = _forward_key(raw, inbound_id)
+    emit(session, "reply.received", submission_id, once, inbound_id=inbound_id)
     reason = reason or released
     _set(session, inbound_id, reason=reason, raw=InboundMessage.raw if queued else None)
     log.info("reply_released", inbound_id=inbound_id, forwarded=bool(queued))
