@@ -591,6 +591,32 @@ def test_sessions_beyond_the_cap_are_told_421_and_a_closed_one_frees_its_place(
             assert smtp.sendmail("<>", [bounce], MESSAGE) == {}
 
 
+@pytest.mark.smtp
+def test_health_says_a_receiver_at_its_cap_or_stalled_is_not_receiving(
+    smtp_db: str, tmp_path: Path
+) -> None:
+    """Accepting connections is not receiving: at its cap of sessions it answers 421, stalled
+    it greets no one; health says so (it said ok)."""
+    from tests.conftest import make_settings
+    from workers.pipeline.checks import _receiver
+
+    with Receiver(smtp_db, max_sessions=1) as receiver:
+        settings = make_settings(tmp_path, inbound_host="127.0.0.1")
+        settings.inbound_port = receiver.controller.port
+        assert _receiver(settings).status == "ok"
+        held, _ = receiver.connect()  # its one place taken
+        full = _receiver(settings)
+        assert full.status == "degraded" and "refuses senders (421 " in full.detail
+        held.close()
+    stalled = socket.create_server(("127.0.0.1", 0))  # listens, never answers
+    try:
+        settings.inbound_port = stalled.getsockname()[1]
+        quiet = _receiver(settings)
+        assert quiet.status == "degraded" and "does not greet within 3 s" in quiet.detail
+    finally:
+        stalled.close()
+
+
 @pytest.mark.parametrize(
     ("address", "ours"),
     [

@@ -364,17 +364,29 @@ def _reconciler(client: redis.Redis, namespace: str, interval: float) -> Check:
 
 
 def _receiver(settings: Settings) -> Check:
-    """The inbound SMTP receiver (returned letters and replies): does it accept connections?"""
+    """The inbound SMTP receiver (returned letters and replies): does it greet a sender, as a
+    relay would meet it? Accepting connections is not enough: a receiver at its cap of sessions
+    answers 421, a stalled one nothing."""
     anywhere = settings.inbound_host in ("0.0.0.0", "::")  # noqa: S104 (where it listens)
     host = "127.0.0.1" if anywhere else settings.inbound_host
     where = f"{host}:{settings.inbound_port}"
+    lost = "returned letters and replies are not received"
     try:
-        socket.create_connection((host, settings.inbound_port), timeout=3).close()
-    except OSError as exc:
+        with smtplib.SMTP(host, settings.inbound_port, timeout=3) as receiver:
+            receiver.noop()
+    except smtplib.SMTPConnectError as exc:  # its greeting refuses: 421 at the cap of sessions
+        said = f"{exc.smtp_code} {answer_text(exc.smtp_error)}"
+        return Check("inbound receiver", DEGRADED, f"{where} refuses senders ({said}): {lost}")
+    except (TimeoutError, smtplib.SMTPServerDisconnected) as exc:
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+            said = f"{where} accepts connections but does not greet within 3 s: is it stalled?"
+        else:
+            said = f"{where} closes connections without a greeting"
+        return Check("inbound receiver", DEGRADED, f"{said} ({lost})")
+    except (OSError, smtplib.SMTPException) as exc:
         return Check(
             "inbound receiver",
             DEGRADED,
-            f"nothing accepts mail at {where} ({type(exc).__name__}): returned letters and "
-            "replies are not received (`dearmp inbound`)",
+            f"nothing accepts mail at {where} ({type(exc).__name__}): {lost} (`dearmp inbound`)",
         )
-    return Check("inbound receiver", OK, f"{where} accepts connections")
+    return Check("inbound receiver", OK, f"{where} greets senders")
