@@ -529,6 +529,27 @@ def test_letters_given_up_today_are_degraded_with_how_to_send_them_again(
     assert "dearmp deliveries reopen --reason TEXT" in detail
 
 
+def test_webhooks_given_up_today_are_degraded_with_how_to_send_them_again(
+    app: App, on_redis: redis.Redis
+) -> None:
+    """A CRM that missed events is told of in health (it said ok, whatever the count)."""
+    sid = through_render(app, submission())
+    with session_scope(app.sessions) as session:
+        session.add(
+            OutboxItem(
+                submission_id=sid,
+                key="submission.accepted:1",
+                kind="webhook",
+                status="failed",
+                claimed_at=utcnow(),
+                error="gave up after 8 failed attempts: endpoint 1 answered HTTP 503",
+            )
+        )
+    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["webhooks"]
+    assert status == "degraded" and detail.startswith("1 webhook to CRMs given up in the last 24 h")
+    assert "`dearmp outbox retry --kind webhook`" in detail
+
+
 def test_watch_shows_a_letters_failed_tries_among_the_newest_failures(
     app: App, on_redis: redis.Redis
 ) -> None:

@@ -257,6 +257,19 @@ def _pipeline(
                 .order_by(func.count().desc())
             )
         )
+        # Events a CRM did not get: `outbox retry --kind webhook` sends them again.
+        webhooks_today = list(
+            session.execute(
+                select(OutboxItem.error, func.count())
+                .where(
+                    OutboxItem.kind == WEBHOOK,
+                    OutboxItem.status == OutboxStatus.FAILED,
+                    OutboxItem.claimed_at >= now - GIVEN_UP_WINDOW,
+                )
+                .group_by(OutboxItem.error)
+                .order_by(func.count().desc())
+            )
+        )
         sent_lately = count(
             OutboxItem, letters, OutboxItem.status == OutboxStatus.SENT, OutboxItem.sent_at >= since
         )
@@ -334,6 +347,14 @@ def _pipeline(
             f"{GIVEN_UP_WINDOW.total_seconds() / 3600:g} h "
             f"(most often: {failed_today[0][0] or 'no answer recorded'}); "
             "once the cause is fixed, `dearmp deliveries reopen --reason TEXT` sends them again",
+        )
+    if webhooks_today:
+        degraded(
+            "webhooks",
+            f"{counted(sum(n for _, n in webhooks_today), 'webhook')} to CRMs given up in the "
+            f"last {GIVEN_UP_WINDOW.total_seconds() / 3600:g} h "
+            f"(most often: {webhooks_today[0][0] or 'no answer recorded'}); once the endpoint "
+            "is fixed, `dearmp outbox retry --kind webhook` sends them again",
         )
     given_up = sum(n for kind, n in failed.items() if kind not in (WEBHOOK, LETTER, DIGEST))
     digests = f"{counted(failed[DIGEST], 'MP digest')} failed, " if failed.get(DIGEST) else ""
