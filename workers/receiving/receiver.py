@@ -265,6 +265,7 @@ def server_options(
         "decode_data": False,
         "enable_SMTPUTF8": True,
         "timeout": idle_seconds,
+        "ident": "ESMTP",  # not aiosmtpd's name and version
     }
     if tls is not None:
         options |= {"tls_context": tls, "require_starttls": False}
