@@ -823,28 +823,29 @@ def test_erasure_keeps_of_a_servers_words_about_the_letter_only_their_status(
 ) -> None:
     """A refusal can quote the letter's sender or words: after erasure, what the database keeps
     of every server's answer about the letter is its status."""
-    [sid] = deliver(app, stub_broker, stub_worker)
+    [sid] = deliver(app, stub_broker, stub_worker, letter__subject="Tom's exclusion")
     rcpt, dsn = bounce_of(app, sid)
-    receive(
-        app,
-        stub_broker,
-        stub_worker,
-        rcpt,
-        dsn.replace(b"Recipient address rejected", b"From Amira Haddad"),
-    )
+    letter = letter_of(app, sid)
+    # An office's automatic reply repeats the letter's subject, which the supporter wrote.
+    ooo = samples.exchange_automatic_reply(letter.message_id, letter.to_email, rcpt)
+    receive(app, stub_broker, stub_worker, rcpt, ooo.replace(b"Please act", b"Tom's exclusion"))
+    quoting = dsn.replace(b"Recipient address rejected", b"From Amira Haddad")
+    receive(app, stub_broker, stub_worker, rcpt, quoting)
     assert state_counts(app, [sid]) == {"bounced": 1}
     assert "From Amira Haddad" in everything_stored(app)
+    assert "Automatic reply: Tom's exclusion" in everything_stored(app)
     with session_scope(app.sessions) as session:  # and words of ours: they stay
         session.add(LetterEvent(submission_id=sid, kind="survey", detail="yes", at=utcnow()))
     with session_scope(app.sessions) as session:
         erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
         found = session.scalars(select(LetterEvent).where(LetterEvent.submission_id == sid))
-        [event, survey] = sorted(found, key=lambda e: e.kind)
+        [ooo_event, event, survey] = sorted(found, key=lambda e: e.kind)
         assert (survey.kind, survey.detail) == ("survey", "yes")
+        assert (ooo_event.kind, ooo_event.detail) == ("auto_reply", "(erased)")
         bounced = session.get(Submission, sid)
         assert bounced is not None and bounced.failure_reason is not None
         assert (event.detail, bounced.failure_reason[:9]) == ("550 5.1.1 (erased)", "550 5.1.1")
-    assert "Amira" not in everything_stored(app)
+    assert "Amira" not in everything_stored(app) and "Tom's" not in everything_stored(app)
     with session_scope(app.sessions) as session:  # a second erasure changes nothing
         erase_supporter(session, app.secret, SUPPORTER, outbox_for(app)[0])
     assert "Amira" not in everything_stored(app)

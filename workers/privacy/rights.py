@@ -250,16 +250,26 @@ def _forget(
         exception_message=FAILURE_TEXT_GONE,
         traceback=FAILURE_TEXT_GONE,
     )
-    # What servers answered about the letter can quote it, or the sender's name.
+    # What servers (and offices' automatic replies) wrote about the letter can quote it, or the
+    # sender's name; the rest is ours (a survey's answer, a stage's move).
+    answered = OutboxItem.submission_id == submission_id, OutboxItem.status != OutboxStatus.SKIPPED
     about_it = (
-        (SubmissionEvent.detail, SubmissionEvent.submission_id == submission_id),
+        (
+            SubmissionEvent.detail,
+            SubmissionEvent.submission_id == submission_id,
+            SubmissionEvent.state.in_(SERVER_WORDS),
+        ),
         (Submission.failure_reason, Submission.id == submission_id),
-        (LetterEvent.detail, LetterEvent.submission_id == submission_id),
+        (
+            LetterEvent.detail,
+            LetterEvent.submission_id == submission_id,
+            LetterEvent.kind != "survey",
+        ),
         (InboundMessage.reason, InboundMessage.submission_id == submission_id),
-        (OutboxItem.error, OutboxItem.submission_id == submission_id),
-        (OutboxItem.response, OutboxItem.submission_id == submission_id),
+        (OutboxItem.error, *answered),  # (a skipped one's error is ours: why)
+        (OutboxItem.response, *answered),
     )
-    for column, where in about_it:
+    for column, *where in about_it:
         _without_servers_words(session, column, where, payload)
     _update(
         session,
@@ -275,20 +285,24 @@ def _forget(
     return scrubbed, removed
 
 
+# The states whose move's detail can be a server's words (its sent mark, a refusal, a DSN).
+SERVER_WORDS = (State.DELIVERED, State.FAILED, State.BOUNCED)
+
+
 def _without_servers_words(
-    session: Session, column: Any, where: ColumnElement[bool], payload: Any
+    session: Session, column: Any, where: list[ColumnElement[bool]], payload: Any
 ) -> None:
-    """``column``'s texts in the rows ``where`` (one supporter's: few), each cut after the
-    status a server's answer in it begins with ("gave up after 3 failed attempts: 550 5.7.1
-    (erased)"), and with the supporter's details in ``payload`` hidden in what is left (our
-    own words: a survey's answer, a stage's reason, are kept)."""
+    """``column``'s texts in the rows ``where`` (one supporter's: few), each kept up to the
+    status a server's answer in it gives, the supporter's details in ``payload`` hidden in that
+    ("gave up after 3 failed attempts: 550 5.7.1 (erased)"); a text with no status, whoever
+    wrote it, is erased whole."""
     model = column.class_
     key = model.__mapper__.primary_key[0]
-    for ident, text in session.execute(select(key, column).where(where, column.is_not(None))):
+    for ident, text in session.execute(select(key, column).where(*where, column.is_not(None))):
         found = STATUS_RE.search(text)
-        cut = f"{text[: found.end()]} {ERASED}" if found else mask_supporter(text, payload)
-        if cut != text:
-            _update(session, model, key == ident, **{column.key: cut})
+        kept = f"{mask_supporter(text[: found.end()], payload)} " if found else ""
+        if text != kept + ERASED:
+            _update(session, model, key == ident, **{column.key: kept + ERASED})
 
 
 def _stop(session: Session, submission: Submission) -> bool:
