@@ -545,7 +545,8 @@ def test_webhooks_given_up_today_are_degraded_with_how_to_send_them_again(
                 error="gave up after 8 failed attempts: endpoint 1 answered HTTP 503",
             )
         )
-    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["webhooks"]
+    found = checks_of(CliRunner().invoke(main, ["health", "--json"]))
+    status, detail = found["webhooks given up"]
     assert status == "degraded" and detail.startswith("1 webhook to CRMs given up in the last 24 h")
     assert "`dearmp outbox retry --kind webhook`" in detail
 

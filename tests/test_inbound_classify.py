@@ -51,9 +51,11 @@ def test_automatic_replies_are_told_from_a_persons_reply() -> None:
     assert classify(samples.rfc3834_auto_reply(MID, MP, RETURN)).kind == "auto_reply"
     assert classify(samples.human_reply(MID, MP, RETURN)).kind == "reply"
     human = samples.human_reply(MID, MP, RETURN)
-    for mark in (b"List-Id: <news.mp.example>", b"List-Unsubscribe: <mailto:u@mp.example>"):
-        newsletter = human.replace(b"Subject: ", mark + b"\r\nSubject: ", 1)
-        assert classify(newsletter).kind == "auto_reply"  # an office's newsletter: no reply
+    newsletter = human.replace(b"Subject: ", b"List-Id: <news.mp.example>\r\nSubject: ", 1)
+    assert classify(newsletter).kind == "auto_reply"  # an office's newsletter: no reply
+    for mark in (b"List-Unsubscribe: <mailto:u@mp.example>", b"X-Auto-Response-Suppress: All"):
+        casework = human.replace(b"Subject: ", mark + b"\r\nSubject: ", 1)
+        assert classify(casework).kind == "reply"  # a casework system's one-to-one reply
 
 
 @pytest.mark.parametrize(

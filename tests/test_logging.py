@@ -189,8 +189,9 @@ def test_at_debug_the_smtp_receiver_does_not_log_the_lines_it_receives() -> None
 
 
 def test_a_failed_message_keeps_a_databases_own_words_and_no_one_elses() -> None:
-    """A database's or a connection's error says what failed without what it carried (the
-    engine hides statements' parameters): its text is kept; any other's is not."""
+    """A database's or a connection's error says what failed without what it carried: its
+    first line is kept (PostgreSQL's DETAIL line after it can quote a row); any other's text,
+    a mail server's included, is not."""
     import logging
 
     import dramatiq
@@ -199,8 +200,18 @@ def test_a_failed_message_keeps_a_databases_own_words_and_no_one_elses() -> None
     stream = io.StringIO()
     configure_logging(stream=stream)
     message = dramatiq.Message("dearmp.render", "render_submission", ("sid-1",), {}, {})
+    import smtplib
+
     locked = OperationalError("UPDATE x", {}, Exception("database is locked"))
-    for error in (locked, ConnectionRefusedError(111, "Connection refused"), KeyError("Amira")):
+    row = OperationalError("INSERT", {}, Exception("not null\nDETAIL:  Failing row (Amira)"))
+    refused = smtplib.SMTPDataError(554, b"Message from Amira refused")  # an OSError too
+    for error in (
+        locked,
+        ConnectionRefusedError(111, "Connection refused"),
+        KeyError("Amira"),
+        row,
+        refused,
+    ):
         try:
             raise error
         except Exception:
@@ -211,3 +222,5 @@ def test_a_failed_message_keeps_a_databases_own_words_and_no_one_elses() -> None
     assert "(OperationalError at test_logging.py:" in said[0] and "database is locked" in said[0]
     assert "Connection refused" in said[1]
     assert "(KeyError at test_logging.py:" in said[2] and "Amira" not in said[2]
+    assert "not null" in said[3] and "Amira" not in said[3]  # PostgreSQL's DETAIL: values
+    assert "(SMTPDataError at test_logging.py:" in said[4] and "Amira" not in said[4]

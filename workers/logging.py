@@ -64,15 +64,18 @@ class MessageIdsOnly(logging.Filter):
             )
             # The database's or the network's own words say what failed, and quote no one (the
             # engine hides statements' parameters).
-            plumbing = kind.__module__.split(".")[0] in PLUMBING or issubclass(kind, OSError)
-            said = f": {str(error)[:300]}" if plumbing else ""
+            plumbing = kind.__module__.split(".")[0] in PLUMBING or (
+                issubclass(kind, OSError) and kind.__module__ == "builtins"
+            )  # (smtplib's and requests' errors are OSErrors too: a server's words)
+            # Its first line: PostgreSQL's DETAIL (a key's, a failing row's values) comes after.
+            said = f": {str(error).splitlines()[0][:300]}" if plumbing and str(error) else ""
             record.msg = f"{record.getMessage()} ({kind.__qualname__}{where}{said})"
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
 
 
-# Whose exceptions' text is logged (and OSError's): databases and connections, which say what
-# failed without what they carried. Not a mail server's: its answer can quote the letter.
+# Whose exceptions' first line is logged (and the builtin OSErrors'): databases and connections,
+# which say what failed without what they carried. Not a mail server's: it can quote the letter.
 PLUMBING = frozenset({"sqlalchemy", "psycopg", "sqlite3", "redis"})
 
 

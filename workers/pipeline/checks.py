@@ -350,7 +350,7 @@ def _pipeline(
         )
     if webhooks_today:
         degraded(
-            "webhooks",
+            "webhooks given up",
             f"{counted(sum(n for _, n in webhooks_today), 'webhook')} to CRMs given up in the "
             f"last {GIVEN_UP_WINDOW.total_seconds() / 3600:g} h "
             f"(most often: {webhooks_today[0][0] or 'no answer recorded'}); once the endpoint "

@@ -235,15 +235,10 @@ def _auto_submitted(message: Message) -> bool:
 
 
 def _automatic(message: Message) -> bool:
-    """Marked as sent by a machine: an automatic reply, or a list's mail (an office's newsletter
-    is no reply to the letter)."""
-    marks = (
-        "X-Autoreply",
-        "X-Autorespond",
-        "X-Auto-Response-Suppress",
-        "List-Id",
-        "List-Unsubscribe",
-    )
+    """Marked as sent by a machine: an automatic reply, or a mailing list's mail (an office's
+    newsletter is no reply). Not ``List-Unsubscribe`` or ``X-Auto-Response-Suppress`` alone:
+    casework and helpdesk systems put them on a person's one-to-one reply."""
+    marks = ("X-Autoreply", "X-Autorespond", "List-Id")
     return (
         _auto_submitted(message)
         or any(message.get(mark) for mark in marks)
