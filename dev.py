@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -72,9 +74,16 @@ def main() -> int:
     }
     for layer, (name, spread) in layers.items():
         print(f"== tests: {name}", flush=True)
-        codes.append(run(str(BIN / "python"), "-m", "pytest", "-m", layer, *spread, *extra))
+        # A temporary directory of the run's own: pytest keeps only the newest three of its
+        # shared ones, and another run on the machine would delete this one's (its PostgreSQL
+        # clusters' data among them) under it. Kept when the layer fails, for its logs.
+        temp = tempfile.mkdtemp(prefix="dearmp-tests-")
+        command = [str(BIN / "python"), "-m", "pytest", "-m", layer, *spread]
+        codes.append(run(*command, f"--basetemp={temp}", *extra))
         if codes[-1] not in (0, 5):
+            print(f"== its temporary files (each PostgreSQL's pg.log among them): {temp}")
             return codes[-1]
+        shutil.rmtree(temp, ignore_errors=True)
     return 5 if codes == [5, 5] else 0
 
 
