@@ -25,10 +25,12 @@ LOCKED_SECONDS = 900.0
 # threads the intake needs. And at most this many logins per client in the window.
 CHECKED_AT_ONCE = 2
 LOGINS_PER_CLIENT, LOGIN_WINDOW = 20, 300.0
-# Tries for one account from every client together (many addresses guessing one password):
-# past this, the name is refused to all until the window passes.
-LOGINS_PER_NAME, NAME_WINDOW = 100, 900.0
-KEPT_CLIENTS = 10_000  # (name, client) entries kept before the stale ones are swept
+# Failed logins for one name from every client together (many addresses guessing a password):
+# past this within LOCKED_SECONDS, the name is refused to every client but those that logged
+# in as it in the last KNOWN_SECONDS (so anyone can lock out strangers, not its operator).
+FAILURES_PER_NAME = 100
+KNOWN_SECONDS = 30 * 86400.0
+KEPT_CLIENTS = 10_000  # entries kept before the stale ones are swept
 ANONYMOUS_SECONDS = 3600.0  # the session a login form is given, before anyone logs in
 COOKIE = "dearmp_console"
 
@@ -67,44 +69,59 @@ class Busy(Exception):
 
 
 class Throttle:
-    """Failed logins per name and client, in this process: after FAILURES_ALLOWED within
-    LOCKED_SECONDS, that name is refused to that client until the window passes, good password
-    or not; and at most CHECKED_AT_ONCE passwords checked at a time."""
+    """Failed logins in this process, per name and client and per name from every client:
+    after FAILURES_ALLOWED within LOCKED_SECONDS the name is refused to that client, and after
+    FAILURES_PER_NAME to any client that has not logged in as it lately, good password or not
+    (answered as a wrong one, as slowly); at most CHECKED_AT_ONCE passwords checked at a time."""
 
     def __init__(self) -> None:
-        self.failures: dict[tuple[str, str], list[float]] = {}
+        self.failures: dict[tuple[str, str], list[float]] = {}  # client "*": every client
+        self.known: dict[tuple[str, str], float] = {}  # (name, client): its last login
         self.lock = threading.Lock()
         self.turns = threading.BoundedSemaphore(CHECKED_AT_ONCE)
+
+    def _recent(self, key: tuple[str, str], now: float) -> list[float]:
+        recent = [t for t in self.failures.pop(key, []) if now - t < LOCKED_SECONDS]
+        if recent:  # a name with none is not kept: names tried cost no memory
+            self.failures[key] = recent
+        return recent
 
     def check_login(
         self, accounts: dict[str, str], name: str, password: str, client: str = ""
     ) -> str | None:
         """The operator's name if ``password`` is theirs and the name is not locked for
         ``client``, else None; :class:`Busy` (at once) while others are being checked."""
-        now, key = time.monotonic(), (name[:64], client)
+        now, name = time.monotonic(), name[:64]
+        key, everyone = (name, client), (name, "*")
         with self.lock:
-            recent = [t for t in self.failures.pop(key, []) if now - t < LOCKED_SECONDS]
-            if recent:  # a name with none is not kept: names tried cost no memory
-                self.failures[key] = recent
-            if len(self.failures) > KEPT_CLIENTS:  # clients that came and went
-                stale = [
-                    k for k, times in self.failures.items() if now - times[-1] >= LOCKED_SECONDS
-                ]
-                for gone in stale:
-                    del self.failures[gone]
+            mine, all_of_them = self._recent(key, now), self._recent(everyone, now)
+            known = now - self.known.get(key, -KNOWN_SECONDS) < KNOWN_SECONDS
+            locked = len(mine) >= FAILURES_ALLOWED or (
+                len(all_of_them) >= FAILURES_PER_NAME and not known
+            )
+            if len(self.failures) + len(self.known) > KEPT_CLIENTS:  # clients come and go
+                self._sweep(now)
         if not self.turns.acquire(blocking=False):
             raise Busy
         try:  # a locked name is checked all the same: it answers as slowly as any other
-            good = verify_password(password, accounts.get(key[0], _NOBODY)) and key[0] in accounts
+            good = verify_password(password, accounts.get(name, _NOBODY)) and name in accounts
         finally:
             self.turns.release()
-        good = good and len(recent) < FAILURES_ALLOWED
+        good = good and not locked
         with self.lock:
             if good:
                 self.failures.pop(key, None)
-            elif key[0] in accounts and len(recent) < FAILURES_ALLOWED:  # real accounts only
+                self.known[key] = now
+            elif not locked:  # (invented names count too: a lock says nothing of who exists)
                 self.failures.setdefault(key, []).append(now)
-        return key[0] if good else None
+                self.failures.setdefault(everyone, []).append(now)
+        return name if good else None
+
+    def _sweep(self, now: float) -> None:
+        for key in [k for k, times in self.failures.items() if now - times[-1] >= LOCKED_SECONDS]:
+            del self.failures[key]
+        for key in [k for k, at in self.known.items() if now - at >= KNOWN_SECONDS]:
+            del self.known[key]
 
 
 @dataclass(frozen=True)

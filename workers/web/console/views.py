@@ -22,7 +22,6 @@ from workers.outbox.sending import due_now, listing
 from workers.pipeline import dead_letters
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups
-from workers.privacy.hashing import ip_hash
 from workers.stages import pauses
 from workers.stages.delivery import KIND as LETTER
 from workers.stages.stage import Stage
@@ -237,16 +236,12 @@ def login(request: Request, console: ConsoleDep, form: FormDep) -> Response:
     name, password = form.get("name", ""), form.get("password", "")
     app = console.app
     client = client_key(app, client_ip(request))
-    limits = [("login", client, auth.LOGINS_PER_CLIENT, auth.LOGIN_WINDOW)]
-    if name in console.accounts:  # (invented names make no key)
-        named = ip_hash(app.secret, f"console:{name}")
-        limits.append(("login-name", named, auth.LOGINS_PER_NAME, auth.NAME_WINDOW))
     try:
-        many = over_limit(app, *limits)
+        many = over_limit(app, ("login", client, auth.LOGINS_PER_CLIENT, auth.LOGIN_WINDOW))
     except redis.RedisError:  # an operator logs in to see why Redis is away: the cap still holds
         many = 0.0
     if many:
-        raise Refused(429, "Too many logins from here, or for this name: wait a few minutes.")
+        raise Refused(429, "Too many logins from here: wait a few minutes.")
     try:
         operator = console.throttle.check_login(console.accounts, name, password, client)
     except auth.Busy:
