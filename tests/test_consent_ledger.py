@@ -473,9 +473,12 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
     app: App, tmp_path: Path
 ) -> None:
     old, recent = delivered(app, tmp_path), delivered(app, tmp_path)
-    gone = delivered(app, tmp_path, submission(supporter__email="gone@example.com"))
-    with session_scope(app.sessions) as session:  # they no longer agree to anything
-        withdraw(session, app.secret, "gone@example.com", ["email", "post"], source="test")
+    calls = submission(supporter__email="call@example.com", contact_preferences__phone="granted")
+    called = delivered(app, tmp_path, calls)
+    texts = submission(supporter__email="sms@example.com", contact_preferences__phone="granted")
+    withdrawn = delivered(app, tmp_path, texts)
+    with session_scope(app.sessions) as session:  # they no longer agree to calls
+        withdraw(session, app.secret, "sms@example.com", ["phone"], source="test")
     rejected = store(app, submission(supporter__email="not an email"))
     step(app, validate, rejected)
     unconfirmed = store(app, submission())
@@ -483,14 +486,14 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
         session.execute(
             update(Submission).where(Submission.id == unconfirmed).values(state=State.EXPIRED)
         )
-    age(app, old, 29)
-    age(app, gone, 29)
+    for sid in (old, called, withdrawn):
+        age(app, sid, 29)
     age(app, recent, 27)
     age(app, rejected, 8)
     age(app, unconfirmed, 8)
     out = CliRunner().invoke(main, ["retention", "run"])
     assert json.loads(out.stdout) == {
-        "scrubbed": {"delivered": 2, "rejected": 1, "expired": 1},
+        "scrubbed": {"delivered": 3, "rejected": 1, "expired": 1},
         "expired_lookups": 0,
     }
     scrubbed = get(app, old)
@@ -499,13 +502,15 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
     assert scrubbed.payload["supporter"]["postcode"] == "DM1"
     assert scrubbed.payload["letter"]["body"] == ""
     assert scrubbed.payload["letter"]["subject"] == ""  # their words, as the body
-    # Their consent recorded: the name and email stay (for the CRM export), not the phone
-    # (they refused calls and were not asked about texts).
+    # Their consent recorded: the name and email stay (a late reply is forwarded to them), the
+    # phone only while they agree to calls or texts (a withdrawal since counts).
     assert scrubbed.payload["supporter"]["email"] == EMAIL
     assert scrubbed.payload["supporter"]["name"] == "Amira Haddad"
-    assert "phone" not in scrubbed.payload["supporter"]
-    # No consent recorded, or none standing now: nothing of them is kept.
-    for never in (rejected, unconfirmed, gone):
+    phones = {sid: "phone" in (get(app, sid).payload or {})["supporter"] for sid in (old, called)}
+    assert phones == {old: False, called: True}
+    assert "phone" not in (get(app, withdrawn).payload or {})["supporter"]
+    # No consent recorded: nothing of them is kept.
+    for never in (rejected, unconfirmed):
         kept = get(app, never)
         assert kept.scrubbed_at is not None and "supporter" not in (kept.payload or {})
     with session_scope(app.sessions) as session:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import ColumnElement, delete, select, update
+from sqlalchemy import ColumnElement, bindparam, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from schemas.campaign import Retention
@@ -298,10 +298,10 @@ def _without_servers_words(
     wrote it, is erased whole."""
     model = column.class_
     key = model.__mapper__.primary_key[0]
-    for ident, text in session.execute(select(key, column).where(*where, column.is_not(None))):
-        found = STATUS_RE.search(text)
-        kept = f"{mask_supporter(text[: found.end()], payload)} " if found else ""
-        if text != kept + ERASED:
+    for ident, said in session.execute(select(key, column).where(*where, column.is_not(None))):
+        found = STATUS_RE.search(said)
+        kept = f"{mask_supporter(said[: found.end()], payload)} " if found else ""
+        if said != kept + ERASED:
             _update(session, model, key == ident, **{column.key: kept + ERASED})
 
 
@@ -417,27 +417,31 @@ RETENTION_STATES = {
 }
 
 
-def _granted(session: Session, sub: Submission) -> set[str]:
-    """The channels the supporter agrees to now, by the ledger; none if this submission's
-    consent was never recorded (rejected, never confirmed)."""
-    if sub.consent_logged_at is None or not sub.supporter_hash:
-        return set()
-    now = current_preferences(session, sub.supporter_hash)
-    return {channel for channel, said in now.items() if said["choice"] == "granted"}
+_PHONE_AGREED = text(
+    "SELECT DISTINCT supporter_hash FROM consent_current WHERE choice = 'granted' "
+    "AND channel IN ('phone', 'sms') AND supporter_hash IN :hashes"
+).bindparams(bindparam("hashes", expanding=True))
 
 
-def _scrubbed_payload(payload: Any, granted: set[str]) -> Any:
+def _phone_agreed(session: Session, subs: list[Submission]) -> set[str]:
+    """Of these submissions' supporters, those who agree now, by the ledger, to calls or texts:
+    one query for a batch."""
+    hashes = sorted({s.supporter_hash for s in subs if s.supporter_hash})
+    return set(session.scalars(_PHONE_AGREED, {"hashes": hashes})) if hashes else set()
+
+
+def _scrubbed_payload(payload: Any, consented: bool, phone: bool) -> Any:
     """What retention keeps of a submission: its letter's words go (body, answers, subject) and
-    the postal address (the postcode cut to its district). Where the supporter agrees now to be
-    contacted (``granted``: the channels, by the ledger), the name and email stay (the CRM
-    export of those who agree needs them), and the phone if they agree to calls or texts;
-    otherwise nothing of the supporter stays."""
+    the postal address (the postcode cut to its district). Where the consent was recorded, the
+    name and email stay until erasure (a late reply is forwarded to them; the CRM export), and
+    the phone if ``phone``: they agree now to calls or texts. Where it never was (rejected,
+    never confirmed), nothing of the supporter stays."""
     if not isinstance(payload, dict):
         return payload
-    if not granted:
+    if not consented:
         return _erased_payload(payload)
     supporter = dict(payload.get("supporter") or {})
-    if not granted & {"phone", "sms"}:
+    if not phone:
         supporter.pop("phone", None)
     if "address_lines" in supporter:
         supporter["address_lines"] = []
@@ -482,9 +486,10 @@ def run_retention(session: Session, outbox_dir: Path | None = None) -> dict[str,
                 Submission.updated_at <= cutoff,
             )
             while due := list(session.scalars(due_now.limit(RETENTION_BATCH))):
+                phone = _phone_agreed(session, due)
                 for sub in due:
-                    before = sub.payload
-                    sub.payload = _scrubbed_payload(before, _granted(session, sub))
+                    before, consented = sub.payload, sub.consent_logged_at is not None
+                    sub.payload = _scrubbed_payload(before, consented, sub.supporter_hash in phone)
                     sub.scrubbed_at = now
                     _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER, RETENTION_OVER, before)
                 done[state] = done.get(state, 0) + len(due)
