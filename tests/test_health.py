@@ -188,12 +188,16 @@ def test_letters_waiting_to_retry_are_listed_with_why_and_flushed_at_once(
         session.execute(
             update(OutboxItem)
             .where(OutboxItem.id == sid)
-            .values(failures=2, next_attempt_at=later, error="451 4.7.1 <amira@example.com>: later")
+            .values(
+                failures=2,
+                next_attempt_at=later,
+                error="451 4.7.1 <amira@example.com>: later, Amira Haddad",
+            )
         )
     waiting = CliRunner().invoke(main, ["deliveries", "waiting", "--json"])
     [row] = json.loads(waiting.stdout)
     assert row["id"] == sid and row["failures"] == 2 and row["next_attempt_at"]
-    assert row["error"] == "451 4.7.1 <[email]>: later"  # masked
+    assert row["error"] == "451 4.7.1 <[email]>: later, [hidden]"  # masked, the sender hidden
     status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["retries"]
     assert status == "ok" and "1 letter waiting to retry" in detail and "451 4.7.1" in detail
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from config.settings import default
 from workers.database.engine import insert_on_conflict, write_lock
-from workers.database.models import OUTBOX, OutboxItem, OutboxStatus, utcnow
+from workers.database.models import OUTBOX, OutboxItem, OutboxStatus, Submission, utcnow
 from workers.database.transitions import rowcount, together
 from workers.letters.mail import (
     OUT_OF_STEP_WAIT,
@@ -28,6 +28,7 @@ from workers.letters.mail import (
 )
 from workers.logging import answer_logged, mask_text
 from workers.pipeline.failures import count_failure, passing
+from workers.privacy.hashing import mask_supporter
 from workers.stages.stage import Deferred
 
 log = structlog.get_logger(__name__)
@@ -210,16 +211,21 @@ def listing(
     kind: str | None = None,
     lease: float = default("delivery_lease_seconds"),
 ) -> list[dict[str, object]]:
-    """Items in ``statuses`` (of ``kind``), oldest first, their errors masked, for an operator
+    """Items in ``statuses`` (of ``kind``), oldest first, for an operator: their errors with the
+    supporter's details hidden and anything email- or postcode-shaped masked
     (``claimed_at``: when a sending one's worker took it, to send now; ``lapsed``: its claim
     is older than ``lease`` seconds, so its worker stopped and the next try takes it over)."""
     lapsed_before = utcnow() - timedelta(seconds=lease)
     where: list[ColumnElement[bool]] = [OutboxItem.status.in_(statuses)]
     if kind is not None:
         where.append(OutboxItem.kind == kind)
-    rows = session.scalars(
-        select(OutboxItem).where(*where).order_by(OutboxItem.created_at).limit(limit)
-    ).all()
+    found = (  # with the submission's details, to hide them in a server's answer quoting them
+        select(OutboxItem, Submission.payload)
+        .outerjoin(Submission, Submission.id == OutboxItem.submission_id)
+        .where(*where)
+        .order_by(OutboxItem.created_at)
+        .limit(limit)
+    )
     return [
         {
             "id": row.id,
@@ -231,9 +237,9 @@ def listing(
             "lapsed": row.status == OutboxStatus.SENDING
             and row.claimed_at is not None
             and row.claimed_at < lapsed_before,
-            "error": mask_text(row.error)[:500] if row.error else None,
+            "error": mask_supporter(row.error, payload)[:500] if row.error else None,
         }
-        for row in rows
+        for row, payload in session.execute(found).tuples()
     ]
 
 
