@@ -481,6 +481,14 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
         withdraw(session, app.secret, "sms@example.com", ["phone"], source="test")
     rejected = store(app, submission(supporter__email="not an email"))
     step(app, validate, rejected)
+    refusing = submission(
+        supporter__email="no@example.com",
+        contact_preferences__email="refused",
+        contact_preferences__post="refused",
+    )
+    no_mp = logged(app, refusing)  # its consent recorded; then no letter went
+    with session_scope(app.sessions) as session:
+        session.execute(update(Submission).where(Submission.id == no_mp).values(state="rejected"))
     unconfirmed = store(app, submission())
     with session_scope(app.sessions) as session:  # never confirmed by its sender
         session.execute(
@@ -490,10 +498,11 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
         age(app, sid, 29)
     age(app, recent, 27)
     age(app, rejected, 8)
+    age(app, no_mp, 8)
     age(app, unconfirmed, 8)
     out = CliRunner().invoke(main, ["retention", "run"])
     assert json.loads(out.stdout) == {
-        "scrubbed": {"delivered": 3, "rejected": 1, "expired": 1},
+        "scrubbed": {"delivered": 3, "rejected": 2, "expired": 1},
         "expired_lookups": 0,
     }
     scrubbed = get(app, old)
@@ -509,8 +518,11 @@ def test_retention_scrubs_bodies_and_addresses_on_each_campaigns_schedule(
     phones = {sid: "phone" in (get(app, sid).payload or {})["supporter"] for sid in (old, called)}
     assert phones == {old: False, called: True}
     assert "phone" not in (get(app, withdrawn).payload or {})["supporter"]
-    # No consent recorded: nothing of them is kept.
-    for never in (rejected, unconfirmed):
+    with session_scope(app.sessions) as session:  # no longer: the phone kept goes at once
+        withdraw(session, app.secret, "call@example.com", ["phone"], source="test")
+    assert "phone" not in (get(app, called).payload or {})["supporter"]
+    # No consent recorded, or no letter went and no contact agreed: nothing of them is kept.
+    for never in (rejected, unconfirmed, no_mp):
         kept = get(app, never)
         assert kept.scrubbed_at is not None and "supporter" not in (kept.payload or {})
     with session_scope(app.sessions) as session:

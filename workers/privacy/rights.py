@@ -417,28 +417,33 @@ RETENTION_STATES = {
 }
 
 
-_PHONE_AGREED = text(
-    "SELECT DISTINCT supporter_hash FROM consent_current WHERE choice = 'granted' "
-    "AND channel IN ('phone', 'sms') AND supporter_hash IN :hashes"
+_AGREED = text(
+    "SELECT supporter_hash, channel FROM consent_current WHERE choice = 'granted' "
+    "AND supporter_hash IN :hashes"
 ).bindparams(bindparam("hashes", expanding=True))
+# Where a letter went: a reply, a bounce or the survey may still come back to the supporter.
+LETTER_WENT = (State.DELIVERED, State.FAILED, State.BOUNCED)
 
 
-def _phone_agreed(session: Session, subs: list[Submission]) -> set[str]:
-    """Of these submissions' supporters, those who agree now, by the ledger, to calls or texts:
-    one query for a batch."""
+def _agreed(session: Session, subs: list[Submission]) -> dict[str, set[str]]:
+    """Of these submissions' supporters, the channels each agrees to now, by the ledger: one
+    query for a batch."""
     hashes = sorted({s.supporter_hash for s in subs if s.supporter_hash})
-    return set(session.scalars(_PHONE_AGREED, {"hashes": hashes})) if hashes else set()
+    agreed: dict[str, set[str]] = {}
+    for who, channel in session.execute(_AGREED, {"hashes": hashes}) if hashes else ():
+        agreed.setdefault(who, set()).add(channel)
+    return agreed
 
 
-def _scrubbed_payload(payload: Any, consented: bool, phone: bool) -> Any:
+def _scrubbed_payload(payload: Any, keep_contact: bool, phone: bool) -> Any:
     """What retention keeps of a submission: its letter's words go (body, answers, subject) and
-    the postal address (the postcode cut to its district). Where the consent was recorded, the
-    name and email stay until erasure (a late reply is forwarded to them; the CRM export), and
-    the phone if ``phone``: they agree now to calls or texts. Where it never was (rejected,
-    never confirmed), nothing of the supporter stays."""
+    the postal address (the postcode cut to its district). The name and email stay until
+    erasure if ``keep_contact`` (a letter went: a late reply is forwarded to them; or they agree
+    to be contacted: the CRM export), the phone only if ``phone`` (they agree to calls or
+    texts); otherwise nothing of the supporter stays."""
     if not isinstance(payload, dict):
         return payload
-    if not consented:
+    if not keep_contact:
         return _erased_payload(payload)
     supporter = dict(payload.get("supporter") or {})
     if not phone:
@@ -486,10 +491,15 @@ def run_retention(session: Session, outbox_dir: Path | None = None) -> dict[str,
                 Submission.updated_at <= cutoff,
             )
             while due := list(session.scalars(due_now.limit(RETENTION_BATCH))):
-                phone = _phone_agreed(session, due)
+                agreed = _agreed(session, due)
                 for sub in due:
-                    before, consented = sub.payload, sub.consent_logged_at is not None
-                    sub.payload = _scrubbed_payload(before, consented, sub.supporter_hash in phone)
+                    before = sub.payload
+                    # (consent not recorded: rejected at validation, or never confirmed)
+                    channels = agreed.get(sub.supporter_hash or "", set())
+                    consented = sub.consent_logged_at is not None
+                    keep = consented and (state in LETTER_WENT or bool(channels))
+                    phone = bool(channels & {"phone", "sms"})
+                    sub.payload = _scrubbed_payload(before, keep, phone)
                     sub.scrubbed_at = now
                     _forget(session, sub.id, outbox_dir, SCRUBBED_LETTER, RETENTION_OVER, before)
                 done[state] = done.get(state, 0) + len(due)
@@ -699,4 +709,25 @@ def withdraw(
         )
         for channel in channels
     ]
-    return append(session, events)
+    added = append(session, events)
+    if {"phone", "sms"} & set(channels):
+        _forget_phone(session, supporter_hash(secret, email))
+    return added
+
+
+def _forget_phone(session: Session, who: str) -> None:
+    """After a withdrawal: the phone of a supporter who no longer agrees to calls or texts goes
+    from their submissions retention has scrubbed (it kept it only while they agreed); the
+    others' goes when their retention period ends."""
+    now = current_preferences(session, who)
+    if any(now.get(channel, {}).get("choice") == "granted" for channel in ("phone", "sms")):
+        return
+    scrubbed = select(Submission).where(
+        Submission.supporter_hash == who, Submission.scrubbed_at.is_not(None)
+    )
+    for sub in session.scalars(scrubbed):
+        payload = sub.payload if isinstance(sub.payload, dict) else {}
+        person = payload.get("supporter")
+        if isinstance(person, dict) and "phone" in person:
+            kept = {key: value for key, value in person.items() if key != "phone"}
+            sub.payload = payload | {"supporter": kept}
