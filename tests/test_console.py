@@ -237,15 +237,23 @@ def test_failures_for_one_name_from_many_clients_lock_out_strangers_not_its_oper
     assert throttle.check_login(accounts, "ada", PASSWORD, "ada's laptop") == "ada"
 
 
-def test_failed_logins_from_clients_long_gone_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(auth, "KEPT_CLIENTS", 3)
-    throttle, accounts = auth.Throttle(), {"ada": auth.hash_password(PASSWORD)}
-    for client in ("a", "b", "c", "d"):
-        throttle.check_login(accounts, "ada", "wrong", client)
-    for key in throttle.failures:  # all long ago
-        throttle.failures[key] = [t - auth.LOCKED_SECONDS for t in throttle.failures[key]]
-    throttle.check_login(accounts, "ada", "wrong", "e")
-    assert sorted(throttle.failures) == [("ada", "*"), ("ada", "e")]
+def test_failed_logins_of_clients_gone_are_swept_and_a_flood_keeps_the_newest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Invented names and clients cost memory now (a lock must tell nothing of who exists): what
+    lapsed is forgotten, and a flood keeps half the room, its newest failures."""
+    import time
+
+    monkeypatch.setattr(auth, "KEPT_CLIENTS", 4)
+    throttle, now = auth.Throttle(), time.monotonic()
+    throttle.failures = {("ada", "gone"): [now - auth.LOCKED_SECONDS - 1]}
+    throttle.failures |= {
+        ("x", str(i)): [now - 10 + i] for i in range(5)
+    }  # a flood, the last newest
+    throttle.known = {("ada", "laptop"): now - auth.KNOWN_SECONDS - 1, ("ada", "phone"): now}
+    throttle._sweep(now)
+    assert sorted(throttle.failures) == [("x", "3"), ("x", "4")]
+    assert list(throttle.known) == [("ada", "phone")]
 
 
 class RedisAway:

@@ -82,7 +82,7 @@ class Throttle:
 
     def _recent(self, key: tuple[str, str], now: float) -> list[float]:
         recent = [t for t in self.failures.pop(key, []) if now - t < LOCKED_SECONDS]
-        if recent:  # a name with none is not kept: names tried cost no memory
+        if recent:  # (one with none is not kept)
             self.failures[key] = recent
         return recent
 
@@ -118,10 +118,16 @@ class Throttle:
         return name if good else None
 
     def _sweep(self, now: float) -> None:
+        """Forget what has lapsed; then, under a flood of invented names and clients, the oldest
+        failures until half the room is free (memory stays bounded)."""
         for key in [k for k, times in self.failures.items() if now - times[-1] >= LOCKED_SECONDS]:
             del self.failures[key]
         for key in [k for k, at in self.known.items() if now - at >= KNOWN_SECONDS]:
             del self.known[key]
+        if len(self.failures) > KEPT_CLIENTS // 2:
+            oldest = sorted(self.failures, key=lambda k: self.failures[k][-1])
+            for key in oldest[: len(self.failures) - KEPT_CLIENTS // 2]:
+                del self.failures[key]
 
 
 @dataclass(frozen=True)
