@@ -723,9 +723,12 @@ def _forget_phone(session: Session, who: str) -> None:
     if any(now.get(channel, {}).get("choice") == "granted" for channel in ("phone", "sms")):
         return
     scrubbed = select(Submission).where(
-        Submission.supporter_hash == who, Submission.scrubbed_at.is_not(None)
+        Submission.supporter_hash == who,
+        Submission.scrubbed_at.is_not(None),
+        Submission.erased_at.is_(None),  # (erased: nothing of theirs left)
     )
-    for sub in session.scalars(scrubbed):
+    # Read afresh: an erasure in this transaction changed rows the session holds already.
+    for sub in session.scalars(scrubbed.execution_options(populate_existing=True)):
         payload = sub.payload if isinstance(sub.payload, dict) else {}
         person = payload.get("supporter")
         if isinstance(person, dict) and "phone" in person:
