@@ -216,10 +216,11 @@ def _pipeline(
             return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
         def by_error(*where: Any) -> list[Any]:
+            """(error, how many) of the items ``where``, the commonest first."""
             return list(
                 session.execute(
                     select(OutboxItem.error, func.count())
-                    .where(letters, *where)
+                    .where(*where)
                     .group_by(OutboxItem.error)
                     .order_by(func.count().desc())
                 )
@@ -236,40 +237,26 @@ def _pipeline(
             Submission.updated_at < now - timedelta(hours=DIGEST_LATE_HOURS),
         )
         failed = {k: n for (k, status), n in outbox.counts(session).items() if status == "failed"}
-        retrying = by_error(retried)
+        retrying = by_error(letters, retried)
         # Tried lately and not sent: waiting after a failed try, or given up (a refusal for good).
         failed_lately = by_error(
-            OutboxItem.claimed_at >= since, retried | (OutboxItem.status == OutboxStatus.FAILED)
+            letters,
+            OutboxItem.claimed_at >= since,
+            retried | (OutboxItem.status == OutboxStatus.FAILED),
+        )
+        given_up_today = (
+            OutboxItem.status == OutboxStatus.FAILED,
+            OutboxItem.claimed_at >= now - GIVEN_UP_WINDOW,
         )
         # Letters `deliveries reopen --reason` would send again (not digests, nor the erased).
-        failed_today = list(
-            session.execute(
-                select(OutboxItem.error, func.count())
-                .join(Submission, Submission.id == OutboxItem.submission_id)
-                .where(
-                    OutboxItem.kind == LETTER,
-                    OutboxItem.status == OutboxStatus.FAILED,
-                    OutboxItem.claimed_at >= now - GIVEN_UP_WINDOW,
-                    Submission.erased_at.is_(None),
-                    Submission.scrubbed_at.is_(None),
-                )
-                .group_by(OutboxItem.error)
-                .order_by(func.count().desc())
-            )
+        kept = select(Submission.id).where(
+            Submission.id == OutboxItem.submission_id,
+            Submission.erased_at.is_(None),
+            Submission.scrubbed_at.is_(None),
         )
+        failed_today = by_error(OutboxItem.kind == LETTER, *given_up_today, kept.exists())
         # Events a CRM did not get: `outbox retry --kind webhook` sends them again.
-        webhooks_today = list(
-            session.execute(
-                select(OutboxItem.error, func.count())
-                .where(
-                    OutboxItem.kind == WEBHOOK,
-                    OutboxItem.status == OutboxStatus.FAILED,
-                    OutboxItem.claimed_at >= now - GIVEN_UP_WINDOW,
-                )
-                .group_by(OutboxItem.error)
-                .order_by(func.count().desc())
-            )
-        )
+        webhooks_today = by_error(OutboxItem.kind == WEBHOOK, *given_up_today)
         sent_lately = count(
             OutboxItem, letters, OutboxItem.status == OutboxStatus.SENT, OutboxItem.sent_at >= since
         )
