@@ -41,6 +41,7 @@ from workers.privacy.rights import erase_supporter, export_supporter
 from workers.stages import consent, survey
 from workers.stages.stage import Deferred, Stage
 from workers.webhooks import endpoints, events, payloads
+from workers.webhooks.channel import GONE
 
 SUPPORTER = "amira.haddad@example.com"
 
@@ -59,9 +60,9 @@ class Request:
 
 class Receiver:
     """A CRM on loopback. ``/ok`` answers 200 (``/short`` too, its body cut short), ``/fail``
-    500, ``/gone`` 404, ``/redirect`` 302 to ``/ok``, ``/busy`` 429 with ``retry_after``,
-    ``/hang`` nothing until the test ends. Each request is checked against every secret in
-    ``secrets`` with the standardwebhooks library."""
+    500, ``/gone`` 404, ``/removed`` 410, ``/redirect`` 302 to ``/ok``, ``/busy`` 429 with
+    ``retry_after``, ``/hang`` nothing until the test ends. Each request is checked against
+    every secret in ``secrets`` with the standardwebhooks library."""
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
@@ -87,7 +88,14 @@ class Receiver:
                 path = self.path.split("?")[0]
                 if path == "/hang":
                     receiver.done.wait(30)
-                status = {"/fail": 500, "/gone": 404, "/redirect": 302, "/busy": 429}.get(path, 200)
+                statuses = {
+                    "/fail": 500,
+                    "/gone": 404,
+                    "/removed": 410,
+                    "/redirect": 302,
+                    "/busy": 429,
+                }
+                status = statuses.get(path, 200)
                 self.send_response(status)
                 if status == 429:
                     self.send_header("retry-after", receiver.retry_after)
@@ -428,6 +436,31 @@ def test_a_refusal_or_a_redirect_is_given_up_at_once_and_a_redirect_is_not_follo
     assert [r.path for r in receiver.requests] == [path]  # never /ok
 
 
+def test_a_410_disables_its_endpoint_until_an_operator_enables_it(
+    app: App, receiver: Receiver
+) -> None:
+    """Standard Webhooks: 410 Gone asks for nothing more; the endpoint is disabled, so later
+    facts write no webhook for it, and ``webhooks enable`` turns it on again."""
+    from workers.database.models import WebhookEndpoint
+
+    endpoint_id = add(app, receiver.url("/removed"), ("supporter.erased",))
+    erased(app)
+    [item] = items(app)
+    ended = until_ended(app, item.id, outbox_for(app)[1])
+    assert (ended.status, ended.failures) == ("failed", 0)
+    assert ended.error == f"endpoint {endpoint_id} {GONE}"
+    with session_scope(app.sessions) as session:
+        endpoint = session.get(WebhookEndpoint, endpoint_id)
+        assert endpoint is not None and not endpoint.enabled
+    erased(app)
+    assert len(items(app)) == 1  # nothing written for the disabled endpoint
+    enabled = CliRunner().invoke(cli, ["webhooks", "enable", str(endpoint_id)])
+    assert enabled.exit_code == 0, enabled.output
+    erased(app)
+    assert len(items(app)) == 2
+    assert [r.path for r in receiver.requests] == ["/removed"]
+
+
 def test_a_200_with_its_body_cut_short_is_sent_once(app: App, receiver: Receiver) -> None:
     """The status is the answer: what becomes of the body after a 2xx changes nothing."""
     add(app, receiver.url("/short"), ("supporter.erased",))
@@ -561,6 +594,13 @@ def test_the_cli_adds_shows_rotates_replays_and_removes_and_refuses_bad_configur
         "https://crm.example:abc/hook": "host and port",
         "http://[::1/hook": "host and port",
         "https://crm.example:0/hook": "port must be from 1 to 65535",
+        "http://169.254.169.254/latest/meta-data/": "no CRM's",
+        "http://2852039166/latest/meta-data/": "no CRM's",
+        "http://0xa9.254.169.254/": "no CRM's",
+        "http://[::ffff:169.254.169.254]/": "no CRM's",
+        "http://[fe80::1]/hook": "no CRM's",
+        "http://0.0.0.0:8080/hook": "no CRM's",
+        "http://224.0.0.1/hook": "no CRM's",
     }
     for url, said in refused.items():
         bad = runner.invoke(cli, ["webhooks", "add", url, "--event", "letter.delivered"])
@@ -798,3 +838,18 @@ def test_the_moves_a_crm_hears_of_are_named_in_the_table_of_states() -> None:
         "delivered": "letter.delivered",
         "bounced": "letter.bounced",
     }
+
+
+def test_only_addresses_no_crm_has_are_unsafe_and_none_is_posted_to() -> None:
+    """A CRM may be on this host or a private network; a cloud's metadata service (link-local)
+    is never one, in whatever form its address is written. Names are not resolved here."""
+    from workers.letters.mail import PermanentDeliveryError
+    from workers.webhooks.channel import HttpChannel, Request, unsafe_host
+
+    for host in ("127.0.0.1", "10.0.0.8", "192.168.1.20", "::1", "crm.example", "localhost"):
+        assert not unsafe_host(host), host
+    for host in ("169.254.169.254", "2852039166", "169.254.43518", "fe80::1", "0.0.0.0", "::"):  # noqa: S104
+        assert unsafe_host(host), host
+    metadata = Request(3, "http://169.254.169.254/latest/", "w1", b"{}", (endpoints.new_secret(),))
+    with pytest.raises(PermanentDeliveryError, match="no CRM's"):
+        HttpChannel(timeout=0.01).send(metadata)

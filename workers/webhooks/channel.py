@@ -1,16 +1,20 @@
 """The webhook channel: sign a body (Standard Webhooks, with every secret valid now) and POST it.
 2xx is sent; 408, 429, 5xx, a timeout or a connection error is a passing failure (the endpoint is
 then paused, as long as its Retry-After asks if longer, up to an hour); anything else, a redirect
-included (never followed), is permanent. Reasons name the endpoint by id, never by its URL, which
-may carry a token."""
+included (never followed), is permanent; a 410 also disables the endpoint (Standard Webhooks).
+Reasons name the endpoint by id, never by its URL, which may carry a token. No webhook goes to an
+address no CRM has (:func:`unsafe_host`: a cloud's metadata service among them)."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import requests
 from standardwebhooks.webhooks import Webhook
@@ -21,6 +25,28 @@ from workers.letters.mail.http import retry_after
 ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
 BUSY_WAIT = 1.0  # a webhook held back by others just sent waits this long
 LONGEST_PAUSE = 3600.0  # a receiver's Retry-After is honoured up to this
+GONE = "answered HTTP 410 (gone): the endpoint is disabled"
+
+
+def unsafe_host(host: str) -> bool:
+    """Whether ``host`` is an address no CRM has: link-local (169.254.169.254 is a cloud's
+    metadata service), multicast, unspecified or reserved, in any form the resolver reads
+    (``2852039166``, ``0xa9.254.169.254``, ``::ffff:169.254.169.254``). A name is not resolved."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return not address.is_loopback and (
+        address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+        or address.is_reserved
+    )
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,10 @@ class HttpChannel:
         if http is None:
             http = self._local.http = requests.Session()
         at, where = datetime.now(UTC), f"endpoint {request.endpoint_id}"
+        if unsafe_host(urlsplit(request.url).hostname or ""):
+            raise PermanentDeliveryError(
+                f"{where}: its address is no CRM's (link-local or reserved)"
+            )
         signed = (Webhook(s).sign(request.webhook_id, at, request.body) for s in request.secrets)
         headers = {
             "content-type": "application/json",
@@ -128,5 +158,7 @@ class HttpChannel:
         if status in (408, 429) or status >= 500:
             wait = None if asked is None else min(asked, LONGEST_PAUSE)
             raise TransientDeliveryError(f"{where} answered HTTP {status}", retry_after=wait)
+        if status == 410:
+            raise PermanentDeliveryError(f"{where} {GONE}")
         followed = " (redirects are not followed)" if 300 <= status < 400 else ""
         raise PermanentDeliveryError(f"{where} answered HTTP {status}{followed}")

@@ -6,8 +6,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import structlog
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from schemas.submission import CHANNELS
@@ -15,16 +16,21 @@ from schemas.webhooks import envelope
 from workers.database.models import (
     InboundMessage,
     OutboxItem,
+    OutboxStatus,
     State,
     Submission,
     SubmissionEvent,
     WebhookEndpoint,
     utcnow,
 )
+from workers.database.transitions import rowcount
 from workers.outbox.sending import Kind
 from workers.privacy.ledger import current_preferences
 from workers.stages.stage import Deferred
-from workers.webhooks.channel import HttpChannel, Request
+from workers.webhooks.channel import GONE, HttpChannel, Request
+from workers.webhooks.events import forget
+
+log = structlog.get_logger(__name__)
 
 DISABLED_WAIT = 3600.0  # a disabled endpoint's webhook is looked at again after this
 
@@ -32,7 +38,19 @@ DISABLED_WAIT = 3600.0  # a disabled endpoint's webhook is looked at again after
 def kind(timeout: float, pause: float = 30.0) -> Kind:
     """The outbox's kind "webhook": composed here, POSTed by :class:`HttpChannel`."""
     channel = HttpChannel(timeout, pause=pause)
-    return Kind(partial(compose, channel=channel), channel=channel)
+    return Kind(partial(compose, channel=channel), done=disable_if_gone, channel=channel)
+
+
+def disable_if_gone(session: Session, item: OutboxItem, status: str, detail: str | None) -> None:
+    """A receiver's 410 asks for nothing more (Standard Webhooks): its endpoint is disabled, its
+    other webhooks wait, and ``dearmp webhooks enable`` sends them."""
+    if status != OutboxStatus.FAILED or not (detail or "").endswith(GONE):
+        return
+    endpoint = WebhookEndpoint.id == item.endpoint_id
+    off = update(WebhookEndpoint).where(endpoint, WebhookEndpoint.enabled.is_(True))
+    if rowcount(session.execute(off.values(enabled=False))):
+        forget()
+        log.warning("webhook_endpoint_disabled", endpoint_id=item.endpoint_id, status=410)
 
 
 def compose(
