@@ -1,9 +1,5 @@
-"""The HTTP intake for campaign front ends (FastAPI on uvicorn): ``dearmp api``.
-
-Errors a page can show next to a field come as ``{"errors": {"<field path>": "<message>"}}``
-with status 422. A ``202`` means the submission is committed; its stage message is sent after
-the commit (the reconciler resends it if that fails).
-"""
+"""The HTTP intake for campaign front ends (FastAPI on uvicorn): ``dearmp api``. Errors a page
+can show next to a field come as ``{"errors": {"<field path>": "<message>"}}`` with status 422."""
 
 from __future__ import annotations
 

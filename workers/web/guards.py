@@ -104,9 +104,8 @@ class BodyTooLarge(Exception):
 
 
 class Cors:
-    """CORS with an allow-list of origins per campaign: ``origins_for(path)`` gives the
-    campaign's own for /v1/campaigns/{slug}/..., every campaign's for /v1/submissions (whose
-    handler checks the body's campaign). No list, no cross-origin access."""
+    """CORS with the allow-list ``origins_for(path)`` gives (a campaign's origins, see
+    :meth:`Intake.origins_for`). No list, no cross-origin access."""
 
     def __init__(self, app: ASGIApp, origins_for: Callable[[str], set[str]]) -> None:
         self.app, self.origins_for = app, origins_for

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
-from schemas.campaign import CampaignDefinition, campaign_template
+from schemas.campaign import campaign_template
 from schemas.postcode import PostcodeProblem, check_format
 from workers.database.engine import session_scope
 from workers.letters.originality import template
@@ -40,7 +40,7 @@ router = APIRouter()
 
 
 @router.get("/v1/campaigns/{slug}", response_model=CampaignOut, responses=ERROR_RESPONSES)
-def campaign(slug: str, app: AppDep, intake: IntakeDep) -> Any:
+def campaign(slug: str, intake: IntakeDep) -> Any:
     """What a page needs to draw the form."""
     definition = intake.definition(slug)
     if definition is None:
@@ -103,6 +103,9 @@ def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: I
         "mp": {"name": outcome.member.name, "constituency": outcome.seat.name},
         "campaign": {"title": definition.title, "organisation": definition.organisation},
     }
+    # The letter as the supporter has it so far, as the comparison stage will score it.
+    typed = definition.draft_body if body.body is None else body.body
+    letter = letter_body(definition, {"letter": {"body": typed, "answers": body.answers}})
     return PreviewOut(
         postcode=postcode,
         mp=MpOut(**context["mp"], party=outcome.member.party),
@@ -112,14 +115,8 @@ def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: I
             body=definition.draft_body.strip(),
             sign_off=definition.sign_off,
         ),
-        own_words=round(template(definition.draft_body).share(_letter(definition, body)), 3),
+        own_words=round(template(definition.draft_body).share(letter), 3),
     )
-
-
-def _letter(definition: CampaignDefinition, body: PreviewIn) -> str:
-    """The letter as the supporter has it so far, as the comparison stage will score it."""
-    typed = definition.draft_body if body.body is None else body.body
-    return letter_body(definition, {"letter": {"body": typed, "answers": body.answers}})
 
 
 @router.get("/demo/{slug}", response_class=HTMLResponse, include_in_schema=False)

@@ -127,8 +127,7 @@ async def submit(
         payload["user_agent"] = payload.get("user_agent") or user_agent(request)
     else:
         payload["client_ip"], payload["user_agent"] = address, user_agent(request)
-    # Stored (with others that arrived meanwhile) and committed before the 202; the stage
-    # message follows the commit.
+    # Stored with others that arrived meanwhile (the batcher), committed before the 202.
     return _answer(await intake.batcher.submit(payload, state), body.idempotency_key)
 
 

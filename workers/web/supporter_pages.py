@@ -87,8 +87,7 @@ def _confirming(session: Session, secret: bytes, token: str) -> CampaignDefiniti
 
 @router.get("/v1/confirm/{token}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES)
 def confirm_page(token: str, app: AppDep) -> Any:
-    """The link in the confirmation email: a page whose button confirms. Opening the link
-    changes nothing, so mail scanners that fetch links cannot confirm for the supporter."""
+    """The link in the confirmation email: a page whose button confirms."""
     with session_scope(app.sessions) as session:
         result = confirmation.check_token(session, app.secret, token[:300])
         campaign = _confirming(session, app.secret, token[:300])
@@ -111,15 +110,12 @@ def confirm_link(token: str, app: AppDep, intake: IntakeDep) -> Any:
     "/v1/replied/{token}/{answer}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES
 )
 def survey_page(token: str, answer: str, app: AppDep) -> Any:
-    """The survey email's link: a page whose button records the answer. Opening it records
-    nothing, so a scanner that fetches the links does not answer for the supporter."""
+    """The survey email's link: a page whose button records the answer."""
     submission_id = survey.read_token(app.secret, token[:300], answer)
-    if submission_id is None:  # forged, or signed for another answer
-        return page(SURVEY_TEXTS["invalid"], None)
     with session_scope(app.sessions) as session:
-        found = survey.campaign_survey_mp(session, submission_id)
+        found = survey.campaign_survey_mp(session, submission_id) if submission_id else None
         campaign = get_definition(session, found[0]) if found is not None else None
-    if found is None:
+    if found is None:  # forged, signed for another answer, or no such submission
         return page(SURVEY_TEXTS["invalid"], None)
     return page(
         SURVEY_TEXTS["ready"],

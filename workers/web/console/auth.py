@@ -69,10 +69,8 @@ class Busy(Exception):
 
 
 class Throttle:
-    """Failed logins in this process, per name and client and per name from every client:
-    after FAILURES_ALLOWED within LOCKED_SECONDS the name is refused to that client, and after
-    FAILURES_PER_NAME to any client that has not logged in as it lately, good password or not
-    (answered as a wrong one, as slowly); at most CHECKED_AT_ONCE passwords checked at a time."""
+    """Failed logins in this process, per name and client and per name from every client (the
+    limits above); a locked name is answered as a wrong password, as slowly."""
 
     def __init__(self) -> None:
         self.failures: dict[tuple[str, str], list[float]] = {}  # client "*": every client
