@@ -234,16 +234,12 @@ def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> Non
             row = session.get(AddressHealth, health.key(email))
             if row is not None and row.status == health.PAUSED:
                 ids = resume_address(session, email)
-                said, groups = (
-                    f"resumed; {counted(len(ids), 'waiting letter')} queued to go",
-                    {Stage.DELIVER: ids},
-                )
-                action = "resumed"
+                action, groups = "resumed", {Stage.DELIVER: ids}
+                said = f"resumed; {counted(len(ids), 'waiting letter')} queued to go"
             elif health.mark_ok(session, email):
                 held = health.held_for(session, row.member_id) if row and row.member_id else []
+                action, groups = "marked ok", {Stage.RESOLVE: held}
                 said = f"marked ok; {counted(len(held), 'held letter')} sent to resolution again"
-                groups = {Stage.RESOLVE: held}
-                action = "marked ok"
             else:
                 raise click.ClickException(f"{email} is neither paused nor marked failing")
     cli.send(groups)

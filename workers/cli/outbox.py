@@ -135,13 +135,9 @@ def deliveries_reopen(
     lines = [f"{said} {one}" for one in found + digest_ids]
     if cleared:
         lines.append(f"cleared {counted(cleared, 'dead letter')} these supersede")
+    lines.append(f"{said} {counted(len(found), 'letter')} and {counted(len(digest_ids), 'digest')}")
     cli.say(
-        "\n".join(
-            [
-                *lines,
-                f"{said} {counted(len(found), 'letter')} and {counted(len(digest_ids), 'digest')}",
-            ]
-        ),
+        "\n".join(lines),
         {
             "dry_run": dry_run,
             "reopened": found,

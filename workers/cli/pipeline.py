@@ -56,14 +56,12 @@ def worker(processes: int, threads: int) -> None:
     """Run the stage actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
     from dramatiq.cli import main as dramatiq_main
 
-    # dramatiq's own process (it starts the worker processes and tells of one that dies) logs
-    # JSON like them: --skip-logging leaves its records to the handler set up here. It waits
-    # --worker-fork-timeout ms for its children to boot before it notices one that died
-    # booting (30 s by default); no fork processes wait on it here.
+    # dramatiq's own process logs JSON like its workers (--skip-logging: to the handler set up
+    # here), and notices a worker that died booting after 1 s, not 30 (no fork processes here).
     configure_logging(get_settings().log_level)
-    threads_option = ["--processes", str(processes), "--threads", str(threads)]
-    sys.argv = ["dramatiq", "workers.pipeline.actors:setup", *threads_option, "--skip-logging"]
-    sys.argv += ["--worker-fork-timeout", "1000"]
+    sys.argv = ["dramatiq", "workers.pipeline.actors:setup"]
+    sys.argv += ["--processes", str(processes), "--threads", str(threads)]
+    sys.argv += ["--skip-logging", "--worker-fork-timeout", "1000"]
     sys.exit(dramatiq_main())  # type: ignore[no-untyped-call]
 
 

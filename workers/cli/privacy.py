@@ -32,12 +32,6 @@ from workers.privacy.rights import (
 from workers.wording import counted
 
 
-def _outbox(app: App) -> Path:
-    """Where the file outbox writes: looked at whatever the backend is now (it may have been the
-    file outbox when those letters went)."""
-    return app.settings.resolved_outbox_dir
-
-
 def _forget_old_pages(app: App) -> None:
     """The SQLite log's copies of what was just erased: gone, or the operator told."""
     if not forget_old_pages(app.engine):
@@ -166,8 +160,10 @@ def supporter_erase(cli: Cli, email: str, yes: bool) -> None:
         if not holds_anything(session, app.secret, email):
             raise click.ClickException("nothing is held about that address: nothing to erase")
     confirm(yes, "Erase everything held about 1 supporter, for good?")
+    # The outbox folder whatever the backend is now: it may have been the file outbox then.
+    outbox_dir = app.settings.resolved_outbox_dir
     with cli.session() as session:  # again: what reached their erased submissions since goes
-        report = erase_supporter(session, app.secret, email, outbox_for(app)[0], _outbox(app))
+        report = erase_supporter(session, app.secret, email, outbox_for(app)[0], outbox_dir)
     _forget_old_pages(app)
     if report.submissions == 0 and report.consent_events_added == 0:
         raise Nothing("that supporter was erased already: nothing new to erase")
@@ -193,7 +189,7 @@ def retention_run(cli: Cli, every: float | None) -> None:
     app = cli.app
     while True:
         with cli.session() as session:
-            done = run_retention(session, outbox_dir=_outbox(app))
+            done = run_retention(session, outbox_dir=app.settings.resolved_outbox_dir)
             expired = expire_cache(session)
         if done:
             _forget_old_pages(app)

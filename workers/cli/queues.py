@@ -7,7 +7,6 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import asdict
 from datetime import UTC
 from typing import Any
 
@@ -103,7 +102,7 @@ def queues(cli: Cli) -> None:
         table.add_column(col, justify="left" if col == "queue" else "right")
     for d in depths:
         table.add_row(d.queue, str(d.waiting), str(d.delayed), str(d.in_progress), str(d.dead))
-    cli.say(lambda: Console().print(table), [asdict(d) for d in depths])
+    cli.say(lambda: Console().print(table), depths)
 
 
 @main.group()

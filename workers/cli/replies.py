@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from typing import Any
 
 import click
@@ -89,7 +88,7 @@ def replies_report(cli: Cli, campaign: str | None) -> None:
             *(str(n) for n in (row.delivered, row.bounced, row.acknowledged, row.replied)),
             *(str(row.survey[a]) for a in ("yes", "not_yet", "no")),
         )
-    cli.say(lambda: Console().print(table), [asdict(row) for row in rows])
+    cli.say(lambda: Console().print(table), rows)
 
 
 @command(replies, "resend-bounced")
@@ -289,4 +288,4 @@ def dns(cli: Cli, campaign: str | None, mx: str | None) -> None:
     domains = [str(d.from_email).rsplit("@", 1)[1].lower() for d in definitions]
     with refusing(ValueError):
         found = records(settings, domains, mx)
-    cli.say("\n".join(zone_lines(found)), [asdict(record) for record in found])
+    cli.say("\n".join(zone_lines(found)), found)
