@@ -399,6 +399,22 @@ def test_a_paused_mp_address_holds_its_letters_until_marked_ok(
     assert not_paused.exit_code == 1 and "neither paused nor marked failing" in not_paused.output
 
 
+def test_pausing_an_address_marked_failing_is_one_line_and_changes_nothing(app: App) -> None:
+    """Its letters are held already and its mark must stay: the operator is told what to do."""
+    from workers.database.models import AddressHealth
+    from workers.mp import health
+
+    address = "jo.bloggs.mp@parliament.example"
+    with session_scope(app.sessions) as session:
+        session.add(AddressHealth(email=health.key(address), status=health.FAILING, reason="x"))
+    said = CliRunner().invoke(main, ["directory", "address", address, "--pause", "recess"])
+    assert said.exit_code == 1 and len(said.output.splitlines()) == 1, said.output
+    assert "is marked failing: `--ok` once it works" in said.output
+    with session_scope(app.sessions) as session:
+        row = session.get(AddressHealth, health.key(address))
+        assert row is not None and row.status == health.FAILING
+
+
 def _waits(app: App, sid: str) -> bool:
     with session_scope(app.sessions) as session:
         item = session.get(OutboxItem, sid)

@@ -227,7 +227,9 @@ def directory_address(cli: Cli, email: str, reason: str | None, ok: bool) -> Non
         raise click.UsageError("give one of --pause REASON or --ok")
     with cli.session() as session:
         if reason is not None:
-            if not pause_address(session, email, reason):
+            with refusing(LookupError):  # marked failing: its mark must stay
+                paused = pause_address(session, email, reason)
+            if not paused:
                 raise click.ClickException(f"{email} is paused already")
             action, said, groups = "paused", "paused; its letters wait until --ok", {}
         else:
