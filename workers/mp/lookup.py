@@ -139,7 +139,7 @@ def _lookup_statement(many: bool = False) -> Executable:
     return statement.order_by(version.c.id.desc()).limit(1)
 
 
-# Built once: constructing a statement costs ten times more than running it.
+# Built once: constructing a statement costs more than running it.
 LOOKUP = _lookup_statement()
 LOOKUP_MANY = _lookup_statement(many=True)
 
