@@ -1,9 +1,7 @@
-"""The local MP directory: versioned imports of constituencies, MPs and postcodes.
-
-An import builds a complete new version and switches to it in the same transaction, so readers
-never see half a directory. Postcode files are streamed (``COPY`` on PostgreSQL, batches on
-SQLite), and ``progress`` is told how many bytes have been read.
-"""
+"""The local MP directory: versioned imports of constituencies, MPs and postcodes. An import
+builds a complete new version and switches to it in one transaction: readers never see half a
+directory. Postcode files are streamed (``COPY`` on PostgreSQL, batches on SQLite), and
+``progress`` is told how many bytes have been read."""
 
 from __future__ import annotations
 

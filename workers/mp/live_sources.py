@@ -1,9 +1,7 @@
 """Live sources over HTTP: postcodes.io (postcode → constituency) and the UK Parliament Members
 API (constituency → current MP and contact details), cached in the database with a time to live.
-
 Connection errors, 429 and 5xx are retried with backoff (honouring ``Retry-After`` up to a
-limit); past that, :class:`SourceUnavailable` leaves it to the actor's retries.
-"""
+limit); past that, :class:`SourceUnavailable` leaves it to the actor's retries."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Finding the MP for a postcode: postcode → constituency → sitting MP.
-
-From the current local directory (one statement), or from the live sources (postcodes.io and
-the Members API), in the order ``DEARMP_RESOLUTION_ORDER`` asks.
-"""
+"""Finding the MP for a postcode (postcode → constituency → sitting MP): from the current local
+directory in one statement, or from the live sources (postcodes.io and the Members API), in the
+order ``DEARMP_RESOLUTION_ORDER`` asks."""
 
 from __future__ import annotations
 

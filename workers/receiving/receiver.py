@@ -1,8 +1,7 @@
 """``dearmp inbound``: the SMTP receiver (aiosmtpd) for our token addresses and ``postmaster``
 only, never an open relay. It limits size, messages per peer, sessions at once and per peer, and
 a session's length, so that slow peers cannot hold the door shut. ``250`` only once the message
-is committed (else 451); its id then goes to the inbound stage (or the reconciler sends it).
-"""
+is committed (else 451); its id then goes to the inbound stage (or the reconciler sends it)."""
 
 from __future__ import annotations
 
