@@ -81,8 +81,7 @@ def _printable(name: str) -> str:
 
 
 def definition_sha256(definition: CampaignDefinition) -> str:
-    canonical = json.dumps(definition.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return _sha256(json.dumps(definition.model_dump(mode="json"), sort_keys=True))
 
 
 def sync_campaigns(session: Session, definitions: list[CampaignDefinition]) -> list[str]:

@@ -54,6 +54,17 @@ def _spf_record(settings: Settings, name: str, why: str) -> Record:
     return Record(name, "TXT", f"v=spf1 {relay} mx ~all", why)
 
 
+def _dkim_record(settings: Settings, key: bytes | None, domain: str) -> Record:
+    """DKIM for the key letters are signed with (a placeholder while there is none)."""
+    if key is None or not settings.dkim_selector:
+        why = "DKIM: set DEARMP_DKIM_PRIVATE_KEY(_FILE) and DEARMP_DKIM_SELECTOR first"
+        value = "v=DKIM1; k=rsa; p=<public key>"
+        return Record(f"<selector>._domainkey.{domain}", "TXT", value, why, placeholder=True)
+    value = f"v=DKIM1; k=rsa; p={dkim_public_key(key)}"
+    why = "DKIM: the key letters are signed with"
+    return Record(f"{settings.dkim_selector}._domainkey.{domain}", "TXT", value, why)
+
+
 def mx_host_name(settings: Settings, given: str | None) -> str:
     """The MX's host name: ``given``, else DEARMP_PUBLIC_URL's; never an address (RFC 5321 5.1)."""
     host = (given or urlsplit(settings.public_url).hostname or "").rstrip(".")
@@ -72,9 +83,8 @@ def records(
 ) -> list[Record]:
     """The records for ``from_domains``; ValueError if ``mx_host`` is an address. Without one,
     the MX is DEARMP_PUBLIC_URL's host, or a placeholder."""
-    returns = settings.bounce_domain or settings.reply_domain
     mx, unnamed = "", False
-    if returns:
+    if settings.bounce_domain or settings.reply_domain:
         try:
             mx = mx_host_name(settings, mx_host)
         except ValueError:
@@ -86,41 +96,18 @@ def records(
     for domain in sorted(set(from_domains)):
         if not settings.bounce_domain:
             out.append(_spf_record(settings, domain, "SPF: letters' envelope sender"))
-        if key is not None and settings.dkim_selector:
-            value = f"v=DKIM1; k=rsa; p={dkim_public_key(key)}"
-            out.append(
-                Record(
-                    f"{settings.dkim_selector}._domainkey.{domain}",
-                    "TXT",
-                    value,
-                    "DKIM: the key letters are signed with",
-                )
-            )
-        else:
-            out.append(
-                Record(
-                    f"<selector>._domainkey.{domain}",
-                    "TXT",
-                    "v=DKIM1; k=rsa; p=<public key>",
-                    "DKIM: set DEARMP_DKIM_PRIVATE_KEY(_FILE) and DEARMP_DKIM_SELECTOR first",
-                    placeholder=True,
-                )
-            )
-        out.append(
-            Record(
-                f"_dmarc.{domain}",
-                "TXT",
-                f"v=DMARC1; p=none; adkim=r; aspf=r; rua=mailto:dmarc-reports@{domain}",
-                "DMARC: start at p=none, read the reports, then move to p=quarantine",
-            )
-        )
+        out.append(_dkim_record(settings, key, domain))
+        dmarc = f"v=DMARC1; p=none; adkim=r; aspf=r; rua=mailto:dmarc-reports@{domain}"
+        why = "DMARC: start at p=none, read the reports, then move to p=quarantine"
+        out.append(Record(f"_dmarc.{domain}", "TXT", dmarc, why))
     unnamed_why = "; DEARMP_PUBLIC_URL names an address, and an MX needs a host: give --mx"
+    unnamed_why = unnamed_why if unnamed else ""
     if settings.bounce_domain:
-        why = "bounces come back here" + (unnamed_why if unnamed else "")
+        why = "bounces come back here" + unnamed_why
         out.append(Record(settings.bounce_domain, "MX", f"10 {mx}.", why, placeholder=unnamed))
         out.append(_spf_record(settings, settings.bounce_domain, "SPF: the envelope sender's"))
     if settings.reply_domain:
-        why = "MPs' replies come here" + (unnamed_why if unnamed else "")
+        why = "MPs' replies come here" + unnamed_why
         out.append(Record(settings.reply_domain, "MX", f"10 {mx}.", why, placeholder=unnamed))
     return out
 

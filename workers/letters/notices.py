@@ -99,8 +99,7 @@ def bounce_notice(
     )
 
 
-# Characters of a header decoded, at most: the header parser's memory grows far faster than its
-# input (a 1 MB subject of encoded words took 10 GB); more than this is nobody's subject.
+# The most of a header decoded: the header parser's memory grows far faster than its input.
 MAX_HEADER_DECODED = 4000
 
 

@@ -1,9 +1,7 @@
-"""The local MP directory: versioned imports of constituencies, MPs and postcodes.
-
-An import builds a complete new version and switches to it in the same transaction, so readers
-never see half a directory. Postcode files are streamed (``COPY`` on PostgreSQL, batches on
-SQLite), and ``progress`` is told how many bytes have been read.
-"""
+"""The local MP directory: versioned imports of constituencies, MPs and postcodes. An import
+builds a complete new version and switches to it in one transaction: readers never see half a
+directory. Postcode files are streamed (``COPY`` on PostgreSQL, batches on SQLite), and
+``progress`` is told how many bytes have been read."""
 
 from __future__ import annotations
 
@@ -180,8 +178,8 @@ def _postcodes_postgresql(
         f"nullif(trim(c{layout.constituency}), ''), {terminated} "
         f"FROM (SELECT {compact} AS pc, * FROM dearmp_postcode_stage) s "
         "WHERE length(pc) > 3" + ("" if first else " ON CONFLICT DO NOTHING")
-        # Later files add only postcodes the earlier ones lack. (Checking the first file for
-        # conflicts too would cost a third of the import; a repeat in it is an error.)
+        # Later files add only postcodes the earlier ones lack; the first is not checked (faster):
+        # a repeat in it is an error.
     )
     session.execute(text(insert_sql), {"v": version_id})
     session.execute(text("DROP TABLE dearmp_postcode_stage"))

@@ -1,9 +1,7 @@
 """Address health: once ``threshold`` letters to one MP address bounce for good within
 ``window``, it is failing and resolution holds new letters to it, until a new address in the
 directory or ``dearmp directory address EMAIL --ok``. An address an operator paused
-(:mod:`workers.stages.pauses`: its letters wait at delivery) stays paused whatever bounces of
-earlier letters say.
-"""
+(:mod:`workers.stages.pauses`) stays paused whatever bounces of earlier letters say."""
 
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
 """Live sources over HTTP: postcodes.io (postcode → constituency) and the UK Parliament Members
 API (constituency → current MP and contact details), cached in the database with a time to live.
-
 Connection errors, 429 and 5xx are retried with backoff (honouring ``Retry-After`` up to a
-limit); past that, :class:`SourceUnavailable` leaves it to the actor's retries.
-"""
+limit); past that, :class:`SourceUnavailable` leaves it to the actor's retries."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,7 +21,7 @@ from config.settings import Settings
 from schemas.submission import check_email
 from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import LookupCache, utcnow
-from workers.letters.mail.http import retry_after
+from workers.letters.mail.http import ThreadSessions, retry_after
 from workers.wording import counted
 
 log = structlog.get_logger(__name__)
@@ -76,18 +73,13 @@ class JsonApi:
     backoff: float = 0.5
     max_wait: float = 30.0
     sleep: Callable[[float], None] = time.sleep
-    _local: threading.local = field(default_factory=threading.local, init=False, repr=False)
+    sessions: ThreadSessions = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
-
-    @property
-    def session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-        return session
+        self.sessions = ThreadSessions(
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"}
+        )
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> tuple[int, Any]:
         """(status, parsed JSON or None) for any answer that is not worth retrying."""
@@ -96,7 +88,7 @@ class JsonApi:
         for attempt in range(self.attempts):
             wait = self.backoff * 2**attempt
             try:
-                response = self.session.get(url, params=params, timeout=self.timeout)
+                response = self.sessions.session.get(url, params=params, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 problem = type(exc).__name__
             else:

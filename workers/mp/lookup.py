@@ -1,8 +1,6 @@
-"""Finding the MP for a postcode: postcode → constituency → sitting MP.
-
-From the current local directory (one statement), or from the live sources (postcodes.io and
-the Members API), in the order ``DEARMP_RESOLUTION_ORDER`` asks.
-"""
+"""Finding the MP for a postcode (postcode → constituency → sitting MP): from the current local
+directory in one statement, or from the live sources (postcodes.io and the Members API), in the
+order ``DEARMP_RESOLUTION_ORDER`` asks."""
 
 from __future__ import annotations
 
@@ -139,7 +137,7 @@ def _lookup_statement(many: bool = False) -> Executable:
     return statement.order_by(version.c.id.desc()).limit(1)
 
 
-# Built once: constructing a statement costs ten times more than running it.
+# Built once: constructing a statement costs more than running it.
 LOOKUP = _lookup_statement()
 LOOKUP_MANY = _lookup_statement(many=True)
 

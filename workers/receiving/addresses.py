@@ -1,8 +1,7 @@
 """Per-letter return and reply addresses: ``b-<token>`` (bounce domain) is a letter's envelope
 sender, ``r-<token>`` (reply domain) its Reply-To, ``n-<token>`` (bounce domain) a notice's, so
 that a notice's bounce is never taken for a letter's. The token is the id's 16 bytes and 80 bits
-of an HMAC over purpose and id, in base32: nothing personal, unforgeable without the key.
-"""
+of an HMAC over purpose and id, in base32: nothing personal, unforgeable without the key."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """What came back to a letter: a bounce (RFC 3464, or a mailer daemon's text), a delay, an
 automatic reply (RFC 3834 and vendors' headers, or a machine's words), an office's
 acknowledgement (a guess from the words: forwarded like a reply, not counted as the MP's), or a
-reply. Hostile or broken mail never raises: it is ``malformed`` or a ``loop``.
-"""
+reply. Hostile or broken mail never raises: it is ``malformed`` or a ``loop``."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Mailgun's delivery events (``POST /v1/webhooks/mailgun``): verified, then read like a bounce.
-
 A request is refused unless its HMAC-SHA256 signature matches and its timestamp is within
 :data:`MAX_AGE`; each token is remembered for as long, so a signature cannot be replayed. Only
-what classifying needs is kept, each value checked. The letter is found by its Message-ID.
-"""
+what classifying needs is kept, each value checked. The letter is found by its Message-ID."""
 
 from __future__ import annotations
 

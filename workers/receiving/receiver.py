@@ -1,8 +1,7 @@
 """``dearmp inbound``: the SMTP receiver (aiosmtpd) for our token addresses and ``postmaster``
 only, never an open relay. It limits size, messages per peer, sessions at once and per peer, and
 a session's length, so that slow peers cannot hold the door shut. ``250`` only once the message
-is committed (else 451); its id then goes to the inbound stage (or the reconciler sends it).
-"""
+is committed (else 451); its id then goes to the inbound stage (or the reconciler sends it)."""
 
 from __future__ import annotations
 
@@ -31,6 +30,27 @@ POSTMASTER_PER_HOUR = 100
 POSTMASTER_FULL = "452 4.3.1 The postmaster's mailbox is full for now; try again later"
 
 
+class FixedWindow:
+    """At most ``limit`` messages per key in each ``seconds`` from the first (a fixed window)."""
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self.limit, self.seconds = limit, seconds
+        self.windows: dict[str, tuple[float, int]] = {}  # key -> (window's start, messages)
+
+    def allow(self, key: str, more: int = 1) -> bool:
+        """Whether ``key`` may have another message now, counting ``more`` if so."""
+        now = time.monotonic()
+        start, count = self.windows.get(key, (now, 0))
+        if now - start >= self.seconds:
+            start, count = now, 0
+        if count >= self.limit:
+            return False
+        self.windows[key] = (start, count + more)
+        if len(self.windows) > 100_000:  # forget idle keys
+            self.windows = {k: w for k, w in self.windows.items() if now - w[0] < self.seconds}
+        return True
+
+
 class InboundHandler:
     """aiosmtpd's handler: checks recipients, limits peers, stores, then hands on."""
 
@@ -48,34 +68,8 @@ class InboundHandler:
         self.returns = returns
         self.send_on = send_on
         self.hash_peer = hash_peer
-        self.per_minute = per_minute
-        self._windows: dict[str, tuple[float, int]] = {}  # peer -> (window's start, messages)
-        self._postmaster = (time.monotonic(), 0)  # (the hour's start, messages kept)
-
-    def _postmaster_kept(self, more: int = 0) -> bool:
-        """Whether another message to the postmaster may be kept this hour (a fixed window of
-        POSTMASTER_PER_HOUR), counting ``more`` kept now if so."""
-        now = time.monotonic()
-        start, count = self._postmaster
-        if now - start >= 3600:
-            start, count = now, 0
-        if count >= POSTMASTER_PER_HOUR:
-            return False
-        self._postmaster = (start, count + more)
-        return True
-
-    def _allow(self, peer: str) -> bool:
-        """At most ``per_minute`` messages per peer in each minute (a fixed window)."""
-        now = time.monotonic()
-        start, count = self._windows.get(peer, (now, 0))
-        if now - start >= 60:
-            start, count = now, 0
-        if count >= self.per_minute:
-            return False
-        self._windows[peer] = (start, count + 1)
-        if len(self._windows) > 100_000:  # forget idle peers
-            self._windows = {p: w for p, w in self._windows.items() if now - w[0] < 60}
-        return True
+        self.peers = FixedWindow(per_minute, 60)
+        self.postmaster = FixedWindow(POSTMASTER_PER_HOUR, 3600)
 
     async def handle_MAIL(
         self,
@@ -85,7 +79,7 @@ class InboundHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        if not self._allow(_host(session.peer)):
+        if not self.peers.allow(_host(session.peer)):
             log.warning("inbound_peer_limited", peer_hash=self._hash(session))
             return "450 4.7.1 Too many messages from you; try again later"
         envelope.mail_from = address
@@ -111,7 +105,7 @@ class InboundHandler:
         if postmaster:
             if any(self.returns.is_postmaster(str(r)) for r in envelope.rcpt_tos):
                 return "250 OK (a recipient already)"  # every form of it is one mailbox
-            if not self._postmaster_kept():
+            if not self.postmaster.allow("postmaster", more=0):
                 log.warning("inbound_postmaster_limited", peer_hash=self._hash(session))
                 return POSTMASTER_FULL
         envelope.rcpt_tos.append(address)
@@ -125,7 +119,8 @@ class InboundHandler:
         recipients = [str(r) for r in envelope.rcpt_tos]
         peer_hash = self._hash(session)
         # Counted when kept, not at RCPT: an envelope left without DATA spends nothing.
-        if any(map(self.returns.is_postmaster, recipients)) and not self._postmaster_kept(1):
+        to_postmaster = any(map(self.returns.is_postmaster, recipients))
+        if to_postmaster and not self.postmaster.allow("postmaster"):
             log.warning("inbound_postmaster_limited", peer_hash=peer_hash)
             return POSTMASTER_FULL
         loop = asyncio.get_running_loop()

@@ -23,6 +23,17 @@ from workers.letters.mail.relay import Alarm, RelayPause
 REFUSING_US = {401, 403, 404}
 
 
+class ThreadSessions(threading.local):
+    """A ``requests`` session for each thread that uses it (one is not safe to share)."""
+
+    def __init__(
+        self, auth: tuple[str, str] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        self.session = requests.Session()
+        self.session.auth = auth
+        self.session.headers.update(headers or {})
+
+
 class HttpMailer(Mailer):
     """Mailgun's ``messages.mime`` API, a ``requests`` session per thread."""
 
@@ -33,21 +44,13 @@ class HttpMailer(Mailer):
             raise ValueError("the http mail backend needs EMAIL_API_KEY and EMAIL_API_DOMAIN")
         api, domain = settings.email_api_url.rstrip("/"), settings.email_api_domain
         self.url = f"{api}/v3/{domain}/messages.mime"
-        self.auth = ("api", settings.email_api_key.get_secret_value())
         self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
-        self._local = threading.local()
+        self.sessions = ThreadSessions(auth=("api", settings.email_api_key.get_secret_value()))
         self.relay = RelayPause(settings.smtp_pause, alarm=alarm)
         self._refusing = threading.Lock()
 
     def waiting(self) -> float:
         return self.relay.waiting()
-
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            session.auth = self.auth
-        return session
 
     def probe(self) -> str | None:
         """Why no letter could go (the API unreachable, or refusing our key or domain); None
@@ -55,7 +58,7 @@ class HttpMailer(Mailer):
         nothing (a 400 for the missing message: the key and domain were accepted); a domain
         sending key may do nothing else."""
         try:
-            status = self._session().post(self.url, timeout=self.timeout).status_code
+            status = self.sessions.session.post(self.url, timeout=self.timeout).status_code
         except requests.RequestException as exc:
             return f"cannot reach the email API ({type(exc).__name__})"
         if status in REFUSING_US:
@@ -67,7 +70,7 @@ class HttpMailer(Mailer):
     def send(self, mail: Outgoing) -> str:
         self.relay.check()
         try:
-            response = self._session().post(
+            response = self.sessions.session.post(
                 self.url,
                 data={"to": mail.recipients},
                 files={"message": ("message.eml", mail.data, "message/rfc822")},

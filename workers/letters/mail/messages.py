@@ -29,10 +29,8 @@ UTF8.body_encoding = QP
 
 
 class _Wire(email.policy.Compat32):
-    """compat32 (cheaper than EmailMessage's header registry) with CRLF line ends. A printable
-    ASCII header is written as it is when short, and folded once per value when long: a
-    campaign's From and List-Id are the same on every letter, and folding is the writer's
-    costliest step."""
+    """compat32 with CRLF line ends; a printable ASCII header is written as it is when short, and
+    folded once per value when long (a campaign's From and List-Id repeat on every letter)."""
 
     def fold_binary(self, name: str, value: str) -> bytes:
         if isinstance(value, str) and value.isascii() and value.isprintable():
@@ -176,14 +174,12 @@ _PLAIN = f"MIME-Version: 1.0{CRLF}{_PART.format('plain')}".removesuffix(CRLF).en
 
 
 def write(draft: Draft) -> bytes:
-    """The email's bytes, CRLF line ends: what the email package's compat32 generator writes for
-    the draft (a test holds them equal), laid out here because the generator was a tenth of a
-    worker's time. The email package still folds the headers (:data:`WIRE`) and quotes the
-    parts (:data:`UTF8`); a draft with HTML is multipart/alternative."""
+    """The email's bytes as the email package's compat32 generator writes them (a test holds
+    them equal), laid out here for speed; the package still folds the headers (:data:`WIRE`)
+    and quotes the parts (:data:`UTF8`). A draft with HTML is multipart/alternative."""
     if draft.html:
         boundary = draft.boundary or "==dearmp-" + _digest(draft.text, draft.html) + "=="
-        # Written as compat32 folds it: its boundary differs on every letter, so compat32's
-        # folding would run for each, and cost a third of the writing.
+        # Folded here as compat32 would: the boundary differs per letter, so no cache serves it.
         kind = f'Content-Type: multipart/alternative; boundary="{boundary}"'
         if len(kind) > 78:  # compat32's line length
             kind = kind.replace("; ", f";{CRLF} ", 1)
