@@ -104,11 +104,7 @@ def _held_since(session: Session, submission_id: str) -> timedelta | None:
             SubmissionEvent.submission_id == submission_id, SubmissionEvent.state == State.HELD
         )
     )
-    if first is None:
-        return None
-    if first.tzinfo is None:  # SQLite hands back naive UTC from an aggregate
-        first = first.replace(tzinfo=utcnow().tzinfo)
-    return utcnow() - first
+    return None if first is None else utcnow() - first
 
 
 def _still_held(session: Session, submission: Current, version_id: int | None) -> list[Stage]:
