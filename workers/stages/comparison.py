@@ -70,14 +70,20 @@ def plan(session: Session, submission_id: str) -> Apply[list[Stage]]:
     words = originality.words(letter_body(definition, submission.payload))
     template = originality.template(definition.draft_body)
     sig = template.signature_of(words)
-    now = utcnow()
-    similar, recent = _similar_to_mp(session, submission.member_id, sig, rules, now)
+    now, member_id = utcnow(), submission.member_id
+    # Letters to the same MP at least ``rules.threshold`` alike: within the window, and within
+    # the hold's hours.
+    similar = recent = 0
+    if member_id is not None:
+        for other, count, within in _signatures(session, rules, now, member_id).get(member_id, ()):
+            if originality.similarity(sig, other) >= rules.threshold:
+                similar, recent = similar + count, recent + within
     # Near-identical to more letters to this MP than the campaign lets through on their own.
     decision = rules.policy if recent > rules.hold_after else "send"
     row = {
         "submission_id": submission_id,
         "campaign_slug": submission.campaign_slug,
-        "member_id": submission.member_id,
+        "member_id": member_id,
         "created_at": now,
         "own_words": template.share_of(words),
         "signature": originality.pack(sig),
@@ -102,24 +108,6 @@ def _moved(submission: Any, decision: str, row: dict[str, Any] | None) -> Apply[
         return [] if hold else [Stage.RENDER]
 
     return write
-
-
-def _similar_to_mp(
-    session: Session,
-    member_id: int | None,
-    sig: tuple[int, ...],
-    rules: SimilarLetters,
-    now: datetime,
-) -> tuple[int, int]:
-    """Letters to the same MP at least ``rules.threshold`` alike: within the window, and within
-    the hold's hours. Each distinct signature is compared once."""
-    if member_id is None:
-        return 0, 0
-    similar = recent = 0
-    for other, count, within in _signatures(session, rules, now, member_id).get(member_id, ()):
-        if originality.similarity(sig, other) >= rules.threshold:
-            similar, recent = similar + count, recent + within
-    return similar, recent
 
 
 # What a letter is compared with: of its MP's counts within the window, the RECENT_COUNTS

@@ -268,19 +268,6 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
     )
 
 
-def _letters(session: Session, digest_id: str) -> list[Any]:
-    """The digest's letters whose supporters were not erased, oldest first."""
-    return list(
-        session.execute(
-            select(Submission, Letter)
-            .join(LetterPrint, LetterPrint.submission_id == Submission.id)
-            .join(Letter, Letter.submission_id == Submission.id)
-            .where(LetterPrint.digest_id == digest_id, Submission.erased_at.is_(None))
-            .order_by(Submission.created_at, Submission.id)
-        ).all()
-    )
-
-
 def kind(
     mailer: Mailer,
     policy: delivery.DeliveryPolicy,
@@ -296,7 +283,15 @@ def kind(
         definition = get_definition(session, digest.campaign_slug) if digest else None
         if digest is None or definition is None:
             return "the digest or its campaign is gone"
-        letters = _letters(session, item.id)
+        letters = list(  # those whose supporters were not erased, oldest first
+            session.execute(
+                select(Submission, Letter)
+                .join(LetterPrint, LetterPrint.submission_id == Submission.id)
+                .join(Letter, Letter.submission_id == Submission.id)
+                .where(LetterPrint.digest_id == item.id, Submission.erased_at.is_(None))
+                .order_by(Submission.created_at, Submission.id)
+            )
+        )
         if not letters:
             return "every letter in it was erased"
         campaign = session.get(Campaign, digest.campaign_slug)

@@ -55,6 +55,7 @@ log = structlog.get_logger(__name__)
 
 # What comes back about a letter while it is being sent waits this long, as often as needed.
 SENT_MARK_WAIT = 10.0
+_NOT_PROCESSED = InboundMessage.status == InboundStatus.RECEIVED
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def process(
     finished = _set(
         session,
         inbound_id,
-        InboundMessage.status == InboundStatus.RECEIVED,
+        _NOT_PROCESSED,
         status=outcome.status.value,
         kind=outcome.kind,
         reason=outcome.reason,
@@ -381,22 +382,16 @@ def process_counted(
     except AlreadyMoved:
         raise
     except Deferred as later:  # its delayed message is the one: the reconciler's comes after
+        due = utcnow() + timedelta(seconds=later.seconds)
         with session_scope(sessions) as session:
-            due = utcnow() + timedelta(seconds=later.seconds)
-            _set(
-                session,
-                inbound_id,
-                InboundMessage.status == InboundStatus.RECEIVED,
-                dispatched_at=due,
-            )
+            _set(session, inbound_id, _NOT_PROCESSED, dispatched_at=due)
         raise
     except Exception as exc:
         with session_scope(sessions) as session:
             counted = count_failure(
                 session,
                 InboundMessage.attempts,
-                (InboundMessage.id == inbound_id)
-                & (InboundMessage.status == InboundStatus.RECEIVED),
+                (InboundMessage.id == inbound_id) & _NOT_PROCESSED,
                 exc,
                 policy.max_attempts,
             )

@@ -98,19 +98,6 @@ def decide(targets: Targets, postcode: str, answer: Answer) -> Found | Hold | Re
     return answer
 
 
-def _held_since(session: Session, submission_id: str) -> timedelta | None:
-    first = session.scalar(
-        select(func.min(SubmissionEvent.at)).where(
-            SubmissionEvent.submission_id == submission_id, SubmissionEvent.state == State.HELD
-        )
-    )
-    if first is None:
-        return None
-    if first.tzinfo is None:  # SQLite hands back naive UTC from an aggregate
-        first = first.replace(tzinfo=utcnow().tzinfo)
-    return utcnow() - first
-
-
 def _still_held(session: Session, submission: Current, version_id: int | None) -> list[Stage]:
     """Looked again, still nothing to write to: note the directory seen and the time, no event."""
     now = utcnow()
@@ -195,10 +182,14 @@ def plan(
         seat_fields["member_id"] = answer.member.member_id
 
     if isinstance(outcome, Hold):
-        held_for = _held_since(session, submission.id)
-        if held_for is None:
+        held_since = session.scalar(
+            select(func.min(SubmissionEvent.at)).where(
+                SubmissionEvent.submission_id == submission.id, SubmissionEvent.state == State.HELD
+            )
+        )
+        if held_since is None:
             return move(submission, State.HELD, outcome.reason, **seat_fields)
-        if held_for < timedelta(days=targets.hold_days):
+        if utcnow() - held_since < timedelta(days=targets.hold_days):
             version_id = seat_fields.get("directory_version_id")
             return lambda s: _still_held(s, submission, version_id)
         message = (
