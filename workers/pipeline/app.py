@@ -25,7 +25,7 @@ from workers.receiving.addresses import ReturnAddresses
 from workers.stages.delivery import DeliveryPolicy
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: what is built once per App is cached by it
 class App:
     settings: Settings
     engine: Engine
