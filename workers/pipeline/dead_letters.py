@@ -342,9 +342,6 @@ class MailPauseAlarm:
         return raw is not None and float(raw) > since
 
 
-mail_pause_alarm = MailPauseAlarm
-
-
 def resume_mail(client: redis.Redis, namespace: str) -> dict[str, str] | None:
     """An operator's resume of the mail pause (the relay is fixed): every worker process tries
     again within seconds, instead of waiting out its doubled pause. The pause it ends, if any

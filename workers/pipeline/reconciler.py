@@ -43,7 +43,6 @@ from workers.stages.stage import Stage
 
 log = structlog.get_logger(__name__)
 
-STAGE_FOR_STATE = RESENT_TO  # the table's; held and unconfirmed have timetables of their own
 BATCH = 1000
 # The defaults of DEARMP_HELD_RECHECK, DEARMP_MAX_DEAD_LETTERS, DEARMP_DELIVERY_LEASE_SECONDS.
 HELD_RECHECK = timedelta(seconds=default("held_recheck"))
@@ -110,13 +109,13 @@ def find_stalled(
     due.extend((sid, Stage.NOTIFY) for sid in notify)
     stalled = session.execute(
         select(Submission.id, Submission.state)
-        .where(Submission.state.in_([s.value for s in STAGE_FOR_STATE]))
+        .where(Submission.state.in_([s.value for s in RESENT_TO]))
         .where(Submission.dispatched_at < cutoff)
         .where(~outbox.waiting(Submission.id))  # the outbox sends its letter
         .order_by(Submission.dispatched_at)
         .limit(BATCH)
     ).all()
-    due.extend((sid, STAGE_FOR_STATE[State(state)]) for sid, state in stalled)
+    due.extend((sid, RESENT_TO[State(state)]) for sid, state in stalled)
 
     validated = select(SubmissionEvent.submission_id).where(
         SubmissionEvent.state == State.VALIDATED
