@@ -224,13 +224,7 @@ def reconcile_once(
     an outbox item claimed longer ago by a worker that never finished is taken over
     (``DEARMP_DELIVERY_LEASE_SECONDS``)."""
     with session_scope(sessions) as session:
-        due = find_stalled(
-            session,
-            older_than,
-            held_recheck=held_recheck,
-            confirmation=confirmation,
-            max_dead_letters=max_dead_letters,
-        )
+        due = find_stalled(session, older_than, held_recheck, confirmation, max_dead_letters)
     try:
         with session_scope(sessions) as session:
             due += find_after_sent(session, older_than, lease=lease)
