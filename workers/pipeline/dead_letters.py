@@ -183,9 +183,7 @@ def find_dead(
         payloads: dict[str, Any] = dict(
             session.execute(
                 select(Submission.id, Submission.payload).where(Submission.id.in_(about))
-            )
-            .tuples()
-            .all()
+            ).all()
         )
         session.expunge_all()
     found = []
