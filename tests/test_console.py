@@ -617,11 +617,11 @@ def test_with_redis_the_overview_has_queues_and_the_mail_pause_can_be_ended(
 ) -> None:
     import redis
 
-    from workers.pipeline.dead_letters import mail_pause_alarm
+    from workers.pipeline.dead_letters import MailPauseAlarm
 
     app.settings.broker, app.settings.redis_url = "redis", redis_server.url
     client = redis.Redis.from_url(redis_server.url)
-    mail_pause_alarm(client, app.settings.redis_namespace)("535 authentication failed", 60)
+    MailPauseAlarm(client, app.settings.redis_namespace)("535 authentication failed", 60)
     html = operator.get("/console/").text
     assert "dearmp.deliver" in html and "No worker process is alive" in html
     assert "535 authentication failed" in operator.get("/console/pauses").text

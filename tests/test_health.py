@@ -519,9 +519,9 @@ def test_a_mail_pause_the_relay_keeps_answering_the_same_way_is_down(
     """A refused login, sender, certificate or key pauses delivery until someone acts (the
     worker that met it says so): nothing goes out, so down; one that passes by itself (a 4xx)
     is degraded."""
-    from workers.pipeline.dead_letters import mail_pause_alarm
+    from workers.pipeline.dead_letters import MailPauseAlarm
 
-    mail_pause_alarm(on_redis, app.settings.redis_namespace)(reason, 60.0, lasting)
+    MailPauseAlarm(on_redis, app.settings.redis_namespace)(reason, 60.0, lasting)
     result = CliRunner().invoke(main, ["health", "--json"])
     found, detail = checks_of(result)["mail pause"]
     assert found == status and reason in detail

@@ -451,11 +451,11 @@ def test_the_pause_reason_health_shows_hides_the_addresses_the_answer_quotes(
     from click.testing import CliRunner
 
     from workers.cli import main
-    from workers.pipeline.dead_letters import mail_pause_alarm
+    from workers.pipeline.dead_letters import MailPauseAlarm
 
     app.settings.redis_url = redis_server.url
     client = redis.Redis.from_url(redis_server.url)
-    alarm = mail_pause_alarm(client, app.settings.redis_namespace)
+    alarm = MailPauseAlarm(client, app.settings.redis_namespace)
     mailer = smtp_mailer(tmp_path, smtp_sink, alarm=alarm)
     sid = through_render(app, submission())
     with session_scope(app.sessions) as session:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 import dramatiq
@@ -246,34 +246,28 @@ def _one_by_one(
     return outcomes
 
 
-_outbox_built: tuple[App, dict[str, Kind], outbox.OutboxPolicy] | None = None
-
-
+@lru_cache(maxsize=1)
 def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
     """Every kind of email the outbox sends, and its policy, from the App's settings: built
     once per App (the process's), not per message."""
-    global _outbox_built
-    built = _outbox_built
-    if built is None or built[0] is not app:
-        settings = app.settings
-        policy = outbox.OutboxPolicy(
-            settings.delivery_lease_seconds,
-            settings.outbox_max_attempts,
-            first_backoff=settings.outbox_backoff_seconds,
-        )
-        context = kinds.Context(
-            app.returns,
-            app.signer,
-            app.secret,
-            app.mailer,
-            app.delivery_policy,
-            app.limiter,
-            settings.public_url,
-            confirmation.ConfirmationPolicy.from_settings(settings),
-            settings.webhook_timeout_seconds,
-        )
-        built = _outbox_built = (app, kinds.kinds(context), policy)
-    return built[1], built[2]
+    settings = app.settings
+    policy = outbox.OutboxPolicy(
+        settings.delivery_lease_seconds,
+        settings.outbox_max_attempts,
+        first_backoff=settings.outbox_backoff_seconds,
+    )
+    context = kinds.Context(
+        app.returns,
+        app.signer,
+        app.secret,
+        app.mailer,
+        app.delivery_policy,
+        app.limiter,
+        settings.public_url,
+        confirmation.ConfirmationPolicy.from_settings(settings),
+        settings.webhook_timeout_seconds,
+    )
+    return kinds.kinds(context), policy
 
 
 def _outbox(app: App, ids: list[str], send_on: SendOn) -> list[Outcome]:

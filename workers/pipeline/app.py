@@ -20,12 +20,12 @@ from workers.database.models import Campaign
 from workers.letters.mail import DkimSigner, Mailer, make_mailer, make_signer
 from workers.letters.rate_limits import Limiter, MemoryLimiter, RedisLimiter
 from workers.mp.live_sources import LiveSources
-from workers.pipeline.dead_letters import mail_pause_alarm
+from workers.pipeline.dead_letters import MailPauseAlarm
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages.delivery import DeliveryPolicy
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: what is built once per App is cached by it
 class App:
     settings: Settings
     engine: Engine
@@ -46,7 +46,7 @@ class App:
         if settings.broker == "redis":
             client = redis.Redis.from_url(settings.resolved_redis_url)
             limiter = RedisLimiter(client)
-            alarm = mail_pause_alarm(client, settings.redis_namespace)
+            alarm = MailPauseAlarm(client, settings.redis_namespace)
         secret = settings.secret()
         return cls(
             settings=settings,

@@ -183,9 +183,7 @@ def find_dead(
         payloads: dict[str, Any] = dict(
             session.execute(
                 select(Submission.id, Submission.payload).where(Submission.id.in_(about))
-            )
-            .tuples()
-            .all()
+            ).all()
         )
         session.expunge_all()
     found = []
@@ -340,9 +338,6 @@ class MailPauseAlarm:
         except redis.RedisError:
             return False
         return raw is not None and float(raw) > since
-
-
-mail_pause_alarm = MailPauseAlarm
 
 
 def resume_mail(client: redis.Redis, namespace: str) -> dict[str, str] | None:

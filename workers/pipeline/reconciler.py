@@ -43,7 +43,6 @@ from workers.stages.stage import Stage
 
 log = structlog.get_logger(__name__)
 
-STAGE_FOR_STATE = RESENT_TO  # the table's; held and unconfirmed have timetables of their own
 BATCH = 1000
 # The defaults of DEARMP_HELD_RECHECK, DEARMP_MAX_DEAD_LETTERS, DEARMP_DELIVERY_LEASE_SECONDS.
 HELD_RECHECK = timedelta(seconds=default("held_recheck"))
@@ -110,13 +109,13 @@ def find_stalled(
     due.extend((sid, Stage.NOTIFY) for sid in notify)
     stalled = session.execute(
         select(Submission.id, Submission.state)
-        .where(Submission.state.in_([s.value for s in STAGE_FOR_STATE]))
+        .where(Submission.state.in_([s.value for s in RESENT_TO]))
         .where(Submission.dispatched_at < cutoff)
         .where(~outbox.waiting(Submission.id))  # the outbox sends its letter
         .order_by(Submission.dispatched_at)
         .limit(BATCH)
     ).all()
-    due.extend((sid, STAGE_FOR_STATE[State(state)]) for sid, state in stalled)
+    due.extend((sid, RESENT_TO[State(state)]) for sid, state in stalled)
 
     validated = select(SubmissionEvent.submission_id).where(
         SubmissionEvent.state == State.VALIDATED
@@ -225,13 +224,7 @@ def reconcile_once(
     an outbox item claimed longer ago by a worker that never finished is taken over
     (``DEARMP_DELIVERY_LEASE_SECONDS``)."""
     with session_scope(sessions) as session:
-        due = find_stalled(
-            session,
-            older_than,
-            held_recheck=held_recheck,
-            confirmation=confirmation,
-            max_dead_letters=max_dead_letters,
-        )
+        due = find_stalled(session, older_than, held_recheck, confirmation, max_dead_letters)
     try:
         with session_scope(sessions) as session:
             due += find_after_sent(session, older_than, lease=lease)

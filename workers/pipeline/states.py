@@ -190,12 +190,6 @@ MOVES: frozenset[tuple[str, str]] = frozenset(
 )
 
 
-def policy(state: State) -> Policy | None:
-    """The retry policy of the stage acting on ``state`` (None for a final state)."""
-    stage = STATES[state].stage
-    return None if stage is None else STAGES[stage]
-
-
 def reached_only_through(through: State) -> frozenset[State]:
     """The states a submission can reach only by passing ``through`` (the pipeline's moves and
     the ends open to any unfinished state; not the later moves an operator makes)."""
