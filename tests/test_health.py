@@ -530,6 +530,9 @@ def test_a_mail_pause_the_relay_keeps_answering_the_same_way_is_down(
         assert "nothing goes out until that is fixed, then `dearmp deliveries resume`" in detail
 
 
+GAVE_UP = "gave up after 3 failed attempts: 452 4.2.2 Mailbox full; from Amira Haddad"
+
+
 def test_letters_given_up_today_are_degraded_with_how_to_send_them_again(
     app: App, on_redis: redis.Redis
 ) -> None:
@@ -541,11 +544,15 @@ def test_letters_given_up_today_are_degraded_with_how_to_send_them_again(
             session.execute(
                 update(OutboxItem)
                 .where(OutboxItem.id == sid)
-                .values(status="failed", claimed_at=at, error="gave up after 3 failed attempts")
+                .values(status="failed", claimed_at=at, error=GAVE_UP)
             )
     status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["failed letters"]
     assert status == "degraded"
-    assert detail.startswith("1 letter to MPs failed in the last 24 h (most often: gave up")
+    # The server's words quote the sender: hidden, as in every operator's view.
+    assert detail.startswith(
+        "1 letter to MPs failed in the last 24 h (most often: gave up after 3 failed attempts: "
+        "452 4.2.2 Mailbox full; from [hidden]); "
+    )
     assert "dearmp deliveries reopen --reason TEXT" in detail
 
 

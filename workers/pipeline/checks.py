@@ -9,6 +9,7 @@ import smtplib
 import socket
 import ssl
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from workers.pipeline.app import App
 from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
 from workers.pipeline.heartbeat import last_pass, live_workers, mail_route
 from workers.pipeline.states import STAGES
+from workers.privacy.hashing import mask_supporter
 from workers.stages import pauses
 from workers.stages.delivery import KIND as LETTER
 from workers.stages.digests import KIND as DIGEST
@@ -215,16 +217,18 @@ def _pipeline(
         def count(model: Any, *where: Any) -> int:
             return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
-        def by_error(*where: Any) -> list[Any]:
-            """(error, how many) of the items ``where``, the commonest first."""
-            return list(
-                session.execute(
-                    select(OutboxItem.error, func.count())
-                    .where(*where)
-                    .group_by(OutboxItem.error)
-                    .order_by(func.count().desc())
-                )
-            )
+        def by_error(*where: Any) -> list[tuple[str | None, int]]:
+            """(error, how many) of the items ``where``, the commonest first, each with its
+            supporter's details hidden (a server's answer can quote them: operators see this)."""
+            query = select(OutboxItem.error, func.count(), func.min(OutboxItem.submission_id))
+            rows = session.execute(query.where(*where).group_by(OutboxItem.error)).all()
+            quoted = {sid for error, _, sid in rows if error}
+            of = select(Submission.id, Submission.payload).where(Submission.id.in_(quoted))
+            payloads: dict[str, Any] = dict(session.execute(of).all()) if quoted else {}
+            errors: Counter[str | None] = Counter()
+            for error, n, sid in rows:
+                errors[error and mask_supporter(error, payloads.get(sid))] += n
+            return errors.most_common()
 
         every = outbox.overdue(session, now, late, lease)
         hooks = outbox.overdue(session, now, late, lease, WEBHOOK)
