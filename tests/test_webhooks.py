@@ -448,7 +448,7 @@ def test_a_410_disables_its_endpoint_until_an_operator_enables_it(
     [item] = items(app)
     ended = until_ended(app, item.id, outbox_for(app)[1])
     assert (ended.status, ended.failures) == ("failed", 0)
-    assert ended.error == f"endpoint {endpoint_id} {GONE}"
+    assert ended.error == f"endpoint {endpoint_id} {GONE}: the endpoint was disabled"
     with session_scope(app.sessions) as session:
         endpoint = session.get(WebhookEndpoint, endpoint_id)
         assert endpoint is not None and not endpoint.enabled
@@ -456,6 +456,10 @@ def test_a_410_disables_its_endpoint_until_an_operator_enables_it(
     assert len(items(app)) == 1  # nothing written for the disabled endpoint
     enabled = CliRunner().invoke(cli, ["webhooks", "enable", str(endpoint_id)])
     assert enabled.exit_code == 0, enabled.output
+    send(app, item.id)  # a late message about the item given up: the operator's enable stays
+    with session_scope(app.sessions) as session:
+        endpoint = session.get(WebhookEndpoint, endpoint_id)
+        assert endpoint is not None and endpoint.enabled
     erased(app)
     assert len(items(app)) == 2
     assert [r.path for r in receiver.requests] == ["/removed"]
@@ -594,13 +598,17 @@ def test_the_cli_adds_shows_rotates_replays_and_removes_and_refuses_bad_configur
         "https://crm.example:abc/hook": "host and port",
         "http://[::1/hook": "host and port",
         "https://crm.example:0/hook": "port must be from 1 to 65535",
-        "http://169.254.169.254/latest/meta-data/": "no CRM's",
-        "http://2852039166/latest/meta-data/": "no CRM's",
-        "http://0xa9.254.169.254/": "no CRM's",
-        "http://[::ffff:169.254.169.254]/": "no CRM's",
-        "http://[fe80::1]/hook": "no CRM's",
-        "http://0.0.0.0:8080/hook": "no CRM's",
-        "http://224.0.0.1/hook": "no CRM's",
+        "http://169.254.169.254/latest/meta-data/": "no CRM has",
+        "http://2852039166/latest/meta-data/": "no CRM has",
+        "http://0xa9.254.169.254/": "no CRM has",
+        "http://[::ffff:169.254.169.254]/": "no CRM has",
+        "http://169.254.169.254./": "no CRM has",
+        "http://[fd00:ec2::254]/": "no CRM has",
+        "http://100.100.100.200/": "no CRM has",
+        "http://[fe80::1]/hook": "no CRM has",
+        "http://0.0.0.0:8080/hook": "no CRM has",
+        "http://224.0.0.1/hook": "no CRM has",
+        "http://169.254.169.254\\.crm.example/hook": "backslash",
     }
     for url, said in refused.items():
         bad = runner.invoke(cli, ["webhooks", "add", url, "--event", "letter.delivered"])
@@ -841,15 +849,20 @@ def test_the_moves_a_crm_hears_of_are_named_in_the_table_of_states() -> None:
 
 
 def test_only_addresses_no_crm_has_are_unsafe_and_none_is_posted_to() -> None:
-    """A CRM may be on this host or a private network; a cloud's metadata service (link-local)
-    is never one, in whatever form its address is written. Names are not resolved here."""
+    """A CRM may be on this host or a private network; a cloud's metadata service is never one,
+    in whatever form its address is written, nor is a host requests would read otherwise than
+    urlsplit (a backslash ends it for urllib3). Names are not resolved here."""
     from workers.letters.mail import PermanentDeliveryError
     from workers.webhooks.channel import HttpChannel, Request, unsafe_host
 
-    for host in ("127.0.0.1", "10.0.0.8", "192.168.1.20", "::1", "crm.example", "localhost"):
-        assert not unsafe_host(host), host
-    for host in ("169.254.169.254", "2852039166", "169.254.43518", "fe80::1", "0.0.0.0", "::"):  # noqa: S104
-        assert unsafe_host(host), host
-    metadata = Request(3, "http://169.254.169.254/latest/", "w1", b"{}", (endpoints.new_secret(),))
-    with pytest.raises(PermanentDeliveryError, match="no CRM's"):
-        HttpChannel(timeout=0.01).send(metadata)
+    safe = ("127.0.0.1", "10.0.0.8", "192.168.1.20", "[::1]", "crm.example", "localhost:8080")
+    for host in safe:
+        assert not unsafe_host(f"https://{host}/hook"), host
+    unsafe = ("169.254.169.254", "2852039166", "169.254.43518", "[fe80::1]", "0.0.0.0", "[::]")  # noqa: S104
+    unsafe += ("169.254.169.254\\.crm.example", "0xa9fea9fe\\x", "[fd00:ec2::254]", "[bad")
+    for host in unsafe:
+        assert unsafe_host(f"http://{host}/hook"), host
+    for url in ("http://169.254.169.254/latest/", "http://169.254.169.254\\.crm.example/"):
+        metadata = Request(3, url, "w1", b"{}", (endpoints.new_secret(),))
+        with pytest.raises(PermanentDeliveryError, match="no CRM has"):
+            HttpChannel(timeout=0.01).send(metadata)

@@ -3,7 +3,7 @@
 then paused, as long as its Retry-After asks if longer, up to an hour); anything else, a redirect
 included (never followed), is permanent; a 410 also disables the endpoint (Standard Webhooks).
 Reasons name the endpoint by id, never by its URL, which may carry a token. No webhook goes to an
-address no CRM has (:func:`unsafe_host`: a cloud's metadata service among them)."""
+address written in the URL that no CRM has (:func:`unsafe_host`)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 import requests
 from standardwebhooks.webhooks import Webhook
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
 from workers.letters.mail.http import retry_after
@@ -25,13 +26,22 @@ from workers.letters.mail.http import retry_after
 ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
 BUSY_WAIT = 1.0  # a webhook held back by others just sent waits this long
 LONGEST_PAUSE = 3600.0  # a receiver's Retry-After is honoured up to this
-GONE = "answered HTTP 410 (gone): the endpoint is disabled"
+GONE = "answered HTTP 410 (gone)"
+# Clouds' metadata services outside the link-local ranges (AWS's IPv6 one, Alibaba's).
+METADATA = frozenset(ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200"))
+UNSAFE = "its host is an address no CRM has (link-local, a cloud's metadata, multicast, reserved)"
 
 
-def unsafe_host(host: str) -> bool:
-    """Whether ``host`` is an address no CRM has: link-local (169.254.169.254 is a cloud's
-    metadata service), multicast, unspecified or reserved, in any form the resolver reads
-    (``2852039166``, ``0xa9.254.169.254``, ``::ffff:169.254.169.254``). A name is not resolved."""
+def unsafe_host(url: str) -> bool:
+    """Whether ``url``'s host, read as requests connects to it (urllib3's reading, where a
+    backslash ends the host), is an address no CRM has: link-local (169.254.169.254), a cloud's
+    metadata service, multicast, unspecified or reserved, in any form the resolver reads
+    (``2852039166``, ``0xa9.254.169.254``, ``::ffff:169.254.169.254``, a trailing dot). Loopback
+    and private addresses are a CRM's; a name is not resolved. An unreadable URL is unsafe."""
+    try:
+        host = (parse_url(url).host or "").strip("[]").rstrip(".")
+    except LocationParseError:
+        return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -41,11 +51,14 @@ def unsafe_host(host: str) -> bool:
             return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
-    return not address.is_loopback and (
-        address.is_link_local
-        or address.is_multicast
-        or address.is_unspecified
-        or address.is_reserved
+    return address in METADATA or (
+        not address.is_loopback
+        and (
+            address.is_link_local
+            or address.is_multicast
+            or address.is_unspecified
+            or address.is_reserved
+        )
     )
 
 
@@ -121,10 +134,8 @@ class HttpChannel:
         if http is None:
             http = self._local.http = requests.Session()
         at, where = datetime.now(UTC), f"endpoint {request.endpoint_id}"
-        if unsafe_host(urlsplit(request.url).hostname or ""):
-            raise PermanentDeliveryError(
-                f"{where}: its address is no CRM's (link-local or reserved)"
-            )
+        if unsafe_host(request.url):
+            raise PermanentDeliveryError(f"{where}: {UNSAFE}")
         signed = (Webhook(s).sign(request.webhook_id, at, request.body) for s in request.secrets)
         headers = {
             "content-type": "application/json",

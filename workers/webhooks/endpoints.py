@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from workers.database.models import Campaign, OutboxItem, OutboxStatus, WebhookEndpoint, utcnow
 from workers.logging import mask_text
 from workers.outbox.sending import send_again
-from workers.webhooks.channel import unsafe_host
+from workers.webhooks.channel import UNSAFE, unsafe_host
 from workers.webhooks.events import EVENTS, KIND, forget
 
 WORD = re.compile(r"[a-z][a-z._-]{0,15}")  # a path segment shown as it is
@@ -61,10 +61,10 @@ def add(
         raise Refused("the URL's port must be from 1 to 65535")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Refused(f"the URL must be http:// or https:// with a host: {masked(url)}")
-    if unsafe_host(parts.hostname):
-        raise Refused(
-            f"the URL's host is no CRM's (link-local, multicast or reserved): {parts.hostname}"
-        )
+    if "\\" in url:  # urllib3 ends the host there, where urlsplit does not
+        raise Refused("the URL must not hold a backslash")
+    if unsafe_host(url):
+        raise Refused(f"the URL cannot be used: {UNSAFE}")
     if parts.username is not None or parts.password is not None:
         raise Refused("the URL must not carry credentials (user:password@); use the signature")
     if unknown or not events:

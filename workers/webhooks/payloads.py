@@ -32,6 +32,7 @@ from workers.webhooks.events import forget
 
 log = structlog.get_logger(__name__)
 
+DISABLED = "the endpoint was disabled"
 DISABLED_WAIT = 3600.0  # a disabled endpoint's webhook is looked at again after this
 
 
@@ -43,9 +44,13 @@ def kind(timeout: float, pause: float = 30.0) -> Kind:
 
 def disable_if_gone(session: Session, item: OutboxItem, status: str, detail: str | None) -> None:
     """A receiver's 410 asks for nothing more (Standard Webhooks): its endpoint is disabled, its
-    other webhooks wait, and ``dearmp webhooks enable`` sends them."""
+    other webhooks wait, and ``dearmp webhooks enable`` sends them. The item then says so, which
+    makes this once: a late message about the item never disables the endpoint again."""
     if status != OutboxStatus.FAILED or not (detail or "").endswith(GONE):
         return
+    session.execute(
+        update(OutboxItem).where(OutboxItem.id == item.id).values(error=f"{detail}: {DISABLED}")
+    )
     endpoint = WebhookEndpoint.id == item.endpoint_id
     off = update(WebhookEndpoint).where(endpoint, WebhookEndpoint.enabled.is_(True))
     if rowcount(session.execute(off.values(enabled=False))):
