@@ -9,18 +9,51 @@ from datetime import time
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, model_validator
 
 from schemas.submission import CHANNELS, MAX_ANSWER, MAX_PROMPTS, PROMPT_KEY_RE, single_line
 
+# What a template may make: a letter is a page or two, and a sync must not hang or fill memory.
+MAX_REPEAT = 10_000  # characters or items a ``*`` may make
+MAX_RANGE = 1_000  # items a ``range`` may make
+MAX_LETTER = 100_000  # characters of a sample letter rendered when a campaign is loaded
+
+
+class CampaignSandbox(SandboxedEnvironment):
+    """Jinja2's sandbox, with ``*`` and ``**`` bounded, ``range`` short and no ``lipsum``."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(undefined=StrictUndefined, **options)
+        self.globals.pop("lipsum", None)
+        self.globals["range"] = _short_range
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise SecurityError("an exponent over 64 is refused")
+        if operator == "*":
+            for sequence, times in ((left, right), (right, left)):
+                if isinstance(sequence, str | list | tuple) and isinstance(times, int):
+                    if len(sequence) * times > MAX_REPEAT:
+                        raise SecurityError(f"a * making over {MAX_REPEAT:,} is refused")
+        return super().call_binop(context, operator, left, right)
+
+
+def _short_range(*args: int) -> range:
+    made = range(*args)
+    if len(made) > MAX_RANGE:
+        raise SecurityError(f"a range over {MAX_RANGE:,} items is refused")
+    return made
+
+
 # The sandboxed environments campaign templates run in (a name they are not given is an error):
 # here, so that a definition is checked when it is loaded (below) with what renders its letters.
-TEXT_TEMPLATES = SandboxedEnvironment(
-    autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
-)
-HTML_TEMPLATES = SandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
+TEXT_TEMPLATES = CampaignSandbox(autoescape=False, keep_trailing_newline=True)
+HTML_TEMPLATES = CampaignSandbox(autoescape=True)
 
 
 @lru_cache(maxsize=256)
@@ -70,6 +103,14 @@ class ConsentWording(BaseModel):
     def question(self, channel: str) -> ConsentQuestion | None:
         return next((q for q in self.questions if q.channel == channel), None)
 
+    @model_validator(mode="after")
+    def _each_channel_once(self) -> ConsentWording:
+        channels = [q.channel for q in self.questions]
+        twice = sorted({c for c in channels if channels.count(c) > 1})
+        if twice:  # the ledger would record one wording and the version check see the other
+            raise ValueError(f"questions: channel {', '.join(twice)} is asked more than once")
+        return self
+
 
 class QuietHours(BaseModel):
     """No letters leave between ``start`` and ``end``, UK time (may span midnight)."""
@@ -79,6 +120,12 @@ class QuietHours(BaseModel):
     start: time
     end: time
 
+    @model_validator(mode="after")
+    def _uk_time(self) -> QuietHours:
+        if self.start.tzinfo is not None or self.end.tzinfo is not None:
+            raise ValueError("quiet hours are UK time: give them without an offset or Z")
+        return self
+
 
 class RateLimit(BaseModel):
     """At most ``per_mp`` letters from this campaign to one MP in any ``window_seconds``."""
@@ -86,7 +133,7 @@ class RateLimit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     per_mp: int = Field(ge=1)
-    window_seconds: float = Field(default=3600, gt=0)
+    window_seconds: float = Field(default=3600, gt=0, le=7 * 86400, allow_inf_nan=False)
 
 
 def _placeholders(*names: str) -> AfterValidator:
@@ -152,10 +199,15 @@ class Retention(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    delivered_days: int = Field(default=28, ge=0)
-    failed_days: int = Field(default=90, ge=0, description="Long enough to investigate and resend.")
-    rejected_days: int = Field(default=7, ge=0)
-    unconfirmed_days: int = Field(default=7, ge=0, description="Never confirmed by the sender.")
+    # At most ten years: personal details kept longer serve no letter.
+    delivered_days: int = Field(default=28, ge=0, le=3650)
+    failed_days: int = Field(
+        default=90, ge=0, le=3650, description="Long enough to investigate and resend."
+    )
+    rejected_days: int = Field(default=7, ge=0, le=3650)
+    unconfirmed_days: int = Field(
+        default=7, ge=0, le=3650, description="Never confirmed by the sender."
+    )
 
 
 class Survey(BaseModel):
@@ -249,6 +301,14 @@ _FEWEST_NAME = "Sam Sample"
 _LONGEST_NAME = ("Samantha Sample-Supporter " * 4)[:100]  # a supporter's name: at most 100
 
 
+def _unescaping(parsed: nodes.Template) -> bool:
+    """Whether an HTML template turns autoescape off anywhere (``|safe``, ``{% filter safe %}``,
+    ``{% autoescape false %}``): what a supporter typed would then reach the MP as HTML."""
+    if any(f.name == "safe" for f in parsed.find_all(nodes.Filter)):
+        return True
+    return any(True for _ in parsed.find_all(nodes.EvalContextModifier))
+
+
 def _message(error: Exception) -> str:
     """What a template's error says, on one line."""
     if isinstance(error, TemplateSyntaxError):
@@ -286,8 +346,8 @@ class CampaignDefinition(BaseModel):
     )
     quiet_hours: QuietHours | None = None
     rate_limit: RateLimit | None = None
-    body_min_chars: int = Field(default=20, ge=1)
-    body_max_chars: int = Field(default=5000, le=10_000)
+    body_min_chars: int = Field(default=20, ge=1, le=10_000)
+    body_max_chars: int = Field(default=5000, ge=1, le=10_000)
     consent: ConsentWording
     targets: Targets = Targets()
     # Ask the sender to confirm by email (a signed link, valid 7 days) before the letter goes.
@@ -305,6 +365,12 @@ class CampaignDefinition(BaseModel):
     prompts: Annotated[
         list[Prompt], Field(max_length=MAX_PROMPTS), AfterValidator(_unique_keys)
     ] = []
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> CampaignDefinition:
+        if self.body_min_chars > self.body_max_chars:
+            raise ValueError("body_min_chars must be at most body_max_chars")
+        return self
 
     @model_validator(mode="after")
     def _templates_work(self) -> CampaignDefinition:
@@ -326,6 +392,11 @@ class CampaignDefinition(BaseModel):
                 raise ValueError(f"{field}: {_message(exc)}") from None
             # An answer the template leaves out would be accepted and silently never sent.
             placed = "answers" in meta.find_undeclared_variables(parsed)
+            if html and _unescaping(parsed):
+                raise ValueError(
+                    f"{field}: `safe` and `autoescape` are refused: a supporter's text must "
+                    "reach the MP escaped"
+                )
             if field.startswith("letter_template") and self.prompts and not placed:
                 raise ValueError(f"{field} must place the answers to prompts (use `answers`)")
             templates[field] = (HTML_TEMPLATES if html else TEXT_TEMPLATES).from_string(parsed)
@@ -364,9 +435,9 @@ class CampaignDefinition(BaseModel):
             "answers": answers,
             "supporter": supporter,
         }
-        render("letter_template", **letter)
-        if "letter_template_html" in templates:
-            render("letter_template_html", **letter)
+        for field in ("letter_template", "letter_template_html"):
+            if field in templates and len(render(field, **letter)) > MAX_LETTER:
+                raise ValueError(f"{field}: it makes a letter of over {MAX_LETTER:,} characters")
         from_name = render("sender_name", supporter_name=name, organisation=self.organisation)
         try:
             _FROM_NAME.check(from_name.strip())

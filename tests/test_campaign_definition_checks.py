@@ -307,3 +307,97 @@ def test_new_consent_words_under_a_version_already_used_are_refused_at_sync(
     reordered = text.replace(email, "<swap>").replace(phone, email).replace("<swap>", phone)
     moved = sync(reordered)
     assert moved.exit_code == 0, moved.stderr  # the same words in another order: no change
+
+
+@pytest.mark.parametrize(
+    ("changes", "refused"),
+    [
+        (
+            {"quiet_hours": {"start": "00:00:00Z", "end": "06:00:00+01:00"}},
+            "quiet_hours: quiet hours are UK time: give them without an offset or Z",
+        ),
+        (
+            {"rate_limit": {"per_mp": 5, "window_seconds": float("inf")}},
+            "rate_limit.window_seconds",
+        ),
+        ({"rate_limit": {"per_mp": 5, "window_seconds": 1e300}}, "rate_limit.window_seconds"),
+        ({"body_min_chars": 500, "body_max_chars": 10}, "body_min_chars must be at most"),
+        ({"body_max_chars": -1}, "body_max_chars: Input should be greater than or equal to 1"),
+        ({"retention": {"delivered_days": 2**63 - 1}}, "retention.delivered_days"),
+        ({"letter_template_html": "<p>{{ body|safe }}</p>"}, "letter_template_html: `safe`"),
+        (
+            {"letter_template_html": "{% filter safe %}{{ body }}{% endfilter %}"},
+            "letter_template_html: `safe` and `autoescape` are refused",
+        ),
+        (
+            {"letter_template_html": "{% autoescape false %}{{ body }}{% endautoescape %}"},
+            "letter_template_html: `safe` and `autoescape` are refused",
+        ),
+        ({"salutation": "{{ 'x' * 300000000 }}"}, "salutation: a * making over 10,000"),
+        ({"salutation": "{{ 10 ** 100000 }}"}, "salutation: an exponent over 64 is refused"),
+        ({"salutation": "{% for i in range(100000) %}x{% endfor %}"}, "a range over 1,000"),
+        ({"salutation": "{{ lipsum(100000) }}"}, "salutation: 'lipsum' is undefined"),
+        (
+            {
+                "letter_template": "{{ body }}{{ answers }}{% for i in range(1000) %}"
+                "{% for j in range(200) %}x{% endfor %}{% endfor %}"
+            },
+            "letter_template: it makes a letter of over 100,000 characters",
+        ),
+    ],
+)
+def test_a_setting_that_would_break_every_letter_or_exhaust_a_worker_is_refused(
+    changes: dict[str, Any], refused: str
+) -> None:
+    """Each of these loaded, then failed every letter (a time with an offset, an endless
+    window), let a supporter's HTML reach the MP, or filled memory or hung the sync."""
+    assert refused in refusal(**changes)
+
+
+def test_a_channel_asked_twice_is_refused() -> None:
+    """The ledger recorded the first wording while the version check saw the last."""
+    consent = sample()["consent"]
+    twice = consent | {"questions": [*consent["questions"], consent["questions"][0]]}
+    assert refusal(consent=twice) == "consent: questions: channel email is asked more than once"
+
+
+def test_a_from_address_a_letter_cannot_carry_is_refused(tmp_path: Path) -> None:
+    write(tmp_path, "p.toml", {"from_email": "jürgen@campaign.example.org"})
+    with pytest.raises(ConfigurationError) as refused:
+        load_definitions(tmp_path)
+    assert refused.value.problems == [
+        "p.toml: from_email: an address with a non-ASCII local part needs SMTPUTF8"
+    ]
+
+
+def test_a_file_that_cannot_be_read_is_one_line(tmp_path: Path) -> None:
+    """Not UTF-8, a folder or a dangling link named .toml, nested past the parser's depth."""
+    (tmp_path / "latin1.toml").write_bytes('title = "Write for \xa3 fairness"\n'.encode("latin-1"))
+    (tmp_path / "folder.toml").mkdir()
+    (tmp_path / "gone.toml").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "deep.toml").write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigurationError) as refused:
+        load_definitions(tmp_path)
+    problems = sorted(refused.value.problems)
+    assert len(problems) == 4 and all("\n" not in p for p in problems), problems
+    assert problems[0] == "deep.toml: not a TOML file: nested too deeply"
+    assert problems[1].startswith("folder.toml: cannot be read: ")
+    assert problems[2].startswith("gone.toml: cannot be read: ")
+    assert problems[3].startswith("latin1.toml: not a TOML file: ")
+
+
+def test_a_new_lawful_basis_under_a_version_already_used_is_refused_at_sync(
+    app: App, tmp_path: Path
+) -> None:
+    """The ledger's events of a version give one lawful basis: another needs a new version."""
+    from tests.test_consent_ledger import logged
+
+    logged(app)
+    basis = 'lawful_basis = "consent"'
+    text = SAMPLE.read_text()
+    assert text.count(basis) == 1
+    (tmp_path / "p.toml").write_text(text.replace(basis, 'lawful_basis = "contract"'))
+    app.settings.campaigns_dir = tmp_path
+    refused = CliRunner().invoke(main, ["campaigns", "sync"])
+    assert refused.exit_code == 1
+    assert "its consent wording for lawful basis changed" in refused.stderr

@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from config.settings import ConfigurationError
 from schemas.campaign import CampaignDefinition
-from schemas.submission import SLUG_RE
+from schemas.submission import CHANNELS, SLUG_RE
 from workers.database.models import CAMPAIGNS, Campaign, ConsentEvent
+from workers.letters.mail.messages import wire_address
 
 
 def load_definitions(directory: Path) -> list[CampaignDefinition]:
@@ -43,19 +44,33 @@ def _load(path: Path) -> CampaignDefinition:
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigurationError([f"{where}: not a TOML file: {_one_line(str(exc))}"]) from None
+    except RecursionError:
+        raise ConfigurationError([f"{where}: not a TOML file: nested too deeply"]) from None
+    except OSError as exc:
+        raise ConfigurationError([f"{where}: cannot be read: {exc.strerror or exc}"]) from None
     slug = data.get("slug")
     if isinstance(slug, str) and SLUG_RE.fullmatch(slug):
         where = f"{where}: campaign {slug}"
     try:
         definition = CampaignDefinition.model_validate(data)
         definition.check_channels()  # its message names the campaign
+        _sendable(definition.from_email)
     except ValidationError as exc:
         raise ConfigurationError([f"{where}: {problem}" for problem in _problems(exc)]) from None
     except ValueError as exc:
         raise ConfigurationError([f"{_printable(path.name)}: {_one_line(str(exc))}"]) from None
     return definition
+
+
+def _sendable(from_email: str) -> None:
+    """The From address as the mail writer will write it (it refuses what a letter cannot carry,
+    such as a non-ASCII local part)."""
+    try:
+        wire_address(from_email)
+    except ValueError as exc:
+        raise ValueError(f"from_email: {exc}") from None
 
 
 def _problems(error: ValidationError) -> list[str]:
@@ -125,9 +140,23 @@ def _same_version_same_words(
             .distinct()
         )
     ]
+    words["lawful basis"] = consent.lawful_basis  # of the channels' events (the notice's is ours)
+    recorded += [
+        ("lawful basis", basis)
+        for basis in session.scalars(
+            select(ConsentEvent.lawful_basis)
+            .where(
+                ConsentEvent.campaign_slug == definition.slug,
+                ConsentEvent.wording_version == consent.version,
+                ConsentEvent.channel.in_(CHANNELS),
+            )
+            .distinct()
+        )
+    ]
     if before.get("version") == consent.version:
         recorded += [(q["channel"], _sha256(q["wording"])) for q in before.get("questions", [])]
         recorded.append(("mp_notice", _sha256(before.get("mp_notice", ""))))
+        recorded.append(("lawful basis", before.get("lawful_basis", "consent")))
     changed = sorted({ch for ch, sha in recorded if words.get(ch) not in (None, sha)})
     if changed:
         raise ConfigurationError(
