@@ -133,7 +133,7 @@ class RateLimit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     per_mp: int = Field(ge=1)
-    window_seconds: float = Field(default=3600, gt=0, le=7 * 86400, allow_inf_nan=False)
+    window_seconds: float = Field(default=3600, gt=0, le=366 * 86400, allow_inf_nan=False)
 
 
 def _placeholders(*names: str) -> AfterValidator:
