@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from datetime import time
 from functools import lru_cache
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError
@@ -150,6 +151,29 @@ def _placeholders(*names: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _web_address(text: str) -> str:
+    """A page's address: http(s) with a host (a ``javascript:`` one would run where it is shown)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or not text.isprintable():
+        raise ValueError("must be an http:// or https:// address")
+    return text
+
+
+def _origin(text: str) -> str:
+    """A web origin as a browser sends it: scheme, host and port, no path (``null``, which any
+    sandboxed page sends, and ``*`` are no page's)."""
+    parts = urlsplit(text)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or text != f"{parts.scheme}://{parts.netloc}"
+    ):
+        raise ValueError(f"{text!r} is not an origin: give scheme://host[:port], no path or /")
+    return text
+
+
+WebAddress = Annotated[str, AfterValidator(_web_address)]
+Origin = Annotated[str, AfterValidator(_origin)]
 SeatMessage = Annotated[str, _placeholders("constituency")]
 MemberMessage = Annotated[str, _placeholders("mp", "constituency", "contact")]
 
@@ -230,7 +254,7 @@ class Controller(BaseModel):
     email: EmailStr | None = None
     address: str = ""
     phone: str = ""
-    url: str | None = None
+    url: WebAddress | None = None
 
 
 class SimilarLetters(BaseModel):
@@ -329,7 +353,7 @@ class CampaignDefinition(BaseModel):
     introduction: str = ""
     mode: Literal["sandbox", "live"] = "sandbox"
     from_email: EmailStr = Field(description="An address on the campaign's own (DMARC) domain.")
-    privacy_notice_url: str
+    privacy_notice_url: WebAddress
     privacy_notice_version: str = "1"
     subject_variants: list[SubjectVariant] = Field(min_length=1)
     draft_body: str = Field(min_length=1, description="The pre-written letter the supporter edits.")
@@ -353,7 +377,7 @@ class CampaignDefinition(BaseModel):
     # Ask the sender to confirm by email (a signed link, valid 7 days) before the letter goes.
     confirmation: bool = False
     # Web origins whose pages may post to this campaign from the browser (CORS).
-    allowed_origins: list[str] = []
+    allowed_origins: list[Origin] = []
     retention: Retention = Retention()
     # "direct": Reply-To is the supporter. "relay": Reply-To is the letter's own address on the
     # reply domain; the MP's reply is recorded and forwarded to the supporter.
