@@ -509,3 +509,13 @@ def test_two_bodies_under_one_key_in_one_batch_store_the_first_and_refuse_the_se
     assert [(r.created, r.conflict) for r in results] == [(True, False), (False, True)]
     assert results[1].submission_id == results[0].submission_id
     assert count(app) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/confirm/a.b.c/", "/demo/political-prisoners/", "/v1/x/"])
+def test_a_path_with_a_trailing_slash_is_not_redirected_to_the_host_it_names(
+    client: TestClient, path: str
+) -> None:
+    """Starlette's redirect to the path without its "/" is built from the Host header: a link's
+    token would go to whatever host a request names."""
+    answer = client.get(path, headers={"host": "evil.example"}, follow_redirects=False)
+    assert answer.status_code == 404 and "location" not in answer.headers

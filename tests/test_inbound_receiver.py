@@ -149,3 +149,23 @@ def test_a_database_that_cannot_store_it_gets_451_so_the_sender_keeps_it(
             smtp.sendmail("<>", [bounce], MESSAGE)
         assert refused.value.smtp_code == 451
         assert receiver.sent_on == []
+
+
+def test_a_port_already_taken_is_one_line_naming_the_setting(app: Any, stub_broker: Any) -> None:
+    """Another receiver on the port (or one not ours to bind): `dearmp run` and `inbound` say so
+    in one line instead of an uncaught traceback."""
+    import socket
+
+    from config.settings import ConfigurationError
+    from workers.pipeline.runtime import start_receiver
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigurationError) as refused:
+            start_receiver(app, stub_broker, "127.0.0.1", port)
+    [line] = refused.value.problems
+    assert line.startswith(
+        f"DEARMP_INBOUND_HOST/DEARMP_INBOUND_PORT: cannot listen on 127.0.0.1:{port}"
+    )

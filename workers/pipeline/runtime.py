@@ -14,7 +14,7 @@ import structlog
 from aiosmtpd.controller import Controller
 from sqlalchemy import func, select
 
-from config.settings import CONFIG_DIR, Settings
+from config.settings import CONFIG_DIR, ConfigurationError, Settings
 from workers.database.engine import migrate, session_scope
 from workers.database.models import State, Submission
 from workers.letters.definitions import load_definitions, sync_campaigns
@@ -179,5 +179,10 @@ def start_receiver(
             tls_context(settings.inbound_tls_cert, settings.inbound_tls_key),
         ),
     )
-    controller.start()
+    try:
+        controller.start()
+    except OSError as exc:  # the port taken (another receiver?) or not ours to bind
+        where = f"{controller.hostname}:{controller.port}"
+        said = f"cannot listen on {where}: {exc.strerror or exc}"
+        raise ConfigurationError([f"DEARMP_INBOUND_HOST/DEARMP_INBOUND_PORT: {said}"]) from None
     return controller

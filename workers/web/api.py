@@ -56,6 +56,9 @@ def create_app(app_getter: Apps, broker: dramatiq.Broker) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
         dependencies=[Depends(utf8_json)],
+        # No redirect to the path without its "/": it is built from the Host header, so a link's
+        # token could be sent to another host.
+        redirect_slashes=False,
     )
     api.state.intake = intake
     for module in (probes, preview, submissions, supporter_pages, replies, console):
