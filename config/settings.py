@@ -53,6 +53,11 @@ FQDN_RE = re.compile(
     r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
     r"(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 )
+# A DKIM selector: DNS labels (letters, digits, inner hyphens) joined by dots. It is written into
+# every DKIM-Signature header: a CR, an LF or a ``;`` would start another header or tag.
+SELECTOR_RE = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 ADDRESS_LITERAL_RE = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]")
 
 
@@ -351,6 +356,16 @@ class Settings(BaseSettings):
         if value is None or FQDN_RE.fullmatch(value):
             return value
         raise ValueError("must be a domain name such as bounces.campaign.example.org")
+
+    @field_validator("dkim_selector")
+    @classmethod
+    def _a_selector(cls, value: str | None) -> str | None:
+        if value is None or (len(value) <= 253 and SELECTOR_RE.fullmatch(value)):
+            return value
+        raise ValueError(
+            "must be a DNS name such as dearmp or s1.2024 (labels of letters, digits and inner "
+            "hyphens, joined by dots)"
+        )
 
     @field_validator("secret_key")
     @classmethod

@@ -191,6 +191,24 @@ def test_a_dkim_key_needs_its_selector_and_only_one_source(
     assert no_key.startswith("DEARMP_DKIM_SELECTOR is set but no key")
 
 
+@pytest.mark.parametrize(
+    "selector",
+    ["s1\r\nBcc: victim@evil.example", "s1\r", "s1; d=evil.example", "-s1", "s1..a", " ", "a" * 64],
+)
+def test_a_dkim_selector_that_is_not_dns_labels_is_refused(
+    environment: pytest.MonkeyPatch, selector: str
+) -> None:
+    """It goes into every letter's DKIM-Signature header: a CR, LF or ; would write another."""
+    environment.setenv("DEARMP_DKIM_PRIVATE_KEY", dkim_keys()[0].decode())
+    found = problems(environment, DEARMP_DKIM_SELECTOR=selector)
+    assert found == [
+        "DEARMP_DKIM_SELECTOR: must be a DNS name such as dearmp or s1.2024 (labels of letters, "
+        "digits and inner hyphens, joined by dots)"
+    ]
+    for good in ("s1", "dearmp-2024.mail", "2024a"):
+        assert problems(environment, DEARMP_DKIM_SELECTOR=good) == []
+
+
 def test_a_mail_backend_without_its_credentials_is_refused(
     environment: pytest.MonkeyPatch,
 ) -> None:
