@@ -112,6 +112,11 @@ BAD_VALUES = [
     ("POSTCODES_IO_URL", "https://", "with a host"),
     ("DEARMP_SANDBOX_ADDRESS", "sandbox", "must be an email address"),
     ("DEARMP_SANDBOX_ADDRESS", "Sandbox <a@b.example.org>", "must be an email address"),
+    # What the mail writer refuses: every sandbox letter would fail.
+    ("DEARMP_SANDBOX_ADDRESS", "sandbox.@campaign.example.org", "must be an email address"),
+    ("DEARMP_SANDBOX_ADDRESS", "s\u00e4ndbox@campaign.example.org", "non-ASCII local part"),
+    ("DEARMP_SANDBOX_ADDRESS", "sandbox@campaign..example.org", "must be an email address"),
+    ("DEARMP_SANDBOX_ADDRESS", "a,b@campaign.example.org", "must be an email address"),
     ("DEARMP_BOUNCE_DOMAIN", "bounces", "must be a domain name"),
     ("DEARMP_SECRET_KEY", "short", f"at least {SECRET_KEY_MIN_LENGTH} characters"),
     ("SMTP_PORT", "x", "valid integer"),
@@ -124,6 +129,14 @@ def test_a_bad_value_is_one_line_naming_its_variable(
 ) -> None:
     [problem] = problems(environment, **{name: value})
     assert problem.startswith(f"{name}: ") and says in problem
+
+
+def test_a_sandbox_address_the_mail_writer_takes_is_accepted(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    plus, idn = "sandbox+dearmp@campaign.example.org", "sandbox@b\u00fccher.example"
+    for address in ("sandbox@localhost", plus, idn):
+        assert problems(environment, DEARMP_SANDBOX_ADDRESS=address) == []
 
 
 def test_no_line_repeats_a_password_or_a_secret(environment: pytest.MonkeyPatch) -> None:
