@@ -120,6 +120,10 @@ BAD_VALUES = [
     ("DEARMP_BOUNCE_DOMAIN", "bounces", "must be a domain name"),
     ("DEARMP_SECRET_KEY", "short", f"at least {SECRET_KEY_MIN_LENGTH} characters"),
     ("SMTP_PORT", "x", "valid integer"),
+    # Finite but beyond what an operator needs: a dead worker's letter never taken back, a
+    # reconciler pass overflowing a date.
+    ("DEARMP_DELIVERY_LEASE_SECONDS", "1000000000", "less than or equal to 86400"),
+    ("DEARMP_HELD_RECHECK", "1e12", "less than or equal to 604800"),
 ]
 
 
@@ -137,6 +141,21 @@ def test_a_sandbox_address_the_mail_writer_takes_is_accepted(
     plus, idn = "sandbox+dearmp@campaign.example.org", "sandbox@b\u00fccher.example"
     for address in ("sandbox@localhost", plus, idn):
         assert problems(environment, DEARMP_SANDBOX_ADDRESS=address) == []
+
+
+NUMBERS = [f.alias for f in Settings.model_fields.values() if f.annotation in (int, float)]
+
+
+@pytest.mark.parametrize("name", NUMBERS)
+def test_every_number_refuses_infinity_nan_and_an_absurd_value(
+    environment: pytest.MonkeyPatch, name: str
+) -> None:
+    """Each duration and count has a bound that no date, timeout or Redis expiry overflows: a
+    setting added without one fails here."""
+    for value in ("inf", "-inf", "nan", "1" + "0" * 30):
+        found = problems(environment, **{name: value})
+        assert len(found) == 1 and found[0].startswith(f"{name}: "), (value, found)
+        assert "\n" not in found[0]
 
 
 def test_no_line_repeats_a_password_or_a_secret(environment: pytest.MonkeyPatch) -> None:
