@@ -24,6 +24,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from config.addresses import wire_address
+
 CONFIG_DIR = Path(__file__).resolve().parent
 
 # A URL's [user[:password]@]host[:port], the host a name or a bracketed IPv6 address.
@@ -37,14 +39,14 @@ EMBEDDED_UNLESS_SET = ("DATABASE_URL", "REDIS_URL")
 # Variables with those prefixes read by name outside Settings (none today): known all the same.
 READ_ELSEWHERE: frozenset[str] = frozenset()
 
+# Rate limits (DEARMP_MP_LIMIT*, DEARMP_API_*_LIMIT, *_WINDOW): the largest count, and the longest
+# window in seconds (31 days).
+RATE_COUNT = 1_000_000_000
+RATE_WINDOW = 31 * 86_400
+
 # The keyed hashes (client IPs, supporters, return addresses) are only as strong as their key:
 # `openssl rand -hex 32` gives 64 characters; the key DearMP generates itself is 64 too.
 SECRET_KEY_MIN_LENGTH = 32
-
-# An address: a local part and a domain of dotted labels (``sandbox@localhost`` is one).
-ADDRESS_RE = re.compile(
-    r"[^@\s<>\"(),;:]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-)
 
 
 # A fully qualified host name: two labels or more, letters, digits and inner hyphens, a top
@@ -52,6 +54,11 @@ ADDRESS_RE = re.compile(
 FQDN_RE = re.compile(
     r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
     r"(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+# A DKIM selector: DNS labels (letters, digits, inner hyphens) joined by dots. It is written into
+# every DKIM-Signature header: a CR, an LF or a ``;`` would start another header or tag.
+SELECTOR_RE = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
 ADDRESS_LITERAL_RE = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]")
 
@@ -82,7 +89,12 @@ def _one_edit(a: str, b: str) -> bool:
 
 class Settings(BaseSettings):
     # An empty variable means unset (SMTP_CA_FILE= is no CA file, not the current directory).
+    # No number is inf or nan (inf overflows every date and Redis expiry; nan passes no check),
+    # and each has an upper bound an operator never needs to pass, which keeps timedelta, date
+    # arithmetic and Redis's expiries (whole milliseconds) far from overflow: why each bound is
+    # what it is, is said with the setting.
     model_config = SettingsConfigDict(
+        allow_inf_nan=False,
         env_prefix="",
         case_sensitive=False,
         extra="ignore",
@@ -105,8 +117,9 @@ class Settings(BaseSettings):
     # 30 s of its timeout with a probability of 1 - 0.8^30 (over 99.9 %). A pass with no dead
     # worker costs two range reads. (dramatiq's defaults, 60 s and 1,000 per million, can leave
     # a crashed worker's message for many minutes; our earlier 5 % left one for 45 s 1 time in 10.)
+    # At most an hour: a dead worker's messages wait that long.
     broker_heartbeat_timeout_ms: int = Field(
-        default=15_000, ge=1_000, alias="DEARMP_BROKER_HEARTBEAT_TIMEOUT_MS"
+        default=15_000, ge=1_000, le=3_600_000, alias="DEARMP_BROKER_HEARTBEAT_TIMEOUT_MS"
     )
     broker_maintenance_chance: int = Field(
         default=200_000, ge=1, le=1_000_000, alias="DEARMP_BROKER_MAINTENANCE_CHANCE"
@@ -134,15 +147,22 @@ class Settings(BaseSettings):
     smtp_username: str | None = Field(default=None, alias="SMTP_USERNAME")
     smtp_password: SecretStr | None = Field(default=None, alias="SMTP_PASSWORD")
     smtp_security: Literal["none", "starttls", "tls"] = Field(default="none", alias="SMTP_SECURITY")
-    smtp_timeout: float = Field(default=30.0, gt=0, alias="SMTP_TIMEOUT")
+    # Timeouts of a mail server or provider: at most 120 s, the longest a send may take (the
+    # delivery actor's time limit); a longer one could never be reached.
+    smtp_timeout: float = Field(default=30.0, gt=0, le=120, alias="SMTP_TIMEOUT")
     # The name this host gives in EHLO; relays check it. Unset: the machine's own name.
     smtp_helo_name: str | None = Field(default=None, alias="SMTP_HELO_NAME")
     # Sessions to the relay, per worker process: at most this many open at once, each closed
-    # (with QUIT) when this old, after this many letters, or when idle this long.
+    # (with QUIT) when this old, after this many letters, or when idle this long: at most an
+    # hour and 10,000 letters (relays close sessions long before).
     smtp_max_connections: int = Field(default=4, ge=1, le=100, alias="SMTP_MAX_CONNECTIONS")
-    smtp_connection_max_age: float = Field(default=60.0, gt=0, alias="SMTP_CONNECTION_MAX_AGE")
-    smtp_connection_max_letters: int = Field(default=100, ge=1, alias="SMTP_CONNECTION_MAX_LETTERS")
-    smtp_connection_idle: float = Field(default=5.0, gt=0, alias="SMTP_CONNECTION_IDLE")
+    smtp_connection_max_age: float = Field(
+        default=60.0, gt=0, le=3600, alias="SMTP_CONNECTION_MAX_AGE"
+    )
+    smtp_connection_max_letters: int = Field(
+        default=100, ge=1, le=10_000, alias="SMTP_CONNECTION_MAX_LETTERS"
+    )
+    smtp_connection_idle: float = Field(default=5.0, gt=0, le=3600, alias="SMTP_CONNECTION_IDLE")
     # When the relay refuses us (our login, our sender, our right to relay), or the http
     # provider our key or domain, delivery pauses for this long, doubling with each refusal in a
     # row up to 15 minutes.
@@ -153,7 +173,7 @@ class Settings(BaseSettings):
     email_api_url: str = Field(default="https://api.mailgun.net", alias="EMAIL_API_URL")
     email_api_key: SecretStr | None = Field(default=None, alias="EMAIL_API_KEY")
     email_api_domain: str | None = Field(default=None, alias="EMAIL_API_DOMAIN")
-    email_api_timeout: float = Field(default=15.0, gt=0, alias="EMAIL_API_TIMEOUT")
+    email_api_timeout: float = Field(default=15.0, gt=0, le=120, alias="EMAIL_API_TIMEOUT")
     # DKIM: sign every letter when a key and selector are set.
     dkim_private_key: SecretStr | None = Field(default=None, alias="DEARMP_DKIM_PRIVATE_KEY")
     dkim_private_key_file: Path | None = Field(default=None, alias="DEARMP_DKIM_PRIVATE_KEY_FILE")
@@ -161,15 +181,26 @@ class Settings(BaseSettings):
     # Letters of campaigns in sandbox mode go here, with the intended MP noted at the top. With
     # a mail server it must be a real mailbox (relays refuse sandbox@localhost for good).
     sandbox_address: str = Field(default="sandbox@localhost", alias="DEARMP_SANDBOX_ADDRESS")
-    # Rate limits, across every worker process (Redis-backed). 0 means no limit.
-    mp_limit: int = Field(default=0, ge=0, alias="DEARMP_MP_LIMIT")
-    mp_limit_window: float = Field(default=3600.0, gt=0, alias="DEARMP_MP_LIMIT_WINDOW")
-    send_rate_per_second: float = Field(default=0.0, ge=0, alias="DEARMP_SEND_RATE")
-    # A delivery claimed longer ago than this by a worker that never finished is taken back.
-    delivery_lease_seconds: int = Field(default=300, ge=5, alias="DEARMP_DELIVERY_LEASE_SECONDS")
+    # Rate limits, across every worker process (Redis-backed). 0 means no limit. Each window is
+    # 1 s to 31 days (RATE_WINDOW): its entries live in Redis that long, in whole milliseconds
+    # (a shorter window would be 0 ms: no limit). A count is at most a billion (RATE_COUNT: a
+    # benchmark sets 100,000,000 to count without refusing), a send rate 1,000 letters a second.
+    mp_limit: int = Field(default=0, ge=0, le=RATE_COUNT, alias="DEARMP_MP_LIMIT")
+    mp_limit_window: float = Field(
+        default=3600.0, ge=1, le=RATE_WINDOW, alias="DEARMP_MP_LIMIT_WINDOW"
+    )
+    send_rate_per_second: float = Field(default=0.0, ge=0, le=1000, alias="DEARMP_SEND_RATE")
+    # A delivery claimed longer ago than this by a worker that never finished is taken back: at
+    # most a day (a longer lease leaves a dead worker's letter unsent for days).
+    delivery_lease_seconds: int = Field(
+        default=300, ge=5, le=86_400, alias="DEARMP_DELIVERY_LEASE_SECONDS"
+    )
 
-    # After this many attempts that failed for a passing reason, the letter is a recorded failure.
-    delivery_max_attempts: int = Field(default=20, ge=1, alias="DEARMP_DELIVERY_MAX_ATTEMPTS")
+    # After this many attempts that failed for a passing reason, the letter is a recorded failure
+    # (at most 100: with waits of up to an hour, days of trying).
+    delivery_max_attempts: int = Field(
+        default=20, ge=1, le=100, alias="DEARMP_DELIVERY_MAX_ATTEMPTS"
+    )
 
     # After a letter is sent. Each letter's envelope sender (Return-Path) is an address of its
     # own on the bounce domain, and, for campaigns with ``replies = "relay"``, its Reply-To one on
@@ -177,24 +208,34 @@ class Settings(BaseSettings):
     # envelope sender is the campaign's From address, and nothing comes back to DearMP.
     bounce_domain: str | None = Field(default=None, alias="DEARMP_BOUNCE_DOMAIN")
     reply_domain: str | None = Field(default=None, alias="DEARMP_REPLY_DOMAIN")
-    # `dearmp inbound`: the SMTP receiver for those domains.
+    # `dearmp inbound`: the SMTP receiver for those domains. At most: a message of 100 MB (it is
+    # held in memory; providers refuse far smaller), 100,000 messages a minute from a peer,
+    # 10,000 sessions, and an hour for a session's idle and whole times (a relay retries).
     inbound_host: str = Field(default="127.0.0.1", alias="DEARMP_INBOUND_HOST")
     inbound_port: int = Field(default=2525, ge=1, le=65535, alias="DEARMP_INBOUND_PORT")
-    inbound_max_bytes: int = Field(default=10_000_000, ge=10_000, alias="DEARMP_INBOUND_MAX_BYTES")
+    inbound_max_bytes: int = Field(
+        default=10_000_000, ge=10_000, le=100_000_000, alias="DEARMP_INBOUND_MAX_BYTES"
+    )
     # Messages one peer may send per minute; more are told to try later (450).
-    inbound_peer_per_minute: int = Field(default=600, ge=1, alias="DEARMP_INBOUND_PEER_PER_MINUTE")
+    inbound_peer_per_minute: int = Field(
+        default=600, ge=1, le=100_000, alias="DEARMP_INBOUND_PEER_PER_MINUTE"
+    )
     # Sessions open at once (more are answered 421), and seconds without a byte before a
     # session is closed (RFC 5321 suggests 5 minutes; a sender whose session is closed retries).
-    inbound_max_sessions: int = Field(default=100, ge=1, alias="DEARMP_INBOUND_MAX_SESSIONS")
-    inbound_idle_seconds: float = Field(default=60.0, gt=0, alias="DEARMP_INBOUND_IDLE_SECONDS")
+    inbound_max_sessions: int = Field(
+        default=100, ge=1, le=10_000, alias="DEARMP_INBOUND_MAX_SESSIONS"
+    )
+    inbound_idle_seconds: float = Field(
+        default=60.0, gt=0, le=3600, alias="DEARMP_INBOUND_IDLE_SECONDS"
+    )
     # Sessions open at once from one address (more are answered 421: one host cannot take every
     # place), and seconds a session may last in all, bytes or none (a peer sending a byte a
     # minute is never idle; 10 minutes carries the largest message at a slow relay's pace).
     inbound_max_sessions_per_peer: int = Field(
-        default=5, ge=1, alias="DEARMP_INBOUND_MAX_SESSIONS_PER_PEER"
+        default=5, ge=1, le=10_000, alias="DEARMP_INBOUND_MAX_SESSIONS_PER_PEER"
     )
     inbound_session_seconds: float = Field(
-        default=600.0, gt=0, alias="DEARMP_INBOUND_SESSION_SECONDS"
+        default=600.0, gt=0, le=3600, alias="DEARMP_INBOUND_SESSION_SECONDS"
     )
     # A certificate (PEM, with its chain) and its key: the receiver offers STARTTLS. Unset: no
     # STARTTLS (relays then deliver in clear).
@@ -202,8 +243,13 @@ class Settings(BaseSettings):
     inbound_tls_key: Path | None = Field(default=None, alias="DEARMP_INBOUND_TLS_KEY")
     # Letters to one MP address returned for good within the window mark it failing: new
     # letters to that MP are held until the directory has a new address or an operator says ok.
-    failing_after_bounces: int = Field(default=3, ge=1, alias="DEARMP_FAILING_AFTER_BOUNCES")
-    failing_window_hours: float = Field(default=24.0, gt=0, alias="DEARMP_FAILING_WINDOW_HOURS")
+    # At most 1,000 letters within 30 days (720 hours): older bounces say little of the address.
+    failing_after_bounces: int = Field(
+        default=3, ge=1, le=1000, alias="DEARMP_FAILING_AFTER_BOUNCES"
+    )
+    failing_window_hours: float = Field(
+        default=24.0, gt=0, le=720, alias="DEARMP_FAILING_WINDOW_HOURS"
+    )
     # Replies forwarded to the supporter per letter, at most.
     forwards_per_letter: int = Field(default=5, ge=1, le=100, alias="DEARMP_FORWARDS_PER_LETTER")
     # The authserv-id (RFC 8601) of the relay in front of `dearmp inbound`, comma-separated if
@@ -223,24 +269,36 @@ class Settings(BaseSettings):
     members_api_url: str = Field(
         default="https://members-api.parliament.uk", alias="MEMBERS_API_URL"
     )
-    lookup_timeout: float = Field(default=10.0, gt=0, alias="DEARMP_LOOKUP_TIMEOUT")
+    # A request's timeout and the longest wait in a thread at most 60 s, the resolving actor's
+    # time limit; the first backoff at most 10 s (doubling, over at most 10 attempts).
+    lookup_timeout: float = Field(default=10.0, gt=0, le=60, alias="DEARMP_LOOKUP_TIMEOUT")
     # Attempts per request for connection errors, 429 and 5xx (then the actor's own retries).
     lookup_attempts: int = Field(default=3, ge=1, le=10, alias="DEARMP_LOOKUP_ATTEMPTS")
-    lookup_backoff: float = Field(default=0.5, ge=0, alias="DEARMP_LOOKUP_BACKOFF")
+    lookup_backoff: float = Field(default=0.5, ge=0, le=10, alias="DEARMP_LOOKUP_BACKOFF")
     # Longest Retry-After honoured inside one attempt; longer waits go back to the queue.
-    lookup_max_wait: float = Field(default=30.0, ge=0, alias="DEARMP_LOOKUP_MAX_WAIT")
-    lookup_cache_ttl: float = Field(default=86_400.0, ge=0, alias="DEARMP_LOOKUP_CACHE_TTL")
-    # Held submissions (vacant seat) are looked at again this often, and at each new directory.
-    held_recheck: float = Field(default=21_600.0, gt=0, alias="DEARMP_HELD_RECHECK")
+    lookup_max_wait: float = Field(default=30.0, ge=0, le=60, alias="DEARMP_LOOKUP_MAX_WAIT")
+    # A live answer is kept at most 30 days: MPs change.
+    lookup_cache_ttl: float = Field(
+        default=86_400.0, ge=0, le=2_592_000, alias="DEARMP_LOOKUP_CACHE_TTL"
+    )
+    # Held submissions (vacant seat) are looked at again this often, and at each new directory:
+    # at least once a week (7 days).
+    held_recheck: float = Field(default=21_600.0, gt=0, le=604_800, alias="DEARMP_HELD_RECHECK")
 
     # The HTTP intake (`dearmp api`).
     public_url: str = Field(default="http://127.0.0.1:8000", alias="DEARMP_PUBLIC_URL")
-    api_max_body_bytes: int = Field(default=65_536, ge=1024, alias="DEARMP_API_MAX_BODY_BYTES")
+    # A submission is a few kilobytes: a body of 10 MiB at most.
+    api_max_body_bytes: int = Field(
+        default=65_536, ge=1024, le=10_485_760, alias="DEARMP_API_MAX_BODY_BYTES"
+    )
     # Per hashed client IP and per supporter email, across every API process (Redis). 0: none.
-    api_ip_limit: int = Field(default=30, ge=0, alias="DEARMP_API_IP_LIMIT")
-    api_ip_window: float = Field(default=600.0, gt=0, alias="DEARMP_API_IP_WINDOW")
-    api_email_limit: int = Field(default=5, ge=0, alias="DEARMP_API_EMAIL_LIMIT")
-    api_email_window: float = Field(default=3600.0, gt=0, alias="DEARMP_API_EMAIL_WINDOW")
+    # Bounded as the rate limits above.
+    api_ip_limit: int = Field(default=30, ge=0, le=RATE_COUNT, alias="DEARMP_API_IP_LIMIT")
+    api_ip_window: float = Field(default=600.0, ge=1, le=RATE_WINDOW, alias="DEARMP_API_IP_WINDOW")
+    api_email_limit: int = Field(default=5, ge=0, le=RATE_COUNT, alias="DEARMP_API_EMAIL_LIMIT")
+    api_email_window: float = Field(
+        default=3600.0, ge=1, le=RATE_WINDOW, alias="DEARMP_API_EMAIL_WINDOW"
+    )
     # IPv6 clients are counted by network: a home or host has a whole /64.
     api_ipv6_prefix: int = Field(default=64, ge=32, le=128, alias="DEARMP_API_IPV6_PREFIX")
     # Keys for server-side front ends (comma-separated). A request with one in its
@@ -248,9 +306,12 @@ class Settings(BaseSettings):
     # consent evidence; any other request's evidence is its own peer address (behind the proxies
     # uvicorn trusts: FORWARDED_ALLOW_IPS) and User-Agent header.
     api_keys: SecretStr | None = Field(default=None, alias="DEARMP_API_KEYS")
-    # Sender confirmation: the link's life, and when the one reminder goes.
-    confirm_valid_days: float = Field(default=7.0, gt=0, alias="DEARMP_CONFIRM_VALID_DAYS")
-    confirm_reminder_hours: float = Field(default=24.0, gt=0, alias="DEARMP_CONFIRM_REMINDER_HOURS")
+    # Sender confirmation: the link's life, and when the one reminder goes; each at most 90
+    # days (a supporter who has not confirmed in three months will not).
+    confirm_valid_days: float = Field(default=7.0, gt=0, le=90, alias="DEARMP_CONFIRM_VALID_DAYS")
+    confirm_reminder_hours: float = Field(
+        default=24.0, gt=0, le=2160, alias="DEARMP_CONFIRM_REMINDER_HOURS"
+    )
     # The operators' web console (/console): off, answering 404, until accounts are set.
     # Comma-separated ``name:hash`` entries, each hash made by `dearmp console hash-password`.
     console_accounts: SecretStr | None = Field(default=None, alias="DEARMP_CONSOLE_ACCOUNTS")
@@ -259,9 +320,12 @@ class Settings(BaseSettings):
         default=8.0, gt=0, le=168, alias="DEARMP_CONSOLE_SESSION_HOURS"
     )
 
-    # Reconciler: how often it runs and how long a submission may sit in one state.
-    reconcile_interval: float = Field(default=60.0, gt=0, alias="DEARMP_RECONCILE_INTERVAL")
-    reconcile_after: float = Field(default=120.0, gt=0, alias="DEARMP_RECONCILE_AFTER")
+    # Reconciler: how often it runs (at least hourly) and how long a submission may sit in one
+    # state before it is sent on again (at most a day: a stalled letter waits that long).
+    reconcile_interval: float = Field(
+        default=60.0, gt=0, le=3600, alias="DEARMP_RECONCILE_INTERVAL"
+    )
+    reconcile_after: float = Field(default=120.0, gt=0, le=86_400, alias="DEARMP_RECONCILE_AFTER")
     # A submission dead-lettered this many times (each after all of a stage's retries) fails the
     # same way every time: it becomes `failed` with the reason, and is not resent again.
     max_dead_letters: int = Field(default=3, ge=1, le=100, alias="DEARMP_MAX_DEAD_LETTERS")
@@ -341,8 +405,13 @@ class Settings(BaseSettings):
     @field_validator("sandbox_address")
     @classmethod
     def _an_address(cls, value: str) -> str:
-        if not ADDRESS_RE.fullmatch(value):
-            raise ValueError("must be an email address such as sandbox@campaign.example.org")
+        """Checked with the mail writer's own rule: an address it refuses fails every letter."""
+        try:
+            wire_address(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"must be an email address such as sandbox@campaign.example.org ({exc})"
+            ) from None
         return value
 
     @field_validator("bounce_domain", "reply_domain")
@@ -351,6 +420,16 @@ class Settings(BaseSettings):
         if value is None or FQDN_RE.fullmatch(value):
             return value
         raise ValueError("must be a domain name such as bounces.campaign.example.org")
+
+    @field_validator("dkim_selector")
+    @classmethod
+    def _a_selector(cls, value: str | None) -> str | None:
+        if value is None or (len(value) <= 253 and SELECTOR_RE.fullmatch(value)):
+            return value
+        raise ValueError(
+            "must be a DNS name such as dearmp or s1.2024 (labels of letters, digits and inner "
+            "hyphens, joined by dots)"
+        )
 
     @field_validator("secret_key")
     @classmethod

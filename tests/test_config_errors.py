@@ -112,9 +112,18 @@ BAD_VALUES = [
     ("POSTCODES_IO_URL", "https://", "with a host"),
     ("DEARMP_SANDBOX_ADDRESS", "sandbox", "must be an email address"),
     ("DEARMP_SANDBOX_ADDRESS", "Sandbox <a@b.example.org>", "must be an email address"),
+    # What the mail writer refuses: every sandbox letter would fail.
+    ("DEARMP_SANDBOX_ADDRESS", "sandbox.@campaign.example.org", "must be an email address"),
+    ("DEARMP_SANDBOX_ADDRESS", "s\u00e4ndbox@campaign.example.org", "non-ASCII local part"),
+    ("DEARMP_SANDBOX_ADDRESS", "sandbox@campaign..example.org", "must be an email address"),
+    ("DEARMP_SANDBOX_ADDRESS", "a,b@campaign.example.org", "must be an email address"),
     ("DEARMP_BOUNCE_DOMAIN", "bounces", "must be a domain name"),
     ("DEARMP_SECRET_KEY", "short", f"at least {SECRET_KEY_MIN_LENGTH} characters"),
     ("SMTP_PORT", "x", "valid integer"),
+    # Finite but beyond what an operator needs: a dead worker's letter never taken back, a
+    # reconciler pass overflowing a date.
+    ("DEARMP_DELIVERY_LEASE_SECONDS", "1000000000", "less than or equal to 86400"),
+    ("DEARMP_HELD_RECHECK", "1e12", "less than or equal to 604800"),
 ]
 
 
@@ -124,6 +133,29 @@ def test_a_bad_value_is_one_line_naming_its_variable(
 ) -> None:
     [problem] = problems(environment, **{name: value})
     assert problem.startswith(f"{name}: ") and says in problem
+
+
+def test_a_sandbox_address_the_mail_writer_takes_is_accepted(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    plus, idn = "sandbox+dearmp@campaign.example.org", "sandbox@b\u00fccher.example"
+    for address in ("sandbox@localhost", plus, idn):
+        assert problems(environment, DEARMP_SANDBOX_ADDRESS=address) == []
+
+
+NUMBERS = [f.alias for f in Settings.model_fields.values() if f.annotation in (int, float)]
+
+
+@pytest.mark.parametrize("name", NUMBERS)
+def test_every_number_refuses_infinity_nan_and_an_absurd_value(
+    environment: pytest.MonkeyPatch, name: str
+) -> None:
+    """Each duration and count has a bound that no date, timeout or Redis expiry overflows: a
+    setting added without one fails here."""
+    for value in ("inf", "-inf", "nan", "1" + "0" * 30):
+        found = problems(environment, **{name: value})
+        assert len(found) == 1 and found[0].startswith(f"{name}: "), (value, found)
+        assert "\n" not in found[0]
 
 
 def test_no_line_repeats_a_password_or_a_secret(environment: pytest.MonkeyPatch) -> None:
@@ -189,6 +221,24 @@ def test_a_dkim_key_needs_its_selector_and_only_one_source(
     environment.delenv("DEARMP_DKIM_PRIVATE_KEY_FILE")
     [no_key] = problems(environment)
     assert no_key.startswith("DEARMP_DKIM_SELECTOR is set but no key")
+
+
+@pytest.mark.parametrize(
+    "selector",
+    ["s1\r\nBcc: victim@evil.example", "s1\r", "s1; d=evil.example", "-s1", "s1..a", " ", "a" * 64],
+)
+def test_a_dkim_selector_that_is_not_dns_labels_is_refused(
+    environment: pytest.MonkeyPatch, selector: str
+) -> None:
+    """It goes into every letter's DKIM-Signature header: a CR, LF or ; would write another."""
+    environment.setenv("DEARMP_DKIM_PRIVATE_KEY", dkim_keys()[0].decode())
+    found = problems(environment, DEARMP_DKIM_SELECTOR=selector)
+    assert found == [
+        "DEARMP_DKIM_SELECTOR: must be a DNS name such as dearmp or s1.2024 (labels of letters, "
+        "digits and inner hyphens, joined by dots)"
+    ]
+    for good in ("s1", "dearmp-2024.mail", "2024a"):
+        assert problems(environment, DEARMP_DKIM_SELECTOR=good) == []
 
 
 def test_a_mail_backend_without_its_credentials_is_refused(

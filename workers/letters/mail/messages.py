@@ -7,7 +7,6 @@ from __future__ import annotations
 import email.policy
 import functools
 import hashlib
-import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,9 +15,9 @@ from email.header import Header
 from email.utils import format_datetime, formataddr
 from typing import Any
 
-import idna
 from sqlalchemy import Row
 
+from config.addresses import wire_address as wire_address
 from workers.database.models import Letter
 
 # Parts are encoded quoted-printable in UTF-8 (7-bit safe, readable in an .eml); headers that
@@ -57,24 +56,6 @@ def _one_line(value: str) -> str:
 
 
 CRLF = "\r\n"
-# RFC 5322's dot-atom (what supporters' and MPs' addresses are checked to be) and a host name.
-_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-_DOMAIN = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?")
-
-
-def wire_address(address: str) -> str:
-    """An address as it goes in a header or the SMTP envelope, its domain as IDNA: one mailbox
-    of RFC 5322's plain form or refused, as the writer's last guard for addresses no validation
-    saw (a comma or an angle bracket would name a second recipient). A non-ASCII local part would
-    need SMTPUTF8 everywhere: refused too."""
-    local, _, domain = _one_line(address).strip().rpartition("@")
-    if not local.isascii():
-        raise ValueError("an address with a non-ASCII local part needs SMTPUTF8")
-    if not domain.isascii():
-        domain = idna.encode(domain, uts46=True).decode("ascii")
-    if not (_LOCAL_PART.fullmatch(local) and _DOMAIN.fullmatch(domain)):
-        raise ValueError("not one plain address: spaces, controls, quotes and <>,;:()[]\\ refused")
-    return f"{local}@{domain}"
 
 
 def _plain(text: str) -> bool:
