@@ -628,9 +628,12 @@ def console_accounts(value: str) -> dict[str, str]:
 
 def _parse_dkim_key(pem: bytes) -> None:
     try:
-        parse_pem_private_key(pem)
+        key = parse_pem_private_key(pem)
     except (UnparsableKeyError, ValueError, TypeError):
         raise ValueError("not a PEM RSA private key") from None
+    bits = int(key["modulus"]).bit_length()
+    if bits < 1024:  # RFC 8301: receivers refuse signatures of shorter keys
+        raise ValueError(f"a {bits}-bit key: receivers refuse under 1024 (use 2048)")
 
 
 def _split(url: str) -> SplitResult | None:

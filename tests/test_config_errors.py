@@ -401,3 +401,26 @@ def test_a_worker_process_logs_the_line_as_it_boots(app: App) -> None:
         ProcessApp(lambda: app).after_process_boot(broker=None)  # type: ignore[arg-type]
     assert [e["process"] for e in logs if e["event"] == "dearmp_started"] == ["worker"]
     structlog.contextvars.clear_contextvars()
+
+
+# A 512-bit RSA key, made for this test only (cryptography will not make one so short).
+KEY_512 = """\
+-----BEGIN RSA PRIVATE KEY-----
+MIIBOgIBAAJBAMgSkDDDRUp5m8VK+vBvh+DYK42ROKACLLmLuK/CVCDQ9JGpWcAf
+t7226lnw0Eg/2fVUjYuudzDVb4F9NxBYvMcCAwEAAQJAdyIWmfKsn9wp1SEAq4q9
+7jTKOlHu1dh1qUZ5gq7ESYUVanaGPHGgFj3QpwPKny6IBWb8IZXhYjQXSpmK3Yxn
+gQIhAOqNZVUgFw0S4T8A7b2a/AwChagGWq62oRSUEMcatcpVAiEA2l4IteKHEAIS
+L8bgh7BaiKX7tHKhii6znFOmcehCPqsCIQCW3NVlmFtbPF6GsKk5wDsH2oNvXI7t
+O2iGHOphtithdQIgZBzEZY7rWP16FQlamxrRBuECGuKLCO0MT1lSb9qJtG0CICUi
+1ztHM+JCW7uZqNgOOmyfLovI6wVFkb4WiSDkhGZz
+-----END RSA PRIVATE KEY-----
+"""
+
+
+def test_a_dkim_key_shorter_than_receivers_take_is_refused(environment: pytest.MonkeyPatch) -> None:
+    """RFC 8301: a signature by a key under 1024 bits is refused; health said nothing."""
+    environment.setenv("DEARMP_DKIM_SELECTOR", "dearmp")
+    found = problems(environment, DEARMP_DKIM_PRIVATE_KEY=KEY_512)
+    assert found == [
+        "DEARMP_DKIM_PRIVATE_KEY: a 512-bit key: receivers refuse under 1024 (use 2048)"
+    ]
