@@ -19,9 +19,12 @@ from tests.test_api import SLUG
 from tests.test_api_hardening import link_path, stored
 from workers.database.engine import session_scope
 from workers.database.models import State, Submission, utcnow
+from workers.database.transitions import At, advance
 from workers.letters.definitions import update_definition
 from workers.pipeline.app import App
+from workers.stages import confirmation
 from workers.stages.confirmation import make_token
+from workers.stages.stage import Stage
 from workers.web.api import create_app
 
 TITLE = "Stand with Palestinian political prisoners"
@@ -84,6 +87,46 @@ def test_the_confirmation_pages_name_the_campaign_and_organisation(
         assert again.status_code == 200 and "already confirmed" in again.text
         assert_named(again)
         assert "<form" not in again.text
+
+
+@pytest.mark.parametrize(
+    ("moved_to", "status", "heading"),
+    [
+        (State.RECEIVED, 200, "This letter was already confirmed."),  # the other click
+        (State.EXPIRED, 410, "This link has expired, so the letter was not sent."),
+    ],
+)
+def test_a_click_moved_first_by_another_gets_the_page_for_where_it_is_now(
+    app: App,
+    client: TestClient,
+    stub_broker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    moved_to: State,
+    status: int,
+    heading: str,
+) -> None:
+    """A double click, the expiry stage or an erasure moves the submission between this
+    click's read and its move: the click loses, and says what happened instead."""
+    sid = stored(app, State.UNCONFIRMED)
+    read, moved = confirmation._read, []
+
+    def racing(session: Any, secret: bytes, token: str) -> Any:
+        found = read(session, secret, token)
+        if not moved:
+            with session_scope(app.sessions) as other:  # the other, in between
+                advance(other, At(sid, State.UNCONFIRMED), moved_to)
+            moved.append(moved_to)
+        return found
+
+    monkeypatch.setattr(confirmation, "_read", racing)
+    lost = client.post(confirm_path(app, sid))
+    assert moved == [moved_to]
+    assert lost.status_code == status and heading in html.unescape(lost.text), lost.text
+    assert_named(lost)
+    assert "<form" not in lost.text
+    assert stub_broker.queues[Stage.VALIDATE.queue].qsize() == 0  # this click sent nothing on
+    with session_scope(app.sessions) as session:
+        assert session.get(Submission, sid).state == moved_to  # type: ignore[union-attr]
 
 
 def test_an_expired_confirmation_link_names_the_campaign(app: App, client: TestClient) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from config.settings import Settings, default
 from schemas.submission import stored_email
 from workers.database.models import OutboxStatus, State, Submission, utcnow
-from workers.database.transitions import advance
+from workers.database.transitions import AlreadyMoved, advance
 from workers.letters.definitions import get_definition
 from workers.letters.mail import (
     AUTOMATIC,
@@ -164,7 +164,16 @@ def confirm(session: Session, secret: bytes, token: str) -> tuple[str, str | Non
     result, submission = _read(session, secret, token)
     if result != "ready" or submission is None:
         return result, submission.id if submission is not None else None
-    advance(
-        session, submission, State.RECEIVED, detail="confirmed by the sender", confirmed_at=utcnow()
-    )
+    try:
+        advance(
+            session,
+            submission,
+            State.RECEIVED,
+            detail="confirmed by the sender",
+            confirmed_at=utcnow(),
+        )
+    except AlreadyMoved:  # another click, the expiry or an erasure moved it first
+        session.expire(submission)
+        result, submission = _read(session, secret, token)  # what it is now
+        return result, submission.id if submission is not None else None
     return "confirmed", submission.id
