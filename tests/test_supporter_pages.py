@@ -94,6 +94,7 @@ def test_the_confirmation_pages_name_the_campaign_and_organisation(
     [
         (State.RECEIVED, 200, "This letter was already confirmed."),  # the other click
         (State.EXPIRED, 410, "This link has expired, so the letter was not sent."),
+        (State.WITHDRAWN, 200, "withdrawn at your request, so nothing was sent"),  # erased
     ],
 )
 def test_a_click_moved_first_by_another_gets_the_page_for_where_it_is_now(
@@ -127,6 +128,26 @@ def test_a_click_moved_first_by_another_gets_the_page_for_where_it_is_now(
     assert stub_broker.queues[Stage.VALIDATE.queue].qsize() == 0  # this click sent nothing on
     with session_scope(app.sessions) as session:
         assert session.get(Submission, sid).state == moved_to  # type: ignore[union-attr]
+
+
+def test_a_confirmation_link_says_a_letter_withdrawn_or_not_sent_was_not_sent(
+    app: App, client: TestClient
+) -> None:
+    erased = stored(app, State.WITHDRAWN, erased_at=utcnow(), payload={"erased": True})
+    for page in (client.get(confirm_path(app, erased)), client.post(confirm_path(app, erased))):
+        text = html.unescape(page.text)
+        assert page.status_code == 200 and "already confirmed" not in text
+        assert "This letter was withdrawn at your request, so nothing was sent." in text
+        assert "<form" not in page.text
+    for state in (State.REJECTED, State.FAILED):
+        sid = stored(app, state)
+        status_url = f"{app.settings.public_url.rstrip('/')}/v1/submissions/{sid}"
+        for page in (client.get(confirm_path(app, sid)), client.post(confirm_path(app, sid))):
+            text = html.unescape(page.text)
+            assert page.status_code == 200 and "already confirmed" not in text, state
+            assert "This letter was not sent." in text and status_url in text
+            assert "<form" not in page.text
+        assert client.get(f"/v1/submissions/{sid}").status_code == 200  # the page it points to
 
 
 def test_an_expired_confirmation_link_names_the_campaign(app: App, client: TestClient) -> None:
