@@ -16,7 +16,7 @@ from sqlalchemy import update
 
 from tests.conftest import ApiClient
 from tests.test_api import SLUG
-from tests.test_api_hardening import link_path, stored
+from tests.test_api_hardening import link_path, stored, survey_answers
 from workers.database.engine import session_scope
 from workers.database.models import State, Submission, utcnow
 from workers.database.transitions import At, advance
@@ -182,6 +182,26 @@ def test_the_survey_pages_name_the_campaign_and_organisation(app: App, client: T
     recorded = client.post(path)
     assert recorded.status_code == 200 and "your answer is recorded" in recorded.text
     assert_named(recorded)
+
+
+def test_a_survey_page_offers_its_button_only_where_the_answer_can_be_recorded(
+    app: App, client: TestClient
+) -> None:
+    """The page and its button ask the same question: a letter not delivered (rejected,
+    withdrawn, still on its way, failed...) gets a page that says so, and no button."""
+    heading = "Your answer cannot be recorded: your letter has not been delivered to your MP."
+    for state in State:
+        sid = stored(app, state)
+        path = link_path(app, sid, "yes")
+        if state in (State.DELIVERED, State.BOUNCED):
+            assert "<form" in client.get(path).text
+            assert client.post(path).status_code == 200 and survey_answers(app, sid) == ["yes"]
+            continue
+        for page in (client.get(path), client.post(path)):
+            assert page.status_code == 200 and heading in html.unescape(page.text), state
+            assert "<form" not in page.text
+            assert_named(page)
+        assert survey_answers(app, sid) == []
 
 
 def test_outside_text_is_escaped_and_never_evaluated(app: App, client: TestClient) -> None:

@@ -131,14 +131,26 @@ def _add(session: Session, submission_ids: Sequence[str], key: str) -> list[str]
     return [item_id for item_id in added if item_id is not None]
 
 
+def answerable(session: Session, submission_id: str) -> str:
+    """Whether the survey's page may offer, and its button record, an answer for this letter:
+    "ready", "not_delivered" (rejected, withdrawn, failed, or still on its way), or "invalid"
+    (no such submission)."""
+    state = session.scalar(select(Submission.state).where(Submission.id == submission_id))
+    if state is None:
+        return "invalid"
+    if state not in (State.DELIVERED, State.BOUNCED):
+        return "not_delivered"
+    return "ready"
+
+
 def answer(session: Session, secret: bytes, token: str, value: str) -> str:
-    """Record the supporter's answer: "recorded" | "invalid" (forged, unknown, or no letter)."""
+    """Record the supporter's answer: "recorded", "invalid" (forged or unknown), or why
+    :func:`answerable` refuses it."""
     submission_id = read_token(secret, token, value)
     if submission_id is None:
         return "invalid"
-    state = session.scalar(select(Submission.state).where(Submission.id == submission_id))
-    if state not in (State.DELIVERED, State.BOUNCED):
-        return "invalid"
+    if (refused := answerable(session, submission_id)) != "ready":
+        return refused
     # One row per letter (a unique index): two answers at once, on any database, leave one
     # row, holding whichever was written last.
     insert = insert_on_conflict(session, LETTER_EVENTS).values(

@@ -39,6 +39,10 @@ CONFIRM_TEXTS: dict[str, tuple[int, str]] = {
 SURVEY_TEXTS: dict[str, tuple[int, str]] = {
     "ready": (200, "Did your MP reply to your letter?"),
     "recorded": (200, "Thank you: your answer is recorded."),
+    "not_delivered": (
+        200,
+        "Your answer cannot be recorded: your letter has not been delivered to your MP.",
+    ),
     "invalid": (404, "This link is not valid."),
 }
 ANSWER_WORDS = {"yes": "Yes, they replied", "not_yet": "Not yet", "no": "No"}
@@ -127,11 +131,16 @@ def confirm_link(token: str, app: AppDep, intake: IntakeDep) -> Any:
 def survey_page(token: str, answer: str, app: AppDep) -> Any:
     """The survey email's link: a page whose button records the answer."""
     submission_id = survey.read_token(app.secret, token[:300], answer)
-    with session_scope(app.sessions) as session:
-        found = survey.campaign_survey_mp(session, submission_id) if submission_id else None
-        campaign = get_definition(session, found[0]) if found is not None else None
-    if found is None:  # forged, signed for another answer, or no such submission
+    if submission_id is None:  # forged, or signed for another answer
         return page(SURVEY_TEXTS["invalid"], None)
+    with session_scope(app.sessions) as session:
+        result = survey.answerable(session, submission_id)  # as the button's will be
+        found = survey.campaign_survey_mp(session, submission_id)
+        campaign = get_definition(session, found[0]) if found is not None else None
+    if found is None:  # no such submission
+        return page(SURVEY_TEXTS["invalid"], None)
+    if result != "ready":
+        return page(SURVEY_TEXTS[result], campaign)
     return page(
         SURVEY_TEXTS["ready"],
         campaign,
