@@ -17,6 +17,7 @@ from sqlalchemy import update
 from tests.conftest import ApiClient
 from tests.test_api import SLUG
 from tests.test_api_hardening import link_path, stored, survey_answers
+from tests.test_webhooks import add, items
 from workers.database.engine import session_scope
 from workers.database.models import State, Submission, utcnow
 from workers.database.transitions import At, advance
@@ -182,6 +183,22 @@ def test_the_survey_pages_name_the_campaign_and_organisation(app: App, client: T
     recorded = client.post(path)
     assert recorded.status_code == 200 and "your answer is recorded" in recorded.text
     assert_named(recorded)
+
+
+def test_a_survey_link_of_an_erased_supporter_records_nothing_and_tells_no_crm(
+    app: App, client: TestClient
+) -> None:
+    add(app, "https://crm.example/hook")  # every event
+    sid = stored(app, State.DELIVERED, erased_at=utcnow(), payload={"erased": True})
+    path = link_path(app, sid, "no")
+    for page in (client.get(path), client.post(path)):
+        assert page.status_code == 200
+        assert "Your answer cannot be recorded: your details were erased at your request." in (
+            html.unescape(page.text)
+        )
+        assert "<form" not in page.text
+        assert_named(page)
+    assert survey_answers(app, sid) == [] and items(app) == []
 
 
 def test_a_survey_page_offers_its_button_only_where_the_answer_can_be_recorded(

@@ -133,12 +133,17 @@ def _add(session: Session, submission_ids: Sequence[str], key: str) -> list[str]
 
 def answerable(session: Session, submission_id: str) -> str:
     """Whether the survey's page may offer, and its button record, an answer for this letter:
-    "ready", "not_delivered" (rejected, withdrawn, failed, or still on its way), or "invalid"
-    (no such submission)."""
-    state = session.scalar(select(Submission.state).where(Submission.id == submission_id))
-    if state is None:
+    "ready", "erased" (the supporter's details were erased at their request: nothing more is
+    recorded of them, nor told to a CRM), "not_delivered" (rejected, withdrawn, failed, or still
+    on its way), or "invalid" (no such submission)."""
+    row = session.execute(
+        select(Submission.state, Submission.erased_at).where(Submission.id == submission_id)
+    ).first()
+    if row is None:
         return "invalid"
-    if state not in (State.DELIVERED, State.BOUNCED):
+    if row.erased_at is not None:
+        return "erased"
+    if row.state not in (State.DELIVERED, State.BOUNCED):
         return "not_delivered"
     return "ready"
 

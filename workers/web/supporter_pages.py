@@ -39,6 +39,7 @@ CONFIRM_TEXTS: dict[str, tuple[int, str]] = {
 SURVEY_TEXTS: dict[str, tuple[int, str]] = {
     "ready": (200, "Did your MP reply to your letter?"),
     "recorded": (200, "Thank you: your answer is recorded."),
+    "erased": (200, "Your answer cannot be recorded: your details were erased at your request."),
     "not_delivered": (
         200,
         "Your answer cannot be recorded: your letter has not been delivered to your MP.",
