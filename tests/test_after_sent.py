@@ -292,6 +292,9 @@ def test_an_address_that_keeps_bouncing_is_failing_and_holds_new_letters_until_i
     held = submit(app, stub_broker, submission())[0]
     drain(stub_broker, stub_worker)
     assert state_counts(app, [held]) == {"held": 1}
+    with ApiClient(create_app(lambda: app, stub_broker)) as client:
+        outcome = client.get(f"/v1/submissions/{held}").json()["outcome"]
+    assert "your MP" in outcome and "until your constituency has an MP" not in outcome  # it has
     with session_scope(app.sessions) as session:
         assert health.mark_ok(session, address)
         member_id = session.scalar(select(Submission.member_id).where(Submission.id == held))

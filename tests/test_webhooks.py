@@ -29,9 +29,10 @@ from tests.conftest import drain, make_settings, serving
 from tests.factories import submission
 from tests.services import wait_for
 from tests.test_after_sent import BOUNCES, REPLIES, bounce_of, deliver, letter_of, receive, relay
+from tests.test_api_hardening import stored
 from workers.cli import main as cli
 from workers.database.engine import session_scope
-from workers.database.models import OutboxItem, Submission, utcnow
+from workers.database.models import OutboxItem, State, Submission, utcnow
 from workers.outbox import sending as outbox
 from workers.pipeline.actors import outbox_for
 from workers.pipeline.app import App
@@ -243,6 +244,28 @@ def test_every_event_is_sent_once_signed_and_valid_without_personal_data(
     assert {i.status for i in items(app)} == {"sent"}
     rejected = next(r.json for r in got if r.json["type"] == "submission.rejected")
     assert rejected["data"]["reasons"] == ["supporter.email"]
+
+
+def test_each_change_of_survey_answer_is_one_webhook_and_the_same_answer_again_none(
+    app: App,
+) -> None:
+    add(app, "https://crm.example/hook", ("survey.answered",))
+    sid = stored(app, State.DELIVERED)
+    for value in ("yes", "yes", "no", "yes", "yes"):
+        token = survey.make_token(app.secret, sid, value)
+        with session_scope(app.sessions) as session:
+            assert survey.answer(session, app.secret, token, value) == "recorded"
+    answers = []
+    with session_scope(app.sessions) as session:
+        for item in items(app):
+            row = session.get(OutboxItem, item.id)
+            assert row is not None
+            request = payloads.compose(session, row)
+            assert not isinstance(request, str), request
+            body = json.loads(request.body)
+            SCHEMAS["survey.answered"].validate(body)
+            answers.append(body["data"]["answer"])
+    assert answers == ["yes", "no", "yes"]  # the CRM ends with the supporter's last answer
 
 
 def test_personal_data_only_with_the_endpoints_permission_the_consent_and_never_after_erasure(

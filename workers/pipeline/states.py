@@ -71,10 +71,12 @@ STATES: dict[State, Row] = {
                        "Received."),
     S.VALIDATED:   Row(Stage.RESOLVE, (S.RESOLVED, S.HELD, S.REJECTED, S.FAILED),
                        "Checked; finding your MP.", event="submission.accepted"),
-    # The seat has no MP to write to yet, or the MP's address fails: resolution is tried again
-    # when the directory changes, and every few hours (so that a hold can expire).
+    # The seat has no MP to write to yet, the MP has no email (a campaign that holds those) or
+    # the MP's address fails: resolution is tried again when the directory changes, and every
+    # few hours (so that a hold can expire). The outcome is true for each reason.
     S.HELD:        Row(Stage.RESOLVE, (S.RESOLVED, S.REJECTED, S.FAILED),
-                       "Waiting until your constituency has an MP.", resent=False),
+                       "Waiting until it can be sent to your MP: your constituency has no MP "
+                       "just now, or no working email address for them.", resent=False),
     S.RESOLVED:    Row(Stage.COMPARE, (S.COMPARED, S.IN_REVIEW, S.FAILED),
                        "Your MP is found; preparing the letter."),
     S.COMPARED:    Row(Stage.RENDER, (S.RENDERED, S.IN_DIGEST, S.FAILED),

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from config.settings import Settings, default
 from schemas.submission import stored_email
 from workers.database.models import OutboxStatus, State, Submission, utcnow
-from workers.database.transitions import advance
+from workers.database.transitions import AlreadyMoved, advance
 from workers.letters.definitions import get_definition
 from workers.letters.mail import (
     AUTOMATIC,
@@ -140,8 +140,19 @@ def compose(
     return outgoing_email(draft, signer, envelope)
 
 
+# A link clicked once its submission is past waiting: what the page says. Every other state
+# came after a confirmation ("already").
+PAST = {
+    State.EXPIRED: "expired",
+    State.WITHDRAWN: "withdrawn",  # erased at the supporter's request: nothing was sent
+    State.REJECTED: "not_sent",
+    State.FAILED: "not_sent",
+}
+
+
 def _read(session: Session, secret: bytes, token: str) -> tuple[str, Submission | None]:
-    """What a click would do: "ready" | "already" | "expired" | "invalid", and the submission."""
+    """What a click would do: "ready" | "already" | "expired" | "withdrawn" | "not_sent" |
+    "invalid", and the submission."""
     read = read_token(secret, token)
     if read is None:
         return "invalid", None
@@ -150,21 +161,31 @@ def _read(session: Session, secret: bytes, token: str) -> tuple[str, Submission 
     if submission is None:
         return "invalid", None
     if submission.state != State.UNCONFIRMED:
-        return ("expired" if submission.state == State.EXPIRED else "already"), submission
+        return PAST.get(State(submission.state), "already"), submission
     return ("ready" if valid else "expired"), submission
 
 
-def check_token(session: Session, secret: bytes, token: str) -> str:
-    """What a click would do, without doing it: "ready" | "already" | "expired" | "invalid"."""
-    return _read(session, secret, token)[0]
+def check_token(session: Session, secret: bytes, token: str) -> tuple[str, str | None]:
+    """What a click would do, without doing it (as :func:`_read`), and the submission's id."""
+    result, submission = _read(session, secret, token)
+    return result, submission.id if submission is not None else None
 
 
 def confirm(session: Session, secret: bytes, token: str) -> tuple[str, str | None]:
-    """Act on a clicked link: ("confirmed" | "already" | "expired" | "invalid", submission id)."""
+    """Act on a clicked link: ("confirmed", or what :func:`_read` says, submission id)."""
     result, submission = _read(session, secret, token)
     if result != "ready" or submission is None:
         return result, submission.id if submission is not None else None
-    advance(
-        session, submission, State.RECEIVED, detail="confirmed by the sender", confirmed_at=utcnow()
-    )
+    try:
+        advance(
+            session,
+            submission,
+            State.RECEIVED,
+            detail="confirmed by the sender",
+            confirmed_at=utcnow(),
+        )
+    except AlreadyMoved:  # another click, the expiry or an erasure moved it first
+        session.expire(submission)
+        result, submission = _read(session, secret, token)  # what it is now
+        return result, submission.id if submission is not None else None
     return "confirmed", submission.id

@@ -131,28 +131,54 @@ def _add(session: Session, submission_ids: Sequence[str], key: str) -> list[str]
     return [item_id for item_id in added if item_id is not None]
 
 
+def answerable(session: Session, submission_id: str) -> str:
+    """Whether the survey's page may offer, and its button record, an answer for this letter:
+    "ready", "erased" (the supporter's details were erased at their request: nothing more is
+    recorded of them, nor told to a CRM), "not_delivered" (rejected, withdrawn, failed, or still
+    on its way), or "invalid" (no such submission)."""
+    row = session.execute(
+        select(Submission.state, Submission.erased_at).where(Submission.id == submission_id)
+    ).first()
+    if row is None:
+        return "invalid"
+    if row.erased_at is not None:
+        return "erased"
+    if row.state not in (State.DELIVERED, State.BOUNCED):
+        return "not_delivered"
+    return "ready"
+
+
 def answer(session: Session, secret: bytes, token: str, value: str) -> str:
-    """Record the supporter's answer: "recorded" | "invalid" (forged, unknown, or no letter)."""
+    """Record the supporter's answer: "recorded", "invalid" (forged or unknown), or why
+    :func:`answerable` refuses it."""
     submission_id = read_token(secret, token, value)
     if submission_id is None:
         return "invalid"
-    state = session.scalar(select(Submission.state).where(Submission.id == submission_id))
-    if state not in (State.DELIVERED, State.BOUNCED):
-        return "invalid"
+    if (refused := answerable(session, submission_id)) != "ready":
+        return refused
     # One row per letter (a unique index): two answers at once, on any database, leave one
-    # row, holding whichever was written last.
+    # row, holding whichever was written last. The same answer again changes nothing.
+    now = utcnow()
     insert = insert_on_conflict(session, LETTER_EVENTS).values(
-        submission_id=submission_id, kind="survey", detail=value, at=utcnow()
+        submission_id=submission_id, kind="survey", detail=value, at=now
     )
-    session.execute(
+    written = session.execute(
         insert.on_conflict_do_update(
             index_elements=["submission_id"],
             index_where=text("kind = 'survey'"),  # a literal: the partial index's own WHERE
             set_={"detail": insert.excluded.detail, "at": insert.excluded.at},
-        )
-    )
-    emit(session, "survey.answered", submission_id, value)  # once per answer given
+            where=LETTER_EVENTS.c.detail.is_distinct_from(insert.excluded.detail),
+        ).returning(LETTER_EVENTS.c.id)  # a row only when written (rowcount: -1 on PostgreSQL)
+    ).first()
+    if written is not None:  # a first answer, or a change: the CRM hears of each
+        emit(session, "survey.answered", submission_id, _change(value, now))
     return "recorded"
+
+
+def _change(value: str, at: datetime) -> str:
+    """The webhook's discriminator, unique per change of answer (yes, no, then yes again is
+    three): the answer (which the payload reads back) and the time, to the microsecond."""
+    return f"{value}:{int(at.timestamp() * 1_000_000)}"
 
 
 def campaign_survey_mp(session: Session, submission_id: str) -> tuple[str, str] | None:

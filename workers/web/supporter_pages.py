@@ -19,6 +19,7 @@ from schemas.campaign import CampaignDefinition
 from workers.database.engine import session_scope
 from workers.database.models import Submission
 from workers.letters.definitions import get_definition
+from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch
 from workers.stages import confirmation, survey
 from workers.stages.stage import Stage
@@ -31,11 +32,18 @@ CONFIRM_TEXTS: dict[str, tuple[int, str]] = {
     "confirmed": (200, "Thank you: your letter is on its way to your MP."),
     "already": (200, "This letter was already confirmed."),
     "expired": (410, "This link has expired, so the letter was not sent."),
+    "withdrawn": (200, "This letter was withdrawn at your request, so nothing was sent."),
+    "not_sent": (200, "This letter was not sent."),
     "invalid": (404, "This link is not valid."),
 }
 SURVEY_TEXTS: dict[str, tuple[int, str]] = {
     "ready": (200, "Did your MP reply to your letter?"),
     "recorded": (200, "Thank you: your answer is recorded."),
+    "erased": (200, "Your answer cannot be recorded: your details were erased at your request."),
+    "not_delivered": (
+        200,
+        "Your answer cannot be recorded: your letter has not been delivered to your MP.",
+    ),
     "invalid": (404, "This link is not valid."),
 }
 ANSWER_WORDS = {"yes": "Yes, they replied", "not_yet": "Not yet", "no": "No"}
@@ -85,14 +93,26 @@ def _confirming(session: Session, secret: bytes, token: str) -> CampaignDefiniti
     return campaign_of(session, read[0] if read is not None else None)
 
 
+def _confirm_page(
+    app: App, result: str, sid: str | None, campaign: CampaignDefinition | None
+) -> HTMLResponse:
+    """The confirmation link's page for ``result``; a letter not sent points to its status,
+    which says why."""
+    lines: tuple[str, ...] = ()
+    if result == "not_sent" and sid is not None:
+        status_url = f"{app.settings.public_url.rstrip('/')}/v1/submissions/{sid}"
+        lines = (f"Why: see its status at {status_url}",)
+    button = "Send my letter to my MP" if result == "ready" else None
+    return page(CONFIRM_TEXTS[result], campaign, lines=lines, button=button)
+
+
 @router.get("/v1/confirm/{token}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES)
 def confirm_page(token: str, app: AppDep) -> Any:
     """The link in the confirmation email: a page whose button confirms."""
     with session_scope(app.sessions) as session:
-        result = confirmation.check_token(session, app.secret, token[:300])
+        result, sid = confirmation.check_token(session, app.secret, token[:300])
         campaign = _confirming(session, app.secret, token[:300])
-    button = "Send my letter to my MP" if result == "ready" else None
-    return page(CONFIRM_TEXTS[result], campaign, button=button)
+    return _confirm_page(app, result, sid, campaign)
 
 
 @router.post("/v1/confirm/{token}", response_class=HTMLResponse, responses=CONFIRM_RESPONSES)
@@ -103,7 +123,7 @@ def confirm_link(token: str, app: AppDep, intake: IntakeDep) -> Any:
         campaign = _confirming(session, app.secret, token[:300])
     if result == "confirmed" and sid is not None:
         dispatch(intake.broker, [Stage.VALIDATE], sid)
-    return page(CONFIRM_TEXTS[result], campaign)
+    return _confirm_page(app, result, sid, campaign)
 
 
 @router.get(
@@ -112,11 +132,16 @@ def confirm_link(token: str, app: AppDep, intake: IntakeDep) -> Any:
 def survey_page(token: str, answer: str, app: AppDep) -> Any:
     """The survey email's link: a page whose button records the answer."""
     submission_id = survey.read_token(app.secret, token[:300], answer)
-    with session_scope(app.sessions) as session:
-        found = survey.campaign_survey_mp(session, submission_id) if submission_id else None
-        campaign = get_definition(session, found[0]) if found is not None else None
-    if found is None:  # forged, signed for another answer, or no such submission
+    if submission_id is None:  # forged, or signed for another answer
         return page(SURVEY_TEXTS["invalid"], None)
+    with session_scope(app.sessions) as session:
+        result = survey.answerable(session, submission_id)  # as the button's will be
+        found = survey.campaign_survey_mp(session, submission_id)
+        campaign = get_definition(session, found[0]) if found is not None else None
+    if found is None:  # no such submission
+        return page(SURVEY_TEXTS["invalid"], None)
+    if result != "ready":
+        return page(SURVEY_TEXTS[result], campaign)
     return page(
         SURVEY_TEXTS["ready"],
         campaign,

@@ -140,7 +140,7 @@ def _data(
         inbound = session.get(InboundMessage, item.inbound_id) if item.inbound_id else None
         data |= {"inbound_id": item.inbound_id or "", "kind": (inbound and inbound.kind) or "reply"}
     elif event == "survey.answered":
-        data["answer"] = discriminator
+        data["answer"] = discriminator.partition(":")[0]  # <answer>:<when it changed>
     elif event == "consent.recorded":
         consent = (submission.payload or {}).get("contact_preferences", {})
         data["wording_version"] = consent.get("wording_version")
