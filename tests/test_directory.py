@@ -322,8 +322,9 @@ def test_a_file_that_is_not_utf8_is_refused_naming_its_line(app: App, tmp_path: 
         ('pcds,pcon\nDM1 1AA,E14900001\nDM1 1AB,"E1\x00"\n', "p.csv line 3: pcon must be on one"),
         ("pcds,pcon\nDM1 1AA,E149000019999\n", "p.csv line 2: pcon must be at most 9 characters"),
         ('pcds,pcon\n"' + "A" * 200_000 + '",E1\n', "p.csv line 2: a field is longer than 131072"),
+        ("pcds,pcon\rDM1 1AA,E1\r", "p.csv line 1: a carriage return outside quotes"),
     ],
-    ids=["short-row", "one-field", "nul-code", "code-14", "field-200k"],
+    ids=["short-row", "one-field", "nul-code", "code-14", "field-200k", "cr-lines"],
 )
 def test_a_postcode_file_that_cannot_be_stored_as_it_is_is_refused_on_both_databases(
     app: App, tmp_path: Path, content: str, said: str

@@ -94,6 +94,8 @@ def _records(path: Path, progress: Progress | None = None) -> Iterator[tuple[int
                 said = str(exc)
                 if "field limit" in said:
                     said = f"a field is longer than {csv.field_size_limit()} characters"
+                elif "new-line character" in said:  # a lone CR: Python's words are for coders
+                    said = "a carriage return outside quotes (save the file with LF or CRLF lines)"
                 raise DirectoryError(f"{path.name} line {line}: {said}") from None
             if progress is not None and fh.tell() - told >= CHUNK:
                 progress(fh.tell() - told)
