@@ -204,5 +204,156 @@ def test_an_mp_file_with_an_email_or_member_id_that_cannot_work_is_refused(
         writer.writerows(rows)
     result = CliRunner().invoke(main, ["directory", "import", "--members", str(bad)])
     assert result.exit_code == 1, result.output
-    assert f"mps.csv: {said}" in result.output and "unchanged" in result.output
+    assert f"mps.csv line 2: {said}" in result.output and "unchanged" in result.output
     assert current(app).id == before.id
+
+
+# The layout of the MP file (constituencies_2024_current_mps.csv), for small hand-made files.
+MP_HEADER = (
+    "ons_code,constituency_name,country,region,designation,member_id,twfy_person_id,mp_name,"
+    "mp_full_title,party,email,email_is_parliamentary,ge2024_winner_name,"
+    "ge2024_winner_member_id,ge2024_result,mp_changed_since_ge2024"
+)
+
+
+def mp_line(
+    gss: str = "E1",
+    seat: str = "A",
+    member: str = "1",
+    name: str = "A",
+    party: str = "Ind",
+    email: str = "a@mp.example.org",
+) -> str:
+    fields = [gss, seat, "England", "F", "B", member, "", name, "A MP", party, email, "false"]
+    return ",".join(f'"{f}"' for f in [*fields, "", "", "", ""]) + "\n"
+
+
+def refused(args: list[str], said: str) -> None:
+    """One line on stderr naming what is wrong, exit 1, and the current directory unchanged."""
+    result = CliRunner().invoke(main, ["directory", "import", *args])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and said in errors[0], result.stderr
+    assert errors[0].endswith("(the current directory is unchanged)"), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        # Two seats with one MP: a letter for one seat would go to the other's MP.
+        (
+            mp_line("E1", "A", "1") + mp_line("E2", "B", "1", "B", email="b@mp.example.org"),
+            "mps.csv line 3: member_id 1 is the MP of two seats: E2 'B' and E1 'A' (line 2)",
+        ),
+        (
+            mp_line("E1", "A", "1") + mp_line("E1", "B", "2", "B", email="b@mp.example.org"),
+            "mps.csv line 3: ons_code E1 is listed twice (also line 2)",
+        ),
+        (mp_line(member="9" * 23), "mps.csv line 2: member_id is too large: '99999999999999999999"),
+        (mp_line(member="9" * 5000), "mps.csv line 2: member_id is too large"),
+        (mp_line(member=str(2**31)), "mps.csv line 2: member_id is too large: '2147483648'"),
+        (mp_line(seat="A" * 200_000), "mps.csv line 2: a field is longer than 131072 characters"),
+        (mp_line(name="Evil\r\nBcc: x@evil.org"), "mps.csv line 2: mp_name must be on one line"),
+        (mp_line(party="Ind\x1b[31m"), "mps.csv line 2: party must be on one line"),
+        (mp_line(seat="Oldwick\r\nNorth"), "mps.csv line 2: constituency_name must be on one"),
+        (mp_line(seat="A\x00B"), "mps.csv line 2: constituency_name must be on one line"),
+        (mp_line(gss="E1\u2028"), "mps.csv line 2: ons_code must be on one line"),
+        (mp_line(party="P" * 101), "mps.csv line 2: party must be at most 100 characters"),
+        (mp_line(name="N" * 201), "mps.csv line 2: mp_name must be at most 200 characters"),
+        (mp_line(gss="E1490000199999"), "mps.csv line 2: ons_code must be at most 9 characters"),
+        ("E1,A\n", "mps.csv line 2 has 2 fields, the header 16"),
+        (mp_line() + mp_line("E2", "B", "2") + "E3,C,England\n", "mps.csv line 4 has 3 fields"),
+    ],
+    ids=[
+        "member-twice",
+        "seat-twice",
+        "member-id-23-digits",
+        "member-id-5000-digits",
+        "member-id-beyond-integer",
+        "field-200k",
+        "crlf-name",
+        "escape-party",
+        "crlf-seat",
+        "nul-seat",
+        "line-separator-code",
+        "party-101",
+        "name-201",
+        "code-14",
+        "short-row",
+        "short-row-later",
+    ],
+)
+def test_an_mp_file_that_cannot_be_stored_as_it_is_is_refused_on_both_databases(
+    app: App, tmp_path: Path, content: str, said: str
+) -> None:
+    """What the database would refuse (PostgreSQL: a value longer than its column, a number
+    beyond its integer) or store wrongly (a NUL, a line break in a name that goes into letters,
+    one member for two seats) is refused at import, with the file's line and field, alike on
+    SQLite and PostgreSQL."""
+    before = current(app)
+    bad = tmp_path / "mps.csv"
+    bad.write_text(MP_HEADER + "\n" + content, newline="")
+    refused(["--members", str(bad)], said)
+    assert current(app).id == before.id
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_its_line(app: App, tmp_path: Path) -> None:
+    before = current(app)
+    members = tmp_path / "mps.csv"
+    members.write_bytes(
+        (MP_HEADER + "\n" + mp_line()).encode() + mp_line(seat="Ynys M\xf4n").encode("latin-1")
+    )
+    refused(["--members", str(members)], "mps.csv line 3: not UTF-8 text (byte 0xf4)")
+    postcodes = tmp_path / "p.csv"
+    postcodes.write_bytes(b"pcds,pcon\nDM1 1AA,E14900001\nDM1 1AB,E1\xf4\n")
+    refused(["--postcodes", str(postcodes)], "p.csv line 3: not UTF-8 text (byte 0xf4)")
+    assert current(app).id == before.id
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        ("pcds,pcon,doterm\nDM1 1AA,E14900001\n", "p.csv line 2 has 2 fields, the header 3"),
+        (
+            "postcode,postcode_compact,pcon24cd,constituency_name,country,status\r\nDM1 1AA\n",
+            "p.csv line 2 has 1 field, the header 6",
+        ),
+        ('pcds,pcon\nDM1 1AA,E14900001\nDM1 1AB,"E1\x00"\n', "p.csv line 3: pcon must be on one"),
+        ("pcds,pcon\nDM1 1AA,E149000019999\n", "p.csv line 2: pcon must be at most 9 characters"),
+        ('pcds,pcon\n"' + "A" * 200_000 + '",E1\n', "p.csv line 2: a field is longer than 131072"),
+        ("pcds,pcon\rDM1 1AA,E1\r", "p.csv line 1: a carriage return outside quotes"),
+    ],
+    ids=["short-row", "one-field", "nul-code", "code-14", "field-200k", "cr-lines"],
+)
+def test_a_postcode_file_that_cannot_be_stored_as_it_is_is_refused_on_both_databases(
+    app: App, tmp_path: Path, content: str, said: str
+) -> None:
+    """Short rows, NULs and over-long codes: one line naming the file's line and column, the same
+    from SQLite's batches as from PostgreSQL's COPY."""
+    before = current(app)
+    bad = tmp_path / "p.csv"
+    bad.write_text(content, newline="")
+    refused(["--postcodes", str(bad)], said)
+    assert current(app).id == before.id
+
+
+def test_rows_that_are_not_postcodes_are_skipped_and_counted(app: App, tmp_path: Path) -> None:
+    """A row the intake could never ask for (it refuses such a postcode before any lookup) is left
+    out and counted, with the first one shown: one odd row must not stop a 2.7 million row import.
+    A file of nothing else holds no postcodes and is refused."""
+    before = current(app)
+    junk = tmp_path / "junk.csv"
+    junk.write_text("pcds,pcon\nX,E14900001\n!!!!! !!!,E14900001\n")
+    refused(["--postcodes", str(junk)], "the postcode files hold no postcodes")
+    assert current(app).id == before.id
+
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("pcds,pcon\ndm11aa,E14900001\nX,E14900001\nBFPO 1234,E14900001\n\n")
+    out = run("import", "--postcodes", str(mixed))
+    assert "1 postcode" in out
+    assert "skipped 2 rows that are not postcodes (the first: mixed.csv line 3: 'X')" in out
+    version = current(app)
+    assert count(app, Postcode, version.id) == 1
+    with session_scope(app.sessions) as session:
+        assert isinstance(lookup_local(session, "DM1 1AA"), Found)

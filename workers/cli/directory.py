@@ -97,12 +97,16 @@ def directory_import(
                 session, members, list(postcodes), source=label, progress=advance
             )
             progress.update(task, description="switching")
-    cli.say(
+    said = (
         f"version {counts.version_id} is current: "
         f"{counted(counts.constituencies, 'constituency', 'constituencies')}, "
-        f"{counted(counts.members, 'member')}, {counted(counts.postcodes, 'postcode')}",
-        counts,
+        f"{counted(counts.members, 'member')}, {counted(counts.postcodes, 'postcode')}"
     )
+    if counts.skipped:
+        rows = counted(counts.skipped, "row")
+        which = "that is not a postcode" if counts.skipped == 1 else "that are not postcodes"
+        said += f"; skipped {rows} {which} (the first: {counts.first_skipped})"
+    cli.say(said, counts)
 
 
 @command(directory, "sync")

@@ -6,20 +6,22 @@ directory. Postcode files are streamed (``COPY`` on PostgreSQL, batches on SQLit
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from sqlalchemy import Integer, delete, func, insert, literal, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from schemas.postcode import normalise_postcode
+from schemas.postcode import PostcodeProblem, check_format
+from schemas.submission import single_line
 from workers.database.models import Constituency, DirectoryVersion, Member, Postcode
 from workers.mp.live_sources import MembersApi, office_email
+from workers.wording import counted
 
 BATCH = 5_000
 CHUNK = 1 << 20
@@ -40,61 +42,187 @@ class ImportCounts:
     constituencies: int
     members: int
     postcodes: int
+    skipped: int = 0  # rows of the postcode files that are not postcodes
+    first_skipped: str | None = None  # the first of them: file, line and value
 
 
-def _pick(row: dict[str, str], *names: str) -> str:
-    for name in names:
-        if row.get(name):
-            return row[name].strip()
-    return ""
+@dataclass
+class Skipped:
+    """Postcode rows left out because they are not postcodes, and where the first one was."""
+
+    rows: int = 0
+    first: str | None = None
+
+    def add(self, where: str, value: str) -> None:
+        self.rows += 1
+        if self.first is None:
+            self.first = f"{where}: {value[:20]!r}"
 
 
-def member_rows(
-    path: Path, version_id: int
-) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
-    """(constituency, member or None) per row of a CSV in the constituencies-with-MPs layout."""
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        for row in csv.DictReader(fh):
-            given = _pick(row, "member_id")
-            if given and not (given.isascii() and given.isdigit()):
-                raise DirectoryError(f"{path.name}: a member_id is not a number: {given[:20]!r}")
-            member_id = int(given) if given else None
-            constituency = {
-                "version_id": version_id,
-                "gss_code": _pick(row, "ons_code", "pcon24cd"),
-                "name": _pick(row, "constituency_name"),
-                "country": _pick(row, "country"),
-                "member_id": member_id,
-            }
-            if not constituency["gss_code"] or not constituency["name"]:
-                raise DirectoryError(f"{path.name}: a row has no ons_code or constituency_name")
-            member, email = None, _pick(row, "email")
-            address = office_email(email) if email else None
-            if email and address is None:
+# A member id is an integer column: PostgreSQL's holds at most this.
+MAX_INTEGER = 2**31 - 1
+
+
+def _lines(fh: BinaryIO, name: str) -> Iterator[str]:
+    """A file's lines as text (a byte order mark skipped), refused at the first that is not
+    UTF-8: decoded line by line, so that the refusal names the right line."""
+    for n, raw in enumerate(fh, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DirectoryError(
+                f"{name} line {n}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                "save the file as UTF-8"
+            ) from None
+
+
+def _records(path: Path, progress: Progress | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(line number, values) of each row of a CSV file, its header first; blank lines are passed
+    over. Refused, naming the line: text that is not UTF-8, a field beyond the csv module's limit,
+    a row that is not as wide as the header. ``progress`` is told the bytes read."""
+    with path.open("rb") as fh:
+        reader = csv.reader(_lines(fh, path.name))
+        width: int | None = None
+        told = 0
+        while True:
+            line = reader.line_num + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                said = str(exc)
+                if "field limit" in said:
+                    said = f"a field is longer than {csv.field_size_limit()} characters"
+                elif "new-line character" in said:  # a lone CR: Python's words are for coders
+                    said = "a carriage return outside quotes (save the file with LF or CRLF lines)"
+                raise DirectoryError(f"{path.name} line {line}: {said}") from None
+            if progress is not None and fh.tell() - told >= CHUNK:
+                progress(fh.tell() - told)
+                told = fh.tell()
+            if not values:
+                continue
+            if width is None:
+                width = len(values)
+            elif len(values) != width:
                 raise DirectoryError(
-                    f"{path.name}: the MP's email for {constituency['name']} is not an address "
-                    f"a letter can go to: {email[:80]!r}"
+                    f"{path.name} line {line} has {counted(len(values), 'field')}, "
+                    f"the header {width}"
                 )
-            if member_id is not None:
-                member = {
-                    "version_id": version_id,
-                    "member_id": member_id,
-                    "name": _pick(row, "mp_name"),
-                    "party": _pick(row, "party"),
-                    "email": address,
-                    "phone": _pick(row, "phone") or None,
-                }
-            yield constituency, member
+            yield line, values
+        if progress is not None:
+            progress(fh.tell() - told)
+
+
+@cache
+def _one_line_check(label: str, limit: int) -> Callable[[Any], str | None]:
+    return cast(Callable[[Any], "str | None"], single_line(label, limit, min_len=0).check)
+
+
+def _length(column: Any) -> int:
+    """The length of a model's string column (:mod:`workers.database.models`)."""
+    return int(column.type.length)
+
+
+def _one_line(where: str, label: str, value: str, limit: int) -> str:
+    """``value`` without the spaces around it, refused (``where: label ...``) if it holds a control
+    character (a line break would split a header or a printed line) or is longer than ``limit``,
+    its column's :func:`_length`: checked here, so that SQLite (which stores any length) and
+    PostgreSQL answer alike."""
+    try:
+        return _one_line_check(label, limit)(value.strip(" ")) or ""
+    except ValueError as exc:
+        raise DirectoryError(f"{where}: {str(exc).rstrip('.')}") from None
+
+
+def _pick(row: dict[str, str], *names: str) -> tuple[str, str]:
+    """The first of the columns ``names`` with a value: its name and value (or the first name
+    and "")."""
+    for name in names:
+        if row.get(name, "").strip():
+            return name, row[name]
+    return names[0], ""
+
+
+def read_members(path: Path, version_id: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The constituencies and members of a CSV in the constituencies-with-MPs layout; refused,
+    naming the line and column, for anything that could not be stored as it is or would send a
+    letter astray (a seat or a member id listed twice)."""
+    records = _records(path)
+    header = [h.strip() for h in next(records, (1, []))[1]]
+    constituencies: list[dict[str, Any]] = []
+    members: list[dict[str, Any]] = []
+    seat_lines: dict[str, int] = {}
+    member_seats: dict[int, tuple[int, dict[str, Any]]] = {}
+    for line, values in records:
+        where = f"{path.name} line {line}"
+        row = dict(zip(header, values, strict=True))
+        given = _pick(row, "member_id")[1].strip()
+        if given and not (given.isascii() and given.isdigit()):
+            raise DirectoryError(f"{where}: a member_id is not a number: {given[:20]!r}")
+        if given and (len(given) > len(str(MAX_INTEGER)) or int(given) > MAX_INTEGER):
+            raise DirectoryError(f"{where}: member_id is too large: {given[:20]!r}")
+        member_id = int(given) if given else None
+        gss_code = _one_line(
+            where, *_pick(row, "ons_code", "pcon24cd"), _length(Constituency.gss_code)
+        )
+        name = _one_line(where, *_pick(row, "constituency_name"), _length(Constituency.name))
+        country = _one_line(where, *_pick(row, "country"), _length(Constituency.country))
+        constituency = {
+            "version_id": version_id,
+            "gss_code": gss_code,
+            "name": name,
+            "country": country,
+            "member_id": member_id,
+        }
+        if not gss_code or not name:
+            raise DirectoryError(f"{where}: no ons_code or constituency_name")
+        if gss_code in seat_lines:
+            raise DirectoryError(
+                f"{where}: ons_code {gss_code} is listed twice (also line {seat_lines[gss_code]})"
+            )
+        seat_lines[gss_code] = line
+        constituencies.append(constituency)
+        email = _pick(row, "email")[1].strip()
+        address = office_email(email) if email else None
+        if email and address is None:
+            raise DirectoryError(
+                f"{where}: the MP's email for {name} is not an address a letter can go to: "
+                f"{email[:80]!r}"
+            )
+        if member_id is None:
+            continue
+        if member_id in member_seats:
+            other_line, other = member_seats[member_id]
+            raise DirectoryError(
+                f"{where}: member_id {member_id} is the MP of two seats: {gss_code} {name!r} "
+                f"and {other['gss_code']} {other['name']!r} (line {other_line})"
+            )
+        member_seats[member_id] = (line, constituency)
+        phone = _one_line(where, *_pick(row, "phone"), _length(Member.phone))
+        members.append(
+            {
+                "version_id": version_id,
+                "member_id": member_id,
+                "name": _one_line(where, *_pick(row, "mp_name"), _length(Member.name)),
+                "party": _one_line(where, *_pick(row, "party"), _length(Member.party)),
+                "email": address,
+                "phone": phone or None,
+            }
+        )
+    return constituencies, members
 
 
 @dataclass(frozen=True)
 class PostcodeLayout:
-    """Where the three columns we need are in a postcode CSV's header."""
+    """Where the columns we need are in a postcode CSV's header, and the constituency column's
+    name (for messages)."""
 
     postcode: int
     constituency: int
     terminated: int | None
     status: int | None
+    constituency_name: str
 
     @classmethod
     def from_header(cls, header: list[str], name: str) -> PostcodeLayout:
@@ -109,79 +237,78 @@ class PostcodeLayout:
                 f"{name}: needs a postcode column ({', '.join(POSTCODE_COLUMNS)}) and a "
                 f"constituency column ({', '.join(CONSTITUENCY_COLUMNS)})"
             )
-        return cls(postcode, constituency, find(TERMINATED_COLUMNS), find(("status",)))
+        terminated, status = find(TERMINATED_COLUMNS), find(("status",))
+        return cls(postcode, constituency, terminated, status, columns[constituency])
 
-    def row(self, values: list[str]) -> dict[str, Any] | None:
-        raw = values[self.postcode].strip() if len(values) > self.postcode else ""
-        if not raw:
+    def row(self, where: str, values: list[str]) -> dict[str, Any] | None:
+        """The row to store, or None if its postcode is not one (the intake would refuse it
+        before any lookup: :func:`schemas.postcode.check_format`)."""
+        postcode, problem = check_format(values[self.postcode])
+        if problem is not None and problem.code in NOT_POSTCODES:
             return None
+        if len(postcode) > POSTCODE_LENGTH:  # "BFPO 1234": no lookup asks for it
+            return None
+        gss_code = _one_line(
+            where, self.constituency_name, values[self.constituency], POSTCODE_GSS_LENGTH
+        )
         terminated = bool(self.terminated is not None and values[self.terminated].strip())
         if self.status is not None and values[self.status].strip().lower() == "terminated":
             terminated = True
-        return {
-            "postcode": normalise_postcode(raw),
-            "gss_code": values[self.constituency].strip() or None,
-            "terminated": terminated,
-        }
+        return {"postcode": postcode, "gss_code": gss_code or None, "terminated": terminated}
 
 
-def _header(path: Path) -> list[str]:
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        return next(csv.reader(fh), [])
+NOT_POSTCODES = (PostcodeProblem.MISSING, PostcodeProblem.NOT_A_POSTCODE)
+POSTCODE_LENGTH = _length(Postcode.postcode)
+POSTCODE_GSS_LENGTH = _length(Postcode.gss_code)
 
 
-def _postcodes_sqlite(
-    session: Session, path: Path, version_id: int, progress: Progress, first: bool
-) -> None:
-    layout = PostcodeLayout.from_header(_header(path), path.name)
+def postcode_rows(
+    path: Path, version_id: int, progress: Progress, skipped: Skipped
+) -> Iterator[dict[str, Any]]:
+    """The rows to store of a postcode file (the same on both databases), streamed; rows that are
+    not postcodes are counted in ``skipped``."""
+    records = _records(path, progress)
+    layout = PostcodeLayout.from_header(next(records, (1, []))[1], path.name)
+    for line, values in records:
+        where = f"{path.name} line {line}"
+        row = layout.row(where, values)
+        if row is None:
+            skipped.add(where, values[layout.postcode])
+        else:
+            row["version_id"] = version_id
+            yield row
+
+
+def _postcodes_sqlite(session: Session, rows: Iterator[dict[str, Any]], first: bool) -> None:
     stmt = insert(Postcode)
     if not first:  # later files add only postcodes the earlier ones lack
         stmt = stmt.prefix_with("OR IGNORE")
-    with path.open("rb") as fh:
-        reader = csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", newline=""))
-        next(reader, None)
-        rows = (row for row in map(layout.row, reader) if row is not None)
-        told = 0
-        while batch := [{**row, "version_id": version_id} for row in islice(rows, BATCH)]:
-            session.execute(stmt, batch)
-            progress(fh.tell() - told)
-            told = fh.tell()
-        progress(fh.tell() - told)
+    while batch := list(islice(rows, BATCH)):
+        session.execute(stmt, batch)
 
 
-def _postcodes_postgresql(
-    session: Session, path: Path, version_id: int, progress: Progress, first: bool
-) -> None:
-    """COPY the file's bytes into a staging table; PostgreSQL parses the CSV, SQL normalises it."""
-    header = _header(path)
-    layout = PostcodeLayout.from_header(header, path.name)
-    columns = ", ".join(f"c{i} text" for i in range(len(header)))
-    session.execute(text(f"CREATE TEMP TABLE dearmp_postcode_stage ({columns}) ON COMMIT DROP"))
-    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy("COPY dearmp_postcode_stage FROM STDIN (FORMAT csv, HEADER true)") as copy:
-        with path.open("rb") as fh:
-            if fh.read(3) != b"\xef\xbb\xbf":  # a byte order mark is skipped
-                fh.seek(0)
-            while chunk := fh.read(CHUNK):
-                copy.write(chunk)
-                progress(len(chunk))
-    compact = f"replace(upper(c{layout.postcode}), ' ', '')"
-    terminated = "false"
-    if layout.terminated is not None:
-        terminated = f"coalesce(trim(c{layout.terminated}), '') <> ''"
-    if layout.status is not None:
-        terminated += f" OR lower(trim(c{layout.status})) = 'terminated'"
-    # Only integer column positions are formatted in; the values arrive as data.
-    insert_sql = (
-        "INSERT INTO postcodes (version_id, postcode, gss_code, terminated) "  # noqa: S608
-        "SELECT :v, left(pc, length(pc) - 3) || ' ' || right(pc, 3), "
-        f"nullif(trim(c{layout.constituency}), ''), {terminated} "
-        f"FROM (SELECT {compact} AS pc, * FROM dearmp_postcode_stage) s "
-        "WHERE length(pc) > 3" + ("" if first else " ON CONFLICT DO NOTHING")
-        # Later files add only postcodes the earlier ones lack; the first is not checked (faster):
-        # a repeat in it is an error.
+def _postcodes_postgresql(session: Session, rows: Iterator[dict[str, Any]], first: bool) -> None:
+    """COPY the checked rows into a staging table, then into the postcodes."""
+    session.execute(
+        text(
+            "CREATE TEMP TABLE dearmp_postcode_stage "
+            "(version_id integer, postcode text, gss_code text, terminated boolean) ON COMMIT DROP"
+        )
     )
-    session.execute(text(insert_sql), {"v": version_id})
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    columns = "version_id, postcode, gss_code, terminated"
+    with cursor.copy(f"COPY dearmp_postcode_stage ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row((row["version_id"], row["postcode"], row["gss_code"], row["terminated"]))
+    # Later files add only postcodes the earlier ones lack; the first is not checked (faster):
+    # a repeat in it is an error.
+    conflict = "" if first else " ON CONFLICT DO NOTHING"
+    session.execute(
+        text(
+            f"INSERT INTO postcodes ({columns}) "  # noqa: S608 (no value is formatted in)
+            f"SELECT {columns} FROM dearmp_postcode_stage{conflict}"
+        )
+    )
     session.execute(text("DROP TABLE dearmp_postcode_stage"))
 
 
@@ -275,22 +402,23 @@ def import_directory(
         raise DirectoryError("the first import needs both an MP file and a postcode file")
     version = _new_version(session, source)
     if members_csv is not None:
-        rows = list(member_rows(members_csv, version.id))
-        if not rows:
+        constituencies, members = read_members(members_csv, version.id)
+        if not constituencies:
             raise DirectoryError(f"{members_csv.name} has no constituencies")
-        session.execute(insert(Constituency), [constituency for constituency, _ in rows])
-        members = {member["member_id"]: member for _, member in rows if member is not None}
+        session.execute(insert(Constituency), constituencies)
         if members:
-            session.execute(insert(Member), list(members.values()))
+            session.execute(insert(Member), members)
     else:
         assert previous is not None
         _copy_members(session, previous.id, version.id)
+    skipped = Skipped()
     if postcode_csvs:
         load = _postcodes_postgresql if postgresql else _postcodes_sqlite
         for n, path in enumerate(postcode_csvs):
+            rows = postcode_rows(path, version.id, progress or (lambda _: None), skipped)
             try:
                 with session.begin_nested():
-                    load(session, path, version.id, progress or (lambda _: None), n == 0)
+                    load(session, rows, n == 0)
             except IntegrityError as exc:
                 raise DirectoryError(f"{path.name} lists a postcode twice") from exc
         version.postcodes_version_id = version.id
@@ -308,6 +436,8 @@ def import_directory(
         _count(session, Constituency, version.id),
         _count(session, Member, version.id),
         _count(session, Postcode, version.postcodes_version_id or version.id),
+        skipped.rows,
+        skipped.first,
     )
 
 
