@@ -165,6 +165,11 @@ def test_every_page_asks_for_a_login_first(console: TestClient) -> None:
         assert reply.status_code == 303 and reply.headers["location"] == "/console/login", path
 
 
+def test_the_console_answers_at_its_address_without_the_slash(operator: TestClient) -> None:
+    """/console, as the README gives it, is the overview (the intake redirects no slash)."""
+    assert "Log out ada" in operator.get("/console", follow_redirects=False).text
+
+
 def test_a_good_password_logs_in_with_a_strict_http_only_cookie(console: TestClient) -> None:
     reply = log_in(console)
     assert reply.status_code == 303 and reply.headers["location"] == "/console/"

@@ -267,6 +267,7 @@ def logout(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response
 # Pages.
 
 
+@router.get("")  # the address the README gives, without a redirect (it would use the Host)
 @router.get("/")
 def home(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
     client, why = console.redis()
