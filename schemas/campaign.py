@@ -13,9 +13,27 @@ from urllib.parse import urlsplit
 from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    ValidationInfo,
+    model_validator,
+)
 
 from schemas.submission import CHANNELS, MAX_ANSWER, MAX_PROMPTS, PROMPT_KEY_RE, single_line
+
+# Checks added after campaigns were stored run only on a file being loaded (``campaigns sync``,
+# ``init``, ``run``: ``model_validate(data, context=LOADING)``): a definition stored before them
+# still reads, so that its letters and retention go on while the operator fixes its file.
+LOADING = {"loading": True}
+
+
+def _loading(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("loading"))
+
 
 # What a template may make: a letter is a page or two, and a sync must not hang or fill memory.
 MAX_REPEAT = 10_000  # characters or items a ``*`` may make
@@ -23,25 +41,55 @@ MAX_RANGE = 1_000  # items a ``range`` may make
 MAX_LETTER = 100_000  # characters of a sample letter rendered when a campaign is loaded
 
 
-class CampaignSandbox(SandboxedEnvironment):
-    """Jinja2's sandbox, with ``*`` and ``**`` bounded, ``range`` short and no ``lipsum``."""
+MAX_WIDTH = 1_000  # a padding or indent, or a width or precision in a % format
 
-    intercepted_binops = frozenset({"*", "**"})
+
+class CampaignSandbox(SandboxedEnvironment):
+    """Jinja2's sandbox with what makes text bounded: ``*``, ``**``, ``%`` and the ``format``,
+    ``center`` and ``indent`` filters; ``range`` short; no ``lipsum``. Growth by other means
+    (``replace``, ``join``, nested loops) is not bounded: a campaign file is trusted that far."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def __init__(self, **options: Any) -> None:
         super().__init__(undefined=StrictUndefined, **options)
         self.globals.pop("lipsum", None)
         self.globals["range"] = _short_range
+        center, indent, format_ = (self.filters[n] for n in ("center", "indent", "format"))
+        self.filters["center"] = lambda value, width=80: center(value, _width(width))
+        self.filters["indent"] = lambda s, width=4, *args, **kw: indent(
+            s, _width(width), *args, **kw
+        )
+        self.filters["format"] = lambda value, *args, **kw: format_(_format(value), *args, **kw)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
-            raise SecurityError("an exponent over 64 is refused")
+        if operator == "**" and not (abs(right) <= 64 and abs(left) <= 2**64):
+            raise SecurityError("a power over 2**64 to the 64th is refused")
         if operator == "*":
             for sequence, times in ((left, right), (right, left)):
                 if isinstance(sequence, str | list | tuple) and isinstance(times, int):
                     if len(sequence) * times > MAX_REPEAT:
                         raise SecurityError(f"a * making over {MAX_REPEAT:,} is refused")
+        if operator == "%" and isinstance(left, str):
+            _format(left)
         return super().call_binop(context, operator, left, right)
+
+
+def _width(width: Any) -> int:
+    """A filter's width: a whole number up to :data:`MAX_WIDTH` (a string as indent's width would
+    be put in the letter unescaped)."""
+    if not isinstance(width, int) or abs(width) > MAX_WIDTH:
+        raise SecurityError(f"a width must be a whole number up to {MAX_WIDTH:,}")
+    return width
+
+
+_WIDE = re.compile(r"%[^a-zA-Z%]*?\d{4}")  # a width or precision of four digits or more
+
+
+def _format(text: Any) -> Any:
+    if isinstance(text, str) and _WIDE.search(text):
+        raise SecurityError(f"a % format's width or precision over {MAX_WIDTH - 1} is refused")
+    return text
 
 
 def _short_range(*args: int) -> range:
@@ -105,7 +153,9 @@ class ConsentWording(BaseModel):
         return next((q for q in self.questions if q.channel == channel), None)
 
     @model_validator(mode="after")
-    def _each_channel_once(self) -> ConsentWording:
+    def _each_channel_once(self, info: ValidationInfo) -> ConsentWording:
+        if not _loading(info):
+            return self
         channels = [q.channel for q in self.questions]
         twice = sorted({c for c in channels if channels.count(c) > 1})
         if twice:  # the ledger would record one wording and the version check see the other
@@ -151,17 +201,21 @@ def _placeholders(*names: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _web_address(text: str) -> str:
+def _web_address(text: str, info: ValidationInfo) -> str:
     """A page's address: http(s) with a host (a ``javascript:`` one would run where it is shown)."""
+    if not _loading(info):
+        return text
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc or not text.isprintable():
         raise ValueError("must be an http:// or https:// address")
     return text
 
 
-def _origin(text: str) -> str:
+def _origin(text: str, info: ValidationInfo) -> str:
     """A web origin as a browser sends it: scheme, host and port, no path (``null``, which any
     sandboxed page sends, and ``*`` are no page's)."""
+    if not _loading(info):
+        return text
     parts = urlsplit(text)
     if (
         parts.scheme not in ("http", "https")
@@ -214,6 +268,9 @@ class Targets(BaseModel):
     excluded_message: MemberMessage = "Your MP, {mp}, is not taking part in this campaign."
 
 
+MAX_RETENTION_DAYS = 3650
+
+
 class Retention(BaseModel):
     """How long personal details stay after a submission's final state (``dearmp retention run``).
 
@@ -223,15 +280,18 @@ class Retention(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # At most ten years: personal details kept longer serve no letter.
-    delivered_days: int = Field(default=28, ge=0, le=3650)
-    failed_days: int = Field(
-        default=90, ge=0, le=3650, description="Long enough to investigate and resend."
-    )
-    rejected_days: int = Field(default=7, ge=0, le=3650)
-    unconfirmed_days: int = Field(
-        default=7, ge=0, le=3650, description="Never confirmed by the sender."
-    )
+    delivered_days: int = Field(default=28, ge=0)
+    failed_days: int = Field(default=90, ge=0, description="Long enough to investigate and resend.")
+    rejected_days: int = Field(default=7, ge=0)
+    unconfirmed_days: int = Field(default=7, ge=0, description="Never confirmed by the sender.")
+
+    @model_validator(mode="after")
+    def _at_most_ten_years(self, info: ValidationInfo) -> Retention:
+        """Personal details kept longer serve no letter (and a date that far overflows)."""
+        for field in ("delivered_days", "failed_days", "rejected_days", "unconfirmed_days"):
+            if _loading(info) and getattr(self, field) > MAX_RETENTION_DAYS:
+                raise ValueError(f"{field} must be at most {MAX_RETENTION_DAYS:,} (ten years)")
+        return self
 
 
 class Survey(BaseModel):
@@ -327,9 +387,14 @@ _LONGEST_NAME = ("Samantha Sample-Supporter " * 4)[:100]  # a supporter's name: 
 
 def _unescaping(parsed: nodes.Template) -> bool:
     """Whether an HTML template turns autoescape off anywhere (``|safe``, ``{% filter safe %}``,
-    ``{% autoescape false %}``): what a supporter typed would then reach the MP as HTML."""
-    if any(f.name == "safe" for f in parsed.find_all(nodes.Filter)):
-        return True
+    ``map('safe')``, a ``map`` of a filter named by a variable, ``{% autoescape %}``): what a
+    supporter typed would then reach the MP as HTML."""
+    for found in parsed.find_all(nodes.Filter):
+        named = found.args[0] if found.name == "map" and found.args else None
+        if found.name == "safe" or (
+            named is not None and not (isinstance(named, nodes.Const) and named.value != "safe")
+        ):
+            return True
     return any(True for _ in parsed.find_all(nodes.EvalContextModifier))
 
 
@@ -397,7 +462,7 @@ class CampaignDefinition(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _templates_work(self) -> CampaignDefinition:
+    def _templates_work(self, info: ValidationInfo) -> CampaignDefinition:
         """Every template compiles in the sandbox that renders it and renders, with nothing
         undefined, for the fewest and the most a supporter can send; the From name it gives is
         one line. A template that fails here would fail every letter, at every retry."""
@@ -415,20 +480,21 @@ class CampaignDefinition(BaseModel):
             except TemplateSyntaxError as exc:
                 raise ValueError(f"{field}: {_message(exc)}") from None
             # An answer the template leaves out would be accepted and silently never sent.
-            placed = "answers" in meta.find_undeclared_variables(parsed)
-            if html and _unescaping(parsed):
+            # Before find_undeclared_variables, whose optimiser folds `'<'|safe` into a constant.
+            if html and _loading(info) and _unescaping(parsed):
                 raise ValueError(
                     f"{field}: `safe` and `autoescape` are refused: a supporter's text must "
                     "reach the MP escaped"
                 )
+            placed = "answers" in meta.find_undeclared_variables(parsed)
             if field.startswith("letter_template") and self.prompts and not placed:
                 raise ValueError(f"{field} must place the answers to prompts (use `answers`)")
             templates[field] = (HTML_TEMPLATES if html else TEXT_TEMPLATES).from_string(parsed)
         for fewest in (True, False):
-            self._render_sample(templates, fewest)
+            self._render_sample(templates, fewest, _loading(info))
         return self
 
-    def _render_sample(self, templates: dict[str, Template], fewest: bool) -> None:
+    def _render_sample(self, templates: dict[str, Template], fewest: bool, loading: bool) -> None:
         """Render the templates as workers.stages.rendering.compose does, for a sample of the
         same shape: ValueError naming a template that fails."""
         mp = {"name": "Alex Sample", "constituency": "Sampleton and Exampleford"}
@@ -460,7 +526,7 @@ class CampaignDefinition(BaseModel):
             "supporter": supporter,
         }
         for field in ("letter_template", "letter_template_html"):
-            if field in templates and len(render(field, **letter)) > MAX_LETTER:
+            if field in templates and len(render(field, **letter)) > MAX_LETTER and loading:
                 raise ValueError(f"{field}: it makes a letter of over {MAX_LETTER:,} characters")
         from_name = render("sender_name", supporter_name=name, organisation=self.organisation)
         try:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from pydantic import ValidationError
 
 from config.settings import CONFIG_DIR, ConfigurationError
-from schemas.campaign import CampaignDefinition
+from schemas.campaign import LOADING, CampaignDefinition
 from tests.test_rendering import MP, payload
 from workers.cli import main
 from workers.database.engine import session_scope
@@ -36,7 +36,7 @@ def sample(**changes: Any) -> dict[str, Any]:
 def refusal(**changes: Any) -> str:
     """The one problem the sample campaign with ``changes`` is refused for."""
     with pytest.raises(ValidationError) as refused:
-        CampaignDefinition.model_validate(sample(**changes))
+        CampaignDefinition.model_validate(sample(**changes), context=LOADING)
     [error] = refused.value.errors(include_url=False)
     message = str(error["msg"]).removeprefix("Value error, ")
     return ".".join(str(p) for p in error["loc"]) + f": {message}" if error["loc"] else message
@@ -323,7 +323,7 @@ def test_new_consent_words_under_a_version_already_used_are_refused_at_sync(
         ({"rate_limit": {"per_mp": 5, "window_seconds": 1e300}}, "rate_limit.window_seconds"),
         ({"body_min_chars": 500, "body_max_chars": 10}, "body_min_chars must be at most"),
         ({"body_max_chars": -1}, "body_max_chars: Input should be greater than or equal to 1"),
-        ({"retention": {"delivered_days": 2**63 - 1}}, "retention.delivered_days"),
+        ({"retention": {"delivered_days": 2**63 - 1}}, "retention: delivered_days must be at most"),
         ({"letter_template_html": "<p>{{ body|safe }}</p>"}, "letter_template_html: `safe`"),
         (
             {"letter_template_html": "{% filter safe %}{{ body }}{% endfilter %}"},
@@ -337,8 +337,30 @@ def test_new_consent_words_under_a_version_already_used_are_refused_at_sync(
         ({"allowed_origins": ["null"]}, "allowed_origins.0: 'null' is not an origin"),
         ({"allowed_origins": ["*"]}, "allowed_origins.0: '*' is not an origin"),
         ({"allowed_origins": ["https://a.org/"]}, "'https://a.org/' is not an origin"),
+        (
+            {
+                "letter_template_html": "{{ (body|e)|replace('&lt;', '<'|safe) }}{{ answers }}",
+            },
+            "letter_template_html: `safe` and `autoescape` are refused",  # folded by the optimiser
+        ),
+        (
+            {
+                "letter_template_html": "{{ body }}"
+                "{{ answers|map(attribute='text')|map('safe')|join }}"
+            },
+            "letter_template_html: `safe` and `autoescape` are refused",
+        ),
+        (
+            {"letter_template_html": "{{ ('a'|e)|indent(supporter.name, true) }}{{ answers }}"},
+            "letter_template_html: a width must be a whole number",
+        ),
+        ({"salutation": "{{ ('%-999999999s' % 'x')|length }}"}, "width or precision over 999"),
+        ({"salutation": "{{ '%0999999999d'|format(1) }}"}, "width or precision over 999"),
+        ({"salutation": "{{ 'x'|center(10**9) }}"}, "a width must be a whole number up to 1,000"),
+        ({"salutation": "{{ 'x'|indent(10**9) }}"}, "a width must be a whole number up to 1,000"),
+        ({"salutation": "{{ 10**64**64**64 }}"}, "a power over 2**64 to the 64th is refused"),
         ({"salutation": "{{ 'x' * 300000000 }}"}, "salutation: a * making over 10,000"),
-        ({"salutation": "{{ 10 ** 100000 }}"}, "salutation: an exponent over 64 is refused"),
+        ({"salutation": "{{ 10 ** 100000 }}"}, "salutation: a power over"),
         ({"salutation": "{% for i in range(100000) %}x{% endfor %}"}, "a range over 1,000"),
         ({"salutation": "{{ lipsum(100000) }}"}, "salutation: 'lipsum' is undefined"),
         (
@@ -405,3 +427,36 @@ def test_a_new_lawful_basis_under_a_version_already_used_is_refused_at_sync(
     refused = CliRunner().invoke(main, ["campaigns", "sync"])
     assert refused.exit_code == 1
     assert "its consent wording for lawful basis changed" in refused.stderr
+
+
+def test_a_definition_stored_before_the_newer_checks_still_reads(app: App) -> None:
+    """What a later check refuses in a file is still read from the database, so that a stored
+    campaign's letters and retention go on while its file is fixed (retention read every
+    campaign, and one such campaign stopped it for all)."""
+    from workers.letters.definitions import get_definition
+    from workers.privacy.rights import run_retention
+
+    older = sample(
+        slug="retired-2023",
+        allowed_origins=["https://www.example.org/"],
+        privacy_notice_url="/privacy",
+        retention=sample()["retention"] | {"delivered_days": 5000},
+        letter_template_html="<p>{{ body|safe }}{{ answers }}</p>",
+    )
+    stored = CampaignDefinition.model_validate(older)  # as it was stored: no context
+    with pytest.raises(ValidationError):
+        CampaignDefinition.model_validate(older, context=LOADING)
+    with session_scope(app.sessions) as session:
+        session.add(
+            Campaign(
+                slug="retired-2023",
+                title=stored.title,
+                mode="live",
+                definition=stored.model_dump(mode="json"),
+                definition_sha256="older",
+            )
+        )
+    with session_scope(app.sessions) as session:
+        found = get_definition(session, "retired-2023")
+        assert found is not None and found.retention.delivered_days == 5000
+        run_retention(session)

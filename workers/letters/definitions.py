@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from config.settings import ConfigurationError
-from schemas.campaign import CampaignDefinition
+from schemas.campaign import LOADING, CampaignDefinition
 from schemas.submission import CHANNELS, SLUG_RE
 from workers.database.models import CAMPAIGNS, Campaign, ConsentEvent
 from workers.letters.mail.messages import wire_address
@@ -54,7 +54,7 @@ def _load(path: Path) -> CampaignDefinition:
     if isinstance(slug, str) and SLUG_RE.fullmatch(slug):
         where = f"{where}: campaign {slug}"
     try:
-        definition = CampaignDefinition.model_validate(data)
+        definition = CampaignDefinition.model_validate(data, context=LOADING)
         definition.check_channels()  # its message names the campaign
         _sendable(definition.from_email)
     except ValidationError as exc:
@@ -177,7 +177,7 @@ def update_definition(session: Session, slug: str, **changes: Any) -> CampaignDe
     row = session.get(Campaign, slug)
     if row is None:
         raise KeyError(slug)
-    changed = CampaignDefinition.model_validate(row.definition | changes)
+    changed = CampaignDefinition.model_validate(row.definition | changes, context=LOADING)
     row.definition = changed.model_dump(mode="json")
     row.definition_sha256 = definition_sha256(changed)
     return changed
