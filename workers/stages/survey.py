@@ -18,7 +18,7 @@ from sqlalchemy import Exists, exists, select, text
 from sqlalchemy.orm import Session, aliased
 
 from schemas.messages import is_submission_id
-from workers.database.engine import insert_on_conflict
+from workers.database.engine import insert_on_conflict, write_lock
 from workers.database.models import (
     Campaign,
     LetterEvent,
@@ -131,14 +131,16 @@ def _add(session: Session, submission_ids: Sequence[str], key: str) -> list[str]
     return [item_id for item_id in added if item_id is not None]
 
 
-def answerable(session: Session, submission_id: str) -> str:
+def answerable(session: Session, submission_id: str, lock: bool = False) -> str:
     """Whether the survey's page may offer, and its button record, an answer for this letter:
     "ready", "erased" (the supporter's details were erased at their request: nothing more is
     recorded of them, nor told to a CRM), "not_delivered" (rejected, withdrawn, failed, or still
     on its way), or "invalid" (no such submission)."""
-    row = session.execute(
-        select(Submission.state, Submission.erased_at).where(Submission.id == submission_id)
-    ).first()
+    query = select(Submission.state, Submission.erased_at).where(Submission.id == submission_id)
+    if lock:  # until the answer's commit: an erasure waits for it, or it sees the erasure
+        write_lock(session)
+        query = query.with_for_update()
+    row = session.execute(query).first()
     if row is None:
         return "invalid"
     if row.erased_at is not None:
@@ -154,7 +156,7 @@ def answer(session: Session, secret: bytes, token: str, value: str) -> str:
     submission_id = read_token(secret, token, value)
     if submission_id is None:
         return "invalid"
-    if (refused := answerable(session, submission_id)) != "ready":
+    if (refused := answerable(session, submission_id, lock=True)) != "ready":
         return refused
     # One row per letter (a unique index): two answers at once, on any database, leave one
     # row, holding whichever was written last. The same answer again changes nothing.
