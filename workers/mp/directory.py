@@ -5,13 +5,15 @@ directory. Postcode files are streamed (``COPY`` on PostgreSQL, batches on SQLit
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from itertools import islice
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 from sqlalchemy import Integer, delete, func, insert, literal, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -63,25 +65,47 @@ class Skipped:
 MAX_INTEGER = 2**31 - 1
 
 
-def _lines(fh: BinaryIO, name: str) -> Iterator[str]:
-    """A file's lines as text (a byte order mark skipped), refused at the first that is not
-    UTF-8: decoded line by line, so that the refusal names the right line."""
-    for n, raw in enumerate(fh, start=1):
-        try:
-            yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise DirectoryError(
-                f"{name} line {n}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
-                "save the file as UTF-8"
-            ) from None
+def _line_ends(text: str, after_cr: bool) -> int:
+    """How many line ends ``text`` holds (LF, CRLF or a lone CR, as text read with
+    ``newline=""`` splits lines), ``after_cr`` if the text before it ended with a CR."""
+    return (
+        text.count("\n")
+        + text.count("\r")
+        - text.count("\r\n")
+        - (after_cr and text.startswith("\n"))
+    )
+
+
+def _not_utf8(path: Path) -> DirectoryError:
+    """The refusal of a file that is not UTF-8, naming the line of its first byte that is not:
+    the file is read again (text is decoded a block at a time, ahead of the lines parsed)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    line, after_cr = 1, False
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line += _line_ends(exc.object[: exc.start].decode(), after_cr)
+                return DirectoryError(
+                    f"{path.name} line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                    "save the file as UTF-8"
+                )
+            line += _line_ends(text, after_cr)
+            after_cr = text.endswith("\r") or (after_cr and not text)
+    return DirectoryError(f"{path.name}: not UTF-8 text; save the file as UTF-8")
 
 
 def _records(path: Path, progress: Progress | None = None) -> Iterator[tuple[int, list[str]]]:
     """(line number, values) of each row of a CSV file, its header first; blank lines are passed
-    over. Refused, naming the line: text that is not UTF-8, a field beyond the csv module's limit,
-    a row that is not as wide as the header. ``progress`` is told the bytes read."""
+    over. Lines may end in LF, CRLF or a lone CR (read with ``newline=""``, as the csv module
+    asks). A row shorter than the header is padded with empty values (spreadsheets leave out
+    trailing empty fields), and empty fields beyond the header are dropped (a trailing comma).
+    Refused, naming the line: text that is not UTF-8, a field beyond the csv module's limit, a
+    value beyond the header's columns. ``progress`` is told the bytes read."""
     with path.open("rb") as fh:
-        reader = csv.reader(_lines(fh, path.name))
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="strict", newline="")
+        reader = csv.reader(text)
         width: int | None = None
         told = 0
         while True:
@@ -90,12 +114,12 @@ def _records(path: Path, progress: Progress | None = None) -> Iterator[tuple[int
                 values = next(reader)
             except StopIteration:
                 break
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
             except csv.Error as exc:
                 said = str(exc)
                 if "field limit" in said:
                     said = f"a field is longer than {csv.field_size_limit()} characters"
-                elif "new-line character" in said:  # a lone CR: Python's words are for coders
-                    said = "a carriage return outside quotes (save the file with LF or CRLF lines)"
                 raise DirectoryError(f"{path.name} line {line}: {said}") from None
             if progress is not None and fh.tell() - told >= CHUNK:
                 progress(fh.tell() - told)
@@ -104,11 +128,17 @@ def _records(path: Path, progress: Progress | None = None) -> Iterator[tuple[int
                 continue
             if width is None:
                 width = len(values)
-            elif len(values) != width:
-                raise DirectoryError(
-                    f"{path.name} line {line} has {counted(len(values), 'field')}, "
-                    f"the header {width}"
-                )
+            elif len(values) < width:
+                values += [""] * (width - len(values))
+            elif len(values) > width:
+                beyond = next((n for n in range(width, len(values)) if values[n].strip()), None)
+                if beyond is not None:
+                    raise DirectoryError(
+                        f"{path.name} line {line} has {counted(len(values), 'field')}, the "
+                        f"header {width}, and field {beyond + 1} is not empty: "
+                        f"{values[beyond][:20]!r}"
+                    )
+                del values[width:]
             yield line, values
         if progress is not None:
             progress(fh.tell() - told)
@@ -125,12 +155,12 @@ def _length(column: Any) -> int:
 
 
 def _one_line(where: str, label: str, value: str, limit: int) -> str:
-    """``value`` without the spaces around it, refused (``where: label ...``) if it holds a control
-    character (a line break would split a header or a printed line) or is longer than ``limit``,
-    its column's :func:`_length`: checked here, so that SQLite (which stores any length) and
-    PostgreSQL answer alike."""
+    """``value`` without the whitespace around it (a trailing tab, as spreadsheets leave), refused
+    (``where: label ...``) if it holds a control character (a line break would split a header or
+    a printed line) or is longer than ``limit``, its column's :func:`_length`: checked here, so
+    that SQLite (which stores any length) and PostgreSQL answer alike."""
     try:
-        return _one_line_check(label, limit)(value.strip(" ")) or ""
+        return _one_line_check(label, limit)(value.strip()) or ""
     except ValueError as exc:
         raise DirectoryError(f"{where}: {str(exc).rstrip('.')}") from None
 
