@@ -44,13 +44,14 @@ class ImportCounts:
     constituencies: int
     members: int
     postcodes: int
-    skipped: int = 0  # rows of the postcode files that are not postcodes
+    skipped: int = 0  # rows of the postcode files without a postcode we can store
     first_skipped: str | None = None  # the first of them: file, line and value
 
 
 @dataclass
 class Skipped:
-    """Postcode rows left out because they are not postcodes, and where the first one was."""
+    """Postcode rows left out, their postcode not one we can store (not a postcode, or a BFPO
+    number longer than the column), and where the first one was."""
 
     rows: int = 0
     first: str | None = None
@@ -271,8 +272,9 @@ class PostcodeLayout:
         return cls(postcode, constituency, terminated, status, columns[constituency])
 
     def row(self, where: str, values: list[str]) -> dict[str, Any] | None:
-        """The row to store, or None if its postcode is not one (the intake would refuse it
-        before any lookup: :func:`schemas.postcode.check_format`)."""
+        """The row to store, or None if its postcode is not one we can store: not a postcode
+        (the intake would refuse it before any lookup: :func:`schemas.postcode.check_format`), or
+        longer than the column (a BFPO number: the intake refuses it too)."""
         postcode, problem = check_format(values[self.postcode])
         if problem is not None and problem.code in NOT_POSTCODES:
             return None
