@@ -19,7 +19,7 @@ from sqlalchemy import Integer, delete, func, insert, literal, select, text, upd
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from schemas.postcode import PostcodeProblem, check_format
+from schemas.postcode import POSTCODE_RE, PostcodeProblem, check_format
 from schemas.submission import single_line
 from workers.database.models import Constituency, DirectoryVersion, Member, Postcode
 from workers.mp.live_sources import MembersApi, office_email
@@ -56,10 +56,10 @@ class Skipped:
     rows: int = 0
     first: str | None = None
 
-    def add(self, where: str, value: str) -> None:
+    def add(self, name: str, line: int, value: str) -> None:
         self.rows += 1
         if self.first is None:
-            self.first = f"{where}: {value[:20]!r}"
+            self.first = f"{name} line {line}: {value[:20]!r}"
 
 
 # A member id is an integer column: PostgreSQL's holds at most this.
@@ -122,9 +122,9 @@ def _records(path: Path, progress: Progress | None = None) -> Iterator[tuple[int
                 if "field limit" in said:
                     said = f"a field is longer than {csv.field_size_limit()} characters"
                 raise DirectoryError(f"{path.name} line {line}: {said}") from None
-            if progress is not None and fh.tell() - told >= CHUNK:
-                progress(fh.tell() - told)
-                told = fh.tell()
+            if progress is not None and (read := fh.tell()) - told >= CHUNK:
+                progress(read - told)
+                told = read
             if not values:
                 continue
             if width is None:
@@ -155,15 +155,15 @@ def _length(column: Any) -> int:
     return int(column.type.length)
 
 
-def _one_line(where: str, label: str, value: str, limit: int) -> str:
+def _one_line(name: str, line: int, label: str, value: str, limit: int) -> str:
     """``value`` without the whitespace around it (a trailing tab, as spreadsheets leave), refused
-    (``where: label ...``) if it holds a control character (a line break would split a header or
-    a printed line) or is longer than ``limit``, its column's :func:`_length`: checked here, so
-    that SQLite (which stores any length) and PostgreSQL answer alike."""
+    (``name line N: label ...``) if it holds a control character (a line break would split a
+    header or a printed line) or is longer than ``limit``, its column's :func:`_length`: checked
+    here, so that SQLite (which stores any length) and PostgreSQL answer alike."""
     try:
         return _one_line_check(label, limit)(value.strip()) or ""
     except ValueError as exc:
-        raise DirectoryError(f"{where}: {str(exc).rstrip('.')}") from None
+        raise DirectoryError(f"{name} line {line}: {str(exc).rstrip('.')}") from None
 
 
 def _pick(row: dict[str, str], *names: str) -> tuple[str, str]:
@@ -195,10 +195,12 @@ def read_members(path: Path, version_id: int) -> tuple[list[dict[str, Any]], lis
             raise DirectoryError(f"{where}: member_id is too large: {given[:20]!r}")
         member_id = int(given) if given else None
         gss_code = _one_line(
-            where, *_pick(row, "ons_code", "pcon24cd"), _length(Constituency.gss_code)
+            path.name, line, *_pick(row, "ons_code", "pcon24cd"), _length(Constituency.gss_code)
         )
-        name = _one_line(where, *_pick(row, "constituency_name"), _length(Constituency.name))
-        country = _one_line(where, *_pick(row, "country"), _length(Constituency.country))
+        name = _one_line(
+            path.name, line, *_pick(row, "constituency_name"), _length(Constituency.name)
+        )
+        country = _one_line(path.name, line, *_pick(row, "country"), _length(Constituency.country))
         constituency = {
             "version_id": version_id,
             "gss_code": gss_code,
@@ -230,13 +232,13 @@ def read_members(path: Path, version_id: int) -> tuple[list[dict[str, Any]], lis
                 f"and {other['gss_code']} {other['name']!r} (line {other_line})"
             )
         member_seats[member_id] = (line, constituency)
-        phone = _one_line(where, *_pick(row, "phone"), _length(Member.phone))
+        phone = _one_line(path.name, line, *_pick(row, "phone"), _length(Member.phone))
         members.append(
             {
                 "version_id": version_id,
                 "member_id": member_id,
-                "name": _one_line(where, *_pick(row, "mp_name"), _length(Member.name)),
-                "party": _one_line(where, *_pick(row, "party"), _length(Member.party)),
+                "name": _one_line(path.name, line, *_pick(row, "mp_name"), _length(Member.name)),
+                "party": _one_line(path.name, line, *_pick(row, "party"), _length(Member.party)),
                 "email": address,
                 "phone": phone or None,
             }
@@ -271,17 +273,21 @@ class PostcodeLayout:
         terminated, status = find(TERMINATED_COLUMNS), find(("status",))
         return cls(postcode, constituency, terminated, status, columns[constituency])
 
-    def row(self, where: str, values: list[str]) -> dict[str, Any] | None:
+    def row(self, name: str, line: int, values: list[str]) -> dict[str, Any] | None:
         """The row to store, or None if its postcode is not one we can store: not a postcode
         (the intake would refuse it before any lookup: :func:`schemas.postcode.check_format`), or
         longer than the column (a BFPO number: the intake refuses it too)."""
-        postcode, problem = check_format(values[self.postcode])
-        if problem is not None and problem.code in NOT_POSTCODES:
-            return None
-        if len(postcode) > POSTCODE_LENGTH:  # "BFPO 1234": no lookup asks for it
-            return None
+        postcode = values[self.postcode]
+        # The ONSPD's pcds is canonical already: stored as it is. fullmatch, not match: "$" would
+        # let a trailing line break through.
+        if not POSTCODE_RE.fullmatch(postcode):
+            postcode, problem = check_format(postcode)
+            if problem is not None and problem.code in NOT_POSTCODES:
+                return None
+            if len(postcode) > POSTCODE_LENGTH:  # "BFPO 1234": no lookup asks for it
+                return None
         gss_code = _one_line(
-            where, self.constituency_name, values[self.constituency], POSTCODE_GSS_LENGTH
+            name, line, self.constituency_name, values[self.constituency], POSTCODE_GSS_LENGTH
         )
         terminated = bool(self.terminated is not None and values[self.terminated].strip())
         if self.status is not None and values[self.status].strip().lower() == "terminated":
@@ -297,15 +303,15 @@ POSTCODE_GSS_LENGTH = _length(Postcode.gss_code)
 def postcode_rows(
     path: Path, version_id: int, progress: Progress, skipped: Skipped
 ) -> Iterator[dict[str, Any]]:
-    """The rows to store of a postcode file (the same on both databases), streamed; rows that are
-    not postcodes are counted in ``skipped``."""
+    """The rows to store of a postcode file (the same on both databases), streamed; rows
+    without a postcode we can store are counted in ``skipped``."""
     records = _records(path, progress)
     layout = PostcodeLayout.from_header(next(records, (1, []))[1], path.name)
+    name = path.name
     for line, values in records:
-        where = f"{path.name} line {line}"
-        row = layout.row(where, values)
+        row = layout.row(name, line, values)
         if row is None:
-            skipped.add(where, values[layout.postcode])
+            skipped.add(name, line, values[layout.postcode])
         else:
             row["version_id"] = version_id
             yield row
