@@ -105,6 +105,7 @@ def directory_import(
     if counts.skipped:
         rows = counted(counts.skipped, "row")
         which = "that is not a postcode" if counts.skipped == 1 else "that are not postcodes"
+        which += " we can store"  # "X", or a BFPO number longer than the postcode column
         said += f"; skipped {rows} {which} (the first: {counts.first_skipped})"
     cli.say(said, counts)
 

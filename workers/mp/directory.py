@@ -5,19 +5,21 @@ directory. Postcode files are streamed (``COPY`` on PostgreSQL, batches on SQLit
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from itertools import islice
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 from sqlalchemy import Integer, delete, func, insert, literal, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from schemas.postcode import PostcodeProblem, check_format
+from schemas.postcode import POSTCODE_RE, PostcodeProblem, check_format
 from schemas.submission import single_line
 from workers.database.models import Constituency, DirectoryVersion, Member, Postcode
 from workers.mp.live_sources import MembersApi, office_email
@@ -42,46 +44,69 @@ class ImportCounts:
     constituencies: int
     members: int
     postcodes: int
-    skipped: int = 0  # rows of the postcode files that are not postcodes
+    skipped: int = 0  # rows of the postcode files without a postcode we can store
     first_skipped: str | None = None  # the first of them: file, line and value
 
 
 @dataclass
 class Skipped:
-    """Postcode rows left out because they are not postcodes, and where the first one was."""
+    """Postcode rows left out, their postcode not one we can store (not a postcode, or a BFPO
+    number longer than the column), and where the first one was."""
 
     rows: int = 0
     first: str | None = None
 
-    def add(self, where: str, value: str) -> None:
+    def add(self, name: str, line: int, value: str) -> None:
         self.rows += 1
         if self.first is None:
-            self.first = f"{where}: {value[:20]!r}"
+            self.first = f"{name} line {line}: {value[:20]!r}"
 
 
 # A member id is an integer column: PostgreSQL's holds at most this.
 MAX_INTEGER = 2**31 - 1
 
 
-def _lines(fh: BinaryIO, name: str) -> Iterator[str]:
-    """A file's lines as text (a byte order mark skipped), refused at the first that is not
-    UTF-8: decoded line by line, so that the refusal names the right line."""
-    for n, raw in enumerate(fh, start=1):
-        try:
-            yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise DirectoryError(
-                f"{name} line {n}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
-                "save the file as UTF-8"
-            ) from None
+def _line_ends(text: str, after_cr: bool) -> int:
+    """How many line ends ``text`` holds (LF, CRLF or a lone CR, as text read with
+    ``newline=""`` splits lines), ``after_cr`` if the text before it ended with a CR."""
+    return (
+        text.count("\n")
+        + text.count("\r")
+        - text.count("\r\n")
+        - (after_cr and text.startswith("\n"))
+    )
+
+
+def _not_utf8(path: Path) -> DirectoryError:
+    """The refusal of a file that is not UTF-8, naming the line of its first byte that is not:
+    the file is read again (text is decoded a block at a time, ahead of the lines parsed)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    line, after_cr = 1, False
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line += _line_ends(exc.object[: exc.start].decode(), after_cr)
+                return DirectoryError(
+                    f"{path.name} line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                    "save the file as UTF-8"
+                )
+            line += _line_ends(text, after_cr)
+            after_cr = text.endswith("\r") or (after_cr and not text)
+    return DirectoryError(f"{path.name}: not UTF-8 text; save the file as UTF-8")
 
 
 def _records(path: Path, progress: Progress | None = None) -> Iterator[tuple[int, list[str]]]:
     """(line number, values) of each row of a CSV file, its header first; blank lines are passed
-    over. Refused, naming the line: text that is not UTF-8, a field beyond the csv module's limit,
-    a row that is not as wide as the header. ``progress`` is told the bytes read."""
+    over. Lines may end in LF, CRLF or a lone CR (read with ``newline=""``, as the csv module
+    asks). A row shorter than the header is padded with empty values (spreadsheets leave out
+    trailing empty fields), and empty fields beyond the header are dropped (a trailing comma).
+    Refused, naming the line: text that is not UTF-8, a field beyond the csv module's limit, a
+    value beyond the header's columns. ``progress`` is told the bytes read."""
     with path.open("rb") as fh:
-        reader = csv.reader(_lines(fh, path.name))
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="strict", newline="")
+        reader = csv.reader(text)
         width: int | None = None
         told = 0
         while True:
@@ -90,25 +115,31 @@ def _records(path: Path, progress: Progress | None = None) -> Iterator[tuple[int
                 values = next(reader)
             except StopIteration:
                 break
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
             except csv.Error as exc:
                 said = str(exc)
                 if "field limit" in said:
                     said = f"a field is longer than {csv.field_size_limit()} characters"
-                elif "new-line character" in said:  # a lone CR: Python's words are for coders
-                    said = "a carriage return outside quotes (save the file with LF or CRLF lines)"
                 raise DirectoryError(f"{path.name} line {line}: {said}") from None
-            if progress is not None and fh.tell() - told >= CHUNK:
-                progress(fh.tell() - told)
-                told = fh.tell()
+            if progress is not None and (read := fh.tell()) - told >= CHUNK:
+                progress(read - told)
+                told = read
             if not values:
                 continue
             if width is None:
                 width = len(values)
-            elif len(values) != width:
-                raise DirectoryError(
-                    f"{path.name} line {line} has {counted(len(values), 'field')}, "
-                    f"the header {width}"
-                )
+            elif len(values) < width:
+                values += [""] * (width - len(values))
+            elif len(values) > width:
+                beyond = next((n for n in range(width, len(values)) if values[n].strip()), None)
+                if beyond is not None:
+                    raise DirectoryError(
+                        f"{path.name} line {line} has {counted(len(values), 'field')}, the "
+                        f"header {width}, and field {beyond + 1} is not empty: "
+                        f"{values[beyond][:20]!r}"
+                    )
+                del values[width:]
             yield line, values
         if progress is not None:
             progress(fh.tell() - told)
@@ -124,15 +155,15 @@ def _length(column: Any) -> int:
     return int(column.type.length)
 
 
-def _one_line(where: str, label: str, value: str, limit: int) -> str:
-    """``value`` without the spaces around it, refused (``where: label ...``) if it holds a control
-    character (a line break would split a header or a printed line) or is longer than ``limit``,
-    its column's :func:`_length`: checked here, so that SQLite (which stores any length) and
-    PostgreSQL answer alike."""
+def _one_line(name: str, line: int, label: str, value: str, limit: int) -> str:
+    """``value`` without the whitespace around it (a trailing tab, as spreadsheets leave), refused
+    (``name line N: label ...``) if it holds a control character (a line break would split a
+    header or a printed line) or is longer than ``limit``, its column's :func:`_length`: checked
+    here, so that SQLite (which stores any length) and PostgreSQL answer alike."""
     try:
-        return _one_line_check(label, limit)(value.strip(" ")) or ""
+        return _one_line_check(label, limit)(value.strip()) or ""
     except ValueError as exc:
-        raise DirectoryError(f"{where}: {str(exc).rstrip('.')}") from None
+        raise DirectoryError(f"{name} line {line}: {str(exc).rstrip('.')}") from None
 
 
 def _pick(row: dict[str, str], *names: str) -> tuple[str, str]:
@@ -164,10 +195,12 @@ def read_members(path: Path, version_id: int) -> tuple[list[dict[str, Any]], lis
             raise DirectoryError(f"{where}: member_id is too large: {given[:20]!r}")
         member_id = int(given) if given else None
         gss_code = _one_line(
-            where, *_pick(row, "ons_code", "pcon24cd"), _length(Constituency.gss_code)
+            path.name, line, *_pick(row, "ons_code", "pcon24cd"), _length(Constituency.gss_code)
         )
-        name = _one_line(where, *_pick(row, "constituency_name"), _length(Constituency.name))
-        country = _one_line(where, *_pick(row, "country"), _length(Constituency.country))
+        name = _one_line(
+            path.name, line, *_pick(row, "constituency_name"), _length(Constituency.name)
+        )
+        country = _one_line(path.name, line, *_pick(row, "country"), _length(Constituency.country))
         constituency = {
             "version_id": version_id,
             "gss_code": gss_code,
@@ -199,13 +232,13 @@ def read_members(path: Path, version_id: int) -> tuple[list[dict[str, Any]], lis
                 f"and {other['gss_code']} {other['name']!r} (line {other_line})"
             )
         member_seats[member_id] = (line, constituency)
-        phone = _one_line(where, *_pick(row, "phone"), _length(Member.phone))
+        phone = _one_line(path.name, line, *_pick(row, "phone"), _length(Member.phone))
         members.append(
             {
                 "version_id": version_id,
                 "member_id": member_id,
-                "name": _one_line(where, *_pick(row, "mp_name"), _length(Member.name)),
-                "party": _one_line(where, *_pick(row, "party"), _length(Member.party)),
+                "name": _one_line(path.name, line, *_pick(row, "mp_name"), _length(Member.name)),
+                "party": _one_line(path.name, line, *_pick(row, "party"), _length(Member.party)),
                 "email": address,
                 "phone": phone or None,
             }
@@ -240,16 +273,21 @@ class PostcodeLayout:
         terminated, status = find(TERMINATED_COLUMNS), find(("status",))
         return cls(postcode, constituency, terminated, status, columns[constituency])
 
-    def row(self, where: str, values: list[str]) -> dict[str, Any] | None:
-        """The row to store, or None if its postcode is not one (the intake would refuse it
-        before any lookup: :func:`schemas.postcode.check_format`)."""
-        postcode, problem = check_format(values[self.postcode])
-        if problem is not None and problem.code in NOT_POSTCODES:
-            return None
-        if len(postcode) > POSTCODE_LENGTH:  # "BFPO 1234": no lookup asks for it
-            return None
+    def row(self, name: str, line: int, values: list[str]) -> dict[str, Any] | None:
+        """The row to store, or None if its postcode is not one we can store: not a postcode
+        (the intake would refuse it before any lookup: :func:`schemas.postcode.check_format`), or
+        longer than the column (a BFPO number: the intake refuses it too)."""
+        postcode = values[self.postcode]
+        # The ONSPD's pcds is canonical already: stored as it is. fullmatch, not match: "$" would
+        # let a trailing line break through.
+        if not POSTCODE_RE.fullmatch(postcode):
+            postcode, problem = check_format(postcode)
+            if problem is not None and problem.code in NOT_POSTCODES:
+                return None
+            if len(postcode) > POSTCODE_LENGTH:  # "BFPO 1234": no lookup asks for it
+                return None
         gss_code = _one_line(
-            where, self.constituency_name, values[self.constituency], POSTCODE_GSS_LENGTH
+            name, line, self.constituency_name, values[self.constituency], POSTCODE_GSS_LENGTH
         )
         terminated = bool(self.terminated is not None and values[self.terminated].strip())
         if self.status is not None and values[self.status].strip().lower() == "terminated":
@@ -265,15 +303,15 @@ POSTCODE_GSS_LENGTH = _length(Postcode.gss_code)
 def postcode_rows(
     path: Path, version_id: int, progress: Progress, skipped: Skipped
 ) -> Iterator[dict[str, Any]]:
-    """The rows to store of a postcode file (the same on both databases), streamed; rows that are
-    not postcodes are counted in ``skipped``."""
+    """The rows to store of a postcode file (the same on both databases), streamed; rows
+    without a postcode we can store are counted in ``skipped``."""
     records = _records(path, progress)
     layout = PostcodeLayout.from_header(next(records, (1, []))[1], path.name)
+    name = path.name
     for line, values in records:
-        where = f"{path.name} line {line}"
-        row = layout.row(where, values)
+        row = layout.row(name, line, values)
         if row is None:
-            skipped.add(where, values[layout.postcode])
+            skipped.add(name, line, values[layout.postcode])
         else:
             row["version_id"] = version_id
             yield row
