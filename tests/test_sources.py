@@ -414,3 +414,28 @@ def test_a_members_api_answer_in_a_shape_it_does_not_document_is_the_sources_out
     with session_scope(app.sessions) as session:  # nothing of it is kept
         assert session.scalar(select(func.count()).select_from(LookupCache).where(
             LookupCache.key == f"members:{postcode}")) == 0  # fmt: skip
+
+
+def test_directory_sync_refuses_a_member_name_a_letter_cannot_carry_and_changes_nothing(
+    app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    """The Members API is outside input, as a file is: a line break in a name would fail every
+    letter to that MP."""
+    from workers.mp.directory import DirectoryError, import_directory
+
+    fake, stub = parliament
+    with session_scope(app.sessions) as session:
+        import_directory(
+            session, shared_data / MPS, [shared_data / "postcodes_gb_sample.csv"], "mp file"
+        )
+        before = current_version(session)
+        assert before is not None
+    fake.members[5450]["name"] = "Douglas Lumsden\r\nBcc: someone@example.org"
+    with session_scope(app.sessions) as session, pytest.raises(DirectoryError) as refused:
+        sync_members(session, MembersApi(JsonApi(stub.url, attempts=1)), "Members API")
+    assert str(refused.value) == (
+        "the Members API's member 5450: name must be on one line, without control characters"
+    )
+    with session_scope(app.sessions) as session:
+        after = current_version(session)
+        assert after is not None and after.id == before.id

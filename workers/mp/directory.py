@@ -166,6 +166,14 @@ def _one_line(name: str, line: int, label: str, value: str, limit: int) -> str:
         raise DirectoryError(f"{name} line {line}: {str(exc).rstrip('.')}") from None
 
 
+def _api_text(where: str, label: str, value: str, limit: int) -> str:
+    """A text the Members API gave, checked as a file's (:func:`_one_line`): outside input."""
+    try:
+        return _one_line_check(label, limit)(value.strip()) or ""
+    except ValueError as exc:
+        raise DirectoryError(f"{where}: {str(exc).rstrip('.')}") from None
+
+
 def _pick(row: dict[str, str], *names: str) -> tuple[str, str]:
     """The first of the columns ``names`` with a value: its name and value (or the first name
     and "")."""
@@ -554,14 +562,15 @@ def sync_members(session: Session, members_api: MembersApi, source: str) -> dict
             continue
         name, party, _ = sitting[member_id]
         email, phone = contacts[member_id]
+        where = f"the Members API's member {member_id}"
         members.append(
             {
                 "version_id": version.id,
                 "member_id": member_id,
-                "name": name,
-                "party": party,
+                "name": _api_text(where, "name", name, _length(Member.name)),
+                "party": _api_text(where, "party", party, _length(Member.party)),
                 "email": email,
-                "phone": phone,
+                "phone": _api_text(where, "phone", phone or "", _length(Member.phone)) or None,
             }
         )
         if member_id != seat.member_id:
