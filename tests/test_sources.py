@@ -290,18 +290,24 @@ def test_an_outage_never_loses_a_submission_it_ends_in_the_dead_letter_queue(
     assert get(app, sid).state == State.VALIDATED  # still there, for a requeue or the reconciler
 
 
-def test_directory_sync_reports_new_mps_vacancies_and_changed_emails(
-    app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
-) -> None:
+def imported(app: App, shared_data: Path) -> Any:
+    """The real MPs' file and the GB postcode sample imported: the version it made."""
     from workers.mp.directory import import_directory
 
-    fake, stub = parliament
     with session_scope(app.sessions) as session:
         import_directory(
             session, shared_data / MPS, [shared_data / "postcodes_gb_sample.csv"], "mp file"
         )
         before = current_version(session)
         assert before is not None
+        return before
+
+
+def test_directory_sync_reports_new_mps_vacancies_and_changed_emails(
+    app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    fake, stub = parliament
+    before = imported(app, shared_data)
     # Since the file: Aberdeen North's MP stood down (vacant), Chorley has a new MP, and
     # Aberdeen South's MP has a new address.
     del fake.members[4357]
@@ -421,15 +427,10 @@ def test_directory_sync_refuses_a_member_name_a_letter_cannot_carry_and_changes_
 ) -> None:
     """The Members API is outside input, as a file is: a line break in a name would fail every
     letter to that MP."""
-    from workers.mp.directory import DirectoryError, import_directory
+    from workers.mp.directory import DirectoryError
 
     fake, stub = parliament
-    with session_scope(app.sessions) as session:
-        import_directory(
-            session, shared_data / MPS, [shared_data / "postcodes_gb_sample.csv"], "mp file"
-        )
-        before = current_version(session)
-        assert before is not None
+    before = imported(app, shared_data)
     fake.members[5450]["name"] = "Douglas Lumsden\r\nBcc: someone@example.org"
     with session_scope(app.sessions) as session, pytest.raises(DirectoryError) as refused:
         sync_members(session, MembersApi(JsonApi(stub.url, attempts=1)), "Members API")

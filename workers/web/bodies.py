@@ -157,9 +157,14 @@ CONFIRM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def status_path(submission_id: str) -> str:
+    """Where a submission's status is read (``GET``)."""
+    return f"/v1/submissions/{submission_id}"
+
+
 def accepted(submission_id: str, state: str, duplicate: bool) -> JSONResponse:
     """The 202 for a stored submission, and the same for a robot's (nothing tells them apart)."""
-    status_url = f"/v1/submissions/{submission_id}"
+    status_url = status_path(submission_id)
     body = AcceptedOut(id=submission_id, state=state, status_url=status_url, duplicate=duplicate)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": status_url})
 

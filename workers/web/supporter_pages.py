@@ -23,7 +23,7 @@ from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch
 from workers.stages import confirmation, survey
 from workers.stages.stage import Stage
-from workers.web.bodies import CONFIRM_RESPONSES
+from workers.web.bodies import CONFIRM_RESPONSES, status_path
 from workers.web.dependencies import AppDep, IntakeDep
 
 router = APIRouter()
@@ -100,7 +100,7 @@ def _confirm_page(
     which says why."""
     lines: tuple[str, ...] = ()
     if result == "not_sent" and sid is not None:
-        status_url = f"{app.settings.public_url.rstrip('/')}/v1/submissions/{sid}"
+        status_url = app.settings.public_url.rstrip("/") + status_path(sid)
         lines = (f"Why: see its status at {status_url}",)
     button = "Send my letter to my MP" if result == "ready" else None
     return page(CONFIRM_TEXTS[result], campaign, lines=lines, button=button)
