@@ -47,7 +47,6 @@ from workers.letters.mail import (
     Draft,
     Outgoing,
     TransientDeliveryError,
-    header_text,
 )
 from workers.letters.mail.messages import write
 from workers.pipeline.actors import outbox_for
@@ -62,6 +61,7 @@ from workers.stages.resolution import resolve
 from workers.stages.stage import Deferred
 from workers.stages.validation import validate
 from workers.web.api import create_app
+from workers.wording import one_line
 
 FROM_DOMAIN = "campaign.example.org"  # the sample campaign's From: letters@campaign.example.org
 BOUNCES = f"bounces.{FROM_DOMAIN}"
@@ -482,13 +482,13 @@ def test_an_encoded_line_break_in_a_reply_adds_no_header_to_its_forward() -> Non
      "\ud800", "\t", "\x0b", "\x1c"],
 )  # fmt: skip
 def test_header_text_keeps_no_control_or_format_character(character: str) -> None:
-    assert header_text(f"a{character}b", 100) in ("a b", "ab")
+    assert one_line(f"a{character}b", 100) in ("a b", "ab")
 
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=300))
 def test_any_outside_text_is_one_subject_line_read_back_as_cleaned(text: str) -> None:
-    cleaned = header_text(text, 200)
+    cleaned = one_line(text, 200)
     assert not {unicodedata.category(c) for c in cleaned} & {"Cc", "Cf", "Cs", "Zl", "Zp"}
     draft = Draft(SENDER.name, SENDER.address, SUPPORTER, cleaned or "x", CREATED, "<x@y>", "")
     data = write(draft)

@@ -615,7 +615,7 @@ def test_given_up_items_are_listed_and_retried_by_an_operator(
     runner = CliRunner()
     none = runner.invoke(cli, ["outbox", "retry"])
     assert none.exit_code == 1 and "no given-up item to retry" in none.stderr
-    refused = PermanentDeliveryError("554 5.7.1 <amira.haddad@example.com>: relay denied")
+    refused = PermanentDeliveryError("554 5.7.1 <amira.haddad@example.com>: denied [/b] [mx1]")
     for item_id in items.values():
         send_item(app, item_id, Recorder(refused))
     listed = runner.invoke(cli, ["outbox", "list", "--status", "failed", "--json"])
@@ -623,7 +623,7 @@ def test_given_up_items_are_listed_and_retried_by_an_operator(
     rows = json.loads(listed.stdout)
     assert sorted(row["id"] for row in rows) == sorted(items.values())
     assert {(row["status"], row["error"]) for row in rows} == {
-        ("failed", "554 5.7.1 <[email]>: relay denied")
+        ("failed", "554 5.7.1 <[email]>: denied [/b] [mx1]")
     }
     assert {row["kind"] for row in rows} == set(KINDS) - {
         "webhook",
@@ -631,8 +631,8 @@ def test_given_up_items_are_listed_and_retried_by_an_operator(
         "digest",
         "digested",
     }  # test_webhooks.py, test_smtp.py; the digest's: test_comparison.py
-    table = runner.invoke(cli, ["outbox", "list"])
-    assert table.exit_code == 0 and "relay denied" in table.stdout
+    table = runner.invoke(cli, ["outbox", "list"])  # a server's words are never rich markup
+    assert table.exit_code == 0 and "denied [/b] [mx1]" in table.stdout
     dry = runner.invoke(cli, ["outbox", "retry", "--kind", "forward", "--dry-run"])
     assert dry.exit_code == 0 and "would retry 1" in dry.stdout
     assert item(app, items["forward"]).status == "failed"  # nothing changed

@@ -100,6 +100,27 @@ def test_a_5xx_answer_is_a_recorded_permanent_failure(
     assert smtp_sink.received.count() == 0
 
 
+def test_a_servers_answer_is_kept_on_one_line_without_what_moves_a_terminal(
+    app: App, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    """A hostile relay's escape sequences, a bare CR and a bidirectional override never reach
+    what an operator reads (``show``, ``deliveries waiting``, ``health``)."""
+    smtp = mailer(tmp_path, smtp_sink)
+    sid = through_render(app, submission())
+    smtp_sink.answer = "550 5.7.1 no\rx\x1b[2Khealthy \x1b]8;;https://evil.example/\x07here\u202e"
+    with pytest.raises(PermanentDeliveryError, match="550"):
+        send_letter(app.sessions, sid, smtp, POLICY)
+    with session_scope(app.sessions) as session:
+        sub, item = session.get(Submission, sid), session.get(OutboxItem, sid)
+        assert sub is not None and item is not None
+        for said in (sub.failure_reason, item.error):
+            assert (
+                said is not None
+                and "550 5.7.1 no x[2Khealthy ]8;;https://evil.example/here" in said
+            )
+            assert said.isprintable()
+
+
 def test_mail_server_down_is_transient_until_the_attempts_run_out(app: App, tmp_path: Path) -> None:
     settings = make_settings(
         tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=1, smtp_timeout=2

@@ -422,6 +422,28 @@ def test_a_members_api_answer_in_a_shape_it_does_not_document_is_the_sources_out
             LookupCache.key == f"members:{postcode}")) == 0  # fmt: skip
 
 
+def test_a_live_mps_name_is_kept_on_one_line_without_what_moves_a_terminal(
+    app: App, live: LiveSources, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    """A line break would fail every letter to that MP ("Dear ..." and ``To``); an escape
+    sequence or a bidirectional override would reach ``show``, the console and the letter."""
+    fake, _ = parliament
+    fake.members[5450]["name"] = "Douglas\r\nBcc: all@x \x1b[2J\u202eLumsden"
+    sub = resolved(app, "ab101ab", "live", live)
+    assert sub.state == State.RESOLVED
+    assert sub.recipient["name"] == "Douglas Bcc: all@x [2JLumsden"
+
+
+@pytest.mark.parametrize("code", ["S1400006100", "S14\n00061", 14000061])
+def test_a_constituency_code_postcodes_io_does_not_document_is_its_outage(
+    live: LiveSources, postcodes_io: HttpStub, app: App, code: Any
+) -> None:
+    found = {"status": 200, "result": {"codes": {"parliamentary_constituency": code}}}
+    postcodes_io.script.append((200, {}, found))
+    with pytest.raises(SourceUnavailable, match="in a shape it does not document"):
+        live.warm(app.sessions, "AB10 1AB")
+
+
 def test_directory_sync_refuses_a_member_name_a_letter_cannot_carry_and_changes_nothing(
     app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
 ) -> None:

@@ -1,6 +1,8 @@
 """What every ``dearmp`` command shares: the top-level group, the :class:`Cli` each is given, and
-how they answer: text or ``--json`` (:func:`command`, :meth:`Cli.say`), a refusal for nothing to
-do (:class:`Nothing`), and a question before a destructive change (:func:`confirm`)."""
+how they answer: text or ``--json`` (:func:`command`, :meth:`Cli.say`), a table's :func:`cell`, a
+refusal for nothing to do (:class:`Nothing`), and a question before a destructive change
+(:func:`confirm`). Text from outside (a server's answer, an MP's name) is shown through
+:mod:`workers.wording`: it never moves the terminal's cursor, nor is it read as rich markup."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import IO, Any
 
 import click
 import dramatiq
+from rich.text import Text
 from sqlalchemy.orm import Session
 
 from config.settings import ConfigurationError, get_settings, problems_of
@@ -26,6 +29,7 @@ from workers.logging import configure_logging
 from workers.pipeline.app import App, get_app, log_started
 from workers.pipeline.dispatch import dispatch_groups
 from workers.stages.stage import Stage
+from workers.wording import one_line, printable
 
 # The commands that run the pipeline (or part of it) for as long as they are left to, by their
 # path under ``dearmp``: each logs the start-up line, its process named by the path's first word.
@@ -62,11 +66,11 @@ class Cli:
         elif callable(text):
             text()
         else:
-            click.echo(text)
+            click.echo(printable(text))
 
     def tell(self, text: str) -> None:
         """A line for a person: on stdout, or on stderr when stdout is for --json's document."""
-        click.echo(text, err=self.as_json)
+        click.echo(printable(text), err=self.as_json)
 
     def session(self) -> AbstractContextManager[Session]:
         """A transaction on the App's database: committed unless it raises."""
@@ -102,6 +106,12 @@ class Cli:
 
 
 pass_cli = click.make_pass_decorator(Cli, ensure=True)
+
+
+def cell(value: object) -> Text:
+    """A table's cell: ``value`` as text on one line (:func:`one_line`), never read as rich
+    markup (a server's ``[mx1.example.com]`` is shown, ``[/b]`` raises nothing)."""
+    return Text(one_line("" if value is None else str(value)))
 
 
 def _plain(value: Any) -> Any:

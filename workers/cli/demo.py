@@ -15,13 +15,12 @@ from typing import Any
 import click
 import dramatiq
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from sqlalchemy import select
 
 from config.settings import get_settings, masked_url
-from workers.cli.base import Cli, command, main
+from workers.cli.base import Cli, cell, command, main
 from workers.database.engine import session_scope
 from workers.database.models import Submission
 from workers.logging import mask_text
@@ -115,7 +114,7 @@ def run_demo(
 def _counts(title: str, column: str, counted: Iterable[tuple[str, int]]) -> Table:
     table = Table(column, Column("count", justify="right"), title=title)
     for name, n in counted:
-        table.add_row(escape(name), str(n))
+        table.add_row(cell(name), str(n))
     return table
 
 

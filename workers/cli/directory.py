@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from workers.cli.base import (
     Cli,
     Nothing,
+    cell,
     command,
     confirm,
     dry_run_option,
@@ -201,22 +202,16 @@ def directory_status(cli: Cli) -> None:
 def _print_status(versions: list[dict[str, Any]], failing: list[dict[str, Any]]) -> None:
     table = Table("version", "current", "created", "source", "seats", "MPs", "postcodes of", "held")
     for v in versions:
-        table.add_row(
-            str(v["id"]),
-            "yes" if v["current"] else "",
-            v["created_at"][:16].replace("T", " "),
-            v["source"] + (" (dissolved)" if v["dissolved"] else ""),
-            str(v["seats"]),
-            str(v["members"]),
-            str(v["postcodes_version_id"]),
-            "" if v["held"] is None else str(v["held"]),
-        )
+        source = v["source"] + (" (dissolved)" if v["dissolved"] else "")
+        created, current = v["created_at"][:16].replace("T", " "), "yes" if v["current"] else ""
+        counts = (v["seats"], v["members"], v["postcodes_version_id"], v["held"])
+        table.add_row(*map(cell, (v["id"], current, created, source, *counts)))
     Console().print(table)
     if failing:
         bad = Table("failing address", "member", "since", "why")
         for row in failing:
             since = row["since"][:16].replace("T", " ")
-            bad.add_row(row["email"], str(row["member_id"] or ""), since, row["reason"] or "")
+            bad.add_row(*map(cell, (row["email"], row["member_id"], since, row["reason"])))
         Console().print(bad)
 
 

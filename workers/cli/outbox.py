@@ -9,7 +9,16 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from workers.cli.base import Cli, Nothing, command, confirm, dry_run_option, main, yes_option
+from workers.cli.base import (
+    Cli,
+    Nothing,
+    cell,
+    command,
+    confirm,
+    dry_run_option,
+    main,
+    yes_option,
+)
 from workers.cli.queues import clear_dead, redis_client
 from workers.database.models import OutboxItem
 from workers.outbox.kinds import stage_of
@@ -49,7 +58,7 @@ def outbox_list(cli: Cli, statuses: tuple[str, ...], limit: int) -> None:
     table = Table("id", "kind", "status", "failures", "next attempt", "error")
     for row in rows:
         keys = ("id", "kind", "status", "failures", "next_attempt_at", "error")
-        table.add_row(*(str("" if row[key] is None else row[key]) for key in keys))
+        table.add_row(*(cell(row[key]) for key in keys))
     cli.say(lambda: Console(width=200).print(table), rows)
     if not rows and statuses:
         raise Nothing(f"no item is {' or '.join(statuses)}")

@@ -16,7 +16,6 @@ import structlog
 from dramatiq.brokers.redis import RedisBroker
 from rich.console import Console, Group
 from rich.live import Live
-from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
@@ -24,6 +23,7 @@ from config.settings import ConfigurationError
 from workers.cli.base import (
     Cli,
     Nothing,
+    cell,
     command,
     confirm,
     dry_run_option,
@@ -38,7 +38,7 @@ from workers.pipeline import checks
 from workers.pipeline import dead_letters as dead
 from workers.pipeline.app import App
 from workers.privacy.hashing import mask_supporter
-from workers.wording import counted
+from workers.wording import counted, one_line
 
 # What `dearmp health` says when all is well.
 SUMMARY = ("dead letters", "queues", "retries", "given up", "workers", "mail server", "reconciler")
@@ -163,12 +163,12 @@ def _print_dead(listed: list[dict[str, Any]]) -> None:
     # listed is in by_reason's order: each reason's letters together, the largest group first
     for why, grouped in itertools.groupby(listed, key=lambda item: item["reason"]):
         items = list(grouped)
-        click.echo(f"{why}: {len(items)} (the answer: {items[0]['answer']})")
+        click.echo(one_line(f"{why}: {len(items)} (the answer: {items[0]['answer']})"))
         table = Table()
         for col in columns:  # ids whole, to paste into `dlq show`
             table.add_column(col, overflow="fold", no_wrap=col.endswith("_id"))
         for item in items:
-            table.add_row(*(escape(str(item[c] or "")) for c in columns))
+            table.add_row(*(cell(item[c]) for c in columns))
         Console(width=max(160, Console().width)).print(table)
 
 
@@ -336,11 +336,12 @@ def _say_health(found: list[checks.Check], status: str) -> None:
     problems = [c.detail for c in found if c.status != checks.OK]
     if problems:
         click.echo(
-            f"{'down' if status == checks.DOWN else 'degraded'}: {'; '.join(problems)}", err=True
+            one_line(f"{'down' if status == checks.DOWN else 'degraded'}: {'; '.join(problems)}"),
+            err=True,
         )
     else:
         said = {c.name: c.detail for c in found}
-        click.echo("healthy: " + "; ".join(said[name] for name in SUMMARY if name in said))
+        click.echo(one_line("healthy: " + "; ".join(said[n] for n in SUMMARY if n in said)))
 
 
 def _watch_view(snap: dead.Snapshot) -> Any:
@@ -355,7 +356,7 @@ def _watch_view(snap: dead.Snapshot) -> Any:
     for col in ("last failed", "actor", "error", "submission"):
         failures.add_column(col)
     for at, actor, error, sid in snap.newest_failures:
-        failures.add_row(at.strftime("%H:%M:%S"), actor, escape(error), sid or "")
+        failures.add_row(*map(cell, (at.strftime("%H:%M:%S"), actor, error, sid)))
     return Group(queues, failures)
 
 

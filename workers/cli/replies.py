@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from workers.cli.base import (
     Cli,
     Nothing,
+    cell,
     command,
     confirm,
     dry_run_option,
@@ -83,10 +84,8 @@ def replies_report(cli: Cli, campaign: str | None) -> None:
     )
     for row in rows:
         table.add_row(
-            row.campaign,
-            row.mp,
-            *(str(n) for n in (row.delivered, row.bounced, row.acknowledged, row.replied)),
-            *(str(row.survey[a]) for a in ("yes", "not_yet", "no")),
+            *map(cell, (row.campaign, row.mp, row.delivered, row.bounced, row.acknowledged)),
+            *map(cell, (row.replied, *(row.survey[a] for a in ("yes", "not_yet", "no")))),
         )
     cli.say(lambda: Console().print(table), rows)
 

@@ -14,10 +14,11 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import select
 
-from workers.cli.base import Cli, Nothing, command, json_option, main, pass_cli
+from workers.cli.base import Cli, Nothing, cell, command, json_option, main, pass_cli
 from workers.database.models import Letter, OutboxItem, Submission
 from workers.pipeline.states import OUTCOMES, State
 from workers.privacy.hashing import mask_supporter, supporter_hash
+from workers.wording import one_line, printable
 
 COLUMNS = ("id", "campaign", "state", "created", "updated")
 
@@ -92,7 +93,7 @@ def submissions_list(
         ]
     table = Table(*COLUMNS)
     for row in rows:
-        table.add_row(*(row[column] for column in COLUMNS))
+        table.add_row(*(cell(row[column]) for column in COLUMNS))
     if rows or cli.as_json:
         cli.say(lambda: Console(width=200).print(table), rows)
     if not rows:
@@ -161,8 +162,8 @@ def show(cli: Cli, submission_id: str, reveal: bool = False) -> None:
 def _print_submission(info: dict[str, Any]) -> None:
     console = Console()
     table = Table("at", "state", "detail", title=f"Submission {info['id']} ({info['state']})")
-    for event in info["history"]:  # Text: a detail is shown as it is, never as markup
-        table.add_row(event["at"], event["state"], Text(event["detail"] or ""))
+    for event in info["history"]:
+        table.add_row(event["at"], event["state"], cell(event["detail"]))
     console.print(table)
     details = ("outcome", "rejection", "failure_reason", "constituency", "member_id")
     for key in (*details, "delivery", "letter"):
@@ -170,15 +171,17 @@ def _print_submission(info: dict[str, Any]) -> None:
         if not value:
             continue
         if not isinstance(value, dict):
-            console.print(Text(f"{key}: {value}"))
+            console.print(Text(f"{key}: {one_line(str(value))}"))
             continue
         console.print(Text(f"{key}:", style="bold"))
         for name, item in value.items():
             if isinstance(item, str) and "\n" in item:  # the letter's body, line by line
                 console.print(Text(f"  {name}:"))
-                console.print(Text("\n".join(f"    {line}" for line in item.splitlines())))
+                console.print(
+                    Text("\n".join(f"    {line}" for line in printable(item).split("\n")))
+                )
             else:
-                console.print(Text(f"  {name}: {'' if item is None else item}"))
+                console.print(Text(f"  {name}: {one_line('' if item is None else str(item))}"))
 
 
 main.add_command(show, name="show")  # the short form of `dearmp submission show`

@@ -15,7 +15,6 @@ from workers.letters.mail import (
     Draft,
     Outgoing,
     from_domain,
-    header_text,
     outgoing_email,
 )
 from workers.receiving.classify import (
@@ -26,6 +25,7 @@ from workers.receiving.classify import (
     raw_values,
     reply_sender,
 )
+from workers.wording import one_line
 
 MAX_FORWARD_CHARS = 100_000  # the most of a reply's text a forward carries
 # The most of a subject (a reply's own, and a notice's) and of a From name, in characters.
@@ -58,11 +58,11 @@ def _draft(
     reply_to: str | None = None,
 ) -> Draft:
     return Draft(
-        from_name=header_text(display, DISPLAY_CHARS),
+        from_name=one_line(display, DISPLAY_CHARS),
         from_email=sender.address,
         to_email=to,
         reply_to=reply_to,
-        subject=header_text(subject, SUBJECT_CHARS),
+        subject=one_line(subject, SUBJECT_CHARS),
         date=created,
         message_id=f"<notice-{notice_id}@{from_domain(sender.address)}>",
         text=text,
@@ -123,7 +123,7 @@ def reply_text(raw: bytes) -> Reply:
         if kind in ("text/plain", "text/html") and kind not in texts and not part.get_filename():
             texts[kind] = part_text(part)
     text = texts.get("text/plain") or texts.get("text/html", "")
-    subject = header_text(
+    subject = one_line(
         decoded_header(next(iter(raw_values(message, "subject")), "")), REPLY_SUBJECT_CHARS
     )
     return Reply(subject, text.replace("\r\n", "\n")[:MAX_FORWARD_CHARS], reply_sender(message))

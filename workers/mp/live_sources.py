@@ -22,13 +22,22 @@ from schemas.submission import check_email
 from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import LookupCache, utcnow
 from workers.letters.mail.http import ThreadSessions, retry_after
-from workers.wording import counted
+from workers.wording import counted, one_line
 
 log = structlog.get_logger(__name__)
 
 USER_AGENT = "DearMP/1 (+https://github.com/dearmp)"
 # The Members API's contact type of the parliamentary office.
 PARLIAMENTARY_OFFICE = 1
+# A live answer's texts are outside text, kept on one line within their columns (name, party,
+# seat): a line break in a name would fail every letter to that MP, an escape reach the operator.
+NAME_CHARS = 200
+TEXT_CHARS = (NAME_CHARS, 100, NAME_CHARS)
+
+
+def _gss(code: object) -> bool:
+    """A GSS code as ONS writes them (``S14000060``): a letter and eight digits."""
+    return isinstance(code, str) and len(code) == 9 and code[0].isalpha() and code[1:].isdigit()
 
 
 def office_email(value: object) -> str | None:
@@ -123,9 +132,9 @@ class PostcodesIo:
         if status == 200 and isinstance(result, dict):
             gss_code = (result.get("codes") or {}).get("parliamentary_constituency")
             name = result.get("parliamentary_constituency")
-            if not isinstance(gss_code, str | None) or not isinstance(name, str | None):
-                raise TypeError("a constituency code or name that is not text")  # null: none
-            return PostcodeAnswer("found", gss_code, name)
+            if not isinstance(name, str | None) or not (gss_code is None or _gss(gss_code)):
+                raise TypeError("a constituency code or name not as documented")  # null: none
+            return PostcodeAnswer("found", gss_code, name and one_line(name, NAME_CHARS))
         if status == 404 and isinstance(body, dict):
             if body.get("terminated"):
                 return PostcodeAnswer("terminated")
@@ -164,7 +173,8 @@ class MembersApi:
         items = self._search("a member search", Location=postcode).get("items") or []
         if not items:
             return None
-        member_id, name, party, seat = self._member(items[0]["value"])
+        member_id, *texts = self._member(items[0]["value"])
+        name, party, seat = map(one_line, texts, TEXT_CHARS)
         email, phone = self.contact(member_id)
         return MemberAnswer(member_id, name, party, seat, email, phone)
 
@@ -185,7 +195,9 @@ class MembersApi:
         if len(valid) < len(listed):
             log.warning("mp_email_refused", member_id=member_id, refused=len(listed) - len(valid))
         email = valid[0] if valid else None
-        phone = next((e["phone"].strip() for e in entries if (e.get("phone") or "").strip()), None)
+        phone = next(
+            (one_line(e["phone"], 40) for e in entries if (e.get("phone") or "").strip()), None
+        )
         return email, phone
 
     def current_members(self) -> Iterator[tuple[int, str, str, str]]:

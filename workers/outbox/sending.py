@@ -239,7 +239,7 @@ def listing(
             and row.claimed_at < lapsed_before,
             "error": mask_supporter(row.error, payload)[:500] if row.error else None,
         }
-        for row, payload in session.execute(found).tuples()
+        for row, payload in session.execute(found)
     ]
 
 

@@ -18,7 +18,7 @@ from workers.database.engine import insert_on_conflict
 from workers.database.models import Failure, State, Submission, utcnow
 from workers.database.transitions import AlreadyMoved, advance
 from workers.logging import mask_text
-from workers.wording import counted
+from workers.wording import counted, one_line
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,8 @@ def count_failure(
 ) -> Counted | None:
     """One more failed attempt of an inbound message or an outbox item: ``counter`` of the row
     ``guard`` selects is raised by one (the caller commits). None when not counted (passing
-    trouble, or the row is gone). The reason is masked: an error can quote an address."""
+    trouble, or the row is gone). The reason is masked (an error can quote an address) and on
+    one line (it can quote a server's escape sequences)."""
     if isinstance(error, BaseException):
         if passing(error):
             return None
@@ -130,4 +131,4 @@ def count_failure(
         return None
     final = failures >= limit
     reason = f"gave up after {counted(failures, 'failed attempt')}: {error}" if final else error
-    return Counted(failures, final, mask_text(reason)[:500])
+    return Counted(failures, final, one_line(mask_text(reason), 500))

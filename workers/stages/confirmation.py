@@ -26,13 +26,13 @@ from workers.letters.mail import (
     Draft,
     Outgoing,
     from_domain,
-    header_text,
     outgoing_email,
     wire_address,
 )
 from workers.outbox import sending as outbox
 from workers.receiving.addresses import ReturnAddresses
 from workers.receiving.classify import NOTICE_HEADER
+from workers.wording import one_line
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def compose(
     link = f"{policy.public_url.rstrip('/')}/v1/confirm/{token}"
     kind, sender = "reminder" if reminder else "confirm", str(definition.from_email)
     draft = Draft(
-        from_name=header_text(definition.organisation, 200),
+        from_name=one_line(definition.organisation, 200),
         from_email=sender,
         to_email=to,
         subject=("Reminder: " if reminder else "") + "Please confirm your letter to your MP",

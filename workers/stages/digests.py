@@ -36,7 +36,7 @@ from workers.database.models import (
 from workers.database.transitions import AlreadyMoved, rowcount
 from workers.letters import originality
 from workers.letters.definitions import get_definition
-from workers.letters.mail import DkimSigner, Draft, Mailer, from_domain, header_text, outgoing_email
+from workers.letters.mail import DkimSigner, Draft, Mailer, from_domain, outgoing_email
 from workers.letters.rate_limits import Limiter
 from workers.mp import health
 from workers.outbox.sending import Kind, enqueue
@@ -44,7 +44,7 @@ from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.comparison import letter_body
 from workers.stages.rendering import SANDBOX, SANDBOX_NAME, list_id
-from workers.wording import counted
+from workers.wording import counted, one_line
 
 KIND = KEY = "digest"
 _Query = TypeVar("_Query", bound=Select[*tuple[Any, ...]])
@@ -252,11 +252,11 @@ def draft(definition: CampaignDefinition, digest: Digest, letters: list[Any]) ->
         "Your constituents:\n\n" + "\n\n".join(entries) + "\n"
     )
     return Draft(
-        from_name=header_text(definition.organisation, 120),
+        from_name=one_line(definition.organisation, 120),
         from_email=str(definition.from_email),
         to_name=digest.to_name,
         to_email=digest.to_email,
-        subject=header_text(
+        subject=one_line(
             f"{SANDBOX if sandbox else ''}{counted(count, 'constituent')} wrote to you: "
             f"{definition.title}",
             200,

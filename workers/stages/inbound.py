@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -38,7 +37,6 @@ from workers.database.models import (
     utcnow,
 )
 from workers.database.transitions import AlreadyMoved, At, advance, rowcount
-from workers.letters.mail import header_text
 from workers.letters.notices import decoded_header, reply_text
 from workers.mp import health
 from workers.outbox import sending as outbox
@@ -50,6 +48,7 @@ from workers.receiving.mailgun import event_classification
 from workers.stages import digests
 from workers.stages.stage import Deferred
 from workers.webhooks.events import emit
+from workers.wording import one_line, printable
 
 log = structlog.get_logger(__name__)
 
@@ -464,22 +463,13 @@ def readable(row: InboundMessage, authserv_ids: frozenset[str], text: bool = Tru
                 if line.split(";")[0].strip().lower() in authserv_ids:
                     results.append(line)
             body = reply_text(raw).text if text else ""
-    shown = _printable(body[:SHOWN_CHARS])
+    shown = printable(body[:SHOWN_CHARS])
     return Readable(sender, subject, tuple(results), shown, max(0, len(body) - SHOWN_CHARS))
 
 
 def _header_line(values: list[Any]) -> str:
     decoded = (decoded_header("".join(str(value).splitlines())) for value in values[:10])
-    return header_text(", ".join(decoded), _HEADER_CHARS)
-
-
-def _printable(text: str) -> str:
-    """Line breaks and tabs kept; any other control or format character (an escape sequence's
-    ESC, a bidirectional override) is replaced by U+FFFD."""
-    lines = text.replace("\r\n", "\n").replace("\r", "\n")
-    return "".join(
-        c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf") else "\ufffd" for c in lines
-    )
+    return one_line(", ".join(decoded), _HEADER_CHARS)
 
 
 def _settle(session: Session, inbound_id: str, status: InboundStatus, reason: str) -> bool:

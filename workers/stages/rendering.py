@@ -38,10 +38,10 @@ from workers.database.transitions import (
 )
 from workers.letters.definitions import get_definition
 from workers.letters.mail import DkimSigner
-from workers.letters.mail.messages import header_text
 from workers.receiving.addresses import ReturnAddresses
 from workers.stages import delivery
 from workers.stages.stage import Stage
+from workers.wording import one_line
 
 SANDBOX = "[SANDBOX] "  # what a sandbox letter's subject and text begin with
 SANDBOX_NAME = "DearMP sandbox"  # a sandbox letter's To: name (only rendering writes it)
@@ -84,7 +84,7 @@ class RenderedLetter:
 def list_id(definition: CampaignDefinition) -> str:
     """The campaign's List-Id (RFC 2919), for an office's mail rules: the organisation and
     campaign by name (RFC 2047 words when not ASCII), the campaign's slug on its From domain."""
-    name = header_text(f"{definition.organisation}: {definition.title}", 120)
+    name = one_line(f"{definition.organisation}: {definition.title}", 120)
     domain = str(definition.from_email).rsplit("@", 1)[1].encode("idna").decode("ascii")
     return formataddr((name, f"{definition.slug}.{domain}"))
 

@@ -13,7 +13,7 @@ from workers.letters.mail.mailer import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
-from workers.letters.mail.messages import AUTOMATIC, Draft, from_domain, header_text, wire_address
+from workers.letters.mail.messages import AUTOMATIC, Draft, from_domain, wire_address
 from workers.letters.mail.outbox import OutboxMailer
 from workers.letters.mail.relay import OUT_OF_STEP_WAIT, Alarm
 from workers.letters.mail.smtp import SmtpMailer
@@ -31,7 +31,6 @@ __all__ = [
     "SmtpMailer",
     "TransientDeliveryError",
     "from_domain",
-    "header_text",
     "make_mailer",
     "make_signer",
     "outgoing",

@@ -17,7 +17,7 @@ from workers.letters.mail.mailer import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
-from workers.letters.mail.relay import Alarm, RelayPause
+from workers.letters.mail.relay import Alarm, RelayPause, answer_text
 
 # Answers about our account (a wrong key, a domain it does not hold), not the letter.
 REFUSING_US = {401, 403, 404}
@@ -78,7 +78,7 @@ class HttpMailer(Mailer):
             )
         except requests.RequestException as exc:
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
-        answer = f"{response.status_code} {response.text[:500]}"
+        answer = f"{response.status_code} {answer_text(response.text[:500])}"
         if response.status_code < 300:
             self.relay.accepted()
             return answer

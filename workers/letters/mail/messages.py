@@ -7,7 +7,6 @@ from __future__ import annotations
 import email.policy
 import functools
 import hashlib
-import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from email.charset import QP, Charset
@@ -49,7 +48,7 @@ WIRE = _Wire(linesep="\r\n")
 
 def _one_line(value: str) -> str:
     """A header value, refused if it could start a header of its own: the writer's last guard
-    against header injection (outside text goes through :func:`header_text` first)."""
+    against header injection (outside text goes through :func:`workers.wording.one_line` first)."""
     if "\r" in value or "\n" in value:
         raise ValueError("Header values may not contain linefeed or carriage return characters")
     return value
@@ -87,25 +86,6 @@ def _quoted(text: str) -> str:
     """A part's body: UTF-8, quoted-printable by the email package (which ends its lines with
     LF, and writes a CR in the text as =0D), with CRLF line ends."""
     return UTF8.body_encode(text).replace("\n", CRLF)
-
-
-# Taken out of outside text for a header: control and format characters, line and paragraph
-# separators, lone surrogates.
-_NOT_IN_HEADERS = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-
-
-def header_text(text: str, limit: int) -> str:
-    """Outside text (a reply's subject, an MP's name) made fit for a header: one line, no control
-    or format character, at most ``limit`` characters, so that it can never become a header of its
-    own, here or when a reader's software writes it again (CPython's CVE-2024-6923)."""
-    if text.isascii() and text.isprintable():  # the common case: nothing to take out
-        return " ".join(text.split())[:limit].rstrip()
-    kept = "".join(
-        " " if c.isspace() else c
-        for c in text
-        if c.isspace() or unicodedata.category(c) not in _NOT_IN_HEADERS
-    )
-    return " ".join(kept.split())[:limit].rstrip()
 
 
 @dataclass(frozen=True)

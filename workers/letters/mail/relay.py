@@ -15,6 +15,7 @@ import structlog
 
 from workers.letters.mail.mailer import PermanentDeliveryError, TransientDeliveryError
 from workers.logging import mask_text
+from workers.wording import one_line
 
 # Told of a pause (the relay's answer, seconds, whether it lasts until someone acts) and of its
 # end (None, 0).
@@ -88,7 +89,7 @@ class RelayPause:
             pause: float = min(self.LONGEST, self.first * 2.0 ** (self.refusals - 1))
             self.closed_until = self.clock() + pause
             self.paused_at = time.time()
-            self.reason = mask_text(reason)[:200]
+            self.reason = one_line(mask_text(reason), 200)
         structlog.get_logger("workers").error(
             "mail_delivery_paused",
             reason=self.reason,
@@ -177,4 +178,5 @@ def _unquoted(text: str) -> str:
 
 
 def answer_text(answer: bytes | str) -> str:
-    return answer.decode(errors="replace") if isinstance(answer, bytes) else answer
+    """A server's answer as we keep and show it: outside text, on one line (:func:`one_line`)."""
+    return one_line(answer.decode(errors="replace") if isinstance(answer, bytes) else answer, 500)

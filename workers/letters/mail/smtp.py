@@ -301,7 +301,7 @@ class SmtpMailer:
             with self.pool.session() as conn:
                 code, answer = _transaction(conn, mail)
             self.relay.accepted()
-            return f"{code} {answer.decode(errors='replace')}"
+            return f"{code} {answer_text(answer)}"
         except (smtplib.SMTPAuthenticationError, ssl.SSLCertVerificationError, NoLogin) as exc:
             # The pause is set already (_connect).
             if isinstance(exc, ssl.SSLCertVerificationError):
