@@ -17,6 +17,7 @@ from schemas.campaign import LOADING, CampaignDefinition
 from schemas.submission import CHANNELS, SLUG_RE
 from workers.database.models import CAMPAIGNS, Campaign, ConsentEvent
 from workers.letters.mail.messages import wire_address
+from workers.wording import one_line
 
 
 def load_definitions(directory: Path) -> list[CampaignDefinition]:
@@ -45,7 +46,7 @@ def _load(path: Path) -> CampaignDefinition:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigurationError([f"{where}: not a TOML file: {_one_line(str(exc))}"]) from None
+        raise ConfigurationError([f"{where}: not a TOML file: {one_line(str(exc))}"]) from None
     except RecursionError:
         raise ConfigurationError([f"{where}: not a TOML file: nested too deeply"]) from None
     except OSError as exc:
@@ -60,7 +61,7 @@ def _load(path: Path) -> CampaignDefinition:
     except ValidationError as exc:
         raise ConfigurationError([f"{where}: {problem}" for problem in _problems(exc)]) from None
     except ValueError as exc:
-        raise ConfigurationError([f"{_printable(path.name)}: {_one_line(str(exc))}"]) from None
+        raise ConfigurationError([f"{_printable(path.name)}: {one_line(str(exc))}"]) from None
     return definition
 
 
@@ -78,16 +79,12 @@ def _problems(error: ValidationError) -> list[str]:
     whole definition names the field in its message)."""
     problems = []
     for e in error.errors(include_url=False):
-        message = _one_line(str(e["msg"]).removeprefix("Value error, "))
+        message = one_line(str(e["msg"]).removeprefix("Value error, "))
         field = ""
         for part in e["loc"]:
             field += f"[{part}]" if isinstance(part, int) else f".{part}" if field else str(part)
         problems.append(f"{field}: {message}" if field else message)
     return problems
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _printable(name: str) -> str:
