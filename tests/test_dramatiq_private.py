@@ -6,11 +6,15 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import threading
 from pathlib import Path
+from typing import Any
 
 import dramatiq.brokers.redis
+from dramatiq.middleware import TimeLimitExceeded
 from packaging.version import Version
 
+from workers.pipeline.app import App
 from workers.pipeline.dramatiq_private import (
     CHECKED,
     acks_key,
@@ -19,6 +23,7 @@ from workers.pipeline.dramatiq_private import (
     delayed_key,
     queue_key,
 )
+from workers.pipeline.runtime import running_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 DISPATCH = Path(dramatiq.brokers.redis.__file__).parent / "redis" / "dispatch.lua"
@@ -63,6 +68,7 @@ def test_no_other_module_uses_dramatiqs_private_api() -> None:
     module only."""
     private = re.compile(
         r"\._dispatch\('|__acks__|\bdo_fetch\b|\bdo_nack\b|\.(msgs|XQ|DQ)\b|\bglobal_broker\b"
+        r"|\.manager\.start\b"
     )
     found = []
     for path in (REPO / "workers").rglob("*.py"):
@@ -71,3 +77,22 @@ def test_no_other_module_uses_dramatiqs_private_api() -> None:
         code = ast.unparse(ast.parse(path.read_text()))  # docstrings count, comments do not
         found += [f"{path.relative_to(REPO)}: {m}" for m in private.findall(code)]
     assert found == []
+
+
+def test_dearmp_run_stops_an_attempt_past_its_actors_time_limit(app: App, stub_broker: Any) -> None:
+    """As ``dramatiq`` worker processes do: a CRM or a relay that trickles its answer must not
+    hold a thread of ``dearmp run`` for ever (its clock started nowhere before)."""
+    stopped, never = threading.Event(), threading.Event()
+
+    @dramatiq.actor(broker=stub_broker, queue_name="test.hang", time_limit=100, max_retries=0)
+    def hang() -> None:
+        try:
+            for _ in range(1000):  # ten seconds at most: an attempt that is never stopped
+                never.wait(0.01)
+        except TimeLimitExceeded:
+            stopped.set()
+            raise
+
+    with running_pipeline(app, stub_broker, 1):
+        hang.send()
+        assert stopped.wait(10)

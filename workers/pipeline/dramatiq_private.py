@@ -5,6 +5,8 @@ publicly and DearMP needs.
   dead-letters fetched bytes by their Redis id (``do_nack``), found in the ``__acks__`` set.
 - The process's broker, if one was installed (``dramatiq.broker.global_broker``; the public
   ``get_broker()`` builds a default broker when none was): what a commit's webhooks are sent on.
+- The clock of actors' time limits (``TimeLimit``'s ``manager`` thread), which dramatiq starts
+  only in a worker process it booted, started in ``dearmp run``'s own.
 - The Redis key layout the operator's commands read: queues, delayed queues (``.DQ``), dead
   letters (``.XQ``), their bodies (``.msgs``) and what workers hold (``__acks__``).
 
@@ -19,6 +21,7 @@ from typing import Any
 import dramatiq.brokers.redis
 import redis
 from dramatiq.common import dq_name, xq_name
+from dramatiq.middleware import TimeLimit
 
 # The dramatiq versions this module was read against: [lowest, first one not checked).
 CHECKED = ("2.2.1", "2.3")
@@ -29,6 +32,14 @@ def installed_broker() -> dramatiq.Broker | None:
     :func:`workers.pipeline.actors.setup`), or None: nothing is built."""
     broker: dramatiq.Broker | None = dramatiq.broker.global_broker
     return broker
+
+
+def start_time_limits(broker: dramatiq.Broker) -> None:
+    """Start the clock that stops an attempt past its actor's time limit, once per process
+    (dramatiq's worker command starts it as it boots a worker process)."""
+    for middleware in broker.middleware:
+        if isinstance(middleware, TimeLimit) and getattr(middleware.manager, "ident", 0) is None:
+            middleware.manager.start()
 
 
 def queue_key(namespace: str, queue_name: str) -> str:

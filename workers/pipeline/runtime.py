@@ -21,6 +21,7 @@ from workers.letters.definitions import load_definitions, sync_campaigns
 from workers.mp.directory import current_version_id, import_directory
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch, dispatch_groups
+from workers.pipeline.dramatiq_private import start_time_limits
 from workers.pipeline.embedded_redis import EmbeddedRedis
 from workers.pipeline.intake import accept
 from workers.pipeline.reconciler import run_forever
@@ -98,6 +99,7 @@ def running_pipeline(app: App, broker: dramatiq.Broker, threads: int) -> Iterato
         if not server.is_up():  # else another `dearmp run` owns it
             embedded = server.start()
     worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
+    start_time_limits(broker)  # as a worker process does when it boots: this one is none
     stop = threading.Event()
     reconciler = threading.Thread(
         target=run_forever,
