@@ -858,6 +858,13 @@ def test_endpoints_that_hang_hold_at_most_a_few_of_a_processs_threads(
     assert channel.send(other) == 200
 
 
+@pytest.mark.parametrize(("threads", "at_once"), [(1, 1), (4, 2), (8, 4), (64, 32)])
+def test_webhooks_at_once_are_half_of_a_processs_threads(threads: int, at_once: int) -> None:
+    """With four threads, four hanging CRMs held every one and letters waited a minute."""
+    channel = payloads.kind(5.0, threads).channel
+    assert channel is not None and channel.all_in_flight == at_once
+
+
 def test_the_moves_a_crm_hears_of_are_named_in_the_table_of_states() -> None:
     from workers.pipeline.states import STATES
 

@@ -4,6 +4,7 @@ one process), feed it, and act on campaigns."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -51,10 +52,16 @@ def migrate(cli: Cli) -> None:
 
 @main.command()
 @click.option("--processes", default=2, show_default=True, help="Worker processes.")
-@click.option("--threads", default=8, show_default=True, help="Threads per process.")
-def worker(processes: int, threads: int) -> None:
+@click.option(
+    "--threads", type=int, default=None, help="Threads per process (DEARMP_WORKER_THREADS)."
+)
+def worker(processes: int, threads: int | None) -> None:
     """Run the stage actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
     from dramatiq.cli import main as dramatiq_main
+
+    if threads is None:
+        threads = get_settings().worker_threads
+    os.environ["DEARMP_WORKER_THREADS"] = str(threads)  # the worker processes' settings agree
 
     # dramatiq's own process logs JSON like its workers (--skip-logging: to the handler set up
     # here), and notices a worker that died booting after 1 s, not 30 (no fork processes here).
@@ -122,10 +129,12 @@ def submit(cli: Cli, file: Any) -> None:
 def run(cli: Cli, threads: int | None) -> None:
     """Run everything in one process (embedded Redis unless REDIS_URL): Ctrl-C stops it."""
     app = cli.app
+    if threads is not None:  # what a process's parts size themselves by (webhooks at once)
+        app.settings.worker_threads = threads
     prepare(app)
     with (
         until_stopped() as stop,
-        running_pipeline(app, cli.broker, threads or app.settings.worker_threads),
+        running_pipeline(app, cli.broker, app.settings.worker_threads),
     ):
         click.echo("pipeline running; Ctrl-C to stop")
         while not stop.wait(1):

@@ -48,6 +48,7 @@ class Context:
         default_factory=confirmation.ConfirmationPolicy
     )
     webhook_timeout: float = default("webhook_timeout_seconds")
+    threads: int = default("worker_threads")
 
 
 # Every kind the outbox sends (``outbox.kind``): what :func:`kinds` returns, by name.
@@ -94,7 +95,7 @@ def kinds(context: Context) -> dict[str, Kind]:
         "bounce": Kind(after_sent),
         "forward": Kind(after_sent, done=_forget_reply),
         "survey": Kind(after_sent),
-        webhooks.KIND: payloads.kind(context.webhook_timeout),
+        webhooks.KIND: payloads.kind(context.webhook_timeout, context.threads),
     }
 
 

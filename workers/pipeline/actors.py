@@ -266,6 +266,7 @@ def outbox_for(app: App) -> tuple[dict[str, Kind], outbox.OutboxPolicy]:
         settings.public_url,
         confirmation.ConfirmationPolicy.from_settings(settings),
         settings.webhook_timeout_seconds,
+        settings.worker_threads,
     )
     return kinds.kinds(context), policy
 

@@ -36,9 +36,10 @@ DISABLED = "the endpoint was disabled"
 DISABLED_WAIT = 3600.0  # a disabled endpoint's webhook is looked at again after this
 
 
-def kind(timeout: float, pause: float = 30.0) -> Kind:
-    """The outbox's kind "webhook": composed here, POSTed by :class:`HttpChannel`."""
-    channel = HttpChannel(timeout, pause=pause)
+def kind(timeout: float, threads: int = 8, pause: float = 30.0) -> Kind:
+    """The outbox's kind "webhook": composed here, POSTed by :class:`HttpChannel`, by at most
+    half of a process's ``threads`` at once (CRMs that hang never hold every thread)."""
+    channel = HttpChannel(timeout, pause=pause, all_in_flight=max(1, threads // 2))
     return Kind(partial(compose, channel=channel), done=disable_if_gone, channel=channel)
 
 
