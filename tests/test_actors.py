@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
+import pytest
 from sqlalchemy import func, select
 
 from tests.conftest import drain
@@ -97,3 +98,24 @@ def test_unknown_submission_id_is_a_no_op(
         stub_broker.enqueue(stage_message(stage, "00000000-0000-0000-0000-000000000000"))
     drain(stub_broker, stub_worker)
     assert stub_broker.dead_letters == []
+
+
+@pytest.mark.parametrize("stage", [Stage.DELIVER, Stage.OUTBOX, Stage.WEBHOOK, Stage.VALIDATE])
+def test_a_long_wait_never_makes_its_own_message_too_old_to_run(
+    app: App, stub_broker: Any, stage: Stage
+) -> None:
+    """A month under a per-MP limit: the wait goes in hops (each a deferral again, costing no
+    retry), never one message whose age at arrival is past its stage's max_age (dramatiq would
+    skip it as too old, a dead letter; three of them failed the letter)."""
+    from dramatiq.common import dq_name
+
+    from workers.pipeline.actors import settle
+    from workers.pipeline.states import STAGES
+    from workers.stages.stage import Deferred
+
+    month = Deferred(30 * 24 * 3600, "rate limit")
+    settle(stage, ["s1"], [("s1", month)], app, stub_broker, alone=True)
+    (raw,) = stub_broker.queues[dq_name(stage.queue)].queue
+    message = dramatiq.Message.decode(raw)
+    waited = message.options["eta"] - message.message_timestamp
+    assert 0 < waited <= STAGES[stage].max_age // 2 < STAGES[stage].max_age

@@ -33,7 +33,7 @@ from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_mes
 from workers.pipeline.failures import Attempt, record_failure
 from workers.pipeline.handoff import Handoff
 from workers.pipeline.middleware import ForeignMessage, SendHeld
-from workers.pipeline.states import DAY, STAGES
+from workers.pipeline.states import STAGES
 from workers.stages import (
     comparison,
     confirmation,
@@ -48,9 +48,6 @@ from workers.stages.stage import Deferred, Stage
 log = structlog.get_logger("workers")
 
 T = TypeVar("T")
-
-# dramatiq refuses delays of seven days or more.
-MAX_DELAY_MS = 7 * DAY - 60_000
 
 # A message that does not parse will not parse next time either: dead-letter it at once. A
 # permanent refusal by the mail server is recorded on its item, and never retried.
@@ -100,8 +97,10 @@ def settle(
             if isinstance(error, AlreadyMoved):
                 log.info("stage_already_done")
             elif isinstance(error, Deferred):
-                # A fresh message with a delay: waiting is not a failure and costs no retry.
-                delay = min(MAX_DELAY_MS, max(1, math.ceil(error.seconds * 1000)))
+                # A fresh message with a delay: waiting is not a failure and costs no retry. Its
+                # age counts from now, delay included: a longer wait is waited in hops of half
+                # its stage's max_age (each a deferral again), so none arrives too old to run.
+                delay = min(policy.max_age // 2, max(1, math.ceil(error.seconds * 1000)))
                 broker.enqueue(stage_message(stage, submission_id), delay=delay)
                 log.info("stage_deferred", reason=error.reason, seconds=round(error.seconds, 3))
             elif isinstance(error, PermanentDeliveryError) and not policy.dead_letters_refusals:
