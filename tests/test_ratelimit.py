@@ -83,6 +83,26 @@ def test_quiet_hours_in_uk_time(utc: datetime, expected_hours: float) -> None:
     assert wait == pytest.approx(expected_hours * 3600)
 
 
+@pytest.mark.parametrize(
+    ("utc", "minutes"),
+    [
+        (datetime(2026, 10, 25, 0, 10, tzinfo=UTC), 20),  # 01:10 BST, the hour's first time
+        (datetime(2026, 10, 25, 0, 40, tzinfo=UTC), 0),  # 01:40 BST: open
+        (datetime(2026, 10, 25, 1, 10, tzinfo=UTC), 20),  # 01:10 GMT, its second: quiet again
+        (datetime(2026, 3, 29, 0, 50, tzinfo=UTC), 40),  # 00:50 GMT; 01:30 never comes
+        (datetime(2026, 3, 29, 1, 10, tzinfo=UTC), 0),  # 02:10 BST: open
+    ],
+)
+def test_quiet_hours_ending_in_an_hour_the_clocks_change_never_let_letters_out(
+    utc: datetime, minutes: float
+) -> None:
+    """Quiet 22:00 to 01:30: when the clocks go back, 01:00 to 02:00 comes twice, and the wait
+    was negative the second time (letters went out in quiet hours); when they go forward it
+    never comes, and the wait ends at the first time the clock reads past it, at 02:30."""
+    wait = seconds_until_open(utc, clock(22, 0), clock(1, 30))
+    assert wait == pytest.approx(minutes * 60)
+
+
 def test_daytime_quiet_hours() -> None:
     lunch = clock(12, 0), clock(13, 0)
     assert seconds_until_open(datetime(2026, 1, 14, 12, 30, tzinfo=UTC), *lunch) == 1800

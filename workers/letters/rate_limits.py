@@ -135,16 +135,23 @@ class MemoryLimiter:
                     self.slots[lim.key][member] = now
 
 
+def _quiet(t: clock, start: clock, end: clock) -> bool:
+    return (t >= start or t < end) if start > end else start <= t < end
+
+
 def seconds_until_open(now: datetime, start: clock, end: clock) -> float:
-    """0 outside quiet hours (UK time, start inclusive, end exclusive), else seconds until end."""
-    local = now.astimezone(UK)
-    t = local.time().replace(tzinfo=None)
-    overnight = start > end
-    quiet = (t >= start or t < end) if overnight else (start <= t < end)
-    if not quiet:
+    """0 outside quiet hours (UK time, start inclusive, end exclusive), else seconds until the
+    first instant after ``now`` the UK clock reads ``end``. Found in UTC among that wall time's
+    readings today and tomorrow, both of an hour the clocks go back through (an end in it came
+    once already, its first time; a wall-clock comparison said open and let letters out), and
+    the one after an hour skipped in spring (an end in it: the hour after)."""
+    if not _quiet(now.astimezone(UK).time(), start, end):
         return 0.0
-    opens = datetime.combine(local.date(), end, tzinfo=UK)
-    if opens <= local:
-        opens = datetime.combine(local.date() + timedelta(days=1), end, tzinfo=UK)
-    # Subtract in UTC: aware datetimes sharing a zone subtract as wall clocks, wrong across DST.
-    return (opens.astimezone(UTC) - now.astimezone(UTC)).total_seconds()
+    today = now.astimezone(UK).date()
+    readings = (
+        datetime.combine(day, end, tzinfo=UK).replace(fold=fold).astimezone(UTC)
+        for day in (today, today + timedelta(days=1))
+        for fold in (0, 1)
+    )
+    after = [at for at in readings if at > now and not _quiet(at.astimezone(UK).time(), start, end)]
+    return (min(after) - now).total_seconds() if after else 3600.0  # (none: look in an hour)
