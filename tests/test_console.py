@@ -372,6 +372,26 @@ def test_a_campaign_page_has_its_figures_per_state_constituency_day_and_source(
     assert "campaign.example.org/political-prisoners" in html
 
 
+def test_a_day_of_the_chart_is_the_utc_day_whatever_the_databases_time_zone(
+    app: App, stub_broker: Any
+) -> None:
+    """PostgreSQL's date of a time with zone is in the session's TimeZone: a server in Tokyo
+    counted yesterday evening's submission today."""
+    from sqlalchemy import text
+
+    from workers.database.models import utcnow
+    from workers.web.console.queries import per_day
+
+    sid = submit(app, stub_broker, submission())[0]
+    evening = (utcnow() - timedelta(days=1)).replace(hour=20, minute=0)
+    with session_scope(app.sessions) as session:
+        session.execute(update(Submission).where(Submission.id == sid).values(created_at=evening))
+        if session.get_bind().dialect.name != "sqlite":
+            session.execute(text("SET LOCAL TIME ZONE 'Asia/Tokyo'"))
+        days = {day.day: day.received for day in per_day(session, SLUG)}
+    assert days[evening.date()] == 1 and sum(days.values()) == 1
+
+
 def test_console_pages_may_load_their_own_stylesheet_and_post_back_only(
     operator: TestClient,
 ) -> None:

@@ -93,7 +93,8 @@ def test_a_filter_matching_nothing_says_so_and_exits_1(ids: list[str]) -> None:
 
 
 def test_a_bad_since_or_state_is_refused_with_usage(ids: list[str]) -> None:
-    for args in (["--since", "last tuesday"], ["--state", "lost"], ["--limit", "0"]):
+    before_year_1 = ["--since", "0001-01-01T00:00+01:00"]  # in UTC: an OverflowError
+    for args in (["--since", "last tuesday"], before_year_1, ["--state", "lost"], ["--limit", "0"]):
         assert CliRunner().invoke(main, ["submissions", "list", *args]).exit_code == 2
 
 

@@ -29,11 +29,11 @@ def iso_time(ctx: click.Context, param: click.Parameter, value: str | None) -> d
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # (0001-01-01T00:00+01:00 is before year 1 in UTC)
         raise click.BadParameter(
             f"{value!r} is not an ISO 8601 date or time (e.g. 2026-12-01T09:00)"
         ) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 @main.group()

@@ -204,7 +204,9 @@ def per_day(session: Session, slug: str, days: int = CHART_DAYS) -> list[Day]:
 
 
 def _by_day(session: Session, column: Any, since: datetime, *where: Any) -> dict[date, int]:
-    counts = _counts(session, func.date(column), column >= since, *where)
+    # PostgreSQL's date of a time with zone is in the session's TimeZone: the UTC day asked.
+    utc = func.timezone("UTC", column) if session.get_bind().dialect.name != "sqlite" else column
+    counts = _counts(session, func.date(utc), column >= since, *where)
     # SQLite gives text, PostgreSQL a date.
     return {d if isinstance(d, date) else date.fromisoformat(str(d)): n for d, n in counts.items()}
 
