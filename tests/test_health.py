@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -177,6 +178,24 @@ def test_a_stale_reconciler_pass_is_degraded(app: App, on_redis: redis.Redis) ->
     status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["reconciler"]
     ago = re.search(r"last pass (\d+)s ago", detail)  # health's own checks take a moment
     assert status == "degraded" and ago is not None and 3600 <= int(ago.group(1)) < 3660
+
+
+def test_the_reconciler_pass_is_timed_by_redis_not_by_a_hosts_clock(
+    app: App, on_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconciler on a host whose clock ran two hours ahead made health read "last pass
+    -7200s ago", ok long after it had stopped."""
+    from types import SimpleNamespace
+
+    from workers.pipeline import heartbeat
+
+    ahead = time.time() + 7200
+    monkeypatch.setattr(heartbeat.time, "time", lambda: ahead)
+    heartbeat.record_pass(SimpleNamespace(client=on_redis, namespace="dearmp"))  # type: ignore[arg-type]
+    monkeypatch.undo()
+    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["reconciler"]
+    ago = re.search(r"last pass (-?\d+)s ago", detail)
+    assert status == "ok" and ago is not None and 0 <= int(ago.group(1)) < 60
 
 
 def test_letters_waiting_to_retry_are_listed_with_why_and_flushed_at_once(

@@ -29,7 +29,7 @@ from workers.mp import health as addresses
 from workers.outbox import sending as outbox
 from workers.pipeline.app import App
 from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
-from workers.pipeline.heartbeat import last_pass, live_workers, mail_route
+from workers.pipeline.heartbeat import last_pass, live_workers, mail_route, redis_now
 from workers.pipeline.states import STAGES
 from workers.privacy.hashing import mask_supporter
 from workers.stages import pauses
@@ -369,7 +369,7 @@ def _reconciler(client: redis.Redis, namespace: str, interval: float) -> Check:
             DEGRADED,
             "no pass recorded: is `dearmp reconcile` running? (what Redis loses is not resent)",
         )
-    ago = time.time() - at
+    ago = redis_now(client) - at  # a host whose clock ran ahead once made it "-7200s ago"
     if ago > max(3 * interval, 120):
         return Check("reconciler", DEGRADED, f"last pass {ago:.0f}s ago: is it running?")
     return Check("reconciler", OK, f"last pass {ago:.0f}s ago")

@@ -90,12 +90,19 @@ def record_pass(broker: dramatiq.Broker) -> None:
     if isinstance(client, redis.Redis):
         namespace = getattr(broker, "namespace", "dearmp")
         try:
-            client.set(f"{namespace}:reconciler", str(time.time()))
+            client.set(f"{namespace}:reconciler", str(redis_now(client)))
         except redis.RedisError as exc:  # the pass itself was made; health says Redis is away
             log.warning("reconciler_pass_not_recorded", error=type(exc).__name__)
 
 
+def redis_now(client: redis.Redis) -> float:
+    """Redis's own clock (epoch seconds): the one every host that reads and writes a time in it
+    agrees on, whatever their own clocks say."""
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1e6
+
+
 def last_pass(client: redis.Redis, namespace: str) -> float | None:
-    """When the reconciler last finished a pass (epoch seconds), if it ever has."""
+    """When the reconciler last finished a pass (Redis's clock, :func:`redis_now`), if ever."""
     raw = client.get(f"{namespace}:reconciler")
     return float(raw) if raw else None
