@@ -19,7 +19,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from config.settings import Settings
 from tests.conftest import make_settings
 from tests.factories import send_letter, submission
-from tests.services import SmtpSink
+from tests.services import SmtpSink, reply
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
 from workers.database.models import OutboxItem
@@ -44,7 +44,7 @@ class ProviderStub:
     """A local HTTP server in the shape of Mailgun's messages.mime endpoint."""
 
     def __init__(self) -> None:
-        self.replies: list[tuple[int, dict[str, str], str]] = []
+        self.replies: list[tuple[int, dict[str, str], Any]] = []  # str, bytes, or pieces
         self.requests: list[dict[str, Any]] = []
         stub = self
 
@@ -56,11 +56,7 @@ class ProviderStub:
                 status, headers, text = (
                     stub.replies.pop(0) if stub.replies else (200, {}, '{"id": "<q1>"}')
                 )
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(text.encode())
+                reply(self, status, headers, text.encode() if isinstance(text, str) else text)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -268,3 +264,39 @@ def test_health_asks_the_email_api_whether_it_takes_our_key_and_sends_nothing(
     settings.email_api_url = f"http://127.0.0.1:{free_port()}"
     assert "cannot reach the email API" in _mail_server(settings).detail
     assert all(r["body"] == b"" for r in provider.requests)  # nothing sent
+
+
+def test_the_email_apis_answer_is_read_capped_and_only_a_whole_one_is_taken_as_sent(
+    tmp_path: Path, provider: ProviderStub
+) -> None:
+    """A few KB of gzip once decoded to gigabytes in memory. An answer of a few KB is all the
+    API says; a 200 whose answer is not read whole (past the cap, or not over within the
+    timeout) is not taken as sent: nothing we read says the letter was queued."""
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    pieces = [packer.compress(b" " * (1 << 20)) for _ in range(8)]
+    bomb = b"".join([*pieces, packer.compress(b'{"id": "<q1>"}'), packer.flush()])
+    provider.replies.append((200, {"Content-Encoding": "gzip"}, bomb))
+    mailer = http_mailer(tmp_path, provider)
+    with pytest.raises(TransientDeliveryError, match="an answer longer than 8,192 bytes"):
+        mailer.send(MAIL)
+    # A refusal's answer is read as far as the cap: its start is what is kept.
+    provider.replies.append((400, {}, "bad address " + "x" * 100_000))
+    with pytest.raises(PermanentDeliveryError, match=r"^400 bad address x+$") as refused:
+        mailer.send(MAIL)
+    assert len(str(refused.value)) < 600
+
+    def trickle() -> Iterator[bytes]:
+        for _ in range(400):
+            time.sleep(0.05)  # the server's pace
+            yield b" "
+
+    quick = HttpMailer(
+        http_settings(tmp_path, provider).model_copy(update={"email_api_timeout": 0.5})
+    )
+    provider.replies.append((200, {}, trickle()))
+    began = time.monotonic()
+    with pytest.raises(TransientDeliveryError, match=r"an answer not over in 0\.5 s"):
+        quick.send(MAIL)
+    assert time.monotonic() - began < 2.0

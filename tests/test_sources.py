@@ -462,3 +462,53 @@ def test_directory_sync_refuses_a_member_name_a_letter_cannot_carry_and_changes_
     with session_scope(app.sessions) as session:
         after = current_version(session)
         assert after is not None and after.id == before.id
+
+
+def gzipped_whitespace(megabytes: int, then: Any) -> bytes:
+    """A gzip body that decodes to ``megabytes`` MiB of JSON whitespace and then ``then``: a
+    few KB on the wire."""
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    pieces = [packer.compress(b" " * (1 << 20)) for _ in range(megabytes)]
+    return b"".join([*pieces, packer.compress(json.dumps(then).encode()), packer.flush()])
+
+
+def trickle(pieces: int, every: float) -> Iterator[bytes]:
+    """A JSON body that comes a byte at a time, never ending in time."""
+    yield b"["
+    for _ in range(pieces):
+        time.sleep(every)  # the server's pace, not the test's synchronisation
+        yield b" "
+
+
+def test_a_live_answer_is_read_capped_so_a_decompression_bomb_is_the_sources_outage(
+    live: LiveSources, postcodes_io: HttpStub
+) -> None:
+    """2 MB of gzip once decoded to 2 GiB in memory: an answer is decoded a piece at a time and
+    refused past 1 MiB (far more than any real answer), whatever it would have said."""
+    good = {"status": 200, "result": {"codes": {"parliamentary_constituency": "S14000061"}}}
+    bomb = gzipped_whitespace(8, good)
+    assert len(bomb) < 64_000
+    postcodes_io.script.append((200, {"Content-Encoding": "gzip"}, bomb))
+    with pytest.raises(SourceUnavailable, match="an answer longer than 1,048,576 bytes"):
+        live.postcodes.lookup("AB10 1AB")
+    assert len(postcodes_io.requests) == 1  # an answer that size is not asked for again
+    postcodes_io.script.append((200, {}, b'{"result": "' + b"x" * (2 << 20) + b'"}'))
+    with pytest.raises(SourceUnavailable, match="longer than 1,048,576 bytes"):
+        live.postcodes.lookup("AB10 1AB")
+    assert live.postcodes.lookup("AB10 1AB").gss_code == "S14000061"  # an answer under it
+
+
+def test_a_live_answer_trickling_in_holds_a_thread_no_longer_than_the_timeout(
+    postcodes_io: HttpStub,
+) -> None:
+    """Each byte came before the read timeout, so a body dripping for ever held its thread for
+    ever: the whole answer is read within the timeout."""
+    api = JsonApi(postcodes_io.url, timeout=0.5, attempts=3, backoff=0.01)
+    postcodes_io.script.append((200, {}, trickle(400, 0.05)))
+    began = time.monotonic()
+    with pytest.raises(SourceUnavailable, match=r"an answer not over in 0\.5 s"):
+        PostcodesIo(api).lookup("AB10 1AB")
+    assert time.monotonic() - began < 2.0  # the timeout, and a byte's wait at most
+    assert len(postcodes_io.requests) == 1

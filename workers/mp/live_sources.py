@@ -5,6 +5,7 @@ limit); past that, :class:`SourceUnavailable` leaves it to the actor's retries."
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from config.settings import Settings
 from schemas.submission import check_email
 from workers.database.engine import insert_on_conflict, session_scope
 from workers.database.models import LookupCache, utcnow
-from workers.letters.mail.http import ThreadSessions, retry_after
+from workers.letters.mail.http import ThreadSessions, read_capped, retry_after
 from workers.wording import counted, one_line
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,8 @@ PARLIAMENTARY_OFFICE = 1
 # seat): a line break in a name would fail every letter to that MP, an escape reach the operator.
 NAME_CHARS = 200
 TEXT_CHARS = (NAME_CHARS, 100, NAME_CHARS)
+# Bytes of an answer read, at most: a real one is a few KB (a page of 20 members, 30 KB).
+ANSWER_CAP = 1 << 20
 
 
 def _gss(code: object) -> bool:
@@ -97,15 +100,18 @@ class JsonApi:
         for attempt in range(self.attempts):
             wait = self.backoff * 2**attempt
             try:
-                response = self.sessions.session.get(url, params=params, timeout=self.timeout)
+                response = self.sessions.session.get(
+                    url, params=params, timeout=self.timeout, stream=True
+                )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 problem = type(exc).__name__
             else:
                 if response.status_code != 429 and response.status_code < 500:
-                    try:
-                        return response.status_code, response.json()
-                    except ValueError:
-                        return response.status_code, None
+                    body, unread = read_capped(response, ANSWER_CAP, self.timeout)
+                    if unread:  # asked again, it would be the same
+                        raise SourceUnavailable(f"{self.base_url} gave {unread}")
+                    return response.status_code, _json(body)
+                response.close()
                 problem = f"HTTP {response.status_code}"
                 asked = retry_after(response)
                 if asked is not None:
@@ -120,6 +126,19 @@ class JsonApi:
         raise SourceUnavailable(
             f"{self.base_url} unavailable after {counted(self.attempts, 'try', 'tries')}: {problem}"
         )
+
+
+def _json(body: bytes) -> Any:
+    """The JSON ``body`` holds, or None if it holds none as RFC 8259 writes it: NaN and
+    Infinity are not JSON, nor is nesting deeper than the parser goes."""
+
+    def not_json(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        return json.loads(body, parse_constant=not_json)
+    except (ValueError, RecursionError):  # a UnicodeDecodeError is a ValueError
+        return None
 
 
 class PostcodesIo:
