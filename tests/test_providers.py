@@ -300,3 +300,30 @@ def test_the_email_apis_answer_is_read_capped_and_only_a_whole_one_is_taken_as_s
     with pytest.raises(TransientDeliveryError, match=r"an answer not over in 0\.5 s"):
         quick.send(MAIL)
     assert time.monotonic() - began < 2.0
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_from_the_email_api_is_never_followed_nor_sent_it_pauses_delivery(
+    tmp_path: Path, provider: ProviderStub, status: int
+) -> None:
+    """Followed, a 302 turned the POST into a GET whose 200 marked the letter sent (nothing
+    was), and a 307 posted the letter to another host. EMAIL_API_URL is wrong: delivery pauses,
+    lasting, as when the API refuses our key."""
+    elsewhere = ProviderStub()
+    try:
+        provider.replies.append((status, {"Location": f"{elsewhere.url}/v3/x"}, ""))
+        alarms: list[tuple[Any, ...]] = []
+        mailer = HttpMailer(http_settings(tmp_path, provider), alarm=lambda *a: alarms.append(a))
+        with pytest.raises(TransientDeliveryError, match="redirects are not followed") as raised:
+            mailer.send(MAIL)
+        assert raised.value.ours and raised.value.retry_after == 30.0
+        [(_, _, lasting)] = alarms
+        assert lasting and mailer.waiting() > 0
+        provider.replies.append((status, {"Location": f"{elsewhere.url}/v3/x"}, ""))
+        settings = http_settings(tmp_path, provider)
+        from workers.pipeline.checks import _mail_server
+
+        assert f"answered HTTP {status}: check EMAIL_API_URL" in _mail_server(settings).detail
+        assert elsewhere.requests == [] and len(provider.requests) == 2
+    finally:
+        elsewhere.server.shutdown()

@@ -512,3 +512,19 @@ def test_a_live_answer_trickling_in_holds_a_thread_no_longer_than_the_timeout(
         PostcodesIo(api).lookup("AB10 1AB")
     assert time.monotonic() - began < 2.0  # the timeout, and a byte's wait at most
     assert len(postcodes_io.requests) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_live_source_redirecting_is_its_outage_and_never_followed(
+    live: LiveSources, postcodes_io: HttpStub, status: int
+) -> None:
+    """Followed, a redirect made DearMP ask any host the answer named (169.254.169.254)."""
+    inside = HttpStub(lambda path: (200, {}, {"secret": "metadata"})).start()
+    try:
+        elsewhere = {"Location": f"{inside.url}/latest/meta-data/"}
+        postcodes_io.script.append((status, elsewhere, b""))
+        with pytest.raises(SourceUnavailable, match=f"answered HTTP {status}, a redirect"):
+            live.postcodes.lookup("AB10 1AB")
+        assert inside.requests == [] and len(postcodes_io.requests) == 1
+    finally:
+        inside.stop()

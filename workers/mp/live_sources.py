@@ -101,11 +101,17 @@ class JsonApi:
             wait = self.backoff * 2**attempt
             try:
                 response = self.sessions.session.get(
-                    url, params=params, timeout=self.timeout, stream=True
+                    url, params=params, timeout=self.timeout, stream=True, allow_redirects=False
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 problem = type(exc).__name__
             else:
+                if 300 <= response.status_code < 400:  # followed, it could lead anywhere
+                    response.close()
+                    raise SourceUnavailable(
+                        f"{self.base_url} answered HTTP {response.status_code}, a redirect "
+                        "(not followed)"
+                    )
                 if response.status_code != 429 and response.status_code < 500:
                     body, unread = read_capped(response, ANSWER_CAP, self.timeout)
                     if unread:  # asked again, it would be the same

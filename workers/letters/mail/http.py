@@ -1,7 +1,8 @@
 """Mailgun's raw-MIME API: the same signed bytes go as they are; 429 and 5xx are worth trying
-again (after Retry-After); 401, 403 and 404 refuse our key or domain, which pauses delivery as a
-relay's refusal of our login does (:class:`RelayPause`); any other refusal is the letter's. Its
-answer is read capped (:func:`read_capped`): a 2xx is sent only once its answer is read whole."""
+again (after Retry-After); 401, 403 and 404 refuse our key or domain, and a redirect (never
+followed) says EMAIL_API_URL is wrong: either pauses delivery as a relay's refusal of our login
+does (:class:`RelayPause`); any other refusal is the letter's. Its answer is read capped
+(:func:`read_capped`): a 2xx is sent only once its answer is read whole."""
 
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ class HttpMailer(Mailer):
         nothing (a 400 for the missing message: the key and domain were accepted); a domain
         sending key may do nothing else."""
         try:
-            with self.sessions.session.post(self.url, timeout=self.timeout, stream=True) as answer:
+            with self.sessions.session.post(
+                self.url, timeout=self.timeout, stream=True, allow_redirects=False
+            ) as answer:
                 status = answer.status_code  # the answer's body is not read
         except requests.RequestException as exc:
             return f"cannot reach the email API ({type(exc).__name__})"
@@ -82,6 +85,7 @@ class HttpMailer(Mailer):
                 files={"message": ("message.eml", mail.data, "message/rfc822")},
                 timeout=self.timeout,
                 stream=True,
+                allow_redirects=False,  # a 302 made a GET of it, a 307 sent it elsewhere
             )
         except requests.RequestException as exc:
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
@@ -92,7 +96,9 @@ class HttpMailer(Mailer):
                 raise TransientDeliveryError(f"{answer} ({unread}): not taken as sent")
             self.relay.accepted()
             return answer
-        if response.status_code in REFUSING_US:
+        if response.status_code in REFUSING_US or response.status_code < 400:
+            if response.status_code < 400:  # a redirect: the same for every letter
+                answer = f"{answer.rstrip()} (redirects are not followed: check EMAIL_API_URL)"
             with self._refusing:  # threads refused at once are one refusal, not one doubling each
                 wait = self.relay.waiting() or self.relay.refused(answer, lasting=True)
             raise TransientDeliveryError(answer, retry_after=wait, ours=True)
