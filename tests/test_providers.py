@@ -7,6 +7,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -119,7 +120,18 @@ def test_http_429_and_5xx_are_transient_and_retry_after_is_honoured(
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("120", 120.0), (" 5 ", 5.0), ("²", None), ("1¹", None), ("-3", None), ("soon", None)],
+    [
+        ("120", 120.0),
+        (" 5 ", 5.0),
+        ("²", None),
+        ("1¹", None),
+        ("-3", None),
+        ("soon", None),
+        ("3600", 3600.0),
+        ("999999999999", 3600.0),  # at most an hour: it overflowed a timedelta
+        ("9" * 400, 3600.0),  # float('inf')
+        ("Fri, 01 Jan 2036 00:00:00 GMT", 3600.0),  # a letter pending for ten years
+    ],
 )
 def test_a_retry_after_value_is_read_or_ignored_never_an_error(
     value: str, seconds: float | None
@@ -327,3 +339,21 @@ def test_a_redirect_from_the_email_api_is_never_followed_nor_sent_it_pauses_deli
         assert elsewhere.requests == [] and len(provider.requests) == 2
     finally:
         elsewhere.server.shutdown()
+
+
+def test_a_retry_after_of_years_waits_an_hour_and_the_letter_stays_pending(
+    app: App, provider: ProviderStub, tmp_path: Path
+) -> None:
+    """999999999999 seconds raised OverflowError in the outbox and left the letter 'sending';
+    ten years left it pending, never overdue."""
+    from workers.database.models import utcnow
+
+    sid = through_render(app, submission())
+    provider.replies.append((429, {"Retry-After": "999999999999"}, "slow down"))
+    with pytest.raises(TransientDeliveryError) as raised:
+        send_letter(app.sessions, sid, http_mailer(tmp_path, provider), POLICY)
+    assert raised.value.retry_after == 3600.0
+    with session_scope(app.sessions) as session:
+        item = session.get(OutboxItem, sid)
+        assert item is not None and item.status == "pending" and item.next_attempt_at
+        assert item.next_attempt_at - utcnow() <= timedelta(hours=1)

@@ -675,7 +675,9 @@ def test_directory_sync_refuses_a_member_id_out_of_range_in_one_line(
     refused_in_one_line(result, app, before.id, "a member id that is not a whole number")
     stub.route = lambda path: (200, {}, b"[" * 200_000 + b"]" * 200_000)
     result = sync_cli(app, stub.url)
-    refused_in_one_line(result, app, before.id, "answered 200 (no JSON we can read) for the member list")
+    refused_in_one_line(
+        result, app, before.id, "answered 200 (no JSON we can read) for the member list"
+    )
 
 
 def test_directory_sync_stops_at_a_member_list_no_commons_has(

@@ -27,6 +27,8 @@ from workers.letters.mail.relay import Alarm, RelayPause, answer_text
 REFUSING_US = {401, 403, 404}
 ANSWER_CAP = 8 * 1024  # bytes of the API's answer read: its answers are a few hundred
 ANSWER_PIECE = 16 * 1024  # bytes decoded at a time
+# A server's Retry-After is honoured up to this (years left a letter pending, never overdue).
+LONGEST_RETRY_AFTER = 3600.0
 
 
 class ThreadSessions(threading.local):
@@ -133,13 +135,15 @@ def read_capped(response: requests.Response, cap: int, seconds: float) -> tuple[
 
 def retry_after(answer: requests.Response | str | None) -> float | None:
     """Seconds from a Retry-After header (of a response, or its value), given as seconds or as
-    an HTTP date; None if there is none or it cannot be read."""
+    an HTTP date, at most :data:`LONGEST_RETRY_AFTER`; None if there is none or it cannot be
+    read."""
     value = answer.headers.get("Retry-After") if isinstance(answer, requests.Response) else answer
     if not value:
         return None
     if value.strip().isascii() and value.strip().isdigit():  # "²" is a digit float() refuses
-        return float(value)
+        return min(float(value), LONGEST_RETRY_AFTER)
     try:
-        return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
-    except (TypeError, ValueError):
+        seconds = (parsedate_to_datetime(value) - utcnow()).total_seconds()
+    except (TypeError, ValueError, OverflowError):
         return None
+    return min(max(0.0, seconds), LONGEST_RETRY_AFTER)
