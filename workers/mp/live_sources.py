@@ -9,8 +9,9 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 from urllib.parse import quote
 
@@ -343,6 +344,20 @@ class LiveSources:
             MembersApi(api(settings.members_api_url)),
             settings.lookup_cache_ttl,
         )
+
+    @cached_property
+    def once(self) -> LiveSources:
+        """The same sources asking each question once (a supporter waiting on a page: the
+        pipeline's retries are for messages that can wait), sharing the cache."""
+
+        def once(api: JsonApi) -> JsonApi:
+            return replace(api, attempts=1)
+
+        postcodes, members = (
+            PostcodesIo(once(self.postcodes.api)),
+            MembersApi(once(self.members.api)),
+        )
+        return replace(self, postcodes=postcodes, members=members)
 
     def _fetch(self, key: str) -> dict[str, Any] | None:
         """The source's answer; one not shaped as its documentation says is the source's fault
