@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
@@ -233,7 +234,9 @@ class HttpStub:
     """A local HTTP server: ``route(path_and_query)`` answers, unless a scripted reply is queued.
 
     ``script`` holds (status, headers, body) replies, used first, one per request, to inject
-    failures (503, 429 with Retry-After...). ``requests`` records every path asked for.
+    failures (503, 429 with Retry-After...). A body is JSON, bytes sent as they are, or an
+    iterator of bytes: each piece written as it comes, with no Content-Length (a body that
+    trickles in, or never ends). ``requests`` records every path asked for.
     """
 
     route: Any
@@ -251,14 +254,7 @@ class HttpStub:
             def do_GET(self) -> None:
                 stub.requests.append(self.path)
                 status, headers, body = stub.script.pop(0) if stub.script else stub.route(self.path)
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
+                reply(self, status, headers, body)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -276,6 +272,26 @@ class HttpStub:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def reply(handler: Any, status: int, headers: dict[str, str], body: Any) -> None:
+    """Answer a request of a :class:`http.server.BaseHTTPRequestHandler`: ``body`` is JSON,
+    bytes, or an iterator of bytes written piece by piece without a Content-Length (HTTP/1.0:
+    the body ends when the connection closes). A client that hangs up early ends it."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json; charset=utf-8")
+    if not isinstance(body, Iterator):
+        body = [body if isinstance(body, bytes) else json.dumps(body).encode()]
+        handler.send_header("Content-Length", str(len(body[0])))
+    for name, value in headers.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    try:
+        for piece in body:
+            handler.wfile.write(piece)
+            handler.wfile.flush()
+    except OSError:
+        pass  # the client hung up: what it was sent is the test
 
 
 @cache

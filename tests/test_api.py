@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from datetime import timedelta
 from email import message_from_bytes
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -20,7 +21,7 @@ from structlog.testing import capture_logs
 from schemas.messages import parse_stage_message
 from tests.conftest import ApiClient, drain
 from tests.factories import submission
-from tests.services import wait_for
+from tests.services import HttpStub, wait_for
 from tests.test_stages import get
 from workers.database.engine import session_scope
 from workers.database.models import Constituency, State, Submission, utcnow
@@ -496,3 +497,69 @@ def test_what_start_up_built_is_kept_out_of_the_collectors_walks_while_the_api_r
         assert gc.get_freeze_count() > 0
         assert running.post("/v1/submissions", json=posted()).status_code == 202
     assert gc.get_freeze_count() == 0  # given back when it stops
+
+
+@pytest.fixture
+def live_sources(app: App, shared_data: Path) -> Iterator[tuple[HttpStub, HttpStub]]:
+    """The live sources on loopback (postcodes.io's recorded answers, a Members API), asked
+    for postcodes the local directory lacks."""
+    from tests.test_sources import FakeParliament, recorded_postcodes_io, sources
+
+    postcodes = recorded_postcodes_io(shared_data)
+    members = HttpStub(FakeParliament(shared_data).route).start()
+    app.settings.resolution_order = "local,live"
+    app.live_sources = sources(postcodes.url, members.url)
+    yield postcodes, members
+    postcodes.stop()
+    members.stop()
+
+
+def preview_of(client: TestClient, postcode: str) -> Any:
+    return client.post(f"/v1/campaigns/{SLUG}/preview", json={"name": "A", "postcode": postcode})
+
+
+def test_a_preview_asks_the_live_sources_with_no_database_connection_held(
+    app: App, client: TestClient, live_sources: tuple[HttpStub, HttpStub]
+) -> None:
+    """16 previews waiting on a slow postcodes.io, each inside its transaction, held every
+    connection of the pool: /readyz said 503 and supporters' submissions timed out."""
+    held: list[int] = []
+    for stub in live_sources:
+
+        def watching(path: str, route: Any = stub.route) -> Any:
+            held.append(app.engine.pool.checkedout())  # type: ignore[attr-defined]
+            return route(path)
+
+        stub.route = watching
+    reply = preview_of(client, "AB10 1AB")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["mp"]["name"] == "Douglas Lumsden"
+    assert held == [0, 0, 0]  # postcodes.io, the member search, the contact details
+
+
+def test_a_preview_asks_a_live_source_once_and_says_when_it_cannot(
+    app: App, client: TestClient, live_sources: tuple[HttpStub, HttpStub]
+) -> None:
+    """A supporter waiting on a page does not wait for three tries; the pipeline keeps them."""
+    postcodes, _ = live_sources
+    postcodes.script.append((503, {}, {"error": "busy"}))
+    reply = preview_of(client, "AB10 1AB")
+    assert reply.status_code == 503 and reply.headers["Retry-After"]
+    assert "cannot look up your MP just now" in reply.json()["errors"]["member"]
+    assert len(postcodes.requests) == 1
+    assert app.live_sources is not None and app.live_sources.postcodes.api.attempts == 3
+    assert preview_of(client, "AB10 1AB").status_code == 200  # answered: found
+
+
+@pytest.mark.parametrize("member_id", [b"Infinity", b"100000000000000000000"])
+def test_a_preview_of_a_live_answer_in_a_shape_not_documented_is_the_sources_outage(
+    client: TestClient, live_sources: tuple[HttpStub, HttpStub], member_id: bytes
+) -> None:
+    """An OverflowError once escaped the shape guard: the preview answered 500."""
+    _, members = live_sources
+    item = {"value": {"id": 5450, "nameDisplayAs": "Douglas Lumsden"}}
+    answer = json.dumps({"items": [item], "totalResults": 1}).encode()
+    members.script.append((200, {}, answer.replace(b'"id": 5450', b'"id": ' + member_id)))
+    reply = preview_of(client, "AB10 1AB")
+    assert reply.status_code == 503, reply.text
+    assert "cannot look up your MP just now" in reply.json()["errors"]["member"]

@@ -7,6 +7,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +20,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from config.settings import Settings
 from tests.conftest import make_settings
 from tests.factories import send_letter, submission
-from tests.services import SmtpSink
+from tests.services import SmtpSink, reply
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
 from workers.database.models import OutboxItem
@@ -44,7 +45,7 @@ class ProviderStub:
     """A local HTTP server in the shape of Mailgun's messages.mime endpoint."""
 
     def __init__(self) -> None:
-        self.replies: list[tuple[int, dict[str, str], str]] = []
+        self.replies: list[tuple[int, dict[str, str], Any]] = []  # str, bytes, or pieces
         self.requests: list[dict[str, Any]] = []
         stub = self
 
@@ -56,11 +57,7 @@ class ProviderStub:
                 status, headers, text = (
                     stub.replies.pop(0) if stub.replies else (200, {}, '{"id": "<q1>"}')
                 )
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(text.encode())
+                reply(self, status, headers, text.encode() if isinstance(text, str) else text)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -123,7 +120,18 @@ def test_http_429_and_5xx_are_transient_and_retry_after_is_honoured(
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("120", 120.0), (" 5 ", 5.0), ("²", None), ("1¹", None), ("-3", None), ("soon", None)],
+    [
+        ("120", 120.0),
+        (" 5 ", 5.0),
+        ("²", None),
+        ("1¹", None),
+        ("-3", None),
+        ("soon", None),
+        ("3600", 3600.0),
+        ("999999999999", 3600.0),  # at most an hour: it overflowed a timedelta
+        ("9" * 400, 3600.0),  # float('inf')
+        ("Fri, 01 Jan 2036 00:00:00 GMT", 3600.0),  # a letter pending for ten years
+    ],
 )
 def test_a_retry_after_value_is_read_or_ignored_never_an_error(
     value: str, seconds: float | None
@@ -268,3 +276,84 @@ def test_health_asks_the_email_api_whether_it_takes_our_key_and_sends_nothing(
     settings.email_api_url = f"http://127.0.0.1:{free_port()}"
     assert "cannot reach the email API" in _mail_server(settings).detail
     assert all(r["body"] == b"" for r in provider.requests)  # nothing sent
+
+
+def test_the_email_apis_answer_is_read_capped_and_only_a_whole_one_is_taken_as_sent(
+    tmp_path: Path, provider: ProviderStub
+) -> None:
+    """A few KB of gzip once decoded to gigabytes in memory. An answer of a few KB is all the
+    API says; a 200 whose answer is not read whole (past the cap, or not over within the
+    timeout) is not taken as sent: nothing we read says the letter was queued."""
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    pieces = [packer.compress(b" " * (1 << 20)) for _ in range(8)]
+    bomb = b"".join([*pieces, packer.compress(b'{"id": "<q1>"}'), packer.flush()])
+    provider.replies.append((200, {"Content-Encoding": "gzip"}, bomb))
+    mailer = http_mailer(tmp_path, provider)
+    with pytest.raises(TransientDeliveryError, match="an answer longer than 8,192 bytes"):
+        mailer.send(MAIL)
+    # A refusal's answer is read as far as the cap: its start is what is kept.
+    provider.replies.append((400, {}, "bad address " + "x" * 100_000))
+    with pytest.raises(PermanentDeliveryError, match=r"^400 bad address x+$") as refused:
+        mailer.send(MAIL)
+    assert len(str(refused.value)) < 600
+
+    def trickle() -> Iterator[bytes]:
+        for _ in range(400):
+            time.sleep(0.05)  # the server's pace
+            yield b" "
+
+    quick = HttpMailer(
+        http_settings(tmp_path, provider).model_copy(update={"email_api_timeout": 0.5})
+    )
+    provider.replies.append((200, {}, trickle()))
+    began = time.monotonic()
+    with pytest.raises(TransientDeliveryError, match=r"an answer not over in 0\.5 s"):
+        quick.send(MAIL)
+    assert time.monotonic() - began < 2.0
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_from_the_email_api_is_never_followed_nor_sent_it_pauses_delivery(
+    tmp_path: Path, provider: ProviderStub, status: int
+) -> None:
+    """Followed, a 302 turned the POST into a GET whose 200 marked the letter sent (nothing
+    was), and a 307 posted the letter to another host. EMAIL_API_URL is wrong: delivery pauses,
+    lasting, as when the API refuses our key."""
+    elsewhere = ProviderStub()
+    try:
+        provider.replies.append((status, {"Location": f"{elsewhere.url}/v3/x"}, ""))
+        alarms: list[tuple[Any, ...]] = []
+        mailer = HttpMailer(http_settings(tmp_path, provider), alarm=lambda *a: alarms.append(a))
+        with pytest.raises(TransientDeliveryError, match="redirects are not followed") as raised:
+            mailer.send(MAIL)
+        assert raised.value.ours and raised.value.retry_after == 30.0
+        [(_, _, lasting)] = alarms
+        assert lasting and mailer.waiting() > 0
+        provider.replies.append((status, {"Location": f"{elsewhere.url}/v3/x"}, ""))
+        settings = http_settings(tmp_path, provider)
+        from workers.pipeline.checks import _mail_server
+
+        assert f"answered HTTP {status}: check EMAIL_API_URL" in _mail_server(settings).detail
+        assert elsewhere.requests == [] and len(provider.requests) == 2
+    finally:
+        elsewhere.server.shutdown()
+
+
+def test_a_retry_after_of_years_waits_an_hour_and_the_letter_stays_pending(
+    app: App, provider: ProviderStub, tmp_path: Path
+) -> None:
+    """999999999999 seconds raised OverflowError in the outbox and left the letter 'sending';
+    ten years left it pending, never overdue."""
+    from workers.database.models import utcnow
+
+    sid = through_render(app, submission())
+    provider.replies.append((429, {"Retry-After": "999999999999"}, "slow down"))
+    with pytest.raises(TransientDeliveryError) as raised:
+        send_letter(app.sessions, sid, http_mailer(tmp_path, provider), POLICY)
+    assert raised.value.retry_after == 3600.0
+    with session_scope(app.sessions) as session:
+        item = session.get(OutboxItem, sid)
+        assert item is not None and item.status == "pending" and item.next_attempt_at
+        assert item.next_attempt_at - utcnow() <= timedelta(hours=1)

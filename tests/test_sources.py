@@ -462,3 +462,248 @@ def test_directory_sync_refuses_a_member_name_a_letter_cannot_carry_and_changes_
     with session_scope(app.sessions) as session:
         after = current_version(session)
         assert after is not None and after.id == before.id
+
+
+def gzipped_whitespace(megabytes: int, then: Any) -> bytes:
+    """A gzip body that decodes to ``megabytes`` MiB of JSON whitespace and then ``then``: a
+    few KB on the wire."""
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    pieces = [packer.compress(b" " * (1 << 20)) for _ in range(megabytes)]
+    return b"".join([*pieces, packer.compress(json.dumps(then).encode()), packer.flush()])
+
+
+def trickle(pieces: int, every: float) -> Iterator[bytes]:
+    """A JSON body that comes a byte at a time, never ending in time."""
+    yield b"["
+    for _ in range(pieces):
+        time.sleep(every)  # the server's pace, not the test's synchronisation
+        yield b" "
+
+
+def test_a_live_answer_is_read_capped_so_a_decompression_bomb_is_the_sources_outage(
+    live: LiveSources, postcodes_io: HttpStub
+) -> None:
+    """2 MB of gzip once decoded to 2 GiB in memory: an answer is decoded a piece at a time and
+    refused past 1 MiB (far more than any real answer), whatever it would have said."""
+    good = {"status": 200, "result": {"codes": {"parliamentary_constituency": "S14000061"}}}
+    bomb = gzipped_whitespace(8, good)
+    assert len(bomb) < 64_000
+    postcodes_io.script.append((200, {"Content-Encoding": "gzip"}, bomb))
+    with pytest.raises(SourceUnavailable, match="an answer longer than 1,048,576 bytes"):
+        live.postcodes.lookup("AB10 1AB")
+    assert len(postcodes_io.requests) == 1  # an answer that size is not asked for again
+    postcodes_io.script.append((200, {}, b'{"result": "' + b"x" * (2 << 20) + b'"}'))
+    with pytest.raises(SourceUnavailable, match="longer than 1,048,576 bytes"):
+        live.postcodes.lookup("AB10 1AB")
+    assert live.postcodes.lookup("AB10 1AB").gss_code == "S14000061"  # an answer under it
+
+
+def test_a_live_answer_trickling_in_holds_a_thread_no_longer_than_the_timeout(
+    postcodes_io: HttpStub,
+) -> None:
+    """Each byte came before the read timeout, so a body dripping for ever held its thread for
+    ever: the whole answer is read within the timeout."""
+    api = JsonApi(postcodes_io.url, timeout=0.5, attempts=3, backoff=0.01)
+    postcodes_io.script.append((200, {}, trickle(400, 0.05)))
+    began = time.monotonic()
+    with pytest.raises(SourceUnavailable, match=r"an answer not over in 0\.5 s"):
+        PostcodesIo(api).lookup("AB10 1AB")
+    assert time.monotonic() - began < 2.0  # the timeout, and a byte's wait at most
+    assert len(postcodes_io.requests) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_live_source_redirecting_is_its_outage_and_never_followed(
+    live: LiveSources, postcodes_io: HttpStub, status: int
+) -> None:
+    """Followed, a redirect made DearMP ask any host the answer named (169.254.169.254)."""
+    inside = HttpStub(lambda path: (200, {}, {"secret": "metadata"})).start()
+    try:
+        elsewhere = {"Location": f"{inside.url}/latest/meta-data/"}
+        postcodes_io.script.append((status, elsewhere, b""))
+        with pytest.raises(SourceUnavailable, match=f"answered HTTP {status}, a redirect"):
+            live.postcodes.lookup("AB10 1AB")
+        assert inside.requests == [] and len(postcodes_io.requests) == 1
+    finally:
+        inside.stop()
+
+
+def cached_members(app: App, postcode: str) -> int:
+    with session_scope(app.sessions) as session:
+        return int(session.scalar(select(func.count()).select_from(LookupCache).where(
+            LookupCache.key == f"members:{postcode}")) or 0)  # fmt: skip
+
+
+def sync_cli(app: App, url: str) -> Any:
+    """``dearmp directory sync`` against the Members API at ``url``."""
+    app.settings.members_api_url = url
+    return CliRunner().invoke(main, ["directory", "sync"])
+
+
+def refused_in_one_line(result: Any, app: App, version_id: int, said: str) -> None:
+    """The command said why in one line (no traceback), exited 1, and changed nothing."""
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert said in result.stderr and "(the current directory is unchanged)" in result.stderr
+    with session_scope(app.sessions) as session:
+        after = current_version(session)
+        assert after is not None and after.id == version_id
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {},
+        {"items": None, "totalResults": 650},
+        {"items": [], "totalResults": 1},  # none of the one it counts
+        {"items": [], "totalResults": "0"},
+        {"items": [], "totalResults": True},
+        {"items": {"value": {}}, "totalResults": 1},
+    ],
+)
+def test_a_member_search_in_a_shape_it_does_not_document_is_the_sources_outage_not_a_vacancy(
+    app: App, live: LiveSources, parliament: tuple[FakeParliament, HttpStub], answer: Any
+) -> None:
+    """A 200 with no list of items once read as "nobody sits for this seat": the letter held,
+    the vacancy cached for a day."""
+    _, stub = parliament
+    stub.script.append((200, {}, answer))
+    with pytest.raises(SourceUnavailable, match="a member search in a shape it does not document"):
+        live.warm(app.sessions, "AB10 1AB")
+    assert cached_members(app, "AB10 1AB") == 0
+    # The documented answer of a vacant seat is a vacancy.
+    stub.script.append((200, {}, {"items": [], "totalResults": 0}))
+    live.warm(app.sessions, "AB10 1AB")
+    with session_scope(app.sessions) as session:
+        assert live.member(session, "AB10 1AB") is None
+
+
+@pytest.mark.parametrize("answer", [{}, {"items": None, "totalResults": 650}])
+def test_directory_sync_refuses_an_answer_in_a_shape_it_does_not_document(
+    app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub], answer: Any
+) -> None:
+    """``{}`` once made a new current version with every seat vacant, and exit 0."""
+    _, stub = parliament
+    before = imported(app, shared_data)
+    stub.route = lambda path: (200, {}, answer)
+    result = sync_cli(app, stub.url)
+    refused_in_one_line(result, app, before.id, "the member list in a shape it does not document")
+
+
+def test_directory_sync_refuses_members_who_would_leave_every_seat_vacant(
+    app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    """Members the API lists that match no seat (by member id or seat name) would leave every
+    seat vacant: that is not the Commons, it is a wrong API."""
+    fake, stub = parliament
+    before = imported(app, shared_data)
+    fake.members = {90_000 + n: {**m, "seat": f"Nowhere {n}"} for n, m in enumerate(
+        fake.members.values())}  # fmt: skip
+    result = sync_cli(app, stub.url)
+    said = "the Members API's 650 sitting members match none of the 650 seats"
+    refused_in_one_line(result, app, before.id, said)
+
+
+def test_directory_sync_during_a_dissolution_leaves_every_seat_vacant_and_parliament_dissolved(
+    app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    """The API saying, as documented, that no one sits (no items, totalResults 0) is a
+    dissolution: taken, and a sync keeps the directory dissolved until ``dissolve --off``."""
+    fake, stub = parliament
+    imported(app, shared_data)
+    assert CliRunner().invoke(main, ["directory", "dissolve", "--yes"]).exit_code == 0
+    fake.members = {}
+    result = sync_cli(app, stub.url)
+    assert result.exit_code == 0, result.output
+    assert "vacancies: 650" in result.stdout
+    with session_scope(app.sessions) as session:
+        after = current_version(session)
+        assert after is not None and after.dissolved and after.source.startswith("Members API")
+        assert session.scalar(select(func.count()).select_from(Member).where(
+            Member.version_id == after.id)) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("source", "member_id"),
+    [
+        ("members", b"Infinity"),
+        ("members", b"NaN"),
+        ("members", b"100000000000000000000"),  # SQLite's integer overflowed on writing it
+        ("members", b"2147483648"),  # past PostgreSQL's integer
+        ("members", b"0"),
+        ("members", b"-5"),
+        ("members", b"4000.5"),
+        ("members", b'"4000"'),
+        ("members", b"true"),
+        ("members", b"null"),
+        ("members", b"nested"),
+        ("postcodes.io", b"nested"),
+    ],
+)
+def test_a_member_id_out_of_range_or_json_too_deep_is_the_sources_outage(
+    app: App,
+    live: LiveSources,
+    postcodes_io: HttpStub,
+    parliament: tuple[FakeParliament, HttpStub],
+    source: str,
+    member_id: bytes,
+) -> None:
+    """OverflowError and RecursionError escaped the guard: the preview answered 500, the sync
+    printed a traceback. A member id is a whole number from 1 to PostgreSQL's integer's most."""
+    fake, stub = parliament
+    if member_id == b"nested":
+        answer = b"[" * 200_000 + b"]" * 200_000
+    else:
+        item = json.dumps({"items": [fake.member_item(5450)], "totalResults": 1}).encode()
+        answer = item.replace(b'"id": 5450', b'"id": ' + member_id)
+        assert answer != item
+    (stub if source == "members" else postcodes_io).script.append((200, {}, answer))
+    with pytest.raises(SourceUnavailable):
+        live.warm(app.sessions, "AB10 1AB")
+    assert cached_members(app, "AB10 1AB") == 0
+
+
+def test_directory_sync_refuses_a_member_id_out_of_range_in_one_line(
+    app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    fake, stub = parliament
+    before = imported(app, shared_data)
+    fake.members[10**20] = fake.members.pop(5450)
+    result = sync_cli(app, stub.url)
+    refused_in_one_line(result, app, before.id, "a member id that is not a whole number")
+    stub.route = lambda path: (200, {}, b"[" * 200_000 + b"]" * 200_000)
+    result = sync_cli(app, stub.url)
+    refused_in_one_line(
+        result, app, before.id, "answered 200 (no JSON we can read) for the member list"
+    )
+
+
+def test_directory_sync_stops_at_a_member_list_no_commons_has(
+    app: App, shared_data: Path, parliament: tuple[FakeParliament, HttpStub]
+) -> None:
+    """A list that claimed 10**12 members, 20 new ones a page, was followed for 10,973 requests
+    in 20 s and on; one whose pages repeat would never end either."""
+    _, stub = parliament
+    before = imported(app, shared_data)
+    fresh = iter(range(10_000, 10**9))
+
+    def endless(path: str) -> tuple[int, dict[str, str], Any]:
+        items = [
+            {"value": {"id": next(fresh), "nameDisplayAs": "Someone",
+                       "latestHouseMembership": {"membershipFrom": "Nowhere"}}}
+            for _ in range(20)
+        ]  # fmt: skip
+        return 200, {}, {"items": items, "totalResults": 10**12}
+
+    stub.route = endless
+    result = sync_cli(app, stub.url)
+    refused_in_one_line(result, app, before.id, "lists 1,000,000,000,000 sitting members")
+    assert len(stub.requests) == 1
+    page = endless("")[2]
+    stub.route = lambda path: (200, {}, {**page, "totalResults": 1999})
+    stub.requests.clear()
+    result = sync_cli(app, stub.url)
+    refused_in_one_line(result, app, before.id, "page at 20 lists no member not listed before")
+    assert len(stub.requests) == 2

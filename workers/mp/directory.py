@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from schemas.postcode import POSTCODE_RE, PostcodeProblem, check_format
 from schemas.submission import single_line
 from workers.database.models import Constituency, DirectoryVersion, Member, Postcode
-from workers.mp.live_sources import MembersApi, office_email
+from workers.mp.live_sources import MAX_INTEGER, MembersApi, office_email
 from workers.wording import counted
 
 BATCH = 5_000
@@ -60,10 +60,6 @@ class Skipped:
         self.rows += 1
         if self.first is None:
             self.first = f"{name} line {line}: {value[:20]!r}"
-
-
-# A member id is an integer column: PostgreSQL's holds at most this.
-MAX_INTEGER = 2**31 - 1
 
 
 def _line_ends(text: str, after_cr: bool) -> int:
@@ -530,7 +526,9 @@ def _seat_key(name: str) -> str:
 def sync_members(session: Session, members_api: MembersApi, source: str) -> dict[str, Any]:
     """Refresh MPs and their emails from the Members API into a new current version; what
     changed. The API's seats carry no ONS code: members are matched by member id, newcomers by
-    seat name. Emails come only from the API's contact records, never guessed."""
+    seat name. Emails come only from the API's contact records, never guessed. Every seat is
+    left vacant only when the API lists no sitting member (a dissolution), never when those it
+    lists match no seat; a dissolved directory stays dissolved."""
     # Every network call before the transaction begins (650 look-ups take minutes).
     sitting = {member_id: rest for member_id, *rest in members_api.current_members()}
     contacts = {member_id: members_api.contact(member_id) for member_id in sitting}
@@ -547,7 +545,13 @@ def sync_members(session: Session, members_api: MembersApi, source: str) -> dict
     )
     by_seat = {_seat_key(seat): member_id for member_id, (_, _, seat) in sitting.items()}
 
-    version = _new_version(session, source, postcodes_version_id=previous.postcodes_version_id)
+    # Parliament dissolved stays so until `directory dissolve --off`.
+    version = _new_version(
+        session,
+        source,
+        postcodes_version_id=previous.postcodes_version_id,
+        dissolved=previous.dissolved,
+    )
     changes: dict[str, list[Any]] = {"new_members": [], "vacancies": [], "changed_emails": []}
     constituencies, members = [], []
     for seat in seats:
@@ -581,6 +585,11 @@ def sync_members(session: Session, members_api: MembersApi, source: str) -> dict
             changes["changed_emails"].append(
                 {"member": name, "old": old_emails[member_id], "new": email}
             )
+    if sitting and seats and not members:  # no one sits only if the API says so (a dissolution)
+        raise DirectoryError(
+            f"the Members API's {counted(len(sitting), 'sitting member')} match none of the "
+            f"{counted(len(seats), 'seat')} by member id or seat name: every seat would be vacant"
+        )
     session.execute(insert(Constituency), constituencies)
     if members:
         session.execute(insert(Member), members)

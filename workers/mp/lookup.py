@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Executable, bindparam, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.postcode import (
     CROWN_DEPENDENCIES,
@@ -21,6 +21,7 @@ from schemas.postcode import (
     crown_dependency,
     problem,
 )
+from workers.database.engine import session_scope
 from workers.database.models import (
     AddressHealth,
     Constituency,
@@ -206,6 +207,21 @@ def lookup_live(session: Session, live: LiveSources, postcode: str) -> Answer:
     failing = health.is_failing(session, member.email)
     mp = Mp(member.member_id, member.name, member.party, member.email, member.phone, failing)
     return Found(seat, mp, None, "live")
+
+
+def prefetch(
+    sessions: sessionmaker[Session], postcode: str, order: str, live: LiveSources | None
+) -> None:
+    """Before a transaction that will :func:`find` a normalised postcode: fetch what the live
+    sources will be asked, when the local directory will not answer, into their cache with no
+    transaction open, so that a slow source holds no database connection."""
+    if live is None or order == "local":
+        return
+    if order != "live":
+        with session_scope(sessions) as session:
+            if lookup_local(session, postcode) is not None:
+                return
+    live.warm(sessions, postcode)
 
 
 def find(

@@ -7,6 +7,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
@@ -14,7 +15,8 @@ from schemas.campaign import campaign_template
 from schemas.postcode import PostcodeProblem, check_format
 from workers.database.engine import session_scope
 from workers.letters.originality import template
-from workers.mp.lookup import Found, find
+from workers.mp.live_sources import SourceUnavailable
+from workers.mp.lookup import Found, find, prefetch
 from workers.stages.comparison import letter_body
 from workers.stages.rendering import choose_subject
 from workers.stages.resolution import MEMBER_FIELD, POSTCODE_FIELD, Refuse, decide
@@ -36,7 +38,9 @@ from workers.web.clients import client_ip, client_key, over_limit
 from workers.web.dependencies import AppDep, IntakeDep
 
 STATIC = Path(__file__).resolve().parent / "static"
+SOURCE_WAIT = 10  # seconds a page is asked to wait when a live source did not answer
 router = APIRouter()
+log = structlog.get_logger(__name__)
 
 
 @router.get("/v1/campaigns/{slug}", response_model=CampaignOut, responses=ERROR_RESPONSES)
@@ -84,13 +88,18 @@ def preview(slug: str, body: PreviewIn, request: Request, app: AppDep, intake: I
     postcode, bad = check_format(body.postcode)
     if bad is not None:
         return problem(422, {"postcode": bad.message})
-    with session_scope(app.sessions) as session:
-        answer = find(session, postcode, app.settings.resolution_order, app.live_sources)
-        # A preview tells the supporter now what a held letter would wait for.
-        targets = definition.targets.model_copy(
-            update={"vacant_seat": "reject", "no_email": "reject"}
-        )
-        outcome = decide(targets, postcode, answer)
+    order, live = app.settings.resolution_order, app.live_sources and app.live_sources.once
+    try:
+        prefetch(app.sessions, postcode, order, live)  # the network first, no transaction open
+        with session_scope(app.sessions) as session:
+            answer = find(session, postcode, order, live)
+    except SourceUnavailable as exc:
+        log.warning("preview_source_unavailable", error=str(exc))
+        message = "We cannot look up your MP just now. Please try again in a moment."
+        return problem(503, {MEMBER_FIELD: message}, retry_after(SOURCE_WAIT))
+    # A preview tells the supporter now what a held letter would wait for.
+    targets = definition.targets.model_copy(update={"vacant_seat": "reject", "no_email": "reject"})
+    outcome = decide(targets, postcode, answer)
     if isinstance(outcome, Refuse):
         field = "postcode" if outcome.field == POSTCODE_FIELD else MEMBER_FIELD
         # A postcode the directory does not know is not found; the rest are refusals.

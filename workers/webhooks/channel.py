@@ -1,7 +1,8 @@
 """The webhook channel: sign a body (Standard Webhooks, with every secret valid now) and POST it.
 2xx is sent; 408, 429, 5xx, a timeout or a connection error is a passing failure (the endpoint is
-then paused, as long as its Retry-After asks if longer, up to an hour); anything else, a redirect
-included (never followed), is permanent; a 410 also disables the endpoint (Standard Webhooks).
+then paused, as long as its Retry-After asks if longer, up to an hour as :func:`retry_after` reads
+it); anything else, a redirect included (never followed), is permanent; a 410 also disables the
+endpoint (Standard Webhooks).
 Reasons name the endpoint by id, never by its URL, which may carry a token. No webhook goes to an
 address written in the URL that no CRM has (:func:`unsafe_host`)."""
 
@@ -25,7 +26,6 @@ from workers.letters.mail.http import retry_after
 
 ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
 BUSY_WAIT = 1.0  # a webhook held back by others just sent waits this long
-LONGEST_PAUSE = 3600.0  # a receiver's Retry-After is honoured up to this
 GONE = "answered HTTP 410 (gone)"
 # Clouds' metadata services outside the link-local ranges (AWS's IPv6 one, Alibaba's).
 METADATA = frozenset(ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200"))
@@ -167,8 +167,7 @@ class HttpChannel:
         if 200 <= status < 300:
             return status
         if status in (408, 429) or status >= 500:
-            wait = None if asked is None else min(asked, LONGEST_PAUSE)
-            raise TransientDeliveryError(f"{where} answered HTTP {status}", retry_after=wait)
+            raise TransientDeliveryError(f"{where} answered HTTP {status}", retry_after=asked)
         if status == 410:
             raise PermanentDeliveryError(f"{where} {GONE}")
         followed = " (redirects are not followed)" if 300 <= status < 400 else ""
