@@ -278,12 +278,12 @@ def test_health_asks_the_email_api_whether_it_takes_our_key_and_sends_nothing(
     assert all(r["body"] == b"" for r in provider.requests)  # nothing sent
 
 
-def test_the_email_apis_answer_is_read_capped_and_only_a_whole_one_is_taken_as_sent(
+def test_the_email_apis_answer_is_read_capped_and_a_2xx_is_sent_whatever_its_body(
     tmp_path: Path, provider: ProviderStub
 ) -> None:
     """A few KB of gzip once decoded to gigabytes in memory. An answer of a few KB is all the
     API says; a 200 whose answer is not read whole (past the cap, or not over within the
-    timeout) is not taken as sent: nothing we read says the letter was queued."""
+    timeout) took the letter all the same: sent (again, it could be sent twice), and said."""
     import zlib
 
     packer = zlib.compressobj(9, zlib.DEFLATED, 31)
@@ -291,8 +291,7 @@ def test_the_email_apis_answer_is_read_capped_and_only_a_whole_one_is_taken_as_s
     bomb = b"".join([*pieces, packer.compress(b'{"id": "<q1>"}'), packer.flush()])
     provider.replies.append((200, {"Content-Encoding": "gzip"}, bomb))
     mailer = http_mailer(tmp_path, provider)
-    with pytest.raises(TransientDeliveryError, match="an answer longer than 8,192 bytes"):
-        mailer.send(MAIL)
+    assert mailer.send(MAIL).endswith("(an answer longer than 8,192 bytes)")
     # A refusal's answer is read as far as the cap: its start is what is kept.
     provider.replies.append((400, {}, "bad address " + "x" * 100_000))
     with pytest.raises(PermanentDeliveryError, match=r"^400 bad address x+$") as refused:
@@ -309,8 +308,7 @@ def test_the_email_apis_answer_is_read_capped_and_only_a_whole_one_is_taken_as_s
     )
     provider.replies.append((200, {}, trickle()))
     began = time.monotonic()
-    with pytest.raises(TransientDeliveryError, match=r"an answer not over in 0\.5 s"):
-        quick.send(MAIL)
+    assert quick.send(MAIL).endswith("(an answer not over in 0.5 s)")
     assert time.monotonic() - began < 2.0
 
 

@@ -2,7 +2,7 @@
 again (after Retry-After); 401, 403 and 404 refuse our key or domain, and a redirect (never
 followed) says EMAIL_API_URL is wrong: either pauses delivery as a relay's refusal of our login
 does (:class:`RelayPause`); any other refusal is the letter's. Its answer is read capped
-(:func:`read_capped`): a 2xx is sent only once its answer is read whole."""
+(:func:`read_capped`): a 2xx is sent, whatever its body (sending again could send twice)."""
 
 from __future__ import annotations
 
@@ -93,11 +93,9 @@ class HttpMailer(Mailer):
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
         start, unread = read_capped(response, ANSWER_CAP, self.timeout[1])
         answer = f"{response.status_code} {answer_text(start.decode(errors='replace')[:500])}"
-        if response.status_code < 300:
-            if unread:  # nothing we read says the letter was queued
-                raise TransientDeliveryError(f"{answer} ({unread}): not taken as sent")
+        if response.status_code < 300:  # its status is the answer: the API took the letter
             self.relay.accepted()
-            return answer
+            return answer if unread is None else f"{answer.rstrip()} ({unread})"
         if response.status_code in REFUSING_US or response.status_code < 400:
             if response.status_code < 400:  # a redirect: the same for every letter
                 answer = f"{answer.rstrip()} (redirects are not followed: check EMAIL_API_URL)"
