@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -133,6 +134,29 @@ def test_a_mail_server_refusing_us_at_its_greeting_is_named_with_its_answer(
     status, detail = checks_of(result)["mail server"]
     assert status == "degraded" and "refused us at its greeting: 421 4.7.0" in detail
     assert "Too many connections" in detail and "cannot reach" not in detail
+
+
+@pytest.mark.smtp
+def test_a_mail_server_whose_greeting_drips_is_down_within_the_timeout(
+    app: App, on_redis: redis.Redis
+) -> None:
+    """A greeting a byte at a time, each within the socket's timeout: the probe gives up once
+    the whole takes longer than SMTP_TIMEOUT, as a letter's session does, never holds health."""
+    from tests.test_smtp import RawRelay, dripping
+
+    relay = RawRelay({"greeting": dripping(b"220")})
+    settings = app.settings
+    settings.mail_backend, settings.smtp_host, settings.smtp_port = "smtp", "127.0.0.1", relay.port
+    settings.smtp_timeout = 1
+    try:
+        began = time.monotonic()
+        result = health_with_a_worker(on_redis)
+        took = time.monotonic() - began
+    finally:
+        relay.stop()
+    status, detail = checks_of(result)["mail server"]
+    assert status == "down" and "reply took longer than 1 s" in detail
+    assert took < 2.5
 
 
 def test_a_mail_server_without_the_starttls_letters_need_is_down(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -29,6 +30,73 @@ def close(conn: smtplib.SMTP) -> None:
         conn.close()
 
 
+# The most one reply of the server may be, its continuation lines together: EHLO's, the longest
+# a relay gives, is under a kilobyte; a reply that never ends would fill the memory.
+REPLY_MOST = 64 * 1024
+
+
+class _Reply:
+    """The session's socket as smtplib reads a reply from it: one reply (from :meth:`next`) is
+    at most :data:`REPLY_MOST` bytes, complete within ``timeout`` seconds (a socket's timeout is
+    per read: a reply a byte at a time would hold the session for ever), and no line longer than
+    smtplib reads (its "500 Line too long" is no answer of the server's). Past any, an OSError,
+    which smtplib makes SMTPServerDisconnected: the attempt failed, as on a lost connection."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.sock, self.timeout = sock, timeout
+        self.file = sock.makefile("rb")
+        self.left, self.deadline = REPLY_MOST, 0.0
+
+    def next(self) -> None:
+        self.left, self.deadline = REPLY_MOST, time.monotonic() + self.timeout
+
+    def readline(self, limit: int) -> bytes:
+        line = b""
+        try:
+            while not line.endswith(b"\n"):
+                if len(line) >= limit:  # smtplib asks for one byte more than a line may be
+                    raise OSError(
+                        f"a line of the mail server's reply is longer than {limit - 1} bytes"
+                    )
+                wait = self.deadline - time.monotonic()
+                if wait <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(wait)
+                ahead = self.file.peek(1)[: limit - len(line)]  # one read at most
+                if not ahead:
+                    return line  # the server closed the session
+                size = ahead.find(b"\n") + 1 or len(ahead)
+                if size > self.left:
+                    raise OSError(f"the mail server's reply is longer than {REPLY_MOST} bytes")
+                self.left -= size
+                line += self.file.read(size)
+        except TimeoutError:
+            said = f"the mail server's reply took longer than {self.timeout:g} s"
+            raise TimeoutError(said) from None
+        finally:
+            self.sock.settimeout(self.timeout)
+        return line
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class SMTP(smtplib.SMTP):
+    """smtplib's session, each reply read through :class:`_Reply` (also after STARTTLS, which
+    drops smtplib's file of the socket)."""
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:
+            self.file = _Reply(self.sock, self.timeout)
+        if isinstance(self.file, _Reply):
+            self.file.next()
+        return super().getreply()
+
+
+class SMTP_SSL(SMTP, smtplib.SMTP_SSL):
+    """:class:`SMTP` with implicit TLS."""
+
+
 def connect(settings: Settings, timeout: float | None = None) -> smtplib.SMTP:
     """A session with the relay as far as EHLO, without logging in: implicit TLS or STARTTLS
     verified (against SMTP_CA_FILE if set), then EHLO. Letters' sessions and ``dearmp health``
@@ -37,9 +105,9 @@ def connect(settings: Settings, timeout: float | None = None) -> smtplib.SMTP:
     context = ssl.create_default_context()
     if s.smtp_ca_file:
         context.load_verify_locations(cafile=str(s.smtp_ca_file))
-    smtp: Callable[..., smtplib.SMTP] = smtplib.SMTP
+    smtp: Callable[..., smtplib.SMTP] = SMTP
     if s.smtp_security == "tls":
-        smtp = partial(smtplib.SMTP_SSL, context=context)
+        smtp = partial(SMTP_SSL, context=context)
     conn = smtp(
         s.smtp_host, s.smtp_port, local_hostname=s.smtp_helo_name, timeout=timeout or s.smtp_timeout
     )
