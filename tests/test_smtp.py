@@ -365,3 +365,54 @@ def test_a_reply_without_end_or_that_drips_fails_the_attempt_within_the_timeout(
     said = "longer than 65536 bytes" if reply is endless else "took longer than 1 s"
     assert said in str(raised.value) and not raised.value.ours
     assert took < 2.5
+
+
+@pytest.mark.smtp
+@pytest.mark.parametrize(
+    "answers",
+    [
+        {"greeting": b"999 hello\r\n"},
+        {"EHLO": b"999 what\r\n"},
+        {"MAIL": b"999 what is this\r\n"},
+        {"RCPT": b"199 maybe\r\n"},
+        {"DATA": b"250 taken already\r\n"},  # no 354
+        {"end": b"354 go ahead again\r\n"},
+        {"end": b"999 what\r\n"},
+        {"end": b"what?\r\n"},  # no code at all
+        {"end": b"250 " + b"y" * 20_000 + b"\r\n"},  # longer than smtplib reads
+    ],
+    ids=["greeting", "EHLO", "MAIL", "RCPT", "DATA", "354-twice", "999", "no-code", "long"],
+)
+def test_an_answer_outside_smtps_codes_is_a_failed_attempt_not_a_refusal(
+    tmp_path: Path, answers: dict[str, Answer]
+) -> None:
+    """Only 4xx and 5xx refuse: any other code answering a command is the server out of
+    protocol. The attempt failed and is tried again later (it costs the attempt); it is not the
+    letter's failure for good, nor a pause of everyone's letters."""
+    relay = RawRelay(answers)
+    try:
+        mailer = raw_mailer(tmp_path, relay)
+        with pytest.raises(TransientDeliveryError) as raised:
+            mailer.send(MAIL)
+    finally:
+        relay.stop()
+    assert not raised.value.ours and raised.value.retry_after is None
+    assert mailer.waiting() == 0
+
+
+@pytest.mark.smtp
+def test_a_letter_whose_data_is_answered_out_of_protocol_is_tried_again(
+    app: App, tmp_path: Path
+) -> None:
+    relay = RawRelay({"end": b"354 go ahead again\r\n"})
+    try:
+        sid = through_render(app, submission())
+        with pytest.raises(TransientDeliveryError, match="354"):
+            send_letter(app.sessions, sid, raw_mailer(tmp_path, relay), POLICY_3)
+    finally:
+        relay.stop()
+    with session_scope(app.sessions) as session:
+        delivery = session.get(OutboxItem, sid)
+        assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 1)
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.state == State.RENDERED

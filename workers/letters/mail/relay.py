@@ -130,9 +130,13 @@ def classify(
     """The error for a refusal of ``command`` (MAIL, RCPT, DATA, or SESSION for its set-up):
     421 and 503 wait for a new session; authentication answers and refusals of the session or
     of MAIL FROM pause delivery; at RCPT, :data:`ABOUT_US` words or a 5.7.x may be ours or the
-    recipient's (:meth:`RelayPause.refused_rcpt`); otherwise 4xx is transient, 5xx permanent."""
+    recipient's (:meth:`RelayPause.refused_rcpt`); otherwise 4xx is transient, 5xx permanent.
+    Any other code (a 999, a second 354) refuses nothing: the server is out of protocol, and
+    the attempt failed (tried again later)."""
     text = answer_text(answer)
     message = f"{code} {text}"
+    if code not in REFUSALS:
+        return TransientDeliveryError(f"an answer out of protocol to {command}: {message}")
     if code in OUT_OF_STEP:
         return TransientDeliveryError(message, retry_after=OUT_OF_STEP_WAIT, ours=True)
     permanent = 500 <= code < 600
@@ -153,6 +157,8 @@ def classify(
     return PermanentDeliveryError(message)
 
 
+# The codes that refuse (RFC 5321 4.2.1): 4xx for now, 5xx for good.
+REFUSALS = range(400, 600)
 # 421 (closing the connection) and 503 (bad sequence of commands) answer the conversation's state.
 OUT_OF_STEP = {421, 503}
 # Seconds a letter waits after such an answer before it is tried again on a new session.

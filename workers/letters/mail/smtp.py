@@ -16,7 +16,14 @@ from functools import partial
 
 from config.settings import Settings
 from workers.letters.mail.mailer import Outgoing, TransientDeliveryError
-from workers.letters.mail.relay import OUT_OF_STEP, Alarm, RelayPause, answer_text, classify
+from workers.letters.mail.relay import (
+    OUT_OF_STEP,
+    REFUSALS,
+    Alarm,
+    RelayPause,
+    answer_text,
+    classify,
+)
 
 
 def close(conn: smtplib.SMTP) -> None:
@@ -393,7 +400,8 @@ class SmtpMailer:
 
 def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
     """MAIL, RCPT and DATA by hand, to keep the final answer. A refusal raises :class:`Refusal`,
-    ``usable`` when RSET then clears the transaction (not after a 421 or 503)."""
+    ``usable`` when RSET then clears the transaction (not after a 421 or 503, nor an answer
+    out of protocol)."""
     try:
         code, answer = conn.mail(mail.sender)
         if code != 250:
@@ -410,7 +418,7 @@ def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
             raise Refusal("DATA", code, answer)
         return code, answer
     except Refusal as refused:
-        if refused.code not in OUT_OF_STEP:
+        if refused.code in REFUSALS and refused.code not in OUT_OF_STEP:
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 refused.usable = conn.rset()[0] == 250
         raise
