@@ -231,7 +231,7 @@ class RawRelay:
                 threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def _session(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        try:
             if self.tls is not None and self.implicit:
                 conn = self.tls.wrap_socket(conn, server_side=True)
             secured = self.implicit
@@ -271,6 +271,10 @@ class RawRelay:
                     return
                 else:  # AUTH, MAIL, RCPT, RSET, NOOP
                     say(verb, b"235 2.7.0 ok\r\n" if verb == "AUTH" else OK_LINE)
+        except (OSError, ValueError):
+            pass  # the client went
+        finally:
+            conn.close()  # (the TLS socket, if it became one)
 
     def stop(self) -> None:
         self.listener.close()

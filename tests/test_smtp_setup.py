@@ -9,7 +9,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import trustme
@@ -18,6 +18,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from tests.conftest import make_settings
 from tests.factories import send_letter, submission
 from tests.services import SmtpSink, wait_for
+from tests.test_smtp import RawRelay, tls_contexts
 from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
@@ -346,7 +347,7 @@ def test_a_certificate_our_ca_does_not_verify_pauses_delivery_and_says_why(
         mailer = SmtpMailer(config, alarm=lambda *a: alarms.append(a))
         first, second = through_render(app, submission()), through_render(app, submission())
         policy = DeliveryPolicy()
-        with pytest.raises(Deferred, match="certificate verify failed"):
+        with pytest.raises(Deferred, match="TLS verification of the mail server failed"):
             send_letter(app.sessions, first, mailer, policy)
         with pytest.raises(Deferred, match="delivery paused"):
             send_letter(app.sessions, second, mailer, policy)
@@ -495,3 +496,57 @@ def test_a_relay_that_offers_no_login_when_one_is_set_pauses_delivery_as_a_refus
         mailer.send(MAIL)
     assert raised.value.ours and mailer.relay.waiting() > 0
     assert smtp_sink.received.count() == 0
+
+
+def garbage_after_starttls(file: BinaryIO) -> None:
+    file.write(b"220 2.0.0 go ahead\r\n")
+    file.flush()
+    file.read(5)  # the client's hello begins
+    file.write(b"HTTP/1.1 200 OK\r\n\r\n" * 10)
+    file.flush()
+
+
+@pytest.mark.parametrize(
+    ("kind", "setting"),
+    [
+        ("no STARTTLS", "SMTP_SECURITY"),
+        ("garbage after STARTTLS", "SMTP_SECURITY"),
+        ("a login challenge not base64", "SMTP_HOST"),
+    ],
+)
+def test_a_set_up_that_fails_the_same_for_every_letter_pauses_delivery(
+    tmp_path: Path, kind: str, setting: str
+) -> None:
+    """SMTP_SECURITY=starttls and a relay that offers none, or answers STARTTLS with what is not
+    TLS; a relay's login challenge that is not base64: every letter would meet the same, so it
+    pauses delivery (as a refused login does) with one line naming the setting to check, and
+    costs no letter an attempt."""
+    tls, _ = tls_contexts(tmp_path)
+    relay = {
+        "no STARTTLS": lambda: RawRelay({}),
+        "garbage after STARTTLS": lambda: RawRelay({"STARTTLS": garbage_after_starttls}, tls),
+        "a login challenge not base64": lambda: RawRelay(
+            {"AUTH": b"334 !!!not*base64$$$\r\n"}, offer=(b"AUTH CRAM-MD5",)
+        ),
+    }[kind]()
+    values: dict[str, Any] = {"smtp_ca_file": tmp_path / "ca.pem"}
+    if kind == "a login challenge not base64":
+        values |= {"smtp_username": "dearmp", "smtp_password": "secret"}
+    else:
+        values |= {"smtp_security": "starttls"}
+    alarms: list[tuple[Any, ...]] = []
+    try:
+        config = make_settings(
+            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=relay.port, **values
+        )
+        mailer = SmtpMailer(config, alarm=lambda *a: alarms.append(a))
+        with pytest.raises(TransientDeliveryError) as first:
+            mailer.send(MAIL)
+        with pytest.raises(TransientDeliveryError, match="delivery paused") as second:
+            mailer.send(MAIL)
+    finally:
+        relay.stop()
+    assert first.value.ours and second.value.ours  # no letter's attempt
+    [(reason, pause, lasting)] = alarms
+    assert setting in reason and reason.isprintable() and pause == 30.0 and lasting
+    assert reason in str(first.value) and 25 < mailer.waiting() <= 30

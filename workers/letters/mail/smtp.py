@@ -4,6 +4,7 @@ says what an answer means."""
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import smtplib
 import socket
@@ -353,14 +354,12 @@ class SmtpMailer:
         except BaseException as exc:
             if conn is not None:  # a login that failed leaves no session
                 close(conn)
-            if isinstance(exc, ssl.SSLCertVerificationError) and not self.relay.waiting():
-                # The same for every letter: a pause, not a failed handshake per letter.
-                self.relay.refused(
-                    f"TLS verification of the mail server failed ({exc.verify_message}): "
-                    "check SMTP_CA_FILE and the relay's certificate",
-                    lasting=True,
-                )
-            raise
+            reason = _same_for_every_letter(exc)
+            if reason is None:
+                raise
+            if not self.relay.waiting():  # (threads that met it at once: one pause)
+                self.relay.refused(reason, lasting=True)
+            raise SetUpFailed(reason) from exc
         return conn
 
     def waiting(self) -> float:
@@ -377,11 +376,9 @@ class SmtpMailer:
                 code, answer = _transaction(conn, mail)
             self.relay.accepted()
             return f"{code} {answer_text(answer)}"
-        except (smtplib.SMTPAuthenticationError, ssl.SSLCertVerificationError, NoLogin) as exc:
+        except (smtplib.SMTPAuthenticationError, SetUpFailed) as exc:
             # The pause is set already (_connect).
-            if isinstance(exc, ssl.SSLCertVerificationError):
-                text = f"TLS: {exc}"
-            elif isinstance(exc, NoLogin):
+            if isinstance(exc, SetUpFailed):
                 text = str(exc)
             else:
                 text = f"{exc.smtp_code} {answer_text(exc.smtp_error)}"
@@ -424,7 +421,38 @@ def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
         raise
 
 
-class NoLogin(smtplib.SMTPException):
+class SetUpFailed(smtplib.SMTPException):
+    """No session could be set up, the same way for every letter (our settings, or the relay's
+    set-up): delivery pauses, as for a refused login, and no letter is charged an attempt."""
+
+
+def _same_for_every_letter(exc: BaseException) -> str | None:
+    """Why a session could not be set up, when every letter would meet the same: one line
+    naming the setting to check; None when it may pass (a lost connection, a 4xx)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS verification of the mail server failed ({exc.verify_message}): "
+            "check SMTP_CA_FILE and the relay's certificate"
+        )
+    if isinstance(exc, smtplib.SMTPNotSupportedError):  # (here, only STARTTLS raises it)
+        return "the mail server offers no STARTTLS: check SMTP_SECURITY (starttls) and SMTP_PORT"
+    if isinstance(exc, ssl.SSLError) and not isinstance(
+        exc,
+        (ssl.SSLEOFError, ssl.SSLZeroReturnError),  # the connection lost, not TLS refused
+    ):
+        return (
+            f"TLS with the mail server failed ({exc.reason or type(exc).__name__}): "
+            "check SMTP_SECURITY and SMTP_PORT"
+        )
+    if isinstance(exc, binascii.Error):  # smtplib decodes a login's challenge (334) with it
+        return (
+            "the mail server's login challenge is not base64: "
+            "check SMTP_HOST and SMTP_PORT (is it the relay?)"
+        )
+    return None
+
+
+class NoLogin(SetUpFailed):
     """SMTP_USERNAME is set and the server offers no AUTH mechanism smtplib has: as a refused
     login, the same for every letter."""
 
