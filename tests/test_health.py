@@ -532,9 +532,9 @@ def test_workers_whose_letters_go_elsewhere_than_healths_settings_say_are_degrad
 @pytest.mark.parametrize(
     ("reason", "lasting", "status"),
     [
-        ("login refused: 535 5.7.8 Error: authentication failed", True, "down"),
-        ("401 Forbidden", True, "down"),
-        ("login refused: 454 4.7.0 Temporary authentication failure", False, "degraded"),
+        ("the mail server refused our login (535 5.7.8): check SMTP_USERNAME", True, "down"),
+        ("the email API refuses our key or domain (HTTP 401): check EMAIL_API_KEY", True, "down"),
+        ("the mail server refused our login (454 4.7.0): check SMTP_USERNAME", False, "degraded"),
     ],
 )
 def test_a_mail_pause_the_relay_keeps_answering_the_same_way_is_down(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from workers.letters.mail.mailer import PermanentDeliveryError, TransientDeliveryError
-from workers.logging import mask_text
+from workers.logging import mask_text, status_of
 from workers.wording import one_line
 
 # Told of a pause (the relay's answer, seconds, whether it lasts until someone acts) and of its
@@ -83,7 +83,9 @@ class RelayPause:
 
     def refused(self, reason: str, lasting: bool) -> float:
         """The relay refused us: pause, and return for how long. ``lasting``: it will answer the
-        same until someone acts (a 5xx to our login or sender, our certificate, our key)."""
+        same until someone acts (a 5xx to our login or sender, our certificate, our key).
+        ``reason`` is logged and kept in Redis, where erasing a supporter does not reach: our
+        own words, a server's answer in it only as its :func:`status`."""
         with self.lock:
             self.refusals += 1
             pause: float = min(self.LONGEST, self.first * 2.0 ** (self.refusals - 1))
@@ -140,8 +142,9 @@ def classify(
     if code in OUT_OF_STEP:
         return TransientDeliveryError(message, retry_after=OUT_OF_STEP_WAIT, ours=True)
     permanent = 500 <= code < 600
+    reason = f"the mail server refused {REFUSED.get(command, command)}: {status(code, text)}"
     if command != "DATA" and (code in AUTH_PROBLEMS or command in ("MAIL", "SESSION")):
-        wait = relay.refused(message, lasting=permanent)
+        wait = relay.refused(reason, lasting=permanent)
         return TransientDeliveryError(message, retry_after=wait, ours=True)
     words = _unquoted(text)
     if command == "RCPT" and (
@@ -149,7 +152,7 @@ def classify(
     ):
         # A 5.7.x without those words may be about the recipient: not lasting until it repeats.
         lasting = permanent and ABOUT_US.search(words) is not None
-        pause = relay.refused_rcpt(recipient, message, lasting)
+        pause = relay.refused_rcpt(recipient, reason, lasting)
         if pause is not None:
             return TransientDeliveryError(message, retry_after=pause, ours=True)
     if 400 <= code < 500:
@@ -165,6 +168,8 @@ OUT_OF_STEP = {421, 503}
 OUT_OF_STEP_WAIT = 10.0
 
 
+# What a pause's reason says the relay refused, by the command it answered.
+REFUSED = {"SESSION": "our session", "MAIL": "our sender (MAIL FROM)", "RCPT": "us at RCPT TO"}
 # Authentication answers: our configuration is wrong, not the letter.
 AUTH_PROBLEMS = {530, 534, 535, 538}
 # Relays' words (Postfix, Exim, Gmail, Exchange) for a refusal of our own set-up, as whole
@@ -181,6 +186,12 @@ QUOTED = re.compile(r'<(?:"(?:[^"\\]|\\.)*+"|[^<>"])*+>|"(?:[^"\\]|\\.)*+"|(?<!\
 def _unquoted(text: str) -> str:
     """An SMTP answer without the addresses it quotes: the relay's own words."""
     return QUOTED.sub(" ", text)
+
+
+def status(code: int, answer: bytes | str) -> str:
+    """What a pause's reason keeps of a server's answer: its status ("535 5.7.8"), never its
+    words, which may quote the letter (the letter keeps them, and is erased with them)."""
+    return status_of(f"{code} {answer_text(answer)}") or str(code)
 
 
 def answer_text(answer: bytes | str) -> str:

@@ -24,6 +24,7 @@ from workers.letters.mail.relay import (
     RelayPause,
     answer_text,
     classify,
+    status,
 )
 
 
@@ -343,9 +344,11 @@ class SmtpMailer:
                     try:
                         _login(conn, s.smtp_username, s.smtp_password.get_secret_value())
                     except smtplib.SMTPAuthenticationError as exc:
-                        answer = answer_text(exc.smtp_error)
+                        said = status(exc.smtp_code, exc.smtp_error)
                         self.relay.refused(
-                            f"login refused: {exc.smtp_code} {answer}", exc.smtp_code >= 500
+                            f"the mail server refused our login ({said}): "
+                            "check SMTP_USERNAME and SMTP_PASSWORD",
+                            exc.smtp_code >= 500,
                         )
                         raise
                     except NoLogin as exc:
