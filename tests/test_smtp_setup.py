@@ -503,6 +503,12 @@ def test_a_relay_that_offers_no_login_when_one_is_set_pauses_delivery_as_a_refus
     assert smtp_sink.received.count() == 0
 
 
+def garbage_with_starttls(file: BinaryIO) -> None:
+    """What is not TLS sent with the answer to STARTTLS, then the connection closed."""
+    file.write(b"220 2.0.0 go ahead\r\n" + b"HTTP/1.1 200 OK\r\n\r\n" * 10)
+    file.flush()
+
+
 def garbage_after_starttls(file: BinaryIO) -> None:
     file.write(b"220 2.0.0 go ahead\r\n")
     file.flush()
@@ -516,6 +522,7 @@ def garbage_after_starttls(file: BinaryIO) -> None:
     [
         ("no STARTTLS", "SMTP_SECURITY"),
         ("garbage after STARTTLS", "SMTP_SECURITY"),
+        ("garbage with STARTTLS", "SMTP_SECURITY"),
         ("a login challenge not base64", "SMTP_HOST"),
     ],
 )
@@ -530,6 +537,7 @@ def test_a_set_up_that_fails_the_same_for_every_letter_pauses_delivery(
     relay = {
         "no STARTTLS": lambda: RawRelay({}),
         "garbage after STARTTLS": lambda: RawRelay({"STARTTLS": garbage_after_starttls}, tls),
+        "garbage with STARTTLS": lambda: RawRelay({"STARTTLS": garbage_with_starttls}, tls),
         "a login challenge not base64": lambda: RawRelay(
             {"AUTH": b"334 !!!not*base64$$$\r\n"}, offer=(b"AUTH CRAM-MD5",)
         ),

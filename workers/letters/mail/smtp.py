@@ -439,10 +439,7 @@ def _same_for_every_letter(exc: BaseException) -> str | None:
         )
     if isinstance(exc, smtplib.SMTPNotSupportedError):  # (here, only STARTTLS raises it)
         return "the mail server offers no STARTTLS: check SMTP_SECURITY (starttls) and SMTP_PORT"
-    if isinstance(exc, ssl.SSLError) and not isinstance(
-        exc,
-        (ssl.SSLEOFError, ssl.SSLZeroReturnError),  # the connection lost, not TLS refused
-    ):
+    if isinstance(exc, ssl.SSLError):  # a handshake's (after it, smtplib's errors are its own)
         return (
             f"TLS with the mail server failed ({exc.reason or type(exc).__name__}): "
             "check SMTP_SECURITY and SMTP_PORT"
