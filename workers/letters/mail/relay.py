@@ -17,16 +17,16 @@ from workers.letters.mail.mailer import PermanentDeliveryError, TransientDeliver
 from workers.logging import mask_text, status_of
 from workers.wording import one_line
 
-# Told of a pause (the relay's answer, seconds, whether it lasts until someone acts) and of its
-# end (None, 0).
+# Told of a pause (its reason, seconds, whether it lasts until someone acts) and of its end
+# (None, 0).
 Alarm = Callable[..., None]
 
 
 class RelayPause:
     """When the relay refuses us, no thread of the process tries again for ``first`` seconds,
     doubling with each refusal in a row up to ``LONGEST``; the first letter after is the probe.
-    ``alarm`` is told of each pause (the relay's answer masked, and whether it lasts until
-    someone acts) and of its end."""
+    ``alarm`` is told of each pause (its reason, and whether it lasts until someone acts) and of
+    its end."""
 
     LONGEST = 900.0
     RESUME_LOOK = 2.0  # seconds between looks for an operator's `dearmp deliveries resume`
