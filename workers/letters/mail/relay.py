@@ -142,16 +142,17 @@ def classify(
     if code in OUT_OF_STEP:
         return TransientDeliveryError(message, retry_after=OUT_OF_STEP_WAIT, ours=True)
     permanent = 500 <= code < 600
+    words = _unquoted(text)
+    about_us = ABOUT_US.search(words)
+    # Of the answer, its status and which of our phrases it holds: no words that may quote one.
     reason = f"the mail server refused {REFUSED.get(command, command)}: {status(code, text)}"
+    reason += f" ({about_us[0]})" if about_us else ""
     if command != "DATA" and (code in AUTH_PROBLEMS or command in ("MAIL", "SESSION")):
         wait = relay.refused(reason, lasting=permanent)
         return TransientDeliveryError(message, retry_after=wait, ours=True)
-    words = _unquoted(text)
-    if command == "RCPT" and (
-        ABOUT_US.search(words) or (permanent and words.lstrip().startswith("5.7."))
-    ):
+    if command == "RCPT" and (about_us or (permanent and words.lstrip().startswith("5.7."))):
         # A 5.7.x without those words may be about the recipient: not lasting until it repeats.
-        lasting = permanent and ABOUT_US.search(words) is not None
+        lasting = permanent and about_us is not None
         pause = relay.refused_rcpt(recipient, reason, lasting)
         if pause is not None:
             return TransientDeliveryError(message, retry_after=pause, ours=True)
