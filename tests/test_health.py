@@ -136,6 +136,29 @@ def test_a_mail_server_refusing_us_at_its_greeting_is_named_with_its_answer(
     assert "Too many connections" in detail and "cannot reach" not in detail
 
 
+@pytest.mark.smtp
+def test_a_mail_server_whose_greeting_drips_is_down_within_the_timeout(
+    app: App, on_redis: redis.Redis
+) -> None:
+    """A greeting a byte at a time, each within the socket's timeout: the probe gives up once
+    the whole takes longer than SMTP_TIMEOUT, as a letter's session does, never holds health."""
+    from tests.test_smtp import RawRelay, dripping
+
+    relay = RawRelay({"greeting": dripping(b"220")})
+    settings = app.settings
+    settings.mail_backend, settings.smtp_host, settings.smtp_port = "smtp", "127.0.0.1", relay.port
+    settings.smtp_timeout = 1
+    try:
+        began = time.monotonic()
+        result = health_with_a_worker(on_redis)
+        took = time.monotonic() - began
+    finally:
+        relay.stop()
+    status, detail = checks_of(result)["mail server"]
+    assert status == "down" and "reply took longer than 1 s" in detail
+    assert took < 2.5
+
+
 def test_a_mail_server_without_the_starttls_letters_need_is_down(
     app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
 ) -> None:
@@ -527,9 +550,9 @@ def test_workers_whose_letters_go_elsewhere_than_healths_settings_say_are_degrad
 @pytest.mark.parametrize(
     ("reason", "lasting", "status"),
     [
-        ("login refused: 535 5.7.8 Error: authentication failed", True, "down"),
-        ("401 Forbidden", True, "down"),
-        ("login refused: 454 4.7.0 Temporary authentication failure", False, "degraded"),
+        ("the mail server refused our login (535 5.7.8): check SMTP_USERNAME", True, "down"),
+        ("the email API refuses our key or domain (HTTP 401): check EMAIL_API_KEY", True, "down"),
+        ("the mail server refused our login (454 4.7.0): check SMTP_USERNAME", False, "degraded"),
     ],
 )
 def test_a_mail_pause_the_relay_keeps_answering_the_same_way_is_down(

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
+import trustme
 from sqlalchemy import select
 
 from tests.conftest import make_settings
@@ -14,7 +21,12 @@ from tests.services import SmtpSink
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
 from workers.database.models import OutboxItem, State, Submission
-from workers.letters.mail import PermanentDeliveryError, SmtpMailer, TransientDeliveryError
+from workers.letters.mail import (
+    Outgoing,
+    PermanentDeliveryError,
+    SmtpMailer,
+    TransientDeliveryError,
+)
 from workers.pipeline.app import App
 from workers.stages.delivery import DeliveryPolicy
 
@@ -167,8 +179,6 @@ def test_a_refusal_of_one_letter_keeps_its_session_for_the_next(
 ) -> None:
     """A 4xx (or 5xx) to one letter at RCPT or DATA says nothing about the session: RSET, and
     the next letter goes on the same one, with no new TLS and AUTH."""
-    from workers.letters.mail import Outgoing
-
     smtp = mailer(tmp_path, smtp_sink)
 
     def mail(n: int) -> Outgoing:
@@ -188,3 +198,225 @@ def test_a_refusal_of_one_letter_keeps_its_session_for_the_next(
     assert refused == 6 and smtp_sink.received.count() == 4
     assert smtp.pool.opened == 1 and len(set(smtp_sink.sessions)) == 1
     assert smtp_sink.most_sessions == 1
+
+
+# A relay aiosmtpd cannot be made into: it answers where it should not, without end, or a
+# byte at a time. What each answer is: bytes to send, or a function that writes to the session.
+Answer = bytes | Callable[[BinaryIO], None]
+OK_LINE = b"250 2.0.0 ok\r\n"
+
+
+class RawRelay:
+    """A relay on a raw loopback socket that answers as a normal one except where ``answers``
+    says: "greeting", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA" or "end" (the end of
+    the message). ``tls``: a server context, used after STARTTLS (offered in EHLO) or, with
+    ``implicit``, from the start; ``offer``: more EHLO extensions ("AUTH CRAM-MD5")."""
+
+    def __init__(
+        self,
+        answers: dict[str, Answer],
+        tls: ssl.SSLContext | None = None,
+        implicit: bool = False,
+        offer: tuple[bytes, ...] = (),
+    ) -> None:
+        self.answers, self.tls, self.implicit, self.offer = answers, tls, implicit, offer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        try:
+            if self.tls is not None and self.implicit:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            secured = self.implicit
+            file = conn.makefile("rwb")
+
+            def say(what: str, usual: bytes) -> None:
+                answer = self.answers.get(what, usual)
+                if callable(answer):
+                    answer(file)
+                else:
+                    file.write(answer)
+                    file.flush()
+
+            say("greeting", b"220 relay.example ESMTP\r\n")
+            while line := file.readline(10_000):
+                verb = line[:4].upper().decode()
+                if verb in ("EHLO", "HELO"):
+                    starttls = (b"STARTTLS",) if self.tls and not secured else ()
+                    offered = [b"relay.example", b"8BITMIME", *starttls, *self.offer]
+                    lines = [b"250-" + o for o in offered[:-1]] + [b"250 " + offered[-1]]
+                    say("EHLO", b"\r\n".join(lines) + b"\r\n")
+                elif verb == "STAR":
+                    if "STARTTLS" in self.answers or self.tls is None:
+                        say("STARTTLS", b"454 4.7.0 no TLS\r\n")
+                        return
+                    say("STARTTLS", b"220 2.0.0 go ahead\r\n")
+                    conn, secured = self.tls.wrap_socket(conn, server_side=True), True
+                    file = conn.makefile("rwb")
+                elif verb == "DATA":
+                    say("DATA", b"354 go ahead\r\n")
+                    if self.answers.get("DATA", b"354").startswith(b"354"):
+                        while file.readline(10_000) not in (b".\r\n", b""):
+                            pass
+                        say("end", OK_LINE)
+                elif verb == "QUIT":
+                    say("QUIT", b"221 2.0.0 bye\r\n")
+                    return
+                else:  # AUTH, MAIL, RCPT, RSET, NOOP
+                    say(verb, b"235 2.7.0 ok\r\n" if verb == "AUTH" else OK_LINE)
+        except (OSError, ValueError):
+            pass  # the client went
+        finally:
+            conn.close()  # (the TLS socket, if it became one)
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def endless(code: bytes) -> Answer:
+    """Continuation lines (a megabyte of them: enough to show no bound holds), then the end."""
+
+    def reply(file: BinaryIO) -> None:
+        for _ in range(2_000):
+            file.write(code + b"-" + b"x" * 500 + b"\r\n")
+        file.write(code + b" ok\r\n")
+        file.flush()
+
+    return reply
+
+
+def dripping(code: bytes) -> Answer:
+    """A reply a byte at a time, each within a per-read timeout, the whole taking 3 s."""
+
+    def reply(file: BinaryIO) -> None:
+        for byte in code + b"-still\r\n" + code + b"-thinking\r\n" + code + b" ok\r\n":
+            file.write(bytes([byte]))
+            file.flush()
+            time.sleep(0.1)  # the server's pace, not a wait for the test
+
+    return reply
+
+
+def tls_contexts(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    """A relay's TLS context, and the CA file (SMTP_CA_FILE) that verifies it."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    return context, tmp_path / "ca.pem"
+
+
+def raw_mailer(
+    tmp_path: Path, relay: RawRelay, security: str = "none", **values: Any
+) -> SmtpMailer:
+    """An SMTP mailer for ``relay``, its timeout 1 s (``values``: other settings)."""
+    ca = {"smtp_ca_file": tmp_path / "ca.pem"} if security != "none" else {}
+    settings = make_settings(
+        tmp_path,
+        mail_backend="smtp",
+        smtp_host="127.0.0.1",
+        smtp_port=relay.port,
+        smtp_security=security,
+        **({"smtp_timeout": 1} | ca | values),
+    )
+    return SmtpMailer(settings)
+
+
+MAIL = Outgoing(
+    "a@example.org",
+    ["b@example.org"],
+    b"From: a@example.org\r\nTo: b@example.org\r\nSubject: x\r\n\r\nhello\r\n",
+    "<1@example.org>",
+)
+
+
+@pytest.mark.smtp
+@pytest.mark.parametrize(
+    ("where", "security"),
+    [
+        ("greeting", "none"),
+        ("EHLO", "none"),
+        ("end", "none"),
+        ("end", "starttls"),
+        ("end", "tls"),
+    ],
+)
+@pytest.mark.parametrize("reply", [endless, dripping])
+def test_a_reply_without_end_or_that_drips_fails_the_attempt_within_the_timeout(
+    tmp_path: Path, where: str, security: str, reply: Callable[[bytes], Answer]
+) -> None:
+    """Continuation lines for ever would fill the memory; a byte now and then, each within the
+    socket's timeout, would hold the worker for ever: one reply is at most 64 KiB and complete
+    within SMTP_TIMEOUT (1 s here), also after STARTTLS and with implicit TLS. Past either, the
+    attempt fails as a lost connection does (tried again later)."""
+    tls = tls_contexts(tmp_path)[0] if security != "none" else None
+    code = b"220" if where == "greeting" else b"250"
+    relay = RawRelay({where: reply(code)}, tls=tls, implicit=security == "tls")
+    try:
+        began = time.monotonic()
+        with pytest.raises(TransientDeliveryError, match="SMTPServerDisconnected") as raised:
+            raw_mailer(tmp_path, relay, security).send(MAIL)
+        took = time.monotonic() - began
+    finally:
+        relay.stop()
+    said = "longer than 65536 bytes" if reply is endless else "took longer than 1 s"
+    assert said in str(raised.value) and not raised.value.ours
+    assert took < 2.5
+
+
+@pytest.mark.smtp
+@pytest.mark.parametrize(
+    "answers",
+    [
+        {"greeting": b"999 hello\r\n"},
+        {"EHLO": b"999 what\r\n"},
+        {"MAIL": b"999 what is this\r\n"},
+        {"RCPT": b"199 maybe\r\n"},
+        {"DATA": b"250 taken already\r\n"},  # no 354
+        {"end": b"354 go ahead again\r\n"},
+        {"end": b"999 what\r\n"},
+        {"end": b"what?\r\n"},  # no code at all
+        {"end": b"250 " + b"y" * 20_000 + b"\r\n"},  # longer than smtplib reads
+    ],
+    ids=["greeting", "EHLO", "MAIL", "RCPT", "DATA", "354-twice", "999", "no-code", "long"],
+)
+def test_an_answer_outside_smtps_codes_is_a_failed_attempt_not_a_refusal(
+    tmp_path: Path, answers: dict[str, Answer]
+) -> None:
+    """Only 4xx and 5xx refuse: any other code answering a command is the server out of
+    protocol. The attempt failed and is tried again later (it costs the attempt); it is not the
+    letter's failure for good, nor a pause of everyone's letters."""
+    relay = RawRelay(answers)
+    try:
+        mailer = raw_mailer(tmp_path, relay)
+        with pytest.raises(TransientDeliveryError) as raised:
+            mailer.send(MAIL)
+    finally:
+        relay.stop()
+    assert not raised.value.ours and raised.value.retry_after is None
+    assert mailer.waiting() == 0
+
+
+@pytest.mark.smtp
+def test_a_letter_whose_data_is_answered_out_of_protocol_is_tried_again(
+    app: App, tmp_path: Path
+) -> None:
+    relay = RawRelay({"end": b"354 go ahead again\r\n"})
+    try:
+        sid = through_render(app, submission())
+        with pytest.raises(TransientDeliveryError, match="354"):
+            send_letter(app.sessions, sid, raw_mailer(tmp_path, relay), POLICY_3)
+    finally:
+        relay.stop()
+    with session_scope(app.sessions) as session:
+        delivery = session.get(OutboxItem, sid)
+        assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 1)
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.state == State.RENDERED

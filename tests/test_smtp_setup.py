@@ -9,7 +9,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import trustme
@@ -18,6 +18,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from tests.conftest import make_settings
 from tests.factories import send_letter, submission
 from tests.services import SmtpSink, wait_for
+from tests.test_smtp import RawRelay, tls_contexts
 from tests.test_smtp import mailer as smtp_mailer
 from tests.test_stages import through_render
 from workers.database.engine import session_scope
@@ -198,8 +199,11 @@ def test_a_policy_answer_pauses_delivery_and_a_later_success_resumes_it(
         send_letter(app.sessions, first, mailer, policy)
     with pytest.raises(Deferred, match="delivery paused"):  # the next letter waits too
         send_letter(app.sessions, second, mailer, policy)
-    masked = re.sub(r"<[^<>]+@[^<>]+>", "<[email]>", answer)  # the address it quotes hidden
-    assert alarms == [(masked, 30.0, True)] and 25 < mailer.waiting() <= 30
+    status = " ".join(answer.split()[:2])  # of the answer, its status and our words it holds
+    phrase = "Sender address rejected" if where == "MAIL" else "Relay access denied"
+    [(reason, pause, lasting)] = alarms
+    assert reason.endswith(f": {status} ({phrase})") and (pause, lasting) == (30.0, True)
+    assert 25 < mailer.waiting() <= 30
     with session_scope(app.sessions) as session:
         for sid in (first, second):
             delivery = session.get(OutboxItem, sid)
@@ -314,7 +318,18 @@ def test_an_answer_about_our_own_set_up_pauses_and_fails_no_letter(
         send_letter(app.sessions, first, mailer, policy)
     with pytest.raises(Deferred, match="delivery paused"):
         send_letter(app.sessions, second, mailer, policy)
-    assert alarms == [(answer, 30.0, answer.startswith("5"))]  # 4xx: passes by itself
+    status = " ".join(answer.split()[:2])  # and the words of ours it holds: no others
+    phrase = re.search(
+        r"(Helo command|Client host) rejected|Must issue a STARTTLS command first", answer
+    )
+    assert phrase is not None
+    assert alarms == [  # 4xx: passes by itself
+        (
+            f"the mail server refused us at RCPT TO: {status} ({phrase[0]})",
+            30.0,
+            answer.startswith("5"),
+        )
+    ]
     assert wait_for(lambda: smtp_sink.open_sessions == 0, 5)  # none waits out the pause
     with session_scope(app.sessions) as session:
         for sid in (first, second):
@@ -346,7 +361,7 @@ def test_a_certificate_our_ca_does_not_verify_pauses_delivery_and_says_why(
         mailer = SmtpMailer(config, alarm=lambda *a: alarms.append(a))
         first, second = through_render(app, submission()), through_render(app, submission())
         policy = DeliveryPolicy()
-        with pytest.raises(Deferred, match="certificate verify failed"):
+        with pytest.raises(Deferred, match="TLS verification of the mail server failed"):
             send_letter(app.sessions, first, mailer, policy)
         with pytest.raises(Deferred, match="delivery paused"):
             send_letter(app.sessions, second, mailer, policy)
@@ -442,11 +457,12 @@ def test_set_up_words_at_rcpt_for_one_recipient_alone_become_that_letters_own(
     assert not again.value.ours and mailer.waiting() == 0  # an attempt of its own, no pause
 
 
-def test_the_pause_reason_health_shows_hides_the_addresses_the_answer_quotes(
+def test_the_pause_reason_health_shows_keeps_of_the_answer_only_its_status(
     app: App, tmp_path: Path, smtp_sink: SmtpSink, redis_server: Any
 ) -> None:
-    """The relay's answer is the pause's reason, shown to whoever runs `dearmp health` and kept
-    in Redis: a recipient's address it quotes is masked there, as in the logs."""
+    """The pause's reason, shown to whoever runs `dearmp health` and kept in Redis, names the
+    relay's answer by its status and the words of ours it holds ("Relay access denied"): not a
+    recipient's address it quotes, nor any other word of it."""
     import redis
     from click.testing import CliRunner
 
@@ -467,10 +483,11 @@ def test_the_pause_reason_health_shows_hides_the_addresses_the_answer_quotes(
         send_letter(app.sessions, sid, mailer, DeliveryPolicy())
     with pytest.raises(TransientDeliveryError, match="delivery paused") as waiting:
         mailer.send(MAIL)
-    assert to not in str(waiting.value) and "<[email]>" in str(waiting.value)
+    assert to not in str(waiting.value) and "[email]" not in str(waiting.value)
     health = CliRunner().invoke(main, ["health"], terminal_width=300)
     assert health.exit_code != 0 and "mail delivery paused" in health.output
-    assert "554 5.7.1 <[email]>: Relay access denied" in health.output
+    said = "the mail server refused us at RCPT TO: 554 5.7.1 (Relay access denied)"
+    assert said in health.output and "[email]" not in health.output
     assert to not in health.output and to.split("@")[0] not in health.output
 
     # The relay fixed, an operator resumes: the worker tries again within seconds, not after
@@ -495,3 +512,120 @@ def test_a_relay_that_offers_no_login_when_one_is_set_pauses_delivery_as_a_refus
         mailer.send(MAIL)
     assert raised.value.ours and mailer.relay.waiting() > 0
     assert smtp_sink.received.count() == 0
+
+
+def garbage_with_starttls(file: BinaryIO) -> None:
+    """What is not TLS sent with the answer to STARTTLS, then the connection closed."""
+    file.write(b"220 2.0.0 go ahead\r\n" + b"HTTP/1.1 200 OK\r\n\r\n" * 10)
+    file.flush()
+
+
+def garbage_after_starttls(file: BinaryIO) -> None:
+    file.write(b"220 2.0.0 go ahead\r\n")
+    file.flush()
+    file.read(5)  # the client's hello begins
+    file.write(b"HTTP/1.1 200 OK\r\n\r\n" * 10)
+    file.flush()
+
+
+@pytest.mark.parametrize(
+    ("kind", "setting"),
+    [
+        ("no STARTTLS", "SMTP_SECURITY"),
+        ("garbage after STARTTLS", "SMTP_SECURITY"),
+        ("garbage with STARTTLS", "SMTP_SECURITY"),
+        ("a login challenge not base64", "SMTP_HOST"),
+    ],
+)
+def test_a_set_up_that_fails_the_same_for_every_letter_pauses_delivery(
+    tmp_path: Path, kind: str, setting: str
+) -> None:
+    """SMTP_SECURITY=starttls and a relay that offers none, or answers STARTTLS with what is not
+    TLS; a relay's login challenge that is not base64: every letter would meet the same, so it
+    pauses delivery (as a refused login does) with one line naming the setting to check, and
+    costs no letter an attempt."""
+    tls, _ = tls_contexts(tmp_path)
+    relay = {
+        "no STARTTLS": lambda: RawRelay({}),
+        "garbage after STARTTLS": lambda: RawRelay({"STARTTLS": garbage_after_starttls}, tls),
+        "garbage with STARTTLS": lambda: RawRelay({"STARTTLS": garbage_with_starttls}, tls),
+        "a login challenge not base64": lambda: RawRelay(
+            {"AUTH": b"334 !!!not*base64$$$\r\n"}, offer=(b"AUTH CRAM-MD5",)
+        ),
+    }[kind]()
+    values: dict[str, Any] = {"smtp_ca_file": tmp_path / "ca.pem"}
+    if kind == "a login challenge not base64":
+        values |= {"smtp_username": "dearmp", "smtp_password": "secret"}
+    else:
+        values |= {"smtp_security": "starttls"}
+    alarms: list[tuple[Any, ...]] = []
+    try:
+        config = make_settings(
+            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=relay.port, **values
+        )
+        mailer = SmtpMailer(config, alarm=lambda *a: alarms.append(a))
+        with pytest.raises(TransientDeliveryError) as first:
+            mailer.send(MAIL)
+        with pytest.raises(TransientDeliveryError, match="delivery paused") as second:
+            mailer.send(MAIL)
+    finally:
+        relay.stop()
+    assert first.value.ours and second.value.ours  # no letter's attempt
+    [(reason, pause, lasting)] = alarms
+    assert setting in reason and reason.isprintable() and pause == 30.0 and lasting
+    assert reason in str(first.value) and 25 < mailer.waiting() <= 30
+
+
+# A hostile answer echoing the letter it refuses: a supporter's name and street.
+ECHO = b"Amira Haddad, 1 High Street: no"
+
+
+@pytest.mark.parametrize(
+    ("refusal", "status"),
+    [
+        ("greeting", "554 5.7.1"),
+        ("login", "535 5.7.8"),
+        ("MAIL", "553 5.7.1"),
+        ("RCPT", "554 5.7.1"),
+        ("HTTP", "404"),
+    ],
+)
+def test_a_pause_logs_and_keeps_a_servers_answer_only_as_its_status(
+    tmp_path: Path, refusal: str, status: str
+) -> None:
+    """The pause's reason is logged and kept in Redis for `dearmp health`, where erasing a
+    supporter does not reach: of the server's answer, which may quote the letter, only its
+    status, with our own words. The letter keeps the whole answer (erased with it)."""
+    from structlog.testing import capture_logs
+
+    from tests.test_providers import ProviderStub, http_settings
+    from workers.letters.mail import HttpMailer
+
+    alarms: list[str] = []
+    provider, relay = None, None
+    if refusal == "HTTP":
+        provider = ProviderStub()
+        provider.replies.append((404, {}, ECHO.decode()))
+        config = http_settings(tmp_path, provider)
+        mailer: Any = HttpMailer(config, alarm=lambda *a: alarms.append(a[0]))
+    else:
+        answer = status.encode() + b" " + ECHO + b"\r\n"
+        login = refusal == "login"
+        relay = RawRelay({"AUTH" if login else refusal: answer}, offer=(b"AUTH PLAIN",))
+        values = {"smtp_username": "dearmp", "smtp_password": "secret"} if login else {}
+        config = make_settings(
+            tmp_path, mail_backend="smtp", smtp_host="127.0.0.1", smtp_port=relay.port, **values
+        )
+        mailer = SmtpMailer(config, alarm=lambda *a: alarms.append(a[0]))
+    try:
+        with capture_logs() as logs, pytest.raises(TransientDeliveryError) as raised:
+            mailer.send(MAIL)
+    finally:
+        if provider is not None:
+            provider.server.shutdown()
+        if relay is not None:
+            relay.stop()
+    assert raised.value.ours and "Amira Haddad" in str(raised.value)
+    [paused] = [log for log in logs if log["event"] == "mail_delivery_paused"]
+    for kept in (paused["reason"], alarms[0], mailer.relay.reason):
+        assert status in kept and "Amira" not in kept and "High" not in kept, kept

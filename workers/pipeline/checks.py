@@ -160,6 +160,8 @@ def _mail_server(settings: Settings) -> Check:
         return Check("mail server", DOWN, f"TLS with {where} failed ({exc.reason}): SMTP_SECURITY?")
     except socket.gaierror:
         return Check("mail server", DOWN, f"{settings.smtp_host}: no such host (SMTP_HOST)")
+    except smtplib.SMTPServerDisconnected as exc:  # (smtplib's words, or a reply's bound's)
+        return Check("mail server", DOWN, f"{where}: {exc}")
     except (OSError, smtplib.SMTPException) as exc:
         return Check("mail server", DOWN, f"cannot reach {where} ({type(exc).__name__})")
     try:

@@ -100,7 +100,11 @@ class HttpMailer(Mailer):
             if response.status_code < 400:  # a redirect: the same for every letter
                 answer = f"{answer.rstrip()} (redirects are not followed: check EMAIL_API_URL)"
             with self._refusing:  # threads refused at once are one refusal, not one doubling each
-                wait = self.relay.waiting() or self.relay.refused(answer, lasting=True)
+                wait = self.relay.waiting() or self.relay.refused(
+                    f"the email API refuses our key or domain (HTTP {response.status_code}): "
+                    "check EMAIL_API_KEY and EMAIL_API_DOMAIN",
+                    lasting=True,
+                )
             raise TransientDeliveryError(answer, retry_after=wait, ours=True)
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientDeliveryError(answer, retry_after=retry_after(response))

@@ -14,19 +14,19 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from workers.letters.mail.mailer import PermanentDeliveryError, TransientDeliveryError
-from workers.logging import mask_text
+from workers.logging import mask_text, status_of
 from workers.wording import one_line
 
-# Told of a pause (the relay's answer, seconds, whether it lasts until someone acts) and of its
-# end (None, 0).
+# Told of a pause (its reason, seconds, whether it lasts until someone acts) and of its end
+# (None, 0).
 Alarm = Callable[..., None]
 
 
 class RelayPause:
     """When the relay refuses us, no thread of the process tries again for ``first`` seconds,
     doubling with each refusal in a row up to ``LONGEST``; the first letter after is the probe.
-    ``alarm`` is told of each pause (the relay's answer masked, and whether it lasts until
-    someone acts) and of its end."""
+    ``alarm`` is told of each pause (its reason, and whether it lasts until someone acts) and of
+    its end."""
 
     LONGEST = 900.0
     RESUME_LOOK = 2.0  # seconds between looks for an operator's `dearmp deliveries resume`
@@ -83,7 +83,9 @@ class RelayPause:
 
     def refused(self, reason: str, lasting: bool) -> float:
         """The relay refused us: pause, and return for how long. ``lasting``: it will answer the
-        same until someone acts (a 5xx to our login or sender, our certificate, our key)."""
+        same until someone acts (a 5xx to our login or sender, our certificate, our key).
+        ``reason`` is logged and kept in Redis, where erasing a supporter does not reach: our
+        own words, a server's answer in it only as its :func:`status`."""
         with self.lock:
             self.refusals += 1
             pause: float = min(self.LONGEST, self.first * 2.0 ** (self.refusals - 1))
@@ -130,22 +132,28 @@ def classify(
     """The error for a refusal of ``command`` (MAIL, RCPT, DATA, or SESSION for its set-up):
     421 and 503 wait for a new session; authentication answers and refusals of the session or
     of MAIL FROM pause delivery; at RCPT, :data:`ABOUT_US` words or a 5.7.x may be ours or the
-    recipient's (:meth:`RelayPause.refused_rcpt`); otherwise 4xx is transient, 5xx permanent."""
+    recipient's (:meth:`RelayPause.refused_rcpt`); otherwise 4xx is transient, 5xx permanent.
+    Any other code (a 999, a second 354) refuses nothing: the server is out of protocol, and
+    the attempt failed (tried again later)."""
     text = answer_text(answer)
     message = f"{code} {text}"
+    if code not in REFUSALS:
+        return TransientDeliveryError(f"an answer out of protocol to {command}: {message}")
     if code in OUT_OF_STEP:
         return TransientDeliveryError(message, retry_after=OUT_OF_STEP_WAIT, ours=True)
     permanent = 500 <= code < 600
-    if command != "DATA" and (code in AUTH_PROBLEMS or command in ("MAIL", "SESSION")):
-        wait = relay.refused(message, lasting=permanent)
-        return TransientDeliveryError(message, retry_after=wait, ours=True)
     words = _unquoted(text)
-    if command == "RCPT" and (
-        ABOUT_US.search(words) or (permanent and words.lstrip().startswith("5.7."))
-    ):
+    about_us = ABOUT_US.search(words)
+    # Of the answer, its status and which of our phrases it holds: no words that may quote one.
+    reason = f"the mail server refused {REFUSED.get(command, command)}: {status(code, text)}"
+    reason += f" ({about_us[0]})" if about_us else ""
+    if command != "DATA" and (code in AUTH_PROBLEMS or command in ("MAIL", "SESSION")):
+        wait = relay.refused(reason, lasting=permanent)
+        return TransientDeliveryError(message, retry_after=wait, ours=True)
+    if command == "RCPT" and (about_us or (permanent and words.lstrip().startswith("5.7."))):
         # A 5.7.x without those words may be about the recipient: not lasting until it repeats.
-        lasting = permanent and ABOUT_US.search(words) is not None
-        pause = relay.refused_rcpt(recipient, message, lasting)
+        lasting = permanent and about_us is not None
+        pause = relay.refused_rcpt(recipient, reason, lasting)
         if pause is not None:
             return TransientDeliveryError(message, retry_after=pause, ours=True)
     if 400 <= code < 500:
@@ -153,12 +161,16 @@ def classify(
     return PermanentDeliveryError(message)
 
 
+# The codes that refuse (RFC 5321 4.2.1): 4xx for now, 5xx for good.
+REFUSALS = range(400, 600)
 # 421 (closing the connection) and 503 (bad sequence of commands) answer the conversation's state.
 OUT_OF_STEP = {421, 503}
 # Seconds a letter waits after such an answer before it is tried again on a new session.
 OUT_OF_STEP_WAIT = 10.0
 
 
+# What a pause's reason says the relay refused, by the command it answered.
+REFUSED = {"SESSION": "our session", "MAIL": "our sender (MAIL FROM)", "RCPT": "us at RCPT TO"}
 # Authentication answers: our configuration is wrong, not the letter.
 AUTH_PROBLEMS = {530, 534, 535, 538}
 # Relays' words (Postfix, Exim, Gmail, Exchange) for a refusal of our own set-up, as whole
@@ -175,6 +187,12 @@ QUOTED = re.compile(r'<(?:"(?:[^"\\]|\\.)*+"|[^<>"])*+>|"(?:[^"\\]|\\.)*+"|(?<!\
 def _unquoted(text: str) -> str:
     """An SMTP answer without the addresses it quotes: the relay's own words."""
     return QUOTED.sub(" ", text)
+
+
+def status(code: int, answer: bytes | str) -> str:
+    """What a pause's reason keeps of a server's answer: its status ("535 5.7.8"), never its
+    words, which may quote the letter (the letter keeps them, and is erased with them)."""
+    return status_of(f"{code} {answer_text(answer)}") or str(code)
 
 
 def answer_text(answer: bytes | str) -> str:

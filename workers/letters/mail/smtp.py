@@ -4,8 +4,10 @@ says what an answer means."""
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -15,7 +17,15 @@ from functools import partial
 
 from config.settings import Settings
 from workers.letters.mail.mailer import Outgoing, TransientDeliveryError
-from workers.letters.mail.relay import OUT_OF_STEP, Alarm, RelayPause, answer_text, classify
+from workers.letters.mail.relay import (
+    OUT_OF_STEP,
+    REFUSALS,
+    Alarm,
+    RelayPause,
+    answer_text,
+    classify,
+    status,
+)
 
 
 def close(conn: smtplib.SMTP) -> None:
@@ -29,6 +39,73 @@ def close(conn: smtplib.SMTP) -> None:
         conn.close()
 
 
+# The most one reply of the server may be, its continuation lines together: EHLO's, the longest
+# a relay gives, is under a kilobyte; a reply that never ends would fill the memory.
+REPLY_MOST = 64 * 1024
+
+
+class _Reply:
+    """The session's socket as smtplib reads a reply from it: one reply (from :meth:`next`) is
+    at most :data:`REPLY_MOST` bytes, complete within ``timeout`` seconds (a socket's timeout is
+    per read: a reply a byte at a time would hold the session for ever), and no line longer than
+    smtplib reads (its "500 Line too long" is no answer of the server's). Past any, an OSError,
+    which smtplib makes SMTPServerDisconnected: the attempt failed, as on a lost connection."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.sock, self.timeout = sock, timeout
+        self.file = sock.makefile("rb")
+        self.left, self.deadline = REPLY_MOST, 0.0
+
+    def next(self) -> None:
+        self.left, self.deadline = REPLY_MOST, time.monotonic() + self.timeout
+
+    def readline(self, limit: int) -> bytes:
+        line = b""
+        try:
+            while not line.endswith(b"\n"):
+                if len(line) >= limit:  # smtplib asks for one byte more than a line may be
+                    raise OSError(
+                        f"a line of the mail server's reply is longer than {limit - 1} bytes"
+                    )
+                wait = self.deadline - time.monotonic()
+                if wait <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(wait)
+                ahead = self.file.peek(1)[: limit - len(line)]  # one read at most
+                if not ahead:
+                    return line  # the server closed the session
+                size = ahead.find(b"\n") + 1 or len(ahead)
+                if size > self.left:
+                    raise OSError(f"the mail server's reply is longer than {REPLY_MOST} bytes")
+                self.left -= size
+                line += self.file.read(size)
+        except TimeoutError:
+            said = f"the mail server's reply took longer than {self.timeout:g} s"
+            raise TimeoutError(said) from None
+        finally:
+            self.sock.settimeout(self.timeout)
+        return line
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class SMTP(smtplib.SMTP):
+    """smtplib's session, each reply read through :class:`_Reply` (also after STARTTLS, which
+    drops smtplib's file of the socket)."""
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:
+            self.file = _Reply(self.sock, self.timeout)
+        if isinstance(self.file, _Reply):
+            self.file.next()
+        return super().getreply()
+
+
+class SMTP_SSL(SMTP, smtplib.SMTP_SSL):
+    """:class:`SMTP` with implicit TLS."""
+
+
 def connect(settings: Settings, timeout: float | None = None) -> smtplib.SMTP:
     """A session with the relay as far as EHLO, without logging in: implicit TLS or STARTTLS
     verified (against SMTP_CA_FILE if set), then EHLO. Letters' sessions and ``dearmp health``
@@ -37,9 +114,9 @@ def connect(settings: Settings, timeout: float | None = None) -> smtplib.SMTP:
     context = ssl.create_default_context()
     if s.smtp_ca_file:
         context.load_verify_locations(cafile=str(s.smtp_ca_file))
-    smtp: Callable[..., smtplib.SMTP] = smtplib.SMTP
+    smtp: Callable[..., smtplib.SMTP] = SMTP
     if s.smtp_security == "tls":
-        smtp = partial(smtplib.SMTP_SSL, context=context)
+        smtp = partial(SMTP_SSL, context=context)
     conn = smtp(
         s.smtp_host, s.smtp_port, local_hostname=s.smtp_helo_name, timeout=timeout or s.smtp_timeout
     )
@@ -267,9 +344,11 @@ class SmtpMailer:
                     try:
                         _login(conn, s.smtp_username, s.smtp_password.get_secret_value())
                     except smtplib.SMTPAuthenticationError as exc:
-                        answer = answer_text(exc.smtp_error)
+                        said = status(exc.smtp_code, exc.smtp_error)
                         self.relay.refused(
-                            f"login refused: {exc.smtp_code} {answer}", exc.smtp_code >= 500
+                            f"the mail server refused our login ({said}): "
+                            "check SMTP_USERNAME and SMTP_PASSWORD",
+                            exc.smtp_code >= 500,
                         )
                         raise
                     except NoLogin as exc:
@@ -278,14 +357,12 @@ class SmtpMailer:
         except BaseException as exc:
             if conn is not None:  # a login that failed leaves no session
                 close(conn)
-            if isinstance(exc, ssl.SSLCertVerificationError) and not self.relay.waiting():
-                # The same for every letter: a pause, not a failed handshake per letter.
-                self.relay.refused(
-                    f"TLS verification of the mail server failed ({exc.verify_message}): "
-                    "check SMTP_CA_FILE and the relay's certificate",
-                    lasting=True,
-                )
-            raise
+            reason = _same_for_every_letter(exc)
+            if reason is None:
+                raise
+            if not self.relay.waiting():  # (threads that met it at once: one pause)
+                self.relay.refused(reason, lasting=True)
+            raise SetUpFailed(reason) from exc
         return conn
 
     def waiting(self) -> float:
@@ -302,11 +379,9 @@ class SmtpMailer:
                 code, answer = _transaction(conn, mail)
             self.relay.accepted()
             return f"{code} {answer_text(answer)}"
-        except (smtplib.SMTPAuthenticationError, ssl.SSLCertVerificationError, NoLogin) as exc:
+        except (smtplib.SMTPAuthenticationError, SetUpFailed) as exc:
             # The pause is set already (_connect).
-            if isinstance(exc, ssl.SSLCertVerificationError):
-                text = f"TLS: {exc}"
-            elif isinstance(exc, NoLogin):
+            if isinstance(exc, SetUpFailed):
                 text = str(exc)
             else:
                 text = f"{exc.smtp_code} {answer_text(exc.smtp_error)}"
@@ -325,7 +400,8 @@ class SmtpMailer:
 
 def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
     """MAIL, RCPT and DATA by hand, to keep the final answer. A refusal raises :class:`Refusal`,
-    ``usable`` when RSET then clears the transaction (not after a 421 or 503)."""
+    ``usable`` when RSET then clears the transaction (not after a 421 or 503, nor an answer
+    out of protocol)."""
     try:
         code, answer = conn.mail(mail.sender)
         if code != 250:
@@ -342,13 +418,41 @@ def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
             raise Refusal("DATA", code, answer)
         return code, answer
     except Refusal as refused:
-        if refused.code not in OUT_OF_STEP:
+        if refused.code in REFUSALS and refused.code not in OUT_OF_STEP:
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 refused.usable = conn.rset()[0] == 250
         raise
 
 
-class NoLogin(smtplib.SMTPException):
+class SetUpFailed(smtplib.SMTPException):
+    """No session could be set up, the same way for every letter (our settings, or the relay's
+    set-up): delivery pauses, as for a refused login, and no letter is charged an attempt."""
+
+
+def _same_for_every_letter(exc: BaseException) -> str | None:
+    """Why a session could not be set up, when every letter would meet the same: one line
+    naming the setting to check; None when it may pass (a lost connection, a 4xx)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS verification of the mail server failed ({exc.verify_message}): "
+            "check SMTP_CA_FILE and the relay's certificate"
+        )
+    if isinstance(exc, smtplib.SMTPNotSupportedError):  # (here, only STARTTLS raises it)
+        return "the mail server offers no STARTTLS: check SMTP_SECURITY (starttls) and SMTP_PORT"
+    if isinstance(exc, ssl.SSLError):  # a handshake's (after it, smtplib's errors are its own)
+        return (
+            f"TLS with the mail server failed ({exc.reason or type(exc).__name__}): "
+            "check SMTP_SECURITY and SMTP_PORT"
+        )
+    if isinstance(exc, binascii.Error):  # smtplib decodes a login's challenge (334) with it
+        return (
+            "the mail server's login challenge is not base64: "
+            "check SMTP_HOST and SMTP_PORT (is it the relay?)"
+        )
+    return None
+
+
+class NoLogin(SetUpFailed):
     """SMTP_USERNAME is set and the server offers no AUTH mechanism smtplib has: as a refused
     login, the same for every letter."""
 
