@@ -327,8 +327,8 @@ def test_a_redirect_from_the_email_api_is_never_followed_nor_sent_it_pauses_deli
         with pytest.raises(TransientDeliveryError, match="redirects are not followed") as raised:
             mailer.send(MAIL)
         assert raised.value.ours and raised.value.retry_after == 30.0
-        [(_, _, lasting)] = alarms
-        assert lasting and mailer.waiting() > 0
+        [(reason, _, lasting)] = alarms
+        assert lasting and mailer.waiting() > 0 and "check EMAIL_API_URL" in reason
         provider.replies.append((status, {"Location": f"{elsewhere.url}/v3/x"}, ""))
         settings = http_settings(tmp_path, provider)
         from workers.pipeline.checks import _mail_server

@@ -97,14 +97,14 @@ class HttpMailer(Mailer):
             self.relay.accepted()
             return answer if unread is None else f"{answer.rstrip()} ({unread})"
         if response.status_code in REFUSING_US or response.status_code < 400:
+            status = f"HTTP {response.status_code}"
+            why = f"the email API refuses our key or domain ({status}): check EMAIL_API_KEY and "
+            why += "EMAIL_API_DOMAIN"
             if response.status_code < 400:  # a redirect: the same for every letter
                 answer = f"{answer.rstrip()} (redirects are not followed: check EMAIL_API_URL)"
+                why = f"the email API redirects us ({status}, not followed): check EMAIL_API_URL"
             with self._refusing:  # threads refused at once are one refusal, not one doubling each
-                wait = self.relay.waiting() or self.relay.refused(
-                    f"the email API refuses our key or domain (HTTP {response.status_code}): "
-                    "check EMAIL_API_KEY and EMAIL_API_DOMAIN",
-                    lasting=True,
-                )
+                wait = self.relay.waiting() or self.relay.refused(why, lasting=True)
             raise TransientDeliveryError(answer, retry_after=wait, ours=True)
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientDeliveryError(answer, retry_after=retry_after(response))
