@@ -345,7 +345,7 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=50, alias="DEARMP_WEBHOOK_TIMEOUT_SECONDS"
     )
 
-    # Workers started by `dearmp run` / `dearmp demo`.
+    # Threads per process of `dearmp run`, `demo` and `worker`; webhooks take at most half.
     worker_threads: int = Field(default=8, ge=1, le=64, alias="DEARMP_WORKER_THREADS")
 
     # dramatiq's Prometheus middleware in each worker (per-actor counts and durations), served by

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
+import pytest
 from click.testing import CliRunner
 
 from tests.conftest import drain
@@ -354,3 +355,13 @@ def test_submit_with_redis_away_stores_each_and_says_so_once(tmp_path: Path) -> 
         assert done.stderr.count("Redis did not take every message") == 1
         ids = [line.split()[0] for line in done.stdout.splitlines() if line.endswith("accepted")]
         assert len(ids) == 3 and state_counts(app, ids) == {"received": 3}
+
+
+@pytest.mark.parametrize(("command", "threads"), [("run", "0"), ("worker", "65")])
+def test_threads_outside_the_settings_range_are_refused_with_usage(
+    command: str, threads: str
+) -> None:
+    """``run --threads 0`` started a pipeline that did nothing; ``worker --threads 100`` failed
+    naming a variable the operator never set."""
+    refused = CliRunner().invoke(main, [command, "--threads", threads])
+    assert refused.exit_code == 2 and "--threads" in refused.output

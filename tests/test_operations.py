@@ -294,7 +294,8 @@ def test_health_says_when_the_relay_refusing_us_pauses_delivery(
         stack.log_text()[-2000:]
     )
     health = CliRunner().invoke(main, ["health"])
-    assert health.exit_code == 2 and "553 5.7.1 Sender address rejected" in health.output
+    said = "mail delivery paused: the mail server refused our sender (MAIL FROM): 553 5.7.1"
+    assert health.exit_code == 2 and said in health.output
     with session_scope(app.sessions) as session:
         from workers.database.models import OutboxItem
 

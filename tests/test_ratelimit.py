@@ -98,7 +98,8 @@ def test_quiet_hours_ending_in_an_hour_the_clocks_change_never_let_letters_out(
 ) -> None:
     """Quiet 22:00 to 01:30: when the clocks go back, 01:00 to 02:00 comes twice, and the wait
     was negative the second time (letters went out in quiet hours); when they go forward it
-    never comes, and the wait ends at the first time the clock reads past it, at 02:30."""
+    never comes: the clock reads past it from 02:00 BST, and the wait ends at 02:30 BST (its
+    reading before the change), half an hour late but never inside quiet hours."""
     wait = seconds_until_open(utc, clock(22, 0), clock(1, 30))
     assert wait == pytest.approx(minutes * 60)
 

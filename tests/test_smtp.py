@@ -384,8 +384,9 @@ def test_a_reply_without_end_or_that_drips_fails_the_attempt_within_the_timeout(
         {"end": b"999 what\r\n"},
         {"end": b"what?\r\n"},  # no code at all
         {"end": b"250 " + b"y" * 20_000 + b"\r\n"},  # longer than smtplib reads
+        {"end": b"250 " + b"y" * 8_187 + b"\r\n"},  # by one byte: smtplib's "500" paused us
     ],
-    ids=["greeting", "EHLO", "MAIL", "RCPT", "DATA", "354-twice", "999", "no-code", "long"],
+    ids=["greeting", "EHLO", "MAIL", "RCPT", "DATA", "354-twice", "999", "no-code", "long", "by-1"],
 )
 def test_an_answer_outside_smtps_codes_is_a_failed_attempt_not_a_refusal(
     tmp_path: Path, answers: dict[str, Answer]
@@ -402,6 +403,16 @@ def test_an_answer_outside_smtps_codes_is_a_failed_attempt_not_a_refusal(
         relay.stop()
     assert not raised.value.ours and raised.value.retry_after is None
     assert mailer.waiting() == 0
+
+
+@pytest.mark.smtp
+def test_any_2xx_to_the_end_of_data_took_the_letter(tmp_path: Path) -> None:
+    """RFC 5321: a 2yz is a positive completion. A 251 once made the letter go again."""
+    relay = RawRelay({"end": b"251 2.0.0 queued as X\r\n"})
+    try:
+        assert raw_mailer(tmp_path, relay).send(MAIL) == "251 2.0.0 queued as X"
+    finally:
+        relay.stop()
 
 
 @pytest.mark.smtp

@@ -572,7 +572,9 @@ def test_a_set_up_that_fails_the_same_for_every_letter_pauses_delivery(
         relay.stop()
     assert first.value.ours and second.value.ours  # no letter's attempt
     [(reason, pause, lasting)] = alarms
-    assert setting in reason and reason.isprintable() and pause == 30.0 and lasting
+    # A handshake the relay ended (what the garbage sent with its 220 does) may be its restart.
+    assert setting in reason and reason.isprintable() and pause == 30.0
+    assert lasting == (kind != "garbage with STARTTLS")
     assert reason in str(first.value) and 25 < mailer.waiting() <= 30
 
 

@@ -434,7 +434,10 @@ def test_a_live_mps_name_is_kept_on_one_line_without_what_moves_a_terminal(
     assert sub.recipient["name"] == "Douglas Bcc: all@x [2JLumsden"
 
 
-@pytest.mark.parametrize("code", ["S1400006100", "S14\n00061", 14000061])
+@pytest.mark.parametrize(
+    "code",
+    ["S1400006100", "S14\n00061", 14000061, "E\u0661\u0664\u0660\u0660\u0660\u0660\u0660\u0661"],
+)
 def test_a_constituency_code_postcodes_io_does_not_document_is_its_outage(
     live: LiveSources, postcodes_io: HttpStub, app: App, code: Any
 ) -> None:

@@ -30,3 +30,5 @@ def test_outside_text_of_many_lines_keeps_its_lines_and_shows_what_is_hidden() -
         printable("Dear MP,\r\n\tthanks\rbye\x1b[2J\u202e")
         == "Dear MP,\n\tthanks\nbye\ufffd[2J\ufffd"
     )
+    # What the intake takes as text stays: a Persian name's ZWNJ, a soft hyphen (an export).
+    assert printable("Mehr\u200cdad, Long\u00adstreet") == "Mehr\u200cdad, Long\u00adstreet"

@@ -2,10 +2,14 @@
 outside (a server's answer, an MP's name, a reply's subject) made safe to show on a terminal or
 a page and to put in a header: :func:`one_line` and :func:`printable`, the one place it is done."""
 
+import re
 import unicodedata
 
-# Never shown as they are: control characters (an escape sequence's ESC, C1's CSI), format
-# characters (a bidirectional override), line and paragraph separators, lone surrogates.
+from schemas.submission import NOT_LETTER_TEXT
+
+# Never in one line (a header's, an operator's): control characters (an escape sequence's ESC,
+# C1's CSI), format characters (a bidirectional override; in a header even a ZWJ), line and
+# paragraph separators, lone surrogates.
 _HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
@@ -29,10 +33,12 @@ def one_line(text: str, limit: int = 1000) -> str:
     return " ".join(text.split())[:limit].rstrip()
 
 
+# What the intake calls not text in a letter (controls but tab and line breaks, bidirectional
+# controls, noncharacters), and lone surrogates: ZWJ, ZWNJ and a soft hyphen are a name's own.
+_NOT_TEXT = re.compile(f"[{NOT_LETTER_TEXT}\\ud800-\\udfff]")
+
+
 def printable(text: str) -> str:
-    """Outside text of many lines, as it is but for line ends (CRLF and a lone CR as LF) and
-    anything else :data:`_HIDDEN` but a tab, shown as U+FFFD."""
-    lines = text.replace("\r\n", "\n").replace("\r", "\n")
-    return "".join(
-        c if c in "\n\t" or unicodedata.category(c) not in _HIDDEN else "\ufffd" for c in lines
-    )
+    """Outside text of many lines (a reply, an export), as it is but for line ends (CRLF and a
+    lone CR as LF) and what is not text (:data:`_NOT_TEXT`), shown as U+FFFD."""
+    return _NOT_TEXT.sub("\ufffd", text.replace("\r\n", "\n").replace("\r", "\n"))

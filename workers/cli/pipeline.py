@@ -50,11 +50,12 @@ def migrate(cli: Cli) -> None:
     run_migrations(cli.app.settings.resolved_database_url)
 
 
+THREADS = click.IntRange(1, 64)  # DEARMP_WORKER_THREADS's range
+
+
 @main.command()
 @click.option("--processes", default=2, show_default=True, help="Worker processes.")
-@click.option(
-    "--threads", type=int, default=None, help="Threads per process (DEARMP_WORKER_THREADS)."
-)
+@click.option("--threads", type=THREADS, help="Threads per process (DEARMP_WORKER_THREADS).")
 def worker(processes: int, threads: int | None) -> None:
     """Run the stage actors (dramatiq workers) against REDIS_URL and DATABASE_URL."""
     from dramatiq.cli import main as dramatiq_main
@@ -124,7 +125,7 @@ def submit(cli: Cli, file: Any) -> None:
 
 
 @main.command()
-@click.option("--threads", type=int, default=None, help="Worker threads (DEARMP_WORKER_THREADS).")
+@click.option("--threads", type=THREADS, help="Worker threads (DEARMP_WORKER_THREADS).")
 @pass_cli
 def run(cli: Cli, threads: int | None) -> None:
     """Run everything in one process (embedded Redis unless REDIS_URL): Ctrl-C stops it."""

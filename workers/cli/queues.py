@@ -163,7 +163,7 @@ def _print_dead(listed: list[dict[str, Any]]) -> None:
     # listed is in by_reason's order: each reason's letters together, the largest group first
     for why, grouped in itertools.groupby(listed, key=lambda item: item["reason"]):
         items = list(grouped)
-        click.echo(one_line(f"{why}: {len(items)} (the answer: {items[0]['answer']})"))
+        click.echo(f"{one_line(why)}: {len(items)} (the answer: {one_line(items[0]['answer'])})")
         table = Table()
         for col in columns:  # ids whole, to paste into `dlq show`
             table.add_column(col, overflow="fold", no_wrap=col.endswith("_id"))
@@ -333,15 +333,15 @@ def health(cli: Cli, max_dead: int, max_age: float) -> None:
 
 def _say_health(found: list[checks.Check], status: str) -> None:
     """One line, for cron and a container's health check: on stderr when something is wrong."""
-    problems = [c.detail for c in found if c.status != checks.OK]
+    problems = [one_line(c.detail) for c in found if c.status != checks.OK]
     if problems:
         click.echo(
-            one_line(f"{'down' if status == checks.DOWN else 'degraded'}: {'; '.join(problems)}"),
+            f"{'down' if status == checks.DOWN else 'degraded'}: {'; '.join(problems)}",
             err=True,
         )
     else:
         said = {c.name: c.detail for c in found}
-        click.echo(one_line("healthy: " + "; ".join(said[n] for n in SUMMARY if n in said)))
+        click.echo("healthy: " + "; ".join(one_line(said[n]) for n in SUMMARY if n in said))
 
 
 def _watch_view(snap: dead.Snapshot) -> Any:

@@ -46,7 +46,13 @@ MOST_MEMBERS = 2_000  # sitting members of the Commons believed: it has 650 seat
 
 def _gss(code: object) -> bool:
     """A GSS code as ONS writes them (``S14000060``): a letter and eight digits."""
-    return isinstance(code, str) and len(code) == 9 and code[0].isalpha() and code[1:].isdigit()
+    return (
+        isinstance(code, str)
+        and len(code) == 9
+        and code.isascii()  # Arabic-Indic digits are digits too
+        and code[0].isalpha()
+        and code[1:].isdigit()
+    )
 
 
 def office_email(value: object) -> str | None:

@@ -188,15 +188,15 @@ def _pipeline(
     elif not paused.get("lasting"):
         degraded(
             "mail pause",
-            f"mail delivery paused until {paused['until']}: the relay refused us "
-            f"({paused['reason']}); letters wait, and resume when a try succeeds",
+            f"mail delivery paused until {paused['until']}: {paused['reason']}; letters "
+            "wait, and resume when a try succeeds",
         )
     else:  # our login, certificate or sender refused: the same answer until someone acts
         checks.append(
             Check(
                 "mail pause",
                 DOWN,
-                f"mail delivery paused: the relay refused us ({paused['reason']}); nothing goes "
+                f"mail delivery paused: {paused['reason']}; nothing goes "
                 "out until that is fixed, then `dearmp deliveries resume`",
             )
         )

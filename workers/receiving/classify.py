@@ -16,6 +16,8 @@ from typing import Literal
 
 from inscriptis import get_text
 
+from workers.wording import one_line
+
 Kind = Literal[
     "bounce", "delay", "delivered", "auto_reply", "acknowledgement", "reply", "malformed", "loop"
 ]
@@ -64,16 +66,13 @@ class Classification:
 
 
 def clean(text: str | None, limit: int = 300) -> str | None:
-    """One printable line, addresses taken out, at most ``limit`` characters: for what is
-    stored or logged about a message, never for a header of ours."""
+    """One line (:func:`one_line`), addresses taken out, at most ``limit`` characters: for what
+    is stored or logged about a message."""
     if not text:
         return None
     # Cut before the address pattern runs: on a long line without spaces its time grows as the
     # square of the length, holding the interpreter (a sender chooses the line).
-    line = " ".join(str(text)[: limit * 4].split())
-    line = _ADDRESS.sub("<address>", line)
-    line = "".join(c if c.isprintable() else "?" for c in line)
-    return line[:limit] or None
+    return one_line(_ADDRESS.sub("<address>", one_line(str(text), limit * 4)), limit) or None
 
 
 def parse(raw: bytes) -> Message:

@@ -38,8 +38,8 @@ from workers.mp.lookup import (
     Unreachable,
     Vacant,
     find,
-    lookup_local,
     lookup_local_many,
+    prefetch,
 )
 from workers.stages.stage import Stage
 from workers.wording import counted
@@ -124,9 +124,8 @@ def warm_live(
         if submission is None or submission.payload is None:
             return
         postcode, bad = check_format(submission.payload["supporter"]["postcode"])
-        if bad is not None or (order != "live" and lookup_local(session, postcode) is not None):
-            return
-    live.warm(sessions, postcode)
+    if bad is None:
+        prefetch(sessions, postcode, order, live)
 
 
 def _group_answers(session: Session, order: str) -> dict[str, Answer] | None:

@@ -63,10 +63,6 @@ class _Reply:
         line = b""
         try:
             while not line.endswith(b"\n"):
-                if len(line) >= limit:  # smtplib asks for one byte more than a line may be
-                    raise OSError(
-                        f"a line of the mail server's reply is longer than {limit - 1} bytes"
-                    )
                 wait = self.deadline - time.monotonic()
                 if wait <= 0:
                     raise TimeoutError
@@ -79,6 +75,10 @@ class _Reply:
                     raise OSError(f"the mail server's reply is longer than {REPLY_MOST} bytes")
                 self.left -= size
                 line += self.file.read(size)
+                if len(line) >= limit:  # smtplib asks for one byte more than a line may be
+                    raise OSError(
+                        f"a line of the mail server's reply is longer than {limit - 1} bytes"
+                    )
         except TimeoutError:
             said = f"the mail server's reply took longer than {self.timeout:g} s"
             raise TimeoutError(said) from None
@@ -360,8 +360,10 @@ class SmtpMailer:
             reason = _same_for_every_letter(exc)
             if reason is None:
                 raise
+            # A handshake the relay ended may be its restart: a pause that a try may end.
+            ended = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
             if not self.relay.waiting():  # (threads that met it at once: one pause)
-                self.relay.refused(reason, lasting=True)
+                self.relay.refused(reason, lasting=not ended)
             raise SetUpFailed(reason) from exc
         return conn
 
@@ -414,7 +416,7 @@ def _transaction(conn: smtplib.SMTP, mail: Outgoing) -> tuple[int, bytes]:
             code, answer = conn.data(mail.data)
         except smtplib.SMTPDataError as exc:  # the answer to DATA itself
             raise Refusal("DATA", exc.smtp_code, exc.smtp_error) from None
-        if code != 250:
+        if not 200 <= code < 300:  # any 2xx took it (RFC 5321): never sent again
             raise Refusal("DATA", code, answer)
         return code, answer
     except Refusal as refused:
