@@ -431,3 +431,30 @@ def test_a_letter_whose_data_is_answered_out_of_protocol_is_tried_again(
         assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 1)
         sub = session.get(Submission, sid)
         assert sub is not None and sub.state == State.RENDERED
+
+
+def test_redis_away_while_a_letter_is_written_costs_it_no_attempt(app: App) -> None:
+    """Its rate limits are asked of Redis as it is written: Redis restarting then (transport,
+    as the database's passing trouble) leaves it unclaimed, waiting, no attempt spent."""
+    import redis
+
+    from tests.factories import send_letters
+    from workers.stages.stage import Deferred
+
+    class Away:
+        def reserve(self, key: str, limits: Any) -> float:
+            raise redis.ConnectionError("Error while reading: Connection reset by peer")
+
+        def mark_sent(self, key: str, limits: Any) -> None:
+            raise AssertionError("not sent")
+
+    sid = through_render(app, submission())
+    [(_, waited)] = send_letters(app.sessions, [sid], app.mailer, POLICY, Away())
+    assert isinstance(waited, Deferred)
+    with session_scope(app.sessions) as session:
+        item = session.get(OutboxItem, sid)
+        assert item is not None and (item.status, item.attempts, item.failures) == ("pending", 0, 0)
+    send_letter(app.sessions, sid, app.mailer, POLICY)  # Redis back
+    with session_scope(app.sessions) as session:
+        item = session.get(OutboxItem, sid)
+        assert item is not None and (item.status, item.attempts) == ("sent", 1)

@@ -426,6 +426,9 @@ def _compose(
     except ValueError as exc:  # an address the email package will not write
         one.mail = mask_text(f"cannot be written as email: {exc}")[:500]
     except Exception as exc:  # nobody foresaw it: counted, like a failed send
+        if passing(exc):  # the database or Redis away a moment: unclaimed, no attempt spent
+            session.rollback()  # only read so far: a failed read may have ended the transaction
+            return Deferred(PASSING_WAIT.total_seconds(), f"{type(exc).__name__}: try again")
         one.broken = exc
     return one
 

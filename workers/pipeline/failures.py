@@ -10,6 +10,7 @@ import traceback as tb
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy import exc as db
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -90,10 +91,19 @@ def end_if_failing(session: Session, attempt: Attempt, limit: int) -> bool:
 
 
 def passing(error: BaseException) -> bool:
-    """Database trouble that passes (a lock, a failover, a lost connection, a full pool): not
-    the message's fault, never counted against it."""
+    """Database trouble that passes (a lock, a failover, a lost connection, a full pool), or
+    Redis away (it is transport: a rate limit asked while it restarts): not the message's
+    fault, never counted against it."""
     return isinstance(
-        error, (db.OperationalError, db.InterfaceError, db.DisconnectionError, db.TimeoutError)
+        error,
+        (
+            db.OperationalError,
+            db.InterfaceError,
+            db.DisconnectionError,
+            db.TimeoutError,
+            redis.ConnectionError,
+            redis.TimeoutError,
+        ),
     ) or (isinstance(error, db.DBAPIError) and error.connection_invalidated)
 
 
