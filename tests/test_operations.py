@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -37,10 +38,15 @@ pytestmark = [pytest.mark.redis, pytest.mark.smtp]
 
 
 @pytest.fixture
-def postcodes_port() -> int:
+def postcodes_port() -> Iterator[int]:
     """Where the workers look up postcodes the directory lacks: nothing answers there until a
-    test starts the recorded postcodes.io on it (an outage, then its end)."""
-    return free_port()
+    test starts the recorded postcodes.io on it (an outage, then its end). The port is held,
+    bound and not listening (connections are refused), so that no other socket takes it as its
+    own meanwhile (a free port, left unbound, was once a client's by the time the stub came)."""
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the stub's: it may bind
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
 
 
 @pytest.fixture

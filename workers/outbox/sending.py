@@ -303,7 +303,9 @@ def send_group(
                 outcomes[item.id] = not_due  # its deferred message comes then; nothing written
             else:
                 one = _compose(session, item, kinds, mailer)
-                if isinstance(one, Deferred):
+                if isinstance(one, Deferred) and one.__cause__ is not None:
+                    outcomes[item.id] = one  # passing trouble: the item stays due
+                elif isinstance(one, Deferred):
                     waits.append((item.id, one))
                 else:
                     ready.append(one)
@@ -428,7 +430,9 @@ def _compose(
     except Exception as exc:  # nobody foresaw it: counted, like a failed send
         if passing(exc):  # the database or Redis away a moment: unclaimed, no attempt spent
             session.rollback()  # only read so far: a failed read may have ended the transaction
-            return Deferred(PASSING_WAIT.total_seconds(), f"{type(exc).__name__}: try again")
+            moment = Deferred(PASSING_WAIT.total_seconds(), f"{type(exc).__name__}: try again")
+            moment.__cause__ = exc  # (send_group: nothing written, its message waits a moment)
+            return moment
         one.broken = exc
     return one
 
