@@ -322,6 +322,10 @@ def test_an_operator_resends_returned_letters_to_a_corrected_address_once(
     with session_scope(app.sessions) as session:
         with pytest.raises(ValueError, match="not an email address"):
             resend_bounced(session, member_id, "not an address")
+        # The rule of every address a letter goes to: one its letter could not be written to
+        # (each would fail) is refused here, not accepted and then failed letter by letter.
+        with pytest.raises(ValueError, match="not an email address: Letters with accents"):
+            resend_bounced(session, member_id, "zoë@parliament.example")
         assert resend_bounced(session, member_id, "new.office@parliament.example") == [sid]
     with session_scope(app.sessions) as session:
         assert resend_bounced(session, member_id, "new.office@parliament.example") == []

@@ -275,6 +275,37 @@ def test_with_redis_down_the_intake_answers_503_with_retry_after(
     assert count(app) == 0
 
 
+@pytest.mark.parametrize("trouble", ["away", "pool full"])
+def test_with_the_database_away_or_its_pool_full_the_intake_answers_503_with_retry_after(
+    app: App, stub_broker: Any, tmp_path: Path, trouble: str
+) -> None:
+    """Passing trouble as the workers read it: a full pool (``sqlalchemy.exc.TimeoutError``, no
+    ``OperationalError``) was a bare 500."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+    from sqlalchemy.pool import QueuePool
+
+    if trouble == "away":
+        engine = create_engine(f"sqlite:///{tmp_path}/no/such/folder/dearmp.db")
+    else:
+        engine = create_engine(
+            app.sessions.kw["bind"].url, poolclass=QueuePool, pool_size=1, max_overflow=0,
+            pool_timeout=0.1,
+        )  # fmt: skip
+    app.sessions = sessionmaker(engine)
+    held = engine.connect() if trouble == "pool full" else None
+    try:
+        with ApiClient(create_app(lambda: app, stub_broker), raise_server_exceptions=False) as api:
+            reply = api.post("/v1/submissions", json=posted())
+        assert reply.status_code == 503, reply.text
+        assert reply.headers["retry-after"] == "1"
+        assert reply.json() == {"errors": {"body": "Please try again in a moment."}}
+    finally:
+        if held is not None:
+            held.close()
+        engine.dispose()
+
+
 def test_malformed_json_and_an_oversized_streamed_body_keep_the_error_shape(
     client: TestClient,
 ) -> None:

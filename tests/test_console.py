@@ -435,6 +435,21 @@ def test_personal_data_is_masked_until_revealed_and_the_reveal_is_logged(
     ]
 
 
+@pytest.mark.parametrize(
+    "url", ["/write?name=Jane+Doe", "camp.org/write?street=1+Acacia+Road#Jane", "http://[x/p?Jane"]
+)
+def test_the_page_that_asked_is_shown_without_its_query_as_the_ledger_keeps_it(
+    app: App, stub_broker: Any, stub_worker: dramatiq.Worker, operator: TestClient, url: str
+) -> None:
+    sid = delivered(app, stub_broker, stub_worker, 1)[0]
+    with session_scope(app.sessions) as session:
+        row = session.get(Submission, sid)
+        assert row is not None
+        row.payload = {**row.payload, "source_url": url}
+    masked = operator.get(f"/console/submissions/{sid}").text
+    assert "Jane" not in masked and "Acacia" not in masked
+
+
 def test_a_reveal_needs_the_csrf_token_and_logs_nothing_without_it(
     app: App, stub_broker: Any, stub_worker: dramatiq.Worker, operator: TestClient
 ) -> None:

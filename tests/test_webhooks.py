@@ -60,7 +60,8 @@ class Request:
 
 
 class Receiver:
-    """A CRM on loopback. ``/ok`` answers 200 (``/short`` too, its body cut short), ``/fail``
+    """A CRM on loopback. ``/ok`` answers 200 (``/short`` too, its body cut short, and
+    ``/trickle``, its body a byte every half second), ``/fail``
     500, ``/gone`` 404, ``/removed`` 410, ``/redirect`` 302 to ``/ok``, ``/busy`` 429 with
     ``retry_after``, ``/hang`` nothing until the test ends. Each request is checked against
     every secret in ``secrets`` with the standardwebhooks library."""
@@ -102,6 +103,15 @@ class Receiver:
                     self.send_header("retry-after", receiver.retry_after)
                 if status == 302:
                     self.send_header("location", receiver.url("/ok"))
+                if path == "/trickle":  # a 200 whose body comes a byte at a time
+                    self.send_header("content-length", "1024")
+                    self.end_headers()
+                    for _ in range(1024):
+                        if receiver.done.wait(0.5):
+                            return
+                        self.wfile.write(b".")
+                        self.wfile.flush()
+                    return
                 if path == "/short":  # a 200 whose body is cut short, then the connection reset
                     self.send_header("content-length", "100")
                     self.end_headers()
@@ -496,6 +506,22 @@ def test_a_200_with_its_body_cut_short_is_sent_once(app: App, receiver: Receiver
     ended = until_ended(app, item.id, outbox_for(app)[1])
     assert (ended.status, ended.failures) == ("sent", 0)
     assert [r.path for r in receiver.requests] == ["/short"]
+
+
+def test_a_200_whose_body_trickles_is_sent_once_within_the_timeout(
+    app: App, receiver: Receiver
+) -> None:
+    """The body is read for the timeout at most (2 s here), not until it is whole: waiting for it
+    ran into the actor's time limit, the item left sending and taken over, sent a second time."""
+    add(app, receiver.url("/trickle"), ("supporter.erased",))
+    erased(app)
+    [item] = items(app)
+    began = time.monotonic()
+    send(app, item.id)
+    assert time.monotonic() - began < 10
+    [ended] = items(app)
+    assert (ended.status, ended.failures) == ("sent", 0)
+    assert [r.path for r in receiver.requests] == ["/trickle"]
 
 
 def test_a_receiver_that_never_answers_times_out_while_the_letter_goes(

@@ -9,10 +9,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
+from schemas.submission import check_email
 from workers.database.models import (
     Letter,
     LetterEvent,
@@ -97,8 +97,8 @@ def resend_bounced(
     delivery to do again. The caller sends them to rendering after the commit. Returns the
     submissions (or those that would be)."""
     try:
-        address = validate_email(to, check_deliverability=False).normalized
-    except EmailNotValidError as exc:
+        address = check_email(to)  # the rule for every address a letter goes to
+    except ValueError as exc:
         raise ValueError(f"not an email address: {exc}") from None
     ids = list(
         session.scalars(

@@ -433,7 +433,14 @@ def _snapshot_from_db(session: Session, depths: list[QueueDepth], now: datetime)
     ).all()
     # An email's failed tries are on its outbox item (waiting to retry, or given up).
     tries = session.execute(
-        select(OutboxItem.claimed_at, OutboxItem.kind, OutboxItem.error, OutboxItem.submission_id)
+        select(
+            OutboxItem.claimed_at,
+            OutboxItem.kind,
+            OutboxItem.error,
+            OutboxItem.submission_id,
+            Submission.payload,
+        )
+        .outerjoin(Submission, Submission.id == OutboxItem.submission_id)
         .where(
             OutboxItem.failures > 0,
             OutboxItem.status.in_((OutboxStatus.PENDING, OutboxStatus.FAILED)),
@@ -444,7 +451,8 @@ def _snapshot_from_db(session: Session, depths: list[QueueDepth], now: datetime)
     ).all()
     newest = [(at, actor, kind.rsplit(".", 1)[-1], sid) for at, actor, kind, sid in failures]
     newest += [
-        (at or now, f"outbox ({kind})", (error or "")[:80], sid) for at, kind, error, sid in tries
+        (at or now, f"outbox ({kind})", mask_supporter(error or "", payload)[:80], sid)
+        for at, kind, error, sid, payload in tries
     ]
     newest.sort(key=lambda row: row[0], reverse=True)
     return Snapshot(depths, per_minute, newest[:5])

@@ -15,12 +15,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from redis.exceptions import RedisError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from schemas.submission import error_message
 from workers.pipeline.app import Apps
+from workers.pipeline.failures import passing
 from workers.web import preview, probes, replies, submissions, supporter_pages
 from workers.web.bodies import problem
 from workers.web.console import views as console
@@ -105,9 +106,14 @@ async def utf8_json(request: Request) -> None:
 def _handle_errors(api: FastAPI) -> None:
     """Every error in the API's one shape: a message per field."""
 
-    @api.exception_handler(OperationalError)
-    async def database_away(request: Request, exc: OperationalError) -> Response:
-        log.warning("database_unavailable", error=type(exc.orig).__name__)
+    @api.exception_handler(SQLAlchemyError)
+    async def database_away(request: Request, exc: SQLAlchemyError) -> Response:
+        # Passing trouble (away, failing over, its pool full) as the workers read it; the
+        # rest is our fault, a 500.
+        if not passing(exc):
+            raise exc
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        log.warning("database_unavailable", error=type(cause).__name__)
         return problem(503, {"body": "Please try again in a moment."}, {"Retry-After": "1"})
 
     @api.exception_handler(StarletteHTTPException)

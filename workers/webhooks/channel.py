@@ -8,7 +8,6 @@ address written in the URL that no CRM has (:func:`unsafe_host`)."""
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 import threading
@@ -22,7 +21,7 @@ from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
-from workers.letters.mail.http import retry_after
+from workers.letters.mail.http import ThreadSessions, read_capped, retry_after
 
 ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
 BUSY_WAIT = 1.0  # a webhook held back by others just sent waits this long
@@ -85,7 +84,7 @@ class HttpChannel:
     ) -> None:
         self.timeout = (min(timeout, 5.0), timeout)  # (connect, each read)
         self.in_flight, self.all_in_flight, self.pause = in_flight, all_in_flight, pause
-        self._local = threading.local()
+        self.sessions = ThreadSessions()
         self._lock = threading.RLock()
         self._sending: dict[int, list[float]] = {}  # endpoint: when each webhook to it began
         self._until: dict[int, float] = {}  # endpoint: nothing sent to it before this
@@ -130,9 +129,6 @@ class HttpChannel:
                 self._sending[endpoint].remove(began)
 
     def _post(self, request: Request) -> int:
-        http: requests.Session | None = getattr(self._local, "http", None)
-        if http is None:
-            http = self._local.http = requests.Session()
         at, where = datetime.now(UTC), f"endpoint {request.endpoint_id}"
         if unsafe_host(request.url):
             raise PermanentDeliveryError(f"{where}: {UNSAFE}")
@@ -145,7 +141,7 @@ class HttpChannel:
             "webhook-signature": " ".join(signed),
         }
         try:
-            with http.post(
+            with self.sessions.session.post(
                 request.url,
                 data=request.body,
                 headers=headers,
@@ -155,9 +151,8 @@ class HttpChannel:
             ) as answer:
                 status, asked = answer.status_code, retry_after(answer)
                 # A little of the body, then closed: the status is the answer, so a body cut
-                # short or a reset after it changes nothing.
-                with contextlib.suppress(requests.RequestException):
-                    next(answer.iter_content(ANSWER_CAP), b"")
+                # short, trickling or reset after it changes nothing.
+                read_capped(answer, ANSWER_CAP, self.timeout[1])
         except requests.Timeout:
             raise TransientDeliveryError(f"{where}: no answer in time") from None
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as exc:

@@ -8,7 +8,6 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from sqlalchemy import case, func, select
@@ -33,6 +32,7 @@ from workers.pipeline.dead_letters import QueueDepth, dead_counts, mail_pause, q
 from workers.pipeline.heartbeat import live_workers
 from workers.pipeline.states import OUTCOMES, STATES, State
 from workers.privacy.hashing import mask_supporter
+from workers.stages.consent import page_of
 
 # Letters that reached the MP's server: delivered, and what may follow delivery (bounced).
 SENT_STATES = sorted({State.DELIVERED, *STATES[State.DELIVERED].later})
@@ -226,14 +226,11 @@ def sources(session: Session, slug: str, limit: int = 20) -> list[tuple[str, int
 
 
 def _page(url: str | None) -> str:
+    """The page that asked, as the consent ledger keeps it (no query, fragment or credentials:
+    they may carry the supporter's name or address), masked."""
     if not url:
         return "(not recorded)"
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(unreadable)"
-    page = f"{parts.hostname}{parts.path}" if parts.hostname else url
-    return mask_text(page)[:200]
+    return mask_text(page_of(url) or "(unreadable)")[:200]
 
 
 def recent(session: Session, slug: str, limit: int = 20) -> list[tuple[str, str, datetime]]:
