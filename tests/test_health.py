@@ -253,6 +253,30 @@ def test_letters_waiting_to_retry_are_listed_with_why_and_flushed_at_once(
     assert again.exit_code == 1 and "no letter waits" in again.stderr  # nothing waits: says so
 
 
+def test_an_mps_digest_waiting_to_retry_is_listed_and_flushed_as_health_says(
+    app: App, on_redis: redis.Redis
+) -> None:
+    """Health counts a digest among the letters waiting and points to `deliveries waiting`:
+    that command listed letters only ("0 letters waiting"), and flush said none waits."""
+    sid = through_render(app, submission())
+    later = utcnow() + timedelta(hours=1)
+    with session_scope(app.sessions) as session:
+        session.execute(update(OutboxItem).where(OutboxItem.id == sid).values(status="sent"))
+        digest = OutboxItem(
+            submission_id=sid, key="digest", kind="digest", status="pending", failures=1,
+            next_attempt_at=later, error="451 4.7.1 try later",
+        )  # fmt: skip
+        session.add(digest)
+        session.flush()
+        digest_id = digest.id
+    _, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["retries"]
+    assert "1 letter waiting to retry" in detail and "`dearmp deliveries waiting`" in detail
+    [row] = json.loads(CliRunner().invoke(main, ["deliveries", "waiting", "--json"]).stdout)
+    assert row["id"] == digest_id and row["kind"] == "digest"
+    flushed = CliRunner().invoke(main, ["deliveries", "flush"])
+    assert flushed.exit_code == 0 and "trying 1 letter now" in flushed.output
+
+
 def test_a_letter_with_its_server_is_listed_as_such_not_as_due_now(
     app: App, on_redis: redis.Redis
 ) -> None:
@@ -639,3 +663,26 @@ def test_watch_shows_a_letters_failed_tries_among_the_newest_failures(
     assert "outbox (letter)" in view.stdout and sid in view.stdout
     assert "451 4.3.0 sender [hidden]: try again later" in view.stdout
     assert "Jane" not in view.stdout
+
+
+def test_bounces_to_one_address_count_together_however_it_was_cased(app: App) -> None:
+    """Every other lookup of an address's health lower-cases it: a letter to
+    ``Jane.Smith@...`` and one to ``jane.smith@...`` are two bounces of one address."""
+    from sqlalchemy import select
+
+    from workers.database.models import Letter, LetterEvent
+    from workers.mp import health
+
+    ids = [through_render(app, submission()) for _ in range(2)]
+    since = utcnow() - timedelta(minutes=1)
+    with session_scope(app.sessions) as session:
+        address = session.scalar(select(Letter.to_email).where(Letter.submission_id == ids[0]))
+        assert address is not None
+        for sid, cased in zip(ids, (address.upper(), address.lower()), strict=True):
+            session.execute(
+                update(Letter).where(Letter.submission_id == sid).values(to_email=cased)
+            )
+            session.add(LetterEvent(submission_id=sid, kind="bounce", at=utcnow()))
+    with session_scope(app.sessions) as session:
+        assert health.recent_bounces(session, address.lower(), since) == 2
+        assert health.note_bounce(session, address, None, 2, timedelta(hours=1))

@@ -159,6 +159,27 @@ def test_the_pause_doubles_and_a_login_accepted_ends_it() -> None:
     assert alarms[-1] == (None, 0.0) and len(alarms) == 13  # 12 pauses, one end
 
 
+def test_threads_refused_at_once_are_one_refusal_on_every_transport() -> None:
+    """SMTP set-up failures and the mail API's refusals both go through ``refused_once``: eight
+    threads meeting one bad certificate pause once, for 30 s, with one alarm (two unlocked
+    threads could both see no pause and double it)."""
+    alarms: list[tuple[Any, ...]] = []
+    breaker = RelayPause(clock=lambda: 1000.0, alarm=lambda *a: alarms.append(a))
+    start = threading.Barrier(8)
+    waits: list[float] = []
+
+    def meet() -> None:
+        start.wait()
+        waits.append(breaker.refused_once("our certificate was refused", lasting=True))
+
+    threads = [threading.Thread(target=meet) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert waits == [30.0] * 8 and breaker.refusals == 1 and len(alarms) == 1
+
+
 def test_letters_wait_for_the_login_without_using_attempts(
     app: App, tmp_path: Path, relay: SmtpSink
 ) -> None:

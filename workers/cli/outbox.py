@@ -27,6 +27,7 @@ from workers.pipeline.dead_letters import resume_mail
 from workers.stages import digests
 from workers.stages.delivery import KIND as LETTER
 from workers.stages.delivery import reopen_failed
+from workers.stages.digests import TO_MPS
 from workers.stages.stage import Stage
 from workers.wording import counted
 
@@ -162,7 +163,7 @@ def deliveries_waiting(cli: Cli, limit: int) -> None:
     """Letters waiting to be sent or to try again: failures, next attempt and why (masked)."""
     with cli.session() as session:
         lease = cli.app.settings.delivery_lease_seconds
-        rows = listing(session, ("pending", "sending"), limit, LETTER, lease)
+        rows = listing(session, ("pending", "sending"), limit, TO_MPS, lease)
     lines = []
     for row in rows:
         next_at = f"next {row['next_attempt_at'] or 'now'}"
@@ -182,7 +183,7 @@ def deliveries_flush(cli: Cli, dry_run: bool) -> None:
     """Try every letter waiting for a later attempt now (once the cause is fixed), as Postfix's
     `postqueue -f` does. Exits 1 when none waits."""
     with cli.session() as session:
-        ids = due_now(session, LETTER, dry_run)
+        ids = due_now(session, TO_MPS, dry_run)
     if not ids:
         raise Nothing("no letter waits for a later attempt: nothing to try")
     if not dry_run:

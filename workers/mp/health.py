@@ -40,7 +40,7 @@ def recent_bounces(session: Session, address: str, since: datetime) -> int:
             LetterEvent.kind == "bounce",
             LetterEvent.at >= since,
             LetterEvent.at >= Letter.created_at,
-            Letter.to_email == address,
+            func.lower(Letter.to_email) == key(address),  # one address, however cased
         )
     )
     return int(count or 0)

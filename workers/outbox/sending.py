@@ -153,13 +153,13 @@ def retry_failed(session: Session, kind: str | None = None, dry_run: bool = Fals
 
 
 def due_now(
-    session: Session, kind: str, dry_run: bool = False, of: Select[Any] | None = None
+    session: Session, kinds: Sequence[str], dry_run: bool = False, of: Select[Any] | None = None
 ) -> list[str]:
-    """The pending items of ``kind`` (of the submissions ``of`` selects) waiting for a later
+    """The pending items of ``kinds`` (of the submissions ``of`` selects) waiting for a later
     attempt, made due now (an operator's "retry now" or "resume"); the caller sends them after
     the commit. The items (or that would be)."""
     waiting = (
-        (OutboxItem.kind == kind)
+        OutboxItem.kind.in_(kinds)
         & (OutboxItem.status == OutboxStatus.PENDING)
         & (OutboxItem.next_attempt_at > utcnow())
     )
@@ -208,17 +208,17 @@ def listing(
     session: Session,
     statuses: Sequence[str],
     limit: int = 100,
-    kind: str | None = None,
+    kinds: Sequence[str] | None = None,
     lease: float = default("delivery_lease_seconds"),
 ) -> list[dict[str, object]]:
-    """Items in ``statuses`` (of ``kind``), oldest first, for an operator: their errors with the
+    """Items in ``statuses`` (of ``kinds``), oldest first, for an operator: their errors with the
     supporter's details hidden and anything email- or postcode-shaped masked
     (``claimed_at``: when a sending one's worker took it, to send now; ``lapsed``: its claim
     is older than ``lease`` seconds, so its worker stopped and the next try takes it over)."""
     lapsed_before = utcnow() - timedelta(seconds=lease)
     where: list[ColumnElement[bool]] = [OutboxItem.status.in_(statuses)]
-    if kind is not None:
-        where.append(OutboxItem.kind == kind)
+    if kinds is not None:
+        where.append(OutboxItem.kind.in_(kinds))
     found = (  # with the submission's details, to hide them in a server's answer quoting them
         select(OutboxItem, Submission.payload)
         .outerjoin(Submission, Submission.id == OutboxItem.submission_id)

@@ -35,6 +35,7 @@ from workers.privacy.hashing import mask_supporter
 from workers.stages import pauses
 from workers.stages.delivery import KIND as LETTER
 from workers.stages.digests import KIND as DIGEST
+from workers.stages.digests import TO_MPS
 from workers.stages.stage import Stage
 from workers.webhooks.events import KIND as WEBHOOK
 from workers.wording import counted
@@ -213,7 +214,7 @@ def _pipeline(
     late, lease = timedelta(seconds=max_age), timedelta(seconds=settings.delivery_lease_seconds)
     with session_scope(app.sessions) as session:
         now = utcnow()
-        since, letters = now - STALLED_WINDOW, OutboxItem.kind.in_((LETTER, DIGEST))  # to MPs
+        since, letters = now - STALLED_WINDOW, OutboxItem.kind.in_(TO_MPS)
         retried = (OutboxItem.status == OutboxStatus.PENDING) & (OutboxItem.failures > 0)
 
         def count(model: Any, *where: Any) -> int:

@@ -47,6 +47,7 @@ from workers.stages.rendering import SANDBOX, SANDBOX_NAME, list_id
 from workers.wording import counted, one_line
 
 KIND = KEY = "digest"
+TO_MPS = (delivery.KIND, KIND)  # what goes to MPs: letters, and digests of them
 _Query = TypeVar("_Query", bound=Select[*tuple[Any, ...]])
 NOTICE = "digested"  # the supporter's notice that their letter went in the digest
 

@@ -24,8 +24,7 @@ from workers.database.models import (
 from workers.database.transitions import rowcount
 from workers.mp import health
 from workers.outbox.sending import due_now
-from workers.stages.delivery import KIND as LETTER
-from workers.stages.digests import KIND as DIGEST  # its item's submission: its first letter's
+from workers.stages.digests import TO_MPS  # a digest's item's submission: its first letter's
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def resume_address(session: Session, address: str) -> list[str]:
 
 def _due(session: Session, of: Select[tuple[str]]) -> list[str]:
     """The letters, and MPs' digests, of the submissions ``of`` selects, due now."""
-    return due_now(session, LETTER, of=of) + due_now(session, DIGEST, of=of)
+    return due_now(session, TO_MPS, of=of)
 
 
 def _waiting(session: Session, of: Select[tuple[str]]) -> int:
@@ -111,7 +110,7 @@ def _waiting(session: Session, of: Select[tuple[str]]) -> int:
             select(func.count())
             .select_from(OutboxItem)
             .where(
-                OutboxItem.kind == LETTER,
+                OutboxItem.kind.in_(TO_MPS),
                 OutboxItem.status == OutboxStatus.PENDING,
                 OutboxItem.submission_id.in_(of),
             )

@@ -55,7 +55,6 @@ class HttpMailer(Mailer):
         self.timeout = (min(5.0, settings.email_api_timeout), settings.email_api_timeout)
         self.sessions = ThreadSessions(auth=("api", settings.email_api_key.get_secret_value()))
         self.relay = RelayPause(settings.smtp_pause, alarm=alarm)
-        self._refusing = threading.Lock()
 
     def waiting(self) -> float:
         return self.relay.waiting()
@@ -103,8 +102,7 @@ class HttpMailer(Mailer):
             if response.status_code < 400:  # a redirect: the same for every letter
                 answer = f"{answer.rstrip()} (redirects are not followed: check EMAIL_API_URL)"
                 why = f"the email API redirects us ({status}, not followed): check EMAIL_API_URL"
-            with self._refusing:  # threads refused at once are one refusal, not one doubling each
-                wait = self.relay.waiting() or self.relay.refused(why, lasting=True)
+            wait = self.relay.refused_once(why, lasting=True)
             raise TransientDeliveryError(answer, retry_after=wait, ours=True)
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientDeliveryError(answer, retry_after=retry_after(response))

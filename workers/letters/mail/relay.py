@@ -43,6 +43,7 @@ class RelayPause:
         self.next_look = 0.0
         self.lock = threading.Lock()
         self.one_at_a_time = threading.Lock()
+        self.refusing = threading.Lock()
         self.refusals = 0
         self.closed_until = 0.0
         self.reason: str | None = None
@@ -101,6 +102,12 @@ class RelayPause:
         if self.alarm is not None:
             self.alarm(self.reason, pause, lasting)
         return pause
+
+    def refused_once(self, reason: str, lasting: bool) -> float:
+        """:meth:`refused`, unless a pause is in force already: threads refused at once are one
+        refusal, not one doubling each."""
+        with self.refusing:
+            return self.waiting() or self.refused(reason, lasting)
 
     def refused_rcpt(self, recipient: str, reason: str, lasting: bool) -> float | None:
         """A policy answer to RCPT, which may refuse us or this recipient: the first time it is

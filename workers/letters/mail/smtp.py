@@ -362,8 +362,7 @@ class SmtpMailer:
                 raise
             # A handshake the relay ended may be its restart: a pause that a try may end.
             ended = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
-            if not self.relay.waiting():  # (threads that met it at once: one pause)
-                self.relay.refused(reason, lasting=not ended)
+            self.relay.refused_once(reason, lasting=not ended)
             raise SetUpFailed(reason) from exc
         return conn
 

@@ -23,7 +23,7 @@ from workers.pipeline import dead_letters
 from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch_groups
 from workers.stages import pauses
-from workers.stages.delivery import KIND as LETTER
+from workers.stages.digests import TO_MPS
 from workers.stages.stage import Stage
 from workers.web.clients import client_ip, client_key, over_limit
 from workers.web.console import auth, queries
@@ -286,7 +286,7 @@ def dead(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLRes
 @router.get("/waiting")
 def waiting(request: Request, console: ConsoleDep, session: OperatorDep) -> HTMLResponse:
     lease = console.app.settings.delivery_lease_seconds
-    rows = console.intake.read(listing, ("pending", "sending"), 100, LETTER, lease)
+    rows = console.intake.read(listing, ("pending", "sending"), 100, TO_MPS, lease)
     return page(request, "waiting.html.j2", rows=rows)
 
 
@@ -378,7 +378,7 @@ def replay(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response
 @router.post("/waiting/retry")
 def retry_now(console: ConsoleDep, form: FormDep, session: OperatorDep) -> Response:
     """Every letter waiting for a later attempt, due now (`dearmp deliveries flush`)."""
-    ids = console.intake.read(due_now, LETTER)
+    ids = console.intake.read(due_now, TO_MPS)
     console.deliver(ids)
     log.info("console_retry_now", operator=session.operator, count=len(ids))
     return done("/console/waiting", "retried", len(ids))
