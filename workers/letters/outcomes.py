@@ -24,6 +24,7 @@ from workers.database.models import (
 )
 from workers.database.transitions import At, advance
 from workers.letters.mail import DkimSigner, wire_address
+from workers.pipeline.states import SENT
 from workers.stages.rendering import RenderedLetter
 
 
@@ -41,9 +42,7 @@ class Row:
 
 def report(session: Session, campaign: str | None = None) -> list[Row]:
     """One row per campaign and MP, and a total row per campaign (``member_id`` None)."""
-    where: list[ColumnElement[bool]] = [
-        Submission.state.in_([State.DELIVERED.value, State.BOUNCED.value])
-    ]
+    where: list[ColumnElement[bool]] = [Submission.state.in_(SENT)]
     if campaign:
         where.append(Submission.campaign_slug == campaign)
     sent = select(

@@ -174,6 +174,8 @@ STAGES: dict[Stage, Policy] = {
 # Derived from the tables.
 
 FINAL_STATES = frozenset(state for state, row in STATES.items() if row.final)
+# A letter that went: delivered, and what may come of it later (returned).
+SENT = (S.DELIVERED, *STATES[S.DELIVERED].later)
 OUTCOMES: dict[State, str] = {state: row.outcome for state, row in STATES.items()}
 # What the reconciler resends to which stage once it has stopped moving.
 RESENT_TO: dict[State, Stage] = {

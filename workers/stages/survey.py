@@ -31,6 +31,7 @@ from workers.database.models import (
 )
 from workers.letters.definitions import get_definition
 from workers.outbox import sending as outbox
+from workers.pipeline.states import SENT
 from workers.webhooks.events import emit
 
 LETTER_EVENTS = table(LetterEvent)
@@ -145,7 +146,7 @@ def answerable(session: Session, submission_id: str, lock: bool = False) -> str:
         return "invalid"
     if row.erased_at is not None:
         return "erased"
-    if row.state not in (State.DELIVERED, State.BOUNCED):
+    if row.state not in SENT:
         return "not_delivered"
     return "ready"
 

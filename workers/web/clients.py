@@ -12,6 +12,7 @@ from fastapi import Request
 from workers.letters.rate_limits import Limit
 from workers.pipeline.app import App
 from workers.privacy.hashing import embedded_ipv4, ip_hash, limiter_network
+from workers.wording import one_line
 
 
 def client_ip(request: Request) -> str | None:
@@ -36,7 +37,7 @@ def user_agent(request: Request) -> str | None:
     """The request's User-Agent as consent evidence: printable, at most 512 characters (what the
     submission schema accepts)."""
     value = request.headers.get("user-agent", "")
-    return "".join(ch for ch in value if ch.isprintable()).strip()[:512] or None
+    return one_line(value, 512) or None
 
 
 def authenticated(app: App, key: str | None) -> bool | None:

@@ -30,12 +30,11 @@ from workers.pipeline import checks
 from workers.pipeline.app import App
 from workers.pipeline.dead_letters import QueueDepth, dead_counts, mail_pause, queue_depths
 from workers.pipeline.heartbeat import live_workers
-from workers.pipeline.states import OUTCOMES, STATES, State
+from workers.pipeline.states import OUTCOMES, SENT, STATES, State
 from workers.privacy.hashing import mask_supporter
 from workers.stages.consent import page_of
 
 # Letters that reached the MP's server: delivered, and what may follow delivery (bounced).
-SENT_STATES = sorted({State.DELIVERED, *STATES[State.DELIVERED].later})
 ANSWERS = ("yes", "not_yet", "no")  # the survey's (workers.stages.survey)
 CHART_DAYS = 30
 
@@ -151,7 +150,7 @@ def by_constituency(session: Session, slug: str) -> list[Seat]:
             Submission.constituency_code,
             Constituency.name,
             func.count(),
-            count_if(Submission.state.in_(SENT_STATES)),
+            count_if(Submission.state.in_(SENT)),
             count_if(Submission.state == State.BOUNCED),
             count_if(Submission.id.in_(replied)),
             *(count_if(survey.c.detail == answer) for answer in ANSWERS),
