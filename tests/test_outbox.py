@@ -646,3 +646,83 @@ def test_given_up_items_are_listed_and_retried_by_an_operator(
         assert (sent.status, sent.failures, sent.error) == ("sent", 0, None)
     again = runner.invoke(cli, ["outbox", "retry", "--yes"])
     assert again.exit_code == 1 and "no given-up item to retry" in again.stderr
+
+
+class DatabaseDropping(Recorder):
+    """A server that takes every email while PostgreSQL ends each connection to the database
+    (and, ``shut``, lets none be made until the test opens it again): a failover or a restart
+    at the moment it answered."""
+
+    def __init__(self, app: App, shut: bool = False) -> None:
+        super().__init__()
+        url = app.engine.url
+        self.name_of_database = url.database
+        self.admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        self.shut = shut
+
+    def send(self, mail: Outgoing) -> str:
+        with self.admin.connect() as admin:
+            if self.shut:
+                admin.execute(
+                    text(f'ALTER DATABASE "{self.name_of_database}" ALLOW_CONNECTIONS false')
+                )
+            admin.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": self.name_of_database},
+            )
+        return super().send(mail)
+
+    def open(self) -> None:
+        with self.admin.connect() as admin:
+            admin.execute(text(f'ALTER DATABASE "{self.name_of_database}" ALLOW_CONNECTIONS true'))
+        self.admin.dispose()
+
+
+def as_workers_connect(app: App) -> None:
+    """The app's engine as worker processes make it: no ping before each use of a connection."""
+    from workers.database.engine import make_engine, make_sessionmaker
+
+    app.engine = make_engine(
+        app.engine.url.render_as_string(hide_password=False), pool_pre_ping=False
+    )
+    app.sessions = make_sessionmaker(app.engine)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_sent_mark_is_written_again_when_the_database_drops_as_the_server_answers(
+    app: App,
+) -> None:
+    """Once on its dead connection was all it had: the item was left sending, and the lease's
+    takeover sent the email a second time."""
+    as_workers_connect(app)
+    item_id = confirmation(app)
+    dropping = DatabaseDropping(app)
+    with capture_logs() as logs, session_scope(app.sessions) as session:
+        outbox.send(session, item_id, dropping, *outbox_for(app))
+    assert item(app, item_id).status == "sent" and len(dropping.sent) == 1
+    assert "outbox_mark_retried" in [e["event"] for e in logs]
+    dropping.open()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_with_the_database_gone_after_a_send_the_rest_of_the_group_is_not_sent(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark could not be written in its patience: the next email of the group went anyway,
+    to stay unmarked and go again after the lease. Now the group stops at the first."""
+    monkeypatch.setattr(outbox, "MARK_PATIENCE", 0.5)
+    as_workers_connect(app)
+    first, second = sorted([confirmation(app), confirmation(app)])
+    dropping = DatabaseDropping(app, shut=True)
+    try:
+        with session_scope(app.sessions) as session:
+            outcomes = dict(outbox.send_group(session, [first, second], dropping, *outbox_for(app)))
+    finally:
+        dropping.open()
+    assert len(dropping.sent) == 1
+    assert all(outcomes[one] is not None for one in (first, second))
+    app.engine.dispose()
+    assert item(app, first).status == item(app, second).status == "sending"  # the lease's now

@@ -169,6 +169,36 @@ def test_reads_on_sqlite_do_not_wait_for_a_writer(tmp_path: Path) -> None:
         assert conn.execute(text("SELECT count(*) FROM done")).scalar() == 2
 
 
+def test_a_write_lock_held_elsewhere_is_sqlalchemys_operational_error_passing_trouble(
+    tmp_path: Path,
+) -> None:
+    """The driver's own error escaped the BEGIN IMMEDIATE of the engine's hook: the intake
+    answered a bare 500 and workers counted another process's lock against a letter."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from workers.pipeline.failures import passing
+
+    engine = _scratch(tmp_path)
+    holder = sqlite3.connect(tmp_path / "scratch.sqlite3", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA busy_timeout=50")
+            try:
+                conn.execute(text("INSERT INTO done VALUES ('x')"))
+            except Exception as exc:
+                caught: Exception = exc
+            else:
+                raise AssertionError("the write did not wait for the lock")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert isinstance(caught, OperationalError) and passing(caught)
+    assert "database is locked" in str(caught)
+
+
 def test_two_threads_writing_at_once_on_a_sqlite_file_both_commit(tmp_path: Path) -> None:
     """No scheduler of our own: SQLite's busy timeout makes each writer wait for the other, and
     every row of both gets written."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import ConfigurationError
@@ -104,7 +106,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     ) -> None:
         dbapi_conn = conn.connection.dbapi_connection
         if not dbapi_conn.in_transaction and not getattr(statement, "is_select", False):
-            dbapi_conn.execute("BEGIN IMMEDIATE")
+            try:
+                dbapi_conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:  # as SQLAlchemy wraps the driver's (a lock: passing)
+                raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
 
     return engine
 

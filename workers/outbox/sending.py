@@ -7,6 +7,7 @@ the timing): docs/design.md, "The outbox". The kinds are in :mod:`workers.outbox
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,6 +39,9 @@ STOPPED = "the worker sending it stopped"
 DUE_TOLERANCE = timedelta(seconds=1)
 # After passing database trouble: the wait before the item is tried again (not counted).
 PASSING_WAIT = timedelta(seconds=30)
+# A sent mark is written again through passing database trouble (a failover, a restart) for
+# this long: the server has the email, and a mark lost sends it again after the lease.
+MARK_PATIENCE = 20.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +341,10 @@ def send_group(
             except Exception as exc:  # Deferred, a refusal for good, or the unforeseen
                 session.rollback()
                 outcomes[one.item.id] = exc
+                if passing(exc):  # the database is away: the rest would go and stay unmarked
+                    for rest in claimed[claimed.index(one) + 1 :]:
+                        outcomes[rest.item.id] = exc  # claimed: the lease's takeover sends it
+                    break
                 continue
             if response is not None:
                 sent.append((one, response or None))
@@ -679,14 +687,30 @@ _SENT = (  # for an item this worker still holds (as _held)
 
 
 def _mark_sent(session: Session, one: _Ready, response: str) -> bool:
-    """The sent mark, alone: on a connection of its own, which on PostgreSQL commits itself
-    (autocommit: one round trip, no ``BEGIN`` and ``COMMIT`` around it)."""
+    """The sent mark, alone, written again on a fresh connection through passing trouble for
+    :data:`MARK_PATIENCE` seconds (it changes only a claim still this worker's)."""
     params = {
         "b_id": one.item.id,
         "b_mine": one.claim,
         "v_sent_at": utcnow(),
         "v_response": response,
     }
+    deadline, wait = time.monotonic() + MARK_PATIENCE, 0.1
+    while True:
+        try:
+            return _write_mark(session, params)
+        except Exception as exc:
+            if not passing(exc) or time.monotonic() + wait > deadline:
+                raise
+            session.rollback()
+            log.warning("outbox_mark_retried", outbox_id=one.item.id, error=type(exc).__name__)
+            time.sleep(wait)
+            wait = min(2 * wait, 2.0)
+
+
+def _write_mark(session: Session, params: dict[str, Any]) -> bool:
+    """The mark on a connection of its own, which on PostgreSQL commits itself (autocommit: one
+    round trip, no ``BEGIN`` and ``COMMIT`` around it)."""
     engine = session.get_bind()
     if not isinstance(engine, Engine):  # a session bound to a connection of its own
         marked = rowcount(session.execute(_SENT, params)) == 1
