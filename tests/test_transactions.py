@@ -76,6 +76,28 @@ def test_a_decision_that_fails_fails_that_submission_alone(tmp_path: Path) -> No
     assert errors == {"a": None, "b": None} and _done(engine) == ["a", "b"]
 
 
+def test_a_decision_the_database_failed_runs_the_group_again_each_alone(db_url: str) -> None:
+    """A database error in one decision can spend the transaction (PostgreSQL's "current
+    transaction is aborted"; a dropped connection's PendingRollbackError): the decisions after
+    it failed with that, counted against their submissions."""
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE done (item TEXT PRIMARY KEY)"))
+    work = _work({})
+
+    def plan(session: Session, item: str) -> Apply[str]:
+        if item == "broken":
+            session.execute(text("SELECT * FROM no_such_table"))
+        session.execute(select(func.count()).select_from(DONE))  # each decision reads
+        return work(session, item)
+
+    outcomes = run_group(make_sessionmaker(engine), ["broken", "c"], plan)
+    errors = {sid: error for sid, _, error in outcomes}
+    assert "no_such_table" in str(errors.pop("broken"))
+    assert errors == {"c": None} and _done(engine) == ["c"]
+    engine.dispose()
+
+
 def test_an_error_in_a_write_rolls_the_group_back_and_each_runs_again_alone(
     tmp_path: Path,
 ) -> None:

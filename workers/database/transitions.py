@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import structlog
 from sqlalchemy import CursorResult, Executable, Result, Select, Update, bindparam, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.database.engine import session_scope
@@ -348,6 +349,8 @@ def in_group(
             with bound(submission_id=sid):
                 try:
                     decided.append((sid, plan(session, sid), None))
+                except SQLAlchemyError:  # the transaction may be spent: each runs again alone
+                    raise
                 except Exception as exc:  # a decision writes nothing: the others go on
                     decided.append((sid, None, exc))
         group.writes = GroupWrites()  # made when the group ends
