@@ -686,3 +686,89 @@ def test_bounces_to_one_address_count_together_however_it_was_cased(app: App) ->
     with session_scope(app.sessions) as session:
         assert health.recent_bounces(session, address.lower(), since) == 2
         assert health.note_bounce(session, address, None, 2, timedelta(hours=1))
+
+
+def _a_worker_says(client: redis.Redis, **about: Any) -> None:
+    """A worker process's heartbeat key, as one on another machine wrote it."""
+    said = {"host": "other-machine", "pid": 7, "started": time.time(), "mail": ""} | about
+    client.set("dearmp:worker:other-machine:7", json.dumps(said), ex=30)
+
+
+@pytest.mark.parametrize(
+    ("about", "said"),
+    [
+        ({"clock": 400.0}, "worker other-machine:7's clock is 400 s ahead of Redis's"),
+        ({"clock": -90.0}, "worker other-machine:7's clock is 90 s behind Redis's"),
+        (
+            {"settings": {"DEARMP_DELIVERY_LEASE_SECONDS": "10"}},
+            "DEARMP_DELIVERY_LEASE_SECONDS is 10 on worker other-machine:7 but 300 here",
+        ),
+        (
+            {"settings": {"DEARMP_MP_LIMIT": "0"}},
+            "DEARMP_MP_LIMIT is 0 on worker other-machine:7 but 2 here",
+        ),
+        (
+            {"settings": {"DATABASE_URL": "database 00000000"}},
+            "DATABASE_URL is database 00000000 on worker other-machine:7 but database ",
+        ),
+    ],
+)
+def test_a_worker_whose_clock_or_shared_settings_differ_makes_health_degraded(
+    app: App, on_redis: redis.Redis, about: dict[str, Any], said: str
+) -> None:
+    """On another machine, a clock off by more than the lease took over letters being sent and
+    sent them again; a shorter lease did the same, another MP limit let letters past it, and
+    another database swallowed every message: health said healthy."""
+    app.settings.mp_limit = 2
+    _a_worker_says(on_redis, **about)
+    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["workers"]
+    assert status == "degraded" and said in detail, detail
+
+
+def test_a_heartbeat_and_the_reconcilers_pass_say_their_clock_and_shared_settings(
+    app: App, on_redis: redis.Redis
+) -> None:
+    from types import SimpleNamespace
+
+    from workers.pipeline.heartbeat import reconciler_about, shared
+
+    mine = shared(app.settings)
+    heart = Heartbeat(on_redis, "dearmp", settings=mine)
+    heart.after_worker_boot(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    try:
+        assert wait_for(lambda: live_workers(on_redis, "dearmp"), 10)
+        [worker] = live_workers(on_redis, "dearmp")
+    finally:
+        heart.before_worker_shutdown(dramatiq.get_broker(), None)  # type: ignore[arg-type]
+    assert worker["settings"] == mine and abs(worker["clock"]) < 1
+    assert "://" not in mine["DATABASE_URL"]  # a fingerprint, never the URL
+    record_pass(
+        SimpleNamespace(client=on_redis, namespace="dearmp"), {**mine, "DEARMP_SEND_RATE": "9"}
+    )  # type: ignore[arg-type]
+    about = reconciler_about(on_redis, "dearmp")
+    assert about is not None and abs(about["clock"]) < 1
+    _a_worker_says(on_redis, settings=mine)
+    status, detail = checks_of(CliRunner().invoke(main, ["health", "--json"]))["workers"]
+    assert status == "degraded"
+    assert "DEARMP_SEND_RATE is 9 on the reconciler on " in detail
+
+
+def test_a_worker_or_the_reconciler_does_not_start_on_a_machine_whose_clock_is_off(
+    app: App, on_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from config.settings import get_settings
+    from workers.cli import pipeline
+
+    app.settings.broker = "redis"  # the reconciler's (the process's App)
+    monkeypatch.setenv("DEARMP_BROKER", "redis")  # the worker's (read before any App)
+    monkeypatch.setenv("REDIS_URL", app.settings.redis_url or "")
+    monkeypatch.setattr(pipeline, "clock_offset", lambda client: 400.0)
+    get_settings.cache_clear()
+    try:
+        for command in (["reconcile", "--once"], ["worker"]):
+            result = CliRunner().invoke(main, command)
+            assert result.exit_code == 1, result.output
+            assert "this machine's clock is 400 s ahead of Redis's" in result.stderr
+            assert "set its clock (NTP)" in result.stderr
+    finally:
+        get_settings.cache_clear()

@@ -9,9 +9,10 @@ import sys
 from typing import Any
 
 import click
+import redis
 from sqlalchemy import select
 
-from config.settings import get_settings, masked_url
+from config.settings import Settings, get_settings, masked_url
 from schemas import JSON_SCHEMA_DIR, export_json_schemas, json_schemas
 from workers.cli.base import (
     Cli,
@@ -26,6 +27,7 @@ from workers.database.engine import migrate as run_migrations
 from workers.database.models import Campaign
 from workers.letters.definitions import load_definitions, sync_campaigns
 from workers.logging import configure_logging
+from workers.pipeline.heartbeat import clock_offset, clock_problem
 from workers.pipeline.intake import accept
 from workers.pipeline.reconciler import reconcile_once, run_forever
 from workers.pipeline.runtime import prepare, reconciler_options, running_pipeline
@@ -50,6 +52,19 @@ def migrate(cli: Cli) -> None:
     run_migrations(cli.app.settings.resolved_database_url)
 
 
+def refuse_a_wrong_clock(settings: Settings) -> None:
+    """A process that takes over claims (a worker, the reconciler) does not start on a machine
+    whose clock is off Redis's (Redis away: its heartbeat tells health later)."""
+    if settings.broker != "redis":
+        return
+    try:
+        problem = clock_problem(clock_offset(redis.Redis.from_url(settings.resolved_redis_url)))
+    except (redis.RedisError, ValueError):  # away, or not to be reached: the worker says so
+        return
+    if problem is not None:
+        raise click.ClickException(problem)
+
+
 THREADS = click.IntRange(1, 64)  # DEARMP_WORKER_THREADS's range
 
 
@@ -62,6 +77,7 @@ def worker(processes: int, threads: int | None) -> None:
 
     if threads is None:
         threads = get_settings().worker_threads
+    refuse_a_wrong_clock(get_settings())
     os.environ["DEARMP_WORKER_THREADS"] = str(threads)  # the worker processes' settings agree
 
     # dramatiq's own process logs JSON like its workers (--skip-logging: to the handler set up
@@ -79,6 +95,7 @@ def reconcile(cli: Cli, once: bool) -> None:
     """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds).
     --json answers for --once; the loop prints nothing."""
     app = cli.app
+    refuse_a_wrong_clock(app.settings)
     options = reconciler_options(app.settings)
     if once:
         resent = reconcile_once(app.sessions, cli.broker, **options)

@@ -17,7 +17,7 @@ from workers.pipeline.app import Apps
 from workers.pipeline.dead_letters import UNREADABLE
 from workers.pipeline.dramatiq_private import ScreenedRedisBroker
 from workers.pipeline.failures import Attempt, record_failure
-from workers.pipeline.heartbeat import Heartbeat, mail_route
+from workers.pipeline.heartbeat import Heartbeat, mail_route, shared
 from workers.pipeline.middleware import (
     FailureRecorder,
     LogContext,
@@ -83,6 +83,8 @@ def build_broker(settings: Settings, apps: Apps) -> dramatiq.Broker:
     broker.add_middleware(FailureRecorder(apps), before=Retries)
     if isinstance(broker, ScreenedRedisBroker):  # `dearmp health` counts the live workers
         broker.add_middleware(
-            Heartbeat(broker.client, settings.redis_namespace, mail_route(settings))
+            Heartbeat(
+                broker.client, settings.redis_namespace, mail_route(settings), shared(settings)
+            )
         )
     return broker

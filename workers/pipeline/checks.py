@@ -29,7 +29,16 @@ from workers.mp import health as addresses
 from workers.outbox import sending as outbox
 from workers.pipeline.app import App
 from workers.pipeline.dead_letters import dead_counts, mail_pause, oldest_waiting_seconds
-from workers.pipeline.heartbeat import last_pass, live_workers, mail_route, redis_now
+from workers.pipeline.heartbeat import (
+    clock_offset,
+    clock_problem,
+    last_pass,
+    live_workers,
+    mail_route,
+    reconciler_about,
+    redis_now,
+    shared,
+)
 from workers.pipeline.states import STAGES
 from workers.privacy.hashing import mask_supporter
 from workers.stages import pauses
@@ -98,7 +107,8 @@ def run(
 
 def _workers(client: redis.Redis, namespace: str, settings: Settings) -> Check:
     """The live worker processes; degraded when their letters go elsewhere than these settings
-    say (the mail server checked below is then not theirs)."""
+    say (the mail server checked below is then not theirs), when a process's clock (or this
+    machine's) is off Redis's, or when one holds other settings that must be shared."""
     workers = live_workers(client, namespace)
     if not workers:
         return Check("workers", DOWN, "no worker process is alive (`dearmp worker`): nothing moves")
@@ -109,7 +119,36 @@ def _workers(client: redis.Redis, namespace: str, settings: Settings) -> Check:
     if elsewhere:
         said = f"{alive} alive, sending letters to {' and '.join(elsewhere)}; these settings "
         return Check("workers", DEGRADED, said + f"say {mine}, which is what health checked")
+    problems = _disagreements(client, namespace, workers, settings)
+    if problems:
+        return Check("workers", DEGRADED, f"{alive} alive; " + "; ".join(problems))
     return Check("workers", OK, f"{alive} alive on {', '.join(hosts)}")
+
+
+def _disagreements(
+    client: redis.Redis, namespace: str, workers: list[dict[str, Any]], settings: Settings
+) -> list[str]:
+    """Clocks off Redis's (this machine's too) and shared settings (:func:`shared`) that a
+    worker or the reconciler holds otherwise than these settings say."""
+    processes = [(f"worker {w['host']}:{w['pid']}", w) for w in workers]
+    if (reconciler := reconciler_about(client, namespace)) is not None:
+        processes.append(
+            (f"the reconciler on {reconciler['host']}:{reconciler['pid']}", reconciler)
+        )
+    problems = [clock_problem(clock_offset(client))]
+    problems += [clock_problem(float(about.get("clock") or 0), who) for who, about in processes]
+    ours = shared(settings)
+    for name, value in ours.items():
+        theirs = sorted(
+            {who for who, about in processes if about.get("settings", {}).get(name, value) != value}
+        )
+        if theirs:
+            held = {about["settings"][name] for who, about in processes if who in theirs}
+            problems.append(
+                f"{name} is {' or '.join(sorted(held))} on {', '.join(theirs)} but {value} here: "
+                "every process must hold it alike"
+            )
+    return [problem for problem in problems if problem is not None]
 
 
 def _lease(settings: Settings) -> Check | None:

@@ -219,10 +219,12 @@ def reconcile_once(
     confirmation: ConfirmationPolicy | None = None,
     max_dead_letters: int = MAX_DEAD_LETTERS,
     lease: timedelta = LEASE,
+    shared: dict[str, str] | None = None,
 ) -> int:
     """One pass: find what has stalled, commit the new dispatch times, then resend. ``lease``:
     an outbox item claimed longer ago by a worker that never finished is taken over
-    (``DEARMP_DELIVERY_LEASE_SECONDS``)."""
+    (``DEARMP_DELIVERY_LEASE_SECONDS``); ``shared``: the settings it says it holds
+    (:func:`~workers.pipeline.heartbeat.shared`)."""
     with session_scope(sessions) as session:
         due = find_stalled(session, older_than, held_recheck, confirmation, max_dead_letters)
     try:
@@ -240,7 +242,7 @@ def reconcile_once(
         dispatch(broker, [stage], submission_id)
     if due:
         log.info("reconciler_resent", count=len(due))
-    record_pass(broker)  # `dearmp health` says when the last pass was
+    record_pass(broker, shared)  # `dearmp health` says when the last pass was
     return len(due)
 
 

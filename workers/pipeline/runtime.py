@@ -23,6 +23,7 @@ from workers.pipeline.app import App
 from workers.pipeline.dispatch import dispatch, dispatch_groups
 from workers.pipeline.dramatiq_private import start_time_limits
 from workers.pipeline.embedded_redis import EmbeddedRedis
+from workers.pipeline.heartbeat import shared
 from workers.pipeline.intake import accept
 from workers.pipeline.reconciler import run_forever
 from workers.privacy.hashing import ip_hash
@@ -71,6 +72,7 @@ def reconciler_options(settings: Settings) -> dict[str, Any]:
         "confirmation": ConfirmationPolicy.from_settings(settings),
         "max_dead_letters": settings.max_dead_letters,
         "lease": timedelta(seconds=settings.delivery_lease_seconds),
+        "shared": shared(settings),
     }
 
 
