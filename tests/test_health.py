@@ -551,6 +551,28 @@ def test_settings_nothing_can_start_with_or_a_database_without_tables_are_down(
     assert "has no DearMP tables yet: `dearmp migrate` makes them" in empty.stderr
 
 
+@pytest.mark.parametrize(
+    ("revision", "said"),
+    [
+        ("0021", "is at migration 0021, this DearMP needs 0022: `dearmp migrate` brings it up"),
+        ("zzzz9999future", "is at migration zzzz9999future, which this DearMP does not know"),
+    ],
+)
+def test_a_database_at_another_migration_than_the_codes_is_down_and_says_which(
+    app: App, on_redis: redis.Redis, revision: str, said: str
+) -> None:
+    """Its statements fail one by one (a column missing, or one it does not know of): nothing
+    can go out."""
+    from sqlalchemy import text
+
+    with app.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": revision})
+    result = CliRunner().invoke(main, ["health", "--json"])
+    assert result.exit_code == 2, result.output
+    status, detail = checks_of(result)["database"]
+    assert status == "down" and said in detail, detail
+
+
 def test_workers_whose_letters_go_elsewhere_than_healths_settings_say_are_degraded(
     app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
 ) -> None:

@@ -22,6 +22,7 @@ from workers.cli.base import (
     refusing,
     until_stopped,
 )
+from workers.database.engine import check_schema, make_engine
 from workers.database.engine import migrate as run_migrations
 from workers.database.models import Campaign
 from workers.letters.definitions import load_definitions, sync_campaigns
@@ -67,6 +68,12 @@ def worker(processes: int, threads: int | None) -> None:
     # dramatiq's own process logs JSON like its workers (--skip-logging: to the handler set up
     # here), and notices a worker that died booting after 1 s, not 30 (no fork processes here).
     configure_logging(get_settings().log_level)
+    # An engine of its own, closed before the worker processes are forked from this one.
+    engine = make_engine(get_settings().resolved_database_url)
+    try:
+        check_schema(engine)
+    finally:
+        engine.dispose()
     sys.argv = ["dramatiq", "workers.pipeline.actors:setup"]
     sys.argv += ["--processes", str(processes), "--threads", str(threads)]
     sys.argv += ["--skip-logging", "--worker-fork-timeout", "1000"]
@@ -79,6 +86,7 @@ def reconcile(cli: Cli, once: bool) -> None:
     """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds).
     --json answers for --once; the loop prints nothing."""
     app = cli.app
+    check_schema(app.engine)
     options = reconciler_options(app.settings)
     if once:
         resent = reconcile_once(app.sessions, cli.broker, **options)
@@ -133,6 +141,7 @@ def run(cli: Cli, threads: int | None) -> None:
     if threads is not None:  # what a process's parts size themselves by (webhooks at once)
         app.settings.worker_threads = threads
     prepare(app)
+    check_schema(app.engine)
     with (
         until_stopped() as stop,
         running_pipeline(app, cli.broker, app.settings.worker_threads),

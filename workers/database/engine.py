@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
@@ -169,6 +173,60 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+class SchemaProblem(Exception):
+    """The database is not at this code's migration: :func:`schema_problem`'s line."""
+
+
 def migrate(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` up to ``revision``."""
-    command.upgrade(alembic_config(url), revision)
+    """Bring the database at ``url`` up to ``revision``; :class:`SchemaProblem` when it is at a
+    migration this code does not know (Alembic cannot go from there)."""
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except CommandError:
+        engine = make_engine(url)
+        try:
+            problem = schema_problem(engine)
+        finally:
+            engine.dispose()
+        if problem is None:
+            raise
+        raise SchemaProblem(problem) from None
+
+
+@cache
+def _code_revisions() -> tuple[frozenset[str], frozenset[str]]:
+    """This code's newest migrations (its heads) and every migration it knows, read once."""
+    scripts = ScriptDirectory.from_config(alembic_config(""))
+    return frozenset(scripts.get_heads()), frozenset(s.revision for s in scripts.walk_revisions())
+
+
+def schema_problem(engine: Engine) -> str | None:
+    """None when the database is at this code's newest migration; else one line saying where
+    it is and what to do. Errors reaching the database are raised."""
+    heads, known = _code_revisions()
+    with engine.connect() as conn:
+        current = frozenset(MigrationContext.configure(conn).get_current_heads())
+    if current == heads:
+        return None
+    if not current:
+        return (
+            "the database has no DearMP tables yet: `dearmp migrate` makes them (or "
+            "DATABASE_URL names another database)"
+        )
+    at = ", ".join(sorted(current))
+    if current - known:
+        return (
+            f"the database is at migration {at}, which this DearMP does not know: a newer "
+            "DearMP migrated it (run that version, or restore a backup)"
+        )
+    return (
+        f"the database is at migration {at}, this DearMP needs {', '.join(sorted(heads))}: "
+        "`dearmp migrate` brings it up to date"
+    )
+
+
+def check_schema(engine: Engine) -> None:
+    """:class:`SchemaProblem` unless the database is at this code's newest migration: what a
+    long-running process checks once, at its start, rather than fail statement by statement."""
+    if (problem := schema_problem(engine)) is not None:
+        raise SchemaProblem(problem)
