@@ -106,3 +106,33 @@ def test_readyz_with_the_database_at_another_migration_is_503_saying_which(
         "the database is at migration 0021, this DearMP needs 0022: `dearmp migrate` brings "
         "it up to date"
     )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_readyz_is_503_while_sqlite_cannot_be_written(
+    app: App, stub_broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The intake answers 503 to every submission then: not ready."""
+    import shutil
+    import sqlite3
+
+    path = app.engine.url.database
+    assert path is not None
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        locked = probe(app, stub_broker, "/readyz")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert locked.status_code == 503
+    assert "write lock" in locked.json()["checks"]["database"]
+    assert probe(app, stub_broker, "/readyz").status_code == 200  # let go: ready again
+
+    usage = shutil.disk_usage(path)
+    full = type(usage)(usage.total, usage.total, 0)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: full)
+    reply = probe(app, stub_broker, "/readyz")
+    assert reply.status_code == 503
+    said = reply.json()["checks"]["database"]
+    assert said.startswith("the SQLite database's disk has 0 MiB free") and path not in said

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -17,6 +18,7 @@ from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import ConfigurationError
@@ -33,6 +35,8 @@ SQLITE_PRAGMAS = (
     "foreign_keys=ON",
     "secure_delete=ON",
 )
+# Less free space than this on the SQLite file's disk, and writes may fail (see unwritable).
+DISK_FLOOR_MIB = 16
 
 
 def private_file(path: Path) -> None:
@@ -126,6 +130,36 @@ def forget_old_pages(engine: Engine, wait_ms: int = 2000) -> bool:
         finally:
             conn.exec_driver_sql(f"PRAGMA {BUSY_TIMEOUT}")
     return not busy
+
+
+def unwritable(engine: Engine, wait_ms: int = 2000) -> str | None:
+    """On SQLite, why nothing can be written now, in one line naming no path: its disk (nearly)
+    full, or the write lock held by another for ``wait_ms``; else None (and on PostgreSQL,
+    whose server answers for itself). The lock is taken and let go at once (``BEGIN
+    IMMEDIATE``, ``ROLLBACK``)."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        return None
+    cannot = "nothing can be accepted or sent"
+    free_mib = shutil.disk_usage(Path(path).parent).free // 2**20
+    if free_mib < DISK_FLOOR_MIB:
+        said = f"the SQLite database's disk has {free_mib} MiB free"
+        return f"{said} (less than {DISK_FLOOR_MIB} MiB): {cannot}"
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={wait_ms}")
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("ROLLBACK")
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlite_errorname", None) != "SQLITE_BUSY":
+                raise
+            return (
+                "another process holds the SQLite database's write lock (waited "
+                f"{wait_ms / 1000:g} s): {cannot}"
+            )
+        finally:
+            conn.exec_driver_sql(f"PRAGMA {BUSY_TIMEOUT}")
+    return None
 
 
 def write_lock(session: Session) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from config.settings import Settings
-from workers.database.engine import schema_problem, session_scope
+from workers.database.engine import schema_problem, session_scope, unwritable
 from workers.database.models import OutboxItem, OutboxStatus, State, Submission, utcnow
 from workers.letters.mail import smtp
 from workers.letters.mail.http import HttpMailer
@@ -74,11 +74,11 @@ def run(
     settings = app.settings
     checks = [Check("redis", OK, "reachable")]
     where = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
-    try:
-        problem = schema_problem(app.engine)
+    try:  # reads that begin no write (select objects), and a write lock waited for 2 s at most
+        problem = schema_problem(app.engine) or unwritable(app.engine)
     except Exception as exc:
         return [*checks, Check("database", DOWN, f"cannot reach {where} ({type(exc).__name__})")]
-    if problem is not None:  # its statements would fail one by one
+    if problem is not None:  # a migration its statements fail on, or writes that cannot go in
         return [*checks, Check("database", DOWN, f"{where}: {problem}")]
     checks.append(Check("database", OK, "reachable"))
     checks += [_workers(client, namespace, settings), _mail_server(settings)]

@@ -12,7 +12,7 @@ import anyio.to_thread
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from workers.database.engine import schema_problem
+from workers.database.engine import schema_problem, unwritable
 from workers.database.models import utcnow
 from workers.pipeline.app import App
 from workers.web.dependencies import AppDep, IntakeDep
@@ -48,8 +48,9 @@ async def readyz(app: AppDep, intake: IntakeDep) -> JSONResponse:
 
 def _database(app: App) -> str | None:
     """Why the database cannot serve, or None: its migration (a table read: ``SELECT 1`` would
-    not open SQLite's file)."""
-    return schema_problem(app.engine)
+    not open SQLite's file), or SQLite's writes blocked (the lock waited for half the check's
+    time, so that what is said is why)."""
+    return schema_problem(app.engine) or unwritable(app.engine, int(CHECK_SECONDS * 500))
 
 
 async def _check(probe: Callable[[], Any]) -> str:
