@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from tests.conftest import drain
 from tests.factories import submission
 from workers.cli import main
+from workers.database.engine import alembic_config, migrate
 from workers.pipeline.app import App
 from workers.pipeline.runtime import submit
 
@@ -160,6 +161,7 @@ def test_a_worker_child_that_dies_booting_stops_dearmp_worker_at_once(tmp_path: 
         "DEARMP_BROKER": "redis",
         "REDIS_URL": "redis://127.0.0.1:99999/0",
     }
+    migrate(f"sqlite:///{tmp_path / 'dearmp.sqlite3'}")  # it starts on a migrated database only
     dearmp = Path(sys.executable).with_name("dearmp")
     started = time.monotonic()
     done = subprocess.run(
@@ -365,3 +367,79 @@ def test_threads_outside_the_settings_range_are_refused_with_usage(
     naming a variable the operator never set."""
     refused = CliRunner().invoke(main, [command, "--threads", threads])
     assert refused.exit_code == 2 and "--threads" in refused.output
+
+
+def one_line_refusal(result: Any) -> str:
+    """The one line a refused command said on stderr (exit 1, no traceback), beside the JSON
+    log's start-up line of a command that logs one."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "uncaught_exception" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in lines if '"event": "dearmp_started"' not in line]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_database_a_newer_dearmp_migrated_is_one_line_for_migrate_init_and_run(
+    app: App,
+) -> None:
+    """Alembic cannot go from a migration it does not know: not its traceback, but what that
+    means and what to do."""
+    from sqlalchemy import text
+
+    with app.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'zzzz9999future'"))
+    for command in (["migrate"], ["init"], ["run"]):
+        said = one_line_refusal(CliRunner().invoke(main, command))
+        assert said == (
+            "Error: the database is at migration zzzz9999future, which this DearMP does not "
+            "know: a newer DearMP migrated it (run that version, or restore a backup)"
+        ), command
+
+
+def test_long_running_commands_refuse_to_start_on_a_database_at_an_older_migration(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not started to fail statement by statement (the reconciler said "resent 0"): refused at
+    once, saying where the database is and what to do; other commands meeting a missing
+    column say the same."""
+    import dramatiq.cli
+    import uvicorn
+    from alembic import command
+
+    from config.settings import get_settings
+
+    command.downgrade(alembic_config(app.settings.resolved_database_url), "0021")
+    monkeypatch.setenv("DATABASE_URL", app.settings.resolved_database_url)  # `worker`'s own
+    get_settings.cache_clear()
+    started = []
+    monkeypatch.setattr(dramatiq.cli, "main", lambda *a: started.append("worker"))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append("api"))
+    expected = (
+        "Error: the database is at migration 0021, this DearMP needs 0022: `dearmp migrate` "
+        "brings it up to date"
+    )
+    try:
+        for line in (["worker"], ["api"], ["reconcile"], ["reconcile", "--once"]):
+            assert one_line_refusal(CliRunner().invoke(main, line)) == expected, line
+    finally:
+        get_settings.cache_clear()
+    assert started == []
+    migrated = CliRunner().invoke(main, ["migrate"])
+    assert migrated.exit_code == 0, migrated.output
+    assert CliRunner().invoke(main, ["reconcile", "--once"]).stdout == "resent 0\n"
+
+
+def test_a_command_on_a_database_without_tables_says_so(tmp_path: Path) -> None:
+    from tests.conftest import make_settings
+    from workers.pipeline.app import set_app
+
+    set_app(App.from_settings(make_settings(tmp_path)))
+    try:
+        said = one_line_refusal(CliRunner().invoke(main, ["outbox", "list"]))
+    finally:
+        set_app(None)
+    assert said == (
+        "Error: the database has no DearMP tables yet: `dearmp migrate` makes them (or "
+        "DATABASE_URL names another database)"
+    )

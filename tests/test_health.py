@@ -551,6 +551,64 @@ def test_settings_nothing_can_start_with_or_a_database_without_tables_are_down(
     assert "has no DearMP tables yet: `dearmp migrate` makes them" in empty.stderr
 
 
+@pytest.mark.parametrize(
+    ("revision", "said"),
+    [
+        ("0021", "is at migration 0021, this DearMP needs 0022: `dearmp migrate` brings it up"),
+        ("zzzz9999future", "is at migration zzzz9999future, which this DearMP does not know"),
+    ],
+)
+def test_a_database_at_another_migration_than_the_codes_is_down_and_says_which(
+    app: App, on_redis: redis.Redis, revision: str, said: str
+) -> None:
+    """Its statements fail one by one (a column missing, or one it does not know of): nothing
+    can go out."""
+    from sqlalchemy import text
+
+    with app.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": revision})
+    result = CliRunner().invoke(main, ["health", "--json"])
+    assert result.exit_code == 2, result.output
+    status, detail = checks_of(result)["database"]
+    assert status == "down" and said in detail, detail
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_sqlite_that_cannot_be_written_is_down_at_once_saying_why(
+    app: App, on_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads pass while another process holds the write lock, or the disk is full: nothing can
+    be accepted or sent, and health says so within seconds (not after SQLite's busy timeout)."""
+    import shutil
+    import sqlite3
+
+    path = app.engine.url.database
+    assert path is not None
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        locked = CliRunner().invoke(main, ["health", "--json"])
+        took = time.monotonic() - started
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert locked.exit_code == 2, locked.output
+    status, detail = checks_of(locked)["database"]
+    assert status == "down" and "another process holds the SQLite database's write lock" in detail
+    assert "nothing can be accepted or sent" in detail
+    assert took < 15, took  # the lock waited for 2 s, not the 60 s of a writer
+
+    usage = shutil.disk_usage(path)
+    full = type(usage)(usage.total, usage.total - 2**20, 2**20)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: full)
+    result = CliRunner().invoke(main, ["health", "--json"])
+    assert result.exit_code == 2, result.output
+    status, detail = checks_of(result)["database"]
+    assert status == "down" and "the SQLite database's disk has 1 MiB free" in detail
+    assert "nothing can be accepted or sent" in detail
+
+
 def test_workers_whose_letters_go_elsewhere_than_healths_settings_say_are_degraded(
     app: App, on_redis: redis.Redis, smtp_sink: SmtpSink
 ) -> None:

@@ -22,7 +22,11 @@ def probe(app: App, broker: Any, path: str, **headers: str) -> Any:
 
 
 def database_down(app: App, tmp_path: Any) -> None:
-    app.engine = make_engine(f"sqlite:///{tmp_path}/no/such/dir/x.sqlite3")
+    """A database SQLite cannot open: a folder where its file should be."""
+    path = tmp_path / "x.sqlite3"
+    app.engine = make_engine(f"sqlite:///{path}")
+    path.unlink()
+    path.mkdir()
     app.sessions = make_sessionmaker(app.engine)
 
 
@@ -86,3 +90,49 @@ def test_probes_are_never_rate_limited(app: App, stub_broker: Any) -> None:
 def test_probes_answer_head_for_load_balancers(app: App, stub_broker: Any) -> None:
     with ApiClient(create_app(lambda: app, stub_broker)) as api:
         assert api.head("/healthz").status_code == api.head("/readyz").status_code == 200
+
+
+def test_readyz_with_the_database_at_another_migration_is_503_saying_which(
+    app: App, stub_broker: Any
+) -> None:
+    """The API's statements would fail one by one: not ready, and why."""
+    from sqlalchemy import text
+
+    with app.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0021'"))
+    reply = probe(app, stub_broker, "/readyz")
+    assert reply.status_code == 503
+    assert reply.json()["checks"]["database"] == (
+        "the database is at migration 0021, this DearMP needs 0022: `dearmp migrate` brings "
+        "it up to date"
+    )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_readyz_is_503_while_sqlite_cannot_be_written(
+    app: App, stub_broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The intake answers 503 to every submission then: not ready."""
+    import shutil
+    import sqlite3
+
+    path = app.engine.url.database
+    assert path is not None
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        locked = probe(app, stub_broker, "/readyz")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert locked.status_code == 503
+    assert "write lock" in locked.json()["checks"]["database"]
+    assert probe(app, stub_broker, "/readyz").status_code == 200  # let go: ready again
+
+    usage = shutil.disk_usage(path)
+    full = type(usage)(usage.total, usage.total, 0)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: full)
+    reply = probe(app, stub_broker, "/readyz")
+    assert reply.status_code == 503
+    said = reply.json()["checks"]["database"]
+    assert said.startswith("the SQLite database's disk has 0 MiB free") and path not in said

@@ -21,10 +21,11 @@ from typing import IO, Any
 import click
 import dramatiq
 from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from config.settings import ConfigurationError, get_settings, problems_of
-from workers.database.engine import session_scope
+from workers.database.engine import SchemaProblem, schema_problem, session_scope
 from workers.logging import configure_logging
 from workers.pipeline.app import App, get_app, log_started
 from workers.pipeline.dispatch import dispatch_groups
@@ -232,18 +233,28 @@ class Commands(click.Group):
                 f"lost Redis ({type(exc).__name__}); is it running? `dearmp queues` says where "
                 "it is expected."
             ) from None
+        except SchemaProblem as exc:  # not at this code's migration
+            raise click.ClickException(str(exc)) from None
         except (OperationalError, ProgrammingError) as exc:
-            # A missing table: SQLite's OperationalError, PostgreSQL's UndefinedTable.
-            if "no such table" in str(exc.orig) or type(exc.orig).__name__ == "UndefinedTable":
-                raise click.ClickException(
-                    "the database has no DearMP tables yet: `dearmp migrate` makes them (or "
-                    "DATABASE_URL names another database)"
-                ) from None
+            # A missing table or column: the database at another migration, said as such.
+            if (problem := _schema_problem(ctx)) is not None:
+                raise click.ClickException(problem) from None
             if isinstance(exc, ProgrammingError):
                 raise
             raise click.ClickException(
                 f"cannot reach the database ({type(exc.orig).__name__}); check DATABASE_URL."
             ) from None
+
+
+def _schema_problem(ctx: click.Context) -> str | None:
+    """What :func:`schema_problem` says of the command's database, None when it cannot say."""
+    cli = ctx.find_object(Cli)
+    if cli is None or "app" not in cli.__dict__:  # no App was built: no statement failed
+        return None
+    try:
+        return schema_problem(cli.app.engine)
+    except SQLAlchemyError:
+        return None
 
 
 @click.group(cls=Commands)

@@ -23,6 +23,7 @@ from workers.cli.base import (
     refusing,
     until_stopped,
 )
+from workers.database.engine import check_schema, make_engine
 from workers.database.engine import migrate as run_migrations
 from workers.database.models import Campaign
 from workers.letters.definitions import load_definitions, sync_campaigns
@@ -83,6 +84,12 @@ def worker(processes: int, threads: int | None) -> None:
     # dramatiq's own process logs JSON like its workers (--skip-logging: to the handler set up
     # here), and notices a worker that died booting after 1 s, not 30 (no fork processes here).
     configure_logging(get_settings().log_level)
+    # An engine of its own, closed before the worker processes are forked from this one.
+    engine = make_engine(get_settings().resolved_database_url)
+    try:
+        check_schema(engine)
+    finally:
+        engine.dispose()
     sys.argv = ["dramatiq", "workers.pipeline.actors:setup"]
     sys.argv += ["--processes", str(processes), "--threads", str(threads)]
     sys.argv += ["--skip-logging", "--worker-fork-timeout", "1000"]
@@ -95,6 +102,7 @@ def reconcile(cli: Cli, once: bool) -> None:
     """Resend submissions that have stopped moving (every DEARMP_RECONCILE_INTERVAL seconds).
     --json answers for --once; the loop prints nothing."""
     app = cli.app
+    check_schema(app.engine)
     refuse_a_wrong_clock(app.settings)
     options = reconciler_options(app.settings)
     if once:
@@ -150,6 +158,7 @@ def run(cli: Cli, threads: int | None) -> None:
     if threads is not None:  # what a process's parts size themselves by (webhooks at once)
         app.settings.worker_threads = threads
     prepare(app)
+    check_schema(app.engine)
     with (
         until_stopped() as stop,
         running_pipeline(app, cli.broker, app.settings.worker_threads),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from workers.cli.base import Cli, app_for_cli, command, main
+from workers.database.engine import check_schema
 
 
 @main.command()
@@ -16,7 +17,8 @@ def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP intake (OpenAPI description at /openapi.json, demo page at /demo/SLUG)."""
     import uvicorn
 
-    app_for_cli()  # logging configured, settings checked, before uvicorn starts
+    # Logging configured, settings and the database's migration checked, before uvicorn starts.
+    check_schema(app_for_cli().engine)
     uvicorn.run(
         "workers.web.asgi:application",
         factory=True,

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import ConfigurationError
@@ -31,6 +36,8 @@ SQLITE_PRAGMAS = (
     "foreign_keys=ON",
     "secure_delete=ON",
 )
+# Less free space than this on the SQLite file's disk, and writes may fail (see unwritable).
+DISK_FLOOR_MIB = 16
 
 
 def private_file(path: Path) -> None:
@@ -129,6 +136,36 @@ def forget_old_pages(engine: Engine, wait_ms: int = 2000) -> bool:
     return not busy
 
 
+def unwritable(engine: Engine, wait_ms: int = 2000) -> str | None:
+    """On SQLite, why nothing can be written now, in one line naming no path: its disk (nearly)
+    full, or the write lock held by another for ``wait_ms``; else None (and on PostgreSQL,
+    whose server answers for itself). The lock is taken and let go at once (``BEGIN
+    IMMEDIATE``, ``ROLLBACK``)."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        return None
+    cannot = "nothing can be accepted or sent"
+    free_mib = shutil.disk_usage(Path(path).parent).free // 2**20
+    if free_mib < DISK_FLOOR_MIB:
+        said = f"the SQLite database's disk has {free_mib} MiB free"
+        return f"{said} (less than {DISK_FLOOR_MIB} MiB): {cannot}"
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={wait_ms}")
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("ROLLBACK")
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlite_errorname", None) != "SQLITE_BUSY":
+                raise
+            return (
+                "another process holds the SQLite database's write lock (waited "
+                f"{wait_ms / 1000:g} s): {cannot}"
+            )
+        finally:
+            conn.exec_driver_sql(f"PRAGMA {BUSY_TIMEOUT}")
+    return None
+
+
 def write_lock(session: Session) -> None:
     """Begin the transaction's writing now: on SQLite, its one write lock, so that what is read
     next stays so until the commit (see :func:`make_engine`); PostgreSQL locks rows instead."""
@@ -174,6 +211,60 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+class SchemaProblem(Exception):
+    """The database is not at this code's migration: :func:`schema_problem`'s line."""
+
+
 def migrate(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` up to ``revision``."""
-    command.upgrade(alembic_config(url), revision)
+    """Bring the database at ``url`` up to ``revision``; :class:`SchemaProblem` when it is at a
+    migration this code does not know (Alembic cannot go from there)."""
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except CommandError:
+        engine = make_engine(url)
+        try:
+            problem = schema_problem(engine)
+        finally:
+            engine.dispose()
+        if problem is None:
+            raise
+        raise SchemaProblem(problem) from None
+
+
+@cache
+def _code_revisions() -> tuple[frozenset[str], frozenset[str]]:
+    """This code's newest migrations (its heads) and every migration it knows, read once."""
+    scripts = ScriptDirectory.from_config(alembic_config(""))
+    return frozenset(scripts.get_heads()), frozenset(s.revision for s in scripts.walk_revisions())
+
+
+def schema_problem(engine: Engine) -> str | None:
+    """None when the database is at this code's newest migration; else one line saying where
+    it is and what to do. Errors reaching the database are raised."""
+    heads, known = _code_revisions()
+    with engine.connect() as conn:
+        current = frozenset(MigrationContext.configure(conn).get_current_heads())
+    if current == heads:
+        return None
+    if not current:
+        return (
+            "the database has no DearMP tables yet: `dearmp migrate` makes them (or "
+            "DATABASE_URL names another database)"
+        )
+    at = ", ".join(sorted(current))
+    if current - known:
+        return (
+            f"the database is at migration {at}, which this DearMP does not know: a newer "
+            "DearMP migrated it (run that version, or restore a backup)"
+        )
+    return (
+        f"the database is at migration {at}, this DearMP needs {', '.join(sorted(heads))}: "
+        "`dearmp migrate` brings it up to date"
+    )
+
+
+def check_schema(engine: Engine) -> None:
+    """:class:`SchemaProblem` unless the database is at this code's newest migration: what a
+    long-running process checks once, at its start, rather than fail statement by statement."""
+    if (problem := schema_problem(engine)) is not None:
+        raise SchemaProblem(problem)

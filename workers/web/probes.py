@@ -11,8 +11,8 @@ import anyio
 import anyio.to_thread
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
+from workers.database.engine import schema_problem, unwritable
 from workers.database.models import utcnow
 from workers.pipeline.app import App
 from workers.web.dependencies import AppDep, IntakeDep
@@ -46,19 +46,21 @@ async def readyz(app: AppDep, intake: IntakeDep) -> JSONResponse:
     )
 
 
-def _database(app: App) -> None:
-    # A table, not ``SELECT 1``: SQLite answers that without opening its file.
-    with app.engine.connect() as connection:
-        connection.execute(text("SELECT version_num FROM alembic_version"))
+def _database(app: App) -> str | None:
+    """Why the database cannot serve, or None: its migration (a table read: ``SELECT 1`` would
+    not open SQLite's file), or SQLite's writes blocked (the lock waited for half the check's
+    time, so that what is said is why)."""
+    return schema_problem(app.engine) or unwritable(app.engine, int(CHECK_SECONDS * 500))
 
 
 async def _check(probe: Callable[[], Any]) -> str:
-    """``ok``, or the failure by its exception's name only (its text may hold a URL)."""
+    """``ok``, what the probe said is wrong (a line naming no host), or the failure by its
+    exception's name only (its text may hold a URL)."""
     try:
         with anyio.fail_after(CHECK_SECONDS):
-            await anyio.to_thread.run_sync(probe, abandon_on_cancel=True)
+            said = await anyio.to_thread.run_sync(probe, abandon_on_cancel=True)
     except TimeoutError:
         return f"no answer within {CHECK_SECONDS:g} s"
     except Exception as exc:  # any failure is the answer, not an error of the probe's own
         return f"unreachable ({type(exc).__name__})"
-    return "ok"
+    return said if isinstance(said, str) else "ok"
