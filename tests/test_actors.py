@@ -121,3 +121,21 @@ def test_a_long_wait_never_makes_its_own_message_too_old_to_run(
     # The eta is read a moment after the message's timestamp: a second of slack, no more.
     half = STAGES[stage].max_age // 2
     assert half - 1000 < waited <= half + 1000 < STAGES[stage].max_age
+
+
+def test_passing_trouble_sends_the_message_again_in_a_moment_costing_no_retry(
+    app: App, stub_broker: Any
+) -> None:
+    """The database away while messages waited: each was retried by dramatiq until it was
+    dead-lettered (200 in a 45 s outage), though the outage was nobody's failure."""
+    from dramatiq.common import dq_name
+    from sqlalchemy.exc import OperationalError
+
+    from workers.pipeline.actors import PASSING_WAIT_MS, settle
+
+    away = OperationalError("SELECT", {}, Exception("the database system is shutting down"))
+    settle(Stage.VALIDATE, ["s1"], [("s1", away)], app, stub_broker, alone=True)  # no raise
+    (raw,) = stub_broker.queues[dq_name(Stage.VALIDATE.queue)].queue
+    message = dramatiq.Message.decode(raw)
+    assert "retries" not in message.options
+    assert message.options["eta"] - message.message_timestamp >= PASSING_WAIT_MS - 1000

@@ -443,3 +443,23 @@ def test_a_command_on_a_database_without_tables_says_so(tmp_path: Path) -> None:
         "Error: the database has no DearMP tables yet: `dearmp migrate` makes them (or "
         "DATABASE_URL names another database)"
     )
+
+
+def test_dead_letters_whose_failure_was_never_recorded_are_listed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Dead-lettered while the database was away: no answer (``None``), which crashed the list
+    (`--json` showed them)."""
+    from workers.cli.queues import _print_dead
+
+    row = {
+        "message_id": "m-1",
+        "actor": "validate_submission",
+        "submission_id": "s-1",
+        "dead_at": "2026-12-07T16:00:00+00:00",
+        "attempts": None,
+        "reason": "unknown",
+        "answer": None,
+    }
+    _print_dead([row])
+    assert "unknown: 1 (the answer: none recorded)" in capsys.readouterr().out

@@ -349,3 +349,16 @@ def test_a_postgresql_url_without_a_driver_runs_on_psycopg_with_its_raw_cursors(
         assert engine.url.render_as_string(hide_password=True).startswith("postgresql+psycopg://")
     finally:
         engine.dispose()
+
+
+def test_a_message_for_a_submission_the_database_does_not_have_is_logged(app: App) -> None:
+    """Done, as for one deleted since, but said: a worker on another database acknowledged
+    every message without a word."""
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        [(sid, value, error)] = run_group(app.sessions, ["no-such-submission"], plan)
+    assert (sid, value, error) == ("no-such-submission", [], None)
+    assert {"event": "submission_not_found", "submission_id": "no-such-submission"}.items() <= next(
+        e for e in logs if e["event"] == "submission_not_found"
+    ).items()

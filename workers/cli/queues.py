@@ -163,7 +163,8 @@ def _print_dead(listed: list[dict[str, Any]]) -> None:
     # listed is in by_reason's order: each reason's letters together, the largest group first
     for why, grouped in itertools.groupby(listed, key=lambda item: item["reason"]):
         items = list(grouped)
-        click.echo(f"{one_line(why)}: {len(items)} (the answer: {one_line(items[0]['answer'])})")
+        answer = one_line(items[0]["answer"] or "none recorded")  # a failure never recorded
+        click.echo(f"{one_line(why or 'unknown')}: {len(items)} (the answer: {answer})")
         table = Table()
         for col in columns:  # ids whole, to paste into `dlq show`
             table.add_column(col, overflow="fold", no_wrap=col.endswith("_id"))

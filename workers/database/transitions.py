@@ -92,7 +92,10 @@ class At(NamedTuple):
 def current(session: Session, submission_id: str, read: Select[Any] | None = None) -> Any:
     """The submission's row read by ``read`` (by default :data:`SUBMISSION`), None if there is
     no such one; with its campaign's ``definition_sha256`` and ``mode`` (for ``get_definition``)."""
-    return read_one(session, SUBMISSION if read is None else read, submission_id)
+    found = read_one(session, SUBMISSION if read is None else read, submission_id)
+    if found is None:  # deleted since (retention), or this process is on another database
+        structlog.get_logger(__name__).warning("submission_not_found", submission_id=submission_id)
+    return found
 
 
 def submission_read(*columns: str) -> Select[Any]:

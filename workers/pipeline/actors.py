@@ -30,7 +30,7 @@ from workers.outbox.sending import Kind, Outcome
 from workers.pipeline.app import App, Apps, get_app
 from workers.pipeline.broker import build_broker
 from workers.pipeline.dispatch import dispatch_groups, group_by_stage, stage_message
-from workers.pipeline.failures import Attempt, record_failure
+from workers.pipeline.failures import Attempt, passing, record_failure
 from workers.pipeline.handoff import Handoff
 from workers.pipeline.middleware import ForeignMessage, SendHeld
 from workers.pipeline.states import STAGES
@@ -51,6 +51,9 @@ T = TypeVar("T")
 
 # A message that does not parse will not parse next time either: dead-letter it at once. A
 # permanent refusal by the mail server is recorded on its item, and never retried.
+# A message met passing trouble (the database or Redis away) goes again after this long, as a
+# fresh message costing no retry: an outage of minutes once dead-lettered every message waiting.
+PASSING_WAIT_MS = 5_000
 NOT_RETRIED = (ForeignMessage, NotAStageMessage, pydantic.ValidationError, PermanentDeliveryError)
 
 
@@ -105,6 +108,9 @@ def settle(
                 log.info("stage_deferred", reason=error.reason, seconds=round(error.seconds, 3))
             elif isinstance(error, PermanentDeliveryError) and not policy.dead_letters_refusals:
                 log.info("stage_refused_for_good")  # recorded on its item: nothing more to do
+            elif passing(error):  # nobody's failure: what is due is in the database
+                broker.enqueue(stage_message(stage, submission_id), delay=PASSING_WAIT_MS)
+                log.warning("stage_waits_out_trouble", error=type(error).__name__)
             elif alone:
                 raise error
             elif isinstance(error, PermanentDeliveryError):
