@@ -139,3 +139,30 @@ def test_passing_trouble_sends_the_message_again_in_a_moment_costing_no_retry(
     message = dramatiq.Message.decode(raw)
     assert "retries" not in message.options
     assert message.options["eta"] - message.message_timestamp >= PASSING_WAIT_MS - 1000
+
+
+def test_trouble_that_does_not_pass_in_a_minute_costs_retries_again(
+    app: App, stub_broker: Any
+) -> None:
+    """Each wait is counted on the message; after PASSING_WAITS in a row (a lock timeout on one
+    submission is an OperationalError too) dramatiq's retries count, and a dead letter ends it."""
+    from dramatiq.common import dq_name
+    from dramatiq.middleware import CurrentMessage
+    from sqlalchemy.exc import OperationalError
+
+    from workers.pipeline.actors import PASSING_WAITS, WAITED, settle
+    from workers.pipeline.dispatch import stage_message
+
+    away = OperationalError("SELECT", {}, Exception("canceling statement due to lock timeout"))
+    tracker = CurrentMessage()
+    waited = stage_message(Stage.VALIDATE, "s1")
+    tracker.before_process_message(stub_broker, waited.copy(options={WAITED: 3}))
+    try:
+        settle(Stage.VALIDATE, ["s1"], [("s1", away)], app, stub_broker, alone=True)
+        (raw,) = stub_broker.queues[dq_name(Stage.VALIDATE.queue)].queue
+        assert dramatiq.Message.decode(raw).options[WAITED] == 4
+        tracker.before_process_message(stub_broker, waited.copy(options={WAITED: PASSING_WAITS}))
+        with pytest.raises(OperationalError):
+            settle(Stage.VALIDATE, ["s1"], [("s1", away)], app, stub_broker, alone=True)
+    finally:
+        tracker.after_process_message(stub_broker, waited)

@@ -463,3 +463,16 @@ def test_dead_letters_whose_failure_was_never_recorded_are_listed(
     }
     _print_dead([row])
     assert "unknown: 1 (the answer: none recorded)" in capsys.readouterr().out
+
+
+def test_a_database_away_at_the_start_is_logged_and_the_process_starts(tmp_path: Path) -> None:
+    """It may come up after us: refusing to start spent a supervisor's restarts."""
+    from sqlalchemy import create_engine
+    from structlog.testing import capture_logs
+
+    from workers.database.engine import check_schema
+
+    away = create_engine(f"sqlite:///{tmp_path}/no/such/folder/dearmp.sqlite3")
+    with capture_logs() as logs:
+        check_schema(away)  # no raise
+    assert [e["event"] for e in logs] == ["schema_not_checked"]

@@ -830,3 +830,18 @@ def test_a_worker_or_the_reconciler_does_not_start_on_a_machine_whose_clock_is_o
             assert "set its clock (NTP)" in result.stderr
     finally:
         get_settings.cache_clear()
+
+
+def test_one_database_however_its_url_is_written_has_one_fingerprint(tmp_path: Any) -> None:
+    from workers.pipeline.heartbeat import shared
+
+    def print_of(url: str) -> str:
+        return shared(Settings.model_validate({"DATABASE_URL": url}))["DATABASE_URL"]
+
+    assert print_of("postgresql+psycopg://u:secret@DB.example/dearmp") == print_of(
+        "postgresql://other@db.example:5432/dearmp"
+    )
+    assert print_of("postgresql://db.example/dearmp") != print_of("postgresql://db.example/other")
+    here = tmp_path / "dearmp.sqlite3"
+    assert print_of(f"sqlite:///{here}") == print_of(f"sqlite:///{tmp_path}/./dearmp.sqlite3")
+    assert "secret" not in print_of("postgresql://u:secret@db/dearmp")

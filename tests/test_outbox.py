@@ -726,3 +726,25 @@ def test_with_the_database_gone_after_a_send_the_rest_of_the_group_is_not_sent(
     assert all(outcomes[one] is not None for one in (first, second))
     app.engine.dispose()
     assert item(app, first).status == item(app, second).status == "sending"  # the lease's now
+
+
+def test_a_sent_mark_written_again_after_its_commit_went_through_is_still_marked(
+    app: App,
+) -> None:
+    """The mark's commit went through as its connection dropped: written again it matched
+    nothing and was read as a claim lost (its submission's move left to the reconciler)."""
+    item_id = confirmation(app)
+    claim = utcnow()
+    with session_scope(app.sessions) as session:
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == item_id)
+            .values(status="sending", claimed_at=claim)
+        )
+    params = {"b_id": item_id, "b_mine": claim, "v_sent_at": utcnow(), "v_response": "250 ok"}
+    with session_scope(app.sessions) as session:
+        assert outbox._write_mark(session, params)
+        assert outbox._write_mark(session, params)  # again: the same mark
+        later = {**params, "b_mine": claim + timedelta(seconds=1)}
+        assert not outbox._write_mark(session, later)  # another claim's: not ours to mark
+    assert item(app, item_id).status == "sent"

@@ -112,22 +112,13 @@ def test_readyz_with_the_database_at_another_migration_is_503_saying_which(
 def test_readyz_is_503_while_sqlite_cannot_be_written(
     app: App, stub_broker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The intake answers 503 to every submission then: not ready."""
+    """A full disk: the intake answers 503 to every submission then, so not ready. (The write
+    lock is health's to ask: a probe waiting for it beside the intake's writers would lose.)"""
     import shutil
-    import sqlite3
 
     path = app.engine.url.database
     assert path is not None
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN EXCLUSIVE")
-    try:
-        locked = probe(app, stub_broker, "/readyz")
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
-    assert locked.status_code == 503
-    assert "write lock" in locked.json()["checks"]["database"]
-    assert probe(app, stub_broker, "/readyz").status_code == 200  # let go: ready again
+    assert probe(app, stub_broker, "/readyz").status_code == 200
 
     usage = shutil.disk_usage(path)
     full = type(usage)(usage.total, usage.total, 0)

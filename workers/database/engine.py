@@ -11,6 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -19,11 +20,12 @@ from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import ConfigurationError
 
+log = structlog.get_logger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # busy_timeout: a writer waits up to 60 s for the write lock.
 # secure_delete: what is deleted or overwritten is zeroed, a long letter's overflow pages too,
@@ -68,6 +70,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             parsed = parsed.set(drivername="postgresql+psycopg")
         if parsed.get_driver_name() != "psycopg":
             return create_engine(parsed, **kwargs)
+        if "connect_timeout" not in parsed.query:  # libpq waits without end for a hung server
+            kwargs.setdefault("connect_args", {"connect_timeout": 10})
         import psycopg
 
         # SQLAlchemy writes PostgreSQL's own $1 placeholders and psycopg's raw cursors send them
@@ -136,11 +140,11 @@ def forget_old_pages(engine: Engine, wait_ms: int = 2000) -> bool:
     return not busy
 
 
-def unwritable(engine: Engine, wait_ms: int = 2000) -> str | None:
+def unwritable(engine: Engine, wait_ms: int | None = 2000) -> str | None:
     """On SQLite, why nothing can be written now, in one line naming no path: its disk (nearly)
-    full, or the write lock held by another for ``wait_ms``; else None (and on PostgreSQL,
-    whose server answers for itself). The lock is taken and let go at once (``BEGIN
-    IMMEDIATE``, ``ROLLBACK``)."""
+    full, or (unless ``wait_ms`` is None) the write lock held by another for ``wait_ms``; else
+    None (and on PostgreSQL, whose server answers for itself). The lock is taken and let go at
+    once (``BEGIN IMMEDIATE``, ``ROLLBACK``)."""
     path = engine.url.database
     if engine.dialect.name != "sqlite" or not path or path == ":memory:":
         return None
@@ -149,6 +153,8 @@ def unwritable(engine: Engine, wait_ms: int = 2000) -> str | None:
     if free_mib < DISK_FLOOR_MIB:
         said = f"the SQLite database's disk has {free_mib} MiB free"
         return f"{said} (less than {DISK_FLOOR_MIB} MiB): {cannot}"
+    if wait_ms is None:
+        return None
     with engine.connect() as conn:
         conn.exec_driver_sql(f"PRAGMA busy_timeout={wait_ms}")
         try:
@@ -226,8 +232,8 @@ def migrate(url: str, revision: str = "head") -> None:
             problem = schema_problem(engine)
         finally:
             engine.dispose()
-        if problem is None:
-            raise
+        if problem is None or "does not know" not in problem:
+            raise  # Alembic's own answer: a database this code knows that it could not move
         raise SchemaProblem(problem) from None
 
 
@@ -265,6 +271,13 @@ def schema_problem(engine: Engine) -> str | None:
 
 def check_schema(engine: Engine) -> None:
     """:class:`SchemaProblem` unless the database is at this code's newest migration: what a
-    long-running process checks once, at its start, rather than fail statement by statement."""
-    if (problem := schema_problem(engine)) is not None:
+    long-running process checks once, at its start, rather than fail statement by statement.
+    A database away at the start is not a reason not to start (it may come up after us: a
+    supervisor's restarts would be spent): that is logged, and the process starts."""
+    try:
+        problem = schema_problem(engine)
+    except SQLAlchemyError as exc:
+        log.warning("schema_not_checked", error=type(exc).__name__)
+        return
+    if problem is not None:
         raise SchemaProblem(problem)

@@ -670,11 +670,12 @@ _CLAIM = (
     )
     .returning(_o.id)
 )
-_SENT = (  # for an item this worker still holds (as _held)
+_SENT = (  # for an item this worker still holds (as _held), or marked by it already (a mark
+    # whose commit went through as its connection dropped: written again, the same)
     update(OUTBOX)
     .where(
         _o.id == bindparam("b_id"),
-        _o.status == OutboxStatus.SENDING.value,
+        _o.status.in_((OutboxStatus.SENDING.value, OutboxStatus.SENT.value)),
         _o.claimed_at == bindparam("b_mine"),
     )
     .values(

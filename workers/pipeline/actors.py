@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import dramatiq
 import pydantic
 import structlog
+from dramatiq.middleware import CurrentMessage
 from sqlalchemy.orm import Session
 
 from config.settings import Settings, get_settings
@@ -52,8 +53,12 @@ T = TypeVar("T")
 # A message that does not parse will not parse next time either: dead-letter it at once. A
 # permanent refusal by the mail server is recorded on its item, and never retried.
 # A message met passing trouble (the database or Redis away) goes again after this long, as a
-# fresh message costing no retry: an outage of minutes once dead-lettered every message waiting.
+# fresh message costing no retry (an outage of minutes once dead-lettered every message
+# waiting), up to PASSING_WAITS times in a row (a minute): then dramatiq's retries count, so
+# trouble that does not pass (a lock timeout on one submission) ends as a dead letter.
 PASSING_WAIT_MS = 5_000
+PASSING_WAITS = 12
+WAITED = "dearmp_waited"  # the message option counting them
 NOT_RETRIED = (ForeignMessage, NotAStageMessage, pydantic.ValidationError, PermanentDeliveryError)
 
 
@@ -108,8 +113,14 @@ def settle(
                 log.info("stage_deferred", reason=error.reason, seconds=round(error.seconds, 3))
             elif isinstance(error, PermanentDeliveryError) and not policy.dead_letters_refusals:
                 log.info("stage_refused_for_good")  # recorded on its item: nothing more to do
-            elif passing(error):  # nobody's failure: what is due is in the database
-                broker.enqueue(stage_message(stage, submission_id), delay=PASSING_WAIT_MS)
+            elif passing(error) and (waited := _waited()) < PASSING_WAITS:
+                again = stage_message(stage, submission_id)
+                again = again.copy(options={**again.options, WAITED: waited + 1})
+                try:
+                    broker.enqueue(again, delay=PASSING_WAIT_MS)
+                except Exception as exc:  # Redis away too: the reconciler sends it again
+                    log.warning("dispatch_failed", stage=stage.value, error=type(exc).__name__)
+                    continue
                 log.warning("stage_waits_out_trouble", error=type(error).__name__)
             elif alone:
                 raise error
@@ -123,6 +134,12 @@ def settle(
                 except Exception as exc:  # the reconciler sends it again from the database
                     log.warning("dispatch_failed", stage=stage.value, error=type(exc).__name__)
     log.info("stage_done", count=len(ids))
+
+
+def _waited() -> int:
+    """How many times in a row the message being run waited out passing trouble."""
+    current = CurrentMessage.get_current_message()
+    return int(current.options.get(WAITED, 0)) if current is not None else 0
 
 
 def dead_letter(app: App, stage: Stage, submission_id: str, error: BaseException) -> None:

@@ -9,7 +9,7 @@ import structlog
 from dramatiq import Message
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.errors import DecodeError
-from dramatiq.middleware import Retries
+from dramatiq.middleware import CurrentMessage, Retries
 
 from config.settings import Settings
 from workers.database.engine import session_scope
@@ -80,6 +80,7 @@ def build_broker(settings: Settings, apps: Apps) -> dramatiq.Broker:
     broker.add_middleware(ProcessApp(apps))
     broker.add_middleware(LogContext(settings.log_level))
     broker.add_middleware(StageMessagesOnly())
+    broker.add_middleware(CurrentMessage())  # what a stage met before (actors.settle)
     broker.add_middleware(FailureRecorder(apps), before=Retries)
     if isinstance(broker, ScreenedRedisBroker):  # `dearmp health` counts the live workers
         broker.add_middleware(

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -38,7 +39,12 @@ def shared(settings: Settings) -> dict[str, str]:
     database that differs sends letters twice, past a limit, or nowhere. The database by a
     fingerprint of where it is, never its URL."""
     url = make_url(settings.resolved_database_url)
-    where = f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{url.database or ''}"
+    backend = url.get_backend_name()
+    if backend == "sqlite":  # the file, wherever it was named from
+        where = f"sqlite:{Path(url.database).resolve() if url.database else ''}"
+    else:  # one server however written: its host's case, its port said or not
+        port = url.port or (5432 if backend == "postgresql" else None)
+        where = f"{backend}://{(url.host or '').lower()}:{port}/{url.database or ''}"
     return {
         "DATABASE_URL": "database " + hashlib.sha256(where.encode()).hexdigest()[:8],
         "DEARMP_DELIVERY_LEASE_SECONDS": str(settings.delivery_lease_seconds),

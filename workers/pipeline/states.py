@@ -158,8 +158,9 @@ STAGES: dict[Stage, Policy] = {
     Stage.INBOUND:  Policy(max_retries=8, min_backoff=1_000, max_backoff=120_000),
     # Every email to a supporter (workers.outbox): its table owns the timing (the backoff after a
     # failed attempt, a wait for the mail server) through deferrals, which cost no retry; these
-    # retries are for what the outbox did not foresee (the database away while it marks an
-    # item). It gives an item up after DEARMP_OUTBOX_MAX_ATTEMPTS; the reconciler resends it.
+    # retries are for what the outbox did not foresee (passing trouble costs none for a minute:
+    # actors.PASSING_WAITS). It gives an item up after DEARMP_OUTBOX_MAX_ATTEMPTS; the
+    # reconciler resends it.
     Stage.OUTBOX:   Policy(max_retries=10, min_backoff=5_000, max_backoff=600_000,
                            max_age=7 * DAY - HOUR),
     # Webhooks to a CRM: outbox items too (the same timing and giving up), on their own queue.

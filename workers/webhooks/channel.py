@@ -21,9 +21,8 @@ from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from workers.letters.mail import PermanentDeliveryError, TransientDeliveryError
-from workers.letters.mail.http import ThreadSessions, read_capped, retry_after
+from workers.letters.mail.http import ThreadSessions, retry_after
 
-ANSWER_CAP = 1024  # bytes of an answer read, at most: nobody reads it
 BUSY_WAIT = 1.0  # a webhook held back by others just sent waits this long
 GONE = "answered HTTP 410 (gone)"
 # Clouds' metadata services outside the link-local ranges (AWS's IPv6 one, Alibaba's).
@@ -149,10 +148,9 @@ class HttpChannel:
                 allow_redirects=False,
                 stream=True,
             ) as answer:
+                # The status is the answer: the body is not read (closed unread, a body cut
+                # short, trickling or reset after it changes nothing and holds no thread).
                 status, asked = answer.status_code, retry_after(answer)
-                # A little of the body, then closed: the status is the answer, so a body cut
-                # short, trickling or reset after it changes nothing.
-                read_capped(answer, ANSWER_CAP, self.timeout[1])
         except requests.Timeout:
             raise TransientDeliveryError(f"{where}: no answer in time") from None
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as exc:
