@@ -59,7 +59,10 @@ def refuse_a_wrong_clock(settings: Settings) -> None:
     if settings.broker != "redis":
         return
     try:
-        problem = clock_problem(clock_offset(redis.Redis.from_url(settings.resolved_redis_url)))
+        with redis.Redis.from_url(
+            settings.resolved_redis_url, socket_timeout=3, socket_connect_timeout=3
+        ) as client:
+            problem = clock_problem(clock_offset(client))
     except (redis.RedisError, ValueError):  # away, or not to be reached: the worker says so
         return
     if problem is not None:

@@ -18,7 +18,9 @@ def api(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     # Logging configured, settings and the database's migration checked, before uvicorn starts.
-    check_schema(app_for_cli().engine)
+    engine = app_for_cli().engine
+    check_schema(engine)
+    engine.dispose()  # no connection held open in uvicorn's supervisor
     uvicorn.run(
         "workers.web.asgi:application",
         factory=True,

@@ -144,14 +144,14 @@ def live_workers(client: redis.Redis, namespace: str) -> list[dict[str, Any]]:
 
 def record_pass(broker: dramatiq.Broker, settings: dict[str, str] | None = None) -> None:
     """The reconciler's pass, on its broker's Redis (nothing on a broker without one), and what
-    it says of itself (:func:`about_process`) for a day."""
+    it says of itself (:func:`about_process`) for an hour."""
     client = getattr(broker, "client", None)
     if isinstance(client, redis.Redis):
         namespace = getattr(broker, "namespace", "dearmp")
         try:
             client.set(f"{namespace}:reconciler", str(redis_now(client)))
             about = about_process(client, settings or {})
-            client.set(f"{namespace}:reconciler:about", json.dumps(about), ex=86_400)
+            client.set(f"{namespace}:reconciler:about", json.dumps(about), ex=3_600)
         except redis.RedisError as exc:  # the pass itself was made; health says Redis is away
             log.warning("reconciler_pass_not_recorded", error=type(exc).__name__)
 
