@@ -296,7 +296,7 @@ def test_sqlite_engines_use_wal_a_busy_timeout_and_sqlites_own_checkpoints(tmp_p
     engine = _scratch(tmp_path)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60000
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
     engine.dispose()
 

@@ -27,10 +27,11 @@ from config.settings import ConfigurationError
 
 log = structlog.get_logger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-# busy_timeout: a writer waits up to 60 s for the write lock.
+# busy_timeout: a writer waits up to 30 s for the write lock, half a stage's time limit: a lock
+# held longer (by another process) is passing trouble, waited out, not the limit's kill.
 # secure_delete: what is deleted or overwritten is zeroed, a long letter's overflow pages too,
 # so an erased supporter's details are not left in the file's free space.
-BUSY_TIMEOUT = "busy_timeout=60000"
+BUSY_TIMEOUT = "busy_timeout=30000"
 SQLITE_PRAGMAS = (
     "journal_mode=WAL",
     "synchronous=NORMAL",
@@ -94,7 +95,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             raise ConfigurationError(
                 [f"DATABASE_URL: no SQLite file can be made at {parsed.database} ({where})"]
             ) from None
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **kwargs)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:

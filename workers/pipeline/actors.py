@@ -84,7 +84,13 @@ def run_stage(
     at once where the table of stages says so (letters), as it would be alone.
     """
     ids = parse_stage_message(raw).ids
-    settle(stage, ids, work(app, ids, send_on), app, broker, alone=len(ids) == 1)
+    try:
+        outcomes = work(app, ids, send_on)
+    except Exception as exc:  # before any submission's own outcome (the outbox's first read)
+        if not passing(exc):
+            raise
+        outcomes = [(submission_id, exc) for submission_id in ids]
+    settle(stage, ids, outcomes, app, broker, alone=len(ids) == 1)
 
 
 def settle(
